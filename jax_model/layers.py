@@ -1,0 +1,235 @@
+"""Layers of the JAX twin (Flax NNX); torch_model/layers.py is the same file in PyTorch.
+
+Notation: B batch, T query tokens, S key tokens, D model dim, H query heads, K kv heads,
+G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
+Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; norms, activations,
+RoPE and softmax computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shared_config import ModelSpec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION = ("auto", "einsum", "xla", "cudnn")  # attention kernels this twin offers
+ZEROS = nnx.initializers.zeros_init()  # Linear/Embed weights are drawn after construction, from the layout table
+
+
+def Linear(d_in: int, d_out: int, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Linear:
+    """y = x · W with W stored [in, out]; the canonical file stores Wᵀ."""
+    return nnx.Linear(
+        d_in, d_out, use_bias=False, kernel_init=ZEROS,
+        dtype=DTYPES[spec.compute_dtype], param_dtype=DTYPES[spec.param_dtype], rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """x · rsqrt(mean(x²) + eps) · weight (+ bias)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, param_dtype: str):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
+        self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)  # statistics in float32
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return affine(y, self.weight, self.bias).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x − mean) · rsqrt(var + eps) · weight (+ bias)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, param_dtype: str):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
+        self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)  # statistics in float32
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return affine(y, self.weight, self.bias).astype(x.dtype)
+
+
+class DynamicTanh(nnx.Module):
+    """DyT (arXiv 2503.10622): weight · tanh(alpha · x) (+ bias), alpha a learnable scalar."""
+
+    def __init__(self, dim: int, alpha_init: float, bias: bool, param_dtype: str):
+        self.alpha = nnx.Param(jnp.full((1,), alpha_init, DTYPES[param_dtype]))
+        self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
+        self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
+
+    def __call__(self, x):
+        y = jnp.tanh(self.alpha[...].astype(jnp.float32) * x.astype(jnp.float32))  # in float32
+        return affine(y, self.weight, self.bias).astype(x.dtype)
+
+
+class DynamicErf(nnx.Module):
+    """Derf (arXiv 2512.10938): weight · erf(alpha · x + shift) (+ bias), alpha and shift learnable scalars."""
+
+    def __init__(self, dim: int, alpha_init: float, shift_init: float, bias: bool, param_dtype: str):
+        self.alpha = nnx.Param(jnp.full((1,), alpha_init, DTYPES[param_dtype]))
+        self.shift = nnx.Param(jnp.full((1,), shift_init, DTYPES[param_dtype]))
+        self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
+        self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
+
+    def __call__(self, x):
+        z = self.alpha[...].astype(jnp.float32) * x.astype(jnp.float32) + self.shift[...].astype(jnp.float32)
+        return affine(jax.lax.erf(z), self.weight, self.bias).astype(x.dtype)  # in float32
+
+
+def affine(y, weight, bias):
+    """y · weight (+ bias), in float32."""
+    y = y * weight[...].astype(jnp.float32)
+    return y if bias is None else y + bias[...].astype(jnp.float32)
+
+
+def make_norm(spec: ModelSpec, alpha_init: float):
+    """The norm every slot of `spec` uses, over the model dim."""
+    D, eps, bias, dtype = spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
+    if spec.norm_type == "rms":
+        return RMSNorm(D, eps, bias, dtype)
+    if spec.norm_type == "layernorm":
+        return LayerNorm(D, eps, bias, dtype)
+    if spec.norm_type == "dyt":
+        return DynamicTanh(D, alpha_init, bias, dtype)
+    return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+
+
+def rope_cos_sin(inv_freq_E2, positions_T):
+    """cos and sin of every (position, frequency) angle, [T, E], float32, halves repeated (HF layout)."""
+    angles_TE2 = positions_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq_E2, jnp.float32)[None, :]
+    angles_TE = jnp.concatenate([angles_TE2, angles_TE2], axis=-1)
+    return jnp.cos(angles_TE), jnp.sin(angles_TE)
+
+
+def apply_rope(x_BTHE, cos_TE, sin_TE):
+    """Rotate pairs (i, i + E/2) (Hugging Face `rotate_half`), in float32."""
+    x32 = x_BTHE.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).astype(x_BTHE.dtype)
+
+
+def einsum_attention(q_BTHE, k_BSKE, v_BSKE):
+    """Causal softmax(q·kᵀ/sqrt(E))·v written out; query head h reads kv head h // G."""
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / math.sqrt(E)
+    causal_TS = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+    scores_BKGTS = jnp.where(causal_TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)  # softmax in float32
+    return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(B, T, H, E)
+
+
+def attend(q_BTHE, k_BSKE, v_BSKE, attention: str):
+    """Causal attention by the named kernel; every kernel computes the softmax in float32."""
+    if attention == "einsum":
+        return einsum_attention(q_BTHE, k_BSKE, v_BSKE)
+    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True, implementation=attention)
+
+
+def resolve_attention(attention: str, spec: ModelSpec) -> str:
+    """The kernel `attention` names on this machine: `auto` is cuDNN on GPU when eligible, else XLA."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
+    if attention != "auto":
+        return attention
+    # cuDNN flash attention needs 16-bit inputs and a head dim that is a multiple of 8, at most 128.
+    cudnn_ok = spec.compute_dtype == "bfloat16" and spec.E % 8 == 0 and spec.E <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and cudnn_ok else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, spec: ModelSpec, attention: str, *, rngs: nnx.Rngs):
+        D, H, K, E = spec.D, spec.H, spec.K, spec.E
+        self.H, self.K, self.E = H, K, E
+        self.fused_qkv, self.attention = spec.fused_qkv, attention
+        if spec.fused_qkv:
+            self.qkv_proj = Linear(D, (H + 2 * K) * E, spec, rngs)
+        else:
+            self.q_proj = Linear(D, H * E, spec, rngs)
+            self.k_proj = Linear(D, K * E, spec, rngs)
+            self.v_proj = Linear(D, K * E, spec, rngs)
+        self.o_proj = Linear(H * E, D, spec, rngs)
+        self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
+
+    def __call__(self, x_BTD, cos_TE, sin_TE):
+        B, T, _ = x_BTD.shape
+        H, K, E = self.H, self.K, self.E
+        if self.fused_qkv:
+            q, k, v = jnp.split(self.qkv_proj(x_BTD), [H * E, (H + K) * E], axis=-1)
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BTHE, k_BTKE, v_BTKE = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
+        if self.q_norm is not None:  # qk-norm (over E) comes before RoPE
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        if cos_TE is not None:
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_TE, sin_TE), apply_rope(k_BTKE, cos_TE, sin_TE)
+        o_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, self.attention)
+        return self.o_proj(o_BTHE.reshape(B, T, H * E))
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (jax's default is tanh)
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
+class MLP(nnx.Module):
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        self.kind = spec.mlp
+        self.gate_proj = Linear(spec.D, spec.F, spec, rngs) if spec.mlp == "swiglu" else None
+        self.up_proj = Linear(spec.D, spec.F, spec, rngs)
+        self.down_proj = Linear(spec.F, spec.D, spec, rngs)
+
+    def __call__(self, x_BTD):
+        up_BTF = self.up_proj(x_BTD).astype(jnp.float32)  # activation in float32
+        if self.kind == "swiglu":
+            h_BTF = jax.nn.silu(self.gate_proj(x_BTD).astype(jnp.float32)) * up_BTF
+        else:
+            h_BTF = ACTIVATIONS[self.kind](up_BTF)
+        return self.down_proj(h_BTF.astype(x_BTD.dtype))
+
+
+class Block(nnx.Module):
+    """One transformer block; `norm_placement` decides where its norm slots sit."""
+
+    def __init__(self, spec: ModelSpec, attention: str, *, rngs: nnx.Rngs):
+        self.placement = spec.norm_placement
+        peri = spec.norm_placement == "peri"
+        self.input_layernorm = make_norm(spec, spec.attn_alpha_init)
+        self.self_attn = Attention(spec, attention, rngs=rngs)
+        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if peri else None
+        self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
+        self.mlp = MLP(spec, rngs=rngs)
+        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if peri else None
+
+    def __call__(self, x_BTD, cos_TE, sin_TE, taps: dict | None = None):
+        if self.placement == "post":  # x = n1(x + attn(x)); x = n2(x + mlp(x))
+            a_BTD = self.self_attn(x_BTD, cos_TE, sin_TE)
+            x_BTD = self.input_layernorm(x_BTD + a_BTD)
+            m_BTD = self.mlp(x_BTD)
+            x_BTD = self.post_attention_layernorm(x_BTD + m_BTD)
+        else:  # pre: x += attn(n1(x)); peri adds an output norm on each branch
+            a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE)
+            if self.attn_output_norm is not None:
+                a_BTD = self.attn_output_norm(a_BTD)
+            x_BTD = x_BTD + a_BTD
+            m_BTD = self.mlp(self.post_attention_layernorm(x_BTD))
+            if self.mlp_output_norm is not None:
+                m_BTD = self.mlp_output_norm(m_BTD)
+            x_BTD = x_BTD + m_BTD
+        if taps is not None:
+            taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
+        return x_BTD

@@ -1,0 +1,78 @@
+"""Helpers shared by the parity tests: test specs, test weights with O(1) logits, running both twins."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jax_model
+import torch_model
+from shared_config import ModelSpec, init_weights, layout, load_spec
+
+from . import reference
+
+FORWARD_TOL = 1e-5  # max|Δlogits| / std(logits), float32 on CPU
+
+# Distinct, prime-ish sizes so that a wrong transpose or reshape cannot pass; GQA with G = 3.
+BASE = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, max_seq_len=128)
+
+
+def make_spec(**changes) -> ModelSpec:
+    return load_spec({**BASE, **changes})
+
+
+def parity_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Canonical weights whose logits are O(1) and whose norm parameters are far from their init.
+
+    Init-valued norms (weight 1, bias 0, shift 0) would hide a dropped weight, bias or shift, and
+    0.02-std matmuls give tiny logits that any tolerance passes; moderately larger weights keep the
+    model out of the chaotic regime where float32 rounding itself grows past the tolerance.
+    """
+    w = init_weights(spec.replace(init_std=0.08, embed_init_std=0.3, param_dtype="float32"), seed)
+    rng = np.random.default_rng(seed + 1)
+    for t in layout(spec):
+        x = w[t.name]
+        if t.init == "ones":
+            x = 1 + 0.2 * rng.standard_normal(t.shape)
+        elif t.init == "zeros":
+            x = 0.1 * rng.standard_normal(t.shape)
+        elif t.name.endswith(".alpha"):
+            x = x * rng.uniform(0.8, 1.6, t.shape)
+        elif t.name.endswith(".shift"):
+            x = rng.uniform(-0.3, 0.3, t.shape)
+        elif t.name == "model.embed_scale":
+            x = x * rng.uniform(0.2, 0.4, t.shape)  # keep embeddings O(1) after the sqrt(D) scale
+        w[t.name] = x.astype(np.float32)
+    # Scale the last norm's affine so that logits have std 1 (the head reads that norm's output).
+    last = "model.norm" if spec.norm_placement != "post" else f"model.layers.{spec.L - 1}.post_attention_layernorm"
+    c = 1.0 / reference.forward(w, spec, tokens(spec, 2, 32, seed=seed)).std()
+    for leaf in ("weight", "bias"):
+        if f"{last}.{leaf}" in w:
+            w[f"{last}.{leaf}"] = (w[f"{last}.{leaf}"] * c).astype(np.float32)
+    return w
+
+
+def tokens(spec: ModelSpec, batch: int = 2, seq: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, spec.V, (batch, seq))
+
+
+def jax_logits(weights, spec, toks, attention="auto", taps=None) -> np.ndarray:
+    model = jax_model.from_weights(weights, spec, attention)
+    return np.asarray(model(jnp.asarray(toks), taps=taps))
+
+
+def torch_logits(weights, spec, toks, attention="auto", taps=None) -> np.ndarray:
+    model = torch_model.from_weights(weights, spec, attention)
+    with torch.no_grad():
+        return model(torch.as_tensor(toks), taps=taps).numpy()
+
+
+def ref_logits(weights, spec, toks, taps=None) -> np.ndarray:
+    return reference.forward(weights, spec, toks, taps)
+
+
+def rel_err(a, b) -> float:
+    """max|a − b| / std(b): error on the scale of the reference."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / b.std())

@@ -1,0 +1,137 @@
+"""An independent float64 numpy implementation of the model semantics (README, "Semantics").
+
+Written from the semantics, not from either twin: it shares no code with them beyond the spec,
+and computes RoPE frequencies (with llama3 scaling), masks and GQA its own way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+erf = np.vectorize(math.erf, otypes=[np.float64])  # float64 erf without scipy
+
+
+def norm(x, w: dict, prefix: str, spec):
+    """One norm slot, from the canonical tensors under `prefix`."""
+    weight = w[f"{prefix}.weight"]
+    if spec.norm_type == "rms":
+        y = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + spec.norm_eps)
+    elif spec.norm_type == "layernorm":
+        mu = np.mean(x, axis=-1, keepdims=True)
+        y = (x - mu) / np.sqrt(np.var(x, axis=-1, keepdims=True) + spec.norm_eps)
+    elif spec.norm_type == "dyt":
+        y = np.tanh(w[f"{prefix}.alpha"][0] * x)
+    else:
+        y = erf(w[f"{prefix}.alpha"][0] * x + w[f"{prefix}.shift"][0])
+    y = y * weight
+    return y + w[f"{prefix}.bias"] if spec.norm_bias else y
+
+
+def rms(x, weight, eps):
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * weight
+
+
+def inv_frequencies(spec) -> np.ndarray:
+    E = spec.E
+    freqs = np.array([spec.rope_theta ** (-2.0 * j / E) for j in range(E // 2)])
+    if spec.rope_scaling != "llama3":
+        return freqs
+    out = []
+    low_wavelen = spec.rope_original_max_seq_len / spec.rope_low_freq_factor
+    high_wavelen = spec.rope_original_max_seq_len / spec.rope_high_freq_factor
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / spec.rope_scaling_factor)
+        else:
+            s = (spec.rope_original_max_seq_len / wavelen - spec.rope_low_freq_factor) / (
+                spec.rope_high_freq_factor - spec.rope_low_freq_factor
+            )
+            out.append((1 - s) * f / spec.rope_scaling_factor + s * f)
+    return np.array(out)
+
+
+def rope(x, spec):
+    """x [B, T, heads, E]: rotate pairs (i, i + E/2) by angle position * freq_i."""
+    T, E = x.shape[1], x.shape[-1]
+    angle = np.arange(T)[:, None] * inv_frequencies(spec)[None, :]  # [T, E/2]
+    cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+    a, b = x[..., : E // 2], x[..., E // 2 :]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def attention(x, w: dict, p: str, spec):
+    B, T, _ = x.shape
+    H, K, E = spec.H, spec.K, spec.E
+    q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, E)
+    k = (x @ w[f"{p}.k_proj.weight"].T).reshape(B, T, K, E)
+    v = (x @ w[f"{p}.v_proj.weight"].T).reshape(B, T, K, E)
+    if spec.qk_norm:
+        q, k = rms(q, w[f"{p}.q_norm.weight"], spec.norm_eps), rms(k, w[f"{p}.k_norm.weight"], spec.norm_eps)
+    if spec.position == "rope":
+        q, k = rope(q, spec), rope(k, spec)
+    out = np.zeros((B, T, H, E))
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    for h in range(H):
+        kv = h // (H // K)  # each kv head serves H/K consecutive query heads
+        s = np.einsum("bte,bse->bts", q[:, :, h], k[:, :, kv]) / math.sqrt(E)
+        s = np.where(future, -np.inf, s)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        out[:, :, h] = np.einsum("bts,bse->bte", s / s.sum(-1, keepdims=True), v[:, :, kv])
+    return out.reshape(B, T, H * E) @ w[f"{p}.o_proj.weight"].T
+
+
+def mlp(x, w: dict, p: str, spec):
+    up = x @ w[f"{p}.up_proj.weight"].T
+    if spec.mlp == "swiglu":
+        g = x @ w[f"{p}.gate_proj.weight"].T
+        h = g / (1 + np.exp(-g)) * up
+    elif spec.mlp == "gelu":
+        h = 0.5 * up * (1 + erf(up / math.sqrt(2)))
+    elif spec.mlp == "gelu_tanh":
+        h = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
+    else:
+        h = np.maximum(up, 0) ** 2
+    return h @ w[f"{p}.down_proj.weight"].T
+
+
+def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -> np.ndarray:
+    """float64 logits [B, T, V] for int tokens [B, T]."""
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    T = tokens.shape[1]
+    x = w["model.embed_tokens.weight"][tokens]
+    if spec.position == "learned":
+        x = x + w["model.embed_positions.weight"][:T]
+    if spec.embed_scale == "learnable":
+        x = x * w["model.embed_scale"][0]
+    elif spec.embed_scale == "constant":
+        x = x * math.sqrt(spec.D)
+    if taps is not None:
+        taps["model.embed"] = x
+    for i in range(spec.L):
+        p = f"model.layers.{i}"
+        if spec.norm_placement == "post":
+            a = attention(x, w, f"{p}.self_attn", spec)
+            x = norm(x + a, w, f"{p}.input_layernorm", spec)
+            m = mlp(x, w, f"{p}.mlp", spec)
+            x = norm(x + m, w, f"{p}.post_attention_layernorm", spec)
+        else:
+            a = attention(norm(x, w, f"{p}.input_layernorm", spec), w, f"{p}.self_attn", spec)
+            if spec.norm_placement == "peri":
+                a = norm(a, w, f"{p}.attn_output_norm", spec)
+            x = x + a
+            m = mlp(norm(x, w, f"{p}.post_attention_layernorm", spec), w, f"{p}.mlp", spec)
+            if spec.norm_placement == "peri":
+                m = norm(m, w, f"{p}.mlp_output_norm", spec)
+            x = x + m
+        if taps is not None:
+            taps[p] = {"attn_out": a, "mlp_out": m, "residual": x}
+    if spec.norm_placement != "post":
+        x = norm(x, w, "model.norm", spec)
+    if taps is not None:
+        taps["model.norm"] = x
+    head = w["model.embed_tokens.weight"] if spec.tie_embeddings else w["lm_head.weight"]
+    return x @ head.T

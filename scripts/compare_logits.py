@@ -1,0 +1,57 @@
+"""Load one canonical checkpoint in both twins and print how far apart their logits are.
+
+    python scripts/compare_logits.py --weights tiny-dyt.safetensors
+    python scripts/compare_logits.py --spec tiny-dyt          # a fresh numpy init, nothing written
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from shared_config import init_weights, load_checkpoint, load_spec
+from shared_config.cli import Parser, UsageError, run
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="a canonical .safetensors checkpoint")
+    src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.weights:
+        weights, spec = load_checkpoint(args.weights)
+    else:
+        spec = load_spec(args.spec)
+        weights = init_weights(spec, args.seed)
+    if not 0 < args.seq <= spec.max_seq_len:
+        raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import jax_model
+    import torch_model
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 on every device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens = np.random.default_rng(args.seed).integers(0, spec.V, (args.batch, args.seq))
+    j = np.asarray(jax_model.from_weights(weights, spec)(jnp.asarray(tokens)), np.float64)
+    with torch.no_grad():
+        t = torch_model.from_weights(weights, spec)(torch.as_tensor(tokens)).double().numpy()
+    result = {
+        "spec": args.weights or args.spec, "batch": args.batch, "seq": args.seq,
+        "logits_std": float(t.std()), "max_abs_diff": float(np.abs(j - t).max()),
+        "max_abs_diff_over_std": float(np.abs(j - t).max() / t.std()),
+        "same_argmax": float((j.argmax(-1) == t.argmax(-1)).mean()),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    run(main)

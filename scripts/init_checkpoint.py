@@ -1,0 +1,34 @@
+"""Write a canonical checkpoint drawn by the framework-neutral numpy init.
+
+    python scripts/init_checkpoint.py --spec tiny-dyt --seed 0 --out tiny-dyt.safetensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared_config import init_weights, load_spec, parse_overrides, save_checkpoint
+from shared_config.cli import Parser, UsageError, run
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", required=True, help="preset name or YAML path")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = p.parse_args(argv)
+    spec = load_spec(args.spec)
+    if args.set:
+        spec = load_spec({**spec.to_dict(), **parse_overrides(args.set)})
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} exists; pass --force to overwrite it")
+    if not args.out.parent.is_dir():
+        raise UsageError(f"{args.out.parent} is not a directory")
+    save_checkpoint(args.out, init_weights(spec, args.seed), spec)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,23 @@
+"""Framework-neutral half of twinlm: the spec, the canonical layout, init and checkpoint I/O (numpy only)."""
+
+from .init import InitRule, init_rule, init_weights
+from .io import (
+    CheckpointError,
+    atomic_dir,
+    atomic_write,
+    check_weights,
+    load_checkpoint,
+    np_dtype,
+    read_safetensors,
+    save_checkpoint,
+)
+from .layout import Tensor, fuse_qkv, group_names, layout, model_layout, split_qkv
+from .rope import rope_inv_freq
+from .spec import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
+
+__all__ = [
+    "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "atomic_dir", "atomic_write",
+    "check_weights", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout", "load_checkpoint",
+    "load_spec", "model_layout", "np_dtype", "parse_overrides", "preset_names", "read_safetensors",
+    "rope_inv_freq", "save_checkpoint", "split_qkv",
+]

@@ -1,0 +1,56 @@
+"""Init rules, read off the layout table, and the framework-neutral numpy init.
+
+`init_rule` is the one place that turns a tensor's rule into a distribution; the numpy init below
+and each twin's native init (its own RNG) all draw from it.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .io import np_dtype
+from .layout import Tensor, layout
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class InitRule:
+    dist: str  # "normal" (scale = std) | "uniform" (scale = bound) | "constant" (scale = the value)
+    scale: float
+
+
+def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
+    if t.init in ("linear", "residual"):
+        # Residual projections scaled by 1/sqrt(2L): two residual adds per block (GPT-2 paper, sec. 2.3).
+        factor = 1 / math.sqrt(2 * spec.L) if t.init == "residual" and spec.residual_scaling else 1.0
+        if spec.init_scheme == "normal":
+            return InitRule("normal", spec.init_std * factor)
+        fan_out, fan_in = t.shape
+        return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
+    if t.init == "embedding":
+        return InitRule("normal", spec.embed_init_std)
+    return InitRule("constant", {"ones": 1.0, "zeros": 0.0}.get(t.init, t.value))
+
+
+def tensor_seed(seed: int, name: str) -> list[int]:
+    """A per-tensor seed, so a tensor's values do not depend on which other tensors the spec has."""
+    return [seed, zlib.crc32(name.encode())]
+
+
+def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """Canonical weights drawn with numpy: the bit-identical starting point for both twins."""
+    out = {}
+    for t in layout(spec):
+        rule, rng = init_rule(t, spec), np.random.default_rng(tensor_seed(seed, t.name))
+        if rule.dist == "normal":
+            x = rng.normal(0.0, rule.scale, t.shape)
+        elif rule.dist == "uniform":
+            x = rng.uniform(-rule.scale, rule.scale, t.shape)
+        else:
+            x = np.full(t.shape, rule.scale)
+        out[t.name] = x.astype(np.float32).astype(np_dtype(spec.param_dtype))
+    return out

@@ -1,0 +1,161 @@
+"""The canonical weight layout: one table of every tensor a spec has, read by both twins, the
+loaders and savers, the init code, the converters and the tests.
+
+Names follow Hugging Face Llama (`model.layers.{i}.self_attn.q_proj.weight`), extended for the
+norm variants. Linear weights are stored [out, in] (torch orientation); the JAX twin's
+`nnx.Linear` keeps its kernel [in, out], so its leaf is named `kernel` and transposed.
+Fused QKV is a compute choice: the file always holds q/k/v separately; `fuse_qkv` and
+`split_qkv` convert between the file layout and the in-memory one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str  # canonical key
+    shape: tuple[int, ...]  # torch orientation: Linear weights are [out, in]
+    kind: str  # "linear" | "embedding" | "param"
+    init: str  # "linear" | "residual" | "embedding" | "ones" | "zeros" | "constant"
+    value: float | None = None  # the constant, for init == "constant"
+
+    @property
+    def jax_name(self) -> str:
+        """Path of the leaf in the JAX twin's NNX state, joined with dots."""
+        leaf = {"linear": "kernel", "embedding": "embedding"}.get(self.kind)
+        return self.name if leaf is None else self.name.removesuffix("weight") + leaf
+
+    @property
+    def jax_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transposed else self.shape
+
+    @property
+    def transposed(self) -> bool:
+        """True where the JAX leaf is stored [in, out]."""
+        return self.kind == "linear"
+
+
+def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Tensor]:
+    """The tensors of one norm slot, in module order."""
+    out = []
+    if spec.norm_type in ("dyt", "derf"):
+        out.append(Tensor(f"{prefix}.alpha", (1,), "param", "constant", alpha_init))
+    if spec.norm_type == "derf":
+        out.append(Tensor(f"{prefix}.shift", (1,), "param", "constant", spec.shift_init))
+    out.append(Tensor(f"{prefix}.weight", (dim,), "param", "ones"))
+    if spec.norm_bias:
+        out.append(Tensor(f"{prefix}.bias", (dim,), "param", "zeros"))
+    return out
+
+
+def _block(i: int, spec: ModelSpec) -> list[Tensor]:
+    p, D, H, K, E, F = f"model.layers.{i}", spec.D, spec.H, spec.K, spec.E, spec.F
+    out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init)
+    out += [
+        Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
+        Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
+        Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", "linear"),
+        Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", "residual"),
+    ]
+    if spec.qk_norm:
+        out.append(Tensor(f"{p}.self_attn.q_norm.weight", (E,), "param", "ones"))
+        out.append(Tensor(f"{p}.self_attn.k_norm.weight", (E,), "param", "ones"))
+    if spec.norm_placement == "peri":
+        out += _norm(f"{p}.attn_output_norm", spec, D, spec.attn_alpha_init)
+    out += _norm(f"{p}.post_attention_layernorm", spec, D, spec.ffn_alpha_init)
+    if spec.mlp == "swiglu":
+        out.append(Tensor(f"{p}.mlp.gate_proj.weight", (F, D), "linear", "linear"))
+    out.append(Tensor(f"{p}.mlp.up_proj.weight", (F, D), "linear", "linear"))
+    out.append(Tensor(f"{p}.mlp.down_proj.weight", (D, F), "linear", "residual"))
+    if spec.norm_placement == "peri":
+        out += _norm(f"{p}.mlp_output_norm", spec, D, spec.ffn_alpha_init)
+    return out
+
+
+def layout(spec: ModelSpec) -> list[Tensor]:
+    """Every canonical tensor of `spec`, in module order: the contents of a checkpoint file."""
+    out = [Tensor("model.embed_tokens.weight", (spec.V, spec.D), "embedding", "embedding")]
+    if spec.position == "learned":
+        out.append(Tensor("model.embed_positions.weight", (spec.max_seq_len, spec.D), "embedding", "embedding"))
+    if spec.embed_scale == "learnable":
+        out.append(Tensor("model.embed_scale", (1,), "param", "constant", math.sqrt(spec.D)))
+    for i in range(spec.L):
+        out += _block(i, spec)
+    if spec.norm_placement != "post":
+        out += _norm("model.norm", spec, spec.D, spec.final_alpha_init)
+    if not spec.tie_embeddings:
+        out.append(Tensor("lm_head.weight", (spec.V, spec.D), "linear", "linear"))
+    return out
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def model_layout(spec: ModelSpec) -> list[Tensor]:
+    """The tensors the twins hold in memory: `layout(spec)` with q/k/v fused when `spec.fused_qkv`."""
+    if not spec.fused_qkv:
+        return layout(spec)
+    out = []
+    for t in layout(spec):
+        if t.name.endswith(".self_attn.q_proj.weight"):
+            fused = t.name.replace("q_proj", "qkv_proj")
+            out.append(Tensor(fused, ((spec.H + 2 * spec.K) * spec.E, spec.D), "linear", "linear"))
+        elif not t.name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+            out.append(t)
+    return out
+
+
+def fuse_qkv(weights: dict, spec: ModelSpec, concat: Callable = np.concatenate) -> dict:
+    """File layout -> in-memory layout: rows of q, then k, then v, in one [(H+2K)E, D] matrix.
+
+    Works on any array type whose `concat` joins a list along axis 0 (numpy, jnp, torch).
+    """
+    if not spec.fused_qkv:
+        return dict(weights)
+    out = {k: v for k, v in weights.items() if not k.endswith(tuple(f".self_attn.{n}.weight" for n in QKV))}
+    for i in range(spec.L):
+        p = f"model.layers.{i}.self_attn"
+        out[f"{p}.qkv_proj.weight"] = concat([weights[f"{p}.{n}.weight"] for n in QKV])
+    return out
+
+
+def split_qkv(weights: dict, spec: ModelSpec) -> dict:
+    """In-memory layout -> file layout (the inverse of `fuse_qkv`; slicing, so any array type)."""
+    if not spec.fused_qkv:
+        return dict(weights)
+    out = {k: v for k, v in weights.items() if not k.endswith(".self_attn.qkv_proj.weight")}
+    q, k = spec.H * spec.E, spec.K * spec.E
+    for i in range(spec.L):
+        p = f"model.layers.{i}.self_attn"
+        w = weights[f"{p}.qkv_proj.weight"]
+        out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"], out[f"{p}.v_proj.weight"] = w[:q], w[q : q + k], w[q + k :]
+    return out
+
+
+def group_names(names) -> str:
+    """`model.layers.{0..15}.mlp.up_proj.weight, lm_head.weight`: names differing only by layer folded."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for name in names:
+        m = re.match(r"^(.*\.layers\.)(\d+)(\..*)$", name)
+        groups[f"{m[1]}{{}}{m[3]}" if m else name].append(int(m[2]) if m else -1)
+    parts = []
+    for pattern, idx in groups.items():
+        if "{}" not in pattern:
+            parts.append(pattern)
+            continue
+        idx = sorted(set(idx))
+        rng = f"{idx[0]}" if len(idx) == 1 else (
+            f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx))
+        )
+        parts.append(pattern.replace("{}", "{" + rng + "}") if len(idx) > 1 else pattern.replace("{}", rng))
+    return ", ".join(parts)

@@ -1,0 +1,252 @@
+"""The model spec: one flat, frozen dataclass whose fields are exactly the YAML keys.
+
+Both twins, the converters and the tests read a `ModelSpec`; no other place defines a default.
+Derived values (`K`, `E`, ...) are read-only properties, never written back into the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+SPECS_DIR = Path(__file__).parent / "specs"
+
+
+class SpecError(ValueError):
+    """A spec (or train config) that breaks a rule; the message names the field, the value and the rule."""
+
+
+# Accepted values of each enum field; aliases map to the name used everywhere in the code.
+CHOICES = {
+    "norm_type": ("rms", "layernorm", "dyt", "derf"),
+    "norm_placement": ("pre", "peri", "post"),
+    "embed_scale": ("none", "learnable", "constant"),
+    "position": ("rope", "learned", "none"),
+    "rope_scaling": ("none", "llama3"),
+    "mlp": ("swiglu", "gelu", "gelu_tanh", "relu2"),
+    "init_scheme": ("normal", "xavier_uniform"),
+    "param_dtype": ("float32", "bfloat16"),
+    "compute_dtype": ("float32", "bfloat16"),
+}
+ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    # sizes
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    n_kv_heads: int | None = None  # None: n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    # normalization
+    norm_type: str = "rms"
+    norm_eps: float = 1e-6
+    norm_placement: str = "pre"
+    norm_bias: bool = False
+    attn_alpha_init: float = 0.5
+    ffn_alpha_init: float = 0.5
+    final_alpha_init: float = 0.5
+    shift_init: float = 0.0
+    embed_scale: str = "none"
+    qk_norm: bool = False
+    # positions
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "llama3": Llama 3.x frequency scaling with the four fields below
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    # blocks
+    fused_qkv: bool = True
+    mlp: str = "swiglu"
+    tie_embeddings: bool = False
+    # init
+    init_scheme: str = "normal"
+    init_std: float = 0.02
+    embed_init_std: float = 0.02
+    residual_scaling: bool = True
+    # dtypes
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check_type(f, getattr(self, f.name)))
+        _check_rules(self)
+
+    # Derived sizes, in the notation of the model files.
+    @property
+    def V(self) -> int:
+        return self.vocab_size
+
+    @property
+    def D(self) -> int:
+        return self.d_model
+
+    @property
+    def L(self) -> int:
+        return self.n_layers
+
+    @property
+    def H(self) -> int:
+        return self.n_heads
+
+    @property
+    def K(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def E(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def F(self) -> int:
+        return self.d_ff
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML keys, with `n_kv_heads` and `head_dim` resolved so that equal architectures give equal dicts."""
+        d = dataclasses.asdict(self)
+        d["n_kv_heads"], d["head_dim"] = self.K, self.E
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __eq__(self, other) -> bool:  # equal architectures are equal specs, however defaults were written
+        return isinstance(other, ModelSpec) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def replace(self, **changes) -> ModelSpec:
+        return ModelSpec.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        if not isinstance(d, Mapping):
+            raise SpecError(f"a spec must be a mapping of keys to values, got {type(d).__name__}")
+        check_keys(d, [f.name for f in fields(cls)], "spec")
+        missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise SpecError(f"spec is missing required key(s): {', '.join(missing)}")
+        return cls(**d)
+
+
+def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
+    """Reject unknown keys, suggesting the closest valid one."""
+    for key in d:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(valid)}"
+            raise SpecError(f"unknown {what} key '{key}'{hint}")
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> Any:
+    """Check one field's type; normalize aliases and ints given for floats."""
+    name, kind = f.name, f.type
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{name}={value!r} must be an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(f"{name}={value!r} must be a finite number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SpecError(f"{name}={value!r} must be true or false")
+        return value
+    value = ALIASES.get(name, {}).get(value, value)
+    if value not in CHOICES[name]:
+        raise SpecError(f"{name}={value!r} must be one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def _check_rules(s: ModelSpec) -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
+        if getattr(s, name) <= 0:
+            raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    for name in ("n_kv_heads", "head_dim"):
+        if getattr(s, name) is not None and getattr(s, name) <= 0:
+            raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    if s.n_heads % s.K:
+        raise SpecError(f"n_kv_heads={s.K} must divide n_heads={s.n_heads}")
+    if s.head_dim is None and s.d_model % s.n_heads:
+        raise SpecError(f"d_model={s.d_model} must be divisible by n_heads={s.n_heads} when head_dim is not given")
+    if s.position == "rope" and s.E % 2:
+        raise SpecError(f"head_dim={s.E} must be even when position=rope")
+    for name in ("norm_eps", "init_std", "embed_init_std", "rope_theta", "rope_scaling_factor"):
+        if getattr(s, name) <= 0:
+            raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    if s.rope_scaling == "llama3":
+        if s.position != "rope":
+            raise SpecError(f"rope_scaling=llama3 needs position=rope, got position={s.position}")
+        if not 0 < s.rope_low_freq_factor < s.rope_high_freq_factor:
+            raise SpecError(
+                f"rope_low_freq_factor={s.rope_low_freq_factor} must be > 0 and < "
+                f"rope_high_freq_factor={s.rope_high_freq_factor}"
+            )
+
+
+def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML mapping, turning parse errors into one-line errors."""
+    try:
+        d = yaml.safe_load(Path(source).read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read {what} file {source}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{what} file {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise SpecError(f"{what} file {source} must hold a mapping of keys to values")
+    return d
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
+    """A spec from a preset name (`tiny`), a YAML path, a dict, or a spec."""
+    if isinstance(source, ModelSpec):
+        return source
+    if isinstance(source, Mapping):
+        return ModelSpec.from_dict(source)
+    path = Path(source)
+    if (SPECS_DIR / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
+        path = SPECS_DIR / f"{source}.yaml"
+    elif not path.is_file():
+        raise SpecError(f"no spec preset or file named '{source}' (presets: {', '.join(preset_names())})")
+    try:
+        return ModelSpec.from_dict(load_yaml(path, "spec"))
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` items as a dict, values parsed as YAML scalars (`8`, `1e-5`, `true`, `dyt`)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r} must look like key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+    return out

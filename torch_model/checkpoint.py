@@ -1,0 +1,33 @@
+"""Canonical safetensors files <-> the PyTorch twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shared_config import ModelSpec, check_weights, load_checkpoint, load_spec, save_checkpoint
+
+from .model import Transformer
+from .weights import get_weights, set_weights
+
+
+def from_weights(weights: dict, spec, attention: str = "auto", device=None) -> Transformer:
+    """A model holding `weights` (canonical names); the native init is skipped, not drawn and thrown away."""
+    spec: ModelSpec = load_spec(spec)
+    check_weights(weights, spec, "weights", allow_nonfinite=True)
+    with torch.device("meta"):
+        model = Transformer(spec, attention=attention)
+    set_weights(model, weights)
+    return model.to(device) if device is not None else model
+
+
+def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False, device=None):
+    """Load a canonical checkpoint; `spec=None` reads the spec from the file's metadata."""
+    weights, spec = load_checkpoint(path, spec, allow_nonfinite)
+    return from_weights(weights, spec, attention, device)
+
+
+def to_safetensors(model: Transformer, path: str | Path) -> None:
+    """Write the canonical file (q/k/v split back), atomically, with the spec in the metadata."""
+    save_checkpoint(path, get_weights(model), model.spec)

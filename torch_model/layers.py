@@ -1,0 +1,255 @@
+"""Layers of the PyTorch twin; jax_model/layers.py is the same file in JAX.
+
+Notation: B batch, T query tokens, S key tokens, D model dim, H query heads, K kv heads,
+G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
+Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; norms, activations,
+RoPE and softmax computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from shared_config import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ATTENTION = ("auto", "einsum", "sdpa", "flash", "cudnn")  # attention kernels this twin offers
+
+
+class Linear(nn.Linear):
+    """y = x · Wᵀ with W stored [out, in], computed in `compute_dtype` (as nnx.Linear's `dtype`)."""
+
+    def __init__(self, d_in: int, d_out: int, spec: ModelSpec):
+        super().__init__(d_in, d_out, bias=False, dtype=DTYPES[spec.param_dtype])
+        self.compute_dtype = DTYPES[spec.compute_dtype]
+
+    def reset_parameters(self):
+        pass  # weights are drawn after construction, from the layout table
+
+    def forward(self, x):
+        return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+
+
+class RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · weight (+ bias)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, param_dtype: str):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
+
+    def forward(self, x):
+        x32 = x.to(torch.float32)  # statistics in float32
+        y = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + self.eps)
+        return affine(y, self.weight, self.bias).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x − mean) · rsqrt(var + eps) · weight (+ bias)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, param_dtype: str):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
+
+    def forward(self, x):
+        x32 = x.to(torch.float32)  # statistics in float32
+        centered = x32 - torch.mean(x32, dim=-1, keepdim=True)
+        y = centered * torch.rsqrt(torch.mean(centered * centered, dim=-1, keepdim=True) + self.eps)
+        return affine(y, self.weight, self.bias).to(x.dtype)
+
+
+class DynamicTanh(nn.Module):
+    """DyT (arXiv 2503.10622): weight · tanh(alpha · x) (+ bias), alpha a learnable scalar."""
+
+    def __init__(self, dim: int, alpha_init: float, bias: bool, param_dtype: str):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init, dtype=DTYPES[param_dtype]))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
+
+    def forward(self, x):
+        y = torch.tanh(self.alpha.to(torch.float32) * x.to(torch.float32))  # in float32
+        return affine(y, self.weight, self.bias).to(x.dtype)
+
+
+class DynamicErf(nn.Module):
+    """Derf (arXiv 2512.10938): weight · erf(alpha · x + shift) (+ bias), alpha and shift learnable scalars."""
+
+    def __init__(self, dim: int, alpha_init: float, shift_init: float, bias: bool, param_dtype: str):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init, dtype=DTYPES[param_dtype]))
+        self.shift = nn.Parameter(torch.full((1,), shift_init, dtype=DTYPES[param_dtype]))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
+
+    def forward(self, x):
+        z = self.alpha.to(torch.float32) * x.to(torch.float32) + self.shift.to(torch.float32)
+        return affine(torch.erf(z), self.weight, self.bias).to(x.dtype)  # in float32
+
+
+def affine(y, weight, bias):
+    """y · weight (+ bias), in float32."""
+    y = y * weight.to(torch.float32)
+    return y if bias is None else y + bias.to(torch.float32)
+
+
+def make_norm(spec: ModelSpec, alpha_init: float):
+    """The norm every slot of `spec` uses, over the model dim."""
+    D, eps, bias, dtype = spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
+    if spec.norm_type == "rms":
+        return RMSNorm(D, eps, bias, dtype)
+    if spec.norm_type == "layernorm":
+        return LayerNorm(D, eps, bias, dtype)
+    if spec.norm_type == "dyt":
+        return DynamicTanh(D, alpha_init, bias, dtype)
+    return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+
+
+def rope_cos_sin(inv_freq_E2, positions_T):
+    """cos and sin of every (position, frequency) angle, [T, E], float32, halves repeated (HF layout)."""
+    inv_freq_E2 = torch.as_tensor(inv_freq_E2, dtype=torch.float32, device=positions_T.device)
+    angles_TE2 = positions_T.to(torch.float32)[:, None] * inv_freq_E2[None, :]
+    angles_TE = torch.cat([angles_TE2, angles_TE2], dim=-1)
+    return torch.cos(angles_TE), torch.sin(angles_TE)
+
+
+def apply_rope(x_BTHE, cos_TE, sin_TE):
+    """Rotate pairs (i, i + E/2) (Hugging Face `rotate_half`), in float32."""
+    x32 = x_BTHE.to(torch.float32)
+    x1, x2 = torch.chunk(x32, 2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
+
+
+def einsum_attention(q_BTHE, k_BSKE, v_BSKE):
+    """Causal softmax(q·kᵀ/sqrt(E))·v written out; query head h reads kv head h // G."""
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    scores_BKGTS = torch.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).to(torch.float32) / math.sqrt(E)
+    causal_TS = torch.tril(torch.ones(T, S, dtype=torch.bool, device=q_BTHE.device), diagonal=S - T)
+    scores_BKGTS = torch.where(causal_TS, scores_BKGTS, torch.finfo(torch.float32).min)
+    probs_BKGTS = torch.softmax(scores_BKGTS, dim=-1).to(v_BSKE.dtype)  # softmax in float32
+    return torch.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(B, T, H, E)
+
+
+SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def attend(q_BTHE, k_BSKE, v_BSKE, attention: str):
+    """Causal attention by the named kernel; every kernel computes the softmax in float32."""
+    if attention == "einsum":
+        return einsum_attention(q_BTHE, k_BSKE, v_BSKE)
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BSKE, v_BSKE))  # SDPA wants [B, heads, T, E]
+    backend = SDPA_BACKENDS[attention]
+    if backend is None:
+        o_BHTE = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        with sdpa_kernel(backend):
+            o_BHTE = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return o_BHTE.transpose(1, 2)
+
+
+def resolve_attention(attention: str, spec: ModelSpec) -> str:
+    """The kernel `attention` names on this machine: `auto` is PyTorch's own SDPA dispatch."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
+    return "sdpa" if attention == "auto" else attention
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, attention: str):
+        super().__init__()
+        D, H, K, E = spec.D, spec.H, spec.K, spec.E
+        self.H, self.K, self.E = H, K, E
+        self.fused_qkv, self.attention = spec.fused_qkv, attention
+        if spec.fused_qkv:
+            self.qkv_proj = Linear(D, (H + 2 * K) * E, spec)
+        else:
+            self.q_proj = Linear(D, H * E, spec)
+            self.k_proj = Linear(D, K * E, spec)
+            self.v_proj = Linear(D, K * E, spec)
+        self.o_proj = Linear(H * E, D, spec)
+        self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
+
+    def forward(self, x_BTD, cos_TE, sin_TE):
+        B, T, _ = x_BTD.shape
+        H, K, E = self.H, self.K, self.E
+        if self.fused_qkv:
+            q, k, v = torch.split(self.qkv_proj(x_BTD), [H * E, K * E, K * E], dim=-1)
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BTHE, k_BTKE, v_BTKE = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
+        if self.q_norm is not None:  # qk-norm (over E) comes before RoPE
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        if cos_TE is not None:
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_TE, sin_TE), apply_rope(k_BTKE, cos_TE, sin_TE)
+        o_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, self.attention)
+        return self.o_proj(o_BTHE.reshape(B, T, H * E))
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x, approximate="none"),  # exact erf form (torch's default)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: torch.square(F.relu(x)),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.kind = spec.mlp
+        self.gate_proj = Linear(spec.D, spec.F, spec) if spec.mlp == "swiglu" else None
+        self.up_proj = Linear(spec.D, spec.F, spec)
+        self.down_proj = Linear(spec.F, spec.D, spec)
+
+    def forward(self, x_BTD):
+        up_BTF = self.up_proj(x_BTD).to(torch.float32)  # activation in float32
+        if self.kind == "swiglu":
+            h_BTF = F.silu(self.gate_proj(x_BTD).to(torch.float32)) * up_BTF
+        else:
+            h_BTF = ACTIVATIONS[self.kind](up_BTF)
+        return self.down_proj(h_BTF.to(x_BTD.dtype))
+
+
+class Block(nn.Module):
+    """One transformer block; `norm_placement` decides where its norm slots sit."""
+
+    def __init__(self, spec: ModelSpec, attention: str):
+        super().__init__()
+        self.placement = spec.norm_placement
+        peri = spec.norm_placement == "peri"
+        self.input_layernorm = make_norm(spec, spec.attn_alpha_init)
+        self.self_attn = Attention(spec, attention)
+        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if peri else None
+        self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
+        self.mlp = MLP(spec)
+        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if peri else None
+
+    def forward(self, x_BTD, cos_TE, sin_TE, taps: dict | None = None):
+        if self.placement == "post":  # x = n1(x + attn(x)); x = n2(x + mlp(x))
+            a_BTD = self.self_attn(x_BTD, cos_TE, sin_TE)
+            x_BTD = self.input_layernorm(x_BTD + a_BTD)
+            m_BTD = self.mlp(x_BTD)
+            x_BTD = self.post_attention_layernorm(x_BTD + m_BTD)
+        else:  # pre: x += attn(n1(x)); peri adds an output norm on each branch
+            a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE)
+            if self.attn_output_norm is not None:
+                a_BTD = self.attn_output_norm(a_BTD)
+            x_BTD = x_BTD + a_BTD
+            m_BTD = self.mlp(self.post_attention_layernorm(x_BTD))
+            if self.mlp_output_norm is not None:
+                m_BTD = self.mlp_output_norm(m_BTD)
+            x_BTD = x_BTD + m_BTD
+        if taps is not None:
+            taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
+        return x_BTD
