@@ -1,0 +1,181 @@
+"""Side-by-side step time of the JAX and PyTorch twins (and of Hugging Face transformers' Llama).
+
+    python bench/compare.py --backend both                       # tiny spec, train mode, this machine
+    python bench/compare.py --backend all --spec small --dtype bfloat16 --seq 2048 --json out.json
+    python bench/compare.py --sweep norm_type=rms,dyt,derf --plot sweep.png
+
+How it measures (README, "Bench"): the first step (compilation) is timed on its own, then
+`--warmup` steps, then `--steps` timed steps, each synchronised before the clock is read, run in
+`--rounds` interleaved rounds over every (variant, backend) so that machine drift hits all alike.
+Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
+
+import numpy as np  # noqa: E402
+
+from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
+from shared_config.cli import Parser, UsageError, run  # noqa: E402
+
+BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
+ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum")
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="both", choices=list(BACKENDS))
+    p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
+    p.add_argument("--mode", default="train", choices=["train", "forward"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the torch/hf step (default: on GPU yes, on CPU no)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION)
+    p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every framework")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    for name in ("batch", "steps", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def variants(args) -> list[tuple[str, object]]:
+    """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
+    base = load_spec(args.spec).to_dict()
+    base.update(parse_overrides(args.set))
+    base["compute_dtype"] = args.dtype
+    sweeps = []
+    for item in args.sweep:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise UsageError(f"--sweep {item!r} must look like key=v1,v2")
+        sweeps.append([(key, parse_overrides([f"{key}={v}"])[key]) for v in values.split(",")])
+    out = []
+    for combo in itertools.product(*sweeps) if sweeps else [()]:
+        label = ",".join(f"{k}={v}" for k, v in combo) or args.spec
+        try:
+            out.append((label, load_spec({**base, **dict(combo)})))
+        except SpecError as e:
+            raise SpecError(f"variant {label}: {e}") from None
+    return out
+
+
+def configure_threads(n: int) -> None:
+    """The same CPU thread count for every framework; must run before jax or torch is imported."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}".strip()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch in one process
+
+
+def kernels(attention: str, gpu: bool, dtype: str) -> dict[str, str]:
+    """The attention kernel each backend is asked for. On GPU in bf16 `auto` pins cuDNN's flash
+    attention in both twins, so they run the same kernel family."""
+    if attention == "auto":
+        attention = "cudnn" if gpu and dtype == "bfloat16" else "auto"
+    jax_name = {"sdpa": "xla"}.get(attention, attention)
+    torch_name = {"xla": "sdpa"}.get(attention, attention)
+    return {"jax": jax_name, "torch": torch_name, "hf": "sdpa"}
+
+
+def environment(args, device: str) -> dict:
+    import jax
+    import torch
+
+    versions = {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__}
+    for name in ("flax", "optax", "transformers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
+        "mode": args.mode, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
+        "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    specs = variants(args)
+    seq = args.seq or min(256, min(s.max_seq_len for _, s in specs))
+    args.seq = seq
+    for label, spec in specs:
+        if seq > spec.max_seq_len:
+            raise UsageError(f"--seq {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+    backends = BACKENDS[args.backend]
+    if "hf" in backends:
+        from shared_config.hf import hf_unsupported
+
+        for label, spec in specs:
+            if problems := hf_unsupported(spec, "LlamaForCausalLM"):
+                raise UsageError(f"--backend hf: {label} has no LlamaForCausalLM equivalent: {', '.join(problems)}")
+    configure_threads(args.threads)
+    from timing import run_benchmarks
+
+    results, device = run_benchmarks(args, specs, backends, kernels)
+    report = {"env": environment(args, device), "results": results}
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    if args.plot:
+        from plot import plot_results
+
+        plot_results(report, args.plot)
+
+
+def print_table(report: dict) -> None:
+    results, gpu = report["results"], any(r["mfu"] is not None for r in report["results"])
+    head = f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} {'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MB':>8}  attention"
+    print(f"# {report['env']['device']} | {report['env']['mode']} | {report['env']['dtype']} | batch {report['env']['batch']} x seq {report['env']['seq']}")
+    print(head)
+    for r in results:
+        s = r["step_s"]
+        rate = r["tflops"] if gpu else r["tflops"] * 1e3
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
+        step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
+        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}")
+    by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
+    ratios = []
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        parts = []
+        if (variant, "jax") in by and (variant, "torch") in by:
+            parts.append(f"jax/torch {by[variant, 'jax'] / by[variant, 'torch']:.2f}")
+        for twin in ("jax", "torch"):
+            if (variant, twin) in by and (variant, "hf") in by:
+                parts.append(f"{twin}/hf {by[variant, twin] / by[variant, 'hf']:.2f}")
+        if parts:
+            ratios.append(f"{variant}: {', '.join(parts)}")
+    if ratios:
+        print("step-time ratio (lower is faster): " + "; ".join(ratios))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,51 @@
+"""Model FLOPs per token and device peaks, for MFU.
+
+FLOPs per token, as nanoGPT and torchtitan count them (PaLM paper, appendix B):
+    train:   6·N + 12·L·H·E·T
+    forward: 2·N +  4·L·H·E·T
+N is the number of weights that take part in a matmul: every Linear, plus the LM head (the
+token embedding when tied); the input embedding lookup is not a matmul and is excluded, as are
+norm and scalar parameters. The attention term counts q·kᵀ and p·v for all T keys (2·2·T·E per
+head per layer forward), without discounting the causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shared_config import ModelSpec, layout
+
+# Dense (no sparsity) peak TFLOP/s by device-name substring, per compute dtype: vendor datasheets.
+# float32 means plain fp32 (TF32 off), which is how the bench runs float32.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "GH200": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "L40S": {"bfloat16": 362.0, "float32": 91.6},
+    "L4": {"bfloat16": 121.0, "float32": 30.3},
+    "A10": {"bfloat16": 125.0, "float32": 31.2},
+    "V100": {"bfloat16": 125.0, "float32": 15.7},  # V100 has no bf16: its fp16 tensor-core peak
+}
+
+
+def matmul_params(spec: ModelSpec) -> int:
+    """N: weights used in matmuls (Linear weights and the LM head), excluding the input embedding."""
+    n = sum(math.prod(t.shape) for t in layout(spec) if t.kind == "linear")
+    return n + (spec.V * spec.D if spec.tie_embeddings else 0)  # a tied head still does the V·D matmul
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int, mode: str) -> float:
+    """Model FLOPs per token for a train step (forward + backward) or a forward pass."""
+    attention = 4 * spec.L * spec.H * spec.E * seq_len
+    forward = 2 * matmul_params(spec) + attention
+    return 3 * forward if mode == "train" else forward
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    """The device's dense peak for `dtype`, or None when the device is not in the table (or a CPU)."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in device_name.lower():
+            return PEAK_TFLOPS[key][dtype]
+    return None

@@ -1,0 +1,161 @@
+"""One benchmark setup per backend: build the model and a step to time, on the best device present.
+
+Every backend gets the same spec, the same tokens and the same dtype policy; each `setup_*`
+returns a `Bench` whose `step()` launches one step without reading anything back to the host,
+and whose `sync(out)` blocks until that step's whole output exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from shared_config import ModelSpec
+
+
+@dataclass
+class Bench:
+    step: Callable[[], Any]  # one step; returns what `sync` waits on
+    sync: Callable[[Any], None]
+    attention: str  # the attention kernel that runs
+    peak_mem: Callable[[], int | None]  # peak device memory in bytes (None on CPU)
+    info: dict = field(default_factory=dict)  # compile mode, optimizer flavour, ...
+
+
+# --- JAX ------------------------------------------------------------------------------------------
+
+
+def jax_device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return d.device_kind if d.platform == "gpu" else f"cpu ({d.device_kind})"
+
+
+def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jax_model
+
+    model = jax_model.Transformer(spec, rngs=nnx.Rngs(0), attention=attention)
+    kernel = model.model.layers[0].self_attn.attention
+    batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
+    if mode == "forward":
+        graphdef, params = nnx.split(model)
+        forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+        step = lambda: forward(params, batch)  # noqa: E731
+    else:
+        from jax_model import train
+
+        state = train.init_train_state(model, train_config)
+        train_step = train.make_train_step(model, train_config)
+        holder = {"state": state}
+
+        def step():
+            holder["state"], metrics = train_step(holder["state"], batch)
+            return holder["state"], metrics
+
+    def peak_mem():
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
+    return Bench(step, jax.block_until_ready, kernel, peak_mem, {"compile": "jax.jit"})
+
+
+# --- PyTorch --------------------------------------------------------------------------------------
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_device_name() -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _torch_sync_and_mem():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return (lambda out: torch.cuda.synchronize()), torch.cuda.max_memory_allocated
+    return (lambda out: None), (lambda: None)  # CPU kernels have finished when the call returns
+
+
+def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+    import torch
+
+    import torch_model
+
+    device = torch_device()
+    with device:
+        model = torch_model.Transformer(spec, generator=None, attention=attention)
+    kernel = model.model.layers[0].self_attn.attention
+    batch = torch.as_tensor(tokens, device=device)
+    sync, peak_mem = _torch_sync_and_mem()
+    if mode == "forward":
+        forward = torch.compile(model) if compile else model
+
+        def step():
+            with torch.no_grad():
+                return forward(batch)
+    else:
+        from jax_model import train
+
+        state = train.init_train_state(model, train_config)
+        train_step = train.make_train_step(model, train_config, compile=compile)
+        step = lambda: train_step(state, batch)  # noqa: E731
+    return Bench(step, sync, kernel, peak_mem, {"compile": "torch.compile" if compile else "eager"})
+
+
+# --- Hugging Face transformers (LlamaForCausalLM): the peer users would otherwise pick -------------
+
+
+def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from shared_config.hf import to_hf_config
+
+    device = torch_device()
+    config = to_hf_config(spec, architecture="LlamaForCausalLM")  # refuses specs Llama cannot represent
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if spec.compute_dtype == "bfloat16" else torch.float32
+    with device:
+        model = LlamaForCausalLM(config)
+    batch = torch.as_tensor(tokens, device=device)
+    sync, peak_mem = _torch_sync_and_mem()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    if mode == "forward":
+        forward = torch.compile(model) if compile else model
+
+        def step():
+            with torch.no_grad(), autocast:
+                return forward(batch).logits
+    else:
+        from torch_model.train import make_torch_optimizer  # the twin's AdamW + schedule, same settings
+
+        optimizer, scheduler = make_torch_optimizer(model, train_config)
+        forward = torch.compile(model) if compile else model
+
+        def step():
+            with autocast:
+                logits = forward(batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm
+    return Bench(step, sync, "sdpa", peak_mem, {"compile": "torch.compile" if compile else "eager", "autocast": str(dtype)})

@@ -1,0 +1,85 @@
+"""The timing loop: compile, warm up, then interleaved rounds of synchronised steps."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from flops import flops_per_token, matmul_params, peak_tflops
+from runners import jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
+
+SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
+
+
+def bench_tokens(spec, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    """The same int32 tokens for every backend; seq + 1 columns so a train step predicts seq tokens."""
+    return np.random.default_rng(seed).integers(0, spec.V, (batch, seq + 1), dtype=np.int32)
+
+
+def bench_train_config(args):
+    """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape."""
+    from shared_config import load_train_config
+
+    base = load_train_config(args.train_config).to_dict() if args.train_config else {}
+    return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq})
+
+
+def timed(bench) -> float:
+    t0 = time.perf_counter()
+    bench.sync(bench.step())
+    return time.perf_counter() - t0
+
+
+def run_benchmarks(args, specs, backends, kernels):
+    """Time every (variant, backend); returns the JSON results and the device name."""
+    import jax
+    import torch
+
+    gpu = torch.cuda.is_available() or jax.default_backend() == "gpu"
+    torch.set_num_threads(args.threads)
+    if args.dtype == "float32":  # the same precision policy everywhere: true float32 matmuls
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    compile = gpu if args.compile is None else args.compile
+    names = kernels(args.attention, gpu, args.dtype)
+    device = torch_device_name() if "jax" not in backends else jax_device_name()
+    train_config = bench_train_config(args) if args.mode == "train" else None
+    jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
+    for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
+        tokens = bench_tokens(spec, args.batch, args.seq)
+        tokens = tokens if args.mode == "train" else tokens[:, :-1]
+        bench = SETUP[backend](spec, tokens, args.mode, names[backend], train_config, compile)
+        compile_s = timed(bench)
+        for _ in range(args.warmup):
+            timed(bench)
+        benches[label, backend] = (spec, bench, compile_s, [])
+    per_round = math.ceil(args.steps / args.rounds)
+    with tqdm(total=per_round * args.rounds * len(jobs), desc="timed steps", file=sys.stderr) as bar:
+        for _ in range(args.rounds):
+            for label, _, backend in jobs:
+                spec, bench, _, times = benches[label, backend]
+                for _ in range(per_round):
+                    times.append(timed(bench))
+                    bar.update()
+    return [result(label, backend, *benches[label, backend], args, device) for label, _, backend in jobs], device
+
+
+def result(label, backend, spec, bench, compile_s, times, args, device) -> dict:
+    median = float(np.median(times))
+    tokens_per_s = args.batch * args.seq / median
+    flops = flops_per_token(spec, args.seq, args.mode)
+    achieved = tokens_per_s * flops / 1e12
+    peak = args.peak_tflops or peak_tflops(device, args.dtype)
+    return {
+        "backend": backend, "variant": label,
+        "step_s": {"median": median, "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90))},
+        "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
+        "mfu": achieved / peak if peak and not device.startswith("cpu") else None,
+        "peak_mem_bytes": bench.peak_mem(), "attention": bench.attention,
+        "flops_per_token": flops, "matmul_params": matmul_params(spec), "n_steps": len(times), **bench.info,
+    }

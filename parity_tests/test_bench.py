@@ -1,0 +1,81 @@
+"""The bench CLI: every backend runs, the JSON has every field, sweeps, bad arguments, the FLOPs formula."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
+
+from shared_config import load_spec  # noqa: E402
+
+
+def bench(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), *args], capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_flops_formula_against_a_hand_count():
+    spec = load_spec("tiny")  # D 96, L 3, H 6, K 2, E 16, F 272, V 257, untied, swiglu
+    per_layer = 96 * 96 + 2 * (32 * 96) + 96 * 96 + 3 * (272 * 96)  # q, k+v, o, gate+up+down
+    assert per_layer == 102912
+    n = 3 * per_layer + 257 * 96  # + lm_head; the input embedding is not a matmul
+    assert matmul_params(spec) == n == 333408
+    assert flops_per_token(spec, 256, "train") == 6 * n + 12 * 3 * 6 * 16 * 256 == 2885184
+    assert flops_per_token(spec, 256, "forward") == 2 * n + 4 * 3 * 6 * 16 * 256
+    tied = spec.replace(tie_embeddings=True)
+    assert matmul_params(tied) == n  # a tied head still does the V x D matmul
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 19.5
+    assert peak_tflops("cpu (x86_64)", "float32") is None
+
+
+FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "attention"}
+
+
+def test_forward_mode_both_backends_json_and_plot(tmp_path):
+    out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"device", "versions", "threads"} <= set(report["env"])
+    assert [r["backend"] for r in report["results"]] == ["jax", "torch"]
+    for r in report["results"]:
+        assert FIELDS <= set(r) and set(r["step_s"]) == {"median", "p10", "p90"}
+        assert r["step_s"]["p10"] <= r["step_s"]["median"] <= r["step_s"]["p90"] and r["tokens_per_s"] > 0
+    assert "jax/torch" in out.stdout.splitlines()[-1]
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "n_layer=2"], "unknown spec key 'n_layer' (did you mean 'n_layers'?)"),
+        (["--backend", "mxnet"], "invalid choice: 'mxnet'"),
+        (["--backend", "hf", "--spec", "tiny-dyt"], "norm_type=dyt"),
+        (["--sweep", "norm_type"], "must look like key=v1,v2"),
+        (["--sweep", "norm_type=rms,batchnorm"], "norm_type='batchnorm' must be one of"),
+        (["--seq", "4096"], "exceeds max_seq_len=256"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message):
+    proc = bench(*args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
