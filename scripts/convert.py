@@ -51,7 +51,7 @@ def source_format(src: Path) -> str:
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file or directory")
     if src.suffix not in SUFFIXES:
-        raise CheckpointError(f"{src}: unknown extension '{src.suffix}' (expected {', '.join(SUFFIXES)} or a directory)")
+        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}' ({', '.join(SUFFIXES)} or a directory)")
     return SUFFIXES[src.suffix]
 
 

@@ -166,7 +166,8 @@ def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     path = Path(path)
     config = _read_json(path / "config.json")
     weights, meta = _read_weights(path)
-    base = spec_from_metadata(meta, path / "model.safetensors")
+    # Fields config.json has no key for: from our metadata if present, else from the given spec.
+    base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
     # bfloat16 stays bfloat16; anything else widens to float32 (lossless for float16)
     bf16 = bool(weights) and all(w.dtype == np_dtype("bfloat16") for w in weights.values())
     base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
