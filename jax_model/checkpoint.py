@@ -69,7 +69,10 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
     state_dir = (path / "state").absolute()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            stored = checkpointer.metadata(state_dir).item_metadata.tree
+            stored = checkpointer.metadata(state_dir).item_metadata
+            if stored is None:
+                raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")
+            stored = stored.tree
             flat = traverse_util.flatten_dict(dict(stored), sep=".")
             check_layout(flat, {t.jax_name: t.jax_shape for t in model_layout(spec)}, state_dir)
             # restore as stored (dtype included), on this host's default device

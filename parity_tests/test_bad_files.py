@@ -161,6 +161,18 @@ def test_spec_disagreeing_with_the_given_one_and_invalid_specs(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_damaged_orbax_checkpoint(tmp_path):
+    spec = make_spec()
+    save_checkpoint(tmp_path / "m.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "m.safetensors", tmp_path / "m-flax", to="flax")
+    for f in (tmp_path / "m-flax" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")  # every file of the checkpoint emptied
+    with pytest.raises(CheckpointError) as e:
+        convert(tmp_path / "m-flax", tmp_path / "out.pt")
+    assert "not a readable Orbax checkpoint" in one_line_error(e, tmp_path / "m-flax" / "state")
+
+
 # --- pickles --------------------------------------------------------------------------------------
 
 
@@ -317,15 +329,19 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     bad.write_bytes(ATTACKS["offsets_past_the_end"][0])
     marker, evil = tmp_path / "payload-ran", tmp_path / "evil.pt"
     torch.save({"state_dict": Payload(marker)}, evil)
+    damaged = tmp_path / "damaged-flax"
+    (damaged / "state").mkdir(parents=True)  # Orbax itself logs warnings and prints tracebacks here
     cases = [
         ([bad, tmp_path / "out.pt"], f"error: {bad}: not a valid safetensors file: tensor 'a'"),
         ([evil, tmp_path / "out.safetensors", "--spec", "tiny"], f"error: {evil}: refused by torch.load"),
+        ([damaged, tmp_path / "out.pt", "--spec", "tiny"], f"error: {damaged / 'state'}: not a readable Orbax"),
         ([bad, tmp_path / "out", "--to", "onnx"], "error: argument --to: invalid choice: 'onnx'"),
     ]
     for args, starts in cases:
         result = run_script("convert", *args)
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.startswith(starts) and result.stderr.count("\n") == 1, result.stderr
-    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "evil.pt"]
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "damaged-flax", "evil.pt"]  # no output
     debug = run_script("convert", bad, tmp_path / "out.pt", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr

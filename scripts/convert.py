@@ -13,6 +13,8 @@ beside it and renamed into place when complete, so that a failure leaves DST as 
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import jax_model
@@ -96,6 +98,13 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     return source, target
 
 
+def quiet_libraries() -> None:
+    """Keep stderr to our one line: Orbax warns through absl, and on a damaged checkpoint its async reads
+    fail again on a closed event loop after we have reported the error (unraisable tracebacks)."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax or a Hugging Face directory")
@@ -106,6 +115,8 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in the weights")
     args = p.parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
     source, target = convert(args.src, args.dst, args.to, args.spec, args.dtype, args.force, args.allow_nonfinite)
     print(f"{args.src} ({source}) -> {args.dst} ({target})")
 
