@@ -14,7 +14,7 @@ import torch
 
 import jax_model
 import torch_model
-from shared_config import ModelSpec, init_weights, layout, load_spec
+from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors
 
 from . import reference
 
@@ -77,6 +77,15 @@ def torch_logits(weights, spec, toks, attention="auto", taps=None) -> np.ndarray
 
 def ref_logits(weights, spec, toks, taps=None) -> np.ndarray:
     return reference.forward(weights, spec, toks, taps)
+
+
+def file_bytes_equal(a, b):
+    """Two canonical files hold the same metadata, tensor names, dtypes and bytes."""
+    wa, ma = read_safetensors(a)
+    wb, mb = read_safetensors(b)
+    assert ma == mb and list(wa) == list(wb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k].view(np.uint8), wb[k].view(np.uint8)), k
 
 
 def rel_err(a, b) -> float:

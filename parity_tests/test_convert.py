@@ -16,7 +16,7 @@ from shared_config import CheckpointError, init_weights, read_safetensors, save_
 from shared_config.cli import UsageError
 from shared_config.hf import unsupported_options
 
-from .common import load_script, make_spec, parity_weights, run_script
+from .common import file_bytes_equal, load_script, make_spec, parity_weights, run_script
 
 convert = load_script("convert").convert
 
@@ -38,15 +38,6 @@ def canonical_file(path, spec, seed=0):
     return path
 
 
-def assert_same_file(a, b):
-    """Same spec metadata, same tensor names, same dtypes, same bytes."""
-    wa, ma = read_safetensors(a)
-    wb, mb = read_safetensors(b)
-    assert ma == mb and list(wa) == list(wb)
-    for k in wa:
-        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k].view(np.uint8), wb[k].view(np.uint8)), k
-
-
 # Hugging Face only for the specs it can represent (the refusal is tested in test_hf.py).
 TRIPS = [
     (fmt, name) for fmt in ("torch", "flax", "hf") for name in SPECS
@@ -60,7 +51,7 @@ def test_round_trip_is_bit_exact_and_keeps_the_spec(tmp_path, fmt, name):
     src = canonical_file(tmp_path / "a.safetensors", spec)
     convert(src, tmp_path / NAMES[fmt], to=fmt)
     convert(tmp_path / NAMES[fmt], tmp_path / "b.safetensors")
-    assert_same_file(src, tmp_path / "b.safetensors")
+    file_bytes_equal(src, tmp_path / "b.safetensors")
 
 
 def test_every_format_converts_to_every_other(tmp_path):
@@ -74,7 +65,7 @@ def test_every_format_converts_to_every_other(tmp_path):
         out.mkdir()
         convert(tmp_path / "src" / NAMES[a], out / NAMES[b], to=b)
         convert(out / NAMES[b], out / "back.safetensors")
-        assert_same_file(src, out / "back.safetensors")
+        file_bytes_equal(src, out / "back.safetensors")
 
 
 def test_a_tied_embedding_is_stored_once_in_every_format(tmp_path):
@@ -103,7 +94,7 @@ def test_files_written_by_the_twins_themselves_convert(tmp_path):
         with pytest.raises(CheckpointError, match="carries no spec"):
             convert(tmp_path / bare, tmp_path / f"{bare}.safetensors")
         convert(tmp_path / bare, tmp_path / f"{bare}.safetensors", spec=spec)
-        assert_same_file(src, tmp_path / f"{bare}.safetensors")
+        file_bytes_equal(src, tmp_path / f"{bare}.safetensors")
 
 
 def test_outputs_load_in_the_twins(tmp_path):
