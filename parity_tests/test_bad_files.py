@@ -224,6 +224,10 @@ BAD_CONFIGS = {
         {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
         "llama3 RoPE scaling is missing low_freq_factor, high_freq_factor",
     ),
+    "rope_unknown_key": (
+        {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+        "RoPE parameters ['full_attention'] are not supported",
+    ),
     "rope_disagreement": ({"rope_theta": 500000.0}, "disagree with rope_theta/rope_scaling"),
     "missing_size": ({"hidden_size": DELETE}, "missing keys: hidden_size"),
     "invalid_value": ({"num_key_value_heads": 4}, "gives an invalid spec: n_kv_heads=4 must divide n_heads=6"),

@@ -104,7 +104,7 @@ def test_transformers_4x_config_style_imports_the_same(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     rope = config.pop("rope_parameters")
-    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, torch_dtype=config.pop("dtype"))
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, torch_dtype=config.pop("dtype", "float32"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     convert(tmp_path / "hf", tmp_path / "ours.safetensors")
     assert load_checkpoint(tmp_path / "ours.safetensors")[1] == spec

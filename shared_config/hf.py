@@ -147,7 +147,10 @@ def _mapping(value: Any, key: str, path) -> Mapping[str, Any]:
 
 
 def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
-    rope_type = params.get("rope_type", params.get("type", "default"))  # "type": files before transformers 4.45
+    # an unknown key (partial_rotary_factor, per-layer-type parameters, ...) would change what is computed
+    if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
+        raise CheckpointError(f"{path}: RoPE parameters {unknown} are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
     fields = {"rope_theta": params.get("rope_theta", 10000.0), "rope_scaling": "none"}
     if rope_type == "default":
         return fields
