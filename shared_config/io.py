@@ -51,6 +51,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
