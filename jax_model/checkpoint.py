@@ -1,15 +1,30 @@
-"""Canonical safetensors files <-> the JAX twin."""
+"""Checkpoint files <-> the JAX twin: canonical safetensors, and Orbax directories of the NNX state."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flax import nnx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
 
-from shared_config import ModelSpec, check_weights, load_checkpoint, load_spec, save_checkpoint
+from shared_config import (
+    CheckpointError,
+    ModelSpec,
+    atomic_dir,
+    check_layout,
+    check_weights,
+    load_checkpoint,
+    load_spec,
+    model_layout,
+    resolve_spec,
+    save_checkpoint,
+    spec_from_json,
+)
 
 from .model import Transformer
-from .weights import get_weights, set_weights
+from .weights import get_weights, set_weights, to_canonical, to_pure_dict
 
 
 def from_weights(weights: dict, spec, attention: str = "auto") -> Transformer:
@@ -30,3 +45,42 @@ def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", al
 def to_safetensors(model: Transformer, path: str | Path) -> None:
     """Write the canonical file (q/k/v split back), atomically, with the spec in the metadata."""
     save_checkpoint(path, get_weights(model), model.spec)
+
+
+def save_orbax(path: str | Path, weights: dict, spec: ModelSpec, overwrite: bool = False) -> None:
+    """A directory of `state/` (Orbax, the pure dict of the twin's `nnx.state(model, nnx.Param)`) and `spec.json`.
+
+    Built under a temporary name and renamed into place when complete.
+    """
+    check_weights(weights, spec, path, allow_nonfinite=True)
+    state = to_pure_dict(weights, spec)
+    with atomic_dir(path, overwrite) as tmp:
+        (tmp / "spec.json").write_text(spec.to_json() + "\n")
+        with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the async save
+            checkpointer.save(tmp.absolute() / "state", state)
+
+
+def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """Canonical weights (as stored) and spec of a `save_orbax` directory; without `spec.json`, `spec` is required."""
+    path = Path(path)
+    spec_file = path / "spec.json"
+    file_spec = spec_from_json(spec_file.read_bytes(), spec_file) if spec_file.is_file() else None
+    spec = resolve_spec(file_spec, spec, path)
+    state_dir = (path / "state").absolute()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(state_dir).item_metadata
+            if stored is None:
+                raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")
+            stored = stored.tree
+            flat = traverse_util.flatten_dict(dict(stored), sep=".")
+            check_layout(flat, {t.jax_name: t.jax_shape for t in model_layout(spec)}, state_dir)
+            # restore as stored (dtype included), on this host's default device
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+            flat = traverse_util.flatten_dict(checkpointer.restore(state_dir, target), sep=".")
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: {first}") from None
+    return to_canonical(flat, spec), spec

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import torch
 
 import jax_model
 import torch_model
-from shared_config import ModelSpec, init_weights, layout, load_spec
+from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors
 
 from . import reference
 
 FORWARD_TOL = 1e-5  # max|Δlogits| / std(logits), float32 on CPU
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, wherever it lives
 
 # Distinct, prime-ish sizes so that a wrong transpose or reshape cannot pass; GQA with G = 3.
 BASE = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, max_seq_len=128)
@@ -72,7 +79,32 @@ def ref_logits(weights, spec, toks, taps=None) -> np.ndarray:
     return reference.forward(weights, spec, toks, taps)
 
 
+def file_bytes_equal(a, b):
+    """Two canonical files hold the same metadata, tensor names, dtypes and bytes."""
+    wa, ma = read_safetensors(a)
+    wb, mb = read_safetensors(b)
+    assert ma == mb and list(wa) == list(wb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k].view(np.uint8), wb[k].view(np.uint8)), k
+
+
 def rel_err(a, b) -> float:
     """max|a − b| / std(b): error on the scale of the reference."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / b.std())
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported from this checkout by path."""
+    module_spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """Run scripts/{name}.py in a subprocess that imports this checkout (not an installed copy), offline."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

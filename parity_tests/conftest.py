@@ -1,4 +1,8 @@
-"""Precision pinned for both frameworks, so the same tests are strict on a GPU too."""
+"""Precision pinned for both frameworks, so the same tests are strict on a GPU too; no network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hugging Face tests build their models locally
 
 import jax
 import torch

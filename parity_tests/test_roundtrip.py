@@ -10,9 +10,9 @@ from safetensors import safe_open
 
 import jax_model
 import torch_model
-from shared_config import init_weights, layout, load_checkpoint, read_safetensors, save_checkpoint
+from shared_config import init_weights, layout, load_checkpoint, save_checkpoint
 
-from .common import make_spec
+from .common import file_bytes_equal, make_spec
 
 SPECS = {
     "fused": {"fused_qkv": True},
@@ -22,14 +22,6 @@ SPECS = {
     "derf_bias_qknorm": {"norm_type": "derf", "norm_bias": True, "qk_norm": True, "norm_placement": "post"},
     "bf16_params": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16"},
 }
-
-
-def file_bytes_equal(a, b):
-    wa, ma = read_safetensors(a)
-    wb, mb = read_safetensors(b)
-    assert ma == mb and list(wa) == list(wb)
-    for k in wa:
-        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k].view(np.uint8), wb[k].view(np.uint8)), k
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -5,11 +5,14 @@ from .io import (
     CheckpointError,
     atomic_dir,
     atomic_write,
+    check_layout,
     check_weights,
     load_checkpoint,
     np_dtype,
     read_safetensors,
+    resolve_spec,
     save_checkpoint,
+    spec_from_json,
 )
 from .layout import Tensor, fuse_qkv, group_names, layout, model_layout, split_qkv
 from .rope import rope_inv_freq
@@ -17,7 +20,7 @@ from .spec import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
 
 __all__ = [
     "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "atomic_dir", "atomic_write",
-    "check_weights", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout", "load_checkpoint",
-    "load_spec", "model_layout", "np_dtype", "parse_overrides", "preset_names", "read_safetensors",
-    "rope_inv_freq", "save_checkpoint", "split_qkv",
+    "check_layout", "check_weights", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
+    "load_checkpoint", "load_spec", "model_layout", "np_dtype", "parse_overrides", "preset_names",
+    "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "spec_from_json", "split_qkv",
 ]

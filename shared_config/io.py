@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .layout import group_names, layout
-from .spec import ModelSpec, SpecError, load_spec
+from .spec import ModelSpec, load_spec
 
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -49,6 +50,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp)` on a temp file beside `path`, fsync, then rename it into place.
 
@@ -59,6 +67,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private to its writer
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -75,10 +84,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = path.with_name(f".{path.name}.old")
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # as for files: mkdtemp's 0700 is for scratch space
         yield tmp
         if path.exists() and overwrite:
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():  # put the previous directory back rather than delete it below
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,29 +103,96 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 # --- reading and checking -----------------------------------------------------------------------
 
 
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, every entry checked against the file before any data is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER:
+            raise ValueError(f"header length {n} is over the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise ValueError(f"header length {n} is larger than the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("header is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    _check_spans(header, size - 8 - n)
+    return header
+
+
+def _check_spans(header: dict, data_size: int) -> None:
+    """Each tensor's bytes match its shape x dtype and lie in the data; together they tile it exactly."""
+    spans = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            if not isinstance(e, dict) or not all(isinstance(v, str) for v in e.values()):
+                raise ValueError("__metadata__ must map strings to strings")
+            continue
+        e = e if isinstance(e, dict) else {}
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise ValueError(f"tensor '{name}': unknown dtype {dtype!r}")
+        if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
+            raise ValueError(f"tensor '{name}': shape {shape} and data_offsets {offsets} must be lists of ints >= 0")
+        where = f"tensor '{name}': data_offsets {offsets}"
+        (begin, end), nbytes = offsets, math.prod(shape) * DTYPE_SIZES[dtype]
+        if end > data_size:
+            raise ValueError(f"{where} run past the end of the data ({data_size} bytes)")
+        if end - begin != nbytes:
+            raise ValueError(f"{where} hold {end - begin} bytes, shape {shape} {dtype} needs {nbytes}")
+        spans.append((begin, end, where))
+    covered = 0
+    for begin, end, where in sorted(spans):
+        if begin != covered:
+            raise ValueError(f"{where} overlap the tensor before" if begin < covered else f"{where} leave a gap before")
+        covered = end
+    if covered != data_size:
+        raise ValueError(f"the tensors cover {covered} of the {data_size} data bytes")
+
+
+def _naturals(x) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
+        meta = read_header(path).get("__metadata__") or {}
         weights = load_file(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise CheckpointError(f"{path}: not a valid safetensors file: {msg}") from None
     return weights, meta
 
 
-def spec_from_metadata(meta: Mapping[str, str], path: str | Path) -> ModelSpec | None:
-    if "spec" not in meta:
-        return None
+def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
+    """A spec stored as JSON (file metadata, `spec.json`); a bad one is a CheckpointError naming `path`."""
     try:
-        return load_spec(json.loads(meta["spec"]))
-    except (json.JSONDecodeError, SpecError) as e:
-        raise CheckpointError(f"{path}: invalid spec in metadata: {e}") from None
+        return load_spec(json.loads(text))
+    except (ValueError, TypeError) as e:  # JSON, UTF-8 and spec errors are all ValueErrors
+        raise CheckpointError(f"{path}: invalid {what}: {e}") from None
+
+
+def spec_from_metadata(meta: Mapping[str, str], path: str | Path) -> ModelSpec | None:
+    return spec_from_json(meta["spec"], path, "spec in metadata") if "spec" in meta else None
 
 
 def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelSpec:
@@ -127,23 +209,35 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     return spec
 
 
+def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of `weights` (any array type), grouped by layer."""
+    problems = []
+    if missing := [n for n in shapes if n not in weights]:
+        problems.append(f"missing keys: {group_names(missing)}")
+    if unexpected := [n for n in weights if n not in shapes]:
+        problems.append(f"unexpected keys: {group_names(unexpected)}")
+    wrong = [
+        f"{n} expected {list(s)} found {list(weights[n].shape)}"
+        for n, s in shapes.items()
+        if n in weights and tuple(weights[n].shape) != tuple(s)
+    ]
+    if wrong:
+        problems.append("shape mismatches: " + ", ".join(wrong))
+    return problems
+
+
+def check_layout(weights: Mapping, shapes: Mapping[str, tuple[int, ...]], path: str | Path) -> None:
+    """Check a framework's in-memory layout (names and shapes) before converting it to the canonical one."""
+    if problems := layout_problems(weights, shapes):
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
 def check_weights(
     weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
 ) -> None:
     """Check `weights` against `layout(spec)` and report every problem in one error."""
     table = {t.name: t for t in layout(spec)}
-    problems = []
-    if missing := [n for n in table if n not in weights]:
-        problems.append(f"missing keys: {group_names(missing)}")
-    if unexpected := [n for n in weights if n not in table]:
-        problems.append(f"unexpected keys: {group_names(unexpected)}")
-    shapes = [
-        f"{n} expected {list(t.shape)} found {list(weights[n].shape)}"
-        for n, t in table.items()
-        if n in weights and tuple(weights[n].shape) != t.shape
-    ]
-    if shapes:
-        problems.append("shape mismatches: " + ", ".join(shapes))
+    problems = layout_problems(weights, {n: t.shape for n, t in table.items()})
     if not_float := [n for n in table if n in weights and not is_float(weights[n])]:
         problems.append(f"non-float dtypes: {', '.join(f'{n} ({weights[n].dtype})' for n in not_float)}")
     elif not allow_nonfinite:
@@ -165,8 +259,13 @@ def load_checkpoint(
     return {t.name: weights[t.name].astype(dtype, copy=False) for t in layout(spec)}, spec
 
 
-def save_checkpoint(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec) -> None:
-    """Write the canonical file atomically, in layout order, with the spec in the metadata."""
+def save_checkpoint(
+    path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, file_format: str = "twinlm"
+) -> None:
+    """Write the canonical file atomically, in layout order, with the spec in the metadata.
+
+    `file_format` is the metadata's "format"; transformers loads only "pt" files, see `shared_config.hf`.
+    """
     check_weights(weights, spec, path, allow_nonfinite=True)
     tensors = {t.name: np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"spec": spec.to_json(), "format": "twinlm"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"spec": spec.to_json(), "format": file_format}))

@@ -1,15 +1,29 @@
-"""Canonical safetensors files <-> the PyTorch twin."""
+"""Checkpoint files <-> the PyTorch twin: canonical safetensors, and `.pt` state-dict files."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from shared_config import ModelSpec, check_weights, load_checkpoint, load_spec, save_checkpoint
+from shared_config import (
+    CheckpointError,
+    ModelSpec,
+    atomic_write,
+    check_layout,
+    check_weights,
+    load_checkpoint,
+    load_spec,
+    model_layout,
+    resolve_spec,
+    save_checkpoint,
+    spec_from_json,
+)
 
 from .model import Transformer
-from .weights import get_weights, set_weights
+from .weights import get_weights, set_weights, to_canonical, to_state_dict
 
 
 def from_weights(weights: dict, spec, attention: str = "auto", device=None) -> Transformer:
@@ -31,3 +45,40 @@ def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", al
 def to_safetensors(model: Transformer, path: str | Path) -> None:
     """Write the canonical file (q/k/v split back), atomically, with the spec in the metadata."""
     save_checkpoint(path, get_weights(model), model.spec)
+
+
+def save_state_dict_file(path: str | Path, weights: dict, spec: ModelSpec) -> None:
+    """`torch.save` of {"spec": JSON, "state_dict": the twin's `state_dict()` layout}, atomically."""
+    check_weights(weights, spec, path, allow_nonfinite=True)
+    obj = {"spec": spec.to_json(), "state_dict": to_state_dict(weights, spec)}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """Canonical weights (as stored) and spec of a `.pt` file: that dict, or a bare state dict plus `spec`.
+
+    Unpickled only with `weights_only=True`: a pickle that would run code is refused, never retried unsafely.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
+    file_spec, state_dict = _unwrap(obj, path)
+    spec = resolve_spec(file_spec, spec, path)
+    check_layout(state_dict, {t.name: t.shape for t in model_layout(spec)}, path)
+    return to_canonical(state_dict, spec), spec
+
+
+def _unwrap(obj, path: Path) -> tuple[ModelSpec | None, dict[str, torch.Tensor]]:
+    """(spec or None, state dict) of what `torch.load` returned."""
+    if isinstance(obj, dict) and set(obj) == {"spec", "state_dict"} and isinstance(obj["spec"], str):
+        file_spec, obj = spec_from_json(obj["spec"], path), obj["state_dict"]
+    else:
+        file_spec = None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CheckpointError(f'{path}: holds neither a state dict (name -> tensor) nor {{"spec", "state_dict"}}')
+    return file_spec, obj

@@ -1,0 +1,125 @@
+"""Convert a checkpoint between the canonical safetensors file, torch, Flax (Orbax) and Hugging Face.
+
+    python scripts/convert.py model.safetensors model.pt                 # -> torch state dict file
+    python scripts/convert.py model.pt model-flax --to flax              # -> Orbax directory + spec.json
+    python scripts/convert.py model-flax model-hf --to hf                # -> config.json + model.safetensors
+    python scripts/convert.py model-hf model.safetensors --dtype bfloat16
+    python scripts/convert.py bare_state_dict.pt model.safetensors --spec tiny
+
+Every conversion is one path: SRC -> canonical numpy weights and spec -> checked against the layout
+table (names, shapes, dtypes, NaN/Inf) -> cast if asked -> DST, written under a temporary name
+beside it and renamed into place when complete, so that a failure leaves DST as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import jax_model
+import torch_model
+from shared_config import CheckpointError, check_weights, hf, load_checkpoint, np_dtype, save_checkpoint
+from shared_config.cli import Parser, UsageError, run
+
+FORMATS = ("safetensors", "torch", "flax", "hf")
+SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+DIRECTORIES = ("flax", "hf")
+
+# (path, spec or None) -> (canonical weights as stored, spec): each format's one reader.
+READERS = {
+    "safetensors": lambda path, spec: load_checkpoint(path, spec, allow_nonfinite=True),  # NaN/Inf: checked below
+    "torch": torch_model.load_state_dict_file,
+    "flax": jax_model.load_orbax,
+    "hf": hf.read_hf,
+}
+# (path, weights, spec, force): a file is replaced by a rename anyway; a directory only when forced.
+WRITERS = {
+    "safetensors": lambda path, weights, spec, force: save_checkpoint(path, weights, spec),
+    "torch": lambda path, weights, spec, force: torch_model.save_state_dict_file(path, weights, spec),
+    "flax": jax_model.save_orbax,
+    "hf": hf.write_hf,
+}
+
+
+def source_format(src: Path) -> str:
+    """A directory's format by its contents, a file's by its extension."""
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            return "hf"
+        if (src / "state").is_dir():
+            return "flax"
+        raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json) nor an Orbax one (state/)")
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such file or directory")
+    if src.suffix not in SUFFIXES:
+        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}' ({', '.join(SUFFIXES)} or a directory)")
+    return SUFFIXES[src.suffix]
+
+
+def target_format(dst: Path, to: str | None) -> str:
+    """`--to`, else DST's extension, else the format of the directory already there."""
+    if to is not None:
+        return to
+    if dst.suffix in SUFFIXES:
+        return SUFFIXES[dst.suffix]
+    if dst.is_dir() and ((dst / "config.json").is_file() or (dst / "state").is_dir()):
+        return source_format(dst)
+    raise UsageError(f"{dst}: cannot tell the format from the name; pass --to {'|'.join(FORMATS)}")
+
+
+def check_destination(dst: Path, target: str, force: bool) -> None:
+    """DST may exist only with --force, and then as what the target format writes (a file or a directory)."""
+    if not dst.parent.is_dir():
+        raise UsageError(f"{dst.parent}: no such directory")
+    if not dst.exists():
+        return
+    if not force:
+        raise UsageError(f"{dst} exists; pass --force to replace it")
+    if dst.is_dir() != (target in DIRECTORIES):
+        kind, other = ("a directory", "a file") if dst.is_dir() else ("a file", "a directory")
+        raise UsageError(f"{dst} is {kind}, but a {target} checkpoint is {other}")
+
+
+def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
+    """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
+    src, dst = Path(src), Path(dst)
+    source, target = source_format(src), target_format(dst, to)
+    check_destination(dst, target, force)
+    weights, spec = READERS[source](src, spec)
+    check_weights(weights, spec, src, allow_nonfinite=True)  # names, shapes, float dtypes: before any cast
+    spec = spec.replace(param_dtype=dtype or spec.param_dtype)
+    weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
+    check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
+    try:
+        WRITERS[target](dst, weights, spec, force)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot write: {e.strerror or e}") from e
+    return source, target
+
+
+def quiet_libraries() -> None:
+    """Keep stderr to our one line: Orbax warns through absl, and on a damaged checkpoint its async reads
+    fail again on a closed event loop after we have reported the error (unraisable tracebacks)."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax or a Hugging Face directory")
+    p.add_argument("dst", type=Path, help="the file or directory to write")
+    p.add_argument("--to", choices=FORMATS, help="the target format (default: from DST's extension)")
+    p.add_argument("--spec", help="preset name or YAML path; required when SRC carries no spec (a bare state dict)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast floating tensors (and param_dtype)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in the weights")
+    args = p.parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
+    source, target = convert(args.src, args.dst, args.to, args.spec, args.dtype, args.force, args.allow_nonfinite)
+    print(f"{args.src} ({source}) -> {args.dst} ({target})")
+
+
+if __name__ == "__main__":
+    run(main)

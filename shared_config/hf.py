@@ -1,0 +1,221 @@
+"""Hugging Face Llama / Qwen3 directories <-> canonical weights and spec (numpy only).
+
+The canonical names are Hugging Face's (Qwen3 is Llama plus per-head `q_norm`/`k_norm`), so the
+weights pass through unrenamed and the work is the literal config mapping below. A directory is
+`config.json` + `model.safetensors` (or shards listed in `model.safetensors.index.json`).
+The spec fields config.json cannot hold (compute, init and fusion choices, which do not change
+what the model computes) travel in `model.safetensors`' metadata, as in a canonical file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .io import (
+    CheckpointError,
+    atomic_dir,
+    np_dtype,
+    read_safetensors,
+    resolve_spec,
+    save_checkpoint,
+    spec_from_metadata,
+)
+from .layout import group_names
+from .spec import ModelSpec, SpecError, load_spec
+
+# model_type -> architecture; Qwen3 is Llama with qk-norm.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# spec field <- config.json key (the same in Llama and Qwen3).
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "d_ff": "intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+# transformers' defaults for the optional keys (None: derived, as in our spec).
+CONFIG_DEFAULTS = {"num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+# The only values we implement of keys that change the computation (an absent key means this value).
+CONFIG_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_sliding_window": False}
+
+# What every Llama / Qwen3 computes, as spec values: any other value has no Hugging Face equivalent.
+HF_SPEC = {
+    "norm_type": "rms",
+    "norm_placement": "pre",
+    "norm_bias": False,
+    "embed_scale": "none",
+    "position": "rope",
+    "mlp": "swiglu",
+}
+
+# llama3 RoPE scaling: spec field <- key in `rope_parameters` (5.x) or `rope_scaling` (4.x).
+LLAMA3_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_low_freq_factor": "low_freq_factor",
+    "rope_high_freq_factor": "high_freq_factor",
+    "rope_original_max_seq_len": "original_max_position_embeddings",
+}
+
+
+# --- config.json <-> spec -----------------------------------------------------------------------
+
+
+def unsupported_options(spec: ModelSpec) -> list[str]:
+    """The spec options that no Hugging Face Llama / Qwen3 computes, as `key=value`."""
+    return [f"{k}={getattr(spec, k)}" for k, v in HF_SPEC.items() if getattr(spec, k) != v]
+
+
+def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
+    """config.json of the Llama (Qwen3 if qk_norm) model computing exactly `spec`; refuses what HF cannot compute."""
+    if bad := unsupported_options(spec):
+        need = ", ".join(f"{k}={v}" for k, v in HF_SPEC.items())
+        raise CheckpointError(f"{path}: no Hugging Face equivalent for {', '.join(bad)} (Llama and Qwen3 need {need})")
+    d, model_type = spec.to_dict(), "qwen3" if spec.qk_norm else "llama"
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta, **{k: d[f] for f, k in LLAMA3_KEYS.items()}}
+    return {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        **{key: d[field] for field, key in CONFIG_KEYS.items()},
+        **CONFIG_REQUIRED,
+        "rope_parameters": rope,  # transformers 5.x reads this ...
+        "rope_theta": spec.rope_theta,  # ... and 4.x these two
+        "rope_scaling": rope if spec.rope_scaling == "llama3" else None,
+        "dtype": spec.param_dtype,
+    }
+
+
+def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[str, Any] | None = None) -> ModelSpec:
+    """The spec of a Llama / Qwen3 config.json; `base` supplies the fields config.json has no key for."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    model_type = _model_type(config, path)
+    for key, value in CONFIG_REQUIRED.items():
+        if config.get(key, value) != value:
+            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
+    if other := sorted(set(config.get("layer_types") or []) - {"full_attention"}):
+        raise CheckpointError(f"{path}: layer_types {other} are not supported (only full_attention)")
+    if missing := [k for k in CONFIG_KEYS.values() if k not in config and k not in CONFIG_DEFAULTS]:
+        raise CheckpointError(f"{path}: missing keys: {', '.join(missing)}")
+    fields = {field: config.get(key, CONFIG_DEFAULTS.get(key)) for field, key in CONFIG_KEYS.items()}
+    try:
+        return load_spec({**(base or {}), **HF_SPEC, **fields, "qk_norm": model_type == "qwen3", **_rope(config, path)})
+    except SpecError as e:
+        raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
+
+
+def _model_type(config: Mapping[str, Any], path) -> str:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (only {', '.join(ARCHITECTURES)})")
+    if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
+        raise CheckpointError(
+            f"{path}: architectures {config['architectures']} is not supported for model_type "
+            f"{model_type} (only ['{ARCHITECTURES[model_type]}'])"
+        )
+    return model_type
+
+
+def _rope(config: Mapping[str, Any], path) -> dict[str, Any]:
+    """RoPE spec fields from `rope_parameters` (transformers 5.x) or top-level `rope_theta`/`rope_scaling` (4.x)."""
+    new, scaling = config.get("rope_parameters"), config.get("rope_scaling") or {}
+    old = {**_mapping(scaling, "rope_scaling", path), "rope_theta": config.get("rope_theta", 10000.0)}
+    fields = _rope_fields(_mapping(new, "rope_parameters", path) if new is not None else old, path)
+    if new is not None and ("rope_theta" in config or scaling) and _rope_fields(old, path) != fields:
+        # transformers 4.x and 5.x would build different models from this file
+        raise CheckpointError(f"{path}: rope_parameters {new} disagree with rope_theta/rope_scaling {old}")
+    return fields
+
+
+def _mapping(value: Any, key: str, path) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{path}: {key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
+    # an unknown key (partial_rotary_factor, per-layer-type parameters, ...) would change what is computed
+    if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
+        raise CheckpointError(f"{path}: RoPE parameters {unknown} are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
+    fields = {"rope_theta": params.get("rope_theta", 10000.0), "rope_scaling": "none"}
+    if rope_type == "default":
+        return fields
+    if rope_type != "llama3":
+        raise CheckpointError(f"{path}: RoPE scaling rope_type={rope_type!r} is not supported (only default, llama3)")
+    if missing := [k for k in LLAMA3_KEYS.values() if k not in params]:
+        raise CheckpointError(f"{path}: llama3 RoPE scaling is missing {', '.join(missing)}")
+    return {**fields, "rope_scaling": "llama3", **{f: params[k] for f, k in LLAMA3_KEYS.items()}}
+
+
+# --- directories --------------------------------------------------------------------------------
+
+
+def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """Canonical weights (as stored) and the spec of a Hugging Face directory; `spec` must agree with it."""
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    weights, meta = _read_weights(path)
+    # Fields config.json has no key for: from our metadata if present, else from the given spec.
+    base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
+    # bfloat16 stays bfloat16; anything else widens to float32 (lossless for float16)
+    bf16 = bool(weights) and all(w.dtype == np_dtype("bfloat16") for w in weights.values())
+    base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
+    file_spec = spec_from_config(config, path / "config.json", base)
+    spec = resolve_spec(file_spec, spec, path)
+    lm_head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    if spec.tie_embeddings and lm_head is not None and embed is not None and np.array_equal(lm_head, embed):
+        del weights["lm_head.weight"]  # some tied checkpoints store the shared matrix twice
+    return weights, spec
+
+
+def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, overwrite: bool = False) -> None:
+    """Write `config.json` + `model.safetensors` as one directory, atomically; refuse specs HF cannot represent."""
+    config = config_from_spec(spec, path)
+    with atomic_dir(path, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_checkpoint(tmp / "model.safetensors", weights, spec, file_format="pt")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from None
+
+
+def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of `model.safetensors`, or of the shards that the index lists."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file() or not index.is_file():
+        return read_safetensors(path / "model.safetensors")
+    weight_map = _mapping(_read_json(index), "the index", index).get("weight_map")
+    # shard names must be plain file names: an index must not point outside its directory
+    shards = weight_map.values() if isinstance(weight_map, dict) else [None]
+    if not all(isinstance(f, str) and Path(f).name == f for f in shards):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names in {path}")
+    weights, meta = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        w, m = read_safetensors(path / shard)
+        if wrong := [n for n in w if weight_map.get(n) != shard]:
+            raise CheckpointError(f"{path / shard}: holds tensors the index places elsewhere: {group_names(wrong)}")
+        weights.update(w)
+        meta = meta or m
+    if absent := [n for n in weight_map if n not in weights]:
+        raise CheckpointError(f"{index}: lists tensors that no shard holds: {group_names(absent)}")
+    return weights, meta
