@@ -130,11 +130,11 @@ def main(argv=None):
             raise UsageError(f"--seq {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
-        from shared_config.hf import hf_unsupported
+        from shared_config.hf import unsupported_options
 
         for label, spec in specs:
-            if problems := hf_unsupported(spec, "LlamaForCausalLM"):
-                raise UsageError(f"--backend hf: {label} has no LlamaForCausalLM equivalent: {', '.join(problems)}")
+            if problems := unsupported_options(spec):
+                raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
     configure_threads(args.threads)
     from timing import run_benchmarks
 

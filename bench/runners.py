@@ -123,16 +123,16 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
 
 def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from shared_config.hf import to_hf_config
+    from shared_config.hf import config_from_spec
 
     device = torch_device()
-    config = to_hf_config(spec, architecture="LlamaForCausalLM")  # refuses specs Llama cannot represent
-    config._attn_implementation = "sdpa"
+    config = config_from_spec(spec, "--backend hf")  # Llama (Qwen3 with qk_norm); refuses what HF cannot compute
+    config = AutoConfig.for_model(**{**config, "dtype": "float32"})  # float32 weights, as the twins keep them
     dtype = torch.bfloat16 if spec.compute_dtype == "bfloat16" else torch.float32
     with device:
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     batch = torch.as_tensor(tokens, device=device)
     sync, peak_mem = _torch_sync_and_mem()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
@@ -158,4 +158,5 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             return loss, grad_norm
-    return Bench(step, sync, "sdpa", peak_mem, {"compile": "torch.compile" if compile else "eager", "autocast": str(dtype)})
+    info = {"compile": "torch.compile" if compile else "eager", "model": type(model).__name__, "autocast": str(dtype)}
+    return Bench(step, sync, "sdpa", peak_mem, info)
