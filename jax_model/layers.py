@@ -1,7 +1,7 @@
 """Layers of the JAX twin (Flax NNX); torch_model/layers.py is the same file in PyTorch.
 
-Notation: B batch, T query tokens, S key tokens (cache slots when decoding), D model dim, H query heads, K kv heads,
-G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
+Notation: B batch, T query tokens, S key tokens (cache slots when decoding), D model dim,
+H query heads, K kv heads, G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
 Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; norms, activations,
 RoPE and softmax computed in float32 and cast back.
 """

@@ -87,9 +87,9 @@ def stop_at_eos(steps: Iterable[np.ndarray], eos_id: int | None) -> Iterator[np.
             return
 
 
-def trim_at_eos(tokens_BN: np.ndarray, eos_id: int | None) -> list[list[int]]:
-    """Each row's tokens up to and including its first `eos_id`."""
-    rows = [list(map(int, row)) for row in tokens_BN]
-    if eos_id is None:
-        return rows
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+def collect(steps: Iterable[np.ndarray], prompt_tokens, eos_id: int | None) -> list:
+    """Each row's new tokens up to and including its first `eos_id`; one list for one prompt, else one per row."""
+    rows = [list(map(int, row)) for row in np.stack(list(steps), axis=1)]
+    if eos_id is not None:
+        rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return rows[0] if as_prompts(prompt_tokens)[1] else rows

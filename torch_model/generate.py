@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from shared_config.generation import as_prompts, check_generation, left_pad, stop_at_eos, trim_at_eos
+from shared_config.generation import as_prompts, check_generation, collect, left_pad, stop_at_eos
 
 from .model import KVCache, Transformer
 
@@ -105,7 +105,5 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
     """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first `eos_id`."""
-    _, single = as_prompts(prompt_tokens)
     steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
-    rows = trim_at_eos(np.stack(list(steps), axis=1), eos_id)
-    return rows[0] if single else rows
+    return collect(steps, prompt_tokens, eos_id)
