@@ -25,7 +25,8 @@ class Decoder:
 
     Each returns the logits of the last position [B, V] and the cache with the new tokens written;
     the cache passed in is donated (its buffers are reused). The decode step compiles once for every
-    position, because the cache has a fixed size and its length is data, not a shape.
+    position, because the cache has a fixed size and its length is data, not a shape. The weights are
+    those of `model` when the decoder is made.
     """
 
     def __init__(self, model: Transformer):

@@ -24,6 +24,7 @@ class KVCache(NamedTuple):
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
+    Writes past the last slot are the caller's to avoid: under jit the length is data, not checked.
     """
 
     layers: tuple[LayerCache, ...]
