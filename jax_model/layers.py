@@ -1,7 +1,7 @@
 """Layers of the JAX twin (Flax NNX); torch_model/layers.py is the same file in PyTorch.
 
-Notation: B batch, T query tokens, S key tokens, D model dim, H query heads, K kv heads,
-G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
+Notation: B batch, T query tokens, S key tokens (cache slots when decoding), D model dim,
+H query heads, K kv heads, G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
 Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; norms, activations,
 RoPE and softmax computed in float32 and cast back.
 """
@@ -9,6 +9,7 @@ RoPE and softmax computed in float32 and cast back.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,38 +104,58 @@ def make_norm(spec: ModelSpec, alpha_init: float):
     return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
 
 
-def rope_cos_sin(inv_freq_E2, positions_T):
-    """cos and sin of every (position, frequency) angle, [T, E], float32, halves repeated (HF layout)."""
-    angles_TE2 = positions_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq_E2, jnp.float32)[None, :]
-    angles_TE = jnp.concatenate([angles_TE2, angles_TE2], axis=-1)
-    return jnp.cos(angles_TE), jnp.sin(angles_TE)
+def rope_cos_sin(inv_freq_E2, positions_BT):
+    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated (HF)."""
+    angles_BTE2 = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_E2, jnp.float32)
+    angles_BTE = jnp.concatenate([angles_BTE2, angles_BTE2], axis=-1)
+    return jnp.cos(angles_BTE), jnp.sin(angles_BTE)
 
 
-def apply_rope(x_BTHE, cos_TE, sin_TE):
+def apply_rope(x_BTHE, cos_BTE, sin_BTE):
     """Rotate pairs (i, i + E/2) (Hugging Face `rotate_half`), in float32."""
     x32 = x_BTHE.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).astype(x_BTHE.dtype)
+    return (x32 * cos_BTE[..., None, :] + rotated * sin_BTE[..., None, :]).astype(x_BTHE.dtype)
 
 
-def einsum_attention(q_BTHE, k_BSKE, v_BSKE):
-    """Causal softmax(q·kᵀ/sqrt(E))·v written out; query head h reads kv head h // G."""
+def einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS=None):
+    """softmax(q·kᵀ/sqrt(E))·v over the keys `mask_BTS` allows (None: causal); query head h reads kv head h // G."""
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    if mask_BTS is None:  # causal: the queries are the last T of the S keys
+        mask_BTS = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]
     q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
     scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).astype(jnp.float32) / math.sqrt(E)
-    causal_TS = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
-    scores_BKGTS = jnp.where(causal_TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)  # softmax in float32
     return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(B, T, H, E)
 
 
-def attend(q_BTHE, k_BSKE, v_BSKE, attention: str):
-    """Causal attention by the named kernel; every kernel computes the softmax in float32."""
+def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
+    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
     if attention == "einsum":
-        return einsum_attention(q_BTHE, k_BSKE, v_BSKE)
-    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True, implementation=attention)
+        return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+    if mask_BTS is None:
+        return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True, implementation=attention)
+    # cuDNN's fused kernel takes causal and length masks, not an arbitrary one: an explicit mask runs on XLA.
+    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask_BTS[:, None], implementation="xla")
+
+
+class LayerCache(NamedTuple):
+    """One attention layer's keys (after qk-norm and RoPE) and values in S preallocated slots: K heads, not H."""
+
+    k_BSKE: jax.Array
+    v_BSKE: jax.Array
+    length: jax.Array  # int32 []: slots written so far, the same in every row
+
+    def write(self, k_BTKE, v_BTKE) -> LayerCache:
+        """The cache with the next T slots written; `length` is traced, so one compiled step serves every position."""
+        at = (0, self.length, 0, 0)
+        # A new array, which XLA writes in place when the jitted step donates the cache.
+        k_BSKE = jax.lax.dynamic_update_slice(self.k_BSKE, k_BTKE, at)
+        v_BSKE = jax.lax.dynamic_update_slice(self.v_BSKE, v_BTKE, at)
+        return LayerCache(k_BSKE, v_BSKE, self.length + k_BTKE.shape[1])
 
 
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
@@ -163,7 +184,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
 
-    def __call__(self, x_BTD, cos_TE, sin_TE):
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, cache: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated cache: with a `cache`, this call's keys and values are written
+        into it and the queries read every slot `mask_BTS` allows (None: causal over this call's tokens)."""
         B, T, _ = x_BTD.shape
         H, K, E = self.H, self.K, self.E
         if self.fused_qkv:
@@ -173,10 +196,14 @@ class Attention(nnx.Module):
         q_BTHE, k_BTKE, v_BTKE = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
         if self.q_norm is not None:  # qk-norm (over E) comes before RoPE
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
-        if cos_TE is not None:
-            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_TE, sin_TE), apply_rope(k_BTKE, cos_TE, sin_TE)
-        o_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, self.attention)
-        return self.o_proj(o_BTHE.reshape(B, T, H * E))
+        if cos_BTE is not None:
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE)
+        k_BSKE, v_BSKE = k_BTKE, v_BTKE
+        if cache is not None:
+            cache = cache.write(k_BTKE, v_BTKE)
+            k_BSKE, v_BSKE = cache.k_BSKE, cache.v_BSKE
+        o_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, self.attention, mask_BTS)
+        return self.o_proj(o_BTHE.reshape(B, T, H * E)), cache
 
 
 ACTIVATIONS = {
@@ -215,14 +242,15 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs=rngs)
         self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if peri else None
 
-    def __call__(self, x_BTD, cos_TE, sin_TE, taps: dict | None = None):
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the attention's updated cache (None without one)."""
         if self.placement == "post":  # x = n1(x + attn(x)); x = n2(x + mlp(x))
-            a_BTD = self.self_attn(x_BTD, cos_TE, sin_TE)
+            a_BTD, cache = self.self_attn(x_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
             x_BTD = self.input_layernorm(x_BTD + a_BTD)
             m_BTD = self.mlp(x_BTD)
             x_BTD = self.post_attention_layernorm(x_BTD + m_BTD)
         else:  # pre: x += attn(n1(x)); peri adds an output norm on each branch
-            a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE)
+            a_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE, cache, mask_BTS)
             if self.attn_output_norm is not None:
                 a_BTD = self.attn_output_norm(a_BTD)
             x_BTD = x_BTD + a_BTD
@@ -232,4 +260,4 @@ class Block(nnx.Module):
             x_BTD = x_BTD + m_BTD
         if taps is not None:
             taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
-        return x_BTD
+        return x_BTD, cache

@@ -69,9 +69,9 @@ def test_attention(changes):
     pos = np.arange(x.shape[1])
     jcs = jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos))
     tcs = tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos))
-    j = np.asarray(jm.model.layers[0].self_attn(jnp.asarray(x), *jcs))
+    j = np.asarray(jm.model.layers[0].self_attn(jnp.asarray(x), *jcs)[0])  # (output, cache)
     with torch.no_grad():
-        t = tm.model.layers[0].self_attn(torch.as_tensor(x), *tcs).numpy()
+        t = tm.model.layers[0].self_attn(torch.as_tensor(x), *tcs)[0].numpy()
     check(j, t, reference.attention(x.astype(np.float64), w, "model.layers.0.self_attn", spec))
 
 
@@ -99,9 +99,9 @@ def test_block(placement):
     x = inputs(spec)
     pos = np.arange(x.shape[1])
     jt, tt = {}, {}
-    j = np.asarray(jm.model.layers[1](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt))
+    j = np.asarray(jm.model.layers[1](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
     with torch.no_grad():
-        t = tm.model.layers[1](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt).numpy()
+        t = tm.model.layers[1](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
     ref_taps = {}
     # The reference has no block function: run its layer loop on one layer by slicing the spec.
     one = spec.replace(n_layers=1)

@@ -1,7 +1,7 @@
 """Layers of the PyTorch twin; jax_model/layers.py is the same file in JAX.
 
-Notation: B batch, T query tokens, S key tokens, D model dim, H query heads, K kv heads,
-G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
+Notation: B batch, T query tokens, S key tokens (cache slots when decoding), D model dim,
+H query heads, K kv heads, G = H/K query heads per kv head, E head dim, F ffn dim, V vocab.
 Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; norms, activations,
 RoPE and softmax computed in float32 and cast back.
 """
@@ -9,6 +9,7 @@ RoPE and softmax computed in float32 and cast back.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,30 +114,31 @@ def make_norm(spec: ModelSpec, alpha_init: float):
     return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
 
 
-def rope_cos_sin(inv_freq_E2, positions_T):
-    """cos and sin of every (position, frequency) angle, [T, E], float32, halves repeated (HF layout)."""
-    inv_freq_E2 = torch.as_tensor(inv_freq_E2, dtype=torch.float32, device=positions_T.device)
-    angles_TE2 = positions_T.to(torch.float32)[:, None] * inv_freq_E2[None, :]
-    angles_TE = torch.cat([angles_TE2, angles_TE2], dim=-1)
-    return torch.cos(angles_TE), torch.sin(angles_TE)
+def rope_cos_sin(inv_freq_E2, positions_BT):
+    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated (HF)."""
+    inv_freq_E2 = torch.as_tensor(inv_freq_E2, dtype=torch.float32, device=positions_BT.device)
+    angles_BTE2 = positions_BT.to(torch.float32)[..., None] * inv_freq_E2
+    angles_BTE = torch.cat([angles_BTE2, angles_BTE2], dim=-1)
+    return torch.cos(angles_BTE), torch.sin(angles_BTE)
 
 
-def apply_rope(x_BTHE, cos_TE, sin_TE):
+def apply_rope(x_BTHE, cos_BTE, sin_BTE):
     """Rotate pairs (i, i + E/2) (Hugging Face `rotate_half`), in float32."""
     x32 = x_BTHE.to(torch.float32)
     x1, x2 = torch.chunk(x32, 2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
+    return (x32 * cos_BTE[..., None, :] + rotated * sin_BTE[..., None, :]).to(x_BTHE.dtype)
 
 
-def einsum_attention(q_BTHE, k_BSKE, v_BSKE):
-    """Causal softmax(q·kᵀ/sqrt(E))·v written out; query head h reads kv head h // G."""
+def einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS=None):
+    """softmax(q·kᵀ/sqrt(E))·v over the keys `mask_BTS` allows (None: causal); query head h reads kv head h // G."""
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    if mask_BTS is None:  # causal: the queries are the last T of the S keys
+        mask_BTS = torch.tril(torch.ones(T, S, dtype=torch.bool, device=q_BTHE.device), diagonal=S - T)[None]
     q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
     scores_BKGTS = torch.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).to(torch.float32) / math.sqrt(E)
-    causal_TS = torch.tril(torch.ones(T, S, dtype=torch.bool, device=q_BTHE.device), diagonal=S - T)
-    scores_BKGTS = torch.where(causal_TS, scores_BKGTS, torch.finfo(torch.float32).min)
+    scores_BKGTS = torch.where(mask_BTS[:, None, None], scores_BKGTS, torch.finfo(torch.float32).min)
     probs_BKGTS = torch.softmax(scores_BKGTS, dim=-1).to(v_BSKE.dtype)  # softmax in float32
     return torch.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(B, T, H, E)
 
@@ -144,18 +146,37 @@ def einsum_attention(q_BTHE, k_BSKE, v_BSKE):
 SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def attend(q_BTHE, k_BSKE, v_BSKE, attention: str):
-    """Causal attention by the named kernel; every kernel computes the softmax in float32."""
+def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
+    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
     if attention == "einsum":
-        return einsum_attention(q_BTHE, k_BSKE, v_BSKE)
+        return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BSKE, v_BSKE))  # SDPA wants [B, heads, T, E]
     backend = SDPA_BACKENDS[attention]
-    if backend is None:
+    if mask_BTS is not None:
+        # The flash and cuDNN kernels take no arbitrary mask: an explicit mask runs on SDPA's own dispatch.
+        o_BHTE = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], enable_gqa=True)
+    elif backend is None:
         o_BHTE = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
         with sdpa_kernel(backend):
             o_BHTE = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return o_BHTE.transpose(1, 2)
+
+
+class LayerCache(NamedTuple):
+    """One attention layer's keys (after qk-norm and RoPE) and values in S preallocated slots: K heads, not H."""
+
+    k_BSKE: torch.Tensor
+    v_BSKE: torch.Tensor
+    length: torch.Tensor  # int64 []: slots written so far, the same in every row
+
+    def write(self, k_BTKE, v_BTKE) -> LayerCache:
+        """The cache with the next T slots written; `length` is a tensor, so one compiled step serves every position."""
+        slots_T = self.length + torch.arange(k_BTKE.shape[1], device=k_BTKE.device)
+        # In place, where JAX donates the buffers: the returned cache holds the same K/V tensors.
+        self.k_BSKE.index_copy_(1, slots_T, k_BTKE)
+        self.v_BSKE.index_copy_(1, slots_T, v_BTKE)
+        return LayerCache(self.k_BSKE, self.v_BSKE, self.length + k_BTKE.shape[1])
 
 
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
@@ -181,7 +202,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
 
-    def forward(self, x_BTD, cos_TE, sin_TE):
+    def forward(self, x_BTD, cos_BTE, sin_BTE, cache: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated cache: with a `cache`, this call's keys and values are written
+        into it and the queries read every slot `mask_BTS` allows (None: causal over this call's tokens)."""
         B, T, _ = x_BTD.shape
         H, K, E = self.H, self.K, self.E
         if self.fused_qkv:
@@ -191,10 +214,14 @@ class Attention(nn.Module):
         q_BTHE, k_BTKE, v_BTKE = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
         if self.q_norm is not None:  # qk-norm (over E) comes before RoPE
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
-        if cos_TE is not None:
-            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_TE, sin_TE), apply_rope(k_BTKE, cos_TE, sin_TE)
-        o_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, self.attention)
-        return self.o_proj(o_BTHE.reshape(B, T, H * E))
+        if cos_BTE is not None:
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE)
+        k_BSKE, v_BSKE = k_BTKE, v_BTKE
+        if cache is not None:
+            cache = cache.write(k_BTKE, v_BTKE)
+            k_BSKE, v_BSKE = cache.k_BSKE, cache.v_BSKE
+        o_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, self.attention, mask_BTS)
+        return self.o_proj(o_BTHE.reshape(B, T, H * E)), cache
 
 
 ACTIVATIONS = {
@@ -235,14 +262,15 @@ class Block(nn.Module):
         self.mlp = MLP(spec)
         self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if peri else None
 
-    def forward(self, x_BTD, cos_TE, sin_TE, taps: dict | None = None):
+    def forward(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the attention's updated cache (None without one)."""
         if self.placement == "post":  # x = n1(x + attn(x)); x = n2(x + mlp(x))
-            a_BTD = self.self_attn(x_BTD, cos_TE, sin_TE)
+            a_BTD, cache = self.self_attn(x_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
             x_BTD = self.input_layernorm(x_BTD + a_BTD)
             m_BTD = self.mlp(x_BTD)
             x_BTD = self.post_attention_layernorm(x_BTD + m_BTD)
         else:  # pre: x += attn(n1(x)); peri adds an output norm on each branch
-            a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE)
+            a_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE, cache, mask_BTS)
             if self.attn_output_norm is not None:
                 a_BTD = self.attn_output_norm(a_BTD)
             x_BTD = x_BTD + a_BTD
@@ -252,4 +280,4 @@ class Block(nn.Module):
             x_BTD = x_BTD + m_BTD
         if taps is not None:
             taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
-        return x_BTD
+        return x_BTD, cache

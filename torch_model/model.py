@@ -1,20 +1,49 @@
 """The PyTorch twin's decoder; jax_model/model.py is the same file in JAX.
 
-Notation: B batch, T tokens, D model dim, V vocab. Attribute paths follow the canonical names
-(`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canonical names.
+Notation: B batch, T tokens, S cache slots, D model dim, V vocab. Attribute paths follow the canonical
+names (`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canonical names.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 
-from .layers import DTYPES, Block, Linear, make_norm, resolve_attention, rope_cos_sin
+from .layers import DTYPES, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .weights import draw_weights
+
+
+class KVCache(NamedTuple):
+    """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded.
+
+    Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
+    real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
+    Writes past the last slot are the caller's to avoid: under jit the length is data, not checked.
+    """
+
+    layers: tuple[LayerCache, ...]
+    start_B: torch.Tensor  # int64 [B]: the slot of each row's first token
+
+    @property
+    def length(self) -> torch.Tensor:
+        return self.layers[0].length
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].k_BSKE.shape[1]
+
+    def positions_and_mask(self, T: int):
+        """Positions [B, T] of the next T tokens, and the slots each reads [B, T, S]: start_b ≤ s ≤ its own slot."""
+        slots_T = self.length + torch.arange(T, device=self.start_B.device)
+        positions_BT = (slots_T - self.start_B[:, None]).clamp(min=0)  # padding gets 0: never read, but a valid index
+        s_S = torch.arange(self.size, device=self.start_B.device)
+        mask_BTS = (s_S <= slots_T[:, None])[None] & (s_S >= self.start_B[:, None])[:, None]
+        return positions_BT, mask_BTS
 
 
 class TransformerModel(nn.Module):
@@ -33,25 +62,39 @@ class TransformerModel(nn.Module):
         self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
         self.compute_dtype = DTYPES[spec.compute_dtype]
 
-    def forward(self, tokens_BT, taps: dict | None = None):
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
+        """Final hidden states [B, T, D] and the updated cache (None without one)."""
         spec, T = self.spec, tokens_BT.shape[1]
-        if T > spec.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
-        positions_T = torch.arange(T, device=tokens_BT.device)
-        x_BTD = self.embed_tokens(tokens_BT).to(self.compute_dtype)
-        if self.embed_positions is not None:
-            x_BTD = x_BTD + self.embed_positions(positions_T).to(self.compute_dtype)
-        if spec.embed_scale == "learnable":
-            x_BTD = x_BTD * self.embed_scale.to(x_BTD.dtype)
-        elif spec.embed_scale == "constant":
-            x_BTD = x_BTD * math.sqrt(spec.D)
-        cos_TE, sin_TE = rope_cos_sin(rope_inv_freq(spec), positions_T) if spec.position == "rope" else (None, None)
+        if cache is None:
+            if T > spec.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
+            positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None  # positions [T], shared by every row; causal
+        elif T > cache.size:
+            raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
+        else:
+            positions, mask_BTS = cache.positions_and_mask(T)
+        x_BTD = self.embed(tokens_BT, positions)
+        cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
+        layer_caches = []
         for i, layer in enumerate(self.layers):
-            x_BTD = layer(x_BTD, cos_TE, sin_TE, taps=None if taps is None else taps.setdefault(f"model.layers.{i}", {}))
+            layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
+            x_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            layer_caches.append(layer_cache)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
+        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches))
+
+    def embed(self, tokens_BT, positions):
+        """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
+        x_BTD = self.embed_tokens(tokens_BT).to(self.compute_dtype)
+        if self.embed_positions is not None:
+            x_BTD = x_BTD + self.embed_positions(positions).to(self.compute_dtype)
+        if self.spec.embed_scale == "learnable":
+            x_BTD = x_BTD * self.embed_scale.to(x_BTD.dtype)
+        elif self.spec.embed_scale == "constant":
+            x_BTD = x_BTD * math.sqrt(self.spec.D)
         return x_BTD
 
 
@@ -71,15 +114,28 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec)
         draw_weights(self, generator)
 
-    def forward(self, tokens_BT, taps: dict | None = None):
-        x_BTD = self.model(tokens_BT, taps)
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
+        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache)
         if self.lm_head is None:
             logits_BTV = x_BTD @ self.model.embed_tokens.weight.to(x_BTD.dtype).T
         else:
             logits_BTV = self.lm_head(x_BTD)
         logits_BTV = logits_BTV.to(torch.float32)  # logits in float32
         record(taps, "logits", logits_BTV)
-        return logits_BTV
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
+        """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
+        spec, w = self.spec, self.model.embed_tokens.weight  # w: new tensors go to the model's device
+        if not 0 < size <= spec.max_seq_len:
+            raise ValueError(f"a cache of {size} slots must hold 1..max_seq_len={spec.max_seq_len}")
+        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
+        layers = tuple(
+            LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype), w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
+        )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
+        start_B = w.new_zeros(batch, dtype=torch.int64) if start_B is None else torch.as_tensor(start_B, dtype=torch.int64, device=w.device)
+        return KVCache(layers, start_B)
 
 
 def record(taps: dict | None, name: str, x) -> None:

@@ -1,0 +1,114 @@
+"""Generation with a KV cache for the JAX twin; torch_model/generate.py is the same file in PyTorch.
+
+Notation: B batch, T new tokens, P prompt tokens (left-padded), V vocab. Prompts of different
+lengths are padded on the left, so every row's next token comes from the last position and all
+rows write the same cache slot at each step (see `KVCache`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shared_config.generation import as_prompts, check_generation, collect, left_pad, stop_at_eos
+
+from .model import KVCache, Transformer
+
+
+class Decoder:
+    """A model's compiled prefill and decode step: what `generate` runs and what a benchmark times.
+
+    Each returns the logits of the last position [B, V] and the cache with the new tokens written;
+    the cache passed in is donated (its buffers are reused). The decode step compiles once for every
+    position, because the cache has a fixed size and its length is data, not a shape. The weights are
+    those of `model` when the decoder is made.
+    """
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        graphdef, self.state = nnx.split(model)  # jit a pure function of the state: nnx.jit would walk the graph per call
+        self._prefill, self._decode = compiled_steps(graphdef)
+
+    def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
+        return self.model.init_cache(batch, size, start_B)
+
+    def prefill(self, tokens_BP, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run the (left-padded) prompts [B, P] into an empty cache."""
+        return self._prefill(self.state, cache, self.as_tokens(tokens_BP))
+
+    def decode_step(self, tokens_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feed one token per row [B]."""
+        return self._decode(self.state, cache, self.as_tokens(tokens_B)[:, None])
+
+    def as_tokens(self, tokens):
+        return jnp.asarray(np.asarray(tokens), jnp.int32)
+
+
+@lru_cache(maxsize=16)
+def compiled_steps(graphdef):
+    """A jitted prefill and decode step per architecture, so that every `generate` call reuses their compilations."""
+    return (jax.jit(partial(forward_last, graphdef), donate_argnums=1),  # compiles once per prompt shape
+            jax.jit(partial(forward_last, graphdef), donate_argnums=1))  # once per cache shape: all positions
+
+
+def forward_last(graphdef, state, cache: KVCache, tokens_BT):
+    """The logits of the last position [B, V] and the cache with T more slots written."""
+    logits_BTV, cache = nnx.merge(graphdef, state)(tokens_BT, cache=cache)
+    return logits_BTV[:, -1], cache
+
+
+def filter_logits(logits_BV, top_k: int | None, top_p: float | None):
+    """Logits outside the top k, then outside the smallest top set holding probability `top_p`, set to -inf."""
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None:
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability of the tokens ranked above each
+        cutoff_B1 = jnp.min(jnp.where(above_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+@partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: float | None = None):
+    """Next tokens [B]: the argmax when temperature is 0, else a draw from softmax(logits / temperature), filtered."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1)
+    return jax.random.categorical(key, filter_logits(logits_BV / temperature, top_k, top_p), axis=-1)
+
+
+def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
+    """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
+    prompts, _ = as_prompts(prompt_tokens)
+    check_generation(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)
+
+
+def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[np.ndarray]:
+    """Prefill, then draw and feed back one token per row, `max_new_tokens` times."""
+    tokens_BP, start_B = left_pad(prompts)
+    # The last drawn token is never fed back: the cache needs P + max_new_tokens - 1 slots.
+    cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + max_new_tokens - 1, start_B)
+    logits_BV, cache = decoder.prefill(tokens_BP, cache)
+    key = jax.random.key(seed)
+    for step in range(max_new_tokens):
+        key, step_key = jax.random.split(key)
+        next_B = np.asarray(sample(logits_BV, step_key, temperature, top_k, top_p))
+        yield next_B
+        if step + 1 < max_new_tokens:
+            logits_BV, cache = decoder.decode_step(next_B, cache)
+
+
+def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
+    """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first `eos_id`."""
+    steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    return collect(steps, prompt_tokens, eos_id)

@@ -1,0 +1,159 @@
+"""Cached decoding, in each twin: a prefill and then one token at a time give the uncached
+full-sequence logits at every step, for every position scheme, GQA width, qk-norm, norm type and
+placement; left padding leaves each row's result as it is alone; the decode step compiles once."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax_model
+import torch_model
+from jax_model.generate import Decoder as JaxDecoder
+from shared_config.generation import left_pad
+from torch_model.generate import Decoder as TorchDecoder
+
+from .common import FORWARD_TOL, make_spec, parity_weights, rel_err, tokens
+
+CASES = [
+    {},  # RoPE, GQA with 2 kv heads
+    {"position": "learned"},
+    {"position": "none"},
+    {"n_kv_heads": 1},
+    {"n_kv_heads": 6},
+    {"qk_norm": True, "head_dim": 10},
+    {"fused_qkv": False, "tie_embeddings": True, "embed_scale": "learnable"},
+    {"rope_scaling": "llama3", "rope_scaling_factor": 4.0, "rope_original_max_seq_len": 16},
+]
+# Every norm type and every placement (norms act per token; placement decides what the cache sees).
+CASES += [
+    {"norm_placement": "peri"},
+    {"norm_placement": "post"},
+    {"norm_type": "layernorm", "norm_bias": True},
+    {"norm_type": "dyt", "norm_placement": "peri"},
+    {"norm_type": "dyt", "norm_placement": "post", "norm_bias": True},
+    {"norm_type": "derf", "norm_placement": "post"},
+]
+P, N = 20, 12  # prompt tokens, then decode steps
+
+
+def _ids(cases):
+    return ["-".join(f"{k}={v}" for k, v in c.items()) or "base" for c in cases]
+
+
+def jax_steps(model, toks, prompt=P):
+    """Logits [B, T, V]: the prompt's from one prefill call, then one decode step per token; and the cache."""
+    decoder = JaxDecoder(model)
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    # Every prompt position, not only the last; jitted, as op-by-op JAX compiles a kernel per op and shape.
+    prefill, cache = nnx.jit(lambda m, t, c: m(t, cache=c))(model, jnp.asarray(toks[:, :prompt]), cache)
+    steps = [np.asarray(prefill)]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(np.asarray(logits_BV)[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
+@torch.no_grad()
+def torch_steps(model, toks, prompt=P):
+    decoder = TorchDecoder(model)
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    prefill, cache = model(torch.as_tensor(toks[:, :prompt]), cache=cache)
+    steps = [prefill.numpy()]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(logits_BV.numpy()[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
+def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N, prompt=P):
+    w, toks = parity_weights(spec), tokens(spec, 2, seq)
+    jm, tm = jax_model.from_weights(w, spec, attention[0]), torch_model.from_weights(w, spec, attention[1])
+    for name, (cached, cache), uncached in [
+        ("jax", jax_steps(jm, toks, prompt), np.asarray(nnx.jit(lambda m, t: m(t))(jm, jnp.asarray(toks)))),
+        ("torch", torch_steps(tm, toks, prompt), tm(torch.as_tensor(toks)).detach().numpy()),
+    ]:
+        assert uncached.std() > 0.5, "test weights must give O(1) logits so that the tolerance means something"
+        errs = [rel_err(cached[:, t], uncached[:, t]) for t in range(seq)]
+        assert max(errs) <= FORWARD_TOL, f"{name}: cached vs uncached, worst at step {int(np.argmax(errs))}: {max(errs):.2e}"
+        assert tuple(cache.layers[0].k_BSKE.shape) == (2, seq, spec.K, spec.E)  # GQA-sized: K heads, not H
+        assert int(cache.length) == seq
+
+
+@pytest.mark.parametrize("changes", CASES, ids=_ids(CASES))
+def test_cached_decoding_equals_uncached(changes):
+    check_cached_equals_uncached(make_spec(**changes))
+
+
+@pytest.mark.parametrize("attention", [("xla", "sdpa"), ("xla", "flash")], ids=["xla-sdpa", "xla-flash"])
+def test_fused_kernels_take_the_cache_mask(attention):
+    """XLA and SDPA read the cache through an explicit mask; flash (no arbitrary masks) falls back to SDPA."""
+    check_cached_equals_uncached(make_spec(qk_norm=True), attention)
+
+
+def test_long_prompt_where_rope_offsets_show():
+    """A prompt of 180 tokens, then decode steps at positions 180..199."""
+    check_cached_equals_uncached(make_spec(max_seq_len=256, n_layers=1), seq=200, prompt=180)
+
+
+RAGGED = [{}, {"position": "learned", "norm_placement": "post"}]
+
+
+@pytest.mark.parametrize("changes", RAGGED, ids=_ids(RAGGED))
+def test_left_padding_leaves_each_row_as_alone(changes):
+    """Prompts of 13, 5 and 9 tokens in one batch: each row's logits at every step are its unbatched ones."""
+    spec = make_spec(**changes)
+    w = parity_weights(spec)
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (13, 5, 9)]
+    fed = tokens(spec, 3, 6, seed=1)  # the tokens fed after each prompt
+    for twin, Decoder in [(jax_model, JaxDecoder), (torch_model, TorchDecoder)]:
+        decoder = Decoder(twin.from_weights(w, spec, "einsum"))
+
+        def run(rows, fed_rows):
+            tokens_BP, start_B = left_pad(rows, pad_id=7)  # a real token id as padding: the mask must hide it
+            cache = decoder.init_cache(len(rows), tokens_BP.shape[1] + fed_rows.shape[1], start_B)
+            logits_BV, cache = decoder.prefill(tokens_BP, cache)
+            steps = [np.asarray(logits_BV)]
+            for t in range(fed_rows.shape[1]):
+                logits_BV, cache = decoder.decode_step(fed_rows[:, t], cache)
+                steps.append(np.asarray(logits_BV))
+            return np.stack(steps, axis=1)
+
+        batched = run(prompts, fed)
+        for b, prompt in enumerate(prompts):
+            alone = run([prompt], fed[b : b + 1])
+            assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
+
+
+def test_jax_decode_step_compiles_once():
+    spec = make_spec()
+    decoder = JaxDecoder(jax_model.from_weights(parity_weights(spec), spec, "einsum"))
+    cache = decoder.init_cache(2, 40)
+    logits_BV, cache = decoder.prefill(tokens(spec, 2, 8), cache)
+    logits_BV, cache = decoder.decode_step(np.asarray(logits_BV).argmax(-1), cache)
+    compiled = decoder._decode._cache_size()  # the jitted step is shared by models of this architecture
+    for _ in range(30):
+        logits_BV, cache = decoder.decode_step(np.asarray(logits_BV).argmax(-1), cache)
+    assert int(cache.length) == 39
+    assert decoder._decode._cache_size() == compiled, "the decode step compiled again at a later position"
+
+
+def test_torch_decode_step_compiles_once_without_graph_breaks():
+    """torch.compile with fullgraph (a graph break raises) on the aot_eager backend: it traces through
+    dynamo and AOTAutograd as inductor does, without inductor's C++ compile time."""
+    spec = make_spec()
+    model = torch_model.from_weights(parity_weights(spec), spec, "sdpa")
+    toks = tokens(spec, 2, 18)
+    compiled, eager = TorchDecoder(model, compile="aot_eager"), TorchDecoder(model)
+
+    def step(t, states):
+        states = [d.decode_step(toks[:, t], cache) for d, (_, cache) in zip((compiled, eager), states)]
+        assert rel_err(states[0][0].numpy(), states[1][0].numpy()) <= FORWARD_TOL
+        return states
+
+    states = [d.prefill(toks[:, :8], d.init_cache(2, 18)) for d in (compiled, eager)]
+    states = step(8, states)  # compiles the decode step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(9, 18):
+            states = step(t, states)

@@ -1,0 +1,162 @@
+"""Generate with either twin and its KV cache, streaming tokens to stdout as they come.
+
+    python scripts/generate.py --backend jax --weights tiny.safetensors --tokens 1,2,3 --max-new-tokens 32
+    python scripts/generate.py --backend torch --weights tiny.safetensors --prompt "Once upon" --temperature 0.8 --top-p 0.9
+
+Text prompts use the `tokenizer.json` (Hugging Face `tokenizers`) beside the weights, else UTF-8
+bytes as token ids (vocab_size >= 256). With --tokens the new ids are printed, space-separated.
+Timing goes to stderr: the first token (prefill, and compilation in JAX) apart from the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from shared_config import load_checkpoint
+from shared_config.cli import Parser, UsageError, run
+from shared_config.generation import GenerationError, check_generation
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", required=True, choices=["jax", "torch"])
+    p.add_argument("--weights", required=True, type=Path, help="a canonical .safetensors checkpoint")
+    p.add_argument("--spec", help="preset name or YAML path, for a file that carries no spec")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text (tokenizer.json beside the weights, else UTF-8 bytes)")
+    src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    # Sampling options left unset take generate()'s defaults (greedy, seed 0, no eos).
+    p.add_argument("--temperature", type=float, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eos-id", type=int, help="stop at this token id")
+    p.add_argument("--attention", default="auto", help="attention kernel (jax: einsum|xla|cudnn, torch: einsum|sdpa|flash|cudnn)")
+    args = p.parse_args(argv)
+
+    weights, spec = load_weights(args.weights, args.spec)
+    text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
+    prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
+    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
+    try:  # before loading a framework, so that a bad argument fails fast
+        check_generation(spec, [prompt], args.max_new_tokens, **options)
+    except GenerationError as e:
+        raise UsageError(str(e)) from None
+    model, stream = load_backend(args.backend, weights, spec, args.attention)
+    steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
+    show = TextStream(text.decode) if text else lambda token: f"{token} "
+    emit(steps, show, sys.stdout, sys.stderr)
+
+
+def load_weights(path: Path, spec=None):
+    """Canonical weights and their spec."""
+    if path.is_dir():
+        # Hook for Hugging Face directories: scripts/convert.py (in progress) will turn one into canonical weights here.
+        raise UsageError(f"{path} is a directory: Hugging Face checkpoints load once scripts/convert.py lands; "
+                         "pass a canonical .safetensors file")
+    return load_checkpoint(path, spec)
+
+
+def parse_tokens(csv: str) -> list[int]:
+    try:
+        return [int(t) for t in csv.split(",")]
+    except ValueError:
+        raise UsageError(f"--tokens {csv!r} must be comma-separated integer ids, e.g. 1,2,3") from None
+
+
+class ByteTokenizer:
+    """Text as UTF-8 bytes, one token per byte; ids >= 256 (special tokens) decode to nothing."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json, with the same two methods."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def load_tokenizer(weights: Path, spec):
+    """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
+    path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+    if path.is_file():
+        return HFTokenizer(path)
+    if spec.V >= 256:
+        return ByteTokenizer()
+    raise UsageError(f"no {path} and vocab_size={spec.V} < 256 cannot hold bytes: pass --tokens")
+
+
+def load_backend(backend: str, weights, spec, attention: str):
+    """The model in the chosen twin, and that twin's `stream`; float32 matmuls at full precision on every device."""
+    if backend == "jax":
+        import jax
+
+        import jax_model
+        from jax_model.generate import stream
+        from jax_model.layers import ATTENTION
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        twin = jax_model
+    else:
+        import torch
+
+        import torch_model
+        from torch_model.generate import stream
+        from torch_model.layers import ATTENTION
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        twin = torch_model
+    if attention not in ATTENTION:
+        raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})")
+    return twin.from_weights(weights, spec, attention), stream
+
+
+class TextStream:
+    """Token ids to text as they come: each call returns what decoding every id so far adds."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.shown = decode, [], ""
+
+    def __call__(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # most likely a character cut mid-way: wait for its next token
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
+def emit(steps, show: Callable[[int], str], out, err) -> None:
+    """Write each token as soon as it is drawn, then the timing: the first two tokens (prefill, then the
+    first decode step, compilation included in JAX) apart from the steady decoding rate."""
+    times = [time.perf_counter()]
+    for token in steps:
+        out.write(show(token))
+        out.flush()
+        times.append(time.perf_counter())
+    out.write("\n")
+    n, (start, end) = len(times) - 1, (times[0], times[-1])
+    first = ", ".join(f"{t - s:.2f} s" for s, t in zip(times[:2], times[1:3]))
+    rate = f"; then {(n - 2) / (end - times[2]):.1f} tokens/s" if n > 2 else ""
+    print(f"{n} tokens in {end - start:.2f} s: the first two after {first} (prefill, first decode step){rate}", file=err)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,95 @@
+"""What both twins' generation shares, in numpy: checking the arguments, left padding, stopping rows at eos."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .spec import ModelSpec
+
+
+class GenerationError(ValueError):
+    """A generation argument that breaks a rule; the message names it, its value and the rule."""
+
+
+def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
+    """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was one."""
+    single = len(prompt_tokens) > 0 and np.ndim(prompt_tokens[0]) == 0
+    return [_ids(p) for p in ([prompt_tokens] if single else prompt_tokens)], single
+
+
+def _ids(prompt) -> list[int]:
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise GenerationError("prompt tokens must be integer ids: one sequence of them, or one sequence per row")
+    return ids.astype(np.int64).tolist()
+
+
+def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     eos_id: int | None = None) -> None:
+    """Raise GenerationError unless the prompts fit the model and the settings make sense (None: not set)."""
+    require(is_int(max_new_tokens, 1), "max_new_tokens", max_new_tokens, "an integer >= 1")
+    require(temperature is None or is_number(temperature, 0), "temperature", temperature, "a finite number >= 0 (0: greedy)")
+    require(top_k is None or is_int(top_k, 1), "top_k", top_k, "an integer >= 1")
+    require(top_p is None or is_number(top_p, 0, 1) and top_p > 0, "top_p", top_p, "a number in (0, 1]")
+    require(seed is None or is_int(seed, 0, 2**32 - 1), "seed", seed, "an integer in 0..2**32-1")
+    require(eos_id is None or is_int(eos_id, 0, spec.V - 1), "eos_id", eos_id, f"a token id in 0..{spec.V - 1}")
+    if not prompts or min(map(len, prompts)) == 0:
+        raise GenerationError("every prompt needs at least one token")
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < spec.V]
+        if bad:
+            raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{spec.V - 1}")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > spec.max_seq_len:
+        raise GenerationError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_seq_len={spec.max_seq_len}"
+        )
+
+
+def require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise GenerationError(f"{name}={value!r} must be {rule}")
+
+
+def is_int(x, lo: int, hi: int | None = None) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and lo <= x and (hi is None or x <= hi)
+
+
+def is_number(x, lo: float, hi: float | None = None) -> bool:
+    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    return ok and lo <= x and (hi is None or x <= hi)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as one [B, P] array padded on the left with `pad_id`, and the slot where each row starts [B]."""
+    P = max(map(len, prompts))
+    tokens_BP = np.full((len(prompts), P), pad_id, dtype=np.int32)
+    start_B = np.array([P - len(p) for p in prompts], dtype=np.int32)
+    for row, p in zip(tokens_BP, prompts):
+        row[P - len(p):] = p
+    return tokens_BP, start_B
+
+
+def stop_at_eos(steps: Iterable[np.ndarray], eos_id: int | None) -> Iterator[np.ndarray]:
+    """Pass each step's tokens [B] on, rows that have emitted `eos_id` repeating it; end when every row has."""
+    done_B = None
+    for next_B in steps:
+        if eos_id is not None:
+            done_B = np.zeros(next_B.shape, bool) if done_B is None else done_B
+            next_B = np.where(done_B, eos_id, next_B)
+            done_B = done_B | (next_B == eos_id)
+        yield next_B
+        if done_B is not None and done_B.all():
+            return
+
+
+def collect(steps: Iterable[np.ndarray], prompt_tokens, eos_id: int | None) -> list:
+    """Each row's new tokens up to and including its first `eos_id`; one list for one prompt, else one per row."""
+    rows = [list(map(int, row)) for row in np.stack(list(steps), axis=1)]
+    if eos_id is not None:
+        rows = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return rows[0] if as_prompts(prompt_tokens)[1] else rows
