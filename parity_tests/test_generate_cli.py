@@ -1,12 +1,7 @@
 """scripts/generate.py: streams the tokens generate() gives, in either twin; text prompts through bytes
 or a tokenizer.json beside the weights; bad input is one `error:` line and exit code 2."""
 
-import importlib.util
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -17,13 +12,9 @@ from jax_model import generate as jg
 from shared_config import save_checkpoint
 from torch_model import generate as tg
 
-from .common import make_spec, parity_weights
+from .common import load_script, make_spec, parity_weights, run_script
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, also when another copy is installed
-SCRIPT = ROOT / "scripts" / "generate.py"
-spec_ = importlib.util.spec_from_file_location("generate_cli", SCRIPT)
-cli = importlib.util.module_from_spec(spec_)
-spec_.loader.exec_module(cli)
+cli = load_script("generate")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,7 @@ def weights(tmp_path_factory):
 
 
 def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    return run_script("generate", *args)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -95,8 +85,16 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
 
 
 def test_weights_that_are_missing_or_a_directory(weights, capsys):
-    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent, "scripts/convert.py")]:
+    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent, "neither a Hugging Face")]:
         with pytest.raises(SystemExit) as e:
             cli.run(cli.main, ["--backend", "torch", "--weights", str(path), "--tokens", "1"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and message in err, err
+
+
+def test_a_hugging_face_directory_generates_what_its_canonical_file_does(weights, tmp_path):
+    load_script("convert").convert(weights, tmp_path / "hf", to="hf")
+    a = run_cli("--backend", "torch", "--weights", weights, "--tokens", "3,1,4", "--max-new-tokens", 8)
+    b = run_cli("--backend", "torch", "--weights", tmp_path / "hf", "--tokens", "3,1,4", "--max-new-tokens", 8)
+    assert a.returncode == b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout and len(b.stdout.split()) == 8

@@ -1,9 +1,7 @@
 """A Hugging Face Llama (random small GQA config, saved offline) generates the same greedy tokens in
 both twins as in transformers' own `generate`, with per-step logits that agree.
 
-Our canonical names are Hugging Face Llama names, so the saved model.safetensors loads as it is,
-with a spec written from the config by hand. Once scripts/convert.py lands, this test imports
-through it instead.
+The Hugging Face directory is imported through scripts/convert.py, as a user would.
 """
 
 import numpy as np
@@ -13,10 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config import load_checkpoint, load_spec
+from shared_config import load_checkpoint
 from torch_model import generate as tg
 
-from .common import FORWARD_TOL, parity_weights, rel_err, tokens
+from .common import FORWARD_TOL, load_script, parity_weights, rel_err, tokens
 from .test_generate import step_logits
 
 CONFIG = LlamaConfig(
@@ -26,24 +24,17 @@ CONFIG = LlamaConfig(
 )
 
 
-def spec_from(config: LlamaConfig):
-    """Our spec for a Llama config, written out field by field (the converter's job, later)."""
-    return load_spec(dict(
-        vocab_size=config.vocab_size, d_model=config.hidden_size, n_layers=config.num_hidden_layers,
-        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        d_ff=config.intermediate_size, max_seq_len=config.max_position_embeddings, norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_parameters["rope_theta"], tie_embeddings=config.tie_word_embeddings,
-        norm_type="rms", norm_placement="pre", position="rope", mlp="swiglu",
-    ))
-
-
 def test_hf_llama_greedy_tokens_match_both_twins(tmp_path):
-    spec = spec_from(CONFIG)
+    convert = load_script("convert")
     hf = LlamaForCausalLM(CONFIG).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    convert.convert(tmp_path / "hf", tmp_path / "init.safetensors")  # only for the spec: weights are replaced next
+    _, spec = load_checkpoint(tmp_path / "init.safetensors")
     # O(1) logits (HF's 0.02-std init gives near-ties that any rounding could split); strict: the names map 1:1.
     hf.load_state_dict({k: torch.as_tensor(v) for k, v in parity_weights(spec).items()}, strict=True)
-    hf.save_pretrained(tmp_path)
-    weights, spec = load_checkpoint(tmp_path / "model.safetensors", spec)
+    hf.save_pretrained(tmp_path / "hf")
+    convert.convert(tmp_path / "hf", tmp_path / "model.safetensors")
+    weights, spec = load_checkpoint(tmp_path / "model.safetensors")
 
     prompt = list(tokens(spec, 1, 32)[0])
     with torch.no_grad():

@@ -81,6 +81,14 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
         raise UsageError(f"{dst} is {kind}, but a {target} checkpoint is {other}")
 
 
+def read_checkpoint(src, spec=None, allow_nonfinite=False):
+    """Canonical weights and spec from a checkpoint in any format (what generate.py and train.py load)."""
+    src = Path(src)
+    weights, spec = READERS[source_format(src)](src, spec)
+    check_weights(weights, spec, src, allow_nonfinite)
+    return weights, spec
+
+
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
     src, dst = Path(src), Path(dst)

@@ -23,7 +23,7 @@ from shared_config.generation import GenerationError, check_generation
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", required=True, choices=["jax", "torch"])
-    p.add_argument("--weights", required=True, type=Path, help="a canonical .safetensors checkpoint")
+    p.add_argument("--weights", required=True, type=Path, help="a canonical .safetensors file, a Hugging Face or Orbax directory, or a .pt file")
     p.add_argument("--spec", help="preset name or YAML path, for a file that carries no spec")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (tokenizer.json beside the weights, else UTF-8 bytes)")
@@ -53,12 +53,15 @@ def main(argv=None):
 
 
 def load_weights(path: Path, spec=None):
-    """Canonical weights and their spec."""
-    if path.is_dir():
-        # Hook for Hugging Face directories: scripts/convert.py (in progress) will turn one into canonical weights here.
-        raise UsageError(f"{path} is a directory: Hugging Face checkpoints load once scripts/convert.py lands; "
-                         "pass a canonical .safetensors file")
-    return load_checkpoint(path, spec)
+    """Canonical weights and their spec: a canonical file directly (numpy only), any other format that
+    scripts/convert.py reads (a Hugging Face or Orbax directory, a .pt file) through its readers."""
+    if path.suffix == ".safetensors" and not path.is_dir():
+        return load_checkpoint(path, spec)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from convert import quiet_libraries, read_checkpoint
+
+    quiet_libraries()
+    return read_checkpoint(path, spec)
 
 
 def parse_tokens(csv: str) -> list[int]:
