@@ -44,7 +44,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
-    p.add_argument("--mode", default="train", choices=["train", "forward"])
+    p.add_argument("--mode", default="train", choices=["train", "forward", "decode"],
+                   help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq tokens, then time "
+                        "--steps one-token KV-cache steps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the torch/hf step (default: on GPU yes, on CPU no)")
@@ -161,7 +163,8 @@ def print_table(report: dict) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
         step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
-        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}")
+        prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
+        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
     ratios = []
     for variant in dict.fromkeys(r["variant"] for r in results):

@@ -22,6 +22,24 @@ class Bench:
     attention: str  # the attention kernel that runs
     peak_mem: Callable[[], int | None]  # peak device memory in bytes (None on CPU)
     info: dict = field(default_factory=dict)  # compile mode, optimizer flavour, ...
+    start: Callable[[], Any] | None = None  # decode mode: prefill a fresh cache before a round of steps
+
+
+class DecodeLoop:
+    """Decode mode's state: `start()` prefills the prompt into a fresh cache, each `step()` feeds one token."""
+
+    def __init__(self, init_cache, prefill, decode_step, next_tokens):
+        self.init_cache, self.prefill, self.decode_step, self.next_tokens = init_cache, prefill, decode_step, next_tokens
+        self.cache = None
+
+    def start(self):
+        self.cache = None  # the old cache's buffers go before the new ones are allocated
+        logits, self.cache = self.prefill(self.init_cache())
+        return logits
+
+    def step(self):
+        logits, self.cache = self.decode_step(self.next_tokens, self.cache)
+        return logits
 
 
 # --- JAX ------------------------------------------------------------------------------------------
@@ -34,7 +52,8 @@ def jax_device_name() -> str:
     return d.device_kind if d.platform == "gpu" else f"cpu ({d.device_kind})"
 
 
-def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
+              new_tokens: int = 0) -> Bench:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -44,10 +63,18 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     model = jax_model.Transformer(spec, rngs=nnx.Rngs(0), attention=attention)
     kernel = model.model.layers[0].self_attn.attention
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
+    start = None
     if mode == "forward":
         graphdef, params = nnx.split(model)
         forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
         step = lambda: forward(params, batch)  # noqa: E731
+    elif mode == "decode":
+        from jax_model.generate import Decoder
+
+        decoder, (B, P) = Decoder(model), tokens.shape
+        loop = DecodeLoop(lambda: decoder.init_cache(B, P + new_tokens), lambda cache: decoder.prefill(tokens, cache),
+                          decoder.decode_step, np.ones(B, np.int32))
+        step, start = loop.step, loop.start
     else:
         from jax_model import train
 
@@ -63,7 +90,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
         stats = jax.devices()[0].memory_stats() or {}
         return stats.get("peak_bytes_in_use")
 
-    return Bench(step, jax.block_until_ready, kernel, peak_mem, {"compile": "jax.jit"})
+    return Bench(step, jax.block_until_ready, kernel, peak_mem, {"compile": "jax.jit"}, start)
 
 
 # --- PyTorch --------------------------------------------------------------------------------------
@@ -92,7 +119,8 @@ def _torch_sync_and_mem():
     return (lambda out: None), (lambda: None)  # CPU kernels have finished when the call returns
 
 
-def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
+                new_tokens: int = 0) -> Bench:
     import torch
 
     import torch_model
@@ -103,25 +131,34 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     kernel = model.model.layers[0].self_attn.attention
     batch = torch.as_tensor(tokens, device=device)
     sync, peak_mem = _torch_sync_and_mem()
+    start = None
     if mode == "forward":
         forward = torch.compile(model) if compile else model
 
         def step():
             with torch.no_grad():
                 return forward(batch)
+    elif mode == "decode":
+        from torch_model.generate import Decoder
+
+        decoder, (B, P) = Decoder(model, compile="inductor" if compile else None), tokens.shape
+        loop = DecodeLoop(lambda: decoder.init_cache(B, P + new_tokens), lambda cache: decoder.prefill(tokens, cache),
+                          decoder.decode_step, np.ones(B, np.int64))
+        step, start = loop.step, loop.start
     else:
-        from jax_model import train
+        from torch_model import train
 
         state = train.init_train_state(model, train_config)
         train_step = train.make_train_step(model, train_config, compile=compile)
         step = lambda: train_step(state, batch)  # noqa: E731
-    return Bench(step, sync, kernel, peak_mem, {"compile": "torch.compile" if compile else "eager"})
+    return Bench(step, sync, kernel, peak_mem, {"compile": "torch.compile" if compile else "eager"}, start)
 
 
 # --- Hugging Face transformers (LlamaForCausalLM): the peer users would otherwise pick -------------
 
 
-def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool) -> Bench:
+def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
+             new_tokens: int = 0) -> Bench:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -136,7 +173,25 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     batch = torch.as_tensor(tokens, device=device)
     sync, peak_mem = _torch_sync_and_mem()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    if mode == "forward":
+    start = None
+    if mode == "decode":  # transformers' own cache (DynamicCache), eager: its generate() loop without sampling
+        next_B1 = torch.ones(batch.shape[0], 1, dtype=torch.int64, device=device)
+
+        @torch.no_grad()
+        def prefill(cache):
+            with autocast:
+                out = model(batch, use_cache=True)
+            return out.logits[:, -1], out.past_key_values
+
+        @torch.no_grad()
+        def decode_step(next_B1, cache):
+            with autocast:
+                out = model(next_B1, past_key_values=cache, use_cache=True)
+            return out.logits[:, -1], out.past_key_values
+
+        loop = DecodeLoop(lambda: None, prefill, decode_step, next_B1)
+        step, start, compile = loop.step, loop.start, False
+    elif mode == "forward":
         forward = torch.compile(model) if compile else model
 
         def step():
@@ -159,4 +214,4 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
             optimizer.zero_grad(set_to_none=True)
             return loss, grad_norm
     info = {"compile": "torch.compile" if compile else "eager", "model": type(model).__name__, "autocast": str(dtype)}
-    return Bench(step, sync, "sdpa", peak_mem, info)
+    return Bench(step, sync, "sdpa", peak_mem, info, start)

@@ -28,9 +28,10 @@ def bench_train_config(args):
     return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq})
 
 
-def timed(bench) -> float:
+def timed(bench, fn=None) -> float:
+    """Seconds for one call of `fn` (default: a step), synchronised before the clock is read."""
     t0 = time.perf_counter()
-    bench.sync(bench.step())
+    bench.sync((fn or bench.step)())
     return time.perf_counter() - t0
 
 
@@ -53,26 +54,32 @@ def run_benchmarks(args, specs, backends, kernels):
     for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
         tokens = bench_tokens(spec, args.batch, args.seq)
         tokens = tokens if args.mode == "train" else tokens[:, :-1]
-        bench = SETUP[backend](spec, tokens, args.mode, names[backend], train_config, compile)
-        compile_s = timed(bench)
+        per_round = math.ceil(args.steps / args.rounds)
+        bench = SETUP[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=per_round)
+        compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
             timed(bench)
-        benches[label, backend] = (spec, bench, compile_s, [])
-    per_round = math.ceil(args.steps / args.rounds)
+        benches[label, backend] = (spec, bench, compile_s, [], [])
     with tqdm(total=per_round * args.rounds * len(jobs), desc="timed steps", file=sys.stderr) as bar:
         for _ in range(args.rounds):
             for label, _, backend in jobs:
-                spec, bench, _, times = benches[label, backend]
+                spec, bench, _, times, prefills = benches[label, backend]
+                if bench.start:  # decode: a fresh prompt each round, so every round decodes the same positions
+                    prefills.append(timed(bench, bench.start))
                 for _ in range(per_round):
                     times.append(timed(bench))
                     bar.update()
     return [result(label, backend, *benches[label, backend], args, device) for label, _, backend in jobs], device
 
 
-def result(label, backend, spec, bench, compile_s, times, args, device) -> dict:
+def result(label, backend, spec, bench, compile_s, times, prefills, args, device) -> dict:
     median = float(np.median(times))
-    tokens_per_s = args.batch * args.seq / median
-    flops = flops_per_token(spec, args.seq, args.mode)
+    if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
+        tokens_per_s = args.batch / median
+        flops = flops_per_token(spec, args.seq + math.ceil(args.steps / args.rounds) // 2, "forward")
+    else:
+        tokens_per_s = args.batch * args.seq / median
+        flops = flops_per_token(spec, args.seq, args.mode)
     achieved = tokens_per_s * flops / 1e12
     peak = args.peak_tflops or peak_tflops(device, args.dtype)
     return {
@@ -82,4 +89,6 @@ def result(label, backend, spec, bench, compile_s, times, args, device) -> dict:
         "mfu": achieved / peak if peak and not device.startswith("cpu") else None,
         "peak_mem_bytes": bench.peak_mem(), "attention": bench.attention,
         "flops_per_token": flops, "matmul_params": matmul_params(spec), "n_steps": len(times), **bench.info,
+        **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
+                          "p90": float(np.percentile(prefills, 90))}} if prefills else {}),
     }

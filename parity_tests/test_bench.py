@@ -79,3 +79,14 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
+    bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "1",
+          "--rounds", "2", "--json", str(tmp_path / "d.json"))
+    results = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert [r["backend"] for r in results] == ["jax", "torch", "hf"]
+    for r in results:
+        assert FIELDS <= set(r) and r["n_steps"] == 4
+        assert set(r["prefill_s"]) == {"median", "p10", "p90"} and r["prefill_s"]["median"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"]["median"])
