@@ -9,10 +9,9 @@ import torch
 import jax_model
 import torch_model
 from shared_config import ModelSpec, init_weights, layout, load_spec
+from shared_config.parity import FORWARD_TOL, rel_err  # noqa: F401  (the tests import them from here)
 
 from . import reference
-
-FORWARD_TOL = 1e-5  # max|Δlogits| / std(logits), float32 on CPU
 
 # Distinct, prime-ish sizes so that a wrong transpose or reshape cannot pass; GQA with G = 3.
 BASE = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, max_seq_len=128)
@@ -70,9 +69,3 @@ def torch_logits(weights, spec, toks, attention="auto", taps=None) -> np.ndarray
 
 def ref_logits(weights, spec, toks, taps=None) -> np.ndarray:
     return reference.forward(weights, spec, toks, taps)
-
-
-def rel_err(a, b) -> float:
-    """max|a − b| / std(b): error on the scale of the reference."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / b.std())

@@ -153,8 +153,8 @@ def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
             raise SpecError(f"unknown {what} key '{key}'{hint}")
 
 
-def _check_type(f: dataclasses.Field, value: Any) -> Any:
-    """Check one field's type; normalize aliases and ints given for floats."""
+def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] = CHOICES) -> Any:
+    """Check one field's type against its annotation (enum fields against `choices`); normalize aliases and ints given for floats."""
     name, kind = f.name, f.type
     if value is None and "None" in kind:
         return None
@@ -176,8 +176,8 @@ def _check_type(f: dataclasses.Field, value: Any) -> Any:
             raise SpecError(f"{name}={value!r} must be true or false")
         return value
     value = ALIASES.get(name, {}).get(value, value)
-    if value not in CHOICES[name]:
-        raise SpecError(f"{name}={value!r} must be one of {', '.join(CHOICES[name])}")
+    if value not in choices[name]:
+        raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
     return value
 
 
