@@ -15,7 +15,7 @@ from .common import make_spec
 
 
 def test_presets_and_defaults():
-    assert "cpu" in train_preset_names()
+    assert {"cpu", "parity"} <= set(train_preset_names())
     cpu = load_train_config("cpu")
     assert cpu.steps == 200 and cpu.seq_len <= load_spec("tiny").max_seq_len
     assert load_train_config(None) == TrainConfig() and load_train_config(cpu) is cpu

@@ -4,16 +4,12 @@ parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri place
 import numpy as np
 import pytest
 
-from shared_config import TrainConfig, init_weights, load_spec
+from shared_config import init_weights, load_spec, load_train_config
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 
 from .train_common import TWINS, trajectory
 
-# Warmup, cosine decay, weight decay and (at this threshold, on some steps) clipping all take part.
-# lr 5e-4: with peri placement, RMSNorm output norms make o_proj/down_proj scale-invariant, and at
-# their 0.008-std init an lr of 1e-3 moves them ~10% a step, a chaotic regime where a 1e-7
-# perturbation of the init alone (torch vs torch) ends 3e-4 apart. At 5e-4 that floor is 3e-5.
-CFG = TrainConfig(lr=5e-4, warmup_steps=10, steps=100, grad_clip=0.2, batch_size=4, seq_len=32)
+CFG = load_train_config("parity")  # lr 5e-4: see the preset and the README on chaos at larger lr
 CASES = [(name, placement) for name in ("tiny", "tiny-dyt", "tiny-derf") for placement in ("pre", "peri")]
 
 

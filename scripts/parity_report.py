@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from shared_config import init_weights, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch
+from shared_config import (
+    init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
+)
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, run
 
@@ -119,13 +121,14 @@ def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: boo
     return rows
 
 
-def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, bf16: bool) -> list[Row]:
+def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16: bool) -> list[Row]:
     if bf16:
         rows = [bound("loss", "|Δ|", abs(jax_loss - torch_loss), P.BF16_LOSS_TOL)]
     else:
         rows = [bound("loss", "|Δ|/|loss|", abs(jax_loss - torch_loss) / abs(torch_loss), P.LOSS_TOL)]
     tol = P.BF16_GRAD_TOL if bf16 else P.GRAD_TOL
-    return rows + [compare(f"grad {name}", jax_grads[name], g, tol, "max|Δ|/max|g|") for name, g in torch_grads.items()]
+    names = [t.name for t in layout(spec)]  # module order, so the first failing gradient is the earliest tensor
+    return rows + [compare(f"grad {n}", jax_grads[n], torch_grads[n], tol, "max|Δ|/max|g|") for n in names]
 
 
 def train_rows(runs: dict, bf16: bool) -> list[Row]:
@@ -154,22 +157,22 @@ def print_table(rows: list[Row]) -> None:
     print(f"first failure: {failed[0].stage}" if failed else f"all {len(rows)} stages pass")
 
 
-def plot(runs: dict, path: str) -> None:
+def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a, b = np.asarray(runs["jax"][0]), np.asarray(runs["torch"][0])
+    diff, tol = (np.abs(a - b), P.BF16_LOSS_TOL) if bf16 else (np.abs(a - b) / np.abs(b), P.TRAJ_LOSS_TOL)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(a, label="jax")
     top.plot(b, "--", label="torch")
-    top.set_ylabel("loss")
+    top.set(ylabel="loss", title=title)
     top.legend()
-    bottom.semilogy(np.maximum(np.abs(a - b) / np.abs(b), 1e-12))
-    bottom.axhline(P.TRAJ_LOSS_TOL, color="red", lw=0.8, label="tolerance (float32)")
-    bottom.set_ylabel("|Δloss| / loss")
-    bottom.set_xlabel("step")
+    bottom.semilogy(np.where(diff > 0, diff, np.nan), ".")  # steps where the losses are equal are left out
+    bottom.axhline(tol, color="red", lw=0.8, label="tolerance")
+    bottom.set(ylabel="|Δloss|" if bf16 else "|Δloss| / loss", xlabel="step")
     bottom.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -188,7 +191,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=0, help="also train both twins this many steps")
-    p.add_argument("--train-config", default="cpu", help="train config preset or YAML path, for --train-steps")
+    p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -227,7 +230,7 @@ def report(weights, spec, args, cfg) -> int:
         torch_taps, torch_logits, torch_loss, torch_grads = torch_run(weights, spec, tokens_BN)
         progress.update()
         rows = forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16)
-        rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, bf16)
+        rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16)
         runs = trajectories(weights, cfg.model_spec(spec), cfg, progress) if cfg else None
     if runs:
         rows += train_rows(runs, bf16)
@@ -241,7 +244,7 @@ def report(weights, spec, args, cfg) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     if args.plot:
-        plot(runs, args.plot)
+        plot(runs, args.plot, f"{args.spec or args.weights}, {spec.compute_dtype}", bf16)
     return 0 if all(r.passed for r in rows) else 1
 
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .layout import Tensor
-from .spec import CHOICES, ModelSpec, SpecError, _check_type, check_keys, load_yaml
+from .spec import CHOICES, ModelSpec, SpecError, _check_type, check_keys, load_preset_or_file
 
 TRAIN_DIR = Path(__file__).parent / "train"
 
@@ -98,15 +98,7 @@ def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | Non
         return source
     if isinstance(source, Mapping):
         return TrainConfig.from_dict(source)
-    path = Path(source)
-    if (TRAIN_DIR / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
-        path = TRAIN_DIR / f"{source}.yaml"
-    elif not path.is_file():
-        raise SpecError(f"no train config preset or file named '{source}' (presets: {', '.join(train_preset_names())})")
-    try:
-        return TrainConfig.from_dict(load_yaml(path, "train config"))
-    except SpecError as e:
-        raise SpecError(f"{path}: {e}") from None
+    return load_preset_or_file(source, TRAIN_DIR, "train config", TrainConfig.from_dict)
 
 
 def decays(t: Tensor, cfg: TrainConfig) -> bool:
