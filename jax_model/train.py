@@ -78,7 +78,7 @@ def make_optimizer(model, cfg: TrainConfig) -> optax.GradientTransformation:
         optax.adamw(
             # called with the count of updates so far: update 0 gets lr_factor(0), as torch's LambdaLR
             learning_rate=lambda count: cfg.lr * lr_factor(cfg, count, jnp),
-            b1=cfg.beta1,
+            b1=cfg.beta1,  # bias correction of m and v: always on, in optax as in torch
             b2=cfg.beta2,  # optax's default is 0.999, as torch's: passed anyway
             eps=cfg.eps,  # added to sqrt(v̂), as torch does; eps_root=0 (the default) keeps it out of the sqrt
             weight_decay=cfg.weight_decay,  # optax's default is 1e-4, torch's 1e-2: always passed

@@ -46,8 +46,9 @@ def test_the_bounds_catch_a_real_mismatch(monkeypatch):
     assert kl_mean > BF16_KL_MEAN or top1 < BF16_TOP1
 
 
-def test_bf16_train_steps_agree():
-    spec = load_spec("tiny-dyt").replace(compute_dtype="bfloat16")
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_train_steps_agree(param_dtype):
+    spec = load_spec("tiny-dyt").replace(compute_dtype="bfloat16", param_dtype=param_dtype)
     cfg = TrainConfig(lr=1e-3, warmup_steps=2, steps=5, batch_size=4, seq_len=32)
     weights = parity_weights(spec)
     (a, _), (b, _) = (trajectory(twin, train, weights, spec, cfg) for _, twin, train in TWINS)

@@ -79,11 +79,11 @@ def make_optimizer(model, cfg: TrainConfig, *, fused: bool = True) -> tuple[torc
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),  # torch's default beta2 is 0.999, as optax's: passed anyway
+        betas=(cfg.beta1, cfg.beta2),  # bias correction always on, as in optax; default beta2 0.999 in both: passed anyway
         eps=cfg.eps,  # added to sqrt(v̂) (torch: sqrt(v)/sqrt(1 − β2ᵗ) + eps), as optax with eps_root=0
         weight_decay=cfg.weight_decay,  # torch's default is 1e-2, optax's 1e-4: always passed (per group above)
-        fused=fused or None,
-        foreach=None if fused else True,
+        fused=fused,  # torch picks foreach by default; the fused kernel is one call for all tensors
+        foreach=not fused,
     )
     # LambdaLR evaluates the factor at 0 on construction and at k after the k-th scheduler.step():
     # update k gets lr_factor(k), as optax's schedule called with its count
