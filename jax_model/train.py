@@ -18,6 +18,7 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -156,6 +157,6 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-@jax.jit(static_argnums=0)
+@partial(jax.jit, static_argnums=0)
 def _value_and_grad(graphdef, params, rest, tokens_BN, mask_BN):
     return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN))(params)
