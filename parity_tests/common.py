@@ -15,10 +15,10 @@ import torch
 import jax_model
 import torch_model
 from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors
+from shared_config.parity import FORWARD_TOL, rel_err  # noqa: F401  (the tests import them from here)
 
 from . import reference
 
-FORWARD_TOL = 1e-5  # max|Δlogits| / std(logits), float32 on CPU
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, wherever it lives
 
 # Distinct, prime-ish sizes so that a wrong transpose or reshape cannot pass; GQA with G = 3.
@@ -86,12 +86,6 @@ def file_bytes_equal(a, b):
     assert ma == mb and list(wa) == list(wb)
     for k in wa:
         assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k].view(np.uint8), wb[k].view(np.uint8)), k
-
-
-def rel_err(a, b) -> float:
-    """max|a − b| / std(b): error on the scale of the reference."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / b.std())
 
 
 def load_script(name: str):

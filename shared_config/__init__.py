@@ -1,5 +1,6 @@
-"""Framework-neutral half of twinlm: the spec, the canonical layout, init and checkpoint I/O (numpy only)."""
+"""Framework-neutral half of twinlm: the spec, the canonical layout, init, checkpoint I/O, the train config and data (numpy only)."""
 
+from .data import synthetic_batch
 from .init import InitRule, init_rule, init_weights
 from .io import (
     CheckpointError,
@@ -17,10 +18,12 @@ from .io import (
 from .layout import Tensor, fuse_qkv, group_names, layout, model_layout, split_qkv
 from .rope import rope_inv_freq
 from .spec import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
+from .train_config import TrainConfig, decays, load_train_config, lr_factor, train_preset_names
 
 __all__ = [
-    "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "atomic_dir", "atomic_write",
-    "check_layout", "check_weights", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
-    "load_checkpoint", "load_spec", "model_layout", "np_dtype", "parse_overrides", "preset_names",
-    "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "spec_from_json", "split_qkv",
+    "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "TrainConfig", "atomic_dir", "atomic_write",
+    "check_layout", "check_weights", "decays", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
+    "load_checkpoint", "load_spec", "load_train_config", "lr_factor", "model_layout", "np_dtype", "parse_overrides",
+    "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "spec_from_json",
+    "split_qkv", "synthetic_batch", "train_preset_names",
 ]

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -153,8 +153,8 @@ def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
             raise SpecError(f"unknown {what} key '{key}'{hint}")
 
 
-def _check_type(f: dataclasses.Field, value: Any) -> Any:
-    """Check one field's type; normalize aliases and ints given for floats."""
+def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] = CHOICES) -> Any:
+    """Check one field's type against its annotation (enum fields against `choices`); normalize aliases and ints given for floats."""
     name, kind = f.name, f.type
     if value is None and "None" in kind:
         return None
@@ -176,8 +176,8 @@ def _check_type(f: dataclasses.Field, value: Any) -> Any:
             raise SpecError(f"{name}={value!r} must be true or false")
         return value
     value = ALIASES.get(name, {}).get(value, value)
-    if value not in CHOICES[name]:
-        raise SpecError(f"{name}={value!r} must be one of {', '.join(CHOICES[name])}")
+    if value not in choices[name]:
+        raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
     return value
 
 
@@ -230,13 +230,19 @@ def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
         return source
     if isinstance(source, Mapping):
         return ModelSpec.from_dict(source)
+    return load_preset_or_file(source, SPECS_DIR, "spec", ModelSpec.from_dict)
+
+
+def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict: Callable[[dict], Any]) -> Any:
+    """`from_dict` of the YAML that a preset name (a file in `presets`) or a path names; errors name the file."""
     path = Path(source)
-    if (SPECS_DIR / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
-        path = SPECS_DIR / f"{source}.yaml"
+    if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
+        path = presets / f"{source}.yaml"
     elif not path.is_file():
-        raise SpecError(f"no spec preset or file named '{source}' (presets: {', '.join(preset_names())})")
+        names = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
+        raise SpecError(f"no {what} preset or file named '{source}' (presets: {names})")
     try:
-        return ModelSpec.from_dict(load_yaml(path, "spec"))
+        return from_dict(load_yaml(path, what))
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None
 

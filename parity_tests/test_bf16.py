@@ -1,0 +1,55 @@
+"""bfloat16 compute: the twins' next-token distributions agree (per-token KL, top-1, loss), with
+float32 parameters and with bfloat16 parameters; a bf16 train step runs on both sides."""
+
+import numpy as np
+import pytest
+import torch
+
+import torch_model
+from shared_config import TrainConfig, load_spec, synthetic_batch
+from shared_config.parity import BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, token_kl, top1_agreement
+
+from .common import jax_logits, parity_weights, torch_logits
+from .train_common import TWINS, both_loss_and_grads, trajectory
+
+CASES = [(name, dtype) for name in ("tiny", "tiny-dyt", "tiny-derf") for dtype in ("float32", "bfloat16")]
+
+
+def bf16_metrics(spec, weights, tokens_BN):
+    j, t = jax_logits(weights, spec, tokens_BN[:, :-1]), torch_logits(weights, spec, tokens_BN[:, :-1])
+    (lj, _), (lt, _) = both_loss_and_grads(weights, spec, tokens_BN)
+    kl = token_kl(j, t)
+    return kl.mean(), kl.max(), top1_agreement(j, t), abs(lj - lt)
+
+
+@pytest.mark.parametrize("name,param_dtype", CASES, ids=[f"{n}-params-{d}" for n, d in CASES])
+def test_bf16_compute_agrees(name, param_dtype):
+    spec = load_spec(name).replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    weights = parity_weights(spec)  # O(1) logits: top-1 and KL mean something
+    kl_mean, kl_max, top1, dloss = bf16_metrics(spec, weights, synthetic_batch(0, 0, 8, 128, spec.V))
+    assert kl_mean <= BF16_KL_MEAN and kl_max <= BF16_KL_MAX, f"KL mean {kl_mean:.1e}, max {kl_max:.1e}"
+    assert top1 >= BF16_TOP1, f"top-1 agreement {top1:.3f}"
+    assert dloss <= BF16_LOSS_TOL, f"|Δloss| {dloss:.1e}"
+
+
+def test_the_bounds_catch_a_real_mismatch(monkeypatch):
+    """Interleaved RoPE in one twin (a classic porting bug) breaks the bf16 bounds."""
+
+    def interleaved_rope(x_BTHE, cos_TE, sin_TE):
+        x32 = x_BTHE.float()
+        rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
+        return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
+
+    monkeypatch.setattr(torch_model.layers, "apply_rope", interleaved_rope)
+    spec = load_spec("tiny").replace(compute_dtype="bfloat16")
+    kl_mean, kl_max, top1, _ = bf16_metrics(spec, parity_weights(spec), synthetic_batch(0, 0, 8, 128, spec.V))
+    assert kl_mean > BF16_KL_MEAN or top1 < BF16_TOP1
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_train_steps_agree(param_dtype):
+    spec = load_spec("tiny-dyt").replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=2, steps=5, batch_size=4, seq_len=32)
+    weights = parity_weights(spec)
+    (a, _), (b, _) = (trajectory(twin, train, weights, spec, cfg) for _, twin, train in TWINS)
+    assert np.all(np.isfinite(a["loss"])) and np.abs(a["loss"] - b["loss"]).max() <= BF16_LOSS_TOL, (a["loss"], b["loss"])

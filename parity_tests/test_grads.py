@@ -1,0 +1,92 @@
+"""Loss and gradients: the twins agree with each other (every option value, every norm x placement)
+and with the float64 numpy reference (the loss itself, and gradients by finite differences)."""
+
+import numpy as np
+import pytest
+
+from shared_config import layout
+from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
+
+from .common import make_spec, parity_weights, tokens
+from .train_common import TWINS, both_loss_and_grads, reference_loss
+
+# Every norm type x placement once; the other options' values spread over them, so that every value
+# of every option of the twins' spec matrix is differentiated at least once (init-only options
+# excepted: they change the weights, not the computation).
+GRID = [
+    dict(norm_type="rms", norm_placement="pre"),
+    dict(norm_type="rms", norm_placement="peri", qk_norm=True, n_kv_heads=1),
+    dict(norm_type="rms", norm_placement="post", tie_embeddings=True, mlp="gelu"),
+    dict(norm_type="layernorm", norm_placement="pre", norm_bias=True, position="learned", fused_qkv=False),
+    dict(norm_type="layernorm", norm_placement="peri", mlp="relu2", n_kv_heads=6),
+    dict(norm_type="layernorm", norm_placement="post", position="none", head_dim=10, norm_eps=1e-2),
+    dict(norm_type="dyt", norm_placement="pre", embed_scale="learnable", mlp="gelu_tanh"),
+    dict(norm_type="dyt", norm_placement="peri", norm_bias=True, embed_scale="constant", qk_norm=True, tie_embeddings=True),
+    dict(norm_type="dyt", norm_placement="post", rope_scaling="llama3", rope_original_max_seq_len=64, n_kv_heads=3),
+    dict(norm_type="derf", norm_placement="pre", embed_scale="learnable", norm_bias=True, rope_theta=500000.0),
+    dict(norm_type="derf", norm_placement="peri", fused_qkv=False, position="learned", n_layers=3),
+    dict(norm_type="derf", norm_placement="post", mlp="gelu", embed_scale="learnable", qk_norm=True),
+]
+
+
+def _ids(cases):
+    return ["-".join(f"{k}={v}" for k, v in c.items()) for c in cases]
+
+
+def check_twins(spec, attention=("auto", "auto"), mask=False):
+    w, x = parity_weights(spec), tokens(spec, seq=65)
+    m = np.random.default_rng(1).random(x.shape) < 0.8 if mask else None
+    (lj, gj), (lt, gt) = both_loss_and_grads(w, spec, x, m, attention)
+    assert abs(lj - lt) / abs(lt) <= LOSS_TOL, f"loss: jax {lj} vs torch {lt}"
+    assert set(gj) == set(gt) == {t.name for t in layout(spec)}
+    errors = {name: max_rel(gj[name], gt[name]) for name in gt}
+    bad = {name: f"{e:.1e}" for name, e in errors.items() if not e <= GRAD_TOL}
+    assert not bad, f"max|g_jax − g_torch| / max|g_torch| above {GRAD_TOL}: {bad}"
+    assert all(g.dtype == np.float32 for g in (*gj.values(), *gt.values()))
+
+
+@pytest.mark.parametrize("changes", GRID, ids=_ids(GRID))
+def test_twins_agree_on_loss_and_every_gradient(changes):
+    check_twins(make_spec(**changes))
+
+
+@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("einsum", "sdpa")])
+def test_attention_kernels_agree_on_gradients(attention):
+    check_twins(make_spec(qk_norm=True), attention)
+
+
+def test_mask_and_ignore_index():
+    """Ignored targets (−100) and masked positions drop out of the mean, the same way on both sides."""
+    spec = make_spec(norm_type="dyt")
+    w, x = parity_weights(spec), tokens(spec, seq=33)
+    x[0, 5], x[1, 20] = -100, -100  # ignored as targets, read as token 0 as inputs
+    mask = np.ones_like(x)
+    mask[1, :10], mask[0, -1] = 0, 0
+    counted = (mask[:, 1:] != 0) & (x[:, 1:] != -100)
+    expected = reference_loss(w, spec, np.where(x == -100, 0, x), counted.astype(np.float64))
+    other_last = x.copy()
+    other_last[0, -1] = (x[0, -1] + 1) % spec.V  # a masked target that is never an input
+    for name, twin, train in TWINS:
+        model = twin.from_weights(w, spec)
+        loss, _ = train.loss_and_grads(model, x, mask)
+        assert abs(loss - expected) / expected <= 1e-5, f"{name}: {loss} vs float64 reference {expected}"
+        assert train.loss_and_grads(model, other_last, mask)[0] == loss, f"{name}: a masked target changed the loss"
+
+
+@pytest.mark.parametrize("changes", [
+    dict(norm_type="derf", norm_placement="peri", norm_bias=True, embed_scale="learnable", qk_norm=True),
+    dict(norm_type="layernorm", norm_placement="post", norm_bias=True, position="learned", tie_embeddings=True, mlp="gelu"),
+], ids=["derf-peri", "layernorm-post-tied"])
+def test_gradients_match_float64_finite_differences(changes):
+    """Per tensor, g · d equals (L(w + hd) − L(w − hd)) / 2h of the float64 reference for a random d."""
+    spec = make_spec(**changes)
+    w, x = parity_weights(spec), tokens(spec, seq=17)
+    grads = [g for _, g in both_loss_and_grads(w, spec, x)]
+    rng, h = np.random.default_rng(2), 1e-4
+    for t in layout(spec):
+        d = rng.standard_normal(t.shape)
+        shifted = [reference_loss({**w, t.name: w[t.name] + s * h * d}, spec, x) for s in (1, -1)]
+        fd = (shifted[0] - shifted[1]) / (2 * h)
+        for name, g in zip(("jax", "torch"), grads):
+            scale = np.linalg.norm(g[t.name]) * np.linalg.norm(d)  # a wrong gradient misses by ~scale/sqrt(n)
+            assert abs(np.sum(g[t.name] * d) - fd) <= 1e-4 * scale, f"{name} {t.name}: g·d {np.sum(g[t.name] * d)} vs {fd}"

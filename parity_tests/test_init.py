@@ -1,0 +1,75 @@
+"""Each twin's native init (its own RNG, no numpy) follows the spec's rules, tensor by tensor.
+
+The expected distribution of every canonical tensor is written out here from the README's rules,
+not read from `shared_config.init_rule`, so a wrong rule fails as surely as a wrong draw.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax_model
+import torch_model
+from shared_config import layout, load_spec
+
+SPECS = {
+    "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
+    "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", attn_alpha_init=0.8, ffn_alpha_init=0.2, final_alpha_init=0.3),
+    "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1, tie_embeddings=True),
+}
+
+
+def expected(name: str, shape, spec):
+    """(distribution, scale) of a canonical tensor by the spec's rules: normal std, uniform bound, or the constant."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("model.embed_") and leaf == "weight":
+        return "normal", spec.embed_init_std
+    if name == "model.embed_scale":
+        return "constant", math.sqrt(spec.D)
+    if leaf in ("alpha", "shift", "bias") or len(shape) == 1:
+        alpha = spec.final_alpha_init if name.startswith("model.norm") else (
+            spec.attn_alpha_init if ("input_layernorm" in name or "attn_output_norm" in name) else spec.ffn_alpha_init)
+        return "constant", {"alpha": alpha, "shift": spec.shift_init, "bias": 0.0}.get(leaf, 1.0)
+    residual = 1 / math.sqrt(2 * spec.L) if spec.residual_scaling and ("o_proj" in name or "down_proj" in name) else 1.0
+    if spec.init_scheme == "normal":
+        return "normal", spec.init_std * residual
+    return "uniform", math.sqrt(6 / sum(shape)) * residual  # Glorot: fan_in + fan_out
+
+
+def check_statistics(weights: dict, spec, twin: str):
+    for t in layout(spec):
+        x, (dist, scale) = weights[t.name].astype(np.float64), expected(t.name, t.shape, spec)
+        where = f"{twin} {t.name} ({dist}, {scale:.4g})"
+        if dist == "constant":
+            assert np.all(x == np.float32(scale)), f"{where}: values {np.unique(x)[:5]}"
+            continue
+        n, std = x.size, scale if dist == "normal" else scale / math.sqrt(3)
+        # 5-sigma bounds: the mean's error has std std/√n; the std's relative error 1/√(2n) for a
+        # normal sample, 1/√(5n) for a uniform one (kurtosis 1.8)
+        assert abs(x.mean()) <= 5 * std / math.sqrt(n), f"{where}: mean {x.mean():.3g}"
+        assert abs(x.std() / std - 1) <= 5 / math.sqrt((2 if dist == "normal" else 5) * n), f"{where}: std {x.std():.4g} != {std:.4g}"
+        if dist == "uniform":
+            assert np.abs(x).max() <= scale, f"{where}: max|x| {np.abs(x).max():.4g} above the bound"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_native_init_follows_the_rules(name):
+    spec = SPECS[name]
+    jax_weights = jax_model.get_weights(jax_model.Transformer(spec, rngs=nnx.Rngs(0)))
+    torch_weights = torch_model.get_weights(torch_model.Transformer(spec, generator=torch.Generator().manual_seed(0)))
+    check_statistics(jax_weights, spec, "jax")
+    check_statistics(torch_weights, spec, "torch")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(jax_weights[q], torch_weights[q])  # each twin draws with its own RNG
+
+
+def test_a_wrong_rule_is_named():
+    spec = SPECS["normal"]
+    weights = jax_model.get_weights(jax_model.Transformer(spec, rngs=nnx.Rngs(0)))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = weights[name] * math.sqrt(2 * spec.L)  # residual scaling forgotten
+    with pytest.raises(AssertionError, match=f"jax {name}.*std"):
+        check_statistics(weights, spec, "jax")

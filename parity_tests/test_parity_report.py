@@ -1,0 +1,111 @@
+"""scripts/parity_report.py: a clean run passes; a mismatch planted in one twin is reported first at
+the stage where it starts (forward or backward); JSON, plot and one-line errors."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_model
+from shared_config import load_spec, save_checkpoint
+from shared_config.cli import run
+
+from .common import parity_weights
+
+
+@pytest.fixture(scope="module")
+def report():
+    path = Path(__file__).parents[1] / "scripts" / "parity_report.py"
+    spec = importlib.util.spec_from_file_location("parity_report", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["parity_report"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["parity_report"]
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """tiny-dyt with GELU (so an activation can be planted) and O(1) logits."""
+    spec = load_spec("tiny-dyt").replace(mlp="gelu")
+    path = tmp_path_factory.mktemp("report") / "tiny-dyt-gelu.safetensors"
+    save_checkpoint(path, parity_weights(spec), spec)
+    return str(path)
+
+
+def run_report(report, weights_file, tmp_path, *extra):
+    out = tmp_path / "report.json"
+    code = report.main(["--weights", weights_file, "--seq", "64", "--batch", "1", "--json", str(out), *extra])
+    return code, json.loads(out.read_text())
+
+
+def interleaved_rope(x_BTHE, cos_TE, sin_TE):
+    """Meta's pairs (2i, 2i+1) instead of Hugging Face's (i, i + E/2): the classic porting bug."""
+    x32 = x_BTHE.float()
+    rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
+    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
+
+
+def dyt_without_alpha_gradient(self, x):
+    """The same forward, but alpha is cut out of the graph: only the gradients can tell."""
+    y = torch.tanh(self.alpha.detach().float() * x.float())
+    return torch_model.layers.affine(y, self.weight, self.bias).to(x.dtype)
+
+
+def test_clean_run_passes(report, weights_file, tmp_path, capsys):
+    code, result = run_report(report, weights_file, tmp_path)
+    assert code == 0 and result["passed"] and result["first_failure"] is None
+    stages = [r["stage"] for r in result["rows"]]
+    assert stages[:4] == ["model.embed", "model.layers.0.attn_out", "model.layers.0.mlp_out", "model.layers.0.residual"]
+    assert {"model.norm", "logits", "loss", "grad model.layers.0.input_layernorm.alpha"} <= set(stages)
+    assert set(result["rows"][0]) == {"stage", "measure", "value", "max_abs", "tol", "passed"}
+    assert "all" in capsys.readouterr().out
+
+
+# each plant changes the torch twin only; the stage where the report must first say FAIL
+PLANTS = {
+    "interleaved-rope": (lambda mp: mp.setattr(torch_model.layers, "apply_rope", interleaved_rope), "model.layers.0.attn_out"),
+    "tanh-gelu": (
+        lambda mp: mp.setitem(torch_model.layers.ACTIVATIONS, "gelu", lambda x: F.gelu(x, approximate="tanh")),
+        "model.layers.0.mlp_out",
+    ),
+    "alpha-detached": (
+        lambda mp: mp.setattr(torch_model.layers.DynamicTanh, "forward", dyt_without_alpha_gradient),
+        "grad model.layers.0.input_layernorm.alpha",
+    ),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_planted_mismatch_is_found_where_it_starts(report, weights_file, tmp_path, monkeypatch, capsys, plant):
+    apply, first_failure = PLANTS[plant]
+    apply(monkeypatch)
+    code, result = run_report(report, weights_file, tmp_path)
+    assert code == 1 and result["first_failure"] == first_failure
+    assert f"first failure: {first_failure}" in capsys.readouterr().out
+
+
+def test_train_steps_and_plot(report, weights_file, tmp_path):
+    plot = tmp_path / "curves.png"
+    code, result = run_report(report, weights_file, tmp_path, "--train-steps", "3", "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["train"]["jax_loss"]) == len(result["train"]["torch_loss"]) == 3
+    assert [r["stage"] for r in result["rows"]][-2] == "train loss, 3 steps"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--spec", "tiny", "--seq", "999"], "--seq 999 must be in 1..max_seq_len=256"),
+    (["--spec", "tiny", "--set", "n_head=2"], "unknown spec key 'n_head' (did you mean 'n_heads'?)"),
+    (["--spec", "tiny", "--plot", "x.png"], "--plot needs --train-steps N"),
+    (["--spec", "nope"], "no spec preset or file named 'nope'"),
+    (["--spec", "tiny", "--dtype", "float16"], "argument --dtype: invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(report.main, args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

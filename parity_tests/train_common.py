@@ -1,0 +1,45 @@
+"""Helpers shared by the training-parity tests: both twins' train modules, trajectories, a float64 loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax_model
+import torch_model
+from jax_model import train as jax_train
+from shared_config import TrainConfig, synthetic_batch
+from shared_config.parity import log_softmax
+from torch_model import train as torch_train
+
+from . import reference
+
+# (name, the twin's package, its train module), for tests that run the same code on both sides
+TWINS = [("jax", jax_model, jax_train), ("torch", torch_model, torch_train)]
+
+
+def both_loss_and_grads(weights, spec, tokens_BN, mask_BN=None, attention=("auto", "auto")):
+    """(loss, canonical grads) of the JAX twin, then of the torch twin."""
+    return tuple(
+        train.loss_and_grads(twin.from_weights(weights, spec, attention=kernel), tokens_BN, mask_BN)
+        for (_, twin, train), kernel in zip(TWINS, attention)
+    )
+
+
+def trajectory(twin, train, weights, spec, cfg: TrainConfig, steps: int | None = None):
+    """Train from `weights` on the synthetic batches of `cfg`: per-step metrics and the final canonical state."""
+    model = twin.from_weights(weights, spec)
+    state, step, metrics = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
+    for i in range(cfg.steps if steps is None else steps):
+        state, m = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
+        metrics.append(m)
+    metrics = {k: np.array([float(m[k]) for m in metrics]) for k in ("loss", "grad_norm", "lr")}
+    return metrics, train.get_train_state(model, state)
+
+
+def reference_loss(weights, spec, tokens_BN, weights_BT=None) -> float:
+    """The mean next-token cross-entropy in float64, from the independent numpy forward."""
+    logp_BTV = log_softmax(reference.forward(weights, spec, tokens_BN[:, :-1]))
+    targets_BT = np.maximum(tokens_BN[:, 1:], 0)
+    nll_BT = -np.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
+    weights_BT = np.ones_like(nll_BT) if weights_BT is None else weights_BT
+    return float((nll_BT * weights_BT).sum() / weights_BT.sum())

@@ -1,0 +1,252 @@
+"""Run both twins on the same input and print, stage by stage, where they agree and where they part.
+
+    python scripts/parity_report.py --spec tiny-dyt
+    python scripts/parity_report.py --weights model.safetensors --dtype bfloat16 --json report.json
+    python scripts/parity_report.py --spec tiny --train-steps 100 --plot curves.png
+
+One row per stage, in the order the model computes them: embeddings, every block's attention output,
+MLP output and residual stream, the final norm, logits, loss, then the gradient of every canonical
+tensor (and, with --train-steps, the loss of every step and the trained parameters). The first FAIL
+row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from shared_config import (
+    init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
+)
+from shared_config import parity as P
+from shared_config.cli import Parser, UsageError, run
+
+
+@dataclass
+class Row:
+    stage: str
+    measure: str  # what `value` is
+    value: float
+    max_abs: float | None  # max|Δ|, where the stage compares arrays
+    tol: float
+    passed: bool
+
+
+def compare(stage: str, a, ref, tol: float, measure: str = "max|Δ|/std") -> Row:
+    """An array row: max|Δ| over the reference's std (float32 activations) or over its max|x|."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    value = P.rel_err(a, ref) if measure == "max|Δ|/std" else P.max_rel(a, ref)
+    return Row(stage, measure, value, float(np.abs(a - ref).max()), tol, bool(value <= tol))
+
+
+def bound(stage: str, measure: str, value: float, tol: float, at_least: bool = False) -> Row:
+    """A scalar row: passes when value <= tol (value >= tol for agreements)."""
+    return Row(stage, measure, float(value), None, tol, bool(value >= tol if at_least else value <= tol))
+
+
+# --- the twins, framework by framework ---------------------------------------------------------------
+
+
+def jax_run(weights, spec, tokens_BN):
+    """Taps, logits, loss and canonical gradients of the JAX twin."""
+    import jax.numpy as jnp
+
+    import jax_model
+    from jax_model.train import loss_and_grads
+
+    model, taps = jax_model.from_weights(weights, spec), {}
+    logits = model(jnp.asarray(tokens_BN[:, :-1]), taps=taps)
+    return to_numpy(taps), np.asarray(logits), *loss_and_grads(model, tokens_BN)
+
+
+def torch_run(weights, spec, tokens_BN):
+    """Taps, logits, loss and canonical gradients of the torch twin."""
+    import torch
+
+    import torch_model
+    from torch_model.train import loss_and_grads
+
+    model, taps = torch_model.from_weights(weights, spec), {}
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens_BN[:, :-1]), taps=taps)
+    taps = {k: {n: x.float() for n, x in v.items()} if isinstance(v, dict) else v.float() for k, v in taps.items()}
+    return to_numpy(taps), logits.numpy(), *loss_and_grads(model, tokens_BN)
+
+
+def to_numpy(taps: dict) -> dict:
+    return {k: to_numpy(v) if isinstance(v, dict) else np.asarray(v, np.float64) for k, v in taps.items()}
+
+
+def trajectories(weights, spec, cfg, progress):
+    """Per-step losses and the final canonical weights of each twin, on the same batches."""
+    import jax_model
+    import torch_model
+    from jax_model import train as jax_train
+    from torch_model import train as torch_train
+
+    out = {}
+    for name, twin, train in (("jax", jax_model, jax_train), ("torch", torch_model, torch_train)):
+        model = twin.from_weights(weights, spec)
+        state, step, losses = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
+        for i in range(cfg.steps):
+            state, metrics = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
+            losses.append(metrics["loss"])
+            progress.update()
+        out[name] = ([float(x) for x in losses], train.get_train_state(model, state)["weights"])
+    return out
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: bool) -> list[Row]:
+    # bf16 differences are roundings of the largest values: measured against max|x|, not std
+    tol, measure = (P.BF16_FORWARD_TOL, "max|Δ|/max|x|") if bf16 else (P.FORWARD_TOL, "max|Δ|/std")
+    rows = [compare("model.embed", jax_taps["model.embed"], torch_taps["model.embed"], tol, measure)]
+    for i in range(spec.L):
+        layer = f"model.layers.{i}"
+        for part in ("attn_out", "mlp_out", "residual"):
+            rows.append(compare(f"{layer}.{part}", jax_taps[layer][part], torch_taps[layer][part], tol, measure))
+    rows.append(compare("model.norm", jax_taps["model.norm"], torch_taps["model.norm"], tol, measure))
+    rows.append(compare("logits", jax_logits, torch_logits, tol, measure))
+    if bf16:
+        kl = P.token_kl(jax_logits, torch_logits)
+        rows.append(bound("logits KL mean", "KL(torch‖jax)", kl.mean(), P.BF16_KL_MEAN))
+        rows.append(bound("logits KL max", "KL(torch‖jax)", kl.max(), P.BF16_KL_MAX))
+        rows.append(bound("logits top-1", "agreement", P.top1_agreement(jax_logits, torch_logits), P.BF16_TOP1, True))
+    return rows
+
+
+def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16: bool) -> list[Row]:
+    if bf16:
+        rows = [bound("loss", "|Δ|", abs(jax_loss - torch_loss), P.BF16_LOSS_TOL)]
+    else:
+        rows = [bound("loss", "|Δ|/|loss|", abs(jax_loss - torch_loss) / abs(torch_loss), P.LOSS_TOL)]
+    tol = P.BF16_GRAD_TOL if bf16 else P.GRAD_TOL
+    names = [t.name for t in layout(spec)]  # module order, so the first failing gradient is the earliest tensor
+    return rows + [compare(f"grad {n}", jax_grads[n], torch_grads[n], tol, "max|Δ|/max|g|") for n in names]
+
+
+def train_rows(runs: dict, bf16: bool) -> list[Row]:
+    (jax_losses, jax_weights), (torch_losses, torch_weights) = runs["jax"], runs["torch"]
+    a, b = np.asarray(jax_losses), np.asarray(torch_losses)
+    if bf16:
+        loss_row = bound(f"train loss, {len(b)} steps", "max |Δ|", np.abs(a - b).max(), P.BF16_LOSS_TOL)
+    else:
+        loss_row = bound(f"train loss, {len(b)} steps", "max |Δ|/|loss|", (np.abs(a - b) / np.abs(b)).max(), P.TRAJ_LOSS_TOL)
+    errs = {name: P.max_rel(jax_weights[name], p) for name, p in torch_weights.items()}
+    worst = max(errs, key=errs.get)
+    tol = P.BF16_GRAD_TOL if bf16 else P.TRAJ_PARAM_TOL
+    return [loss_row, compare(f"trained {worst} (worst)", jax_weights[worst], torch_weights[worst], tol, "max|Δ|/max|p|")]
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.stage) for r in rows)
+    print(f"{'stage':<{width}}  {'measure':<15} {'value':>10} {'max|Δ|':>10} {'tol':>8}  result")
+    for r in rows:
+        max_abs = "" if r.max_abs is None else f"{r.max_abs:.2e}"
+        print(f"{r.stage:<{width}}  {r.measure:<15} {r.value:>10.2e} {max_abs:>10} {r.tol:>8.2g}  {'PASS' if r.passed else 'FAIL'}")
+    failed = [r for r in rows if not r.passed]
+    print(f"first failure: {failed[0].stage}" if failed else f"all {len(rows)} stages pass")
+
+
+def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = np.asarray(runs["jax"][0]), np.asarray(runs["torch"][0])
+    diff, tol = (np.abs(a - b), P.BF16_LOSS_TOL) if bf16 else (np.abs(a - b) / np.abs(b), P.TRAJ_LOSS_TOL)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(a, label="jax")
+    top.plot(b, "--", label="torch")
+    top.set(ylabel="loss", title=title)
+    top.legend()
+    bottom.semilogy(np.where(diff > 0, diff, np.nan), ".")  # steps where the losses are equal are left out
+    bottom.axhline(tol, color="red", lw=0.8, label="tolerance")
+    bottom.set(ylabel="|Δloss|" if bf16 else "|Δloss| / loss", xlabel="step")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", help="preset name or YAML path (default: the spec in --weights)")
+    p.add_argument("--weights", help="a canonical .safetensors checkpoint (default: init_weights(spec, --seed))")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
+    p.add_argument("--seq", type=int, default=256, help="positions the model reads")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=0, help="also train both twins this many steps")
+    p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
+    p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if not (args.spec or args.weights):
+        raise UsageError("give --spec, --weights or both")
+    if args.plot and args.train_steps <= 0:
+        raise UsageError("--plot needs --train-steps N")
+    if args.weights:
+        weights, spec = load_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)
+    else:
+        spec = load_spec(args.spec)
+    spec = load_spec({**spec.to_dict(), **parse_overrides(args.set), "compute_dtype": args.dtype or spec.compute_dtype})
+    if not args.weights:
+        weights = init_weights(spec, args.seed)
+    if not 0 < args.seq <= spec.max_seq_len:
+        raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
+    cfg = None
+    if args.train_steps > 0:
+        cfg = load_train_config(args.train_config)
+        cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
+        cfg.model_spec(spec)  # checks seq_len against the spec
+    return report(weights, spec, args, cfg)
+
+
+def report(weights, spec, args, cfg) -> int:
+    import jax
+    import torch
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 matmuls on every device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens_BN = synthetic_batch(args.seed, 0, args.batch, args.seq, spec.V)
+    bf16 = spec.compute_dtype == "bfloat16"
+    with tqdm(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", file=sys.stderr) as progress:
+        jax_taps, jax_logits, jax_loss, jax_grads = jax_run(weights, spec, tokens_BN)
+        progress.update()
+        torch_taps, torch_logits, torch_loss, torch_grads = torch_run(weights, spec, tokens_BN)
+        progress.update()
+        rows = forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16)
+        rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16)
+        runs = trajectories(weights, cfg.model_spec(spec), cfg, progress) if cfg else None
+    if runs:
+        rows += train_rows(runs, bf16)
+    print_table(rows)
+    if args.json:
+        failed = [r.stage for r in rows if not r.passed]
+        out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
+               "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None, "passed": not failed}
+        if runs:
+            out["train"] = {"config": cfg.to_dict(), "jax_loss": runs["jax"][0], "torch_loss": runs["torch"][0]}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        plot(runs, args.plot, f"{args.spec or args.weights}, {spec.compute_dtype}", bf16)
+    return 0 if all(r.passed for r in rows) else 1
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,52 @@
+"""What "the twins agree" means: the documented tolerances and the metrics they bound (numpy only).
+
+Read by the parity tests and by scripts/parity_report.py, so a bound changes in one place. Errors are
+measured on the reference's scale (torch is the reference side), never as plain absolute errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# float32 on CPU
+FORWARD_TOL = 1e-5  # activations and logits: max|Δ| / std(reference)
+LOSS_TOL = 1e-6  # |Δloss| / |loss|
+GRAD_TOL = 1e-4  # per tensor: max|Δg| / max|g|
+TRAJ_LOSS_TOL = 1e-5  # every step of a trajectory: |Δloss| / |loss|
+TRAJ_PARAM_TOL = 1e-4  # per tensor after the trajectory: max|Δp| / max|p|
+
+# compute_dtype bfloat16 (parameters float32): one bf16 rounding is 2⁻⁸ ≈ 4e-3 relative
+BF16_KL_MEAN = 1e-3  # per-token KL(torch ‖ jax) of the next-token distributions, mean over tokens
+BF16_KL_MAX = 1e-2  # ... and at worst
+BF16_TOP1 = 0.98  # fraction of tokens whose argmax agrees
+BF16_LOSS_TOL = 1e-2  # |Δloss|, absolute
+BF16_FORWARD_TOL = 5e-2  # activations: max|Δ| / max|reference|, a few roundings of the largest value
+BF16_GRAD_TOL = 5e-2  # per tensor: max|Δg| / max|g|; also the parameters at the end of a bf16 trajectory
+
+
+def rel_err(a, b) -> float:
+    """max|a − b| / std(b): error on the scale of the reference."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / b.std())
+
+
+def max_rel(a, b) -> float:
+    """max|a − b| / max|b|: error relative to the reference's largest entry (gradients, parameters)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float64).tiny))
+
+
+def log_softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def token_kl(logits_a, logits_ref) -> np.ndarray:
+    """Per-token KL(ref ‖ a) of the next-token distributions, float64, shape [..., T]."""
+    log_p, log_q = log_softmax(logits_ref), log_softmax(logits_a)
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def top1_agreement(logits_a, logits_ref) -> float:
+    return float((np.argmax(logits_a, -1) == np.argmax(logits_ref, -1)).mean())

@@ -1,0 +1,127 @@
+"""The training config: one flat, frozen dataclass whose fields are exactly the YAML keys.
+
+Separate from the model spec (a spec says what the model computes; a train config says how a run
+trains it). Validated like `ModelSpec`: unknown keys get the closest valid key suggested, every
+error names the field, the value and the rule. The rules that both twins' optimizers share (which
+tensors are weight-decayed, the learning-rate schedule) live here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .layout import Tensor
+from .spec import CHOICES, ModelSpec, SpecError, _check_type, check_keys, load_preset_or_file
+
+TRAIN_DIR = Path(__file__).parent / "train"
+
+TRAIN_CHOICES = {"schedule": ("constant", "cosine", "linear"), "compute_dtype": CHOICES["compute_dtype"]}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # AdamW (decoupled weight decay, Loshchilov & Hutter 2019)
+    lr: float = 3e-4  # peak learning rate
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8  # added to sqrt(v̂), outside the square root
+    weight_decay: float = 0.1  # multiplied by the scheduled lr, as in both torch and optax
+    decay_embeddings: bool = False  # Linear weights are always decayed; norms, alpha, shift, embed_scale, biases never
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0 turns clipping off
+    # schedule: linear warmup to `lr`, then `schedule` down to `min_lr_ratio · lr` at `steps`
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    # run
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256  # tokens the model reads per row; a batch row holds seq_len + 1 tokens
+    seed: int = 0
+    compute_dtype: str | None = None  # None: the spec's compute_dtype; else overrides it for this run
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check_type(f, getattr(self, f.name), TRAIN_CHOICES))
+        _check_rules(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        if not isinstance(d, Mapping):
+            raise SpecError(f"a train config must be a mapping of keys to values, got {type(d).__name__}")
+        check_keys(d, [f.name for f in fields(cls)], "train config")
+        return cls(**d)
+
+    def model_spec(self, spec: ModelSpec) -> ModelSpec:
+        """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it."""
+        if self.seq_len > spec.max_seq_len:
+            raise SpecError(f"seq_len={self.seq_len} must be <= the spec's max_seq_len={spec.max_seq_len}")
+        return spec if self.compute_dtype is None else spec.replace(compute_dtype=self.compute_dtype)
+
+
+def _check_rules(c: TrainConfig) -> None:
+    for name in ("lr", "eps", "steps", "batch_size", "seq_len"):
+        if getattr(c, name) <= 0:
+            raise SpecError(f"{name}={getattr(c, name)} must be > 0")
+    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed"):
+        if getattr(c, name) < 0:
+            raise SpecError(f"{name}={getattr(c, name)} must be >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise SpecError(f"{name}={getattr(c, name)} must be in [0, 1)")
+    if not 0 <= c.min_lr_ratio <= 1:
+        raise SpecError(f"min_lr_ratio={c.min_lr_ratio} must be in [0, 1]")
+    if c.warmup_steps > c.steps:
+        raise SpecError(f"warmup_steps={c.warmup_steps} must be <= steps={c.steps}")
+
+
+def train_preset_names() -> list[str]:
+    return sorted(p.stem for p in TRAIN_DIR.glob("*.yaml"))
+
+
+def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:
+    """A train config from a preset name (`cpu`), a YAML path, a dict, a config, or None (the defaults)."""
+    if source is None:
+        return TrainConfig()
+    if isinstance(source, TrainConfig):
+        return source
+    if isinstance(source, Mapping):
+        return TrainConfig.from_dict(source)
+    return load_preset_or_file(source, TRAIN_DIR, "train config", TrainConfig.from_dict)
+
+
+def decays(t: Tensor, cfg: TrainConfig) -> bool:
+    """Whether AdamW decays tensor `t` (a row of `layout`/`model_layout`): read off its kind, never its name."""
+    if t.kind == "embedding":
+        return cfg.decay_embeddings
+    return t.kind == "linear"  # "param": norm weights and biases, alpha, shift, embed_scale, qk-norm weights
+
+
+def lr_factor(cfg: TrainConfig, step, xp=np):
+    """The multiplier of `cfg.lr` for the update at `step` (0-based), with `xp` numpy or jax.numpy.
+
+    Warmup: (step + 1) / (warmup_steps + 1), reaching 1 at step = warmup_steps (step 0 is not
+    wasted on lr 0). Then `schedule` over the remaining steps, down to `min_lr_ratio` at `steps`
+    and flat after.
+    """
+    W, floor = cfg.warmup_steps, cfg.min_lr_ratio
+    warmup = (step + 1) / (W + 1)
+    progress = xp.clip((step - W) / max(1, cfg.steps - W), 0.0, 1.0)
+    if cfg.schedule == "cosine":
+        decay = floor + (1 - floor) * 0.5 * (1 + xp.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        decay = floor + (1 - floor) * (1 - progress)
+    else:
+        decay = xp.ones_like(progress)
+    return xp.where(step < W, warmup, decay)

@@ -1,0 +1,165 @@
+"""Training for the PyTorch twin: next-token loss, gradients by canonical name, AdamW (torch.optim), one train step.
+
+jax_model/train.py is the same file in JAX; both compute the same update (see the comments where
+the libraries' defaults differ).
+
+    state = init_train_state(model, cfg)                   # TrainState(model, optimizer, scheduler)
+    train_step = make_train_step(model, cfg)               # eager, or torch.compile'd with compile=True
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
+    get_train_state(model, state)                          # canonical weights, AdamW m and v, step
+
+`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: the step updates the model and
+the optimizer in place and returns the same state. Metrics are float32 device scalars: nothing
+inside the step waits for the host.
+
+Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from shared_config import TrainConfig, decays, lr_factor, model_layout
+
+from .weights import set_weights, to_canonical, to_state_dict
+
+IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
+
+
+def split_batch(tokens_BN, mask_BN=None):
+    """Inputs, targets and target weights of a batch: tokens[:, :-1] predicts tokens[:, 1:].
+
+    A target counts when it is not IGNORE_INDEX and, if a mask (shaped like the tokens) is given,
+    its mask entry is nonzero. Ignored tokens are read as token 0 where they are inputs.
+    """
+    tokens_BN = torch.as_tensor(tokens_BN).long()  # gather wants int64 indices
+    inputs_BT, targets_BT = tokens_BN[:, :-1], tokens_BN[:, 1:]
+    weights_BT = (targets_BT != IGNORE_INDEX).to(torch.float32)
+    if mask_BN is not None:
+        weights_BT = weights_BT * (torch.as_tensor(mask_BN)[:, 1:] != 0)
+    inputs_BT = torch.where(inputs_BT == IGNORE_INDEX, 0, inputs_BT)
+    return inputs_BT, torch.where(targets_BT == IGNORE_INDEX, 0, targets_BT), weights_BT
+
+
+def next_token_loss(logits_BTV, targets_BT, weights_BT):
+    """Mean cross-entropy over the counted targets, in float32: logsumexp(logits) − logits[target]."""
+    logits_BTV = logits_BTV.to(torch.float32)
+    logz_BT = torch.logsumexp(logits_BTV, dim=-1)
+    target_logit_BT = torch.gather(logits_BTV, -1, targets_BT[..., None])[..., 0]
+    return torch.sum((logz_BT - target_logit_BT) * weights_BT) / torch.clamp(torch.sum(weights_BT), min=1.0)
+
+
+def model_loss(model, tokens_BN, mask_BN=None):
+    """The model's mean next-token loss on a batch."""
+    inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
+    return next_token_loss(model(inputs_BT), targets_BT, weights_BT)
+
+
+def loss_and_grads(model, tokens_BN, mask_BN=None) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
+    names, params = zip(*model.named_parameters())
+    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN))
+    grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
+    return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
+
+
+def make_optimizer(model, cfg: TrainConfig, *, fused: bool = True) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """AdamW and its schedule, computing optax.adamw's update; `fused`: one fused kernel (CPU and GPU), else foreach."""
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[t.name] for t in model_layout(model.spec) if decays(t, cfg) == decay],
+         "weight_decay": cfg.weight_decay if decay else 0.0}
+        for decay in (True, False)
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),  # bias correction always on, as in optax; default beta2 0.999 in both: passed anyway
+        eps=cfg.eps,  # added to sqrt(v̂) (torch: sqrt(v)/sqrt(1 − β2ᵗ) + eps), as optax with eps_root=0
+        weight_decay=cfg.weight_decay,  # torch's default is 1e-2, optax's 1e-4: always passed (per group above)
+        fused=fused,  # torch picks foreach by default; the fused kernel is one call for all tensors
+        foreach=not fused,
+    )
+    # LambdaLR evaluates the factor at 0 on construction and at k after the k-th scheduler.step():
+    # update k gets lr_factor(k), as optax's schedule called with its count
+    scheduler = LambdaLR(optimizer, lambda step: float(lr_factor(cfg, step)))
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: LambdaLR  # last_epoch = updates applied so far
+
+
+def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainState:
+    """Step 0: the model and a fresh AdamW state (m = v = 0)."""
+    return TrainState(model, *make_optimizer(model, cfg, fused=fused))
+
+
+def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
+    """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`; `compile`: torch.compile the forward and backward."""
+    loss_fn = torch.compile(model_loss) if compile else model_loss
+    params = list(model.parameters())
+
+    def train_step(state: TrainState, tokens_BN, mask_BN=None):
+        loss = loss_fn(state.model, *on_device(params[0].device, tokens_BN, mask_BN))
+        loss.backward()
+        grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
+        lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
+
+    return train_step
+
+
+def get_train_state(model, state: TrainState) -> dict[str, Any]:
+    """The state in canonical names: {"step": int, "weights", "m", "v": {canonical name: numpy}}."""
+    named = dict(model.named_parameters())
+    m, v = ({n: state.optimizer.state.get(p, {}).get(key, torch.zeros_like(p)) for n, p in named.items()}
+            for key in ("exp_avg", "exp_avg_sq"))
+    canonical = {key: to_canonical(x, model.spec) for key, x in (("weights", named), ("m", m), ("v", v))}
+    return {"step": state.scheduler.last_epoch, **canonical}
+
+
+def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> TrainState:
+    """`state` (e.g. fresh from init_train_state) holding a canonical train state, from either twin."""
+    set_weights(model, canonical["weights"])
+    spec, step, optimizer = model.spec, canonical["step"], state.optimizer
+    m, v = (to_state_dict(canonical[key], spec) for key in ("m", "v"))
+    names = {p: n for n, p in model.named_parameters()}
+    saved = optimizer.state_dict()  # load_state_dict puts `step` where this optimizer (fused or not) wants it
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    ordered = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    saved["state"] = {i: {"step": torch.tensor(float(step)), "exp_avg": m[n], "exp_avg_sq": v[n]} for i, n in zip(ids, ordered)}
+    optimizer.load_state_dict(saved)
+    # a scheduler built at last_epoch = step − 1 steps once on construction: update `step` gets lr_factor(step)
+    return TrainState(model, optimizer, LambdaLR(optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1))
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def on_device(device, *arrays):
+    """Tokens and mask (numpy or tensors) as tensors on the model's device, before any compiled code sees them."""
+    return tuple(None if x is None else torch.as_tensor(x, device=device) for x in arrays)
+
+
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place to a global norm of at most `max_norm` (0: off); the norm before clipping.
+
+    optax.clip_by_global_norm's rule: g · max_norm / norm when norm ≥ max_norm (torch's own
+    clip_grad_norm_ divides by norm + 1e-6); no host sync, the factor stays a tensor.
+    """
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / norm, max=1.0))
+    return norm
