@@ -170,7 +170,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     dtype = torch.bfloat16 if spec.compute_dtype == "bfloat16" else torch.float32
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    batch = torch.as_tensor(tokens, device=device)
+    batch = torch.as_tensor(tokens, dtype=torch.int64, device=device)  # what HF's embedding and loss take
     sync, peak_mem = _torch_sync_and_mem()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     start = None
@@ -198,9 +198,12 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
             with torch.no_grad(), autocast:
                 return forward(batch).logits
     else:
-        from torch_model.train import make_torch_optimizer  # the twin's AdamW + schedule, same settings
+        from torch_model.train import clip_by_global_norm, make_optimizer
 
-        optimizer, scheduler = make_torch_optimizer(model, train_config)
+        # HF Llama's parameter names are the canonical ones with q/k/v apart: the unfused spec describes them,
+        # so the twins' optimizer (parameter groups, weight decay rule, fused AdamW, schedule) applies as is.
+        model.spec = spec.replace(fused_qkv=False)
+        optimizer, scheduler = make_optimizer(model, train_config)
         forward = torch.compile(model) if compile else model
 
         def step():
@@ -208,7 +211,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
                 logits = forward(batch[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or float("inf"))
+            grad_norm = clip_by_global_norm([p.grad for p in model.parameters()], train_config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

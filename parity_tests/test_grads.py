@@ -50,7 +50,7 @@ def test_twins_agree_on_loss_and_every_gradient(changes):
     check_twins(make_spec(**changes))
 
 
-@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("einsum", "sdpa")])
+@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("einsum", "sdpa"), ("blocked", "blocked"), ("xla", "blocked")])
 def test_attention_kernels_agree_on_gradients(attention):
     check_twins(make_spec(qk_norm=True), attention)
 

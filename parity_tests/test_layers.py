@@ -119,3 +119,15 @@ def test_block(placement):
         ref = h + (reference.norm(m, ws, "model.layers.0.mlp_output_norm", one) if placement == "peri" else m)
     check(j, t, ref)
     check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)
+
+
+@pytest.mark.parametrize("T", [1, 31, 77, 600])
+def test_blocked_attention_is_the_einsum_kernel_by_blocks(T):
+    """`blocked` skips the masked blocks of q·kᵀ: same result as the one-product kernel, any T (ragged last block)."""
+    rng = np.random.default_rng(T)
+    q, k, v = (rng.standard_normal((2, T, n, 8)).astype(np.float32) for n in (6, 2, 2))
+    for layers, asarray, out in [(jl, jnp.asarray, np.asarray), (tl, torch.as_tensor, lambda t: t.numpy())]:
+        ref = out(layers.einsum_attention(asarray(q), asarray(k), asarray(v)))
+        got = out(layers.attend(asarray(q), asarray(k), asarray(v), "blocked"))
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), layers.__name__
+    assert jl.attention_block(600) == tl.attention_block(600) == 38  # at most 16 blocks

@@ -58,7 +58,7 @@ def test_combinations(changes):
     check(make_spec(**changes))
 
 
-@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("xla", "sdpa"), ("einsum", "sdpa")])
+@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("xla", "sdpa"), ("einsum", "sdpa"), ("blocked", "blocked"), ("blocked", "sdpa")])
 def test_attention_kernels_agree(attention):
     check(make_spec(qk_norm=True), attention)
 

