@@ -87,8 +87,13 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
             return holder["state"], metrics
 
     def peak_mem():
-        stats = jax.devices()[0].memory_stats() or {}
-        return stats.get("peak_bytes_in_use")
+        """The step's device memory as XLA planned it (arguments + outputs − donated + temporaries): unlike the
+        process-wide peak counter, it counts this job only."""
+        if jax.default_backend() == "cpu" or mode == "decode":
+            return None
+        jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
+        m = jitted.lower(*args).compile().memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
     return Bench(step, jax.block_until_ready, kernel, peak_mem, {"compile": "jax.jit"}, start)
 
@@ -111,11 +116,14 @@ def torch_device_name() -> str:
 
 
 def _torch_sync_and_mem():
+    """A sync for timing and this job's peak memory: call it before the job allocates anything."""
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        return (lambda out: torch.cuda.synchronize()), torch.cuda.max_memory_allocated
+        base = torch.cuda.memory_allocated()  # other jobs' models stay resident: count only what this one adds
+        return (lambda out: torch.cuda.synchronize()), (lambda: torch.cuda.max_memory_allocated() - base)
     return (lambda out: None), (lambda: None)  # CPU kernels have finished when the call returns
 
 
@@ -126,11 +134,11 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     import torch_model
 
     device = torch_device()
+    sync, peak_mem = _torch_sync_and_mem()
     with device:
         model = torch_model.Transformer(spec, generator=None, attention=attention)
     kernel = model.model.layers[0].self_attn.attention
     batch = torch.as_tensor(tokens, device=device)
-    sync, peak_mem = _torch_sync_and_mem()
     start = None
     if mode == "forward":
         forward = torch.compile(model) if compile else model
@@ -165,13 +173,13 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     from shared_config.hf import config_from_spec
 
     device = torch_device()
+    sync, peak_mem = _torch_sync_and_mem()
     config = config_from_spec(spec, "--backend hf")  # Llama (Qwen3 with qk_norm); refuses what HF cannot compute
     config = AutoConfig.for_model(**{**config, "dtype": "float32"})  # float32 weights, as the twins keep them
     dtype = torch.bfloat16 if spec.compute_dtype == "bfloat16" else torch.float32
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     batch = torch.as_tensor(tokens, dtype=torch.int64, device=device)  # what HF's embedding and loss take
-    sync, peak_mem = _torch_sync_and_mem()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     start = None
     if mode == "decode":  # transformers' own cache (DynamicCache), eager: its generate() loop without sampling

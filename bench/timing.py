@@ -59,6 +59,7 @@ def run_benchmarks(args, specs, backends, kernels):
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
             timed(bench)
+        bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
         benches[label, backend] = (spec, bench, compile_s, [], [])
     with tqdm(total=per_round * args.rounds * len(jobs), desc="timed steps", file=sys.stderr) as bar:
         for _ in range(args.rounds):
@@ -87,7 +88,7 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         "step_s": {"median": median, "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90))},
         "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
         "mfu": achieved / peak if peak and not device.startswith("cpu") else None,
-        "peak_mem_bytes": bench.peak_mem(), "attention": bench.attention,
+        "attention": bench.attention,
         "flops_per_token": flops, "matmul_params": matmul_params(spec), "n_steps": len(times), **bench.info,
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
                           "p90": float(np.percentile(prefills, 90))}} if prefills else {}),
