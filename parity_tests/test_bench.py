@@ -90,3 +90,16 @@ def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
         assert FIELDS <= set(r) and r["n_steps"] == 4
         assert set(r["prefill_s"]) == {"median", "p10", "p90"} and r["prefill_s"]["median"] > 0
         assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"]["median"])
+
+
+def test_train_mode_every_backend_and_a_sweep(tmp_path):
+    """The README's main job on every backend: one result per (variant, backend), in interleaved order."""
+    out = bench("--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true", "--batch", "2",
+                "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "2", "--json", str(tmp_path / "t.json"))
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in (False, True)]
+    assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
+    for r in results:
+        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > 0
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
