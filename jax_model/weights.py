@@ -32,9 +32,9 @@ def to_canonical(flat: dict[str, jax.Array], spec) -> dict[str, np.ndarray]:
     return split_qkv(weights, spec)
 
 
-def to_pure_dict(weights: dict, spec) -> dict:
-    """Canonical file layout -> the nested pure dict of the NNX state, in `param_dtype`."""
-    weights = fuse_qkv({k: jnp.asarray(v) for k, v in weights.items()}, spec, jnp.concatenate)
+def to_pure_dict(weights: dict, spec, xp=jnp) -> dict:
+    """Canonical file layout -> the nested pure dict of the NNX state, in `param_dtype`; `xp=np`: in host memory."""
+    weights = fuse_qkv({k: xp.asarray(v) for k, v in weights.items()}, spec, xp.concatenate)
     pure: dict = {}
     for t in model_layout(spec):
         x = weights[t.name].astype(DTYPES[spec.param_dtype])
