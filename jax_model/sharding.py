@@ -173,10 +173,10 @@ def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str 
 
 
 def to_safetensors(model, state: train.TrainState, path: str | Path) -> None:
-    """Write the canonical file of `state`'s parameters: gathered to host memory, written atomically by process 0."""
-    flat = {name: _gather(x) for name, x in train.flat_arrays(state.params).items()}
+    """Write the canonical file of `state`'s parameters (every process calls it): gathered, written by process 0."""
+    weights = to_canonical(train.flat_arrays(state.params), model.spec)
     if jax.process_index() == 0:
-        save_checkpoint(path, to_canonical(flat, model.spec), model.spec)
+        save_checkpoint(path, weights, model.spec)
     multihost_utils.sync_global_devices(f"to_safetensors {path}")  # the file exists for every process on return
 
 
@@ -186,7 +186,3 @@ def to_safetensors(model, state: train.TrainState, path: str | Path) -> None:
 def _dotted(path) -> str:
     return ".".join(map(str, path))
 
-
-def _gather(x: jax.Array) -> np.ndarray:
-    """The whole array in host memory: from local devices, or from every process on several hosts."""
-    return np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
