@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,22 @@ def single_device(twin_name: str):
     return trajectory(twin, train, parity_weights(SPEC), SPEC, CFG)
 
 
-def run_subprocess(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a command that imports this checkout (not an installed copy); fail the test with its output on error."""
+def run_processes(args: list[str], envs: list[dict[str, str]]) -> None:
+    """Run `python args...` once per environment, all at once, importing this checkout (not an installed copy);
+    fail the test with the output of any that fails."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": path, **(env or {})}, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": path, **env}, cwd=ROOT) for env in envs]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-3000:]}\n{err[-6000:]}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a coordinator of this machine's processes."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def assert_same_run(record: dict, state: dict, twin_name: str) -> None:

@@ -1,10 +1,11 @@
-"""The sharded JAX runs of test_sharding.py, in a process started with 8 host devices.
+"""The sharded JAX runs of test_sharding.py: one process with 8 host devices, or several processes
+whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/sharded_jax_run.py DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/sharded_jax_run.py DIR MESH...
 
 For each mesh, from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
-and write what parallel_runs.py says, plus each leaf's PartitionSpec and per-device shard shapes
-(parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
+and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
+shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import optax
 from jax_model import sharding, train
 from parity_tests.parallel_runs import read_config, save_run
 from shared_config import synthetic_batch
-
-MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
-
 
 def layout_of(x: jax.Array) -> dict:
     """What the array really is: its PartitionSpec and the shapes of its blocks, one per device."""
@@ -42,13 +40,17 @@ def run(directory: Path, mesh_text: str) -> None:
     for key, tree in trees.items():
         record[key] = {name: layout_of(x) for name, x in train.flat_arrays(tree).items()}
     record["batch"] = layout_of(sharding.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
-    name = f"jax-{mesh_text}"
+    processes = jax.process_count()
+    name = f"jax-{mesh_text}" if processes == 1 else f"jax-{processes}proc-{mesh_text}"
     sharding.to_safetensors(model, state, directory / f"{name}.safetensors")
-    save_run(directory, name, record, train.get_train_state(model, state))
+    canonical = train.get_train_state(model, state)  # several processes: each gathers from all
+    if jax.process_index() == 0:
+        save_run(directory, name, record, canonical)
 
 
 if __name__ == "__main__":
+    sharding.init_distributed()
     jax.config.update("jax_default_matmul_precision", "highest")  # as parity_tests/conftest.py
     assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS before starting"
-    for mesh_text in MESHES:
+    for mesh_text in sys.argv[2:]:
         run(Path(sys.argv[1]), mesh_text)

@@ -12,7 +12,7 @@ from torch_model import distributed
 
 from .common import ROOT
 from .parallel_common import (
-    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_subprocess, write_inputs,
+    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
 
 RUNS = ("ddp", "fsdp2", "fsdp2-planted")
@@ -24,7 +24,7 @@ def runs(tmp_path_factory):
     directory = write_inputs(tmp_path_factory.mktemp("distributed_torch"))
     script = ROOT / "parity_tests" / "distributed_torch_run.py"
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # standalone: a free local port
-    run_subprocess([*launch, str(script), str(directory)], {"OMP_NUM_THREADS": "1"})
+    run_processes([*launch, str(script), str(directory)], [{"OMP_NUM_THREADS": "1"}])
     return directory
 
 

@@ -1,7 +1,7 @@
-"""Sharded JAX training (jax_model.sharding) on 8 host devices: data-only, fsdp-only and mixed meshes
-give the single-device losses, parameters and AdamW moments, with parameters and moments really split
-over fsdp; the gathered checkpoint loads in torch with the same logits. Also the sharding rule and
-the one-line errors for bad meshes and batches."""
+"""Sharded JAX training (jax_model.sharding) on 8 host devices: data-only, fsdp-only and mixed meshes,
+in one process and in two (the multi-host path), give the single-device losses, parameters and AdamW
+moments, with parameters and moments really split over fsdp; the gathered checkpoint loads in torch
+with the same logits. Also the sharding rule and the one-line errors for bad meshes and batches."""
 
 import os
 
@@ -14,19 +14,28 @@ from shared_config.parallel import fsdp_dim, rows_per_shard
 
 from .common import ROOT
 from .parallel_common import (
-    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_subprocess, write_inputs,
+    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, free_port, load_run, run_processes, write_inputs,
 )
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
 
 
+def host_devices(n: int) -> dict[str, str]:
+    """The environment of a JAX process on CPU with n devices (set before JAX starts)."""
+    return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip(),
+            "JAX_PLATFORMS": "cpu"}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The directory where one 8-device subprocess left the run of every mesh."""
+    """The directory where the subprocesses left every run: one process of 8 devices on each mesh, then
+    two processes of 4 devices (the multi-host code path) on the mixed mesh."""
     directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"))
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    script = ROOT / "parity_tests" / "sharded_jax_run.py"
-    run_subprocess([str(script), str(directory)], {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    script = str(ROOT / "parity_tests" / "sharded_jax_run.py")
+    run_processes([script, str(directory), *MESHES], [host_devices(8)])
+    coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
+    run_processes([script, str(directory), "data=2,fsdp=4"],
+                  [{**host_devices(4), **coordinator, "JAX_PROCESS_ID": str(i)} for i in range(2)])
     return directory
 
 
@@ -76,9 +85,9 @@ def test_bad_meshes_and_batches_are_one_line_errors(make, message):
 # --- the sharded runs -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_sharded_steps_equal_one_device(runs, mesh):
-    assert_same_run(*load_run(runs, f"jax-{mesh}"), "jax")
+@pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4"])
+def test_sharded_steps_equal_one_device(runs, name):
+    assert_same_run(*load_run(runs, f"jax-{name}"), "jax")
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -100,6 +109,7 @@ def test_parameters_and_moments_are_split_over_fsdp(runs, mesh):
     assert record["params"]["model.embed_tokens.embedding"]["shards"][0] == [97, 48 // fsdp]
 
 
-def test_sharded_checkpoint_loads_in_torch(runs):
-    _, state = load_run(runs, "jax-data=2,fsdp=4")
-    assert_checkpoint_loads_in_both(runs / "jax-data=2,fsdp=4.safetensors", state)
+@pytest.mark.parametrize("name", ["data=2,fsdp=4", "2proc-data=2,fsdp=4"])
+def test_sharded_checkpoint_loads_in_torch(runs, name):
+    _, state = load_run(runs, f"jax-{name}")
+    assert_checkpoint_loads_in_both(runs / f"jax-{name}.safetensors", state)
