@@ -59,7 +59,8 @@ def init_distributed() -> torch.device:
 
 def rank_rows(x_BN, rank: int | None = None, world_size: int | None = None):
     """This rank's rows [r·B/W, (r+1)·B/W) of a global batch (numpy or tensor); B must divide evenly."""
-    rank, world_size = (_rank(), _world_size()) if rank is None else (rank, world_size)
+    rank = _rank() if rank is None else rank
+    world_size = _world_size() if world_size is None else world_size
     n = rows_per_shard(len(x_BN), world_size)
     return x_BN[rank * n : (rank + 1) * n]
 
@@ -145,9 +146,9 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
     """
     if averages(probe_gradient_factor(mesh)):
         return
-    if not averages(probe_gradient_factor(mesh, force_sum=True)):
-        raise RuntimeError(f"FSDP2 on {dist.get_backend()} averages no gradients correctly (pytorch/pytorch#162338); "
-                           f"use parallel='ddp'")
+    if not averages(factor := probe_gradient_factor(mesh, force_sum=True)):
+        raise RuntimeError(f"FSDP2 on {dist.get_backend()}: gradients come out {factor:g}x their mean over ranks, even "
+                           f"summed then divided (see pytorch/pytorch#162338); use parallel='ddp'")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
@@ -175,7 +176,7 @@ def averages(factor: float) -> bool:
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over ranks (SUM then divide: gloo's AVG is what #162338 is about)."""
+    """The mean of a scalar over ranks (SUM, then divided here: every backend has SUM)."""
     if not dist.is_initialized():
         return x
     x = x.detach().clone()
