@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from shared_config import fuse_qkv, init_rule, layout, model_layout, split_qkv
 
@@ -24,17 +25,24 @@ def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
 
 
 def to_canonical(flat: dict[str, jax.Array], spec) -> dict[str, np.ndarray]:
-    """Flat NNX leaves (params, or their gradients) -> canonical file layout, torch orientation, numpy."""
+    """Flat NNX leaves (params, or their gradients) -> canonical file layout, torch orientation, numpy; sharded
+    arrays are gathered whole."""
     weights = {}
     for t in model_layout(spec):
-        x = np.asarray(flat[t.jax_name])
+        x = whole(flat[t.jax_name])
         weights[t.name] = x.T if t.transposed else x
     return split_qkv(weights, spec)
 
 
-def to_pure_dict(weights: dict, spec) -> dict:
-    """Canonical file layout -> the nested pure dict of the NNX state, in `param_dtype`."""
-    weights = fuse_qkv({k: jnp.asarray(v) for k, v in weights.items()}, spec, jnp.concatenate)
+def whole(x) -> np.ndarray:
+    """An array in host memory: a sharded one gathered from this host's devices, or from every process (a collective)."""
+    local = getattr(x, "is_fully_addressable", True)
+    return np.asarray(x if local else multihost_utils.process_allgather(x, tiled=True))
+
+
+def to_pure_dict(weights: dict, spec, xp=jnp) -> dict:
+    """Canonical file layout -> the nested pure dict of the NNX state, in `param_dtype`; `xp=np`: in host memory."""
+    weights = fuse_qkv({k: xp.asarray(v) for k, v in weights.items()}, spec, xp.concatenate)
     pure: dict = {}
     for t in model_layout(spec):
         x = weights[t.name].astype(DTYPES[spec.param_dtype])

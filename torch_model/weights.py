@@ -23,9 +23,17 @@ def flat_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_canonical(flat: dict[str, torch.Tensor], spec) -> dict[str, np.ndarray]:
-    """Flat parameters (or their gradients) -> canonical file layout, numpy."""
-    weights = {t.name: flat[t.name].detach().cpu() for t in model_layout(spec)}
+    """Flat parameters (or their gradients) -> canonical file layout, numpy; FSDP2 shards are gathered whole."""
+    weights = {t.name: whole(flat[t.name]).detach().cpu() for t in model_layout(spec)}
     return {k: to_numpy(v) for k, v in split_qkv(weights, spec).items()}
+
+
+def whole(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered from every rank, a collective; any other tensor as it is.
+
+    Duck-typed, so that this module does not import torch.distributed (absent from some builds).
+    """
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,35 @@
+"""The files a sharded run in a subprocess reads and writes (numpy only: the subprocesses import one framework).
+
+Inputs in a directory: `init.safetensors` (canonical weights, spec in the metadata) and `train.json`.
+Outputs per run: `NAME.json` (metrics, shardings), `NAME.npz` (the canonical train state) and
+`NAME.safetensors` (the checkpoint the run saved).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shared_config import TrainConfig
+
+PARTS = ("weights", "m", "v")
+
+
+def read_config(directory: Path) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads((Path(directory) / "train.json").read_text()))
+
+
+def save_run(directory: Path, name: str, record: dict, canonical: dict) -> None:
+    """A run's record and its canonical train state {"weights", "m", "v": {name: array}}."""
+    (Path(directory) / f"{name}.json").write_text(json.dumps(record))
+    np.savez(Path(directory) / f"{name}.npz", **{f"{p}/{k}": v for p in PARTS for k, v in canonical[p].items()})
+
+
+def load_run(directory: Path, name: str) -> tuple[dict, dict]:
+    """What `save_run` wrote."""
+    record = json.loads((Path(directory) / f"{name}.json").read_text())
+    with np.load(Path(directory) / f"{name}.npz") as f:
+        state = {p: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(p + "/")} for p in PARTS}
+    return record, state

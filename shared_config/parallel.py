@@ -1,0 +1,32 @@
+"""Data-parallel and fully-sharded training, framework-neutral: which dimension of each canonical tensor
+is sharded, and how a global batch is split (no numpy, no framework).
+
+Both twins read these rules, written once against the layout table: jax_model/sharding.py turns
+them into `PartitionSpec`s over the `fsdp` axis of a device mesh, torch_model/distributed.py into
+FSDP2 `Shard` placements and each rank's rows.
+"""
+
+from __future__ import annotations
+
+from .layout import Tensor
+from .spec import SpecError
+
+
+def fsdp_dim(t: Tensor, n: int) -> int | None:
+    """The dim of canonical tensor `t` (torch orientation) split n ways over fsdp; None: replicated.
+
+    Linear weights and embeddings: the larger dim (dim 0 on a tie) when n divides it, else the other
+    when n divides that. Norm weights, biases and scalars are small and stay whole everywhere.
+    """
+    if n == 1 or t.kind == "param":
+        return None
+    by_size = sorted(range(len(t.shape)), key=lambda d: -t.shape[d])  # stable: dim 0 first on a tie
+    return next((d for d in by_size if t.shape[d] % n == 0), None)
+
+
+def rows_per_shard(batch_size: int, shards: int) -> int:
+    """Rows each of `shards` devices or ranks reads from a global batch: the global batch is fixed, split evenly."""
+    if batch_size % shards:
+        raise SpecError(f"batch_size={batch_size} must be divisible by the {shards} data-parallel shards "
+                        f"(data × fsdp devices, or torch ranks): the global batch is split evenly across them")
+    return batch_size // shards

@@ -1,0 +1,196 @@
+"""Data-parallel (DDP) and fully-sharded (FSDP2) training of the PyTorch twin on torch.distributed,
+launched by torchrun; jax_model/sharding.py is the JAX counterpart, and both read the rules in
+shared_config.parallel.
+
+    device = init_distributed()                                  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
+    model = torch_model.from_safetensors(path, device=device)    # every rank reads the whole file
+    state, train_step = parallelize(model, cfg, "fsdp2")         # or "ddp"; train.make_train_step's signature
+    state, metrics = train_step(state, tokens_BN)                # the global batch: each rank trains on its rows
+    to_safetensors(model, "out.safetensors")                     # gathered to rank 0, written atomically there
+
+Every rank passes the same global batch (a pure function of seed and step); rank r trains on rows
+[r·B/W, (r+1)·B/W), the rows the JAX side's device r reads on a mesh of W devices. Gradients are
+averaged over ranks, so the update is the single-process update on the global batch whenever every
+rank counts the same number of targets (always without a mask or ignored tokens; with them, each
+rank's mean loss weighs alike, as DDP does, while the JAX step takes the mean over the global batch).
+
+Notation: B batch, N = T + 1 tokens per batch row, W ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import Shard
+from torch.nn.parallel import DistributedDataParallel
+
+from shared_config import SpecError, TrainConfig, model_layout, save_checkpoint
+from shared_config.parallel import fsdp_dim, rows_per_shard
+
+from . import train
+from .weights import to_canonical
+
+PARALLEL = ("ddp", "fsdp2")
+
+
+def init_distributed() -> torch.device:
+    """Join torchrun's process group (gloo on CPU, NCCL on GPU); this rank's device. Without torchrun: no group."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # MASTER_ADDR and MASTER_PORT: read from torchrun's environment
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
+    return device
+
+
+def rank_rows(x_BN, rank: int | None = None, world_size: int | None = None):
+    """This rank's rows [r·B/W, (r+1)·B/W) of a global batch (numpy or tensor); B must divide evenly."""
+    rank = _rank() if rank is None else rank
+    world_size = _world_size() if world_size is None else world_size
+    n = rows_per_shard(len(x_BN), world_size)
+    return x_BN[rank * n : (rank + 1) * n]
+
+
+def parallelize(model, cfg: TrainConfig, parallel: str = "ddp", *, compile: bool = False,
+                fused: bool = True) -> tuple[train.TrainState, Callable]:
+    """The train state and step of `model` over the process group: DDP, or FSDP2 (each block, then the root).
+
+    What `train.init_train_state` and `train.make_train_step` are in one process, with the same step
+    signature; the optimizer holds the wrapped model's parameters (FSDP2: this rank's shards).
+    """
+    if parallel not in PARALLEL:
+        raise SpecError(f"parallel={parallel!r} must be one of {', '.join(PARALLEL)}")
+    if not dist.is_initialized():
+        raise SpecError(f"parallel={parallel!r} needs a process group: launch with torchrun, call init_distributed()")
+    wrapped = data_parallel(model) if parallel == "ddp" else fully_shard_model(model)
+    state = train.TrainState(wrapped, *train.make_optimizer(model, cfg, fused=fused))
+    return state, make_train_step(model, cfg, compile=compile)
+
+
+def data_parallel(model: nn.Module) -> DistributedDataParallel:
+    """DDP: a whole replica per rank, gradients averaged by all-reduce during the backward."""
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fully_shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: each block one unit (gathered for its forward and backward only), then the root for the rest.
+
+    Each parameter is split along `fsdp_dim`, the dim the JAX side shards; where that is None
+    (norms, scalars: the JAX side replicates them) FSDP2 splits dim 0, as it splits everything.
+    """
+    device, world_size = next(model.parameters()).device, _world_size()
+    mesh = init_device_mesh(device.type, (world_size,))
+    params = dict(model.named_parameters())
+    dims = {id(params[t.name]): fsdp_dim(t, world_size) for t in model_layout(model.spec)}
+
+    def placement(p: nn.Parameter) -> Shard:
+        return Shard(dims[id(p)] or 0)
+
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    average_gradients(model, mesh)
+    return model
+
+
+def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
+    """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)` on the global batch: train.make_train_step's
+    step on this rank's rows; loss averaged over ranks. Build it after wrapping (FSDP2 replaces the parameters)."""
+    step = train.make_train_step(model, cfg, compile=compile)
+
+    def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
+        state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN))
+        # grad_norm is already global (FSDP2: a replicated DTensor reduced over every shard; DDP: averaged gradients)
+        return state, {**metrics, "loss": mean_over_ranks(metrics["loss"]), "grad_norm": _local(metrics["grad_norm"])}
+
+    return train_step
+
+
+def to_safetensors(model, path: str | Path) -> None:
+    """Write the canonical file (every rank calls it): gathered to rank 0's CPU memory, written there atomically."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # only rank 0 keeps the gathered tensors
+    state_dict = get_model_state_dict(model, options=options)
+    if _rank() == 0:
+        save_checkpoint(path, to_canonical(state_dict, model.spec), model.spec)
+    if dist.is_initialized():
+        dist.barrier()  # the file is in place for every rank on return
+
+
+# --- FSDP2's gradient average ------------------------------------------------------------------
+
+
+def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Make FSDP2 average gradients over ranks, as DDP and the JAX step do, or refuse.
+
+    FSDP2 reduce-scatters float32 gradients with ReduceOp.AVG; where the process group sums instead
+    (gloo: pytorch/pytorch#162338, a silent bug) every gradient would come out W times too large
+    and AdamW, nearly scale-free, would hide it. A probe finds out; where AVG sums, FSDP2 is switched
+    to ReduceOp.SUM followed by its own division by W (`set_force_sum_reduction_for_comms`), which
+    the probe must then confirm. torch 2.13.0's gloo averages: the switch is not needed there.
+    """
+    if averages(probe_gradient_factor(mesh)):
+        return
+    if not averages(factor := probe_gradient_factor(mesh, force_sum=True)):
+        raise RuntimeError(f"FSDP2 on {dist.get_backend()}: gradients come out {factor:g}x their mean over ranks, even "
+                           f"summed then divided (see pytorch/pytorch#162338); use parallel='ddp'")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+    if _rank() == 0:
+        warnings.warn(f"FSDP2 on {dist.get_backend()}: ReduceOp.AVG sums (pytorch/pytorch#162338); "
+                      f"gradients are summed, then divided by {_world_size()} by FSDP2 itself", stacklevel=2)
+
+
+def probe_gradient_factor(mesh: DeviceMesh, force_sum: bool = False) -> float:
+    """FSDP2's reduced gradient over the true mean, on a one-row-per-rank probe: 1 averages, W sums (a collective)."""
+    rank, world_size = _rank(), _world_size()
+    probe = nn.Linear(1, world_size, bias=False, device=mesh.device_type)  # weight [W, 1]: one row per rank
+    fully_shard(probe, mesh=mesh)
+    probe.set_force_sum_reduction_for_comms(force_sum)
+    probe(torch.full((1, 1), rank + 1.0, device=mesh.device_type)).sum().backward()  # rank r's gradient: r + 1
+    got = float(probe.weight.grad.to_local().flatten()[0])
+    return got / ((world_size + 1) / 2)  # the mean of 1..W
+
+
+def averages(factor: float) -> bool:
+    return abs(factor - 1.0) < 1e-3  # a sum would be off by W - 1 >= 1; NCCL's AVG may round (premultiplies by 1/W)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (SUM, then divided here: every backend has SUM)."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / _world_size()
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if hasattr(x, "to_local") else x  # a replicated DTensor: every rank holds the value
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
