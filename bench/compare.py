@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
 ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum")
@@ -52,7 +54,12 @@ def parse_args(argv):
                    help="torch.compile the torch/hf step (default: on GPU yes, on CPU no)")
     p.add_argument("--attention", default="auto", choices=ATTENTION)
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every framework")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                   help="CPU threads for every framework (default: every CPU this process may use)")
+    p.add_argument("--devices", type=int, default=None, help="JAX: train over N devices (a data=N mesh)")
+    p.add_argument("--mesh", default=None, help="JAX: train over a device mesh, e.g. data=2,fsdp=4")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
+                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
@@ -62,6 +69,13 @@ def parse_args(argv):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices must be >= 1, got {args.devices}")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
+        raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
+    if distributed and (args.backend != "torch" or args.mode != "train"):
+        raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
     return args
 
 
@@ -86,10 +100,19 @@ def variants(args) -> list[tuple[str, object]]:
     return out
 
 
-def configure_threads(n: int) -> None:
-    """The same CPU thread count for every framework; must run before jax or torch is imported."""
+def configure_threads(n: int, cpu_devices: int | None) -> None:
+    """The same CPU threads for every framework (and, for a mesh on a CPU, that many host devices);
+    must run before jax or torch is imported.
+
+    XLA has no thread-count flag: it sizes its pools from the CPUs the process may run on, so the
+    process is pinned to n CPUs; torch gets the same n (torch.set_num_threads, OMP_NUM_THREADS).
+    """
+    if hasattr(os, "sched_setaffinity") and n < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}".strip()
+    if cpu_devices:  # only the CPU platform reads it: GPUs are counted as they are
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}"
+        os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch in one process
 
 
@@ -119,6 +142,8 @@ def environment(args, device: str) -> dict:
         "mode": args.mode, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
         "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
+        "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
     }
 
 
@@ -137,10 +162,15 @@ def main(argv=None):
         for label, spec in specs:
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
-    configure_threads(args.threads)
+    shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else args.devices
+    if shards:
+        rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
+    configure_threads(args.threads, shards)
     from timing import run_benchmarks
 
     results, device = run_benchmarks(args, specs, backends, kernels)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank times its step; rank 0 reports
+        return
     report = {"env": environment(args, device), "results": results}
     print_table(report)
     if args.json:

@@ -53,7 +53,7 @@ def jax_device_name() -> str:
 
 
 def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
-              new_tokens: int = 0) -> Bench:
+              new_tokens: int = 0, mesh=None) -> Bench:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -76,10 +76,13 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
                           decoder.decode_step, np.ones(B, np.int32))
         step, start = loop.step, loop.start
     else:
-        from jax_model import train
+        from jax_model import sharding, train
 
-        state = train.init_train_state(model, train_config)
-        train_step = train.make_train_step(model, train_config)
+        if mesh is None:
+            state, train_step = train.init_train_state(model, train_config), train.make_train_step(model, train_config)
+        else:  # the same step jitted over the mesh: parameters, optimizer state and batch rows sharded
+            state, train_step = sharding.parallelize(model, train_config, mesh)
+            batch = sharding.shard_batch(batch, mesh)
         holder = {"state": state}
 
         def step():
@@ -95,7 +98,8 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
         m = jitted.lower(*args).compile().memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
-    return Bench(step, jax.block_until_ready, kernel, peak_mem, {"compile": "jax.jit"}, start)
+    info = {"compile": "jax.jit", **({"mesh": dict(mesh.shape)} if mesh is not None else {})}
+    return Bench(step, jax.block_until_ready, kernel, peak_mem, info, start)
 
 
 # --- PyTorch --------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ def _torch_sync_and_mem():
 
 
 def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
-                new_tokens: int = 0) -> Bench:
+                new_tokens: int = 0, parallel: str | None = None) -> Bench:
     import torch
 
     import torch_model
@@ -154,10 +158,13 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
                           decoder.decode_step, np.ones(B, np.int64))
         step, start = loop.step, loop.start
     else:
-        from torch_model import train
+        from torch_model import distributed, train
 
-        state = train.init_train_state(model, train_config)
-        train_step = train.make_train_step(model, train_config, compile=compile)
+        if parallel is None:
+            state = train.init_train_state(model, train_config)
+            train_step = train.make_train_step(model, train_config, compile=compile)
+        else:  # under torchrun: every rank steps on the global batch, reading its own rows of it
+            state, train_step = distributed.parallelize(model, train_config, parallel, compile=compile)
         step = lambda: train_step(state, batch)  # noqa: E731
     return Bench(step, sync, kernel, peak_mem, {"compile": "torch.compile" if compile else "eager"}, start)
 

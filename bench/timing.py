@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -48,6 +50,16 @@ def run_benchmarks(args, specs, backends, kernels):
         torch.backends.cudnn.allow_tf32 = False
     compile = gpu if args.compile is None else args.compile
     names = kernels(args.attention, gpu, args.dtype)
+    setups = dict(SETUP)
+    if args.mesh or args.devices:  # the JAX train step over a device mesh
+        from jax_model import sharding
+
+        setups["jax"] = partial(setup_jax, mesh=sharding.make_mesh(args.mesh, devices=args.devices))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
+        from torch_model import distributed
+
+        distributed.init_distributed()
+        setups["torch"] = partial(setup_torch, parallel=args.parallel)
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     train_config = bench_train_config(args) if args.mode == "train" else None
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
@@ -55,7 +67,7 @@ def run_benchmarks(args, specs, backends, kernels):
         tokens = bench_tokens(spec, args.batch, args.seq)
         tokens = tokens if args.mode == "train" else tokens[:, :-1]
         per_round = math.ceil(args.steps / args.rounds)
-        bench = SETUP[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=per_round)
+        bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=per_round)
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
             timed(bench)

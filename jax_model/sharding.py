@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model_layout, save_checkpoint
-from shared_config.parallel import fsdp_dim, rows_per_shard
+from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 
 from . import train
 from .model import Transformer
@@ -40,7 +40,6 @@ from .weights import to_canonical, to_pure_dict
 
 # Batch rows are split over both axes (each of data × fsdp devices reads B / (data·fsdp) rows);
 # parameters and AdamW moments over fsdp only, replicated over data.
-AXES = ("data", "fsdp")
 BATCH = PartitionSpec(AXES)
 
 
@@ -57,19 +56,6 @@ def init_distributed() -> None:
     except (KeyError, ValueError):
         raise SpecError("with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
     jax.distributed.initialize(num_processes=count, process_id=index)  # the address is read from the environment
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
-    sizes = dict.fromkeys(AXES, 1)
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, value = (s.strip() for s in item.partition("="))
-        if name not in AXES:
-            raise SpecError(f"mesh {text!r}: unknown axis {name!r} (axes: {', '.join(AXES)})")
-        if not sep or not value.isdigit() or int(value) < 1:
-            raise SpecError(f"mesh {text!r}: {item!r} must be axis=N with N >= 1")
-        sizes[name] = int(value)
-    return sizes
 
 
 def make_mesh(mesh: str | None = None, *, devices: int | None = None) -> Mesh:

@@ -103,3 +103,35 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
         assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > 0
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
+
+
+def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
+    """Scaling out (issue 7): the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
+    bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
+          "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
+    (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
+    assert r["mesh"] == {"data": 2, "fsdp": 2} and r["n_steps"] == 2
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "bench" / "compare.py"),
+           "--backend", "torch", "--parallel", "ddp", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
+           "--rounds", "1", "--threads", "1", "--json", str(tmp_path / "ddp.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp.json").read_text())
+    assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == "ddp"
+    assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
+        (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
+        (["--devices", "0"], "--devices must be >= 1"),
+        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "4"),
+    ],
+)
+def test_bad_scale_out_arguments(args, message):
+    proc = bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

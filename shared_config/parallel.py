@@ -11,6 +11,8 @@ from __future__ import annotations
 from .layout import Tensor
 from .spec import SpecError
 
+AXES = ("data", "fsdp")
+
 
 def fsdp_dim(t: Tensor, n: int) -> int | None:
     """The dim of canonical tensor `t` (torch orientation) split n ways over fsdp; None: replicated.
@@ -30,3 +32,16 @@ def rows_per_shard(batch_size: int, shards: int) -> int:
         raise SpecError(f"batch_size={batch_size} must be divisible by the {shards} data-parallel shards "
                         f"(data × fsdp devices, or torch ranks): the global batch is split evenly across them")
     return batch_size // shards
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
+    sizes = dict.fromkeys(AXES, 1)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = (s.strip() for s in item.partition("="))
+        if name not in AXES:
+            raise SpecError(f"mesh {text!r}: unknown axis {name!r} (axes: {', '.join(AXES)})")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise SpecError(f"mesh {text!r}: {item!r} must be axis=N with N >= 1")
+        sizes[name] = int(value)
+    return sizes
