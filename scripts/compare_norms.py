@@ -2,7 +2,7 @@
 the tiny family trained in both twins on the embedded corpus, judged against the usual DyT criteria.
 
     python scripts/compare_norms.py --steps 300 --out runs/norms
-    python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a spec change for every run
+    python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a change to every run
 
 Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
 and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).
@@ -24,34 +24,35 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plot_curves import plot  # noqa: E402
-from train import DEFAULT_TRAIN_CONFIG, Loop, NonFiniteError, Run, backend_factory, finite_step, fresh_state, with_changes  # noqa: E402
+from train import (  # noqa: E402
+    DEFAULT_TRAIN_CONFIG, Loop, NonFiniteError, Run, backend_factory, finite_step, fresh_state, split_overrides, with_changes,
+)
 
 from shared_config import init_weights, load_spec, load_train_config  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
-from shared_config.spec import parse_overrides  # noqa: E402
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
 PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
 
 
-def make_run(config: str, backend: str, steps: int, out: Path, spec_changes: dict, data: TokenData) -> Run:
+def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
     """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
     norm, placement = config.split("-")
+    spec_changes, cfg_changes = changes
     spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement, **spec_changes)
-    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {"steps": steps})
+    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     weights = init_weights(spec, cfg.seed)
-    directory = out / "runs" / f"{config}-{backend}"
-    shutil.rmtree(directory, ignore_errors=True)
-    return Run(spec, cfg, data, directory, lambda: fresh_state(weights), steps, log_every=10,
+    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
                eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})
 
 
 def train_one(run_: Run, backend: str) -> int | None:
-    """Train; the step a non-finite loss or gradient stopped it at, else None."""
+    """Train (replacing an earlier result); the step a non-finite loss or gradient stopped it at, else None."""
+    shutil.rmtree(run_.out, ignore_errors=True)
     try:
         Loop(run_, backend_factory(backend, run_), progress=False)()
     except NonFiniteError as e:
@@ -78,14 +79,14 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
     }
 
 
-def study(configs: list[str], backends: list[str], steps: int, out: Path, spec_changes: dict) -> dict:
+def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict]) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
     results, data = {}, synthetic_corpus(0)
     with tqdm(total=len(configs) * len(backends), desc="norm study", unit="run", file=sys.stderr) as bar:
         for config in configs:
             for backend in backends:
                 bar.set_postfix_str(f"{config} {backend}")
-                run_ = make_run(config, backend, steps, out, spec_changes, data)
+                run_ = make_run(config, backend, steps, out, changes, data)
                 results.setdefault(config, {})[backend] = summarize(run_, train_one(run_, backend))
                 bar.update()
     return results
@@ -155,7 +156,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="updates per run")
     p.add_argument("--backends", default="jax,torch", help="comma-separated; the first one's numbers fill the table")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec change for every run (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run (repeatable)")
     p.add_argument("--out", type=Path, default=Path("runs/norms"))
     args = p.parse_args(argv)
     backends, configs = args.backends.split(","), args.configs.split(",")
@@ -165,14 +166,14 @@ def main(argv=None):
         raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM in {', '.join(PRESETS)}, PLACEMENT pre|peri|post")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
-    spec_changes = parse_overrides(args.set)
-    load_spec("tiny").replace(**spec_changes)  # a bad key or value fails here, before any training
+    changes = split_overrides(args.set)
+    make_run(configs[0], backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail before any training
     args.out.mkdir(parents=True, exist_ok=True)
-    results = study(configs, backends, args.steps, args.out, spec_changes)
+    results = study(configs, backends, args.steps, args.out, changes)
     command = "python scripts/compare_norms.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = markdown(results, backends, args.steps, command.strip())
     atomic_write(args.out / "norms.md", lambda tmp: tmp.write_text(table))
-    report = {"steps": args.steps, "backends": backends, "spec_changes": spec_changes, "results": results,
+    report = {"steps": args.steps, "backends": backends, "changes": dict(zip(("spec", "train_config"), changes)), "results": results,
               "criteria": [{"criterion": n, "passed": p_, "detail": d} for n, p_, d in criteria(results, backends[0])]}
     atomic_write(args.out / "norms.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     plot({c: read_metrics(args.out / "runs" / f"{c}-{backends[0]}" / "metrics.jsonl") for c in configs}, args.out / "curves.png")
