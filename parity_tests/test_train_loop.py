@@ -134,3 +134,13 @@ def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, t
     state, _, info = load_train_checkpoint(tmp_path / "step-00000006")  # loads: every tensor checked finite
     assert state["step"] == info["step"] == 6
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 8
+
+
+def test_the_first_nonfinite_tensor_is_the_first_computed():
+    ok, bad = np.ones(3, np.float32), np.array([1, np.nan, np.inf], np.float32)
+    taps = {"model.embed": ok, "model.layers.0": {"attn_out": bad, "mlp_out": bad}, "logits": bad}
+    assert T.first_nonfinite({"a": ok, "b": bad}, taps, math.nan, {"a": bad}) == "the first non-finite tensor is parameter b (2 of 3 values NaN/Inf)"
+    assert "activation model.layers.0.attn_out (2 of 3" in T.first_nonfinite({"a": ok}, taps, math.nan, {"a": bad})
+    assert "the loss itself" in T.first_nonfinite({"a": ok}, {"logits": ok}, math.inf, {"a": bad})
+    assert "gradient of a" in T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": bad})
+    assert T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": ok}) is None

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from shared_config import ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config
+from shared_config import CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TokenData, load_data
 from shared_config.io import atomic_write
@@ -81,19 +81,15 @@ def resolve_run(args) -> Run:
     """The run the arguments ask for: a fresh one, or the checkpoint in --out continued (--resume)."""
     spec_changes, cfg_changes = split_overrides(args.set)
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
-    stored = resumed_state(args)
+    checkpoint, stored = resumed_checkpoint(args)
     data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
     init = read_init(args.init_from, args.spec) if args.init_from else None
-    spec = base_spec(args, stored, init, data).replace(**spec_changes)
-    cfg = with_changes(load_train_config(args.train_config) if args.train_config else
-                       TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG),
-                       cfg_changes)
-    spec = cfg.model_spec(spec)
+    cfg = with_changes(base_config(args, stored), cfg_changes)
+    spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
     if stored:
         check_resume(spec, cfg, data, stored)
-        checkpoint = latest_checkpoint(args.out)
-        start = lambda: load_train_checkpoint(checkpoint)[0]  # noqa: E731
+        start = partial(checkpoint_state, checkpoint)
     else:
         weights = init[0] if init else init_weights(spec, cfg.seed)
         check_weights(weights, spec, args.init_from or "init")
@@ -103,18 +99,25 @@ def resolve_run(args) -> Run:
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
 
 
-def resumed_state(args) -> dict | None:
-    """state.json of the latest checkpoint in --out when resuming; a fresh run refuses an --out holding checkpoints."""
+def resumed_checkpoint(args) -> tuple[Path | None, dict | None]:
+    """The latest checkpoint in --out and its state.json when resuming; a fresh run refuses an --out holding checkpoints."""
     checkpoint = latest_checkpoint(args.out)
     if not args.resume:
         if checkpoint is not None:
             raise UsageError(f"{args.out} holds checkpoints already: pass --resume to continue that run, or another --out")
-        return None
+        return None, None
     if checkpoint is None:
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
-    return read_json(checkpoint / "state.json")
+    stored = read_json(checkpoint / "state.json")
+    if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
+        raise CheckpointError(f"{checkpoint / 'state.json'}: missing {', '.join(missing)}")
+    return checkpoint, stored
+
+
+def checkpoint_state(path: Path) -> dict:
+    return load_train_checkpoint(path)[0]
 
 
 def read_init(path: Path, spec) -> tuple[dict, ModelSpec]:
@@ -134,6 +137,13 @@ def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
     if init:
         return init[1]
     return load_spec(DEFAULT_SPEC).replace(vocab_size=data.vocab_size)
+
+
+def base_config(args, stored) -> TrainConfig:
+    """--train-config, else the resumed run's, else the cpu preset."""
+    if args.train_config:
+        return load_train_config(args.train_config)
+    return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
 
 
 def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
@@ -190,7 +200,8 @@ class JaxBackend:
         self.jax, self.train = jax, train
         self.model = jax_model.from_weights(train_state["weights"], spec)
         self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
-        self.train_step, self.eval_step = train.make_train_step(self.model, cfg), train.make_eval_step(self.model)
+        self.train_step = train.make_train_step(self.model, cfg, compile=compile)  # compile=False: eager, for debugging
+        self.eval_step = train.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN):
         self.state, metrics = self.train_step(self.state, tokens_BN)
@@ -299,8 +310,9 @@ class Loop:
                   disable=not self.progress, dynamic_ncols=True) as self.bar:
             for step in range(first, run.stop + 1):
                 self.pending.append((step, backend.step(run.batch(step))))
-                evaluate, save = step == run.stop or due(step, run.eval_every), step == run.stop or due(step, run.save_every)
-                if step == first or due(step, run.log_every) or evaluate or save:
+                last = step == run.stop
+                evaluate, save = last or due(step, run.eval_every), last or due(step, run.save_every)
+                if step == first or due(step, run.log_every) or evaluate or save:  # the first: compilation timed apart
                     self.flush(backend, step)
                 if evaluate:
                     self.evaluate(backend, step)
@@ -446,13 +458,17 @@ def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, check
 
 def first_nonfinite(weights: dict, taps: dict, loss: float, grads: dict) -> str | None:
     """The first NaN/Inf in the order things are computed: parameters, activations, the loss, gradients."""
-    for kind, tensors in (("parameter", weights), ("activation", flatten(taps)), ("gradient of", grads)):
-        if kind == "gradient of" and not math.isfinite(loss):
-            return "the loss itself (parameters and activations are finite)"
-        for name, x in tensors.items():
-            x = np.asarray(x, np.float32)
-            if bad := int(np.size(x) - np.isfinite(x).sum()):
-                return f"the first non-finite tensor is {kind} {name} ({bad} of {x.size} values NaN/Inf)"
+    found = first_bad("parameter", weights) or first_bad("activation", flatten(taps))
+    if found or not math.isfinite(loss):
+        return found or "the loss itself is the first non-finite value (parameters and activations are finite)"
+    return first_bad("gradient of", grads)
+
+
+def first_bad(kind: str, tensors: dict) -> str | None:
+    for name, x in tensors.items():
+        x = np.asarray(x, np.float32)
+        if bad := int(x.size - np.isfinite(x).sum()):
+            return f"the first non-finite tensor is {kind} {name} ({bad} of {x.size} values NaN/Inf)"
     return None
 
 
