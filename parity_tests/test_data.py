@@ -103,7 +103,8 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
     prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe", "--vocab-size", "300"])
     d = load_data(tmp_path / "bpe")
     meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
-    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == d.vocab_size <= 300 and d.tokenizer == tmp_path / "bpe" / "tokenizer.json"
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == d.vocab_size <= 300
+    assert d.tokenizer == tmp_path / "bpe" / "tokenizer.json"
     assert len(d.train) + len(d.val) < len(TEXT.encode()) / 2  # merges learned
 
     from tokenizers import Tokenizer

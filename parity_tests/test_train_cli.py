@@ -48,7 +48,8 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
                        "--steps", "6", "--stop-at", "3", "--save-every", "3", *SHORT)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["step"] == 3
-    one_line_error(run_script("train", "--backend", "jax", "--out", out, "--steps", "6", *SHORT), "holds checkpoints already", "--resume")
+    one_line_error(run_script("train", "--backend", "jax", "--out", out, "--steps", "6", *SHORT),
+                   "holds checkpoints already", "--resume")
     one_line_error(run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "lr=1", *SHORT),
                    "--resume continues the run as it was checkpointed", "lr: checkpoint 0.001, now 1")
     second = run_script("train", "--backend", "jax", "--out", out, "--resume", *SHORT)

@@ -43,7 +43,8 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
     norm, placement = config.split("-")
     spec_changes, cfg_changes = changes
-    spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement, **spec_changes)
+    spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
+                                            **spec_changes)
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
@@ -57,7 +58,8 @@ def train_one(run_: Run, backend: str) -> int | None:
         Loop(run_, backend_factory(backend, run_), progress=False)()
     except NonFiniteError as e:
         tqdm.write(f"{run_.out.name}: {e}", file=sys.stderr)
-        return next(r["step"] for r in read_metrics(run_.out / "metrics.jsonl") if r.get("kind") == "train" and not finite_step(r))
+        records = read_metrics(run_.out / "metrics.jsonl")
+        return next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r))
     return None
 
 
@@ -102,8 +104,13 @@ def twin_gap(rows: dict) -> float | None:
 
 
 def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
-    """(criterion, passed, detail): the perplexity margin, finiteness, the lowest gradient-norm variance."""
-    rows = {c: r[main] for c, r in results.items()}
+    """(criterion, passed or None, detail): the perplexity margin, finiteness, the lowest gradient-norm variance."""
+    rows = {config: by_backend[main] for config, by_backend in results.items()}
+    return perplexity_criteria(rows) + [finite_criterion(results)] + variance_criteria(rows)
+
+
+def perplexity_criteria(rows: dict) -> list[tuple]:
+    """DyT and Derf within PPL_MARGIN perplexity of RMSNorm at the same placement."""
     out = []
     for config, row in rows.items():
         norm, placement = config.split("-")
@@ -112,14 +119,25 @@ def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
             gap = row["val_ppl"] - ref["val_ppl"]
             out.append((f"{config} within {PPL_MARGIN} perplexity of rms-{placement}", gap <= PPL_MARGIN,
                         f"{row['val_ppl']:.2f} vs {ref['val_ppl']:.2f} ({gap:+.2f})"))
-    bad = [f"{c} {b}" for c, r in results.items() for b, row in r.items() if row["nonfinite_steps"] or row["stopped_at"]]
-    out.append(("no NaN/Inf in any run", not bad, ", ".join(bad) or f"{sum(map(len, results.values()))} runs finite"))
+    return out
+
+
+def finite_criterion(results: dict) -> tuple:
+    """No run, in any backend, met a NaN/Inf."""
+    runs = [(f"{config} {backend}", row) for config, by_backend in results.items() for backend, row in by_backend.items()]
+    bad = [name for name, row in runs if row["nonfinite_steps"] or row["stopped_at"]]
+    return "no NaN/Inf in any run", not bad, ", ".join(bad) or f"{len(runs)} runs finite"
+
+
+def variance_criteria(rows: dict) -> list[tuple]:
+    """Per norm type, the placement with the lowest gradient-norm variance; then the lowest overall."""
     variances = {c: row["grad_norm_var"] for c, row in rows.items() if row["grad_norm_var"] is not None}
+    out = []
     for norm in dict.fromkeys(c.split("-")[0] for c in variances):
         mine = {c: v for c, v in variances.items() if c.startswith(f"{norm}-")}
         if len(mine) > 1:
-            best = min(mine, key=mine.get)
-            out.append((f"{norm}: lowest gradient-norm variance", None, f"{best.split('-')[1]} ({', '.join(f'{c} {v:.3g}' for c, v in mine.items())})"))
+            listed = ", ".join(f"{c} {v:.3g}" for c, v in mine.items())
+            out.append((f"{norm}: lowest gradient-norm variance", None, f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
     if variances:
         best = min(variances, key=variances.get)
         out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"))
@@ -133,8 +151,8 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
     lines = [f"Command: `{command}`", "",
              f"{steps} steps, numbers from {main}; the corpus's entropy rate is {entropy:.4f} nats "
              f"(perplexity {math.exp(entropy):.2f}).", "",
-             "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps | max rel. Δloss jax-torch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps "
+             "| max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         row, gap = rows[main], twin_gap(rows)
         cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"), fmt(row["alpha_min"], ".3f"),
@@ -151,33 +169,50 @@ def fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
-def main(argv=None):
+def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="updates per run")
     p.add_argument("--backends", default="jax,torch", help="comma-separated; the first one's numbers fill the table")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
     p.add_argument("--out", type=Path, default=Path("runs/norms"))
     args = p.parse_args(argv)
-    backends, configs = args.backends.split(","), args.configs.split(",")
-    if bad := [b for b in backends if b not in ("jax", "torch")]:
+    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
-    if bad := [c for c in configs if c.count("-") != 1 or c.split("-")[0] not in PRESETS or c.split("-")[1] not in ("pre", "peri", "post")]:
-        raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM in {', '.join(PRESETS)}, PLACEMENT pre|peri|post")
+    if bad := [c for c in args.configs if not valid_config(c)]:
+        raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
+                         "PLACEMENT pre|peri|post")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
-    changes = split_overrides(args.set)
-    make_run(configs[0], backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail before any training
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = study(configs, backends, args.steps, args.out, changes)
-    command = "python scripts/compare_norms.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = markdown(results, backends, args.steps, command.strip())
+    args.command = " ".join(["python scripts/compare_norms.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def valid_config(config: str) -> bool:
+    norm, _, placement = config.partition("-")
+    return norm in PRESETS and placement in ("pre", "peri", "post")
+
+
+def write_report(results: dict, args, changes: tuple[dict, dict]) -> str:
+    """norms.md, norms.json and curves.png in --out (each atomically); the Markdown."""
+    table = markdown(results, args.backends, args.steps, args.command)
     atomic_write(args.out / "norms.md", lambda tmp: tmp.write_text(table))
-    report = {"steps": args.steps, "backends": backends, "changes": dict(zip(("spec", "train_config"), changes)), "results": results,
-              "criteria": [{"criterion": n, "passed": p_, "detail": d} for n, p_, d in criteria(results, backends[0])]}
+    report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
+              "results": results,
+              "criteria": [dict(zip(("criterion", "passed", "detail"), c)) for c in criteria(results, args.backends[0])]}
     atomic_write(args.out / "norms.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
-    plot({c: read_metrics(args.out / "runs" / f"{c}-{backends[0]}" / "metrics.jsonl") for c in configs}, args.out / "curves.png")
-    print(table)
+    runs = {c: read_metrics(args.out / "runs" / f"{c}-{args.backends[0]}" / "metrics.jsonl") for c in args.configs}
+    plot(runs, args.out / "curves.png")
+    return table
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    changes = split_overrides(args.set)
+    make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(write_report(study(args.configs, args.backends, args.steps, args.out, changes), args, changes))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from shared_config import CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config
+from shared_config import (
+    CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config,
+)
 from shared_config.cli import Parser, UsageError, fail, run as run_main
-from shared_config.data import TokenData, load_data
+from shared_config.data import TOKEN_DTYPES, TokenData, load_data
 from shared_config.io import atomic_write
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
@@ -159,9 +161,10 @@ def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dic
     pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k != "steps"]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
     if diffs := [f"{what}: checkpoint {a!r}, now {b!r}" for what, a, b in pairs if a != b]:
-        raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} (start a new --out to change them)")
-    if stored["train_config"]["steps"] != cfg.steps:
-        print(f"note: steps {stored['train_config']['steps']} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
+        raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
+                         "(start a new --out to change them)")
+    if (steps := stored["train_config"]["steps"]) != cfg.steps:
+        print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
 
 
 def fresh_state(weights: dict) -> dict:
@@ -336,7 +339,8 @@ class Loop:
     def flush(self, backend: Backend, step: int) -> None:
         """Fetch the pending metrics, stop on a non-finite one, log them (with the scalars at `step`)."""
         fetched = backend.fetch([m for _, m in self.pending])
-        records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for (s, _), m in zip(self.pending, fetched)]
+        steps = [s for s, _ in self.pending]
+        records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
         self.pending = []
         if bad := next((r for r in records if not finite_step(r)), None):
             append_metrics(self.metrics_path, [r for r in records if r["step"] <= bad["step"]])
@@ -432,8 +436,9 @@ def describe(run: Run, step: int) -> str:
     """One line on what is trained on what, from where to where."""
     n_params = sum(math.prod(t.shape) for t in layout(run.spec))
     data = run.data
-    line = (f"{n_params / 1e6:.2f}M parameters ({run.spec.norm_type}, {run.spec.norm_placement}), data {data.source} "
-            f"({len(data.train):,} train / {len(data.val):,} val tokens), steps {step} -> {run.stop} of {run.cfg.steps}, out {run.out}")
+    line = (f"{n_params / 1e6:.2f}M parameters ({run.spec.norm_type}, {run.spec.norm_placement}), "
+            f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val tokens), "
+            f"steps {step} -> {run.stop} of {run.cfg.steps}, out {run.out}")
     if data.entropy is not None:
         line += f"; the corpus's entropy rate is {data.entropy:.4f} nats/token (perplexity {math.exp(data.entropy):.2f})"
     return line
@@ -490,7 +495,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")
     p.add_argument("--data", help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
-    p.add_argument("--data-dtype", choices=("uint8", "uint16", "uint32"), help="dtype of a .bin token file (default: its meta.json, else uint16)")
+    p.add_argument("--data-dtype", choices=TOKEN_DTYPES, help="dtype of a .bin token file (default: its meta.json, else uint16)")
     p.add_argument("--out", type=Path, help="the run directory (default: runs/SPEC)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, written by either twin")
     p.add_argument("--init-from", type=Path, help="start from these weights (any format convert.py reads)")

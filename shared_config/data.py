@@ -84,7 +84,8 @@ class TokenData:
         """Both splits hold a window of `seq_len + 1` tokens and every id fits the model's vocabulary."""
         for split, tokens in (("train", self.train), ("validation", self.val)):
             if len(tokens) < seq_len + 1:
-                raise DataError(f"{self.source}: the {split} split holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+                raise DataError(f"{self.source}: the {split} split holds {len(tokens)} tokens, "
+                                f"fewer than seq_len + 1 = {seq_len + 1}")
         if self.vocab_size > vocab_size:
             raise DataError(
                 f"{self.source}: token ids go up to {self.vocab_size - 1} but the model's vocab_size is {vocab_size} "

@@ -48,7 +48,8 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, info: dict, tokenizer: Path | None = None) -> Path:
+def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, info: dict,
+                          tokenizer: Path | None = None) -> Path:
     """Write `out/step-NNNNNNNN/` atomically from a canonical train state {"step", "weights", "m", "v"}."""
     step = train_state["step"]
     path = Path(out) / checkpoint_name(step)
