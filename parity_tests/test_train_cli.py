@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from shared_config.run_dir import list_checkpoints, read_metrics
+from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
 
 from .common import load_script, run_script
 
@@ -40,6 +40,18 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     np.save(tmp_path / "big.npy", np.array([0, 5000] * 2500, np.uint16))
     one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny"),
                    "token ids go up to 5000", "vocab_size is 257", "--set vocab_size=5001")
+
+
+def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train", "--backend", "torch", "--out", out, "--set", "lr=1e30", "--set", "warmup_steps=0",
+                        "--steps", "10", "--save-every", "1", *SHORT)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: non-finite loss at step 2: the first non-finite tensor is activation ")
+    assert line.endswith(f"the last good checkpoint is {out / 'step-00000001'}")
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000001"]
+    load_train_checkpoint(out / "step-00000001")  # complete and finite
 
 
 def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
