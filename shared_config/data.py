@@ -110,8 +110,9 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     path = Path(source)
     if path.is_dir():
         return _load_prepared(path, dtype)
-    tokens, vocab_size, _ = open_tokens(path, dtype)
-    return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), _tokenizer_beside(path))
+    tokens, vocab_size = open_tokens(path, dtype)
+    tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None  # text is bytes, whatever lies beside it
+    return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, source) -> tuple[np.ndarray, np.ndarray]:
@@ -130,12 +131,12 @@ def _load_prepared(path: Path, dtype: str | None) -> TokenData:
         if not found:
             raise DataError(f"{path}: a data directory needs {split}.bin or {split}.npy")
         splits.append(open_tokens(found[0], dtype))
-    (train, train_vocab, meta), (val, val_vocab, _) = splits
-    return TokenData(train, val, max(train_vocab, val_vocab), str(path), _tokenizer_beside(path / "train.bin"))
+    (train, train_vocab), (val, val_vocab) = splits
+    return TokenData(train, val, max(train_vocab, val_vocab), str(path), _tokenizer_in(path))
 
 
-def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, dict]:
-    """A 1-D memory-mapped token array, its vocabulary size (meta.json's, else max id + 1), and meta.json."""
+def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
+    """A 1-D memory-mapped token array and its vocabulary size: meta.json's (trusted), else max id + 1."""
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     meta = read_meta(path.parent)
@@ -144,11 +145,11 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, 
     elif path.suffix == ".bin":
         tokens = _open_bin(path, dtype or meta.get("dtype", "uint16"))
     else:  # text: its UTF-8 bytes are the tokens
-        return _memmap(path, "uint8"), 256, {}
+        return _memmap(path, "uint8"), 256
     if tokens.dtype.name not in TOKEN_DTYPES:
         raise DataError(f"{path}: token dtype {tokens.dtype.name} is not one of {', '.join(TOKEN_DTYPES)}")
     vocab_size = meta.get("vocab_size")
-    return tokens, int(vocab_size) if isinstance(vocab_size, int) else _max_id(tokens) + 1, meta
+    return tokens, int(vocab_size) if isinstance(vocab_size, int) else _max_id(tokens) + 1
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -197,8 +198,8 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def _tokenizer_beside(path: Path) -> Path | None:
-    tokenizer = path.parent / "tokenizer.json"
+def _tokenizer_in(directory: Path) -> Path | None:
+    tokenizer = directory / "tokenizer.json"
     return tokenizer if tokenizer.is_file() else None
 
 
