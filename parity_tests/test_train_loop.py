@@ -149,3 +149,18 @@ def test_the_first_nonfinite_tensor_is_the_first_computed():
     assert "the loss itself" in T.first_nonfinite({"a": ok}, {"logits": ok}, math.inf, {"a": bad})
     assert "gradient of a" in T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": bad})
     assert T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": ok}) is None
+
+
+def test_init_from_a_checkpoint_in_another_format(tmp_path):
+    import torch_model
+    from shared_config import init_weights, load_spec
+    from torch_model.train import loss_and_grads
+
+    spec = load_spec("tiny-derf").replace(n_layers=2, d_model=48, d_ff=128)
+    weights = init_weights(spec.replace(init_std=0.05), seed=7)
+    torch_model.save_state_dict_file(tmp_path / "start.pt", weights, spec)
+    out = tmp_path / "run"
+    train(out, "torch", "--init-from", str(tmp_path / "start.pt"), "--stop-at", "1")
+    run = T.resolve_run(T.parse_args(["--backend", "torch", "--out", str(tmp_path / "other"), *SMALL]))
+    expected, _ = loss_and_grads(torch_model.from_weights(weights, spec), run.batch(1))
+    assert read_metrics(out / "metrics.jsonl")[0]["loss"] == pytest.approx(expected, rel=1e-6)

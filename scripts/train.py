@@ -85,7 +85,7 @@ def resolve_run(args) -> Run:
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
     checkpoint, stored = resumed_checkpoint(args)
     data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
-    init = read_init(args.init_from, args.spec) if args.init_from else None
+    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec else None)
     cfg = with_changes(base_config(args, stored), cfg_changes)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
@@ -122,8 +122,10 @@ def checkpoint_state(path: Path) -> dict:
     return load_train_checkpoint(path)[0]
 
 
-def read_init(path: Path, spec) -> tuple[dict, ModelSpec]:
-    """Weights to start from, in any format convert.py reads (generate.py's loader)."""
+def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
+    """--init-from's weights and spec, in any format convert.py reads (generate.py's loader); a given spec must match."""
+    if path is None:
+        return None
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from generate import load_weights
 
