@@ -1,8 +1,8 @@
 """Train either twin on the embedded synthetic corpus, a token file or text, with checkpoints either twin resumes.
 
-    python scripts/train.py --backend jax                                   # tiny on the synthetic corpus, ~1 min on CPU
-    python scripts/train.py --backend jax --spec tiny-dyt --out runs/dyt    # a DyT model, 200 steps...
-    python scripts/train.py --backend torch --out runs/dyt --resume --steps 400   # ...continued in PyTorch
+    python scripts/train.py --backend jax                     # tiny on the synthetic corpus, ~20 s on 2 CPU cores
+    python scripts/train.py --backend jax --spec tiny-dyt --out runs/dyt --steps 400 --stop-at 200   # DyT, half...
+    python scripts/train.py --backend torch --out runs/dyt --resume                                   # ...the rest in PyTorch
     python scripts/prepare_data.py input.txt --out data/text --tokenizer bpe --vocab-size 2048
     python scripts/train.py --backend torch --data data/text --set lr=3e-3 --set steps=2000
 
