@@ -5,7 +5,8 @@ where the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
     train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr, nonfinite
+    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: the step donates `state` (and at
@@ -113,11 +114,28 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp),
+                   "nonfinite": nonfinite_fraction(jax.tree.leaves(grads))}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
     return jax.jit(train_step, donate_argnums=0) if compile else train_step
+
+
+def make_eval_step(model, *, compile: bool = True) -> Callable:
+    """`eval_step(state, tokens_BN, mask_BN=None) -> loss`: the loss of the state's parameters, no update."""
+    graphdef, _, rest = split_params(model)
+
+    def eval_step(state: TrainState, tokens_BN, mask_BN=None):
+        return model_loss(nnx.merge(graphdef, state.params, rest), tokens_BN, mask_BN)
+
+    return jax.jit(eval_step) if compile else eval_step
+
+
+def scalar_params(model, state: TrainState) -> dict[str, jax.Array]:
+    """The state's one-element parameters (alpha, shift, embed_scale) by canonical name, as device scalars."""
+    names = {t.jax_name: t.name for t in model_layout(model.spec) if t.shape == (1,)}
+    return {names[path]: x[0] for path, x in flat_arrays(state.params).items() if path in names}
 
 
 def get_train_state(model, state: TrainState) -> dict[str, Any]:
@@ -155,6 +173,12 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     state = jax.tree.map(jnp.zeros_like, like)
     nnx.replace_by_pure_dict(state, pure)
     return state
+
+
+def nonfinite_fraction(grads: list[jax.Array]) -> jax.Array:
+    """The fraction of NaN/Inf values over all `grads`, a float32 device scalar."""
+    count = sum(jnp.sum(~jnp.isfinite(g), dtype=jnp.float32) for g in grads)  # float32: no int32 overflow
+    return count / sum(g.size for g in grads)
 
 
 @partial(jax.jit, static_argnums=0)

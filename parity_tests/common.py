@@ -92,6 +92,7 @@ def load_script(name: str):
     """A module of scripts/ (not a package), imported from this checkout by path."""
     module_spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up there
     module_spec.loader.exec_module(module)
     return module
 

@@ -7,6 +7,7 @@ import sys
 import traceback
 from typing import Callable
 
+from .data import DataError
 from .io import CheckpointError
 from .spec import SpecError
 
@@ -15,7 +16,7 @@ class UsageError(ValueError):
     """Bad command-line input that argparse itself cannot see (a bad combination, a missing file)."""
 
 
-USER_ERRORS = (SpecError, CheckpointError, UsageError, FileNotFoundError, IsADirectoryError, PermissionError)
+USER_ERRORS = (SpecError, CheckpointError, DataError, UsageError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,12 +1,42 @@
-"""Deterministic training batches (numpy only): a pure function of (seed, step, sizes), so both twins,
-and a run resumed in the other framework, read exactly the same tokens.
+"""Training data (numpy only): token files, text read as bytes, an embedded synthetic corpus, and
+batches that are a pure function of (seed, step), so both twins, and a run resumed in the other
+framework, read exactly the same tokens.
+
+Sources (`load_data`):
+- `synthetic[:SEED]`: a Markov chain over 256 tokens (Zipf unigrams plus bigram transitions),
+  generated from the seed; its entropy rate, the loss a perfect model reaches, is known exactly.
+- a directory written by scripts/prepare_data.py: `train.bin`, `val.bin`, `meta.json` and, for
+  BPE, `tokenizer.json`;
+- a token file: `.npy` (uint8/16/32, 1-D), or `.bin`, raw tokens as nanoGPT writes them, whose
+  dtype is the `dtype` argument, else the `meta.json` beside it, else uint16 (nanoGPT's);
+- any other file: text, one token per UTF-8 byte (vocab 256).
+Files are memory-mapped; a single file's last `val_fraction` is the validation split.
+
+Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, V vocab.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-BRANCHING = 4  # successors per token in the synthetic corpus
+BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+SYNTHETIC_VOCAB = 256
+SYNTHETIC_TRAIN_TOKENS = 1 << 20
+SYNTHETIC_VAL_TOKENS = 1 << 16
+ZIPF_EXPONENT = 1.1  # unigram probability of the token of rank r ∝ 1 / r^1.1
+SUCCESSORS = 8  # each token has 8 favoured successors...
+SUCCESSOR_MASS = 0.8  # ...that take 80% of its next-token probability; the rest is a unigram draw
+_BATCH_STREAM = 2  # separates the batch order's random stream from the corpus's own
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as asked; the message names the file and the problem."""
 
 
 def synthetic_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int) -> np.ndarray:
@@ -23,3 +53,215 @@ def synthetic_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_s
     for n in range(1, seq_len + 1):
         tokens_BN[:, n] = successors_VK[tokens_BN[:, n - 1], picks_BN[:, n]]
     return tokens_BN
+
+
+# --- a corpus split for training ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TokenData:
+    """Train and validation tokens (1-D, memory-mapped for files) and what they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int  # every token id is below it
+    source: str  # a path, or "synthetic:SEED"
+    tokenizer: Path | None = None  # the tokenizer.json the ids come from, if any
+    entropy: float | None = None  # nats per token of the generating process (the synthetic corpus)
+
+    def batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+        """int32 tokens [B, T+1]: windows of the train split at offsets drawn from (seed, step) alone."""
+        starts_B = np.random.default_rng([seed, _BATCH_STREAM, step]).integers(0, len(self.train) - seq_len, batch_size)
+        return np.stack([self.train[s : s + seq_len + 1] for s in starts_B]).astype(np.int32)
+
+    def val_batches(self, n_batches: int, batch_size: int, seq_len: int) -> list[np.ndarray]:
+        """Fixed int32 batches [B, T+1] spread evenly over the validation split (the same at every eval)."""
+        starts = np.linspace(0, len(self.val) - seq_len - 1, n_batches * batch_size).astype(np.int64)
+        rows = np.stack([self.val[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+        return list(rows.reshape(n_batches, batch_size, seq_len + 1))
+
+    def check(self, seq_len: int, vocab_size: int) -> None:
+        """Both splits hold a window of `seq_len + 1` tokens and every id fits the model's vocabulary."""
+        for split, tokens in (("train", self.train), ("validation", self.val)):
+            if len(tokens) < seq_len + 1:
+                raise DataError(f"{self.source}: the {split} split holds {len(tokens)} tokens, "
+                                f"fewer than seq_len + 1 = {seq_len + 1}")
+        if self.vocab_size > vocab_size:
+            raise DataError(
+                f"{self.source}: token ids go up to {self.vocab_size - 1} but the model's vocab_size is {vocab_size} "
+                f"(pass --set vocab_size={self.vocab_size} or a spec with a larger vocabulary)"
+            )
+
+    def describe(self) -> dict:
+        """What a checkpoint records about its data (a resumed run checks it reads the same)."""
+        source = self.source if self.source.startswith("synthetic") else str(Path(self.source).resolve())
+        return {"source": source, "vocab_size": self.vocab_size, "train_tokens": len(self.train),
+                "val_tokens": len(self.val), "entropy": self.entropy}
+
+
+def load_data(source: str | Path, dtype: str | None = None, val_fraction: float = 0.1) -> TokenData:
+    """A `TokenData` from `synthetic[:SEED]`, a prepared directory, a token file or a text file."""
+    name = str(source)
+    if name == "synthetic" or name.startswith("synthetic:"):
+        seed = name.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise DataError(f"{name}: the synthetic corpus takes a seed, e.g. synthetic:0")
+        return synthetic_corpus(int(seed))
+    path = Path(source)
+    if path.is_dir():
+        return _load_prepared(path, dtype)
+    tokens, vocab_size = open_tokens(path, dtype)
+    tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None  # text is bytes, whatever lies beside it
+    return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, source) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): the last `val_fraction` of the tokens is the validation split."""
+    n_val = int(len(tokens) * val_fraction)
+    if n_val < 1 or n_val >= len(tokens):
+        raise DataError(f"{source}: {len(tokens)} tokens are too few to split off a validation fraction of {val_fraction}")
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def _load_prepared(path: Path, dtype: str | None) -> TokenData:
+    """A directory holding train.{bin,npy} and val.{bin,npy} (scripts/prepare_data.py, nanoGPT)."""
+    splits = []
+    for split in ("train", "val"):
+        found = [p for p in (path / f"{split}.bin", path / f"{split}.npy") if p.is_file()]
+        if not found:
+            raise DataError(f"{path}: a data directory needs {split}.bin or {split}.npy")
+        splits.append(open_tokens(found[0], dtype))
+    (train, train_vocab), (val, val_vocab) = splits
+    return TokenData(train, val, max(train_vocab, val_vocab), str(path), _tokenizer_in(path))
+
+
+def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
+    """A 1-D memory-mapped token array and its vocabulary size: meta.json's (trusted), else max id + 1."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    meta = read_meta(path.parent)
+    if path.suffix == ".npy":
+        tokens = _open_npy(path)
+    elif path.suffix == ".bin":
+        tokens = _open_bin(path, dtype or meta.get("dtype", "uint16"))
+    else:  # text: its UTF-8 bytes are the tokens
+        return _memmap(path, "uint8"), 256
+    if tokens.dtype.name not in TOKEN_DTYPES:
+        raise DataError(f"{path}: token dtype {tokens.dtype.name} is not one of {', '.join(TOKEN_DTYPES)}")
+    vocab_size = meta.get("vocab_size")
+    return tokens, int(vocab_size) if isinstance(vocab_size, int) else _max_id(tokens) + 1
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a valid .npy file: {' '.join(str(e).split())}") from None
+    if tokens.ndim != 1:
+        raise DataError(f"{path}: tokens must be a 1-D array, found shape {list(tokens.shape)}")
+    if len(tokens) == 0:
+        raise DataError(f"{path}: holds no tokens")
+    return tokens
+
+
+def _open_bin(path: Path, dtype: str) -> np.ndarray:
+    if dtype not in TOKEN_DTYPES:
+        raise DataError(f"{path}: token dtype {dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
+    if size % itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (wrong dtype, or a truncated file?)")
+    return _memmap(path, dtype)
+
+
+def _memmap(path: Path, dtype: str) -> np.ndarray:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: holds no tokens")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _max_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest token id, read in chunks so that a large memory-mapped file is never copied whole."""
+    return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+
+
+def read_meta(directory: Path) -> dict:
+    """`meta.json` of a data directory ({} when absent): dtype, vocab_size, tokenizer, token counts."""
+    path = directory / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: must hold a JSON object")
+    return meta
+
+
+def _tokenizer_in(directory: Path) -> Path | None:
+    tokenizer = directory / "tokenizer.json"
+    return tokenizer if tokenizer.is_file() else None
+
+
+# --- the embedded synthetic corpus -------------------------------------------------------------
+
+
+def markov_chain(seed: int, vocab_size: int = SYNTHETIC_VOCAB) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The chain's parts: Zipf unigrams [V], each token's favoured successors [V, S] and their weights [S].
+
+    The next token is one of the current token's successors (probability SUCCESSOR_MASS, the k-th
+    with weight ∝ 1/k), else a draw from the unigrams; token ranks are a seeded permutation.
+    """
+    rng = np.random.default_rng([seed, 0])
+    unigram_V = 1.0 / (rng.permutation(vocab_size) + 1.0) ** ZIPF_EXPONENT
+    unigram_V /= unigram_V.sum()
+    successors_VS = np.stack([rng.choice(vocab_size, SUCCESSORS, replace=False, p=unigram_V) for _ in range(vocab_size)])
+    weights_S = 1.0 / np.arange(1, SUCCESSORS + 1)
+    return unigram_V, successors_VS, weights_S / weights_S.sum()
+
+
+def transition_matrix(unigram_V, successors_VS, weights_S) -> np.ndarray:
+    """P[a, b] = probability that b follows a, float64 [V, V]."""
+    V, S = successors_VS.shape
+    P_VV = np.tile((1 - SUCCESSOR_MASS) * unigram_V, (V, 1))
+    np.add.at(P_VV, (np.repeat(np.arange(V), S), successors_VS.ravel()), SUCCESSOR_MASS * np.tile(weights_S, V))
+    return P_VV
+
+
+def stationary(P_VV: np.ndarray) -> np.ndarray:
+    """The distribution π with π P = π, Σπ = 1 (the chain is irreducible: every row holds the unigrams)."""
+    V = len(P_VV)
+    A = P_VV.T - np.eye(V)
+    A[-1] = 1.0  # replace one (redundant) balance equation by the normalisation
+    return np.linalg.solve(A, np.eye(V)[-1])
+
+
+def entropy_rate(P_VV: np.ndarray) -> float:
+    """Σ_a π_a H(P[a, :]) in nats: the expected loss of a model that knows the chain."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_V = -np.sum(np.where(P_VV > 0, P_VV * np.log(P_VV), 0.0), axis=1)
+    return float(stationary(P_VV) @ h_V)
+
+
+def synthetic_corpus(seed: int = 0, vocab_size: int = SYNTHETIC_VOCAB, train_tokens: int = SYNTHETIC_TRAIN_TOKENS,
+                     val_tokens: int = SYNTHETIC_VAL_TOKENS) -> TokenData:
+    """The embedded corpus: `markov_chain(seed)` sampled as 256 parallel chains, each started from π.
+
+    Chains are laid end to end; the 255 joins (one transition in ~4,000) are the only tokens not
+    drawn from P, which moves the achievable loss by < 1e-3 nats.
+    """
+    unigram_V, successors_VS, weights_S = markov_chain(seed, vocab_size)
+    P_VV = transition_matrix(unigram_V, successors_VS, weights_S)
+    C = 256
+    L = -(-(train_tokens + val_tokens) // C)
+    rng = np.random.default_rng([seed, 1])
+    follow_LC = rng.random((L, C)) < SUCCESSOR_MASS
+    pick_LC = rng.choice(SUCCESSORS, (L, C), p=weights_S)
+    fresh_LC = rng.choice(vocab_size, (L, C), p=unigram_V)
+    tokens_LC = np.empty((L, C), np.uint16)
+    tokens_LC[0] = rng.choice(vocab_size, C, p=stationary(P_VV))
+    for n in range(1, L):
+        tokens_LC[n] = np.where(follow_LC[n], successors_VS[tokens_LC[n - 1], pick_LC[n]], fresh_LC[n])
+    tokens = tokens_LC.T.reshape(-1)[: train_tokens + val_tokens]
+    return TokenData(tokens[:train_tokens], tokens[train_tokens:], vocab_size, f"synthetic:{seed}",
+                     entropy=entropy_rate(P_VV))

@@ -1,0 +1,219 @@
+"""The normalization study: RMSNorm, DyT and Derf, pre and peri placement (LayerNorm as a reference),
+the tiny family trained in both twins on the embedded corpus, judged against the usual DyT criteria.
+
+    python scripts/compare_norms.py --steps 300 --out runs/norms
+    python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a change to every run
+
+Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
+and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).
+The criteria: DyT and Derf within 0.5 perplexity of RMSNorm at the same placement; no NaN/Inf in
+any run; which placement has the lowest gradient-norm variance (over the steps after warmup).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plot_curves import plot  # noqa: E402
+from train import (  # noqa: E402
+    DEFAULT_TRAIN_CONFIG, Loop, NonFiniteError, Run, backend_factory, finite_step, fresh_state, split_overrides, with_changes,
+)
+
+from shared_config import init_weights, load_spec, load_train_config  # noqa: E402
+from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
+from shared_config.io import atomic_write  # noqa: E402
+from shared_config.run_dir import read_metrics  # noqa: E402
+
+PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
+CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
+PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
+
+
+def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
+    """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
+    norm, placement = config.split("-")
+    spec_changes, cfg_changes = changes
+    spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
+                                            **spec_changes)
+    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
+    weights = init_weights(spec, cfg.seed)
+    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
+               eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})
+
+
+def train_one(run_: Run, backend: str) -> int | None:
+    """Train (replacing an earlier result); the step a non-finite loss or gradient stopped it at, else None."""
+    shutil.rmtree(run_.out, ignore_errors=True)
+    try:
+        Loop(run_, backend_factory(backend, run_), progress=False)()
+    except NonFiniteError as e:
+        tqdm.write(f"{run_.out.name}: {e}", file=sys.stderr)
+        records = read_metrics(run_.out / "metrics.jsonl")
+        return next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r))
+    return None
+
+
+def summarize(run_: Run, stopped_at: int | None) -> dict:
+    """One run's row: final validation loss and perplexity, alpha range, grad-norm variance, non-finite steps."""
+    records = read_metrics(run_.out / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    scalars = next((r["scalars"] for r in reversed(train) if "scalars" in r), {})
+    alpha = [v for k, v in scalars.items() if k.endswith(".alpha")]
+    after_warmup = [r["grad_norm"] for r in train if r["step"] > run_.cfg.warmup_steps and finite_step(r)]
+    val = evals[-1]["val_loss"] if evals and stopped_at is None else None
+    return {
+        "val_loss": val, "val_ppl": math.exp(val) if val is not None else None,
+        "alpha_min": min(alpha) if alpha else None, "alpha_max": max(alpha) if alpha else None,
+        "grad_norm_var": float(np.var(after_warmup)) if after_warmup else None,
+        "nonfinite_steps": sum(not finite_step(r) for r in train), "stopped_at": stopped_at,
+        "losses": [r["loss"] for r in train], "entropy": run_.data.entropy,
+    }
+
+
+def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict]) -> dict:
+    """Train every configuration in every backend; {config: {backend: row}}."""
+    results, data = {}, synthetic_corpus(0)
+    with tqdm(total=len(configs) * len(backends), desc="norm study", unit="run", file=sys.stderr) as bar:
+        for config in configs:
+            for backend in backends:
+                bar.set_postfix_str(f"{config} {backend}")
+                run_ = make_run(config, backend, steps, out, changes, data)
+                results.setdefault(config, {})[backend] = summarize(run_, train_one(run_, backend))
+                bar.update()
+    return results
+
+
+def twin_gap(rows: dict) -> float | None:
+    """max over steps of |loss_jax − loss_torch| / loss_torch, where both twins ran."""
+    if not {"jax", "torch"} <= rows.keys():
+        return None
+    a, b = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
+    n = min(len(a), len(b))
+    return float(np.max(np.abs(a[:n] - b[:n]) / np.abs(b[:n]))) if n else None
+
+
+def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
+    """(criterion, passed or None, detail): the perplexity margin, finiteness, the lowest gradient-norm variance."""
+    rows = {config: by_backend[main] for config, by_backend in results.items()}
+    return perplexity_criteria(rows) + [finite_criterion(results)] + variance_criteria(rows)
+
+
+def perplexity_criteria(rows: dict) -> list[tuple]:
+    """DyT and Derf within PPL_MARGIN perplexity of RMSNorm at the same placement."""
+    out = []
+    for config, row in rows.items():
+        norm, placement = config.split("-")
+        ref = rows.get(f"rms-{placement}")
+        if norm in ("dyt", "derf") and ref and row["val_ppl"] is not None and ref["val_ppl"] is not None:
+            gap = row["val_ppl"] - ref["val_ppl"]
+            out.append((f"{config} within {PPL_MARGIN} perplexity of rms-{placement}", gap <= PPL_MARGIN,
+                        f"{row['val_ppl']:.2f} vs {ref['val_ppl']:.2f} ({gap:+.2f})"))
+    return out
+
+
+def finite_criterion(results: dict) -> tuple:
+    """No run, in any backend, met a NaN/Inf."""
+    runs = [(f"{config} {backend}", row) for config, by_backend in results.items() for backend, row in by_backend.items()]
+    bad = [name for name, row in runs if row["nonfinite_steps"] or row["stopped_at"]]
+    return "no NaN/Inf in any run", not bad, ", ".join(bad) or f"{len(runs)} runs finite"
+
+
+def variance_criteria(rows: dict) -> list[tuple]:
+    """Per norm type, the placement with the lowest gradient-norm variance; then the lowest overall."""
+    variances = {c: row["grad_norm_var"] for c, row in rows.items() if row["grad_norm_var"] is not None}
+    out = []
+    for norm in dict.fromkeys(c.split("-")[0] for c in variances):
+        mine = {c: v for c, v in variances.items() if c.startswith(f"{norm}-")}
+        if len(mine) > 1:
+            listed = ", ".join(f"{c} {v:.3g}" for c, v in mine.items())
+            out.append((f"{norm}: lowest gradient-norm variance", None, f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
+    if variances:
+        best = min(variances, key=variances.get)
+        out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"))
+    return out
+
+
+def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
+    """The table (the first backend's numbers, the twins' loss gap) and the criteria, as Markdown."""
+    main = backends[0]
+    entropy = next(iter(next(iter(results.values())).values()))["entropy"]
+    lines = [f"Command: `{command}`", "",
+             f"{steps} steps, numbers from {main}; the corpus's entropy rate is {entropy:.4f} nats "
+             f"(perplexity {math.exp(entropy):.2f}).", "",
+             "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps "
+             "| max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, rows in results.items():
+        row, gap = rows[main], twin_gap(rows)
+        cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"), fmt(row["alpha_min"], ".3f"),
+                 fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
+                 str(sum(r["nonfinite_steps"] for r in rows.values())), fmt(gap, ".1e")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| criterion | result | detail |", "|---|---|---|"]
+    for name, passed, detail in criteria(results, main):
+        lines.append(f"| {name} | {'—' if passed is None else 'PASS' if passed else 'FAIL'} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300, help="updates per run")
+    p.add_argument("--backends", default="jax,torch", help="comma-separated; the first one's numbers fill the table")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
+    p.add_argument("--out", type=Path, default=Path("runs/norms"))
+    args = p.parse_args(argv)
+    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
+    if bad := [c for c in args.configs if not valid_config(c)]:
+        raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
+                         "PLACEMENT pre|peri|post")
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    args.command = " ".join(["python scripts/compare_norms.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def valid_config(config: str) -> bool:
+    norm, _, placement = config.partition("-")
+    return norm in PRESETS and placement in ("pre", "peri", "post")
+
+
+def write_report(results: dict, args, changes: tuple[dict, dict]) -> str:
+    """norms.md, norms.json and curves.png in --out (each atomically); the Markdown."""
+    table = markdown(results, args.backends, args.steps, args.command)
+    atomic_write(args.out / "norms.md", lambda tmp: tmp.write_text(table))
+    report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
+              "results": results,
+              "criteria": [dict(zip(("criterion", "passed", "detail"), c)) for c in criteria(results, args.backends[0])]}
+    atomic_write(args.out / "norms.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    runs = {c: read_metrics(args.out / "runs" / f"{c}-{args.backends[0]}" / "metrics.jsonl") for c in args.configs}
+    plot(runs, args.out / "curves.png")
+    return table
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    changes = split_overrides(args.set)
+    make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(write_report(study(args.configs, args.backends, args.steps, args.out, changes), args, changes))
+
+
+if __name__ == "__main__":
+    run(main)

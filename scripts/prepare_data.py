@@ -1,0 +1,101 @@
+"""Turn a text file into train/val token files for scripts/train.py: byte-level, or a BPE trained on the file.
+
+    python scripts/prepare_data.py input.txt --out data/text                       # UTF-8 bytes, vocab 256
+    python scripts/prepare_data.py input.txt --out data/text-bpe --tokenizer bpe --vocab-size 2048
+
+DIR gets `train.bin` and `val.bin` (raw tokens, uint16, or uint32 past 65,536 ids: nanoGPT's
+layout), `meta.json` (dtype, vocab_size, tokenizer, token counts) and, for BPE, `tokenizer.json`
+(Hugging Face `tokenizers`, byte-level BPE), which train.py copies into every checkpoint so that
+generate.py decodes text. The last --val-fraction of the tokens is the validation split. DIR is
+built under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shared_config.cli import Parser, UsageError, run
+from shared_config.data import DataError, split_tokens
+from shared_config.io import atomic_dir
+
+LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
+
+
+def byte_tokens(path: Path) -> np.ndarray:
+    """The file's bytes, one token each (what train.py reads from a text file on the fly)."""
+    return np.fromfile(path, np.uint8).astype(np.uint16)
+
+
+def line_chunks(path: Path):
+    """The file's lines (newlines kept), LINES_PER_CHUNK at a time; bytes that are not UTF-8 raise UnicodeDecodeError."""
+    with open(path, encoding="utf-8", newline="") as f:
+        while chunk := [line for _, line in zip(range(LINES_PER_CHUNK), f)]:
+            yield chunk
+
+
+def train_bpe(path: Path, vocab_size: int):
+    """A byte-level BPE (GPT-2 style: any text encodes, no unknown tokens) trained on the file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(line_chunks(path), trainer)
+    return tokenizer
+
+
+def bpe_tokens(tokenizer, path: Path) -> np.ndarray:
+    """The file encoded by `tokenizer`, a chunk of lines at a time, as uint32."""
+    ids = [e.ids for chunk in line_chunks(path) for e in tokenizer.encode_batch(chunk)]
+    return np.fromiter((i for row in ids for i in row), np.uint32)
+
+
+def write_data_dir(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, tokenizer, force: bool) -> None:
+    """train.bin, val.bin, meta.json (and tokenizer.json), all or nothing."""
+    dtype = np.uint16 if meta["vocab_size"] <= 1 << 16 else np.uint32
+    with atomic_dir(out, overwrite=force) as tmp:
+        train.astype(dtype).tofile(tmp / "train.bin")
+        val.astype(dtype).tofile(tmp / "val.bin")
+        meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": len(train), "val_tokens": len(val)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("input", type=Path, help="a text file (UTF-8 for BPE; any bytes for byte-level)")
+    p.add_argument("--out", type=Path, required=True, help="the data directory to write")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    if not args.input.is_file():
+        raise UsageError(f"{args.input}: no such file")
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} exists; pass --force to replace it")
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    if args.tokenizer == "bpe" and not 256 < args.vocab_size <= 1 << 32:
+        raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = train_bpe(args.input, args.vocab_size) if args.tokenizer == "bpe" else None
+        tokens = bpe_tokens(tokenizer, args.input) if tokenizer else byte_tokens(args.input)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{args.input}: not UTF-8 text ({e.reason}); use --tokenizer byte") from None
+    train, val = split_tokens(tokens, args.val_fraction, args.input)
+    vocab_size = tokenizer.get_vocab_size() if tokenizer else 256
+    meta = {"vocab_size": vocab_size, "tokenizer": args.tokenizer, "source": args.input.name}
+    write_data_dir(args.out, train, val, meta, tokenizer, args.force)
+    print(json.dumps({"out": str(args.out), **meta, "train_tokens": len(train), "val_tokens": len(val)}))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,539 @@
+"""Train either twin on the embedded synthetic corpus, a token file or text, with checkpoints either twin resumes.
+
+    python scripts/train.py --backend jax                     # tiny on the synthetic corpus, ~20 s on 2 CPU cores
+    python scripts/train.py --backend jax --spec tiny-dyt --out runs/dyt --steps 400 --stop-at 200   # DyT, half...
+    python scripts/train.py --backend torch --out runs/dyt --resume                                   # ...the rest in PyTorch
+    python scripts/prepare_data.py input.txt --out data/text --tokenizer bpe --vocab-size 2048
+    python scripts/train.py --backend torch --data data/text --set lr=3e-3 --set steps=2000
+
+Both twins read the same batches (a pure function of the seed and the step) and write the same
+checkpoints (canonical weights and AdamW moments), so a run continues in either framework.
+Progress goes to stderr, metrics to OUT/metrics.jsonl, a JSON summary to stdout. Bad input is one
+`error:` line and exit code 2; a non-finite loss or gradient stops the run with exit code 1, naming
+the step and the first tensor that went non-finite, and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from shared_config import (
+    CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config,
+)
+from shared_config.cli import Parser, UsageError, fail, run as run_main
+from shared_config.data import TOKEN_DTYPES, TokenData, load_data
+from shared_config.io import atomic_write
+from shared_config.run_dir import (
+    CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
+    read_json, save_train_checkpoint, truncate_metrics, write_json,
+)
+from shared_config.spec import check_keys, parse_overrides
+
+DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
+DEFAULT_TRAIN_CONFIG = "cpu"
+SPEC_KEYS = [f.name for f in fields(ModelSpec)]
+TRAIN_KEYS = [f.name for f in fields(TrainConfig)]  # a key in both (compute_dtype) is the run's setting
+
+
+# --- what to train ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything one run needs, resolved from the command line (and the checkpoint it resumes)."""
+
+    spec: ModelSpec  # the model as this run computes it (the train config's compute_dtype applied)
+    cfg: TrainConfig
+    data: TokenData
+    out: Path
+    start: Callable[[], dict]  # the canonical train state to start from: a checkpoint's, or step 0
+    stop: int  # the last update of this invocation (cfg.steps, or --stop-at)
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate at the end only
+    save_every: int = 100  # 0: save at the end only
+    keep: int = 3
+    eval_batches: int = 8
+    info: dict | None = None  # recorded in run.json: the command, the backend
+
+    def batch(self, step: int) -> np.ndarray:
+        """The batch of update `step` (1-based): a pure function of the seed and the step."""
+        return self.data.batch(self.cfg.seed, step - 1, self.cfg.batch_size, self.cfg.seq_len)
+
+
+def split_overrides(items: list[str] | None) -> tuple[dict, dict]:
+    """`--set key=value` items as (spec changes, train config changes); unknown keys get the closest one suggested."""
+    spec_changes, cfg_changes = {}, {}
+    for key, value in parse_overrides(items).items():
+        check_keys({key: value}, SPEC_KEYS + TRAIN_KEYS, "--set")
+        (cfg_changes if key in TRAIN_KEYS else spec_changes)[key] = value
+    return spec_changes, cfg_changes
+
+
+def resolve_run(args) -> Run:
+    """The run the arguments ask for: a fresh one, or the checkpoint in --out continued (--resume)."""
+    spec_changes, cfg_changes = split_overrides(args.set)
+    cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
+    checkpoint, stored = resumed_checkpoint(args)
+    data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
+    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec else None)
+    cfg = with_changes(base_config(args, stored), cfg_changes)
+    spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
+    data.check(cfg.seq_len, spec.V)
+    if stored:
+        check_resume(spec, cfg, data, stored)
+        start = partial(checkpoint_state, checkpoint)
+    else:
+        weights = init[0] if init else init_weights(spec, cfg.seed)
+        check_weights(weights, spec, args.init_from or "init")
+        start = partial(fresh_state, weights)
+    stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
+    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
+    return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
+
+
+def resumed_checkpoint(args) -> tuple[Path | None, dict | None]:
+    """The latest checkpoint in --out and its state.json when resuming; a fresh run refuses an --out holding checkpoints."""
+    checkpoint = latest_checkpoint(args.out)
+    if not args.resume:
+        if checkpoint is not None:
+            raise UsageError(f"{args.out} holds checkpoints already: pass --resume to continue that run, or another --out")
+        return None, None
+    if checkpoint is None:
+        raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
+    if args.init_from:
+        raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
+    stored = read_json(checkpoint / "state.json")
+    if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
+        raise CheckpointError(f"{checkpoint / 'state.json'}: missing {', '.join(missing)}")
+    return checkpoint, stored
+
+
+def checkpoint_state(path: Path) -> dict:
+    return load_train_checkpoint(path)[0]
+
+
+def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
+    """--init-from's weights and spec, in any format convert.py reads (generate.py's loader); a given spec must match."""
+    if path is None:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generate import load_weights
+
+    return load_weights(path, spec)
+
+
+def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
+    """--spec, else the resumed run's, else the --init-from file's, else tiny with the data's vocabulary."""
+    if args.spec:
+        return load_spec(args.spec)
+    if stored:
+        return load_spec(stored["spec"])
+    if init:
+        return init[1]
+    return load_spec(DEFAULT_SPEC).replace(vocab_size=data.vocab_size)
+
+
+def base_config(args, stored) -> TrainConfig:
+    """--train-config, else the resumed run's, else the cpu preset."""
+    if args.train_config:
+        return load_train_config(args.train_config)
+    return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
+
+
+def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
+    """`cfg` with --set/--steps/--seed applied; a --steps below the warmup shortens the warmup with it."""
+    if "steps" in changes and "warmup_steps" not in changes:
+        changes = {**changes, "warmup_steps": min(cfg.warmup_steps, changes["steps"])}
+    return cfg.replace(**changes)
+
+
+def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dict) -> None:
+    """A resumed run is the run that was checkpointed: the same spec, train config (but steps) and data."""
+    pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
+    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k != "steps"]
+    pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
+    if diffs := [f"{what}: checkpoint {a!r}, now {b!r}" for what, a, b in pairs if a != b]:
+        raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
+                         "(start a new --out to change them)")
+    if (steps := stored["train_config"]["steps"]) != cfg.steps:
+        print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
+
+
+def fresh_state(weights: dict) -> dict:
+    """A canonical train state at step 0: `weights` and AdamW moments of zero."""
+    return {"step": 0, "weights": weights, **{key: {k: np.zeros_like(w) for k, w in weights.items()} for key in ("m", "v")}}
+
+
+# --- the twins in the loop -------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """One twin's side of the loop: the model, its train state and its compiled steps (both classes below)."""
+
+    name: str
+
+    def step(self, tokens_BN: np.ndarray) -> dict: ...  # one update; device-scalar metrics, no host sync
+    def eval_loss(self, tokens_BN: np.ndarray): ...  # a device scalar
+    def scalars(self) -> dict: ...  # alpha, shift, embed_scale by canonical name, device scalars
+    def fetch(self, tree): ...  # device values -> numpy (waits for them)
+    def train_state(self) -> dict: ...  # canonical {"step", "weights", "m", "v"}
+    def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]: ...  # weights, taps, loss, grads
+
+
+class JaxBackend:
+    """The JAX twin: `jax.jit` train and eval steps over a donated train state."""
+
+    name = "jax"
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = True):
+        import jax
+
+        import jax_model
+        from jax_model import train
+
+        jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls as torch computes them (no TF32)
+        self.jax, self.train = jax, train
+        self.model = jax_model.from_weights(train_state["weights"], spec)
+        self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
+        self.train_step = train.make_train_step(self.model, cfg, compile=compile)  # compile=False: eager, for debugging
+        self.eval_step = train.make_eval_step(self.model, compile=compile)
+
+    def step(self, tokens_BN):
+        self.state, metrics = self.train_step(self.state, tokens_BN)
+        return metrics
+
+    def eval_loss(self, tokens_BN):
+        return self.eval_step(self.state, tokens_BN)
+
+    def scalars(self):
+        return self.train.scalar_params(self.model, self.state)
+
+    def fetch(self, tree):
+        return self.jax.device_get(tree)
+
+    def train_state(self):
+        return self.train.get_train_state(self.model, self.state)
+
+    def inspect(self, tokens_BN):
+        from flax import nnx
+
+        nnx.update(self.model, self.state.params)
+        taps = {}
+        self.model(self.jax.numpy.asarray(tokens_BN[:, :-1]), taps=taps)
+        loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
+        return self.train_state()["weights"], self.jax.tree.map(np.asarray, taps), loss, grads
+
+
+class TorchBackend:
+    """The torch twin: eager (or `torch.compile`d) steps updating the model and AdamW in place."""
+
+    name = "torch"
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = False):
+        import torch
+
+        import torch_model
+        from torch_model import train
+
+        self.torch, self.train = torch, train
+        device = "cuda" if torch.cuda.is_available() else None
+        self.model = torch_model.from_weights(train_state["weights"], spec, device=device)
+        self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
+        self.train_step = train.make_train_step(self.model, cfg, compile=compile)
+        self.eval_step = train.make_eval_step(self.model, compile=compile)
+
+    def step(self, tokens_BN):
+        return self.train_step(self.state, tokens_BN)[1]
+
+    def eval_loss(self, tokens_BN):
+        return self.eval_step(self.state, tokens_BN)
+
+    def scalars(self):
+        return self.train.scalar_params(self.model, self.state)
+
+    def fetch(self, tree):
+        return self.torch.utils._pytree.tree_map(lambda x: x.detach().float().cpu().numpy(), tree)
+
+    def train_state(self):
+        return self.train.get_train_state(self.model, self.state)
+
+    def inspect(self, tokens_BN):
+        taps = {}
+        with self.torch.no_grad():
+            self.model(self.torch.as_tensor(tokens_BN[:, :-1], device=next(self.model.parameters()).device), taps=taps)
+        loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
+        return self.train_state()["weights"], self.fetch(taps), loss, grads
+
+
+BACKENDS = {"jax": JaxBackend, "torch": TorchBackend}
+
+
+def backend_factory(name: str, run: Run, compile: bool | None = None) -> Callable[[dict], Backend]:
+    """`make_backend(train_state)` for the twin `name`; compile=None keeps the twin's default."""
+    options = {} if compile is None else {"compile": compile}
+    return partial(BACKENDS[name], run.spec, run.cfg, **options)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped the run; the message names the step and the first bad tensor."""
+
+
+class Loop:
+    """The backend-neutral loop: batches, metrics, evaluation, checkpoints, the non-finite stop."""
+
+    def __init__(self, run: Run, make_backend: Callable[[dict], Backend], progress: bool = True):
+        self.run, self.make_backend, self.progress = run, make_backend, progress
+        self.metrics_path = run.out / "metrics.jsonl"
+        self.val_batches = run.data.val_batches(run.eval_batches, run.cfg.batch_size, run.cfg.seq_len)
+        self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
+        self.summary: dict = {}
+
+    def __call__(self) -> dict:
+        """Train from `run.start()` to `run.stop`; the summary of the last step."""
+        run = self.run
+        state = run.start()
+        self.prepare(state["step"])
+        if state["step"] >= run.stop:
+            self.bar_note(f"nothing to do: the run is at step {state['step']} and --stop-at/steps is {run.stop}")
+            return {"step": state["step"], "checkpoint": str(latest_checkpoint(run.out))}
+        backend = self.make_backend(state)
+        first, self.clock = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len)
+        with tqdm(total=run.stop, initial=state["step"], desc=backend.name, file=sys.stderr,
+                  disable=not self.progress, dynamic_ncols=True) as self.bar:
+            for step in range(first, run.stop + 1):
+                self.pending.append((step, backend.step(run.batch(step))))
+                last = step == run.stop
+                evaluate, save = last or due(step, run.eval_every), last or due(step, run.save_every)
+                if step == first or due(step, run.log_every) or evaluate or save:  # the first: compilation timed apart
+                    self.flush(backend, step)
+                if evaluate:
+                    self.evaluate(backend, step)
+                if save:
+                    self.save(backend, step)
+        return self.summary
+
+    def prepare(self, step: int) -> None:
+        """The output directory: run.json and tokenizer.json on a fresh start; metrics cut back to `step`."""
+        run = self.run
+        run.out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.metrics_path, step)
+        if step == 0:
+            write_json(run.out / "run.json", {**(run.info or {}), "spec": run.spec.to_dict(),
+                                              "train_config": run.cfg.to_dict(), "data": run.data.describe()})
+        if run.data.tokenizer is not None:
+            tokenizer = run.data.tokenizer.read_bytes()
+            atomic_write(run.out / "tokenizer.json", lambda tmp: tmp.write_bytes(tokenizer))
+        self.bar_note(describe(run, step))
+
+    def flush(self, backend: Backend, step: int) -> None:
+        """Fetch the pending metrics, stop on a non-finite one, log them (with the scalars at `step`)."""
+        fetched = backend.fetch([m for _, m in self.pending])
+        steps = [s for s, _ in self.pending]
+        records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
+        self.pending = []
+        if bad := next((r for r in records if not finite_step(r)), None):
+            append_metrics(self.metrics_path, [r for r in records if r["step"] <= bad["step"]])
+            raise NonFiniteError(self.nonfinite_message(bad))
+        tokens_per_s = self.clock.tick(len(records))
+        records[-1].update(tokens_per_s=tokens_per_s, elapsed_s=self.clock.elapsed,
+                           scalars={k: float(v) for k, v in backend.fetch(backend.scalars()).items()})
+        append_metrics(self.metrics_path, records)
+        loss = float(np.mean([r["loss"] for r in records]))
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self.summary.update(step=step, loss=loss, tokens_per_s=self.clock.mean_rate())
+
+    def evaluate(self, backend: Backend, step: int) -> None:
+        """The mean loss over the fixed validation batches, logged and shown next to the corpus's entropy."""
+        val_loss = float(np.mean(backend.fetch([backend.eval_loss(b) for b in self.val_batches])))
+        entropy = self.run.data.entropy
+        record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        if entropy is not None:
+            record["entropy"] = entropy
+        append_metrics(self.metrics_path, [record])
+        note = f"; the corpus's entropy rate (the best achievable) is {entropy:.4f}" if entropy is not None else ""
+        self.bar_note(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}{note}")
+        self.summary.update(val_loss=val_loss, val_ppl=perplexity(val_loss), entropy=entropy)
+        self.clock.pause()
+
+    def save(self, backend: Backend, step: int) -> None:
+        """A checkpoint of the (finite) state after update `step`, then only the newest `keep` kept."""
+        run = self.run
+        info = {"backend": backend.name, "data_position": {"seed": run.cfg.seed, "step": step},
+                "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
+        path = save_train_checkpoint(run.out, backend.train_state(), run.spec, info, run.data.tokenizer)
+        prune_checkpoints(run.out, run.keep)
+        self.summary["checkpoint"] = str(path)
+        self.clock.pause()
+
+    def nonfinite_message(self, record: dict) -> str:
+        """Which quantity went non-finite at which step, the first tensor that did (found by a replay), what is kept."""
+        step = record["step"]
+        what = "loss" if not math.isfinite(record["loss"]) else "gradient"
+        self.bar_note(f"step {step}: non-finite {what}; replaying the step to find the first non-finite tensor")
+        good = [c for c in list_checkpoints(self.run.out) if checkpoint_step(c) < step]
+        return (f"non-finite {what} at step {step}: {diagnose(self.run, self.make_backend, step, good[-1] if good else None)}; "
+                f"the last good checkpoint is {good[-1] if good else 'none (no checkpoint was written yet)'}")
+
+    def bar_note(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text, file=sys.stderr)
+
+
+class Clock:
+    """Tokens per second between log points, leaving out the first step (compilation) and eval/save pauses."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.started = tokens_per_step, time.perf_counter()
+        self.last, self.elapsed, self.counted_steps, self.counted_s = self.started, 0.0, 0, 0.0
+        self.first = True
+
+    def tick(self, steps: int) -> float:
+        """Steps done since the last tick; their tokens per second."""
+        now = time.perf_counter()
+        rate = steps * self.tokens_per_step / max(now - self.last, 1e-9)
+        if not self.first:
+            self.counted_steps, self.counted_s = self.counted_steps + steps, self.counted_s + now - self.last
+        self.first, self.last, self.elapsed = False, now, now - self.started
+        return rate
+
+    def pause(self) -> None:
+        """Restart the interval after work that is not training (an eval, a checkpoint)."""
+        self.last = time.perf_counter()
+
+    def mean_rate(self) -> float | None:
+        return self.counted_steps * self.tokens_per_step / self.counted_s if self.counted_s else None
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def finite_step(record: dict) -> bool:
+    return math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["nonfinite"] == 0
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows float64 past ~709
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT.fullmatch(path.name).group(1))
+
+
+def describe(run: Run, step: int) -> str:
+    """One line on what is trained on what, from where to where."""
+    n_params = sum(math.prod(t.shape) for t in layout(run.spec))
+    data = run.data
+    line = (f"{n_params / 1e6:.2f}M parameters ({run.spec.norm_type}, {run.spec.norm_placement}), "
+            f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val tokens), "
+            f"steps {step} -> {run.stop} of {run.cfg.steps}, out {run.out}")
+    if data.entropy is not None:
+        line += f"; the corpus's entropy rate is {data.entropy:.4f} nats/token (perplexity {math.exp(data.entropy):.2f})"
+    return line
+
+
+# --- which tensor went non-finite first ------------------------------------------------------------
+
+
+def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, checkpoint: Path | None) -> str:
+    """Replay the run from `checkpoint` (else its start) to update `step`; the first non-finite tensor there.
+
+    Same-twin replays are bit-exact on CPU; on devices whose kernels are not deterministic the
+    replay may not reproduce the failure, and says so.
+    """
+    state = load_train_checkpoint(checkpoint)[0] if checkpoint else run.start()
+    backend = make_backend(state)
+    for s in range(state["step"] + 1, step):
+        backend.step(run.batch(s))
+    found = first_nonfinite(*backend.inspect(run.batch(step)))
+    return found or f"the replay from step {state['step']} stayed finite (non-deterministic kernels?)"
+
+
+def first_nonfinite(weights: dict, taps: dict, loss: float, grads: dict) -> str | None:
+    """The first NaN/Inf in the order things are computed: parameters, activations, the loss, gradients."""
+    found = first_bad("parameter", weights) or first_bad("activation", flatten(taps))
+    if found or not math.isfinite(loss):
+        return found or "the loss itself is the first non-finite value (parameters and activations are finite)"
+    return first_bad("gradient of", grads)
+
+
+def first_bad(kind: str, tensors: dict) -> str | None:
+    for name, x in tensors.items():
+        x = np.asarray(x, np.float32)
+        if bad := int(x.size - np.isfinite(x).sum()):
+            return f"the first non-finite tensor is {kind} {name} ({bad} of {x.size} values NaN/Inf)"
+    return None
+
+
+def flatten(taps: dict, prefix: str = "") -> dict:
+    """Nested taps ({"model.layers.0": {"attn_out": ...}}) as {"model.layers.0.attn_out": ...}, in forward order."""
+    flat = {}
+    for name, x in taps.items():
+        flat.update(flatten(x, f"{prefix}{name}.") if isinstance(x, dict) else {f"{prefix}{name}": x})
+    return flat
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", required=True, choices=sorted(BACKENDS))
+    p.add_argument("--spec", help=f"preset name or YAML path (default: {DEFAULT_SPEC} with the data's vocabulary size)")
+    p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")
+    p.add_argument("--data", help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
+    p.add_argument("--data-dtype", choices=TOKEN_DTYPES, help="dtype of a .bin token file (default: its meta.json, else uint16)")
+    p.add_argument("--out", type=Path, help="the run directory (default: runs/SPEC)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, written by either twin")
+    p.add_argument("--init-from", type=Path, help="start from these weights (any format convert.py reads)")
+    p.add_argument("--steps", type=int, help="total updates (the schedule's length); shorthand for --set steps=N")
+    p.add_argument("--seed", type=int, help="init and batch-order seed; shorthand for --set seed=N")
+    p.add_argument("--stop-at", type=int, help="stop after this update without changing the schedule (resume later)")
+    p.add_argument("--log-every", type=int, default=10, help="fetch metrics and log alpha/shift/embed_scale every N steps")
+    p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: at the end only)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints (0: all)")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile the steps (JAX always jits)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = p.parse_args(argv)
+    for name in ("log_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("eval_every", "save_every", "keep"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.stop_at is not None and args.stop_at < 1:
+        p.error("--stop-at must be >= 1")
+    args.out = args.out or Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = resolve_run(args)
+    try:
+        summary = Loop(run, backend_factory(args.backend, run, args.compile or None), progress=not args.quiet)()
+    except NonFiniteError as e:
+        fail(str(e), 1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    run_main(main)
