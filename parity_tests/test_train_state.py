@@ -53,3 +53,20 @@ def test_resume_in_the_other_twin(start, first, second):
         bad = {k: f"{max_rel(resumed[key][k], x):.1e}" for k, x in whole[key].items() if max_rel(resumed[key][k], x) > TRAJ_PARAM_TOL}
         assert not bad, f"{key} after resuming in the other twin: {bad}"
     assert resumed["step"] == CFG.steps
+
+
+def test_a_torch_train_state_is_a_snapshot_not_a_view():
+    """get_train_state / get_weights copy: training on must not change a state already taken (as in JAX)."""
+    import torch_model
+    from shared_config import load_spec, load_train_config, synthetic_batch
+    from torch_model import train
+
+    spec = load_spec("tiny").replace(n_layers=1)
+    cfg = load_train_config({"batch_size": 2, "seq_len": 16, "steps": 4, "warmup_steps": 1})
+    model = torch_model.Transformer(spec)
+    state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+    state, _ = step(state, synthetic_batch(0, 0, 2, 16, spec.V))
+    taken, weights = train.get_train_state(model, state), torch_model.get_weights(model)
+    before = {k: v.copy() for k, v in taken["weights"].items()}
+    state, _ = step(state, synthetic_batch(0, 1, 2, 16, spec.V))
+    assert all((taken["weights"][k] == before[k]).all() and (weights[k] == before[k]).all() for k in before)

@@ -27,7 +27,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
@@ -37,7 +42,7 @@ from shared_config import SpecError, TrainConfig, model_layout, save_checkpoint
 from shared_config.parallel import fsdp_dim, rows_per_shard
 
 from . import train
-from .weights import to_canonical
+from .weights import to_canonical, to_state_dict
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -79,6 +84,23 @@ def parallelize(model, cfg: TrainConfig, parallel: str = "ddp", *, compile: bool
     wrapped = data_parallel(model) if parallel == "ddp" else fully_shard_model(model)
     state = train.TrainState(wrapped, *train.make_optimizer(model, cfg, fused=fused))
     return state, make_train_step(model, cfg, compile=compile)
+
+
+def set_train_state(model, state: train.TrainState, canonical: dict) -> train.TrainState:
+    """`parallelize`'s state holding a canonical train state's AdamW moments and step (either twin's, every rank
+    calls it); the weights are loaded before wrapping (`from_weights(canonical["weights"])`), as FSDP2 shards them.
+
+    torch.distributed's full optimizer state dict places each rank's shard of the moments (FSDP2) or the whole
+    moments (DDP), as `train.set_train_state` does in one process.
+    """
+    step, options = canonical["step"], StateDictOptions(full_state_dict=True)
+    m, v = (to_state_dict(canonical[key], model.spec) for key in ("m", "v"))  # by the model's parameter names
+    full = get_optimizer_state_dict(model, state.optimizer, options=options)
+    full["state"] = {name: {"step": torch.tensor(float(step)), "exp_avg": m[name], "exp_avg_sq": v[name]} for name in m}
+    set_optimizer_state_dict(model, state.optimizer, full, options=options)
+    # a scheduler built at last_epoch = step − 1 steps once on construction: update `step` gets lr_factor(step)
+    scheduler = train.LambdaLR(state.optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1)
+    return train.TrainState(state.model, state.optimizer, scheduler)
 
 
 def data_parallel(model: nn.Module) -> DistributedDataParallel:

@@ -37,12 +37,13 @@ def whole(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy; bfloat16 goes through its bits (numpy has no native bfloat16)."""
+    """A CPU tensor as a numpy copy (a view would change as the model trains on; JAX arrays are immutable, so the
+    JAX twin's arrays are snapshots too); bfloat16 goes through its bits (numpy has no native bfloat16)."""
     if x.dtype == torch.bfloat16:
         from ml_dtypes import bfloat16
 
-        return x.contiguous().view(torch.int16).numpy().view(bfloat16)
-    return x.contiguous().numpy()
+        return x.contiguous().view(torch.int16).numpy().view(bfloat16).copy()
+    return x.contiguous().numpy().copy()
 
 
 def to_state_dict(weights: dict, spec, device=None) -> dict[str, torch.Tensor]:
