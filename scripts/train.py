@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ from shared_config import (
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
 from shared_config.io import atomic_write
+from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
     read_json, save_train_checkpoint, truncate_metrics, write_json,
@@ -195,17 +197,21 @@ class JaxBackend:
 
     name = "jax"
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = True):
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = True, mesh: str | None = None):
         import jax
 
         import jax_model
-        from jax_model import train
+        from jax_model import sharding, train
 
         jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls as torch computes them (no TF32)
         self.jax, self.train = jax, train
         self.model = jax_model.from_weights(train_state["weights"], spec)
         self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
         self.train_step = train.make_train_step(self.model, cfg, compile=compile)  # compile=False: eager, for debugging
+        if mesh is not None:  # the same step over a device mesh: parameters and moments over fsdp, batch rows over all
+            device_mesh = sharding.make_mesh(mesh)
+            self.state = jax.device_put(self.state, sharding.state_shardings(self.model, cfg, device_mesh))
+            self.train_step = sharding.make_train_step(self.model, cfg, device_mesh)
         self.eval_step = train.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN):
@@ -239,17 +245,25 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = False):
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = False,
+                 parallel: str | None = None):
         import torch
 
         import torch_model
-        from torch_model import train
+        from torch_model import distributed, train
+        from torch_model.weights import whole
 
-        self.torch, self.train = torch, train
-        device = "cuda" if torch.cuda.is_available() else None
+        self.torch, self.train, self.whole = torch, train, whole
+        device = distributed.init_distributed()  # this rank's device under torchrun; else cuda if present, or cpu
         self.model = torch_model.from_weights(train_state["weights"], spec, device=device)
-        self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
-        self.train_step = train.make_train_step(self.model, cfg, compile=compile)
+        self.get_train_state = train.get_train_state
+        if parallel is None:
+            self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
+            self.train_step = train.make_train_step(self.model, cfg, compile=compile)
+        else:  # DDP or FSDP2 over torchrun's ranks: the weights are loaded whole first, FSDP2 then shards them
+            self.state, self.train_step = distributed.parallelize(self.model, cfg, parallel, compile=compile)
+            self.state = distributed.set_train_state(self.model, self.state, train_state)
+            self.get_train_state = distributed.get_train_state
         self.eval_step = train.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN):
@@ -262,10 +276,10 @@ class TorchBackend:
         return self.train.scalar_params(self.model, self.state)
 
     def fetch(self, tree):
-        return self.torch.utils._pytree.tree_map(lambda x: x.detach().float().cpu().numpy(), tree)
+        return self.torch.utils._pytree.tree_map(lambda x: self.whole(x).detach().float().cpu().numpy(), tree)
 
     def train_state(self):
-        return self.train.get_train_state(self.model, self.state)
+        return self.get_train_state(self.model, self.state)
 
     def inspect(self, tokens_BN):
         taps = {}
@@ -278,10 +292,19 @@ class TorchBackend:
 BACKENDS = {"jax": JaxBackend, "torch": TorchBackend}
 
 
-def backend_factory(name: str, run: Run, compile: bool | None = None) -> Callable[[dict], Backend]:
-    """`make_backend(train_state)` for the twin `name`; compile=None keeps the twin's default."""
+def backend_factory(name: str, run: Run, compile: bool | None = None, mesh: str | None = None,
+                    parallel: str | None = None) -> Callable[[dict], Backend]:
+    """`make_backend(train_state)` for the twin `name`; compile=None keeps the twin's default; `mesh` (JAX) or
+    `parallel` (torch under torchrun) scale the same step out."""
     options = {} if compile is None else {"compile": compile}
+    options.update({"mesh": mesh} if mesh else {"parallel": parallel} if parallel else {})
     return partial(BACKENDS[name], run.spec, run.cfg, **options)
+
+
+def is_main_process() -> bool:
+    """Process 0 of a torchrun (RANK) or multi-process JAX (JAX_PROCESS_ID) run, or the only process: the one that
+    writes the run directory and reports. Every process trains; all of them take part in gathering a checkpoint."""
+    return int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0"))) == 0
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -295,7 +318,8 @@ class Loop:
     """The backend-neutral loop: batches, metrics, evaluation, checkpoints, the non-finite stop."""
 
     def __init__(self, run: Run, make_backend: Callable[[dict], Backend], progress: bool = True):
-        self.run, self.make_backend, self.progress = run, make_backend, progress
+        self.main = is_main_process()  # scaled out, every process runs the loop; process 0 alone writes and reports
+        self.run, self.make_backend, self.progress = run, make_backend, progress and self.main
         self.metrics_path = run.out / "metrics.jsonl"
         self.val_batches = run.data.val_batches(run.eval_batches, run.cfg.batch_size, run.cfg.seq_len)
         self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
@@ -328,6 +352,8 @@ class Loop:
     def prepare(self, step: int) -> None:
         """The output directory: run.json and tokenizer.json on a fresh start; metrics cut back to `step`."""
         run = self.run
+        if not self.main:
+            return
         run.out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.metrics_path, step)
         if step == 0:
@@ -345,12 +371,12 @@ class Loop:
         records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
         self.pending = []
         if bad := next((r for r in records if not finite_step(r)), None):
-            append_metrics(self.metrics_path, [r for r in records if r["step"] <= bad["step"]])
+            self.append([r for r in records if r["step"] <= bad["step"]])
             raise NonFiniteError(self.nonfinite_message(bad))
         tokens_per_s = self.clock.tick(len(records))
         records[-1].update(tokens_per_s=tokens_per_s, elapsed_s=self.clock.elapsed,
                            scalars={k: float(v) for k, v in backend.fetch(backend.scalars()).items()})
-        append_metrics(self.metrics_path, records)
+        self.append(records)
         loss = float(np.mean([r["loss"] for r in records]))
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
@@ -363,7 +389,7 @@ class Loop:
         record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
         if entropy is not None:
             record["entropy"] = entropy
-        append_metrics(self.metrics_path, [record])
+        self.append([record])
         note = f"; the corpus's entropy rate (the best achievable) is {entropy:.4f}" if entropy is not None else ""
         self.bar_note(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}{note}")
         self.summary.update(val_loss=val_loss, val_ppl=perplexity(val_loss), entropy=entropy)
@@ -374,10 +400,16 @@ class Loop:
         run = self.run
         info = {"backend": backend.name, "data_position": {"seed": run.cfg.seed, "step": step},
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
-        path = save_train_checkpoint(run.out, backend.train_state(), run.spec, info, run.data.tokenizer)
-        prune_checkpoints(run.out, run.keep)
-        self.summary["checkpoint"] = str(path)
+        state = backend.train_state()  # every process: gathering a sharded state is a collective
+        if self.main:
+            path = save_train_checkpoint(run.out, state, run.spec, info, run.data.tokenizer)
+            prune_checkpoints(run.out, run.keep)
+            self.summary["checkpoint"] = str(path)
         self.clock.pause()
+
+    def append(self, records: list[dict]) -> None:
+        if self.main:
+            append_metrics(self.metrics_path, records)
 
     def nonfinite_message(self, record: dict) -> str:
         """Which quantity went non-finite at which step, the first tensor that did (found by a replay), what is kept."""
@@ -510,6 +542,10 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints (0: all)")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the steps (JAX always jits)")
+    p.add_argument("--devices", type=int, help="JAX: data-parallel over N devices (a data=N mesh)")
+    p.add_argument("--mesh", help="JAX: a device mesh, e.g. data=2,fsdp=4 (parameters and moments over fsdp)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp2"],
+                   help="torch under torchrun: DDP or FSDP2 (default under torchrun: ddp)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     for name in ("log_every", "eval_batches"):
@@ -520,19 +556,53 @@ def parse_args(argv: list[str] | None):
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.stop_at is not None and args.stop_at < 1:
         p.error("--stop-at must be >= 1")
+    check_scale_out(p, args)
     args.out = args.out or Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
+def check_scale_out(p, args) -> None:
+    """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
+    XLA reads once, before JAX starts (GPUs are counted as they are)."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.devices is not None and args.devices < 1:
+        p.error("--devices must be >= 1")
+    if (args.devices or args.mesh) and args.backend != "jax":
+        p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
+    if args.parallel and not torchrun:
+        p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py --backend torch ...")
+    if torchrun and args.backend != "torch":
+        p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
+    args.parallel = args.parallel or ("ddp" if torchrun else None)
+    args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
+    if args.mesh:
+        devices = math.prod(parse_mesh(args.mesh).values())
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = resolve_run(args)
+    shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else int(os.environ.get("WORLD_SIZE", "1"))
+    rows_per_shard(run.cfg.batch_size, shards)  # the global batch splits evenly, or fail before any work
+    if args.backend == "jax":
+        from jax_model.sharding import init_distributed
+
+        init_distributed()  # several JAX processes: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     try:
-        summary = Loop(run, backend_factory(args.backend, run, args.compile or None), progress=not args.quiet)()
+        make_backend = backend_factory(args.backend, run, args.compile or None, args.mesh, args.parallel)
+        summary = Loop(run, make_backend, progress=not args.quiet)()
     except NonFiniteError as e:
         fail(str(e), 1)
-    print(json.dumps(summary))
+    finally:
+        if args.parallel:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if is_main_process():
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def set_train_state(model, state: train.TrainState, canonical: dict) -> train.Tr
     return train.TrainState(state.model, state.optimizer, scheduler)
 
 
+def get_train_state(model, state: train.TrainState) -> dict:
+    """`train.get_train_state` of a DDP or FSDP2 run (every rank calls it: FSDP2's shards are gathered).
+
+    FSDP2 leaves the root module's parameters gathered after a forward without a backward (an
+    evaluation), while the optimizer's state is keyed by the shards: reshard first, or the root's
+    moments (embeddings, final norm, head) would be looked up under the wrong tensors and read as zeros.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    return train.get_train_state(model, state)
+
+
 def data_parallel(model: nn.Module) -> DistributedDataParallel:
     """DDP: a whole replica per rank, gradients averaged by all-reduce during the backward."""
     device = next(model.parameters()).device

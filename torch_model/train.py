@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from shared_config import TrainConfig, decays, lr_factor, model_layout
 
-from .weights import set_weights, to_canonical, to_state_dict
+from .weights import set_weights, to_canonical, to_state_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
 
@@ -138,7 +138,7 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
 def scalar_params(model, state: TrainState) -> dict[str, torch.Tensor]:
     """The state's one-element parameters (alpha, shift, embed_scale) by canonical name, as device scalars."""
     names = {t.name for t in model_layout(model.spec) if t.shape == (1,)}
-    return {name: x.detach()[0].clone() for name, x in state.model.named_parameters() if name in names}
+    return {name: whole(x).detach()[0].clone() for name, x in model.named_parameters() if name in names}
 
 
 def get_train_state(model, state: TrainState) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""scripts/train.py scaled out (issue 7): the JAX step over a device mesh and the torch step under torchrun
+(DDP, FSDP2) train exactly as one device does, write checkpoints either twin resumes, and resume their own."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .common import ROOT, run_script
+
+# A validation pass before each save: FSDP2 leaves the root's parameters gathered after a forward
+# without backward, which once made the saved AdamW moments of the root's tensors zero.
+ARGS = ["--steps", "8", "--set", "batch_size=4", "--set", "seq_len=32", "--set", "warmup_steps=2", "--log-every", "1",
+        "--eval-every", "2", "--eval-batches", "1", "--save-every", "4", "--quiet"]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"train"' in line]
+
+
+def close(a, b, tol=1e-5):
+    return len(a) == len(b) and all(abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """8 steps of the torch twin in one process: what every scaled-out run must reproduce."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    r = run_script("train", "--backend", "torch", "--out", out, *ARGS)
+    assert r.returncode == 0, r.stderr
+    return losses(out)
+
+
+def torchrun(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "train.py"), "--backend", "torch", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, reference):
+    out = tmp_path / "mesh"
+    r = run_script("train", "--backend", "jax", "--mesh", "data=2,fsdp=2", "--out", out, *ARGS, "--stop-at", "4")
+    assert r.returncode == 0, r.stderr
+    r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--quiet", "--log-every", "1")  # one device
+    assert r.returncode == 0, r.stderr
+    assert close(losses(out), reference, 1e-5), (losses(out), reference)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, parallel):
+    out = tmp_path / parallel
+    r = torchrun("--parallel", parallel, "--out", out, *ARGS, "--stop-at", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"step": 4') == 1  # rank 0 alone reports
+    r = torchrun("--parallel", parallel, "--out", out, "--resume", "--quiet", "--log-every", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert close(losses(out), reference), (losses(out), reference)
+    if parallel == "fsdp2":  # and its checkpoint continues on one JAX device
+        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet")
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backend", "torch", "--mesh", "data=2"], "--devices/--mesh scale the JAX twin"),
+        (["--backend", "torch", "--parallel", "ddp"], "--parallel ddp needs torchrun"),
+        (["--backend", "jax", "--devices", "3", "--set", "batch_size=4"], "batch_size=4 must be divisible by the 3"),
+        (["--backend", "jax", "--mesh", "data=2,model=2"], "unknown axis 'model'"),
+    ],
+)
+def test_bad_scale_out_arguments(tmp_path, args, message):
+    r = run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
