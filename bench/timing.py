@@ -74,8 +74,10 @@ def run_benchmarks(args, specs, backends, kernels):
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
         benches[label, backend] = (spec, bench, compile_s, [], [])
     with tqdm(total=per_round * args.rounds * len(jobs), desc="timed steps", file=sys.stderr) as bar:
-        for _ in range(args.rounds):
-            for label, _, backend in jobs:
+        for r in range(args.rounds):
+            # Each round starts one job later: every backend follows every other equally often (the job after
+            # another framework's pays for cold thread pools and caches, and that must not always be the same one).
+            for label, _, backend in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
                 spec, bench, _, times, prefills = benches[label, backend]
                 if bench.start:  # decode: a fresh prompt each round, so every round decodes the same positions
                     prefills.append(timed(bench, bench.start))

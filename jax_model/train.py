@@ -5,7 +5,7 @@ where the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
     train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr, nonfinite
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
@@ -114,8 +114,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp),
-                   "nonfinite": nonfinite_fraction(jax.tree.leaves(grads))}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp)}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
@@ -174,11 +173,6 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     nnx.replace_by_pure_dict(state, pure)
     return state
 
-
-def nonfinite_fraction(grads: list[jax.Array]) -> jax.Array:
-    """The fraction of NaN/Inf values over all `grads`, a float32 device scalar."""
-    count = sum(jnp.sum(~jnp.isfinite(g), dtype=jnp.float32) for g in grads)  # float32: no int32 overflow
-    return count / sum(g.size for g in grads)
 
 
 @partial(jax.jit, static_argnums=0)

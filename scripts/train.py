@@ -369,10 +369,13 @@ class Loop:
         fetched = backend.fetch([m for _, m in self.pending])
         steps = [s for s, _ in self.pending]
         records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
+        for r in records:  # any NaN/Inf gradient makes the norm non-finite: the fraction is 0 exactly while it is finite
+            r["nonfinite"] = 0.0 if math.isfinite(r["grad_norm"]) else None  # else counted by the replay below
         self.pending = []
         if bad := next((r for r in records if not finite_step(r)), None):
+            message = self.nonfinite_message(bad)
             self.append([r for r in records if r["step"] <= bad["step"]])
-            raise NonFiniteError(self.nonfinite_message(bad))
+            raise NonFiniteError(message)
         tokens_per_s = self.clock.tick(len(records))
         records[-1].update(tokens_per_s=tokens_per_s, elapsed_s=self.clock.elapsed,
                            scalars={k: float(v) for k, v in backend.fetch(backend.scalars()).items()})
@@ -417,7 +420,8 @@ class Loop:
         what = "loss" if not math.isfinite(record["loss"]) else "gradient"
         self.bar_note(f"step {step}: non-finite {what}; replaying the step to find the first non-finite tensor")
         good = [c for c in list_checkpoints(self.run.out) if checkpoint_step(c) < step]
-        return (f"non-finite {what} at step {step}: {diagnose(self.run, self.make_backend, step, good[-1] if good else None)}; "
+        found, record["nonfinite"] = diagnose(self.run, self.make_backend, step, good[-1] if good else None)
+        return (f"non-finite {what} at step {step}: {found}; "
                 f"the last good checkpoint is {good[-1] if good else 'none (no checkpoint was written yet)'}")
 
     def bar_note(self, text: str) -> None:
@@ -455,7 +459,7 @@ def due(step: int, every: int) -> bool:
 
 
 def finite_step(record: dict) -> bool:
-    return math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["nonfinite"] == 0
+    return math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
 
 
 def perplexity(loss: float) -> float:
@@ -481,8 +485,9 @@ def describe(run: Run, step: int) -> str:
 # --- which tensor went non-finite first ------------------------------------------------------------
 
 
-def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, checkpoint: Path | None) -> str:
-    """Replay the run from `checkpoint` (else its start) to update `step`; the first non-finite tensor there.
+def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, checkpoint: Path | None) -> tuple[str, float | None]:
+    """Replay the run from `checkpoint` (else its start) to update `step`: the first non-finite tensor there,
+    and the fraction of the gradients' values that are NaN/Inf.
 
     Same-twin replays are bit-exact on CPU; on devices whose kernels are not deterministic the
     replay may not reproduce the failure, and says so.
@@ -491,8 +496,10 @@ def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, check
     backend = make_backend(state)
     for s in range(state["step"] + 1, step):
         backend.step(run.batch(s))
-    found = first_nonfinite(*backend.inspect(run.batch(step)))
-    return found or f"the replay from step {state['step']} stayed finite (non-deterministic kernels?)"
+    weights, taps, loss, grads = backend.inspect(run.batch(step))
+    fraction = float(sum((~np.isfinite(g)).sum() for g in grads.values()) / sum(g.size for g in grads.values()))
+    found = first_nonfinite(weights, taps, loss, grads)
+    return found or f"the replay from step {state['step']} stayed finite (non-deterministic kernels?)", fraction
 
 
 def first_nonfinite(weights: dict, taps: dict, loss: float, grads: dict) -> str | None:

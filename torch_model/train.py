@@ -5,7 +5,7 @@ the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(model, optimizer, scheduler)
     train_step = make_train_step(model, cfg)               # eager, or torch.compile'd with compile=True
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr, nonfinite
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
@@ -112,13 +112,12 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     def train_step(state: TrainState, tokens_BN, mask_BN=None):
         loss = loss_fn(state.model, *on_device(params[0].device, tokens_BN, mask_BN))
         loss.backward()
-        nonfinite = nonfinite_fraction([p.grad for p in params])  # before clipping, which turns Inf · 0 into NaN
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
-        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
+        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
 
     return train_step
 
@@ -171,12 +170,6 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
 def on_device(device, *arrays):
     """Tokens and mask (numpy or tensors) as tensors on the model's device, before any compiled code sees them."""
     return tuple(None if x is None else torch.as_tensor(x, device=device) for x in arrays)
-
-
-def nonfinite_fraction(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The fraction of NaN/Inf values over all `grads`, a float32 device scalar."""
-    count = sum(torch.sum(~torch.isfinite(g), dtype=torch.float32) for g in grads)  # float32: no int32 overflow
-    return count / sum(g.numel() for g in grads)
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
