@@ -32,7 +32,7 @@ from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
-ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum")
+ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked")
 
 
 def parse_args(argv):
