@@ -23,6 +23,7 @@ class Bench:
     peak_mem: Callable[[], int | None]  # peak device memory in bytes (None on CPU)
     info: dict = field(default_factory=dict)  # compile mode, optimizer flavour, ...
     start: Callable[[], Any] | None = None  # decode mode: prefill a fresh cache before a round of steps
+    hlo: Callable[[], str] | None = None  # JAX: the step's optimized HLO text (bench/profile_step.py reads it)
 
 
 class DecodeLoop:
@@ -89,17 +90,21 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
             holder["state"], metrics = train_step(holder["state"], batch)
             return holder["state"], metrics
 
+    def compiled():
+        jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
+        return jitted.lower(*args).compile()
+
     def peak_mem():
         """The step's device memory as XLA planned it (arguments + outputs − donated + temporaries): unlike the
         process-wide peak counter, it counts this job only."""
         if jax.default_backend() == "cpu" or mode == "decode":
             return None
-        jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
-        m = jitted.lower(*args).compile().memory_analysis()
+        m = compiled().memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
     info = {"compile": "jax.jit", **({"mesh": dict(mesh.shape)} if mesh is not None else {})}
-    return Bench(step, jax.block_until_ready, kernel, peak_mem, info, start)
+    hlo = None if mode == "decode" else (lambda: compiled().as_text())
+    return Bench(step, jax.block_until_ready, kernel, peak_mem, info, start, hlo)
 
 
 # --- PyTorch --------------------------------------------------------------------------------------

@@ -37,17 +37,22 @@ def timed(bench, fn=None) -> float:
     return time.perf_counter() - t0
 
 
-def run_benchmarks(args, specs, backends, kernels):
-    """Time every (variant, backend); returns the JSON results and the device name."""
+def set_precision_and_threads(args) -> bool:
+    """The same precision policy and CPU threads for every backend; returns whether a GPU is present."""
     import jax
     import torch
 
-    gpu = torch.cuda.is_available() or jax.default_backend() == "gpu"
     torch.set_num_threads(args.threads)
-    if args.dtype == "float32":  # the same precision policy everywhere: true float32 matmuls
+    if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    return torch.cuda.is_available() or jax.default_backend() == "gpu"
+
+
+def run_benchmarks(args, specs, backends, kernels):
+    """Time every (variant, backend); returns the JSON results and the device name."""
+    gpu = set_precision_and_threads(args)
     compile = gpu if args.compile is None else args.compile
     names = kernels(args.attention, gpu, args.dtype)
     setups = dict(SETUP)
