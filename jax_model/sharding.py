@@ -36,7 +36,7 @@ from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 
 from . import train
 from .model import Transformer
-from .weights import to_canonical, to_pure_dict
+from .weights import dotted, flat_arrays, set_pure_dict, to_canonical, to_pure_dict
 
 # Batch rows are split over both axes (each of data × fsdp devices reads B / (data·fsdp) rows);
 # parameters and AdamW moments over fsdp only, replicated over data.
@@ -91,7 +91,7 @@ def state_shardings(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
     its parameter, counts replicated)."""
     by_name, replicated = param_shardings(model.spec, mesh), NamedSharding(mesh, PartitionSpec())
     params = nnx.state(model, nnx.Param)
-    params_sharding = nnx.map_state(lambda path, v: v.replace(by_name[_dotted(path)]), params)
+    params_sharding = nnx.map_state(lambda path, v: v.replace(by_name[dotted(path)]), params)
     optimizer = train.make_optimizer(model, cfg)
     opt_sharding = optax.tree_utils.tree_map_params(  # finds the params-shaped parts of the state by running init
         optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params), params_sharding,
@@ -149,26 +149,16 @@ def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str 
     weights, spec = load_checkpoint(path, spec)
     by_name = param_shardings(spec, mesh)
     pure = jax.tree_util.tree_map_with_path(
-        lambda keys, x: place(x, by_name[_dotted(k.key for k in keys)]), to_pure_dict(weights, spec, xp=np)
+        lambda keys, x: place(x, by_name[dotted(k.key for k in keys)]), to_pure_dict(weights, spec, xp=np)
     )
     model = nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0), attention=attention))
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, pure)
-    nnx.update(model, params)
+    set_pure_dict(model, pure)
     return model
 
 
 def to_safetensors(model, state: train.TrainState, path: str | Path) -> None:
     """Write the canonical file of `state`'s parameters (every process calls it): gathered, written by process 0."""
-    weights = to_canonical(train.flat_arrays(state.params), model.spec)
+    weights = to_canonical(flat_arrays(state.params), model.spec)
     if jax.process_index() == 0:
         save_checkpoint(path, weights, model.spec)
     multihost_utils.sync_global_devices(f"to_safetensors {path}")  # the file exists for every process on return
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def _dotted(path) -> str:
-    return ".".join(map(str, path))
-

@@ -30,7 +30,7 @@ from flax import nnx
 
 from shared_config import TrainConfig, decays, lr_factor, model_layout
 
-from .weights import set_weights, to_canonical, to_pure_dict
+from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
 
@@ -86,7 +86,7 @@ def make_optimizer(model, cfg: TrainConfig) -> optax.GradientTransformation:
             weight_decay=cfg.weight_decay,  # optax's default is 1e-4, torch's 1e-2: always passed
             # decoupled decay times the scheduled lr (optax: added before scale_by_learning_rate;
             # torch: p *= 1 − lr·wd before the Adam step), on the tensors `decays` names only
-            mask=lambda params: nnx.map_state(lambda path, _: decayed[".".join(map(str, path))], params),
+            mask=lambda params: nnx.map_state(lambda path, _: decayed[dotted(path)], params),
         ),
     )
 
@@ -162,17 +162,11 @@ def split_params(model):
     return nnx.split(model, nnx.Param, ...)
 
 
-def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
-    """A state's arrays keyed by dotted NNX path (`model.layers.0.self_attn.o_proj.kernel`)."""
-    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
-
-
 def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     """A state shaped like `like` holding the arrays of a nested pure dict."""
     state = jax.tree.map(jnp.zeros_like, like)
     nnx.replace_by_pure_dict(state, pure)
     return state
-
 
 
 @partial(jax.jit, static_argnums=0)

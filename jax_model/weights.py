@@ -21,7 +21,17 @@ from .layers import DTYPES
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     """The model's parameters keyed by dotted NNX path (`model.layers.0.self_attn.o_proj.kernel`)."""
-    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return flat_arrays(nnx.state(model, nnx.Param))
+
+
+def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
+    """A state's arrays (parameters, gradients, optimizer moments) keyed by dotted NNX path."""
+    return {dotted(path): v[...] for path, v in nnx.to_flat_state(state)}
+
+
+def dotted(path) -> str:
+    """An NNX state path as the dotted name the layout table uses (`Tensor.jax_name`)."""
+    return ".".join(map(str, path))
 
 
 def to_canonical(flat: dict[str, jax.Array], spec) -> dict[str, np.ndarray]:
@@ -60,8 +70,13 @@ def get_weights(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def set_weights(model: nnx.Module, weights: dict) -> None:
     """Load canonical weights (every tensor of `layout(spec)`, already checked) into `model`."""
+    set_pure_dict(model, to_pure_dict(weights, model.spec))
+
+
+def set_pure_dict(model: nnx.Module, pure: dict) -> None:
+    """Put the parameters of a nested pure dict (`to_pure_dict`'s shape) into `model`."""
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, to_pure_dict(weights, model.spec))
+    nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
 
 

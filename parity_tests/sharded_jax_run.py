@@ -17,6 +17,7 @@ import jax
 import optax
 
 from jax_model import sharding, train
+from jax_model.weights import flat_arrays
 from parity_tests.parallel_runs import read_config, save_run
 from shared_config import synthetic_batch
 
@@ -38,7 +39,7 @@ def run(directory: Path, mesh_text: str) -> None:
         record["grad_norm"].append(float(metrics["grad_norm"]))
     trees = {"params": state.params, **{k: optax.tree_utils.tree_get(state.opt_state, k) for k in ("mu", "nu")}}
     for key, tree in trees.items():
-        record[key] = {name: layout_of(x) for name, x in train.flat_arrays(tree).items()}
+        record[key] = {name: layout_of(x) for name, x in flat_arrays(tree).items()}
     record["batch"] = layout_of(sharding.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
     processes = jax.process_count()
     name = f"jax-{mesh_text}" if processes == 1 else f"jax-{processes}proc-{mesh_text}"

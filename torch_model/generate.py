@@ -23,16 +23,16 @@ class Decoder:
 
     Each returns the logits of the last position [B, V] and the cache with the new tokens written;
     the cache passed in is written in place (its tensors are reused). The decode step compiles once
-    for every position, because the cache has a fixed size and its length is data, not a shape.
-    `compile` is a torch.compile backend ("inductor", "aot_eager", ...), or None to run eagerly.
+    for every position, because the cache has a fixed size and its length is data, not a shape. The
+    weights are the model's own, read at each call. `compile` is a torch.compile backend ("inductor", "aot_eager", ...), or None to run eagerly.
     """
 
     def __init__(self, model: Transformer, compile: str | None = None):
         self.model = model
         step = partial(forward_last, model)
         # fullgraph: a graph break would silently run the step half in Python.
-        self._prefill = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
-        self._decode = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
+        self._prefill = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)  # per prompt shape
+        self._decode = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)  # per cache shape
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         return self.model.init_cache(batch, size, start_B)

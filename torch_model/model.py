@@ -60,7 +60,7 @@ class TransformerModel(nn.Module):
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nn.ModuleList([Block(spec, attention) for _ in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
-        self.compute_dtype = DTYPES[spec.compute_dtype]
+        self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
     def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
         """Final hidden states [B, T, D] and the updated cache (None without one)."""
@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
         x_BTD, new_cache = self.model(tokens_BT, taps, cache)
         if self.lm_head is None:
-            logits_BTV = x_BTD @ self.model.embed_tokens.weight.to(x_BTD.dtype).T
+            logits_BTV = x_BTD @ self.model.embed_tokens.weight.to(x_BTD.dtype).T  # nnx.Embed.attend
         else:
             logits_BTV = self.lm_head(x_BTD)
         logits_BTV = logits_BTV.to(torch.float32)  # logits in float32

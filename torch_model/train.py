@@ -10,8 +10,8 @@ the libraries' defaults differ).
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: the step updates the model and
-the optimizer in place and returns the same state. Metrics are float32 device scalars: nothing
-inside the step waits for the host.
+the optimizer in place and returns the same state. Metrics are float32 scalars, loss and grad_norm
+on the device (nothing inside the step waits for the host), lr on the host (the scheduler's float).
 
 Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, V vocab.
 """
@@ -108,9 +108,10 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`; `compile`: torch.compile the forward and backward."""
     loss_fn = torch.compile(model_loss) if compile else model_loss
     params = list(model.parameters())
+    device = params[0].device
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None):
-        loss = loss_fn(state.model, *on_device(params[0].device, tokens_BN, mask_BN))
+        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN))
         loss.backward()
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared_config import fuse_qkv, init_rule, layout, model_layout, split_qkv
+from shared_config import fuse_qkv, init_rule, layout, model_layout, np_dtype, split_qkv
 
 from .layers import DTYPES
 
@@ -40,9 +40,7 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor as a numpy copy (a view would change as the model trains on; JAX arrays are immutable, so the
     JAX twin's arrays are snapshots too); bfloat16 goes through its bits (numpy has no native bfloat16)."""
     if x.dtype == torch.bfloat16:
-        from ml_dtypes import bfloat16
-
-        return x.contiguous().view(torch.int16).numpy().view(bfloat16).copy()
+        return x.contiguous().view(torch.int16).numpy().view(np_dtype("bfloat16")).copy()
     return x.contiguous().numpy().copy()
 
 
