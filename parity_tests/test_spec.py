@@ -101,6 +101,11 @@ def test_missing_required_key_and_bad_sources(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(SpecError, match="must hold a mapping"):
         load_spec(bad)
+    bad.write_bytes(b"d_model: \xff\xfe\n")
+    with pytest.raises(SpecError, match="bad.yaml is not UTF-8 text"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match=r"mlp=\['swiglu'\] must be one of swiglu, "):  # not a TypeError (unhashable)
+        load_spec({**BASE, "mlp": ["swiglu"]})
 
 
 def test_every_enum_value_is_accepted():
@@ -116,3 +121,24 @@ def test_overrides_parse_yaml_scalars():
     assert load_spec({**BASE, **overrides}).norm_eps == 1e-5  # YAML 1.1 reads 1e-5 as a string
     with pytest.raises(SpecError, match="must look like key=value"):
         parse_overrides(["n_layers"])
+    with pytest.raises(SpecError, match=r"--set 'd_model=\[1': the value is not a YAML scalar"):
+        parse_overrides(["d_model=[1"])
+
+
+def test_replace_rederives_what_was_never_set():
+    """`--set n_heads=...` on a preset that leaves head_dim and n_kv_heads derived must re-derive them."""
+    tiny = load_spec("tiny")  # head_dim unset: d_model // n_heads = 16
+    assert tiny.replace(d_model=192).E == 32 and tiny.replace(n_heads=4, n_kv_heads=2).E == 24
+    assert load_spec({**BASE, "head_dim": 8}).replace(d_model=128).E == 8  # set explicitly: kept
+    mha = load_spec({k: v for k, v in BASE.items() if k != "n_kv_heads"})
+    assert mha.replace(n_heads=2).K == 2
+
+
+def test_a_stored_spec_is_a_mapping_never_a_preset_name_or_path():
+    from shared_config import CheckpointError
+    from shared_config.io import spec_from_json
+
+    assert spec_from_json(load_spec("tiny").to_json(), "w.safetensors") == load_spec("tiny")
+    for text in ('"tiny"', '"/etc/passwd"', "[1]"):
+        with pytest.raises(CheckpointError, match="w.safetensors: invalid spec: a spec must be a mapping"):
+            spec_from_json(text, "w.safetensors")

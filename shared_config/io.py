@@ -186,8 +186,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
 def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
     """A spec stored as JSON (file metadata, `spec.json`); a bad one is a CheckpointError naming `path`."""
     try:
-        return load_spec(json.loads(text))
-    except (ValueError, TypeError) as e:  # JSON, UTF-8 and spec errors are all ValueErrors
+        return ModelSpec.from_dict(json.loads(text))  # a mapping only: not a preset name or a path
+    except ValueError as e:  # JSON, UTF-8 and spec errors are all ValueErrors
         raise CheckpointError(f"{path}: invalid {what}: {e}") from None
 
 
@@ -202,7 +202,7 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
             raise CheckpointError(f"{path}: the file carries no spec; pass one (a preset name, YAML path or dict)")
         return file_spec
     spec = load_spec(given)
-    if file_spec is not None and file_spec.to_dict() != spec.to_dict():
+    if file_spec is not None and file_spec != spec:  # equal architectures, however their defaults were written
         a, b = file_spec.to_dict(), spec.to_dict()
         diff = "; ".join(f"{k}: file {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k])
         raise CheckpointError(f"{path}: spec in the file disagrees with the given spec: {diff}")

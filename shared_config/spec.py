@@ -131,17 +131,23 @@ class ModelSpec:
         return hash(self.to_json())
 
     def replace(self, **changes) -> ModelSpec:
-        return ModelSpec.from_dict({**self.to_dict(), **changes})
+        """The spec with `changes`; `n_kv_heads` and `head_dim` left unset stay derived (n_heads=4 changes head_dim)."""
+        return ModelSpec.from_dict({**dataclasses.asdict(self), **changes})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a spec must be a mapping of keys to values, got {type(d).__name__}")
-        check_keys(d, [f.name for f in fields(cls)], "spec")
-        missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
-        if missing:
-            raise SpecError(f"spec is missing required key(s): {', '.join(missing)}")
-        return cls(**d)
+        return from_mapping(cls, d, "spec")
+
+
+def from_mapping(cls, d: Mapping[str, Any], what: str):
+    """`cls(**d)` for a dataclass of checked fields, once `d` is a mapping of known keys holding every required one."""
+    if not isinstance(d, Mapping):
+        raise SpecError(f"a {what} must be a mapping of keys to values, got {type(d).__name__}")
+    check_keys(d, [f.name for f in fields(cls)], what)
+    missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+    if missing:
+        raise SpecError(f"{what} is missing required key(s): {', '.join(missing)}")
+    return cls(**d)
 
 
 def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
@@ -175,6 +181,8 @@ def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] =
         if not isinstance(value, bool):
             raise SpecError(f"{name}={value!r} must be true or false")
         return value
+    if not isinstance(value, str):
+        raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
     value = ALIASES.get(name, {}).get(value, value)
     if value not in choices[name]:
         raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
@@ -213,6 +221,8 @@ def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
         d = yaml.safe_load(Path(source).read_text())
     except OSError as e:
         raise SpecError(f"cannot read {what} file {source}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{what} file {source} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{what} file {source} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
@@ -220,8 +230,8 @@ def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
     return d
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+def preset_names(presets: Path = SPECS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets.glob("*.yaml"))
 
 
 def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
@@ -239,7 +249,7 @@ def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict:
     if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
         path = presets / f"{source}.yaml"
     elif not path.is_file():
-        names = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
+        names = ", ".join(preset_names(presets))
         raise SpecError(f"no {what} preset or file named '{source}' (presets: {names})")
     try:
         return from_dict(load_yaml(path, what))
@@ -254,5 +264,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--set {item!r} must look like key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item!r}: the value is not a YAML scalar") from None
     return out

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .layout import Tensor
-from .spec import CHOICES, ModelSpec, SpecError, _check_type, check_keys, load_preset_or_file
+from .spec import CHOICES, ModelSpec, SpecError, _check_type, from_mapping, load_preset_or_file, preset_names
 
 TRAIN_DIR = Path(__file__).parent / "train"
 
@@ -58,10 +58,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        if not isinstance(d, Mapping):
-            raise SpecError(f"a train config must be a mapping of keys to values, got {type(d).__name__}")
-        check_keys(d, [f.name for f in fields(cls)], "train config")
-        return cls(**d)
+        return from_mapping(cls, d, "train config")
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
         """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it."""
@@ -87,7 +84,7 @@ def _check_rules(c: TrainConfig) -> None:
 
 
 def train_preset_names() -> list[str]:
-    return sorted(p.stem for p in TRAIN_DIR.glob("*.yaml"))
+    return preset_names(TRAIN_DIR)
 
 
 def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:
