@@ -19,13 +19,10 @@ import math
 import os
 import platform
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
-
-import numpy as np  # noqa: E402
 
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
@@ -43,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend), rounded up to a multiple of --rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--mode", default="train", choices=["train", "forward", "decode"],
@@ -81,9 +78,8 @@ def parse_args(argv):
 
 def variants(args) -> list[tuple[str, object]]:
     """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
-    base = load_spec(args.spec).to_dict()
-    base.update(parse_overrides(args.set))
-    base["compute_dtype"] = args.dtype
+    base = load_spec(args.spec)
+    changes = {**parse_overrides(args.set), "compute_dtype": args.dtype}
     sweeps = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -94,7 +90,7 @@ def variants(args) -> list[tuple[str, object]]:
     for combo in itertools.product(*sweeps) if sweeps else [()]:
         label = ",".join(f"{k}={v}" for k, v in combo) or args.spec
         try:
-            out.append((label, load_spec({**base, **dict(combo)})))
+            out.append((label, base.replace(**{**changes, **dict(combo)})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
     return out

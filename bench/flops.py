@@ -38,9 +38,13 @@ def matmul_params(spec: ModelSpec) -> int:
 
 def flops_per_token(spec: ModelSpec, seq_len: int, mode: str) -> float:
     """Model FLOPs per token for a train step (forward + backward) or a forward pass."""
-    attention = 4 * spec.L * spec.H * spec.E * seq_len
-    forward = 2 * matmul_params(spec) + attention
-    return 3 * forward if mode == "train" else forward
+    return sum(flops_split(spec, seq_len, mode))
+
+
+def flops_split(spec: ModelSpec, seq_len: int, mode: str) -> tuple[float, float]:
+    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards."""
+    passes = 3 if mode == "train" else 1
+    return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.E * seq_len
 
 
 def peak_tflops(device_name: str, dtype: str) -> float | None:

@@ -191,7 +191,7 @@ def jax_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float],
 
 def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: str, hlo: dict | None) -> dict:
     """Per-category milliseconds per step, shares of the step, and the model-FLOP rate of matmul and attention."""
-    from flops import flops_per_token, matmul_params
+    from flops import flops_split
 
     step_ms = 1e3 * wall_s / args.steps
     ms, per_kernel = defaultdict(float), defaultdict(float)
@@ -206,9 +206,8 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
     if not device.startswith("cpu"):
         ms["idle"] = max(step_ms - busy, 0.0)
     tokens = args.batch * args.seq
-    passes = 3 if args.mode == "train" else 1  # forward + backward = 3 forwards
-    model_flops = {"matmul": passes * 2 * matmul_params(spec) * tokens,
-                   "attention": passes * 4 * spec.L * spec.H * spec.E * args.seq * tokens}
+    matmul, attention = flops_split(spec, args.seq, args.mode)
+    model_flops = {"matmul": matmul * tokens, "attention": attention * tokens}
     if "attention" not in ms:  # attention ran as plain matmuls (the einsum/blocked kernels): count its FLOPs there
         model_flops["matmul"] += model_flops.pop("attention")
     categories = {}
@@ -218,7 +217,7 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
             if c in model_flops and ms[c] > 0 and not overlapping:
                 categories[c]["tflops"] = model_flops[c] / (ms[c] / 1e3) / 1e12
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[: args.top]
-    total_flops = tokens * flops_per_token(spec, args.seq, args.mode)
+    total_flops = tokens * (matmul + attention)
     return {"backend": backend, "step_ms": step_ms, "busy_ms": busy, "overlapping": overlapping,
             "tflops": total_flops / (step_ms / 1e3) / 1e12,
             "categories": categories, "top": [{"name": n, "ms": t, "category": c} for (n, c), t in top]}

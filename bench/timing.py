@@ -68,11 +68,13 @@ def run_benchmarks(args, specs, backends, kernels):
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     train_config = bench_train_config(args) if args.mode == "train" else None
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
+    per_round = math.ceil(args.steps / args.rounds)
+    # decode: the cache holds the prompt and every token decoded after one prefill (a round, or compile + warmup)
+    new_tokens = max(per_round, 1 + args.warmup)
     for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
         tokens = bench_tokens(spec, args.batch, args.seq)
         tokens = tokens if args.mode == "train" else tokens[:, :-1]
-        per_round = math.ceil(args.steps / args.rounds)
-        bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=per_round)
+        bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=new_tokens)
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
             timed(bench)
@@ -89,14 +91,14 @@ def run_benchmarks(args, specs, backends, kernels):
                 for _ in range(per_round):
                     times.append(timed(bench))
                     bar.update()
-    return [result(label, backend, *benches[label, backend], args, device) for label, _, backend in jobs], device
+    return [result(label, backend, *benches[label, backend], args, device, per_round) for label, _, backend in jobs], device
 
 
-def result(label, backend, spec, bench, compile_s, times, prefills, args, device) -> dict:
+def result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round) -> dict:
     median = float(np.median(times))
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
-        flops = flops_per_token(spec, args.seq + math.ceil(args.steps / args.rounds) // 2, "forward")
+        flops = flops_per_token(spec, args.seq + per_round // 2, "forward")
     else:
         tokens_per_s = args.batch * args.seq / median
         flops = flops_per_token(spec, args.seq, args.mode)

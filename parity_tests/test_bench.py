@@ -82,7 +82,8 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
 
 
 def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
-    bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "1",
+    # warmup 3 > 2 steps per round: the cache must hold compile + warmup tokens too
+    bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "3",
           "--rounds", "2", "--json", str(tmp_path / "d.json"))
     results = json.loads((tmp_path / "d.json").read_text())["results"]
     assert [r["backend"] for r in results] == ["jax", "torch", "hf"]
@@ -128,7 +129,7 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
         (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
         (["--devices", "0"], "--devices must be >= 1"),
-        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "4"),
+        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
     ],
 )
 def test_bad_scale_out_arguments(args, message):
