@@ -349,3 +349,13 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "damaged-flax", "evil.pt"]  # no output
     debug = run_script("convert", bad, tmp_path / "out.pt", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("content", [b"junk\n", b"", b"PK\x03\x04not a zip"])
+def test_a_pt_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, content):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        convert(junk, tmp_path / "out.safetensors")
+    assert "refused by torch.load(weights_only=True)" in one_line_error(e, junk)
+    assert not (tmp_path / "out.safetensors").exists()

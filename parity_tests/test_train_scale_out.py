@@ -67,6 +67,7 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["--backend", "jax", "--devices", "2", "--mesh", "data=1"], "--devices N and --mesh: pass one"),
         (["--backend", "torch", "--mesh", "data=2"], "--devices/--mesh scale the JAX twin"),
         (["--backend", "torch", "--parallel", "ddp"], "--parallel ddp needs torchrun"),
         (["--backend", "jax", "--devices", "3", "--set", "batch_size=4"], "batch_size=4 must be divisible by the 3"),

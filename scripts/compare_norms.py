@@ -46,6 +46,8 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
                                             **spec_changes)
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
+    spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
+    data.check(cfg.seq_len, spec.V)
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
                eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})

@@ -21,7 +21,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     if args.set:
-        spec = load_spec({**spec.to_dict(), **parse_overrides(args.set)})
+        spec = spec.replace(**parse_overrides(args.set))
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from shared_config import (
-    init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
+    atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, run
@@ -175,7 +176,7 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
     bottom.set(ylabel="|Δloss|" if bf16 else "|Δloss| / loss", xlabel="step")
     bottom.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:].lower()))
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -197,13 +198,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.train_steps < 0:
+        raise UsageError(f"--train-steps must be >= 0, got {args.train_steps}")
+    for path in (args.json, args.plot):  # fail now, not after the run
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{Path(path).parent}: no such directory")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"--plot {args.plot}: the file must end in .png, .pdf or .svg")
     if args.plot and args.train_steps <= 0:
         raise UsageError("--plot needs --train-steps N")
     if args.weights:
         weights, spec = load_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)
     else:
         spec = load_spec(args.spec)
-    spec = load_spec({**spec.to_dict(), **parse_overrides(args.set), "compute_dtype": args.dtype or spec.compute_dtype})
+    changes = parse_overrides(args.set)
+    if args.dtype:  # --dtype wins over the spec and over --set compute_dtype
+        changes["compute_dtype"] = args.dtype
+    spec = spec.replace(**changes)
     if not args.weights:
         weights = init_weights(spec, args.seed)
     if not 0 < args.seq <= spec.max_seq_len:
@@ -241,8 +254,7 @@ def report(weights, spec, args, cfg) -> int:
                "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None, "passed": not failed}
         if runs:
             out["train"] = {"config": cfg.to_dict(), "jax_loss": runs["jax"][0], "torch_loss": runs["torch"][0]}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=2) + "\n"))
     if args.plot:
         plot(runs, args.plot, f"{args.spec or args.weights}, {spec.compute_dtype}", bf16)
     return 0 if all(r.passed for r in rows) else 1

@@ -75,8 +75,9 @@ class Run:
 def split_overrides(items: list[str] | None) -> tuple[dict, dict]:
     """`--set key=value` items as (spec changes, train config changes); unknown keys get the closest one suggested."""
     spec_changes, cfg_changes = {}, {}
-    for key, value in parse_overrides(items).items():
-        check_keys({key: value}, SPEC_KEYS + TRAIN_KEYS, "--set")
+    overrides = parse_overrides(items)
+    check_keys(overrides, list(dict.fromkeys(SPEC_KEYS + TRAIN_KEYS)), "--set")
+    for key, value in overrides.items():
         (cfg_changes if key in TRAIN_KEYS else spec_changes)[key] = value
     return spec_changes, cfg_changes
 
@@ -575,6 +576,8 @@ def check_scale_out(p, args) -> None:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.devices is not None and args.devices < 1:
         p.error("--devices must be >= 1")
+    if args.devices and args.mesh:
+        p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
     if args.parallel and not torchrun:
