@@ -9,10 +9,10 @@ where the libraries' defaults differ).
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
-`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: the step donates `state` (and at
-the first step the model's own arrays): keep only the returned state; `set_weights(model, ...)` or
-`nnx.update(model, state.params)` puts trained weights back into the model. Metrics are float32
-device scalars: nothing inside the step waits for the host.
+`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step donates
+`state` (and at the first step the model's own arrays): keep only the returned state;
+`set_weights(model, ...)` or `nnx.update(model, state.params)` puts trained weights back into the
+model. Metrics are float32 device scalars: nothing inside the step waits for the host.
 
 Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, V vocab.
 """
@@ -50,24 +50,27 @@ def split_batch(tokens_BN, mask_BN=None):
     return inputs_BT, jnp.where(targets_BT == IGNORE_INDEX, 0, targets_BT), weights_BT
 
 
-def next_token_loss(logits_BTV, targets_BT, weights_BT):
-    """Mean cross-entropy over the counted targets, in float32: logsumexp(logits) − logits[target]."""
+def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
+    """Cross-entropy logsumexp(logits) − logits[target] in float32, summed over the counted targets and divided
+    by `count`: by default their number (at least 1), the mean. A data-parallel rank or a micro-batch passes
+    the whole batch's count (over the ranks averaging it), so that the parts add up to the whole batch's mean."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz_BT - target_logit_BT) * weights_BT) / jnp.maximum(jnp.sum(weights_BT), 1.0)
+    count = jnp.maximum(jnp.sum(weights_BT), 1.0) if count is None else count
+    return jnp.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None):
-    """The model's mean next-token loss on a batch."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT)
+    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None) -> tuple[float, dict[str, np.ndarray]]:
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
     graphdef, params, rest = split_params(model)
-    loss, grads = _value_and_grad(graphdef, params, rest, jnp.asarray(tokens_BN), mask_BN)
+    loss, grads = _value_and_grad(graphdef, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
 
 
@@ -104,13 +107,14 @@ def init_train_state(model, cfg: TrainConfig) -> TrainState:
 
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callable:
-    """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`; `compile`: jax.jit it, donating the state."""
+    """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: jax.jit it, donating
+    the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets)."""
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 
-    def train_step(state: TrainState, tokens_BN, mask_BN=None):
+    def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
         def loss_fn(params):
-            return model_loss(nnx.merge(graphdef, params, rest), tokens_BN, mask_BN)
+            return model_loss(nnx.merge(graphdef, params, rest), tokens_BN, mask_BN, count)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -170,5 +174,5 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
 
 
 @partial(jax.jit, static_argnums=0)
-def _value_and_grad(graphdef, params, rest, tokens_BN, mask_BN):
-    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN))(params)
+def _value_and_grad(graphdef, params, rest, tokens_BN, mask_BN, count):
+    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count))(params)

@@ -20,8 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
 import torch_model
-from parity_tests.parallel_runs import read_config, save_run
-from shared_config import synthetic_batch
+from parity_tests.parallel_runs import masked_batch, read_config, save_run
 from torch_model import distributed, train
 
 
@@ -61,7 +60,7 @@ def run(directory: Path, name: str, parallel: str) -> None:
     record["placements"] = {n: {"dim": p.placements[0].dim, "local": list(p.to_local().shape)}
                             for n, p in model.named_parameters() if parallel == "fsdp2"}
     for step in range(cfg.steps):
-        state, metrics = train_step(state, synthetic_batch(cfg.seed, step, cfg.batch_size, cfg.seq_len, model.spec.V))
+        state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
         record["loss"].append(float(metrics["loss"]))
         record["grad_norm"].append(float(metrics["grad_norm"]))
     distributed.to_safetensors(model, directory / f"{name}.safetensors")

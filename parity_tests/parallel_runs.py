@@ -12,13 +12,23 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_config import TrainConfig
+from shared_config import TrainConfig, synthetic_batch
 
 PARTS = ("weights", "m", "v")
 
 
 def read_config(directory: Path) -> TrainConfig:
     return TrainConfig.from_dict(json.loads((Path(directory) / "train.json").read_text()))
+
+
+def masked_batch(cfg: TrainConfig, step: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step `step`'s global tokens and mask: the synthetic batch, row r counting only its last (r + 1)·N/B
+    targets, so that every rank and device holds a different number of counted targets (the mean of the
+    per-rank means is then not the global mean: a sharded step must get this right)."""
+    tokens_BN = synthetic_batch(cfg.seed, step, cfg.batch_size, cfg.seq_len, vocab_size)
+    B, N = tokens_BN.shape
+    keep_B1 = (np.arange(B)[:, None] + 1) * N // B
+    return tokens_BN, (np.arange(N)[None, :] >= N - keep_B1).astype(np.int32)
 
 
 def save_run(directory: Path, name: str, record: dict, canonical: dict) -> None:

@@ -18,7 +18,7 @@ import optax
 
 from jax_model import sharding, train
 from jax_model.weights import flat_arrays
-from parity_tests.parallel_runs import read_config, save_run
+from parity_tests.parallel_runs import masked_batch, read_config, save_run
 from shared_config import synthetic_batch
 
 def layout_of(x: jax.Array) -> dict:
@@ -34,7 +34,7 @@ def run(directory: Path, mesh_text: str) -> None:
     state, train_step = sharding.parallelize(model, cfg, mesh)
     record = {"loss": [], "grad_norm": []}
     for step in range(cfg.steps):
-        state, metrics = train_step(state, synthetic_batch(cfg.seed, step, cfg.batch_size, cfg.seq_len, model.spec.V))
+        state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
         record["loss"].append(float(metrics["loss"]))
         record["grad_norm"].append(float(metrics["grad_norm"]))
     trees = {"params": state.params, **{k: optax.tree_utils.tree_get(state.opt_state, k) for k in ("mu", "nu")}}

@@ -73,6 +73,27 @@ def test_mask_and_ignore_index():
         assert train.loss_and_grads(model, other_last, mask)[0] == loss, f"{name}: a masked target changed the loss"
 
 
+def test_count_makes_parts_add_up_to_the_whole():
+    """With `count` (the whole batch's counted targets), the losses and gradients of row blocks holding different
+    numbers of targets add up to the whole batch's mean and its gradient, as data-parallel ranks and micro-batches
+    need; their plain means do not."""
+    spec = make_spec()
+    w, x = parity_weights(spec), tokens(spec, batch=4, seq=33)
+    mask = np.ones_like(x)
+    mask[:2, :29] = 0  # rows 0-1 count 8 targets, rows 2-3 count 64
+    count, blocks = float((mask[:, 1:] != 0).sum()), (slice(0, 2), slice(2, 4))
+    for name, twin, train in TWINS:
+        model = twin.from_weights(w, spec)
+        whole, grads = train.loss_and_grads(model, x, mask)
+        parts = [train.loss_and_grads(model, x[rows], mask[rows], count) for rows in blocks]
+        summed = parts[0][0] + parts[1][0]
+        assert abs(summed - whole) / whole <= 1e-6, f"{name}: the parts' losses sum to {summed}, the whole's is {whole}"
+        errors = {k: max_rel(parts[0][1][k] + parts[1][1][k], g) for k, g in grads.items()}
+        assert max(errors.values()) <= 1e-5, f"{name}: summed gradients off the whole's: {errors}"
+        means = [train.loss_and_grads(model, x[rows], mask[rows])[0] for rows in blocks]
+        assert abs(np.mean(means) - whole) / whole > 1e-3, "the test needs blocks whose mean differs from the whole's"
+
+
 @pytest.mark.parametrize("changes", [
     dict(norm_type="derf", norm_placement="peri", norm_bias=True, embed_scale="learnable", qk_norm=True),
     dict(norm_type="layernorm", norm_placement="post", norm_bias=True, position="learned", tie_embeddings=True, mlp="gelu"),

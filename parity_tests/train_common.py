@@ -25,12 +25,14 @@ def both_loss_and_grads(weights, spec, tokens_BN, mask_BN=None, attention=("auto
     )
 
 
-def trajectory(twin, train, weights, spec, cfg: TrainConfig, steps: int | None = None):
-    """Train from `weights` on the synthetic batches of `cfg`: per-step metrics and the final canonical state."""
+def trajectory(twin, train, weights, spec, cfg: TrainConfig, steps: int | None = None, batch=None):
+    """Train from `weights` on the synthetic batches of `cfg` (or on `batch(i)`: tokens and mask of step i):
+    per-step metrics and the final canonical state."""
     model = twin.from_weights(weights, spec)
     state, step, metrics = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
+    batch = batch or (lambda i: (synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V), None))
     for i in range(cfg.steps if steps is None else steps):
-        state, m = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
+        state, m = step(state, *batch(i))
         metrics.append(m)
     metrics = {k: np.array([float(m[k]) for m in metrics]) for k in ("loss", "grad_norm", "lr")}
     return metrics, train.get_train_state(model, state)

@@ -144,11 +144,18 @@ def fully_shard_model(model: nn.Module) -> nn.Module:
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)` on the global batch: train.make_train_step's
-    step on this rank's rows; loss averaged over ranks. Build it after wrapping (FSDP2 replaces the parameters)."""
+    step on this rank's rows; loss averaged over ranks. Build it after wrapping (FSDP2 replaces the parameters).
+
+    The update is the one-device update of the global batch, also when the ranks' rows hold different numbers
+    of counted targets (a mask, ignored targets): each rank divides its summed loss by the global count / W, so
+    that DDP's and FSDP2's average of the W gradients is the gradient of the global mean (the JAX mesh's loss).
+    """
     step = train.make_train_step(model, cfg, compile=compile)
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN))
+        _, _, weights_BT = train.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
+        count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
+        state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)
         # grad_norm is already global (FSDP2: a replicated DTensor reduced over every shard; DDP: averaged gradients)
         return state, {**metrics, "loss": mean_over_ranks(metrics["loss"]), "grad_norm": _local(metrics["grad_norm"])}
 

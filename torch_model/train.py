@@ -9,9 +9,10 @@ the libraries' defaults differ).
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
-`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: the step updates the model and
-the optimizer in place and returns the same state. Metrics are float32 scalars, loss and grad_norm
-on the device (nothing inside the step waits for the host), lr on the host (the scheduler's float).
+`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step updates the
+model and the optimizer in place and returns the same state. Metrics are float32 scalars, loss and
+grad_norm on the device (nothing inside the step waits for the host), lr on the host (the
+scheduler's float).
 
 Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, V vocab.
 """
@@ -47,24 +48,27 @@ def split_batch(tokens_BN, mask_BN=None):
     return inputs_BT, torch.where(targets_BT == IGNORE_INDEX, 0, targets_BT), weights_BT
 
 
-def next_token_loss(logits_BTV, targets_BT, weights_BT):
-    """Mean cross-entropy over the counted targets, in float32: logsumexp(logits) − logits[target]."""
+def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
+    """Cross-entropy logsumexp(logits) − logits[target] in float32, summed over the counted targets and divided
+    by `count`: by default their number (at least 1), the mean. A data-parallel rank or a micro-batch passes
+    the whole batch's count (over the ranks averaging it), so that the parts add up to the whole batch's mean."""
     logits_BTV = logits_BTV.to(torch.float32)
     logz_BT = torch.logsumexp(logits_BTV, dim=-1)
     target_logit_BT = torch.gather(logits_BTV, -1, targets_BT[..., None])[..., 0]
-    return torch.sum((logz_BT - target_logit_BT) * weights_BT) / torch.clamp(torch.sum(weights_BT), min=1.0)
+    count = torch.clamp(torch.sum(weights_BT), min=1.0) if count is None else count
+    return torch.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None):
-    """The model's mean next-token loss on a batch."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT)
+    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None) -> tuple[float, dict[str, np.ndarray]]:
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
     names, params = zip(*model.named_parameters())
-    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN))
+    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN, count))
     grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
 
@@ -105,13 +109,14 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
-    """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`; `compile`: torch.compile the forward and backward."""
+    """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile the
+    forward and backward. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets)."""
     loss_fn = torch.compile(model_loss) if compile else model_loss
     params = list(model.parameters())
     device = params[0].device
 
-    def train_step(state: TrainState, tokens_BN, mask_BN=None):
-        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN))
+    def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
+        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN, count))
         loss.backward()
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
@@ -169,7 +174,8 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
 
 
 def on_device(device, *arrays):
-    """Tokens and mask (numpy or tensors) as tensors on the model's device, before any compiled code sees them."""
+    """Tokens, mask and count (numpy, numbers or tensors) as tensors on the model's device, before any compiled
+    code sees them; None stays None."""
     return tuple(None if x is None else torch.as_tensor(x, device=device) for x in arrays)
 
 
