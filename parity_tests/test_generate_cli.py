@@ -58,6 +58,11 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     assert by_bytes.encode("hé") == [104, 195, 169]
     stream = cli.TextStream(by_bytes.decode)
     assert [stream(t) for t in [104, 195, 169, 299]] == ["h", "", "é", ""]  # é waits for its second byte; 299 is no byte
+    assert stream.rest() == ""
+    cut = cli.TextStream(by_bytes.decode)
+    out = io.StringIO()
+    cli.emit(iter([104, 105, 195]), cut, out, io.StringIO(), rest=cut.rest)  # ends inside a character
+    assert out.getvalue() == "hi\ufffd\n", "a character cut off at the end shows as U+FFFD, not nothing"
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "once": 1, "upon": 2, "a": 3, "time": 4}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

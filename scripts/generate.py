@@ -48,8 +48,11 @@ def main(argv=None):
         raise UsageError(str(e)) from None
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
-    show = TextStream(text.decode) if text else lambda token: f"{token} "
-    emit(steps, show, sys.stdout, sys.stderr)
+    if text:
+        show = TextStream(text.decode)
+        emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
+    else:
+        emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
 
 
 def load_weights(path: Path, spec=None):
@@ -145,16 +148,23 @@ class TextStream:
         new, self.shown = text[len(self.shown):], text
         return new
 
+    def rest(self) -> str:
+        """What the last tokens held back: a character cut off for good shows as U+FFFD, as decoding shows it."""
+        text = self.decode(self.ids)
+        new, self.shown = text[len(self.shown):], text
+        return new
 
-def emit(steps, show: Callable[[int], str], out, err) -> None:
-    """Write each token as soon as it is drawn, then the timing: the first two tokens (prefill, then the
-    first decode step, compilation included in JAX) apart from the steady decoding rate."""
+
+def emit(steps, show: Callable[[int], str], out, err, rest: Callable[[], str] = lambda: "") -> None:
+    """Write each token as soon as it is drawn (`show`), then what `rest` says was held back, then the timing:
+    the first two tokens (prefill, then the first decode step, compilation included in JAX) apart from the
+    steady decoding rate."""
     times = [time.perf_counter()]
     for token in steps:
         out.write(show(token))
         out.flush()
         times.append(time.perf_counter())
-    out.write("\n")
+    out.write(rest() + "\n")
     n, (start, end) = len(times) - 1, (times[0], times[-1])
     first = ", ".join(f"{t - s:.2f} s" for s, t in zip(times[:2], times[1:3]))
     rate = f"; then {(n - 2) / (end - times[2]):.1f} tokens/s" if n > 2 else ""
