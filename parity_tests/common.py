@@ -97,9 +97,46 @@ def load_script(name: str):
     return module
 
 
-def run_script(name: str, *args) -> subprocess.CompletedProcess:
-    """Run scripts/{name}.py in a subprocess that imports this checkout (not an installed copy), offline."""
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that imports this checkout (not an installed copy), offline; `extra` added."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def run_python(*args, **env: str) -> subprocess.CompletedProcess:
+    """`python args...` in a subprocess of `checkout_env(**env)`, output captured."""
+    cmd = [sys.executable, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=checkout_env(**env), cwd=ROOT, timeout=600)
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """Run scripts/{name}.py in a subprocess that imports this checkout, offline."""
+    return run_python(ROOT / "scripts" / f"{name}.py", *args)
+
+
+# torchrun with 2 local processes; standalone: it picks a free port itself
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Assert a CLI's usage-error contract: exit code 2, nothing on stdout, one stderr line "error: ..." holding
+    every fragment (no traceback); that line."""
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert all(f in lines[0] for f in fragments), lines[0]
+    assert result.stdout == "", result.stdout[-3000:]
+    return lines[0]
+
+
+def case_ids(cases: list[dict]) -> list[str]:
+    """pytest ids for parametrised spec changes: key=value joined by '-', or "base" for no change."""
+    return ["-".join(f"{k}={v}" for k, v in c.items()) or "base" for c in cases]
+
+
+def interleaved_rope(x_BTHE, cos_TE, sin_TE):
+    """Meta's pairs (2i, 2i+1) instead of Hugging Face's (i, i + E/2): the classic porting bug, planted into the
+    torch twin by tests that must catch it."""
+    x32 = x_BTHE.float()
+    rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
+    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import ROOT, TORCHRUN, one_line_error, run_python
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
@@ -19,8 +17,7 @@ from shared_config import load_spec  # noqa: E402
 
 
 def bench(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), *args], capture_output=True, text=True, env=env)
+    proc = run_python(ROOT / "bench" / "compare.py", *args)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -74,11 +71,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
-    proc = bench(*args, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    one_line_error(bench(*args, check=False), message)
 
 
 def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
@@ -112,11 +105,9 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
           "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
     (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
     assert r["mesh"] == {"data": 2, "fsdp": 2} and r["n_steps"] == 2
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "bench" / "compare.py"),
-           "--backend", "torch", "--parallel", "ddp", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
-           "--rounds", "1", "--threads", "1", "--json", str(tmp_path / "ddp.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "ddp", "--batch", "4",
+                      "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                      "--json", tmp_path / "ddp.json", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ddp.json").read_text())
     assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == "ddp"
@@ -133,6 +124,4 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
     ],
 )
 def test_bad_scale_out_arguments(args, message):
-    proc = bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)

@@ -3,13 +3,12 @@ float32 parameters and with bfloat16 parameters; a bf16 train step runs on both 
 
 import numpy as np
 import pytest
-import torch
 
 import torch_model
 from shared_config import TrainConfig, load_spec, synthetic_batch
 from shared_config.parity import BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, token_kl, top1_agreement
 
-from .common import jax_logits, parity_weights, torch_logits
+from .common import interleaved_rope, jax_logits, parity_weights, torch_logits
 from .train_common import TWINS, both_loss_and_grads, trajectory
 
 CASES = [(name, dtype) for name in ("tiny", "tiny-dyt", "tiny-derf") for dtype in ("float32", "bfloat16")]
@@ -34,12 +33,6 @@ def test_bf16_compute_agrees(name, param_dtype):
 
 def test_the_bounds_catch_a_real_mismatch(monkeypatch):
     """Interleaved RoPE in one twin (a classic porting bug) breaks the bf16 bounds."""
-
-    def interleaved_rope(x_BTHE, cos_TE, sin_TE):
-        x32 = x_BTHE.float()
-        rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
-        return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
-
     monkeypatch.setattr(torch_model.layers, "apply_rope", interleaved_rope)
     spec = load_spec("tiny").replace(compute_dtype="bfloat16")
     kl_mean, kl_max, top1, _ = bf16_metrics(spec, parity_weights(spec), synthetic_batch(0, 0, 8, 128, spec.V))

@@ -10,7 +10,7 @@ from shared_config import SpecError, model_layout
 from shared_config.parallel import fsdp_dim
 from torch_model import distributed
 
-from .common import ROOT
+from .common import ROOT, TORCHRUN
 from .parallel_common import (
     CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
@@ -23,8 +23,7 @@ def runs(tmp_path_factory):
     """The directory where one torchrun launch of 2 processes left every run."""
     directory = write_inputs(tmp_path_factory.mktemp("distributed_torch"))
     script = ROOT / "parity_tests" / "distributed_torch_run.py"
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # standalone: a free local port
-    run_processes([*launch, str(script), str(directory)], [{"OMP_NUM_THREADS": "1"}])
+    run_processes([*TORCHRUN, str(script), str(directory)], [{"OMP_NUM_THREADS": "1"}])
     return directory
 
 

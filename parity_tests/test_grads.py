@@ -7,7 +7,7 @@ import pytest
 from shared_config import layout
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
 
-from .common import make_spec, parity_weights, tokens
+from .common import case_ids, make_spec, parity_weights, tokens
 from .train_common import TWINS, both_loss_and_grads, reference_loss
 
 # Every norm type x placement once; the other options' values spread over them, so that every value
@@ -29,9 +29,6 @@ GRID = [
 ]
 
 
-def _ids(cases):
-    return ["-".join(f"{k}={v}" for k, v in c.items()) for c in cases]
-
 
 def check_twins(spec, attention=("auto", "auto"), mask=False):
     w, x = parity_weights(spec), tokens(spec, seq=65)
@@ -45,7 +42,7 @@ def check_twins(spec, attention=("auto", "auto"), mask=False):
     assert all(g.dtype == np.float32 for g in (*gj.values(), *gt.values()))
 
 
-@pytest.mark.parametrize("changes", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("changes", GRID, ids=case_ids(GRID))
 def test_twins_agree_on_loss_and_every_gradient(changes):
     check_twins(make_spec(**changes))
 

@@ -14,7 +14,7 @@ from jax_model.generate import Decoder as JaxDecoder
 from shared_config.generation import left_pad
 from torch_model.generate import Decoder as TorchDecoder
 
-from .common import FORWARD_TOL, make_spec, parity_weights, rel_err, tokens
+from .common import FORWARD_TOL, case_ids, make_spec, parity_weights, rel_err, tokens
 
 CASES = [
     {},  # RoPE, GQA with 2 kv heads
@@ -37,9 +37,6 @@ CASES += [
 ]
 P, N = 20, 12  # prompt tokens, then decode steps
 
-
-def _ids(cases):
-    return ["-".join(f"{k}={v}" for k, v in c.items()) or "base" for c in cases]
 
 
 def jax_steps(model, toks, prompt=P):
@@ -81,7 +78,7 @@ def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N
         assert int(cache.length) == seq
 
 
-@pytest.mark.parametrize("changes", CASES, ids=_ids(CASES))
+@pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
 def test_cached_decoding_equals_uncached(changes):
     check_cached_equals_uncached(make_spec(**changes))
 
@@ -100,7 +97,7 @@ def test_long_prompt_where_rope_offsets_show():
 RAGGED = [{}, {"position": "learned", "norm_placement": "post"}]
 
 
-@pytest.mark.parametrize("changes", RAGGED, ids=_ids(RAGGED))
+@pytest.mark.parametrize("changes", RAGGED, ids=case_ids(RAGGED))
 def test_left_padding_leaves_each_row_as_alone(changes):
     """Prompts of 13, 5 and 9 tokens in one batch: each row's logits at every step are its unbatched ones."""
     spec = make_spec(**changes)

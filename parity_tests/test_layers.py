@@ -102,7 +102,6 @@ def test_block(placement):
     j = np.asarray(jm.model.layers[1](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
     with torch.no_grad():
         t = tm.model.layers[1](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
-    ref_taps = {}
     # The reference has no block function: run its layer loop on one layer by slicing the spec.
     one = spec.replace(n_layers=1)
     ws = {k.replace("model.layers.1.", "model.layers.0."): v for k, v in w.items() if not k.startswith("model.layers.0.")}

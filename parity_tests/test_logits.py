@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from shared_config.spec import CHOICES
 
-from .common import FORWARD_TOL, jax_logits, make_spec, ref_logits, rel_err, parity_weights, tokens, torch_logits
+from .common import FORWARD_TOL, case_ids, jax_logits, make_spec, parity_weights, ref_logits, rel_err, tokens, torch_logits
 
 # Every value of every option, each on top of the base spec.
 SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "position", "mlp", "init_scheme") for v in CHOICES[k]]
@@ -34,9 +34,6 @@ COMBOS += [
 ]
 
 
-def _ids(cases):
-    return ["-".join(f"{k}={v}" for k, v in c.items()) for c in cases]
-
 
 def check(spec, attention=("auto", "auto"), seq=64):
     w, x = parity_weights(spec), tokens(spec, seq=seq)
@@ -48,12 +45,12 @@ def check(spec, attention=("auto", "auto"), seq=64):
     assert rel_err(t, ref) <= FORWARD_TOL, f"torch vs float64 reference: {rel_err(t, ref):.2e}"
 
 
-@pytest.mark.parametrize("changes", SINGLE, ids=_ids(SINGLE))
+@pytest.mark.parametrize("changes", SINGLE, ids=case_ids(SINGLE))
 def test_every_option_value(changes):
     check(make_spec(**changes))
 
 
-@pytest.mark.parametrize("changes", COMBOS, ids=_ids(COMBOS))
+@pytest.mark.parametrize("changes", COMBOS, ids=case_ids(COMBOS))
 def test_combinations(changes):
     check(make_spec(**changes))
 

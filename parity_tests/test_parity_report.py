@@ -14,7 +14,7 @@ import torch_model
 from shared_config import load_spec, save_checkpoint
 from shared_config.cli import run
 
-from .common import parity_weights
+from .common import interleaved_rope, parity_weights
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,6 @@ def run_report(report, weights_file, tmp_path, *extra):
     out = tmp_path / "report.json"
     code = report.main(["--weights", weights_file, "--seq", "64", "--batch", "1", "--json", str(out), *extra])
     return code, json.loads(out.read_text())
-
-
-def interleaved_rope(x_BTHE, cos_TE, sin_TE):
-    """Meta's pairs (2i, 2i+1) instead of Hugging Face's (i, i + E/2): the classic porting bug."""
-    x32 = x_BTHE.float()
-    rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
-    return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
 
 
 def dyt_without_alpha_gradient(self, x):

@@ -4,14 +4,12 @@ traces are read from their stream lines only, and the CLI profiles both twins on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import ROOT, one_line_error, run_python
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 from profile_step import category, hlo_categories, trace_kernels  # noqa: E402
@@ -115,9 +113,7 @@ def test_cpu_trace_counts_thunks():
 
 
 def profile(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), *args], capture_output=True,
-                          text=True, env=env)
+    proc = run_python(ROOT / "bench" / "profile_step.py", *args)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -145,7 +141,5 @@ def test_cli_profiles_both_twins(tmp_path):
 
 
 def test_cli_bad_arguments_exit_2():
-    proc = profile("--steps", "0", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --steps must be >= 1, got 0"
-    proc = profile("--mode", "decode", check=False)
-    assert proc.returncode == 2 and "invalid choice: 'decode'" in proc.stderr and "Traceback" not in proc.stderr
+    assert one_line_error(profile("--steps", "0", check=False)) == "error: --steps must be >= 1, got 0"
+    one_line_error(profile("--mode", "decode", check=False), "invalid choice: 'decode'")

@@ -4,7 +4,7 @@ import json
 
 from shared_config import load_checkpoint, load_spec
 
-from .common import run_script
+from .common import one_line_error, run_script
 
 
 def test_init_checkpoint_then_compare_logits(tmp_path):
@@ -28,9 +28,7 @@ def test_init_checkpoint_errors(tmp_path):
         (["--spec", "tinyy", "--out", tmp_path / "x.safetensors"], "no spec preset or file named 'tinyy'"),
         (["--spec", "tiny", "--out", tmp_path / "no" / "x.safetensors"], "is not a directory"),
     ]:
-        r = run_script("init_checkpoint", *args)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        one_line_error(run_script("init_checkpoint", *args), message)
     assert path.read_bytes() == b"keep me"
     r = run_script("init_checkpoint", "--spec", "tiny", "--out", path, "--force")
     assert r.returncode == 0 and load_checkpoint(path)[1] == load_spec("tiny")

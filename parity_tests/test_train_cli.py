@@ -8,17 +8,10 @@ import pytest
 
 from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
 
-from .common import load_script, run_script
+from .common import load_script, one_line_error, run_script
 
 SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
          "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
-
-
-def one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(f in lines[0] for f in fragments), lines[0]
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -2,13 +2,10 @@
 (DDP, FSDP2) train exactly as one device does, write checkpoints either twin resumes, and resume their own."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .common import ROOT, run_script
+from .common import ROOT, TORCHRUN, one_line_error, run_python, run_script
 
 # A validation pass before each save: FSDP2 leaves the root's parameters gathered after a forward
 # without backward, which once made the saved AdamW moments of the root's tensors zero.
@@ -34,11 +31,7 @@ def reference(tmp_path_factory):
 
 
 def torchrun(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "scripts" / "train.py"), "--backend", "torch", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_python(*TORCHRUN, ROOT / "scripts" / "train.py", "--backend", "torch", *args, OMP_NUM_THREADS="1")
 
 
 def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, reference):
@@ -75,5 +68,4 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
     ],
 )
 def test_bad_scale_out_arguments(tmp_path, args, message):
-    r = run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    one_line_error(run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet"), message)
