@@ -257,6 +257,24 @@ def test_bad_hugging_face_config(hf_dir, name):
     assert not (hf_dir.parent / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("content, says", [
+    (b'{"model_type": "llama",', "not valid JSON: Expecting"),
+    (b'\xff\xfe{"a": 1}', "not valid JSON: 'utf-8' codec can't decode"),
+    (b'["llama"]', "must hold a JSON object, got list"),
+], ids=["truncated", "not-utf8", "a-list"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
+    """config.json and the shard index (shared_config.io.read_json, which run directories use too)."""
+    path = hf_dir / name
+    if name.endswith("index.json"):
+        (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        convert(hf_dir, hf_dir.parent / "out.safetensors")
+    assert says in error_line(e, path)
+    assert not (hf_dir.parent / "out.safetensors").exists()
+
+
 def test_sharded_index_must_stay_inside_its_directory_and_agree_with_the_shards(hf_dir):
     (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
     index = hf_dir / "model.safetensors.index.json"

@@ -19,6 +19,7 @@ from .io import (
     CheckpointError,
     atomic_dir,
     np_dtype,
+    read_json,
     read_safetensors,
     resolve_spec,
     save_checkpoint,
@@ -167,7 +168,7 @@ def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
 def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
     """Canonical weights (as stored) and the spec of a Hugging Face directory; `spec` must agree with it."""
     path = Path(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     weights, meta = _read_weights(path)
     # Fields config.json has no key for: from our metadata if present, else from the given spec.
     base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
@@ -190,21 +191,12 @@ def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpe
         save_checkpoint(tmp / "model.safetensors", weights, spec, file_format="pt")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from None
-
-
 def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of `model.safetensors`, or of the shards that the index lists."""
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file() or not index.is_file():
         return read_safetensors(path / "model.safetensors")
-    weight_map = _mapping(_read_json(index), "the index", index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     # shard names must be plain file names: an index must not point outside its directory
     shards = weight_map.values() if isinstance(weight_map, dict) else [None]
     if not all(isinstance(f, str) and Path(f).name == f for f in shards):

@@ -110,6 +110,22 @@ DTYPE_SIZES = {
 }
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file (config.json, an index, a run's state.json); a missing or bad one is a
+    CheckpointError naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file, every entry checked against the file before any data is read."""
     size = path.stat().st_size

@@ -24,7 +24,10 @@ from typing import Any, Iterable
 import numpy as np
 from safetensors.numpy import save_file
 
-from .io import CheckpointError, atomic_dir, atomic_write, layout_problems, load_checkpoint, read_safetensors, save_checkpoint
+from .io import (  # noqa: F401  (read_json: scripts/train.py reads a run's files through this module)
+    CheckpointError, atomic_dir, atomic_write, layout_problems, load_checkpoint, read_json, read_safetensors,
+    save_checkpoint,
+)
 from .layout import group_names, layout
 from .spec import ModelSpec
 
@@ -98,19 +101,6 @@ def prune_checkpoints(out: str | Path, keep: int) -> None:
 
 
 # --- JSON files -----------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; a missing or bad one is a CheckpointError naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object")
-    return data
 
 
 def write_json(path: str | Path, data: dict) -> None:
