@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 parity_tests/distributed_torch_run.py DIR
 
-From DIR/init.safetensors with DIR/train.json, three runs: DDP, FSDP2, and FSDP2 with
-pytorch/pytorch#162338 planted (the reduce-scatter sums when asked to average, as gloo did);
+From DIR/init.safetensors with DIR/train.json, five runs: DDP, FSDP2, both with the step
+torch.compile'd, and FSDP2 with pytorch/pytorch#162338 planted (the reduce-scatter sums when asked
+to average, as gloo did);
 each writes what parallel_runs.py says, plus FSDP2's placements and this rank's shard shapes, and
 what the gradient-average probe saw. Rank 0 writes the files.
 """
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
@@ -49,13 +51,13 @@ def probe(parallel: str) -> dict:
             "factor_force_sum": distributed.probe_gradient_factor(mesh, force_sum=True)}
 
 
-def run(directory: Path, name: str, parallel: str) -> None:
+def run(directory: Path, name: str, parallel: str, compile: bool = False) -> None:
     cfg = read_config(directory)
     model = torch_model.from_safetensors(directory / "init.safetensors")  # every rank reads the file
     record = {"loss": [], "grad_norm": [], "probe": probe(parallel)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state, train_step = distributed.parallelize(model, cfg, parallel)
+        state, train_step = distributed.parallelize(model, cfg, parallel, compile=compile)
     record["warnings"] = [str(w.message) for w in caught if "162338" in str(w.message)]
     record["placements"] = {n: {"dim": p.placements[0].dim, "local": list(p.to_local().shape)}
                             for n, p in model.named_parameters() if parallel == "fsdp2"}
@@ -63,6 +65,7 @@ def run(directory: Path, name: str, parallel: str) -> None:
         state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
         record["loss"].append(float(metrics["loss"]))
         record["grad_norm"].append(float(metrics["grad_norm"]))
+    record["compiled_graphs"] = counters["stats"]["unique_graphs"]  # this process's so far: > 0 once compiled
     distributed.to_safetensors(model, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # FSDP2: every rank gathers the shards
     if dist.get_rank() == 0:
@@ -76,4 +79,6 @@ if __name__ == "__main__":
     run(directory, "torch-fsdp2", "fsdp2")
     with avg_sums():
         run(directory, "torch-fsdp2-planted", "fsdp2")
+    run(directory, "torch-ddp-compiled", "ddp", compile=True)  # last: dynamo's graph count then tells compiled runs
+    run(directory, "torch-fsdp2-compiled", "fsdp2", compile=True)
     dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""Distributed torch training (torch_model.distributed) with 2 processes on gloo: DDP and FSDP2 give the
-single-process losses, gradient norms, parameters and AdamW moments at the same global batch; FSDP2
+"""Distributed torch training (torch_model.distributed) with 2 processes on gloo: DDP and FSDP2, eager and
+torch.compile'd, give the single-process losses, gradient norms, parameters and AdamW moments at the same global batch; FSDP2
 shards like the JAX side; FSDP2's gradient average is probed, and pytorch/pytorch#162338 (AVG that
 sums), planted, is detected and compensated; the gathered checkpoint loads in JAX with the same logits."""
 
@@ -15,7 +15,7 @@ from .parallel_common import (
     CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
 
-RUNS = ("ddp", "fsdp2", "fsdp2-planted")
+RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,10 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", RUNS)
 def test_distributed_steps_equal_one_process(runs, name):
-    assert_same_run(*load_run(runs, f"torch-{name}"), "torch")
+    record, state = load_run(runs, f"torch-{name}")
+    assert_same_run(record, state, "torch")
+    # the compiled runs come last in the same processes: before them dynamo has compiled nothing
+    assert (record["compiled_graphs"] > 0) == name.endswith("compiled"), record["compiled_graphs"]
 
 
 def test_fsdp2_average_is_compensated_only_where_it_sums(runs):
