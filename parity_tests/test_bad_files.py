@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 import shared_config.io
 import torch_model
-from shared_config import CheckpointError, SpecError, init_weights, save_checkpoint
+from shared_config import CheckpointError, SpecError, init_weights, run_dir, save_checkpoint
 from shared_config.hf import config_from_spec
 
 from .common import load_script, make_spec, one_line_error, run_script
@@ -376,3 +376,41 @@ def test_a_pt_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, conten
         convert(junk, tmp_path / "out.safetensors")
     assert "refused by torch.load(weights_only=True)" in error_line(e, junk)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _train_checkpoint(tmp_path) -> Path:
+    spec = make_spec()
+    weights = init_weights(spec, 0)
+    state = {"step": 3, "weights": weights, "m": {k: np.zeros_like(w) for k, w in weights.items()},
+             "v": {k: np.ones_like(w) for k, w in weights.items()}}
+    return run_dir.save_train_checkpoint(tmp_path, state, spec, {"backend": "jax"})
+
+
+def _rewrite_moments(path: Path, change) -> None:
+    moments, meta = shared_config.io.read_safetensors(path / "optimizer.safetensors")
+    change(moments, meta)
+    save_file(moments, path / "optimizer.safetensors", metadata=meta)
+
+
+def _nan_in_v(moments, meta):
+    moments["v.model.norm.weight"][0] = np.nan
+
+
+@pytest.mark.parametrize("damage, file, says", [
+    (lambda p: (p / "state.json").write_text('{"step": -1}'), "state.json", "'step' must be an integer >= 0"),
+    (lambda p: (p / "state.json").write_text("[3]"), "state.json", "must hold a JSON object, got list"),
+    (lambda p: (p / "optimizer.safetensors").unlink(), "optimizer.safetensors", "no such file"),
+    (lambda p: _rewrite_moments(p, lambda m, meta: m.pop("m.lm_head.weight")), "optimizer.safetensors",
+     "missing keys: m.lm_head.weight"),
+    (lambda p: _rewrite_moments(p, _nan_in_v), "optimizer.safetensors", "non-finite values (NaN/Inf) in: v.model.norm.weight"),
+    (lambda p: _rewrite_moments(p, lambda m, meta: meta.update(step="2")), "",
+     "optimizer.safetensors is at step 2, state.json at 3"),
+], ids=["negative-step", "state-not-an-object", "no-optimizer-file", "missing-moment", "nan-moment", "step-mismatch"])
+def test_damaged_train_checkpoints_are_one_line_errors(tmp_path, damage, file, says):
+    """A run directory's checkpoint (what --resume and train-state loading read): every part is checked."""
+    path = _train_checkpoint(tmp_path)
+    run_dir.load_train_checkpoint(path)  # intact: loads
+    damage(path)
+    with pytest.raises(CheckpointError) as e:
+        run_dir.load_train_checkpoint(path)
+    assert error_line(e, path / file if file else path).endswith(says)

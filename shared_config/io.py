@@ -248,20 +248,28 @@ def check_layout(weights: Mapping, shapes: Mapping[str, tuple[int, ...]], path: 
         raise CheckpointError(f"{path}: " + "; ".join(problems))
 
 
-def check_weights(
-    weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
+def check_tensors(
+    tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], path: str | Path,
+    allow_nonfinite: bool = False,
 ) -> None:
-    """Check `weights` against `layout(spec)` and report every problem in one error."""
-    table = {t.name: t for t in layout(spec)}
-    problems = layout_problems(weights, {n: t.shape for n, t in table.items()})
-    if not_float := [n for n in table if n in weights and not is_float(weights[n])]:
-        problems.append(f"non-float dtypes: {', '.join(f'{n} ({weights[n].dtype})' for n in not_float)}")
+    """Check numpy `tensors` against the expected names and shapes, float dtypes and (unless allowed) finite
+    values; every problem in one error naming `path`."""
+    problems = layout_problems(tensors, shapes)
+    if not_float := [n for n in shapes if n in tensors and not is_float(tensors[n])]:
+        problems.append(f"non-float dtypes: {', '.join(f'{n} ({tensors[n].dtype})' for n in not_float)}")
     elif not allow_nonfinite:
-        bad = [n for n in table if n in weights and not np.isfinite(weights[n].astype(np.float32)).all()]
+        bad = [n for n in shapes if n in tensors and not np.isfinite(tensors[n].astype(np.float32)).all()]
         if bad:
             problems.append(f"non-finite values (NaN/Inf) in: {group_names(bad)}")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def check_weights(
+    weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
+) -> None:
+    """Check canonical `weights` against `layout(spec)` (check_tensors)."""
+    check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
 
 def load_checkpoint(

@@ -25,10 +25,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .io import (  # noqa: F401  (read_json: scripts/train.py reads a run's files through this module)
-    CheckpointError, atomic_dir, atomic_write, layout_problems, load_checkpoint, read_json, read_safetensors,
+    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_json, read_safetensors,
     save_checkpoint,
 )
-from .layout import group_names, layout
+from .layout import layout
 from .spec import ModelSpec
 
 CHECKPOINT = re.compile(r"step-(\d{8})")
@@ -83,13 +83,8 @@ def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
 
 
 def check_moments(moments: dict[str, np.ndarray], spec: ModelSpec, path: Path) -> None:
-    """Every canonical tensor has an m and a v of its shape, all finite."""
-    shapes = {f"{key}.{t.name}": t.shape for key in MOMENTS for t in layout(spec)}
-    problems = layout_problems(moments, shapes)
-    if bad := [n for n in shapes if n in moments and not np.isfinite(moments[n].astype(np.float32)).all()]:
-        problems.append(f"non-finite values (NaN/Inf) in: {group_names(bad)}")
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    """Every canonical tensor has an m and a v of its shape, float, all finite."""
+    check_tensors(moments, {f"{key}.{t.name}": t.shape for key in MOMENTS for t in layout(spec)}, path)
 
 
 def prune_checkpoints(out: str | Path, keep: int) -> None:
