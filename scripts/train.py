@@ -33,11 +33,11 @@ from shared_config import (
 )
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
-from shared_config.io import atomic_write
+from shared_config.io import atomic_write, read_json
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
-    read_json, save_train_checkpoint, truncate_metrics, write_json,
+    save_train_checkpoint, truncate_metrics, write_json,
 )
 from shared_config.spec import check_keys, parse_overrides
 

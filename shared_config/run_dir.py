@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 from safetensors.numpy import save_file
 
-from .io import (  # noqa: F401  (read_json: scripts/train.py reads a run's files through this module)
+from .io import (
     CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_json, read_safetensors,
     save_checkpoint,
 )
