@@ -237,15 +237,11 @@ def main(argv=None):
     from tqdm import tqdm
 
     from runners import jax_device_name, setup_jax, setup_torch, torch_device_name
-    from timing import bench_tokens, bench_train_config, set_precision_and_threads
+    from timing import backend_options, bench_tokens
 
-    gpu = set_precision_and_threads(args)
     backends = ["jax", "torch"] if args.backend == "both" else [args.backend]
-    compile = gpu if args.compile is None else args.compile
-    names = kernels(args.attention, gpu, args.dtype)
-    train_config = bench_train_config(args) if args.mode == "train" else None
-    tokens = bench_tokens(spec, args.batch, args.seq)
-    tokens = tokens if args.mode == "train" else tokens[:, :-1]
+    compile, names, train_config = backend_options(args, kernels)
+    tokens = bench_tokens(spec, args)
     device = jax_device_name() if "jax" in backends else torch_device_name()
     results = []
     for backend in tqdm(backends, desc="profile", file=sys.stderr):

@@ -17,9 +17,11 @@ from runners import jax_device_name, setup_hf, setup_jax, setup_torch, torch_dev
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
 
-def bench_tokens(spec, batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    """The same int32 tokens for every backend; seq + 1 columns so a train step predicts seq tokens."""
-    return np.random.default_rng(seed).integers(0, spec.V, (batch, seq + 1), dtype=np.int32)
+def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
+    """The same int32 tokens for every backend: [batch, seq + 1] in train mode (a step predicts seq tokens),
+    [batch, seq] otherwise (the prompt of decode mode)."""
+    tokens = np.random.default_rng(seed).integers(0, spec.V, (args.batch, args.seq + 1), dtype=np.int32)
+    return tokens if args.mode == "train" else tokens[:, :-1]
 
 
 def bench_train_config(args):
@@ -37,6 +39,14 @@ def timed(bench, fn=None) -> float:
     return time.perf_counter() - t0
 
 
+def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
+    """What every backend's setup shares, after setting precision and threads: whether to compile (default: on a
+    GPU), the attention kernel per backend and the train config (train mode only)."""
+    gpu = set_precision_and_threads(args)
+    train_config = bench_train_config(args) if args.mode == "train" else None
+    return gpu if args.compile is None else args.compile, kernels(args.attention, gpu, args.dtype), train_config
+
+
 def set_precision_and_threads(args) -> bool:
     """The same precision policy and CPU threads for every backend; returns whether a GPU is present."""
     import jax
@@ -52,9 +62,7 @@ def set_precision_and_threads(args) -> bool:
 
 def run_benchmarks(args, specs, backends, kernels):
     """Time every (variant, backend); returns the JSON results and the device name."""
-    gpu = set_precision_and_threads(args)
-    compile = gpu if args.compile is None else args.compile
-    names = kernels(args.attention, gpu, args.dtype)
+    compile, names, train_config = backend_options(args, kernels)
     setups = dict(SETUP)
     if args.mesh or args.devices:  # the JAX train step over a device mesh
         from jax_model import sharding
@@ -66,14 +74,12 @@ def run_benchmarks(args, specs, backends, kernels):
         distributed.init_distributed()
         setups["torch"] = partial(setup_torch, parallel=args.parallel)
     device = torch_device_name() if "jax" not in backends else jax_device_name()
-    train_config = bench_train_config(args) if args.mode == "train" else None
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
     per_round = math.ceil(args.steps / args.rounds)
     # decode: the cache holds the prompt and every token decoded after one prefill (a round, or compile + warmup)
     new_tokens = max(per_round, 1 + args.warmup)
     for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
-        tokens = bench_tokens(spec, args.batch, args.seq)
-        tokens = tokens if args.mode == "train" else tokens[:, :-1]
+        tokens = bench_tokens(spec, args)
         bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=new_tokens)
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
