@@ -132,7 +132,7 @@ def apply_rope(x_BTHE, cos_BTE, sin_BTE):
 def einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS=None):
     """softmax(q·kᵀ/sqrt(E))·v over the keys `mask_BTS` allows (None: causal); query head h reads kv head h // G."""
     B, T, H, E = q_BTHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    S = k_BSKE.shape[1]
     if mask_BTS is None:  # causal: the queries are the last T of the S keys
         mask_BTS = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]
     q_BKGTE, k_BKSE, v_BKSE = heads_first(q_BTHE, k_BSKE, v_BSKE)

@@ -111,3 +111,12 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
 
     tokenizer = Tokenizer.from_file(str(d.tokenizer))
     assert tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == TEXT  # byte-level BPE is lossless
+
+
+@pytest.mark.parametrize("content, message", [(b'{"dtype": ', "meta.json: not valid JSON"),
+                                              (b"[1, 2]", "meta.json: must hold a JSON object, got list")])
+def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
+    (tmp_path / "train.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_data(tmp_path)

@@ -17,11 +17,12 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .io import CheckpointError, read_json
 
 BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
 
@@ -190,12 +191,9 @@ def read_meta(directory: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        meta = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: must hold a JSON object")
-    return meta
+        return read_json(path)
+    except CheckpointError as e:
+        raise DataError(str(e)) from None
 
 
 def _tokenizer_in(directory: Path) -> Path | None:

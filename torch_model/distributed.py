@@ -10,9 +10,9 @@ shared_config.parallel.
 
 Every rank passes the same global batch (a pure function of seed and step); rank r trains on rows
 [r·B/W, (r+1)·B/W), the rows the JAX side's device r reads on a mesh of W devices. Gradients are
-averaged over ranks, so the update is the single-process update on the global batch whenever every
-rank counts the same number of targets (always without a mask or ignored tokens; with them, each
-rank's mean loss weighs alike, as DDP does, while the JAX step takes the mean over the global batch).
+averaged over ranks, and each rank divides its summed loss by the global batch's count of targets / W,
+so the update is the single-process update on the global batch (the JAX mesh's) also when a mask or
+ignored tokens leave the ranks different numbers of targets.
 
 Notation: B batch, N = T + 1 tokens per batch row, W ranks.
 """
