@@ -68,6 +68,8 @@ def parse_args(argv):
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be >= 1, got {args.devices}")
+    if args.devices and args.mesh:
+        raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")

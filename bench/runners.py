@@ -7,6 +7,7 @@ and whose `sync(out)` blocks until that step's whole output exists.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,6 +91,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
             holder["state"], metrics = train_step(holder["state"], batch)
             return holder["state"], metrics
 
+    @functools.cache  # peak_mem and hlo read the same executable: compile it once
     def compiled():
         jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
         return jitted.lower(*args).compile()

@@ -120,6 +120,7 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
         (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
         (["--devices", "0"], "--devices must be >= 1"),
+        (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
         (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
     ],
 )

@@ -142,15 +142,14 @@ class TextStream:
 
     def __call__(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # most likely a character cut mid-way: wait for its next token
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
+        return self.rest(hold_cut=True)
 
-    def rest(self) -> str:
-        """What the last tokens held back: a character cut off for good shows as U+FFFD, as decoding shows it."""
+    def rest(self, hold_cut: bool = False) -> str:
+        """The text not shown yet. At the end (`hold_cut` False) a character cut off for good shows as U+FFFD, as
+        decoding shows it; mid-stream, text ending in U+FFFD (most likely a character cut mid-way) waits."""
         text = self.decode(self.ids)
+        if hold_cut and text.endswith("\ufffd"):
+            return ""
         new, self.shown = text[len(self.shown):], text
         return new
 

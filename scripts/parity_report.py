@@ -217,8 +217,6 @@ def main(argv=None):
     if args.dtype:  # --dtype wins over the spec and over --set compute_dtype
         changes["compute_dtype"] = args.dtype
     spec = spec.replace(**changes)
-    if not args.weights:
-        weights = init_weights(spec, args.seed)
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
     cfg = None
@@ -226,6 +224,8 @@ def main(argv=None):
         cfg = load_train_config(args.train_config)
         cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
         cfg.model_spec(spec)  # checks seq_len against the spec
+    if not args.weights:  # after every check: bad arguments fail before any work
+        weights = init_weights(spec, args.seed)
     return report(weights, spec, args, cfg)
 
 
