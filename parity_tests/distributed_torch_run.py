@@ -55,6 +55,7 @@ def run(directory: Path, name: str, parallel: str, compile: bool = False) -> Non
     cfg = read_config(directory)
     model = torch_model.from_safetensors(directory / "init.safetensors")  # every rank reads the file
     record = {"loss": [], "grad_norm": [], "probe": probe(parallel)}
+    graphs_before = counters["stats"]["unique_graphs"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state, train_step = distributed.parallelize(model, cfg, parallel, compile=compile)
@@ -65,7 +66,7 @@ def run(directory: Path, name: str, parallel: str, compile: bool = False) -> Non
         state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
         record["loss"].append(float(metrics["loss"]))
         record["grad_norm"].append(float(metrics["grad_norm"]))
-    record["compiled_graphs"] = counters["stats"]["unique_graphs"]  # this process's so far: > 0 once compiled
+    record["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before  # dynamo's graphs of this run
     distributed.to_safetensors(model, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # FSDP2: every rank gathers the shards
     if dist.get_rank() == 0:
@@ -79,6 +80,6 @@ if __name__ == "__main__":
     run(directory, "torch-fsdp2", "fsdp2")
     with avg_sums():
         run(directory, "torch-fsdp2-planted", "fsdp2")
-    run(directory, "torch-ddp-compiled", "ddp", compile=True)  # last: dynamo's graph count then tells compiled runs
+    run(directory, "torch-ddp-compiled", "ddp", compile=True)
     run(directory, "torch-fsdp2-compiled", "fsdp2", compile=True)
     dist.destroy_process_group()

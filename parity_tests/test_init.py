@@ -17,7 +17,9 @@ from shared_config import layout, load_spec
 
 SPECS = {
     "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
-    "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", attn_alpha_init=0.8, ffn_alpha_init=0.2, final_alpha_init=0.3),
+    # peri: the attention and MLP output norms take part, each with its own alpha
+    "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", norm_placement="peri", attn_alpha_init=0.8,
+                                            ffn_alpha_init=0.2, final_alpha_init=0.3),
     "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1, tie_embeddings=True),
 }
 

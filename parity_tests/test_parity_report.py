@@ -1,10 +1,7 @@
 """scripts/parity_report.py: a clean run passes; a mismatch planted in one twin is reported first at
 the stage where it starts (forward or backward); JSON, plot and one-line errors."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +11,12 @@ import torch_model
 from shared_config import load_spec, save_checkpoint
 from shared_config.cli import run
 
-from .common import interleaved_rope, parity_weights
+from .common import interleaved_rope, load_script, parity_weights
 
 
 @pytest.fixture(scope="module")
 def report():
-    path = Path(__file__).parents[1] / "scripts" / "parity_report.py"
-    spec = importlib.util.spec_from_file_location("parity_report", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["parity_report"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["parity_report"]
+    return load_script("parity_report")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def test_clean_run_passes(report, weights_file, tmp_path, capsys):
     assert stages[:4] == ["model.embed", "model.layers.0.attn_out", "model.layers.0.mlp_out", "model.layers.0.residual"]
     assert {"model.norm", "logits", "loss", "grad model.layers.0.input_layernorm.alpha"} <= set(stages)
     assert set(result["rows"][0]) == {"stage", "measure", "value", "max_abs", "tol", "passed"}
-    assert "all" in capsys.readouterr().out
+    assert capsys.readouterr().out.rstrip().endswith(f"all {len(result['rows'])} stages pass")
 
 
 # each plant changes the torch twin only; the stage where the report must first say FAIL
@@ -104,5 +95,6 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
 def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         run(report.main, args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err, err

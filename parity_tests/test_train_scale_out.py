@@ -1,9 +1,11 @@
 """scripts/train.py scaled out (issue 7): the JAX step over a device mesh and the torch step under torchrun
 (DDP, FSDP2) train exactly as one device does, write checkpoints either twin resumes, and resume their own."""
 
-import json
+import math
 
 import pytest
+
+from shared_config.run_dir import read_metrics
 
 from .common import ROOT, TORCHRUN, one_line_error, run_python, run_script
 
@@ -13,8 +15,12 @@ ARGS = ["--steps", "8", "--set", "batch_size=4", "--set", "seq_len=32", "--set",
         "--eval-every", "2", "--eval-batches", "1", "--save-every", "4", "--quiet"]
 
 
+def train_records(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
 def losses(out):
-    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"train"' in line]
+    return [r["loss"] for r in train_records(out)]
 
 
 def close(a, b, tol=1e-5):
@@ -53,8 +59,11 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
     assert r.returncode == 0, r.stderr[-3000:]
     assert close(losses(out), reference), (losses(out), reference)
     if parallel == "fsdp2":  # and its checkpoint continues on one JAX device
-        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet")
+        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet", "--log-every", "1")
         assert r.returncode == 0, r.stderr
+        records = train_records(out)
+        assert [x["step"] for x in records] == list(range(1, 11)), [x["step"] for x in records]
+        assert close(losses(out)[:8], reference) and all(math.isfinite(x) for x in losses(out)[8:]), losses(out)
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_resume_in_the_other_twin(start, first, second):
 def test_a_torch_train_state_is_a_snapshot_not_a_view():
     """get_train_state / get_weights copy: training on must not change a state already taken (as in JAX)."""
     import torch_model
-    from shared_config import load_spec, load_train_config, synthetic_batch
+    from shared_config import load_spec, load_train_config
     from torch_model import train
 
     spec = load_spec("tiny").replace(n_layers=1)
