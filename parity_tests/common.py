@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -104,9 +106,17 @@ def checkout_env(**extra: str) -> dict[str, str]:
 
 
 def run_python(*args, **env: str) -> subprocess.CompletedProcess:
-    """`python args...` in a subprocess of `checkout_env(**env)`, output captured."""
+    """`python args...` in a subprocess of `checkout_env(**env)`, output captured.
+
+    It runs in an empty scratch directory, never the checkout: a default output (`runs/tiny`) a test forgot
+    to redirect lands there, and nothing a user left in the checkout can change a test's outcome.
+    """
     cmd = [sys.executable, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=checkout_env(**env), cwd=ROOT, timeout=600)
+    cwd = tempfile.mkdtemp(prefix="twinlm-cwd-")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=checkout_env(**env), cwd=cwd, timeout=600)
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
 
 
 def run_script(name: str, *args) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
+from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
 
 from .common import load_script, one_line_error, run_script
 
@@ -28,11 +28,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, fragments):
 
 
 def test_corrupt_and_unfitting_data_files(tmp_path):
+    # --out holds a checkpoint already (as runs/tiny does after the README's first training command):
+    # the inputs are checked first, so the error names the real fault, not the output directory
+    out = tmp_path / "run"
+    (out / "step-00000001").mkdir(parents=True)
+    (out / "step-00000001" / "model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(out) is not None
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
-    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "bad.npy"), "bad.npy: not a valid .npy file")
+    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "bad.npy", "--out", out),
+                   "bad.npy: not a valid .npy file")
     np.save(tmp_path / "big.npy", np.array([0, 5000] * 2500, np.uint16))
-    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny"),
+    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny", "--out", out),
                    "token ids go up to 5000", "vocab_size is 257", "--set vocab_size=5001")
+    one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
 
 def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):

@@ -86,7 +86,7 @@ def resolve_run(args) -> Run:
     """The run the arguments ask for: a fresh one, or the checkpoint in --out continued (--resume)."""
     spec_changes, cfg_changes = split_overrides(args.set)
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
-    checkpoint, stored = resumed_checkpoint(args)
+    checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
     data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec else None)
     cfg = with_changes(base_config(args, stored), cfg_changes)
@@ -96,6 +96,7 @@ def resolve_run(args) -> Run:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)
     else:
+        refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
         weights = init[0] if init else init_weights(spec, cfg.seed)
         check_weights(weights, spec, args.init_from or "init")
         start = partial(fresh_state, weights)
@@ -104,13 +105,15 @@ def resolve_run(args) -> Run:
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
 
 
-def resumed_checkpoint(args) -> tuple[Path | None, dict | None]:
-    """The latest checkpoint in --out and its state.json when resuming; a fresh run refuses an --out holding checkpoints."""
+def refuse_used_out(out: Path) -> None:
+    """A fresh run never writes into a run directory that holds checkpoints."""
+    if latest_checkpoint(out) is not None:
+        raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
+
+
+def resumed_checkpoint(args) -> tuple[Path, dict]:
+    """The latest checkpoint in --out and its state.json (--resume)."""
     checkpoint = latest_checkpoint(args.out)
-    if not args.resume:
-        if checkpoint is not None:
-            raise UsageError(f"{args.out} holds checkpoints already: pass --resume to continue that run, or another --out")
-        return None, None
     if checkpoint is None:
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:

@@ -17,6 +17,7 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +95,25 @@ class TokenData:
             )
 
     def describe(self) -> dict:
-        """What a checkpoint records about its data (a resumed run checks it reads the same)."""
+        """What a checkpoint records about its data (a resumed run checks it reads the same).
+
+        The data is identified by what it is: sizes and a SHA-256 of both splits' token ids. No float
+        computed at run time belongs here: the entropy rate comes from `np.linalg.solve`, whose last bits
+        change with the BLAS thread count, so a run resumed under another launcher would be refused.
+        """
         source = self.source if self.source.startswith("synthetic") else str(Path(self.source).resolve())
         return {"source": source, "vocab_size": self.vocab_size, "train_tokens": len(self.train),
-                "val_tokens": len(self.val), "entropy": self.entropy}
+                "val_tokens": len(self.val), "sha256": tokens_sha256(self.train, self.val)}
+
+
+def tokens_sha256(*splits: np.ndarray, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of the splits' token ids as little-endian int64 (any storage dtype hashes alike), read in chunks."""
+    digest = hashlib.sha256()
+    for tokens in splits:
+        for start in range(0, len(tokens), chunk):
+            digest.update(np.ascontiguousarray(tokens[start : start + chunk], dtype="<i8").tobytes())
+        digest.update(b"|")  # a boundary between splits: moving a token across it changes the hash
+    return digest.hexdigest()
 
 
 def load_data(source: str | Path, dtype: str | None = None, val_fraction: float = 0.1) -> TokenData:
