@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from shared_config import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn")  # attention kernels this twin offers
+ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn", "pallas")  # attention kernels this twin offers
 
 
 class Linear(nn.Linear):
@@ -179,10 +179,26 @@ def softmax_attention(q_BKGTE, k_BKSE, v_BKSE, mask):
 
 
 SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in blocks of 128
+
+
+def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
+    """Causal attention by the Pallas TPU flash-attention kernel shipped with JAX, through torch_xla (XLA tensors
+    only); T a multiple of PALLAS_BLOCK. The kernel has no GQA: kv head h // G is repeated for query head h."""
+    from torch_xla.experimental.custom_kernel import flash_attention
+
+    G = q_BTHE.shape[2] // k_BTKE.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BTKE.repeat_interleave(G, dim=2), v_BTKE.repeat_interleave(G, dim=2)))
+    o_BHTE = flash_attention(q, k, v, causal=True, sm_scale=1 / math.sqrt(q.shape[-1]))  # softmax in float32 inside
+    return o_BHTE.transpose(1, 2)
 
 
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
+    if attention == "pallas":
+        if mask_BTS is None and q_BTHE.shape[1] % PALLAS_BLOCK == 0:
+            return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
+        attention = "sdpa"  # the kernel takes whole blocks and no explicit mask (decoding): XLA computes the rest
     if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     if attention == "blocked":
@@ -217,10 +233,15 @@ class LayerCache(NamedTuple):
 
 
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
-    """The kernel `attention` names on this machine: `auto` is PyTorch's own SDPA dispatch."""
+    """The kernel `attention` names on this machine: `auto` is Pallas on a TPU (an XLA default device) when
+    eligible, else PyTorch's own SDPA dispatch."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
-    return "sdpa" if attention == "auto" else attention
+    if attention != "auto":
+        return attention
+    if torch.get_default_device().type == "xla":  # the Pallas flash kernel takes head dims up to 128, or multiples of 128
+        return "pallas" if spec.E <= 128 or spec.E % 128 == 0 else "sdpa"
+    return "sdpa"
 
 
 class Attention(nn.Module):
