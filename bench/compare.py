@@ -119,6 +119,8 @@ def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> di
     attention in both twins, so they run the same kernel family; on a TPU each twin's `auto` picks the
     Pallas flash kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: a Pallas
     kernel is not partitioned by XLA (it would need a shard_map), so XLA's attention runs there."""
+    if attention == "pallas" and platform != "tpu":
+        raise UsageError("--attention pallas is the Pallas TPU flash kernel: it needs a TPU")
     if attention == "auto" and platform == "tpu":
         return {"jax": "xla" if mesh else "auto", "torch": "auto", "hf": "sdpa"}
     if attention == "auto":

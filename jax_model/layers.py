@@ -228,6 +228,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     XLA; `blocked` on CPU."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
+    if attention == "pallas" and jax.default_backend() != "tpu":
+        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU")
     if attention != "auto":
         return attention
     # cuDNN flash attention needs 16-bit inputs and a head dim that is a multiple of 8, at most 128.

@@ -5,8 +5,10 @@ Nothing here needs a TPU; README "Bench" → "TPU" says what was and was not run
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ import torch_model.layers
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
 
-from .common import ROOT
+from .common import ROOT, checkout_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -81,8 +83,10 @@ def test_auto_attention_on_a_faked_tpu(monkeypatch):
     assert jax_model.layers.resolve_attention("auto", spec.replace(head_dim=256)) == "pallas"
     assert jax_model.layers.resolve_attention("auto", spec.replace(head_dim=192)) == "xla"  # the kernel refuses it
     assert jax_model.layers.resolve_attention("einsum", spec) == "einsum"
+    assert jax_model.layers.resolve_attention("pallas", spec) == "pallas"
     with torch.device("xla:0"):  # what torch_xla's device makes the default while the bench builds the model
         assert torch_model.layers.resolve_attention("auto", spec) == "pallas"
+        assert torch_model.layers.resolve_attention("pallas", spec) == "pallas"
         assert torch_model.layers.resolve_attention("auto", spec.replace(head_dim=192)) == "sdpa"
     # The bench leaves `auto` to each twin on a TPU, except JAX over a mesh (a Pallas kernel needs a shard_map there)
     assert compare.kernels("auto", "tpu", "bfloat16") == {"jax": "auto", "torch": "auto", "hf": "sdpa"}
@@ -196,7 +200,24 @@ def test_the_cpu_path_is_unchanged():
     spec = load_spec("tiny")
     assert jax_model.layers.resolve_attention("auto", spec) == "blocked"
     assert torch_model.layers.resolve_attention("auto", spec) == "sdpa"
+    for twin in (jax_model.layers, torch_model.layers):  # asked for by name off a TPU: a clear error, not a crash
+        with pytest.raises(ValueError, match="'pallas' is the Pallas TPU flash kernel: it needs a TPU"):
+            twin.resolve_attention("pallas", spec)
+    with pytest.raises(UsageError, match="--attention pallas is the Pallas TPU flash kernel: it needs a TPU"):
+        compare.kernels("pallas", "cpu", "bfloat16")
     args = SimpleNamespace(threads=torch.get_num_threads(), dtype="float32", compile=None, attention="auto",
                            mode="forward", backend="both")
     assert timing.backend_options(args, compare.kernels)[:2] == (False, {"jax": "auto", "torch": "auto", "hf": "sdpa"})
     assert math.isclose(peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16"), 312.0)
+
+
+def test_the_tpu_check_runs_each_twin_in_its_own_process_and_prints_their_ratio(tmp_path):
+    """bench/tpu_check.sh, the one command for a TPU host, run here on the CPU with tiny settings after its defaults."""
+    args = ["--spec", "tiny", "--dtype", "float32", "--mode", "forward", "--batch", "1", "--seq", "16", "--steps", "1",
+            "--warmup", "0", "--rounds", "1"]
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "tpu_check.sh"), *args], capture_output=True, text=True,
+                          env=checkout_env(OUT=str(tmp_path), PYTHON=sys.executable), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backends = [json.loads((tmp_path / f"tpu-{b}.json").read_text())["results"][0]["backend"] for b in ("jax", "torch")]
+    assert backends == ["jax", "torch"]
+    assert proc.stdout.splitlines()[-1].startswith("step-time ratio (lower is faster): tiny: jax/torch ")

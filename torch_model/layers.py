@@ -237,6 +237,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     eligible, else PyTorch's own SDPA dispatch."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
+    if attention == "pallas" and torch.get_default_device().type != "xla":
+        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU (a torch_xla device)")
     if attention != "auto":
         return attention
     if torch.get_default_device().type == "xla":  # the Pallas flash kernel takes head dims up to 128, or multiples of 128
