@@ -116,13 +116,13 @@ def configure_threads(n: int, cpu_devices: int | None) -> None:
 
 def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> dict[str, str]:
     """The attention kernel each backend is asked for. On GPU in bf16 `auto` pins cuDNN's flash
-    attention in both twins, so they run the same kernel family; on a TPU each twin's `auto` picks the
-    Pallas flash kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: a Pallas
-    kernel is not partitioned by XLA (it would need a shard_map), so XLA's attention runs there."""
+    attention in both twins, so they run the same kernel family; on a TPU it pins the Pallas flash
+    kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: XLA cannot partition a
+    Pallas kernel ("Mosaic kernels cannot be automatically partitioned"), so XLA's attention runs there."""
     if attention == "pallas" and platform != "tpu":
         raise UsageError("--attention pallas is the Pallas TPU flash kernel: it needs a TPU")
     if attention == "auto" and platform == "tpu":
-        return {"jax": "xla" if mesh else "auto", "torch": "auto", "hf": "sdpa"}
+        return {"jax": "xla" if mesh else "pallas", "torch": "pallas", "hf": "sdpa"}
     if attention == "auto":
         attention = "cudnn" if platform == "gpu" and dtype == "bfloat16" else "auto"
     jax_name = {"sdpa": "xla"}.get(attention, attention)

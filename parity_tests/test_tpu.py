@@ -79,19 +79,24 @@ def test_mfu_is_per_chip(mesh, chips):
 def test_auto_attention_on_a_faked_tpu(monkeypatch):
     spec = load_spec("tiny")  # E 16
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert jax_model.layers.resolve_attention("auto", spec) == "pallas"
-    assert jax_model.layers.resolve_attention("auto", spec.replace(head_dim=256)) == "pallas"
-    assert jax_model.layers.resolve_attention("auto", spec.replace(head_dim=192)) == "xla"  # the kernel refuses it
-    assert jax_model.layers.resolve_attention("einsum", spec) == "einsum"
-    assert jax_model.layers.resolve_attention("pallas", spec) == "pallas"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    jax_resolve, torch_resolve = jax_model.layers.resolve_attention, torch_model.layers.resolve_attention
+    assert jax_resolve("auto", spec) == "pallas"
+    assert jax_resolve("auto", spec.replace(head_dim=256)) == "pallas"
+    assert jax_resolve("auto", spec.replace(head_dim=192)) == "xla"  # the kernel refuses it
+    assert jax_resolve("pallas", spec) == "pallas" and jax_resolve("pallas", spec.replace(head_dim=192)) == "xla"
+    assert jax_resolve("einsum", spec) == "einsum"
+    monkeypatch.setattr(jax, "device_count", lambda: 8)  # a slice: the step may be sharded, and XLA cannot split a
+    assert jax_resolve("auto", spec) == "xla"  # Pallas kernel; asked for by name, it runs (the bench, one device)
     with torch.device("xla:0"):  # what torch_xla's device makes the default while the bench builds the model
-        assert torch_model.layers.resolve_attention("auto", spec) == "pallas"
-        assert torch_model.layers.resolve_attention("pallas", spec) == "pallas"
-        assert torch_model.layers.resolve_attention("auto", spec.replace(head_dim=192)) == "sdpa"
-    # The bench leaves `auto` to each twin on a TPU, except JAX over a mesh (a Pallas kernel needs a shard_map there)
-    assert compare.kernels("auto", "tpu", "bfloat16") == {"jax": "auto", "torch": "auto", "hf": "sdpa"}
+        assert torch_resolve("auto", spec) == "pallas" and torch_resolve("pallas", spec) == "pallas"
+        assert torch_resolve("auto", spec.replace(head_dim=192)) == "sdpa"
+        assert torch_resolve("pallas", spec.replace(head_dim=192)) == "sdpa"
+    # The bench pins the same kernel in both twins on a TPU, except JAX over a mesh (a Pallas kernel needs a shard_map)
+    assert compare.kernels("auto", "tpu", "bfloat16") == {"jax": "pallas", "torch": "pallas", "hf": "sdpa"}
     assert compare.kernels("auto", "tpu", "bfloat16", mesh=True)["jax"] == "xla"
     assert compare.kernels("pallas", "tpu", "bfloat16") == {"jax": "pallas", "torch": "pallas", "hf": "sdpa"}
+    assert compare.kernels("xla", "tpu", "bfloat16") == {"jax": "xla", "torch": "sdpa", "hf": "sdpa"}
 
 
 def qkv(T: int, H: int = 4, K: int = 2, E: int = 16, B: int = 2):
@@ -137,7 +142,11 @@ def test_the_torch_twin_hands_torch_xla_the_kernel_s_layout(monkeypatch):
 
 
 def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run():
-    """T not a multiple of 128, or an explicit mask (decoding): the kernel is not called (off a TPU it would fail)."""
+    """T not a multiple of 128, a head dim it does not take, or an explicit mask (decoding): the kernel is not called
+    (off a TPU, outside the interpreter, it would fail)."""
+    q, k, v = qkv(128, E=160)
+    np.testing.assert_allclose(jax_model.layers.attend(q, k, v, "pallas"), jax_model.layers.einsum_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
     q, k, v = qkv(96)
     want = jax_model.layers.einsum_attention(q, k, v)
     np.testing.assert_allclose(jax_model.layers.attend(q, k, v, "pallas"), want, rtol=1e-5, atol=1e-6)
@@ -187,7 +196,7 @@ def test_torch_compile_is_refused_on_a_tpu(monkeypatch):
     with pytest.raises(UsageError, match="torch.compile's inductor does not target TPUs"):
         timing.backend_options(args, compare.kernels)
     args.compile = None  # the default on a TPU: torch_xla's own graph compilation
-    assert timing.backend_options(args, compare.kernels)[:2] == (False, {"jax": "auto", "torch": "auto", "hf": "sdpa"})
+    assert timing.backend_options(args, compare.kernels)[:2] == (False, {"jax": "pallas", "torch": "pallas", "hf": "sdpa"})
 
 
 def test_the_cpu_path_is_unchanged():

@@ -182,6 +182,11 @@ SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDP
 PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in blocks of 128
 
 
+def pallas_fits(E: int, T: int = PALLAS_BLOCK) -> bool:
+    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of 128."""
+    return T % PALLAS_BLOCK == 0 and (E <= PALLAS_BLOCK or E % PALLAS_BLOCK == 0)
+
+
 def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
     """Causal attention by the Pallas TPU flash-attention kernel shipped with JAX, through torch_xla (XLA tensors
     only); T a multiple of PALLAS_BLOCK. The kernel has no GQA: kv head h // G is repeated for query head h."""
@@ -196,9 +201,9 @@ def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
     if attention == "pallas":
-        if mask_BTS is None and q_BTHE.shape[1] % PALLAS_BLOCK == 0:
+        if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
             return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
-        attention = "sdpa"  # the kernel takes whole blocks and no explicit mask (decoding): XLA computes the rest
+        attention = "sdpa"  # no explicit mask (decoding), whole blocks, E the kernel takes: else XLA computes it
     if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     if attention == "blocked":
@@ -239,10 +244,12 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
         raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
     if attention == "pallas" and torch.get_default_device().type != "xla":
         raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU (a torch_xla device)")
+    if attention == "pallas" and not pallas_fits(spec.E):
+        return "sdpa"  # a head dim the kernel does not take: named as what runs
     if attention != "auto":
         return attention
-    if torch.get_default_device().type == "xla":  # the Pallas flash kernel takes head dims up to 128, or multiples of 128
-        return "pallas" if spec.E <= 128 or spec.E % 128 == 0 else "sdpa"
+    if torch.get_default_device().type == "xla":  # a TPU through torch_xla: one device per process
+        return "pallas" if pallas_fits(spec.E) else "sdpa"
     return "sdpa"
 
 
