@@ -29,7 +29,7 @@ from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
-ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked")
+ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked", "pallas")
 
 
 def parse_args(argv):
@@ -114,11 +114,17 @@ def configure_threads(n: int, cpu_devices: int | None) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch in one process
 
 
-def kernels(attention: str, gpu: bool, dtype: str) -> dict[str, str]:
+def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> dict[str, str]:
     """The attention kernel each backend is asked for. On GPU in bf16 `auto` pins cuDNN's flash
-    attention in both twins, so they run the same kernel family."""
+    attention in both twins, so they run the same kernel family; on a TPU it pins the Pallas flash
+    kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: XLA cannot partition a
+    Pallas kernel ("Mosaic kernels cannot be automatically partitioned"), so XLA's attention runs there."""
+    if attention == "pallas" and platform != "tpu":
+        raise UsageError("--attention pallas is the Pallas TPU flash kernel: it needs a TPU")
+    if attention == "auto" and platform == "tpu":
+        return {"jax": "xla" if mesh else "pallas", "torch": "pallas", "hf": "sdpa"}
     if attention == "auto":
-        attention = "cudnn" if gpu and dtype == "bfloat16" else "auto"
+        attention = "cudnn" if platform == "gpu" and dtype == "bfloat16" else "auto"
     jax_name = {"sdpa": "xla"}.get(attention, attention)
     torch_name = {"xla": "sdpa"}.get(attention, attention)
     return {"jax": jax_name, "torch": torch_name, "hf": "sdpa"}

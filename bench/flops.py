@@ -29,6 +29,18 @@ PEAK_TFLOPS = {
     "V100": {"bfloat16": 125.0, "float32": 15.7},  # V100 has no bf16: its fp16 tensor-core peak
 }
 
+# Google Cloud TPUs: dense bf16 peak per chip, from each generation's system-architecture page
+# (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e: "Peak compute per chip (bf16)").
+# No float32 peak is published: the MXUs multiply bf16, and float32 at "highest" precision takes
+# several bf16 passes, so a float32 run on a TPU reports no MFU (pass --peak-tflops to set one).
+TPU_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+# jax.devices()[0].device_kind → chip. JAX reports v5e as "TPU v5 lite", v5p as "TPU v5" and v6e as
+# "TPU v6 lite"; "TPU v5e", "TPU v5p", "TPU v6e" are the product names (the torch_xla path writes those).
+TPU_KINDS = {
+    "tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5": "v5p", "tpu v5p": "v5p",
+    "tpu v6 lite": "v6e", "tpu v6e": "v6e",
+}
+
 
 def matmul_params(spec: ModelSpec) -> int:
     """N: weights used in matmuls (Linear weights and the LM head), excluding the input embedding."""
@@ -47,8 +59,17 @@ def flops_split(spec: ModelSpec, seq_len: int, mode: str) -> tuple[float, float]
     return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.E * seq_len
 
 
+def tpu_chip(device_kind: str) -> str | None:
+    """The TPU generation ("v4", "v5e", "v5p", "v6e") a device kind names, else None. Whole-name match, not a
+    substring: "TPU v4 lite" (the v4i inference chip) is no v4, and "TPU v5" must not catch "TPU v5 lite"."""
+    return TPU_KINDS.get(" ".join(device_kind.lower().split()))
+
+
 def peak_tflops(device_name: str, dtype: str) -> float | None:
-    """The device's dense peak for `dtype`, or None when the device is not in the table (or a CPU)."""
+    """The device's dense peak per chip for `dtype` in TFLOP/s, or None when the device is not in the tables (a
+    CPU, an unlisted chip, float32 on a TPU)."""
+    if chip := tpu_chip(device_name):
+        return TPU_PEAK_TFLOPS[chip] if dtype == "bfloat16" else None
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
         if key.lower() in device_name.lower():
             return PEAK_TFLOPS[key][dtype]

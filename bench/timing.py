@@ -11,8 +11,10 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
+from shared_config.cli import UsageError
+
 from flops import flops_per_token, matmul_params, peak_tflops
-from runners import jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
+from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
@@ -41,27 +43,40 @@ def timed(bench, fn=None) -> float:
 
 def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
     """What every backend's setup shares, after setting precision and threads: whether to compile (default: on a
-    GPU), the attention kernel per backend and the train config (train mode only)."""
-    gpu = set_precision_and_threads(args)
+    GPU; on a TPU torch_xla compiles each step's graph itself), the attention kernel per backend and the train
+    config (train mode only)."""
+    platform = set_precision_and_threads(args)
+    if platform == "tpu" and args.compile:
+        raise UsageError("--compile: on a TPU torch_xla compiles each step's graph with XLA; torch.compile's "
+                         "inductor does not target TPUs (drop --compile)")
     train_config = bench_train_config(args) if args.mode == "train" else None
-    return gpu if args.compile is None else args.compile, kernels(args.attention, gpu, args.dtype), train_config
+    mesh = bool(getattr(args, "mesh", None) or getattr(args, "devices", None))
+    compile = platform == "gpu" if args.compile is None else args.compile
+    return compile, kernels(args.attention, platform, args.dtype, mesh), train_config
 
 
-def set_precision_and_threads(args) -> bool:
-    """The same precision policy and CPU threads for every backend; returns whether a GPU is present."""
+def set_precision_and_threads(args) -> str:
+    """The same precision policy and CPU threads for every backend; returns the platform: "gpu", "tpu" or "cpu"."""
     import jax
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32)
+    platform = accelerator()
+    if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32, no bf16 passes on a TPU)
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return torch.cuda.is_available() or jax.default_backend() == "gpu"
+        if platform == "tpu" and args.backend != "jax":
+            import torch_xla.backends
+
+            torch_xla.backends.set_mat_mul_precision("highest")
+    return platform
 
 
 def run_benchmarks(args, specs, backends, kernels):
     """Time every (variant, backend); returns the JSON results and the device name."""
+    if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
+        check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
     setups = dict(SETUP)
     if args.mesh or args.devices:  # the JAX train step over a device mesh
@@ -109,12 +124,14 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         tokens_per_s = args.batch * args.seq / median
         flops = flops_per_token(spec, args.seq, args.mode)
     achieved = tokens_per_s * flops / 1e12
-    peak = args.peak_tflops or peak_tflops(device, args.dtype)
+    peak = args.peak_tflops or peak_tflops(device, args.dtype)  # per chip
+    # chips the step runs on: a JAX mesh's devices, or torchrun's processes (one device each)
+    chips = math.prod(bench.info["mesh"].values()) if "mesh" in bench.info else int(os.environ.get("WORLD_SIZE", "1"))
     return {
         "backend": backend, "variant": label,
         "step_s": {"median": median, "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90))},
         "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
-        "mfu": achieved / peak if peak and not device.startswith("cpu") else None,
+        "mfu": achieved / (peak * chips) if peak and not device.startswith("cpu") else None, "chips": chips,
         "attention": bench.attention,
         "flops_per_token": flops, "matmul_params": matmul_params(spec), "n_steps": len(times), **bench.info,
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),

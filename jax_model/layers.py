@@ -18,7 +18,7 @@ from flax import nnx
 from shared_config import ModelSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION = ("auto", "einsum", "blocked", "xla", "cudnn")  # attention kernels this twin offers
+ATTENTION = ("auto", "einsum", "blocked", "xla", "cudnn", "pallas")  # attention kernels this twin offers
 ZEROS = nnx.initializers.zeros_init()  # Linear/Embed weights are drawn after construction, from the layout table
 
 
@@ -177,8 +177,31 @@ def softmax_attention(q_BKGTE, k_BKSE, v_BKSE, mask):
     return jnp.einsum("bkgts,bkse->bkgte", probs_BKGTS, v_BKSE)
 
 
+PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in blocks of 128
+
+
+def pallas_fits(E: int, T: int = PALLAS_BLOCK) -> bool:
+    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of 128."""
+    return T % PALLAS_BLOCK == 0 and (E <= PALLAS_BLOCK or E % PALLAS_BLOCK == 0)
+
+
+def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
+    """Causal attention by the Pallas TPU flash-attention kernel shipped with JAX (torch_xla wraps the same
+    kernel); T a multiple of PALLAS_BLOCK. The kernel has no GQA: kv head h // G is repeated for query head h."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    G = q_BTHE.shape[2] // k_BTKE.shape[2]
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q_BTHE, jnp.repeat(k_BTKE, G, axis=2), jnp.repeat(v_BTKE, G, axis=2)))
+    o_BHTE = flash_attention(q, k, v, causal=True, sm_scale=1 / math.sqrt(q.shape[-1]))  # softmax in float32 inside
+    return o_BHTE.transpose(0, 2, 1, 3)
+
+
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
+    if attention == "pallas":
+        if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
+            return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
+        attention = "xla"  # no explicit mask (decoding), whole blocks, E the kernel takes: else XLA computes it
     if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     if attention == "blocked":
@@ -206,13 +229,20 @@ class LayerCache(NamedTuple):
 
 
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
-    """The kernel `attention` names on this machine: `auto` is cuDNN on GPU when eligible, else XLA; `blocked` on CPU."""
+    """The kernel `attention` names on this machine: `auto` is cuDNN on GPU and Pallas on TPU when eligible, else
+    XLA; `blocked` on CPU."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
+    if attention == "pallas" and jax.default_backend() != "tpu":
+        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU")
+    if attention == "pallas" and not pallas_fits(spec.E):
+        return "xla"  # a head dim the kernel does not take: named as what runs
     if attention != "auto":
         return attention
     # cuDNN flash attention needs 16-bit inputs and a head dim that is a multiple of 8, at most 128.
     cudnn_ok = spec.compute_dtype == "bfloat16" and spec.E % 8 == 0 and spec.E <= 128
+    if jax.default_backend() == "tpu":  # XLA cannot partition a Pallas kernel: on one device only (several: a mesh?)
+        return "pallas" if pallas_fits(spec.E) and jax.device_count() == 1 else "xla"
     if jax.default_backend() != "gpu":
         return "blocked"  # XLA:CPU would compute and exponentiate the masked half of every score matrix
     return "cudnn" if cudnn_ok else "xla"

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from shared_config import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn")  # attention kernels this twin offers
+ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn", "pallas")  # attention kernels this twin offers
 
 
 class Linear(nn.Linear):
@@ -179,10 +179,31 @@ def softmax_attention(q_BKGTE, k_BKSE, v_BKSE, mask):
 
 
 SDPA_BACKENDS = {"sdpa": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in blocks of 128
+
+
+def pallas_fits(E: int, T: int = PALLAS_BLOCK) -> bool:
+    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of 128."""
+    return T % PALLAS_BLOCK == 0 and (E <= PALLAS_BLOCK or E % PALLAS_BLOCK == 0)
+
+
+def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
+    """Causal attention by the Pallas TPU flash-attention kernel shipped with JAX, through torch_xla (XLA tensors
+    only); T a multiple of PALLAS_BLOCK. The kernel has no GQA: kv head h // G is repeated for query head h."""
+    from torch_xla.experimental.custom_kernel import flash_attention
+
+    G = q_BTHE.shape[2] // k_BTKE.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BTKE.repeat_interleave(G, dim=2), v_BTKE.repeat_interleave(G, dim=2)))
+    o_BHTE = flash_attention(q, k, v, causal=True, sm_scale=1 / math.sqrt(q.shape[-1]))  # softmax in float32 inside
+    return o_BHTE.transpose(1, 2)
 
 
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
+    if attention == "pallas":
+        if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
+            return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
+        attention = "sdpa"  # no explicit mask (decoding), whole blocks, E the kernel takes: else XLA computes it
     if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     if attention == "blocked":
@@ -217,10 +238,19 @@ class LayerCache(NamedTuple):
 
 
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
-    """The kernel `attention` names on this machine: `auto` is PyTorch's own SDPA dispatch."""
+    """The kernel `attention` names on this machine: `auto` is Pallas on a TPU (an XLA default device) when
+    eligible, else PyTorch's own SDPA dispatch."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
-    return "sdpa" if attention == "auto" else attention
+    if attention == "pallas" and torch.get_default_device().type != "xla":
+        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU (a torch_xla device)")
+    if attention == "pallas" and not pallas_fits(spec.E):
+        return "sdpa"  # a head dim the kernel does not take: named as what runs
+    if attention != "auto":
+        return attention
+    if torch.get_default_device().type == "xla":  # a TPU through torch_xla: one device per process
+        return "pallas" if pallas_fits(spec.E) else "sdpa"
+    return "sdpa"
 
 
 class Attention(nn.Module):
