@@ -59,10 +59,9 @@ def layer0_keys(weights: dict, spec, tokens_T) -> np.ndarray:
     return reference.rms(k, w["model.layers.0.self_attn.k_norm.weight"], spec.norm_eps) if spec.qk_norm else k
 
 
-def cache_positions(cached_SKE, keys_TKE, spec) -> tuple[np.ndarray, np.ndarray]:
+def cache_positions(cached_SKE, keys_TKE, spec, S: int) -> tuple[np.ndarray, np.ndarray]:
     """For each cached key, the RoPE position p (0 ≤ p < S) whose rotation of the matching unrotated key fits it
     best, and that fit's error max|Δ| / max|key|: the position a row's token was given, read off the cache."""
-    S = cached_SKE.shape[0]
     positions, errors = [], []
     for key_KE, cached_KE in zip(keys_TKE, cached_SKE):
         rotated_SKE = reference.rope(np.broadcast_to(key_KE, (1, S, *key_KE.shape)), spec)[0]  # at every position

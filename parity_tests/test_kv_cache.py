@@ -142,7 +142,7 @@ def cache_positions_of(twin: str, spec, prompts, fed_BN):
     got, want, worst = -np.ones(k_BSKE.shape[:2], int), -np.ones(k_BSKE.shape[:2], int), 0.0
     for b, prompt in enumerate(prompts):
         start, row = int(start_B[b]), [*prompt, *fed_BN[b]]  # the row's own tokens: slot start + i holds token i
-        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec)
+        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec, k_BSKE.shape[1])
         got[b, start:], want[b, start:], worst = positions, np.arange(len(row)), max(worst, errors.max())
     return got, want, worst
 
