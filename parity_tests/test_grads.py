@@ -1,5 +1,6 @@
 """Loss and gradients: the twins agree with each other (every option value, every norm x placement)
-and with the float64 numpy reference (the loss itself, and gradients by finite differences)."""
+and with the float64 numpy reference (the loss itself, and every tensor's gradient by central finite
+differences of the reference loss, across the same grid): an error both twins share cannot pass."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from shared_config import layout
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
 
 from .common import case_ids, make_spec, parity_weights, tokens
+from .oracles import finite_difference_errors
 from .train_common import TWINS, both_loss_and_grads, reference_loss
 
 # Every norm type x placement once; the other options' values spread over them, so that every value
@@ -40,11 +42,17 @@ def check_twins(spec, attention=("auto", "auto"), mask=False):
     bad = {name: f"{e:.1e}" for name, e in errors.items() if not e <= GRAD_TOL}
     assert not bad, f"max|g_jax − g_torch| / max|g_torch| above {GRAD_TOL}: {bad}"
     assert all(g.dtype == np.float32 for g in (*gj.values(), *gt.values()))
+    return w, x, {"jax": gj, "torch": gt}
 
 
 @pytest.mark.parametrize("changes", GRID, ids=case_ids(GRID))
 def test_twins_agree_on_loss_and_every_gradient(changes):
-    check_twins(make_spec(**changes))
+    """...and both twins' gradients equal the float64 reference's, by finite differences along a random direction
+    per tensor (two reference losses per tensor: a few seconds for the whole grid)."""
+    spec = make_spec(**changes)
+    w, x, grads = check_twins(spec)
+    failures = finite_difference_errors(w, spec, x, grads)
+    assert not failures, "gradients vs float64 finite differences of the reference:\n" + "\n".join(failures)
 
 
 @pytest.mark.parametrize("attention", [("einsum", "einsum"), ("einsum", "sdpa"), ("blocked", "blocked"), ("xla", "blocked")])
@@ -99,12 +107,6 @@ def test_gradients_match_float64_finite_differences(changes):
     """Per tensor, g · d equals (L(w + hd) − L(w − hd)) / 2h of the float64 reference for a random d."""
     spec = make_spec(**changes)
     w, x = parity_weights(spec), tokens(spec, seq=17)
-    grads = [g for _, g in both_loss_and_grads(w, spec, x)]
-    rng, h = np.random.default_rng(2), 1e-4
-    for t in layout(spec):
-        d = rng.standard_normal(t.shape)
-        shifted = [reference_loss({**w, t.name: w[t.name] + s * h * d}, spec, x) for s in (1, -1)]
-        fd = (shifted[0] - shifted[1]) / (2 * h)
-        for name, g in zip(("jax", "torch"), grads):
-            scale = np.linalg.norm(g[t.name]) * np.linalg.norm(d)  # a wrong gradient misses by ~scale/sqrt(n)
-            assert abs(np.sum(g[t.name] * d) - fd) <= 1e-4 * scale, f"{name} {t.name}: g·d {np.sum(g[t.name] * d)} vs {fd}"
+    grads = dict(zip(("jax", "torch"), (g for _, g in both_loss_and_grads(w, spec, x))))
+    failures = finite_difference_errors(w, spec, x, grads)
+    assert not failures, "\n".join(failures)

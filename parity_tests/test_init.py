@@ -1,4 +1,5 @@
-"""Each twin's native init (its own RNG, no numpy) follows the spec's rules, tensor by tensor.
+"""Each twin's native init (its own RNG, no numpy) and the numpy init `shared_config.init_weights` (where every
+canonical checkpoint, `init_checkpoint.py` and the trajectories start) follow the spec's rules, tensor by tensor.
 
 The expected distribution of every canonical tensor is written out here from the README's rules,
 not read from `shared_config.init_rule`, so a wrong rule fails as surely as a wrong draw.
@@ -13,7 +14,7 @@ from flax import nnx
 
 import jax_model
 import torch_model
-from shared_config import layout, load_spec
+from shared_config import init_weights, layout, load_spec
 
 SPECS = {
     "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
@@ -75,3 +76,10 @@ def test_a_wrong_rule_is_named():
     weights[name] = weights[name] * math.sqrt(2 * spec.L)  # residual scaling forgotten
     with pytest.raises(AssertionError, match=f"jax {name}.*std"):
         check_statistics(weights, spec, "jax")
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_numpy_init_follows_the_rules(name):
+    """`init_weights` has its own code path from the rules to the draws: checked against the same written-out rules."""
+    spec = SPECS[name]
+    check_statistics(init_weights(spec, 0), spec, "numpy")

@@ -14,6 +14,7 @@ from jax_model.generate import Decoder as JaxDecoder
 from shared_config.generation import left_pad
 from torch_model.generate import Decoder as TorchDecoder
 
+from . import oracles
 from .common import FORWARD_TOL, case_ids, make_spec, parity_weights, rel_err, tokens
 
 CASES = [
@@ -121,6 +122,41 @@ def test_left_padding_leaves_each_row_as_alone(changes):
         for b, prompt in enumerate(prompts):
             alone = run([prompt], fed[b : b + 1])
             assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
+
+
+POSITION_SPECS = [{}, {"qk_norm": True, "norm_placement": "post"}]
+
+
+def cache_positions_of(twin: str, spec, prompts, fed_BN):
+    """Left-pad `prompts`, prefill and feed `fed_BN` in `twin`; (the RoPE position each slot's key was rotated to,
+    read off layer 0's cache against the reference's unrotated keys (-1 on padding), the expected ones, worst fit)."""
+    package, Decoder = {"jax": (jax_model, JaxDecoder), "torch": (torch_model, TorchDecoder)}[twin]
+    w = parity_weights(spec)
+    decoder = Decoder(package.from_weights(w, spec, "einsum"))
+    tokens_BP, start_B = left_pad(prompts, pad_id=7)
+    cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + fed_BN.shape[1], start_B)
+    _, cache = decoder.prefill(tokens_BP, cache)
+    for t in range(fed_BN.shape[1]):
+        _, cache = decoder.decode_step(fed_BN[:, t], cache)
+    k_BSKE = np.asarray(cache.layers[0].k_BSKE, np.float64)
+    got, want, worst = -np.ones(k_BSKE.shape[:2], int), -np.ones(k_BSKE.shape[:2], int), 0.0
+    for b, prompt in enumerate(prompts):
+        start, row = int(start_B[b]), [*prompt, *fed_BN[b]]  # the row's own tokens: slot start + i holds token i
+        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec, k_BSKE.shape[1])
+        got[b, start:], want[b, start:], worst = positions, np.arange(len(row)), max(worst, errors.max())
+    return got, want, worst
+
+
+@pytest.mark.parametrize("changes", POSITION_SPECS, ids=case_ids(POSITION_SPECS))
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_left_padded_rows_get_their_own_positions(twin, changes):
+    """Under RoPE a shift of all of a row's positions leaves its outputs as they are, so read the positions
+    themselves: row b's i-th token is rotated to position i in the cache, whatever the row's left padding."""
+    spec = make_spec(**changes)
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (11, 4, 7)]
+    got, want, worst = cache_positions_of(twin, spec, prompts, tokens(spec, 3, 3, seed=1))
+    assert worst <= 1e-5, f"{twin}: a cached key is no rotation of its token's key (worst fit {worst:.1e})"
+    assert np.array_equal(got, want), f"{twin}: positions in the cache\n{got}\nexpected\n{want}"
 
 
 def test_jax_decode_step_compiles_once():

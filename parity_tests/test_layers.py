@@ -13,7 +13,7 @@ from shared_config import rope_inv_freq
 from torch_model import layers as tl
 
 from . import reference
-from .common import FORWARD_TOL, make_spec, parity_weights, rel_err
+from .common import FORWARD_TOL, case_ids, make_spec, parity_weights, rel_err
 
 
 def twins(spec):
@@ -49,16 +49,42 @@ def test_norm(norm_type, bias):
 
 @pytest.mark.parametrize("scaling", ["none", "llama3"])
 def test_rope(scaling):
+    """The rotation, fed the frequencies the reference derives from the spec (not the twins' `rope_inv_freq`)."""
     spec = make_spec(head_dim=16, rope_scaling=scaling, rope_original_max_seq_len=64, rope_scaling_factor=8.0)
     x = np.random.default_rng(0).standard_normal((2, 256, 3, 16)).astype(np.float32)
-    pos = np.arange(256)
-    j = np.asarray(jl.apply_rope(jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos))))
-    t = tl.apply_rope(torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos))).numpy()
+    pos, inv_freq = np.arange(256), reference.inv_frequencies(spec)
+    j = np.asarray(jl.apply_rope(jnp.asarray(x), *jl.rope_cos_sin(inv_freq, jnp.asarray(pos))))
+    t = tl.apply_rope(torch.as_tensor(x), *tl.rope_cos_sin(inv_freq, torch.as_tensor(pos))).numpy()
     ref = reference.rope(x.astype(np.float64), spec)
     # Angles up to 255 rad: float32 rounding of the angle alone is ~1e-5 rad there, so compare absolutely.
     assert np.abs(j - t).max() < 1e-4 and np.abs(j - ref).max() < 1e-4 and np.abs(t - ref).max() < 1e-4
     np.testing.assert_allclose(rope_inv_freq(spec), reference.inv_frequencies(spec), rtol=1e-6)
     assert not np.allclose(np.asarray(j[:, 1:]), x[:, 1:], atol=1e-2)  # it rotates something
+
+
+ROPE_SPECS = [{"rope_theta": 500000.0}, {"rope_theta": 300.0, "head_dim": 16},
+              {"rope_scaling": "llama3", "rope_original_max_seq_len": 32, "rope_scaling_factor": 4.0, "rope_theta": 5000.0}]
+
+
+def check_model_rope(changes):
+    """Each twin built from the spec alone (frequencies its own business): layer 0's attention output equals the
+    reference's, whose frequencies come from the spec's rope_theta and scaling fields."""
+    spec = make_spec(**changes)
+    w, toks = parity_weights(spec), np.random.default_rng(0).integers(0, spec.V, (2, 64))
+    ref_taps: dict = {}
+    reference.forward(w, spec, toks, ref_taps)
+    want = ref_taps["model.layers.0"]["attn_out"]
+    jt, tt = {}, {}
+    jax_model.from_weights(w, spec, "einsum")(jnp.asarray(toks), taps=jt)
+    with torch.no_grad():
+        torch_model.from_weights(w, spec, "einsum")(torch.as_tensor(toks), taps=tt)
+    for twin, got in (("jax", np.asarray(jt["model.layers.0"]["attn_out"])), ("torch", tt["model.layers.0"]["attn_out"].numpy())):
+        assert rel_err(got, want) <= FORWARD_TOL, f"{twin}: layer 0 attention vs the reference {rel_err(got, want):.1e}"
+
+
+@pytest.mark.parametrize("changes", ROPE_SPECS, ids=case_ids(ROPE_SPECS))
+def test_model_rope_reads_the_spec(changes):
+    check_model_rope(changes)
 
 
 @pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 6}, {"qk_norm": True}, {"fused_qkv": False}, {"head_dim": 12}])
