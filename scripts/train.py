@@ -15,6 +15,7 @@ the step and the first tensor that went non-finite, and keeps the last good chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,11 +34,12 @@ from shared_config import (
 )
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
-from shared_config.io import atomic_write, read_json
+from shared_config.io import atomic_write
 from shared_config.parallel import parse_mesh, rows_per_shard
+from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
 from shared_config.run_dir import (
-    CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
-    save_train_checkpoint, truncate_metrics, write_json,
+    CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
+    read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
 )
 from shared_config.spec import check_keys, parse_overrides
 
@@ -92,6 +94,9 @@ def resolve_run(args) -> Run:
     cfg = with_changes(base_config(args, stored), cfg_changes)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len), f"training {spec.L} layers of d_model {spec.D}, "
+                 f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
+                 "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
     if stored:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)
@@ -106,6 +111,8 @@ def resolve_run(args) -> Run:
 
 def resumed_checkpoint(args) -> tuple[Path | None, dict | None]:
     """The latest checkpoint in --out and its state.json when resuming; a fresh run refuses an --out holding checkpoints."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; a run directory is a directory (pass another --out)")
     checkpoint = latest_checkpoint(args.out)
     if not args.resume:
         if checkpoint is not None:
@@ -115,7 +122,7 @@ def resumed_checkpoint(args) -> tuple[Path | None, dict | None]:
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
-    stored = read_json(checkpoint / "state.json")
+    stored = read_state(checkpoint)  # every copy of the spec and config in the checkpoint agrees, or refused
     if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
         raise CheckpointError(f"{checkpoint / 'state.json'}: missing {', '.join(missing)}")
     return checkpoint, stored
@@ -602,9 +609,19 @@ def main(argv=None):
         init_distributed()  # several JAX processes: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     try:
         make_backend = backend_factory(args.backend, run, args.compile or None, args.mesh, args.parallel)
-        summary = Loop(run, make_backend, progress=not args.quiet)()
+        with lock_run(run.out) if is_main_process() else contextlib.nullcontext():
+            if is_main_process():
+                recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
+                if latest_checkpoint(run.out) != resumed_checkpoint(args)[0]:
+                    raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
+            summary = Loop(run, make_backend, progress=not args.quiet)()
     except NonFiniteError as e:
         fail(str(e), 1)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise ResourceError(f"the {args.backend} training job ran out of memory at batch {run.cfg.batch_size} x "
+                                f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e
+        raise
     finally:
         if args.parallel:
             import torch.distributed as dist

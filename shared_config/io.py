@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -174,12 +175,24 @@ def write_errors(path: Path, library: bool = True) -> Iterator[None]:
     except (CheckpointError, ResourceError, SpecError):
         raise
     except OSError as e:
-        raise ResourceError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise ResourceError(f"{path}: cannot write: {e.strerror or e}{_space(path)}") from e
     except (SafetensorError, RuntimeError, ValueError) as e:
         if not library:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ResourceError(f"{path}: cannot write: {first[:300]}") from e
+        raise ResourceError(f"{path}: cannot write: {first[:300]}{_space(path)}") from e
+
+
+def _space(path: Path) -> str:
+    """Why a write may have failed, in words a library's message does not give ("unexpected pos 164672")."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f" (this process may write files of at most {limit:,} bytes, RLIMIT_FSIZE)"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+        if free < 64 * 2**20:
+            return f" (the disk has {free:,} bytes free)"
+    return ""
 
 
 # --- reading and checking -----------------------------------------------------------------------

@@ -60,6 +60,12 @@ def train_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
     return 4 * (8 * params + activations)
 
 
+def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+    """A lower bound on the bytes of a forward or decode job: the weights twice (numpy and the framework's copy)
+    and the float32 logits with their softmax."""
+    return 2 * weights_bytes(spec) + 4 * 2 * batch * seq * spec.V
+
+
 def machine_memory() -> tuple[int, str]:
     """(bytes this process may use, where that figure comes from): the least of the physical memory, the cgroup's
     limit and the process's RLIMIT_AS / RLIMIT_DATA."""
