@@ -228,7 +228,9 @@ def main(argv=None):
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     (label, spec), = variants(args)
-    args.seq = args.seq or min(256, spec.max_seq_len)
+    if args.seq is not None and args.seq < 1:  # 0 is a value to refuse, not "not given"
+        raise UsageError(f"--seq must be >= 1, got {args.seq}")
+    args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     configure_threads(args.threads, None)

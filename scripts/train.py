@@ -89,8 +89,10 @@ def resolve_run(args) -> Run:
     spec_changes, cfg_changes = split_overrides(args.set)
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
     checkpoint, stored = resumed_checkpoint(args)
-    data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
-    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec else None)
+    # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
+    data = load_data(args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic",
+                     args.data_dtype)
+    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     cfg = with_changes(base_config(args, stored), cfg_changes)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
@@ -144,7 +146,7 @@ def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpe
 
 def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
     """--spec, else the resumed run's, else the --init-from file's, else tiny with the data's vocabulary."""
-    if args.spec:
+    if args.spec is not None:
         return load_spec(args.spec)
     if stored:
         return load_spec(stored["spec"])
@@ -155,7 +157,7 @@ def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
 
 def base_config(args, stored) -> TrainConfig:
     """--train-config, else the resumed run's, else the cpu preset."""
-    if args.train_config:
+    if args.train_config is not None:
         return load_train_config(args.train_config)
     return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
 
@@ -572,7 +574,7 @@ def parse_args(argv: list[str] | None):
     if args.stop_at is not None and args.stop_at < 1:
         p.error("--stop-at must be >= 1")
     check_scale_out(p, args)
-    args.out = args.out or Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
+    args.out = args.out if args.out is not None else Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 

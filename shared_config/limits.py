@@ -44,7 +44,7 @@ def read_capped(path: str | Path, limit: int, what: str = "file") -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise LimitError(f"{path}: the {what} is {size:,} bytes, over the {limit:,}-byte limit")
-        data = f.read(limit + 1)  # a file that grows while read is still cut at the limit
+        data = f.read(size + 1)  # read(n) allocates n bytes first; a file that grew meanwhile is caught below
     if len(data) > limit:
         raise LimitError(f"{path}: the {what} is over the {limit:,}-byte limit")
     return data
