@@ -167,9 +167,10 @@ def test_commands_refuse_jobs_that_cannot_fit_in_memory_before_allocating(tmp_pa
 
 def test_the_memory_estimate_counts_the_processs_address_space_limit(tmp_path):
     """A job that would fit the machine but not this process's RLIMIT_AS is refused naming that limit."""
-    result = run_limited("init_checkpoint", "--spec", "tiny", "--set", "vocab_size=4000000", "--out", "x.safetensors",
-                         memory=2 * 2**30, cwd=tmp_path)
-    one_line(result, 3, "needs about 2.9 GiB of memory, 2.0 GiB allowed to this process (RLIMIT_AS)")
+    result = run_limited("init_checkpoint", "--spec", "tiny", "--set", "vocab_size=1000000", "--out", "x.safetensors",
+                         memory=2**30, cwd=tmp_path)
+    one_line(result, 3, "vocab 1,000,000 needs about 2.5 GiB of memory, 1.0 GiB allowed to this process (RLIMIT_AS)")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- 2. parsing is bounded: sizes, nesting, aliases, quoted values ---------------------------------
@@ -271,7 +272,7 @@ def test_a_full_disk_is_one_line_exit_3_and_leaves_nothing(tmp_path, canonical, 
     dst = tmp_path / "out"
     dst.mkdir()
     extra = ["--to", target.split("-")[1]] if "-" in target else []
-    result = run_limited("convert", canonical, dst / target, *extra, fsize=200_000)
+    result = run_limited("convert", canonical, dst / target, *extra, fsize=50_000)
     one_line(result, 3, f"{dst / target}", "cannot write", "RLIMIT_FSIZE")
     assert list(dst.iterdir()) == []
 
