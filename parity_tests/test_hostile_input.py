@@ -165,6 +165,12 @@ def test_commands_refuse_jobs_that_cannot_fit_in_memory_before_allocating(tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing written, not even an empty run directory
 
 
+def test_profile_step_refuses_a_job_that_cannot_fit_before_allocating():
+    profile = _bench("profile_step")
+    with pytest.raises(ResourceError, match="the train job of tiny at batch 8 x seq 256 needs about .* GiB of memory"):
+        profile.main(["--set", "n_layers=1000000"])
+
+
 def test_the_memory_estimate_counts_the_processs_address_space_limit(tmp_path):
     """A job that would fit the machine but not this process's RLIMIT_AS is refused naming that limit."""
     result = run_limited("init_checkpoint", "--spec", "tiny", "--set", "vocab_size=1000000", "--out", "x.safetensors",

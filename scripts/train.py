@@ -35,6 +35,7 @@ from shared_config import (
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
 from shared_config.io import atomic_write
+from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
 from shared_config.run_dir import (
@@ -174,7 +175,7 @@ def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dic
     pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
     pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k != "steps"]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
-    if diffs := [f"{what}: checkpoint {a!r}, now {b!r}" for what, a, b in pairs if a != b]:
+    if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
         raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
                          "(start a new --out to change them)")
     if (steps := stored["train_config"]["steps"]) != cfg.steps:
