@@ -120,6 +120,18 @@ def test_layout_size_is_the_layout_tables_count_computed_arithmetically(changes)
     assert layout_size(spec) == (len(table), sum(sizes), max(sizes))
 
 
+def test_activations_count_against_host_memory_only_without_an_accelerator(monkeypatch):
+    from shared_config import resources
+
+    spec = load_spec("small")
+    params = layout_size(spec)[1]
+    monkeypatch.setattr(resources, "accelerator_present", lambda: True)  # activations live in the device's memory
+    assert resources.train_bytes(spec, 64, 1024) == 32 * params
+    assert resources.forward_bytes(spec, 64, 1024) == 2 * 4 * params
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    assert resources.train_bytes(spec, 64, 1024) > 100 * 2**30  # [H, T, T] attention weights of 12 layers alone: 36 GiB
+
+
 def test_a_canonical_file_whose_spec_claims_ten_million_layers_is_refused_before_its_layout_is_built(canonical):
     spec = json.loads(shared_config.io.read_header(canonical)["__metadata__"]["spec"])
     huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"), json.dumps({**spec, "n_layers": 10**7}))
@@ -466,6 +478,10 @@ def test_a_replace_cut_between_its_renames_is_recovered_never_deleted(tmp_path, 
         convert(canonical, dst, to="hf", force=True)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "out-hf"]
+    os.replace(dst, tmp_path / ".out-hf.old")
+    with pytest.raises(UsageError, match="out-hf exists; pass --force"):  # the recovered copy is DST again
+        convert(canonical, dst, to="hf")
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
 
 
 # --- 5. one writer per run directory ---------------------------------------------------------------

@@ -94,6 +94,7 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
     src, dst = Path(src), Path(dst)
     source, target = source_format(src), target_format(dst, to)
+    recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
     weights, spec = READERS[source](src, spec)
     check_weights(weights, spec, src, allow_nonfinite=True)  # names, shapes, float dtypes: before any cast

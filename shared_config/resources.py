@@ -50,20 +50,27 @@ def init_bytes(spec: ModelSpec) -> int:
 
 
 def train_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
-    """A lower bound on the bytes of one training job: weights, gradients and AdamW's two moments in float32 in
-    the framework plus the numpy copies of weights and moments (8 copies), and the activations kept for the
-    backward pass (per layer about 12 D + 3 F values per token and the [H, T, T] attention weights, then logits)."""
+    """A lower bound on the host bytes of one training job: weights, gradients and AdamW's two moments in float32
+    in the framework plus the numpy copies of weights and moments (8 copies), and, on a machine without an
+    accelerator, the activations kept for the backward pass (per layer about 12 D + 3 F values per token and the
+    [H, T, T] attention weights, then logits). On an accelerator they live in its memory, which the frameworks
+    report themselves when it runs out (`is_out_of_memory`)."""
     _, params, _ = layout_size(spec)
     tokens = batch * seq
     per_layer = tokens * (12 * spec.D + 3 * spec.F) + batch * spec.H * seq * seq
-    activations = spec.L * per_layer + 3 * tokens * spec.V
+    activations = 0 if accelerator_present() else spec.L * per_layer + 3 * tokens * spec.V
     return 4 * (8 * params + activations)
 
 
+def accelerator_present() -> bool:
+    """Whether this machine has a GPU or TPU device node, found without importing a framework."""
+    return any(next(Path("/dev").glob(pattern), None) for pattern in ("nvidia[0-9]*", "accel[0-9]*", "kfd"))
+
+
 def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
-    """A lower bound on the bytes of a forward or decode job: the weights twice (numpy and the framework's copy)
-    and the float32 logits with their softmax."""
-    return 2 * weights_bytes(spec) + 4 * 2 * batch * seq * spec.V
+    """A lower bound on the host bytes of a forward or decode job: the weights twice (numpy and the framework's
+    copy) and, without an accelerator, the float32 logits with their softmax."""
+    return 2 * weights_bytes(spec) + (0 if accelerator_present() else 4 * 2 * batch * seq * spec.V)
 
 
 def machine_memory() -> tuple[int, str]:
