@@ -532,6 +532,16 @@ def test_an_edited_copy_in_a_checkpoint_is_refused_naming_both_values(tmp_path, 
     assert says in str(e.value), str(e.value)
 
 
+def test_train_resume_refuses_an_edited_state_json_in_one_line(tmp_path):
+    path = _run_with_checkpoint(tmp_path)
+    state = json.loads((path / "state.json").read_text())
+    state["spec"]["norm_type"] = "layernorm"
+    (path / "state.json").write_text(json.dumps(state))
+    result = run_script("train", "--backend", "torch", "--out", tmp_path, "--resume", "--quiet")
+    one_line(result, 2, "state.json and model.safetensors record different specs",
+             "norm_type: state.json 'layernorm' vs model.safetensors 'rms'")
+
+
 # --- 7. zero and empty are values, never "not given" -----------------------------------------------
 
 
