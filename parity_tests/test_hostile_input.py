@@ -346,6 +346,15 @@ def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
+    (tmp_path / "adir").mkdir()
+    one_line(run_script("init_checkpoint", "--spec", "tiny", "--seed", "-1", "--out", tmp_path / "x.safetensors"), 2,
+             "--seed must be >= 0, got -1")
+    one_line(run_script("init_checkpoint", "--spec", "tiny", "--out", tmp_path / "adir", "--force"), 2,
+             "adir is a directory; a checkpoint is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+
+
 @pytest.mark.parametrize("line, says", [("12", "a JSON object is expected, got 12"),
                                         ('{"step": "x"}', "step must be an integer, got 'x'"),
                                         ("not json", "not valid JSON .and not the last line")])

@@ -7,6 +7,7 @@ A checkpoint is one `.safetensors` file of the tensors in `layout(spec)`, with t
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import resource
@@ -52,7 +53,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -76,7 +77,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             write(tmp)
             # after writing: some writers (safetensors' save_file) replace the file, dropping earlier modes;
             # mkstemp's 0600 would make the result private to its writer
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -99,7 +100,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     old = _old(path)
     try:
         with write_errors(path, library=False):  # the body's own errors pass; what it writes maps its own
-            os.chmod(tmp, 0o777 & ~_umask())  # as for files: mkdtemp's 0700 is for scratch space
+            os.chmod(tmp, 0o777 & ~umask())  # as for files: mkdtemp's 0700 is for scratch space
             yield tmp
             if path.exists() and overwrite:
                 os.replace(path, old)
@@ -131,7 +132,7 @@ def remove_stale(path: Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         return
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
@@ -147,10 +148,6 @@ def recover(path: str | Path) -> None:
         else:
             os.replace(old, path)  # cut between the two renames: the old copy is the only one
     remove_stale(path)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _alive(pid: int) -> bool:
