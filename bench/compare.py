@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
+from shared_config.resources import (  # noqa: E402
+    ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes,
+)
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
 ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked", "pallas")
@@ -66,6 +69,8 @@ def parse_args(argv):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seq is not None and args.seq < 1:  # 0 is a value to refuse, not "not given"
+        raise UsageError(f"--seq must be >= 1, got {args.seq}")
     if args.devices is not None and args.devices < 1:
         raise UsageError(f"--devices must be >= 1, got {args.devices}")
     if args.devices and args.mesh:
@@ -154,7 +159,7 @@ def environment(args, device: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     specs = variants(args)
-    seq = args.seq or min(256, min(s.max_seq_len for _, s in specs))
+    seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq
     for label, spec in specs:
         if seq > spec.max_seq_len:
@@ -169,10 +174,20 @@ def main(argv=None):
     shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else args.devices
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
+    for label, spec in specs:  # before anything is allocated: a job that cannot fit is refused in one line
+        need = train_bytes(spec, args.batch, seq) if args.mode == "train" else forward_bytes(spec, args.batch, seq)
+        check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
+                     "lower --batch or --seq, or the model's sizes")
     configure_threads(args.threads, shards)
     from timing import run_benchmarks
 
-    results, device = run_benchmarks(args, specs, backends, kernels)
+    try:
+        results, device = run_benchmarks(args, specs, backends, kernels)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
+                                f"seq {seq}: lower --batch or --seq") from e
+        raise
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank times its step; rank 0 reports
         return
     report = {"env": environment(args, device), "results": results}

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 from compare import ATTENTION, configure_threads, environment, kernels, variants  # noqa: E402
 from shared_config import atomic_write  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.resources import check_memory, forward_bytes, train_bytes  # noqa: E402
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
 CATEGORIES = [
@@ -228,9 +229,14 @@ def main(argv=None):
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     (label, spec), = variants(args)
-    args.seq = args.seq or min(256, spec.max_seq_len)
+    if args.seq is not None and args.seq < 1:  # 0 is a value to refuse, not "not given"
+        raise UsageError(f"--seq must be >= 1, got {args.seq}")
+    args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+    need = (train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
+    check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
+                 "lower --batch or --seq, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()

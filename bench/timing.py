@@ -94,6 +94,7 @@ def run_benchmarks(args, specs, backends, kernels):
     # decode: the cache holds the prompt and every token decoded after one prefill (a round, or compile + warmup)
     new_tokens = max(per_round, 1 + args.warmup)
     for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
+        args.job = f"{backend} {args.mode} job of {label}"  # named by compare.py if it runs out of memory
         tokens = bench_tokens(spec, args)
         bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=new_tokens)
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
@@ -107,6 +108,7 @@ def run_benchmarks(args, specs, backends, kernels):
             # another framework's pays for cold thread pools and caches, and that must not always be the same one).
             for label, _, backend in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
                 spec, bench, _, times, prefills = benches[label, backend]
+                args.job = f"{backend} {args.mode} job of {label}"
                 if bench.start:  # decode: a fresh prompt each round, so every round decodes the same positions
                     prefills.append(timed(bench, bench.start))
                 for _ in range(per_round):

@@ -14,6 +14,7 @@ from shared_config import (
     ModelSpec,
     atomic_dir,
     check_layout,
+    check_size,
     check_weights,
     load_checkpoint,
     load_spec,
@@ -22,6 +23,9 @@ from shared_config import (
     save_checkpoint,
     spec_from_json,
 )
+
+from shared_config.io import write_errors
+from shared_config.limits import MAX_JSON_BYTES, read_capped
 
 from .model import Transformer
 from .weights import get_weights, set_weights, to_canonical, to_pure_dict
@@ -56,15 +60,25 @@ def save_orbax(path: str | Path, weights: dict, spec: ModelSpec, overwrite: bool
     state = to_pure_dict(weights, spec)
     with atomic_dir(path, overwrite) as tmp:
         (tmp / "spec.json").write_text(spec.to_json() + "\n")
-        with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the async save
+        with write_errors(path), ocp.StandardCheckpointer() as checkpointer:  # leaving it waits for the async save
             checkpointer.save(tmp.absolute() / "state", state)
+
+
+def read_spec_file(path: Path) -> bytes:
+    """spec.json's bytes, refused past the JSON size limit; unreadable is a CheckpointError."""
+    try:
+        return read_capped(path, MAX_JSON_BYTES, "spec file")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
     """Canonical weights (as stored) and spec of a `save_orbax` directory; without `spec.json`, `spec` is required."""
     path = Path(path)
     spec_file = path / "spec.json"
-    file_spec = spec_from_json(spec_file.read_bytes(), spec_file) if spec_file.is_file() else None
+    file_spec = spec_from_json(read_spec_file(spec_file), spec_file) if spec_file.is_file() else None
     spec = resolve_spec(file_spec, spec, path)
     state_dir = (path / "state").absolute()
     try:
@@ -74,6 +88,7 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
                 raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")
             stored = stored.tree
             flat = traverse_util.flatten_dict(dict(stored), sep=".")
+            check_size(len(flat), spec, state_dir, fused=True)  # before the layout table of a spec claiming 10^7 layers
             check_layout(flat, {t.jax_name: t.jax_shape for t in model_layout(spec)}, state_dir)
             # restore as stored (dtype included), on this host's default device
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)

@@ -16,6 +16,7 @@ import shared_config.io
 import torch_model
 from shared_config import CheckpointError, SpecError, init_weights, run_dir, save_checkpoint
 from shared_config.hf import config_from_spec
+from shared_config.resources import ResourceError
 
 from .common import load_script, make_spec, one_line_error, run_script
 
@@ -319,7 +320,7 @@ def test_interrupted_conversion_leaves_destination_as_it_was(tmp_path, monkeypat
         convert(src, tmp_path / name, to=target)
     before = listing(tmp_path)
     monkeypatch.setattr(owner, writer, crash)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ResourceError) as e:  # the environment's failure, exit code 3
         convert(src, tmp_path / name, to=target, force=True)
     assert error_line(e, tmp_path / name).endswith("cannot write: No space left on device")
     assert listing(tmp_path) == before  # DST absent or byte-identical; no temp file or directory left
@@ -339,7 +340,7 @@ def test_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
         real_replace(a, b)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(CheckpointError, match="cannot write: Input/output error"):
+    with pytest.raises(ResourceError, match="cannot write: Input/output error"):
         convert(src, tmp_path / "out-hf", to="hf", force=True)
     assert listing(tmp_path) == before
 

@@ -95,13 +95,14 @@ def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):
         save_checkpoint(path, w, spec)
 
     import shared_config.io as io
+    from shared_config.resources import ResourceError
 
     def crash(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(io, "save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ResourceError, match="m.safetensors: cannot write: disk full"):  # exit code 3
         save_checkpoint(path, init_weights(spec, 1), spec)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind

@@ -21,6 +21,7 @@ import jax_model
 import torch_model
 from shared_config import CheckpointError, check_weights, hf, load_checkpoint, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
+from shared_config.io import recover, write_errors
 
 FORMATS = ("safetensors", "torch", "flax", "hf")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
@@ -93,16 +94,15 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
     src, dst = Path(src), Path(dst)
     source, target = source_format(src), target_format(dst, to)
+    recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
     weights, spec = READERS[source](src, spec)
     check_weights(weights, spec, src, allow_nonfinite=True)  # names, shapes, float dtypes: before any cast
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
     check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
-    try:
+    with write_errors(dst):  # a full disk is the environment's failure (exit code 3), whatever the writer raised
         WRITERS[target](dst, weights, spec, force)
-    except OSError as e:
-        raise CheckpointError(f"{dst}: cannot write: {e.strerror or e}") from e
     return source, target
 
 

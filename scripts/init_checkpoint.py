@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shared_config import init_weights, load_spec, parse_overrides, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
+from shared_config.resources import check_memory, init_bytes
 
 
 def main(argv=None):
@@ -22,10 +23,16 @@ def main(argv=None):
     spec = load_spec(args.spec)
     if args.set:
         spec = spec.replace(**parse_overrides(args.set))
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.out.is_dir():
+        raise UsageError(f"{args.out} is a directory; a checkpoint is a file")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():
         raise UsageError(f"{args.out.parent} is not a directory")
+    check_memory(init_bytes(spec), f"drawing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,}",
+                 "lower the model's sizes")  # before anything is allocated
     save_checkpoint(args.out, init_weights(spec, args.seed), spec)
     print(args.out)
 

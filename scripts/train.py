@@ -15,6 +15,7 @@ the step and the first tensor that went non-finite, and keeps the last good chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,11 +34,13 @@ from shared_config import (
 )
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
-from shared_config.io import atomic_write, read_json
+from shared_config.io import atomic_write
+from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
+from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
 from shared_config.run_dir import (
-    CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
-    save_train_checkpoint, truncate_metrics, write_json,
+    CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
+    read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
 )
 from shared_config.spec import check_keys, parse_overrides
 
@@ -87,11 +90,16 @@ def resolve_run(args) -> Run:
     spec_changes, cfg_changes = split_overrides(args.set)
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
     checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
-    data = load_data(args.data or (stored["data"]["source"] if stored else "synthetic"), args.data_dtype)
-    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec else None)
+    # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
+    data = load_data(args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic",
+                     args.data_dtype)
+    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     cfg = with_changes(base_config(args, stored), cfg_changes)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len), f"training {spec.L} layers of d_model {spec.D}, "
+                 f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
+                 "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
     if stored:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)
@@ -105,20 +113,27 @@ def resolve_run(args) -> Run:
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
 
 
+def refuse_file_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a run directory is a directory (pass another --out)")
+
+
 def refuse_used_out(out: Path) -> None:
-    """A fresh run never writes into a run directory that holds checkpoints."""
+    """A fresh run never writes into a run directory that holds checkpoints (or into a file)."""
+    refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
 
 
 def resumed_checkpoint(args) -> tuple[Path, dict]:
     """The latest checkpoint in --out and its state.json (--resume)."""
+    refuse_file_out(args.out)
     checkpoint = latest_checkpoint(args.out)
     if checkpoint is None:
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
-    stored = read_json(checkpoint / "state.json")
+    stored = read_state(checkpoint)  # every copy of the spec and config in the checkpoint agrees, or refused
     if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
         raise CheckpointError(f"{checkpoint / 'state.json'}: missing {', '.join(missing)}")
     return checkpoint, stored
@@ -140,7 +155,7 @@ def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpe
 
 def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
     """--spec, else the resumed run's, else the --init-from file's, else tiny with the data's vocabulary."""
-    if args.spec:
+    if args.spec is not None:
         return load_spec(args.spec)
     if stored:
         return load_spec(stored["spec"])
@@ -151,7 +166,7 @@ def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
 
 def base_config(args, stored) -> TrainConfig:
     """--train-config, else the resumed run's, else the cpu preset."""
-    if args.train_config:
+    if args.train_config is not None:
         return load_train_config(args.train_config)
     return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
 
@@ -168,7 +183,7 @@ def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dic
     pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
     pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k != "steps"]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
-    if diffs := [f"{what}: checkpoint {a!r}, now {b!r}" for what, a, b in pairs if a != b]:
+    if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
         raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
                          "(start a new --out to change them)")
     if (steps := stored["train_config"]["steps"]) != cfg.steps:
@@ -568,7 +583,7 @@ def parse_args(argv: list[str] | None):
     if args.stop_at is not None and args.stop_at < 1:
         p.error("--stop-at must be >= 1")
     check_scale_out(p, args)
-    args.out = args.out or Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
+    args.out = args.out if args.out is not None else Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -605,9 +620,19 @@ def main(argv=None):
         init_distributed()  # several JAX processes: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     try:
         make_backend = backend_factory(args.backend, run, args.compile or None, args.mesh, args.parallel)
-        summary = Loop(run, make_backend, progress=not args.quiet)()
+        with lock_run(run.out) if is_main_process() else contextlib.nullcontext():
+            if is_main_process():
+                recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
+                if latest_checkpoint(run.out) != resumed_checkpoint(args)[0]:
+                    raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
+            summary = Loop(run, make_backend, progress=not args.quiet)()
     except NonFiniteError as e:
         fail(str(e), 1)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise ResourceError(f"the {args.backend} training job ran out of memory at batch {run.cfg.batch_size} x "
+                                f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e
+        raise
     finally:
         if args.parallel:
             import torch.distributed as dist

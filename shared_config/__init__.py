@@ -7,6 +7,7 @@ from .io import (
     atomic_dir,
     atomic_write,
     check_layout,
+    check_size,
     check_weights,
     load_checkpoint,
     np_dtype,
@@ -22,7 +23,7 @@ from .train_config import TrainConfig, decays, load_train_config, lr_factor, tra
 
 __all__ = [
     "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "TrainConfig", "atomic_dir", "atomic_write",
-    "check_layout", "check_weights", "decays", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
+    "check_layout", "check_size", "check_weights", "decays", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
     "load_checkpoint", "load_spec", "load_train_config", "lr_factor", "model_layout", "np_dtype", "parse_overrides",
     "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "spec_from_json",
     "split_qkv", "synthetic_batch", "train_preset_names",

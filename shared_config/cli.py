@@ -1,22 +1,43 @@
-"""What every command-line tool shares: one-line errors on stderr, exit code 2, no traceback unless --debug."""
+"""What every command-line tool shares: one-line errors on stderr, no traceback unless --debug, exit codes:
+
+    0  success
+    1  the job ran and failed on its own terms (train.py: a non-finite loss or gradient)
+    2  bad input: arguments, a spec, a config, a checkpoint or data file that breaks a rule
+    3  the environment: out of memory (or a job estimated not to fit), a full disk or a write that failed,
+       a run directory locked by another process
+    130 / 143  interrupted by SIGINT / SIGTERM, after the partial outputs were removed
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from typing import Callable
 
 from .data import DataError
 from .io import CheckpointError
+from .limits import LimitError
+from .resources import ResourceError, is_out_of_memory
 from .spec import SpecError
+
+BAD_INPUT, ENVIRONMENT = 2, 3
+MAX_MESSAGE = 2000  # characters of an error line; the rest is cut (a message quoting a hostile file stays short)
 
 
 class UsageError(ValueError):
     """Bad command-line input that argparse itself cannot see (a bad combination, a missing file)."""
 
 
-USER_ERRORS = (SpecError, CheckpointError, DataError, UsageError, FileNotFoundError, IsADirectoryError, PermissionError)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp files, half-built directories) runs."""
+
+
+USER_ERRORS = (
+    SpecError, CheckpointError, DataError, UsageError, LimitError, FileNotFoundError, FileExistsError,
+    IsADirectoryError, NotADirectoryError, PermissionError,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,18 +51,42 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message: str, code: int = 2):
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+def fail(message: str, code: int = BAD_INPUT):
+    text = " ".join(str(message).split())
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
+    print(f"error: {text}", file=sys.stderr)
     sys.exit(code)
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main`; user errors become one `error:` line and exit code 2 (traceback with --debug)."""
+    """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         sys.exit(main(argv) or 0)
     except USER_ERRORS as e:
-        if "--debug" in argv:
-            traceback.print_exc()
+        _debug(argv)
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         fail(msg)
+    except ResourceError as e:
+        _debug(argv)
+        fail(str(e), ENVIRONMENT)
+    except KeyboardInterrupt as e:
+        _debug(argv)
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        _debug(argv)
+        fail(f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})", ENVIRONMENT)
+
+
+def _debug(argv) -> None:
+    if "--debug" in argv:
+        traceback.print_exc()

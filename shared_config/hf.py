@@ -26,6 +26,7 @@ from .io import (
     spec_from_metadata,
 )
 from .layout import group_names
+from .limits import quote
 from .spec import ModelSpec, SpecError, load_spec
 
 # model_type -> architecture; Qwen3 is Llama with qk-norm.
@@ -106,9 +107,13 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     model_type = _model_type(config, path)
     for key, value in CONFIG_REQUIRED.items():
         if config.get(key, value) != value:
-            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
-    if other := sorted(set(config.get("layer_types") or []) - {"full_attention"}):
-        raise CheckpointError(f"{path}: layer_types {other} are not supported (only full_attention)")
+            raise CheckpointError(f"{path}: {key}={quote(config[key])} is not supported (only {value!r})")
+    layer_types = config.get("layer_types")
+    layer_types = [] if layer_types is None else layer_types
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise CheckpointError(f"{path}: layer_types must be a list of strings, got {quote(layer_types)}")
+    if other := sorted(set(layer_types) - {"full_attention"}):
+        raise CheckpointError(f"{path}: layer_types {quote(other)} are not supported (only full_attention)")
     if missing := [k for k in CONFIG_KEYS.values() if k not in config and k not in CONFIG_DEFAULTS]:
         raise CheckpointError(f"{path}: missing keys: {', '.join(missing)}")
     fields = {field: config.get(key, CONFIG_DEFAULTS.get(key)) for field, key in CONFIG_KEYS.items()}
@@ -121,10 +126,10 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
 def _model_type(config: Mapping[str, Any], path) -> str:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported (only {', '.join(ARCHITECTURES)})")
+        raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only {', '.join(ARCHITECTURES)})")
     if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
         raise CheckpointError(
-            f"{path}: architectures {config['architectures']} is not supported for model_type "
+            f"{path}: architectures {quote(config['architectures'])} is not supported for model_type "
             f"{model_type} (only ['{ARCHITECTURES[model_type]}'])"
         )
     return model_type
@@ -132,31 +137,32 @@ def _model_type(config: Mapping[str, Any], path) -> str:
 
 def _rope(config: Mapping[str, Any], path) -> dict[str, Any]:
     """RoPE spec fields from `rope_parameters` (transformers 5.x) or top-level `rope_theta`/`rope_scaling` (4.x)."""
-    new, scaling = config.get("rope_parameters"), config.get("rope_scaling") or {}
+    new, scaling = config.get("rope_parameters"), config.get("rope_scaling")
+    scaling = {} if scaling is None else scaling  # null: no scaling; 0, "" or false are not read as null
     old = {**_mapping(scaling, "rope_scaling", path), "rope_theta": config.get("rope_theta", 10000.0)}
     fields = _rope_fields(_mapping(new, "rope_parameters", path) if new is not None else old, path)
     if new is not None and ("rope_theta" in config or scaling) and _rope_fields(old, path) != fields:
         # transformers 4.x and 5.x would build different models from this file
-        raise CheckpointError(f"{path}: rope_parameters {new} disagree with rope_theta/rope_scaling {old}")
+        raise CheckpointError(f"{path}: rope_parameters {quote(new)} disagree with rope_theta/rope_scaling {quote(old)}")
     return fields
 
 
 def _mapping(value: Any, key: str, path) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise CheckpointError(f"{path}: {key} must be a JSON object, got {value!r}")
+        raise CheckpointError(f"{path}: {key} must be a JSON object, got {quote(value)}")
     return value
 
 
 def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
     # an unknown key (partial_rotary_factor, per-layer-type parameters, ...) would change what is computed
     if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
-        raise CheckpointError(f"{path}: RoPE parameters {unknown} are not supported")
+        raise CheckpointError(f"{path}: RoPE parameters {quote(unknown)} are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
     fields = {"rope_theta": params.get("rope_theta", 10000.0), "rope_scaling": "none"}
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
-        raise CheckpointError(f"{path}: RoPE scaling rope_type={rope_type!r} is not supported (only default, llama3)")
+        raise CheckpointError(f"{path}: RoPE scaling rope_type={quote(rope_type)} is not supported (only default, llama3)")
     if missing := [k for k in LLAMA3_KEYS.values() if k not in params]:
         raise CheckpointError(f"{path}: llama3 RoPE scaling is missing {', '.join(missing)}")
     return {**fields, "rope_scaling": "llama3", **{f: params[k] for f, k in LLAMA3_KEYS.items()}}

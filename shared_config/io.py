@@ -7,9 +7,10 @@ A checkpoint is one `.safetensors` file of the tensors in `layout(spec)`, with t
 from __future__ import annotations
 
 import contextlib
-import json
+import glob
 import math
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .layout import group_names, layout
-from .spec import ModelSpec, load_spec
+from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote, read_capped
+from .resources import GB, ResourceError, layout_size
+from .spec import ModelSpec, SpecError, load_spec
 
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -50,7 +53,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -60,18 +63,24 @@ def _umask() -> int:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp)` on a temp file beside `path`, fsync, then rename it into place.
 
-    On any failure the temp file is removed and `path` is left exactly as it was.
+    On any failure the temp file is removed and `path` is left exactly as it was; a failure while
+    writing (a full disk, a file size limit) is a ResourceError naming `path`. Temp files that a killed
+    earlier write to `path` left behind are removed first. The file gets the umask's permissions.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private to its writer
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with write_errors(path):
+            write(tmp)
+            # after writing: some writers (safetensors' save_file) replace the file, dropping earlier modes;
+            # mkstemp's 0600 would make the result private to its writer
+            os.chmod(tmp, 0o666 & ~umask())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -79,25 +88,108 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside `path`; rename it into place on success."""
+    """Build a directory under a temporary name beside `path`; rename it into place on success.
+
+    A replace (`overwrite`) moves the old directory aside to `.NAME.old` and deletes it only once the
+    new one is in place: a crash at any instant leaves either the old or the new directory at `path`,
+    or the old one at `.NAME.old`, which the next write to `path` (or `recover`) puts back.
+    """
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
+    recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    old = _old(path)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # as for files: mkdtemp's 0700 is for scratch space
-        yield tmp
-        if path.exists() and overwrite:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists():  # put the previous directory back rather than delete it below
-                os.replace(old, path)
-            raise
+        with write_errors(path, library=False):  # the body's own errors pass; what it writes maps its own
+            os.chmod(tmp, 0o777 & ~umask())  # as for files: mkdtemp's 0700 is for scratch space
+            yield tmp
+            if path.exists() and overwrite:
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old.exists():  # put the previous directory back rather than delete it below
+                    os.replace(old, path)
+                raise
         _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
+    except ResourceError as e:  # name the destination, not the temporary directory the user never sees
+        raise ResourceError(str(e).replace(str(tmp), str(path))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def temp_prefix(path: Path) -> str:
+    """`.NAME.PID.`: the temp names of a write to `path` carry the writer's process id (see `remove_stale`)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale(path: Path) -> None:
+    """Delete the temp files and directories of earlier writes to `path` whose process is gone (killed)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def recover(path: str | Path) -> None:
+    """Undo what a write to `path` killed midway left: put a directory moved aside by a replace back (or delete
+    it if the new one made it into place), and delete stale temps."""
+    path, old = Path(path), _old(Path(path))
+    if old.is_dir() and not old.is_symlink():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the replace finished; only the deletion was cut short
+        else:
+            os.replace(old, path)  # cut between the two renames: the old copy is the only one
+    remove_stale(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def write_errors(path: Path, library: bool = True) -> Iterator[None]:
+    """Errors while writing `path` as one ResourceError naming it: OSError (a full disk, a file size limit) and,
+    with `library`, what the writers raise for them (SafetensorError, torch's RuntimeError, Orbax's ValueError).
+    The project's own errors pass through."""
+    try:
+        yield
+    except (CheckpointError, ResourceError, SpecError):
+        raise
+    except OSError as e:
+        raise ResourceError(f"{path}: cannot write: {e.strerror or e}{_space(path)}") from e
+    except (SafetensorError, RuntimeError, ValueError) as e:
+        if not library:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ResourceError(f"{path}: cannot write: {first[:300]}{_space(path)}") from e
+
+
+def _space(path: Path) -> str:
+    """Why a write may have failed, in words a library's message does not give ("unexpected pos 164672")."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f" (this process may write files of at most {limit:,} bytes, RLIMIT_FSIZE)"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+        if free < 64 * 2**20:
+            return f" (the disk has {free:,} bytes free)"
+    return ""
 
 
 # --- reading and checking -----------------------------------------------------------------------
@@ -105,22 +197,28 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
+# dtypes safetensors knows that its numpy reader cannot load (numpy has no such type): refused by name
+UNREADABLE = {d: "numpy has no float8; convert the weights to F32, F16 or BF16 first" for d in
+              ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ")}
+UNREADABLE.update({d: "numpy has no 4- or 6-bit floats" for d in ("F4", "F6_E2M3", "F6_E3M2")})
 
 
 def read_json(path: str | Path) -> dict:
     """A JSON object from a file (config.json, an index, a run's state.json); a missing or bad one is a
     CheckpointError naming it."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(read_capped(path, MAX_JSON_BYTES, "JSON file"), path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a JSON file") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except ValueError as e:  # bad or too deep JSON, bytes that are not UTF-8, a file over the limit
+        raise CheckpointError(str(e)) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
     return data
@@ -140,10 +238,12 @@ def read_header(path: Path) -> dict:
             raise ValueError(f"header length {n} is larger than the file ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = parse_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError("header is not UTF-8") from None
-    except json.JSONDecodeError as e:
+    except LimitError as e:
+        raise ValueError(f"header: {e}") from None
+    except ValueError as e:
         raise ValueError(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
@@ -161,16 +261,21 @@ def _check_spans(header: dict, data_size: int) -> None:
             continue
         e = e if isinstance(e, dict) else {}
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        name = quote(name)[1:-1]
+        if dtype in UNREADABLE:
+            raise ValueError(f"tensor '{name}': dtype {dtype} is not supported ({UNREADABLE[dtype]})")
         if dtype not in DTYPE_SIZES:
-            raise ValueError(f"tensor '{name}': unknown dtype {dtype!r}")
+            raise ValueError(f"tensor '{name}': unknown dtype {quote(dtype)}")
         if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
-            raise ValueError(f"tensor '{name}': shape {shape} and data_offsets {offsets} must be lists of ints >= 0")
+            raise ValueError(
+                f"tensor '{name}': shape {quote(shape)} and data_offsets {quote(offsets)} must be lists of ints >= 0"
+            )
         where = f"tensor '{name}': data_offsets {offsets}"
         (begin, end), nbytes = offsets, math.prod(shape) * DTYPE_SIZES[dtype]
         if end > data_size:
             raise ValueError(f"{where} run past the end of the data ({data_size} bytes)")
         if end - begin != nbytes:
-            raise ValueError(f"{where} hold {end - begin} bytes, shape {shape} {dtype} needs {nbytes}")
+            raise ValueError(f"{where} hold {end - begin} bytes, shape {quote(shape)} {dtype} needs {nbytes}")
         spans.append((begin, end, where))
     covered = 0
     for begin, end, where in sorted(spans):
@@ -202,8 +307,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
 def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
     """A spec stored as JSON (file metadata, `spec.json`); a bad one is a CheckpointError naming `path`."""
     try:
-        return ModelSpec.from_dict(json.loads(text))  # a mapping only: not a preset name or a path
-    except ValueError as e:  # JSON, UTF-8 and spec errors are all ValueErrors
+        return ModelSpec.from_dict(parse_json(text))  # a mapping only: not a preset name or a path
+    except ValueError as e:  # JSON, UTF-8, limit and spec errors are all ValueErrors
         raise CheckpointError(f"{path}: invalid {what}: {e}") from None
 
 
@@ -223,6 +328,19 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
         diff = "; ".join(f"{k}: file {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k])
         raise CheckpointError(f"{path}: spec in the file disagrees with the given spec: {diff}")
     return spec
+
+
+def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
+    """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
+    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes."""
+    tensors, params, _ = layout_size(spec)
+    if fused and spec.fused_qkv:
+        tensors -= 2 * spec.L
+    if tensors > 2 * found + 64:
+        raise CheckpointError(
+            f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
+            f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
+        )
 
 
 def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -258,7 +376,8 @@ def check_tensors(
     if not_float := [n for n in shapes if n in tensors and not is_float(tensors[n])]:
         problems.append(f"non-float dtypes: {', '.join(f'{n} ({tensors[n].dtype})' for n in not_float)}")
     elif not allow_nonfinite:
-        bad = [n for n in shapes if n in tensors and not np.isfinite(tensors[n].astype(np.float32)).all()]
+        with np.errstate(over="ignore", invalid="ignore"):  # a float64 past float32's range: reported below, not warned
+            bad = [n for n in shapes if n in tensors and not np.isfinite(tensors[n].astype(np.float32)).all()]
         if bad:
             problems.append(f"non-finite values (NaN/Inf) in: {group_names(bad)}")
     if problems:
@@ -268,7 +387,8 @@ def check_tensors(
 def check_weights(
     weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
 ) -> None:
-    """Check canonical `weights` against `layout(spec)` (check_tensors)."""
+    """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_size)."""
+    check_size(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
 
@@ -280,7 +400,8 @@ def load_checkpoint(
     spec = resolve_spec(spec_from_metadata(meta, path), spec, path)
     check_weights(weights, spec, path, allow_nonfinite)
     dtype = np_dtype(spec.param_dtype)
-    return {t.name: weights[t.name].astype(dtype, copy=False) for t in layout(spec)}, spec
+    with np.errstate(over="ignore"):  # allow_nonfinite: a float64 past float32's range becomes inf, as asked
+        return {t.name: weights[t.name].astype(dtype, copy=False) for t in layout(spec)}, spec
 
 
 def save_checkpoint(

@@ -3,6 +3,7 @@
     OUT/run.json                  spec, train config, data and command of the run, written at its start
     OUT/metrics.jsonl             one JSON object per line: {"kind": "train" | "eval", "step": ..., ...}
     OUT/tokenizer.json            the data's tokenizer, when it has one
+    OUT/.lock                     the PID of the one process writing the run (an flock while it runs)
     OUT/step-00000200/            one checkpoint, built under a temporary name and renamed whole
         model.safetensors         the canonical weights, spec in the metadata (either twin, convert.py, generate.py)
         optimizer.safetensors     AdamW's moments by canonical name: "m.<name>", "v.<name>"
@@ -14,21 +15,25 @@ A checkpoint's `step` is the number of updates applied; the next batch is `batch
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from .io import (
-    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_json, read_safetensors,
-    save_checkpoint,
+    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_header, read_json,
+    read_safetensors, recover, save_checkpoint, spec_from_json, umask, write_errors,
 )
 from .layout import layout
+from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote
+from .resources import ResourceError
 from .spec import ModelSpec
 
 CHECKPOINT = re.compile(r"step-(\d{8})")
@@ -59,24 +64,88 @@ def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, i
     with atomic_dir(path, overwrite=True) as tmp:
         save_checkpoint(tmp / "model.safetensors", train_state["weights"], spec)
         moments = {f"{key}.{name}": np.ascontiguousarray(x) for key in MOMENTS for name, x in train_state[key].items()}
-        save_file(moments, tmp / "optimizer.safetensors", metadata={"format": "twinlm-adamw", "step": str(step)})
+        with write_errors(tmp / "optimizer.safetensors"):
+            save_file(moments, tmp / "optimizer.safetensors", metadata={"format": "twinlm-adamw", "step": str(step)})
+        os.chmod(tmp / "optimizer.safetensors", 0o666 & ~umask())  # save_file creates it 0600
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     return path
 
 
+def read_state(path: str | Path) -> dict:
+    """state.json of a checkpoint directory, checked against the other copies of what it records: its spec must
+    equal model.safetensors' and its step optimizer.safetensors' and its data position's (only headers are read).
+    An edited copy is refused, naming both values, rather than trained on with another architecture."""
+    path = Path(path)
+    state_file = path / "state.json"
+    info = read_json(state_file)
+    if not isinstance(info.get("step"), int) or isinstance(info["step"], bool) or info["step"] < 0:
+        raise CheckpointError(f"{state_file}: 'step' must be an integer >= 0")
+    for key in ("spec", "train_config", "data", "data_position"):
+        if key in info and not isinstance(info[key], dict):
+            raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
+    if "spec" in info:
+        state_spec = spec_from_json(json.dumps(info["spec"]), state_file, "spec")
+        model_spec = spec_from_json(_metadata(path / "model.safetensors").get("spec", "null"),
+                                    path / "model.safetensors", "spec in metadata")
+        if diffs := _differences(state_spec.to_dict(), model_spec.to_dict()):
+            raise CheckpointError(f"{path}: state.json and model.safetensors record different specs: "
+                                  + "; ".join(f"{k}: state.json {a} vs model.safetensors {b}" for k, a, b in diffs))
+    position = info.get("data_position", {})
+    copies = {"optimizer.safetensors": _metadata(path / "optimizer.safetensors").get("step")}
+    if "step" in position:
+        copies["state.json data_position"] = position["step"]
+    for where, step in copies.items():
+        if str(step) != str(info["step"]):
+            raise CheckpointError(f"{path}: {where} is at step {str(step)[:40]}, state.json at {info['step']}")
+    if "seed" in position and position["seed"] != info.get("train_config", {}).get("seed"):
+        raise CheckpointError(f"{state_file}: data_position seed {quote(position.get('seed'))} vs train_config seed "
+                              f"{quote(info['train_config'].get('seed'))}")
+    check_run_json(path.parent / "run.json", info, state_file)
+    return info
+
+
+def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
+    """The run's run.json (when there is one) and a checkpoint's state.json record the same spec, data and train
+    config, but `steps` (which --resume may change)."""
+    if not run_json.is_file():
+        return
+    run = read_json(run_json)
+    for key in ("spec", "train_config", "data"):
+        if key not in info:
+            continue
+        if not isinstance(run.get(key), dict):
+            raise CheckpointError(f"{run_json}: missing {key}")
+        skip = ("steps",) if key == "train_config" else ("source",) if key == "data" else ()
+        # data's floats (the entropy rate) are recomputed by each process: never compared for identity
+        a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
+                for d in (run[key], info[key]))
+        if diffs := _differences(a, b):
+            raise CheckpointError(f"{state_file}: disagrees with {run_json}: "
+                                  + "; ".join(f"{key} {k}: run.json {x} vs state.json {y}" for k, x, y in diffs))
+
+
+def _differences(a: dict, b: dict) -> list[tuple[str, str, str]]:
+    return [(k, quote(a.get(k)), quote(b.get(k))) for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        return read_header(path).get("__metadata__") or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from None
+
+
 def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
     """The canonical train state, the spec and state.json of a checkpoint directory, everything checked."""
     path = Path(path)
-    info = read_json(path / "state.json")
-    if not isinstance(info.get("step"), int) or info["step"] < 0:
-        raise CheckpointError(f"{path / 'state.json'}: 'step' must be an integer >= 0")
+    info = read_state(path)
     weights, spec = load_checkpoint(path / "model.safetensors")
     moments, meta = read_safetensors(path / "optimizer.safetensors")
     check_moments(moments, spec, path / "optimizer.safetensors")
-    if meta.get("step") != str(info["step"]):
-        raise CheckpointError(f"{path}: optimizer.safetensors is at step {meta.get('step')}, state.json at {info['step']}")
     state = {"step": info["step"], "weights": weights}
     state.update({key: {t.name: moments[f"{key}.{t.name}"] for t in layout(spec)} for key in MOMENTS})
     return state, spec, info
@@ -106,23 +175,80 @@ def append_metrics(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Append one JSON line per record (whole lines, flushed, so a reader never sees half a record)."""
     text = "".join(json.dumps(r) + "\n" for r in records)
     if text:
-        with open(path, "a") as f:
+        with write_errors(Path(path)), open(path, "a") as f:
             f.write(text)
             f.flush()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file; a last line cut short by a crash is skipped."""
+    """The records of a metrics.jsonl file, read line by line; a last line cut short by a crash is skipped.
+
+    Any other line that is not a JSON object with an integer "step" is a CheckpointError naming the line:
+    a resumed run rewrites the file, and must not drop or choke on what it cannot read.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
+    records, cut = [], None  # cut: the number of a line that is not JSON, allowed only as the last line
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if cut is not None:
+                raise CheckpointError(f"{path}: line {cut}: not valid JSON (and not the last line, cut by a crash)")
+            if len(line) > MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: line {number} is over the {MAX_JSON_BYTES:,}-byte limit")
+            try:
+                record = parse_json(line)
+            except LimitError as e:
+                raise CheckpointError(f"{path}: line {number}: {e}") from None
+            except ValueError:
+                cut = number
+                continue
+            if not isinstance(record, dict):
+                raise CheckpointError(f"{path}: line {number}: a JSON object is expected, got {quote(record)}")
+            if "step" in record and (not isinstance(record["step"], int) or isinstance(record["step"], bool)):
+                raise CheckpointError(f"{path}: line {number}: step must be an integer, got {quote(record['step'])}")
+            records.append(record)
     return records
+
+
+@contextlib.contextmanager
+def lock_run(out: str | Path) -> Iterator[None]:
+    """Hold the run directory `out` (created if need be) for this process alone: an exclusive `flock` on
+    OUT/.lock, which holds the writer's PID. A second writer gets a ResourceError naming that PID. The OS drops
+    the lock when the process ends, however it ends (fcntl rather than the filelock package, whose open
+    truncates the file and so would erase the holder's PID)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ResourceError(f"{out}: the run directory is being written by another process (PID {holder}); "
+                            "wait for it to finish, or pass another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # the file stays: deleting it would let a waiting opener lock a file no longer there
+
+
+def recover_run_dir(out: str | Path) -> None:
+    """Remove what killed writers left in a run directory (call with the lock held): checkpoint directories
+    half-built under temporary names, a prune cut short (`.step-N.deleting`), temp files; a checkpoint moved
+    aside by a replace is put back."""
+    out = Path(out)
+    for path in list(out.iterdir()) if out.is_dir() else []:
+        if path.name.endswith(".deleting") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".") and path.name.endswith(".old"):
+            recover(out / path.name[1:].removesuffix(".old"))
+    for name in {p.name[1:].removesuffix(".tmp").rsplit(".", 2)[0] for p in out.glob(".*.*.*.tmp")}:
+        recover(out / name)  # temps are named .NAME.PID.RANDOM.tmp
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:

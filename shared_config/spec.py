@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from .limits import MAX_YAML_BYTES, LimitError, parse_yaml, quote, read_capped
+
 SPECS_DIR = Path(__file__).parent / "specs"
 
 
@@ -154,9 +156,10 @@ def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
     """Reject unknown keys, suggesting the closest valid one."""
     for key in d:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            shown = quote(str(key))[1:-1]  # a hostile key may be megabytes long
+            close = difflib.get_close_matches(str(key)[:100], valid, n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(valid)}"
-            raise SpecError(f"unknown {what} key '{key}'{hint}")
+            raise SpecError(f"unknown {what} key '{shown}'{hint}")
 
 
 def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] = CHOICES) -> Any:
@@ -166,7 +169,7 @@ def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] =
         return None
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{name}={value!r} must be an integer")
+            raise SpecError(f"{name}={quote(value)} must be an integer")
         return value
     if kind == "float":
         if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
@@ -175,17 +178,17 @@ def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] =
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(f"{name}={value!r} must be a finite number")
+            raise SpecError(f"{name}={quote(value)} must be a finite number")
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
-            raise SpecError(f"{name}={value!r} must be true or false")
+            raise SpecError(f"{name}={quote(value)} must be true or false")
         return value
     if not isinstance(value, str):
-        raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
+        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
     value = ALIASES.get(name, {}).get(value, value)
     if value not in choices[name]:
-        raise SpecError(f"{name}={value!r} must be one of {', '.join(choices[name])}")
+        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
     return value
 
 
@@ -216,13 +219,16 @@ def _check_rules(s: ModelSpec) -> None:
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
-    """Read a YAML mapping, turning parse errors into one-line errors."""
+    """Read a YAML mapping within the limits of `shared_config.limits` (size, nesting, aliases), turning parse
+    errors into one-line errors."""
     try:
-        d = yaml.safe_load(Path(source).read_text())
+        d = parse_yaml(read_capped(source, MAX_YAML_BYTES, f"{what} file").decode("utf-8"))
     except OSError as e:
         raise SpecError(f"cannot read {what} file {source}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{what} file {source} is not UTF-8 text") from None
+    except LimitError as e:
+        raise SpecError(f"{what} file {source}: {str(e).removeprefix(f'{source}: ')}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{what} file {source} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
@@ -263,9 +269,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SpecError(f"--set {item!r} must look like key=value")
+            raise SpecError(f"--set {quote(item)} must look like key=value")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            raise SpecError(f"--set {item!r}: the value is not a YAML scalar") from None
+            out[key.strip()] = parse_yaml(value) if value.strip() else value
+        except (yaml.YAMLError, LimitError):
+            raise SpecError(f"--set {quote(item)}: the value is not a YAML scalar") from None
     return out

@@ -13,6 +13,7 @@ from shared_config import (
     ModelSpec,
     atomic_write,
     check_layout,
+    check_size,
     check_weights,
     load_checkpoint,
     load_spec,
@@ -21,6 +22,8 @@ from shared_config import (
     save_checkpoint,
     spec_from_json,
 )
+
+from shared_config.limits import quote
 
 from .model import Transformer
 from .weights import get_weights, set_weights, to_canonical, to_state_dict
@@ -69,6 +72,7 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
     file_spec, state_dict = _unwrap(obj, path)
     spec = resolve_spec(file_spec, spec, path)
+    check_size(len(state_dict), spec, path, fused=True)  # before the layout table of a spec claiming 10^7 layers
     check_layout(state_dict, {t.name: t.shape for t in model_layout(spec)}, path)
     return to_canonical(state_dict, spec), spec
 
@@ -81,4 +85,25 @@ def _unwrap(obj, path: Path) -> tuple[ModelSpec | None, dict[str, torch.Tensor]]
         file_spec = None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(f'{path}: holds neither a state dict (name -> tensor) nor {{"spec", "state_dict"}}')
+    odd = [f"{quote(k)[1:-1]} ({_kind(v)})" for k, v in obj.items() if _kind(v)]
+    if odd:
+        raise CheckpointError(f"{path}: only dense tensors of numpy dtypes are read; not {', '.join(odd[:8])}")
     return file_spec, obj
+
+
+def _kind(x: torch.Tensor) -> str | None:
+    """What makes a tensor unreadable as a numpy array (sparse, quantized, a float8 dtype, ...), else None."""
+    if x.layout != torch.strided:
+        return f"layout {x.layout}"
+    if x.is_quantized or x.is_meta or x.is_nested:
+        return "quantized" if x.is_quantized else "meta" if x.is_meta else "nested"
+    if x.dtype not in NUMPY_DTYPES:
+        return f"dtype {x.dtype}"
+    return None
+
+
+# torch dtypes with a numpy counterpart (bfloat16 through ml_dtypes, see to_numpy)
+NUMPY_DTYPES = (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.bool,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+)

@@ -1,0 +1,105 @@
+"""Bounds on what the project reads from files a user hands it (stdlib only, so every module may import it).
+
+Text files read whole (JSON, YAML) are capped in size, their nesting is bounded, YAML aliases are
+counted, and any value quoted in an error message is shortened. Each limit is far above what a real
+file holds, and low enough that a hostile file is refused in about the time a normal start-up takes.
+The README's "Bad input, limits and failures" lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import reprlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_JSON_BYTES = 64 * 2**20  # config.json, a shard index, state.json, spec.json, meta.json, a metrics.jsonl line
+MAX_YAML_BYTES = 1 * 2**20  # a spec or train config: a flat mapping of a few dozen keys
+MAX_NESTING = 64  # JSON/YAML containers inside containers (real files nest 3 deep)
+MAX_YAML_ALIASES = 100  # `*name` references in one YAML document ("billion laughs" expands them exponentially)
+MAX_QUOTED = 80  # characters of a value quoted in an error message
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = MAX_QUOTED
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+_repr.maxlevel = 3
+
+
+class LimitError(ValueError):
+    """A file or value past one of the limits above; the message names the file, the limit and what was found."""
+
+
+def quote(value: Any) -> str:
+    """`repr(value)` shortened to about MAX_QUOTED characters, without walking more of `value` than it shows."""
+    return _repr.repr(value)
+
+
+def read_capped(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a file that is read whole, refused (LimitError) past `limit` bytes before any is read."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise LimitError(f"{path}: the {what} is {size:,} bytes, over the {limit:,}-byte limit")
+        data = f.read(size + 1)  # read(n) allocates n bytes first; a file that grew meanwhile is caught below
+    if len(data) > limit:
+        raise LimitError(f"{path}: the {what} is over the {limit:,}-byte limit")
+    return data
+
+
+def parse_json(text: str | bytes, where: str | Path | None = None) -> Any:
+    """`json.loads` with nesting bounded (MAX_NESTING); errors are ValueErrors ("WHERE: not valid JSON: ...", or
+    the parser's message alone without `where`), a LimitError past the nesting bound, never a RecursionError."""
+    prefix = f"{where}: " if where is not None else ""
+    try:
+        data = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)  # UTF-8 only, not JSON's guess
+    except RecursionError:
+        raise LimitError(f"{prefix}JSON nested deeper than {MAX_NESTING} levels") from None
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise ValueError(f"{prefix}not valid JSON: {e}" if prefix else str(e)) from None
+    if depth(data) > MAX_NESTING:
+        raise LimitError(f"{prefix}JSON nested deeper than {MAX_NESTING} levels")
+    return data
+
+
+def depth(x: Any, limit: int = MAX_NESTING) -> int:
+    """Nesting depth of lists/dicts in `x`, counted without recursion and stopping once past `limit`."""
+    deepest, stack = 0, [(x, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, d + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses documents nested deeper than MAX_NESTING or with more than MAX_YAML_ALIASES
+    aliases, as it composes them (before any structure is built)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth, self._aliases = 0, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise LimitError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise LimitError(f"YAML nested deeper than {MAX_NESTING} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML)."""
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader subclass)

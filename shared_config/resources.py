@@ -1,0 +1,106 @@
+"""What a spec costs before anything is built: tensor counts and bytes computed arithmetically, the memory
+a command will need, the memory this machine grants, and which library errors mean "out of memory".
+
+A spec claiming a billion layers or a trillion-token vocabulary is refused here in microseconds, where
+`layout(spec)` or an allocation would take minutes and the machine's memory first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from pathlib import Path
+
+from .layout import layout
+from .spec import ModelSpec, SpecError
+
+GB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class ResourceError(RuntimeError):
+    """The machine cannot do what was asked (memory, disk, a lock held by another process): exit code 3."""
+
+
+def layout_size(spec: ModelSpec) -> tuple[int, int, int]:
+    """(tensors, parameters, largest tensor's parameters) of `layout(spec)`, from the layout of one layer times
+    `n_layers` (blocks are alike), so that a spec claiming 10^7 layers is sized without building 10^7 entries."""
+    try:
+        one = layout(spec.replace(n_layers=1))
+    except SpecError:  # a rule that needs several layers: the full table (a valid spec's is small enough)
+        one, blocks = layout(spec), 1
+    else:
+        blocks = spec.L
+    block = [math.prod(t.shape) for t in one if t.name.startswith("model.layers.")]
+    rest = [math.prod(t.shape) for t in one if not t.name.startswith("model.layers.")]
+    return len(rest) + blocks * len(block), sum(rest) + blocks * sum(block), max(block + rest)
+
+
+def weights_bytes(spec: ModelSpec) -> int:
+    """Bytes of the canonical weights in the spec's param dtype."""
+    return layout_size(spec)[1] * DTYPE_BYTES[spec.param_dtype]
+
+
+def init_bytes(spec: ModelSpec) -> int:
+    """Peak bytes of drawing and saving a checkpoint: the weights, a float64 draw of the largest tensor and its
+    float32 copy, and the serialised copy the safetensors writer builds."""
+    _, _, largest = layout_size(spec)
+    return 2 * weights_bytes(spec) + 12 * largest
+
+
+def train_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+    """A lower bound on the host bytes of one training job: weights, gradients and AdamW's two moments in float32
+    in the framework plus the numpy copies of weights and moments (8 copies), and, on a machine without an
+    accelerator, the activations kept for the backward pass (per layer about 12 D + 3 F values per token and the
+    [H, T, T] attention weights, then logits). On an accelerator they live in its memory, which the frameworks
+    report themselves when it runs out (`is_out_of_memory`)."""
+    _, params, _ = layout_size(spec)
+    tokens = batch * seq
+    per_layer = tokens * (12 * spec.D + 3 * spec.F) + batch * spec.H * seq * seq
+    activations = 0 if accelerator_present() else spec.L * per_layer + 3 * tokens * spec.V
+    return 4 * (8 * params + activations)
+
+
+def accelerator_present() -> bool:
+    """Whether this machine has a GPU or TPU device node, found without importing a framework."""
+    return any(next(Path("/dev").glob(pattern), None) for pattern in ("nvidia[0-9]*", "accel[0-9]*", "kfd"))
+
+
+def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+    """A lower bound on the host bytes of a forward or decode job: the weights twice (numpy and the framework's
+    copy) and, without an accelerator, the float32 logits with their softmax."""
+    return 2 * weights_bytes(spec) + (0 if accelerator_present() else 4 * 2 * batch * seq * spec.V)
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes this process may use, where that figure comes from): the least of the physical memory, the cgroup's
+    limit and the process's RLIMIT_AS / RLIMIT_DATA."""
+    found = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of memory on this machine")]
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            found.append((int(Path(cgroup).read_text()), "of memory in this container (cgroup limit)"))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    for name in ("RLIMIT_AS", "RLIMIT_DATA"):
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY:
+            found.append((soft, f"allowed to this process ({name})"))
+    return min(found)
+
+
+def check_memory(need: int, job: str, hint: str) -> None:
+    """Refuse (ResourceError) a job whose estimated `need` in bytes is above the memory this process may use."""
+    have, where = machine_memory()
+    if need > have:
+        raise ResourceError(f"{job} needs about {need / GB:,.1f} GiB of memory, {have / GB:,.1f} GiB {where}; {hint}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for the ways numpy, torch (CPU and CUDA) and XLA report an allocation that failed."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, (RuntimeError, ValueError)) and any(
+        s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "can't allocate memory")
+    )
