@@ -623,7 +623,7 @@ def main(argv=None):
         with lock_run(run.out) if is_main_process() else contextlib.nullcontext():
             if is_main_process():
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
-                if latest_checkpoint(run.out) != resumed_checkpoint(args)[0]:
+                if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
             summary = Loop(run, make_backend, progress=not args.quiet)()
     except NonFiniteError as e:
