@@ -56,3 +56,30 @@ def test_parity_report_passes_stage_by_stage_for_gla(tmp_path):
     stages = [r["stage"] for r in rows["rows"]] if isinstance(rows, dict) else [r["stage"] for r in rows]
     assert code in (0, None) and any("self_attn.gk_proj.1.bias" in s for s in stages)
     assert any("attn_out" in s for s in stages)
+
+
+def test_the_gla_norm_study_on_a_few_steps(tmp_path):
+    """--mixer gla runs the experiment's four variants on gla-tiny and judges the four criteria."""
+    small = [f"--set={kv}" for kv in ("batch_size=2", "seq_len=16", "warmup_steps=1")]
+    load_script("compare_norms").main(["--mixer", "gla", "--steps", "2", "--backends", "torch", "--out", str(tmp_path), *small])
+    report = json.loads((tmp_path / "norms.json").read_text())
+    assert list(report["results"]) == ["rms-pre", "dyt-pre", "rms-peri", "dyt-peri"]
+    assert json.loads((tmp_path / "runs" / "dyt-peri-torch" / "step-00000002" / "state.json").read_text())["spec"]["mixer"] == "gla"
+    criteria = [c["criterion"] for c in report["criteria"]]
+    for placement in ("pre", "peri"):
+        assert f"dyt-{placement} within 0.5 perplexity of rms-{placement}" in criteria
+        assert f"dyt-{placement} outputs distributed like rms-{placement}'s (mean TV ≤ 0.25)" in criteria
+    assert "no NaN/Inf in any run" in criteria and "lowest gradient-norm variance overall" in criteria
+    sites = report["results"]["dyt-peri"]["torch"]["outputs"]
+    assert "model.layers.1.self_attn.g_norm" in sites and "model.layers.0.mlp_output_norm" in sites
+    assert all(abs(sum(p) - 1) < 1e-9 for p in sites.values())
+
+
+def test_total_variation_of_the_output_histograms():
+    study = load_script("compare_norms")
+    p, q = [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]
+    rows = {"rms-pre": {"outputs": {"a": p, "b": p}}, "dyt-pre": {"outputs": {"a": p, "b": q}}}
+    (name, passed, detail), = study.output_criteria(rows)
+    assert passed is True and "mean TV 0.250 over 2 sites; worst b 0.500" in detail  # (0 + 0.5) / 2, at the bound
+    rows["dyt-pre"]["outputs"]["a"] = q
+    assert study.output_criteria(rows)[0][1] is False
