@@ -6,7 +6,8 @@ FLOPs per token, as nanoGPT and torchtitan count them (PaLM paper, appendix B):
 N is the number of weights that take part in a matmul: every Linear, plus the LM head (the
 token embedding when tied); the input embedding lookup is not a matmul and is excluded, as are
 norm and scalar parameters. The attention term counts q·kᵀ and p·v for all T keys (2·2·T·E per
-head per layer forward), without discounting the causal mask.
+head per layer forward), without discounting the causal mask. A GLA layer (mixer: gla) has no term in T:
+per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def flops_per_token(spec: ModelSpec, seq_len: int, mode: str) -> float:
 def flops_split(spec: ModelSpec, seq_len: int, mode: str) -> tuple[float, float]:
     """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards."""
     passes = 3 if mode == "train" else 1
+    if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
+        return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
     return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.E * seq_len
 
 

@@ -105,7 +105,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     import jax_model
 
     model = jax_model.Transformer(spec, rngs=nnx.Rngs(0), attention=attention)
-    kernel = model.model.layers[0].self_attn.attention
+    kernel = mixer_kernel(model.model.layers[0].self_attn)
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
     start = None
     if mode == "forward":
@@ -211,7 +211,7 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     sync, peak_mem = _torch_sync_and_mem(device)
     with device:
         model = torch_model.Transformer(spec, generator=None, attention=attention)
-    kernel = model.model.layers[0].self_attn.attention
+    kernel = mixer_kernel(model.model.layers[0].self_attn)
     batch = torch.as_tensor(tokens, device=device)
     start = None
     if mode == "forward":
@@ -303,3 +303,8 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
             return loss, grad_norm
     info = {"compile": compile_mode(compile, device), "model": type(model).__name__, "autocast": str(dtype)}
     return Bench(step, sync, "sdpa", peak_mem, info, start)
+
+
+def mixer_kernel(mixer) -> str:
+    """What a block's token mixer runs: the attention kernel, or GLA's chunkwise form and its chunk size."""
+    return mixer.attention if hasattr(mixer, "attention") else f"gla-chunk{mixer.chunk}"

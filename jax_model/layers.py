@@ -219,6 +219,10 @@ class LayerCache(NamedTuple):
     v_BSKE: jax.Array
     length: jax.Array  # int32 []: slots written so far, the same in every row
 
+    @property
+    def size(self) -> int:
+        return self.k_BSKE.shape[1]
+
     def write(self, k_BTKE, v_BTKE) -> LayerCache:
         """The cache with the next T slots written; `length` is traced, so one compiled step serves every position."""
         at = (0, self.length, 0, 0)
@@ -315,7 +319,7 @@ class Block(nnx.Module):
         self.placement = spec.norm_placement
         peri = spec.norm_placement == "peri"
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init)
-        self.self_attn = Attention(spec, attention, rngs=rngs)
+        self.self_attn = GLA(spec, rngs=rngs) if spec.mixer == "gla" else Attention(spec, attention, rngs=rngs)  # token mixer
         self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if peri else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec, rngs=rngs)
@@ -340,3 +344,6 @@ class Block(nnx.Module):
         if taps is not None:
             taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
         return x_BTD, cache
+
+
+from .gla import GLA  # noqa: E402  (gla.py builds on the classes above)

@@ -16,11 +16,13 @@ from flax import nnx
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 
 from .layers import DTYPES, ZEROS, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
+from .gla import GLAState
 from .weights import draw_weights
 
 
 class KVCache(NamedTuple):
-    """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded.
+    """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded
+    (a GLA layer holds its recurrent state instead: `GLAState`).
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
@@ -36,7 +38,7 @@ class KVCache(NamedTuple):
 
     @property
     def size(self) -> int:
-        return self.layers[0].k_BSKE.shape[1]
+        return self.layers[0].size
 
     def positions_and_mask(self, T: int):
         """Positions [B, T] of the next T tokens, and the slots each reads [B, T, S]: start_b ≤ s ≤ its own slot."""
@@ -130,6 +132,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"a cache of {size} slots must hold 1..max_seq_len={spec.max_seq_len}")
         shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
         layers = tuple(
+            GLAState.empty(spec, batch, size) if spec.mixer == "gla" else
             LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)

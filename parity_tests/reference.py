@@ -64,6 +64,8 @@ def rope(x, spec):
 
 
 def attention(x, w: dict, p: str, spec):
+    if spec.mixer == "gla":
+        return gla(x, w, p, spec)
     B, T, _ = x.shape
     H, K, E = spec.H, spec.K, spec.E
     q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, E)
@@ -135,3 +137,32 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -
         taps["model.norm"] = x
     head = w["model.embed_tokens.weight"] if spec.tie_embeddings else w["lm_head.weight"]
     return x @ head.T
+
+
+# --- Gated Linear Attention (mixer: gla) --------------------------------------------------------------
+def gla(x, w: dict, p: str, spec, S=None, valid=None):
+    """GLA (Yang et al. 2023, arXiv 2312.06635) by its recurrence, one token at a time, in float64:
+    log a_t = logsigmoid(gk_t) / normalizer, S_t = diag(a_t) S_{t-1} + k_t^T v_t, o_t = (q_t / sqrt(K')) S_t,
+    y_t = W_o concat_h(norm(o_t) * swish(g_t)). `S` [B, H, K', V'] the state before x (zero when None);
+    `valid` [B, T] False for padding tokens, which leave the state unchanged. With `S` given: (y, last state)."""
+    B, T, _ = x.shape
+    H = spec.n_heads
+    Kh, Vh = round(spec.gla_expand_k * spec.d_model) // H, round(spec.gla_expand_v * spec.d_model) // H
+    q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, Kh) / math.sqrt(Kh)
+    k = (x @ w[f"{p}.k_proj.weight"].T).reshape(B, T, H, Kh)
+    v = (x @ w[f"{p}.v_proj.weight"].T).reshape(B, T, H, Vh)
+    g = x @ w[f"{p}.g_proj.weight"].T
+    gk = (x @ w[f"{p}.gk_proj.0.weight"].T) @ w[f"{p}.gk_proj.1.weight"].T + w[f"{p}.gk_proj.1.bias"]
+    log_a = (-np.logaddexp(0.0, -gk) / spec.gla_gate_normalizer).reshape(B, T, H, Kh)  # stable logsigmoid
+    state = np.zeros((B, H, Kh, Vh)) if S is None else np.array(S, dtype=np.float64)
+    o = np.zeros((B, T, H, Vh))
+    for t in range(T):
+        new = np.exp(log_a[:, t])[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        state = new if valid is None else np.where(valid[:, t, None, None, None], new, state)
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
+    if spec.gla_output_norm == "rms":
+        o = rms(o, w[f"{p}.g_norm.weight"], spec.norm_eps)
+    else:
+        o = norm(o, w, f"{p}.g_norm", spec)
+    y = (o.reshape(B, T, H * Vh) * (g / (1 + np.exp(-g)))) @ w[f"{p}.o_proj.weight"].T
+    return y if S is None else (y, state)

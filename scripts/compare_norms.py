@@ -3,6 +3,7 @@ the tiny family trained in both twins on the embedded corpus, judged against the
 
     python scripts/compare_norms.py --steps 300 --out runs/norms
     python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a change to every run
+    python scripts/compare_norms.py --mixer gla --steps 300 --out runs/gla-norms  # Pre/Peri x RMS/DyT in gla-tiny
 
 Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
 and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).
@@ -43,8 +44,9 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
     norm, placement = config.split("-")
     spec_changes, cfg_changes = changes
-    spec = load_spec(PRESETS[norm]).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
-                                            **spec_changes)
+    preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else PRESETS[norm]
+    spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
+                                     **spec_changes)
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
     data.check(cfg.seq_len, spec.V)
@@ -80,6 +82,7 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
         "grad_norm_var": float(np.var(after_warmup)) if after_warmup else None,
         "nonfinite_steps": sum(not finite_step(r) for r in train), "stopped_at": stopped_at,
         "losses": [r["loss"] for r in train], "entropy": run_.data.entropy,
+        "outputs": norm_output_histograms(run_) if stopped_at is None else None,
     }
 
 
@@ -108,7 +111,7 @@ def twin_gap(rows: dict) -> float | None:
 def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
     """(criterion, passed or None, detail): the perplexity margin, finiteness, the lowest gradient-norm variance."""
     rows = {config: by_backend[main] for config, by_backend in results.items()}
-    return perplexity_criteria(rows) + [finite_criterion(results)] + variance_criteria(rows)
+    return perplexity_criteria(rows) + [finite_criterion(results)] + variance_criteria(rows) + output_criteria(rows)
 
 
 def perplexity_criteria(rows: dict) -> list[tuple]:
@@ -171,6 +174,51 @@ def fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+# --- the GLA experiment: its configs and its fourth criterion, output distributions per norm site -------
+GLA_PRESET = "gla-tiny"
+GLA_CONFIGS = ["rms-pre", "dyt-pre", "rms-peri", "dyt-peri"]
+HIST_BINS = np.linspace(-8, 8, 129)  # 0.125-wide bins; values beyond ±8 fall in the edge bins
+TV_MAX = 0.25  # DyT's output distribution "close" to RMSNorm's: mean total-variation distance per site at most this
+
+
+def norm_output_histograms(run_: Run) -> dict[str, list[float]]:
+    """Per norm site (every norm module, the GLA output norm included), the histogram of its outputs on the first
+    validation batch, with the run's final weights (torch twin, forward hooks): probabilities over HIST_BINS."""
+    import torch
+
+    import torch_model
+    from shared_config.run_dir import latest_checkpoint
+
+    model = torch_model.from_safetensors(latest_checkpoint(run_.out) / "model.safetensors")
+    norms = (torch_model.layers.RMSNorm, torch_model.layers.LayerNorm, torch_model.layers.DynamicTanh,
+             torch_model.layers.DynamicErf)
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, norms):
+            module.register_forward_hook(lambda m, args, y, name=name: outputs.__setitem__(name, y.detach().float()))
+    with torch.no_grad():
+        model(torch.as_tensor(run_.data.val_batches(1, run_.cfg.batch_size, run_.cfg.seq_len)[0][:, : run_.cfg.seq_len]))
+    hist = {name: np.histogram(np.clip(y.numpy().ravel(), -8, 8), HIST_BINS)[0] for name, y in outputs.items()}
+    return {name: (h / h.sum()).tolist() for name, h in hist.items()}
+
+
+def output_criteria(rows: dict) -> list[tuple]:
+    """DyT's norm outputs distributed like RMSNorm's at the same placement: the total-variation distance
+    ½·Σ|p − q| of their histograms (HIST_BINS) per norm site, averaged over the sites (worst site in the detail)."""
+    out = []
+    for config, row in rows.items():
+        norm, placement = config.split("-")
+        ref = rows.get(f"rms-{placement}")
+        if norm in ("dyt", "derf") and ref and row.get("outputs") and ref.get("outputs"):
+            tv = {site: 0.5 * float(np.abs(np.subtract(p, ref["outputs"][site])).sum()) for site, p in row["outputs"].items()}
+            worst = max(tv, key=tv.get)
+            mean = float(np.mean(list(tv.values())))
+            out.append((f"{config} outputs distributed like rms-{placement}'s (mean TV ≤ {TV_MAX})", mean <= TV_MAX,
+                        f"mean TV {mean:.3f} over {len(tv)} sites; worst {worst} {tv[worst]:.3f}"))
+    return out
+# --- end of the GLA experiment ---------------------------------------------------------------------------
+
+
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="updates per run")
@@ -178,7 +226,11 @@ def parse_args(argv):
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
     p.add_argument("--out", type=Path, default=Path("runs/norms"))
+    p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
+                   help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
     args = p.parse_args(argv)
+    if args.mixer == "gla" and args.configs == ",".join(CONFIGS):
+        args.configs = ",".join(GLA_CONFIGS)
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in ("jax", "torch")]:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
@@ -212,6 +264,8 @@ def write_report(results: dict, args, changes: tuple[dict, dict]) -> str:
 def main(argv=None):
     args = parse_args(argv)
     changes = split_overrides(args.set)
+    if args.mixer == "gla":
+        changes = ({**changes[0], "mixer": "gla"}, changes[1])
     make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
     args.out.mkdir(parents=True, exist_ok=True)
     print(write_report(study(args.configs, args.backends, args.steps, args.out, changes), args, changes))

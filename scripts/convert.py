@@ -4,6 +4,7 @@
     python scripts/convert.py model.pt model-flax --to flax              # -> Orbax directory + spec.json
     python scripts/convert.py model-flax model-hf --to hf                # -> config.json + model.safetensors
     python scripts/convert.py model-hf model.safetensors --dtype bfloat16
+    python scripts/convert.py gla.safetensors gla-fla --to fla           # -> flash-linear-attention GLA directory
     python scripts/convert.py bare_state_dict.pt model.safetensors --spec tiny
 
 Every conversion is one path: SRC -> canonical numpy weights and spec -> checked against the layout
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import jax_model
 import torch_model
-from shared_config import CheckpointError, check_weights, hf, load_checkpoint, np_dtype, save_checkpoint
+from shared_config import CheckpointError, check_weights, fla, hf, load_checkpoint, np_dtype, save_checkpoint
+from shared_config.io import read_json
 from shared_config.cli import Parser, UsageError, run
 from shared_config.io import recover, write_errors
 
-FORMATS = ("safetensors", "torch", "flax", "hf")
+FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
-DIRECTORIES = ("flax", "hf")
+DIRECTORIES = ("flax", "hf", "fla")
 
 # (path, spec or None) -> (canonical weights as stored, spec): each format's one reader.
 READERS = {
@@ -33,6 +35,7 @@ READERS = {
     "torch": torch_model.load_state_dict_file,
     "flax": jax_model.load_orbax,
     "hf": hf.read_hf,
+    "fla": fla.read_fla,
 }
 # (path, weights, spec, force): a file is replaced by a rename anyway; a directory only when forced.
 WRITERS = {
@@ -40,14 +43,15 @@ WRITERS = {
     "torch": lambda path, weights, spec, force: torch_model.save_state_dict_file(path, weights, spec),
     "flax": jax_model.save_orbax,
     "hf": hf.write_hf,
+    "fla": fla.write_fla,
 }
 
 
 def source_format(src: Path) -> str:
     """A directory's format by its contents, a file's by its extension."""
     if src.is_dir():
-        if (src / "config.json").is_file():
-            return "hf"
+        if (src / "config.json").is_file():  # flash-linear-attention's GLA (model_type gla), else Hugging Face
+            return "fla" if read_json(src / "config.json").get("model_type") == "gla" else "hf"
         if (src / "state").is_dir():
             return "flax"
         raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json) nor an Orbax one (state/)")
@@ -115,7 +119,7 @@ def quiet_libraries() -> None:
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax or a Hugging Face directory")
+    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax, Hugging Face or flash-linear-attention directory")
     p.add_argument("dst", type=Path, help="the file or directory to write")
     p.add_argument("--to", choices=FORMATS, help="the target format (default: from DST's extension)")
     p.add_argument("--spec", help="preset name or YAML path; required when SRC carries no spec (a bare state dict)")

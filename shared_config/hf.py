@@ -60,6 +60,7 @@ HF_SPEC = {
     "embed_scale": "none",
     "position": "rope",
     "mlp": "swiglu",
+    "mixer": "attention",  # a GLA exports to flash-linear-attention's layout instead (shared_config.fla)
 }
 
 # llama3 RoPE scaling: spec field <- key in `rope_parameters` (5.x) or `rope_scaling` (4.x).

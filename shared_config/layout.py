@@ -61,12 +61,15 @@ def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Ten
 def _block(i: int, spec: ModelSpec) -> list[Tensor]:
     p, D, H, K, E, F = f"model.layers.{i}", spec.D, spec.H, spec.K, spec.E, spec.F
     out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init)
-    out += [
-        Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
-        Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
-        Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", "linear"),
-        Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", "residual"),
-    ]
+    if spec.mixer == "gla":
+        out += _gla(f"{p}.self_attn", spec)
+    else:
+        out += [
+            Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
+            Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
+            Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", "linear"),
+            Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", "residual"),
+        ]
     if spec.qk_norm:
         out.append(Tensor(f"{p}.self_attn.q_norm.weight", (E,), "param", "ones"))
         out.append(Tensor(f"{p}.self_attn.k_norm.weight", (E,), "param", "ones"))
@@ -80,6 +83,33 @@ def _block(i: int, spec: ModelSpec) -> list[Tensor]:
     if spec.norm_placement == "peri":
         out += _norm(f"{p}.mlp_output_norm", spec, D, spec.ffn_alpha_init)
     return out
+
+
+# --- Gated Linear Attention (mixer: gla) -------------------------------------------------------------
+# flash-linear-attention's GatedLinearAttention under the block's `self_attn` slot: q/k [d_k, D], v/g [d_v, D],
+# the low-rank forget gate gk_proj.0 [r, D] then gk_proj.1 [d_k, r] with a bias, o [D, d_v], and one per-head
+# output norm over V' shared by all heads (RMSNorm, or the spec's norm_type when gla_output_norm is "same").
+def _gla(p: str, spec: ModelSpec) -> list[Tensor]:
+    D, dk, dv, r = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
+    out = [
+        Tensor(f"{p}.q_proj.weight", (dk, D), "linear", "linear"),
+        Tensor(f"{p}.k_proj.weight", (dk, D), "linear", "linear"),
+        Tensor(f"{p}.v_proj.weight", (dv, D), "linear", "linear"),
+        Tensor(f"{p}.g_proj.weight", (dv, D), "linear", "linear"),
+        Tensor(f"{p}.gk_proj.0.weight", (r, D), "linear", "linear"),
+        Tensor(f"{p}.gk_proj.1.weight", (dk, r), "linear", "linear"),
+        Tensor(f"{p}.gk_proj.1.bias", (dk,), "param", "zeros"),
+        Tensor(f"{p}.o_proj.weight", (D, dv), "linear", "residual"),
+    ]
+    if spec.gla_output_norm == "rms":
+        return out + [Tensor(f"{p}.g_norm.weight", (spec.Vh,), "param", "ones")]
+    return out + _norm(f"{p}.g_norm", spec, spec.Vh, spec.attn_alpha_init)
+
+
+def fuses_qkv(spec: ModelSpec) -> bool:
+    """Whether the twins hold q/k/v fused: `fused_qkv` is an attention compute choice; GLA keeps them apart."""
+    return spec.fused_qkv and spec.mixer == "attention"
+# --- end of Gated Linear Attention ----------------------------------------------------------------------
 
 
 def layout(spec: ModelSpec) -> list[Tensor]:
@@ -103,7 +133,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 def model_layout(spec: ModelSpec) -> list[Tensor]:
     """The tensors the twins hold in memory: `layout(spec)` with q/k/v fused when `spec.fused_qkv`."""
-    if not spec.fused_qkv:
+    if not fuses_qkv(spec):
         return layout(spec)
     out = []
     for t in layout(spec):
@@ -120,7 +150,7 @@ def fuse_qkv(weights: dict, spec: ModelSpec, concat: Callable = np.concatenate) 
 
     Works on any array type whose `concat` joins a list along axis 0 (numpy, jnp, torch).
     """
-    if not spec.fused_qkv:
+    if not fuses_qkv(spec):
         return dict(weights)
     out = {k: v for k, v in weights.items() if not k.endswith(tuple(f".self_attn.{n}.weight" for n in QKV))}
     for i in range(spec.L):
@@ -131,7 +161,7 @@ def fuse_qkv(weights: dict, spec: ModelSpec, concat: Callable = np.concatenate) 
 
 def split_qkv(weights: dict, spec: ModelSpec) -> dict:
     """In-memory layout -> file layout (the inverse of `fuse_qkv`; slicing, so any array type)."""
-    if not spec.fused_qkv:
+    if not fuses_qkv(spec):
         return dict(weights)
     out = {k: v for k, v in weights.items() if not k.endswith(".self_attn.qkv_proj.weight")}
     q, k = spec.H * spec.E, spec.K * spec.E

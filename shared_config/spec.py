@@ -36,6 +36,9 @@ CHOICES = {
     "init_scheme": ("normal", "xavier_uniform"),
     "param_dtype": ("float32", "bfloat16"),
     "compute_dtype": ("float32", "bfloat16"),
+    # token mixer (Gated Linear Attention fields below)
+    "mixer": ("attention", "gla"),
+    "gla_output_norm": ("rms", "same"),
 }
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 
@@ -82,6 +85,13 @@ class ModelSpec:
     # dtypes
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    # token mixer: softmax attention, or Gated Linear Attention (Yang et al. 2023, arXiv 2312.06635) in every layer
+    mixer: str = "attention"
+    gla_expand_k: float = 0.5  # d_k = gla_expand_k · d_model (keys and queries, all heads)
+    gla_expand_v: float = 1.0  # d_v = gla_expand_v · d_model (values and output gate, all heads)
+    gla_gate_rank: int = 16  # rank of the forget-gate projection (x W_gk0) W_gk1 + b
+    gla_gate_normalizer: float = 16.0  # log α = logsigmoid(gk) / gla_gate_normalizer
+    gla_output_norm: str = "rms"  # per-head output norm: "rms" (flash-linear-attention's) or "same" (norm_type)
 
     def __post_init__(self):
         for f in fields(self):
@@ -116,6 +126,23 @@ class ModelSpec:
     @property
     def F(self) -> int:
         return self.d_ff
+
+    # GLA sizes: d_k and d_v over all heads, K' and V' per head (read only when mixer == "gla").
+    @property
+    def d_k(self) -> int:
+        return round(self.gla_expand_k * self.d_model)
+
+    @property
+    def d_v(self) -> int:
+        return round(self.gla_expand_v * self.d_model)
+
+    @property
+    def Kh(self) -> int:
+        return self.d_k // self.n_heads
+
+    @property
+    def Vh(self) -> int:
+        return self.d_v // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML keys, with `n_kv_heads` and `head_dim` resolved so that equal architectures give equal dicts."""
@@ -216,6 +243,29 @@ def _check_rules(s: ModelSpec) -> None:
                 f"rope_low_freq_factor={s.rope_low_freq_factor} must be > 0 and < "
                 f"rope_high_freq_factor={s.rope_high_freq_factor}"
             )
+    _check_gla_rules(s)
+
+
+def _check_gla_rules(s: ModelSpec) -> None:
+    """Rules of `mixer: gla` (flash-linear-attention's GatedLinearAttention without its optional extras)."""
+    for name in ("gla_expand_k", "gla_expand_v", "gla_gate_normalizer"):
+        if getattr(s, name) <= 0:
+            raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    if s.gla_gate_rank <= 0:
+        raise SpecError(f"gla_gate_rank={s.gla_gate_rank} must be > 0")
+    if s.mixer != "gla":
+        return
+    for name, dim in (("gla_expand_k", "d_k"), ("gla_expand_v", "d_v")):
+        size = getattr(s, name) * s.d_model
+        if abs(size - round(size)) > 1e-9 or round(size) % s.n_heads:
+            raise SpecError(f"{name}={getattr(s, name)} gives {dim}={size:g} = {name}·d_model, which must be a whole "
+                            f"multiple of n_heads={s.n_heads}")
+    if s.position != "none":
+        raise SpecError(f"mixer=gla needs position=none (the recurrence carries order), got position={s.position}")
+    if s.K != s.n_heads:
+        raise SpecError(f"mixer=gla has no grouped keys: n_kv_heads={s.K} must equal n_heads={s.n_heads}")
+    if s.qk_norm:
+        raise SpecError("qk_norm=true is an attention option; mixer=gla has none")
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:

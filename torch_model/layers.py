@@ -228,6 +228,10 @@ class LayerCache(NamedTuple):
     v_BSKE: torch.Tensor
     length: torch.Tensor  # int64 []: slots written so far, the same in every row
 
+    @property
+    def size(self) -> int:
+        return self.k_BSKE.shape[1]
+
     def write(self, k_BTKE, v_BTKE) -> LayerCache:
         """The cache with the next T slots written; `length` is a tensor, so one compiled step serves every position."""
         slots_T = self.length + torch.arange(k_BTKE.shape[1], device=k_BTKE.device)
@@ -323,7 +327,7 @@ class Block(nn.Module):
         self.placement = spec.norm_placement
         peri = spec.norm_placement == "peri"
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init)
-        self.self_attn = Attention(spec, attention)
+        self.self_attn = GLA(spec) if spec.mixer == "gla" else Attention(spec, attention)  # token mixer
         self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if peri else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec)
@@ -348,3 +352,6 @@ class Block(nn.Module):
         if taps is not None:
             taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
         return x_BTD, cache
+
+
+from .gla import GLA  # noqa: E402  (gla.py builds on the classes above)

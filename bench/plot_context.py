@@ -1,0 +1,72 @@
+"""Per-token decode time against the context length, from decode reports of compare.py at several --seq.
+
+    for s in 32 64 128 256 512; do
+        python bench/compare.py --mode decode --spec gla-tiny --set max_seq_len=1024 --sweep mixer=attention,gla \\
+            --seq $s --json ctx-$s.json
+    done
+    python bench/plot_context.py ctx-*.json --out decode-context.png
+
+One line per (variant, backend): the median decode step (ms per token, p10-p90 band) at each prompt length.
+Attention reads a cache that grows with the context; a GLA layer's state [B, H, K', V'] does not.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared_config import atomic_write  # noqa: E402
+from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.io import read_json  # noqa: E402
+
+
+def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
+    """{(variant, backend): [(seq, median, p10, p90) of the decode step in seconds], by seq}; decode reports only."""
+    series: dict = {}
+    for report in reports:
+        if report["env"]["mode"] != "decode":
+            raise UsageError(f"a {report['env']['mode']} report: pass decode reports (compare.py --mode decode)")
+        for r in report["results"]:
+            s = r["step_s"]
+            series.setdefault((r["variant"], r["backend"]), []).append((report["env"]["seq"], s["median"], s["p10"], s["p90"]))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def plot_context(series: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (variant, backend), points in series.items():
+        seq, med, lo, hi = zip(*points)
+        ax.plot(seq, [1e3 * m for m in med], marker="o", label=f"{variant} {backend}")
+        ax.fill_between(seq, [1e3 * x for x in lo], [1e3 * x for x in hi], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (prompt tokens)")
+    ax.set_ylabel("decode step (ms per token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", type=Path, help="compare.py --json files of --mode decode runs")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = p.parse_args(argv)
+    reports = [read_json(path) for path in args.reports]
+    env = reports[0]["env"]
+    series = context_series(reports)
+    plot_context(series, args.out, f"{env['device']} | decode | {env['dtype']} | batch {env['batch']}")
+    for (variant, backend), points in series.items():
+        print(f"{variant:24s} {backend:6s} " + "  ".join(f"seq {s}: {1e3 * m:.2f} ms" for s, m, _, _ in points))
+
+
+if __name__ == "__main__":
+    run(main)

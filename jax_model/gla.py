@@ -1,0 +1,158 @@
+"""Gated Linear Attention, the second token mixer of the JAX twin; torch_model/gla.py is the same file in PyTorch.
+
+Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training" (arXiv 2312.06635), as
+flash-linear-attention's `GatedLinearAttention` computes it. Per head, with S_0 = 0:
+    log α_t = logsigmoid((x_t W_gk0) W_gk1 + b_gk1) / gla_gate_normalizer
+    S_t = diag(α_t) S_{t-1} + k_tᵀ v_t,    o_t = (q_t / sqrt(K)) S_t
+    y_t = W_o · concat_h(norm(o_t) · swish(x_t W_g))
+Notation: B batch, T tokens, D model dim, H heads, K key dim per head (K'), V value dim per head (V'), R gate
+rank, N chunks of C tokens. Gates, the state and the recurrence are float32; the projections run in `compute_dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shared_config import ModelSpec
+
+from .layers import DTYPES, DynamicErf, DynamicTanh, LayerNorm, Linear, RMSNorm
+
+CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
+
+
+class GLAState(NamedTuple):
+    """One GLA layer's decoding state, in place of an attention layer's keys and values: constant in T."""
+
+    S_BHKV: jax.Array  # float32 [B, H, K, V]: the recurrent state after every token fed so far
+    length: jax.Array  # int32 []: tokens fed so far (padding included), the same in every row
+    slots_0S: jax.Array  # [0, S]: holds no data; its shape carries the cache size S (static under jit)
+
+    @property
+    def size(self) -> int:
+        return self.slots_0S.shape[1]
+
+    @classmethod
+    def empty(cls, spec: ModelSpec, batch: int, size: int) -> GLAState:
+        S_BHKV = jnp.zeros((batch, spec.H, spec.Kh, spec.Vh), jnp.float32)
+        return cls(S_BHKV, jnp.zeros((), jnp.int32), jnp.zeros((0, size), jnp.int8))
+
+
+class GateLinear(Linear):
+    """x · W + b with the bias added in float32: the forget gate's second projection, read in float32."""
+
+    def __init__(self, d_in: int, d_out: int, spec: ModelSpec, rngs: nnx.Rngs):
+        super().__init__(d_in, d_out, spec, rngs)
+        self.bias = nnx.Param(jnp.zeros((d_out,), DTYPES[spec.param_dtype]))
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))  # the matmul in compute_dtype
+        return y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+def head_norm(spec: ModelSpec):
+    """The per-head output norm over V, one weight shared by all heads: RMSNorm, or the spec's norm_type ("same")."""
+    Vh, eps, bias, dtype = spec.Vh, spec.norm_eps, spec.norm_bias, spec.param_dtype
+    if spec.gla_output_norm == "rms":
+        return RMSNorm(Vh, eps, False, dtype)  # flash-linear-attention's g_norm: a weight, no bias
+    if spec.norm_type == "rms":
+        return RMSNorm(Vh, eps, bias, dtype)
+    if spec.norm_type == "layernorm":
+        return LayerNorm(Vh, eps, bias, dtype)
+    if spec.norm_type == "dyt":
+        return DynamicTanh(Vh, spec.attn_alpha_init, bias, dtype)
+    return DynamicErf(Vh, spec.attn_alpha_init, spec.shift_init, bias, dtype)
+
+
+def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):
+    """The recurrence token by token (decoding; the reference form of the tests): outputs [B, H, T, V], last state."""
+    def step(S_BHKV, qkvg):
+        q_BHK, k_BHK, v_BHV, g_BHK = qkvg
+        S_BHKV = jnp.exp(g_BHK)[..., None] * S_BHKV + k_BHK[..., None] * v_BHV[..., None, :]
+        return S_BHKV, jnp.einsum("bhk,bhkv->bhv", q_BHK, S_BHKV)
+
+    S_BHKV, o_TBHV = jax.lax.scan(step, S_BHKV, tuple(x.transpose(2, 0, 1, 3) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK)))
+    return o_TBHV.transpose(1, 2, 0, 3), S_BHKV
+
+
+def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
+    """The chunkwise-parallel form (GLA paper, sec. 4): the same outputs and last state as `recurrent_gla`.
+
+    Within a chunk the decay from token j to token i ≥ j is exp(b_i − b_j), b the cumulative log-gates: the
+    pairwise differences are masked to −inf for j > i *before* exp. (The factorised q·e^{b}, k·e^{−b} form
+    overflows for strong gates, and masking after exp gives inf·0 = NaN gradients.) T is padded up to N·C with
+    zero keys and gates, which change neither the earlier outputs nor the state.
+    """
+    B, H, T, K = q_BHTK.shape
+    V, C = v_BHTV.shape[-1], min(chunk, T)
+    N = -(-T // C)
+    pad = ((0, 0), (0, 0), (0, N * C - T), (0, 0))
+    q, k, v, g = (jnp.pad(x, pad).reshape(B, H, N, C, x.shape[-1]) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK))
+    b_BHNCK = jnp.cumsum(g, axis=3)  # inclusive: b_i = Σ_{s ≤ i} log α_s within the chunk
+    causal_CC = jnp.tril(jnp.ones((C, C), dtype=bool))
+    diff_BHNCCK = b_BHNCK[:, :, :, :, None] - b_BHNCK[:, :, :, None, :]  # [..., i, j, K] = b_i − b_j
+    decay_BHNCCK = jnp.exp(jnp.where(causal_CC[:, :, None], diff_BHNCCK, -jnp.inf))
+    A_BHNCC = jnp.sum(q[:, :, :, :, None] * k[:, :, :, None] * decay_BHNCCK, axis=-1)
+    o_BHNCV = jnp.einsum("bhnij,bhnjv->bhniv", A_BHNCC, v)  # within the chunk
+    last_BHNK = b_BHNCK[:, :, :, -1]
+    U_BHNKV = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(last_BHNK[:, :, :, None] - b_BHNCK), v)  # each chunk's own part
+
+    def carry(S_BHKV, lu):  # the state at each chunk's start, chunk by chunk
+        last_BHK, U_BHKV = lu
+        return jnp.exp(last_BHK)[..., None] * S_BHKV + U_BHKV, S_BHKV
+
+    S_BHKV, S0_NBHKV = jax.lax.scan(carry, S_BHKV, (last_BHNK.transpose(2, 0, 1, 3), U_BHNKV.transpose(2, 0, 1, 3, 4)))
+    o_BHNCV = o_BHNCV + jnp.einsum("bhnck,nbhkv->bhncv", q * jnp.exp(b_BHNCK), S0_NBHKV)  # from earlier chunks
+    return o_BHNCV.reshape(B, H, N * C, V)[:, :, :T], S_BHKV
+
+
+class GLA(nnx.Module):
+    """The GLA token mixer in the block's `self_attn` slot; the same interface as `Attention`."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        D, dk, dv, R = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
+        self.H, self.K, self.V = spec.H, spec.Kh, spec.Vh
+        self.normalizer, self.chunk = spec.gla_gate_normalizer, CHUNK
+        self.q_proj = Linear(D, dk, spec, rngs)
+        self.k_proj = Linear(D, dk, spec, rngs)
+        self.v_proj = Linear(D, dv, spec, rngs)
+        self.g_proj = Linear(D, dv, spec, rngs)
+        self.gk_proj = nnx.List([Linear(D, R, spec, rngs), GateLinear(R, dk, spec, rngs)])
+        self.o_proj = Linear(dv, D, spec, rngs)
+        self.g_norm = head_norm(spec)
+
+    def __call__(self, x_BTD, cos_BTE=None, sin_BTE=None, state: GLAState | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated state (None without one). Positions are unused (position: none); with
+        a state, `mask_BTS` marks padding (a token reading no slot), whose key and gate are zeroed: it leaves the
+        state unchanged."""
+        B, T, _ = x_BTD.shape
+        H, K, V = self.H, self.K, self.V
+        heads = lambda x, E: x.astype(jnp.float32).reshape(B, T, H, E).transpose(0, 2, 1, 3)  # recurrence in float32
+        q_BHTK = heads(self.q_proj(x_BTD), K) * K**-0.5
+        k_BHTK, v_BHTV = heads(self.k_proj(x_BTD), K), heads(self.v_proj(x_BTD), V)
+        gk_BTK = self.gk_proj[1](self.gk_proj[0](x_BTD))  # float32
+        g_BHTK = heads(jax.nn.log_sigmoid(gk_BTK), K) / self.normalizer  # log α ≤ 0, stable logsigmoid
+        if mask_BTS is not None:
+            valid_BHT1 = jnp.any(mask_BTS, axis=-1)[:, None, :, None]
+            k_BHTK, g_BHTK = jnp.where(valid_BHT1, k_BHTK, 0.0), jnp.where(valid_BHT1, g_BHTK, 0.0)
+        S_BHKV = jnp.zeros((B, H, K, V), jnp.float32) if state is None else state.S_BHKV
+        if self.chunk and T > 1:
+            o_BHTV, S_BHKV = chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, self.chunk)
+        else:
+            o_BHTV, S_BHKV = recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
+        gate_BTHV = jax.nn.silu(self.g_proj(x_BTD).astype(jnp.float32)).reshape(B, T, H, V)  # swish in float32
+        o_BTHV = self.g_norm(o_BHTV.transpose(0, 2, 1, 3)) * gate_BTHV
+        y_BTD = self.o_proj(o_BTHV.reshape(B, T, H * V).astype(x_BTD.dtype))
+        if state is not None:
+            state = state._replace(S_BHKV=S_BHKV, length=state.length + T)
+        return y_BTD, state
+
+
+def set_chunk(model: nnx.Module, chunk: int) -> None:
+    """Use `chunk` tokens per chunk in every GLA layer of `model` (0: the token-by-token recurrence)."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, GLA):
+            module.chunk = chunk

@@ -1,0 +1,148 @@
+"""flash-linear-attention GLA directories <-> canonical weights and spec (numpy only).
+
+flash-linear-attention (fla-org/flash-linear-attention, `fla/models/gla`) saves a `GLAForCausalLM` as a Hugging
+Face-style directory: `config.json` (`model_type: gla`) + `model.safetensors`. Its block is Pre-LN RMSNorm with
+the GLA layer and a SwiGLU MLP; the tensor names differ from ours by the literal table below. The spec fields
+config.json cannot hold (compute and init choices) travel in `model.safetensors`' metadata, as in `hf`.
+Its package needs Triton to import; this module reads and writes its documented layout without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .io import CheckpointError, atomic_dir, atomic_write, check_weights, np_dtype, read_json, read_safetensors
+from .io import resolve_spec, spec_from_metadata
+from .layout import layout
+from .spec import ModelSpec, SpecError, load_spec
+
+# spec field <- config.json key
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_heads",
+    "d_ff": "intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+    "gla_expand_k": "expand_k",
+    "gla_expand_v": "expand_v",
+}
+# GLAConfig's defaults for the optional keys
+CONFIG_DEFAULTS = {"norm_eps": 1e-6, "tie_word_embeddings": False, "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4}
+# The only values we implement of keys that change the computation (an absent key means this value).
+CONFIG_REQUIRED = {
+    "num_kv_heads": None, "feature_map": None, "use_short_conv": False, "use_output_gate": True, "clamp_min": None,
+    "hidden_act": "swish", "elementwise_affine": True, "use_gk": True, "use_gv": False, "attn": None,
+}
+# What every flash-linear-attention GLA computes, as spec values. Its block builds the layer without passing
+# gate_low_rank_dim or gate_logit_normalizer: they are always the layer's defaults, 16 and 16.
+FLA_SPEC = {
+    "mixer": "gla", "norm_type": "rms", "norm_placement": "pre", "norm_bias": False, "embed_scale": "none",
+    "position": "none", "mlp": "swiglu", "qk_norm": False, "gla_output_norm": "rms", "gla_gate_rank": 16,
+    "gla_gate_normalizer": 16.0,
+}
+
+# canonical name pattern -> flash-linear-attention name ({i}: the layer). The per-head output norm is
+# `g_norm_swish_gate` when config.fuse_norm (the default), else `g_norm`: the same weight.
+NAMES = [
+    (r"model\.embed_tokens\.weight", "model.embeddings.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"model.layers.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.g_norm\.weight", r"model.layers.\1.attn.{g_norm}.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(.*)", r"model.layers.\1.attn.\2"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"model.layers.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(.*)", r"model.layers.\1.mlp.\2"),
+    (r"(model\.norm\.weight|lm_head\.weight)", r"\1"),
+]
+
+
+def fla_name(name: str, fuse_norm: bool = True) -> str:
+    """The flash-linear-attention name of a canonical tensor."""
+    for pattern, repl in NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name).replace("{g_norm}", "g_norm_swish_gate" if fuse_norm else "g_norm")
+    raise KeyError(name)
+
+
+def unsupported_options(spec: ModelSpec) -> list[str]:
+    """The spec options flash-linear-attention's GLA does not compute, as `key=value`."""
+    return [f"{k}={getattr(spec, k)}" for k, v in FLA_SPEC.items() if getattr(spec, k) != v]
+
+
+def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
+    """config.json of the `GLAForCausalLM` computing exactly `spec`; refuses what it cannot compute, by name."""
+    if bad := unsupported_options(spec):
+        need = ", ".join(f"{k}={v}" for k, v in FLA_SPEC.items())
+        raise CheckpointError(f"{path}: no flash-linear-attention GLA equivalent for {', '.join(bad)} (it needs {need})")
+    d = spec.to_dict()
+    return {
+        "architectures": ["GLAForCausalLM"],
+        "model_type": "gla",
+        **{key: d[field] for field, key in CONFIG_KEYS.items()},
+        **CONFIG_REQUIRED,
+        "attn_mode": "chunk",
+        "fuse_norm": True,
+        "initializer_range": spec.init_std,
+        "dtype": spec.param_dtype,
+    }
+
+
+def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[str, Any] | None = None) -> ModelSpec:
+    """The spec of a flash-linear-attention GLA config.json; `base` supplies the fields it has no key for."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    if config.get("model_type") != "gla":
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not supported (only 'gla')")
+    for key, value in CONFIG_REQUIRED.items():
+        if key == "num_kv_heads" and config.get(key) in (None, config.get("num_heads")):
+            continue  # as many kv heads as heads: plain multi-head
+        if config.get(key, value) != value:
+            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
+    config = dict(config)
+    if config.get("intermediate_size") is None and "hidden_size" in config:  # fla's GatedMLP: 2/3 · ratio, to 256
+        ff = int(config["hidden_size"] * config.get("hidden_ratio", CONFIG_DEFAULTS["hidden_ratio"]) * 2 / 3)
+        config["intermediate_size"] = 256 * ((ff + 255) // 256)
+    if missing := [k for k in CONFIG_KEYS.values() if k not in config and k not in CONFIG_DEFAULTS]:
+        raise CheckpointError(f"{path}: missing keys: {', '.join(missing)}")
+    fields = {field: config.get(key, CONFIG_DEFAULTS.get(key)) for field, key in CONFIG_KEYS.items()}
+    try:
+        return load_spec({**(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None, "head_dim": None})
+    except SpecError as e:
+        raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
+
+
+def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """Canonical weights and the spec of a flash-linear-attention GLA directory; `spec` must agree with it."""
+    path = Path(path)
+    config = read_json(path / "config.json")
+    stored, meta = read_safetensors(path / "model.safetensors")
+    base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
+    bf16 = bool(stored) and all(w.dtype == np_dtype("bfloat16") for w in stored.values())
+    base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
+    spec = resolve_spec(spec_from_config(config, path / "config.json", base), spec, path)
+    fuse_norm = config.get("fuse_norm", True)
+    names = {fla_name(t.name, fuse_norm): t.name for t in layout(spec)}
+    if spec.tie_embeddings:
+        stored.pop("lm_head.weight", None)  # transformers may store the tied matrix twice
+    if unknown := sorted(set(stored) - set(names)):
+        raise CheckpointError(f"{path / 'model.safetensors'}: tensors a {spec.L}-layer GLA does not have: {', '.join(unknown[:5])}")
+    weights = {names[n]: w for n, w in stored.items()}
+    return weights, spec
+
+
+def write_fla(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, overwrite: bool = False) -> None:
+    """Write `config.json` + `model.safetensors` in flash-linear-attention's names, as one directory, atomically."""
+    config = config_from_spec(spec, path)
+    check_weights(weights, spec, path, allow_nonfinite=True)
+    tensors = {fla_name(t.name): np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
+    meta = {"spec": spec.to_json(), "format": "pt"}  # transformers loads only "pt" files
+    with atomic_dir(path, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write(tmp / "model.safetensors", lambda f: save_file(tensors, f, metadata=meta))

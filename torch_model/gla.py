@@ -1,0 +1,159 @@
+"""Gated Linear Attention, the second token mixer of the PyTorch twin; jax_model/gla.py is the same file in JAX.
+
+Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training" (arXiv 2312.06635), as
+flash-linear-attention's `GatedLinearAttention` computes it. Per head, with S_0 = 0:
+    log α_t = logsigmoid((x_t W_gk0) W_gk1 + b_gk1) / gla_gate_normalizer
+    S_t = diag(α_t) S_{t-1} + k_tᵀ v_t,    o_t = (q_t / sqrt(K)) S_t
+    y_t = W_o · concat_h(norm(o_t) · swish(x_t W_g))
+Notation: B batch, T tokens, D model dim, H heads, K key dim per head (K'), V value dim per head (V'), R gate
+rank, N chunks of C tokens. Gates, the state and the recurrence are float32; the projections run in `compute_dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_config import ModelSpec
+
+from .layers import DTYPES, DynamicErf, DynamicTanh, LayerNorm, Linear, RMSNorm
+
+CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
+
+
+class GLAState(NamedTuple):
+    """One GLA layer's decoding state, in place of an attention layer's keys and values: constant in T."""
+
+    S_BHKV: torch.Tensor  # float32 [B, H, K, V]: the recurrent state after every token fed so far
+    length: torch.Tensor  # int64 []: tokens fed so far (padding included), the same in every row
+    slots_0S: torch.Tensor  # [0, S]: holds no data; its shape carries the cache size S (static under jit)
+
+    @property
+    def size(self) -> int:
+        return self.slots_0S.shape[1]
+
+    @classmethod
+    def empty(cls, spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> GLAState:
+        """`w`: any tensor on the model's device (the JAX twin needs none)."""
+        S_BHKV = w.new_zeros((batch, spec.H, spec.Kh, spec.Vh), dtype=torch.float32)
+        return cls(S_BHKV, w.new_zeros((), dtype=torch.int64), w.new_zeros((0, size), dtype=torch.int8))
+
+
+class GateLinear(Linear):
+    """x · W + b with the bias added in float32: the forget gate's second projection, read in float32."""
+
+    def __init__(self, d_in: int, d_out: int, spec: ModelSpec):
+        super().__init__(d_in, d_out, spec)
+        self.bias = nn.Parameter(torch.zeros(d_out, dtype=DTYPES[spec.param_dtype]))
+
+    def forward(self, x):
+        y = F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))  # the matmul in compute_dtype
+        return y.to(torch.float32) + self.bias.to(torch.float32)
+
+
+def head_norm(spec: ModelSpec):
+    """The per-head output norm over V, one weight shared by all heads: RMSNorm, or the spec's norm_type ("same")."""
+    Vh, eps, bias, dtype = spec.Vh, spec.norm_eps, spec.norm_bias, spec.param_dtype
+    if spec.gla_output_norm == "rms":
+        return RMSNorm(Vh, eps, False, dtype)  # flash-linear-attention's g_norm: a weight, no bias
+    if spec.norm_type == "rms":
+        return RMSNorm(Vh, eps, bias, dtype)
+    if spec.norm_type == "layernorm":
+        return LayerNorm(Vh, eps, bias, dtype)
+    if spec.norm_type == "dyt":
+        return DynamicTanh(Vh, spec.attn_alpha_init, bias, dtype)
+    return DynamicErf(Vh, spec.attn_alpha_init, spec.shift_init, bias, dtype)
+
+
+def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):
+    """The recurrence token by token (decoding; the reference form of the tests): outputs [B, H, T, V], last state."""
+    outputs = []
+    for t in range(q_BHTK.shape[2]):  # jax.lax.scan in the JAX twin
+        q_BHK, k_BHK, v_BHV, g_BHK = q_BHTK[:, :, t], k_BHTK[:, :, t], v_BHTV[:, :, t], g_BHTK[:, :, t]
+        S_BHKV = torch.exp(g_BHK)[..., None] * S_BHKV + k_BHK[..., None] * v_BHV[..., None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q_BHK, S_BHKV))
+    return torch.stack(outputs, dim=2), S_BHKV
+
+
+def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
+    """The chunkwise-parallel form (GLA paper, sec. 4): the same outputs and last state as `recurrent_gla`.
+
+    Within a chunk the decay from token j to token i ≥ j is exp(b_i − b_j), b the cumulative log-gates: the
+    pairwise differences are masked to −inf for j > i *before* exp. (The factorised q·e^{b}, k·e^{−b} form
+    overflows for strong gates, and masking after exp gives inf·0 = NaN gradients.) T is padded up to N·C with
+    zero keys and gates, which change neither the earlier outputs nor the state.
+    """
+    B, H, T, K = q_BHTK.shape
+    V, C = v_BHTV.shape[-1], min(chunk, T)
+    N = -(-T // C)
+    pad = (0, 0, 0, N * C - T)
+    q, k, v, g = (F.pad(x, pad).reshape(B, H, N, C, x.shape[-1]) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK))
+    b_BHNCK = torch.cumsum(g, dim=3)  # inclusive: b_i = Σ_{s ≤ i} log α_s within the chunk
+    causal_CC = torch.tril(torch.ones((C, C), dtype=torch.bool, device=q.device))
+    diff_BHNCCK = b_BHNCK[:, :, :, :, None] - b_BHNCK[:, :, :, None, :]  # [..., i, j, K] = b_i − b_j
+    decay_BHNCCK = torch.exp(torch.where(causal_CC[:, :, None], diff_BHNCCK, -torch.inf))
+    A_BHNCC = torch.sum(q[:, :, :, :, None] * k[:, :, :, None] * decay_BHNCCK, dim=-1)
+    o_BHNCV = torch.einsum("bhnij,bhnjv->bhniv", A_BHNCC, v)  # within the chunk
+    last_BHNK = b_BHNCK[:, :, :, -1]
+    U_BHNKV = torch.einsum("bhnck,bhncv->bhnkv", k * torch.exp(last_BHNK[:, :, :, None] - b_BHNCK), v)  # each chunk's own part
+
+    S0_NBHKV = []
+    for n in range(N):  # the state at each chunk's start, chunk by chunk (jax.lax.scan in the JAX twin)
+        S0_NBHKV.append(S_BHKV)
+        S_BHKV = torch.exp(last_BHNK[:, :, n])[..., None] * S_BHKV + U_BHNKV[:, :, n]
+    S0_NBHKV = torch.stack(S0_NBHKV)
+    o_BHNCV = o_BHNCV + torch.einsum("bhnck,nbhkv->bhncv", q * torch.exp(b_BHNCK), S0_NBHKV)  # from earlier chunks
+    return o_BHNCV.reshape(B, H, N * C, V)[:, :, :T], S_BHKV
+
+
+class GLA(nn.Module):
+    """The GLA token mixer in the block's `self_attn` slot; the same interface as `Attention`."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        D, dk, dv, R = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
+        self.H, self.K, self.V = spec.H, spec.Kh, spec.Vh
+        self.normalizer, self.chunk = spec.gla_gate_normalizer, CHUNK
+        self.q_proj = Linear(D, dk, spec)
+        self.k_proj = Linear(D, dk, spec)
+        self.v_proj = Linear(D, dv, spec)
+        self.g_proj = Linear(D, dv, spec)
+        self.gk_proj = nn.ModuleList([Linear(D, R, spec), GateLinear(R, dk, spec)])
+        self.o_proj = Linear(dv, D, spec)
+        self.g_norm = head_norm(spec)
+
+    def forward(self, x_BTD, cos_BTE=None, sin_BTE=None, state: GLAState | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated state (None without one). Positions are unused (position: none); with
+        a state, `mask_BTS` marks padding (a token reading no slot), whose key and gate are zeroed: it leaves the
+        state unchanged."""
+        B, T, _ = x_BTD.shape
+        H, K, V = self.H, self.K, self.V
+        heads = lambda x, E: x.to(torch.float32).reshape(B, T, H, E).transpose(1, 2)  # recurrence in float32
+        q_BHTK = heads(self.q_proj(x_BTD), K) * K**-0.5
+        k_BHTK, v_BHTV = heads(self.k_proj(x_BTD), K), heads(self.v_proj(x_BTD), V)
+        gk_BTK = self.gk_proj[1](self.gk_proj[0](x_BTD))  # float32
+        g_BHTK = heads(F.logsigmoid(gk_BTK), K) / self.normalizer  # log α ≤ 0, stable logsigmoid
+        if mask_BTS is not None:
+            valid_BHT1 = torch.any(mask_BTS, dim=-1)[:, None, :, None]
+            k_BHTK, g_BHTK = torch.where(valid_BHT1, k_BHTK, 0.0), torch.where(valid_BHT1, g_BHTK, 0.0)
+        S_BHKV = x_BTD.new_zeros((B, H, K, V), dtype=torch.float32) if state is None else state.S_BHKV
+        if self.chunk and T > 1:
+            o_BHTV, S_BHKV = chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, self.chunk)
+        else:
+            o_BHTV, S_BHKV = recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
+        gate_BTHV = F.silu(self.g_proj(x_BTD).to(torch.float32)).reshape(B, T, H, V)  # swish in float32
+        o_BTHV = self.g_norm(o_BHTV.transpose(1, 2)) * gate_BTHV
+        y_BTD = self.o_proj(o_BTHV.reshape(B, T, H * V).to(x_BTD.dtype))
+        if state is not None:
+            state = state._replace(S_BHKV=S_BHKV, length=state.length + T)
+        return y_BTD, state
+
+
+def set_chunk(model: nn.Module, chunk: int) -> None:
+    """Use `chunk` tokens per chunk in every GLA layer of `model` (0: the token-by-token recurrence)."""
+    for module in model.modules():
+        if isinstance(module, GLA):
+            module.chunk = chunk
