@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared_config import (
-    CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config,
+    CheckpointError, ModelSpec, TrainConfig, check_weights, flat_taps, init_weights, layout, load_spec, load_train_config,
 )
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
@@ -235,10 +235,9 @@ class JaxBackend:
         from flax import nnx
 
         nnx.update(self.model, self.state.params)
-        taps = {}
-        self.model(self.jax.numpy.asarray(tokens_BN[:, :-1]), taps=taps)
+        taps = self.train.forward_taps(self.model, tokens_BN[:, :-1])
         loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
-        return self.train_state()["weights"], self.jax.tree.map(np.asarray, taps), loss, grads
+        return self.train_state()["weights"], taps, loss, grads
 
 
 class TorchBackend:
@@ -283,11 +282,9 @@ class TorchBackend:
         return self.get_train_state(self.model, self.state)
 
     def inspect(self, tokens_BN):
-        taps = {}
-        with self.torch.no_grad():
-            self.model(self.torch.as_tensor(tokens_BN[:, :-1], device=next(self.model.parameters()).device), taps=taps)
+        taps = self.train.forward_taps(self.model, tokens_BN[:, :-1])
         loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
-        return self.train_state()["weights"], self.fetch(taps), loss, grads
+        return self.train_state()["weights"], taps, loss, grads
 
 
 BACKENDS = {"jax": JaxBackend, "torch": TorchBackend}
@@ -505,7 +502,7 @@ def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, check
 
 def first_nonfinite(weights: dict, taps: dict, loss: float, grads: dict) -> str | None:
     """The first NaN/Inf in the order things are computed: parameters, activations, the loss, gradients."""
-    found = first_bad("parameter", weights) or first_bad("activation", flatten(taps))
+    found = first_bad("parameter", weights) or first_bad("activation", flat_taps(taps))
     if found or not math.isfinite(loss):
         return found or "the loss itself is the first non-finite value (parameters and activations are finite)"
     return first_bad("gradient of", grads)
@@ -517,14 +514,6 @@ def first_bad(kind: str, tensors: dict) -> str | None:
         if bad := int(x.size - np.isfinite(x).sum()):
             return f"the first non-finite tensor is {kind} {name} ({bad} of {x.size} values NaN/Inf)"
     return None
-
-
-def flatten(taps: dict, prefix: str = "") -> dict:
-    """Nested taps ({"model.layers.0": {"attn_out": ...}}) as {"model.layers.0.attn_out": ...}, in forward order."""
-    flat = {}
-    for name, x in taps.items():
-        flat.update(flatten(x, f"{prefix}{name}.") if isinstance(x, dict) else {f"{prefix}{name}": x})
-    return flat
 
 
 # --- the command line ------------------------------------------------------------------------------

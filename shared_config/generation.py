@@ -73,7 +73,7 @@ def check_drawn(next_B: np.ndarray, step: int) -> None:
 
 def in_float32(x: float) -> float:
     """`x` as float32 rounds it, with inf for values past float32's range (casting those warns in numpy and JAX)."""
-    return x if abs(x) <= np.finfo(np.float32).max else math.copysign(math.inf, x)
+    return x if abs(x) <= float(np.finfo(np.float32).max) else math.copysign(math.inf, x)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
