@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared_config import load_checkpoint
+from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.cli import Parser, UsageError, run
 from shared_config.generation import GenerationError, check_generation
 
@@ -56,13 +56,7 @@ def main(argv=None):
 
 
 def load_weights(path: Path, spec=None):
-    """Canonical weights and their spec: a canonical file directly (numpy only), any other format that
-    scripts/convert.py reads (a Hugging Face or Orbax directory, a .pt file) through its readers."""
-    if path.suffix == ".safetensors" and not path.is_dir():
-        return load_checkpoint(path, spec)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from convert import quiet_libraries, read_checkpoint
-
+    """Canonical weights and their spec, from any format convert.py reads (shared_config.formats)."""
     quiet_libraries()
     return read_checkpoint(path, spec)
 

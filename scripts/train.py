@@ -126,13 +126,13 @@ def checkpoint_state(path: Path) -> dict:
 
 
 def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
-    """--init-from's weights and spec, in any format convert.py reads (generate.py's loader); a given spec must match."""
+    """--init-from's weights and spec, in any format convert.py reads (shared_config.formats); a given spec must match."""
     if path is None:
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from generate import load_weights
+    from shared_config.formats import quiet_libraries, read_checkpoint
 
-    return load_weights(path, spec)
+    quiet_libraries()
+    return read_checkpoint(path, spec)
 
 
 def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
