@@ -13,18 +13,17 @@ row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad argumen
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from shared_config import (
     atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, run
+from shared_config.progress import progress as progress_bar
 
 
 @dataclass
@@ -189,12 +188,13 @@ def main(argv=None):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=int, default=256, help="positions the model reads")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
     p.add_argument("--train-steps", type=int, default=0, help="also train both twins this many steps")
     p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
@@ -237,7 +237,7 @@ def report(weights, spec, args, cfg) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     tokens_BN = synthetic_batch(args.seed, 0, args.batch, args.seq, spec.V)
     bf16 = spec.compute_dtype == "bfloat16"
-    with tqdm(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", file=sys.stderr) as progress:
+    with progress_bar(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", quiet=args.quiet) as progress:
         jax_taps, jax_logits, jax_loss, jax_grads = jax_run(weights, spec, tokens_BN)
         progress.update()
         torch_taps, torch_logits, torch_loss, torch_grads = torch_run(weights, spec, tokens_BN)

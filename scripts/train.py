@@ -35,6 +35,7 @@ from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
 from shared_config.io import atomic_write, read_json
 from shared_config.parallel import parse_mesh, rows_per_shard
+from shared_config.progress import progress
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints,
     save_train_checkpoint, truncate_metrics, write_json,
@@ -333,8 +334,8 @@ class Loop:
             return {"step": state["step"], "checkpoint": str(latest_checkpoint(run.out))}
         backend = self.make_backend(state)
         first, self.clock = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len)
-        with tqdm(total=run.stop, initial=state["step"], desc=backend.name, file=sys.stderr,
-                  disable=not self.progress, dynamic_ncols=True) as self.bar:
+        with progress(total=run.stop, initial=state["step"], desc=backend.name, quiet=not self.progress,
+                      dynamic_ncols=True) as self.bar:
             for step in range(first, run.stop + 1):
                 self.pending.append((step, backend.step(run.batch(step))))
                 last = step == run.stop
@@ -521,7 +522,7 @@ def first_bad(kind: str, tensors: dict) -> str | None:
 
 def parse_args(argv: list[str] | None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=sorted(BACKENDS))
+    p.add_argument("--backend", required=True, choices=sorted(BACKENDS), help="the twin that trains")
     p.add_argument("--spec", help=f"preset name or YAML path (default: {DEFAULT_SPEC} with the data's vocabulary size)")
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")
