@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +87,17 @@ def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys
             cli.run(compare.main, ["--backend", backend, "--steps", "1"])
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and "transformers" in line and "pip install -e '.[hf]'" in line, line
+
+
+README_OUTPUTS = ["tiny.safetensors", "tiny-dyt.safetensors", "tiny.pt", "state_dict.pt", "tiny-flax/state", "tiny-hf/config.json",
+                  "from-jax.safetensors", "input.txt", "data/text/train.bin", "runs/dyt/metrics.jsonl", "mid.json",
+                  "report.json", "p.json", "norms.png", "curves.png", "dyt.png"]
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    """A walkthrough of the README leaves `git status` clean: every file its commands write is ignored."""
+    readme = (ROOT / "README.md").read_text()
+    for path in README_OUTPUTS:
+        assert path.split("/")[0].removesuffix("/") in readme, path  # still a README output
+        result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", path])
+        assert result.returncode == 0, f"{path} is not git-ignored"
