@@ -25,6 +25,7 @@ take step times from bench/compare.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -129,6 +130,29 @@ def parse_args(argv):
     return args
 
 
+# Lines torch's profiler (Kineto, in C++) prints on stderr at every start and stop, whatever its log level.
+PROFILER_CHATTER = (b"USDT:", b"STAGE:")
+
+
+@contextlib.contextmanager
+def without_profiler_chatter():
+    """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
+    every line but Kineto's chatter passes on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(PROFILER_CHATTER)]
+            os.write(2, b"".join(kept))
+
+
 def torch_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float], float]:
     """{(kernel name, None): microseconds over `steps` steps} and the wall time of those steps in seconds."""
     import torch
@@ -137,7 +161,7 @@ def torch_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float
 
     gpu = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
+    with without_profiler_chatter(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             bench.sync(bench.step())
