@@ -30,7 +30,7 @@ from flax import nnx
 
 from shared_config import TrainConfig, decays, flat_taps, lr_factor, model_layout
 
-from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict
+from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
 
@@ -79,7 +79,7 @@ def forward_taps(model, tokens_BT) -> dict[str, np.ndarray]:
     `logits`), float32 numpy, in the order the model computes them: what "the first non-finite tensor" reads."""
     taps = {}
     model(jnp.asarray(tokens_BT), taps=taps)
-    return {name: np.asarray(x, np.float32) for name, x in flat_taps(taps).items()}  # not jax.tree.map: it sorts keys
+    return {name: whole(x).astype(np.float32) for name, x in flat_taps(taps).items()}  # not jax.tree.map: it sorts keys
 
 
 def make_optimizer(model, cfg: TrainConfig) -> optax.GradientTransformation:
