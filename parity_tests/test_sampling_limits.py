@@ -137,3 +137,24 @@ def test_generate_from_nan_weights_raises_generation_error():
         for temperature in (0.0, 1.0):
             with pytest.raises(GenerationError, match="new token 1: the logits of row 0 hold a NaN"):
                 gen.generate(model, [1, 2, 3], 4, temperature=temperature)
+
+
+def test_generate_cli_reports_undrawable_logits_in_one_line(tmp_path, capsys):
+    """Finite weights whose forward overflows (NaN logits): one error line and exit code 1, no traceback."""
+    from shared_config import save_checkpoint
+    from shared_config.cli import run
+
+    from .common import load_script
+
+    spec = make_spec(n_layers=1)
+    weights = parity_weights(spec)
+    head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+    signs = np.where(np.arange(spec.D) % 2, 1.0, -1.0).astype(np.float32)
+    weights[head] = np.broadcast_to(3e38 * signs, weights[head].shape).copy()  # +inf and -inf terms: NaN logits
+    save_checkpoint(tmp_path / "overflow.safetensors", weights, spec)
+    cli = load_script("generate")
+    for backend in ("jax", "torch"):
+        with pytest.raises(SystemExit) as e:
+            run(cli.main, ["--backend", backend, "--weights", str(tmp_path / "overflow.safetensors"), "--tokens", "1,2"])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and line.startswith("error: new token 1: the logits of row 0 hold a NaN"), line

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from shared_config.cli import Parser, UsageError, fail, run
 from shared_config.formats import quiet_libraries, read_checkpoint
-from shared_config.cli import Parser, UsageError, run
 from shared_config.generation import GenerationError, check_generation
 
 
@@ -49,11 +49,15 @@ def main(argv=None):
         raise UsageError(str(e)) from None
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
-    if text:
-        show = TextStream(text.decode)
-        emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
-    else:
-        emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
+    try:
+        if text:
+            show = TextStream(text.decode)
+            emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
+        else:
+            emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
+    except GenerationError as e:  # logits no token can be drawn from (NaN weights): one line, exit code 1
+        print(file=sys.stdout)
+        fail(str(e), 1)
 
 
 def load_weights(path: Path, spec=None):
