@@ -13,6 +13,7 @@ Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progre
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -37,14 +38,14 @@ ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked", "pallas")
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="both", choices=list(BACKENDS))
+    p.add_argument("--backend", default="both", choices=list(BACKENDS), help="what to time (all: jax, torch and hf)")
     p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
     p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend), rounded up to a multiple of --rounds")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--mode", default="train", choices=["train", "forward", "decode"],
                    help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq tokens, then time "
@@ -52,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the torch/hf step (default: on GPU yes, on CPU no)")
-    p.add_argument("--attention", default="auto", choices=ATTENTION)
+    p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
@@ -61,8 +62,9 @@ def parse_args(argv):
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
                    help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     for name in ("batch", "steps", "rounds", "threads"):
         if getattr(args, name) < 1:
@@ -80,6 +82,9 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
+        raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
+                         "pip install -e '.[hf]' (or pip install transformers)")
     return args
 
 

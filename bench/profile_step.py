@@ -25,6 +25,7 @@ take step times from bench/compare.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -103,22 +104,23 @@ def hlo_categories(text: str) -> dict[str, str]:
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="both", choices=["both", "jax", "torch"])
+    p.add_argument("--backend", default="both", choices=["both", "jax", "torch"], help="the twins to profile")
     p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--mode", default="train", choices=["train", "forward"])
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--mode", default="train", choices=["train", "forward"], help="what one profiled step runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the torch step (default: on GPU yes, on CPU no)")
-    p.add_argument("--attention", default="auto", choices=ATTENTION)
+    p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every framework (default: all)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per backend")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     for name in ("batch", "steps", "top"):
         if getattr(args, name) < 1:
@@ -129,6 +131,29 @@ def parse_args(argv):
     return args
 
 
+# Lines torch's profiler (Kineto, in C++) prints on stderr at every start and stop, whatever its log level.
+PROFILER_CHATTER = (b"USDT:", b"STAGE:")
+
+
+@contextlib.contextmanager
+def without_profiler_chatter():
+    """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
+    every line but Kineto's chatter passes on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(PROFILER_CHATTER)]
+            os.write(2, b"".join(kept))
+
+
 def torch_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float], float]:
     """{(kernel name, None): microseconds over `steps` steps} and the wall time of those steps in seconds."""
     import torch
@@ -137,7 +162,7 @@ def torch_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float
 
     gpu = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
+    with without_profiler_chatter(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             bench.sync(bench.step())
@@ -240,7 +265,7 @@ def main(argv=None):
     configure_threads(args.threads, None)
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
-    from tqdm import tqdm
+    from shared_config.progress import progress
 
     from runners import jax_device_name, setup_jax, setup_torch, torch_device_name
     from timing import backend_options, bench_tokens
@@ -250,7 +275,7 @@ def main(argv=None):
     tokens = bench_tokens(spec, args)
     device = jax_device_name() if "jax" in backends else torch_device_name()
     results = []
-    for backend in tqdm(backends, desc="profile", file=sys.stderr):
+    for backend in progress(backends, desc="profile", quiet=args.quiet):
         setup, profiler = {"jax": (setup_jax, jax_kernels), "torch": (setup_torch, torch_kernels)}[backend]
         bench = setup(spec, tokens, args.mode, names[backend], train_config, compile)
         for _ in range(1 + args.warmup):  # compile, then warm up

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 from shared_config.cli import UsageError
 
 from flops import flops_per_token, matmul_params, peak_tflops
 from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
+
+from shared_config.progress import progress
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
@@ -93,7 +93,7 @@ def run_benchmarks(args, specs, backends, kernels):
     per_round = math.ceil(args.steps / args.rounds)
     # decode: the cache holds the prompt and every token decoded after one prefill (a round, or compile + warmup)
     new_tokens = max(per_round, 1 + args.warmup)
-    for label, spec, backend in tqdm(jobs, desc="compile + warmup", file=sys.stderr):
+    for label, spec, backend in progress(jobs, desc="compile + warmup", quiet=args.quiet):
         args.job = f"{backend} {args.mode} job of {label}"  # named by compare.py if it runs out of memory
         tokens = bench_tokens(spec, args)
         bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=new_tokens)
@@ -102,7 +102,7 @@ def run_benchmarks(args, specs, backends, kernels):
             timed(bench)
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
         benches[label, backend] = (spec, bench, compile_s, [], [])
-    with tqdm(total=per_round * args.rounds * len(jobs), desc="timed steps", file=sys.stderr) as bar:
+    with progress(total=per_round * args.rounds * len(jobs), desc="timed steps", quiet=args.quiet) as bar:
         for r in range(args.rounds):
             # Each round starts one job later: every backend follows every other equally often (the job after
             # another framework's pays for cold thread pools and caches, and that must not always be the same one).

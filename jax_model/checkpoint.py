@@ -23,6 +23,7 @@ from shared_config import (
     save_checkpoint,
     spec_from_json,
 )
+from shared_config.formats import read_checkpoint
 
 from shared_config.io import write_errors
 from shared_config.limits import MAX_JSON_BYTES, read_capped
@@ -44,6 +45,13 @@ def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", al
     """Load a canonical checkpoint; `spec=None` reads the spec from the file's metadata."""
     weights, spec = load_checkpoint(path, spec, allow_nonfinite)
     return from_weights(weights, spec, attention)
+
+
+def from_pretrained(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False) -> Transformer:
+    """A model from a checkpoint in any format convert.py reads: a canonical .safetensors file, a run's step
+    directory, a Hugging Face or Orbax directory, a .pt file (shared_config.formats). `spec=None`: the file's own
+    (a bare state dict needs one). Raises CheckpointError naming the file and what is wrong."""
+    return from_weights(*read_checkpoint(path, spec, allow_nonfinite), attention)
 
 
 def to_safetensors(model: Transformer, path: str | Path) -> None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_config.generation import as_prompts, check_generation, collect, left_pad, stop_at_eos
+from shared_config.generation import as_prompts, check_drawn, check_generation, collect, in_float32, left_pad, stop_at_eos
 
 from .model import KVCache, Transformer
 
@@ -63,25 +63,58 @@ def forward_last(graphdef, state, cache: KVCache, tokens_BT):
 
 
 def filter_logits(logits_BV, top_k: int | None, top_p: float | None):
-    """Logits outside the top k, then outside the smallest top set holding probability `top_p`, set to -inf."""
+    """Logits [B, V] outside the top k, then outside the smallest top set holding probability `top_p`, set to -inf.
+
+    Ties at the cut are kept. `top_k >= V` and `top_p = 1` keep every token: no float32 sum decides them. The mass
+    ranked above each token is an exclusive running sum of exp(logit - max) by `exclusive_cumsum`, compared with
+    `top_p` times the total: the same float32 operations in both twins, whatever their cumsum kernels.
+    """
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if top_p is not None:
+    if top_p is not None and top_p < 1:
         sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability of the tokens ranked above each
-        cutoff_B1 = jnp.min(jnp.where(above_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        weights_BV = jnp.exp(shifted(sorted_BV))  # unnormalised probabilities, the best token's 1
+        above_BV = exclusive_cumsum(weights_BV)  # the mass of the tokens ranked above each
+        total_B1 = above_BV[:, -1:] + weights_BV[:, -1:]
+        cutoff_B1 = jnp.min(jnp.where(above_BV < top_p * total_B1, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return logits_BV
 
 
+def shifted(x_BV):
+    """x minus its row maximum [B, V], exact at the limits: the best tokens 0, the rest <= 0; when the maximum is
+    +inf, the tokens at +inf share all the mass (0) and the rest none (-inf). NaN stays NaN."""
+    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.where(x_BV == max_B1, 0.0, x_BV - max_B1)
+
+
+def exclusive_cumsum(x_BV):
+    """The sum of the entries before each one [B, V], by log2(V) elementwise additions (Hillis and Steele 1986): the
+    same float32 roundings in both twins, and an error that grows with log V where a sequential sum's grows with V."""
+    sums_BV = jnp.pad(x_BV, ((0, 0), (1, 0)))[:, :-1]  # shifted right by one: exclusive
+    shift = 1
+    while shift < x_BV.shape[-1]:
+        sums_BV = sums_BV + jnp.pad(sums_BV, ((0, 0), (shift, 0)))[:, :-shift]
+        shift *= 2
+    return sums_BV
+
+
 @partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
 def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: float | None = None):
-    """Next tokens [B]: the argmax when temperature is 0, else a draw from softmax(logits / temperature), filtered."""
+    """Next tokens [B] int32: the argmax when temperature is 0, else a draw from softmax(logits / temperature), filtered;
+    -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
+
+    Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
+    draws uniformly; +inf logits share all the mass.
+    """
+    valid_B = jnp.max(logits_BV, axis=-1) > -jnp.inf  # False for NaN too
     if temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1)
-    return jax.random.categorical(key, filter_logits(logits_BV / temperature, top_k, top_p), axis=-1)
+        return jnp.where(valid_B, jnp.argmax(logits_BV, axis=-1), -1)
+    diff_BV = shifted(logits_BV)
+    # 0 and -inf stay as they are: 0 / 0 and -inf / inf are NaN where temperature is 0 or inf in float32
+    scaled_BV = jnp.where((diff_BV == 0) | (diff_BV == -jnp.inf), diff_BV, diff_BV / in_float32(temperature))
+    return jnp.where(valid_B, jax.random.categorical(key, filter_logits(scaled_BV, top_k, top_p), axis=-1), -1)
 
 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -102,6 +135,7 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
     for step in range(max_new_tokens):
         key, step_key = jax.random.split(key)
         next_B = np.asarray(sample(logits_BV, step_key, temperature, top_k, top_p))
+        check_drawn(next_B, step)
         yield next_B
         if step + 1 < max_new_tokens:
             logits_BV, cache = decoder.decode_step(next_B, cache)

@@ -28,9 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shared_config import TrainConfig, decays, lr_factor, model_layout
+from shared_config import TrainConfig, decays, flat_taps, lr_factor, model_layout
 
-from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict
+from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
 
@@ -72,6 +72,14 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, d
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
+
+
+def forward_taps(model, tokens_BT) -> dict[str, np.ndarray]:
+    """Every tapped activation of one forward pass of tokens [B, T] (`model.embed`, `model.layers.0.attn_out`, ...,
+    `logits`), float32 numpy, in the order the model computes them: what "the first non-finite tensor" reads."""
+    taps = {}
+    model(jnp.asarray(tokens_BT), taps=taps)
+    return {name: whole(x).astype(np.float32) for name, x in flat_taps(taps).items()}  # not jax.tree.map: it sorts keys
 
 
 def make_optimizer(model, cfg: TrainConfig) -> optax.GradientTransformation:

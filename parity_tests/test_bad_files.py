@@ -124,11 +124,11 @@ def test_missing_unexpected_and_misshapen_tensors_reported_together(tmp_path):
     w = init_weights(spec, 0)
     for i in range(3):
         del w[f"model.layers.{i}.mlp.up_proj.weight"]
-    w["model.layers.1.self_attn.rotary_emb.inv_freq"] = np.zeros(4, np.float32)
+    w["model.layers.1.self_attn.attn_bias"] = np.zeros(4, np.float32)
     w["lm_head.weight"] = np.ascontiguousarray(w["lm_head.weight"].T)
     expected = (
         "missing keys: model.layers.{0..2}.mlp.up_proj.weight; "
-        "unexpected keys: model.layers.1.self_attn.rotary_emb.inv_freq; "
+        "unexpected keys: model.layers.1.self_attn.attn_bias; "
         "shape mismatches: lm_head.weight expected [97, 48] found [48, 97]"
     )
     torch.save({k: torch.from_numpy(v) for k, v in w.items()}, tmp_path / "bare.pt")  # the torch reader

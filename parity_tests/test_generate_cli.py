@@ -90,7 +90,8 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
 
 
 def test_weights_that_are_missing_or_a_directory(weights, capsys):
-    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent, "neither a Hugging Face")]:
+    (weights.parent / "empty").mkdir(exist_ok=True)  # a directory with model.safetensors is read as a run's checkpoint
+    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent / "empty", "neither a Hugging Face")]:
         with pytest.raises(SystemExit) as e:
             cli.run(cli.main, ["--backend", "torch", "--weights", str(path), "--tokens", "1"])
         err = capsys.readouterr().err.strip()

@@ -143,3 +143,16 @@ def test_cli_profiles_both_twins(tmp_path):
 def test_cli_bad_arguments_exit_2():
     assert one_line_error(profile("--steps", "0", check=False)) == "error: --steps must be >= 1, got 0"
     one_line_error(profile("--mode", "decode", check=False), "invalid choice: 'decode'")
+
+
+def test_the_torch_profilers_chatter_is_kept_off_stderr(capfd):
+    """Kineto prints `USDT:`/`STAGE:` lines from C++ at every profiler start and stop; other lines pass."""
+    import os
+
+    from profile_step import without_profiler_chatter
+
+    with without_profiler_chatter():
+        os.write(2, b"USDT:2026-12-01 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"STAGE:2026-12-01 Completed Stage: Warm Up\n")
+        os.write(2, b"a real warning\n")
+    assert capfd.readouterr().err == "a real warning\n"

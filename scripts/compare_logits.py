@@ -19,9 +19,9 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="a canonical .safetensors checkpoint")
     src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
+    p.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    p.add_argument("--seq", type=int, default=64, help="positions the model reads")
     args = p.parse_args(argv)
     if args.weights:
         weights, spec = load_checkpoint(args.weights)

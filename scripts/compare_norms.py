@@ -33,6 +33,7 @@ from shared_config import init_weights, load_spec, load_train_config  # noqa: E4
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
+from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
@@ -86,10 +87,11 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
     }
 
 
-def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict]) -> dict:
+def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
+          quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
     results, data = {}, synthetic_corpus(0)
-    with tqdm(total=len(configs) * len(backends), desc="norm study", unit="run", file=sys.stderr) as bar:
+    with progress(total=len(configs) * len(backends), desc="norm study", unit="run", quiet=quiet) as bar:
         for config in configs:
             for backend in backends:
                 bar.set_postfix_str(f"{config} {backend}")
@@ -220,12 +222,13 @@ def output_criteria(rows: dict) -> list[tuple]:
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph: one sentence
     p.add_argument("--steps", type=int, default=300, help="updates per run")
     p.add_argument("--backends", default="jax,torch", help="comma-separated; the first one's numbers fill the table")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--out", type=Path, default=Path("runs/norms"))
+    p.add_argument("--out", type=Path, default=Path("runs/norms"), help="where the table, curves and runs go")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
     args = p.parse_args(argv)
@@ -268,7 +271,7 @@ def main(argv=None):
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
     make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
     args.out.mkdir(parents=True, exist_ok=True)
-    print(write_report(study(args.configs, args.backends, args.steps, args.out, changes), args, changes))
+    print(write_report(study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
 
 
 if __name__ == "__main__":

@@ -14,52 +14,34 @@ beside it and renamed into place when complete, so that a failure leaves DST as 
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
-import jax_model
-import torch_model
-from shared_config import CheckpointError, check_weights, fla, hf, load_checkpoint, np_dtype, save_checkpoint
-from shared_config.io import read_json
+from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
 from shared_config.io import recover, write_errors
+from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 
-FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
-SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
-DIRECTORIES = ("flax", "hf", "fla")
 
-# (path, spec or None) -> (canonical weights as stored, spec): each format's one reader.
-READERS = {
-    "safetensors": lambda path, spec: load_checkpoint(path, spec, allow_nonfinite=True),  # NaN/Inf: checked below
-    "torch": torch_model.load_state_dict_file,
-    "flax": jax_model.load_orbax,
-    "hf": hf.read_hf,
-    "fla": fla.read_fla,
-}
+def _write_torch(path, weights, spec, force):
+    from torch_model import save_state_dict_file  # the frameworks load only when their format is written
+
+    save_state_dict_file(path, weights, spec)
+
+
+def _write_flax(path, weights, spec, force):
+    from jax_model import save_orbax
+
+    save_orbax(path, weights, spec, force)
+
+
 # (path, weights, spec, force): a file is replaced by a rename anyway; a directory only when forced.
 WRITERS = {
     "safetensors": lambda path, weights, spec, force: save_checkpoint(path, weights, spec),
-    "torch": lambda path, weights, spec, force: torch_model.save_state_dict_file(path, weights, spec),
-    "flax": jax_model.save_orbax,
+    "torch": _write_torch,
+    "flax": _write_flax,
     "hf": hf.write_hf,
     "fla": fla.write_fla,
 }
-
-
-def source_format(src: Path) -> str:
-    """A directory's format by its contents, a file's by its extension."""
-    if src.is_dir():
-        if (src / "config.json").is_file():  # flash-linear-attention's GLA (model_type gla), else Hugging Face
-            return "fla" if read_json(src / "config.json").get("model_type") == "gla" else "hf"
-        if (src / "state").is_dir():
-            return "flax"
-        raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json) nor an Orbax one (state/)")
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file or directory")
-    if src.suffix not in SUFFIXES:
-        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}' ({', '.join(SUFFIXES)} or a directory)")
-    return SUFFIXES[src.suffix]
 
 
 def target_format(dst: Path, to: str | None) -> str:
@@ -86,22 +68,14 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
         raise UsageError(f"{dst} is {kind}, but a {target} checkpoint is {other}")
 
 
-def read_checkpoint(src, spec=None, allow_nonfinite=False):
-    """Canonical weights and spec from a checkpoint in any format (what generate.py and train.py load)."""
-    src = Path(src)
-    weights, spec = READERS[source_format(src)](src, spec)
-    check_weights(weights, spec, src, allow_nonfinite)
-    return weights, spec
-
-
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
     src, dst = Path(src), Path(dst)
-    source, target = source_format(src), target_format(dst, to)
+    source_format(src)  # a missing or unknown SRC is the first error, before DST is looked at
+    target = target_format(dst, to)
     recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
-    weights, spec = READERS[source](src, spec)
-    check_weights(weights, spec, src, allow_nonfinite=True)  # names, shapes, float dtypes: before any cast
+    weights, spec, source = read_any(src, spec)  # names, shapes, float dtypes checked: before any cast
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
     check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
@@ -110,16 +84,9 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     return source, target
 
 
-def quiet_libraries() -> None:
-    """Keep stderr to our one line: Orbax warns through absl, and on a damaged checkpoint its async reads
-    fail again on a closed event loop after we have reported the error (unraisable tracebacks)."""
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
-
-
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax, Hugging Face or flash-linear-attention directory")
+    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax, Hugging Face or flash-linear-attention directory, or a run's step-NNNNNNNN directory")
     p.add_argument("dst", type=Path, help="the file or directory to write")
     p.add_argument("--to", choices=FORMATS, help="the target format (default: from DST's extension)")
     p.add_argument("--spec", help="preset name or YAML path; required when SRC carries no spec (a bare state dict)")

@@ -15,27 +15,28 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared_config import load_checkpoint
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, fail, run
+from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
 
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=["jax", "torch"])
+    p.add_argument("--backend", required=True, choices=["jax", "torch"], help="the twin that generates")
     p.add_argument("--weights", required=True, type=Path, help="a canonical .safetensors file, a Hugging Face or Orbax directory, or a .pt file")
     p.add_argument("--spec", help="preset name or YAML path, for a file that carries no spec")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (tokenizer.json beside the weights, else UTF-8 bytes)")
     src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     # Sampling options left unset take generate()'s defaults (greedy, seed 0, no eos).
-    p.add_argument("--temperature", type=float, help="0: greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float, help="0: greedy (default: 0)")
+    p.add_argument("--top-k", type=int, help="draw from the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, help="draw from the smallest top set holding this probability (default: 1, all)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: 0)")
     p.add_argument("--eos-id", type=int, help="stop at this token id")
-    p.add_argument("--attention", default="auto", help="attention kernel (jax: einsum|xla|cudnn, torch: einsum|sdpa|flash|cudnn)")
+    p.add_argument("--attention", default="auto",
+                   help="attention kernel (jax: auto|einsum|blocked|xla|cudnn, torch: auto|einsum|blocked|sdpa|flash|cudnn)")
     args = p.parse_args(argv)
 
     weights, spec = load_weights(args.weights, args.spec)
@@ -48,21 +49,19 @@ def main(argv=None):
         raise UsageError(str(e)) from None
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
-    if text:
-        show = TextStream(text.decode)
-        emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
-    else:
-        emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
+    try:
+        if text:
+            show = TextStream(text.decode)
+            emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
+        else:
+            emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
+    except GenerationError as e:  # logits no token can be drawn from (NaN weights): one line, exit code 1
+        print(file=sys.stdout)
+        fail(str(e), 1)
 
 
 def load_weights(path: Path, spec=None):
-    """Canonical weights and their spec: a canonical file directly (numpy only), any other format that
-    scripts/convert.py reads (a Hugging Face or Orbax directory, a .pt file) through its readers."""
-    if path.suffix == ".safetensors" and not path.is_dir():
-        return load_checkpoint(path, spec)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from convert import quiet_libraries, read_checkpoint
-
+    """Canonical weights and their spec, from any format convert.py reads (shared_config.formats)."""
     quiet_libraries()
     return read_checkpoint(path, spec)
 

@@ -16,7 +16,7 @@ def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True, help="preset name or YAML path")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="init seed")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = p.parse_args(argv)

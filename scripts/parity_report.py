@@ -13,18 +13,17 @@ row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad argumen
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from shared_config import (
     atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, run
+from shared_config.progress import progress as progress_bar
 
 
 @dataclass
@@ -35,18 +34,24 @@ class Row:
     max_abs: float | None  # max|Δ|, where the stage compares arrays
     tol: float
     passed: bool
+    margin: float | None = None  # tol / value: how far inside its bound a passing row is
 
 
 def compare(stage: str, a, ref, tol: float, measure: str = "max|Δ|/std") -> Row:
     """An array row: max|Δ| over the reference's std (float32 activations) or over its max|x|."""
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     value = P.rel_err(a, ref) if measure == "max|Δ|/std" else P.max_rel(a, ref)
-    return Row(stage, measure, value, float(np.abs(a - ref).max()), tol, bool(value <= tol))
+    return Row(stage, measure, value, float(np.abs(a - ref).max()), tol, bool(value <= tol), margin(value, tol))
 
 
 def bound(stage: str, measure: str, value: float, tol: float, at_least: bool = False) -> Row:
     """A scalar row: passes when value <= tol (value >= tol for agreements)."""
-    return Row(stage, measure, float(value), None, tol, bool(value >= tol if at_least else value <= tol))
+    passed = bool(value >= tol if at_least else value <= tol)
+    return Row(stage, measure, float(value), None, tol, passed, None if at_least else margin(value, tol))
+
+
+def margin(value: float, tol: float) -> float | None:
+    return float(tol / value) if value > 0 else None
 
 
 # --- the twins, framework by framework ---------------------------------------------------------------
@@ -78,6 +83,21 @@ def torch_run(weights, spec, tokens_BN):
     return to_numpy(taps), logits.numpy(), *loss_and_grads(model, tokens_BN)
 
 
+def rounding_floors(weights, spec, tokens_BN, torch_taps, torch_logits) -> dict[str, float]:
+    """float32's rounding floor at every forward stage, in max|Δ|/std: how far the torch twin's taps move when
+    every weight is rounded once more (a relative 2⁻²⁴ of random sign), the scale of one stage's own rounding."""
+    signs = np.random.default_rng(0)
+    nudged = {n: (w.astype(np.float64) * (1 + 2.0**-24 * signs.choice([-1.0, 1.0], w.shape))).astype(w.dtype)
+              for n, w in weights.items()}
+    taps, logits, *_ = torch_run(nudged, spec, tokens_BN)
+    floors = {"logits": P.rel_err(logits, torch_logits)}
+    for name, x in taps.items():
+        for part, y in (x.items() if isinstance(x, dict) else [("", x)]):
+            stage = f"{name}.{part}" if part else name
+            floors[stage] = P.rel_err(y, torch_taps[name][part] if part else torch_taps[name])
+    return floors
+
+
 def to_numpy(taps: dict) -> dict:
     return {k: to_numpy(v) if isinstance(v, dict) else np.asarray(v, np.float64) for k, v in taps.items()}
 
@@ -104,16 +124,23 @@ def trajectories(weights, spec, cfg, progress):
 # --- rows ------------------------------------------------------------------------------------------
 
 
-def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: bool) -> list[Row]:
+def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: bool, floors=None) -> list[Row]:
+    """One row per stage. bf16: one flat bound; float32: FLOOR_FACTOR times that stage's rounding floor
+    (`rounding_floors`), at least float32's epsilon, so that no correct run touches its bound by rounding alone."""
     # bf16 differences are roundings of the largest values: measured against max|x|, not std
-    tol, measure = (P.BF16_FORWARD_TOL, "max|Δ|/max|x|") if bf16 else (P.FORWARD_TOL, "max|Δ|/std")
-    rows = [compare("model.embed", jax_taps["model.embed"], torch_taps["model.embed"], tol, measure)]
+    measure = "max|Δ|/max|x|" if bf16 else "max|Δ|/std"
+
+    def tol(stage: str) -> float:
+        return P.BF16_FORWARD_TOL if bf16 else P.FLOOR_FACTOR * max(floors[stage], float(np.finfo(np.float32).eps))
+
+    rows = [compare("model.embed", jax_taps["model.embed"], torch_taps["model.embed"], tol("model.embed"), measure)]
     for i in range(spec.L):
         layer = f"model.layers.{i}"
         for part in ("attn_out", "mlp_out", "residual"):
-            rows.append(compare(f"{layer}.{part}", jax_taps[layer][part], torch_taps[layer][part], tol, measure))
-    rows.append(compare("model.norm", jax_taps["model.norm"], torch_taps["model.norm"], tol, measure))
-    rows.append(compare("logits", jax_logits, torch_logits, tol, measure))
+            stage = f"{layer}.{part}"
+            rows.append(compare(stage, jax_taps[layer][part], torch_taps[layer][part], tol(stage), measure))
+    rows.append(compare("model.norm", jax_taps["model.norm"], torch_taps["model.norm"], tol("model.norm"), measure))
+    rows.append(compare("logits", jax_logits, torch_logits, tol("logits"), measure))
     if bf16:
         kl = P.token_kl(jax_logits, torch_logits)
         rows.append(bound("logits KL mean", "KL(torch‖jax)", kl.mean(), P.BF16_KL_MEAN))
@@ -150,10 +177,12 @@ def train_rows(runs: dict, bf16: bool) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     width = max(len(r.stage) for r in rows)
-    print(f"{'stage':<{width}}  {'measure':<15} {'value':>10} {'max|Δ|':>10} {'tol':>8}  result")
+    print(f"{'stage':<{width}}  {'measure':<15} {'value':>10} {'max|Δ|':>10} {'tol':>8} {'margin':>7}  result")
     for r in rows:
         max_abs = "" if r.max_abs is None else f"{r.max_abs:.2e}"
-        print(f"{r.stage:<{width}}  {r.measure:<15} {r.value:>10.2e} {max_abs:>10} {r.tol:>8.2g}  {'PASS' if r.passed else 'FAIL'}")
+        margin_ = "" if r.margin is None else f"{r.margin:.1f}x"
+        print(f"{r.stage:<{width}}  {r.measure:<15} {r.value:>10.2e} {max_abs:>10} {r.tol:>8.2g} {margin_:>7}  "
+              f"{'PASS' if r.passed else 'FAIL'}")
     failed = [r for r in rows if not r.passed]
     print(f"first failure: {failed[0].stage}" if failed else f"all {len(rows)} stages pass")
 
@@ -189,12 +218,13 @@ def main(argv=None):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=int, default=256, help="positions the model reads")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
     p.add_argument("--train-steps", type=int, default=0, help="also train both twins this many steps")
     p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
@@ -237,12 +267,13 @@ def report(weights, spec, args, cfg) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     tokens_BN = synthetic_batch(args.seed, 0, args.batch, args.seq, spec.V)
     bf16 = spec.compute_dtype == "bfloat16"
-    with tqdm(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", file=sys.stderr) as progress:
+    with progress_bar(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", quiet=args.quiet) as progress:
         jax_taps, jax_logits, jax_loss, jax_grads = jax_run(weights, spec, tokens_BN)
         progress.update()
         torch_taps, torch_logits, torch_loss, torch_grads = torch_run(weights, spec, tokens_BN)
         progress.update()
-        rows = forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16)
+        floors = None if bf16 else rounding_floors(weights, spec, tokens_BN, torch_taps, torch_logits)
+        rows = forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16, floors)
         rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16)
         runs = trajectories(weights, cfg.model_spec(spec), cfg, progress) if cfg else None
     if runs:

@@ -71,9 +71,9 @@ def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("input", type=Path, help="a text file (UTF-8 for BPE; any bytes for byte-level)")
     p.add_argument("--out", type=Path, required=True, help="the data directory to write")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="UTF-8 bytes, or a BPE trained on the file")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     if not args.input.is_file():

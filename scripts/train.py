@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared_config import (
-    CheckpointError, ModelSpec, TrainConfig, check_weights, init_weights, layout, load_spec, load_train_config,
+    CheckpointError, ModelSpec, TrainConfig, check_weights, flat_taps, init_weights, layout, load_spec, load_train_config,
 )
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
@@ -38,6 +38,7 @@ from shared_config.io import atomic_write
 from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
+from shared_config.progress import progress
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
     read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
@@ -144,13 +145,13 @@ def checkpoint_state(path: Path) -> dict:
 
 
 def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
-    """--init-from's weights and spec, in any format convert.py reads (generate.py's loader); a given spec must match."""
+    """--init-from's weights and spec, in any format convert.py reads (shared_config.formats); a given spec must match."""
     if path is None:
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from generate import load_weights
+    from shared_config.formats import quiet_libraries, read_checkpoint
 
-    return load_weights(path, spec)
+    quiet_libraries()
+    return read_checkpoint(path, spec)
 
 
 def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
@@ -253,10 +254,9 @@ class JaxBackend:
         from flax import nnx
 
         nnx.update(self.model, self.state.params)
-        taps = {}
-        self.model(self.jax.numpy.asarray(tokens_BN[:, :-1]), taps=taps)
+        taps = self.train.forward_taps(self.model, tokens_BN[:, :-1])
         loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
-        return self.train_state()["weights"], self.jax.tree.map(np.asarray, taps), loss, grads
+        return self.train_state()["weights"], taps, loss, grads
 
 
 class TorchBackend:
@@ -301,11 +301,9 @@ class TorchBackend:
         return self.get_train_state(self.model, self.state)
 
     def inspect(self, tokens_BN):
-        taps = {}
-        with self.torch.no_grad():
-            self.model(self.torch.as_tensor(tokens_BN[:, :-1], device=next(self.model.parameters()).device), taps=taps)
+        taps = self.train.forward_taps(self.model, tokens_BN[:, :-1])
         loss, grads = self.train.loss_and_grads(self.model, tokens_BN)
-        return self.train_state()["weights"], self.fetch(taps), loss, grads
+        return self.train_state()["weights"], taps, loss, grads
 
 
 BACKENDS = {"jax": JaxBackend, "torch": TorchBackend}
@@ -354,8 +352,8 @@ class Loop:
             return {"step": state["step"], "checkpoint": str(latest_checkpoint(run.out))}
         backend = self.make_backend(state)
         first, self.clock = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len)
-        with tqdm(total=run.stop, initial=state["step"], desc=backend.name, file=sys.stderr,
-                  disable=not self.progress, dynamic_ncols=True) as self.bar:
+        with progress(total=run.stop, initial=state["step"], desc=backend.name, quiet=not self.progress,
+                      dynamic_ncols=True) as self.bar:
             for step in range(first, run.stop + 1):
                 self.pending.append((step, backend.step(run.batch(step))))
                 last = step == run.stop
@@ -523,7 +521,7 @@ def diagnose(run: Run, make_backend: Callable[[dict], Backend], step: int, check
 
 def first_nonfinite(weights: dict, taps: dict, loss: float, grads: dict) -> str | None:
     """The first NaN/Inf in the order things are computed: parameters, activations, the loss, gradients."""
-    found = first_bad("parameter", weights) or first_bad("activation", flatten(taps))
+    found = first_bad("parameter", weights) or first_bad("activation", flat_taps(taps))
     if found or not math.isfinite(loss):
         return found or "the loss itself is the first non-finite value (parameters and activations are finite)"
     return first_bad("gradient of", grads)
@@ -537,20 +535,12 @@ def first_bad(kind: str, tensors: dict) -> str | None:
     return None
 
 
-def flatten(taps: dict, prefix: str = "") -> dict:
-    """Nested taps ({"model.layers.0": {"attn_out": ...}}) as {"model.layers.0.attn_out": ...}, in forward order."""
-    flat = {}
-    for name, x in taps.items():
-        flat.update(flatten(x, f"{prefix}{name}.") if isinstance(x, dict) else {f"{prefix}{name}": x})
-    return flat
-
-
 # --- the command line ------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=sorted(BACKENDS))
+    p.add_argument("--backend", required=True, choices=sorted(BACKENDS), help="the twin that trains")
     p.add_argument("--spec", help=f"preset name or YAML path (default: {DEFAULT_SPEC} with the data's vocabulary size)")
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")

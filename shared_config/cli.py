@@ -40,10 +40,20 @@ USER_ERRORS = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless its help text already speaks of it or it has none."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one `error:` line (exit 2) and every tool has --debug."""
+    """argparse, but usage errors are one `error:` line (exit 2), every tool has --debug and --help shows defaults."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 

@@ -64,6 +64,18 @@ def is_number(x, lo: float, hi: float | None = None) -> bool:
     return ok and lo <= x and (hi is None or x <= hi)
 
 
+def check_drawn(next_B: np.ndarray, step: int) -> None:
+    """Raise GenerationError where a twin's `sample` marked a row -1: its logits held a NaN or were all -inf."""
+    if (bad := np.flatnonzero(np.asarray(next_B) < 0)).size:
+        raise GenerationError(f"new token {step + 1}: the logits of row {bad[0]} hold a NaN or are all -inf "
+                              "(non-finite weights?): no token can be drawn")
+
+
+def in_float32(x: float) -> float:
+    """`x` as float32 rounds it, with inf for values past float32's range (casting those warns in numpy and JAX)."""
+    return x if abs(x) <= float(np.finfo(np.float32).max) else math.copysign(math.inf, x)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Prompts as one [B, P] array padded on the left with `pad_id`, and the slot where each row starts [B]."""
     P = max(map(len, prompts))

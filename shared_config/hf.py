@@ -24,6 +24,7 @@ from .io import (
     resolve_spec,
     save_checkpoint,
     spec_from_metadata,
+    without_derived,
 )
 from .layout import group_names
 from .limits import quote
@@ -177,6 +178,7 @@ def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     path = Path(path)
     config = read_json(path / "config.json")
     weights, meta = _read_weights(path)
+    weights = without_derived(weights, path)
     # Fields config.json has no key for: from our metadata if present, else from the given spec.
     base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
     # bfloat16 stays bfloat16; anything else widens to float32 (lossless for float16)

@@ -10,8 +10,10 @@ import contextlib
 import glob
 import math
 import os
+import re
 import resource
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -320,7 +322,8 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     """The spec to use: the given one must agree with the file's; one of them must exist."""
     if given is None:
         if file_spec is None:
-            raise CheckpointError(f"{path}: the file carries no spec; pass one (a preset name, YAML path or dict)")
+            raise CheckpointError(f"{path}: the file carries no spec; pass one (--spec on the command line; spec= in Python: "
+                                  "a preset name, YAML path or dict)")
         return file_spec
     spec = load_spec(given)
     if file_spec is not None and file_spec != spec:  # equal architectures, however their defaults were written
@@ -341,6 +344,21 @@ def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fals
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
             f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
         )
+
+
+# Tensors some writers save that are computed from the spec, never learned: ignored on load with a note, as
+# transformers ignores them (transformers < 4.31 saved each Llama layer's RoPE `inv_freq`; later ones one copy).
+DERIVED_BUFFERS = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
+def without_derived(tensors: dict, path: str | Path) -> dict:
+    """`tensors` less the known derived buffers (`DERIVED_BUFFERS`), with a one-line note on stderr naming them;
+    every other unexpected tensor is left for the layout check to refuse."""
+    if not (derived := [n for n in tensors if DERIVED_BUFFERS.fullmatch(n)]):
+        return tensors
+    print(f"note: {path}: ignoring {len(derived)} derived buffer(s) recomputed from the spec: {group_names(derived)}",
+          file=sys.stderr)
+    return {n: x for n, x in tensors.items() if n not in derived}
 
 
 def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -397,6 +415,7 @@ def load_checkpoint(
 ) -> tuple[dict[str, np.ndarray], ModelSpec]:
     """Canonical weights (cast to the spec's param dtype) and the spec, everything checked."""
     weights, meta = read_safetensors(path)
+    weights = without_derived(weights, path)
     spec = resolve_spec(spec_from_metadata(meta, path), spec, path)
     check_weights(weights, spec, path, allow_nonfinite)
     dtype = np_dtype(spec.param_dtype)

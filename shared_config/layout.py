@@ -152,10 +152,13 @@ def fuse_qkv(weights: dict, spec: ModelSpec, concat: Callable = np.concatenate) 
     """
     if not fuses_qkv(spec):
         return dict(weights)
-    out = {k: v for k, v in weights.items() if not k.endswith(tuple(f".self_attn.{n}.weight" for n in QKV))}
-    for i in range(spec.L):
-        p = f"model.layers.{i}.self_attn"
-        out[f"{p}.qkv_proj.weight"] = concat([weights[f"{p}.{n}.weight"] for n in QKV])
+    out = {}
+    for name, x in weights.items():  # the fused matrix where q was: module order kept
+        if name.endswith(".self_attn.q_proj.weight"):
+            p = name.removesuffix(".q_proj.weight")
+            out[f"{p}.qkv_proj.weight"] = concat([weights[f"{p}.{n}.weight"] for n in QKV])
+        elif not name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+            out[name] = x
     return out
 
 
@@ -163,13 +166,23 @@ def split_qkv(weights: dict, spec: ModelSpec) -> dict:
     """In-memory layout -> file layout (the inverse of `fuse_qkv`; slicing, so any array type)."""
     if not fuses_qkv(spec):
         return dict(weights)
-    out = {k: v for k, v in weights.items() if not k.endswith(".self_attn.qkv_proj.weight")}
-    q, k = spec.H * spec.E, spec.K * spec.E
-    for i in range(spec.L):
-        p = f"model.layers.{i}.self_attn"
-        w = weights[f"{p}.qkv_proj.weight"]
-        out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"], out[f"{p}.v_proj.weight"] = w[:q], w[q : q + k], w[q + k :]
+    out, q, k = {}, spec.H * spec.E, spec.K * spec.E
+    for name, w in weights.items():  # q, k, v where the fused matrix was: module order kept
+        if name.endswith(".self_attn.qkv_proj.weight"):
+            p = name.removesuffix(".qkv_proj.weight")
+            out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"], out[f"{p}.v_proj.weight"] = w[:q], w[q : q + k], w[q + k :]
+        else:
+            out[name] = w
     return out
+
+
+def flat_taps(taps: dict, prefix: str = "") -> dict:
+    """Nested taps ({"model.layers.0": {"attn_out": ...}}) as {"model.layers.0.attn_out": ...}, in the order they
+    were recorded: the order the model computes them (a pytree map would sort the names: layers.10 before layers.2)."""
+    flat = {}
+    for name, x in taps.items():
+        flat.update(flat_taps(x, f"{prefix}{name}.") if isinstance(x, dict) else {f"{prefix}{name}": x})
+    return flat
 
 
 def group_names(names) -> str:

@@ -10,6 +10,9 @@ import numpy as np
 
 # float32 on CPU
 FORWARD_TOL = 1e-5  # activations and logits: max|Δ| / std(reference)
+# parity_report.py bounds each float32 stage by float32's own rounding there: the change one rounding of every
+# weight (a relative 2⁻²⁴, random sign) makes in the reference twin at that stage, times this factor
+FLOOR_FACTOR = 16
 LOSS_TOL = 1e-6  # |Δloss| / |loss|
 GRAD_TOL = 1e-4  # per tensor: max|Δg| / max|g|
 TRAJ_LOSS_TOL = 1e-5  # every step of a trajectory: |Δloss| / |loss|

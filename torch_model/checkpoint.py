@@ -22,6 +22,8 @@ from shared_config import (
     save_checkpoint,
     spec_from_json,
 )
+from shared_config.formats import read_checkpoint
+from shared_config.io import without_derived
 
 from shared_config.limits import quote
 
@@ -43,6 +45,18 @@ def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", al
     """Load a canonical checkpoint; `spec=None` reads the spec from the file's metadata."""
     weights, spec = load_checkpoint(path, spec, allow_nonfinite)
     return from_weights(weights, spec, attention, device)
+
+
+def from_pretrained(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False,
+                    device=None) -> Transformer:
+    """A model from a checkpoint in any format convert.py reads: a canonical .safetensors file, a run's step
+    directory, a Hugging Face or Orbax directory, a .pt file (shared_config.formats). `spec=None`: the file's own
+    (a bare state dict needs one). Raises CheckpointError naming the file and what is wrong.
+
+    For inference, as transformers' from_pretrained: in eval mode, and without gradients (outputs do not require
+    grad); `model.train().requires_grad_(True)` to fine-tune it.
+    """
+    return from_weights(*read_checkpoint(path, spec, allow_nonfinite), attention, device).eval().requires_grad_(False)
 
 
 def to_safetensors(model: Transformer, path: str | Path) -> None:
@@ -71,6 +85,7 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
     file_spec, state_dict = _unwrap(obj, path)
+    state_dict = without_derived(state_dict, path)
     spec = resolve_spec(file_spec, spec, path)
     check_size(len(state_dict), spec, path, fused=True)  # before the layout table of a spec claiming 10^7 layers
     check_layout(state_dict, {t.name: t.shape for t in model_layout(spec)}, path)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from shared_config import TrainConfig, decays, lr_factor, model_layout
+from shared_config import TrainConfig, decays, flat_taps, lr_factor, model_layout
 
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
@@ -71,6 +71,15 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, d
     loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN, count))
     grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
+
+
+@torch.no_grad()
+def forward_taps(model, tokens_BT) -> dict[str, np.ndarray]:
+    """Every tapped activation of one forward pass of tokens [B, T] (`model.embed`, `model.layers.0.attn_out`, ...,
+    `logits`), float32 numpy, in the order the model computes them: what "the first non-finite tensor" reads."""
+    taps = {}
+    model(torch.as_tensor(tokens_BT, device=next(model.parameters()).device), taps=taps)
+    return {name: whole(x).float().cpu().numpy() for name, x in flat_taps(taps).items()}
 
 
 def make_optimizer(model, cfg: TrainConfig, *, fused: bool = True) -> tuple[torch.optim.AdamW, LambdaLR]:

@@ -1,0 +1,103 @@
+"""What a new user meets on the command line: every option of every command explained in --help with its
+default, descriptions that are whole sentences, generate.py --attention naming every kernel, --quiet on every
+long-running command, plain progress lines (no carriage returns) when stderr is not a terminal, and a missing
+optional dependency reported before any work with what to install."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import sys
+
+import pytest
+
+import jax_model.layers
+import torch_model.layers
+from shared_config import cli
+from shared_config.progress import progress
+
+from .common import ROOT
+
+COMMANDS = sorted((ROOT / "scripts").glob("*.py")) + [ROOT / "bench" / "compare.py", ROOT / "bench" / "profile_step.py"]
+LONG_RUNNING = {"train", "compare_norms", "parity_report", "compare", "profile_step"}
+
+
+class Parsed(Exception):
+    """Raised in place of parsing: carries the command's parser out of its main()."""
+
+
+def parser_of(path, monkeypatch) -> cli.Parser:
+    """The argparse parser a command builds, caught where it would parse (no work done)."""
+    def grab(self, *args, **kwargs):
+        raise Parsed(self)
+
+    monkeypatch.setattr(cli.Parser, "parse_args", grab)
+    monkeypatch.syspath_prepend(str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(f"cli_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    with pytest.raises(Parsed) as e:
+        module.main([])
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.stem)
+def test_every_option_is_explained_with_its_default(path, monkeypatch):
+    parser = parser_of(path, monkeypatch)
+    assert parser.description.rstrip().endswith("."), parser.description
+    assert not [a.option_strings or a.dest for a in parser._actions if not a.help]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.default not in (None, False, [], "==SUPPRESS==") and action.option_strings:
+            assert "default" in formatter._get_help_string(action), action.dest
+    if path.stem in LONG_RUNNING:
+        assert "--quiet" in parser._option_string_actions, path.stem
+
+
+def test_generate_help_names_every_attention_kernel(monkeypatch):
+    help_text = parser_of(ROOT / "scripts" / "generate.py", monkeypatch)._option_string_actions["--attention"].help
+    for name in {*jax_model.layers.ATTENTION, *torch_model.layers.ATTENTION}:
+        assert name in help_text, name
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_quiet_is_silent():
+    stream = io.StringIO()  # not a terminal
+    with progress(range(50), desc="steps", stream=stream, interval=0) as bar:
+        for _ in bar:
+            pass
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n") and "50/50" in text.splitlines()[-1]
+    stream = io.StringIO()
+    with progress(range(5), quiet=True, stream=stream) as bar:
+        list(bar)
+    assert stream.getvalue() == ""
+
+
+def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else found(name, *a))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    module_spec = importlib.util.spec_from_file_location("cli_bench_compare_deps", ROOT / "bench" / "compare.py")
+    compare = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(compare)
+    for backend in ("hf", "all"):
+        with pytest.raises(SystemExit) as e:
+            cli.run(compare.main, ["--backend", backend, "--steps", "1"])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "transformers" in line and "pip install -e '.[hf]'" in line, line
+
+
+README_OUTPUTS = ["tiny.safetensors", "tiny-dyt.safetensors", "tiny.pt", "state_dict.pt", "tiny-flax/state", "tiny-hf/config.json",
+                  "from-jax.safetensors", "input.txt", "data/text/train.bin", "runs/dyt/metrics.jsonl", "mid.json",
+                  "report.json", "p.json", "norms.png", "curves.png", "dyt.png"]
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    """A walkthrough of the README leaves `git status` clean: every file its commands write is ignored."""
+    readme = (ROOT / "README.md").read_text()
+    for path in README_OUTPUTS:
+        assert path.split("/")[0].removesuffix("/") in readme, path  # still a README output
+        result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", path])
+        assert result.returncode == 0, f"{path} is not git-ignored"

@@ -1,0 +1,95 @@
+"""Every checkpoint format a user may hand over, read into canonical weights and a spec: one dispatch read by
+both twins' `from_pretrained`, scripts/convert.py, generate.py --weights and train.py --init-from.
+
+    model.safetensors                   the canonical file (spec in its metadata)
+    runs/x/step-00000400/               a training run's checkpoint: its model.safetensors
+    model.pt / .pth                     torch state dict (read by torch_model; needs torch)
+    model-flax/  (state/, spec.json)    Orbax directory (read by jax_model; needs jax)
+    model-hf/    (config.json, ...)     Hugging Face directory
+    model-fla/   (config.json, model_type gla)  flash-linear-attention's GLA directory
+
+The framework readers are imported only when their format is read, so that reading a canonical file
+or a Hugging Face directory loads neither framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import fla, hf
+from .io import CheckpointError, check_weights, load_checkpoint, read_json
+from .spec import ModelSpec
+
+FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
+SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+DIRECTORIES = ("flax", "hf", "fla")
+RUN_CHECKPOINT = "model.safetensors"  # the weights inside a run's step-NNNNNNNN/ directory (shared_config.run_dir)
+
+
+def source_format(src: Path) -> str:
+    """A directory's format by its contents, a file's by its extension."""
+    src = Path(src)
+    if src.is_dir():
+        if (src / "config.json").is_file():  # flash-linear-attention's GLA (model_type gla), else Hugging Face
+            return "fla" if read_json(src / "config.json").get("model_type") == "gla" else "hf"
+        if (src / "state").is_dir():
+            return "flax"
+        if (src / RUN_CHECKPOINT).is_file():
+            return "safetensors"  # a run's checkpoint directory: read as its model.safetensors
+        raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json), an Orbax one (state/) "
+                              f"nor a run's checkpoint ({RUN_CHECKPOINT})")
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such file or directory")
+    if src.suffix not in SUFFIXES:
+        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}' ({', '.join(SUFFIXES)} or a directory)")
+    return SUFFIXES[src.suffix]
+
+
+def _read_safetensors(path: Path, spec):
+    path = path / RUN_CHECKPOINT if path.is_dir() else path
+    return load_checkpoint(path, spec, allow_nonfinite=True)  # NaN/Inf: checked by the caller
+
+
+def _read_torch(path: Path, spec):
+    from torch_model.checkpoint import load_state_dict_file
+
+    return load_state_dict_file(path, spec)
+
+
+def _read_flax(path: Path, spec):
+    from jax_model.checkpoint import load_orbax
+
+    return load_orbax(path, spec)
+
+
+# (path, spec or None) -> (canonical weights as stored, spec): each format's one reader.
+READERS = {"safetensors": _read_safetensors, "torch": _read_torch, "flax": _read_flax, "hf": hf.read_hf, "fla": fla.read_fla}
+
+
+def read_any(src: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec, str]:
+    """Canonical weights as stored, the spec and the source format of a checkpoint in any format; names,
+    shapes and float dtypes checked, values not (NaN/Inf: `read_checkpoint`)."""
+    src = Path(src)
+    source = source_format(src)
+    weights, spec = READERS[source](src, spec)
+    check_weights(weights, spec, src, allow_nonfinite=True)
+    return weights, spec, source
+
+
+def read_checkpoint(src: str | Path, spec=None, allow_nonfinite: bool = False) -> tuple[dict[str, np.ndarray], ModelSpec]:
+    """Canonical weights and spec from a checkpoint in any format, everything checked; a bad one is a
+    CheckpointError naming the file and what is wrong."""
+    weights, spec, _ = read_any(src, spec)
+    check_weights(weights, spec, src, allow_nonfinite)
+    return weights, spec
+
+
+def quiet_libraries() -> None:
+    """For command-line tools: keep stderr to our one line. Orbax warns through absl, and on a damaged
+    checkpoint its async reads fail again on a closed event loop after we have reported the error."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
