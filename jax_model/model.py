@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
+from shared_config.placement import PLACEMENTS, block_placement
 
 from .layers import DTYPES, ZEROS, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .gla import GLAState
@@ -60,8 +61,8 @@ class TransformerModel(nnx.Module):
         self.embed_positions = nnx.Embed(spec.max_seq_len, D, embedding_init=ZEROS, **dtypes, rngs=rngs) if learned else None
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
-        self.layers = nnx.List([Block(spec, attention, rngs=rngs) for _ in range(spec.L)])
-        self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
+        self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), rngs=rngs) for i in range(spec.L)])
+        self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
 
     def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
         """Final hidden states [B, T, D] and the updated cache (None without one)."""

@@ -71,8 +71,10 @@ def attention(x, w: dict, p: str, spec):
     q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, E)
     k = (x @ w[f"{p}.k_proj.weight"].T).reshape(B, T, K, E)
     v = (x @ w[f"{p}.v_proj.weight"].T).reshape(B, T, K, E)
-    if spec.qk_norm:
+    if spec.qk_norm or spec.norm_placement in HYBRID:
         q, k = rms(q, w[f"{p}.q_norm.weight"], spec.norm_eps), rms(k, w[f"{p}.k_norm.weight"], spec.norm_eps)
+    if spec.norm_placement in HYBRID:  # HybridNorm's QKV-norm: V too, per head over E, RMSNorm
+        v = rms(v, w[f"{p}.v_norm.weight"], spec.norm_eps)
     if spec.position == "rope":
         q, k = rope(q, spec), rope(k, spec)
     out = np.zeros((B, T, H, E))
@@ -100,6 +102,45 @@ def mlp(x, w: dict, p: str, spec):
     return h @ w[f"{p}.down_proj.weight"].T
 
 
+# --- norm placements: each written out from its definition (README, "Semantics") -------------------
+HYBRID = ("hybrid", "hybrid_star")
+
+
+def block(x, w: dict, p: str, i: int, spec):
+    """Block i: (its output, the attention branch, the MLP branch), with n1, n2 the slots named below."""
+    attn = lambda h: attention(h, w, f"{p}.self_attn", spec)  # noqa: E731
+    ffn = lambda h: mlp(h, w, f"{p}.mlp", spec)  # noqa: E731
+    n1 = lambda h: norm(h, w, f"{p}.input_layernorm", spec)  # noqa: E731
+    n2 = lambda h: norm(h, w, f"{p}.post_attention_layernorm", spec)  # noqa: E731
+    placement = spec.norm_placement
+    if placement == "hybrid_star" and i == 0:
+        placement = "pre"  # HybridNorm*: block 0 is Pre-Norm (its attention keeps the QKV norms)
+    if placement in ("post", "deepnorm"):  # x = n1(α·x + attn(x)); x = n2(α·x + mlp(x))
+        alpha = (2 * spec.L) ** 0.25 if placement == "deepnorm" else 1.0  # DeepNet, decoder-only
+        a = attn(x)
+        x = n1(alpha * x + a)
+        m = ffn(x)
+        return n2(alpha * x + m), a, m
+    if placement == "pre_post":  # x = x + attn(n1(x)); x = n2(x + mlp(x))
+        a = attn(n1(x))
+        x = x + a
+        m = ffn(x)
+        return n2(x + m), a, m
+    if placement in HYBRID:  # x = x + attn_qkvnorm(x); y = n2(x); x = y + mlp(y)
+        a = attn(x)
+        y = n2(x + a)
+        m = ffn(y)
+        return y + m, a, m
+    a = attn(n1(x))  # pre: x = x + attn(n1(x)); x = x + mlp(n2(x)); peri norms each branch's output too
+    if placement == "peri":
+        a = norm(a, w, f"{p}.attn_output_norm", spec)
+    x = x + a
+    m = ffn(n2(x))
+    if placement == "peri":
+        m = norm(m, w, f"{p}.mlp_output_norm", spec)
+    return x + m, a, m
+
+
 def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -> np.ndarray:
     """float64 logits [B, T, V] for int tokens [B, T]."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
@@ -115,23 +156,10 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -
         taps["model.embed"] = x
     for i in range(spec.L):
         p = f"model.layers.{i}"
-        if spec.norm_placement == "post":
-            a = attention(x, w, f"{p}.self_attn", spec)
-            x = norm(x + a, w, f"{p}.input_layernorm", spec)
-            m = mlp(x, w, f"{p}.mlp", spec)
-            x = norm(x + m, w, f"{p}.post_attention_layernorm", spec)
-        else:
-            a = attention(norm(x, w, f"{p}.input_layernorm", spec), w, f"{p}.self_attn", spec)
-            if spec.norm_placement == "peri":
-                a = norm(a, w, f"{p}.attn_output_norm", spec)
-            x = x + a
-            m = mlp(norm(x, w, f"{p}.post_attention_layernorm", spec), w, f"{p}.mlp", spec)
-            if spec.norm_placement == "peri":
-                m = norm(m, w, f"{p}.mlp_output_norm", spec)
-            x = x + m
+        x, a, m = block(x, w, p, i, spec)
         if taps is not None:
             taps[p] = {"attn_out": a, "mlp_out": m, "residual": x}
-    if spec.norm_placement != "post":
+    if spec.norm_placement not in ("post", "deepnorm"):
         x = norm(x, w, "model.norm", spec)
     if taps is not None:
         taps["model.norm"] = x

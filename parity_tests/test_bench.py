@@ -126,3 +126,13 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
 )
 def test_bad_scale_out_arguments(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
+
+
+def test_a_placement_sweep_gives_one_valid_spec_per_placement():
+    """`--sweep norm_placement=pre,peri,deepnorm,hybrid` on the tiny preset: deepnorm resolves residual_scaling off."""
+    import compare
+
+    got = compare.variants(compare.parse_args(["--sweep", "norm_placement=pre,peri,deepnorm,hybrid"]))
+    assert [label for label, _ in got] == [f"norm_placement={p}" for p in ("pre", "peri", "deepnorm", "hybrid")]
+    assert [s.norm_placement for _, s in got] == ["pre", "peri", "deepnorm", "hybrid"]
+    assert [s.residual_scaled for _, s in got] == [True, True, False, True]

@@ -29,6 +29,25 @@ GRID = [
     dict(norm_type="derf", norm_placement="peri", fused_qkv=False, position="learned", n_layers=3),
     dict(norm_type="derf", norm_placement="post", mlp="gelu", embed_scale="learnable", qk_norm=True),
 ]
+# The placements of issue 18 (DeepNorm, HybridNorm, HybridNorm*, pre-attention/post-FFN) x every norm type.
+GRID += [
+    dict(norm_type="rms", norm_placement="deepnorm", fused_qkv=False),
+    dict(norm_type="rms", norm_placement="hybrid", n_kv_heads=1),
+    dict(norm_type="rms", norm_placement="hybrid_star", tie_embeddings=True),
+    dict(norm_type="rms", norm_placement="pre_post", qk_norm=True),
+    dict(norm_type="layernorm", norm_placement="deepnorm", norm_bias=True, mlp="gelu"),
+    dict(norm_type="layernorm", norm_placement="hybrid", norm_bias=True, position="learned"),
+    dict(norm_type="layernorm", norm_placement="hybrid_star", n_layers=3, fused_qkv=False),
+    dict(norm_type="layernorm", norm_placement="pre_post", mlp="relu2"),
+    dict(norm_type="dyt", norm_placement="deepnorm", embed_scale="learnable", n_layers=3),
+    dict(norm_type="dyt", norm_placement="hybrid", mlp="gelu_tanh", head_dim=10),
+    dict(norm_type="dyt", norm_placement="hybrid_star", norm_bias=True, n_kv_heads=6),
+    dict(norm_type="dyt", norm_placement="pre_post", tie_embeddings=True, position="none"),
+    dict(norm_type="derf", norm_placement="deepnorm", qk_norm=True, norm_bias=True),
+    dict(norm_type="derf", norm_placement="hybrid", fused_qkv=False, embed_scale="constant"),
+    dict(norm_type="derf", norm_placement="hybrid_star", embed_scale="learnable"),
+    dict(norm_type="derf", norm_placement="pre_post", n_kv_heads=3, norm_bias=True),
+]
 
 
 
@@ -102,7 +121,11 @@ def test_count_makes_parts_add_up_to_the_whole():
 @pytest.mark.parametrize("changes", [
     dict(norm_type="derf", norm_placement="peri", norm_bias=True, embed_scale="learnable", qk_norm=True),
     dict(norm_type="layernorm", norm_placement="post", norm_bias=True, position="learned", tie_embeddings=True, mlp="gelu"),
-], ids=["derf-peri", "layernorm-post-tied"])
+    dict(norm_type="dyt", norm_placement="deepnorm", norm_bias=True, fused_qkv=False),
+    dict(norm_type="rms", norm_placement="hybrid_star", n_layers=3),
+    dict(norm_type="layernorm", norm_placement="hybrid", norm_bias=True),
+    dict(norm_type="derf", norm_placement="pre_post", tie_embeddings=True),
+], ids=["derf-peri", "layernorm-post-tied", "dyt-deepnorm", "rms-hybrid_star", "layernorm-hybrid", "derf-pre_post"])
 def test_gradients_match_float64_finite_differences(changes):
     """Per tensor, g · d equals (L(w + hd) − L(w − hd)) / 2h of the float64 reference for a random d."""
     spec = make_spec(**changes)

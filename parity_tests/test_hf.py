@@ -135,3 +135,15 @@ def test_export_refuses_every_option_without_a_hugging_face_equivalent(tmp_path)
     assert "norm_bias" not in msg.split(" (")[0]  # only the offending options are listed
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for norm_bias=True \("):
         config_from_spec(make_spec(norm_bias=True), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("placement", ["deepnorm", "hybrid", "hybrid_star", "pre_post"])
+def test_export_refuses_the_literature_placements_by_name(tmp_path, placement):
+    """No Hugging Face Llama / Qwen3 computes DeepNorm, HybridNorm(*) or Pre-attention/Post-FFN: the export names the
+    placement and writes nothing."""
+    spec = make_spec(norm_placement=placement)
+    src = tmp_path / "m.safetensors"
+    save_checkpoint(src, parity_weights(spec), spec)
+    with pytest.raises(CheckpointError, match=f"no Hugging Face equivalent for norm_placement={placement} "):
+        convert(src, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()

@@ -15,6 +15,7 @@ from flax import nnx
 import jax_model
 import torch_model
 from shared_config import init_weights, layout, load_spec
+from shared_config.placement import deepnorm_alpha, deepnorm_beta
 
 SPECS = {
     "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
@@ -22,6 +23,11 @@ SPECS = {
     "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", norm_placement="peri", attn_alpha_init=0.8,
                                             ffn_alpha_init=0.2, final_alpha_init=0.3),
     "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1, tie_embeddings=True),
+    # untruncated xavier normal; fused q/k/v drawn per slice, each at its own fans
+    "xavier_normal": load_spec("tiny").replace(init_scheme="xavier_normal", norm_placement="hybrid_star"),
+    # DeepNet's recipe: xavier normal at gain β on v, o and the MLP; q and k at gain 1
+    "deepnorm": load_spec("tiny-dyt").replace(init_scheme="xavier_normal", norm_placement="deepnorm", n_layers=3),
+    "deepnorm_normal": load_spec("tiny").replace(norm_placement="deepnorm", fused_qkv=False, mlp="gelu"),
 }
 
 
@@ -36,10 +42,14 @@ def expected(name: str, shape, spec):
         alpha = spec.final_alpha_init if name.startswith("model.norm") else (
             spec.attn_alpha_init if ("input_layernorm" in name or "attn_output_norm" in name) else spec.ffn_alpha_init)
         return "constant", {"alpha": alpha, "shift": spec.shift_init, "bias": 0.0}.get(leaf, 1.0)
-    residual = 1 / math.sqrt(2 * spec.L) if spec.residual_scaling and ("o_proj" in name or "down_proj" in name) else 1.0
+    residual = 1 / math.sqrt(2 * spec.L) if spec.residual_scaled and ("o_proj" in name or "down_proj" in name) else 1.0
+    if spec.norm_placement == "deepnorm" and not any(m in name for m in ("q_proj", "k_proj", "lm_head")):
+        residual = (8 * spec.L) ** -0.25  # DeepNet's β (decoder-only) on v, o, gate, up, down
     if spec.init_scheme == "normal":
         return "normal", spec.init_std * residual
-    return "uniform", math.sqrt(6 / sum(shape)) * residual  # Glorot: fan_in + fan_out
+    if spec.init_scheme == "xavier_normal":
+        return "normal", math.sqrt(2 / sum(shape)) * residual  # Glorot: fan_in + fan_out
+    return "uniform", math.sqrt(6 / sum(shape)) * residual
 
 
 def check_statistics(weights: dict, spec, twin: str):
@@ -56,6 +66,9 @@ def check_statistics(weights: dict, spec, twin: str):
         assert abs(x.std() / std - 1) <= 5 / math.sqrt((2 if dist == "normal" else 5) * n), f"{where}: std {x.std():.4g} != {std:.4g}"
         if dist == "uniform":
             assert np.abs(x).max() <= scale, f"{where}: max|x| {np.abs(x).max():.4g} above the bound"
+        else:  # untruncated: 4.55% of a normal sample lies beyond 2 std (none of jax's glorot_normal, truncated there)
+            tail, p = np.mean(np.abs(x) > 2 * std), 0.0455
+            assert abs(tail - p) <= 5 * math.sqrt(p * (1 - p) / n), f"{where}: {tail:.2%} beyond 2 std, not {p:.2%}"
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -67,6 +80,30 @@ def test_native_init_follows_the_rules(name):
     check_statistics(torch_weights, spec, "torch")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not np.array_equal(jax_weights[q], torch_weights[q])  # each twin draws with its own RNG
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_numpy_init_follows_the_same_rules(name):
+    check_statistics(init_weights(SPECS[name], 0), SPECS[name], "numpy")
+
+
+def test_deepnorm_constants_match_the_papers_worked_values():
+    """DeepNet (decoder-only): α = (2N)^(1/4), β = (8N)^(-1/4); N = 2 gives α = √2, β = 1/2."""
+    assert deepnorm_alpha(2) == pytest.approx(math.sqrt(2), rel=1e-15)
+    assert deepnorm_beta(2) == pytest.approx(0.5, rel=1e-15)
+    assert deepnorm_alpha(18) == pytest.approx(6 ** 0.5, rel=1e-15) and deepnorm_beta(32) == pytest.approx(1 / 4, rel=1e-15)
+
+
+def test_truncated_normal_is_caught():
+    """jax.nn.initializers.glorot_normal truncates at 2 std: the tail check must reject it."""
+    import jax
+
+    spec = SPECS["xavier_normal"]
+    weights = init_weights(spec, 0)
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = np.asarray(jax.nn.initializers.glorot_normal(in_axis=1, out_axis=0)(jax.random.key(0), weights[name].shape))
+    with pytest.raises(AssertionError, match=f"numpy {name}.*beyond 2 std"):
+        check_statistics(weights, spec, "numpy")
 
 
 def test_a_wrong_rule_is_named():

@@ -35,6 +35,10 @@ CASES += [
     {"norm_type": "dyt", "norm_placement": "peri"},
     {"norm_type": "dyt", "norm_placement": "post", "norm_bias": True},
     {"norm_type": "derf", "norm_placement": "post"},
+    {"norm_placement": "deepnorm"},
+    {"norm_placement": "hybrid"},  # V normed per head before it enters the cache
+    {"norm_type": "dyt", "norm_placement": "hybrid_star", "n_kv_heads": 1},
+    {"norm_type": "layernorm", "norm_placement": "pre_post"},
 ]
 P, N = 20, 12  # prompt tokens, then decode steps
 

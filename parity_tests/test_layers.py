@@ -10,6 +10,7 @@ import jax_model
 import torch_model
 from jax_model import layers as jl
 from shared_config import rope_inv_freq
+from shared_config.spec import CHOICES
 from torch_model import layers as tl
 
 from . import reference
@@ -118,32 +119,23 @@ def test_gelu_variants_differ():
     assert jnp.abs(jl.ACTIVATIONS["gelu"](xj) - jl.ACTIVATIONS["gelu_tanh"](xj)).max() > 1e-4
 
 
-@pytest.mark.parametrize("placement", ["pre", "peri", "post"])
+@pytest.mark.parametrize("placement", CHOICES["norm_placement"])
 def test_block(placement):
+    """Blocks 0 and 1 (HybridNorm* treats block 0 apart) against the reference's block, written from the equations."""
     spec = make_spec(norm_type="dyt", norm_placement=placement)
     w, jm, tm = twins(spec)
     x = inputs(spec)
     pos = np.arange(x.shape[1])
-    jt, tt = {}, {}
-    j = np.asarray(jm.model.layers[1](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
-    with torch.no_grad():
-        t = tm.model.layers[1](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
-    # The reference has no block function: run its layer loop on one layer by slicing the spec.
-    one = spec.replace(n_layers=1)
-    ws = {k.replace("model.layers.1.", "model.layers.0."): v for k, v in w.items() if not k.startswith("model.layers.0.")}
-    x64 = x.astype(np.float64)
-    if placement == "post":
-        a = reference.attention(x64, ws, "model.layers.0.self_attn", one)
-        h = reference.norm(x64 + a, ws, "model.layers.0.input_layernorm", one)
-        ref = reference.norm(h + reference.mlp(h, ws, "model.layers.0.mlp", one), ws, "model.layers.0.post_attention_layernorm", one)
-    else:
-        a = reference.attention(reference.norm(x64, ws, "model.layers.0.input_layernorm", one), ws, "model.layers.0.self_attn", one)
-        a = reference.norm(a, ws, "model.layers.0.attn_output_norm", one) if placement == "peri" else a
-        h = x64 + a
-        m = reference.mlp(reference.norm(h, ws, "model.layers.0.post_attention_layernorm", one), ws, "model.layers.0.mlp", one)
-        ref = h + (reference.norm(m, ws, "model.layers.0.mlp_output_norm", one) if placement == "peri" else m)
-    check(j, t, ref)
-    check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)
+    w64 = {k: v.astype(np.float64) for k, v in w.items()}
+    for i in (0, 1):
+        jt, tt = {}, {}
+        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
+        with torch.no_grad():
+            t = tm.model.layers[i](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
+        ref, a, m = reference.block(x.astype(np.float64), w64, f"model.layers.{i}", i, spec)
+        check(j, t, ref)
+        check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)
+        check(np.asarray(jt["mlp_out"]), tt["mlp_out"].numpy(), m)
 
 
 @pytest.mark.parametrize("T", [1, 31, 77, 600])

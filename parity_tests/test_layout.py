@@ -20,6 +20,9 @@ SPECS = {
     "dyt_peri_bias": {"norm_type": "dyt", "norm_placement": "peri", "norm_bias": True, "embed_scale": "learnable"},
     "derf_post_qknorm": {"norm_type": "derf", "norm_placement": "post", "qk_norm": True},
     "layernorm_gelu": {"norm_type": "layernorm", "mlp": "gelu", "head_dim": 10},
+    "dyt_deepnorm_unfused": {"norm_type": "dyt", "norm_placement": "deepnorm", "fused_qkv": False},
+    "derf_hybrid_star": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},
+    "layernorm_pre_post": {"norm_type": "layernorm", "norm_placement": "pre_post"},
 }
 
 
@@ -58,6 +61,41 @@ def test_norm_slots_hold_the_parameters_of_their_type():
     assert "model.layers.1.attn_output_norm.weight" in peri and "model.layers.1.mlp_output_norm.weight" in peri
     post = {t.name for t in layout(make_spec(norm_placement="post"))}
     assert not any(n.startswith("model.norm") for n in post)
+
+
+def block_names(spec, i):
+    return {t.name.split(f"model.layers.{i}.", 1)[1] for t in layout(spec) if t.name.startswith(f"model.layers.{i}.")}
+
+
+@pytest.mark.parametrize("norm_type", ["rms", "dyt"])
+def test_placements_list_exactly_the_slots_they_use(norm_type):
+    """No dead parameters: a slot a placement leaves unused is not in the layout; HybridNorm's Q/K/V norms are
+    RMSNorm weights [head_dim] whatever norm_type says."""
+    mats = {f"self_attn.{n}_proj.weight" for n in "qkvo"} | {f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+    slot = lambda s: {f"{s}.weight"} | ({f"{s}.alpha"} if norm_type == "dyt" else set())  # noqa: E731
+    qkv = {f"self_attn.{n}_norm.weight" for n in "qkv"}
+    n1, n2 = slot("input_layernorm"), slot("post_attention_layernorm")
+    expect = {  # placement: (block 0, block 1, final norm)
+        "pre": (n1 | n2, n1 | n2, True),
+        "pre_post": (n1 | n2, n1 | n2, True),
+        "deepnorm": (n1 | n2, n1 | n2, False),
+        "hybrid": (qkv | n2, qkv | n2, True),
+        "hybrid_star": (n1 | qkv | n2, qkv | n2, True),
+    }
+    for placement, (first, other, final) in expect.items():
+        spec = make_spec(norm_type=norm_type, norm_placement=placement)
+        assert block_names(spec, 0) == mats | first and block_names(spec, 1) == mats | other, placement
+        assert any(t.name.startswith("model.norm.") for t in layout(spec)) == final, placement
+        shapes = {t.name: t.shape for t in layout(spec)}
+        assert all(shapes[f"model.layers.1.{n}"] == (spec.E,) for n in qkv & other), placement
+
+
+def test_deepnorm_marks_v_o_and_mlp_for_the_beta_gain():
+    spec = make_spec(norm_placement="deepnorm")
+    inits = {t.name.split("model.layers.1.", 1)[1]: t.init for t in layout(spec) if t.name.startswith("model.layers.1.") and t.kind == "linear"}
+    assert {n for n, i in inits.items() if i == "beta"} == {
+        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
+    assert inits["self_attn.q_proj.weight"] == inits["self_attn.k_proj.weight"] == "linear"
 
 
 def test_fuse_and_split_are_inverse_and_order_rows_q_k_v():

@@ -74,6 +74,8 @@ def random_specs(draw):
         **{k: draw(st.sampled_from(CHOICES[k])) for k in ("norm_type", "norm_placement", "embed_scale", "mlp")},
         **{k: draw(st.booleans()) for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings")},
     )
+    if changes["norm_placement"] in ("hybrid", "hybrid_star"):
+        changes["qk_norm"] = False  # HybridNorm norms Q, K and V itself: qk_norm=true is a spec error there
     if position == "rope" and draw(st.booleans()):
         changes.update(rope_scaling="llama3", rope_original_max_seq_len=64)
     return make_spec(**changes)

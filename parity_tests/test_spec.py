@@ -66,23 +66,44 @@ def test_spec_is_frozen():
         ({"norm_eps": 0}, "norm_eps=0.0 must be > 0"),
         ({"norm_eps": "small"}, "norm_eps='small' must be a finite number"),
         ({"norm_type": "batchnorm"}, "norm_type='batchnorm' must be one of rms, layernorm, dyt, derf"),
-        ({"norm_placement": "sandwich"}, "norm_placement='sandwich' must be one of pre, peri, post"),
+        ({"norm_placement": "sandwich"}, "norm_placement='sandwich' must be one of pre, peri, post, deepnorm, hybrid, hybrid_star, pre_post"),
         ({"embed_scale": "yes"}, "embed_scale='yes' must be one of none, learnable, constant"),
         ({"position": "alibi"}, "position='alibi' must be one of rope, learned, none"),
         ({"mlp": "geglu"}, "mlp='geglu' must be one of swiglu, gelu, gelu_tanh, relu2"),
-        ({"init_scheme": "kaiming"}, "init_scheme='kaiming' must be one of normal, xavier_uniform"),
+        ({"init_scheme": "kaiming"}, "init_scheme='kaiming' must be one of normal, xavier_uniform, xavier_normal"),
         ({"param_dtype": "float16"}, "param_dtype='float16' must be one of float32, bfloat16"),
         ({"fused_qkv": "yes"}, "fused_qkv='yes' must be true or false"),
         ({"rope_scaling": "yarn"}, "rope_scaling='yarn' must be one of none, llama3"),
         ({"rope_scaling": "llama3", "position": "learned"}, "rope_scaling=llama3 needs position=rope"),
         ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor=4.0 must be > 0 and <"),
         ({"init_std": -0.1}, "init_std=-0.1 must be > 0"),
+        ({"norm_placement": "deepnorm", "residual_scaling": True},
+         "residual_scaling=true is not allowed with norm_placement=deepnorm"),
+        ({"norm_placement": "hybrid", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid"),
+        ({"norm_placement": "hybrid_star", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid_star"),
+        ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
     ],
 )
 def test_each_rule_names_field_value_and_rule(changes, message):
     with pytest.raises(SpecError) as e:
         load_spec({**BASE, **changes})
     assert message in str(e.value)
+
+
+def test_residual_scaling_unset_is_on_except_under_deepnorm():
+    """Unset, `residual_scaling` resolves to on (and to off under deepnorm, whose β init replaces it); the resolved
+    value is what a spec file records, so equal architectures stay equal specs."""
+    assert load_spec(BASE).residual_scaled and load_spec({**BASE, "residual_scaling": True}) == load_spec(BASE)
+    deep = load_spec({**BASE, "norm_placement": "deepnorm"})
+    assert not deep.residual_scaled and deep.to_dict()["residual_scaling"] is False
+    assert load_spec(deep.to_dict()) == deep == load_spec({**BASE, "norm_placement": "deepnorm", "residual_scaling": False})
+
+
+def test_every_placement_has_a_row_in_the_placement_table():
+    from shared_config.placement import PLACEMENTS
+    from shared_config.spec import CHOICES
+
+    assert set(PLACEMENTS) == set(CHOICES["norm_placement"])
 
 
 def test_odd_head_dim_is_fine_without_rope():

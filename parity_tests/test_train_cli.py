@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from shared_config.cli import UsageError
 from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
 
 from .common import load_script, one_line_error, run_script
@@ -79,9 +80,9 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
 
 def test_the_norm_study_on_a_few_steps(tmp_path):
     small = [f"--set={kv}" for kv in ("n_layers=1", "d_model=48", "d_ff=96", "batch_size=2", "seq_len=16")]
-    load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri", "--out", str(tmp_path), *small])
+    load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri,dyt-hybrid_star", "--out", str(tmp_path), *small])
     report = json.loads((tmp_path / "norms.json").read_text())
-    assert set(report["results"]) == {"rms-pre", "dyt-peri"} and report["backends"] == ["jax", "torch"]
+    assert set(report["results"]) == {"rms-pre", "dyt-peri", "dyt-hybrid_star"} and report["backends"] == ["jax", "torch"]
     for rows in report["results"].values():
         jax_losses, torch_losses = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
         assert len(jax_losses) == 3 and np.allclose(jax_losses, torch_losses, rtol=1e-5)
@@ -90,5 +91,10 @@ def test_the_norm_study_on_a_few_steps(tmp_path):
     criteria = {c["criterion"]: c["passed"] for c in report["criteria"]}
     assert criteria["no NaN/Inf in any run"] is True
     table = (tmp_path / "norms.md").read_text()
-    assert "| dyt | peri |" in table and "no NaN/Inf in any run | PASS" in table
+    assert "| dyt | peri |" in table and "| dyt | hybrid_star |" in table and "no NaN/Inf in any run | PASS" in table
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_norm_study_names_the_placements_it_takes():
+    with pytest.raises(UsageError, match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
+        load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])

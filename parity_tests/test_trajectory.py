@@ -1,5 +1,6 @@
 """100 AdamW steps from one canonical checkpoint on the same batches: every step's loss and the final
-parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri placement)."""
+parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri placement; and issue 18's
+deepnorm, hybrid, hybrid_star and pre_post, one norm type each)."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from .train_common import TWINS, trajectory
 
 CFG = load_train_config("parity")  # lr 5e-4: see the preset and the README on chaos at larger lr
 CASES = [(name, placement) for name in ("tiny", "tiny-dyt", "tiny-derf") for placement in ("pre", "peri")]
+CASES += [("tiny-dyt", "deepnorm"), ("tiny", "hybrid"), ("tiny-derf", "hybrid_star"), ("tiny", "pre_post")]
 
 
 @pytest.mark.slow

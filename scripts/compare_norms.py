@@ -4,6 +4,7 @@ the tiny family trained in both twins on the embedded corpus, judged against the
     python scripts/compare_norms.py --steps 300 --out runs/norms
     python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a change to every run
     python scripts/compare_norms.py --mixer gla --steps 300 --out runs/gla-norms  # Pre/Peri x RMS/DyT in gla-tiny
+    python scripts/compare_norms.py --configs rms-deepnorm,dyt-deepnorm,rms-hybrid,dyt-hybrid   # any placement
 
 Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
 and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).
@@ -35,6 +36,7 @@ from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
+from shared_config.spec import CHOICES  # noqa: E402
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -239,7 +241,7 @@ def parse_args(argv):
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
     if bad := [c for c in args.configs if not valid_config(c)]:
         raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
-                         "PLACEMENT pre|peri|post")
+                         f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
     args.command = " ".join(["python scripts/compare_norms.py", *(sys.argv[1:] if argv is None else argv)])
@@ -248,7 +250,7 @@ def parse_args(argv):
 
 def valid_config(config: str) -> bool:
     norm, _, placement = config.partition("-")
-    return norm in PRESETS and placement in ("pre", "peri", "post")
+    return norm in PRESETS and placement in CHOICES["norm_placement"]
 
 
 def write_report(results: dict, args, changes: tuple[dict, dict]) -> str:

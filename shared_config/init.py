@@ -14,6 +14,7 @@ import numpy as np
 
 from .io import np_dtype
 from .layout import Tensor, layout
+from .placement import deepnorm_beta
 from .spec import ModelSpec
 
 
@@ -24,12 +25,18 @@ class InitRule:
 
 
 def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
-    if t.init in ("linear", "residual"):
-        # Residual projections scaled by 1/sqrt(2L): two residual adds per block (GPT-2 paper, sec. 2.3).
-        factor = 1 / math.sqrt(2 * spec.L) if t.init == "residual" and spec.residual_scaling else 1.0
+    """The distribution of tensor `t`: its layout rule under `spec.init_scheme` (std or bound, in weight units)."""
+    if t.init in ("linear", "residual", "beta"):
+        factor = 1.0
+        if t.init == "residual" and spec.residual_scaled:
+            factor = 1 / math.sqrt(2 * spec.L)  # two residual adds per block (GPT-2 paper, sec. 2.3)
+        elif t.init == "beta":
+            factor = deepnorm_beta(spec.L)  # DeepNet's gain on v, o and the MLP (Wang et al. 2022)
         if spec.init_scheme == "normal":
             return InitRule("normal", spec.init_std * factor)
-        fan_out, fan_in = t.shape
+        fan_out, fan_in = t.shape  # per tensor of the file layout: fused q/k/v get each slice's own fans
+        if spec.init_scheme == "xavier_normal":  # untruncated, as torch's xavier_normal_ (jax's glorot_normal truncates)
+            return InitRule("normal", math.sqrt(2 / (fan_in + fan_out)) * factor)
         return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
     if t.init == "embedding":
         return InitRule("normal", spec.embed_init_std)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .placement import PLACEMENTS, block_placement, has_qk_norm, has_v_norm
 from .spec import ModelSpec
 
 
@@ -26,7 +27,7 @@ class Tensor:
     name: str  # canonical key
     shape: tuple[int, ...]  # torch orientation: Linear weights are [out, in]
     kind: str  # "linear" | "embedding" | "param"
-    init: str  # "linear" | "residual" | "embedding" | "ones" | "zeros" | "constant"
+    init: str  # "linear" | "residual" | "beta" (DeepNorm's gain) | "embedding" | "ones" | "zeros" | "constant"
     value: float | None = None  # the constant, for init == "constant"
 
     @property
@@ -59,28 +60,34 @@ def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Ten
 
 
 def _block(i: int, spec: ModelSpec) -> list[Tensor]:
+    """Block i's tensors; its placement (shared_config/placement.py) decides which norm slots exist."""
     p, D, H, K, E, F = f"model.layers.{i}", spec.D, spec.H, spec.K, spec.E, spec.F
-    out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init)
+    place = block_placement(spec, i)
+    # DeepNorm draws v, o and the MLP matrices at gain β, q and k as usual (DeepNet, decoder-only).
+    gain, residual = ("beta", "beta") if place.deep else ("linear", "residual")
+    out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init) if place.input_norm else []
     if spec.mixer == "gla":
         out += _gla(f"{p}.self_attn", spec)
     else:
         out += [
             Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
             Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
-            Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", "linear"),
-            Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", "residual"),
+            Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", gain),
+            Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", residual),
         ]
-    if spec.qk_norm:
+    if has_qk_norm(spec):  # RMSNorm over head_dim whatever norm_type says
         out.append(Tensor(f"{p}.self_attn.q_norm.weight", (E,), "param", "ones"))
         out.append(Tensor(f"{p}.self_attn.k_norm.weight", (E,), "param", "ones"))
-    if spec.norm_placement == "peri":
+    if has_v_norm(spec):
+        out.append(Tensor(f"{p}.self_attn.v_norm.weight", (E,), "param", "ones"))
+    if place.output_norms:
         out += _norm(f"{p}.attn_output_norm", spec, D, spec.attn_alpha_init)
     out += _norm(f"{p}.post_attention_layernorm", spec, D, spec.ffn_alpha_init)
     if spec.mlp == "swiglu":
-        out.append(Tensor(f"{p}.mlp.gate_proj.weight", (F, D), "linear", "linear"))
-    out.append(Tensor(f"{p}.mlp.up_proj.weight", (F, D), "linear", "linear"))
-    out.append(Tensor(f"{p}.mlp.down_proj.weight", (D, F), "linear", "residual"))
-    if spec.norm_placement == "peri":
+        out.append(Tensor(f"{p}.mlp.gate_proj.weight", (F, D), "linear", gain))
+    out.append(Tensor(f"{p}.mlp.up_proj.weight", (F, D), "linear", gain))
+    out.append(Tensor(f"{p}.mlp.down_proj.weight", (D, F), "linear", residual))
+    if place.output_norms:
         out += _norm(f"{p}.mlp_output_norm", spec, D, spec.ffn_alpha_init)
     return out
 
@@ -121,7 +128,7 @@ def layout(spec: ModelSpec) -> list[Tensor]:
         out.append(Tensor("model.embed_scale", (1,), "param", "constant", math.sqrt(spec.D)))
     for i in range(spec.L):
         out += _block(i, spec)
-    if spec.norm_placement != "post":
+    if PLACEMENTS[spec.norm_placement].final_norm:
         out += _norm("model.norm", spec, spec.D, spec.final_alpha_init)
     if not spec.tie_embeddings:
         out.append(Tensor("lm_head.weight", (spec.V, spec.D), "linear", "linear"))

@@ -28,12 +28,12 @@ class SpecError(ValueError):
 # Accepted values of each enum field; aliases map to the name used everywhere in the code.
 CHOICES = {
     "norm_type": ("rms", "layernorm", "dyt", "derf"),
-    "norm_placement": ("pre", "peri", "post"),
+    "norm_placement": ("pre", "peri", "post", "deepnorm", "hybrid", "hybrid_star", "pre_post"),  # shared_config/placement.py
     "embed_scale": ("none", "learnable", "constant"),
     "position": ("rope", "learned", "none"),
     "rope_scaling": ("none", "llama3"),
     "mlp": ("swiglu", "gelu", "gelu_tanh", "relu2"),
-    "init_scheme": ("normal", "xavier_uniform"),
+    "init_scheme": ("normal", "xavier_uniform", "xavier_normal"),
     "param_dtype": ("float32", "bfloat16"),
     "compute_dtype": ("float32", "bfloat16"),
     # token mixer (Gated Linear Attention fields below)
@@ -81,7 +81,7 @@ class ModelSpec:
     init_scheme: str = "normal"
     init_std: float = 0.02
     embed_init_std: float = 0.02
-    residual_scaling: bool = True
+    residual_scaling: bool | None = None  # None: on, except under deepnorm (whose β init replaces it)
     # dtypes
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -144,10 +144,16 @@ class ModelSpec:
     def Vh(self) -> int:
         return self.d_v // self.n_heads
 
+    @property
+    def residual_scaled(self) -> bool:
+        """`residual_scaling` resolved: unset means on, except under deepnorm (its β init takes the place)."""
+        return self.norm_placement != "deepnorm" if self.residual_scaling is None else self.residual_scaling
+
     def to_dict(self) -> dict[str, Any]:
-        """The YAML keys, with `n_kv_heads` and `head_dim` resolved so that equal architectures give equal dicts."""
+        """The YAML keys, with `n_kv_heads`, `head_dim` and `residual_scaling` resolved so that equal
+        architectures give equal dicts."""
         d = dataclasses.asdict(self)
-        d["n_kv_heads"], d["head_dim"] = self.K, self.E
+        d["n_kv_heads"], d["head_dim"], d["residual_scaling"] = self.K, self.E, self.residual_scaled
         return d
 
     def to_json(self) -> str:
@@ -207,7 +213,7 @@ def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] =
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SpecError(f"{name}={quote(value)} must be a finite number")
         return float(value)
-    if kind == "bool":
+    if kind.startswith("bool"):
         if not isinstance(value, bool):
             raise SpecError(f"{name}={quote(value)} must be true or false")
         return value
@@ -244,6 +250,7 @@ def _check_rules(s: ModelSpec) -> None:
                 f"rope_high_freq_factor={s.rope_high_freq_factor}"
             )
     _check_gla_rules(s)
+    _check_placement_rules(s)
 
 
 def _check_gla_rules(s: ModelSpec) -> None:
@@ -266,6 +273,25 @@ def _check_gla_rules(s: ModelSpec) -> None:
         raise SpecError(f"mixer=gla has no grouped keys: n_kv_heads={s.K} must equal n_heads={s.n_heads}")
     if s.qk_norm:
         raise SpecError("qk_norm=true is an attention option; mixer=gla has none")
+    if s.norm_placement in ("deepnorm", "hybrid", "hybrid_star"):
+        # HybridNorm normalises attention's Q/K/V and DeepNorm's β gain targets attention's v/o: neither is
+        # defined for the GLA layer
+        raise SpecError(f"norm_placement={s.norm_placement} is defined for attention; mixer=gla takes "
+                        "pre, peri, post or pre_post")
+
+
+# --- norm placements (issue 18) ---------------------------------------------------------------------
+def _check_placement_rules(s: ModelSpec) -> None:
+    if s.norm_placement == "deepnorm" and s.residual_scaling:
+        raise SpecError(
+            "residual_scaling=true is not allowed with norm_placement=deepnorm: DeepNorm's init gain β replaces "
+            "the 1/sqrt(2L) scaling (leave residual_scaling unset or false)"
+        )
+    if s.norm_placement in ("hybrid", "hybrid_star") and s.qk_norm:
+        raise SpecError(
+            f"qk_norm=true is not allowed with norm_placement={s.norm_placement}: HybridNorm already normalises "
+            "Q, K and V per head (leave qk_norm false)"
+        )
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:

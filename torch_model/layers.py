@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shared_config import ModelSpec
+from shared_config.placement import Placement, has_qk_norm, has_v_norm, residual_alpha
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn", "pallas")  # attention kernels this twin offers
@@ -270,8 +271,10 @@ class Attention(nn.Module):
             self.k_proj = Linear(D, K * E, spec)
             self.v_proj = Linear(D, K * E, spec)
         self.o_proj = Linear(H * E, D, spec)
-        self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
-        self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if spec.qk_norm else None
+        # Per-head norms over E are RMSNorm whatever norm_type says; HybridNorm adds one on V.
+        self.q_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_qk_norm(spec) else None
+        self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_qk_norm(spec) else None
+        self.v_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_v_norm(spec) else None
 
     def forward(self, x_BTD, cos_BTE, sin_BTE, cache: LayerCache | None = None, mask_BTS=None):
         """Output [B, T, D] and the updated cache: with a `cache`, this call's keys and values are written
@@ -285,6 +288,8 @@ class Attention(nn.Module):
         q_BTHE, k_BTKE, v_BTKE = q.reshape(B, T, H, E), k.reshape(B, T, K, E), v.reshape(B, T, K, E)
         if self.q_norm is not None:  # qk-norm (over E) comes before RoPE
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        if self.v_norm is not None:
+            v_BTKE = self.v_norm(v_BTKE)
         if cos_BTE is not None:
             q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE)
         k_BSKE, v_BSKE = k_BTKE, v_BTKE
@@ -319,36 +324,69 @@ class MLP(nn.Module):
         return self.down_proj(h_BTF.to(x_BTD.dtype))
 
 
-class Block(nn.Module):
-    """One transformer block; `norm_placement` decides where its norm slots sit."""
+def maybe(norm, x_BTD):
+    """norm(x), or x where the block's placement leaves that slot out."""
+    return x_BTD if norm is None else norm(x_BTD)
 
-    def __init__(self, spec: ModelSpec, attention: str):
+
+# The two halves of a block, one small function per way of placing its norms (shared_config/placement.py):
+# n1 = input_layernorm, n2 = post_attention_layernorm, α = residual_alpha (DeepNorm's, else 1).
+def pre_attention(b, x_BTD, attend):
+    """x + n_out(attn(n1(x))): Pre-LN (no n_out), Peri-LN, HybridNorm (no n1). Returns (x, branch, cache)."""
+    a_BTD, cache = attend(maybe(b.input_layernorm, x_BTD))
+    a_BTD = maybe(b.attn_output_norm, a_BTD)
+    return x_BTD + a_BTD, a_BTD, cache
+
+
+def post_attention(b, x_BTD, attend):
+    """n1(α·x + attn(x)): Post-LN (α = 1) and DeepNorm."""
+    a_BTD, cache = attend(x_BTD)
+    return b.input_layernorm(b.alpha * x_BTD + a_BTD), a_BTD, cache
+
+
+def pre_mlp(b, x_BTD):
+    """x + n_out(mlp(n2(x))). Returns (x, branch)."""
+    m_BTD = maybe(b.mlp_output_norm, b.mlp(b.post_attention_layernorm(x_BTD)))
+    return x_BTD + m_BTD, m_BTD
+
+
+def post_mlp(b, x_BTD):
+    """n2(α·x + mlp(x))."""
+    m_BTD = b.mlp(x_BTD)
+    return b.post_attention_layernorm(b.alpha * x_BTD + m_BTD), m_BTD
+
+
+def hybrid_mlp(b, x_BTD):
+    """y + mlp(y) with y = n2(x): HybridNorm's Post-Norm FFN."""
+    y_BTD = b.post_attention_layernorm(x_BTD)
+    m_BTD = b.mlp(y_BTD)
+    return y_BTD + m_BTD, m_BTD
+
+
+ATTENTION_HALVES = {"pre": pre_attention, "post": post_attention}
+MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
+
+
+class Block(nn.Module):
+    """One transformer block: its `placement` says which norm slots it has and which halves above run."""
+
+    def __init__(self, spec: ModelSpec, attention: str, placement: Placement):
         super().__init__()
-        self.placement = spec.norm_placement
-        peri = spec.norm_placement == "peri"
-        self.input_layernorm = make_norm(spec, spec.attn_alpha_init)
+        self.placement, self.alpha = placement, residual_alpha(spec)
+        self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
         self.self_attn = GLA(spec) if spec.mixer == "gla" else Attention(spec, attention)  # token mixer
-        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if peri else None
+        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec)
-        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if peri else None
+        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if placement.output_norms else None
 
     def forward(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
         """Output [B, T, D] and the attention's updated cache (None without one)."""
-        if self.placement == "post":  # x = n1(x + attn(x)); x = n2(x + mlp(x))
-            a_BTD, cache = self.self_attn(x_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
-            x_BTD = self.input_layernorm(x_BTD + a_BTD)
-            m_BTD = self.mlp(x_BTD)
-            x_BTD = self.post_attention_layernorm(x_BTD + m_BTD)
-        else:  # pre: x += attn(n1(x)); peri adds an output norm on each branch
-            a_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_BTE, sin_BTE, cache, mask_BTS)
-            if self.attn_output_norm is not None:
-                a_BTD = self.attn_output_norm(a_BTD)
-            x_BTD = x_BTD + a_BTD
-            m_BTD = self.mlp(self.post_attention_layernorm(x_BTD))
-            if self.mlp_output_norm is not None:
-                m_BTD = self.mlp_output_norm(m_BTD)
-            x_BTD = x_BTD + m_BTD
+        def attend(h_BTD):
+            return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
+
+        x_BTD, a_BTD, cache = ATTENTION_HALVES[self.placement.attention](self, x_BTD, attend)
+        x_BTD, m_BTD = MLP_HALVES[self.placement.mlp](self, x_BTD)
         if taps is not None:
             taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
         return x_BTD, cache

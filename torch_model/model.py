@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
+from shared_config.placement import PLACEMENTS, block_placement
 
 from .layers import DTYPES, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .gla import GLAState
@@ -60,8 +61,8 @@ class TransformerModel(nn.Module):
         self.embed_positions = nn.Embedding(spec.max_seq_len, D, **dtypes) if learned else None
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
-        self.layers = nn.ModuleList([Block(spec, attention) for _ in range(spec.L)])
-        self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
+        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i)) for i in range(spec.L)])
+        self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
     def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
