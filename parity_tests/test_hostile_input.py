@@ -110,11 +110,19 @@ def dead_pid() -> int:
 # --- 1. sizes a file or a spec claims are checked before anything is allocated -------------------
 
 
-@pytest.mark.parametrize("changes", [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True, qk_norm=True),
-                                     dict(position="learned", embed_scale="learnable", tie_embeddings=True, mlp="gelu"),
-                                     dict(n_layers=7, fused_qkv=False, param_dtype="bfloat16")])
-def test_layout_size_is_the_layout_tables_count_computed_arithmetically(changes):
-    spec = make_spec(**changes)
+SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True, qk_norm=True),
+               dict(position="learned", embed_scale="learnable", tie_embeddings=True, mlp="gelu"),
+               dict(n_layers=7, fused_qkv=False, param_dtype="bfloat16"),
+               # blocks that differ by index: HybridNorm*'s block 0, and the other placements' slot sets
+               dict(norm_placement="hybrid_star"), dict(norm_placement="deepnorm", norm_type="dyt"),
+               dict(norm_placement="pre_post", norm_type="layernorm", norm_bias=True),
+               dict(mixer="gla", position="none", n_kv_heads=None, norm_type="dyt", gla_output_norm="same")]
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 9, 12, 13])
+@pytest.mark.parametrize("changes", SIZED_SPECS)
+def test_layout_size_is_the_layout_tables_count_computed_arithmetically(changes, n_layers):
+    spec = make_spec(**changes).replace(n_layers=n_layers)
     table = layout(spec)
     sizes = [int(np.prod(t.shape)) for t in table]
     assert layout_size(spec) == (len(table), sum(sizes), max(sizes))

@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, help="sampling seed (default: 0)")
     p.add_argument("--eos-id", type=int, help="stop at this token id")
     p.add_argument("--attention", default="auto",
-                   help="attention kernel (jax: auto|einsum|blocked|xla|cudnn, torch: auto|einsum|blocked|sdpa|flash|cudnn)")
+                   help="attention kernel (jax: auto|einsum|blocked|xla|cudnn|pallas, torch: auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
     args = p.parse_args(argv)
 
     weights, spec = load_weights(args.weights, args.spec)
