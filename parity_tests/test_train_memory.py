@@ -18,7 +18,7 @@ from .parallel_runs import masked_batch
 from .train_common import TWINS, trajectory
 
 SPEC = make_spec()
-UNTIED = make_spec(tie_embeddings=False)
+TIED = make_spec(tie_embeddings=True)  # the head is the embedding's transpose (SPEC has an lm_head)
 # one step, no clipping: AdamW's first moment is then (1 − β1)·g, the gradient up to one rounding
 CFG = load_train_config("parity").replace(batch_size=8, seq_len=32, steps=1, warmup_steps=0, grad_clip=0.0)
 ACCUM_TOL = 1e-6  # per tensor, max|Δg| / max|g|: the micro-batches' sum against one batch, float32
@@ -31,7 +31,7 @@ def one_step(twin, train, cfg, spec=SPEC):
     return metrics["loss"][0], state
 
 
-@pytest.mark.parametrize("steps", [2, 8])
+@pytest.mark.parametrize("steps", [4])
 @pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
 def test_accumulated_step_is_the_one_shot_step(name, twin, train, steps):
     tokens, mask = masked_batch(CFG, 0, SPEC.V)
@@ -53,7 +53,7 @@ def test_micro_batches_take_strided_rows_and_must_divide(name, twin, train):
         train.micro_batches(x_BN, 3)
 
 
-CASES = [("block", 0, SPEC), ("full", 0, UNTIED), ("none", 48, SPEC), ("none", 1000, UNTIED), ("full", 64, SPEC)]
+CASES = [("block", 0, SPEC), ("full", 0, TIED), ("none", 48, SPEC), ("none", 1000, TIED), ("full", 64, SPEC)]
 
 
 @pytest.mark.parametrize("remat,loss_chunk,spec", CASES, ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
