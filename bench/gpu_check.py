@@ -5,8 +5,8 @@
     bash bench/gpu_check.sh                          # the same, from a shell
 
 Runs, each as its own process (a fresh device), bench/compare.py and scripts/parity_report.py over:
-train steps of `small` (batch 8 and 16) and `llama-1b` at seq 2048 in bf16 for both twins and
-transformers; the twins with the chunked loss and remat; the norm sweep (rms, dyt, derf) on llama-1b;
+train steps of `small` (batch 8 and 16) and `llama-1b` (batch 4) at seq 2048 in bf16 for both twins and
+transformers (small batch 16: the twins); the twins with the chunked loss and remat; the norm sweep (rms, dyt, derf) on llama-1b;
 bf16 parity of the twins on the GPU; the GLA mixer and routing sweeps where the spec has those fields.
 Writes DIR/<check>.json (+ .png) and DIR/summary.json, DIR = bench/results/<device>-<date>/ by default,
 and prints a short summary: every check is reported ok, failed (with its last error line) or not run
@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,35 +40,41 @@ BUDGET_S = 450  # the whole plan: under 8 minutes on one H200
 @dataclass
 class Check:
     name: str
-    argv: list[str]  # a script under the checkout and its arguments (sizes of the real run)
-    tiny: list[str] = field(default_factory=list)  # --dry-run: these replace the size arguments
+    argv: list[str]  # a script under the checkout and its arguments
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
     plot: bool = True
 
 
+# --dry-run: the same commands with these sizes
+TINY = {"--spec": "tiny", "--seq": "32", "--batch": "4", "--steps": "2", "--warmup": "0", "--rounds": "1",
+        "--loss-chunk": "48"}
+
+
 def plan() -> list[Check]:
-    """The checks, in order; `argv` for the GPU, `tiny` for the dry run."""
-    bf16, seq = ["--dtype", "bfloat16", "--seq", "2048"], ["--steps", "12", "--warmup", "2", "--rounds", "3"]
-    tiny = ["--spec", "tiny", "--seq", "32", "--batch", "4", "--steps", "2", "--warmup", "0", "--rounds", "1"]
-    compare = "bench/compare.py"
+    """The checks, in order, at the GPU's sizes."""
+    compare, timing = "bench/compare.py", ["--dtype", "bfloat16", "--seq", "2048", "--steps", "10", "--warmup", "2",
+                                           "--rounds", "2"]
+    small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch", "4", *timing]
     return [
-        Check("small-train-b8", [compare, "--backend", "all", "--spec", "small", "--batch", "8", *bf16, *seq], tiny),
-        Check("small-train-b16", [compare, "--backend", "all", "--spec", "small", "--batch", "16", *bf16, *seq], tiny),
-        Check("small-train-b16-chunked", [compare, "--backend", "both", "--spec", "small", "--batch", "16", *bf16, *seq,
-                                          "--loss-chunk", "4096"], [*tiny, "--loss-chunk", "48"]),
-        Check("llama1b-train-b4", [compare, "--backend", "all", "--spec", "llama-1b", "--batch", "4", *bf16, *seq], tiny),
-        Check("llama1b-train-b4-chunked-remat", [compare, "--backend", "both", "--spec", "llama-1b", "--batch", "4",
-                                                 *bf16, *seq, "--loss-chunk", "4096", "--remat", "block"],
-              [*tiny, "--loss-chunk", "48", "--remat", "block"]),
-        Check("llama1b-norms", [compare, "--backend", "both", "--spec", "llama-1b", "--batch", "2", *bf16, *seq,
-                                "--sweep", "norm_type=rms,dyt,derf"], [*tiny, "--sweep", "norm_type=rms,dyt,derf"]),
+        Check("small-train-b8", [*small, "--backend", "all", "--batch", "8"]),
+        Check("small-train-b16", [*small, "--backend", "both", "--batch", "16"]),
+        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch", "16", "--loss-chunk", "4096"]),
+        Check("llama1b-train-b4", [*llama, "--backend", "all"]),
+        Check("llama1b-train-b4-chunked-remat", [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"]),
+        # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
+        *(Check(f"llama1b-norms-{twin}", [*llama, "--backend", twin, "--sweep", "norm_type=rms,dyt,derf"])
+          for twin in ("jax", "torch")),
         Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
-              ["--spec", "tiny", "--dtype", "bfloat16", "--seq", "32"], plot=False),
-        Check("gla-sweep", [compare, "--backend", "both", "--spec", "small", "--batch", "8", *bf16, *seq,
-                            "--sweep", "mixer=attention,gla"], [*tiny, "--sweep", "mixer=attention,gla"], needs="mixer"),
-        Check("routing-sweep", [compare, "--backend", "both", "--spec", "small", "--batch", "8", *bf16, *seq,
-                                "--sweep", "routing=none,mod"], [*tiny, "--sweep", "routing=none,mod"], needs="routing"),
+              plot=False),
+        Check("gla-sweep", [*small, "--backend", "both", "--batch", "8", "--sweep", "mixer=attention,gla"], needs="mixer"),
+        Check("routing-sweep", [*small, "--backend", "both", "--batch", "8", "--sweep", "routing=none,mod"],
+              needs="routing"),
     ]
+
+
+def shrink(argv: list[str]) -> list[str]:
+    """`argv` with every size flag set to its TINY value (the dry run)."""
+    return [TINY.get(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
 
 
 def parse_args(argv):
@@ -111,7 +117,7 @@ def slug(device: str) -> str:
 
 def run_check(check: Check, out: Path, dry_run: bool, timeout: float) -> dict:
     """One check in its own process: its JSON (and PNG) under `out`; ok / failed with the last error line."""
-    argv = [*check.argv[:1], *check.tiny] if dry_run else list(check.argv)
+    argv = shrink(check.argv) if dry_run else list(check.argv)
     argv += ["--json", str(out / f"{check.name}.json")]
     if check.plot:
         argv += ["--plot", str(out / f"{check.name}.png")]
