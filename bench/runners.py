@@ -95,6 +95,8 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     @functools.cache  # peak_mem and hlo read the same executable: compile it once
     def compiled():
         jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
+        if mesh is not None and mode == "train":  # sharding's step places the batch, then calls the jitted function
+            jitted, args = train_step.jitted, (holder["state"], batch, None)
         return jitted.lower(*args).compile()
 
     def peak_mem():
