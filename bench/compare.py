@@ -151,7 +151,9 @@ def environment(args, device: str) -> dict:
         "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
         "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
         "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
-        "grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none", "loss_chunk": args.loss_chunk or 0,
+        # the memory options (profile_step.py, which shares this function, has none: the defaults)
+        "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
+        "loss_chunk": getattr(args, "loss_chunk", None) or 0,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
     }
 
