@@ -55,6 +55,12 @@ def parse_args(argv):
                    help="torch.compile the torch/hf step (default: on GPU yes, on CPU no)")
     p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
+    p.add_argument("--grad-accum", type=int, default=None, metavar="N",
+                   help="train mode, twins: --batch rows as N micro-batches (grad_accum_steps)")
+    p.add_argument("--remat", default=None, choices=["none", "block", "full"],
+                   help="train mode, twins: recompute each block's activations in the backward")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
+                   help="train mode, twins: LM head + cross-entropy over chunks of TOKENS tokens (0: off)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
     p.add_argument("--devices", type=int, default=None, help="JAX: train over N devices (a data=N mesh)")
@@ -77,6 +83,10 @@ def parse_args(argv):
         raise UsageError(f"--devices must be >= 1, got {args.devices}")
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
+    memory = [f"--{f.replace('_', '-')}" for f in ("grad_accum", "remat", "loss_chunk") if getattr(args, f) is not None]
+    if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
+        raise UsageError(f"{', '.join(memory)}: train-config options of the twins: use them with --mode train and "
+                         "--backend both, jax or torch")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
@@ -157,6 +167,9 @@ def environment(args, device: str) -> dict:
         "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
         "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
         "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
+        # the memory options (profile_step.py, which shares this function, has none: the defaults)
+        "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
+        "loss_chunk": getattr(args, "loss_chunk", None) or 0,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
     }
 
@@ -209,7 +222,9 @@ def main(argv=None):
 def print_table(report: dict) -> None:
     results, gpu = report["results"], any(r["mfu"] is not None for r in report["results"])
     head = f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} {'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MB':>8}  attention"
-    print(f"# {report['env']['device']} | {report['env']['mode']} | {report['env']['dtype']} | batch {report['env']['batch']} x seq {report['env']['seq']}")
+    env = report["env"]
+    memory = f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}" if env["mode"] == "train" else ""
+    print(f"# {env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}{memory}")
     print(head)
     for r in results:
         s = r["step_s"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ class Bench:
     step: Callable[[], Any]  # one step; returns what `sync` waits on
     sync: Callable[[Any], None]
     attention: str  # the attention kernel that runs
-    peak_mem: Callable[[], int | None]  # peak device memory in bytes (None on CPU)
+    peak_mem: Callable[[], int | None]  # peak memory of a step in bytes (None where not measured: CPU decode)
     info: dict = field(default_factory=dict)  # compile mode, optimizer flavour, ...
     start: Callable[[], Any] | None = None  # decode mode: prefill a fresh cache before a round of steps
     hlo: Callable[[], str] | None = None  # JAX: the step's optimized HLO text (bench/profile_step.py reads it)
@@ -136,12 +137,14 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     @functools.cache  # peak_mem and hlo read the same executable: compile it once
     def compiled():
         jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
+        if mesh is not None and mode == "train":  # sharding's step places the batch, then calls the jitted function
+            jitted, args = train_step.jitted, (holder["state"], batch, None)
         return jitted.lower(*args).compile()
 
     def peak_mem():
         """The step's device memory as XLA planned it (arguments + outputs − donated + temporaries): unlike the
         process-wide peak counter, it counts this job only."""
-        if jax.default_backend() == "cpu" or mode == "decode":
+        if mode == "decode":
             return None
         m = compiled().memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -201,6 +204,32 @@ def compile_mode(compile: bool, device) -> str:
     return "torch.compile" if compile else "torch_xla lazy graph" if device.type == "xla" else "eager"
 
 
+def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
+    """A torch step's peak CPU memory: the bytes of the tensors it keeps (`resident`: parameters, optimizer state,
+    batch) plus the peak of what it allocates on top, read off the torch profiler's allocator events (CPU has no
+    max_memory_allocated); the same count as XLA's memory analysis of the JAX step (arguments + temporaries)."""
+    import json
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as directory:  # the allocator's running total is in the trace's events only
+        prof.export_chrome_trace(f"{directory}/trace.json")
+        events = json.loads(Path(f"{directory}/trace.json").read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident if isinstance(t, torch.Tensor)}
+    return sum(kept.values()) + max([0, *totals])
+
+
+def torch_resident(model, optimizer, batch) -> list:
+    """What a torch train step keeps between steps: parameters, AdamW's state, the batch."""
+    state = [x for s in optimizer.state.values() for x in s.values()]
+    return [*(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()), *state, batch]
+
+
 def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
                 new_tokens: int = 0, parallel: str | None = None) -> Bench:
     import torch
@@ -236,6 +265,8 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
         else:  # under torchrun: every rank steps on the global batch, reading its own rows of it
             state, train_step = distributed.parallelize(model, train_config, parallel, compile=compile)
         step = lambda: train_step(state, batch)  # noqa: E731
+        if device.type == "cpu":
+            peak_mem = lambda: cpu_step_peak(step, torch_resident(model, state.optimizer, batch))  # noqa: E731
     return Bench(step, sync, kernel, peak_mem, {"compile": compile_mode(compile, device)}, start)
 
 

@@ -27,11 +27,16 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 
 def bench_train_config(args):
-    """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape."""
+    """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
+    memory options --grad-accum, --remat and --loss-chunk where given."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
-    return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq})
+    memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
+    return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
+
+
+MEMORY_FLAGS = {"grad_accum_steps": "grad_accum", "remat": "remat", "loss_chunk": "loss_chunk"}  # config key: flag
 
 
 def timed(bench, fn=None) -> float:

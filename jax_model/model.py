@@ -7,6 +7,7 @@ names (`model.layers.0.self_attn.q_proj`), so the NNX state is the canonical lay
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -64,8 +65,8 @@ class TransformerModel(nnx.Module):
         self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), rngs=rngs) for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """Final hidden states [B, T, D] and the updated cache (None without one)."""
+    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none"):
+        """Final hidden states [B, T, D] and the updated cache (None without one); `remat`: see `rematted`."""
         spec, T = self.spec, tokens_BT.shape[1]
         if cache is None:
             if T > spec.max_seq_len:
@@ -81,7 +82,8 @@ class TransformerModel(nnx.Module):
         layer_caches = []
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            x_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            block = rematted(layer, remat) if taps is None and cache is None else layer  # training only
+            x_BTD, layer_cache = block(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
             layer_caches.append(layer_cache)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
@@ -115,16 +117,24 @@ class Transformer(nnx.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec, rngs)
         draw_weights(self, rngs)
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache)
+    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none",
+                 logits: bool = True):
+        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written). `logits=False`:
+        the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time)."""
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache, remat)
+        if not logits:
+            return x_BTD if cache is None else (x_BTD, new_cache)
+        logits_BTV = self.head(x_BTD)
+        record(taps, "logits", logits_BTV)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def head(self, x_BTD):
+        """float32 logits [..., V] of final hidden states [..., D]: the LM head, or the tied embeddings."""
         if self.lm_head is None:
             logits_BTV = self.model.embed_tokens.attend(x_BTD)
         else:
             logits_BTV = self.lm_head(x_BTD)
-        logits_BTV = logits_BTV.astype(jnp.float32)  # logits in float32
-        record(taps, "logits", logits_BTV)
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+        return logits_BTV.astype(jnp.float32)  # logits in float32
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
@@ -138,6 +148,24 @@ class Transformer(nnx.Module):
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
         return KVCache(layers, start_B)
+
+
+# What a rematted block keeps for the backward: "block" the outputs of its matmuls without batch dims (the
+# projections; attention scores, norms and activations are recomputed), "full" nothing but its input
+REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def rematted(layer, remat: str):
+    """`layer`'s call, its activations recomputed in the backward as `remat` says ("none": kept; the train config's
+    option, README "Training bigger models"); the same values, less memory (jax.checkpoint via nnx.remat)."""
+    if remat == "none":
+        return layer
+    return partial(nnx.remat(_call, policy=REMAT_POLICIES[remat]), layer)
+
+
+def _call(layer, *args):
+    return layer(*args)
 
 
 def record(taps: dict | None, name: str, x) -> None:

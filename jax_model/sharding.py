@@ -122,7 +122,8 @@ def init_train_state(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
 
 def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: train.make_train_step's function, jitted with
-    the state's and the batch's shardings, the state donated; it takes the global batch."""
+    the state's and the batch's shardings, the state donated; it takes the global batch. With grad_accum_steps,
+    every device's rows split into that many micro-batches (train.micro_batches): each device keeps its rows."""
     state_sharding, batch_sharding = state_shardings(model, cfg, mesh), NamedSharding(mesh, BATCH)
     step = jax.jit(
         train.make_train_step(model, cfg, compile=False),
@@ -132,8 +133,12 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     )
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
+        if (rows := rows_per_shard(np.shape(tokens_BN)[0], mesh.size)) % cfg.grad_accum_steps:  # as torch's ranks
+            raise SpecError(f"grad_accum_steps={cfg.grad_accum_steps} must divide the {rows} rows of a batch "
+                            "(per device or rank)")
         return step(state, shard_batch(tokens_BN, mesh), None if mask_BN is None else shard_batch(mask_BN, mesh))
 
+    train_step.jitted = step  # jax.jit's own function (state, tokens_BN, mask_BN): bench/ lowers it for memory and HLO
     return train_step
 
 

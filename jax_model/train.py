@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shared_config import TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
 from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
@@ -61,16 +61,70 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return jnp.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
+def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
+    """next_token_loss(head(x_BTD), ...) with the head and the loss run over `chunk` tokens at a time: one chunk's
+    float32 logits [chunk, V] exist at once, forward and backward (jax.checkpoint: each chunk's are recomputed in
+    the backward), never the whole [B·T, V]. The chunks' sums add up in a lax.scan; the tokens are padded to a
+    whole number of chunks with weight 0 (torch_model's last chunk is shorter: the same sum)."""
+    D = x_BTD.shape[-1]
+    x_MD, targets_M, weights_M = x_BTD.reshape(-1, D), targets_BT.reshape(-1), weights_BT.reshape(-1)
+    pad = -targets_M.shape[0] % chunk
+    x_CcD = jnp.pad(x_MD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    targets_Cc, weights_Cc = (jnp.pad(a, (0, pad)).reshape(-1, chunk) for a in (targets_M, weights_M))
+
+    @jax.checkpoint
+    def chunk_sum(x_cD, targets_c, weights_c):
+        return next_token_loss(head(x_cD), targets_c, weights_c, 1.0)  # count 1: the chunk's sum
+
+    def add(total, xs):
+        return total + chunk_sum(*xs), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros((), jnp.float32), (x_CcD, targets_Cc, weights_Cc))
+    count = jnp.maximum(jnp.sum(weights_BT), 1.0) if count is None else count
+    return total / count
+
+
+def model_loss(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none", loss_chunk: int = 0):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss). `remat` and
+    `loss_chunk`: the train config's memory options (the same loss, less memory)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
+    if not loss_chunk:
+        return next_token_loss(model(inputs_BT, remat=remat), targets_BT, weights_BT, count)
+    x_BTD = model(inputs_BT, remat=remat, logits=False)
+    return chunked_next_token_loss(model.head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
+def micro_batches(x_BN, n: int):
+    """A batch [B, ...] as n micro-batches [n, B/n, ...]: micro-batch i holds rows i, i + n, i + 2n, ..., so a device
+    (or rank) holding a contiguous block of B/W rows keeps its own rows in every micro-batch."""
+    x_BN = jnp.asarray(x_BN)
+    B = x_BN.shape[0]
+    if B % n:
+        raise SpecError(f"grad_accum_steps={n} must divide the {B} rows of a batch (per device or rank)")
+    return x_BN.reshape(B // n, n, *x_BN.shape[1:]).swapaxes(0, 1)
+
+
+def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
+    """`loss_fn(params, tokens_BN, mask_BN, count)` and its gradient, over `steps` micro-batches (micro_batches) in a
+    lax.scan: one micro-batch's activations at a time. Each micro-batch's summed loss is divided by the whole batch's
+    count, so the sums of the values and gradients are the one-shot mean's (the `count` rule of next_token_loss)."""
+    if steps == 1:
+        return jax.value_and_grad(loss_fn)(params, tokens_BN, mask_BN, count)
+    count = jnp.maximum(jnp.sum(split_batch(tokens_BN, mask_BN)[2]), 1.0) if count is None else count
+
+    def add(total, micro):
+        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *micro, count)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    micro = (micro_batches(tokens_BN, steps), None if mask_BN is None else micro_batches(mask_BN, steps))
+    return jax.lax.scan(add, zeros, micro)[0]
+
+
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none",
+                   loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
     graphdef, params, rest = split_params(model)
-    loss, grads = _value_and_grad(graphdef, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
+    loss, grads = _value_and_grad(graphdef, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
 
 
@@ -116,15 +170,17 @@ def init_train_state(model, cfg: TrainConfig) -> TrainState:
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: jax.jit it, donating
-    the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets)."""
+    the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (README, "Training bigger models")."""
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 
-    def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        def loss_fn(params):
-            return model_loss(nnx.merge(graphdef, params, rest), tokens_BN, mask_BN, count)
+    def loss_fn(params, tokens_BN, mask_BN, count):
+        model = nnx.merge(graphdef, params, rest)
+        return model_loss(model, tokens_BN, mask_BN, count, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
+        loss, grads = accumulated_value_and_grad(loss_fn, state.params, tokens_BN, mask_BN, count, cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp)}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
@@ -181,6 +237,7 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-@partial(jax.jit, static_argnums=0)
-def _value_and_grad(graphdef, params, rest, tokens_BN, mask_BN, count):
-    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count))(params)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _value_and_grad(graphdef, remat, loss_chunk, params, rest, tokens_BN, mask_BN, count):
+    options = dict(remat=remat, loss_chunk=loss_chunk)
+    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count, **options))(params)

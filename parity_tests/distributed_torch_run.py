@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 parity_tests/distributed_torch_run.py DIR
 
-From DIR/init.safetensors with DIR/train.json, five runs: DDP, FSDP2, both with the step
-torch.compile'd, and FSDP2 with pytorch/pytorch#162338 planted (the reduce-scatter sums when asked
-to average, as gloo did);
+From DIR/init.safetensors with DIR/train.json, eight runs: DDP, FSDP2, both with the step
+torch.compile'd, FSDP2 with pytorch/pytorch#162338 planted (the reduce-scatter sums when asked
+to average, as gloo did), and DDP, FSDP2 and compiled FSDP2 with the memory options;
 each writes what parallel_runs.py says, plus FSDP2's placements and this rank's shard shapes, and
 what the gradient-average probe saw. Rank 0 writes the files.
 """
@@ -24,6 +24,8 @@ from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 import torch_model
 from parity_tests.parallel_runs import masked_batch, read_config, save_run
 from torch_model import distributed, train
+
+MEMORY = dict(grad_accum_steps=2, remat="block", loss_chunk=48)  # every memory option (README, "Training bigger models")
 
 
 @contextlib.contextmanager
@@ -51,8 +53,8 @@ def probe(parallel: str) -> dict:
             "factor_force_sum": distributed.probe_gradient_factor(mesh, force_sum=True)}
 
 
-def run(directory: Path, name: str, parallel: str, compile: bool = False) -> None:
-    cfg = read_config(directory)
+def run(directory: Path, name: str, parallel: str, compile: bool = False, **changes) -> None:
+    cfg = read_config(directory).replace(**changes)
     model = torch_model.from_safetensors(directory / "init.safetensors")  # every rank reads the file
     record = {"loss": [], "grad_norm": [], "probe": probe(parallel)}
     graphs_before = counters["stats"]["unique_graphs"]
@@ -82,4 +84,6 @@ if __name__ == "__main__":
         run(directory, "torch-fsdp2-planted", "fsdp2")
     run(directory, "torch-ddp-compiled", "ddp", compile=True)
     run(directory, "torch-fsdp2-compiled", "fsdp2", compile=True)
+    for parallel, compile in (("ddp", False), ("fsdp2", False), ("fsdp2", True)):  # 2 micro-batches of 2 rows per rank
+        run(directory, f"torch-{parallel}-memory{'-compiled' * compile}", parallel, compile, **MEMORY)
     dist.destroy_process_group()

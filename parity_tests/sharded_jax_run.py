@@ -3,7 +3,7 @@ whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/sharded_jax_run.py DIR MESH...
 
-For each mesh, from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
+For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes), from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
 and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
 shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
 """
@@ -19,7 +19,7 @@ import optax
 from jax_model import sharding, train
 from jax_model.weights import flat_arrays
 from parity_tests.parallel_runs import masked_batch, read_config, save_run
-from shared_config import synthetic_batch
+from shared_config import parse_overrides, synthetic_batch
 
 def layout_of(x: jax.Array) -> dict:
     """What the array really is: its PartitionSpec and the shapes of its blocks, one per device."""
@@ -27,8 +27,10 @@ def layout_of(x: jax.Array) -> dict:
             "shards": sorted(list(s.data.shape) for s in x.addressable_shards)}
 
 
-def run(directory: Path, mesh_text: str) -> None:
-    cfg = read_config(directory)
+def run(directory: Path, run_text: str) -> None:
+    """One run on a mesh, `MESH` or `MESH:KEY=VALUE,...` (train config changes, e.g. the memory options)."""
+    mesh_text, _, changes = run_text.partition(":")
+    cfg = read_config(directory).replace(**parse_overrides(changes.split(",") if changes else []))
     mesh = sharding.make_mesh(mesh_text)
     model = sharding.from_safetensors(directory / "init.safetensors", mesh)
     state, train_step = sharding.parallelize(model, cfg, mesh)
@@ -42,7 +44,7 @@ def run(directory: Path, mesh_text: str) -> None:
         record[key] = {name: layout_of(x) for name, x in flat_arrays(tree).items()}
     record["batch"] = layout_of(sharding.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
     processes = jax.process_count()
-    name = f"jax-{mesh_text}" if processes == 1 else f"jax-{processes}proc-{mesh_text}"
+    name = f"jax-{run_text}" if processes == 1 else f"jax-{processes}proc-{run_text}"
     sharding.to_safetensors(model, state, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # several processes: each gathers from all
     if jax.process_index() == 0:
@@ -53,5 +55,5 @@ if __name__ == "__main__":
     sharding.init_distributed()
     jax.config.update("jax_default_matmul_precision", "highest")  # as parity_tests/conftest.py
     assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS before starting"
-    for mesh_text in sys.argv[2:]:
-        run(Path(sys.argv[1]), mesh_text)
+    for run_text in sys.argv[2:]:
+        run(Path(sys.argv[1]), run_text)

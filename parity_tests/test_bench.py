@@ -136,3 +136,55 @@ def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     assert [label for label, _ in got] == [f"norm_placement={p}" for p in ("pre", "peri", "deepnorm", "hybrid")]
     assert [s.norm_placement for _, s in got] == ["pre", "peri", "deepnorm", "hybrid"]
     assert [s.residual_scaled for _, s in got] == [True, True, False, True]
+
+
+def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
+    """--loss-chunk, --remat and --grad-accum: each twin's step reports its peak memory on a CPU too (XLA's memory
+    analysis; torch's profiler), and the options together cut it where the logits dominate (V = 4096)."""
+    peaks = {}
+    for name, options in (("plain", []), ("saving", ["--loss-chunk", "64", "--remat", "full", "--grad-accum", "2"])):
+        out = bench("--backend", "both", "--set", "vocab_size=4096", "--batch", "4", "--seq", "128", "--steps", "1",
+                    "--warmup", "0", "--rounds", "1", *options, "--json", str(tmp_path / f"{name}.json"))
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        peaks[name] = {r["backend"]: r["peak_mem_bytes"] for r in report["results"]}
+        assert all(isinstance(p, int) and p > 0 for p in peaks[name].values()), peaks
+    assert report["env"]["grad_accum_steps"] == 2 and report["env"]["remat"] == "full" and report["env"]["loss_chunk"] == 64
+    assert "grad_accum 2, remat full, loss_chunk 64" in out.stdout
+    for backend in ("jax", "torch"):
+        assert peaks["saving"][backend] < 0.8 * peaks["plain"][backend], peaks
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--remat", "block", "--backend", "all"], "--remat: train-config options of the twins"),
+        (["--loss-chunk", "64", "--mode", "forward"], "--loss-chunk: train-config options of the twins"),
+        (["--grad-accum", "3", "--batch", "8"], "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
+        (["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
+    ],
+)
+def test_bad_memory_options(args, message):
+    one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
+
+
+def test_gpu_check_dry_run_runs_every_check_it_can(tmp_path):
+    """bench/gpu_check.py's plan at tiny sizes on this CPU: every check runs and writes its report, or says why
+    not; the summary names every check."""
+    proc = run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--quiet", "--budget", "3000", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] and {"torch", "jax", "flax", "optax", "transformers"} <= set(summary["versions"])
+    for name, r in summary["checks"].items():
+        assert r["status"] in ("ok", "not run"), (name, r)
+        if r["status"] == "not run":  # only a sweep of a spec field this checkout lacks
+            assert "spec has no" in r["reason"], (name, r)
+        else:
+            assert (tmp_path / f"{name}.json").is_file(), name
+        assert f" {name}" in proc.stdout
+    assert summary["checks"]["small-train-b8"]["status"] == "ok" and (tmp_path / "small-train-b8.png").is_file()
+    assert any("jax/torch" in line for line in summary["targets"])
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu():
+    proc = run_python(ROOT / "bench" / "gpu_check.py", "--quiet", CUDA_VISIBLE_DEVICES="")  # a GPU, if any, hidden
+    one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")

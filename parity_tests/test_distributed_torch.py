@@ -15,7 +15,8 @@ from .parallel_common import (
     CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
 
-RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled")
+RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled",
+        "ddp-memory", "fsdp2-memory", "fsdp2-memory-compiled")  # memory: accumulation, remat, chunked loss
 
 
 @pytest.fixture(scope="module")

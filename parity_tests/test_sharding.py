@@ -18,6 +18,8 @@ from .parallel_common import (
 )
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
+# the memory options on a mixed mesh: 2 micro-batches of 4 rows, one row per device in each
+MEMORY_RUN = "data=2,fsdp=2:grad_accum_steps=2,remat=block,loss_chunk=48"
 
 
 def host_devices(n: int) -> dict[str, str]:
@@ -32,7 +34,7 @@ def runs(tmp_path_factory):
     two processes of 4 devices (the multi-host code path) on the mixed mesh."""
     directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"))
     script = str(ROOT / "parity_tests" / "sharded_jax_run.py")
-    run_processes([script, str(directory), *MESHES], [host_devices(8)])
+    run_processes([script, str(directory), *MESHES, MEMORY_RUN], [host_devices(8)])
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
     run_processes([script, str(directory), "data=2,fsdp=4"],
                   [{**host_devices(4), **coordinator, "JAX_PROCESS_ID": str(i)} for i in range(2)])
@@ -85,7 +87,7 @@ def test_bad_meshes_and_batches_are_one_line_errors(make, message):
 # --- the sharded runs -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4"])
+@pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4", MEMORY_RUN])
 def test_sharded_steps_equal_one_device(runs, name):
     assert_same_run(*load_run(runs, f"jax-{name}"), "jax")
 

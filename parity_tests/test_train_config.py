@@ -49,6 +49,10 @@ def test_yaml_keys_are_exactly_the_fields_and_round_trip(tmp_path):
     ({"batch_size": 0}, "batch_size=0 must be > 0"),
     ({"decay_embeddings": "yes"}, "decay_embeddings='yes' must be true or false"),
     ({"compute_dtype": "float16"}, "compute_dtype='float16' must be one of float32, bfloat16"),
+    ({"grad_accum_steps": 3}, "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps=0 must be >= 1"),
+    ({"remat": "all"}, "remat='all' must be one of none, block, full"),
+    ({"loss_chunk": -1}, "loss_chunk=-1 must be >= 0"),
 ])
 def test_each_rule_names_field_value_and_rule(changes, message):
     with pytest.raises(SpecError) as e:

@@ -44,6 +44,7 @@ from shared_config.run_dir import (
     read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
 )
 from shared_config.spec import check_keys, parse_overrides
+from shared_config.train_config import MEMORY_OPTIONS
 
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
 DEFAULT_TRAIN_CONFIG = "cpu"
@@ -180,9 +181,10 @@ def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
 
 
 def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dict) -> None:
-    """A resumed run is the run that was checkpointed: the same spec, train config (but steps) and data."""
+    """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the memory options)
+    and data."""
     pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
-    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k != "steps"]
+    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k not in ("steps", *MEMORY_OPTIONS)]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
     if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
         raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "

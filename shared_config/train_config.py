@@ -21,7 +21,10 @@ from .spec import CHOICES, ModelSpec, SpecError, _check_type, from_mapping, load
 
 TRAIN_DIR = Path(__file__).parent / "train"
 
-TRAIN_CHOICES = {"schedule": ("constant", "cosine", "linear"), "compute_dtype": CHOICES["compute_dtype"]}
+TRAIN_CHOICES = {"schedule": ("constant", "cosine", "linear"), "compute_dtype": CHOICES["compute_dtype"],
+                 "remat": ("none", "block", "full")}
+# Options that change a step's memory, not its math (README, "Training bigger models"): a resumed run may change them
+MEMORY_OPTIONS = ("grad_accum_steps", "remat", "loss_chunk")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class TrainConfig:
     seq_len: int = 256  # tokens the model reads per row; a batch row holds seq_len + 1 tokens
     seed: int = 0
     compute_dtype: str | None = None  # None: the spec's compute_dtype; else overrides it for this run
+    # memory (MEMORY_OPTIONS): the same update at float32's rounding, less memory
+    grad_accum_steps: int = 1  # one update over batch_size rows, run as this many micro-batches of batch_size / it rows
+    remat: str = "none"  # recompute in the backward, per block: "block" all but the matmuls' outputs, "full" everything
+    loss_chunk: int = 0  # LM head + cross-entropy over chunks of this many tokens (0: all at once)
 
     def __post_init__(self):
         for f in fields(self):
@@ -71,7 +78,7 @@ def _check_rules(c: TrainConfig) -> None:
     for name in ("lr", "eps", "steps", "batch_size", "seq_len"):
         if getattr(c, name) <= 0:
             raise SpecError(f"{name}={getattr(c, name)} must be > 0")
-    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed"):
+    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed", "loss_chunk"):
         if getattr(c, name) < 0:
             raise SpecError(f"{name}={getattr(c, name)} must be >= 0")
     for name in ("beta1", "beta2"):
@@ -79,6 +86,8 @@ def _check_rules(c: TrainConfig) -> None:
             raise SpecError(f"{name}={getattr(c, name)} must be in [0, 1)")
     if not 0 <= c.min_lr_ratio <= 1:
         raise SpecError(f"min_lr_ratio={c.min_lr_ratio} must be in [0, 1]")
+    if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
+        raise SpecError(f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size={c.batch_size}")
     if c.warmup_steps > c.steps:
         raise SpecError(f"warmup_steps={c.warmup_steps} must be <= steps={c.steps}")
 

@@ -149,6 +149,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     The update is the one-device update of the global batch, also when the ranks' rows hold different numbers
     of counted targets (a mask, ignored targets): each rank divides its summed loss by the global count / W, so
     that DDP's and FSDP2's average of the W gradients is the gradient of the global mean (the JAX mesh's loss).
+    With grad_accum_steps, each rank's rows split into that many micro-batches (train.micro_batches), and only the
+    last one's backward reduces the gradients (DDP's no_sync, FSDP2's set_requires_gradient_sync).
     """
     step = train.make_train_step(model, cfg, compile=compile)
 

@@ -7,10 +7,12 @@ names (`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canoni
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
@@ -65,8 +67,8 @@ class TransformerModel(nn.Module):
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """Final hidden states [B, T, D] and the updated cache (None without one)."""
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none"):
+        """Final hidden states [B, T, D] and the updated cache (None without one); `remat`: see `rematted`."""
         spec, T = self.spec, tokens_BT.shape[1]
         if cache is None:
             if T > spec.max_seq_len:
@@ -82,7 +84,8 @@ class TransformerModel(nn.Module):
         layer_caches = []
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            x_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            block = rematted(layer, remat) if taps is None and cache is None else layer  # training only
+            x_BTD, layer_cache = block(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
             layer_caches.append(layer_cache)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
@@ -117,16 +120,24 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec)
         draw_weights(self, generator)
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache)
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none",
+                 logits: bool = True):
+        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written). `logits=False`:
+        the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time)."""
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache, remat)
+        if not logits:
+            return x_BTD if cache is None else (x_BTD, new_cache)
+        logits_BTV = self.head(x_BTD)
+        record(taps, "logits", logits_BTV)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def head(self, x_BTD):
+        """float32 logits [..., V] of final hidden states [..., D]: the LM head, or the tied embeddings."""
         if self.lm_head is None:
             logits_BTV = x_BTD @ self.model.embed_tokens.weight.to(x_BTD.dtype).T  # nnx.Embed.attend
         else:
             logits_BTV = self.lm_head(x_BTD)
-        logits_BTV = logits_BTV.to(torch.float32)  # logits in float32
-        record(taps, "logits", logits_BTV)
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+        return logits_BTV.to(torch.float32)  # logits in float32
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
@@ -140,6 +151,26 @@ class Transformer(nn.Module):
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = w.new_zeros(batch, dtype=torch.int64) if start_B is None else torch.as_tensor(start_B, dtype=torch.int64, device=w.device)
         return KVCache(layers, start_B)
+
+
+# What a rematted block keeps for the backward: "block" the outputs of its matmuls without batch dims (the
+# projections, aten.mm; attention scores, norms and activations are recomputed), "full" nothing but its input
+REMAT_SAVED = {"block": (torch.ops.aten.mm.default,), "full": ()}
+
+
+def rematted(layer, remat: str):
+    """`layer`'s call, its activations recomputed in the backward as `remat` says ("none": kept; the train config's
+    option, README "Training bigger models"); the same values, less memory (torch.utils.checkpoint, non-reentrant,
+    with a selective policy: works under torch.compile and FSDP2)."""
+    if remat == "none":
+        return layer
+    saved = REMAT_SAVED[remat]
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context_fn = partial(create_selective_checkpoint_contexts, policy)
+    return partial(checkpoint, layer, use_reentrant=False, context_fn=context_fn)
 
 
 def record(taps: dict | None, name: str, x) -> None:

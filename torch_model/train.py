@@ -19,14 +19,17 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
 
-from shared_config import TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
@@ -59,16 +62,70 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return torch.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
+def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
+    """next_token_loss(head(x_BTD), ...) with the head and the loss run over `chunk` tokens at a time: one chunk's
+    float32 logits [chunk, V] exist at once, forward and backward (torch.utils.checkpoint: each chunk's are
+    recomputed in the backward), never the whole [B·T, V]. The chunks' sums add up in a loop; the last chunk is
+    shorter (jax_model pads it with weight 0: the same sum)."""
+    x_MD, targets_M, weights_M = x_BTD.flatten(0, 1), targets_BT.flatten(), weights_BT.flatten()
+
+    def chunk_sum(x_cD, targets_c, weights_c):
+        return next_token_loss(head(x_cD), targets_c, weights_c, 1.0)  # count 1: the chunk's sum
+
+    total = torch.zeros((), dtype=torch.float32, device=x_MD.device)
+    for s in range(0, targets_M.shape[0], chunk):
+        part = (x_MD[s : s + chunk], targets_M[s : s + chunk], weights_M[s : s + chunk])
+        total = total + checkpoint(chunk_sum, *part, use_reentrant=False)
+    count = torch.clamp(torch.sum(weights_BT), min=1.0) if count is None else count
+    return total / count
+
+
+def model_loss(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none", loss_chunk: int = 0):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss). `remat` and
+    `loss_chunk`: the train config's memory options (the same loss, less memory)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
+    if not loss_chunk:
+        return next_token_loss(model(inputs_BT, remat=remat), targets_BT, weights_BT, count)
+    x_BTD = model(inputs_BT, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
+    return chunked_next_token_loss(unwrapped(model).head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
+def micro_batches(x_BN, n: int):
+    """A batch [B, ...] as n micro-batches [n, B/n, ...]: micro-batch i holds rows i, i + n, i + 2n, ..., so a device
+    (or rank) holding a contiguous block of B/W rows keeps its own rows in every micro-batch."""
+    x_BN = torch.as_tensor(x_BN)
+    B = x_BN.shape[0]
+    if B % n:
+        raise SpecError(f"grad_accum_steps={n} must divide the {B} rows of a batch (per device or rank)")
+    return x_BN.reshape(B // n, n, *x_BN.shape[1:]).transpose(0, 1).contiguous()  # contiguous: one compiled graph
+
+
+def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int) -> torch.Tensor:
+    """Backward of `loss_fn(model, tokens_BN, mask_BN, count)` into the parameters' .grad, over `steps` micro-batches
+    (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed loss is divided by
+    the whole batch's count, so the sums of the values and gradients are the one-shot mean's (the `count` rule of
+    next_token_loss). Under DDP or FSDP2 only the last micro-batch's backward communicates (gradient_sync)."""
+    if steps == 1:
+        loss = loss_fn(model, tokens_BN, mask_BN, count)
+        loss.backward()
+        return loss.detach()
+    count = torch.clamp(torch.sum(split_batch(tokens_BN, mask_BN)[2]), min=1.0) if count is None else count
+    tokens, masks = micro_batches(tokens_BN, steps), [None] * steps if mask_BN is None else micro_batches(mask_BN, steps)
+    total = torch.zeros((), dtype=torch.float32, device=tokens_BN.device)
+    for i in range(steps):
+        with gradient_sync(model, i == steps - 1):
+            loss = loss_fn(model, tokens[i], masks[i], count)
+            loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none",
+                   loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
     names, params = zip(*model.named_parameters())
-    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN, count))
+    batch = on_device(params[0].device, tokens_BN, mask_BN, count)
+    loss = model_loss(model, *batch, remat=remat, loss_chunk=loss_chunk)
     grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
 
@@ -119,14 +176,16 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile the
-    forward and backward. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets)."""
-    loss_fn = torch.compile(model_loss) if compile else model_loss
+    forward and backward. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (README, "Training bigger models")."""
+    loss_fn = partial(model_loss, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+    loss_fn = torch.compile(loss_fn) if compile else loss_fn
     params = list(model.parameters())
     device = params[0].device
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN, count))
-        loss.backward()
+        batch = on_device(device, tokens_BN, mask_BN, count)
+        loss = accumulate_gradients(loss_fn, state.model, *batch, cfg.grad_accum_steps)
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()
@@ -186,6 +245,21 @@ def on_device(device, *arrays):
     """Tokens, mask and count (numpy, numbers or tensors) as tensors on the model's device, before any compiled
     code sees them; None stays None."""
     return tuple(None if x is None else torch.as_tensor(x, device=device) for x in arrays)
+
+
+def gradient_sync(model, enabled: bool):
+    """A context in which a backward reduces its gradients over ranks (`enabled`) or only adds them up in .grad:
+    DDP's no_sync(), FSDP2's set_requires_gradient_sync(); a model in one process: nothing to do."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard): every unit below the root too
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(model, "no_sync") and not enabled:  # DistributedDataParallel
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def unwrapped(model):
+    """The Transformer inside a DistributedDataParallel wrapper (FSDP2 wraps in place: the model itself)."""
+    return getattr(model, "module", model)
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
