@@ -11,7 +11,9 @@ import torch
 from flax import nnx
 
 import jax_model
+import jax_model.generate  # noqa: F401  (twin.generate below)
 import torch_model
+import torch_model.generate  # noqa: F401
 from jax_model.gla import set_chunk as jax_set_chunk
 from shared_config import SpecError, layout, load_spec, load_train_config, synthetic_batch
 from shared_config.parity import BF16_KL_MAX, BF16_KL_MEAN, BF16_TOP1, GRAD_TOL, LOSS_TOL, TRAJ_LOSS_TOL, TRAJ_PARAM_TOL
