@@ -15,6 +15,7 @@ from flax import nnx
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 
+from . import routing
 from .layers import DTYPES, ZEROS, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .weights import draw_weights
 
@@ -29,6 +30,7 @@ class KVCache(NamedTuple):
 
     layers: tuple[LayerCache, ...]
     start_B: jax.Array  # int32 [B]: the slot of each row's first token
+    routing: tuple = ()  # per layer, the routed layers' RoutingCache (routing.py), else None
 
     @property
     def length(self) -> jax.Array:
@@ -59,10 +61,12 @@ class TransformerModel(nnx.Module):
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nnx.List([Block(spec, attention, rngs=rngs) for _ in range(spec.L)])
+        routing.attach(self.layers, spec, rngs)
         self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """Final hidden states [B, T, D] and the updated cache (None without one)."""
+    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                 decide: str | None = None):
+        """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes."""
         spec, T = self.spec, tokens_BT.shape[1]
         if cache is None:
             if T > spec.max_seq_len:
@@ -75,15 +79,17 @@ class TransformerModel(nnx.Module):
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
-        layer_caches = []
+        layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            x_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            y_BTD, layer_cache = routes(i, layer, x_BTD, h_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
+        routing_cache = routes.finish(aux)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
-        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches))
+        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
 
     def embed(self, tokens_BT, positions):
         """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
@@ -112,9 +118,14 @@ class Transformer(nnx.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec, rngs)
         draw_weights(self, rngs)
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache)
+    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                 decide: str | None = None):
+        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written).
+
+        Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
+        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
+        """
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache, aux, decide)
         if self.lm_head is None:
             logits_BTV = self.model.embed_tokens.attend(x_BTD)
         else:
@@ -133,7 +144,7 @@ class Transformer(nnx.Module):
             LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
-        return KVCache(layers, start_B)
+        return KVCache(layers, start_B, routing.init_cache(spec, batch, size))
 
 
 def record(taps: dict | None, name: str, x) -> None:

@@ -61,16 +61,32 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return jnp.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
+    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
+    aux = {} if cfg is not None else None
+    loss = next_token_loss(model(inputs_BT, aux=aux), targets_BT, weights_BT, count)
+    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
-    """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
+def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+    """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
+    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
+    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    if not aux:
+        return 0.0
+    if metrics is not None:
+        metrics.update(aux)
+    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return extra if count is None else extra * jnp.sum(weights_BT) / count
+
+
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
+    back, torch orientation), float32 numpy."""
     graphdef, params, rest = split_params(model)
-    loss, grads = _value_and_grad(graphdef, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
+    loss, grads = _value_and_grad(graphdef, cfg, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
 
 
@@ -114,11 +130,12 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
         def loss_fn(params):
-            return model_loss(nnx.merge(graphdef, params, rest), tokens_BN, mask_BN, count)
+            aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
+            return model_loss(nnx.merge(graphdef, params, rest), tokens_BN, mask_BN, count, cfg, aux_metrics), aux_metrics
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        (loss, aux_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp), **aux_metrics}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
@@ -173,6 +190,6 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-@partial(jax.jit, static_argnums=0)
-def _value_and_grad(graphdef, params, rest, tokens_BN, mask_BN, count):
-    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count))(params)
+@partial(jax.jit, static_argnums=(0, 1))
+def _value_and_grad(graphdef, cfg, params, rest, tokens_BN, mask_BN, count):
+    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count, cfg))(params)

@@ -98,8 +98,9 @@ def mlp(x, w: dict, p: str, spec):
     return h @ w[f"{p}.down_proj.weight"].T
 
 
-def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -> np.ndarray:
-    """float64 logits [B, T, V] for int tokens [B, T]."""
+def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, decide: str = "topk",
+            aux: dict | None = None) -> np.ndarray:
+    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide` and `aux` as in `route`."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     T = tokens.shape[1]
     x = w["model.embed_tokens.weight"][tokens]
@@ -111,8 +112,13 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -
         x = x * math.sqrt(spec.D)
     if taps is not None:
         taps["model.embed"] = x
+    h = x  # the input of the block before (a dtf dynamic block reads it)
     for i in range(spec.L):
         p = f"model.layers.{i}"
+        if i in spec.routed_layers:  # conditional computation: `route` below
+            x, h = route(x, h, w, p, spec, decide, aux, taps), x
+            continue
+        h = x
         if spec.norm_placement == "post":
             a = attention(x, w, f"{p}.self_attn", spec)
             x = norm(x + a, w, f"{p}.input_layernorm", spec)
@@ -135,3 +141,108 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -
         taps["model.norm"] = x
     head = w["model.embed_tokens.weight"] if spec.tie_embeddings else w["lm_head.weight"]
     return x @ head.T
+
+
+# --- conditional computation (README "Routing"): Mixture-of-Depths and DTF, from the definitions -------------
+
+
+def block_at(x, positions, w: dict, p: str, spec):
+    """A dense block on the tokens x [B, n, D] at the increasing positions [n]: RoPE at those positions, each
+    token attending to itself and the tokens before it in the list."""
+    B, n, _ = x.shape
+    H, K, E = spec.H, spec.K, spec.E
+
+    def attn(z):
+        q = (z @ w[f"{p}.self_attn.q_proj.weight"].T).reshape(B, n, H, E)
+        k = (z @ w[f"{p}.self_attn.k_proj.weight"].T).reshape(B, n, K, E)
+        v = (z @ w[f"{p}.self_attn.v_proj.weight"].T).reshape(B, n, K, E)
+        if spec.qk_norm:
+            q = rms(q, w[f"{p}.self_attn.q_norm.weight"], spec.norm_eps)
+            k = rms(k, w[f"{p}.self_attn.k_norm.weight"], spec.norm_eps)
+        if spec.position == "rope":
+            angle = np.asarray(positions, np.float64)[:, None] * inv_frequencies(spec)[None, :]
+            c, s_ = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+            q = np.concatenate([q[..., : E // 2] * c - q[..., E // 2 :] * s_, q[..., E // 2 :] * c + q[..., : E // 2] * s_], -1)
+            k = np.concatenate([k[..., : E // 2] * c - k[..., E // 2 :] * s_, k[..., E // 2 :] * c + k[..., : E // 2] * s_], -1)
+        out = np.zeros((B, n, H, E))
+        for b in range(B):
+            for h in range(H):
+                kv = h * K // H
+                for t in range(n):
+                    s = k[b, : t + 1, kv] @ q[b, t, h] / math.sqrt(E)
+                    e = np.exp(s - s.max())
+                    out[b, t, h] = e @ v[b, : t + 1, kv] / e.sum()
+        return out.reshape(B, n, H * E) @ w[f"{p}.self_attn.o_proj.weight"].T
+
+    if spec.norm_placement == "post":
+        x = norm(x + attn(x), w, f"{p}.input_layernorm", spec)
+        return norm(x + mlp(x, w, f"{p}.mlp", spec), w, f"{p}.post_attention_layernorm", spec)
+    peri = spec.norm_placement == "peri"
+    a = attn(norm(x, w, f"{p}.input_layernorm", spec))
+    x = x + (norm(a, w, f"{p}.attn_output_norm", spec) if peri else a)
+    m = mlp(norm(x, w, f"{p}.post_attention_layernorm", spec), w, f"{p}.mlp", spec)
+    return x + (norm(m, w, f"{p}.mlp_output_norm", spec) if peri else m)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def softplus(z):
+    return np.log1p(np.exp(z))
+
+
+def router_scores(x, h, w: dict, p: str, spec):
+    """(score, gate [B, T], prior MSE or None) of routed block p: mod's r = wᵀx, or dtf's G from the decision
+    block's input h and output x."""
+    if spec.routing == "mod":
+        r = x @ w[f"{p}.router.weight"]
+        return r, (r if spec.routing_gate == "raw" else sigmoid(r)), None
+    q = f"{p}.router"
+    z = rms(h, w[f"{q}.prior_norm.weight"], spec.norm_eps)
+    g = z @ w[f"{q}.prior_ffn.gate_proj.weight"].T
+    prior = h + (g * sigmoid(g) * (z @ w[f"{q}.prior_ffn.up_proj.weight"].T)) @ w[f"{q}.prior_ffn.down_proj.weight"].T
+    d_st = np.mean((x - h) ** 2, axis=-1)
+    d_ch = np.mean((x - prior) ** 2, axis=-1)
+    T, W = x.shape[1], spec.dtf_window
+    ma = np.stack([d_st[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # README "Routing"
+    ce = d_st - d_ch + np.log(w[f"{q}.o_ce"][0] + 1e-10)
+    cu = d_st - w[f"{q}.m_cu"][0] * ma
+    s_ce, s_cu = sigmoid(softplus(w[f"{q}.beta_ce"][0]) * ce), sigmoid(softplus(w[f"{q}.beta_cu"][0]) * cu)
+    G = s_ce + s_cu - s_ce * s_cu
+    return G, G, np.mean((prior - x) ** 2)
+
+
+def route(x, h, w: dict, p: str, spec, decide: str = "topk", aux: dict | None = None, taps: dict | None = None):
+    """Routed block p on x [B, T, D]: the selected tokens of each row, gathered, run `block_at` at their own
+    positions, and get x + gate·(block − x) back; the others pass unchanged.
+
+    decide="topk": the floor(γ·T) highest scores, ties to the lower position; "predictor": the tokens whose
+    predictor logit is > 0. `aux` (top-k) collects router_bce, predictor_acc and prior_mse, each the mean over
+    the routed blocks so far.
+    """
+    B, T, _ = x.shape
+    score, gate, prior_mse = router_scores(x, h, w, p, spec)
+    hidden = x @ w[f"{p}.router_predictor.fc1.weight"].T
+    logit = (hidden * sigmoid(hidden)) @ w[f"{p}.router_predictor.fc2.weight"][0]
+    out, keep = x.copy(), np.zeros((B, T), bool)
+    for b in range(B):
+        if decide == "topk":
+            chosen = sorted(sorted(range(T), key=lambda t: (-score[b, t], t))[: math.floor(spec.routing_capacity * T)])
+        else:
+            chosen = [t for t in range(T) if logit[b, t] > 0]
+        keep[b, chosen] = True
+        if chosen:
+            y = block_at(x[b, chosen][None], chosen, w, p, spec)[0]
+            out[b, chosen] = x[b, chosen] + gate[b, chosen, None] * (y - x[b, chosen])
+    if aux is not None and decide == "topk":
+        terms = {"router_bce": np.mean(np.where(keep, -np.log(sigmoid(logit)), -np.log(1 - sigmoid(logit)))),
+                 "predictor_acc": np.mean((logit > 0) == keep)}
+        if prior_mse is not None:
+            terms["prior_mse"] = prior_mse
+        for name, value in terms.items():
+            aux.setdefault(f"_{name}", []).append(value)
+            aux[name] = float(np.mean(aux[f"_{name}"]))
+    if taps is not None:
+        taps[p] = {"residual": out, "router_score": score, "router_keep": keep, "router_logit": logit}
+    return out

@@ -51,3 +51,113 @@ def test_layout_names_every_router_tensor():
         dict(beta_ce=-0.3, beta_cu=-0.6, o_ce=1.025, m_cu=1.1))
     assert make_spec(routing="dtf", d_model=4, n_heads=2, n_kv_heads=1).dtf_prior_dim == 2
     assert make_spec(routing="none").routed_layers == ()
+
+
+# --- twins vs the float64 reference and vs each other ------------------------------------------------------
+
+import math  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import jax_model  # noqa: E402
+import torch_model  # noqa: E402
+from jax_model import routing as jax_routing  # noqa: E402
+from shared_config import TrainConfig  # noqa: E402
+from shared_config.parity import GRAD_TOL, LOSS_TOL, TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel  # noqa: E402
+from torch_model import routing as torch_routing  # noqa: E402
+
+from . import reference  # noqa: E402
+from .common import FORWARD_TOL, case_ids, parity_weights, rel_err, tokens  # noqa: E402
+from .train_common import TWINS, trajectory  # noqa: E402
+
+MARGIN = 1e-4  # a selection is tested only where float32 rounding (~1e-6 here) cannot flip it
+
+ROUTED = [
+    dict(routing="mod", routing_capacity=0.5, routing_gate="raw"),
+    dict(routing="mod", routing_capacity=0.25, routing_gate="sigmoid", routing_layers="all", qk_norm=True),
+    dict(routing="mod", routing_capacity=0.5, norm_placement="post", position="learned", n_layers=3),
+    dict(routing="mod", routing_capacity=0.5, norm_placement="peri", norm_type="dyt", tie_embeddings=True),
+    dict(routing="dtf", routing_capacity=0.5, n_layers=4),
+    dict(routing="dtf", routing_capacity=0.25, dtf_window=3, dtf_prior_factor=0.1, mlp="gelu"),
+]
+
+
+def routed_weights(spec, seed=0):
+    """parity_weights with the predictor's output scaled up, so that its logits sit far from the 0.5 threshold."""
+    w = parity_weights(spec, seed)
+    for i in spec.routed_layers:
+        w[f"model.layers.{i}.router_predictor.fc2.weight"] *= np.float32(20)
+        if spec.routing == "dtf":  # steeper S_CE and S_CU: G spread over (0, 1), not bunched at its init value
+            w[f"model.layers.{i}.router.beta_ce"][:] = w[f"model.layers.{i}.router.beta_cu"][:] = 40.0
+    return w
+
+
+def assert_margins(ref_taps, spec, decide):
+    """No selection of the reference sits within MARGIN of flipping: the k-th vs (k+1)-th score, or logit vs 0."""
+    for i in spec.routed_layers:
+        t = ref_taps[f"model.layers.{i}"]
+        if decide == "topk":
+            k = math.floor(spec.routing_capacity * t["router_score"].shape[1])
+            s = -np.sort(-t["router_score"], axis=1)
+            gap = (s[:, k - 1] - s[:, k]).min()
+        else:
+            gap = np.abs(t["router_logit"]).min()
+        assert gap > MARGIN, f"layer {i}: a selection within {gap:.1e} of flipping; pick other test weights"
+
+
+def twin_logits(twin, weights, spec, x, decide, aux=None):
+    model = twin.from_weights(weights, spec)
+    if twin is jax_model:
+        return np.asarray(model(jnp.asarray(x), aux=aux, decide=decide))
+    with torch.no_grad():
+        return model(torch.as_tensor(x), aux=aux, decide=decide).numpy()
+
+
+@pytest.mark.parametrize("decide", ["topk", "predictor"])
+@pytest.mark.parametrize("changes", ROUTED, ids=case_ids(ROUTED))
+def test_twins_match_the_reference(changes, decide):
+    spec = make_spec(**changes)
+    w, x = routed_weights(spec), tokens(spec, 2, 16)
+    ref_taps, ref_aux = {}, {}
+    ref = reference.forward(w, spec, x, ref_taps, decide=decide, aux=ref_aux)
+    assert_margins(ref_taps, spec, decide)
+    keeps = [ref_taps[f"model.layers.{i}"]["router_keep"] for i in spec.routed_layers]
+    assert all(0 < k.mean() < 1 for k in keeps) or decide == "topk", "the predictor should keep some tokens, not all"
+    for twin in (jax_model, torch_model):
+        aux = {}
+        got = twin_logits(twin, w, spec, x, decide, aux)
+        assert rel_err(got, ref) <= FORWARD_TOL, (twin.__name__, rel_err(got, ref))
+        if decide == "topk":
+            assert set(aux) == {k for k in ref_aux if not k.startswith("_")}
+            for k in aux:
+                assert abs(float(aux[k]) - ref_aux[k]) <= 1e-5 * max(1.0, abs(ref_aux[k])), (twin.__name__, k)
+
+
+@pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[5]], ids=case_ids([ROUTED[0], ROUTED[5]]))
+def test_twins_agree_on_loss_and_gradients_router_included(changes):
+    spec = make_spec(**changes)
+    w, x = routed_weights(spec), tokens(spec, 2, 17)
+    assert_margins(reference_taps(w, spec, x[:, :-1]), spec, "topk")
+    cfg = TrainConfig(router_predictor_loss_weight=0.5, dtf_prior_loss_weight=0.3)
+    (lj, gj), (lt, gt) = (train.loss_and_grads(twin.from_weights(w, spec), x, cfg=cfg) for _, twin, train in TWINS)
+    assert abs(lj - lt) / abs(lt) <= LOSS_TOL
+    router = [n for n in gt if "router" in n]
+    assert router and all(np.abs(gt[n]).max() > 0 for n in router), "every router tensor gets a gradient"
+    bad = {n: max_rel(gj[n], gt[n]) for n in gt if not max_rel(gj[n], gt[n]) <= GRAD_TOL}
+    assert not bad, bad
+    # the float64 loss, aux terms included
+    ref_aux = {}
+    logits = reference.forward(w, spec, x[:, :-1], decide="topk", aux=ref_aux)
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, x[:, 1:, None], -1).mean()
+    expected = ce + 0.5 * ref_aux["router_bce"] + 0.3 * ref_aux.get("prior_mse", 0.0)
+    assert abs(lt - expected) / expected <= 1e-5 and abs(lj - expected) / expected <= 1e-5
+
+
+def reference_taps(w, spec, x, decide="topk"):
+    taps = {}
+    reference.forward(w, spec, x, taps, decide=decide)
+    return taps

@@ -44,6 +44,9 @@ class TrainConfig:
     seq_len: int = 256  # tokens the model reads per row; a batch row holds seq_len + 1 tokens
     seed: int = 0
     compute_dtype: str | None = None  # None: the spec's compute_dtype; else overrides it for this run
+    # --- conditional computation (routing.py): auxiliary loss weights, read by routed specs only ---
+    router_predictor_loss_weight: float = 1.0  # × the routed blocks' mean BCE of the causal predictor vs top-k
+    dtf_prior_loss_weight: float = 0.05  # × the dynamic blocks' mean MSE(H_prior, stopgrad(H_post))
 
     def __post_init__(self):
         for f in fields(self):
@@ -71,7 +74,7 @@ def _check_rules(c: TrainConfig) -> None:
     for name in ("lr", "eps", "steps", "batch_size", "seq_len"):
         if getattr(c, name) <= 0:
             raise SpecError(f"{name}={getattr(c, name)} must be > 0")
-    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed"):
+    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed", "router_predictor_loss_weight", "dtf_prior_loss_weight"):
         if getattr(c, name) < 0:
             raise SpecError(f"{name}={getattr(c, name)} must be >= 0")
     for name in ("beta1", "beta2"):

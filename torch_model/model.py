@@ -14,6 +14,7 @@ from torch import nn
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 
+from . import routing
 from .layers import DTYPES, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .weights import draw_weights
 
@@ -28,6 +29,7 @@ class KVCache(NamedTuple):
 
     layers: tuple[LayerCache, ...]
     start_B: torch.Tensor  # int64 [B]: the slot of each row's first token
+    routing: tuple = ()  # per layer, the routed layers' RoutingCache (routing.py), else None
 
     @property
     def length(self) -> torch.Tensor:
@@ -59,11 +61,13 @@ class TransformerModel(nn.Module):
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nn.ModuleList([Block(spec, attention) for _ in range(spec.L)])
+        routing.attach(self.layers, spec)
         self.norm = make_norm(spec, spec.final_alpha_init) if spec.norm_placement != "post" else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """Final hidden states [B, T, D] and the updated cache (None without one)."""
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                 decide: str | None = None):
+        """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes."""
         spec, T = self.spec, tokens_BT.shape[1]
         if cache is None:
             if T > spec.max_seq_len:
@@ -76,15 +80,17 @@ class TransformerModel(nn.Module):
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
-        layer_caches = []
+        layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            x_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            y_BTD, layer_cache = routes(i, layer, x_BTD, h_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
+        routing_cache = routes.finish(aux)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
-        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches))
+        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
 
     def embed(self, tokens_BT, positions):
         """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
@@ -114,9 +120,14 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec)
         draw_weights(self, generator)
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None):
-        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written)."""
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache)
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                 decide: str | None = None):
+        """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written).
+
+        Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
+        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
+        """
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache, aux, decide)
         if self.lm_head is None:
             logits_BTV = x_BTD @ self.model.embed_tokens.weight.to(x_BTD.dtype).T  # nnx.Embed.attend
         else:
@@ -135,7 +146,7 @@ class Transformer(nn.Module):
             LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype), w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = w.new_zeros(batch, dtype=torch.int64) if start_B is None else torch.as_tensor(start_B, dtype=torch.int64, device=w.device)
-        return KVCache(layers, start_B)
+        return KVCache(layers, start_B, routing.init_cache(spec, batch, size, w.device))
 
 
 def record(taps: dict | None, name: str, x) -> None:

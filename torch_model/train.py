@@ -59,16 +59,32 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return torch.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss)."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
+    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
-    return next_token_loss(model(inputs_BT), targets_BT, weights_BT, count)
+    aux = {} if cfg is not None else None
+    loss = next_token_loss(model(inputs_BT, aux=aux), targets_BT, weights_BT, count)
+    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None) -> tuple[float, dict[str, np.ndarray]]:
-    """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
+def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+    """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
+    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
+    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    if not aux:
+        return 0.0
+    if metrics is not None:
+        metrics.update(aux)
+    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return extra if count is None else extra * torch.sum(weights_BT) / count
+
+
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
+    back, torch orientation), float32 numpy."""
     names, params = zip(*model.named_parameters())
-    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN, count))
+    loss = model_loss(model, *on_device(params[0].device, tokens_BN, mask_BN, count), cfg)
     grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
 
@@ -116,14 +132,16 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     device = params[0].device
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN, count))
+        aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
+        loss = loss_fn(state.model, *on_device(device, tokens_BN, mask_BN, count), cfg, aux_metrics)
         loss.backward()
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
-        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
+        aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
+        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
     return train_step
 
