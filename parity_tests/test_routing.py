@@ -161,3 +161,90 @@ def reference_taps(w, spec, x, decide="topk"):
     taps = {}
     reference.forward(w, spec, x, taps, decide=decide)
     return taps
+
+
+# --- selection: capacity 1 = dense, ties, decoding ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", ["every_other", "all"])
+def test_capacity_one_with_gate_one_equals_the_dense_model(layers, monkeypatch):
+    """Every token selected and the gate fixed to 1: gather, RoPE at the original positions, causal attention among
+    the selected and the scatter give back the dense block exactly."""
+    dense = make_spec(n_layers=3)
+    spec = dense.replace(routing="mod", routing_capacity=1.0, routing_layers=layers)
+    w, x = routed_weights(spec), tokens(spec, 2, 16)
+    dense_w = {k: v for k, v in w.items() if "router" not in k}
+    for module, xp in ((jax_routing, jnp), (torch_routing, torch)):
+        monkeypatch.setitem(module.GATES, "raw", lambda r_BT, xp=xp: xp.ones_like(r_BT))
+    for twin in (jax_model, torch_model):
+        routed, plain = twin_logits(twin, w, spec, x, "topk"), twin_logits(twin, dense_w, dense, x, None)
+        assert rel_err(routed, plain) <= FORWARD_TOL, (twin.__name__, rel_err(routed, plain))
+    # and without the patch the gate matters: the test can fail
+    monkeypatch.undo()
+    assert rel_err(twin_logits(torch_model, w, spec, x, "topk"), twin_logits(torch_model, dense_w, dense, x, None)) > 1e-3
+
+
+def test_tied_scores_select_the_lower_positions_in_both_twins():
+    """Exactly equal scores: all zero (a zero router weight), and repeated tokens at the first routed layer
+    (equal inputs there); both twins pick what the reference's (−score, position) order picks."""
+    spec = make_spec(routing="mod", routing_capacity=0.5, routing_gate="sigmoid", routing_layers="all")
+    w = routed_weights(spec)
+    w["model.layers.1.router.weight"][:] = 0.0  # every score of layer 1 is 0: the first k positions run
+    x = np.tile(tokens(spec, 2, 4), (1, 4))  # each token four times: layer 0 scores tie in groups of four
+    ref_taps = reference_taps(w, spec, x)
+    assert ref_taps["model.layers.1"]["router_keep"][:, :8].all() and not ref_taps["model.layers.1"]["router_keep"][:, 8:].any()
+    s0 = ref_taps["model.layers.0"]["router_score"]
+    assert np.array_equal(s0[:, :4], s0[:, 4:8])  # the ties are real
+    for twin in (jax_model, torch_model):
+        taps = {}
+        model = twin.from_weights(w, spec)
+        with torch.no_grad():
+            model(jnp.asarray(x) if twin is jax_model else torch.as_tensor(x), taps=taps)
+        for i in (0, 1):
+            keep = np.asarray(taps[f"model.layers.{i}"]["router_keep"])
+            assert np.array_equal(keep, ref_taps[f"model.layers.{i}"]["router_keep"]), (twin.__name__, i)
+
+
+@pytest.mark.parametrize("twin, select", [(jax_model, jax_routing.select_top_k), (torch_model, torch_routing.select_top_k)])
+def test_select_top_k_orders_by_score_then_position(twin, select):
+    scores = np.array([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5], [0.0, -0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+    xp = jnp.asarray if twin is jax_model else torch.as_tensor
+    assert np.asarray(select(xp(scores), 3)).tolist() == [[0, 1, 3], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[4], ROUTED[5]], ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
+def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
+    from .test_kv_cache import jax_steps, torch_steps
+
+    spec = make_spec(**changes)
+    w, x = routed_weights(spec), tokens(spec, 2, 20)
+    assert_margins(reference_taps(w, spec, x, "predictor"), spec, "predictor")
+    for twin, steps in ((jax_model, jax_steps), (torch_model, torch_steps)):
+        full = twin_logits(twin, w, spec, x, "predictor")
+        cached, cache = steps(twin.from_weights(w, spec), x, prompt=8)
+        errs = [rel_err(cached[:, t], full[:, t]) for t in range(x.shape[1])]
+        assert max(errs) <= FORWARD_TOL, (twin.__name__, int(np.argmax(errs)), max(errs))
+        keep = np.asarray(cache.routing[spec.routed_layers[0]].keep_BS)
+        assert 0 < keep.mean() < 1, "some tokens skipped the routed block, some ran it"
+    with pytest.raises(ValueError, match="cached decoding needs decide='predictor'"):
+        model = torch_model.from_weights(w, spec)
+        model(torch.as_tensor(x[:, :3]), cache=model.init_cache(2, 8), decide="topk")
+
+
+@pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[4]], ids=case_ids([ROUTED[0], ROUTED[4]]))
+def test_twins_train_the_same_trajectory_with_the_aux_losses(changes):
+    spec = make_spec(**changes)
+    cfg = TrainConfig(steps=3, warmup_steps=1, batch_size=2, seq_len=16, lr=3e-3, router_predictor_loss_weight=0.5,
+                      dtf_prior_loss_weight=0.5)
+    w = routed_weights(spec)
+    (mj, sj), (mt, st) = (trajectory(twin, train, w, spec, cfg) for _, twin, train in TWINS)
+    assert max(abs(mj["loss"] - mt["loss"]) / mt["loss"]) <= TRAJ_LOSS_TOL
+    bad = {n: max_rel(sj["weights"][n], st["weights"][n]) for n in st["weights"]
+           if not max_rel(sj["weights"][n], st["weights"][n]) <= TRAJ_PARAM_TOL}
+    assert not bad, bad
+    assert any("router" in n and not np.array_equal(st["weights"][n], w[n]) for n in st["weights"])
+    for _, twin, train in TWINS:  # the aux terms come back as metrics
+        model = twin.from_weights(w, spec)
+        _, m = train.make_train_step(model, cfg)(train.init_train_state(model, cfg), tokens(spec, 2, 17))
+        assert {"router_bce", "predictor_acc"} <= set(m) and 0 <= float(m["predictor_acc"]) <= 1
+        assert ("prior_mse" in m) == (spec.routing == "dtf")
