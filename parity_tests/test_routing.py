@@ -248,3 +248,29 @@ def test_twins_train_the_same_trajectory_with_the_aux_losses(changes):
         _, m = train.make_train_step(model, cfg)(train.init_train_state(model, cfg), tokens(spec, 2, 17))
         assert {"router_bce", "predictor_acc"} <= set(m) and 0 <= float(m["predictor_acc"]) <= 1
         assert ("prior_mse" in m) == (spec.routing == "dtf")
+
+
+# --- conversion -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["torch", "flax"])
+@pytest.mark.parametrize("routing", ["mod", "dtf"])
+def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
+    from .common import file_bytes_equal
+    from .test_convert import NAMES, canonical_file, convert
+
+    spec = make_spec(routing=routing, n_layers=3)
+    src = canonical_file(tmp_path / "a.safetensors", spec)
+    convert(src, tmp_path / NAMES[fmt], to=fmt)
+    convert(tmp_path / NAMES[fmt], tmp_path / "b.safetensors")
+    file_bytes_equal(src, tmp_path / "b.safetensors")
+
+
+def test_hugging_face_export_refuses_routing_by_name(tmp_path):
+    from shared_config import CheckpointError
+    from shared_config.hf import write_hf
+
+    spec = make_spec(routing="dtf")
+    with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for routing=dtf \("):
+        write_hf(tmp_path / "hf", init_weights(spec, 0), spec)
+    assert not (tmp_path / "hf").exists()

@@ -59,6 +59,7 @@ HF_SPEC = {
     "embed_scale": "none",
     "position": "rope",
     "mlp": "swiglu",
+    "routing": "none",  # conditional computation (routing.py): no Hugging Face Llama routes tokens past blocks
 }
 
 # llama3 RoPE scaling: spec field <- key in `rope_parameters` (5.x) or `rope_scaling` (4.x).
