@@ -274,3 +274,30 @@ def test_hugging_face_export_refuses_routing_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for routing=dtf \("):
         write_hf(tmp_path / "hf", init_weights(spec, 0), spec)
     assert not (tmp_path / "hf").exists()
+
+
+# --- bench ----------------------------------------------------------------------------------------------
+
+
+def test_flops_count_only_the_tokens_routed_blocks_process():
+    import sys
+
+    from .common import ROOT
+    sys.path.insert(0, str(ROOT / "bench"))
+    from flops import flops_split, matmul_params
+
+    dense = make_spec(n_layers=4)
+    block = sum(math.prod(t.shape) for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")
+    D, T, H, E = dense.D, 64, dense.H, dense.E
+    mod = dense.replace(routing="mod", routing_capacity=0.125)  # k = 8 of 64
+    predictor = D * D // 2 + D // 2
+    assert matmul_params(mod, T) == matmul_params(dense) - 2 * block * (1 - 8 / 64) + 2 * (D + predictor)
+    weights, attention = flops_split(mod, T, "forward")
+    assert weights == 2 * matmul_params(mod, T)
+    assert attention == 4 * H * E * (2 * T + 2 * (8 / 64) * 8)  # two dense layers: T keys; two routed: 8 keys, 1/8 of tokens
+    dtf = dense.replace(routing="dtf", routing_capacity=0.5)
+    prior = 3 * D * dtf.dtf_prior_dim
+    assert matmul_params(dtf, T) == matmul_params(dense) - 2 * block * 0.5 + 2 * (prior + predictor)
+    assert flops_split(dense, T, "train")[1] == 3 * 4 * H * E * 4 * T
+    with pytest.raises(ValueError, match="pass seq_len"):
+        matmul_params(mod)
