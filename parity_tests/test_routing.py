@@ -301,3 +301,17 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
     assert flops_split(dense, T, "train")[1] == 3 * 4 * H * E * 4 * T
     with pytest.raises(ValueError, match="pass seq_len"):
         matmul_params(mod)
+
+
+def test_routing_study_refuses_bad_configs_before_training(tmp_path):
+    from shared_config.cli import UsageError
+
+    from .common import load_script
+
+    study = load_script("compare_routing")
+    assert study.config_changes("dense") == {"routing": "none"}
+    assert study.config_changes("dtf-0.5") == {"routing": "dtf", "routing_capacity": 0.5}
+    for configs, fragment in (("mod-x", "must be dense or ROUTING-CAPACITY"), ("mod-1.5", r"routing_capacity=1.5 must be in \(0, 1\]")):
+        with pytest.raises(UsageError, match=fragment):
+            study.main(["--configs", f"dense,{configs}", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
