@@ -5,7 +5,7 @@ where the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
     train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 

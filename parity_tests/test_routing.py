@@ -345,3 +345,12 @@ def test_left_padded_routed_decoding_leaves_each_row_as_alone(changes):
         for b, prompt in enumerate(prompts):
             alone = run([prompt], fed[b : b + 1])
             assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
+
+
+def test_train_cli_refuses_a_bad_routing_spec_in_one_line(tmp_path):
+    from .common import one_line_error, run_script
+
+    result = run_script("train", "--backend", "torch", "--spec", "tiny", "--set", "routing=dtf", "--set",
+                        "routing_layers=all", "--out", tmp_path / "run", "--quiet")
+    one_line_error(result, "routing=dtf needs routing_layers=every_other")
+    assert not (tmp_path / "run").exists()
