@@ -354,3 +354,22 @@ def test_train_cli_refuses_a_bad_routing_spec_in_one_line(tmp_path):
                         "routing_layers=all", "--out", tmp_path / "run", "--quiet")
     one_line_error(result, "routing=dtf needs routing_layers=every_other")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("routing", ["mod", "dtf"])
+def test_native_init_of_the_router_tensors(routing):
+    """Each twin's own RNG draws the router tensors by the layout's rules: scalars exact, norms ones, weights normal."""
+    from flax import nnx
+
+    spec = make_spec(routing=routing, d_model=96, n_heads=6, init_std=0.05, n_layers=2)
+    for weights in (jax_model.get_weights(jax_model.Transformer(spec, rngs=nnx.Rngs(3))),
+                    torch_model.get_weights(torch_model.Transformer(spec, generator=torch.Generator().manual_seed(3)))):
+        for name, x in weights.items():
+            if "router" not in name:
+                continue
+            if name.endswith(("beta_ce", "beta_cu", "o_ce", "m_cu")):
+                assert float(x[0]) == pytest.approx({"beta_ce": -0.3, "beta_cu": -0.6, "o_ce": 1.025, "m_cu": 1.1}[name.rsplit(".", 1)[1]])
+            elif name.endswith("prior_norm.weight"):
+                assert np.all(x == 1)
+            else:
+                assert abs(float(np.std(x)) - 0.05) < 0.3 * 0.05 and abs(float(np.mean(x))) < 0.05, name
