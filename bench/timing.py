@@ -140,7 +140,7 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
         "mfu": achieved / (peak * chips) if peak and not device.startswith("cpu") else None, "chips": chips,
         "attention": bench.attention,
-        "flops_per_token": flops, "matmul_params": matmul_params(spec), "n_steps": len(times), **bench.info,
+        "flops_per_token": flops, "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times), **bench.info,
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
                           "p90": float(np.percentile(prefills, 90))}} if prefills else {}),
     }

@@ -5,7 +5,7 @@ where the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
     train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
@@ -84,14 +84,31 @@ def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chu
     return total / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none", loss_chunk: int = 0):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss). `remat` and
-    `loss_chunk`: the train config's memory options (the same loss, less memory)."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
+               *, remat: str = "none", loss_chunk: int = 0):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
+    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`. `remat` and `loss_chunk`:
+    the train config's memory options (the same loss, less memory)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
+    aux = {} if cfg is not None else None
     if not loss_chunk:
-        return next_token_loss(model(inputs_BT, remat=remat), targets_BT, weights_BT, count)
-    x_BTD = model(inputs_BT, remat=remat, logits=False)
-    return chunked_next_token_loss(model.head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+        loss = next_token_loss(model(inputs_BT, aux=aux, remat=remat), targets_BT, weights_BT, count)
+    else:
+        x_BTD = model(inputs_BT, aux=aux, remat=remat, logits=False)
+        loss = chunked_next_token_loss(model.head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
+
+
+def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+    """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
+    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
+    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    if not aux:
+        return 0.0
+    if metrics is not None:
+        metrics.update(aux)
+    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return extra if count is None else extra * jnp.sum(weights_BT) / count
 
 
 def micro_batches(x_BN, n: int):
@@ -105,26 +122,31 @@ def micro_batches(x_BN, n: int):
 
 
 def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
-    """`loss_fn(params, tokens_BN, mask_BN, count)` and its gradient, over `steps` micro-batches (micro_batches) in a
-    lax.scan: one micro-batch's activations at a time. Each micro-batch's summed loss is divided by the whole batch's
-    count, so the sums of the values and gradients are the one-shot mean's (the `count` rule of next_token_loss)."""
+    """`loss_fn(params, tokens_BN, mask_BN, count) -> (loss, metrics)` and the loss's gradient, over `steps`
+    micro-batches (micro_batches) in a lax.scan: one micro-batch's activations at a time. Each micro-batch's summed
+    loss is divided by the whole batch's count, so the sums of the values and gradients are the one-shot mean's
+    (the `count` rule of next_token_loss); the metrics (routing's means) are averaged over the micro-batches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if steps == 1:
-        return jax.value_and_grad(loss_fn)(params, tokens_BN, mask_BN, count)
+        return grad_fn(params, tokens_BN, mask_BN, count)
     count = jnp.maximum(jnp.sum(split_batch(tokens_BN, mask_BN)[2]), 1.0) if count is None else count
-
-    def add(total, micro):
-        return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *micro, count)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     micro = (micro_batches(tokens_BN, steps), None if mask_BN is None else micro_batches(mask_BN, steps))
-    return jax.lax.scan(add, zeros, micro)[0]
+
+    def add(total, batch):
+        return jax.tree.map(jnp.add, total, grad_fn(params, *batch, count)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, *first, count))
+    (loss, metrics), grads = jax.lax.scan(add, zeros, micro)[0]
+    return (loss, jax.tree.map(lambda m: m / steps, metrics)), grads
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none",
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, *, remat: str = "none",
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
-    """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
+    """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
+    back, torch orientation), float32 numpy."""
     graphdef, params, rest = split_params(model)
-    loss, grads = _value_and_grad(graphdef, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
+    loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
 
 
@@ -176,13 +198,16 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
     optimizer = make_optimizer(model, cfg)
 
     def loss_fn(params, tokens_BN, mask_BN, count):
+        aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
         model = nnx.merge(graphdef, params, rest)
-        return model_loss(model, tokens_BN, mask_BN, count, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+        loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+        return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        loss, grads = accumulated_value_and_grad(loss_fn, state.params, tokens_BN, mask_BN, count, cfg.grad_accum_steps)
+        (loss, aux_metrics), grads = accumulated_value_and_grad(loss_fn, state.params, tokens_BN, mask_BN, count,
+                                                                cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp), **aux_metrics}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
@@ -237,7 +262,7 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _value_and_grad(graphdef, remat, loss_chunk, params, rest, tokens_BN, mask_BN, count):
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, tokens_BN, mask_BN, count):
     options = dict(remat=remat, loss_chunk=loss_chunk)
-    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count, **options))(params)
+    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count, cfg, **options))(params)

@@ -54,16 +54,18 @@ def inv_frequencies(spec) -> np.ndarray:
     return np.array(out)
 
 
-def rope(x, spec):
-    """x [B, T, heads, E]: rotate pairs (i, i + E/2) by angle position * freq_i."""
+def rope(x, spec, positions=None):
+    """x [B, T, heads, E]: rotate pairs (i, i + E/2) by angle position * freq_i; positions [T] (default 0..T-1)."""
     T, E = x.shape[1], x.shape[-1]
-    angle = np.arange(T)[:, None] * inv_frequencies(spec)[None, :]  # [T, E/2]
+    positions = np.arange(T) if positions is None else np.asarray(positions, np.float64)
+    angle = positions[:, None] * inv_frequencies(spec)[None, :]  # [T, E/2]
     cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
     a, b = x[..., : E // 2], x[..., E // 2 :]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def attention(x, w: dict, p: str, spec):
+def attention(x, w: dict, p: str, spec, positions=None):
+    """Causal softmax attention over the T tokens of x [B, T, D], at positions [T] (default 0..T-1: RoPE's angles)."""
     if spec.mixer == "gla":
         return gla(x, w, p, spec)
     B, T, _ = x.shape
@@ -76,7 +78,7 @@ def attention(x, w: dict, p: str, spec):
     if spec.norm_placement in HYBRID:  # HybridNorm's QKV-norm: V too, per head over E, RMSNorm
         v = rms(v, w[f"{p}.v_norm.weight"], spec.norm_eps)
     if spec.position == "rope":
-        q, k = rope(q, spec), rope(k, spec)
+        q, k = rope(q, spec, positions), rope(k, spec, positions)
     out = np.zeros((B, T, H, E))
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     for h in range(H):
@@ -106,9 +108,10 @@ def mlp(x, w: dict, p: str, spec):
 HYBRID = ("hybrid", "hybrid_star")
 
 
-def block(x, w: dict, p: str, i: int, spec):
-    """Block i: (its output, the attention branch, the MLP branch), with n1, n2 the slots named below."""
-    attn = lambda h: attention(h, w, f"{p}.self_attn", spec)  # noqa: E731
+def block(x, w: dict, p: str, i: int, spec, positions=None):
+    """Block i: (its output, the attention branch, the MLP branch), with n1, n2 the slots named below; the tokens
+    of x [B, T, D] at positions [T] (default 0..T-1), each attending to itself and the ones before it."""
+    attn = lambda h: attention(h, w, f"{p}.self_attn", spec, positions)  # noqa: E731
     ffn = lambda h: mlp(h, w, f"{p}.mlp", spec)  # noqa: E731
     n1 = lambda h: norm(h, w, f"{p}.input_layernorm", spec)  # noqa: E731
     n2 = lambda h: norm(h, w, f"{p}.post_attention_layernorm", spec)  # noqa: E731
@@ -141,8 +144,9 @@ def block(x, w: dict, p: str, i: int, spec):
     return x + m, a, m
 
 
-def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -> np.ndarray:
-    """float64 logits [B, T, V] for int tokens [B, T]."""
+def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, decide: str = "topk",
+            aux: dict | None = None) -> np.ndarray:
+    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide` and `aux` as in `route`."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     T = tokens.shape[1]
     x = w["model.embed_tokens.weight"][tokens]
@@ -154,8 +158,13 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None) -
         x = x * math.sqrt(spec.D)
     if taps is not None:
         taps["model.embed"] = x
+    h = x  # the input of the block before (a dtf dynamic block reads it)
     for i in range(spec.L):
         p = f"model.layers.{i}"
+        if i in spec.routed_layers:  # conditional computation: `route` below
+            x, h = route(x, h, w, p, spec, decide, aux, taps), x
+            continue
+        h = x
         x, a, m = block(x, w, p, i, spec)
         if taps is not None:
             taps[p] = {"attn_out": a, "mlp_out": m, "residual": x}
@@ -194,3 +203,76 @@ def gla(x, w: dict, p: str, spec, S=None, valid=None):
         o = norm(o, w, f"{p}.g_norm", spec)
     y = (o.reshape(B, T, H * Vh) * (g / (1 + np.exp(-g)))) @ w[f"{p}.o_proj.weight"].T
     return y if S is None else (y, state)
+
+
+# --- conditional computation (README "Routing"): Mixture-of-Depths and DTF, from the definitions -------------
+
+
+def block_at(x, positions, w: dict, p: str, spec):
+    """Block p on the tokens x [B, n, D] at the increasing positions [n] (a routed block's selection): RoPE at
+    those positions, each token attending to itself and the tokens before it in the list."""
+    return block(x, w, p, int(p.rsplit(".", 1)[1]), spec, positions)[0]
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def softplus(z):
+    return np.log1p(np.exp(z))
+
+
+def router_scores(x, h, w: dict, p: str, spec):
+    """(score, gate [B, T], prior MSE or None) of routed block p: mod's r = wᵀx, or dtf's G from the decision
+    block's input h and output x."""
+    if spec.routing == "mod":
+        r = x @ w[f"{p}.router.weight"]
+        return r, (r if spec.routing_gate == "raw" else sigmoid(r)), None
+    q = f"{p}.router"
+    z = rms(h, w[f"{q}.prior_norm.weight"], spec.norm_eps)
+    g = z @ w[f"{q}.prior_ffn.gate_proj.weight"].T
+    prior = h + (g * sigmoid(g) * (z @ w[f"{q}.prior_ffn.up_proj.weight"].T)) @ w[f"{q}.prior_ffn.down_proj.weight"].T
+    d_st = np.mean((x - h) ** 2, axis=-1)
+    d_ch = np.mean((x - prior) ** 2, axis=-1)
+    T, W = x.shape[1], spec.dtf_window
+    ma = np.stack([d_st[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # README "Routing"
+    ce = d_st - d_ch + np.log(w[f"{q}.o_ce"][0] + 1e-10)
+    cu = d_st - w[f"{q}.m_cu"][0] * ma
+    s_ce, s_cu = sigmoid(softplus(w[f"{q}.beta_ce"][0]) * ce), sigmoid(softplus(w[f"{q}.beta_cu"][0]) * cu)
+    G = s_ce + s_cu - s_ce * s_cu
+    return G, G, np.mean((prior - x) ** 2)
+
+
+def route(x, h, w: dict, p: str, spec, decide: str = "topk", aux: dict | None = None, taps: dict | None = None):
+    """Routed block p on x [B, T, D]: the selected tokens of each row, gathered, run `block_at` at their own
+    positions, and get x + gate·(block − x) back; the others pass unchanged.
+
+    decide="topk": the floor(γ·T) highest scores, ties to the lower position; "predictor": the tokens whose
+    predictor logit is > 0. `aux` (top-k) collects router_bce, predictor_acc and prior_mse, each the mean over
+    the routed blocks so far.
+    """
+    B, T, _ = x.shape
+    score, gate, prior_mse = router_scores(x, h, w, p, spec)
+    hidden = x @ w[f"{p}.router_predictor.fc1.weight"].T
+    logit = (hidden * sigmoid(hidden)) @ w[f"{p}.router_predictor.fc2.weight"][0]
+    out, keep = x.copy(), np.zeros((B, T), bool)
+    for b in range(B):
+        if decide == "topk":
+            chosen = sorted(sorted(range(T), key=lambda t: (-score[b, t], t))[: math.floor(spec.routing_capacity * T)])
+        else:
+            chosen = [t for t in range(T) if logit[b, t] > 0]
+        keep[b, chosen] = True
+        if chosen:
+            y = block_at(x[b, chosen][None], chosen, w, p, spec)[0]
+            out[b, chosen] = x[b, chosen] + gate[b, chosen, None] * (y - x[b, chosen])
+    if aux is not None and decide == "topk":
+        terms = {"router_bce": np.mean(np.where(keep, -np.log(sigmoid(logit)), -np.log(1 - sigmoid(logit)))),
+                 "predictor_acc": np.mean((logit > 0) == keep)}
+        if prior_mse is not None:
+            terms["prior_mse"] = prior_mse
+        for name, value in terms.items():
+            aux.setdefault(f"_{name}", []).append(value)
+            aux[name] = float(np.mean(aux[f"_{name}"]))
+    if taps is not None:
+        taps[p] = {"residual": out, "router_score": score, "router_keep": keep, "router_logit": logit}
+    return out

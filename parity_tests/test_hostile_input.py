@@ -116,11 +116,13 @@ SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True,
                # blocks that differ by index: HybridNorm*'s block 0, and the other placements' slot sets
                dict(norm_placement="hybrid_star"), dict(norm_placement="deepnorm", norm_type="dyt"),
                dict(norm_placement="pre_post", norm_type="layernorm", norm_bias=True),
-               dict(mixer="gla", position="none", n_kv_heads=None, norm_type="dyt", gla_output_norm="same")]
+               dict(mixer="gla", position="none", n_kv_heads=None, norm_type="dyt", gla_output_norm="same"),
+               # routing's every other block (mod, dtf's decision/dynamic pairs), and all blocks with HybridNorm*
+               dict(routing="mod"), dict(routing="dtf"), dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]
 
 
-@pytest.mark.parametrize("n_layers", [1, 2, 9, 12, 13])
-@pytest.mark.parametrize("changes", SIZED_SPECS)
+@pytest.mark.parametrize("changes,n_layers", [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13)
+                                              if L > 1 or "routing" not in c])  # a routed spec has >= 2 blocks
 def test_layout_size_is_the_layout_tables_count_computed_arithmetically(changes, n_layers):
     spec = make_spec(**changes).replace(n_layers=n_layers)
     table = layout(spec)

@@ -62,6 +62,7 @@ HF_SPEC = {
     "position": "rope",
     "mlp": "swiglu",
     "mixer": "attention",  # a GLA exports to flash-linear-attention's layout instead (shared_config.fla)
+    "routing": "none",  # conditional computation (routing.py): no Hugging Face Llama routes tokens past blocks
 }
 
 # llama3 RoPE scaling: spec field <- key in `rope_parameters` (5.x) or `rope_scaling` (4.x).

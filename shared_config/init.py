@@ -40,6 +40,8 @@ def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
         return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
     if t.init == "embedding":
         return InitRule("normal", spec.embed_init_std)
+    if t.init == "normal":  # the MoD router's [D] score weight
+        return InitRule("normal", spec.init_std)
     return InitRule("constant", {"ones": 1.0, "zeros": 0.0}.get(t.init, t.value))
 
 

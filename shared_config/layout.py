@@ -27,7 +27,7 @@ class Tensor:
     name: str  # canonical key
     shape: tuple[int, ...]  # torch orientation: Linear weights are [out, in]
     kind: str  # "linear" | "embedding" | "param"
-    init: str  # "linear" | "residual" | "beta" (DeepNorm's gain) | "embedding" | "ones" | "zeros" | "constant"
+    init: str  # "linear" | "residual" | "beta" (DeepNorm's gain) | "embedding" | "ones" | "zeros" | "constant" | "normal" (init_std, any shape)
     value: float | None = None  # the constant, for init == "constant"
 
     @property
@@ -119,6 +119,39 @@ def fuses_qkv(spec: ModelSpec) -> bool:
 # --- end of Gated Linear Attention ----------------------------------------------------------------------
 
 
+# --- conditional computation (routing.py) ---------------------------------------------------------
+
+
+def _routing(i: int, spec: ModelSpec) -> list[Tensor]:
+    """The router tensors of block i, after the block's own: none unless block i is routed.
+
+    mod: the router's [D] score weight (no bias). dtf (block i is the dynamic block of the pair i−1, i):
+    the prior's RMSNorm weight, its SwiGLU FFN (width `spec.dtf_prior_dim`) and the four gate scalars.
+    Both: the causal predictor Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases.
+    """
+    if i not in spec.routed_layers:
+        return []
+    p, D = f"model.layers.{i}", spec.D
+    if spec.routing == "mod":
+        out = [Tensor(f"{p}.router.weight", (D,), "param", "normal")]
+    else:
+        P = spec.dtf_prior_dim
+        out = [
+            Tensor(f"{p}.router.prior_norm.weight", (D,), "param", "ones"),
+            Tensor(f"{p}.router.prior_ffn.gate_proj.weight", (P, D), "linear", "linear"),
+            Tensor(f"{p}.router.prior_ffn.up_proj.weight", (P, D), "linear", "linear"),
+            Tensor(f"{p}.router.prior_ffn.down_proj.weight", (D, P), "linear", "linear"),
+            Tensor(f"{p}.router.beta_ce", (1,), "param", "constant", -0.3),
+            Tensor(f"{p}.router.beta_cu", (1,), "param", "constant", -0.6),
+            Tensor(f"{p}.router.o_ce", (1,), "param", "constant", 1.025),
+            Tensor(f"{p}.router.m_cu", (1,), "param", "constant", 1.1),
+        ]
+    return out + [
+        Tensor(f"{p}.router_predictor.fc1.weight", (D // 2, D), "linear", "linear"),
+        Tensor(f"{p}.router_predictor.fc2.weight", (1, D // 2), "linear", "linear"),
+    ]
+
+
 def layout(spec: ModelSpec) -> list[Tensor]:
     """Every canonical tensor of `spec`, in module order: the contents of a checkpoint file."""
     out = [Tensor("model.embed_tokens.weight", (spec.V, spec.D), "embedding", "embedding")]
@@ -127,7 +160,7 @@ def layout(spec: ModelSpec) -> list[Tensor]:
     if spec.embed_scale == "learnable":
         out.append(Tensor("model.embed_scale", (1,), "param", "constant", math.sqrt(spec.D)))
     for i in range(spec.L):
-        out += _block(i, spec)
+        out += _block(i, spec) + _routing(i, spec)
     if PLACEMENTS[spec.norm_placement].final_norm:
         out += _norm("model.norm", spec, spec.D, spec.final_alpha_init)
     if not spec.tie_embeddings:

@@ -39,6 +39,10 @@ CHOICES = {
     # token mixer (Gated Linear Attention fields below)
     "mixer": ("attention", "gla"),
     "gla_output_norm": ("rms", "same"),
+    # conditional computation (routing.py)
+    "routing": ("none", "mod", "dtf"),
+    "routing_layers": ("every_other", "all"),
+    "routing_gate": ("raw", "sigmoid"),
 }
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 
@@ -92,6 +96,13 @@ class ModelSpec:
     gla_gate_rank: int = 16  # rank of the forget-gate projection (x W_gk0) W_gk1 + b
     gla_gate_normalizer: float = 16.0  # log α = logsigmoid(gk) / gla_gate_normalizer
     gla_output_norm: str = "rms"  # per-head output norm: "rms" (flash-linear-attention's) or "same" (norm_type)
+    # --- conditional computation (routing.py; README "Routing") ---
+    routing: str = "none"  # "mod": Mixture-of-Depths (Raposo et al. 2024); "dtf": surprise-based routing
+    routing_capacity: float = 0.125  # γ: a routed block runs floor(γ·T) tokens per sequence
+    routing_layers: str = "every_other"  # which blocks are routed: the odd-indexed ones, or all (mod only)
+    routing_gate: str = "raw"  # mod: what multiplies a routed block's update, the router score or its sigmoid
+    dtf_prior_factor: float = 0.25  # dtf: the prior FFN's width is max(2, ceil(D·f)) rounded up to even
+    dtf_window: int = 100  # dtf: positions in the causal moving average of D_st
 
     def __post_init__(self):
         for f in fields(self):
@@ -148,6 +159,19 @@ class ModelSpec:
     def residual_scaled(self) -> bool:
         """`residual_scaling` resolved: unset means on, except under deepnorm (its β init takes the place)."""
         return self.norm_placement != "deepnorm" if self.residual_scaling is None else self.residual_scaling
+
+    @property
+    def routed_layers(self) -> tuple[int, ...]:
+        """Indices of the routed blocks: none, every odd index (dtf: the dynamic block of each pair), or all."""
+        if self.routing == "none":
+            return ()
+        return tuple(range(self.L)) if self.routing_layers == "all" else tuple(range(1, self.L, 2))
+
+    @property
+    def dtf_prior_dim(self) -> int:
+        """The DTF prior FFN's hidden width: max(2, ceil(D·f)), rounded up to even."""
+        p = max(2, math.ceil(self.D * self.dtf_prior_factor))
+        return p + p % 2
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML keys, with `n_kv_heads`, `head_dim` and `residual_scaling` resolved so that equal
@@ -251,6 +275,7 @@ def _check_rules(s: ModelSpec) -> None:
             )
     _check_gla_rules(s)
     _check_placement_rules(s)
+    _check_routing(s)
 
 
 def _check_gla_rules(s: ModelSpec) -> None:
@@ -292,6 +317,29 @@ def _check_placement_rules(s: ModelSpec) -> None:
             f"qk_norm=true is not allowed with norm_placement={s.norm_placement}: HybridNorm already normalises "
             "Q, K and V per head (leave qk_norm false)"
         )
+
+
+
+
+def _check_routing(s: ModelSpec) -> None:
+    """Rules of the conditional-computation fields (routing.py)."""
+    if not 0 < s.routing_capacity <= 1:
+        raise SpecError(f"routing_capacity={s.routing_capacity} must be in (0, 1]")
+    if s.dtf_prior_factor <= 0:
+        raise SpecError(f"dtf_prior_factor={s.dtf_prior_factor} must be > 0")
+    if s.dtf_window < 1:
+        raise SpecError(f"dtf_window={s.dtf_window} must be >= 1")
+    if s.routing == "none":
+        return
+    if s.D % 2:
+        raise SpecError(f"d_model={s.D} must be even when routing={s.routing} (the router predictor's width is d_model/2)")
+    if s.mixer != "attention":
+        # predictor-mode decoding masks a skipped token's cached key/value; a GLA state has no slot to mask
+        raise SpecError(f"routing={s.routing} routes attention blocks; mixer={s.mixer} is not routed")
+    if s.routing == "dtf" and s.routing_layers != "every_other":
+        raise SpecError(f"routing=dtf needs routing_layers=every_other (decision/dynamic block pairs), got {s.routing_layers}")
+    if not s.routed_layers:
+        raise SpecError(f"routing={s.routing} with routing_layers={s.routing_layers} needs n_layers >= 2, got {s.L}")
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:

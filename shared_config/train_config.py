@@ -51,6 +51,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # one update over batch_size rows, run as this many micro-batches of batch_size / it rows
     remat: str = "none"  # recompute in the backward, per block: "block" all but the matmuls' outputs, "full" everything
     loss_chunk: int = 0  # LM head + cross-entropy over chunks of this many tokens (0: all at once)
+    # --- conditional computation (routing.py): auxiliary loss weights, read by routed specs only ---
+    router_predictor_loss_weight: float = 1.0  # × the routed blocks' mean BCE of the causal predictor vs top-k
+    dtf_prior_loss_weight: float = 0.05  # × the dynamic blocks' mean MSE(H_prior, stopgrad(H_post))
 
     def __post_init__(self):
         for f in fields(self):
@@ -78,7 +81,8 @@ def _check_rules(c: TrainConfig) -> None:
     for name in ("lr", "eps", "steps", "batch_size", "seq_len"):
         if getattr(c, name) <= 0:
             raise SpecError(f"{name}={getattr(c, name)} must be > 0")
-    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed", "loss_chunk"):
+    for name in ("weight_decay", "grad_clip", "warmup_steps", "seed", "loss_chunk", "router_predictor_loss_weight",
+                 "dtf_prior_loss_weight"):
         if getattr(c, name) < 0:
             raise SpecError(f"{name}={getattr(c, name)} must be >= 0")
     for name in ("beta1", "beta2"):

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 
+from . import routing
 from .layers import DTYPES, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
 from .gla import GLAState
 from .weights import draw_weights
@@ -33,6 +34,7 @@ class KVCache(NamedTuple):
 
     layers: tuple[LayerCache, ...]
     start_B: torch.Tensor  # int64 [B]: the slot of each row's first token
+    routing: tuple = ()  # per layer, the routed layers' RoutingCache (routing.py), else None
 
     @property
     def length(self) -> torch.Tensor:
@@ -64,11 +66,14 @@ class TransformerModel(nn.Module):
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i)) for i in range(spec.L)])
+        routing.attach(self.layers, spec)
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none"):
-        """Final hidden states [B, T, D] and the updated cache (None without one); `remat`: see `rematted`."""
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                decide: str | None = None, remat: str = "none"):
+        """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
+        `remat`: see `rematted`."""
         spec, T = self.spec, tokens_BT.shape[1]
         if cache is None:
             if T > spec.max_seq_len:
@@ -81,16 +86,19 @@ class TransformerModel(nn.Module):
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
-        layer_caches = []
+        layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            block = rematted(layer, remat) if taps is None and cache is None else layer  # training only
-            x_BTD, layer_cache = block(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS)
+            run = rematted(layer, remat) if taps is None and cache is None else layer  # training only
+            y_BTD, layer_cache = routes(i, layer, x_BTD, h_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
+                                        mask_BTS, run=run)
+            h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
+        routing_cache = routes.finish(aux)
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
-        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches))
+        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
 
     def embed(self, tokens_BT, positions):
         """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
@@ -120,11 +128,15 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec)
         draw_weights(self, generator)
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, remat: str = "none",
-                 logits: bool = True):
+    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+                decide: str | None = None, remat: str = "none", logits: bool = True):
         """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written). `logits=False`:
-        the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time)."""
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache, remat)
+        the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time).
+
+        Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
+        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
+        """
+        x_BTD, new_cache = self.model(tokens_BT, taps, cache, aux, decide, remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)
         logits_BTV = self.head(x_BTD)
@@ -150,7 +162,7 @@ class Transformer(nn.Module):
             LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype), w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = w.new_zeros(batch, dtype=torch.int64) if start_B is None else torch.as_tensor(start_B, dtype=torch.int64, device=w.device)
-        return KVCache(layers, start_B)
+        return KVCache(layers, start_B, routing.init_cache(spec, batch, size, w.device))
 
 
 # What a rematted block keeps for the backward: "block" the outputs of its matmuls without batch dims (the

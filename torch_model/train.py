@@ -5,7 +5,7 @@ the libraries' defaults differ).
 
     state = init_train_state(model, cfg)                   # TrainState(model, optimizer, scheduler)
     train_step = make_train_step(model, cfg)               # eager, or torch.compile'd with compile=True
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr
+    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
     eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
@@ -80,14 +80,31 @@ def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chu
     return total / count
 
 
-def model_loss(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none", loss_chunk: int = 0):
-    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss). `remat` and
-    `loss_chunk`: the train config's memory options (the same loss, less memory)."""
+def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
+               *, remat: str = "none", loss_chunk: int = 0):
+    """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
+    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`. `remat` and `loss_chunk`:
+    the train config's memory options (the same loss, less memory)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
+    aux = {} if cfg is not None else None
     if not loss_chunk:
-        return next_token_loss(model(inputs_BT, remat=remat), targets_BT, weights_BT, count)
-    x_BTD = model(inputs_BT, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
-    return chunked_next_token_loss(unwrapped(model).head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+        loss = next_token_loss(model(inputs_BT, aux=aux, remat=remat), targets_BT, weights_BT, count)
+    else:
+        x_BTD = model(inputs_BT, aux=aux, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
+        loss = chunked_next_token_loss(unwrapped(model).head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
+
+
+def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+    """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
+    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
+    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    if not aux:
+        return 0.0
+    if metrics is not None:
+        metrics.update(aux)
+    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return extra if count is None else extra * torch.sum(weights_BT) / count
 
 
 def micro_batches(x_BN, n: int):
@@ -100,32 +117,38 @@ def micro_batches(x_BN, n: int):
     return x_BN.reshape(B // n, n, *x_BN.shape[1:]).transpose(0, 1).contiguous()  # contiguous: one compiled graph
 
 
-def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int) -> torch.Tensor:
-    """Backward of `loss_fn(model, tokens_BN, mask_BN, count)` into the parameters' .grad, over `steps` micro-batches
-    (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed loss is divided by
-    the whole batch's count, so the sums of the values and gradients are the one-shot mean's (the `count` rule of
-    next_token_loss). Under DDP or FSDP2 only the last micro-batch's backward communicates (gradient_sync)."""
+def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, metrics: dict | None = None) -> torch.Tensor:
+    """Backward of `loss_fn(model, tokens_BN, mask_BN, count, metrics=...)` into the parameters' .grad, over `steps`
+    micro-batches (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed loss
+    is divided by the whole batch's count, so the sums of the values and gradients are the one-shot mean's (the
+    `count` rule of next_token_loss); `metrics` (routing's means) are averaged over the micro-batches. Under DDP or
+    FSDP2 only the last micro-batch's backward communicates (gradient_sync)."""
     if steps == 1:
-        loss = loss_fn(model, tokens_BN, mask_BN, count)
+        loss = loss_fn(model, tokens_BN, mask_BN, count, metrics=metrics)
         loss.backward()
         return loss.detach()
     count = torch.clamp(torch.sum(split_batch(tokens_BN, mask_BN)[2]), min=1.0) if count is None else count
     tokens, masks = micro_batches(tokens_BN, steps), [None] * steps if mask_BN is None else micro_batches(mask_BN, steps)
     total = torch.zeros((), dtype=torch.float32, device=tokens_BN.device)
     for i in range(steps):
+        part = {}
         with gradient_sync(model, i == steps - 1):
-            loss = loss_fn(model, tokens[i], masks[i], count)
+            loss = loss_fn(model, tokens[i], masks[i], count, metrics=part)
             loss.backward()
         total = total + loss.detach()
+        if metrics is not None:
+            for key, value in part.items():
+                metrics[key] = metrics.get(key, 0.0) + value.detach() / steps
     return total
 
 
-def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, *, remat: str = "none",
+def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, *, remat: str = "none",
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
-    """The loss and its gradient per canonical tensor (q/k/v split back, torch orientation), float32 numpy."""
+    """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
+    back, torch orientation), float32 numpy."""
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
-    loss = model_loss(model, *batch, remat=remat, loss_chunk=loss_chunk)
+    loss = model_loss(model, *batch, cfg, remat=remat, loss_chunk=loss_chunk)
     grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
 
@@ -178,20 +201,22 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile the
     forward and backward. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
     cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (README, "Training bigger models")."""
-    loss_fn = partial(model_loss, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+    loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
     loss_fn = torch.compile(loss_fn) if compile else loss_fn
     params = list(model.parameters())
     device = params[0].device
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
+        aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
         batch = on_device(device, tokens_BN, mask_BN, count)
-        loss = accumulate_gradients(loss_fn, state.model, *batch, cfg.grad_accum_steps)
+        loss = accumulate_gradients(loss_fn, state.model, *batch, cfg.grad_accum_steps, aux_metrics)
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
-        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr}
+        aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
+        return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
     return train_step
 

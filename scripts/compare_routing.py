@@ -1,0 +1,141 @@
+"""The routing study: dense vs Mixture-of-Depths (γ 0.125, 0.5) vs DTF (γ 0.5), the tiny preset trained at
+equal steps on the embedded corpus: validation perplexity, tokens/s and model FLOPs per token.
+
+    python scripts/compare_routing.py --steps 200 --out runs/routing
+    python scripts/compare_routing.py --configs dense,mod-0.125 --backends torch --set n_layers=4
+
+Writes OUT/routing.md (the table, also printed) and OUT/routing.json, and trains into
+OUT/runs/CONFIG-BACKEND (replacing earlier results). The validation loss is the top-k forward's
+(teacher-forced, as training computes it), the cross-entropy only; the train loss adds the auxiliary
+losses (README "Routing").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from compare_norms import train_one  # noqa: E402
+from flops import flops_per_token  # noqa: E402
+from train import DEFAULT_TRAIN_CONFIG, Run, fresh_state, split_overrides, with_changes  # noqa: E402
+
+from shared_config import SpecError, init_weights, load_spec, load_train_config  # noqa: E402
+from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
+from shared_config.io import atomic_write  # noqa: E402
+from shared_config.run_dir import read_metrics  # noqa: E402
+
+CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
+
+
+def config_changes(config: str) -> dict:
+    """The spec changes of one configuration name (`dense`, `mod-0.125`, `dtf-0.5`)."""
+    if config == "dense":
+        return {"routing": "none"}
+    routing, _, capacity = config.partition("-")
+    try:
+        return {"routing": routing, "routing_capacity": float(capacity)}
+    except ValueError:
+        raise UsageError(f"--configs: {config!r} must be dense or ROUTING-CAPACITY (mod-0.5, dtf-0.5)") from None
+
+
+def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
+    """The run of one configuration in one twin: the tiny preset, routed as `config` says, on the embedded corpus."""
+    spec_changes, cfg_changes = changes
+    try:
+        spec = load_spec("tiny").replace(vocab_size=data.vocab_size, **{**spec_changes, **config_changes(config)})
+    except SpecError as e:
+        raise UsageError(f"{config}: {e}") from None
+    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
+    spec = cfg.model_spec(spec)
+    data.check(cfg.seq_len, spec.V)
+    weights = init_weights(spec, cfg.seed)
+    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
+               eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})
+
+
+def summarize(run_: Run, stopped_at: int | None) -> dict:
+    """One run's row: final validation loss and perplexity, mean tokens/s, FLOPs per token, the last aux metrics."""
+    records = read_metrics(run_.out / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # the first includes compilation
+    last = evals[-1] if evals and stopped_at is None else {}
+    return {
+        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+        "tokens_per_s": sum(rates) / len(rates) if rates else None,
+        "flops_per_token": flops_per_token(run_.spec, run_.cfg.seq_len, "train"),
+        "predictor_acc": train[-1].get("predictor_acc") if train else None,
+        "stopped_at": stopped_at,
+    }
+
+
+def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict]) -> dict:
+    """Train every configuration in every backend; {config: {backend: row}}."""
+    results, data = {}, synthetic_corpus(0)
+    with tqdm(total=len(configs) * len(backends), desc="routing study", unit="run", file=sys.stderr) as bar:
+        for config in configs:
+            for backend in backends:
+                bar.set_postfix_str(f"{config} {backend}")
+                run_ = make_run(config, backend, steps, out, changes, data)
+                results.setdefault(config, {})[backend] = summarize(run_, train_one(run_, backend))
+                bar.update()
+    return results
+
+
+def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
+    head = "| config | backend | val ppl | tokens/s | train GFLOP/token | FLOPs vs dense | predictor acc |"
+    lines = [f"Routing study, {steps} steps each: `{command}`", "", head, "|" + "---|" * 7]
+    dense = {b: results.get("dense", {}).get(b, {}).get("flops_per_token") for b in backends}
+    for config, rows in results.items():
+        for b in backends:
+            r = rows[b]
+            ratio = r["flops_per_token"] / dense[b] if dense[b] else None
+            lines.append(f"| {config} | {b} | {fmt(r['val_ppl'], '.3f')} | {fmt(r['tokens_per_s'], ',.0f')} | "
+                         f"{r['flops_per_token'] / 1e9:.5f} | {fmt(ratio, '.3f')} | {fmt(r['predictor_acc'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200, help="updates per run")
+    p.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: dense or ROUTING-CAPACITY")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
+    p.add_argument("--out", type=Path, default=Path("runs/routing"))
+    args = p.parse_args(argv)
+    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    args.command = " ".join(["python scripts/compare_routing.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    changes = split_overrides(args.set)
+    for config in args.configs:  # bad names and values fail here, before any training
+        make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = study(args.configs, args.backends, args.steps, args.out, changes)
+    table = markdown(results, args.backends, args.steps, args.command)
+    atomic_write(args.out / "routing.md", lambda tmp: tmp.write_text(table))
+    report = {"steps": args.steps, "backends": args.backends, "results": results}
+    atomic_write(args.out / "routing.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    print(table)
+
+
+if __name__ == "__main__":
+    run(main)

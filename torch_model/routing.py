@@ -1,0 +1,216 @@
+"""Conditional computation for the PyTorch twin: Mixture-of-Depths and DTF routing over the blocks;
+jax_model/routing.py is the same file in JAX.
+
+A routed block runs only on the tokens its router selects; the others pass unchanged (README, "Routing").
+
+- mod (Raposo et al. 2024, "Mixture-of-Depths"): score r = wᵀx per token; a selected token gets
+  x + gate(r)·(Block(x) − x), gate the raw score or its sigmoid (`routing_gate`).
+- dtf ("Subjective Depth & Timescale Transformers", 2025, thesis eqs. 3.1-3.13, built from the equations):
+  blocks pair up, a dense decision block l then the routed dynamic block l+1. From the decision block's
+  input H and output H_post, and a prior H_prior = H + PriorFFN(RMSNorm_p(H)):
+  D_st = mean_d (H_post − H)², D_ch = mean_d (H_post − H_prior)², CE = D_st − D_ch + log(o_ce + 1e−10),
+  CU = D_st − m_cu·MA_W(stopgrad(D_st)), G = S_CE + S_CU − S_CE·S_CU with S_x = σ(softplus(β_x)·x);
+  a selected token gets H_post + G·(Block(H_post) − H_post).
+  MA_W at position t is the mean of D_st over positions max(0, t−W+1)..t (the first W−1 positions
+  average over the t+1 they have).
+
+Selection, `decide`:
+- "topk" (training, evaluation): per sequence the k = floor(γ·T) tokens of highest score, ordered by
+  (score descending, position ascending) with a stable sort, then put back in position order. The block
+  runs on the gathered [B, k, D] tokens only: causal among themselves by original position, RoPE at the
+  original positions, each row apart. Its updates are scattered back.
+- "predictor" (causal decoding): a token runs the block iff its predictor's sigmoid > 0.5 (logit > 0).
+  The block runs on every token with the keys of the skipped ones masked out: a skipped token's key and
+  value are never read (written to the cache but masked), so cached decoding equals this full forward.
+
+Notation: B batch, T tokens, S cache slots (keys), k selected tokens per row, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_config import ModelSpec
+
+from .layers import DTYPES, MLP, Linear, RMSNorm
+
+GATES = {"raw": lambda r_BT: r_BT, "sigmoid": torch.sigmoid}  # mod: what multiplies a selected token's update
+
+
+class RoutingCache(NamedTuple):
+    """One routed layer's decoding state: which slots ran the block (only those are read), and D_st per slot (dtf)."""
+
+    keep_BS: torch.Tensor  # bool [B, S]
+    dst_BS: torch.Tensor | None  # float32 [B, S], dtf only
+
+    def write(self, at, keep_BT, dst_BT) -> RoutingCache:
+        """The cache with slots at..at+T−1 written (`at` a tensor), in place as the layer caches."""
+        slots_T = at + torch.arange(keep_BT.shape[1], device=keep_BT.device)
+        self.keep_BS.index_copy_(1, slots_T, keep_BT)
+        if self.dst_BS is not None:
+            self.dst_BS.index_copy_(1, slots_T, dst_BT)
+        return RoutingCache(self.keep_BS, self.dst_BS)
+
+
+def init_cache(spec: ModelSpec, batch: int, size: int, device=None) -> tuple[RoutingCache | None, ...]:
+    """Empty routing state for each layer (None where a layer is not routed)."""
+    def one(i):
+        if i not in spec.routed_layers:
+            return None
+        dst = torch.zeros((batch, size), dtype=torch.float32, device=device) if spec.routing == "dtf" else None
+        return RoutingCache(torch.zeros((batch, size), dtype=torch.bool, device=device), dst)
+
+    return tuple(one(i) for i in range(spec.L))
+
+
+class Predictor(nn.Module):
+    """The causal router (MoD paper, sec. 3.5): Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases; logits [B, T] float32."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.fc1 = Linear(spec.D, spec.D // 2, spec)
+        self.fc2 = Linear(spec.D // 2, 1, spec)
+
+    def forward(self, x_BTD):
+        h_BTF = F.silu(self.fc1(x_BTD).to(torch.float32))  # activation in float32
+        return self.fc2(h_BTF.to(x_BTD.dtype)).to(torch.float32)[..., 0]
+
+
+class ModRouter(nn.Module):
+    """r = wᵀx, one [D] weight, no bias; score and gate [B, T] float32 (the score in float32, whatever the compute dtype)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate = spec.routing_gate
+        self.weight = nn.Parameter(torch.zeros(spec.D, dtype=DTYPES[spec.param_dtype]))
+
+    def forward(self, x_BTD, h_BTD, ma):
+        r_BT = x_BTD.to(torch.float32) @ self.weight.to(torch.float32)
+        return r_BT, GATES[self.gate](r_BT), None, None
+
+
+class DtfRouter(nn.Module):
+    """DTF's surprise gate G [B, T] float32 from the decision block's input H and output H_post (module docstring)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.prior_norm = RMSNorm(spec.D, spec.norm_eps, False, spec.param_dtype)
+        self.prior_ffn = MLP(spec.replace(d_ff=spec.dtf_prior_dim, mlp="swiglu"))
+        dtype = DTYPES[spec.param_dtype]
+        self.beta_ce, self.beta_cu, self.o_ce, self.m_cu = (nn.Parameter(torch.zeros(1, dtype=dtype)) for _ in range(4))
+
+    def forward(self, post_BTD, h_BTD, ma):
+        """G (score and gate), D_st [B, T] for the moving average's history, and MSE(H_prior, stopgrad(H_post))."""
+        prior_BTD = h_BTD + self.prior_ffn(self.prior_norm(h_BTD))
+        post32, h32, prior32 = (x.to(torch.float32) for x in (post_BTD, h_BTD, prior_BTD))  # statistics in float32
+        dst_BT = torch.mean(torch.square(post32 - h32), dim=-1)
+        dch_BT = torch.mean(torch.square(post32 - prior32), dim=-1)
+        beta_ce, beta_cu, o_ce, m_cu = (p.to(torch.float32)[0] for p in (self.beta_ce, self.beta_cu, self.o_ce, self.m_cu))
+        ce_BT = dst_BT - dch_BT + torch.log(o_ce + 1e-10)
+        cu_BT = dst_BT - m_cu * ma(dst_BT.detach())
+        s_ce_BT = torch.sigmoid(F.softplus(beta_ce) * ce_BT)
+        s_cu_BT = torch.sigmoid(F.softplus(beta_cu) * cu_BT)
+        g_BT = s_ce_BT + s_cu_BT - s_ce_BT * s_cu_BT
+        prior_mse = torch.mean(torch.square(prior32 - post32.detach()))
+        return g_BT, g_BT, dst_BT, prior_mse
+
+
+def attach(layers, spec: ModelSpec) -> None:
+    """Give each routed block its router and predictor (canonical names `model.layers.{i}.router...`)."""
+    for i in spec.routed_layers:
+        layers[i].router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec)
+        layers[i].router_predictor = Predictor(spec)
+
+
+def select_top_k(score_BT, k: int):
+    """Positions [B, k] of the k highest scores per row, in position order: a stable sort on (−score, position)."""
+    order_BT = torch.sort(-score_BT, dim=-1, stable=True).indices  # ties: the lower position first
+    return torch.sort(order_BT[:, :k], dim=-1).values
+
+
+def window_mean(v_BS, mask_BTS, slots_T, window: int):
+    """MA_W: per query, the mean of v over the slots it reads (`mask_BTS`) among its own and the W−1 before it."""
+    s_S = torch.arange(v_BS.shape[1], device=v_BS.device)
+    band_BTS = mask_BTS & (s_S[None, None, :] > slots_T[None, :, None] - window)
+    total_BT = torch.sum(torch.where(band_BTS, v_BS[:, None, :], 0.0), dim=-1)
+    return total_BT / torch.sum(band_BTS, dim=-1)
+
+
+class Routes:
+    """Runs the blocks of one forward, routing the routed ones; keeps their auxiliary losses and decoding state.
+
+    `decide`: "topk" or "predictor" (module docstring); None: "topk" without a cache, "predictor" with one.
+    """
+
+    def __init__(self, spec: ModelSpec, routing_cache: tuple | None, decide: str | None):
+        if decide is None:
+            decide = "topk" if routing_cache is None else "predictor"
+        if decide not in ("topk", "predictor"):
+            raise ValueError(f"decide={decide!r} must be 'topk' or 'predictor'")
+        if decide == "topk" and routing_cache is not None and spec.routing != "none":
+            raise ValueError("top-k routing reads future tokens: cached decoding needs decide='predictor'")
+        self.spec, self.decide, self.caches = spec, decide, routing_cache
+        self.new_caches = list(routing_cache) if routing_cache is not None else None
+        self.bce, self.accuracy, self.prior_mse = [], [], []
+
+    def __call__(self, i: int, layer, x_BTD, h_BTD, cos, sin, taps, cache, mask_BTS, run=None):
+        """Block i on x [B, T, D] (h: the previous block's input, for dtf): its output [B, T, D] and its cache."""
+        run = layer if run is None else run  # the block's call: `layer` itself, or its rematted call (training)
+        if i not in self.spec.routed_layers:
+            return run(x_BTD, cos, sin, taps, cache, mask_BTS)
+        B, T, _ = x_BTD.shape
+        device = x_BTD.device
+        if cache is None:  # a full forward: positions 0..T−1 in every row, causal
+            slots_T, read_BTS = torch.arange(T, device=device), torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None]
+        else:  # the next T slots; each query reads the slots `mask_BTS` allows
+            slots_T, read_BTS = cache.length + torch.arange(T, device=device), mask_BTS
+        rcache = None if self.caches is None else self.caches[i]
+
+        def ma(dst_BT):  # dtf's causal moving average, over this call's values and the cached ones
+            history_BS = dst_BT if rcache is None else rcache.dst_BS.index_copy(1, slots_T, dst_BT)
+            return window_mean(history_BS, read_BTS, slots_T, self.spec.dtf_window)
+
+        score_BT, gate_BT, dst_BT, prior_mse = layer.router(x_BTD, h_BTD, ma)
+        logit_BT = layer.router_predictor(x_BTD.detach())
+        if prior_mse is not None:
+            self.prior_mse.append(prior_mse)
+        if self.decide == "topk":
+            k = math.floor(self.spec.routing_capacity * T)
+            idx_BK = select_top_k(score_BT, k)
+            keep_BT = torch.zeros(B, T, dtype=torch.bool, device=device).scatter(1, idx_BK, True)
+            x_BKD = torch.gather(x_BTD, 1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1]))
+            cos_k, sin_k = (None, None) if cos is None else (cos[idx_BK], sin[idx_BK])
+            y_BKD, _ = run(x_BKD, cos_k, sin_k, taps) if k else (x_BKD, None)
+            gate_BK = torch.gather(gate_BT, 1, idx_BK)
+            update_BKD = (y_BKD - x_BKD) * gate_BK[..., None].to(x_BTD.dtype)
+            out_BTD = x_BTD.scatter_add(1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1]), update_BKD)
+            target_BT = keep_BT.to(torch.float32)  # the predictor learns top-k membership (BCE on logits)
+            self.bce.append(torch.mean(F.softplus(logit_BT) - target_BT * logit_BT))
+            self.accuracy.append(torch.mean(((logit_BT > 0) == keep_BT).to(torch.float32)))
+        else:
+            keep_BT = logit_BT > 0  # sigmoid > 0.5
+            keep_BS = keep_BT if rcache is None else rcache.keep_BS.index_copy(1, slots_T, keep_BT)
+            s_S = torch.arange(keep_BS.shape[1], device=device)
+            own_BTS = (s_S[None, :] == slots_T[:, None])[None]  # a skipped query reads itself: no empty softmax
+            y_BTD, cache = run(x_BTD, cos, sin, taps, cache, read_BTS & (keep_BS[:, None, :] | own_BTS))
+            update_BTD = (y_BTD - x_BTD) * gate_BT[..., None].to(x_BTD.dtype)
+            out_BTD = x_BTD + torch.where(keep_BT[..., None], update_BTD, 0)
+            if rcache is not None:
+                self.new_caches[i] = rcache.write(slots_T[0], keep_BT, dst_BT)
+        if taps is not None:
+            taps.update(residual=out_BTD, router_score=score_BT, router_keep=keep_BT)
+        return out_BTD, cache
+
+    def finish(self, aux: dict | None) -> tuple | None:
+        """Put the mean auxiliary terms over the routed blocks into `aux` (top-k only); the new routing caches."""
+        if aux is not None and self.bce:
+            aux["router_bce"] = sum(self.bce) / len(self.bce)
+            aux["predictor_acc"] = sum(self.accuracy) / len(self.accuracy)
+            if self.prior_mse:
+                aux["prior_mse"] = sum(self.prior_mse) / len(self.prior_mse)
+        return None if self.new_caches is None else tuple(self.new_caches)
