@@ -66,15 +66,19 @@ def plan() -> list[Check]:
           for twin in ("jax", "torch")),
         Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
               plot=False),
-        Check("gla-sweep", [*small, "--backend", "both", "--batch", "8", "--sweep", "mixer=attention,gla"], needs="mixer"),
+        Check("gla-sweep", [compare, "--spec", "gla-small", *timing, "--backend", "both", "--batch", "8", "--sweep",
+                            "mixer=attention,gla"], needs="mixer"),  # gla-small: position none, which GLA needs
         Check("routing-sweep", [*small, "--backend", "both", "--batch", "8", "--sweep", "routing=none,mod"],
               needs="routing"),
     ]
 
 
 def shrink(argv: list[str]) -> list[str]:
-    """`argv` with every size flag set to its TINY value (the dry run)."""
-    return [TINY.get(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
+    """`argv` with every size flag set to its TINY value (the dry run); a gla-* spec shrinks to gla-tiny."""
+    def tiny(flag: str, value: str) -> str:
+        return "gla-tiny" if flag == "--spec" and value.startswith("gla-") else TINY.get(flag, value)
+
+    return [tiny(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
 
 
 def parse_args(argv):
@@ -83,9 +87,14 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results/<device>-<date>)")
     p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole plan (default {BUDGET_S})")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    p.add_argument("--only", default=None, help="comma-separated check names to run (default: every check)")
     args = p.parse_args(argv)
     if args.budget <= 0:
         raise UsageError(f"--budget must be > 0, got {args.budget}")
+    names = [c.name for c in plan()]
+    args.only = names if args.only is None else args.only.split(",")
+    if unknown := [n for n in args.only if n not in names]:
+        raise UsageError(f"--only: unknown check {unknown[0]!r} (one of {', '.join(names)})")
     return args
 
 
@@ -173,7 +182,9 @@ def main(argv=None):
     checks, results = plan(), {}
     for i, check in enumerate(checks):
         left = args.budget - (time.perf_counter() - started)
-        if check.needs and check.needs not in spec_fields:
+        if check.name not in args.only:
+            results[check.name] = {"status": "not run", "reason": "not in --only"}
+        elif check.needs and check.needs not in spec_fields:
             results[check.name] = {"status": "not run", "reason": f"this checkout's spec has no `{check.needs}` field"}
         elif left <= 5:
             results[check.name] = {"status": "not run", "reason": "the time budget is spent"}
