@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
 
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 from shared_config.resources import (  # noqa: E402
     ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes,
@@ -92,6 +92,7 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    check_outputs(args.json, args.plot)  # before any work, not after the run
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
                          "pip install -e '.[hf]' (or pip install transformers)")
@@ -211,7 +212,6 @@ def main(argv=None):
     report = {"env": environment(args, device), "results": results}
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     if args.plot:
         from plot import plot_results

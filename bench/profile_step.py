@@ -25,7 +25,6 @@ take step times from bench/compare.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import os
@@ -39,8 +38,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
 
 from compare import ATTENTION, configure_threads, environment, kernels, variants  # noqa: E402
+from runners import without_profiler_chatter  # noqa: E402
 from shared_config import atomic_write  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
 from shared_config.resources import check_memory, forward_bytes, train_bytes  # noqa: E402
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
@@ -127,31 +127,9 @@ def parse_args(argv):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    check_outputs(args.json)
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for compare's helpers
     return args
-
-
-# Lines torch's profiler (Kineto, in C++) prints on stderr at every start and stop, whatever its log level.
-PROFILER_CHATTER = (b"USDT:", b"STAGE:")
-
-
-@contextlib.contextmanager
-def without_profiler_chatter():
-    """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
-    every line but Kineto's chatter passes on."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(PROFILER_CHATTER)]
-            os.write(2, b"".join(kept))
 
 
 def torch_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float], float]:
@@ -287,7 +265,6 @@ def main(argv=None):
     report = {"env": environment(args, device), "results": results}
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
 

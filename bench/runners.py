@@ -7,7 +7,11 @@ and whose `sync(out)` blocks until that step's whole output exists.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -204,6 +208,29 @@ def compile_mode(compile: bool, device) -> str:
     return "torch.compile" if compile else "torch_xla lazy graph" if device.type == "xla" else "eager"
 
 
+# Lines torch's profiler (Kineto, in C++) prints on stderr at every start and stop, whatever its log level.
+PROFILER_CHATTER = (b"USDT:", b"STAGE:")
+
+
+@contextlib.contextmanager
+def without_profiler_chatter():
+    """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
+    every line but Kineto's chatter passes on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(PROFILER_CHATTER)]
+            os.write(2, b"".join(kept))
+
+
 def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
     """A torch step's peak CPU memory: the bytes of the tensors it keeps (`resident`: parameters, optimizer state,
     batch) plus the peak of what it allocates on top, read off the torch profiler's allocator events (CPU has no
@@ -214,7 +241,7 @@ def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as directory:  # the allocator's running total is in the trace's events only
         prof.export_chrome_trace(f"{directory}/trace.json")

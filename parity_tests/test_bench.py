@@ -68,6 +68,9 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         (["--sweep", "norm_type=rms,batchnorm"], "norm_type='batchnorm' must be one of"),
         (["--seq", "4096"], "exceeds max_seq_len=256"),
         (["--steps", "0"], "--steps must be >= 1"),
+        # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
+        (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
+        (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):

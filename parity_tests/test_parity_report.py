@@ -93,8 +93,8 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
     (["--spec", "tiny", "--dtype", "float16"], "argument --dtype: invalid choice"),
     (["--spec", "tiny", "--batch", "0"], "--batch must be >= 1, got 0"),
     (["--spec", "tiny", "--train-steps", "-1"], "--train-steps must be >= 0, got -1"),
-    (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"], "--plot x.jpgx: the file must end in .png, .pdf or .svg"),
-    (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir: no such directory"),
+    (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"], "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
+    (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is no directory"),
 ])
 def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     with pytest.raises(SystemExit) as e:

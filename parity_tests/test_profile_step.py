@@ -149,7 +149,7 @@ def test_the_torch_profilers_chatter_is_kept_off_stderr(capfd):
     """Kineto prints `USDT:`/`STAGE:` lines from C++ at every profiler start and stop; other lines pass."""
     import os
 
-    from profile_step import without_profiler_chatter
+    from runners import without_profiler_chatter
 
     with without_profiler_chatter():
         os.write(2, b"USDT:2026-12-01 SyncActivityProfilerHandler.cpp:52] profiler_start\n")

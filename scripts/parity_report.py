@@ -22,7 +22,7 @@ from shared_config import (
     atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, check_outputs, run
 from shared_config.progress import progress as progress_bar
 
 
@@ -232,11 +232,7 @@ def main(argv=None):
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.train_steps < 0:
         raise UsageError(f"--train-steps must be >= 0, got {args.train_steps}")
-    for path in (args.json, args.plot):  # fail now, not after the run
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"{Path(path).parent}: no such directory")
-    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise UsageError(f"--plot {args.plot}: the file must end in .png, .pdf or .svg")
+    check_outputs(args.json, args.plot)  # fail now, not after the run
     if args.plot and args.train_steps <= 0:
         raise UsageError("--plot needs --train-steps N")
     if args.weights:

@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from .data import DataError
@@ -59,6 +60,19 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(message)
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_outputs(json_path=None, plot_path=None) -> None:
+    """Refuse, before any work, a --json/--plot whose directory does not exist or a --plot matplotlib cannot write
+    (by its extension): the UsageError a long run would otherwise raise at its end, or never."""
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{flag} {path}: {Path(path).parent} is no directory")
+    if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
 
 
 def fail(message: str, code: int = BAD_INPUT):
