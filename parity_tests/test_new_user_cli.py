@@ -101,3 +101,19 @@ def test_what_the_readme_commands_write_is_git_ignored():
         assert path.split("/")[0].removesuffix("/") in readme, path  # still a README output
         result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", path])
         assert result.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys):
+    """Every rank hits the same bad argument: one `error:` line, not one per rank (environment errors, which can
+    differ by rank, still print everywhere)."""
+    from shared_config.cli import fail
+
+    for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            fail("bad --x")
+        assert exit_.value.code == 2 and capsys.readouterr().err == printed
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        fail("disk full", 3)
+    assert capsys.readouterr().err == "error: disk full\n"

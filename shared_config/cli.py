@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -76,6 +77,10 @@ def check_outputs(json_path=None, plot_path=None) -> None:
 
 
 def fail(message: str, code: int = BAD_INPUT):
+    """Print one `error:` line and exit with `code`. Under torchrun a usage error is every rank's alike: rank 0
+    alone prints it (the others exit with the same code, silently)."""
+    if code == BAD_INPUT and os.environ.get("RANK", "0") != "0":
+        sys.exit(code)
     text = " ".join(str(message).split())
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
