@@ -46,7 +46,7 @@ def test_init_weights_with_residual_factor_one_over_sqrt_l(monkeypatch):
 
     def wrong(t, spec):
         rule = right(t, spec)
-        if t.init == "residual" and spec.residual_scaling:
+        if t.init == "residual" and spec.residual_scaled:
             return shared_config.init.InitRule(rule.dist, rule.scale * math.sqrt(2))
         return rule
 

@@ -107,12 +107,12 @@ def fmt(x, spec: str) -> str:
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph: one sentence
     p.add_argument("--steps", type=int, default=200, help="updates per run")
     p.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: dense or ROUTING-CAPACITY")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--out", type=Path, default=Path("runs/routing"))
+    p.add_argument("--out", type=Path, default=Path("runs/routing"), help="where the table, the JSON and the runs go")
     args = p.parse_args(argv)
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in ("jax", "torch")]:
