@@ -90,6 +90,8 @@ def read_checkpoint(src: str | Path, spec=None, allow_nonfinite: bool = False) -
 
 def quiet_libraries() -> None:
     """For command-line tools: keep stderr to our one line. Orbax warns through absl, and on a damaged
-    checkpoint its async reads fail again on a closed event loop after we have reported the error."""
+    checkpoint its async reads fail again on a closed event loop after we have reported the error; on a full
+    disk its writers' gathered futures are logged by asyncio ("exception was never retrieved") as they are freed."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
