@@ -219,14 +219,20 @@ class LayerCache(NamedTuple):
     k_BSKE: jax.Array
     v_BSKE: jax.Array
     length: jax.Array  # int32 []: slots written so far, the same in every row
+    keep_BT: jax.Array | None = None  # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
 
     @property
     def size(self) -> int:
         return self.k_BSKE.shape[1]
 
     def write(self, k_BTKE, v_BTKE) -> LayerCache:
-        """The cache with the next T slots written; `length` is traced, so one compiled step serves every position."""
+        """The cache with the next T slots written; `length` is traced, so one compiled step serves every position.
+        A token `keep_BT` leaves out (one a routed layer skipped) writes nothing: its slot keeps what it held."""
         at = (0, self.length, 0, 0)
+        if self.keep_BT is not None:
+            keep_BT11 = self.keep_BT[:, :, None, None]
+            k_BTKE = jnp.where(keep_BT11, k_BTKE, jax.lax.dynamic_slice(self.k_BSKE, at, k_BTKE.shape))
+            v_BTKE = jnp.where(keep_BT11, v_BTKE, jax.lax.dynamic_slice(self.v_BSKE, at, v_BTKE.shape))
         # A new array, which XLA writes in place when the jitted step donates the cache.
         k_BSKE = jax.lax.dynamic_update_slice(self.k_BSKE, k_BTKE, at)
         v_BSKE = jax.lax.dynamic_update_slice(self.v_BSKE, v_BTKE, at)

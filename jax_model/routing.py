@@ -20,8 +20,9 @@ Selection, `decide`:
   runs on the gathered [B, k, D] tokens only: causal among themselves by original position, RoPE at the
   original positions, each row apart. Its updates are scattered back.
 - "predictor" (causal decoding): a token runs the block iff its predictor's sigmoid > 0.5 (logit > 0).
-  The block runs on every token with the keys of the skipped ones masked out: a skipped token's key and
-  value are never read (written to the cache but masked), so cached decoding equals this full forward.
+  The block runs on every token with the keys of the skipped ones masked out, and its update is kept for
+  the selected ones only; with a cache, a skipped token writes no key or value at this layer (its slot
+  stays as it was, and no query reads it), so cached decoding equals this full forward.
 
 Notation: B batch, T tokens, S cache slots (keys), k selected tokens per row, D model dim.
 """
@@ -191,6 +192,8 @@ class Routes:
             keep_BS = keep_BT if rcache is None else jax.lax.dynamic_update_slice(rcache.keep_BS, keep_BT, (0, cache.length))
             s_S = jnp.arange(keep_BS.shape[1])
             own_BTS = (s_S[None, :] == slots_T[:, None])[None]  # a skipped query reads itself: no empty softmax
+            if cache is not None:  # a skipped token writes no key or value at this layer
+                cache = cache._replace(keep_BT=keep_BT)
             y_BTD, cache = run(x_BTD, cos, sin, taps, cache, read_BTS & (keep_BS[:, None, :] | own_BTS))
             update_BTD = (y_BTD - x_BTD) * gate_BT[..., None].astype(x_BTD.dtype)
             out_BTD = x_BTD + jnp.where(keep_BT[..., None], update_BTD, 0)

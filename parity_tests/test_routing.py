@@ -224,8 +224,14 @@ def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
         cached, cache = steps(twin.from_weights(w, spec), x, prompt=8)
         errs = [rel_err(cached[:, t], full[:, t]) for t in range(x.shape[1])]
         assert max(errs) <= FORWARD_TOL, (twin.__name__, int(np.argmax(errs)), max(errs))
-        keep = np.asarray(cache.routing[spec.routed_layers[0]].keep_BS)
-        assert 0 < keep.mean() < 1, "some tokens skipped the routed block, some ran it"
+        for i in spec.routed_layers:  # a skipped token wrote no key or value at a routed layer; a kept one did
+            keep = np.asarray(cache.routing[i].keep_BS)
+            assert 0 < keep.mean() < 1, "some tokens skipped the routed block, some ran it"
+            for kv in (cache.layers[i].k_BSKE, cache.layers[i].v_BSKE):
+                written = np.abs(np.asarray(kv)).max(axis=(2, 3)) > 0
+                assert np.array_equal(written, keep), (twin.__name__, i)
+        dense = [i for i in range(spec.L) if i not in spec.routed_layers]
+        assert all((np.abs(np.asarray(cache.layers[i].k_BSKE)).max(axis=(2, 3)) > 0).all() for i in dense)
     with pytest.raises(ValueError, match="cached decoding needs decide='predictor'"):
         model = torch_model.from_weights(w, spec)
         model(torch.as_tensor(x[:, :3]), cache=model.init_cache(2, 8), decide="topk")

@@ -228,14 +228,20 @@ class LayerCache(NamedTuple):
     k_BSKE: torch.Tensor
     v_BSKE: torch.Tensor
     length: torch.Tensor  # int64 []: slots written so far, the same in every row
+    keep_BT: torch.Tensor | None = None  # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
 
     @property
     def size(self) -> int:
         return self.k_BSKE.shape[1]
 
     def write(self, k_BTKE, v_BTKE) -> LayerCache:
-        """The cache with the next T slots written; `length` is a tensor, so one compiled step serves every position."""
+        """The cache with the next T slots written; `length` is a tensor, so one compiled step serves every position.
+        A token `keep_BT` leaves out (one a routed layer skipped) writes nothing: its slot keeps what it held."""
         slots_T = self.length + torch.arange(k_BTKE.shape[1], device=k_BTKE.device)
+        if self.keep_BT is not None:
+            keep_BT11 = self.keep_BT[:, :, None, None]
+            k_BTKE = torch.where(keep_BT11, k_BTKE, self.k_BSKE.index_select(1, slots_T))
+            v_BTKE = torch.where(keep_BT11, v_BTKE, self.v_BSKE.index_select(1, slots_T))
         # In place, where JAX donates the buffers: the returned cache holds the same K/V tensors.
         self.k_BSKE.index_copy_(1, slots_T, k_BTKE)
         self.v_BSKE.index_copy_(1, slots_T, v_BTKE)
