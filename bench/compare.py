@@ -180,9 +180,14 @@ def main(argv=None):
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq
+    from timing import decoded_tokens  # light: jax and torch are imported after configure_threads
+
     for label, spec in specs:
         if seq > spec.max_seq_len:
             raise UsageError(f"--seq {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+        if args.mode == "decode" and seq + (n := decoded_tokens(args.steps, args.rounds, args.warmup)) > spec.max_seq_len:
+            raise UsageError(f"--mode decode: --seq {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 + --warmup) "
+                             f"exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
         from shared_config.hf import unsupported_options

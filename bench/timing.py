@@ -78,6 +78,12 @@ def set_precision_and_threads(args) -> str:
     return platform
 
 
+def decoded_tokens(steps: int, rounds: int, warmup: int) -> int:
+    """Decode mode: the tokens one prefill is followed by, which the cache holds after the prompt: a round of
+    timed steps (`steps` split into `rounds`), or the compilation step and the warmup steps."""
+    return max(math.ceil(steps / rounds), 1 + warmup)
+
+
 def run_benchmarks(args, specs, backends, kernels):
     """Time every (variant, backend); returns the JSON results and the device name."""
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
@@ -96,8 +102,7 @@ def run_benchmarks(args, specs, backends, kernels):
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
     per_round = math.ceil(args.steps / args.rounds)
-    # decode: the cache holds the prompt and every token decoded after one prefill (a round, or compile + warmup)
-    new_tokens = max(per_round, 1 + args.warmup)
+    new_tokens = decoded_tokens(args.steps, args.rounds, args.warmup)
     for label, spec, backend in progress(jobs, desc="compile + warmup", quiet=args.quiet):
         args.job = f"{backend} {args.mode} job of {label}"  # named by compare.py if it runs out of memory
         tokens = bench_tokens(spec, args)

@@ -67,6 +67,8 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         (["--sweep", "norm_type"], "must look like key=v1,v2"),
         (["--sweep", "norm_type=rms,batchnorm"], "norm_type='batchnorm' must be one of"),
         (["--seq", "4096"], "exceeds max_seq_len=256"),
+        # the prompt fits, the decoded tokens after it would not: refused before the cache is allocated
+        (["--mode", "decode", "--seq", "253", "--steps", "8"], "prompt tokens + 4 decoded"),
         (["--steps", "0"], "--steps must be >= 1"),
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
