@@ -20,7 +20,7 @@ from shared_config.progress import progress
 from .common import ROOT
 
 COMMANDS = sorted((ROOT / "scripts").glob("*.py")) + [ROOT / "bench" / "compare.py", ROOT / "bench" / "profile_step.py"]
-LONG_RUNNING = {"train", "compare_norms", "parity_report", "compare", "profile_step"}
+LONG_RUNNING = {"train", "compare_norms", "compare_routing", "parity_report", "compare", "profile_step"}
 
 
 class Parsed(Exception):

@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -29,6 +27,7 @@ from shared_config import SpecError, init_weights, load_spec, load_train_config 
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
+from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -76,10 +75,11 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
     }
 
 
-def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict]) -> dict:
+def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
+          quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
     results, data = {}, synthetic_corpus(0)
-    with tqdm(total=len(configs) * len(backends), desc="routing study", unit="run", file=sys.stderr) as bar:
+    with progress(total=len(configs) * len(backends), desc="routing study", unit="run", quiet=quiet) as bar:
         for config in configs:
             for backend in backends:
                 bar.set_postfix_str(f"{config} {backend}")
@@ -113,6 +113,7 @@ def parse_args(argv):
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: dense or ROUTING-CAPACITY")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
     p.add_argument("--out", type=Path, default=Path("runs/routing"), help="where the table, the JSON and the runs go")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in ("jax", "torch")]:
@@ -129,7 +130,7 @@ def main(argv=None):
     for config in args.configs:  # bad names and values fail here, before any training
         make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
     args.out.mkdir(parents=True, exist_ok=True)
-    results = study(args.configs, args.backends, args.steps, args.out, changes)
+    results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
     table = markdown(results, args.backends, args.steps, args.command)
     atomic_write(args.out / "routing.md", lambda tmp: tmp.write_text(table))
     report = {"steps": args.steps, "backends": args.backends, "results": results}
