@@ -36,7 +36,7 @@ def test_bf16_compute_agrees(name, param_dtype):
 
 def test_the_bounds_catch_a_real_mismatch(monkeypatch):
     """Interleaved RoPE in one twin (a classic porting bug) breaks the bf16 bounds."""
-    monkeypatch.setattr(torch_model.layers, "apply_rope", interleaved_rope)
+    monkeypatch.setattr(torch_model.attention, "apply_rope", interleaved_rope)
     spec = load_spec("tiny").replace(compute_dtype="bfloat16")
     kl_mean, kl_max, top1, _ = bf16_metrics(spec, parity_weights(spec), synthetic_batch(0, 0, 8, 128, spec.V))
     assert kl_mean > BF16_KL_MEAN or top1 < BF16_TOP1

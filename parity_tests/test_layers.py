@@ -8,9 +8,11 @@ import torch
 
 import jax_model
 import torch_model
+from jax_model import attention as ja
 from jax_model import layers as jl
 from shared_config import rope_inv_freq
 from shared_config.spec import CHOICES
+from torch_model import attention as ta
 from torch_model import layers as tl
 
 from . import reference
@@ -54,8 +56,8 @@ def test_rope(scaling):
     spec = make_spec(head_dim=16, rope_scaling=scaling, rope_original_max_seq_len=64, rope_scaling_factor=8.0)
     x = np.random.default_rng(0).standard_normal((2, 256, 3, 16)).astype(np.float32)
     pos, inv_freq = np.arange(256), reference.inv_frequencies(spec)
-    j = np.asarray(jl.apply_rope(jnp.asarray(x), *jl.rope_cos_sin(inv_freq, jnp.asarray(pos))))
-    t = tl.apply_rope(torch.as_tensor(x), *tl.rope_cos_sin(inv_freq, torch.as_tensor(pos))).numpy()
+    j = np.asarray(ja.apply_rope(jnp.asarray(x), *ja.rope_cos_sin(inv_freq, jnp.asarray(pos))))
+    t = ta.apply_rope(torch.as_tensor(x), *ta.rope_cos_sin(inv_freq, torch.as_tensor(pos))).numpy()
     ref = reference.rope(x.astype(np.float64), spec)
     # Angles up to 255 rad: float32 rounding of the angle alone is ~1e-5 rad there, so compare absolutely.
     assert np.abs(j - t).max() < 1e-4 and np.abs(j - ref).max() < 1e-4 and np.abs(t - ref).max() < 1e-4
@@ -94,8 +96,8 @@ def test_attention(changes):
     w, jm, tm = twins(spec)
     x = inputs(spec)
     pos = np.arange(x.shape[1])
-    jcs = jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos))
-    tcs = tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos))
+    jcs = ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos))
+    tcs = ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos))
     j = np.asarray(jm.model.layers[0].self_attn(jnp.asarray(x), *jcs)[0])  # (output, cache)
     with torch.no_grad():
         t = tm.model.layers[0].self_attn(torch.as_tensor(x), *tcs)[0].numpy()
@@ -129,9 +131,9 @@ def test_block(placement):
     w64 = {k: v.astype(np.float64) for k, v in w.items()}
     for i in (0, 1):
         jt, tt = {}, {}
-        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *jl.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
+        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
         with torch.no_grad():
-            t = tm.model.layers[i](torch.as_tensor(x), *tl.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
+            t = tm.model.layers[i](torch.as_tensor(x), *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
         ref, a, m = reference.block(x.astype(np.float64), w64, f"model.layers.{i}", i, spec)
         check(j, t, ref)
         check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)
@@ -143,8 +145,8 @@ def test_blocked_attention_is_the_einsum_kernel_by_blocks(T):
     """`blocked` skips the masked blocks of q·kᵀ: same result as the one-product kernel, any T (ragged last block)."""
     rng = np.random.default_rng(T)
     q, k, v = (rng.standard_normal((2, T, n, 8)).astype(np.float32) for n in (6, 2, 2))
-    for layers, asarray, out in [(jl, jnp.asarray, np.asarray), (tl, torch.as_tensor, lambda t: t.numpy())]:
-        ref = out(layers.einsum_attention(asarray(q), asarray(k), asarray(v)))
-        got = out(layers.attend(asarray(q), asarray(k), asarray(v), "blocked"))
-        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), layers.__name__
-    assert jl.attention_block(600) == tl.attention_block(600) == 38  # at most 16 blocks
+    for attention, asarray, out in [(ja, jnp.asarray, np.asarray), (ta, torch.as_tensor, lambda t: t.numpy())]:
+        ref = out(attention.einsum_attention(asarray(q), asarray(k), asarray(v)))
+        got = out(attention.attend(asarray(q), asarray(k), asarray(v), "blocked"))
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), attention.__name__
+    assert ja.attention_block(600) == ta.attention_block(600) == 38  # at most 16 blocks

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-import jax_model.layers
-import torch_model.layers
+import jax_model.attention
+import torch_model.attention
 from shared_config import cli
 from shared_config.progress import progress
 
@@ -58,7 +58,7 @@ def test_every_option_is_explained_with_its_default(path, monkeypatch):
 
 def test_generate_help_names_every_attention_kernel(monkeypatch):
     help_text = parser_of(ROOT / "scripts" / "generate.py", monkeypatch)._option_string_actions["--attention"].help
-    for name in {*jax_model.layers.ATTENTION, *torch_model.layers.ATTENTION}:
+    for name in {*jax_model.attention.ATTENTION, *torch_model.attention.ATTENTION}:
         assert name in help_text, name
 
 

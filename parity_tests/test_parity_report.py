@@ -56,7 +56,7 @@ def test_clean_run_passes(report, weights_file, tmp_path, capsys):
 
 # each plant changes the torch twin only; the stage where the report must first say FAIL
 PLANTS = {
-    "interleaved-rope": (lambda mp: mp.setattr(torch_model.layers, "apply_rope", interleaved_rope), "model.layers.0.attn_out"),
+    "interleaved-rope": (lambda mp: mp.setattr(torch_model.attention, "apply_rope", interleaved_rope), "model.layers.0.attn_out"),
     "tanh-gelu": (
         lambda mp: mp.setitem(torch_model.layers.ACTIVATIONS, "gelu", lambda x: F.gelu(x, approximate="tanh")),
         "model.layers.0.mlp_out",

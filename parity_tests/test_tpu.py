@@ -20,8 +20,8 @@ import torch
 from jax._src import hardware_utils
 from jax.experimental.pallas import tpu as pltpu
 
-import jax_model.layers
-import torch_model.layers
+import jax_model.attention
+import torch_model.attention
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
 
@@ -80,7 +80,7 @@ def test_auto_attention_on_a_faked_tpu(monkeypatch):
     spec = load_spec("tiny")  # E 16
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    jax_resolve, torch_resolve = jax_model.layers.resolve_attention, torch_model.layers.resolve_attention
+    jax_resolve, torch_resolve = jax_model.attention.resolve_attention, torch_model.attention.resolve_attention
     assert jax_resolve("auto", spec) == "pallas"
     assert jax_resolve("auto", spec.replace(head_dim=256)) == "pallas"
     assert jax_resolve("auto", spec.replace(head_dim=192)) == "xla"  # the kernel refuses it
@@ -111,7 +111,7 @@ def test_the_pallas_kernel_computes_causal_gqa_attention_and_its_gradients():
     dy = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
 
     def out_and_grads(attention):
-        y, vjp = jax.vjp(lambda q, k, v: jax_model.layers.attend(q, k, v, attention), q, k, v)
+        y, vjp = jax.vjp(lambda q, k, v: jax_model.attention.attend(q, k, v, attention), q, k, v)
         return y, *vjp(dy)
 
     want = out_and_grads("einsum")
@@ -136,8 +136,8 @@ def test_the_torch_twin_hands_torch_xla_the_kernel_s_layout(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_xla.experimental", SimpleNamespace(custom_kernel=kernel))
     monkeypatch.setitem(sys.modules, "torch_xla.experimental.custom_kernel", kernel)
     q, k, v = (torch.as_tensor(np.array(t)) for t in qkv(128, H=2, K=1, E=8, B=1))
-    want = torch_model.layers.einsum_attention(q, k, v)
-    got = torch_model.layers.attend(q, k, v, "pallas")
+    want = torch_model.attention.einsum_attention(q, k, v)
+    got = torch_model.attention.attend(q, k, v, "pallas")
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
 
 
@@ -145,15 +145,15 @@ def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run():
     """T not a multiple of 128, a head dim it does not take, or an explicit mask (decoding): the kernel is not called
     (off a TPU, outside the interpreter, it would fail)."""
     q, k, v = qkv(128, E=160)
-    np.testing.assert_allclose(jax_model.layers.attend(q, k, v, "pallas"), jax_model.layers.einsum_attention(q, k, v),
+    np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas"), jax_model.attention.einsum_attention(q, k, v),
                                rtol=1e-5, atol=1e-6)
     q, k, v = qkv(96)
-    want = jax_model.layers.einsum_attention(q, k, v)
-    np.testing.assert_allclose(jax_model.layers.attend(q, k, v, "pallas"), want, rtol=1e-5, atol=1e-6)
+    want = jax_model.attention.einsum_attention(q, k, v)
+    np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas"), want, rtol=1e-5, atol=1e-6)
     mask_BTS = jnp.tril(jnp.ones((96, 96), bool))[None].repeat(2, 0)
-    np.testing.assert_allclose(jax_model.layers.attend(q, k, v, "pallas", mask_BTS), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas", mask_BTS), want, rtol=1e-5, atol=1e-6)
     qt, kt, vt = (torch.as_tensor(np.array(t)) for t in (q, k, v))
-    np.testing.assert_allclose(torch_model.layers.attend(qt, kt, vt, "pallas").numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch_model.attention.attend(qt, kt, vt, "pallas").numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def bench_main(argv: list[str], monkeypatch, capsys) -> str:
@@ -207,9 +207,9 @@ def test_the_cpu_path_is_unchanged():
     assert compare.kernels("auto", "cpu", "bfloat16") == {"jax": "auto", "torch": "auto", "hf": "sdpa"}
     assert compare.kernels("auto", "gpu", "bfloat16") == {"jax": "cudnn", "torch": "cudnn", "hf": "sdpa"}
     spec = load_spec("tiny")
-    assert jax_model.layers.resolve_attention("auto", spec) == "blocked"
-    assert torch_model.layers.resolve_attention("auto", spec) == "sdpa"
-    for twin in (jax_model.layers, torch_model.layers):  # asked for by name off a TPU: a clear error, not a crash
+    assert jax_model.attention.resolve_attention("auto", spec) == "blocked"
+    assert torch_model.attention.resolve_attention("auto", spec) == "sdpa"
+    for twin in (jax_model.attention, torch_model.attention):  # asked for by name off a TPU: a clear error, not a crash
         with pytest.raises(ValueError, match="'pallas' is the Pallas TPU flash kernel: it needs a TPU"):
             twin.resolve_attention("pallas", spec)
     with pytest.raises(UsageError, match="--attention pallas is the Pallas TPU flash kernel: it needs a TPU"):

@@ -115,7 +115,7 @@ def load_backend(backend: str, weights, spec, attention: str):
 
         import jax_model
         from jax_model.generate import stream
-        from jax_model.layers import ATTENTION
+        from jax_model.attention import ATTENTION
 
         jax.config.update("jax_default_matmul_precision", "highest")
         twin = jax_model
@@ -124,7 +124,7 @@ def load_backend(backend: str, weights, spec, attention: str):
 
         import torch_model
         from torch_model.generate import stream
-        from torch_model.layers import ATTENTION
+        from torch_model.attention import ATTENTION
 
         torch.backends.cuda.matmul.allow_tf32 = False
         twin = torch_model

@@ -1,5 +1,5 @@
 """Norm placements as data: which norm slots a block has, and which half-functions of the twins' `Block`
-combine them (jax_model/layers.py, torch_model/layers.py). Read by the layout table, both twins and the init.
+combine them (jax_model/block.py, torch_model/block.py). Read by the layout table, both twins and the init.
 
 The float64 reference (parity_tests/reference.py) writes each placement from its equations instead.
 Sources: Pre-/Post-LN (Xiong et al. 2020), Peri-LN (Kim et al. 2025), DeepNorm (Wang et al. 2022,

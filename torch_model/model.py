@@ -18,8 +18,10 @@ from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 
 from . import routing
-from .layers import DTYPES, Block, LayerCache, Linear, make_norm, resolve_attention, rope_cos_sin
+from .attention import LayerCache, resolve_attention, rope_cos_sin
+from .block import Block
 from .gla import GLAState
+from .layers import DTYPES, Linear, make_norm
 from .weights import draw_weights
 
 

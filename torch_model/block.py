@@ -1,0 +1,84 @@
+"""The transformer block of the PyTorch twin: norm slots around a token mixer and an MLP, placed as the spec
+says (shared_config/placement.py); jax_model/block.py is the same file in JAX.
+
+Notation: B batch, T tokens, D model dim.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from shared_config import ModelSpec
+from shared_config.placement import Placement, residual_alpha
+
+from .attention import Attention, LayerCache
+from .gla import GLA
+from .layers import MLP, make_norm
+
+
+def maybe(norm, x_BTD):
+    """norm(x), or x where the block's placement leaves that slot out."""
+    return x_BTD if norm is None else norm(x_BTD)
+
+
+# The two halves of a block, one small function per way of placing its norms (shared_config/placement.py):
+# n1 = input_layernorm, n2 = post_attention_layernorm, α = residual_alpha (DeepNorm's, else 1).
+def pre_attention(b, x_BTD, attend):
+    """x + n_out(attn(n1(x))): Pre-LN (no n_out), Peri-LN, HybridNorm (no n1). Returns (x, branch, cache)."""
+    a_BTD, cache = attend(maybe(b.input_layernorm, x_BTD))
+    a_BTD = maybe(b.attn_output_norm, a_BTD)
+    return x_BTD + a_BTD, a_BTD, cache
+
+
+def post_attention(b, x_BTD, attend):
+    """n1(α·x + attn(x)): Post-LN (α = 1) and DeepNorm."""
+    a_BTD, cache = attend(x_BTD)
+    return b.input_layernorm(b.alpha * x_BTD + a_BTD), a_BTD, cache
+
+
+def pre_mlp(b, x_BTD):
+    """x + n_out(mlp(n2(x))). Returns (x, branch)."""
+    m_BTD = maybe(b.mlp_output_norm, b.mlp(b.post_attention_layernorm(x_BTD)))
+    return x_BTD + m_BTD, m_BTD
+
+
+def post_mlp(b, x_BTD):
+    """n2(α·x + mlp(x))."""
+    m_BTD = b.mlp(x_BTD)
+    return b.post_attention_layernorm(b.alpha * x_BTD + m_BTD), m_BTD
+
+
+def hybrid_mlp(b, x_BTD):
+    """y + mlp(y) with y = n2(x): HybridNorm's Post-Norm FFN."""
+    y_BTD = b.post_attention_layernorm(x_BTD)
+    m_BTD = b.mlp(y_BTD)
+    return y_BTD + m_BTD, m_BTD
+
+
+ATTENTION_HALVES = {"pre": pre_attention, "post": post_attention}
+MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
+
+
+class Block(nn.Module):
+    """One transformer block: its `placement` says which norm slots it has and which halves above run."""
+
+    def __init__(self, spec: ModelSpec, attention: str, placement: Placement):
+        super().__init__()
+        self.placement, self.alpha = placement, residual_alpha(spec)
+        self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
+        self.self_attn = GLA(spec) if spec.mixer == "gla" else Attention(spec, attention)  # token mixer
+        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
+        self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
+        self.mlp = MLP(spec)
+        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if placement.output_norms else None
+
+    def forward(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the attention's updated cache (None without one)."""
+        def attend(h_BTD):
+            return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
+
+        x_BTD, a_BTD, cache = ATTENTION_HALVES[self.placement.attention](self, x_BTD, attend)
+        x_BTD, m_BTD = MLP_HALVES[self.placement.mlp](self, x_BTD)
+        if taps is not None:
+            taps.update(attn_out=a_BTD, mlp_out=m_BTD, residual=x_BTD)
+        return x_BTD, cache
