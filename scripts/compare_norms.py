@@ -52,10 +52,18 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
                                      **spec_changes)
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
+    return study_run(spec, cfg, data, out, config, backend)
+
+
+def study_run(spec, cfg, data: TokenData, out: Path, config: str, backend: str) -> Run:
+    """A study's run of one configuration in one twin, into OUT/runs/CONFIG-BACKEND: fresh weights from the
+    config's seed, `cfg.steps` updates, four evaluations, no checkpoints. Raises UsageError when the data
+    cannot feed the spec."""
     data.check(cfg.seq_len, spec.V)
     weights = init_weights(spec, cfg.seed)
-    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
-               eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})
+    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
+               log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
+               info={"backend": backend, "study": config})
 
 
 def train_one(run_: Run, backend: str) -> int | None:
@@ -92,13 +100,20 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
 def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
           quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
+    return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
+                     "norm study", quiet)
+
+
+def train_all(configs: list[str], backends: list[str], make, summarize_, desc: str, quiet: bool) -> dict:
+    """{config: {backend: summarize_(run, stopped_at)}} for `make(config, backend, data)`'s run of every pair on
+    the embedded corpus, one after the other, with one progress bar of `desc` (runs)."""
     results, data = {}, synthetic_corpus(0)
-    with progress(total=len(configs) * len(backends), desc="norm study", unit="run", quiet=quiet) as bar:
+    with progress(total=len(configs) * len(backends), desc=desc, unit="run", quiet=quiet) as bar:
         for config in configs:
             for backend in backends:
                 bar.set_postfix_str(f"{config} {backend}")
-                run_ = make_run(config, backend, steps, out, changes, data)
-                results.setdefault(config, {})[backend] = summarize(run_, train_one(run_, backend))
+                run_ = make(config, backend, data)
+                results.setdefault(config, {})[backend] = summarize_(run_, train_one(run_, backend))
                 bar.update()
     return results
 

@@ -19,15 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from compare_norms import train_one  # noqa: E402
+from compare_norms import study_run, train_all  # noqa: E402
 from flops import flops_per_token  # noqa: E402
-from train import DEFAULT_TRAIN_CONFIG, Run, fresh_state, split_overrides, with_changes  # noqa: E402
+from train import DEFAULT_TRAIN_CONFIG, Run, split_overrides, with_changes  # noqa: E402
 
-from shared_config import SpecError, init_weights, load_spec, load_train_config  # noqa: E402
+from shared_config import SpecError, load_spec, load_train_config  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
-from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -52,11 +51,7 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     except SpecError as e:
         raise UsageError(f"{config}: {e}") from None
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
-    spec = cfg.model_spec(spec)
-    data.check(cfg.seq_len, spec.V)
-    weights = init_weights(spec, cfg.seed)
-    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), steps, log_every=10,
-               eval_every=max(1, steps // 4), save_every=0, keep=1, info={"backend": backend, "study": config})
+    return study_run(cfg.model_spec(spec), cfg, data, out, config, backend)
 
 
 def summarize(run_: Run, stopped_at: int | None) -> dict:
@@ -78,15 +73,8 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
 def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
           quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
-    results, data = {}, synthetic_corpus(0)
-    with progress(total=len(configs) * len(backends), desc="routing study", unit="run", quiet=quiet) as bar:
-        for config in configs:
-            for backend in backends:
-                bar.set_postfix_str(f"{config} {backend}")
-                run_ = make_run(config, backend, steps, out, changes, data)
-                results.setdefault(config, {})[backend] = summarize(run_, train_one(run_, backend))
-                bar.update()
-    return results
+    return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
+                     "routing study", quiet)
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
