@@ -106,9 +106,13 @@ RAGGED = [{}, {"position": "learned", "norm_placement": "post"}]
 def test_left_padding_leaves_each_row_as_alone(changes):
     """Prompts of 13, 5 and 9 tokens in one batch: each row's logits at every step are its unbatched ones."""
     spec = make_spec(**changes)
-    w = parity_weights(spec)
     prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (13, 5, 9)]
-    fed = tokens(spec, 3, 6, seed=1)  # the tokens fed after each prompt
+    check_rows_decode_as_alone(spec, parity_weights(spec), prompts, tokens(spec, 3, 6, seed=1))
+
+
+def check_rows_decode_as_alone(spec, w, prompts, fed_BN):
+    """Left-pad `prompts` into one batch, prefill, feed `fed_BN` (N tokens per row) step by step, in both twins:
+    each row's logits at every step are those of the row decoded alone."""
     for twin, Decoder in [(jax_model, JaxDecoder), (torch_model, TorchDecoder)]:
         decoder = Decoder(twin.from_weights(w, spec, "einsum"))
 
@@ -122,9 +126,9 @@ def test_left_padding_leaves_each_row_as_alone(changes):
                 steps.append(np.asarray(logits_BV))
             return np.stack(steps, axis=1)
 
-        batched = run(prompts, fed)
+        batched = run(prompts, fed_BN)
         for b, prompt in enumerate(prompts):
-            alone = run([prompt], fed[b : b + 1])
+            alone = run([prompt], fed_BN[b : b + 1])
             assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
 
 

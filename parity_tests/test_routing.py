@@ -326,31 +326,11 @@ def test_routing_study_refuses_bad_configs_before_training(tmp_path):
 @pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[5]], ids=case_ids([ROUTED[0], ROUTED[5]]))
 def test_left_padded_routed_decoding_leaves_each_row_as_alone(changes):
     """The keep mask and dtf's moving-average window skip each row's left padding."""
-    from jax_model.generate import Decoder as JaxDecoder
-    from shared_config.generation import left_pad
-    from torch_model.generate import Decoder as TorchDecoder
+    from .test_kv_cache import check_rows_decode_as_alone
 
     spec = make_spec(**changes)
-    w = routed_weights(spec)
     prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (9, 4)]
-    fed = tokens(spec, 2, 3, seed=1)
-    for twin, Decoder in [(jax_model, JaxDecoder), (torch_model, TorchDecoder)]:
-        decoder = Decoder(twin.from_weights(w, spec, "einsum"))
-
-        def run(rows, fed_rows):
-            tokens_BP, start_B = left_pad(rows, pad_id=7)
-            cache = decoder.init_cache(len(rows), tokens_BP.shape[1] + fed_rows.shape[1], start_B)
-            logits_BV, cache = decoder.prefill(tokens_BP, cache)
-            steps = [np.asarray(logits_BV)]
-            for t in range(fed_rows.shape[1]):
-                logits_BV, cache = decoder.decode_step(fed_rows[:, t], cache)
-                steps.append(np.asarray(logits_BV))
-            return np.stack(steps, axis=1)
-
-        batched = run(prompts, fed)
-        for b, prompt in enumerate(prompts):
-            alone = run([prompt], fed[b : b + 1])
-            assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
+    check_rows_decode_as_alone(spec, routed_weights(spec), prompts, tokens(spec, 2, 3, seed=1))
 
 
 def test_train_cli_refuses_a_bad_routing_spec_in_one_line(tmp_path):
