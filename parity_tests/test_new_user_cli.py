@@ -15,7 +15,7 @@ import pytest
 import jax_model.attention
 import torch_model.attention
 from shared_config import cli
-from shared_config.progress import progress
+from shared_config.progress import advance, progress
 
 from .common import ROOT
 
@@ -73,6 +73,17 @@ def test_progress_off_a_terminal_is_plain_lines_and_quiet_is_silent():
     with progress(range(5), quiet=True, stream=stream) as bar:
         list(bar)
     assert stream.getvalue() == ""
+
+
+def test_progress_with_a_changing_postfix_keeps_to_its_interval():
+    """train.py shows loss, lr and tokens/s beside its bar at every log step: off a terminal that must still be
+    one line per interval (the first and the last here), not one per step."""
+    stream = io.StringIO()
+    with progress(total=50, desc="steps", stream=stream, interval=60) as bar:
+        for step in range(1, 51):
+            advance(bar, step, loss=f"{1 / step:.4f}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) <= 3 and "50/50" in lines[-1] and "loss=0.0200" in lines[-1], lines
 
 
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):

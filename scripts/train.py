@@ -38,7 +38,7 @@ from shared_config.io import atomic_write
 from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
-from shared_config.progress import progress
+from shared_config.progress import advance, progress
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
     read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
@@ -400,8 +400,7 @@ class Loop:
                            scalars={k: float(v) for k, v in backend.fetch(backend.scalars()).items()})
         self.append(records)
         loss = float(np.mean([r["loss"] for r in records]))
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        advance(self.bar, step, loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         self.summary.update(step=step, loss=loss, tokens_per_s=self.clock.mean_rate())
 
     def evaluate(self, backend: Backend, step: int) -> None:

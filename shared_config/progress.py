@@ -35,3 +35,11 @@ def progress(iterable=None, *, quiet: bool = False, interval: float = LINE_INTER
     kwargs.pop("dynamic_ncols", None)
     return tqdm(iterable, file=Lines(stream), mininterval=interval, ncols=100, ascii=True, **kwargs)
 
+
+
+def advance(bar: tqdm, to: int, **postfix) -> None:
+    """Move `bar` to position `to`, showing `postfix` (name=value) beside it, in one redraw that tqdm
+    rate-limits like any update. (`set_postfix` alone redraws at once: off a terminal, a plain line on
+    every call.)"""
+    bar.set_postfix(refresh=False, **postfix)
+    bar.update(to - bar.n)
