@@ -238,28 +238,44 @@ def output_criteria(rows: dict) -> list[tuple]:
 # --- end of the GLA experiment ---------------------------------------------------------------------------
 
 
-def parse_args(argv):
-    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph: one sentence
-    p.add_argument("--steps", type=int, default=300, help="updates per run")
-    p.add_argument("--backends", default="jax,torch", help="comma-separated; the first one's numbers fill the table")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated NORM-PLACEMENT runs")
+def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
+                 backends_help: str = "comma-separated: jax, torch") -> Parser:
+    """The options of every study script: --steps, --backends, --configs, --set, --out, --quiet; the description is
+    the first paragraph of the script's docstring `doc`, as one sentence."""
+    p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
+    p.add_argument("--steps", type=int, default=steps, help="updates per run")
+    p.add_argument("--backends", default="jax,torch", help=backends_help)
+    p.add_argument("--configs", default=",".join(configs), help=configs_help)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--out", type=Path, default=Path("runs/norms"), help="where the table, curves and runs go")
+    p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def study_args(args, script: str, argv):
+    """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
+    raises UsageError for an unknown backend or --steps < 1."""
+    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def parse_args(argv):
+    p = study_parser(__doc__, 300, CONFIGS, "comma-separated NORM-PLACEMENT runs", "runs/norms",
+                     "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
     args = p.parse_args(argv)
     if args.mixer == "gla" and args.configs == ",".join(CONFIGS):
         args.configs = ",".join(GLA_CONFIGS)
-    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
-    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
-        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
+    args = study_args(args, "compare_norms.py", argv)
     if bad := [c for c in args.configs if not valid_config(c)]:
         raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
                          f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}")
-    if args.steps < 1:
-        raise UsageError("--steps must be >= 1")
-    args.command = " ".join(["python scripts/compare_norms.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from compare_norms import study_run, train_all  # noqa: E402
+from compare_norms import study_args, study_parser, study_run, train_all  # noqa: E402
 from flops import flops_per_token  # noqa: E402
 from train import DEFAULT_TRAIN_CONFIG, Run, split_overrides, with_changes  # noqa: E402
 
 from shared_config import SpecError, load_spec, load_train_config  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config.cli import UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
@@ -95,21 +95,9 @@ def fmt(x, spec: str) -> str:
 
 
 def parse_args(argv):
-    p = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph: one sentence
-    p.add_argument("--steps", type=int, default=200, help="updates per run")
-    p.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: dense or ROUTING-CAPACITY")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--out", type=Path, default=Path("runs/routing"), help="where the table, the JSON and the runs go")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = p.parse_args(argv)
-    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
-    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
-        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
-    if args.steps < 1:
-        raise UsageError("--steps must be >= 1")
-    args.command = " ".join(["python scripts/compare_routing.py", *(sys.argv[1:] if argv is None else argv)])
-    return args
+    p = study_parser(__doc__, 200, CONFIGS, "comma-separated: dense or ROUTING-CAPACITY", "runs/routing",
+                     "where the table, the JSON and the runs go")
+    return study_args(p.parse_args(argv), "compare_routing.py", argv)
 
 
 def main(argv=None):
