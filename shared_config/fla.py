@@ -73,7 +73,7 @@ def fla_name(name: str, fuse_norm: bool = True) -> str:
 
 def unsupported_options(spec: ModelSpec) -> list[str]:
     """The spec options flash-linear-attention's GLA does not compute, as `key=value`."""
-    return [f"{k}={getattr(spec, k)}" for k, v in FLA_SPEC.items() if getattr(spec, k) != v]
+    return spec.differences(FLA_SPEC)
 
 
 def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ LLAMA3_KEYS = {
 
 def unsupported_options(spec: ModelSpec) -> list[str]:
     """The spec options that no Hugging Face Llama / Qwen3 computes, as `key=value`."""
-    return [f"{k}={getattr(spec, k)}" for k, v in HF_SPEC.items() if getattr(spec, k) != v]
+    return spec.differences(HF_SPEC)
 
 
 def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:

@@ -189,6 +189,11 @@ class ModelSpec:
     def __hash__(self) -> int:
         return hash(self.to_json())
 
+    def differences(self, required: Mapping[str, Any]) -> list[str]:
+        """`key=value` for each field whose value is not the one `required` gives it (what another
+        implementation, Hugging Face's Llama or flash-linear-attention's GLA, cannot compute)."""
+        return [f"{k}={getattr(self, k)}" for k, v in required.items() if getattr(self, k) != v]
+
     def replace(self, **changes) -> ModelSpec:
         """The spec with `changes`; `n_kv_heads` and `head_dim` left unset stay derived (n_heads=4 changes head_dim)."""
         return ModelSpec.from_dict({**dataclasses.asdict(self), **changes})
