@@ -19,7 +19,7 @@ from flax import nnx
 
 from shared_config import ModelSpec
 
-from .layers import DTYPES, DynamicErf, DynamicTanh, LayerNorm, Linear, RMSNorm
+from .layers import DTYPES, Linear, RMSNorm, make_norm
 
 CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
 
@@ -55,16 +55,9 @@ class GateLinear(Linear):
 
 def head_norm(spec: ModelSpec):
     """The per-head output norm over V, one weight shared by all heads: RMSNorm, or the spec's norm_type ("same")."""
-    Vh, eps, bias, dtype = spec.Vh, spec.norm_eps, spec.norm_bias, spec.param_dtype
     if spec.gla_output_norm == "rms":
-        return RMSNorm(Vh, eps, False, dtype)  # flash-linear-attention's g_norm: a weight, no bias
-    if spec.norm_type == "rms":
-        return RMSNorm(Vh, eps, bias, dtype)
-    if spec.norm_type == "layernorm":
-        return LayerNorm(Vh, eps, bias, dtype)
-    if spec.norm_type == "dyt":
-        return DynamicTanh(Vh, spec.attn_alpha_init, bias, dtype)
-    return DynamicErf(Vh, spec.attn_alpha_init, spec.shift_init, bias, dtype)
+        return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)  # flash-linear-attention's g_norm: a weight, no bias
+    return make_norm(spec, spec.attn_alpha_init, dim=spec.Vh)
 
 
 def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):

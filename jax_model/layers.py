@@ -98,9 +98,9 @@ def affine(y, weight, bias):
     return y if bias is None else y + bias[...].astype(jnp.float32)
 
 
-def make_norm(spec: ModelSpec, alpha_init: float):
-    """The norm every slot of `spec` uses, over the model dim."""
-    D, eps, bias, dtype = spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
+def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
+    """The norm every slot of `spec` uses, over the model dim (or `dim`: GLA's per-head output norm)."""
+    D, eps, bias, dtype = dim or spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
     if spec.norm_type == "rms":
         return RMSNorm(D, eps, bias, dtype)
     if spec.norm_type == "layernorm":
