@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import math
 import os
 import platform
@@ -25,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
 
-from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
-from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
+from shared_config import SpecError, load_spec, parse_overrides  # noqa: E402
+from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
+from shared_config.report import write_report  # noqa: E402
 from shared_config.resources import (  # noqa: E402
     ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes,
 )
@@ -42,11 +42,11 @@ def parse_args(argv):
     p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per (variant, backend), rounded up to a multiple of --rounds")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
+    p.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
+    p.add_argument("--seq", type=at_least(1), default=None, help="tokens per sequence (default: min(256, max_seq_len))")
+    p.add_argument("--steps", type=at_least(1), default=20, help="timed steps per (variant, backend), rounded up to a multiple of --rounds")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
+    p.add_argument("--rounds", type=at_least(1), default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--mode", default="train", choices=["train", "forward", "decode"],
                    help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq tokens, then time "
                         "--steps one-token KV-cache steps")
@@ -61,26 +61,17 @@ def parse_args(argv):
                    help="train mode, twins: recompute each block's activations in the backward")
     p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
                    help="train mode, twins: LM head + cross-entropy over chunks of TOKENS tokens (0: off)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    p.add_argument("--threads", type=at_least(1), default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
-    p.add_argument("--devices", type=int, default=None, help="JAX: train over N devices (a data=N mesh)")
+    p.add_argument("--devices", type=at_least(1), default=None, help="JAX: train over N devices (a data=N mesh)")
     p.add_argument("--mesh", default=None, help="JAX: train over a device mesh, e.g. data=2,fsdp=4")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
                    help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
+    p.add_argument("--peak-tflops", type=above(0), default=None, help="device peak for MFU (default: known table)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
-    for name in ("batch", "steps", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.seq is not None and args.seq < 1:  # 0 is a value to refuse, not "not given"
-        raise UsageError(f"--seq must be >= 1, got {args.seq}")
-    if args.devices is not None and args.devices < 1:
-        raise UsageError(f"--devices must be >= 1, got {args.devices}")
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     memory = [f"--{f.replace('_', '-')}" for f in ("grad_accum", "remat", "loss_chunk") if getattr(args, f) is not None]
@@ -205,19 +196,24 @@ def main(argv=None):
     configure_threads(args.threads, shards)
     from timing import run_benchmarks
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank times its step; rank 0 reports
+
+    def on_progress(partial, device):  # the JSON as of the last measured row: a stopped run keeps it
+        if rank0:
+            write_report(args.json, {"env": environment(args, device), **partial}, complete=False)
+
     try:
-        results, device = run_benchmarks(args, specs, backends, kernels)
+        results, device = run_benchmarks(args, specs, backends, kernels, on_progress)
     except Exception as e:
         if is_out_of_memory(e):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
                                 f"seq {seq}: lower --batch or --seq") from e
         raise
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank times its step; rank 0 reports
+    if not rank0:
         return
     report = {"env": environment(args, device), "results": results}
     print_table(report)
-    if args.json:
-        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    write_report(args.json, report, complete=True)
     if args.plot:
         from plot import plot_results
 

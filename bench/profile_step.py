@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 
 from compare import ATTENTION, configure_threads, environment, kernels, variants  # noqa: E402
 from runners import without_profiler_chatter  # noqa: E402
-from shared_config import atomic_write  # noqa: E402
-from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
+from shared_config.report import write_report  # noqa: E402
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, run  # noqa: E402
 from shared_config.resources import check_memory, forward_bytes, train_bytes  # noqa: E402
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
@@ -107,26 +107,21 @@ def parse_args(argv):
     p.add_argument("--backend", default="both", choices=["both", "jax", "torch"], help="the twins to profile")
     p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
+    p.add_argument("--seq", type=at_least(1), default=None, help="tokens per sequence (default: min(256, max_seq_len))")
+    p.add_argument("--steps", type=at_least(1), default=5, help="profiled steps")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
     p.add_argument("--mode", default="train", choices=["train", "forward"], help="what one profiled step runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the torch step (default: on GPU yes, on CPU no)")
     p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for every framework (default: all)")
-    p.add_argument("--top", type=int, default=12, help="kernels listed per backend")
+    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for every framework (default: all)")
+    p.add_argument("--top", type=at_least(1), default=12, help="kernels listed per backend")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
-    for name in ("batch", "steps", "top"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     check_outputs(args.json)
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for compare's helpers
     return args
@@ -232,8 +227,6 @@ def main(argv=None):
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     (label, spec), = variants(args)
-    if args.seq is not None and args.seq < 1:  # 0 is a value to refuse, not "not given"
-        raise UsageError(f"--seq must be >= 1, got {args.seq}")
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
@@ -262,10 +255,11 @@ def main(argv=None):
         hlo = hlo_categories(bench.hlo()) if bench.hlo else None
         results.append({**breakdown(backend, spec, args, times, wall, device, hlo), "attention_kernel": bench.attention})
         del bench
+        # the JSON as of the last profiled backend: a stopped run keeps it
+        write_report(args.json, {"env": environment(args, device), "results": results}, complete=False)
     report = {"env": environment(args, device), "results": results}
     print_table(report)
-    if args.json:
-        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    write_report(args.json, report, complete=True)
 
 
 def print_table(report: dict) -> None:

@@ -84,8 +84,11 @@ def decoded_tokens(steps: int, rounds: int, warmup: int) -> int:
     return max(math.ceil(steps / rounds), 1 + warmup)
 
 
-def run_benchmarks(args, specs, backends, kernels):
-    """Time every (variant, backend); returns the JSON results and the device name."""
+def run_benchmarks(args, specs, backends, kernels, on_progress=None):
+    """Time every (variant, backend); returns the JSON results and the device name. `on_progress(partial, device)`,
+    if given, is called after every job's compilation and after every round of timed steps: `partial` holds
+    "results" (one row per job timed so far, over the steps it has had) and "compiled" (the jobs compiled but not
+    yet timed: their compile_s and peak_mem_bytes), so that a report written there keeps what a stopped run measured."""
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
@@ -112,6 +115,8 @@ def run_benchmarks(args, specs, backends, kernels):
             timed(bench)
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
         benches[label, backend] = (spec, bench, compile_s, [], [])
+        if on_progress:
+            on_progress(measured(benches, args, device, per_round), device)
     with progress(total=per_round * args.rounds * len(jobs), desc="timed steps", quiet=args.quiet) as bar:
         for r in range(args.rounds):
             # Each round starts one job later: every backend follows every other equally often (the job after
@@ -124,7 +129,21 @@ def run_benchmarks(args, specs, backends, kernels):
                 for _ in range(per_round):
                     times.append(timed(bench))
                     bar.update()
+                if on_progress:  # after every job of the round: one job's new steps are one more measured row
+                    on_progress(measured(benches, args, device, per_round), device)
     return [result(label, backend, *benches[label, backend], args, device, per_round) for label, _, backend in jobs], device
+
+
+def measured(benches: dict, args, device: str, per_round: int) -> dict:
+    """What the jobs so far have measured: "results" rows of the jobs with timed steps, "compiled" for the others."""
+    results, compiled = [], []
+    for (label, backend), (spec, bench, compile_s, times, prefills) in benches.items():
+        if times:
+            results.append(result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round))
+        else:
+            compiled.append({"backend": backend, "variant": label, "compile_s": compile_s,
+                             "peak_mem_bytes": bench.info.get("peak_mem_bytes")})
+    return {"results": results, "compiled": compiled}
 
 
 def result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round) -> dict:

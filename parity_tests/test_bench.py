@@ -69,7 +69,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         (["--seq", "4096"], "exceeds max_seq_len=256"),
         # the prompt fits, the decoded tokens after it would not: refused before the cache is allocated
         (["--mode", "decode", "--seq", "253", "--steps", "8"], "prompt tokens + 4 decoded"),
-        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
@@ -124,7 +124,7 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
     [
         (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
         (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
-        (["--devices", "0"], "--devices must be >= 1"),
+        (["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
         (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
         (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
     ],

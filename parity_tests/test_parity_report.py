@@ -91,8 +91,8 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
     (["--spec", "tiny", "--plot", "x.png"], "--plot needs --train-steps N"),
     (["--spec", "nope"], "no spec preset or file named 'nope'"),
     (["--spec", "tiny", "--dtype", "float16"], "argument --dtype: invalid choice"),
-    (["--spec", "tiny", "--batch", "0"], "--batch must be >= 1, got 0"),
-    (["--spec", "tiny", "--train-steps", "-1"], "--train-steps must be >= 0, got -1"),
+    (["--spec", "tiny", "--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    (["--spec", "tiny", "--train-steps", "-1"], "argument --train-steps: must be an integer >= 0, got -1"),
     (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"], "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
     (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is no directory"),
 ])

@@ -12,7 +12,6 @@ row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad argumen
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from shared_config import (
     atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
-from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.progress import progress as progress_bar
+from shared_config.report import write_report
 
 
 @dataclass
@@ -175,6 +175,15 @@ def train_rows(runs: dict, bf16: bool) -> list[Row]:
 # --- output ----------------------------------------------------------------------------------------
 
 
+def report_json(spec, args, rows: list[Row], runs: dict | None = None, cfg=None) -> dict:
+    failed = [r.stage for r in rows if not r.passed]
+    out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
+           "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None, "passed": not failed}
+    if runs:
+        out["train"] = {"config": cfg.to_dict(), "jax_loss": runs["jax"][0], "torch_loss": runs["torch"][0]}
+    return out
+
+
 def print_table(rows: list[Row]) -> None:
     width = max(len(r.stage) for r in rows)
     print(f"{'stage':<{width}}  {'measure':<15} {'value':>10} {'max|Δ|':>10} {'tol':>8} {'margin':>7}  result")
@@ -217,10 +226,10 @@ def main(argv=None):
     p.add_argument("--weights", help="a canonical .safetensors checkpoint (default: init_weights(spec, --seed))")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
-    p.add_argument("--seq", type=int, default=256, help="positions the model reads")
-    p.add_argument("--batch", type=int, default=2, help="sequences per batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
-    p.add_argument("--train-steps", type=int, default=0, help="also train both twins this many steps")
+    p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")
+    p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
+    p.add_argument("--train-steps", type=at_least(0), default=0, help="also train both twins this many steps")
     p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -228,10 +237,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.train_steps < 0:
-        raise UsageError(f"--train-steps must be >= 0, got {args.train_steps}")
     check_outputs(args.json, args.plot)  # fail now, not after the run
     if args.plot and args.train_steps <= 0:
         raise UsageError("--plot needs --train-steps N")
@@ -271,17 +276,13 @@ def report(weights, spec, args, cfg) -> int:
         floors = None if bf16 else rounding_floors(weights, spec, tokens_BN, torch_taps, torch_logits)
         rows = forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16, floors)
         rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16)
+        if cfg:  # the forward and gradient rows on disk before the training stage: a stopped run keeps them
+            write_report(args.json, report_json(spec, args, rows), complete=False)
         runs = trajectories(weights, cfg.model_spec(spec), cfg, progress) if cfg else None
     if runs:
         rows += train_rows(runs, bf16)
     print_table(rows)
-    if args.json:
-        failed = [r.stage for r in rows if not r.passed]
-        out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
-               "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None, "passed": not failed}
-        if runs:
-            out["train"] = {"config": cfg.to_dict(), "jax_loss": runs["jax"][0], "torch_loss": runs["torch"][0]}
-        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=2) + "\n"))
+    write_report(args.json, report_json(spec, args, rows, runs, cfg), complete=True)
     if args.plot:
         plot(runs, args.plot, f"{args.spec or args.weights}, {spec.compute_dtype}", bf16)
     return 0 if all(r.passed for r in rows) else 1

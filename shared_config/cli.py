@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -61,6 +62,33 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(message)
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse `type`: a finite `kind` (int or float) >= `minimum`; anything else (nan, inf, a smaller number,
+    not a number) is refused at parse time in one `error: argument --flag: ...` line, exit 2."""
+    return _bounded(minimum, kind, lambda value: value >= minimum, f">= {minimum}")
+
+
+def above(minimum: float, kind: type = float) -> Callable[[str], float]:
+    """An argparse `type`: a finite `kind` (int or float) > `minimum`, refused like at_least otherwise."""
+    return _bounded(minimum, kind, lambda value: value > minimum, f"> {minimum}")
+
+
+def _bounded(minimum, kind, ok, bound: str) -> Callable[[str], float]:
+    noun = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bound}"  # what argparse names the type in its own messages
+    return parse
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
