@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 
 from shared_config import SpecError, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run  # noqa: E402
+from shared_config.compile_cache import add_compile_cache_option, use_compile_cache  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 from shared_config.report import write_report  # noqa: E402
 from shared_config.resources import (  # noqa: E402
@@ -71,6 +72,7 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_compile_cache_option(p)
     args = p.parse_args(argv)
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
@@ -194,6 +196,7 @@ def main(argv=None):
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
                      "lower --batch or --seq, or the model's sizes")
     configure_threads(args.threads, shards)
+    use_compile_cache(args.compile_cache)
     from timing import run_benchmarks
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank times its step; rank 0 reports

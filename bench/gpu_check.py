@@ -1,18 +1,26 @@
-"""Everything a lent GPU should measure, in one command (README, "Bench": GPU check).
+"""Everything a lent GPU should measure, in two plans of at most 7 minutes each (README, "Bench": GPU check).
 
-    python bench/gpu_check.py                        # on the GPU machine: < 8 min on one H200
+    python bench/gpu_check.py                        # on the GPU machine: the core plan, <= 7 min on one H200
+    python bench/gpu_check.py --plan extra           # the other rows: another <= 7 min
     python bench/gpu_check.py --dry-run --out DIR    # the same plan at tiny sizes on a CPU (the test suite runs it)
     bash bench/gpu_check.sh                          # the same, from a shell
 
-Runs, each as its own process (a fresh device), bench/compare.py and scripts/parity_report.py over:
-train steps of `small` (batch 8 and 16) and `llama-1b` (batch 4) at seq 2048 in bf16 for both twins and
-transformers (small batch 16: the twins); the twins with the chunked loss and remat; the norm sweep (rms, dyt, derf) on llama-1b;
-bf16 parity of the twins on the GPU; the GLA mixer and routing sweeps where the spec has those fields.
-Writes DIR/<check>.json (+ .png) and DIR/summary.json, DIR = bench/results/<device>-<date>/ by default,
-and prints a short summary: every check is reported ok, failed (with its last error line) or not run
-(with the reason: a missing spec field, the time budget); none is dropped silently. Exit 1 if any failed.
-The targets it prints (MFU ≥ 50% on `small`, JAX/torch 0.95–1.05, both twins ahead of transformers,
-DyT/Derf within 2% of RMSNorm) are benchmarks, never test assertions.
+The core plan runs, each as its own process (a fresh device): bench/compare.py over train steps of `small` at
+batch 16 (both twins) and batch 8 (both twins and transformers) and `llama-1b` at batch 4 (both twins), at seq
+2048 in bf16; bench/profile_step.py on `small` (both twins); scripts/parity_report.py (bf16 parity of the twins
+on the GPU). The extra plan: the chunked loss and remat, the norm sweep (rms, dyt, derf) on llama-1b, and the
+GLA mixer and routing sweeps where the spec has those fields.
+
+The budget (--budget, default 420 s) is shared over the checks that will run, by their expected cost: a check
+may use its cost's share of what is left, so time a fast check leaves goes to the later ones; at its limit a
+check's whole process group is stopped. Every check writes DIR/<check>.json (+ .png, and its output in .log),
+each bench rewriting its JSON after every row, so a stopped check keeps what it measured; DIR/summary.json is
+rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default.
+Compiled programs go to a persistent cache (--compile-cache), so a rerun skips compilation. It prints a short
+summary: every check is reported ok, failed (with its last error line) or not run (with the reason: a missing
+spec field, the time budget); none is dropped silently. Exit 1 if any failed. The targets it prints (MFU >= 50%
+on `small`, JAX/torch 0.95-1.05, both twins ahead of transformers, DyT/Derf within 2% of RMSNorm) are
+benchmarks, never test assertions.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,17 +39,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # shared_config, when run as a script from anywhere
 
-from shared_config import ModelSpec, atomic_write  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
+from shared_config import ModelSpec  # noqa: E402
+from shared_config.cli import Parser, UsageError, above, run  # noqa: E402
+from shared_config.compile_cache import add_compile_cache_option  # noqa: E402
+from shared_config.report import write_report  # noqa: E402
 
 EXPECTED = {"torch": "2.11", "jax": "0.11"}  # the GPU image's versions (the README's H200 figures)
-BUDGET_S = 450  # the whole plan: under 8 minutes on one H200
+BUDGET_S = 420  # one plan: 7 minutes of a 15-minute GPU window that also holds the machine's start and a rerun
+MIN_S = 5  # a check given less than this is not started
+CACHED = ("bench/compare.py", "bench/profile_step.py")  # the scripts that take --compile-cache
+
+# Expected seconds on a cold H200 (empty caches), from what one H200 measured (2026-12-04, FIELD_NOTES). The
+# first GPU run's summary.json gives every check's seconds: recalibrate these from it.
+START_S = 15  # a fresh process before its first step (imports, CUDA and cuDNN start, model init); the least sure
+#   figure: the old plan's ~900 s over its 9 processes implies ~10 s, a 100 s two-twin run of small ~50 s
+COMPILE_S = {"jax": 13, "torch": 20, "hf": 36}  # first step of `small`: jax.jit 12-13 s; torch.compile of a whole
+#   step 30-36 s (hf), of the twin block by block ~0.55x that (the ratio this CPU measured at 6 layers, README)
+LLAMA_JAX = 1.3  # llama-1b's 16 layers against small's 12: XLA compiles every layer, torch (by blocks) one
+STEP_S = {"small-b16": 0.080, "small-b8": 0.040, "llama-1b-b4": 0.154}  # at the measured 40% / 54% MFU
+STEPS = 12  # timed (10) and warmup (2) steps of every backend, after the compiling one
+SWEEP_STEPS = 9  # a sweep's: 8 timed, 1 warmup (its result is a ratio between variants timed in the same rounds)
+
+
+def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0, steps: int = STEPS) -> float:
+    """Expected cold-H200 seconds of one bench process: START_S, then per variant and backend its compilation
+    (`cached`: the part not found in the compile cache) and STEPS steps."""
+    scale = {"jax": LLAMA_JAX if step.startswith("llama") else 1.0}
+    per_variant = sum(scale.get(b, 1.0) * cached * COMPILE_S[b] + steps * STEP_S[step] for b in backends)
+    return START_S + variants * per_variant
 
 
 @dataclass
 class Check:
     name: str
     argv: list[str]  # a script under the checkout and its arguments
+    cost: float  # expected seconds on a cold H200: the check's weight when the budget is shared
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
     plot: bool = True
 
@@ -48,27 +81,43 @@ class Check:
 # --dry-run: the same commands with these sizes
 TINY = {"--spec": "tiny", "--seq": "32", "--batch": "4", "--steps": "2", "--warmup": "0", "--rounds": "1",
         "--loss-chunk": "48"}
+PLANS = ("core", "extra")
 
 
-def plan() -> list[Check]:
-    """The checks, in order, at the GPU's sizes."""
+def plan(name: str = "core") -> list[Check]:
+    """The checks of one plan, in order, at the GPU's sizes; each plan's costs add up to at most BUDGET_S."""
     compare, timing = "bench/compare.py", ["--dtype", "bfloat16", "--seq", "2048", "--steps", "10", "--warmup", "2",
                                            "--rounds", "2"]
+    sweep = [*timing[:4], "--steps", "8", "--warmup", "1", "--rounds", "2"]
     small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch", "4", *timing]
+    twins = ["jax", "torch"]
+    if name == "core":
+        return [
+            Check("small-train-b16", [*small, "--backend", "both", "--batch", "16"], cost(twins, "small-b16")),
+            Check("small-train-b8", [*small, "--backend", "all", "--batch", "8"], cost([*twins, "hf"], "small-b8")),
+            Check("llama1b-train-b4", [*llama, "--backend", "both"], cost(twins, "llama-1b-b4")),
+            # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
+            # reading the traces cost about 10 s
+            Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--dtype",
+                                    "bfloat16", "--seq", "2048", "--batch", "8", "--steps", "3", "--warmup", "1"],
+                  cost(twins, "small-b8", cached=0.3) + 10, plot=False),
+            Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
+                  45, plot=False),  # measured: just over 40 s
+        ]
     return [
-        Check("small-train-b8", [*small, "--backend", "all", "--batch", "8"]),
-        Check("small-train-b16", [*small, "--backend", "both", "--batch", "16"]),
-        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch", "16", "--loss-chunk", "4096"]),
-        Check("llama1b-train-b4", [*llama, "--backend", "all"]),
-        Check("llama1b-train-b4-chunked-remat", [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"]),
+        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch", "16", "--loss-chunk", "4096"],
+              cost(twins, "small-b16")),
+        Check("llama1b-train-b4-chunked-remat", [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"],
+              cost(twins, "llama-1b-b4")),
         # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
-        *(Check(f"llama1b-norms-{twin}", [*llama, "--backend", twin, "--sweep", "norm_type=rms,dyt,derf"])
-          for twin in ("jax", "torch")),
-        Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
-              plot=False),
-        Check("gla-sweep", [compare, "--spec", "gla-small", *timing, "--backend", "both", "--batch", "8", "--sweep",
-                            "mixer=attention,gla"], needs="mixer"),  # gla-small: position none, which GLA needs
-        Check("routing-sweep", [*small, "--backend", "both", "--batch", "8", "--sweep", "routing=none,mod"],
+        *(Check(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch", "4", *sweep, "--backend", twin,
+                                          "--sweep", "norm_type=rms,dyt,derf"],
+                cost([twin], "llama-1b-b4", variants=3, steps=SWEEP_STEPS)) for twin in twins),
+        Check("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch", "8", "--sweep",
+                            "mixer=attention,gla"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
+              needs="mixer"),  # gla-small: position none, which GLA needs
+        Check("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch", "8", "--sweep",
+                                "routing=none,mod"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
               needs="routing"),
     ]
 
@@ -81,20 +130,35 @@ def shrink(argv: list[str]) -> list[str]:
     return [tiny(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
 
 
+def runnable(checks: list[Check], only: list[str]) -> dict[str, str | None]:
+    """{check: None if it will run, else why not}: a check --only leaves out, or one sweeping a spec field this
+    checkout lacks, is not run (and takes no share of the budget)."""
+    spec_fields = {f.name for f in fields(ModelSpec)}
+    return {c.name: "not in --only" if c.name not in only else
+            f"this checkout's spec has no `{c.needs}` field" if c.needs and c.needs not in spec_fields else None
+            for c in checks}
+
+
+def share(check: Check, rest: list[Check], left: float) -> float:
+    """Seconds `check` may use: its cost's share of the `left` seconds over itself and the checks still to run
+    after it (`rest`)."""
+    return left * check.cost / (check.cost + sum(c.cost for c in rest))
+
+
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", default="core", choices=PLANS, help="which checks: core (first) or extra")
     p.add_argument("--dry-run", action="store_true", help="every check at tiny sizes, on whatever device is here")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results/<device>-<date>)")
-    p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole plan (default {BUDGET_S})")
+    p.add_argument("--budget", type=above(0), default=BUDGET_S, help="seconds for the whole plan")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
-    p.add_argument("--only", default=None, help="comma-separated check names to run (default: every check)")
+    p.add_argument("--only", default=None, help="comma-separated check names to run (default: every check of the plan)")
+    add_compile_cache_option(p)
     args = p.parse_args(argv)
-    if args.budget <= 0:
-        raise UsageError(f"--budget must be > 0, got {args.budget}")
-    names = [c.name for c in plan()]
+    names = [c.name for c in plan(args.plan)]
     args.only = names if args.only is None else args.only.split(",")
     if unknown := [n for n in args.only if n not in names]:
-        raise UsageError(f"--only: unknown check {unknown[0]!r} (one of {', '.join(names)})")
+        raise UsageError(f"--only: unknown check {unknown[0]!r} in --plan {args.plan} (one of {', '.join(names)})")
     return args
 
 
@@ -124,24 +188,54 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-")
 
 
-def run_check(check: Check, out: Path, dry_run: bool, timeout: float) -> dict:
-    """One check in its own process: its JSON (and PNG) under `out`; ok / failed with the last error line."""
+def run_check(check: Check, out: Path, dry_run: bool, timeout: float, cache: str) -> dict:
+    """One check in its own process group (its output in out/<check>.log, its JSON and PNG under `out`): ok, or
+    failed with the last error line. At `timeout` seconds, or when the check ends, its whole group is killed:
+    no child it started outlives it (holding the GPU or a file)."""
     argv = shrink(check.argv) if dry_run else list(check.argv)
     argv += ["--json", str(out / f"{check.name}.json")]
     if check.plot:
         argv += ["--plot", str(out / f"{check.name}.png")]
+    if argv[0] in CACHED:
+        argv += ["--compile-cache", cache]
+    log = out / f"{check.name}.log"
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"over its {timeout:.0f} s share of the budget", "argv": argv}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            stop_group(proc)
     seconds = time.perf_counter() - t0
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    if proc.returncode != 0:
-        last = next((line for line in reversed(lines) if line.strip()), "no output")
-        return {"status": "failed", "reason": f"exit {proc.returncode}: {last}", "argv": argv, "seconds": seconds}
-    return {"status": "ok", "argv": argv, "seconds": seconds, "output": proc.stdout.strip().splitlines()[-12:]}
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    if code is None:
+        return {"status": "failed", "reason": f"over its {timeout:.0f} s share of the budget", "argv": argv,
+                "seconds": seconds}
+    if code != 0:
+        last = lines[-1] if lines else "no output"
+        return {"status": "failed", "reason": f"exit {code}: {last}", "argv": argv, "seconds": seconds}
+    return {"status": "ok", "argv": argv, "seconds": seconds, "output": lines[-12:]}
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to `proc`'s process group (the check and every child it started), SIGKILL to what is left 5 s later;
+    returns once the group is gone (or, when zombies that nobody reaps keep it listed, after 5 s more)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone: the check and its children have all exited
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the check itself
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def targets(out: Path) -> list[str]:
@@ -151,24 +245,25 @@ def targets(out: Path) -> list[str]:
         if path.name == "summary.json":
             continue
         report = json.loads(path.read_text())
-        if "results" not in report:
+        if not report.get("results") or "variant" not in report["results"][0]:  # profiles and parity: no timings
             continue
+        name = path.stem if report.get("complete", True) else f"{path.stem} (stopped early)"
         by = {(r["variant"], r["backend"]): r for r in report["results"]}
         for (variant, backend), r in by.items():
-            if r.get("mfu") is not None and path.stem.startswith("small"):
-                lines.append(f"{path.stem} {backend}: MFU {100 * r['mfu']:.1f}% (target >= 50%)")
+            if r.get("mfu") is not None and name.startswith("small"):
+                lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= 50%)")
             if backend == "jax" and (variant, "torch") in by:
                 ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
-                lines.append(f"{path.stem} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")
+                lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")
             if backend in ("jax", "torch") and (variant, "hf") in by:
                 ratio = r["step_s"]["median"] / by[variant, "hf"]["step_s"]["median"]
-                lines.append(f"{path.stem} {variant}: {backend}/hf {ratio:.2f} (target < 1)")
+                lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1)")
         for backend in ("jax", "torch"):
             rms = by.get(("norm_type=rms", backend))
             for other in ("dyt", "derf"):
                 if rms and (r := by.get((f"norm_type={other}", backend))):
                     ratio = r["step_s"]["median"] / rms["step_s"]["median"]
-                    lines.append(f"{path.stem} {backend}: {other}/rms {ratio:.3f} (target <= 1.02)")
+                    lines.append(f"{name} {backend}: {other}/rms {ratio:.3f} (target <= 1.02)")
     return lines
 
 
@@ -178,31 +273,36 @@ def main(argv=None):
     env = environment(args.dry_run)
     out = args.out or ROOT / "bench" / "results" / f"{slug(env['device'])}-{env['date']}"
     out.mkdir(parents=True, exist_ok=True)
-    spec_fields = {f.name for f in fields(ModelSpec)}
-    checks, results = plan(), {}
-    for i, check in enumerate(checks):
-        left = args.budget - (time.perf_counter() - started)
-        if check.name not in args.only:
-            results[check.name] = {"status": "not run", "reason": "not in --only"}
-        elif check.needs and check.needs not in spec_fields:
-            results[check.name] = {"status": "not run", "reason": f"this checkout's spec has no `{check.needs}` field"}
-        elif left <= 5:
+    checks = plan(args.plan)
+    why_not = runnable(checks, args.only)
+    results = {c.name: {"status": "not run", "reason": why_not[c.name]} if why_not[c.name] else {"status": "pending"}
+               for c in checks}
+    env = {**env, "plan": args.plan, "budget_s": args.budget}
+
+    def summary(complete: bool) -> dict:
+        report = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out)}
+        write_report(out / "summary.json", report, complete=complete)  # after every check: a stopped plan keeps it
+        return report
+
+    summary(complete=False)
+    to_run = [c for c in checks if why_not[c.name] is None]
+    for i, check in enumerate(to_run):
+        limit = share(check, to_run[i + 1:], args.budget - (time.perf_counter() - started))
+        if limit < MIN_S:
             results[check.name] = {"status": "not run", "reason": "the time budget is spent"}
         else:
             if not args.quiet:
-                print(f"[{i + 1}/{len(checks)}] {check.name} ...", file=sys.stderr, flush=True)
-            # a check may use what is left after a fair share of the rest, at least its own share
-            share = max(left / (len(checks) - i), left - 60 * (len(checks) - i - 1))
-            results[check.name] = run_check(check, out, args.dry_run, share)
-    summary = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out)}
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    print(f"# gpu check: {env['device']}, {env['date']}{' (dry run)' if args.dry_run else ''}, "
-          f"{summary['seconds']:.0f} s -> {out}")
+                print(f"[{i + 1}/{len(to_run)}] {check.name} (up to {limit:.0f} s) ...", file=sys.stderr, flush=True)
+            results[check.name] = run_check(check, out, args.dry_run, limit, args.compile_cache)
+        summary(complete=False)
+    report = summary(complete=True)
+    print(f"# gpu check, plan {args.plan}: {env['device']}, {env['date']}{' (dry run)' if args.dry_run else ''}, "
+          f"{report['seconds']:.0f} s -> {out}")
     for note in env["notes"]:
         print(f"note: {note}")
     for name, r in results.items():
         print(f"{r['status']:<8} {name}" + (f": {r['reason']}" if "reason" in r else f" ({r['seconds']:.0f} s)"))
-    for line in summary["targets"]:
+    for line in report["targets"]:
         print(f"target   {line}")
     if any(r["status"] == "failed" for r in results.values()):
         sys.exit(1)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 from compare import ATTENTION, configure_threads, environment, kernels, variants  # noqa: E402
 from runners import without_profiler_chatter  # noqa: E402
 from shared_config.report import write_report  # noqa: E402
+from shared_config.compile_cache import add_compile_cache_option, use_compile_cache  # noqa: E402
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run  # noqa: E402
 from shared_config.resources import check_memory, forward_bytes, train_bytes  # noqa: E402
 
@@ -121,6 +122,7 @@ def parse_args(argv):
     p.add_argument("--top", type=at_least(1), default=12, help="kernels listed per backend")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_compile_cache_option(p)
     args = p.parse_args(argv)
     check_outputs(args.json)
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for compare's helpers
@@ -234,6 +236,7 @@ def main(argv=None):
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
                  "lower --batch or --seq, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)
+    use_compile_cache(args.compile_cache)
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
     from shared_config.progress import progress

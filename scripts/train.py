@@ -32,6 +32,7 @@ from tqdm import tqdm
 from shared_config import (
     CheckpointError, ModelSpec, TrainConfig, check_weights, flat_taps, init_weights, layout, load_spec, load_train_config,
 )
+from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
 from shared_config.io import atomic_write
@@ -564,6 +565,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--parallel", choices=["ddp", "fsdp2"],
                    help="torch under torchrun: DDP or FSDP2 (default under torchrun: ddp)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_compile_cache_option(p)
     args = p.parse_args(argv)
     for name in ("log_every", "eval_batches"):
         if getattr(args, name) < 1:
@@ -605,6 +607,7 @@ def main(argv=None):
     run = resolve_run(args)
     shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else int(os.environ.get("WORLD_SIZE", "1"))
     rows_per_shard(run.cfg.batch_size, shards)  # the global batch splits evenly, or fail before any work
+    use_compile_cache(args.compile_cache)
     if args.backend == "jax":
         from jax_model.sharding import init_distributed
 

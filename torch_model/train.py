@@ -198,11 +198,12 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
-    """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile the
-    forward and backward. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
+    """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile each
+    block (compile_blocks). `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
     cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (README, "Training bigger models")."""
     loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
-    loss_fn = torch.compile(loss_fn) if compile else loss_fn
+    if compile:
+        compile_blocks(model)
     params = list(model.parameters())
     device = params[0].device
 
@@ -219,6 +220,16 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
     return train_step
+
+
+def compile_blocks(model) -> None:
+    """Regional compilation (torchtitan's): torch.compile each block in place (nn.Module.compile: parameter names
+    unchanged), forward and backward. The blocks share one code object and their parameters are graph inputs, so
+    identical blocks compile once (the others reuse that graph) instead of one graph holding every block; the
+    embedding, final norm, LM head and loss run eager between them. Compiling twice is a no-op."""
+    for layer in unwrapped(model).model.layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile()
 
 
 def make_eval_step(model, *, compile: bool = False) -> Callable:
