@@ -222,14 +222,15 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     return train_step
 
 
-def compile_blocks(model) -> None:
+def compile_blocks(model, backend: str = "inductor") -> None:
     """Regional compilation (torchtitan's): torch.compile each block in place (nn.Module.compile: parameter names
     unchanged), forward and backward. The blocks share one code object and their parameters are graph inputs, so
     identical blocks compile once (the others reuse that graph) instead of one graph holding every block; the
-    embedding, final norm, LM head and loss run eager between them. Compiling twice is a no-op."""
+    embedding, final norm, LM head and loss run eager between them. Compiling twice is a no-op. `backend`: the
+    torch.compile backend (tests use aot_eager: the same tracing without inductor's code generation)."""
     for layer in unwrapped(model).model.layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile()
+            layer.compile(backend=backend)
 
 
 def make_eval_step(model, *, compile: bool = False) -> Callable:
