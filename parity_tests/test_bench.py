@@ -70,6 +70,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         # the prompt fits, the decoded tokens after it would not: refused before the cache is allocated
         (["--mode", "decode", "--seq", "253", "--steps", "8"], "prompt tokens + 4 decoded"),
         (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
