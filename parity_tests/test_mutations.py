@@ -175,6 +175,10 @@ ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
         (jax_model.routing, "Routes", "__call__", "layer.router_predictor(jax.lax.stop_gradient(x_BTD))", "layer.router_predictor(x_BTD)"),
         (torch_model.routing, "Routes", "__call__", "layer.router_predictor(x_BTD.detach())", "layer.router_predictor(x_BTD)"),
     ],
+    "prior MSE's H_post without stop-gradient": [
+        (jax_model.routing, "DtfRouter", "__call__", "jnp.square(prior32 - jax.lax.stop_gradient(post32))", "jnp.square(prior32 - post32)"),
+        (torch_model.routing, "DtfRouter", "forward", "torch.square(prior32 - post32.detach())", "torch.square(prior32 - post32)"),
+    ],
     "aux loss not scaled per micro-batch": [
         (jax_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
         (torch_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
@@ -201,7 +205,8 @@ def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_ja
 
 @pytest.mark.parametrize("fault, case", [("moving average without stop-gradient", 1),
                                          ("predictor input without stop-gradient", 0),
-                                         ("predictor input without stop-gradient", 1)])
+                                         ("predictor input without stop-gradient", 1),
+                                         ("prior MSE's H_post without stop-gradient", 1)])
 def test_routing_stop_gradient_fault_fails_finite_differences(monkeypatch, fresh_jax, fault, case):
     """Both twins agree with each other; the float64 reference's central differences (stop-gradient inputs held)
     object in both."""
