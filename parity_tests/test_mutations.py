@@ -191,6 +191,7 @@ def plant_routing_fault(monkeypatch, fault: str) -> None:
         plant(monkeypatch, module if owner is None else getattr(module, owner), name, right, wrong)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, case", [("k = ceil(γ·T)", 0), ("aux loss not scaled per micro-batch", 0),
                                          ("aux loss not scaled per micro-batch", 1)])
 def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_jax, fault, case):
@@ -203,6 +204,7 @@ def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_ja
         test_routing_updates.test_accumulated_update_equals_the_one_shot_update(test_routing_updates.CASES[case])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, case", [("moving average without stop-gradient", 1),
                                          ("predictor input without stop-gradient", 0),
                                          ("predictor input without stop-gradient", 1),

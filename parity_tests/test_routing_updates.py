@@ -47,6 +47,7 @@ def update(twin, train, w, spec, x_BN, mask_BN, cfg):
     return train.loss_and_grads(twin.from_weights(w, spec), x_BN, mask_BN, cfg=cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
 def test_accumulated_update_equals_the_one_shot_update(changes):
     spec = make_spec(**changes)
@@ -81,6 +82,7 @@ def routed_fd_failures(changes) -> list[str]:
     return finite_difference_errors(w, spec, x_BN, grads, loss=lambda v: reference_train_loss(v, spec, x_BN, mask_BN, CFG, held))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
 def test_routed_gradients_match_finite_differences_of_the_reference(changes):
     failures = routed_fd_failures(changes)
