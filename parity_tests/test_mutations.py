@@ -179,6 +179,12 @@ ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
         (jax_model.routing, "DtfRouter", "__call__", "jnp.square(prior32 - jax.lax.stop_gradient(post32))", "jnp.square(prior32 - post32)"),
         (torch_model.routing, "DtfRouter", "forward", "torch.square(prior32 - post32.detach())", "torch.square(prior32 - post32)"),
     ],
+    "aux loss weighted by a part's share of the counted targets": [
+        (jax_train, None, "model_loss", "loss + share * routing_loss(",
+         "loss + (1.0 if count is None else jnp.sum(weights_BT) / count) * routing_loss("),
+        (torch_train, None, "model_loss", "loss + share * routing_loss(",
+         "loss + (1.0 if count is None else torch.sum(weights_BT) / count) * routing_loss("),
+    ],
     "aux loss not scaled per micro-batch": [
         (jax_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
         (torch_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
@@ -193,10 +199,13 @@ def plant_routing_fault(monkeypatch, fault: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault, case", [("k = ceil(γ·T)", 0), ("aux loss not scaled per micro-batch", 0),
-                                         ("aux loss not scaled per micro-batch", 1)])
+                                         ("aux loss not scaled per micro-batch", 1),
+                                         ("aux loss weighted by a part's share of the counted targets", 0),
+                                         ("aux loss weighted by a part's share of the counted targets", 1)])
 def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_jax, fault, case):
-    """ceil: the twins' loss leaves the float64 reference's (γ·T fractional); unscaled aux terms: the accumulated
-    update leaves the one-shot one (micro-batches counting 6 vs 32 targets)."""
+    """ceil: the twins' loss leaves the float64 reference's (γ·T fractional); aux terms unscaled, or scaled by the
+    micro-batch's share of the counted targets: the accumulated update leaves the one-shot one (micro-batches
+    counting 6 vs 32 targets)."""
     from . import test_routing_updates
 
     plant_routing_fault(monkeypatch, fault)
