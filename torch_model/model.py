@@ -67,7 +67,8 @@ class TransformerModel(nn.Module):
         self.embed_positions = nn.Embedding(spec.max_seq_len, D, **dtypes) if learned else None
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
-        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers) for i in range(spec.L)])
+        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
+                                     for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 

@@ -136,7 +136,8 @@ def window_mean(v_BS, mask_BTS, slots_T, window: int):
 
 
 class Routes:
-    """Runs the blocks of one forward, routing the routed ones; keeps their auxiliary losses and decoding state.
+    """The routing of one forward: each routed block calls it inside its own call (Block's `route`, bound to the
+    block's index); keeps the routed blocks' auxiliary losses and decoding state.
 
     `decide`: "topk" or "predictor" (module docstring); None: "topk" without a cache, "predictor" with one.
     """
