@@ -14,6 +14,7 @@ from shared_config.placement import Placement, residual_alpha
 from .attention import Attention, LayerCache
 from .gla import GLA
 from .layers import MLP, make_norm
+from .routing import DtfRouter, ModRouter, Predictor
 
 
 def maybe(norm, x_BTD):
@@ -62,7 +63,7 @@ MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
 class Block(nnx.Module):
     """One transformer block: its `placement` says which norm slots it has and which halves above run."""
 
-    def __init__(self, spec: ModelSpec, attention: str, placement: Placement, *, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, attention: str, placement: Placement, routed: bool = False, *, rngs: nnx.Rngs):
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
         self.self_attn = GLA(spec, rngs=rngs) if spec.mixer == "gla" else Attention(spec, attention, rngs=rngs)  # token mixer
@@ -70,9 +71,23 @@ class Block(nnx.Module):
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec, rngs=rngs)
         self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if placement.output_norms else None
+        if routed:  # conditional computation (routing.py), canonical names `model.layers.{i}.router...`
+            self.router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec, rngs)
+            self.router_predictor = Predictor(spec, rngs)
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
-        """Output [B, T, D] and the attention's updated cache (None without one)."""
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None,
+                 route=None, run=None):
+        """Output [B, T, D] and the attention's updated cache (None without one). `run`: the block's computation
+        (`body`, or its rematted call in training). A routed block gets `route` (routing.Routes, bound to its index):
+        its router and predictor run here, inside the block's own call, as every module a sharding unit owns must
+        (FSDP2 gathers a unit's weights for its forward only), and `run` on the tokens they select."""
+        run = self.body if run is None else run
+        if route is None:
+            return run(x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS)
+        return route(self, x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS, run)
+
+    def body(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
+        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without one)."""
         def attend(h_BTD):
             return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
 

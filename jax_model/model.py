@@ -66,8 +66,8 @@ class TransformerModel(nnx.Module):
         self.embed_positions = nnx.Embed(spec.max_seq_len, D, embedding_init=ZEROS, **dtypes, rngs=rngs) if learned else None
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
-        self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), rngs=rngs) for i in range(spec.L)])
-        routing.attach(self.layers, spec, rngs)
+        self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
+                                for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
 
     def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
@@ -89,9 +89,10 @@ class TransformerModel(nnx.Module):
         layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            run = rematted(layer, remat) if taps is None and cache is None else layer  # training only
-            y_BTD, layer_cache = routes(i, layer, x_BTD, h_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
-                                        mask_BTS, run=run)
+            run = rematted(layer, remat) if taps is None and cache is None else None  # training only
+            route = partial(routes, i, h_BTD) if i in spec.routed_layers else None  # called inside the block's call
+            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS,
+                                       route=route, run=run)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
         routing_cache = routes.finish(aux)
@@ -171,15 +172,16 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
 
 
 def rematted(layer, remat: str):
-    """`layer`'s call, its activations recomputed in the backward as `remat` says ("none": kept; the train config's
-    option, README "Training bigger models"); the same values, less memory (jax.checkpoint via nnx.remat)."""
+    """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
+    the train config's option, README "Training bigger models"); the same values, less memory (jax.checkpoint via
+    nnx.remat)."""
     if remat == "none":
-        return layer
+        return layer.body
     return partial(nnx.remat(_call, policy=REMAT_POLICIES[remat]), layer)
 
 
 def _call(layer, *args):
-    return layer(*args)
+    return layer.body(*args)
 
 
 def record(taps: dict | None, name: str, x) -> None:

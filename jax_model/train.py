@@ -6,7 +6,7 @@ where the libraries' defaults differ).
     state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
     train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
     state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
-    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
+    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step donates
@@ -85,30 +85,34 @@ def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chu
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
-               *, remat: str = "none", loss_chunk: int = 0):
+               *, remat: str = "none", loss_chunk: int = 0, share: float = 1.0, decide: str | None = None):
     """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
-    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`. `remat` and `loss_chunk`:
-    the train config's memory options (the same loss, less memory)."""
+    plus a routed spec's auxiliary losses (routing_loss) times `share`, this batch's share of the rows of the batch
+    it is part of (a micro-batch's: 1 / grad_accum_steps), their terms put into `metrics`. `remat` and `loss_chunk`:
+    the train config's memory options (the same loss, less memory); `decide`: a routed spec's selection (the model's
+    `decide`; None: top-k, as training)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
     aux = {} if cfg is not None else None
     if not loss_chunk:
-        loss = next_token_loss(model(inputs_BT, aux=aux, remat=remat), targets_BT, weights_BT, count)
+        loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
-        x_BTD = model(inputs_BT, aux=aux, remat=remat, logits=False)
+        x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)
         loss = chunked_next_token_loss(model.head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
-    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
+    return loss + share * routing_loss(aux, cfg, metrics)
 
 
-def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+def routing_loss(aux: dict | None, cfg: TrainConfig | None, metrics: dict | None):
     """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
-    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
-    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    for a dense spec. Each term is a mean over every position of the batch (masked targets or not: the router
+    decides for every token), so its normalisation is the batch's rows × positions, whatever the targets: a part
+    of a global batch (a micro-batch, a data-parallel rank) holding 1/n of its rows adds 1/n of its own mean
+    (model_loss's `share`; ranks: the gradient average), whichever targets it counts. `metrics` gets router_bce,
+    predictor_acc, prior_mse."""
     if not aux:
         return 0.0
     if metrics is not None:
         metrics.update(aux)
-    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
-    return extra if count is None else extra * jnp.sum(weights_BT) / count
+    return cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
 
 
 def micro_batches(x_BN, n: int):
@@ -122,21 +126,22 @@ def micro_batches(x_BN, n: int):
 
 
 def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
-    """`loss_fn(params, tokens_BN, mask_BN, count) -> (loss, metrics)` and the loss's gradient, over `steps`
+    """`loss_fn(params, tokens_BN, mask_BN, count, share) -> (loss, metrics)` and the loss's gradient, over `steps`
     micro-batches (micro_batches) in a lax.scan: one micro-batch's activations at a time. Each micro-batch's summed
-    loss is divided by the whole batch's count, so the sums of the values and gradients are the one-shot mean's
-    (the `count` rule of next_token_loss); the metrics (routing's means) are averaged over the micro-batches."""
+    loss is divided by the whole batch's count, and its routing terms (means over its positions) weighted by its
+    share 1/steps of the rows, so the sums of the values and gradients are the one-shot step's (model_loss); the
+    metrics (routing's means) are averaged over the micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if steps == 1:
-        return grad_fn(params, tokens_BN, mask_BN, count)
+        return grad_fn(params, tokens_BN, mask_BN, count, 1.0)
     count = jnp.maximum(jnp.sum(split_batch(tokens_BN, mask_BN)[2]), 1.0) if count is None else count
     micro = (micro_batches(tokens_BN, steps), None if mask_BN is None else micro_batches(mask_BN, steps))
 
     def add(total, batch):
-        return jax.tree.map(jnp.add, total, grad_fn(params, *batch, count)), None
+        return jax.tree.map(jnp.add, total, grad_fn(params, *batch, count, 1.0 / steps)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, *first, count))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, *first, count, 1.0 / steps))
     (loss, metrics), grads = jax.lax.scan(add, zeros, micro)[0]
     return (loss, jax.tree.map(lambda m: m / steps, metrics)), grads
 
@@ -144,7 +149,8 @@ def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps
 def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, *, remat: str = "none",
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
-    back, torch orientation), float32 numpy."""
+    back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
+    train step does (accumulated_value_and_grad)."""
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
@@ -197,10 +203,11 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 
-    def loss_fn(params, tokens_BN, mask_BN, count):
+    def loss_fn(params, tokens_BN, mask_BN, count, share):
         aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
         model = nnx.merge(graphdef, params, rest)
-        loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+        loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat, loss_chunk=cfg.loss_chunk,
+                          share=share)
         return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
@@ -215,11 +222,19 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
 
 
 def make_eval_step(model, *, compile: bool = True) -> Callable:
-    """`eval_step(state, tokens_BN, mask_BN=None) -> loss`: the loss of the state's parameters, no update."""
+    """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses, no update.
+    "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
+    tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
+    forward's, as trained, which reads future tokens (the top-k is over the whole sequence; README "Routing")."""
     graphdef, _, rest = split_params(model)
+    routed = model.spec.routing != "none"
 
     def eval_step(state: TrainState, tokens_BN, mask_BN=None):
-        return model_loss(nnx.merge(graphdef, state.params, rest), tokens_BN, mask_BN)
+        model = nnx.merge(graphdef, state.params, rest)
+        losses = {"loss": model_loss(model, tokens_BN, mask_BN, decide="predictor")}
+        if routed:
+            losses["loss_topk"] = model_loss(model, tokens_BN, mask_BN, decide="topk")
+        return losses
 
     return jax.jit(eval_step) if compile else eval_step
 
@@ -264,5 +279,10 @@ def from_pure_dict(like: nnx.State, pure: dict) -> nnx.State:
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, tokens_BN, mask_BN, count):
-    options = dict(remat=remat, loss_chunk=loss_chunk)
-    return jax.value_and_grad(lambda p: model_loss(nnx.merge(graphdef, p, rest), tokens_BN, mask_BN, count, cfg, **options))(params)
+    def loss_fn(p, tokens_BN, mask_BN, count, share):
+        model = nnx.merge(graphdef, p, rest)
+        return model_loss(model, tokens_BN, mask_BN, count, cfg, remat=remat, loss_chunk=loss_chunk, share=share), {}
+
+    steps = 1 if cfg is None else cfg.grad_accum_steps  # the train step's accumulation
+    (loss, _), grads = accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps)
+    return loss, grads

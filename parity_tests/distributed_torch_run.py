@@ -6,7 +6,8 @@ From DIR/init.safetensors with DIR/train.json, eight runs: DDP, FSDP2, both with
 torch.compile'd, FSDP2 with pytorch/pytorch#162338 planted (the reduce-scatter sums when asked
 to average, as gloo did), and DDP, FSDP2 and compiled FSDP2 with the memory options;
 each writes what parallel_runs.py says, plus FSDP2's placements and this rank's shard shapes, and
-what the gradient-average probe saw. Rank 0 writes the files.
+what the gradient-average probe saw. Then DDP and FSDP2 in each subdirectory DIR/NAME (the routed variants,
+parallel_common.ROUTED). Rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -86,4 +87,7 @@ if __name__ == "__main__":
     run(directory, "torch-fsdp2-compiled", "fsdp2", compile=True)
     for parallel, compile in (("ddp", False), ("fsdp2", False), ("fsdp2", True)):  # 2 micro-batches of 2 rows per rank
         run(directory, f"torch-{parallel}-memory{'-compiled' * compile}", parallel, compile, **MEMORY)
+    for variant in sorted(p for p in directory.iterdir() if p.is_dir()):  # routed variants (parallel_common.ROUTED)
+        for parallel in ("ddp", "fsdp2"):
+            run(variant, f"torch-{parallel}", parallel)
     dist.destroy_process_group()

@@ -72,17 +72,19 @@ def cache_positions(cached_SKE, keys_TKE, spec, S: int) -> tuple[np.ndarray, np.
 
 
 def finite_difference_errors(weights: dict, spec, tokens_BN, grads: dict[str, dict], seed: int = 2, h: float = 1e-4,
-                             tol: float = 1e-4) -> list[str]:
+                             tol: float = 1e-4, loss=None) -> list[str]:
     """Per canonical tensor, g · d against the central difference (L(w + hd) − L(w − hd)) / 2h of the float64
-    reference loss along a random d; the failures, as "twin name: g·d vs FD" lines.
+    reference loss along a random d; the failures, as "twin name: g·d vs FD" lines. `loss(weights) -> float`:
+    another float64 loss (default: reference_loss on `tokens_BN`).
 
     A wrong gradient misses by ~‖g‖‖d‖/√n (n entries), far above `tol`·‖g‖‖d‖; the float64 central difference
     is exact to ~h² and the twins' float32 gradients to ~1e-6 relative.
     """
     rng, failures = np.random.default_rng(seed), []
+    loss = loss or (lambda w: reference_loss(w, spec, tokens_BN))
     for t in layout(spec):
         d = rng.standard_normal(t.shape)
-        shifted = [reference_loss({**weights, t.name: weights[t.name] + s * h * d}, spec, tokens_BN) for s in (1, -1)]
+        shifted = [loss({**weights, t.name: weights[t.name] + s * h * d}) for s in (1, -1)]
         fd = (shifted[0] - shifted[1]) / (2 * h)
         for twin, g in grads.items():
             scale = np.linalg.norm(g[t.name]) * np.linalg.norm(d)

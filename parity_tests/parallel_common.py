@@ -34,19 +34,49 @@ SPEC = make_spec(norm_type="dyt")  # alpha scalars among the tensors: replicated
 CFG = load_train_config("parity").replace(steps=4, warmup_steps=1, batch_size=8, seq_len=32, grad_clip=1.915)
 TOL = 1e-5  # float32: losses |Δ| / loss, parameters and AdamW moments max|Δ| / max|reference|, per tensor
 
+# Routed variants (each in its own subdirectory of the runs' directory): every router with several placements, and
+# the GLA mixer (which the spec never routes), trained 2 steps with 2 micro-batches per rank (or device) on the masked batches, so that parts count
+# different targets; compared with the one-shot (grad_accum_steps=1) single-process run. γ·T fractional (T = 32).
+ROUTED = {
+    "mod": dict(routing="mod", routing_capacity=0.3, routing_gate="sigmoid"),
+    "dtf": dict(routing="dtf", routing_capacity=0.35, dtf_window=3),
+    "gla-peri": dict(mixer="gla", position="none", n_kv_heads=6, norm_placement="peri"),  # GLA is never routed
+    "mod-hybrid_star": dict(routing="mod", routing_capacity=0.3, norm_placement="hybrid_star", routing_layers="all"),
+    "dtf-deepnorm": dict(routing="dtf", routing_capacity=0.35, norm_placement="deepnorm", n_layers=4),
+    "mod-pre_post": dict(routing="mod", routing_capacity=0.3, norm_placement="pre_post", norm_type="dyt"),
+}
+ROUTED_CFG = CFG.replace(steps=2, grad_accum_steps=2, router_predictor_loss_weight=0.5, dtf_prior_loss_weight=0.3)
 
-def write_inputs(directory: Path) -> Path:
-    """The run every subprocess reads: canonical initial weights and the train config."""
-    save_checkpoint(directory / "init.safetensors", parity_weights(SPEC), SPEC)
-    (directory / "train.json").write_text(json.dumps(CFG.to_dict()))
+
+def variant(name: str = ""):
+    """(spec, train config, weights) of the base run ("") or of a routed variant."""
+    if not name:
+        return SPEC, CFG, parity_weights(SPEC)
+    from .test_routing import routed_weights
+
+    spec = make_spec(**ROUTED[name])
+    return spec, ROUTED_CFG, routed_weights(spec)
+
+
+def write_inputs(directory: Path, routed=ROUTED) -> Path:
+    """The runs every subprocess reads: canonical initial weights and the train config, the base run's in
+    `directory`, each routed variant's in `directory/NAME`."""
+    for name in ("", *routed):
+        spec, cfg, weights = variant(name)
+        (directory / name).mkdir(exist_ok=True)
+        save_checkpoint(directory / name / "init.safetensors", weights, spec)
+        (directory / name / "train.json").write_text(json.dumps(cfg.to_dict()))
     return directory
 
 
 @functools.cache
-def single_device(twin_name: str):
-    """(metrics, canonical state) of the run on one device in this process, for the JAX or the torch twin."""
+def single_device(twin_name: str, name: str = ""):
+    """(metrics, canonical state) of the run on one device in this process, for the JAX or the torch twin; a routed
+    variant's one-shot (no accumulation: the parallel runs accumulate)."""
     _, twin, train = next(t for t in TWINS if t[0] == twin_name)
-    return trajectory(twin, train, parity_weights(SPEC), SPEC, CFG, batch=lambda i: masked_batch(CFG, i, SPEC.V))
+    spec, cfg, weights = variant(name)
+    cfg = cfg.replace(grad_accum_steps=1)
+    return trajectory(twin, train, weights, spec, cfg, batch=lambda i: masked_batch(cfg, i, spec.V))
 
 
 def run_processes(args: list[str], envs: list[dict[str, str]]) -> None:
@@ -66,14 +96,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_same_run(record: dict, state: dict, twin_name: str) -> None:
-    """Every step's loss and the final parameters and AdamW moments equal the single-device run's."""
-    ref_metrics, ref_state = single_device(twin_name)
+def assert_same_run(record: dict, state: dict, twin_name: str, name: str = "") -> None:
+    """Every step's loss and the final parameters and AdamW moments equal the single-device run's (`name`: a routed
+    variant's, one-shot)."""
+    ref_metrics, ref_state = single_device(twin_name, name)
+    cfg = variant(name)[1]
     for key in ("loss", "grad_norm"):  # grad_norm: before clipping, so a gradient off by a factor shows
         got, ref = np.array(record[key]), ref_metrics[key]
-        assert len(got) == CFG.steps and (np.abs(got - ref) / ref).max() <= TOL, f"{key}: {got} vs {ref}"
+        assert len(got) == cfg.steps and (np.abs(got - ref) / ref).max() <= TOL, f"{key}: {got} vs {ref}"
     clipped = ref_metrics["grad_norm"] > CFG.grad_clip
-    assert clipped.any() and not clipped.all(), "clipped and unclipped steps must both take part"
+    assert name or (clipped.any() and not clipped.all()), "clipped and unclipped steps must both take part"
     for part in ("weights", "m", "v"):
         errors = {k: max_rel(state[part][k], r) for k, r in ref_state[part].items()}
         bad = {k: f"{e:.1e}" for k, e in errors.items() if not e <= TOL}

@@ -145,8 +145,8 @@ def block(x, w: dict, p: str, i: int, spec, positions=None):
 
 
 def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, decide: str = "topk",
-            aux: dict | None = None) -> np.ndarray:
-    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide` and `aux` as in `route`."""
+            aux: dict | None = None, held: dict | None = None) -> np.ndarray:
+    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide`, `aux` and `held` as in `route`."""
     w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     T = tokens.shape[1]
     x = w["model.embed_tokens.weight"][tokens]
@@ -162,7 +162,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, d
     for i in range(spec.L):
         p = f"model.layers.{i}"
         if i in spec.routed_layers:  # conditional computation: `route` below
-            x, h = route(x, h, w, p, spec, decide, aux, taps), x
+            x, h = route(x, h, w, p, spec, decide, aux, taps, held), x
             continue
         h = x
         x, a, m = block(x, w, p, i, spec)
@@ -222,9 +222,15 @@ def softplus(z):
     return np.log1p(np.exp(z))
 
 
-def router_scores(x, h, w: dict, p: str, spec):
+def stopgrad(held: dict | None, key: str, value):
+    """A stop-gradient as a finite difference sees it: `value`, or, with `held` (a dict), the value first recorded
+    under `key` (at the unperturbed weights), so that a perturbation of the weights does not reach it."""
+    return value if held is None else held.setdefault(key, value)
+
+
+def router_scores(x, h, w: dict, p: str, spec, held: dict | None = None):
     """(score, gate [B, T], prior MSE or None) of routed block p: mod's r = wᵀx, or dtf's G from the decision
-    block's input h and output x."""
+    block's input h and output x; `held`: see `stopgrad`."""
     if spec.routing == "mod":
         r = x @ w[f"{p}.router.weight"]
         return r, (r if spec.routing_gate == "raw" else sigmoid(r)), None
@@ -235,25 +241,28 @@ def router_scores(x, h, w: dict, p: str, spec):
     d_st = np.mean((x - h) ** 2, axis=-1)
     d_ch = np.mean((x - prior) ** 2, axis=-1)
     T, W = x.shape[1], spec.dtf_window
-    ma = np.stack([d_st[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # README "Routing"
+    d_held = stopgrad(held, f"{q}.d_st", d_st)  # MA_W(stopgrad(D_st))
+    ma = np.stack([d_held[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # README "Routing"
     ce = d_st - d_ch + np.log(w[f"{q}.o_ce"][0] + 1e-10)
     cu = d_st - w[f"{q}.m_cu"][0] * ma
     s_ce, s_cu = sigmoid(softplus(w[f"{q}.beta_ce"][0]) * ce), sigmoid(softplus(w[f"{q}.beta_cu"][0]) * cu)
     G = s_ce + s_cu - s_ce * s_cu
-    return G, G, np.mean((prior - x) ** 2)
+    return G, G, np.mean((prior - stopgrad(held, f"{q}.post", x)) ** 2)  # MSE(H_prior, stopgrad(H_post))
 
 
-def route(x, h, w: dict, p: str, spec, decide: str = "topk", aux: dict | None = None, taps: dict | None = None):
+def route(x, h, w: dict, p: str, spec, decide: str = "topk", aux: dict | None = None, taps: dict | None = None,
+          held: dict | None = None):
     """Routed block p on x [B, T, D]: the selected tokens of each row, gathered, run `block_at` at their own
     positions, and get x + gate·(block − x) back; the others pass unchanged.
 
     decide="topk": the floor(γ·T) highest scores, ties to the lower position; "predictor": the tokens whose
     predictor logit is > 0. `aux` (top-k) collects router_bce, predictor_acc and prior_mse, each the mean over
-    the routed blocks so far.
+    the routed blocks so far. `held` (a dict): the stop-gradient inputs (the predictor's x, dtf's D_st under the
+    moving average and H_post in the prior MSE) are read from it, recorded there at the first call (`stopgrad`).
     """
     B, T, _ = x.shape
-    score, gate, prior_mse = router_scores(x, h, w, p, spec)
-    hidden = x @ w[f"{p}.router_predictor.fc1.weight"].T
+    score, gate, prior_mse = router_scores(x, h, w, p, spec, held)
+    hidden = stopgrad(held, f"{p}.predictor_input", x) @ w[f"{p}.router_predictor.fc1.weight"].T
     logit = (hidden * sigmoid(hidden)) @ w[f"{p}.router_predictor.fc2.weight"][0]
     out, keep = x.copy(), np.zeros((B, T), bool)
     for b in range(B):

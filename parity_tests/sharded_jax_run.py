@@ -3,7 +3,7 @@ whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/sharded_jax_run.py DIR MESH...
 
-For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes), from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
+For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes; SUB/...: in DIR/SUB), from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
 and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
 shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
 """
@@ -28,7 +28,10 @@ def layout_of(x: jax.Array) -> dict:
 
 
 def run(directory: Path, run_text: str) -> None:
-    """One run on a mesh, `MESH` or `MESH:KEY=VALUE,...` (train config changes, e.g. the memory options)."""
+    """One run on a mesh, `MESH` or `MESH:KEY=VALUE,...` (train config changes, e.g. the memory options); `SUB/...`:
+    the run in the subdirectory SUB (a routed variant's inputs and outputs)."""
+    sub, _, run_text = run_text.rpartition("/")
+    directory = directory / sub
     mesh_text, _, changes = run_text.partition(":")
     cfg = read_config(directory).replace(**parse_overrides(changes.split(",") if changes else []))
     mesh = sharding.make_mesh(mesh_text)

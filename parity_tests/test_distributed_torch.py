@@ -12,7 +12,7 @@ from torch_model import distributed
 
 from .common import ROOT, TORCHRUN
 from .parallel_common import (
-    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
+    CFG, ROUTED, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
 
 RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled",
@@ -34,6 +34,14 @@ def test_distributed_steps_equal_one_process(runs, name):
     assert_same_run(record, state, "torch")
     # graphs dynamo compiled during this run (a cached graph from an earlier run is not counted again)
     assert (record["compiled_graphs"] > 0) == name.endswith("compiled"), record["compiled_graphs"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("variant", ROUTED)
+def test_routed_distributed_steps_equal_the_one_shot_step(runs, variant, parallel):
+    """Routers and predictors run inside their block's forward, so FSDP2 gathers them; each rank's 2 micro-batches
+    count different targets, and the update is still the one-process, one-shot update (aux terms included)."""
+    assert_same_run(*load_run(runs / variant, f"torch-{parallel}"), "torch", variant)
 
 
 def test_fsdp2_average_is_compensated_only_where_it_sums(runs):

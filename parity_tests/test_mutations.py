@@ -142,3 +142,87 @@ def test_both_twins_share_a_gradient_fault(monkeypatch, fresh_jax):
     failures = finite_difference_errors(w, spec, x, {"jax": gj, "torch": gt})
     assert failures and all(".alpha" in f for f in failures), failures
     assert {f.split()[0] for f in failures} == {"jax", "torch"}
+
+
+# --- routing: one-line faults made the same way in both twins (twin-vs-twin tests cannot see them) ------------------
+
+
+def plant(monkeypatch, owner, name: str, old: str, new: str) -> None:
+    """`owner.name` (a function or method) replaced by its own source with `old` (occurring once) replaced by `new`,
+    compiled against its module's globals: a one-line fault, undone with the monkeypatch."""
+    import inspect
+    import sys
+    import textwrap
+
+    func = getattr(owner, name)
+    source = textwrap.dedent(inspect.getsource(func))
+    assert source.count(old) == 1, f"{func.__qualname__}: {old!r} occurs {source.count(old)} times"
+    scope: dict = {}
+    exec(compile(source.replace(old, new), inspect.getsourcefile(func), "exec"), dict(sys.modules[func.__module__].__dict__), scope)
+    monkeypatch.setattr(owner, name, scope[name])
+
+
+ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
+    "k = ceil(γ·T)": [
+        (jax_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)", "math.ceil(self.spec.routing_capacity * T)"),
+        (torch_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)", "math.ceil(self.spec.routing_capacity * T)"),
+    ],
+    "moving average without stop-gradient": [
+        (jax_model.routing, "DtfRouter", "__call__", "ma(jax.lax.stop_gradient(dst_BT))", "ma(dst_BT)"),
+        (torch_model.routing, "DtfRouter", "forward", "ma(dst_BT.detach())", "ma(dst_BT)"),
+    ],
+    "predictor input without stop-gradient": [
+        (jax_model.routing, "Routes", "__call__", "layer.router_predictor(jax.lax.stop_gradient(x_BTD))", "layer.router_predictor(x_BTD)"),
+        (torch_model.routing, "Routes", "__call__", "layer.router_predictor(x_BTD.detach())", "layer.router_predictor(x_BTD)"),
+    ],
+    "prior MSE's H_post without stop-gradient": [
+        (jax_model.routing, "DtfRouter", "__call__", "jnp.square(prior32 - jax.lax.stop_gradient(post32))", "jnp.square(prior32 - post32)"),
+        (torch_model.routing, "DtfRouter", "forward", "torch.square(prior32 - post32.detach())", "torch.square(prior32 - post32)"),
+    ],
+    "aux loss weighted by a part's share of the counted targets": [
+        (jax_train, None, "model_loss", "loss + share * routing_loss(",
+         "loss + (1.0 if count is None else jnp.sum(weights_BT) / count) * routing_loss("),
+        (torch_train, None, "model_loss", "loss + share * routing_loss(",
+         "loss + (1.0 if count is None else torch.sum(weights_BT) / count) * routing_loss("),
+    ],
+    "aux loss not scaled per micro-batch": [
+        (jax_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
+        (torch_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
+    ],
+}
+
+
+def plant_routing_fault(monkeypatch, fault: str) -> None:
+    for module, owner, name, right, wrong in ROUTING_FAULTS[fault]:
+        plant(monkeypatch, module if owner is None else getattr(module, owner), name, right, wrong)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, case", [("k = ceil(γ·T)", 0), ("aux loss not scaled per micro-batch", 0),
+                                         ("aux loss not scaled per micro-batch", 1),
+                                         ("aux loss weighted by a part's share of the counted targets", 0),
+                                         ("aux loss weighted by a part's share of the counted targets", 1)])
+def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_jax, fault, case):
+    """ceil: the twins' loss leaves the float64 reference's (γ·T fractional); aux terms unscaled, or scaled by the
+    micro-batch's share of the counted targets: the accumulated update leaves the one-shot one (micro-batches
+    counting 6 vs 32 targets)."""
+    from . import test_routing_updates
+
+    plant_routing_fault(monkeypatch, fault)
+    with pytest.raises(AssertionError, match="jax"):  # the first twin checked already objects
+        test_routing_updates.test_accumulated_update_equals_the_one_shot_update(test_routing_updates.CASES[case])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, case", [("moving average without stop-gradient", 1),
+                                         ("predictor input without stop-gradient", 0),
+                                         ("predictor input without stop-gradient", 1),
+                                         ("prior MSE's H_post without stop-gradient", 1)])
+def test_routing_stop_gradient_fault_fails_finite_differences(monkeypatch, fresh_jax, fault, case):
+    """Both twins agree with each other; the float64 reference's central differences (stop-gradient inputs held)
+    object in both."""
+    from . import test_routing_updates
+
+    plant_routing_fault(monkeypatch, fault)
+    failures = test_routing_updates.routed_fd_failures(test_routing_updates.CASES[case])
+    assert {f.split()[0] for f in failures} == {"jax", "torch"}, failures

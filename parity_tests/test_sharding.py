@@ -17,6 +17,9 @@ from .parallel_common import (
     CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, free_port, load_run, run_processes, write_inputs,
 )
 
+ROUTED_MESH = "data=2,fsdp=2"  # 8 rows: 2 per device, one per micro-batch (grad_accum_steps=2 in ROUTED_CFG)
+ROUTED_JAX = ("mod", "dtf")  # every router; mixers and placements: the torch FSDP2 runs
+
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
 # the memory options on a mixed mesh: 2 micro-batches of 4 rows, one row per device in each
 MEMORY_RUN = "data=2,fsdp=2:grad_accum_steps=2,remat=block,loss_chunk=48"
@@ -32,9 +35,10 @@ def host_devices(n: int) -> dict[str, str]:
 def runs(tmp_path_factory):
     """The directory where the subprocesses left every run: one process of 8 devices on each mesh, then
     two processes of 4 devices (the multi-host code path) on the mixed mesh."""
-    directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"))
+    directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"), ROUTED_JAX)
     script = str(ROOT / "parity_tests" / "sharded_jax_run.py")
-    run_processes([script, str(directory), *MESHES, MEMORY_RUN], [host_devices(8)])
+    routed = [f"{name}/{ROUTED_MESH}" for name in ROUTED_JAX]
+    run_processes([script, str(directory), *MESHES, MEMORY_RUN, *routed], [host_devices(8)])
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
     run_processes([script, str(directory), "data=2,fsdp=4"],
                   [{**host_devices(4), **coordinator, "JAX_PROCESS_ID": str(i)} for i in range(2)])
@@ -90,6 +94,12 @@ def test_bad_meshes_and_batches_are_one_line_errors(make, message):
 @pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4", MEMORY_RUN])
 def test_sharded_steps_equal_one_device(runs, name):
     assert_same_run(*load_run(runs, f"jax-{name}"), "jax")
+
+
+@pytest.mark.parametrize("variant", ROUTED_JAX)
+def test_routed_sharded_steps_equal_the_one_shot_step(runs, variant):
+    """Micro-batches and devices holding different numbers of targets: the one-device, one-shot update."""
+    assert_same_run(*load_run(runs / variant, f"jax-{ROUTED_MESH}"), "jax", variant)
 
 
 @pytest.mark.parametrize("mesh", MESHES)

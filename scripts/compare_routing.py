@@ -5,9 +5,11 @@ equal steps on the embedded corpus: validation perplexity, tokens/s and model FL
     python scripts/compare_routing.py --configs dense,mod-0.125 --backends torch --set n_layers=4
 
 Writes OUT/routing.md (the table, also printed) and OUT/routing.json, and trains into
-OUT/runs/CONFIG-BACKEND (replacing earlier results). The validation loss is the top-k forward's
-(teacher-forced, as training computes it), the cross-entropy only; the train loss adds the auxiliary
-losses (README "Routing").
+OUT/runs/CONFIG-BACKEND (replacing earlier results). The validation loss ("val ppl") is the causal
+forward's, cross-entropy only: a routed model in predictor mode, each token routed from itself and the tokens
+before it, so it compares with the dense model's; "val ppl top-k" beside it is the top-k forward's, as trained,
+which reads future tokens (the top-k runs over the whole sequence) and so is not a language model's
+perplexity. The train loss adds the auxiliary losses (README "Routing").
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
     rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # the first includes compilation
     last = evals[-1] if evals and stopped_at is None else {}
     return {
-        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # causal: predictor mode when routed
+        "val_ppl_topk": last.get("val_ppl_topk"),  # routed only: the top-k forward's, which reads future tokens
         "tokens_per_s": sum(rates) / len(rates) if rates else None,
         "flops_per_token": flops_per_token(run_.spec, run_.cfg.seq_len, "train"),
         "predictor_acc": train[-1].get("predictor_acc") if train else None,
@@ -78,14 +81,15 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
-    head = "| config | backend | val ppl | tokens/s | train GFLOP/token | FLOPs vs dense | predictor acc |"
-    lines = [f"Routing study, {steps} steps each: `{command}`", "", head, "|" + "---|" * 7]
+    head = "| config | backend | val ppl | val ppl top-k | tokens/s | train GFLOP/token | FLOPs vs dense | predictor acc |"
+    lines = [f"Routing study, {steps} steps each: `{command}`", "", head, "|" + "---|" * 8]
     dense = {b: results.get("dense", {}).get(b, {}).get("flops_per_token") for b in backends}
     for config, rows in results.items():
         for b in backends:
             r = rows[b]
             ratio = r["flops_per_token"] / dense[b] if dense[b] else None
-            lines.append(f"| {config} | {b} | {fmt(r['val_ppl'], '.3f')} | {fmt(r['tokens_per_s'], ',.0f')} | "
+            lines.append(f"| {config} | {b} | {fmt(r['val_ppl'], '.3f')} | {fmt(r['val_ppl_topk'], '.3f')} | "
+                         f"{fmt(r['tokens_per_s'], ',.0f')} | "
                          f"{r['flops_per_token'] / 1e9:.5f} | {fmt(ratio, '.3f')} | {fmt(r['predictor_acc'], '.3f')} |")
     return "\n".join(lines) + "\n"
 

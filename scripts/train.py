@@ -208,7 +208,7 @@ class Backend(Protocol):
     name: str
 
     def step(self, tokens_BN: np.ndarray) -> dict: ...  # one update; device-scalar metrics, no host sync
-    def eval_loss(self, tokens_BN: np.ndarray): ...  # a device scalar
+    def eval_loss(self, tokens_BN: np.ndarray): ...  # device scalars: loss (causal), routed specs also loss_topk
     def scalars(self) -> dict: ...  # alpha, shift, embed_scale by canonical name, device scalars
     def fetch(self, tree): ...  # device values -> numpy (waits for them)
     def train_state(self) -> dict: ...  # canonical {"step", "weights", "m", "v"}
@@ -405,16 +405,22 @@ class Loop:
         self.summary.update(step=step, loss=loss, tokens_per_s=self.clock.mean_rate())
 
     def evaluate(self, backend: Backend, step: int) -> None:
-        """The mean loss over the fixed validation batches, logged and shown next to the corpus's entropy."""
-        val_loss = float(np.mean(backend.fetch([backend.eval_loss(b) for b in self.val_batches])))
+        """The mean loss over the fixed validation batches, logged and shown next to the corpus's entropy. A routed
+        model's val_loss is its causal (predictor-mode) forward's; the top-k forward's, which reads future tokens,
+        is logged beside it as val_loss_topk and val_ppl_topk (README "Routing")."""
+        losses = backend.fetch([backend.eval_loss(b) for b in self.val_batches])
+        val_loss = float(np.mean([x["loss"] for x in losses]))
         entropy = self.run.data.entropy
         record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        if "loss_topk" in losses[0]:
+            val_loss_topk = float(np.mean([x["loss_topk"] for x in losses]))
+            record.update(val_loss_topk=val_loss_topk, val_ppl_topk=perplexity(val_loss_topk))
         if entropy is not None:
             record["entropy"] = entropy
         self.append([record])
         note = f"; the corpus's entropy rate (the best achievable) is {entropy:.4f}" if entropy is not None else ""
         self.bar_note(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}{note}")
-        self.summary.update(val_loss=val_loss, val_ppl=perplexity(val_loss), entropy=entropy)
+        self.summary.update({k: v for k, v in record.items() if k.startswith("val_")}, entropy=entropy)
         self.clock.pause()
 
     def save(self, backend: Backend, step: int) -> None:

@@ -12,7 +12,8 @@ Every rank passes the same global batch (a pure function of seed and step); rank
 [r·B/W, (r+1)·B/W), the rows the JAX side's device r reads on a mesh of W devices. Gradients are
 averaged over ranks, and each rank divides its summed loss by the global batch's count of targets / W,
 so the update is the single-process update on the global batch (the JAX mesh's) also when a mask or
-ignored tokens leave the ranks different numbers of targets.
+ignored tokens leave the ranks different numbers of targets. A routed spec's aux terms are means over every
+position: each rank adds its own rows' mean (train.model_loss), and the average over ranks is the global mean.
 
 Notation: B batch, N = T + 1 tokens per batch row, W ranks.
 """
@@ -159,7 +160,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
         state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)
         # grad_norm is already global (FSDP2: a replicated DTensor reduced over every shard; DDP: averaged gradients)
-        return state, {**metrics, "loss": mean_over_ranks(metrics["loss"]), "grad_norm": _local(metrics["grad_norm"])}
+        averaged = {k: mean_over_ranks(v) for k, v in metrics.items() if k in ("loss", "router_bce", "predictor_acc", "prior_mse")}
+        return state, {**metrics, **averaged, "grad_norm": _local(metrics["grad_norm"])}
 
     return train_step
 

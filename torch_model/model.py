@@ -67,8 +67,8 @@ class TransformerModel(nn.Module):
         self.embed_positions = nn.Embedding(spec.max_seq_len, D, **dtypes) if learned else None
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
-        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i)) for i in range(spec.L)])
-        routing.attach(self.layers, spec)
+        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
+                                     for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
 
@@ -91,9 +91,10 @@ class TransformerModel(nn.Module):
         layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
-            run = rematted(layer, remat) if taps is None and cache is None else layer  # training only
-            y_BTD, layer_cache = routes(i, layer, x_BTD, h_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
-                                        mask_BTS, run=run)
+            run = rematted(layer, remat) if taps is None and cache is None else None  # training only
+            route = partial(routes, i, h_BTD) if i in spec.routed_layers else None  # called inside the block's call
+            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS,
+                                       route=route, run=run)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
         routing_cache = routes.finish(aux)
@@ -173,18 +174,18 @@ REMAT_SAVED = {"block": (torch.ops.aten.mm.default,), "full": ()}
 
 
 def rematted(layer, remat: str):
-    """`layer`'s call, its activations recomputed in the backward as `remat` says ("none": kept; the train config's
-    option, README "Training bigger models"); the same values, less memory (torch.utils.checkpoint, non-reentrant,
+    """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
+    the train config's option, README "Training bigger models"); the same values, less memory (torch.utils.checkpoint, non-reentrant,
     with a selective policy: works under torch.compile and FSDP2)."""
     if remat == "none":
-        return layer
+        return layer.body
     saved = REMAT_SAVED[remat]
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
     context_fn = partial(create_selective_checkpoint_contexts, policy)
-    return partial(checkpoint, layer, use_reentrant=False, context_fn=context_fn)
+    return partial(checkpoint, layer.body, use_reentrant=False, context_fn=context_fn)
 
 
 def record(taps: dict | None, name: str, x) -> None:

@@ -121,13 +121,6 @@ class DtfRouter(nn.Module):
         return g_BT, g_BT, dst_BT, prior_mse
 
 
-def attach(layers, spec: ModelSpec) -> None:
-    """Give each routed block its router and predictor (canonical names `model.layers.{i}.router...`)."""
-    for i in spec.routed_layers:
-        layers[i].router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec)
-        layers[i].router_predictor = Predictor(spec)
-
-
 def select_top_k(score_BT, k: int):
     """Positions [B, k] of the k highest scores per row, in position order: a stable sort on (−score, position)."""
     order_BT = torch.sort(-score_BT, dim=-1, stable=True).indices  # ties: the lower position first
@@ -143,7 +136,8 @@ def window_mean(v_BS, mask_BTS, slots_T, window: int):
 
 
 class Routes:
-    """Runs the blocks of one forward, routing the routed ones; keeps their auxiliary losses and decoding state.
+    """The routing of one forward: each routed block calls it inside its own call (Block's `route`, bound to the
+    block's index); keeps the routed blocks' auxiliary losses and decoding state.
 
     `decide`: "topk" or "predictor" (module docstring); None: "topk" without a cache, "predictor" with one.
     """
@@ -159,11 +153,9 @@ class Routes:
         self.new_caches = list(routing_cache) if routing_cache is not None else None
         self.bce, self.accuracy, self.prior_mse = [], [], []
 
-    def __call__(self, i: int, layer, x_BTD, h_BTD, cos, sin, taps, cache, mask_BTS, run=None):
-        """Block i on x [B, T, D] (h: the previous block's input, for dtf): its output [B, T, D] and its cache."""
-        run = layer if run is None else run  # the block's call: `layer` itself, or its rematted call (training)
-        if i not in self.spec.routed_layers:
-            return run(x_BTD, cos, sin, taps, cache, mask_BTS)
+    def __call__(self, i: int, h_BTD, layer, x_BTD, cos, sin, taps, cache, mask_BTS, run):
+        """Routed block i on x [B, T, D] (h: the previous block's input, for dtf), called from inside the block's own
+        call (Block's `route`); `run`: the block's computation on the tokens it runs. Its output [B, T, D], its cache."""
         B, T, _ = x_BTD.shape
         device = x_BTD.device
         if cache is None:  # a full forward: positions 0..T−1 in every row, causal

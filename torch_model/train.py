@@ -6,7 +6,7 @@ the libraries' defaults differ).
     state = init_train_state(model, cfg)                   # TrainState(model, optimizer, scheduler)
     train_step = make_train_step(model, cfg)               # eager, or torch.compile'd with compile=True
     state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
-    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> loss, no update
+    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
     get_train_state(model, state)                          # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step updates the
@@ -81,30 +81,34 @@ def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chu
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
-               *, remat: str = "none", loss_chunk: int = 0):
+               *, remat: str = "none", loss_chunk: int = 0, share: float = 1.0, decide: str | None = None):
     """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
-    plus a routed spec's auxiliary losses (routing_loss), their terms put into `metrics`. `remat` and `loss_chunk`:
-    the train config's memory options (the same loss, less memory)."""
+    plus a routed spec's auxiliary losses (routing_loss) times `share`, this batch's share of the rows of the batch
+    it is part of (a micro-batch's: 1 / grad_accum_steps), their terms put into `metrics`. `remat` and `loss_chunk`:
+    the train config's memory options (the same loss, less memory); `decide`: a routed spec's selection (the model's
+    `decide`; None: top-k, as training)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
     aux = {} if cfg is not None else None
     if not loss_chunk:
-        loss = next_token_loss(model(inputs_BT, aux=aux, remat=remat), targets_BT, weights_BT, count)
+        loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
-        x_BTD = model(inputs_BT, aux=aux, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
+        x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
         loss = chunked_next_token_loss(unwrapped(model).head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
-    return loss + routing_loss(aux, weights_BT, count, cfg, metrics)
+    return loss + share * routing_loss(aux, cfg, metrics)
 
 
-def routing_loss(aux: dict | None, weights_BT, count, cfg: TrainConfig | None, metrics: dict | None):
+def routing_loss(aux: dict | None, cfg: TrainConfig | None, metrics: dict | None):
     """router_predictor_loss_weight · router_bce + dtf_prior_loss_weight · prior_mse (routing.Routes.finish), 0
-    for a dense spec; with a `count`, scaled by this part's share of the counted targets, so that parts add up to
-    the token-weighted whole. `metrics` gets router_bce, predictor_acc, prior_mse."""
+    for a dense spec. Each term is a mean over every position of the batch (masked targets or not: the router
+    decides for every token), so its normalisation is the batch's rows × positions, whatever the targets: a part
+    of a global batch (a micro-batch, a data-parallel rank) holding 1/n of its rows adds 1/n of its own mean
+    (model_loss's `share`; ranks: the gradient average), whichever targets it counts. `metrics` gets router_bce,
+    predictor_acc, prior_mse."""
     if not aux:
         return 0.0
     if metrics is not None:
         metrics.update(aux)
-    extra = cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
-    return extra if count is None else extra * torch.sum(weights_BT) / count
+    return cfg.router_predictor_loss_weight * aux["router_bce"] + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
 
 
 def micro_batches(x_BN, n: int):
@@ -118,11 +122,12 @@ def micro_batches(x_BN, n: int):
 
 
 def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, metrics: dict | None = None) -> torch.Tensor:
-    """Backward of `loss_fn(model, tokens_BN, mask_BN, count, metrics=...)` into the parameters' .grad, over `steps`
-    micro-batches (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed loss
-    is divided by the whole batch's count, so the sums of the values and gradients are the one-shot mean's (the
-    `count` rule of next_token_loss); `metrics` (routing's means) are averaged over the micro-batches. Under DDP or
-    FSDP2 only the last micro-batch's backward communicates (gradient_sync)."""
+    """Backward of `loss_fn(model, tokens_BN, mask_BN, count, metrics=..., share=...)` into the parameters' .grad, over
+    `steps` micro-batches (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed
+    loss is divided by the whole batch's count, and its routing terms (means over its positions) weighted by its share
+    1/steps of the rows, so the sums of the values and gradients are the one-shot step's (model_loss); `metrics`
+    (routing's means) are averaged over the micro-batches. Under DDP or FSDP2 only the last micro-batch's backward
+    communicates (gradient_sync)."""
     if steps == 1:
         loss = loss_fn(model, tokens_BN, mask_BN, count, metrics=metrics)
         loss.backward()
@@ -133,7 +138,7 @@ def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, 
     for i in range(steps):
         part = {}
         with gradient_sync(model, i == steps - 1):
-            loss = loss_fn(model, tokens[i], masks[i], count, metrics=part)
+            loss = loss_fn(model, tokens[i], masks[i], count, metrics=part, share=1.0 / steps)
             loss.backward()
         total = total + loss.detach()
         if metrics is not None:
@@ -145,11 +150,22 @@ def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, 
 def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, *, remat: str = "none",
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
-    back, torch orientation), float32 numpy."""
+    back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
+    train step does (accumulate_gradients)."""
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
-    loss = model_loss(model, *batch, cfg, remat=remat, loss_chunk=loss_chunk)
-    grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
+    if cfg is None or cfg.grad_accum_steps == 1:
+        loss = model_loss(model, *batch, cfg, remat=remat, loss_chunk=loss_chunk)
+        grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
+    else:  # the train step's accumulation, into .grad: put back as it was after
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        loss_fn = partial(model_loss, cfg=cfg, remat=remat, loss_chunk=loss_chunk)
+        loss = accumulate_gradients(loss_fn, model, *batch, cfg.grad_accum_steps)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        for p, g in zip(params, kept):
+            p.grad = g
     return loss.item(), {k: v.astype(np.float32) for k, v in to_canonical(dict(zip(names, grads)), model.spec).items()}
 
 
@@ -234,13 +250,20 @@ def compile_blocks(model, backend: str = "inductor") -> None:
 
 
 def make_eval_step(model, *, compile: bool = False) -> Callable:
-    """`eval_step(state, tokens_BN, mask_BN=None) -> loss`: the loss of the state's parameters, no update."""
+    """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses, no update.
+    "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
+    tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
+    forward's, as trained, which reads future tokens (the top-k is over the whole sequence; README "Routing")."""
     loss_fn = torch.compile(model_loss) if compile else model_loss
-    device = next(model.parameters()).device
+    device, routed = next(model.parameters()).device, model.spec.routing != "none"
 
     @torch.no_grad()
     def eval_step(state: TrainState, tokens_BN, mask_BN=None):
-        return loss_fn(state.model, *on_device(device, tokens_BN, mask_BN))
+        batch = on_device(device, tokens_BN, mask_BN)
+        losses = {"loss": loss_fn(state.model, *batch, decide="predictor")}
+        if routed:
+            losses["loss_topk"] = loss_fn(state.model, *batch, decide="topk")
+        return losses
 
     return eval_step
 
