@@ -551,6 +551,17 @@ def test_an_edited_copy_in_a_checkpoint_is_refused_naming_both_values(tmp_path, 
     assert says in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("changes", [{"grad_accum_steps": 2}, {"remat": "full"}, {"loss_chunk": 7},
+                                     {"grad_accum_steps": 4, "remat": "block", "loss_chunk": 1}])
+def test_memory_options_changed_by_a_resume_are_not_a_disagreement_with_run_json(tmp_path, changes):
+    # run.json keeps the first invocation's train config; a resume may change the memory options each time
+    path = _run_with_checkpoint(tmp_path)
+    state = json.loads((path / "state.json").read_text())
+    state["train_config"].update(changes)
+    (path / "state.json").write_text(json.dumps(state))
+    assert run_dir.read_state(path)["train_config"] == state["train_config"]
+
+
 def test_train_resume_refuses_an_edited_state_json_in_one_line(tmp_path):
     path = _run_with_checkpoint(tmp_path)
     state = json.loads((path / "state.json").read_text())

@@ -35,6 +35,7 @@ from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
+from .train_config import MEMORY_OPTIONS
 
 CHECKPOINT = re.compile(r"step-(\d{8})")
 MOMENTS = ("m", "v")  # AdamW's first and second moments, named as in the train state
@@ -108,7 +109,8 @@ def read_state(path: str | Path) -> dict:
 
 def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
     """The run's run.json (when there is one) and a checkpoint's state.json record the same spec, data and train
-    config, but `steps` (which --resume may change)."""
+    config, but `steps` and the memory options (which any --resume may change, each time: run.json keeps the
+    first invocation's)."""
     if not run_json.is_file():
         return
     run = read_json(run_json)
@@ -117,7 +119,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
             continue
         if not isinstance(run.get(key), dict):
             raise CheckpointError(f"{run_json}: missing {key}")
-        skip = ("steps",) if key == "train_config" else ("source",) if key == "data" else ()
+        skip = ("steps", *MEMORY_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
         # data's floats (the entropy rate) are recomputed by each process: never compared for identity
         a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
                 for d in (run[key], info[key]))
