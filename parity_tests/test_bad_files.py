@@ -231,9 +231,8 @@ BAD_CONFIGS = {
         "RoPE parameters ['full_attention'] are not supported",
     ),
     "rope_disagreement": ({"rope_theta": 500000.0}, "disagree with rope_theta/rope_scaling"),
-    "missing_size": ({"hidden_size": DELETE}, "missing keys: hidden_size"),
     "invalid_value": ({"num_key_value_heads": 4}, "gives an invalid spec: n_kv_heads=4 must divide n_heads=6"),
-    "wrong_type": ({"intermediate_size": "80"}, "gives an invalid spec: d_ff='80' must be an integer"),
+    "wrong_type": ({"intermediate_size": "80"}, "intermediate_size must be an integer or null, got '80'"),
 }
 
 

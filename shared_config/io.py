@@ -292,6 +292,18 @@ def _naturals(x) -> bool:
     return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
+def safetensors_header(path: str | Path) -> dict:
+    """The checked JSON header of a safetensors file (`read_header`), no tensor read; a bad file is a
+    CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return read_header(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {' '.join(str(e).split())}") from None
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
     path = Path(path)
