@@ -172,6 +172,31 @@ def test_a_pt_file_whose_spec_claims_a_million_layers_is_refused_before_its_layo
     assert peak < 50 * 2**20
 
 
+def _fla_dir(tmp_path, **edits) -> Path:
+    """A flash-linear-attention GLA directory of gla-tiny with config.json `edits` (None: the key deleted)."""
+    spec = load_spec("gla-tiny")
+    save_checkpoint(tmp_path / "g.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "g.safetensors", tmp_path / "fla", to="fla")
+    config = json.loads((tmp_path / "fla" / "config.json").read_text())
+    config.update(edits)
+    (tmp_path / "fla" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return tmp_path / "fla"
+
+
+@pytest.mark.parametrize("read", ["convert", "jax", "torch"])
+def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is_built(tmp_path, read):
+    import jax_model
+    import torch_model
+
+    fla = _fla_dir(tmp_path, num_hidden_layers=10**6)
+    readers = {"convert": lambda: convert(fla, tmp_path / "out.safetensors"), "jax": lambda: jax_model.from_pretrained(fla),
+               "torch": lambda: torch_model.from_pretrained(fla)}
+    raised, peak = peak_memory(readers[read])
+    assert isinstance(raised, CheckpointError) and "1,000,000 layers" in str(raised), raised
+    assert "the file holds 31" in str(raised)
+    assert peak < 50 * 2**20  # the table of 1.4e7 entries would take gigabytes (and a minute)
+
+
 @pytest.mark.parametrize("script, args, says", [
     ("init_checkpoint", ["--spec", "tiny", "--set", "vocab_size=1000000000000", "--out", "x.safetensors"],
      "drawing 3 layers of d_model 96, vocab 1,000,000,000,000 needs about"),
@@ -283,6 +308,45 @@ def test_values_quoted_in_errors_are_shortened(tmp_path, canonical):
     with pytest.raises(CheckpointError) as e:
         convert(safetensors_file(tmp_path / "s.safetensors", header, bytes(4)), tmp_path / "o.pt", spec="tiny")
     assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("edits, says", [
+    ({"intermediate_size": None, "hidden_ratio": float("nan")}, "hidden_ratio must be a finite number, got nan"),
+    ({"intermediate_size": None, "hidden_ratio": 1e308}, "hidden_ratio × hidden_size must be in (0, 2^62), got 1e+308 × 64"),
+    ({"intermediate_size": None, "hidden_ratio": "x"}, "hidden_ratio must be a finite number, got 'x'"),
+    ({"intermediate_size": None, "hidden_ratio": -2}, "hidden_ratio × hidden_size must be in (0, 2^62), got -2 × 64"),
+    ({"intermediate_size": None, "hidden_size": 10**400}, "hidden_ratio × hidden_size must be in (0, 2^62)"),
+    ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+    ({"intermediate_size": None, "hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+    ({"num_heads": True}, "num_heads must be an integer, got True"),
+    ({"norm_eps": float("inf")}, "norm_eps must be a finite number, got inf"),
+    ({"fuse_norm": "false"}, "fuse_norm must be true or false, got 'false'"),
+    ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false, got 0"),
+], ids=["ratio-nan", "ratio-1e308", "ratio-str", "ratio-negative", "size-huge-int", "size-str", "size-str-no-ff",
+        "heads-bool", "eps-inf", "fuse-str", "tie-int"])
+def test_fla_config_values_are_typed_before_any_arithmetic(tmp_path, edits, says):
+    fla = _fla_dir(tmp_path, **edits)
+    with pytest.raises(CheckpointError) as e:
+        convert(fla, tmp_path / "out.safetensors")
+    assert str(e.value).startswith(str(fla / "config.json")) and says in str(e.value), str(e.value)
+    assert len(str(e.value)) < len(str(fla)) + 200
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("edits, says", [
+    ({"hidden_size": "48"}, "hidden_size must be an integer, got '48'"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer, got 2.0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number, got nan"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false, got 'no'"),
+], ids=["size-str", "layers-float", "eps-nan", "tie-str"])
+def test_hugging_face_config_values_are_typed_naming_the_key(tmp_path, canonical, edits, says):
+    hf = tmp_path / "hf"
+    convert(canonical, hf, to="hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **edits}))
+    with pytest.raises(CheckpointError) as e:
+        convert(hf, tmp_path / "out.safetensors")
+    assert str(e.value).startswith(str(hf / "config.json")) and says in str(e.value), str(e.value)
 
 
 def test_an_error_line_is_capped(capsys):
