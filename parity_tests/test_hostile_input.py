@@ -636,6 +636,78 @@ def test_train_resume_refuses_an_edited_state_json_in_one_line(tmp_path):
              "norm_type: state.json 'layernorm' vs model.safetensors 'rms'")
 
 
+def _refused_without_blocking(read, fifo: Path):
+    """What `read()` raised, run in a thread; a read still blocked on the writer-less FIFO after 20 s fails the
+    test (the FIFO is then opened for writing and closed, so the blocked open returns and the thread ends)."""
+    import threading
+
+    raised = []
+
+    def target():
+        try:
+            read()
+        except BaseException as e:  # noqa: BLE001 (returned to the test)
+            raised.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(20)
+        pytest.fail(f"blocked opening the FIFO {fifo}")
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("name", ["state.json", "model.safetensors", "optimizer.safetensors", "../run.json",
+                                  "../metrics.jsonl"])
+def test_a_fifo_where_a_run_file_is_expected_is_refused_without_blocking(tmp_path, name):
+    path = _run_with_checkpoint(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    fifo = (path / name).resolve()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    read = run_dir.read_metrics if name.endswith("jsonl") else run_dir.load_train_checkpoint
+    raised = _refused_without_blocking(lambda: read(fifo if name.endswith("jsonl") else path), fifo)
+    assert isinstance(raised, CheckpointError) and f"{fifo}: is a FIFO, not a regular" in str(raised), raised
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("fmt", ["hf", "fla"])
+def test_a_fifo_in_a_checkpoint_directory_is_refused_without_blocking(tmp_path, canonical, fmt, name):
+    src = _fla_dir(tmp_path) if fmt == "fla" else tmp_path / "hf"
+    if fmt == "hf":
+        convert(canonical, src, to="hf")
+    from shared_config import fla, hf
+
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    raised = _refused_without_blocking(lambda: {"hf": hf.read_hf, "fla": fla.read_fla}[fmt](src), src / name)
+    assert isinstance(raised, CheckpointError) and f"{src / name}: is a FIFO" in str(raised), raised
+
+
+def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):
+    path = _run_with_checkpoint(tmp_path)
+    (path / "state.json").unlink()
+    os.mkfifo(path / "state.json")
+    result = run_script("train", "--backend", "torch", "--out", tmp_path, "--resume", "--quiet")  # 600 s timeout
+    one_line(result, 2, f"{path / 'state.json'}: is a FIFO, not a regular JSON file")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"version": "1.0", "model": {"type": "BPE"', "not a valid tokenizers file: EOF while parsing"),
+    (b'{"version": "1.0", "model": {"type": "BPE", "vocab": "x"}}', "not a valid tokenizers file: invalid type"),
+    (b"\xff\xfe{}", "not a valid tokenizers file: not UTF-8"),
+    (None, "is a FIFO, not a regular tokenizer file"),
+], ids=["truncated", "wrong-type", "not-utf8", "fifo"])
+def test_a_bad_tokenizer_beside_the_weights_is_one_line(tmp_path, canonical, content, says):
+    tokenizer = tmp_path / "tokenizer.json"
+    os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
+    generate = load_script("generate")
+    raised = _refused_without_blocking(lambda: generate.load_tokenizer(canonical, make_spec()), tokenizer)
+    assert isinstance(raised, CheckpointError) and str(raised).startswith(f"{tokenizer}: {says}"), raised
+
+
 # --- 7. zero and empty are values, never "not given" -----------------------------------------------
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .layout import group_names, layout
-from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote, read_capped
+from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote, read_capped
 from .resources import GB, ResourceError, layout_size
 from .spec import ModelSpec, SpecError, load_spec
 
@@ -228,8 +228,8 @@ def read_json(path: str | Path) -> dict:
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file, every entry checked against the file before any data is read."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("shorter than the 8-byte header length")
@@ -296,7 +296,7 @@ def safetensors_header(path: str | Path) -> dict:
     """The checked JSON header of a safetensors file (`read_header`), no tensor read; a bad file is a
     CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise CheckpointError(f"{path}: no such file")
     try:
         return read_header(path)
@@ -307,10 +307,10 @@ def safetensors_header(path: str | Path) -> dict:
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise CheckpointError(f"{path}: no such file")
     try:
-        meta = read_header(path).get("__metadata__") or {}
+        meta = read_header(path).get("__metadata__") or {}  # a FIFO or device is refused here, never opened by load_file
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
