@@ -25,7 +25,7 @@ from shared_config import (
 )
 from shared_config.formats import read_checkpoint
 
-from shared_config.io import write_errors
+from shared_config.io import deferred_signals, write_errors
 from shared_config.limits import MAX_JSON_BYTES, read_capped
 
 from .model import Transformer
@@ -68,8 +68,9 @@ def save_orbax(path: str | Path, weights: dict, spec: ModelSpec, overwrite: bool
     state = to_pure_dict(weights, spec)
     with atomic_dir(path, overwrite) as tmp:
         (tmp / "spec.json").write_text(spec.to_json() + "\n")
-        with write_errors(path), ocp.StandardCheckpointer() as checkpointer:  # leaving it waits for the async save
-            checkpointer.save(tmp.absolute() / "state", state)
+        # SIGTERM/SIGINT wait for Orbax's threads: an exception raised meanwhile ends in a native abort
+        with deferred_signals(), write_errors(path), ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp.absolute() / "state", state)  # leaving the checkpointer waits for the async save
 
 
 def read_spec_file(path: Path) -> bytes:

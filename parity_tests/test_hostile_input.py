@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -565,6 +566,102 @@ def test_a_replace_cut_between_its_renames_is_recovered_never_deleted(tmp_path, 
     with pytest.raises(UsageError, match="out-hf exists; pass --force"):  # the recovered copy is DST again
         convert(canonical, dst, to="hf")
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+
+
+def _driver(tmp_path, body: str) -> Path:
+    """A Python script that runs `body` (which may patch the library) and then convert.py's main under cli.run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT / 'scripts')!r})
+import convert
+from shared_config.cli import run
+{body}
+run(convert.main)
+""")
+    return driver
+
+
+def test_a_replace_killed_at_its_first_rename_still_leaves_the_destination(tmp_path, canonical):
+    """kill -9 right after a replace's first rename (where the old directory used to move aside): the destination
+    is there, the new copy, because the replace is one rename (an exchange)."""
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    driver = _driver(tmp_path, f"""
+real = os.replace
+def replace(a, b):
+    real(a, b)
+    if str(b).endswith(".old"):
+        os._exit(137)  # killed between the two renames of a replace
+os.replace = replace
+sys.argv[1:] = [{str(canonical)!r}, {str(dst)!r}, "--to", "hf", "--force"]
+""")
+    result = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=checkout_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driver.py", "m.safetensors", "out-hf"]
+
+
+def test_a_reader_that_finds_only_the_moved_aside_copy_puts_it_back(tmp_path, canonical):
+    import torch_model
+
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    os.replace(dst, tmp_path / ".out-hf.old")  # a replace without the exchange, killed between its renames
+    torch_model.from_pretrained(dst)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert not (tmp_path / ".out-hf.old").exists()
+
+
+def test_without_the_exchange_a_replace_falls_back_to_two_renames(tmp_path, canonical, monkeypatch):
+    monkeypatch.setattr(shared_config.io, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    convert(tmp_path / "m.safetensors", dst, to="hf", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "out-hf"]
+    convert(dst, tmp_path / "back.safetensors")
+
+
+WRITES = {"flax": "out-flax", "hf": "out-hf", "fla": "out-fla", "torch": "out.pt", "safetensors": "out.safetensors"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("fmt", list(WRITES))
+def test_sigterm_at_any_instant_of_a_write_is_exit_143_one_line_and_no_debris(tmp_path, fmt, delay):
+    """SIGTERM a fixed delay after a write starts (the first temp name is taken), for every format's writer
+    (Orbax's runs native threads): exit 143 with one line and nothing left, or, when the write had finished,
+    exit 0 and the complete destination."""
+    src = tmp_path / "src.safetensors"
+    spec = load_spec("gla-tiny") if fmt == "fla" else make_spec()
+    save_checkpoint(src, init_weights(spec, 0), spec)
+    dst = tmp_path / WRITES[fmt]
+    driver = _driver(tmp_path, f"""
+import tempfile
+for name in ("mkstemp", "mkdtemp"):
+    def started(*args, _real=getattr(tempfile, name), **kwargs):
+        made = _real(*args, **kwargs)
+        print("writing", flush=True)
+        return made
+    setattr(tempfile, name, started)
+sys.argv[1:] = [{str(src)!r}, {str(dst)!r}, "--to", {fmt!r}]
+""")
+    p = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=checkout_env())
+    assert p.stdout.readline() == "writing\n"
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    left = sorted(x.name for x in tmp_path.iterdir())
+    if p.returncode != 0:
+        assert p.returncode == 143 and err.strip() == "error: interrupted by SIGTERM; partial outputs removed", (
+            p.returncode, err[-2000:], left)
+    if dst.name in left:  # the write had finished (the signal came after its rename): complete
+        assert left == sorted(["driver.py", "src.safetensors", dst.name])
+        convert(dst, tmp_path / "back.safetensors")
+    else:
+        assert left == ["driver.py", "src.safetensors"]
 
 
 # --- 5. one writer per run directory ---------------------------------------------------------------
