@@ -783,6 +783,18 @@ def test_a_fifo_in_a_checkpoint_directory_is_refused_without_blocking(tmp_path, 
     assert isinstance(raised, CheckpointError) and f"{src / name}: is a FIFO" in str(raised), raised
 
 
+@pytest.mark.parametrize("name", ["meta.json", "tokenizer.json"])
+def test_a_fifo_in_a_data_directory_is_refused_without_blocking(tmp_path, name):
+    from shared_config.data import DataError, load_data
+
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    os.mkfifo(tmp_path / name)
+    raised = _refused_without_blocking(lambda: load_data(str(tmp_path)), tmp_path / name)
+    assert isinstance(raised, DataError) and str(raised).startswith(f"{tmp_path / name}: "), raised
+    assert "FIFO" in str(raised) or "not a regular file" in str(raised)
+
+
 def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):
     path = _run_with_checkpoint(tmp_path)
     (path / "state.json").unlink()

@@ -125,9 +125,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
                         if old.exists():  # put the previous directory back rather than delete it below
                             os.replace(old, path)
                         raise
-        _fsync_dir(path.parent)
-        with deferred_signals():
-            shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
+                _fsync_dir(path.parent)
+                shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
     except ResourceError as e:  # name the destination, not the temporary directory the user never sees
         raise ResourceError(str(e).replace(str(tmp), str(path))) from e
     finally:
