@@ -90,8 +90,8 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
     file_spec = spec_from_json(read_spec_file(spec_file), spec_file) if spec_file.is_file() else None
     spec = resolve_spec(file_spec, spec, path)
     state_dir = (path / "state").absolute()
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
+    try:  # SIGTERM/SIGINT wait for Orbax's reading threads too (an exception meanwhile is a native abort)
+        with deferred_signals(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(state_dir).item_metadata
             if stored is None:
                 raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")
