@@ -192,7 +192,8 @@ def main(argv=None):
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     for label, spec in specs:  # before anything is allocated: a job that cannot fit is refused in one line
-        need = train_bytes(spec, args.batch, seq) if args.mode == "train" else forward_bytes(spec, args.batch, seq)
+        memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none", "loss_chunk": args.loss_chunk or 0}
+        need = train_bytes(spec, args.batch, seq, **memory) if args.mode == "train" else forward_bytes(spec, args.batch, seq)
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
                      "lower --batch or --seq, or the model's sizes")
     configure_threads(args.threads, shards)

@@ -25,7 +25,7 @@ from shared_config import (
 )
 from shared_config.formats import read_checkpoint
 
-from shared_config.io import write_errors
+from shared_config.io import deferred_signals, write_errors
 from shared_config.limits import MAX_JSON_BYTES, read_capped
 
 from .model import Transformer
@@ -68,8 +68,9 @@ def save_orbax(path: str | Path, weights: dict, spec: ModelSpec, overwrite: bool
     state = to_pure_dict(weights, spec)
     with atomic_dir(path, overwrite) as tmp:
         (tmp / "spec.json").write_text(spec.to_json() + "\n")
-        with write_errors(path), ocp.StandardCheckpointer() as checkpointer:  # leaving it waits for the async save
-            checkpointer.save(tmp.absolute() / "state", state)
+        # SIGTERM/SIGINT wait for Orbax's threads: an exception raised meanwhile ends in a native abort
+        with deferred_signals(), write_errors(path), ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp.absolute() / "state", state)  # leaving the checkpointer waits for the async save
 
 
 def read_spec_file(path: Path) -> bytes:
@@ -89,8 +90,8 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
     file_spec = spec_from_json(read_spec_file(spec_file), spec_file) if spec_file.is_file() else None
     spec = resolve_spec(file_spec, spec, path)
     state_dir = (path / "state").absolute()
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
+    try:  # SIGTERM/SIGINT wait for Orbax's reading threads too (an exception meanwhile is a native abort)
+        with deferred_signals(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(state_dir).item_metadata
             if stored is None:
                 raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")

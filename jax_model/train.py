@@ -68,6 +68,7 @@ def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chu
     whole number of chunks with weight 0 (torch_model's last chunk is shorter: the same sum)."""
     D = x_BTD.shape[-1]
     x_MD, targets_M, weights_M = x_BTD.reshape(-1, D), targets_BT.reshape(-1), weights_BT.reshape(-1)
+    chunk = min(chunk, targets_M.shape[0])  # never padded past the tokens there are
     pad = -targets_M.shape[0] % chunk
     x_CcD = jnp.pad(x_MD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
     targets_Cc, weights_Cc = (jnp.pad(a, (0, pad)).reshape(-1, chunk) for a in (targets_M, weights_M))
@@ -93,7 +94,7 @@ def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | No
     `decide`; None: top-k, as training)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
     aux = {} if cfg is not None else None
-    if not loss_chunk:
+    if not loss_chunk or loss_chunk >= targets_BT.size:  # one chunk of every token is no chunking
         loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
         x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)

@@ -147,3 +147,40 @@ def test_export_refuses_the_literature_placements_by_name(tmp_path, placement):
     with pytest.raises(CheckpointError, match=f"no Hugging Face equivalent for norm_placement={placement} "):
         convert(src, tmp_path / "hf", to="hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("qwen3", "Qwen3Config")])
+def test_the_defaults_table_holds_transformers_defaults(model_type, config_class):
+    from shared_config.config_json import DEFAULTS
+
+    config = getattr(transformers, config_class)()
+    for key, default in DEFAULTS[model_type].items():
+        found = config.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(config, key)
+        if default is None:  # derived by transformers as by our spec
+            assert found == {"head_dim": config.hidden_size // config.num_attention_heads,
+                             "num_key_value_heads": config.num_attention_heads}[key], key
+        else:
+            assert found == default, (key, found, default)
+
+
+@pytest.mark.parametrize("deleted, expect", [
+    ("head_dim", {"head_dim": 128}),  # Qwen3's documented default, where Llama derives d_model / n_heads
+    ("num_key_value_heads", "n_kv_heads=32"),  # Qwen3's default: 32, refused for 6 heads as transformers cannot run it
+    ("rms_norm_eps", {"norm_eps": 1e-6}),
+    ("tie_word_embeddings", {"tie_embeddings": False}),
+])
+def test_keys_omitted_from_a_qwen3_config_take_transformers_defaults(tmp_path, deleted, expect):
+    spec = make_spec(qk_norm=True, head_dim=128, n_kv_heads=2, norm_eps=1e-6)
+    save_checkpoint(tmp_path / "m.safetensors", parity_weights(spec), spec)
+    convert(tmp_path / "m.safetensors", tmp_path / "hf", to="hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config[deleted]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    if isinstance(expect, str):
+        with pytest.raises(CheckpointError, match=expect):
+            convert(tmp_path / "hf", tmp_path / "back.safetensors")
+        return
+    assert getattr(transformers.AutoConfig.from_pretrained(tmp_path / "hf"), deleted) == getattr(
+        transformers.Qwen3Config(), deleted)
+    convert(tmp_path / "hf", tmp_path / "back.safetensors")
+    assert load_checkpoint(tmp_path / "back.safetensors")[1] == spec.replace(**expect)

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -172,6 +173,31 @@ def test_a_pt_file_whose_spec_claims_a_million_layers_is_refused_before_its_layo
     assert peak < 50 * 2**20
 
 
+def _fla_dir(tmp_path, **edits) -> Path:
+    """A flash-linear-attention GLA directory of gla-tiny with config.json `edits` (None: the key deleted)."""
+    spec = load_spec("gla-tiny")
+    save_checkpoint(tmp_path / "g.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "g.safetensors", tmp_path / "fla", to="fla")
+    config = json.loads((tmp_path / "fla" / "config.json").read_text())
+    config.update(edits)
+    (tmp_path / "fla" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return tmp_path / "fla"
+
+
+@pytest.mark.parametrize("read", ["convert", "jax", "torch"])
+def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is_built(tmp_path, read):
+    import jax_model
+    import torch_model
+
+    fla = _fla_dir(tmp_path, num_hidden_layers=10**6)
+    readers = {"convert": lambda: convert(fla, tmp_path / "out.safetensors"), "jax": lambda: jax_model.from_pretrained(fla),
+               "torch": lambda: torch_model.from_pretrained(fla)}
+    raised, peak = peak_memory(readers[read])
+    assert isinstance(raised, CheckpointError) and "1,000,000 layers" in str(raised), raised
+    assert "the file holds 31" in str(raised)
+    assert peak < 50 * 2**20  # the table of 1.4e7 entries would take gigabytes (and a minute)
+
+
 @pytest.mark.parametrize("script, args, says", [
     ("init_checkpoint", ["--spec", "tiny", "--set", "vocab_size=1000000000000", "--out", "x.safetensors"],
      "drawing 3 layers of d_model 96, vocab 1,000,000,000,000 needs about"),
@@ -283,6 +309,45 @@ def test_values_quoted_in_errors_are_shortened(tmp_path, canonical):
     with pytest.raises(CheckpointError) as e:
         convert(safetensors_file(tmp_path / "s.safetensors", header, bytes(4)), tmp_path / "o.pt", spec="tiny")
     assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("edits, says", [
+    ({"intermediate_size": None, "hidden_ratio": float("nan")}, "hidden_ratio must be a finite number, got nan"),
+    ({"intermediate_size": None, "hidden_ratio": 1e308}, "hidden_ratio × hidden_size must be in (0, 2^62), got 1e+308 × 64"),
+    ({"intermediate_size": None, "hidden_ratio": "x"}, "hidden_ratio must be a finite number, got 'x'"),
+    ({"intermediate_size": None, "hidden_ratio": -2}, "hidden_ratio × hidden_size must be in (0, 2^62), got -2 × 64"),
+    ({"intermediate_size": None, "hidden_size": 10**400}, "hidden_ratio × hidden_size must be in (0, 2^62)"),
+    ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+    ({"intermediate_size": None, "hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
+    ({"num_heads": True}, "num_heads must be an integer, got True"),
+    ({"norm_eps": float("inf")}, "norm_eps must be a finite number, got inf"),
+    ({"fuse_norm": "false"}, "fuse_norm must be true or false, got 'false'"),
+    ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false, got 0"),
+], ids=["ratio-nan", "ratio-1e308", "ratio-str", "ratio-negative", "size-huge-int", "size-str", "size-str-no-ff",
+        "heads-bool", "eps-inf", "fuse-str", "tie-int"])
+def test_fla_config_values_are_typed_before_any_arithmetic(tmp_path, edits, says):
+    fla = _fla_dir(tmp_path, **edits)
+    with pytest.raises(CheckpointError) as e:
+        convert(fla, tmp_path / "out.safetensors")
+    assert str(e.value).startswith(str(fla / "config.json")) and says in str(e.value), str(e.value)
+    assert len(str(e.value)) < len(str(fla)) + 200
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("edits, says", [
+    ({"hidden_size": "48"}, "hidden_size must be an integer, got '48'"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer, got 2.0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number, got nan"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false, got 'no'"),
+], ids=["size-str", "layers-float", "eps-nan", "tie-str"])
+def test_hugging_face_config_values_are_typed_naming_the_key(tmp_path, canonical, edits, says):
+    hf = tmp_path / "hf"
+    convert(canonical, hf, to="hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **edits}))
+    with pytest.raises(CheckpointError) as e:
+        convert(hf, tmp_path / "out.safetensors")
+    assert str(e.value).startswith(str(hf / "config.json")) and says in str(e.value), str(e.value)
 
 
 def test_an_error_line_is_capped(capsys):
@@ -503,6 +568,102 @@ def test_a_replace_cut_between_its_renames_is_recovered_never_deleted(tmp_path, 
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
 
 
+def _driver(tmp_path, body: str) -> Path:
+    """A Python script that runs `body` (which may patch the library) and then convert.py's main under cli.run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT / 'scripts')!r})
+import convert
+from shared_config.cli import run
+{body}
+run(convert.main)
+""")
+    return driver
+
+
+def test_a_replace_killed_at_its_first_rename_still_leaves_the_destination(tmp_path, canonical):
+    """kill -9 right after a replace's first rename (where the old directory used to move aside): the destination
+    is there, the new copy, because the replace is one rename (an exchange)."""
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    driver = _driver(tmp_path, f"""
+real = os.replace
+def replace(a, b):
+    real(a, b)
+    if str(b).endswith(".old"):
+        os._exit(137)  # killed between the two renames of a replace
+os.replace = replace
+sys.argv[1:] = [{str(canonical)!r}, {str(dst)!r}, "--to", "hf", "--force"]
+""")
+    result = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=checkout_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driver.py", "m.safetensors", "out-hf"]
+
+
+def test_a_reader_that_finds_only_the_moved_aside_copy_puts_it_back(tmp_path, canonical):
+    import torch_model
+
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    os.replace(dst, tmp_path / ".out-hf.old")  # a replace without the exchange, killed between its renames
+    torch_model.from_pretrained(dst)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert not (tmp_path / ".out-hf.old").exists()
+
+
+def test_without_the_exchange_a_replace_falls_back_to_two_renames(tmp_path, canonical, monkeypatch):
+    monkeypatch.setattr(shared_config.io, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    dst = tmp_path / "out-hf"
+    convert(canonical, dst, to="hf")
+    convert(tmp_path / "m.safetensors", dst, to="hf", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "out-hf"]
+    convert(dst, tmp_path / "back.safetensors")
+
+
+WRITES = {"flax": "out-flax", "hf": "out-hf", "fla": "out-fla", "torch": "out.pt", "safetensors": "out.safetensors"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("fmt", list(WRITES))
+def test_sigterm_at_any_instant_of_a_write_is_exit_143_one_line_and_no_debris(tmp_path, fmt, delay):
+    """SIGTERM a fixed delay after a write starts (the first temp name is taken), for every format's writer
+    (Orbax's runs native threads): exit 143 with one line and nothing left, or, when the write had finished,
+    exit 0 and the complete destination."""
+    src = tmp_path / "src.safetensors"
+    spec = load_spec("gla-tiny") if fmt == "fla" else make_spec()
+    save_checkpoint(src, init_weights(spec, 0), spec)
+    dst = tmp_path / WRITES[fmt]
+    driver = _driver(tmp_path, f"""
+import tempfile
+for name in ("mkstemp", "mkdtemp"):
+    def started(*args, _real=getattr(tempfile, name), **kwargs):
+        made = _real(*args, **kwargs)
+        print("writing", flush=True)
+        return made
+    setattr(tempfile, name, started)
+sys.argv[1:] = [{str(src)!r}, {str(dst)!r}, "--to", {fmt!r}]
+""")
+    p = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=checkout_env())
+    assert p.stdout.readline() == "writing\n"
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    left = sorted(x.name for x in tmp_path.iterdir())
+    if p.returncode != 0:
+        assert p.returncode == 143 and err.strip() == "error: interrupted by SIGTERM; partial outputs removed", (
+            p.returncode, err[-2000:], left)
+    if dst.name in left:  # the write had finished (the signal came after its rename): complete
+        assert left == sorted(["driver.py", "src.safetensors", dst.name])
+        convert(dst, tmp_path / "back.safetensors")
+    else:
+        assert left == ["driver.py", "src.safetensors"]
+
+
 # --- 5. one writer per run directory ---------------------------------------------------------------
 
 
@@ -551,6 +712,17 @@ def test_an_edited_copy_in_a_checkpoint_is_refused_naming_both_values(tmp_path, 
     assert says in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("changes", [{"grad_accum_steps": 2}, {"remat": "full"}, {"loss_chunk": 7},
+                                     {"grad_accum_steps": 4, "remat": "block", "loss_chunk": 1}])
+def test_memory_options_changed_by_a_resume_are_not_a_disagreement_with_run_json(tmp_path, changes):
+    # run.json keeps the first invocation's train config; a resume may change the memory options each time
+    path = _run_with_checkpoint(tmp_path)
+    state = json.loads((path / "state.json").read_text())
+    state["train_config"].update(changes)
+    (path / "state.json").write_text(json.dumps(state))
+    assert run_dir.read_state(path)["train_config"] == state["train_config"]
+
+
 def test_train_resume_refuses_an_edited_state_json_in_one_line(tmp_path):
     path = _run_with_checkpoint(tmp_path)
     state = json.loads((path / "state.json").read_text())
@@ -559,6 +731,90 @@ def test_train_resume_refuses_an_edited_state_json_in_one_line(tmp_path):
     result = run_script("train", "--backend", "torch", "--out", tmp_path, "--resume", "--quiet")
     one_line(result, 2, "state.json and model.safetensors record different specs",
              "norm_type: state.json 'layernorm' vs model.safetensors 'rms'")
+
+
+def _refused_without_blocking(read, fifo: Path):
+    """What `read()` raised, run in a thread; a read still blocked on the writer-less FIFO after 20 s fails the
+    test (the FIFO is then opened for writing and closed, so the blocked open returns and the thread ends)."""
+    import threading
+
+    raised = []
+
+    def target():
+        try:
+            read()
+        except BaseException as e:  # noqa: BLE001 (returned to the test)
+            raised.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(20)
+        pytest.fail(f"blocked opening the FIFO {fifo}")
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("name", ["state.json", "model.safetensors", "optimizer.safetensors", "../run.json",
+                                  "../metrics.jsonl"])
+def test_a_fifo_where_a_run_file_is_expected_is_refused_without_blocking(tmp_path, name):
+    path = _run_with_checkpoint(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    fifo = (path / name).resolve()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    read = run_dir.read_metrics if name.endswith("jsonl") else run_dir.load_train_checkpoint
+    raised = _refused_without_blocking(lambda: read(fifo if name.endswith("jsonl") else path), fifo)
+    assert isinstance(raised, CheckpointError) and f"{fifo}: is a FIFO, not a regular" in str(raised), raised
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("fmt", ["hf", "fla"])
+def test_a_fifo_in_a_checkpoint_directory_is_refused_without_blocking(tmp_path, canonical, fmt, name):
+    src = _fla_dir(tmp_path) if fmt == "fla" else tmp_path / "hf"
+    if fmt == "hf":
+        convert(canonical, src, to="hf")
+    from shared_config import fla, hf
+
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    raised = _refused_without_blocking(lambda: {"hf": hf.read_hf, "fla": fla.read_fla}[fmt](src), src / name)
+    assert isinstance(raised, CheckpointError) and f"{src / name}: is a FIFO" in str(raised), raised
+
+
+@pytest.mark.parametrize("name", ["meta.json", "tokenizer.json"])
+def test_a_fifo_in_a_data_directory_is_refused_without_blocking(tmp_path, name):
+    from shared_config.data import DataError, load_data
+
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    os.mkfifo(tmp_path / name)
+    raised = _refused_without_blocking(lambda: load_data(str(tmp_path)), tmp_path / name)
+    assert isinstance(raised, DataError) and str(raised).startswith(f"{tmp_path / name}: "), raised
+    assert "FIFO" in str(raised) or "not a regular file" in str(raised)
+
+
+def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):
+    path = _run_with_checkpoint(tmp_path)
+    (path / "state.json").unlink()
+    os.mkfifo(path / "state.json")
+    result = run_script("train", "--backend", "torch", "--out", tmp_path, "--resume", "--quiet")  # 600 s timeout
+    one_line(result, 2, f"{path / 'state.json'}: is a FIFO, not a regular JSON file")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"version": "1.0", "model": {"type": "BPE"', "not a valid tokenizers file: EOF while parsing"),
+    (b'{"version": "1.0", "model": {"type": "BPE", "vocab": "x"}}', "not a valid tokenizers file: invalid type"),
+    (b"\xff\xfe{}", "not a valid tokenizers file: not UTF-8"),
+    (None, "is a FIFO, not a regular tokenizer file"),
+], ids=["truncated", "wrong-type", "not-utf8", "fifo"])
+def test_a_bad_tokenizer_beside_the_weights_is_one_line(tmp_path, canonical, content, says):
+    tokenizer = tmp_path / "tokenizer.json"
+    os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
+    generate = load_script("generate")
+    raised = _refused_without_blocking(lambda: generate.load_tokenizer(canonical, make_spec()), tokenizer)
+    assert isinstance(raised, CheckpointError) and str(raised).startswith(f"{tokenizer}: {says}"), raised
 
 
 # --- 7. zero and empty are values, never "not given" -----------------------------------------------

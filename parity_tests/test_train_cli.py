@@ -99,3 +99,18 @@ def test_the_norm_study_on_a_few_steps(tmp_path):
 def test_the_norm_study_names_the_placements_it_takes():
     with pytest.raises(UsageError, match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
         load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
+
+
+@pytest.mark.slow
+def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path):
+    # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
+    out = tmp_path / "run"
+    chain = [("torch", []), ("jax", ["--set", "grad_accum_steps=2"]), ("torch", ["--set", "remat=block"]),
+             ("jax", []), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
+    for step, (backend, changes) in enumerate(chain, 1):
+        resume = ["--resume"] if step > 1 else ["--steps", str(len(chain))]
+        result = run_script("train", "--backend", backend, "--out", out, *resume, "--stop-at", str(step),
+                            "--save-every", "1", *changes, *SHORT)
+        assert result.returncode == 0, (step, result.stderr[-3000:])
+        assert json.loads(result.stdout)["step"] == step
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 6))

@@ -85,3 +85,36 @@ def test_torch_compile_runs_every_option_together():
     state, _ = step(state, *masked_batch(cfg, 0, SPEC.V))
     got = torch_train.get_train_state(model, state)
     assert max(max_rel(got["m"][k], r) for k, r in ref["m"].items()) <= ACCUM_TOL
+
+
+@pytest.mark.parametrize("chunk", [8 * 32, 10**12])
+def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
+    """The 8·32 target tokens in one chunk, or a chunk of 10^12 tokens (which the config accepts): the plain loss,
+    traced and computed as without chunking (JAX never pads a [10^12, D] array; torch never checkpoints a chunk)."""
+    import jax
+
+    from jax_model import train as jax_train
+
+    tokens, mask = masked_batch(CFG, 0, SPEC.V)
+    (_, jax_twin, _), (_, torch_twin, _) = TWINS
+    model = jax_twin.from_weights(parity_weights(SPEC), SPEC)
+    traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens)) for c in (0, chunk)]
+    assert traced[1] == traced[0]
+    monkeypatch.setattr(torch_train, "checkpoint", lambda *a, **k: pytest.fail("a chunk was checkpointed"))
+    losses = [torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(SPEC), SPEC), tokens, mask,
+                                         loss_chunk=c)[0] for c in (0, chunk)]
+    assert losses[1] == losses[0]
+
+
+def test_the_memory_pre_check_counts_every_memory_option(monkeypatch):
+    """train_bytes (scripts/train.py's and bench/compare.py's check before allocating) with each option."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    spec = make_spec(vocab_size=50_000)
+    plain = resources.train_bytes(spec, 8, 256)
+    assert resources.train_bytes(spec, 8, 256, loss_chunk=10**12) == plain  # past the tokens: no chunking
+    assert resources.train_bytes(spec, 8, 256, loss_chunk=64) < plain / 4  # the [B·T, V] logits dominate
+    assert resources.train_bytes(spec, 8, 256, grad_accum_steps=4) < plain / 3  # one micro-batch's activations
+    assert resources.train_bytes(spec, 8, 256, remat="block") < plain
+    assert resources.train_bytes(spec, 8, 256, remat="full") < resources.train_bytes(spec, 8, 256, remat="block")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from shared_config.cli import Parser, UsageError, fail, run
+from shared_config.io import CheckpointError
+from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
 
@@ -89,7 +91,16 @@ class HFTokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            text = read_capped(path, MAX_JSON_BYTES, "tokenizer file")  # a regular file, bounded, never a FIFO
+            self.tokenizer = Tokenizer.from_str(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: not a valid tokenizers file: not UTF-8") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(str(e) if isinstance(e, ValueError) else f"{path}: cannot read: {e.strerror}") from None
+        except Exception as e:  # tokenizers raises its own Exception subclass for a malformed file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: not a valid tokenizers file: {quote(first)[1:-1]}") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -101,7 +112,7 @@ class HFTokenizer:
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
     path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
-    if path.is_file():
+    if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
         return HFTokenizer(path)
     if spec.V >= 256:
         return ByteTokenizer()

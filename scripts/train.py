@@ -100,7 +100,8 @@ def resolve_run(args) -> Run:
     cfg = with_changes(base_config(args, stored), cfg_changes)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
-    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len), f"training {spec.L} layers of d_model {spec.D}, "
+    memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}  # every memory option counts
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory), f"training {spec.L} layers of d_model {spec.D}, "
                  f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
                  "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
     if stored:

@@ -125,7 +125,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        sys.exit(main(argv) or 0)
+        code = main(argv) or 0
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the job is done: Python's shutdown would die of it silently
+        sys.exit(code)
     except USER_ERRORS as e:
         _debug(argv)
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"

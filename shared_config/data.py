@@ -204,7 +204,7 @@ def _max_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
 def read_meta(directory: Path) -> dict:
     """`meta.json` of a data directory ({} when absent): dtype, vocab_size, tokenizer, token counts."""
     path = directory / "meta.json"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device in its place is refused by read_json, without blocking
         return {}
     try:
         return read_json(path)
@@ -214,6 +214,8 @@ def read_meta(directory: Path) -> dict:
 
 def _tokenizer_in(directory: Path) -> Path | None:
     tokenizer = directory / "tokenizer.json"
+    if tokenizer.exists() and not tokenizer.is_file():  # copied whole into the run: never a FIFO or a device
+        raise DataError(f"{tokenizer}: not a regular file; pass a data directory whose tokenizer.json is one")
     return tokenizer if tokenizer.is_file() else None
 
 

@@ -17,9 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import save_file
 
-from .io import CheckpointError, atomic_dir, atomic_write, check_weights, np_dtype, read_json, read_safetensors
-from .io import resolve_spec, spec_from_metadata
+from .config_json import ConfigValueError, config_value
+from .io import CheckpointError, atomic_dir, atomic_write, check_size, check_weights, read_json, read_safetensors
+from .io import resolve_spec, safetensors_header, spec_from_metadata
 from .layout import layout
+from .limits import quote
 from .spec import ModelSpec, SpecError, load_spec
 
 # spec field <- config.json key
@@ -35,8 +37,7 @@ CONFIG_KEYS = {
     "gla_expand_k": "expand_k",
     "gla_expand_v": "expand_v",
 }
-# GLAConfig's defaults for the optional keys
-CONFIG_DEFAULTS = {"norm_eps": 1e-6, "tie_word_embeddings": False, "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4}
+# An omitted key is read with GLAConfig's default (shared_config.config_json.DEFAULTS["gla"]).
 # The only values we implement of keys that change the computation (an absent key means this value).
 CONFIG_REQUIRED = {
     "num_kv_heads": None, "feature_map": None, "use_short_conv": False, "use_output_gate": True, "clamp_min": None,
@@ -105,13 +106,16 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
             continue  # as many kv heads as heads: plain multi-head
         if config.get(key, value) != value:
             raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
-    config = dict(config)
-    if config.get("intermediate_size") is None and "hidden_size" in config:  # fla's GatedMLP: 2/3 · ratio, to 256
-        ff = int(config["hidden_size"] * config.get("hidden_ratio", CONFIG_DEFAULTS["hidden_ratio"]) * 2 / 3)
-        config["intermediate_size"] = 256 * ((ff + 255) // 256)
-    if missing := [k for k in CONFIG_KEYS.values() if k not in config and k not in CONFIG_DEFAULTS]:
-        raise CheckpointError(f"{path}: missing keys: {', '.join(missing)}")
-    fields = {field: config.get(key, CONFIG_DEFAULTS.get(key)) for field, key in CONFIG_KEYS.items()}
+    try:
+        fields = {field: config_value(config, "gla", key, path) for field, key in CONFIG_KEYS.items()}
+        if fields["d_ff"] is None:  # fla's GatedMLP: 2/3 · hidden_ratio · hidden_size, rounded up to 256
+            ratio, d = config_value(config, "gla", "hidden_ratio", path), fields["d_model"]
+            if ratio is None or not 0 < d < 2**62 or not 0 < ratio * d < 2**62:  # before float(d) can overflow
+                raise ConfigValueError(f"{path}: without intermediate_size, hidden_ratio × hidden_size must be in "
+                                       f"(0, 2^62), got {quote(ratio)} × {quote(d)}")
+            fields["d_ff"] = 256 * ((int(fields["d_model"] * ratio * 2 / 3) + 255) // 256)
+    except ConfigValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         return load_spec({**(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None, "head_dim": None})
     except SpecError as e:
@@ -119,16 +123,24 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
 
 
 def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
-    """Canonical weights and the spec of a flash-linear-attention GLA directory; `spec` must agree with it."""
+    """Canonical weights and the spec of a flash-linear-attention GLA directory; `spec` must agree with it.
+    config.json and the safetensors header are checked before any tensor is read."""
     path = Path(path)
     config = read_json(path / "config.json")
-    stored, meta = read_safetensors(path / "model.safetensors")
+    header = safetensors_header(path / "model.safetensors")
+    meta = header.get("__metadata__") or {}
     base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
-    bf16 = bool(stored) and all(w.dtype == np_dtype("bfloat16") for w in stored.values())
+    dtypes = [e.get("dtype") for n, e in header.items() if n != "__metadata__"]
+    bf16 = bool(dtypes) and all(d == "BF16" for d in dtypes)
     base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
     spec = resolve_spec(spec_from_config(config, path / "config.json", base), spec, path)
-    fuse_norm = config.get("fuse_norm", True)
+    try:
+        fuse_norm = config_value(config, "gla", "fuse_norm", path / "config.json")
+    except ConfigValueError as e:
+        raise CheckpointError(str(e)) from None
+    check_size(len(dtypes), spec, path)  # before the layout table of a spec claiming 10^7 layers
     names = {fla_name(t.name, fuse_norm): t.name for t in layout(spec)}
+    stored, _ = read_safetensors(path / "model.safetensors")
     if spec.tie_embeddings:
         stored.pop("lm_head.weight", None)  # transformers may store the tied matrix twice
     if unknown := sorted(set(stored) - set(names)):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fla, hf
-from .io import CheckpointError, check_weights, load_checkpoint, read_json
+from .io import CheckpointError, check_weights, load_checkpoint, read_json, restore_old
 from .spec import ModelSpec
 
 FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
@@ -74,6 +74,7 @@ def read_any(src: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     """Canonical weights as stored, the spec and the source format of a checkpoint in any format; names,
     shapes and float dtypes checked, values not (NaN/Inf: `read_checkpoint`)."""
     src = Path(src)
+    restore_old(src)  # a directory whose replace was killed between its renames is read, not "no such file"
     source = source_format(src)
     weights, spec = READERS[source](src, spec)
     check_weights(weights, spec, src, allow_nonfinite=True)

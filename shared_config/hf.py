@@ -15,13 +15,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .config_json import DEFAULTS, ConfigValueError, config_value
 from .io import (
     CheckpointError,
     atomic_dir,
-    np_dtype,
+    check_size,
     read_json,
     read_safetensors,
     resolve_spec,
+    safetensors_header,
     save_checkpoint,
     spec_from_metadata,
     without_derived,
@@ -47,8 +49,7 @@ CONFIG_KEYS = {
     "tie_embeddings": "tie_word_embeddings",
 }
 
-# transformers' defaults for the optional keys (None: derived, as in our spec).
-CONFIG_DEFAULTS = {"num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+# An omitted key is read with transformers' default for the model type (shared_config.config_json.DEFAULTS).
 
 # The only values we implement of keys that change the computation (an absent key means this value).
 CONFIG_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_sliding_window": False}
@@ -117,11 +118,12 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
         raise CheckpointError(f"{path}: layer_types must be a list of strings, got {quote(layer_types)}")
     if other := sorted(set(layer_types) - {"full_attention"}):
         raise CheckpointError(f"{path}: layer_types {quote(other)} are not supported (only full_attention)")
-    if missing := [k for k in CONFIG_KEYS.values() if k not in config and k not in CONFIG_DEFAULTS]:
-        raise CheckpointError(f"{path}: missing keys: {', '.join(missing)}")
-    fields = {field: config.get(key, CONFIG_DEFAULTS.get(key)) for field, key in CONFIG_KEYS.items()}
     try:
-        return load_spec({**(base or {}), **HF_SPEC, **fields, "qk_norm": model_type == "qwen3", **_rope(config, path)})
+        fields = {field: config_value(config, model_type, key, path) for field, key in CONFIG_KEYS.items()}
+        rope = _rope(config, path, DEFAULTS[model_type]["rope_theta"])
+        return load_spec({**(base or {}), **HF_SPEC, **fields, "qk_norm": model_type == "qwen3", **rope})
+    except ConfigValueError as e:
+        raise CheckpointError(str(e)) from None
     except SpecError as e:
         raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
 
@@ -138,13 +140,14 @@ def _model_type(config: Mapping[str, Any], path) -> str:
     return model_type
 
 
-def _rope(config: Mapping[str, Any], path) -> dict[str, Any]:
-    """RoPE spec fields from `rope_parameters` (transformers 5.x) or top-level `rope_theta`/`rope_scaling` (4.x)."""
+def _rope(config: Mapping[str, Any], path, theta: float) -> dict[str, Any]:
+    """RoPE spec fields from `rope_parameters` (transformers 5.x) or top-level `rope_theta`/`rope_scaling` (4.x);
+    `theta`: the model type's default base."""
     new, scaling = config.get("rope_parameters"), config.get("rope_scaling")
     scaling = {} if scaling is None else scaling  # null: no scaling; 0, "" or false are not read as null
-    old = {**_mapping(scaling, "rope_scaling", path), "rope_theta": config.get("rope_theta", 10000.0)}
-    fields = _rope_fields(_mapping(new, "rope_parameters", path) if new is not None else old, path)
-    if new is not None and ("rope_theta" in config or scaling) and _rope_fields(old, path) != fields:
+    old = {**_mapping(scaling, "rope_scaling", path), "rope_theta": config.get("rope_theta", theta)}
+    fields = _rope_fields(_mapping(new, "rope_parameters", path) if new is not None else old, path, theta)
+    if new is not None and ("rope_theta" in config or scaling) and _rope_fields(old, path, theta) != fields:
         # transformers 4.x and 5.x would build different models from this file
         raise CheckpointError(f"{path}: rope_parameters {quote(new)} disagree with rope_theta/rope_scaling {quote(old)}")
     return fields
@@ -156,12 +159,12 @@ def _mapping(value: Any, key: str, path) -> Mapping[str, Any]:
     return value
 
 
-def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
+def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any]:
     # an unknown key (partial_rotary_factor, per-layer-type parameters, ...) would change what is computed
     if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
         raise CheckpointError(f"{path}: RoPE parameters {quote(unknown)} are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
-    fields = {"rope_theta": params.get("rope_theta", 10000.0), "rope_scaling": "none"}
+    fields = {"rope_theta": params.get("rope_theta", theta), "rope_scaling": "none"}
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
@@ -175,18 +178,22 @@ def _rope_fields(params: Mapping[str, Any], path) -> dict[str, Any]:
 
 
 def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
-    """Canonical weights (as stored) and the spec of a Hugging Face directory; `spec` must agree with it."""
+    """Canonical weights (as stored) and the spec of a Hugging Face directory; `spec` must agree with it.
+    config.json and the safetensors headers are checked before any tensor is read."""
     path = Path(path)
     config = read_json(path / "config.json")
-    weights, meta = _read_weights(path)
-    weights = without_derived(weights, path)
+    headers = _headers(path)
+    meta = next((m for h in headers.values() if (m := h.get("__metadata__"))), {})
     # Fields config.json has no key for: from our metadata if present, else from the given spec.
     base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)
     # bfloat16 stays bfloat16; anything else widens to float32 (lossless for float16)
-    bf16 = bool(weights) and all(w.dtype == np_dtype("bfloat16") for w in weights.values())
+    dtypes = [e.get("dtype") for h in headers.values() for n, e in h.items() if n != "__metadata__"]
+    bf16 = bool(dtypes) and all(d == "BF16" for d in dtypes)
     base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
     file_spec = spec_from_config(config, path / "config.json", base)
     spec = resolve_spec(file_spec, spec, path)
+    check_size(len(dtypes), spec, path)  # before reading the tensors of a spec claiming 10^7 layers
+    weights = without_derived(_read_weights(path, headers), path)
     lm_head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
     if spec.tie_embeddings and lm_head is not None and embed is not None and np.array_equal(lm_head, embed):
         del weights["lm_head.weight"]  # some tied checkpoints store the shared matrix twice
@@ -201,23 +208,29 @@ def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpe
         save_checkpoint(tmp / "model.safetensors", weights, spec, file_format="pt")
 
 
-def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and metadata of `model.safetensors`, or of the shards that the index lists."""
+def _headers(path: Path) -> dict[Path, dict]:
+    """The checked safetensors header of `model.safetensors`, or of each shard the index lists, by file."""
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file() or not index.is_file():
-        return read_safetensors(path / "model.safetensors")
+        return {path / "model.safetensors": safetensors_header(path / "model.safetensors")}
     weight_map = read_json(index).get("weight_map")
     # shard names must be plain file names: an index must not point outside its directory
     shards = weight_map.values() if isinstance(weight_map, dict) else [None]
     if not all(isinstance(f, str) and Path(f).name == f for f in shards):
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names in {path}")
-    weights, meta = {}, {}
-    for shard in sorted(set(weight_map.values())):
-        w, m = read_safetensors(path / shard)
-        if wrong := [n for n in w if weight_map.get(n) != shard]:
-            raise CheckpointError(f"{path / shard}: holds tensors the index places elsewhere: {group_names(wrong)}")
-        weights.update(w)
-        meta = meta or m
-    if absent := [n for n in weight_map if n not in weights]:
+    headers = {path / shard: safetensors_header(path / shard) for shard in sorted(set(weight_map.values()))}
+    for shard, header in headers.items():
+        if wrong := [n for n in header if n != "__metadata__" and weight_map.get(n) != shard.name]:
+            raise CheckpointError(f"{shard}: holds tensors the index places elsewhere: {group_names(wrong)}")
+    held = {n for header in headers.values() for n in header}
+    if absent := [n for n in weight_map if n not in held]:
         raise CheckpointError(f"{index}: lists tensors that no shard holds: {group_names(absent)}")
-    return weights, meta
+    return headers
+
+
+def _read_weights(path: Path, headers: dict[Path, dict]) -> dict[str, np.ndarray]:
+    """The tensors of the files `_headers` checked."""
+    weights = {}
+    for file in headers:
+        weights.update(read_safetensors(file)[0])
+    return weights

@@ -7,14 +7,18 @@ A checkpoint is one `.safetensors` file of the tensors in `layout(spec)`, with t
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import math
 import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -24,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .layout import group_names, layout
-from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote, read_capped
+from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote, read_capped
 from .resources import GB, ResourceError, layout_size
 from .spec import ModelSpec, SpecError, load_spec
 
@@ -71,10 +75,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        with deferred_signals():  # the temp file exists only once `tmp` names it for the cleanup below
+            fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
         with write_errors(path):
             write(tmp)
             # after writing: some writers (safetensors' save_file) replace the file, dropping earlier modes;
@@ -85,39 +91,91 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with deferred_signals():  # a signal during the cleanup waits for it
+                tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside `path`; rename it into place on success.
 
-    A replace (`overwrite`) moves the old directory aside to `.NAME.old` and deletes it only once the
-    new one is in place: a crash at any instant leaves either the old or the new directory at `path`,
-    or the old one at `.NAME.old`, which the next write to `path` (or `recover`) puts back.
+    A replace (`overwrite`) swaps the new directory and the old one in one rename (Linux's renameat2
+    RENAME_EXCHANGE), then deletes the old one: a kill at any instant, -9 included, leaves the old or the
+    new directory at `path`. Where the exchange is not supported it moves the old directory aside to
+    `.NAME.old` first and deletes it once the new one is in place; a kill between those two renames leaves
+    `.NAME.old` alone, which the next write to `path`, and any reader (`recover`), puts back.
     """
     path = Path(path)
     recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
-    old = _old(path)
+    tmp, old = None, _old(path)
     try:
+        with deferred_signals():  # the temp directory exists only once `tmp` names it for the cleanup below
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
         with write_errors(path, library=False):  # the body's own errors pass; what it writes maps its own
             os.chmod(tmp, 0o777 & ~umask())  # as for files: mkdtemp's 0700 is for scratch space
             yield tmp
-            if path.exists() and overwrite:
-                os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                if old.exists():  # put the previous directory back rather than delete it below
-                    os.replace(old, path)
-                raise
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
+            with deferred_signals():  # a SIGTERM/SIGINT now lands after the renames, never between them
+                if not (overwrite and path.exists() and _exchange(tmp, path)):  # exchanged: tmp holds the old copy
+                    if path.exists() and overwrite:
+                        os.replace(path, old)
+                    try:
+                        os.replace(tmp, path)
+                    except BaseException:
+                        if old.exists():  # put the previous directory back rather than delete it below
+                            os.replace(old, path)
+                        raise
+                _fsync_dir(path.parent)
+                shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
     except ResourceError as e:  # name the destination, not the temporary directory the user never sees
         raise ResourceError(str(e).replace(str(tmp), str(path))) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with deferred_signals():  # a signal during the cleanup waits for it
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the existing paths `a` and `b` in one atomic rename (renameat2 RENAME_EXCHANGE, Linux >= 3.15);
+    False where the C library or the file system does not offer it."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends, then act on the first that came (its handler runs then:
+    cli.run's one line and exit 143 or 130). For the steps that must not be cut: a rename pair, a write run by
+    native threads (Orbax's), which a Python exception raised meanwhile turns into a native abort. Outside the
+    main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _old(path: Path) -> Path:
@@ -150,6 +208,15 @@ def recover(path: str | Path) -> None:
         else:
             os.replace(old, path)  # cut between the two renames: the old copy is the only one
     remove_stale(path)
+
+
+def restore_old(path: str | Path) -> None:
+    """For readers: where a replace killed between its two renames left only `.NAME.old`, put it back at `path`
+    (the destination is never found missing)."""
+    path, old = Path(path), _old(Path(path))
+    if not path.exists() and old.is_dir() and not old.is_symlink():
+        with contextlib.suppress(FileNotFoundError):  # another reader or the writer put it back first
+            os.rename(old, path)
 
 
 def _alive(pid: int) -> bool:
@@ -228,8 +295,8 @@ def read_json(path: str | Path) -> dict:
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file, every entry checked against the file before any data is read."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("shorter than the 8-byte header length")
@@ -292,13 +359,25 @@ def _naturals(x) -> bool:
     return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
+def safetensors_header(path: str | Path) -> dict:
+    """The checked JSON header of a safetensors file (`read_header`), no tensor read; a bad file is a
+    CheckpointError."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return read_header(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {' '.join(str(e).split())}") from None
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise CheckpointError(f"{path}: no such file")
     try:
-        meta = read_header(path).get("__metadata__") or {}
+        meta = read_header(path).get("__metadata__") or {}  # a FIFO or device is refused here, never opened by load_file
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -413,10 +492,12 @@ def check_weights(
 def load_checkpoint(
     path: str | Path, spec=None, allow_nonfinite: bool = False
 ) -> tuple[dict[str, np.ndarray], ModelSpec]:
-    """Canonical weights (cast to the spec's param dtype) and the spec, everything checked."""
-    weights, meta = read_safetensors(path)
-    weights = without_derived(weights, path)
-    spec = resolve_spec(spec_from_metadata(meta, path), spec, path)
+    """Canonical weights (cast to the spec's param dtype) and the spec, everything checked; the spec and the
+    tensor count (`check_size`) from the header, before any tensor is read."""
+    header = safetensors_header(path)
+    spec = resolve_spec(spec_from_metadata(header.get("__metadata__") or {}, path), spec, path)
+    check_size(len(header) - ("__metadata__" in header), spec, path)
+    weights = without_derived(read_safetensors(path)[0], path)
     check_weights(weights, spec, path, allow_nonfinite)
     dtype = np_dtype(spec.param_dtype)
     with np.errstate(over="ignore"):  # allow_nonfinite: a float64 past float32's range becomes inf, as asked

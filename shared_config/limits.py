@@ -8,9 +8,11 @@ The README's "Bad input, limits and failures" lists them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,35 @@ def quote(value: Any) -> str:
     return _repr.repr(value)
 
 
-def read_capped(path: str | Path, limit: int, what: str = "file") -> bytes:
-    """The bytes of a file that is read whole, refused (LimitError) past `limit` bytes before any is read."""
+SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                 stat.S_IFSOCK: "a socket"}
+
+
+def open_regular(path: str | Path, what: str = "file"):
+    """`open(path, "rb")` of a regular file; anything else where a file is expected (a FIFO, a device, a socket)
+    is a LimitError naming it, found without blocking: the open does not wait for a FIFO's writer, and nothing
+    is read. A directory is an IsADirectoryError, as from `open`."""
     path = Path(path)
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            kind = SPECIAL_FILES.get(stat.S_IFMT(mode), "not a regular file")
+            raise LimitError(f"{path}: is {kind}, not a regular {what}; pass a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file (`open_regular`) that is read whole, refused (LimitError) past `limit` bytes
+    before any is read."""
+    path = Path(path)
+    with open_regular(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise LimitError(f"{path}: the {what} is {size:,} bytes, over the {limit:,}-byte limit")

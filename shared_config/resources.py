@@ -64,16 +64,24 @@ def init_bytes(spec: ModelSpec) -> int:
     return 2 * weights_bytes(spec) + 12 * largest
 
 
-def train_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+def train_bytes(spec: ModelSpec, batch: int, seq: int, grad_accum_steps: int = 1, remat: str = "none",
+                loss_chunk: int = 0) -> int:
     """A lower bound on the host bytes of one training job: weights, gradients and AdamW's two moments in float32
     in the framework plus the numpy copies of weights and moments (8 copies), and, on a machine without an
-    accelerator, the activations kept for the backward pass (per layer about 12 D + 3 F values per token and the
-    [H, T, T] attention weights, then logits). On an accelerator they live in its memory, which the frameworks
-    report themselves when it runs out (`is_out_of_memory`)."""
+    accelerator, the activations kept for the backward pass of one micro-batch (batch / grad_accum_steps rows):
+    per layer about 12 D + 3 F values per token and the [H, T, T] attention weights (remat "block": the matmul
+    outputs, about 4 D + 2 F per token; "full": the block input, D per token; both plus one layer recomputed in
+    full), then the logits, 3 V per token of one loss chunk (loss_chunk; 0 or past the tokens: all of them at once).
+    On an accelerator they live in its memory, which the frameworks report themselves when it runs out
+    (`is_out_of_memory`). The memory options are the train config's (README, "Training bigger models")."""
     _, params, _ = layout_size(spec)
-    tokens = batch * seq
-    per_layer = tokens * (12 * spec.D + 3 * spec.F) + batch * spec.H * seq * seq
-    activations = 0 if accelerator_present() else spec.L * per_layer + 3 * tokens * spec.V
+    rows = max(1, batch // max(1, grad_accum_steps))
+    tokens = rows * seq
+    full_layer = tokens * (12 * spec.D + 3 * spec.F) + rows * spec.H * seq * seq
+    kept = {"none": full_layer, "block": tokens * (4 * spec.D + 2 * spec.F), "full": tokens * spec.D}[remat]
+    layers = spec.L * kept + (full_layer if remat != "none" else 0)
+    logits = 3 * min(loss_chunk or tokens, tokens) * spec.V
+    activations = 0 if accelerator_present() else layers + logits
     return 4 * (8 * params + activations)
 
 

@@ -32,9 +32,10 @@ from .io import (
     read_safetensors, recover, save_checkpoint, spec_from_json, umask, write_errors,
 )
 from .layout import layout
-from .limits import MAX_JSON_BYTES, LimitError, parse_json, quote
+from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
+from .train_config import MEMORY_OPTIONS
 
 CHECKPOINT = re.compile(r"step-(\d{8})")
 MOMENTS = ("m", "v")  # AdamW's first and second moments, named as in the train state
@@ -108,8 +109,9 @@ def read_state(path: str | Path) -> dict:
 
 def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
     """The run's run.json (when there is one) and a checkpoint's state.json record the same spec, data and train
-    config, but `steps` (which --resume may change)."""
-    if not run_json.is_file():
+    config, but `steps` and the memory options (which any --resume may change, each time: run.json keeps the
+    first invocation's)."""
+    if not run_json.exists():  # a FIFO or device in its place is refused by read_json
         return
     run = read_json(run_json)
     for key in ("spec", "train_config", "data"):
@@ -117,7 +119,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
             continue
         if not isinstance(run.get(key), dict):
             raise CheckpointError(f"{run_json}: missing {key}")
-        skip = ("steps",) if key == "train_config" else ("source",) if key == "data" else ()
+        skip = ("steps", *MEMORY_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
         # data's floats (the entropy rate) are recomputed by each process: never compared for identity
         a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
                 for d in (run[key], info[key]))
@@ -187,10 +189,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     a resumed run rewrites the file, and must not drop or choke on what it cannot read.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return []
     records, cut = [], None  # cut: the number of a line that is not JSON, allowed only as the last line
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path, "metrics file")
+    except (OSError, LimitError) as e:
+        raise CheckpointError(str(e) if isinstance(e, LimitError) else f"{path}: cannot read: {e.strerror}") from None
+    with f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -254,6 +260,6 @@ def recover_run_dir(out: str | Path) -> None:
 def truncate_metrics(path: str | Path, step: int) -> None:
     """Keep the records up to `step` (a resumed run logs the steps after its checkpoint again)."""
     path = Path(path)
-    if path.is_file():
+    if path.exists():  # a FIFO or device in its place is refused by read_metrics, never appended to
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))

@@ -89,7 +89,7 @@ def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | No
     `decide`; None: top-k, as training)."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
     aux = {} if cfg is not None else None
-    if not loss_chunk:
+    if not loss_chunk or loss_chunk >= targets_BT.numel():  # one chunk of every token is no chunking
         loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
         x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
