@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when
 
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
+from shared_config.hardware import check_kernel  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 from shared_config.resources import (  # noqa: E402
     ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes,
@@ -65,8 +66,8 @@ def parse_args(argv):
                    help="CPU threads for every framework (default: every CPU this process may use)")
     p.add_argument("--devices", type=int, default=None, help="JAX: train over N devices (a data=N mesh)")
     p.add_argument("--mesh", default=None, help="JAX: train over a device mesh, e.g. data=2,fsdp=4")
-    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
-                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
+    p.add_argument("--parallel", default=None, choices=["ddp", "fsdp2"],
+                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard) (default under torchrun: ddp)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
@@ -92,6 +93,10 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    if args.parallel and not distributed:  # not silently timed on one process
+        raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
+                         "bench/compare.py --backend torch ...")
+    args.parallel = args.parallel or ("ddp" if distributed else None)
     check_outputs(args.json, args.plot)  # before any work, not after the run
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
@@ -140,8 +145,7 @@ def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> di
     attention in both twins, so they run the same kernel family; on a TPU it pins the Pallas flash
     kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: XLA cannot partition a
     Pallas kernel ("Mosaic kernels cannot be automatically partitioned"), so XLA's attention runs there."""
-    if attention == "pallas" and platform != "tpu":
-        raise UsageError("--attention pallas is the Pallas TPU flash kernel: it needs a TPU")
+    check_kernel(attention, platform, f"--attention {attention}")  # before any model is built: one line, exit code 2
     if attention == "auto" and platform == "tpu":
         return {"jax": "xla" if mesh else "pallas", "torch": "pallas", "hf": "sdpa"}
     if attention == "auto":

@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 
 from shared_config.cli import UsageError
+from shared_config.hardware import check_dtype
 
 from flops import flops_per_token, matmul_params, peak_tflops
 from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
@@ -67,6 +68,8 @@ def set_precision_and_threads(args) -> str:
 
     torch.set_num_threads(args.threads)
     platform = accelerator()
+    if platform == "gpu":
+        check_dtype(args.dtype, platform, torch.cuda.is_bf16_supported(including_emulation=False), torch_device_name())
     if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32, no bf16 passes on a TPU)
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
+from .hardware import HardwareError
 from .io import CheckpointError
 from .limits import LimitError
 from .resources import ResourceError, is_out_of_memory
@@ -37,7 +38,7 @@ class Terminated(KeyboardInterrupt):
 
 
 USER_ERRORS = (
-    SpecError, CheckpointError, DataError, UsageError, LimitError, FileNotFoundError, FileExistsError,
+    SpecError, CheckpointError, DataError, UsageError, LimitError, HardwareError, FileNotFoundError, FileExistsError,
     IsADirectoryError, NotADirectoryError, PermissionError,
 )
 
