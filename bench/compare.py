@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
 
+import load  # noqa: E402
 from shared_config import SpecError, atomic_write, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, check_outputs, run  # noqa: E402
 from shared_config.hardware import check_kernel  # noqa: E402
@@ -181,6 +182,7 @@ def environment(args, device: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    before, during = load.snapshot(), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq
@@ -210,7 +212,7 @@ def main(argv=None):
     from timing import run_benchmarks
 
     try:
-        results, device = run_benchmarks(args, specs, backends, kernels)
+        results, device = run_benchmarks(args, specs, backends, kernels, during)
     except Exception as e:
         if is_out_of_memory(e):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
@@ -218,14 +220,22 @@ def main(argv=None):
         raise
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank times its step; rank 0 reports
         return
-    report = {"env": environment(args, device), "results": results}
+    report = {"env": {**environment(args, device), "load": machine_load(args, before, during)}, "results": results}
     print_table(report)
+    if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
+        print(load.warning_line(problems), file=sys.stderr)
     if args.json:
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     if args.plot:
         from plot import plot_results
 
         plot_results(report, args.plot)
+
+
+def machine_load(args, before: dict, during: list[dict]) -> dict:
+    """The machine's load for the JSON: snapshots before the run and after each round (bench/load.py) and the
+    threads each framework was given."""
+    return {"before": before, "during": during, "threads": args.threads}
 
 
 def print_table(report: dict) -> None:

@@ -13,6 +13,7 @@ from shared_config.cli import UsageError
 from shared_config.hardware import check_dtype
 
 from flops import flops_per_token, matmul_params, peak_tflops
+from load import CpuClock, process_threads, snapshot
 from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
 
 from shared_config.progress import progress
@@ -87,8 +88,9 @@ def decoded_tokens(steps: int, rounds: int, warmup: int) -> int:
     return max(math.ceil(steps / rounds), 1 + warmup)
 
 
-def run_benchmarks(args, specs, backends, kernels):
-    """Time every (variant, backend); returns the JSON results and the device name."""
+def run_benchmarks(args, specs, backends, kernels, during: list | None = None):
+    """Time every (variant, backend); returns the JSON results and the device name. `during` gets a load
+    snapshot (bench/load.py) after each round; each row gets its process's CPU time per wall time."""
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
@@ -114,6 +116,7 @@ def run_benchmarks(args, specs, backends, kernels):
         for _ in range(args.warmup):
             timed(bench)
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
+        bench.info["cpu"] = CpuClock()  # over the timed steps only
         benches[label, backend] = (spec, bench, compile_s, [], [])
     with progress(total=per_round * args.rounds * len(jobs), desc="timed steps", quiet=args.quiet) as bar:
         for r in range(args.rounds):
@@ -124,14 +127,19 @@ def run_benchmarks(args, specs, backends, kernels):
                 args.job = f"{backend} {args.mode} job of {label}"
                 if bench.start:  # decode: a fresh prompt each round, so every round decodes the same positions
                     prefills.append(timed(bench, bench.start))
-                for _ in range(per_round):
-                    times.append(timed(bench))
-                    bar.update()
+                with bench.info["cpu"]:
+                    for _ in range(per_round):
+                        times.append(timed(bench))
+                        bar.update()
+                bench.info["process_threads"] = process_threads()
+            if during is not None:
+                during.append(snapshot())
     return [result(label, backend, *benches[label, backend], args, device, per_round) for label, _, backend in jobs], device
 
 
 def result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round) -> dict:
     median = float(np.median(times))
+    bench.info["cpu_s_per_wall_s"] = bench.info.pop("cpu").share
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
         flops = flops_per_token(spec, args.seq + per_round // 2, "forward")
