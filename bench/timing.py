@@ -139,7 +139,9 @@ def run_benchmarks(args, specs, backends, kernels, during: list | None = None):
 
 def result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round) -> dict:
     median = float(np.median(times))
-    bench.info["cpu_s_per_wall_s"] = bench.info.pop("cpu").share
+    clock = bench.info.pop("cpu", None) or CpuClock()  # the process's CPU time over the timed steps (bench/load.py)
+    bench.info["cpu_s_per_wall_s"] = clock.share
+    bench.info["cpu_s_per_step"] = clock.cpu_s / len(times) if clock.wall_s else None
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
         flops = flops_per_token(spec, args.seq + per_round // 2, "forward")

@@ -61,3 +61,18 @@ def test_snapshot_and_the_json_record():
     assert s["usable_cpus"] >= 1 and s["process_threads"] >= 1 and s["loadavg_1m"] >= 0
     args = compare.parse_args(["--threads", "1"])
     assert compare.machine_load(args, s, [s]) == {"before": s, "during": [s], "threads": 1}
+
+
+def test_each_row_carries_its_cpu_time():
+    from types import SimpleNamespace
+
+    import timing
+    from shared_config import load_spec
+
+    clock = load.CpuClock()
+    clock.cpu_s, clock.wall_s = 0.3, 1.2  # 4 steps, each 75 ms of CPU in 300 ms of wall time: a starved row
+    bench = SimpleNamespace(attention="sdpa", info={"compile": "eager", "cpu": clock})
+    args = SimpleNamespace(mode="train", batch=8, seq=256, dtype="float32", peak_tflops=None)
+    row = timing.result("tiny", "torch", load_spec("tiny"), bench, 1.0, [0.3] * 4, [], args, "cpu (x86_64)", 4)
+    assert row["cpu_s_per_wall_s"] == pytest.approx(0.25) and row["cpu_s_per_step"] == pytest.approx(0.075)
+    assert "cpu" not in row and load.fairness_problems(snap(0.1), [], 1, [row])
