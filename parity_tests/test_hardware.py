@@ -11,6 +11,7 @@ import jax_model.attention
 import torch_model.attention
 from shared_config import load_spec, save_checkpoint
 from shared_config.cli import UsageError
+from shared_config.cli import run as cli_run
 from shared_config.hardware import HardwareError, check_dtype, check_kernel
 
 from .common import ROOT, one_line_error, parity_weights, run_python, run_script
@@ -63,6 +64,28 @@ def test_jax_platforms_naming_a_missing_platform(monkeypatch, failure):
         jax_model.attention.device_platform()
 
 
+def test_a_jax_backend_that_cannot_start_is_one_line_from_every_command(monkeypatch, capsys):
+    """Wherever JAX makes its first array (a converter, a loader), JAX_PLATFORMS=cuda fails with a bare
+    AssertionError: shared_config.cli.run names the cause instead."""
+    def broken():
+        raise AssertionError()
+
+    def main(argv):
+        raise AssertionError()  # what jnp.zeros raises when the backend cannot start
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setattr(jax, "devices", broken)
+    with pytest.raises(SystemExit) as e:
+        cli_run(main, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: JAX_PLATFORMS=cuda names a platform JAX cannot start on this machine (AssertionError); unset it "
+        "(JAX picks what is present) or install that platform's jax plugin"]
+    monkeypatch.undo()  # a working backend: the failure is the command's own, raised as it is
+    with pytest.raises(AssertionError):
+        cli_run(main, [])
+
+
 def test_bench_parallel_needs_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(UsageError, match="--parallel fsdp2 needs torchrun"):
@@ -73,7 +96,7 @@ def test_bench_parallel_needs_torchrun(monkeypatch):
 # The command lines a user types; each used to end in a traceback (or, for generate.py, to succeed on another kernel).
 @pytest.mark.slow  # five interpreters that import jax and torch
 @pytest.mark.parametrize("case", ["compare-cudnn", "profile-cudnn", "compare-JAX_PLATFORMS", "generate-cudnn",
-                                  "generate-JAX_PLATFORMS"])
+                                  "generate-JAX_PLATFORMS", "convert-JAX_PLATFORMS", "train-JAX_PLATFORMS"])
 def test_command_lines_refuse_missing_hardware_in_one_line(case, tmp_path):
     spec = load_spec("tiny")
     weights = tmp_path / "tiny.safetensors"
@@ -91,5 +114,10 @@ def test_command_lines_refuse_missing_hardware_in_one_line(case, tmp_path):
                            ["the torch twin's attention='cudnn' is cuDNN's fused attention: it needs a GPU"]),
         "generate-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/generate.py", "--backend", "jax", *gen,
                                                       JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names a platform"]),
+        "convert-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/convert.py", weights, tmp_path / "flax", "--to",
+                                                     "flax", JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names a platform"]),
+        "train-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/train.py", "--backend", "jax", "--steps", "1", "--out",
+                                                   tmp_path / "run", JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names"]),
     }[case]
     one_line_error(result(), *fragments)
+    assert not (tmp_path / "flax").exists() and not (tmp_path / "run").exists()  # nothing left behind

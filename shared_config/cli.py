@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
-from .hardware import HardwareError
+from .hardware import HardwareError, jax_backend_failure
 from .io import CheckpointError
 from .limits import LimitError
 from .resources import ResourceError, is_out_of_memory
@@ -111,6 +111,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
     except Exception as e:
+        if (hardware := jax_backend_failure()) is not None:  # JAX_PLATFORMS=cuda on a machine without CUDA
+            _debug(argv)
+            fail(str(hardware))
         if not is_out_of_memory(e):
             raise
         _debug(argv)

@@ -51,3 +51,18 @@ def check_dtype(dtype: str, platform: str, native_bf16: bool, device: str) -> No
     if dtype == "bfloat16" and platform == "gpu" and not native_bf16:
         raise HardwareError(f"--dtype bfloat16: {device} has no native bfloat16 (compute capability 8.0 or newer "
                             "needed); use --dtype float32")
+
+
+def jax_backend_failure() -> HardwareError | None:
+    """For a command that failed: the HardwareError to report if the cause is JAX failing to start its backend
+    (JAX_PLATFORMS naming a platform it cannot start, which JAX reports as a bare AssertionError wherever the
+    first array is made), else None. Looks only when this process has imported JAX."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return None
+    try:
+        sys.modules["jax"].devices()
+    except Exception as e:  # the backend did not start: this, not the exception being handled, is the cause
+        return jax_platforms_error(e)
+    return None
