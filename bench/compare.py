@@ -24,9 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
 
+import load  # noqa: E402
 from shared_config import SpecError, load_spec, parse_overrides  # noqa: E402
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run  # noqa: E402
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache  # noqa: E402
+from shared_config.hardware import check_kernel  # noqa: E402
 from shared_config.parallel import parse_mesh, rows_per_shard  # noqa: E402
 from shared_config.report import write_report  # noqa: E402
 from shared_config.resources import (  # noqa: E402
@@ -66,8 +68,8 @@ def parse_args(argv):
                    help="CPU threads for every framework (default: every CPU this process may use)")
     p.add_argument("--devices", type=at_least(1), default=None, help="JAX: train over N devices (a data=N mesh)")
     p.add_argument("--mesh", default=None, help="JAX: train over a device mesh, e.g. data=2,fsdp=4")
-    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp2"],
-                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
+    p.add_argument("--parallel", default=None, choices=["ddp", "fsdp2"],
+                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard) (default under torchrun: ddp)")
     p.add_argument("--peak-tflops", type=above(0), default=None, help="device peak for MFU (default: known table)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
@@ -85,6 +87,10 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    if args.parallel and not distributed:  # not silently timed on one process
+        raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
+                         "bench/compare.py --backend torch ...")
+    args.parallel = args.parallel or ("ddp" if distributed else None)
     check_outputs(args.json, args.plot)  # before any work, not after the run
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
@@ -133,8 +139,7 @@ def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> di
     attention in both twins, so they run the same kernel family; on a TPU it pins the Pallas flash
     kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: XLA cannot partition a
     Pallas kernel ("Mosaic kernels cannot be automatically partitioned"), so XLA's attention runs there."""
-    if attention == "pallas" and platform != "tpu":
-        raise UsageError("--attention pallas is the Pallas TPU flash kernel: it needs a TPU")
+    check_kernel(attention, platform, f"--attention {attention}")  # before any model is built: one line, exit code 2
     if attention == "auto" and platform == "tpu":
         return {"jax": "xla" if mesh else "pallas", "torch": "pallas", "hf": "sdpa"}
     if attention == "auto":
@@ -170,6 +175,7 @@ def environment(args, device: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    before, during = load.snapshot(), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq
@@ -207,7 +213,7 @@ def main(argv=None):
             write_report(args.json, {"env": environment(args, device), **partial}, complete=False)
 
     try:
-        results, device = run_benchmarks(args, specs, backends, kernels, on_progress)
+        results, device = run_benchmarks(args, specs, backends, kernels, on_progress, during)
     except Exception as e:
         if is_out_of_memory(e):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
@@ -215,13 +221,21 @@ def main(argv=None):
         raise
     if not rank0:
         return
-    report = {"env": environment(args, device), "results": results}
+    report = {"env": {**environment(args, device), "load": machine_load(args, before, during)}, "results": results}
     print_table(report)
+    if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
+        print(load.warning_line(problems), file=sys.stderr)
     write_report(args.json, report, complete=True)
     if args.plot:
         from plot import plot_results
 
         plot_results(report, args.plot)
+
+
+def machine_load(args, before: dict, during: list[dict]) -> dict:
+    """The machine's load for the JSON: snapshots before the run and after each round (bench/load.py) and the
+    threads each framework was given."""
+    return {"before": before, "during": during, "threads": args.threads}
 
 
 def print_table(report: dict) -> None:

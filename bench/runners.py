@@ -70,9 +70,9 @@ def accelerator() -> str:
         return "gpu"
     if tpu_chips()[0]:
         return "tpu"
-    import jax
+    from jax_model.attention import device_platform  # JAX_PLATFORMS naming a missing platform: a HardwareError
 
-    return "gpu" if jax.default_backend() == "gpu" else "cpu"
+    return "gpu" if device_platform() == "gpu" else "cpu"
 
 
 def check_tpu_backends(backends: list[str]) -> None:

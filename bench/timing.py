@@ -10,8 +10,10 @@ from functools import partial
 import numpy as np
 
 from shared_config.cli import UsageError
+from shared_config.hardware import check_dtype
 
 from flops import flops_per_token, matmul_params, peak_tflops
+from load import CpuClock, process_threads, snapshot
 from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
 
 from shared_config.progress import progress
@@ -67,6 +69,8 @@ def set_precision_and_threads(args) -> str:
 
     torch.set_num_threads(args.threads)
     platform = accelerator()
+    if platform == "gpu":
+        check_dtype(args.dtype, platform, torch.cuda.is_bf16_supported(including_emulation=False), torch_device_name())
     if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32, no bf16 passes on a TPU)
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -84,11 +88,13 @@ def decoded_tokens(steps: int, rounds: int, warmup: int) -> int:
     return max(math.ceil(steps / rounds), 1 + warmup)
 
 
-def run_benchmarks(args, specs, backends, kernels, on_progress=None):
+def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: list | None = None):
     """Time every (variant, backend); returns the JSON results and the device name. `on_progress(partial, device)`,
     if given, is called after every job's compilation and after every round of timed steps: `partial` holds
     "results" (one row per job timed so far, over the steps it has had) and "compiled" (the jobs compiled but not
-    yet timed: their compile_s and peak_mem_bytes), so that a report written there keeps what a stopped run measured."""
+    yet timed: their compile_s and peak_mem_bytes), so that a report written there keeps what a stopped run measured.
+    `during` gets a load snapshot (bench/load.py) after each round; each row gets its process's CPU time per wall
+    time."""
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
@@ -114,6 +120,7 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None):
         for _ in range(args.warmup):
             timed(bench)
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
+        bench.info["cpu"] = CpuClock()  # over the timed steps only
         benches[label, backend] = (spec, bench, compile_s, [], [])
         if on_progress:
             on_progress(measured(benches, args, device, per_round), device)
@@ -126,11 +133,15 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None):
                 args.job = f"{backend} {args.mode} job of {label}"
                 if bench.start:  # decode: a fresh prompt each round, so every round decodes the same positions
                     prefills.append(timed(bench, bench.start))
-                for _ in range(per_round):
-                    times.append(timed(bench))
-                    bar.update()
+                with bench.info["cpu"]:
+                    for _ in range(per_round):
+                        times.append(timed(bench))
+                        bar.update()
+                bench.info["process_threads"] = process_threads()
                 if on_progress:  # after every job of the round: one job's new steps are one more measured row
                     on_progress(measured(benches, args, device, per_round), device)
+            if during is not None:
+                during.append(snapshot())
     return [result(label, backend, *benches[label, backend], args, device, per_round) for label, _, backend in jobs], device
 
 
@@ -148,6 +159,9 @@ def measured(benches: dict, args, device: str, per_round: int) -> dict:
 
 def result(label, backend, spec, bench, compile_s, times, prefills, args, device, per_round) -> dict:
     median = float(np.median(times))
+    clock = bench.info.get("cpu") or CpuClock()  # the process's CPU time over the timed steps (bench/load.py)
+    bench.info["cpu_s_per_wall_s"] = clock.share
+    bench.info["cpu_s_per_step"] = clock.cpu_s / len(times) if clock.wall_s else None
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
         flops = flops_per_token(spec, args.seq + per_round // 2, "forward")
@@ -164,7 +178,8 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
         "mfu": achieved / (peak * chips) if peak and not device.startswith("cpu") else None, "chips": chips,
         "attention": bench.attention,
-        "flops_per_token": flops, "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times), **bench.info,
+        "flops_per_token": flops, "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times),
+        **{k: v for k, v in bench.info.items() if k != "cpu"},
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
                           "p90": float(np.percentile(prefills, 90))}} if prefills else {}),
     }

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared_config import ModelSpec
+from shared_config.hardware import check_kernel, jax_platforms_error
 from shared_config.placement import has_qk_norm, has_v_norm
 
 from .layers import Linear, RMSNorm
@@ -147,22 +148,31 @@ class LayerCache(NamedTuple):
         return LayerCache(k_BSKE, v_BSKE, self.length + k_BTKE.shape[1])
 
 
+def device_platform() -> str:
+    """"cpu", "gpu" or "tpu": where this twin runs (JAX's default backend). JAX failing to start the platform
+    JAX_PLATFORMS names is a HardwareError (shared_config.hardware), not JAX's bare AssertionError."""
+    try:
+        return jax.default_backend()
+    except (AssertionError, RuntimeError) as e:
+        raise jax_platforms_error(e) from None
+
+
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
     """The kernel `attention` names on this machine: `auto` is cuDNN on GPU and Pallas on TPU when eligible, else
-    XLA; `blocked` on CPU."""
+    XLA; `blocked` on CPU. A kernel this machine cannot run is a HardwareError (shared_config.hardware)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
-    if attention == "pallas" and jax.default_backend() != "tpu":
-        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU")
+    platform = device_platform()
+    check_kernel(attention, platform, f"the JAX twin's attention={attention!r}")
     if attention == "pallas" and not pallas_fits(spec.E):
         return "xla"  # a head dim the kernel does not take: named as what runs
     if attention != "auto":
         return attention
     # cuDNN flash attention needs 16-bit inputs and a head dim that is a multiple of 8, at most 128.
     cudnn_ok = spec.compute_dtype == "bfloat16" and spec.E % 8 == 0 and spec.E <= 128
-    if jax.default_backend() == "tpu":  # XLA cannot partition a Pallas kernel: on one device only (several: a mesh?)
+    if platform == "tpu":  # XLA cannot partition a Pallas kernel: on one device only (several: a mesh?)
         return "pallas" if pallas_fits(spec.E) and jax.device_count() == 1 else "xla"
-    if jax.default_backend() != "gpu":
+    if platform != "gpu":
         return "blocked"  # XLA:CPU would compute and exponentiate the masked half of every score matrix
     return "cudnn" if cudnn_ok else "xla"
 

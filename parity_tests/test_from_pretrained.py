@@ -1,9 +1,10 @@
 """Loading from Python and from the command line, as a new user does: both twins' `from_pretrained` read every
 format convert.py reads (canonical file, a run's step directory, Hugging Face, Orbax, .pt), the torch model for
-inference; known derived buffers (old transformers' RoPE `inv_freq`) are ignored with a one-line note by every
+inference; every script's --weights reads them all (and flash-linear-attention's directory); known derived buffers (old transformers' RoPE `inv_freq`) are ignored with a one-line note by every
 loader while any other unexpected tensor still fails; a bare state dict's error names --spec; convert.py --help
 loads no framework."""
 
+import json
 import subprocess
 import sys
 
@@ -122,3 +123,38 @@ def test_convert_help_loads_no_framework():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: convert.py" in result.stdout
     assert result.stderr.strip() == "[]", result.stderr
+
+
+@pytest.fixture(scope="module")
+def fla_dir(tmp_path_factory):
+    """(spec, weights, path) of a GLA model in flash-linear-attention's directory format."""
+    from shared_config import load_spec
+
+    tmp = tmp_path_factory.mktemp("fla")
+    spec = load_spec("gla-tiny").replace(n_layers=1)
+    weights = parity_weights(spec)
+    save_checkpoint(tmp / "gla.safetensors", weights, spec)
+    convert.convert(tmp / "gla.safetensors", tmp / "gla-fla", to="fla")
+    return spec, weights, tmp / "gla-fla"
+
+
+WEIGHT_SCRIPTS = ["parity_report", "compare_logits"]  # with generate.py and train.py (above): every --weights reader
+
+
+@pytest.mark.parametrize("script", WEIGHT_SCRIPTS)
+@pytest.mark.parametrize("fmt", ["safetensors", "run step", "torch", "flax", "hf", "fla"])
+def test_every_weights_option_reads_every_format(formats, fla_dir, script, fmt, monkeypatch, capsys):
+    """parity_report.py and compare_logits.py --weights read what from_pretrained reads, through the same dispatch."""
+    spec, weights, paths = (*fla_dir[:2], fla_dir[2]) if fmt == "fla" else formats
+    path = fla_dir[2] if fmt == "fla" else paths[fmt]
+    module, seen = load_script(script), {}
+    if script == "parity_report":  # what the report is run on; the report itself is test_parity_report.py's
+        monkeypatch.setattr(module, "report", lambda w, s, args, cfg: seen.update(weights=w, spec=s) or 0)
+        assert module.main(["--weights", str(path), "--seq", "4", "--batch", "1", "--quiet"]) == 0
+        assert seen["spec"] == spec
+        for name, w in weights.items():
+            np.testing.assert_array_equal(seen["weights"][name], w, err_msg=name)
+    else:  # the whole comparison, at a tiny size
+        module.main(["--weights", str(path), "--seq", "4", "--batch", "1"])
+        result = json.loads(capsys.readouterr().out)
+        assert result["spec"] == str(path) and result["max_abs_diff_over_std"] < 1e-5

@@ -24,6 +24,7 @@ import jax_model.attention
 import torch_model.attention
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
+from shared_config.hardware import HardwareError
 
 from .common import ROOT, checkout_env
 
@@ -212,7 +213,7 @@ def test_the_cpu_path_is_unchanged():
     for twin in (jax_model.attention, torch_model.attention):  # asked for by name off a TPU: a clear error, not a crash
         with pytest.raises(ValueError, match="'pallas' is the Pallas TPU flash kernel: it needs a TPU"):
             twin.resolve_attention("pallas", spec)
-    with pytest.raises(UsageError, match="--attention pallas is the Pallas TPU flash kernel: it needs a TPU"):
+    with pytest.raises(HardwareError, match="--attention pallas is the Pallas TPU flash kernel: it needs a TPU"):
         compare.kernels("pallas", "cpu", "bfloat16")
     args = SimpleNamespace(threads=torch.get_num_threads(), dtype="float32", compile=None, attention="auto",
                            mode="forward", backend="both")

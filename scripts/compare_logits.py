@@ -1,4 +1,4 @@
-"""Load one canonical checkpoint in both twins and print how far apart their logits are.
+"""Load one checkpoint in both twins and print how far apart their logits are.
 
     python scripts/compare_logits.py --weights tiny-dyt.safetensors
     python scripts/compare_logits.py --spec tiny-dyt          # a fresh numpy init, nothing written
@@ -10,21 +10,24 @@ import json
 
 import numpy as np
 
-from shared_config import init_weights, load_checkpoint, load_spec
+from shared_config import init_weights, load_spec
 from shared_config.cli import Parser, UsageError, run
+from shared_config.formats import quiet_libraries, read_checkpoint
 
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="a canonical .safetensors checkpoint")
+    src.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a "
+                                       "run's step directory, an Orbax, Hugging Face or flash-linear-attention directory")
     src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
     p.add_argument("--batch", type=int, default=2, help="sequences per batch")
     p.add_argument("--seq", type=int, default=64, help="positions the model reads")
     args = p.parse_args(argv)
     if args.weights:
-        weights, spec = load_checkpoint(args.weights)
+        quiet_libraries()
+        weights, spec = read_checkpoint(args.weights)
     else:
         spec = load_spec(args.spec)
         weights = init_weights(spec, args.seed)

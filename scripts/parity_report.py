@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from shared_config import (
-    atomic_write, init_weights, layout, load_checkpoint, load_spec, load_train_config, parse_overrides, synthetic_batch,
+    atomic_write, init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
 
@@ -223,7 +224,9 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", help="preset name or YAML path (default: the spec in --weights)")
-    p.add_argument("--weights", help="a canonical .safetensors checkpoint (default: init_weights(spec, --seed))")
+    p.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, "
+                                     "a run's step directory, an Orbax, Hugging Face or flash-linear-attention "
+                                     "directory (default: init_weights(spec, --seed))")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")
@@ -241,7 +244,8 @@ def main(argv=None):
     if args.plot and args.train_steps <= 0:
         raise UsageError("--plot needs --train-steps N")
     if args.weights:
-        weights, spec = load_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)
+        quiet_libraries()
+        weights, spec = read_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)
     else:
         spec = load_spec(args.spec)
     changes = parse_overrides(args.set)

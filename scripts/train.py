@@ -619,6 +619,9 @@ def main(argv=None):
         from jax_model.sharding import init_distributed
 
         init_distributed()  # several JAX processes: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+        from jax_model.attention import device_platform
+
+        device_platform()  # JAX_PLATFORMS naming a missing platform: one error line before the run directory is made
     try:
         make_backend = backend_factory(args.backend, run, args.compile or None, args.mesh, args.parallel)
         with lock_run(run.out) if is_main_process() else contextlib.nullcontext():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
+from .hardware import HardwareError, jax_backend_failure
 from .io import CheckpointError
 from .limits import LimitError
 from .resources import ResourceError, is_out_of_memory
@@ -38,7 +39,7 @@ class Terminated(KeyboardInterrupt):
 
 
 USER_ERRORS = (
-    SpecError, CheckpointError, DataError, UsageError, LimitError, FileNotFoundError, FileExistsError,
+    SpecError, CheckpointError, DataError, UsageError, LimitError, HardwareError, FileNotFoundError, FileExistsError,
     IsADirectoryError, NotADirectoryError, PermissionError,
 )
 
@@ -140,6 +141,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
     except Exception as e:
+        if (hardware := jax_backend_failure()) is not None:  # JAX_PLATFORMS=cuda on a machine without CUDA
+            _debug(argv)
+            fail(str(hardware))
         if not is_out_of_memory(e):
             raise
         _debug(argv)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shared_config import ModelSpec
+from shared_config.hardware import check_kernel
 from shared_config.placement import has_qk_norm, has_v_norm
 
 from .layers import Linear, RMSNorm
@@ -157,18 +158,27 @@ class LayerCache(NamedTuple):
         return LayerCache(self.k_BSKE, self.v_BSKE, self.length + k_BTKE.shape[1])
 
 
+def device_platform() -> str:
+    """"cpu", "gpu" or "tpu": where this twin can run (an XLA default device is a TPU through torch_xla; CUDA or ROCm
+    present is a GPU). The machine, not the default device: a model is often built on "meta" or the CPU and moved."""
+    if torch.get_default_device().type == "xla":
+        return "tpu"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_attention(attention: str, spec: ModelSpec) -> str:
     """The kernel `attention` names on this machine: `auto` is Pallas on a TPU (an XLA default device) when
-    eligible, else PyTorch's own SDPA dispatch."""
+    eligible, else PyTorch's own SDPA dispatch. A kernel this machine cannot run is a HardwareError
+    (shared_config.hardware)."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
-    if attention == "pallas" and torch.get_default_device().type != "xla":
-        raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU (a torch_xla device)")
+    platform = device_platform()
+    check_kernel(attention, platform, f"the torch twin's attention={attention!r}")
     if attention == "pallas" and not pallas_fits(spec.E):
         return "sdpa"  # a head dim the kernel does not take: named as what runs
     if attention != "auto":
         return attention
-    if torch.get_default_device().type == "xla":  # a TPU through torch_xla: one device per process
+    if platform == "tpu":  # a TPU through torch_xla: one device per process
         return "pallas" if pallas_fits(spec.E) else "sdpa"
     return "sdpa"
 

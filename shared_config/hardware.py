@@ -1,0 +1,68 @@
+"""What each kernel, device and backend choice needs from the machine, and one check of it for every script, bench
+tool and both twins: asking for hardware that is not there is one `HardwareError` (exit code 2), never a
+library's traceback and never a silent fallback.
+
+Platforms are named as JAX names them: "cpu", "gpu" (CUDA or ROCm) and "tpu"; each twin says which one it
+runs on (`device_platform()` in jax_model/attention.py and torch_model/attention.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+# attention kernel -> the platforms it runs on (a kernel not named here runs everywhere)
+KERNEL_PLATFORMS = {
+    "cudnn": ("gpu",),  # cuDNN's fused attention (jax.nn.dot_product_attention, torch SDPA's CUDNN_ATTENTION)
+    "pallas": ("tpu",),  # the Pallas TPU flash kernel (JAX; torch_xla wraps it)
+}
+KERNEL_NAMES = {"cudnn": "cuDNN's fused attention", "pallas": "the Pallas TPU flash kernel"}
+PLATFORM_NAMES = {"cpu": "a CPU", "gpu": "a GPU", "tpu": "a TPU"}
+
+
+class HardwareError(ValueError):
+    """A kernel, device or backend was asked for that this machine (or this install) does not have."""
+
+
+def check_kernel(attention: str, platform: str, asked: str) -> None:
+    """Refuse (HardwareError) an attention kernel that does not run on `platform` ("cpu", "gpu" or "tpu"); `asked`
+    is how the message names the request ("--attention cudnn", "the JAX twin's attention='cudnn'")."""
+    needs = KERNEL_PLATFORMS.get(attention)
+    if needs is not None and platform not in needs:
+        where = " or ".join(PLATFORM_NAMES[p] for p in needs)
+        raise HardwareError(f"{asked} is {KERNEL_NAMES[attention]}: it needs {where}, "
+                            f"and this process runs on {PLATFORM_NAMES.get(platform, platform)} "
+                            "(auto picks the best kernel present)")
+
+
+def jax_platforms_error(e: BaseException) -> HardwareError:
+    """The one-line error for JAX failing to start its backend, naming JAX_PLATFORMS when that asked for it
+    (JAX_PLATFORMS=cuda without the CUDA plugin fails inside JAX with a bare AssertionError)."""
+    asked = os.environ.get("JAX_PLATFORMS", "")
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+    if asked:
+        return HardwareError(f"JAX_PLATFORMS={asked} names a platform JAX cannot start on this machine ({detail}); "
+                             "unset it (JAX picks what is present) or install that platform's jax plugin")
+    return HardwareError(f"JAX cannot start a backend on this machine: {detail}")
+
+
+def check_dtype(dtype: str, platform: str, native_bf16: bool, device: str) -> None:
+    """Refuse (HardwareError) bfloat16 compute on a GPU without native bfloat16 (before Ampere: emulated, not a
+    number worth timing); CPUs and TPUs compute it in both frameworks."""
+    if dtype == "bfloat16" and platform == "gpu" and not native_bf16:
+        raise HardwareError(f"--dtype bfloat16: {device} has no native bfloat16 (compute capability 8.0 or newer "
+                            "needed); use --dtype float32")
+
+
+def jax_backend_failure() -> HardwareError | None:
+    """For a command that failed: the HardwareError to report if the cause is JAX failing to start its backend
+    (JAX_PLATFORMS naming a platform it cannot start, which JAX reports as a bare AssertionError wherever the
+    first array is made), else None. Looks only when this process has imported JAX."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return None
+    try:
+        sys.modules["jax"].devices()
+    except Exception as e:  # the backend did not start: this, not the exception being handled, is the cause
+        return jax_platforms_error(e)
+    return None
