@@ -1,13 +1,15 @@
 """Forward+backward of one GLA layer's chunk form on CPU, in both twins (the pure form's speed, no accelerator).
 
     python bench/gla_cpu.py [--batch 1 --heads 4 --tokens 2048 --key 96 --value 192 --repeats 5]
+    python bench/gla_cpu.py --compile-step gla-small --batch 8 --tokens 2048
 
 Times `chunked_gla` (and, with --recurrent, `recurrent_gla`) of the checkout on PYTHONPATH: gradient of the sum
 of Σ o·co + Σ S·cS (random cotangents, as a real backward gets: a plain sum's broadcast gradient sends torch's
 bmm down a slow path) with respect to q, k, v, gates and the initial state. JAX: the jitted gradient,
 compile time (first call) reported separately. Prints one table row per twin: median and min of the repeats in
 seconds. Gates are logsigmoid(4·N(0, 1)) / 16 (gla's normalizer), float32. To compare two checkouts, run the
-script under each one's PYTHONPATH.
+script under each one's PYTHONPATH. --compile-step SPEC: instead, the seconds XLA takes to lower and compile the
+JAX twin's jitted train step (forward, backward, AdamW; the default train config) of SPEC at --batch x --tokens.
 """
 
 from __future__ import annotations
@@ -71,16 +73,45 @@ def time_torch(args, arrays, cotangents, recurrent):
     return None, times
 
 
+def compile_step(spec_name, batch, tokens):
+    """Seconds to lower and compile the JAX twin's train step of `spec_name` on [batch, tokens] int32 tokens."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jax_model
+    from jax_model import train
+    from shared_config import load_spec, load_train_config
+
+    spec, cfg = load_spec(spec_name), load_train_config(None)
+    model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
+    state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+    t0 = time.perf_counter()
+    step.lower(state, jax.ShapeDtypeStruct((batch, tokens), jnp.int32)).compile()
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--recurrent", action="store_true", help="time the token-by-token recurrence instead")
     p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
+    p.add_argument("--compile-step", metavar="SPEC", help="time the compile of the JAX train step of SPEC instead")
     args = p.parse_args(argv)
     if min(args.batch, args.heads, args.tokens, args.key, args.value, args.repeats) < 1:
         print("error: --batch, --heads, --tokens, --key, --value and --repeats must be >= 1", file=sys.stderr)
         return 2
+    if args.compile_step:
+        from shared_config import SpecError
+
+        try:
+            seconds = compile_step(args.compile_step, args.batch, args.tokens)
+        except SpecError as e:
+            print(f"error: --compile-step: {e}", file=sys.stderr)
+            return 2
+        print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
+        return 0
     arrays, cotangents = inputs(args.batch, args.heads, args.tokens, args.key, args.value)
     import jax_model.gla
 

@@ -89,11 +89,12 @@ def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
     issue #20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
       - sub-chunk I from an earlier sub-chunk J: matmuls of q_i·exp(b_i − b_ref) and k_j·exp(b_ref − b_j), b_ref
         the cumulative gate at I's start;
-      - within a sub-chunk: the exponents [c, c, K], masked to −inf for j > i *before* exp (masking after exp
-        gives inf·0 = NaN gradients);
+      - within a sub-chunk: the exponents of the c(c+1)/2 pairs j ≤ i only [P, K] (the masked-before-exp form
+        with the masked pairs never formed: masking after exp gives inf·0 = NaN gradients);
       - from earlier chunks: q_i·exp(b_i) times the state at the chunk's start.
-    T is padded to whole chunks with zero keys and gates, which change neither the outputs nor the state; a chunk
-    that is not a multiple of 16 (or shorter) is one sub-chunk. Memory O(B·H·T·(c·K + V)).
+    Log-gates below GATE_FLOOR act as it. T is padded to whole chunks with zero keys and gates, which change
+    neither the outputs nor the state; a chunk that is not a multiple of 16 (or shorter) is one sub-chunk. No
+    [.., C, C, K] tensor: memory O(B·H·T·((c+1)/2·K + n·K + C + V)), n = C/c.
     """
     B, H, T, K = q_BHTK.shape
     V, c = v_BHTV.shape[-1], SUB if chunk % SUB == 0 else chunk
