@@ -15,13 +15,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from shared_config import ModelSpec
 
 from .layers import DTYPES, Linear, RMSNorm, make_norm
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
+SUB = 16  # tokens per sub-chunk: the diagonal blocks' size, as flash-linear-attention's chunk_gla
+GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
 
 
 class GLAState(NamedTuple):
@@ -72,33 +77,59 @@ def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):
 
 
 def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
-    """The chunkwise-parallel form (GLA paper, sec. 4): the same outputs and last state as `recurrent_gla`.
+    """The two-level chunkwise-parallel form (GLA paper, sec. 4; flash-linear-attention's chunk_gla): the same
+    outputs [B, H, T, V] and last state [B, H, K, V] as `recurrent_gla`, all float32.
 
-    Within a chunk the decay from token j to token i ≥ j is exp(b_i − b_j), b the cumulative log-gates: the
-    pairwise differences are masked to −inf for j > i *before* exp. (The factorised q·e^{b}, k·e^{−b} form
-    overflows for strong gates, and masking after exp gives inf·0 = NaN gradients.) T is padded up to N·C with
-    zero keys and gates, which change neither the earlier outputs nor the state.
+    Chunks of C tokens carry the state; each chunk is split into n sub-chunks of c = 16 tokens. The decay from
+    token j to token i ≥ j is exp(Σ_{j<s≤i} log α_s); every exponent is a sum of log-gates taken directly, never
+    the difference of two cumulative sums (which cancels after one very negative gate: flash-linear-attention
+    issue #20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
+      - sub-chunk I from an earlier sub-chunk J: matmuls of q_i·exp(b_i − b_ref) and k_j·exp(b_ref − b_j), b_ref
+        the cumulative gate at I's start;
+      - within a sub-chunk: the exponents of the c(c+1)/2 pairs j ≤ i only [P, K] (the masked-before-exp form
+        with the masked pairs never formed: masking after exp gives inf·0 = NaN gradients);
+      - from earlier chunks: q_i·exp(b_i) times the state at the chunk's start.
+    Log-gates below GATE_FLOOR act as it. T is padded to whole chunks with zero keys and gates, which change
+    neither the outputs nor the state; a chunk that is not a multiple of 16 (or shorter) is one sub-chunk. No
+    [.., C, C, K] tensor: memory O(B·H·T·((c+1)/2·K + n·K + C + V)), n = C/c.
     """
     B, H, T, K = q_BHTK.shape
-    V, C = v_BHTV.shape[-1], min(chunk, T)
-    N = -(-T // C)
+    V, c = v_BHTV.shape[-1], SUB if chunk % SUB == 0 else chunk
+    C = min(chunk, c * -(-T // c))
+    N, n = -(-T // C), C // c
     pad = ((0, 0), (0, 0), (0, N * C - T), (0, 0))
+    g_BHTK = jnp.maximum(g_BHTK, GATE_FLOOR)
     q, k, v, g = (jnp.pad(x, pad).reshape(B, H, N, C, x.shape[-1]) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK))
-    b_BHNCK = jnp.cumsum(g, axis=3)  # inclusive: b_i = Σ_{s ≤ i} log α_s within the chunk
-    causal_CC = jnp.tril(jnp.ones((C, C), dtype=bool))
-    diff_BHNCCK = b_BHNCK[:, :, :, :, None] - b_BHNCK[:, :, :, None, :]  # [..., i, j, K] = b_i − b_j
-    decay_BHNCCK = jnp.exp(jnp.where(causal_CC[:, :, None], diff_BHNCCK, -jnp.inf))
-    A_BHNCC = jnp.sum(q[:, :, :, :, None] * k[:, :, :, None] * decay_BHNCCK, axis=-1)
-    o_BHNCV = jnp.einsum("bhnij,bhnjv->bhniv", A_BHNCC, v)  # within the chunk
+    b_BHNCK = jnp.cumsum(g, axis=3)  # Σ_{s ≤ i} log α_s from the chunk's start
+    # E[m, j] = Σ_{j<s<m·c} log α_s, from token j to the start of sub-chunk m (m = 1..n; m = n: the chunk's end),
+    # and below D[p] = Σ_{j<s≤i} log α_s: sums of gates as 0/1 matmuls (full float32: HIGHEST, not TF32)
+    s_C, s_c, i_P, j_P = np.arange(C), np.arange(c), *np.tril_indices(c)
+    before_nCC = (s_C[:, None] < s_C) & (s_C < c * np.arange(1, n + 1)[:, None, None])
+    E_BHNnCK = jnp.einsum("mjs,bhnsk->bhnmjk", before_nCC.astype(np.float32), g, precision=HIGHEST)
+    # sub-chunk I ≥ 1 from sub-chunks J < I, through I's start
+    q_BHNncK, k_BHNncK, g_BHNncK = (x.reshape(B, H, N, n, c, K) for x in (q, k, g))
+    r_BHNncK = jnp.cumsum(g_BHNncK, axis=4)  # Σ_{I·c ≤ s ≤ i} log α_s from the sub-chunk's start
+    Q_BHNncK = q_BHNncK * jnp.exp(r_BHNncK)
+    A_BHNncC = jnp.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:], k[:, :, :, None] * jnp.exp(E_BHNnCK[:, :, :, :-1]))
+    earlier_nC = s_C < c * np.arange(1, n)[:, None]
+    A_BHNncC = jnp.where(earlier_nC[:, None], A_BHNncC, 0.0)
+    o_BHNncV = jnp.pad(jnp.einsum("bhnicj,bhnjv->bhnicv", A_BHNncC, v), ((0, 0),) * 3 + ((1, 0), (0, 0), (0, 0)))
+    # within each sub-chunk: only the P = c(c+1)/2 pairs j ≤ i (i_P, j_P), so no exponent of a pair j > i exists
+    between_Pc = (j_P[:, None] < s_c) & (s_c <= i_P[:, None])
+    D_BHNnPK = jnp.einsum("ps,bhnmsk->bhnmpk", between_Pc.astype(np.float32), g_BHNncK, precision=HIGHEST)
+    a_BHNnP = jnp.sum(q_BHNncK[..., i_P, :] * k_BHNncK[..., j_P, :] * jnp.exp(D_BHNnPK), axis=-1)
+    A_BHNncc = jnp.zeros((B, H, N, n, c, c), jnp.float32).at[..., i_P, j_P].set(a_BHNnP)
+    o_BHNncV = o_BHNncV + jnp.einsum("bhnmij,bhnmjv->bhnmiv", A_BHNncc, v.reshape(B, H, N, n, c, V))
+    # the state: each chunk's own part, carried chunk by chunk
+    U_BHNKV = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(E_BHNnCK[:, :, :, -1]), v)
     last_BHNK = b_BHNCK[:, :, :, -1]
-    U_BHNKV = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(last_BHNK[:, :, :, None] - b_BHNCK), v)  # each chunk's own part
 
     def carry(S_BHKV, lu):  # the state at each chunk's start, chunk by chunk
         last_BHK, U_BHKV = lu
         return jnp.exp(last_BHK)[..., None] * S_BHKV + U_BHKV, S_BHKV
 
     S_BHKV, S0_NBHKV = jax.lax.scan(carry, S_BHKV, (last_BHNK.transpose(2, 0, 1, 3), U_BHNKV.transpose(2, 0, 1, 3, 4)))
-    o_BHNCV = o_BHNCV + jnp.einsum("bhnck,nbhkv->bhncv", q * jnp.exp(b_BHNCK), S0_NBHKV)  # from earlier chunks
+    o_BHNCV = o_BHNncV.reshape(B, H, N, C, V) + jnp.einsum("bhnck,nbhkv->bhncv", q * jnp.exp(b_BHNCK), S0_NBHKV)
     return o_BHNCV.reshape(B, H, N * C, V)[:, :, :T], S_BHKV
 
 

@@ -192,17 +192,26 @@ def gla(x, w: dict, p: str, spec, S=None, valid=None):
     gk = (x @ w[f"{p}.gk_proj.0.weight"].T) @ w[f"{p}.gk_proj.1.weight"].T + w[f"{p}.gk_proj.1.bias"]
     log_a = (-np.logaddexp(0.0, -gk) / spec.gla_gate_normalizer).reshape(B, T, H, Kh)  # stable logsigmoid
     state = np.zeros((B, H, Kh, Vh)) if S is None else np.array(S, dtype=np.float64)
-    o = np.zeros((B, T, H, Vh))
-    for t in range(T):
-        new = np.exp(log_a[:, t])[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        state = new if valid is None else np.where(valid[:, t, None, None, None], new, state)
-        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
+    o, state = gla_recurrence(q, k, v, log_a, state, valid)
     if spec.gla_output_norm == "rms":
         o = rms(o, w[f"{p}.g_norm.weight"], spec.norm_eps)
     else:
         o = norm(o, w, f"{p}.g_norm", spec)
     y = (o.reshape(B, T, H * Vh) * (g / (1 + np.exp(-g)))) @ w[f"{p}.o_proj.weight"].T
     return y if S is None else (y, state)
+
+
+def gla_recurrence(q, k, v, log_a, S, valid=None):
+    """GLA's recurrence in float64, token by token: S_t = diag(exp(log_a_t)) S_{t-1} + k_t^T v_t, o_t = q_t S_t.
+    q, k, log_a [B, T, H, K'], v [B, T, H, V'], S [B, H, K', V'] the state before; `valid` [B, T] False for tokens
+    that leave the state unchanged. Returns o [B, T, H, V'] and the last state."""
+    q, k, v, log_a, state = (np.asarray(a, np.float64) for a in (q, k, v, log_a, S))
+    o = np.zeros(v.shape)
+    for t in range(q.shape[1]):
+        new = np.exp(log_a[:, t])[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        state = new if valid is None else np.where(valid[:, t, None, None, None], new, state)
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
+    return o, state
 
 
 # --- conditional computation (README "Routing"): Mixture-of-Depths and DTF, from the definitions -------------

@@ -860,3 +860,40 @@ def test_every_written_file_has_the_umasks_permissions(tmp_path, canonical):
         if p.name == "m.safetensors" or "o-flax/state" in str(p):  # Orbax's own files: its modes
             continue
         assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
+
+
+# --- 9. GLA's forget gates at the ends of their range: reset and open gates keep the recurrence's values ----
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e7])
+def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
+    """Half the key channels' gate projections scaled by `scale`: per token, log α from about −scale/16 (a reset,
+    down to −6e5 at 1e7) to 0 (α = 1), mixed within every chunk. The chunk form (chunk 64 over 70 tokens, 16-token
+    sub-chunks) gives both twins the float64 recurrence's logits, and finite gradients on which they agree."""
+    import jax_model
+    import torch_model
+    from shared_config.parity import FORWARD_TOL, GRAD_TOL, max_rel, rel_err
+
+    from . import reference
+    from .common import tokens
+    from .test_gla import both_logits, gla_spec, gla_weights
+    from .train_common import both_loss_and_grads
+
+    spec = gla_spec(norm_type="dyt")
+    w = gla_weights(spec)
+    for i in range(spec.L):
+        p = f"model.layers.{i}.self_attn.gk_proj.1"
+        w[f"{p}.weight"][::2] *= np.float32(scale)
+        w[f"{p}.bias"][::2] = 0.0
+    x = tokens(spec, seq=70)
+    h = reference.norm(np.asarray(w["model.embed_tokens.weight"], np.float64)[x], w, "model.layers.0.input_layernorm", spec)
+    gk = (h @ w["model.layers.0.self_attn.gk_proj.0.weight"].T) @ w["model.layers.0.self_attn.gk_proj.1.weight"].T
+    log_a = -np.logaddexp(0, -gk[..., ::2]) / spec.gla_gate_normalizer
+    assert log_a.min() < -scale / 100 and log_a.max() > -1e-3, (log_a.min(), log_a.max())  # resets and open gates
+    ref = reference.forward(w, spec, x)
+    for name, got in zip(("jax", "torch"), both_logits(w, spec, x)):
+        assert rel_err(got, ref) <= FORWARD_TOL, f"{name}: {rel_err(got, ref):.2e}"
+    (_, gj), (_, gt) = both_loss_and_grads(w, spec, x[:, :45])
+    assert all(np.isfinite(g).all() for g in (*gj.values(), *gt.values()))
+    bad = {k: f"{max_rel(gj[k], gt[k]):.1e}" for k in gt if not max_rel(gj[k], gt[k]) <= GRAD_TOL}
+    assert not bad, bad

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,8 @@ from shared_config import ModelSpec
 from .layers import DTYPES, Linear, RMSNorm, make_norm
 
 CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
+SUB = 16  # tokens per sub-chunk: the diagonal blocks' size, as flash-linear-attention's chunk_gla
+GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
 
 
 class GLAState(NamedTuple):
@@ -71,34 +74,68 @@ def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):
     return torch.stack(outputs, dim=2), S_BHKV
 
 
-def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
-    """The chunkwise-parallel form (GLA paper, sec. 4): the same outputs and last state as `recurrent_gla`.
+def as_float(mask, x):
+    """A numpy 0/1 mask as a float32 tensor on x's device (the JAX twin passes numpy arrays as they are)."""
+    return torch.as_tensor(mask, dtype=torch.float32, device=x.device)
 
-    Within a chunk the decay from token j to token i ≥ j is exp(b_i − b_j), b the cumulative log-gates: the
-    pairwise differences are masked to −inf for j > i *before* exp. (The factorised q·e^{b}, k·e^{−b} form
-    overflows for strong gates, and masking after exp gives inf·0 = NaN gradients.) T is padded up to N·C with
-    zero keys and gates, which change neither the earlier outputs nor the state.
+
+def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
+    """The two-level chunkwise-parallel form (GLA paper, sec. 4; flash-linear-attention's chunk_gla): the same
+    outputs [B, H, T, V] and last state [B, H, K, V] as `recurrent_gla`, all float32.
+
+    Chunks of C tokens carry the state; each chunk is split into n sub-chunks of c = 16 tokens. The decay from
+    token j to token i ≥ j is exp(Σ_{j<s≤i} log α_s); every exponent is a sum of log-gates taken directly, never
+    the difference of two cumulative sums (which cancels after one very negative gate: flash-linear-attention
+    issue #20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
+      - sub-chunk I from an earlier sub-chunk J: matmuls of q_i·exp(b_i − b_ref) and k_j·exp(b_ref − b_j), b_ref
+        the cumulative gate at I's start;
+      - within a sub-chunk: the exponents of the c(c+1)/2 pairs j ≤ i only [P, K] (the masked-before-exp form
+        with the masked pairs never formed: masking after exp gives inf·0 = NaN gradients);
+      - from earlier chunks: q_i·exp(b_i) times the state at the chunk's start.
+    Log-gates below GATE_FLOOR act as it. T is padded to whole chunks with zero keys and gates, which change
+    neither the outputs nor the state; a chunk that is not a multiple of 16 (or shorter) is one sub-chunk. No
+    [.., C, C, K] tensor: memory O(B·H·T·((c+1)/2·K + n·K + C + V)), n = C/c.
     """
     B, H, T, K = q_BHTK.shape
-    V, C = v_BHTV.shape[-1], min(chunk, T)
-    N = -(-T // C)
+    V, c = v_BHTV.shape[-1], SUB if chunk % SUB == 0 else chunk
+    C = min(chunk, c * -(-T // c))
+    N, n = -(-T // C), C // c
     pad = (0, 0, 0, N * C - T)
+    g_BHTK = torch.clamp(g_BHTK, min=GATE_FLOOR)
     q, k, v, g = (F.pad(x, pad).reshape(B, H, N, C, x.shape[-1]) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK))
-    b_BHNCK = torch.cumsum(g, dim=3)  # inclusive: b_i = Σ_{s ≤ i} log α_s within the chunk
-    causal_CC = torch.tril(torch.ones((C, C), dtype=torch.bool, device=q.device))
-    diff_BHNCCK = b_BHNCK[:, :, :, :, None] - b_BHNCK[:, :, :, None, :]  # [..., i, j, K] = b_i − b_j
-    decay_BHNCCK = torch.exp(torch.where(causal_CC[:, :, None], diff_BHNCCK, -torch.inf))
-    A_BHNCC = torch.sum(q[:, :, :, :, None] * k[:, :, :, None] * decay_BHNCCK, dim=-1)
-    o_BHNCV = torch.einsum("bhnij,bhnjv->bhniv", A_BHNCC, v)  # within the chunk
+    b_BHNCK = torch.cumsum(g, dim=3)  # Σ_{s ≤ i} log α_s from the chunk's start
+    # E[m, j] = Σ_{j<s<m·c} log α_s, from token j to the start of sub-chunk m (m = 1..n; m = n: the chunk's end),
+    # and below D[p] = Σ_{j<s≤i} log α_s: sums of gates as 0/1 matmuls (full float32 unless TF32 is switched on)
+    s_C, s_c, i_P, j_P = np.arange(C), np.arange(c), *np.tril_indices(c)
+    before_nCC = (s_C[:, None] < s_C) & (s_C < c * np.arange(1, n + 1)[:, None, None])
+    E_BHNnCK = torch.einsum("mjs,bhnsk->bhnmjk", as_float(before_nCC, g), g)
+    # sub-chunk I ≥ 1 from sub-chunks J < I, through I's start
+    q_BHNncK, k_BHNncK, g_BHNncK = (x.reshape(B, H, N, n, c, K) for x in (q, k, g))
+    r_BHNncK = torch.cumsum(g_BHNncK, dim=4)  # Σ_{I·c ≤ s ≤ i} log α_s from the sub-chunk's start
+    Q_BHNncK = q_BHNncK * torch.exp(r_BHNncK)
+    A_BHNncC = torch.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:], k[:, :, :, None] * torch.exp(E_BHNnCK[:, :, :, :-1]))
+    earlier_nC = s_C < c * np.arange(1, n)[:, None]
+    A_BHNncC = torch.where(torch.as_tensor(earlier_nC[:, None], device=q.device), A_BHNncC, 0.0)
+    o_BHNncV = F.pad(torch.einsum("bhnicj,bhnjv->bhnicv", A_BHNncC, v), (0, 0, 0, 0, 1, 0))
+    # within each sub-chunk: only the P = c(c+1)/2 pairs j ≤ i (i_P, j_P), so no exponent of a pair j > i exists
+    between_Pc = (j_P[:, None] < s_c) & (s_c <= i_P[:, None])
+    D_BHNnPK = torch.einsum("ps,bhnmsk->bhnmpk", as_float(between_Pc, g), g_BHNncK)
+    a_BHNnP = torch.sum(q_BHNncK[..., i_P, :] * k_BHNncK[..., j_P, :] * torch.exp(D_BHNnPK), dim=-1)
+    A_BHNncc = a_BHNnP.new_zeros((B, H, N, n, c, c))
+    A_BHNncc[..., i_P, j_P] = a_BHNnP
+    o_BHNncV = o_BHNncV + torch.einsum("bhnmij,bhnmjv->bhnmiv", A_BHNncc, v.reshape(B, H, N, n, c, V))
+    # the state: each chunk's own part, carried chunk by chunk
+    U_BHNKV = torch.einsum("bhnck,bhncv->bhnkv", k * torch.exp(E_BHNnCK[:, :, :, -1]), v)
     last_BHNK = b_BHNCK[:, :, :, -1]
-    U_BHNKV = torch.einsum("bhnck,bhncv->bhnkv", k * torch.exp(last_BHNK[:, :, :, None] - b_BHNCK), v)  # each chunk's own part
 
     S0_NBHKV = []
-    for n in range(N):  # the state at each chunk's start, chunk by chunk (jax.lax.scan in the JAX twin)
+    # the state at each chunk's start, chunk by chunk (jax.lax.scan in the JAX twin); unbind, not [:, :, m]: one
+    # backward for all chunks instead of a zero-filled [B, H, N, K, V] gradient per chunk
+    for last_BHK, U_BHKV in zip(last_BHNK.unbind(2), U_BHNKV.unbind(2)):
         S0_NBHKV.append(S_BHKV)
-        S_BHKV = torch.exp(last_BHNK[:, :, n])[..., None] * S_BHKV + U_BHNKV[:, :, n]
+        S_BHKV = torch.exp(last_BHK)[..., None] * S_BHKV + U_BHKV
     S0_NBHKV = torch.stack(S0_NBHKV)
-    o_BHNCV = o_BHNCV + torch.einsum("bhnck,nbhkv->bhncv", q * torch.exp(b_BHNCK), S0_NBHKV)  # from earlier chunks
+    o_BHNCV = o_BHNncV.reshape(B, H, N, C, V) + torch.einsum("bhnck,nbhkv->bhncv", q * torch.exp(b_BHNCK), S0_NBHKV)
     return o_BHNCV.reshape(B, H, N * C, V)[:, :, :T], S_BHKV
 
 
