@@ -42,7 +42,10 @@ def test_accumulated_step_is_the_one_shot_step(name, twin, train, steps):
     assert abs(got_loss - loss) / loss <= LOSS_TOL
     errors = {k: max_rel(got["m"][k], r) for k, r in ref["m"].items()}
     assert max(errors.values()) <= ACCUM_TOL, {k: f"{e:.1e}" for k, e in errors.items() if e > ACCUM_TOL}
-    assert max(max_rel(got["weights"][k], r) for k, r in ref["weights"].items()) <= ACCUM_TOL
+    # AdamW's first step moves a weight by lr·g/(|g| + eps): where |g| is near eps that multiplies the gradient's
+    # last-bit differences by up to |g|/eps, so the weights are compared where |g| >= 1e3·eps (a sign-like update)
+    sign_like = {k: np.abs(m) / (1 - CFG.beta1) >= 1e3 * CFG.eps for k, m in ref["m"].items()}
+    assert max(max_rel(got["weights"][k][sign_like[k]], r[sign_like[k]]) for k, r in ref["weights"].items()) <= ACCUM_TOL
 
 
 @pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
