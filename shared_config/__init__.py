@@ -14,6 +14,7 @@ from .io import (
     read_safetensors,
     resolve_spec,
     save_checkpoint,
+    save_safetensors,
     spec_from_json,
 )
 from .layout import Tensor, flat_taps, fuse_qkv, group_names, layout, model_layout, split_qkv
@@ -25,6 +26,6 @@ __all__ = [
     "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "TrainConfig", "atomic_dir", "atomic_write",
     "check_layout", "check_size", "check_weights", "decays", "flat_taps", "fuse_qkv", "group_names", "init_rule", "init_weights", "layout",
     "load_checkpoint", "load_spec", "load_train_config", "lr_factor", "model_layout", "np_dtype", "parse_overrides",
-    "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "spec_from_json",
+    "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "save_safetensors", "spec_from_json",
     "split_qkv", "synthetic_batch", "train_preset_names",
 ]
