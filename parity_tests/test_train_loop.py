@@ -2,7 +2,10 @@
 carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and within the trajectory
 bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good checkpoint kept."""
 
+import functools
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -23,11 +26,11 @@ SMALL = ["--spec", "tiny-derf", "--set", "n_layers=2", "--set", "d_model=48", "-
 LOG_POINT_ONLY = ("tokens_per_s", "elapsed_s", "scalars")  # a resumed run logs its first step too
 
 
-def train(out, backend, *extra, make_backend=None):
+def train(out, backend, *extra, make_backend=None, progress=False):
     """Run the loop as `scripts/train.py --backend BACKEND --out OUT ...` would, without a subprocess."""
     run = T.resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, "--steps", str(STEPS), *extra]))
     factory = T.backend_factory(backend, run)
-    return T.Loop(run, make_backend(factory) if make_backend else factory, progress=False)()
+    return T.Loop(run, make_backend(factory) if make_backend else factory, progress=progress)()
 
 
 def final_state(out):
@@ -140,6 +143,40 @@ def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, t
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 8 and 0 < last["nonfinite"] <= 1  # the replay counts the NaN/Inf gradient values
     assert all(r["nonfinite"] == 0 for r in read_metrics(tmp_path / "metrics.jsonl")[:-1] if r["kind"] == "train")
+
+
+def slow_first_step(seconds: float):
+    """A make_backend wrapper whose backend's first step takes `seconds` longer, as a compiling one does."""
+    def wrap(factory):
+        def make(state):
+            backend, taken = factory(state), []
+            step = backend.step
+
+            def slow_then_step(tokens):
+                if not taken:
+                    time.sleep(seconds)
+                taken.append(1)
+                return step(tokens)
+
+            backend.step = slow_then_step
+            return backend
+
+        return make
+
+    return wrap
+
+
+@pytest.mark.slow
+def test_progress_shows_the_end_once_and_an_eta_without_compilation(tmp_path, monkeypatch, capsys):
+    """A 3 s first step, then steps of milliseconds: the ETA after step 2 is the 38 steps left at the later
+    steps' pace (counting the first step as one, it was about a minute), and the 100% line comes once."""
+    monkeypatch.setattr(T, "progress", functools.partial(T.progress, interval=0))
+    train(tmp_path, "torch", "--log-every", "1", make_backend=slow_first_step(3.0), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    shown = {m[1]: m[2] for m in (re.search(r" (\d+)/40 \[\d\d:\d\d<([^,]+),", line) for line in lines) if m}
+    assert shown["1"] == "?", lines
+    assert re.fullmatch(r"00:[01]\d", shown["2"]), lines  # ETA under 20 s, where counting step 1 gave ~57 s
+    assert sum(" 40/40 " in line for line in lines) == 1, lines
 
 
 def test_the_first_nonfinite_tensor_is_the_first_computed():
