@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # shared_config, when run as a script from anywhere
 
-from shared_config import ModelSpec, atomic_write  # noqa: E402
+from shared_config import ModelSpec, atomic_write, did_you_mean  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 
 EXPECTED = {"torch": "2.11", "jax": "0.11"}  # the GPU image's versions (the README's H200 figures)
@@ -94,7 +94,7 @@ def parse_args(argv):
     names = [c.name for c in plan()]
     args.only = names if args.only is None else args.only.split(",")
     if unknown := [n for n in args.only if n not in names]:
-        raise UsageError(f"--only: unknown check {unknown[0]!r} (one of {', '.join(names)})")
+        raise UsageError(f"--only: unknown check {unknown[0]!r}{did_you_mean(unknown[0], names)} (one of {', '.join(names)})")
     return args
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared_config import ModelSpec
+from shared_config import ModelSpec, did_you_mean
 from shared_config.placement import has_qk_norm, has_v_norm
 
 from .layers import Linear, RMSNorm
@@ -151,7 +151,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     """The kernel `attention` names on this machine: `auto` is cuDNN on GPU and Pallas on TPU when eligible, else
     XLA; `blocked` on CPU."""
     if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
+        raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})"
+                         f"{did_you_mean(attention, ATTENTION)}")
     if attention == "pallas" and jax.default_backend() != "tpu":
         raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU")
     if attention == "pallas" and not pallas_fits(spec.E):

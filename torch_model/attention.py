@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shared_config import ModelSpec
+from shared_config import ModelSpec, did_you_mean
 from shared_config.placement import has_qk_norm, has_v_norm
 
 from .layers import Linear, RMSNorm
@@ -161,7 +161,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     """The kernel `attention` names on this machine: `auto` is Pallas on a TPU (an XLA default device) when
     eligible, else PyTorch's own SDPA dispatch."""
     if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
+        raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})"
+                         f"{did_you_mean(attention, ATTENTION)}")
     if attention == "pallas" and torch.get_default_device().type != "xla":
         raise ValueError("attention='pallas' is the Pallas TPU flash kernel: it needs a TPU (a torch_xla device)")
     if attention == "pallas" and not pallas_fits(spec.E):
