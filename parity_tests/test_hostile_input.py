@@ -60,7 +60,7 @@ def run_limited(script: str, *args, fsize: int | None = None, memory: int | None
 
     path = ROOT / script if "/" in script else ROOT / "scripts" / f"{script}.py"
     return subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True,
-                          env=checkout_env(), cwd=cwd or ROOT, timeout=600, preexec_fn=limit)
+                          env=checkout_env(), cwd=cwd, timeout=600, preexec_fn=limit)
 
 
 def peak_memory(fn) -> tuple[BaseException | None, int]:
