@@ -23,15 +23,17 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
 class CheckoutGuard:
-    """Records the paths under `root` that this process writes while `recording`; `skip` are directories
-    under `root` where writing is fine (pytest's base temp, the temp dir, when a user put them there)."""
+    """Records the paths under `root` that this process writes while `recording`. `skip`: directories where
+    writing is fine (pytest's base temp, the temp dir), should a user have put them inside the checkout; those
+    outside it are dropped, so that a checkout cloned under /tmp stays guarded."""
 
-    def __init__(self, root: str | Path, skip: tuple[str | Path, ...] = ()):
+    def __init__(self, root: str | Path, skip: tuple[str | Path, ...] = (), hook: bool = True):
         self.root = str(Path(root).resolve())
-        self.skip = [str(Path(p).resolve()) for p in skip]
+        self.skip = [s for s in (str(Path(p).resolve()) for p in skip) if s.startswith(self.root + os.sep)]
         self.written: list[str] = []
         self.recording = False
-        sys.addaudithook(self._hook)  # for the life of the process: audit hooks cannot be removed
+        if hook:
+            sys.addaudithook(self._hook)  # for the life of the process: audit hooks cannot be removed
 
     def take(self) -> list[str]:
         """The paths written since the last take, relative to `root`, sorted; then forgotten."""

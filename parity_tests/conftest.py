@@ -1,4 +1,5 @@
-"""Precision pinned for both frameworks, so the same tests are strict on a GPU too; no network."""
+"""Precision pinned for both frameworks, so the same tests are strict on a GPU too; no network; every test in a
+scratch directory, failing if it writes into the checkout (checkout_guard.py)."""
 
 import os
 

@@ -73,6 +73,14 @@ def test_a_users_own_files_written_meanwhile_are_never_blamed(guard, recording):
     assert (root / "converted.safetensors").exists() and guard.take() == []
 
 
+def test_a_checkout_under_the_temp_directory_stays_guarded(tmp_path):
+    """Scratch directories are skipped only inside the checkout: a checkout cloned under /tmp is still guarded."""
+    inner = tmp_path / "clone"
+    guard = CheckoutGuard(inner, skip=(tmp_path, inner / "tmp"), hook=False)
+    assert guard.skip == [str((inner / "tmp").resolve())]
+    assert guard._guarded(str((inner / "runs").resolve())) and not guard._guarded(str((inner / "tmp" / "x").resolve()))
+
+
 def test_nothing_is_recorded_outside_a_test_phase(guard):
     guard.take()
     (Path(guard.root) / "between-tests.txt").write_text("")
