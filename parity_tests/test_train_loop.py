@@ -74,6 +74,7 @@ def test_loss_falls_and_metrics_hold_every_scalar(straight):
     assert all(0 < r["entropy"] < r["val_loss"] and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
+@pytest.mark.slow
 def test_resume_in_the_same_twin_is_bit_exact(straight, tmp_path):
     backend, whole = straight
     train(tmp_path, backend, "--save-every", str(HALF), "--stop-at", str(HALF))
@@ -86,6 +87,7 @@ def test_resume_in_the_same_twin_is_bit_exact(straight, tmp_path):
     assert per_step(read_metrics(tmp_path / "metrics.jsonl")) == per_step(read_metrics(whole / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_resume_in_the_other_twin(straight, tmp_path):
     first, whole = straight
     second = BACKENDS[1 - BACKENDS.index(first)]
