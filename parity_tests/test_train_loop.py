@@ -14,7 +14,7 @@ from shared_config import layout
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
 
-from .common import load_script
+from .common import load_script, quick_first
 
 T = load_script("train")
 BACKENDS = ["jax", "torch"]
@@ -45,7 +45,7 @@ def per_step(records):
     return [{k: v for k, v in r.items() if k not in LOG_POINT_ONLY} for r in records]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=quick_first(BACKENDS))
 def straight(request, tmp_path_factory):
     """(backend, OUT) of an uninterrupted STEPS-step run."""
     out = tmp_path_factory.mktemp(f"straight-{request.param}")
