@@ -131,6 +131,7 @@ def plant_nan_after(update: int):
     return wrap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, tmp_path):
     with pytest.raises(T.NonFiniteError) as e:
