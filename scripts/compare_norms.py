@@ -275,8 +275,8 @@ def parse_args(argv):
     args = study_args(args, "compare_norms.py", argv)
     if bad := [c for c in args.configs if not valid_config(c)]:
         valid = [f"{norm}-{placement}" for norm in PRESETS for placement in CHOICES["norm_placement"]]
-        raise UsageError(f"--configs: {', '.join(bad)}{did_you_mean(bad[0], valid)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
-                         f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}")
+        raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
+                         f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}{did_you_mean(bad[0], valid)}")
     return args
 
 
