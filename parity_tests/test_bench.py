@@ -147,6 +147,7 @@ def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     assert [s.residual_scaled for _, s in got] == [True, True, False, True]
 
 
+@pytest.mark.slow
 def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
     """--loss-chunk, --remat and --grad-accum: each twin's step reports its peak memory on a CPU too (XLA's memory
     analysis; torch's profiler), and the options together cut it where the logits dominate (V = 4096)."""
@@ -176,6 +177,7 @@ def test_bad_memory_options(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_the_checks_it_is_given(tmp_path):
     """bench/gpu_check.py's plan at tiny sizes on this CPU (--dry-run): the checks --only names run and write
     their reports, the others are listed as not run; the summary names every check."""
