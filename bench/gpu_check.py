@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # shared_config, when run as a script from anywhere
 
-from shared_config import ModelSpec  # noqa: E402
+from shared_config import ModelSpec, did_you_mean  # noqa: E402
 from shared_config.cli import Parser, UsageError, above, run  # noqa: E402
 from shared_config.compile_cache import add_compile_cache_option  # noqa: E402
 from shared_config.report import write_report  # noqa: E402
@@ -158,7 +158,8 @@ def parse_args(argv):
     names = [c.name for c in plan(args.plan)]
     args.only = names if args.only is None else args.only.split(",")
     if unknown := [n for n in args.only if n not in names]:
-        raise UsageError(f"--only: unknown check {unknown[0]!r} in --plan {args.plan} (one of {', '.join(names)})")
+        raise UsageError(f"--only: unknown check {unknown[0]!r} in --plan {args.plan}{did_you_mean(unknown[0], names)} "
+                         f"(one of {', '.join(names)})")
     return args
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared_config import ModelSpec
+from shared_config import ModelSpec, did_you_mean
 from shared_config.hardware import check_kernel, jax_platforms_error
 from shared_config.placement import has_qk_norm, has_v_norm
 
@@ -161,7 +161,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     """The kernel `attention` names on this machine: `auto` is cuDNN on GPU and Pallas on TPU when eligible, else
     XLA; `blocked` on CPU. A kernel this machine cannot run is a HardwareError (shared_config.hardware)."""
     if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})")
+        raise ValueError(f"attention={attention!r} is not offered by the JAX twin (one of {', '.join(ATTENTION)})"
+                         f"{did_you_mean(attention, ATTENTION)}")
     platform = device_platform()
     check_kernel(attention, platform, f"the JAX twin's attention={attention!r}")
     if attention == "pallas" and not pallas_fits(spec.E):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 import jax_model
@@ -150,3 +151,9 @@ def interleaved_rope(x_BTHE, cos_TE, sin_TE):
     x32 = x_BTHE.float()
     rotated = torch.stack([-x32[..., 1::2], x32[..., ::2]], dim=-1).flatten(-2)
     return (x32 * cos_TE[:, None, :] + rotated * sin_TE[:, None, :]).to(x_BTHE.dtype)
+
+
+def quick_first(values: list, n: int = 1, multi: bool = False) -> list:
+    """Parametrize values of which the first `n` run in the quick tier (`pytest -m "not slow"`) and the rest are
+    marked slow (the full suite runs them all). `multi`: each value is a tuple of several arguments."""
+    return [v if i < n else pytest.param(*(v if multi else (v,)), marks=pytest.mark.slow) for i, v in enumerate(values)]

@@ -1,4 +1,5 @@
-"""Precision pinned for both frameworks, so the same tests are strict on a GPU too; no network."""
+"""Precision pinned for both frameworks, so the same tests are strict on a GPU too; no network; every test in a
+scratch directory, failing if it writes into the checkout (checkout_guard.py)."""
 
 import os
 
@@ -16,32 +17,63 @@ torch.set_float32_matmul_precision("highest")
 torch.manual_seed(0)
 
 
-import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from .checkout_guard import CheckoutGuard
+
 ROOT = Path(__file__).resolve().parents[1]
-CACHES = ("__pycache__", ".pytest_cache", ".hypothesis", ".egg-info")
-
-
-def _checkout_files() -> set[str] | None:
-    """Untracked and ignored paths of the checkout (caches aside), or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!") and not any(c in line for c in CACHES)}
+GUARD: CheckoutGuard | None = None  # made once pytest's base temp is known
 
 
 @pytest.fixture(scope="session", autouse=True)
-def checkout_stays_untouched():
-    """Tests write under tmp_path only: a file a test leaves in the checkout (a default `runs/tiny`) fails the suite."""
-    before = _checkout_files()
-    yield
-    after = _checkout_files()
-    if before is not None and after is not None:
-        assert after <= before, f"tests wrote into the checkout: {sorted(after - before)[:10]}"
+def session_scratch_cwd(tmp_path_factory):
+    """Module and session fixtures, set up before `scratch_cwd`, run in a scratch directory too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("session-cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def scratch_cwd(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty scratch directory: a default output (`runs/tiny`) a test forgot to redirect
+    lands there, never in the checkout, and nothing a user keeps in the checkout changes a test's outcome."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def pytest_sessionstart(session):
+    """Start the guard; writing under pytest's base temp or the temp directory is fine, wherever they are."""
+    global GUARD
+    scratch = (session.config.option.basetemp, os.environ.get("PYTEST_DEBUG_TEMPROOT"), tempfile.gettempdir())
+    GUARD = CheckoutGuard(ROOT, skip=tuple(p for p in scratch if p))
+
+
+def _guarded(item, phase: str):
+    """Run one phase (setup, call, teardown) of a test recording what it writes into the checkout; a write fails
+    that phase, naming the files. Only this test process's own writes count: a user's files never do."""
+    GUARD.take()
+    GUARD.recording = True
+    try:
+        result = yield
+    finally:
+        GUARD.recording = False
+    if written := GUARD.take():
+        raise AssertionError(f"this test's {phase} wrote into the checkout {ROOT}: {', '.join(written[:10])}")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _guarded(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from _guarded(item, "teardown"))

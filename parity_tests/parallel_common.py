@@ -23,7 +23,7 @@ import torch_model
 from shared_config import load_checkpoint, load_train_config, save_checkpoint
 from shared_config.parity import FORWARD_TOL, max_rel, rel_err
 
-from .common import ROOT, checkout_env, make_spec, parity_weights, tokens
+from .common import checkout_env, make_spec, parity_weights, tokens
 from .parallel_runs import load_run, masked_batch  # noqa: F401  (the tests import load_run from here)
 from .train_common import TWINS, trajectory
 
@@ -83,7 +83,7 @@ def run_processes(args: list[str], envs: list[dict[str, str]]) -> None:
     """Run `python args...` once per environment, all at once, importing this checkout (not an installed copy);
     fail the test with the output of any that fails."""
     procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=checkout_env(**env), cwd=ROOT) for env in envs]
+                              env=checkout_env(**env)) for env in envs]  # in the test's scratch directory
     for proc in procs:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-3000:]}\n{err[-6000:]}"

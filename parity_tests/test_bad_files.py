@@ -355,6 +355,7 @@ def test_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch, 
 # --- the command line -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(ATTACKS["offsets_past_the_end"][0])

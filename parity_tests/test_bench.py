@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .common import ROOT, TORCHRUN, one_line_error, run_python
+from .common import ROOT, TORCHRUN, one_line_error, quick_first, run_python
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -45,6 +45,7 @@ def test_peak_table():
 FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "attention"}
 
 
+@pytest.mark.slow
 def test_forward_mode_both_backends_json_and_plot(tmp_path):
     out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
                 "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
@@ -60,7 +61,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
 
 @pytest.mark.parametrize(
     "args,message",
-    [
+    quick_first([
         (["--set", "n_layer=2"], "unknown spec key 'n_layer' (did you mean 'n_layers'?)"),
         (["--backend", "mxnet"], "invalid choice: 'mxnet'"),
         (["--backend", "hf", "--spec", "tiny-dyt"], "norm_type=dyt"),
@@ -74,12 +75,13 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
-    ],
+    ], 2, multi=True),
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
     one_line_error(bench(*args, check=False), message)
 
 
+@pytest.mark.slow
 def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
     # warmup 3 > 2 steps per round: the cache must hold compile + warmup tokens too
     bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "3",
@@ -92,6 +94,7 @@ def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"]["median"])
 
 
+@pytest.mark.slow
 def test_train_mode_every_backend_and_a_sweep(tmp_path):
     """The README's main job on every backend: one result per (variant, backend), in interleaved order."""
     out = bench("--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true", "--batch", "2",
@@ -105,6 +108,7 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
     assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
 
 
+@pytest.mark.slow
 def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
     """Scaling out (issue 7): the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
     bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
@@ -122,13 +126,13 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize(
     "args,message",
-    [
+    quick_first([
         (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
         (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
         (["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
         (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
         (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
-    ],
+    ], 1, multi=True),
 )
 def test_bad_scale_out_arguments(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
@@ -144,6 +148,7 @@ def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     assert [s.residual_scaled for _, s in got] == [True, True, False, True]
 
 
+@pytest.mark.slow
 def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
     """--loss-chunk, --remat and --grad-accum: each twin's step reports its peak memory on a CPU too (XLA's memory
     analysis; torch's profiler), and the options together cut it where the logits dominate (V = 4096)."""

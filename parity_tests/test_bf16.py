@@ -11,7 +11,7 @@ from shared_config.parity import (
     BF16_GRAD_TOL, BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, max_rel, token_kl, top1_agreement,
 )
 
-from .common import interleaved_rope, jax_logits, parity_weights, torch_logits
+from .common import interleaved_rope, jax_logits, parity_weights, quick_first, torch_logits
 from .train_common import TWINS, both_loss_and_grads, trajectory
 
 CASES = [(name, dtype) for name in ("tiny", "tiny-dyt", "tiny-derf") for dtype in ("float32", "bfloat16")]
@@ -24,7 +24,7 @@ def bf16_metrics(spec, weights, tokens_BN):
     return kl.mean(), kl.max(), top1_agreement(j, t), abs(lj - lt)
 
 
-@pytest.mark.parametrize("name,param_dtype", CASES, ids=[f"{n}-params-{d}" for n, d in CASES])
+@pytest.mark.parametrize("name,param_dtype", quick_first(CASES, multi=True), ids=[f"{n}-params-{d}" for n, d in CASES])
 def test_bf16_compute_agrees(name, param_dtype):
     spec = load_spec(name).replace(compute_dtype="bfloat16", param_dtype=param_dtype)
     weights = parity_weights(spec)  # O(1) logits: top-1 and KL mean something
@@ -61,6 +61,7 @@ def bf16_train_mismatches(spec, cfg) -> dict[str, str]:
     return bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bf16_train_steps_agree(param_dtype):
     """5 steps: losses, and per tensor the parameters and both AdamW moments (measured ≤ 2.5e-2, on v)."""

@@ -159,6 +159,7 @@ def test_target_format_from_to_extension_or_existing_directory(tmp_path):
         convert(src, tmp_path / "d")
 
 
+@pytest.mark.slow
 def test_cli_converts_and_says_what_it_did(tmp_path):
     src = canonical_file(tmp_path / "a.safetensors", make_spec())
     result = run_script("convert", src, tmp_path / "b.pt", "--dtype", "bfloat16")

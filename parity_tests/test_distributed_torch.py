@@ -28,6 +28,7 @@ def runs(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_distributed_steps_equal_one_process(runs, name):
     record, state = load_run(runs, f"torch-{name}")
@@ -36,6 +37,7 @@ def test_distributed_steps_equal_one_process(runs, name):
     assert (record["compiled_graphs"] > 0) == name.endswith("compiled"), record["compiled_graphs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("variant", ROUTED)
 def test_routed_distributed_steps_equal_the_one_shot_step(runs, variant, parallel):
@@ -44,6 +46,7 @@ def test_routed_distributed_steps_equal_the_one_shot_step(runs, variant, paralle
     assert_same_run(*load_run(runs / variant, f"torch-{parallel}"), "torch", variant)
 
 
+@pytest.mark.slow
 def test_fsdp2_average_is_compensated_only_where_it_sums(runs):
     record, _ = load_run(runs, "torch-fsdp2")
     # torch 2.13.0's gloo averages (factor 1); a torch with #162338 back gives 2, and the warning says so
@@ -51,12 +54,14 @@ def test_fsdp2_average_is_compensated_only_where_it_sums(runs):
     assert bool(record["warnings"]) == (record["probe"]["factor"] == 2.0)
 
 
+@pytest.mark.slow
 def test_planted_sum_is_detected_and_compensated(runs):
     record, _ = load_run(runs, "torch-fsdp2-planted")
     assert record["probe"] == {"factor": 2.0, "factor_force_sum": 1.0}  # W = 2: summed, then divided by FSDP2
     assert len(record["warnings"]) == 1 and "summed, then divided by 2" in record["warnings"][0]
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_dims_jax_shards(runs):
     record, _ = load_run(runs, "torch-fsdp2")
     for t in model_layout(SPEC):
@@ -66,6 +71,7 @@ def test_fsdp2_shards_the_dims_jax_shards(runs):
         assert record["placements"][t.name] == {"dim": dim, "local": local}, t.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "fsdp2"])
 def test_distributed_checkpoint_loads_in_jax(runs, name):
     _, state = load_run(runs, f"torch-{name}")

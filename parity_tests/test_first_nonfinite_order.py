@@ -38,6 +38,7 @@ def test_fuse_and_split_keep_module_order():
     assert list(split_qkv(fused, spec)) == names
 
 
+@pytest.mark.slow
 def test_a_diverging_run_names_the_same_first_tensor_in_both_twins(tmp_path):
     """The issue's run (lr=1e30, no warmup, no clipping): torch named model.layers.0.attn_out, JAX named logits."""
     messages = {}

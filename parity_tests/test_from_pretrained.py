@@ -18,7 +18,7 @@ import torch_model
 from shared_config import CheckpointError, save_checkpoint
 from shared_config.formats import read_checkpoint
 
-from .common import ROOT, load_script, make_spec, parity_weights
+from .common import ROOT, checkout_env, load_script, make_spec, parity_weights
 
 convert = load_script("convert")
 generate = load_script("generate")
@@ -117,10 +117,10 @@ def test_a_bare_state_dict_error_names_the_spec_option(formats, tmp_path):
 
 def test_convert_help_loads_no_framework():
     code = ("import runpy, sys; sys.argv = ['convert.py', '--help']\n"
-            "try: runpy.run_path('scripts/convert.py', run_name='__main__')\n"
+            f"try: runpy.run_path({str(ROOT / 'scripts' / 'convert.py')!r}, run_name='__main__')\n"
             "except SystemExit: pass\n"
             "print(sorted(m for m in ('torch', 'jax', 'flax', 'orbax') if m in sys.modules), file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: convert.py" in result.stdout
     assert result.stderr.strip() == "[]", result.stderr
 

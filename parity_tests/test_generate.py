@@ -55,6 +55,7 @@ def test_twins_generate_the_same_greedy_continuation(changes):
     assert (jl.argmax(-1) == np.asarray(j)).all()  # the logits chose the tokens: greedy is their argmax
 
 
+@pytest.mark.slow
 def test_batch_of_ragged_prompts_generates_each_row_as_alone():
     spec = make_spec(position="learned")
     jm, tm = twins(spec)

@@ -98,6 +98,7 @@ def test_weights_that_are_missing_or_a_directory(weights, capsys):
         assert e.value.code == 2 and err.startswith("error:") and message in err, err
 
 
+@pytest.mark.slow
 def test_a_hugging_face_directory_generates_what_its_canonical_file_does(weights, tmp_path):
     load_script("convert").convert(weights, tmp_path / "hf", to="hf")
     a = run_cli("--backend", "torch", "--weights", weights, "--tokens", "3,1,4", "--max-new-tokens", 8)

@@ -21,7 +21,7 @@ from shared_config.parity import max_rel, token_kl, top1_agreement
 from torch_model.gla import set_chunk as torch_set_chunk
 
 from . import reference
-from .common import FORWARD_TOL, case_ids, make_spec, parity_weights, rel_err, tokens
+from .common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
 from .train_common import TWINS, both_loss_and_grads, reference_loss, trajectory
 
 GLA = dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_k=0.5, gla_expand_v=1.25)
@@ -99,7 +99,7 @@ def test_layout_names_and_both_twins_hold_them():
         assert list(got) == list(shapes) and all(np.array_equal(got[k], w[k]) for k in w)
 
 
-@pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("changes", quick_first(CASES, 2), ids=case_ids(CASES))
 def test_logits_match_the_float64_recurrence(changes):
     spec = gla_spec(**changes)
     w, x = gla_weights(spec), tokens(spec, seq=70)
@@ -119,7 +119,7 @@ def test_the_gates_vary_far_from_one():
     assert alpha.min() < 0.8 and alpha.max() > 0.99 and alpha.min() ** 64 < 1e-5
 
 
-@pytest.mark.parametrize("chunk", [0, 1, 7, 16, 64, 128])
+@pytest.mark.parametrize("chunk", quick_first([0, 7, 1, 16, 64, 128], 2))
 def test_chunked_equals_recurrent(chunk):
     """Every chunk size (0: token by token; 7 does not divide T = 70; 128 > T) gives the same logits."""
     spec = gla_spec(norm_type="dyt", gla_gate_normalizer=1.0)
@@ -129,7 +129,7 @@ def test_chunked_equals_recurrent(chunk):
         assert rel_err(got, ref) <= FORWARD_TOL, f"{name}, chunk {chunk}: {rel_err(got, ref):.2e}"
 
 
-@pytest.mark.parametrize("changes", CASES[:6] + CASES[7:8], ids=case_ids(CASES[:6] + CASES[7:8]))
+@pytest.mark.parametrize("changes", quick_first(CASES[:6] + CASES[7:8]), ids=case_ids(CASES[:6] + CASES[7:8]))
 def test_twins_agree_on_loss_and_every_gradient(changes):
     spec = gla_spec(**changes)
     w, x = gla_weights(spec), tokens(spec, seq=45)
@@ -141,6 +141,7 @@ def test_twins_agree_on_loss_and_every_gradient(changes):
     assert all(np.isfinite(g).all() for g in (*gj.values(), *gt.values()))
 
 
+@pytest.mark.slow
 def test_gradients_match_float64_finite_differences():
     """Per tensor, g · d equals the float64 recurrence's central difference (strong gates, chunk 16 < T)."""
     spec = gla_spec(norm_type="derf", norm_placement="peri", gla_gate_normalizer=2.0)
@@ -198,7 +199,8 @@ def decode_both(w, spec, toks, prompt, start_B=None):
     return out
 
 
-@pytest.mark.parametrize("changes", [{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same")], ids=["rms", "dyt-peri-same"])
+@pytest.mark.parametrize("changes", quick_first([{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same")]),
+                         ids=["rms", "dyt-peri-same"])
 def test_prefill_then_decode_equals_the_full_forward(changes):
     spec = gla_spec(gla_gate_normalizer=2.0, **changes)
     w, x = gla_weights(spec), tokens(spec, seq=30)
@@ -209,6 +211,7 @@ def test_prefill_then_decode_equals_the_full_forward(changes):
         assert tuple(cache.layers[0].S_BHKV.shape) == (2, spec.H, spec.Kh, spec.Vh) and int(cache.layers[0].length) == 30
 
 
+@pytest.mark.slow
 def test_split_sequence_with_carried_state_equals_the_whole():
     """The reference recurrence's state after the first part, fed to the twins' chunked prefill of the second."""
     spec = gla_spec(n_layers=1, gla_gate_normalizer=1.0)
@@ -232,6 +235,7 @@ def test_split_sequence_with_carried_state_equals_the_whole():
         assert np.abs(np.asarray(state.S_BHKV) - reference.gla(h, wd, p, spec, S=np.zeros_like(S))[1]).max() <= 1e-5 * np.abs(S).max()
 
 
+@pytest.mark.slow
 def test_left_padding_leaves_each_row_as_alone():
     """A left-padded row decodes as it does alone: padding tokens do not change the state."""
     spec = gla_spec(gla_gate_normalizer=2.0)
@@ -244,6 +248,7 @@ def test_left_padding_leaves_each_row_as_alone():
         assert rel_err(got[0], reference.forward(w, spec, x[:1])[0]) <= FORWARD_TOL
 
 
+@pytest.mark.slow
 def test_generate_runs_for_gla():
     spec = load_spec("gla-tiny")
     w = gla_weights(spec)
@@ -251,6 +256,7 @@ def test_generate_runs_for_gla():
     assert outs[0] == outs[1] and all(len(row) == 6 for row in outs[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm_type", ["rms", "dyt"])
 def test_bf16_compute_agrees(norm_type):
     spec = load_spec("gla-tiny").replace(compute_dtype="bfloat16", norm_type=norm_type)

@@ -27,6 +27,7 @@ def test_gla_flops_against_a_hand_count():
         assert flops_per_token(spec, seq, "train") == 6 * n + 3 * recurrence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "forward", "decode"])
 def test_bench_sweeps_the_mixer(tmp_path, mode):
     out = tmp_path / f"{mode}.json"
@@ -47,6 +48,7 @@ def test_bench_sweeps_the_mixer(tmp_path, mode):
         assert "seq 16:" in proc.stdout and "seq 32:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_parity_report_passes_stage_by_stage_for_gla(tmp_path):
     report = load_script("parity_report")
     out = tmp_path / "report.json"
@@ -58,6 +60,7 @@ def test_parity_report_passes_stage_by_stage_for_gla(tmp_path):
     assert any("attn_out" in s for s in stages)
 
 
+@pytest.mark.slow
 def test_the_gla_norm_study_on_a_few_steps(tmp_path):
     """--mixer gla runs the experiment's four variants on gla-tiny and judges the four criteria."""
     small = [f"--set={kv}" for kv in ("batch_size=2", "seq_len=16", "warmup_steps=1")]

@@ -27,7 +27,7 @@ from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
 from shared_config.resources import ResourceError, layout_size
 from shared_config.train_config import load_train_config
 
-from .common import ROOT, checkout_env, load_script, make_spec, run_script
+from .common import ROOT, checkout_env, load_script, make_spec, quick_first, run_script
 
 convert_module = load_script("convert")
 convert = convert_module.convert
@@ -61,7 +61,7 @@ def run_limited(script: str, *args, fsize: int | None = None, memory: int | None
 
     path = ROOT / script if "/" in script else ROOT / "scripts" / f"{script}.py"
     return subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True,
-                          env=checkout_env(), cwd=cwd or ROOT, timeout=600, preexec_fn=limit)
+                          env=checkout_env(), cwd=cwd, timeout=600, preexec_fn=limit)
 
 
 def peak_memory(fn) -> tuple[BaseException | None, int]:
@@ -198,7 +198,7 @@ def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is
     assert peak < 50 * 2**20  # the table of 1.4e7 entries would take gigabytes (and a minute)
 
 
-@pytest.mark.parametrize("script, args, says", [
+@pytest.mark.parametrize("script, args, says", quick_first([
     ("init_checkpoint", ["--spec", "tiny", "--set", "vocab_size=1000000000000", "--out", "x.safetensors"],
      "drawing 3 layers of d_model 96, vocab 1,000,000,000,000 needs about"),
     ("init_checkpoint", ["--spec", "tiny", "--set", "n_layers=1000000", "--out", "x.safetensors"],
@@ -206,7 +206,7 @@ def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is
     ("train", ["--backend", "torch", "--set", "vocab_size=1000000000000", "--out", "run", "--quiet"],
      "training 3 layers of d_model 96, vocab 1,000,000,000,000 at batch"),
     ("bench/compare.py", ["--set", "vocab_size=1000000000000"], "the train job of tiny at batch 8 x seq 256 needs"),
-], ids=["init-vocab", "init-layers", "train-vocab", "bench-vocab"])
+], 1, multi=True), ids=["init-vocab", "init-layers", "train-vocab", "bench-vocab"])
 def test_commands_refuse_jobs_that_cannot_fit_in_memory_before_allocating(tmp_path, script, args, says):
     result = run_limited(script, *args, cwd=tmp_path)
     one_line(result, 3, says, "GiB of memory", "of memory on this machine")
@@ -360,7 +360,7 @@ def test_an_error_line_is_capped(capsys):
 # --- 3. library exceptions become one line ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["o.safetensors", "o.pt", "o-hf", "o-flax"])
+@pytest.mark.parametrize("target", quick_first(["o.safetensors", "o.pt", "o-hf", "o-flax"]))
 def test_a_full_disk_is_one_line_exit_3_and_leaves_nothing(tmp_path, canonical, target):
     dst = tmp_path / "out"
     dst.mkdir()
@@ -370,6 +370,7 @@ def test_a_full_disk_is_one_line_exit_3_and_leaves_nothing(tmp_path, canonical, 
     assert list(dst.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_init_checkpoint_and_train(tmp_path):
     one_line(run_limited("init_checkpoint", "--spec", "tiny", "--out", "x.safetensors", fsize=200_000, cwd=tmp_path),
              3, "x.safetensors: cannot write")

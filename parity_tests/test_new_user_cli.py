@@ -15,7 +15,8 @@ import pytest
 import jax_model.attention
 import torch_model.attention
 from shared_config import cli
-from shared_config.progress import advance, progress
+import shared_config.progress
+from shared_config.progress import advance, progress, restart_clock
 
 from .common import ROOT
 
@@ -84,6 +85,32 @@ def test_progress_with_a_changing_postfix_keeps_to_its_interval():
             advance(bar, step, loss=f"{1 / step:.4f}")
     lines = stream.getvalue().splitlines()
     assert len(lines) <= 3 and "50/50" in lines[-1] and "loss=0.0200" in lines[-1], lines
+
+
+def test_progress_off_a_terminal_shows_the_last_position_once():
+    """tqdm shows the bar again when it closes: off a terminal that was a second 100% line."""
+    for interval in (0, 60):
+        stream = io.StringIO()
+        with progress(range(5), desc="steps", stream=stream, interval=interval) as bar:
+            list(bar)
+        assert [line.split("|")[-1].split()[0] for line in stream.getvalue().splitlines()].count("5/5") == 1, stream.getvalue()
+
+
+def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch):
+    """A first step of 600 s (compilation), then 1 s per step: the ETA after step 2 is 99 steps of 1 s."""
+    now = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: now[0])
+    monkeypatch.setattr(shared_config.progress, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+    stream = io.StringIO()
+    with progress(total=101, desc="steps", stream=stream, interval=0) as bar:
+        now[0] += 600.0
+        restart_clock(bar, 1, loss="1.0")
+        for step in range(2, 4):
+            now[0] += 1.0
+            advance(bar, step, loss="1.0")
+    lines = stream.getvalue().splitlines()
+    assert "1/101 [00:00<?, ?it/s, loss=1.0]" in lines[1], lines
+    assert "2/101 [00:01<01:39," in lines[2] and "3/101 [00:02<01:38," in lines[3], lines
 
 
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):

@@ -40,6 +40,7 @@ def dyt_without_alpha_gradient(self, x):
     return torch_model.layers.affine(y, self.weight, self.bias).to(x.dtype)
 
 
+@pytest.mark.slow
 def test_clean_run_passes(report, weights_file, tmp_path, capsys):
     code, result = run_report(report, weights_file, tmp_path)
     assert code == 0 and result["passed"] and result["first_failure"] is None
@@ -77,6 +78,7 @@ def test_planted_mismatch_is_found_where_it_starts(report, weights_file, tmp_pat
     assert f"first failure: {first_failure}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_steps_and_plot(report, weights_file, tmp_path):
     plot = tmp_path / "curves.png"
     code, result = run_report(report, weights_file, tmp_path, "--train-steps", "3", "--plot", str(plot))

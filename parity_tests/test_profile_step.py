@@ -119,6 +119,7 @@ def profile(*args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_cli_profiles_both_twins(tmp_path):
     out = profile("--batch", "2", "--seq", "64", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "p.json"))
     report = json.loads((tmp_path / "p.json").read_text())

@@ -69,7 +69,7 @@ from shared_config.parity import GRAD_TOL, LOSS_TOL, TRAJ_LOSS_TOL, TRAJ_PARAM_T
 from torch_model import routing as torch_routing  # noqa: E402
 
 from . import reference  # noqa: E402
-from .common import FORWARD_TOL, case_ids, parity_weights, rel_err, tokens  # noqa: E402
+from .common import FORWARD_TOL, case_ids, parity_weights, quick_first, rel_err, tokens  # noqa: E402
 from .train_common import TWINS, trajectory  # noqa: E402
 
 MARGIN = 1e-4  # a selection is tested only where float32 rounding (~1e-6 here) cannot flip it
@@ -212,7 +212,7 @@ def test_select_top_k_orders_by_score_then_position(twin, select):
     assert np.asarray(select(xp(scores), 3)).tolist() == [[0, 1, 3], [0, 1, 2]]
 
 
-@pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[4], ROUTED[5]], ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
+@pytest.mark.parametrize("changes", quick_first([ROUTED[0], ROUTED[4], ROUTED[5]]), ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
 def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
     from .test_kv_cache import jax_steps, torch_steps
 
@@ -237,6 +237,7 @@ def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
         model(torch.as_tensor(x[:, :3]), cache=model.init_cache(2, 8), decide="topk")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[4]], ids=case_ids([ROUTED[0], ROUTED[4]]))
 def test_twins_train_the_same_trajectory_with_the_aux_losses(changes):
     spec = make_spec(**changes)
@@ -323,6 +324,7 @@ def test_routing_study_refuses_bad_configs_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [ROUTED[0], ROUTED[5]], ids=case_ids([ROUTED[0], ROUTED[5]]))
 def test_left_padded_routed_decoding_leaves_each_row_as_alone(changes):
     """The keep mask and dtf's moving-average window skip each row's left padding."""

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from shared_config import load_checkpoint, load_spec
 
 from .common import one_line_error, run_script
 
 
+@pytest.mark.slow
 def test_init_checkpoint_then_compare_logits(tmp_path):
     path = tmp_path / "tiny-dyt.safetensors"
     r = run_script("init_checkpoint", "--spec", "tiny-dyt", "--seed", "0", "--out", path)

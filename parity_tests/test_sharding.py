@@ -91,17 +91,20 @@ def test_bad_meshes_and_batches_are_one_line_errors(make, message):
 # --- the sharded runs -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4", MEMORY_RUN])
 def test_sharded_steps_equal_one_device(runs, name):
     assert_same_run(*load_run(runs, f"jax-{name}"), "jax")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ROUTED_JAX)
 def test_routed_sharded_steps_equal_the_one_shot_step(runs, variant):
     """Micro-batches and devices holding different numbers of targets: the one-device, one-shot update."""
     assert_same_run(*load_run(runs / variant, f"jax-{ROUTED_MESH}"), "jax", variant)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_parameters_and_moments_are_split_over_fsdp(runs, mesh):
     record, _ = load_run(runs, f"jax-{mesh}")
@@ -121,6 +124,7 @@ def test_parameters_and_moments_are_split_over_fsdp(runs, mesh):
     assert record["params"]["model.embed_tokens.embedding"]["shards"][0] == [97, 48 // fsdp]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["data=2,fsdp=4", "2proc-data=2,fsdp=4"])
 def test_sharded_checkpoint_loads_in_torch(runs, name):
     _, state = load_run(runs, f"jax-{name}")

@@ -105,6 +105,7 @@ def qkv(T: int, H: int = 4, K: int = 2, E: int = 16, B: int = 2):
     return [jnp.asarray(rng.normal(size=(B, T, n, E)), jnp.float32) for n in (H, K, K)]
 
 
+@pytest.mark.slow
 def test_the_pallas_kernel_computes_causal_gqa_attention_and_its_gradients():
     """JAX's Pallas TPU flash kernel and its backward kernels, run by Pallas' TPU interpreter on CPU: the same
     math as the einsum kernel (a train step differentiates through it)."""
@@ -142,6 +143,7 @@ def test_the_torch_twin_hands_torch_xla_the_kernel_s_layout(monkeypatch):
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
 
 
+@pytest.mark.slow
 def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run():
     """T not a multiple of 128, a head dim it does not take, or an explicit mask (decoding): the kernel is not called
     (off a TPU, outside the interpreter, it would fail)."""
@@ -221,6 +223,7 @@ def test_the_cpu_path_is_unchanged():
     assert math.isclose(peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16"), 312.0)
 
 
+@pytest.mark.slow
 def test_the_tpu_check_runs_each_twin_in_its_own_process_and_prints_their_ratio(tmp_path):
     """bench/tpu_check.sh, the one command for a TPU host, run here on the CPU with tiny settings after its defaults."""
     args = ["--spec", "tiny", "--dtype", "float32", "--mode", "forward", "--batch", "1", "--seq", "16", "--steps", "1",

@@ -9,13 +9,13 @@ import pytest
 from shared_config.cli import UsageError
 from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
 
-from .common import load_script, one_line_error, run_script
+from .common import load_script, one_line_error, quick_first, run_script
 
 SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
          "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
 
 
-@pytest.mark.parametrize("args,fragments", [
+@pytest.mark.parametrize("args,fragments", quick_first([
     (["--set", "lrr=1e-3"], ["unknown --set key 'lrr'", "did you mean 'lr'"]),
     (["--set", "norm_tpye=dyt"], ["unknown --set key 'norm_tpye'", "did you mean 'norm_type'"]),
     (["--set", "lr=-1"], ["lr=-1.0 must be > 0"]),
@@ -23,7 +23,7 @@ SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--se
     (["--data", "no/such/tokens.bin"], ["tokens.bin: no such file"]),
     (["--resume"], ["no checkpoint to resume"]),
     (["--eval-every", "-1"], ["--eval-every must be >= 0"]),
-])
+], 2, multi=True))
 def test_bad_arguments_are_one_line_errors(tmp_path, args, fragments):
     one_line_error(run_script("train", "--backend", "jax", "--out", tmp_path / "run", *args), *fragments)
 
@@ -44,6 +44,7 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):
     out = tmp_path / "run"
     result = run_script("train", "--backend", "torch", "--out", out, "--set", "lr=1e30", "--set", "warmup_steps=0",
@@ -56,6 +57,7 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):
     load_train_checkpoint(out / "step-00000001")  # complete and finite
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
     out = tmp_path / "run"
     first = run_script("train", "--backend", "torch", "--spec", "tiny-dyt", "--set", "vocab_size=256", "--out", out,
@@ -79,6 +81,7 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
     one_line_error(run_script("plot_curves", tmp_path, "--out", tmp_path / "c.png"), "no training metrics")
 
 
+@pytest.mark.slow
 def test_the_norm_study_on_a_few_steps(tmp_path):
     small = [f"--set={kv}" for kv in ("n_layers=1", "d_model=48", "d_ff=96", "batch_size=2", "seq_len=16")]
     load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri,dyt-hybrid_star", "--out", str(tmp_path), *small])

@@ -2,7 +2,10 @@
 carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and within the trajectory
 bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good checkpoint kept."""
 
+import functools
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from shared_config import layout
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
 
-from .common import load_script
+from .common import load_script, quick_first
 
 T = load_script("train")
 BACKENDS = ["jax", "torch"]
@@ -23,11 +26,11 @@ SMALL = ["--spec", "tiny-derf", "--set", "n_layers=2", "--set", "d_model=48", "-
 LOG_POINT_ONLY = ("tokens_per_s", "elapsed_s", "scalars")  # a resumed run logs its first step too
 
 
-def train(out, backend, *extra, make_backend=None):
+def train(out, backend, *extra, make_backend=None, progress=False):
     """Run the loop as `scripts/train.py --backend BACKEND --out OUT ...` would, without a subprocess."""
     run = T.resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, "--steps", str(STEPS), *extra]))
     factory = T.backend_factory(backend, run)
-    return T.Loop(run, make_backend(factory) if make_backend else factory, progress=False)()
+    return T.Loop(run, make_backend(factory) if make_backend else factory, progress=progress)()
 
 
 def final_state(out):
@@ -42,7 +45,7 @@ def per_step(records):
     return [{k: v for k, v in r.items() if k not in LOG_POINT_ONLY} for r in records]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=quick_first(BACKENDS))
 def straight(request, tmp_path_factory):
     """(backend, OUT) of an uninterrupted STEPS-step run."""
     out = tmp_path_factory.mktemp(f"straight-{request.param}")
@@ -71,6 +74,7 @@ def test_loss_falls_and_metrics_hold_every_scalar(straight):
     assert all(0 < r["entropy"] < r["val_loss"] and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
+@pytest.mark.slow
 def test_resume_in_the_same_twin_is_bit_exact(straight, tmp_path):
     backend, whole = straight
     train(tmp_path, backend, "--save-every", str(HALF), "--stop-at", str(HALF))
@@ -83,6 +87,7 @@ def test_resume_in_the_same_twin_is_bit_exact(straight, tmp_path):
     assert per_step(read_metrics(tmp_path / "metrics.jsonl")) == per_step(read_metrics(whole / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_resume_in_the_other_twin(straight, tmp_path):
     first, whole = straight
     second = BACKENDS[1 - BACKENDS.index(first)]
@@ -126,6 +131,7 @@ def plant_nan_after(update: int):
     return wrap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, tmp_path):
     with pytest.raises(T.NonFiniteError) as e:
@@ -140,6 +146,40 @@ def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, t
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 8 and 0 < last["nonfinite"] <= 1  # the replay counts the NaN/Inf gradient values
     assert all(r["nonfinite"] == 0 for r in read_metrics(tmp_path / "metrics.jsonl")[:-1] if r["kind"] == "train")
+
+
+def slow_first_step(seconds: float):
+    """A make_backend wrapper whose backend's first step takes `seconds` longer, as a compiling one does."""
+    def wrap(factory):
+        def make(state):
+            backend, taken = factory(state), []
+            step = backend.step
+
+            def slow_then_step(tokens):
+                if not taken:
+                    time.sleep(seconds)
+                taken.append(1)
+                return step(tokens)
+
+            backend.step = slow_then_step
+            return backend
+
+        return make
+
+    return wrap
+
+
+@pytest.mark.slow
+def test_progress_shows_the_end_once_and_an_eta_without_compilation(tmp_path, monkeypatch, capsys):
+    """A 3 s first step, then steps of milliseconds: the ETA after step 2 is the 38 steps left at the later
+    steps' pace (counting the first step as one, it was about a minute), and the 100% line comes once."""
+    monkeypatch.setattr(T, "progress", functools.partial(T.progress, interval=0))
+    train(tmp_path, "torch", "--log-every", "1", make_backend=slow_first_step(3.0), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    shown = {m[1]: m[2] for m in (re.search(r" (\d+)/40 \[\d\d:\d\d<([^,]+),", line) for line in lines) if m}
+    assert shown["1"] == "?", lines
+    assert re.fullmatch(r"00:[01]\d", shown["2"]), lines  # ETA under 20 s, where counting step 1 gave ~57 s
+    assert sum(" 40/40 " in line for line in lines) == 1, lines
 
 
 def test_the_first_nonfinite_tensor_is_the_first_computed():

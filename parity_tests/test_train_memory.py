@@ -13,7 +13,7 @@ from shared_config import SpecError, load_train_config
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
 from torch_model import train as torch_train
 
-from .common import make_spec, parity_weights
+from .common import make_spec, parity_weights, quick_first
 from .parallel_runs import masked_batch
 from .train_common import TWINS, trajectory
 
@@ -59,7 +59,7 @@ def test_micro_batches_take_strided_rows_and_must_divide(name, twin, train):
 CASES = [("block", 0, SPEC), ("full", 0, TIED), ("none", 48, SPEC), ("none", 1000, TIED), ("full", 64, SPEC)]
 
 
-@pytest.mark.parametrize("remat,loss_chunk,spec", CASES, ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
+@pytest.mark.parametrize("remat,loss_chunk,spec", quick_first(CASES, 2, multi=True), ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
                                                              for r, c, s in CASES])
 def test_remat_and_chunked_loss_give_the_plain_gradients(remat, loss_chunk, spec):
     """loss_chunk 48 leaves a short last chunk of the 8·32 tokens, 1000 one chunk larger than them all."""
@@ -79,6 +79,7 @@ def test_remat_and_chunked_loss_give_the_plain_gradients(remat, loss_chunk, spec
     assert max(max_rel(results["jax"][k], g) for k, g in results["torch"].items()) <= GRAD_TOL
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_every_option_together():
     """torch.compile'd step with accumulation, block remat and the chunked loss: the eager one-shot step."""
     cfg = CFG.replace(grad_accum_steps=2, remat="block", loss_chunk=48)

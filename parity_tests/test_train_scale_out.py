@@ -7,7 +7,7 @@ import pytest
 
 from shared_config.run_dir import read_metrics
 
-from .common import ROOT, TORCHRUN, one_line_error, run_python, run_script
+from .common import ROOT, TORCHRUN, one_line_error, quick_first, run_python, run_script
 
 # A validation pass before each save: FSDP2 leaves the root's parameters gathered after a forward
 # without backward, which once made the saved AdamW moments of the root's tensors zero.
@@ -40,6 +40,7 @@ def torchrun(*args):
     return run_python(*TORCHRUN, ROOT / "scripts" / "train.py", "--backend", "torch", *args, OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow
 def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, reference):
     out = tmp_path / "mesh"
     r = run_script("train", "--backend", "jax", "--mesh", "data=2,fsdp=2", "--out", out, *ARGS, "--stop-at", "4")
@@ -49,6 +50,7 @@ def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, refere
     assert close(losses(out), reference, 1e-5), (losses(out), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, parallel):
     out = tmp_path / parallel
@@ -68,13 +70,13 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
 
 @pytest.mark.parametrize(
     "args,message",
-    [
+    quick_first([
         (["--backend", "jax", "--devices", "2", "--mesh", "data=1"], "--devices N and --mesh: pass one"),
         (["--backend", "torch", "--mesh", "data=2"], "--devices/--mesh scale the JAX twin"),
         (["--backend", "torch", "--parallel", "ddp"], "--parallel ddp needs torchrun"),
         (["--backend", "jax", "--devices", "3", "--set", "batch_size=4"], "batch_size=4 must be divisible by the 3"),
         (["--backend", "jax", "--mesh", "data=2,model=2"], "unknown axis 'model'"),
-    ],
+    ], 1, multi=True),
 )
 def test_bad_scale_out_arguments(tmp_path, args, message):
     one_line_error(run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet"), message)

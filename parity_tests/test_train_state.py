@@ -7,7 +7,7 @@ import pytest
 from shared_config import TrainConfig, synthetic_batch
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 
-from .common import make_spec, parity_weights
+from .common import make_spec, parity_weights, quick_first
 from .train_common import TWINS
 
 SPEC = make_spec(norm_type="derf", norm_placement="peri", embed_scale="learnable", qk_norm=True)
@@ -32,7 +32,7 @@ def start():
     return {"step": 0, "weights": weights, "m": {k: 0 * v for k, v in weights.items()}, "v": {k: 0 * v for k, v in weights.items()}}
 
 
-@pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
+@pytest.mark.parametrize("name,twin,train", quick_first(TWINS, multi=True), ids=[t[0] for t in TWINS])
 def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
     whole_losses, whole = run(twin, train, start, 0, CFG.steps)
     _, middle = run(twin, train, start, 0, HALF)
@@ -43,7 +43,7 @@ def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
         assert all(np.array_equal(resumed[key][k], whole[key][k]) for k in whole[key]), f"{name} {key}"
 
 
-@pytest.mark.parametrize("first,second", [(0, 1), (1, 0)], ids=["jax-then-torch", "torch-then-jax"])
+@pytest.mark.parametrize("first,second", quick_first([(0, 1), (1, 0)], multi=True), ids=["jax-then-torch", "torch-then-jax"])
 def test_resume_in_the_other_twin(start, first, second):
     _, middle = run(*TWINS[first][1:], start, 0, HALF)
     resumed_losses, resumed = run(*TWINS[second][1:], middle, HALF, CFG.steps)

@@ -36,7 +36,7 @@ from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
-from shared_config.spec import CHOICES  # noqa: E402
+from shared_config.spec import CHOICES, did_you_mean  # noqa: E402
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -257,7 +257,7 @@ def study_args(args, script: str, argv):
     raises UsageError for an unknown backend or --steps < 1."""
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in ("jax", "torch")]:
-        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)} (jax, torch)")
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}{did_you_mean(bad[0], ('jax', 'torch'))} (jax, torch)")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
     args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
@@ -274,8 +274,9 @@ def parse_args(argv):
         args.configs = ",".join(GLA_CONFIGS)
     args = study_args(args, "compare_norms.py", argv)
     if bad := [c for c in args.configs if not valid_config(c)]:
+        valid = [f"{norm}-{placement}" for norm in PRESETS for placement in CHOICES["norm_placement"]]
         raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "
-                         f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}")
+                         f"PLACEMENT one of {', '.join(CHOICES['norm_placement'])}{did_you_mean(bad[0], valid)}")
     return args
 
 

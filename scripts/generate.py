@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run
 from shared_config.io import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
@@ -140,7 +141,8 @@ def load_backend(backend: str, weights, spec, attention: str):
         torch.backends.cuda.matmul.allow_tf32 = False
         twin = torch_model
     if attention not in ATTENTION:
-        raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})")
+        raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})"
+                         f"{did_you_mean(attention, ATTENTION)}")
     return twin.from_weights(weights, spec, attention), stream
 
 

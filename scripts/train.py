@@ -39,7 +39,7 @@ from shared_config.io import atomic_write
 from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes
-from shared_config.progress import advance, progress
+from shared_config.progress import advance, progress, restart_clock
 from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
     read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
@@ -363,7 +363,7 @@ class Loop:
                 last = step == run.stop
                 evaluate, save = last or due(step, run.eval_every), last or due(step, run.save_every)
                 if step == first or due(step, run.log_every) or evaluate or save:  # the first: compilation timed apart
-                    self.flush(backend, step)
+                    self.flush(backend, step, first=step == first)
                 if evaluate:
                     self.evaluate(backend, step)
                 if save:
@@ -385,8 +385,9 @@ class Loop:
             atomic_write(run.out / "tokenizer.json", lambda tmp: tmp.write_bytes(tokenizer))
         self.bar_note(describe(run, step))
 
-    def flush(self, backend: Backend, step: int) -> None:
-        """Fetch the pending metrics, stop on a non-finite one, log them (with the scalars at `step`)."""
+    def flush(self, backend: Backend, step: int, first: bool = False) -> None:
+        """Fetch the pending metrics, stop on a non-finite one, log them (with the scalars at `step`); after the
+        `first` step (compilation) the bar's clock restarts, so that its ETA counts the steps after."""
         fetched = backend.fetch([m for _, m in self.pending])
         steps = [s for s, _ in self.pending]
         records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
@@ -402,7 +403,8 @@ class Loop:
                            scalars={k: float(v) for k, v in backend.fetch(backend.scalars()).items()})
         self.append(records)
         loss = float(np.mean([r["loss"] for r in records]))
-        advance(self.bar, step, loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        show = restart_clock if first else advance
+        show(self.bar, step, loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         self.summary.update(step=step, loss=loss, tokens_per_s=self.clock.mean_rate())
 
     def evaluate(self, backend: Backend, step: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 import traceback
@@ -22,11 +23,12 @@ from typing import Callable
 from .data import DataError
 from .hardware import HardwareError, jax_backend_failure
 from .io import CheckpointError
-from .limits import LimitError
+from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
-from .spec import SpecError
+from .spec import SpecError, did_you_mean
 
 BAD_INPUT, ENVIRONMENT = 2, 3
+NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # a negative number is a value, not an option (argparse's own rule)
 MAX_MESSAGE = 2000  # characters of an error line; the rest is cut (a message quoting a hostile file stays short)
 
 
@@ -54,15 +56,48 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one `error:` line (exit 2), every tool has --debug and --help shows defaults."""
+    """argparse, but usage errors are one `error:` line (exit 2), every tool has --debug and --help shows defaults,
+    and a misspelt option or choice gets the closest valid one suggested. An unknown option is the error named
+    first: it is why a required option looks missing (`--spce tiny`: "--spec is required")."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        self.argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
+        if unknown := self.unknown_option():
+            longs = [o for o in self._option_string_actions if o.startswith("--")]
+            message = f"unrecognized option {quote(unknown)[1:-1]}{did_you_mean(unknown, longs, 0.6)}; see --help"
         fail(message)
+
+    def unknown_option(self) -> str | None:
+        """The first option in the command line that names no option (nor abbreviates one), or None."""
+        known = self._option_string_actions
+        for token in self.argv:
+            if token == "--":
+                return None
+            if not token.startswith("-") or token == "-" or NUMBER.fullmatch(token):
+                continue
+            name = token.split("=", 1)[0]
+            if name in known or (not token.startswith("--") and token[:2] in known):  # `-n5` is `-n 5`
+                continue
+            if not (self.allow_abbrev and token.startswith("--") and any(o.startswith(name) for o in known)):
+                return name
+        return None
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:  # an invalid choice: add the closest valid one
+            if action.choices is None or not (hint := did_you_mean(value, action.choices)):
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}{hint}") from None
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from .config_json import ConfigValueError, config_value
-from .io import CheckpointError, atomic_dir, atomic_write, check_size, check_weights, read_json, read_safetensors
-from .io import resolve_spec, safetensors_header, spec_from_metadata
+from .io import CheckpointError, atomic_dir, atomic_write, check_size, check_weights, read_json
+from .io import read_safetensors, resolve_spec, safetensors_header, save_safetensors, spec_from_metadata
 from .layout import layout
 from .limits import quote
 from .spec import ModelSpec, SpecError, load_spec
@@ -157,4 +156,4 @@ def write_fla(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSp
     meta = {"spec": spec.to_json(), "format": "pt"}  # transformers loads only "pt" files
     with atomic_dir(path, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        atomic_write(tmp / "model.safetensors", lambda f: save_file(tensors, f, metadata=meta))
+        atomic_write(tmp / "model.safetensors", lambda f: save_safetensors(tensors, f, meta))

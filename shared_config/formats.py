@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from . import fla, hf
-from .io import CheckpointError, check_weights, load_checkpoint, read_json, restore_old
-from .spec import ModelSpec
+from .io import CheckpointError, check_weights, load_checkpoint, read_header, read_json, restore_old
+from .spec import ModelSpec, did_you_mean
 
 FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
@@ -40,18 +40,37 @@ def source_format(src: Path) -> str:
             return "flax"
         if (src / RUN_CHECKPOINT).is_file():
             return "safetensors"  # a run's checkpoint directory: read as its model.safetensors
+        if found := sorted(p.name for p in src.glob("*.safetensors*")):  # sharded weights or their index.json
+            raise CheckpointError(no_config(src, found))
         raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json), an Orbax one (state/) "
                               f"nor a run's checkpoint ({RUN_CHECKPOINT})")
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file or directory")
     if src.suffix not in SUFFIXES:
-        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}' ({', '.join(SUFFIXES)} or a directory)")
+        raise CheckpointError(f"{src}: unknown file extension '{src.suffix}'{did_you_mean(src.suffix, SUFFIXES, 0.6)} "
+                              f"({', '.join(SUFFIXES)} or a directory)")
     return SUFFIXES[src.suffix]
 
 
+def no_config(src: Path, found: list[str]) -> str:
+    return (f"{src}: no config.json: a Hugging Face directory needs its config.json beside the weights (found "
+            f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); a run's checkpoint directory has state.json")
+
+
 def _read_safetensors(path: Path, spec):
-    path = path / RUN_CHECKPOINT if path.is_dir() else path
+    if path.is_dir():  # a run's checkpoint, or a Hugging Face directory that lost its config.json
+        if spec is None and not (path / "state.json").is_file() and "spec" not in _metadata(path / RUN_CHECKPOINT):
+            raise CheckpointError(no_config(path, [RUN_CHECKPOINT]))
+        path = path / RUN_CHECKPOINT
     return load_checkpoint(path, spec, allow_nonfinite=True)  # NaN/Inf: checked by the caller
+
+
+def _metadata(path: Path) -> dict:
+    """A safetensors file's metadata; {} for a file load_checkpoint will refuse with the reason."""
+    try:
+        return read_header(path).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _read_torch(path: Path, spec):

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import json
 import math
 import os
 import re
@@ -513,4 +514,24 @@ def save_checkpoint(
     """
     check_weights(weights, spec, path, allow_nonfinite=True)
     tensors = {t.name: np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"spec": spec.to_json(), "format": file_format}))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, {"spec": spec.to_json(), "format": file_format}))
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path, metadata: Mapping[str, str]) -> None:
+    """safetensors' `save_file`, byte-reproducible: same tensors and metadata, same bytes.
+
+    `save_file` writes `__metadata__` in a Rust hash map's order, which changes from process to process (two
+    identical conversions differed at byte 27); its keys are rewritten here in sorted order, in place. The
+    header keeps its length (the same JSON text reordered; safetensors pads headers with spaces anyway).
+    Tensors are already in a fixed order (by dtype alignment, then name) with fixed offsets.
+    """
+    save_file(dict(tensors), path, metadata=dict(metadata))
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > n:  # cannot happen for the same JSON text; never write a header past the data's start
+            raise RuntimeError(f"{path}: the sorted safetensors header grew from {n} to {len(raw)} bytes")
+        f.seek(8)
+        f.write(raw.ljust(n, b" "))

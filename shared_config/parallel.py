@@ -9,7 +9,7 @@ FSDP2 `Shard` placements and each rank's rows.
 from __future__ import annotations
 
 from .layout import Tensor
-from .spec import SpecError
+from .spec import SpecError, did_you_mean
 
 AXES = ("data", "fsdp")
 
@@ -40,7 +40,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = (s.strip() for s in item.partition("="))
         if name not in AXES:
-            raise SpecError(f"mesh {text!r}: unknown axis {name!r} (axes: {', '.join(AXES)})")
+            raise SpecError(f"mesh {text!r}: unknown axis {name!r}{did_you_mean(name, AXES)} (axes: {', '.join(AXES)})")
         if not sep or not value.isdigit() or int(value) < 1:
             raise SpecError(f"mesh {text!r}: {item!r} must be axis=N with N >= 1")
         sizes[name] = int(value)

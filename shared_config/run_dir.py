@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from .io import (
     CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_header, read_json,
-    read_safetensors, recover, save_checkpoint, spec_from_json, umask, write_errors,
+    read_safetensors, recover, save_checkpoint, save_safetensors, spec_from_json, umask, write_errors,
 )
 from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
@@ -66,7 +65,7 @@ def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, i
         save_checkpoint(tmp / "model.safetensors", train_state["weights"], spec)
         moments = {f"{key}.{name}": np.ascontiguousarray(x) for key in MOMENTS for name, x in train_state[key].items()}
         with write_errors(tmp / "optimizer.safetensors"):
-            save_file(moments, tmp / "optimizer.safetensors", metadata={"format": "twinlm-adamw", "step": str(step)})
+            save_safetensors(moments, tmp / "optimizer.safetensors", {"format": "twinlm-adamw", "step": str(step)})
         os.chmod(tmp / "optimizer.safetensors", 0o666 & ~umask())  # save_file creates it 0600
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
         if tokenizer is not None:

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -214,13 +214,19 @@ def from_mapping(cls, d: Mapping[str, Any], what: str):
     return cls(**d)
 
 
+def did_you_mean(name: Any, valid: Iterable[str], cutoff: float = 0.5) -> str:
+    """` (did you mean 'x'?)` for the valid name closest to `name` (difflib's ratio >= cutoff), else ''. For every
+    error that looks a name up: keys, presets, choices, options."""
+    close = difflib.get_close_matches(str(name)[:100], [str(v) for v in valid], n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
     """Reject unknown keys, suggesting the closest valid one."""
     for key in d:
         if key not in valid:
             shown = quote(str(key))[1:-1]  # a hostile key may be megabytes long
-            close = difflib.get_close_matches(str(key)[:100], valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(valid)}"
+            hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
             raise SpecError(f"unknown {what} key '{shown}'{hint}")
 
 
@@ -250,7 +256,7 @@ def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] =
         raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
     value = ALIASES.get(name, {}).get(value, value)
     if value not in choices[name]:
-        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
+        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}{did_you_mean(value, choices[name])}")
     return value
 
 
@@ -384,8 +390,9 @@ def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict:
     if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
         path = presets / f"{source}.yaml"
     elif not path.is_file():
-        names = ", ".join(preset_names(presets))
-        raise SpecError(f"no {what} preset or file named '{source}' (presets: {names})")
+        names = preset_names(presets)
+        raise SpecError(f"no {what} preset or file named {quote(str(source))}{did_you_mean(source, names)}; "
+                        f"presets: {', '.join(names)}")
     try:
         return from_dict(load_yaml(path, what))
     except SpecError as e:

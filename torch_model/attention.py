@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shared_config import ModelSpec
+from shared_config import ModelSpec, did_you_mean
 from shared_config.hardware import check_kernel
 from shared_config.placement import has_qk_norm, has_v_norm
 
@@ -171,7 +171,8 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
     eligible, else PyTorch's own SDPA dispatch. A kernel this machine cannot run is a HardwareError
     (shared_config.hardware)."""
     if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})")
+        raise ValueError(f"attention={attention!r} is not offered by the torch twin (one of {', '.join(ATTENTION)})"
+                         f"{did_you_mean(attention, ATTENTION)}")
     platform = device_platform()
     check_kernel(attention, platform, f"the torch twin's attention={attention!r}")
     if attention == "pallas" and not pallas_fits(spec.E):

@@ -39,7 +39,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
-from shared_config import SpecError, TrainConfig, model_layout, save_checkpoint
+from shared_config import SpecError, TrainConfig, did_you_mean, model_layout, save_checkpoint
 from shared_config.parallel import fsdp_dim, rows_per_shard
 
 from . import train
@@ -79,7 +79,7 @@ def parallelize(model, cfg: TrainConfig, parallel: str = "ddp", *, compile: bool
     signature; the optimizer holds the wrapped model's parameters (FSDP2: this rank's shards).
     """
     if parallel not in PARALLEL:
-        raise SpecError(f"parallel={parallel!r} must be one of {', '.join(PARALLEL)}")
+        raise SpecError(f"parallel={parallel!r} must be one of {', '.join(PARALLEL)}{did_you_mean(parallel, PARALLEL)}")
     if not dist.is_initialized():
         raise SpecError(f"parallel={parallel!r} needs a process group: launch with torchrun, call init_distributed()")
     wrapped = data_parallel(model) if parallel == "ddp" else fully_shard_model(model)
