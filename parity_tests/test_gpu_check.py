@@ -5,7 +5,6 @@ limit, and both plans run end to end at tiny sizes on this CPU (--dry-run)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time

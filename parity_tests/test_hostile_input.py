@@ -871,8 +871,6 @@ def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
     """Half the key channels' gate projections scaled by `scale`: per token, log α from about −scale/16 (a reset,
     down to −6e5 at 1e7) to 0 (α = 1), mixed within every chunk. The chunk form (chunk 64 over 70 tokens, 16-token
     sub-chunks) gives both twins the float64 recurrence's logits, and finite gradients on which they agree."""
-    import jax_model
-    import torch_model
     from shared_config.parity import FORWARD_TOL, GRAD_TOL, max_rel, rel_err
 
     from . import reference
