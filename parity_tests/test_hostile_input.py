@@ -446,7 +446,7 @@ def test_metrics_lines_that_are_not_records_are_named(tmp_path, line, says):
 def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch, capsys):
     compare, timing = _bench("compare"), _bench("timing")
 
-    def oom(args, specs, backends, kernels, during=None):
+    def oom(args, specs, backends, kernels, on_progress=None, during=None):
         args.job = "torch train job of small"
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
