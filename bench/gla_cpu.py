@@ -14,7 +14,6 @@ JAX twin's jitted train step (forward, backward, AdamW; the default train config
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,6 +22,10 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # shared_config, when run as a script from anywhere
+
+from shared_config import SpecError  # noqa: E402
+from shared_config.cli import Parser, UsageError, at_least, run  # noqa: E402
 
 
 def inputs(B, H, T, K, V, seed=0):
@@ -92,24 +95,18 @@ def compile_step(spec_name, batch, tokens):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+        p.add_argument(f"--{flag}", type=at_least(1), default=default, help=f"(default {default})")
     p.add_argument("--recurrent", action="store_true", help="time the token-by-token recurrence instead")
     p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
     p.add_argument("--compile-step", metavar="SPEC", help="time the compile of the JAX train step of SPEC instead")
     args = p.parse_args(argv)
-    if min(args.batch, args.heads, args.tokens, args.key, args.value, args.repeats) < 1:
-        print("error: --batch, --heads, --tokens, --key, --value and --repeats must be >= 1", file=sys.stderr)
-        return 2
     if args.compile_step:
-        from shared_config import SpecError
-
         try:
             seconds = compile_step(args.compile_step, args.batch, args.tokens)
         except SpecError as e:
-            print(f"error: --compile-step: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--compile-step: {e}") from None
         print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
         return 0
     arrays, cotangents = inputs(args.batch, args.heads, args.tokens, args.key, args.value)
@@ -127,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -158,7 +158,7 @@ def parse_args(argv):
     names = [c.name for c in plan(args.plan)]
     args.only = names if args.only is None else args.only.split(",")
     if unknown := [n for n in args.only if n not in names]:
-        raise UsageError(f"--only: unknown check {unknown[0]!r} in --plan {args.plan}{did_you_mean(unknown[0], names)} "
+        raise UsageError(f"--only: unknown check {unknown[0]!r}{did_you_mean(unknown[0], names)} in --plan {args.plan} "
                          f"(one of {', '.join(names)})")
     return args
 
