@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # shared_config, when run as a script from anywhere
+sys.path.append(ROOT)  # shared_config when run as a script from anywhere; after PYTHONPATH, which picks the checkout timed
 
 from shared_config import SpecError  # noqa: E402
 from shared_config.cli import Parser, UsageError, at_least, run  # noqa: E402
