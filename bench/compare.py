@@ -175,7 +175,7 @@ def environment(args, device: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    before, during = load.snapshot(), []  # before any work of ours: what else the machine is doing
+    before, during = load.snapshot(measure_busy=True), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq

@@ -31,12 +31,35 @@ def process_threads() -> int:
         return threading.active_count()
 
 
-def snapshot() -> dict:
+def busy_cpus(interval_s: float = 0.5) -> float | None:
+    """CPUs kept busy by every process over the next `interval_s` seconds (from /proc/stat: non-idle jiffies
+    over all jiffies, times the machine's CPUs), or None where /proc/stat is not there. Called while this
+    process sleeps, it is the other work on the machine now, unlike the 1-minute load average, which still
+    holds the last minute's work (a `pip install` just before the bench)."""
+    def jiffies():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = jiffies()
+        time.sleep(interval_s)
+        total1, idle1 = jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def snapshot(measure_busy: bool = False) -> dict:
     """The machine's load averages (1, 5, 15 min: runnable threads, all processes), the CPUs this process may run on
-    (take the first snapshot before the bench pins its threads) and this process's threads."""
+    (take the first snapshot before the bench pins its threads), this process's threads and, with `measure_busy`,
+    the CPUs other work keeps busy now (busy_cpus: half a second's sleep)."""
     one, five, fifteen = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    busy = {"busy_cpus": busy_cpus()} if measure_busy else {}
     return {"time": time.time(), "loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen,
-            "usable_cpus": usable_cpus(), "process_threads": process_threads()}
+            "usable_cpus": usable_cpus(), "process_threads": process_threads(), **busy}
 
 
 class CpuClock:
@@ -64,7 +87,8 @@ def fairness_problems(before: dict, during: list[dict], threads: int, rows: list
     may use; `during` it: one per round), the threads each framework was given and the result rows (their
     `cpu_s_per_wall_s`); empty when nothing says so.
 
-    - Other work before the run: a 1-minute load average above the CPUs the bench leaves free (cpus − threads).
+    - Other work before the run: the CPUs it kept busy just before (`busy_cpus`; where not measured, the 1-minute
+      load average) above the CPUs the bench leaves free (cpus − threads), with half a CPU's slack.
     - Other work during it: the highest 1-minute load average seen during the rounds, less what this process
       itself used (its threads busy at most), above the free CPUs.
     - A starved row: the process's CPU time over wall time, per thread it was given, below MIN_CPU_SHARE
@@ -72,7 +96,11 @@ def fairness_problems(before: dict, during: list[dict], threads: int, rows: list
     """
     cpus = before["usable_cpus"]
     problems, free = [], max(cpus - threads, 0)
-    if before["loadavg_1m"] > free + 0.5:
+    if before.get("busy_cpus") is not None:  # measured just before the run: other work now
+        if before["busy_cpus"] > free + 0.5:
+            problems.append(f"{before['busy_cpus']:.1f} CPUs busy with other work before the run with {free} of "
+                            f"{cpus} CPUs not used by the bench's {threads} threads")
+    elif before["loadavg_1m"] > free + 0.5:
         problems.append(f"load average {before['loadavg_1m']:.1f} before the run with {free} of {cpus} CPUs "
                         f"not used by the bench's {threads} threads")
     if during:

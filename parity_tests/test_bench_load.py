@@ -76,3 +76,26 @@ def test_each_row_carries_its_cpu_time():
     row = timing.result("tiny", "torch", load_spec("tiny"), bench, 1.0, [0.3] * 4, [], args, "cpu (x86_64)", 4)
     assert row["cpu_s_per_wall_s"] == pytest.approx(0.25) and row["cpu_s_per_step"] == pytest.approx(0.075)
     assert "cpu" not in row and load.fairness_problems(snap(0.1), [], 1, [row])
+
+
+def test_other_work_now_outweighs_the_last_minute_s_load_average():
+    """Measured just before the run, the CPUs other work keeps busy decide, not the 1-minute load average, which
+    still holds the last minute's work (a `pip install` right before the README's main job)."""
+    idle_now = {**snap(0.9), "busy_cpus": 0.1}
+    assert load.fairness_problems(idle_now, [snap(2.2)], 2, rows(1.8, 1.9)) == []
+    busy_now = {**snap(0.1), "busy_cpus": 1.7}
+    problems = load.fairness_problems(busy_now, [snap(2.2)], 2, rows(1.8, 1.9))
+    assert any("1.7 CPUs busy with other work before the run" in p for p in problems), problems
+
+
+def test_busy_cpus_sees_a_busy_thread():
+    import threading
+
+    stop = time.perf_counter() + 1.0
+    spinner = threading.Thread(target=lambda: [None for _ in iter(lambda: time.perf_counter() < stop, False)])
+    spinner.start()
+    busy = load.busy_cpus(0.3)
+    spinner.join()
+    if busy is None:
+        pytest.skip("no /proc/stat on this platform")
+    assert busy >= 0.5, busy  # one spinning thread keeps about one CPU busy
