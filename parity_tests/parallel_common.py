@@ -32,6 +32,7 @@ SPEC = make_spec(norm_type="dyt")  # alpha scalars among the tensors: replicated
 # decay both take part; the gradient norms are 1.912, 1.912, 1.917, 2.006, so steps 2 and 3 are clipped and
 # steps 0 and 1 are not (a clipped step hides the gradient's scale)
 CFG = load_train_config("parity").replace(steps=4, warmup_steps=1, batch_size=8, seq_len=32, grad_clip=1.915)
+ROUTED_STEP_TOL = 1e-6  # a routed run's losses and gradient norms against the one-shot run's
 TOL = 1e-5  # float32: losses |Δ| / loss, parameters and AdamW moments max|Δ| / max|reference|, per tensor
 
 # Routed variants (each in its own subdirectory of the runs' directory): every router with several placements, and
@@ -101,9 +102,13 @@ def assert_same_run(record: dict, state: dict, twin_name: str, name: str = "") -
     variant's, one-shot)."""
     ref_metrics, ref_state = single_device(twin_name, name)
     cfg = variant(name)[1]
+    # a routed run's loss (aux terms included) and gradient norm are the one-shot run's at 1e-6: each aux term's
+    # normalisation is the global batch's, whatever the micro-batch or rank holds (measured: <= 2e-7); parameters
+    # and moments after two AdamW steps stay at TOL (AdamW's g/(|g| + eps) amplifies last bits where |g| ~ eps)
+    step_tol = ROUTED_STEP_TOL if name else TOL
     for key in ("loss", "grad_norm"):  # grad_norm: before clipping, so a gradient off by a factor shows
         got, ref = np.array(record[key]), ref_metrics[key]
-        assert len(got) == cfg.steps and (np.abs(got - ref) / ref).max() <= TOL, f"{key}: {got} vs {ref}"
+        assert len(got) == cfg.steps and (np.abs(got - ref) / ref).max() <= step_tol, f"{key}: {got} vs {ref}"
     clipped = ref_metrics["grad_norm"] > CFG.grad_clip
     assert name or (clipped.any() and not clipped.all()), "clipped and unclipped steps must both take part"
     for part in ("weights", "m", "v"):
