@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .checkout_guard import CheckoutGuard
+from .support.checkout_guard import CheckoutGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD: CheckoutGuard | None = None  # made once pytest's base temp is known

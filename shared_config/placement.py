@@ -1,7 +1,7 @@
 """Norm placements as data: which norm slots a block has, and which half-functions of the twins' `Block`
 combine them (jax_model/block.py, torch_model/block.py). Read by the layout table, both twins and the init.
 
-The float64 reference (parity_tests/reference.py) writes each placement from its equations instead.
+The float64 reference (parity_tests/support/reference.py) writes each placement from its equations instead.
 Sources: Pre-/Post-LN (Xiong et al. 2020), Peri-LN (Kim et al. 2025), DeepNorm (Wang et al. 2022,
 "DeepNet", decoder-only constants), HybridNorm / HybridNorm* (Zhuo et al. 2025), and the "hybrid
 approach" of the normalization survey (Pre-Norm attention, Post-Norm FFN), here `pre_post`.

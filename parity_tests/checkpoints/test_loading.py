@@ -1,0 +1,108 @@
+"""Loader errors: every problem reported at once, grouped, naming the file; nothing loads half-way."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import jax_model
+import torch_model
+from shared_config import CheckpointError, init_weights, save_checkpoint
+
+from ..support.common import make_spec
+
+LOADERS = {"jax": jax_model.from_safetensors, "torch": torch_model.from_safetensors}
+
+
+def write(path, weights, spec=None, **meta):
+    metadata = {"spec": spec.to_json()} if spec is not None else {}
+    save_file(weights, path, metadata={**metadata, **meta} or None)
+    return path
+
+
+@pytest.fixture
+def spec():
+    return make_spec(n_layers=3)
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_all_key_and_shape_problems_in_one_error(tmp_path, spec, twin):
+    w = init_weights(spec, 0)
+    for i in range(3):
+        del w[f"model.layers.{i}.mlp.up_proj.weight"]
+    w["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
+    w["lm_head.weight"] = w["lm_head.weight"].T.copy()
+    path = write(tmp_path / "bad.safetensors", w, spec)
+    with pytest.raises(CheckpointError) as e:
+        LOADERS[twin](path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "\n" not in msg
+    assert "missing keys: model.layers.{0..2}.mlp.up_proj.weight" in msg
+    assert "unexpected keys: model.layers.0.self_attn.extra.weight" in msg
+    assert "lm_head.weight expected [97, 48] found [48, 97]" in msg
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_non_float_and_non_finite(tmp_path, spec, twin):
+    w = init_weights(spec, 0)
+    w["model.norm.weight"] = np.ones(spec.D, np.int32)
+    with pytest.raises(CheckpointError, match=r"non-float dtypes: model.norm.weight \(int32\)"):
+        LOADERS[twin](write(tmp_path / "int.safetensors", w, spec))
+    w = init_weights(spec, 0)
+    w["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
+    w["model.layers.2.mlp.down_proj.weight"][0, 0] = np.inf
+    path = write(tmp_path / "nan.safetensors", w, spec)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN/Inf\) in: model.layers.\{1..2\}.mlp.down_proj.weight"):
+        LOADERS[twin](path)
+    LOADERS[twin](path, allow_nonfinite=True)  # explicitly allowed: loads
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_spec_disagreement_missing_spec_and_invalid_spec(tmp_path, spec, twin):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, init_weights(spec, 0), spec)
+    with pytest.raises(CheckpointError, match=r"disagrees with the given spec: n_layers: file 3 vs given 2"):
+        LOADERS[twin](path, make_spec(n_layers=2))
+    assert LOADERS[twin](path, spec.to_dict()).spec == spec  # an agreeing spec is fine
+    bare = write(tmp_path / "bare.safetensors", init_weights(spec, 0))
+    with pytest.raises(CheckpointError, match="carries no spec"):
+        LOADERS[twin](bare)
+    assert LOADERS[twin](bare, spec).spec == spec
+    invalid = tmp_path / "invalid.safetensors"
+    save_file(init_weights(spec, 0), invalid, metadata={"spec": json.dumps({**spec.to_dict(), "n_kv_heads": 4})})
+    with pytest.raises(CheckpointError, match="invalid spec in metadata: n_kv_heads=4 must divide n_heads=6"):
+        LOADERS[twin](invalid)
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_not_a_safetensors_file(tmp_path, twin):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        LOADERS[twin](junk)
+    with pytest.raises(CheckpointError, match="no such file"):
+        LOADERS[twin](tmp_path / "absent.safetensors")
+
+
+def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, init_weights(spec, 0), spec)
+    before = path.read_bytes()
+    w = init_weights(spec, 1)
+    del w["model.norm.weight"]
+    with pytest.raises(CheckpointError, match="missing keys: model.norm.weight"):
+        save_checkpoint(path, w, spec)
+
+    import shared_config.io as io
+    from shared_config.resources import ResourceError
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(ResourceError, match="m.safetensors: cannot write: disk full"):  # exit code 3
+        save_checkpoint(path, init_weights(spec, 1), spec)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind

@@ -1,0 +1,70 @@
+"""bfloat16 compute: the twins' next-token distributions agree (per-token KL, top-1, loss), with
+float32 parameters and with bfloat16 parameters; bf16 train steps end with the same parameters and
+AdamW moments, within what bf16 roundings explain."""
+
+import numpy as np
+import pytest
+
+import torch_model
+from shared_config import TrainConfig, load_spec, synthetic_batch
+from shared_config.parity import (
+    BF16_GRAD_TOL, BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, max_rel, token_kl, top1_agreement,
+)
+
+from ..support.common import interleaved_rope, jax_logits, parity_weights, quick_first, torch_logits
+from ..support.train_common import TWINS, both_loss_and_grads, trajectory
+
+CASES = [(name, dtype) for name in ("tiny", "tiny-dyt", "tiny-derf") for dtype in ("float32", "bfloat16")]
+
+
+def bf16_metrics(spec, weights, tokens_BN):
+    j, t = jax_logits(weights, spec, tokens_BN[:, :-1]), torch_logits(weights, spec, tokens_BN[:, :-1])
+    (lj, _), (lt, _) = both_loss_and_grads(weights, spec, tokens_BN)
+    kl = token_kl(j, t)
+    return kl.mean(), kl.max(), top1_agreement(j, t), abs(lj - lt)
+
+
+@pytest.mark.parametrize("name,param_dtype", quick_first(CASES, multi=True), ids=[f"{n}-params-{d}" for n, d in CASES])
+def test_bf16_compute_agrees(name, param_dtype):
+    spec = load_spec(name).replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    weights = parity_weights(spec)  # O(1) logits: top-1 and KL mean something
+    kl_mean, kl_max, top1, dloss = bf16_metrics(spec, weights, synthetic_batch(0, 0, 8, 128, spec.V))
+    assert kl_mean <= BF16_KL_MEAN and kl_max <= BF16_KL_MAX, f"KL mean {kl_mean:.1e}, max {kl_max:.1e}"
+    assert top1 >= BF16_TOP1, f"top-1 agreement {top1:.3f}"
+    assert dloss <= BF16_LOSS_TOL, f"|Δloss| {dloss:.1e}"
+
+
+def test_the_bounds_catch_a_real_mismatch(monkeypatch):
+    """Interleaved RoPE in one twin (a classic porting bug) breaks the bf16 bounds."""
+    monkeypatch.setattr(torch_model.attention, "apply_rope", interleaved_rope)
+    spec = load_spec("tiny").replace(compute_dtype="bfloat16")
+    kl_mean, kl_max, top1, _ = bf16_metrics(spec, parity_weights(spec), synthetic_batch(0, 0, 8, 128, spec.V))
+    assert kl_mean > BF16_KL_MEAN or top1 < BF16_TOP1
+
+
+def bf16_train_mismatches(spec, cfg) -> dict[str, str]:
+    """Train both twins `cfg.steps` steps from the same weights; per tensor, where the final parameters or AdamW
+    moments part by more than bf16 arithmetic explains (BF16_GRAD_TOL: ~13 roundings of 2⁻⁸, on max|x|).
+
+    m (and v) are running means of the steps' (squared) gradients, so they differ as the gradients do: a few
+    bf16 roundings of each matmul on each side. The parameters differ by what those gradients moved.
+    """
+    weights = parity_weights(spec)
+    (a, sa), (b, sb) = (trajectory(twin, train, weights, spec, cfg) for _, twin, train in TWINS)
+    assert np.all(np.isfinite(a["loss"])) and np.abs(a["loss"] - b["loss"]).max() <= BF16_LOSS_TOL, (a["loss"], b["loss"])
+    bad = {}
+    for key in ("weights", "m", "v"):
+        for name, want in sb[key].items():
+            err = max_rel(sa[key][name], want)
+            if not err <= BF16_GRAD_TOL:
+                bad[f"{key} {name}"] = f"{err:.1e}"
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_train_steps_agree(param_dtype):
+    """5 steps: losses, and per tensor the parameters and both AdamW moments (measured ≤ 2.5e-2, on v)."""
+    spec = load_spec("tiny-dyt").replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    bad = bf16_train_mismatches(spec, TrainConfig(lr=1e-3, warmup_steps=2, steps=5, batch_size=4, seq_len=32))
+    assert not bad, f"max|Δ| / max|x| above {BF16_GRAD_TOL}: {bad}"

@@ -1,0 +1,131 @@
+"""generate() in both twins: identical greedy continuations with per-step logits that agree at the
+forward tolerance; seeded sampling that respects top-k and top-p; per-row stops at eos; checked arguments."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jax_model
+import torch_model
+from jax_model import generate as jg
+from shared_config.generation import GenerationError
+from torch_model import generate as tg
+
+from ..support.common import FORWARD_TOL, make_spec, parity_weights, rel_err, tokens
+
+
+def twins(spec, attention=("einsum", "einsum")):
+    w = parity_weights(spec)
+    return jax_model.from_weights(w, spec, attention[0]), torch_model.from_weights(w, spec, attention[1])
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The base spec and its two models, shared by the tests that need no particular architecture."""
+    spec = make_spec()
+    return (spec, *twins(spec))
+
+
+def step_logits(decoder, prompt, continuation):
+    """The logits [N, V] that chose each token of `continuation`, teacher-forced through the decoder."""
+    cache = decoder.init_cache(1, len(prompt) + len(continuation) - 1)
+    logits_BV, cache = decoder.prefill(np.asarray([prompt]), cache)
+    steps = [np.asarray(logits_BV)[0]]
+    for token in continuation[:-1]:
+        logits_BV, cache = decoder.decode_step(np.asarray([token]), cache)
+        steps.append(np.asarray(logits_BV)[0])
+    return np.stack(steps)
+
+
+SPECS = [{}, {"position": "learned", "norm_type": "dyt", "norm_placement": "peri", "qk_norm": True, "n_kv_heads": 1}]
+
+
+@pytest.mark.parametrize("changes", SPECS, ids=["rope-gqa", "learned-dyt-peri-qknorm-mqa"])
+def test_twins_generate_the_same_greedy_continuation(changes):
+    spec = make_spec(**changes)
+    jm, tm = twins(spec, ("xla", "sdpa"))
+    prompt = list(tokens(spec, 1, 40)[0])
+    j, t = jg.generate(jm, prompt, 80), tg.generate(tm, prompt, 80)
+    assert j == t and len(j) == 80
+    jl, tl = step_logits(jg.Decoder(jm), prompt, j), step_logits(tg.Decoder(tm), prompt, t)
+    errs = [rel_err(jl[i], tl[i]) for i in range(len(j))]
+    assert max(errs) <= FORWARD_TOL, f"step {int(np.argmax(errs))}: {max(errs):.2e}"
+    assert (jl.argmax(-1) == np.asarray(j)).all()  # the logits chose the tokens: greedy is their argmax
+
+
+@pytest.mark.slow
+def test_batch_of_ragged_prompts_generates_each_row_as_alone():
+    spec = make_spec(position="learned")
+    jm, tm = twins(spec)
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (11, 3, 7)]
+    for model, gen in [(jm, jg), (tm, tg)]:
+        assert gen.generate(model, prompts, 20) == [gen.generate(model, p, 20) for p in prompts]
+
+
+def test_each_row_stops_at_eos(base):
+    spec, jm, tm = base
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (9, 6)]
+    free = jg.generate(jm, prompts, 24)
+    eos = free[0][5]  # row 0 stops at its 6th token (or earlier, if it drew that token before)
+    for model, gen in [(jm, jg), (tm, tg)]:
+        rows = gen.generate(model, prompts, 24, eos_id=eos)
+        for row, unstopped in zip(rows, free):
+            stop = unstopped.index(eos) + 1 if eos in unstopped else len(unstopped)
+            assert row == unstopped[:stop]
+        assert len(rows[0]) <= 6
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(base):
+    spec, jm, tm = base
+    prompt = list(tokens(spec, 1, 12)[0])
+    for model, gen in [(jm, jg), (tm, tg)]:
+        a, b = gen.generate(model, prompt, 24, temperature=1.0, seed=1), gen.generate(model, prompt, 24, temperature=1.0, seed=1)
+        assert a == b
+        assert a != gen.generate(model, prompt, 24, temperature=1.0, seed=2)
+        assert gen.generate(model, prompt, 24, temperature=0.7, top_k=1, seed=3) == gen.generate(model, prompt, 24)
+
+
+def test_filter_logits_keeps_the_top_k_and_the_top_p_set():
+    # probabilities 0.5, 0.3, 0.15, 0.05, in a shuffled order
+    logits = np.log(np.array([[0.15, 0.5, 0.05, 0.3]], np.float32))
+    cases = [  # (top_k, top_p) -> tokens kept
+        ((None, None), {0, 1, 2, 3}), ((2, None), {1, 3}), ((None, 0.5), {1}), ((None, 0.79), {1, 3}),
+        ((None, 0.81), {0, 1, 3}), ((3, 0.99), {0, 1, 3}), ((None, 1.0), {0, 1, 2, 3}), ((9, None), {0, 1, 2, 3}),
+    ]
+    for (top_k, top_p), kept in cases:
+        j = np.asarray(jg.filter_logits(jnp.asarray(logits), top_k, top_p))[0]
+        t = tg.filter_logits(torch.as_tensor(logits), top_k, top_p).numpy()[0]
+        assert set(np.flatnonzero(np.isfinite(j))) == kept == set(np.flatnonzero(np.isfinite(t))), (top_k, top_p)
+        np.testing.assert_array_equal(j[list(kept)], logits[0, list(kept)])
+
+
+def test_samples_stay_inside_top_k_and_top_p():
+    """4000 draws over a 97-token vocabulary: every draw is one of the kept tokens, and every kept token is drawn."""
+    logits = np.random.default_rng(0).standard_normal((4000, 97)).astype(np.float32)
+    logits[:] = logits[0]  # one distribution, drawn 4000 times
+    top5 = set(np.argsort(-logits[0])[:5])
+    p = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    order = np.argsort(-p)
+    top_p_set = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1])
+    for top_k, top_p, kept in [(5, None, top5), (None, 0.6, top_p_set)]:
+        j = np.asarray(jg.sample(jnp.asarray(logits), jax.random.key(0), 1.0, top_k, top_p))
+        t = tg.sample(torch.as_tensor(logits), torch.Generator().manual_seed(0), 1.0, top_k, top_p).numpy()
+        assert set(j) == kept == set(t)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_tokens=[5, 97], max_new_tokens=4), "outside the vocabulary"),
+    (dict(prompt_tokens=[5] * 120, max_new_tokens=9), "exceeds max_seq_len=128"),
+    (dict(prompt_tokens=[[5], []], max_new_tokens=4), "at least one token"),
+    (dict(prompt_tokens=[5], max_new_tokens=0), "max_new_tokens=0"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, top_p=0.0), "top_p=0.0"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
+    (dict(prompt_tokens=[5.5], max_new_tokens=4), "integer ids"),
+])
+def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
+    _, jm, tm = base
+    for model, gen in [(jm, jg), (tm, tg)]:
+        with pytest.raises(GenerationError, match=message):
+            gen.generate(model, **kwargs)

@@ -1,0 +1,200 @@
+"""Cached decoding, in each twin: a prefill and then one token at a time give the uncached
+full-sequence logits at every step, for every position scheme, GQA width, qk-norm, norm type and
+placement; left padding leaves each row's result as it is alone; the decode step compiles once."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax_model
+import torch_model
+from jax_model.generate import Decoder as JaxDecoder
+from shared_config.generation import left_pad
+from torch_model.generate import Decoder as TorchDecoder
+
+from ..support import oracles
+from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
+
+CASES = [
+    {},  # RoPE, GQA with 2 kv heads
+    {"position": "learned"},
+    {"position": "none"},
+    {"n_kv_heads": 1},
+    {"n_kv_heads": 6},
+    {"qk_norm": True, "head_dim": 10},
+    {"fused_qkv": False, "tie_embeddings": True, "embed_scale": "learnable"},
+    {"rope_scaling": "llama3", "rope_scaling_factor": 4.0, "rope_original_max_seq_len": 16},
+]
+# Every norm type and every placement (norms act per token; placement decides what the cache sees).
+CASES += [
+    {"norm_placement": "peri"},
+    {"norm_placement": "post"},
+    {"norm_type": "layernorm", "norm_bias": True},
+    {"norm_type": "dyt", "norm_placement": "peri"},
+    {"norm_type": "dyt", "norm_placement": "post", "norm_bias": True},
+    {"norm_type": "derf", "norm_placement": "post"},
+    {"norm_placement": "deepnorm"},
+    {"norm_placement": "hybrid"},  # V normed per head before it enters the cache
+    {"norm_type": "dyt", "norm_placement": "hybrid_star", "n_kv_heads": 1},
+    {"norm_type": "layernorm", "norm_placement": "pre_post"},
+]
+P, N = 20, 12  # prompt tokens, then decode steps
+
+
+
+def jax_steps(model, toks, prompt=P):
+    """Logits [B, T, V]: the prompt's from one prefill call, then one decode step per token; and the cache."""
+    decoder = JaxDecoder(model)
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    # Every prompt position, not only the last; jitted, as op-by-op JAX compiles a kernel per op and shape.
+    prefill, cache = nnx.jit(lambda m, t, c: m(t, cache=c))(model, jnp.asarray(toks[:, :prompt]), cache)
+    steps = [np.asarray(prefill)]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(np.asarray(logits_BV)[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
+@torch.no_grad()
+def torch_steps(model, toks, prompt=P):
+    decoder = TorchDecoder(model)
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    prefill, cache = model(torch.as_tensor(toks[:, :prompt]), cache=cache)
+    steps = [prefill.numpy()]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(logits_BV.numpy()[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
+def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N, prompt=P):
+    w, toks = parity_weights(spec), tokens(spec, 2, seq)
+    jm, tm = jax_model.from_weights(w, spec, attention[0]), torch_model.from_weights(w, spec, attention[1])
+    for name, (cached, cache), uncached in [
+        ("jax", jax_steps(jm, toks, prompt), np.asarray(nnx.jit(lambda m, t: m(t))(jm, jnp.asarray(toks)))),
+        ("torch", torch_steps(tm, toks, prompt), tm(torch.as_tensor(toks)).detach().numpy()),
+    ]:
+        assert uncached.std() > 0.5, "test weights must give O(1) logits so that the tolerance means something"
+        errs = [rel_err(cached[:, t], uncached[:, t]) for t in range(seq)]
+        assert max(errs) <= FORWARD_TOL, f"{name}: cached vs uncached, worst at step {int(np.argmax(errs))}: {max(errs):.2e}"
+        assert tuple(cache.layers[0].k_BSKE.shape) == (2, seq, spec.K, spec.E)  # GQA-sized: K heads, not H
+        assert int(cache.length) == seq
+
+
+@pytest.mark.parametrize("changes", quick_first(CASES), ids=case_ids(CASES))
+def test_cached_decoding_equals_uncached(changes):
+    check_cached_equals_uncached(make_spec(**changes))
+
+
+@pytest.mark.parametrize("attention", [("xla", "sdpa"), ("xla", "flash")], ids=["xla-sdpa", "xla-flash"])
+def test_fused_kernels_take_the_cache_mask(attention):
+    """XLA and SDPA read the cache through an explicit mask; flash (no arbitrary masks) falls back to SDPA."""
+    check_cached_equals_uncached(make_spec(qk_norm=True), attention)
+
+
+def test_long_prompt_where_rope_offsets_show():
+    """A prompt of 180 tokens, then decode steps at positions 180..199."""
+    check_cached_equals_uncached(make_spec(max_seq_len=256, n_layers=1), seq=200, prompt=180)
+
+
+RAGGED = [{}, {"position": "learned", "norm_placement": "post"}]
+
+
+@pytest.mark.parametrize("changes", quick_first(RAGGED), ids=case_ids(RAGGED))
+def test_left_padding_leaves_each_row_as_alone(changes):
+    """Prompts of 13, 5 and 9 tokens in one batch: each row's logits at every step are its unbatched ones."""
+    spec = make_spec(**changes)
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (13, 5, 9)]
+    check_rows_decode_as_alone(spec, parity_weights(spec), prompts, tokens(spec, 3, 6, seed=1))
+
+
+def check_rows_decode_as_alone(spec, w, prompts, fed_BN):
+    """Left-pad `prompts` into one batch, prefill, feed `fed_BN` (N tokens per row) step by step, in both twins:
+    each row's logits at every step are those of the row decoded alone."""
+    for twin, Decoder in [(jax_model, JaxDecoder), (torch_model, TorchDecoder)]:
+        decoder = Decoder(twin.from_weights(w, spec, "einsum"))
+
+        def run(rows, fed_rows):
+            tokens_BP, start_B = left_pad(rows, pad_id=7)  # a real token id as padding: the mask must hide it
+            cache = decoder.init_cache(len(rows), tokens_BP.shape[1] + fed_rows.shape[1], start_B)
+            logits_BV, cache = decoder.prefill(tokens_BP, cache)
+            steps = [np.asarray(logits_BV)]
+            for t in range(fed_rows.shape[1]):
+                logits_BV, cache = decoder.decode_step(fed_rows[:, t], cache)
+                steps.append(np.asarray(logits_BV))
+            return np.stack(steps, axis=1)
+
+        batched = run(prompts, fed_BN)
+        for b, prompt in enumerate(prompts):
+            alone = run([prompt], fed_BN[b : b + 1])
+            assert rel_err(batched[b], alone[0]) <= FORWARD_TOL, (twin.__name__, b, rel_err(batched[b], alone[0]))
+
+
+POSITION_SPECS = [{}, {"qk_norm": True, "norm_placement": "post"}]
+
+
+def cache_positions_of(twin: str, spec, prompts, fed_BN):
+    """Left-pad `prompts`, prefill and feed `fed_BN` in `twin`; (the RoPE position each slot's key was rotated to,
+    read off layer 0's cache against the reference's unrotated keys (-1 on padding), the expected ones, worst fit)."""
+    package, Decoder = {"jax": (jax_model, JaxDecoder), "torch": (torch_model, TorchDecoder)}[twin]
+    w = parity_weights(spec)
+    decoder = Decoder(package.from_weights(w, spec, "einsum"))
+    tokens_BP, start_B = left_pad(prompts, pad_id=7)
+    cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + fed_BN.shape[1], start_B)
+    _, cache = decoder.prefill(tokens_BP, cache)
+    for t in range(fed_BN.shape[1]):
+        _, cache = decoder.decode_step(fed_BN[:, t], cache)
+    k_BSKE = np.asarray(cache.layers[0].k_BSKE, np.float64)
+    got, want, worst = -np.ones(k_BSKE.shape[:2], int), -np.ones(k_BSKE.shape[:2], int), 0.0
+    for b, prompt in enumerate(prompts):
+        start, row = int(start_B[b]), [*prompt, *fed_BN[b]]  # the row's own tokens: slot start + i holds token i
+        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec, k_BSKE.shape[1])
+        got[b, start:], want[b, start:], worst = positions, np.arange(len(row)), max(worst, errors.max())
+    return got, want, worst
+
+
+@pytest.mark.parametrize("changes", POSITION_SPECS, ids=case_ids(POSITION_SPECS))
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_left_padded_rows_get_their_own_positions(twin, changes):
+    """Under RoPE a shift of all of a row's positions leaves its outputs as they are, so read the positions
+    themselves: row b's i-th token is rotated to position i in the cache, whatever the row's left padding."""
+    spec = make_spec(**changes)
+    prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (11, 4, 7)]
+    got, want, worst = cache_positions_of(twin, spec, prompts, tokens(spec, 3, 3, seed=1))
+    assert worst <= 1e-5, f"{twin}: a cached key is no rotation of its token's key (worst fit {worst:.1e})"
+    assert np.array_equal(got, want), f"{twin}: positions in the cache\n{got}\nexpected\n{want}"
+
+
+def test_jax_decode_step_compiles_once():
+    spec = make_spec()
+    decoder = JaxDecoder(jax_model.from_weights(parity_weights(spec), spec, "einsum"))
+    cache = decoder.init_cache(2, 40)
+    logits_BV, cache = decoder.prefill(tokens(spec, 2, 8), cache)
+    logits_BV, cache = decoder.decode_step(np.asarray(logits_BV).argmax(-1), cache)
+    compiled = decoder._decode._cache_size()  # the jitted step is shared by models of this architecture
+    for _ in range(30):
+        logits_BV, cache = decoder.decode_step(np.asarray(logits_BV).argmax(-1), cache)
+    assert int(cache.length) == 39
+    assert decoder._decode._cache_size() == compiled, "the decode step compiled again at a later position"
+
+
+def test_torch_decode_step_compiles_once_without_graph_breaks():
+    """torch.compile with fullgraph (a graph break raises) on the aot_eager backend: it traces through
+    dynamo and AOTAutograd as inductor does, without inductor's C++ compile time."""
+    spec = make_spec()
+    model = torch_model.from_weights(parity_weights(spec), spec, "sdpa")
+    toks = tokens(spec, 2, 18)
+    compiled, eager = TorchDecoder(model, compile="aot_eager"), TorchDecoder(model)
+
+    def step(t, states):
+        states = [d.decode_step(toks[:, t], cache) for d, (_, cache) in zip((compiled, eager), states)]
+        assert rel_err(states[0][0].numpy(), states[1][0].numpy()) <= FORWARD_TOL
+        return states
+
+    states = [d.prefill(toks[:, :8], d.init_cache(2, 18)) for d in (compiled, eager)]
+    states = step(8, states)  # compiles the decode step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(9, 18):
+            states = step(t, states)

@@ -1,0 +1,152 @@
+"""Per-layer parity: each norm type, RoPE, attention, MLP and one block, against each other and
+against the float64 reference, on the same inputs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jax_model
+import torch_model
+from jax_model import attention as ja
+from jax_model import layers as jl
+from shared_config import rope_inv_freq
+from shared_config.spec import CHOICES
+from torch_model import attention as ta
+from torch_model import layers as tl
+
+from ..support import reference
+from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err
+
+
+def twins(spec):
+    w = parity_weights(spec)
+    return w, jax_model.from_weights(w, spec, "einsum"), torch_model.from_weights(w, spec, "einsum")
+
+
+def inputs(spec, seq=64, seed=0):
+    return np.random.default_rng(seed).standard_normal((2, seq, spec.D)).astype(np.float32)
+
+
+def run(fn_jax, fn_torch, *args):
+    j = np.asarray(fn_jax(*(jnp.asarray(a) if a is not None else None for a in args)))
+    with torch.no_grad():
+        t = fn_torch(*(torch.as_tensor(a) if a is not None else None for a in args)).numpy()
+    return j, t
+
+
+def check(j, t, ref):
+    assert rel_err(j, t) <= FORWARD_TOL and rel_err(j, ref) <= FORWARD_TOL and rel_err(t, ref) <= FORWARD_TOL, (
+        rel_err(j, t), rel_err(j, ref), rel_err(t, ref))
+
+
+@pytest.mark.parametrize("norm_type", ["rms", "layernorm", "dyt", "derf"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm(norm_type, bias):
+    spec = make_spec(norm_type=norm_type, norm_bias=bias, norm_eps=1e-3)
+    w, jm, tm = twins(spec)
+    x = 3 * inputs(spec) + 1  # non-zero mean so layernorm's centring matters
+    j, t = run(jm.model.layers[1].post_attention_layernorm, tm.model.layers[1].post_attention_layernorm, x)
+    check(j, t, reference.norm(x.astype(np.float64), w, "model.layers.1.post_attention_layernorm", spec))
+
+
+@pytest.mark.parametrize("scaling", ["none", "llama3"])
+def test_rope(scaling):
+    """The rotation, fed the frequencies the reference derives from the spec (not the twins' `rope_inv_freq`)."""
+    spec = make_spec(head_dim=16, rope_scaling=scaling, rope_original_max_seq_len=64, rope_scaling_factor=8.0)
+    x = np.random.default_rng(0).standard_normal((2, 256, 3, 16)).astype(np.float32)
+    pos, inv_freq = np.arange(256), reference.inv_frequencies(spec)
+    j = np.asarray(ja.apply_rope(jnp.asarray(x), *ja.rope_cos_sin(inv_freq, jnp.asarray(pos))))
+    t = ta.apply_rope(torch.as_tensor(x), *ta.rope_cos_sin(inv_freq, torch.as_tensor(pos))).numpy()
+    ref = reference.rope(x.astype(np.float64), spec)
+    # Angles up to 255 rad: float32 rounding of the angle alone is ~1e-5 rad there, so compare absolutely.
+    assert np.abs(j - t).max() < 1e-4 and np.abs(j - ref).max() < 1e-4 and np.abs(t - ref).max() < 1e-4
+    np.testing.assert_allclose(rope_inv_freq(spec), reference.inv_frequencies(spec), rtol=1e-6)
+    assert not np.allclose(np.asarray(j[:, 1:]), x[:, 1:], atol=1e-2)  # it rotates something
+
+
+ROPE_SPECS = [{"rope_theta": 500000.0}, {"rope_theta": 300.0, "head_dim": 16},
+              {"rope_scaling": "llama3", "rope_original_max_seq_len": 32, "rope_scaling_factor": 4.0, "rope_theta": 5000.0}]
+
+
+def check_model_rope(changes):
+    """Each twin built from the spec alone (frequencies its own business): layer 0's attention output equals the
+    reference's, whose frequencies come from the spec's rope_theta and scaling fields."""
+    spec = make_spec(**changes)
+    w, toks = parity_weights(spec), np.random.default_rng(0).integers(0, spec.V, (2, 64))
+    ref_taps: dict = {}
+    reference.forward(w, spec, toks, ref_taps)
+    want = ref_taps["model.layers.0"]["attn_out"]
+    jt, tt = {}, {}
+    jax_model.from_weights(w, spec, "einsum")(jnp.asarray(toks), taps=jt)
+    with torch.no_grad():
+        torch_model.from_weights(w, spec, "einsum")(torch.as_tensor(toks), taps=tt)
+    for twin, got in (("jax", np.asarray(jt["model.layers.0"]["attn_out"])), ("torch", tt["model.layers.0"]["attn_out"].numpy())):
+        assert rel_err(got, want) <= FORWARD_TOL, f"{twin}: layer 0 attention vs the reference {rel_err(got, want):.1e}"
+
+
+@pytest.mark.parametrize("changes", ROPE_SPECS, ids=case_ids(ROPE_SPECS))
+def test_model_rope_reads_the_spec(changes):
+    check_model_rope(changes)
+
+
+@pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 6}, {"qk_norm": True}, {"fused_qkv": False}, {"head_dim": 12}])
+def test_attention(changes):
+    spec = make_spec(**changes)
+    w, jm, tm = twins(spec)
+    x = inputs(spec)
+    pos = np.arange(x.shape[1])
+    jcs = ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos))
+    tcs = ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos))
+    j = np.asarray(jm.model.layers[0].self_attn(jnp.asarray(x), *jcs)[0])  # (output, cache)
+    with torch.no_grad():
+        t = tm.model.layers[0].self_attn(torch.as_tensor(x), *tcs)[0].numpy()
+    check(j, t, reference.attention(x.astype(np.float64), w, "model.layers.0.self_attn", spec))
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "gelu_tanh", "relu2"])
+def test_mlp(mlp):
+    spec = make_spec(mlp=mlp)
+    w, jm, tm = twins(spec)
+    x = inputs(spec)
+    j, t = run(jm.model.layers[0].mlp, tm.model.layers[0].mlp, x)
+    check(j, t, reference.mlp(x.astype(np.float64), w, "model.layers.0.mlp", spec))
+
+
+def test_gelu_variants_differ():
+    """`gelu` (exact) and `gelu_tanh` must not silently be the same function."""
+    x = torch.linspace(-4, 4, 101)
+    assert (tl.ACTIVATIONS["gelu"](x) - tl.ACTIVATIONS["gelu_tanh"](x)).abs().max() > 1e-4
+    xj = jnp.linspace(-4, 4, 101)
+    assert jnp.abs(jl.ACTIVATIONS["gelu"](xj) - jl.ACTIVATIONS["gelu_tanh"](xj)).max() > 1e-4
+
+
+@pytest.mark.parametrize("placement", CHOICES["norm_placement"])
+def test_block(placement):
+    """Blocks 0 and 1 (HybridNorm* treats block 0 apart) against the reference's block, written from the equations."""
+    spec = make_spec(norm_type="dyt", norm_placement=placement)
+    w, jm, tm = twins(spec)
+    x = inputs(spec)
+    pos = np.arange(x.shape[1])
+    w64 = {k: v.astype(np.float64) for k, v in w.items()}
+    for i in (0, 1):
+        jt, tt = {}, {}
+        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
+        with torch.no_grad():
+            t = tm.model.layers[i](torch.as_tensor(x), *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
+        ref, a, m = reference.block(x.astype(np.float64), w64, f"model.layers.{i}", i, spec)
+        check(j, t, ref)
+        check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)
+        check(np.asarray(jt["mlp_out"]), tt["mlp_out"].numpy(), m)
+
+
+@pytest.mark.parametrize("T", quick_first([1, 31, 77, 600], 3))
+def test_blocked_attention_is_the_einsum_kernel_by_blocks(T):
+    """`blocked` skips the masked blocks of q·kᵀ: same result as the one-product kernel, any T (ragged last block)."""
+    rng = np.random.default_rng(T)
+    q, k, v = (rng.standard_normal((2, T, n, 8)).astype(np.float32) for n in (6, 2, 2))
+    for attention, asarray, out in [(ja, jnp.asarray, np.asarray), (ta, torch.as_tensor, lambda t: t.numpy())]:
+        ref = out(attention.einsum_attention(asarray(q), asarray(k), asarray(v)))
+        got = out(attention.attend(asarray(q), asarray(k), asarray(v), "blocked"))
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), attention.__name__
+    assert ja.attention_block(600) == ta.attention_block(600) == 38  # at most 16 blocks

@@ -1,0 +1,166 @@
+"""The spec: presets, YAML round trip, aliases, and one test per validation rule."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from shared_config import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
+from shared_config.spec import CHOICES
+
+from ..support.common import BASE
+
+
+def test_presets_load_and_have_the_documented_geometry():
+    assert {"tiny", "tiny-dyt", "tiny-derf", "small", "llama-1b", "llama-1b-dyt"} <= set(preset_names())
+    tiny = load_spec("tiny")
+    assert tiny.K < tiny.H and tiny.D != tiny.F != tiny.V  # GQA, distinct sizes
+    assert load_spec("tiny-dyt").norm_type == "dyt" and load_spec("tiny-derf").norm_type == "derf"
+    llama = load_spec("llama-1b")
+    assert (llama.D, llama.L, llama.H, llama.K, llama.E, llama.F, llama.V) == (2048, 16, 32, 8, 128, 8192, 128256)
+    assert llama.rope_theta == 500000 and llama.tie_embeddings
+    dyt = load_spec("llama-1b-dyt")
+    assert dyt.to_dict() == {
+        **llama.to_dict(), "tie_embeddings": False, "norm_type": "dyt", "embed_scale": "learnable",
+    }
+    assert dyt.norm_eps == 1e-5 and dyt.attn_alpha_init == dyt.ffn_alpha_init == dyt.final_alpha_init == 0.5
+
+
+def test_yaml_keys_are_exactly_the_fields_and_round_trip(tmp_path):
+    spec = load_spec({**BASE, "norm_type": "tanh", "rope_theta": 500000})
+    assert set(spec.to_dict()) == {f.name for f in dataclasses.fields(ModelSpec)}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert load_spec(path) == spec and load_spec(str(path)) == spec
+    assert load_spec(spec.to_dict()) == spec
+
+
+def test_defaults_resolve_as_documented():
+    spec = load_spec({**BASE, "n_kv_heads": None})
+    assert spec.K == spec.H == 6 and spec.E == 48 // 6
+    assert spec.to_dict()["n_kv_heads"] == 6 and spec.to_dict()["head_dim"] == 8
+    assert spec.n_kv_heads is None  # derived values are properties; fields are never rewritten
+
+
+@pytest.mark.parametrize("alias,name", [("tanh", "dyt"), ("shifterf", "derf")])
+def test_norm_type_aliases(alias, name):
+    assert load_spec({**BASE, "norm_type": alias}).norm_type == name
+
+
+def test_spec_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_spec(BASE).d_model = 3
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"n_head": 6}, "unknown spec key 'n_head' (did you mean 'n_heads'?)"),
+        ({"n_kv_heads": 4}, "n_kv_heads=4 must divide n_heads=6"),
+        ({"d_model": 50}, "d_model=50 must be divisible by n_heads=6"),
+        ({"head_dim": 7}, "head_dim=7 must be even when position=rope"),
+        ({"vocab_size": 0}, "vocab_size=0 must be > 0"),
+        ({"n_layers": -1}, "n_layers=-1 must be > 0"),
+        ({"d_ff": 2.5}, "d_ff=2.5 must be an integer"),
+        ({"n_heads": True}, "n_heads=True must be an integer"),
+        ({"norm_eps": 0}, "norm_eps=0.0 must be > 0"),
+        ({"norm_eps": "small"}, "norm_eps='small' must be a finite number"),
+        ({"norm_type": "batchnorm"}, "norm_type='batchnorm' must be one of rms, layernorm, dyt, derf"),
+        ({"norm_placement": "sandwich"}, "norm_placement='sandwich' must be one of pre, peri, post, deepnorm, hybrid, hybrid_star, pre_post"),
+        ({"embed_scale": "yes"}, "embed_scale='yes' must be one of none, learnable, constant"),
+        ({"position": "alibi"}, "position='alibi' must be one of rope, learned, none"),
+        ({"mlp": "geglu"}, "mlp='geglu' must be one of swiglu, gelu, gelu_tanh, relu2"),
+        ({"init_scheme": "kaiming"}, "init_scheme='kaiming' must be one of normal, xavier_uniform, xavier_normal"),
+        ({"param_dtype": "float16"}, "param_dtype='float16' must be one of float32, bfloat16"),
+        ({"fused_qkv": "yes"}, "fused_qkv='yes' must be true or false"),
+        ({"rope_scaling": "yarn"}, "rope_scaling='yarn' must be one of none, llama3"),
+        ({"rope_scaling": "llama3", "position": "learned"}, "rope_scaling=llama3 needs position=rope"),
+        ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor=4.0 must be > 0 and <"),
+        ({"init_std": -0.1}, "init_std=-0.1 must be > 0"),
+        ({"norm_placement": "deepnorm", "residual_scaling": True},
+         "residual_scaling=true is not allowed with norm_placement=deepnorm"),
+        ({"norm_placement": "hybrid", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid"),
+        ({"norm_placement": "hybrid_star", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid_star"),
+        ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
+    ],
+)
+def test_each_rule_names_field_value_and_rule(changes, message):
+    with pytest.raises(SpecError) as e:
+        load_spec({**BASE, **changes})
+    assert message in str(e.value)
+
+
+def test_residual_scaling_unset_is_on_except_under_deepnorm():
+    """Unset, `residual_scaling` resolves to on (and to off under deepnorm, whose β init replaces it); the resolved
+    value is what a spec file records, so equal architectures stay equal specs."""
+    assert load_spec(BASE).residual_scaled and load_spec({**BASE, "residual_scaling": True}) == load_spec(BASE)
+    deep = load_spec({**BASE, "norm_placement": "deepnorm"})
+    assert not deep.residual_scaled and deep.to_dict()["residual_scaling"] is False
+    assert load_spec(deep.to_dict()) == deep == load_spec({**BASE, "norm_placement": "deepnorm", "residual_scaling": False})
+
+
+def test_every_placement_has_a_row_in_the_placement_table():
+    from shared_config.placement import PLACEMENTS
+    from shared_config.spec import CHOICES
+
+    assert set(PLACEMENTS) == set(CHOICES["norm_placement"])
+
+
+def test_odd_head_dim_is_fine_without_rope():
+    assert load_spec({**BASE, "head_dim": 7, "position": "learned"}).E == 7
+
+
+def test_missing_required_key_and_bad_sources(tmp_path):
+    with pytest.raises(SpecError, match="missing required key.*vocab_size"):
+        load_spec({k: v for k, v in BASE.items() if k != "vocab_size"})
+    with pytest.raises(SpecError, match="no spec preset or file named 'nope'"):
+        load_spec("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("d_model: [1, 2\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="must hold a mapping"):
+        load_spec(bad)
+    bad.write_bytes(b"d_model: \xff\xfe\n")
+    with pytest.raises(SpecError, match="bad.yaml is not UTF-8 text"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match=r"mlp=\['swiglu'\] must be one of swiglu, "):  # not a TypeError (unhashable)
+        load_spec({**BASE, "mlp": ["swiglu"]})
+
+
+def test_every_enum_value_is_accepted():
+    for field, values in CHOICES.items():
+        for value in values:
+            extra = {"position": "rope"} if field == "rope_scaling" else {}
+            extra = {"position": "none", "n_kv_heads": None} if field == "mixer" else extra  # GLA's rules
+            assert getattr(load_spec({**BASE, **extra, field: value}), field) == value
+
+
+def test_overrides_parse_yaml_scalars():
+    overrides = parse_overrides(["n_layers=4", "norm_eps=1e-5", "qk_norm=true", "norm_type=dyt"])
+    assert overrides == {"n_layers": 4, "norm_eps": "1e-5", "qk_norm": True, "norm_type": "dyt"}
+    assert load_spec({**BASE, **overrides}).norm_eps == 1e-5  # YAML 1.1 reads 1e-5 as a string
+    with pytest.raises(SpecError, match="must look like key=value"):
+        parse_overrides(["n_layers"])
+    with pytest.raises(SpecError, match=r"--set 'd_model=\[1': the value is not a YAML scalar"):
+        parse_overrides(["d_model=[1"])
+
+
+def test_replace_rederives_what_was_never_set():
+    """`--set n_heads=...` on a preset that leaves head_dim and n_kv_heads derived must re-derive them."""
+    tiny = load_spec("tiny")  # head_dim unset: d_model // n_heads = 16
+    assert tiny.replace(d_model=192).E == 32 and tiny.replace(n_heads=4, n_kv_heads=2).E == 24
+    assert load_spec({**BASE, "head_dim": 8}).replace(d_model=128).E == 8  # set explicitly: kept
+    mha = load_spec({k: v for k, v in BASE.items() if k != "n_kv_heads"})
+    assert mha.replace(n_heads=2).K == 2
+
+
+def test_a_stored_spec_is_a_mapping_never_a_preset_name_or_path():
+    from shared_config import CheckpointError
+    from shared_config.io import spec_from_json
+
+    assert spec_from_json(load_spec("tiny").to_json(), "w.safetensors") == load_spec("tiny")
+    for text in ('"tiny"', '"/etc/passwd"', "[1]"):
+        with pytest.raises(CheckpointError, match="w.safetensors: invalid spec: a spec must be a mapping"):
+            spec_from_json(text, "w.safetensors")

@@ -1,0 +1,62 @@
+"""The sharded JAX runs of test_sharding.py: one process with 8 host devices, or several processes
+whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/support/sharded_jax_run.py DIR MESH...
+
+For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes; SUB/...: in DIR/SUB), from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
+and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
+shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import optax
+
+from jax_model import sharding, train
+from jax_model.weights import flat_arrays
+from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
+from shared_config import parse_overrides, synthetic_batch
+
+def layout_of(x: jax.Array) -> dict:
+    """What the array really is: its PartitionSpec and the shapes of its blocks, one per device."""
+    return {"spec": [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec],
+            "shards": sorted(list(s.data.shape) for s in x.addressable_shards)}
+
+
+def run(directory: Path, run_text: str) -> None:
+    """One run on a mesh, `MESH` or `MESH:KEY=VALUE,...` (train config changes, e.g. the memory options); `SUB/...`:
+    the run in the subdirectory SUB (a routed variant's inputs and outputs)."""
+    sub, _, run_text = run_text.rpartition("/")
+    directory = directory / sub
+    mesh_text, _, changes = run_text.partition(":")
+    cfg = read_config(directory).replace(**parse_overrides(changes.split(",") if changes else []))
+    mesh = sharding.make_mesh(mesh_text)
+    model = sharding.from_safetensors(directory / "init.safetensors", mesh)
+    state, train_step = sharding.parallelize(model, cfg, mesh)
+    record = {"loss": [], "grad_norm": []}
+    for step in range(cfg.steps):
+        state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
+        record["loss"].append(float(metrics["loss"]))
+        record["grad_norm"].append(float(metrics["grad_norm"]))
+    trees = {"params": state.params, **{k: optax.tree_utils.tree_get(state.opt_state, k) for k in ("mu", "nu")}}
+    for key, tree in trees.items():
+        record[key] = {name: layout_of(x) for name, x in flat_arrays(tree).items()}
+    record["batch"] = layout_of(sharding.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
+    processes = jax.process_count()
+    name = f"jax-{run_text}" if processes == 1 else f"jax-{processes}proc-{run_text}"
+    sharding.to_safetensors(model, state, directory / f"{name}.safetensors")
+    canonical = train.get_train_state(model, state)  # several processes: each gathers from all
+    if jax.process_index() == 0:
+        save_run(directory, name, record, canonical)
+
+
+if __name__ == "__main__":
+    sharding.init_distributed()
+    jax.config.update("jax_default_matmul_precision", "highest")  # as parity_tests/conftest.py
+    assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS before starting"
+    for run_text in sys.argv[2:]:
+        run(Path(sys.argv[1]), run_text)

@@ -1,0 +1,183 @@
+"""The bench CLI: every backend runs, the JSON has every field, sweeps, bad arguments, the FLOPs formula."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
+
+from shared_config import load_spec  # noqa: E402
+
+
+def bench(*args, check=True):
+    proc = run_python(ROOT / "bench" / "compare.py", *args)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_flops_formula_against_a_hand_count():
+    spec = load_spec("tiny")  # D 96, L 3, H 6, K 2, E 16, F 272, V 257, untied, swiglu
+    per_layer = 96 * 96 + 2 * (32 * 96) + 96 * 96 + 3 * (272 * 96)  # q, k+v, o, gate+up+down
+    assert per_layer == 102912
+    n = 3 * per_layer + 257 * 96  # + lm_head; the input embedding is not a matmul
+    assert matmul_params(spec) == n == 333408
+    assert flops_per_token(spec, 256, "train") == 6 * n + 12 * 3 * 6 * 16 * 256 == 2885184
+    assert flops_per_token(spec, 256, "forward") == 2 * n + 4 * 3 * 6 * 16 * 256
+    tied = spec.replace(tie_embeddings=True)
+    assert matmul_params(tied) == n  # a tied head still does the V x D matmul
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 19.5
+    assert peak_tflops("cpu (x86_64)", "float32") is None
+
+
+FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "attention"}
+
+
+@pytest.mark.slow
+def test_forward_mode_both_backends_json_and_plot(tmp_path):
+    out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"device", "versions", "threads"} <= set(report["env"])
+    assert [r["backend"] for r in report["results"]] == ["jax", "torch"]
+    for r in report["results"]:
+        assert FIELDS <= set(r) and set(r["step_s"]) == {"median", "p10", "p90"}
+        assert r["step_s"]["p10"] <= r["step_s"]["median"] <= r["step_s"]["p90"] and r["tokens_per_s"] > 0
+    assert "jax/torch" in out.stdout.splitlines()[-1]
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    quick_first([
+        (["--set", "n_layer=2"], "unknown spec key 'n_layer' (did you mean 'n_layers'?)"),
+        (["--backend", "mxnet"], "invalid choice: 'mxnet'"),
+        (["--backend", "hf", "--spec", "tiny-dyt"], "norm_type=dyt"),
+        (["--sweep", "norm_type"], "must look like key=v1,v2"),
+        (["--sweep", "norm_type=rms,batchnorm"], "norm_type='batchnorm' must be one of"),
+        (["--seq", "4096"], "exceeds max_seq_len=256"),
+        # the prompt fits, the decoded tokens after it would not: refused before the cache is allocated
+        (["--mode", "decode", "--seq", "253", "--steps", "8"], "prompt tokens + 4 decoded"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
+        # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
+        (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
+        (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
+    ], 2, multi=True),
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message):
+    one_line_error(bench(*args, check=False), message)
+
+
+@pytest.mark.slow
+def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
+    # warmup 3 > 2 steps per round: the cache must hold compile + warmup tokens too
+    bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "3",
+          "--rounds", "2", "--json", str(tmp_path / "d.json"))
+    results = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert [r["backend"] for r in results] == ["jax", "torch", "hf"]
+    for r in results:
+        assert FIELDS <= set(r) and r["n_steps"] == 4
+        assert set(r["prefill_s"]) == {"median", "p10", "p90"} and r["prefill_s"]["median"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"]["median"])
+
+
+@pytest.mark.slow
+def test_train_mode_every_backend_and_a_sweep(tmp_path):
+    """The README's main job on every backend: one result per (variant, backend), in interleaved order."""
+    out = bench("--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true", "--batch", "2",
+                "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "2", "--json", str(tmp_path / "t.json"))
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in (False, True)]
+    assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
+    for r in results:
+        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > 0
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
+
+
+@pytest.mark.slow
+def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
+    """Scaling out (issue 7): the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
+    bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
+          "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
+    (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
+    assert r["mesh"] == {"data": 2, "fsdp": 2} and r["n_steps"] == 2
+    proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "ddp", "--batch", "4",
+                      "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                      "--json", tmp_path / "ddp.json", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp.json").read_text())
+    assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == "ddp"
+    assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    quick_first([
+        (["--mesh", "data=2", "--mode", "forward"], "--devices/--mesh shard the JAX train step"),
+        (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
+        (["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
+        (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
+        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
+    ], 1, multi=True),
+)
+def test_bad_scale_out_arguments(args, message):
+    one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
+
+
+def test_a_placement_sweep_gives_one_valid_spec_per_placement():
+    """`--sweep norm_placement=pre,peri,deepnorm,hybrid` on the tiny preset: deepnorm resolves residual_scaling off."""
+    import compare
+
+    got = compare.variants(compare.parse_args(["--sweep", "norm_placement=pre,peri,deepnorm,hybrid"]))
+    assert [label for label, _ in got] == [f"norm_placement={p}" for p in ("pre", "peri", "deepnorm", "hybrid")]
+    assert [s.norm_placement for _, s in got] == ["pre", "peri", "deepnorm", "hybrid"]
+    assert [s.residual_scaled for _, s in got] == [True, True, False, True]
+
+
+@pytest.mark.slow
+def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
+    """--loss-chunk, --remat and --grad-accum: each twin's step reports its peak memory on a CPU too (XLA's memory
+    analysis; torch's profiler), and the options together cut it where the logits dominate (V = 4096)."""
+    peaks = {}
+    for name, options in (("plain", []), ("saving", ["--loss-chunk", "64", "--remat", "full", "--grad-accum", "2"])):
+        out = bench("--backend", "both", "--set", "vocab_size=4096", "--batch", "4", "--seq", "128", "--steps", "1",
+                    "--warmup", "0", "--rounds", "1", *options, "--json", str(tmp_path / f"{name}.json"))
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        peaks[name] = {r["backend"]: r["peak_mem_bytes"] for r in report["results"]}
+        assert all(isinstance(p, int) and p > 0 for p in peaks[name].values()), peaks
+    assert report["env"]["grad_accum_steps"] == 2 and report["env"]["remat"] == "full" and report["env"]["loss_chunk"] == 64
+    assert "grad_accum 2, remat full, loss_chunk 64" in out.stdout
+    for backend in ("jax", "torch"):
+        assert peaks["saving"][backend] < 0.8 * peaks["plain"][backend], peaks
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--remat", "block", "--backend", "all"], "--remat: train-config options of the twins"),
+        (["--loss-chunk", "64", "--mode", "forward"], "--loss-chunk: train-config options of the twins"),
+        (["--grad-accum", "3", "--batch", "8"], "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
+        (["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
+    ],
+)
+def test_bad_memory_options(args, message):
+    one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu():
+    proc = run_python(ROOT / "bench" / "gpu_check.py", "--quiet", CUDA_VISIBLE_DEVICES="")  # a GPU, if any, hidden
+    one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")

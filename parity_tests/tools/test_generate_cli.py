@@ -1,0 +1,107 @@
+"""scripts/generate.py: streams the tokens generate() gives, in either twin; text prompts through bytes
+or a tokenizer.json beside the weights; bad input is one `error:` line and exit code 2."""
+
+import io
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import jax_model
+import torch_model
+from jax_model import generate as jg
+from shared_config import save_checkpoint
+from torch_model import generate as tg
+
+from ..support.common import load_script, make_spec, parity_weights, run_script
+
+cli = load_script("generate")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A checkpoint whose vocabulary holds bytes (V = 300 >= 256)."""
+    spec = make_spec(vocab_size=300)
+    path = tmp_path_factory.mktemp("cli") / "model.safetensors"
+    save_checkpoint(path, parity_weights(spec), spec)
+    return path
+
+
+def run_cli(*args):
+    return run_script("generate", *args)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_streams_the_tokens_generate_gives(weights, backend):
+    twin, gen = (jax_model, jg) if backend == "jax" else (torch_model, tg)
+    expected = gen.generate(twin.from_safetensors(weights), [3, 1, 4, 1, 5], 12)
+    r = run_cli("--backend", backend, "--weights", weights, "--tokens", "3,1,4,1,5", "--max-new-tokens", 12)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.split()] == expected
+    assert "tokens/s" in r.stderr.splitlines()[-1]
+
+
+def test_each_token_is_written_before_the_next_is_drawn():
+    out, err = io.StringIO(), io.StringIO()
+
+    def steps():
+        for i, token in enumerate([5, 6, 7]):
+            yield token
+            assert out.getvalue().split() == ["5", "6", "7"][: i + 1]  # written and flushed already
+
+    cli.emit(steps(), lambda t: f"{t} ", out, err)
+    assert "3 tokens in" in err.getvalue()
+
+
+def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
+    spec = make_spec(vocab_size=300)
+    by_bytes = cli.load_tokenizer(weights, spec)
+    assert by_bytes.encode("hé") == [104, 195, 169]
+    stream = cli.TextStream(by_bytes.decode)
+    assert [stream(t) for t in [104, 195, 169, 299]] == ["h", "", "é", ""]  # é waits for its second byte; 299 is no byte
+    assert stream.rest() == ""
+    cut = cli.TextStream(by_bytes.decode)
+    out = io.StringIO()
+    cli.emit(iter([104, 105, 195]), cut, out, io.StringIO(), rest=cut.rest)  # ends inside a character
+    assert out.getvalue() == "hi\ufffd\n", "a character cut off at the end shows as U+FFFD, not nothing"
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "once": 1, "upon": 2, "a": 3, "time": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    beside = cli.load_tokenizer(tmp_path / "model.safetensors", spec)
+    assert beside.encode("once upon a time") == [1, 2, 3, 4]
+    assert cli.load_tokenizer(tmp_path / "model.safetensors", make_spec()).encode("a") == [3]
+    with pytest.raises(cli.UsageError, match="--tokens"):
+        cli.load_tokenizer(weights, make_spec())  # 97 tokens cannot hold bytes, and no tokenizer.json
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "1,x"], "must be comma-separated integer ids"),
+    (["--tokens", "1,300"], "token id 300 is outside the vocabulary 0..299"),
+    (["--tokens", ",".join(["1"] * 100), "--max-new-tokens", "29"], "exceeds max_seq_len=128"),
+    (["--prompt", "x" * 200], "a prompt of 200 tokens plus max_new_tokens=64 exceeds max_seq_len=128"),
+    (["--tokens", "1", "--top-p", "1.5"], "top_p=1.5"),
+    (["--tokens", "1", "--attention", "sdpa"], "not offered by the jax twin"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli.run(cli.main, ["--backend", "jax", "--weights", str(weights), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
+
+
+def test_weights_that_are_missing_or_a_directory(weights, capsys):
+    (weights.parent / "empty").mkdir(exist_ok=True)  # a directory with model.safetensors is read as a run's checkpoint
+    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent / "empty", "neither a Hugging Face")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(cli.main, ["--backend", "torch", "--weights", str(path), "--tokens", "1"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and message in err, err
+
+
+@pytest.mark.slow
+def test_a_hugging_face_directory_generates_what_its_canonical_file_does(weights, tmp_path):
+    load_script("convert").convert(weights, tmp_path / "hf", to="hf")
+    a = run_cli("--backend", "torch", "--weights", weights, "--tokens", "3,1,4", "--max-new-tokens", 8)
+    b = run_cli("--backend", "torch", "--weights", tmp_path / "hf", "--tokens", "3,1,4", "--max-new-tokens", 8)
+    assert a.returncode == b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout and len(b.stdout.split()) == 8

@@ -1,0 +1,88 @@
+"""GLA in the tools: the FLOPs count, the bench's mixer sweep and context plot, and parity_report stage by stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from shared_config import load_spec
+
+from ..support.common import ROOT, load_script, run_python
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flops import flops_per_token, matmul_params  # noqa: E402
+
+
+def test_gla_flops_against_a_hand_count():
+    spec = load_spec("gla-tiny")  # D 64, L 2, H 2, d_k 32 (K' 16), d_v 64 (V' 32), r 16, F 128, V 256, untied
+    per_layer = 2 * (32 * 64) + 2 * (64 * 64) + 16 * 64 + 32 * 16 + 64 * 64 + 3 * (128 * 64)  # q k, v g, gk0, gk1, o, mlp
+    n = 2 * per_layer + 256 * 64
+    assert matmul_params(spec) == n
+    recurrence = 4 * 2 * 2 * 16 * 32  # per layer and head: k_tᵀv_t and q_t·S_t, 2 FLOPs per multiply-add
+    for seq in (16, 128):  # no term in the context length
+        assert flops_per_token(spec, seq, "forward") == 2 * n + recurrence
+        assert flops_per_token(spec, seq, "train") == 6 * n + 3 * recurrence
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["train", "forward", "decode"])
+def test_bench_sweeps_the_mixer(tmp_path, mode):
+    out = tmp_path / f"{mode}.json"
+    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode", mode,
+                      "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["backend"]) for r in results] == [
+        (f"mixer={m}", b) for m in ("attention", "gla") for b in ("jax", "torch")]
+    assert {r["attention"] for r in results if r["variant"] == "mixer=gla"} == {"gla-chunk64"}
+    if mode == "decode":
+        second = tmp_path / "decode-32.json"
+        proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode",
+                          mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", second)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_python(ROOT / "bench" / "plot_context.py", out, second, "--out", tmp_path / "ctx.png")
+        assert proc.returncode == 0 and (tmp_path / "ctx.png").stat().st_size > 0, proc.stderr[-3000:]
+        assert "seq 16:" in proc.stdout and "seq 32:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_parity_report_passes_stage_by_stage_for_gla(tmp_path):
+    report = load_script("parity_report")
+    out = tmp_path / "report.json"
+    code = report.main(["--spec", "gla-tiny", "--set", "norm_type=dyt", "--set", "norm_placement=peri", "--seq", "40",
+                        "--batch", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    stages = [r["stage"] for r in rows["rows"]] if isinstance(rows, dict) else [r["stage"] for r in rows]
+    assert code in (0, None) and any("self_attn.gk_proj.1.bias" in s for s in stages)
+    assert any("attn_out" in s for s in stages)
+
+
+@pytest.mark.slow
+def test_the_gla_norm_study_on_a_few_steps(tmp_path):
+    """--mixer gla runs the experiment's four variants on gla-tiny and judges the four criteria."""
+    small = [f"--set={kv}" for kv in ("batch_size=2", "seq_len=16", "warmup_steps=1")]
+    load_script("compare_norms").main(["--mixer", "gla", "--steps", "2", "--backends", "torch", "--out", str(tmp_path), *small])
+    report = json.loads((tmp_path / "norms.json").read_text())
+    assert list(report["results"]) == ["rms-pre", "dyt-pre", "rms-peri", "dyt-peri"]
+    assert json.loads((tmp_path / "runs" / "dyt-peri-torch" / "step-00000002" / "state.json").read_text())["spec"]["mixer"] == "gla"
+    criteria = [c["criterion"] for c in report["criteria"]]
+    for placement in ("pre", "peri"):
+        assert f"dyt-{placement} within 0.5 perplexity of rms-{placement}" in criteria
+        assert f"dyt-{placement} outputs distributed like rms-{placement}'s (mean TV ≤ 0.25)" in criteria
+    assert "no NaN/Inf in any run" in criteria and "lowest gradient-norm variance overall" in criteria
+    sites = report["results"]["dyt-peri"]["torch"]["outputs"]
+    assert "model.layers.1.self_attn.g_norm" in sites and "model.layers.0.mlp_output_norm" in sites
+    assert all(abs(sum(p) - 1) < 1e-9 for p in sites.values())
+
+
+def test_total_variation_of_the_output_histograms():
+    study = load_script("compare_norms")
+    p, q = [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]
+    rows = {"rms-pre": {"outputs": {"a": p, "b": p}}, "dyt-pre": {"outputs": {"a": p, "b": q}}}
+    (name, passed, detail), = study.output_criteria(rows)
+    assert passed is True and "mean TV 0.250 over 2 sites; worst b 0.500" in detail  # (0 + 0.5) / 2, at the bound
+    rows["dyt-pre"]["outputs"]["a"] = q
+    assert study.output_criteria(rows)[0][1] is False

@@ -1,0 +1,143 @@
+"""bench/gpu_check.py: two plans that each fit a 7-minute GPU window, the budget shared over the checks that run
+(by their expected cost), the summary on disk after every check, every check's process group stopped at its
+limit, and both plans run end to end at tiny sizes on this CPU (--dry-run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ..support.common import ROOT, one_line_error, run_python
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check  # noqa: E402
+from gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share  # noqa: E402
+
+
+def test_each_plan_fits_its_budget_by_the_measured_costs():
+    names = [c.name for p in PLANS for c in plan(p)]
+    assert len(names) == len(set(names)) >= 10  # one name for one check, whichever plan holds it
+    for p in PLANS:
+        costs = [c.cost for c in plan(p)]
+        assert all(c > gpu_check.START_S for c in costs) and sum(costs) <= BUDGET_S == 420, (p, sum(costs))
+    core = {c.name for c in plan("core")}
+    assert core == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity"}
+
+
+def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
+    checks = [Check("a", ["x"], 10), Check("b", ["x"], 30), Check("c", ["x"], 60, needs="no_such_field")]
+    why_not = runnable(checks, ["a", "b", "c"])
+    assert why_not == {"a": None, "b": None, "c": "this checkout's spec has no `no_such_field` field"}
+    assert runnable(checks, ["b"])["a"] == "not in --only"
+    assert share(checks[0], [checks[1]], 100) == 25 and share(checks[1], [], 75) == 75  # what a fast check left
+
+
+def test_a_check_run_alone_gets_the_whole_budget(tmp_path, monkeypatch):
+    """--only small-train-b8 --budget 100: that check may use the 100 s (less what starting took), not a tenth."""
+    limits = {}
+
+    def fake_run(check, out, dry_run, timeout, cache):
+        limits[check.name] = timeout
+        return {"status": "ok", "seconds": 0.0}
+
+    monkeypatch.setattr(gpu_check, "run_check", fake_run)
+    started = time.perf_counter()
+    gpu_check.main(["--dry-run", "--quiet", "--budget", "100", "--out", str(tmp_path), "--only", "small-train-b8"])
+    assert list(limits) == ["small-train-b8"] and 100 - (time.perf_counter() - started) <= limits["small-train-b8"] <= 100
+
+
+def test_the_summary_is_on_disk_after_every_check(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(check, out, dry_run, timeout, cache):
+        seen.append(json.loads((out / "summary.json").read_text()))
+        return {"status": "ok", "seconds": 0.0}
+
+    monkeypatch.setattr(gpu_check, "run_check", fake_run)
+    gpu_check.main(["--dry-run", "--quiet", "--out", str(tmp_path), "--plan", "extra"])
+    names = [c.name for c in plan("extra")]
+    assert [s["complete"] for s in seen] == [False] * len(names)
+    for i, s in enumerate(seen):  # before check i: the checks before it done, it and the rest pending
+        assert [s["checks"][n]["status"] for n in names] == ["ok"] * i + ["pending"] * (len(names) - i)
+    final = json.loads((tmp_path / "summary.json").read_text())
+    assert final["complete"] and final["plan"] == "extra" and final["budget_s"] == BUDGET_S
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("stuck", [True, False])
+def test_a_check_s_whole_process_group_is_stopped(tmp_path, stuck):
+    """A check that starts a child which would outlive it: at the check's limit (stuck), or when it exits (not
+    stuck), the child is killed too."""
+    script = tmp_path / "spawner.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(tmp_path / 'child.pid')!r}, "w").write(str(child.pid))
+        print("started", flush=True)
+        time.sleep(120 if {stuck} else 0)
+    """))
+    t0 = time.perf_counter()
+    r = run_check(Check("spawner", [str(script)], 1.0, plot=False), tmp_path, False, 10.0 if stuck else 60.0, "none")
+    child = int((tmp_path / "child.pid").read_text())
+    assert not alive(child), r
+    assert time.perf_counter() - t0 < 40  # nobody waited for the child's two minutes
+    if stuck:
+        assert r["status"] == "failed" and r["reason"] == "over its 10 s share of the budget", r
+    else:
+        assert r["status"] == "ok" and r["output"] == ["started"], r
+    assert (tmp_path / "spawner.log").read_text().startswith("started")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e999", "0", "-5", "ten"])
+def test_a_budget_that_is_no_finite_positive_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(["--dry-run", "--budget", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --budget: must be a finite number > 0, got "), err
+
+
+def test_unknown_check_names_the_plan():
+    one_line_error(run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--only", "gla-sweep"),
+                   "--only: unknown check 'gla-sweep' in --plan core")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which,chosen", [
+    # one train bench with the hf peer and the profile (core); a sweep of the newest spec fields (extra): the
+    # others are the same commands at other sizes, and are listed as not run
+    ("core", ["small-train-b8", "small-profile"]),
+    ("extra", ["gla-sweep"]),
+])
+def test_dry_run_of_each_plan(tmp_path, which, chosen):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--quiet", "--plan", which, "--budget", "3000",
+                      "--out", out, "--only", ",".join(chosen), "--compile-cache", cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["dry_run"] and summary["plan"] == which
+    assert {"torch", "jax", "flax", "optax", "transformers"} <= set(summary["versions"])
+    assert list(summary["checks"]) == [c.name for c in plan(which)]
+    for name, r in summary["checks"].items():
+        if name in chosen:
+            assert r["status"] == "ok", (name, r)
+            assert json.loads((out / f"{name}.json").read_text())["complete"], name
+        else:
+            assert r == {"status": "not run", "reason": "not in --only"}, (name, r)
+        assert f" {name}" in proc.stdout
+    assert any((cache / "jax").iterdir())  # the benches compiled into the cache gpu_check named
+    if which == "core":
+        assert (out / "small-train-b8.png").is_file()
+        assert any("jax/torch" in line for line in summary["targets"])

@@ -1,0 +1,157 @@
+"""What a new user meets on the command line: every option of every command explained in --help with its
+default, descriptions that are whole sentences, generate.py --attention naming every kernel, --quiet on every
+long-running command, plain progress lines (no carriage returns) when stderr is not a terminal, and a missing
+optional dependency reported before any work with what to install."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import sys
+
+import pytest
+
+import jax_model.attention
+import torch_model.attention
+from shared_config import cli
+import shared_config.progress
+from shared_config.progress import advance, progress, restart_clock
+
+from ..support.common import ROOT
+
+COMMANDS = sorted((ROOT / "scripts").glob("*.py")) + [ROOT / "bench" / "compare.py", ROOT / "bench" / "profile_step.py"]
+LONG_RUNNING = {"train", "compare_norms", "compare_routing", "parity_report", "compare", "profile_step"}
+
+
+class Parsed(Exception):
+    """Raised in place of parsing: carries the command's parser out of its main()."""
+
+
+def parser_of(path, monkeypatch) -> cli.Parser:
+    """The argparse parser a command builds, caught where it would parse (no work done)."""
+    def grab(self, *args, **kwargs):
+        raise Parsed(self)
+
+    monkeypatch.setattr(cli.Parser, "parse_args", grab)
+    monkeypatch.syspath_prepend(str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(f"cli_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    with pytest.raises(Parsed) as e:
+        module.main([])
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.stem)
+def test_every_option_is_explained_with_its_default(path, monkeypatch):
+    parser = parser_of(path, monkeypatch)
+    assert parser.description.rstrip().endswith("."), parser.description
+    assert not [a.option_strings or a.dest for a in parser._actions if not a.help]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.default not in (None, False, [], "==SUPPRESS==") and action.option_strings:
+            assert "default" in formatter._get_help_string(action), action.dest
+    if path.stem in LONG_RUNNING:
+        assert "--quiet" in parser._option_string_actions, path.stem
+
+
+def test_generate_help_names_every_attention_kernel(monkeypatch):
+    help_text = parser_of(ROOT / "scripts" / "generate.py", monkeypatch)._option_string_actions["--attention"].help
+    for name in {*jax_model.attention.ATTENTION, *torch_model.attention.ATTENTION}:
+        assert name in help_text, name
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_quiet_is_silent():
+    stream = io.StringIO()  # not a terminal
+    with progress(range(50), desc="steps", stream=stream, interval=0) as bar:
+        for _ in bar:
+            pass
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n") and "50/50" in text.splitlines()[-1]
+    stream = io.StringIO()
+    with progress(range(5), quiet=True, stream=stream) as bar:
+        list(bar)
+    assert stream.getvalue() == ""
+
+
+def test_progress_with_a_changing_postfix_keeps_to_its_interval():
+    """train.py shows loss, lr and tokens/s beside its bar at every log step: off a terminal that must still be
+    one line per interval (the first and the last here), not one per step."""
+    stream = io.StringIO()
+    with progress(total=50, desc="steps", stream=stream, interval=60) as bar:
+        for step in range(1, 51):
+            advance(bar, step, loss=f"{1 / step:.4f}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) <= 3 and "50/50" in lines[-1] and "loss=0.0200" in lines[-1], lines
+
+
+def test_progress_off_a_terminal_shows_the_last_position_once():
+    """tqdm shows the bar again when it closes: off a terminal that was a second 100% line."""
+    for interval in (0, 60):
+        stream = io.StringIO()
+        with progress(range(5), desc="steps", stream=stream, interval=interval) as bar:
+            list(bar)
+        assert [line.split("|")[-1].split()[0] for line in stream.getvalue().splitlines()].count("5/5") == 1, stream.getvalue()
+
+
+def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch):
+    """A first step of 600 s (compilation), then 1 s per step: the ETA after step 2 is 99 steps of 1 s."""
+    now = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: now[0])
+    monkeypatch.setattr(shared_config.progress, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+    stream = io.StringIO()
+    with progress(total=101, desc="steps", stream=stream, interval=0) as bar:
+        now[0] += 600.0
+        restart_clock(bar, 1, loss="1.0")
+        for step in range(2, 4):
+            now[0] += 1.0
+            advance(bar, step, loss="1.0")
+    lines = stream.getvalue().splitlines()
+    assert "1/101 [00:00<?, ?it/s, loss=1.0]" in lines[1], lines
+    assert "2/101 [00:01<01:39," in lines[2] and "3/101 [00:02<01:38," in lines[3], lines
+
+
+def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else found(name, *a))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    module_spec = importlib.util.spec_from_file_location("cli_bench_compare_deps", ROOT / "bench" / "compare.py")
+    compare = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(compare)
+    for backend in ("hf", "all"):
+        with pytest.raises(SystemExit) as e:
+            cli.run(compare.main, ["--backend", backend, "--steps", "1"])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "transformers" in line and "pip install -e '.[hf]'" in line, line
+
+
+README_OUTPUTS = ["tiny.safetensors", "tiny-dyt.safetensors", "tiny.pt", "state_dict.pt", "tiny-flax/state", "tiny-hf/config.json",
+                  "from-jax.safetensors", "input.txt", "data/text/train.bin", "runs/dyt/metrics.jsonl", "mid.json",
+                  "report.json", "p.json", "norms.png", "curves.png", "dyt.png"]
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    """A walkthrough of the README leaves `git status` clean: every file its commands write is ignored."""
+    readme = (ROOT / "README.md").read_text()
+    for path in README_OUTPUTS:
+        assert path.split("/")[0].removesuffix("/") in readme, path  # still a README output
+        result = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", path])
+        assert result.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys):
+    """Every rank hits the same bad argument: one `error:` line, not one per rank (environment errors, which can
+    differ by rank, still print everywhere)."""
+    from shared_config.cli import fail
+
+    for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            fail("bad --x")
+        assert exit_.value.code == 2 and capsys.readouterr().err == printed
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        fail("disk full", 3)
+    assert capsys.readouterr().err == "error: disk full\n"

@@ -1,0 +1,106 @@
+"""scripts/parity_report.py: a clean run passes; a mismatch planted in one twin is reported first at
+the stage where it starts (forward or backward); JSON, plot and one-line errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_model
+from shared_config import load_spec, save_checkpoint
+from shared_config.cli import run
+
+from ..support.common import interleaved_rope, load_script, parity_weights
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_script("parity_report")
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """tiny-dyt with GELU (so an activation can be planted) and O(1) logits."""
+    spec = load_spec("tiny-dyt").replace(mlp="gelu")
+    path = tmp_path_factory.mktemp("report") / "tiny-dyt-gelu.safetensors"
+    save_checkpoint(path, parity_weights(spec), spec)
+    return str(path)
+
+
+def run_report(report, weights_file, tmp_path, *extra):
+    out = tmp_path / "report.json"
+    code = report.main(["--weights", weights_file, "--seq", "64", "--batch", "1", "--json", str(out), *extra])
+    return code, json.loads(out.read_text())
+
+
+def dyt_without_alpha_gradient(self, x):
+    """The same forward, but alpha is cut out of the graph: only the gradients can tell."""
+    y = torch.tanh(self.alpha.detach().float() * x.float())
+    return torch_model.layers.affine(y, self.weight, self.bias).to(x.dtype)
+
+
+@pytest.mark.slow
+def test_clean_run_passes(report, weights_file, tmp_path, capsys):
+    code, result = run_report(report, weights_file, tmp_path)
+    assert code == 0 and result["passed"] and result["first_failure"] is None
+    stages = [r["stage"] for r in result["rows"]]
+    assert stages[:4] == ["model.embed", "model.layers.0.attn_out", "model.layers.0.mlp_out", "model.layers.0.residual"]
+    assert {"model.norm", "logits", "loss", "grad model.layers.0.input_layernorm.alpha"} <= set(stages)
+    assert set(result["rows"][0]) == {"stage", "measure", "value", "max_abs", "tol", "passed", "margin"}
+    # float32 bounds come from each stage's own rounding floor: a correct run stays well inside every one
+    forward = [r for r in result["rows"] if not r["stage"].startswith(("loss", "grad "))]
+    assert all(r["margin"] is None or r["margin"] >= 4 for r in forward), [(r["stage"], r["margin"]) for r in forward]
+    assert len({r["tol"] for r in forward}) > 1  # per stage, not one flat bound
+    assert capsys.readouterr().out.rstrip().endswith(f"all {len(result['rows'])} stages pass")
+
+
+# each plant changes the torch twin only; the stage where the report must first say FAIL
+PLANTS = {
+    "interleaved-rope": (lambda mp: mp.setattr(torch_model.attention, "apply_rope", interleaved_rope), "model.layers.0.attn_out"),
+    "tanh-gelu": (
+        lambda mp: mp.setitem(torch_model.layers.ACTIVATIONS, "gelu", lambda x: F.gelu(x, approximate="tanh")),
+        "model.layers.0.mlp_out",
+    ),
+    "alpha-detached": (
+        lambda mp: mp.setattr(torch_model.layers.DynamicTanh, "forward", dyt_without_alpha_gradient),
+        "grad model.layers.0.input_layernorm.alpha",
+    ),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_planted_mismatch_is_found_where_it_starts(report, weights_file, tmp_path, monkeypatch, capsys, plant):
+    apply, first_failure = PLANTS[plant]
+    apply(monkeypatch)
+    code, result = run_report(report, weights_file, tmp_path)
+    assert code == 1 and result["first_failure"] == first_failure
+    assert f"first failure: {first_failure}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_steps_and_plot(report, weights_file, tmp_path):
+    plot = tmp_path / "curves.png"
+    code, result = run_report(report, weights_file, tmp_path, "--train-steps", "3", "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["train"]["jax_loss"]) == len(result["train"]["torch_loss"]) == 3
+    assert [r["stage"] for r in result["rows"]][-2] == "train loss, 3 steps"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--spec", "tiny", "--seq", "999"], "--seq 999 must be in 1..max_seq_len=256"),
+    (["--spec", "tiny", "--set", "n_head=2"], "unknown spec key 'n_head' (did you mean 'n_heads'?)"),
+    (["--spec", "tiny", "--plot", "x.png"], "--plot needs --train-steps N"),
+    (["--spec", "nope"], "no spec preset or file named 'nope'"),
+    (["--spec", "tiny", "--dtype", "float16"], "argument --dtype: invalid choice"),
+    (["--spec", "tiny", "--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    (["--spec", "tiny", "--train-steps", "-1"], "argument --train-steps: must be an integer >= 0, got -1"),
+    (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"], "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
+    (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is no directory"),
+])
+def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(report.main, args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err, err

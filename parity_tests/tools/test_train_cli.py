@@ -1,0 +1,119 @@
+"""The training command lines as a user runs them: bad input is one `error:` line and exit code 2 (before
+any framework loads); a short run and its resume in the other twin; plot_curves and the norm study."""
+
+import json
+
+import numpy as np
+import pytest
+
+from shared_config.cli import UsageError
+from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
+
+from ..support.common import load_script, one_line_error, quick_first, run_script
+
+SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
+         "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("args,fragments", quick_first([
+    (["--set", "lrr=1e-3"], ["unknown --set key 'lrr'", "did you mean 'lr'"]),
+    (["--set", "norm_tpye=dyt"], ["unknown --set key 'norm_tpye'", "did you mean 'norm_type'"]),
+    (["--set", "lr=-1"], ["lr=-1.0 must be > 0"]),
+    (["--set", "norm_type=batchnorm"], ["norm_type='batchnorm' must be one of"]),
+    (["--data", "no/such/tokens.bin"], ["tokens.bin: no such file"]),
+    (["--resume"], ["no checkpoint to resume"]),
+    (["--eval-every", "-1"], ["--eval-every must be >= 0"]),
+], 2, multi=True))
+def test_bad_arguments_are_one_line_errors(tmp_path, args, fragments):
+    one_line_error(run_script("train", "--backend", "jax", "--out", tmp_path / "run", *args), *fragments)
+
+
+def test_corrupt_and_unfitting_data_files(tmp_path):
+    # --out holds a checkpoint already (as runs/tiny does after the README's first training command):
+    # the inputs are checked first, so the error names the real fault, not the output directory
+    out = tmp_path / "run"
+    (out / "step-00000001").mkdir(parents=True)
+    (out / "step-00000001" / "model.safetensors").write_bytes(b"")
+    assert latest_checkpoint(out) is not None
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "bad.npy", "--out", out),
+                   "bad.npy: not a valid .npy file")
+    np.save(tmp_path / "big.npy", np.array([0, 5000] * 2500, np.uint16))
+    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny", "--out", out),
+                   "token ids go up to 5000", "vocab_size is 257", "--set vocab_size=5001")
+    one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train", "--backend", "torch", "--out", out, "--set", "lr=1e30", "--set", "warmup_steps=0",
+                        "--steps", "10", "--save-every", "1", *SHORT)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: non-finite loss at step 2: the first non-finite tensor is activation ")
+    assert line.endswith(f"the last good checkpoint is {out / 'step-00000001'}")
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000001"]
+    load_train_checkpoint(out / "step-00000001")  # complete and finite
+
+
+@pytest.mark.slow
+def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    first = run_script("train", "--backend", "torch", "--spec", "tiny-dyt", "--set", "vocab_size=256", "--out", out,
+                       "--steps", "6", "--stop-at", "3", "--save-every", "3", *SHORT)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["step"] == 3
+    one_line_error(run_script("train", "--backend", "jax", "--out", out, "--steps", "6", *SHORT),
+                   "holds checkpoints already", "--resume")
+    one_line_error(run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "lr=1", *SHORT),
+                   "--resume continues the run as it was checkpointed", "lr: checkpoint 0.001, now 1")
+    # the memory options may change on resume: the same update, less memory
+    second = run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "remat=full", "--set", "loss_chunk=64", *SHORT)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["step"] == 6 and summary["val_loss"] > summary["entropy"] > 0
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000003", "step-00000006"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 7))
+    plotted = run_script("plot_curves", out, "--out", tmp_path / "curves.png")
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    one_line_error(run_script("plot_curves", tmp_path, "--out", tmp_path / "c.png"), "no training metrics")
+
+
+@pytest.mark.slow
+def test_the_norm_study_on_a_few_steps(tmp_path):
+    small = [f"--set={kv}" for kv in ("n_layers=1", "d_model=48", "d_ff=96", "batch_size=2", "seq_len=16")]
+    load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri,dyt-hybrid_star", "--out", str(tmp_path), *small])
+    report = json.loads((tmp_path / "norms.json").read_text())
+    assert set(report["results"]) == {"rms-pre", "dyt-peri", "dyt-hybrid_star"} and report["backends"] == ["jax", "torch"]
+    for rows in report["results"].values():
+        jax_losses, torch_losses = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
+        assert len(jax_losses) == 3 and np.allclose(jax_losses, torch_losses, rtol=1e-5)
+        assert rows["jax"]["nonfinite_steps"] == 0 and rows["jax"]["val_loss"] > 0
+    assert rows["jax"]["alpha_min"] > 0 and report["results"]["rms-pre"]["jax"]["alpha_min"] is None
+    criteria = {c["criterion"]: c["passed"] for c in report["criteria"]}
+    assert criteria["no NaN/Inf in any run"] is True
+    table = (tmp_path / "norms.md").read_text()
+    assert "| dyt | peri |" in table and "| dyt | hybrid_star |" in table and "no NaN/Inf in any run | PASS" in table
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_norm_study_names_the_placements_it_takes():
+    with pytest.raises(UsageError, match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
+        load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
+
+
+@pytest.mark.slow
+def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path):
+    # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
+    out = tmp_path / "run"
+    chain = [("torch", []), ("jax", ["--set", "grad_accum_steps=2"]), ("torch", ["--set", "remat=block"]),
+             ("jax", []), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
+    for step, (backend, changes) in enumerate(chain, 1):
+        resume = ["--resume"] if step > 1 else ["--steps", str(len(chain))]
+        result = run_script("train", "--backend", backend, "--out", out, *resume, "--stop-at", str(step),
+                            "--save-every", "1", *changes, *SHORT)
+        assert result.returncode == 0, (step, result.stderr[-3000:])
+        assert json.loads(result.stdout)["step"] == step
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 6))

@@ -1,0 +1,140 @@
+"""Training data (numpy only): the synthetic corpus and its entropy rate, batches as a pure function of
+(seed, step), token and text files, their errors, and scripts/prepare_data.py's byte and BPE modes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from shared_config.data import (
+    DataError, TokenData, entropy_rate, load_data, markov_chain, stationary, synthetic_corpus, transition_matrix,
+)
+
+from ..support.common import load_script
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over {i % 7} lazy dogs; ça va? ünïcödé\n" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(0)
+
+
+def test_synthetic_corpus_is_deterministic_and_its_entropy_rate_is_right(corpus):
+    again, other = synthetic_corpus(0), synthetic_corpus(1)
+    assert np.array_equal(corpus.train, again.train) and np.array_equal(corpus.val, again.val)
+    assert not np.array_equal(corpus.train[:1000], other.train[:1000])
+    assert corpus.vocab_size == 256 and corpus.train.max() < 256
+    P = transition_matrix(*markov_chain(0))
+    pi = stationary(P)
+    assert np.allclose(P.sum(1), 1) and np.allclose(pi @ P, pi) and pi.min() > 0
+    assert corpus.entropy == entropy_rate(P)
+    # the plug-in estimate of H(next | current) from the sampled tokens agrees with the exact rate
+    counts = np.zeros((256, 256))
+    np.add.at(counts, (corpus.train[:-1].astype(int), corpus.train[1:].astype(int)), 1)
+    p = counts / counts.sum(1, keepdims=True)
+    h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+    assert abs(counts.sum(1) / counts.sum() @ h - corpus.entropy) < 0.03
+    assert 1.0 < corpus.entropy < np.log(256) - 1.0  # learnable structure, far from uniform
+
+
+def test_data_is_identified_by_content_not_by_a_float_computed_at_run_time(corpus):
+    """A resumed run compares `describe()`: the entropy rate's last bits move with the BLAS thread count
+    (np.linalg.solve), so a run checkpointed under torchrun and resumed under python was refused."""
+    import dataclasses
+
+    nudged = dataclasses.replace(corpus, entropy=np.nextafter(corpus.entropy, np.inf))
+    assert nudged.describe() == corpus.describe()
+    assert all(not isinstance(v, float) for v in corpus.describe().values())
+    assert corpus.describe() == synthetic_corpus(0).describe()  # another process describes it alike
+    train = corpus.train.copy()
+    train[12345] = (train[12345] + 1) % 256
+    assert dataclasses.replace(corpus, train=train).describe()["sha256"] != corpus.describe()["sha256"]
+    moved = dataclasses.replace(corpus, train=corpus.train[:-1], val=np.concatenate([corpus.train[-1:], corpus.val]))
+    assert moved.describe()["sha256"] != corpus.describe()["sha256"]
+    wide = dataclasses.replace(corpus, train=corpus.train.astype(np.uint32), val=corpus.val.astype(np.uint32))
+    assert wide.describe() == corpus.describe()  # the ids are the data, not their storage dtype
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(corpus):
+    b = corpus.batch(3, 17, 4, 32)
+    assert b.dtype == np.int32 and b.shape == (4, 33)
+    assert np.array_equal(b, synthetic_corpus(0).batch(3, 17, 4, 32))  # another process would build the same
+    assert not np.array_equal(b, corpus.batch(3, 18, 4, 32)) and not np.array_equal(b, corpus.batch(4, 17, 4, 32))
+    text = corpus.train.tobytes()
+    assert all(row.astype(np.uint16).tobytes() in text for row in b)  # contiguous windows of the train split
+    val = corpus.val_batches(2, 4, 32)
+    assert len(val) == 2 and all(np.array_equal(a, c) for a, c in zip(val, corpus.val_batches(2, 4, 32)))
+
+
+def test_token_and_text_files(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    np.save(tmp_path / "t.npy", tokens)
+    d = load_data(tmp_path / "t.npy")
+    assert d.vocab_size == 300 and len(d.val) == 100 and np.array_equal(np.concatenate([d.train, d.val]), tokens)
+    (tmp_path / "bin").mkdir()
+    (tokens.astype(np.uint32) + 70000).tofile(tmp_path / "bin" / "t.bin")
+    (tmp_path / "bin" / "meta.json").write_text(json.dumps({"dtype": "uint32", "vocab_size": 70300}))
+    d = load_data(tmp_path / "bin" / "t.bin")
+    assert d.vocab_size == 70300 and d.train[0] == 70000
+    tokens.tofile(tmp_path / "raw.bin")  # no meta.json: uint16, nanoGPT's
+    assert np.array_equal(load_data(tmp_path / "raw.bin").train, tokens[:900])
+    assert load_data(tmp_path / "raw.bin", dtype="uint8").train.size == 1800
+    (tmp_path / "story.txt").write_text(TEXT)
+    d = load_data(tmp_path / "story.txt")
+    assert d.vocab_size == 256 and bytes(np.concatenate([d.train, d.val])) == TEXT.encode()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.bin", None, "missing.bin: no such file"),
+    ("bad.npy", b"not a numpy file at all", "not a valid .npy file"),
+    ("odd.bin", b"\x01\x02\x03", "3 bytes is not a whole number of uint16 tokens"),
+    ("empty.txt", b"", "holds no tokens"),
+    ("two_d.npy", np.zeros((2, 3), np.uint16), "must be a 1-D array"),
+    ("floats.npy", np.zeros(10, np.float32), "token dtype float32 is not one of"),
+])
+def test_bad_files_are_data_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_data(path)
+
+
+def test_the_model_must_fit_the_data():
+    d = TokenData(np.zeros(100, np.uint16), np.zeros(10, np.uint16), 300, "x.bin")
+    with pytest.raises(DataError, match=r"token ids go up to 299 but the model's vocab_size is 257 \(pass --set vocab_size=300"):
+        d.check(8, 257)
+    with pytest.raises(DataError, match="the validation split holds 10 tokens, fewer than seq_len"):
+        d.check(16, 300)
+
+
+def test_prepare_data_bytes_and_bpe(tmp_path):
+    prepare = load_script("prepare_data")
+    (tmp_path / "story.txt").write_text(TEXT)
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "bytes")])
+    d = load_data(tmp_path / "bytes")
+    assert d.vocab_size == 256 and d.tokenizer is None and d.train.dtype == np.uint16
+    assert bytes(np.concatenate([d.train, d.val]).astype(np.uint8)) == TEXT.encode()
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe", "--vocab-size", "300"])
+    d = load_data(tmp_path / "bpe")
+    meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == d.vocab_size <= 300
+    assert d.tokenizer == tmp_path / "bpe" / "tokenizer.json"
+    assert len(d.train) + len(d.val) < len(TEXT.encode()) / 2  # merges learned
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(d.tokenizer))
+    assert tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == TEXT  # byte-level BPE is lossless
+
+
+@pytest.mark.parametrize("content, message", [(b'{"dtype": ', "meta.json: not valid JSON"),
+                                              (b"[1, 2]", "meta.json: must hold a JSON object, got list")])
+def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
+    (tmp_path / "train.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_data(tmp_path)

@@ -1,0 +1,124 @@
+"""The train config's memory options (README, "Training bigger models") change memory, not the update: gradient
+accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
+numbers of targets; activation checkpointing (`remat`) and the chunked cross-entropy (`loss_chunk`) give the
+plain loss and gradients, in both twins, eager and torch.compile'd. (The mesh, DDP and FSDP2 runs are in
+test_sharding.py and test_distributed_torch.py; the memory each option saves is measured by bench/compare.py.)"""
+
+import functools
+
+import numpy as np
+import pytest
+
+from shared_config import SpecError, load_train_config
+from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
+from torch_model import train as torch_train
+
+from ..support.common import make_spec, parity_weights, quick_first
+from ..support.parallel_runs import masked_batch
+from ..support.train_common import TWINS, trajectory
+
+SPEC = make_spec()
+TIED = make_spec(tie_embeddings=True)  # the head is the embedding's transpose (SPEC has an lm_head)
+# one step, no clipping: AdamW's first moment is then (1 − β1)·g, the gradient up to one rounding
+CFG = load_train_config("parity").replace(batch_size=8, seq_len=32, steps=1, warmup_steps=0, grad_clip=0.0)
+ACCUM_TOL = 1e-6  # per tensor, max|Δg| / max|g|: the micro-batches' sum against one batch, float32
+
+
+@functools.cache
+def one_step(twin, train, cfg, spec=SPEC):
+    """(loss, canonical state) after one step on the masked batch (every row counts a different number of targets)."""
+    metrics, state = trajectory(twin, train, parity_weights(spec), spec, cfg, batch=lambda i: masked_batch(cfg, i, spec.V))
+    return metrics["loss"][0], state
+
+
+@pytest.mark.parametrize("steps", [4])
+@pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
+def test_accumulated_step_is_the_one_shot_step(name, twin, train, steps):
+    tokens, mask = masked_batch(CFG, 0, SPEC.V)
+    counts = [int(m[:, 1:].sum()) for m in train.micro_batches(np.asarray(mask), steps)]
+    assert len(set(counts)) == steps, f"the micro-batches must count different numbers of targets: {counts}"
+    loss, ref = one_step(twin, train, CFG)
+    got_loss, got = one_step(twin, train, CFG.replace(grad_accum_steps=steps))
+    assert abs(got_loss - loss) / loss <= LOSS_TOL
+    errors = {k: max_rel(got["m"][k], r) for k, r in ref["m"].items()}
+    assert max(errors.values()) <= ACCUM_TOL, {k: f"{e:.1e}" for k, e in errors.items() if e > ACCUM_TOL}
+    # AdamW's first step moves a weight by lr·g/(|g| + eps): where |g| is near eps that multiplies the gradient's
+    # last-bit differences by up to |g|/eps, so the weights are compared where |g| >= 1e3·eps (a sign-like update)
+    sign_like = {k: np.abs(m) / (1 - CFG.beta1) >= 1e3 * CFG.eps for k, m in ref["m"].items()}
+    assert max(max_rel(got["weights"][k][sign_like[k]], r[sign_like[k]]) for k, r in ref["weights"].items()) <= ACCUM_TOL
+
+
+@pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
+def test_micro_batches_take_strided_rows_and_must_divide(name, twin, train):
+    x_BN = np.arange(8)[:, None] * np.ones((1, 3), int)
+    assert np.asarray(train.micro_batches(x_BN, 2))[:, :, 0].tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(SpecError, match="grad_accum_steps=3 must divide the 8 rows"):
+        train.micro_batches(x_BN, 3)
+
+
+CASES = [("block", 0, SPEC), ("full", 0, TIED), ("none", 48, SPEC), ("none", 1000, TIED), ("full", 64, SPEC)]
+
+
+@pytest.mark.parametrize("remat,loss_chunk,spec", quick_first(CASES, 2, multi=True), ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
+                                                             for r, c, s in CASES])
+def test_remat_and_chunked_loss_give_the_plain_gradients(remat, loss_chunk, spec):
+    """loss_chunk 48 leaves a short last chunk of the 8·32 tokens, 1000 one chunk larger than them all."""
+    options = dict(remat=remat, loss_chunk=loss_chunk)
+    tokens, mask = masked_batch(CFG, 0, spec.V)
+    weights = parity_weights(spec)
+    results = {}
+    for name, twin, train in TWINS:
+        loss, grads = train.loss_and_grads(twin.from_weights(weights, spec), tokens, mask)
+        got_loss, got = train.loss_and_grads(twin.from_weights(weights, spec), tokens, mask, **options)
+        assert abs(got_loss - loss) / loss <= LOSS_TOL, name
+        errors = {k: max_rel(got[k], g) for k, g in grads.items()}
+        assert max(errors.values()) <= ACCUM_TOL, (name, {k: f"{e:.1e}" for k, e in errors.items() if e > ACCUM_TOL})
+        if name == "torch" and not loss_chunk:  # the recomputed forward is the forward: bit for bit
+            assert all(np.array_equal(got[k], g) for k, g in grads.items())
+        results[name] = got
+    assert max(max_rel(results["jax"][k], g) for k, g in results["torch"].items()) <= GRAD_TOL
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_every_option_together():
+    """torch.compile'd step with accumulation, block remat and the chunked loss: the eager one-shot step."""
+    cfg = CFG.replace(grad_accum_steps=2, remat="block", loss_chunk=48)
+    _, ref = one_step(*TWINS[1][1:], CFG)
+    model = TWINS[1][1].from_weights(parity_weights(SPEC), SPEC)
+    state, step = torch_train.init_train_state(model, cfg), torch_train.make_train_step(model, cfg, compile=True)
+    state, _ = step(state, *masked_batch(cfg, 0, SPEC.V))
+    got = torch_train.get_train_state(model, state)
+    assert max(max_rel(got["m"][k], r) for k, r in ref["m"].items()) <= ACCUM_TOL
+
+
+@pytest.mark.parametrize("chunk", [8 * 32, 10**12])
+def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
+    """The 8·32 target tokens in one chunk, or a chunk of 10^12 tokens (which the config accepts): the plain loss,
+    traced and computed as without chunking (JAX never pads a [10^12, D] array; torch never checkpoints a chunk)."""
+    import jax
+
+    from jax_model import train as jax_train
+
+    tokens, mask = masked_batch(CFG, 0, SPEC.V)
+    (_, jax_twin, _), (_, torch_twin, _) = TWINS
+    model = jax_twin.from_weights(parity_weights(SPEC), SPEC)
+    traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens)) for c in (0, chunk)]
+    assert traced[1] == traced[0]
+    monkeypatch.setattr(torch_train, "checkpoint", lambda *a, **k: pytest.fail("a chunk was checkpointed"))
+    losses = [torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(SPEC), SPEC), tokens, mask,
+                                         loss_chunk=c)[0] for c in (0, chunk)]
+    assert losses[1] == losses[0]
+
+
+def test_the_memory_pre_check_counts_every_memory_option(monkeypatch):
+    """train_bytes (scripts/train.py's and bench/compare.py's check before allocating) with each option."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    spec = make_spec(vocab_size=50_000)
+    plain = resources.train_bytes(spec, 8, 256)
+    assert resources.train_bytes(spec, 8, 256, loss_chunk=10**12) == plain  # past the tokens: no chunking
+    assert resources.train_bytes(spec, 8, 256, loss_chunk=64) < plain / 4  # the [B·T, V] logits dominate
+    assert resources.train_bytes(spec, 8, 256, grad_accum_steps=4) < plain / 3  # one micro-batch's activations
+    assert resources.train_bytes(spec, 8, 256, remat="block") < plain
+    assert resources.train_bytes(spec, 8, 256, remat="full") < resources.train_bytes(spec, 8, 256, remat="block")
