@@ -1,7 +1,8 @@
 """The README and docs/ against the checkout, statically (nothing is run): the README stays a front door (at most
 12 KiB, the two opening commands as CI runs them), every `python scripts/X.py` / `python bench/X.py` command line of a
-```bash or ```console block names a script that exists and options its parser accepts, every relative link reaches a
-file (and a heading, for a `#anchor`), every test file named exists, and .ci/walkthrough walks every page."""
+```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
+every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every test file
+named exists, and .ci/walkthrough walks every page."""
 
 from __future__ import annotations
 
@@ -70,11 +71,18 @@ def simple_commands(line: str) -> list[list[str]]:
     return out
 
 
+def inline_commands(text: str) -> list[str]:
+    """`python scripts/X.py ...` written in a sentence (a code span, perhaps over a line break), not in a block."""
+    return [" ".join(span.split()) for span in re.findall(r"`(python3? (?:scripts|bench)/[^`]+)`", FENCE.sub("", text))]
+
+
 def script_calls() -> list[tuple[str, str, list[str]]]:
-    """(page, script path, its options) for every python/torchrun call of a script in scripts/ or bench/."""
+    """(page, script path, its options) for every python/torchrun call of a script in scripts/ or bench/, in a block
+    or in a sentence."""
     calls = []
     for page in PAGES:
-        for line in shell_lines(page.read_text()):
+        text = page.read_text()
+        for line in shell_lines(text) + inline_commands(text):
             for words in simple_commands(line):
                 if Path(words[0]).name not in ("python", "python3", "torchrun"):
                     continue
@@ -102,6 +110,7 @@ def test_the_docs_name_commands_at_all():
     scripts = {script for _, script, _ in CALLS}
     assert {"bench/compare.py", "scripts/train.py", "scripts/convert.py", "scripts/generate.py"} <= scripts, scripts
     assert ("docs/training.md", "scripts/train.py", ["--backend", "--parallel", "--out"]) in CALLS  # a torchrun line
+    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS  # inline
 
 
 @pytest.mark.parametrize("script", sorted({script for _, script, _ in CALLS}))
@@ -114,6 +123,13 @@ def test_every_documented_command_line_parses(script, monkeypatch):
     known = parser_of(path, monkeypatch)._option_string_actions
     unknown = sorted({(page, option) for page, s, options in CALLS if s == script for option in options if option not in known})
     assert not unknown, f"{script} has no option: {unknown}"
+
+
+def test_every_python_block_compiles():
+    for page in PAGES:
+        for lang, body in FENCE.findall(page.read_text()):
+            if lang == "python":
+                compile(body, rel(page), "exec")  # a SyntaxError names the page
 
 
 def test_the_shell_scripts_the_docs_run_exist():
