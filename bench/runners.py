@@ -125,13 +125,13 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
                           decoder.decode_step, np.ones(B, np.int32))
         step, start = loop.step, loop.start
     else:
-        from jax_model import sharding, train
+        from jax_model import distributed, train
 
         if mesh is None:
             state, train_step = train.init_train_state(model, train_config), train.make_train_step(model, train_config)
         else:  # the same step jitted over the mesh: parameters, optimizer state and batch rows sharded
-            state, train_step = sharding.parallelize(model, train_config, mesh)
-            batch = sharding.shard_batch(batch, mesh)
+            state, train_step = distributed.parallelize(model, train_config, mesh)
+            batch = distributed.shard_batch(batch, mesh)
         holder = {"state": state}
 
         def step():
@@ -141,7 +141,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     @functools.cache  # peak_mem and hlo read the same executable: compile it once
     def compiled():
         jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
-        if mesh is not None and mode == "train":  # sharding's step places the batch, then calls the jitted function
+        if mesh is not None and mode == "train":  # distributed's step places the batch, then calls the jitted function
             jitted, args = train_step.jitted, (holder["state"], batch, None)
         return jitted.lower(*args).compile()
 

@@ -100,9 +100,9 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     compile, names, train_config = backend_options(args, kernels)
     setups = dict(SETUP)
     if args.mesh or args.devices:  # the JAX train step over a device mesh
-        from jax_model import sharding
+        from jax_model import distributed
 
-        setups["jax"] = partial(setup_jax, mesh=sharding.make_mesh(args.mesh, devices=args.devices))
+        setups["jax"] = partial(setup_jax, mesh=distributed.make_mesh(args.mesh, devices=args.devices))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
         from torch_model import distributed
 

@@ -126,7 +126,7 @@ def micro_batches(x_BN, n: int):
     return x_BN.reshape(B // n, n, *x_BN.shape[1:]).swapaxes(0, 1)
 
 
-def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
+def accumulate_gradients(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
     """`loss_fn(params, tokens_BN, mask_BN, count, share) -> (loss, metrics)` and the loss's gradient, over `steps`
     micro-batches (micro_batches) in a lax.scan: one micro-batch's activations at a time. Each micro-batch's summed
     loss is divided by the whole batch's count, and its routing terms (means over its positions) weighted by its
@@ -151,7 +151,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
-    train step does (accumulated_value_and_grad)."""
+    train step does (accumulate_gradients)."""
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
@@ -212,8 +212,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
         return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        (loss, aux_metrics), grads = accumulated_value_and_grad(loss_fn, state.params, tokens_BN, mask_BN, count,
-                                                                cfg.grad_accum_steps)
+        (loss, aux_metrics), grads = accumulate_gradients(loss_fn, state.params, tokens_BN, mask_BN, count,
+                                                          cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp), **aux_metrics}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
@@ -285,5 +285,5 @@ def _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, tokens_BN, m
         return model_loss(model, tokens_BN, mask_BN, count, cfg, remat=remat, loss_chunk=loss_chunk, share=share), {}
 
     steps = 1 if cfg is None else cfg.grad_accum_steps  # the train step's accumulation
-    (loss, _), grads = accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps)
+    (loss, _), grads = accumulate_gradients(loss_fn, params, tokens_BN, mask_BN, count, steps)
     return loss, grads

@@ -225,7 +225,7 @@ class JaxBackend:
         import jax
 
         import jax_model
-        from jax_model import sharding, train
+        from jax_model import distributed, train
 
         jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls as torch computes them (no TF32)
         self.jax, self.train = jax, train
@@ -233,9 +233,9 @@ class JaxBackend:
         self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
         self.train_step = train.make_train_step(self.model, cfg, compile=compile)  # compile=False: eager, for debugging
         if mesh is not None:  # the same step over a device mesh: parameters and moments over fsdp, batch rows over all
-            device_mesh = sharding.make_mesh(mesh)
-            self.state = jax.device_put(self.state, sharding.state_shardings(self.model, cfg, device_mesh))
-            self.train_step = sharding.make_train_step(self.model, cfg, device_mesh)
+            device_mesh = distributed.make_mesh(mesh)
+            self.state = jax.device_put(self.state, distributed.state_shardings(self.model, cfg, device_mesh))
+            self.train_step = distributed.make_train_step(self.model, cfg, device_mesh)
         self.eval_step = train.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN):
@@ -618,7 +618,7 @@ def main(argv=None):
     rows_per_shard(run.cfg.batch_size, shards)  # the global batch splits evenly, or fail before any work
     use_compile_cache(args.compile_cache)
     if args.backend == "jax":
-        from jax_model.sharding import init_distributed
+        from jax_model.distributed import init_distributed
 
         init_distributed()  # several JAX processes: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         from jax_model.attention import device_platform
