@@ -64,7 +64,6 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
 
 def set_precision_and_threads(args) -> str:
     """The same precision policy and CPU threads for every backend; returns the platform: "gpu", "tpu" or "cpu"."""
-    import jax
     import torch
 
     torch.set_num_threads(args.threads)
@@ -72,9 +71,11 @@ def set_precision_and_threads(args) -> str:
     if platform == "gpu":
         check_dtype(args.dtype, platform, torch.cuda.is_bf16_supported(including_emulation=False), torch_device_name())
     if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32, no bf16 passes on a TPU)
-        jax.config.update("jax_default_matmul_precision", "highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        from jax_model.precision import exact_float32 as jax_exact_float32
+        from torch_model.precision import exact_float32 as torch_exact_float32
+
+        jax_exact_float32()
+        torch_exact_float32()
         if platform == "tpu" and args.backend != "jax":
             import torch_xla.backends
 

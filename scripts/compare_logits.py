@@ -34,15 +34,16 @@ def main(argv=None):
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
 
-    import jax
     import jax.numpy as jnp
     import torch
 
     import jax_model
     import torch_model
+    from jax_model.precision import exact_float32 as jax_exact_float32
+    from torch_model.precision import exact_float32 as torch_exact_float32
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    jax_exact_float32()  # true float32 on every device
+    torch_exact_float32()
     tokens = np.random.default_rng(args.seed).integers(0, spec.V, (args.batch, args.seq))
     j = np.asarray(jax_model.from_weights(weights, spec)(jnp.asarray(tokens)), np.float64)
     with torch.no_grad():

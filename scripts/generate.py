@@ -123,22 +123,20 @@ def load_tokenizer(weights: Path, spec):
 def load_backend(backend: str, weights, spec, attention: str):
     """The model in the chosen twin, and that twin's `stream`; float32 matmuls at full precision on every device."""
     if backend == "jax":
-        import jax
-
         import jax_model
         from jax_model.generate import stream
         from jax_model.attention import ATTENTION
+        from jax_model.precision import exact_float32
 
-        jax.config.update("jax_default_matmul_precision", "highest")
+        exact_float32()
         twin = jax_model
     else:
-        import torch
-
         import torch_model
         from torch_model.generate import stream
         from torch_model.attention import ATTENTION
+        from torch_model.precision import exact_float32
 
-        torch.backends.cuda.matmul.allow_tf32 = False
+        exact_float32()
         twin = torch_model
     if attention not in ATTENTION:
         raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})"

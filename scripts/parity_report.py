@@ -265,11 +265,11 @@ def main(argv=None):
 
 
 def report(weights, spec, args, cfg) -> int:
-    import jax
-    import torch
+    from jax_model.precision import exact_float32 as jax_exact_float32
+    from torch_model.precision import exact_float32 as torch_exact_float32
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 matmuls on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    jax_exact_float32()  # true float32 matmuls on every device
+    torch_exact_float32()
     tokens_BN = synthetic_batch(args.seed, 0, args.batch, args.seq, spec.V)
     bf16 = spec.compute_dtype == "bfloat16"
     with progress_bar(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", quiet=args.quiet) as progress:

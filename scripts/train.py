@@ -227,7 +227,9 @@ class JaxBackend:
         import jax_model
         from jax_model import distributed, train
 
-        jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls as torch computes them (no TF32)
+        from jax_model.precision import exact_float32
+
+        exact_float32()  # float32 matmuls as torch computes them (no TF32)
         self.jax, self.train = jax, train
         self.model = jax_model.from_weights(train_state["weights"], spec)
         self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)

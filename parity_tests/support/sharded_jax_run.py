@@ -17,6 +17,7 @@ import jax
 import optax
 
 from jax_model import distributed, train
+from jax_model.precision import exact_float32
 from jax_model.weights import flat_arrays
 from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
 from shared_config import parse_overrides, synthetic_batch
@@ -56,7 +57,7 @@ def run(directory: Path, run_text: str) -> None:
 
 if __name__ == "__main__":
     distributed.init_distributed()
-    jax.config.update("jax_default_matmul_precision", "highest")  # as parity_tests/conftest.py
+    exact_float32()  # as parity_tests/conftest.py
     assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS before starting"
     for run_text in sys.argv[2:]:
         run(Path(sys.argv[1]), run_text)
