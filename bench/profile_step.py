@@ -192,7 +192,7 @@ def jax_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float],
 
 def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: str, hlo: dict | None) -> dict:
     """Per-category milliseconds per step, shares of the step, and the model-FLOP rate of matmul and attention."""
-    from flops import flops_split
+    from shared_config.flops import flops_split
 
     step_ms = 1e3 * wall_s / args.steps
     ms, per_kernel = defaultdict(float), defaultdict(float)

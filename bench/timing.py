@@ -10,9 +10,10 @@ from functools import partial
 import numpy as np
 
 from shared_config.cli import UsageError
+from shared_config.flops import flops_per_token, matmul_params
 from shared_config.hardware import check_dtype
 
-from flops import flops_per_token, matmul_params, peak_tflops
+from flops import peak_tflops
 from load import CpuClock, process_threads, snapshot
 from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
 

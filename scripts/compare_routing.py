@@ -19,15 +19,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from compare_norms import study_args, study_parser, study_run, train_all  # noqa: E402
-from flops import flops_per_token  # noqa: E402
 from train import DEFAULT_TRAIN_CONFIG, Run, split_overrides, with_changes  # noqa: E402
 
 from shared_config import SpecError, load_spec, load_train_config  # noqa: E402
 from shared_config.cli import UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
+from shared_config.flops import flops_per_token  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 

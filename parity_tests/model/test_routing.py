@@ -287,11 +287,7 @@ def test_hugging_face_export_refuses_routing_by_name(tmp_path):
 
 
 def test_flops_count_only_the_tokens_routed_blocks_process():
-    import sys
-
-    from .common import ROOT
-    sys.path.insert(0, str(ROOT / "bench"))
-    from flops import flops_split, matmul_params
+    from shared_config.flops import flops_split, matmul_params
 
     dense = make_spec(n_layers=4)
     block = sum(math.prod(t.shape) for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")
@@ -313,7 +309,7 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
 def test_routing_study_refuses_bad_configs_before_training(tmp_path):
     from shared_config.cli import UsageError
 
-    from .common import load_script
+    from ..support.common import load_script
 
     study = load_script("compare_routing")
     assert study.config_changes("dense") == {"routing": "none"}

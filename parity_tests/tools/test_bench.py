@@ -11,7 +11,8 @@ from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_py
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
+from flops import peak_tflops  # noqa: E402
+from shared_config.flops import flops_per_token, matmul_params  # noqa: E402
 
 from shared_config import load_spec  # noqa: E402
 
