@@ -21,6 +21,7 @@ from shared_config.io import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
+from shared_config.run_dir import TOKENIZER_FILE
 
 
 def main(argv=None):
@@ -112,7 +113,7 @@ class HFTokenizer:
 
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
-    path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+    path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
     if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
         return HFTokenizer(path)
     if spec.V >= 256:
