@@ -62,7 +62,7 @@ def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
     after_warmup = [r["grad_norm"] for r in train if r["step"] > run_.cfg.warmup_steps and finite_step(r)]
     last = evals[-1] if evals and stopped_at is None else {}
     return {
-        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # train.py's overflow-safe perplexity
+        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # the loop's overflow-safe perplexity
         "alpha_min": min(alpha) if alpha else None, "alpha_max": max(alpha) if alpha else None,
         "grad_norm_var": float(np.var(after_warmup)) if after_warmup else None,
         "nonfinite_steps": sum(not finite_step(r) for r in train), "stopped_at": stopped_at,

@@ -28,10 +28,10 @@ from shared_config.data import TOKEN_DTYPES
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
-from shared_config.run import DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint
+from shared_config.run import (
+    BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
+)
 from shared_config.run_dir import latest_checkpoint, lock_run, recover_run_dir
-
-BACKENDS = ("jax", "torch")
 
 
 def trainer_class(backend: str) -> type:

@@ -23,6 +23,7 @@ from .run_dir import STATE_FILE, latest_checkpoint, load_train_checkpoint, read_
 from .spec import ModelSpec, check_keys, load_spec, parse_overrides
 from .train_config import MEMORY_OPTIONS, TrainConfig, load_train_config
 
+BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
 DEFAULT_TRAIN_CONFIG = "cpu"
 SPEC_KEYS = [f.name for f in fields(ModelSpec)]

@@ -18,12 +18,10 @@ from .init import init_weights
 from .io import atomic_write
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
-from .run import DEFAULT_TRAIN_CONFIG, Run, fresh_state, with_changes
+from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, fresh_state, with_changes
 from .run_dir import METRICS_FILE, read_metrics
 from .spec import ModelSpec, did_you_mean
 from .train_config import load_train_config
-
-BACKENDS = ("jax", "torch")
 
 
 def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, out: Path, config: str,

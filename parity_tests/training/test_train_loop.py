@@ -1,6 +1,7 @@
-"""scripts/train.py's loop, in process, in both twins: the loss falls on the synthetic corpus, the metrics
-carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and within the trajectory
-bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good checkpoint kept."""
+"""The training loop (shared_config/loop.py) as scripts/train.py runs it, in process, in both twins: the loss falls
+on the synthetic corpus, the metrics carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and
+within the trajectory bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good
+checkpoint kept."""
 
 import functools
 import math
