@@ -10,7 +10,7 @@ optimizer (fused AdamW, where the kernel is named so: XLA fuses optax's update i
 which land in `other`), copy (memcpy/memset) and other (elementwise, reductions, the cross-entropy).
 JAX kernels are classified by the HLO instruction that launched them (a fusion holding a dot is a
 matmul), torch kernels by name. For matmul and attention the table gives the rate their kernels
-reach on the model FLOPs they compute (bench/flops.py: 6·N and 12·L·H·E·T per token in train mode;
+reach on the model FLOPs they compute (shared_config/flops.py: 6·N and 12·L·H·E·T per token in train mode;
 when attention runs as plain matmuls, its FLOPs count under matmul), which says whether a low MFU
 is slow GEMMs or time spent outside them. On a GPU, `idle` is the step's wall time the device ran no
 kernel (launch gaps, host work).
