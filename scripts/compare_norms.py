@@ -36,7 +36,8 @@ from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
 from shared_config.io import atomic_write  # noqa: E402
 from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
-from shared_config.spec import CHOICES, did_you_mean  # noqa: E402
+from shared_config.config_file import did_you_mean  # noqa: E402
+from shared_config.spec import CHOICES  # noqa: E402
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]

@@ -44,7 +44,7 @@ from shared_config.run_dir import (
     CHECKPOINT, append_metrics, latest_checkpoint, list_checkpoints, load_train_checkpoint, lock_run, prune_checkpoints,
     read_state, recover_run_dir, save_train_checkpoint, truncate_metrics, write_json,
 )
-from shared_config.spec import check_keys, parse_overrides
+from shared_config.config_file import check_keys, parse_overrides
 from shared_config.train_config import MEMORY_OPTIONS
 
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given

@@ -19,7 +19,8 @@ from .io import (
 )
 from .layout import Tensor, flat_taps, fuse_qkv, group_names, layout, model_layout, split_qkv
 from .rope import rope_inv_freq
-from .spec import ModelSpec, SpecError, did_you_mean, load_spec, parse_overrides, preset_names
+from .config_file import SpecError, did_you_mean, parse_overrides
+from .spec import ModelSpec, load_spec, preset_names
 from .train_config import TrainConfig, decays, load_train_config, lr_factor, train_preset_names
 
 __all__ = [

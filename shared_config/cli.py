@@ -25,7 +25,7 @@ from .hardware import HardwareError, jax_backend_failure
 from .io import CheckpointError
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
-from .spec import SpecError, did_you_mean
+from .config_file import SpecError, did_you_mean
 
 BAD_INPUT, ENVIRONMENT = 2, 3
 NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # a negative number is a value, not an option (argparse's own rule)

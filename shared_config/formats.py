@@ -22,7 +22,8 @@ import numpy as np
 
 from . import fla, hf
 from .io import CheckpointError, check_weights, load_checkpoint, read_header, read_json, restore_old
-from .spec import ModelSpec, did_you_mean
+from .config_file import did_you_mean
+from .spec import ModelSpec
 
 FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}

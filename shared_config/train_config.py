@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .layout import Tensor
-from .spec import CHOICES, ModelSpec, SpecError, _check_type, from_mapping, load_preset_or_file, preset_names
+from .config_file import SpecError, check_type, from_mapping, load_preset_or_file, yaml_names
+from .spec import CHOICES, ModelSpec
 
 TRAIN_DIR = Path(__file__).parent / "train"
 
@@ -57,7 +58,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(self, f.name, _check_type(f, getattr(self, f.name), TRAIN_CHOICES))
+            object.__setattr__(self, f.name, check_type(f, getattr(self, f.name), TRAIN_CHOICES))
         _check_rules(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def _check_rules(c: TrainConfig) -> None:
 
 
 def train_preset_names() -> list[str]:
-    return preset_names(TRAIN_DIR)
+    return yaml_names(TRAIN_DIR)
 
 
 def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:

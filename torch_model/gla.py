@@ -85,8 +85,8 @@ def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
 
     Chunks of C tokens carry the state; each chunk is split into n sub-chunks of c = 16 tokens. The decay from
     token j to token i ≥ j is exp(Σ_{j<s≤i} log α_s); every exponent is a sum of log-gates taken directly, never
-    the difference of two cumulative sums (which cancels after one very negative gate: flash-linear-attention
-    issue #20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
+    the difference of two cumulative sums (which cancels after one very negative gate: github.com/fla-org/
+    flash-linear-attention/issues/20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
       - sub-chunk I from an earlier sub-chunk J: matmuls of q_i·exp(b_i − b_ref) and k_j·exp(b_ref − b_j), b_ref
         the cumulative gate at I's start;
       - within a sub-chunk: the exponents of the c(c+1)/2 pairs j ≤ i only [P, K] (the masked-before-exp form

@@ -110,7 +110,7 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
-    """Scaling out (issue 7): the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
+    """Scaling out: the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
     bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
           "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
     (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
