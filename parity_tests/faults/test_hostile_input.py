@@ -873,10 +873,10 @@ def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
     sub-chunks) gives both twins the float64 recurrence's logits, and finite gradients on which they agree."""
     from shared_config.parity import FORWARD_TOL, GRAD_TOL, max_rel, rel_err
 
-    from . import reference
-    from .common import tokens
-    from .test_gla import both_logits, gla_spec, gla_weights
-    from .train_common import both_loss_and_grads
+    from ..support import reference
+    from ..support.common import tokens
+    from ..model.test_gla import both_logits, gla_spec, gla_weights
+    from ..support.train_common import both_loss_and_grads
 
     spec = gla_spec(norm_type="dyt")
     w = gla_weights(spec)
