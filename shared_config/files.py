@@ -29,7 +29,9 @@ from .spec import SpecError
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and every problem."""
+    """A checkpoint (or a JSON file beside one: config.json, an index, a run's state.json) that cannot be used as
+    asked; the message names the file and every problem. Defined here, below the format readers, because
+    `read_json` raises it and `write_errors` lets it through."""
 
 
 # --- atomic writes ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The checks every checkpoint format shares (numpy only): the spec a file carries against the given one, the
 tensor count before the layout table is built, names, shapes, float dtypes and finite values, all reported at once
-and grouped by layer.
+and grouped by layer. They raise CheckpointError (shared_config.files).
 """
 
 from __future__ import annotations
