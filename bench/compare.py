@@ -189,7 +189,7 @@ def main(argv=None):
                              f"exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
-        from shared_config.hf import unsupported_options
+        from shared_config.formats.hf import unsupported_options
 
         for label, spec in specs:
             if problems := unsupported_options(spec):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared_config import atomic_write  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
-from shared_config.io import read_json  # noqa: E402
+from shared_config.files import read_json  # noqa: E402
 
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:

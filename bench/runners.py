@@ -305,7 +305,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from shared_config.hf import config_from_spec
+    from shared_config.formats.hf import config_from_spec
 
     device = torch_device()
     sync, peak_mem = _torch_sync_and_mem(device)

@@ -33,7 +33,7 @@ from train import (  # noqa: E402
 from shared_config import init_weights, load_spec, load_train_config  # noqa: E402
 from shared_config.cli import Parser, UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
-from shared_config.io import atomic_write  # noqa: E402
+from shared_config.files import atomic_write  # noqa: E402
 from shared_config.progress import progress  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 from shared_config.config_file import did_you_mean  # noqa: E402

@@ -28,7 +28,7 @@ from train import DEFAULT_TRAIN_CONFIG, Run, split_overrides, with_changes  # no
 from shared_config import SpecError, load_spec, load_train_config  # noqa: E402
 from shared_config.cli import UsageError, run  # noqa: E402
 from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
-from shared_config.io import atomic_write  # noqa: E402
+from shared_config.files import atomic_write  # noqa: E402
 from shared_config.run_dir import read_metrics  # noqa: E402
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense

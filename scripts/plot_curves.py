@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_config.cli import Parser, UsageError, run
-from shared_config.io import atomic_write
+from shared_config.files import atomic_write
 from shared_config.run_dir import read_metrics
 
 

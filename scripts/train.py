@@ -35,7 +35,7 @@ from shared_config import (
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.cli import Parser, UsageError, fail, run as run_main
 from shared_config.data import TOKEN_DTYPES, TokenData, load_data
-from shared_config.io import atomic_write
+from shared_config.files import atomic_write
 from shared_config.limits import quote
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, check_memory, is_out_of_memory, train_bytes

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
+from .files import CheckpointError
 from .hardware import HardwareError, jax_backend_failure
-from .io import CheckpointError
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean

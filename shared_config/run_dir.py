@@ -26,10 +26,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .io import (
-    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_header, read_json,
-    read_safetensors, recover, save_checkpoint, save_safetensors, spec_from_json, umask, write_errors,
-)
+from .files import CheckpointError, atomic_dir, atomic_write, read_json, recover, umask, write_errors
+from .formats.checks import check_tensors, spec_from_json
+from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError

@@ -14,7 +14,7 @@ import jax_model
 import torch_model
 from shared_config import CheckpointError, init_weights, read_safetensors, save_checkpoint
 from shared_config.cli import UsageError
-from shared_config.hf import unsupported_options
+from shared_config.formats.hf import unsupported_options
 
 from ..support.common import file_bytes_equal, load_script, make_spec, parity_weights, run_script
 

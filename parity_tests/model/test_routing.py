@@ -275,7 +275,7 @@ def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
 
 def test_hugging_face_export_refuses_routing_by_name(tmp_path):
     from shared_config import CheckpointError
-    from shared_config.hf import write_hf
+    from shared_config.formats.hf import write_hf
 
     spec = make_spec(routing="dtf")
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for routing=dtf \("):

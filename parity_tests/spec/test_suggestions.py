@@ -14,7 +14,7 @@ import jax_model.attention
 import torch_model.attention
 from shared_config import SpecError, cli, did_you_mean, init_weights, load_spec, load_train_config, save_checkpoint
 from shared_config.formats import read_checkpoint
-from shared_config.io import CheckpointError
+from shared_config.files import CheckpointError
 from shared_config.parallel import parse_mesh
 
 from ..support.common import ROOT, load_script, make_spec
