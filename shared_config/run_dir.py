@@ -33,7 +33,7 @@ from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
-from .train_config import MEMORY_OPTIONS
+from .train_config import COMPUTE_OPTIONS
 
 CHECKPOINT = re.compile(r"step-(\d{8})")
 MOMENTS = ("m", "v")  # AdamW's first and second moments, named as in the train state
@@ -117,7 +117,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
             continue
         if not isinstance(run.get(key), dict):
             raise CheckpointError(f"{run_json}: missing {key}")
-        skip = ("steps", *MEMORY_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
+        skip = ("steps", *COMPUTE_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
         # data's floats (the entropy rate) are recomputed by each process: never compared for identity
         a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
                 for d in (run[key], info[key]))
