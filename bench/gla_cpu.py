@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(ROOT)  # shared_config when run as a script from anywhere; after PYTHONPATH, which picks the checkout timed
-
-from shared_config import SpecError  # noqa: E402
-from shared_config.cli import Parser, UsageError, at_least, run  # noqa: E402
+from shared_config import SpecError
+from shared_config.cli import Parser, UsageError, at_least, run
 
 
 def inputs(B, H, T, K, V, seed=0):

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from bench.flops import flops_per_token, matmul_params, peak_tflops
+from shared_config import load_spec
+
 from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
-
-from shared_config import load_spec  # noqa: E402
 
 
 def bench(*args, check=True):
@@ -140,7 +136,7 @@ def test_bad_scale_out_arguments(args, message):
 
 def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     """`--sweep norm_placement=pre,peri,deepnorm,hybrid` on the tiny preset: deepnorm resolves residual_scaling off."""
-    import compare
+    from bench import compare
 
     got = compare.variants(compare.parse_args(["--sweep", "norm_placement=pre,peri,deepnorm,hybrid"]))
     assert [label for label, _ in got] == [f"norm_placement={p}" for p in ("pre", "peri", "deepnorm", "hybrid")]
