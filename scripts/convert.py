@@ -20,25 +20,15 @@ from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, sav
 from shared_config.cli import Parser, UsageError, run
 from shared_config.io import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
+from shared_config.twins import twin
 
 
-def _write_torch(path, weights, spec, force):
-    from torch_model import save_state_dict_file  # the frameworks load only when their format is written
-
-    save_state_dict_file(path, weights, spec)
-
-
-def _write_flax(path, weights, spec, force):
-    from jax_model import save_orbax
-
-    save_orbax(path, weights, spec, force)
-
-
-# (path, weights, spec, force): a file is replaced by a rename anyway; a directory only when forced.
+# (path, weights, spec, force): a file is replaced by a rename anyway; a directory only when forced. A framework
+# loads only when its format is written.
 WRITERS = {
     "safetensors": lambda path, weights, spec, force: save_checkpoint(path, weights, spec),
-    "torch": _write_torch,
-    "flax": _write_flax,
+    "torch": lambda path, weights, spec, force: twin("torch").save_state_dict_file(path, weights, spec),
+    "flax": lambda path, weights, spec, force: twin("jax").save_orbax(path, weights, spec, force),
     "hf": hf.write_hf,
     "fla": fla.write_fla,
 }

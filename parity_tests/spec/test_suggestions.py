@@ -132,3 +132,11 @@ def test_a_run_checkpoint_and_a_directory_of_our_file_still_read(tmp_path):
     (tmp_path / "ours").mkdir()
     save_checkpoint(tmp_path / "ours" / "model.safetensors", init_weights(spec, 0), spec)  # carries its spec
     assert read_checkpoint(tmp_path / "ours")[1] == spec
+
+
+def test_a_misspelt_twin_gets_the_closest_one():
+    from shared_config.twins import twin
+
+    assert twin("jax") is jax_model and twin("torch", "attention") is torch_model.attention
+    with pytest.raises(ValueError, match=r"no twin 'toch': one of jax, torch \(did you mean 'torch'\?\)"):
+        twin("toch")
