@@ -1,7 +1,7 @@
 """Side-by-side step time of the JAX and PyTorch twins (and of Hugging Face transformers' Llama).
 
     python bench/compare.py --backend both                       # tiny spec, train mode, this machine
-    python bench/compare.py --backend all --spec small --dtype bfloat16 --seq 2048 --json out.json
+    python bench/compare.py --backend all --spec small --compute-dtype bfloat16 --seq-len 2048 --json out.json
     python bench/compare.py --sweep norm_type=rms,dyt,derf --plot sweep.png
 
 How it measures (README, "Bench"): the first step (compilation) is timed on its own, then
@@ -35,14 +35,14 @@ def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     add_job_options(p, backends=list(BACKENDS), backend_help="what to time (all: jax, torch and hf)",
                     modes=["train", "forward", "decode"],
-                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq tokens, then "
+                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq-len tokens, then "
                               "time --steps one-token KV-cache steps",
                     steps=20, steps_help="timed steps per (variant, backend), rounded up to a multiple of --rounds",
                     compiled="torch/hf")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
     p.add_argument("--rounds", type=at_least(1), default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--grad-accum-steps", "--grad-accum", dest="grad_accum", type=int, default=None, metavar="N",
-                   help="train mode, twins: --batch rows as N micro-batches (grad_accum_steps)")
+                   help="train mode, twins: --batch-size rows as N micro-batches")
     p.add_argument("--remat", default=None, choices=["none", "block", "full"],
                    help="train mode, twins: recompute each block's activations in the backward")
     p.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
@@ -56,7 +56,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
-    memory = [f"--{f.replace('_', '-')}" for f in ("grad_accum", "remat", "loss_chunk") if getattr(args, f) is not None]
+    memory = [flag for flag, value in (("--grad-accum-steps", args.grad_accum), ("--remat", args.remat),
+                                       ("--loss-chunk", args.loss_chunk)) if value is not None]
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
         raise UsageError(f"{', '.join(memory)}: train-config options of the twins: use them with --mode train and "
                          "--backend both, jax or torch")
@@ -86,9 +87,9 @@ def main(argv=None):
 
     for label, spec in specs:
         if seq > spec.max_seq_len:
-            raise UsageError(f"--seq {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+            raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
         if args.mode == "decode" and seq + (n := decoded_tokens(args.steps, args.rounds, args.warmup)) > spec.max_seq_len:
-            raise UsageError(f"--mode decode: --seq {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 + --warmup) "
+            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 + --warmup) "
                              f"exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
@@ -104,7 +105,7 @@ def main(argv=None):
         memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none", "loss_chunk": args.loss_chunk or 0}
         need = train_bytes(spec, args.batch, seq, **memory) if args.mode == "train" else forward_bytes(spec, args.batch, seq)
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
-                     "lower --batch or --seq, or the model's sizes")
+                     "lower --batch-size or --seq-len, or the model's sizes")
     configure_threads(args.threads, shards)
     use_compile_cache(args.compile_cache)
     from bench.timing import run_benchmarks
@@ -120,7 +121,7 @@ def main(argv=None):
     except Exception as e:
         if is_out_of_memory(e):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
-                                f"seq {seq}: lower --batch or --seq") from e
+                                f"seq {seq}: lower --batch-size or --seq-len") from e
         raise
     if not rank0:
         return

@@ -1,8 +1,8 @@
-"""Per-token decode time against the context length, from decode reports of compare.py at several --seq.
+"""Per-token decode time against the context length, from decode reports of compare.py at several --seq-len.
 
     for s in 32 64 128 256 512; do
         python bench/compare.py --mode decode --spec gla-tiny --set max_seq_len=1024 --sweep mixer=attention,gla \\
-            --seq $s --json ctx-$s.json
+            --seq-len $s --json ctx-$s.json
     done
     python bench/plot_context.py ctx-*.json --out decode-context.png
 

@@ -1,6 +1,6 @@
 """Where a step's time goes: kernel time per category, for each twin, from the frameworks' profilers.
 
-    python bench/profile_step.py --backend both --spec small --dtype bfloat16 --seq 2048 --batch 8
+    python bench/profile_step.py --backend both --spec small --compute-dtype bfloat16 --seq-len 2048 --batch-size 8
     python bench/profile_step.py --backend both --json profile.json        # tiny, on this machine
 
 The step is the bench's (bench/runners.py: same model, data, dtype policy, attention kernel), compiled
@@ -213,10 +213,10 @@ def main(argv=None):
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
-        raise UsageError(f"--seq {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+        raise UsageError(f"--seq-len {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     need = (train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
-                 "lower --batch or --seq, or the model's sizes")  # before anything is allocated
+                 "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)
     use_compile_cache(args.compile_cache)
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.

@@ -31,7 +31,7 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 def bench_train_config(args):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum, --remat and --loss-chunk where given."""
+    memory options --grad-accum-steps, --remat and --loss-chunk where given."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}

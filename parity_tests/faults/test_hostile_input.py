@@ -456,7 +456,7 @@ def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch,
         cli_run(compare.main, ["--backend", "torch", "--batch", "2", "--seq", "8"])
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch or --seq"]
+    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch-size or --seq-len"]
 
 
 def _bench(name: str):

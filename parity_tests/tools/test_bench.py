@@ -134,6 +134,18 @@ def test_bad_scale_out_arguments(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
+def test_the_train_config_spellings_and_the_old_ones_parse_alike():
+    """--batch-size, --seq-len, --compute-dtype, --grad-accum-steps (the train config's keys) and today's --batch,
+    --seq, --dtype, --grad-accum name the same options, in both tools that take them."""
+    from bench import compare, profile_step
+
+    new = ["--batch-size", "4", "--seq-len", "16", "--compute-dtype", "bfloat16", "--grad-accum-steps", "2"]
+    old = ["--batch", "4", "--seq", "16", "--dtype", "bfloat16", "--grad-accum", "2"]
+    assert vars(compare.parse_args(new)) == vars(compare.parse_args(old))
+    assert vars(profile_step.parse_args(new[:6])) == vars(profile_step.parse_args(old[:6]))
+    assert compare.parse_args(["--bat", "4", "--grad", "2"]).grad_accum == 2  # abbreviations still name one option
+
+
 def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     """`--sweep norm_placement=pre,peri,deepnorm,hybrid` on the tiny preset: deepnorm resolves residual_scaling off."""
     from bench import compare
