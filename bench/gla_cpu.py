@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(ROOT)  # shared_config when run as a script from anywhere; after PYTHONPATH, which picks the checkout timed
-
-from shared_config import SpecError  # noqa: E402
-from shared_config.cli import Parser, UsageError, at_least, run  # noqa: E402
+from shared_config import SpecError
+from shared_config.cli import Parser, UsageError, at_least, run
+from shared_config.twins import twin
 
 
 def inputs(B, H, T, K, V, seed=0):
@@ -39,13 +36,17 @@ def inputs(B, H, T, K, V, seed=0):
     return (q, k, v, g, np.zeros((B, H, K, V), np.float32)), (co, cS)
 
 
+def gla_form(name: str, recurrent: bool):
+    """The form timed, from twin `name`: recurrent_gla, or chunked_gla at the twin's CHUNK."""
+    gla = twin(name, "gla")
+    return gla.recurrent_gla if recurrent else (lambda *a: gla.chunked_gla(*a, gla.CHUNK))
+
+
 def time_jax(args, arrays, cotangents, recurrent):
     import jax
     import jax.numpy as jnp
 
-    from jax_model.gla import CHUNK, chunked_gla, recurrent_gla
-
-    form = (lambda *a: recurrent_gla(*a)) if recurrent else (lambda *a: chunked_gla(*a, CHUNK))
+    form = gla_form("jax", recurrent)
     loss = lambda xs, cs: sum(jnp.sum(x * c) for x, c in zip(form(*xs), cs))
     step = jax.jit(jax.grad(loss))
     xs, cs = [jnp.asarray(a) for a in arrays], [jnp.asarray(a) for a in cotangents]
@@ -63,9 +64,7 @@ def time_jax(args, arrays, cotangents, recurrent):
 def time_torch(args, arrays, cotangents, recurrent):
     import torch
 
-    from torch_model.gla import CHUNK, chunked_gla, recurrent_gla
-
-    form = (lambda *a: recurrent_gla(*a)) if recurrent else (lambda *a: chunked_gla(*a, CHUNK))
+    form = gla_form("torch", recurrent)
     times = []
     for r in range(args.repeats + 1):  # the first call warms up
         xs, cs = [torch.tensor(a, requires_grad=True) for a in arrays], [torch.tensor(a) for a in cotangents]
@@ -110,10 +109,9 @@ def main(argv=None):
         print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
         return 0
     arrays, cotangents = inputs(args.batch, args.heads, args.tokens, args.key, args.value)
-    import jax_model.gla
-
+    checkout = os.path.dirname(os.path.dirname(twin("jax", "gla").__file__))
     print(f"# gla fwd+bwd, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, "
-          f"{'recurrent' if args.recurrent else 'chunked'}, from {os.path.dirname(os.path.dirname(jax_model.gla.__file__))}")
+          f"{'recurrent' if args.recurrent else 'chunked'}, from {checkout}")
     print("| twin | median s | min s | compile s |\n|---|---|---|---|")
     for name, fn in (("jax", time_jax), ("torch", time_torch)):
         if args.backend in (name, "both"):

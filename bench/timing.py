@@ -11,12 +11,13 @@ import numpy as np
 
 from shared_config.cli import UsageError
 from shared_config.hardware import check_dtype
-
-from flops import flops_per_token, matmul_params, peak_tflops
-from load import CpuClock, process_threads, snapshot
-from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
-
 from shared_config.progress import progress
+
+from bench.flops import flops_per_token, matmul_params, peak_tflops
+from bench.load import CpuClock, process_threads, snapshot
+from bench.runners import (
+    accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name,
+)
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
@@ -30,7 +31,7 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 def bench_train_config(args):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum, --remat and --loss-chunk where given."""
+    memory options --grad-accum-steps, --remat and --loss-chunk where given."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}

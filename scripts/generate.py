@@ -21,6 +21,7 @@ from shared_config.files import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
+from shared_config.twins import twin
 
 
 def main(argv=None):
@@ -125,25 +126,16 @@ def load_backend(backend: str, weights, spec, attention: str):
     if backend == "jax":
         import jax
 
-        import jax_model
-        from jax_model.generate import stream
-        from jax_model.attention import ATTENTION
-
         jax.config.update("jax_default_matmul_precision", "highest")
-        twin = jax_model
     else:
         import torch
 
-        import torch_model
-        from torch_model.generate import stream
-        from torch_model.attention import ATTENTION
-
         torch.backends.cuda.matmul.allow_tf32 = False
-        twin = torch_model
+    ATTENTION = twin(backend, "attention").ATTENTION
     if attention not in ATTENTION:
         raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})"
                          f"{did_you_mean(attention, ATTENTION)}")
-    return twin.from_weights(weights, spec, attention), stream
+    return twin(backend).from_weights(weights, spec, attention), twin(backend, "generate").stream
 
 
 class TextStream:

@@ -91,6 +91,16 @@ class Parser(argparse.ArgumentParser):
                 return name
         return None
 
+    def _get_option_tuples(self, option_string):
+        # An abbreviation of one option's several spellings (--bat: --batch-size, --batch) names that option: not
+        # ambiguous (argparse before Python 3.12.7 said it was).
+        tuples, actions = [], set()
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in actions:
+                actions.add(id(t[0]))
+                tuples.append(t)
+        return tuples
+
     def _check_value(self, action, value):
         try:
             super()._check_value(action, value)

@@ -457,18 +457,13 @@ def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch,
         cli_run(compare.main, ["--backend", "torch", "--batch", "2", "--seq", "8"])
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch or --seq"]
+    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch-size or --seq-len"]
 
 
 def _bench(name: str):
-    import importlib.util
+    import importlib
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")
 
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"),
@@ -827,7 +822,7 @@ def test_zero_and_empty_arguments_are_checked_not_defaulted(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             _bench(tool).main(["--seq", "0"])
         assert e.value.code == 2
-        assert capsys.readouterr().err == "error: argument --seq: must be an integer >= 1, got 0\n"
+        assert capsys.readouterr().err == "error: argument --seq-len/--seq: must be an integer >= 1, got 0\n"
     one_line(run_script("train", "--backend", "torch", "--spec", "", "--out", tmp_path / "r", "--quiet"), 2,
              "no spec preset or file named ''")
     assert not (tmp_path / "r").exists()

@@ -287,11 +287,7 @@ def test_hugging_face_export_refuses_routing_by_name(tmp_path):
 
 
 def test_flops_count_only_the_tokens_routed_blocks_process():
-    import sys
-
-    from ..support.common import ROOT
-    sys.path.insert(0, str(ROOT / "bench"))
-    from flops import flops_split, matmul_params
+    from bench.flops import flops_split, matmul_params
 
     dense = make_spec(n_layers=4)
     block = sum(math.prod(t.shape) for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")

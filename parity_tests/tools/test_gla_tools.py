@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from bench.flops import flops_per_token, matmul_params
 from shared_config import load_spec
 
 from ..support.common import ROOT, load_script, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from flops import flops_per_token, matmul_params  # noqa: E402
 
 
 def test_gla_flops_against_a_hand_count():

@@ -5,19 +5,16 @@ limit, and both plans run end to end at tiny sizes on this CPU (--dry-run)."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from bench import gpu_check
+from bench.gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share
+
 from ..support.common import ROOT, one_line_error, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-from gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share  # noqa: E402
 
 
 def test_each_plan_fits_its_budget_by_the_measured_costs():

@@ -89,6 +89,17 @@ def test_no_arrow_points_up_or_across():
     assert not bad, "imports against docs/architecture.md:\n" + "\n".join(bad)
 
 
+def test_the_core_names_a_twin_only_for_the_tools():
+    """shared_config/twins.py is the one place the core names a twin, by string, so that every tool answers
+    "JAX or PyTorch?" the same way and starts one framework; no core module calls it, and nothing else in the
+    core imports a module by name."""
+    by_name = [name for name, path in MODULES.items()
+               if name.startswith("shared_config") and "import_module" in path.read_text()]
+    assert by_name == ["shared_config.twins"], by_name
+    users = [a for a, targets in GRAPH.items() if "shared_config.twins" in targets and a.startswith("shared_config")]
+    assert not users, users
+
+
 def test_no_import_circle():
     """Imports form a DAG (a package's `__init__` re-exporting its own modules is not a circle: only arrows that
     leave the importer's own package, or that point at a module rather than a package, count)."""
