@@ -17,7 +17,7 @@ from pathlib import Path
 from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least
 from shared_config.compile_cache import add_compile_cache_option
-from shared_config.hardware import check_kernel
+from shared_config.hardware import GLA_KERNELS, check_kernel
 
 from bench.load import usable_cpus
 
@@ -47,6 +47,9 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=f"torch.compile the {compiled} step (default: on GPU yes, on CPU no)")
     p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
+    p.add_argument("--gla-kernel", default="auto", choices=GLA_KERNELS,
+                   help="GLA layers' kernel (mixer: gla): auto is each twin's GPU kernel on a GPU (JAX: Pallas; torch: "
+                        "flash-linear-attention's chunk_gla, when installed), else the pure chunked form")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
     p.add_argument("--threads", type=at_least(1), default=usable_cpus(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
@@ -132,6 +135,6 @@ def environment(args, device: str) -> dict:
         "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
         # the memory options (profile_step.py, which shares this function, has none: the defaults)
         "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
-        "loss_chunk": getattr(args, "loss_chunk", None) or 0,
+        "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
     }

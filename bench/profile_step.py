@@ -233,7 +233,7 @@ def main(argv=None):
     results = []
     for backend in progress(backends, desc="profile", quiet=args.quiet):
         setup, profiler = {"jax": (setup_jax, jax_kernels), "torch": (setup_torch, torch_kernels)}[backend]
-        bench = setup(spec, tokens, args.mode, names[backend], train_config, compile)
+        bench = setup(spec, tokens, args.mode, names[backend], train_config, compile, gla_kernel=args.gla_kernel)
         for _ in range(1 + args.warmup):  # compile, then warm up
             bench.sync(bench.step())
         times, wall = profiler(bench, args.steps)

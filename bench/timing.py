@@ -99,16 +99,16 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
-    setups = dict(SETUP)
+    setups = {b: partial(setup, gla_kernel=args.gla_kernel) if b != "hf" else setup for b, setup in SETUP.items()}
     if args.mesh or args.devices:  # the JAX train step over a device mesh
         from jax_model import sharding
 
-        setups["jax"] = partial(setup_jax, mesh=sharding.make_mesh(args.mesh, devices=args.devices))
+        setups["jax"] = partial(setups["jax"], mesh=sharding.make_mesh(args.mesh, devices=args.devices))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
         from torch_model import distributed
 
         distributed.init_distributed()
-        setups["torch"] = partial(setup_torch, parallel=args.parallel)
+        setups["torch"] = partial(setups["torch"], parallel=args.parallel)
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
     per_round = math.ceil(args.steps / args.rounds)
