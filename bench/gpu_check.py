@@ -80,7 +80,7 @@ class Check:
 # --dry-run: the same commands with these sizes (the bench's options by their train-config names; parity_report.py's
 # --seq and --batch are its own)
 TINY = {"--spec": "tiny", "--seq-len": "32", "--seq": "32", "--batch-size": "4", "--batch": "4", "--steps": "2",
-        "--warmup": "0", "--rounds": "1", "--loss-chunk": "48"}
+        "--warmup": "0", "--rounds": "1", "--loss-chunk": "48", "--tokens": "64", "--repeats": "1"}
 PLANS = ("core", "extra")
 
 
@@ -103,6 +103,10 @@ def plan(name: str = "core") -> list[Check]:
                   cost(twins, "small-b8", cached=0.3) + 10, plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
+            # one GLA layer at gla-small's geometry: each twin's pure form and GPU kernel (fla where installed),
+            # time, peak memory and distance to the pure form; Pallas' compile and fla's autotuning dominate
+            Check("gla-kernels", ["bench/gla_layer.py", "--kernel", "pure,pallas,fla", "--if-present", "--batch", "8",
+                                  "--tokens", "2048", "--repeats", "5"], 60, plot=False),
         ]
     return [
         Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
