@@ -35,10 +35,10 @@ def _loss_and_grads(x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
         logits_cV = (x_cD @ w_cast.T).astype(jnp.float32)  # logits in float32, as model.head
         logz_c = jax.nn.logsumexp(logits_cV, axis=-1)
         ce_c = logz_c - jnp.take_along_axis(logits_cV, targets_c[:, None], axis=-1)[:, 0]
-        probs_cV = jnp.exp(logits_cV - logz_c[:, None])
-        onehot_cV = jax.nn.one_hot(targets_c, logits_cV.shape[-1], dtype=jnp.float32)
-        # d(sum)/d(logits) in autodiff's order: softmax and one-hot each times the weight, cast to the compute dtype
-        dlogits_cV = (probs_cV * weights_c[:, None] - onehot_cV * weights_c[:, None]).astype(dtype)
+        # d(sum)/d(logits) = (softmax − one-hot) · weight, each term times the weight as autodiff orders it (the
+        # target's −weight added in place: no one-hot [c, V]), cast to the compute dtype
+        dlogits_cV = jnp.exp(logits_cV - logz_c[:, None]) * weights_c[:, None]
+        dlogits_cV = dlogits_cV.at[jnp.arange(targets_c.shape[0]), targets_c].add(-weights_c).astype(dtype)
         dx_cD = dlogits_cV @ w_cast
         dw_VD = dw_VD + jnp.einsum("cv,cd->vd", dlogits_cV, x_cD, preferred_element_type=jnp.float32)
         return dw_VD, (jnp.sum(ce_c * weights_c), dx_cD, ce_c)

@@ -12,7 +12,6 @@ Notation: M tokens (B·T flattened), c tokens per chunk, D model dim, V vocab.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _loss_and_grads(x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
@@ -26,10 +25,10 @@ def _loss_and_grads(x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
         logits_cV = (x_cD @ w_cast.T).to(torch.float32)  # logits in float32, as model.head
         logz_c = torch.logsumexp(logits_cV, dim=-1)
         ce_c = logz_c - torch.gather(logits_cV, -1, targets_c[:, None])[:, 0]
-        probs_cV = torch.exp(logits_cV - logz_c[:, None])
-        onehot_cV = F.one_hot(targets_c, logits_cV.shape[-1]).to(torch.float32)
-        # d(sum)/d(logits) in autodiff's order: softmax and one-hot each times the weight, cast to the compute dtype
-        dlogits_cV = (probs_cV * weights_c[:, None] - onehot_cV * weights_c[:, None]).to(dtype)
+        # d(sum)/d(logits) = (softmax − one-hot) · weight, each term times the weight as autodiff orders it (the
+        # target's −weight added in place: no one-hot [c, V]), cast to the compute dtype
+        dlogits_cV = torch.exp(logits_cV - logz_c[:, None]) * weights_c[:, None]
+        dlogits_cV = dlogits_cV.scatter_add_(1, targets_c[:, None], -weights_c[:, None]).to(dtype)
         dx_MD[s : s + chunk] = dlogits_cV @ w_cast
         dw_VD += (dlogits_cV.T @ x_cD).to(torch.float32)
         total = total + torch.sum(ce_c * weights_c)
