@@ -12,12 +12,13 @@ import numpy as np
 from shared_config.cli import UsageError
 from shared_config.flops import flops_per_token, matmul_params
 from shared_config.hardware import check_dtype
-
-from flops import peak_tflops
-from load import CpuClock, process_threads, snapshot
-from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
-
 from shared_config.progress import progress
+
+from bench.flops import peak_tflops
+from bench.load import CpuClock, process_threads, snapshot
+from bench.runners import (
+    accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name,
+)
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
@@ -31,7 +32,7 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 def bench_train_config(args):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum, --remat and --loss-chunk where given."""
+    memory options --grad-accum-steps, --remat and --loss-chunk where given."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
@@ -100,16 +101,16 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
-    setups = dict(SETUP)
+    setups = {b: partial(setup, gla_kernel=args.gla_kernel) if b != "hf" else setup for b, setup in SETUP.items()}
     if args.mesh or args.devices:  # the JAX train step over a device mesh
         from jax_model import distributed
 
-        setups["jax"] = partial(setup_jax, mesh=distributed.make_mesh(args.mesh, devices=args.devices))
+        setups["jax"] = partial(setups["jax"], mesh=distributed.make_mesh(args.mesh, devices=args.devices))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
         from torch_model import distributed
 
         distributed.init_distributed()
-        setups["torch"] = partial(setup_torch, parallel=args.parallel)
+        setups["torch"] = partial(setups["torch"], parallel=args.parallel)
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
     per_round = math.ceil(args.steps / args.rounds)

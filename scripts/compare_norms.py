@@ -21,13 +21,15 @@ import numpy as np
 
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
+from shared_config.config_file import did_you_mean
 from shared_config.curves import plot
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
-from shared_config.spec import CHOICES, did_you_mean
+from shared_config.spec import CHOICES
 from shared_config.study import study_args, study_parser, study_run, train_all, write_results
+from shared_config.twins import twin
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -42,15 +44,6 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
                                      **spec_changes)
     return study_run(spec, cfg_changes, steps, data, out, config, backend)
-
-
-def trainer_class(backend: str) -> type:
-    """The twin's Trainer (its trainer.py), imported only when chosen: each framework takes seconds to import."""
-    if backend == "jax":
-        from jax_model.trainer import Trainer
-    else:
-        from torch_model.trainer import Trainer
-    return Trainer
 
 
 def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
@@ -75,7 +68,7 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
           quiet: bool = False) -> tuple[dict, dict]:
     """Train every configuration in every backend; ({config: {backend: row}}, {config: {backend: metrics}})."""
     return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     trainer_class, "norm study", quiet)
+                     twin, "norm study", quiet)
 
 
 def twin_gap(rows: dict) -> float | None:

@@ -22,6 +22,7 @@ from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
 from shared_config.study import study_args, study_parser, study_run, train_all, write_results
+from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
 
@@ -47,15 +48,6 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     return study_run(spec, cfg_changes, steps, data, out, config, backend)
 
 
-def trainer_class(backend: str) -> type:
-    """The twin's Trainer (its trainer.py), imported only when chosen: each framework takes seconds to import."""
-    if backend == "jax":
-        from jax_model.trainer import Trainer
-    else:
-        from torch_model.trainer import Trainer
-    return Trainer
-
-
 def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
     """One run's row: final validation loss and perplexity, mean tokens/s, FLOPs per token, the last aux metrics."""
     train = [r for r in records if r.get("kind") == "train"]
@@ -76,7 +68,7 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
           quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
     return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     trainer_class, "routing study", quiet)[0]
+                     twin, "routing study", quiet)[0]
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:

@@ -17,11 +17,12 @@ from typing import Callable
 
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run
-from shared_config.io import CheckpointError
+from shared_config.files import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
 from shared_config.run_dir import TOKENIZER_FILE
+from shared_config.twins import twin
 
 
 def main(argv=None):
@@ -123,26 +124,12 @@ def load_tokenizer(weights: Path, spec):
 
 def load_backend(backend: str, weights, spec, attention: str):
     """The model in the chosen twin, and that twin's `stream`; float32 matmuls at full precision on every device."""
-    if backend == "jax":
-        import jax_model
-        from jax_model.generate import stream
-        from jax_model.attention import ATTENTION
-        from jax_model.precision import exact_float32
-
-        exact_float32()
-        twin = jax_model
-    else:
-        import torch_model
-        from torch_model.generate import stream
-        from torch_model.attention import ATTENTION
-        from torch_model.precision import exact_float32
-
-        exact_float32()
-        twin = torch_model
+    twin(backend, "precision").exact_float32()
+    ATTENTION = twin(backend, "attention").ATTENTION
     if attention not in ATTENTION:
         raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})"
                          f"{did_you_mean(attention, ATTENTION)}")
-    return twin.from_weights(weights, spec, attention), stream
+    return twin(backend).from_weights(weights, spec, attention), twin(backend, "generate").stream
 
 
 class TextStream:

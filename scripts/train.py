@@ -32,15 +32,7 @@ from shared_config.run import (
     BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
 )
 from shared_config.run_dir import latest_checkpoint, lock_run, recover_run_dir
-
-
-def trainer_class(backend: str) -> type:
-    """The twin's Trainer (its trainer.py), imported only when chosen: each framework takes seconds to import."""
-    if backend == "jax":
-        from jax_model.trainer import Trainer
-    else:
-        from torch_model.trainer import Trainer
-    return Trainer
+from shared_config.twins import twin
 
 
 def parse_args(argv: list[str] | None):
@@ -119,7 +111,8 @@ def main(argv=None):
 
         device_platform()  # JAX_PLATFORMS naming a missing platform: one error line before the run directory is made
     try:
-        make_trainer = trainer_factory(trainer_class(args.backend), run, args.compile or None, args.mesh or args.parallel)
+        trainer = twin(args.backend, "trainer").Trainer  # imported when chosen: one framework starts
+        make_trainer = trainer_factory(trainer, run, args.compile or None, args.mesh or args.parallel)
         with lock_run(run.out) if is_main_process() else contextlib.nullcontext():
             if is_main_process():
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write
+from .files import atomic_write
 
 
 def series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ FSDP2 `Shard` placements and each rank's rows.
 from __future__ import annotations
 
 from .layout import Tensor
-from .spec import SpecError, did_you_mean
+from .config_file import SpecError, did_you_mean
 
 AXES = ("data", "fsdp")
 

@@ -14,13 +14,15 @@ from typing import Callable
 import numpy as np
 
 from .cli import UsageError
+from .config_file import check_keys, parse_overrides
 from .data import TokenData, load_data
-from .io import CheckpointError, check_weights
+from .files import CheckpointError
+from .formats.checks import check_weights
 from .init import init_weights
 from .limits import quote
 from .resources import check_memory, train_bytes
 from .run_dir import STATE_FILE, latest_checkpoint, load_train_checkpoint, read_state
-from .spec import ModelSpec, check_keys, load_spec, parse_overrides
+from .spec import ModelSpec, load_spec
 from .train_config import MEMORY_OPTIONS, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py

@@ -26,15 +26,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .io import (
-    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_header, read_json,
-    read_safetensors, recover, save_checkpoint, save_safetensors, spec_from_json, umask, write_errors,
-)
+from .files import CheckpointError, atomic_dir, atomic_write, read_json, recover, umask, write_errors
+from .formats.checks import check_tensors, spec_from_json
+from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
-from .train_config import MEMORY_OPTIONS
+from .train_config import COMPUTE_OPTIONS
 
 # Every name a run directory holds (the layout above); no other module spells them.
 RUN_FILE = "run.json"
@@ -131,7 +130,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
             continue
         if not isinstance(run.get(key), dict):
             raise CheckpointError(f"{run_json}: missing {key}")
-        skip = ("steps", *MEMORY_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
+        skip = ("steps", *COMPUTE_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
         # data's floats (the entropy rate) are recomputed by each process: never compared for identity
         a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
                 for d in (run[key], info[key]))

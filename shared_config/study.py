@@ -1,6 +1,6 @@
 """The plumbing the norm and routing studies share (scripts/compare_norms.py, scripts/compare_routing.py): their
 command line, one short run per configuration and twin on the embedded corpus, each run's metrics read once, and
-the report files. Framework-neutral: a study passes `trainer_class(backend)`, the twin's Trainer."""
+the report files. Framework-neutral: a study passes in the tools' `twin` lookup, which imports a twin's trainer."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 from tqdm import tqdm
 
 from .cli import Parser, UsageError
+from .config_file import did_you_mean
 from .data import TokenData, synthetic_corpus
+from .files import atomic_write
 from .init import init_weights
-from .io import atomic_write
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, fresh_state, with_changes
 from .run_dir import METRICS_FILE, read_metrics
-from .spec import ModelSpec, did_you_mean
+from .spec import ModelSpec
 from .train_config import load_train_config
 
 
@@ -54,18 +56,18 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
 
 
 def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData], Run],
-              summarize: Callable[[Run, list[dict], int | None], dict], trainer_class: Callable[[str], type],
+              summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
               desc: str, quiet: bool) -> tuple[dict, dict]:
     """({config: {backend: summarize(run, records, stopped_at)}}, {config: {backend: records}}) for `make(config,
     backend, data)`'s run of every pair on the embedded corpus, one after the other, with one progress bar of `desc`
-    (runs); `trainer_class(backend)` is the twin's Trainer."""
+    (runs). `twin` is the tools' way to a twin (shared_config.twins.twin), passed in: the core calls no twin by name."""
     results, metrics, data = {}, {}, synthetic_corpus(0)
     with progress(total=len(configs) * len(backends), desc=desc, unit="run", quiet=quiet) as bar:
         for config in configs:
             for backend in backends:
                 bar.set_postfix_str(f"{config} {backend}")
                 run = make(config, backend, data)
-                records, stopped_at = train_one(run, trainer_factory(trainer_class(backend), run))
+                records, stopped_at = train_one(run, trainer_factory(twin(backend, "trainer").Trainer, run))
                 results.setdefault(config, {})[backend] = summarize(run, records, stopped_at)
                 metrics.setdefault(config, {})[backend] = records
                 bar.update()

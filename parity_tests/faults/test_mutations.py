@@ -1,6 +1,6 @@
 """Planted faults: each monkeypatches one bug into the code under test and expects the oracle meant to see it to
 object. Every fault here passed the suite once because the test's reference shared code with what it judged
-(issue 20); the oracles now restate their rules (`oracles.py`, `reference.py`, the tests' written-out specs).
+(the oracles of an earlier suite did); they now restate their rules (`oracles.py`, `reference.py`, the tests' written-out specs).
 
 JAX caches traces per graphdef: a fault planted into traced JAX code would linger in later tests (and an earlier
 clean trace would hide it), so the tests that patch JAX code clear JAX's caches before and after.

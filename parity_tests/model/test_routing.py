@@ -263,8 +263,8 @@ def test_twins_train_the_same_trajectory_with_the_aux_losses(changes):
 @pytest.mark.parametrize("fmt", ["torch", "flax"])
 @pytest.mark.parametrize("routing", ["mod", "dtf"])
 def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
-    from .common import file_bytes_equal
-    from .test_convert import NAMES, canonical_file, convert
+    from ..support.common import file_bytes_equal
+    from ..checkpoints.test_convert import NAMES, canonical_file, convert
 
     spec = make_spec(routing=routing, n_layers=3)
     src = canonical_file(tmp_path / "a.safetensors", spec)
@@ -275,7 +275,7 @@ def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
 
 def test_hugging_face_export_refuses_routing_by_name(tmp_path):
     from shared_config import CheckpointError
-    from shared_config.hf import write_hf
+    from shared_config.formats.hf import write_hf
 
     spec = make_spec(routing="dtf")
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for routing=dtf \("):
@@ -332,7 +332,7 @@ def test_left_padded_routed_decoding_leaves_each_row_as_alone(changes):
 
 
 def test_train_cli_refuses_a_bad_routing_spec_in_one_line(tmp_path):
-    from .common import one_line_error, run_script
+    from ..support.common import one_line_error, run_script
 
     result = run_script("train", "--backend", "torch", "--spec", "tiny", "--set", "routing=dtf", "--set",
                         "routing_layers=all", "--out", tmp_path / "run", "--quiet")

@@ -134,6 +134,7 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     from shared_config.loop import Loop, trainer_factory
     from shared_config.run import resolve_run
     from shared_config.run_dir import read_metrics
+    from shared_config.twins import twin
 
     from .test_train_loop import SMALL, T
 
@@ -142,7 +143,7 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     args = ["--backend", backend, "--out", str(tmp_path), *SMALL, *routed, "--steps", "2", "--set", "warmup_steps=1",
             "--eval-every", "2", "--eval-batches", "1"]
     run = resolve_run(T.parse_args(args))
-    summary = Loop(run, trainer_factory(T.trainer_class(backend), run), progress=False)()
+    summary = Loop(run, trainer_factory(twin(backend, "trainer").Trainer, run), progress=False)()
     (record,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
     assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
     assert record["val_ppl_topk"] == pytest.approx(math.exp(record["val_loss_topk"]))

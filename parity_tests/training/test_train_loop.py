@@ -16,6 +16,7 @@ from shared_config.loop import Loop, NonFiniteError, first_nonfinite, trainer_fa
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.run import resolve_run
 from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
+from shared_config.twins import twin
 
 from ..support.common import load_script, quick_first
 
@@ -32,7 +33,7 @@ LOG_POINT_ONLY = ("tokens_per_s", "elapsed_s", "scalars")  # a resumed run logs 
 def train(out, backend, *extra, make_backend=None, progress=False):
     """Run the loop as `scripts/train.py --backend BACKEND --out OUT ...` would, without a subprocess."""
     run = resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, "--steps", str(STEPS), *extra]))
-    factory = trainer_factory(T.trainer_class(backend), run)
+    factory = trainer_factory(twin(backend, "trainer").Trainer, run)
     return Loop(run, make_backend(factory) if make_backend else factory, progress=progress)()
 
 
