@@ -18,6 +18,7 @@ from shared_config import ModelSpec, TrainConfig
 
 from . import distributed, train
 from .checkpoint import from_weights
+from .gla import set_kernel
 from .precision import exact_float32
 
 
@@ -32,6 +33,8 @@ class Trainer:
         None: one device. compile=False: eager, for debugging."""
         exact_float32()  # float32 matmuls as torch computes them (no TF32)
         self.model = from_weights(train_state["weights"], spec)
+        if spec.mixer == "gla":
+            set_kernel(self.model, cfg.gla_kernel)  # a HardwareError for a kernel this machine does not have
         self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
         self.train_step = train.make_train_step(self.model, cfg, compile=compile)
         if parallel is not None:  # the same step over a device mesh

@@ -23,7 +23,7 @@ from .limits import quote
 from .resources import check_memory, train_bytes
 from .run_dir import STATE_FILE, latest_checkpoint, load_train_checkpoint, read_state
 from .spec import ModelSpec, load_spec
-from .train_config import MEMORY_OPTIONS, TrainConfig, load_train_config
+from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
@@ -161,10 +161,10 @@ def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
 
 
 def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dict) -> None:
-    """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the memory options)
+    """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the compute options)
     and data."""
     pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
-    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k not in ("steps", *MEMORY_OPTIONS)]
+    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k not in ("steps", *COMPUTE_OPTIONS)]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
     if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
         raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "

@@ -17,6 +17,7 @@ from shared_config import ModelSpec, TrainConfig
 
 from . import distributed, train
 from .checkpoint import from_weights
+from .gla import set_kernel
 from .precision import exact_float32
 from .weights import whole
 
@@ -33,6 +34,8 @@ class Trainer:
         exact_float32()  # float32 matmuls as JAX computes them (no TF32)
         device = distributed.init_distributed()  # this rank's device under torchrun; else cuda if present, or cpu
         self.model = from_weights(train_state["weights"], spec, device=device)
+        if spec.mixer == "gla":
+            set_kernel(self.model, cfg.gla_kernel)  # a HardwareError for a kernel this machine does not have
         self.states = train if parallel is None else distributed  # get/set_train_state: whole tensors under FSDP2
         if parallel is None:
             self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
