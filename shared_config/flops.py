@@ -6,7 +6,8 @@ FLOPs per token, as nanoGPT and torchtitan count them (PaLM paper, appendix B):
 N is the number of weights that take part in a matmul: every Linear, plus the LM head (the
 token embedding when tied); the input embedding lookup is not a matmul and is excluded, as are
 norm and scalar parameters. The attention term counts q·kᵀ and p·v for all T keys (2·2·T·E per
-head per layer forward), without discounting the causal mask. A GLA layer (mixer: gla) has no term in T:
+head per layer forward), without discounting the causal mask; `causal=True` halves it (6·N + 6·L·H·E·T for a train
+step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
 per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
 
 Routed specs (routing.py, README "Routing"): a routed block processes k = floor(γ·T) of the T tokens of a
@@ -44,16 +45,18 @@ def routed_fraction(spec: ModelSpec, seq_len: int | None) -> float:
     return math.floor(spec.routing_capacity * seq_len) / seq_len
 
 
-def flops_per_token(spec: ModelSpec, seq_len: int, mode: str) -> float:
-    """Model FLOPs per token for a train step (forward + backward) or a forward pass."""
-    return sum(flops_split(spec, seq_len, mode))
+def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> float:
+    """Model FLOPs per token for a train step (forward + backward) or a forward pass; `causal`: attention's term
+    halved (the keys a causal mask leaves, on average)."""
+    return sum(flops_split(spec, seq_len, mode, causal))
 
 
-def flops_split(spec: ModelSpec, seq_len: int, mode: str) -> tuple[float, float]:
-    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards."""
+def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
+    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards; `causal`:
+    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve)."""
     passes = 3 if mode == "train" else 1
     if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
         return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
     routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
     keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
-    return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys
+    return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)

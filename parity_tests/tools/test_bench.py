@@ -28,6 +28,11 @@ def test_flops_formula_against_a_hand_count():
     assert matmul_params(spec) == n == 333408
     assert flops_per_token(spec, 256, "train") == 6 * n + 12 * 3 * 6 * 16 * 256 == 2885184
     assert flops_per_token(spec, 256, "forward") == 2 * n + 4 * 3 * 6 * 16 * 256
+    # causal: attention's term halved, as llm.c counts (6·N + 6·L·H·E·T); GLA has no attention term to halve
+    assert flops_per_token(spec, 256, "train", causal=True) == 6 * n + 6 * 3 * 6 * 16 * 256
+    assert flops_per_token(spec, 256, "forward", causal=True) == 2 * n + 2 * 3 * 6 * 16 * 256
+    gla = load_spec("gla-tiny")
+    assert flops_per_token(gla, 256, "train", causal=True) == flops_per_token(gla, 256, "train")
     tied = spec.replace(tie_embeddings=True)
     assert matmul_params(tied) == n  # a tied head still does the V x D matmul
 
@@ -39,7 +44,8 @@ def test_peak_table():
     assert peak_tflops("cpu (x86_64)", "float32") is None
 
 
-FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "attention"}
+FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "mfu_causal", "flops_per_token_causal",
+          "peak_mem_bytes", "attention"}
 
 
 @pytest.mark.slow
@@ -100,7 +106,7 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
     variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in (False, True)]
     assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
     for r in results:
-        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > 0
+        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > r["flops_per_token_causal"] > 0
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
 

@@ -69,6 +69,8 @@ def test_mfu_is_per_chip(mesh, chips):
     r = timing.result("tiny", "jax", spec, bench, 1.0, [0.01] * 4, [], args, "TPU v5 lite", 4)
     assert r["chips"] == chips
     assert r["mfu"] == pytest.approx(r["tflops"] / (197.0 * chips), rel=1e-12)
+    causal = r["flops_per_token_causal"] / r["flops_per_token"]  # attention's term halved: 6N + 6·L·H·E·T of 6N + 12·…
+    assert 0.5 < causal < 1 and r["mfu_causal"] == pytest.approx(r["mfu"] * causal, rel=1e-12)
     assert timing.result("tiny", "jax", spec, bench, 1.0, [0.01] * 4, [], args, "cpu (x86_64)", 4)["mfu"] is None
 
 
