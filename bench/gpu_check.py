@@ -36,13 +36,12 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # shared_config, when run as a script from anywhere
+from shared_config import ModelSpec, did_you_mean
+from shared_config.cli import Parser, UsageError, above, run
+from shared_config.compile_cache import add_compile_cache_option
+from shared_config.report import write_report
 
-from shared_config import ModelSpec, did_you_mean  # noqa: E402
-from shared_config.cli import Parser, UsageError, above, run  # noqa: E402
-from shared_config.compile_cache import add_compile_cache_option  # noqa: E402
-from shared_config.report import write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the checks' scripts and working directory
 
 EXPECTED = {"torch": "2.11", "jax": "0.11"}  # the GPU image's versions (the README's H200 figures)
 BUDGET_S = 420  # one plan: 7 minutes of a 15-minute GPU window that also holds the machine's start and a rerun
@@ -78,45 +77,50 @@ class Check:
     plot: bool = True
 
 
-# --dry-run: the same commands with these sizes
-TINY = {"--spec": "tiny", "--seq": "32", "--batch": "4", "--steps": "2", "--warmup": "0", "--rounds": "1",
-        "--loss-chunk": "48"}
+# --dry-run: the same commands with these sizes (the bench's options by their train-config names; parity_report.py's
+# --seq and --batch are its own)
+TINY = {"--spec": "tiny", "--seq-len": "32", "--seq": "32", "--batch-size": "4", "--batch": "4", "--steps": "2",
+        "--warmup": "0", "--rounds": "1", "--loss-chunk": "48", "--tokens": "64", "--repeats": "1"}
 PLANS = ("core", "extra")
 
 
 def plan(name: str = "core") -> list[Check]:
     """The checks of one plan, in order, at the GPU's sizes; each plan's costs add up to at most BUDGET_S."""
-    compare, timing = "bench/compare.py", ["--dtype", "bfloat16", "--seq", "2048", "--steps", "10", "--warmup", "2",
-                                           "--rounds", "2"]
+    compare, timing = "bench/compare.py", ["--compute-dtype", "bfloat16", "--seq-len", "2048", "--steps", "10",
+                                           "--warmup", "2", "--rounds", "2"]
     sweep = [*timing[:4], "--steps", "8", "--warmup", "1", "--rounds", "2"]
-    small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch", "4", *timing]
+    small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch-size", "4", *timing]
     twins = ["jax", "torch"]
     if name == "core":
         return [
-            Check("small-train-b16", [*small, "--backend", "both", "--batch", "16"], cost(twins, "small-b16")),
-            Check("small-train-b8", [*small, "--backend", "all", "--batch", "8"], cost([*twins, "hf"], "small-b8")),
+            Check("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], cost(twins, "small-b16")),
+            Check("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"], cost([*twins, "hf"], "small-b8")),
             Check("llama1b-train-b4", [*llama, "--backend", "both"], cost(twins, "llama-1b-b4")),
             # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
             # reading the traces cost about 10 s
-            Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--dtype",
-                                    "bfloat16", "--seq", "2048", "--batch", "8", "--steps", "3", "--warmup", "1"],
+            Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
+                                    "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup", "1"],
                   cost(twins, "small-b8", cached=0.3) + 10, plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
+            # one GLA layer at gla-small's geometry: each twin's pure form and GPU kernel (fla where installed),
+            # time, peak memory and distance to the pure form; Pallas' compile and fla's autotuning dominate
+            Check("gla-kernels", ["bench/gla_layer.py", "--kernel", "pure,pallas,fla", "--if-present", "--batch", "8",
+                                  "--tokens", "2048", "--repeats", "5"], 60, plot=False),
         ]
     return [
-        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch", "16", "--loss-chunk", "4096"],
+        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
               cost(twins, "small-b16")),
         Check("llama1b-train-b4-chunked-remat", [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"],
               cost(twins, "llama-1b-b4")),
         # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
-        *(Check(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch", "4", *sweep, "--backend", twin,
+        *(Check(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch-size", "4", *sweep, "--backend", twin,
                                           "--sweep", "norm_type=rms,dyt,derf"],
                 cost([twin], "llama-1b-b4", variants=3, steps=SWEEP_STEPS)) for twin in twins),
-        Check("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch", "8", "--sweep",
+        Check("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
                             "mixer=attention,gla"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
               needs="mixer"),  # gla-small: position none, which GLA needs
-        Check("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch", "8", "--sweep",
+        Check("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
                                 "routing=none,mod"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
               needs="routing"),
     ]

@@ -1,8 +1,8 @@
-"""Per-token decode time against the context length, from decode reports of compare.py at several --seq.
+"""Per-token decode time against the context length, from decode reports of compare.py at several --seq-len.
 
     for s in 32 64 128 256 512; do
         python bench/compare.py --mode decode --spec gla-tiny --set max_seq_len=1024 --sweep mixer=attention,gla \\
-            --seq $s --json ctx-$s.json
+            --seq-len $s --json ctx-$s.json
     done
     python bench/plot_context.py ctx-*.json --out decode-context.png
 
@@ -12,14 +12,11 @@ Attention reads a cache that grows with the context; a GLA layer's state [B, H, 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared_config import atomic_write  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
-from shared_config.io import read_json  # noqa: E402
+from shared_config import atomic_write
+from shared_config.cli import Parser, UsageError, run
+from shared_config.files import read_json
 
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:

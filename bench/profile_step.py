@@ -1,6 +1,6 @@
 """Where a step's time goes: kernel time per category, for each twin, from the frameworks' profilers.
 
-    python bench/profile_step.py --backend both --spec small --dtype bfloat16 --seq 2048 --batch 8
+    python bench/profile_step.py --backend both --spec small --compute-dtype bfloat16 --seq-len 2048 --batch-size 8
     python bench/profile_step.py --backend both --json profile.json        # tiny, on this machine
 
 The step is the bench's (bench/runners.py: same model, data, dtype policy, attention kernel), compiled
@@ -10,7 +10,7 @@ optimizer (fused AdamW, where the kernel is named so: XLA fuses optax's update i
 which land in `other`), copy (memcpy/memset) and other (elementwise, reductions, the cross-entropy).
 JAX kernels are classified by the HLO instruction that launched them (a fusion holding a dot is a
 matmul), torch kernels by name. For matmul and attention the table gives the rate their kernels
-reach on the model FLOPs they compute (bench/flops.py: 6·N and 12·L·H·E·T per token in train mode;
+reach on the model FLOPs they compute (shared_config/flops.py: 6·N and 12·L·H·E·T per token in train mode;
 when attention runs as plain matmuls, its FLOPs count under matmul), which says whether a low MFU
 is slow GEMMs or time spent outside them. On a GPU, `idle` is the step's wall time the device ran no
 kernel (launch gaps, host work).
@@ -24,25 +24,22 @@ take step times from bench/compare.py.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, when run as a script
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.compile_cache import use_compile_cache
+from shared_config.report import write_report
+from shared_config.resources import check_memory, forward_bytes, train_bytes
 
-from compare import ATTENTION, configure_threads, environment, kernels, variants  # noqa: E402
-from runners import without_profiler_chatter  # noqa: E402
-from shared_config.report import write_report  # noqa: E402
-from shared_config.compile_cache import add_compile_cache_option, use_compile_cache  # noqa: E402
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, run  # noqa: E402
-from shared_config.resources import check_memory, forward_bytes, train_bytes  # noqa: E402
+from bench.options import add_job_options, add_report_options, configure_threads, environment, kernels, variants
+from bench.runners import without_profiler_chatter
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
 CATEGORIES = [
@@ -105,27 +102,14 @@ def hlo_categories(text: str) -> dict[str, str]:
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="both", choices=["both", "jax", "torch"], help="the twins to profile")
-    p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    p.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
-    p.add_argument("--seq", type=at_least(1), default=None, help="tokens per sequence (default: min(256, max_seq_len))")
-    p.add_argument("--steps", type=at_least(1), default=5, help="profiled steps")
-    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
-    p.add_argument("--mode", default="train", choices=["train", "forward"], help="what one profiled step runs")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the torch step (default: on GPU yes, on CPU no)")
-    p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
-    p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
-    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for every framework (default: all)")
+    add_job_options(p, backends=["both", "jax", "torch"], backend_help="the twins to profile",
+                    modes=["train", "forward"], mode_help="what one profiled step runs",
+                    steps=5, steps_help="profiled steps", compiled="torch")
     p.add_argument("--top", type=at_least(1), default=12, help="kernels listed per backend")
-    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    add_compile_cache_option(p)
+    add_report_options(p)
     args = p.parse_args(argv)
     check_outputs(args.json)
-    args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for compare's helpers
+    args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for bench/options.py's helpers
     return args
 
 
@@ -192,7 +176,7 @@ def jax_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float],
 
 def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: str, hlo: dict | None) -> dict:
     """Per-category milliseconds per step, shares of the step, and the model-FLOP rate of matmul and attention."""
-    from flops import flops_split
+    from shared_config.flops import flops_split
 
     step_ms = 1e3 * wall_s / args.steps
     ms, per_kernel = defaultdict(float), defaultdict(float)
@@ -226,23 +210,21 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
-        raise UsageError(f"--seq {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+        raise UsageError(f"--seq-len {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     need = (train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
-                 "lower --batch or --seq, or the model's sizes")  # before anything is allocated
+                 "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)
     use_compile_cache(args.compile_cache)
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
     from shared_config.progress import progress
 
-    from runners import jax_device_name, setup_jax, setup_torch, torch_device_name
-    from timing import backend_options, bench_tokens
+    from bench.runners import jax_device_name, setup_jax, setup_torch, torch_device_name
+    from bench.timing import backend_options, bench_tokens
 
     backends = ["jax", "torch"] if args.backend == "both" else [args.backend]
     compile, names, train_config = backend_options(args, kernels)
@@ -251,7 +233,7 @@ def main(argv=None):
     results = []
     for backend in progress(backends, desc="profile", quiet=args.quiet):
         setup, profiler = {"jax": (setup_jax, jax_kernels), "torch": (setup_torch, torch_kernels)}[backend]
-        bench = setup(spec, tokens, args.mode, names[backend], train_config, compile)
+        bench = setup(spec, tokens, args.mode, names[backend], train_config, compile, gla_kernel=args.gla_kernel)
         for _ in range(1 + args.warmup):  # compile, then warm up
             bench.sync(bench.step())
         times, wall = profiler(bench, args.steps)

@@ -102,7 +102,7 @@ def jax_device_name() -> str:
 
 
 def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
-              new_tokens: int = 0, mesh=None) -> Bench:
+              new_tokens: int = 0, mesh=None, gla_kernel: str = "auto") -> Bench:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -110,6 +110,10 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     import jax_model
 
     model = jax_model.Transformer(spec, rngs=nnx.Rngs(0), attention=attention)
+    if spec.mixer == "gla":
+        from jax_model.gla import set_kernel
+
+        set_kernel(model, gla_kernel)
     kernel = mixer_kernel(model.model.layers[0].self_attn)
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
     start = None
@@ -125,13 +129,13 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
                           decoder.decode_step, np.ones(B, np.int32))
         step, start = loop.step, loop.start
     else:
-        from jax_model import sharding, train
+        from jax_model import distributed, train
 
         if mesh is None:
             state, train_step = train.init_train_state(model, train_config), train.make_train_step(model, train_config)
         else:  # the same step jitted over the mesh: parameters, optimizer state and batch rows sharded
-            state, train_step = sharding.parallelize(model, train_config, mesh)
-            batch = sharding.shard_batch(batch, mesh)
+            state, train_step = distributed.parallelize(model, train_config, mesh)
+            batch = distributed.shard_batch(batch, mesh)
         holder = {"state": state}
 
         def step():
@@ -141,7 +145,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
     @functools.cache  # peak_mem and hlo read the same executable: compile it once
     def compiled():
         jitted, args = (forward, (params, batch)) if mode == "forward" else (train_step, (holder["state"], batch))
-        if mesh is not None and mode == "train":  # sharding's step places the batch, then calls the jitted function
+        if mesh is not None and mode == "train":  # distributed's step places the batch, then calls the jitted function
             jitted, args = train_step.jitted, (holder["state"], batch, None)
         return jitted.lower(*args).compile()
 
@@ -258,7 +262,7 @@ def torch_resident(model, optimizer, batch) -> list:
 
 
 def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
-                new_tokens: int = 0, parallel: str | None = None) -> Bench:
+                new_tokens: int = 0, parallel: str | None = None, gla_kernel: str = "auto") -> Bench:
     import torch
 
     import torch_model
@@ -267,6 +271,10 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     sync, peak_mem = _torch_sync_and_mem(device)
     with device:
         model = torch_model.Transformer(spec, generator=None, attention=attention)
+    if spec.mixer == "gla":
+        from torch_model.gla import set_kernel
+
+        set_kernel(model, gla_kernel)
     kernel = mixer_kernel(model.model.layers[0].self_attn)
     batch = torch.as_tensor(tokens, device=device)
     start = None
@@ -305,7 +313,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from shared_config.hf import config_from_spec
+    from shared_config.formats.hf import config_from_spec
 
     device = torch_device()
     sync, peak_mem = _torch_sync_and_mem(device)
@@ -364,5 +372,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
 
 
 def mixer_kernel(mixer) -> str:
-    """What a block's token mixer runs: the attention kernel, or GLA's chunkwise form and its chunk size."""
-    return mixer.attention if hasattr(mixer, "attention") else f"gla-chunk{mixer.chunk}"
+    """What a block's token mixer runs: the attention kernel, or GLA's kernel (the pure form: its chunk size)."""
+    if hasattr(mixer, "attention"):
+        return mixer.attention
+    return f"gla-chunk{mixer.chunk}" if mixer.kernel == "pure" else f"gla-{mixer.kernel}"

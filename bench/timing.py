@@ -10,13 +10,15 @@ from functools import partial
 import numpy as np
 
 from shared_config.cli import UsageError
+from shared_config.flops import flops_per_token, matmul_params
 from shared_config.hardware import check_dtype
-
-from flops import flops_per_token, matmul_params, peak_tflops
-from load import CpuClock, process_threads, snapshot
-from runners import accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name
-
 from shared_config.progress import progress
+
+from bench.flops import peak_tflops
+from bench.load import CpuClock, process_threads, snapshot
+from bench.runners import (
+    accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name,
+)
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 
@@ -30,7 +32,7 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 def bench_train_config(args):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum, --remat and --loss-chunk where given."""
+    memory options --grad-accum-steps, --remat and --loss-chunk where given."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
@@ -64,7 +66,6 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
 
 def set_precision_and_threads(args) -> str:
     """The same precision policy and CPU threads for every backend; returns the platform: "gpu", "tpu" or "cpu"."""
-    import jax
     import torch
 
     torch.set_num_threads(args.threads)
@@ -72,9 +73,11 @@ def set_precision_and_threads(args) -> str:
     if platform == "gpu":
         check_dtype(args.dtype, platform, torch.cuda.is_bf16_supported(including_emulation=False), torch_device_name())
     if args.dtype == "float32":  # true float32 matmuls everywhere (no TF32, no bf16 passes on a TPU)
-        jax.config.update("jax_default_matmul_precision", "highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        from jax_model.precision import exact_float32 as jax_exact_float32
+        from torch_model.precision import exact_float32 as torch_exact_float32
+
+        jax_exact_float32()
+        torch_exact_float32()
         if platform == "tpu" and args.backend != "jax":
             import torch_xla.backends
 
@@ -98,16 +101,16 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
-    setups = dict(SETUP)
+    setups = {b: partial(setup, gla_kernel=args.gla_kernel) if b != "hf" else setup for b, setup in SETUP.items()}
     if args.mesh or args.devices:  # the JAX train step over a device mesh
-        from jax_model import sharding
+        from jax_model import distributed
 
-        setups["jax"] = partial(setup_jax, mesh=sharding.make_mesh(args.mesh, devices=args.devices))
+        setups["jax"] = partial(setups["jax"], mesh=distributed.make_mesh(args.mesh, devices=args.devices))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
         from torch_model import distributed
 
         distributed.init_distributed()
-        setups["torch"] = partial(setup_torch, parallel=args.parallel)
+        setups["torch"] = partial(setups["torch"], parallel=args.parallel)
     device = torch_device_name() if "jax" not in backends else jax_device_name()
     jobs, benches = [(label, spec, b) for label, spec in specs for b in backends], {}
     per_round = math.ceil(args.steps / args.rounds)
@@ -164,10 +167,11 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
     bench.info["cpu_s_per_step"] = clock.cpu_s / len(times) if clock.wall_s else None
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
-        flops = flops_per_token(spec, args.seq + per_round // 2, "forward")
+        flops = causal = flops_per_token(spec, args.seq + per_round // 2, "forward")  # new tokens see every key
     else:
         tokens_per_s = args.batch * args.seq / median
         flops = flops_per_token(spec, args.seq, args.mode)
+        causal = flops_per_token(spec, args.seq, args.mode, causal=True)  # llm.c's count: attention halved
     achieved = tokens_per_s * flops / 1e12
     peak = args.peak_tflops or peak_tflops(device, args.dtype)  # per chip
     # chips the step runs on: a JAX mesh's devices, or torchrun's processes (one device each)
@@ -177,8 +181,9 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         "step_s": {"median": median, "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90))},
         "compile_s": compile_s, "tokens_per_s": tokens_per_s, "tflops": achieved,
         "mfu": achieved / (peak * chips) if peak and not device.startswith("cpu") else None, "chips": chips,
-        "attention": bench.attention,
-        "flops_per_token": flops, "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times),
+        "mfu_causal": achieved * causal / flops / (peak * chips) if peak and not device.startswith("cpu") else None,
+        "attention": bench.attention, "flops_per_token": flops, "flops_per_token_causal": causal,
+        "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times),
         **{k: v for k, v in bench.info.items() if k != "cpu"},
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
                           "p90": float(np.percentile(prefills, 90))}} if prefills else {}),

@@ -28,12 +28,16 @@ class Linear(nnx.Linear):
         )
 
     def __call__(self, x):
-        if jax.default_backend() != "cpu":
-            return super().__call__(x)
-        # Tokens flattened to one dim: XLA:CPU runs the backward of a matmul with two batch-like dims
-        # (B, T) about 2x slower than the same matmul over B·T rows. Elsewhere it gains nothing and,
-        # on a sharded mesh, makes XLA regather the weight gradients.
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return linear(x, self.kernel[...], self.dtype)
+
+
+def linear(x_BTD, w_DF, dtype):
+    """x · W [.., D] x [D, F] -> [.., F] in `dtype` (nnx.Linear's matmul). On CPU the tokens are flattened to one
+    dim: XLA:CPU runs the backward of a matmul with two batch-like dims (B, T) about 2x slower than the same matmul
+    over B·T rows. Elsewhere it gains nothing and, on a sharded mesh, makes XLA regather the weight gradients."""
+    if jax.default_backend() != "cpu":
+        return jnp.dot(x_BTD.astype(dtype), w_DF.astype(dtype))
+    return jnp.dot(x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dtype), w_DF.astype(dtype)).reshape(*x_BTD.shape[:-1], -1)
 
 
 class RMSNorm(nnx.Module):
@@ -125,9 +129,10 @@ class MLP(nnx.Module):
         self.down_proj = Linear(spec.F, spec.D, spec, rngs)
 
     def __call__(self, x_BTD):
-        up_BTF = self.up_proj(x_BTD).astype(jnp.float32)  # activation in float32
-        if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(self.gate_proj(x_BTD).astype(jnp.float32)) * up_BTF
+        if self.kind == "swiglu":  # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+            w_D2F = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
+            gate_BTF, up_BTF = jnp.split(linear(x_BTD, w_D2F, self.up_proj.dtype).astype(jnp.float32), 2, axis=-1)  # in float32
+            h_BTF = jax.nn.silu(gate_BTF) * up_BTF
         else:
-            h_BTF = ACTIVATIONS[self.kind](up_BTF)
+            h_BTF = ACTIVATIONS[self.kind](self.up_proj(x_BTD).astype(jnp.float32))  # activation in float32
         return self.down_proj(h_BTF.astype(x_BTD.dtype))

@@ -151,6 +151,13 @@ class Transformer(nnx.Module):
             logits_BTV = self.lm_head(x_BTD)
         return logits_BTV.astype(jnp.float32)  # logits in float32
 
+    def head_weight(self):
+        """The LM head's weight [V, D] in the parameter dtype: lm_head's, or the tied embeddings (what `head`
+        multiplies by, for head_loss.fused_head_loss)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...]
+        return self.lm_head.kernel[...].T  # nnx.Linear stores [D, V]
+
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec = self.spec

@@ -30,6 +30,8 @@ from flax import nnx
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
+from .head_loss import fused_head_loss
+from .layers import DTYPES
 from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -61,28 +63,17 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return jnp.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
-    """next_token_loss(head(x_BTD), ...) with the head and the loss run over `chunk` tokens at a time: one chunk's
-    float32 logits [chunk, V] exist at once, forward and backward (jax.checkpoint: each chunk's are recomputed in
-    the backward), never the whole [B·T, V]. The chunks' sums add up in a lax.scan; the tokens are padded to a
-    whole number of chunks with weight 0 (torch_model's last chunk is shorter: the same sum)."""
+def chunked_next_token_loss(model, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
+    """next_token_loss(model.head(x_BTD), ...) with the LM head and the loss fused over `chunk` tokens at a time
+    (head_loss.fused_head_loss): one chunk's float32 logits [chunk, V] exist at once, their gradient is taken in
+    the forward pass, and the backward neither keeps nor recomputes logits."""
     D = x_BTD.shape[-1]
     x_MD, targets_M, weights_M = x_BTD.reshape(-1, D), targets_BT.reshape(-1), weights_BT.reshape(-1)
     chunk = min(chunk, targets_M.shape[0])  # never padded past the tokens there are
-    pad = -targets_M.shape[0] % chunk
-    x_CcD = jnp.pad(x_MD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
-    targets_Cc, weights_Cc = (jnp.pad(a, (0, pad)).reshape(-1, chunk) for a in (targets_M, weights_M))
-
-    @jax.checkpoint
-    def chunk_sum(x_cD, targets_c, weights_c):
-        return next_token_loss(head(x_cD), targets_c, weights_c, 1.0)  # count 1: the chunk's sum
-
-    def add(total, xs):
-        return total + chunk_sum(*xs), None
-
-    total, _ = jax.lax.scan(add, jnp.zeros((), jnp.float32), (x_CcD, targets_Cc, weights_Cc))
+    dtype = DTYPES[model.spec.compute_dtype]
     count = jnp.maximum(jnp.sum(weights_BT), 1.0) if count is None else count
-    return total / count
+    # the weights divided by the count before the sum, as autodiff scales the logits' gradient of the plain loss
+    return fused_head_loss(x_MD, model.head_weight(), targets_M, weights_M.astype(jnp.float32) / count, chunk, dtype)
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
@@ -98,7 +89,7 @@ def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | No
         loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
         x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)
-        loss = chunked_next_token_loss(model.head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+        loss = chunked_next_token_loss(model, x_BTD, targets_BT, weights_BT, count, loss_chunk)
     return loss + share * routing_loss(aux, cfg, metrics)
 
 
@@ -126,7 +117,7 @@ def micro_batches(x_BN, n: int):
     return x_BN.reshape(B // n, n, *x_BN.shape[1:]).swapaxes(0, 1)
 
 
-def accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
+def accumulate_gradients(loss_fn, params, tokens_BN, mask_BN, count, steps: int):
     """`loss_fn(params, tokens_BN, mask_BN, count, share) -> (loss, metrics)` and the loss's gradient, over `steps`
     micro-batches (micro_batches) in a lax.scan: one micro-batch's activations at a time. Each micro-batch's summed
     loss is divided by the whole batch's count, and its routing terms (means over its positions) weighted by its
@@ -151,7 +142,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
-    train step does (accumulated_value_and_grad)."""
+    train step does (accumulate_gradients)."""
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
@@ -212,8 +203,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
         return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        (loss, aux_metrics), grads = accumulated_value_and_grad(loss_fn, state.params, tokens_BN, mask_BN, count,
-                                                                cfg.grad_accum_steps)
+        (loss, aux_metrics), grads = accumulate_gradients(loss_fn, state.params, tokens_BN, mask_BN, count,
+                                                          cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp), **aux_metrics}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
@@ -285,5 +276,5 @@ def _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, tokens_BN, m
         return model_loss(model, tokens_BN, mask_BN, count, cfg, remat=remat, loss_chunk=loss_chunk, share=share), {}
 
     steps = 1 if cfg is None else cfg.grad_accum_steps  # the train step's accumulation
-    (loss, _), grads = accumulated_value_and_grad(loss_fn, params, tokens_BN, mask_BN, count, steps)
+    (loss, _), grads = accumulate_gradients(loss_fn, params, tokens_BN, mask_BN, count, steps)
     return loss, grads

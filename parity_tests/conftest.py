@@ -5,15 +5,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hugging Face tests build their models locally
 
-import jax
 import torch
+
+from jax_model.precision import exact_float32 as jax_exact_float32
+from torch_model.precision import exact_float32 as torch_exact_float32
 
 # float32 matmuls at full precision: JAX would use TF32 (GPU) or bf16 passes (TPU) by default,
 # torch may have TF32 enabled by the user's environment.
-jax.config.update("jax_default_matmul_precision", "highest")
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
-torch.set_float32_matmul_precision("highest")
+jax_exact_float32()
+torch_exact_float32()
 torch.manual_seed(0)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from shared_config import init_weights, load_spec
 from shared_config.cli import Parser, UsageError, run
 from shared_config.formats import quiet_libraries, read_checkpoint
+from shared_config.twins import twin
 
 
 def main(argv=None):
@@ -34,19 +35,15 @@ def main(argv=None):
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
 
-    import jax
     import jax.numpy as jnp
     import torch
 
-    import jax_model
-    import torch_model
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    twin("jax", "precision").exact_float32()  # true float32 on every device
+    twin("torch", "precision").exact_float32()
     tokens = np.random.default_rng(args.seed).integers(0, spec.V, (args.batch, args.seq))
-    j = np.asarray(jax_model.from_weights(weights, spec)(jnp.asarray(tokens)), np.float64)
+    j = np.asarray(twin("jax").from_weights(weights, spec)(jnp.asarray(tokens)), np.float64)
     with torch.no_grad():
-        t = torch_model.from_weights(weights, spec)(torch.as_tensor(tokens)).double().numpy()
+        t = twin("torch").from_weights(weights, spec)(torch.as_tensor(tokens)).double().numpy()
     result = {
         "spec": args.weights or args.spec, "batch": args.batch, "seq": args.seq,
         "logits_std": float(t.std()), "max_abs_diff": float(np.abs(j - t).max()),

@@ -14,29 +14,22 @@ any run; which placement has the lowest gradient-norm variance (over the steps a
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plot_curves import plot  # noqa: E402
-from train import (  # noqa: E402
-    DEFAULT_TRAIN_CONFIG, Loop, NonFiniteError, Run, backend_factory, finite_step, fresh_state, split_overrides, with_changes,
-)
-
-from shared_config import init_weights, load_spec, load_train_config  # noqa: E402
-from shared_config.cli import Parser, UsageError, run  # noqa: E402
-from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
-from shared_config.io import atomic_write  # noqa: E402
-from shared_config.progress import progress  # noqa: E402
-from shared_config.run_dir import read_metrics  # noqa: E402
-from shared_config.spec import CHOICES, did_you_mean  # noqa: E402
+from shared_config import load_spec
+from shared_config.cli import UsageError, run
+from shared_config.config_file import did_you_mean
+from shared_config.curves import plot
+from shared_config.data import TokenData, synthetic_corpus
+from shared_config.loop import finite_step
+from shared_config.run import Run, split_overrides
+from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
+from shared_config.spec import CHOICES
+from shared_config.study import study_args, study_parser, study_run, train_all, write_results
+from shared_config.twins import twin
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -50,37 +43,11 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else PRESETS[norm]
     spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
                                      **spec_changes)
-    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
-    spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
-    return study_run(spec, cfg, data, out, config, backend)
+    return study_run(spec, cfg_changes, steps, data, out, config, backend)
 
 
-def study_run(spec, cfg, data: TokenData, out: Path, config: str, backend: str) -> Run:
-    """A study's run of one configuration in one twin, into OUT/runs/CONFIG-BACKEND: fresh weights from the
-    config's seed, `cfg.steps` updates, four evaluations, no checkpoints. Raises UsageError when the data
-    cannot feed the spec."""
-    data.check(cfg.seq_len, spec.V)
-    weights = init_weights(spec, cfg.seed)
-    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
-               log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
-               info={"backend": backend, "study": config})
-
-
-def train_one(run_: Run, backend: str) -> int | None:
-    """Train (replacing an earlier result); the step a non-finite loss or gradient stopped it at, else None."""
-    shutil.rmtree(run_.out, ignore_errors=True)
-    try:
-        Loop(run_, backend_factory(backend, run_), progress=False)()
-    except NonFiniteError as e:
-        tqdm.write(f"{run_.out.name}: {e}", file=sys.stderr)
-        records = read_metrics(run_.out / "metrics.jsonl")
-        return next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r))
-    return None
-
-
-def summarize(run_: Run, stopped_at: int | None) -> dict:
+def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
     """One run's row: final validation loss and perplexity, alpha range, grad-norm variance, non-finite steps."""
-    records = read_metrics(run_.out / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     scalars = next((r["scalars"] for r in reversed(train) if "scalars" in r), {})
@@ -88,7 +55,7 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
     after_warmup = [r["grad_norm"] for r in train if r["step"] > run_.cfg.warmup_steps and finite_step(r)]
     last = evals[-1] if evals and stopped_at is None else {}
     return {
-        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # train.py's overflow-safe perplexity
+        "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # the loop's overflow-safe perplexity
         "alpha_min": min(alpha) if alpha else None, "alpha_max": max(alpha) if alpha else None,
         "grad_norm_var": float(np.var(after_warmup)) if after_warmup else None,
         "nonfinite_steps": sum(not finite_step(r) for r in train), "stopped_at": stopped_at,
@@ -98,24 +65,10 @@ def summarize(run_: Run, stopped_at: int | None) -> dict:
 
 
 def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
-          quiet: bool = False) -> dict:
-    """Train every configuration in every backend; {config: {backend: row}}."""
+          quiet: bool = False) -> tuple[dict, dict]:
+    """Train every configuration in every backend; ({config: {backend: row}}, {config: {backend: metrics}})."""
     return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     "norm study", quiet)
-
-
-def train_all(configs: list[str], backends: list[str], make, summarize_, desc: str, quiet: bool) -> dict:
-    """{config: {backend: summarize_(run, stopped_at)}} for `make(config, backend, data)`'s run of every pair on
-    the embedded corpus, one after the other, with one progress bar of `desc` (runs)."""
-    results, data = {}, synthetic_corpus(0)
-    with progress(total=len(configs) * len(backends), desc=desc, unit="run", quiet=quiet) as bar:
-        for config in configs:
-            for backend in backends:
-                bar.set_postfix_str(f"{config} {backend}")
-                run_ = make(config, backend, data)
-                results.setdefault(config, {})[backend] = summarize_(run_, train_one(run_, backend))
-                bar.update()
-    return results
+                     twin, "norm study", quiet)
 
 
 def twin_gap(rows: dict) -> float | None:
@@ -206,9 +159,8 @@ def norm_output_histograms(run_: Run) -> dict[str, list[float]]:
     import torch
 
     import torch_model
-    from shared_config.run_dir import latest_checkpoint
 
-    model = torch_model.from_safetensors(latest_checkpoint(run_.out) / "model.safetensors")
+    model = torch_model.from_safetensors(latest_checkpoint(run_.out) / WEIGHTS_FILE)
     norms = (torch_model.layers.RMSNorm, torch_model.layers.LayerNorm, torch_model.layers.DynamicTanh,
              torch_model.layers.DynamicErf)
     outputs: dict[str, torch.Tensor] = {}
@@ -238,32 +190,6 @@ def output_criteria(rows: dict) -> list[tuple]:
 # --- end of the GLA experiment ---------------------------------------------------------------------------
 
 
-def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
-                 backends_help: str = "comma-separated: jax, torch") -> Parser:
-    """The options of every study script: --steps, --backends, --configs, --set, --out, --quiet; the description is
-    the first paragraph of the script's docstring `doc`, as one sentence."""
-    p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
-    p.add_argument("--steps", type=int, default=steps, help="updates per run")
-    p.add_argument("--backends", default="jax,torch", help=backends_help)
-    p.add_argument("--configs", default=",".join(configs), help=configs_help)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--out", type=Path, default=Path(out), help=out_help)
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
-
-
-def study_args(args, script: str, argv):
-    """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
-    raises UsageError for an unknown backend or --steps < 1."""
-    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
-    if bad := [b for b in args.backends if b not in ("jax", "torch")]:
-        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}{did_you_mean(bad[0], ('jax', 'torch'))} (jax, torch)")
-    if args.steps < 1:
-        raise UsageError("--steps must be >= 1")
-    args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
-    return args
-
-
 def parse_args(argv):
     p = study_parser(__doc__, 300, CONFIGS, "comma-separated NORM-PLACEMENT runs", "runs/norms",
                      "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
@@ -285,16 +211,14 @@ def valid_config(config: str) -> bool:
     return norm in PRESETS and placement in CHOICES["norm_placement"]
 
 
-def write_report(results: dict, args, changes: tuple[dict, dict]) -> str:
-    """norms.md, norms.json and curves.png in --out (each atomically); the Markdown."""
+def write_report(results: dict, metrics: dict, args, changes: tuple[dict, dict]) -> str:
+    """norms.md, norms.json and curves.png (the first backend's runs) in --out (each atomically); the Markdown."""
     table = markdown(results, args.backends, args.steps, args.command)
-    atomic_write(args.out / "norms.md", lambda tmp: tmp.write_text(table))
     report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
               "results": results,
               "criteria": [dict(zip(("criterion", "passed", "detail"), c)) for c in criteria(results, args.backends[0])]}
-    atomic_write(args.out / "norms.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
-    runs = {c: read_metrics(args.out / "runs" / f"{c}-{args.backends[0]}" / "metrics.jsonl") for c in args.configs}
-    plot(runs, args.out / "curves.png")
+    write_results(args.out, "norms", table, report)
+    plot({c: metrics[c][args.backends[0]] for c in args.configs}, args.out / "curves.png")
     return table
 
 
@@ -305,7 +229,7 @@ def main(argv=None):
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
     make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
     args.out.mkdir(parents=True, exist_ok=True)
-    print(write_report(study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
+    print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
 
 
 if __name__ == "__main__":

@@ -14,22 +14,15 @@ perplexity. The train loss adds the auxiliary losses (README "Routing").
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from compare_norms import study_args, study_parser, study_run, train_all  # noqa: E402
-from flops import flops_per_token  # noqa: E402
-from train import DEFAULT_TRAIN_CONFIG, Run, split_overrides, with_changes  # noqa: E402
-
-from shared_config import SpecError, load_spec, load_train_config  # noqa: E402
-from shared_config.cli import UsageError, run  # noqa: E402
-from shared_config.data import TokenData, synthetic_corpus  # noqa: E402
-from shared_config.io import atomic_write  # noqa: E402
-from shared_config.run_dir import read_metrics  # noqa: E402
+from shared_config import SpecError, load_spec
+from shared_config.cli import UsageError, run
+from shared_config.data import TokenData, synthetic_corpus
+from shared_config.flops import flops_per_token
+from shared_config.run import Run, split_overrides
+from shared_config.study import study_args, study_parser, study_run, train_all, write_results
+from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
 
@@ -52,13 +45,11 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
         spec = load_spec("tiny").replace(vocab_size=data.vocab_size, **{**spec_changes, **config_changes(config)})
     except SpecError as e:
         raise UsageError(f"{config}: {e}") from None
-    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
-    return study_run(cfg.model_spec(spec), cfg, data, out, config, backend)
+    return study_run(spec, cfg_changes, steps, data, out, config, backend)
 
 
-def summarize(run_: Run, stopped_at: int | None) -> dict:
+def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
     """One run's row: final validation loss and perplexity, mean tokens/s, FLOPs per token, the last aux metrics."""
-    records = read_metrics(run_.out / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r][1:]  # the first includes compilation
@@ -77,7 +68,7 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
           quiet: bool = False) -> dict:
     """Train every configuration in every backend; {config: {backend: row}}."""
     return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     "routing study", quiet)
+                     twin, "routing study", quiet)[0]
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
@@ -112,9 +103,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
     table = markdown(results, args.backends, args.steps, args.command)
-    atomic_write(args.out / "routing.md", lambda tmp: tmp.write_text(table))
-    report = {"steps": args.steps, "backends": args.backends, "results": results}
-    atomic_write(args.out / "routing.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    write_results(args.out, "routing", table, {"steps": args.steps, "backends": args.backends, "results": results})
     print(table)
 
 

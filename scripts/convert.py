@@ -18,18 +18,18 @@ from pathlib import Path
 
 from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
-from shared_config.io import recover, write_errors
+from shared_config.files import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 
 
 def _write_torch(path, weights, spec, force):
-    from torch_model import save_state_dict_file  # the frameworks load only when their format is written
+    from shared_config.formats.torch_pt import save_state_dict_file  # the frameworks load only when their format is written
 
     save_state_dict_file(path, weights, spec)
 
 
 def _write_flax(path, weights, spec, force):
-    from jax_model import save_orbax
+    from shared_config.formats.orbax import save_orbax
 
     save_orbax(path, weights, spec, force)
 

@@ -17,10 +17,12 @@ from typing import Callable
 
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run
-from shared_config.io import CheckpointError
+from shared_config.files import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
+from shared_config.run_dir import TOKENIZER_FILE
+from shared_config.twins import twin
 
 
 def main(argv=None):
@@ -112,7 +114,7 @@ class HFTokenizer:
 
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
-    path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+    path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
     if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
         return HFTokenizer(path)
     if spec.V >= 256:
@@ -122,28 +124,12 @@ def load_tokenizer(weights: Path, spec):
 
 def load_backend(backend: str, weights, spec, attention: str):
     """The model in the chosen twin, and that twin's `stream`; float32 matmuls at full precision on every device."""
-    if backend == "jax":
-        import jax
-
-        import jax_model
-        from jax_model.generate import stream
-        from jax_model.attention import ATTENTION
-
-        jax.config.update("jax_default_matmul_precision", "highest")
-        twin = jax_model
-    else:
-        import torch
-
-        import torch_model
-        from torch_model.generate import stream
-        from torch_model.attention import ATTENTION
-
-        torch.backends.cuda.matmul.allow_tf32 = False
-        twin = torch_model
+    twin(backend, "precision").exact_float32()
+    ATTENTION = twin(backend, "attention").ATTENTION
     if attention not in ATTENTION:
         raise UsageError(f"--attention {attention} is not offered by the {backend} twin (one of {', '.join(ATTENTION)})"
                          f"{did_you_mean(attention, ATTENTION)}")
-    return twin.from_weights(weights, spec, attention), stream
+    return twin(backend).from_weights(weights, spec, attention), twin(backend, "generate").stream
 
 
 class TextStream:

@@ -25,6 +25,7 @@ from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
+from shared_config.twins import twin
 
 
 @dataclass
@@ -62,26 +63,20 @@ def jax_run(weights, spec, tokens_BN):
     """Taps, logits, loss and canonical gradients of the JAX twin."""
     import jax.numpy as jnp
 
-    import jax_model
-    from jax_model.train import loss_and_grads
-
-    model, taps = jax_model.from_weights(weights, spec), {}
+    model, taps = twin("jax").from_weights(weights, spec), {}
     logits = model(jnp.asarray(tokens_BN[:, :-1]), taps=taps)
-    return to_numpy(taps), np.asarray(logits), *loss_and_grads(model, tokens_BN)
+    return to_numpy(taps), np.asarray(logits), *twin("jax", "train").loss_and_grads(model, tokens_BN)
 
 
 def torch_run(weights, spec, tokens_BN):
     """Taps, logits, loss and canonical gradients of the torch twin."""
     import torch
 
-    import torch_model
-    from torch_model.train import loss_and_grads
-
-    model, taps = torch_model.from_weights(weights, spec), {}
+    model, taps = twin("torch").from_weights(weights, spec), {}
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens_BN[:, :-1]), taps=taps)
     taps = {k: {n: x.float() for n, x in v.items()} if isinstance(v, dict) else v.float() for k, v in taps.items()}
-    return to_numpy(taps), logits.numpy(), *loss_and_grads(model, tokens_BN)
+    return to_numpy(taps), logits.numpy(), *twin("torch", "train").loss_and_grads(model, tokens_BN)
 
 
 def rounding_floors(weights, spec, tokens_BN, torch_taps, torch_logits) -> dict[str, float]:
@@ -105,14 +100,9 @@ def to_numpy(taps: dict) -> dict:
 
 def trajectories(weights, spec, cfg, progress):
     """Per-step losses and the final canonical weights of each twin, on the same batches."""
-    import jax_model
-    import torch_model
-    from jax_model import train as jax_train
-    from torch_model import train as torch_train
-
     out = {}
-    for name, twin, train in (("jax", jax_model, jax_train), ("torch", torch_model, torch_train)):
-        model = twin.from_weights(weights, spec)
+    for name in ("jax", "torch"):
+        model, train = twin(name).from_weights(weights, spec), twin(name, "train")
         state, step, losses = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
         for i in range(cfg.steps):
             state, metrics = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
@@ -265,11 +255,8 @@ def main(argv=None):
 
 
 def report(weights, spec, args, cfg) -> int:
-    import jax
-    import torch
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # true float32 matmuls on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    twin("jax", "precision").exact_float32()  # true float32 matmuls on every device
+    twin("torch", "precision").exact_float32()
     tokens_BN = synthetic_batch(args.seed, 0, args.batch, args.seq, spec.V)
     bf16 = spec.compute_dtype == "bfloat16"
     with progress_bar(total=2 + (cfg.steps * 2 if cfg else 0), desc="parity report", quiet=args.quiet) as progress:

@@ -19,7 +19,7 @@ import numpy as np
 
 from shared_config.cli import Parser, UsageError, run
 from shared_config.data import DataError, split_tokens
-from shared_config.io import atomic_dir
+from shared_config.files import atomic_dir
 
 LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
+from .files import CheckpointError
 from .hardware import HardwareError, jax_backend_failure
-from .io import CheckpointError
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
-from .spec import SpecError, did_you_mean
+from .config_file import SpecError, did_you_mean
 
 BAD_INPUT, ENVIRONMENT = 2, 3
 NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # a negative number is a value, not an option (argparse's own rule)
@@ -90,6 +90,16 @@ class Parser(argparse.ArgumentParser):
             if not (self.allow_abbrev and token.startswith("--") and any(o.startswith(name) for o in known)):
                 return name
         return None
+
+    def _get_option_tuples(self, option_string):
+        # An abbreviation of one option's several spellings (--bat: --batch-size, --batch) names that option: not
+        # ambiguous (argparse before Python 3.12.7 said it was).
+        tuples, actions = [], set()
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in actions:
+                actions.add(id(t[0]))
+                tuples.append(t)
+        return tuples
 
     def _check_value(self, action, value):
         try:

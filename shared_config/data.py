@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import CheckpointError, read_json
+from .files import CheckpointError, read_json
 
 BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
 

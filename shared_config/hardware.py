@@ -34,6 +34,34 @@ def check_kernel(attention: str, platform: str, asked: str) -> None:
                             "(auto picks the best kernel present)")
 
 
+GLA_KERNELS = ("auto", "pure", "pallas", "fla")  # the train config's `gla_kernel`, the bench's --gla-kernel
+GLA_KERNEL_TWIN = {"pallas": "jax", "fla": "torch"}  # each GPU kernel is one twin's (pure: both, everywhere)
+GLA_KERNEL_NAMES = {"pallas": "the JAX twin's Pallas kernel (jax_model/gla_kernel.py)",
+                    "fla": "flash-linear-attention's Triton chunk_gla (torch_model/gla_kernel.py)"}
+
+
+def resolve_gla_kernel(gla_kernel: str, twin: str, platform: str, fla_installed: bool = False) -> str:
+    """The GLA kernel `twin` ("jax" or "torch") runs for `gla_kernel` on `platform`: "auto" is that twin's GPU
+    kernel on a GPU (torch: when flash-linear-attention is installed) and the pure chunked form elsewhere.
+    Raises HardwareError for another twin's kernel, a GPU kernel off a GPU, or fla not installed."""
+    if gla_kernel == "auto":
+        gpu_kernel = {"jax": "pallas", "torch": "fla"}[twin]
+        return gpu_kernel if platform == "gpu" and (twin == "jax" or fla_installed) else "pure"
+    if gla_kernel == "pure":
+        return "pure"
+    if gla_kernel not in GLA_KERNEL_TWIN:
+        raise HardwareError(f"gla_kernel={gla_kernel!r} must be one of {', '.join(GLA_KERNELS)}")
+    if GLA_KERNEL_TWIN[gla_kernel] != twin:
+        raise HardwareError(f"gla_kernel={gla_kernel} is {GLA_KERNEL_NAMES[gla_kernel]}; the {twin} twin runs "
+                            f"auto, pure or {next(k for k, t in GLA_KERNEL_TWIN.items() if t == twin)}")
+    if platform != "gpu":
+        raise HardwareError(f"gla_kernel={gla_kernel} is {GLA_KERNEL_NAMES[gla_kernel]}: it needs a GPU, and this "
+                            f"process runs on {PLATFORM_NAMES.get(platform, platform)} (auto picks the pure form)")
+    if gla_kernel == "fla" and not fla_installed:
+        raise HardwareError("gla_kernel=fla needs flash-linear-attention: pip install -e '.[gla]'")
+    return gla_kernel
+
+
 def jax_platforms_error(e: BaseException) -> HardwareError:
     """The one-line error for JAX failing to start its backend, naming JAX_PLATFORMS when that asked for it
     (JAX_PLATFORMS=cuda without the CUDA plugin fails inside JAX with a bare AssertionError)."""

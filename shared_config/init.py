@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io import np_dtype
+from .formats.checks import np_dtype
 from .layout import Tensor, layout
 from .placement import deepnorm_beta
 from .spec import ModelSpec

@@ -1,7 +1,7 @@
 """Data-parallel and fully-sharded training, framework-neutral: which dimension of each canonical tensor
 is sharded, and how a global batch is split (no numpy, no framework).
 
-Both twins read these rules, written once against the layout table: jax_model/sharding.py turns
+Both twins read these rules, written once against the layout table: jax_model/distributed.py turns
 them into `PartitionSpec`s over the `fsdp` axis of a device mesh, torch_model/distributed.py into
 FSDP2 `Shard` placements and each rank's rows.
 """
@@ -9,7 +9,7 @@ FSDP2 `Shard` placements and each rank's rows.
 from __future__ import annotations
 
 from .layout import Tensor
-from .spec import SpecError, did_you_mean
+from .config_file import SpecError, did_you_mean
 
 AXES = ("data", "fsdp")
 

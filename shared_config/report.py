@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_write
+from .files import atomic_write
 
 
 def write_report(path: str | Path | None, report: dict, *, complete: bool) -> None:

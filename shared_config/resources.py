@@ -13,7 +13,8 @@ import resource
 from pathlib import Path
 
 from .layout import layout
-from .spec import ModelSpec, SpecError
+from .config_file import SpecError
+from .spec import ModelSpec
 
 GB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}

@@ -26,22 +26,34 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .io import (
-    CheckpointError, atomic_dir, atomic_write, check_tensors, load_checkpoint, read_header, read_json,
-    read_safetensors, recover, save_checkpoint, save_safetensors, spec_from_json, umask, write_errors,
-)
+from .files import CheckpointError, atomic_dir, atomic_write, read_json, recover, umask, write_errors
+from .formats.checks import check_tensors, spec_from_json
+from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
-from .train_config import MEMORY_OPTIONS
+from .train_config import COMPUTE_OPTIONS
 
+# Every name a run directory holds (the layout above); no other module spells them.
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.json"  # in OUT and in each checkpoint
+LOCK_FILE = ".lock"
+WEIGHTS_FILE = "model.safetensors"  # in each checkpoint, as the files below
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 CHECKPOINT = re.compile(r"step-(\d{8})")
 MOMENTS = ("m", "v")  # AdamW's first and second moments, named as in the train state
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory, read off its name."""
+    return int(CHECKPOINT.fullmatch(path.name).group(1))
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -62,14 +74,14 @@ def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, i
     step = train_state["step"]
     path = Path(out) / checkpoint_name(step)
     with atomic_dir(path, overwrite=True) as tmp:
-        save_checkpoint(tmp / "model.safetensors", train_state["weights"], spec)
+        save_checkpoint(tmp / WEIGHTS_FILE, train_state["weights"], spec)
         moments = {f"{key}.{name}": np.ascontiguousarray(x) for key in MOMENTS for name, x in train_state[key].items()}
-        with write_errors(tmp / "optimizer.safetensors"):
-            save_safetensors(moments, tmp / "optimizer.safetensors", {"format": "twinlm-adamw", "step": str(step)})
-        os.chmod(tmp / "optimizer.safetensors", 0o666 & ~umask())  # save_file creates it 0600
-        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
+        with write_errors(tmp / OPTIMIZER_FILE):
+            save_safetensors(moments, tmp / OPTIMIZER_FILE, {"format": "twinlm-adamw", "step": str(step)})
+        os.chmod(tmp / OPTIMIZER_FILE, 0o666 & ~umask())  # save_file creates it 0600
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return path
 
 
@@ -78,7 +90,7 @@ def read_state(path: str | Path) -> dict:
     equal model.safetensors' and its step optimizer.safetensors' and its data position's (only headers are read).
     An edited copy is refused, naming both values, rather than trained on with another architecture."""
     path = Path(path)
-    state_file = path / "state.json"
+    state_file = path / STATE_FILE
     info = read_json(state_file)
     if not isinstance(info.get("step"), int) or isinstance(info["step"], bool) or info["step"] < 0:
         raise CheckpointError(f"{state_file}: 'step' must be an integer >= 0")
@@ -87,13 +99,13 @@ def read_state(path: str | Path) -> dict:
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
     if "spec" in info:
         state_spec = spec_from_json(json.dumps(info["spec"]), state_file, "spec")
-        model_spec = spec_from_json(_metadata(path / "model.safetensors").get("spec", "null"),
-                                    path / "model.safetensors", "spec in metadata")
+        model_spec = spec_from_json(_metadata(path / WEIGHTS_FILE).get("spec", "null"),
+                                    path / WEIGHTS_FILE, "spec in metadata")
         if diffs := _differences(state_spec.to_dict(), model_spec.to_dict()):
             raise CheckpointError(f"{path}: state.json and model.safetensors record different specs: "
                                   + "; ".join(f"{k}: state.json {a} vs model.safetensors {b}" for k, a, b in diffs))
     position = info.get("data_position", {})
-    copies = {"optimizer.safetensors": _metadata(path / "optimizer.safetensors").get("step")}
+    copies = {OPTIMIZER_FILE: _metadata(path / OPTIMIZER_FILE).get("step")}
     if "step" in position:
         copies["state.json data_position"] = position["step"]
     for where, step in copies.items():
@@ -102,7 +114,7 @@ def read_state(path: str | Path) -> dict:
     if "seed" in position and position["seed"] != info.get("train_config", {}).get("seed"):
         raise CheckpointError(f"{state_file}: data_position seed {quote(position.get('seed'))} vs train_config seed "
                               f"{quote(info['train_config'].get('seed'))}")
-    check_run_json(path.parent / "run.json", info, state_file)
+    check_run_json(path.parent / RUN_FILE, info, state_file)
     return info
 
 
@@ -118,7 +130,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
             continue
         if not isinstance(run.get(key), dict):
             raise CheckpointError(f"{run_json}: missing {key}")
-        skip = ("steps", *MEMORY_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
+        skip = ("steps", *COMPUTE_OPTIONS) if key == "train_config" else ("source",) if key == "data" else ()
         # data's floats (the entropy rate) are recomputed by each process: never compared for identity
         a, b = ({k: v for k, v in d.items() if k not in skip and not (key == "data" and isinstance(v, float))}
                 for d in (run[key], info[key]))
@@ -144,9 +156,9 @@ def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
     """The canonical train state, the spec and state.json of a checkpoint directory, everything checked."""
     path = Path(path)
     info = read_state(path)
-    weights, spec = load_checkpoint(path / "model.safetensors")
-    moments, meta = read_safetensors(path / "optimizer.safetensors")
-    check_moments(moments, spec, path / "optimizer.safetensors")
+    weights, spec = load_checkpoint(path / WEIGHTS_FILE)
+    moments, meta = read_safetensors(path / OPTIMIZER_FILE)
+    check_moments(moments, spec, path / OPTIMIZER_FILE)
     state = {"step": info["step"], "weights": weights}
     state.update({key: {t.name: moments[f"{key}.{t.name}"] for t in layout(spec)} for key in MOMENTS})
     return state, spec, info
@@ -170,6 +182,17 @@ def prune_checkpoints(out: str | Path, keep: int) -> None:
 
 def write_json(path: str | Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def write_run_info(out: str | Path, info: dict) -> None:
+    """OUT/run.json: what the run is (spec, train config, data, command), written at its start."""
+    write_json(Path(out) / RUN_FILE, info)
+
+
+def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
+    """OUT/tokenizer.json: the data's tokenizer, beside the run's metrics (atomically)."""
+    text = Path(tokenizer).read_bytes()
+    atomic_write(Path(out) / TOKENIZER_FILE, lambda tmp: Path(tmp).write_bytes(text))
 
 
 def append_metrics(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -226,7 +249,7 @@ def lock_run(out: str | Path) -> Iterator[None]:
     truncates the file and so would erase the holder's PID)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,22 +7,15 @@ Derived values (`K`, `E`, ...) are read-only properties, never written back into
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping
 
-import yaml
-
-from .limits import MAX_YAML_BYTES, LimitError, parse_yaml, quote, read_capped
+from .config_file import SpecError, check_type, from_mapping, load_preset_or_file, yaml_names
 
 SPECS_DIR = Path(__file__).parent / "specs"
-
-
-class SpecError(ValueError):
-    """A spec (or train config) that breaks a rule; the message names the field, the value and the rule."""
 
 
 # Accepted values of each enum field; aliases map to the name used everywhere in the code.
@@ -106,7 +99,7 @@ class ModelSpec:
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(self, f.name, _check_type(f, getattr(self, f.name)))
+            object.__setattr__(self, f.name, check_type(f, getattr(self, f.name), CHOICES, ALIASES))
         _check_rules(self)
 
     # Derived sizes, in the notation of the model files.
@@ -203,63 +196,6 @@ class ModelSpec:
         return from_mapping(cls, d, "spec")
 
 
-def from_mapping(cls, d: Mapping[str, Any], what: str):
-    """`cls(**d)` for a dataclass of checked fields, once `d` is a mapping of known keys holding every required one."""
-    if not isinstance(d, Mapping):
-        raise SpecError(f"a {what} must be a mapping of keys to values, got {type(d).__name__}")
-    check_keys(d, [f.name for f in fields(cls)], what)
-    missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
-    if missing:
-        raise SpecError(f"{what} is missing required key(s): {', '.join(missing)}")
-    return cls(**d)
-
-
-def did_you_mean(name: Any, valid: Iterable[str], cutoff: float = 0.5) -> str:
-    """` (did you mean 'x'?)` for the valid name closest to `name` (difflib's ratio >= cutoff), else ''. For every
-    error that looks a name up: keys, presets, choices, options."""
-    close = difflib.get_close_matches(str(name)[:100], [str(v) for v in valid], n=1, cutoff=cutoff)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
-    """Reject unknown keys, suggesting the closest valid one."""
-    for key in d:
-        if key not in valid:
-            shown = quote(str(key))[1:-1]  # a hostile key may be megabytes long
-            hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
-            raise SpecError(f"unknown {what} key '{shown}'{hint}")
-
-
-def _check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple] = CHOICES) -> Any:
-    """Check one field's type against its annotation (enum fields against `choices`); normalize aliases and ints given for floats."""
-    name, kind = f.name, f.type
-    if value is None and "None" in kind:
-        return None
-    if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{name}={quote(value)} must be an integer")
-        return value
-    if kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(f"{name}={quote(value)} must be a finite number")
-        return float(value)
-    if kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise SpecError(f"{name}={quote(value)} must be true or false")
-        return value
-    if not isinstance(value, str):
-        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
-    value = ALIASES.get(name, {}).get(value, value)
-    if value not in choices[name]:
-        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}{did_you_mean(value, choices[name])}")
-    return value
-
-
 def _check_rules(s: ModelSpec) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
         if getattr(s, name) <= 0:
@@ -316,7 +252,7 @@ def _check_gla_rules(s: ModelSpec) -> None:
                         "pre, peri, post or pre_post")
 
 
-# --- norm placements (issue 18) ---------------------------------------------------------------------
+# --- norm placements (shared_config/placement.py) ------------------------------------------------------
 def _check_placement_rules(s: ModelSpec) -> None:
     if s.norm_placement == "deepnorm" and s.residual_scaling:
         raise SpecError(
@@ -328,8 +264,6 @@ def _check_placement_rules(s: ModelSpec) -> None:
             f"qk_norm=true is not allowed with norm_placement={s.norm_placement}: HybridNorm already normalises "
             "Q, K and V per head (leave qk_norm false)"
         )
-
-
 
 
 def _check_routing(s: ModelSpec) -> None:
@@ -353,28 +287,6 @@ def _check_routing(s: ModelSpec) -> None:
         raise SpecError(f"routing={s.routing} with routing_layers={s.routing_layers} needs n_layers >= 2, got {s.L}")
 
 
-def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
-    """Read a YAML mapping within the limits of `shared_config.limits` (size, nesting, aliases), turning parse
-    errors into one-line errors."""
-    try:
-        d = parse_yaml(read_capped(source, MAX_YAML_BYTES, f"{what} file").decode("utf-8"))
-    except OSError as e:
-        raise SpecError(f"cannot read {what} file {source}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{what} file {source} is not UTF-8 text") from None
-    except LimitError as e:
-        raise SpecError(f"{what} file {source}: {str(e).removeprefix(f'{source}: ')}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{what} file {source} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise SpecError(f"{what} file {source} must hold a mapping of keys to values")
-    return d
-
-
-def preset_names(presets: Path = SPECS_DIR) -> list[str]:
-    return sorted(p.stem for p in presets.glob("*.yaml"))
-
-
 def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
     """A spec from a preset name (`tiny`), a YAML path, a dict, or a spec."""
     if isinstance(source, ModelSpec):
@@ -384,30 +296,8 @@ def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
     return load_preset_or_file(source, SPECS_DIR, "spec", ModelSpec.from_dict)
 
 
-def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict: Callable[[dict], Any]) -> Any:
-    """`from_dict` of the YAML that a preset name (a file in `presets`) or a path names; errors name the file."""
-    path = Path(source)
-    if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
-        path = presets / f"{source}.yaml"
-    elif not path.is_file():
-        names = preset_names(presets)
-        raise SpecError(f"no {what} preset or file named {quote(str(source))}{did_you_mean(source, names)}; "
-                        f"presets: {', '.join(names)}")
-    try:
-        return from_dict(load_yaml(path, what))
-    except SpecError as e:
-        raise SpecError(f"{path}: {e}") from None
+def preset_names() -> list[str]:
+    """The spec presets shipped in shared_config/specs (`tiny`, `small`, `llama-1b`, ...)."""
+    return yaml_names(SPECS_DIR)
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`--set key=value` items as a dict, values parsed as YAML scalars (`8`, `1e-5`, `true`, `dyt`)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--set {quote(item)} must look like key=value")
-        try:
-            out[key.strip()] = parse_yaml(value) if value.strip() else value
-        except (yaml.YAMLError, LimitError):
-            raise SpecError(f"--set {quote(item)}: the value is not a YAML scalar") from None
-    return out

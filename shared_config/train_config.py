@@ -17,14 +17,18 @@ from typing import Any, Mapping
 import numpy as np
 
 from .layout import Tensor
-from .spec import CHOICES, ModelSpec, SpecError, _check_type, from_mapping, load_preset_or_file, preset_names
+from .config_file import SpecError, check_type, from_mapping, load_preset_or_file, yaml_names
+from .hardware import GLA_KERNELS
+from .spec import CHOICES, ModelSpec
 
 TRAIN_DIR = Path(__file__).parent / "train"
 
 TRAIN_CHOICES = {"schedule": ("constant", "cosine", "linear"), "compute_dtype": CHOICES["compute_dtype"],
-                 "remat": ("none", "block", "full")}
-# Options that change a step's memory, not its math (README, "Training bigger models"): a resumed run may change them
+                 "remat": ("none", "block", "full"), "gla_kernel": GLA_KERNELS}
+# Options that change a step's memory, or the kernels it runs, not its math (docs/training.md): a resumed run may
+# change them
 MEMORY_OPTIONS = ("grad_accum_steps", "remat", "loss_chunk")
+COMPUTE_OPTIONS = (*MEMORY_OPTIONS, "gla_kernel")
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,16 @@ class TrainConfig:
     # memory (MEMORY_OPTIONS): the same update at float32's rounding, less memory
     grad_accum_steps: int = 1  # one update over batch_size rows, run as this many micro-batches of batch_size / it rows
     remat: str = "none"  # recompute in the backward, per block: "block" all but the matmuls' outputs, "full" everything
-    loss_chunk: int = 0  # LM head + cross-entropy over chunks of this many tokens (0: all at once)
+    loss_chunk: int = 0  # LM head + cross-entropy fused over chunks of this many tokens (0: all at once)
+    # the GLA layers' kernel (mixer: gla): auto, pure, pallas (the JAX twin, GPU) or fla (the torch twin, GPU)
+    gla_kernel: str = "auto"
     # --- conditional computation (routing.py): auxiliary loss weights, read by routed specs only ---
     router_predictor_loss_weight: float = 1.0  # × the routed blocks' mean BCE of the causal predictor vs top-k
     dtf_prior_loss_weight: float = 0.05  # × the dynamic blocks' mean MSE(H_prior, stopgrad(H_post))
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(self, f.name, _check_type(f, getattr(self, f.name), TRAIN_CHOICES))
+            object.__setattr__(self, f.name, check_type(f, getattr(self, f.name), TRAIN_CHOICES))
         _check_rules(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def _check_rules(c: TrainConfig) -> None:
 
 
 def train_preset_names() -> list[str]:
-    return preset_names(TRAIN_DIR)
+    return yaml_names(TRAIN_DIR)
 
 
 def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:

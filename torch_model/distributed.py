@@ -1,5 +1,5 @@
 """Data-parallel (DDP) and fully-sharded (FSDP2) training of the PyTorch twin on torch.distributed,
-launched by torchrun; jax_model/sharding.py is the JAX counterpart, and both read the rules in
+launched by torchrun; jax_model/distributed.py is the JAX counterpart, and both read the rules in
 shared_config.parallel.
 
     device = init_distributed()                                  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK

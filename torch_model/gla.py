@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_config import ModelSpec
+from shared_config.hardware import resolve_gla_kernel
 
+from .attention import device_platform
+from .gla_kernel import GATE_FLOOR, fla_gla, fla_installed
 from .layers import DTYPES, Linear, RMSNorm, make_norm
 
 CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
 SUB = 16  # tokens per sub-chunk: the diagonal blocks' size, as flash-linear-attention's chunk_gla
-GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
 
 
 class GLAState(NamedTuple):
@@ -85,8 +87,8 @@ def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
 
     Chunks of C tokens carry the state; each chunk is split into n sub-chunks of c = 16 tokens. The decay from
     token j to token i ≥ j is exp(Σ_{j<s≤i} log α_s); every exponent is a sum of log-gates taken directly, never
-    the difference of two cumulative sums (which cancels after one very negative gate: flash-linear-attention
-    issue #20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
+    the difference of two cumulative sums (which cancels after one very negative gate: github.com/fla-org/
+    flash-linear-attention/issues/20), and every exponent is ≤ 0, so nothing overflows for any gate down to −inf:
       - sub-chunk I from an earlier sub-chunk J: matmuls of q_i·exp(b_i − b_ref) and k_j·exp(b_ref − b_j), b_ref
         the cumulative gate at I's start;
       - within a sub-chunk: the exponents of the c(c+1)/2 pairs j ≤ i only [P, K] (the masked-before-exp form
@@ -146,7 +148,7 @@ class GLA(nn.Module):
         super().__init__()
         D, dk, dv, R = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
         self.H, self.K, self.V = spec.H, spec.Kh, spec.Vh
-        self.normalizer, self.chunk = spec.gla_gate_normalizer, CHUNK
+        self.normalizer, self.chunk, self.kernel = spec.gla_gate_normalizer, CHUNK, "pure"
         self.q_proj = Linear(D, dk, spec)
         self.k_proj = Linear(D, dk, spec)
         self.v_proj = Linear(D, dv, spec)
@@ -170,7 +172,9 @@ class GLA(nn.Module):
             valid_BHT1 = torch.any(mask_BTS, dim=-1)[:, None, :, None]
             k_BHTK, g_BHTK = torch.where(valid_BHT1, k_BHTK, 0.0), torch.where(valid_BHT1, g_BHTK, 0.0)
         S_BHKV = x_BTD.new_zeros((B, H, K, V), dtype=torch.float32) if state is None else state.S_BHKV
-        if self.chunk and T > 1:
+        if self.chunk and T > 1 and self.kernel == "fla":
+            o_BHTV, S_BHKV = fla_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
+        elif self.chunk and T > 1:
             o_BHTV, S_BHKV = chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, self.chunk)
         else:
             o_BHTV, S_BHKV = recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
@@ -187,3 +191,14 @@ def set_chunk(model: nn.Module, chunk: int) -> None:
     for module in model.modules():
         if isinstance(module, GLA):
             module.chunk = chunk
+
+
+def set_kernel(model: nn.Module, gla_kernel: str) -> str:
+    """Run every GLA layer of `model` with `gla_kernel` (the train config's key: auto, pure, pallas or fla),
+    resolved for this twin and machine (shared_config.hardware.resolve_gla_kernel, which raises HardwareError for
+    a kernel not here); returns the kernel that runs. Decoding (one token at a time) stays the recurrence."""
+    kernel = resolve_gla_kernel(gla_kernel, "torch", device_platform(), fla_installed())
+    for module in model.modules():
+        if isinstance(module, GLA):
+            module.kernel = kernel
+    return kernel

@@ -28,7 +28,12 @@ class Linear(nn.Linear):
         pass  # weights are drawn after construction, from the layout table
 
     def forward(self, x):
-        return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+        return linear(x, self.weight, self.compute_dtype)
+
+
+def linear(x_BTD, w_FD, dtype):
+    """x · Wᵀ [.., D] x [F, D] -> [.., F] in `dtype` (nn.Linear's matmul, W stored [out, in])."""
+    return F.linear(x_BTD.to(dtype), w_FD.to(dtype))
 
 
 class RMSNorm(nn.Module):
@@ -125,9 +130,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.F, spec.D, spec)
 
     def forward(self, x_BTD):
-        up_BTF = self.up_proj(x_BTD).to(torch.float32)  # activation in float32
-        if self.kind == "swiglu":
-            h_BTF = F.silu(self.gate_proj(x_BTD).to(torch.float32)) * up_BTF
+        if self.kind == "swiglu":  # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+            w_2FD = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            gate_BTF, up_BTF = linear(x_BTD, w_2FD, self.up_proj.compute_dtype).to(torch.float32).chunk(2, dim=-1)  # in float32
+            h_BTF = F.silu(gate_BTF) * up_BTF
         else:
-            h_BTF = ACTIVATIONS[self.kind](up_BTF)
+            h_BTF = ACTIVATIONS[self.kind](self.up_proj(x_BTD).to(torch.float32))  # activation in float32
         return self.down_proj(h_BTF.to(x_BTD.dtype))

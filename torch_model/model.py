@@ -154,6 +154,13 @@ class Transformer(nn.Module):
             logits_BTV = self.lm_head(x_BTD)
         return logits_BTV.to(torch.float32)  # logits in float32
 
+    def head_weight(self):
+        """The LM head's weight [V, D] in the parameter dtype: lm_head's, or the tied embeddings (what `head`
+        multiplies by, for head_loss.fused_head_loss)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight  # nn.Linear stores [V, D]
+
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec, w = self.spec, self.model.embed_tokens.weight  # w: new tensors go to the model's device

@@ -27,10 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
+from .head_loss import fused_head_loss
+from .layers import DTYPES
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -62,22 +63,17 @@ def next_token_loss(logits_BTV, targets_BT, weights_BT, count=None):
     return torch.sum((logz_BT - target_logit_BT) * weights_BT) / count
 
 
-def chunked_next_token_loss(head, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
-    """next_token_loss(head(x_BTD), ...) with the head and the loss run over `chunk` tokens at a time: one chunk's
-    float32 logits [chunk, V] exist at once, forward and backward (torch.utils.checkpoint: each chunk's are
-    recomputed in the backward), never the whole [B·T, V]. The chunks' sums add up in a loop; the last chunk is
-    shorter (jax_model pads it with weight 0: the same sum)."""
-    x_MD, targets_M, weights_M = x_BTD.flatten(0, 1), targets_BT.flatten(), weights_BT.flatten()
-
-    def chunk_sum(x_cD, targets_c, weights_c):
-        return next_token_loss(head(x_cD), targets_c, weights_c, 1.0)  # count 1: the chunk's sum
-
-    total = torch.zeros((), dtype=torch.float32, device=x_MD.device)
-    for s in range(0, targets_M.shape[0], chunk):
-        part = (x_MD[s : s + chunk], targets_M[s : s + chunk], weights_M[s : s + chunk])
-        total = total + checkpoint(chunk_sum, *part, use_reentrant=False)
+def chunked_next_token_loss(model, x_BTD, targets_BT, weights_BT, count=None, chunk: int = 1024):
+    """next_token_loss(model.head(x_BTD), ...) with the LM head and the loss fused over `chunk` tokens at a time
+    (head_loss.fused_head_loss): one chunk's float32 logits [chunk, V] exist at once, their gradient is taken in
+    the forward pass, and the backward neither keeps nor recomputes logits."""
+    D = x_BTD.shape[-1]
+    x_MD, targets_M, weights_M = x_BTD.reshape(-1, D), targets_BT.reshape(-1), weights_BT.reshape(-1)
+    chunk = min(chunk, targets_M.shape[0])  # never padded past the tokens there are
+    dtype = DTYPES[model.spec.compute_dtype]
     count = torch.clamp(torch.sum(weights_BT), min=1.0) if count is None else count
-    return total / count
+    # the weights divided by the count before the sum, as autodiff scales the logits' gradient of the plain loss
+    return fused_head_loss(x_MD, model.head_weight(), targets_M, weights_M.to(torch.float32) / count, chunk, dtype)
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
@@ -93,7 +89,7 @@ def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | No
         loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
         x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
-        loss = chunked_next_token_loss(unwrapped(model).head, x_BTD, targets_BT, weights_BT, count, loss_chunk)
+        loss = chunked_next_token_loss(unwrapped(model), x_BTD, targets_BT, weights_BT, count, loss_chunk)
     return loss + share * routing_loss(aux, cfg, metrics)
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-import shared_config.io
+import shared_config.files
+import shared_config.formats.safetensors
 import torch_model
 from shared_config import CheckpointError, SpecError, init_weights, run_dir, save_checkpoint
-from shared_config.hf import config_from_spec
+from shared_config.formats.hf import config_from_spec
 from shared_config.resources import ResourceError
 
 from ..support.common import load_script, make_spec, one_line_error, run_script
@@ -264,7 +265,7 @@ def test_bad_hugging_face_config(hf_dir, name):
 ], ids=["truncated", "not-utf8", "a-list"])
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
 def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
-    """config.json and the shard index (shared_config.io.read_json, which run directories use too)."""
+    """config.json and the shard index (shared_config.files.read_json, which run directories use too)."""
     path = hf_dir / name
     if name.endswith("index.json"):
         (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
@@ -300,10 +301,10 @@ def crash(*args, **kwargs):
 
 # target format: (the module attribute that writes its bytes, DST)
 WRITES = {
-    "safetensors": ((shared_config.io, "save_file"), "out.safetensors"),
+    "safetensors": ((shared_config.formats.safetensors, "save_file"), "out.safetensors"),
     "torch": ((torch, "save"), "out.pt"),
     "flax": ((ocp.StandardCheckpointer, "save"), "out-flax"),
-    "hf": ((shared_config.io, "save_file"), "out-hf"),  # after config.json is written
+    "hf": ((shared_config.formats.safetensors, "save_file"), "out-hf"),  # after config.json is written
 }
 
 
@@ -345,7 +346,7 @@ def test_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch, 
             raise OSError(errno.EIO, "Input/output error")
         return False
 
-    monkeypatch.setattr(shared_config.io, "_exchange", exchange)
+    monkeypatch.setattr(shared_config.files, "_exchange", exchange)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(ResourceError, match="cannot write: Input/output error"):
         convert(src, tmp_path / "out-hf", to="hf", force=True)
@@ -396,7 +397,7 @@ def _train_checkpoint(tmp_path) -> Path:
 
 
 def _rewrite_moments(path: Path, change) -> None:
-    moments, meta = shared_config.io.read_safetensors(path / "optimizer.safetensors")
+    moments, meta = shared_config.formats.safetensors.read_safetensors(path / "optimizer.safetensors")
     change(moments, meta)
     save_file(moments, path / "optimizer.safetensors", metadata=meta)
 

@@ -14,7 +14,7 @@ import jax_model
 import torch_model
 from shared_config import CheckpointError, init_weights, read_safetensors, save_checkpoint
 from shared_config.cli import UsageError
-from shared_config.hf import unsupported_options
+from shared_config.formats.hf import unsupported_options
 
 from ..support.common import file_bytes_equal, load_script, make_spec, parity_weights, run_script
 
@@ -30,7 +30,7 @@ SPECS = {
     "dyt_peri_learned_bias": {"norm_type": "dyt", "norm_placement": "peri", "position": "learned", "norm_bias": True,
                               "embed_scale": "learnable"},
     "derf_post_gelu": {"norm_type": "derf", "norm_placement": "post", "mlp": "gelu", "tie_embeddings": True},
-    # issue 18's placements: unused slots absent, v_norm present, the spec's resolved residual_scaling kept
+    # the norm placements: unused slots absent, v_norm present, the spec's resolved residual_scaling kept
     "dyt_deepnorm_xavier": {"norm_type": "dyt", "norm_placement": "deepnorm", "init_scheme": "xavier_normal"},
     "rms_hybrid_unfused": {"norm_placement": "hybrid", "fused_qkv": False},
     "derf_hybrid_star_bias": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},

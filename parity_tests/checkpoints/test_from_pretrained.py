@@ -17,12 +17,12 @@ import jax_model
 import torch_model
 from shared_config import CheckpointError, save_checkpoint
 from shared_config.formats import read_checkpoint
+from shared_config.run import read_init
 
 from ..support.common import ROOT, checkout_env, load_script, make_spec, parity_weights
 
 convert = load_script("convert")
 generate = load_script("generate")
-train = load_script("train")
 TWINS = {"jax": jax_model, "torch": torch_model}
 
 
@@ -59,7 +59,7 @@ def test_from_pretrained_reads_every_format(formats, twin, fmt):
 
 def test_command_line_loaders_accept_a_run_step_directory(formats):
     spec, weights, paths = formats
-    for loader in (generate.load_weights, train.read_init):
+    for loader in (generate.load_weights, read_init):
         got, got_spec = loader(paths["run step"], None)
         assert got_spec == spec and all(np.array_equal(got[n], weights[n]) for n in weights)
 
@@ -85,7 +85,7 @@ def test_derived_buffers_are_ignored_with_a_note_everywhere(formats, tmp_path, c
     loaders = [
         lambda: convert.convert(hf, tmp_path / "out.safetensors"),
         lambda: generate.load_weights(hf),
-        lambda: train.read_init(hf, None),
+        lambda: read_init(hf, None),
         lambda: jax_model.from_pretrained(hf),
         lambda: torch_model.from_pretrained(hf),
         lambda: read_checkpoint(tmp_path / "bare.pt", spec),

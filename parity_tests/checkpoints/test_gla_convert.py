@@ -9,7 +9,7 @@ import pytest
 
 import torch_model
 from shared_config import CheckpointError, init_weights, load_spec, read_safetensors, save_checkpoint
-from shared_config.fla import fla_name
+from shared_config.formats.fla import fla_name
 
 from ..support.common import file_bytes_equal, load_script, make_spec, one_line_error, run_script
 

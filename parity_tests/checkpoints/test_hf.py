@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from shared_config import CheckpointError, layout, load_checkpoint, np_dtype, save_checkpoint
-from shared_config.hf import config_from_spec
+from shared_config.formats.hf import config_from_spec
 
 from ..support.common import FORWARD_TOL, jax_logits, load_script, make_spec, parity_weights, rel_err, tokens, torch_logits
 
@@ -151,7 +151,7 @@ def test_export_refuses_the_literature_placements_by_name(tmp_path, placement):
 
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("qwen3", "Qwen3Config")])
 def test_the_defaults_table_holds_transformers_defaults(model_type, config_class):
-    from shared_config.config_json import DEFAULTS
+    from shared_config.formats.config_json import DEFAULTS
 
     config = getattr(transformers, config_class)()
     for key, default in DEFAULTS[model_type].items():

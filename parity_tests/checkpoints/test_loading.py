@@ -94,7 +94,7 @@ def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):
     with pytest.raises(CheckpointError, match="missing keys: model.norm.weight"):
         save_checkpoint(path, w, spec)
 
-    import shared_config.io as io
+    import shared_config.formats.safetensors as io
     from shared_config.resources import ResourceError
 
     def crash(tensors, filename, metadata=None):

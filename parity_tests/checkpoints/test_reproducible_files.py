@@ -8,7 +8,7 @@ import pytest
 
 from shared_config import init_weights, read_safetensors, save_checkpoint, save_safetensors
 from shared_config import run_dir
-from shared_config.io import read_header
+from shared_config.formats.safetensors import read_header
 
 from ..support.common import load_script, make_spec
 

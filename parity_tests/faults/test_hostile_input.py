@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-import shared_config.io
+import shared_config.files
+import shared_config.formats.safetensors
 from shared_config import CheckpointError, SpecError, init_weights, layout, load_spec, run_dir, save_checkpoint
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
@@ -144,7 +145,7 @@ def test_activations_count_against_host_memory_only_without_an_accelerator(monke
 
 
 def test_a_canonical_file_whose_spec_claims_ten_million_layers_is_refused_before_its_layout_is_built(canonical):
-    spec = json.loads(shared_config.io.read_header(canonical)["__metadata__"]["spec"])
+    spec = json.loads(shared_config.formats.safetensors.read_header(canonical)["__metadata__"]["spec"])
     huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"), json.dumps({**spec, "n_layers": 10**7}))
     raised, peak = peak_memory(lambda: convert(huge, canonical.with_name("out.pt")))
     assert isinstance(raised, CheckpointError), raised
@@ -456,18 +457,13 @@ def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch,
         cli_run(compare.main, ["--backend", "torch", "--batch", "2", "--seq", "8"])
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch or --seq"]
+    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch-size or --seq-len"]
 
 
 def _bench(name: str):
-    import importlib.util
+    import importlib
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")
 
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"),
@@ -484,7 +480,7 @@ def test_any_out_of_memory_is_one_line_exit_3(capsys, error):
 
 
 def test_a_float64_past_float32s_range_is_refused_without_a_warning(tmp_path, canonical):
-    weights, _ = shared_config.io.read_safetensors(canonical)
+    weights, _ = shared_config.formats.safetensors.read_safetensors(canonical)
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
     weights["model.norm.weight"][0] = 1e300
     src = tmp_path / "f64.safetensors"
@@ -529,7 +525,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, canonical):
     driver.write_text(f"""
 import sys, time
 sys.argv = ["convert", {str(canonical)!r}, {str(tmp_path / 'out.safetensors')!r}]
-import shared_config.io as io
+import shared_config.formats.safetensors as io
 from shared_config.cli import run
 def slow(tensors, path, metadata=None):
     open(path, "wb").write(b"partial")
@@ -558,7 +554,7 @@ def test_a_replace_cut_between_its_renames_is_recovered_never_deleted(tmp_path, 
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shared_config.io, "save_file", crash)
+    monkeypatch.setattr(shared_config.formats.safetensors, "save_file", crash)
     with pytest.raises(ResourceError):  # the rerun fails too: the old copy must be back, not deleted
         convert(canonical, dst, to="hf", force=True)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
@@ -616,7 +612,7 @@ def test_a_reader_that_finds_only_the_moved_aside_copy_puts_it_back(tmp_path, ca
 
 
 def test_without_the_exchange_a_replace_falls_back_to_two_renames(tmp_path, canonical, monkeypatch):
-    monkeypatch.setattr(shared_config.io, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    monkeypatch.setattr(shared_config.files, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
     dst = tmp_path / "out-hf"
     convert(canonical, dst, to="hf")
     convert(tmp_path / "m.safetensors", dst, to="hf", force=True)
@@ -826,7 +822,7 @@ def test_zero_and_empty_arguments_are_checked_not_defaulted(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             _bench(tool).main(["--seq", "0"])
         assert e.value.code == 2
-        assert capsys.readouterr().err == "error: argument --seq: must be an integer >= 1, got 0\n"
+        assert capsys.readouterr().err == "error: argument --seq-len/--seq: must be an integer >= 1, got 0\n"
     one_line(run_script("train", "--backend", "torch", "--spec", "", "--out", tmp_path / "r", "--quiet"), 2,
              "no spec preset or file named ''")
     assert not (tmp_path / "r").exists()
@@ -873,10 +869,10 @@ def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
     sub-chunks) gives both twins the float64 recurrence's logits, and finite gradients on which they agree."""
     from shared_config.parity import FORWARD_TOL, GRAD_TOL, max_rel, rel_err
 
-    from . import reference
-    from .common import tokens
-    from .test_gla import both_logits, gla_spec, gla_weights
-    from .train_common import both_loss_and_grads
+    from ..support import reference
+    from ..support.common import tokens
+    from ..model.test_gla import both_logits, gla_spec, gla_weights
+    from ..support.train_common import both_loss_and_grads
 
     spec = gla_spec(norm_type="dyt")
     w = gla_weights(spec)

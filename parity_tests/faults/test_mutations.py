@@ -1,6 +1,6 @@
 """Planted faults: each monkeypatches one bug into the code under test and expects the oracle meant to see it to
 object. Every fault here passed the suite once because the test's reference shared code with what it judged
-(issue 20); the oracles now restate their rules (`oracles.py`, `reference.py`, the tests' written-out specs).
+(the oracles of an earlier suite did); they now restate their rules (`oracles.py`, `reference.py`, the tests' written-out specs).
 
 JAX caches traces per graphdef: a fault planted into traced JAX code would linger in later tests (and an earlier
 clean trace would hide it), so the tests that patch JAX code clear JAX's caches before and after.
@@ -208,7 +208,7 @@ def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_ja
     """ceil: the twins' loss leaves the float64 reference's (γ·T fractional); aux terms unscaled, or scaled by the
     micro-batch's share of the counted targets: the accumulated update leaves the one-shot one (micro-batches
     counting 6 vs 32 targets)."""
-    from . import test_routing_updates
+    from ..training import test_routing_updates
 
     plant_routing_fault(monkeypatch, fault)
     with pytest.raises(AssertionError, match="jax"):  # the first twin checked already objects
@@ -223,7 +223,7 @@ def test_routing_fault_changes_the_update_or_its_reference(monkeypatch, fresh_ja
 def test_routing_stop_gradient_fault_fails_finite_differences(monkeypatch, fresh_jax, fault, case):
     """Both twins agree with each other; the float64 reference's central differences (stop-gradient inputs held)
     object in both."""
-    from . import test_routing_updates
+    from ..training import test_routing_updates
 
     plant_routing_fault(monkeypatch, fault)
     failures = test_routing_updates.routed_fd_failures(test_routing_updates.CASES[case])

@@ -29,7 +29,7 @@ GRID = [
     dict(norm_type="derf", norm_placement="peri", fused_qkv=False, position="learned", n_layers=3),
     dict(norm_type="derf", norm_placement="post", mlp="gelu", embed_scale="learnable", qk_norm=True),
 ]
-# The placements of issue 18 (DeepNorm, HybridNorm, HybridNorm*, pre-attention/post-FFN) x every norm type.
+# The norm placements (DeepNorm, HybridNorm, HybridNorm*, pre-attention/post-FFN) x every norm type.
 GRID += [
     dict(norm_type="rms", norm_placement="deepnorm", fused_qkv=False),
     dict(norm_type="rms", norm_placement="hybrid", n_kv_heads=1),

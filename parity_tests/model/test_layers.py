@@ -113,6 +113,34 @@ def test_mlp(mlp):
     check(j, t, reference.mlp(x.astype(np.float64), w, "model.layers.0.mlp", spec))
 
 
+def test_swiglu_runs_gate_and_up_as_one_matmul():
+    """The canonical layout keeps gate_proj and up_proj apart; at compute time both twins join them into one
+    [D, 2F] matmul (one read of the activations, one larger GEMM): one dot in the JAX twin's jaxpr and one mm in
+    torch's dispatched ops carry 2F outputs, none carries F (the down projection reads F)."""
+    import jax
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spec = make_spec(mlp="swiglu")
+    _, jm, tm = twins(spec)
+    x = inputs(spec)
+    jaxpr = jax.make_jaxpr(jm.model.layers[0].mlp)(jnp.asarray(x))
+    outs = [eqn.outvars[0].aval.shape[-1] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    assert sorted(outs) == sorted([2 * spec.F, spec.D]), outs
+
+    class Matmuls(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith(("mm", "addmm", "bmm")):
+                Matmuls.seen.append(out.shape[-1])
+            return out
+
+    with Matmuls(), torch.no_grad():
+        tm.model.layers[0].mlp(torch.as_tensor(x))
+    assert sorted(Matmuls.seen) == sorted([2 * spec.F, spec.D]), Matmuls.seen
+
+
 def test_gelu_variants_differ():
     """`gelu` (exact) and `gelu_tanh` must not silently be the same function."""
     x = torch.linspace(-4, 4, 101)

@@ -263,8 +263,8 @@ def test_twins_train_the_same_trajectory_with_the_aux_losses(changes):
 @pytest.mark.parametrize("fmt", ["torch", "flax"])
 @pytest.mark.parametrize("routing", ["mod", "dtf"])
 def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
-    from .common import file_bytes_equal
-    from .test_convert import NAMES, canonical_file, convert
+    from ..support.common import file_bytes_equal
+    from ..checkpoints.test_convert import NAMES, canonical_file, convert
 
     spec = make_spec(routing=routing, n_layers=3)
     src = canonical_file(tmp_path / "a.safetensors", spec)
@@ -275,7 +275,7 @@ def test_routed_checkpoints_round_trip_bit_exact(tmp_path, fmt, routing):
 
 def test_hugging_face_export_refuses_routing_by_name(tmp_path):
     from shared_config import CheckpointError
-    from shared_config.hf import write_hf
+    from shared_config.formats.hf import write_hf
 
     spec = make_spec(routing="dtf")
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for routing=dtf \("):
@@ -287,11 +287,7 @@ def test_hugging_face_export_refuses_routing_by_name(tmp_path):
 
 
 def test_flops_count_only_the_tokens_routed_blocks_process():
-    import sys
-
-    from .common import ROOT
-    sys.path.insert(0, str(ROOT / "bench"))
-    from flops import flops_split, matmul_params
+    from shared_config.flops import flops_split, matmul_params
 
     dense = make_spec(n_layers=4)
     block = sum(math.prod(t.shape) for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")
@@ -313,7 +309,7 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
 def test_routing_study_refuses_bad_configs_before_training(tmp_path):
     from shared_config.cli import UsageError
 
-    from .common import load_script
+    from ..support.common import load_script
 
     study = load_script("compare_routing")
     assert study.config_changes("dense") == {"routing": "none"}
@@ -336,7 +332,7 @@ def test_left_padded_routed_decoding_leaves_each_row_as_alone(changes):
 
 
 def test_train_cli_refuses_a_bad_routing_spec_in_one_line(tmp_path):
-    from .common import one_line_error, run_script
+    from ..support.common import one_line_error, run_script
 
     result = run_script("train", "--backend", "torch", "--spec", "tiny", "--set", "routing=dtf", "--set",
                         "routing_layers=all", "--out", tmp_path / "run", "--quiet")

@@ -144,7 +144,7 @@ def test_generate_cli_reports_undrawable_logits_in_one_line(tmp_path, capsys):
     from shared_config import save_checkpoint
     from shared_config.cli import run
 
-    from .common import load_script
+    from ..support.common import load_script
 
     spec = make_spec(n_layers=1)
     weights = parity_weights(spec)

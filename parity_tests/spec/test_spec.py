@@ -158,7 +158,7 @@ def test_replace_rederives_what_was_never_set():
 
 def test_a_stored_spec_is_a_mapping_never_a_preset_name_or_path():
     from shared_config import CheckpointError
-    from shared_config.io import spec_from_json
+    from shared_config.formats.checks import spec_from_json
 
     assert spec_from_json(load_spec("tiny").to_json(), "w.safetensors") == load_spec("tiny")
     for text in ('"tiny"', '"/etc/passwd"', "[1]"):

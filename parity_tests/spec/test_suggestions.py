@@ -5,7 +5,6 @@ file extensions; and a Hugging Face directory without config.json is named as su
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import jax_model.attention
 import torch_model.attention
 from shared_config import SpecError, cli, did_you_mean, init_weights, load_spec, load_train_config, save_checkpoint
 from shared_config.formats import read_checkpoint
-from shared_config.io import CheckpointError
+from shared_config.files import CheckpointError
 from shared_config.parallel import parse_mesh
 
 from ..support.common import ROOT, load_script, make_spec
@@ -86,22 +85,12 @@ def test_a_misspelt_kernel_gets_the_closest_one(twin):
         twin.resolve_attention("blocke", make_spec())
 
 
-def test_a_misspelt_gpu_check_gets_the_closest_one(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    gpu_check = load_script_from(ROOT / "bench" / "gpu_check.py")
+def test_a_misspelt_gpu_check_gets_the_closest_one():
+    from bench import gpu_check
+
     name = gpu_check.plan()[0].name
     with pytest.raises(cli.UsageError, match=rf"unknown check '{name}x' \(did you mean '{name}'\?\)"):
         gpu_check.parse_args(["--only", f"{name}x"])
-
-
-def load_script_from(path):
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location(f"suggest_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module  # dataclasses look their module up there
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def test_a_misspelt_file_extension_gets_the_closest_one(tmp_path):
@@ -143,3 +132,11 @@ def test_a_run_checkpoint_and_a_directory_of_our_file_still_read(tmp_path):
     (tmp_path / "ours").mkdir()
     save_checkpoint(tmp_path / "ours" / "model.safetensors", init_weights(spec, 0), spec)  # carries its spec
     assert read_checkpoint(tmp_path / "ours")[1] == spec
+
+
+def test_a_misspelt_twin_gets_the_closest_one():
+    from shared_config.twins import twin
+
+    assert twin("jax") is jax_model and twin("torch", "attention") is torch_model.attention
+    with pytest.raises(ValueError, match=r"no twin 'toch': one of jax, torch \(did you mean 'torch'\?\)"):
+        twin("toch")

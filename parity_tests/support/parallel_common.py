@@ -53,7 +53,7 @@ def variant(name: str = ""):
     """(spec, train config, weights) of the base run ("") or of a routed variant."""
     if not name:
         return SPEC, CFG, parity_weights(SPEC)
-    from .test_routing import routed_weights
+    from ..model.test_routing import routed_weights
 
     spec = make_spec(**ROUTED[name])
     return spec, ROUTED_CFG, routed_weights(spec)

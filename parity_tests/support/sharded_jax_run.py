@@ -16,7 +16,8 @@ from pathlib import Path
 import jax
 import optax
 
-from jax_model import sharding, train
+from jax_model import distributed, train
+from jax_model.precision import exact_float32
 from jax_model.weights import flat_arrays
 from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
 from shared_config import parse_overrides, synthetic_batch
@@ -34,9 +35,9 @@ def run(directory: Path, run_text: str) -> None:
     directory = directory / sub
     mesh_text, _, changes = run_text.partition(":")
     cfg = read_config(directory).replace(**parse_overrides(changes.split(",") if changes else []))
-    mesh = sharding.make_mesh(mesh_text)
-    model = sharding.from_safetensors(directory / "init.safetensors", mesh)
-    state, train_step = sharding.parallelize(model, cfg, mesh)
+    mesh = distributed.make_mesh(mesh_text)
+    model = distributed.from_safetensors(directory / "init.safetensors", mesh)
+    state, train_step = distributed.parallelize(model, cfg, mesh)
     record = {"loss": [], "grad_norm": []}
     for step in range(cfg.steps):
         state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
@@ -45,18 +46,18 @@ def run(directory: Path, run_text: str) -> None:
     trees = {"params": state.params, **{k: optax.tree_utils.tree_get(state.opt_state, k) for k in ("mu", "nu")}}
     for key, tree in trees.items():
         record[key] = {name: layout_of(x) for name, x in flat_arrays(tree).items()}
-    record["batch"] = layout_of(sharding.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
+    record["batch"] = layout_of(distributed.shard_batch(synthetic_batch(0, 0, cfg.batch_size, cfg.seq_len, 7), mesh))
     processes = jax.process_count()
     name = f"jax-{run_text}" if processes == 1 else f"jax-{processes}proc-{run_text}"
-    sharding.to_safetensors(model, state, directory / f"{name}.safetensors")
+    distributed.to_safetensors(model, state, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # several processes: each gathers from all
     if jax.process_index() == 0:
         save_run(directory, name, record, canonical)
 
 
 if __name__ == "__main__":
-    sharding.init_distributed()
-    jax.config.update("jax_default_matmul_precision", "highest")  # as parity_tests/conftest.py
+    distributed.init_distributed()
+    exact_float32()  # as parity_tests/conftest.py
     assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS before starting"
     for run_text in sys.argv[2:]:
         run(Path(sys.argv[1]), run_text)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from bench.flops import peak_tflops
+from shared_config import load_spec
+from shared_config.flops import flops_per_token, matmul_params
+
 from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from flops import flops_per_token, matmul_params, peak_tflops  # noqa: E402
-
-from shared_config import load_spec  # noqa: E402
 
 
 def bench(*args, check=True):
@@ -31,6 +28,11 @@ def test_flops_formula_against_a_hand_count():
     assert matmul_params(spec) == n == 333408
     assert flops_per_token(spec, 256, "train") == 6 * n + 12 * 3 * 6 * 16 * 256 == 2885184
     assert flops_per_token(spec, 256, "forward") == 2 * n + 4 * 3 * 6 * 16 * 256
+    # causal: attention's term halved, as llm.c counts (6·N + 6·L·H·E·T); GLA has no attention term to halve
+    assert flops_per_token(spec, 256, "train", causal=True) == 6 * n + 6 * 3 * 6 * 16 * 256
+    assert flops_per_token(spec, 256, "forward", causal=True) == 2 * n + 2 * 3 * 6 * 16 * 256
+    gla = load_spec("gla-tiny")
+    assert flops_per_token(gla, 256, "train", causal=True) == flops_per_token(gla, 256, "train")
     tied = spec.replace(tie_embeddings=True)
     assert matmul_params(tied) == n  # a tied head still does the V x D matmul
 
@@ -42,7 +44,8 @@ def test_peak_table():
     assert peak_tflops("cpu (x86_64)", "float32") is None
 
 
-FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "attention"}
+FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "mfu_causal", "flops_per_token_causal",
+          "peak_mem_bytes", "attention"}
 
 
 @pytest.mark.slow
@@ -103,14 +106,14 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
     variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in (False, True)]
     assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
     for r in results:
-        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > 0
+        assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > r["flops_per_token_causal"] > 0
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
 
 
 @pytest.mark.slow
 def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
-    """Scaling out (issue 7): the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
+    """Scaling out: the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
     bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
           "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
     (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
@@ -138,9 +141,21 @@ def test_bad_scale_out_arguments(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
+def test_the_train_config_spellings_and_the_old_ones_parse_alike():
+    """--batch-size, --seq-len, --compute-dtype, --grad-accum-steps (the train config's keys) and today's --batch,
+    --seq, --dtype, --grad-accum name the same options, in both tools that take them."""
+    from bench import compare, profile_step
+
+    new = ["--batch-size", "4", "--seq-len", "16", "--compute-dtype", "bfloat16", "--grad-accum-steps", "2"]
+    old = ["--batch", "4", "--seq", "16", "--dtype", "bfloat16", "--grad-accum", "2"]
+    assert vars(compare.parse_args(new)) == vars(compare.parse_args(old))
+    assert vars(profile_step.parse_args(new[:6])) == vars(profile_step.parse_args(old[:6]))
+    assert compare.parse_args(["--bat", "4", "--grad", "2"]).grad_accum == 2  # abbreviations still name one option
+
+
 def test_a_placement_sweep_gives_one_valid_spec_per_placement():
     """`--sweep norm_placement=pre,peri,deepnorm,hybrid` on the tiny preset: deepnorm resolves residual_scaling off."""
-    import compare
+    from bench import compare
 
     got = compare.variants(compare.parse_args(["--sweep", "norm_placement=pre,peri,deepnorm,hybrid"]))
     assert [label for label, _ in got] == [f"norm_placement={p}" for p in ("pre", "peri", "deepnorm", "hybrid")]

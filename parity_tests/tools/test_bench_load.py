@@ -1,17 +1,11 @@
 """bench/load.py: a loaded machine is noticed (load before and during the run, a row's CPU time against wall time
 per thread), with faked numbers; the bench records the load in its JSON and warns in one stderr line."""
 
-import sys
 import time
 
 import pytest
 
-from ..support.common import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import compare  # noqa: E402
-import load  # noqa: E402
+from bench import compare, load
 
 
 def snap(loadavg: float, cpus: int = 2) -> dict:
@@ -66,7 +60,7 @@ def test_snapshot_and_the_json_record():
 def test_each_row_carries_its_cpu_time():
     from types import SimpleNamespace
 
-    import timing
+    from bench import timing
     from shared_config import load_spec
 
     clock = load.CpuClock()

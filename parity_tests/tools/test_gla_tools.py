@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 from shared_config import load_spec
+from shared_config.flops import flops_per_token, matmul_params
 
 from ..support.common import ROOT, load_script, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from flops import flops_per_token, matmul_params  # noqa: E402
 
 
 def test_gla_flops_against_a_hand_count():
@@ -86,3 +82,27 @@ def test_total_variation_of_the_output_histograms():
     assert passed is True and "mean TV 0.250 over 2 sites; worst b 0.500" in detail  # (0 + 0.5) / 2, at the bound
     rows["dyt-pre"]["outputs"]["a"] = q
     assert study.output_criteria(rows)[0][1] is False
+
+
+def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path):
+    """bench/gla_layer.py in process at a tiny geometry: one row per (twin, kernel), the pure form first with error
+    0, the recurrence within float32's floor of it, every field in the JSON; a GPU kernel on this CPU is refused in
+    one line, or left out and listed with --if-present."""
+    from bench import gla_layer
+    from shared_config.cli import run
+
+    out = tmp_path / "gla.json"
+    small = ["--heads", "2", "--tokens", "40", "--key", "8", "--value", "12", "--repeats", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        run(gla_layer.main, [*small, "--kernel", "recurrent,pure", "--json", str(out)])
+    assert exit_.value.code == 0
+    report = json.loads(out.read_text())
+    rows = {(r["twin"], r["kernel"]): r for r in report["results"]}
+    assert report["complete"] and list(rows) == [("jax", "pure"), ("jax", "recurrent"), ("torch", "pure"), ("torch", "recurrent")]
+    assert all(rows[t, "pure"]["max_rel_err"] == 0 and 0 < rows[t, "recurrent"]["max_rel_err"] <= 1e-5 for t in ("jax", "torch"))
+    assert rows["jax", "pure"]["peak_mem_bytes"] > 0 and rows["jax", "pure"]["compile_s"] > 0
+    proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "--kernel pallas" in proc.stderr and "needs a GPU" in proc.stderr
+    proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas,fla", "--if-present")
+    assert proc.returncode == 0 and "skipped the jax twin's pallas" in proc.stderr and "skipped the torch twin's fla" in proc.stderr

@@ -5,19 +5,16 @@ limit, and both plans run end to end at tiny sizes on this CPU (--dry-run)."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from bench import gpu_check
+from bench.gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share
+
 from ..support.common import ROOT, one_line_error, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-from gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share  # noqa: E402
 
 
 def test_each_plan_fits_its_budget_by_the_measured_costs():
@@ -27,7 +24,7 @@ def test_each_plan_fits_its_budget_by_the_measured_costs():
         costs = [c.cost for c in plan(p)]
         assert all(c > gpu_check.START_S for c in costs) and sum(costs) <= BUDGET_S == 420, (p, sum(costs))
     core = {c.name for c in plan("core")}
-    assert core == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity"}
+    assert core == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity", "gla-kernels"}
 
 
 def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
@@ -110,15 +107,15 @@ def test_a_budget_that_is_no_finite_positive_number_is_refused(value, capsys):
 
 
 def test_unknown_check_names_the_plan():
-    one_line_error(run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--only", "gla-sweep"),
-                   "--only: unknown check 'gla-sweep' in --plan core")
+    one_line_error(run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--only", "routing-sweep"),
+                   "--only: unknown check 'routing-sweep' in --plan core")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which,chosen", [
     # one train bench with the hf peer and the profile (core); a sweep of the newest spec fields (extra): the
     # others are the same commands at other sizes, and are listed as not run
-    ("core", ["small-train-b8", "small-profile"]),
+    ("core", ["small-train-b8", "small-profile", "gla-kernels"]),
     ("extra", ["gla-sweep"]),
 ])
 def test_dry_run_of_each_plan(tmp_path, which, chosen):

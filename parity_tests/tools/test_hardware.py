@@ -2,22 +2,18 @@
 JAX_PLATFORMS, bf16 on a GPU without it, --parallel without torchrun: one `error:` line and exit code 2 from every
 script and bench tool, a HardwareError from both twins, never a library's traceback or a silent fallback."""
 
-import sys
-
 import jax
 import pytest
 
 import jax_model.attention
 import torch_model.attention
+from bench import compare
 from shared_config import load_spec, save_checkpoint
 from shared_config.cli import UsageError
 from shared_config.cli import run as cli_run
 from shared_config.hardware import HardwareError, check_dtype, check_kernel
 
 from ..support.common import ROOT, one_line_error, parity_weights, run_python, run_script
-
-sys.path.insert(0, str(ROOT / "bench"))
-import compare  # noqa: E402
 
 TWINS = {"jax": jax_model.attention, "torch": torch_model.attention}
 

@@ -116,10 +116,8 @@ def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch)
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):
     found = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else found(name, *a))
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    module_spec = importlib.util.spec_from_file_location("cli_bench_compare_deps", ROOT / "bench" / "compare.py")
-    compare = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(compare)
+    from bench import compare
+
     for backend in ("hf", "all"):
         with pytest.raises(SystemExit) as e:
             cli.run(compare.main, ["--backend", backend, "--steps", "1"])

@@ -3,15 +3,14 @@ whole after every completed row (job x backend, backend, stage), marked "complet
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 
 import pytest
 
 from shared_config.report import write_report
 
-from ..support.common import ROOT, load_script
+from ..support.common import load_script
 
 
 class Stop(Exception):
@@ -19,11 +18,7 @@ class Stop(Exception):
 
 
 def bench_module(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")  # write_report is patched per test, and restored after it
 
 
 def stopping_writer(monkeypatch, module, stop_when):

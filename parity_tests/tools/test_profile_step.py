@@ -4,15 +4,12 @@ traces are read from their stream lines only, and the CLI profiles both twins on
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from bench.profile_step import category, hlo_categories, trace_kernels
+
 from ..support.common import ROOT, one_line_error, run_python
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from profile_step import category, hlo_categories, trace_kernels  # noqa: E402
 
 # The shape of XLA's optimized HLO text: fusions call computations; a GEMM may sit two fusions deep.
 HLO = """\
@@ -150,7 +147,7 @@ def test_the_torch_profilers_chatter_is_kept_off_stderr(capfd):
     """Kineto prints `USDT:`/`STAGE:` lines from C++ at every profiler start and stop; other lines pass."""
     import os
 
-    from runners import without_profiler_chatter
+    from bench.runners import without_profiler_chatter
 
     with without_profiler_chatter():
         os.write(2, b"USDT:2026-12-01 SyncActivityProfilerHandler.cpp:52] profiler_start\n")

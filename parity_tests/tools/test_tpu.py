@@ -22,18 +22,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 import jax_model.attention
 import torch_model.attention
+from bench import compare, runners, timing
+from bench.flops import TPU_PEAK_TFLOPS, peak_tflops, tpu_chip
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
 from shared_config.hardware import HardwareError
 
 from ..support.common import ROOT, checkout_env
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import compare  # noqa: E402
-import runners  # noqa: E402
-import timing  # noqa: E402
-from flops import TPU_PEAK_TFLOPS, peak_tflops, tpu_chip  # noqa: E402
 
 # device_kind as JAX reports it (JAX's own Pallas tests and XLA's ifrt memory table), then the product names
 KINDS = [("TPU v4", "v4", 275.0), ("TPU v5 lite", "v5e", 197.0), ("TPU v5", "v5p", 459.0), ("TPU v6 lite", "v6e", 918.0),
@@ -74,6 +69,8 @@ def test_mfu_is_per_chip(mesh, chips):
     r = timing.result("tiny", "jax", spec, bench, 1.0, [0.01] * 4, [], args, "TPU v5 lite", 4)
     assert r["chips"] == chips
     assert r["mfu"] == pytest.approx(r["tflops"] / (197.0 * chips), rel=1e-12)
+    causal = r["flops_per_token_causal"] / r["flops_per_token"]  # attention's term halved: 6N + 6·L·H·E·T of 6N + 12·…
+    assert 0.5 < causal < 1 and r["mfu_causal"] == pytest.approx(r["mfu"] * causal, rel=1e-12)
     assert timing.result("tiny", "jax", spec, bench, 1.0, [0.01] * 4, [], args, "cpu (x86_64)", 4)["mfu"] is None
 
 

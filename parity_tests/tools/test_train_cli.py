@@ -99,6 +99,14 @@ def test_the_norm_study_on_a_few_steps(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_gla_kernel_this_machine_lacks_is_one_error_line(tmp_path):
+    """gla_kernel (the train config's compute choice): the JAX twin's Pallas kernel on this CPU, or flash-linear-
+    attention asked of the JAX twin, is refused in one line, naming the kernel and what runs instead."""
+    for kernel, says in (("pallas", "it needs a GPU"), ("fla", "the jax twin runs auto, pure or pallas")):
+        one_line_error(run_script("train", "--backend", "jax", "--spec", "gla-tiny", "--out", tmp_path / kernel,
+                                  "--set", f"gla_kernel={kernel}", *SHORT), f"gla_kernel={kernel}", says)
+
+
 def test_the_norm_study_names_the_placements_it_takes():
     with pytest.raises(UsageError, match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
         load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
@@ -109,7 +117,7 @@ def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_tw
     # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
     out = tmp_path / "run"
     chain = [("torch", []), ("jax", ["--set", "grad_accum_steps=2"]), ("torch", ["--set", "remat=block"]),
-             ("jax", []), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
+             ("jax", ["--set", "gla_kernel=pure"]), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
     for step, (backend, changes) in enumerate(chain, 1):
         resume = ["--resume"] if step > 1 else ["--steps", str(len(chain))]
         result = run_script("train", "--backend", backend, "--out", out, *resume, "--stop-at", str(step),

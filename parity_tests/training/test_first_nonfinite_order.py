@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from shared_config import fuse_qkv, layout, split_qkv
+from shared_config.loop import Loop, NonFiniteError, trainer_factory
+from shared_config.run import resolve_run
+from shared_config.twins import twin
 
 from ..support.common import load_script, make_spec
 
@@ -16,13 +19,13 @@ SMALL = ["--spec", "tiny", "--set", "n_layers=11", "--set", "d_model=16", "--set
 
 
 def resolve(out, backend, *extra):
-    return T.resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, *extra]))
+    return resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, *extra]))
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_replay_taps_and_gradients_are_in_model_order(tmp_path, backend):
     run = resolve(tmp_path / "run", backend, "--set", "fused_qkv=true")
-    weights, taps, _, grads = T.backend_factory(backend, run)(run.start()).inspect(run.batch(1))
+    weights, taps, _, grads = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start()).inspect(run.batch(1))
     parts = ("attn_out", "mlp_out", "residual")
     expected = ["model.embed", *(f"model.layers.{i}.{p}" for i in range(run.spec.L) for p in parts), "model.norm", "logits"]
     assert list(taps) == expected
@@ -45,8 +48,8 @@ def test_a_diverging_run_names_the_same_first_tensor_in_both_twins(tmp_path):
     for backend in ("jax", "torch"):
         run = resolve(tmp_path / backend, backend, "--set", "lr=1e30", "--set", "warmup_steps=0", "--set", "grad_clip=0",
                       "--steps", "4", "--save-every", "1")
-        with pytest.raises(T.NonFiniteError) as e:
-            T.Loop(run, T.backend_factory(backend, run), progress=False)()
+        with pytest.raises(NonFiniteError) as e:
+            Loop(run, trainer_factory(twin(backend, "trainer").Trainer, run), progress=False)()
         messages[backend] = str(e.value).split("; ")[0]
     assert messages["jax"] == messages["torch"], messages
     assert "activation model.layers.0." in messages["jax"], messages

@@ -131,7 +131,10 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     """scripts/train.py's eval record and summary: val_loss/val_ppl the predictor-mode loss, val_*_topk the top-k's."""
     import math
 
+    from shared_config.loop import Loop, trainer_factory
+    from shared_config.run import resolve_run
     from shared_config.run_dir import read_metrics
+    from shared_config.twins import twin
 
     from .test_train_loop import SMALL, T
 
@@ -139,8 +142,8 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     # and predictor mode already part at init (a raw gate, r ≈ 0, leaves them equal in float32)
     args = ["--backend", backend, "--out", str(tmp_path), *SMALL, *routed, "--steps", "2", "--set", "warmup_steps=1",
             "--eval-every", "2", "--eval-batches", "1"]
-    run = T.resolve_run(T.parse_args(args))
-    summary = T.Loop(run, T.backend_factory(backend, run), progress=False)()
+    run = resolve_run(T.parse_args(args))
+    summary = Loop(run, trainer_factory(twin(backend, "trainer").Trainer, run), progress=False)()
     (record,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
     assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
     assert record["val_ppl_topk"] == pytest.approx(math.exp(record["val_loss_topk"]))

@@ -1,4 +1,4 @@
-"""Sharded JAX training (jax_model.sharding) on 8 host devices: data-only, fsdp-only and mixed meshes,
+"""Sharded JAX training (jax_model.distributed) on 8 host devices: data-only, fsdp-only and mixed meshes,
 in one process and in two (the multi-host path), give the single-device losses, parameters and AdamW
 moments, with parameters and moments really split over fsdp; the gathered checkpoint loads in torch
 with the same logits. Also the sharding rule and the one-line errors for bad meshes and batches."""
@@ -8,7 +8,7 @@ import os
 import pytest
 from jax.sharding import PartitionSpec
 
-from jax_model import sharding
+from jax_model import distributed
 from shared_config import SpecError, Tensor, model_layout
 from shared_config.parallel import fsdp_dim, rows_per_shard
 
@@ -64,22 +64,22 @@ def test_fsdp_dim_shards_the_larger_divisible_dim():
 
 def test_leaf_spec_goes_through_the_transpose():
     # canonical [out, in] = [80, 48] split on out -> the JAX kernel [in, out] split on its dim 1
-    assert sharding.leaf_spec(linear(80, 48), 4) == PartitionSpec(None, "fsdp")
-    assert sharding.leaf_spec(linear(97, 48, kind="embedding"), 4) == PartitionSpec(None, "fsdp")  # not transposed
-    assert sharding.leaf_spec(linear(48, kind="param"), 4) == PartitionSpec()
+    assert distributed.leaf_spec(linear(80, 48), 4) == PartitionSpec(None, "fsdp")
+    assert distributed.leaf_spec(linear(97, 48, kind="embedding"), 4) == PartitionSpec(None, "fsdp")  # not transposed
+    assert distributed.leaf_spec(linear(48, kind="param"), 4) == PartitionSpec()
 
 
 def test_parse_mesh():
-    assert sharding.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
-    assert sharding.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
+    assert distributed.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+    assert distributed.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: sharding.parse_mesh("data=2,tensor=4"), "unknown axis 'tensor' (axes: data, fsdp)"),
-    (lambda: sharding.parse_mesh("data=0"), "'data=0' must be axis=N with N >= 1"),
-    (lambda: sharding.parse_mesh("fsdp"), "'fsdp' must be axis=N"),
-    (lambda: sharding.make_mesh("data=2,fsdp=4"), "mesh data=2,fsdp=4 needs 8 devices, 1 available"),
-    (lambda: sharding.make_mesh("fsdp=2", devices=4), "mesh data=1,fsdp=2 has 2 devices, not the 4 asked for"),
+    (lambda: distributed.parse_mesh("data=2,tensor=4"), "unknown axis 'tensor' (axes: data, fsdp)"),
+    (lambda: distributed.parse_mesh("data=0"), "'data=0' must be axis=N with N >= 1"),
+    (lambda: distributed.parse_mesh("fsdp"), "'fsdp' must be axis=N"),
+    (lambda: distributed.make_mesh("data=2,fsdp=4"), "mesh data=2,fsdp=4 needs 8 devices, 1 available"),
+    (lambda: distributed.make_mesh("fsdp=2", devices=4), "mesh data=1,fsdp=2 has 2 devices, not the 4 asked for"),
     (lambda: rows_per_shard(6, 4), "batch_size=6 must be divisible by the 4 data-parallel shards"),
 ], ids=["axis", "size", "syntax", "devices", "devices-flag", "batch"])
 def test_bad_meshes_and_batches_are_one_line_errors(make, message):
@@ -108,7 +108,7 @@ def test_routed_sharded_steps_equal_the_one_shot_step(runs, variant):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_parameters_and_moments_are_split_over_fsdp(runs, mesh):
     record, _ = load_run(runs, f"jax-{mesh}")
-    fsdp = sharding.parse_mesh(mesh)["fsdp"]
+    fsdp = distributed.parse_mesh(mesh)["fsdp"]
     assert record["batch"] == {"spec": [["data", "fsdp"]], "shards": [[1, CFG.seq_len + 1]] * 8}
     for t in model_layout(SPEC):
         d = fsdp_dim(t, fsdp)

@@ -1,6 +1,7 @@
-"""scripts/train.py's loop, in process, in both twins: the loss falls on the synthetic corpus, the metrics
-carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and within the trajectory
-bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good checkpoint kept."""
+"""The training loop (shared_config/loop.py) as scripts/train.py runs it, in process, in both twins: the loss falls
+on the synthetic corpus, the metrics carry every alpha/shift/embed_scale, resuming is bit-exact in the same twin and
+within the trajectory bounds in the other, and a planted NaN stops the run naming the step and tensor, the last good
+checkpoint kept."""
 
 import functools
 import math
@@ -10,9 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from shared_config import layout
+from shared_config import layout, loop
+from shared_config.loop import Loop, NonFiniteError, first_nonfinite, trainer_factory
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
+from shared_config.run import resolve_run
 from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
+from shared_config.twins import twin
 
 from ..support.common import load_script, quick_first
 
@@ -28,9 +32,9 @@ LOG_POINT_ONLY = ("tokens_per_s", "elapsed_s", "scalars")  # a resumed run logs 
 
 def train(out, backend, *extra, make_backend=None, progress=False):
     """Run the loop as `scripts/train.py --backend BACKEND --out OUT ...` would, without a subprocess."""
-    run = T.resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, "--steps", str(STEPS), *extra]))
-    factory = T.backend_factory(backend, run)
-    return T.Loop(run, make_backend(factory) if make_backend else factory, progress=progress)()
+    run = resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, "--steps", str(STEPS), *extra]))
+    factory = trainer_factory(twin(backend, "trainer").Trainer, run)
+    return Loop(run, make_backend(factory) if make_backend else factory, progress=progress)()
 
 
 def final_state(out):
@@ -120,7 +124,7 @@ def plant_nan_after(update: int):
                     canonical = backend.train_state()
                     canonical["weights"][PLANTED] = canonical["weights"][PLANTED].copy()
                     canonical["weights"][PLANTED][3, 5] = np.nan
-                    backend.state = backend.train.set_train_state(backend.model, backend.state, canonical)
+                    backend.set_train_state(canonical)
                 return metrics
 
             backend.step = step_then_plant
@@ -134,7 +138,7 @@ def plant_nan_after(update: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, tmp_path):
-    with pytest.raises(T.NonFiniteError) as e:
+    with pytest.raises(NonFiniteError) as e:
         train(tmp_path, backend, "--save-every", "3", "--keep", "2", make_backend=plant_nan_after(7))
     message = str(e.value)
     assert "non-finite loss at step 8" in message
@@ -173,7 +177,7 @@ def slow_first_step(seconds: float):
 def test_progress_shows_the_end_once_and_an_eta_without_compilation(tmp_path, monkeypatch, capsys):
     """A 3 s first step, then steps of milliseconds: the ETA after step 2 is the 38 steps left at the later
     steps' pace (counting the first step as one, it was about a minute), and the 100% line comes once."""
-    monkeypatch.setattr(T, "progress", functools.partial(T.progress, interval=0))
+    monkeypatch.setattr(loop, "progress", functools.partial(loop.progress, interval=0))
     train(tmp_path, "torch", "--log-every", "1", make_backend=slow_first_step(3.0), progress=True)
     lines = capsys.readouterr().err.splitlines()
     shown = {m[1]: m[2] for m in (re.search(r" (\d+)/40 \[\d\d:\d\d<([^,]+),", line) for line in lines) if m}
@@ -185,12 +189,12 @@ def test_progress_shows_the_end_once_and_an_eta_without_compilation(tmp_path, mo
 def test_the_first_nonfinite_tensor_is_the_first_computed():
     ok, bad = np.ones(3, np.float32), np.array([1, np.nan, np.inf], np.float32)
     taps = {"model.embed": ok, "model.layers.0": {"attn_out": bad, "mlp_out": bad}, "logits": bad}
-    first = T.first_nonfinite({"a": ok, "b": bad}, taps, math.nan, {"a": bad})
+    first = first_nonfinite({"a": ok, "b": bad}, taps, math.nan, {"a": bad})
     assert first == "the first non-finite tensor is parameter b (2 of 3 values NaN/Inf)"
-    assert "activation model.layers.0.attn_out (2 of 3" in T.first_nonfinite({"a": ok}, taps, math.nan, {"a": bad})
-    assert "the loss itself" in T.first_nonfinite({"a": ok}, {"logits": ok}, math.inf, {"a": bad})
-    assert "gradient of a" in T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": bad})
-    assert T.first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": ok}) is None
+    assert "activation model.layers.0.attn_out (2 of 3" in first_nonfinite({"a": ok}, taps, math.nan, {"a": bad})
+    assert "the loss itself" in first_nonfinite({"a": ok}, {"logits": ok}, math.inf, {"a": bad})
+    assert "gradient of a" in first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": bad})
+    assert first_nonfinite({"a": ok}, {"logits": ok}, 1.0, {"a": ok}) is None
 
 
 def test_init_from_a_checkpoint_in_another_format(tmp_path):
@@ -203,6 +207,6 @@ def test_init_from_a_checkpoint_in_another_format(tmp_path):
     torch_model.save_state_dict_file(tmp_path / "start.pt", weights, spec)
     out = tmp_path / "run"
     train(out, "torch", "--init-from", str(tmp_path / "start.pt"), "--stop-at", "1")
-    run = T.resolve_run(T.parse_args(["--backend", "torch", "--out", str(tmp_path / "other"), *SMALL]))
+    run = resolve_run(T.parse_args(["--backend", "torch", "--out", str(tmp_path / "other"), *SMALL]))
     expected, _ = loss_and_grads(torch_model.from_weights(weights, spec), run.batch(1))
     assert read_metrics(out / "metrics.jsonl")[0]["loss"] == pytest.approx(expected, rel=1e-6)

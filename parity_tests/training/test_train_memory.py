@@ -94,8 +94,9 @@ def test_torch_compile_runs_every_option_together():
 @pytest.mark.parametrize("chunk", [8 * 32, 10**12])
 def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
     """The 8·32 target tokens in one chunk, or a chunk of 10^12 tokens (which the config accepts): the plain loss,
-    traced and computed as without chunking (JAX never pads a [10^12, D] array; torch never checkpoints a chunk)."""
+    traced and computed as without chunking (JAX never pads a [10^12, D] array; torch never runs the fused loss)."""
     import jax
+    import jax.extend.core
 
     from jax_model import train as jax_train
 
@@ -104,7 +105,7 @@ def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
     model = jax_twin.from_weights(parity_weights(SPEC), SPEC)
     traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens)) for c in (0, chunk)]
     assert traced[1] == traced[0]
-    monkeypatch.setattr(torch_train, "checkpoint", lambda *a, **k: pytest.fail("a chunk was checkpointed"))
+    monkeypatch.setattr(torch_train, "fused_head_loss", lambda *a, **k: pytest.fail("the loss was chunked"))
     losses = [torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(SPEC), SPEC), tokens, mask,
                                          loss_chunk=c)[0] for c in (0, chunk)]
     assert losses[1] == losses[0]
@@ -122,3 +123,47 @@ def test_the_memory_pre_check_counts_every_memory_option(monkeypatch):
     assert resources.train_bytes(spec, 8, 256, grad_accum_steps=4) < plain / 3  # one micro-batch's activations
     assert resources.train_bytes(spec, 8, 256, remat="block") < plain
     assert resources.train_bytes(spec, 8, 256, remat="full") < resources.train_bytes(spec, 8, 256, remat="block")
+
+
+def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits():
+    """The fused LM head + cross-entropy (head_loss.py): per chunk one matmul for the logits and, in the same
+    forward, one for each gradient (hidden states, head weight); the backward runs none (the recomputing form it
+    replaced ran four per chunk) and nothing [tokens, V] is saved for it. Counted in JAX's jaxpr of the gradient
+    and in torch's dispatched ops, V chosen unlike any other dim."""
+    import jax
+    import jax.extend.core
+    from flax import nnx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jax_model import train as jax_train
+
+    spec = make_spec(vocab_size=97)
+    tokens, mask = masked_batch(CFG, 0, spec.V)
+    (_, jax_twin, _), (_, torch_twin, _) = TWINS
+    chunks = -(-CFG.batch_size * CFG.seq_len // 48)
+
+    def head_dots(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                n += any(spec.V in v.aval.shape for v in [*eqn.invars, *eqn.outvars])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += head_dots(sub) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        return n
+
+    graphdef, params, rest = jax_train.split_params(jax_twin.from_weights(parity_weights(spec), spec))
+    loss = lambda p: jax_train.model_loss(nnx.merge(graphdef, p, rest), tokens, mask, loss_chunk=48)  # noqa: E731
+    assert head_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr) == 3 * chunks
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = [tuple(a.shape) for a in args if hasattr(a, "shape")]
+            CountMatmuls.n += func.__name__.startswith(("mm", "addmm", "bmm", "matmul")) and any(spec.V in s for s in shapes)
+            return func(*args, **(kwargs or {}))
+
+    torch_model = torch_twin.from_weights(parity_weights(spec), spec)
+    with CountMatmuls():
+        torch_train.loss_and_grads(torch_model, tokens, mask, loss_chunk=48)
+    assert CountMatmuls.n == 3 * chunks

@@ -1,4 +1,4 @@
-"""scripts/train.py scaled out (issue 7): the JAX step over a device mesh and the torch step under torchrun
+"""scripts/train.py scaled out: the JAX step over a device mesh and the torch step under torchrun
 (DDP, FSDP2) train exactly as one device does, write checkpoints either twin resumes, and resume their own."""
 
 import math

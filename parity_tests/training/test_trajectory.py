@@ -1,5 +1,5 @@
 """100 AdamW steps from one canonical checkpoint on the same batches: every step's loss and the final
-parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri placement; and issue 18's
+parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri placement; and the
 deepnorm, hybrid, hybrid_star and pre_post, one norm type each)."""
 
 import numpy as np

@@ -16,12 +16,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..files import CheckpointError, atomic_dir, atomic_write, read_json
+from ..layout import layout
+from ..limits import quote
+from ..config_file import SpecError
+from ..spec import ModelSpec, load_spec
+from .checks import check_size, check_weights, resolve_spec, spec_from_metadata
 from .config_json import ConfigValueError, config_value
-from .io import CheckpointError, atomic_dir, atomic_write, check_size, check_weights, read_json
-from .io import read_safetensors, resolve_spec, safetensors_header, save_safetensors, spec_from_metadata
-from .layout import layout
-from .limits import quote
-from .spec import ModelSpec, SpecError, load_spec
+from .safetensors import read_safetensors, safetensors_header, save_safetensors
 
 # spec field <- config.json key
 CONFIG_KEYS = {
@@ -36,7 +38,7 @@ CONFIG_KEYS = {
     "gla_expand_k": "expand_k",
     "gla_expand_v": "expand_v",
 }
-# An omitted key is read with GLAConfig's default (shared_config.config_json.DEFAULTS["gla"]).
+# An omitted key is read with GLAConfig's default (shared_config.formats.config_json.DEFAULTS["gla"]).
 # The only values we implement of keys that change the computation (an absent key means this value).
 CONFIG_REQUIRED = {
     "num_kv_heads": None, "feature_map": None, "use_short_conv": False, "use_output_gate": True, "clamp_min": None,

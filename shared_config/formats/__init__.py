@@ -1,15 +1,16 @@
 """Every checkpoint format a user may hand over, read into canonical weights and a spec: one dispatch read by
 both twins' `from_pretrained`, scripts/convert.py, generate.py --weights and train.py --init-from.
 
-    model.safetensors                   the canonical file (spec in its metadata)
+    model.safetensors                   the canonical file (spec in its metadata)         safetensors.py
     runs/x/step-00000400/               a training run's checkpoint: its model.safetensors
-    model.pt / .pth                     torch state dict (read by torch_model; needs torch)
-    model-flax/  (state/, spec.json)    Orbax directory (read by jax_model; needs jax)
-    model-hf/    (config.json, ...)     Hugging Face directory
-    model-fla/   (config.json, model_type gla)  flash-linear-attention's GLA directory
+    model.pt / .pth                     torch state dict (needs torch)                    torch_pt.py
+    model-flax/  (state/, spec.json)    Orbax directory (needs jax and orbax)             orbax.py
+    model-hf/    (config.json, ...)     Hugging Face directory                            hf.py
+    model-fla/   (config.json, model_type gla)  flash-linear-attention's GLA directory    fla.py
 
-The framework readers are imported only when their format is read, so that reading a canonical file
-or a Hugging Face directory loads neither framework.
+One module per format, each a reader and a writer; checks.py holds the checks they share. The frameworks are
+imported only when their format is read or written, so that reading a canonical file or a Hugging Face
+directory loads neither framework.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fla, hf
-from .io import CheckpointError, check_weights, load_checkpoint, read_header, read_json, restore_old
-from .spec import ModelSpec, did_you_mean
+from ..config_file import did_you_mean
+from ..files import CheckpointError, read_json, restore_old
+from ..spec import ModelSpec
+from . import fla, hf, orbax, torch_pt
+from .checks import check_weights
+from .safetensors import load_checkpoint, metadata
 
 FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
@@ -59,34 +63,20 @@ def no_config(src: Path, found: list[str]) -> str:
 
 def _read_safetensors(path: Path, spec):
     if path.is_dir():  # a run's checkpoint, or a Hugging Face directory that lost its config.json
-        if spec is None and not (path / "state.json").is_file() and "spec" not in _metadata(path / RUN_CHECKPOINT):
+        if spec is None and not (path / "state.json").is_file() and "spec" not in metadata(path / RUN_CHECKPOINT):
             raise CheckpointError(no_config(path, [RUN_CHECKPOINT]))
         path = path / RUN_CHECKPOINT
     return load_checkpoint(path, spec, allow_nonfinite=True)  # NaN/Inf: checked by the caller
 
 
-def _metadata(path: Path) -> dict:
-    """A safetensors file's metadata; {} for a file load_checkpoint will refuse with the reason."""
-    try:
-        return read_header(path).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_torch(path: Path, spec):
-    from torch_model.checkpoint import load_state_dict_file
-
-    return load_state_dict_file(path, spec)
-
-
-def _read_flax(path: Path, spec):
-    from jax_model.checkpoint import load_orbax
-
-    return load_orbax(path, spec)
-
-
 # (path, spec or None) -> (canonical weights as stored, spec): each format's one reader.
-READERS = {"safetensors": _read_safetensors, "torch": _read_torch, "flax": _read_flax, "hf": hf.read_hf, "fla": fla.read_fla}
+READERS = {
+    "safetensors": _read_safetensors,
+    "torch": torch_pt.load_state_dict_file,
+    "flax": orbax.load_orbax,
+    "hf": hf.read_hf,
+    "fla": fla.read_fla,
+}
 
 
 def read_any(src: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec, str]:

@@ -15,22 +15,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..files import CheckpointError, atomic_dir, read_json
+from ..layout import group_names
+from ..limits import quote
+from ..config_file import SpecError
+from ..spec import ModelSpec, load_spec
+from .checks import check_size, resolve_spec, spec_from_metadata, without_derived
 from .config_json import DEFAULTS, ConfigValueError, config_value
-from .io import (
-    CheckpointError,
-    atomic_dir,
-    check_size,
-    read_json,
-    read_safetensors,
-    resolve_spec,
-    safetensors_header,
-    save_checkpoint,
-    spec_from_metadata,
-    without_derived,
-)
-from .layout import group_names
-from .limits import quote
-from .spec import ModelSpec, SpecError, load_spec
+from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
 # model_type -> architecture; Qwen3 is Llama with qk-norm.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -49,7 +41,7 @@ CONFIG_KEYS = {
     "tie_embeddings": "tie_word_embeddings",
 }
 
-# An omitted key is read with transformers' default for the model type (shared_config.config_json.DEFAULTS).
+# An omitted key is read with transformers' default for the model type (shared_config.formats.config_json.DEFAULTS).
 
 # The only values we implement of keys that change the computation (an absent key means this value).
 CONFIG_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_sliding_window": False}
@@ -62,7 +54,7 @@ HF_SPEC = {
     "embed_scale": "none",
     "position": "rope",
     "mlp": "swiglu",
-    "mixer": "attention",  # a GLA exports to flash-linear-attention's layout instead (shared_config.fla)
+    "mixer": "attention",  # a GLA exports to flash-linear-attention's layout instead (shared_config.formats.fla)
     "routing": "none",  # conditional computation (routing.py): no Hugging Face Llama routes tokens past blocks
 }
 

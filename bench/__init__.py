@@ -1,0 +1,5 @@
+"""The bench: step time, profiles and the GPU check of the two twins (README, "Bench").
+
+Its tools run as scripts (`python bench/compare.py ...`); their shared modules import as `bench.<module>`
+(the checkout is on sys.path through `pip install -e .`, or PYTHONPATH).
+"""

@@ -1,0 +1,198 @@
+"""Forward+backward of one GLA layer's core, per twin and kernel: time, peak memory and distance to the pure form.
+
+    python bench/gla_layer.py [--batch 1 --heads 4 --tokens 2048 --key 96 --value 192 --repeats 5]
+    python bench/gla_layer.py --kernel pure,pallas,fla --batch 8 --json gla.json      # on a GPU
+    python bench/gla_layer.py --compile-step gla-small --batch 8 --tokens 2048
+
+Times each twin's kernels (--kernel, comma-separated: pure, the two-level chunk form `chunked_gla`; recurrent,
+`recurrent_gla`; pallas, the JAX twin's Pallas kernel; fla, flash-linear-attention's chunk_gla in the torch twin)
+of the checkout on PYTHONPATH: the gradient of Σ o·co + Σ S·cS (random cotangents, as a real backward gets: a
+plain sum's broadcast gradient sends torch's bmm down a slow path) with respect to q, k, v, gates and the initial
+state. JAX: the jitted gradient, compile time (first call) reported separately. One row per (twin, kernel): median
+and min of the repeats in seconds, peak memory in MB (JAX: XLA's memory analysis of the compiled gradient; torch:
+CUDA's peak, none on a CPU) and `max_rel_err`, the largest max|Δ| / max|pure| over the outputs, the last state and
+every gradient against the same twin's pure form in float32 (0 for pure itself). Gates are logsigmoid(4·N(0, 1))
+/ 16 (gla's normalizer), float32. A GPU kernel is refused in one line where it cannot run. To compare two
+checkouts, run the script under each one's PYTHONPATH. --compile-step SPEC: instead, the seconds XLA takes to lower
+and compile the JAX twin's jitted train step (forward, backward, AdamW; the default train config) of SPEC at
+--batch x --tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared_config import SpecError
+from shared_config.cli import Parser, UsageError, at_least, run
+from shared_config.report import write_report
+from shared_config.twins import twin
+
+
+def inputs(B, H, T, K, V, seed=0):
+    """q, k, v, log-gates [B, H, T, ·] and a state [B, H, K, V], then the cotangents of the outputs [B, H, T, V]
+    and of the last state [B, H, K, V]: float32 numpy."""
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, H, T, K), np.float32) * K**-0.5 for _ in range(2))
+    v = rng.standard_normal((B, H, T, V), np.float32)
+    g = (-np.logaddexp(0, -4 * rng.standard_normal((B, H, T, K))) / 16).astype(np.float32)
+    co, cS = rng.standard_normal((B, H, T, V), np.float32), rng.standard_normal((B, H, K, V), np.float32)
+    return (q, k, v, g, np.zeros((B, H, K, V), np.float32)), (co, cS)
+
+
+KERNELS = {"jax": ("pure", "recurrent", "pallas"), "torch": ("pure", "recurrent", "fla")}
+
+
+def gla_form(name: str, kernel: str):
+    """The function timed, from twin `name`: outputs and last state of q, k, v, gates, state."""
+    gla = twin(name, "gla")
+    if kernel == "recurrent":
+        return gla.recurrent_gla
+    if kernel == "pure":
+        return lambda *a: gla.chunked_gla(*a, gla.CHUNK)
+    kernels = twin(name, "gla_kernel")
+    return kernels.pallas_gla if kernel == "pallas" else kernels.fla_gla
+
+
+def max_rel_err(got: list, want: list) -> float:
+    """The largest max|Δ| / max|want| over paired float32 arrays (outputs, state, gradients)."""
+    return max(float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30)) for g, w in zip(got, want))
+
+
+def time_jax(args, arrays, cotangents, kernel):
+    """(compile s, step seconds, peak bytes, results: outputs and gradients as numpy)."""
+    import jax
+    import jax.numpy as jnp
+
+    form = gla_form("jax", kernel)
+    loss = lambda xs, cs: sum(jnp.sum(x * c) for x, c in zip(form(*xs), cs))
+    grad = jax.jit(jax.value_and_grad(loss))
+    xs, cs = [jnp.asarray(a) for a in arrays], [jnp.asarray(a) for a in cotangents]
+    memory = grad.lower(xs, cs).compile().memory_analysis()
+    peak = None if memory is None else memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(xs, cs))
+    compile_s, times = time.perf_counter() - t0, []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(xs, cs))
+        times.append(time.perf_counter() - t0)
+    outputs = [np.asarray(y) for y in form(*xs)] + [np.asarray(g) for g in grad(xs, cs)[1]]
+    return compile_s, times, peak, outputs
+
+
+def time_torch(args, arrays, cotangents, kernel):
+    import torch
+
+    form, device = gla_form("torch", kernel), "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, peak = [], None
+    for r in range(args.repeats + 1):  # the first call warms up (fla: Triton's autotuning)
+        xs = [torch.tensor(a, device=device, requires_grad=True) for a in arrays]
+        cs = [torch.tensor(a, device=device) for a in cotangents]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        ys = form(*xs)
+        sum((y * c).sum() for y, c in zip(ys, cs)).backward()
+        sync()
+        if r:
+            times.append(time.perf_counter() - t0)
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+    outputs = [y.detach().cpu().numpy() for y in ys] + [x.grad.cpu().numpy() for x in xs]
+    return None, times, peak, outputs
+
+
+def check_kernels(kernels: list[str], backends: list[str], if_present: bool = False) -> list[tuple[str, str]]:
+    """(twin, kernel) pairs to run; a kernel no asked twin has, or a GPU kernel this machine cannot run, is a
+    UsageError naming it (with `if_present`, the latter is left out, with a note on stderr)."""
+    from shared_config.hardware import HardwareError, resolve_gla_kernel
+
+    jobs = [(b, k) for b in backends for k in kernels if k in KERNELS[b]]
+    for k in kernels:
+        if not any(k in KERNELS[b] for b in backends):
+            have = "; ".join(f"{b}: " + ", ".join(KERNELS[b]) for b in backends)
+            raise UsageError(f"--kernel {k}: no asked twin has it ({have})")
+    for b, k in list(jobs):
+        if k in ("pallas", "fla"):
+            platform = twin(b, "attention").device_platform()
+            try:
+                resolve_gla_kernel(k, b, platform, twin("torch", "gla_kernel").fla_installed() if b == "torch" else False)
+            except HardwareError as e:
+                if not if_present:
+                    raise UsageError(f"--kernel {k}: {e}") from None
+                print(f"note: skipped the {b} twin's {k}: {e}", file=sys.stderr)
+                jobs.remove((b, k))
+    return jobs
+
+
+def compile_step(spec_name, batch, tokens):
+    """Seconds to lower and compile the JAX twin's train step of `spec_name` on [batch, tokens] int32 tokens."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jax_model
+    from jax_model import train
+    from shared_config import load_spec, load_train_config
+
+    spec, cfg = load_spec(spec_name), load_train_config(None)
+    model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
+    state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+    t0 = time.perf_counter()
+    step.lower(state, jax.ShapeDtypeStruct((batch, tokens), jnp.int32)).compile()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
+        p.add_argument(f"--{flag}", type=at_least(1), default=default, help=f"(default {default})")
+    p.add_argument("--kernel", default="pure", help="comma-separated: pure, recurrent, pallas (JAX), fla (torch)")
+    p.add_argument("--recurrent", action="store_true", help="the same as --kernel recurrent")
+    p.add_argument("--if-present", action="store_true",
+                   help="skip (and list) a GPU kernel this machine cannot run instead of refusing the run")
+    p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
+    p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--compile-step", metavar="SPEC", help="time the compile of the JAX train step of SPEC instead")
+    args = p.parse_args(argv)
+    if args.compile_step:
+        try:
+            seconds = compile_step(args.compile_step, args.batch, args.tokens)
+        except SpecError as e:
+            raise UsageError(f"--compile-step: {e}") from None
+        print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
+        return 0
+    kernels = ["recurrent"] if args.recurrent else [k.strip() for k in args.kernel.split(",") if k.strip()]
+    if unknown := [k for k in kernels if k not in KERNELS["jax"] + KERNELS["torch"]]:
+        raise UsageError(f"--kernel {unknown[0]}: one of pure, recurrent, pallas, fla")
+    jobs = check_kernels(kernels, ["jax", "torch"] if args.backend == "both" else [args.backend], args.if_present)
+    arrays, cotangents = inputs(args.batch, args.heads, args.tokens, args.key, args.value)
+    checkout = os.path.dirname(os.path.dirname(twin("jax", "gla").__file__))
+    print(f"# gla fwd+bwd, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, from {checkout}")
+    print("| twin | kernel | median s | min s | compile s | peak MB | max_rel_err |\n|---|---|---|---|---|---|---|")
+    rows, pure = [], {}
+    for name, kernel in sorted(jobs, key=lambda job: (job[0], job[1] != "pure")):  # each twin's pure form first
+        compile_s, times, peak, outputs = (time_jax if name == "jax" else time_torch)(args, arrays, cotangents, kernel)
+        if kernel == "pure":
+            pure[name] = outputs
+        error = max_rel_err(outputs, pure[name]) if name in pure else None
+        rows.append({"twin": name, "kernel": kernel, "median_s": statistics.median(times), "min_s": min(times),
+                     "compile_s": compile_s, "peak_mem_bytes": peak, "max_rel_err": error})
+        cells = [f"{compile_s:.2f}" if compile_s is not None else "", f"{peak / 2**20:.0f}" if peak else "-",
+                 "-" if error is None else f"{error:.1e}"]
+        print(f"| {name} | {kernel} | {statistics.median(times):.3f} | {min(times):.3f} | {' | '.join(cells)} |", flush=True)
+        if args.json:
+            write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows}, complete=False)
+    if args.json:
+        write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows}, complete=True)
+    return 0
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,140 @@
+"""The command line that bench/compare.py and bench/profile_step.py share, and what it sets up: the job options
+(spelt like the train config's keys, today's spellings kept as aliases), the spec variants they name, the CPU
+threads and attention kernels every framework is given, and the environment a report records.
+
+Nothing here imports jax or torch at module level: `configure_threads` must run before either is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from shared_config import SpecError, load_spec, parse_overrides
+from shared_config.cli import UsageError, at_least
+from shared_config.compile_cache import add_compile_cache_option
+from shared_config.hardware import GLA_KERNELS, check_kernel
+
+from bench.load import usable_cpus
+
+ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked", "pallas")
+
+
+def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_help: str, modes: list[str],
+                    mode_help: str, steps: int, steps_help: str, compiled: str) -> None:
+    """The options of one benchmarked job, on parser `p`: what runs (--backend, --spec, --set, --mode), its shape
+    (--batch-size, --seq-len, --steps, --warmup), its precision and kernels (--compute-dtype, --compile, --attention),
+    --train-config and --threads. Where the tools differ, the caller says: the backends and modes offered, the
+    default and meaning of --steps, and which backends `compiled` names for --compile ("torch", "torch/hf").
+    Each option named like a train-config key takes that key's spelling first and keeps the old one as an alias
+    (--batch-size and --batch); args keep the old names (args.batch, args.seq, args.dtype)."""
+    p.add_argument("--backend", default="both", choices=backends, help=backend_help)
+    p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=at_least(1), default=8, metavar="BATCH_SIZE",
+                   help="sequences per step")
+    p.add_argument("--seq-len", "--seq", dest="seq", type=at_least(1), default=None, metavar="SEQ_LEN",
+                   help="tokens per sequence (default: min(256, max_seq_len))")
+    p.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
+    p.add_argument("--mode", default="train", choices=modes, help=mode_help)
+    p.add_argument("--compute-dtype", "--dtype", dest="dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"torch.compile the {compiled} step (default: on GPU yes, on CPU no)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
+    p.add_argument("--gla-kernel", default="auto", choices=GLA_KERNELS,
+                   help="GLA layers' kernel (mixer: gla): auto is each twin's GPU kernel on a GPU (JAX: Pallas; torch: "
+                        "flash-linear-attention's chunk_gla, when installed), else the pure chunked form")
+    p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
+    p.add_argument("--threads", type=at_least(1), default=usable_cpus(),
+                   help="CPU threads for every framework (default: every CPU this process may use)")
+
+
+def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
+    """The last options of both tools, on parser `p`: --json (and, with `plot`, --plot), --quiet, --compile-cache."""
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    if plot:
+        p.add_argument("--plot", type=Path, default=None, help="write a PNG of the step times here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_compile_cache_option(p)
+
+
+def variants(args) -> list[tuple[str, object]]:
+    """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
+    base = load_spec(args.spec)
+    changes = {**parse_overrides(args.set), "compute_dtype": args.dtype}
+    sweeps = []
+    for item in args.sweep:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise UsageError(f"--sweep {item!r} must look like key=v1,v2")
+        sweeps.append([(key, parse_overrides([f"{key}={v}"])[key]) for v in values.split(",")])
+    out = []
+    for combo in itertools.product(*sweeps) if sweeps else [()]:
+        label = ",".join(f"{k}={v}" for k, v in combo) or args.spec
+        try:
+            out.append((label, base.replace(**{**changes, **dict(combo)})))
+        except SpecError as e:
+            raise SpecError(f"variant {label}: {e}") from None
+    return out
+
+
+def configure_threads(n: int, cpu_devices: int | None) -> None:
+    """The same CPU threads for every framework (and, for a mesh on a CPU, that many host devices);
+    must run before jax or torch is imported.
+
+    XLA has no thread-count flag: it sizes its pools from the CPUs the process may run on, so the
+    process is pinned to n CPUs; torch gets the same n (torch.set_num_threads, OMP_NUM_THREADS).
+    """
+    if hasattr(os, "sched_setaffinity") and n < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    if cpu_devices:  # only the CPU platform reads it: GPUs are counted as they are
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}"
+        os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch in one process
+
+
+def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> dict[str, str]:
+    """The attention kernel each backend is asked for. On GPU in bf16 `auto` pins cuDNN's flash
+    attention in both twins, so they run the same kernel family; on a TPU it pins the Pallas flash
+    kernel (the same kernel: torch_xla wraps JAX's), except JAX over a mesh: XLA cannot partition a
+    Pallas kernel ("Mosaic kernels cannot be automatically partitioned"), so XLA's attention runs there."""
+    check_kernel(attention, platform, f"--attention {attention}")  # before any model is built: one line, exit code 2
+    if attention == "auto" and platform == "tpu":
+        return {"jax": "xla" if mesh else "pallas", "torch": "pallas", "hf": "sdpa"}
+    if attention == "auto":
+        attention = "cudnn" if platform == "gpu" and dtype == "bfloat16" else "auto"
+    jax_name = {"sdpa": "xla"}.get(attention, attention)
+    torch_name = {"xla": "sdpa"}.get(attention, attention)
+    return {"jax": jax_name, "torch": torch_name, "hf": "sdpa"}
+
+
+def environment(args, device: str) -> dict:
+    """What a report's "env" records: date, device, platform, versions, threads and every job option."""
+    import jax
+    import torch
+
+    versions = {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__}
+    for name in ("flax", "optax", "transformers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
+        "mode": args.mode, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
+        "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
+        "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
+        # the memory options (profile_step.py, which shares this function, has none: the defaults)
+        "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
+        "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
+    }

@@ -1,0 +1,77 @@
+"""The JAX twin's side of the training loop (shared_config/loop.py drives it): the model, its train state and its
+steps, `jax.jit` over a donated state. Mirrors torch_model/trainer.py.
+
+    trainer = Trainer(spec, cfg, train_state)            # canonical {"step", "weights", "m", "v"} in
+    metrics = trainer.step(tokens_BN)                    # device scalars; trainer.fetch(metrics) waits for them
+    trainer.train_state()                                # canonical out, for a checkpoint either twin resumes
+
+Notation: B batch, N = T + 1 tokens per batch row.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from shared_config import ModelSpec, TrainConfig
+
+from . import distributed, train
+from .checkpoint import from_weights
+from .gla import set_kernel
+from .precision import exact_float32
+
+
+class Trainer:
+    """The JAX twin: `jax.jit` train and eval steps over a donated train state."""
+
+    name = "jax"
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = True,
+                 parallel: str | None = None):
+        """`parallel`: a device mesh such as "data=2,fsdp=4" (parameters and moments over fsdp, batch rows over all);
+        None: one device. compile=False: eager, for debugging."""
+        exact_float32()  # float32 matmuls as torch computes them (no TF32)
+        self.model = from_weights(train_state["weights"], spec)
+        if spec.mixer == "gla":
+            set_kernel(self.model, cfg.gla_kernel)  # a HardwareError for a kernel this machine does not have
+        self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
+        self.train_step = train.make_train_step(self.model, cfg, compile=compile)
+        if parallel is not None:  # the same step over a device mesh
+            mesh = distributed.make_mesh(parallel)
+            self.state = jax.device_put(self.state, distributed.state_shardings(self.model, cfg, mesh))
+            self.train_step = distributed.make_train_step(self.model, cfg, mesh)
+        self.eval_step = train.make_eval_step(self.model, compile=compile)
+
+    def step(self, tokens_BN: np.ndarray) -> dict:
+        """One update on the batch [B, N]; its metrics as device scalars (no host sync)."""
+        self.state, metrics = self.train_step(self.state, tokens_BN)
+        return metrics
+
+    def eval_loss(self, tokens_BN: np.ndarray) -> dict:
+        """The loss on the batch [B, N] as device scalars: loss (causal), and loss_topk for a routed spec."""
+        return self.eval_step(self.state, tokens_BN)
+
+    def scalars(self) -> dict:
+        """alpha, shift and embed_scale by canonical name, device scalars."""
+        return train.scalar_params(self.model, self.state)
+
+    def fetch(self, tree):
+        """Device values -> numpy (waits for them)."""
+        return jax.device_get(tree)
+
+    def train_state(self) -> dict:
+        """The canonical train state {"step", "weights", "m", "v"}, gathered whole (a collective when sharded)."""
+        return train.get_train_state(self.model, self.state)
+
+    def set_train_state(self, canonical: dict) -> None:
+        """Replace the train state with a canonical one."""
+        self.state = train.set_train_state(self.model, self.state, canonical)
+
+    def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
+        """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
+        non-finite diagnosis reads."""
+        nnx.update(self.model, self.state.params)
+        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        loss, grads = train.loss_and_grads(self.model, tokens_BN)
+        return self.train_state()["weights"], taps, loss, grads

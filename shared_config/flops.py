@@ -1,0 +1,62 @@
+"""Model FLOPs per token, for MFU (bench/, whose bench/flops.py holds the device peaks) and the routing study.
+
+FLOPs per token, as nanoGPT and torchtitan count them (PaLM paper, appendix B):
+    train:   6·N + 12·L·H·E·T
+    forward: 2·N +  4·L·H·E·T
+N is the number of weights that take part in a matmul: every Linear, plus the LM head (the
+token embedding when tied); the input embedding lookup is not a matmul and is excluded, as are
+norm and scalar parameters. The attention term counts q·kᵀ and p·v for all T keys (2·2·T·E per
+head per layer forward), without discounting the causal mask; `causal=True` halves it (6·N + 6·L·H·E·T for a train
+step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
+per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
+
+Routed specs (routing.py, README "Routing"): a routed block processes k = floor(γ·T) of the T tokens of a
+sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
+the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .layout import layout
+from .spec import ModelSpec
+
+
+def matmul_params(spec: ModelSpec, seq_len: int | None = None) -> float:
+    """N: weights used in matmuls per token (Linear weights, the LM head, mod's router weight), excluding the input
+    embedding; a routed block's own weights weighted by the fraction of tokens it processes at `seq_len`."""
+    fraction = routed_fraction(spec, seq_len)
+    routed = tuple(f"model.layers.{i}." for i in spec.routed_layers)
+    n = 0
+    for t in layout(spec):
+        if t.kind == "linear" or t.name.endswith(".router.weight"):
+            share = fraction if t.name.startswith(routed) and ".router" not in t.name else 1
+            n += math.prod(t.shape) * share
+    return n + (spec.V * spec.D if spec.tie_embeddings else 0)  # a tied head still does the V·D matmul
+
+
+def routed_fraction(spec: ModelSpec, seq_len: int | None) -> float:
+    """k/T: the fraction of a sequence's tokens that a routed block processes (1 when nothing is routed)."""
+    if not spec.routed_layers:
+        return 1
+    if seq_len is None:
+        raise ValueError(f"routing={spec.routing}: the FLOPs depend on the sequence length; pass seq_len")
+    return math.floor(spec.routing_capacity * seq_len) / seq_len
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> float:
+    """Model FLOPs per token for a train step (forward + backward) or a forward pass; `causal`: attention's term
+    halved (the keys a causal mask leaves, on average)."""
+    return sum(flops_split(spec, seq_len, mode, causal))
+
+
+def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
+    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards; `causal`:
+    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve)."""
+    passes = 3 if mode == "train" else 1
+    if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
+        return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
+    routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
+    keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
+    return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)

@@ -1,0 +1,135 @@
+"""The checks every checkpoint format shares (numpy only): the spec a file carries against the given one, the
+tensor count before the layout table is built, names, shapes, float dtypes and finite values, all reported at once
+and grouped by layer. They raise CheckpointError (shared_config.files).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from ..files import CheckpointError
+from ..layout import group_names, layout
+from ..limits import parse_json
+from ..resources import GB, layout_size
+from ..spec import ModelSpec, load_spec
+
+FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def np_dtype(name: str) -> np.dtype:
+    return FLOAT_DTYPES[name]
+
+
+def is_float(a: np.ndarray) -> bool:
+    return a.dtype in FLOAT_DTYPES.values() or np.issubdtype(a.dtype, np.floating)
+
+
+def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
+    """A spec stored as JSON (file metadata, `spec.json`); a bad one is a CheckpointError naming `path`."""
+    try:
+        return ModelSpec.from_dict(parse_json(text))  # a mapping only: not a preset name or a path
+    except ValueError as e:  # JSON, UTF-8, limit and spec errors are all ValueErrors
+        raise CheckpointError(f"{path}: invalid {what}: {e}") from None
+
+
+def spec_from_metadata(meta: Mapping[str, str], path: str | Path) -> ModelSpec | None:
+    return spec_from_json(meta["spec"], path, "spec in metadata") if "spec" in meta else None
+
+
+def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelSpec:
+    """The spec to use: the given one must agree with the file's; one of them must exist."""
+    if given is None:
+        if file_spec is None:
+            raise CheckpointError(f"{path}: the file carries no spec; pass one (--spec on the command line; spec= in Python: "
+                                  "a preset name, YAML path or dict)")
+        return file_spec
+    spec = load_spec(given)
+    if file_spec is not None and file_spec != spec:  # equal architectures, however their defaults were written
+        a, b = file_spec.to_dict(), spec.to_dict()
+        diff = "; ".join(f"{k}: file {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k])
+        raise CheckpointError(f"{path}: spec in the file disagrees with the given spec: {diff}")
+    return spec
+
+
+def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
+    """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
+    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes."""
+    tensors, params, _ = layout_size(spec)
+    if fused and spec.fused_qkv:
+        tensors -= 2 * spec.L
+    if tensors > 2 * found + 64:
+        raise CheckpointError(
+            f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
+            f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
+        )
+
+
+# Tensors some writers save that are computed from the spec, never learned: ignored on load with a note, as
+# transformers ignores them (transformers < 4.31 saved each Llama layer's RoPE `inv_freq`; later ones one copy).
+DERIVED_BUFFERS = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
+def without_derived(tensors: dict, path: str | Path) -> dict:
+    """`tensors` less the known derived buffers (`DERIVED_BUFFERS`), with a one-line note on stderr naming them;
+    every other unexpected tensor is left for the layout check to refuse."""
+    if not (derived := [n for n in tensors if DERIVED_BUFFERS.fullmatch(n)]):
+        return tensors
+    print(f"note: {path}: ignoring {len(derived)} derived buffer(s) recomputed from the spec: {group_names(derived)}",
+          file=sys.stderr)
+    return {n: x for n, x in tensors.items() if n not in derived}
+
+
+def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of `weights` (any array type), grouped by layer."""
+    problems = []
+    if missing := [n for n in shapes if n not in weights]:
+        problems.append(f"missing keys: {group_names(missing)}")
+    if unexpected := [n for n in weights if n not in shapes]:
+        problems.append(f"unexpected keys: {group_names(unexpected)}")
+    wrong = [
+        f"{n} expected {list(s)} found {list(weights[n].shape)}"
+        for n, s in shapes.items()
+        if n in weights and tuple(weights[n].shape) != tuple(s)
+    ]
+    if wrong:
+        problems.append("shape mismatches: " + ", ".join(wrong))
+    return problems
+
+
+def check_layout(weights: Mapping, shapes: Mapping[str, tuple[int, ...]], path: str | Path) -> None:
+    """Check a framework's in-memory layout (names and shapes) before converting it to the canonical one."""
+    if problems := layout_problems(weights, shapes):
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], path: str | Path,
+    allow_nonfinite: bool = False,
+) -> None:
+    """Check numpy `tensors` against the expected names and shapes, float dtypes and (unless allowed) finite
+    values; every problem in one error naming `path`."""
+    problems = layout_problems(tensors, shapes)
+    if not_float := [n for n in shapes if n in tensors and not is_float(tensors[n])]:
+        problems.append(f"non-float dtypes: {', '.join(f'{n} ({tensors[n].dtype})' for n in not_float)}")
+    elif not allow_nonfinite:
+        with np.errstate(over="ignore", invalid="ignore"):  # a float64 past float32's range: reported below, not warned
+            bad = [n for n in shapes if n in tensors and not np.isfinite(tensors[n].astype(np.float32)).all()]
+        if bad:
+            problems.append(f"non-finite values (NaN/Inf) in: {group_names(bad)}")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def check_weights(
+    weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
+) -> None:
+    """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_size)."""
+    check_size(len(weights), spec, path)
+    check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
+

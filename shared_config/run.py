@@ -1,0 +1,184 @@
+"""What one training run is, resolved from the command line's arguments (framework-neutral): the spec, the train
+config and the data, fresh or from the checkpoint it resumes, with every check a resume must pass. The loop that
+trains it is shared_config/loop.py; the run directory's files are shared_config/run_dir.py's."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .cli import UsageError
+from .config_file import check_keys, parse_overrides
+from .data import TokenData, load_data
+from .files import CheckpointError
+from .formats.checks import check_weights
+from .init import init_weights
+from .limits import quote
+from .resources import check_memory, train_bytes
+from .run_dir import STATE_FILE, latest_checkpoint, load_train_checkpoint, read_state
+from .spec import ModelSpec, load_spec
+from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
+
+BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
+DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
+DEFAULT_TRAIN_CONFIG = "cpu"
+SPEC_KEYS = [f.name for f in fields(ModelSpec)]
+TRAIN_KEYS = [f.name for f in fields(TrainConfig)]  # a key in both (compute_dtype) is the run's setting
+
+
+@dataclass
+class Run:
+    """Everything one run needs, resolved from the command line (and the checkpoint it resumes)."""
+
+    spec: ModelSpec  # the model as this run computes it (the train config's compute_dtype applied)
+    cfg: TrainConfig
+    data: TokenData
+    out: Path
+    start: Callable[[], dict]  # the canonical train state to start from: a checkpoint's, or step 0
+    stop: int  # the last update of this invocation (cfg.steps, or --stop-at)
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate at the end only
+    save_every: int = 100  # 0: save at the end only
+    keep: int = 3
+    eval_batches: int = 8
+    info: dict | None = None  # recorded in run.json: the command, the backend
+
+    def batch(self, step: int) -> np.ndarray:
+        """The batch of update `step` (1-based): a pure function of the seed and the step."""
+        return self.data.batch(self.cfg.seed, step - 1, self.cfg.batch_size, self.cfg.seq_len)
+
+
+def split_overrides(items: list[str] | None) -> tuple[dict, dict]:
+    """`--set key=value` items as (spec changes, train config changes); unknown keys get the closest one suggested."""
+    spec_changes, cfg_changes = {}, {}
+    overrides = parse_overrides(items)
+    check_keys(overrides, list(dict.fromkeys(SPEC_KEYS + TRAIN_KEYS)), "--set")
+    for key, value in overrides.items():
+        (cfg_changes if key in TRAIN_KEYS else spec_changes)[key] = value
+    return spec_changes, cfg_changes
+
+
+def resolve_run(args) -> Run:
+    """The run scripts/train.py's arguments ask for: a fresh one, or the checkpoint in --out continued (--resume).
+    Raises UsageError (bad or conflicting arguments), CheckpointError (an unreadable checkpoint) or ResourceError
+    (a run that cannot fit in memory), before anything is written."""
+    spec_changes, cfg_changes = split_overrides(args.set)
+    cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
+    checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
+    # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
+    data = load_data(args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic",
+                     args.data_dtype)
+    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
+    cfg = with_changes(base_config(args, stored), cfg_changes)
+    spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
+    data.check(cfg.seq_len, spec.V)
+    memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}  # every memory option counts
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory), f"training {spec.L} layers of d_model {spec.D}, "
+                 f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
+                 "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
+    if stored:
+        check_resume(spec, cfg, data, stored)
+        start = partial(checkpoint_state, checkpoint)
+    else:
+        refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
+        weights = init[0] if init else init_weights(spec, cfg.seed)
+        check_weights(weights, spec, args.init_from or "init")
+        start = partial(fresh_state, weights)
+    stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
+    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
+    return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
+
+
+def refuse_file_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a run directory is a directory (pass another --out)")
+
+
+def refuse_used_out(out: Path) -> None:
+    """A fresh run never writes into a run directory that holds checkpoints (or into a file)."""
+    refuse_file_out(out)
+    if latest_checkpoint(out) is not None:
+        raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
+
+
+def resumed_checkpoint(args) -> tuple[Path, dict]:
+    """The latest checkpoint in --out and its state.json (--resume)."""
+    refuse_file_out(args.out)
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is None:
+        raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
+    if args.init_from:
+        raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
+    stored = read_state(checkpoint)  # every copy of the spec and config in the checkpoint agrees, or refused
+    if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
+        raise CheckpointError(f"{checkpoint / STATE_FILE}: missing {', '.join(missing)}")
+    return checkpoint, stored
+
+
+def checkpoint_state(path: Path) -> dict:
+    return load_train_checkpoint(path)[0]
+
+
+def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
+    """--init-from's weights and spec, in any format convert.py reads (shared_config.formats); a given spec must match."""
+    if path is None:
+        return None
+    from .formats import quiet_libraries, read_checkpoint
+
+    quiet_libraries()
+    return read_checkpoint(path, spec)
+
+
+def base_spec(args, stored, init, data: TokenData) -> ModelSpec:
+    """--spec, else the resumed run's, else the --init-from file's, else tiny with the data's vocabulary."""
+    if args.spec is not None:
+        return load_spec(args.spec)
+    if stored:
+        return load_spec(stored["spec"])
+    if init:
+        return init[1]
+    return load_spec(DEFAULT_SPEC).replace(vocab_size=data.vocab_size)
+
+
+def base_config(args, stored) -> TrainConfig:
+    """--train-config, else the resumed run's, else the cpu preset."""
+    if args.train_config is not None:
+        return load_train_config(args.train_config)
+    return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
+
+
+def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
+    """`cfg` with --set/--steps/--seed applied; a --steps below the warmup shortens the warmup with it."""
+    if "steps" in changes and "warmup_steps" not in changes:
+        changes = {**changes, "warmup_steps": min(cfg.warmup_steps, changes["steps"])}
+    return cfg.replace(**changes)
+
+
+def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dict) -> None:
+    """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the compute options)
+    and data."""
+    pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
+    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k not in ("steps", *COMPUTE_OPTIONS)]
+    pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
+    if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
+        raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
+                         "(start a new --out to change them)")
+    if (steps := stored["train_config"]["steps"]) != cfg.steps:
+        print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
+
+
+def fresh_state(weights: dict) -> dict:
+    """A canonical train state at step 0: `weights` and AdamW moments of zero."""
+    return {"step": 0, "weights": weights, **{key: {k: np.zeros_like(w) for k, w in weights.items()} for key in ("m", "v")}}
+
+
+def is_main_process() -> bool:
+    """Process 0 of a torchrun (RANK) or multi-process JAX (JAX_PROCESS_ID) run, or the only process: the one that
+    writes the run directory and reports. Every process trains; all of them take part in gathering a checkpoint."""
+    return int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0"))) == 0

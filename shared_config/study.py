@@ -1,0 +1,106 @@
+"""The plumbing the norm and routing studies share (scripts/compare_norms.py, scripts/compare_routing.py): their
+command line, one short run per configuration and twin on the embedded corpus, each run's metrics read once, and
+the report files. Framework-neutral: a study passes in the tools' `twin` lookup, which imports a twin's trainer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from tqdm import tqdm
+
+from .cli import Parser, UsageError
+from .config_file import did_you_mean
+from .data import TokenData, synthetic_corpus
+from .files import atomic_write
+from .init import init_weights
+from .loop import Loop, NonFiniteError, finite_step, trainer_factory
+from .progress import progress
+from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, fresh_state, with_changes
+from .run_dir import METRICS_FILE, read_metrics
+from .spec import ModelSpec
+from .train_config import load_train_config
+
+
+def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, out: Path, config: str,
+              backend: str) -> Run:
+    """A study's run of one configuration in one twin, into OUT/runs/CONFIG-BACKEND: the cpu train preset with
+    `cfg_changes`, `steps` updates, fresh weights from the config's seed, four evaluations, no checkpoints but the
+    last. Raises UsageError (or SpecError) when the changes, the spec or the data do not fit together."""
+    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
+    spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
+    data.check(cfg.seq_len, spec.V)
+    weights = init_weights(spec, cfg.seed)
+    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
+               log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
+               info={"backend": backend, "study": config})
+
+
+def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]:
+    """Train (replacing an earlier result); the run's metrics records and the step a non-finite loss or gradient
+    stopped it at, else None."""
+    shutil.rmtree(run.out, ignore_errors=True)
+    stopped = False
+    try:
+        Loop(run, make_trainer, progress=False)()
+    except NonFiniteError as e:
+        tqdm.write(f"{run.out.name}: {e}", file=sys.stderr)
+        stopped = True
+    records = read_metrics(run.out / METRICS_FILE)
+    stopped_at = next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r)) if stopped else None
+    return records, stopped_at
+
+
+def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData], Run],
+              summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
+              desc: str, quiet: bool) -> tuple[dict, dict]:
+    """({config: {backend: summarize(run, records, stopped_at)}}, {config: {backend: records}}) for `make(config,
+    backend, data)`'s run of every pair on the embedded corpus, one after the other, with one progress bar of `desc`
+    (runs). `twin` is the tools' way to a twin (shared_config.twins.twin), passed in: the core calls no twin by name."""
+    results, metrics, data = {}, {}, synthetic_corpus(0)
+    with progress(total=len(configs) * len(backends), desc=desc, unit="run", quiet=quiet) as bar:
+        for config in configs:
+            for backend in backends:
+                bar.set_postfix_str(f"{config} {backend}")
+                run = make(config, backend, data)
+                records, stopped_at = train_one(run, trainer_factory(twin(backend, "trainer").Trainer, run))
+                results.setdefault(config, {})[backend] = summarize(run, records, stopped_at)
+                metrics.setdefault(config, {})[backend] = records
+                bar.update()
+    return results, metrics
+
+
+def write_results(out: Path, name: str, table: str, report: dict) -> None:
+    """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
+    atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
+    atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+
+
+def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
+                 backends_help: str = "comma-separated: jax, torch") -> Parser:
+    """The options of every study script: --steps, --backends, --configs, --set, --out, --quiet; the description is
+    the first paragraph of the script's docstring `doc`, as one sentence."""
+    p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
+    p.add_argument("--steps", type=int, default=steps, help="updates per run")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=backends_help)
+    p.add_argument("--configs", default=",".join(configs), help=configs_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
+    p.add_argument("--out", type=Path, default=Path(out), help=out_help)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def study_args(args, script: str, argv):
+    """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
+    raises UsageError for an unknown backend or --steps < 1."""
+    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    if bad := [b for b in args.backends if b not in BACKENDS]:
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    return args
