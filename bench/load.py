@@ -117,5 +117,5 @@ def fairness_problems(before: dict, during: list[dict], threads: int, rows: list
 def warning_line(problems: list[str]) -> str:
     """The one stderr line that says a comparison is not fair, and what to do."""
     return ("warning: this CPU comparison is not fair (" + "; ".join(problems) + "): step times and their ratio "
-            "are the machine's load, not the frameworks'; run on an idle machine, with --threads 1 (README "
-            "\"Bench\": a fair CPU comparison)")
+            "are the machine's load, not the frameworks'; run on an idle machine, with --threads 1 "
+            "(docs/bench.md: a fair CPU comparison)")
