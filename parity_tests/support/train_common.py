@@ -57,4 +57,5 @@ def reference_train_loss(weights, spec, tokens_BN, mask_BN, cfg: TrainConfig, he
     nll_BT = -np.take_along_axis(logp_BTV, tokens_BN[:, 1:, None], -1)[..., 0]
     counted_BT = np.ones_like(nll_BT) if mask_BN is None else (np.asarray(mask_BN)[:, 1:] != 0).astype(np.float64)
     ce = float((nll_BT * counted_BT).sum() / max(counted_BT.sum(), 1.0))
-    return ce + cfg.router_predictor_loss_weight * aux.get("router_bce", 0.0) + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return (ce + cfg.router_predictor_loss_weight * aux.get("router_bce", 0.0)
+            + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0))
