@@ -81,8 +81,8 @@ def test_spec_rules():
         with pytest.raises(SpecError, match=re.escape(fragment)):
             gla_spec(**changes)
     spec = load_spec("gla-tiny")
-    assert (spec.d_k, spec.d_v, spec.Kh, spec.Vh, spec.H, spec.L, spec.D, spec.F,
-            spec.V) == (32, 64, 16, 32, 2, 2, 64, 128, 256)
+    assert ((spec.d_k, spec.d_v, spec.Kh, spec.Vh, spec.H, spec.L, spec.D, spec.F, spec.V)
+            == (32, 64, 16, 32, 2, 2, 64, 128, 256))
     assert load_spec(spec.to_dict()) == spec
 
 
@@ -156,8 +156,8 @@ def test_gradients_match_float64_finite_differences():
     rng, h = np.random.default_rng(2), 1e-4
     for t in layout(spec):
         d = rng.standard_normal(t.shape)
-        fd = (reference_loss({**w, t.name: w[t.name] + h * d}, spec,
-                             x) - reference_loss({**w, t.name: w[t.name] - h * d}, spec, x)) / (2 * h)
+        fd = (reference_loss({**w, t.name: w[t.name] + h * d}, spec, x)
+              - reference_loss({**w, t.name: w[t.name] - h * d}, spec, x)) / (2 * h)
         for name, g in zip(("jax", "torch"), grads):
             scale = np.linalg.norm(g[t.name]) * np.linalg.norm(d)
             assert abs(np.sum(g[t.name] * d) - fd) <= 1e-4 * scale, (

@@ -103,8 +103,8 @@ def test_a_kernel_not_here_is_refused_in_one_line(kernel, twin, platform, instal
 
 def test_set_kernel_on_this_cpu_runs_the_pure_form_and_refuses_the_gpu_kernels():
     spec = gla_spec()
-    jax_twin, torch_twin = jax_model.from_weights(parity_weights(spec),
-                                                  spec), torch_model.from_weights(parity_weights(spec), spec)
+    jax_twin, torch_twin = (jax_model.from_weights(parity_weights(spec), spec),
+                            torch_model.from_weights(parity_weights(spec), spec))
     assert (jax_model.gla.set_kernel(jax_twin, "auto") == "pure"
             and torch_model.gla.set_kernel(torch_twin, "auto") == "pure")
     with pytest.raises(HardwareError):

@@ -28,9 +28,9 @@ def test_gla_flops_against_a_hand_count():
 @pytest.mark.parametrize("mode", ["train", "forward", "decode"])
 def test_bench_sweeps_the_mixer(tmp_path, mode):
     out = tmp_path / f"{mode}.json"
-    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode",
-                      mode,
-                      "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", out)
+    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
+                      "--mode", mode, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                      "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [(r["variant"], r["backend"]) for r in results] == [
@@ -39,9 +39,8 @@ def test_bench_sweeps_the_mixer(tmp_path, mode):
     if mode == "decode":
         second = tmp_path / "decode-32.json"
         proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
-                          "--mode",
-                          mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "2",
-                          "--json", second)
+                          "--mode", mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds",
+                          "2", "--json", second)
         assert proc.returncode == 0, proc.stderr[-3000:]
         proc = run_python(ROOT / "bench" / "plot_context.py", out, second, "--out", tmp_path / "ctx.png")
         assert proc.returncode == 0 and (tmp_path / "ctx.png").stat().st_size > 0, proc.stderr[-3000:]
