@@ -4,7 +4,7 @@
     python bench/compare.py --backend all --spec small --compute-dtype bfloat16 --seq-len 2048 --json out.json
     python bench/compare.py --sweep norm_type=rms,dyt,derf --plot sweep.png
 
-How it measures (README, "Bench"): the first step (compilation) is timed on its own, then
+How it measures (docs/bench.md): the first step (compilation) is timed on its own, then
 `--warmup` steps, then `--steps` timed steps, each synchronised before the clock is read, run in
 `--rounds` interleaved rounds over every (variant, backend) so that machine drift hits all alike.
 Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progress on stderr.

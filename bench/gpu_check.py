@@ -1,4 +1,4 @@
-"""Everything a lent GPU should measure, in two plans of at most 7 minutes each (README, "Bench": GPU check).
+"""Everything a lent GPU should measure, in two plans of at most 7 minutes each (docs/bench.md, "GPU check").
 
     python bench/gpu_check.py                        # on the GPU machine: the core plan, <= 7 min on one H200
     python bench/gpu_check.py --plan extra           # the other rows: another <= 7 min
@@ -43,7 +43,7 @@ from shared_config.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the checks' scripts and working directory
 
-EXPECTED = {"torch": "2.11", "jax": "0.11"}  # the GPU image's versions (the README's H200 figures)
+EXPECTED = {"torch": "2.11", "jax": "0.11"}  # the GPU image's versions (docs/bench.md's H200 figures)
 BUDGET_S = 420  # one plan: 7 minutes of a 15-minute GPU window that also holds the machine's start and a rerun
 MIN_S = 5  # a check given less than this is not started
 CACHED = ("bench/compare.py", "bench/profile_step.py")  # the scripts that take --compile-cache
@@ -53,7 +53,7 @@ CACHED = ("bench/compare.py", "bench/profile_step.py")  # the scripts that take 
 START_S = 15  # a fresh process before its first step (imports, CUDA and cuDNN start, model init); the least sure
 #   figure: the old plan's ~900 s over its 9 processes implies ~10 s, a 100 s two-twin run of small ~50 s
 COMPILE_S = {"jax": 13, "torch": 20, "hf": 36}  # first step of `small`: jax.jit 12-13 s; torch.compile of a whole
-#   step 30-36 s (hf), of the twin block by block ~0.55x that (the ratio this CPU measured at 6 layers, README)
+#   step 30-36 s (hf), of the twin block by block ~0.55x that (the ratio this CPU measured at 6 layers, docs/bench.md)
 LLAMA_JAX = 1.3  # llama-1b's 16 layers against small's 12: XLA compiles every layer, torch (by blocks) one
 STEP_S = {"small-b16": 0.080, "small-b8": 0.040, "llama-1b-b4": 0.154}  # at the measured 40% / 54% MFU
 STEPS = 12  # timed (10) and warmup (2) steps of every backend, after the compiling one

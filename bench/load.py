@@ -5,7 +5,7 @@ Other work on the CPUs does not slow the frameworks alike: a step that fans out 
 the slowest one (on 2 loaded cores at the default thread count torch once took 1,567 ms per step against JAX's
 322, where an idle machine gives JAX 1.4x torch), so a loaded machine can turn the ratio upside down. The bench records
 what it saw in the JSON and warns on
-stderr in one line when the numbers cannot be trusted (README "Bench" → "A fair CPU comparison").
+stderr in one line when the numbers cannot be trusted (docs/bench.md, "A fair CPU comparison").
 """
 
 from __future__ import annotations
@@ -118,5 +118,5 @@ def fairness_problems(before: dict, during: list[dict], threads: int, rows: list
 def warning_line(problems: list[str]) -> str:
     """The one stderr line that says a comparison is not fair, and what to do."""
     return ("warning: this CPU comparison is not fair (" + "; ".join(problems) + "): step times and their ratio "
-            "are the machine's load, not the frameworks'; run on an idle machine, with --threads 1 (README "
-            "\"Bench\": a fair CPU comparison)")
+            "are the machine's load, not the frameworks'; run on an idle machine, with --threads 1 "
+            "(docs/bench.md: a fair CPU comparison)")

@@ -1,7 +1,7 @@
 """Conditional computation for the JAX twin: Mixture-of-Depths and DTF routing over the blocks;
 torch_model/routing.py is the same file in PyTorch.
 
-A routed block runs only on the tokens its router selects; the others pass unchanged (README, "Routing").
+A routed block runs only on the tokens its router selects; the others pass unchanged (docs/routing.md).
 
 - mod (Raposo et al. 2024, "Mixture-of-Depths"): score r = wᵀx per token; a selected token gets
   x + gate(r)·(Block(x) − x), gate the raw score or its sigmoid (`routing_gate`).

@@ -9,7 +9,7 @@ OUT/runs/CONFIG-BACKEND (replacing earlier results). The validation loss ("val p
 forward's, cross-entropy only: a routed model in predictor mode, each token routed from itself and the tokens
 before it, so it compares with the dense model's; "val ppl top-k" beside it is the top-k forward's, as trained,
 which reads future tokens (the top-k runs over the whole sequence) and so is not a language model's
-perplexity. The train loss adds the auxiliary losses (README "Routing").
+perplexity. The train loss adds the auxiliary losses (docs/routing.md).
 """
 
 from __future__ import annotations

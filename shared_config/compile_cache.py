@@ -1,4 +1,4 @@
-"""Persistent compilation caches for both frameworks in one directory the user names (README, "Bench": compile
+"""Persistent compilation caches for both frameworks in one directory the user names (docs/bench.md: compile
 caches): JAX's (jax_compilation_cache_dir) and torch.compile's (inductor's FX-graph cache and the AOT-autograd
 cache, under TORCHINDUCTOR_CACHE_DIR). A second run of the same step loads its compiled programs instead of
 compiling them again. No framework is imported here: the settings go through the environment variables both

@@ -10,7 +10,7 @@ head per layer forward), without discounting the causal mask; `causal=True` halv
 step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
 per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
 
-Routed specs (routing.py, README "Routing"): a routed block processes k = floor(γ·T) of the T tokens of a
+Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
 the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
 """

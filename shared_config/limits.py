@@ -3,7 +3,7 @@
 Text files read whole (JSON, YAML) are capped in size, their nesting is bounded, YAML aliases are
 counted, and any value quoted in an error message is shortened. Each limit is far above what a real
 file holds, and low enough that a hostile file is refused in about the time a normal start-up takes.
-The README's "Bad input, limits and failures" lists them.
+docs/checkpoints.md, "Bad input, limits and failures", lists them.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Loop:
     def evaluate(self, trainer: Trainer, step: int) -> None:
         """The mean loss over the fixed validation batches, logged and shown next to the corpus's entropy. A routed
         model's val_loss is its causal (predictor-mode) forward's; the top-k forward's, which reads future tokens,
-        is logged beside it as val_loss_topk and val_ppl_topk (README "Routing")."""
+        is logged beside it as val_loss_topk and val_ppl_topk (docs/routing.md)."""
         losses = trainer.fetch([trainer.eval_loss(b) for b in self.val_batches])
         val_loss = float(np.mean([x["loss"] for x in losses]))
         entropy = self.run.data.entropy

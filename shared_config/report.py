@@ -1,5 +1,5 @@
 """A bench's JSON report on disk, rewritten whole after every completed row, so that a stopped run keeps what it
-measured (README, "Bench": reports on disk)."""
+measured (docs/bench.md: reports on disk)."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def train_bytes(spec: ModelSpec, batch: int, seq: int, grad_accum_steps: int = 1
     outputs, about 4 D + 2 F per token; "full": the block input, D per token; both plus one layer recomputed in
     full), then the logits, 3 V per token of one loss chunk (loss_chunk; 0 or past the tokens: all of them at once).
     On an accelerator they live in its memory, which the frameworks report themselves when it runs out
-    (`is_out_of_memory`). The memory options are the train config's (README, "Training bigger models")."""
+    (`is_out_of_memory`). The memory options are the train config's (docs/training.md, "Training bigger models")."""
     _, params, _ = layout_size(spec)
     rows = max(1, batch // max(1, grad_accum_steps))
     tokens = rows * seq

@@ -90,7 +90,7 @@ class ModelSpec:
     gla_gate_rank: int = 16  # rank of the forget-gate projection (x W_gk0) W_gk1 + b
     gla_gate_normalizer: float = 16.0  # log α = logsigmoid(gk) / gla_gate_normalizer
     gla_output_norm: str = "rms"  # per-head output norm: "rms" (flash-linear-attention's) or "same" (norm_type)
-    # --- conditional computation (routing.py; README "Routing") ---
+    # --- conditional computation (routing.py; docs/routing.md) ---
     routing: str = "none"  # "mod": Mixture-of-Depths (Raposo et al. 2024); "dtf": surprise-based routing
     routing_capacity: float = 0.125  # γ: a routed block runs floor(γ·T) tokens per sequence
     routing_layers: str = "every_other"  # which blocks are routed: the odd-indexed ones, or all (mod only)

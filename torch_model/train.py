@@ -216,7 +216,7 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile each
     block (compile_blocks). `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
-    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (README, "Training bigger models")."""
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger models")."""
     loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
     if compile:
         compile_blocks(model)
@@ -253,7 +253,7 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
     """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses, no update.
     "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
     tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
-    forward's, as trained, which reads future tokens (the top-k is over the whole sequence; README "Routing")."""
+    forward's, as trained, which reads future tokens (the top-k is over the whole sequence; docs/routing.md)."""
     loss_fn = torch.compile(model_loss) if compile else model_loss
     device, routed = next(model.parameters()).device, model.spec.routing != "none"
 

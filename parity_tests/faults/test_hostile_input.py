@@ -1,4 +1,4 @@
-"""Hostile input and faults (README, "Bad input, limits and failures"): one `error:` line and a documented exit
+"""Hostile input and faults (docs/checkpoints.md, "Bad input, limits and failures"): one `error:` line and a documented exit
 code, bounded time and memory before a refusal, nothing lost or left behind. One section per kind of fault."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Each twin's native init (its own RNG, no numpy) and the numpy init `shared_config.init_weights` (where every
 canonical checkpoint, `init_checkpoint.py` and the trajectories start) follow the spec's rules, tensor by tensor.
 
-The expected distribution of every canonical tensor is written out here from the README's rules,
+The expected distribution of every canonical tensor is written out here from the rules of docs/spec.md,
 not read from `shared_config.init_rule`, so a wrong rule fails as surely as a wrong draw.
 """
 

@@ -1,4 +1,4 @@
-"""Test oracles written from the definitions (README, papers), sharing no code with what they judge.
+"""Test oracles written from the definitions (docs/, papers), sharing no code with what they judge.
 
 Each function here restates a rule the code under test implements elsewhere (`shared_config.decays`,
 `shared_config.lr_factor`, the KV cache's positions, the twins' gradients) in its own, most direct
@@ -17,7 +17,7 @@ from shared_config import layout
 from . import reference
 from .train_common import reference_loss
 
-# Linear weights (Hugging Face Llama names): decayed whatever the config says (README, "Training").
+# Linear weights (Hugging Face Llama names): decayed whatever the config says (docs/training.md).
 LINEAR_SUFFIXES = tuple(f".{name}_proj.weight" for name in ("q", "k", "v", "o", "gate", "up", "down"))
 EMBEDDINGS = ("model.embed_tokens.weight", "model.embed_positions.weight")
 
@@ -35,7 +35,7 @@ def decayed_names(spec, cfg) -> set[str]:
 
 
 def lr_multiplier(cfg, k: int) -> float:
-    """The multiplier of `lr` for update k (0-based), from the README: update k < W uses (k+1)/(W+1), update W
+    """The multiplier of `lr` for update k (0-based), from docs/training.md: update k < W uses (k+1)/(W+1), update W
     the peak 1; then `schedule` over the remaining steps down to `min_lr_ratio` at update `steps`, flat after."""
     W, floor = cfg.warmup_steps, cfg.min_lr_ratio
     if k < W:

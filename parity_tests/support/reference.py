@@ -1,4 +1,4 @@
-"""An independent float64 numpy implementation of the model semantics (README, "Semantics").
+"""An independent float64 numpy implementation of the model semantics (docs/spec.md, "Semantics").
 
 Written from the semantics, not from either twin: it shares no code with them beyond the spec,
 and computes RoPE frequencies (with llama3 scaling), masks and GQA its own way.
@@ -104,7 +104,7 @@ def mlp(x, w: dict, p: str, spec):
     return h @ w[f"{p}.down_proj.weight"].T
 
 
-# --- norm placements: each written out from its definition (README, "Semantics") -------------------
+# --- norm placements: each written out from its definition (docs/spec.md, "Semantics") -------------------
 HYBRID = ("hybrid", "hybrid_star")
 
 
@@ -214,7 +214,7 @@ def gla_recurrence(q, k, v, log_a, S, valid=None):
     return o, state
 
 
-# --- conditional computation (README "Routing"): Mixture-of-Depths and DTF, from the definitions -------------
+# --- conditional computation (docs/routing.md): Mixture-of-Depths and DTF, from the definitions -------------
 
 
 def block_at(x, positions, w: dict, p: str, spec):
@@ -251,7 +251,7 @@ def router_scores(x, h, w: dict, p: str, spec, held: dict | None = None):
     d_ch = np.mean((x - prior) ** 2, axis=-1)
     T, W = x.shape[1], spec.dtf_window
     d_held = stopgrad(held, f"{q}.d_st", d_st)  # MA_W(stopgrad(D_st))
-    ma = np.stack([d_held[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # README "Routing"
+    ma = np.stack([d_held[:, max(0, t - W + 1) : t + 1].mean(axis=1) for t in range(T)], axis=1)  # docs/routing.md
     ce = d_st - d_ch + np.log(w[f"{q}.o_ce"][0] + 1e-10)
     cu = d_st - w[f"{q}.m_cu"][0] * ma
     s_ce, s_cu = sigmoid(softplus(w[f"{q}.beta_ce"][0]) * ce), sigmoid(softplus(w[f"{q}.beta_cu"][0]) * cu)

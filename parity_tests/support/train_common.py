@@ -48,7 +48,7 @@ def reference_loss(weights, spec, tokens_BN, weights_BT=None) -> float:
 
 
 def reference_train_loss(weights, spec, tokens_BN, mask_BN, cfg: TrainConfig, held: dict | None = None) -> float:
-    """The train step's loss in float64 on the global batch, from the README's definitions: the mean cross-entropy
+    """The train step's loss in float64 on the global batch, from the definitions of docs/training.md: the mean cross-entropy
     over the counted targets (mask entry nonzero) + router_predictor_loss_weight · router BCE + dtf_prior_loss_weight
     · prior MSE, each aux term a mean over every position of the whole batch, averaged over the routed blocks
     (top-k forward). `held`: reference.stopgrad's record, for finite differences."""

@@ -1,4 +1,4 @@
-"""The README's first flow: write a preset checkpoint, load it in both twins, see identical logits."""
+"""docs/checkpoints.md's first flow: write a preset checkpoint, load it in both twins, see identical logits."""
 
 import json
 

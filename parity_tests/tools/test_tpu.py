@@ -1,6 +1,6 @@
 """The bench on a TPU, checked on CPU by faking only what the device reports: chip names and peaks, MFU per chip,
 the attention each twin picks, the Pallas kernel itself (in Pallas' TPU interpret mode), the torch_xla rules.
-Nothing here needs a TPU; README "Bench" → "TPU" says what was and was not run on one."""
+Nothing here needs a TPU; docs/bench.md, "TPU", says what was and was not run on one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routed training and evaluation against their definitions, not twin against twin (routing.py, README "Routing").
+"""Routed training and evaluation against their definitions, not twin against twin (routing.py, docs/routing.md).
 
 - The update does not depend on how the global batch is cut: grad_accum_steps = 2 on micro-batches that count 6 vs
   32 targets gives the one-shot loss and gradients (the aux terms are means over every position of the global

@@ -1,4 +1,4 @@
-"""The train config's memory options (README, "Training bigger models") change memory, not the update: gradient
+"""The train config's memory options (docs/training.md, "Training bigger models") change memory, not the update: gradient
 accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
 numbers of targets; activation checkpointing (`remat`) and the chunked cross-entropy (`loss_chunk`) give the
 plain loss and gradients, in both twins, eager and torch.compile'd. (The mesh, DDP and FSDP2 runs are in

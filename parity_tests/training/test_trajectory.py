@@ -10,7 +10,7 @@ from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 
 from ..support.train_common import TWINS, trajectory
 
-CFG = load_train_config("parity")  # lr 5e-4: see the preset and the README on chaos at larger lr
+CFG = load_train_config("parity")  # lr 5e-4: see the preset and docs/parity.md on chaos at larger lr
 CASES = [(name, placement) for name in ("tiny", "tiny-dyt", "tiny-derf") for placement in ("pre", "peri")]
 CASES += [("tiny-dyt", "deepnorm"), ("tiny", "hybrid"), ("tiny-derf", "hybrid_star"), ("tiny", "pre_post")]
 

@@ -1,0 +1,192 @@
+"""The README and docs/ against the checkout, statically (nothing is run): the README stays a front door (at most
+12 KiB, the two opening commands as CI runs them), every `python scripts/X.py` / `python bench/X.py` command line of a
+```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
+every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every test file
+named exists, and .ci/walkthrough walks every page."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from ..support.common import ROOT
+from .test_new_user_cli import parser_of
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+OPENING = [  # the README's two opening commands, byte for byte: the main job, then the tests (.ci/run runs the latter)
+    "pip install -c .ci/constraints.txt -e . && python bench/compare.py --backend both",
+    'pip install -c .ci/constraints.txt -e ".[test]" && pytest parity_tests -n 2 --dist loadscope',
+]
+FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")
+SEPARATORS = {";", "&&", "||", "|", "&", "(", ")", ";;"}
+KEYWORDS = {"do", "then", "else", "time", "!"}
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def shell_lines(text: str) -> list[str]:
+    """The command lines of a page's ```bash and ```console blocks, continuation lines joined (`$ ` prompts cut)."""
+    lines = []
+    for lang, body in FENCE.findall(text):
+        if lang not in ("bash", "console", "sh", "shell"):
+            continue
+        joined = re.sub(r"\\\n", " ", body)
+        for line in joined.splitlines():
+            line = line.strip()
+            if lang == "console":
+                if not line.startswith("$ "):
+                    continue  # output, not a command
+                line = line[2:]
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def simple_commands(line: str) -> list[list[str]]:
+    """A shell line split into its simple commands (at ; && || | and the like), comments and env assignments cut."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for token in lexer:
+        if token in SEPARATORS:
+            commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    commands.append(words)
+    out = []
+    for words in commands:
+        while words and (words[0] in KEYWORDS or re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0])):
+            words = words[1:]
+        if words:
+            out.append(words)
+    return out
+
+
+def inline_commands(text: str) -> list[str]:
+    """`python scripts/X.py ...` written in a sentence (a code span, perhaps over a line break), not in a block."""
+    return [" ".join(span.split()) for span in re.findall(r"`(python3? (?:scripts|bench)/[^`]+)`", FENCE.sub("", text))]
+
+
+def script_calls() -> list[tuple[str, str, list[str]]]:
+    """(page, script path, its options) for every python/torchrun call of a script in scripts/ or bench/, in a block
+    or in a sentence."""
+    calls = []
+    for page in PAGES:
+        text = page.read_text()
+        for line in shell_lines(text) + inline_commands(text):
+            for words in simple_commands(line):
+                if Path(words[0]).name not in ("python", "python3", "torchrun"):
+                    continue
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"(scripts|bench)/[\w.-]+\.py", w)]
+                if scripts:
+                    i = scripts[0]
+                    options = [w.split("=", 1)[0] for w in words[i + 1:] if w.startswith("--")]
+                    calls.append((rel(page), words[i], options))
+    return calls
+
+
+CALLS = script_calls()
+
+
+def test_the_readme_is_a_front_door():
+    text = README.read_text()
+    assert len(README.read_bytes()) <= 12 * 1024, f"README.md is {len(README.read_bytes())} bytes; move detail to docs/"
+    first_block = FENCE.search(text).group(2)
+    assert [line for line in first_block.splitlines() if line and not line.startswith("#")] == OPENING
+    assert "pytest parity_tests -n 2 --dist loadscope" in (ROOT / ".ci" / "run").read_text()  # CI runs the second
+
+
+def test_the_docs_name_commands_at_all():
+    """The extraction still finds the commands (a changed fence or prompt style would silently check nothing)."""
+    scripts = {script for _, script, _ in CALLS}
+    assert {"bench/compare.py", "scripts/train.py", "scripts/convert.py", "scripts/generate.py"} <= scripts, scripts
+    assert ("docs/training.md", "scripts/train.py", ["--backend", "--parallel", "--out"]) in CALLS  # a torchrun line
+    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS  # inline
+
+
+@pytest.mark.parametrize("script", sorted({script for _, script, _ in CALLS}))
+def test_every_documented_command_line_parses(script, monkeypatch):
+    """Each script a page runs exists, and each --option a page passes it is one its parser knows (exactly, not
+    as an abbreviation argparse would also take)."""
+    path = ROOT / script
+    pages = sorted({page for page, s, _ in CALLS if s == script})
+    assert path.is_file(), f"{script}, run in {pages}, does not exist"
+    known = parser_of(path, monkeypatch)._option_string_actions
+    unknown = sorted({(page, option) for page, s, options in CALLS if s == script for option in options if option not in known})
+    assert not unknown, f"{script} has no option: {unknown}"
+
+
+def test_every_python_block_compiles():
+    for page in PAGES:
+        for lang, body in FENCE.findall(page.read_text()):
+            if lang == "python":
+                compile(body, rel(page), "exec")  # a SyntaxError names the page
+
+
+def test_the_shell_scripts_the_docs_run_exist():
+    for page in PAGES:
+        for line in shell_lines(page.read_text()):
+            for words in simple_commands(line):
+                if words[0] == "bash" and len(words) > 1:
+                    assert (ROOT / words[1]).is_file(), (rel(page), words[1])
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup cut, lower case, punctuation dropped, each space a hyphen."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text
+    text = re.sub(r"[`*]", "", text).strip().lower()
+    text = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = FENCE.sub("", page.read_text())
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", text, re.M):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        out.add(base if count == 0 else f"{base}-{count}")
+    return out
+
+
+def test_every_relative_link_reaches_its_file_and_heading():
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(FENCE.sub("", page.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append((rel(page), target, "no such file"))
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append((rel(page), target, "no such heading"))
+    assert not broken, broken
+
+
+def test_every_test_file_the_docs_name_exists():
+    missing = []
+    for page in PAGES:
+        for name in re.findall(r"parity_tests/[\w/]+\.py", page.read_text()):
+            if not (ROOT / name).is_file():
+                missing.append((rel(page), name))
+    assert not missing, missing
+
+
+def test_the_walkthrough_walks_every_page():
+    text = (ROOT / ".ci" / "walkthrough").read_text()
+    listed = re.search(r"^PAGES=\((.*?)\)", text, re.S | re.M).group(1).split()
+    assert sorted(listed) == sorted(rel(page) for page in PAGES), listed
+    assert listed[0] == "README.md" and len(set(listed)) == len(listed)
+    assert "walkthrough" not in (ROOT / ".ci" / "run").read_text()  # too slow for CI: the lead runs it
