@@ -183,8 +183,8 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
 
 def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
-    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory (jax.checkpoint via
-    nnx.remat)."""
+    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
+    (jax.checkpoint via nnx.remat)."""
     if remat == "none":
         return layer.body
     return partial(nnx.remat(_call, policy=REMAT_POLICIES[remat]), layer)

@@ -193,7 +193,8 @@ def init_train_state(model, cfg: TrainConfig) -> TrainState:
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: jax.jit it, donating
     the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
-    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger models")."""
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
+    models")."""
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 

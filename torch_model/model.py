@@ -186,8 +186,8 @@ REMAT_SAVED = {"block": (torch.ops.aten.mm.default,), "full": ()}
 
 def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
-    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory (torch.utils.checkpoint, non-reentrant,
-    with a selective policy: works under torch.compile and FSDP2)."""
+    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
+    (torch.utils.checkpoint, non-reentrant, with a selective policy: works under torch.compile and FSDP2)."""
     if remat == "none":
         return layer.body
     saved = REMAT_SAVED[remat]

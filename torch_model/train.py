@@ -216,7 +216,8 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile each
     block (compile_blocks). `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
-    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger models")."""
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
+    models")."""
     loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
     if compile:
         compile_blocks(model)

@@ -1,5 +1,5 @@
-"""Hostile input and faults (docs/checkpoints.md, "Bad input, limits and failures"): one `error:` line and a documented exit
-code, bounded time and memory before a refusal, nothing lost or left behind. One section per kind of fault."""
+"""Hostile input and faults (docs/checkpoints.md, "Bad input, limits and failures"): one `error:` line and a documented
+exit code, bounded time and memory before a refusal, nothing lost or left behind. One section per kind of fault."""
 
 from __future__ import annotations
 

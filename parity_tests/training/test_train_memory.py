@@ -1,5 +1,5 @@
-"""The train config's memory options (docs/training.md, "Training bigger models") change memory, not the update: gradient
-accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
+"""The train config's memory options (docs/training.md, "Training bigger models") change memory, not the update:
+gradient accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
 numbers of targets; activation checkpointing (`remat`) and the chunked cross-entropy (`loss_chunk`) give the
 plain loss and gradients, in both twins, eager and torch.compile'd. (The mesh, DDP and FSDP2 runs are in
 test_sharding.py and test_distributed_torch.py; the memory each option saves is measured by bench/compare.py.)"""
