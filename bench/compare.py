@@ -50,7 +50,8 @@ def parse_args(argv):
     p.add_argument("--devices", type=at_least(1), default=None, help="JAX: train over N devices (a data=N mesh)")
     p.add_argument("--mesh", default=None, help="JAX: train over a device mesh, e.g. data=2,fsdp=4")
     p.add_argument("--parallel", default=None, choices=["ddp", "fsdp2"],
-                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard) (default under torchrun: ddp)")
+                   help="torch under torchrun: DistributedDataParallel or FSDP2 (fully_shard) (default under "
+                        "torchrun: ddp)")
     p.add_argument("--peak-tflops", type=above(0), default=None, help="device peak for MFU (default: known table)")
     add_report_options(p, plot=True)
     args = p.parse_args(argv)
@@ -88,8 +89,10 @@ def main(argv=None):
     for label, spec in specs:
         if seq > spec.max_seq_len:
             raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
-        if args.mode == "decode" and seq + (n := decoded_tokens(args.steps, args.rounds, args.warmup)) > spec.max_seq_len:
-            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 + --warmup) "
+        if (args.mode == "decode"
+                and seq + (n := decoded_tokens(args.steps, args.rounds, args.warmup)) > spec.max_seq_len):
+            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 "
+                             "+ --warmup) "
                              f"exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
@@ -102,8 +105,10 @@ def main(argv=None):
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     for label, spec in specs:  # before anything is allocated: a job that cannot fit is refused in one line
-        memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none", "loss_chunk": args.loss_chunk or 0}
-        need = train_bytes(spec, args.batch, seq, **memory) if args.mode == "train" else forward_bytes(spec, args.batch, seq)
+        memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none",
+                  "loss_chunk": args.loss_chunk or 0}
+        need = (train_bytes(spec, args.batch, seq, **memory) if args.mode == "train"
+                else forward_bytes(spec, args.batch, seq))
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
                      "lower --batch-size or --seq-len, or the model's sizes")
     configure_threads(args.threads, shards)
@@ -144,9 +149,11 @@ def machine_load(args, before: dict, during: list[dict]) -> dict:
 
 def print_table(report: dict) -> None:
     results, gpu = report["results"], any(r["mfu"] is not None for r in report["results"])
-    head = f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} {'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MB':>8}  attention"
+    head = (f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} "
+            f"{'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MB':>8}  attention")
     env = report["env"]
-    memory = f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}" if env["mode"] == "train" else ""
+    memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"
+              if env["mode"] == "train" else "")
     print(f"# {env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}{memory}")
     print(head)
     for r in results:
@@ -156,7 +163,8 @@ def print_table(report: dict) -> None:
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
         step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
         prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
-        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
+        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} "
+              f"{r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
     ratios = []
     for variant in dict.fromkeys(r["variant"] for r in results):

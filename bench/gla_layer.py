@@ -70,11 +70,12 @@ def time_jax(args, arrays, cotangents, kernel):
     import jax.numpy as jnp
 
     form = gla_form("jax", kernel)
-    loss = lambda xs, cs: sum(jnp.sum(x * c) for x, c in zip(form(*xs), cs))
+    loss = lambda xs, cs: sum(jnp.sum(x * c) for x, c in zip(form(*xs), cs))  # noqa: E731
     grad = jax.jit(jax.value_and_grad(loss))
     xs, cs = [jnp.asarray(a) for a in arrays], [jnp.asarray(a) for a in cotangents]
     memory = grad.lower(xs, cs).compile().memory_analysis()
-    peak = None if memory is None else memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    peak = (None if memory is None
+            else memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
     t0 = time.perf_counter()
     jax.block_until_ready(grad(xs, cs))
     compile_s, times = time.perf_counter() - t0, []
@@ -123,7 +124,8 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
         if k in ("pallas", "fla"):
             platform = twin(b, "attention").device_platform()
             try:
-                resolve_gla_kernel(k, b, platform, twin("torch", "gla_kernel").fla_installed() if b == "torch" else False)
+                resolve_gla_kernel(k, b, platform,
+                                   twin("torch", "gla_kernel").fla_installed() if b == "torch" else False)
             except HardwareError as e:
                 if not if_present:
                     raise UsageError(f"--kernel {k}: {e}") from None
@@ -187,7 +189,8 @@ def main(argv=None):
                      "compile_s": compile_s, "peak_mem_bytes": peak, "max_rel_err": error})
         cells = [f"{compile_s:.2f}" if compile_s is not None else "", f"{peak / 2**20:.0f}" if peak else "-",
                  "-" if error is None else f"{error:.1e}"]
-        print(f"| {name} | {kernel} | {statistics.median(times):.3f} | {min(times):.3f} | {' | '.join(cells)} |", flush=True)
+        print(f"| {name} | {kernel} | {statistics.median(times):.3f} | {min(times):.3f} | {' | '.join(cells)} |",
+              flush=True)
         if args.json:
             write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows}, complete=False)
     if args.json:

@@ -94,12 +94,14 @@ def plan(name: str = "core") -> list[Check]:
     if name == "core":
         return [
             Check("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], cost(twins, "small-b16")),
-            Check("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"], cost([*twins, "hf"], "small-b8")),
+            Check("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"],
+                  cost([*twins, "hf"], "small-b8")),
             Check("llama1b-train-b4", [*llama, "--backend", "both"], cost(twins, "llama-1b-b4")),
             # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
             # reading the traces cost about 10 s
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
-                                    "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup", "1"],
+                                    "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup",
+                                    "1"],
                   cost(twins, "small-b8", cached=0.3) + 10, plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
@@ -111,8 +113,8 @@ def plan(name: str = "core") -> list[Check]:
     return [
         Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
               cost(twins, "small-b16")),
-        Check("llama1b-train-b4-chunked-remat", [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"],
-              cost(twins, "llama-1b-b4")),
+        Check("llama1b-train-b4-chunked-remat",
+              [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"], cost(twins, "llama-1b-b4")),
         # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
         *(Check(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch-size", "4", *sweep, "--backend", twin,
                                           "--sweep", "norm_type=rms,dyt,derf"],

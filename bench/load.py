@@ -3,7 +3,8 @@ row the process's CPU time against wall time over the timed steps.
 
 Other work on the CPUs does not slow the frameworks alike: a step that fans out over every thread waits for
 the slowest one (on 2 loaded cores at the default thread count torch once took 1,567 ms per step against JAX's
-322, where an idle machine gives JAX 1.4x torch), so a loaded machine can turn the ratio upside down. The bench records what it saw in the JSON and warns on
+322, where an idle machine gives JAX 1.4x torch), so a loaded machine can turn the ratio upside down. The bench records
+what it saw in the JSON and warns on
 stderr in one line when the numbers cannot be trusted (docs/bench.md, "A fair CPU comparison").
 """
 

@@ -136,5 +136,6 @@ def environment(args, device: str) -> dict:
         # the memory options (profile_step.py, which shares this function, has none: the defaults)
         "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
         "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
     }

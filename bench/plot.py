@@ -32,11 +32,13 @@ def plot_results(report: dict, path: Path) -> None:
                 hi = [1e3 * (rows[v]["step_s"]["p90"] - rows[v]["step_s"]["median"]) for v in variants if v in rows]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(variants))], variants, rotation=15, fontsize=8)
+        ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(variants))], variants, rotation=15,
+                      fontsize=8)
         ax.set_title(title)
         ax.legend()
     env = report["env"]
-    fig.suptitle(f"{env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}", fontsize=9)
+    fig.suptitle(f"{env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}",
+                 fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -27,7 +27,8 @@ def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int,
             raise UsageError(f"a {report['env']['mode']} report: pass decode reports (compare.py --mode decode)")
         for r in report["results"]:
             s = r["step_s"]
-            series.setdefault((r["variant"], r["backend"]), []).append((report["env"]["seq"], s["median"], s["p10"], s["p90"]))
+            series.setdefault((r["variant"], r["backend"]),
+                              []).append((report["env"]["seq"], s["median"], s["p10"], s["p90"]))
     return {k: sorted(v) for k, v in series.items()}
 
 

@@ -109,7 +109,8 @@ def parse_args(argv):
     add_report_options(p)
     args = p.parse_args(argv)
     check_outputs(args.json)
-    args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None  # for bench/options.py's helpers
+    # for bench/options.py's helpers
+    args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None
     return args
 
 
@@ -157,7 +158,8 @@ def trace_kernels(events: list[dict]) -> dict[tuple[str, str | None], float]:
 
 
 def jax_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float], float]:
-    """{(kernel name, HLO instruction): microseconds over `steps` steps} from a jax.profiler trace, and the wall time."""
+    """{(kernel name, HLO instruction): microseconds over `steps` steps} from a jax.profiler trace, and the wall
+    time."""
     import jax
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -238,7 +240,8 @@ def main(argv=None):
             bench.sync(bench.step())
         times, wall = profiler(bench, args.steps)
         hlo = hlo_categories(bench.hlo()) if bench.hlo else None
-        results.append({**breakdown(backend, spec, args, times, wall, device, hlo), "attention_kernel": bench.attention})
+        results.append({**breakdown(backend, spec, args, times, wall, device, hlo),
+                        "attention_kernel": bench.attention})
         del bench
         # the JSON as of the last profiled backend: a stopped run keeps it
         write_report(args.json, {"env": environment(args, device), "results": results}, complete=False)

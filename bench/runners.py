@@ -37,7 +37,8 @@ class DecodeLoop:
     """Decode mode's state: `start()` prefills the prompt into a fresh cache, each `step()` feeds one token."""
 
     def __init__(self, init_cache, prefill, decode_step, next_tokens):
-        self.init_cache, self.prefill, self.decode_step, self.next_tokens = init_cache, prefill, decode_step, next_tokens
+        self.init_cache, self.prefill, self.decode_step, self.next_tokens = (init_cache, prefill, decode_step,
+                                                                             next_tokens)
         self.cache = None
 
     def start(self):
@@ -87,7 +88,8 @@ def check_tpu_backends(backends: list[str]) -> None:
                          "and --backend torch (or hf) as two commands")
     if backends != ["jax"] and importlib.util.find_spec("torch_xla") is None:
         raise UsageError(f"--backend {backends[0]} on a TPU runs through PyTorch/XLA, which is not installed: "
-                         f"pip install 'torch_xla[tpu]' (the release matching torch {torch.__version__.split('+')[0]}), "
+                         "pip install 'torch_xla[tpu]' (the release matching torch "
+                         f"{torch.__version__.split('+')[0]}), "
                          "or run --backend jax")
 
 
@@ -250,8 +252,10 @@ def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
     with tempfile.TemporaryDirectory() as directory:  # the allocator's running total is in the trace's events only
         prof.export_chrome_trace(f"{directory}/trace.json")
         events = json.loads(Path(f"{directory}/trace.json").read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident if isinstance(t, torch.Tensor)}
+    totals = [e["args"]["Total Allocated"]
+              for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in resident if isinstance(t, torch.Tensor)}
     return sum(kept.values()) + max([0, *totals])
 
 

@@ -145,7 +145,8 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
                     on_progress(measured(benches, args, device, per_round), device)
             if during is not None:
                 during.append(snapshot())
-    return [result(label, backend, *benches[label, backend], args, device, per_round) for label, _, backend in jobs], device
+    return [result(label, backend, *benches[label, backend], args, device, per_round)
+            for label, _, backend in jobs], device
 
 
 def measured(benches: dict, args, device: str, per_round: int) -> dict:

@@ -25,7 +25,8 @@ ATTENTION = ("auto", "einsum", "blocked", "xla", "cudnn", "pallas")  # attention
 
 
 def rope_cos_sin(inv_freq_E2, positions_BT):
-    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated (HF)."""
+    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated
+    (HF)."""
     angles_BTE2 = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_E2, jnp.float32)
     angles_BTE = jnp.concatenate([angles_BTE2, angles_BTE2], axis=-1)
     return jnp.cos(angles_BTE), jnp.sin(angles_BTE)
@@ -61,8 +62,10 @@ def blocked_attention(q_BTHE, k_BTKE, v_BTKE, block: int):
     outputs = []
     for start in range(0, T, block):
         end = min(start + block, T)
-        causal_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # queries start..end-1, keys 0..end-1
-        outputs.append(softmax_attention(q_BKGTE[:, :, :, start:end], k_BKTE[:, :, :end], v_BKTE[:, :, :end], causal_QS))
+        # queries start..end-1, keys 0..end-1
+        causal_QS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        outputs.append(softmax_attention(q_BKGTE[:, :, :, start:end], k_BKTE[:, :, :end], v_BKTE[:, :, :end],
+                                         causal_QS))
     return jnp.concatenate(outputs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
@@ -72,7 +75,8 @@ def attention_block(T: int) -> int:
 
 
 def heads_first(q_BTHE, k_BSKE, v_BSKE):
-    """[B, K, G, T, E] queries and [B, K, S, E] keys and values: batch dims leading, so each product is one batched matmul."""
+    """[B, K, G, T, E] queries and [B, K, S, E] keys and values: batch dims leading, so each product is one batched
+    matmul."""
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[2]
     q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
@@ -91,7 +95,8 @@ PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in bloc
 
 
 def pallas_fits(E: int, T: int = PALLAS_BLOCK) -> bool:
-    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of 128."""
+    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of
+    128."""
     return T % PALLAS_BLOCK == 0 and (E <= PALLAS_BLOCK or E % PALLAS_BLOCK == 0)
 
 
@@ -107,7 +112,8 @@ def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
 
 
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
-    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
+    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every
+    kernel."""
     if attention == "pallas":
         if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
             return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
@@ -128,7 +134,8 @@ class LayerCache(NamedTuple):
     k_BSKE: jax.Array
     v_BSKE: jax.Array
     length: jax.Array  # int32 []: slots written so far, the same in every row
-    keep_BT: jax.Array | None = None  # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
+    # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
+    keep_BT: jax.Array | None = None
 
     @property
     def size(self) -> int:

@@ -66,7 +66,8 @@ class Block(nnx.Module):
     def __init__(self, spec: ModelSpec, attention: str, placement: Placement, routed: bool = False, *, rngs: nnx.Rngs):
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
-        self.self_attn = GLA(spec, rngs=rngs) if spec.mixer == "gla" else Attention(spec, attention, rngs=rngs)  # token mixer
+        # token mixer
+        self.self_attn = GLA(spec, rngs=rngs) if spec.mixer == "gla" else Attention(spec, attention, rngs=rngs)
         self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec, rngs=rngs)
@@ -75,8 +76,8 @@ class Block(nnx.Module):
             self.router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec, rngs)
             self.router_predictor = Predictor(spec, rngs)
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None,
-                 route=None, run=None):
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None,
+                 mask_BTS=None, route=None, run=None):
         """Output [B, T, D] and the attention's updated cache (None without one). `run`: the block's computation
         (`body`, or its rematted call in training). A routed block gets `route` (routing.Routes, bound to its index):
         its router and predictor run here, inside the block's own call, as every module a sharding unit owns must
@@ -87,7 +88,8 @@ class Block(nnx.Module):
         return route(self, x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS, run)
 
     def body(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
-        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without one)."""
+        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without
+        one)."""
         def attend(h_BTD):
             return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
 

@@ -30,7 +30,8 @@ def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", al
     return from_weights(weights, spec, attention)
 
 
-def from_pretrained(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False) -> Transformer:
+def from_pretrained(path: str | Path, spec=None, *, attention: str = "auto",
+                    allow_nonfinite: bool = False) -> Transformer:
     """A model from a checkpoint in any format convert.py reads: a canonical .safetensors file, a run's step
     directory, a Hugging Face or Orbax directory, a .pt file (shared_config.formats). `spec=None`: the file's own
     (a bare state dict needs one). Raises CheckpointError naming the file and what is wrong."""

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_config.generation import as_prompts, check_drawn, check_generation, collect, in_float32, left_pad, stop_at_eos
+from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
+                                      stop_at_eos)
 
 from .model import KVCache, Transformer
 
@@ -31,7 +32,8 @@ class Decoder:
 
     def __init__(self, model: Transformer):
         self.model = model
-        graphdef, self.state = nnx.split(model)  # jit a pure function of the state: nnx.jit would walk the graph per call
+        # jit a pure function of the state: nnx.jit would walk the graph per call
+        graphdef, self.state = nnx.split(model)
         self._prefill, self._decode = compiled_steps(graphdef)
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
@@ -102,7 +104,8 @@ def exclusive_cumsum(x_BV):
 
 @partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
 def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: float | None = None):
-    """Next tokens [B] int32: the argmax when temperature is 0, else a draw from softmax(logits / temperature), filtered;
+    """Next tokens [B] int32: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
+    filtered;
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
@@ -143,6 +146,7 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
 
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
-    """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first `eos_id`."""
+    """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first
+    `eos_id`."""
     steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return collect(steps, prompt_tokens, eos_id)

@@ -63,7 +63,8 @@ class GateLinear(Linear):
 def head_norm(spec: ModelSpec):
     """The per-head output norm over V, one weight shared by all heads: RMSNorm, or the spec's norm_type ("same")."""
     if spec.gla_output_norm == "rms":
-        return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)  # flash-linear-attention's g_norm: a weight, no bias
+        # flash-linear-attention's g_norm: a weight, no bias
+        return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)
     return make_norm(spec, spec.attn_alpha_init, dim=spec.Vh)
 
 
@@ -74,7 +75,8 @@ def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):
         S_BHKV = jnp.exp(g_BHK)[..., None] * S_BHKV + k_BHK[..., None] * v_BHV[..., None, :]
         return S_BHKV, jnp.einsum("bhk,bhkv->bhv", q_BHK, S_BHKV)
 
-    S_BHKV, o_TBHV = jax.lax.scan(step, S_BHKV, tuple(x.transpose(2, 0, 1, 3) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK)))
+    S_BHKV, o_TBHV = jax.lax.scan(step, S_BHKV,
+                                  tuple(x.transpose(2, 0, 1, 3) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHTK)))
     return o_TBHV.transpose(1, 2, 0, 3), S_BHKV
 
 
@@ -112,7 +114,8 @@ def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
     q_BHNncK, k_BHNncK, g_BHNncK = (x.reshape(B, H, N, n, c, K) for x in (q, k, g))
     r_BHNncK = jnp.cumsum(g_BHNncK, axis=4)  # Σ_{I·c ≤ s ≤ i} log α_s from the sub-chunk's start
     Q_BHNncK = q_BHNncK * jnp.exp(r_BHNncK)
-    A_BHNncC = jnp.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:], k[:, :, :, None] * jnp.exp(E_BHNnCK[:, :, :, :-1]))
+    A_BHNncC = jnp.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:],
+                          k[:, :, :, None] * jnp.exp(E_BHNnCK[:, :, :, :-1]))
     earlier_nC = s_C < c * np.arange(1, n)[:, None]
     A_BHNncC = jnp.where(earlier_nC[:, None], A_BHNncC, 0.0)
     o_BHNncV = jnp.pad(jnp.einsum("bhnicj,bhnjv->bhnicv", A_BHNncC, v), ((0, 0),) * 3 + ((1, 0), (0, 0), (0, 0)))
@@ -156,7 +159,7 @@ class GLA(nnx.Module):
         state unchanged."""
         B, T, _ = x_BTD.shape
         H, K, V = self.H, self.K, self.V
-        heads = lambda x, E: x.astype(jnp.float32).reshape(B, T, H, E).transpose(0, 2, 1, 3)  # recurrence in float32
+        heads = lambda x, E: x.astype(jnp.float32).reshape(B, T, H, E).transpose(0, 2, 1, 3)  # recurrence in float32  # noqa: E731
         q_BHTK = heads(self.q_proj(x_BTD), K) * K**-0.5
         k_BHTK, v_BHTV = heads(self.k_proj(x_BTD), K), heads(self.v_proj(x_BTD), V)
         gk_BTK = self.gk_proj[1](self.gk_proj[0](x_BTD))  # float32

@@ -121,7 +121,8 @@ def _gla(q, k, v, g, s0, interpret):
 
 
 def _gla_forward(q, k, v, g, s0, interpret):
-    o, sT = _call(_forward_kernel, [jax.ShapeDtypeStruct(v.shape, jnp.float32), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
+    o, sT = _call(_forward_kernel,
+                  [jax.ShapeDtypeStruct(v.shape, jnp.float32), jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
                   q, k, v, g, s0, interpret=interpret)
     return (o, sT), (q, k, v, g, s0, sT)
 
@@ -154,7 +155,8 @@ def pallas_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, *, interpret: bool | None
     V = v_BHTV.shape[-1]
     Tp, Kp, Vp = _pow2(T), _pow2(K), _pow2(V)
     g_BHTK = jnp.maximum(g_BHTK, GATE_FLOOR)
-    rows = lambda x, E: jnp.pad(x.astype(jnp.float32), ((0, 0),) * 2 + ((0, Tp - T), (0, E - x.shape[-1]))).reshape(B * H, Tp, E)  # noqa: E731
+    rows = lambda x, E: jnp.pad(x.astype(jnp.float32),  # noqa: E731
+                                ((0, 0),) * 2 + ((0, Tp - T), (0, E - x.shape[-1]))).reshape(B * H, Tp, E)
     q, k, g = (rows(x, Kp) for x in (q_BHTK, k_BHTK, g_BHTK))
     s0 = jnp.pad(S_BHKV.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V))).reshape(B * H, Kp, Vp)
     o, sT = _gla(q, k, rows(v_BHTV, Vp), g, s0, interpret)

@@ -129,9 +129,11 @@ class MLP(nnx.Module):
         self.down_proj = Linear(spec.F, spec.D, spec, rngs)
 
     def __call__(self, x_BTD):
-        if self.kind == "swiglu":  # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+        # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+        if self.kind == "swiglu":
             w_D2F = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-            gate_BTF, up_BTF = jnp.split(linear(x_BTD, w_D2F, self.up_proj.dtype).astype(jnp.float32), 2, axis=-1)  # in float32
+            # in float32
+            gate_BTF, up_BTF = jnp.split(linear(x_BTD, w_D2F, self.up_proj.dtype).astype(jnp.float32), 2, axis=-1)
             h_BTF = jax.nn.silu(gate_BTF) * up_BTF
         else:
             h_BTF = ACTIVATIONS[self.kind](self.up_proj(x_BTD).astype(jnp.float32))  # activation in float32

@@ -63,7 +63,8 @@ class TransformerModel(nnx.Module):
         D, dtypes = spec.D, dict(dtype=DTYPES[spec.compute_dtype], param_dtype=DTYPES[spec.param_dtype])
         self.embed_tokens = nnx.Embed(spec.V, D, embedding_init=ZEROS, **dtypes, rngs=rngs)
         learned = spec.position == "learned"
-        self.embed_positions = nnx.Embed(spec.max_seq_len, D, embedding_init=ZEROS, **dtypes, rngs=rngs) if learned else None
+        self.embed_positions = (nnx.Embed(spec.max_seq_len, D, embedding_init=ZEROS, **dtypes, rngs=rngs) if learned
+                                else None)
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
@@ -78,7 +79,8 @@ class TransformerModel(nnx.Module):
         if cache is None:
             if T > spec.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
-            positions, mask_BTS = jnp.arange(T), None  # positions [T], shared by every row; causal
+            # positions [T], shared by every row; causal
+            positions, mask_BTS = jnp.arange(T), None
         elif T > cache.size:
             raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
         else:
@@ -91,8 +93,8 @@ class TransformerModel(nnx.Module):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
             run = rematted(layer, remat) if taps is None and cache is None else None  # training only
             route = partial(routes, i, h_BTD) if i in spec.routed_layers else None  # called inside the block's call
-            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS,
-                                       route=route, run=run)
+            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
+                                       mask_BTS, route=route, run=run)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
         routing_cache = routes.finish(aux)
@@ -166,7 +168,8 @@ class Transformer(nnx.Module):
         shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
         layers = tuple(
             GLAState.empty(spec, batch, size) if spec.mixer == "gla" else
-            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32)) for _ in range(spec.L)
+            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.zeros((), jnp.int32)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size))
@@ -180,8 +183,8 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.dots_with_no_batch_dims_savea
 
 def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
-    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory (jax.checkpoint via
-    nnx.remat)."""
+    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
+    (jax.checkpoint via nnx.remat)."""
     if remat == "none":
         return layer.body
     return partial(nnx.remat(_call, policy=REMAT_POLICIES[remat]), layer)

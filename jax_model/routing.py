@@ -68,7 +68,8 @@ def init_cache(spec: ModelSpec, batch: int, size: int) -> tuple[RoutingCache | N
 
 
 class Predictor(nnx.Module):
-    """The causal router (MoD paper, sec. 3.5): Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases; logits [B, T] float32."""
+    """The causal router (MoD paper, sec. 3.5): Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases; logits [B, T]
+    float32."""
 
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
         self.fc1 = Linear(spec.D, spec.D // 2, spec, rngs)
@@ -80,7 +81,8 @@ class Predictor(nnx.Module):
 
 
 class ModRouter(nnx.Module):
-    """r = wᵀx, one [D] weight, no bias; score and gate [B, T] float32 (the score in float32, whatever the compute dtype)."""
+    """r = wᵀx, one [D] weight, no bias; score and gate [B, T] float32 (the score in float32, whatever the compute
+    dtype)."""
 
     def __init__(self, spec: ModelSpec):
         self.gate = spec.routing_gate
@@ -106,7 +108,8 @@ class DtfRouter(nnx.Module):
         post32, h32, prior32 = (x.astype(jnp.float32) for x in (post_BTD, h_BTD, prior_BTD))  # statistics in float32
         dst_BT = jnp.mean(jnp.square(post32 - h32), axis=-1)
         dch_BT = jnp.mean(jnp.square(post32 - prior32), axis=-1)
-        beta_ce, beta_cu, o_ce, m_cu = (p[...].astype(jnp.float32)[0] for p in (self.beta_ce, self.beta_cu, self.o_ce, self.m_cu))
+        beta_ce, beta_cu, o_ce, m_cu = (p[...].astype(jnp.float32)[0]
+                                        for p in (self.beta_ce, self.beta_cu, self.o_ce, self.m_cu))
         ce_BT = dst_BT - dch_BT + jnp.log(o_ce + 1e-10)
         cu_BT = dst_BT - m_cu * ma(jax.lax.stop_gradient(dst_BT))
         s_ce_BT = jax.nn.sigmoid(jax.nn.softplus(beta_ce) * ce_BT)
@@ -150,7 +153,8 @@ class Routes:
 
     def __call__(self, i: int, h_BTD, layer, x_BTD, cos, sin, taps, cache, mask_BTS, run):
         """Routed block i on x [B, T, D] (h: the previous block's input, for dtf), called from inside the block's own
-        call (Block's `route`); `run`: the block's computation on the tokens it runs. Its output [B, T, D], its cache."""
+        call (Block's `route`); `run`: the block's computation on the tokens it runs. Its output [B, T, D], its
+        cache."""
         B, T, _ = x_BTD.shape
         if cache is None:  # a full forward: positions 0..T−1 in every row, causal
             slots_T, read_BTS = jnp.arange(T), jnp.tril(jnp.ones((T, T), bool))[None]
@@ -159,7 +163,8 @@ class Routes:
         rcache = None if self.caches is None else self.caches[i]
 
         def ma(dst_BT):  # dtf's causal moving average, over this call's values and the cached ones
-            history_BS = dst_BT if rcache is None else jax.lax.dynamic_update_slice(rcache.dst_BS, dst_BT, (0, cache.length))
+            history_BS = (dst_BT if rcache is None
+                          else jax.lax.dynamic_update_slice(rcache.dst_BS, dst_BT, (0, cache.length)))
             return window_mean(history_BS, read_BTS, slots_T, self.spec.dtf_window)
 
         score_BT, gate_BT, dst_BT, prior_mse = layer.router(x_BTD, h_BTD, ma)
@@ -171,7 +176,8 @@ class Routes:
             idx_BK = select_top_k(score_BT, k)
             keep_BT = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], idx_BK].set(True)
             x_BKD = jnp.take_along_axis(x_BTD, idx_BK[..., None], axis=1)
-            cos_k, sin_k = (None, None) if cos is None else (jnp.take(cos, idx_BK, axis=0), jnp.take(sin, idx_BK, axis=0))
+            cos_k, sin_k = (None,
+                            None) if cos is None else (jnp.take(cos, idx_BK, axis=0), jnp.take(sin, idx_BK, axis=0))
             y_BKD, _ = run(x_BKD, cos_k, sin_k, taps) if k else (x_BKD, None)
             gate_BK = jnp.take_along_axis(gate_BT, idx_BK, axis=1)
             update_BKD = (y_BKD - x_BKD) * gate_BK[..., None].astype(x_BTD.dtype)
@@ -181,7 +187,8 @@ class Routes:
             self.accuracy.append(jnp.mean(((logit_BT > 0) == keep_BT).astype(jnp.float32)))
         else:
             keep_BT = logit_BT > 0  # sigmoid > 0.5
-            keep_BS = keep_BT if rcache is None else jax.lax.dynamic_update_slice(rcache.keep_BS, keep_BT, (0, cache.length))
+            keep_BS = (keep_BT if rcache is None
+                       else jax.lax.dynamic_update_slice(rcache.keep_BS, keep_BT, (0, cache.length)))
             s_S = jnp.arange(keep_BS.shape[1])
             own_BTS = (s_S[None, :] == slots_T[:, None])[None]  # a skipped query reads itself: no empty softmax
             if cache is not None:  # a skipped token writes no key or value at this layer

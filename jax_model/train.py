@@ -3,11 +3,11 @@
 torch_model/train.py is the same file in PyTorch; both compute the same update (see the comments
 where the libraries' defaults differ).
 
-    state = init_train_state(model, cfg)                   # TrainState(step, params, opt_state)
-    train_step = make_train_step(model, cfg)               # jax.jit of a pure function, state donated
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
-    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
-    get_train_state(model, state)                          # canonical weights, AdamW m and v, step
+    state = init_train_state(model, cfg)                # TrainState(step, params, opt_state)
+    train_step = make_train_step(model, cfg)            # jax.jit of a pure function, state donated
+    state, metrics = train_step(state, tokens_BN)       # metrics: loss, grad_norm (before clipping), lr (+ routing's)
+    eval_step = make_eval_step(model)                   # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
+    get_train_state(model, state)                       # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step donates
 `state` (and at the first step the model's own arrays): keep only the returned state;
@@ -133,7 +133,8 @@ def accumulate_gradients(loss_fn, params, tokens_BN, mask_BN, count, steps: int)
         return jax.tree.map(jnp.add, total, grad_fn(params, *batch, count, 1.0 / steps)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, *first, count, 1.0 / steps))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, *first, count, 1.0 / steps))
     (loss, metrics), grads = jax.lax.scan(add, zeros, micro)[0]
     return (loss, jax.tree.map(lambda m: m / steps, metrics)), grads
 
@@ -144,7 +145,8 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
     graphdef, params, rest = split_params(model)
-    loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN, count)
+    loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN,
+                                  count)
     return float(loss), {k: v.astype(np.float32) for k, v in to_canonical(flat_arrays(grads), model.spec).items()}
 
 
@@ -191,22 +193,24 @@ def init_train_state(model, cfg: TrainConfig) -> TrainState:
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: jax.jit it, donating
     the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
-    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger models")."""
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
+    models")."""
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 
     def loss_fn(params, tokens_BN, mask_BN, count, share):
         aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
         model = nnx.merge(graphdef, params, rest)
-        loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat, loss_chunk=cfg.loss_chunk,
-                          share=share)
+        loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat,
+                          loss_chunk=cfg.loss_chunk, share=share)
         return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
         (loss, aux_metrics), grads = accumulate_gradients(loss_fn, state.params, tokens_BN, mask_BN, count,
                                                           cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp), **aux_metrics}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp),
+                   **aux_metrics}
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
@@ -240,7 +244,8 @@ def scalar_params(model, state: TrainState) -> dict[str, jax.Array]:
 def get_train_state(model, state: TrainState) -> dict[str, Any]:
     """The state in canonical names: {"step": int, "weights", "m", "v": {canonical name: numpy}}."""
     m, v = (optax.tree_utils.tree_get(state.opt_state, key) for key in ("mu", "nu"))
-    canonical = {key: to_canonical(flat_arrays(x), model.spec) for key, x in (("weights", state.params), ("m", m), ("v", v))}
+    canonical = {key: to_canonical(flat_arrays(x), model.spec)
+                 for key, x in (("weights", state.params), ("m", m), ("v", v))}
     return {"step": int(state.step), **canonical}
 
 

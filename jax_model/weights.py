@@ -45,7 +45,8 @@ def to_canonical(flat: dict[str, jax.Array], spec) -> dict[str, np.ndarray]:
 
 
 def whole(x) -> np.ndarray:
-    """An array in host memory: a sharded one gathered from this host's devices, or from every process (a collective)."""
+    """An array in host memory: a sharded one gathered from this host's devices, or from every process (a
+    collective)."""
     local = getattr(x, "is_fully_addressable", True)
     return np.asarray(x if local else multihost_utils.process_allgather(x, tiled=True))
 

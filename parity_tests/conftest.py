@@ -17,12 +17,12 @@ torch_exact_float32()
 torch.manual_seed(0)
 
 
-import tempfile
-from pathlib import Path
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import pytest
+import pytest  # noqa: E402
 
-from .support.checkout_guard import CheckoutGuard
+from .support.checkout_guard import CheckoutGuard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD: CheckoutGuard | None = None  # made once pytest's base temp is known

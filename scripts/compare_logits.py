@@ -19,8 +19,10 @@ from shared_config.twins import twin
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a "
-                                       "run's step directory, an Orbax, Hugging Face or flash-linear-attention directory")
+    src.add_argument("--weights",
+                     help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a "
+                                       "run's step directory, an Orbax, Hugging Face or "
+                                       "flash-linear-attention directory")
     src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
     p.add_argument("--batch", type=int, default=2, help="sequences per batch")

@@ -101,7 +101,8 @@ def perplexity_criteria(rows: dict) -> list[tuple]:
 
 def finite_criterion(results: dict) -> tuple:
     """No run, in any backend, met a NaN/Inf."""
-    runs = [(f"{config} {backend}", row) for config, by_backend in results.items() for backend, row in by_backend.items()]
+    runs = [(f"{config} {backend}", row) for config, by_backend in results.items()
+            for backend, row in by_backend.items()]
     bad = [name for name, row in runs if row["nonfinite_steps"] or row["stopped_at"]]
     return "no NaN/Inf in any run", not bad, ", ".join(bad) or f"{len(runs)} runs finite"
 
@@ -114,7 +115,8 @@ def variance_criteria(rows: dict) -> list[tuple]:
         mine = {c: v for c, v in variances.items() if c.startswith(f"{norm}-")}
         if len(mine) > 1:
             listed = ", ".join(f"{c} {v:.3g}" for c, v in mine.items())
-            out.append((f"{norm}: lowest gradient-norm variance", None, f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
+            out.append((f"{norm}: lowest gradient-norm variance", None,
+                        f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
     if variances:
         best = min(variances, key=variances.get)
         out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"))
@@ -132,8 +134,8 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
              "| max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         row, gap = rows[main], twin_gap(rows)
-        cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"), fmt(row["alpha_min"], ".3f"),
-                 fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
+        cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"),
+                 fmt(row["alpha_min"], ".3f"), fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
                  str(sum(r["nonfinite_steps"] for r in rows.values())), fmt(gap, ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| criterion | result | detail |", "|---|---|---|"]
@@ -168,7 +170,8 @@ def norm_output_histograms(run_: Run) -> dict[str, list[float]]:
         if isinstance(module, norms):
             module.register_forward_hook(lambda m, args, y, name=name: outputs.__setitem__(name, y.detach().float()))
     with torch.no_grad():
-        model(torch.as_tensor(run_.data.val_batches(1, run_.cfg.batch_size, run_.cfg.seq_len)[0][:, : run_.cfg.seq_len]))
+        model(torch.as_tensor(run_.data.val_batches(1, run_.cfg.batch_size,
+                                                    run_.cfg.seq_len)[0][:, : run_.cfg.seq_len]))
     hist = {name: np.histogram(np.clip(y.numpy().ravel(), -8, 8), HIST_BINS)[0] for name, y in outputs.items()}
     return {name: (h / h.sum()).tolist() for name, h in hist.items()}
 
@@ -181,7 +184,8 @@ def output_criteria(rows: dict) -> list[tuple]:
         norm, placement = config.split("-")
         ref = rows.get(f"rms-{placement}")
         if norm in ("dyt", "derf") and ref and row.get("outputs") and ref.get("outputs"):
-            tv = {site: 0.5 * float(np.abs(np.subtract(p, ref["outputs"][site])).sum()) for site, p in row["outputs"].items()}
+            tv = {site: 0.5 * float(np.abs(np.subtract(p, ref["outputs"][site])).sum())
+                  for site, p in row["outputs"].items()}
             worst = max(tv, key=tv.get)
             mean = float(np.mean(list(tv.values())))
             out.append((f"{config} outputs distributed like rms-{placement}'s (mean TV ≤ {TV_MAX})", mean <= TV_MAX,
@@ -216,7 +220,8 @@ def write_report(results: dict, metrics: dict, args, changes: tuple[dict, dict])
     table = markdown(results, args.backends, args.steps, args.command)
     report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
               "results": results,
-              "criteria": [dict(zip(("criterion", "passed", "detail"), c)) for c in criteria(results, args.backends[0])]}
+              "criteria": [dict(zip(("criterion", "passed", "detail"), c))
+                           for c in criteria(results, args.backends[0])]}
     write_results(args.out, "norms", table, report)
     plot({c: metrics[c][args.backends[0]] for c in args.configs}, args.out / "curves.png")
     return table
@@ -227,7 +232,8 @@ def main(argv=None):
     changes = split_overrides(args.set)
     if args.mixer == "gla":
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
-    make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # bad values fail here
+    # bad values fail here
+    make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
     args.out.mkdir(parents=True, exist_ok=True)
     print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
 

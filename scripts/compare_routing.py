@@ -72,7 +72,8 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
-    head = "| config | backend | val ppl | val ppl top-k | tokens/s | train GFLOP/token | FLOPs vs dense | predictor acc |"
+    head = ("| config | backend | val ppl | val ppl top-k | tokens/s | train GFLOP/token | FLOPs vs dense | "
+            "predictor acc |")
     lines = [f"Routing study, {steps} steps each: `{command}`", "", head, "|" + "---|" * 8]
     dense = {b: results.get("dense", {}).get(b, {}).get("flops_per_token") for b in backends}
     for config, rows in results.items():

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, save_checkpoint
+from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
 from shared_config.files import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 
 
 def _write_torch(path, weights, spec, force):
-    from shared_config.formats.torch_pt import save_state_dict_file  # the frameworks load only when their format is written
+    # the frameworks load only when their format is written
+    from shared_config.formats.torch_pt import save_state_dict_file
 
     save_state_dict_file(path, weights, spec)
 
@@ -86,7 +87,8 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax, Hugging Face or flash-linear-attention directory, or a run's step-NNNNNNNN directory")
+    p.add_argument("src", type=Path, help="a .safetensors / .pt / .pth file, an Orbax, Hugging Face or "
+                                          "flash-linear-attention directory, or a run's step-NNNNNNNN directory")
     p.add_argument("dst", type=Path, help="the file or directory to write")
     p.add_argument("--to", choices=FORMATS, help="the target format (default: from DST's extension)")
     p.add_argument("--spec", help="preset name or YAML path; required when SRC carries no spec (a bare state dict)")

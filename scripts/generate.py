@@ -1,7 +1,8 @@
-"""Generate with either twin and its KV cache, streaming tokens to stdout as they come.
+r"""Generate with either twin and its KV cache, streaming tokens to stdout as they come.
 
     python scripts/generate.py --backend jax --weights tiny.safetensors --tokens 1,2,3 --max-new-tokens 32
-    python scripts/generate.py --backend torch --weights tiny.safetensors --prompt "Once upon" --temperature 0.8 --top-p 0.9
+    python scripts/generate.py --backend torch --weights tiny.safetensors --prompt "Once upon" \
+        --temperature 0.8 --top-p 0.9
 
 Text prompts use the `tokenizer.json` (Hugging Face `tokenizers`) beside the weights, else UTF-8
 bytes as token ids (vocab_size >= 256). With --tokens the new ids are printed, space-separated.
@@ -28,7 +29,8 @@ from shared_config.twins import twin
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", required=True, choices=["jax", "torch"], help="the twin that generates")
-    p.add_argument("--weights", required=True, type=Path, help="a canonical .safetensors file, a Hugging Face or Orbax directory, or a .pt file")
+    p.add_argument("--weights", required=True, type=Path,
+                   help="a canonical .safetensors file, a Hugging Face or Orbax directory, or a .pt file")
     p.add_argument("--spec", help="preset name or YAML path, for a file that carries no spec")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (tokenizer.json beside the weights, else UTF-8 bytes)")
@@ -37,17 +39,20 @@ def main(argv=None):
     # Sampling options left unset take generate()'s defaults (greedy, seed 0, no eos).
     p.add_argument("--temperature", type=float, help="0: greedy (default: 0)")
     p.add_argument("--top-k", type=int, help="draw from the k most likely tokens only (default: all)")
-    p.add_argument("--top-p", type=float, help="draw from the smallest top set holding this probability (default: 1, all)")
+    p.add_argument("--top-p", type=float,
+                   help="draw from the smallest top set holding this probability (default: 1, all)")
     p.add_argument("--seed", type=int, help="sampling seed (default: 0)")
     p.add_argument("--eos-id", type=int, help="stop at this token id")
     p.add_argument("--attention", default="auto",
-                   help="attention kernel (jax: auto|einsum|blocked|xla|cudnn|pallas, torch: auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
+                   help="attention kernel (jax: auto|einsum|blocked|xla|cudnn|pallas, torch: "
+                        "auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
     args = p.parse_args(argv)
 
     weights, spec = load_weights(args.weights, args.spec)
     text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
-    options = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
+    options = {k: getattr(args, k)
+               for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast
         check_generation(spec, [prompt], args.max_new_tokens, **options)
     except GenerationError as e:
@@ -100,7 +105,8 @@ class HFTokenizer:
         except UnicodeDecodeError:
             raise CheckpointError(f"{path}: not a valid tokenizers file: not UTF-8") from None
         except (OSError, ValueError) as e:
-            raise CheckpointError(str(e) if isinstance(e, ValueError) else f"{path}: cannot read: {e.strerror}") from None
+            raise CheckpointError(str(e) if isinstance(e, ValueError)
+                                  else f"{path}: cannot read: {e.strerror}") from None
         except Exception as e:  # tokenizers raises its own Exception subclass for a malformed file
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"{path}: not a valid tokenizers file: {quote(first)[1:-1]}") from None
@@ -165,7 +171,8 @@ def emit(steps, show: Callable[[int], str], out, err, rest: Callable[[], str] = 
     n, (start, end) = len(times) - 1, (times[0], times[-1])
     first = ", ".join(f"{t - s:.2f} s" for s, t in zip(times[:2], times[1:3]))
     rate = f"; then {(n - 2) / (end - times[2]):.1f} tokens/s" if n > 2 else ""
-    print(f"{n} tokens in {end - start:.2f} s: the first two after {first} (prefill, first decode step){rate}", file=err)
+    print(f"{n} tokens in {end - start:.2f} s: the first two after {first} (prefill, first decode step){rate}",
+          file=err)
 
 
 if __name__ == "__main__":

@@ -156,11 +156,13 @@ def train_rows(runs: dict, bf16: bool) -> list[Row]:
     if bf16:
         loss_row = bound(f"train loss, {len(b)} steps", "max |Δ|", np.abs(a - b).max(), P.BF16_LOSS_TOL)
     else:
-        loss_row = bound(f"train loss, {len(b)} steps", "max |Δ|/|loss|", (np.abs(a - b) / np.abs(b)).max(), P.TRAJ_LOSS_TOL)
+        loss_row = bound(f"train loss, {len(b)} steps", "max |Δ|/|loss|", (np.abs(a - b) / np.abs(b)).max(),
+                         P.TRAJ_LOSS_TOL)
     errs = {name: P.max_rel(jax_weights[name], p) for name, p in torch_weights.items()}
     worst = max(errs, key=errs.get)
     tol = P.BF16_GRAD_TOL if bf16 else P.TRAJ_PARAM_TOL
-    return [loss_row, compare(f"trained {worst} (worst)", jax_weights[worst], torch_weights[worst], tol, "max|Δ|/max|p|")]
+    return [loss_row,
+            compare(f"trained {worst} (worst)", jax_weights[worst], torch_weights[worst], tol, "max|Δ|/max|p|")]
 
 
 # --- output ----------------------------------------------------------------------------------------

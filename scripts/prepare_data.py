@@ -30,7 +30,8 @@ def byte_tokens(path: Path) -> np.ndarray:
 
 
 def line_chunks(path: Path):
-    """The file's lines (newlines kept), LINES_PER_CHUNK at a time; bytes that are not UTF-8 raise UnicodeDecodeError."""
+    """The file's lines (newlines kept), LINES_PER_CHUNK at a time; bytes that are not UTF-8 raise
+    UnicodeDecodeError."""
     with open(path, encoding="utf-8", newline="") as f:
         while chunk := [line for _, line in zip(range(LINES_PER_CHUNK), f)]:
             yield chunk
@@ -71,8 +72,10 @@ def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("input", type=Path, help="a text file (UTF-8 for BPE; any bytes for byte-level)")
     p.add_argument("--out", type=Path, required=True, help="the data directory to write")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="UTF-8 bytes, or a BPE trained on the file")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
+                   help="UTF-8 bytes, or a BPE trained on the file")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)

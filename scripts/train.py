@@ -2,7 +2,7 @@
 
     python scripts/train.py --backend jax                     # tiny on the synthetic corpus, ~20 s on 2 CPU cores
     python scripts/train.py --backend jax --spec tiny-dyt --out runs/dyt --steps 400 --stop-at 200   # DyT, half...
-    python scripts/train.py --backend torch --out runs/dyt --resume                                   # ...the rest in PyTorch
+    python scripts/train.py --backend torch --out runs/dyt --resume   # ...the rest in PyTorch
     python scripts/prepare_data.py input.txt --out data/text --tokenizer bpe --vocab-size 2048
     python scripts/train.py --backend torch --data data/text --set lr=3e-3 --set steps=2000
 
@@ -40,16 +40,21 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backend", required=True, choices=BACKENDS, help="the twin that trains")
     p.add_argument("--spec", help=f"preset name or YAML path (default: {DEFAULT_SPEC} with the data's vocabulary size)")
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")
-    p.add_argument("--data", help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
-    p.add_argument("--data-dtype", choices=TOKEN_DTYPES, help="dtype of a .bin token file (default: its meta.json, else uint16)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec or train config key (repeatable)")
+    p.add_argument("--data",
+                   help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
+    p.add_argument("--data-dtype", choices=TOKEN_DTYPES,
+                   help="dtype of a .bin token file (default: its meta.json, else uint16)")
     p.add_argument("--out", type=Path, help="the run directory (default: runs/SPEC)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, written by either twin")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, written by either twin")
     p.add_argument("--init-from", type=Path, help="start from these weights (any format convert.py reads)")
     p.add_argument("--steps", type=int, help="total updates (the schedule's length); shorthand for --set steps=N")
     p.add_argument("--seed", type=int, help="init and batch-order seed; shorthand for --set seed=N")
     p.add_argument("--stop-at", type=int, help="stop after this update without changing the schedule (resume later)")
-    p.add_argument("--log-every", type=int, default=10, help="fetch metrics and log alpha/shift/embed_scale every N steps")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="fetch metrics and log alpha/shift/embed_scale every N steps")
     p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: at the end only)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)")
@@ -87,14 +92,16 @@ def check_scale_out(p, args) -> None:
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
     if args.parallel and not torchrun:
-        p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py --backend torch ...")
+        p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py "
+                "--backend torch ...")
     if torchrun and args.backend != "torch":
         p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)
     args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
     if args.mesh:
         devices = math.prod(parse_mesh(args.mesh).values())
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                                   f"--xla_force_host_platform_device_count={devices}").strip()
 
 
 def main(argv=None):

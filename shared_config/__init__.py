@@ -1,4 +1,5 @@
-"""Framework-neutral half of twinlm: the spec, the canonical layout, init, checkpoint I/O, the train config and data (numpy only)."""
+"""Framework-neutral half of twinlm: the spec, the canonical layout, init, checkpoint I/O, the train config and data
+(numpy only)."""
 
 from .data import synthetic_batch
 from .files import CheckpointError, atomic_dir, atomic_write
@@ -14,9 +15,9 @@ from .train_config import TrainConfig, decays, load_train_config, lr_factor, tra
 
 __all__ = [
     "CheckpointError", "InitRule", "ModelSpec", "SpecError", "Tensor", "TrainConfig", "atomic_dir", "atomic_write",
-    "check_layout", "check_size", "check_weights", "decays", "did_you_mean", "fla", "flat_taps", "fuse_qkv", "group_names",
-    "hf", "init_rule", "init_weights", "layout",
+    "check_layout", "check_size", "check_weights", "decays", "did_you_mean", "fla", "flat_taps", "fuse_qkv",
+    "group_names", "hf", "init_rule", "init_weights", "layout",
     "load_checkpoint", "load_spec", "load_train_config", "lr_factor", "model_layout", "np_dtype", "parse_overrides",
-    "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "save_safetensors", "spec_from_json",
-    "split_qkv", "synthetic_batch", "train_preset_names",
+    "preset_names", "read_safetensors", "resolve_spec", "rope_inv_freq", "save_checkpoint", "save_safetensors",
+    "spec_from_json", "split_qkv", "synthetic_batch", "train_preset_names",
 ]

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-CACHE_SIZE_BYTES = 4 * 2**30  # JAX's cache is bounded (least recently used entries go), which also turns on its file lock
+# JAX's cache is bounded (least recently used entries go), which also turns on its file lock
+CACHE_SIZE_BYTES = 4 * 2**30
 
 
 def default_cache_dir() -> Path:
@@ -38,7 +39,8 @@ def use_compile_cache(directory: str | Path | None) -> Path | None:
         "jax_persistent_cache_min_entry_size_bytes": -1,  # no size floor
         "jax_compilation_cache_max_size": CACHE_SIZE_BYTES,
     }
-    torch_settings = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0" if off else "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0" if off else "1"}
+    torch_settings = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0" if off else "1",
+                      "TORCHINDUCTOR_AUTOGRAD_CACHE": "0" if off else "1"}
     if not off:
         for sub in ("jax", "inductor"):
             (root / sub).mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def check_keys(d: Mapping[str, Any], valid: list[str], what: str) -> None:
 
 
 def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], aliases: Mapping[str, dict] = {}) -> Any:
-    """Check one field's type against its annotation (enum fields against `choices`); normalize aliases and ints given for floats."""
+    """Check one field's type against its annotation (enum fields against `choices`); normalize aliases and ints given
+    for floats."""
     name, kind = f.name, f.type
     if value is None and "None" in kind:
         return None
@@ -72,7 +73,8 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
         raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
     value = aliases.get(name, {}).get(value, value)
     if value not in choices[name]:
-        raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}{did_you_mean(value, choices[name])}")
+        raise SpecError(f"{name}={quote(value)} must be one of "
+                        f"{', '.join(choices[name])}{did_you_mean(value, choices[name])}")
     return value
 
 

@@ -128,7 +128,8 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     if path.is_dir():
         return _load_prepared(path, dtype)
     tokens, vocab_size = open_tokens(path, dtype)
-    tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None  # text is bytes, whatever lies beside it
+    # text is bytes, whatever lies beside it
+    tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None
     return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer)
 
 
@@ -136,7 +137,8 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, source) -> tuple[np.nd
     """(train, val): the last `val_fraction` of the tokens is the validation split."""
     n_val = int(len(tokens) * val_fraction)
     if n_val < 1 or n_val >= len(tokens):
-        raise DataError(f"{source}: {len(tokens)} tokens are too few to split off a validation fraction of {val_fraction}")
+        raise DataError(f"{source}: {len(tokens)} tokens are too few to split off a validation fraction of "
+                        f"{val_fraction}")
     return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -186,7 +188,8 @@ def _open_bin(path: Path, dtype: str) -> np.ndarray:
         raise DataError(f"{path}: token dtype {dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
     size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
     if size % itemsize:
-        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (wrong dtype, or a truncated file?)")
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (wrong dtype, or a "
+                        "truncated file?)")
     return _memmap(path, dtype)
 
 
@@ -231,7 +234,8 @@ def markov_chain(seed: int, vocab_size: int = SYNTHETIC_VOCAB) -> tuple[np.ndarr
     rng = np.random.default_rng([seed, 0])
     unigram_V = 1.0 / (rng.permutation(vocab_size) + 1.0) ** ZIPF_EXPONENT
     unigram_V /= unigram_V.sum()
-    successors_VS = np.stack([rng.choice(vocab_size, SUCCESSORS, replace=False, p=unigram_V) for _ in range(vocab_size)])
+    successors_VS = np.stack([rng.choice(vocab_size, SUCCESSORS, replace=False, p=unigram_V)
+                              for _ in range(vocab_size)])
     weights_S = 1.0 / np.arange(1, SUCCESSORS + 1)
     return unigram_V, successors_VS, weights_S / weights_S.sum()
 

@@ -15,7 +15,8 @@ class GenerationError(ValueError):
 
 
 def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
-    """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was one."""
+    """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was
+    one."""
     single = len(prompt_tokens) > 0 and np.ndim(prompt_tokens[0]) == 0
     return [_ids(p) for p in ([prompt_tokens] if single else prompt_tokens)], single
 
@@ -32,7 +33,8 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
                      eos_id: int | None = None) -> None:
     """Raise GenerationError unless the prompts fit the model and the settings make sense (None: not set)."""
     require(is_int(max_new_tokens, 1), "max_new_tokens", max_new_tokens, "an integer >= 1")
-    require(temperature is None or is_number(temperature, 0), "temperature", temperature, "a finite number >= 0 (0: greedy)")
+    require(temperature is None or is_number(temperature, 0), "temperature", temperature,
+            "a finite number >= 0 (0: greedy)")
     require(top_k is None or is_int(top_k, 1), "top_k", top_k, "an integer >= 1")
     require(top_p is None or is_number(top_p, 0, 1) and top_p > 0, "top_p", top_p, "a number in (0, 1]")
     require(seed is None or is_int(seed, 0, 2**32 - 1), "seed", seed, "an integer in 0..2**32-1")

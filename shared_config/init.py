@@ -35,7 +35,8 @@ def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
         if spec.init_scheme == "normal":
             return InitRule("normal", spec.init_std * factor)
         fan_out, fan_in = t.shape  # per tensor of the file layout: fused q/k/v get each slice's own fans
-        if spec.init_scheme == "xavier_normal":  # untruncated, as torch's xavier_normal_ (jax's glorot_normal truncates)
+        # untruncated, as torch's xavier_normal_ (jax's glorot_normal truncates)
+        if spec.init_scheme == "xavier_normal":
             return InitRule("normal", math.sqrt(2 / (fan_in + fan_out)) * factor)
         return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
     if t.init == "embedding":

@@ -27,7 +27,9 @@ class Tensor:
     name: str  # canonical key
     shape: tuple[int, ...]  # torch orientation: Linear weights are [out, in]
     kind: str  # "linear" | "embedding" | "param"
-    init: str  # "linear" | "residual" | "beta" (DeepNorm's gain) | "embedding" | "ones" | "zeros" | "constant" | "normal" (init_std, any shape)
+    # "linear" | "residual" | "beta" (DeepNorm's gain) | "embedding" | "ones" | "zeros" | "constant" | "normal"
+    # (init_std, any shape)
+    init: str
     value: float | None = None  # the constant, for init == "constant"
 
     @property
@@ -210,7 +212,8 @@ def split_qkv(weights: dict, spec: ModelSpec) -> dict:
     for name, w in weights.items():  # q, k, v where the fused matrix was: module order kept
         if name.endswith(".self_attn.qkv_proj.weight"):
             p = name.removesuffix(".qkv_proj.weight")
-            out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"], out[f"{p}.v_proj.weight"] = w[:q], w[q : q + k], w[q + k :]
+            (out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"],
+             out[f"{p}.v_proj.weight"]) = w[:q], w[q : q + k], w[q + k :]
         else:
             out[name] = w
     return out

@@ -109,7 +109,8 @@ class Loop:
         fetched = trainer.fetch([m for _, m in self.pending])
         steps = [s for s, _ in self.pending]
         records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
-        for r in records:  # any NaN/Inf gradient makes the norm non-finite: the fraction is 0 exactly while it is finite
+        # any NaN/Inf gradient makes the norm non-finite: the fraction is 0 exactly while it is finite
+        for r in records:
             r["nonfinite"] = 0.0 if math.isfinite(r["grad_norm"]) else None  # else counted by the replay below
         self.pending = []
         if bad := next((r for r in records if not finite_step(r)), None):
@@ -220,14 +221,16 @@ def describe(run: Run, step: int) -> str:
             f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val tokens), "
             f"steps {step} -> {run.stop} of {run.cfg.steps}, out {run.out}")
     if data.entropy is not None:
-        line += f"; the corpus's entropy rate is {data.entropy:.4f} nats/token (perplexity {math.exp(data.entropy):.2f})"
+        line += (f"; the corpus's entropy rate is {data.entropy:.4f} nats/token (perplexity "
+                 f"{math.exp(data.entropy):.2f})")
     return line
 
 
 # --- which tensor went non-finite first ------------------------------------------------------------
 
 
-def diagnose(run: Run, make_trainer: Callable[[dict], Trainer], step: int, checkpoint: Path | None) -> tuple[str, float | None]:
+def diagnose(run: Run, make_trainer: Callable[[dict], Trainer], step: int,
+             checkpoint: Path | None) -> tuple[str, float | None]:
     """Replay the run from `checkpoint` (else its start) to update `step`: the first non-finite tensor there,
     and the fraction of the gradients' values that are NaN/Inf.
 

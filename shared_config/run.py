@@ -79,7 +79,8 @@ def resolve_run(args) -> Run:
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
     memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}  # every memory option counts
-    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory), f"training {spec.L} layers of d_model {spec.D}, "
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory),
+                 f"training {spec.L} layers of d_model {spec.D}, "
                  f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
                  "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
     if stored:
@@ -126,7 +127,8 @@ def checkpoint_state(path: Path) -> dict:
 
 
 def read_init(path: Path | None, spec: ModelSpec | None) -> tuple[dict, ModelSpec] | None:
-    """--init-from's weights and spec, in any format convert.py reads (shared_config.formats); a given spec must match."""
+    """--init-from's weights and spec, in any format convert.py reads (shared_config.formats); a given spec must
+    match."""
     if path is None:
         return None
     from .formats import quiet_libraries, read_checkpoint
@@ -164,7 +166,8 @@ def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dic
     """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the compute options)
     and data."""
     pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
-    pairs += [(k, stored["train_config"].get(k), v) for k, v in cfg.to_dict().items() if k not in ("steps", *COMPUTE_OPTIONS)]
+    pairs += [(k, stored["train_config"].get(k), v)
+              for k, v in cfg.to_dict().items() if k not in ("steps", *COMPUTE_OPTIONS)]
     pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
     if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
         raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
@@ -175,7 +178,8 @@ def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dic
 
 def fresh_state(weights: dict) -> dict:
     """A canonical train state at step 0: `weights` and AdamW moments of zero."""
-    return {"step": 0, "weights": weights, **{key: {k: np.zeros_like(w) for k, w in weights.items()} for key in ("m", "v")}}
+    return {"step": 0, "weights": weights,
+            **{key: {k: np.zeros_like(w) for k, w in weights.items()} for key in ("m", "v")}}
 
 
 def is_main_process() -> bool:

@@ -21,7 +21,8 @@ SPECS_DIR = Path(__file__).parent / "specs"
 # Accepted values of each enum field; aliases map to the name used everywhere in the code.
 CHOICES = {
     "norm_type": ("rms", "layernorm", "dyt", "derf"),
-    "norm_placement": ("pre", "peri", "post", "deepnorm", "hybrid", "hybrid_star", "pre_post"),  # shared_config/placement.py
+    # shared_config/placement.py
+    "norm_placement": ("pre", "peri", "post", "deepnorm", "hybrid", "hybrid_star", "pre_post"),
     "embed_scale": ("none", "learnable", "constant"),
     "position": ("rope", "learned", "none"),
     "rope_scaling": ("none", "llama3"),
@@ -277,12 +278,14 @@ def _check_routing(s: ModelSpec) -> None:
     if s.routing == "none":
         return
     if s.D % 2:
-        raise SpecError(f"d_model={s.D} must be even when routing={s.routing} (the router predictor's width is d_model/2)")
+        raise SpecError(f"d_model={s.D} must be even when routing={s.routing} (the router predictor's width "
+                        "is d_model/2)")
     if s.mixer != "attention":
         # predictor-mode decoding masks a skipped token's cached key/value; a GLA state has no slot to mask
         raise SpecError(f"routing={s.routing} routes attention blocks; mixer={s.mixer} is not routed")
     if s.routing == "dtf" and s.routing_layers != "every_other":
-        raise SpecError(f"routing=dtf needs routing_layers=every_other (decision/dynamic block pairs), got {s.routing_layers}")
+        raise SpecError("routing=dtf needs routing_layers=every_other (decision/dynamic block pairs), got "
+                        f"{s.routing_layers}")
     if not s.routed_layers:
         raise SpecError(f"routing={s.routing} with routing_layers={s.routing_layers} needs n_layers >= 2, got {s.L}")
 

@@ -51,7 +51,8 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
         tqdm.write(f"{run.out.name}: {e}", file=sys.stderr)
         stopped = True
     records = read_metrics(run.out / METRICS_FILE)
-    stopped_at = next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r)) if stopped else None
+    stopped_at = (next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r)) if stopped
+                  else None)
     return records, stopped_at
 
 
@@ -99,7 +100,8 @@ def study_args(args, script: str, argv):
     raises UsageError for an unknown backend or --steps < 1."""
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in BACKENDS]:
-        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
+        raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}"
+                         f"{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
     args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])

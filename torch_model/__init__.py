@@ -8,6 +8,6 @@ from .model import Transformer, TransformerModel
 from .weights import get_weights, set_weights
 
 __all__ = [
-    "Transformer", "TransformerModel", "from_pretrained", "from_safetensors", "from_weights", "get_weights", "load_state_dict_file",
-    "save_state_dict_file", "set_weights", "to_safetensors",
+    "Transformer", "TransformerModel", "from_pretrained", "from_safetensors", "from_weights", "get_weights",
+    "load_state_dict_file", "save_state_dict_file", "set_weights", "to_safetensors",
 ]

@@ -26,7 +26,8 @@ ATTENTION = ("auto", "einsum", "blocked", "sdpa", "flash", "cudnn", "pallas")  #
 
 
 def rope_cos_sin(inv_freq_E2, positions_BT):
-    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated (HF)."""
+    """cos and sin of every (position, frequency) angle, [..., T, E] for positions [..., T], float32, halves repeated
+    (HF)."""
     inv_freq_E2 = torch.as_tensor(inv_freq_E2, dtype=torch.float32, device=positions_BT.device)
     angles_BTE2 = positions_BT.to(torch.float32)[..., None] * inv_freq_E2
     angles_BTE = torch.cat([angles_BTE2, angles_BTE2], dim=-1)
@@ -63,8 +64,11 @@ def blocked_attention(q_BTHE, k_BTKE, v_BTKE, block: int):
     outputs = []
     for start in range(0, T, block):
         end = min(start + block, T)
-        causal_QS = torch.arange(end, device=q_BTHE.device)[None, :] <= torch.arange(start, end, device=q_BTHE.device)[:, None]  # queries start..end-1, keys 0..end-1
-        outputs.append(softmax_attention(q_BKGTE[:, :, :, start:end], k_BKTE[:, :, :end], v_BKTE[:, :, :end], causal_QS))
+        # queries start..end-1, keys 0..end-1
+        causal_QS = (torch.arange(end, device=q_BTHE.device)[None, :]
+                     <= torch.arange(start, end, device=q_BTHE.device)[:, None])
+        outputs.append(softmax_attention(q_BKGTE[:, :, :, start:end], k_BKTE[:, :, :end], v_BKTE[:, :, :end],
+                                         causal_QS))
     return torch.cat(outputs, dim=3).permute(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
@@ -74,7 +78,8 @@ def attention_block(T: int) -> int:
 
 
 def heads_first(q_BTHE, k_BSKE, v_BSKE):
-    """[B, K, G, T, E] queries and [B, K, S, E] keys and values: batch dims leading, so each product is one batched matmul."""
+    """[B, K, G, T, E] queries and [B, K, S, E] keys and values: batch dims leading, so each product is one batched
+    matmul."""
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[2]
     q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).permute(0, 2, 3, 1, 4)
@@ -94,7 +99,8 @@ PALLAS_BLOCK = 128  # the Pallas TPU flash kernel tiles queries and keys in bloc
 
 
 def pallas_fits(E: int, T: int = PALLAS_BLOCK) -> bool:
-    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of 128."""
+    """Whether the Pallas TPU flash kernel takes T tokens of head dim E: whole blocks, E up to 128 or a multiple of
+    128."""
     return T % PALLAS_BLOCK == 0 and (E <= PALLAS_BLOCK or E % PALLAS_BLOCK == 0)
 
 
@@ -104,13 +110,15 @@ def pallas_attention(q_BTHE, k_BTKE, v_BTKE):
     from torch_xla.experimental.custom_kernel import flash_attention
 
     G = q_BTHE.shape[2] // k_BTKE.shape[2]
-    q, k, v = (t.transpose(1, 2) for t in (q_BTHE, k_BTKE.repeat_interleave(G, dim=2), v_BTKE.repeat_interleave(G, dim=2)))
+    q, k, v = (t.transpose(1, 2)
+               for t in (q_BTHE, k_BTKE.repeat_interleave(G, dim=2), v_BTKE.repeat_interleave(G, dim=2)))
     o_BHTE = flash_attention(q, k, v, causal=True, sm_scale=1 / math.sqrt(q.shape[-1]))  # softmax in float32 inside
     return o_BHTE.transpose(1, 2)
 
 
 def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
-    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every kernel."""
+    """Attention by the named kernel over the keys `mask_BTS` allows (None: causal); softmax in float32 in every
+    kernel."""
     if attention == "pallas":
         if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
             return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
@@ -138,7 +146,8 @@ class LayerCache(NamedTuple):
     k_BSKE: torch.Tensor
     v_BSKE: torch.Tensor
     length: torch.Tensor  # int64 []: slots written so far, the same in every row
-    keep_BT: torch.Tensor | None = None  # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
+    # bool [B, T]: which of the next T tokens write their slot (routing.py); None: all
+    keep_BT: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

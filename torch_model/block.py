@@ -67,7 +67,8 @@ class Block(nn.Module):
         super().__init__()
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
-        self.self_attn = GLA(spec) if spec.mixer == "gla" else Attention(spec, attention)  # token mixer
+        # token mixer
+        self.self_attn = GLA(spec) if spec.mixer == "gla" else Attention(spec, attention)
         self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec)
@@ -76,8 +77,8 @@ class Block(nn.Module):
             self.router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec)
             self.router_predictor = Predictor(spec)
 
-    def forward(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None,
-                route=None, run=None):
+    def forward(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None,
+                mask_BTS=None, route=None, run=None):
         """Output [B, T, D] and the attention's updated cache (None without one). `run`: the block's computation
         (`body`, or its rematted call in training). A routed block gets `route` (routing.Routes, bound to its index):
         its router and predictor run here, inside the block's own call, as every module a sharding unit owns must
@@ -88,7 +89,8 @@ class Block(nn.Module):
         return route(self, x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS, run)
 
     def body(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
-        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without one)."""
+        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without
+        one)."""
         def attend(h_BTD):
             return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)
 

@@ -25,7 +25,8 @@ def from_weights(weights: dict, spec, attention: str = "auto", device=None) -> T
     return model.to(device) if device is not None else model
 
 
-def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False, device=None):
+def from_safetensors(path: str | Path, spec=None, *, attention: str = "auto", allow_nonfinite: bool = False,
+                     device=None):
     """Load a canonical checkpoint; `spec=None` reads the spec from the file's metadata."""
     weights, spec = load_checkpoint(path, spec, allow_nonfinite)
     return from_weights(weights, spec, attention, device)

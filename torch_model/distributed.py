@@ -160,7 +160,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
         state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)
         # grad_norm is already global (FSDP2: a replicated DTensor reduced over every shard; DDP: averaged gradients)
-        averaged = {k: mean_over_ranks(v) for k, v in metrics.items() if k in ("loss", "router_bce", "predictor_acc", "prior_mse")}
+        averaged = {k: mean_over_ranks(v)
+                    for k, v in metrics.items() if k in ("loss", "router_bce", "predictor_acc", "prior_mse")}
         return state, {**metrics, **averaged, "grad_norm": _local(metrics["grad_norm"])}
 
     return train_step

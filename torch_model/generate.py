@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_config.generation import as_prompts, check_drawn, check_generation, collect, in_float32, left_pad, stop_at_eos
+from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
+                                      stop_at_eos)
 
 from .model import KVCache, Transformer
 
@@ -25,15 +26,18 @@ class Decoder:
     Each returns the logits of the last position [B, V] and the cache with the new tokens written;
     the cache passed in is written in place (its tensors are reused). The decode step compiles once
     for every position, because the cache has a fixed size and its length is data, not a shape. The
-    weights are the model's own, read at each call. `compile` is a torch.compile backend ("inductor", "aot_eager", ...), or None to run eagerly.
+    weights are the model's own, read at each call. `compile` is a torch.compile backend ("inductor", "aot_eager", ...),
+    or None to run eagerly.
     """
 
     def __init__(self, model: Transformer, compile: str | None = None):
         self.model = model
         step = partial(forward_last, model)
         # fullgraph: a graph break would silently run the step half in Python.
-        self._prefill = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)  # per prompt shape
-        self._decode = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)  # per cache shape
+        # per prompt shape
+        self._prefill = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
+        # per cache shape
+        self._decode = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         return self.model.init_cache(batch, size, start_B)
@@ -49,7 +53,8 @@ class Decoder:
         return self._decode(cache, self.as_tokens(tokens_B)[:, None])
 
     def as_tokens(self, tokens):
-        return torch.as_tensor(np.asarray(tokens), dtype=torch.int64, device=self.model.model.embed_tokens.weight.device)
+        return torch.as_tensor(np.asarray(tokens), dtype=torch.int64,
+                               device=self.model.model.embed_tokens.weight.device)
 
 
 def forward_last(model: Transformer, cache: KVCache, tokens_BT):
@@ -97,8 +102,10 @@ def exclusive_cumsum(x_BV):
 
 
 @torch.no_grad()
-def sample(logits_BV, generator: torch.Generator, temperature: float, top_k: int | None = None, top_p: float | None = None):
-    """Next tokens [B] int64: the argmax when temperature is 0, else a draw from softmax(logits / temperature), filtered;
+def sample(logits_BV, generator: torch.Generator, temperature: float, top_k: int | None = None,
+           top_p: float | None = None):
+    """Next tokens [B] int64: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
+    filtered;
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
@@ -141,6 +148,7 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
 
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
-    """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first `eos_id`."""
+    """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first
+    `eos_id`."""
     steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return collect(steps, prompt_tokens, eos_id)

@@ -62,7 +62,8 @@ class GateLinear(Linear):
 def head_norm(spec: ModelSpec):
     """The per-head output norm over V, one weight shared by all heads: RMSNorm, or the spec's norm_type ("same")."""
     if spec.gla_output_norm == "rms":
-        return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)  # flash-linear-attention's g_norm: a weight, no bias
+        # flash-linear-attention's g_norm: a weight, no bias
+        return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)
     return make_norm(spec, spec.attn_alpha_init, dim=spec.Vh)
 
 
@@ -115,7 +116,8 @@ def chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, chunk: int):
     q_BHNncK, k_BHNncK, g_BHNncK = (x.reshape(B, H, N, n, c, K) for x in (q, k, g))
     r_BHNncK = torch.cumsum(g_BHNncK, dim=4)  # Σ_{I·c ≤ s ≤ i} log α_s from the sub-chunk's start
     Q_BHNncK = q_BHNncK * torch.exp(r_BHNncK)
-    A_BHNncC = torch.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:], k[:, :, :, None] * torch.exp(E_BHNnCK[:, :, :, :-1]))
+    A_BHNncC = torch.einsum("bhnick,bhnijk->bhnicj", Q_BHNncK[:, :, :, 1:],
+                            k[:, :, :, None] * torch.exp(E_BHNnCK[:, :, :, :-1]))
     earlier_nC = s_C < c * np.arange(1, n)[:, None]
     A_BHNncC = torch.where(torch.as_tensor(earlier_nC[:, None], device=q.device), A_BHNncC, 0.0)
     o_BHNncV = F.pad(torch.einsum("bhnicj,bhnjv->bhnicv", A_BHNncC, v), (0, 0, 0, 0, 1, 0))
@@ -163,7 +165,7 @@ class GLA(nn.Module):
         state unchanged."""
         B, T, _ = x_BTD.shape
         H, K, V = self.H, self.K, self.V
-        heads = lambda x, E: x.to(torch.float32).reshape(B, T, H, E).transpose(1, 2)  # recurrence in float32
+        heads = lambda x, E: x.to(torch.float32).reshape(B, T, H, E).transpose(1, 2)  # recurrence in float32  # noqa: E731
         q_BHTK = heads(self.q_proj(x_BTD), K) * K**-0.5
         k_BHTK, v_BHTV = heads(self.k_proj(x_BTD), K), heads(self.v_proj(x_BTD), V)
         gk_BTK = self.gk_proj[1](self.gk_proj[0](x_BTD))  # float32

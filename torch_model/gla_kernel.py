@@ -4,7 +4,8 @@ jax_model/gla_kernel.py is its counterpart: a Pallas kernel behind the same inte
 flash-linear-attention (github.com/fla-org/flash-linear-attention, the optional extra `gla`) is the reference
 implementation of GLA; its kernels take [B, T, H, K] tensors and log-space forget gates, as the twins' layers
 compute them. It runs some dots in TF32 and takes exponents as differences of cumulative gates, which drift after
-a very negative gate (github.com/fla-org/flash-linear-attention/issues/20): the pure form (`gla.chunked_gla`) stays the reference and the CPU path.
+a very negative gate (github.com/fla-org/flash-linear-attention/issues/20): the pure form (`gla.chunked_gla`) stays the
+reference and the CPU path.
 Imported only when used: the module imports without Triton.
 """
 

@@ -130,9 +130,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.F, spec.D, spec)
 
     def forward(self, x_BTD):
-        if self.kind == "swiglu":  # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+        # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
+        if self.kind == "swiglu":
             w_2FD = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            gate_BTF, up_BTF = linear(x_BTD, w_2FD, self.up_proj.compute_dtype).to(torch.float32).chunk(2, dim=-1)  # in float32
+            # in float32
+            gate_BTF, up_BTF = linear(x_BTD, w_2FD, self.up_proj.compute_dtype).to(torch.float32).chunk(2, dim=-1)
             h_BTF = F.silu(gate_BTF) * up_BTF
         else:
             h_BTF = ACTIVATIONS[self.kind](self.up_proj(x_BTD).to(torch.float32))  # activation in float32

@@ -66,7 +66,8 @@ class TransformerModel(nn.Module):
         learned = spec.position == "learned"
         self.embed_positions = nn.Embedding(spec.max_seq_len, D, **dtypes) if learned else None
         learnable = spec.embed_scale == "learnable"
-        self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable else None
+        self.embed_scale = (nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable
+                            else None)
         self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
                                      for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
@@ -80,7 +81,8 @@ class TransformerModel(nn.Module):
         if cache is None:
             if T > spec.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
-            positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None  # positions [T], shared by every row; causal
+            # positions [T], shared by every row; causal
+            positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None
         elif T > cache.size:
             raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
         else:
@@ -93,8 +95,8 @@ class TransformerModel(nn.Module):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
             run = rematted(layer, remat) if taps is None and cache is None else None  # training only
             route = partial(routes, i, h_BTD) if i in spec.routed_layers else None  # called inside the block's call
-            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i], mask_BTS,
-                                       route=route, run=run)
+            y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
+                                       mask_BTS, route=route, run=run)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
         routing_cache = routes.finish(aux)
@@ -169,9 +171,11 @@ class Transformer(nn.Module):
         shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
         layers = tuple(
             GLAState.empty(spec, batch, size, w) if spec.mixer == "gla" else
-            LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype), w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
+            LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype),
+                       w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
         )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
-        start_B = w.new_zeros(batch, dtype=torch.int64) if start_B is None else torch.as_tensor(start_B, dtype=torch.int64, device=w.device)
+        start_B = (w.new_zeros(batch, dtype=torch.int64) if start_B is None
+                   else torch.as_tensor(start_B, dtype=torch.int64, device=w.device))
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size, w.device))
 
 
@@ -182,8 +186,8 @@ REMAT_SAVED = {"block": (torch.ops.aten.mm.default,), "full": ()}
 
 def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
-    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory (torch.utils.checkpoint, non-reentrant,
-    with a selective policy: works under torch.compile and FSDP2)."""
+    the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
+    (torch.utils.checkpoint, non-reentrant, with a selective policy: works under torch.compile and FSDP2)."""
     if remat == "none":
         return layer.body
     saved = REMAT_SAVED[remat]

@@ -70,7 +70,8 @@ def init_cache(spec: ModelSpec, batch: int, size: int, device=None) -> tuple[Rou
 
 
 class Predictor(nn.Module):
-    """The causal router (MoD paper, sec. 3.5): Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases; logits [B, T] float32."""
+    """The causal router (MoD paper, sec. 3.5): Linear(D, D/2) → SiLU → Linear(D/2, 1), no biases; logits [B, T]
+    float32."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -83,7 +84,8 @@ class Predictor(nn.Module):
 
 
 class ModRouter(nn.Module):
-    """r = wᵀx, one [D] weight, no bias; score and gate [B, T] float32 (the score in float32, whatever the compute dtype)."""
+    """r = wᵀx, one [D] weight, no bias; score and gate [B, T] float32 (the score in float32, whatever the compute
+    dtype)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -111,7 +113,8 @@ class DtfRouter(nn.Module):
         post32, h32, prior32 = (x.to(torch.float32) for x in (post_BTD, h_BTD, prior_BTD))  # statistics in float32
         dst_BT = torch.mean(torch.square(post32 - h32), dim=-1)
         dch_BT = torch.mean(torch.square(post32 - prior32), dim=-1)
-        beta_ce, beta_cu, o_ce, m_cu = (p.to(torch.float32)[0] for p in (self.beta_ce, self.beta_cu, self.o_ce, self.m_cu))
+        beta_ce, beta_cu, o_ce, m_cu = (p.to(torch.float32)[0]
+                                        for p in (self.beta_ce, self.beta_cu, self.o_ce, self.m_cu))
         ce_BT = dst_BT - dch_BT + torch.log(o_ce + 1e-10)
         cu_BT = dst_BT - m_cu * ma(dst_BT.detach())
         s_ce_BT = torch.sigmoid(F.softplus(beta_ce) * ce_BT)
@@ -155,11 +158,13 @@ class Routes:
 
     def __call__(self, i: int, h_BTD, layer, x_BTD, cos, sin, taps, cache, mask_BTS, run):
         """Routed block i on x [B, T, D] (h: the previous block's input, for dtf), called from inside the block's own
-        call (Block's `route`); `run`: the block's computation on the tokens it runs. Its output [B, T, D], its cache."""
+        call (Block's `route`); `run`: the block's computation on the tokens it runs. Its output [B, T, D], its
+        cache."""
         B, T, _ = x_BTD.shape
         device = x_BTD.device
         if cache is None:  # a full forward: positions 0..T−1 in every row, causal
-            slots_T, read_BTS = torch.arange(T, device=device), torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None]
+            slots_T, read_BTS = (torch.arange(T, device=device),
+                                 torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None])
         else:  # the next T slots; each query reads the slots `mask_BTS` allows
             slots_T, read_BTS = cache.length + torch.arange(T, device=device), mask_BTS
         rcache = None if self.caches is None else self.caches[i]

@@ -3,11 +3,11 @@
 jax_model/train.py is the same file in JAX; both compute the same update (see the comments where
 the libraries' defaults differ).
 
-    state = init_train_state(model, cfg)                   # TrainState(model, optimizer, scheduler)
-    train_step = make_train_step(model, cfg)               # eager, or torch.compile'd with compile=True
-    state, metrics = train_step(state, tokens_BN)          # metrics: loss, grad_norm (before clipping), lr (+ routing's)
-    eval_step = make_eval_step(model)                      # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
-    get_train_state(model, state)                          # canonical weights, AdamW m and v, step
+    state = init_train_state(model, cfg)                # TrainState(model, optimizer, scheduler)
+    train_step = make_train_step(model, cfg)            # eager, or torch.compile'd with compile=True
+    state, metrics = train_step(state, tokens_BN)       # metrics: loss, grad_norm (before clipping), lr (+ routing's)
+    eval_step = make_eval_step(model)                   # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
+    get_train_state(model, state)                       # canonical weights, AdamW m and v, step
 
 `train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`: the step updates the
 model and the optimizer in place and returns the same state. Metrics are float32 scalars, loss and
@@ -88,7 +88,8 @@ def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | No
     if not loss_chunk or loss_chunk >= targets_BT.numel():  # one chunk of every token is no chunking
         loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
-        x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)  # through DDP's and FSDP2's forward: their hooks run
+        # through DDP's and FSDP2's forward: their hooks run
+        x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)
         loss = chunked_next_token_loss(unwrapped(model), x_BTD, targets_BT, weights_BT, count, loss_chunk)
     return loss + share * routing_loss(aux, cfg, metrics)
 
@@ -117,7 +118,8 @@ def micro_batches(x_BN, n: int):
     return x_BN.reshape(B // n, n, *x_BN.shape[1:]).transpose(0, 1).contiguous()  # contiguous: one compiled graph
 
 
-def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, metrics: dict | None = None) -> torch.Tensor:
+def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int,
+                         metrics: dict | None = None) -> torch.Tensor:
     """Backward of `loss_fn(model, tokens_BN, mask_BN, count, metrics=..., share=...)` into the parameters' .grad, over
     `steps` micro-batches (micro_batches), one micro-batch's activations at a time; the loss. Each micro-batch's summed
     loss is divided by the whole batch's count, and its routing terms (means over its positions) weighted by its share
@@ -129,7 +131,8 @@ def accumulate_gradients(loss_fn, model, tokens_BN, mask_BN, count, steps: int, 
         loss.backward()
         return loss.detach()
     count = torch.clamp(torch.sum(split_batch(tokens_BN, mask_BN)[2]), min=1.0) if count is None else count
-    tokens, masks = micro_batches(tokens_BN, steps), [None] * steps if mask_BN is None else micro_batches(mask_BN, steps)
+    tokens, masks = micro_batches(tokens_BN,
+                                  steps), [None] * steps if mask_BN is None else micro_batches(mask_BN, steps)
     total = torch.zeros((), dtype=torch.float32, device=tokens_BN.device)
     for i in range(steps):
         part = {}
@@ -185,7 +188,8 @@ def make_optimizer(model, cfg: TrainConfig, *, fused: bool = True) -> tuple[torc
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),  # bias correction always on, as in optax; default beta2 0.999 in both: passed anyway
+        # bias correction always on, as in optax; default beta2 0.999 in both: passed anyway
+        betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,  # added to sqrt(v̂) (torch: sqrt(v)/sqrt(1 − β2ᵗ) + eps), as optax with eps_root=0
         weight_decay=cfg.weight_decay,  # torch's default is 1e-2, optax's 1e-4: always passed (per group above)
         fused=fused,  # torch picks foreach by default; the fused kernel is one call for all tensors
@@ -212,7 +216,8 @@ def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainSta
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None, count=None) -> (state, metrics)`; `compile`: torch.compile each
     block (compile_blocks). `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
-    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger models")."""
+    cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
+    models")."""
     loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
     if compile:
         compile_blocks(model)
@@ -288,7 +293,8 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
     saved = optimizer.state_dict()  # load_state_dict puts `step` where this optimizer (fused or not) wants it
     ids = [i for group in saved["param_groups"] for i in group["params"]]
     ordered = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    saved["state"] = {i: {"step": torch.tensor(float(step)), "exp_avg": m[n], "exp_avg_sq": v[n]} for i, n in zip(ids, ordered)}
+    saved["state"] = {i: {"step": torch.tensor(float(step)), "exp_avg": m[n], "exp_avg_sq": v[n]}
+                      for i, n in zip(ids, ordered)}
     optimizer.load_state_dict(saved)
     # a scheduler built at last_epoch = step − 1 steps once on construction: update `step` gets lr_factor(step)
     return TrainState(model, optimizer, LambdaLR(optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1))

@@ -412,7 +412,8 @@ def _nan_in_v(moments, meta):
     (lambda p: (p / "optimizer.safetensors").unlink(), "optimizer.safetensors", "no such file"),
     (lambda p: _rewrite_moments(p, lambda m, meta: m.pop("m.lm_head.weight")), "optimizer.safetensors",
      "missing keys: m.lm_head.weight"),
-    (lambda p: _rewrite_moments(p, _nan_in_v), "optimizer.safetensors", "non-finite values (NaN/Inf) in: v.model.norm.weight"),
+    (lambda p: _rewrite_moments(p, _nan_in_v), "optimizer.safetensors",
+     "non-finite values (NaN/Inf) in: v.model.norm.weight"),
     (lambda p: _rewrite_moments(p, lambda m, meta: meta.update(step="2")), "",
      "optimizer.safetensors is at step 2, state.json at 3"),
 ], ids=["negative-step", "state-not-an-object", "no-optimizer-file", "missing-moment", "nan-moment", "step-mismatch"])

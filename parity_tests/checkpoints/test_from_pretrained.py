@@ -1,6 +1,7 @@
 """Loading from Python and from the command line, as a new user does: both twins' `from_pretrained` read every
 format convert.py reads (canonical file, a run's step directory, Hugging Face, Orbax, .pt), the torch model for
-inference; every script's --weights reads them all (and flash-linear-attention's directory); known derived buffers (old transformers' RoPE `inv_freq`) are ignored with a one-line note by every
+inference; every script's --weights reads them all (and flash-linear-attention's directory); known derived buffers (old
+transformers' RoPE `inv_freq`) are ignored with a one-line note by every
 loader while any other unexpected tensor still fails; a bare state dict's error names --spec; convert.py --help
 loads no framework."""
 
@@ -95,7 +96,8 @@ def test_derived_buffers_are_ignored_with_a_note_everywhere(formats, tmp_path, c
         load()
         (note,) = capsys.readouterr().err.strip().splitlines()
         assert note.startswith("note: ") and "ignoring" in note and "rotary_emb.inv_freq" in note, note
-    np.testing.assert_array_equal(load_file(tmp_path / "out.safetensors")["model.norm.weight"], weights["model.norm.weight"])
+    np.testing.assert_array_equal(load_file(tmp_path / "out.safetensors")["model.norm.weight"],
+                                  weights["model.norm.weight"])
 
 
 def test_other_unexpected_tensors_still_fail(formats, tmp_path):
@@ -120,7 +122,8 @@ def test_convert_help_loads_no_framework():
             f"try: runpy.run_path({str(ROOT / 'scripts' / 'convert.py')!r}, run_name='__main__')\n"
             "except SystemExit: pass\n"
             "print(sorted(m for m in ('torch', 'jax', 'flax', 'orbax') if m in sys.modules), file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and "usage: convert.py" in result.stdout
     assert result.stderr.strip() == "[]", result.stderr
 

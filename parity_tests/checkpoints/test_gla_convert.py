@@ -24,7 +24,8 @@ def gla_file(path, spec):
 
 
 @pytest.mark.parametrize("fmt", ["torch", "flax"])
-@pytest.mark.parametrize("changes", [{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same", norm_bias=True)],
+@pytest.mark.parametrize("changes",
+                         [{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same", norm_bias=True)],
                          ids=["rms", "dyt-peri-same"])
 def test_round_trip_is_bit_exact(tmp_path, fmt, changes):
     spec = make_spec(**GLA, **changes)

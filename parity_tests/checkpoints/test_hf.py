@@ -15,7 +15,8 @@ import transformers
 from shared_config import CheckpointError, layout, load_checkpoint, np_dtype, save_checkpoint
 from shared_config.formats.hf import config_from_spec
 
-from ..support.common import FORWARD_TOL, jax_logits, load_script, make_spec, parity_weights, rel_err, tokens, torch_logits
+from ..support.common import (FORWARD_TOL, jax_logits, load_script, make_spec, parity_weights, rel_err, tokens,
+                              torch_logits)
 
 convert = load_script("convert").convert
 

@@ -53,7 +53,8 @@ def test_non_float_and_non_finite(tmp_path, spec, twin):
     w["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
     w["model.layers.2.mlp.down_proj.weight"][0, 0] = np.inf
     path = write(tmp_path / "nan.safetensors", w, spec)
-    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN/Inf\) in: model.layers.\{1..2\}.mlp.down_proj.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"non-finite values \(NaN/Inf\) in: model.layers.\{1..2\}.mlp.down_proj.weight"):
         LOADERS[twin](path)
     LOADERS[twin](path, allow_nonfinite=True)  # explicitly allowed: loads
 

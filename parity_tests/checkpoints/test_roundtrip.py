@@ -18,7 +18,8 @@ SPECS = {
     "fused": {"fused_qkv": True},
     "unfused": {"fused_qkv": False},
     "tied": {"tie_embeddings": True},
-    "learned_dyt_peri": {"position": "learned", "norm_type": "dyt", "norm_placement": "peri", "embed_scale": "learnable"},
+    "learned_dyt_peri": {"position": "learned", "norm_type": "dyt", "norm_placement": "peri",
+                         "embed_scale": "learnable"},
     "derf_bias_qknorm": {"norm_type": "derf", "norm_bias": True, "qk_norm": True, "norm_placement": "post"},
     "bf16_params": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16"},
 }
@@ -30,7 +31,8 @@ def test_init_file_jax_file_torch_file(tmp_path, name):
     original = tmp_path / "init.safetensors"
     save_checkpoint(original, init_weights(spec, seed=3), spec)
     jax_model.to_safetensors(jax_model.from_safetensors(original), tmp_path / "jax.safetensors")
-    torch_model.to_safetensors(torch_model.from_safetensors(tmp_path / "jax.safetensors"), tmp_path / "torch.safetensors")
+    torch_model.to_safetensors(torch_model.from_safetensors(tmp_path / "jax.safetensors"),
+                               tmp_path / "torch.safetensors")
     jax_model.to_safetensors(jax_model.from_safetensors(tmp_path / "torch.safetensors"), tmp_path / "jax2.safetensors")
     for out in ("jax", "torch", "jax2"):
         file_bytes_equal(original, tmp_path / f"{out}.safetensors")
@@ -42,7 +44,8 @@ def test_native_init_saves_and_reloads_in_the_other_twin(tmp_path, name):
     jax_model.to_safetensors(jax_model.Transformer(spec, rngs=nnx.Rngs(5)), tmp_path / "a.safetensors")
     torch_model.to_safetensors(torch_model.from_safetensors(tmp_path / "a.safetensors"), tmp_path / "b.safetensors")
     file_bytes_equal(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    torch_model.to_safetensors(torch_model.Transformer(spec, generator=torch.Generator().manual_seed(5)), tmp_path / "c.safetensors")
+    torch_model.to_safetensors(torch_model.Transformer(spec, generator=torch.Generator().manual_seed(5)),
+                               tmp_path / "c.safetensors")
     jax_model.to_safetensors(jax_model.from_safetensors(tmp_path / "c.safetensors"), tmp_path / "d.safetensors")
     file_bytes_equal(tmp_path / "c.safetensors", tmp_path / "d.safetensors")
 

@@ -1,5 +1,5 @@
-"""Hostile input and faults (docs/checkpoints.md, "Bad input, limits and failures"): one `error:` line and a documented exit
-code, bounded time and memory before a refusal, nothing lost or left behind. One section per kind of fault."""
+"""Hostile input and faults (docs/checkpoints.md, "Bad input, limits and failures"): one `error:` line and a documented
+exit code, bounded time and memory before a refusal, nothing lost or left behind. One section per kind of fault."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True,
                dict(norm_placement="pre_post", norm_type="layernorm", norm_bias=True),
                dict(mixer="gla", position="none", n_kv_heads=None, norm_type="dyt", gla_output_norm="same"),
                # routing's every other block (mod, dtf's decision/dynamic pairs), and all blocks with HybridNorm*
-               dict(routing="mod"), dict(routing="dtf"), dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]
+               dict(routing="mod"), dict(routing="dtf"),
+               dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]
 
 
 @pytest.mark.parametrize("changes,n_layers", [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13)
@@ -146,10 +147,12 @@ def test_activations_count_against_host_memory_only_without_an_accelerator(monke
 
 def test_a_canonical_file_whose_spec_claims_ten_million_layers_is_refused_before_its_layout_is_built(canonical):
     spec = json.loads(shared_config.formats.safetensors.read_header(canonical)["__metadata__"]["spec"])
-    huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"), json.dumps({**spec, "n_layers": 10**7}))
+    huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"),
+                              json.dumps({**spec, "n_layers": 10**7}))
     raised, peak = peak_memory(lambda: convert(huge, canonical.with_name("out.pt")))
     assert isinstance(raised, CheckpointError), raised
-    assert "the spec implies 90,000,003 tensors (10,000,000 layers" in str(raised) and "the file holds 21" in str(raised)
+    assert ("the spec implies 90,000,003 tensors (10,000,000 layers" in str(raised)
+            and "the file holds 21" in str(raised))
     assert peak < 50 * 2**20  # the table of 9e7 entries would take gigabytes
 
 
@@ -191,8 +194,8 @@ def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is
     import torch_model
 
     fla = _fla_dir(tmp_path, num_hidden_layers=10**6)
-    readers = {"convert": lambda: convert(fla, tmp_path / "out.safetensors"), "jax": lambda: jax_model.from_pretrained(fla),
-               "torch": lambda: torch_model.from_pretrained(fla)}
+    readers = {"convert": lambda: convert(fla, tmp_path / "out.safetensors"),
+               "jax": lambda: jax_model.from_pretrained(fla), "torch": lambda: torch_model.from_pretrained(fla)}
     raised, peak = peak_memory(readers[read])
     assert isinstance(raised, CheckpointError) and "1,000,000 layers" in str(raised), raised
     assert "the file holds 31" in str(raised)
@@ -314,7 +317,8 @@ def test_values_quoted_in_errors_are_shortened(tmp_path, canonical):
 
 @pytest.mark.parametrize("edits, says", [
     ({"intermediate_size": None, "hidden_ratio": float("nan")}, "hidden_ratio must be a finite number, got nan"),
-    ({"intermediate_size": None, "hidden_ratio": 1e308}, "hidden_ratio × hidden_size must be in (0, 2^62), got 1e+308 × 64"),
+    ({"intermediate_size": None, "hidden_ratio": 1e308},
+     "hidden_ratio × hidden_size must be in (0, 2^62), got 1e+308 × 64"),
     ({"intermediate_size": None, "hidden_ratio": "x"}, "hidden_ratio must be a finite number, got 'x'"),
     ({"intermediate_size": None, "hidden_ratio": -2}, "hidden_ratio × hidden_size must be in (0, 2^62), got -2 × 64"),
     ({"intermediate_size": None, "hidden_size": 10**400}, "hidden_ratio × hidden_size must be in (0, 2^62)"),
@@ -411,7 +415,8 @@ def test_dtypes_numpy_cannot_hold_are_refused_by_name(tmp_path, dtype):
 def test_tensors_numpy_cannot_hold_in_a_pt_file_are_refused_by_name(tmp_path, tensor, says):
     pt = tmp_path / "odd.pt"
     torch.save({"model.norm.weight": tensor()}, pt)
-    with pytest.raises(CheckpointError, match=f"only dense tensors of numpy dtypes are read; not model.norm.weight .{says}"):
+    with pytest.raises(CheckpointError,
+                       match=f"only dense tensors of numpy dtypes are read; not model.norm.weight .{says}"):
         convert(pt, tmp_path / "o.safetensors", spec="tiny")
 
 
@@ -457,7 +462,8 @@ def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch,
         cli_run(compare.main, ["--backend", "torch", "--batch", "2", "--seq", "8"])
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch-size or --seq-len"]
+    assert (err == ["error: the torch train job of small ran out of memory at batch 2 x seq 8: lower --batch-size "
+                    "or --seq-len"])
 
 
 def _bench(name: str):
@@ -499,7 +505,8 @@ def test_a_float64_past_float32s_range_is_refused_without_a_warning(tmp_path, ca
 
 def test_a_later_write_removes_temps_of_killed_writers_only(tmp_path, canonical):
     dst = tmp_path / "out.safetensors"
-    stale, live = tmp_path / f".out.safetensors.{dead_pid()}.x1.tmp", tmp_path / f".out.safetensors.{os.getppid()}.x2.tmp"
+    stale, live = (tmp_path / f".out.safetensors.{dead_pid()}.x1.tmp",
+                   tmp_path / f".out.safetensors.{os.getppid()}.x2.tmp")
     stale.write_bytes(b"partial")
     live.write_bytes(b"another writer's")  # a live process's write in progress is not touched
     stale_dir = tmp_path / f".out-hf.{dead_pid()}.x3.tmp"
@@ -881,7 +888,8 @@ def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
         w[f"{p}.weight"][::2] *= np.float32(scale)
         w[f"{p}.bias"][::2] = 0.0
     x = tokens(spec, seq=70)
-    h = reference.norm(np.asarray(w["model.embed_tokens.weight"], np.float64)[x], w, "model.layers.0.input_layernorm", spec)
+    h = reference.norm(np.asarray(w["model.embed_tokens.weight"], np.float64)[x], w, "model.layers.0.input_layernorm",
+                       spec)
     gk = (h @ w["model.layers.0.self_attn.gk_proj.0.weight"].T) @ w["model.layers.0.self_attn.gk_proj.1.weight"].T
     log_a = -np.logaddexp(0, -gk[..., ::2]) / spec.gla_gate_normalizer
     assert log_a.min() < -scale / 100 and log_a.max() > -1e-3, (log_a.min(), log_a.max())  # resets and open gates

@@ -1,6 +1,7 @@
 """Planted faults: each monkeypatches one bug into the code under test and expects the oracle meant to see it to
 object. Every fault here passed the suite once because the test's reference shared code with what it judged
-(the oracles of an earlier suite did); they now restate their rules (`oracles.py`, `reference.py`, the tests' written-out specs).
+(the oracles of an earlier suite did); they now restate their rules (`oracles.py`, `reference.py`, the tests'
+written-out specs).
 
 JAX caches traces per graphdef: a fault planted into traced JAX code would linger in later tests (and an earlier
 clean trace would hide it), so the tests that patch JAX code clear JAX's caches before and after.
@@ -55,7 +56,8 @@ def test_init_weights_with_residual_factor_one_over_sqrt_l(monkeypatch):
     monkeypatch.setattr(shared_config.init, "init_rule", wrong)
     for name in ("normal", "xavier"):
         spec = test_init.SPECS[name]
-        with pytest.raises(AssertionError, match=r"numpy model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight"):
+        with pytest.raises(AssertionError,
+                           match=r"numpy model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight"):
             test_init.check_statistics(init_weights(spec, 0), spec, "numpy")
 
 
@@ -160,26 +162,33 @@ def plant(monkeypatch, owner, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(func))
     assert source.count(old) == 1, f"{func.__qualname__}: {old!r} occurs {source.count(old)} times"
     scope: dict = {}
-    exec(compile(source.replace(old, new), inspect.getsourcefile(func), "exec"), dict(sys.modules[func.__module__].__dict__), scope)
+    exec(compile(source.replace(old, new), inspect.getsourcefile(func), "exec"),
+         dict(sys.modules[func.__module__].__dict__), scope)
     monkeypatch.setattr(owner, name, scope[name])
 
 
 ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
     "k = ceil(γ·T)": [
-        (jax_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)", "math.ceil(self.spec.routing_capacity * T)"),
-        (torch_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)", "math.ceil(self.spec.routing_capacity * T)"),
+        (jax_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)",
+         "math.ceil(self.spec.routing_capacity * T)"),
+        (torch_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)",
+         "math.ceil(self.spec.routing_capacity * T)"),
     ],
     "moving average without stop-gradient": [
         (jax_model.routing, "DtfRouter", "__call__", "ma(jax.lax.stop_gradient(dst_BT))", "ma(dst_BT)"),
         (torch_model.routing, "DtfRouter", "forward", "ma(dst_BT.detach())", "ma(dst_BT)"),
     ],
     "predictor input without stop-gradient": [
-        (jax_model.routing, "Routes", "__call__", "layer.router_predictor(jax.lax.stop_gradient(x_BTD))", "layer.router_predictor(x_BTD)"),
-        (torch_model.routing, "Routes", "__call__", "layer.router_predictor(x_BTD.detach())", "layer.router_predictor(x_BTD)"),
+        (jax_model.routing, "Routes", "__call__", "layer.router_predictor(jax.lax.stop_gradient(x_BTD))",
+         "layer.router_predictor(x_BTD)"),
+        (torch_model.routing, "Routes", "__call__", "layer.router_predictor(x_BTD.detach())",
+         "layer.router_predictor(x_BTD)"),
     ],
     "prior MSE's H_post without stop-gradient": [
-        (jax_model.routing, "DtfRouter", "__call__", "jnp.square(prior32 - jax.lax.stop_gradient(post32))", "jnp.square(prior32 - post32)"),
-        (torch_model.routing, "DtfRouter", "forward", "torch.square(prior32 - post32.detach())", "torch.square(prior32 - post32)"),
+        (jax_model.routing, "DtfRouter", "__call__", "jnp.square(prior32 - jax.lax.stop_gradient(post32))",
+         "jnp.square(prior32 - post32)"),
+        (torch_model.routing, "DtfRouter", "forward", "torch.square(prior32 - post32.detach())",
+         "torch.square(prior32 - post32)"),
     ],
     "aux loss weighted by a part's share of the counted targets": [
         (jax_train, None, "model_loss", "loss + share * routing_loss(",

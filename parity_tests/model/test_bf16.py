@@ -51,7 +51,8 @@ def bf16_train_mismatches(spec, cfg) -> dict[str, str]:
     """
     weights = parity_weights(spec)
     (a, sa), (b, sb) = (trajectory(twin, train, weights, spec, cfg) for _, twin, train in TWINS)
-    assert np.all(np.isfinite(a["loss"])) and np.abs(a["loss"] - b["loss"]).max() <= BF16_LOSS_TOL, (a["loss"], b["loss"])
+    assert (np.all(np.isfinite(a["loss"]))
+            and np.abs(a["loss"] - b["loss"]).max() <= BF16_LOSS_TOL), (a["loss"], b["loss"])
     bad = {}
     for key in ("weights", "m", "v"):
         for name, want in sb[key].items():

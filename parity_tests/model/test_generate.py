@@ -81,7 +81,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(base):
     spec, jm, tm = base
     prompt = list(tokens(spec, 1, 12)[0])
     for model, gen in [(jm, jg), (tm, tg)]:
-        a, b = gen.generate(model, prompt, 24, temperature=1.0, seed=1), gen.generate(model, prompt, 24, temperature=1.0, seed=1)
+        a, b = (gen.generate(model, prompt, 24, temperature=1.0, seed=1),
+                gen.generate(model, prompt, 24, temperature=1.0, seed=1))
         assert a == b
         assert a != gen.generate(model, prompt, 24, temperature=1.0, seed=2)
         assert gen.generate(model, prompt, 24, temperature=0.7, top_k=1, seed=3) == gen.generate(model, prompt, 24)

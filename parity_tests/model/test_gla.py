@@ -24,7 +24,8 @@ from ..support import reference
 from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
 from ..support.train_common import TWINS, both_loss_and_grads, reference_loss, trajectory
 
-GLA = dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_k=0.5, gla_expand_v=1.25)
+GLA = dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_k=0.5,
+           gla_expand_v=1.25)
 # rms / dyt / derf x pre / peri; the per-head output norm RMSNorm or the spec's norm ("same"); a strong gate.
 CASES = [dict(norm_type=n, norm_placement=p) for n in ("rms", "dyt", "derf") for p in ("pre", "peri")]
 CASES += [
@@ -69,7 +70,8 @@ def test_spec_rules():
         (dict(position="rope"), "mixer=gla needs position=none"),
         (dict(n_kv_heads=2), "n_kv_heads=2 must equal n_heads=4"),
         (dict(gla_expand_k=0.3), "gla_expand_k=0.3 gives d_k=14.4"),
-        (dict(n_heads=5, d_model=40, gla_expand_v=0.3), "d_v=12 = gla_expand_v·d_model, which must be a whole multiple of n_heads=5"),
+        (dict(n_heads=5, d_model=40, gla_expand_v=0.3),
+         "d_v=12 = gla_expand_v·d_model, which must be a whole multiple of n_heads=5"),
         (dict(qk_norm=True), "qk_norm"),
         (dict(gla_gate_rank=0), "gla_gate_rank=0 must be > 0"),
         (dict(gla_gate_normalizer=-1.0), "gla_gate_normalizer=-1.0 must be > 0"),
@@ -79,7 +81,8 @@ def test_spec_rules():
         with pytest.raises(SpecError, match=re.escape(fragment)):
             gla_spec(**changes)
     spec = load_spec("gla-tiny")
-    assert (spec.d_k, spec.d_v, spec.Kh, spec.Vh, spec.H, spec.L, spec.D, spec.F, spec.V) == (32, 64, 16, 32, 2, 2, 64, 128, 256)
+    assert ((spec.d_k, spec.d_v, spec.Kh, spec.Vh, spec.H, spec.L, spec.D, spec.F, spec.V)
+            == (32, 64, 16, 32, 2, 2, 64, 128, 256))
     assert load_spec(spec.to_dict()) == spec
 
 
@@ -153,10 +156,12 @@ def test_gradients_match_float64_finite_differences():
     rng, h = np.random.default_rng(2), 1e-4
     for t in layout(spec):
         d = rng.standard_normal(t.shape)
-        fd = (reference_loss({**w, t.name: w[t.name] + h * d}, spec, x) - reference_loss({**w, t.name: w[t.name] - h * d}, spec, x)) / (2 * h)
+        fd = (reference_loss({**w, t.name: w[t.name] + h * d}, spec, x)
+              - reference_loss({**w, t.name: w[t.name] - h * d}, spec, x)) / (2 * h)
         for name, g in zip(("jax", "torch"), grads):
             scale = np.linalg.norm(g[t.name]) * np.linalg.norm(d)
-            assert abs(np.sum(g[t.name] * d) - fd) <= 1e-4 * scale, f"{name} {t.name}: g·d {np.sum(g[t.name] * d)} vs {fd}"
+            assert abs(np.sum(g[t.name] * d) - fd) <= 1e-4 * scale, (
+                f"{name} {t.name}: g·d {np.sum(g[t.name] * d)} vs {fd}")
 
 
 @pytest.mark.slow
@@ -171,7 +176,8 @@ def test_hundred_adamw_steps_agree(placement):
     assert ta["loss"][-1] < ta["loss"][0] - 0.05 and (ta["grad_norm"] > cfg.grad_clip).any()
     worst = int(np.argmax(np.abs(ja["loss"] - ta["loss"]) / ta["loss"]))
     assert abs(ja["loss"][worst] - ta["loss"][worst]) / ta["loss"][worst] <= TRAJ_LOSS_TOL, f"step {worst}"
-    bad = {k: f"{max_rel(js['weights'][k], p):.1e}" for k, p in ts["weights"].items() if not max_rel(js["weights"][k], p) <= TRAJ_PARAM_TOL}
+    bad = {k: f"{max_rel(js['weights'][k], p):.1e}"
+           for k, p in ts["weights"].items() if not max_rel(js["weights"][k], p) <= TRAJ_PARAM_TOL}
     assert not bad, f"final max|Δp| / max|p| above {TRAJ_PARAM_TOL}: {bad}"
     assert js["step"] == ts["step"] == cfg.steps
 
@@ -199,7 +205,8 @@ def decode_both(w, spec, toks, prompt, start_B=None):
     return out
 
 
-@pytest.mark.parametrize("changes", quick_first([{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same")]),
+@pytest.mark.parametrize("changes",
+                         quick_first([{}, dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same")]),
                          ids=["rms", "dyt-peri-same"])
 def test_prefill_then_decode_equals_the_full_forward(changes):
     spec = gla_spec(gla_gate_normalizer=2.0, **changes)
@@ -208,7 +215,8 @@ def test_prefill_then_decode_equals_the_full_forward(changes):
     for name, (got, cache) in zip(("jax", "torch"), decode_both(w, spec, x, prompt=19)):
         errs = [rel_err(got[:, t], full[:, t]) for t in range(x.shape[1])]
         assert max(errs) <= FORWARD_TOL, f"{name}: worst at step {int(np.argmax(errs))}: {max(errs):.2e}"
-        assert tuple(cache.layers[0].S_BHKV.shape) == (2, spec.H, spec.Kh, spec.Vh) and int(cache.layers[0].length) == 30
+        assert (tuple(cache.layers[0].S_BHKV.shape) == (2, spec.H, spec.Kh, spec.Vh)
+                and int(cache.layers[0].length) == 30)
 
 
 @pytest.mark.slow
@@ -232,7 +240,8 @@ def test_split_sequence_with_carried_state_equals_the_whole():
             b, state = mixer(tensor(h[:, 23:].astype(np.float32)), state=state)
         got = np.concatenate([np.asarray(a), np.asarray(b)], 1)
         assert rel_err(got, whole) <= FORWARD_TOL
-        assert np.abs(np.asarray(state.S_BHKV) - reference.gla(h, wd, p, spec, S=np.zeros_like(S))[1]).max() <= 1e-5 * np.abs(S).max()
+        assert (np.abs(np.asarray(state.S_BHKV) - reference.gla(h, wd, p, spec, S=np.zeros_like(S))[1]).max()
+                <= 1e-5 * np.abs(S).max())
 
 
 @pytest.mark.slow
@@ -252,7 +261,8 @@ def test_left_padding_leaves_each_row_as_alone():
 def test_generate_runs_for_gla():
     spec = load_spec("gla-tiny")
     w = gla_weights(spec)
-    outs = [twin.generate.generate(twin.from_weights(w, spec), [[1, 2, 3], [4, 5]], 6) for twin in (jax_model, torch_model)]
+    outs = [twin.generate.generate(twin.from_weights(w, spec), [[1, 2, 3], [4, 5]], 6)
+            for twin in (jax_model, torch_model)]
     assert outs[0] == outs[1] and all(len(row) == 6 for row in outs[0])
 
 
@@ -263,4 +273,5 @@ def test_bf16_compute_agrees(norm_type):
     w, x = gla_weights(spec), synthetic_batch(0, 0, 8, spec.max_seq_len - 1, spec.V)  # [8, max_seq_len]
     j, t = both_logits(w, spec, x)
     kl = token_kl(j, t)
-    assert kl.mean() <= BF16_KL_MEAN and kl.max() <= BF16_KL_MAX and top1_agreement(j, t) >= BF16_TOP1, (kl.mean(), kl.max())
+    assert (kl.mean() <= BF16_KL_MEAN and kl.max() <= BF16_KL_MAX
+            and top1_agreement(j, t) >= BF16_TOP1), (kl.mean(), kl.max())

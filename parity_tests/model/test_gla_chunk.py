@@ -81,7 +81,7 @@ def test_chunk_form_equals_the_float64_recurrence(twin, gate):
 
 
 def grads_jax(fn, xs, cotangents):
-    loss = lambda xs: sum(jnp.sum(y * c) for y, c in zip(fn(*xs), cotangents))
+    loss = lambda xs: sum(jnp.sum(y * c) for y, c in zip(fn(*xs), cotangents))  # noqa: E731
     return [np.asarray(g) for g in jax.grad(loss)([jnp.asarray(x) for x in xs])]
 
 
@@ -99,12 +99,13 @@ def test_chunk_form_gradients_match_the_recurrence_and_float64_differences(twin,
     difference (reset gates are not perturbed: −inf ± h is −inf); all finite."""
     xs = gla_inputs(GATES[gate], seed=1)
     rng = np.random.default_rng(2)
-    cotangents = [rng.standard_normal((B, H, T, V)).astype(np.float32), rng.standard_normal((B, H, K, V)).astype(np.float32)]
+    cotangents = [rng.standard_normal((B, H, T, V)).astype(np.float32),
+                  rng.standard_normal((B, H, K, V)).astype(np.float32)]
     module = TWINS[twin][0]
     grads = grads_jax if twin == "jax" else grads_torch
     got = grads(lambda *a: module.chunked_gla(*a, 64), xs, cotangents)
     want = grads(module.recurrent_gla, xs, cotangents)
-    loss64 = lambda xs: sum(np.sum(y * c) for y, c in zip(float64_recurrence(*xs), cotangents))
+    loss64 = lambda xs: sum(np.sum(y * c) for y, c in zip(float64_recurrence(*xs), cotangents))  # noqa: E731
     h = 1e-5
     for name, x, g, w in zip(("q", "k", "v", "log α", "state"), xs, got, want):
         assert np.isfinite(g).all(), name
@@ -120,9 +121,10 @@ def test_no_chunk_by_chunk_by_key_tensor():
     """The JAX twin's chunk form (chunk 64) holds no [.., C, C, K] tensor: its largest intermediate, forward and
     backward, has at most 16·K elements per (row, head, token), the sub-chunk pairs' exponents (136 per 16 tokens)."""
     xs = [jnp.asarray(x) for x in gla_inputs(None)]
-    loss = lambda xs: sum(jnp.sum(y) for y in jax_model.gla.chunked_gla(*xs, 64))
+    loss = lambda xs: sum(jnp.sum(y) for y in jax_model.gla.chunked_gla(*xs, 64))  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.grad(loss))(xs)
 
-    largest = max(int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars)  # (scan bodies: one chunk)
+    # (scan bodies: one chunk)
+    largest = max(int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars)
     padded = B * H * 192  # T padded to whole chunks of 64
     assert largest <= padded * 16 * K < padded * 64 * K, largest

@@ -27,7 +27,8 @@ from .test_gla import gla_spec
 from .test_gla_chunk import GATES, float64_recurrence, gla_inputs, grads_jax, run_jax
 
 
-@pytest.mark.parametrize("gate", quick_first(["moderate", "reset-inf", *(g for g in GATES if g not in ("moderate", "reset-inf"))], 2))
+@pytest.mark.parametrize("gate", quick_first(["moderate", "reset-inf",
+                                              *(g for g in GATES if g not in ("moderate", "reset-inf"))], 2))
 def test_pallas_kernel_equals_the_float64_recurrence(gate):
     """T = 150 (padded to 256), K = 12 and V = 10 (padded to 16), a random initial state, every gate of
     test_gla_chunk.py from −1e-6 to −inf: outputs and last state at float32's floor, all finite."""
@@ -73,8 +74,10 @@ def test_a_gla_model_on_the_pallas_kernel_trains_as_on_the_pure_form():
 
 
 RESOLVED = [  # gla_kernel, twin, platform, fla installed -> the kernel that runs
-    ("auto", "jax", "cpu", False, "pure"), ("auto", "jax", "gpu", False, "pallas"), ("auto", "jax", "tpu", False, "pure"),
-    ("auto", "torch", "cpu", True, "pure"), ("auto", "torch", "gpu", True, "fla"), ("auto", "torch", "gpu", False, "pure"),
+    ("auto", "jax", "cpu", False, "pure"), ("auto", "jax", "gpu", False, "pallas"),
+    ("auto", "jax", "tpu", False, "pure"),
+    ("auto", "torch", "cpu", True, "pure"), ("auto", "torch", "gpu", True, "fla"),
+    ("auto", "torch", "gpu", False, "pure"),
     ("pure", "jax", "gpu", False, "pure"), ("pure", "torch", "gpu", True, "pure"),
     ("pallas", "jax", "gpu", False, "pallas"), ("fla", "torch", "gpu", True, "fla"),
 ]
@@ -100,8 +103,10 @@ def test_a_kernel_not_here_is_refused_in_one_line(kernel, twin, platform, instal
 
 def test_set_kernel_on_this_cpu_runs_the_pure_form_and_refuses_the_gpu_kernels():
     spec = gla_spec()
-    jax_twin, torch_twin = jax_model.from_weights(parity_weights(spec), spec), torch_model.from_weights(parity_weights(spec), spec)
-    assert jax_model.gla.set_kernel(jax_twin, "auto") == "pure" and torch_model.gla.set_kernel(torch_twin, "auto") == "pure"
+    jax_twin, torch_twin = (jax_model.from_weights(parity_weights(spec), spec),
+                            torch_model.from_weights(parity_weights(spec), spec))
+    assert (jax_model.gla.set_kernel(jax_twin, "auto") == "pure"
+            and torch_model.gla.set_kernel(torch_twin, "auto") == "pure")
     with pytest.raises(HardwareError):
         jax_model.gla.set_kernel(jax_twin, "pallas")
     with pytest.raises(HardwareError):

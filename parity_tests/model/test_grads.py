@@ -23,7 +23,8 @@ GRID = [
     dict(norm_type="layernorm", norm_placement="peri", mlp="relu2", n_kv_heads=6),
     dict(norm_type="layernorm", norm_placement="post", position="none", head_dim=10, norm_eps=1e-2),
     dict(norm_type="dyt", norm_placement="pre", embed_scale="learnable", mlp="gelu_tanh"),
-    dict(norm_type="dyt", norm_placement="peri", norm_bias=True, embed_scale="constant", qk_norm=True, tie_embeddings=True),
+    dict(norm_type="dyt", norm_placement="peri", norm_bias=True, embed_scale="constant", qk_norm=True,
+         tie_embeddings=True),
     dict(norm_type="dyt", norm_placement="post", rope_scaling="llama3", rope_original_max_seq_len=64, n_kv_heads=3),
     dict(norm_type="derf", norm_placement="pre", embed_scale="learnable", norm_bias=True, rope_theta=500000.0),
     dict(norm_type="derf", norm_placement="peri", fused_qkv=False, position="learned", n_layers=3),
@@ -74,7 +75,8 @@ def test_twins_agree_on_loss_and_every_gradient(changes):
     assert not failures, "gradients vs float64 finite differences of the reference:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("attention", quick_first([("einsum", "sdpa"), ("einsum", "einsum"), ("blocked", "blocked"), ("xla", "blocked")]))
+@pytest.mark.parametrize("attention", quick_first([("einsum", "sdpa"), ("einsum", "einsum"), ("blocked", "blocked"),
+                                                   ("xla", "blocked")]))
 def test_attention_kernels_agree_on_gradients(attention):
     check_twins(make_spec(qk_norm=True), attention)
 
@@ -122,7 +124,8 @@ def test_count_makes_parts_add_up_to_the_whole():
 
 @pytest.mark.parametrize("changes", quick_first([
     dict(norm_type="derf", norm_placement="peri", norm_bias=True, embed_scale="learnable", qk_norm=True),
-    dict(norm_type="layernorm", norm_placement="post", norm_bias=True, position="learned", tie_embeddings=True, mlp="gelu"),
+    dict(norm_type="layernorm", norm_placement="post", norm_bias=True, position="learned", tie_embeddings=True,
+         mlp="gelu"),
     dict(norm_type="dyt", norm_placement="deepnorm", norm_bias=True, fused_qkv=False),
     dict(norm_type="rms", norm_placement="hybrid_star", n_layers=3),
     dict(norm_type="layernorm", norm_placement="hybrid", norm_bias=True),

@@ -18,7 +18,8 @@ from ..support.common import FORWARD_TOL, load_script, parity_weights, rel_err, 
 from .test_generate import step_logits
 
 CONFIG = LlamaConfig(
-    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+    num_key_value_heads=2,
     max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )
@@ -48,4 +49,5 @@ def test_hf_llama_greedy_tokens_match_both_twins(tmp_path):
         assert gen.generate(model, prompt, 64) == expected, twin.__name__
         ours = step_logits(gen.Decoder(model), prompt, expected)
         errs = [rel_err(ours[i], hf_logits[i]) for i in range(64)]
-        assert max(errs) <= FORWARD_TOL, f"{twin.__name__} vs transformers, step {int(np.argmax(errs))}: {max(errs):.2e}"
+        assert max(errs) <= FORWARD_TOL, (f"{twin.__name__} vs transformers, step {int(np.argmax(errs))}: "
+                                          f"{max(errs):.2e}")

@@ -78,7 +78,8 @@ def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N
     ]:
         assert uncached.std() > 0.5, "test weights must give O(1) logits so that the tolerance means something"
         errs = [rel_err(cached[:, t], uncached[:, t]) for t in range(seq)]
-        assert max(errs) <= FORWARD_TOL, f"{name}: cached vs uncached, worst at step {int(np.argmax(errs))}: {max(errs):.2e}"
+        assert max(errs) <= FORWARD_TOL, (f"{name}: cached vs uncached, worst at step {int(np.argmax(errs))}: "
+                                          f"{max(errs):.2e}")
         assert tuple(cache.layers[0].k_BSKE.shape) == (2, seq, spec.K, spec.E)  # GQA-sized: K heads, not H
         assert int(cache.length) == seq
 
@@ -150,7 +151,8 @@ def cache_positions_of(twin: str, spec, prompts, fed_BN):
     got, want, worst = -np.ones(k_BSKE.shape[:2], int), -np.ones(k_BSKE.shape[:2], int), 0.0
     for b, prompt in enumerate(prompts):
         start, row = int(start_B[b]), [*prompt, *fed_BN[b]]  # the row's own tokens: slot start + i holds token i
-        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec, k_BSKE.shape[1])
+        positions, errors = oracles.cache_positions(k_BSKE[b, start:], oracles.layer0_keys(w, spec, row), spec,
+                                                    k_BSKE.shape[1])
         got[b, start:], want[b, start:], worst = positions, np.arange(len(row)), max(worst, errors.max())
     return got, want, worst
 

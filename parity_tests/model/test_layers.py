@@ -66,7 +66,8 @@ def test_rope(scaling):
 
 
 ROPE_SPECS = [{"rope_theta": 500000.0}, {"rope_theta": 300.0, "head_dim": 16},
-              {"rope_scaling": "llama3", "rope_original_max_seq_len": 32, "rope_scaling_factor": 4.0, "rope_theta": 5000.0}]
+              {"rope_scaling": "llama3", "rope_original_max_seq_len": 32, "rope_scaling_factor": 4.0,
+               "rope_theta": 5000.0}]
 
 
 def check_model_rope(changes):
@@ -81,7 +82,8 @@ def check_model_rope(changes):
     jax_model.from_weights(w, spec, "einsum")(jnp.asarray(toks), taps=jt)
     with torch.no_grad():
         torch_model.from_weights(w, spec, "einsum")(torch.as_tensor(toks), taps=tt)
-    for twin, got in (("jax", np.asarray(jt["model.layers.0"]["attn_out"])), ("torch", tt["model.layers.0"]["attn_out"].numpy())):
+    for twin, got in (("jax", np.asarray(jt["model.layers.0"]["attn_out"])),
+                      ("torch", tt["model.layers.0"]["attn_out"].numpy())):
         assert rel_err(got, want) <= FORWARD_TOL, f"{twin}: layer 0 attention vs the reference {rel_err(got, want):.1e}"
 
 
@@ -90,7 +92,8 @@ def test_model_rope_reads_the_spec(changes):
     check_model_rope(changes)
 
 
-@pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 6}, {"qk_norm": True}, {"fused_qkv": False}, {"head_dim": 12}])
+@pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 6}, {"qk_norm": True}, {"fused_qkv": False},
+                                     {"head_dim": 12}])
 def test_attention(changes):
     spec = make_spec(**changes)
     w, jm, tm = twins(spec)
@@ -159,9 +162,11 @@ def test_block(placement):
     w64 = {k: v.astype(np.float64) for k, v in w.items()}
     for i in (0, 1):
         jt, tt = {}, {}
-        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)), taps=jt)[0])
+        j = np.asarray(jm.model.layers[i](jnp.asarray(x), *ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)),
+                                          taps=jt)[0])
         with torch.no_grad():
-            t = tm.model.layers[i](torch.as_tensor(x), *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)), taps=tt)[0].numpy()
+            t = tm.model.layers[i](torch.as_tensor(x), *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)),
+                                   taps=tt)[0].numpy()
         ref, a, m = reference.block(x.astype(np.float64), w64, f"model.layers.{i}", i, spec)
         check(j, t, ref)
         check(np.asarray(jt["attn_out"]), tt["attn_out"].numpy(), a)

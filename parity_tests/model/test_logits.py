@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 
 from shared_config.spec import CHOICES
 
-from ..support.common import FORWARD_TOL, case_ids, jax_logits, make_spec, parity_weights, ref_logits, rel_err, tokens, torch_logits
+from ..support.common import (FORWARD_TOL, case_ids, jax_logits, make_spec, parity_weights, ref_logits, rel_err, tokens,
+                              torch_logits)
 
 # Every value of every option, each on top of the base spec.
-SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "position", "mlp", "init_scheme") for v in CHOICES[k]]
-SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling") for v in (False, True)]
+SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "position", "mlp", "init_scheme")
+          for v in CHOICES[k]]
+SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling")
+           for v in (False, True)]
 SINGLE += [
     {"n_kv_heads": 6},  # plain multi-head attention
     {"n_kv_heads": 1},  # multi-query attention
@@ -25,12 +28,16 @@ SINGLE += [
     {"shift_init": 0.25, "norm_type": "derf"},
 ]
 # Norms x placements, and a few dense combinations.
-COMBOS = [{"norm_type": n, "norm_placement": p} for n, p in itertools.product(CHOICES["norm_type"], CHOICES["norm_placement"])]
+COMBOS = [{"norm_type": n, "norm_placement": p}
+          for n, p in itertools.product(CHOICES["norm_type"], CHOICES["norm_placement"])]
 COMBOS += [
-    {"norm_type": "dyt", "norm_placement": "peri", "norm_bias": True, "embed_scale": "learnable", "qk_norm": True, "tie_embeddings": True},
-    {"norm_type": "derf", "position": "learned", "mlp": "gelu_tanh", "fused_qkv": False, "n_kv_heads": 1, "embed_scale": "constant"},
+    {"norm_type": "dyt", "norm_placement": "peri", "norm_bias": True, "embed_scale": "learnable", "qk_norm": True,
+     "tie_embeddings": True},
+    {"norm_type": "derf", "position": "learned", "mlp": "gelu_tanh", "fused_qkv": False, "n_kv_heads": 1,
+     "embed_scale": "constant"},
     {"norm_type": "layernorm", "norm_bias": True, "position": "none", "mlp": "relu2", "head_dim": 12, "n_layers": 3},
-    {"qk_norm": True, "tie_embeddings": True, "rope_scaling": "llama3", "rope_original_max_seq_len": 64, "n_kv_heads": 3},
+    {"qk_norm": True, "tie_embeddings": True, "rope_scaling": "llama3", "rope_original_max_seq_len": 64,
+     "n_kv_heads": 3},
 ]
 
 
@@ -55,7 +62,8 @@ def test_combinations(changes):
     check(make_spec(**changes))
 
 
-@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("xla", "sdpa"), ("einsum", "sdpa"), ("blocked", "blocked"), ("blocked", "sdpa")])
+@pytest.mark.parametrize("attention", [("einsum", "einsum"), ("xla", "sdpa"), ("einsum", "sdpa"),
+                                       ("blocked", "blocked"), ("blocked", "sdpa")])
 def test_attention_kernels_agree(attention):
     check(make_spec(qk_norm=True), attention)
 

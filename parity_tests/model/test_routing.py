@@ -39,7 +39,8 @@ def test_layout_names_every_router_tensor():
     names = [t.name for t in layout(mod) if "router" in t.name]
     assert names == [f"model.layers.{i}.{n}" for i in (1, 3) for n in
                      ("router.weight", "router_predictor.fc1.weight", "router_predictor.fc2.weight")]
-    assert len([t for t in layout(make_spec(routing="mod", routing_layers="all")) if t.name.endswith("router.weight")]) == 2
+    assert (len([t for t in layout(make_spec(routing="mod", routing_layers="all")) if t.name.endswith("router.weight")])
+            == 2)
     dtf = make_spec(routing="dtf", n_layers=3, dtf_prior_factor=0.1)  # ceil(4.8) = 5 -> 6
     shapes = {t.name: t.shape for t in layout(dtf) if "router" in t.name}
     assert shapes["model.layers.1.router.prior_ffn.gate_proj.weight"] == (6, 48)
@@ -47,7 +48,8 @@ def test_layout_names_every_router_tensor():
     assert shapes["model.layers.1.router_predictor.fc1.weight"] == (24, 48)
     assert not any(n.startswith(("model.layers.0.", "model.layers.2.")) for n in shapes)
     w = init_weights(dtf, 0)
-    assert {k: float(w[f"model.layers.1.router.{k}"][0]) for k in ("beta_ce", "beta_cu", "o_ce", "m_cu")} == pytest.approx(
+    assert {k: float(w[f"model.layers.1.router.{k}"][0])
+            for k in ("beta_ce", "beta_cu", "o_ce", "m_cu")} == pytest.approx(
         dict(beta_ce=-0.3, beta_cu=-0.6, o_ce=1.025, m_cu=1.1))
     assert make_spec(routing="dtf", d_model=4, n_heads=2, n_kv_heads=1).dtf_prior_dim == 2
     assert make_spec(routing="none").routed_layers == ()
@@ -181,7 +183,8 @@ def test_capacity_one_with_gate_one_equals_the_dense_model(layers, monkeypatch):
         assert rel_err(routed, plain) <= FORWARD_TOL, (twin.__name__, rel_err(routed, plain))
     # and without the patch the gate matters: the test can fail
     monkeypatch.undo()
-    assert rel_err(twin_logits(torch_model, w, spec, x, "topk"), twin_logits(torch_model, dense_w, dense, x, None)) > 1e-3
+    assert (rel_err(twin_logits(torch_model, w, spec, x, "topk"), twin_logits(torch_model, dense_w, dense, x, None))
+            > 1e-3)
 
 
 def test_tied_scores_select_the_lower_positions_in_both_twins():
@@ -192,7 +195,8 @@ def test_tied_scores_select_the_lower_positions_in_both_twins():
     w["model.layers.1.router.weight"][:] = 0.0  # every score of layer 1 is 0: the first k positions run
     x = np.tile(tokens(spec, 2, 4), (1, 4))  # each token four times: layer 0 scores tie in groups of four
     ref_taps = reference_taps(w, spec, x)
-    assert ref_taps["model.layers.1"]["router_keep"][:, :8].all() and not ref_taps["model.layers.1"]["router_keep"][:, 8:].any()
+    assert (ref_taps["model.layers.1"]["router_keep"][:, :8].all()
+            and not ref_taps["model.layers.1"]["router_keep"][:, 8:].any())
     s0 = ref_taps["model.layers.0"]["router_score"]
     assert np.array_equal(s0[:, :4], s0[:, 4:8])  # the ties are real
     for twin in (jax_model, torch_model):
@@ -205,14 +209,16 @@ def test_tied_scores_select_the_lower_positions_in_both_twins():
             assert np.array_equal(keep, ref_taps[f"model.layers.{i}"]["router_keep"]), (twin.__name__, i)
 
 
-@pytest.mark.parametrize("twin, select", [(jax_model, jax_routing.select_top_k), (torch_model, torch_routing.select_top_k)])
+@pytest.mark.parametrize("twin, select",
+                         [(jax_model, jax_routing.select_top_k), (torch_model, torch_routing.select_top_k)])
 def test_select_top_k_orders_by_score_then_position(twin, select):
     scores = np.array([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5], [0.0, -0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
     xp = jnp.asarray if twin is jax_model else torch.as_tensor
     assert np.asarray(select(xp(scores), 3)).tolist() == [[0, 1, 3], [0, 1, 2]]
 
 
-@pytest.mark.parametrize("changes", quick_first([ROUTED[0], ROUTED[4], ROUTED[5]]), ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
+@pytest.mark.parametrize("changes", quick_first([ROUTED[0], ROUTED[4], ROUTED[5]]),
+                         ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
 def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
     from .test_kv_cache import jax_steps, torch_steps
 
@@ -290,14 +296,16 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
     from shared_config.flops import flops_split, matmul_params
 
     dense = make_spec(n_layers=4)
-    block = sum(math.prod(t.shape) for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")
+    block = sum(math.prod(t.shape)
+                for t in layout(dense) if t.name.startswith("model.layers.1.") and t.kind == "linear")
     D, T, H, E = dense.D, 64, dense.H, dense.E
     mod = dense.replace(routing="mod", routing_capacity=0.125)  # k = 8 of 64
     predictor = D * D // 2 + D // 2
     assert matmul_params(mod, T) == matmul_params(dense) - 2 * block * (1 - 8 / 64) + 2 * (D + predictor)
     weights, attention = flops_split(mod, T, "forward")
     assert weights == 2 * matmul_params(mod, T)
-    assert attention == 4 * H * E * (2 * T + 2 * (8 / 64) * 8)  # two dense layers: T keys; two routed: 8 keys, 1/8 of tokens
+    # two dense layers: T keys; two routed: 8 keys, 1/8 of tokens
+    assert attention == 4 * H * E * (2 * T + 2 * (8 / 64) * 8)
     dtf = dense.replace(routing="dtf", routing_capacity=0.5)
     prior = 3 * D * dtf.dtf_prior_dim
     assert matmul_params(dtf, T) == matmul_params(dense) - 2 * block * 0.5 + 2 * (prior + predictor)
@@ -314,7 +322,8 @@ def test_routing_study_refuses_bad_configs_before_training(tmp_path):
     study = load_script("compare_routing")
     assert study.config_changes("dense") == {"routing": "none"}
     assert study.config_changes("dtf-0.5") == {"routing": "dtf", "routing_capacity": 0.5}
-    for configs, fragment in (("mod-x", "must be dense or ROUTING-CAPACITY"), ("mod-1.5", r"routing_capacity=1.5 must be in \(0, 1\]")):
+    for configs, fragment in (("mod-x", "must be dense or ROUTING-CAPACITY"),
+                              ("mod-1.5", r"routing_capacity=1.5 must be in \(0, 1\]")):
         with pytest.raises(UsageError, match=fragment):
             study.main(["--configs", f"dense,{configs}", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -352,7 +361,8 @@ def test_native_init_of_the_router_tensors(routing):
             if "router" not in name:
                 continue
             if name.endswith(("beta_ce", "beta_cu", "o_ce", "m_cu")):
-                assert float(x[0]) == pytest.approx({"beta_ce": -0.3, "beta_cu": -0.6, "o_ce": 1.025, "m_cu": 1.1}[name.rsplit(".", 1)[1]])
+                assert (float(x[0]) == pytest.approx({"beta_ce": -0.3, "beta_cu": -0.6, "o_ce": 1.025,
+                                                      "m_cu": 1.1}[name.rsplit(".", 1)[1]]))
             elif name.endswith("prior_norm.weight"):
                 assert np.all(x == 1)
             else:

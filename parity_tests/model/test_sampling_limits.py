@@ -155,6 +155,7 @@ def test_generate_cli_reports_undrawable_logits_in_one_line(tmp_path, capsys):
     cli = load_script("generate")
     for backend in ("jax", "torch"):
         with pytest.raises(SystemExit) as e:
-            run(cli.main, ["--backend", backend, "--weights", str(tmp_path / "overflow.safetensors"), "--tokens", "1,2"])
+            run(cli.main,
+                ["--backend", backend, "--weights", str(tmp_path / "overflow.safetensors"), "--tokens", "1,2"])
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and line.startswith("error: new token 1: the logits of row 0 hold a NaN"), line

@@ -22,7 +22,8 @@ SPECS = {
     # peri: the attention and MLP output norms take part, each with its own alpha
     "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", norm_placement="peri", attn_alpha_init=0.8,
                                             ffn_alpha_init=0.2, final_alpha_init=0.3),
-    "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1, tie_embeddings=True),
+    "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1,
+                                          tie_embeddings=True),
     # untruncated xavier normal; fused q/k/v drawn per slice, each at its own fans
     "xavier_normal": load_spec("tiny").replace(init_scheme="xavier_normal", norm_placement="hybrid_star"),
     # DeepNet's recipe: xavier normal at gain β on v, o and the MLP; q and k at gain 1
@@ -63,7 +64,8 @@ def check_statistics(weights: dict, spec, twin: str):
         # 5-sigma bounds: the mean's error has std std/√n; the std's relative error 1/√(2n) for a
         # normal sample, 1/√(5n) for a uniform one (kurtosis 1.8)
         assert abs(x.mean()) <= 5 * std / math.sqrt(n), f"{where}: mean {x.mean():.3g}"
-        assert abs(x.std() / std - 1) <= 5 / math.sqrt((2 if dist == "normal" else 5) * n), f"{where}: std {x.std():.4g} != {std:.4g}"
+        assert (abs(x.std() / std - 1)
+                <= 5 / math.sqrt((2 if dist == "normal" else 5) * n)), f"{where}: std {x.std():.4g} != {std:.4g}"
         if dist == "uniform":
             assert np.abs(x).max() <= scale, f"{where}: max|x| {np.abs(x).max():.4g} above the bound"
         else:  # untruncated: 4.55% of a normal sample lies beyond 2 std (none of jax's glorot_normal, truncated there)
@@ -91,7 +93,8 @@ def test_deepnorm_constants_match_the_papers_worked_values():
     """DeepNet (decoder-only): α = (2N)^(1/4), β = (8N)^(-1/4); N = 2 gives α = √2, β = 1/2."""
     assert deepnorm_alpha(2) == pytest.approx(math.sqrt(2), rel=1e-15)
     assert deepnorm_beta(2) == pytest.approx(0.5, rel=1e-15)
-    assert deepnorm_alpha(18) == pytest.approx(6 ** 0.5, rel=1e-15) and deepnorm_beta(32) == pytest.approx(1 / 4, rel=1e-15)
+    assert (deepnorm_alpha(18) == pytest.approx(6 ** 0.5, rel=1e-15)
+            and deepnorm_beta(32) == pytest.approx(1 / 4, rel=1e-15))
 
 
 def test_truncated_normal_is_caught():
@@ -101,7 +104,8 @@ def test_truncated_normal_is_caught():
     spec = SPECS["xavier_normal"]
     weights = init_weights(spec, 0)
     name = "model.layers.1.mlp.up_proj.weight"
-    weights[name] = np.asarray(jax.nn.initializers.glorot_normal(in_axis=1, out_axis=0)(jax.random.key(0), weights[name].shape))
+    weights[name] = np.asarray(jax.nn.initializers.glorot_normal(in_axis=1, out_axis=0)(jax.random.key(0),
+                                                                                        weights[name].shape))
     with pytest.raises(AssertionError, match=f"numpy {name}.*beyond 2 std"):
         check_statistics(weights, spec, "numpy")
 

@@ -92,9 +92,11 @@ def test_placements_list_exactly_the_slots_they_use(norm_type):
 
 def test_deepnorm_marks_v_o_and_mlp_for_the_beta_gain():
     spec = make_spec(norm_placement="deepnorm")
-    inits = {t.name.split("model.layers.1.", 1)[1]: t.init for t in layout(spec) if t.name.startswith("model.layers.1.") and t.kind == "linear"}
+    inits = {t.name.split("model.layers.1.", 1)[1]: t.init
+             for t in layout(spec) if t.name.startswith("model.layers.1.") and t.kind == "linear"}
     assert {n for n, i in inits.items() if i == "beta"} == {
-        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
+        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight"}
     assert inits["self_attn.q_proj.weight"] == inits["self_attn.k_proj.weight"] == "linear"
 
 
@@ -109,7 +111,8 @@ def test_fuse_and_split_are_inverse_and_order_rows_q_k_v():
     back = split_qkv(fused, spec)
     assert set(back) == set(w) and all(np.array_equal(back[k], w[k]) for k in w)
     t = fuse_qkv({k: torch.as_tensor(v) for k, v in w.items()}, spec, torch.cat)
-    np.testing.assert_array_equal(t["model.layers.0.self_attn.qkv_proj.weight"].numpy(), fused["model.layers.0.self_attn.qkv_proj.weight"])
+    np.testing.assert_array_equal(t["model.layers.0.self_attn.qkv_proj.weight"].numpy(),
+                                  fused["model.layers.0.self_attn.qkv_proj.weight"])
 
 
 def test_group_names_folds_layers():

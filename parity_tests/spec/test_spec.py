@@ -66,7 +66,8 @@ def test_spec_is_frozen():
         ({"norm_eps": 0}, "norm_eps=0.0 must be > 0"),
         ({"norm_eps": "small"}, "norm_eps='small' must be a finite number"),
         ({"norm_type": "batchnorm"}, "norm_type='batchnorm' must be one of rms, layernorm, dyt, derf"),
-        ({"norm_placement": "sandwich"}, "norm_placement='sandwich' must be one of pre, peri, post, deepnorm, hybrid, hybrid_star, pre_post"),
+        ({"norm_placement": "sandwich"},
+         "norm_placement='sandwich' must be one of pre, peri, post, deepnorm, hybrid, hybrid_star, pre_post"),
         ({"embed_scale": "yes"}, "embed_scale='yes' must be one of none, learnable, constant"),
         ({"position": "alibi"}, "position='alibi' must be one of rope, learned, none"),
         ({"mlp": "geglu"}, "mlp='geglu' must be one of swiglu, gelu, gelu_tanh, relu2"),
@@ -80,7 +81,8 @@ def test_spec_is_frozen():
         ({"norm_placement": "deepnorm", "residual_scaling": True},
          "residual_scaling=true is not allowed with norm_placement=deepnorm"),
         ({"norm_placement": "hybrid", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid"),
-        ({"norm_placement": "hybrid_star", "qk_norm": True}, "qk_norm=true is not allowed with norm_placement=hybrid_star"),
+        ({"norm_placement": "hybrid_star", "qk_norm": True},
+         "qk_norm=true is not allowed with norm_placement=hybrid_star"),
         ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
     ],
 )
@@ -96,7 +98,8 @@ def test_residual_scaling_unset_is_on_except_under_deepnorm():
     assert load_spec(BASE).residual_scaled and load_spec({**BASE, "residual_scaling": True}) == load_spec(BASE)
     deep = load_spec({**BASE, "norm_placement": "deepnorm"})
     assert not deep.residual_scaled and deep.to_dict()["residual_scaling"] is False
-    assert load_spec(deep.to_dict()) == deep == load_spec({**BASE, "norm_placement": "deepnorm", "residual_scaling": False})
+    assert (load_spec(deep.to_dict()) == deep
+            == load_spec({**BASE, "norm_placement": "deepnorm", "residual_scaling": False}))
 
 
 def test_every_placement_has_a_row_in_the_placement_table():

@@ -41,7 +41,8 @@ def test_did_you_mean():
 def test_a_misspelt_option_gets_the_closest_one_in_every_command(path, monkeypatch, capsys):
     parser = parser_of(path, monkeypatch)
     monkeypatch.undo()  # parse for real now
-    option = next(o for a in parser._actions for o in a.option_strings if o.startswith("--") and o not in ("--help", "--debug"))
+    option = next(o for a in parser._actions
+                  for o in a.option_strings if o.startswith("--") and o not in ("--help", "--debug"))
     line = usage_error(capsys, parser.parse_args, [f"{option}x", "1"])
     assert line == f"error: unrecognized option {option}x (did you mean '{option}'?); see --help", line
 
@@ -95,7 +96,8 @@ def test_a_misspelt_gpu_check_gets_the_closest_one():
 
 def test_a_misspelt_file_extension_gets_the_closest_one(tmp_path):
     (tmp_path / "m.safetensor").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"unknown file extension '.safetensor' \(did you mean '.safetensors'\?\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"unknown file extension '.safetensor' \(did you mean '.safetensors'\?\)"):
         read_checkpoint(tmp_path / "m.safetensor")
 
 

@@ -55,7 +55,8 @@ def parity_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
             x = x * rng.uniform(0.2, 0.4, t.shape)  # keep embeddings O(1) after the sqrt(D) scale
         w[t.name] = x.astype(np.float32)
     # Scale the last norm's affine so that logits have std 1 (the head reads that norm's output).
-    last = "model.norm" if spec.norm_placement not in ("post", "deepnorm") else f"model.layers.{spec.L - 1}.post_attention_layernorm"
+    last = ("model.norm" if spec.norm_placement not in ("post", "deepnorm")
+            else f"model.layers.{spec.L - 1}.post_attention_layernorm")
     c = 1.0 / reference.forward(w, spec, tokens(spec, 2, 32, seed=seed)).std()
     for leaf in ("weight", "bias"):
         if f"{last}.{leaf}" in w:

@@ -26,7 +26,8 @@ import torch_model
 from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
 from torch_model import distributed, train
 
-MEMORY = dict(grad_accum_steps=2, remat="block", loss_chunk=48)  # every memory option (docs/training.md, "Training bigger models")
+# every memory option (docs/training.md, "Training bigger models")
+MEMORY = dict(grad_accum_steps=2, remat="block", loss_chunk=48)
 
 
 @contextlib.contextmanager

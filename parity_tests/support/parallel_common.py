@@ -36,7 +36,8 @@ ROUTED_STEP_TOL = 1e-6  # a routed run's losses and gradient norms against the o
 TOL = 1e-5  # float32: losses |Δ| / loss, parameters and AdamW moments max|Δ| / max|reference|, per tensor
 
 # Routed variants (each in its own subdirectory of the runs' directory): every router with several placements, and
-# the GLA mixer (which the spec never routes), trained 2 steps with 2 micro-batches per rank (or device) on the masked batches, so that parts count
+# the GLA mixer (which the spec never routes), trained 2 steps with 2 micro-batches per rank (or device) on the masked
+# batches, so that parts count
 # different targets; compared with the one-shot (grad_accum_steps=1) single-process run. γ·T fractional (T = 32).
 ROUTED = {
     "mod": dict(routing="mod", routing_capacity=0.3, routing_gate="sigmoid"),

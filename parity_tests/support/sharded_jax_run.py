@@ -3,7 +3,8 @@ whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python parity_tests/support/sharded_jax_run.py DIR MESH...
 
-For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes; SUB/...: in DIR/SUB), from DIR/init.safetensors with DIR/train.json: load the checkpoint sharded, train,
+For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes; SUB/...: in DIR/SUB), from DIR/init.safetensors
+with DIR/train.json: load the checkpoint sharded, train,
 and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
 shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
 """

@@ -48,13 +48,14 @@ def reference_loss(weights, spec, tokens_BN, weights_BT=None) -> float:
 
 
 def reference_train_loss(weights, spec, tokens_BN, mask_BN, cfg: TrainConfig, held: dict | None = None) -> float:
-    """The train step's loss in float64 on the global batch, from the definitions of docs/training.md: the mean cross-entropy
-    over the counted targets (mask entry nonzero) + router_predictor_loss_weight · router BCE + dtf_prior_loss_weight
-    · prior MSE, each aux term a mean over every position of the whole batch, averaged over the routed blocks
-    (top-k forward). `held`: reference.stopgrad's record, for finite differences."""
+    """The train step's loss in float64 on the global batch, from the definitions of docs/training.md: the mean
+    cross-entropy over the counted targets (mask entry nonzero) + router_predictor_loss_weight · router BCE
+    + dtf_prior_loss_weight · prior MSE, each aux term a mean over every position of the whole batch, averaged over
+    the routed blocks (top-k forward). `held`: reference.stopgrad's record, for finite differences."""
     aux: dict = {}
     logp_BTV = log_softmax(reference.forward(weights, spec, tokens_BN[:, :-1], decide="topk", aux=aux, held=held))
     nll_BT = -np.take_along_axis(logp_BTV, tokens_BN[:, 1:, None], -1)[..., 0]
     counted_BT = np.ones_like(nll_BT) if mask_BN is None else (np.asarray(mask_BN)[:, 1:] != 0).astype(np.float64)
     ce = float((nll_BT * counted_BT).sum() / max(counted_BT.sum(), 1.0))
-    return ce + cfg.router_predictor_loss_weight * aux.get("router_bce", 0.0) + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0)
+    return (ce + cfg.router_predictor_loss_weight * aux.get("router_bce", 0.0)
+            + cfg.dtf_prior_loss_weight * aux.get("prior_mse", 0.0))

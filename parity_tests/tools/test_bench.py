@@ -44,8 +44,8 @@ def test_peak_table():
     assert peak_tflops("cpu (x86_64)", "float32") is None
 
 
-FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "mfu_causal", "flops_per_token_causal",
-          "peak_mem_bytes", "attention"}
+FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "mfu_causal",
+          "flops_per_token_causal", "peak_mem_bytes", "attention"}
 
 
 @pytest.mark.slow
@@ -118,8 +118,8 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
           "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
     (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
     assert r["mesh"] == {"data": 2, "fsdp": 2} and r["n_steps"] == 2
-    proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "ddp", "--batch", "4",
-                      "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1",
+    proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "ddp", "--batch",
+                      "4", "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1",
                       "--json", tmp_path / "ddp.json", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ddp.json").read_text())
@@ -134,7 +134,8 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         (["--mesh", "data=2", "--backend", "torch"], "--devices/--mesh shard the JAX train step"),
         (["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
         (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
-        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"], "batch_size=4 must be divisible by the 3 data-parallel shards"),
+        (["--backend", "jax", "--mesh", "data=3", "--batch", "4"],
+         "batch_size=4 must be divisible by the 3 data-parallel shards"),
     ], 1, multi=True),
 )
 def test_bad_scale_out_arguments(args, message):
@@ -174,7 +175,8 @@ def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
         report = json.loads((tmp_path / f"{name}.json").read_text())
         peaks[name] = {r["backend"]: r["peak_mem_bytes"] for r in report["results"]}
         assert all(isinstance(p, int) and p > 0 for p in peaks[name].values()), peaks
-    assert report["env"]["grad_accum_steps"] == 2 and report["env"]["remat"] == "full" and report["env"]["loss_chunk"] == 64
+    assert (report["env"]["grad_accum_steps"] == 2 and report["env"]["remat"] == "full"
+            and report["env"]["loss_chunk"] == 64)
     assert "grad_accum 2, remat full, loss_chunk 64" in out.stdout
     for backend in ("jax", "torch"):
         assert peaks["saving"][backend] < 0.8 * peaks["plain"][backend], peaks

@@ -50,7 +50,8 @@ def test_both_caches_go_to_the_named_directory_or_off(tmp_path, restored):
     import torch._inductor.config
 
     assert use_compile_cache(tmp_path / "c") == tmp_path / "c"
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c" / "jax") and jax.config.jax_enable_compilation_cache
+    assert (jax.config.jax_compilation_cache_dir == str(tmp_path / "c" / "jax")
+            and jax.config.jax_enable_compilation_cache)
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0  # small programs are cached too
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c" / "inductor")
     assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache

@@ -110,7 +110,8 @@ def test_the_docs_name_commands_at_all():
     scripts = {script for _, script, _ in CALLS}
     assert {"bench/compare.py", "scripts/train.py", "scripts/convert.py", "scripts/generate.py"} <= scripts, scripts
     assert ("docs/training.md", "scripts/train.py", ["--backend", "--parallel", "--out"]) in CALLS  # a torchrun line
-    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS  # inline
+    # inline
+    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS
 
 
 @pytest.mark.parametrize("script", sorted({script for _, script, _ in CALLS}))
@@ -121,7 +122,8 @@ def test_every_documented_command_line_parses(script, monkeypatch):
     pages = sorted({page for page, s, _ in CALLS if s == script})
     assert path.is_file(), f"{script}, run in {pages}, does not exist"
     known = parser_of(path, monkeypatch)._option_string_actions
-    unknown = sorted({(page, option) for page, s, options in CALLS if s == script for option in options if option not in known})
+    unknown = sorted({(page, option) for page, s, options in CALLS if s == script
+                      for option in options if option not in known})
     assert not unknown, f"{script} has no option: {unknown}"
 
 

@@ -57,7 +57,8 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     by_bytes = cli.load_tokenizer(weights, spec)
     assert by_bytes.encode("hé") == [104, 195, 169]
     stream = cli.TextStream(by_bytes.decode)
-    assert [stream(t) for t in [104, 195, 169, 299]] == ["h", "", "é", ""]  # é waits for its second byte; 299 is no byte
+    # é waits for its second byte; 299 is no byte
+    assert [stream(t) for t in [104, 195, 169, 299]] == ["h", "", "é", ""]
     assert stream.rest() == ""
     cut = cli.TextStream(by_bytes.decode)
     out = io.StringIO()
@@ -91,7 +92,8 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
 
 def test_weights_that_are_missing_or_a_directory(weights, capsys):
     (weights.parent / "empty").mkdir(exist_ok=True)  # a directory with model.safetensors is read as a run's checkpoint
-    for path, message in [(weights.parent / "nope.safetensors", "no such file"), (weights.parent / "empty", "neither a Hugging Face")]:
+    for path, message in [(weights.parent / "nope.safetensors", "no such file"),
+                          (weights.parent / "empty", "neither a Hugging Face")]:
         with pytest.raises(SystemExit) as e:
             cli.run(cli.main, ["--backend", "torch", "--weights", str(path), "--tokens", "1"])
         err = capsys.readouterr().err.strip()

@@ -14,7 +14,8 @@ from ..support.common import ROOT, load_script, run_python
 
 def test_gla_flops_against_a_hand_count():
     spec = load_spec("gla-tiny")  # D 64, L 2, H 2, d_k 32 (K' 16), d_v 64 (V' 32), r 16, F 128, V 256, untied
-    per_layer = 2 * (32 * 64) + 2 * (64 * 64) + 16 * 64 + 32 * 16 + 64 * 64 + 3 * (128 * 64)  # q k, v g, gk0, gk1, o, mlp
+    # q k, v g, gk0, gk1, o, mlp
+    per_layer = 2 * (32 * 64) + 2 * (64 * 64) + 16 * 64 + 32 * 16 + 64 * 64 + 3 * (128 * 64)
     n = 2 * per_layer + 256 * 64
     assert matmul_params(spec) == n
     recurrence = 4 * 2 * 2 * 16 * 32  # per layer and head: k_tᵀv_t and q_t·S_t, 2 FLOPs per multiply-add
@@ -27,8 +28,9 @@ def test_gla_flops_against_a_hand_count():
 @pytest.mark.parametrize("mode", ["train", "forward", "decode"])
 def test_bench_sweeps_the_mixer(tmp_path, mode):
     out = tmp_path / f"{mode}.json"
-    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode", mode,
-                      "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", out)
+    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
+                      "--mode", mode, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                      "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [(r["variant"], r["backend"]) for r in results] == [
@@ -36,8 +38,9 @@ def test_bench_sweeps_the_mixer(tmp_path, mode):
     assert {r["attention"] for r in results if r["variant"] == "mixer=gla"} == {"gla-chunk64"}
     if mode == "decode":
         second = tmp_path / "decode-32.json"
-        proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode",
-                          mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", second)
+        proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
+                          "--mode", mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds",
+                          "2", "--json", second)
         assert proc.returncode == 0, proc.stderr[-3000:]
         proc = run_python(ROOT / "bench" / "plot_context.py", out, second, "--out", tmp_path / "ctx.png")
         assert proc.returncode == 0 and (tmp_path / "ctx.png").stat().st_size > 0, proc.stderr[-3000:]
@@ -60,10 +63,12 @@ def test_parity_report_passes_stage_by_stage_for_gla(tmp_path):
 def test_the_gla_norm_study_on_a_few_steps(tmp_path):
     """--mixer gla runs the experiment's four variants on gla-tiny and judges the four criteria."""
     small = [f"--set={kv}" for kv in ("batch_size=2", "seq_len=16", "warmup_steps=1")]
-    load_script("compare_norms").main(["--mixer", "gla", "--steps", "2", "--backends", "torch", "--out", str(tmp_path), *small])
+    load_script("compare_norms").main(["--mixer", "gla", "--steps", "2", "--backends", "torch", "--out", str(tmp_path),
+                                       *small])
     report = json.loads((tmp_path / "norms.json").read_text())
     assert list(report["results"]) == ["rms-pre", "dyt-pre", "rms-peri", "dyt-peri"]
-    assert json.loads((tmp_path / "runs" / "dyt-peri-torch" / "step-00000002" / "state.json").read_text())["spec"]["mixer"] == "gla"
+    assert json.loads((tmp_path / "runs" / "dyt-peri-torch" / "step-00000002"
+                       / "state.json").read_text())["spec"]["mixer"] == "gla"
     criteria = [c["criterion"] for c in report["criteria"]]
     for placement in ("pre", "peri"):
         assert f"dyt-{placement} within 0.5 perplexity of rms-{placement}" in criteria
@@ -98,11 +103,14 @@ def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path):
     assert exit_.value.code == 0
     report = json.loads(out.read_text())
     rows = {(r["twin"], r["kernel"]): r for r in report["results"]}
-    assert report["complete"] and list(rows) == [("jax", "pure"), ("jax", "recurrent"), ("torch", "pure"), ("torch", "recurrent")]
-    assert all(rows[t, "pure"]["max_rel_err"] == 0 and 0 < rows[t, "recurrent"]["max_rel_err"] <= 1e-5 for t in ("jax", "torch"))
+    assert (report["complete"]
+            and list(rows) == [("jax", "pure"), ("jax", "recurrent"), ("torch", "pure"), ("torch", "recurrent")])
+    assert all(rows[t, "pure"]["max_rel_err"] == 0 and 0 < rows[t, "recurrent"]["max_rel_err"] <= 1e-5
+               for t in ("jax", "torch"))
     assert rows["jax", "pure"]["peak_mem_bytes"] > 0 and rows["jax", "pure"]["compile_s"] > 0
     proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "--kernel pallas" in proc.stderr and "needs a GPU" in proc.stderr
     proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas,fla", "--if-present")
-    assert proc.returncode == 0 and "skipped the jax twin's pallas" in proc.stderr and "skipped the torch twin's fla" in proc.stderr
+    assert (proc.returncode == 0 and "skipped the jax twin's pallas" in proc.stderr
+            and "skipped the torch twin's fla" in proc.stderr)

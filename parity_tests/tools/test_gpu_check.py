@@ -24,7 +24,8 @@ def test_each_plan_fits_its_budget_by_the_measured_costs():
         costs = [c.cost for c in plan(p)]
         assert all(c > gpu_check.START_S for c in costs) and sum(costs) <= BUDGET_S == 420, (p, sum(costs))
     core = {c.name for c in plan("core")}
-    assert core == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity", "gla-kernels"}
+    assert (core
+            == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity", "gla-kernels"})
 
 
 def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
@@ -46,7 +47,8 @@ def test_a_check_run_alone_gets_the_whole_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "run_check", fake_run)
     started = time.perf_counter()
     gpu_check.main(["--dry-run", "--quiet", "--budget", "100", "--out", str(tmp_path), "--only", "small-train-b8"])
-    assert list(limits) == ["small-train-b8"] and 100 - (time.perf_counter() - started) <= limits["small-train-b8"] <= 100
+    assert (list(limits) == ["small-train-b8"]
+            and 100 - (time.perf_counter() - started) <= limits["small-train-b8"] <= 100)
 
 
 def test_the_summary_is_on_disk_after_every_check(tmp_path, monkeypatch):

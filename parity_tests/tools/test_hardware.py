@@ -111,9 +111,11 @@ def test_command_lines_refuse_missing_hardware_in_one_line(case, tmp_path):
         "generate-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/generate.py", "--backend", "jax", *gen,
                                                       JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names a platform"]),
         "convert-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/convert.py", weights, tmp_path / "flax", "--to",
-                                                     "flax", JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names a platform"]),
-        "train-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/train.py", "--backend", "jax", "--steps", "1", "--out",
-                                                   tmp_path / "run", JAX_PLATFORMS="cuda"), ["JAX_PLATFORMS=cuda names"]),
+                                                     "flax", JAX_PLATFORMS="cuda"),
+                                  ["JAX_PLATFORMS=cuda names a platform"]),
+        "train-JAX_PLATFORMS": (lambda: run_python(ROOT / "scripts/train.py", "--backend", "jax", "--steps", "1",
+                                                   "--out", tmp_path / "run", JAX_PLATFORMS="cuda"),
+                                ["JAX_PLATFORMS=cuda names"]),
     }[case]
     one_line_error(result(), *fragments)
     assert not (tmp_path / "flax").exists() and not (tmp_path / "run").exists()  # nothing left behind

@@ -93,7 +93,8 @@ def test_progress_off_a_terminal_shows_the_last_position_once():
         stream = io.StringIO()
         with progress(range(5), desc="steps", stream=stream, interval=interval) as bar:
             list(bar)
-        assert [line.split("|")[-1].split()[0] for line in stream.getvalue().splitlines()].count("5/5") == 1, stream.getvalue()
+        assert ([line.split("|")[-1].split()[0] for line in stream.getvalue().splitlines()].count("5/5")
+                == 1), stream.getvalue()
 
 
 def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch):
@@ -115,7 +116,8 @@ def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch)
 
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):
     found = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else found(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "transformers" else found(name, *a))
     from bench import compare
 
     for backend in ("hf", "all"):

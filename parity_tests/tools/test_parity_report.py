@@ -57,7 +57,8 @@ def test_clean_run_passes(report, weights_file, tmp_path, capsys):
 
 # each plant changes the torch twin only; the stage where the report must first say FAIL
 PLANTS = {
-    "interleaved-rope": (lambda mp: mp.setattr(torch_model.attention, "apply_rope", interleaved_rope), "model.layers.0.attn_out"),
+    "interleaved-rope": (lambda mp: mp.setattr(torch_model.attention, "apply_rope", interleaved_rope),
+                         "model.layers.0.attn_out"),
     "tanh-gelu": (
         lambda mp: mp.setitem(torch_model.layers.ACTIVATIONS, "gelu", lambda x: F.gelu(x, approximate="tanh")),
         "model.layers.0.mlp_out",
@@ -95,7 +96,8 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
     (["--spec", "tiny", "--dtype", "float16"], "argument --dtype: invalid choice"),
     (["--spec", "tiny", "--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
     (["--spec", "tiny", "--train-steps", "-1"], "argument --train-steps: must be an integer >= 0, got -1"),
-    (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"], "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
+    (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"],
+     "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
     (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is no directory"),
 ])
 def test_bad_arguments_are_one_line_errors(report, args, message, capsys):

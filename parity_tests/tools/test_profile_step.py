@@ -139,7 +139,8 @@ def test_cli_profiles_both_twins(tmp_path):
 
 
 def test_cli_bad_arguments_exit_2():
-    assert one_line_error(profile("--steps", "0", check=False)) == "error: argument --steps: must be an integer >= 1, got 0"
+    assert (one_line_error(profile("--steps", "0", check=False))
+            == "error: argument --steps: must be an integer >= 1, got 0")
     one_line_error(profile("--mode", "decode", check=False), "invalid choice: 'decode'")
 
 

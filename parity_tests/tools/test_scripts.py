@@ -27,7 +27,8 @@ def test_init_checkpoint_errors(tmp_path):
     path.write_bytes(b"keep me")
     for args, message in [
         (["--spec", "tiny", "--out", path], "exists; pass --force"),
-        (["--spec", "tiny", "--set", "n_kv_heads=4", "--out", tmp_path / "x.safetensors"], "n_kv_heads=4 must divide n_heads=6"),
+        (["--spec", "tiny", "--set", "n_kv_heads=4", "--out", tmp_path / "x.safetensors"],
+         "n_kv_heads=4 must divide n_heads=6"),
         (["--spec", "tinyy", "--out", tmp_path / "x.safetensors"], "no spec preset or file named 'tinyy'"),
         (["--spec", "tiny", "--out", tmp_path / "no" / "x.safetensors"], "is not a directory"),
     ]:

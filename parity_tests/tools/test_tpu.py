@@ -31,8 +31,9 @@ from shared_config.hardware import HardwareError
 from ..support.common import ROOT, checkout_env
 
 # device_kind as JAX reports it (JAX's own Pallas tests and XLA's ifrt memory table), then the product names
-KINDS = [("TPU v4", "v4", 275.0), ("TPU v5 lite", "v5e", 197.0), ("TPU v5", "v5p", 459.0), ("TPU v6 lite", "v6e", 918.0),
-         ("TPU v5e", "v5e", 197.0), ("TPU v5p", "v5p", 459.0), ("TPU v6e", "v6e", 918.0), ("tpu  V5 Lite", "v5e", 197.0)]
+KINDS = [("TPU v4", "v4", 275.0), ("TPU v5 lite", "v5e", 197.0), ("TPU v5", "v5p", 459.0),
+         ("TPU v6 lite", "v6e", 918.0), ("TPU v5e", "v5e", 197.0), ("TPU v5p", "v5p", 459.0), ("TPU v6e", "v6e", 918.0),
+         ("tpu  V5 Lite", "v5e", 197.0)]
 
 
 @pytest.mark.parametrize("kind,chip,peak", KINDS)
@@ -145,8 +146,8 @@ def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run():
     """T not a multiple of 128, a head dim it does not take, or an explicit mask (decoding): the kernel is not called
     (off a TPU, outside the interpreter, it would fail)."""
     q, k, v = qkv(128, E=160)
-    np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas"), jax_model.attention.einsum_attention(q, k, v),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas"),
+                               jax_model.attention.einsum_attention(q, k, v), rtol=1e-5, atol=1e-6)
     q, k, v = qkv(96)
     want = jax_model.attention.einsum_attention(q, k, v)
     np.testing.assert_allclose(jax_model.attention.attend(q, k, v, "pallas"), want, rtol=1e-5, atol=1e-6)
@@ -176,10 +177,13 @@ def bench_main(argv: list[str], monkeypatch, capsys) -> str:
 def test_torch_without_torch_xla_on_a_tpu_stops_with_one_line(backend, monkeypatch, capsys):
     fake_tpu(monkeypatch)
     find_spec = importlib.util.find_spec  # torch_xla absent, whatever this host has installed
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_xla" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "torch_xla" else find_spec(name, *a))
     line = bench_main(["--backend", backend], monkeypatch, capsys)
-    assert line == (f"error: --backend {backend} on a TPU runs through PyTorch/XLA, which is not installed: pip install "
-                    f"'torch_xla[tpu]' (the release matching torch {torch.__version__.split('+')[0]}), or run --backend jax")
+    assert line == (f"error: --backend {backend} on a TPU runs through PyTorch/XLA, which is not installed: "
+                    "pip install "
+                    f"'torch_xla[tpu]' (the release matching torch {torch.__version__.split('+')[0]}), or run "
+                    "--backend jax")
 
 
 def test_one_framework_per_process_on_a_tpu(monkeypatch, capsys):
@@ -196,7 +200,8 @@ def test_torch_compile_is_refused_on_a_tpu(monkeypatch):
     with pytest.raises(UsageError, match="torch.compile's inductor does not target TPUs"):
         timing.backend_options(args, compare.kernels)
     args.compile = None  # the default on a TPU: torch_xla's own graph compilation
-    assert timing.backend_options(args, compare.kernels)[:2] == (False, {"jax": "pallas", "torch": "pallas", "hf": "sdpa"})
+    assert (timing.backend_options(args, compare.kernels)[:2]
+            == (False, {"jax": "pallas", "torch": "pallas", "hf": "sdpa"}))
 
 
 def test_the_cpu_path_is_unchanged():

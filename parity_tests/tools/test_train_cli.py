@@ -39,7 +39,8 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "bad.npy", "--out", out),
                    "bad.npy: not a valid .npy file")
     np.save(tmp_path / "big.npy", np.array([0, 5000] * 2500, np.uint16))
-    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny", "--out", out),
+    one_line_error(run_script("train", "--backend", "torch", "--data", tmp_path / "big.npy", "--spec", "tiny", "--out",
+                              out),
                    "token ids go up to 5000", "vocab_size is 257", "--set vocab_size=5001")
     one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
@@ -69,7 +70,8 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
     one_line_error(run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "lr=1", *SHORT),
                    "--resume continues the run as it was checkpointed", "lr: checkpoint 0.001, now 1")
     # the memory options may change on resume: the same update, less memory
-    second = run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "remat=full", "--set", "loss_chunk=64", *SHORT)
+    second = run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "remat=full", "--set",
+                        "loss_chunk=64", *SHORT)
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout)
     assert summary["step"] == 6 and summary["val_loss"] > summary["entropy"] > 0
@@ -84,9 +86,11 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_the_norm_study_on_a_few_steps(tmp_path):
     small = [f"--set={kv}" for kv in ("n_layers=1", "d_model=48", "d_ff=96", "batch_size=2", "seq_len=16")]
-    load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri,dyt-hybrid_star", "--out", str(tmp_path), *small])
+    load_script("compare_norms").main(["--steps", "3", "--configs", "rms-pre,dyt-peri,dyt-hybrid_star", "--out",
+                                       str(tmp_path), *small])
     report = json.loads((tmp_path / "norms.json").read_text())
-    assert set(report["results"]) == {"rms-pre", "dyt-peri", "dyt-hybrid_star"} and report["backends"] == ["jax", "torch"]
+    assert (set(report["results"]) == {"rms-pre", "dyt-peri", "dyt-hybrid_star"}
+            and report["backends"] == ["jax", "torch"])
     for rows in report["results"].values():
         jax_losses, torch_losses = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
         assert len(jax_losses) == 3 and np.allclose(jax_losses, torch_losses, rtol=1e-5)
@@ -108,7 +112,8 @@ def test_a_gla_kernel_this_machine_lacks_is_one_error_line(tmp_path):
 
 
 def test_the_norm_study_names_the_placements_it_takes():
-    with pytest.raises(UsageError, match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
+    with pytest.raises(UsageError,
+                       match="rms-sandwich must be NORM-PLACEMENT.*deepnorm, hybrid, hybrid_star, pre_post"):
         load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
 
 

@@ -105,7 +105,8 @@ def test_bad_files_are_data_errors(tmp_path, name, content, message):
 
 def test_the_model_must_fit_the_data():
     d = TokenData(np.zeros(100, np.uint16), np.zeros(10, np.uint16), 300, "x.bin")
-    with pytest.raises(DataError, match=r"token ids go up to 299 but the model's vocab_size is 257 \(pass --set vocab_size=300"):
+    with pytest.raises(DataError,
+                       match=r"token ids go up to 299 but the model's vocab_size is 257 \(pass --set vocab_size=300"):
         d.check(8, 257)
     with pytest.raises(DataError, match="the validation split holds 10 tokens, fewer than seq_len"):
         d.check(16, 300)
@@ -118,7 +119,8 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
     d = load_data(tmp_path / "bytes")
     assert d.vocab_size == 256 and d.tokenizer is None and d.train.dtype == np.uint16
     assert bytes(np.concatenate([d.train, d.val]).astype(np.uint8)) == TEXT.encode()
-    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe", "--vocab-size", "300"])
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe", "--vocab-size",
+                  "300"])
     d = load_data(tmp_path / "bpe")
     meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == d.vocab_size <= 300

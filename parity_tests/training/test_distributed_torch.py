@@ -1,5 +1,6 @@
 """Distributed torch training (torch_model.distributed) with 2 processes on gloo: DDP and FSDP2, eager and
-torch.compile'd, give the single-process losses, gradient norms, parameters and AdamW moments at the same global batch; FSDP2
+torch.compile'd, give the single-process losses, gradient norms, parameters and AdamW moments at the same global batch;
+FSDP2
 shards like the JAX side; FSDP2's gradient average is probed, and pytorch/pytorch#162338 (AVG that
 sums), planted, is detected and compensated; the gathered checkpoint loads in JAX with the same logits."""
 

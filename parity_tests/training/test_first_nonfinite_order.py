@@ -27,7 +27,8 @@ def test_replay_taps_and_gradients_are_in_model_order(tmp_path, backend):
     run = resolve(tmp_path / "run", backend, "--set", "fused_qkv=true")
     weights, taps, _, grads = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start()).inspect(run.batch(1))
     parts = ("attn_out", "mlp_out", "residual")
-    expected = ["model.embed", *(f"model.layers.{i}.{p}" for i in range(run.spec.L) for p in parts), "model.norm", "logits"]
+    expected = ["model.embed", *(f"model.layers.{i}.{p}" for i in range(run.spec.L) for p in parts), "model.norm",
+                "logits"]
     assert list(taps) == expected
     assert list(grads) == list(weights) == [t.name for t in layout(run.spec)]
 
@@ -37,7 +38,8 @@ def test_fuse_and_split_keep_module_order():
     names = [t.name for t in layout(spec)]
     weights = {n: np.zeros(t.shape, np.float32) for n, t in zip(names, layout(spec))}
     fused = fuse_qkv(weights, spec)
-    assert list(fused).index("model.layers.0.self_attn.qkv_proj.weight") < list(fused).index("model.layers.0.self_attn.o_proj.weight")
+    assert (list(fused).index("model.layers.0.self_attn.qkv_proj.weight")
+            < list(fused).index("model.layers.0.self_attn.o_proj.weight"))
     assert list(split_qkv(fused, spec)) == names
 
 
@@ -46,8 +48,8 @@ def test_a_diverging_run_names_the_same_first_tensor_in_both_twins(tmp_path):
     """The issue's run (lr=1e30, no warmup, no clipping): torch named model.layers.0.attn_out, JAX named logits."""
     messages = {}
     for backend in ("jax", "torch"):
-        run = resolve(tmp_path / backend, backend, "--set", "lr=1e30", "--set", "warmup_steps=0", "--set", "grad_clip=0",
-                      "--steps", "4", "--save-every", "1")
+        run = resolve(tmp_path / backend, backend, "--set", "lr=1e30", "--set", "warmup_steps=0", "--set",
+                      "grad_clip=0", "--steps", "4", "--save-every", "1")
         with pytest.raises(NonFiniteError) as e:
             Loop(run, trainer_factory(twin(backend, "trainer").Trainer, run), progress=False)()
         messages[backend] = str(e.value).split("; ")[0]

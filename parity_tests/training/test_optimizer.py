@@ -17,7 +17,8 @@ from ..support.train_common import TWINS
 
 SPEC = make_spec(norm_type="derf", norm_placement="peri", embed_scale="learnable", norm_bias=True)
 # clipping on every step (gradients of these weights have norm > 1), warmup, decay, all visible in 4 steps
-CFG = TrainConfig(lr=1e-2, weight_decay=0.5, grad_clip=0.5, warmup_steps=1, steps=4, schedule="cosine", min_lr_ratio=0.2)
+CFG = TrainConfig(lr=1e-2, weight_decay=0.5, grad_clip=0.5, warmup_steps=1, steps=4, schedule="cosine",
+                  min_lr_ratio=0.2)
 
 
 def numpy_adamw(weights, grads, m, v, step, cfg, spec):
@@ -51,7 +52,8 @@ def check_against_numpy_adamw(twin, cfg=CFG, spec=SPEC):
         state, metrics = step(state, x)
         assert norm > cfg.grad_clip, "the test wants clipping active"
         assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
-        assert float(metrics["lr"]) == pytest.approx(lr, rel=1e-6), f"step {i}: lr {float(metrics['lr'])} differs from the schedule's {lr}"
+        assert float(metrics["lr"]) == pytest.approx(lr, rel=1e-6), (
+            f"step {i}: lr {float(metrics['lr'])} differs from the schedule's {lr}")
         got = train.get_train_state(model, state)
         assert got["step"] == i + 1
         for key, want in (("weights", expected), ("m", m), ("v", v)):
@@ -81,7 +83,8 @@ def test_schedule_values(f):
         assert float(f(cfg, 0)) == pytest.approx(1 / 11)  # step 0 is not wasted on lr 0
         assert float(f(cfg, 9)) == pytest.approx(10 / 11) and float(f(cfg, 10)) == 1.0  # warmup ends at the peak
         floor = 1.0 if schedule == "constant" else 0.1
-        assert float(f(cfg, 60)) == pytest.approx(1.0 if schedule == "constant" else 0.55)  # halfway: cosine and linear meet
+        # halfway: cosine and linear meet
+        assert float(f(cfg, 60)) == pytest.approx(1.0 if schedule == "constant" else 0.55)
         if schedule == "cosine":
             assert float(f(cfg, 35)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 2**-0.5))  # a quarter of the way: cos(π/4)
         assert float(f(cfg, 110)) == pytest.approx(floor) and float(f(cfg, 500)) == pytest.approx(floor)  # then flat
@@ -91,11 +94,13 @@ def test_schedule_values(f):
 def test_the_shared_schedule_equals_the_oracle_at_every_step():
     for schedule in ("cosine", "linear", "constant"):
         cfg = TrainConfig(schedule=schedule, warmup_steps=7, steps=40, min_lr_ratio=0.25)
-        assert [float(lr_factor(cfg, k)) for k in range(45)] == pytest.approx([lr_multiplier(cfg, k) for k in range(45)])
+        assert ([float(lr_factor(cfg, k)) for k in range(45)]
+                == pytest.approx([lr_multiplier(cfg, k) for k in range(45)]))
 
 
 def test_both_twins_apply_the_same_lr_at_every_step():
-    """The lr each twin reports equals cfg.lr · the schedule at update i: LambdaLR's last_epoch and optax's count agree."""
+    """The lr each twin reports equals cfg.lr · the schedule at update i: LambdaLR's last_epoch and optax's count
+    agree."""
     cfg = TrainConfig(lr=1e-3, warmup_steps=2, steps=5, batch_size=2, seq_len=16)
     spec = make_spec()
     expected = [cfg.lr * lr_multiplier(cfg, i) for i in range(6)]

@@ -79,7 +79,8 @@ def routed_fd_failures(changes) -> list[str]:
     grads = {name: update(twin, train, w, spec, x_BN, mask_BN, CFG)[1] for name, twin, train in TWINS}
     held: dict = {}
     reference_train_loss(w, spec, x_BN, mask_BN, CFG, held)  # records the stop-gradient inputs at w
-    return finite_difference_errors(w, spec, x_BN, grads, loss=lambda v: reference_train_loss(v, spec, x_BN, mask_BN, CFG, held))
+    return finite_difference_errors(w, spec, x_BN, grads,
+                                    loss=lambda v: reference_train_loss(v, spec, x_BN, mask_BN, CFG, held))
 
 
 @pytest.mark.slow
@@ -109,7 +110,8 @@ def test_evaluation_is_causal(changes):
         a, b = (eval_losses(twin, train, w, spec, x, mask_BN) for x in (x_BN, later))
         assert set(a) == {"loss", "loss_topk"}
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (name, a, b)
-        assert abs(a["loss_topk"] - b["loss_topk"]) > 1e-4 * a["loss_topk"], (name, "top-k should read the future", a, b)
+        assert (abs(a["loss_topk"] - b["loss_topk"])
+                > 1e-4 * a["loss_topk"]), (name, "top-k should read the future", a, b)
         with_logits = twin.from_weights(w, spec)
         logits = [np.asarray(forward(twin, with_logits, x)) for x in (x_BN, later)]
         assert np.abs(logits[0][:, : t + 1] - logits[1][:, : t + 1]).max() <= 1e-6 * np.abs(logits[0]).max(), name
@@ -138,7 +140,8 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
 
     from .test_train_loop import SMALL, T
 
-    routed = ["--set", "routing=mod", "--set", "routing_capacity=0.3", "--set", "routing_gate=sigmoid"]  # sigmoid: top-k
+    # sigmoid: top-k
+    routed = ["--set", "routing=mod", "--set", "routing_capacity=0.3", "--set", "routing_gate=sigmoid"]
     # and predictor mode already part at init (a raw gate, r ≈ 0, leaves them equal in float32)
     args = ["--backend", backend, "--out", str(tmp_path), *SMALL, *routed, "--steps", "2", "--set", "warmup_steps=1",
             "--eval-every", "2", "--eval-batches", "1"]
@@ -148,4 +151,5 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
     assert record["val_ppl_topk"] == pytest.approx(math.exp(record["val_loss_topk"]))
     assert record["val_loss"] != record["val_loss_topk"]
-    assert {k: summary[k] for k in ("val_loss", "val_loss_topk")} == {k: record[k] for k in ("val_loss", "val_loss_topk")}
+    assert ({k: summary[k] for k in ("val_loss", "val_loss_topk")}
+            == {k: record[k] for k in ("val_loss", "val_loss_topk")})

@@ -75,7 +75,8 @@ def test_loss_falls_and_metrics_hold_every_scalar(straight):
     assert logged[-1]["scalars"] != logged[0]["scalars"], "the scalars learn"
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [HALF, STEPS]
-    assert all(0 < r["entropy"] < r["val_loss"] and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+    assert all(0 < r["entropy"] < r["val_loss"] and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+               for r in evals)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The train config's memory options (docs/training.md, "Training bigger models") change memory, not the update: gradient
-accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
+"""The train config's memory options (docs/training.md, "Training bigger models") change memory, not the update:
+gradient accumulation gives the one-shot step of the same global batch, also when the micro-batches count different
 numbers of targets; activation checkpointing (`remat`) and the chunked cross-entropy (`loss_chunk`) give the
 plain loss and gradients, in both twins, eager and torch.compile'd. (The mesh, DDP and FSDP2 runs are in
 test_sharding.py and test_distributed_torch.py; the memory each option saves is measured by bench/compare.py.)"""
@@ -27,7 +27,8 @@ ACCUM_TOL = 1e-6  # per tensor, max|Δg| / max|g|: the micro-batches' sum agains
 @functools.cache
 def one_step(twin, train, cfg, spec=SPEC):
     """(loss, canonical state) after one step on the masked batch (every row counts a different number of targets)."""
-    metrics, state = trajectory(twin, train, parity_weights(spec), spec, cfg, batch=lambda i: masked_batch(cfg, i, spec.V))
+    metrics, state = trajectory(twin, train, parity_weights(spec), spec, cfg,
+                                batch=lambda i: masked_batch(cfg, i, spec.V))
     return metrics["loss"][0], state
 
 
@@ -45,7 +46,8 @@ def test_accumulated_step_is_the_one_shot_step(name, twin, train, steps):
     # AdamW's first step moves a weight by lr·g/(|g| + eps): where |g| is near eps that multiplies the gradient's
     # last-bit differences by up to |g|/eps, so the weights are compared where |g| >= 1e3·eps (a sign-like update)
     sign_like = {k: np.abs(m) / (1 - CFG.beta1) >= 1e3 * CFG.eps for k, m in ref["m"].items()}
-    assert max(max_rel(got["weights"][k][sign_like[k]], r[sign_like[k]]) for k, r in ref["weights"].items()) <= ACCUM_TOL
+    assert (max(max_rel(got["weights"][k][sign_like[k]], r[sign_like[k]]) for k, r in ref["weights"].items())
+            <= ACCUM_TOL)
 
 
 @pytest.mark.parametrize("name,twin,train", TWINS, ids=[t[0] for t in TWINS])
@@ -59,7 +61,8 @@ def test_micro_batches_take_strided_rows_and_must_divide(name, twin, train):
 CASES = [("block", 0, SPEC), ("full", 0, TIED), ("none", 48, SPEC), ("none", 1000, TIED), ("full", 64, SPEC)]
 
 
-@pytest.mark.parametrize("remat,loss_chunk,spec", quick_first(CASES, 2, multi=True), ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
+@pytest.mark.parametrize("remat,loss_chunk,spec", quick_first(CASES, 2, multi=True),
+                         ids=[f"{r},{c},{'tied' if s.tie_embeddings else 'untied'}"
                                                              for r, c, s in CASES])
 def test_remat_and_chunked_loss_give_the_plain_gradients(remat, loss_chunk, spec):
     """loss_chunk 48 leaves a short last chunk of the 8·32 tokens, 1000 one chunk larger than them all."""
@@ -103,7 +106,8 @@ def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
     tokens, mask = masked_batch(CFG, 0, SPEC.V)
     (_, jax_twin, _), (_, torch_twin, _) = TWINS
     model = jax_twin.from_weights(parity_weights(SPEC), SPEC)
-    traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens)) for c in (0, chunk)]
+    traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens))
+              for c in (0, chunk)]
     assert traced[1] == traced[0]
     monkeypatch.setattr(torch_train, "fused_head_loss", lambda *a, **k: pytest.fail("the loss was chunked"))
     losses = [torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(SPEC), SPEC), tokens, mask,
@@ -160,7 +164,8 @@ def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits(
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             shapes = [tuple(a.shape) for a in args if hasattr(a, "shape")]
-            CountMatmuls.n += func.__name__.startswith(("mm", "addmm", "bmm", "matmul")) and any(spec.V in s for s in shapes)
+            CountMatmuls.n += (func.__name__.startswith(("mm", "addmm", "bmm", "matmul"))
+                               and any(spec.V in s for s in shapes))
             return func(*args, **(kwargs or {}))
 
     torch_model = torch_twin.from_weights(parity_weights(spec), spec)

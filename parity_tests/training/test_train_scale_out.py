@@ -61,7 +61,8 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
     assert r.returncode == 0, r.stderr[-3000:]
     assert close(losses(out), reference), (losses(out), reference)
     if parallel == "fsdp2":  # and its checkpoint continues on one JAX device
-        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet", "--log-every", "1")
+        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet", "--log-every",
+                       "1")
         assert r.returncode == 0, r.stderr
         records = train_records(out)
         assert [x["step"] for x in records] == list(range(1, 11)), [x["step"] for x in records]

@@ -29,7 +29,8 @@ def run(twin, train, canonical, first: int, last: int):
 @pytest.fixture(scope="module")
 def start():
     weights = parity_weights(SPEC)
-    return {"step": 0, "weights": weights, "m": {k: 0 * v for k, v in weights.items()}, "v": {k: 0 * v for k, v in weights.items()}}
+    return {"step": 0, "weights": weights, "m": {k: 0 * v for k, v in weights.items()},
+            "v": {k: 0 * v for k, v in weights.items()}}
 
 
 @pytest.mark.parametrize("name,twin,train", quick_first(TWINS, multi=True), ids=[t[0] for t in TWINS])
@@ -43,14 +44,16 @@ def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
         assert all(np.array_equal(resumed[key][k], whole[key][k]) for k in whole[key]), f"{name} {key}"
 
 
-@pytest.mark.parametrize("first,second", quick_first([(0, 1), (1, 0)], multi=True), ids=["jax-then-torch", "torch-then-jax"])
+@pytest.mark.parametrize("first,second", quick_first([(0, 1), (1, 0)], multi=True),
+                         ids=["jax-then-torch", "torch-then-jax"])
 def test_resume_in_the_other_twin(start, first, second):
     _, middle = run(*TWINS[first][1:], start, 0, HALF)
     resumed_losses, resumed = run(*TWINS[second][1:], middle, HALF, CFG.steps)
     whole_losses, whole = run(*TWINS[first][1:], start, 0, CFG.steps)
     assert np.all(np.abs(resumed_losses - whole_losses[HALF:]) / whole_losses[HALF:] <= TRAJ_LOSS_TOL)
     for key in ("weights", "m", "v"):
-        bad = {k: f"{max_rel(resumed[key][k], x):.1e}" for k, x in whole[key].items() if not max_rel(resumed[key][k], x) <= TRAJ_PARAM_TOL}
+        bad = {k: f"{max_rel(resumed[key][k], x):.1e}"
+               for k, x in whole[key].items() if not max_rel(resumed[key][k], x) <= TRAJ_PARAM_TOL}
         assert not bad, f"{key} after resuming in the other twin: {bad}"
     assert resumed["step"] == CFG.steps
 

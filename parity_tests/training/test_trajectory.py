@@ -27,7 +27,8 @@ def test_hundred_adamw_steps_agree(name, placement):
     assert b[-1] < b[0] - 0.05, "the run must learn something, or it tests nothing"
     assert (torch_metrics["grad_norm"] > CFG.grad_clip).any(), "clipping must take part"
     worst = int(np.argmax(np.abs(a - b) / b))
-    assert np.abs(a[worst] - b[worst]) / b[worst] <= TRAJ_LOSS_TOL, f"step {worst}: loss jax {a[worst]} vs torch {b[worst]}"
+    assert np.abs(a[worst] - b[worst]) / b[worst] <= TRAJ_LOSS_TOL, (
+        f"step {worst}: loss jax {a[worst]} vs torch {b[worst]}")
     errors = {k: max_rel(jax_state["weights"][k], p) for k, p in torch_state["weights"].items()}
     bad = {k: f"{e:.1e}" for k, e in errors.items() if not e <= TRAJ_PARAM_TOL}
     assert not bad, f"final max|Δp| / max|p| above {TRAJ_PARAM_TOL}: {bad}"

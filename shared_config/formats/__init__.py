@@ -90,7 +90,8 @@ def read_any(src: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     return weights, spec, source
 
 
-def read_checkpoint(src: str | Path, spec=None, allow_nonfinite: bool = False) -> tuple[dict[str, np.ndarray], ModelSpec]:
+def read_checkpoint(src: str | Path, spec=None,
+                    allow_nonfinite: bool = False) -> tuple[dict[str, np.ndarray], ModelSpec]:
     """Canonical weights and spec from a checkpoint in any format, everything checked; a bad one is a
     CheckpointError naming the file and what is wrong."""
     weights, spec, _ = read_any(src, spec)

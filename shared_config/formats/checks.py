@@ -46,7 +46,8 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     """The spec to use: the given one must agree with the file's; one of them must exist."""
     if given is None:
         if file_spec is None:
-            raise CheckpointError(f"{path}: the file carries no spec; pass one (--spec on the command line; spec= in Python: "
+            raise CheckpointError(f"{path}: the file carries no spec; pass one (--spec on the command line; "
+                                  "spec= in Python: "
                                   "a preset name, YAML path or dict)")
         return file_spec
     spec = load_spec(given)

@@ -25,7 +25,8 @@ _LLAMA = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA,
     "qwen3": {**{k: v for k, v in _LLAMA.items() if k != "mlp_bias"}, "vocab_size": 151936, "intermediate_size": 22016,
-              "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "use_sliding_window": False},
+              "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
+              "use_sliding_window": False},
     "gla": {
         "vocab_size": 32000, "hidden_size": 2048, "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4,
         "intermediate_size": None, "num_hidden_layers": 24, "num_heads": 4, "num_kv_heads": None,
@@ -66,5 +67,6 @@ def config_value(config: Mapping[str, Any], model_type: str, key: str, path: str
     else:
         return value
     if not ok:
-        raise ConfigValueError(f"{path}: {key} must be {kind}{' or null' if key in NULLABLE else ''}, got {quote(value)}")
+        raise ConfigValueError(f"{path}: {key} must be {kind}{' or null' if key in NULLABLE else ''}, got "
+                               f"{quote(value)}")
     return value

@@ -82,7 +82,8 @@ def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
     """config.json of the `GLAForCausalLM` computing exactly `spec`; refuses what it cannot compute, by name."""
     if bad := unsupported_options(spec):
         need = ", ".join(f"{k}={v}" for k, v in FLA_SPEC.items())
-        raise CheckpointError(f"{path}: no flash-linear-attention GLA equivalent for {', '.join(bad)} (it needs {need})")
+        raise CheckpointError(f"{path}: no flash-linear-attention GLA equivalent for {', '.join(bad)} "
+                              f"(it needs {need})")
     d = spec.to_dict()
     return {
         "architectures": ["GLAForCausalLM"],
@@ -145,7 +146,8 @@ def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelS
     if spec.tie_embeddings:
         stored.pop("lm_head.weight", None)  # transformers may store the tied matrix twice
     if unknown := sorted(set(stored) - set(names)):
-        raise CheckpointError(f"{path / 'model.safetensors'}: tensors a {spec.L}-layer GLA does not have: {', '.join(unknown[:5])}")
+        raise CheckpointError(f"{path / 'model.safetensors'}: tensors a {spec.L}-layer GLA does not have: "
+                              f"{', '.join(unknown[:5])}")
     weights = {names[n]: w for n, w in stored.items()}
     return weights, spec
 

@@ -123,7 +123,8 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
 def _model_type(config: Mapping[str, Any], path) -> str:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only {', '.join(ARCHITECTURES)})")
+        raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only "
+                              f"{', '.join(ARCHITECTURES)})")
     if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
         raise CheckpointError(
             f"{path}: architectures {quote(config['architectures'])} is not supported for model_type "
@@ -141,7 +142,8 @@ def _rope(config: Mapping[str, Any], path, theta: float) -> dict[str, Any]:
     fields = _rope_fields(_mapping(new, "rope_parameters", path) if new is not None else old, path, theta)
     if new is not None and ("rope_theta" in config or scaling) and _rope_fields(old, path, theta) != fields:
         # transformers 4.x and 5.x would build different models from this file
-        raise CheckpointError(f"{path}: rope_parameters {quote(new)} disagree with rope_theta/rope_scaling {quote(old)}")
+        raise CheckpointError(f"{path}: rope_parameters {quote(new)} disagree with rope_theta/rope_scaling "
+                              f"{quote(old)}")
     return fields
 
 
@@ -160,7 +162,8 @@ def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
-        raise CheckpointError(f"{path}: RoPE scaling rope_type={quote(rope_type)} is not supported (only default, llama3)")
+        raise CheckpointError(f"{path}: RoPE scaling rope_type={quote(rope_type)} is not supported (only "
+                              "default, llama3)")
     if missing := [k for k in LLAMA3_KEYS.values() if k not in params]:
         raise CheckpointError(f"{path}: llama3 RoPE scaling is missing {', '.join(missing)}")
     return {**fields, "rope_scaling": "llama3", **{f: params[k] for f, k in LLAMA3_KEYS.items()}}

@@ -118,7 +118,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
     if not path.exists() or path.is_dir():
         raise CheckpointError(f"{path}: no such file")
     try:
-        meta = read_header(path).get("__metadata__") or {}  # a FIFO or device is refused here, never opened by load_file
+        # a FIFO or device is refused here, never opened by load_file
+        meta = read_header(path).get("__metadata__") or {}
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__

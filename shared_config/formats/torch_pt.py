@@ -51,7 +51,8 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
         raise CheckpointError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:  # KeyError: not a pickle
+    # KeyError: not a pickle
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
     file_spec, state = _unwrap(obj, path)
