@@ -127,10 +127,10 @@ def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys
         assert e.value.code == 2 and "transformers" in line and "pip install -e '.[hf]'" in line, line
 
 
-README_OUTPUTS = ["tiny.safetensors", "tiny-dyt.safetensors", "tiny.pt", "state_dict.pt", "tiny-flax/state", "tiny-hf/config.json",
-                  "from-jax.safetensors", "input.txt", "data/text/train.bin", "runs/dyt/metrics.jsonl", "mid.json",
-                  "report.json", "p.json", "norms.png", "curves.png", "dyt.png", "tiny-bf16.safetensors",
-                  "tiny-from-bare.safetensors", "decode-context.png"]
+README_OUTPUTS = ["tiny.safetensors", "tiny-dyt.safetensors", "tiny.pt", "state_dict.pt", "tiny-flax/state",
+                  "tiny-hf/config.json", "from-jax.safetensors", "input.txt", "data/text/train.bin",
+                  "runs/dyt/metrics.jsonl", "mid.json", "report.json", "p.json", "norms.png", "curves.png",
+                  "dyt.png", "tiny-bf16.safetensors", "tiny-from-bare.safetensors", "decode-context.png"]
 
 
 def test_what_the_readme_commands_write_is_git_ignored():
