@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from shared_config.cli import Parser, fail, run as run_main
+from shared_config.cli import Parser, at_least, fail, run as run_main
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.data import TOKEN_DTYPES
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
@@ -50,31 +50,23 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out, written by either twin")
     p.add_argument("--init-from", type=Path, help="start from these weights (any format convert.py reads)")
-    p.add_argument("--steps", type=int, help="total updates (the schedule's length); shorthand for --set steps=N")
-    p.add_argument("--seed", type=int, help="init and batch-order seed; shorthand for --set seed=N")
-    p.add_argument("--stop-at", type=int, help="stop after this update without changing the schedule (resume later)")
-    p.add_argument("--log-every", type=int, default=10,
+    p.add_argument("--steps", type=at_least(1), help="total updates (the schedule's length); shorthand for --set steps=N")
+    p.add_argument("--seed", type=at_least(0), help="init and batch-order seed; shorthand for --set seed=N")
+    p.add_argument("--stop-at", type=at_least(1), help="stop after this update without changing the schedule (resume later)")
+    p.add_argument("--log-every", type=at_least(1), default=10,
                    help="fetch metrics and log alpha/shift/embed_scale every N steps")
-    p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: at the end only)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: at the end only)")
-    p.add_argument("--keep", type=int, default=3, help="keep the newest K checkpoints (0: all)")
+    p.add_argument("--eval-every", type=at_least(0), default=100, help="validation loss every N steps (0: at the end only)")
+    p.add_argument("--eval-batches", type=at_least(1), default=8, help="validation batches per evaluation")
+    p.add_argument("--save-every", type=at_least(0), default=100, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep", type=at_least(0), default=3, help="keep the newest K checkpoints (0: all)")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the steps (JAX always jits)")
-    p.add_argument("--devices", type=int, help="JAX: data-parallel over N devices (a data=N mesh)")
+    p.add_argument("--devices", type=at_least(1), help="JAX: data-parallel over N devices (a data=N mesh)")
     p.add_argument("--mesh", help="JAX: a device mesh, e.g. data=2,fsdp=4 (parameters and moments over fsdp)")
     p.add_argument("--parallel", choices=["ddp", "fsdp2"],
                    help="torch under torchrun: DDP or FSDP2 (default under torchrun: ddp)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_compile_cache_option(p)
     args = p.parse_args(argv)
-    for name in ("log_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_every", "save_every", "keep"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.stop_at is not None and args.stop_at < 1:
-        p.error("--stop-at must be >= 1")
     check_scale_out(p, args)
     args.out = args.out if args.out is not None else Path("runs") / Path(args.spec or DEFAULT_SPEC).stem
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -85,8 +77,6 @@ def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.devices is not None and args.devices < 1:
-        p.error("--devices must be >= 1")
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     if (args.devices or args.mesh) and args.backend != "jax":
