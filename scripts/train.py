@@ -50,9 +50,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out, written by either twin")
     p.add_argument("--init-from", type=Path, help="start from these weights (any format convert.py reads)")
-    p.add_argument("--steps", type=at_least(1), help="total updates (the schedule's length); shorthand for --set steps=N")
+    p.add_argument("--steps", type=at_least(1),
+                   help="total updates (the schedule's length); shorthand for --set steps=N")
     p.add_argument("--seed", type=at_least(0), help="init and batch-order seed; shorthand for --set seed=N")
-    p.add_argument("--stop-at", type=at_least(1), help="stop after this update without changing the schedule (resume later)")
+    p.add_argument("--stop-at", type=at_least(1),
+                   help="stop after this update without changing the schedule (resume later)")
     p.add_argument("--log-every", type=at_least(1), default=10,
                    help="fetch metrics and log alpha/shift/embed_scale every N steps")
     p.add_argument("--eval-every", type=at_least(0), default=100, help="validation loss every N steps (0: at the end only)")

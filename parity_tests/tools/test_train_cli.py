@@ -22,9 +22,9 @@ SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--se
     (["--set", "norm_type=batchnorm"], ["norm_type='batchnorm' must be one of"]),
     (["--data", "no/such/tokens.bin"], ["tokens.bin: no such file"]),
     (["--resume"], ["no checkpoint to resume"]),
-    (["--eval-every", "-1"], ["argument --eval-every: must be an integer >= 0, got '-1'"]),
+    (["--eval-every", "-1"], ["argument --eval-every: must be an integer >= 0, got -1"]),
     (["--log-every", "nan"], ["argument --log-every: must be an integer >= 1, got 'nan'"]),
-    (["--stop-at", "0"], ["argument --stop-at: must be an integer >= 1, got '0'"]),
+    (["--stop-at", "0"], ["argument --stop-at: must be an integer >= 1, got 0"]),
 ], 2, multi=True))
 def test_bad_arguments_are_one_line_errors(tmp_path, args, fragments):
     one_line_error(run_script("train", "--backend", "jax", "--out", tmp_path / "run", *args), *fragments)
