@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None):
                    help="stop after this update without changing the schedule (resume later)")
     p.add_argument("--log-every", type=at_least(1), default=10,
                    help="fetch metrics and log alpha/shift/embed_scale every N steps")
-    p.add_argument("--eval-every", type=at_least(0), default=100, help="validation loss every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=at_least(0), default=100,
+                   help="validation loss every N steps (0: at the end only)")
     p.add_argument("--eval-batches", type=at_least(1), default=8, help="validation batches per evaluation")
     p.add_argument("--save-every", type=at_least(0), default=100, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep", type=at_least(0), default=3, help="keep the newest K checkpoints (0: all)")
