@@ -40,7 +40,7 @@ def _loss_and_grads(x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
         dlogits_cV = jnp.exp(logits_cV - logz_c[:, None]) * weights_c[:, None]
         dlogits_cV = dlogits_cV.at[jnp.arange(targets_c.shape[0]), targets_c].add(-weights_c).astype(dtype)
         dx_cD = dlogits_cV @ w_cast
-        dw_VD = dw_VD + jnp.einsum("cv,cd->vd", dlogits_cV, x_cD, preferred_element_type=jnp.float32)
+        dw_VD = dw_VD + (dlogits_cV.T @ x_cD).astype(jnp.float32)
         return dw_VD, (jnp.sum(ce_c * weights_c), dx_cD, ce_c)
 
     xs = (_chunks(x_MD, chunk), _chunks(targets_M, chunk), _chunks(weights_M, chunk))
