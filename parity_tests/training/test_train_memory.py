@@ -99,6 +99,7 @@ def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
     """The 8·32 target tokens in one chunk, or a chunk of 10^12 tokens (which the config accepts): the plain loss,
     traced and computed as without chunking (JAX never pads a [10^12, D] array; torch never runs the fused loss)."""
     import jax
+    import jax.ad_checkpoint
     import jax.extend.core
 
     from jax_model import train as jax_train
@@ -135,6 +136,7 @@ def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits(
     replaced ran four per chunk) and nothing [tokens, V] is saved for it. Counted in JAX's jaxpr of the gradient
     and in torch's dispatched ops, V chosen unlike any other dim."""
     import jax
+    import jax.ad_checkpoint
     import jax.extend.core
     from flax import nnx
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,3 +174,47 @@ def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits(
     with CountMatmuls():
         torch_train.loss_and_grads(torch_model, tokens, mask, loss_chunk=48)
     assert CountMatmuls.n == 3 * chunks
+
+
+SAVED_CASES = [dict(norm_type="rms", mlp="swiglu"), dict(norm_type="layernorm", mlp="gelu", norm_bias=True),
+               dict(norm_type="dyt", mlp="relu2"), dict(norm_type="derf", mlp="gelu_tanh", norm_bias=True)]
+
+
+@pytest.mark.parametrize("changes", quick_first(SAVED_CASES, 1), ids=[c["norm_type"] for c in SAVED_CASES])
+def test_a_bf16_step_saves_no_float32_activations_for_the_backward(changes, capsys):
+    """The float32 work between matmuls (norms, activations) is recomputed in the backward (layers.recomputed):
+    what a bf16 step keeps for the backward at the model dim D, the ffn dim F or 2F is in bf16 (per token and layer
+    of `small` 10 KB, not 53 KB). Listed by JAX's print_saved_residuals and torch's saved-tensor hooks; the chunked
+    loss keeps no logits, and T = 24 tells activations from attention's [B, H, ...] blocks."""
+    import jax
+    import jax.ad_checkpoint
+    import torch
+    from flax import nnx
+
+    from jax_model import train as jax_train
+
+    spec = make_spec(compute_dtype="bfloat16", **changes)
+    cfg = CFG.replace(seq_len=24)
+    tokens, mask = masked_batch(cfg, 0, spec.V)
+    (_, jax_twin, _), (_, torch_twin, _) = TWINS
+    widths = {spec.D, spec.F, 2 * spec.F}
+
+    def activation(dtype: str, shape: tuple[int, ...]) -> str | None:
+        rows = shape[:2] == (cfg.batch_size, cfg.seq_len) or shape[:1] == (cfg.batch_size * cfg.seq_len,)
+        return f"{dtype}{list(shape)}" if rows and shape[-1] in widths else None
+
+    graphdef, params, rest = jax_train.split_params(jax_twin.from_weights(parity_weights(spec), spec))
+    loss = lambda p: jax_train.model_loss(nnx.merge(graphdef, p, rest), tokens, mask, loss_chunk=48)  # noqa: E731
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    residuals = [line.split(" output")[0].split(" from")[0] for line in capsys.readouterr().out.splitlines()]
+    short = {"f32": "float32", "bf16": "bfloat16"}  # as print_saved_residuals writes them: f32[8, 24, 48]
+    kept = {"jax": [a for r in residuals if "[" in r and (a := activation(short.get(r.split("[")[0]), tuple(
+        int(n) for n in r.split("[")[1].rstrip("]").split(",") if n)))]}
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch_train.model_loss(torch_twin.from_weights(parity_weights(spec), spec), tokens, mask, loss_chunk=48)
+    kept["torch"] = [a for t in saved if (a := activation(str(t.dtype).removeprefix("torch."), tuple(t.shape)))]
+    for name, activations in kept.items():
+        assert activations, f"{name}: no activation found: the test no longer sees what the step saves"
+        assert all(a.startswith("bfloat16") for a in activations), (name, activations)
