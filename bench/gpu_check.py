@@ -6,10 +6,10 @@
     bash bench/gpu_check.sh                          # the same, from a shell
 
 The core plan runs, each as its own process (a fresh device): bench/compare.py over train steps of `small` at
-batch 16 (both twins) and batch 8 (both twins and transformers) and `llama-1b` at batch 4 (both twins), at seq
-2048 in bf16; bench/profile_step.py on `small` (both twins); scripts/parity_report.py (bf16 parity of the twins
-on the GPU). The extra plan: the chunked loss and remat, the norm sweep (rms, dyt, derf) on llama-1b, and the
-GLA mixer and routing sweeps where the spec has those fields.
+batch 16 (both twins) and batch 8 (both twins and transformers) and `llama-1b` at batch 4 (both twins and
+transformers), at seq 2048 in bf16; bench/profile_step.py on `small` (both twins); scripts/parity_report.py
+(bf16 parity of the twins on the GPU). The extra plan: the chunked loss and remat, the norm sweep (rms, dyt,
+derf) on llama-1b, and the GLA mixer and routing sweeps where the spec has those fields.
 
 The budget (--budget, default 420 s) is shared over the checks that will run, by their expected cost: a check
 may use its cost's share of what is left, so time a fast check leaves goes to the later ones; at its limit a
@@ -19,8 +19,8 @@ rewritten after every check ("complete": false until the end). DIR = bench/resul
 Compiled programs go to a persistent cache (--compile-cache), so a rerun skips compilation. It prints a short
 summary: every check is reported ok, failed (with its last error line) or not run (with the reason: a missing
 spec field, the time budget); none is dropped silently. Exit 1 if any failed. The targets it prints (MFU >= 50%
-on `small`, JAX/torch 0.95-1.05, both twins ahead of transformers, DyT/Derf within 2% of RMSNorm) are
-benchmarks, never test assertions.
+on `small` and >= 55% on `llama-1b`, JAX/torch 0.95-1.05, both twins ahead of transformers, DyT/Derf within 2%
+of RMSNorm) are benchmarks, never test assertions.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def plan(name: str = "core") -> list[Check]:
             Check("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], cost(twins, "small-b16")),
             Check("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"],
                   cost([*twins, "hf"], "small-b8")),
-            Check("llama1b-train-b4", [*llama, "--backend", "both"], cost(twins, "llama-1b-b4")),
+            Check("llama1b-train-b4", [*llama, "--backend", "all"], cost([*twins, "hf"], "llama-1b-b4")),
             # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
             # reading the traces cost about 10 s
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
@@ -245,6 +245,9 @@ def stop_group(proc: subprocess.Popen) -> None:
             time.sleep(0.05)
 
 
+MFU_TARGETS = {"small": 0.50, "llama1b": 0.55}  # the twins' train step by check name: the field's MFU (nanoGPT's)
+
+
 def targets(out: Path) -> list[str]:
     """The benchmark targets, read off the bench reports: met or not, never asserted."""
     lines = []
@@ -257,8 +260,9 @@ def targets(out: Path) -> list[str]:
         name = path.stem if report.get("complete", True) else f"{path.stem} (stopped early)"
         by = {(r["variant"], r["backend"]): r for r in report["results"]}
         for (variant, backend), r in by.items():
-            if r.get("mfu") is not None and name.startswith("small"):
-                lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= 50%)")
+            target = next((t for prefix, t in MFU_TARGETS.items() if name.startswith(prefix)), None)
+            if r.get("mfu") is not None and target and backend in ("jax", "torch"):
+                lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= {100 * target:.0f}%)")
             if backend == "jax" and (variant, "torch") in by:
                 ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
                 lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")

@@ -28,6 +28,26 @@ def test_each_plan_fits_its_budget_by_the_measured_costs():
             == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity", "gla-kernels"})
 
 
+def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers(tmp_path):
+    """small at >= 50% MFU and llama-1b at >= 55% (the field's figures), each twin against the other and against
+    transformers where a check ran it; transformers' own MFU is no target."""
+    def row(backend, mfu, ms):
+        return {"variant": "base", "backend": backend, "mfu": mfu, "step_s": {"median": ms / 1e3}}
+
+    reports = {"small-train-b8": [row("jax", 0.51, 40), row("torch", 0.49, 41), row("hf", 0.3, 60)],
+               "llama1b-train-b4": [row("jax", 0.56, 150), row("torch", 0.54, 160), row("hf", 0.4, 200)]}
+    for name, rows in reports.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"complete": True, "results": rows}))
+    lines = gpu_check.targets(tmp_path)
+    for expected in ("small-train-b8 jax: MFU 51.0% (target >= 50%)",
+                     "small-train-b8 torch: MFU 49.0% (target >= 50%)",
+                     "llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
+                     "llama1b-train-b4 base: torch/hf 0.80 (target < 1)",
+                     "llama1b-train-b4 base: jax/torch 0.94 (target 0.95-1.05)"):
+        assert expected in lines, (expected, lines)
+    assert not any("hf: MFU" in line for line in lines), lines
+
+
 def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
     checks = [Check("a", ["x"], 10), Check("b", ["x"], 30), Check("c", ["x"], 60, needs="no_such_field")]
     why_not = runnable(checks, ["a", "b", "c"])
