@@ -138,4 +138,14 @@ def environment(args, device: str) -> dict:
         "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
+        "compiler_flags": compiler_flags(),
     }
+
+
+COMPILER_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCHDYNAMO_")
+
+
+def compiler_flags() -> dict[str, str]:
+    """The environment variables that steer XLA's or torch.compile's code generation (docs/bench.md, "Compiler
+    options"), as set for this run: a row measured with other flags is another measurement."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(COMPILER_ENV)}

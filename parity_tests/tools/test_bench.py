@@ -37,6 +37,19 @@ def test_flops_formula_against_a_hand_count():
     assert matmul_params(tied) == n  # a tied head still does the V x D matmul
 
 
+def test_the_report_records_the_compiler_flags_in_effect(monkeypatch):
+    """XLA_FLAGS and torch.compile's TORCHINDUCTOR_* / TORCHDYNAMO_* variables change the code the step runs: each
+    report's env keeps them (docs/bench.md, "Compiler options"); other variables stay out."""
+    from bench.options import compiler_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
+    monkeypatch.setenv("TWINLM_UNRELATED", "x")
+    flags = compiler_flags()
+    assert flags["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
+    assert flags["TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] == "1" and "TWINLM_UNRELATED" not in flags
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H200", "bfloat16") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
@@ -53,7 +66,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
     out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
                 "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
     report = json.loads((tmp_path / "r.json").read_text())
-    assert {"device", "versions", "threads"} <= set(report["env"])
+    assert {"device", "versions", "threads", "compiler_flags"} <= set(report["env"])
     assert [r["backend"] for r in report["results"]] == ["jax", "torch"]
     for r in report["results"]:
         assert FIELDS <= set(r) and set(r["step_s"]) == {"median", "p10", "p90"}
