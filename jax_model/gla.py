@@ -23,7 +23,7 @@ from shared_config.hardware import resolve_gla_kernel
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, pallas_gla
-from .layers import DTYPES, Linear, RMSNorm, make_norm
+from .layers import DTYPES, Linear, RMSNorm, linear, make_norm
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -56,8 +56,7 @@ class GateLinear(Linear):
         self.bias = nnx.Param(jnp.zeros((d_out,), DTYPES[spec.param_dtype]))
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))  # the matmul in compute_dtype
-        return y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return linear(x, self.kernel[...], self.dtype).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
 def head_norm(spec: ModelSpec):

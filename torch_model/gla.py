@@ -23,7 +23,7 @@ from shared_config.hardware import resolve_gla_kernel
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, fla_gla, fla_installed
-from .layers import DTYPES, Linear, RMSNorm, make_norm
+from .layers import DTYPES, Linear, RMSNorm, linear, make_norm
 
 CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
 SUB = 16  # tokens per sub-chunk: the diagonal blocks' size, as flash-linear-attention's chunk_gla
@@ -55,8 +55,7 @@ class GateLinear(Linear):
         self.bias = nn.Parameter(torch.zeros(d_out, dtype=DTYPES[spec.param_dtype]))
 
     def forward(self, x):
-        y = F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))  # the matmul in compute_dtype
-        return y.to(torch.float32) + self.bias.to(torch.float32)
+        return linear(x, self.weight, self.compute_dtype).to(torch.float32) + self.bias.to(torch.float32)
 
 
 def head_norm(spec: ModelSpec):
