@@ -1,7 +1,8 @@
-"""Everything a lent GPU should measure, in two plans of at most 7 minutes each (docs/bench.md, "GPU check").
+"""Everything a lent GPU should measure, in three plans of at most 7 minutes each (docs/bench.md, "GPU check").
 
     python bench/gpu_check.py                        # on the GPU machine: the core plan, <= 7 min on one H200
     python bench/gpu_check.py --plan extra           # the other rows: another <= 7 min
+    python bench/gpu_check.py --plan tuning          # batch 32, other attention kernels, compiler flags: <= 7 min
     python bench/gpu_check.py --dry-run --out DIR    # the same plan at tiny sizes on a CPU (the test suite runs it)
     bash bench/gpu_check.sh                          # the same, from a shell
 
@@ -9,7 +10,9 @@ The core plan runs, each as its own process (a fresh device): bench/compare.py o
 batch 16 (both twins) and batch 8 (both twins and transformers) and `llama-1b` at batch 4 (both twins and
 transformers), at seq 2048 in bf16; bench/profile_step.py on `small` (both twins); scripts/parity_report.py
 (bf16 parity of the twins on the GPU). The extra plan: the chunked loss and remat, the norm sweep (rms, dyt,
-derf) on llama-1b, and the GLA mixer and routing sweeps where the spec has those fields.
+derf) on llama-1b, and the GLA mixer and routing sweeps where the spec has those fields. The tuning plan: the
+levers after that, `small` at batch 32, the attention kernels `auto` does not pick (XLA's, SDPA's own choice),
+XLA with cuBLAS for every matmul, inductor's coordinate-descent tuning (flags in the check's environment).
 
 The budget (--budget, default 420 s) is shared over the checks that will run, by their expected cost: a check
 may use its cost's share of what is left, so time a fast check leaves goes to the later ones; at its limit a
@@ -32,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,7 +58,7 @@ START_S = 15  # a fresh process before its first step (imports, CUDA and cuDNN s
 COMPILE_S = {"jax": 13, "torch": 20, "hf": 36}  # first step of `small`: jax.jit 12-13 s; torch.compile of a whole
 #   step 30-36 s (hf), of the twin block by block ~0.55x that (the ratio this CPU measured at 6 layers, docs/bench.md)
 LLAMA_JAX = 1.3  # llama-1b's 16 layers against small's 12: XLA compiles every layer, torch (by blocks) one
-STEP_S = {"small-b16": 0.080, "small-b8": 0.040, "llama-1b-b4": 0.154}  # at the measured 40% / 54% MFU
+STEP_S = {"small-b32": 0.160, "small-b16": 0.080, "small-b8": 0.040, "llama-1b-b4": 0.154}  # at 40% / 54% MFU
 STEPS = 12  # timed (10) and warmup (2) steps of every backend, after the compiling one
 SWEEP_STEPS = 9  # a sweep's: 8 timed, 1 warmup (its result is a ratio between variants timed in the same rounds)
 
@@ -75,13 +78,15 @@ class Check:
     cost: float  # expected seconds on a cold H200: the check's weight when the budget is shared
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
     plot: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # compiler flags (docs/bench.md, "Compiler options"); XLA_FLAGS
+    #   is appended to the caller's
 
 
 # --dry-run: the same commands with these sizes (the bench's options by their train-config names; parity_report.py's
 # --seq and --batch are its own)
 TINY = {"--spec": "tiny", "--seq-len": "32", "--seq": "32", "--batch-size": "4", "--batch": "4", "--steps": "2",
         "--warmup": "0", "--rounds": "1", "--loss-chunk": "48", "--tokens": "64", "--repeats": "1"}
-PLANS = ("core", "extra")
+PLANS = ("core", "extra", "tuning")
 
 
 def plan(name: str = "core") -> list[Check]:
@@ -91,6 +96,20 @@ def plan(name: str = "core") -> list[Check]:
     sweep = [*timing[:4], "--steps", "8", "--warmup", "1", "--rounds", "2"]
     small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch-size", "4", *timing]
     twins = ["jax", "torch"]
+    if name == "tuning":  # the levers after the core plan: batch 32, the attention kernel, the compilers' options
+        b16 = [*small, "--batch-size", "16"]
+        return [
+            Check("small-train-b32", [*small, "--backend", "both", "--batch-size", "32"], cost(twins, "small-b32")),
+            # the kernels `auto` does not pick on a GPU: XLA's attention (JAX), SDPA's own choice (torch: flash)
+            Check("small-attention-sdpa", [*b16, "--backend", "both", "--attention", "sdpa"], cost(twins, "small-b16")),
+            Check("llama1b-attention-sdpa", [*llama, "--backend", "both", "--attention", "sdpa"],
+                  cost(twins, "llama-1b-b4")),
+            Check("small-xla-cublas", [*b16, "--backend", "jax"], cost(["jax"], "small-b16"),
+                  env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
+            # inductor times its candidate block sizes while compiling: assumed twice the plain compile
+            Check("small-inductor-tuned", [*b16, "--backend", "torch"], cost(["torch"], "small-b16", cached=2.0),
+                  env={"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),
+        ]
     if name == "core":
         return [
             Check("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], cost(twins, "small-b16")),
@@ -153,7 +172,8 @@ def share(check: Check, rest: list[Check], left: float) -> float:
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--plan", default="core", choices=PLANS, help="which checks: core (first) or extra")
+    p.add_argument("--plan", default="core", choices=PLANS,
+                   help="which checks: core (first), extra, or tuning (batch 32, attention kernels, compiler flags)")
     p.add_argument("--dry-run", action="store_true", help="every check at tiny sizes, on whatever device is here")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results/<device>-<date>)")
     p.add_argument("--budget", type=above(0), default=BUDGET_S, help="seconds for the whole plan")
@@ -206,10 +226,13 @@ def run_check(check: Check, out: Path, dry_run: bool, timeout: float, cache: str
     if argv[0] in CACHED:
         argv += ["--compile-cache", cache]
     log = out / f"{check.name}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for k, v in check.env.items():
+        env[k] = f"{env.get(k, '')} {v}".strip() if k == "XLA_FLAGS" else v
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                start_new_session=True, env=env)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -139,6 +139,7 @@ def test_unknown_check_names_the_plan():
     # others are the same commands at other sizes, and are listed as not run
     ("core", ["small-train-b8", "small-profile", "gla-kernels"]),
     ("extra", ["gla-sweep"]),
+    ("tuning", ["small-xla-cublas"]),  # a check with compiler flags: they reach the bench and its report
 ])
 def test_dry_run_of_each_plan(tmp_path, which, chosen):
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -157,6 +158,9 @@ def test_dry_run_of_each_plan(tmp_path, which, chosen):
             assert r == {"status": "not run", "reason": "not in --only"}, (name, r)
         assert f" {name}" in proc.stdout
     assert any((cache / "jax").iterdir())  # the benches compiled into the cache gpu_check named
+    if which == "tuning":
+        flags = json.loads((out / "small-xla-cublas.json").read_text())["env"]["compiler_flags"]
+        assert "--xla_gpu_enable_triton_gemm=false" in flags["XLA_FLAGS"], flags
     if which == "core":
         assert (out / "small-train-b8.png").is_file()
         assert any("jax/torch" in line for line in summary["targets"])
