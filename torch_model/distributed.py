@@ -63,6 +63,19 @@ def init_distributed() -> torch.device:
     return device
 
 
+def close_distributed(finished: bool = True) -> None:
+    """Leave torchrun's process group, if one was joined. `finished` (the run ended without an error): first a
+    barrier, which in gloo also waits for this rank's pending work, so that no rank tears down its connections
+    while another still trains or writes; without it a rank that left early sometimes aborted in gloo's teardown
+    ("terminate called without an active exception", SIGABRT). After an error no barrier: the other ranks may never
+    reach it."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank_rows(x_BN, rank: int | None = None, world_size: int | None = None):
     """This rank's rows [r·B/W, (r+1)·B/W) of a global batch (numpy or tensor); B must divide evenly."""
     rank = _rank() if rank is None else rank
