@@ -128,17 +128,21 @@ def main(argv=None):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "
                                 f"seq {seq}: lower --batch-size or --seq-len") from e
         raise
-    if not rank0:
-        return
-    report = {"env": {**environment(args, device), "load": machine_load(args, before, during)}, "results": results}
-    print_table(report)
-    if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
-        print(load.warning_line(problems), file=sys.stderr)
-    write_report(args.json, report, complete=True)
-    if args.plot:
-        from bench.plot import plot_results
+    if rank0:
+        report = {"env": {**environment(args, device), "load": machine_load(args, before, during)},
+                  "results": results}
+        print_table(report)
+        if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
+            print(load.warning_line(problems), file=sys.stderr)
+        write_report(args.json, report, complete=True)
+        if args.plot:
+            from bench.plot import plot_results
 
-        plot_results(report, args.plot)
+            plot_results(report, args.plot)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: leave without torch's teardown at exit
+        from torch_model.distributed import exit_rank
+
+        exit_rank()
 
 
 def machine_load(args, before: dict, during: list[dict]) -> dict:

@@ -135,13 +135,10 @@ def main(argv=None):
             close_distributed(finished)
     if is_main_process():
         print(json.dumps(summary))
-    if args.parallel:
-        # Everything is written and the group is closed. torch's C++ teardown at interpreter exit sometimes aborts a
-        # gloo rank after an FSDP2 run ("terminate called without an active exception", about 1 run in 20 on a busy
-        # CPU, after main returned): a torchrun rank leaves without it, its result already final.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if args.parallel:  # everything is written: leave without torch's teardown at exit (exit_rank says why)
+        from torch_model.distributed import exit_rank
+
+        exit_rank()
 
 
 if __name__ == "__main__":
