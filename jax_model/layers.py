@@ -43,11 +43,12 @@ def linear(x_BTD, w_DF, dtype):
 
 
 def recomputed(fn):
-    """`fn` whose intermediates the backward recomputes from its inputs instead of reading them back (jax.checkpoint
-    over the whole of `fn`). For the float32 work between matmuls (norms, activations): a bf16 step then saves its
-    compute-dtype inputs for the backward, not the float32 tensors computed from them (per token and layer of
-    `small`: 10 KB instead of 53 KB). Same values and gradients; the backward recomputes a few elementwise ops."""
-    return jax.checkpoint(fn)
+    """`fn(x)` whose intermediates the backward recomputes from x instead of reading them back (jax.checkpoint over
+    the whole of `fn`), when x is narrower than float32. For the float32 work between matmuls (norms, activations):
+    a bf16 step then keeps its bf16 inputs for the backward, not the float32 tensors computed from them (per token
+    and layer of `small`: 10 KB instead of 53 KB). A float32 x is kept as it is (nothing narrower to keep; eager
+    torch would pay for the recompute). Same values; the backward recomputes a few elementwise ops."""
+    return lambda x: fn(x) if x.dtype == jnp.float32 else jax.checkpoint(fn)(x)
 
 
 class RMSNorm(nnx.Module):
