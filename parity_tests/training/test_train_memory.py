@@ -218,3 +218,20 @@ def test_a_bf16_step_saves_no_float32_activations_for_the_backward(changes, caps
     for name, activations in kept.items():
         assert activations, f"{name}: no activation found: the test no longer sees what the step saves"
         assert all(a.startswith("bfloat16") for a in activations), (name, activations)
+
+
+@pytest.mark.parametrize("remat", quick_first(["none", "block"], 1))
+def test_bf16_recompute_traces_under_torch_compile(remat):
+    """What the GPU bench runs: bf16 blocks torch.compile'd one by one, the norms' and activations' recompute
+    (torch.utils.checkpoint) inside them, alone and nested in block remat. aot_eager here: dynamo and AOT
+    autograd trace it as inductor's path does, without generating code. The gradients are eager's, bit for bit."""
+    spec = make_spec(compute_dtype="bfloat16")
+    tokens, mask = masked_batch(CFG, 0, spec.V)
+    torch_twin = TWINS[1][1]
+    _, eager = torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(spec), spec), tokens, mask,
+                                          remat=remat)
+    model = torch_twin.from_weights(parity_weights(spec), spec)
+    torch_train.compile_blocks(model, backend="aot_eager")
+    _, compiled = torch_train.loss_and_grads(model, tokens, mask, remat=remat)
+    errors = [max_rel(compiled[k], g) for k, g in eager.items()]
+    assert max(errors) == 0.0, errors  # aot_eager runs the same aten ops as eager: bit for bit
