@@ -48,6 +48,22 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
     assert not any("hf: MFU" in line for line in lines), lines
 
 
+def test_every_bench_check_parses_at_the_gpu_s_sizes(tmp_path):
+    """Every compare.py and profile_step.py check of every plan, as the GPU will run it (full sizes, with the
+    --json, --plot and --compile-cache run_check adds): its script's parser accepts it. A typo would otherwise
+    surface only in a lent GPU's short window; the dry run runs a few checks, and at tiny sizes."""
+    from bench import compare, profile_step
+
+    parsers = {"bench/compare.py": compare.parse_args, "bench/profile_step.py": profile_step.parse_args}
+    checked = 0
+    for check in [c for p in PLANS for c in plan(p)]:
+        if check.argv[0] in parsers:
+            argv = [*check.argv[1:], "--json", str(tmp_path / f"{check.name}.json"), "--compile-cache", "none"]
+            parsers[check.argv[0]](argv + (["--plot", str(tmp_path / f"{check.name}.png")] if check.plot else []))
+            checked += 1
+    assert checked >= 14, checked
+
+
 def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
     checks = [Check("a", ["x"], 10), Check("b", ["x"], 30), Check("c", ["x"], 60, needs="no_such_field")]
     why_not = runnable(checks, ["a", "b", "c"])
