@@ -152,7 +152,7 @@ def compile_step(spec_name, batch, tokens):
     return time.perf_counter() - t0
 
 
-def main(argv=None):
+def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
         p.add_argument(f"--{flag}", type=at_least(1), default=default, help=f"(default {default})")
@@ -163,7 +163,11 @@ def main(argv=None):
     p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--compile-step", metavar="SPEC", help="time the compile of the JAX train step of SPEC instead")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.compile_step:
         try:
             seconds = compile_step(args.compile_step, args.batch, args.tokens)

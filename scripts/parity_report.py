@@ -213,7 +213,7 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", help="preset name or YAML path (default: the spec in --weights)")
     p.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, "
@@ -235,6 +235,11 @@ def main(argv=None):
     check_outputs(args.json, args.plot)  # fail now, not after the run
     if args.plot and args.train_steps <= 0:
         raise UsageError("--plot needs --train-steps N")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.weights:
         quiet_libraries()
         weights, spec = read_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)

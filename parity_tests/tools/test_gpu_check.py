@@ -49,19 +49,20 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
 
 
 def test_every_bench_check_parses_at_the_gpu_s_sizes(tmp_path):
-    """Every compare.py and profile_step.py check of every plan, as the GPU will run it (full sizes, with the
-    --json, --plot and --compile-cache run_check adds): its script's parser accepts it. A typo would otherwise
+    """Every check of every plan, as the GPU will run it (full sizes, with the --json, --plot and --compile-cache
+    run_check adds): its script's parser accepts it. A typo would otherwise
     surface only in a lent GPU's short window; the dry run runs a few checks, and at tiny sizes."""
-    from bench import compare, profile_step
+    from bench import compare, gla_layer, profile_step
 
-    parsers = {"bench/compare.py": compare.parse_args, "bench/profile_step.py": profile_step.parse_args}
-    checked = 0
+    from ..support.common import load_script
+
+    parity_report = load_script("parity_report")
+    parsers = {"bench/compare.py": compare.parse_args, "bench/profile_step.py": profile_step.parse_args,
+               "bench/gla_layer.py": gla_layer.parse_args, "scripts/parity_report.py": parity_report.parse_args}
     for check in [c for p in PLANS for c in plan(p)]:
-        if check.argv[0] in parsers:
-            argv = [*check.argv[1:], "--json", str(tmp_path / f"{check.name}.json"), "--compile-cache", "none"]
-            parsers[check.argv[0]](argv + (["--plot", str(tmp_path / f"{check.name}.png")] if check.plot else []))
-            checked += 1
-    assert checked >= 14, checked
+        argv = [*check.argv[1:], "--json", str(tmp_path / f"{check.name}.json")]
+        argv += ["--compile-cache", "none"] if check.argv[0] in gpu_check.CACHED else []
+        parsers[check.argv[0]](argv + (["--plot", str(tmp_path / f"{check.name}.png")] if check.plot else []))
 
 
 def test_the_budget_is_shared_by_cost_over_the_checks_that_run():
