@@ -260,9 +260,10 @@ def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
 
 
 def torch_resident(model, optimizer, batch) -> list:
-    """What a torch train step keeps between steps: parameters, AdamW's state, the batch."""
+    """What a torch train step keeps between steps: parameters, AdamW's state, the batch; FSDP2's shards (DTensors,
+    parameters and moments alike) as this rank's local tensors."""
     state = [x for s in optimizer.state.values() for x in s.values()]
-    return [*(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()), *state, batch]
+    return [x.to_local() if hasattr(x, "to_local") else x for x in [*model.parameters(), *state, batch]]
 
 
 def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,

@@ -126,18 +126,20 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
-    """Scaling out: the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks."""
+    """Scaling out: the JAX step over 4 simulated host devices, the torch step on 2 gloo ranks (DDP, FSDP2)."""
     bench("--backend", "jax", "--mesh", "data=2,fsdp=2", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0",
           "--rounds", "1", "--json", str(tmp_path / "mesh.json"))
     (r,) = json.loads((tmp_path / "mesh.json").read_text())["results"]
     assert r["mesh"] == {"data": 2, "fsdp": 2} and r["n_steps"] == 2
-    proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "ddp", "--batch",
-                      "4", "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads", "1",
-                      "--json", tmp_path / "ddp.json", OMP_NUM_THREADS="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "ddp.json").read_text())
-    assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == "ddp"
-    assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
+    for parallel in ("ddp", "fsdp2"):  # FSDP2: its shards' peak memory is counted from this rank's local tensors
+        proc = run_python(*TORCHRUN, ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", parallel,
+                          "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "1", "--threads",
+                          "1", "--json", tmp_path / f"{parallel}.json", OMP_NUM_THREADS="1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((tmp_path / f"{parallel}.json").read_text())
+        assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == parallel
+        assert report["results"][0]["peak_mem_bytes"] > 0
+        assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
 
 
 @pytest.mark.parametrize(
