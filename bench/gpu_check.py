@@ -17,8 +17,8 @@ XLA with cuBLAS for every matmul, inductor's coordinate-descent tuning (flags in
 The budget (--budget, default 420 s) is shared over the checks that will run, by their expected cost: a check
 may use its cost's share of what is left, so time a fast check leaves goes to the later ones; at its limit a
 check's whole process group is stopped. Every check writes DIR/<check>.json (+ .png, and its output in .log),
-each bench rewriting its JSON after every row, so a stopped check keeps what it measured; DIR/summary.json is
-rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default.
+each bench rewriting its JSON after every row, so a stopped check keeps what it measured; DIR/summary-<plan>.json
+is rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default.
 Compiled programs go to a persistent cache (--compile-cache), so a rerun skips compilation. It prints a short
 summary: every check is reported ok, failed (with its last error line) or not run (with the reason: a missing
 spec field, the time budget); none is dropped silently. Exit 1 if any failed. The targets it prints (MFU >= 50%
@@ -52,7 +52,7 @@ MIN_S = 5  # a check given less than this is not started
 CACHED = ("bench/compare.py", "bench/profile_step.py")  # the scripts that take --compile-cache
 
 # Expected seconds on a cold H200 (empty caches), from what one H200 measured (2026-12-04, FIELD_NOTES). The
-# first GPU run's summary.json gives every check's seconds: recalibrate these from it.
+# first GPU run's summary-<plan>.json files give every check's seconds: recalibrate these from it.
 START_S = 15  # a fresh process before its first step (imports, CUDA and cuDNN start, model init); the least sure
 #   figure: the old plan's ~900 s over its 9 processes implies ~10 s, a 100 s two-twin run of small ~50 s
 COMPILE_S = {"jax": 13, "torch": 20, "hf": 36}  # first step of `small`: jax.jit 12-13 s; torch.compile of a whole
@@ -271,12 +271,11 @@ def stop_group(proc: subprocess.Popen) -> None:
 MFU_TARGETS = {"small": 0.50, "llama1b": 0.55}  # the twins' train step by check name: the field's MFU (nanoGPT's)
 
 
-def targets(out: Path) -> list[str]:
-    """The benchmark targets, read off the bench reports: met or not, never asserted."""
+def targets(out: Path, checks: list[str]) -> list[str]:
+    """The benchmark targets, read off the reports of `checks` in `out` (another plan's, sharing the directory, are
+    not this plan's): met or not, never asserted."""
     lines = []
-    for path in sorted(out.glob("*.json")):
-        if path.name == "summary.json":
-            continue
+    for path in [out / f"{name}.json" for name in checks if (out / f"{name}.json").is_file()]:
         report = json.loads(path.read_text())
         if not report.get("results") or "variant" not in report["results"][0]:  # profiles and parity: no timings
             continue
@@ -301,6 +300,11 @@ def targets(out: Path) -> list[str]:
     return lines
 
 
+def summary_path(out: Path, plan_name: str) -> Path:
+    """The plan's summary in `out`: one file per plan, so that the plans can share a results directory."""
+    return out / f"summary-{plan_name}.json"
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
@@ -314,8 +318,9 @@ def main(argv=None):
     env = {**env, "plan": args.plan, "budget_s": args.budget}
 
     def summary(complete: bool) -> dict:
-        report = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out)}
-        write_report(out / "summary.json", report, complete=complete)  # after every check: a stopped plan keeps it
+        report = {**env, "seconds": time.perf_counter() - started, "checks": results,
+                  "targets": targets(out, [c.name for c in checks])}
+        write_report(summary_path(out, args.plan), report, complete=complete)  # after every check: kept if stopped
         return report
 
     summary(complete=False)

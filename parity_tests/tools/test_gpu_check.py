@@ -36,16 +36,17 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
 
     reports = {"small-train-b8": [row("jax", 0.51, 40), row("torch", 0.49, 41), row("hf", 0.3, 60)],
                "llama1b-train-b4": [row("jax", 0.56, 150), row("torch", 0.54, 160), row("hf", 0.4, 200)]}
-    for name, rows in reports.items():
+    other_plan = {"small-train-b32": [row("jax", 0.2, 400), row("torch", 0.2, 100)]}  # in the directory, not run
+    for name, rows in {**reports, **other_plan}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"complete": True, "results": rows}))
-    lines = gpu_check.targets(tmp_path)
+    lines = gpu_check.targets(tmp_path, [*reports, "not-run-here"])
     for expected in ("small-train-b8 jax: MFU 51.0% (target >= 50%)",
                      "small-train-b8 torch: MFU 49.0% (target >= 50%)",
                      "llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
                      "llama1b-train-b4 base: torch/hf 0.80 (target < 1)",
                      "llama1b-train-b4 base: jax/torch 0.94 (target 0.95-1.05)"):
         assert expected in lines, (expected, lines)
-    assert not any("hf: MFU" in line for line in lines), lines
+    assert not any("hf: MFU" in line or "b32" in line for line in lines), lines
 
 
 def test_every_bench_check_parses_at_the_gpu_s_sizes(tmp_path):
@@ -92,7 +93,7 @@ def test_the_summary_is_on_disk_after_every_check(tmp_path, monkeypatch):
     seen = []
 
     def fake_run(check, out, dry_run, timeout, cache):
-        seen.append(json.loads((out / "summary.json").read_text()))
+        seen.append(json.loads((out / "summary-extra.json").read_text()))
         return {"status": "ok", "seconds": 0.0}
 
     monkeypatch.setattr(gpu_check, "run_check", fake_run)
@@ -101,8 +102,17 @@ def test_the_summary_is_on_disk_after_every_check(tmp_path, monkeypatch):
     assert [s["complete"] for s in seen] == [False] * len(names)
     for i, s in enumerate(seen):  # before check i: the checks before it done, it and the rest pending
         assert [s["checks"][n]["status"] for n in names] == ["ok"] * i + ["pending"] * (len(names) - i)
-    final = json.loads((tmp_path / "summary.json").read_text())
+    final = json.loads((tmp_path / "summary-extra.json").read_text())
     assert final["complete"] and final["plan"] == "extra" and final["budget_s"] == BUDGET_S
+
+
+def test_plans_sharing_a_directory_keep_their_own_summaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "run_check", lambda check, *_: {"status": "ok", "seconds": 0.0})
+    for which in PLANS:
+        gpu_check.main(["--dry-run", "--quiet", "--out", str(tmp_path), "--plan", which])
+    for which in PLANS:
+        summary = json.loads((tmp_path / f"summary-{which}.json").read_text())
+        assert summary["plan"] == which and list(summary["checks"]) == [c.name for c in plan(which)]
 
 
 def alive(pid: int) -> bool:
@@ -163,7 +173,7 @@ def test_dry_run_of_each_plan(tmp_path, which, chosen):
     proc = run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--quiet", "--plan", which, "--budget", "3000",
                       "--out", out, "--only", ",".join(chosen), "--compile-cache", cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / f"summary-{which}.json").read_text())
     assert summary["complete"] and summary["dry_run"] and summary["plan"] == which
     assert {"torch", "jax", "flax", "optax", "transformers"} <= set(summary["versions"])
     assert list(summary["checks"]) == [c.name for c in plan(which)]
