@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least
-from shared_config.compile_cache import add_compile_cache_option
+from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNELS, check_kernel
 
 from bench.load import usable_cpus
@@ -147,5 +147,6 @@ COMPILER_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TORCHINDUCTOR_", "TORCH_COMPIL
 
 def compiler_flags() -> dict[str, str]:
     """The environment variables that steer XLA's or torch.compile's code generation (docs/bench.md, "Compiler
-    options"), as set for this run: a row measured with other flags is another measurement."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(COMPILER_ENV)}
+    options"), as set for this run: a row measured with other flags is another measurement. The compile cache's own
+    settings (--compile-cache) are where code is kept, not how it is made: left out."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(COMPILER_ENV) and k not in TORCH_CACHE_ENV}

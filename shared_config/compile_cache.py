@@ -26,6 +26,10 @@ def add_compile_cache_option(parser) -> None:
                         help="persistent JAX and torch.compile caches here; 'none': compile everything afresh")
 
 
+# what use_compile_cache sets for torch: where compiled code is kept, not how it is generated
+TORCH_CACHE_ENV = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_CACHE_DIR")
+
+
 def use_compile_cache(directory: str | Path | None) -> Path | None:
     """Turn both frameworks' persistent compilation caches on in `directory` (created; JAX's under jax/, inductor's
     under inductor/), every program cached whatever its size or compile time; None or "none" turns them off. Call
