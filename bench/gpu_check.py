@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import ModelSpec, did_you_mean
-from shared_config.cli import Parser, UsageError, above, run
+from shared_config.cli import Parser, UsageError, above, check_out_dir, run
 from shared_config.compile_cache import add_compile_cache_option
 from shared_config.report import write_report
 
@@ -181,6 +181,8 @@ def parse_args(argv):
     p.add_argument("--only", default=None, help="comma-separated check names to run (default: every check of the plan)")
     add_compile_cache_option(p)
     args = p.parse_args(argv)
+    if args.out is not None:
+        check_out_dir("--out", args.out)
     names = [c.name for c in plan(args.plan)]
     args.only = names if args.only is None else args.only.split(",")
     if unknown := [n for n in args.only if n not in names]:

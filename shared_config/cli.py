@@ -150,6 +150,18 @@ def check_outputs(json_path=None, plot_path=None) -> None:
         raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
 
 
+def check_out_dir(flag: str, path) -> None:
+    """Refuse, before any work and without creating anything, an output directory that cannot be made: its nearest
+    existing ancestor must be a directory this process may write into."""
+    ancestor = Path(path).expanduser().resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {ancestor} is not writable")
+
+
 def fail(message: str, code: int = BAD_INPUT):
     """Print one `error:` line and exit with `code`. Under torchrun a usage error is every rank's alike: rank 0
     alone prints it (the others exit with the same code, silently)."""

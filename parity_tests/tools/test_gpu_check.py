@@ -155,6 +155,13 @@ def test_a_budget_that_is_no_finite_positive_number_is_refused(value, capsys):
     assert len(err) == 1 and err[0].startswith("error: argument --budget: must be a finite number > 0, got "), err
 
 
+def test_an_out_that_cannot_be_a_directory_is_refused_first(tmp_path):
+    (tmp_path / "afile").write_text("")
+    one_line_error(run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--out", tmp_path / "afile" / "sub"),
+                   "--out", "afile is a file, not a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def test_unknown_check_names_the_plan():
     one_line_error(run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--only", "routing-sweep"),
                    "--only: unknown check 'routing-sweep' in --plan core")
