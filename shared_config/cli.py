@@ -163,9 +163,11 @@ def check_out_dir(flag: str, path) -> None:
 
 
 def fail(message: str, code: int = BAD_INPUT):
-    """Print one `error:` line and exit with `code`. Under torchrun a usage error is every rank's alike: rank 0
-    alone prints it (the others exit with the same code, silently)."""
-    if code == BAD_INPUT and os.environ.get("RANK", "0") != "0":
+    """Print one `error:` line and exit with `code`. Under torchrun a usage error, a non-finite loss (its checks
+    read values every rank shares) and a signal (torchrun sends it to every rank) are every rank's alike: rank 0
+    alone prints them (the others exit with the same code, silently). An error of the machine (ENVIRONMENT: memory,
+    disk) may be one rank's own: every rank that meets it prints it."""
+    if code != ENVIRONMENT and os.environ.get("RANK", "0") != "0":
         sys.exit(code)
     text = " ".join(str(message).split())
     if len(text) > MAX_MESSAGE:

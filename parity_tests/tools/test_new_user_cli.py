@@ -143,15 +143,16 @@ def test_what_the_readme_commands_write_is_git_ignored():
 
 
 def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys):
-    """Every rank hits the same bad argument: one `error:` line, not one per rank (environment errors, which can
-    differ by rank, still print everywhere)."""
+    """Every rank hits the same bad argument, non-finite loss or signal: one `error:` line, not one per rank
+    (environment errors, which can differ by rank, still print everywhere)."""
     from shared_config.cli import fail
 
-    for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
-        monkeypatch.setenv("RANK", rank)
-        with pytest.raises(SystemExit) as exit_:
-            fail("bad --x")
-        assert exit_.value.code == 2 and capsys.readouterr().err == printed
+    for code in (2, 1, 143):  # a usage error, a non-finite loss, SIGTERM
+        for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
+            monkeypatch.setenv("RANK", rank)
+            with pytest.raises(SystemExit) as exit_:
+                fail("bad --x", code)
+            assert exit_.value.code == code and capsys.readouterr().err == printed
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit):
         fail("disk full", 3)
