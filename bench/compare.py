@@ -139,7 +139,7 @@ def main(argv=None):
             from bench.plot import plot_results
 
             plot_results(report, args.plot)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: leave without torch's teardown at exit
+    if args.parallel:  # a torchrun rank (parse_args sets it there alone): leave without torch's teardown at exit
         from torch_model.distributed import exit_rank
 
         exit_rank()

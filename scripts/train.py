@@ -129,10 +129,10 @@ def main(argv=None):
                                 f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e
         raise
     finally:
-        if args.parallel:
+        if args.parallel and not finished:  # an error: leave the group without waiting for the other ranks
             from torch_model.distributed import close_distributed
 
-            close_distributed(finished)
+            close_distributed(finished=False)
     if is_main_process():
         print(json.dumps(summary))
     if args.parallel:  # everything is written: leave without torch's teardown at exit (exit_rank says why)

@@ -67,9 +67,7 @@ def init_distributed() -> torch.device:
 def close_distributed(finished: bool = True) -> None:
     """Leave torchrun's process group, if one was joined. `finished` (the run ended without an error): first a
     barrier, which in gloo also waits for this rank's pending work, so that no rank tears down its connections
-    while another still trains or writes; without it a rank that left early sometimes aborted in gloo's teardown
-    ("terminate called without an active exception", SIGABRT). After an error no barrier: the other ranks may never
-    reach it."""
+    while another still trains or writes. After an error no barrier: the other ranks may never reach it."""
     if not dist.is_initialized():
         return
     if finished:
