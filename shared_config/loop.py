@@ -108,7 +108,8 @@ class Loop:
         `first` step (compilation) the bar's clock restarts, so that its ETA counts the steps after."""
         fetched = trainer.fetch([m for _, m in self.pending])
         steps = [s for s, _ in self.pending]
-        records = [{"kind": "train", "step": s, **{k: float(v) for k, v in m.items()}} for s, m in zip(steps, fetched)]
+        records = [{"kind": "train", "step": s, **{k: float(m[k]) for k in metric_order(m)}}
+                   for s, m in zip(steps, fetched)]
         # any NaN/Inf gradient makes the norm non-finite: the fraction is 0 exactly while it is finite
         for r in records:
             r["nonfinite"] = 0.0 if math.isfinite(r["grad_norm"]) else None  # else counted by the replay below
@@ -203,6 +204,13 @@ class Clock:
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def metric_order(metrics: dict) -> list[str]:
+    """A train step's metric names in the order metrics.jsonl writes them, the same for both twins: loss, grad_norm,
+    lr, then the rest (routing's terms) by name. A jitted JAX step returns its dict's keys sorted, torch's as built."""
+    lead = [k for k in ("loss", "grad_norm", "lr") if k in metrics]
+    return lead + sorted(k for k in metrics if k not in lead)
 
 
 def finite_step(record: dict) -> bool:

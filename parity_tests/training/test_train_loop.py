@@ -62,6 +62,7 @@ def test_loss_falls_and_metrics_hold_every_scalar(straight):
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(list(r)[:5] == ["kind", "step", "loss", "grad_norm", "lr"] for r in steps), "both twins' key order"
     losses = np.array([r["loss"] for r in steps])
     assert losses[-5:].mean() < losses[0] - 0.5, f"{backend}: {losses[0]:.3f} -> {losses[-5:].mean():.3f}"
     assert all(r["nonfinite"] == 0 and math.isfinite(r["grad_norm"]) and r["lr"] > 0 for r in steps)
