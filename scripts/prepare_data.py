@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, check_out_dir, run
 from shared_config.data import DataError, split_tokens
 from shared_config.files import atomic_dir
 
@@ -83,6 +83,7 @@ def main(argv=None):
         raise UsageError(f"{args.input}: no such file")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
+    check_out_dir("--out", args.out)
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
     if args.tokenizer == "bpe" and not 256 < args.vocab_size <= 1 << 32:

@@ -145,7 +145,7 @@ def check_outputs(json_path=None, plot_path=None) -> None:
     (by its extension): the UsageError a long run would otherwise raise at its end, or never."""
     for flag, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"{flag} {path}: {Path(path).parent} is no directory")
+            raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cli import UsageError
+from .cli import UsageError, check_out_dir
 from .config_file import check_keys, parse_overrides
 from .data import TokenData, load_data
 from .files import CheckpointError
@@ -97,8 +97,8 @@ def resolve_run(args) -> Run:
 
 
 def refuse_file_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; a run directory is a directory (pass another --out)")
+    """A run directory that cannot be made (a file on its path, no write permission) is refused before any work."""
+    check_out_dir("--out", out)
 
 
 def refuse_used_out(out: Path) -> None:

@@ -422,10 +422,19 @@ def test_tensors_numpy_cannot_hold_in_a_pt_file_are_refused_by_name(tmp_path, te
 
 def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):
     (tmp_path / "afile").write_text("keep")
-    one_line(run_script("train", "--backend", "torch", "--out", tmp_path / "afile", "--quiet"), 2, "is a file")
+    one_line(run_script("train", "--backend", "torch", "--out", tmp_path / "afile", "--quiet"), 2,
+             "--out", "afile is a file, not a directory")
     one_line(run_script("train", "--backend", "torch", "--out", tmp_path / "afile" / "run", "--quiet"), 2,
-             "afile/run", "Not a directory")
+             "--out", "afile/run", "afile is a file, not a directory")
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_prepare_data_out_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "afile" / "data"), 2,
+             "--out", "afile/data", "afile is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "text.txt"]
 
 
 def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):

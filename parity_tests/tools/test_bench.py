@@ -92,7 +92,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
         (["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
-        (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is no directory"),
+        (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is not a directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
     ], 2, multi=True),
 )

@@ -98,7 +98,7 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
     (["--spec", "tiny", "--train-steps", "-1"], "argument --train-steps: must be an integer >= 0, got -1"),
     (["--spec", "tiny", "--train-steps", "2", "--plot", "x.jpgx"],
      "--plot x.jpgx: the file must end in .png, .pdf, .svg"),
-    (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is no directory"),
+    (["--spec", "tiny", "--json", "/no/such/dir/r.json"], "/no/such/dir is not a directory"),
 ])
 def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     with pytest.raises(SystemExit) as e:
