@@ -70,6 +70,7 @@ class TransformerModel(nnx.Module):
         self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
                                 for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
+        self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
 
     def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                  decide: str | None = None, remat: str = "none"):
@@ -104,15 +105,24 @@ class TransformerModel(nnx.Module):
         return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
 
     def embed(self, tokens_BT, positions):
-        """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
-        x_BTD = self.embed_tokens(tokens_BT)
+        """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled as the spec says; positions [T]
+        or [B, T]. Looked up, added and scaled in float32, then cast once: each table's gradient sums a token's (or a
+        position's) rows in float32, and the scale's its B·T·D terms (in bf16, a token seen 1,000 times in a batch
+        had a row gradient stuck at 256, and the scale's gradient was off by its own size)."""
+        x_BTD = lookup(self.embed_tokens, tokens_BT)
         if self.embed_positions is not None:
-            x_BTD = x_BTD + self.embed_positions(positions)
+            x_BTD = x_BTD + lookup(self.embed_positions, positions)
         if self.spec.embed_scale == "learnable":
-            x_BTD = x_BTD * self.embed_scale[...].astype(x_BTD.dtype)
+            x_BTD = x_BTD * self.embed_scale[...].astype(jnp.float32)
         elif self.spec.embed_scale == "constant":
             x_BTD = x_BTD * math.sqrt(self.spec.D)
-        return x_BTD
+        return x_BTD.astype(self.compute_dtype)
+
+
+def lookup(table, ids):
+    """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
+    backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype)."""
+    return jnp.take(table.embedding[...].astype(jnp.float32), ids, axis=0)
 
 
 class Transformer(nnx.Module):

@@ -11,6 +11,7 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -71,7 +72,7 @@ class TransformerModel(nn.Module):
         self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
                                      for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
-        self.compute_dtype = DTYPES[spec.compute_dtype]  # what nnx.Embed's `dtype` does in the JAX twin
+        self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
 
     def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                 decide: str | None = None, remat: str = "none"):
@@ -106,15 +107,24 @@ class TransformerModel(nn.Module):
         return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
 
     def embed(self, tokens_BT, positions):
-        """Token (+ learned position) embeddings, scaled as the spec says; positions [T] or [B, T]."""
-        x_BTD = self.embed_tokens(tokens_BT).to(self.compute_dtype)
+        """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled as the spec says; positions [T]
+        or [B, T]. Looked up, added and scaled in float32, then cast once: each table's gradient sums a token's (or a
+        position's) rows in float32, and the scale's its B·T·D terms (in bf16, a token seen 1,000 times in a batch
+        had a row gradient stuck at 256, and the scale's gradient was off by its own size)."""
+        x_BTD = lookup(self.embed_tokens, tokens_BT)
         if self.embed_positions is not None:
-            x_BTD = x_BTD + self.embed_positions(positions).to(self.compute_dtype)
+            x_BTD = x_BTD + lookup(self.embed_positions, positions)
         if self.spec.embed_scale == "learnable":
-            x_BTD = x_BTD * self.embed_scale.to(x_BTD.dtype)
+            x_BTD = x_BTD * self.embed_scale.to(torch.float32)
         elif self.spec.embed_scale == "constant":
             x_BTD = x_BTD * math.sqrt(self.spec.D)
-        return x_BTD
+        return x_BTD.to(self.compute_dtype)
+
+
+def lookup(table, ids):
+    """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
+    backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype)."""
+    return F.embedding(ids, table.weight.to(torch.float32))
 
 
 class Transformer(nn.Module):

@@ -2,8 +2,14 @@
 float32 parameters and with bfloat16 parameters; bf16 train steps end with the same parameters and
 AdamW moments, within what bf16 roundings explain."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import nnx
+
+import jax_model
 
 import torch_model
 from shared_config import TrainConfig, load_spec, synthetic_batch
@@ -69,3 +75,57 @@ def test_bf16_train_steps_agree(param_dtype):
     spec = load_spec("tiny-dyt").replace(compute_dtype="bfloat16", param_dtype=param_dtype)
     bad = bf16_train_mismatches(spec, TrainConfig(lr=1e-3, warmup_steps=2, steps=5, batch_size=4, seq_len=32))
     assert not bad, f"max|Δ| / max|x| above {BF16_GRAD_TOL}: {bad}"
+
+
+
+def test_bf16_embedding_gradients_sum_in_float32():
+    """A bf16 model's embeddings (token and position rows, the learnable scale) get their gradients summed in
+    float32: 1,024 uses of one token with a cotangent of ones give a row gradient of 1,024·scale, where a bf16 sum
+    stalls at 256; the scale's gradient is the sum of every embedding entry's use."""
+    spec = load_spec("tiny").replace(compute_dtype="bfloat16", position="learned", embed_scale="learnable")
+    weights = {k: np.abs(v) + 0.5 for k, v in parity_weights(spec).items()}  # positive entries: no cancellation
+    B, T, scale = 8, 128, float(weights["model.embed_scale"][0])
+    tokens_BT, positions_T = np.full((B, T), 7), np.arange(T)
+    want = {"model.embed_tokens.weight": B * T * scale, "model.embed_positions.weight": B * scale,
+            "model.embed_scale": B * (T * weights["model.embed_tokens.weight"][7].sum()
+                                      + weights["model.embed_positions.weight"][:T].sum())}
+
+    graphdef, params, rest = nnx.split(jax_model.from_weights(weights, spec).model, nnx.Param, ...)
+
+    def embed_sum(params):
+        x_BTD = nnx.merge(graphdef, params, rest).embed(jnp.asarray(tokens_BT), jnp.asarray(positions_T))
+        return jnp.sum(x_BTD.astype(jnp.float32))
+
+    grads = jax.grad(embed_sum)(params)
+    got_jax = {"model.embed_tokens.weight": float(grads["embed_tokens"]["embedding"][...][7, 0]),
+               "model.embed_positions.weight": float(grads["embed_positions"]["embedding"][...][0, 0]),
+               "model.embed_scale": float(grads["embed_scale"][...][0])}
+    model = torch_model.from_weights(weights, spec).model
+    model.embed(torch.as_tensor(tokens_BT), torch.as_tensor(positions_T)).float().sum().backward()
+    got_torch = {"model.embed_tokens.weight": model.embed_tokens.weight.grad[7, 0].item(),
+                 "model.embed_positions.weight": model.embed_positions.weight.grad[0, 0].item(),
+                 "model.embed_scale": model.embed_scale.grad[0].item()}
+    for twin, got in (("jax", got_jax), ("torch", got_torch)):
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), f"{twin}: {name}"
+
+
+REPEATS_CASES = [("tiny", {"position": "learned", "embed_scale": "learnable"}), ("tiny-dyt", {"tie_embeddings": True})]
+
+
+@pytest.mark.parametrize("name,over", REPEATS_CASES, ids=[n for n, _ in REPEATS_CASES])
+def test_bf16_gradients_sum_many_terms_in_float32(name, over):
+    """Each twin's bf16 gradients against its own float32 gradients, on a batch where one token fills half of the
+    positions: a gradient summed over many tokens in bf16 (an embedding row seen 512 times) stalls as its sum grows
+    (at 256 for a sum of ones) and misses by far more than a few roundings. One-element parameters (alpha, shift,
+    the scale) are left out: their gradient is one sum of B·T·D terms of both signs, whose cancellation makes its
+    relative error large in both twins alike (the test above checks the scale's sum without cancellation)."""
+    spec = load_spec(name).replace(compute_dtype="bfloat16", **over)
+    weights, tokens_BN = parity_weights(spec), synthetic_batch(0, 0, 8, 128, spec.V)
+    tokens_BN[:, ::2] = 7
+    bf16 = both_loss_and_grads(weights, spec, tokens_BN)
+    float32 = both_loss_and_grads(weights, spec.replace(compute_dtype="float32"), tokens_BN)
+    for (twin, _, _), (_, got), (_, want) in zip(TWINS, bf16, float32):
+        errors = {k: max_rel(got[k], want[k]) for k in want if want[k].size > 1}  # a scalar's sum may cancel
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= BF16_GRAD_TOL, f"{twin}: {worst} max|Δg| / max|g| = {errors[worst]:.1e}"
