@@ -183,7 +183,11 @@ def _terminate(signum, frame):
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("RANK", "0") == "0":
+        signal.signal(signal.SIGTERM, _terminate)
+    # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
+    # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one
+    # rank's error, gives the others 30 s before SIGKILL)
     try:
         code = main(argv) or 0
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the job is done: Python's shutdown would die of it silently

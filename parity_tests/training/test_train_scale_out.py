@@ -2,6 +2,8 @@
 (DDP, FSDP2) train exactly as one device does, write checkpoints either twin resumes, and resume their own."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -67,6 +69,29 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
         records = train_records(out)
         assert [x["step"] for x in records] == list(range(1, 11)), [x["step"] for x in records]
         assert close(losses(out)[:8], reference) and all(math.isfinite(x) for x in losses(out)[8:]), losses(out)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_end_at_once_when_rank_0_fails_alone(tmp_path):
+    """Rank 0 alone holds the run directory's lock: when another process holds it, rank 0 fails with its error line
+    while rank 1 waits in the process group's rendezvous. torchrun then sends SIGTERM to rank 1, which must die of it
+    at once (rank 1 writes nothing): a Python handler would run only when the blocking call returned, and torchrun
+    SIGKILLs it after 30 s."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'4242', 0); "
+                               "print('held', flush=True); time.sleep(120)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = torchrun("--parallel", "ddp", "--out", out, "--steps", "2", "--quiet")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0
+    assert r.stderr.count("error: ") == 1 and "is being written by another process (PID 4242)" in r.stderr, r.stderr
+    assert "(SIGKILL)" not in r.stderr and "exitcode  : -15" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
