@@ -97,7 +97,8 @@ def state_shardings(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
         optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params), params_sharding,
         transform_non_params=lambda _: replicated,
     )
-    return train.TrainState(replicated, params_sharding, opt_sharding)
+    working = {name: by_name[name] for name in train.working_names(model, cfg)}  # each copy as its master
+    return train.TrainState(replicated, params_sharding, opt_sharding, working)
 
 
 def place(x, sharding: NamedSharding) -> jax.Array:

@@ -42,6 +42,26 @@ def linear(x_BTD, w_DF, dtype):
     return jnp.dot(x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dtype), w_DF.astype(dtype)).reshape(*x_BTD.shape[:-1], -1)
 
 
+@jax.custom_vjp
+def working_copy(master, copy):
+    """`copy`, the weight `master` already cast to the compute dtype (the train step's working weights), read in its
+    place: the forward reads `copy`, the backward hands `master` the gradient cast to master's dtype, as the cast
+    `master.astype(copy.dtype)` would. The same values and gradients as casting master at each use, bit for bit,
+    for a weight the forward reads once (jax.custom_vjp; torch_model/layers.py: a torch.autograd.Function)."""
+    return copy
+
+
+def _working_copy_forward(master, copy):
+    return copy, jnp.zeros((), master.dtype)  # the residual carries master's dtype only
+
+
+def _working_copy_backward(like, g):
+    return g.astype(like.dtype), None  # the copy is state, not a parameter: no gradient
+
+
+working_copy.defvjp(_working_copy_forward, _working_copy_backward)
+
+
 def recomputed(fn):
     """`fn(x)` whose intermediates the backward recomputes from x instead of reading them back (jax.checkpoint over
     the whole of `fn`), when x is narrower than float32. For the float32 work between matmuls (norms, activations):

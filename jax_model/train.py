@@ -3,7 +3,7 @@
 torch_model/train.py is the same file in PyTorch; both compute the same update (see the comments
 where the libraries' defaults differ).
 
-    state = init_train_state(model, cfg)                # TrainState(step, params, opt_state)
+    state = init_train_state(model, cfg)                # TrainState(step, params, opt_state, working)
     train_step = make_train_step(model, cfg)            # jax.jit of a pure function, state donated
     state, metrics = train_step(state, tokens_BN)       # metrics: loss, grad_norm (before clipping), lr (+ routing's)
     eval_step = make_eval_step(model)                   # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
@@ -31,7 +31,7 @@ from flax import nnx
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
 from .head_loss import fused_head_loss
-from .layers import DTYPES
+from .layers import DTYPES, working_copy
 from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -182,12 +182,43 @@ class TrainState(NamedTuple):
     step: jax.Array  # updates applied so far (int32)
     params: nnx.State
     opt_state: optax.OptState
+    working: dict[str, jax.Array]  # the working weights (working_weights), by JAX path; {} without
 
 
 def init_train_state(model, cfg: TrainConfig) -> TrainState:
-    """Step 0: the model's parameters and a fresh AdamW state (m = v = 0)."""
+    """Step 0: the model's parameters, a fresh AdamW state (m = v = 0) and the working weights."""
     params = nnx.state(model, nnx.Param)
-    return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(model, cfg).init(params))
+    working = working_weights(model, params, working_names(model, cfg))
+    return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(model, cfg).init(params), working)
+
+
+def working_names(model, cfg: TrainConfig) -> tuple[str, ...]:
+    """The weights (JAX paths) the train step keeps working copies of, in the compute dtype (working_weights): every
+    Linear weight when the compute dtype is narrower than the parameters' (mixed precision), but the LM head under a
+    chunked loss (head_loss sums its gradient over chunks in float32 from the master). The embeddings are looked up
+    in float32 and have none."""
+    spec = model.spec
+    if spec.compute_dtype == spec.param_dtype:
+        return ()
+    return tuple(t.jax_name for t in model_layout(spec)
+                 if t.kind == "linear" and not (cfg.loss_chunk and t.name == "lm_head.weight"))
+
+
+def working_weights(model, params: nnx.State, names) -> dict[str, jax.Array]:
+    """The working weights: the master weights `names` cast to the compute dtype, made after each update (fused into
+    the optimizer's by XLA), so the forward reads them instead of casting every weight at every use (and again in
+    a rematted backward, and per micro-batch). Apex's and Megatron's model weights beside float32 master weights."""
+    flat = flat_arrays(params)
+    return {name: flat[name].astype(DTYPES[model.spec.compute_dtype]) for name in names}
+
+
+def read_working(params: nnx.State, working: dict) -> nnx.State:
+    """`params` with each weight of `working` read as its working copy (layers.working_copy): the forward reads the
+    copy, the gradient goes to the master in float32, bit for bit what casting the master gives."""
+    if not working:
+        return params
+    return nnx.map_state(lambda path, v: v.replace(working_copy(v[...], working[dotted(path)]))
+                         if dotted(path) in working else v, params)
 
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callable:
@@ -198,20 +229,21 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 
-    def loss_fn(params, tokens_BN, mask_BN, count, share):
+    def loss_fn(working, params, tokens_BN, mask_BN, count, share):
         aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, read_working(params, working), rest)
         loss = model_loss(model, tokens_BN, mask_BN, count, cfg, aux_metrics, remat=cfg.remat,
                           loss_chunk=cfg.loss_chunk, share=share)
         return loss, aux_metrics
 
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
-        (loss, aux_metrics), grads = accumulate_gradients(loss_fn, state.params, tokens_BN, mask_BN, count,
-                                                          cfg.grad_accum_steps)
+        (loss, aux_metrics), grads = accumulate_gradients(partial(loss_fn, state.working), state.params, tokens_BN,
+                                                          mask_BN, count, cfg.grad_accum_steps)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp),
                    **aux_metrics}
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state, working_weights(model, params, state.working)), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
     return jax.jit(train_step, donate_argnums=0) if compile else train_step
@@ -256,7 +288,7 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
     m, v = (from_pure_dict(params, to_pure_dict(canonical[key], spec)) for key in ("m", "v"))
     opt_state = optax.tree_utils.tree_set(state.opt_state, mu=m, nu=v, count=step)  # Adam's and the schedule's count
     # copied: the counts now share one array, and the step donates its arguments buffer by buffer
-    return TrainState(step, params, jax.tree.map(jnp.copy, opt_state))
+    return TrainState(step, params, jax.tree.map(jnp.copy, opt_state), working_weights(model, params, state.working))
 
 
 # --- helpers ---------------------------------------------------------------------------------------

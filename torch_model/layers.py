@@ -39,6 +39,25 @@ def linear(x_BTD, w_FD, dtype):
     return F.linear(x_BTD.to(dtype), w_FD.to(dtype))
 
 
+class WorkingCopy(torch.autograd.Function):
+    """`copy`, the weight `master` already cast to the compute dtype (the train step's working weights), read in its
+    place: the forward reads `copy`, the backward hands `master` the gradient cast to master's dtype, as the cast
+    `master.to(copy.dtype)` would. The same values and gradients as casting master at each use, bit for bit, for a
+    weight the forward reads once (jax_model/layers.py: a jax.custom_vjp)."""
+
+    @staticmethod
+    def forward(ctx, master, copy):
+        ctx.dtype = master.dtype  # the residual carries master's dtype only
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype), None  # the copy is state, not a parameter: no gradient
+
+
+working_copy = WorkingCopy.apply
+
+
 def recomputed(fn):
     """`fn(x)` whose intermediates the backward recomputes from x instead of reading them back (non-reentrant
     torch.utils.checkpoint over the whole of `fn`), when x is narrower than float32 and grad is on. For the float32

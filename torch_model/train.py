@@ -3,7 +3,7 @@
 jax_model/train.py is the same file in JAX; both compute the same update (see the comments where
 the libraries' defaults differ).
 
-    state = init_train_state(model, cfg)                # TrainState(model, optimizer, scheduler)
+    state = init_train_state(model, cfg)                # TrainState(model, optimizer, scheduler, working)
     train_step = make_train_step(model, cfg)            # eager, or torch.compile'd with compile=True
     state, metrics = train_step(state, tokens_BN)       # metrics: loss, grad_norm (before clipping), lr (+ routing's)
     eval_step = make_eval_step(model)                   # eval_step(state, tokens_BN) -> {loss (+ loss_topk)}, no update
@@ -20,7 +20,7 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 
 from .head_loss import fused_head_loss
-from .layers import DTYPES
+from .layers import DTYPES, working_copy
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -77,19 +77,21 @@ def chunked_next_token_loss(model, x_BTD, targets_BT, weights_BT, count=None, ch
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
-               *, remat: str = "none", loss_chunk: int = 0, share: float = 1.0, decide: str | None = None):
+               *, remat: str = "none", loss_chunk: int = 0, share: float = 1.0, decide: str | None = None,
+               working: dict | None = None):
     """The model's next-token loss on a batch: the mean, or the sum over `count` (next_token_loss); with a `cfg`,
     plus a routed spec's auxiliary losses (routing_loss) times `share`, this batch's share of the rows of the batch
     it is part of (a micro-batch's: 1 / grad_accum_steps), their terms put into `metrics`. `remat` and `loss_chunk`:
     the train config's memory options (the same loss, less memory); `decide`: a routed spec's selection (the model's
-    `decide`; None: top-k, as training)."""
+    `decide`; None: top-k, as training); `working`: the train state's working weights, read by the forward."""
     inputs_BT, targets_BT, weights_BT = split_batch(tokens_BN, mask_BN)
     aux = {} if cfg is not None else None
+    forward = read_working(model, working)
     if not loss_chunk or loss_chunk >= targets_BT.numel():  # one chunk of every token is no chunking
-        loss = next_token_loss(model(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
+        loss = next_token_loss(forward(inputs_BT, aux=aux, decide=decide, remat=remat), targets_BT, weights_BT, count)
     else:
         # through DDP's and FSDP2's forward: their hooks run
-        x_BTD = model(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)
+        x_BTD = forward(inputs_BT, aux=aux, decide=decide, remat=remat, logits=False)
         loss = chunked_next_token_loss(unwrapped(model), x_BTD, targets_BT, weights_BT, count, loss_chunk)
     return loss + share * routing_loss(aux, cfg, metrics)
 
@@ -206,11 +208,54 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.AdamW
     scheduler: LambdaLR  # last_epoch = updates applied so far
+    working: dict[str, torch.Tensor] = field(default_factory=dict)  # the working weights, by name; {} without
 
 
 def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainState:
-    """Step 0: the model and a fresh AdamW state (m = v = 0)."""
-    return TrainState(model, *make_optimizer(model, cfg, fused=fused))
+    """Step 0: the model, a fresh AdamW state (m = v = 0) and the working weights."""
+    working = working_weights(model, working_names(model, cfg))
+    return TrainState(model, *make_optimizer(model, cfg, fused=fused), working)
+
+
+def working_names(model, cfg: TrainConfig) -> tuple[str, ...]:
+    """The weights (parameter names) the train step keeps working copies of, in the compute dtype (working_weights):
+    every Linear weight when the compute dtype is narrower than the parameters' (mixed precision), but the LM head
+    under a chunked loss (head_loss sums its gradient over chunks in float32 from the master). The embeddings are
+    looked up in float32 and have none."""
+    spec = model.spec
+    if spec.compute_dtype == spec.param_dtype or cfg.remat != "none":  # torch only: a rematted block's recompute
+        return ()  # runs after functional_call has put the masters back, and the checkpoint replays ops by index
+    return tuple(t.name for t in model_layout(spec)
+                 if t.kind == "linear" and not (cfg.loss_chunk and t.name == "lm_head.weight"))
+
+
+@torch.no_grad()
+def working_weights(model, names, working: dict | None = None) -> dict[str, torch.Tensor]:
+    """The working weights: the master weights `names` cast to the compute dtype, made after each update (one
+    multi-tensor copy), so the forward reads them instead of casting every weight at every use (and again in a
+    rematted backward, and per micro-batch). Apex's and Megatron's model weights beside float32 master weights.
+    `working`: the copies to refresh in place (their tensors stay the same: compiled graphs keep reading them)."""
+    named = dict(model.named_parameters())
+    if working is None:
+        return {name: named[name].detach().to(DTYPES[model.spec.compute_dtype]) for name in names}
+    if working:
+        torch._foreach_copy_(list(working.values()), [named[name] for name in working])  # cast on copy
+    return working
+
+
+def read_working(model, working: dict | None):
+    """`model` as a function whose forward reads each weight of `working` as its working copy (layers.working_copy,
+    through torch.func.functional_call): the forward reads the copy, the gradient goes to the master in float32, bit
+    for bit what casting the master gives."""
+    if not working:
+        return model
+
+    def forward(*args, **kwargs):
+        named = dict(model.named_parameters())
+        copies = {name: working_copy(named[name], copy) for name, copy in working.items()}
+        return torch.func.functional_call(model, copies, args, kwargs)
+
+    return forward
 
 
 def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callable:
@@ -227,12 +272,14 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     def train_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
         aux_metrics = {}  # routed specs: router_bce, predictor_acc, prior_mse
         batch = on_device(device, tokens_BN, mask_BN, count)
-        loss = accumulate_gradients(loss_fn, state.model, *batch, cfg.grad_accum_steps, aux_metrics)
+        loss = accumulate_gradients(partial(loss_fn, working=state.working), state.model, *batch,
+                                    cfg.grad_accum_steps, aux_metrics)
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
+        working_weights(model, (), state.working)
         aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
         return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
@@ -297,7 +344,8 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
                       for i, n in zip(ids, ordered)}
     optimizer.load_state_dict(saved)
     # a scheduler built at last_epoch = step − 1 steps once on construction: update `step` gets lr_factor(step)
-    return TrainState(model, optimizer, LambdaLR(optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1))
+    return TrainState(model, optimizer, LambdaLR(optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1),
+                      working_weights(model, (), state.working))
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""Working weights (docs/training.md, "Working weights"): under mixed precision the train state keeps each Linear
+weight's compute-dtype copy, refreshed after every update, and the forward reads it instead of casting the float32
+master at each use. The update is bit for bit the one of casting at each use, in both twins, for every mixer, routing,
+head and memory option; the copies follow a resumed state; the forward casts no master weight left."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+
+from shared_config import TrainConfig, load_spec, model_layout, synthetic_batch
+
+from ..support.common import parity_weights, quick_first
+from ..support.train_common import TWINS
+
+CFG = TrainConfig(lr=1e-3, warmup_steps=1, steps=3, batch_size=4, seq_len=32)
+CASES = [  # (spec, spec changes, train config changes)
+    ("tiny", {}, {}),
+    ("tiny", {"tie_embeddings": False}, {}),
+    ("tiny", {"tie_embeddings": False}, {"loss_chunk": 64}),  # the head reads its master (head_loss)
+    ("tiny", {}, {"grad_accum_steps": 2}),
+    ("tiny", {}, {"remat": "block"}),
+    ("tiny", {"fused_qkv": True}, {}),
+    ("tiny-dyt", {"mlp": "gelu"}, {}),
+    ("gla-tiny", {}, {}),
+    ("tiny", {"routing": "mod"}, {}),
+    ("tiny", {"routing": "dtf"}, {}),
+]
+
+
+def bf16(name, spec_changes):
+    return load_spec(name).replace(compute_dtype="bfloat16", **spec_changes)
+
+
+def run(twin, train, spec, cfg, working: bool, monkeypatch, compile_backend: str | None = None):
+    """Losses and the final canonical state of cfg.steps steps, with the working weights or (monkeypatched) without;
+    `compile_backend`: torch.compile the torch twin's blocks with it first."""
+    with monkeypatch.context() as patch:
+        if not working:
+            patch.setattr(train, "working_names", lambda model, cfg: ())
+        model = twin.from_weights(parity_weights(spec), spec)
+        if compile_backend:
+            train.compile_blocks(model, backend=compile_backend)
+        state, step, losses = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
+        for i in range(cfg.steps):
+            state, metrics = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
+            losses.append(float(metrics["loss"]))
+        return losses, train.get_train_state(model, state), dict(state.working)
+
+
+@pytest.mark.parametrize("name,spec_changes,cfg_changes", quick_first(CASES, 1, multi=True),
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in {**s, **c}.items()) or 'default'}"
+                              for n, s, c in CASES])
+@pytest.mark.parametrize("twin_name,twin,train", TWINS, ids=[t[0] for t in TWINS])
+def test_working_weights_give_the_update_of_casting_bit_for_bit(twin_name, twin, train, name, spec_changes,
+                                                                 cfg_changes, monkeypatch):
+    spec, cfg = bf16(name, spec_changes), CFG.replace(**cfg_changes)
+    losses, state, working = run(twin, train, spec, cfg, True, monkeypatch)
+    want_losses, want_state, none = run(twin, train, spec, cfg, False, monkeypatch)
+    assert not none
+    expected = {t for t in train.working_names(twin.from_weights(parity_weights(spec), spec), cfg)}
+    assert set(working) == expected
+    if not (twin_name == "torch" and cfg.remat != "none"):  # torch keeps none under remat (working_names says why)
+        assert expected, "the case must exercise working weights"
+    assert losses == want_losses
+    for key in ("weights", "m", "v"):
+        for k, want in want_state[key].items():
+            assert np.array_equal(state[key][k], want), f"{key} {k}"
+
+
+@pytest.mark.parametrize("twin_name,twin,train", TWINS, ids=[t[0] for t in TWINS])
+def test_working_weights_follow_the_state_and_exist_only_under_mixed_precision(twin_name, twin, train):
+    """After set_train_state (a resume, either twin's checkpoint) each copy is its new master cast; a float32 spec
+    and bf16 parameters keep none."""
+    spec = bf16("tiny", {})
+    model = twin.from_weights(parity_weights(spec), spec)
+    state = train.init_train_state(model, CFG)
+    canonical = train.get_train_state(model, state)
+    canonical["weights"] = {k: v * 1.5 for k, v in canonical["weights"].items()}
+    state = train.set_train_state(model, state, canonical)
+    assert len(state.working) == sum(t.kind == "linear" for t in model_layout(spec))  # every Linear, the head too
+    if twin_name == "jax":
+        masters = {k: np.asarray(v) for k, v in twin.weights.flat_arrays(state.params).items()}
+        copies = {k: np.asarray(v.astype(jnp.float32)) for k, v in state.working.items()}
+    else:
+        masters = {k: p.detach().numpy() for k, p in model.named_parameters()}
+        copies = {k: v.float().numpy() for k, v in state.working.items()}
+    for name, copy in copies.items():
+        want = np.asarray(jnp.asarray(masters[name]).astype(jnp.bfloat16).astype(jnp.float32))
+        assert np.array_equal(copy, want), name
+        assert not np.array_equal(copy, np.asarray(jnp.asarray(masters[name] / 1.5).astype(jnp.bfloat16)
+                                                   .astype(jnp.float32))), f"{name}: the copy of the old weights"
+    for other in (spec.replace(compute_dtype="float32"), spec.replace(param_dtype="bfloat16")):
+        assert not train.init_train_state(twin.from_weights(parity_weights(other), other), CFG).working
+
+
+def test_the_forward_casts_no_master_weight_jax():
+    """The JAX step casts each Linear weight once, after the update, into its new working copy: the forward and the
+    backward cast none (the tied embedding, read by the head, is cast at its use, and counted by no shape here)."""
+    import jax_model
+    from jax_model import train
+
+    spec = bf16("tiny", {})
+    model = jax_model.from_weights(parity_weights(spec), spec)
+    shapes = {t.jax_shape for t in model_layout(spec) if t.kind == "linear"}
+
+    def casts(state):
+        jaxpr = jax.make_jaxpr(train.make_train_step(model, CFG, compile=False))(state, np.zeros((4, 33), np.int32))
+        return sum(1 for e in iter_eqns(jaxpr.jaxpr) if e.primitive.name == "convert_element_type"
+                   and e.invars[0].aval.dtype == jnp.float32 and e.params["new_dtype"] == jnp.bfloat16
+                   and e.invars[0].aval.shape in shapes)
+
+    state = train.init_train_state(model, CFG)
+    assert casts(state) == len(state.working), "the step casts each master once, into its new copy, and no more"
+    assert casts(state._replace(working={})) > 0, "without working weights, the forward casts"
+
+
+def iter_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from iter_eqns(sub)
+
+
+class Casts(TorchDispatchMode):
+    """Counts the float32 → bf16 casts of tensors shaped like `shapes` (torch's dispatch of `.to`)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.count = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16 and tuple(args[0].shape) in self.shapes):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_the_forward_casts_no_master_weight_torch():
+    """In the eager torch step no Linear weight is cast (the copies' refresh after the update is one multi-tensor
+    copy, not a cast); without working weights, every use casts, in each micro-batch's forward."""
+    import torch_model
+    from torch_model import train
+
+    spec = bf16("tiny", {})
+    shapes = {t.shape for t in model_layout(spec) if t.kind == "linear"}
+    model = torch_model.from_weights(parity_weights(spec), spec)
+    cfg = CFG.replace(grad_accum_steps=2)
+    state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+    tokens = synthetic_batch(0, 0, 4, 32, spec.V)
+    for working in (state.working, {}):
+        with Casts(shapes) as casts:
+            step(train.TrainState(state.model, state.optimizer, state.scheduler, working), tokens)
+        if working:
+            assert casts.count == 0, casts.count
+        else:
+            assert casts.count > 0 and casts.count % 2 == 0, casts.count  # the same casts in each micro-batch
+
+
+
+@pytest.mark.slow
+def test_compiled_blocks_read_the_working_weights_as_eager_does(monkeypatch):
+    """What the GPU bench runs: blocks torch.compile'd one by one (aot_eager here: dynamo and AOT autograd trace as
+    inductor's path does) read the copies functional_call swaps in; one graph serves every block and step (the
+    copies are graph inputs, refreshed in place), and the update is eager's, bit for bit."""
+    import torch_model
+    from torch_model import train
+
+    spec = bf16("tiny", {})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    losses, state, working = run(torch_model, train, spec, CFG, True, monkeypatch, compile_backend="aot_eager")
+    assert working and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    want_losses, want_state, _ = run(torch_model, train, spec, CFG, True, monkeypatch)
+    assert losses == want_losses
+    for key in ("weights", "m", "v"):
+        for k, want in want_state[key].items():
+            assert np.array_equal(state[key][k], want), f"{key} {k}"
