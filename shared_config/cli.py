@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -63,6 +64,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("type", Path, path)  # every `type=Path` argument: an empty one is refused, not read as "."
         self.add_argument("--debug", action="store_true", help="show the full traceback on errors")
         self.argv: list[str] = []
 
@@ -140,12 +142,26 @@ def _bounded(minimum, kind, ok, bound: str) -> Callable[[str], float]:
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
+def path(text: str) -> Path:
+    """argparse's type for a path argument (registered for `type=Path`): an empty string is refused, where Path("")
+    would be the current directory (`--out ''` wrote a run into it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
 def check_outputs(json_path=None, plot_path=None) -> None:
-    """Refuse, before any work, a --json/--plot whose directory does not exist or a --plot matplotlib cannot write
-    (by its extension): the UsageError a long run would otherwise raise at its end, or never."""
+    """Refuse, before any work, a --json/--plot whose directory does not exist, that names a directory or a device
+    (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the
+    error a long run would otherwise raise at its end, or never."""
     for flag, path in (("--json", json_path), ("--plot", plot_path)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
+        if path is None:
+            continue
+        if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
+        if Path(path).exists() and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
+                             "give the path of a file to write")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
 
@@ -190,8 +206,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     # rank's error, gives the others 30 s before SIGKILL)
     try:
         code = main(argv) or 0
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the job is done: Python's shutdown would die of it silently
+        for done in (signal.SIGTERM, signal.SIGINT):  # the job is done: Python's shutdown would die of it silently
+            signal.signal(done, signal.SIG_IGN)
         sys.exit(code)
+    except BrokenPipeError:  # `| head`: the reader left; end quietly, as Unix tools do, with SIGPIPE's exit code
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        sys.exit(128 + signal.SIGPIPE)
     except USER_ERRORS as e:
         _debug(argv)
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
@@ -199,6 +219,10 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except ResourceError as e:
         _debug(argv)
         fail(str(e), ENVIRONMENT)
+    except OSError as e:  # the rest of the OS's refusals (a name too long, a loop of links, a full disk)
+        _debug(argv)
+        machine = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+        fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), ENVIRONMENT if machine else BAD_INPUT)
     except KeyboardInterrupt as e:
         _debug(argv)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"

@@ -60,11 +60,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     writing (a full disk, a file size limit) is a ResourceError naming `path`. Temp files that a killed
     earlier write to `path` left behind are removed first. The file gets the umask's permissions.
     """
-    path = Path(path)
+    path = destination(path, directory=False)
     remove_stale(path)
     tmp = None
     try:
-        with deferred_signals():  # the temp file exists only once `tmp` names it for the cleanup below
+        with deferred_signals(), named(path):  # the temp file exists only once `tmp` names it for the cleanup below
             fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmp = Path(name)
@@ -93,11 +93,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     `.NAME.old` first and deletes it once the new one is in place; a kill between those two renames leaves
     `.NAME.old` alone, which the next write to `path`, and any reader (`recover`), puts back.
     """
-    path = Path(path)
+    path = destination(path, directory=True)
     recover(path)
     tmp, old = None, _old(path)
     try:
-        with deferred_signals():  # the temp directory exists only once `tmp` names it for the cleanup below
+        with deferred_signals(), named(path):  # the temp directory exists only once `tmp` names it for the cleanup
             tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
         with write_errors(path, library=False):  # the body's own errors pass; what it writes maps its own
             os.chmod(tmp, 0o777 & ~umask())  # as for files: mkdtemp's 0700 is for scratch space
@@ -165,13 +165,42 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(caught[0])
 
 
+MAX_STEM = 200  # characters of a destination's name in its temp names: `.NAME.PID.XXXXXXXX.tmp` stays within 255
+
+
+def destination(path: str | Path, directory: bool) -> Path:
+    """Where a write to `path` lands: through a symbolic link, its target (a rename onto the link would replace the
+    link itself). An existing path of the other kind, or neither a file nor a directory (a device such as
+    /dev/stdout, a pipe), is refused: the write would replace it."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() if directory else path.is_file()):
+        what = "a directory" if path.is_dir() else "a file" if path.is_file() else "neither a file nor a directory"
+        raise FileExistsError(errno.EEXIST, f"is {what}; a {'directory' if directory else 'file'} is written here",
+                              str(path))
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def named(path: Path) -> Iterator[None]:
+    """An OSError of making a temp file or directory beside `path` names `path`, not the temp name it never sees."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def _stem(path: Path) -> str:
+    return path.name[:MAX_STEM]
+
+
 def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
+    return path.with_name(f".{_stem(path)}.old")
 
 
 def temp_prefix(path: Path) -> str:
-    """`.NAME.PID.`: the temp names of a write to `path` carry the writer's process id (see `remove_stale`)."""
-    return f".{path.name}.{os.getpid()}."
+    """`.NAME.PID.`: the temp names of a write to `path` carry the writer's process id (see `remove_stale`); a long
+    NAME is cut to MAX_STEM characters, so that a name the file system takes has temp names it takes too."""
+    return f".{_stem(path)}.{os.getpid()}."
 
 
 def remove_stale(path: Path) -> None:
@@ -179,8 +208,8 @@ def remove_stale(path: Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         return
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+    for tmp in path.parent.glob(f".{glob.escape(_stem(path))}.*.tmp"):
+        pid = tmp.name[len(_stem(path)) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
@@ -228,7 +257,8 @@ def write_errors(path: Path, library: bool = True) -> Iterator[None]:
     except (CheckpointError, ResourceError, SpecError):
         raise
     except OSError as e:
-        raise ResourceError(f"{path}: cannot write: {e.strerror or e}{_space(path)}") from e
+        space = _space(path) if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""  # else: not the cause
+        raise ResourceError(f"{path}: cannot write: {e.strerror or e}{space}") from e
     except (SafetensorError, RuntimeError, ValueError) as e:
         if not library:
             raise

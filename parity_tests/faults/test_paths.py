@@ -1,0 +1,116 @@
+"""Paths and streams at the edges of every command: a write goes through a symbolic link (never replaces it),
+refuses a directory or a device where a file goes, takes any name the file system takes (temp names included) and
+names the user's path in its errors; an empty path argument is refused, not read as "."; an OS refusal is one
+error line; a reader that closes the pipe ends the command quietly; a signal after the work is done is ignored."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared_config.cli import Parser, UsageError, check_outputs
+from shared_config.files import atomic_dir, atomic_write
+
+from ..support.common import checkout_env, one_line_error, run_python, run_script
+
+
+def write_text(text):
+    return lambda tmp: tmp.write_text(text)
+
+
+def test_a_write_goes_through_a_symbolic_link(tmp_path):
+    (tmp_path / "target.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("target.json")
+    atomic_write(tmp_path / "link.json", write_text("new"))
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "new"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run-link").symlink_to("run")
+    with atomic_dir(tmp_path / "run-link", overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "run-link").is_symlink() and (tmp_path / "run" / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "run", "run-link", "target.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_a_write_refuses_a_device_a_pipe_or_the_other_kind(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    for path, writer in ((tmp_path / "pipe", "file"), (tmp_path / "adir", "file"), (tmp_path / "afile", "dir")):
+        with pytest.raises(FileExistsError, match="is (neither a file nor a directory|a directory|a file)"):
+            if writer == "file":
+                atomic_write(path, write_text("x"))
+            else:
+                with atomic_dir(path, overwrite=True):
+                    pass
+    assert (tmp_path / "afile").read_text() == "keep" and (tmp_path / "adir").is_dir()
+    with pytest.raises(UsageError, match="exists and is not a regular file"):
+        check_outputs(json_path=tmp_path / "pipe")
+    with pytest.raises(UsageError, match="exists and is not a regular file"):
+        check_outputs(json_path=tmp_path / "adir")
+
+
+def test_any_name_the_file_system_takes_is_written(tmp_path):
+    """A 250-character name is valid (≤ 255); its temp name, `.NAME.PID.XXXXXXXX.tmp`, must be too."""
+    path = tmp_path / ("z" * 245 + ".json")
+    atomic_write(path, write_text("x"))
+    with atomic_dir(tmp_path / ("d" * 250)) as tmp:
+        (tmp / "a").write_text("a")
+    assert path.read_text() == "x" and (tmp_path / ("d" * 250) / "a").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "d" * 250])
+
+
+def test_os_refusals_are_one_line_naming_the_users_path(tmp_path):
+    """A name the file system refuses (ENAMETOOLONG: a plain OSError, no subclass) was a traceback; a temp file that
+    cannot be made was named by its temp name."""
+    long = tmp_path / ("x" * 300)
+    one_line_error(run_script("train", "--backend", "torch", "--out", long, "--steps", "1", "--quiet"),
+                   f"{long}: File name too long")
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write(tmp_path / "no" / "such" / "r.json", write_text("x"))
+    assert e.value.filename == str(tmp_path / "no" / "such" / "r.json")
+
+
+def test_an_empty_path_argument_is_refused():
+    """Path("") is "."; `--out ''` wrote a whole run into the current directory."""
+    parser = Parser(prog="p")
+    parser.add_argument("--out", type=Path)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--out", ""])
+    assert e.value.code == 2
+    assert str(parser.parse_args(["--out", "x"]).out) == "x"
+    one_line_error(run_script("train", "--backend", "torch", "--out", "", "--steps", "1"),
+                   "argument --out: expected a path, got an empty string")
+
+
+PRINTS_A_LOT = """
+import atexit, os, signal, sys, time
+from shared_config.cli import run
+
+def main(argv):
+    if argv == ["pipe"]:
+        for _ in range(10_000):
+            print("x" * 100)
+    else:  # a signal once the work is done (here: while the interpreter exits)
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+        print("done", flush=True)
+
+run(main)
+"""
+
+
+def test_a_closed_pipe_ends_quietly_and_a_late_signal_is_ignored():
+    """`| head`: the reader leaves; the command ends with SIGPIPE's exit code and says nothing (it had printed a
+    BrokenPipeError traceback). A SIGINT after the work (a success printed, files written) is ignored: it had made
+    a finished convert exit 130."""
+    p = subprocess.Popen([sys.executable, "-c", PRINTS_A_LOT, "pipe"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=checkout_env())
+    p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert p.stderr.read() == b""
+    r = run_python("-c", PRINTS_A_LOT, "late")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", "")
