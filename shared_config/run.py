@@ -4,6 +4,7 @@ trains it is shared_config/loop.py; the run directory's files are shared_config/
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -21,7 +22,7 @@ from .formats.checks import check_weights
 from .init import init_weights
 from .limits import quote
 from .resources import check_memory, train_bytes
-from .run_dir import STATE_FILE, latest_checkpoint, load_train_checkpoint, read_state
+from .run_dir import STATE_FILE, checkpoint_step, latest_checkpoint, load_train_checkpoint, read_state
 from .spec import ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
 
@@ -71,11 +72,14 @@ def resolve_run(args) -> Run:
     spec_changes, cfg_changes = split_overrides(args.set)
     cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
     checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
+    if stored and cfg_changes.get("steps", math.inf) < (done := checkpoint_step(checkpoint)):
+        raise UsageError(f"--steps {cfg_changes['steps']}: the run in {args.out} has done {done} steps; --steps is the "
+                         f"number of steps to reach (at least {done})")
     # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
     data = load_data(args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic",
                      args.data_dtype)
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
-    cfg = with_changes(base_config(args, stored), cfg_changes)
+    cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
     memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}  # every memory option counts
@@ -155,9 +159,10 @@ def base_config(args, stored) -> TrainConfig:
     return TrainConfig.from_dict(stored["train_config"]) if stored else load_train_config(DEFAULT_TRAIN_CONFIG)
 
 
-def with_changes(cfg: TrainConfig, changes: dict) -> TrainConfig:
-    """`cfg` with --set/--steps/--seed applied; a --steps below the warmup shortens the warmup with it."""
-    if "steps" in changes and "warmup_steps" not in changes:
+def with_changes(cfg: TrainConfig, changes: dict, shorten_warmup: bool = True) -> TrainConfig:
+    """`cfg` with --set/--steps/--seed applied; a --steps below the warmup shortens the warmup with it (a new run
+    only: a resumed run keeps its schedule's warmup)."""
+    if shorten_warmup and "steps" in changes and "warmup_steps" not in changes:
         changes = {**changes, "warmup_steps": min(cfg.warmup_steps, changes["steps"])}
     return cfg.replace(**changes)
 

@@ -71,6 +71,9 @@ def test_a_run_resumed_in_the_other_twin_from_the_command_line(tmp_path):
                    "holds checkpoints already", "--resume")
     one_line_error(run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "lr=1", *SHORT),
                    "--resume continues the run as it was checkpointed", "lr: checkpoint 0.001, now 1")
+    # fewer steps than done: said as such (it was "warmup_steps: checkpoint 4, now 2", the warmup cut to --steps)
+    one_line_error(run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "2", *SHORT),
+                   f"--steps 2: the run in {out} has done 3 steps")
     # the memory options may change on resume: the same update, less memory
     second = run_script("train", "--backend", "jax", "--out", out, "--resume", "--set", "remat=full", "--set",
                         "loss_chunk=64", *SHORT)
