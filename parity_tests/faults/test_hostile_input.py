@@ -808,6 +808,21 @@ def test_a_fifo_in_a_data_directory_is_refused_without_blocking(tmp_path, name):
     assert "FIFO" in str(raised) or "not a regular file" in str(raised)
 
 
+@pytest.mark.parametrize("vocab_size, says", [(10, "vocab_size is 10 but train.bin holds token id 255"),
+                                               ("x", "vocab_size must be an integer >= 1, got 'x'")])
+def test_train_refuses_a_meta_json_vocab_size_the_tokens_exceed(tmp_path, vocab_size, says):
+    """The ids would index past the embedding (torch: IndexError; JAX: a non-finite loss): one line, before --out."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.bin").write_bytes((np.arange(4096) % 256).astype(np.uint16).tobytes())
+    (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": vocab_size, "tokenizer": "byte"}))
+    result = run_script("train", "--backend", "torch", "--steps", "2", "--data", data, "--out", tmp_path / "out",
+                        "--quiet")
+    one_line(result, 2, f"{data / 'meta.json'}: {says}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):
     path = _run_with_checkpoint(tmp_path)
     (path / "state.json").unlink()
