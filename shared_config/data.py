@@ -133,9 +133,14 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer)
 
 
+def val_tokens(n_tokens: int, val_fraction: float) -> int:
+    """How many of `n_tokens` the validation split takes: the last `val_fraction`, rounded down."""
+    return int(n_tokens * val_fraction)
+
+
 def split_tokens(tokens: np.ndarray, val_fraction: float, source) -> tuple[np.ndarray, np.ndarray]:
     """(train, val): the last `val_fraction` of the tokens is the validation split."""
-    n_val = int(len(tokens) * val_fraction)
+    n_val = val_tokens(len(tokens), val_fraction)
     if n_val < 1 or n_val >= len(tokens):
         raise DataError(f"{source}: {len(tokens)} tokens are too few to split off a validation fraction of "
                         f"{val_fraction}")

@@ -437,6 +437,18 @@ def test_prepare_data_out_under_a_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "text.txt"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--tokenizer", "bpe", "--vocab-size", "99999999999"], ["--vocab-size 99999999999", "> 256", "<= 2**32"]),
+    (["--tokenizer", "bpe", "--vocab-size", "256"], ["--vocab-size 256", "> 256", "<= 2**32"]),
+    (["--val-fraction", "0.99999"], ["--val-fraction 0.99999", "440 tokens into 1 train and 439 validation"]),
+    (["--val-fraction", "0.001"], ["--val-fraction 0.001", "440 tokens into 440 train and 0 validation"]),
+], ids=["vocab-too-large", "vocab-too-small", "train-split-too-short", "val-split-too-short"])
+def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "data", *args), 2, *says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
 def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
     (tmp_path / "adir").mkdir()
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--seed", "-1", "--out", tmp_path / "x.safetensors"), 2,
