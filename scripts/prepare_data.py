@@ -88,13 +88,16 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that this script wrote")
     args = p.parse_args(argv)
     if not args.input.is_file():
         raise UsageError(f"{args.input}: no such file")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)
+    if args.out.is_dir() and not (args.out / "meta.json").exists() and any(args.out.iterdir()):
+        raise UsageError(f"--out {args.out}: holds files but no meta.json; --force replaces only a data directory "
+                         "prepare_data.py wrote: remove it yourself or pick another --out")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
     if args.tokenizer == "bpe" and not 256 < args.vocab_size <= MAX_VOCAB:

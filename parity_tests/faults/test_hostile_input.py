@@ -449,6 +449,24 @@ def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
 
 
+def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
+    """--force on a directory prepare_data.py / convert.py did not write (no meta.json / no config.json or state/)
+    is one line, exit 2, and deletes nothing; their own output is still replaced."""
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "canary.txt").write_text("keep me")
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", mine, "--force"), 2,
+             f"--out {mine}: holds files but no meta.json")
+    one_line(run_script("convert", canonical, mine, "--to", "hf", "--force"), 2,
+             f"{mine}: --force replaces only a checkpoint directory convert.py writes")
+    assert [p.name for p in mine.iterdir()] == ["canary.txt"] and (mine / "canary.txt").read_text() == "keep me"
+    data = tmp_path / "data"
+    for _ in range(2):  # the second run replaces the first's output
+        assert run_script("prepare_data", tmp_path / "text.txt", "--out", data, "--force").returncode == 0
+    assert sorted(p.name for p in data.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
     (tmp_path / "adir").mkdir()
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--seed", "-1", "--out", tmp_path / "x.safetensors"), 2,
