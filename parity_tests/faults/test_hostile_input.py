@@ -473,6 +473,10 @@ def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
              "--seed must be >= 0, got -1")
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--out", tmp_path / "adir", "--force"), 2,
              "adir is a directory; a checkpoint is a file")
+    for name in ("a.pt", "a.txt", "a"):  # safetensors bytes under another name: the loaders would refuse them
+        one_line(run_script("init_checkpoint", "--spec", "tiny", "--out", tmp_path / name), 2,
+                 f"--out {tmp_path / name}: init_checkpoint.py writes safetensors", "must end in .safetensors",
+                 "convert.py makes the other formats")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
 
 
