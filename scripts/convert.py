@@ -45,6 +45,10 @@ WRITERS = {
 }
 
 
+# what marks a directory as a checkpoint convert.py writes: Hugging Face's and fla's config.json, Orbax's state/
+CHECKPOINT_MARKERS = ("config.json", "state")
+
+
 def target_format(dst: Path, to: str | None) -> str:
     """`--to`, else DST's extension, else the format of the directory already there."""
     if to is not None:
@@ -57,7 +61,8 @@ def target_format(dst: Path, to: str | None) -> str:
 
 
 def check_destination(dst: Path, target: str, force: bool) -> None:
-    """DST may exist only with --force, and then as what the target format writes (a file or a directory)."""
+    """DST may exist only with --force, and then as what the target format writes (a file or a directory); a
+    directory only when empty or a checkpoint (CHECKPOINT_MARKERS), so that --force never deletes unrelated files."""
     if not dst.parent.is_dir():
         raise UsageError(f"{dst.parent}: no such directory")
     if not dst.exists():
@@ -67,6 +72,10 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
     if dst.is_dir() != (target in DIRECTORIES):
         kind, other = ("a directory", "a file") if dst.is_dir() else ("a file", "a directory")
         raise UsageError(f"{dst} is {kind}, but a {target} checkpoint is {other}")
+    if dst.is_dir() and not any((dst / name).exists() for name in CHECKPOINT_MARKERS) and any(dst.iterdir()):
+        raise UsageError(f"{dst}: --force replaces only a checkpoint directory convert.py writes "
+                         f"({' or '.join(CHECKPOINT_MARKERS)}), and this one holds neither; remove it yourself or "
+                         "pick another DST")
 
 
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
@@ -93,7 +102,7 @@ def main(argv=None):
     p.add_argument("--to", choices=FORMATS, help="the target format (default: from DST's extension)")
     p.add_argument("--spec", help="preset name or YAML path; required when SRC carries no spec (a bare state dict)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast floating tensors (and param_dtype)")
-    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (a directory: one convert.py wrote)")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in the weights")
     args = p.parse_args(argv)
     if not args.debug:

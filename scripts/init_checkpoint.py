@@ -27,6 +27,9 @@ def main(argv=None):
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.out.is_dir():
         raise UsageError(f"{args.out} is a directory; a checkpoint is a file")
+    if args.out.suffix != ".safetensors":  # the loaders tell a format by its extension: a.pt would be refused
+        raise UsageError(f"--out {args.out}: init_checkpoint.py writes safetensors, so the name must end in "
+                         ".safetensors; convert.py makes the other formats (.pt, Orbax, Hugging Face) from it")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from shared_config.cli import Parser, UsageError, check_out_dir, run
-from shared_config.data import DataError, split_tokens
+from shared_config.data import DataError, split_tokens, val_tokens
 from shared_config.files import atomic_dir
 
 LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
+MAX_VOCAB = 1 << 32  # uint32 tokens
+MIN_SPLIT_TOKENS = 2  # train.py reads windows of seq_len + 1 tokens from each split (TokenData.check), seq_len >= 1
 
 
 def byte_tokens(path: Path) -> np.ndarray:
@@ -68,6 +70,15 @@ def write_data_dir(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, to
             tokenizer.save(str(tmp / "tokenizer.json"))
 
 
+def check_split(n_tokens: int, val_fraction: float) -> None:
+    """Both splits keep at least MIN_SPLIT_TOKENS tokens, or UsageError names --val-fraction and the counts."""
+    n_val = val_tokens(n_tokens, val_fraction)
+    if min(n_tokens - n_val, n_val) < MIN_SPLIT_TOKENS:
+        raise UsageError(f"--val-fraction {val_fraction} splits {n_tokens} tokens into {n_tokens - n_val} train and "
+                         f"{n_val} validation tokens; train.py needs at least seq_len + 1 >= {MIN_SPLIT_TOKENS} in "
+                         "each (more text, or another --val-fraction)")
+
+
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("input", type=Path, help="a text file (UTF-8 for BPE; any bytes for byte-level)")
@@ -77,23 +88,28 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that this script wrote")
     args = p.parse_args(argv)
     if not args.input.is_file():
         raise UsageError(f"{args.input}: no such file")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)
+    if args.out.is_dir() and not (args.out / "meta.json").exists() and any(args.out.iterdir()):
+        raise UsageError(f"--out {args.out}: holds files but no meta.json; --force replaces only a data directory "
+                         "prepare_data.py wrote: remove it yourself or pick another --out")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
-    if args.tokenizer == "bpe" and not 256 < args.vocab_size <= 1 << 32:
-        raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet)")
+    if args.tokenizer == "bpe" and not 256 < args.vocab_size <= MAX_VOCAB:
+        raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet) and <= 2**32 = "
+                         f"{MAX_VOCAB} (uint32 token ids)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer = train_bpe(args.input, args.vocab_size) if args.tokenizer == "bpe" else None
         tokens = bpe_tokens(tokenizer, args.input) if tokenizer else byte_tokens(args.input)
     except UnicodeDecodeError as e:
         raise DataError(f"{args.input}: not UTF-8 text ({e.reason}); use --tokenizer byte") from None
+    check_split(len(tokens), args.val_fraction)
     train, val = split_tokens(tokens, args.val_fraction, args.input)
     vocab_size = tokenizer.get_vocab_size() if tokenizer else 256
     meta = {"vocab_size": vocab_size, "tokenizer": args.tokenizer, "source": args.input.name}

@@ -133,9 +133,14 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer)
 
 
+def val_tokens(n_tokens: int, val_fraction: float) -> int:
+    """How many of `n_tokens` the validation split takes: the last `val_fraction`, rounded down."""
+    return int(n_tokens * val_fraction)
+
+
 def split_tokens(tokens: np.ndarray, val_fraction: float, source) -> tuple[np.ndarray, np.ndarray]:
     """(train, val): the last `val_fraction` of the tokens is the validation split."""
-    n_val = int(len(tokens) * val_fraction)
+    n_val = val_tokens(len(tokens), val_fraction)
     if n_val < 1 or n_val >= len(tokens):
         raise DataError(f"{source}: {len(tokens)} tokens are too few to split off a validation fraction of "
                         f"{val_fraction}")
@@ -155,7 +160,11 @@ def _load_prepared(path: Path, dtype: str | None) -> TokenData:
 
 
 def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
-    """A 1-D memory-mapped token array and its vocabulary size: meta.json's (trusted), else max id + 1."""
+    """A 1-D memory-mapped token array and its vocabulary size: meta.json's, else max id + 1.
+
+    A meta.json vocab_size (a BPE's may exceed the ids used) must be an int >= the largest id + 1, or DataError
+    names the file, the key and the largest id; the ids are scanned once, in chunks (`_max_id`).
+    """
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     meta = read_meta(path.parent)
@@ -167,8 +176,17 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
         return _memmap(path, "uint8"), 256
     if tokens.dtype.name not in TOKEN_DTYPES:
         raise DataError(f"{path}: token dtype {tokens.dtype.name} is not one of {', '.join(TOKEN_DTYPES)}")
-    vocab_size = meta.get("vocab_size")
-    return tokens, int(vocab_size) if isinstance(vocab_size, int) else _max_id(tokens) + 1
+    largest = _max_id(tokens)
+    if "vocab_size" not in meta:
+        return tokens, largest + 1
+    vocab_size = meta["vocab_size"]
+    where = f"{path.parent / 'meta.json'}: vocab_size"
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise DataError(f"{where} must be an integer >= 1, got {vocab_size!r}")
+    if vocab_size <= largest:
+        raise DataError(f"{where} is {vocab_size} but {path.name} holds token id {largest}: it must be at least "
+                        f"{largest + 1} (the largest id + 1)")
+    return tokens, vocab_size
 
 
 def _open_npy(path: Path) -> np.ndarray:

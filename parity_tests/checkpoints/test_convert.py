@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import jax_model
 import torch_model
-from shared_config import CheckpointError, init_weights, read_safetensors, save_checkpoint
+from shared_config import CheckpointError, init_weights, load_spec, read_safetensors, save_checkpoint
 from shared_config.cli import UsageError
 from shared_config.formats.hf import unsupported_options
 
@@ -140,14 +140,31 @@ def test_existing_destination_needs_force_and_is_replaced_whole(tmp_path):
     assert (tmp_path / "m.pt").read_bytes() == b"old"
     convert(src, tmp_path / "m.pt", force=True)
     (tmp_path / "m-hf").mkdir()
-    (tmp_path / "m-hf" / "stale.txt").write_text("from before")
     with pytest.raises(UsageError, match="m-hf exists; pass --force"):
         convert(src, tmp_path / "m-hf", to="hf")
     with pytest.raises(UsageError, match="is a directory, but a torch checkpoint is a file"):
         convert(src, tmp_path / "m-hf", to="torch", force=True)
+    convert(src, tmp_path / "m-hf", to="hf", force=True)  # an empty directory holds nothing to lose
+    (tmp_path / "m-hf" / "stale.txt").write_text("from before")  # a checkpoint directory that gathered a stale file
     convert(src, tmp_path / "m-hf", to="hf", force=True)
     assert sorted(p.name for p in (tmp_path / "m-hf").iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "m-hf", "m.pt"]  # no temp left
+
+
+@pytest.mark.parametrize("to", ["hf", "fla", "flax"])
+def test_force_never_replaces_a_directory_convert_did_not_write(tmp_path, to):
+    spec = load_spec("gla-tiny") if to == "fla" else make_spec()
+    src = canonical_file(tmp_path / "a.safetensors", spec)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "canary.txt").write_text("keep me")
+    with pytest.raises(UsageError, match=r"notes: --force replaces only a checkpoint directory convert.py writes "
+                                         r"\(config.json or state\), and this one holds neither"):
+        convert(src, tmp_path / "notes", to=to, force=True)
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["canary.txt"]
+    assert (tmp_path / "notes" / "canary.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
+    convert(src, tmp_path / "empty", to=to, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "empty", "notes"]
 
 
 def test_target_format_from_to_extension_or_existing_directory(tmp_path):

@@ -437,12 +437,46 @@ def test_prepare_data_out_under_a_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "text.txt"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--tokenizer", "bpe", "--vocab-size", "99999999999"], ["--vocab-size 99999999999", "> 256", "<= 2**32"]),
+    (["--tokenizer", "bpe", "--vocab-size", "256"], ["--vocab-size 256", "> 256", "<= 2**32"]),
+    (["--val-fraction", "0.99999"], ["--val-fraction 0.99999", "440 tokens into 1 train and 439 validation"]),
+    (["--val-fraction", "0.001"], ["--val-fraction 0.001", "440 tokens into 440 train and 0 validation"]),
+], ids=["vocab-too-large", "vocab-too-small", "train-split-too-short", "val-split-too-short"])
+def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "data", *args), 2, *says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
+    """--force on a directory prepare_data.py / convert.py did not write (no meta.json / no config.json or state/)
+    is one line, exit 2, and deletes nothing; their own output is still replaced."""
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "canary.txt").write_text("keep me")
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", mine, "--force"), 2,
+             f"--out {mine}: holds files but no meta.json")
+    one_line(run_script("convert", canonical, mine, "--to", "hf", "--force"), 2,
+             f"{mine}: --force replaces only a checkpoint directory convert.py writes")
+    assert [p.name for p in mine.iterdir()] == ["canary.txt"] and (mine / "canary.txt").read_text() == "keep me"
+    data = tmp_path / "data"
+    for _ in range(2):  # the second run replaces the first's output
+        assert run_script("prepare_data", tmp_path / "text.txt", "--out", data, "--force").returncode == 0
+    assert sorted(p.name for p in data.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
     (tmp_path / "adir").mkdir()
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--seed", "-1", "--out", tmp_path / "x.safetensors"), 2,
              "--seed must be >= 0, got -1")
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--out", tmp_path / "adir", "--force"), 2,
              "adir is a directory; a checkpoint is a file")
+    for name in ("a.pt", "a.txt", "a"):  # safetensors bytes under another name: the loaders would refuse them
+        one_line(run_script("init_checkpoint", "--spec", "tiny", "--out", tmp_path / name), 2,
+                 f"--out {tmp_path / name}: init_checkpoint.py writes safetensors", "must end in .safetensors",
+                 "convert.py makes the other formats")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
 
 
@@ -806,6 +840,21 @@ def test_a_fifo_in_a_data_directory_is_refused_without_blocking(tmp_path, name):
     raised = _refused_without_blocking(lambda: load_data(str(tmp_path)), tmp_path / name)
     assert isinstance(raised, DataError) and str(raised).startswith(f"{tmp_path / name}: "), raised
     assert "FIFO" in str(raised) or "not a regular file" in str(raised)
+
+
+@pytest.mark.parametrize("vocab_size, says", [(10, "vocab_size is 10 but train.bin holds token id 255"),
+                                               ("x", "vocab_size must be an integer >= 1, got 'x'")])
+def test_train_refuses_a_meta_json_vocab_size_the_tokens_exceed(tmp_path, vocab_size, says):
+    """The ids would index past the embedding (torch: IndexError; JAX: a non-finite loss): one line, before --out."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.bin").write_bytes((np.arange(4096) % 256).astype(np.uint16).tobytes())
+    (data / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": vocab_size, "tokenizer": "byte"}))
+    result = run_script("train", "--backend", "torch", "--steps", "2", "--data", data, "--out", tmp_path / "out",
+                        "--quiet")
+    one_line(result, 2, f"{data / 'meta.json'}: {says}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):

@@ -140,3 +140,23 @@ def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
     (tmp_path / "meta.json").write_bytes(content)
     with pytest.raises(DataError, match=message):
         load_data(tmp_path)
+
+
+@pytest.mark.parametrize("vocab_size, message", [
+    (10, r"meta.json: vocab_size is 10 but train.bin holds token id 255: it must be at least 256"),
+    (256, None),  # exactly the largest id + 1
+    (1000, None),  # a BPE's vocabulary may exceed the ids it uses
+    ("x", r"meta.json: vocab_size must be an integer >= 1, got 'x'"),
+    (0, r"meta.json: vocab_size must be an integer >= 1, got 0"),
+    (True, r"meta.json: vocab_size must be an integer >= 1, got True"),
+    (None, r"meta.json: vocab_size must be an integer >= 1, got None"),
+])
+def test_meta_json_vocab_size_must_cover_the_token_ids(tmp_path, vocab_size, message):
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.bin").write_bytes(np.arange(256, dtype=np.uint16).tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": vocab_size}))
+    if message is None:
+        assert load_data(tmp_path).vocab_size == vocab_size
+    else:
+        with pytest.raises(DataError, match=message):
+            load_data(tmp_path)
