@@ -7,6 +7,7 @@ frameworks read at import, and into their config objects where a framework is al
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def use_compile_cache(directory: str | Path | None) -> Path | None:
     torch_settings = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0" if off else "1",
                       "TORCHINDUCTOR_AUTOGRAD_CACHE": "0" if off else "1"}
     if not off:
+        if (blocker := next((p for p in (root, *root.parents) if p.exists()), root)) and not blocker.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file; --compile-cache names a directory", str(blocker))
         for sub in ("jax", "inductor"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         torch_settings["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")  # read at every cache access

@@ -63,6 +63,14 @@ def test_both_caches_go_to_the_named_directory_or_off(tmp_path, restored):
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"
 
 
+def test_a_cache_path_under_a_file_is_refused_by_name(tmp_path, restored):
+    """It read "error: FILE/jax: Not a directory", without saying which option named it."""
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="is a file; --compile-cache names a directory") as e:
+        use_compile_cache(tmp_path / "afile" / "sub")
+    assert e.value.filename == str(tmp_path / "afile") and (tmp_path / "afile").read_text() == "keep"
+
+
 def test_identical_blocks_compile_once_and_compute_the_eager_step():
     """Three blocks, one compiled graph (a second compile would raise); names unchanged; the eager step's loss."""
     spec = make_spec()
