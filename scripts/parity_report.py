@@ -25,6 +25,8 @@ from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
+from shared_config.resources import check_memory, report_bytes, train_bytes
+from shared_config.train_config import MEMORY_OPTIONS
 from shared_config.twins import twin
 
 
@@ -256,9 +258,22 @@ def main(argv=None):
         cfg = load_train_config(args.train_config)
         cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
         cfg.model_spec(spec)  # checks seq_len against the spec
+    check_fits(spec, args, cfg)
     if not args.weights:  # after every check: bad arguments fail before any work
         weights = init_weights(spec, args.seed)
     return report(weights, spec, args, cfg)
+
+
+def check_fits(spec, args, cfg) -> None:
+    """Refuse (ResourceError, exit 3) a report, or its --train-steps training, that cannot fit in memory, before
+    anything is allocated: the machine would otherwise kill it part-way, with no error line."""
+    check_memory(report_bytes(spec, args.batch, args.seq),
+                 f"comparing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {args.batch:,} x seq "
+                 f"{args.seq}", "lower --batch or --seq, or the model's sizes (--set)")
+    if cfg:
+        check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **{k: getattr(cfg, k) for k in MEMORY_OPTIONS}),
+                     f"training {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {cfg.batch_size} x "
+                     f"seq {cfg.seq_len}", "lower the train config's batch_size/seq_len (--train-config)")
 
 
 def report(weights, spec, args, cfg) -> int:

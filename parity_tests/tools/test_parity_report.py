@@ -106,3 +106,22 @@ def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--batch", "10000000"], "comparing 3 layers of d_model 96, vocab 257 at batch 10,000,000 x seq 8 needs about"),
+    (["--train-steps", "2", "--train-config", "huge.yaml"], "training 3 layers of d_model 96, vocab 257 at batch "
+                                                            "10000000 x seq 8 needs about"),
+], ids=["report", "train-steps"])
+def test_a_report_that_cannot_fit_in_memory_is_refused_before_any_work(report, tmp_path, monkeypatch, capsys, extra,
+                                                                       says):
+    """As train.py: one error line with the estimate and what to lower, exit 3, before weights are drawn or a twin
+    runs (--batch 100,000 grew to 24 GB and was killed by the machine with no error line)."""
+    (tmp_path / "huge.yaml").write_text("batch_size: 10000000\nseq_len: 8\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "init_weights", lambda *a: pytest.fail("weights drawn before the memory check"))
+    with pytest.raises(SystemExit) as e:
+        run(report.main, ["--spec", "tiny", "--seq", "8", "--quiet", *extra])
+    out, err = capsys.readouterr()
+    assert e.value.code == 3 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and says in err and "GiB of memory" in err and "lower " in err, err
