@@ -217,10 +217,13 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", help="preset name or YAML path (default: the spec in --weights)")
+    # neither has a default: the model needs one of them
+    p.add_argument("--spec", help="preset name or YAML path; give --spec, --weights or both (--spec alone: weights "
+                                  "drawn by init_weights(spec, --seed); with --weights: the spec of a file that "
+                                  "carries none, else checked against the file's)")
     p.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, "
                                      "a run's step directory, an Orbax, Hugging Face or flash-linear-attention "
-                                     "directory (default: init_weights(spec, --seed))")
+                                     "directory (--weights alone: the spec it carries)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")

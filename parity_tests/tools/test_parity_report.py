@@ -2,6 +2,7 @@
 the stage where it starts (forward or backward); JSON, plot and one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import torch_model
 from shared_config import load_spec, save_checkpoint
-from shared_config.cli import run
+from shared_config.cli import UsageError, run
 
 from ..support.common import interleaved_rope, load_script, parity_weights
 
@@ -125,3 +126,18 @@ def test_a_report_that_cannot_fit_in_memory_is_refused_before_any_work(report, t
     out, err = capsys.readouterr()
     assert e.value.code == 3 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and says in err and "GiB of memory" in err and "lower " in err, err
+
+
+def test_help_claims_no_default_for_the_model_it_needs(report, capsys):
+    """Neither --spec nor --weights has a default: their help says so as the error does, instead of each naming the
+    other as its default (which read as if both could be left out)."""
+    with pytest.raises(SystemExit) as e:
+        report.parse_args(["--help"])
+    help_ = capsys.readouterr().out
+    assert e.value.code == 0
+    for option, following in (("--spec SPEC", "--weights"), ("--weights WEIGHTS", "--set")):
+        text = " ".join(re.search(rf"^  {option}(.*?)^  {following}", help_, re.S | re.M)[1].split())
+        assert "default" not in text, text
+    assert "give --spec, --weights or both" in " ".join(help_.split())
+    with pytest.raises(UsageError, match="give --spec, --weights or both"):
+        report.parse_args([])
