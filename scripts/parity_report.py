@@ -7,7 +7,8 @@
 One row per stage, in the order the model computes them: embeddings, every block's attention output,
 MLP output and residual stream, the final norm, logits, loss, then the gradient of every canonical
 tensor (and, with --train-steps, the loss of every step and the trained parameters). The first FAIL
-row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad arguments.
+row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad arguments, 3 when the report cannot
+fit in memory (refused before any work).
 """
 
 from __future__ import annotations
