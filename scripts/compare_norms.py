@@ -34,6 +34,11 @@ from shared_config.twins import twin
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
 PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
+SETS = {  # the spec keys each run takes from its config or from --mixer: a --set of one is refused
+    "norm_type": "the study sets it per config, NORM in --configs NORM-PLACEMENT (e.g. --configs dyt-pre)",
+    "norm_placement": "the study sets it per config, PLACEMENT in --configs NORM-PLACEMENT (e.g. --configs rms-peri)",
+    "mixer": "the study sets it from --mixer (attention or gla)",
+}
 
 
 def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
@@ -202,7 +207,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.mixer == "gla" and args.configs == ",".join(CONFIGS):
         args.configs = ",".join(GLA_CONFIGS)
-    args = study_args(args, "compare_norms.py", argv)
+    args = study_args(args, "compare_norms.py", argv, SETS)
     if bad := [c for c in args.configs if not valid_config(c)]:
         valid = [f"{norm}-{placement}" for norm in PRESETS for placement in CHOICES["norm_placement"]]
         raise UsageError(f"--configs: {', '.join(bad)} must be NORM-PLACEMENT, NORM one of {', '.join(PRESETS)}, "

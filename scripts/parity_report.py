@@ -7,7 +7,8 @@
 One row per stage, in the order the model computes them: embeddings, every block's attention output,
 MLP output and residual stream, the final norm, logits, loss, then the gradient of every canonical
 tensor (and, with --train-steps, the loss of every step and the trained parameters). The first FAIL
-row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad arguments.
+row is where a mismatch starts. Exit code 1 when any row fails, 2 on bad arguments, 3 when the report cannot
+fit in memory (refused before any work).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
+from shared_config.resources import check_memory, report_bytes, train_bytes
+from shared_config.train_config import MEMORY_OPTIONS
 from shared_config.twins import twin
 
 
@@ -215,10 +218,13 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", help="preset name or YAML path (default: the spec in --weights)")
+    # neither has a default: the model needs one of them
+    p.add_argument("--spec", help="preset name or YAML path; give --spec, --weights or both (--spec alone: weights "
+                                  "drawn by init_weights(spec, --seed); with --weights: the spec of a file that "
+                                  "carries none, else checked against the file's)")
     p.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, "
                                      "a run's step directory, an Orbax, Hugging Face or flash-linear-attention "
-                                     "directory (default: init_weights(spec, --seed))")
+                                     "directory (--weights alone: the spec it carries)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")
@@ -256,9 +262,22 @@ def main(argv=None):
         cfg = load_train_config(args.train_config)
         cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
         cfg.model_spec(spec)  # checks seq_len against the spec
+    check_fits(spec, args, cfg)
     if not args.weights:  # after every check: bad arguments fail before any work
         weights = init_weights(spec, args.seed)
     return report(weights, spec, args, cfg)
+
+
+def check_fits(spec, args, cfg) -> None:
+    """Refuse (ResourceError, exit 3) a report, or its --train-steps training, that cannot fit in memory, before
+    anything is allocated: the machine would otherwise kill it part-way, with no error line."""
+    check_memory(report_bytes(spec, args.batch, args.seq),
+                 f"comparing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {args.batch:,} x seq "
+                 f"{args.seq}", "lower --batch or --seq, or the model's sizes (--set)")
+    if cfg:
+        check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **{k: getattr(cfg, k) for k in MEMORY_OPTIONS}),
+                     f"training {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {cfg.batch_size} x "
+                     f"seq {cfg.seq_len}", "lower the train config's batch_size/seq_len (--train-config)")
 
 
 def report(weights, spec, args, cfg) -> int:

@@ -97,6 +97,19 @@ def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
     return 2 * weights_bytes(spec) + (0 if accelerator_present() else 4 * 2 * batch * seq * spec.V)
 
 
+def report_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+    """A lower bound on the host bytes of scripts/parity_report.py's forward and gradient stages on `batch` rows of
+    `seq` tokens: the weights twice (numpy and a twin's copy), and each twin's taps as float64 numpy arrays (3 L + 2
+    stages of [B, T, D]: the embeddings, every block's attention output, MLP output and residual stream, the final
+    norm) with its float32 logits [B, T, V], all kept to the end; then the larger of two moments: the torch twin's
+    backward pass (the activations `train_bytes` counts for the same batch, none on an accelerator) or the logits'
+    comparison in float64 (both twins' logits converted and their difference: 24 bytes per logit)."""
+    tokens = batch * seq
+    kept = 2 * 8 * (3 * spec.L + 2) * tokens * spec.D + 2 * 4 * tokens * spec.V
+    backward = train_bytes(spec, batch, seq) - train_bytes(spec, batch, 0)  # the activations: no tokens, none
+    return 2 * weights_bytes(spec) + kept + max(backward, 24 * tokens * spec.V)
+
+
 def machine_memory() -> tuple[int, str]:
     """(bytes this process may use, where that figure comes from): the least of the physical memory, the cgroup's
     limit and the process's RLIMIT_AS / RLIMIT_DATA."""

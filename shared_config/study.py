@@ -14,7 +14,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .cli import Parser, UsageError
-from .config_file import did_you_mean
+from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write
 from .init import init_weights
@@ -95,14 +95,23 @@ def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, ou
     return p
 
 
-def study_args(args, script: str, argv):
+# what every study sets itself, so a --set of it would be overridden or collide: {key: why}
+STUDY_SETS = {"vocab_size": "the study sets it from its embedded corpus, whose token ids the model must cover",
+              "steps": "the study sets it from --steps; pass --steps N"}
+
+
+def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
-    raises UsageError for an unknown backend or --steps < 1."""
+    raises UsageError for an unknown backend, --steps < 1, or a --set of a key the study sets itself (STUDY_SETS,
+    and the script's own `sets`: {key: why}), which the study would override or collide with."""
     args.backends, args.configs = args.backends.split(","), args.configs.split(",")
     if bad := [b for b in args.backends if b not in BACKENDS]:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}"
                          f"{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
+    fixed = {**STUDY_SETS, **(sets or {})}
+    if taken := [key for key in parse_overrides(args.set) if key in fixed]:
+        raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")
     args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
     return args

@@ -145,6 +145,20 @@ def test_activations_count_against_host_memory_only_without_an_accelerator(monke
     assert resources.train_bytes(spec, 64, 1024) > 100 * 2**30  # [H, T, T] attention weights of 12 layers alone: 36 GiB
 
 
+def test_the_parity_reports_estimate_counts_its_numpy_arrays_on_any_machine(monkeypatch):
+    """parity_report.py's taps (float64) and logits (float32) are numpy arrays, on the host whatever the device; the
+    backward's activations count only without an accelerator, where they outgrow the logits' float64 comparison."""
+    from shared_config import resources
+
+    spec, B, T = load_spec("tiny"), 100_000, 8
+    host = 2 * 4 * layout_size(spec)[1] + 16 * (3 * spec.L + 2) * B * T * spec.D + (8 + 24) * B * T * spec.V
+    monkeypatch.setattr(resources, "accelerator_present", lambda: True)
+    assert resources.report_bytes(spec, B, T) == host
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    # 3 layers' [B, T, 12 D + 3 F] activations alone: 18 GiB, in place of the comparison's 4.6
+    assert resources.report_bytes(spec, B, T) > host + 10 * 2**30
+
+
 def test_a_canonical_file_whose_spec_claims_ten_million_layers_is_refused_before_its_layout_is_built(canonical):
     spec = json.loads(shared_config.formats.safetensors.read_header(canonical)["__metadata__"]["spec"])
     huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"),

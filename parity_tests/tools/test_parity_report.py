@@ -2,6 +2,7 @@
 the stage where it starts (forward or backward); JSON, plot and one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import torch_model
 from shared_config import load_spec, save_checkpoint
-from shared_config.cli import run
+from shared_config.cli import UsageError, run
 
 from ..support.common import interleaved_rope, load_script, parity_weights
 
@@ -106,3 +107,37 @@ def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--batch", "10000000"], "comparing 3 layers of d_model 96, vocab 257 at batch 10,000,000 x seq 8 needs about"),
+    (["--train-steps", "2", "--train-config", "huge.yaml"], "training 3 layers of d_model 96, vocab 257 at batch "
+                                                            "10000000 x seq 8 needs about"),
+], ids=["report", "train-steps"])
+def test_a_report_that_cannot_fit_in_memory_is_refused_before_any_work(report, tmp_path, monkeypatch, capsys, extra,
+                                                                       says):
+    """As train.py: one error line with the estimate and what to lower, exit 3, before weights are drawn or a twin
+    runs (--batch 100,000 grew to 24 GB and was killed by the machine with no error line)."""
+    (tmp_path / "huge.yaml").write_text("batch_size: 10000000\nseq_len: 8\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "init_weights", lambda *a: pytest.fail("weights drawn before the memory check"))
+    with pytest.raises(SystemExit) as e:
+        run(report.main, ["--spec", "tiny", "--seq", "8", "--quiet", *extra])
+    out, err = capsys.readouterr()
+    assert e.value.code == 3 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and says in err and "GiB of memory" in err and "lower " in err, err
+
+
+def test_help_claims_no_default_for_the_model_it_needs(report, capsys):
+    """Neither --spec nor --weights has a default: their help says so as the error does, instead of each naming the
+    other as its default (which read as if both could be left out)."""
+    with pytest.raises(SystemExit) as e:
+        report.parse_args(["--help"])
+    help_ = capsys.readouterr().out
+    assert e.value.code == 0
+    for option, following in (("--spec SPEC", "--weights"), ("--weights WEIGHTS", "--set")):
+        text = " ".join(re.search(rf"^  {option}(.*?)^  {following}", help_, re.S | re.M)[1].split())
+        assert "default" not in text, text
+    assert "give --spec, --weights or both" in " ".join(help_.split())
+    with pytest.raises(UsageError, match="give --spec, --weights or both"):
+        report.parse_args([])

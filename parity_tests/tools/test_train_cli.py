@@ -122,6 +122,29 @@ def test_the_norm_study_names_the_placements_it_takes():
         load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
 
 
+@pytest.mark.parametrize("script, key, says", [
+    ("compare_norms", "norm_type=dyt", "the study sets it per config, NORM in --configs NORM-PLACEMENT"),
+    ("compare_norms", "norm_placement=post", "the study sets it per config, PLACEMENT in --configs NORM-PLACEMENT"),
+    ("compare_norms", "mixer=gla", "the study sets it from --mixer"),
+    ("compare_norms", "vocab_size=300", "the study sets it from its embedded corpus"),
+    ("compare_norms", "steps=5", "the study sets it from --steps"),
+    ("compare_routing", "vocab_size=300", "the study sets it from its embedded corpus"),
+    ("compare_routing", "steps=5", "the study sets it from --steps"),
+])
+def test_a_study_refuses_a_set_of_a_key_it_sets_itself(tmp_path, capsys, script, key, says):
+    """--set of a key the study gives every run itself (its config's norm, the corpus's vocabulary, --steps) would
+    collide with it (a TypeError) or be silently overridden: one error line naming the key, exit 2, nothing run."""
+    from shared_config.cli import run
+
+    with pytest.raises(SystemExit) as e:
+        run(load_script(script).main, ["--steps", "2", "--configs", "rms-pre" if script == "compare_norms" else "dense",
+                                       "--set", key, "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --set {key.split('=')[0]}: {says}"), err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path):
     # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
