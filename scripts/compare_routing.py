@@ -25,6 +25,10 @@ from shared_config.study import study_args, study_parser, study_run, train_all, 
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
+SETS = {  # the spec keys each run takes from its config: a --set of one is refused
+    "routing": "the study sets it per config, ROUTING in --configs ROUTING-CAPACITY (e.g. --configs mod-0.5)",
+    "routing_capacity": "the study sets it per config, CAPACITY in --configs ROUTING-CAPACITY (e.g. --configs mod-0.5)",
+}
 
 
 def config_changes(config: str) -> dict:
@@ -93,7 +97,7 @@ def fmt(x, spec: str) -> str:
 def parse_args(argv):
     p = study_parser(__doc__, 200, CONFIGS, "comma-separated: dense or ROUTING-CAPACITY", "runs/routing",
                      "where the table, the JSON and the runs go")
-    return study_args(p.parse_args(argv), "compare_routing.py", argv)
+    return study_args(p.parse_args(argv), "compare_routing.py", argv, SETS)
 
 
 def main(argv=None):

@@ -130,6 +130,8 @@ def test_the_norm_study_names_the_placements_it_takes():
     ("compare_norms", "steps=5", "the study sets it from --steps"),
     ("compare_routing", "vocab_size=300", "the study sets it from its embedded corpus"),
     ("compare_routing", "steps=5", "the study sets it from --steps"),
+    ("compare_routing", "routing=dtf", "the study sets it per config, ROUTING in --configs ROUTING-CAPACITY"),
+    ("compare_routing", "routing_capacity=0.25", "the study sets it per config, CAPACITY in --configs"),
 ])
 def test_a_study_refuses_a_set_of_a_key_it_sets_itself(tmp_path, capsys, script, key, says):
     """--set of a key the study gives every run itself (its config's norm, the corpus's vocabulary, --steps) would
