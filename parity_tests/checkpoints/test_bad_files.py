@@ -2,6 +2,7 @@
 
 import errno
 import json
+import shutil
 import os
 import struct
 from pathlib import Path
@@ -174,6 +175,20 @@ def test_damaged_orbax_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         convert(tmp_path / "m-flax", tmp_path / "out.pt")
     assert "not a readable Orbax checkpoint" in error_line(e, tmp_path / "m-flax" / "state")
+
+
+def test_orbax_checkpoint_missing_its_data_names_the_array_and_the_file(tmp_path):
+    """Orbax wraps TensorStore's error and appends a TensorStore object's repr ("See full TensorStore details:
+    <bound method pybind11_...", cut mid-way): the line gives the innermost cause instead."""
+    spec = make_spec()
+    save_checkpoint(tmp_path / "m.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "m.safetensors", tmp_path / "m-flax", to="flax")
+    shutil.rmtree(tmp_path / "m-flax" / "state" / "ocdbt.process_0")
+    with pytest.raises(CheckpointError) as e:
+        convert(tmp_path / "m-flax", tmp_path / "out.pt")
+    line = error_line(e, tmp_path / "m-flax" / "state")
+    assert "not a readable Orbax checkpoint" in line and "Error reading" in line and "OCDBT" in line, line
+    assert "TensorStore details" not in line and "pybind11" not in line, line
 
 
 # --- pickles --------------------------------------------------------------------------------------

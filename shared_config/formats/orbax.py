@@ -73,9 +73,17 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
     except CheckpointError:
         raise
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged directory
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: {first}") from None
+        raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: {orbax_reason(e)}") from None
     return canonical(flat, spec), spec
+
+
+def orbax_reason(e: BaseException) -> str:
+    """The first line of the innermost cause Orbax chains (TensorStore's own, which names the array and the file),
+    without the repr of a TensorStore object Orbax appends to its wrapper ("See full TensorStore details: ...")."""
+    while (inner := e.__cause__ or e.__context__) is not None:
+        e = inner
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first.split(" See full TensorStore details")[0][:500]
 
 
 def pure_dict(weights: dict, spec: ModelSpec) -> dict:
