@@ -103,7 +103,6 @@ def main(argv=None):
     if args.tokenizer == "bpe" and not 256 < args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet) and <= 2**32 = "
                          f"{MAX_VOCAB} (uint32 token ids)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer = train_bpe(args.input, args.vocab_size) if args.tokenizer == "bpe" else None
         tokens = bpe_tokens(tokenizer, args.input) if tokenizer else byte_tokens(args.input)
@@ -113,6 +112,7 @@ def main(argv=None):
     train, val = split_tokens(tokens, args.val_fraction, args.input)
     vocab_size = tokenizer.get_vocab_size() if tokenizer else 256
     meta = {"vocab_size": vocab_size, "tokenizer": args.tokenizer, "source": args.input.name}
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # only now: a refused input leaves no directory behind
     write_data_dir(args.out, train, val, meta, tokenizer, args.force)
     print(json.dumps({"out": str(args.out), **meta, "train_tokens": len(train), "val_tokens": len(val)}))
 

@@ -459,8 +459,8 @@ def test_prepare_data_out_under_a_file(tmp_path):
 ], ids=["vocab-too-large", "vocab-too-small", "train-split-too-short", "val-split-too-short"])
 def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
     (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
-    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "data", *args), 2, *says)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+    one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "new" / "data", *args), 2, *says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]  # not even --out's parent
 
 
 def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
