@@ -28,7 +28,7 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import study_args, study_parser, study_run, train_all, write_results
+from shared_config.study import clear_results, study_args, study_parser, study_run, train_all, write_results
 from shared_config.twins import twin
 
 PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the tiny family
@@ -240,6 +240,7 @@ def main(argv=None):
     # bad values fail here
     make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
     args.out.mkdir(parents=True, exist_ok=True)
+    clear_results(args.out, "norms", "curves.png")
     print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
 
 

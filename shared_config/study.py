@@ -75,6 +75,13 @@ def train_all(configs: list[str], backends: list[str], make: Callable[[str, str,
     return results, metrics
 
 
+def clear_results(out: Path, name: str, *others: str) -> None:
+    """Remove an earlier study's results from OUT (NAME.md, NAME.json and `others`, such as its plot) as this study
+    starts replacing its runs: a study stopped midway leaves no table describing runs it has since replaced."""
+    for file in (f"{name}.md", f"{name}.json", *others):
+        (out / file).unlink(missing_ok=True)
+
+
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
     """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
     atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))

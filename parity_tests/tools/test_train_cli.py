@@ -160,3 +160,23 @@ def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_tw
         assert result.returncode == 0, (step, result.stderr[-3000:])
         assert json.loads(result.stdout)["step"] == step
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 6))
+
+
+@pytest.mark.parametrize("script, files, config", [
+    ("compare_norms", ["norms.md", "norms.json", "curves.png"], "rms-pre"),
+    ("compare_routing", ["routing.md", "routing.json"], "dense"),
+])
+def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, script, files, config):
+    """A study replaces its runs one by one: stopped midway, an earlier study's table (and plot) beside them described
+    runs that are gone. It is removed as the new study starts."""
+    for name in files:
+        (tmp_path / name).write_text("an earlier study's")
+    module = load_script(script)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "study", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--steps", "2", "--configs", config, "--out", str(tmp_path), "--quiet"])
+    assert [p.name for p in tmp_path.iterdir()] == []
