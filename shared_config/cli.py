@@ -47,11 +47,18 @@ USER_ERRORS = (
 )
 
 
+def no_default(default) -> bool:
+    """Whether an option's default says nothing worth showing: None, a store_true's False, an empty list, SUPPRESS.
+    By identity: `0 in (None, False)` is true in Python, which hid every default of 0 (--seed, --train-steps)."""
+    return default is None or default is False or default is argparse.SUPPRESS or (isinstance(default, list)
+                                                                                    and not default)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, unless its help text already speaks of it or it has none."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+        if "default" in (action.help or "") or no_default(action.default):
             return action.help
         return super()._get_help_string(action)
 

@@ -51,7 +51,7 @@ def test_every_option_is_explained_with_its_default(path, monkeypatch):
     assert not [a.option_strings or a.dest for a in parser._actions if not a.help]
     formatter = parser._get_formatter()
     for action in parser._actions:
-        if action.default not in (None, False, [], "==SUPPRESS==") and action.option_strings:
+        if not cli.no_default(action.default) and action.option_strings:  # a default of 0 too: `0 in (False,)` is true
             assert "default" in formatter._get_help_string(action), action.dest
     if path.stem in LONG_RUNNING:
         assert "--quiet" in parser._option_string_actions, path.stem
