@@ -259,11 +259,11 @@ def cpu_step_peak(step: Callable[[], Any], resident: list) -> int:
     return sum(kept.values()) + max([0, *totals])
 
 
-def torch_resident(model, optimizer, batch) -> list:
-    """What a torch train step keeps between steps: parameters, AdamW's state, the batch; FSDP2's shards (DTensors,
-    parameters and moments alike) as this rank's local tensors."""
+def torch_resident(model, optimizer, batch, working=()) -> list:
+    """What a torch train step keeps between steps: parameters, AdamW's state, the working weights (train.TrainState),
+    the batch; FSDP2's shards (DTensors, parameters and moments alike) as this rank's local tensors."""
     state = [x for s in optimizer.state.values() for x in s.values()]
-    return [x.to_local() if hasattr(x, "to_local") else x for x in [*model.parameters(), *state, batch]]
+    return [x.to_local() if hasattr(x, "to_local") else x for x in [*model.parameters(), *state, *working, batch]]
 
 
 def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, train_config, compile: bool,
@@ -306,7 +306,8 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
             state, train_step = distributed.parallelize(model, train_config, parallel, compile=compile)
         step = lambda: train_step(state, batch)  # noqa: E731
         if device.type == "cpu":
-            peak_mem = lambda: cpu_step_peak(step, torch_resident(model, state.optimizer, batch))  # noqa: E731
+            peak_mem = lambda: cpu_step_peak(step, torch_resident(model, state.optimizer, batch,  # noqa: E731
+                                                                  state.working.values()))
     return Bench(step, sync, kernel, peak_mem, {"compile": compile_mode(compile, device)}, start)
 
 
