@@ -91,7 +91,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --out that this script wrote")
     args = p.parse_args(argv)
     if not args.input.is_file():
-        raise UsageError(f"{args.input}: no such file")
+        raise UsageError(f"{args.input}: {'a directory; give a text file' if args.input.is_dir() else 'no such file'}")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)

@@ -443,6 +443,11 @@ def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+def test_prepare_data_input_that_is_a_directory(tmp_path):
+    one_line(run_script("prepare_data", tmp_path, "--out", tmp_path / "data"), 2, f"{tmp_path}: a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prepare_data_out_under_a_file(tmp_path):
     (tmp_path / "afile").write_text("keep")
     (tmp_path / "text.txt").write_text("some text to tokenize " * 20)

@@ -118,6 +118,8 @@ def test_missing_required_key_and_bad_sources(tmp_path):
         load_spec({k: v for k, v in BASE.items() if k != "vocab_size"})
     with pytest.raises(SpecError, match="no spec preset or file named 'nope'"):
         load_spec("nope")
+    with pytest.raises(SpecError, match=f"spec '{tmp_path}' is a directory; give a preset name or a YAML file"):
+        load_spec(tmp_path)  # it said "no spec preset or file named", of a path that exists
     bad = tmp_path / "bad.yaml"
     bad.write_text("d_model: [1, 2\n")
     with pytest.raises(SpecError, match="not valid YAML"):
