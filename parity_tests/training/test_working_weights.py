@@ -3,6 +3,8 @@ weight's compute-dtype copy, refreshed after every update, and the forward reads
 master at each use. The update is bit for bit the one of casting at each use, in both twins, for every mixer, routing,
 head and memory option; the copies follow a resumed state; the forward casts no master weight left."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 
 from shared_config import TrainConfig, load_spec, model_layout, synthetic_batch
 
-from ..support.common import parity_weights, quick_first
+from ..support.common import parity_weights, quick_first, run_python
 from ..support.train_common import TWINS
 
 CFG = TrainConfig(lr=1e-3, warmup_steps=1, steps=3, batch_size=4, seq_len=32)
@@ -181,3 +183,43 @@ def test_compiled_blocks_read_the_working_weights_as_eager_does(monkeypatch):
     for key in ("weights", "m", "v"):
         for k, want in want_state[key].items():
             assert np.array_equal(state[key][k], want), f"{key} {k}"
+
+
+MESH_RUN = """
+import json, numpy as np
+from jax_model import distributed, train
+import jax_model
+from jax_model.weights import flat_arrays
+from parity_tests.support.common import parity_weights
+from shared_config import TrainConfig, load_spec, synthetic_batch
+
+spec = load_spec("tiny").replace(compute_dtype="bfloat16")
+cfg = TrainConfig(lr=1e-3, warmup_steps=1, steps=3, batch_size=4, seq_len=32)
+losses = {}
+for where in ("mesh", "one device"):
+    model = jax_model.from_weights(parity_weights(spec), spec)
+    if where == "mesh":
+        state, step = distributed.parallelize(model, cfg, distributed.make_mesh("data=2,fsdp=2"))
+        masters = flat_arrays(state.params)
+        specs = {k: [str(masters[k].sharding.spec), str(c.sharding.spec)] for k, c in state.working.items()}
+    else:
+        state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+    losses[where] = []
+    for i in range(cfg.steps):
+        state, m = step(state, synthetic_batch(cfg.seed, i, cfg.batch_size, cfg.seq_len, spec.V))
+        losses[where].append(float(m["loss"]))
+print(json.dumps({"losses": losses, "specs": specs}))
+"""
+
+
+@pytest.mark.slow
+def test_a_jax_mesh_shards_each_copy_as_its_master_and_trains_as_one_device():
+    """On a data × fsdp mesh the copies are sharded as their masters (XLA gathers bf16 copies), and the bf16 step's
+    losses are the one-device step's up to the reduction order."""
+    r = run_python("-c", MESH_RUN, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["specs"] and all(master == copy for master, copy in result["specs"].values()), result["specs"]
+    assert any("fsdp" in master for master, _ in result["specs"].values())
+    mesh, one = (np.array(result["losses"][k]) for k in ("mesh", "one device"))
+    assert np.abs(mesh - one).max() <= 1e-4 * np.abs(one).max(), (mesh, one)
