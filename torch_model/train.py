@@ -230,16 +230,21 @@ def working_names(model, cfg: TrainConfig) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def working_weights(model, names, working: dict | None = None) -> dict[str, torch.Tensor]:
-    """The working weights: the master weights `names` cast to the compute dtype, made after each update (one
-    multi-tensor copy), so the forward reads them instead of casting every weight at every use (and again in a
-    rematted backward, and per micro-batch). Apex's and Megatron's model weights beside float32 master weights.
-    `working`: the copies to refresh in place (their tensors stay the same: compiled graphs keep reading them)."""
+def working_weights(model, names) -> dict[str, torch.Tensor]:
+    """The working weights: the master weights `names` cast to the compute dtype, made after each update
+    (refresh_working), so the forward reads them instead of casting every weight at every use (and again in a
+    rematted backward, and per micro-batch). Apex's and Megatron's model weights beside float32 master weights."""
     named = dict(model.named_parameters())
-    if working is None:
-        return {name: named[name].detach().to(DTYPES[model.spec.compute_dtype]) for name in names}
+    return {name: named[name].detach().to(DTYPES[model.spec.compute_dtype]) for name in names}
+
+
+@torch.no_grad()
+def refresh_working(model, working: dict) -> dict:
+    """`working` made again from the masters after an update, in place (one multi-tensor copy, which casts): the
+    tensors stay the same, so compiled graphs keep reading them."""
     if working:
-        torch._foreach_copy_(list(working.values()), [named[name] for name in working])  # cast on copy
+        named = dict(model.named_parameters())
+        torch._foreach_copy_(list(working.values()), [named[name] for name in working])
     return working
 
 
@@ -279,7 +284,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
-        working_weights(model, (), state.working)
+        refresh_working(model, state.working)
         aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
         return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
@@ -345,7 +350,7 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
     optimizer.load_state_dict(saved)
     # a scheduler built at last_epoch = step − 1 steps once on construction: update `step` gets lr_factor(step)
     return TrainState(model, optimizer, LambdaLR(optimizer, state.scheduler.lr_lambdas, last_epoch=step - 1),
-                      working_weights(model, (), state.working))
+                      refresh_working(model, state.working))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
