@@ -106,7 +106,7 @@ def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict:
     path = Path(source)
     if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
         path = presets / f"{source}.yaml"
-    elif path.is_dir():
+    elif str(source) and path.is_dir():  # "" is Path("."), a directory: it names no file (the message below)
         raise SpecError(f"{what} {quote(str(source))} is a directory; give a preset name or a YAML file")
     elif not path.is_file():
         names = yaml_names(presets)
