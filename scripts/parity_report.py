@@ -26,8 +26,8 @@ from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
-from shared_config.resources import check_memory, report_bytes, train_bytes
-from shared_config.train_config import MEMORY_OPTIONS
+from shared_config.resources import check_memory, report_bytes
+from shared_config.run import check_train_memory
 from shared_config.twins import twin
 
 
@@ -275,9 +275,7 @@ def check_fits(spec, args, cfg) -> None:
                  f"comparing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {args.batch:,} x seq "
                  f"{args.seq}", "lower --batch or --seq, or the model's sizes (--set)")
     if cfg:
-        check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **{k: getattr(cfg, k) for k in MEMORY_OPTIONS}),
-                     f"training {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {cfg.batch_size} x "
-                     f"seq {cfg.seq_len}", "lower the train config's batch_size/seq_len (--train-config)")
+        check_train_memory(spec, cfg, "lower the train config's batch_size/seq_len (--train-config)")
 
 
 def report(weights, spec, args, cfg) -> int:

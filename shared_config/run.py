@@ -82,11 +82,7 @@ def resolve_run(args) -> Run:
     cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
-    memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}  # every memory option counts
-    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory),
-                 f"training {spec.L} layers of d_model {spec.D}, "
-                 f"vocab {spec.V:,} at batch {cfg.batch_size} x seq {cfg.seq_len}",
-                 "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init allocates
+    check_train_memory(spec, cfg, "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init
     if stored:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)
@@ -98,6 +94,15 @@ def resolve_run(args) -> Run:
     stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
     cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
+
+
+def check_train_memory(spec: ModelSpec, cfg: TrainConfig, lower: str) -> None:
+    """Refuse (ResourceError) a training job of `spec` under `cfg` that cannot fit in this machine's memory, before
+    anything is allocated: train_bytes with every memory option of `cfg`; `lower` says what to lower."""
+    memory = {k: getattr(cfg, k) for k in MEMORY_OPTIONS}
+    check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory),
+                 f"training {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {cfg.batch_size} x seq "
+                 f"{cfg.seq_len}", lower)
 
 
 def refuse_file_out(out: Path) -> None:
