@@ -7,10 +7,11 @@ frameworks read at import, and into their config objects where a framework is al
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
+
+from .cli import check_out_dir
 
 # JAX's cache is bounded (least recently used entries go), which also turns on its file lock
 CACHE_SIZE_BYTES = 4 * 2**30
@@ -34,7 +35,8 @@ TORCH_CACHE_ENV = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE
 def use_compile_cache(directory: str | Path | None) -> Path | None:
     """Turn both frameworks' persistent compilation caches on in `directory` (created; JAX's under jax/, inductor's
     under inductor/), every program cached whatever its size or compile time; None or "none" turns them off. Call
-    it before the first compilation. Returns the directory, or None. Raises OSError when it cannot be created."""
+    it before the first compilation. Returns the directory, or None. Raises UsageError for a path with a file in the
+    way or without write permission, OSError when it cannot be created all the same."""
     off = directory is None or str(directory) == "none"
     root = None if off else Path(directory).expanduser().resolve()
     jax_settings = {
@@ -47,8 +49,7 @@ def use_compile_cache(directory: str | Path | None) -> Path | None:
     torch_settings = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0" if off else "1",
                       "TORCHINDUCTOR_AUTOGRAD_CACHE": "0" if off else "1"}
     if not off:
-        if (blocker := next((p for p in (root, *root.parents) if p.exists()), root)) and not blocker.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "is a file; --compile-cache names a directory", str(blocker))
+        check_out_dir("--compile-cache", root)  # a file in the way: one line naming the option, before any mkdir
         for sub in ("jax", "inductor"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         torch_settings["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")  # read at every cache access
