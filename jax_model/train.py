@@ -212,6 +212,12 @@ def working_weights(model, params: nnx.State, names) -> dict[str, jax.Array]:
     return {name: flat[name].astype(DTYPES[model.spec.compute_dtype]) for name in names}
 
 
+def refresh_working(model, params: nnx.State, working: dict) -> dict[str, jax.Array]:
+    """`working` made again from the masters `params` after an update (a new dict: the state is functional; XLA fuses
+    the casts into the optimizer's update)."""
+    return working_weights(model, params, tuple(working))
+
+
 def read_working(params: nnx.State, working: dict) -> nnx.State:
     """`params` with each weight of `working` read as its working copy (layers.working_copy): the forward reads the
     copy, the gradient goes to the master in float32, bit for bit what casting the master gives."""
@@ -243,7 +249,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": cfg.lr * lr_factor(cfg, state.step, jnp),
                    **aux_metrics}
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state, working_weights(model, params, state.working)), metrics
+        return TrainState(state.step + 1, params, opt_state, refresh_working(model, params, state.working)), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
     return jax.jit(train_step, donate_argnums=0) if compile else train_step
@@ -288,7 +294,7 @@ def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> Trai
     m, v = (from_pure_dict(params, to_pure_dict(canonical[key], spec)) for key in ("m", "v"))
     opt_state = optax.tree_utils.tree_set(state.opt_state, mu=m, nu=v, count=step)  # Adam's and the schedule's count
     # copied: the counts now share one array, and the step donates its arguments buffer by buffer
-    return TrainState(step, params, jax.tree.map(jnp.copy, opt_state), working_weights(model, params, state.working))
+    return TrainState(step, params, jax.tree.map(jnp.copy, opt_state), refresh_working(model, params, state.working))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
