@@ -25,6 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
 C = 16  # tokens per step of the kernel's loop (flash-linear-attention's sub-chunk)
@@ -112,7 +113,8 @@ def _call(kernel, outputs, *inputs, interpret: bool):
     """One program per row of the leading (batch·head) axis; every array's block is that row, whole."""
     block = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i: (i,) + (0,) * (a.ndim - 1))  # noqa: E731
     return pl.pallas_call(kernel, grid=(inputs[0].shape[0],), in_specs=[block(a) for a in inputs],
-                          out_specs=[block(o) for o in outputs], out_shape=outputs, interpret=interpret)(*inputs)
+                          out_specs=[block(o) for o in outputs], out_shape=outputs, interpret=interpret,
+                          compiler_params=plt.CompilerParams())(*inputs)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
