@@ -58,7 +58,7 @@ def resolve_gla_kernel(gla_kernel: str, twin: str, platform: str, fla_installed:
         raise HardwareError(f"gla_kernel={gla_kernel} is {GLA_KERNEL_NAMES[gla_kernel]}: it needs a GPU, and this "
                             f"process runs on {PLATFORM_NAMES.get(platform, platform)} (auto picks the pure form)")
     if gla_kernel == "fla" and not fla_installed:
-        raise HardwareError("gla_kernel=fla needs flash-linear-attention: pip install -e '.[gla]'")
+        raise HardwareError("gla_kernel=fla needs flash-linear-attention 0.3.2 or later: pip install -e '.[gla]'")
     return gla_kernel
 
 

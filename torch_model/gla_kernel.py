@@ -11,16 +11,28 @@ Imported only when used: the module imports without Triton.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 
 import torch
 
 GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
+FLA_RELEASE = (0, 3, 2)  # the oldest fla taken: older releases read [B, H, T, K] by default (wrong heads, no error)
 
 
 def fla_installed() -> bool:
-    """Whether flash-linear-attention can be imported (without importing it: that needs Triton)."""
-    return importlib.util.find_spec("fla") is not None
+    """Whether flash-linear-attention ≥ 0.3.2 can be imported, found without importing it (that needs Triton); an
+    older release counts as absent. The `fla` package ships in `fla-core` since 0.3 (before: the main package)."""
+    if importlib.util.find_spec("fla") is None:
+        return False
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return tuple(int(n) for n in re.findall(r"\d+", version)[:3]) >= FLA_RELEASE
+    return True  # importable without an installed distribution (a source checkout on the path): taken as it is
 
 
 def fla_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):

@@ -169,3 +169,27 @@ def test_the_fla_dispatch_hands_fla_its_layout_on_a_faked_cuda_machine(monkeypat
         got = model(tokens)
     assert calls == [40, 40]  # both layers, the whole sequence
     assert rel_err(got.numpy(), want.numpy()) <= FORWARD_TOL
+
+
+@pytest.mark.parametrize("found, installed", [
+    ({}, False), ({"fla-core": "0.6.0"}, True), ({"fla-core": "0.3.2"}, True), ({"fla-core": "0.10.1"}, True),
+    ({"flash-linear-attention": "0.2.2"}, False), ({"flash-linear-attention": "0.1"}, False),
+    ({"fla-core": "0.3.1.dev0"}, False), (None, True)])
+def test_an_older_fla_counts_as_absent(found, installed, monkeypatch):
+    """fla before 0.3.2 reads [B, H, T, K] by default: the twin would hand it the wrong axes and get no error.
+    `found` maps distributions to versions ({}: no `fla` to import; None: importable with no distribution, as a
+    source checkout on the path, taken as it is)."""
+    import importlib.metadata
+    import importlib.util
+
+    from torch_model import gla_kernel
+
+    def version(dist):
+        if found is None or dist not in found:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return found[dist]
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if found != {} else None)
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert gla_kernel.fla_installed() is installed
+

@@ -127,6 +127,19 @@ def test_every_documented_command_line_parses(script, monkeypatch):
     assert not unknown, f"{script} has no option: {unknown}"
 
 
+def test_every_extra_the_docs_install_exists():
+    """`pip install -e '.[gla]'` and the like: each extra named in the docs or in an error message is declared."""
+    section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)^\[", (ROOT / "pyproject.toml").read_text(),
+                        re.S | re.M).group(1)
+    declared = set(re.findall(r"^([\w-]+)\s*=", section, re.M))
+    sources = PAGES + [p for d in ("shared_config", "jax_model", "torch_model", "bench", "scripts")
+                       for p in sorted((ROOT / d).glob("*.py"))]
+    named = {(rel(p), extra) for p in sources for group in re.findall(r"\.\[([\w,-]+)\]", p.read_text())
+             for extra in group.split(",")}
+    assert {extra for _, extra in named} >= {"gla", "hf", "test"}, named  # the pattern still finds them
+    assert not [(page, extra) for page, extra in named if extra not in declared], declared
+
+
 def test_every_python_block_compiles():
     for page in PAGES:
         for lang, body in FENCE.findall(page.read_text()):
