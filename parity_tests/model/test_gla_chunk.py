@@ -28,10 +28,11 @@ GATES = {  # log α at the positions in STRONG, or a run of 0 (α = 1)
 }
 
 
-def gla_inputs(gate, seed=0):
+def gla_inputs(gate, seed=0, shape=(B, H, T, K, V)):
     """q, k, v, log α [B, H, T, ·] and a state [B, H, K, V], float32: gates logsigmoid(4·N(0, 1)) / 16 (α from
     ~0.3 to 1), one tenth of them tiny (log α ~ −1e-6), then `gate` at the STRONG positions (one head, one row
-    keep the ordinary gates there) and a run of α = 1 over tokens 110-129."""
+    keep the ordinary gates there) and a run of α = 1 over tokens 110-129 (`shape`: B, H ≥ 2, T ≥ 130)."""
+    B, H, T, K, V = shape
     rng = np.random.default_rng(seed)
     q, k = (rng.standard_normal((B, H, T, K)).astype(np.float32) * K**-0.5 for _ in range(2))
     v = rng.standard_normal((B, H, T, V)).astype(np.float32)

@@ -39,11 +39,20 @@ def test_pallas_kernel_equals_the_float64_recurrence(gate):
     assert rel_err(o, o64) <= FORWARD_TOL and rel_err(S, S64) <= FORWARD_TOL, (rel_err(o, o64), rel_err(S, S64))
 
 
-@pytest.mark.parametrize("gate", quick_first(["strong-1e6", "moderate", "reset-inf"]))
-def test_pallas_kernel_gradients_equal_the_pure_forms(gate):
+WIDE = (2, 2, 150, 20, 80)  # K padded to 32, V to 128: two blocks of the state's 64 columns
+
+
+@pytest.mark.parametrize("gate, shape", quick_first([("strong-1e6", WIDE), ("strong-1e6", None), ("moderate", None),
+                                                     ("reset-inf", None)], multi=True))
+def test_pallas_kernel_gradients_equal_the_pure_forms(gate, shape):
     """The custom_vjp's gradients (q, k, v, log α from the identity ∂L/∂B = q·dq − k·dk, the initial state)
-    against autodiff of the pure chunk form, for cotangents on both outputs and the last state."""
-    xs = gla_inputs(GATES[gate], seed=1)
+    against autodiff of the pure chunk form, for cotangents on both outputs and the last state; T = 150 is three
+    chunks, the last one partly padding; WIDE heads take the state in two blocks of columns. Its forward too."""
+    xs = gla_inputs(GATES[gate], seed=1, **({"shape": shape} if shape else {}))
+    if shape:
+        o64, S64 = float64_recurrence(*xs)
+        o, S = run_jax(lambda *a: pallas_gla(*a, interpret=True), xs)
+        assert rel_err(o, o64) <= FORWARD_TOL and rel_err(S, S64) <= FORWARD_TOL, (rel_err(o, o64), rel_err(S, S64))
     rng = np.random.default_rng(2)
     B, H, T, _ = xs[0].shape
     cotangents = [rng.standard_normal((B, H, T, xs[2].shape[-1])).astype(np.float32),
@@ -55,14 +64,15 @@ def test_pallas_kernel_gradients_equal_the_pure_forms(gate):
         assert max_rel(g, w) <= GRAD_TOL, f"{name}: kernel vs pure {max_rel(g, w):.1e}"
 
 
-def test_pallas_kernel_lowers_to_triton_for_a_gpu():
-    """The GPU path, lowered here for CUDA (jax.export, no GPU needed): forward and backward become Triton kernels.
-    Pallas lowers to Mosaic GPU unless told Triton; our kernels are written for Triton (blocks as pointers, 16-row
-    dots), and Mosaic refuses them. Lowering also checks what Triton needs: power-of-two loads, dots ≥ 16 a side."""
+@pytest.mark.parametrize("B, H, T, K, V", [(1, 2, 150, 12, 10), (8, 4, 2048, 96, 192)], ids=["tiny", "gla-small"])
+def test_pallas_kernel_lowers_to_triton_for_a_gpu(B, H, T, K, V):
+    """The GPU path, lowered here for CUDA (jax.export, no GPU needed): forward and backward become Triton kernels
+    (forward: states, outputs; backward: states, state gradients, gradients). Pallas lowers to Mosaic GPU unless
+    told Triton; these kernels are written for Triton (blocks as pointers, 16-row dots), and Mosaic refuses them.
+    Lowering also checks what Triton needs: power-of-two loads and dots at least 16 a side."""
     import jax
     from jax import export
 
-    B, H, T, K, V = 1, 2, 150, 12, 10
     shapes = [(B, H, T, K), (B, H, T, K), (B, H, T, V), (B, H, T, K), (B, H, K, V)]
     args = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
 
@@ -71,10 +81,14 @@ def test_pallas_kernel_lowers_to_triton_for_a_gpu():
         return o.sum() + S.sum()
 
     triton = "__gpu$xla.gpu.triton"
-    for fn, kernels in ((lambda *xs: pallas_gla(*xs, interpret=False), 1), (jax.grad(loss, argnums=range(5)), 2)):
+    forward, backward = {"_states_kernel", "_output_kernel"}, {"_states_kernel", "_state_grads_kernel", "_grads_kernel"}
+    for fn, kernels in ((lambda *xs: pallas_gla(*xs, interpret=False), forward),
+                        (jax.grad(loss, argnums=range(5)), backward)):
         exported = export.export(jax.jit(fn), platforms=["cuda"],
                                  disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
-        assert exported.mlir_module().count(f"custom_call @{triton}") >= kernels
+        text = exported.mlir_module()
+        names = set(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"', text))
+        assert names >= kernels and text.count(f"custom_call @{triton}") >= len(kernels), names
 
 
 def test_a_gla_model_on_the_pallas_kernel_trains_as_on_the_pure_form():
