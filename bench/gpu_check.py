@@ -28,6 +28,7 @@ of RMSNorm) are benchmarks, never test assertions.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -202,8 +203,14 @@ def environment(dry_run: bool) -> dict:
             versions[name] = __import__(name).__version__
         except ImportError as e:
             versions[name] = f"missing ({e})"
+    try:  # flash-linear-attention, the torch twin's GLA kernel: not in the GPU image (docs/bench.md: carry it)
+        versions["fla-core"] = importlib.metadata.version("fla-core")
+    except importlib.metadata.PackageNotFoundError:
+        versions["fla-core"] = "missing"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     notes = [f"{k} {versions[k]} (the GPU image has {v})" for k, v in EXPECTED.items() if not versions[k].startswith(v)]
+    if versions["fla-core"] == "missing":
+        notes.append("fla-core missing: the gla-kernels check skips fla's chunk_gla (docs/bench.md, GPU check)")
     if gpu is None and not dry_run:
         raise UsageError("no CUDA device: run on the GPU machine, or pass --dry-run")
     if gpu is not None and jax.default_backend() != "gpu":

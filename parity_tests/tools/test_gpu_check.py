@@ -182,7 +182,9 @@ def test_dry_run_of_each_plan(tmp_path, which, chosen):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / f"summary-{which}.json").read_text())
     assert summary["complete"] and summary["dry_run"] and summary["plan"] == which
-    assert {"torch", "jax", "flax", "optax", "transformers"} <= set(summary["versions"])
+    assert {"torch", "jax", "flax", "optax", "transformers", "fla-core"} <= set(summary["versions"])
+    fla_note = any(n.startswith("fla-core missing") for n in summary["notes"])
+    assert fla_note == (summary["versions"]["fla-core"] == "missing"), summary["notes"]
     assert list(summary["checks"]) == [c.name for c in plan(which)]
     for name, r in summary["checks"].items():
         if name in chosen:
