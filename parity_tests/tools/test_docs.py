@@ -1,8 +1,8 @@
 """The README and docs/ against the checkout, statically (nothing is run): the README stays a front door (at most
 12 KiB, the two opening commands as CI runs them), every `python scripts/X.py` / `python bench/X.py` command line of a
 ```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
-every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every test file
-named exists, and .ci/walkthrough walks every page."""
+every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every file
+named in a page or in the code exists, and .ci/walkthrough walks every page."""
 
 from __future__ import annotations
 
@@ -190,11 +190,16 @@ def test_every_relative_link_reaches_its_file_and_heading():
     assert not broken, broken
 
 
-def test_every_test_file_the_docs_name_exists():
+def test_every_source_file_the_docs_and_code_name_exists():
+    """`bench/gla_layer.py`, `docs/gla.md`, ... named in a page, a docstring or a comment: a renamed or deleted file
+    leaves no stale name (an all-capitals stem, `X.py`, stands for any file)."""
+    code = [p for d in ("shared_config", "jax_model", "torch_model", "bench", "scripts", "parity_tests", ".ci")
+            for p in sorted((ROOT / d).rglob("*")) if p.is_file() and p.suffix in ("", ".py", ".sh")]
     missing = []
-    for page in PAGES:
-        for name in re.findall(r"parity_tests/[\w/]+\.py", page.read_text()):
-            if not (ROOT / name).is_file():
+    for page in PAGES + code:
+        for name in re.findall(r"(?<![\w/.-])((?:bench|scripts|jax_model|torch_model|shared_config|parity_tests|docs)"
+                               r"/[\w/]+\.(?:py|md|yaml|sh))", page.read_text(errors="replace")):
+            if not re.fullmatch(r"[A-Z]+", Path(name).stem) and not (ROOT / name).is_file():
                 missing.append((rel(page), name))
     assert not missing, missing
 
