@@ -74,6 +74,9 @@ def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0,
 
 @dataclass
 class Check:
+    """One command of a GPU plan: its name (and files' stem), the script and arguments, its expected cold-H200
+    cost in seconds (its share of the budget), the spec field it needs and the environment it adds."""
+
     name: str
     argv: list[str]  # a script under the checkout and its arguments
     cost: float  # expected seconds on a cold H200: the check's weight when the budget is shared

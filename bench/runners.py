@@ -24,6 +24,9 @@ from shared_config.cli import UsageError
 
 @dataclass
 class Bench:
+    """One backend's prepared job (train step, forward or decode) for bench/timing.py to time: what to call, how
+    to wait for it and how to read its peak memory, so that every backend is timed by the same loop."""
+
     step: Callable[[], Any]  # one step; returns what `sync` waits on
     sync: Callable[[Any], None]
     attention: str  # the attention kernel that runs

@@ -10,7 +10,8 @@ sequential pass carries it and everything else runs one program per chunk.
     (q_i · exp(Σ_{I₀≤s≤i} log α_s)) · (k_j · exp(Σ_{j<s<I₀} log α_s))ᵀ, I₀ the start of i's sub-chunk; within one,
     Σ_k q_ik k_jk exp(Σ_{j<s≤i} log α_sk) column by column; from earlier chunks, (q_i · exp(Σ_{s≤i} log α_s)) h_n.
   Every exponent is a sum of log-gates taken directly (0/1 matmuls and sums of sub-chunk totals), never the
-  difference of two cumulative sums, and ≤ 0: exact for any gate down to −inf (flash-linear-attention issue 20).
+  difference of two cumulative sums, and ≤ 0: exact for any gate down to −inf
+  (github.com/fla-org/flash-linear-attention/issues/20).
 The backward runs the states pass again, a second pass backward for the state's gradient after each chunk
 (dh_n = ∂L/∂S_{n+1}; the initial state's gradient at the end), and one program per chunk for dq, dk, dv. The gates'
 gradient comes outside the kernels from the identity every exponent obeys (flash-linear-attention's `chunk_gla`

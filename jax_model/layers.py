@@ -165,6 +165,9 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
+    """The block's MLP [B, T, D] -> [B, T, D]: SwiGLU (silu(x W_gate) · x W_up, the two as one matmul at compute
+    time) or an activation of x W_up (`spec.mlp`), then W_down; the activation in float32."""
+
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         self.kind = spec.mlp
         self.gate_proj = Linear(spec.D, spec.F, spec, rngs) if spec.mlp == "swiglu" else None

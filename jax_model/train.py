@@ -179,6 +179,9 @@ def make_optimizer(model, cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 class TrainState(NamedTuple):
+    """Everything a train step reads and returns (a pytree: jit donates it): the update count, the parameters, the
+    AdamW state and, under mixed precision, the working weights. torch_model/train.py's TrainState is its twin."""
+
     step: jax.Array  # updates applied so far (int32)
     params: nnx.State
     opt_state: optax.OptState

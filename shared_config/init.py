@@ -20,6 +20,8 @@ from .spec import ModelSpec
 
 @dataclass(frozen=True)
 class InitRule:
+    """How a tensor is drawn at init: `dist` and its `scale` (std, bound or value), in weight units."""
+
     dist: str  # "normal" (scale = std) | "uniform" (scale = bound) | "constant" (scale = the value)
     scale: float
 

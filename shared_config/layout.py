@@ -24,6 +24,9 @@ from .spec import ModelSpec
 
 @dataclass(frozen=True)
 class Tensor:
+    """One row of the canonical layout (`layout(spec)`): a tensor's Hugging Face-style name, its shape as stored
+    ([out, in] for Linear weights), its kind and its init rule (shared_config/init.py reads `init` and `value`)."""
+
     name: str  # canonical key
     shape: tuple[int, ...]  # torch orientation: Linear weights are [out, in]
     kind: str  # "linear" | "embedding" | "param"
@@ -40,6 +43,7 @@ class Tensor:
 
     @property
     def jax_shape(self) -> tuple[int, ...]:
+        """The shape in the JAX twin: a Linear kernel is [in, out], the transpose of the stored [out, in]."""
         return self.shape[::-1] if self.transposed else self.shape
 
     @property

@@ -43,6 +43,13 @@ ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 
 @dataclass(frozen=True, eq=False)
 class ModelSpec:
+    """The architecture, field for field the YAML keys of a spec file (shared_config/specs/*.yaml; docs/spec.md):
+    both twins build from it and neither adds a default of its own. Frozen; every field is type-checked and every
+    rule between fields enforced on construction (SpecError naming the field and what was expected). Two specs are
+    equal when they describe the same architecture (`to_dict`, defaults resolved). The one-letter properties are
+    the sizes in the model files' notation: V vocab, D model width, L layers, H query heads, K kv heads, E head
+    dim, F MLP width; d_k, d_v, Kh, Vh are GLA's key and value widths (all heads, per head)."""
+
     # sizes
     vocab_size: int
     d_model: int
@@ -175,6 +182,7 @@ class ModelSpec:
         return d
 
     def to_json(self) -> str:
+        """`to_dict` as canonical JSON (sorted keys): how a checkpoint's metadata stores the spec."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def __eq__(self, other) -> bool:  # equal architectures are equal specs, however defaults were written
@@ -194,6 +202,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        """The spec of a mapping of YAML keys; SpecError for an unknown key (with the nearest known one), a wrong
+        type or a broken rule."""
         return from_mapping(cls, d, "spec")
 
 

@@ -33,6 +33,11 @@ COMPUTE_OPTIONS = (*MEMORY_OPTIONS, "gla_kernel")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How a run trains, as opposed to what it trains (ModelSpec): optimizer, schedule, batch, steps, precision
+    and the compute options that change memory or speed but not the result (`COMPUTE_OPTIONS`). Field for field
+    the keys of a train preset (shared_config/train/*.yaml; docs/training.md); checked on construction
+    (SpecError). Both twins' trainers read the same config."""
+
     # AdamW (decoupled weight decay, Loshchilov & Hutter 2019)
     lr: float = 3e-4  # peak learning rate
     beta1: float = 0.9
@@ -67,13 +72,16 @@ class TrainConfig:
         _check_rules(self)
 
     def to_dict(self) -> dict[str, Any]:
+        """The preset's keys and values (what run.json records)."""
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> TrainConfig:
+        """The config with `changes`, checked again."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The config of a mapping of preset keys; SpecError for an unknown key, a wrong type or a broken rule."""
         return from_mapping(cls, d, "train config")
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
@@ -103,6 +111,7 @@ def _check_rules(c: TrainConfig) -> None:
 
 
 def train_preset_names() -> list[str]:
+    """The names of the shipped train presets (shared_config/train/*.yaml), sorted."""
     return yaml_names(TRAIN_DIR)
 
 

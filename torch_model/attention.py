@@ -194,6 +194,11 @@ def resolve_attention(attention: str, spec: ModelSpec) -> str:
 
 
 class Attention(nn.Module):
+    """Causal softmax self-attention, the block's `self_attn` slot: q/k/v projections (or one fused qkv), optional
+    per-head RMSNorms (qk-norm before RoPE; HybridNorm's on V), RoPE, grouped-query attention by the named kernel
+    (`attention`, resolved per machine by `resolve_attention`), o_proj. Input and output [B, T, D]; softmax in
+    float32 in every kernel."""
+
     def __init__(self, spec: ModelSpec, attention: str):
         super().__init__()
         D, H, K, E = spec.D, spec.H, spec.K, spec.E

@@ -205,6 +205,9 @@ def make_optimizer(model, cfg: TrainConfig, *, fused: bool = True) -> tuple[torc
 
 @dataclass
 class TrainState:
+    """Everything a train step reads and updates in place: the model (its parameters), AdamW and its schedule and,
+    under mixed precision, the working weights. jax_model/train.py's TrainState is its twin."""
+
     model: torch.nn.Module
     optimizer: torch.optim.AdamW
     scheduler: LambdaLR  # last_epoch = updates applied so far
