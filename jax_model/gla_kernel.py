@@ -125,22 +125,26 @@ class _Chunk:
         return self.k_ref[self.at(p), :] * jnp.exp(self.until(p, m))
 
     def diagonal(self, m: int, dA_cc=None):
-        """Sub-chunk m with itself, column by column: A [c, c] (j ≤ i) and, given dA, its parts of dq and dk."""
+        """Sub-chunk m with itself, column by column (a loop, not unrolled: one column's code, compiled once):
+        A [c, c] (j ≤ i) and, given dA, its parts of dq and dk."""
         q_cK = self.q_ref[self.at(m), :]
-        A_cc = jnp.zeros((c, c), jnp.float32)
-        dq_cK = dk_cK = jnp.zeros(q_cK.shape, jnp.float32)
-        for j in range(c):
+        token = jax.lax.broadcasted_iota(jnp.int32, q_cK.shape, 0)
+
+        def column(j, carry):
+            A_cc, dq_cK, dk_cK = carry
             k_1K = self.k_ref[pl.ds(m * c + j, 1), :]
-            after_j = jax.lax.broadcasted_iota(jnp.int32, q_cK.shape, 0) > j
-            E_cK = jnp.exp(_dot(self.L, jnp.where(after_j, self.g[m], 0.0)))  # row i: Σ_{j<s≤i} (0 for i ≤ j)
+            E_cK = jnp.exp(_dot(self.L, jnp.where(token > j, self.g[m], 0.0)))  # row i: Σ_{j<s≤i} (0 for i ≤ j)
             a_c1 = jnp.sum(q_cK * k_1K * E_cK, axis=1, keepdims=True)
-            A_cc = A_cc + jnp.where((self.cols == j) & (self.rows >= j), a_c1, 0.0)
+            in_column = (self.cols == j) & (self.rows >= j)
+            A_cc = A_cc + jnp.where(in_column, a_c1, 0.0)
             if dA_cc is not None:
-                dA_c1 = jnp.sum(jnp.where((self.cols == j) & (self.rows >= j), dA_cc, 0.0), axis=1, keepdims=True)
+                dA_c1 = jnp.sum(jnp.where(in_column, dA_cc, 0.0), axis=1, keepdims=True)
                 dq_cK = dq_cK + dA_c1 * k_1K * E_cK
-                dk_1K = jnp.sum(dA_c1 * q_cK * E_cK, axis=0, keepdims=True)
-                dk_cK = dk_cK + jnp.where(jax.lax.broadcasted_iota(jnp.int32, q_cK.shape, 0) == j, dk_1K, 0.0)
-        return A_cc, dq_cK, dk_cK
+                dk_cK = dk_cK + jnp.where(token == j, jnp.sum(dA_c1 * q_cK * E_cK, axis=0, keepdims=True), 0.0)
+            return A_cc, dq_cK, dk_cK
+
+        zeros_cK = jnp.zeros(q_cK.shape, jnp.float32)
+        return jax.lax.fori_loop(0, c, column, (jnp.zeros((c, c), jnp.float32), zeros_cK, zeros_cK))
 
 
 def _output_kernel(q_ref, k_ref, g_ref, v_ref, h_ref, o_ref):
