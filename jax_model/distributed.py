@@ -35,6 +35,7 @@ from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model
 from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 
 from . import train
+from .gla import set_mesh
 from .model import Transformer
 from .weights import dotted, flat_arrays, set_pure_dict, to_canonical, to_pure_dict
 
@@ -126,6 +127,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     the state's and the batch's shardings, the state donated; it takes the global batch. With grad_accum_steps,
     every device's rows split into that many micro-batches (train.micro_batches): each device keeps its rows."""
     state_sharding, batch_sharding = state_shardings(model, cfg, mesh), NamedSharding(mesh, BATCH)
+    set_mesh(model, mesh)  # a GLA layer's Pallas kernel runs per device, on its rows
     step = jax.jit(
         train.make_train_step(model, cfg, compile=False),
         in_shardings=(state_sharding, batch_sharding, batch_sharding),
@@ -159,6 +161,7 @@ def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str 
     )
     model = nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0), attention=attention))
     set_pure_dict(model, pure)
+    set_mesh(model, mesh)
     return model
 
 

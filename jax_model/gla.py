@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from shared_config import ModelSpec
 from shared_config.hardware import resolve_gla_kernel
+from shared_config.parallel import AXES
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, pallas_gla
@@ -144,6 +146,7 @@ class GLA(nnx.Module):
         D, dk, dv, R = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
         self.H, self.K, self.V = spec.H, spec.Kh, spec.Vh
         self.normalizer, self.chunk, self.kernel = spec.gla_gate_normalizer, CHUNK, "pure"
+        self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): the kernel runs per device
         self.q_proj = Linear(D, dk, spec, rngs)
         self.k_proj = Linear(D, dk, spec, rngs)
         self.v_proj = Linear(D, dv, spec, rngs)
@@ -168,7 +171,7 @@ class GLA(nnx.Module):
             k_BHTK, g_BHTK = jnp.where(valid_BHT1, k_BHTK, 0.0), jnp.where(valid_BHT1, g_BHTK, 0.0)
         S_BHKV = jnp.zeros((B, H, K, V), jnp.float32) if state is None else state.S_BHKV
         if self.chunk and T > 1 and self.kernel == "pallas":
-            o_BHTV, S_BHKV = pallas_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
+            o_BHTV, S_BHKV = per_device(pallas_gla, self.mesh, B)(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
         elif self.chunk and T > 1:
             o_BHTV, S_BHKV = chunked_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV, self.chunk)
         else:
@@ -197,3 +200,21 @@ def set_kernel(model: nnx.Module, gla_kernel: str) -> str:
         if isinstance(module, GLA):
             module.kernel = kernel
     return kernel
+
+
+def per_device(kernel, mesh: Mesh | None, rows: int):
+    """`kernel` of [B, ...] arrays (pallas_gla), run by each device of `mesh` on its own batch rows (jax.shard_map
+    over the batch axes, as distributed.py splits a batch): XLA cannot partition a Pallas call, and would gather
+    every row onto every device. No mesh, one device, or `rows` that the devices do not divide: `kernel` itself."""
+    if mesh is None or mesh.size == 1 or rows % mesh.size:
+        return kernel
+    rows_spec = PartitionSpec(AXES)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=rows_spec, out_specs=rows_spec, check_vma=False)
+
+
+def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
+    """Tell every GLA layer of `model` the device mesh its steps run on (jax_model/distributed.py), so that the
+    Pallas kernel runs per device (`per_device`); None: one device."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, GLA):
+            module.mesh = mesh

@@ -109,6 +109,20 @@ def test_a_gla_model_on_the_pallas_kernel_trains_as_on_the_pure_form():
     assert max(max_rel(got[k], g) for k, g in grads.items()) <= GRAD_TOL
 
 
+def test_the_pallas_kernel_is_mapped_over_a_mesh_only_when_its_rows_split():
+    """jax_model.gla.per_device: a shard_map over the batch axes when the mesh's devices divide the rows; the
+    kernel itself without a mesh, on one device, or for rows the devices do not divide (a whole sharded run:
+    test_sharding.py)."""
+    from jax.sharding import AbstractMesh
+
+    from jax_model.gla import per_device
+
+    kernel = lambda *xs: xs  # noqa: E731
+    mesh = AbstractMesh((2, 2), ("data", "fsdp"))
+    assert per_device(kernel, None, 8) is kernel and per_device(kernel, AbstractMesh((1,), ("data",)), 8) is kernel
+    assert per_device(kernel, mesh, 6) is kernel and per_device(kernel, mesh, 8) is not kernel
+
+
 RESOLVED = [  # gla_kernel, twin, platform, fla installed -> the kernel that runs
     ("auto", "jax", "cpu", False, "pure"), ("auto", "jax", "gpu", False, "pallas"),
     ("auto", "jax", "tpu", False, "pure"),

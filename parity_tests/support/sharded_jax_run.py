@@ -16,8 +16,10 @@ from pathlib import Path
 
 import jax
 import optax
+from flax import nnx
 
 from jax_model import distributed, train
+from jax_model.gla import GLA
 from jax_model.precision import exact_float32
 from jax_model.weights import flat_arrays
 from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
@@ -29,6 +31,21 @@ def layout_of(x: jax.Array) -> dict:
             "shards": sorted(list(s.data.shape) for s in x.addressable_shards)}
 
 
+def pallas_calls(jaxpr, inside: bool = False) -> list[bool]:
+    """Whether each pallas_call of `jaxpr`, nested ones included, runs inside a shard_map."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(inside)
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += pallas_calls(sub, inside or eqn.primitive.name == "shard_map")
+    return found
+
+
 def run(directory: Path, run_text: str) -> None:
     """One run on a mesh, `MESH` or `MESH:KEY=VALUE,...` (train config changes, e.g. the memory options); `SUB/...`:
     the run in the subdirectory SUB (a routed variant's inputs and outputs)."""
@@ -38,8 +55,16 @@ def run(directory: Path, run_text: str) -> None:
     cfg = read_config(directory).replace(**parse_overrides(changes.split(",") if changes else []))
     mesh = distributed.make_mesh(mesh_text)
     model = distributed.from_safetensors(directory / "init.safetensors", mesh)
+    if cfg.gla_kernel == "pallas":  # here on CPU in Pallas' interpreter (set_kernel gives it to a GPU only)
+        for _, layer in nnx.iter_modules(model):
+            if isinstance(layer, GLA):
+                layer.kernel = "pallas"
     state, train_step = distributed.parallelize(model, cfg, mesh)
     record = {"loss": [], "grad_norm": []}
+    if cfg.gla_kernel == "pallas":  # each device runs the kernel on its own rows, inside a shard_map
+        jaxpr = jax.make_jaxpr(train_step.jitted)(state, *(distributed.shard_batch(x, mesh)
+                                                           for x in masked_batch(cfg, 0, model.spec.V)))
+        record["kernel_in_shard_map"] = pallas_calls(jaxpr.jaxpr)
     for step in range(cfg.steps):
         state, metrics = train_step(state, *masked_batch(cfg, step, model.spec.V))
         record["loss"].append(float(metrics["loss"]))

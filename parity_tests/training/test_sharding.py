@@ -20,6 +20,9 @@ from ..support.parallel_common import (
 ROUTED_MESH = "data=2,fsdp=2"  # 8 rows: 2 per device, one per micro-batch (grad_accum_steps=2 in ROUTED_CFG)
 ROUTED_JAX = ("mod", "dtf")  # every router; mixers and placements: the torch FSDP2 runs
 
+# GLA's Pallas kernel on a mesh (in Pallas' interpreter here): each device runs it on its own rows
+GLA_PALLAS_RUN = f"{ROUTED_MESH}:gla_kernel=pallas"
+
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
 # the memory options on a mixed mesh: 2 micro-batches of 4 rows, one row per device in each
 MEMORY_RUN = "data=2,fsdp=2:grad_accum_steps=2,remat=block,loss_chunk=48"
@@ -35,9 +38,9 @@ def host_devices(n: int) -> dict[str, str]:
 def runs(tmp_path_factory):
     """The directory where the subprocesses left every run: one process of 8 devices on each mesh, then
     two processes of 4 devices (the multi-host code path) on the mixed mesh."""
-    directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"), ROUTED_JAX)
+    directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"), (*ROUTED_JAX, "gla-peri"))
     script = str(ROOT / "parity_tests" / "support" / "sharded_jax_run.py")
-    routed = [f"{name}/{ROUTED_MESH}" for name in ROUTED_JAX]
+    routed = [*(f"{name}/{ROUTED_MESH}" for name in ROUTED_JAX), f"gla-peri/{GLA_PALLAS_RUN}"]
     run_processes([script, str(directory), *MESHES, MEMORY_RUN, *routed], [host_devices(8)])
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
     run_processes([script, str(directory), "data=2,fsdp=4"],
@@ -102,6 +105,15 @@ def test_sharded_steps_equal_one_device(runs, name):
 def test_routed_sharded_steps_equal_the_one_shot_step(runs, variant):
     """Micro-batches and devices holding different numbers of targets: the one-device, one-shot update."""
     assert_same_run(*load_run(runs / variant, f"jax-{ROUTED_MESH}"), "jax", variant)
+
+
+@pytest.mark.slow
+def test_gla_pallas_kernel_runs_per_device_on_a_mesh(runs):
+    """XLA cannot partition a Pallas call: without a shard_map it would gather every row onto every device. Every
+    pallas_call of the sharded step (forward and backward) sits in one, and the run equals the one-device pure form."""
+    record, state = load_run(runs / "gla-peri", f"jax-{GLA_PALLAS_RUN}")
+    assert record["kernel_in_shard_map"] and all(record["kernel_in_shard_map"]), record["kernel_in_shard_map"]
+    assert_same_run(record, state, "jax", "gla-peri")
 
 
 @pytest.mark.slow
