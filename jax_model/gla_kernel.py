@@ -4,11 +4,12 @@ torch_model/gla_kernel.py is its counterpart: flash-linear-attention's Triton `c
 The same outputs [B, H, T, V] and last state [B, H, K, V] as `gla.chunked_gla` (the pure form, which stays the
 reference and the CPU path), in flash-linear-attention's `chunk_gla` plan: only the state crosses chunks, so one
 sequential pass carries it and everything else runs one program per chunk.
-  - states: grid (B·H, V blocks), chunk by chunk: h_n [K, BV], the state at chunk n's start, and the last state;
-    S ← exp(Σ_chunk log α) · S + (k_j · exp(Σ_{s>j} log α_s))ᵀ v_j.
-  - outputs: grid (B·H, chunks of C = 64 tokens), each chunk as 4 sub-chunks of c = 16: between sub-chunks,
-    (q_i · exp(Σ_{I₀≤s≤i} log α_s)) · (k_j · exp(Σ_{j<s<I₀} log α_s))ᵀ, I₀ the start of i's sub-chunk; within one,
-    Σ_k q_ik k_jk exp(Σ_{j<s≤i} log α_sk) column by column; from earlier chunks, (q_i · exp(Σ_{s≤i} log α_s)) h_n.
+  - states: grid (B·H, K blocks, V blocks), chunk by chunk: h_n [BK, BV], the state at chunk n's start, and the
+    last state; S ← exp(Σ_chunk log α) · S + (k_j · exp(Σ_{s>j} log α_s))ᵀ v_j.
+  - outputs: grid (B·H, chunks of C = 64 tokens, V blocks), each chunk as 4 sub-chunks of c = 16: between
+    sub-chunks, (q_i · exp(Σ_{I₀≤s≤i} log α_s)) · (k_j · exp(Σ_{j<s<I₀} log α_s))ᵀ, I₀ the start of i's sub-chunk;
+    within one, Σ_k q_ik k_jk exp(Σ_{j<s≤i} log α_sk) column by column; from earlier chunks,
+    (q_i · exp(Σ_{s≤i} log α_s)) h_n.
   Every exponent is a sum of log-gates taken directly (0/1 matmuls and sums of sub-chunk totals), never the
   difference of two cumulative sums, and ≤ 0: exact for any gate down to −inf
   (github.com/fla-org/flash-linear-attention/issues/20).
@@ -19,10 +20,13 @@ backward): with B the cumulative log-gates, ∂L/∂B_t = q_t·dq_t − k_t·dk_
 d log α_t = Σ_{s≥t} ∂L/∂B_s.
 
 Triton loads power-of-two blocks: T is padded to whole chunks with zero keys and gates, K and V to powers of two
-(at least 16) with zeros; none of it changes the outputs or the state. V is taken BV = 64 columns at a time (the
-state [K, BV] stays in registers). Every dot is full float32 (never TF32). `interpret=True` runs the kernels on any
-backend through Pallas' interpreter (the tests, on CPU); `pallas_call` is told Triton (JAX's default GPU lowering,
-Mosaic GPU, is another kernel language). Notation as gla.py.
+(at least 16) with zeros; none of it changes the outputs or the state. A program takes BK = 64 key rows of the state
+in the sequential passes and BV = 64 value columns everywhere (the state block [BK, BV] stays in registers); dq and
+dk, sums over the value columns, are added over the blocks outside. On a GPU the dots run on tensor cores in three
+TF32 passes (about float32's accuracy; a float32 dot in Triton runs as scalar FMAs, and spills: measured with
+Triton 3.6's ptxas for sm_90); `interpret=True` runs the kernels on any backend through Pallas' interpreter with
+float32 dots (the tests, on CPU). `pallas_call` is told Triton (JAX's default GPU lowering, Mosaic GPU, is another
+kernel language). Notation as gla.py.
 """
 
 from __future__ import annotations
@@ -37,12 +41,25 @@ from jax.experimental.pallas import triton as plt
 GATE_FLOOR = -1e30  # log α below it acts as it: exp of any sum holding it is 0 in float32 either way (no 0·−inf)
 C = 64  # tokens per chunk: one program of the output and gradient kernels (flash-linear-attention's BT)
 c = 16  # tokens per sub-chunk (flash-linear-attention's BC)
-BV = 64  # value columns per block of the state [K, BV]
-HIGHEST = jax.lax.Precision.HIGHEST
+BK, BV = 64, 64  # a program's block of key rows (the sequential passes) and of value columns (every kernel)
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)  # full float32, never TF32
+def _dot_float32(a, b):
+    """a · b in float32 as XLA computes it (Pallas' interpreter: the tests, on CPU)."""
+    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _dot_tf32x3(a, b):
+    """a · b on tensor cores in three TF32 passes (hi·hi + hi·lo + lo·hi of each operand split in two), about float32's
+    accuracy; a float32 dot in Triton would run as scalar FMAs. Used by the Triton kernels (on a GPU)."""
+    return jnp.dot(a, b, precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, preferred_element_type=jnp.float32)
+
+
+DOTS = {True: _dot_float32, False: _dot_tf32x3}  # by `interpret`
+# Triton's warps and pipeline stages per kernel, chosen by what ptxas reports for sm_90 (bench/gla_triton.py, at
+# gla-small's geometry): 8 warps halve the per-chunk kernels' spills; 2 stages keep the sequential passes' shared
+# memory to 112 KiB (3: 160 KiB) at the same spills
+LAUNCH = {"_states_kernel": (4, 2), "_state_grads_kernel": (4, 2), "_output_kernel": (8, 3), "_grads_kernel": (8, 3)}
 
 
 def _triangles(n: int):
@@ -51,13 +68,9 @@ def _triangles(n: int):
     return (cols <= rows).astype(jnp.float32), (cols > rows).astype(jnp.float32)
 
 
-def _blocks(V: int) -> list[slice]:
-    return [slice(b, b + min(V, BV)) for b in range(0, V, BV)]
+# ---- the sequential passes: grid (B·H, K blocks, V blocks), chunk by chunk ----
 
-
-# ---- the sequential passes: grid (B·H, V blocks), chunk by chunk ----
-
-def _states_kernel(k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref):
+def _states_kernel(dot, k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref):
     """h [N, K, BV]: the state at each chunk's start; sT [K, BV] the last state."""
     _, U = _triangles(C)
 
@@ -65,12 +78,12 @@ def _states_kernel(k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref):
         t = pl.ds(pl.multiple_of(n * C, C), C)
         k_CK, v_CV, g_CK = k_ref[t, :], v_ref[t, :], g_ref[t, :]
         h_ref[n] = S_KV
-        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * S_KV + _dot((k_CK * jnp.exp(_dot(U, g_CK))).T, v_CV)
+        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * S_KV + dot((k_CK * jnp.exp(dot(U, g_CK))).T, v_CV)
 
     sT_ref[...] = jax.lax.fori_loop(0, k_ref.shape[0] // C, step, s0_ref[...])
 
 
-def _state_grads_kernel(q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref):
+def _state_grads_kernel(dot, q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref):
     """dh [N, K, BV]: the gradient of the state after each chunk; ds0 [K, BV] that of the initial state."""
     L, _ = _triangles(C)
     N = q_ref.shape[0] // C
@@ -80,7 +93,7 @@ def _state_grads_kernel(q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref):
         t = pl.ds(pl.multiple_of(n * C, C), C)
         q_CK, g_CK, do_CV = q_ref[t, :], g_ref[t, :], do_ref[t, :]
         dh_ref[n] = dS_KV
-        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * dS_KV + _dot((q_CK * jnp.exp(_dot(L, g_CK))).T, do_CV)
+        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * dS_KV + dot((q_CK * jnp.exp(dot(L, g_CK))).T, do_CV)
 
     ds0_ref[...] = jax.lax.fori_loop(0, N, step, dsT_ref[...])
 
@@ -90,8 +103,8 @@ def _state_grads_kernel(q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref):
 class _Chunk:
     """A chunk's sub-chunks (static slices of its refs) and the sums of log-gates every exponent is made of."""
 
-    def __init__(self, q_ref, k_ref, g_ref):
-        self.q_ref, self.k_ref = q_ref, k_ref
+    def __init__(self, dot, q_ref, k_ref, g_ref):
+        self.dot, self.q_ref, self.k_ref = dot, q_ref, k_ref
         self.L, self.U = _triangles(c)
         self.rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
         self.cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -108,7 +121,7 @@ class _Chunk:
 
     def from_start(self, m: int):
         """[c, K] row i: Σ_{m₀≤s≤i} log α_s, within sub-chunk m."""
-        return _dot(self.L, self.g[m])
+        return self.dot(self.L, self.g[m])
 
     def from_chunk_start(self, m: int):
         """[c, K] row i: Σ_{C₀≤s≤i} log α_s, from the chunk's start."""
@@ -116,7 +129,7 @@ class _Chunk:
 
     def until(self, p: int, m: int):
         """[c, K] row j of sub-chunk p: Σ_{j<s<m₀} log α_s, up to sub-chunk m's start (p < m; m = C/c: the end)."""
-        return _dot(self.U, self.g[p]) + self._span(p + 1, m)
+        return self.dot(self.U, self.g[p]) + self._span(p + 1, m)
 
     def Q(self, m: int):
         return self.q_ref[self.at(m), :] * jnp.exp(self.from_start(m))
@@ -133,7 +146,7 @@ class _Chunk:
         def column(j, carry):
             A_cc, dq_cK, dk_cK = carry
             k_1K = self.k_ref[pl.ds(m * c + j, 1), :]
-            E_cK = jnp.exp(_dot(self.L, jnp.where(token > j, self.g[m], 0.0)))  # row i: Σ_{j<s≤i} (0 for i ≤ j)
+            E_cK = jnp.exp(self.dot(self.L, jnp.where(token > j, self.g[m], 0.0)))  # row i: Σ_{j<s≤i} (0 for i ≤ j)
             a_c1 = jnp.sum(q_cK * k_1K * E_cK, axis=1, keepdims=True)
             in_column = (self.cols == j) & (self.rows >= j)
             A_cc = A_cc + jnp.where(in_column, a_c1, 0.0)
@@ -147,47 +160,45 @@ class _Chunk:
         return jax.lax.fori_loop(0, c, column, (jnp.zeros((c, c), jnp.float32), zeros_cK, zeros_cK))
 
 
-def _output_kernel(q_ref, k_ref, g_ref, v_ref, h_ref, o_ref):
+def _output_kernel(dot, q_ref, k_ref, g_ref, v_ref, h_ref, o_ref):
     """o [C, V] of one chunk from its tokens and h [K, V], the state at its start."""
-    ch = _Chunk(q_ref, k_ref, g_ref)
+    ch = _Chunk(dot, q_ref, k_ref, g_ref)
     for m in range(C // c):
         Q_cK = ch.Q(m)
-        A = [(p, _dot(Q_cK, ch.K(p, m).T)) for p in range(m)] + [(m, ch.diagonal(m)[0])]
+        A = [(p, dot(Q_cK, ch.K(p, m).T)) for p in range(m)] + [(m, ch.diagonal(m)[0])]
         q_from_chunk_start_cK = q_ref[ch.at(m), :] * jnp.exp(ch.from_chunk_start(m))
-        for b in _blocks(v_ref.shape[1]):
-            o_cV = _dot(q_from_chunk_start_cK, h_ref[:, b])
-            for p, A_cc in A:
-                o_cV = o_cV + _dot(A_cc, v_ref[ch.at(p), b])
-            o_ref[ch.at(m), b] = o_cV
+        o_cV = dot(q_from_chunk_start_cK, h_ref[...])
+        for p, A_cc in A:
+            o_cV = o_cV + dot(A_cc, v_ref[ch.at(p), :])
+        o_ref[ch.at(m), :] = o_cV
 
 
-def _grads_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref):
+def _grads_kernel(dot, q_ref, k_ref, g_ref, v_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref):
     """dq, dk [C, K] and dv [C, V] of one chunk, from h (the state at its start) and dh (the gradient after it)."""
-    ch = _Chunk(q_ref, k_ref, g_ref)
-    n, blocks = C // c, _blocks(v_ref.shape[1])
-    dA = {(m, p): sum(_dot(do_ref[ch.at(m), b], v_ref[ch.at(p), b].T) for b in blocks)  # do_i·v_j: sums over V
+    ch = _Chunk(dot, q_ref, k_ref, g_ref)
+    n = C // c
+    dA = {(m, p): dot(do_ref[ch.at(m), :], v_ref[ch.at(p), :].T)  # do_i·v_j over this block's value columns
           for m in range(n) for p in range(m + 1)}
     for x in range(n):
         A_xx, dq_cK, dk_cK = ch.diagonal(x, dA[x, x])
         # dq: from earlier sub-chunks, then from earlier chunks
-        dQ_cK = sum((_dot(dA[x, p], ch.K(p, x)) for p in range(x)), jnp.zeros_like(dq_cK))
-        dqS_cK = sum(_dot(do_ref[ch.at(x), b], h_ref[:, b].T) for b in blocks)
+        dQ_cK = sum((dot(dA[x, p], ch.K(p, x)) for p in range(x)), jnp.zeros_like(dq_cK))
+        dqS_cK = dot(do_ref[ch.at(x), :], h_ref[...].T)
         dq_ref[ch.at(x), :] = (dq_cK + dQ_cK * jnp.exp(ch.from_start(x))
                                + dqS_cK * jnp.exp(ch.from_chunk_start(x)))
         # dk: from later sub-chunks, then through the state after the chunk
         for m in range(x + 1, n):
-            dk_cK = dk_cK + _dot(dA[m, x].T, ch.Q(m)) * jnp.exp(ch.until(x, m))
+            dk_cK = dk_cK + dot(dA[m, x].T, ch.Q(m)) * jnp.exp(ch.until(x, m))
         to_end_cK = jnp.exp(ch.until(x, n))
-        dkS_cK = sum(_dot(v_ref[ch.at(x), b], dh_ref[:, b].T) for b in blocks)
+        dkS_cK = dot(v_ref[ch.at(x), :], dh_ref[...].T)
         dk_ref[ch.at(x), :] = dk_cK + dkS_cK * to_end_cK
         # dv: the scores of every later token (this sub-chunk's and later ones'), then the state after the chunk
-        A = [(x, A_xx)] + [(m, _dot(ch.Q(m), ch.K(x, m).T)) for m in range(x + 1, n)]
+        A = [(x, A_xx)] + [(m, dot(ch.Q(m), ch.K(x, m).T)) for m in range(x + 1, n)]
         k_to_end_cK = k_ref[ch.at(x), :] * to_end_cK
-        for b in blocks:
-            dv_cV = _dot(k_to_end_cK, dh_ref[:, b])
-            for m, A_cc in A:
-                dv_cV = dv_cV + _dot(A_cc.T, do_ref[ch.at(m), b])
-            dv_ref[ch.at(x), b] = dv_cV
+        dv_cV = dot(k_to_end_cK, dh_ref[...])
+        for m, A_cc in A:
+            dv_cV = dv_cV + dot(A_cc.T, do_ref[ch.at(m), :])
+        dv_ref[ch.at(x), :] = dv_cV
 
 
 # ---- the calls ----
@@ -198,36 +209,42 @@ def _f32(*shape):
 
 def _call(kernel, grid, inputs, outputs, interpret: bool):
     """pallas_call on Triton; `inputs`, `outputs`: (array or shape, block shape, index map) triples."""
-    return pl.pallas_call(kernel, grid=grid, in_specs=[pl.BlockSpec(b, i) for _, b, i in inputs],
+    return pl.pallas_call(partial(kernel, DOTS[interpret]), name=kernel.__name__, grid=grid,
+                          in_specs=[pl.BlockSpec(b, i) for _, b, i in inputs],
                           out_specs=[pl.BlockSpec(b, i) for _, b, i in outputs], out_shape=[o for o, _, _ in outputs],
-                          interpret=interpret, compiler_params=plt.CompilerParams())(*(a for a, _, _ in inputs))
+                          interpret=interpret, compiler_params=plt.CompilerParams(*LAUNCH[kernel.__name__]))(
+                              *(a for a, _, _ in inputs))
 
 
 def _sequential(kernel, keys, values, state, interpret: bool):
-    """A pass over the chunks, one program per (B·H, V block): `keys` [BH, T, K] whole, `values` [BH, T, V] and
-    `state` [BH, K, V] by V block. Returns one state per chunk [BH, N, K, V] and the pass's last state."""
+    """A pass over the chunks, one program per (B·H, K block, V block): `keys` [BH, T, K], `values` [BH, T, V],
+    `state` [BH, K, V]. Returns one state per chunk [BH, N, K, V] and the pass's last state."""
     BH, T, K = keys[0].shape
-    V = state.shape[-1]
-    bv = min(V, BV)
-    ins = ([(a, (None, T, K), lambda i, j: (i, 0, 0)) for a in keys]
-           + [(a, (None, T, bv), lambda i, j: (i, 0, j)) for a in values]
-           + [(state, (None, K, bv), lambda i, j: (i, 0, j))])
-    outs = [(_f32(BH, T // C, K, V), (None, T // C, K, bv), lambda i, j: (i, 0, 0, j)),
-            (_f32(BH, K, V), (None, K, bv), lambda i, j: (i, 0, j))]
-    return _call(kernel, (BH, V // bv), ins, outs, interpret)
+    V, N = state.shape[-1], T // C
+    bk, bv = min(K, BK), min(V, BV)
+    ins = ([(a, (None, T, bk), lambda i, r, s: (i, 0, r)) for a in keys]
+           + [(a, (None, T, bv), lambda i, r, s: (i, 0, s)) for a in values]
+           + [(state, (None, bk, bv), lambda i, r, s: (i, r, s))])
+    outs = [(_f32(BH, N, K, V), (None, N, bk, bv), lambda i, r, s: (i, 0, r, s)),
+            (_f32(BH, K, V), (None, bk, bv), lambda i, r, s: (i, r, s))]
+    return _call(kernel, (BH, K // bk, V // bv), ins, outs, interpret)
 
 
 def _chunked(kernel, keys, values, states, widths: str, interpret: bool):
-    """One program per (B·H, chunk): `keys` [BH, T, K], `values` [BH, T, V], `states` [BH, N, K, V] (one per
-    chunk); outputs [BH, T, K or V] as `widths` says ("KKV": dq, dk, dv)."""
+    """One program per (B·H, chunk, V block): `keys` [BH, T, K] whole, `values` [BH, T, V] and `states`
+    [BH, N, K, V] (one per chunk) by V block. Outputs [BH, T, K or V] as `widths` says ("KKV": dq, dk, dv); a
+    K-wide output is a sum over the V blocks, each block's part kept apart [BH, N, V blocks, C, K] and added here."""
     BH, T, K = keys[0].shape
     V, N = values[0].shape[-1], T // C
-    chunk = lambda a: (a.reshape(BH, N, C, a.shape[-1]), (None, None, C, a.shape[-1]),  # noqa: E731
-                       lambda i, n: (i, n, 0, 0))
-    ins = [chunk(a) for a in (*keys, *values)] + [(s, (None, None, K, V), lambda i, n: (i, n, 0, 0)) for s in states]
-    width = {"K": K, "V": V}
-    outs = [(_f32(BH, N, C, width[w]), (None, None, C, width[w]), lambda i, n: (i, n, 0, 0)) for w in widths]
-    return [o.reshape(BH, T, o.shape[-1]) for o in _call(kernel, (BH, N), ins, outs, interpret)]
+    bv = min(V, BV)
+    chunk = lambda a: (a.reshape(BH, N, C, K), (None, None, C, K), lambda i, n, s: (i, n, 0, 0))  # noqa: E731
+    columns = lambda a: (a.reshape(BH, N, C, V), (None, None, C, bv), lambda i, n, s: (i, n, 0, s))  # noqa: E731
+    ins = ([chunk(a) for a in keys] + [columns(a) for a in values]
+           + [(h, (None, None, K, bv), lambda i, n, s: (i, n, 0, s)) for h in states])
+    outs = [(_f32(BH, N, V // bv, C, K), (None, None, None, C, K), lambda i, n, s: (i, n, s, 0, 0)) if w == "K"
+            else (_f32(BH, N, C, V), (None, None, C, bv), lambda i, n, s: (i, n, 0, s)) for w in widths]
+    results = _call(kernel, (BH, N, V // bv), ins, outs, interpret)
+    return [(o.sum(axis=2) if o.ndim == 5 else o).reshape(BH, T, -1) for o in results]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))

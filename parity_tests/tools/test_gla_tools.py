@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -114,3 +115,26 @@ def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path):
     proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas,fla", "--if-present")
     assert (proc.returncode == 0 and "skipped the jax twin's pallas" in proc.stderr
             and "skipped the torch twin's fla" in proc.stderr)
+
+
+def test_the_triton_report_finds_every_kernel_and_its_tensor_core_dots(tmp_path, monkeypatch, capsys):
+    """bench/gla_triton.py without a GPU or the triton package: --ir-only writes the four kernels' Triton IR, every
+    dot on tensor cores (three TF32 passes: a float32 dot in Triton runs as scalar FMAs, which spill: docs/gla.md);
+    compiling without triton is one error line naming --ir-only."""
+    from bench import gla_triton
+    from shared_config.cli import run
+
+    tiny = ["--batch", "1", "--heads", "2", "--tokens", "150", "--key", "12", "--value", "80"]
+    with pytest.raises(SystemExit) as exit_:
+        run(gla_triton.main, [*tiny, "--ir-only", "--out", str(tmp_path / "ir"), "--json", str(tmp_path / "t.json")])
+    assert exit_.value.code == 0
+    rows = {r["kernel"]: r for r in json.loads((tmp_path / "t.json").read_text())["results"]}
+    assert set(rows) == {"_states_kernel", "_output_kernel", "_state_grads_kernel", "_grads_kernel"}
+    assert all(r["dots"] > 0 and r["tf32x3_dots"] == r["dots"] for r in rows.values()), rows
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == sorted(f"{k}.ttir" for k in rows)
+    monkeypatch.setitem(sys.modules, "triton", None)  # not installed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(gla_triton.main, tiny)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error:") and "--ir-only" in err and "\n" not in err
