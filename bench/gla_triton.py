@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.runners import fd_to
 from shared_config.cli import Parser, UsageError, at_least, run
 from shared_config.report import write_report
 
@@ -73,7 +73,7 @@ def compile_kernel(path: Path, arch: int, warps: int, stages: int) -> dict:
 
     log = path.with_suffix(".ptxas")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v's report to file descriptor 1
-    with open(log, "w") as sink, _stdout_to(sink):
+    with open(log, "w") as sink, fd_to(1, sink):
         start = time.perf_counter()
         compiled = triton.compile(str(path), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": stages})
@@ -85,19 +85,6 @@ def compile_kernel(path: Path, arch: int, warps: int, stages: int) -> dict:
             "registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spills.group(1)) if spills else None,
             "spill_load_bytes": int(spills.group(2)) if spills else None, "shared_bytes": compiled.metadata.shared}
-
-
-@contextlib.contextmanager
-def _stdout_to(sink):
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(sink.fileno(), 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def parse_args(argv):

@@ -222,19 +222,29 @@ PROFILER_CHATTER = (b"USDT:", b"STAGE:")
 
 
 @contextlib.contextmanager
+def fd_to(fd: int, sink):
+    """File descriptor `fd` (1: stdout, 2: stderr; what C and C++ code write to) into the open file `sink` while the
+    block runs."""
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
+    os.dup2(sink.fileno(), fd)
+    try:
+        yield
+    finally:
+        (sys.stdout if fd == 1 else sys.stderr).flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def without_profiler_chatter():
     """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
     every line but Kineto's chatter passes on."""
-    sys.stderr.flush()
-    saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
         try:
-            yield
+            with fd_to(2, captured):
+                yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
             captured.seek(0)
             kept = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(PROFILER_CHATTER)]
             os.write(2, b"".join(kept))
