@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import shared_config.files
+import shared_config.formats
 import shared_config.formats.safetensors
+import shared_config.limits
 from shared_config import CheckpointError, SpecError, init_weights, layout, load_spec, run_dir, save_checkpoint
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
@@ -290,6 +293,29 @@ def test_yaml_nesting_and_alias_expansion_are_bounded_for_specs_and_train_config
         assert peak < 50 * 2**20
     with pytest.raises(SpecError, match="not a YAML scalar"):
         shared_config.parse_overrides([f"d_model={DEEP_YAML[3:]}"])
+
+
+def test_a_key_given_twice_is_refused_in_every_yaml_and_json_reader(tmp_path, canonical):
+    """PyYAML and json keep the last of two equal keys silently: a spec with d_model twice built the other model."""
+    spec_yaml = tmp_path / "spec.yaml"
+    spec_yaml.write_text((ROOT / "shared_config/specs/tiny.yaml").read_text() + "d_model: 48\n")
+    with pytest.raises(SpecError, match=r"duplicate key 'd_model' \(line 9\)"):
+        load_spec(str(spec_yaml))
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text("lr: 0.001\nsteps: 3\nlr: 0.1\n")
+    with pytest.raises(SpecError, match="duplicate key 'lr'"):
+        load_train_config(str(train_yaml))
+    with pytest.raises(SpecError, match="not a YAML scalar"):
+        shared_config.parse_overrides(["d_model={a: 1, a: 2}"])
+    with safe_open(str(canonical), "np") as f:  # the writer's own spec JSON, with a second d_model added
+        text = f.metadata()["spec"]
+    twice = with_metadata_spec(canonical, tmp_path / "twice.safetensors", text[:-1] + ', "d_model": 48}')
+    with pytest.raises(CheckpointError, match="duplicate key 'd_model'"):
+        shared_config.formats.read_checkpoint(twice)
+    # a YAML merge key (`<<: *base`) is overridden by the mapping's own keys by design: not a duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")
+    assert shared_config.limits.parse_yaml(merged.read_text())["use"] == {"x": 3, "y": 2}
 
 
 def test_files_read_whole_are_capped_before_reading(tmp_path, canonical):
