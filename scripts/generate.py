@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from shared_config import did_you_mean
-from shared_config.cli import Parser, UsageError, fail, run
+from shared_config.cli import Parser, UsageError, fail, run, utf8_argument
 from shared_config.files import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
@@ -48,6 +48,8 @@ def main(argv=None):
                         "auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
     args = p.parse_args(argv)
 
+    if args.prompt is not None:  # not UTF-8 (a Latin-1 terminal): no tokenizer can encode it
+        utf8_argument("--prompt", args.prompt)
     weights, spec = load_weights(args.weights, args.spec)
     text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)

@@ -185,6 +185,22 @@ def check_out_dir(flag: str, path) -> None:
         raise UsageError(f"{flag} {path}: {ancestor} is not writable")
 
 
+def printable(text: str) -> str:
+    """Command-line text as UTF-8 that can be printed and written: bytes that are not UTF-8 (a Latin-1 terminal, a
+    file name from another system), which Python keeps as lone surrogates and no UTF-8 writer accepts, as `\\xNN`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def utf8_argument(flag: str, text: str) -> str:
+    """`text` of option `flag`, refused (UsageError) when it holds bytes that are not UTF-8, naming the first."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text.encode("utf-8", "surrogateescape")[len(text[:e.start].encode("utf-8"))]
+        raise UsageError(f"{flag}: byte 0x{byte:02x} at character {e.start} is not UTF-8; pass UTF-8 text") from None
+    return text
+
+
 def fail(message: str, code: int = BAD_INPUT):
     """Print one `error:` line and exit with `code`. Under torchrun a usage error, a non-finite loss (its checks
     read values every rank shares) and a signal (torchrun sends it to every rank) are every rank's alike: rank 0

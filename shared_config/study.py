@@ -13,7 +13,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .cli import Parser, UsageError
+from .cli import Parser, UsageError, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write
@@ -120,5 +120,7 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     fixed = {**STUDY_SETS, **(sets or {})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")
-    args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    # printable: an argument that is not UTF-8 (`--out $'r\\xff'`) failed the table's write after the whole study
+    words = [f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)]
+    args.command = " ".join(printable(word) for word in words)
     return args

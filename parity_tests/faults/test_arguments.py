@@ -1,0 +1,38 @@
+"""Command-line arguments at their edges (docs/checkpoints.md, "Bad input, limits and failures"): text that is not
+UTF-8, numbers out of range, option syntax with stray spaces, options that would silently override each other. Each
+is one `error:` line naming the option, before any work; in-process where the CLI's own parsing is not the question."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared_config import save_checkpoint
+from shared_config.cli import UsageError, printable, utf8_argument
+from shared_config.study import study_args, study_parser
+
+from ..support.common import load_script, make_spec, parity_weights
+
+generate = load_script("generate")
+NOT_UTF8 = b"ab\xff\xfe".decode("utf-8", "surrogateescape")  # how Python hands argv bytes that are not UTF-8
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    spec = make_spec(vocab_size=300)
+    path = tmp_path_factory.mktemp("args") / "model.safetensors"
+    save_checkpoint(path, parity_weights(spec), spec)
+    return path
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_naming_the_byte(weights):
+    with pytest.raises(UsageError, match=r"--prompt: byte 0xff at character 2 is not UTF-8"):
+        generate.main(["--backend", "torch", "--weights", str(weights), "--prompt", NOT_UTF8])
+    assert utf8_argument("--prompt", "héllo") == "héllo"
+
+
+def test_a_study_records_an_argument_that_is_not_utf8_as_printable_text(tmp_path):
+    """The study's table holds its command line; a lone surrogate failed that write after the whole study."""
+    argv = ["--out", str(tmp_path / NOT_UTF8)]
+    args = study_args(study_parser("A study.", 1, ["a"], "configs", "out", "where").parse_args(argv), "x.py", argv)
+    assert args.command.endswith("ab\\xff\\xfe") and args.command.encode("utf-8")
+    assert printable("plain é") == "plain é"
