@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least
+from shared_config.limits import quote
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNELS, check_kernel
 
@@ -64,16 +65,28 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
     add_compile_cache_option(p)
 
 
+# spec keys a bench option sets: a --set or --sweep of one would be overridden by the option, or disagree with what
+# the report records and the kernels chosen for it
+OPTION_SETS = {"compute_dtype": "--compute-dtype"}
+
+
 def variants(args) -> list[tuple[str, object]]:
     """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
     base = load_spec(args.spec)
-    changes = {**parse_overrides(args.set), "compute_dtype": args.dtype}
+    changes = parse_overrides(args.set)
     sweeps = []
     for item in args.sweep:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise UsageError(f"--sweep {item!r} must look like key=v1,v2")
-        sweeps.append([(key, parse_overrides([f"{key}={v}"])[key]) for v in values.split(",")])
+        key, sep, values = (part.strip() for part in item.partition("="))
+        if not sep or not key or not values:
+            raise UsageError(f"--sweep {quote(item)} must look like key=v1,v2")
+        if key in (k for sweep in sweeps for k, _ in sweep[:1]):
+            raise UsageError(f"--sweep {key}: given twice; list every value in one --sweep {key}=v1,v2,...")
+        sweeps.append([(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")])
+    for flag, keys in (("--set", changes), ("--sweep", [sweep[0][0] for sweep in sweeps])):
+        if taken := [key for key in keys if key in OPTION_SETS]:
+            raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "
+                             f"{OPTION_SETS[taken[0]]} instead")
+    changes["compute_dtype"] = args.dtype
     out = []
     for combo in itertools.product(*sweeps) if sweeps else [()]:
         label = ",".join(f"{k}={v}" for k, v in combo) or args.spec

@@ -4,9 +4,11 @@ is one `error:` line naming the option, before any work; in-process where the CL
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from shared_config import save_checkpoint
+from shared_config import SpecError, save_checkpoint
 from shared_config.cli import UsageError, printable, utf8_argument
 from shared_config.study import study_args, study_parser
 
@@ -36,3 +38,35 @@ def test_a_study_records_an_argument_that_is_not_utf8_as_printable_text(tmp_path
     args = study_args(study_parser("A study.", 1, ["a"], "configs", "out", "where").parse_args(argv), "x.py", argv)
     assert args.command.endswith("ab\\xff\\xfe") and args.command.encode("utf-8")
     assert printable("plain é") == "plain é"
+
+
+def bench_variants(sets=(), sweeps=()):
+    from argparse import Namespace
+
+    from bench.options import variants
+
+    return variants(Namespace(spec="tiny", set=list(sets), sweep=list(sweeps), dtype="float32"))
+
+
+@pytest.mark.parametrize("sweeps, says", [
+    ([" d_model=48,96"], None),  # spaces around the key: a KeyError traceback before
+    (["d_model =48,96"], None),
+    (["=1,2"], "--sweep '=1,2' must look like key=v1,v2"),  # named --set before
+    (["d_model= "], "--sweep 'd_model= ' must look like key=v1,v2"),
+    (["d_model=[1"], "--sweep 'd_model=[1': the value is not a YAML scalar"),
+    (["d_model=48", "d_model=96"], "--sweep d_model: given twice"),
+    (["compute_dtype=bfloat16,float32"], "--sweep compute_dtype: the bench sets it from --compute-dtype"),
+], ids=["space-before-key", "space-after-key", "no-key", "no-value", "not-scalar", "twice", "compute-dtype"])
+def test_bench_sweeps_are_parsed_or_refused_naming_sweep(sweeps, says):
+    if says is None:
+        assert [spec.d_model for _, spec in bench_variants(sweeps=sweeps)] == [48, 96]
+    else:
+        with pytest.raises((UsageError, SpecError), match=re.escape(says)):
+            bench_variants(sweeps=sweeps)
+
+
+def test_bench_refuses_a_set_its_own_option_would_override():
+    """--compute-dtype (default float32) replaced a --set compute_dtype=bfloat16 silently: a float32 run."""
+    with pytest.raises(UsageError, match="--set compute_dtype: the bench sets it from --compute-dtype"):
+        bench_variants(sets=["compute_dtype=bfloat16"])
+    assert [spec.compute_dtype for _, spec in bench_variants(sets=[" d_model=48"])] == ["float32"]
