@@ -10,6 +10,7 @@ import pytest
 
 from shared_config import SpecError, save_checkpoint
 from shared_config.cli import UsageError, printable, utf8_argument
+from shared_config.resources import ResourceError
 from shared_config.study import study_args, study_parser
 
 from ..support.common import load_script, make_spec, parity_weights
@@ -70,3 +71,20 @@ def test_bench_refuses_a_set_its_own_option_would_override():
     with pytest.raises(UsageError, match="--set compute_dtype: the bench sets it from --compute-dtype"):
         bench_variants(sets=["compute_dtype=bfloat16"])
     assert [spec.compute_dtype for _, spec in bench_variants(sets=[" d_model=48"])] == ["float32"]
+
+
+def test_gla_layer_checks_its_arguments_and_outputs_before_any_work(tmp_path, monkeypatch):
+    from bench import gla_layer
+
+    def no_work(*args):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(gla_layer, "inputs", no_work)
+    with pytest.raises(UsageError, match="--kernel '' names no kernel"):  # ran nothing, exit 0, before
+        gla_layer.main(["--kernel", "", "--tokens", "64"])
+    with pytest.raises(UsageError, match="--json .*missing is not a directory"):  # failed after every kernel ran
+        gla_layer.main(["--tokens", "64", "--backend", "torch", "--json", str(tmp_path / "missing" / "x.json")])
+    with pytest.raises(ResourceError, match="the gla layer at B 100000 .* lower --batch"):  # numpy's MemoryError
+        gla_layer.main(["--batch", "100000", "--tokens", "100000", "--backend", "torch"])
+    with pytest.raises(UsageError, match="--tokens 100000 exceeds max_seq_len=256 of tiny"):  # a traceback
+        gla_layer.main(["--compile-step", "tiny", "--tokens", "100000"])
