@@ -16,6 +16,7 @@ from shared_config.study import study_args, study_parser
 from ..support.common import load_script, make_spec, parity_weights
 
 generate = load_script("generate")
+compare_logits = load_script("compare_logits")
 NOT_UTF8 = b"ab\xff\xfe".decode("utf-8", "surrogateescape")  # how Python hands argv bytes that are not UTF-8
 
 
@@ -88,3 +89,21 @@ def test_gla_layer_checks_its_arguments_and_outputs_before_any_work(tmp_path, mo
         gla_layer.main(["--batch", "100000", "--tokens", "100000", "--backend", "torch"])
     with pytest.raises(UsageError, match="--tokens 100000 exceeds max_seq_len=256 of tiny"):  # a traceback
         gla_layer.main(["--compile-step", "tiny", "--tokens", "100000"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),  # ZeroDivisionError in numpy
+    (["--batch", "-1"], "argument --batch: must be an integer >= 1, got -1"),  # negative dimensions
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),  # expected non-negative integer
+    (["--seq", "0"], "argument --seq: must be an integer >= 1, got 0"),
+])
+def test_compare_logits_bounds_its_numbers_at_parse_time(args, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare_logits.main(["--spec", "tiny", *args])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f"error: {says}"
+
+
+def test_compare_logits_refuses_a_job_past_memory_before_drawing(monkeypatch):
+    monkeypatch.setattr(compare_logits, "init_weights", lambda *a: pytest.fail("drew the weights"))
+    with pytest.raises(ResourceError, match="comparing 3 layers .* batch 100,000,000 x seq 256 .* lower --batch"):
+        compare_logits.main(["--spec", "tiny", "--batch", "100000000", "--seq", "256"])
