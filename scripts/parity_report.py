@@ -14,15 +14,15 @@ fit in memory (refused before any work).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from shared_config import (
-    atomic_write, init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
+    init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
 from shared_config.report import write_report
@@ -210,7 +210,7 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
     bottom.set(ylabel="|Δloss|" if bf16 else "|Δloss| / loss", xlabel="step")
     bottom.legend()
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:].lower()))
+    save_figure(fig, path)
 
 
 # --- main ------------------------------------------------------------------------------------------

@@ -157,11 +157,11 @@ def path(text: str) -> Path:
     return Path(text)
 
 
-def check_outputs(json_path=None, plot_path=None) -> None:
+def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> None:
     """Refuse, before any work, a --json/--plot whose directory does not exist, that names a directory or a device
     (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the
-    error a long run would otherwise raise at its end, or never."""
-    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+    error a long run would otherwise raise at its end, or never. `plot_flag`: the image's option, where not --plot."""
+    for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None:
             continue
         if not Path(path).resolve().parent.is_dir():
@@ -170,7 +170,7 @@ def check_outputs(json_path=None, plot_path=None) -> None:
             raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
                              "give the path of a file to write")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
+        raise UsageError(f"{plot_flag} {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
 
 
 def check_out_dir(flag: str, path) -> None:

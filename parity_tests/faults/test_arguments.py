@@ -4,6 +4,7 @@ is one `error:` line naming the option, before any work; in-process where the CL
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -107,3 +108,40 @@ def test_compare_logits_refuses_a_job_past_memory_before_drawing(monkeypatch):
     monkeypatch.setattr(compare_logits, "init_weights", lambda *a: pytest.fail("drew the weights"))
     with pytest.raises(ResourceError, match="comparing 3 layers .* batch 100,000,000 x seq 256 .* lower --batch"):
         compare_logits.main(["--spec", "tiny", "--batch", "100000000", "--seq", "256"])
+
+
+def decode_report(**env) -> dict:
+    row = {"variant": "tiny", "backend": "jax", "step_s": {"median": 1e-3, "p10": 9e-4, "p90": 2e-3}, "mfu": None}
+    return {"env": {"mode": "decode", "seq": 16, "device": "cpu", "dtype": "float32", "batch": 2, **env},
+            "results": [row]}
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".PNG", b"\x89PNG"), (".pdf", b"%PDF"),
+                                           (".svg", b"<?xml")])
+def test_every_plot_is_written_in_the_format_its_name_says(tmp_path, suffix, magic):
+    """compare.py --plot x.svg and plot_context.py --out x.pdf wrote PNG bytes under those names."""
+    from bench import plot, plot_context
+
+    plot.plot_results({**decode_report(), "results": decode_report()["results"]}, tmp_path / f"bars{suffix}")
+    report = tmp_path / "decode.json"
+    report.write_text(json.dumps(decode_report()))
+    plot_context.main([str(report), "--out", str(tmp_path / f"ctx{suffix}")])
+    assert {p.name: p.read_bytes()[:len(magic)] for p in tmp_path.glob(f"*{suffix}")} == {
+        f"bars{suffix}": magic, f"ctx{suffix}": magic}
+
+
+@pytest.mark.parametrize("report, says", [
+    ({}, "not a bench/compare.py --json report: no env object"),  # KeyError: 'env'
+    ({"env": {"mode": "decode", "seq": "16"}, "results": []}, "env.seq is not an integer"),
+    ({**decode_report(), "results": [{"variant": "tiny"}]}, "results[0] lacks variant, backend or step_s"),
+    (decode_report(mode="train"), "r.json: a train report: pass decode reports"),
+], ids=["empty", "seq-string", "row-without-times", "train"])
+def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report, says):
+    from bench import plot_context
+
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    with pytest.raises(UsageError, match=re.escape(says)):
+        plot_context.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "ctx.png")])
+    with pytest.raises(UsageError, match="--out .*ctx.txt: the file must end in .png, .pdf, .svg"):
+        plot_context.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "ctx.txt")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
