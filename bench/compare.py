@@ -20,7 +20,7 @@ import sys
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import use_compile_cache
 from shared_config.parallel import parse_mesh, rows_per_shard
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes
 
 from bench import load
@@ -80,6 +80,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return compare(args)
+
+
+def compare(args):
     before, during = load.snapshot(measure_busy=True), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))

@@ -30,7 +30,7 @@ import numpy as np
 
 from shared_config import SpecError
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory
 from shared_config.twins import twin
 
@@ -177,6 +177,11 @@ def input_bytes(B, H, T, K, V) -> int:
 def main(argv=None):
     args = parse_args(argv)
     check_outputs(args.json)  # before any work: a bad --json failed after every kernel had run
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return time_kernels(args)
+
+
+def time_kernels(args):
     if args.compile_step:
         try:
             seconds = compile_step(args.compile_step, args.batch, args.tokens)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.compile_cache import use_compile_cache
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import add_job_options, add_report_options, configure_threads, environment, kernels, variants
@@ -212,6 +212,11 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return profile(args)
+
+
+def profile(args):
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:

@@ -25,7 +25,7 @@ from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, report_bytes
 from shared_config.run import check_train_memory
 from shared_config.twins import twin
@@ -246,6 +246,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return prepare_and_report(args)
+
+
+def prepare_and_report(args):
     if args.weights:
         quiet_libraries()
         weights, spec = read_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)

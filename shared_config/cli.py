@@ -162,7 +162,7 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> 
     (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the
     error a long run would otherwise raise at its end, or never. `plot_flag`: the image's option, where not --plot."""
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
-        if path is None:
+        if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")

@@ -145,3 +145,27 @@ def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report,
     with pytest.raises(UsageError, match="--out .*ctx.txt: the file must end in .png, .pdf, .svg"):
         plot_context.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "ctx.txt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_json_dash_puts_the_report_alone_on_stdout(tmp_path, monkeypatch, capsys):
+    """`--json -` wrote a file named "-" into the working directory, and the table went to stdout."""
+    from bench import gla_layer
+
+    monkeypatch.chdir(tmp_path)
+    gla_layer.main(["--backend", "torch", "--tokens", "16", "--heads", "1", "--key", "8", "--value", "8",
+                    "--repeats", "1", "--json", "-"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # the whole of stdout is one JSON document: the finished report
+    assert report["complete"] is True and [r["kernel"] for r in report["results"]] == ["pure"]
+    assert "| torch | pure |" in err and list(tmp_path.iterdir()) == []
+
+
+def test_write_report_to_dash_writes_once_when_complete(capsys):
+    from shared_config.report import report_on_stdout, write_report
+
+    with report_on_stdout("-"):
+        print("a table for people")
+        write_report("-", {"rows": [1]}, complete=False)  # a partial report: a file keeps it; stdout would repeat
+        write_report("-", {"rows": [1, 2]}, complete=True)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"rows": [1, 2], "complete": True} and err == "a table for people\n"
