@@ -11,6 +11,7 @@ Timing goes to stderr: the first token (prefill, and compilation in JAX) apart f
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,10 +80,10 @@ def load_weights(path: Path, spec=None):
 
 
 def parse_tokens(csv: str) -> list[int]:
-    try:
-        return [int(t) for t in csv.split(",")]
-    except ValueError:
-        raise UsageError(f"--tokens {csv!r} must be comma-separated integer ids, e.g. 1,2,3") from None
+    """Comma-separated ASCII integers: int() alone also read '1_0' as 10 and other scripts' digits ('１')."""
+    if not all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in csv.split(",")):
+        raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, e.g. 1,2,3")
+    return [int(t) for t in csv.split(",")]
 
 
 class ByteTokenizer:

@@ -169,3 +169,21 @@ def test_write_report_to_dash_writes_once_when_complete(capsys):
         write_report("-", {"rows": [1, 2]}, complete=True)
     out, err = capsys.readouterr()
     assert json.loads(out) == {"rows": [1, 2], "complete": True} and err == "a table for people\n"
+
+
+@pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3"])
+def test_token_ids_are_ascii_integers(text):
+    """int() alone read '1_0' as 10 (a typo for 1,0) and '１' (full-width) as 1."""
+    with pytest.raises(UsageError, match="--tokens .* must be comma-separated integer ids"):
+        generate.parse_tokens(text)
+    assert generate.parse_tokens(" 1, 2,-3") == [1, 2, -3]  # spaces; a negative id is check_generation's to name
+
+
+@pytest.mark.parametrize("mesh, says", [("data=²", "'data=²' must be axis=N with N >= 1"),  # int('²'): a traceback
+                                        ("data=2,data=4", "axis 'data' given twice")])  # the last kept silently
+def test_a_mesh_takes_ascii_sizes_and_each_axis_once(mesh, says):
+    from shared_config.parallel import parse_mesh
+
+    with pytest.raises(SpecError, match=re.escape(says)):
+        parse_mesh(mesh)
+    assert parse_mesh(" data = 2 , fsdp=4") == {"data": 2, "fsdp": 4}
