@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_config import SpecError
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory
 from shared_config.twins import twin
@@ -190,6 +190,7 @@ def time_kernels(args):
         print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
         return 0
     kernels = ["recurrent"] if args.recurrent else [k.strip() for k in args.kernel.split(",") if k.strip()]
+    no_repeats("--kernel", kernels)
     if not kernels:  # `--kernel ''` ran nothing and reported success
         raise UsageError(f"--kernel {args.kernel!r} names no kernel: one or more of pure, recurrent, pallas, fla")
     if unknown := [k for k in kernels if k not in KERNELS["jax"] + KERNELS["torch"]]:

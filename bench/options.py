@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
-from shared_config.cli import UsageError, at_least
+from shared_config.cli import UsageError, at_least, no_repeats
 from shared_config.limits import quote
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNELS, check_kernel
@@ -81,7 +81,9 @@ def variants(args) -> list[tuple[str, object]]:
             raise UsageError(f"--sweep {quote(item)} must look like key=v1,v2")
         if key in (k for sweep in sweeps for k, _ in sweep[:1]):
             raise UsageError(f"--sweep {key}: given twice; list every value in one --sweep {key}=v1,v2,...")
-        sweeps.append([(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")])
+        swept = [(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")]
+        no_repeats(f"--sweep {key}", [value for _, value in swept])
+        sweeps.append(swept)
     for flag, keys in (("--set", changes), ("--sweep", [sweep[0][0] for sweep in sweeps])):
         if taken := [key for key in keys if key in OPTION_SETS]:
             raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "

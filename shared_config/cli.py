@@ -185,6 +185,14 @@ def check_out_dir(flag: str, path) -> None:
         raise UsageError(f"{flag} {path}: {ancestor} is not writable")
 
 
+def no_repeats(flag: str, items: list) -> list:
+    """`items` of a list-valued option, refused (UsageError) when one is given twice: the job ran twice, and its
+    rows, labelled alike, overwrote or shadowed each other in the report."""
+    if repeated := next((x for i, x in enumerate(items) if x in items[:i]), None):
+        raise UsageError(f"{flag}: {quote(str(repeated))[1:-1]} is given twice")
+    return items
+
+
 def printable(text: str) -> str:
     """Command-line text as UTF-8 that can be printed and written: bytes that are not UTF-8 (a Latin-1 terminal, a
     file name from another system), which Python keeps as lone surrogates and no UTF-8 writer accepts, as `\\xNN`."""

@@ -187,3 +187,23 @@ def test_a_mesh_takes_ascii_sizes_and_each_axis_once(mesh, says):
     with pytest.raises(SpecError, match=re.escape(says)):
         parse_mesh(mesh)
     assert parse_mesh(" data = 2 , fsdp=4") == {"data": 2, "fsdp": 4}
+
+
+def test_a_list_option_naming_an_item_twice_is_refused(tmp_path):
+    """Each was run twice, its rows labelled alike (a study's second run replaced the first's directory)."""
+    from bench import gla_layer
+
+    with pytest.raises(UsageError, match="--configs: dense is given twice"):
+        study_args(study_parser("A study.", 1, ["dense"], "c", "out", "w").parse_args(["--configs", "dense,dense"]),
+                   "x.py", [])
+    with pytest.raises(UsageError, match="--backends: jax is given twice"):
+        study_args(study_parser("A study.", 1, ["a"], "c", "out", "w").parse_args(["--backends", "jax,torch,jax"]),
+                   "x.py", [])
+    with pytest.raises(UsageError, match="--sweep d_model: 48 is given twice"):
+        bench_variants(sweeps=["d_model=48,96,48"])
+    with pytest.raises(UsageError, match="--kernel: pure is given twice"):
+        gla_layer.main(["--kernel", "pure,pure"])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UsageError, match="run directories: .*run is given twice"):
+        load_script("plot_curves").main([str(tmp_path / "run"), str(tmp_path / "." / "run"), "--out",
+                                         str(tmp_path / "c.png")])
