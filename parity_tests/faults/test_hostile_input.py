@@ -494,6 +494,16 @@ def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]  # not even --out's parent
 
 
+@pytest.mark.parametrize("dst, to, ends", [("o.pt", "safetensors", ".safetensors"),
+                                          ("o.safetensors", "torch", ".pt or .pth"), ("o", "torch", ".pt or .pth"),
+                                          ("o.bin", "safetensors", ".safetensors")])
+def test_convert_refuses_a_file_name_its_readers_would_misread(tmp_path, canonical, dst, to, ends):
+    """--to torch into o.safetensors wrote a pickle every reader refused as a safetensors header 10^17 bytes long."""
+    with pytest.raises(UsageError, match=f"a {to} checkpoint is a file whose name ends in {ends}"):
+        convert(canonical, tmp_path / dst, to=to)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
     """--force on a directory prepare_data.py / convert.py did not write (no meta.json / no config.json or state/)
     is one line, exit 2, and deletes nothing; their own output is still replaced."""
