@@ -207,3 +207,15 @@ def test_a_list_option_naming_an_item_twice_is_refused(tmp_path):
     with pytest.raises(UsageError, match="run directories: .*run is given twice"):
         load_script("plot_curves").main([str(tmp_path / "run"), str(tmp_path / "." / "run"), "--out",
                                          str(tmp_path / "c.png")])
+
+
+def test_a_run_directory_given_as_weights_names_its_latest_checkpoint(tmp_path, weights):
+    """--weights runs/tiny said only "neither a Hugging Face directory ... nor a run's checkpoint"."""
+    from shared_config import CheckpointError
+    from shared_config.formats import read_checkpoint
+
+    for step in ("step-00000100", "step-00000200"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "model.safetensors").write_bytes(weights.read_bytes())
+    with pytest.raises(CheckpointError, match="a training run's directory, .* e.g. the latest: .*step-00000200$"):
+        read_checkpoint(tmp_path)
