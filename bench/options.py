@@ -52,8 +52,17 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
                    help="GLA layers' kernel (mixer: gla): auto is each twin's GPU kernel on a GPU (JAX: Pallas; torch: "
                         "flash-linear-attention's chunk_gla, when installed), else the pure chunked form")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
-    p.add_argument("--threads", type=at_least(1), default=usable_cpus(),
+    p.add_argument("--threads", type=cpu_threads, default=usable_cpus(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
+
+
+def cpu_threads(text: str) -> int:
+    """argparse's type for --threads: 1 to the CPUs this process may use (--threads 100000 crashed torch, signal 11;
+    more threads than CPUs time the oversubscription, not the framework)."""
+    n, cpus = at_least(1)(text), usable_cpus()
+    if n > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs this process may use, got {n}")
+    return n
 
 
 def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:

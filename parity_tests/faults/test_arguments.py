@@ -219,3 +219,16 @@ def test_a_run_directory_given_as_weights_names_its_latest_checkpoint(tmp_path, 
         (tmp_path / step / "model.safetensors").write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match="a training run's directory, .* e.g. the latest: .*step-00000200$"):
         read_checkpoint(tmp_path)
+
+
+def test_bench_threads_are_bounded_by_the_cpus_this_process_may_use(capsys):
+    """--threads 100000 reached torch.set_num_threads: the process died of signal 11."""
+    from bench import compare
+    from bench.load import usable_cpus
+
+    with pytest.raises(SystemExit) as exit_:
+        compare.parse_args(["--threads", str(usable_cpus() + 1)])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: argument --threads: must be at most {usable_cpus()}, the CPUs this process may use, "
+        f"got {usable_cpus() + 1}")
+    assert compare.parse_args(["--threads", str(usable_cpus())]).threads == usable_cpus()
