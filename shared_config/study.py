@@ -13,7 +13,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .cli import Parser, UsageError, no_repeats, printable
+from .cli import Parser, UsageError, check_out_dir, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write
@@ -118,6 +118,7 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
                          f"{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
+    check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
     fixed = {**STUDY_SETS, **(sets or {})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")

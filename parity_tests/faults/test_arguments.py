@@ -232,3 +232,12 @@ def test_bench_threads_are_bounded_by_the_cpus_this_process_may_use(capsys):
         f"error: argument --threads: must be at most {usable_cpus()}, the CPUs this process may use, "
         f"got {usable_cpus() + 1}")
     assert compare.parse_args(["--threads", str(usable_cpus())]).threads == usable_cpus()
+
+
+@pytest.mark.parametrize("out", ["file", "file/x"])
+def test_a_study_names_an_out_under_a_file_before_any_run(tmp_path, out):
+    """It was "FILE: File exists" (or "Not a directory") from the first mkdir, naming no option."""
+    (tmp_path / "file").write_text("not a directory")
+    argv = ["--out", str(tmp_path / out)]
+    with pytest.raises(UsageError, match=f"--out .*{out}: .*file is a file, not a directory"):
+        study_args(study_parser("A study.", 1, ["a"], "c", "out", "w").parse_args(argv), "x.py", argv)
