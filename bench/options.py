@@ -105,6 +105,10 @@ def variants(args) -> list[tuple[str, object]]:
             out.append((label, base.replace(**{**changes, **dict(combo)})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
+    kernel = getattr(args, "gla_kernel", "auto")
+    if kernel != "auto" and not any(spec.mixer == "gla" for _, spec in out):  # it ran, the option ignored
+        raise UsageError(f"--gla-kernel {kernel}: no variant has a GLA layer (mixer: gla) for it to run; "
+                         f"{', '.join(label for label, _ in out)} {'has' if len(out) == 1 else 'have'} attention")
     return out
 
 

@@ -241,3 +241,16 @@ def test_a_study_names_an_out_under_a_file_before_any_run(tmp_path, out):
     argv = ["--out", str(tmp_path / out)]
     with pytest.raises(UsageError, match=f"--out .*{out}: .*file is a file, not a directory"):
         study_args(study_parser("A study.", 1, ["a"], "c", "out", "w").parse_args(argv), "x.py", argv)
+
+
+def test_bench_refuses_a_gla_kernel_no_variant_can_run():
+    """--gla-kernel fla on an attention spec ran the whole bench with the option ignored."""
+    from argparse import Namespace
+
+    from bench.options import variants
+
+    args = dict(spec="tiny", set=[], dtype="float32", gla_kernel="pure")
+    with pytest.raises(UsageError, match="--gla-kernel pure: no variant has a GLA layer .* tiny has attention"):
+        variants(Namespace(**args, sweep=[]))
+    args["set"] = ["n_kv_heads=null", "position=none"]
+    assert [s.mixer for _, s in variants(Namespace(**args, sweep=["mixer=attention,gla"]))] == ["attention", "gla"]
