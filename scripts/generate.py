@@ -60,6 +60,11 @@ def main(argv=None):
         check_generation(spec, [prompt], args.max_new_tokens, **options)
     except GenerationError as e:
         raise UsageError(str(e)) from None
+    if not options.get("temperature") and (sampling := [k for k in ("top_k", "top_p", "seed") if k in options]):
+        # greedy decoding draws nothing: these were ignored without a word
+        flag = "--" + sampling[0].replace("_", "-")
+        raise UsageError(f"{flag} shapes sampling, and decoding is greedy (--temperature 0, the default): pass "
+                         "--temperature T > 0 to sample, or leave it out")
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
     try:

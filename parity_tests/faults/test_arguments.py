@@ -254,3 +254,11 @@ def test_bench_refuses_a_gla_kernel_no_variant_can_run():
         variants(Namespace(**args, sweep=[]))
     args["set"] = ["n_kv_heads=null", "position=none"]
     assert [s.mixer for _, s in variants(Namespace(**args, sweep=["mixer=attention,gla"]))] == ["attention", "gla"]
+
+
+@pytest.mark.parametrize("args", [["--top-p", "0.5"], ["--top-k", "3"], ["--seed", "5", "--temperature", "0"]])
+def test_generate_refuses_sampling_options_greedy_decoding_ignores(weights, args):
+    """--top-p 0.5 without --temperature decoded greedily: the option did nothing, without a word."""
+    flag = args[0]
+    with pytest.raises(UsageError, match=f"{flag} shapes sampling, and decoding is greedy"):
+        generate.main(["--backend", "torch", "--weights", str(weights), "--tokens", "1", *args])
