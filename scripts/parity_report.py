@@ -231,7 +231,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
     p.add_argument("--train-steps", type=at_least(0), default=0, help="also train both twins this many steps")
-    p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
+    p.add_argument("--train-config", help="train config preset or YAML path, for --train-steps (default: parity)")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -239,8 +239,9 @@ def parse_args(argv):
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
     check_outputs(args.json, args.plot)  # fail now, not after the run
-    if args.plot and args.train_steps <= 0:
-        raise UsageError("--plot needs --train-steps N")
+    for flag, value in (("--plot", args.plot), ("--train-config", args.train_config)):  # else ignored silently
+        if value and args.train_steps <= 0:
+            raise UsageError(f"{flag} needs --train-steps N")
     return args
 
 
@@ -264,7 +265,7 @@ def prepare_and_report(args):
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
     cfg = None
     if args.train_steps > 0:
-        cfg = load_train_config(args.train_config)
+        cfg = load_train_config(args.train_config or "parity")
         cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
         cfg.model_spec(spec)  # checks seq_len against the spec
     check_fits(spec, args, cfg)

@@ -262,3 +262,11 @@ def test_generate_refuses_sampling_options_greedy_decoding_ignores(weights, args
     flag = args[0]
     with pytest.raises(UsageError, match=f"{flag} shapes sampling, and decoding is greedy"):
         generate.main(["--backend", "torch", "--weights", str(weights), "--tokens", "1", *args])
+
+
+def test_parity_report_refuses_a_train_config_it_would_not_read():
+    """--train-config without --train-steps compared untrained models, the config never read."""
+    report = load_script("parity_report")
+    with pytest.raises(UsageError, match="--train-config needs --train-steps N"):
+        report.parse_args(["--spec", "tiny", "--train-config", "parity"])
+    assert report.parse_args(["--spec", "tiny", "--train-steps", "1"]).train_config is None  # the parity preset
