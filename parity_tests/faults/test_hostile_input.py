@@ -547,6 +547,16 @@ def test_metrics_lines_that_are_not_records_are_named(tmp_path, line, says):
     assert run_dir.read_metrics(metrics) == [{"step": 1}]
 
 
+def test_a_metrics_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    """Iterating the file read a line whole before checking its length: a file without newlines, all of it."""
+    monkeypatch.setattr(run_dir, "MAX_JSON_BYTES", 2**20)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n' + b"x" * (16 * 2**20))
+    raised, peak = peak_memory(lambda: run_dir.read_metrics(metrics))
+    assert isinstance(raised, CheckpointError) and "line 2 is over the 1,048,576-byte limit" in str(raised), raised
+    assert peak < 4 * 2**20, peak
+
+
 def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch, capsys):
     compare, timing = _bench("compare"), _bench("timing")
 
