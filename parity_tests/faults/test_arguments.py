@@ -270,3 +270,22 @@ def test_parity_report_refuses_a_train_config_it_would_not_read():
     with pytest.raises(UsageError, match="--train-config needs --train-steps N"):
         report.parse_args(["--spec", "tiny", "--train-config", "parity"])
     assert report.parse_args(["--spec", "tiny", "--train-steps", "1"]).train_config is None  # the parity preset
+
+
+def test_prepare_data_holds_about_4_bytes_a_token_while_encoding(tmp_path, monkeypatch):
+    """The whole file's ids were Python lists first: about 36 bytes a token, 9 GB for a 1 GB corpus."""
+    import tracemalloc
+
+    prepare = load_script("prepare_data")
+    monkeypatch.setattr(prepare, "LINES_PER_CHUNK", 500)  # many chunks, as in a real corpus
+    text = tmp_path / "in.txt"
+    text.write_text("".join(f"line {i} of a story, once upon a time\n" for i in range(20_000)))
+    tokenizer = prepare.train_bpe(text, 300)
+    tracemalloc.start()
+    try:
+        tokens = prepare.bpe_tokens(tokenizer, text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tokens.dtype == "uint32" and len(tokens) > 100_000
+    assert peak < 12 * len(tokens), peak / len(tokens)  # the array and one concatenated copy, plus a chunk
