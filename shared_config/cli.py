@@ -188,8 +188,9 @@ def check_out_dir(flag: str, path) -> None:
 def no_repeats(flag: str, items: list) -> list:
     """`items` of a list-valued option, refused (UsageError) when one is given twice: the job ran twice, and its
     rows, labelled alike, overwrote or shadowed each other in the report."""
-    if repeated := next((x for i, x in enumerate(items) if x in items[:i]), None):
-        raise UsageError(f"{flag}: {quote(str(repeated))[1:-1]} is given twice")
+    for i, x in enumerate(items):
+        if x in items[:i]:  # any value, also a false one (0, '')
+            raise UsageError(f"{flag}: {quote(str(x))[1:-1]} is given twice")
     return items
 
 
