@@ -74,6 +74,14 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
     add_compile_cache_option(p)
 
 
+def check_compile(args) -> None:
+    """--compile/--no-compile steer torch.compile: with only the JAX backend asked, it was ignored without a word."""
+    if args.compile is not None and args.backend == "jax":
+        flag = "--compile" if args.compile else "--no-compile"
+        raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "
+                         "(XLA always compiles)")
+
+
 # spec keys a bench option sets: a --set or --sweep of one would be overridden by the option, or disagree with what
 # the report records and the kernels chosen for it
 OPTION_SETS = {"compute_dtype": "--compute-dtype"}

@@ -291,3 +291,17 @@ def test_prepare_data_holds_about_4_bytes_a_token_while_encoding(tmp_path, monke
         tracemalloc.stop()
     assert tokens.dtype == "uint32" and len(tokens) > 100_000
     assert peak < 12 * len(tokens), peak / len(tokens)  # the array and one concatenated copy, plus a chunk
+
+
+def test_compile_is_refused_where_only_jax_runs(capsys):
+    """--compile (torch.compile) with --backend jax ran the JAX twin, the option ignored without a word."""
+    from bench import compare, profile_step
+
+    for parse in (compare.parse_args, profile_step.parse_args):
+        for flag in ("--compile", "--no-compile"):
+            with pytest.raises(UsageError, match=f"{flag}: torch.compile steers the torch .and hf. step"):
+                parse(["--backend", "jax", flag])
+        assert parse(["--backend", "both", "--compile"]).compile is True
+    with pytest.raises(SystemExit) as exit_:
+        load_script("train").parse_args(["--backend", "jax", "--compile"])
+    assert exit_.value.code == 2 and "--compile: torch.compile steers the torch twin's steps" in capsys.readouterr().err
