@@ -113,10 +113,12 @@ def variants(args) -> list[tuple[str, object]]:
             out.append((label, base.replace(**{**changes, **dict(combo)})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
-    kernel = getattr(args, "gla_kernel", "auto")
-    if kernel != "auto" and not any(spec.mixer == "gla" for _, spec in out):  # it ran, the option ignored
-        raise UsageError(f"--gla-kernel {kernel}: no variant has a GLA layer (mixer: gla) for it to run; "
-                         f"{', '.join(label for label, _ in out)} {'has' if len(out) == 1 else 'have'} attention")
+    labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
+    for flag, kernel, mixer, other in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla", "attention"),
+                                       ("--attention", getattr(args, "attention", "auto"), "attention", "GLA")):
+        if kernel != "auto" and not any(spec.mixer == mixer for _, spec in out):  # it ran, the option ignored
+            raise UsageError(f"{flag} {kernel}: no variant has a layer of mixer {mixer} for it to run; {labels} "
+                             f"{have} {other} layers")
     return out
 
 

@@ -252,8 +252,10 @@ def test_bench_refuses_a_gla_kernel_no_variant_can_run():
     from bench.options import variants
 
     args = dict(spec="tiny", set=[], dtype="float32", gla_kernel="pure")
-    with pytest.raises(UsageError, match="--gla-kernel pure: no variant has a GLA layer .* tiny has attention"):
+    with pytest.raises(UsageError, match="--gla-kernel pure: no variant has a layer of mixer gla .* has attention"):
         variants(Namespace(**args, sweep=[]))
+    with pytest.raises(UsageError, match="--attention einsum: no variant has a layer of mixer attention .* has GLA"):
+        variants(Namespace(spec="gla-tiny", set=[], dtype="float32", attention="einsum", sweep=[]))
     args["set"] = ["n_kv_heads=null", "position=none"]
     assert [s.mixer for _, s in variants(Namespace(**args, sweep=["mixer=attention,gla"]))] == ["attention", "gla"]
 
