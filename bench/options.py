@@ -75,7 +75,11 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
 
 
 def check_compile(args) -> None:
-    """--compile/--no-compile steer torch.compile: with only the JAX backend asked, it was ignored without a word."""
+    """--compile/--no-compile steer torch.compile, --train-config the train step: with only the JAX backend asked,
+    or another mode, they were ignored without a word."""
+    if args.train_config is not None and args.mode != "train":
+        raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
+                         "optimizer (drop --train-config)")
     if args.compile is not None and args.backend == "jax":
         flag = "--compile" if args.compile else "--no-compile"
         raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "

@@ -304,6 +304,8 @@ def test_compile_is_refused_where_only_jax_runs(capsys):
             with pytest.raises(UsageError, match=f"{flag}: torch.compile steers the torch .and hf. step"):
                 parse(["--backend", "jax", flag])
         assert parse(["--backend", "both", "--compile"]).compile is True
+        with pytest.raises(UsageError, match="--train-config: the optimizer settings of --mode train; --mode forward"):
+            parse(["--mode", "forward", "--train-config", "cpu"])
     with pytest.raises(SystemExit) as exit_:
         load_script("train").parse_args(["--backend", "jax", "--compile"])
     assert exit_.value.code == 2 and "--compile: torch.compile steers the torch twin's steps" in capsys.readouterr().err
