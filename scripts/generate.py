@@ -65,6 +65,9 @@ def main(argv=None):
         flag = "--" + sampling[0].replace("_", "-")
         raise UsageError(f"{flag} shapes sampling, and decoding is greedy (--temperature 0, the default): pass "
                          "--temperature T > 0 to sample, or leave it out")
+    if args.attention != "auto" and spec.mixer != "attention":  # the model has no attention layer: it was ignored
+        raise UsageError(f"--attention {args.attention}: this model's layers are mixer={spec.mixer}, with no attention "
+                         "kernel to choose (drop --attention)")
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
     try:

@@ -260,6 +260,14 @@ def test_bench_refuses_a_gla_kernel_no_variant_can_run():
     assert [s.mixer for _, s in variants(Namespace(**args, sweep=["mixer=attention,gla"]))] == ["attention", "gla"]
 
 
+def test_generate_refuses_an_attention_kernel_for_a_model_without_attention(tmp_path):
+    spec = make_spec(mixer="gla", position="none", n_kv_heads=None)
+    save_checkpoint(tmp_path / "gla.safetensors", parity_weights(spec), spec)
+    with pytest.raises(UsageError, match="--attention einsum: this model's layers are mixer=gla"):
+        generate.main(["--backend", "torch", "--weights", str(tmp_path / "gla.safetensors"), "--tokens", "1",
+                       "--attention", "einsum"])
+
+
 @pytest.mark.parametrize("args", [["--top-p", "0.5"], ["--top-k", "3"], ["--seed", "5", "--temperature", "0"]])
 def test_generate_refuses_sampling_options_greedy_decoding_ignores(weights, args):
     """--top-p 0.5 without --temperature decoded greedily: the option did nothing, without a word."""
