@@ -171,6 +171,8 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> 
                              "give the path of a file to write")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"{plot_flag} {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
+    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise UsageError(f"--json and {plot_flag} name the same file {plot_path}: the image would replace the report")
 
 
 def check_out_dir(flag: str, path) -> None:

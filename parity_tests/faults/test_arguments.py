@@ -10,7 +10,7 @@ import re
 import pytest
 
 from shared_config import SpecError, save_checkpoint
-from shared_config.cli import UsageError, printable, utf8_argument
+from shared_config.cli import UsageError, check_outputs, printable, utf8_argument
 from shared_config.resources import ResourceError
 from shared_config.study import study_args, study_parser
 
@@ -128,6 +128,12 @@ def test_every_plot_is_written_in_the_format_its_name_says(tmp_path, suffix, mag
     plot_context.main([str(report), "--out", str(tmp_path / f"ctx{suffix}")])
     assert {p.name: p.read_bytes()[:len(magic)] for p in tmp_path.glob(f"*{suffix}")} == {
         f"bars{suffix}": magic, f"ctx{suffix}": magic}
+
+
+def test_json_and_plot_naming_one_file_is_refused(tmp_path):
+    """compare.py --json x.png --plot x.png: the image replaced the report at the end of the run."""
+    with pytest.raises(UsageError, match="--json and --plot name the same file"):
+        check_outputs(tmp_path / "x.png", tmp_path / "." / "x.png")
 
 
 @pytest.mark.parametrize("report, says", [
