@@ -233,6 +233,10 @@ def _terminate(signum, frame):
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):
+        # a path that is not UTF-8 (kept by Python as surrogates) prints as the bytes it is, as `ls` shows it: a
+        # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
+        sys.stdout.reconfigure(errors="surrogateescape")
     if os.environ.get("RANK", "0") == "0":
         signal.signal(signal.SIGTERM, _terminate)
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a

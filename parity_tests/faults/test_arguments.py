@@ -323,3 +323,19 @@ def test_compile_is_refused_where_only_jax_runs(capsys):
     with pytest.raises(SystemExit) as exit_:
         load_script("train").parse_args(["--backend", "jax", "--compile"])
     assert exit_.value.code == 2 and "--compile: torch.compile steers the torch twin's steps" in capsys.readouterr().err
+
+
+def test_a_path_that_is_not_utf8_prints_as_its_bytes_on_a_strict_stdout(monkeypatch):
+    """init_checkpoint.py and convert.py print the path they wrote: a strict stdout (a UTF-8 locale other than
+    C.UTF-8) raised UnicodeEncodeError there, a traceback after the work was done."""
+    import io
+    import sys
+
+    from shared_config.cli import run as cli_run
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_run(lambda argv: print(f"/tmp/{NOT_UTF8}.safetensors"), [])
+    sys.stdout.flush()
+    assert exit_.value.code == 0 and raw.getvalue() == b"/tmp/ab\xff\xfe.safetensors\n"
