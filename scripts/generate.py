@@ -58,8 +58,8 @@ def main(argv=None):
                for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast
         check_generation(spec, [prompt], args.max_new_tokens, **options)
-    except GenerationError as e:
-        raise UsageError(str(e)) from None
+    except GenerationError as e:  # generate()'s names (max_new_tokens=64) as the options that set them
+        raise UsageError(OPTION_NAMES.sub(lambda m: f"--{m[1].replace('_', '-')} ", str(e))) from None
     if not options.get("temperature") and (sampling := [k for k in ("top_k", "top_p", "seed") if k in options]):
         # greedy decoding draws nothing: these were ignored without a word
         flag = "--" + sampling[0].replace("_", "-")
@@ -79,6 +79,9 @@ def main(argv=None):
     except GenerationError as e:  # logits no token can be drawn from (NaN weights): one line, exit code 1
         print(file=sys.stdout)
         fail(str(e), 1)
+
+
+OPTION_NAMES = re.compile(r"\b(max_new_tokens|temperature|top_k|top_p|seed|eos_id)=")
 
 
 def load_weights(path: Path, spec=None):
