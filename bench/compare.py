@@ -20,12 +20,12 @@ import sys
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import use_compile_cache
 from shared_config.parallel import parse_mesh, rows_per_shard
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes
 
 from bench import load
 from bench.options import (
-    add_job_options, add_report_options, configure_threads, environment, kernels, variants,
+    add_job_options, add_report_options, check_compile, configure_threads, environment, kernels, variants,
 )
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
@@ -72,6 +72,7 @@ def parse_args(argv):
                          "bench/compare.py --backend torch ...")
     args.parallel = args.parallel or ("ddp" if distributed else None)
     check_outputs(args.json, args.plot)  # before any work, not after the run
+    check_compile(args)
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
                          "pip install -e '.[hf]' (or pip install transformers)")
@@ -80,6 +81,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return compare(args)
+
+
+def compare(args):
     before, during = load.snapshot(measure_busy=True), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))

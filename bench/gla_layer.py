@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from shared_config import SpecError
-from shared_config.cli import Parser, UsageError, at_least, run
-from shared_config.report import write_report
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
+from shared_config.report import report_on_stdout, write_report
+from shared_config.resources import check_memory
 from shared_config.twins import twin
 
 
@@ -145,6 +146,8 @@ def compile_step(spec_name, batch, tokens):
     from shared_config import load_spec, load_train_config
 
     spec, cfg = load_spec(spec_name), load_train_config(None)
+    if tokens > spec.max_seq_len:  # refused here in one line: the trace raised it as a traceback
+        raise UsageError(f"--tokens {tokens} exceeds max_seq_len={spec.max_seq_len} of {spec_name}")
     model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
     state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
     t0 = time.perf_counter()
@@ -166,8 +169,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def input_bytes(B, H, T, K, V) -> int:
+    """float32 bytes of `inputs`' arrays: q, k, gates [B, H, T, K]; v and its cotangent [B, H, T, V]; two states."""
+    return 4 * B * H * (3 * T * K + 2 * T * V + 2 * K * V)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_outputs(args.json)  # before any work: a bad --json failed after every kernel had run
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return time_kernels(args)
+
+
+def time_kernels(args):
     if args.compile_step:
         try:
             seconds = compile_step(args.compile_step, args.batch, args.tokens)
@@ -176,10 +190,17 @@ def main(argv=None):
         print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")
         return 0
     kernels = ["recurrent"] if args.recurrent else [k.strip() for k in args.kernel.split(",") if k.strip()]
+    no_repeats("--kernel", kernels)
+    if not kernels:  # `--kernel ''` ran nothing and reported success
+        raise UsageError(f"--kernel {args.kernel!r} names no kernel: one or more of pure, recurrent, pallas, fla")
     if unknown := [k for k in kernels if k not in KERNELS["jax"] + KERNELS["torch"]]:
         raise UsageError(f"--kernel {unknown[0]}: one of pure, recurrent, pallas, fla")
     jobs = check_kernels(kernels, ["jax", "torch"] if args.backend == "both" else [args.backend], args.if_present)
-    arrays, cotangents = inputs(args.batch, args.heads, args.tokens, args.key, args.value)
+    shape = (args.batch, args.heads, args.tokens, args.key, args.value)
+    # a lower bound: the inputs, the gradients of as much again and the outputs (before numpy allocates them)
+    check_memory(3 * input_bytes(*shape), f"the gla layer at B {args.batch} H {args.heads} T {args.tokens} K "
+                 f"{args.key} V {args.value}", "lower --batch, --heads, --tokens, --key or --value")
+    arrays, cotangents = inputs(*shape)
     checkout = os.path.dirname(os.path.dirname(twin("jax", "gla").__file__))
     print(f"# gla fwd+bwd, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, from {checkout}")
     print("| twin | kernel | median s | min s | compile s | peak MB | max_rel_err |\n|---|---|---|---|---|---|---|")

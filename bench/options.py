@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
-from shared_config.cli import UsageError, at_least
+from shared_config.cli import UsageError, at_least, no_repeats
+from shared_config.limits import quote
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNELS, check_kernel
 
@@ -51,8 +52,17 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
                    help="GLA layers' kernel (mixer: gla): auto is each twin's GPU kernel on a GPU (JAX: Pallas; torch: "
                         "flash-linear-attention's chunk_gla, when installed), else the pure chunked form")
     p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
-    p.add_argument("--threads", type=at_least(1), default=usable_cpus(),
+    p.add_argument("--threads", type=cpu_threads, default=usable_cpus(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
+
+
+def cpu_threads(text: str) -> int:
+    """argparse's type for --threads: 1 to the CPUs this process may use (--threads 100000 crashed torch, signal 11;
+    more threads than CPUs time the oversubscription, not the framework)."""
+    n, cpus = at_least(1)(text), usable_cpus()
+    if n > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs this process may use, got {n}")
+    return n
 
 
 def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
@@ -64,16 +74,42 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
     add_compile_cache_option(p)
 
 
+def check_compile(args) -> None:
+    """--compile/--no-compile steer torch.compile, --train-config the train step: with only the JAX backend asked,
+    or another mode, they were ignored without a word."""
+    if args.train_config is not None and args.mode != "train":
+        raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
+                         "optimizer (drop --train-config)")
+    if args.compile is not None and args.backend == "jax":
+        flag = "--compile" if args.compile else "--no-compile"
+        raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "
+                         "(XLA always compiles)")
+
+
+# spec keys a bench option sets: a --set or --sweep of one would be overridden by the option, or disagree with what
+# the report records and the kernels chosen for it
+OPTION_SETS = {"compute_dtype": "--compute-dtype"}
+
+
 def variants(args) -> list[tuple[str, object]]:
     """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
     base = load_spec(args.spec)
-    changes = {**parse_overrides(args.set), "compute_dtype": args.dtype}
+    changes = parse_overrides(args.set)
     sweeps = []
     for item in args.sweep:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise UsageError(f"--sweep {item!r} must look like key=v1,v2")
-        sweeps.append([(key, parse_overrides([f"{key}={v}"])[key]) for v in values.split(",")])
+        key, sep, values = (part.strip() for part in item.partition("="))
+        if not sep or not key or not values:
+            raise UsageError(f"--sweep {quote(item)} must look like key=v1,v2")
+        if key in (k for sweep in sweeps for k, _ in sweep[:1]):
+            raise UsageError(f"--sweep {key}: given twice; list every value in one --sweep {key}=v1,v2,...")
+        swept = [(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")]
+        no_repeats(f"--sweep {key}", [value for _, value in swept])
+        sweeps.append(swept)
+    for flag, keys in (("--set", changes), ("--sweep", [sweep[0][0] for sweep in sweeps])):
+        if taken := [key for key in keys if key in OPTION_SETS]:
+            raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "
+                             f"{OPTION_SETS[taken[0]]} instead")
+    changes["compute_dtype"] = args.dtype
     out = []
     for combo in itertools.product(*sweeps) if sweeps else [()]:
         label = ",".join(f"{k}={v}" for k, v in combo) or args.spec
@@ -81,6 +117,12 @@ def variants(args) -> list[tuple[str, object]]:
             out.append((label, base.replace(**{**changes, **dict(combo)})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
+    labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
+    for flag, kernel, mixer, other in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla", "attention"),
+                                       ("--attention", getattr(args, "attention", "auto"), "attention", "GLA")):
+        if kernel != "auto" and not any(spec.mixer == mixer for _, spec in out):  # it ran, the option ignored
+            raise UsageError(f"{flag} {kernel}: no variant has a layer of mixer {mixer} for it to run; {labels} "
+                             f"{have} {other} layers")
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import atomic_write
+from shared_config.files import save_figure
 
 
 def plot_results(report: dict, path: Path) -> None:
@@ -40,5 +40,5 @@ def plot_results(report: dict, path: Path) -> None:
     fig.suptitle(f"{env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}",
                  fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

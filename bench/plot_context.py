@@ -14,9 +14,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import atomic_write
-from shared_config.cli import Parser, UsageError, run
-from shared_config.files import read_json
+from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config.files import read_json, save_figure
+
+
+def read_report(path: Path) -> dict:
+    """A compare.py --json report, its shape checked: any other JSON was a KeyError traceback."""
+    report = read_json(path)
+    env, results = report.get("env"), report.get("results")
+    problem = ("no env object" if not isinstance(env, dict)
+               else "env.mode is not a string" if not isinstance(env.get("mode"), str)
+               else "env.seq is not an integer" if type(env.get("seq")) is not int
+               else "no results list" if not isinstance(results, list) else None)
+    for i, r in enumerate(results if problem is None else []):
+        step = r.get("step_s") if isinstance(r, dict) else None
+        if not (isinstance(step, dict) and all(isinstance(step.get(k), (int, float)) for k in ("median", "p10", "p90"))
+                and isinstance(r.get("variant"), str) and isinstance(r.get("backend"), str)):
+            problem = f"results[{i}] lacks variant, backend or step_s (median, p10, p90)"
+            break
+    if problem:
+        raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
+    return report
 
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
@@ -49,16 +67,21 @@ def plot_context(series: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", type=Path, help="compare.py --json files of --mode decode runs")
-    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
-    reports = [read_json(path) for path in args.reports]
+    check_outputs(plot_path=args.out, plot_flag="--out")
+    reports = [read_report(path) for path in args.reports]
+    for path, report in zip(args.reports, reports):  # named here: context_series sees no file names
+        if report["env"]["mode"] != "decode":
+            raise UsageError(f"{path}: a {report['env']['mode']} report: pass decode reports "
+                             "(compare.py --mode decode)")
     env = reports[0]["env"]
     series = context_series(reports)
     plot_context(series, args.out, f"{env['device']} | decode | {env['dtype']} | batch {env['batch']}")

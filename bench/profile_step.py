@@ -35,10 +35,12 @@ from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
 from shared_config.compile_cache import use_compile_cache
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
-from bench.options import add_job_options, add_report_options, configure_threads, environment, kernels, variants
+from bench.options import (
+    add_job_options, add_report_options, check_compile, configure_threads, environment, kernels, variants,
+)
 from bench.runners import without_profiler_chatter
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
@@ -109,6 +111,7 @@ def parse_args(argv):
     add_report_options(p)
     args = p.parse_args(argv)
     check_outputs(args.json)
+    check_compile(args)
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None
     return args
@@ -212,6 +215,11 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return profile(args)
+
+
+def profile(args):
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:

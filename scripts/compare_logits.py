@@ -11,8 +11,9 @@ import json
 import numpy as np
 
 from shared_config import init_weights, load_spec
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, at_least, run
 from shared_config.formats import quiet_libraries, read_checkpoint
+from shared_config.resources import check_memory, init_bytes, weights_bytes
 from shared_config.twins import twin
 
 
@@ -24,18 +25,25 @@ def main(argv=None):
                                        "run's step directory, an Orbax, Hugging Face or "
                                        "flash-linear-attention directory")
     src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and the input tokens")
-    p.add_argument("--batch", type=int, default=2, help="sequences per batch")
-    p.add_argument("--seq", type=int, default=64, help="positions the model reads")
+    # bounded at parse time: --batch 0 or -1 and --seed -1 were numpy tracebacks
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
+    p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")
+    p.add_argument("--seq", type=at_least(1), default=64, help="positions the model reads")
     args = p.parse_args(argv)
     if args.weights:
         quiet_libraries()
         weights, spec = read_checkpoint(args.weights)
     else:
         spec = load_spec(args.spec)
-        weights = init_weights(spec, args.seed)
-    if not 0 < args.seq <= spec.max_seq_len:
+    if args.seq > spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
+    # a lower bound, before anything is drawn or built: the weights in numpy and in each twin, and per logit both
+    # twins' float32 and float64 copies and their difference
+    check_memory(max(init_bytes(spec), 3 * weights_bytes(spec) + 32 * args.batch * args.seq * spec.V),
+                 f"comparing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {args.batch:,} x seq "
+                 f"{args.seq}", "lower --batch or --seq, or the model's sizes")
+    if not args.weights:
+        weights = init_weights(spec, args.seed)
 
     import jax.numpy as jnp
     import torch

@@ -78,6 +78,15 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
                          "pick another DST")
 
 
+def check_file_name(dst: Path, target: str) -> None:
+    """A file format's DST must end in one of its extensions: the readers tell a file's format by it, so `--to torch`
+    into x.safetensors wrote a file every reader refused with a misleading error (a header length of 10^17)."""
+    if target not in DIRECTORIES and SUFFIXES.get(dst.suffix) != target:
+        ends = " or ".join(s for s, f in SUFFIXES.items() if f == target)
+        raise UsageError(f"{dst}: a {target} checkpoint is a file whose name ends in {ends} (the readers tell a "
+                         "file's format by its extension); rename DST or change --to")
+
+
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
     src, dst = Path(src), Path(dst)
@@ -85,6 +94,7 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     target = target_format(dst, to)
     recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
+    check_file_name(dst, target)
     weights, spec, source = read_any(src, spec)  # names, shapes, float dtypes checked: before any cast
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}

@@ -11,13 +11,14 @@ Timing goes to stderr: the first token (prefill, and compilation in JAX) apart f
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from shared_config import did_you_mean
-from shared_config.cli import Parser, UsageError, fail, run
+from shared_config.cli import Parser, UsageError, fail, run, utf8_argument
 from shared_config.files import CheckpointError
 from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
 from shared_config.formats import quiet_libraries, read_checkpoint
@@ -48,6 +49,8 @@ def main(argv=None):
                         "auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
     args = p.parse_args(argv)
 
+    if args.prompt is not None:  # not UTF-8 (a Latin-1 terminal): no tokenizer can encode it
+        utf8_argument("--prompt", args.prompt)
     weights, spec = load_weights(args.weights, args.spec)
     text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
@@ -55,8 +58,16 @@ def main(argv=None):
                for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast
         check_generation(spec, [prompt], args.max_new_tokens, **options)
-    except GenerationError as e:
-        raise UsageError(str(e)) from None
+    except GenerationError as e:  # generate()'s names (max_new_tokens=64) as the options that set them
+        raise UsageError(OPTION_NAMES.sub(lambda m: f"--{m[1].replace('_', '-')} ", str(e))) from None
+    if not options.get("temperature") and (sampling := [k for k in ("top_k", "top_p", "seed") if k in options]):
+        # greedy decoding draws nothing: these were ignored without a word
+        flag = "--" + sampling[0].replace("_", "-")
+        raise UsageError(f"{flag} shapes sampling, and decoding is greedy (--temperature 0, the default): pass "
+                         "--temperature T > 0 to sample, or leave it out")
+    if args.attention != "auto" and spec.mixer != "attention":  # the model has no attention layer: it was ignored
+        raise UsageError(f"--attention {args.attention}: this model's layers are mixer={spec.mixer}, with no attention "
+                         "kernel to choose (drop --attention)")
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
     try:
@@ -70,6 +81,9 @@ def main(argv=None):
         fail(str(e), 1)
 
 
+OPTION_NAMES = re.compile(r"\b(max_new_tokens|temperature|top_k|top_p|seed|eos_id)=")
+
+
 def load_weights(path: Path, spec=None):
     """Canonical weights and their spec, from any format convert.py reads (shared_config.formats)."""
     quiet_libraries()
@@ -77,10 +91,10 @@ def load_weights(path: Path, spec=None):
 
 
 def parse_tokens(csv: str) -> list[int]:
-    try:
-        return [int(t) for t in csv.split(",")]
-    except ValueError:
-        raise UsageError(f"--tokens {csv!r} must be comma-separated integer ids, e.g. 1,2,3") from None
+    """Comma-separated ASCII integers: int() alone also read '1_0' as 10 and other scripts' digits ('１')."""
+    if not all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in csv.split(",")):
+        raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, e.g. 1,2,3")
+    return [int(t) for t in csv.split(",")]
 
 
 class ByteTokenizer:

@@ -14,18 +14,18 @@ fit in memory (refused before any work).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from shared_config import (
-    atomic_write, init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
+    init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
-from shared_config.report import write_report
+from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, report_bytes
 from shared_config.run import check_train_memory
 from shared_config.twins import twin
@@ -210,7 +210,7 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
     bottom.set(ylabel="|Δloss|" if bf16 else "|Δloss| / loss", xlabel="step")
     bottom.legend()
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:].lower()))
+    save_figure(fig, path)
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
     p.add_argument("--train-steps", type=at_least(0), default=0, help="also train both twins this many steps")
-    p.add_argument("--train-config", default="parity", help="train config preset or YAML path, for --train-steps")
+    p.add_argument("--train-config", help="train config preset or YAML path, for --train-steps (default: parity)")
     p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -239,13 +239,19 @@ def parse_args(argv):
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
     check_outputs(args.json, args.plot)  # fail now, not after the run
-    if args.plot and args.train_steps <= 0:
-        raise UsageError("--plot needs --train-steps N")
+    for flag, value in (("--plot", args.plot), ("--train-config", args.train_config)):  # else ignored silently
+        if value and args.train_steps <= 0:
+            raise UsageError(f"{flag} needs --train-steps N")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_on_stdout(args.json):  # `--json -`: the table goes to stderr
+        return prepare_and_report(args)
+
+
+def prepare_and_report(args):
     if args.weights:
         quiet_libraries()
         weights, spec = read_checkpoint(args.weights, load_spec(args.spec) if args.spec else None)
@@ -259,7 +265,7 @@ def main(argv=None):
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
     cfg = None
     if args.train_steps > 0:
-        cfg = load_train_config(args.train_config)
+        cfg = load_train_config(args.train_config or "parity")
         cfg = cfg.replace(steps=args.train_steps, warmup_steps=min(cfg.warmup_steps, args.train_steps))
         cfg.model_spec(spec)  # checks seq_len against the spec
     check_fits(spec, args, cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
 from shared_config.curves import plot
 from shared_config.run_dir import METRICS_FILE, read_metrics
 
@@ -35,8 +35,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smooth < 1:
         raise UsageError("--smooth must be >= 1")
-    if args.out.suffix not in (".png", ".pdf", ".svg"):
-        raise UsageError(f"--out {args.out}: the image must be a .png, .pdf or .svg file")
+    check_outputs(plot_path=args.out, plot_flag="--out")  # also .PNG, as bench/compare.py's --plot takes
+    no_repeats("run directories", [d.resolve() for d in args.dirs])
     plot(load_runs(args.dirs), args.out, args.smooth)
     print(args.out)
 

@@ -87,6 +87,8 @@ def check_scale_out(p, args) -> None:
     if args.parallel and not torchrun:
         p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py "
                 "--backend torch ...")
+    if args.compile and args.backend == "jax":  # it was ignored without a word
+        p.error("--compile: torch.compile steers the torch twin's steps; the JAX twin always jits (drop --compile)")
     if torchrun and args.backend != "torch":
         p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)

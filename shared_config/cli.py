@@ -157,12 +157,12 @@ def path(text: str) -> Path:
     return Path(text)
 
 
-def check_outputs(json_path=None, plot_path=None) -> None:
+def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> None:
     """Refuse, before any work, a --json/--plot whose directory does not exist, that names a directory or a device
     (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the
-    error a long run would otherwise raise at its end, or never."""
-    for flag, path in (("--json", json_path), ("--plot", plot_path)):
-        if path is None:
+    error a long run would otherwise raise at its end, or never. `plot_flag`: the image's option, where not --plot."""
+    for flag, path in (("--json", json_path), (plot_flag, plot_path)):
+        if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
@@ -170,7 +170,9 @@ def check_outputs(json_path=None, plot_path=None) -> None:
             raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
                              "give the path of a file to write")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(f"--plot {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
+        raise UsageError(f"{plot_flag} {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
+    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise UsageError(f"--json and {plot_flag} name the same file {plot_path}: the image would replace the report")
 
 
 def check_out_dir(flag: str, path) -> None:
@@ -183,6 +185,31 @@ def check_out_dir(flag: str, path) -> None:
         raise UsageError(f"{flag} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {ancestor} is not writable")
+
+
+def no_repeats(flag: str, items: list) -> list:
+    """`items` of a list-valued option, refused (UsageError) when one is given twice: the job ran twice, and its
+    rows, labelled alike, overwrote or shadowed each other in the report."""
+    for i, x in enumerate(items):
+        if x in items[:i]:  # any value, also a false one (0, '')
+            raise UsageError(f"{flag}: {quote(str(x))[1:-1]} is given twice")
+    return items
+
+
+def printable(text: str) -> str:
+    """Command-line text as UTF-8 that can be printed and written: bytes that are not UTF-8 (a Latin-1 terminal, a
+    file name from another system), which Python keeps as lone surrogates and no UTF-8 writer accepts, as `\\xNN`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def utf8_argument(flag: str, text: str) -> str:
+    """`text` of option `flag`, refused (UsageError) when it holds bytes that are not UTF-8, naming the first."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text.encode("utf-8", "surrogateescape")[len(text[:e.start].encode("utf-8"))]
+        raise UsageError(f"{flag}: byte 0x{byte:02x} at character {e.start} is not UTF-8; pass UTF-8 text") from None
+    return text
 
 
 def fail(message: str, code: int = BAD_INPUT):
@@ -206,6 +233,10 @@ def _terminate(signum, frame):
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):
+        # a path that is not UTF-8 (kept by Python as surrogates) prints as the bytes it is, as `ls` shows it: a
+        # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
+        sys.stdout.reconfigure(errors="surrogateescape")
     if os.environ.get("RANK", "0") == "0":
         signal.signal(signal.SIGTERM, _terminate)
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a

@@ -118,15 +118,16 @@ def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict:
         raise SpecError(f"{path}: {e}") from None
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`--set key=value` items as a dict, values parsed as YAML scalars (`8`, `1e-5`, `true`, `dyt`)."""
+def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """`--set key=value` items as a dict, values parsed as YAML scalars (`8`, `1e-5`, `true`, `dyt`); errors name
+    `flag`, the option the items came from."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--set {quote(item)} must look like key=value")
+        if not sep or not key.strip():
+            raise SpecError(f"{flag} {quote(item)} must look like key=value")
         try:
             out[key.strip()] = parse_yaml(value) if value.strip() else value
         except (yaml.YAMLError, LimitError):
-            raise SpecError(f"--set {quote(item)}: the value is not a YAML scalar") from None
+            raise SpecError(f"{flag} {quote(item)}: the value is not a YAML scalar") from None
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
+from .files import save_figure
 
 
 def series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -65,5 +65,5 @@ def plot(runs: dict[str, list[dict]], out: Path, smooth: int = 10) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip("."), dpi=110))
+    save_figure(fig, out, dpi=110)
     plt.close(fig)

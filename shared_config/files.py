@@ -53,6 +53,12 @@ def umask() -> int:
     return mask
 
 
+def save_figure(fig, path: str | Path, dpi: float | None = None) -> None:
+    """A matplotlib figure written atomically in the format its name ends in (.png, .pdf, .svg, any case): the bench's
+    plots wrote PNG bytes under whatever name they were given (a .pdf or .svg that no viewer opened)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:].lower(), dpi=dpi))
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp)` on a temp file beside `path`, fsync, then rename it into place.
 

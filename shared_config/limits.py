@@ -82,7 +82,8 @@ def parse_json(text: str | bytes, where: str | Path | None = None) -> Any:
     the parser's message alone without `where`), a LimitError past the nesting bound, never a RecursionError."""
     prefix = f"{where}: " if where is not None else ""
     try:
-        data = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)  # UTF-8 only, not JSON's guess
+        data = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text,  # UTF-8 only, not JSON's guess
+                          object_pairs_hook=_unique_keys)
     except RecursionError:
         raise LimitError(f"{prefix}JSON nested deeper than {MAX_NESTING} levels") from None
     except ValueError as e:  # bad JSON, or bytes that are not UTF-8
@@ -90,6 +91,17 @@ def parse_json(text: str | bytes, where: str | Path | None = None) -> Any:
     if depth(data) > MAX_NESTING:
         raise LimitError(f"{prefix}JSON nested deeper than {MAX_NESTING} levels")
     return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice: json keeps the last silently, so an edited
+    config.json with `"hidden_size"` twice would build a model of the other size."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {quote(key)} (which value is meant?)")
+    return d
 
 
 def depth(x: Any, limit: int = MAX_NESTING) -> int:
@@ -107,7 +119,8 @@ def depth(x: Any, limit: int = MAX_NESTING) -> int:
 
 class BoundedLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses documents nested deeper than MAX_NESTING or with more than MAX_YAML_ALIASES
-    aliases, as it composes them (before any structure is built)."""
+    aliases, as it composes them (before any structure is built), and a mapping that gives a key twice (PyYAML keeps
+    the last silently: a spec with `d_model` twice built the other model)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -125,6 +138,25 @@ class BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it, by design
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {quote(key)} (line {key_node.start_mark.line + 1}): "
+                                    "which value is meant?", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def parse_yaml(text: str | bytes) -> Any:

@@ -36,12 +36,16 @@ def rows_per_shard(batch_size: int, shards: int) -> int:
 
 def parse_mesh(text: str) -> dict[str, int]:
     """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
-    sizes = dict.fromkeys(AXES, 1)
+    sizes, given = dict.fromkeys(AXES, 1), set()
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = (s.strip() for s in item.partition("="))
         if name not in AXES:
             raise SpecError(f"mesh {text!r}: unknown axis {name!r}{did_you_mean(name, AXES)} (axes: {', '.join(AXES)})")
-        if not sep or not value.isdigit() or int(value) < 1:
+        # ASCII digits only: str.isdigit also takes '²', which int() then refused in a traceback
+        if not sep or not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise SpecError(f"mesh {text!r}: {item!r} must be axis=N with N >= 1")
+        if name in given:  # data=2,data=4 kept the last silently
+            raise SpecError(f"mesh {text!r}: axis {name!r} given twice")
         sizes[name] = int(value)
+        given.add(name)
     return sizes

@@ -1,19 +1,47 @@
 """A bench's JSON report on disk, rewritten whole after every completed row, so that a stopped run keeps what it
-measured (docs/bench.md: reports on disk)."""
+measured (docs/bench.md: reports on disk); or, with `--json -`, the finished report alone on stdout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from .files import atomic_write
+
+STDOUT = "-"  # `--json -`: the report goes to stdout, as Unix tools read "-"
+_stdout = None  # the real stdout while report_on_stdout sends printing to stderr
 
 
 def write_report(path: str | Path | None, report: dict, *, complete: bool) -> None:
     """Write `report` as JSON to `path` (nothing when `path` is None), atomically (io.atomic_write: the file on disk
     is always a whole report, the previous or this one), with `"complete": complete` added: false while rows are
-    still to come, true once the run has finished. Raises ResourceError when the write fails (a full disk)."""
+    still to come, true once the run has finished. Raises ResourceError when the write fails (a full disk).
+    `path` "-": the complete report once on stdout (the partial ones a file gets would be several documents)."""
     if path is None:
         return
     body = {**report, "complete": complete}
+    if str(path) == STDOUT:
+        if complete:
+            out = _stdout or sys.stdout
+            out.write(json.dumps(body, indent=2) + "\n")
+            out.flush()
+        return
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+
+
+@contextlib.contextmanager
+def report_on_stdout(path: str | Path | None):
+    """With `--json -`, stdout carries the JSON report and nothing else: what the command prints for people (its
+    table, notes) goes to stderr meanwhile; `--json -` once wrote a file named "-". Any other path: no change."""
+    global _stdout
+    if path is None or str(path) != STDOUT:
+        yield
+        return
+    _stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _stdout = None

@@ -219,7 +219,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     except (OSError, LimitError) as e:
         raise CheckpointError(str(e) if isinstance(e, LimitError) else f"{path}: cannot read: {e.strerror}") from None
     with f:
-        for number, line in enumerate(f, 1):
+        # readline with a bound: iterating the file read a hostile line whole (a 10 GB file without a newline)
+        for number, line in enumerate(iter(lambda: f.readline(MAX_JSON_BYTES + 1), b""), 1):
             if not line.strip():
                 continue
             if cut is not None:

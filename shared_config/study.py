@@ -13,7 +13,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .cli import Parser, UsageError
+from .cli import Parser, UsageError, check_out_dir, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write
@@ -111,14 +111,18 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
     raises UsageError for an unknown backend, --steps < 1, or a --set of a key the study sets itself (STUDY_SETS,
     and the script's own `sets`: {key: why}), which the study would override or collide with."""
-    args.backends, args.configs = args.backends.split(","), args.configs.split(",")
+    args.backends = no_repeats("--backends", args.backends.split(","))
+    args.configs = no_repeats("--configs", args.configs.split(","))
     if bad := [b for b in args.backends if b not in BACKENDS]:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}"
                          f"{did_you_mean(bad[0], BACKENDS)} (jax, torch)")
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
+    check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
     fixed = {**STUDY_SETS, **(sets or {})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")
-    args.command = " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+    # printable: an argument that is not UTF-8 (`--out $'r\\xff'`) failed the table's write after the whole study
+    words = [f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)]
+    args.command = " ".join(printable(word) for word in words)
     return args

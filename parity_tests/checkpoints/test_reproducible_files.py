@@ -58,7 +58,7 @@ def test_init_checkpoint_is_byte_reproducible(tmp_path, capsys):
 def test_conversions_are_byte_reproducible(tmp_path, target, changes):
     spec = make_spec(**changes)
     save_checkpoint(tmp_path / "src.safetensors", init_weights(spec, 0), spec)
-    outs = [tmp_path / f"out{i}" for i in range(WRITES)]
+    outs = [tmp_path / f"out{i}{'.safetensors' if target == 'safetensors' else ''}" for i in range(WRITES)]
     for out in outs:
         convert(tmp_path / "src.safetensors", out, to=target)
     files = [out / "model.safetensors" if out.is_dir() else out for out in outs]

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import shared_config.files
+import shared_config.formats
 import shared_config.formats.safetensors
+import shared_config.limits
 from shared_config import CheckpointError, SpecError, init_weights, layout, load_spec, run_dir, save_checkpoint
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
@@ -292,6 +295,29 @@ def test_yaml_nesting_and_alias_expansion_are_bounded_for_specs_and_train_config
         shared_config.parse_overrides([f"d_model={DEEP_YAML[3:]}"])
 
 
+def test_a_key_given_twice_is_refused_in_every_yaml_and_json_reader(tmp_path, canonical):
+    """PyYAML and json keep the last of two equal keys silently: a spec with d_model twice built the other model."""
+    spec_yaml = tmp_path / "spec.yaml"
+    spec_yaml.write_text((ROOT / "shared_config/specs/tiny.yaml").read_text() + "d_model: 48\n")
+    with pytest.raises(SpecError, match=r"duplicate key 'd_model' \(line 9\)"):
+        load_spec(str(spec_yaml))
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text("lr: 0.001\nsteps: 3\nlr: 0.1\n")
+    with pytest.raises(SpecError, match="duplicate key 'lr'"):
+        load_train_config(str(train_yaml))
+    with pytest.raises(SpecError, match="not a YAML scalar"):
+        shared_config.parse_overrides(["d_model={a: 1, a: 2}"])
+    with safe_open(str(canonical), "np") as f:  # the writer's own spec JSON, with a second d_model added
+        text = f.metadata()["spec"]
+    twice = with_metadata_spec(canonical, tmp_path / "twice.safetensors", text[:-1] + ', "d_model": 48}')
+    with pytest.raises(CheckpointError, match="duplicate key 'd_model'"):
+        shared_config.formats.read_checkpoint(twice)
+    # a YAML merge key (`<<: *base`) is overridden by the mapping's own keys by design: not a duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")
+    assert shared_config.limits.parse_yaml(merged.read_text())["use"] == {"x": 3, "y": 2}
+
+
 def test_files_read_whole_are_capped_before_reading(tmp_path, canonical):
     """A sparse multi-GB config.json or spec YAML is refused from its size alone."""
     hf = tmp_path / "hf"
@@ -468,6 +494,16 @@ def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]  # not even --out's parent
 
 
+@pytest.mark.parametrize("dst, to, ends", [("o.pt", "safetensors", ".safetensors"),
+                                          ("o.safetensors", "torch", ".pt or .pth"), ("o", "torch", ".pt or .pth"),
+                                          ("o.bin", "safetensors", ".safetensors")])
+def test_convert_refuses_a_file_name_its_readers_would_misread(tmp_path, canonical, dst, to, ends):
+    """--to torch into o.safetensors wrote a pickle every reader refused as a safetensors header 10^17 bytes long."""
+    with pytest.raises(UsageError, match=f"a {to} checkpoint is a file whose name ends in {ends}"):
+        convert(canonical, tmp_path / dst, to=to)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
     """--force on a directory prepare_data.py / convert.py did not write (no meta.json / no config.json or state/)
     is one line, exit 2, and deletes nothing; their own output is still replaced."""
@@ -509,6 +545,16 @@ def test_metrics_lines_that_are_not_records_are_named(tmp_path, line, says):
         run_dir.truncate_metrics(metrics, 1)
     metrics.write_text('{"step": 1}\n{"step": 2, "lo')  # a last line cut by a crash: skipped
     assert run_dir.read_metrics(metrics) == [{"step": 1}]
+
+
+def test_a_metrics_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    """Iterating the file read a line whole before checking its length: a file without newlines, all of it."""
+    monkeypatch.setattr(run_dir, "MAX_JSON_BYTES", 2**20)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n' + b"x" * (16 * 2**20))
+    raised, peak = peak_memory(lambda: run_dir.read_metrics(metrics))
+    assert isinstance(raised, CheckpointError) and "line 2 is over the 1,048,576-byte limit" in str(raised), raised
+    assert peak < 4 * 2**20, peak
 
 
 def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch, capsys):

@@ -79,8 +79,8 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     (["--tokens", "1,x"], "must be comma-separated integer ids"),
     (["--tokens", "1,300"], "token id 300 is outside the vocabulary 0..299"),
     (["--tokens", ",".join(["1"] * 100), "--max-new-tokens", "29"], "exceeds max_seq_len=128"),
-    (["--prompt", "x" * 200], "a prompt of 200 tokens plus max_new_tokens=64 exceeds max_seq_len=128"),
-    (["--tokens", "1", "--top-p", "1.5"], "top_p=1.5"),
+    (["--prompt", "x" * 200], "a prompt of 200 tokens plus --max-new-tokens 64 exceeds max_seq_len=128"),
+    (["--tokens", "1", "--top-p", "1.5"], "--top-p 1.5 must be a number in (0, 1]"),  # the option, not top_p=
     (["--tokens", "1", "--attention", "sdpa"], "not offered by the jax twin"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):

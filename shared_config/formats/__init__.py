@@ -46,6 +46,9 @@ def source_format(src: Path) -> str:
             return "safetensors"  # a run's checkpoint directory: read as its model.safetensors
         if found := sorted(p.name for p in src.glob("*.safetensors*")):  # sharded weights or their index.json
             raise CheckpointError(no_config(src, found))
+        if steps := sorted(p for p in src.glob("step-*") if (p / RUN_CHECKPOINT).is_file()):  # a run's directory
+            raise CheckpointError(f"{src}: a training run's directory, not one checkpoint; pass one of its "
+                                  f"step directories, e.g. the latest: {steps[-1]}")
         raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json), an Orbax one (state/) "
                               f"nor a run's checkpoint ({RUN_CHECKPOINT})")
     if not src.is_file():
