@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from bench.runners import fd_to
-from shared_config.cli import Parser, UsageError, at_least, run
-from shared_config.report import write_report
+from shared_config.cli import Parser, UsageError, at_least, check_out_dir, check_outputs, run
+from shared_config.report import report_on_stdout, write_report
 
 
 def kernel_ir(B: int, H: int, T: int, K: int, V: int) -> dict[str, str]:
@@ -101,6 +101,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ir_only and args.out is None:
         raise UsageError("--ir-only writes the kernels' IR to --out: name a directory")
+    check_outputs(args.json)
+    if args.out is not None:
+        check_out_dir("--out", args.out)
     if not args.ir_only:
         try:
             import triton  # noqa: F401
@@ -110,6 +113,7 @@ def main(argv=None):
 
     modules = kernel_ir(args.batch, args.heads, args.tokens, args.key, args.value)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(report_on_stdout(args.json))  # `--json -`: the table goes to stderr
         out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         out.mkdir(parents=True, exist_ok=True)
         print(f"# Pallas GLA kernels, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, "
@@ -128,9 +132,9 @@ def main(argv=None):
                       f"{row['spill_store_bytes']} / {row['spill_load_bytes']}", row["shared_bytes"], row["compile_s"]]
                      if not args.ir_only else [""] * 6)
             print(f"| {name} | {row['dots']} ({row['tf32x3_dots']}) | {' | '.join(map(str, cells))} |", flush=True)
-    if args.json:
-        write_report(args.json, {"env": vars(args) | {"json": str(args.json), "out": str(args.out)}, "results": rows},
-                     complete=True)
+        if args.json:
+            write_report(args.json, {"env": vars(args) | {"json": str(args.json), "out": str(args.out)},
+                                     "results": rows}, complete=True)
     return 0
 
 
