@@ -207,12 +207,17 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+def _launch(kernel) -> plt.CompilerParams:
+    warps, stages = LAUNCH[kernel.__name__]
+    return plt.CompilerParams(num_warps=warps, num_stages=stages)
+
+
 def _call(kernel, grid, inputs, outputs, interpret: bool):
     """pallas_call on Triton; `inputs`, `outputs`: (array or shape, block shape, index map) triples."""
     return pl.pallas_call(partial(kernel, DOTS[interpret]), name=kernel.__name__, grid=grid,
                           in_specs=[pl.BlockSpec(b, i) for _, b, i in inputs],
                           out_specs=[pl.BlockSpec(b, i) for _, b, i in outputs], out_shape=[o for o, _, _ in outputs],
-                          interpret=interpret, compiler_params=plt.CompilerParams(*LAUNCH[kernel.__name__]))(
+                          interpret=interpret, compiler_params=_launch(kernel))(
                               *(a for a, _, _ in inputs))
 
 
