@@ -70,35 +70,36 @@ def _triangles(n: int):
 
 # ---- the sequential passes: grid (B·H, K blocks, V blocks), chunk by chunk ----
 
-def _states_kernel(dot, k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref):
-    """h [N, K, BV]: the state at each chunk's start; sT [K, BV] the last state."""
-    _, U = _triangles(C)
+def _carry(dot, backward: bool, x_ref, g_ref, y_ref, s0_ref, h_ref, sT_ref):
+    """Carry a state block [BK, BV] over the chunks, writing it to h [N, BK, BV] before each chunk's update and to
+    sT after the last; each chunk n updates S ← exp(Σ_chunk log α) · S + (x · exp(E))ᵀ y, E from the chunk's gates:
+    forward, the state (x = k, y = v, E_j = Σ_{s>j} log α_s); backward, chunks last to first, its gradient (x = q,
+    y = do, E_i = Σ_{s≤i} log α_s)."""
+    L, U = _triangles(C)
+    N = x_ref.shape[0] // C
 
-    def step(n, S_KV):
+    def step(m, S_KV):
+        n = N - 1 - m if backward else m
         t = pl.ds(pl.multiple_of(n * C, C), C)
-        k_CK, v_CV, g_CK = k_ref[t, :], v_ref[t, :], g_ref[t, :]
+        x_CK, g_CK, y_CV = x_ref[t, :], g_ref[t, :], y_ref[t, :]
         h_ref[n] = S_KV
-        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * S_KV + dot((k_CK * jnp.exp(dot(U, g_CK))).T, v_CV)
+        E_CK = dot(L if backward else U, g_CK)
+        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * S_KV + dot((x_CK * jnp.exp(E_CK)).T, y_CV)
 
-    sT_ref[...] = jax.lax.fori_loop(0, k_ref.shape[0] // C, step, s0_ref[...])
+    sT_ref[...] = jax.lax.fori_loop(0, N, step, s0_ref[...])
+
+
+def _states_kernel(dot, k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref):
+    """h [N, BK, BV]: the state at each chunk's start; sT [BK, BV]: the last state."""
+    _carry(dot, False, k_ref, g_ref, v_ref, s0_ref, h_ref, sT_ref)
 
 
 def _state_grads_kernel(dot, q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref):
-    """dh [N, K, BV]: the gradient of the state after each chunk; ds0 [K, BV] that of the initial state."""
-    L, _ = _triangles(C)
-    N = q_ref.shape[0] // C
-
-    def step(m, dS_KV):
-        n = N - 1 - m
-        t = pl.ds(pl.multiple_of(n * C, C), C)
-        q_CK, g_CK, do_CV = q_ref[t, :], g_ref[t, :], do_ref[t, :]
-        dh_ref[n] = dS_KV
-        return jnp.exp(jnp.sum(g_CK, axis=0))[:, None] * dS_KV + dot((q_CK * jnp.exp(dot(L, g_CK))).T, do_CV)
-
-    ds0_ref[...] = jax.lax.fori_loop(0, N, step, dsT_ref[...])
+    """dh [N, BK, BV]: the gradient of the state after each chunk; ds0 [BK, BV]: that of the initial state."""
+    _carry(dot, True, q_ref, g_ref, do_ref, dsT_ref, dh_ref, ds0_ref)
 
 
-# ---- one chunk per program: grid (B·H, chunks) ----
+# ---- one chunk per program: grid (B·H, chunks, V blocks) ----
 
 class _Chunk:
     """A chunk's sub-chunks (static slices of its refs) and the sums of log-gates every exponent is made of."""
@@ -161,7 +162,7 @@ class _Chunk:
 
 
 def _output_kernel(dot, q_ref, k_ref, g_ref, v_ref, h_ref, o_ref):
-    """o [C, V] of one chunk from its tokens and h [K, V], the state at its start."""
+    """o [C, BV] of one chunk from its tokens and h [K, BV], the state at its start."""
     ch = _Chunk(dot, q_ref, k_ref, g_ref)
     for m in range(C // c):
         Q_cK = ch.Q(m)
@@ -174,7 +175,8 @@ def _output_kernel(dot, q_ref, k_ref, g_ref, v_ref, h_ref, o_ref):
 
 
 def _grads_kernel(dot, q_ref, k_ref, g_ref, v_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref):
-    """dq, dk [C, K] and dv [C, V] of one chunk, from h (the state at its start) and dh (the gradient after it)."""
+    """dq, dk [C, K] (this value block's part) and dv [C, BV] of one chunk, from h (the state at its start) and dh
+    (the gradient after it)."""
     ch = _Chunk(dot, q_ref, k_ref, g_ref)
     n = C // c
     dA = {(m, p): dot(do_ref[ch.at(m), :], v_ref[ch.at(p), :].T)  # do_i·v_j over this block's value columns
