@@ -25,7 +25,7 @@ from shared_config.resources import ResourceError, check_memory, forward_bytes, 
 
 from bench import load
 from bench.options import (
-    add_job_options, add_report_options, check_compile, configure_threads, environment, kernels, variants,
+    add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels, variants,
 )
 
 BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
@@ -72,7 +72,7 @@ def parse_args(argv):
                          "bench/compare.py --backend torch ...")
     args.parallel = args.parallel or ("ddp" if distributed else None)
     check_outputs(args.json, args.plot)  # before any work, not after the run
-    check_compile(args)
+    check_used_options(args)
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "
                          "pip install -e '.[hf]' (or pip install transformers)")

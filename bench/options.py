@@ -74,9 +74,9 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
     add_compile_cache_option(p)
 
 
-def check_compile(args) -> None:
-    """--compile/--no-compile steer torch.compile, --train-config the train step: with only the JAX backend asked,
-    or another mode, they were ignored without a word."""
+def check_used_options(args) -> None:
+    """Refuse options this job would ignore without a word: --compile/--no-compile (torch.compile) with only the JAX
+    backend asked, --train-config (the train step's optimizer) in another mode."""
     if args.train_config is not None and args.mode != "train":
         raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
                          "optimizer (drop --train-config)")
@@ -95,17 +95,18 @@ def variants(args) -> list[tuple[str, object]]:
     """(label, spec) for the base spec with --set applied and every combination of --sweep values."""
     base = load_spec(args.spec)
     changes = parse_overrides(args.set)
-    sweeps = []
+    sweeps, swept_keys = [], []
     for item in args.sweep:
         key, sep, values = (part.strip() for part in item.partition("="))
         if not sep or not key or not values:
             raise UsageError(f"--sweep {quote(item)} must look like key=v1,v2")
-        if key in (k for sweep in sweeps for k, _ in sweep[:1]):
+        if key in swept_keys:
             raise UsageError(f"--sweep {key}: given twice; list every value in one --sweep {key}=v1,v2,...")
         swept = [(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")]
         no_repeats(f"--sweep {key}", [value for _, value in swept])
         sweeps.append(swept)
-    for flag, keys in (("--set", changes), ("--sweep", [sweep[0][0] for sweep in sweeps])):
+        swept_keys.append(key)
+    for flag, keys in (("--set", changes), ("--sweep", swept_keys)):
         if taken := [key for key in keys if key in OPTION_SETS]:
             raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "
                              f"{OPTION_SETS[taken[0]]} instead")

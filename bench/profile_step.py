@@ -39,7 +39,7 @@ from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import (
-    add_job_options, add_report_options, check_compile, configure_threads, environment, kernels, variants,
+    add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels, variants,
 )
 from bench.runners import without_profiler_chatter
 
@@ -111,7 +111,7 @@ def parse_args(argv):
     add_report_options(p)
     args = p.parse_args(argv)
     check_outputs(args.json)
-    check_compile(args)
+    check_used_options(args)
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None
     return args

@@ -139,7 +139,6 @@ class BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen = set()
