@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from shared_config import init_weights, load_spec
 from shared_config.cli import Parser, UsageError, at_least, run
+from shared_config.files import json_text
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.resources import check_memory, init_bytes, weights_bytes
 from shared_config.twins import twin
@@ -60,7 +60,7 @@ def main(argv=None):
         "max_abs_diff_over_std": float(np.abs(j - t).max() / t.std()),
         "same_argmax": float((j.argmax(-1) == t.argmax(-1)).mean()),
     }
-    print(json.dumps(result, indent=2))
+    print(json_text(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ built under a temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from shared_config.cli import Parser, UsageError, check_out_dir, run
 from shared_config.data import DataError, split_tokens, val_tokens
-from shared_config.files import atomic_dir
+from shared_config.files import atomic_dir, json_text
 
 LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
 MAX_VOCAB = 1 << 32  # uint32 tokens
@@ -67,7 +66,7 @@ def write_data_dir(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, to
         train.astype(dtype).tofile(tmp / "train.bin")
         val.astype(dtype).tofile(tmp / "val.bin")
         meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": len(train), "val_tokens": len(val)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "meta.json").write_text(json_text(meta, indent=1) + "\n")
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
 
@@ -116,7 +115,7 @@ def main(argv=None):
     meta = {"vocab_size": vocab_size, "tokenizer": args.tokenizer, "source": args.input.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)  # only now: a refused input leaves no directory behind
     write_data_dir(args.out, train, val, meta, tokenizer, args.force)
-    print(json.dumps({"out": str(args.out), **meta, "train_tokens": len(train), "val_tokens": len(val)}))
+    print(json_text({"out": str(args.out), **meta, "train_tokens": len(train), "val_tokens": len(val)}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the step and the first tensor that went non-finite, and keeps the last good chec
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from shared_config.cli import Parser, at_least, fail, run as run_main
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.data import TOKEN_DTYPES
+from shared_config.files import json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
@@ -136,7 +136,7 @@ def main(argv=None):
 
             close_distributed(finished=False)
     if is_main_process():
-        print(json.dumps(summary))
+        print(json_text(summary))
     if args.parallel:  # everything is written: leave without torch's teardown at exit (exit_rank says why)
         from torch_model.distributed import exit_rank
 

@@ -3,7 +3,8 @@
 `atomic_write` (one file) and `atomic_dir` (a directory) build under a temporary name beside the target and
 rename into place; `deferred_signals` holds SIGTERM/SIGINT over the steps that must not be cut; `recover` and
 `restore_old` undo what a killed write left; `write_errors` turns a full disk into one ResourceError naming the
-file. `read_json` reads the small JSON files beside the weights (config.json, an index, a run's state.json).
+file. `read_json` reads the small JSON files beside the weights (config.json, an index, a run's state.json);
+`json_text` is the JSON every file and stdout report is written as.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import ctypes
 import errno
 import glob
+import json
+import math
 import os
 import resource
 import shutil
@@ -19,7 +22,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from safetensors import SafetensorError
 
@@ -303,3 +306,26 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+# --- writing JSON ----------------------------------------------------------------------------------
+
+
+def json_text(data: Any, indent: int | None = None) -> str:
+    """`data` as strict JSON text (RFC 8259), the one way the project writes JSON (reports, metrics.jsonl, state.json,
+    config.json, what a command prints): a non-finite float (NaN, +-inf: a diverged loss, a kernel's NaN error)
+    is written as null. Python's `json.dumps` writes them as the bare words NaN and Infinity, which JSON does not
+    have, so jq, JavaScript's `JSON.parse` and most other parsers refuse the whole file; `read_metrics` reads null
+    back as NaN. Raises TypeError for a value JSON cannot hold (as `json.dumps` does)."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+
+
+def _finite(x: Any) -> Any:
+    """`x` with every non-finite float in it (nested in dicts, lists and tuples) replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x

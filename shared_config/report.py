@@ -4,11 +4,10 @@ measured (docs/bench.md: reports on disk); or, with `--json -`, the finished rep
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, json_text
 
 STDOUT = "-"  # `--json -`: the report goes to stdout, as Unix tools read "-"
 _stdout = None  # the real stdout while report_on_stdout sends printing to stderr
@@ -25,10 +24,10 @@ def write_report(path: str | Path | None, report: dict, *, complete: bool) -> No
     if str(path) == STDOUT:
         if complete:
             out = _stdout or sys.stdout
-            out.write(json.dumps(body, indent=2) + "\n")
+            out.write(json_text(body, indent=2) + "\n")
             out.flush()
         return
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json_text(body, indent=2) + "\n"))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import math
 import os
 import re
 import shutil
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .files import CheckpointError, atomic_dir, atomic_write, read_json, recover, umask, write_errors
+from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
@@ -79,7 +79,7 @@ def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, i
         with write_errors(tmp / OPTIMIZER_FILE):
             save_safetensors(moments, tmp / OPTIMIZER_FILE, {"format": "twinlm-adamw", "step": str(step)})
         os.chmod(tmp / OPTIMIZER_FILE, 0o666 & ~umask())  # save_file creates it 0600
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
+        (tmp / STATE_FILE).write_text(json_text({"step": step, **info}, indent=1) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return path
@@ -98,7 +98,7 @@ def read_state(path: str | Path) -> dict:
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
     if "spec" in info:
-        state_spec = spec_from_json(json.dumps(info["spec"]), state_file, "spec")
+        state_spec = spec_from_json(json_text(info["spec"]), state_file, "spec")
         model_spec = spec_from_json(_metadata(path / WEIGHTS_FILE).get("spec", "null"),
                                     path / WEIGHTS_FILE, "spec in metadata")
         if diffs := _differences(state_spec.to_dict(), model_spec.to_dict()):
@@ -181,7 +181,7 @@ def prune_checkpoints(out: str | Path, keep: int) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(data, indent=1) + "\n"))
 
 
 def write_run_info(out: str | Path, info: dict) -> None:
@@ -197,7 +197,7 @@ def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
 
 def append_metrics(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Append one JSON line per record (whole lines, flushed, so a reader never sees half a record)."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(json_text(r) + "\n" for r in records)
     if text:
         with write_errors(Path(path)), open(path, "a") as f:
             f.write(text)
@@ -208,7 +208,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file, read line by line; a last line cut short by a crash is skipped.
 
     Any other line that is not a JSON object with an integer "step" is a CheckpointError naming the line:
-    a resumed run rewrites the file, and must not drop or choke on what it cannot read.
+    a resumed run rewrites the file, and must not drop or choke on what it cannot read. A null (how
+    files.json_text writes a non-finite number) reads back as NaN.
     """
     path = Path(path)
     if not path.exists():
@@ -238,8 +239,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 raise CheckpointError(f"{path}: line {number}: a JSON object is expected, got {quote(record)}")
             if "step" in record and (not isinstance(record["step"], int) or isinstance(record["step"], bool)):
                 raise CheckpointError(f"{path}: line {number}: step must be an integer, got {quote(record['step'])}")
-            records.append(record)
+            records.append(_null_to_nan(record))
     return records
+
+
+def _null_to_nan(record: dict) -> dict:
+    """A metrics record with the nulls `json_text` wrote for non-finite numbers read back as NaN (also inside its
+    "scalars"), so that a diverged run's record reads as it was logged."""
+    return {k: math.nan if v is None else _null_to_nan(v) if isinstance(v, dict) else v for k, v in record.items()}
 
 
 @contextlib.contextmanager
@@ -285,4 +292,4 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     path = Path(path)
     if path.exists():  # a FIFO or device in its place is refused by read_metrics, never appended to
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json_text(r) + "\n" for r in kept)))

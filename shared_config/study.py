@@ -4,7 +4,6 @@ the report files. Framework-neutral: a study passes in the tools' `twin` lookup,
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from .cli import Parser, UsageError, check_out_dir, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
-from .files import atomic_write
+from .files import atomic_write, json_text
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
@@ -85,7 +84,7 @@ def clear_results(out: Path, name: str, *others: str) -> None:
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
     """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
     atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
-    atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json_text(report, indent=1) + "\n"))
 
 
 def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,

@@ -151,6 +151,7 @@ def test_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(backend, t
     assert state["step"] == info["step"] == 6
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 8 and 0 < last["nonfinite"] <= 1  # the replay counts the NaN/Inf gradient values
+    assert math.isnan(last["loss"]) and "NaN" not in (tmp_path / "metrics.jsonl").read_text()  # strict JSON: null
     assert all(r["nonfinite"] == 0 for r in read_metrics(tmp_path / "metrics.jsonl")[:-1] if r["kind"] == "train")
 
 

@@ -9,14 +9,13 @@ Its package needs Triton to import; this module reads and writes its documented 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_dir, atomic_write, read_json
+from ..files import CheckpointError, atomic_dir, atomic_write, json_text, read_json
 from ..layout import layout
 from ..limits import quote
 from ..config_file import SpecError
@@ -159,5 +158,5 @@ def write_fla(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSp
     tensors = {fla_name(t.name): np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
     meta = {"spec": spec.to_json(), "format": "pt"}  # transformers loads only "pt" files
     with atomic_dir(path, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json_text(config, indent=2) + "\n")
         atomic_write(tmp / "model.safetensors", lambda f: save_safetensors(tensors, f, meta))

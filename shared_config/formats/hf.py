@@ -9,13 +9,12 @@ what the model computes) travel in `model.safetensors`' metadata, as in a canoni
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_dir, read_json
+from ..files import CheckpointError, atomic_dir, json_text, read_json
 from ..layout import group_names
 from ..limits import quote
 from ..config_file import SpecError
@@ -199,7 +198,7 @@ def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpe
     """Write `config.json` + `model.safetensors` as one directory, atomically; refuse specs HF cannot represent."""
     config = config_from_spec(spec, path)
     with atomic_dir(path, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json_text(config, indent=2) + "\n")
         save_checkpoint(tmp / "model.safetensors", weights, spec, file_format="pt")
 
 
