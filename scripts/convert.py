@@ -20,6 +20,7 @@ from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
 from shared_config.files import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
+from shared_config.progress import writing
 
 
 def _write_torch(path, weights, spec, force):
@@ -87,8 +88,10 @@ def check_file_name(dst: Path, target: str) -> None:
                          "file's format by its extension); rename DST or change --to")
 
 
-def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False) -> tuple[str, str]:
-    """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats."""
+def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False,
+            quiet=True) -> tuple[str, str]:
+    """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats.
+    Not `quiet`: a bar of the bytes written on stderr, once the write takes a few seconds."""
     src, dst = Path(src), Path(dst)
     source_format(src)  # a missing or unknown SRC is the first error, before DST is looked at
     target = target_format(dst, to)
@@ -100,7 +103,8 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
     check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
     with write_errors(dst):  # a full disk is the environment's failure (exit code 3), whatever the writer raised
-        WRITERS[target](dst, weights, spec, force)
+        with writing(dst, sum(w.nbytes for w in weights.values()), quiet):
+            WRITERS[target](dst, weights, spec, force)
     return source, target
 
 
@@ -114,10 +118,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast floating tensors (and param_dtype)")
     p.add_argument("--force", action="store_true", help="replace an existing DST (a directory: one convert.py wrote)")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in the weights")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown for a write past a few seconds)")
     args = p.parse_args(argv)
     if not args.debug:
         quiet_libraries()
-    source, target = convert(args.src, args.dst, args.to, args.spec, args.dtype, args.force, args.allow_nonfinite)
+    source, target = convert(args.src, args.dst, args.to, args.spec, args.dtype, args.force, args.allow_nonfinite,
+                             args.quiet)
     print(f"{args.src} ({source}) -> {args.dst} ({target})")
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import init_weights, load_spec, parse_overrides, save_checkpoint
+from shared_config import load_spec, parse_overrides, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
-from shared_config.resources import check_memory, init_bytes
+from shared_config.init import draw_weights
+from shared_config.progress import QUICK_S, progress, writing
+from shared_config.resources import check_memory, init_bytes, weights_bytes
 
 
 def main(argv=None):
@@ -19,6 +21,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="init seed")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown past a few seconds)")
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     if args.set:
@@ -36,7 +39,14 @@ def main(argv=None):
         raise UsageError(f"{args.out.parent} is not a directory")
     check_memory(init_bytes(spec), f"drawing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,}",
                  "lower the model's sizes")  # before anything is allocated
-    save_checkpoint(args.out, init_weights(spec, args.seed), spec)
+    weights = {}
+    with progress(total=weights_bytes(spec), desc="draw", unit="B", unit_scale=True, delay=QUICK_S,
+                  quiet=args.quiet) as bar:
+        for name, x in draw_weights(spec, args.seed):
+            weights[name] = x
+            bar.update(x.nbytes)
+    with writing(args.out, weights_bytes(spec), args.quiet):
+        save_checkpoint(args.out, weights, spec)
     print(args.out)
 
 

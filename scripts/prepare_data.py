@@ -19,6 +19,7 @@ import numpy as np
 from shared_config.cli import Parser, UsageError, check_out_dir, run
 from shared_config.data import DataError, split_tokens, val_tokens
 from shared_config.files import atomic_dir, json_text
+from shared_config.progress import QUICK_S, progress
 
 LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
 MAX_VOCAB = 1 << 32  # uint32 tokens
@@ -30,15 +31,17 @@ def byte_tokens(path: Path) -> np.ndarray:
     return np.fromfile(path, np.uint8).astype(np.uint16)
 
 
-def line_chunks(path: Path):
-    """The file's lines (newlines kept), LINES_PER_CHUNK at a time; bytes that are not UTF-8 raise
-    UnicodeDecodeError."""
-    with open(path, encoding="utf-8", newline="") as f:
+def line_chunks(path: Path, desc: str, quiet: bool):
+    """The file's lines (newlines kept), LINES_PER_CHUNK at a time, with a bar `desc` of the bytes read (once the
+    pass takes a few seconds, unless `quiet`); bytes that are not UTF-8 raise UnicodeDecodeError."""
+    with (open(path, encoding="utf-8", newline="") as f,
+          progress(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, delay=QUICK_S, quiet=quiet) as bar):
         while chunk := [line for _, line in zip(range(LINES_PER_CHUNK), f)]:
             yield chunk
+            bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
 
 
-def train_bpe(path: Path, vocab_size: int):
+def train_bpe(path: Path, vocab_size: int, quiet: bool = True):
     """A byte-level BPE (GPT-2 style: any text encodes, no unknown tokens) trained on the file."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -47,15 +50,15 @@ def train_bpe(path: Path, vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(line_chunks(path), trainer)
+    tokenizer.train_from_iterator(line_chunks(path, "train BPE", quiet), trainer)
     return tokenizer
 
 
-def bpe_tokens(tokenizer, path: Path) -> np.ndarray:
+def bpe_tokens(tokenizer, path: Path, quiet: bool = True) -> np.ndarray:
     """The file encoded by `tokenizer`, a chunk of lines at a time, as uint32. Each chunk becomes an array at once:
     the ids of the whole file held as Python lists cost about 36 bytes a token (9 GB for a 1 GB corpus), not 4."""
     parts = [np.fromiter((i for e in tokenizer.encode_batch(chunk) for i in e.ids), np.uint32)
-             for chunk in line_chunks(path)]
+             for chunk in line_chunks(path, "encode", quiet)]
     return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
 
 
@@ -90,6 +93,7 @@ def main(argv=None):
                    help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
     p.add_argument("--force", action="store_true", help="replace an existing --out that this script wrote")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown for BPE past a few seconds)")
     args = p.parse_args(argv)
     if not args.input.is_file():
         raise UsageError(f"{args.input}: {'a directory; give a text file' if args.input.is_dir() else 'no such file'}")
@@ -105,8 +109,8 @@ def main(argv=None):
         raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet) and <= 2**32 = "
                          f"{MAX_VOCAB} (uint32 token ids)")
     try:
-        tokenizer = train_bpe(args.input, args.vocab_size) if args.tokenizer == "bpe" else None
-        tokens = bpe_tokens(tokenizer, args.input) if tokenizer else byte_tokens(args.input)
+        tokenizer = train_bpe(args.input, args.vocab_size, args.quiet) if args.tokenizer == "bpe" else None
+        tokens = bpe_tokens(tokenizer, args.input, args.quiet) if tokenizer else byte_tokens(args.input)
     except UnicodeDecodeError as e:
         raise DataError(f"{args.input}: not UTF-8 text ({e.reason}); use --tokenizer byte") from None
     check_split(len(tokens), args.val_fraction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -55,7 +56,12 @@ def tensor_seed(seed: int, name: str) -> list[int]:
 
 def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """Canonical weights drawn with numpy: the bit-identical starting point for both twins."""
-    out = {}
+    return dict(draw_weights(spec, seed))
+
+
+def draw_weights(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """`init_weights` one tensor at a time, in layout order: (canonical name, array of its shape in
+    `spec.param_dtype`), for a caller that shows progress (a llama-1b draw takes about half a minute)."""
     for t in layout(spec):
         rule, rng = init_rule(t, spec), np.random.default_rng(tensor_seed(seed, t.name))
         if rule.dist == "normal":
@@ -64,5 +70,4 @@ def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
             x = rng.uniform(-rule.scale, rule.scale, t.shape)
         else:
             x = np.full(t.shape, rule.scale)
-        out[t.name] = x.astype(np.float32).astype(np_dtype(spec.param_dtype))
-    return out
+        yield t.name, x.astype(np.float32).astype(np_dtype(spec.param_dtype))

@@ -5,10 +5,17 @@ step that compiled."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
+
+from .files import temp_prefix
 
 LINE_INTERVAL_S = 10.0  # seconds between two plain progress lines
 
@@ -52,6 +59,47 @@ def progress(iterable=None, *, quiet: bool = False, interval: float = LINE_INTER
         return tqdm(iterable, file=stream, **kwargs)
     kwargs.pop("dynamic_ncols", None)
     return PlainBar(iterable, file=Lines(stream), mininterval=interval, ncols=100, ascii=True, **kwargs)
+
+
+QUICK_S = 2.0  # `progress(delay=QUICK_S)`: a command whose work ends sooner shows no bar at all
+POLL_S = 0.5  # seconds between two looks at a file being written
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, total: int, quiet: bool = False, poll: float = POLL_S) -> Iterator[None]:
+    """A bar of the bytes written so far to `path` by one call that reports nothing itself (torch.save, safetensors'
+    save_file, Orbax): the size of the temporary file or directory the atomic writers fill beside `path`
+    (files.temp_prefix), polled every `poll` seconds by a thread. `total`: the bytes expected (the weights'); the
+    bar shows only once the write has taken QUICK_S seconds, so a small checkpoint is written silently."""
+    path = Path(path)
+    prefix, done = temp_prefix(path), threading.Event()
+    with progress(total=total, desc=f"write {path.name}", unit="B", unit_scale=True, delay=QUICK_S,
+                  quiet=quiet) as bar:
+        def watch():
+            while not done.wait(poll):
+                size = sum(_size(p) for p in path.parent.iterdir() if p.name.startswith(prefix))
+                bar.update(min(size, total) - bar.n)
+
+        watcher = threading.Thread(target=watch, name="write-progress", daemon=True)
+        if not quiet:
+            watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if watcher.is_alive():
+                watcher.join()
+        bar.update(total - bar.n)  # written: the file's own size differs from the weights' by its header
+
+
+def _size(path: Path) -> int:
+    """Bytes in the file `path`, or in every file under the directory `path`; 0 for what vanished meanwhile."""
+    try:
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum((Path(root) / f).stat().st_size for root, _, files in os.walk(path) for f in files)
+    except FileNotFoundError:  # renamed into place, or a writer's own temp file gone, between two looks
+        return 0
 
 
 def advance(bar: tqdm, to: int, **postfix) -> None:

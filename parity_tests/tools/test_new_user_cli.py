@@ -9,6 +9,7 @@ import importlib.util
 import io
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,12 +17,14 @@ import jax_model.attention
 import torch_model.attention
 from shared_config import cli
 import shared_config.progress
-from shared_config.progress import advance, progress, restart_clock
+from shared_config.files import atomic_write
+from shared_config.progress import advance, progress, restart_clock, writing
 
-from ..support.common import ROOT
+from ..support.common import ROOT, load_script
 
 COMMANDS = sorted((ROOT / "scripts").glob("*.py")) + [ROOT / "bench" / "compare.py", ROOT / "bench" / "profile_step.py"]
-LONG_RUNNING = {"train", "compare_norms", "compare_routing", "parity_report", "compare", "profile_step"}
+LONG_RUNNING = {"train", "compare_norms", "compare_routing", "parity_report", "compare", "profile_step", "prepare_data",
+                "init_checkpoint", "convert"}  # a llama-1b draw, write or conversion takes a minute
 
 
 class Parsed(Exception):
@@ -112,6 +115,45 @@ def test_restart_clock_leaves_a_compiling_first_step_out_of_the_eta(monkeypatch)
     lines = stream.getvalue().splitlines()
     assert "1/101 [00:00<?, ?it/s, loss=1.0]" in lines[1], lines
     assert "2/101 [00:01<01:39," in lines[2] and "3/101 [00:02<01:38," in lines[3], lines
+
+
+def test_a_write_in_one_call_shows_its_bytes_as_they_land(tmp_path, monkeypatch, capsys):
+    """torch.save, safetensors and Orbax write a checkpoint in one silent call (40 s for llama-1b's 5.6 GB): `writing`
+    reads the bytes off the temporary file the atomic writer fills. A quick or quiet write shows nothing."""
+    def slow_write(tmp):
+        with open(tmp, "wb") as f:
+            for _ in range(4):
+                f.write(b"x" * 1000)
+                f.flush()
+                time.sleep(0.2)
+
+    monkeypatch.setattr(shared_config.progress, "QUICK_S", 0.0)  # show at once, each position as a line
+    monkeypatch.setattr(shared_config.progress, "progress", lambda *a, **k: progress(*a, interval=0, **k))
+    with writing(tmp_path / "w.bin", 4000, poll=0.02):
+        atomic_write(tmp_path / "w.bin", slow_write)
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("write w.bin:") for line in lines) and "4.00k/4.00k" in lines[-1], lines
+    assert any(f"{k}.00k/4.00k" in line for line in lines for k in (1, 2, 3)), lines  # seen while writing
+    monkeypatch.undo()
+    for quiet in (False, True):
+        with writing(tmp_path / "w.bin", 4000, quiet=quiet):
+            atomic_write(tmp_path / "w.bin", lambda tmp: tmp.write_bytes(b"x" * 4000))
+    assert capsys.readouterr().err == "" and (tmp_path / "w.bin").read_bytes() == b"x" * 4000
+
+
+def test_prepare_data_counts_the_bytes_it_has_read_exactly(tmp_path, monkeypatch, capsys):
+    """The BPE passes' bars count the file's bytes: non-ASCII text, CRLF and a lone CR included (the lines are decoded
+    without newline translation, so their UTF-8 is the file's), ending at the file's size."""
+    prepare = load_script("prepare_data")
+    bars = []
+    monkeypatch.setattr(prepare, "progress", lambda *a, **k: bars.append(progress(*a, **k)) or bars[-1])
+    monkeypatch.setattr(prepare, "LINES_PER_CHUNK", 3)
+    path = tmp_path / "in.txt"
+    path.write_bytes("héllo wörld\r\nüber\rnaïve ☃\n".encode() * 7 + b"no newline at the end")
+    chunks = list(prepare.line_chunks(path, "encode", quiet=False))
+    assert "".join(line for chunk in chunks for line in chunk).encode() == path.read_bytes()
+    assert bars[0].n == bars[0].total == path.stat().st_size
+    assert capsys.readouterr().err == ""  # quick: under QUICK_S, no bar
 
 
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):

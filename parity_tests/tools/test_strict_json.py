@@ -1,5 +1,5 @@
-"""Every JSON the project writes is strict JSON (RFC 8259): a non-finite number (a diverged loss, a perplexity past
-float64, a kernel's NaN error) is written as null, never as Python's bare NaN/Infinity words, which jq, JavaScript's
+"""Every JSON the project writes is strict JSON (RFC 8259): a non-finite number (a diverged loss, a kernel's NaN
+error) is written as null, never as Python's bare NaN/Infinity words, which jq, JavaScript's
 `JSON.parse` and most other parsers refuse, losing the whole report (shared_config.files.json_text)."""
 
 import ast
