@@ -20,11 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .layout import flat_taps, layout
-from .progress import advance, progress, restart_clock
+from .progress import advance, progress, restart_clock, writing
 from .run import Run, is_main_process
 from .run_dir import (
-    METRICS_FILE, append_metrics, checkpoint_step, copy_tokenizer, latest_checkpoint, list_checkpoints,
-    load_train_checkpoint, prune_checkpoints, save_train_checkpoint, truncate_metrics, write_run_info,
+    METRICS_FILE, MOMENTS, append_metrics, checkpoint_name, checkpoint_step, copy_tokenizer, latest_checkpoint,
+    list_checkpoints, load_train_checkpoint, prune_checkpoints, save_train_checkpoint, truncate_metrics,
+    write_run_info,
 )
 
 
@@ -153,7 +154,9 @@ class Loop:
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
         state = trainer.train_state()  # every process: gathering a sharded state is a collective
         if self.main:
-            path = save_train_checkpoint(run.out, state, run.spec, info, run.data.tokenizer)
+            size = sum(x.nbytes for key in ("weights", *MOMENTS) for x in state[key].values())
+            with writing(run.out / checkpoint_name(step), size, quiet=not self.progress):  # llama-1b's: 17 GB
+                path = save_train_checkpoint(run.out, state, run.spec, info, run.data.tokenizer)
             prune_checkpoints(run.out, run.keep)
             self.summary["checkpoint"] = str(path)
         self.clock.pause()
