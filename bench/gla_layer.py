@@ -31,7 +31,7 @@ import numpy as np
 from shared_config import SpecError
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
 from shared_config.report import report_on_stdout, write_report
-from shared_config.resources import check_memory
+from shared_config.resources import check_memory, layout_size
 from shared_config.twins import twin
 
 
@@ -148,6 +148,8 @@ def compile_step(spec_name, batch, tokens):
     spec, cfg = load_spec(spec_name), load_train_config(None)
     if tokens > spec.max_seq_len:  # refused here in one line: the trace raised it as a traceback
         raise UsageError(f"--tokens {tokens} exceeds max_seq_len={spec.max_seq_len} of {spec_name}")
+    # the model and its train state (weights and AdamW's two moments, float32) are built to be lowered
+    check_memory(3 * 4 * layout_size(spec)[1], f"--compile-step {spec_name}'s train state", "a smaller spec")
     model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
     state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 
 from shared_config import SpecError, save_checkpoint
 from shared_config.cli import UsageError, check_outputs, printable, utf8_argument
+from shared_config import resources
 from shared_config.resources import ResourceError
 from shared_config.study import study_args, study_parser
 
@@ -90,6 +91,9 @@ def test_gla_layer_checks_its_arguments_and_outputs_before_any_work(tmp_path, mo
         gla_layer.main(["--batch", "100000", "--tokens", "100000", "--backend", "torch"])
     with pytest.raises(UsageError, match="--tokens 100000 exceeds max_seq_len=256 of tiny"):  # a traceback
         gla_layer.main(["--compile-step", "tiny", "--tokens", "100000"])
+    monkeypatch.setattr(resources, "machine_memory", lambda: (10**6, "of memory here"))  # built, then OOM-killed
+    with pytest.raises(ResourceError, match="--compile-step tiny's train state needs about .* a smaller spec"):
+        gla_layer.main(["--compile-step", "tiny", "--tokens", "64"])
 
 
 @pytest.mark.parametrize("args, says", [
