@@ -41,7 +41,10 @@ def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
         # untruncated, as torch's xavier_normal_ (jax's glorot_normal truncates)
         if spec.init_scheme == "xavier_normal":
             return InitRule("normal", math.sqrt(2 / (fan_in + fan_out)) * factor)
-        return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
+        if spec.init_scheme == "xavier_uniform":
+            return InitRule("uniform", math.sqrt(6 / (fan_in + fan_out)) * factor)  # Glorot & Bengio 2010
+        # a scheme added to the spec's CHOICES but not here would otherwise draw xavier_uniform without a word
+        raise ValueError(f"init_rule: no rule for init_scheme={spec.init_scheme!r} (docs/extending.md)")
     if t.init == "embedding":
         return InitRule("normal", spec.embed_init_std)
     if t.init == "normal":  # the MoD router's [D] score weight

@@ -156,7 +156,10 @@ def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
         return LayerNorm(D, eps, bias, dtype)
     if spec.norm_type == "dyt":
         return DynamicTanh(D, alpha_init, bias, dtype)
-    return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+    if spec.norm_type == "derf":
+        return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+    # a value added to the spec's CHOICES but not here would otherwise build another norm's class
+    raise ValueError(f"make_norm: no norm class for norm_type={spec.norm_type!r} (docs/extending.md)")
 
 
 ACTIVATIONS = {

@@ -7,6 +7,7 @@ import pytest
 
 from shared_config import layout
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
+from shared_config.spec import CHOICES
 
 from ..support.common import case_ids, make_spec, parity_weights, quick_first, tokens
 from ..support.oracles import finite_difference_errors
@@ -50,6 +51,13 @@ GRID += [
     dict(norm_type="derf", norm_placement="pre_post", n_kv_heads=3, norm_bias=True),
 ]
 
+
+def test_every_norm_and_placement_is_in_the_grid():
+    """GRID is written by hand: a norm type or placement added to the spec's CHOICES fails here until it has its
+    rows, instead of going untested."""
+    have = {(make_spec(**c).norm_type, make_spec(**c).norm_placement) for c in GRID}
+    missing = [f"{n}-{p}" for n in CHOICES["norm_type"] for p in CHOICES["norm_placement"] if (n, p) not in have]
+    assert not missing, f"GRID has no case for {missing}"
 
 
 def check_twins(spec, attention=("auto", "auto"), mask=False):

@@ -12,6 +12,7 @@ import jax_model
 import torch_model
 from jax_model.generate import Decoder as JaxDecoder
 from shared_config.generation import left_pad
+from shared_config.spec import CHOICES
 from torch_model.generate import Decoder as TorchDecoder
 
 from ..support import oracles
@@ -41,6 +42,15 @@ CASES += [
     {"norm_type": "layernorm", "norm_placement": "pre_post"},
 ]
 P, N = 20, 12  # prompt tokens, then decode steps
+
+
+def test_cases_hold_every_norm_type_and_placement():
+    """CASES is written by hand: a norm type or placement added to the spec's CHOICES fails here until a case
+    decodes with it."""
+    specs = [make_spec(**c) for c in CASES]
+    for key in ("norm_type", "norm_placement"):
+        missing = set(CHOICES[key]) - {getattr(s, key) for s in specs}
+        assert not missing, f"no KV-cache case with {key} in {sorted(missing)}"
 
 
 

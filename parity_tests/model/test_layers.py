@@ -10,7 +10,7 @@ import jax_model
 import torch_model
 from jax_model import attention as ja
 from jax_model import layers as jl
-from shared_config import rope_inv_freq
+from shared_config import init_weights, layout, rope_inv_freq
 from shared_config.spec import CHOICES
 from torch_model import attention as ta
 from torch_model import layers as tl
@@ -40,7 +40,7 @@ def check(j, t, ref):
         rel_err(j, t), rel_err(j, ref), rel_err(t, ref))
 
 
-@pytest.mark.parametrize("norm_type", ["rms", "layernorm", "dyt", "derf"])
+@pytest.mark.parametrize("norm_type", CHOICES["norm_type"])  # a new type runs here without a line of its own
 @pytest.mark.parametrize("bias", [False, True])
 def test_norm(norm_type, bias):
     spec = make_spec(norm_type=norm_type, norm_bias=bias, norm_eps=1e-3)
@@ -48,6 +48,35 @@ def test_norm(norm_type, bias):
     x = 3 * inputs(spec) + 1  # non-zero mean so layernorm's centring matters
     j, t = run(jm.model.layers[1].post_attention_layernorm, tm.model.layers[1].post_attention_layernorm, x)
     check(j, t, reference.norm(x.astype(np.float64), w, "model.layers.1.post_attention_layernorm", spec))
+
+
+@pytest.mark.parametrize("norm_type", CHOICES["norm_type"])
+def test_parity_weights_move_every_norm_parameter_off_its_init(norm_type):
+    """parity_weights perturbs norm parameters by leaf name; a leaf it does not know (a new norm's) would stay at its
+    init value, and a twin that ignored it (computing with the init constant) would pass every parity test."""
+    for bias in (False, True):
+        spec = make_spec(norm_type=norm_type, norm_bias=bias, norm_placement="peri", qk_norm=True,
+                         embed_scale="learnable")
+        w, init = parity_weights(spec), init_weights(spec, 0)
+        kept = [t.name for t in layout(spec) if t.kind == "param" and np.any(w[t.name] == init[t.name])]
+        assert not kept, f"parity_weights leaves these at their init value: {kept}"
+
+
+def unknown_norm_spec():
+    """A valid spec whose norm_type is then set to a value no code knows (as a value newly added to CHOICES)."""
+    spec = make_spec()
+    object.__setattr__(spec, "norm_type", "not-a-norm")  # past the spec's own check
+    return spec
+
+
+def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
+    """A value added to CHOICES["norm_type"] and not to a builder is an error there, not another norm's class."""
+    spec = unknown_norm_spec()
+    for builder in (jl.make_norm, tl.make_norm):
+        with pytest.raises(ValueError, match="norm_type='not-a-norm'"):
+            builder(spec, 0.5)
+    with pytest.raises(ValueError, match="norm_type='not-a-norm'"):
+        reference.norm(np.ones((1, 2, spec.D)), {"x.weight": np.ones(spec.D)}, "x", spec)
 
 
 @pytest.mark.parametrize("scaling", ["none", "llama3"])

@@ -50,6 +50,7 @@ def expected(name: str, shape, spec):
         return "normal", spec.init_std * residual
     if spec.init_scheme == "xavier_normal":
         return "normal", math.sqrt(2 / sum(shape)) * residual  # Glorot: fan_in + fan_out
+    assert spec.init_scheme == "xavier_uniform", f"write the rule of init_scheme={spec.init_scheme} here"
     return "uniform", math.sqrt(6 / sum(shape)) * residual
 
 
@@ -117,6 +118,14 @@ def test_a_wrong_rule_is_named():
     weights[name] = weights[name] * math.sqrt(2 * spec.L)  # residual scaling forgotten
     with pytest.raises(AssertionError, match=f"jax {name}.*std"):
         check_statistics(weights, spec, "jax")
+
+
+def test_an_init_scheme_without_a_rule_is_refused():
+    """A scheme added to the spec's CHOICES and not to `init_rule` is an error there, not another scheme's draws."""
+    spec = load_spec("tiny")
+    object.__setattr__(spec, "init_scheme", "not-a-scheme")  # past the spec's own check
+    with pytest.raises(ValueError, match="init_scheme='not-a-scheme'"):
+        init_weights(spec, 0)
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -9,6 +9,7 @@ import jax_model
 import torch_model
 from shared_config import fuse_qkv, group_names, init_weights, layout, model_layout, split_qkv
 from jax_model.weights import flat_params as jax_params
+from shared_config.spec import CHOICES
 from torch_model.weights import flat_params as torch_params
 
 from ..support.common import make_spec
@@ -51,8 +52,10 @@ def test_canonical_names_follow_hugging_face_llama(name):
 
 
 def test_norm_slots_hold_the_parameters_of_their_type():
-    for norm_type, leaves in [("rms", {"weight"}), ("layernorm", {"weight"}), ("dyt", {"alpha", "weight"}),
-                              ("derf", {"alpha", "shift", "weight"})]:
+    leaves_of = {"rms": {"weight"}, "layernorm": {"weight"}, "dyt": {"alpha", "weight"},
+                 "derf": {"alpha", "shift", "weight"}}
+    assert set(leaves_of) == set(CHOICES["norm_type"]), "list the canonical leaves of every norm type here"
+    for norm_type, leaves in leaves_of.items():
         for bias in (False, True):
             spec = make_spec(norm_type=norm_type, norm_bias=bias)
             got = {t.name.rsplit(".", 1)[1] for t in layout(spec) if t.name.startswith("model.norm.")}

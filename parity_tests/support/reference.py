@@ -22,8 +22,10 @@ def norm(x, w: dict, prefix: str, spec):
         y = (x - mu) / np.sqrt(np.var(x, axis=-1, keepdims=True) + spec.norm_eps)
     elif spec.norm_type == "dyt":
         y = np.tanh(w[f"{prefix}.alpha"][0] * x)
-    else:
+    elif spec.norm_type == "derf":
         y = erf(w[f"{prefix}.alpha"][0] * x + w[f"{prefix}.shift"][0])
+    else:
+        raise ValueError(f"reference.norm: norm_type={spec.norm_type!r} is not written here")
     y = y * weight
     return y + w[f"{prefix}.bias"] if spec.norm_bias else y
 

@@ -210,3 +210,22 @@ def test_the_walkthrough_walks_every_page():
     assert sorted(listed) == sorted(rel(page) for page in PAGES), listed
     assert listed[0] == "README.md" and len(set(listed)) == len(listed)
     assert "walkthrough" not in (ROOT / ".ci" / "run").read_text()  # too slow for CI: the lead runs it
+
+
+def test_every_spec_key_and_value_has_a_docs_row():
+    """Each field of ModelSpec is the first cell of a table row in docs/ (the keys table of spec.md, gla.md or
+    routing.md), and each accepted value of an enum field is named in a row of its key: an option added to the spec
+    without its line in the docs fails here."""
+    import dataclasses
+
+    from shared_config.spec import CHOICES, ModelSpec
+
+    rows = [line.split("|") for page in PAGES[1:] for line in page.read_text().splitlines()
+            if line.startswith("|") and line.count("|") > 2]
+    missing = []
+    for field in dataclasses.fields(ModelSpec):
+        keyed = ["|".join(cells) for cells in rows if f"`{field.name}`" in cells[1]]
+        if not keyed:
+            missing.append(field.name)
+        missing += [f"{field.name}: {v}" for v in CHOICES.get(field.name, ()) if not any(f"`{v}`" in r for r in keyed)]
+    assert not missing, f"no docs table row for {missing}"

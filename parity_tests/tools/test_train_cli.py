@@ -122,6 +122,32 @@ def test_the_norm_study_names_the_placements_it_takes():
         load_script("compare_norms").parse_args(["--configs", "rms-deepnorm,rms-sandwich"])
 
 
+def test_the_norm_study_takes_a_norm_type_new_to_the_spec(monkeypatch):
+    """A norm type added to the spec's CHOICES runs in the study without a line of its own there: --configs takes
+    it (its run trains from tiny) and its norm modules are hooked, found by their `normalize`, not by class."""
+    from torch import nn
+
+    import torch_model
+    from shared_config import init_weights, load_spec
+    from shared_config.spec import CHOICES
+
+    class ToyNorm(nn.Module):
+        def normalize(self, x):
+            return x
+
+        def forward(self, x):
+            return self.normalize(x)
+
+    study = load_script("compare_norms")
+    monkeypatch.setitem(CHOICES, "norm_type", (*CHOICES["norm_type"], "toy"))
+    assert list(study.parse_args(["--configs", "toy-pre,rms-pre"]).configs) == ["toy-pre", "rms-pre"]
+    spec = load_spec("tiny")
+    model = torch_model.from_weights(init_weights(spec, 0), spec)
+    model.model.norm = ToyNorm()
+    sites = study.norm_modules(model)
+    assert "model.norm" in sites and "model.layers.0.input_layernorm" in sites
+
+
 @pytest.mark.parametrize("script, key, says", [
     ("compare_norms", "norm_type=dyt", "the study sets it per config, NORM in --configs NORM-PLACEMENT"),
     ("compare_norms", "norm_placement=post", "the study sets it per config, PLACEMENT in --configs NORM-PLACEMENT"),
