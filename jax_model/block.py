@@ -60,6 +60,25 @@ ATTENTION_HALVES = {"pre": pre_attention, "post": post_attention}
 MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
 
 
+def make_mixer(spec: ModelSpec, attention: str, rngs: nnx.Rngs) -> Attention | GLA:
+    """The block's token mixer for `spec.mixer` (one file per mixer); `attention`: the attention kernel's name.
+    Raises ValueError for a mixer with no module here (a value added to the spec's CHOICES alone)."""
+    if spec.mixer == "attention":
+        return Attention(spec, attention, rngs=rngs)
+    if spec.mixer == "gla":
+        return GLA(spec, rngs=rngs)
+    raise ValueError(f"make_mixer: no module for mixer={spec.mixer!r} (docs/extending.md)")
+
+
+def make_router(spec: ModelSpec, rngs: nnx.Rngs) -> ModRouter | DtfRouter:
+    """A routed block's router for `spec.routing`; raises ValueError for a routing kind with no router here."""
+    if spec.routing == "mod":
+        return ModRouter(spec)
+    if spec.routing == "dtf":
+        return DtfRouter(spec, rngs)
+    raise ValueError(f"make_router: no router for routing={spec.routing!r} (docs/extending.md)")
+
+
 class Block(nnx.Module):
     """One transformer block: its `placement` says which norm slots it has and which halves above run."""
 
@@ -67,13 +86,13 @@ class Block(nnx.Module):
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
         # token mixer
-        self.self_attn = GLA(spec, rngs=rngs) if spec.mixer == "gla" else Attention(spec, attention, rngs=rngs)
+        self.self_attn = make_mixer(spec, attention, rngs)
         self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
         self.mlp = MLP(spec, rngs=rngs)
         self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if placement.output_norms else None
         if routed:  # conditional computation (routing.py), canonical names `model.layers.{i}.router...`
-            self.router = ModRouter(spec) if spec.routing == "mod" else DtfRouter(spec, rngs)
+            self.router = make_router(spec, rngs)
             self.router_predictor = Predictor(spec, rngs)
 
     def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None,

@@ -72,15 +72,17 @@ def _block(i: int, spec: ModelSpec) -> list[Tensor]:
     # DeepNorm draws v, o and the MLP matrices at gain β, q and k as usual (DeepNet, decoder-only).
     gain, residual = ("beta", "beta") if place.deep else ("linear", "residual")
     out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init) if place.input_norm else []
-    if spec.mixer == "gla":
-        out += _gla(f"{p}.self_attn", spec)
-    else:
+    if spec.mixer == "attention":
         out += [
             Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
             Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
             Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", gain),
             Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", residual),
         ]
+    elif spec.mixer == "gla":
+        out += _gla(f"{p}.self_attn", spec)
+    else:  # a value added to the spec's CHOICES alone would otherwise get attention's tensors
+        raise ValueError(f"layout: no tensors for mixer={spec.mixer!r} (docs/extending.md)")
     if has_qk_norm(spec):  # RMSNorm over head_dim whatever norm_type says
         out.append(Tensor(f"{p}.self_attn.q_norm.weight", (E,), "param", "ones"))
         out.append(Tensor(f"{p}.self_attn.k_norm.weight", (E,), "param", "ones"))
@@ -140,7 +142,7 @@ def _routing(i: int, spec: ModelSpec) -> list[Tensor]:
     p, D = f"model.layers.{i}", spec.D
     if spec.routing == "mod":
         out = [Tensor(f"{p}.router.weight", (D,), "param", "normal")]
-    else:
+    elif spec.routing == "dtf":
         P = spec.dtf_prior_dim
         out = [
             Tensor(f"{p}.router.prior_norm.weight", (D,), "param", "ones"),
@@ -152,6 +154,8 @@ def _routing(i: int, spec: ModelSpec) -> list[Tensor]:
             Tensor(f"{p}.router.o_ce", (1,), "param", "constant", 1.025),
             Tensor(f"{p}.router.m_cu", (1,), "param", "constant", 1.1),
         ]
+    else:
+        raise ValueError(f"layout: no router tensors for routing={spec.routing!r} (docs/extending.md)")
     return out + [
         Tensor(f"{p}.router_predictor.fc1.weight", (D // 2, D), "linear", "linear"),
         Tensor(f"{p}.router_predictor.fc2.weight", (1, D // 2), "linear", "linear"),

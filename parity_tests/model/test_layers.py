@@ -79,6 +79,29 @@ def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
         reference.norm(np.ones((1, 2, spec.D)), {"x.weight": np.ones(spec.D)}, "x", spec)
 
 
+def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
+    """The same for the two-way choices: an unknown mixer was attention and an unknown routing kind DTF, in the
+    layout, both twins' blocks and the reference."""
+    from flax import nnx
+
+    from jax_model import block as jb
+    from torch_model import block as tb
+
+    spec = make_spec()
+    object.__setattr__(spec, "mixer", "not-a-mixer")
+    x = np.ones((1, 2, spec.D))
+    for build in (lambda: layout(spec), lambda: jb.make_mixer(spec, "xla", nnx.Rngs(0)),
+                  lambda: tb.make_mixer(spec, "sdpa"), lambda: reference.attention(x, {}, "x", spec)):
+        with pytest.raises(ValueError, match="mixer='not-a-mixer'"):
+            build()
+    spec = make_spec(routing="mod")
+    object.__setattr__(spec, "routing", "not-a-router")
+    for build in (lambda: layout(spec), lambda: jb.make_router(spec, nnx.Rngs(0)), lambda: tb.make_router(spec),
+                  lambda: reference.router_scores(x, x, {}, "x", spec)):
+        with pytest.raises(ValueError, match="routing='not-a-router'"):
+            build()
+
+
 @pytest.mark.parametrize("scaling", ["none", "llama3"])
 def test_rope(scaling):
     """The rotation, fed the frequencies the reference derives from the spec (not the twins' `rope_inv_freq`)."""

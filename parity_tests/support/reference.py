@@ -70,6 +70,8 @@ def attention(x, w: dict, p: str, spec, positions=None):
     """Causal softmax attention over the T tokens of x [B, T, D], at positions [T] (default 0..T-1: RoPE's angles)."""
     if spec.mixer == "gla":
         return gla(x, w, p, spec)
+    if spec.mixer != "attention":
+        raise ValueError(f"reference.attention: mixer={spec.mixer!r} is not written here")
     B, T, _ = x.shape
     H, K, E = spec.H, spec.K, spec.E
     q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, E)
@@ -245,6 +247,8 @@ def router_scores(x, h, w: dict, p: str, spec, held: dict | None = None):
     if spec.routing == "mod":
         r = x @ w[f"{p}.router.weight"]
         return r, (r if spec.routing_gate == "raw" else sigmoid(r)), None
+    if spec.routing != "dtf":
+        raise ValueError(f"reference.router_scores: routing={spec.routing!r} is not written here")
     q = f"{p}.router"
     z = rms(h, w[f"{q}.prior_norm.weight"], spec.norm_eps)
     g = z @ w[f"{q}.prior_ffn.gate_proj.weight"].T
