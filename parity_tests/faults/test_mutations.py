@@ -200,6 +200,19 @@ ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
         (jax_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
         (torch_train, None, "model_loss", "loss + share * routing_loss(", "loss + routing_loss("),
     ],
+    # DTF's four scalars, which forward parity sees only if the test weights give each its own value off its init
+    "S_CE and S_CU's betas swapped": [
+        (module, "DtfRouter", name, "(self.beta_ce, self.beta_cu, self.o_ce", "(self.beta_cu, self.beta_ce, self.o_ce")
+        for module, name in ((jax_model.routing, "__call__"), (torch_model.routing, "forward"))
+    ],
+    "o_ce fixed at its init": [
+        (jax_model.routing, "DtfRouter", "__call__", "log(o_ce + 1e-10)", "log(1.025 + 1e-10)"),
+        (torch_model.routing, "DtfRouter", "forward", "log(o_ce + 1e-10)", "log(torch.tensor(1.025) + 1e-10)"),
+    ],
+    "m_cu fixed at its init": [
+        (module, "DtfRouter", name, "m_cu * ma(", "1.1 * ma(")
+        for module, name in ((jax_model.routing, "__call__"), (torch_model.routing, "forward"))
+    ],
 }
 
 
@@ -237,3 +250,14 @@ def test_routing_stop_gradient_fault_fails_finite_differences(monkeypatch, fresh
     plant_routing_fault(monkeypatch, fault)
     failures = test_routing_updates.routed_fd_failures(test_routing_updates.CASES[case])
     assert {f.split()[0] for f in failures} == {"jax", "torch"}, failures
+
+
+@pytest.mark.parametrize("fault", ["S_CE and S_CU's betas swapped", "o_ce fixed at its init", "m_cu fixed at its init"])
+def test_dtf_scalar_fault_leaves_the_reference(monkeypatch, fault):
+    """Made in both twins, a fault in DTF's scalars moves their logits off the float64 reference's: the test
+    weights (routed_weights) give beta_ce, beta_cu, o_ce and m_cu each its own value, none at its init."""
+    from ..model import test_routing
+
+    plant_routing_fault(monkeypatch, fault)
+    with pytest.raises(AssertionError, match="jax_model"):  # the first twin checked already objects
+        test_routing.test_twins_match_the_reference(test_routing.ROUTED[4], "topk")

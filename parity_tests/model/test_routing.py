@@ -92,7 +92,10 @@ def routed_weights(spec, seed=0):
     for i in spec.routed_layers:
         w[f"model.layers.{i}.router_predictor.fc2.weight"] *= np.float32(20)
         if spec.routing == "dtf":  # steeper S_CE and S_CU: G spread over (0, 1), not bunched at its init value
-            w[f"model.layers.{i}.router.beta_ce"][:] = w[f"model.layers.{i}.router.beta_cu"][:] = 40.0
+            # each scalar its own value, off its init: equal betas hid a twin that swapped them, and o_ce and m_cu
+            # at their init a twin that hard-coded them
+            for name, value in (("beta_ce", 40.0), ("beta_cu", 35.0), ("o_ce", 0.95), ("m_cu", 1.0)):
+                w[f"model.layers.{i}.router.{name}"][:] = value
     return w
 
 
