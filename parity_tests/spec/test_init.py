@@ -16,6 +16,7 @@ import jax_model
 import torch_model
 from shared_config import init_weights, layout, load_spec
 from shared_config.placement import deepnorm_alpha, deepnorm_beta
+from shared_config.spec import CHOICES
 
 SPECS = {
     "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
@@ -23,13 +24,19 @@ SPECS = {
     "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", norm_placement="peri", attn_alpha_init=0.8,
                                             ffn_alpha_init=0.2, final_alpha_init=0.3),
     "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1,
-                                          tie_embeddings=True),
+                                          tie_embeddings=True, norm_type="layernorm", norm_bias=True),
     # untruncated xavier normal; fused q/k/v drawn per slice, each at its own fans
     "xavier_normal": load_spec("tiny").replace(init_scheme="xavier_normal", norm_placement="hybrid_star"),
     # DeepNet's recipe: xavier normal at gain β on v, o and the MLP; q and k at gain 1
     "deepnorm": load_spec("tiny-dyt").replace(init_scheme="xavier_normal", norm_placement="deepnorm", n_layers=3),
     "deepnorm_normal": load_spec("tiny").replace(norm_placement="deepnorm", fused_qkv=False, mlp="gelu"),
 }
+
+
+def test_the_specs_hold_every_norm_type_and_init_scheme():
+    """A norm type or init scheme added to the spec's CHOICES has its init checked here only once a spec uses it."""
+    for field in ("norm_type", "init_scheme"):
+        assert {getattr(spec, field) for spec in SPECS.values()} == set(CHOICES[field]), field
 
 
 def expected(name: str, shape, spec):
