@@ -13,6 +13,7 @@ import jax_model
 
 import torch_model
 from shared_config import TrainConfig, load_spec, synthetic_batch
+from shared_config.spec import CHOICES
 from shared_config.parity import (
     BF16_GRAD_TOL, BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, max_rel, token_kl, top1_agreement,
 )
@@ -20,7 +21,20 @@ from shared_config.parity import (
 from ..support.common import interleaved_rope, jax_logits, parity_weights, quick_first, torch_logits
 from ..support.train_common import TWINS, both_loss_and_grads, trajectory
 
-CASES = [(name, dtype) for name in ("tiny", "tiny-dyt", "tiny-derf") for dtype in ("float32", "bfloat16")]
+# one spec per norm type (a preset, and the changes on top of it): a missing float32 cast shows only in bf16
+NORM_SPECS = {"tiny": ("tiny", {}), "tiny-dyt": ("tiny-dyt", {}), "tiny-derf": ("tiny-derf", {}),
+              "tiny-layernorm": ("tiny", dict(norm_type="layernorm", norm_bias=True))}
+CASES = [(name, dtype) for name in NORM_SPECS for dtype in ("float32", "bfloat16")]
+
+
+def test_the_cases_hold_every_norm_type():
+    """A norm type added to the spec's CHOICES is checked in bf16 only once a spec here uses it."""
+    assert {norm_spec(name).norm_type for name in NORM_SPECS} == set(CHOICES["norm_type"])
+
+
+def norm_spec(name: str):
+    preset, changes = NORM_SPECS[name]
+    return load_spec(preset).replace(**changes)
 
 
 def bf16_metrics(spec, weights, tokens_BN):
@@ -32,7 +46,7 @@ def bf16_metrics(spec, weights, tokens_BN):
 
 @pytest.mark.parametrize("name,param_dtype", quick_first(CASES, multi=True), ids=[f"{n}-params-{d}" for n, d in CASES])
 def test_bf16_compute_agrees(name, param_dtype):
-    spec = load_spec(name).replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    spec = norm_spec(name).replace(compute_dtype="bfloat16", param_dtype=param_dtype)
     weights = parity_weights(spec)  # O(1) logits: top-1 and KL mean something
     kl_mean, kl_max, top1, dloss = bf16_metrics(spec, weights, synthetic_batch(0, 0, 8, 128, spec.V))
     assert kl_mean <= BF16_KL_MEAN and kl_max <= BF16_KL_MAX, f"KL mean {kl_mean:.1e}, max {kl_max:.1e}"

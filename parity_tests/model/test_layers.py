@@ -62,6 +62,26 @@ def test_parity_weights_move_every_norm_parameter_off_its_init(norm_type):
         assert not kept, f"parity_weights leaves these at their init value: {kept}"
 
 
+@pytest.mark.parametrize("norm_type", CHOICES["norm_type"])
+def test_norm_statistics_are_float32_on_bfloat16_inputs(norm_type):
+    """On bf16 activations with a large mean (64 + N(0, 1): bf16's spacing there is 0.5), each norm's output is the
+    float64 norm of the same bf16 values to bf16's own rounding. A LayerNorm whose mean ran in bf16 (the cast to
+    float32 missing) is off by 9%, which the model-level bf16 bounds (test_bf16.py) do not see. (RMSNorm's mean
+    square without the cast stays within them: both frameworks accumulate a bf16 mean in float32.)"""
+    import ml_dtypes
+
+    spec = make_spec(norm_type=norm_type, norm_bias=True, norm_eps=1e-3)
+    w, jm, tm = twins(spec)
+    x = (64 + inputs(spec)).astype(ml_dtypes.bfloat16).astype(np.float32)  # values bf16 holds exactly
+    ref = reference.norm(x.astype(np.float64), w, "model.layers.1.post_attention_layernorm", spec)
+    j = jm.model.layers[1].post_attention_layernorm(jnp.asarray(x, jnp.bfloat16))
+    with torch.no_grad():
+        t = tm.model.layers[1].post_attention_layernorm(torch.as_tensor(x).to(torch.bfloat16))
+    for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
+        assert got.dtype == np.float32 and np.abs(got - ref).max() <= 2**-7 * np.abs(ref).max(), (
+            name, np.abs(got - ref).max() / np.abs(ref).max())
+
+
 def unknown_norm_spec():
     """A valid spec whose norm_type is then set to a value no code knows (as a value newly added to CHOICES)."""
     spec = make_spec()
