@@ -16,6 +16,7 @@ from flax import nnx
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
+from shared_config.tokens import TokenError, check_token_array, check_token_values
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -76,14 +77,14 @@ class TransformerModel(nnx.Module):
                  decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
-        spec, T = self.spec, tokens_BT.shape[1]
+        spec, T = self.spec, check_tokens(tokens_BT, self.spec)
         if cache is None:
             if T > spec.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
+                raise TokenError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
             # positions [T], shared by every row; causal
             positions, mask_BTS = jnp.arange(T), None
         elif T > cache.size:
-            raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
+            raise TokenError(f"{T} tokens do not fit a cache of {cache.size} slots")
         else:
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
@@ -117,6 +118,15 @@ class TransformerModel(nnx.Module):
         elif self.spec.embed_scale == "constant":
             x_BTD = x_BTD * math.sqrt(self.spec.D)
         return x_BTD.astype(self.compute_dtype)
+
+
+def check_tokens(tokens_BT, spec: ModelSpec) -> int:
+    """T of token ids [B, T], refused (TokenError) unless integer ids with B, T >= 1; their values too where they are
+    at hand: outside jit (inside, ids out of range read NaN rows; `Decoder` checks them on the host first)."""
+    check_token_array(tokens_BT.shape, str(tokens_BT.dtype))
+    if not isinstance(tokens_BT, jax.core.Tracer):
+        check_token_values(spec, int(tokens_BT.min()), int(tokens_BT.max()))
+    return tokens_BT.shape[1]
 
 
 def lookup(table, ids):

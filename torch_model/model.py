@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
+from shared_config.tokens import TokenError, check_token_array, check_token_values
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -78,14 +79,14 @@ class TransformerModel(nn.Module):
                 decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
-        spec, T = self.spec, tokens_BT.shape[1]
+        spec, T = self.spec, check_tokens(tokens_BT, self.spec)
         if cache is None:
             if T > spec.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
+                raise TokenError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
             # positions [T], shared by every row; causal
             positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None
         elif T > cache.size:
-            raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
+            raise TokenError(f"{T} tokens do not fit a cache of {cache.size} slots")
         else:
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
@@ -121,10 +122,20 @@ class TransformerModel(nn.Module):
         return x_BTD.to(self.compute_dtype)
 
 
+def check_tokens(tokens_BT, spec: ModelSpec) -> int:
+    """T of token ids [B, T], refused (TokenError) unless integer ids with B, T >= 1; their values too where they are
+    at hand: on the CPU, uncompiled (on a GPU, reading them would wait for the device: the embedding's own
+    device-side assert refuses ids out of range; `Decoder` checks them on the host first)."""
+    check_token_array(tokens_BT.shape, str(tokens_BT.dtype).removeprefix("torch."))
+    if tokens_BT.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_token_values(spec, int(tokens_BT.min()), int(tokens_BT.max()))
+    return tokens_BT.shape[1]
+
+
 def lookup(table, ids):
     """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
     backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype)."""
-    return F.embedding(ids, table.weight.to(torch.float32))
+    return F.embedding(ids.long(), table.weight.to(torch.float32))  # F.embedding takes int32/int64 ids only
 
 
 class Transformer(nn.Module):
