@@ -67,6 +67,16 @@ def test_bad_sources(tmp_path):
     bad.write_text("lr: [1\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_train_config(bad)
+    with pytest.raises(SpecError, match="a train config is given as a preset name, a YAML path or a mapping of keys, "
+                                        "not int 5"):
+        load_train_config(5)  # was a TypeError from Path()
+    with pytest.raises(SpecError, match="lr=1000.*must be a finite number"):
+        load_train_config({"lr": 10**400})  # was an OverflowError
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_are():
+    cfg = load_train_config({"steps": np.int64(500), "batch_size": np.int32(4), "lr": np.float32(1e-3)})
+    assert (type(cfg.steps), type(cfg.lr)) == (int, float) and cfg.steps == 500 and cfg.batch_size == 4
 
 
 def test_model_spec_override_and_seq_len_check():
