@@ -16,6 +16,7 @@ from flax import nnx
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
+from shared_config.resources import check_model_memory
 from shared_config.tokens import TokenError, check_token_array, check_token_values
 
 from . import routing
@@ -144,6 +145,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, spec, *, rngs: nnx.Rngs, attention: str = "auto"):
         spec = load_spec(spec)
+        check_model_memory(spec)  # a spec too large for this machine: refused before any allocation
         self.spec = spec
         attention = resolve_attention(attention, spec)
         self.model = TransformerModel(spec, attention, rngs=rngs)

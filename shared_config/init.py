@@ -15,6 +15,7 @@ import numpy as np
 from .formats.checks import np_dtype
 from .layout import Tensor, layout
 from .placement import deepnorm_beta
+from .resources import check_memory, init_bytes
 from .spec import ModelSpec
 
 
@@ -54,7 +55,10 @@ def tensor_seed(seed: int, name: str) -> list[int]:
 
 
 def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    """Canonical weights drawn with numpy: the bit-identical starting point for both twins."""
+    """Canonical weights drawn with numpy: the bit-identical starting point for both twins; a spec too large for this
+    machine's memory is refused (ResourceError) before any draw."""
+    check_memory(init_bytes(spec), f"drawing {spec.L:,} layers of d_model {spec.D:,}, vocab {spec.V:,}",
+                 "use a smaller spec")
     out = {}
     for t in layout(spec):
         rule, rng = init_rule(t, spec), np.random.default_rng(tensor_seed(seed, t.name))

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
+from shared_config.resources import check_model_memory
 from shared_config.tokens import TokenError, check_token_array, check_token_values
 
 from . import routing
@@ -148,6 +149,7 @@ class Transformer(nn.Module):
     def __init__(self, spec, *, generator: torch.Generator | None = None, attention: str = "auto"):
         super().__init__()
         spec = load_spec(spec)
+        check_model_memory(spec)  # a spec too large for this machine: refused before any allocation
         self.spec = spec
         attention = resolve_attention(attention, spec)
         self.model = TransformerModel(spec, attention)

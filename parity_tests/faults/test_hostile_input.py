@@ -25,6 +25,7 @@ import shared_config.files
 import shared_config.formats
 import shared_config.formats.safetensors
 import shared_config.limits
+import shared_config.resources
 from shared_config import CheckpointError, SpecError, init_weights, layout, load_spec, run_dir, save_checkpoint
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
@@ -246,6 +247,26 @@ def test_the_memory_estimate_counts_the_processs_address_space_limit(tmp_path):
                          memory=2**30, cwd=tmp_path)
     one_line(result, 3, "vocab 1,000,000 needs about 2.5 GiB of memory, 1.0 GiB allowed to this process (RLIMIT_AS)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("build", ["jax", "torch", "numpy"])
+def test_library_builds_refuse_a_spec_that_cannot_fit_before_allocating(build, monkeypatch):
+    """The Python API, not only the commands: `Transformer(spec)` in either twin and `init_weights` refuse a spec too
+    large for the machine before any allocation. d_model 10^6 was a 12 TB allocation failing in each framework's own
+    words; a spec just past the memory, allocated tensor by tensor, would have taken the machine's memory first."""
+    import jax_model
+    import torch_model
+    from flax import nnx
+
+    builds = {"jax": lambda s: jax_model.Transformer(s, rngs=nnx.Rngs(0)), "torch": torch_model.Transformer,
+              "numpy": lambda s: init_weights(s, 0)}
+    huge = make_spec(d_model=10**6, n_heads=8, n_kv_heads=8)
+    with pytest.raises(ResourceError, match=r"d_model 1,000,000.* needs about [\d,.]+ GiB of memory, .*smaller spec"):
+        builds[build](huge)
+    tiny = load_spec("tiny")  # about 0.5M parameters: refused by a 1 MiB machine, each tensor of it would fit
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (2**20, "of memory on this machine"))
+    with pytest.raises(ResourceError, match="0.0 GiB of memory on this machine; use a smaller spec"):
+        builds[build](tiny)
 
 
 # --- 2. parsing is bounded: sizes, nesting, aliases, quoted values ---------------------------------
