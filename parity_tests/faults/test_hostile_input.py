@@ -481,6 +481,45 @@ def test_tensors_numpy_cannot_hold_in_a_pt_file_are_refused_by_name(tmp_path, te
         convert(pt, tmp_path / "o.safetensors", spec="tiny")
 
 
+def test_a_pt_file_whose_views_repeat_a_small_storage_is_refused_before_copying(tmp_path):
+    """A 4 KB .pt of stride-0 views (`torch.zeros(1).expand(...)`) matching a spec of d_model 20,004 passed every check
+    and was copied tensor by tensor to 4.3 GB (a MemoryError under a limit, the machine's memory without one)."""
+    import jax_model
+    import torch_model
+    from shared_config import model_layout
+
+    spec = make_spec(d_model=20_004, n_layers=1, fused_qkv=False)
+    pt = tmp_path / "views.pt"
+    torch.save({"spec": spec.to_json(), "state_dict": {t.name: torch.zeros(1).expand(*t.shape)
+                                                       for t in model_layout(spec)}}, pt)
+    assert pt.stat().st_size < 10_000
+    for read in (shared_config.formats.read_checkpoint, jax_model.from_pretrained, torch_model.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"views.pt: its tensors hold \d,\d{3},\d{3},\d{3} bytes but the "
+                                                  r"file stores 48: views that repeat stored data .*embed_tokens"):
+            read(pt)
+    shared = tmp_path / "shared.pt"  # two names for one storage: each within it, together twice its bytes
+    w = torch.zeros(4, 4)
+    torch.save({"model.norm.weight": w, "lm_head.weight": w}, shared)
+    with pytest.raises(CheckpointError,
+                       match="shared.pt: its tensors hold 128 bytes but the file stores 64: .*sharing a storage"):
+        shared_config.formats.read_checkpoint(shared, spec="tiny")
+
+
+def test_a_compressed_pt_file_is_refused_before_it_is_unpacked(tmp_path):
+    """torch.load inflates deflated zip members: a 200 KB file held a 200 MB tensor (any ratio up to ~1000)."""
+    import zipfile
+
+    plain, packed = tmp_path / "plain.pt", tmp_path / "packed.pt"
+    torch.save({"model.norm.weight": torch.zeros(250_000)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert packed.stat().st_size < plain.stat().st_size / 50
+    with pytest.raises(CheckpointError, match=r"packed.pt: its zip members unpack to 1,000,\d+ bytes, more than the "
+                                              r"file's \d+,\d+; torch.save stores them uncompressed"):
+        shared_config.formats.read_checkpoint(packed, spec="tiny")
+
+
 def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):
     (tmp_path / "afile").write_text("keep")
     one_line(run_script("train", "--backend", "torch", "--out", tmp_path / "afile", "--quiet"), 2,
