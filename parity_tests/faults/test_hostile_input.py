@@ -269,6 +269,25 @@ def test_library_builds_refuse_a_spec_that_cannot_fit_before_allocating(build, m
         builds[build](tiny)
 
 
+@pytest.mark.parametrize("fmt", ["flax", "safetensors", "hf", "torch"])
+def test_a_checkpoint_too_large_for_memory_is_refused_before_its_tensors_are_read(tmp_path, canonical, fmt,
+                                                                                  monkeypatch):
+    """An Orbax directory of 84 KB held 257 MB of (compressed) zeros: a small directory could claim any size, and
+    the reader restored it all. Every reader now weighs the spec's weights against the memory before reading."""
+    import jax_model
+
+    src = tmp_path / {"flax": "m-flax", "safetensors": "m.safetensors", "hf": "m-hf", "torch": "m.pt"}[fmt]
+    if fmt != "safetensors":
+        convert(canonical, src, to=fmt)
+    else:
+        src = canonical
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (2**10, "of memory on this machine"))
+    for read in (shared_config.formats.read_checkpoint, jax_model.from_pretrained):
+        with pytest.raises(ResourceError, match=f"reading {src}.* needs about 0.0 GiB of memory, 0.0 GiB of memory "
+                                                "on this machine; it needs a machine with more memory"):
+            read(src)
+
+
 # --- 2. parsing is bounded: sizes, nesting, aliases, quoted values ---------------------------------
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..files import CheckpointError
 from ..layout import group_names, layout
 from ..limits import parse_json
-from ..resources import GB, layout_size
+from ..resources import GB, check_memory, layout_size
 from ..spec import ModelSpec, load_spec
 
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -60,7 +60,9 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
 
 def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
     """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
-    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes."""
+    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes. Then
+    one whose weights cannot fit in memory in float32 (ResourceError), before any tensor is read: an Orbax directory
+    of 84 KB held 257 MB of zeros (compressed), so a small directory could claim any size."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
         tensors -= 2 * spec.L
@@ -69,6 +71,7 @@ def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fals
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
             f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
         )
+    check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
 
 
 # Tensors some writers save that are computed from the spec, never learned: ignored on load with a note, as
