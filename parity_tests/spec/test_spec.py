@@ -87,6 +87,12 @@ def test_spec_is_frozen():
         ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
         ({"rope_theta": 10**400}, "must be a finite number"),  # was an OverflowError from math.isfinite
         ({"n_heads": np.bool_(True)}, "n_heads=np.True_ must be an integer"),
+        # past float32's range: inf parameters with only a numpy warning, or NaN logits in JAX alone (RoPE)
+        ({"norm_type": "dyt", "attn_alpha_init": 1e39}, "attn_alpha_init=1e+39 must be within float32's range"),
+        ({"shift_init": -1e300}, "shift_init=-1e+300 must be within float32's range"),
+        ({"init_std": 1e300}, "init_std=1e+300 must be <= 2.1e37: its draws must fit float32"),
+        ({"norm_eps": 1e-320}, "norm_eps=1e-320 is 0 in float32: it must be >= 1.4e-45"),
+        ({"rope_theta": 1e-300}, "rope_theta=1e-300 gives RoPE angles past float32's range"),
     ],
 )
 def test_each_rule_names_field_value_and_rule(changes, message):
@@ -110,6 +116,12 @@ def test_every_placement_has_a_row_in_the_placement_table():
     from shared_config.spec import CHOICES
 
     assert set(PLACEMENTS) == set(CHOICES["norm_placement"])
+
+
+def test_extreme_but_representable_values_are_accepted():
+    assert load_spec({**BASE, "rope_theta": 1e308, "norm_eps": 1e-45, "attn_alpha_init": -3e38}).rope_theta == 1e308
+    assert load_spec({**BASE, "rope_theta": 1e-300, "position": "learned"}).rope_theta == 1e-300  # no RoPE: unused
+    assert load_spec({**BASE, "rope_theta": 0.5}).rope_theta == 0.5
 
 
 def test_odd_head_dim_is_fine_without_rope():
