@@ -5,6 +5,7 @@ and grouped by layer. They raise CheckpointError (shared_config.files).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..files import CheckpointError
 from ..layout import group_names, layout
-from ..limits import parse_json
+from ..limits import parse_json, quote
 from ..resources import GB, check_memory, layout_size
 from ..spec import ModelSpec, load_spec
 
@@ -28,6 +29,26 @@ def np_dtype(name: str) -> np.dtype:
 
 def is_float(a: np.ndarray) -> bool:
     return a.dtype in FLOAT_DTYPES.values() or np.issubdtype(a.dtype, np.floating)
+
+
+def checkpoint_path(src) -> Path:
+    """`src` as a Path to read, or a CheckpointError: a path of another type (None, 5), an empty one, one with a NUL
+    byte, or one the system cannot look up (a name too long, a loop of links) were a TypeError, a ValueError or a raw
+    OSError naming no checkpoint. A path that does not exist is left to the reader ("no such file")."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint path is a str or an os.PathLike, not {type(src).__name__} {quote(src)}")
+    if not str(src):
+        raise CheckpointError("an empty path names no checkpoint")
+    path = Path(src)
+    if "\0" in str(path):
+        raise CheckpointError(f"{quote(str(path))}: a path cannot hold a NUL character")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise CheckpointError(f"{quote(str(path))}: cannot look it up: {e.strerror}") from None
+    return path
 
 
 def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
