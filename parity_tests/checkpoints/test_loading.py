@@ -115,6 +115,22 @@ def test_a_directory_or_a_device_is_named_as_such(tmp_path, twin):
         pretrained("/dev/null")  # said "no such file or directory"
 
 
+@pytest.mark.parametrize("twin", LOADERS)
+def test_from_weights_names_values_that_are_not_arrays(spec, twin):
+    """torch tensors were a TypeError ("Cannot interpret 'torch.float32' as a data type"), lists an AttributeError,
+    a list of weights a TypeError from the size check."""
+    import torch
+
+    from_weights = {"jax": jax_model.from_weights, "torch": torch_model.from_weights}[twin]
+    w = init_weights(spec, 0)
+    for wrap, kind in ((torch.as_tensor, "Tensor"), (np.ndarray.tolist, "list")):
+        with pytest.raises(CheckpointError, match=f"weights: not arrays of a numpy dtype .numpy or JAX.: "
+                                                  f"model.embed_tokens.weight .{kind}.,"):
+            from_weights({k: wrap(v) for k, v in w.items()}, spec)
+    with pytest.raises(CheckpointError, match="the weights must be a mapping of tensor names to arrays, not list"):
+        from_weights(list(w.values()), spec)
+
+
 def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, init_weights(spec, 0), spec)

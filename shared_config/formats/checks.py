@@ -138,7 +138,12 @@ def check_tensors(
     allow_nonfinite: bool = False,
 ) -> None:
     """Check numpy `tensors` against the expected names and shapes, float dtypes and (unless allowed) finite
-    values; every problem in one error naming `path`."""
+    values; every problem in one error naming `path`. A value that is not an array of a numpy dtype (a list, a torch
+    tensor: `.numpy()` it) is named, where its missing `.shape` or its torch dtype was a TypeError or AttributeError."""
+    if odd := [n for n, x in tensors.items() if not isinstance(getattr(x, "dtype", None), np.dtype)]:
+        raise CheckpointError(f"{path}: not arrays of a numpy dtype (numpy or JAX): "
+                              f"{', '.join(f'{quote(n)[1:-1]} ({type(tensors[n]).__name__})' for n in odd[:8])}"
+                              f"{', ...' if len(odd) > 8 else ''}")
     problems = layout_problems(tensors, shapes)
     if not_float := [n for n in shapes if n in tensors and not is_float(tensors[n])]:
         problems.append(f"non-float dtypes: {', '.join(f'{n} ({tensors[n].dtype})' for n in not_float)}")
@@ -155,6 +160,9 @@ def check_weights(
     weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
 ) -> None:
     """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_size)."""
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: the weights must be a mapping of tensor names to arrays, not "
+                              f"{type(weights).__name__}")
     check_size(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
