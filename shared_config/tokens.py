@@ -1,10 +1,11 @@
-"""What a model call reads as token ids: the checks both twins' `TransformerModel` and `Decoder` make, with one
-message each, so that the same bad tokens raise the same TokenError in either twin.
+"""What a model call reads, token ids and a KV cache: the checks both twins' `TransformerModel`, `init_cache` and
+`Decoder` make, with one message each, so that the same bad input raises the same TokenError in either twin.
 
 Left unchecked, the twins disagreed on the same input: an id past the vocabulary gave NaN logits in JAX (`jnp.take`
 fills out-of-range rows) and an IndexError in torch; a negative id read another token's row in JAX (wrapped, as numpy
 indexing does); float ids were truncated by the decoders' casts; an empty batch raised ZeroDivisionError in JAX and
-returned empty logits in torch.
+returned empty logits in torch. A cache for 0 rows, or with a row starting past its last slot, was made; a step past
+its last slot overwrote that slot in JAX and raised an IndexError in torch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
+from .generation import is_int
+from .limits import quote
 from .spec import ModelSpec
 
 
 class TokenError(ValueError):
-    """Token ids a model cannot read: the message names the shape, dtype or id and what was expected."""
+    """Token ids or a cache a model cannot read: the message names the shape, dtype, id or slot and what was
+    expected."""
 
 
 def check_token_array(shape: Sequence[int], dtype: str) -> None:
@@ -44,3 +48,32 @@ def host_tokens(tokens, spec: ModelSpec) -> np.ndarray:
     check_token_array(ids.reshape(1, -1).shape if ids.ndim == 1 else ids.shape, str(ids.dtype))
     check_token_values(spec, int(ids.min()), int(ids.max()))
     return ids
+
+
+def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | None:
+    """Refuse a cache that cannot be made (TokenError): `batch` rows >= 1, `size` slots in 1..max_seq_len, `start_B`
+    (None: every row starts at slot 0) one integer slot per row in 0..size-1; `start_B` as numpy."""
+    if not is_int(batch, 1):
+        raise TokenError(f"a cache's batch={quote(batch)} must be an integer >= 1")
+    if not is_int(size, 1, spec.max_seq_len):
+        raise TokenError(f"a cache of {quote(size)} slots must hold 1..max_seq_len={spec.max_seq_len}")
+    if start_B is None:
+        return None
+    start = np.asarray(start_B)
+    if start.shape != (batch,) or start.dtype.kind not in "iu":
+        raise TokenError(f"start_B must be {batch} integer slots, one per row; got {quote(start.tolist())}")
+    if start.min() < 0 or start.max() >= size:
+        raise TokenError(f"start_B={quote(start.tolist())} must be slots in 0..{size - 1} (each row's first token)")
+    return start
+
+
+def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int | None) -> None:
+    """Refuse a step whose B rows are not the cache's, or whose T tokens do not fit after its `length` written slots
+    (None: the length is data, under jit or compilation, and the caller's to keep within the cache)."""
+    if B != cache_B:
+        raise TokenError(f"tokens of {B} rows do not match a cache of {cache_B} rows")
+    if T > cache_size:
+        raise TokenError(f"{T} tokens do not fit a cache of {cache_size} slots")
+    if length is not None and length + T > cache_size:
+        raise TokenError(f"{T} tokens do not fit a cache of {cache_size} slots with {length} written")
+
