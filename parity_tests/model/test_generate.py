@@ -125,6 +125,10 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[5], max_new_tokens=4, top_p=0.0), "top_p=0.0"),
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
     (dict(prompt_tokens=[5.5], max_new_tokens=4), "integer ids"),
+    (dict(prompt_tokens=[True, 5], max_new_tokens=4), "integer ids"),  # True was read as token 1
+    (dict(prompt_tokens=[5, [6]], max_new_tokens=4), "integer ids"),  # numpy's ValueError
+    (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
+    (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
 ])
 def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
     _, jm, tm = base
