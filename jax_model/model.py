@@ -17,6 +17,7 @@ from flax import nnx
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
+from shared_config.train_config import TRAIN_CHOICES
 from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_token_array,
                                   check_token_values)
 
@@ -211,6 +212,8 @@ def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
     the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
     (jax.checkpoint via nnx.remat)."""
+    if remat not in TRAIN_CHOICES["remat"]:  # a KeyError 'bogus' from the policy table
+        raise ValueError(f"remat={remat!r} must be one of {', '.join(TRAIN_CHOICES['remat'])}")
     if remat == "none":
         return layer.body
     return partial(nnx.remat(_call, policy=REMAT_POLICIES[remat]), layer)

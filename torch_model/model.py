@@ -18,6 +18,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
+from shared_config.train_config import TRAIN_CHOICES
 from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_token_array,
                                   check_token_values)
 
@@ -217,6 +218,8 @@ def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
     the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
     (torch.utils.checkpoint, non-reentrant, with a selective policy: works under torch.compile and FSDP2)."""
+    if remat not in TRAIN_CHOICES["remat"]:  # a KeyError 'bogus' from the policy table
+        raise ValueError(f"remat={remat!r} must be one of {', '.join(TRAIN_CHOICES['remat'])}")
     if remat == "none":
         return layer.body
     saved = REMAT_SAVED[remat]

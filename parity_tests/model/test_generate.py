@@ -185,3 +185,10 @@ def test_decoder_checks_ids_on_the_host_before_casting(base, tokens, message):
         _, cache = decoder.prefill(np.array([[5, 6]]), decoder.init_cache(1, 8))
         with pytest.raises(TokenError, match="token id 97 is outside"):
             decoder.decode_step(np.array([97]), cache)
+
+
+def test_an_unknown_remat_is_named_by_both_twins(base):
+    _, jm, tm = base
+    for call in (lambda: jm(jnp.asarray([[1, 2]]), remat="blok"), lambda: tm(torch.as_tensor([[1, 2]]), remat="blok")):
+        with pytest.raises(ValueError, match="remat='blok' must be one of none, block, full"):  # was KeyError 'blok'
+            call()
