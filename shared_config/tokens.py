@@ -77,3 +77,42 @@ def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int 
     if length is not None and length + T > cache_size:
         raise TokenError(f"{T} tokens do not fit a cache of {cache_size} slots with {length} written")
 
+
+def check_batch_array(shape: Sequence[int], dtype: str) -> None:
+    """Refuse a training batch that is not [B, N] integer ids with B >= 1 and N >= 2 (inputs and the next tokens they
+    predict). Needs no values: safe under jit and compilation (a float batch was truncated by torch's `.long()`)."""
+    if len(shape) != 2:
+        raise TokenError(f"a batch must be [batch, tokens] (rank 2), got shape {list(shape)}")
+    if not dtype.startswith(("int", "uint")):
+        raise TokenError(f"a batch must hold integer ids, got dtype {dtype}")
+    if shape[0] < 1 or shape[1] < 2:
+        raise TokenError(f"a batch of shape {list(shape)} predicts no token: it needs rows of at least 2 tokens")
+
+
+def check_batch(tokens_BN, spec: ModelSpec, ignore: int) -> None:
+    """A training batch held in host memory (numpy), checked whole: `check_batch_array`, then every id in the
+    vocabulary or `ignore` (IGNORE_INDEX). Inside a jitted step the ids are data: an id past the vocabulary as a target
+    was a NaN loss in JAX and an IndexError in torch. Arrays of a framework are left to `check_batch_array`."""
+    if not isinstance(tokens_BN, np.ndarray):
+        return
+    check_batch_array(tokens_BN.shape, str(tokens_BN.dtype))
+    lo, hi = int(tokens_BN.min()), int(tokens_BN.max())
+    if lo <= ignore <= hi:  # IGNORE_INDEX entries are not ids: the range of the others
+        ids = tokens_BN[tokens_BN != ignore]
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    check_token_values(spec, lo, hi)
+
+
+class CheckedStep:
+    """A train or eval step `(state, tokens_BN, ...)` whose numpy batch is checked (`check_batch`) before it runs;
+    other attributes (jax.jit's `lower`, ...) are the step's own."""
+
+    def __init__(self, step, spec: ModelSpec, ignore: int):
+        self.step, self.spec, self.ignore = step, spec, ignore
+
+    def __call__(self, state, tokens_BN, *args, **kwargs):
+        check_batch(tokens_BN, self.spec, self.ignore)
+        return self.step(state, tokens_BN, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
