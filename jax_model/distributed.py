@@ -33,6 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model_layout, save_checkpoint
 from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
+from shared_config.tokens import check_batch
 
 from . import train
 from .gla import set_mesh
@@ -136,6 +137,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     )
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
+        check_batch(tokens_BN, model.spec, train.IGNORE_INDEX)  # the global batch, the same on every process
         if (rows := rows_per_shard(np.shape(tokens_BN)[0], mesh.size)) % cfg.grad_accum_steps:  # as torch's ranks
             raise SpecError(f"grad_accum_steps={cfg.grad_accum_steps} must divide the {rows} rows of a batch "
                             "(per device or rank)")

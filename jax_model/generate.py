@@ -17,6 +17,7 @@ from flax import nnx
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
                                       stop_at_eos)
+from shared_config.tokens import host_tokens
 
 from .model import KVCache, Transformer
 
@@ -48,7 +49,8 @@ class Decoder:
         return self._decode(self.state, cache, self.as_tokens(tokens_B)[:, None])
 
     def as_tokens(self, tokens):
-        return jnp.asarray(np.asarray(tokens), jnp.int32)
+        """Token ids as the step's int32 array, checked on the host first (inside the jitted step they are data)."""
+        return jnp.asarray(host_tokens(tokens, self.model.spec), jnp.int32)
 
 
 @lru_cache(maxsize=16)

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config.tokens import CheckedStep, check_batch, check_batch_array
 
 from .head_loss import fused_head_loss
 from .layers import DTYPES, working_copy
@@ -44,6 +45,7 @@ def split_batch(tokens_BN, mask_BN=None):
     its mask entry is nonzero. Ignored tokens are read as token 0 where they are inputs.
     """
     tokens_BN = jnp.asarray(tokens_BN)
+    check_batch_array(tokens_BN.shape, str(tokens_BN.dtype))
     inputs_BT, targets_BT = tokens_BN[:, :-1], tokens_BN[:, 1:]
     weights_BT = (targets_BT != IGNORE_INDEX).astype(jnp.float32)
     if mask_BN is not None:
@@ -144,6 +146,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
+    check_batch(tokens_BN, model.spec, IGNORE_INDEX)
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN,
                                   count)
@@ -255,7 +258,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
         return TrainState(state.step + 1, params, opt_state, refresh_working(model, params, state.working)), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
-    return jax.jit(train_step, donate_argnums=0) if compile else train_step
+    return CheckedStep(jax.jit(train_step, donate_argnums=0) if compile else train_step, model.spec, IGNORE_INDEX)
 
 
 def make_eval_step(model, *, compile: bool = True) -> Callable:
@@ -273,7 +276,7 @@ def make_eval_step(model, *, compile: bool = True) -> Callable:
             losses["loss_topk"] = model_loss(model, tokens_BN, mask_BN, decide="topk")
         return losses
 
-    return jax.jit(eval_step) if compile else eval_step
+    return CheckedStep(jax.jit(eval_step) if compile else eval_step, model.spec, IGNORE_INDEX)
 
 
 def scalar_params(model, state: TrainState) -> dict[str, jax.Array]:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import yaml
 
 from .limits import MAX_YAML_BYTES, LimitError, parse_yaml, quote, read_capped
@@ -53,22 +56,23 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
     if value is None and "None" in kind:
         return None
     if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numpy's integers too (a size computed with numpy), stored as int: a spec's JSON holds plain numbers
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise SpecError(f"{name}={quote(value)} must be an integer")
-        return value
+        return int(value)
     if kind == "float":
         if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not _finite(value):
             raise SpecError(f"{name}={quote(value)} must be a finite number")
         return float(value)
     if kind.startswith("bool"):
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise SpecError(f"{name}={quote(value)} must be true or false")
-        return value
+        return bool(value)
     if not isinstance(value, str):
         raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
     value = aliases.get(name, {}).get(value, value)
@@ -76,6 +80,14 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
         raise SpecError(f"{name}={quote(value)} must be one of "
                         f"{', '.join(choices[name])}{did_you_mean(value, choices[name])}")
     return value
+
+
+def _finite(x: numbers.Real) -> bool:
+    """Whether `x` is finite as a float: an int past float's range (`10**400`) is not, and raises no OverflowError."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
@@ -103,6 +115,9 @@ def yaml_names(presets: Path) -> list[str]:
 
 def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict: Callable[[dict], Any]) -> Any:
     """`from_dict` of the YAML that a preset name (a file in `presets`) or a path names; errors name the file."""
+    if not isinstance(source, (str, os.PathLike)):  # Path(5) would be a TypeError naming no config
+        raise SpecError(f"a {what} is given as a preset name, a YAML path or a mapping of keys, not "
+                        f"{type(source).__name__} {quote(source)}")
     path = Path(source)
     if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
         path = presets / f"{source}.yaml"

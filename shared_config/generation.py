@@ -14,17 +14,28 @@ class GenerationError(ValueError):
     """A generation argument that breaks a rule; the message names it, its value and the rule."""
 
 
+PROMPT_RULE = "prompt tokens must be integer ids: one sequence of them, or one sequence per row"
+
+
 def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
     """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was
-    one."""
+    one. Anything else is a GenerationError (None, 5 or a dict were a TypeError or KeyError, [1, [2]] numpy's
+    ValueError)."""
+    if isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__"):
+        raise GenerationError(f"{PROMPT_RULE}, not {type(prompt_tokens).__name__}")
     single = len(prompt_tokens) > 0 and np.ndim(prompt_tokens[0]) == 0
     return [_ids(p) for p in ([prompt_tokens] if single else prompt_tokens)], single
 
 
 def _ids(prompt) -> list[int]:
-    ids = np.asarray(prompt)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-        raise GenerationError("prompt tokens must be integer ids: one sequence of them, or one sequence per row")
+    try:
+        ids = np.asarray(prompt)
+    except ValueError:  # ragged inside one prompt: [1, [2]]
+        raise GenerationError(PROMPT_RULE) from None
+    # a bool among ints ([True, 1]) was read as id 1: numpy makes that list an int array
+    bools = any(isinstance(t, (bool, np.bool_)) for t in (prompt if isinstance(prompt, (list, tuple)) else ()))
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or bools:
+        raise GenerationError(PROMPT_RULE)
     return ids.astype(np.int64).tolist()
 
 

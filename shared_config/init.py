@@ -16,6 +16,7 @@ import numpy as np
 from .formats.checks import np_dtype
 from .layout import Tensor, layout
 from .placement import deepnorm_beta
+from .resources import check_memory, init_bytes
 from .spec import ModelSpec
 
 
@@ -58,13 +59,21 @@ def tensor_seed(seed: int, name: str) -> list[int]:
 
 
 def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    """Canonical weights drawn with numpy: the bit-identical starting point for both twins."""
+    """Canonical weights drawn with numpy: the bit-identical starting point for both twins; a spec too large for this
+    machine's memory is refused (ResourceError) before any draw."""
     return dict(draw_weights(spec, seed))
 
 
 def draw_weights(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """`init_weights` one tensor at a time, in layout order: (canonical name, array of its shape in
-    `spec.param_dtype`), for a caller that shows progress (a llama-1b draw takes about half a minute)."""
+    `spec.param_dtype`), for a caller that shows progress (a llama-1b draw takes about half a minute). The memory
+    check (ResourceError) comes at the call, before the first draw."""
+    check_memory(init_bytes(spec), f"drawing {spec.L:,} layers of d_model {spec.D:,}, vocab {spec.V:,}",
+                 "use a smaller spec")
+    return _draws(spec, seed)
+
+
+def _draws(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     for t in layout(spec):
         rule, rng = init_rule(t, spec), np.random.default_rng(tensor_seed(seed, t.name))
         if rule.dist == "normal":

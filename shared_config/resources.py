@@ -58,6 +58,19 @@ def weights_bytes(spec: ModelSpec) -> int:
     return layout_size(spec)[1] * DTYPE_BYTES[spec.param_dtype]
 
 
+def model_bytes(spec: ModelSpec) -> int:
+    """Bytes of building a twin's model: its parameters in the param dtype and the float32 arrays they are set from
+    (the native draws, or the float32 copy `from_weights` loads)."""
+    return layout_size(spec)[1] * (DTYPE_BYTES[spec.param_dtype] + 4)
+
+
+def check_model_memory(spec: ModelSpec) -> None:
+    """Refuse (ResourceError) to build a model that cannot fit in memory, before any allocation: a spec of d_model 10^6
+    failed in the allocator (or, tensor by tensor, took the machine's memory first)."""
+    check_memory(model_bytes(spec), f"a model of {spec.L:,} layers, d_model {spec.D:,} and vocab {spec.V:,} "
+                 f"({layout_size(spec)[1]:,} parameters)", "use a smaller spec")
+
+
 def init_bytes(spec: ModelSpec) -> int:
     """Peak bytes of drawing and saving a checkpoint: the weights, a float64 draw of the largest tensor and its
     float32 copy, and the serialised copy the safetensors writer builds."""

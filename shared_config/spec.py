@@ -231,9 +231,35 @@ def _check_rules(s: ModelSpec) -> None:
                 f"rope_low_freq_factor={s.rope_low_freq_factor} must be > 0 and < "
                 f"rope_high_freq_factor={s.rope_high_freq_factor}"
             )
+    _check_float32_range(s)
     _check_gla_rules(s)
     _check_placement_rules(s)
     _check_routing(s)
+
+
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # float32's largest and smallest positive
+
+
+def _check_float32_range(s: ModelSpec) -> None:
+    """Values the twins hold in float32 (initial parameters, the init draws, norm_eps, RoPE's inverse frequencies) must
+    fit its range: past it a spec gave inf weights with only a numpy warning, or NaN logits in JAX alone (RoPE)."""
+    for name in ("attn_alpha_init", "ffn_alpha_init", "final_alpha_init", "shift_init"):
+        if abs(getattr(s, name)) > FLOAT32_MAX:
+            raise SpecError(f"{name}={getattr(s, name)} must be within float32's range (|x| <= 3.4e38): it initialises "
+                            "a float32 parameter")
+    for name in ("init_std", "embed_init_std"):  # normal draws stay within 16 std
+        if getattr(s, name) > FLOAT32_MAX / 16:
+            raise SpecError(f"{name}={getattr(s, name)} must be <= 2.1e37: its draws must fit float32")
+    if s.norm_eps <= FLOAT32_TINY / 2:
+        raise SpecError(f"norm_eps={s.norm_eps} is 0 in float32: it must be >= 1.4e-45, float32's smallest")
+    # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1 (and
+    # times 1/factor where llama3 scaling divides by a factor < 1)
+    log_angle = max(0.0, -math.log(s.rope_theta) * (s.E - 2) / s.E) + math.log(max(1, s.max_seq_len - 1))
+    if s.rope_scaling == "llama3":
+        log_angle += max(0.0, -math.log(s.rope_scaling_factor))
+    if s.position == "rope" and log_angle > math.log(FLOAT32_MAX):
+        raise SpecError(f"rope_theta={s.rope_theta} gives RoPE angles past float32's range (position · "
+                        f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")
 
 
 def _check_gla_rules(s: ModelSpec) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
                                       stop_at_eos)
+from shared_config.tokens import host_tokens
 
 from .model import KVCache, Transformer
 
@@ -53,7 +54,8 @@ class Decoder:
         return self._decode(cache, self.as_tokens(tokens_B)[:, None])
 
     def as_tokens(self, tokens):
-        return torch.as_tensor(np.asarray(tokens), dtype=torch.int64,
+        """Token ids as the step's int64 tensor, checked on the host first (inside the compiled step they are data)."""
+        return torch.as_tensor(host_tokens(tokens, self.model.spec), dtype=torch.int64,
                                device=self.model.model.embed_tokens.weight.device)
 
 

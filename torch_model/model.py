@@ -17,6 +17,10 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
+from shared_config.resources import check_model_memory
+from shared_config.train_config import TRAIN_CHOICES
+from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_token_array,
+                                  check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -32,7 +36,8 @@ class KVCache(NamedTuple):
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
-    Writes past the last slot are the caller's to avoid: under jit the length is data, not checked.
+    A write past the last slot is refused where the length is at hand (`cache_length`); inside a compiled step the
+    length is data, and such a write the caller's to avoid.
     """
 
     layers: tuple[LayerCache, ...]
@@ -78,15 +83,14 @@ class TransformerModel(nn.Module):
                 decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
-        spec, T = self.spec, tokens_BT.shape[1]
+        spec, T = self.spec, check_tokens(tokens_BT, self.spec)
         if cache is None:
             if T > spec.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
+                raise TokenError(f"sequence length {T} exceeds max_seq_len={spec.max_seq_len}")
             # positions [T], shared by every row; causal
             positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None
-        elif T > cache.size:
-            raise ValueError(f"{T} tokens do not fit a cache of {cache.size} slots")
         else:
+            check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
@@ -121,10 +125,26 @@ class TransformerModel(nn.Module):
         return x_BTD.to(self.compute_dtype)
 
 
+def check_tokens(tokens_BT, spec: ModelSpec) -> int:
+    """T of token ids [B, T], refused (TokenError) unless integer ids with B, T >= 1; their values too where they are
+    at hand: on the CPU, uncompiled (on a GPU, reading them would wait for the device: the embedding's own
+    device-side assert refuses ids out of range; `Decoder` checks them on the host first)."""
+    check_token_array(tokens_BT.shape, str(tokens_BT.dtype).removeprefix("torch."))
+    if tokens_BT.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_token_values(spec, int(tokens_BT.min()), int(tokens_BT.max()))
+    return tokens_BT.shape[1]
+
+
+def cache_length(cache: KVCache) -> int | None:
+    """The cache's written slots where they are at hand: on the CPU, uncompiled (elsewhere reading the length would wait
+    for the device)."""
+    return int(cache.length) if cache.length.device.type == "cpu" and not torch.compiler.is_compiling() else None
+
+
 def lookup(table, ids):
     """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
     backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype)."""
-    return F.embedding(ids, table.weight.to(torch.float32))
+    return F.embedding(ids.long(), table.weight.to(torch.float32))  # F.embedding takes int32/int64 ids only
 
 
 class Transformer(nn.Module):
@@ -137,6 +157,7 @@ class Transformer(nn.Module):
     def __init__(self, spec, *, generator: torch.Generator | None = None, attention: str = "auto"):
         super().__init__()
         spec = load_spec(spec)
+        check_model_memory(spec)  # a spec too large for this machine: refused before any allocation
         self.spec = spec
         attention = resolve_attention(attention, spec)
         self.model = TransformerModel(spec, attention)
@@ -176,8 +197,7 @@ class Transformer(nn.Module):
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec, w = self.spec, self.model.embed_tokens.weight  # w: new tensors go to the model's device
-        if not 0 < size <= spec.max_seq_len:
-            raise ValueError(f"a cache of {size} slots must hold 1..max_seq_len={spec.max_seq_len}")
+        start_B = check_cache_request(spec, batch, size, start_B)
         shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
         layers = tuple(
             GLAState.empty(spec, batch, size, w) if spec.mixer == "gla" else
@@ -198,6 +218,8 @@ def rematted(layer, remat: str):
     """`layer`'s computation (Block.body), its activations recomputed in the backward as `remat` says ("none": kept;
     the train config's option, docs/training.md, "Training bigger models"); the same values, less memory
     (torch.utils.checkpoint, non-reentrant, with a selective policy: works under torch.compile and FSDP2)."""
+    if remat not in TRAIN_CHOICES["remat"]:  # a KeyError 'bogus' from the policy table
+        raise ValueError(f"remat={remat!r} must be one of {', '.join(TRAIN_CHOICES['remat'])}")
     if remat == "none":
         return layer.body
     saved = REMAT_SAVED[remat]

@@ -29,6 +29,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config.tokens import CheckedStep, check_batch, check_batch_array
 
 from .head_loss import fused_head_loss
 from .layers import DTYPES, working_copy
@@ -43,7 +44,9 @@ def split_batch(tokens_BN, mask_BN=None):
     A target counts when it is not IGNORE_INDEX and, if a mask (shaped like the tokens) is given,
     its mask entry is nonzero. Ignored tokens are read as token 0 where they are inputs.
     """
-    tokens_BN = torch.as_tensor(tokens_BN).long()  # gather wants int64 indices
+    tokens_BN = torch.as_tensor(tokens_BN)
+    check_batch_array(tokens_BN.shape, str(tokens_BN.dtype).removeprefix("torch."))
+    tokens_BN = tokens_BN.long()  # gather wants int64 indices
     inputs_BT, targets_BT = tokens_BN[:, :-1], tokens_BN[:, 1:]
     weights_BT = (targets_BT != IGNORE_INDEX).to(torch.float32)
     if mask_BN is not None:
@@ -153,6 +156,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
+    check_batch(tokens_BN, model.spec, IGNORE_INDEX)
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
     if cfg is None or cfg.grad_accum_steps == 1:
@@ -291,7 +295,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
         return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
-    return train_step
+    return CheckedStep(train_step, model.spec, IGNORE_INDEX)
 
 
 def compile_blocks(model, backend: str = "inductor") -> None:
@@ -321,7 +325,7 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
             losses["loss_topk"] = loss_fn(state.model, *batch, decide="topk")
         return losses
 
-    return eval_step
+    return CheckedStep(eval_step, model.spec, IGNORE_INDEX)
 
 
 def scalar_params(model, state: TrainState) -> dict[str, torch.Tensor]:

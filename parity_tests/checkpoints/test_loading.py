@@ -1,6 +1,7 @@
 """Loader errors: every problem reported at once, grouped, naming the file; nothing loads half-way."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,6 +85,50 @@ def test_not_a_safetensors_file(tmp_path, twin):
         LOADERS[twin](junk)
     with pytest.raises(CheckpointError, match="no such file"):
         LOADERS[twin](tmp_path / "absent.safetensors")
+
+
+PATHS = {  # what a path argument may be that names no checkpoint -> what the CheckpointError says
+    "None": (None, "a checkpoint path is a str or an os.PathLike, not NoneType None"),  # were TypeErrors
+    "int": (5, "a checkpoint path is a str or an os.PathLike, not int 5"),
+    "bytes": (b"m.safetensors", "not bytes b'm.safetensors'"),
+    "empty": ("", "an empty path names no checkpoint"),  # a ValueError about PosixPath('.') in from_pretrained
+    "NUL": ("a\0b.safetensors", "a path cannot hold a NUL character"),
+    "too long": ("x" * 300 + ".safetensors", "cannot look it up: File name too long"),  # a raw OSError
+}
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+@pytest.mark.parametrize("name", PATHS)
+def test_a_path_that_names_no_checkpoint_is_a_checkpoint_error(twin, name):
+    path, says = PATHS[name]
+    for load in (LOADERS[twin], {"jax": jax_model.from_pretrained, "torch": torch_model.from_pretrained}[twin]):
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            load(path)
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_a_directory_or_a_device_is_named_as_such(tmp_path, twin):
+    with pytest.raises(CheckpointError, match="a directory, not a safetensors file"):  # said "no such file"
+        LOADERS[twin](tmp_path)
+    pretrained = {"jax": jax_model.from_pretrained, "torch": torch_model.from_pretrained}[twin]
+    with pytest.raises(CheckpointError, match="/dev/null: neither a regular file nor a directory"):
+        pretrained("/dev/null")  # said "no such file or directory"
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_from_weights_names_values_that_are_not_arrays(spec, twin):
+    """torch tensors were a TypeError ("Cannot interpret 'torch.float32' as a data type"), lists an AttributeError,
+    a list of weights a TypeError from the size check."""
+    import torch
+
+    from_weights = {"jax": jax_model.from_weights, "torch": torch_model.from_weights}[twin]
+    w = init_weights(spec, 0)
+    for wrap, kind in ((torch.as_tensor, "Tensor"), (np.ndarray.tolist, "list")):
+        with pytest.raises(CheckpointError, match=f"weights: not arrays of a numpy dtype .numpy or JAX.: "
+                                                  f"model.embed_tokens.weight .{kind}.,"):
+            from_weights({k: wrap(v) for k, v in w.items()}, spec)
+    with pytest.raises(CheckpointError, match="the weights must be a mapping of tensor names to arrays, not list"):
+        from_weights(list(w.values()), spec)
 
 
 def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):

@@ -25,6 +25,7 @@ import shared_config.files
 import shared_config.formats
 import shared_config.formats.safetensors
 import shared_config.limits
+import shared_config.resources
 from shared_config import CheckpointError, SpecError, init_weights, layout, load_spec, run_dir, save_checkpoint
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
@@ -248,6 +249,45 @@ def test_the_memory_estimate_counts_the_processs_address_space_limit(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("build", ["jax", "torch", "numpy"])
+def test_library_builds_refuse_a_spec_that_cannot_fit_before_allocating(build, monkeypatch):
+    """The Python API, not only the commands: `Transformer(spec)` in either twin and `init_weights` refuse a spec too
+    large for the machine before any allocation. d_model 10^6 was a 12 TB allocation failing in each framework's own
+    words; a spec just past the memory, allocated tensor by tensor, would have taken the machine's memory first."""
+    import jax_model
+    import torch_model
+    from flax import nnx
+
+    builds = {"jax": lambda s: jax_model.Transformer(s, rngs=nnx.Rngs(0)), "torch": torch_model.Transformer,
+              "numpy": lambda s: init_weights(s, 0)}
+    huge = make_spec(d_model=10**6, n_heads=8, n_kv_heads=8)
+    with pytest.raises(ResourceError, match=r"d_model 1,000,000.* needs about [\d,.]+ GiB of memory, .*smaller spec"):
+        builds[build](huge)
+    tiny = load_spec("tiny")  # about 0.5M parameters: refused by a 1 MiB machine, each tensor of it would fit
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (2**20, "of memory on this machine"))
+    with pytest.raises(ResourceError, match="0.0 GiB of memory on this machine; use a smaller spec"):
+        builds[build](tiny)
+
+
+@pytest.mark.parametrize("fmt", ["flax", "safetensors", "hf", "torch"])
+def test_a_checkpoint_too_large_for_memory_is_refused_before_its_tensors_are_read(tmp_path, canonical, fmt,
+                                                                                  monkeypatch):
+    """An Orbax directory of 84 KB held 257 MB of (compressed) zeros: a small directory could claim any size, and
+    the reader restored it all. Every reader now weighs the spec's weights against the memory before reading."""
+    import jax_model
+
+    src = tmp_path / {"flax": "m-flax", "safetensors": "m.safetensors", "hf": "m-hf", "torch": "m.pt"}[fmt]
+    if fmt != "safetensors":
+        convert(canonical, src, to=fmt)
+    else:
+        src = canonical
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (2**10, "of memory on this machine"))
+    for read in (shared_config.formats.read_checkpoint, jax_model.from_pretrained):
+        with pytest.raises(ResourceError, match=f"reading {src}.* needs about 0.0 GiB of memory, 0.0 GiB of memory "
+                                                "on this machine; it needs a machine with more memory"):
+            read(src)
+
+
 # --- 2. parsing is bounded: sizes, nesting, aliases, quoted values ---------------------------------
 
 
@@ -458,6 +498,45 @@ def test_tensors_numpy_cannot_hold_in_a_pt_file_are_refused_by_name(tmp_path, te
     with pytest.raises(CheckpointError,
                        match=f"only dense tensors of numpy dtypes are read; not model.norm.weight .{says}"):
         convert(pt, tmp_path / "o.safetensors", spec="tiny")
+
+
+def test_a_pt_file_whose_views_repeat_a_small_storage_is_refused_before_copying(tmp_path):
+    """A 4 KB .pt of stride-0 views (`torch.zeros(1).expand(...)`) matching a spec of d_model 20,004 passed every check
+    and was copied tensor by tensor to 4.3 GB (a MemoryError under a limit, the machine's memory without one)."""
+    import jax_model
+    import torch_model
+    from shared_config import model_layout
+
+    spec = make_spec(d_model=20_004, n_layers=1, fused_qkv=False)
+    pt = tmp_path / "views.pt"
+    torch.save({"spec": spec.to_json(), "state_dict": {t.name: torch.zeros(1).expand(*t.shape)
+                                                       for t in model_layout(spec)}}, pt)
+    assert pt.stat().st_size < 10_000
+    for read in (shared_config.formats.read_checkpoint, jax_model.from_pretrained, torch_model.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"views.pt: its tensors hold \d,\d{3},\d{3},\d{3} bytes but the "
+                                                  r"file stores 48: views that repeat stored data .*embed_tokens"):
+            read(pt)
+    shared = tmp_path / "shared.pt"  # two names for one storage: each within it, together twice its bytes
+    w = torch.zeros(4, 4)
+    torch.save({"model.norm.weight": w, "lm_head.weight": w}, shared)
+    with pytest.raises(CheckpointError,
+                       match="shared.pt: its tensors hold 128 bytes but the file stores 64: .*sharing a storage"):
+        shared_config.formats.read_checkpoint(shared, spec="tiny")
+
+
+def test_a_compressed_pt_file_is_refused_before_it_is_unpacked(tmp_path):
+    """torch.load inflates deflated zip members: a 200 KB file held a 200 MB tensor (any ratio up to ~1000)."""
+    import zipfile
+
+    plain, packed = tmp_path / "plain.pt", tmp_path / "packed.pt"
+    torch.save({"model.norm.weight": torch.zeros(250_000)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert packed.stat().st_size < plain.stat().st_size / 50
+    with pytest.raises(CheckpointError, match=r"packed.pt: its zip members unpack to 1,000,\d+ bytes, more than the "
+                                              r"file's \d+,\d+; torch.save stores them uncompressed"):
+        shared_config.formats.read_checkpoint(packed, spec="tiny")
 
 
 def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):

@@ -11,6 +11,7 @@ import jax_model
 import torch_model
 from jax_model import generate as jg
 from shared_config.generation import GenerationError
+from shared_config.tokens import TokenError
 from torch_model import generate as tg
 
 from ..support.common import FORWARD_TOL, make_spec, parity_weights, rel_err, tokens
@@ -124,9 +125,70 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[5], max_new_tokens=4, top_p=0.0), "top_p=0.0"),
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
     (dict(prompt_tokens=[5.5], max_new_tokens=4), "integer ids"),
+    (dict(prompt_tokens=[True, 5], max_new_tokens=4), "integer ids"),  # True was read as token 1
+    (dict(prompt_tokens=[5, [6]], max_new_tokens=4), "integer ids"),  # numpy's ValueError
+    (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
+    (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
 ])
 def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
     _, jm, tm = base
     for model, gen in [(jm, jg), (tm, tg)]:
         with pytest.raises(GenerationError, match=message):
             gen.generate(model, **kwargs)
+
+
+BAD_TOKENS = {  # model input -> what the TokenError says
+    "past the vocabulary": (np.array([[1, 97]]), "token id 97 is outside the vocabulary 0..96"),
+    "negative": (np.array([[1, -1]]), "token id -1 is outside the vocabulary"),
+    "float": (np.array([[1.0, 2.0]], np.float32), "integer ids, got dtype float32"),
+    "bool": (np.array([[True, False]]), "integer ids, got dtype bool"),
+    "rank 1": (np.array([1, 2]), r"rank 2\), got shape \[2\]"),
+    "rank 3": (np.array([[[1, 2]]]), r"rank 2\), got shape \[1, 1, 2\]"),
+    "empty batch": (np.zeros((0, 3), np.int32), "hold no token"),
+    "no time": (np.zeros((1, 0), np.int32), "hold no token"),
+    "past max_seq_len": (np.zeros((1, 129), np.int32), "sequence length 129 exceeds max_seq_len=128"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TOKENS)
+def test_bad_tokens_raise_the_same_token_error_in_both_twins(base, name):
+    """Unchecked, an id past the vocabulary gave NaN logits in JAX and an IndexError in torch, a negative id read
+    another token's row in JAX, an empty batch was a ZeroDivisionError in JAX and empty logits in torch."""
+    _, jm, tm = base
+    tokens, message = BAD_TOKENS[name]
+    with pytest.raises(TokenError, match=message) as j:
+        jm(jnp.asarray(tokens))
+    with pytest.raises(TokenError, match=message) as t:
+        tm(torch.as_tensor(tokens))
+    assert str(j.value) == str(t.value)
+
+
+def test_narrow_integer_tokens_read_the_same_rows_in_both_twins(base):
+    _, jm, tm = base
+    tokens = np.array([[3, 96, 0]], np.uint8)
+    a = np.asarray(jm(jnp.asarray(tokens)))
+    b = tm(torch.as_tensor(tokens)).detach().numpy()
+    assert rel_err(a, b) <= FORWARD_TOL
+    assert rel_err(a, np.asarray(jm(jnp.asarray(tokens, jnp.int32)))) == 0
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([[1.7, 2.0]]), "integer ids, got dtype float64"),  # was truncated to ids 1, 2 by the decoders' cast
+    (np.array([[5, 97]]), "token id 97 is outside"),
+    (np.array([[5, 2**40]]), "token id 1099511627776 is outside"),  # was wrapped to 0 by JAX's int32 cast
+])
+def test_decoder_checks_ids_on_the_host_before_casting(base, tokens, message):
+    _, jm, tm = base
+    for decoder in (jg.Decoder(jm), tg.Decoder(tm)):
+        with pytest.raises(TokenError, match=message):
+            decoder.prefill(tokens, decoder.init_cache(1, 8))
+        _, cache = decoder.prefill(np.array([[5, 6]]), decoder.init_cache(1, 8))
+        with pytest.raises(TokenError, match="token id 97 is outside"):
+            decoder.decode_step(np.array([97]), cache)
+
+
+def test_an_unknown_remat_is_named_by_both_twins(base):
+    _, jm, tm = base
+    for call in (lambda: jm(jnp.asarray([[1, 2]]), remat="blok"), lambda: tm(torch.as_tensor([[1, 2]]), remat="blok")):
+        with pytest.raises(ValueError, match="remat='blok' must be one of none, block, full"):  # was KeyError 'blok'
+            call()

@@ -210,3 +210,44 @@ def test_torch_decode_step_compiles_once_without_graph_breaks():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(9, 18):
             states = step(t, states)
+
+
+@pytest.fixture(scope="module")
+def small_twins():
+    spec = make_spec(max_seq_len=16)
+    w = parity_weights(spec)
+    return jax_model.from_weights(w, spec), torch_model.from_weights(w, spec)
+
+
+@pytest.mark.parametrize("args, says", [
+    ((0, 4), "a cache's batch=0 must be an integer >= 1"),  # was made, for no row
+    ((True, 4), "a cache's batch=True must be an integer >= 1"),  # JAX made one row, torch a TypeError
+    ((1, 4.0), "a cache of 4.0 slots must hold 1..max_seq_len=16"),
+    ((1, 17), "a cache of 17 slots must hold 1..max_seq_len=16"),
+    ((2, 4, [0]), r"start_B must be 2 integer slots, one per row; got \[0\]"),  # was made, rows reading no start
+    ((2, 4, [0.5, 0]), r"start_B must be 2 integer slots"),  # was truncated to 0
+    ((2, 4, [4, 0]), r"start_B=\[4, 0\] must be slots in 0..3"),
+])
+def test_a_cache_that_cannot_be_made_is_refused_by_both_twins(small_twins, args, says):
+    from shared_config.tokens import TokenError
+
+    for model in small_twins:
+        with pytest.raises(TokenError, match=says):
+            model.init_cache(*args)
+
+
+def test_a_step_past_the_cache_or_of_other_rows_is_refused_by_both_twins(small_twins):
+    """A step past the last slot overwrote that slot in JAX (a silently wrong result) and raised an IndexError in
+    torch; tokens of other rows than the cache's were a reshape TypeError in JAX, a RuntimeError in torch."""
+    from shared_config.tokens import TokenError
+
+    jm, tm = small_twins
+    for model, conv in ((jm, jnp.asarray), (tm, torch.as_tensor)):
+        _, cache = model(conv(np.array([[1, 2, 3]])), cache=model.init_cache(1, 4))
+        _, full = model(conv(np.array([[4]])), cache=cache)
+        with pytest.raises(TokenError, match="1 tokens do not fit a cache of 4 slots with 4 written"):
+            model(conv(np.array([[5]])), cache=full)
+        with pytest.raises(TokenError, match="2 tokens do not fit a cache of 4 slots with 3 written"):
+            model(conv(np.array([[5, 6]])), cache=cache)
+        with pytest.raises(TokenError, match="tokens of 2 rows do not match a cache of 1 rows"):
+            model(conv(np.array([[5], [6]])), cache=cache)

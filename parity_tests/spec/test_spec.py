@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import yaml
 
@@ -84,6 +85,14 @@ def test_spec_is_frozen():
         ({"norm_placement": "hybrid_star", "qk_norm": True},
          "qk_norm=true is not allowed with norm_placement=hybrid_star"),
         ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
+        ({"rope_theta": 10**400}, "must be a finite number"),  # was an OverflowError from math.isfinite
+        ({"n_heads": np.bool_(True)}, "n_heads=np.True_ must be an integer"),
+        # past float32's range: inf parameters with only a numpy warning, or NaN logits in JAX alone (RoPE)
+        ({"norm_type": "dyt", "attn_alpha_init": 1e39}, "attn_alpha_init=1e+39 must be within float32's range"),
+        ({"shift_init": -1e300}, "shift_init=-1e+300 must be within float32's range"),
+        ({"init_std": 1e300}, "init_std=1e+300 must be <= 2.1e37: its draws must fit float32"),
+        ({"norm_eps": 1e-320}, "norm_eps=1e-320 is 0 in float32: it must be >= 1.4e-45"),
+        ({"rope_theta": 1e-300}, "rope_theta=1e-300 gives RoPE angles past float32's range"),
     ],
 )
 def test_each_rule_names_field_value_and_rule(changes, message):
@@ -107,6 +116,12 @@ def test_every_placement_has_a_row_in_the_placement_table():
     from shared_config.spec import CHOICES
 
     assert set(PLACEMENTS) == set(CHOICES["norm_placement"])
+
+
+def test_extreme_but_representable_values_are_accepted():
+    assert load_spec({**BASE, "rope_theta": 1e308, "norm_eps": 1e-45, "attn_alpha_init": -3e38}).rope_theta == 1e308
+    assert load_spec({**BASE, "rope_theta": 1e-300, "position": "learned"}).rope_theta == 1e-300  # no RoPE: unused
+    assert load_spec({**BASE, "rope_theta": 0.5}).rope_theta == 0.5
 
 
 def test_odd_head_dim_is_fine_without_rope():
@@ -169,3 +184,20 @@ def test_a_stored_spec_is_a_mapping_never_a_preset_name_or_path():
     for text in ('"tiny"', '"/etc/passwd"', "[1]"):
         with pytest.raises(CheckpointError, match="w.safetensors: invalid spec: a spec must be a mapping"):
             spec_from_json(text, "w.safetensors")
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_are():
+    """A size computed with numpy was refused as "vocab_size=np.int64(97) must be an integer" (np.float64 passed, being
+    a float subclass, np.float32 did not); the spec holds plain Python numbers, so its JSON is the same."""
+    spec = load_spec({**BASE, "vocab_size": np.int64(97), "n_heads": np.int32(6), "norm_eps": np.float32(1e-5),
+                      "rope_theta": np.float16(10), "qk_norm": np.bool_(True)})
+    assert type(spec.vocab_size) is int and type(spec.norm_eps) is float and spec.qk_norm is True
+    assert spec == load_spec({**BASE, "norm_eps": float(np.float32(1e-5)), "rope_theta": 10.0, "qk_norm": True})
+    assert spec.to_json() == load_spec(spec.to_dict()).to_json()
+
+
+@pytest.mark.parametrize("source", [5, 1.5, [1], b"tiny", None])
+def test_a_spec_source_of_another_type_is_a_spec_error(source):
+    with pytest.raises(SpecError, match=f"a spec is given as a preset name, a YAML path or a mapping of keys, not "
+                                        f"{type(source).__name__}"):
+        load_spec(source)  # was a TypeError from Path(), naming no spec

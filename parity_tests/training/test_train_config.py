@@ -67,6 +67,16 @@ def test_bad_sources(tmp_path):
     bad.write_text("lr: [1\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_train_config(bad)
+    with pytest.raises(SpecError, match="a train config is given as a preset name, a YAML path or a mapping of keys, "
+                                        "not int 5"):
+        load_train_config(5)  # was a TypeError from Path()
+    with pytest.raises(SpecError, match="lr=1000.*must be a finite number"):
+        load_train_config({"lr": 10**400})  # was an OverflowError
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_are():
+    cfg = load_train_config({"steps": np.int64(500), "batch_size": np.int32(4), "lr": np.float32(1e-3)})
+    assert (type(cfg.steps), type(cfg.lr)) == (int, float) and cfg.steps == 500 and cfg.batch_size == 4
 
 
 def test_model_spec_override_and_seq_len_check():
@@ -99,3 +109,66 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     for prev, nxt in zip(pairs[:, :-1].ravel(), pairs[:, 1:].ravel()):
         successors.setdefault(prev, set()).add(nxt)
     assert max(len(s) for s in successors.values()) <= 4
+
+
+
+BAD_BATCHES = {  # a train batch -> what the TokenError says
+    "target past the vocabulary": (lambda b: np.concatenate([b[:, :-1], np.full((2, 1), 97)], 1), "token id 97 is"),
+    "input past the vocabulary": (lambda b: np.concatenate([np.full((2, 1), 97), b[:, 1:]], 1), "token id 97 is"),
+    "negative, not IGNORE_INDEX": (lambda b: np.where(b == b[0, 3], -1, b), "token id -1 is outside"),
+    "float": (lambda b: b.astype(np.float32), "a batch must hold integer ids, got dtype float32"),
+    "one token a row": (lambda b: b[:, :1], r"a batch of shape \[2, 1\] predicts no token"),
+}
+
+
+@pytest.fixture(scope="module")
+def train_twins():
+    import jax_model
+    import jax_model.train as J
+    import torch_model
+    import torch_model.train as P
+    from shared_config import init_weights
+
+    from ..support.common import make_spec
+
+    spec = make_spec(n_layers=1)
+    cfg = load_train_config({"batch_size": 2, "seq_len": 8, "steps": 2, "warmup_steps": 0})
+    w = init_weights(spec, 0)
+    return spec, cfg, [(J, jax_model.from_weights(w, spec)), (P, torch_model.from_weights(w, spec))]
+
+
+@pytest.mark.parametrize("name", BAD_BATCHES)
+def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_twins, name):
+    """A target past the vocabulary was a NaN loss (and a finite update) in JAX's jitted step and an IndexError in
+    torch's; a float batch was refused by JAX and truncated by torch's `.long()`."""
+    from shared_config import synthetic_batch
+    from shared_config.tokens import TokenError
+
+    spec, cfg, twins = train_twins
+    make, says = BAD_BATCHES[name]
+    batch = make(synthetic_batch(0, 0, 2, 8, spec.V))  # [2, 9]
+    for train, model in twins:
+        state = train.init_train_state(model, cfg)
+        for run in (lambda: train.make_train_step(model, cfg)(state, batch), lambda: train.loss_and_grads(model, batch),
+                    lambda: train.make_eval_step(model)(state, batch)):
+            with pytest.raises(TokenError, match=says):
+                run()
+
+
+def test_ignored_targets_are_not_ids(train_twins):
+    from shared_config import synthetic_batch
+
+    spec, _, twins = train_twins
+    ignored = np.where(np.arange(9) < 4, -100, synthetic_batch(0, 0, 2, 8, spec.V))  # IGNORE_INDEX: not predicted
+    assert np.isfinite(twins[1][0].loss_and_grads(twins[1][1], ignored)[0])
+
+
+def test_a_bad_batch_is_refused_by_the_sharded_jax_step_before_sharding(train_twins):
+    """The mesh's step checks the global batch (every process holds it), as torch's ranks do, before any collective."""
+    from jax_model import distributed
+    from shared_config.tokens import TokenError
+
+    spec, cfg, twins = train_twins
+    _, step = distributed.parallelize(twins[0][1], cfg, distributed.make_mesh(devices=1))
+    with pytest.raises(TokenError, match="token id 97 is outside the vocabulary"):
+        step(None, np.full((2, 9), 97))

@@ -25,7 +25,7 @@ from ..config_file import did_you_mean
 from ..files import CheckpointError, read_json, restore_old
 from ..spec import ModelSpec
 from . import fla, hf, orbax, torch_pt
-from .checks import check_weights
+from .checks import check_weights, checkpoint_path
 from .safetensors import load_checkpoint, metadata
 
 FORMATS = ("safetensors", "torch", "flax", "hf", "fla")
@@ -52,7 +52,8 @@ def source_format(src: Path) -> str:
         raise CheckpointError(f"{src}: neither a Hugging Face directory (config.json), an Orbax one (state/) "
                               f"nor a run's checkpoint ({RUN_CHECKPOINT})")
     if not src.is_file():
-        raise CheckpointError(f"{src}: no such file or directory")
+        what = "neither a regular file nor a directory" if src.exists() else "no such file or directory"
+        raise CheckpointError(f"{src}: {what}")
     if src.suffix not in SUFFIXES:
         raise CheckpointError(f"{src}: unknown file extension '{src.suffix}'{did_you_mean(src.suffix, SUFFIXES, 0.6)} "
                               f"({', '.join(SUFFIXES)} or a directory)")
@@ -85,7 +86,7 @@ READERS = {
 def read_any(src: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec, str]:
     """Canonical weights as stored, the spec and the source format of a checkpoint in any format; names,
     shapes and float dtypes checked, values not (NaN/Inf: `read_checkpoint`)."""
-    src = Path(src)
+    src = checkpoint_path(src)
     restore_old(src)  # a directory whose replace was killed between its renames is read, not "no such file"
     source = source_format(src)
     weights, spec = READERS[source](src, spec)

@@ -5,6 +5,7 @@ and grouped by layer. They raise CheckpointError (shared_config.files).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import numpy as np
 
 from ..files import CheckpointError
 from ..layout import group_names, layout
-from ..limits import parse_json
-from ..resources import GB, layout_size
+from ..limits import parse_json, quote
+from ..resources import GB, check_memory, layout_size
 from ..spec import ModelSpec, load_spec
 
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -28,6 +29,26 @@ def np_dtype(name: str) -> np.dtype:
 
 def is_float(a: np.ndarray) -> bool:
     return a.dtype in FLOAT_DTYPES.values() or np.issubdtype(a.dtype, np.floating)
+
+
+def checkpoint_path(src) -> Path:
+    """`src` as a Path to read, or a CheckpointError: a path of another type (None, 5), an empty one, one with a NUL
+    byte, or one the system cannot look up (a name too long, a loop of links) were a TypeError, a ValueError or a raw
+    OSError naming no checkpoint. A path that does not exist is left to the reader ("no such file")."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint path is a str or an os.PathLike, not {type(src).__name__} {quote(src)}")
+    if not str(src):
+        raise CheckpointError("an empty path names no checkpoint")
+    path = Path(src)
+    if "\0" in str(path):
+        raise CheckpointError(f"{quote(str(path))}: a path cannot hold a NUL character")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise CheckpointError(f"{quote(str(path))}: cannot look it up: {e.strerror}") from None
+    return path
 
 
 def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
@@ -60,7 +81,9 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
 
 def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
     """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
-    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes."""
+    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes. Then
+    one whose weights cannot fit in memory in float32 (ResourceError), before any tensor is read: an Orbax directory
+    of 84 KB held 257 MB of zeros (compressed), so a small directory could claim any size."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
         tensors -= 2 * spec.L
@@ -69,6 +92,7 @@ def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fals
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
             f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
         )
+    check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
 
 
 # Tensors some writers save that are computed from the spec, never learned: ignored on load with a note, as
@@ -114,7 +138,12 @@ def check_tensors(
     allow_nonfinite: bool = False,
 ) -> None:
     """Check numpy `tensors` against the expected names and shapes, float dtypes and (unless allowed) finite
-    values; every problem in one error naming `path`."""
+    values; every problem in one error naming `path`. A value that is not an array of a numpy dtype (a list, a torch
+    tensor: `.numpy()` it) is named, where its missing `.shape` or its torch dtype was a TypeError or AttributeError."""
+    if odd := [n for n, x in tensors.items() if not isinstance(getattr(x, "dtype", None), np.dtype)]:
+        raise CheckpointError(f"{path}: not arrays of a numpy dtype (numpy or JAX): "
+                              f"{', '.join(f'{quote(n)[1:-1]} ({type(tensors[n]).__name__})' for n in odd[:8])}"
+                              f"{', ...' if len(odd) > 8 else ''}")
     problems = layout_problems(tensors, shapes)
     if not_float := [n for n in shapes if n in tensors and not is_float(tensors[n])]:
         problems.append(f"non-float dtypes: {', '.join(f'{n} ({tensors[n].dtype})' for n in not_float)}")
@@ -131,6 +160,9 @@ def check_weights(
     weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
 ) -> None:
     """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_size)."""
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: the weights must be a mapping of tensor names to arrays, not "
+                              f"{type(weights).__name__}")
     check_size(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 

@@ -15,6 +15,7 @@ import numpy as np
 from ..files import CheckpointError, atomic_dir, deferred_signals, write_errors
 from ..layout import fuse_qkv, model_layout, split_qkv
 from ..limits import MAX_JSON_BYTES, read_capped
+from ..resources import ResourceError
 from ..spec import ModelSpec
 from .checks import check_layout, check_size, check_weights, np_dtype, resolve_spec, spec_from_json
 
@@ -70,7 +71,7 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
             # restore as stored (dtype included), on this host's default device
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
             flat = traverse_util.flatten_dict(checkpointer.restore(state_dir, target), sep=".")
-    except CheckpointError:
+    except (CheckpointError, ResourceError):
         raise
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged directory
         raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: {orbax_reason(e)}") from None

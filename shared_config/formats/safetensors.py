@@ -21,7 +21,8 @@ from ..files import CheckpointError, atomic_write
 from ..layout import layout
 from ..limits import LimitError, open_regular, parse_json, quote
 from ..spec import ModelSpec
-from .checks import check_size, check_weights, np_dtype, resolve_spec, spec_from_metadata, without_derived
+from .checks import (check_size, check_weights, checkpoint_path, np_dtype, resolve_spec, spec_from_metadata,
+                     without_derived)
 
 MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 DTYPE_SIZES = {
@@ -100,12 +101,21 @@ def _naturals(x) -> bool:
     return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
+def safetensors_path(src) -> Path:
+    """`src` as the path of one file (`checkpoint_path`); a directory is refused by name, not as "no such file"."""
+    path = checkpoint_path(src)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory, not a safetensors file (from_pretrained and read_checkpoint "
+                              "read checkpoint directories)")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
 def safetensors_header(path: str | Path) -> dict:
     """The checked JSON header of a safetensors file (`read_header`), no tensor read; a bad file is a
     CheckpointError."""
-    path = Path(path)
-    if not path.exists() or path.is_dir():
-        raise CheckpointError(f"{path}: no such file")
+    path = safetensors_path(path)
     try:
         return read_header(path)
     except (ValueError, OSError) as e:
@@ -114,9 +124,7 @@ def safetensors_header(path: str | Path) -> dict:
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
-    path = Path(path)
-    if not path.exists() or path.is_dir():
-        raise CheckpointError(f"{path}: no such file")
+    path = safetensors_path(path)
     try:
         # a FIFO or device is refused here, never opened by load_file
         meta = read_header(path).get("__metadata__") or {}

@@ -9,6 +9,7 @@ q/k/v fused where the spec fuses them; Linear weights are [out, in], as in the c
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    check_unpacked_size(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     # KeyError: not a pickle
@@ -101,7 +103,38 @@ def _unwrap(obj, path: Path) -> tuple[ModelSpec | None, dict]:
     odd = [f"{quote(k)[1:-1]} ({_kind(v)})" for k, v in obj.items() if _kind(v)]
     if odd:
         raise CheckpointError(f"{path}: only dense tensors of numpy dtypes are read; not {', '.join(odd[:8])}")
+    check_stored_bytes(obj, path)
     return file_spec, obj
+
+
+def check_unpacked_size(path: Path) -> None:
+    """Refuse a zip `.pt` whose members unpack to more bytes than the file holds, before `torch.load` unpacks them:
+    torch.save stores members uncompressed, and torch.load inflates deflated ones (a 195 KB file held a 200 MB tensor),
+    so a small file could take any amount of memory."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: torch.load checks each storage's size against the file
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable zip file: {e}") from None
+    if unpacked > size:
+        raise CheckpointError(f"{path}: its zip members unpack to {unpacked:,} bytes, more than the file's {size:,}; "
+                              "torch.save stores them uncompressed: a compressed .pt is not read")
+
+
+def check_stored_bytes(state: dict, path: Path) -> None:
+    """Refuse tensors that hold more bytes than the storages the file gave them, before any is copied: a stride-0
+    (expand()ed) view or tensors sharing one storage are copied whole by `canonical`, so a 4 KB file asked for 6 GB."""
+    need = sum(x.numel() * x.element_size() for x in state.values())
+    storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in state.values()}
+    if need > (stored := sum(storages.values())):
+        views = [k for k, x in state.items() if x.numel() * x.element_size() > x.untyped_storage().nbytes()]
+        names = ", ".join(quote(k)[1:-1] for k in (views or list(state))[:4])
+        raise CheckpointError(f"{path}: its tensors hold {need:,} bytes but the file stores {stored:,}: "
+                              f"views that repeat stored data (expand()ed or stride 0, or sharing a storage: {names}) "
+                              "are not read; save .clone()d tensors")
 
 
 def _kind(x) -> str | None:

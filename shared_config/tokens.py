@@ -1,0 +1,118 @@
+"""What a model call reads, token ids and a KV cache: the checks both twins' `TransformerModel`, `init_cache` and
+`Decoder` make, with one message each, so that the same bad input raises the same TokenError in either twin.
+
+Left unchecked, the twins disagreed on the same input: an id past the vocabulary gave NaN logits in JAX (`jnp.take`
+fills out-of-range rows) and an IndexError in torch; a negative id read another token's row in JAX (wrapped, as numpy
+indexing does); float ids were truncated by the decoders' casts; an empty batch raised ZeroDivisionError in JAX and
+returned empty logits in torch. A cache for 0 rows, or with a row starting past its last slot, was made; a step past
+its last slot overwrote that slot in JAX and raised an IndexError in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .generation import is_int
+from .limits import quote
+from .spec import ModelSpec
+
+
+class TokenError(ValueError):
+    """Token ids or a cache a model cannot read: the message names the shape, dtype, id or slot and what was
+    expected."""
+
+
+def check_token_array(shape: Sequence[int], dtype: str) -> None:
+    """Refuse tokens that are not a [B, T] array of integer ids with B, T >= 1 (`dtype`: the framework's name without
+    its module, `int32`, `float32`, `bool`). Needs no values: safe under jit and compilation."""
+    if len(shape) != 2:
+        raise TokenError(f"tokens must be [batch, time] (rank 2), got shape {list(shape)}")
+    if not dtype.startswith(("int", "uint")):
+        raise TokenError(f"tokens must be integer ids, got dtype {dtype}")
+    if 0 in shape:
+        raise TokenError(f"tokens of shape {list(shape)} hold no token: batch and time must be >= 1")
+
+
+def check_token_values(spec: ModelSpec, lo: int, hi: int) -> None:
+    """Refuse ids outside 0..V-1, given the smallest (`lo`) and largest (`hi`) id of a call."""
+    if lo < 0 or hi >= spec.V:
+        raise TokenError(f"token id {lo if lo < 0 else hi} is outside the vocabulary 0..{spec.V - 1}")
+
+
+def host_tokens(tokens, spec: ModelSpec) -> np.ndarray:
+    """`tokens` (a decoder's [B, P] prompts or [B] step) as a numpy array of ids in the vocabulary, checked before a
+    cast to the step's integer type could truncate a float id or wrap a large one; TokenError otherwise."""
+    ids = np.asarray(tokens)
+    check_token_array(ids.reshape(1, -1).shape if ids.ndim == 1 else ids.shape, str(ids.dtype))
+    check_token_values(spec, int(ids.min()), int(ids.max()))
+    return ids
+
+
+def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | None:
+    """Refuse a cache that cannot be made (TokenError): `batch` rows >= 1, `size` slots in 1..max_seq_len, `start_B`
+    (None: every row starts at slot 0) one integer slot per row in 0..size-1; `start_B` as numpy."""
+    if not is_int(batch, 1):
+        raise TokenError(f"a cache's batch={quote(batch)} must be an integer >= 1")
+    if not is_int(size, 1, spec.max_seq_len):
+        raise TokenError(f"a cache of {quote(size)} slots must hold 1..max_seq_len={spec.max_seq_len}")
+    if start_B is None:
+        return None
+    start = np.asarray(start_B)
+    if start.shape != (batch,) or start.dtype.kind not in "iu":
+        raise TokenError(f"start_B must be {batch} integer slots, one per row; got {quote(start.tolist())}")
+    if start.min() < 0 or start.max() >= size:
+        raise TokenError(f"start_B={quote(start.tolist())} must be slots in 0..{size - 1} (each row's first token)")
+    return start
+
+
+def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int | None) -> None:
+    """Refuse a step whose B rows are not the cache's, or whose T tokens do not fit after its `length` written slots
+    (None: the length is data, under jit or compilation, and the caller's to keep within the cache)."""
+    if B != cache_B:
+        raise TokenError(f"tokens of {B} rows do not match a cache of {cache_B} rows")
+    if T > cache_size:
+        raise TokenError(f"{T} tokens do not fit a cache of {cache_size} slots")
+    if length is not None and length + T > cache_size:
+        raise TokenError(f"{T} tokens do not fit a cache of {cache_size} slots with {length} written")
+
+
+def check_batch_array(shape: Sequence[int], dtype: str) -> None:
+    """Refuse a training batch that is not [B, N] integer ids with B >= 1 and N >= 2 (inputs and the next tokens they
+    predict). Needs no values: safe under jit and compilation (a float batch was truncated by torch's `.long()`)."""
+    if len(shape) != 2:
+        raise TokenError(f"a batch must be [batch, tokens] (rank 2), got shape {list(shape)}")
+    if not dtype.startswith(("int", "uint")):
+        raise TokenError(f"a batch must hold integer ids, got dtype {dtype}")
+    if shape[0] < 1 or shape[1] < 2:
+        raise TokenError(f"a batch of shape {list(shape)} predicts no token: it needs rows of at least 2 tokens")
+
+
+def check_batch(tokens_BN, spec: ModelSpec, ignore: int) -> None:
+    """A training batch held in host memory (numpy), checked whole: `check_batch_array`, then every id in the
+    vocabulary or `ignore` (IGNORE_INDEX). Inside a jitted step the ids are data: an id past the vocabulary as a target
+    was a NaN loss in JAX and an IndexError in torch. Arrays of a framework are left to `check_batch_array`."""
+    if not isinstance(tokens_BN, np.ndarray):
+        return
+    check_batch_array(tokens_BN.shape, str(tokens_BN.dtype))
+    lo, hi = int(tokens_BN.min()), int(tokens_BN.max())
+    if lo <= ignore <= hi:  # IGNORE_INDEX entries are not ids: the range of the others
+        ids = tokens_BN[tokens_BN != ignore]
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    check_token_values(spec, lo, hi)
+
+
+class CheckedStep:
+    """A train or eval step `(state, tokens_BN, ...)` whose numpy batch is checked (`check_batch`) before it runs;
+    other attributes (jax.jit's `lower`, ...) are the step's own."""
+
+    def __init__(self, step, spec: ModelSpec, ignore: int):
+        self.step, self.spec, self.ignore = step, spec, ignore
+
+    def __call__(self, state, tokens_BN, *args, **kwargs):
+        check_batch(tokens_BN, self.spec, self.ignore)
+        return self.step(state, tokens_BN, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
