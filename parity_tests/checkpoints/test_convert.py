@@ -15,6 +15,7 @@ import torch_model
 from shared_config import CheckpointError, init_weights, load_spec, read_safetensors, save_checkpoint
 from shared_config.cli import UsageError
 from shared_config.formats.hf import unsupported_options
+from shared_config.spec import CHOICES
 
 from ..support.common import file_bytes_equal, load_script, make_spec, parity_weights, run_script
 
@@ -44,6 +45,13 @@ def canonical_file(path, spec, seed=0):
 
 
 # Hugging Face only for the specs it can represent (the refusal is tested in test_hf.py).
+def test_the_specs_hold_every_norm_type_and_placement():
+    """A norm type or placement added to the spec's CHOICES round-trips here only once a spec uses it."""
+    specs = [make_spec(**changes) for changes in SPECS.values()]
+    for field in ("norm_type", "norm_placement"):
+        assert {getattr(spec, field) for spec in specs} == set(CHOICES[field]), field
+
+
 TRIPS = [
     (fmt, name) for fmt in ("torch", "flax", "hf") for name in SPECS
     if fmt != "hf" or not unsupported_options(make_spec(**SPECS[name]))

@@ -1,24 +1,32 @@
 """100 AdamW steps from one canonical checkpoint on the same batches: every step's loss and the final
-parameters of the two twins agree (tiny, tiny-dyt, tiny-derf; pre and peri placement; and the
-deepnorm, hybrid, hybrid_star and pre_post, one norm type each)."""
+parameters of the two twins agree (RMSNorm, DyT and Derf, pre and peri placement; and every other
+placement with one norm type each, LayerNorm's under post)."""
 
 import numpy as np
 import pytest
 
 from shared_config import init_weights, load_spec, load_train_config
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
+from shared_config.spec import CHOICES
 
 from ..support.train_common import TWINS, trajectory
 
 CFG = load_train_config("parity")  # lr 5e-4: see the preset and docs/parity.md on chaos at larger lr
-CASES = [(name, placement) for name in ("tiny", "tiny-dyt", "tiny-derf") for placement in ("pre", "peri")]
-CASES += [("tiny-dyt", "deepnorm"), ("tiny", "hybrid"), ("tiny-derf", "hybrid_star"), ("tiny", "pre_post")]
+PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the norm's own inits
+CASES = [(norm, placement) for norm in ("rms", "dyt", "derf") for placement in ("pre", "peri")]
+CASES += [("dyt", "deepnorm"), ("rms", "hybrid"), ("derf", "hybrid_star"), ("rms", "pre_post"), ("layernorm", "post")]
+
+
+def test_the_cases_hold_every_norm_type_and_placement():
+    """A norm type or placement added to the spec's CHOICES is trained here only once a case uses it."""
+    assert {n for n, _ in CASES} == set(CHOICES["norm_type"]) == set(PRESETS)
+    assert {p for _, p in CASES} == set(CHOICES["norm_placement"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,placement", CASES, ids=[f"{n}-{p}" for n, p in CASES])
-def test_hundred_adamw_steps_agree(name, placement):
-    spec = load_spec(name).replace(norm_placement=placement)
+@pytest.mark.parametrize("norm,placement", CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_hundred_adamw_steps_agree(norm, placement):
+    spec = load_spec(PRESETS[norm]).replace(norm_type=norm, norm_placement=placement)
     weights = init_weights(spec, seed=0)
     (jax_metrics, jax_state), (torch_metrics, torch_state) = (
         trajectory(twin, train, weights, spec, CFG) for _, twin, train in TWINS
