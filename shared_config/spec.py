@@ -39,6 +39,8 @@ CHOICES = {
     "routing_gate": ("raw", "sigmoid"),
 }
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
+# How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
+COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
 
 
 @dataclass(frozen=True, eq=False)

@@ -67,6 +67,11 @@ def test_spec_disagreement_missing_spec_and_invalid_spec(tmp_path, spec, twin):
     with pytest.raises(CheckpointError, match=r"disagrees with the given spec: n_layers: file 3 vs given 2"):
         LOADERS[twin](path, make_spec(n_layers=2))
     assert LOADERS[twin](path, spec.to_dict()).spec == spec  # an agreeing spec is fine
+    # the compute choices are the given spec's: the file is the same whether q/k/v run fused, in float32 or bfloat16
+    compute = spec.replace(fused_qkv=not spec.fused_qkv, compute_dtype="bfloat16")
+    assert LOADERS[twin](path, compute).spec == compute
+    with pytest.raises(CheckpointError, match=r"given spec: n_layers: file 3 vs given 2$"):  # named alone
+        LOADERS[twin](path, compute.replace(n_layers=2))
     bare = write(tmp_path / "bare.safetensors", init_weights(spec, 0))
     with pytest.raises(CheckpointError, match="carries no spec"):
         LOADERS[twin](bare)

@@ -18,7 +18,7 @@ from ..files import CheckpointError
 from ..layout import group_names, layout
 from ..limits import parse_json, quote
 from ..resources import GB, check_memory, layout_size
-from ..spec import ModelSpec, load_spec
+from ..spec import COMPUTE_FIELDS, ModelSpec, load_spec
 
 FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -64,7 +64,8 @@ def spec_from_metadata(meta: Mapping[str, str], path: str | Path) -> ModelSpec |
 
 
 def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelSpec:
-    """The spec to use: the given one must agree with the file's; one of them must exist."""
+    """The spec to use: the given one must agree with the file's, except in the compute choices (spec.COMPUTE_FIELDS:
+    compute_dtype, fused_qkv), where it is the given spec's to choose; one of them must exist."""
     if given is None:
         if file_spec is None:
             raise CheckpointError(f"{path}: the file carries no spec; pass one (--spec on the command line; "
@@ -72,6 +73,8 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
                                   "a preset name, YAML path or dict)")
         return file_spec
     spec = load_spec(given)
+    if file_spec is not None:
+        file_spec = file_spec.replace(**{f: getattr(spec, f) for f in COMPUTE_FIELDS})
     if file_spec is not None and file_spec != spec:  # equal architectures, however their defaults were written
         a, b = file_spec.to_dict(), spec.to_dict()
         diff = "; ".join(f"{k}: file {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k])
