@@ -11,7 +11,7 @@ from shared_config import load_spec, parse_overrides, save_checkpoint
 from shared_config.cli import Parser, UsageError, run
 from shared_config.init import draw_weights
 from shared_config.progress import QUICK_S, progress, writing
-from shared_config.resources import check_memory, init_bytes, weights_bytes
+from shared_config.resources import weights_bytes
 
 
 def main(argv=None):
@@ -37,12 +37,10 @@ def main(argv=None):
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():
         raise UsageError(f"{args.out.parent} is not a directory")
-    check_memory(init_bytes(spec), f"drawing {spec.L} layers of d_model {spec.D}, vocab {spec.V:,}",
-                 "lower the model's sizes")  # before anything is allocated
-    weights = {}
+    draws, weights = draw_weights(spec, args.seed), {}  # its memory check comes first, before anything is allocated
     with progress(total=weights_bytes(spec), desc="draw", unit="B", unit_scale=True, delay=QUICK_S,
                   quiet=args.quiet) as bar:
-        for name, x in draw_weights(spec, args.seed):
+        for name, x in draws:
             weights[name] = x
             bar.update(x.nbytes)
     with writing(args.out, weights_bytes(spec), args.quiet):

@@ -224,7 +224,7 @@ def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is
     ("init_checkpoint", ["--spec", "tiny", "--set", "vocab_size=1000000000000", "--out", "x.safetensors"],
      "drawing 3 layers of d_model 96, vocab 1,000,000,000,000 needs about"),
     ("init_checkpoint", ["--spec", "tiny", "--set", "n_layers=1000000", "--out", "x.safetensors"],
-     "drawing 1000000 layers"),
+     "drawing 1,000,000 layers of d_model 96, vocab 257 needs about"),
     ("train", ["--backend", "torch", "--set", "vocab_size=1000000000000", "--out", "run", "--quiet"],
      "training 3 layers of d_model 96, vocab 1,000,000,000,000 at batch"),
     ("bench/compare.py", ["--set", "vocab_size=1000000000000"], "the train job of tiny at batch 8 x seq 256 needs"),

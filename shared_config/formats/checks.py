@@ -83,10 +83,17 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
 
 
 def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
+    """What every reader checks before it reads a tensor: the tensor count (`check_count`), then that the weights fit
+    in memory in float32 (ResourceError): an Orbax directory of 84 KB held 257 MB of zeros (compressed), so a small
+    directory could claim any size."""
+    params = check_count(found, spec, path, fused)
+    check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
+
+
+def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> int:
     """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
-    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes. Then
-    one whose weights cannot fit in memory in float32 (ResourceError), before any tensor is read: an Orbax directory
-    of 84 KB held 257 MB of zeros (compressed), so a small directory could claim any size."""
+    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes.
+    Returns the spec's parameter count."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
         tensors -= 2 * spec.L
@@ -95,7 +102,7 @@ def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fals
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
             f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
         )
-    check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
+    return params
 
 
 # Tensors some writers save that are computed from the spec, never learned: ignored on load with a note, as
@@ -162,10 +169,11 @@ def check_tensors(
 def check_weights(
     weights: Mapping[str, np.ndarray], spec: ModelSpec, path: str | Path, allow_nonfinite: bool = False
 ) -> None:
-    """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_size)."""
+    """Check canonical `weights` against `layout(spec)` (check_tensors), their count first (check_count; they are
+    in memory already, so no memory check)."""
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: the weights must be a mapping of tensor names to arrays, not "
                               f"{type(weights).__name__}")
-    check_size(len(weights), spec, path)
+    check_count(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
