@@ -180,7 +180,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     With grad_accum_steps, each rank's rows split into that many micro-batches (train.micro_batches), and only the
     last one's backward reduces the gradients (DDP's no_sync, FSDP2's set_requires_gradient_sync).
     """
-    step = train.make_train_step(model, cfg, compile=compile)
+    step = train.make_train_step(model, cfg, compile=compile).step  # unchecked: the global batch is checked below
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
         check_batch(tokens_BN, model.spec, train.IGNORE_INDEX)  # the global batch, the same on every process
