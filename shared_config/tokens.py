@@ -24,15 +24,17 @@ class TokenError(ValueError):
     expected."""
 
 
-def check_token_array(shape: Sequence[int], dtype: str) -> None:
-    """Refuse tokens that are not a [B, T] array of integer ids with B, T >= 1 (`dtype`: the framework's name without
-    its module, `int32`, `float32`, `bool`). Needs no values: safe under jit and compilation."""
+def check_token_array(shape: Sequence[int], dtype: str, what: str = "tokens", min_time: int = 1) -> None:
+    """Refuse `what` that is not a [B, T] array of integer ids with B >= 1 and T >= `min_time` (`dtype`: the
+    framework's name without its module, `int32`, `float32`, `bool`). Needs no values: safe under jit and
+    compilation."""
     if len(shape) != 2:
-        raise TokenError(f"tokens must be [batch, time] (rank 2), got shape {list(shape)}")
+        raise TokenError(f"{what} must be [batch, time] (rank 2), got shape {list(shape)}")
     if not dtype.startswith(("int", "uint")):
-        raise TokenError(f"tokens must be integer ids, got dtype {dtype}")
-    if 0 in shape:
-        raise TokenError(f"tokens of shape {list(shape)} hold no token: batch and time must be >= 1")
+        raise TokenError(f"{what} must hold integer ids, got dtype {dtype}")
+    if shape[0] < 1 or shape[1] < min_time:
+        raise TokenError(f"{what} of shape {list(shape)}: needs at least one row of {min_time} token"
+                         f"{'s' if min_time > 1 else ''}")
 
 
 def check_token_values(spec: ModelSpec, lo: int, hi: int) -> None:
@@ -79,14 +81,9 @@ def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int 
 
 
 def check_batch_array(shape: Sequence[int], dtype: str) -> None:
-    """Refuse a training batch that is not [B, N] integer ids with B >= 1 and N >= 2 (inputs and the next tokens they
-    predict). Needs no values: safe under jit and compilation (a float batch was truncated by torch's `.long()`)."""
-    if len(shape) != 2:
-        raise TokenError(f"a batch must be [batch, tokens] (rank 2), got shape {list(shape)}")
-    if not dtype.startswith(("int", "uint")):
-        raise TokenError(f"a batch must hold integer ids, got dtype {dtype}")
-    if shape[0] < 1 or shape[1] < 2:
-        raise TokenError(f"a batch of shape {list(shape)} predicts no token: it needs rows of at least 2 tokens")
+    """`check_token_array` of a training batch [B, N]: rows of at least 2 tokens (inputs and the next tokens they
+    predict). A float batch was truncated by torch's `.long()`."""
+    check_token_array(shape, dtype, "a batch", min_time=2)
 
 
 def check_batch(tokens_BN, spec: ModelSpec, ignore: int) -> None:

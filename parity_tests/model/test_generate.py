@@ -144,8 +144,8 @@ BAD_TOKENS = {  # model input -> what the TokenError says
     "bool": (np.array([[True, False]]), "integer ids, got dtype bool"),
     "rank 1": (np.array([1, 2]), r"rank 2\), got shape \[2\]"),
     "rank 3": (np.array([[[1, 2]]]), r"rank 2\), got shape \[1, 1, 2\]"),
-    "empty batch": (np.zeros((0, 3), np.int32), "hold no token"),
-    "no time": (np.zeros((1, 0), np.int32), "hold no token"),
+    "empty batch": (np.zeros((0, 3), np.int32), r"of shape \[0, 3\]: needs at least one row of 1 token$"),
+    "no time": (np.zeros((1, 0), np.int32), r"of shape \[1, 0\]: needs at least one row of 1 token$"),
     "past max_seq_len": (np.zeros((1, 129), np.int32), "sequence length 129 exceeds max_seq_len=128"),
 }
 

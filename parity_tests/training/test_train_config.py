@@ -117,7 +117,7 @@ BAD_BATCHES = {  # a train batch -> what the TokenError says
     "input past the vocabulary": (lambda b: np.concatenate([np.full((2, 1), 97), b[:, 1:]], 1), "token id 97 is"),
     "negative, not IGNORE_INDEX": (lambda b: np.where(b == b[0, 3], -1, b), "token id -1 is outside"),
     "float": (lambda b: b.astype(np.float32), "a batch must hold integer ids, got dtype float32"),
-    "one token a row": (lambda b: b[:, :1], r"a batch of shape \[2, 1\] predicts no token"),
+    "one token a row": (lambda b: b[:, :1], r"a batch of shape \[2, 1\]: needs at least one row of 2 tokens$"),
 }
 
 
