@@ -228,6 +228,9 @@ def _check_rules(s: ModelSpec) -> None:
     if s.rope_scaling == "llama3":
         if s.position != "rope":
             raise SpecError(f"rope_scaling=llama3 needs position=rope, got position={s.position}")
+        if s.rope_scaling_factor < 1:  # llama3 stretches long wavelengths; a factor < 1 would compress them
+            raise SpecError(f"rope_scaling_factor={s.rope_scaling_factor} must be >= 1 when rope_scaling=llama3 "
+                            "(it divides the long-wavelength frequencies)")
         if not 0 < s.rope_low_freq_factor < s.rope_high_freq_factor:
             raise SpecError(
                 f"rope_low_freq_factor={s.rope_low_freq_factor} must be > 0 and < "
@@ -254,11 +257,9 @@ def _check_float32_range(s: ModelSpec) -> None:
             raise SpecError(f"{name}={getattr(s, name)} must be <= 2.1e37: its draws must fit float32")
     if s.norm_eps <= FLOAT32_TINY / 2:
         raise SpecError(f"norm_eps={s.norm_eps} is 0 in float32: it must be >= 1.4e-45, float32's smallest")
-    # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1 (and
-    # times 1/factor where llama3 scaling divides by a factor < 1)
+    # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1
+    # (llama3 scaling only divides frequencies, by a factor >= 1)
     log_angle = max(0.0, -math.log(s.rope_theta) * (s.E - 2) / s.E) + math.log(max(1, s.max_seq_len - 1))
-    if s.rope_scaling == "llama3":
-        log_angle += max(0.0, -math.log(s.rope_scaling_factor))
     if s.position == "rope" and log_angle > math.log(FLOAT32_MAX):
         raise SpecError(f"rope_theta={s.rope_theta} gives RoPE angles past float32's range (position · "
                         f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")

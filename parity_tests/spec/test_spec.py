@@ -78,6 +78,7 @@ def test_spec_is_frozen():
         ({"rope_scaling": "yarn"}, "rope_scaling='yarn' must be one of none, llama3"),
         ({"rope_scaling": "llama3", "position": "learned"}, "rope_scaling=llama3 needs position=rope"),
         ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor=4.0 must be > 0 and <"),
+        ({"rope_scaling": "llama3", "rope_scaling_factor": 0.5}, "rope_scaling_factor=0.5 must be >= 1 when"),
         ({"init_std": -0.1}, "init_std=-0.1 must be > 0"),
         ({"norm_placement": "deepnorm", "residual_scaling": True},
          "residual_scaling=true is not allowed with norm_placement=deepnorm"),
