@@ -180,7 +180,15 @@ MAX_STEM = 200  # characters of a destination's name in its temp names: `.NAME.P
 def destination(path: str | Path, directory: bool) -> Path:
     """Where a write to `path` lands: through a symbolic link, its target (a rename onto the link would replace the
     link itself). An existing path of the other kind, or neither a file nor a directory (a device such as
-    /dev/stdout, a pipe), is refused: the write would replace it."""
+    /dev/stdout, a pipe), is refused: the write would replace it. A path of another type (None, 5) is a TypeError, an
+    empty one a FileNotFoundError (as `open("")`), one with a NUL byte a ValueError, each naming what was given: `Path`
+    made "." of an empty path, and a write to it failed as "is a directory"."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a path to write to is a str or an os.PathLike, not {type(path).__name__} {path!r:.80}")
+    if not str(path):
+        raise FileNotFoundError(errno.ENOENT, "an empty path names no file to write", "")
+    if "\0" in str(path):
+        raise ValueError(f"{str(path)!r:.200}: a path to write to cannot hold a NUL character")
     path = Path(path)
     if path.exists() and not (path.is_dir() if directory else path.is_file()):
         what = "a directory" if path.is_dir() else "a file" if path.is_file() else "neither a file nor a directory"

@@ -86,6 +86,24 @@ def test_an_empty_path_argument_is_refused():
                    "argument --out: expected a path, got an empty string")
 
 
+def test_a_write_to_no_path_names_what_it_was_given(tmp_path, monkeypatch):
+    """The library's writers (`atomic_write`, `atomic_dir`, and so every save and report) take paths from code, not
+    argparse: None was Path's own TypeError, "" became "." and failed as "is a directory", a NUL byte was
+    "embedded null byte". Nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    cases = ((None, TypeError, "a path to write to is a str or an os.PathLike, not NoneType"),
+             (5, TypeError, "not int 5"),
+             ("", FileNotFoundError, "an empty path names no file to write"),
+             ("a\0b", ValueError, "a path to write to cannot hold a NUL character"))
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            atomic_write(path, write_text("x"))
+        with pytest.raises(error, match=message):
+            with atomic_dir(path):
+                pass
+    assert list(tmp_path.iterdir()) == []
+
+
 PRINTS_A_LOT = """
 import atexit, os, signal, sys, time
 from shared_config.cli import run
