@@ -18,6 +18,7 @@ from jax_model.gla import set_chunk as jax_set_chunk
 from shared_config import SpecError, layout, load_spec, load_train_config, synthetic_batch
 from shared_config.parity import BF16_KL_MAX, BF16_KL_MEAN, BF16_TOP1, GRAD_TOL, LOSS_TOL, TRAJ_LOSS_TOL, TRAJ_PARAM_TOL
 from shared_config.parity import max_rel, token_kl, top1_agreement
+from shared_config.spec import CHOICES
 from torch_model.gla import set_chunk as torch_set_chunk
 
 from ..support import reference
@@ -32,7 +33,25 @@ CASES += [
     dict(norm_type="dyt", norm_placement="peri", gla_output_norm="same", norm_bias=True),
     dict(norm_type="derf", gla_output_norm="same", gla_gate_normalizer=1.0, tie_embeddings=True),
     dict(norm_type="layernorm", norm_placement="post", gla_output_norm="same", mlp="gelu"),
+    dict(norm_type="rms", norm_placement="pre_post", mlp="relu2"),
 ]
+GRAD_CASES = CASES[:6] + CASES[7:8] + CASES[9:]
+
+
+def test_every_norm_and_placement_gla_takes_is_in_the_cases():
+    """CASES is written by hand: a norm type, or a placement GLA accepts, added to the spec's CHOICES fails here until
+    it has a case (pre_post had none)."""
+    def accepted(placement):
+        try:
+            return bool(gla_spec(norm_placement=placement))
+        except SpecError:
+            return False
+
+    have = {(gla_spec(**c).norm_type, gla_spec(**c).norm_placement) for c in CASES}
+    assert not set(CHOICES["norm_type"]) - {n for n, _ in have}, "a norm type has no GLA case"
+    placements = {p for p in CHOICES["norm_placement"] if accepted(p)}
+    assert placements == {"pre", "peri", "post", "pre_post"}  # the spec's rule, read back
+    assert not placements - {p for _, p in have}, "a placement GLA takes has no case"
 
 
 def gla_spec(**changes):
@@ -132,7 +151,7 @@ def test_chunked_equals_recurrent(chunk):
         assert rel_err(got, ref) <= FORWARD_TOL, f"{name}, chunk {chunk}: {rel_err(got, ref):.2e}"
 
 
-@pytest.mark.parametrize("changes", quick_first(CASES[:6] + CASES[7:8]), ids=case_ids(CASES[:6] + CASES[7:8]))
+@pytest.mark.parametrize("changes", quick_first(GRAD_CASES), ids=case_ids(GRAD_CASES))
 def test_twins_agree_on_loss_and_every_gradient(changes):
     spec = gla_spec(**changes)
     w, x = gla_weights(spec), tokens(spec, seq=45)
