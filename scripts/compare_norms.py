@@ -28,11 +28,11 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import clear_results, study_args, study_parser, study_run, train_all, write_results
+from shared_config.study import (NORM_PRESETS, clear_results, study_args, study_parser, study_run, train_all,
+                                 write_results)
 from shared_config.twins import twin
 
 # the tiny family: the preset of each norm with inits of its own; any other norm type trains from tiny
-PRESETS = {"dyt": "tiny-dyt", "derf": "tiny-derf"}
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
 PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
 SETS = {  # the spec keys each run takes from its config or from --mixer: a --set of one is refused
@@ -46,7 +46,7 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
     norm, placement = config.split("-")
     spec_changes, cfg_changes = changes
-    preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else PRESETS.get(norm, "tiny")
+    preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else NORM_PRESETS[norm]
     spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
                                      **spec_changes)
     return study_run(spec, cfg_changes, steps, data, out, config, backend)

@@ -25,6 +25,11 @@ from .spec import ModelSpec
 from .train_config import load_train_config
 
 
+# the tiny preset whose initial values (alpha, shift) suit each norm type: the norm study's runs and the trajectory
+# tests start from these
+NORM_PRESETS = {"rms": "tiny", "layernorm": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf"}
+
+
 def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, out: Path, config: str,
               backend: str) -> Run:
     """A study's run of one configuration in one twin, into OUT/runs/CONFIG-BACKEND: the cpu train preset with

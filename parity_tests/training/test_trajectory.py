@@ -8,25 +8,25 @@ import pytest
 from shared_config import init_weights, load_spec, load_train_config
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.spec import CHOICES
+from shared_config.study import NORM_PRESETS
 
 from ..support.train_common import TWINS, trajectory
 
 CFG = load_train_config("parity")  # lr 5e-4: see the preset and docs/parity.md on chaos at larger lr
-PRESETS = {"rms": "tiny", "dyt": "tiny-dyt", "derf": "tiny-derf", "layernorm": "tiny"}  # the norm's own inits
 CASES = [(norm, placement) for norm in ("rms", "dyt", "derf") for placement in ("pre", "peri")]
 CASES += [("dyt", "deepnorm"), ("rms", "hybrid"), ("derf", "hybrid_star"), ("rms", "pre_post"), ("layernorm", "post")]
 
 
 def test_the_cases_hold_every_norm_type_and_placement():
     """A norm type or placement added to the spec's CHOICES is trained here only once a case uses it."""
-    assert {n for n, _ in CASES} == set(CHOICES["norm_type"]) == set(PRESETS)
+    assert {n for n, _ in CASES} == set(CHOICES["norm_type"]) == set(NORM_PRESETS)
     assert {p for _, p in CASES} == set(CHOICES["norm_placement"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("norm,placement", CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_hundred_adamw_steps_agree(norm, placement):
-    spec = load_spec(PRESETS[norm]).replace(norm_type=norm, norm_placement=placement)
+    spec = load_spec(NORM_PRESETS[norm]).replace(norm_type=norm, norm_placement=placement)
     weights = init_weights(spec, seed=0)
     (jax_metrics, jax_state), (torch_metrics, torch_state) = (
         trajectory(twin, train, weights, spec, CFG) for _, twin, train in TWINS
