@@ -141,6 +141,10 @@ class LayerCache(NamedTuple):
     def size(self) -> int:
         return self.k_BSKE.shape[1]
 
+    def keeping(self, keep_BT) -> LayerCache:
+        """The cache whose next write leaves out the tokens `keep_BT` [B, T] (bool) does not keep."""
+        return LayerCache(self.k_BSKE, self.v_BSKE, self.length, keep_BT)
+
     def write(self, k_BTKE, v_BTKE) -> LayerCache:
         """The cache with the next T slots written; `length` is traced, so one compiled step serves every position.
         A token `keep_BT` leaves out (one a routed layer skipped) writes nothing: its slot keeps what it held."""

@@ -180,7 +180,7 @@ class GLA(nnx.Module):
         o_BTHV = self.g_norm(o_BHTV.transpose(0, 2, 1, 3)) * gate_BTHV
         y_BTD = self.o_proj(o_BTHV.reshape(B, T, H * V).astype(x_BTD.dtype))
         if state is not None:
-            state = state._replace(S_BHKV=S_BHKV, length=state.length + T)
+            state = GLAState(S_BHKV, state.length + T, state.slots_0S)
         return y_BTD, state
 
 

@@ -192,7 +192,7 @@ class Routes:
             s_S = jnp.arange(keep_BS.shape[1])
             own_BTS = (s_S[None, :] == slots_T[:, None])[None]  # a skipped query reads itself: no empty softmax
             if cache is not None:  # a skipped token writes no key or value at this layer
-                cache = cache._replace(keep_BT=keep_BT)
+                cache = cache.keeping(keep_BT)
             y_BTD, cache = run(x_BTD, cos, sin, taps, cache, read_BTS & (keep_BS[:, None, :] | own_BTS))
             update_BTD = (y_BTD - x_BTD) * gate_BT[..., None].astype(x_BTD.dtype)
             out_BTD = x_BTD + jnp.where(keep_BT[..., None], update_BTD, 0)

@@ -36,6 +36,8 @@ class KVCache(NamedTuple):
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
+    The caches are rebuilt with their constructors, never NamedTuple's `_replace`: torch 2.11's dynamo returns an
+    empty tuple from a compiled `_replace`, and the next compiled step failed on it.
     A write past the last slot is refused where the length is at hand (`cache_length`); inside a compiled step the
     length is data, and such a write the caller's to avoid.
     """
@@ -108,7 +110,7 @@ class TransformerModel(nn.Module):
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
-        return x_BTD, None if cache is None else cache._replace(layers=tuple(layer_caches), routing=routing_cache)
+        return x_BTD, None if cache is None else KVCache(tuple(layer_caches), cache.start_B, routing_cache)
 
     def embed(self, tokens_BT, positions):
         """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled as the spec says; positions [T]
