@@ -6,14 +6,15 @@ Notation: B batch, T tokens, D model dim.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from shared_config import ModelSpec
 from shared_config.placement import Placement, residual_alpha
 
 from .attention import Attention, LayerCache
-from .gla import GLA
-from .layers import MLP, make_norm
+from .gla import GLA, GLAState
+from .layers import DTYPES, MLP, make_norm
 from .routing import DtfRouter, ModRouter, Predictor
 
 
@@ -68,6 +69,18 @@ def make_mixer(spec: ModelSpec, attention: str, rngs: nnx.Rngs) -> Attention | G
     if spec.mixer == "gla":
         return GLA(spec, rngs=rngs)
     raise ValueError(f"make_mixer: no module for mixer={spec.mixer!r} (docs/extending.md)")
+
+
+def empty_state(spec: ModelSpec, batch: int, size: int) -> LayerCache | GLAState:
+    """An empty decoding state of `size` slots for one block's token mixer (`spec.mixer`): attention's keys and values
+    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
+    (one added to make_mixer alone would decode with attention's cache)."""
+    if spec.mixer == "attention":
+        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+    if spec.mixer == "gla":
+        return GLAState.empty(spec, batch, size)
+    raise ValueError(f"empty_state: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
 
 
 def make_router(spec: ModelSpec, rngs: nnx.Rngs) -> ModRouter | DtfRouter:

@@ -23,15 +23,14 @@ from shared_config.tokens import (TokenError, check_cache_request, check_cache_r
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
-from .block import Block
-from .gla import GLAState
+from .block import Block, empty_state
 from .layers import DTYPES, ZEROS, Linear, make_norm
 from .weights import draw_weights
 
 
 class KVCache(NamedTuple):
     """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded
-    (a GLA layer holds its recurrent state instead: `GLAState`).
+    (another mixer's layer holds its own state instead: `block.empty_state`).
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
@@ -194,12 +193,8 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec, start_B = self.spec, check_cache_request(self.spec, batch, size, start_B)
-        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
-        layers = tuple(
-            GLAState.empty(spec, batch, size) if spec.mixer == "gla" else
-            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                       jnp.zeros((), jnp.int32)) for _ in range(spec.L)
-        )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
+        # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
+        layers = tuple(empty_state(spec, batch, size) for _ in range(spec.L))
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size))
 

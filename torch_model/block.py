@@ -6,14 +6,15 @@ Notation: B batch, T tokens, D model dim.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from shared_config import ModelSpec
 from shared_config.placement import Placement, residual_alpha
 
 from .attention import Attention, LayerCache
-from .gla import GLA
-from .layers import MLP, make_norm
+from .gla import GLA, GLAState
+from .layers import DTYPES, MLP, make_norm
 from .routing import DtfRouter, ModRouter, Predictor
 
 
@@ -68,6 +69,19 @@ def make_mixer(spec: ModelSpec, attention: str) -> Attention | GLA:
     if spec.mixer == "gla":
         return GLA(spec)
     raise ValueError(f"make_mixer: no module for mixer={spec.mixer!r} (docs/extending.md)")
+
+
+def empty_state(spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> LayerCache | GLAState:
+    """An empty decoding state of `size` slots for one block's token mixer (`spec.mixer`): attention's keys and values
+    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
+    (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's device."""
+    if spec.mixer == "attention":
+        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
+        return LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype),
+                          w.new_zeros((), dtype=torch.int64))
+    if spec.mixer == "gla":
+        return GLAState.empty(spec, batch, size, w)
+    raise ValueError(f"empty_state: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
 
 
 def make_router(spec: ModelSpec) -> ModRouter | DtfRouter:

@@ -24,15 +24,14 @@ from shared_config.tokens import (TokenError, check_cache_request, check_cache_r
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
-from .block import Block
-from .gla import GLAState
+from .block import Block, empty_state
 from .layers import DTYPES, Linear, make_norm
 from .weights import draw_weights
 
 
 class KVCache(NamedTuple):
     """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded
-    (a GLA layer holds its recurrent state instead: `GLAState`).
+    (another mixer's layer holds its own state instead: `block.empty_state`).
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
@@ -200,12 +199,8 @@ class Transformer(nn.Module):
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec, w = self.spec, self.model.embed_tokens.weight  # w: new tensors go to the model's device
         start_B = check_cache_request(spec, batch, size, start_B)
-        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
-        layers = tuple(
-            GLAState.empty(spec, batch, size, w) if spec.mixer == "gla" else
-            LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype),
-                       w.new_zeros((), dtype=torch.int64)) for _ in range(spec.L)
-        )  # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
+        # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
+        layers = tuple(empty_state(spec, batch, size, w) for _ in range(spec.L))
         start_B = (w.new_zeros(batch, dtype=torch.int64) if start_B is None
                    else torch.as_tensor(start_B, dtype=torch.int64, device=w.device))
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size, w.device))

@@ -101,7 +101,8 @@ def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
 
 def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     """The same for the two-way choices: an unknown mixer was attention and an unknown routing kind DTF, in the
-    layout, both twins' blocks and the reference."""
+    layout, both twins' blocks and the reference; an unknown mixer's decoding state was attention's KV cache
+    (`empty_state`, which init_cache calls per layer)."""
     from flax import nnx
 
     from jax_model import block as jb
@@ -111,7 +112,8 @@ def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     object.__setattr__(spec, "mixer", "not-a-mixer")
     x = np.ones((1, 2, spec.D))
     for build in (lambda: layout(spec), lambda: jb.make_mixer(spec, "xla", nnx.Rngs(0)),
-                  lambda: tb.make_mixer(spec, "sdpa"), lambda: reference.attention(x, {}, "x", spec)):
+                  lambda: tb.make_mixer(spec, "sdpa"), lambda: reference.attention(x, {}, "x", spec),
+                  lambda: jb.empty_state(spec, 1, 4), lambda: tb.empty_state(spec, 1, 4, torch.zeros(1))):
         with pytest.raises(ValueError, match="mixer='not-a-mixer'"):
             build()
     spec = make_spec(routing="mod")
