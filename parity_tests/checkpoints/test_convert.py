@@ -17,7 +17,7 @@ from shared_config.cli import UsageError
 from shared_config.formats.hf import unsupported_options
 from shared_config.spec import CHOICES
 
-from ..support.common import file_bytes_equal, load_script, make_spec, parity_weights, run_script
+from ..support.common import MIXERS, file_bytes_equal, load_script, make_spec, parity_weights, run_script
 
 convert = load_script("convert").convert
 
@@ -36,6 +36,8 @@ SPECS = {
     "rms_hybrid_unfused": {"norm_placement": "hybrid", "fused_qkv": False},
     "derf_hybrid_star_bias": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},
     "layernorm_pre_post_tied": {"norm_type": "layernorm", "norm_placement": "pre_post", "tie_embeddings": True},
+    # every other token mixer (Hugging Face export refuses them: TRIPS leaves hf out)
+    "gla_dyt_peri_same": {**MIXERS["gla"], "norm_type": "dyt", "norm_placement": "peri", "gla_output_norm": "same"},
 }
 
 
@@ -46,9 +48,9 @@ def canonical_file(path, spec, seed=0):
 
 # Hugging Face only for the specs it can represent (the refusal is tested in test_hf.py).
 def test_the_specs_hold_every_norm_type_and_placement():
-    """A norm type or placement added to the spec's CHOICES round-trips here only once a spec uses it."""
+    """A norm type, placement or mixer added to the spec's CHOICES round-trips here only once a spec uses it."""
     specs = [make_spec(**changes) for changes in SPECS.values()]
-    for field in ("norm_type", "norm_placement"):
+    for field in ("norm_type", "norm_placement", "mixer"):
         assert {getattr(spec, field) for spec in specs} == set(CHOICES[field]), field
 
 

@@ -30,9 +30,10 @@ from shared_config import CheckpointError, SpecError, init_weights, layout, load
 from shared_config.cli import UsageError, fail, run as cli_run
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
 from shared_config.resources import ResourceError, layout_size
+from shared_config.spec import CHOICES
 from shared_config.train_config import load_train_config
 
-from ..support.common import ROOT, checkout_env, load_script, make_spec, quick_first, run_script
+from ..support.common import MIXERS, ROOT, checkout_env, load_script, make_spec, quick_first, run_script
 
 convert_module = load_script("convert")
 convert = convert_module.convert
@@ -122,10 +123,21 @@ SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True,
                # blocks that differ by index: HybridNorm*'s block 0, and the other placements' slot sets
                dict(norm_placement="hybrid_star"), dict(norm_placement="deepnorm", norm_type="dyt"),
                dict(norm_placement="pre_post", norm_type="layernorm", norm_bias=True),
-               dict(mixer="gla", position="none", n_kv_heads=None, norm_type="dyt", gla_output_norm="same"),
+               dict(norm_placement="post"), dict(norm_placement="hybrid", norm_type="dyt"),
+               # every other token mixer
+               dict(**MIXERS["gla"], norm_type="dyt", gla_output_norm="same"),
                # routing's every other block (mod, dtf's decision/dynamic pairs), and all blocks with HybridNorm*
                dict(routing="mod"), dict(routing="dtf"),
                dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]
+
+
+def test_the_sized_specs_hold_every_placement_mixer_and_routing():
+    """SIZED_SPECS is written by hand, and layout_size's shortcut holds only for blocks that differ as it assumes: a
+    placement, mixer or routing kind added to the spec's CHOICES is checked here only once a spec uses it."""
+    specs = [make_spec(**c) for c in SIZED_SPECS]
+    for field in ("norm_placement", "mixer", "routing"):
+        missing = set(CHOICES[field]) - {getattr(s, field) for s in specs}
+        assert not missing, f"no SIZED_SPECS row with {field} in {sorted(missing)}"
 
 
 @pytest.mark.parametrize("changes,n_layers", [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13)

@@ -18,7 +18,7 @@ from shared_config.parity import (
     BF16_GRAD_TOL, BF16_KL_MAX, BF16_KL_MEAN, BF16_LOSS_TOL, BF16_TOP1, max_rel, token_kl, top1_agreement,
 )
 
-from ..support.common import interleaved_rope, jax_logits, parity_weights, quick_first, torch_logits
+from ..support.common import ROOT, interleaved_rope, jax_logits, parity_weights, quick_first, torch_logits
 from ..support.train_common import TWINS, both_loss_and_grads, trajectory
 
 # one spec per norm type (a preset, and the changes on top of it): a missing float32 cast shows only in bf16
@@ -27,9 +27,18 @@ NORM_SPECS = {"tiny": ("tiny", {}), "tiny-dyt": ("tiny-dyt", {}), "tiny-derf": (
 CASES = [(name, dtype) for name in NORM_SPECS for dtype in ("float32", "bfloat16")]
 
 
+# Every other token mixer is checked in bf16 in its own file (its float32 gates and state): the test, by path and name.
+MIXER_BF16 = {"gla": "parity_tests/model/test_gla.py::test_bf16_compute_agrees"}
+
+
 def test_the_cases_hold_every_norm_type():
-    """A norm type added to the spec's CHOICES is checked in bf16 only once a spec here uses it."""
+    """A norm type added to the spec's CHOICES is checked in bf16 only once a spec here uses it; a mixer, once
+    MIXER_BF16 names its bf16 test (which must exist)."""
     assert {norm_spec(name).norm_type for name in NORM_SPECS} == set(CHOICES["norm_type"])
+    assert {"attention", *MIXER_BF16} == set(CHOICES["mixer"]), "name each mixer's bf16 test"
+    for where in MIXER_BF16.values():
+        path, name = where.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), f"no test {where}"
 
 
 def norm_spec(name: str):

@@ -9,7 +9,7 @@ from shared_config import layout
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
 from shared_config.spec import CHOICES
 
-from ..support.common import case_ids, make_spec, parity_weights, quick_first, tokens
+from ..support.common import MIXERS, case_ids, make_spec, parity_weights, quick_first, tokens
 from ..support.oracles import finite_difference_errors
 from ..support.train_common import TWINS, both_loss_and_grads, reference_loss
 
@@ -50,13 +50,16 @@ GRID += [
     dict(norm_type="derf", norm_placement="hybrid_star", embed_scale="learnable"),
     dict(norm_type="derf", norm_placement="pre_post", n_kv_heads=3, norm_bias=True),
 ]
+# Every other token mixer (attention is every row above): its rules' changes, and a norm and placement on top.
+GRID += [dict(**MIXERS["gla"], norm_type="dyt", norm_placement="peri", gla_output_norm="same")]
 
 
 def test_every_norm_and_placement_is_in_the_grid():
-    """GRID is written by hand: a norm type or placement added to the spec's CHOICES fails here until it has its
-    rows, instead of going untested."""
+    """GRID is written by hand: a norm type, placement or mixer added to the spec's CHOICES fails here until it has
+    its rows, instead of going untested."""
     have = {(make_spec(**c).norm_type, make_spec(**c).norm_placement) for c in GRID}
     missing = [f"{n}-{p}" for n in CHOICES["norm_type"] for p in CHOICES["norm_placement"] if (n, p) not in have]
+    missing += [f"mixer={m}" for m in set(CHOICES["mixer"]) - {make_spec(**c).mixer for c in GRID}]
     assert not missing, f"GRID has no case for {missing}"
 
 

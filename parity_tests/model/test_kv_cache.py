@@ -16,7 +16,7 @@ from shared_config.spec import CHOICES
 from torch_model.generate import Decoder as TorchDecoder
 
 from ..support import oracles
-from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
+from ..support.common import FORWARD_TOL, MIXERS, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
 
 CASES = [
     {},  # RoPE, GQA with 2 kv heads
@@ -41,16 +41,20 @@ CASES += [
     {"norm_type": "dyt", "norm_placement": "hybrid_star", "n_kv_heads": 1},
     {"norm_type": "layernorm", "norm_placement": "pre_post"},
 ]
+# Every other token mixer: its own decoding state (block.empty_state) in place of keys and values.
+CASES += [{**MIXERS["gla"], "norm_placement": "peri"}]
 P, N = 20, 12  # prompt tokens, then decode steps
 
 
 def test_cases_hold_every_norm_type_and_placement():
-    """CASES is written by hand: a norm type or placement added to the spec's CHOICES fails here until a case
-    decodes with it."""
+    """CASES and RAGGED are written by hand: a norm type, placement or mixer added to the spec's CHOICES fails here
+    until a case decodes with it (and, for a mixer, until its left-padded rows decode as alone)."""
     specs = [make_spec(**c) for c in CASES]
-    for key in ("norm_type", "norm_placement"):
+    for key in ("norm_type", "norm_placement", "mixer"):
         missing = set(CHOICES[key]) - {getattr(s, key) for s in specs}
         assert not missing, f"no KV-cache case with {key} in {sorted(missing)}"
+    missing = set(CHOICES["mixer"]) - {make_spec(**c).mixer for c in RAGGED}
+    assert not missing, f"no left-padding case (RAGGED) with mixer in {sorted(missing)}"
 
 
 
@@ -90,7 +94,8 @@ def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N
         errs = [rel_err(cached[:, t], uncached[:, t]) for t in range(seq)]
         assert max(errs) <= FORWARD_TOL, (f"{name}: cached vs uncached, worst at step {int(np.argmax(errs))}: "
                                           f"{max(errs):.2e}")
-        assert tuple(cache.layers[0].k_BSKE.shape) == (2, seq, spec.K, spec.E)  # GQA-sized: K heads, not H
+        if spec.mixer == "attention":  # another mixer's state is its own (block.empty_state)
+            assert tuple(cache.layers[0].k_BSKE.shape) == (2, seq, spec.K, spec.E)  # GQA-sized: K heads, not H
         assert int(cache.length) == seq
 
 
@@ -110,7 +115,7 @@ def test_long_prompt_where_rope_offsets_show():
     check_cached_equals_uncached(make_spec(max_seq_len=256, n_layers=1), seq=200, prompt=180)
 
 
-RAGGED = [{}, {"position": "learned", "norm_placement": "post"}]
+RAGGED = [{}, {"position": "learned", "norm_placement": "post"}, MIXERS["gla"]]
 
 
 @pytest.mark.parametrize("changes", quick_first(RAGGED), ids=case_ids(RAGGED))

@@ -9,12 +9,13 @@ from hypothesis import strategies as st
 
 from shared_config.spec import CHOICES, SpecError
 
-from ..support.common import (FORWARD_TOL, case_ids, jax_logits, make_spec, parity_weights, ref_logits, rel_err, tokens,
-                              torch_logits)
+from ..support.common import (FORWARD_TOL, MIXERS, case_ids, jax_logits, make_spec, parity_weights, ref_logits, rel_err,
+                              tokens, torch_logits)
 
 # Every value of every option, each on top of the base spec.
 SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "position", "mlp", "init_scheme")
           for v in CHOICES[k]]
+SINGLE += [MIXERS[m] for m in CHOICES["mixer"] if m != "attention"]  # each mixer with the changes its rules need
 SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling")
            for v in (False, True)]
 SINGLE += [

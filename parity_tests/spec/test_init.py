@@ -30,12 +30,16 @@ SPECS = {
     # DeepNet's recipe: xavier normal at gain β on v, o and the MLP; q and k at gain 1
     "deepnorm": load_spec("tiny-dyt").replace(init_scheme="xavier_normal", norm_placement="deepnorm", n_layers=3),
     "deepnorm_normal": load_spec("tiny").replace(norm_placement="deepnorm", fused_qkv=False, mlp="gelu"),
+    # every other token mixer: its tensors' init rules (GLA's gate bias 0, its per-head output norm)
+    "gla_xavier": load_spec("gla-tiny").replace(init_scheme="xavier_uniform", gla_output_norm="same", norm_type="dyt",
+                                                attn_alpha_init=0.8, ffn_alpha_init=0.2),
 }
 
 
 def test_the_specs_hold_every_norm_type_and_init_scheme():
-    """A norm type or init scheme added to the spec's CHOICES has its init checked here only once a spec uses it."""
-    for field in ("norm_type", "init_scheme"):
+    """A norm type, init scheme or mixer added to the spec's CHOICES has its init checked here only once a spec uses
+    it."""
+    for field in ("norm_type", "init_scheme", "mixer"):
         assert {getattr(spec, field) for spec in SPECS.values()} == set(CHOICES[field]), field
 
 
@@ -48,7 +52,8 @@ def expected(name: str, shape, spec):
         return "constant", math.sqrt(spec.D)
     if leaf in ("alpha", "shift", "bias") or len(shape) == 1:
         alpha = spec.final_alpha_init if name.startswith("model.norm") else (
-            spec.attn_alpha_init if ("input_layernorm" in name or "attn_output_norm" in name) else spec.ffn_alpha_init)
+            spec.attn_alpha_init if any(s in name for s in ("input_layernorm", "attn_output_norm", "self_attn."))
+            else spec.ffn_alpha_init)  # a norm inside the mixer (GLA's g_norm) takes the attention side's
         return "constant", {"alpha": alpha, "shift": spec.shift_init, "bias": 0.0}.get(leaf, 1.0)
     residual = 1 / math.sqrt(2 * spec.L) if spec.residual_scaled and ("o_proj" in name or "down_proj" in name) else 1.0
     if spec.norm_placement == "deepnorm" and not any(m in name for m in ("q_proj", "k_proj", "lm_head")):
@@ -88,8 +93,8 @@ def test_native_init_follows_the_rules(name):
     torch_weights = torch_model.get_weights(torch_model.Transformer(spec, generator=torch.Generator().manual_seed(0)))
     check_statistics(jax_weights, spec, "jax")
     check_statistics(torch_weights, spec, "torch")
-    q = "model.layers.0.self_attn.q_proj.weight"
-    assert not np.array_equal(jax_weights[q], torch_weights[q])  # each twin draws with its own RNG
+    w = next(t.name for t in layout(spec) if t.kind == "linear")  # any mixer's
+    assert not np.array_equal(jax_weights[w], torch_weights[w])  # each twin draws with its own RNG
 
 
 @pytest.mark.parametrize("name", SPECS)

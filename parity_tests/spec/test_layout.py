@@ -12,7 +12,7 @@ from jax_model.weights import flat_params as jax_params
 from shared_config.spec import CHOICES
 from torch_model.weights import flat_params as torch_params
 
-from ..support.common import make_spec
+from ..support.common import MIXERS, make_spec
 
 SPECS = {
     "base": {},
@@ -24,7 +24,14 @@ SPECS = {
     "dyt_deepnorm_unfused": {"norm_type": "dyt", "norm_placement": "deepnorm", "fused_qkv": False},
     "derf_hybrid_star": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},
     "layernorm_pre_post": {"norm_type": "layernorm", "norm_placement": "pre_post"},
+    # every other token mixer, its tensors under the block's self_attn slot
+    "gla_same": {**MIXERS["gla"], "norm_type": "derf", "gla_output_norm": "same", "norm_bias": True},
 }
+
+
+def test_the_specs_hold_every_mixer():
+    """A mixer added to the spec's CHOICES has both twins' key sets checked here only once a spec uses it."""
+    assert {make_spec(**changes).mixer for changes in SPECS.values()} == set(CHOICES["mixer"])
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -46,8 +53,9 @@ def test_canonical_names_follow_hugging_face_llama(name):
     assert ("lm_head.weight" in names) != spec.tie_embeddings
     assert all(n.startswith(("model.", "lm_head.")) for n in names)
     assert len(names) == len(set(names))
-    q = next(t for t in layout(spec) if t.name == "model.layers.0.self_attn.q_proj.weight")
-    assert q.shape == (spec.H * spec.E, spec.D)  # Linear weights [out, in]
+    if spec.mixer == "attention":
+        q = next(t for t in layout(spec) if t.name == "model.layers.0.self_attn.q_proj.weight")
+        assert q.shape == (spec.H * spec.E, spec.D)  # Linear weights [out, in]
     assert not any("qkv_proj" in n for n in names)  # the file never holds a fused tensor
 
 

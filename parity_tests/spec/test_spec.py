@@ -9,7 +9,7 @@ import yaml
 from shared_config import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
 from shared_config.spec import CHOICES
 
-from ..support.common import BASE
+from ..support.common import BASE, MIXERS, make_spec
 
 
 def test_presets_load_and_have_the_documented_geometry():
@@ -119,6 +119,13 @@ def test_every_placement_has_a_row_in_the_placement_table():
     assert set(PLACEMENTS) == set(CHOICES["norm_placement"])
 
 
+def test_every_mixer_has_a_base_spec():
+    """MIXERS (support/common.py) is written by hand: a mixer added to the spec's CHOICES fails here until it has the
+    changes that make a spec of it, which the grids holding every mixer start from."""
+    assert set(MIXERS) == set(CHOICES["mixer"]), "add the mixer's row to MIXERS in parity_tests/support/common.py"
+    assert all(make_spec(**changes).mixer == mixer for mixer, changes in MIXERS.items())
+
+
 def test_extreme_but_representable_values_are_accepted():
     assert load_spec({**BASE, "rope_theta": 1e308, "norm_eps": 1e-45, "attn_alpha_init": -3e38}).rope_theta == 1e308
     assert load_spec({**BASE, "rope_theta": 1e-300, "position": "learned"}).rope_theta == 1e-300  # no RoPE: unused
@@ -154,7 +161,7 @@ def test_every_enum_value_is_accepted():
     for field, values in CHOICES.items():
         for value in values:
             extra = {"position": "rope"} if field == "rope_scaling" else {}
-            extra = {"position": "none", "n_kv_heads": None} if field == "mixer" else extra  # GLA's rules
+            extra = MIXERS[value] if field == "mixer" else extra  # the mixer's rules
             assert getattr(load_spec({**BASE, **extra, field: value}), field) == value
 
 

@@ -28,6 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout under test, wherever 
 BASE = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, max_seq_len=128)
 
 
+# The changes to BASE that make a valid spec of each token mixer (its rules in shared_config/spec.py). The grids that
+# must hold every mixer start from these rows (test_logits, test_grads, test_kv_cache, test_convert, ...); a mixer
+# added to CHOICES["mixer"] fails test_spec.py's `test_every_mixer_has_a_base_spec` until it has its row.
+MIXERS = {
+    "attention": {},
+    "gla": dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_v=1.25),
+}
+
+
 def make_spec(**changes) -> ModelSpec:
     return load_spec({**BASE, **changes})
 

@@ -10,6 +10,7 @@ from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.spec import CHOICES
 from shared_config.study import NORM_PRESETS
 
+from ..support.common import ROOT
 from ..support.train_common import TWINS, trajectory
 
 CFG = load_train_config("parity")  # lr 5e-4: see the preset and docs/parity.md on chaos at larger lr
@@ -17,10 +18,20 @@ CASES = [(norm, placement) for norm in ("rms", "dyt", "derf") for placement in (
 CASES += [("dyt", "deepnorm"), ("rms", "hybrid"), ("derf", "hybrid_star"), ("rms", "pre_post"), ("layernorm", "post")]
 
 
+# Every other token mixer trains its 100 steps in its own file, with weights made for it (GLA's gates spread far from
+# 1): the test that does it, by path and name.
+MIXER_TRAJECTORIES = {"gla": "parity_tests/model/test_gla.py::test_hundred_adamw_steps_agree"}
+
+
 def test_the_cases_hold_every_norm_type_and_placement():
-    """A norm type or placement added to the spec's CHOICES is trained here only once a case uses it."""
+    """A norm type or placement added to the spec's CHOICES is trained here only once a case uses it; a mixer, once
+    MIXER_TRAJECTORIES names its trajectory test (which must exist)."""
     assert {n for n, _ in CASES} == set(CHOICES["norm_type"]) == set(NORM_PRESETS)
     assert {p for _, p in CASES} == set(CHOICES["norm_placement"])
+    assert {"attention", *MIXER_TRAJECTORIES} == set(CHOICES["mixer"]), "name each mixer's trajectory test"
+    for where in MIXER_TRAJECTORIES.values():
+        path, name = where.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), f"no test {where}"
 
 
 @pytest.mark.slow
