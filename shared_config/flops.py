@@ -53,10 +53,13 @@ def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = Fal
 
 def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
     """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards; `causal`:
-    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve)."""
+    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve).
+    Raises ValueError for a mixer with no count here."""
     passes = 3 if mode == "train" else 1
     if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
         return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
+    if spec.mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v
+        raise ValueError(f"flops_split: no count for mixer={spec.mixer!r} (docs/extending.md)")
     routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
     keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
     return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)

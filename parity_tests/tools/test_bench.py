@@ -8,9 +8,10 @@ import pytest
 
 from bench.flops import peak_tflops
 from shared_config import load_spec
-from shared_config.flops import flops_per_token, matmul_params
+from shared_config.flops import flops_per_token, flops_split, matmul_params
+from shared_config.spec import CHOICES
 
-from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python
+from ..support.common import MIXERS, ROOT, TORCHRUN, make_spec, one_line_error, quick_first, run_python
 
 
 def bench(*args, check=True):
@@ -35,6 +36,17 @@ def test_flops_formula_against_a_hand_count():
     assert flops_per_token(gla, 256, "train", causal=True) == flops_per_token(gla, 256, "train")
     tied = spec.replace(tie_embeddings=True)
     assert matmul_params(tied) == n  # a tied head still does the V x D matmul
+
+
+def test_flops_count_every_mixer_and_refuse_one_they_do_not_know():
+    """A mixer added to the spec's CHOICES and not to flops_split was counted as attention: each mixer has its count
+    (a new one fails here until it has its branch), and an unknown one is an error."""
+    for mixer in CHOICES["mixer"]:
+        assert flops_split(make_spec(**MIXERS[mixer]), 64, "train")[1] > 0, mixer
+    spec = make_spec()
+    object.__setattr__(spec, "mixer", "not-a-mixer")  # past the spec's own check
+    with pytest.raises(ValueError, match="mixer='not-a-mixer'"):
+        flops_split(spec, 64, "train")
 
 
 def test_the_report_records_the_compiler_flags_in_effect(monkeypatch):
