@@ -119,11 +119,12 @@ def variants(args) -> list[tuple[str, object]]:
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
     labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
-    for flag, kernel, mixer, other in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla", "attention"),
-                                       ("--attention", getattr(args, "attention", "auto"), "attention", "GLA")):
+    mixers = ", ".join(sorted({spec.mixer for _, spec in out}))
+    for flag, kernel, mixer in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla"),
+                                ("--attention", getattr(args, "attention", "auto"), "attention")):
         if kernel != "auto" and not any(spec.mixer == mixer for _, spec in out):  # it ran, the option ignored
             raise UsageError(f"{flag} {kernel}: no variant has a layer of mixer {mixer} for it to run; {labels} "
-                             f"{have} {other} layers")
+                             f"{have} layers of mixer {mixers}")
     return out
 
 

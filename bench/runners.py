@@ -119,7 +119,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
         from jax_model.gla import set_kernel
 
         set_kernel(model, gla_kernel)
-    kernel = mixer_kernel(model.model.layers[0].self_attn)
+    kernel = mixer_kernel(spec, model.model.layers[0].self_attn)
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
     start = None
     if mode == "forward":
@@ -293,7 +293,7 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
         from torch_model.gla import set_kernel
 
         set_kernel(model, gla_kernel)
-    kernel = mixer_kernel(model.model.layers[0].self_attn)
+    kernel = mixer_kernel(spec, model.model.layers[0].self_attn)
     batch = torch.as_tensor(tokens, device=device)
     start = None
     if mode == "forward":
@@ -390,8 +390,11 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     return Bench(step, sync, "sdpa", peak_mem, info, start)
 
 
-def mixer_kernel(mixer) -> str:
-    """What a block's token mixer runs: the attention kernel, or GLA's kernel (the pure form: its chunk size)."""
-    if hasattr(mixer, "attention"):
+def mixer_kernel(spec, mixer) -> str:
+    """What a block's token mixer runs, by `spec.mixer`: the attention kernel, GLA's kernel (the pure form: its chunk
+    size), or the name of a mixer with no kernel to choose (any other read GLA's attributes off it and failed)."""
+    if spec.mixer == "attention":
         return mixer.attention
-    return f"gla-chunk{mixer.chunk}" if mixer.kernel == "pure" else f"gla-{mixer.kernel}"
+    if spec.mixer == "gla":
+        return f"gla-chunk{mixer.chunk}" if mixer.kernel == "pure" else f"gla-{mixer.kernel}"
+    return spec.mixer

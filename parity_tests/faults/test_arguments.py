@@ -262,12 +262,29 @@ def test_bench_refuses_a_gla_kernel_no_variant_can_run():
     from bench.options import variants
 
     args = dict(spec="tiny", set=[], dtype="float32", gla_kernel="pure")
-    with pytest.raises(UsageError, match="--gla-kernel pure: no variant has a layer of mixer gla .* has attention"):
+    with pytest.raises(UsageError, match="--gla-kernel pure: no variant has a layer of mixer gla .* has layers of "
+                                         "mixer attention"):
         variants(Namespace(**args, sweep=[]))
-    with pytest.raises(UsageError, match="--attention einsum: no variant has a layer of mixer attention .* has GLA"):
+    with pytest.raises(UsageError, match="--attention einsum: no variant has a layer of mixer attention .* has layers "
+                                         "of mixer gla"):
         variants(Namespace(spec="gla-tiny", set=[], dtype="float32", attention="einsum", sweep=[]))
     args["set"] = ["n_kv_heads=null", "position=none"]
     assert [s.mixer for _, s in variants(Namespace(**args, sweep=["mixer=attention,gla"]))] == ["attention", "gla"]
+
+
+def test_the_bench_names_a_third_mixer_as_it_is(monkeypatch):
+    """A mixer beside attention and GLA (a value added to the spec's CHOICES): the bench's refusal of --attention named
+    its layers GLA's, and its report's kernel column read GLA's attributes off the mixer (an AttributeError)."""
+    from argparse import Namespace
+
+    from bench.options import variants
+    from bench.runners import mixer_kernel
+    from shared_config.spec import CHOICES
+
+    monkeypatch.setitem(CHOICES, "mixer", (*CHOICES["mixer"], "toy"))
+    with pytest.raises(UsageError, match="--attention einsum: .* has layers of mixer toy$"):
+        variants(Namespace(spec="tiny", set=["mixer=toy"], dtype="float32", attention="einsum", sweep=[]))
+    assert mixer_kernel(make_spec(mixer="toy"), object()) == "toy"
 
 
 def test_generate_refuses_an_attention_kernel_for_a_model_without_attention(tmp_path):
