@@ -99,6 +99,14 @@ def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
         reference.norm(np.ones((1, 2, spec.D)), {"x.weight": np.ones(spec.D)}, "x", spec)
 
 
+def test_the_reference_refuses_an_mlp_it_does_not_know():
+    """An mlp value added to CHOICES and to the twins' ACTIVATIONS, not to the reference, was checked against relu²."""
+    spec = make_spec(mlp="gelu")
+    object.__setattr__(spec, "mlp", "not-an-mlp")
+    with pytest.raises(ValueError, match="mlp='not-an-mlp'"):
+        reference.mlp(np.ones((1, 2, spec.D)), {"x.up_proj.weight": np.ones((spec.F, spec.D))}, "x", spec)
+
+
 def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     """The same for the two-way choices: an unknown mixer was attention and an unknown routing kind DTF, in the
     layout, both twins' blocks and the reference; an unknown mixer's decoding state was attention's KV cache

@@ -103,8 +103,10 @@ def mlp(x, w: dict, p: str, spec):
         h = 0.5 * up * (1 + erf(up / math.sqrt(2)))
     elif spec.mlp == "gelu_tanh":
         h = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
-    else:
+    elif spec.mlp == "relu2":
         h = np.maximum(up, 0) ** 2
+    else:
+        raise ValueError(f"reference.mlp: mlp={spec.mlp!r} is not written here")
     return h @ w[f"{p}.down_proj.weight"].T
 
 
