@@ -9,15 +9,24 @@ import pytest
 
 from shared_config import SpecError, model_layout
 from shared_config.parallel import fsdp_dim
+from shared_config.spec import CHOICES
 from torch_model import distributed
 
-from ..support.common import ROOT, TORCHRUN
+from ..support.common import ROOT, TORCHRUN, make_spec
 from ..support.parallel_common import (
     CFG, ROUTED, SPEC, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
 )
 
 RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled",
         "ddp-memory", "fsdp2-memory", "fsdp2-memory-compiled")  # memory: accumulation, remat, chunked loss
+
+
+def test_the_variants_hold_every_router_and_mixer():
+    """ROUTED (support/parallel_common.py) is written by hand: a routing kind or mixer added to the spec's CHOICES is
+    trained over DDP and FSDP2 only once a variant uses it."""
+    specs = [make_spec(**changes) for changes in ROUTED.values()]
+    assert {s.routing for s in specs} - {"none"} == set(CHOICES["routing"]) - {"none"}, "a router without a variant"
+    assert {s.mixer for s in specs} == set(CHOICES["mixer"]), "a mixer without a ROUTED variant"
 
 
 @pytest.fixture(scope="module")
