@@ -197,10 +197,20 @@ def test_jax_decode_step_compiles_once():
     assert decoder._decode._cache_size() == compiled, "the decode step compiled again at a later position"
 
 
-def test_torch_decode_step_compiles_once_without_graph_breaks():
+COMPILED = [{}, *(m for name, m in MIXERS.items() if name != "attention"), {"routing": "mod"}, {"routing": "dtf"}]
+
+
+def test_the_compiled_cases_hold_every_mixer_and_routing_kind():
+    assert {make_spec(**c).mixer for c in COMPILED} == set(CHOICES["mixer"])
+    assert {make_spec(**c).routing for c in COMPILED} == set(CHOICES["routing"])
+
+
+@pytest.mark.parametrize("changes", quick_first(COMPILED, 2), ids=case_ids(COMPILED))
+def test_torch_decode_step_compiles_once_without_graph_breaks(changes):
     """torch.compile with fullgraph (a graph break raises) on the aot_eager backend: it traces through
-    dynamo and AOTAutograd as inductor does, without inductor's C++ compile time."""
-    spec = make_spec()
+    dynamo and AOTAutograd as inductor does, without inductor's C++ compile time. Each mixer's decoding state and a
+    routed layer's cache go through the compiled step (torch 2.11 failed on a cache rebuilt with `_replace`)."""
+    spec = make_spec(**changes)
     model = torch_model.from_weights(parity_weights(spec), spec, "sdpa")
     toks = tokens(spec, 2, 18)
     compiled, eager = TorchDecoder(model, compile="aot_eager"), TorchDecoder(model)
