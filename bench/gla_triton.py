@@ -28,6 +28,9 @@ from shared_config.cli import Parser, UsageError, at_least, check_out_dir, check
 from shared_config.report import report_on_stdout, write_report
 
 
+TARGET_GPU = "NVIDIA H200"  # the device kind the kernels are lowered for (sm_90, as --arch's default)
+
+
 def kernel_ir(B: int, H: int, T: int, K: int, V: int) -> dict[str, str]:
     """The Triton-dialect module of each kernel (forward and backward of pallas_gla at [B, H, T, K|V]), as text."""
     import jax
@@ -50,11 +53,16 @@ def kernel_ir(B: int, H: int, T: int, K: int, V: int) -> dict[str, str]:
 
     shapes = [(B, H, T, K), (B, H, T, K), (B, H, T, V), (B, H, T, K), (B, H, K, V)]
     triton = "__gpu$xla.gpu.triton"
+    # jax >= 0.11 asks the device for its compute capability while lowering; with no GPU here, an abstract H200 answers
+    # (jax's own way to lower for a device that is not present)
+    h200 = jax.sharding.AbstractDevice(device_kind=TARGET_GPU, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=h200)
     lowering.lower_jaxpr_to_triton_module = hooked
     try:
-        export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=["cuda"],
-                      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
-            *(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+        with jax.sharding.use_abstract_mesh(mesh):
+            export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=["cuda"],
+                          disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
+                *(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
     finally:
         lowering.lower_jaxpr_to_triton_module = lower
     return modules
