@@ -50,7 +50,12 @@ def init_rule(t: Tensor, spec: ModelSpec) -> InitRule:
         return InitRule("normal", spec.embed_init_std)
     if t.init == "normal":  # the MoD router's [D] score weight
         return InitRule("normal", spec.init_std)
-    return InitRule("constant", {"ones": 1.0, "zeros": 0.0}.get(t.init, t.value))
+    if t.init in ("ones", "zeros"):
+        return InitRule("constant", 1.0 if t.init == "ones" else 0.0)
+    if t.init == "constant" and t.value is not None:
+        return InitRule("constant", t.value)
+    # a layout row with another init name (or a constant without its value) was a constant None, every draw NaN
+    raise ValueError(f"init_rule: no rule for init={t.init!r} (value {t.value}) of {t.name} (docs/extending.md)")
 
 
 def tensor_seed(seed: int, name: str) -> list[int]:

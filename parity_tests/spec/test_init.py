@@ -15,6 +15,8 @@ from flax import nnx
 import jax_model
 import torch_model
 from shared_config import init_weights, layout, load_spec
+from shared_config.init import init_rule
+from shared_config.layout import Tensor
 from shared_config.placement import deepnorm_alpha, deepnorm_beta
 from shared_config.spec import CHOICES
 
@@ -138,6 +140,15 @@ def test_an_init_scheme_without_a_rule_is_refused():
     object.__setattr__(spec, "init_scheme", "not-a-scheme")  # past the spec's own check
     with pytest.raises(ValueError, match="init_scheme='not-a-scheme'"):
         init_weights(spec, 0)
+
+
+@pytest.mark.parametrize("init, value", [("kaiming", None), ("constant", None)])
+def test_a_layout_init_without_a_rule_is_refused(init, value):
+    """A layout row whose init `init_rule` does not know (or a constant without its value) is an error naming the
+    tensor; it was a constant None, which drew NaN."""
+    t = Tensor("model.layers.0.toy.weight", (4,), "param", init, value)
+    with pytest.raises(ValueError, match=f"no rule for init='{init}' .*of model.layers.0.toy.weight"):
+        init_rule(t, load_spec("tiny"))
 
 
 @pytest.mark.parametrize("name", SPECS)
