@@ -22,7 +22,8 @@ from shared_config.spec import CHOICES
 from torch_model.gla import set_chunk as torch_set_chunk
 
 from ..support import reference
-from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
+from ..support.common import (FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens,
+                              unit_logits)
 from ..support.train_common import TWINS, both_loss_and_grads, reference_loss, trajectory
 
 GLA = dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_k=0.5,
@@ -67,12 +68,7 @@ def gla_weights(spec, seed=0):
         p = f"model.layers.{i}.self_attn.gk_proj"
         w[f"{p}.1.bias"] = rng.uniform(-4, 4, w[f"{p}.1.bias"].shape).astype(np.float32)
         w[f"{p}.1.weight"] = (w[f"{p}.1.weight"] * 4).astype(np.float32)
-    last = "model.norm" if spec.norm_placement != "post" else f"model.layers.{spec.L - 1}.post_attention_layernorm"
-    c = 1.0 / reference.forward(w, spec, tokens(spec, 2, 32, seed=seed)).std()
-    for leaf in ("weight", "bias"):
-        if f"{last}.{leaf}" in w:
-            w[f"{last}.{leaf}"] = (w[f"{last}.{leaf}"] * c).astype(np.float32)
-    return w
+    return unit_logits(w, spec, seed)
 
 
 def both_logits(w, spec, toks, chunk=None):

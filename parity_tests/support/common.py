@@ -19,6 +19,7 @@ import jax_model
 import torch_model
 from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors
 from shared_config.parity import FORWARD_TOL, rel_err  # noqa: F401  (the tests import them from here)
+from shared_config.placement import PLACEMENTS
 
 from . import reference
 
@@ -63,8 +64,13 @@ def parity_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
         elif t.name == "model.embed_scale":
             x = x * rng.uniform(0.2, 0.4, t.shape)  # keep embeddings O(1) after the sqrt(D) scale
         w[t.name] = x.astype(np.float32)
-    # Scale the last norm's affine so that logits have std 1 (the head reads that norm's output).
-    last = ("model.norm" if spec.norm_placement not in ("post", "deepnorm")
+    return unit_logits(w, spec, seed)
+
+
+def unit_logits(w: dict, spec: ModelSpec, seed: int = 0) -> dict:
+    """`w` with the last norm's affine scaled so that the float64 reference's logits have std 1 (the head reads that
+    norm's output: `model.norm`, or without one (PLACEMENTS' final_norm) the last block's post-MLP norm)."""
+    last = ("model.norm" if PLACEMENTS[spec.norm_placement].final_norm
             else f"model.layers.{spec.L - 1}.post_attention_layernorm")
     c = 1.0 / reference.forward(w, spec, tokens(spec, 2, 32, seed=seed)).std()
     for leaf in ("weight", "bias"):
