@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_config import SpecError
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, nonempty, run
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, layout_size
 from shared_config.twins import twin
@@ -167,7 +167,8 @@ def parse_args(argv):
                    help="skip (and list) a GPU kernel this machine cannot run instead of refusing the run")
     p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
-    p.add_argument("--compile-step", metavar="SPEC", help="time the compile of the JAX train step of SPEC instead")
+    p.add_argument("--compile-step", type=nonempty, metavar="SPEC",
+                   help="time the compile of the JAX train step of SPEC instead")
     return p.parse_args(argv)
 
 

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
-from shared_config.cli import UsageError, at_least, no_repeats
+from shared_config.cli import UsageError, at_least, no_repeats, nonempty
 from shared_config.limits import quote
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNELS, check_kernel
@@ -34,7 +34,7 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     Each option named like a train-config key takes that key's spelling first and keeps the old one as an alias
     (--batch-size and --batch); args keep the old names (args.batch, args.seq, args.dtype)."""
     p.add_argument("--backend", default="both", choices=backends, help=backend_help)
-    p.add_argument("--spec", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--spec", type=nonempty, default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
     p.add_argument("--batch-size", "--batch", dest="batch", type=at_least(1), default=8, metavar="BATCH_SIZE",
                    help="sequences per step")
@@ -51,7 +51,7 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     p.add_argument("--gla-kernel", default="auto", choices=GLA_KERNELS,
                    help="GLA layers' kernel (mixer: gla): auto is each twin's GPU kernel on a GPU (JAX: Pallas; torch: "
                         "flash-linear-attention's chunk_gla, when installed), else the pure chunked form")
-    p.add_argument("--train-config", default=None, help="YAML of optimizer settings for train mode")
+    p.add_argument("--train-config", type=nonempty, default=None, help="YAML of optimizer settings for train mode")
     p.add_argument("--threads", type=cpu_threads, default=usable_cpus(),
                    help="CPU threads for every framework (default: every CPU this process may use)")
 

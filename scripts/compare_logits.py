@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared_config import init_weights, load_spec
-from shared_config.cli import Parser, UsageError, at_least, run
+from shared_config.cli import Parser, UsageError, at_least, nonempty, run
 from shared_config.files import json_text
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.resources import check_memory, init_bytes, weights_bytes
@@ -20,11 +20,11 @@ from shared_config.twins import twin
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights",
+    src.add_argument("--weights", type=nonempty,
                      help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a "
                                        "run's step directory, an Orbax, Hugging Face or "
                                        "flash-linear-attention directory")
-    src.add_argument("--spec", help="preset name or YAML path (weights from init_weights(spec, --seed))")
+    src.add_argument("--spec", type=nonempty, help="preset name or YAML path (weights from init_weights(spec, --seed))")
     # bounded at parse time: --batch 0 or -1 and --seed -1 were numpy tracebacks
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
     p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")

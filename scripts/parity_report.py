@@ -14,6 +14,7 @@ fit in memory (refused before any work).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from shared_config import (
     init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, nonempty, run
 from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.progress import progress as progress_bar
@@ -192,7 +193,7 @@ def print_table(rows: list[Row]) -> None:
     print(f"first failure: {failed[0].stage}" if failed else f"all {len(rows)} stages pass")
 
 
-def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
+def plot(runs: dict, path: Path, title: str, bf16: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,21 +220,24 @@ def plot(runs: dict, path: str, title: str, bf16: bool) -> None:
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     # neither has a default: the model needs one of them
-    p.add_argument("--spec", help="preset name or YAML path; give --spec, --weights or both (--spec alone: weights "
-                                  "drawn by init_weights(spec, --seed); with --weights: the spec of a file that "
-                                  "carries none, else checked against the file's)")
-    p.add_argument("--weights", help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, "
-                                     "a run's step directory, an Orbax, Hugging Face or flash-linear-attention "
-                                     "directory (--weights alone: the spec it carries)")
+    p.add_argument("--spec", type=nonempty,
+                   help="preset name or YAML path; give --spec, --weights or both (--spec alone: weights drawn by "
+                        "init_weights(spec, --seed); with --weights: the spec of a file that carries none, else "
+                        "checked against the file's)")
+    p.add_argument("--weights", type=nonempty,
+                   help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a run's step "
+                        "directory, an Orbax, Hugging Face or flash-linear-attention directory (--weights alone: the "
+                        "spec it carries)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")
     p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the init and the input tokens")
     p.add_argument("--train-steps", type=at_least(0), default=0, help="also train both twins this many steps")
-    p.add_argument("--train-config", help="train config preset or YAML path, for --train-steps (default: parity)")
-    p.add_argument("--plot", help="PNG of both loss curves and their difference (needs --train-steps)")
-    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--train-config", type=nonempty,
+                   help="train config preset or YAML path, for --train-steps (default: parity)")
+    p.add_argument("--plot", type=Path, help="PNG of both loss curves and their difference (needs --train-steps)")
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     if not (args.spec or args.weights):

@@ -157,6 +157,16 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def nonempty(text: str) -> str:
+    """argparse's type for a name or path given as text (--spec, --weights, --train-config, --compile-cache): an empty
+    string is refused, where a truthiness test read it as "not given" (`--train-config ''` ran the defaults,
+    `--compile-step ''` timed the kernels instead) and a path read it as "." (`--compile-cache ''` filled the current
+    directory with cache folders)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a name or a path, got an empty string")
+    return text
+
+
 def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> None:
     """Refuse, before any work, a --json/--plot whose directory does not exist, that names a directory or a device
     (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the

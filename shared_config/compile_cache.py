@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import check_out_dir
+from .cli import check_out_dir, nonempty
 
 # JAX's cache is bounded (least recently used entries go), which also turns on its file lock
 CACHE_SIZE_BYTES = 4 * 2**30
@@ -24,7 +24,7 @@ def default_cache_dir() -> Path:
 
 def add_compile_cache_option(parser) -> None:
     """--compile-cache DIR|none on an argparse parser (default: default_cache_dir())."""
-    parser.add_argument("--compile-cache", default=str(default_cache_dir()), metavar="DIR",
+    parser.add_argument("--compile-cache", type=nonempty, default=str(default_cache_dir()), metavar="DIR",
                         help="persistent JAX and torch.compile caches here; 'none': compile everything afresh")
 
 
