@@ -12,20 +12,23 @@ Attention reads a cache that grows with the context; a GLA layer's state [B, H, 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
 from shared_config.files import read_json, save_figure
 
 
 def read_report(path: Path) -> dict:
-    """A compare.py --json report, its shape checked: any other JSON was a KeyError traceback."""
+    """A compare.py --json report, its shape checked (any other JSON was a KeyError traceback), with timed rows (one
+    without drew an empty plot and exited 0); a stopped run's report (`"complete": false`) is named on stderr."""
     report = read_json(path)
     env, results = report.get("env"), report.get("results")
+    fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),
+              ("dtype", str, "a string"), ("batch", int, "an integer"))  # every field the plot and its title read
     problem = ("no env object" if not isinstance(env, dict)
-               else "env.mode is not a string" if not isinstance(env.get("mode"), str)
-               else "env.seq is not an integer" if type(env.get("seq")) is not int
-               else "no results list" if not isinstance(results, list) else None)
+               else next((f"env.{k} is not {noun}" for k, kind, noun in fields if type(env.get(k)) is not kind), None)
+               or ("no results list" if not isinstance(results, list) else None))
     for i, r in enumerate(results if problem is None else []):
         step = r.get("step_s") if isinstance(r, dict) else None
         if not (isinstance(step, dict) and all(isinstance(step.get(k), (int, float)) for k in ("median", "p10", "p90"))
@@ -34,6 +37,11 @@ def read_report(path: Path) -> dict:
             break
     if problem:
         raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
+    if not results:
+        raise UsageError(f"{path}: no timed rows to plot (a run stopped before its first round of timed steps)")
+    if report.get("complete") is False:
+        print(f"warning: {path} is a stopped run's report (\"complete\": false): its rows are over the steps it had "
+              "(n_steps)", file=sys.stderr)
     return report
 
 
@@ -44,9 +52,11 @@ def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int,
         if report["env"]["mode"] != "decode":
             raise UsageError(f"a {report['env']['mode']} report: pass decode reports (compare.py --mode decode)")
         for r in report["results"]:
-            s = r["step_s"]
-            series.setdefault((r["variant"], r["backend"]),
-                              []).append((report["env"]["seq"], s["median"], s["p10"], s["p90"]))
+            s, points = r["step_s"], series.setdefault((r["variant"], r["backend"]), [])
+            if any(seq == report["env"]["seq"] for seq, *_ in points):  # the line went back and forth at one seq
+                raise UsageError(f"{r['variant']} {r['backend']} at --seq-len {report['env']['seq']} is in two "
+                                 "reports: pass one report per prompt length")
+            points.append((report["env"]["seq"], s["median"], s["p10"], s["p90"]))
     return {k: sorted(v) for k, v in series.items()}
 
 
@@ -77,12 +87,19 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     check_outputs(plot_path=args.out, plot_flag="--out")
+    no_repeats("reports", [path.resolve() for path in args.reports])
     reports = [read_report(path) for path in args.reports]
+    env = reports[0]["env"]
     for path, report in zip(args.reports, reports):  # named here: context_series sees no file names
         if report["env"]["mode"] != "decode":
             raise UsageError(f"{path}: a {report['env']['mode']} report: pass decode reports "
                              "(compare.py --mode decode)")
-    env = reports[0]["env"]
+        # one line per (variant, backend) across the files: a point measured at another batch, dtype or device
+        # (which the title names from the first file) is another curve
+        if differ := [k for k in ("device", "dtype", "batch") if report["env"][k] != env[k]]:
+            key = differ[0]
+            raise UsageError(f"{path} has {key} {report['env'][key]} and {args.reports[0]} {key} {env[key]}: pass "
+                             "reports of one device, dtype and batch")
     series = context_series(reports)
     plot_context(series, args.out, f"{env['device']} | decode | {env['dtype']} | batch {env['batch']}")
     for (variant, backend), points in series.items():

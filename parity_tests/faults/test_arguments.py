@@ -145,7 +145,12 @@ def test_json_and_plot_naming_one_file_is_refused(tmp_path):
     ({"env": {"mode": "decode", "seq": "16"}, "results": []}, "env.seq is not an integer"),
     ({**decode_report(), "results": [{"variant": "tiny"}]}, "results[0] lacks variant, backend or step_s"),
     (decode_report(mode="train"), "r.json: a train report: pass decode reports"),
-], ids=["empty", "seq-string", "row-without-times", "train"])
+    # the title's fields: a KeyError traceback after the report was read
+    ({**decode_report(), "env": {"mode": "decode", "seq": 16}}, "env.device is not a string"),
+    (decode_report(batch=None), "env.batch is not an integer"),
+    # a run stopped before its first round: an empty plot, exit 0
+    ({**decode_report(), "results": [], "complete": False}, "r.json: no timed rows to plot"),
+], ids=["empty", "seq-string", "row-without-times", "train", "no-device", "no-batch", "no-rows"])
 def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report, says):
     from bench import plot_context
 
@@ -155,6 +160,31 @@ def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report,
     with pytest.raises(UsageError, match="--out .*ctx.txt: the file must end in .png, .pdf, .svg"):
         plot_context.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "ctx.txt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_plot_context_draws_one_curve_per_job_from_comparable_reports(tmp_path, capsys):
+    """Reports of one device, dtype and batch, one per prompt length: a report given twice, a prompt length in two
+    reports (the line went back and forth), or another batch (its points joined the first file's curves, titled with
+    the first file's batch) is refused; a stopped run's report is drawn, named on stderr."""
+    from bench import plot_context
+
+    def report(name, **env):
+        (tmp_path / name).write_text(json.dumps({**decode_report(**env), "complete": name != "stopped.json"}))
+        return str(tmp_path / name)
+
+    a, b, again, other = report("a.json"), report("stopped.json", seq=32), report("c.json"), report("d.json", batch=4)
+    out = str(tmp_path / "ctx.png")
+    for reports, says in [([a, a], "is given twice"), ([a, again], "tiny jax at --seq-len 16 is in two reports"),
+                          ([a, other], "d.json has batch 4 and " + a + " batch 2: pass reports of one device")]:
+        with pytest.raises(UsageError, match=re.escape(says)):
+            plot_context.main([*reports, "--out", out])
+    assert not (tmp_path / "ctx.png").exists()
+    capsys.readouterr()
+    plot_context.main([a, b, "--out", out])
+    captured = capsys.readouterr()
+    assert "seq 16: 1.00 ms  seq 32: 1.00 ms" in captured.out and (tmp_path / "ctx.png").stat().st_size > 0
+    assert captured.err.strip() == (f'warning: {b} is a stopped run\'s report ("complete": false): its rows are over '
+                                    "the steps it had (n_steps)")
 
 
 def test_json_dash_puts_the_report_alone_on_stdout(tmp_path, monkeypatch, capsys):
