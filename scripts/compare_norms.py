@@ -28,11 +28,9 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import (NORM_PRESETS, clear_results, study_args, study_parser, study_run, train_all,
-                                 write_results)
+from shared_config.study import NORM_PRESETS, study_args, study_dir, study_parser, study_run, train_all, write_results
 from shared_config.twins import twin
 
-# the tiny family: the preset of each norm with inits of its own; any other norm type trains from tiny
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
 PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
 SETS = {  # the spec keys each run takes from its config or from --mixer: a --set of one is refused
@@ -244,9 +242,9 @@ def main(argv=None):
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
     # bad values fail here
     make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
-    args.out.mkdir(parents=True, exist_ok=True)
-    clear_results(args.out, "norms", "curves.png")
-    print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args, changes))
+    with study_dir(args.out, "norms", "curves.png"):
+        print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
+                           changes))
 
 
 if __name__ == "__main__":

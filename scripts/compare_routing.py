@@ -21,7 +21,7 @@ from shared_config.cli import UsageError, run
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
-from shared_config.study import clear_results, study_args, study_parser, study_run, train_all, write_results
+from shared_config.study import study_args, study_dir, study_parser, study_run, train_all, write_results
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -103,13 +103,16 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     changes = split_overrides(args.set)
+    seen = {}
     for config in args.configs:  # bad names and values fail here, before any training
         make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
-    args.out.mkdir(parents=True, exist_ok=True)
-    clear_results(args.out, "routing")
-    results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
-    table = markdown(results, args.backends, args.steps, args.command)
-    write_results(args.out, "routing", table, {"steps": args.steps, "backends": args.backends, "results": results})
+        same = seen.setdefault(tuple(config_changes(config).items()), config)
+        if same != config:  # mod-0.5,mod-0.50: one configuration trained twice, its rows labelled apart
+            raise UsageError(f"--configs: {config} is {same} again")
+    with study_dir(args.out, "routing"):
+        results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
+        table = markdown(results, args.backends, args.steps, args.command)
+        write_results(args.out, "routing", table, {"steps": args.steps, "backends": args.backends, "results": results})
     print(table)
 
 

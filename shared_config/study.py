@@ -4,11 +4,12 @@ the report files. Framework-neutral: a study passes in the tools' `twin` lookup,
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -17,10 +18,11 @@ from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, json_text
 from .init import init_weights
+from .limits import quote
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
-from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, fresh_state, with_changes
-from .run_dir import METRICS_FILE, read_metrics
+from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, check_train_memory, fresh_state, with_changes
+from .run_dir import METRICS_FILE, lock_run, read_metrics
 from .spec import ModelSpec
 from .train_config import load_train_config
 
@@ -38,6 +40,8 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
     data.check(cfg.seq_len, spec.V)
+    # before anything is allocated: --set batch_size=1000000000 was a MemoryError from inside the loop's set-up
+    check_train_memory(spec, cfg, "lower --set batch_size or seq_len, or the model's sizes")
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
                log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
@@ -79,11 +83,17 @@ def train_all(configs: list[str], backends: list[str], make: Callable[[str, str,
     return results, metrics
 
 
-def clear_results(out: Path, name: str, *others: str) -> None:
-    """Remove an earlier study's results from OUT (NAME.md, NAME.json and `others`, such as its plot) as this study
-    starts replacing its runs: a study stopped midway leaves no table describing runs it has since replaced."""
-    for file in (f"{name}.md", f"{name}.json", *others):
-        (out / file).unlink(missing_ok=True)
+@contextlib.contextmanager
+def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
+    """Hold OUT (created if need be) for this study alone while it runs (run_dir.lock_run: a second study on the same
+    --out is refused in one line, exit 3; two at once replaced each other's runs and mixed their metrics, and both
+    reported success), and remove an earlier study's results from it (NAME.md, NAME.json and `others`, such as its
+    plot) as this study starts replacing its runs: a study stopped midway leaves no table describing runs it has
+    since replaced."""
+    with lock_run(out):
+        for file in (f"{name}.md", f"{name}.json", *others):
+            (out / file).unlink(missing_ok=True)
+        yield
 
 
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
@@ -106,6 +116,15 @@ def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, ou
     return p
 
 
+def names(flag: str, text: str) -> list[str]:
+    """The comma-separated names of option `flag`, refused (UsageError) where one is empty (`rms-pre,,dyt-pre`, ''):
+    its error line showed nothing where the name should be."""
+    items = text.split(",")
+    if "" in items:
+        raise UsageError(f"{flag}: {quote(text)} holds an empty name; give names separated by single commas")
+    return items
+
+
 # what every study sets itself, so a --set of it would be overridden or collide: {key: why}
 STUDY_SETS = {"vocab_size": "the study sets it from its embedded corpus, whose token ids the model must cover",
               "steps": "the study sets it from --steps; pass --steps N"}
@@ -115,8 +134,8 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
     raises UsageError for an unknown backend, --steps < 1, or a --set of a key the study sets itself (STUDY_SETS,
     and the script's own `sets`: {key: why}), which the study would override or collide with."""
-    args.backends = no_repeats("--backends", args.backends.split(","))
-    args.configs = no_repeats("--configs", args.configs.split(","))
+    args.backends, args.configs = (no_repeats(flag, names(flag, text)) for flag, text in
+                                   (("--backends", args.backends), ("--configs", args.configs)))
     if bad := [b for b in args.backends if b not in BACKENDS]:
         raise UsageError(f"--backends: unknown backend(s) {', '.join(bad)}"
                          f"{did_you_mean(bad[0], BACKENDS)} (jax, torch)")

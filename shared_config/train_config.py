@@ -29,6 +29,7 @@ TRAIN_CHOICES = {"schedule": ("constant", "cosine", "linear"), "compute_dtype": 
 # change them
 MEMORY_OPTIONS = ("grad_accum_steps", "remat", "loss_chunk")
 COMPUTE_OPTIONS = (*MEMORY_OPTIONS, "gla_kernel")
+MAX_STEPS = 2**31 - 1  # the JAX twin counts steps in int32: a larger count was an OverflowError traceback
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ def _check_rules(c: TrainConfig) -> None:
         raise SpecError(f"min_lr_ratio={c.min_lr_ratio} must be in [0, 1]")
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
         raise SpecError(f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size={c.batch_size}")
+    if c.steps > MAX_STEPS:
+        raise SpecError(f"steps={c.steps} must be at most {MAX_STEPS:,} (the step counter is a 32-bit integer)")
     if c.warmup_steps > c.steps:
         raise SpecError(f"warmup_steps={c.warmup_steps} must be <= steps={c.steps}")
 

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import pytest
 
+from shared_config import SpecError, load_train_config
 from shared_config.cli import run
+from shared_config.run_dir import lock_run
 
 from ..support.common import load_script
 
 
-def error_line(main, argv: list, capsys, *fragments: str) -> str:
-    """Run `main(argv)` as the command line does; assert the usage-error contract (exit 2, stdout empty, one
-    `error:` line on stderr holding every fragment) and return that line."""
+def error_line(main, argv: list, capsys, *fragments: str, code: int = 2) -> str:
+    """Run `main(argv)` as the command line does; assert the error contract (exit `code`, 2 for bad input, 3 for the
+    machine; stdout empty, one `error:` line on stderr holding every fragment) and return that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
-    assert exit_.value.code == 2 and out == "", (exit_.value.code, out, err[-2000:])
+    assert exit_.value.code == code and out == "", (exit_.value.code, out, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
     assert all(f in lines[0] for f in fragments), lines[0]
     return lines[0]
@@ -50,3 +52,52 @@ def test_an_empty_name_or_path_is_refused_by_its_option(tool, argv, flag, tmp_pa
     main = bench_main(name) if folder == "bench" else load_script(name).main
     error_line(main, argv, capsys, f"argument {flag}", "got an empty string")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_step_count_past_a_32_bit_counter_is_refused(tmp_path, capsys):
+    """The JAX twin counts steps in int32: --steps 2**31 was an OverflowError traceback from inside the first step
+    (train.py, the studies, parity_report.py --train-steps), after run.json was written."""
+    with pytest.raises(SpecError, match="steps=2147483648 must be at most 2,147,483,647"):
+        load_train_config({"steps": 2**31})
+    assert load_train_config({"steps": 2**31 - 1}).steps == 2**31 - 1
+    out = tmp_path / "study"
+    error_line(load_script("compare_routing").main, ["--steps", 2**31, "--configs", "dense", "--backends", "jax",
+                                                     "--out", out], capsys, "steps=2147483648 must be at most")
+    error_line(load_script("parity_report").main, ["--spec", "tiny", "--seq", "8", "--batch", "1", "--train-steps",
+                                                   10**20], capsys, "steps=100000000000000000000 must be at most")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--configs", "rms-pre,,dyt-pre"], "--configs: 'rms-pre,,dyt-pre' holds an empty name"),  # was "  is given twice"
+    (["--backends", ""], "--backends: '' holds an empty name"),  # was "unknown backend(s)  (jax, torch)"
+])
+def test_a_study_list_with_an_empty_name_is_refused(argv, says, tmp_path, capsys):
+    error_line(load_script("compare_norms").main, [*argv, "--steps", "1", "--out", tmp_path / "o"], capsys, says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_routing_configuration_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
+    """mod-0.5,mod-0.50 trained one configuration twice, in two rows that read as two configurations."""
+    error_line(load_script("compare_routing").main, ["--configs", "dense,mod-0.5,mod-0.50", "--steps", "1", "--out",
+                                                     tmp_path / "o"], capsys, "--configs: mod-0.50 is mod-0.5 again")
+
+
+def test_a_study_checks_its_memory_before_allocating(tmp_path, capsys):
+    """--set batch_size=1000000000 was a numpy MemoryError from inside the loop's set-up (a smaller excess would have
+    allocated until the machine killed it); train.py refused it before any work, the studies did not."""
+    error_line(load_script("compare_norms").main, ["--configs", "rms-pre", "--set", "batch_size=1000000000", "--out",
+                                                   tmp_path / "o"], capsys, "at batch 1000000000", "GiB of memory",
+               code=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_refuses_an_out_another_study_is_writing(tmp_path, capsys):
+    """Two studies on one --out replaced each other's runs and mixed their metrics.jsonl (twice the records), and both
+    exited 0 with tables of the mixture; the second is now refused before it trains (exit 3, the machine's)."""
+    out = tmp_path / "o"
+    with lock_run(out):  # the first study, holding its --out (another open file: refused in this process too)
+        error_line(load_script("compare_routing").main, ["--configs", "dense", "--backends", "jax", "--steps", "1",
+                                                         "--out", out], capsys, "being written by another process",
+                   code=3)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
