@@ -157,19 +157,35 @@ def compile_step(spec_name, batch, tokens):
     return time.perf_counter() - t0
 
 
+# the layer's options (--compile-step times a train step of --batch x --tokens and reads none of them) and defaults
+LAYER_OPTIONS = {"heads": 4, "key": 96, "value": 192, "repeats": 5, "kernel": "pure", "backend": "both"}
+
+
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
-        p.add_argument(f"--{flag}", type=at_least(1), default=default, help=f"(default {default})")
-    p.add_argument("--kernel", default="pure", help="comma-separated: pure, recurrent, pallas (JAX), fla (torch)")
+        p.add_argument(f"--{flag}", type=at_least(1), default=None if flag in LAYER_OPTIONS else default,
+                       help=f"(default {default})")
+    p.add_argument("--kernel", help="comma-separated: pure, recurrent, pallas (JAX), fla (torch) (default: pure)")
     p.add_argument("--recurrent", action="store_true", help="the same as --kernel recurrent")
     p.add_argument("--if-present", action="store_true",
                    help="skip (and list) a GPU kernel this machine cannot run instead of refusing the run")
-    p.add_argument("--backend", choices=("jax", "torch", "both"), default="both")
+    p.add_argument("--backend", choices=("jax", "torch", "both"), help="(default: both)")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--compile-step", type=nonempty, metavar="SPEC",
                    help="time the compile of the JAX train step of SPEC instead")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # refused, not ignored: `--compile-step tiny --json t.json` wrote no JSON and exited 0
+    given = [f"--{k.replace('_', '-')}" for k in (*LAYER_OPTIONS, "recurrent", "if_present", "json")
+             if getattr(args, k) not in (None, False)]
+    if args.compile_step and given:
+        raise UsageError(f"{given[0]}: an option of the layer's timing; --compile-step times the JAX train step of "
+                         f"--batch x --tokens alone and prints its seconds (drop {given[0]})")
+    if args.recurrent and args.kernel is not None:  # --kernel pure --recurrent ran recurrent alone
+        raise UsageError("--recurrent is --kernel recurrent: pass one of them")
+    for k, default in LAYER_OPTIONS.items():
+        setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
+    return args
 
 
 def input_bytes(B, H, T, K, V) -> int:

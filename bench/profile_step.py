@@ -52,6 +52,11 @@ CATEGORIES = [
     ("copy", re.compile(r"memcpy|memset|aten::(copy_|to|_to_copy|contiguous|clone)$")),
 ]
 ORDER = ["matmul", "attention", "other", "optimizer", "copy", "idle"]
+# Both profilers keep every event of the profiled steps in memory: torch's about 4 MiB per layer and step (12 MiB a
+# step of tiny's 3 layers, measured on CPU), so --steps 100000 grew until the machine killed the process. Shares
+# settle within a few steps; more than this many are refused.
+MAX_STEPS = 100
+TRACE_BYTES_PER_LAYER_STEP = 4 * 2**20
 
 
 def category(kernel: str, hlo: dict[str, str] | None = None, hlo_op: str | None = None) -> str:
@@ -106,10 +111,13 @@ def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     add_job_options(p, backends=["both", "jax", "torch"], backend_help="the twins to profile",
                     modes=["train", "forward"], mode_help="what one profiled step runs",
-                    steps=5, steps_help="profiled steps", compiled="torch")
+                    steps=5, steps_help=f"profiled steps (at most {MAX_STEPS})", compiled="torch")
     p.add_argument("--top", type=at_least(1), default=12, help="kernels listed per backend")
     add_report_options(p)
     args = p.parse_args(argv)
+    if args.steps > MAX_STEPS:
+        raise UsageError(f"--steps {args.steps}: at most {MAX_STEPS} profiled steps (the profilers keep every event in "
+                         "memory; a kernel's share settles within a few steps)")
     check_outputs(args.json)
     check_used_options(args)
     # for bench/options.py's helpers
@@ -224,7 +232,8 @@ def profile(args):
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
         raise UsageError(f"--seq-len {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
-    need = (train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
+    need = ((train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
+            + args.steps * (spec.L + 1) * TRACE_BYTES_PER_LAYER_STEP)  # the step, then the profiler's events
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
                  "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)

@@ -101,3 +101,21 @@ def test_a_study_refuses_an_out_another_study_is_writing(tmp_path, capsys):
                                                          "--out", out], capsys, "being written by another process",
                    code=3)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("argv,says", [
+    # ignored: no JSON written (nothing on stdout for `--json -`), exit 0
+    (["--compile-step", "tiny", "--json", "t.json"], "--json: an option of the layer's timing; --compile-step"),
+    (["--compile-step", "tiny", "--heads", "2"], "--heads: an option of the layer's timing"),
+    (["--kernel", "pure", "--recurrent"], "--recurrent is --kernel recurrent: pass one of them"),  # ran recurrent
+])
+def test_gla_layer_refuses_options_it_would_ignore(argv, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    error_line(bench_main("gla_layer"), [*argv, "--tokens", "8"], capsys, says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_step_bounds_the_steps_its_profilers_keep_in_memory(capsys):
+    """Every profiled step's events stay in memory (torch: ~12 MB a step of tiny on CPU): --steps 1000000000000 grew
+    until the machine killed the process, with no error line."""
+    error_line(bench_main("profile_step"), ["--steps", 10**12], capsys, "--steps 1000000000000: at most 100")
