@@ -108,7 +108,8 @@ def fairness_problems(before: dict, during: list[dict], threads: int, rows: list
         peak = max(s["loadavg_1m"] for s in during)
         if peak - threads > free + 0.5:
             problems.append(f"load average up to {peak:.1f} during it")
-    starved = [f"{r['backend']} {r['cpu_s_per_wall_s']:.2f}" for r in rows
+    swept = len({r.get("variant") for r in rows}) > 1  # a sweep's rows: "torch 0.46, torch 0.29" named no variant
+    starved = [f"{r['backend']}{' ' + r['variant'] if swept else ''} {r['cpu_s_per_wall_s']:.2f}" for r in rows
                if r.get("cpu_s_per_wall_s") is not None and r["cpu_s_per_wall_s"] < MIN_CPU_SHARE * min(threads, cpus)]
     if starved:
         problems.append(f"CPU-s per wall-s far below the {threads} thread(s): {', '.join(starved)}")

@@ -106,6 +106,9 @@ def variants(args) -> list[tuple[str, object]]:
         no_repeats(f"--sweep {key}", [value for _, value in swept])
         sweeps.append(swept)
         swept_keys.append(key)
+    if both := [key for key in swept_keys if key in changes]:  # the sweep's values replaced --set's without a word
+        raise UsageError(f"--set {both[0]} and --sweep {both[0]}: every variant takes the sweep's value; pass "
+                         f"{both[0]} in one of them")
     for flag, keys in (("--set", changes), ("--sweep", swept_keys)):
         if taken := [key for key in keys if key in OPTION_SETS]:
             raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "

@@ -141,6 +141,8 @@ def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict[str, A
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"{flag} {quote(item)} must look like key=value")
+        if key.strip() in out:  # the last one won without a word (`--set n_layers=2 --set n_layers=3`)
+            raise SpecError(f"{flag} {key.strip()}: given twice; pass each key once")
         try:
             out[key.strip()] = parse_yaml(value) if value.strip() else value
         except (yaml.YAMLError, LimitError):

@@ -20,6 +20,14 @@ def rows(*shares):
     return [{"backend": b, "cpu_s_per_wall_s": s} for b, s in zip(("jax", "torch", "hf"), shares)]
 
 
+def test_a_starved_row_of_a_sweep_is_named_by_its_variant():
+    """A sweep's rows share their backends: "torch 0.46, torch 0.29" did not say which variant waited."""
+    sweep = [{**r, "variant": v} for r, v in zip(rows(0.3, 0.2) * 2, ("norm_type=rms",) * 2 + ("norm_type=dyt",) * 2)]
+    problems = load.fairness_problems(snap(0.2), [snap(2.0)], 2, sweep)
+    assert any(p.endswith("torch norm_type=rms 0.20, jax norm_type=dyt 0.30, torch norm_type=dyt 0.20") for p in
+               problems), problems
+
+
 def test_an_idle_machine_is_fair():
     # 2 CPUs, 1 thread: our own thread busy during the rounds (load ~1), nothing else
     assert load.fairness_problems(snap(0.3), [snap(1.1), snap(1.2)], 1, rows(0.98, 1.0)) == []

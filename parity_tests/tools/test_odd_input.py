@@ -119,3 +119,13 @@ def test_profile_step_bounds_the_steps_its_profilers_keep_in_memory(capsys):
     """Every profiled step's events stay in memory (torch: ~12 MB a step of tiny on CPU): --steps 1000000000000 grew
     until the machine killed the process, with no error line."""
     error_line(bench_main("profile_step"), ["--steps", 10**12], capsys, "--steps 1000000000000: at most 100")
+
+
+@pytest.mark.parametrize("argv,says", [
+    # the last --set won without a word, here and in train.py, parity_report.py and the studies
+    (["--set", "n_layers=2", "--set", "n_layers=3"], "--set n_layers: given twice; pass each key once"),
+    # every variant took the sweep's value: the --set did nothing
+    (["--set", "norm_type=dyt", "--sweep", "norm_type=rms,derf"], "--set norm_type and --sweep norm_type: every"),
+])
+def test_compare_refuses_a_spec_key_given_twice(argv, says, capsys):
+    error_line(bench_main("compare"), argv, capsys, says)
