@@ -168,14 +168,17 @@ def nonempty(text: str) -> str:
 
 
 def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> None:
-    """Refuse, before any work, a --json/--plot whose directory does not exist, that names a directory or a device
-    (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its extension): the
-    error a long run would otherwise raise at its end, or never. `plot_flag`: the image's option, where not --plot."""
+    """Refuse, before any work, a --json/--plot whose directory does not exist or is not writable, that names a
+    directory or a device (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its
+    extension): the error a long run would otherwise raise at its end (or after its first job), or never.
+    `plot_flag`: the image's option, where not --plot."""
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
+        if not os.access(Path(path).resolve().parent, os.W_OK | os.X_OK):  # else refused at the first write
+            raise UsageError(f"{flag} {path}: {Path(path).parent} is not writable")
         if Path(path).exists() and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
                              "give the path of a file to write")

@@ -129,3 +129,21 @@ def test_profile_step_bounds_the_steps_its_profilers_keep_in_memory(capsys):
 ])
 def test_compare_refuses_a_spec_key_given_twice(argv, says, capsys):
     error_line(bench_main("compare"), argv, capsys, says)
+
+
+def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """--json in a read-only directory was refused at the first write: after the first job's compilation (compare.py),
+    after the first backend (profile_step.py), at the very end (parity_report.py, gla_layer.py)."""
+    import os
+
+    readonly, access = (tmp_path / "ro").resolve(), os.access
+    readonly.mkdir()
+    # this process may run as root, whom no mode bit stops: the directory is made unwritable in os.access's answer
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (
+        not mode & os.W_OK or os.path.realpath(path) != str(readonly)))
+    for main, argv in [(bench_main("compare"), ["--json", readonly / "r.json"]),
+                       (bench_main("compare"), ["--plot", readonly / "r.png"]),
+                       (bench_main("gla_layer"), ["--json", readonly / "r.json"]),
+                       (load_script("parity_report").main, ["--spec", "tiny", "--json", readonly / "r.json"])]:
+        error_line(main, argv, capsys, f"{readonly}/r.", f"{readonly} is not writable")
+    assert list(readonly.iterdir()) == []
