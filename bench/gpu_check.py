@@ -41,9 +41,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import ModelSpec, did_you_mean
-from shared_config.cli import Parser, UsageError, above, check_out_dir, run
+from shared_config.cli import Parser, UsageError, above, check_out_dir, no_repeats, run
 from shared_config.compile_cache import add_compile_cache_option
 from shared_config.report import write_report
+from shared_config.run_dir import lock_run
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the checks' scripts and working directory
 
@@ -188,7 +189,7 @@ def parse_args(argv):
     if args.out is not None:
         check_out_dir("--out", args.out)
     names = [c.name for c in plan(args.plan)]
-    args.only = names if args.only is None else args.only.split(",")
+    args.only = names if args.only is None else no_repeats("--only", args.only.split(","))
     if unknown := [n for n in args.only if n not in names]:
         raise UsageError(f"--only: unknown check {unknown[0]!r}{did_you_mean(unknown[0], names)} in --plan {args.plan} "
                          f"(one of {', '.join(names)})")
@@ -322,7 +323,14 @@ def main(argv=None):
     started = time.perf_counter()
     env = environment(args.dry_run)
     out = args.out or ROOT / "bench" / "results" / f"{slug(env['device'])}-{env['date']}"
-    out.mkdir(parents=True, exist_ok=True)
+    # one check at a time in `out`, and on the device: a second gpu_check there is refused (exit 3); two at once
+    # rewrote each other's logs and reports and timed their steps against each other
+    with lock_run(out):
+        run_plan(args, env, out, started)
+
+
+def run_plan(args, env: dict, out: Path, started: float) -> None:
+    """Run the checks of args.plan into `out` within the budget, rewriting the summary after each; print it."""
     checks = plan(args.plan)
     why_not = runnable(checks, args.only)
     results = {c.name: {"status": "not run", "reason": why_not[c.name]} if why_not[c.name] else {"status": "pending"}

@@ -115,6 +115,24 @@ def test_plans_sharing_a_directory_keep_their_own_summaries(tmp_path, monkeypatc
         assert summary["plan"] == which and list(summary["checks"]) == [c.name for c in plan(which)]
 
 
+def test_a_second_check_on_a_directory_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    """Two gpu_checks on one --out ran the same checks at once: each rewrote the other's logs and reports, and their
+    steps were timed against each other on the one device. The second is refused (exit 3) before any check runs."""
+    from shared_config.cli import run
+    from shared_config.run_dir import lock_run
+
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_check", lambda check, *_: ran.append(check.name))
+    with lock_run(tmp_path), pytest.raises(SystemExit) as e:  # the first check, holding its directory
+        run(gpu_check.main, ["--dry-run", "--quiet", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and err.startswith("error: ") and "written by another process" in err and "\n" not in err
+    assert ran == [] and [p.name for p in tmp_path.iterdir()] == [".lock"]
+    with pytest.raises(SystemExit) as e:  # a check name given twice
+        run(gpu_check.main, ["--dry-run", "--only", "bf16-parity,bf16-parity"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --only: bf16-parity is given twice"
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
