@@ -11,17 +11,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
 from shared_config.curves import plot
+from shared_config.limits import quote
 from shared_config.run_dir import METRICS_FILE, read_metrics
+
+PLOTTED = ("step", "loss", "val_loss", "grad_norm", "entropy")  # the numbers of a record the curves read
 
 
 def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
-    """{run name: metrics records}; a directory without metrics is a usage error."""
+    """{run name: metrics records}; a directory without training losses, or a record whose plotted fields are not
+    numbers, is a usage error (a loss "abc" or a list of scalars was a traceback, a train record without a loss an
+    empty plot and exit 0)."""
     runs = {}
     for d in dirs:
         records = read_metrics(d / METRICS_FILE)
-        if not any(r.get("kind") == "train" for r in records):
+        for i, r in enumerate(records, 1):
+            if bad := [k for k in PLOTTED if k in r and type(r[k]) not in (int, float)]:
+                raise UsageError(f"{d / METRICS_FILE}: record {i}: {bad[0]} must be a number, got {quote(r[bad[0]])}")
+            scalars = r.get("scalars", {})
+            if not isinstance(scalars, dict) or any(type(v) not in (int, float) for v in scalars.values()):
+                raise UsageError(f"{d / METRICS_FILE}: record {i}: scalars must be an object of numbers, got "
+                                 f"{quote(scalars)}")
+            if ("loss" in r or "val_loss" in r or "scalars" in r) and "step" not in r:
+                raise UsageError(f"{d / METRICS_FILE}: record {i} has no step")
+        if not any(r.get("kind") == "train" and "loss" in r for r in records):
             raise UsageError(f"{d}: no training metrics ({METRICS_FILE}) to plot")
         runs[d.name if d.name not in runs else str(d)] = records
     return runs
@@ -31,10 +45,8 @@ def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", type=Path, nargs="+", help="run directories written by scripts/train.py")
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="the image (png, pdf, svg)")
-    p.add_argument("--smooth", type=int, default=10, help="steps in the training loss's moving average")
+    p.add_argument("--smooth", type=at_least(1), default=10, help="steps in the training loss's moving average")
     args = p.parse_args(argv)
-    if args.smooth < 1:
-        raise UsageError("--smooth must be >= 1")
     check_outputs(plot_path=args.out, plot_flag="--out")  # also .PNG, as bench/compare.py's --plot takes
     no_repeats("run directories", [d.resolve() for d in args.dirs])
     plot(load_runs(args.dirs), args.out, args.smooth)

@@ -147,3 +147,16 @@ def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp
                        (load_script("parity_report").main, ["--spec", "tiny", "--json", readonly / "r.json"])]:
         error_line(main, argv, capsys, f"{readonly}/r.", f"{readonly} is not writable")
     assert list(readonly.iterdir()) == []
+
+
+@pytest.mark.parametrize("record,says", [
+    ('{"kind": "train", "step": 1, "loss": "abc"}', "record 1: loss must be a number, got 'abc'"),  # a traceback
+    ('{"kind": "train", "step": 1, "loss": 1.0, "scalars": [1]}', "scalars must be an object of numbers"),  # one too
+    ('{"kind": "train", "loss": 1.0}', "record 1 has no step"),  # a KeyError traceback
+    ('{"kind": "train", "step": 1}', "no training metrics"),  # an empty plot, exit 0
+])
+def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(record + "\n")
+    error_line(load_script("plot_curves").main, [tmp_path / "run", "--out", tmp_path / "c.png"], capsys, says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
