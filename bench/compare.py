@@ -21,7 +21,9 @@ from shared_config.cli import Parser, UsageError, above, at_least, check_outputs
 from shared_config.compile_cache import use_compile_cache
 from shared_config.parallel import parse_mesh, rows_per_shard
 from shared_config.report import report_on_stdout, write_report
-from shared_config.resources import ResourceError, check_memory, forward_bytes, is_out_of_memory, train_bytes
+from shared_config.resources import (
+    ResourceError, accelerator_present, check_memory, forward_bytes, is_out_of_memory, layout_size, train_bytes,
+)
 
 from bench import load
 from bench.options import (
@@ -110,13 +112,7 @@ def compare(args):
     shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else args.devices
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
-    for label, spec in specs:  # before anything is allocated: a job that cannot fit is refused in one line
-        memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none",
-                  "loss_chunk": args.loss_chunk or 0}
-        need = (train_bytes(spec, args.batch, seq, **memory) if args.mode == "train"
-                else forward_bytes(spec, args.batch, seq))
-        check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
-                     "lower --batch-size or --seq-len, or the model's sizes")
+    check_jobs_memory(args, specs, backends, seq)
     configure_threads(args.threads, shards)
     use_compile_cache(args.compile_cache)
     from bench.timing import run_benchmarks
@@ -149,6 +145,29 @@ def compare(args):
         from torch_model.distributed import exit_rank
 
         exit_rank()
+
+
+def check_jobs_memory(args, specs: list, backends: list[str], seq: int) -> None:
+    """Refuse (ResourceError), before anything is allocated, a job that cannot fit in memory, and, on a machine without
+    an accelerator, the jobs together: every (variant, backend) keeps its model and optimizer state between the
+    interleaved rounds, so a sweep whose jobs each fit one at a time was killed by the machine mid-run. Together:
+    each job's framework state (train: weights, gradients, AdamW's two moments in float32; else the weights), plus
+    the most any one job needs above that while it steps."""
+    memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none",
+              "loss_chunk": args.loss_chunk or 0}
+    kept, step = [], []
+    for label, spec in specs:
+        need = (train_bytes(spec, args.batch, seq, **memory) if args.mode == "train"
+                else forward_bytes(spec, args.batch, seq))
+        check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
+                     "lower --batch-size or --seq-len, or the model's sizes")
+        state = (16 if args.mode == "train" else 4) * layout_size(spec)[1]
+        kept += [state] * len(backends)
+        step.append(need - state)
+    if len(kept) > 1 and not accelerator_present():  # on an accelerator the states live in its memory
+        check_memory(sum(kept) + max(step), f"{len(kept)} {args.mode} jobs resident at once ({len(specs)} "
+                     f"variant(s) x {len(backends)} backend(s)) at batch {args.batch} x seq {seq}",
+                     "time fewer variants or backends in one run (one backend a process), or lower the sizes")
 
 
 def machine_load(args, before: dict, during: list[dict]) -> dict:

@@ -160,3 +160,19 @@ def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_p
     (tmp_path / "run" / "metrics.jsonl").write_text(record + "\n")
     error_line(load_script("plot_curves").main, [tmp_path / "run", "--out", tmp_path / "c.png"], capsys, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch, capsys):
+    """Every (variant, backend) keeps its model and AdamW state between the interleaved rounds: a sweep whose jobs each
+    fit alone was refused only one job at a time, and the machine killed it mid-run. Here memory holds one job, and
+    the four jobs of a two-variant sweep over both twins are refused together, before anything is allocated."""
+    from shared_config import load_spec, resources
+    from shared_config.resources import train_bytes
+
+    one = max(train_bytes(load_spec("tiny").replace(norm_placement=p), 1, 8) for p in ("pre", "peri"))
+    monkeypatch.setattr(resources, "machine_memory", lambda: (one + 1, "of memory on this machine"))
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    monkeypatch.setattr("bench.compare.accelerator_present", lambda: False)
+    argv = ["--batch", "1", "--seq", "8", "--sweep", "norm_placement=pre,peri", "--backend", "both"]
+    error_line(bench_main("compare"), argv, capsys, "4 train jobs resident at once (2 variant(s) x 2 backend(s))",
+               code=3)
