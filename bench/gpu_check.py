@@ -188,6 +188,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.out is not None:
         check_out_dir("--out", args.out)
+        args.out = args.out.expanduser().resolve()
+    # the checks run in the checkout (cwd=ROOT): a relative --out or --compile-cache named a folder there, and every
+    # check failed with "--json out/x.json: out is not a directory"
+    if args.compile_cache != "none":
+        args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
     names = [c.name for c in plan(args.plan)]
     args.only = names if args.only is None else no_repeats("--only", args.only.split(","))
     if unknown := [n for n in args.only if n not in names]:

@@ -133,6 +133,17 @@ def test_a_second_check_on_a_directory_in_use_is_refused(tmp_path, monkeypatch, 
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --only: bf16-parity is given twice"
 
 
+def test_relative_paths_name_folders_where_the_command_was_given(tmp_path, monkeypatch):
+    """The checks run in the checkout: `--out gc` (relative) named tmp/gc for the summary but ROOT/gc for every check's
+    --json, so each failed with "gc is not a directory"; a relative --compile-cache filled ROOT/cache."""
+    seen = []
+    monkeypatch.setattr(gpu_check, "run_check", lambda check, out, dry, limit, cache: seen.append((out, cache)) or {
+        "status": "ok", "seconds": 0.0})
+    monkeypatch.chdir(tmp_path)
+    gpu_check.main(["--dry-run", "--quiet", "--out", "gc", "--compile-cache", "cache", "--only", "bf16-parity"])
+    assert seen == [(tmp_path.resolve() / "gc", str(tmp_path.resolve() / "cache"))]
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
