@@ -205,4 +205,4 @@ def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, s
     monkeypatch.setattr(module, "study", stopped)
     with pytest.raises(KeyboardInterrupt):
         module.main(["--steps", "2", "--configs", config, "--out", str(tmp_path), "--quiet"])
-    assert [p.name for p in tmp_path.iterdir()] == []
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the study's lock file (run_dir.lock_run), released
