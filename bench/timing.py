@@ -58,6 +58,9 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
     if platform == "tpu" and args.compile:
         raise UsageError("--compile: on a TPU torch_xla compiles each step's graph with XLA; torch.compile's "
                          "inductor does not target TPUs (drop --compile)")
+    if platform == "cpu" and getattr(args, "peak_tflops", None):  # before any job: it was dropped without a word
+        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: a CPU run reports GFLOP/s and no MFU (docs/bench.md); "
+                         "drop --peak-tflops")
     train_config = bench_train_config(args) if args.mode == "train" else None
     mesh = bool(getattr(args, "mesh", None) or getattr(args, "devices", None))
     compile = platform == "gpu" if args.compile is None else args.compile

@@ -176,3 +176,9 @@ def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch
     argv = ["--batch", "1", "--seq", "8", "--sweep", "norm_placement=pre,peri", "--backend", "both"]
     error_line(bench_main("compare"), argv, capsys, "4 train jobs resident at once (2 variant(s) x 2 backend(s))",
                code=3)
+
+
+def test_compare_refuses_a_peak_it_would_not_use_on_a_cpu(capsys):
+    """A CPU run reports no MFU: --peak-tflops 1 was dropped without a word after the whole run."""
+    error_line(bench_main("compare"), ["--peak-tflops", "1", "--backend", "torch"], capsys,
+               "--peak-tflops 1: a CPU run reports GFLOP/s and no MFU")
