@@ -13,13 +13,12 @@ Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progre
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import use_compile_cache
-from shared_config.parallel import parse_mesh, rows_per_shard
+from shared_config.parallel import mesh_devices, rows_per_shard
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import (
     ResourceError, accelerator_present, check_memory, forward_bytes, is_out_of_memory, layout_size, train_bytes,
@@ -59,6 +58,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
+    mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
     memory = [flag for flag, value in (("--grad-accum-steps", args.grad_accum), ("--remat", args.remat),
                                        ("--loss-chunk", args.loss_chunk)) if value is not None]
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
@@ -109,7 +109,7 @@ def compare(args):
         for label, spec in specs:
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
-    shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else args.devices
+    shards = mesh_devices(args.mesh, args.devices)
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     check_jobs_memory(args, specs, backends, seq)

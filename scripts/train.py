@@ -26,7 +26,7 @@ from shared_config.compile_cache import add_compile_cache_option, use_compile_ca
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
-from shared_config.parallel import parse_mesh, rows_per_shard
+from shared_config.parallel import mesh_devices, parse_mesh, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
@@ -82,6 +82,7 @@ def check_scale_out(p, args) -> None:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
+    mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
     if args.parallel and not torchrun:

@@ -8,10 +8,16 @@ FSDP2 `Shard` placements and each rank's rows.
 
 from __future__ import annotations
 
+import math
+
 from .layout import Tensor
 from .config_file import SpecError, did_you_mean
+from .resources import accelerator_present
 
 AXES = ("data", "fsdp")
+# A CPU mesh's devices are emulated (XLA's --xla_force_host_platform_device_count), each with its own thread pools
+# and buffers: 2,000 of them took 17 GB and over a minute before the first step. Tests use 8.
+MAX_HOST_DEVICES = 64
 
 
 def fsdp_dim(t: Tensor, n: int) -> int | None:
@@ -37,6 +43,8 @@ def rows_per_shard(batch_size: int, shards: int) -> int:
 def parse_mesh(text: str) -> dict[str, int]:
     """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
     sizes, given = dict.fromkeys(AXES, 1), set()
+    if not text.strip(" ,"):  # '' or ',' named no axis: the run was not sharded, without a word
+        raise SpecError(f"mesh {text!r} names no axis: give axis=N pairs, e.g. data=2,fsdp=4")
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = (s.strip() for s in item.partition("="))
         if name not in AXES:
@@ -49,3 +57,16 @@ def parse_mesh(text: str) -> dict[str, int]:
         sizes[name] = int(value)
         given.add(name)
     return sizes
+
+
+def mesh_devices(mesh: str | None, devices: int | None) -> int | None:
+    """The devices a JAX run's --mesh (an axis=N text) or --devices asks for, None for neither. Raises SpecError for
+    a mesh that names no axis (`--mesh ''` ran unsharded) and, on a machine without an accelerator, where XLA
+    emulates every device on the CPU, for more than MAX_HOST_DEVICES of them."""
+    if mesh is None and not devices:
+        return None
+    flag, n = ("--mesh", math.prod(parse_mesh(mesh).values())) if mesh is not None else ("--devices", devices)
+    if n > MAX_HOST_DEVICES and not accelerator_present():
+        raise SpecError(f"{flag}: {n:,} devices; a CPU emulates at most {MAX_HOST_DEVICES} (each holds its own "
+                        "thread pools and buffers)")
+    return n

@@ -182,3 +182,22 @@ def test_compare_refuses_a_peak_it_would_not_use_on_a_cpu(capsys):
     """A CPU run reports no MFU: --peak-tflops 1 was dropped without a word after the whole run."""
     error_line(bench_main("compare"), ["--peak-tflops", "1", "--backend", "torch"], capsys,
                "--peak-tflops 1: a CPU run reports GFLOP/s and no MFU")
+
+
+@pytest.mark.parametrize("tool,argv,says", [
+    # `--mesh ''` (or ',') ran the step unsharded without a word
+    ("compare", ["--backend", "jax", "--mesh", ""], "mesh '' names no axis"),
+    ("train", ["--backend", "jax", "--mesh", ","], "mesh ',' names no axis"),
+    # every CPU device is emulated with its own thread pools: 2,000 took 17 GB and over a minute before a step
+    ("compare", ["--backend", "jax", "--devices", "2000", "--batch", "2000"], "--devices: 2,000 devices; a CPU"),
+    ("train", ["--backend", "jax", "--mesh", "data=8,fsdp=16"], "--mesh: 128 devices; a CPU emulates at most 64"),
+])
+def test_a_mesh_that_names_no_device_or_too_many_cpu_devices_is_refused(tool, argv, says, tmp_path, monkeypatch,
+                                                                         capsys):
+    from shared_config import parallel
+
+    monkeypatch.setattr(parallel, "accelerator_present", lambda: False)  # the same on a GPU machine
+    monkeypatch.chdir(tmp_path)
+    main = bench_main("compare") if tool == "compare" else load_script("train").main
+    error_line(main, argv, capsys, says)
+    assert list(tmp_path.iterdir()) == []
