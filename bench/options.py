@@ -18,7 +18,7 @@ from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least, no_repeats, nonempty
 from shared_config.limits import quote
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
-from shared_config.hardware import GLA_KERNELS, check_kernel
+from shared_config.hardware import GLA_KERNEL_NAMES, GLA_KERNEL_TWIN, GLA_KERNELS, check_kernel
 
 from bench.load import usable_cpus
 
@@ -75,11 +75,15 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
 
 
 def check_used_options(args) -> None:
-    """Refuse options this job would ignore without a word: --compile/--no-compile (torch.compile) with only the JAX
-    backend asked, --train-config (the train step's optimizer) in another mode."""
+    """Refuse options this job would ignore without a word, or fail on midway: --compile/--no-compile (torch.compile)
+    with only the JAX backend asked, --train-config (the train step's optimizer) in another mode, a --gla-kernel that
+    is one twin's (pallas: JAX's, fla: torch's) with another backend asked."""
     if args.train_config is not None and args.mode != "train":
         raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
                          "optimizer (drop --train-config)")
+    if (twin := GLA_KERNEL_TWIN.get(args.gla_kernel)) and args.backend != twin:  # the other twin has no such kernel
+        raise UsageError(f"--gla-kernel {args.gla_kernel}: {GLA_KERNEL_NAMES[args.gla_kernel]}, the {twin} twin's "
+                         f"alone; pass --backend {twin} (the other twin runs auto or pure)")
     if args.compile is not None and args.backend == "jax":
         flag = "--compile" if args.compile else "--no-compile"
         raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "

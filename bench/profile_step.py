@@ -243,10 +243,11 @@ def profile(args):
     from shared_config.progress import progress
 
     from bench.runners import jax_device_name, setup_jax, setup_torch, torch_device_name
-    from bench.timing import backend_options, bench_tokens
+    from bench.timing import backend_options, bench_tokens, check_gla_kernel
 
     backends = ["jax", "torch"] if args.backend == "both" else [args.backend]
     compile, names, train_config = backend_options(args, kernels)
+    check_gla_kernel(args, [(label, spec)], backends)
     tokens = bench_tokens(spec, args)
     device = jax_device_name() if "jax" in backends else torch_device_name()
     results = []

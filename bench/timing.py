@@ -67,6 +67,19 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
     return compile, kernels(args.attention, platform, args.dtype, mesh), train_config
 
 
+def check_gla_kernel(args, specs, backends: list[str]) -> None:
+    """A --gla-kernel other than auto, where a variant has GLA layers, must run in every asked twin on this machine
+    (shared_config.hardware.resolve_gla_kernel): refused (HardwareError) before any job, where the first job of a
+    twin without it raised its error below a started progress bar, after every earlier job had compiled."""
+    if args.gla_kernel == "auto" or not any(spec.mixer == "gla" for _, spec in specs):
+        return
+    from shared_config.hardware import resolve_gla_kernel
+    from torch_model.gla_kernel import fla_installed
+
+    for backend in [b for b in backends if b in ("jax", "torch")]:
+        resolve_gla_kernel(args.gla_kernel, backend, accelerator(), backend == "torch" and fla_installed())
+
+
 def set_precision_and_threads(args) -> str:
     """The same precision policy and CPU threads for every backend; returns the platform: "gpu", "tpu" or "cpu"."""
     import torch
@@ -104,6 +117,7 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
     compile, names, train_config = backend_options(args, kernels)
+    check_gla_kernel(args, specs, backends)
     setups = {b: partial(setup, gla_kernel=args.gla_kernel) if b != "hf" else setup for b, setup in SETUP.items()}
     if args.mesh or args.devices:  # the JAX train step over a device mesh
         from jax_model import distributed

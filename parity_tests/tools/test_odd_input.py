@@ -201,3 +201,18 @@ def test_a_mesh_that_names_no_device_or_too_many_cpu_devices_is_refused(tool, ar
     main = bench_main("compare") if tool == "compare" else load_script("train").main
     error_line(main, argv, capsys, says)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool,argv,says", [
+    # the jax job of --backend both raised the torch kernel's refusal below a started progress bar
+    ("compare", ["--gla-kernel", "fla"], "--gla-kernel fla: flash-linear-attention's Triton chunk_gla"),
+    ("profile_step", ["--gla-kernel", "pallas"], "Pallas kernel (jax_model/gla_kernel.py), the jax twin"),
+    # a GPU kernel on a CPU: refused before the first job, not after the earlier jobs had compiled
+    ("compare", ["--gla-kernel", "pallas", "--backend", "jax"], "gla_kernel=pallas is the JAX twin's Pallas kernel"),
+    ("profile_step", ["--gla-kernel", "fla", "--backend", "torch"], "gla_kernel=fla is flash-linear-attention's"),
+])
+def test_a_gla_kernel_a_job_cannot_run_is_refused_before_any_job(tool, argv, says, monkeypatch, capsys):
+    import bench.timing
+
+    monkeypatch.setattr(bench.timing, "accelerator", lambda: "cpu")  # the same where a GPU is present
+    error_line(bench_main(tool), ["--spec", "gla-tiny", "--batch", "1", "--seq", "8", *argv], capsys, says)
