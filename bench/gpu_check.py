@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import ModelSpec, did_you_mean
-from shared_config.cli import Parser, UsageError, above, check_out_dir, no_repeats, run
+from shared_config.cli import Parser, UsageError, above, check_out_dir, names, no_repeats, run
 from shared_config.compile_cache import add_compile_cache_option
 from shared_config.report import write_report
 from shared_config.run_dir import lock_run
@@ -193,11 +193,11 @@ def parse_args(argv):
     # check failed with "--json out/x.json: out is not a directory"
     if args.compile_cache != "none":
         args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
-    names = [c.name for c in plan(args.plan)]
-    args.only = names if args.only is None else no_repeats("--only", args.only.split(","))
-    if unknown := [n for n in args.only if n not in names]:
-        raise UsageError(f"--only: unknown check {unknown[0]!r}{did_you_mean(unknown[0], names)} in --plan {args.plan} "
-                         f"(one of {', '.join(names)})")
+    checks = [c.name for c in plan(args.plan)]
+    args.only = checks if args.only is None else no_repeats("--only", names("--only", args.only))
+    if unknown := [n for n in args.only if n not in checks]:
+        raise UsageError(f"--only: unknown check {unknown[0]!r}{did_you_mean(unknown[0], checks)} in --plan "
+                         f"{args.plan} (one of {', '.join(checks)})")
     return args
 
 

@@ -200,6 +200,15 @@ def check_out_dir(flag: str, path) -> None:
         raise UsageError(f"{flag} {path}: {ancestor} is not writable")
 
 
+def names(flag: str, text: str) -> list[str]:
+    """The comma-separated names of option `flag` (--configs, --backends, --only), refused (UsageError) where one is
+    empty (`rms-pre,,dyt-pre`, ''): its error line showed nothing where the name should be."""
+    items = text.split(",")
+    if "" in items:
+        raise UsageError(f"{flag}: {quote(text)} holds an empty name; give names separated by single commas")
+    return items
+
+
 def no_repeats(flag: str, items: list) -> list:
     """`items` of a list-valued option, refused (UsageError) when one is given twice: the job ran twice, and its
     rows, labelled alike, overwrote or shadowed each other in the report."""

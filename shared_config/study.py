@@ -13,12 +13,11 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from .cli import Parser, UsageError, check_out_dir, no_repeats, printable
+from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, json_text
 from .init import init_weights
-from .limits import quote
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, check_train_memory, fresh_state, with_changes
@@ -114,15 +113,6 @@ def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, ou
     p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
-
-
-def names(flag: str, text: str) -> list[str]:
-    """The comma-separated names of option `flag`, refused (UsageError) where one is empty (`rms-pre,,dyt-pre`, ''):
-    its error line showed nothing where the name should be."""
-    items = text.split(",")
-    if "" in items:
-        raise UsageError(f"{flag}: {quote(text)} holds an empty name; give names separated by single commas")
-    return items
 
 
 # what every study sets itself, so a --set of it would be overridden or collide: {key: why}

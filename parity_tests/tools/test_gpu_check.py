@@ -131,6 +131,9 @@ def test_a_second_check_on_a_directory_in_use_is_refused(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as e:  # a check name given twice
         run(gpu_check.main, ["--dry-run", "--only", "bf16-parity,bf16-parity"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --only: bf16-parity is given twice"
+    with pytest.raises(SystemExit) as e:  # an empty name (it was an unknown check named '')
+        run(gpu_check.main, ["--dry-run", "--only", "bf16-parity,,"])
+    assert e.value.code == 2 and "error: --only: 'bf16-parity,,' holds an empty name" in capsys.readouterr().err
 
 
 def test_relative_paths_name_folders_where_the_command_was_given(tmp_path, monkeypatch):
