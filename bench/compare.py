@@ -58,7 +58,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
-    mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
+    # checked at parse time: `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
+    args.shards = mesh_devices(args.mesh, args.devices)
     memory = [flag for flag, value in (("--grad-accum-steps", args.grad_accum), ("--remat", args.remat),
                                        ("--loss-chunk", args.loss_chunk)) if value is not None]
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
@@ -109,7 +110,7 @@ def compare(args):
         for label, spec in specs:
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
-    shards = mesh_devices(args.mesh, args.devices)
+    shards = args.shards
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     check_jobs_memory(args, specs, backends, seq)
