@@ -36,8 +36,7 @@ from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 from shared_config.tokens import check_batch
 
 from . import train
-from .gla import set_mesh
-from .model import Transformer
+from .model import Transformer, set_mesh
 from .weights import dotted, flat_arrays, set_pure_dict, to_canonical, to_pure_dict
 
 # Batch rows are split over both axes (each of data × fsdp devices reads B / (data·fsdp) rows);
@@ -128,7 +127,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     the state's and the batch's shardings, the state donated; it takes the global batch. With grad_accum_steps,
     every device's rows split into that many micro-batches (train.micro_batches): each device keeps its rows."""
     state_sharding, batch_sharding = state_shardings(model, cfg, mesh), NamedSharding(mesh, BATCH)
-    set_mesh(model, mesh)  # a GLA layer's Pallas kernel runs per device, on its rows
+    set_mesh(model, mesh)  # hidden states split by rows; a GLA layer's Pallas kernel runs per device, on its rows
     step = jax.jit(
         train.make_train_step(model, cfg, compile=False),
         in_shardings=(state_sharding, batch_sharding, batch_sharding),

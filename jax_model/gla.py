@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from shared_config import ModelSpec
 from shared_config.hardware import resolve_gla_kernel
-from shared_config.parallel import AXES
+from shared_config.parallel import AXES, splits_rows
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, pallas_gla
@@ -146,7 +146,7 @@ class GLA(nnx.Module):
         D, dk, dv, R = spec.D, spec.d_k, spec.d_v, spec.gla_gate_rank
         self.H, self.K, self.V = spec.H, spec.Kh, spec.Vh
         self.normalizer, self.chunk, self.kernel = spec.gla_gate_normalizer, CHUNK, "pure"
-        self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): the kernel runs per device
+        self.mesh: Mesh | None = None  # the mesh a sharded step runs on (model.set_mesh): the kernel runs per device
         self.q_proj = Linear(D, dk, spec, rngs)
         self.k_proj = Linear(D, dk, spec, rngs)
         self.v_proj = Linear(D, dv, spec, rngs)
@@ -206,15 +206,8 @@ def per_device(kernel, mesh: Mesh | None, rows: int):
     """`kernel` of [B, ...] arrays (pallas_gla), run by each device of `mesh` on its own batch rows (jax.shard_map
     over the batch axes, as distributed.py splits a batch): XLA cannot partition a Pallas call, and would gather
     every row onto every device. No mesh, one device, or `rows` that the devices do not divide: `kernel` itself."""
-    if mesh is None or mesh.size == 1 or rows % mesh.size:
+    if mesh is None or not splits_rows(rows, mesh.size):
         return kernel
     rows_spec = PartitionSpec(AXES)
     return jax.shard_map(kernel, mesh=mesh, in_specs=rows_spec, out_specs=rows_spec, check_vma=False)
 
-
-def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
-    """Tell every GLA layer of `model` the device mesh its steps run on (jax_model/distributed.py), so that the
-    Pallas kernel runs per device (`per_device`); None: one device."""
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, GLA):
-            module.mesh = mesh

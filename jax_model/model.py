@@ -13,8 +13,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
+from shared_config.parallel import AXES, splits_rows
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
@@ -24,6 +26,7 @@ from shared_config.tokens import (TokenError, check_cache_request, check_cache_r
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
 from .block import Block, empty_state
+from .gla import GLA
 from .layers import DTYPES, ZEROS, Linear, make_norm
 from .weights import draw_weights
 
@@ -77,6 +80,7 @@ class TransformerModel(nnx.Module):
                                 for i in range(spec.L)])
         self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
+        self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): hidden states split by rows
 
     def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                  decide: str | None = None, remat: str = "none"):
@@ -91,7 +95,7 @@ class TransformerModel(nnx.Module):
         else:
             check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
-        x_BTD = self.embed(tokens_BT, positions)
+        x_BTD = split_rows(self.embed(tokens_BT, positions), self.mesh)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
         layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
@@ -101,6 +105,7 @@ class TransformerModel(nnx.Module):
             route = partial(routes, i, h_BTD) if i in spec.routed_layers else None  # called inside the block's call
             y_BTD, layer_cache = layer(x_BTD, cos, sin, layer_taps, None if cache is None else cache.layers[i],
                                        mask_BTS, route=route, run=run)
+            y_BTD = split_rows(y_BTD, self.mesh)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
         routing_cache = routes.finish(aux)
@@ -122,6 +127,29 @@ class TransformerModel(nnx.Module):
         elif self.spec.embed_scale == "constant":
             x_BTD = x_BTD * math.sqrt(self.spec.D)
         return x_BTD.astype(self.compute_dtype)
+
+
+def split_rows(x_B, mesh: Mesh | None):
+    """x [B, ...] with its rows split over `mesh`'s data × fsdp devices, as distributed.py splits a batch
+    (jax.lax.with_sharding_constraint); no mesh, or rows the devices do not divide evenly: x as it is.
+
+    The hidden states [B, T, D] are pinned so after the embeddings and after every block, as MaxText pins its
+    activations. XLA's sharding propagation then gathers each fsdp-split weight where a matmul reads it, which is
+    FSDP. Left to itself, it may split a matmul's contraction over fsdp instead and all-reduce the partial
+    activations or logits: jax 0.11 did so for the LM head. That moves more bytes, and it rounds a bf16 step
+    differently from one device.
+    """
+    if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
+        return x_B
+    return jax.lax.with_sharding_constraint(x_B, NamedSharding(mesh, PartitionSpec(AXES)))
+
+
+def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
+    """Tell `model` the device mesh its steps run on (distributed.py): its hidden states stay split by rows
+    (`split_rows`), and every GLA layer's Pallas kernel runs per device (gla.per_device). None: one device."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (TransformerModel, GLA)):
+            module.mesh = mesh
 
 
 def check_tokens(tokens_BT, spec: ModelSpec) -> int:

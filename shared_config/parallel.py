@@ -40,6 +40,12 @@ def rows_per_shard(batch_size: int, shards: int) -> int:
     return batch_size // shards
 
 
+def splits_rows(rows: int, devices: int) -> bool:
+    """Whether `devices` (more than one) split `rows` batch rows evenly: where the JAX twin pins its hidden states
+    by rows (jax_model.model.split_rows) and runs a Pallas kernel per device (jax_model.gla.per_device)."""
+    return devices > 1 and rows % devices == 0
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
     sizes, given = dict.fromkeys(AXES, 1), set()

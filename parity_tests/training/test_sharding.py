@@ -20,8 +20,10 @@ from ..support.parallel_common import (
 ROUTED_MESH = "data=2,fsdp=2"  # 8 rows: 2 per device, one per micro-batch (grad_accum_steps=2 in ROUTED_CFG)
 ROUTED_JAX = ("mod", "dtf")  # every router; mixers and placements: the torch FSDP2 runs
 
-# GLA's Pallas kernel on a mesh (in Pallas' interpreter here): each device runs it on its own rows
+# GLA's Pallas kernel on a mesh (in Pallas' interpreter here): each device runs it on its own rows; and on one
+# device, the run the mesh's must equal (the kernel against the pure form: test_gla_kernel.py, at GRAD_TOL)
 GLA_PALLAS_RUN = f"{ROUTED_MESH}:gla_kernel=pallas"
+GLA_PALLAS_ONE_DEVICE = "data=1:gla_kernel=pallas"
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
 # the memory options on a mixed mesh: 2 micro-batches of 4 rows, one row per device in each
@@ -40,7 +42,8 @@ def runs(tmp_path_factory):
     two processes of 4 devices (the multi-host code path) on the mixed mesh."""
     directory = write_inputs(tmp_path_factory.mktemp("sharded_jax"), (*ROUTED_JAX, "gla-peri"))
     script = str(ROOT / "parity_tests" / "support" / "sharded_jax_run.py")
-    routed = [*(f"{name}/{ROUTED_MESH}" for name in ROUTED_JAX), f"gla-peri/{GLA_PALLAS_RUN}"]
+    routed = [*(f"{name}/{ROUTED_MESH}" for name in ROUTED_JAX),
+              *(f"gla-peri/{run}" for run in (GLA_PALLAS_RUN, GLA_PALLAS_ONE_DEVICE))]
     run_processes([script, str(directory), *MESHES, MEMORY_RUN, *routed], [host_devices(8)])
     coordinator = {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
     run_processes([script, str(directory), "data=2,fsdp=4"],
@@ -110,10 +113,13 @@ def test_routed_sharded_steps_equal_the_one_shot_step(runs, variant):
 @pytest.mark.slow
 def test_gla_pallas_kernel_runs_per_device_on_a_mesh(runs):
     """XLA cannot partition a Pallas call: without a shard_map it would gather every row onto every device. Every
-    pallas_call of the sharded step (forward and backward) sits in one, and the run equals the one-device pure form."""
+    pallas_call of the sharded step (forward and backward) sits in one, and the run equals the kernel's run on one
+    device (which calls it unwrapped)."""
     record, state = load_run(runs / "gla-peri", f"jax-{GLA_PALLAS_RUN}")
     assert record["kernel_in_shard_map"] and all(record["kernel_in_shard_map"]), record["kernel_in_shard_map"]
-    assert_same_run(record, state, "jax", "gla-peri")
+    one_device = load_run(runs / "gla-peri", f"jax-{GLA_PALLAS_ONE_DEVICE}")
+    assert one_device[0]["kernel_in_shard_map"] and not any(one_device[0]["kernel_in_shard_map"])
+    assert_same_run(record, state, "jax", "gla-peri", reference=one_device)
 
 
 @pytest.mark.slow
