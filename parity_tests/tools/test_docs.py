@@ -382,8 +382,8 @@ def test_the_tolerance_table_quotes_the_bounds_the_tests_use():
 
 def test_the_limits_the_docs_quote_are_the_code_constants():
     """Each number a page quotes from a code constant (the reading limits, temp names, the host devices a mesh may
-    ask for, profile_step's steps, the GPU check's budget), at the phrase that quotes it."""
-    from shared_config import cli, files, limits, parallel
+    ask for, the compile cache's size, profile_step's steps, the GPU check's budget), at the phrase that quotes it."""
+    from shared_config import cli, compile_cache, files, limits, parallel
 
     def constant(path: str, name: str):  # a bench module's constant, read without running its imports
         return int(re.search(rf"^{name} = (\d+)", (ROOT / path).read_text(), re.M).group(1))
@@ -396,6 +396,7 @@ def test_the_limits_the_docs_quote_are_the_code_constants():
         ("docs/checkpoints.md", f"cut to about {limits.MAX_QUOTED} characters, an error line to {cli.MAX_MESSAGE:,}"),
         ("docs/checkpoints.md", f"NAME cut to {files.MAX_STEM} characters"),
         ("docs/training.md", f"host devices, at most {parallel.MAX_HOST_DEVICES})"),
+        ("docs/bench.md", f"its size, at most {compile_cache.CACHE_SIZE_BYTES // 2**30} GiB)"),
         ("docs/bench.md", f"(`--steps`: at most {constant('bench/profile_step.py', 'MAX_STEPS')},"),
         ("docs/bench.md", f"at most the {constant('bench/gpu_check.py', 'BUDGET_S')} s budget"),
         ("docs/bench.md", f"plans of at most {constant('bench/gpu_check.py', 'BUDGET_S') // 60} minutes each"),
