@@ -242,7 +242,8 @@ def profile(args):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
     from shared_config.progress import progress
 
-    from bench.runners import jax_device_name, setup_jax, setup_torch, torch_device_name
+    from bench.devices import jax_device_name, torch_device_name
+    from bench.runners import setup_jax, setup_torch
     from bench.timing import backend_options, bench_tokens, check_gla_kernel
 
     backends = ["jax", "torch"] if args.backend == "both" else [args.backend]

@@ -16,9 +16,8 @@ from shared_config.progress import progress
 
 from bench.flops import peak_tflops
 from bench.load import CpuClock, process_threads, snapshot
-from bench.runners import (
-    accelerator, check_tpu_backends, jax_device_name, setup_hf, setup_jax, setup_torch, torch_device_name,
-)
+from bench.devices import accelerator, check_tpu_backends, jax_device_name, torch_device_name
+from bench.runners import setup_hf, setup_jax, setup_torch
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
 

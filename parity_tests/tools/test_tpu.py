@@ -22,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import jax_model.attention
 import torch_model.attention
-from bench import compare, runners, timing
+from bench import compare, devices, timing
 from bench.flops import TPU_PEAK_TFLOPS, peak_tflops, tpu_chip
 from shared_config import load_spec
 from shared_config.cli import UsageError, run
@@ -58,8 +58,8 @@ def test_the_torch_xla_device_name_parses_for_every_listed_chip():
 
 
 def fake_tpu(monkeypatch, chips: int = 4, version: str = "v5e"):
-    """This host, with `chips` TPUs on its PCI bus: what `runners.tpu_chips` reads from /sys."""
-    monkeypatch.setattr(runners, "tpu_chips", lambda: (chips, version))
+    """This host, with `chips` TPUs on its PCI bus: what `devices.tpu_chips` reads from /sys."""
+    monkeypatch.setattr(devices, "tpu_chips", lambda: (chips, version))
 
 
 @pytest.mark.parametrize("mesh,chips", [(None, 1), ({"data": 2, "fsdp": 2}, 4)])
@@ -190,7 +190,7 @@ def test_one_framework_per_process_on_a_tpu(monkeypatch, capsys):
     fake_tpu(monkeypatch)
     line = bench_main(["--backend", "both"], monkeypatch, capsys)
     assert "JAX and PyTorch/XLA cannot share the chips in one process" in line
-    assert runners.check_tpu_backends(["jax"]) is None
+    assert devices.check_tpu_backends(["jax"]) is None
 
 
 def test_torch_compile_is_refused_on_a_tpu(monkeypatch):
@@ -206,9 +206,9 @@ def test_torch_compile_is_refused_on_a_tpu(monkeypatch):
 
 def test_the_cpu_path_is_unchanged():
     """On this CPU host: no TPU found, the names, kernels and compile default the bench had before TPUs."""
-    assert runners.tpu_chips()[0] == 0 and runners.accelerator() == "cpu"
-    assert runners.jax_device_name().startswith("cpu (") and runners.torch_device_name().startswith("cpu (")
-    assert runners.torch_device().type == "cpu" and runners.compile_mode(False, torch.device("cpu")) == "eager"
+    assert devices.tpu_chips()[0] == 0 and devices.accelerator() == "cpu"
+    assert devices.jax_device_name().startswith("cpu (") and devices.torch_device_name().startswith("cpu (")
+    assert devices.torch_device().type == "cpu" and devices.compile_mode(False, torch.device("cpu")) == "eager"
     assert compare.kernels("auto", "cpu", "bfloat16") == {"jax": "auto", "torch": "auto", "hf": "sdpa"}
     assert compare.kernels("auto", "gpu", "bfloat16") == {"jax": "cudnn", "torch": "cudnn", "hf": "sdpa"}
     spec = load_spec("tiny")
