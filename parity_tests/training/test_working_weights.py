@@ -188,7 +188,9 @@ def test_compiled_blocks_read_the_working_weights_as_eager_does(monkeypatch):
 
 MESH_RUN = """
 import json, re, numpy as np
-from jax_model import distributed, train
+from unittest import mock
+import jax.numpy as jnp
+from jax_model import distributed, layers, train
 import jax_model
 from jax_model.weights import flat_arrays
 from parity_tests.support.common import parity_weights
@@ -206,6 +208,10 @@ for where in ("mesh", "one device"):
         specs = {k: [str(masters[k].sharding.spec), str(c.sharding.spec)] for k, c in state.working.items()}
         tokens = distributed.shard_batch(synthetic_batch(cfg.seed, 0, cfg.batch_size, cfg.seq_len, spec.V), mesh)
         hlo = step.jitted.lower(state, tokens, None).compile().as_text()
+        # and as a GPU runs its matmuls: layers.linear flattens the tokens on CPU only
+        with mock.patch.object(layers, "linear", lambda x, w, dtype: jnp.dot(x.astype(dtype), w.astype(dtype))):
+            gpu_state, gpu_step = distributed.parallelize(jax_model.from_weights(parity_weights(spec), spec), cfg, mesh)
+            hlo += gpu_step.jitted.lower(gpu_state, tokens, None).compile().as_text()
         reduced = [re.findall(r"\\[([0-9,]*)\\]", m) for m in re.findall(r"= (.+?) all-reduce(?:-start)?\\(", hlo)]
     else:
         state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
@@ -221,7 +227,8 @@ print(json.dumps({"losses": losses, "specs": specs, "all_reduced": all_reduced})
 @pytest.fixture(scope="module")
 def mesh_run():
     """The bf16 tiny step on a data=2 × fsdp=2 mesh of 4 host devices and on one device: the losses of 3 steps each,
-    the PartitionSpecs of each master and its working copy, and the shapes every all-reduce of the mesh step moves."""
+    the PartitionSpecs of each master and its working copy, and the shapes every all-reduce of the mesh step moves
+    (with the CPU's matmuls over flattened tokens, and with a GPU's over [B, T, D])."""
     r = run_python("-c", MESH_RUN, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
