@@ -135,9 +135,9 @@ def split_rows(x_B, mesh: Mesh | None):
 
     The hidden states [B, T, D] are pinned so after the embeddings and after every block, as MaxText pins its
     activations. XLA's sharding propagation then gathers each fsdp-split weight where a matmul reads it, which is
-    FSDP. Left to itself, it may split a matmul's contraction over fsdp instead and all-reduce the partial
-    activations or logits: jax 0.11 did so for the LM head. That moves more bytes, and it rounds a bf16 step
-    differently from one device.
+    FSDP. Left to itself, it split the LM head's and the MLP's contractions over fsdp instead and all-reduced the
+    partial logits and activations (jax 0.10 and 0.11): more bytes moved, and a bf16 step rounded differently from
+    one device's.
     """
     if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
         return x_B
