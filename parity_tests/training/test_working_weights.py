@@ -228,10 +228,12 @@ print(json.dumps({"losses": losses, "specs": specs, "all_reduced": all_reduced})
 def mesh_run():
     """The bf16 tiny step on a data=2 × fsdp=2 mesh of 4 host devices and on one device: the losses of 3 steps each,
     the PartitionSpecs of each master and its working copy, and the shapes every all-reduce of the mesh step moves
-    (with the CPU's matmuls over flattened tokens, and with a GPU's over [B, T, D])."""
+    (with the CPU's matmuls over flattened tokens, and with a GPU's over [B, T, D]), and XLA's warnings that it
+    replicated an array on every device to reshard it."""
     r = run_python("-c", MESH_RUN, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    replicated = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "replicated": replicated}
 
 
 @pytest.mark.slow
@@ -259,3 +261,11 @@ def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mes
     assert mesh_run["all_reduced"] and any(len(s) == 2 for s in mesh_run["all_reduced"])  # gradients are there
     activations = [s for s in mesh_run["all_reduced"] if token_dims & set(s)]
     assert not activations, activations
+
+
+@pytest.mark.slow
+def test_a_jax_mesh_step_never_replicates_an_array_to_reshard_it(mesh_run):
+    """Every array moves between its shardings by collectives XLA can plan. The embedding table, split over fsdp by
+    D, sent its gradient's cotangent [B, T, D] from rows over data × fsdp to D over fsdp: XLA replicated it on every
+    device ("Involuntary full rematerialization"). jax_model.model.gathered reads the table whole instead."""
+    assert not mesh_run["replicated"], mesh_run["replicated"][:2]
