@@ -60,8 +60,12 @@ def init_distributed() -> None:
 
 
 def make_mesh(mesh: str | None = None, *, devices: int | None = None) -> Mesh:
-    """A (data, fsdp) mesh from `"data=2,fsdp=4"`; `devices=N` alone means data=N; neither: data over every device."""
-    sizes = parse_mesh(mesh or f"data={devices or jax.device_count()}")
+    """A (data, fsdp) mesh from `"data=2,fsdp=4"`; `devices=N` alone means data=N; neither: data over every device.
+    Raises SpecError for a mesh that names no axis ('' was data over every device, without a word), devices < 1,
+    and more devices than there are."""
+    if devices is not None and devices < 1:  # devices=0 was read as "every device"
+        raise SpecError(f"devices={devices} must be >= 1")
+    sizes = parse_mesh(mesh if mesh is not None else f"data={devices or jax.device_count()}")
     n, available, text = math.prod(sizes.values()), jax.device_count(), ",".join(f"{a}={sizes[a]}" for a in AXES)
     if devices is not None and n != devices:
         raise SpecError(f"mesh {text} has {n} devices, not the {devices} asked for")
@@ -137,9 +141,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
         check_batch(tokens_BN, model.spec, train.IGNORE_INDEX)  # the global batch, the same on every process
-        if (rows := rows_per_shard(np.shape(tokens_BN)[0], mesh.size)) % cfg.grad_accum_steps:  # as torch's ranks
-            raise SpecError(f"grad_accum_steps={cfg.grad_accum_steps} must divide the {rows} rows of a batch "
-                            "(per device or rank)")
+        rows_per_shard(np.shape(tokens_BN)[0], mesh.size, cfg.grad_accum_steps)  # as torch's ranks
         return step(state, shard_batch(tokens_BN, mesh), None if mask_BN is None else shard_batch(mask_BN, mesh))
 
     train_step.jitted = step  # jax.jit's own function (state, tokens_BN, mask_BN): bench/ lowers it for memory and HLO

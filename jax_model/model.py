@@ -119,9 +119,9 @@ class TransformerModel(nnx.Module):
         or [B, T]. Looked up, added and scaled in float32, then cast once: each table's gradient sums a token's (or a
         position's) rows in float32, and the scale's its B·T·D terms (in bf16, a token seen 1,000 times in a batch
         had a row gradient stuck at 256, and the scale's gradient was off by its own size)."""
-        x_BTD = lookup(self.embed_tokens, tokens_BT)
+        x_BTD = lookup(self.embed_tokens, tokens_BT, self.mesh)
         if self.embed_positions is not None:
-            x_BTD = x_BTD + lookup(self.embed_positions, positions)
+            x_BTD = x_BTD + lookup(self.embed_positions, positions, self.mesh)
         if self.spec.embed_scale == "learnable":
             x_BTD = x_BTD * self.embed_scale[...].astype(jnp.float32)
         elif self.spec.embed_scale == "constant":
@@ -142,6 +142,16 @@ def split_rows(x_B, mesh: Mesh | None):
     if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
         return x_B
     return jax.lax.with_sharding_constraint(x_B, NamedSharding(mesh, PartitionSpec(AXES)))
+
+
+def gathered(w, mesh: Mesh | None):
+    """Weight `w` whole on every device of `mesh` where it is read (FSDP's gather; its gradient is reduce-scattered
+    back to w's shards); no mesh: w as it is. An embedding table split over fsdp by D otherwise sent its gradient's
+    rows-split cotangent [B, T, D] to D-split over fsdp, replicated over data: on a data × fsdp mesh XLA could only
+    replicate it on every device ("Involuntary full rematerialization")."""
+    if mesh is None or mesh.size == 1:
+        return w
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec()))
 
 
 def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
@@ -166,10 +176,11 @@ def cache_length(cache: KVCache) -> int | None:
     return None if isinstance(cache.length, jax.core.Tracer) else int(cache.length)
 
 
-def lookup(table, ids):
+def lookup(table, ids, mesh: Mesh | None = None):
     """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
-    backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype)."""
-    return jnp.take(table.embedding[...].astype(jnp.float32), ids, axis=0)
+    backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype).
+    On a `mesh`, from the table whole (`gathered`)."""
+    return jnp.take(gathered(table.embedding[...], mesh).astype(jnp.float32), ids, axis=0)
 
 
 class Transformer(nnx.Module):

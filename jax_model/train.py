@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config.parallel import AXES, splits_rows
 from shared_config.tokens import CheckedStep, check_batch, check_batch_array
 
 from .head_loss import fused_head_loss
@@ -74,8 +76,27 @@ def chunked_next_token_loss(model, x_BTD, targets_BT, weights_BT, count=None, ch
     chunk = min(chunk, targets_M.shape[0])  # never padded past the tokens there are
     dtype = DTYPES[model.spec.compute_dtype]
     count = jnp.maximum(jnp.sum(weights_BT), 1.0) if count is None else count
+    head_loss = partial(rows_summed, fused_head_loss, model.model.mesh, x_BTD.shape[0])  # one device: fused_head_loss
     # the weights divided by the count before the sum, as autodiff scales the logits' gradient of the plain loss
-    return fused_head_loss(x_MD, model.head_weight(), targets_M, weights_M.astype(jnp.float32) / count, chunk, dtype)
+    return head_loss(x_MD, model.head_weight(), targets_M, weights_M.astype(jnp.float32) / count, chunk, dtype)
+
+
+def rows_summed(loss_fn, mesh: Mesh | None, rows: int, x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
+    """`loss_fn(x_MD, w_VD, targets_M, weights_M, chunk, dtype)` (fused_head_loss, a sum over the M tokens of `rows`
+    batch rows) run by each device of `mesh` on its own rows' tokens, at most `chunk` at a time, and the sums added
+    (jax.shard_map; w_VD read whole, its gradient summed over the devices). No mesh, or rows the devices do not split
+    (model.split_rows): loss_fn itself. Left to XLA, every device scanned every chunk of the whole batch, splitting
+    the head's contraction over fsdp and all-reducing partial logits [chunk, V]."""
+    if mesh is None or not splits_rows(rows, mesh.size):
+        return loss_fn(x_MD, w_VD, targets_M, weights_M, chunk, dtype)
+
+    def local(x_MD, w_VD, targets_M, weights_M):
+        w_VD = jax.lax.pcast(w_VD, AXES, to="varying")  # a different gradient on every device, summed (psum) back
+        return jax.lax.psum(loss_fn(x_MD, w_VD, targets_M, weights_M, min(chunk, x_MD.shape[0]), dtype), AXES)
+
+    rows_spec = PartitionSpec(AXES)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec, PartitionSpec(), rows_spec, rows_spec),
+                         out_specs=PartitionSpec())(x_MD, w_VD, targets_M, weights_M)
 
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,

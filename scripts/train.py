@@ -104,7 +104,8 @@ def main(argv=None):
     args = parse_args(argv)
     run = resolve_run(args)
     shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else int(os.environ.get("WORLD_SIZE", "1"))
-    rows_per_shard(run.cfg.batch_size, shards)  # the global batch splits evenly, or fail before any work
+    # the global batch splits evenly, and each shard's rows into the micro-batches, or fail before any work
+    rows_per_shard(run.cfg.batch_size, shards, run.cfg.grad_accum_steps)
     use_compile_cache(args.compile_cache)
     if args.backend == "jax":
         from jax_model.distributed import init_distributed

@@ -32,11 +32,15 @@ def fsdp_dim(t: Tensor, n: int) -> int | None:
     return next((d for d in by_size if t.shape[d] % n == 0), None)
 
 
-def rows_per_shard(batch_size: int, shards: int) -> int:
-    """Rows each of `shards` devices or ranks reads from a global batch: the global batch is fixed, split evenly."""
+def rows_per_shard(batch_size: int, shards: int, grad_accum_steps: int = 1) -> int:
+    """Rows each of `shards` devices or ranks reads from a global batch: the global batch is fixed, split evenly,
+    and each shard's rows split evenly into `grad_accum_steps` micro-batches (each device or rank keeps its rows)."""
     if batch_size % shards:
         raise SpecError(f"batch_size={batch_size} must be divisible by the {shards} data-parallel shards "
                         f"(data × fsdp devices, or torch ranks): the global batch is split evenly across them")
+    if (batch_size // shards) % grad_accum_steps:
+        raise SpecError(f"grad_accum_steps={grad_accum_steps} must divide the {batch_size // shards} rows of a batch "
+                        "(per device or rank)")
     return batch_size // shards
 
 

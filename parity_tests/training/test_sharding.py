@@ -86,8 +86,10 @@ def test_parse_mesh():
     (lambda: distributed.parse_mesh("fsdp"), "'fsdp' must be axis=N"),
     (lambda: distributed.make_mesh("data=2,fsdp=4"), "mesh data=2,fsdp=4 needs 8 devices, 1 available"),
     (lambda: distributed.make_mesh("fsdp=2", devices=4), "mesh data=1,fsdp=2 has 2 devices, not the 4 asked for"),
+    (lambda: distributed.make_mesh(""), "mesh '' names no axis"),
+    (lambda: distributed.make_mesh(devices=0), "devices=0 must be >= 1"),
     (lambda: rows_per_shard(6, 4), "batch_size=6 must be divisible by the 4 data-parallel shards"),
-], ids=["axis", "size", "syntax", "devices", "devices-flag", "batch"])
+], ids=["axis", "size", "syntax", "devices", "devices-flag", "empty", "no-devices", "batch"])
 def test_bad_meshes_and_batches_are_one_line_errors(make, message):
     with pytest.raises(SpecError, match="^[^\n]*$") as e:
         make()

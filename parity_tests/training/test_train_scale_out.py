@@ -102,7 +102,11 @@ def test_torchrun_ranks_end_at_once_when_rank_0_fails_alone(tmp_path):
         (["--backend", "torch", "--parallel", "ddp"], "--parallel ddp needs torchrun"),
         (["--backend", "jax", "--devices", "3", "--set", "batch_size=4"], "batch_size=4 must be divisible by the 3"),
         (["--backend", "jax", "--mesh", "data=2,model=2"], "unknown axis 'model'"),
+        # each device's 1 row cannot be 2 micro-batches: refused before the run directory is made (it was left behind)
+        (["--backend", "jax", "--devices", "2", "--set", "batch_size=2", "--set", "grad_accum_steps=2"],
+         "grad_accum_steps=2 must divide the 1 rows of a batch"),
     ], 1, multi=True),
 )
 def test_bad_scale_out_arguments(tmp_path, args, message):
     one_line_error(run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet"), message)
+    assert not (tmp_path / "x").exists()

@@ -212,6 +212,10 @@ for where in ("mesh", "one device"):
         with mock.patch.object(layers, "linear", lambda x, w, dtype: jnp.dot(x.astype(dtype), w.astype(dtype))):
             gpu_state, gpu_step = distributed.parallelize(jax_model.from_weights(parity_weights(spec), spec), cfg, mesh)
             hlo += gpu_step.jitted.lower(gpu_state, tokens, None).compile().as_text()
+        # and with the LM head and the loss fused over chunks (train.rows_summed: each device its own rows' chunks)
+        chunked_state, chunked_step = distributed.parallelize(jax_model.from_weights(parity_weights(spec), spec),
+                                                              cfg.replace(loss_chunk=64), mesh)
+        hlo += chunked_step.jitted.lower(chunked_state, tokens, None).compile().as_text()
         reduced = [re.findall(r"\\[([0-9,]*)\\]", m) for m in re.findall(r"= (.+?) all-reduce(?:-start)?\\(", hlo)]
     else:
         state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
@@ -228,10 +232,12 @@ print(json.dumps({"losses": losses, "specs": specs, "all_reduced": all_reduced})
 def mesh_run():
     """The bf16 tiny step on a data=2 × fsdp=2 mesh of 4 host devices and on one device: the losses of 3 steps each,
     the PartitionSpecs of each master and its working copy, and the shapes every all-reduce of the mesh step moves
-    (with the CPU's matmuls over flattened tokens, and with a GPU's over [B, T, D])."""
+    (with the CPU's matmuls over flattened tokens, with a GPU's over [B, T, D], and with loss_chunk), and XLA's
+    warnings that it replicated an array on every device to reshard it."""
     r = run_python("-c", MESH_RUN, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    replicated = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "replicated": replicated}
 
 
 @pytest.mark.slow
@@ -251,7 +257,8 @@ def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mes
     """FSDP as it should be (jax_model.model.split_rows pins the hidden states by rows): each matmul reads its
     gathered weight, and the step all-reduces gradients and scalars only. Unpinned, XLA split the LM head's and the
     MLP's contractions over fsdp and all-reduced partial logits [64, 257] and activations [64, 544]: more bytes, and
-    on jax 0.11 a bf16 loss 2e-4 off one device's. An activation has a dim of the tokens of 1, 2 or 4 rows."""
+    on jax 0.11 a bf16 loss 2e-4 off one device's. So did a chunked loss scanning the whole batch's chunks on every
+    device (train.rows_summed). An activation has a dim of the tokens of 1, 2 or 4 rows."""
     T, rows = CFG.seq_len, CFG.batch_size
     token_dims = {T * r for r in (1, 2, rows)}
     weight_dims = {d // k for t in model_layout(load_spec("tiny")) for d in t.shape for k in (1, 2) if d % k == 0}
@@ -259,3 +266,11 @@ def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mes
     assert mesh_run["all_reduced"] and any(len(s) == 2 for s in mesh_run["all_reduced"])  # gradients are there
     activations = [s for s in mesh_run["all_reduced"] if token_dims & set(s)]
     assert not activations, activations
+
+
+@pytest.mark.slow
+def test_a_jax_mesh_step_never_replicates_an_array_to_reshard_it(mesh_run):
+    """Every array moves between its shardings by collectives XLA can plan. The embedding table, split over fsdp by
+    D, sent its gradient's cotangent [B, T, D] from rows over data × fsdp to D over fsdp: XLA replicated it on every
+    device ("Involuntary full rematerialization"). jax_model.model.gathered reads the table whole instead."""
+    assert not mesh_run["replicated"], mesh_run["replicated"][:2]
