@@ -167,7 +167,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
-    check_batch(tokens_BN, model.spec, IGNORE_INDEX)
+    check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN)
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN,
                                   count)

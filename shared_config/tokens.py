@@ -86,10 +86,15 @@ def check_batch_array(shape: Sequence[int], dtype: str) -> None:
     check_token_array(shape, dtype, "a batch", min_time=2)
 
 
-def check_batch(tokens_BN, spec: ModelSpec, ignore: int) -> None:
+def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None) -> None:
     """A training batch held in host memory (numpy), checked whole: `check_batch_array`, then every id in the
     vocabulary or `ignore` (IGNORE_INDEX). Inside a jitted step the ids are data: an id past the vocabulary as a target
-    was a NaN loss in JAX and an IndexError in torch. Arrays of a framework are left to `check_batch_array`."""
+    was a NaN loss in JAX and an IndexError in torch. Arrays of a framework are left to `check_batch_array`.
+    A mask (of any framework) must have the tokens' shape: one of [1, N] weighted every row by row 0's mask without a
+    word, and other shapes failed inside the framework. Raises TokenError."""
+    if mask_BN is not None and tuple(np.shape(mask_BN)) != tuple(np.shape(tokens_BN)):
+        raise TokenError(f"mask_BN of shape {list(np.shape(mask_BN))} must have the tokens' shape "
+                         f"{list(np.shape(tokens_BN))}: one entry per token")
     if not isinstance(tokens_BN, np.ndarray):
         return
     check_batch_array(tokens_BN.shape, str(tokens_BN.dtype))
@@ -101,14 +106,14 @@ def check_batch(tokens_BN, spec: ModelSpec, ignore: int) -> None:
 
 
 class CheckedStep:
-    """A train or eval step `(state, tokens_BN, ...)` whose numpy batch is checked (`check_batch`) before it runs;
+    """A train or eval step `(state, tokens_BN, mask_BN=None, ...)`: its batch is checked (`check_batch`) first;
     other attributes (jax.jit's `lower`, ...) are the step's own."""
 
     def __init__(self, step, spec: ModelSpec, ignore: int):
         self.step, self.spec, self.ignore = step, spec, ignore
 
     def __call__(self, state, tokens_BN, *args, **kwargs):
-        check_batch(tokens_BN, self.spec, self.ignore)
+        check_batch(tokens_BN, self.spec, self.ignore, args[0] if args else kwargs.get("mask_BN"))
         return self.step(state, tokens_BN, *args, **kwargs)
 
     def __getattr__(self, name):

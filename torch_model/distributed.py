@@ -183,7 +183,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     step = train.make_train_step(model, cfg, compile=compile).step  # unchecked: the global batch is checked below
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        check_batch(tokens_BN, model.spec, train.IGNORE_INDEX)  # the global batch, the same on every process
+        check_batch(tokens_BN, model.spec, train.IGNORE_INDEX, mask_BN)  # the global batch, on every process
         _, _, weights_BT = train.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
         count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
         state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)

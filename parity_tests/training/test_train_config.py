@@ -155,6 +155,30 @@ def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_t
                 run()
 
 
+@pytest.mark.parametrize("shape", [(1, 9), (2, 8), (2, 9, 1)])
+def test_a_mask_of_another_shape_is_refused_by_every_step_of_both_twins(train_twins, shape):
+    """A mask must have the tokens' shape [B, N]: one of [1, N] weighted every row by row 0's mask without a word
+    (both twins broadcast it), others failed inside the framework (TypeError, RuntimeError)."""
+    from jax_model import distributed
+    from shared_config import synthetic_batch
+    from shared_config.tokens import TokenError
+
+    spec, cfg, twins = train_twins
+    batch, mask = synthetic_batch(0, 0, 2, 8, spec.V), np.ones(shape, np.float32)  # batch [2, 9]
+    says = rf"mask_BN of shape \[{', '.join(map(str, shape))}\] must have the tokens' shape \[2, 9\]"
+    for train, model in twins:
+        state = train.init_train_state(model, cfg)
+        for run in (lambda: train.make_train_step(model, cfg)(state, batch, mask),
+                    lambda: train.make_train_step(model, cfg)(state, batch, mask_BN=mask),
+                    lambda: train.loss_and_grads(model, batch, mask),
+                    lambda: train.make_eval_step(model)(state, batch, mask)):
+            with pytest.raises(TokenError, match=says):
+                run()
+    _, step = distributed.parallelize(twins[0][1], cfg, distributed.make_mesh(devices=1))
+    with pytest.raises(TokenError, match=says):
+        step(None, batch, mask)
+
+
 def test_ignored_targets_are_not_ids(train_twins):
     from shared_config import synthetic_batch
 
