@@ -16,7 +16,6 @@ the step and the first tensor that went non-finite, and keeps the last good chec
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from shared_config.compile_cache import add_compile_cache_option, use_compile_ca
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
-from shared_config.parallel import mesh_devices, parse_mesh, rows_per_shard
+from shared_config.parallel import mesh_devices, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
@@ -82,7 +81,7 @@ def check_scale_out(p, args) -> None:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
-    mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
+    devices = mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
     if args.parallel and not torchrun:
@@ -94,8 +93,8 @@ def check_scale_out(p, args) -> None:
         p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)
     args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
-    if args.mesh:
-        devices = math.prod(parse_mesh(args.mesh).values())
+    args.shards = devices or int(os.environ.get("WORLD_SIZE", "1"))  # what the global batch splits over
+    if devices:
         os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                    f"--xla_force_host_platform_device_count={devices}").strip()
 
@@ -103,9 +102,8 @@ def check_scale_out(p, args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     run = resolve_run(args)
-    shards = math.prod(parse_mesh(args.mesh).values()) if args.mesh else int(os.environ.get("WORLD_SIZE", "1"))
     # the global batch splits evenly, and each shard's rows into the micro-batches, or fail before any work
-    rows_per_shard(run.cfg.batch_size, shards, run.cfg.grad_accum_steps)
+    rows_per_shard(run.cfg.batch_size, args.shards, run.cfg.grad_accum_steps)
     use_compile_cache(args.compile_cache)
     if args.backend == "jax":
         from jax_model.distributed import init_distributed
