@@ -159,13 +159,14 @@ def compile_step(spec_name, batch, tokens):
 
 # the layer's options (--compile-step times a train step of --batch x --tokens and reads none of them) and defaults
 LAYER_OPTIONS = {"heads": 4, "key": 96, "value": 192, "repeats": 5, "kernel": "pure", "backend": "both"}
+SHAPE_OPTIONS = {"batch": 1, "tokens": 2048}  # read by both
 
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
-    for flag, default in (("batch", 1), ("heads", 4), ("tokens", 2048), ("key", 96), ("value", 192), ("repeats", 5)):
-        p.add_argument(f"--{flag}", type=at_least(1), default=None if flag in LAYER_OPTIONS else default,
-                       help=f"(default {default})")
+    for flag in ("batch", "heads", "tokens", "key", "value", "repeats"):
+        p.add_argument(f"--{flag}", type=at_least(1), default=SHAPE_OPTIONS.get(flag),  # the layer's: set below
+                       help=f"(default {SHAPE_OPTIONS.get(flag, LAYER_OPTIONS.get(flag))})")
     p.add_argument("--kernel", help="comma-separated: pure, recurrent, pallas (JAX), fla (torch) (default: pure)")
     p.add_argument("--recurrent", action="store_true", help="the same as --kernel recurrent")
     p.add_argument("--if-present", action="store_true",
