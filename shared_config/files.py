@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -128,7 +129,17 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp is not None:
             with deferred_signals():  # a signal during the cleanup waits for it
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
+
+
+def remove_tree(path: Path, seconds: float = 5.0) -> None:
+    """Delete directory `path`, again while it still exists, for up to `seconds`: a writer's threads may still add
+    files to it as it goes (Orbax's, after a save failed on a full disk, left the directory behind 1 time in 16)."""
+    for _ in range(max(1, int(seconds / 0.05))):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.05)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -132,3 +132,24 @@ def test_a_closed_pipe_ends_quietly_and_a_late_signal_is_ignored():
     assert p.stderr.read() == b""
     r = run_python("-c", PRINTS_A_LOT, "late")
     assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", "")
+
+
+def test_a_failed_directory_write_leaves_nothing_while_a_writer_thread_still_adds_files(tmp_path):
+    """A library's threads may still write into the temporary directory after the body failed (Orbax on a full
+    disk): the cleanup deletes it again until it is gone, where one rmtree left it behind."""
+    import threading
+    import time
+
+    def late_writer(directory, until):
+        while time.monotonic() < until:
+            os.makedirs(directory / "state" / f"f{time.monotonic_ns()}", exist_ok=True)  # as tensorstore makes paths
+            time.sleep(0.002)
+
+    with pytest.raises(ValueError, match="the save failed"):
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            writer = threading.Thread(target=late_writer, args=(tmp, time.monotonic() + 0.3))
+            writer.start()
+            time.sleep(0.05)
+            raise ValueError("the save failed")
+    writer.join()
+    assert list(tmp_path.iterdir()) == []
