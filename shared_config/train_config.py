@@ -86,9 +86,13 @@ class TrainConfig:
         return from_mapping(cls, d, "train config")
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
-        """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it."""
+        """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it, and a
+        `gla_kernel` other than auto refused (SpecError) where the spec has no GLA layer for it to run."""
         if self.seq_len > spec.max_seq_len:
             raise SpecError(f"seq_len={self.seq_len} must be <= the spec's max_seq_len={spec.max_seq_len}")
+        if self.gla_kernel != "auto" and spec.mixer != "gla":  # it would run, the choice ignored
+            raise SpecError(f"gla_kernel={self.gla_kernel} picks the GLA layers' kernel; the spec's mixer is "
+                            f"{spec.mixer} and has none (leave gla_kernel at auto)")
         return spec if self.compute_dtype is None else spec.replace(compute_dtype=self.compute_dtype)
 
 

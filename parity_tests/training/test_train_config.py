@@ -85,6 +85,11 @@ def test_model_spec_override_and_seq_len_check():
     assert TrainConfig(seq_len=64, compute_dtype="bfloat16").model_spec(spec).compute_dtype == "bfloat16"
     with pytest.raises(SpecError, match="seq_len=512 must be <= the spec's max_seq_len=256"):
         TrainConfig(seq_len=512).model_spec(spec)
+    for kernel in ("pure", "pallas", "fla"):  # a kernel for layers the spec does not have: refused, not ignored
+        with pytest.raises(SpecError, match=f"gla_kernel={kernel} picks the GLA layers' kernel; the spec's mixer "
+                                            "is attention"):
+            TrainConfig(seq_len=64, gla_kernel=kernel).model_spec(spec)
+    assert TrainConfig(seq_len=64, gla_kernel="pure").model_spec(load_spec("gla-tiny")).mixer == "gla"
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True])
