@@ -35,7 +35,7 @@ from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model
 from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 from shared_config.tokens import check_batch
 
-from . import train
+from . import loss, train
 from .model import Transformer, set_mesh
 from .weights import dotted, flat_arrays, set_pure_dict, to_canonical, to_pure_dict
 
@@ -140,7 +140,7 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     )
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        check_batch(tokens_BN, model.spec, train.IGNORE_INDEX, mask_BN)  # the global batch, on every process
+        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN)  # the global batch, on every process
         rows_per_shard(np.shape(tokens_BN)[0], mesh.size, cfg.grad_accum_steps)  # as torch's ranks
         return step(state, shard_batch(tokens_BN, mesh), None if mask_BN is None else shard_batch(mask_BN, mesh))
 

@@ -44,7 +44,7 @@ def _loss_and_grads(x_MD, w_VD, targets_M, weights_M, chunk: int, dtype):
         return dw_VD, (jnp.sum(ce_c * weights_c), dx_cD, ce_c)
 
     xs = (_chunks(x_MD, chunk), _chunks(targets_M, chunk), _chunks(weights_M, chunk))
-    # zeros_like: on a mesh (train.rows_summed) the sum varies over the devices as w_VD does
+    # zeros_like: on a mesh (loss.rows_summed) the sum varies over the devices as w_VD does
     dw_VD, (sums_C, dx_CcD, ce_Cc) = jax.lax.scan(one_chunk, jnp.zeros_like(w_VD, jnp.float32), xs)
     dx_MD = dx_CcD.reshape(-1, D)[:M].astype(x_MD.dtype)
     return jnp.sum(sums_C), dx_MD, dw_VD.astype(w_VD.dtype), ce_Cc.reshape(-1)[:M]

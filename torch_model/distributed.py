@@ -44,7 +44,7 @@ from shared_config import SpecError, TrainConfig, did_you_mean, model_layout, sa
 from shared_config.parallel import fsdp_dim, rows_per_shard
 from shared_config.tokens import check_batch
 
-from . import train
+from . import loss, train
 from .weights import to_canonical, to_state_dict
 
 PARALLEL = ("ddp", "fsdp2")
@@ -183,8 +183,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     step = train.make_train_step(model, cfg, compile=compile).step  # unchecked: the global batch is checked below
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        check_batch(tokens_BN, model.spec, train.IGNORE_INDEX, mask_BN)  # the global batch, on every process
-        _, _, weights_BT = train.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
+        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN)  # the global batch, on every process
+        _, _, weights_BT = loss.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
         count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
         state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)
         # grad_norm is already global (FSDP2: a replicated DTensor reduced over every shard; DDP: averaged gradients)

@@ -11,6 +11,7 @@ import pytest
 
 from shared_config import SpecError, load_train_config
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
+from torch_model import loss as torch_loss
 from torch_model import train as torch_train
 
 from ..support.common import make_spec, parity_weights, quick_first
@@ -110,7 +111,7 @@ def test_a_loss_chunk_at_or_past_the_tokens_is_no_chunking(chunk, monkeypatch):
     traced = [str(jax.make_jaxpr(lambda t: jax_train.model_loss(model, t, mask, loss_chunk=c))(tokens))
               for c in (0, chunk)]
     assert traced[1] == traced[0]
-    monkeypatch.setattr(torch_train, "fused_head_loss", lambda *a, **k: pytest.fail("the loss was chunked"))
+    monkeypatch.setattr(torch_loss, "fused_head_loss", lambda *a, **k: pytest.fail("the loss was chunked"))
     losses = [torch_train.loss_and_grads(torch_twin.from_weights(parity_weights(SPEC), SPEC), tokens, mask,
                                          loss_chunk=c)[0] for c in (0, chunk)]
     assert losses[1] == losses[0]

@@ -212,7 +212,7 @@ for where in ("mesh", "one device"):
         with mock.patch.object(layers, "linear", lambda x, w, dtype: jnp.dot(x.astype(dtype), w.astype(dtype))):
             gpu_state, gpu_step = distributed.parallelize(jax_model.from_weights(parity_weights(spec), spec), cfg, mesh)
             hlo += gpu_step.jitted.lower(gpu_state, tokens, None).compile().as_text()
-        # and with the LM head and the loss fused over chunks (train.rows_summed: each device its own rows' chunks)
+        # and with the LM head and the loss fused over chunks (loss.rows_summed: each device its own rows' chunks)
         chunked_state, chunked_step = distributed.parallelize(jax_model.from_weights(parity_weights(spec), spec),
                                                               cfg.replace(loss_chunk=64), mesh)
         hlo += chunked_step.jitted.lower(chunked_state, tokens, None).compile().as_text()
@@ -258,7 +258,7 @@ def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mes
     gathered weight, and the step all-reduces gradients and scalars only. Unpinned, XLA split the LM head's and the
     MLP's contractions over fsdp and all-reduced partial logits [64, 257] and activations [64, 544]: more bytes, and
     on jax 0.11 a bf16 loss 2e-4 off one device's. So did a chunked loss scanning the whole batch's chunks on every
-    device (train.rows_summed). An activation has a dim of the tokens of 1, 2 or 4 rows."""
+    device (loss.rows_summed). An activation has a dim of the tokens of 1, 2 or 4 rows."""
     T, rows = CFG.seq_len, CFG.batch_size
     token_dims = {T * r for r in (1, 2, rows)}
     weight_dims = {d // k for t in model_layout(load_spec("tiny")) for d in t.shape for k in (1, 2) if d % k == 0}
