@@ -10,13 +10,17 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import atexit
+import contextlib
 import errno
 import math
 import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -30,6 +34,7 @@ from .config_file import SpecError, did_you_mean
 
 BAD_INPUT, ENVIRONMENT = 2, 3
 NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # a negative number is a value, not an option (argparse's own rule)
+REDELIVER_S = 0.05  # seconds after a Ctrl-C or SIGTERM swallowed in a callback until it is delivered again
 MAX_MESSAGE = 2000  # characters of an error line; the rest is cut (a message quoting a hostile file stays short)
 
 
@@ -252,6 +257,34 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _redeliver_interrupts(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl-C or SIGTERM whose exception was raised where Python can only print it (jax's
+    `_xla_gc_callback`, run by the garbage collector at any allocation; a `__del__`) was swallowed there, and the run
+    went on (jax-ml/jax#18246: "3-4 keyboard interrupts are needed"). It is delivered to the main thread again
+    (_thread.interrupt_main) from a timer thread, REDELIVER_S later: the main thread, by then past the callback,
+    raises it (delivered at once, the hook itself, Python code, raised it and was swallowed in turn); a swallowed
+    redelivery is redelivered again. Any other unraisable exception goes to Python's own hook."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        timer = threading.Timer(REDELIVER_S, _thread.interrupt_main, (signum,))
+        timer.daemon = True  # never waited for at exit
+        timer.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def _exit_interrupted(code: int) -> None:
+    """End an interrupted run with `code` after the atexit handlers, without the interpreter's finalization: a
+    Ctrl-C or SIGTERM that cut an XLA compilation left objects whose teardown at exit segfaults (exit 139 after the
+    `error:` line; a plain jax.jit in a script does it). The partial outputs are already removed (the `with` blocks
+    the exception passed through)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -261,6 +294,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         sys.stdout.reconfigure(errors="surrogateescape")
     if os.environ.get("RANK", "0") == "0":
         signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _redeliver_interrupts
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
     # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one
     # rank's error, gives the others 30 s before SIGKILL)
@@ -286,7 +320,10 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt as e:
         _debug(argv)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
+        try:
+            fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
+        except SystemExit as done:
+            _exit_interrupted(done.code)
     except Exception as e:
         if (hardware := jax_backend_failure()) is not None:  # JAX_PLATFORMS=cuda on a machine without CUDA
             _debug(argv)

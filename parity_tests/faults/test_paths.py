@@ -134,6 +134,73 @@ def test_a_closed_pipe_ends_quietly_and_a_late_signal_is_ignored():
     assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", "")
 
 
+SWALLOWED_SIGNAL = """
+import gc, sys, time
+from shared_config.cli import Terminated, run
+
+def main(argv):
+    fired = []
+
+    def callback(phase, info):  # as jax's _xla_gc_callback, in which a signal's exception is printed, not raised
+        if not fired:
+            fired.append(1)
+            raise Terminated() if argv == ["SIGTERM"] else KeyboardInterrupt()
+
+    gc.callbacks.append(callback)
+    gc.collect()
+    for _ in range(200):
+        time.sleep(0.05)
+    print("ran on")
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_landing_in_a_garbage_collector_callback_still_stops_the_run(name):
+    """Ctrl-C (or SIGTERM) raises in whatever Python code runs: in jax's gc callback, Python printed the exception
+    and the run went on to the end (jax-ml/jax#18246). cli.run delivers it again: one line, 130 or 143."""
+    r = run_python("-c", SWALLOWED_SIGNAL, name)
+    assert (r.returncode, r.stdout) == (128 + getattr(signal, name), ""), r.stderr
+    assert r.stderr == f"error: interrupted by {name}; partial outputs removed\n"
+
+
+INTERRUPTED_COMPILE = """
+import _thread, threading
+import jax, jax.numpy as jnp
+from jax._src import compiler
+from shared_config.cli import run
+
+compile_ = compiler.backend_compile_and_load
+
+def interrupted_compile(*args, **kwargs):  # Ctrl-C while XLA compiles
+    compiler.backend_compile_and_load = compile_
+    threading.Timer(0.05, _thread.interrupt_main).start()
+    return compile_(*args, **kwargs)
+
+def f(x):
+    for i in range(60):
+        x = jnp.sin(x @ x.T + i)
+    return x.sum()
+
+def main(argv):
+    x = jnp.ones((8, 8))
+    compiler.backend_compile_and_load = interrupted_compile
+    jax.jit(jax.grad(f))(x)
+    print("compiled")
+
+run(main)
+"""
+
+
+def test_a_run_interrupted_while_xla_compiles_exits_130_not_a_segfault():
+    """A Ctrl-C that cut a jax.jit compilation (train.py, the studies, the bench in their first seconds) left
+    objects whose teardown at interpreter exit segfaulted: exit 139 after the `error:` line. cli.run ends an
+    interrupted run after the atexit handlers, without that teardown."""
+    r = run_python("-c", INTERRUPTED_COMPILE)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted by SIGINT; partial outputs removed\n")
+
+
 def test_a_failed_directory_write_leaves_nothing_while_a_writer_thread_still_adds_files(tmp_path):
     """A library's threads may still write into the temporary directory after the body failed (Orbax on a full
     disk): the cleanup deletes it again until it is gone, where one rmtree left it behind."""
