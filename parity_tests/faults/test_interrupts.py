@@ -3,10 +3,15 @@ whatever the tool had set up (the libraries it quieted) or not set up yet (its i
 
 from __future__ import annotations
 
+import signal
 import sys
 import types
 
+import pytest
+
 from shared_config.formats import quiet_libraries
+
+from ..support.common import run_python
 
 
 def test_quieted_libraries_still_pass_a_swallowed_interrupt_to_the_hook_that_delivers_it_again():
@@ -24,3 +29,30 @@ def test_quieted_libraries_still_pass_a_swallowed_interrupt_to_the_hook_that_del
     finally:
         sys.unraisablehook = before
     assert seen == ["KeyboardInterrupt"]
+
+
+SWALLOWED_ON_ITS_WAY = """
+import signal, time
+from shared_config.cli import run
+
+def main(argv):
+    try:  # as an extension module's init (jax's MLIR bindings) clears the exception of the Python code it calls
+        signal.raise_signal(getattr(signal, argv[0]))
+    except KeyboardInterrupt:
+        pass
+    for _ in range(100):
+        time.sleep(0.05)
+    print("ran on")
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_whose_exception_is_swallowed_on_its_way_is_delivered_again(name):
+    """A Ctrl-C during `import jax` can land in the Python code an extension module's init runs, which clears the
+    exception: generate.py then ran to the end and exited 0. cli.run watches the exception it raised; freed before
+    run caught it, the signal is delivered again."""
+    r = run_python("-c", SWALLOWED_ON_ITS_WAY, name)
+    assert (r.returncode, r.stdout) == (128 + getattr(signal, name), ""), r.stderr
+    assert r.stderr == f"error: interrupted by {name}; partial outputs removed\n"
