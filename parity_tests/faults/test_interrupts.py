@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from shared_config import twins
 from shared_config.formats import quiet_libraries
 
 from ..support.common import run_python
@@ -56,3 +57,20 @@ def test_a_signal_whose_exception_is_swallowed_on_its_way_is_delivered_again(nam
     r = run_python("-c", SWALLOWED_ON_ITS_WAY, name)
     assert (r.returncode, r.stdout) == (128 + getattr(signal, name), ""), r.stderr
     assert r.stderr == f"error: interrupted by {name}; partial outputs removed\n"
+
+
+def test_a_signal_while_a_twin_imports_lands_once_the_import_is_done(monkeypatch):
+    """A Ctrl-C during `import jax` (generate.py, train.py, the bench in their first second) raised in the Python
+    code that jaxlib's extension modules run as they load: the process aborted (nanobind's error in a noexcept
+    function, exit 134) or the interrupt was cleared. The twin's import is held whole; the signal comes after."""
+    imported = []
+
+    def import_module(name):
+        signal.raise_signal(signal.SIGINT)
+        imported.append(name)
+        return types.ModuleType(name)
+
+    monkeypatch.setattr(twins.importlib, "import_module", import_module)
+    with pytest.raises(KeyboardInterrupt):
+        twins.twin("jax", "generate")
+    assert imported == ["jax_model.generate"]
