@@ -106,7 +106,16 @@ def read_checkpoint(src: str | Path, spec=None,
 def quiet_libraries() -> None:
     """For command-line tools: keep stderr to our one line. Orbax warns through absl, and on a damaged
     checkpoint its async reads fail again on a closed event loop after we have reported the error; on a full
-    disk its writers' gathered futures are logged by asyncio ("exception was never retrieved") as they are freed."""
+    disk its writers' gathered futures are logged by asyncio ("exception was never retrieved") as they are freed.
+    A Ctrl-C or SIGTERM swallowed where Python can only print it (jax's gc callback) still goes to the hook set
+    before (cli.run's, which delivers it again): silenced with the rest, the interrupted run went on to exit 0."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
+    previous = sys.unraisablehook
+
+    def quiet(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+
+    if getattr(previous, "__name__", "") != "quiet":  # called twice: one wrapper, not a chain
+        sys.unraisablehook = quiet
