@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import traceback
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -45,11 +44,6 @@ class UsageError(ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same cleanup (temp files, half-built directories) runs."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) as cli.run raises it: a KeyboardInterrupt that can be watched (a weak reference), which the
-    built-in one cannot."""
 
 
 USER_ERRORS = (
@@ -259,28 +253,18 @@ def fail(message: str, code: int = BAD_INPUT):
     sys.exit(code)
 
 
-_running = False  # run's `main` is on: an interrupt freed before run caught it was swallowed on its way
-_watched: set[weakref.ref] = set()  # the interrupts raised by _interrupt, while they exist
-
-
 def _interrupt(signum, frame):
-    """The SIGINT and SIGTERM handler in run: raise Interrupted or Terminated, and watch it. Freed before run caught
-    it, it was swallowed on its way (an extension module's init, jax's MLIR bindings among them, clears a
-    KeyboardInterrupt raised in the Python code it calls, and the run went on to exit 0): _swallowed delivers it
-    again."""
-    raise _watch(Terminated() if signum == signal.SIGTERM else Interrupted(), signum)  # no local: the traceback
-    # holds this frame, and a local naming the exception would keep it alive (a cycle) past a swallow
-
-
-def _watch(exc: KeyboardInterrupt, signum: int) -> KeyboardInterrupt:
-    _watched.add(weakref.ref(exc, lambda ref: _swallowed(ref, signum)))
-    return exc
-
-
-def _swallowed(ref: weakref.ref, signum: int) -> None:
-    _watched.discard(ref)
-    if _running:  # delivered as _redeliver_interrupts does (at once, this callback would raise it and drop it)
-        _redeliver(signum)
+    """The SIGINT and SIGTERM handler in run: raise KeyboardInterrupt or Terminated, except while a module is being
+    imported (`frame`'s stack runs importlib): there the exception was raised in whatever Python code the import ran,
+    and an extension module's init that ran it (jaxlib's nanobind modules, during any `import jax`) aborted the process
+    (exit 134) or cleared the exception, and the run went on to exit 0. The signal is then delivered again
+    (_redeliver) until it lands past the import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            _redeliver(signum)
+            return
+        frame = frame.f_back
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _redeliver_interrupts(unraisable) -> None:
@@ -290,8 +274,6 @@ def _redeliver_interrupts(unraisable) -> None:
     (_thread.interrupt_main) from a timer thread, REDELIVER_S later: the main thread, by then past the callback,
     raises it (delivered at once, the hook itself, Python code, raised it and was swallowed in turn); a swallowed
     redelivery is redelivered again. Any other unraisable exception goes to Python's own hook."""
-    if any(ref() is unraisable.exc_value for ref in _watched):  # _swallowed delivers it again once it is freed
-        return
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         _redeliver(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
     else:
@@ -323,18 +305,15 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         # a path that is not UTF-8 (kept by Python as surrogates) prints as the bytes it is, as `ls` shows it: a
         # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
         sys.stdout.reconfigure(errors="surrogateescape")
-    global _running
+    sys.unraisablehook = _redeliver_interrupts
     signal.signal(signal.SIGINT, _interrupt)
     if os.environ.get("RANK", "0") == "0":
         signal.signal(signal.SIGTERM, _interrupt)
-    sys.unraisablehook = _redeliver_interrupts
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
     # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one
     # rank's error, gives the others 30 s before SIGKILL)
     try:
-        _running = True
         code = main(argv) or 0
-        _running = False
         for done in (signal.SIGTERM, signal.SIGINT):  # the job is done: Python's shutdown would die of it silently
             signal.signal(done, signal.SIG_IGN)
         sys.exit(code)
@@ -353,7 +332,6 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         machine = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
         fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), ENVIRONMENT if machine else BAD_INPUT)
     except KeyboardInterrupt as e:
-        _running = False
         _debug(argv)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         try:
@@ -368,8 +346,6 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             raise
         _debug(argv)
         fail(f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})", ENVIRONMENT)
-    finally:
-        _running = False  # an interrupt freed from now on (an error's context) was not swallowed
 
 
 def _debug(argv) -> None:

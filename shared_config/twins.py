@@ -11,17 +11,13 @@ import importlib
 from types import ModuleType
 
 from .config_file import did_you_mean
-from .files import deferred_signals
 
 TWINS = {"jax": "jax_model", "torch": "torch_model"}  # framework name: its twin's package
 
 
 def twin(name: str, module: str | None = None) -> ModuleType:
     """The twin package of framework `name` ("jax" or "torch"), or its submodule `module` ("generate", "train",
-    "attention", ...), imported on first use. Raises ValueError for another name. A Ctrl-C or SIGTERM meanwhile
-    lands once the import is done: raised in the Python code that jaxlib's extension modules run as they load, it
-    aborted the process (exit 134: nanobind's error in a noexcept function) or was cleared there."""
+    "attention", ...), imported on first use. Raises ValueError for another name."""
     if name not in TWINS:
         raise ValueError(f"no twin {name!r}: one of {', '.join(TWINS)}{did_you_mean(name, TWINS)}")
-    with deferred_signals():
-        return importlib.import_module(TWINS[name] if module is None else f"{TWINS[name]}.{module}")
+    return importlib.import_module(TWINS[name] if module is None else f"{TWINS[name]}.{module}")
