@@ -25,7 +25,7 @@ from shared_config.parallel import AXES, splits_rows
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, pallas_gla
-from .layers import DTYPES, Linear, RMSNorm, linear, make_norm
+from .layers import DTYPES, Linear, RMSNorm, linear, make_norm, split_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -161,7 +161,8 @@ class GLA(nnx.Module):
         state unchanged."""
         B, T, _ = x_BTD.shape
         H, K, V = self.H, self.K, self.V
-        heads = lambda x, E: x.astype(jnp.float32).reshape(B, T, H, E).transpose(0, 2, 1, 3)  # recurrence in float32  # noqa: E731
+        # heads [B, H, T, E] in float32 (the recurrence's dtype); on a mesh, split by rows as the state (split_rows)
+        heads = lambda x, E: split_rows(x.astype(jnp.float32).reshape(B, T, H, E).transpose(0, 2, 1, 3), self.mesh)  # noqa: E731
         q_BHTK = heads(self.q_proj(x_BTD), K) * K**-0.5
         k_BHTK, v_BHTV = heads(self.k_proj(x_BTD), K), heads(self.v_proj(x_BTD), V)
         gk_BTK = self.gk_proj[1](self.gk_proj[0](x_BTD))  # float32
@@ -169,7 +170,7 @@ class GLA(nnx.Module):
         if mask_BTS is not None:
             valid_BHT1 = jnp.any(mask_BTS, axis=-1)[:, None, :, None]
             k_BHTK, g_BHTK = jnp.where(valid_BHT1, k_BHTK, 0.0), jnp.where(valid_BHT1, g_BHTK, 0.0)
-        S_BHKV = jnp.zeros((B, H, K, V), jnp.float32) if state is None else state.S_BHKV
+        S_BHKV = split_rows(jnp.zeros((B, H, K, V), jnp.float32) if state is None else state.S_BHKV, self.mesh)
         if self.chunk and T > 1 and self.kernel == "pallas":
             o_BHTV, S_BHKV = per_device(pallas_gla, self.mesh, B)(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
         elif self.chunk and T > 1:
@@ -177,7 +178,7 @@ class GLA(nnx.Module):
         else:
             o_BHTV, S_BHKV = recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV)
         gate_BTHV = jax.nn.silu(self.g_proj(x_BTD).astype(jnp.float32)).reshape(B, T, H, V)  # swish in float32
-        o_BTHV = self.g_norm(o_BHTV.transpose(0, 2, 1, 3)) * gate_BTHV
+        o_BTHV = self.g_norm(o_BHTV.transpose(0, 2, 1, 3)) * split_rows(gate_BTHV, self.mesh)
         y_BTD = self.o_proj(o_BTHV.reshape(B, T, H * V).astype(x_BTD.dtype))
         if state is not None:
             state = GLAState(S_BHKV, state.length + T, state.slots_0S)

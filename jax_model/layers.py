@@ -13,8 +13,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared_config import ModelSpec
+from shared_config.parallel import AXES, splits_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ZEROS = nnx.initializers.zeros_init()  # Linear/Embed weights are drawn after construction, from the layout table
@@ -40,6 +42,22 @@ def linear(x_BTD, w_DF, dtype):
     if jax.default_backend() != "cpu":
         return jnp.dot(x_BTD.astype(dtype), w_DF.astype(dtype))
     return jnp.dot(x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dtype), w_DF.astype(dtype)).reshape(*x_BTD.shape[:-1], -1)
+
+
+def split_rows(x_B, mesh: Mesh | None):
+    """x [B, ...] with its rows split over `mesh`'s data × fsdp devices, as distributed.py splits a batch
+    (jax.lax.with_sharding_constraint); no mesh, or rows the devices do not divide evenly: x as it is.
+
+    The hidden states [B, T, D] are pinned so after the embeddings and after every block (model.py), as MaxText pins
+    its activations. XLA's sharding propagation then gathers each fsdp-split weight where a matmul reads it, which is
+    FSDP. Left to itself, it split the LM head's and the MLP's contractions over fsdp instead and all-reduced the
+    partial logits and activations (jax 0.10 and 0.11): more bytes moved, and a bf16 step rounded differently from
+    one device's. A GLA layer pins its heads and state too (gla.py): in prefill and decode XLA split them by heads,
+    after the fsdp-split projections, and replicated them on every device to reach the state's rows.
+    """
+    if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
+        return x_B
+    return jax.lax.with_sharding_constraint(x_B, NamedSharding(mesh, PartitionSpec(AXES)))
 
 
 @jax.custom_vjp

@@ -70,7 +70,7 @@ def rows_summed(loss_fn, mesh: Mesh | None, rows: int, x_MD, w_VD, targets_M, we
     """`loss_fn(x_MD, w_VD, targets_M, weights_M, chunk, dtype)` (fused_head_loss, a sum over the M tokens of `rows`
     batch rows) run by each device of `mesh` on its own rows' tokens, at most `chunk` at a time, and the sums added
     (jax.shard_map; w_VD read whole, its gradient summed over the devices). No mesh, or rows the devices do not split
-    (model.split_rows): loss_fn itself. Left to XLA, every device scanned every chunk of the whole batch, splitting
+    (layers.split_rows): loss_fn itself. Left to XLA, every device scanned every chunk of the whole batch, splitting
     the head's contraction over fsdp and all-reducing partial logits [chunk, V]."""
     if mesh is None or not splits_rows(rows, mesh.size):
         return loss_fn(x_MD, w_VD, targets_M, weights_M, chunk, dtype)

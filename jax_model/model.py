@@ -16,7 +16,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
-from shared_config.parallel import AXES, splits_rows
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
@@ -27,7 +26,7 @@ from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
 from .block import Block, empty_state
 from .gla import GLA
-from .layers import DTYPES, ZEROS, Linear, make_norm
+from .layers import DTYPES, ZEROS, Linear, make_norm, split_rows
 from .weights import draw_weights
 
 
@@ -112,7 +111,9 @@ class TransformerModel(nnx.Module):
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)
-        return x_BTD, None if cache is None else KVCache(tuple(layer_caches), cache.start_B, routing_cache)
+        if cache is None:
+            return x_BTD, None
+        return x_BTD, split_cache_rows(KVCache(tuple(layer_caches), cache.start_B, routing_cache), self.mesh)
 
     def embed(self, tokens_BT, positions):
         """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled as the spec says; positions [T]
@@ -129,19 +130,17 @@ class TransformerModel(nnx.Module):
         return x_BTD.astype(self.compute_dtype)
 
 
-def split_rows(x_B, mesh: Mesh | None):
-    """x [B, ...] with its rows split over `mesh`'s data × fsdp devices, as distributed.py splits a batch
-    (jax.lax.with_sharding_constraint); no mesh, or rows the devices do not divide evenly: x as it is.
+def split_cache_rows(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """`cache` with every array whose rows are the batch's ([B, ...]: keys, values, GLA states, routing slots, start_B)
+    split over `mesh` as `split_rows` splits the hidden states; scalars (lengths) as they are. No mesh: `cache`.
 
-    The hidden states [B, T, D] are pinned so after the embeddings and after every block, as MaxText pins its
-    activations. XLA's sharding propagation then gathers each fsdp-split weight where a matmul reads it, which is
-    FSDP. Left to itself, it split the LM head's and the MLP's contractions over fsdp instead and all-reduced the
-    partial logits and activations (jax 0.10 and 0.11): more bytes moved, and a bf16 step rounded differently from
-    one device's.
-    """
-    if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
-        return x_B
-    return jax.lax.with_sharding_constraint(x_B, NamedSharding(mesh, PartitionSpec(AXES)))
+    Prefill and decode then return a cache of one sharding, so the decode step compiles once on a mesh too. Left to
+    XLA, a GLA layer's prefill returned its state [B, H, K, V] whole on every device and decode returned it split by
+    rows: the second decode step compiled again, and the recurrence replicated its operands to mix the two."""
+    if mesh is None:
+        return cache
+    B = cache.start_B.shape[0]
+    return jax.tree.map(lambda x: split_rows(x, mesh) if x.ndim and x.shape[0] == B else x, cache)
 
 
 def gathered(w, mesh: Mesh | None):

@@ -1,18 +1,22 @@
 """Sharded JAX training (jax_model.distributed) on 8 host devices: data-only, fsdp-only and mixed meshes,
 in one process and in two (the multi-host path), give the single-device losses, parameters and AdamW
 moments, with parameters and moments really split over fsdp; the gathered checkpoint loads in torch
-with the same logits. Also the sharding rule and the one-line errors for bad meshes and batches."""
+with the same logits. A model loaded sharded decodes as on one device. Also the sharding rule and the one-line
+errors for bad meshes and batches."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from jax_model import distributed
 from shared_config import SpecError, Tensor, model_layout
 from shared_config.parallel import fsdp_dim, rows_per_shard
+from shared_config.parity import FORWARD_TOL
 
-from ..support.common import ROOT
+from ..support.common import ROOT, run_python
 from ..support.parallel_common import (
     CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, free_port, load_run, run_processes, write_inputs,
 )
@@ -149,3 +153,77 @@ def test_parameters_and_moments_are_split_over_fsdp(runs, mesh):
 def test_sharded_checkpoint_loads_in_torch(runs, name):
     _, state = load_run(runs, f"jax-{name}")
     assert_checkpoint_loads_in_both(runs / f"jax-{name}.safetensors", state)
+
+
+# --- decoding with a model loaded sharded ----------------------------------------------------------------------------
+
+DECODED = ("", "mod", "gla-peri")  # attention (dense and routed: the routing cache) and GLA (its recurrent state)
+MESH_DECODE = """
+import json, sys
+import numpy as np, jax
+import jax_model
+from jax_model import distributed
+from jax_model.generate import Decoder
+from jax_model.precision import exact_float32
+from jax.sharding import NamedSharding, PartitionSpec
+from shared_config.parallel import AXES
+
+exact_float32()
+out = {}
+for name in sys.argv[2:]:
+    path = f"{sys.argv[1]}/{name}/init.safetensors"
+    found = {"one": jax_model.from_pretrained(path)}
+    found.update((m, distributed.from_safetensors(path, distributed.make_mesh(m))) for m in ("fsdp=4", "data=2,fsdp=2"))
+    for where, model in found.items():
+        decoder, start_B = Decoder(model), np.array([0, 3, 1, 5])  # left padding of each row
+        tokens_BP = np.random.default_rng(0).integers(0, model.spec.V, (4, 8))
+        logits_BV, cache = decoder.prefill(tokens_BP, decoder.init_cache(4, 16, start_B))
+        logits, next_B = [np.asarray(logits_BV)], np.asarray(logits_BV).argmax(-1)
+        for _ in range(5):
+            logits_BV, cache = decoder.decode_step(next_B, cache)
+            logits.append(np.asarray(logits_BV))
+            next_B = logits[-1].argmax(-1)
+        by_rows = NamedSharding(model.model.mesh, PartitionSpec(AXES)) if where != "one" else None
+        rows = [by_rows is None or x.sharding.is_equivalent_to(by_rows, x.ndim)
+                for x in jax.tree.leaves(cache) if x.ndim and x.shape[0] == 4]
+        found[where] = {"logits": np.stack(logits).tolist(), "compiled": decoder._decode._cache_size(), "rows": rows}
+    out[name or "base"] = found
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_decode(tmp_path_factory):
+    """Prefill and 5 greedy decode steps of each DECODED variant, loaded sharded on an fsdp=4 and a data=2 × fsdp=2
+    mesh of 4 host devices and on one device: each step's logits, the decode step's compilations, whether each
+    row-first array of the cache is split by rows; and XLA's warnings that it replicated an array to reshard it."""
+    directory = write_inputs(tmp_path_factory.mktemp("mesh_decode"), [n for n in DECODED if n])
+    r = run_python("-c", MESH_DECODE, directory, *DECODED, **host_devices(4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    replicated = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    return json.loads(r.stdout.strip().splitlines()[-1]), replicated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_text", ["fsdp=4", "data=2,fsdp=2"])
+@pytest.mark.parametrize("name", [n or "base" for n in DECODED])
+def test_a_model_loaded_sharded_decodes_as_on_one_device_and_compiles_the_decode_step_once(mesh_decode, name,
+                                                                                            mesh_text):
+    """Prefill and decode return the cache split by rows (model.split_cache_rows), so the decode step compiles once
+    on a mesh too: on fsdp=4 a GLA layer's prefill returned its state whole on every device and decode returned it
+    split by rows, so the second decode step compiled again; attention's keys and values came back split by slots
+    over fsdp on data=2 × fsdp=2. The logits are one device's, within float32's floor."""
+    found, _ = mesh_decode
+    mesh, one = found[name][mesh_text], found[name]["one"]
+    assert mesh["compiled"] == 1 and one["compiled"] == 1, (mesh["compiled"], one["compiled"])
+    assert mesh["rows"] and all(mesh["rows"]), mesh["rows"]  # every row-first array of the cache split by rows
+    a, b = np.array(mesh["logits"]), np.array(one["logits"])
+    assert np.abs(a - b).max() <= FORWARD_TOL * b.std(), np.abs(a - b).max() / b.std()
+
+
+@pytest.mark.slow
+def test_decoding_on_a_mesh_never_replicates_an_array_to_reshard_it(mesh_decode):
+    """A GLA layer pins its heads, gate and state by rows (layers.split_rows): after the fsdp-split projections XLA
+    split them by heads, and replicated them on every device to reach the state's rows (16 warnings at gla-tiny)."""
+    _, replicated = mesh_decode
+    assert not replicated, replicated[:3]

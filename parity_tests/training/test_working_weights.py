@@ -254,7 +254,7 @@ def test_a_jax_mesh_shards_each_copy_as_its_master_and_trains_as_one_device(mesh
 
 @pytest.mark.slow
 def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mesh_run):
-    """FSDP as it should be (jax_model.model.split_rows pins the hidden states by rows): each matmul reads its
+    """FSDP as it should be (jax_model.layers.split_rows pins the hidden states by rows): each matmul reads its
     gathered weight, and the step all-reduces gradients and scalars only. Unpinned, XLA split the LM head's and the
     MLP's contractions over fsdp and all-reduced partial logits [64, 257] and activations [64, 544]: more bytes, and
     on jax 0.11 a bf16 loss 2e-4 off one device's. So did a chunked loss scanning the whole batch's chunks on every
