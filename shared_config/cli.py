@@ -299,8 +299,25 @@ def _exit_interrupted(code: int) -> None:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug).
+    Ends with SystemExit. Without `argv`, run is the program's entry point (a script's `run(main)`) and owns the
+    process to its exit: it keeps its signal handlers, ignores signals once the work is done, and leaves an
+    interrupted process without the interpreter's teardown. With `argv` (a caller that goes on: a test, a notebook)
+    it puts the caller's SIGINT and SIGTERM handlers and unraisable hook back as it ends, and an interrupt ends it
+    with SystemExit(130 / 143) alone: a suite that had called run once ignored Ctrl-C from then on."""
+    if argv is not None:
+        saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+        try:
+            return _run(main, argv, owner=False)
+        finally:
+            for signum, handler in zip((signal.SIGINT, signal.SIGTERM), saved):
+                if handler is not None:  # None: a handler not set from Python, which Python cannot set back
+                    signal.signal(signum, handler)
+            sys.unraisablehook = saved[2]
+    _run(main, sys.argv[1:], owner=True)
+
+
+def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner: bool) -> None:
     if hasattr(sys.stdout, "reconfigure"):
         # a path that is not UTF-8 (kept by Python as surrogates) prints as the bytes it is, as `ls` shows it: a
         # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
@@ -337,7 +354,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         try:
             fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
         except SystemExit as done:
-            _exit_interrupted(done.code)
+            if owner:
+                _exit_interrupted(done.code)
+            raise
     except Exception as e:
         if (hardware := jax_backend_failure()) is not None:  # JAX_PLATFORMS=cuda on a machine without CUDA
             _debug(argv)

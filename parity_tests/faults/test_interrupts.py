@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from shared_config.cli import UsageError, run
 from shared_config.formats import quiet_libraries
 
 from ..support.common import run_python
@@ -66,3 +67,40 @@ def test_a_signal_during_an_import_lands_once_the_import_is_done(tmp_path, name)
     r = run_python("-c", CLEARED_IN_AN_IMPORT, tmp_path)
     assert (r.returncode, r.stdout) == (128 + getattr(signal, name), "imported\n"), r.stderr
     assert r.stderr == f"error: interrupted by {name}; partial outputs removed\n"
+
+
+def refused(argv):
+    raise UsageError("--steps: expected a number")
+
+
+@pytest.mark.parametrize("main", [lambda argv: 0, refused], ids=["done", "usage error"])
+def test_a_caller_of_run_gets_its_signal_handlers_and_unraisable_hook_back(main):
+    """run(main, argv) called by a program that goes on (a test, a notebook) puts the caller's SIGINT and SIGTERM
+    handlers and unraisable hook back as it ends: it left SIGINT ignored after a success (this suite, once it had run
+    a tool in-process, no longer stopped at Ctrl-C) and its own handler after an error."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    with pytest.raises(SystemExit):
+        run(main, [])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
+
+
+INTERRUPTED_CALL = """
+import signal, sys
+from shared_config.cli import run
+
+def main(argv):
+    signal.raise_signal(signal.SIGINT)
+
+try:
+    run(main, [])
+except SystemExit as e:
+    print("the caller goes on", e.code, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+def test_an_interrupted_run_called_with_argv_ends_with_system_exit_and_the_caller_goes_on():
+    """Only a script's run(main) ends an interrupted process at once (os._exit, past the teardown that segfaulted
+    after a cut XLA compile); a caller that passed argv gets SystemExit(130) and goes on."""
+    r = run_python("-c", INTERRUPTED_CALL)
+    assert (r.returncode, r.stdout) == (0, "the caller goes on 130 True\n"), r.stderr
+    assert r.stderr == "error: interrupted by SIGINT; partial outputs removed\n"
