@@ -17,9 +17,9 @@ from flax import nnx
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
                                       stop_at_eos)
-from shared_config.tokens import host_tokens
+from shared_config.tokens import check_cache_room, host_tokens
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, cache_length
 
 
 class Decoder:
@@ -42,15 +42,22 @@ class Decoder:
 
     def prefill(self, tokens_BP, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Run the (left-padded) prompts [B, P] into an empty cache."""
-        return self._prefill(self.state, cache, self.as_tokens(tokens_BP))
+        return self._prefill(self.state, cache, self.as_tokens(tokens_BP, cache))
 
     def decode_step(self, tokens_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Feed one token per row [B]."""
-        return self._decode(self.state, cache, self.as_tokens(tokens_B)[:, None])
+        return self._decode(self.state, cache, self.as_tokens(tokens_B, cache, step=True))
 
-    def as_tokens(self, tokens):
-        """Token ids as the step's int32 array, checked on the host first (inside the jitted step they are data)."""
-        return jnp.asarray(host_tokens(tokens, self.model.spec), jnp.int32)
+    def as_tokens(self, tokens, cache: KVCache, step: bool = False):
+        """Token ids (a step's [B] as [B, 1]) as the step's int32 array, checked on the host first: inside the jitted
+        step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
+        the cache has no room for where its length is at hand (`cache_length`; a step past the last slot overwrote
+        it without a word)."""
+        ids = host_tokens(tokens, self.model.spec)
+        ids_BT = ids[:, None] if step else ids
+        if ids_BT.ndim == 2:  # else the model's own check names the shape
+            check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        return jnp.asarray(ids_BT, jnp.int32)
 
 
 @lru_cache(maxsize=16)

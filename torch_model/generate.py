@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
                                       stop_at_eos)
-from shared_config.tokens import host_tokens
+from shared_config.tokens import check_cache_room, host_tokens
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, cache_length
 
 
 class Decoder:
@@ -46,17 +46,23 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, tokens_BP, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """Run the (left-padded) prompts [B, P] into an empty cache."""
-        return self._prefill(cache, self.as_tokens(tokens_BP))
+        return self._prefill(cache, self.as_tokens(tokens_BP, cache))
 
     @torch.no_grad()
     def decode_step(self, tokens_B, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """Feed one token per row [B]."""
-        return self._decode(cache, self.as_tokens(tokens_B)[:, None])
+        return self._decode(cache, self.as_tokens(tokens_B, cache, step=True))
 
-    def as_tokens(self, tokens):
-        """Token ids as the step's int64 tensor, checked on the host first (inside the compiled step they are data)."""
-        return torch.as_tensor(host_tokens(tokens, self.model.spec), dtype=torch.int64,
-                               device=self.model.model.embed_tokens.weight.device)
+    def as_tokens(self, tokens, cache: KVCache, step: bool = False):
+        """Token ids (a step's [B] as [B, 1]) as the step's int64 tensor, checked on the host first: inside the compiled
+        step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
+        the cache has no room for where its length is at hand (`cache_length`; a compiled step past the last slot
+        failed in index_copy_ with an IndexError)."""
+        ids = host_tokens(tokens, self.model.spec)
+        ids_BT = ids[:, None] if step else ids
+        if ids_BT.ndim == 2:  # else the model's own check names the shape
+            check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        return torch.as_tensor(ids_BT, dtype=torch.int64, device=self.model.model.embed_tokens.weight.device)
 
 
 def forward_last(model: Transformer, cache: KVCache, tokens_BT):
