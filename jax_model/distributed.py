@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model_layout, save_checkpoint
+from shared_config.generation import is_int
 from shared_config.parallel import AXES, fsdp_dim, parse_mesh, rows_per_shard
 from shared_config.tokens import check_batch
 
@@ -61,10 +62,11 @@ def init_distributed() -> None:
 
 def make_mesh(mesh: str | None = None, *, devices: int | None = None) -> Mesh:
     """A (data, fsdp) mesh from `"data=2,fsdp=4"`; `devices=N` alone means data=N; neither: data over every device.
-    Raises SpecError for a mesh that names no axis ('' was data over every device, without a word), devices < 1,
-    and more devices than there are."""
-    if devices is not None and devices < 1:  # devices=0 was read as "every device"
-        raise SpecError(f"devices={devices} must be >= 1")
+    Raises SpecError for a mesh that is not such a text or names no axis ('' was data over every device, without a
+    word), devices not an integer >= 1, and more devices than there are."""
+    # devices=0 was read as "every device"; devices="2" failed on '<' between str and int, 2.5 became 'data=2.5'
+    if devices is not None and not is_int(devices, 1):
+        raise SpecError(f"devices={devices!r:.80} must be an integer >= 1")
     sizes = parse_mesh(mesh if mesh is not None else f"data={devices or jax.device_count()}")
     n, available, text = math.prod(sizes.values()), jax.device_count(), ",".join(f"{a}={sizes[a]}" for a in AXES)
     if devices is not None and n != devices:
@@ -74,6 +76,15 @@ def make_mesh(mesh: str | None = None, *, devices: int | None = None) -> Mesh:
     # Auto axes: XLA propagates the parameters' and the batch's shardings through the twin's plain
     # code (make_mesh's default, Explicit, would ask every op for its output sharding).
     return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def check_mesh(mesh) -> Mesh:
+    """`mesh`, a device mesh of the axes (data, fsdp) as `make_mesh` builds; else SpecError saying what it is. A
+    mesh text ("data=2") or None failed on a missing `.shape` or `.size` in a traceback, other axes on a KeyError."""
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+        given = f"axes {mesh.axis_names}" if isinstance(mesh, Mesh) else f"{type(mesh).__name__} {mesh!r:.80}"
+        raise SpecError(f"mesh must be a jax.sharding.Mesh of axes {AXES} (distributed.make_mesh), got {given}")
+    return mesh
 
 
 def leaf_spec(t: Tensor, fsdp: int) -> PartitionSpec:
@@ -87,8 +98,10 @@ def leaf_spec(t: Tensor, fsdp: int) -> PartitionSpec:
 
 
 def param_shardings(spec, mesh: Mesh) -> dict[str, NamedSharding]:
-    """The sharding of every parameter leaf, keyed by `Tensor.jax_name` (fused q/k/v as the model holds them)."""
-    return {t.jax_name: NamedSharding(mesh, leaf_spec(t, mesh.shape["fsdp"])) for t in model_layout(spec)}
+    """The sharding of every parameter leaf, keyed by `Tensor.jax_name` (fused q/k/v as the model holds them); a bad
+    `mesh`: SpecError (`check_mesh`)."""
+    fsdp = check_mesh(mesh).shape["fsdp"]
+    return {t.jax_name: NamedSharding(mesh, leaf_spec(t, fsdp)) for t in model_layout(spec)}
 
 
 def state_shardings(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
@@ -115,8 +128,11 @@ def place(x, sharding: NamedSharding) -> jax.Array:
 
 
 def shard_batch(x_BN, mesh: Mesh) -> jax.Array:
-    """A global batch (tokens or mask) with its rows split over data × fsdp; B must divide evenly."""
-    rows_per_shard(np.shape(x_BN)[0], mesh.size)
+    """A global batch (tokens or mask) [B, ...] with its rows split over data × fsdp; SpecError unless the devices
+    divide B evenly, for an array without rows, or a bad `mesh` (`check_mesh`)."""
+    if not np.ndim(x_BN):  # an IndexError from np.shape(x)[0]
+        raise SpecError(f"a batch has rows [B, ...]; got a scalar {x_BN!r:.80}")
+    rows_per_shard(np.shape(x_BN)[0], check_mesh(mesh).size)
     return place(x_BN, NamedSharding(mesh, BATCH))
 
 
@@ -156,7 +172,9 @@ def parallelize(model, cfg: TrainConfig, mesh: Mesh) -> tuple[train.TrainState, 
 
 def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str = "auto") -> Transformer:
     """Load a canonical checkpoint with its parameters sharded over `mesh`: every device receives its blocks
-    straight from host memory, no device holds the whole model."""
+    straight from host memory, no device holds the whole model. Raises SpecError for a bad `mesh` (`check_mesh`:
+    before the file is read), CheckpointError naming the file and what is wrong with it."""
+    check_mesh(mesh)
     weights, spec = load_checkpoint(path, spec)
     by_name = param_shardings(spec, mesh)
     pure = jax.tree_util.tree_map_with_path(

@@ -51,8 +51,10 @@ def splits_rows(rows: int, devices: int) -> bool:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; an axis left out has size 1. SpecError for anything else."""
     sizes, given = dict.fromkeys(AXES, 1), set()
+    if not isinstance(text, str):  # make_mesh(4) failed on 'int' object has no attribute 'strip'
+        raise SpecError(f"mesh={text!r:.80} must be a text of axis=N pairs, e.g. 'data=2,fsdp=4'")
     if not text.strip(" ,"):  # '' or ',' named no axis: the run was not sharded, without a word
         raise SpecError(f"mesh {text!r} names no axis: give axis=N pairs, e.g. data=2,fsdp=4")
     for item in filter(None, (s.strip() for s in text.split(","))):

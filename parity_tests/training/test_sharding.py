@@ -7,6 +7,7 @@ errors for bad meshes and batches."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -91,9 +92,20 @@ def test_parse_mesh():
     (lambda: distributed.make_mesh("data=2,fsdp=4"), "mesh data=2,fsdp=4 needs 8 devices, 1 available"),
     (lambda: distributed.make_mesh("fsdp=2", devices=4), "mesh data=1,fsdp=2 has 2 devices, not the 4 asked for"),
     (lambda: distributed.make_mesh(""), "mesh '' names no axis"),
-    (lambda: distributed.make_mesh(devices=0), "devices=0 must be >= 1"),
+    (lambda: distributed.make_mesh(devices=0), "devices=0 must be an integer >= 1"),
     (lambda: rows_per_shard(6, 4), "batch_size=6 must be divisible by the 4 data-parallel shards"),
-], ids=["axis", "size", "syntax", "devices", "devices-flag", "empty", "no-devices", "batch"])
+    # each of these was a traceback: AttributeError, TypeError, IndexError, KeyError
+    (lambda: distributed.make_mesh(4), "mesh=4 must be a text of axis=N pairs"),
+    (lambda: distributed.make_mesh(devices="2"), "devices='2' must be an integer >= 1"),
+    (lambda: distributed.make_mesh(devices=1.5), "devices=1.5 must be an integer >= 1"),  # was "mesh 'data=1.5'"
+    (lambda: distributed.from_safetensors("absent.safetensors", "data=1"), "mesh must be a jax.sharding.Mesh of axes "
+                                                                           "('data', 'fsdp') (distributed.make_mesh), "
+                                                                           "got str 'data=1'"),
+    (lambda: distributed.shard_batch(np.zeros((2, 3)), None), "got NoneType None"),
+    (lambda: distributed.param_shardings(SPEC, jax.make_mesh((1,), ("x",))), "got axes ('x',)"),
+    (lambda: distributed.shard_batch(np.int32(3), distributed.make_mesh("data=1")), "a batch has rows [B, ...]"),
+], ids=["axis", "size", "syntax", "devices", "devices-flag", "empty", "no-devices", "batch", "mesh-type",
+        "devices-type", "devices-float", "mesh-text", "mesh-none", "mesh-axes", "batch-scalar"])
 def test_bad_meshes_and_batches_are_one_line_errors(make, message):
     with pytest.raises(SpecError, match="^[^\n]*$") as e:
         make()
