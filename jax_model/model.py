@@ -171,8 +171,10 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
 
 
 def cache_length(cache: KVCache) -> int | None:
-    """The cache's written slots where they are at hand: outside jit (inside, the length is data)."""
-    return None if isinstance(cache.length, jax.core.Tracer) else int(cache.length)
+    """The cache's written slots where they are at hand: on the CPU, outside jit (elsewhere reading the length would
+    wait for the device: `Decoder` reads it before every step)."""
+    at_hand = not isinstance(cache.length, jax.core.Tracer) and {d.platform for d in cache.length.devices()} == {"cpu"}
+    return int(cache.length) if at_hand else None
 
 
 def lookup(table, ids, mesh: Mesh | None = None):

@@ -138,7 +138,7 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
 
 def cache_length(cache: KVCache) -> int | None:
     """The cache's written slots where they are at hand: on the CPU, uncompiled (elsewhere reading the length would wait
-    for the device)."""
+    for the device: `Decoder` reads it before every step)."""
     return int(cache.length) if cache.length.device.type == "cpu" and not torch.compiler.is_compiling() else None
 
 

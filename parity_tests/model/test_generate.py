@@ -204,6 +204,30 @@ def test_decoders_refuse_a_step_past_the_last_slot_of_the_cache(base):
         torch._dynamo.reset()
 
 
+def test_a_cache_length_off_the_cpu_is_never_read():
+    """Reading the length of a cache on an accelerator waits for the device: `Decoder` checks the cache's room before
+    every step, so JAX's decode steps would have run one at a time (torch's were never read there). Both twins leave
+    the length unread off the CPU; here a length that raises when read, on a device that is not a CPU."""
+    from types import SimpleNamespace
+
+    from jax_model.model import cache_length as jax_length
+    from torch_model.model import cache_length as torch_length
+
+    class OnAGpu:  # a jax.Array on a GPU
+        platform = "gpu"  # as a jax.Device's
+
+        def devices(self):  # as jax.Array.devices(): the set of devices holding it
+            return {self}
+
+        def __int__(self):
+            raise AssertionError("read the length on the device")
+
+    assert jax_length(SimpleNamespace(length=OnAGpu())) is None
+    assert torch_length(SimpleNamespace(length=torch.zeros((), dtype=torch.int64, device="meta"))) is None
+    assert jax_length(SimpleNamespace(length=jnp.asarray(3))) == 3  # on the CPU: read
+    assert torch_length(SimpleNamespace(length=torch.tensor(3))) == 3
+
+
 def test_an_unknown_remat_is_named_by_both_twins(base):
     _, jm, tm = base
     for call in (lambda: jm(jnp.asarray([[1, 2]]), remat="blok"), lambda: tm(torch.as_tensor([[1, 2]]), remat="blok")):
