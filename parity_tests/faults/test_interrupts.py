@@ -91,10 +91,11 @@ from shared_config.cli import run
 def main(argv):
     signal.raise_signal(signal.SIGINT)
 
+before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN under pytest-xdist, inherited
 try:
     run(main, [])
 except SystemExit as e:
-    print("the caller goes on", e.code, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    print("the caller goes on", e.code, signal.getsignal(signal.SIGINT) is before)
 """
 
 
