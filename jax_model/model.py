@@ -39,7 +39,7 @@ class KVCache(NamedTuple):
     The caches are rebuilt with their constructors, never NamedTuple's `_replace`: torch 2.11's dynamo returns an
     empty tuple from a compiled `_replace`, and the next compiled step failed on it.
     A write past the last slot is refused where the length is at hand (`cache_length`); inside a compiled step the
-    length is data, so generate.Decoder checks it on the host before each of its steps.
+    length is data, so generate.Decoder reads it on the host before each of its steps (on the CPU).
     """
 
     layers: tuple[LayerCache, ...]
@@ -137,8 +137,6 @@ def split_cache_rows(cache: KVCache, mesh: Mesh | None) -> KVCache:
     Prefill and decode then return a cache of one sharding, so the decode step compiles once on a mesh too. Left to
     XLA, a GLA layer's prefill returned its state [B, H, K, V] whole on every device and decode returned it split by
     rows: the second decode step compiled again, and the recurrence replicated its operands to mix the two."""
-    if mesh is None:
-        return cache
     B = cache.start_B.shape[0]
     return jax.tree.map(lambda x: split_rows(x, mesh) if x.ndim and x.shape[0] == B else x, cache)
 

@@ -38,7 +38,7 @@ class KVCache(NamedTuple):
     The caches are rebuilt with their constructors, never NamedTuple's `_replace`: torch 2.11's dynamo returns an
     empty tuple from a compiled `_replace`, and the next compiled step failed on it.
     A write past the last slot is refused where the length is at hand (`cache_length`); inside a compiled step the
-    length is data, so generate.Decoder checks it on the host before each of its steps.
+    length is data, so generate.Decoder reads it on the host before each of its steps (on the CPU).
     """
 
     layers: tuple[LayerCache, ...]
