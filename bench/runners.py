@@ -189,6 +189,7 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     import torch
 
     import torch_model
+    from torch_model.model import compile_isolated
 
     device = torch_device()
     sync, peak_mem = torch_sync_and_peak(device)
@@ -202,7 +203,7 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
     batch = torch.as_tensor(tokens, device=device)
     start = None
     if mode == "forward":
-        forward = torch.compile(model) if compile else model
+        forward = compile_isolated(model) if compile else model
 
         def step():
             with torch.no_grad():
@@ -238,6 +239,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from shared_config.formats.hf import config_from_spec
+    from torch_model.model import compile_isolated  # the peer's compiled forward gets its own budget too
 
     device = torch_device()
     sync, peak_mem = torch_sync_and_peak(device)
@@ -267,7 +269,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
         loop = DecodeLoop(lambda: None, prefill, decode_step, next_B1)
         step, start, compile = loop.step, loop.start, False
     elif mode == "forward":
-        forward = torch.compile(model) if compile else model
+        forward = compile_isolated(model) if compile else model
 
         def step():
             with torch.no_grad(), autocast:
@@ -279,7 +281,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
         # so the twins' optimizer (parameter groups, weight decay rule, fused AdamW, schedule) applies as is.
         model.spec = spec.replace(fused_qkv=False)
         optimizer, scheduler = make_optimizer(model, train_config, fused=device.type != "xla")
-        forward = torch.compile(model) if compile else model
+        forward = compile_isolated(model) if compile else model
 
         def step():
             with autocast:

@@ -18,7 +18,7 @@ from shared_config.generation import (as_prompts, check_drawn, check_generation,
                                       stop_at_eos)
 from shared_config.tokens import check_cache_room, host_tokens
 
-from .model import KVCache, Transformer, cache_length
+from .model import KVCache, Transformer, cache_length, compile_isolated
 
 
 class Decoder:
@@ -34,11 +34,10 @@ class Decoder:
     def __init__(self, model: Transformer, compile: str | None = None):
         self.model = model
         step = partial(forward_last, model)
-        # fullgraph: a graph break would silently run the step half in Python.
-        # per prompt shape
-        self._prefill = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
-        # per cache shape
-        self._decode = step if compile is None else torch.compile(step, backend=compile, fullgraph=True)
+        # fullgraph: a graph break would silently run the step half in Python. Isolated: each Decoder's own
+        # recompile budget (one graph per prompt shape, one per cache shape), whatever else the process compiled
+        self._prefill = step if compile is None else compile_isolated(step, backend=compile, fullgraph=True)
+        self._decode = step if compile is None else compile_isolated(step, backend=compile, fullgraph=True)
 
     def init_cache(self, batch: int, size: int, start_B=None) -> KVCache:
         return self.model.init_cache(batch, size, start_B)

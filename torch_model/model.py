@@ -6,6 +6,7 @@ names (`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canoni
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 from typing import NamedTuple
@@ -232,3 +233,22 @@ def record(taps: dict | None, name: str, x) -> None:
     """Keep an intermediate activation for the parity report."""
     if taps is not None:
         taps[name] = x
+
+
+# graphs one compiled region may hold before dynamo gives up on it: torch.compile's default recompile_limit
+REGION_RECOMPILE_LIMIT = 8
+# torch >= 2.13: torch.compile keeps each call's compiled graphs and its recompile limit apart (isolate_recompiles)
+ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_isolated(fn, **options):
+    """torch.compile(fn, **options) with a recompile budget of its own. Dynamo keeps compiled graphs per code object:
+    every Decoder's step (a partial), every model's blocks (nn.Module._call_impl) and every eval loss shared one
+    budget of 8 graphs in a process, so the 9th model compiled there ran eager without a word (a benchmark sweep's
+    later rows timed eager torch as compiled), or raised FailOnRecompileLimitHit under fullgraph. torch >= 2.13:
+    `isolate_recompiles`; older torch: the process's `recompile_limit` grows by one region's budget at each call.
+    (JAX's jit keeps a cache per jitted function, without such a limit: no counterpart in jax_model.)"""
+    if ISOLATES_RECOMPILES:
+        return torch.compile(fn, isolate_recompiles=True, **options)
+    torch._dynamo.config.recompile_limit += REGION_RECOMPILE_LIMIT
+    return torch.compile(fn, **options)

@@ -34,6 +34,7 @@ from shared_config.tokens import CheckedStep, check_batch
 
 from .layers import DTYPES, working_copy
 from .loss import IGNORE_INDEX, chunked_next_token_loss, next_token_loss, routing_loss, split_batch
+from .model import compile_isolated
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
@@ -242,14 +243,17 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
 
 
 def compile_blocks(model, backend: str = "inductor") -> None:
-    """Regional compilation (torchtitan's): torch.compile each block in place (nn.Module.compile: parameter names
-    unchanged), forward and backward. The blocks share one code object and their parameters are graph inputs, so
-    identical blocks compile once (the others reuse that graph) instead of one graph holding every block; the
-    embedding, final norm, LM head and loss run eager between them. Compiling twice is a no-op. `backend`: the
-    torch.compile backend (tests use aot_eager: the same tracing without inductor's code generation)."""
-    for layer in unwrapped(model).model.layers:
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(backend=backend)
+    """Regional compilation (torchtitan's): torch.compile each block in place (as nn.Module.compile does: parameter
+    names unchanged), forward and backward. The model's blocks share one compiled region (`compile_isolated`, its
+    own recompile budget) whose graphs take the parameters as inputs, so identical blocks compile once (the others
+    reuse that graph) instead of one graph holding every block; the embedding, final norm, LM head and loss run
+    eager between them. Compiling twice is a no-op. `backend`: the torch.compile backend (tests use aot_eager: the
+    same tracing without inductor's code generation)."""
+    layers = [layer for layer in unwrapped(model).model.layers if layer._compiled_call_impl is None]
+    if layers:
+        region = compile_isolated(torch.nn.Module._call_impl, backend=backend)  # called as region(layer, ...)
+        for layer in layers:
+            layer._compiled_call_impl = partial(region, layer)  # what nn.Module.__call__ runs when set
 
 
 def make_eval_step(model, *, compile: bool = False) -> Callable:
@@ -257,7 +261,7 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
     "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
     tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
     forward's, as trained, which reads future tokens (the top-k is over the whole sequence; docs/routing.md)."""
-    loss_fn = torch.compile(model_loss) if compile else model_loss
+    loss_fn = compile_isolated(model_loss) if compile else model_loss
     device, routed = next(model.parameters()).device, model.spec.routing != "none"
 
     @torch.no_grad()
