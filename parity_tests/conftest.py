@@ -23,9 +23,33 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from .support.checkout_guard import CheckoutGuard  # noqa: E402
+from .support import compile_caches  # noqa: E402
+from .support.compile_caches import cache_settings, restore_cache_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD: CheckoutGuard | None = None  # made once pytest's base temp is known
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_home(tmp_path_factory):
+    """The tools' default compile cache ($XDG_CACHE_HOME/twinlm/compile) in a scratch directory, for every test and
+    every tool it starts: the suite wrote JAX's programs into the user's ~/.cache/twinlm, and found them there in
+    the next run (warm in one run, cold in another, never as CI's fresh machine)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+        compile_caches.SESSION_SETTINGS = cache_settings()
+        yield
+
+
+@pytest.fixture(autouse=True)
+def compile_caches_as_they_were():
+    """The persistent compilation caches as the test found them: one that ran a tool in-process turned them on for
+    the rest of its worker, and every later test's programs were written to disk (set up before `scratch_cwd`'s
+    monkeypatch, so torn down after it)."""
+    before = cache_settings()
+    yield
+    if cache_settings() != before:
+        restore_cache_settings(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

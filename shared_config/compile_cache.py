@@ -28,7 +28,11 @@ def add_compile_cache_option(parser) -> None:
                         help="persistent JAX and torch.compile caches here; 'none': compile everything afresh")
 
 
-# what use_compile_cache sets for torch: where compiled code is kept, not how it is generated
+# what use_compile_cache sets: JAX's flags (and their environment variables, the names in capitals), torch's
+# environment variables; where compiled code is kept, not how it is generated
+JAX_CACHE_FLAGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                   "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes",
+                   "jax_compilation_cache_max_size")
 TORCH_CACHE_ENV = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_CACHE_DIR")
 
 

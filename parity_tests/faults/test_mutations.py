@@ -28,7 +28,7 @@ from torch_model import train as torch_train
 from ..model import test_bf16, test_kv_cache, test_layers
 from ..spec import test_init
 from ..training import test_optimizer
-from ..support.common import make_spec, parity_weights, tokens
+from ..support.common import make_spec, parity_weights, quick_first, tokens
 from ..support.oracles import finite_difference_errors
 from ..support.train_common import both_loss_and_grads
 
@@ -83,7 +83,7 @@ def test_schedule_warmup_off_by_one(monkeypatch):
         test_optimizer.check_against_numpy_adamw("torch", test_optimizer.CFG.replace(steps=2))
 
 
-@pytest.mark.parametrize("changes", test_layers.ROPE_SPECS, ids=["theta", "theta-head_dim", "llama3"])
+@pytest.mark.parametrize("changes", quick_first(test_layers.ROPE_SPECS), ids=["theta", "theta-head_dim", "llama3"])
 @pytest.mark.parametrize("twin", ["jax", "torch"])
 def test_model_ignores_rope_theta_and_scaling(monkeypatch, fresh_jax, twin, changes):
     """One twin's model builds its frequencies from theta 10000 and no scaling, whatever the spec says."""

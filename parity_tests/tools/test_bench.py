@@ -214,12 +214,12 @@ def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
 
 @pytest.mark.parametrize(
     "args,message",
-    [
+    quick_first([
         (["--remat", "block", "--backend", "all"], "--remat: train-config options of the twins"),
         (["--loss-chunk", "64", "--mode", "forward"], "--loss-chunk: train-config options of the twins"),
         (["--grad-accum", "3", "--batch", "8"], "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
         (["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
-    ],
+    ], 2, multi=True),
 )
 def test_bad_memory_options(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)

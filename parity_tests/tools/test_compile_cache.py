@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -19,28 +22,9 @@ from shared_config.compile_cache import default_cache_dir, use_compile_cache
 from torch_model import train
 from torch_model.generate import Decoder
 
-from ..support.common import make_spec, parity_weights
-
-JAX_FLAGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
-
-
-@pytest.fixture
-def restored():
-    """The environment and JAX's cache flags as they were before the test."""
-    import jax
-    import torch._functorch.config
-    import torch._inductor.config
-
-    env, flags = dict(os.environ), {f: getattr(jax.config, f) for f in JAX_FLAGS}
-    fx, autograd = torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache
-    yield
-    os.environ.clear()
-    os.environ.update(env)
-    for name, value in flags.items():
-        jax.config.update(name, value)
-    torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache = fx, autograd
-
+from ..support import compile_caches
+from ..support.common import make_spec, parity_weights, quick_first
+from ..support.compile_caches import cache_settings
 
 def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -49,8 +33,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert str(default_cache_dir()) == os.path.expanduser("~/.cache/twinlm/compile")
 
 
-def test_both_caches_go_to_the_named_directory_or_off(tmp_path, restored):
-    import jax
+def test_both_caches_go_to_the_named_directory_or_off(tmp_path):
     import torch._functorch.config
     import torch._inductor.config
 
@@ -68,13 +51,28 @@ def test_both_caches_go_to_the_named_directory_or_off(tmp_path, restored):
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"
 
 
-def test_a_cache_path_under_a_file_is_refused_by_name(tmp_path, restored):
+def test_a_cache_path_under_a_file_is_refused_by_name(tmp_path):
     """It read "error: FILE/jax: Not a directory", without saying which option named it."""
     (tmp_path / "afile").write_text("keep")
     with pytest.raises(UsageError, match=re.escape(f"--compile-cache {tmp_path / 'afile' / 'sub'}: "
                                                    f"{tmp_path / 'afile'} is a file, not a directory")):
         use_compile_cache(tmp_path / "afile" / "sub")
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_a_tool_run_in_process_turns_the_caches_on_for_its_process(tmp_path_factory):
+    """compare.main or scripts/train.py's main, run in-process, call use_compile_cache first, with their default
+    directory: this test leaves the caches on, as such a test did (the next test checks what it finds)."""
+    assert default_cache_dir().is_relative_to(tmp_path_factory.getbasetemp())  # a scratch cache home, not ~/.cache
+    use_compile_cache(default_cache_dir())
+    assert jax.config.jax_enable_compilation_cache and os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+
+
+def test_the_next_test_finds_the_caches_as_the_session_started():
+    """Left on, every later test of the worker wrote each program it compiled to disk, into the user's
+    ~/.cache/twinlm (conftest: `compile_caches_as_they_were`, `session_cache_home`)."""
+    assert compile_caches.SESSION_SETTINGS is not None and cache_settings() == compile_caches.SESSION_SETTINGS
+    assert not default_cache_dir().is_relative_to(Path.home() / ".cache")
 
 
 def test_identical_blocks_compile_once_and_compute_the_eager_step():
@@ -100,7 +98,7 @@ def test_identical_blocks_compile_once_and_compute_the_eager_step():
     assert spec.L >= 2 and losses[0] == losses[1]
 
 
-@pytest.fixture(params=["this torch", "grown limit"])
+@pytest.fixture(params=quick_first(["this torch", "grown limit"]))
 def region_budget(request, monkeypatch):
     """Each compiled region's recompile budget as this torch keeps it (torch >= 2.13: isolate_recompiles), and as
     older torch gets it (the GPU image's 2.11: the process's limit grows by one region's budget), from a clean

@@ -90,6 +90,7 @@ def test_total_variation_of_the_output_histograms():
     assert study.output_criteria(rows)[0][1] is False
 
 
+@pytest.mark.slow
 def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path):
     """bench/gla_layer.py in process at a tiny geometry: one row per (twin, kernel), the pure form first with error
     0, the recurrence within float32's floor of it, every field in the JSON; a GPU kernel on this CPU is refused in
