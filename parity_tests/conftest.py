@@ -15,6 +15,11 @@ from torch_model.precision import exact_float32 as torch_exact_float32
 jax_exact_float32()
 torch_exact_float32()
 torch.manual_seed(0)
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist: each worker computes on its share of
+    # the CPUs; torch's pool sized to all of them oversubscribed the machine (every worker's threads on every core)
+    from bench.load import usable_cpus
+
+    torch.set_num_threads(max(1, usable_cpus() // int(workers)))
 
 
 import tempfile  # noqa: E402
