@@ -170,12 +170,14 @@ def parallelize(model, cfg: TrainConfig, mesh: Mesh) -> tuple[train.TrainState, 
     return init_train_state(model, cfg, mesh), make_train_step(model, cfg, mesh)
 
 
-def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str = "auto") -> Transformer:
+def from_safetensors(path: str | Path, mesh: Mesh, spec=None, *, attention: str = "auto",
+                     allow_nonfinite: bool = False) -> Transformer:
     """Load a canonical checkpoint with its parameters sharded over `mesh`: every device receives its blocks
     straight from host memory, no device holds the whole model. Raises SpecError for a bad `mesh` (`check_mesh`:
-    before the file is read), CheckpointError naming the file and what is wrong with it."""
+    before the file is read), CheckpointError naming the file and what is wrong with it (NaN or Inf values too,
+    unless `allow_nonfinite`, as checkpoint.from_safetensors)."""
     check_mesh(mesh)
-    weights, spec = load_checkpoint(path, spec)
+    weights, spec = load_checkpoint(path, spec, allow_nonfinite)
     by_name = param_shardings(spec, mesh)
     pure = jax.tree_util.tree_map_with_path(
         lambda keys, x: place(x, by_name[dotted(k.key for k in keys)]), to_pure_dict(weights, spec, xp=np)

@@ -13,7 +13,16 @@ from shared_config import CheckpointError, init_weights, save_checkpoint
 
 from ..support.common import make_spec
 
-LOADERS = {"jax": jax_model.from_safetensors, "torch": torch_model.from_safetensors}
+
+def jax_sharded(path, spec=None, **options):
+    """distributed.from_safetensors on a one-device mesh: the same file checks as the twins' loaders."""
+    from jax_model import distributed
+
+    return distributed.from_safetensors(path, distributed.make_mesh(devices=1), spec, **options)
+
+
+LOADERS = {"jax": jax_model.from_safetensors, "torch": torch_model.from_safetensors, "jax-sharded": jax_sharded}
+PRETRAINED = {"jax": jax_model.from_pretrained, "torch": torch_model.from_pretrained}
 
 
 def write(path, weights, spec=None, **meta):
@@ -106,7 +115,7 @@ PATHS = {  # what a path argument may be that names no checkpoint -> what the Ch
 @pytest.mark.parametrize("name", PATHS)
 def test_a_path_that_names_no_checkpoint_is_a_checkpoint_error(twin, name):
     path, says = PATHS[name]
-    for load in (LOADERS[twin], {"jax": jax_model.from_pretrained, "torch": torch_model.from_pretrained}[twin]):
+    for load in (LOADERS[twin], PRETRAINED[twin.removesuffix("-sharded")]):
         with pytest.raises(CheckpointError, match=re.escape(says)):
             load(path)
 
@@ -115,12 +124,12 @@ def test_a_path_that_names_no_checkpoint_is_a_checkpoint_error(twin, name):
 def test_a_directory_or_a_device_is_named_as_such(tmp_path, twin):
     with pytest.raises(CheckpointError, match="a directory, not a safetensors file"):  # said "no such file"
         LOADERS[twin](tmp_path)
-    pretrained = {"jax": jax_model.from_pretrained, "torch": torch_model.from_pretrained}[twin]
+    pretrained = PRETRAINED[twin.removesuffix("-sharded")]
     with pytest.raises(CheckpointError, match="/dev/null: neither a regular file nor a directory"):
         pretrained("/dev/null")  # said "no such file or directory"
 
 
-@pytest.mark.parametrize("twin", LOADERS)
+@pytest.mark.parametrize("twin", PRETRAINED)
 def test_from_weights_names_values_that_are_not_arrays(spec, twin):
     """torch tensors were a TypeError ("Cannot interpret 'torch.float32' as a data type"), lists an AttributeError,
     a list of weights a TypeError from the size check."""
