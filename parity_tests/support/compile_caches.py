@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from shared_config.compile_cache import JAX_CACHE_FLAGS, TORCH_CACHE_ENV
+from shared_config.compile_cache import JAX_CACHE_FLAGS, TORCH_CACHE_ENV, _update_jax
 
 CACHE_ENV = (*(f.upper() for f in JAX_CACHE_FLAGS), *TORCH_CACHE_ENV, "XDG_CACHE_HOME")
 SESSION_SETTINGS: tuple | None = None  # what every test starts from: conftest's session_cache_home sets it
@@ -23,10 +23,8 @@ def cache_settings() -> tuple:
 
 def restore_cache_settings(settings: tuple) -> None:
     """Put back what `cache_settings` returned; JAX reopens its cache where the flags now say."""
-    import jax
     import torch._functorch.config
     import torch._inductor.config
-    from jax.experimental.compilation_cache import compilation_cache
 
     env, flags, torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache = settings
     for name, value in env.items():
@@ -34,6 +32,4 @@ def restore_cache_settings(settings: tuple) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    for name, value in flags.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    _update_jax(flags)  # use_compile_cache's own: the flags, then the cache reopened where they say
