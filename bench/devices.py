@@ -94,6 +94,19 @@ def torch_sync_and_peak(device):
     return (lambda out: None), (lambda: None)  # CPU kernels have finished when the call returns
 
 
+def torch_graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process so far (dynamo's counters, one per break each time a
+    frame is traced), 0 where torch was never imported. A break splits a compiled region into graphs with eager
+    Python between them: a row timed "torch.compile" that met one runs part of its step eager."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 def compile_mode(compile: bool, device) -> str:
     """How a torch step runs: torch.compile, eager, or (on a TPU) torch_xla's lazy graph, which XLA compiles once."""
     return "torch.compile" if compile else "torch_xla lazy graph" if device.type == "xla" else "eager"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from functools import partial
 
 import numpy as np
+from tqdm import tqdm
 
 from shared_config.cli import UsageError
 from shared_config.flops import flops_per_token, matmul_params
@@ -16,7 +18,7 @@ from shared_config.progress import progress
 
 from bench.flops import peak_tflops
 from bench.load import CpuClock, process_threads, snapshot
-from bench.devices import accelerator, check_tpu_backends, jax_device_name, torch_device_name
+from bench.devices import accelerator, check_tpu_backends, jax_device_name, torch_device_name, torch_graph_breaks
 from bench.runners import setup_hf, setup_jax, setup_torch
 
 SETUP = {"jax": setup_jax, "torch": setup_torch, "hf": setup_hf}
@@ -135,9 +137,12 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
         args.job = f"{backend} {args.mode} job of {label}"  # named by compare.py if it runs out of memory
         tokens = bench_tokens(spec, args)
         bench = setups[backend](spec, tokens, args.mode, names[backend], train_config, compile, new_tokens=new_tokens)
+        breaks = torch_graph_breaks()
         compile_s = (timed(bench, bench.start) if bench.start else 0.0) + timed(bench)
         for _ in range(args.warmup):
             timed(bench)
+        if bench.info.get("compile") == "torch.compile":
+            check_whole_graphs(bench, torch_graph_breaks() - breaks, args.job)
         bench.info["peak_mem_bytes"] = bench.peak_mem()  # now, before the next job allocates
         bench.info["cpu"] = CpuClock()  # over the timed steps only
         benches[label, backend] = (spec, bench, compile_s, [], [])
@@ -163,6 +168,15 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
                 during.append(snapshot())
     return [result(label, backend, *benches[label, backend], args, device, per_round)
             for label, _, backend in jobs], device
+
+
+def check_whole_graphs(bench, breaks: int, job: str) -> None:
+    """Record a torch.compile'd job's graph breaks in its row ("graph_breaks"), and warn on stderr when it met any:
+    its step then runs partly eager, and a row labelled "torch.compile" would time that without a word."""
+    bench.info["graph_breaks"] = breaks
+    if breaks:
+        tqdm.write(f"warning: the {job} met {breaks} torch.compile graph break(s): part of its step runs eager "
+                   "(TORCH_LOGS=graph_breaks shows where)", file=sys.stderr)  # above a progress bar, not into it
 
 
 def measured(benches: dict, args, device: str, per_round: int) -> dict:

@@ -228,3 +228,40 @@ def test_bad_memory_options(args, message):
 def test_gpu_check_refuses_a_machine_without_a_gpu():
     proc = run_python(ROOT / "bench" / "gpu_check.py", "--quiet", CUDA_VISIBLE_DEVICES="")  # a GPU, if any, hidden
     one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")
+
+
+def test_a_compiled_torch_row_that_met_a_graph_break_says_so(monkeypatch, tmp_path, capsys):
+    """A graph break splits a compiled step into graphs with eager Python between them, and the row labelled
+    "torch.compile" timed that without a word: each compiled torch row now counts its breaks ("graph_breaks", 0 for
+    a whole graph) and a warning names the job that met any."""
+    import torch
+
+    from bench import compare, timing
+    from bench.runners import Bench
+    from shared_config.cli import run as cli_run
+
+    def whole(x):
+        return x * 2 + 1
+
+    def broken(x):
+        x = x * 2
+        torch._dynamo.graph_break()  # what a .item(), a print or an unsupported call does inside a region
+        return x + 1
+
+    def setup(spec, tokens, mode, attention, cfg, compile, new_tokens=0, gla_kernel="auto"):
+        step = torch.compile(broken if spec.n_layers == 2 else whole, backend="eager")
+        x = torch.ones(4)
+        return Bench(lambda: step(x), lambda out: None, "sdpa", lambda: None, {"compile": "torch.compile"})
+
+    monkeypatch.setitem(timing.SETUP, "torch", setup)
+    monkeypatch.setattr(compare, "configure_threads", lambda *a: None)
+    with pytest.raises(SystemExit) as e:
+        cli_run(compare.main, ["--backend", "torch", "--compile", "--sweep", "n_layers=1,2", "--batch", "2", "--seq",
+                               "8", "--steps", "1", "--warmup", "1", "--rounds", "1", "--quiet", "--compile-cache",
+                               "none", "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["variant"], r["graph_breaks"]) for r in rows] == [("n_layers=1", 0), ("n_layers=2", 1)]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "graph break" in line]
+    assert warnings == ["warning: the torch train job of n_layers=2 met 1 torch.compile graph break(s): part of its "
+                        "step runs eager (TORCH_LOGS=graph_breaks shows where)"]
