@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,7 @@ from shared_config import resources
 from shared_config.resources import ResourceError
 from shared_config.study import study_args, study_parser
 
-from ..support.common import load_script, make_spec, parity_weights
+from ..support.common import ROOT, checkout_env, load_script, make_spec, parity_weights
 
 generate = load_script("generate")
 compare_logits = load_script("compare_logits")
@@ -390,3 +392,26 @@ def test_a_path_that_is_not_utf8_prints_as_its_bytes_on_a_strict_stdout(monkeypa
         cli_run(lambda argv: print(f"/tmp/{NOT_UTF8}.safetensors"), [])
     sys.stdout.flush()
     assert exit_.value.code == 0 and raw.getvalue() == b"/tmp/ab\xff\xfe.safetensors\n"
+
+
+# What a tool loads only once its work needs it: a framework, matplotlib, and ml_dtypes (0.8 s at import, which was
+# most of every tool's start-up before an `error:` line or `--help`, and the time a Ctrl-C got a traceback in).
+LOADED_FOR_WORK = ("torch", "jax", "flax", "orbax", "transformers", "matplotlib", "triton", "ml_dtypes")
+
+
+def test_every_tools_help_loads_no_framework():
+    """Each tool (a scripts/ or bench/ file with a `__main__`), run with --help in one process one after another:
+    its usage is printed with none of LOADED_FOR_WORK imported (the first tool that imports one is named)."""
+    tools = sorted(str(p.relative_to(ROOT)) for folder in ("scripts", "bench") for p in (ROOT / folder).glob("*.py")
+                   if "__main__" in p.read_text())
+    code = ("import contextlib, io, runpy, sys\n"
+            f"for path in {tools!r}:\n"
+            "    sys.argv, out = [path, '--help'], io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "        runpy.run_path(path, run_name='__main__')\n"
+            f"    loaded = sorted(m for m in {LOADED_FOR_WORK!r} if m in sys.modules)\n"
+            "    print(path, 'usage:' in out.getvalue(), loaded)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=checkout_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(tools) >= 16 and result.stdout.splitlines() == [f"{path} True []" for path in tools]
