@@ -104,12 +104,17 @@ def param_shardings(spec, mesh: Mesh) -> dict[str, NamedSharding]:
     return {t.jax_name: NamedSharding(mesh, leaf_spec(t, fsdp)) for t in model_layout(spec)}
 
 
+def params_shardings(model, mesh: Mesh) -> nnx.State:
+    """The sharding of each of `model`'s parameters, as a state shaped like `nnx.state(model, nnx.Param)`."""
+    by_name = param_shardings(model.spec, mesh)
+    return nnx.map_state(lambda path, v: v.replace(by_name[dotted(path)]), nnx.state(model, nnx.Param))
+
+
 def state_shardings(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
     """Shardings of the train state: parameters by `leaf_spec`; optax's state derived from them (each moment like
     its parameter, counts replicated)."""
     by_name, replicated = param_shardings(model.spec, mesh), NamedSharding(mesh, PartitionSpec())
-    params = nnx.state(model, nnx.Param)
-    params_sharding = nnx.map_state(lambda path, v: v.replace(by_name[dotted(path)]), params)
+    params, params_sharding = nnx.state(model, nnx.Param), params_shardings(model, mesh)
     optimizer = train.make_optimizer(model, cfg)
     opt_sharding = optax.tree_utils.tree_map_params(  # finds the params-shaped parts of the state by running init
         optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params), params_sharding,
@@ -145,9 +150,10 @@ def init_train_state(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
 def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     """`train_step(state, tokens_BN, mask_BN=None) -> (state, metrics)`: train.make_train_step's function, jitted with
     the state's and the batch's shardings, the state donated; it takes the global batch. With grad_accum_steps,
-    every device's rows split into that many micro-batches (train.micro_batches): each device keeps its rows."""
+    every device's rows split into that many micro-batches (train.micro_batches): each device keeps its rows.
+    `model` is put on `mesh` (to_mesh): loaded on one device or on another mesh, it goes on computing there."""
     state_sharding, batch_sharding = state_shardings(model, cfg, mesh), NamedSharding(mesh, BATCH)
-    set_mesh(model, mesh)  # hidden states split by rows; a GLA layer's Pallas kernel runs per device, on its rows
+    to_mesh(model, mesh)  # hidden states split by rows; a GLA layer's Pallas kernel runs per device, on its rows
     step = jax.jit(
         train.make_train_step(model, cfg, compile=False),
         in_shardings=(state_sharding, batch_sharding, batch_sharding),
@@ -162,6 +168,15 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
 
     train_step.jitted = step  # jax.jit's own function (state, tokens_BN, mask_BN): bench/ lowers it for memory and HLO
     return train_step
+
+
+def to_mesh(model, mesh: Mesh) -> None:
+    """Put `model` on `mesh`, as `from_safetensors(path, mesh)` places it: its parameters split by `param_shardings`
+    (those placed so already are kept, not copied) and its steps told the mesh (model.set_mesh). make_train_step
+    does it: it had set the mesh alone, and a model on one device or on another mesh then failed its next forward
+    or decode on XLA's "incompatible devices" (its parameters on some devices, its hidden states on others)."""
+    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), params_shardings(model, mesh)))
+    set_mesh(model, mesh)
 
 
 def parallelize(model, cfg: TrainConfig, mesh: Mesh) -> tuple[train.TrainState, Callable]:

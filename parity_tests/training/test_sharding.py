@@ -239,3 +239,44 @@ def test_decoding_on_a_mesh_never_replicates_an_array_to_reshard_it(mesh_decode)
     split them by heads, and replicated them on every device to reach the state's rows (16 warnings at gla-tiny)."""
     _, replicated = mesh_decode
     assert not replicated, replicated[:3]
+
+
+# --- a model trained on a mesh it was not loaded on ------------------------------------------------------------------
+
+ON_ANOTHER_MESH = """
+import json, sys
+import numpy as np, jax
+from flax import nnx
+import jax_model
+from jax_model import distributed
+from jax_model.generate import generate
+from jax_model.precision import exact_float32
+from parity_tests.support.parallel_runs import read_config
+
+exact_float32()
+path, cfg = sys.argv[1] + "/init.safetensors", read_config(sys.argv[1])
+tokens_BN = np.random.default_rng(0).integers(0, 7, (cfg.batch_size, cfg.seq_len + 1))
+expected = np.asarray(jax_model.from_pretrained(path)(tokens_BN[:, :-1]))
+out = {}
+for start in ("one device", "fsdp=2"):  # fsdp=2: the first 2 of the 4 devices
+    model = (jax_model.from_pretrained(path) if start == "one device"
+             else distributed.from_safetensors(path, distributed.make_mesh(start)))
+    state, train_step = distributed.parallelize(model, cfg, distributed.make_mesh("data=2,fsdp=2"))
+    logits = np.asarray(model(tokens_BN[:, :-1]))  # its own weights, now on the new mesh
+    state, _ = train_step(state, tokens_BN)  # donates the state, and with it the model's arrays (jax_model/train.py)
+    nnx.update(model, state.params)  # the trained weights, as docs/training.md says
+    out[start] = {"error": float(np.abs(logits - expected).max() / expected.std()),
+                  "generated": np.asarray(generate(model, tokens_BN[:4, :3], 2)).shape}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_mesh_it_was_not_loaded_on_goes_on_computing_there(tmp_path):
+    """parallelize / make_train_step put the model on the mesh (distributed.to_mesh): they had only told it the
+    mesh, so a model loaded on one device or on another mesh failed its next forward, or a decode with the trained
+    weights, on XLA's "incompatible devices" (parameters on some devices, hidden states split over others)."""
+    r = run_python("-c", ON_ANOTHER_MESH, write_inputs(tmp_path, ()), **host_devices(4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for start, found in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        assert found["error"] <= FORWARD_TOL and found["generated"] == [4, 2], (start, found)
