@@ -19,8 +19,8 @@ from typing import Callable
 
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run, utf8_argument
-from shared_config.files import CheckpointError
-from shared_config.limits import MAX_JSON_BYTES, quote, read_capped
+from shared_config.data import read_tokenizer
+from shared_config.limits import quote
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
 from shared_config.run_dir import TOKENIZER_FILE
@@ -111,19 +111,7 @@ class HFTokenizer:
     """A `tokenizers` tokenizer.json, with the same two methods."""
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        try:
-            text = read_capped(path, MAX_JSON_BYTES, "tokenizer file")  # a regular file, bounded, never a FIFO
-            self.tokenizer = Tokenizer.from_str(text.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{path}: not a valid tokenizers file: not UTF-8") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(str(e) if isinstance(e, ValueError)
-                                  else f"{path}: cannot read: {e.strerror}") from None
-        except Exception as e:  # tokenizers raises its own Exception subclass for a malformed file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{path}: not a valid tokenizers file: {quote(first)[1:-1]}") from None
+        self.tokenizer = read_tokenizer(path)  # CheckpointError for a file tokenizers cannot read
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from shared_config.cli import Parser, at_least, fail, run as run_main
+from shared_config.cli import Parser, at_least, fail, nonempty, run as run_main
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a spec or train config key (repeatable)")
-    p.add_argument("--data",
+    p.add_argument("--data", type=nonempty,
                    help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
     p.add_argument("--data-dtype", choices=TOKEN_DTYPES,
                    help="dtype of a .bin token file (default: its meta.json, else uint16)")

@@ -77,9 +77,11 @@ class TokenData:
         return np.stack([self.train[s : s + seq_len + 1] for s in starts_B]).astype(np.int32)
 
     def val_batches(self, n_batches: int, batch_size: int, seq_len: int) -> list[np.ndarray]:
-        """Fixed int32 batches [B, T+1] spread evenly over the validation split (the same at every eval)."""
+        """Fixed int32 batches [B, T+1] spread evenly over the validation split (the same at every eval), gathered in
+        one indexing of the split's windows (a Python loop over the rows took minutes at --eval-batches 1000000).
+        Their bytes: `eval_bytes` (scripts/train.py checks them against the memory before building them)."""
         starts = np.linspace(0, len(self.val) - seq_len - 1, n_batches * batch_size).astype(np.int64)
-        rows = np.stack([self.val[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+        rows = np.lib.stride_tricks.sliding_window_view(self.val, seq_len + 1)[starts].astype(np.int32)
         return list(rows.reshape(n_batches, batch_size, seq_len + 1))
 
     def check(self, seq_len: int, vocab_size: int) -> None:
@@ -106,6 +108,12 @@ class TokenData:
                 "val_tokens": len(self.val), "sha256": tokens_sha256(self.train, self.val)}
 
 
+def eval_bytes(n_batches: int, batch_size: int, seq_len: int) -> int:
+    """Host bytes of `TokenData.val_batches`: the int32 rows, the row starts and one int64 copy of the rows."""
+    rows = n_batches * batch_size
+    return rows * ((seq_len + 1) * (4 + 8) + 2 * 8)
+
+
 def tokens_sha256(*splits: np.ndarray, chunk: int = 1 << 24) -> str:
     """Hex SHA-256 of the splits' token ids as little-endian int64 (any storage dtype hashes alike), read in chunks."""
     digest = hashlib.sha256()
@@ -119,6 +127,9 @@ def tokens_sha256(*splits: np.ndarray, chunk: int = 1 << 24) -> str:
 def load_data(source: str | Path, dtype: str | None = None, val_fraction: float = 0.1) -> TokenData:
     """A `TokenData` from `synthetic[:SEED]`, a prepared directory, a token file or a text file."""
     name = str(source)
+    if not name:  # Path("") is the current directory: `--data ''` trained on whatever files were there
+        raise DataError("the data source is an empty string: give synthetic[:SEED], a data directory, a token file or "
+                        "a text file")
     if name == "synthetic" or name.startswith("synthetic:"):
         seed = name.partition(":")[2] or "0"
         if not seed.isdigit():
@@ -234,10 +245,35 @@ def read_meta(directory: Path) -> dict:
 
 
 def _tokenizer_in(directory: Path) -> Path | None:
+    """The data's tokenizer.json, read once (read_tokenizer) before a run copies it into every checkpoint: a broken
+    one was copied without a word and refused only by generate.py --prompt."""
     tokenizer = directory / "tokenizer.json"
     if tokenizer.exists() and not tokenizer.is_file():  # copied whole into the run: never a FIFO or a device
         raise DataError(f"{tokenizer}: not a regular file; pass a data directory whose tokenizer.json is one")
-    return tokenizer if tokenizer.is_file() else None
+    if not tokenizer.is_file():
+        return None
+    read_tokenizer(tokenizer, DataError)
+    return tokenizer
+
+
+def read_tokenizer(path: Path, error: type[Exception] = CheckpointError):
+    """A Hugging Face `tokenizers.Tokenizer` from a tokenizer.json: a regular file of at most MAX_JSON_BYTES, UTF-8,
+    that `tokenizers` reads; else `error` naming the file and what is wrong (tokenizers raises its own Exception
+    subclass, with a Rust message, for a malformed file)."""
+    from tokenizers import Tokenizer
+
+    from .limits import MAX_JSON_BYTES, quote, read_capped
+
+    try:
+        text = read_capped(path, MAX_JSON_BYTES, "tokenizer file")  # a regular file, bounded, never a FIFO
+        return Tokenizer.from_str(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a valid tokenizers file: not UTF-8") from None
+    except (OSError, ValueError) as e:
+        raise error(str(e) if isinstance(e, ValueError) else f"{path}: cannot read: {e.strerror}") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise error(f"{path}: not a valid tokenizers file: {quote(first)[1:-1]}") from None
 
 
 # --- the embedded synthetic corpus -------------------------------------------------------------

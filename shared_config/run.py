@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import UsageError, check_out_dir
 from .config_file import check_keys, parse_overrides
-from .data import TokenData, load_data
+from .data import TokenData, eval_bytes, load_data
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
@@ -83,6 +83,11 @@ def resolve_run(args) -> Run:
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
     check_train_memory(spec, cfg, "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init
+    # the validation batches are built once, up front: --eval-batches 10**9 was a 60 GiB allocation reported as the
+    # training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
+    check_memory(eval_bytes(args.eval_batches, cfg.batch_size, cfg.seq_len),
+                 f"--eval-batches {args.eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} "
+                 "tokens, kept for every evaluation)", "lower --eval-batches")
     if stored:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)

@@ -240,7 +240,10 @@ def test_an_fla_config_claiming_a_million_layers_is_refused_before_its_layout_is
     ("train", ["--backend", "torch", "--set", "vocab_size=1000000000000", "--out", "run", "--quiet"],
      "training 3 layers of d_model 96, vocab 1,000,000,000,000 at batch"),
     ("bench/compare.py", ["--set", "vocab_size=1000000000000"], "the train job of tiny at batch 8 x seq 256 needs"),
-], 1, multi=True), ids=["init-vocab", "init-layers", "train-vocab", "bench-vocab"])
+    # the validation batches, built once: a 60 GiB allocation reported as the training job's (lower batch_size)
+    ("train", ["--backend", "torch", "--eval-batches", "1000000000", "--out", "run", "--quiet"],
+     "--eval-batches 1,000,000,000 (validation batches of 8 x 129 tokens, kept for every evaluation) needs about"),
+], 1, multi=True), ids=["init-vocab", "init-layers", "train-vocab", "bench-vocab", "train-eval-batches"])
 def test_commands_refuse_jobs_that_cannot_fit_in_memory_before_allocating(tmp_path, script, args, says):
     result = run_limited(script, *args, cwd=tmp_path)
     one_line(result, 3, says, "GiB of memory", "of memory on this machine")
@@ -1022,18 +1025,35 @@ def test_train_resume_with_a_fifo_for_state_json_is_one_line(tmp_path):
     one_line(result, 2, f"{path / 'state.json'}: is a FIFO, not a regular JSON file")
 
 
-@pytest.mark.parametrize("content, says", [
+BAD_TOKENIZERS = [
     (b'{"version": "1.0", "model": {"type": "BPE"', "not a valid tokenizers file: EOF while parsing"),
     (b'{"version": "1.0", "model": {"type": "BPE", "vocab": "x"}}', "not a valid tokenizers file: invalid type"),
     (b"\xff\xfe{}", "not a valid tokenizers file: not UTF-8"),
-    (None, "is a FIFO, not a regular tokenizer file"),
-], ids=["truncated", "wrong-type", "not-utf8", "fifo"])
+]
+
+
+@pytest.mark.parametrize("content, says", [*BAD_TOKENIZERS, (None, "is a FIFO, not a regular tokenizer file")],
+                         ids=["truncated", "wrong-type", "not-utf8", "fifo"])
 def test_a_bad_tokenizer_beside_the_weights_is_one_line(tmp_path, canonical, content, says):
     tokenizer = tmp_path / "tokenizer.json"
     os.mkfifo(tokenizer) if content is None else tokenizer.write_bytes(content)
     generate = load_script("generate")
     raised = _refused_without_blocking(lambda: generate.load_tokenizer(canonical, make_spec()), tokenizer)
     assert isinstance(raised, CheckpointError) and str(raised).startswith(f"{tokenizer}: {says}"), raised
+
+
+@pytest.mark.parametrize("content, says", BAD_TOKENIZERS, ids=["truncated", "wrong-type", "not-utf8"])
+def test_a_bad_tokenizer_in_a_data_directory_is_refused_before_a_run_copies_it(tmp_path, content, says):
+    """A run copies its data's tokenizer.json into every checkpoint: a broken one was copied without a word and
+    refused only by generate.py --prompt. (A FIFO there: test_a_fifo_in_a_data_directory_is_refused_...)"""
+    from shared_config.data import DataError, load_data
+
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_data(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer.json'}: {says}"), e.value
 
 
 # --- 7. zero and empty are values, never "not given" -----------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from shared_config.cli import Parser, UsageError, check_outputs
 from shared_config.files import atomic_dir, atomic_write
+from shared_config.data import DataError, load_data
 
 from ..support.common import checkout_env, one_line_error, run_python, run_script
 
@@ -84,6 +85,11 @@ def test_an_empty_path_argument_is_refused():
     assert str(parser.parse_args(["--out", "x"]).out) == "x"
     one_line_error(run_script("train", "--backend", "torch", "--out", "", "--steps", "1"),
                    "argument --out: expected a path, got an empty string")
+    # --data is a path or synthetic[:SEED]: `--data ''` trained on the files of the current directory
+    one_line_error(run_script("train", "--backend", "torch", "--data", "", "--steps", "1"),
+                   "argument --data: expected a name or a path, got an empty string")
+    with pytest.raises(DataError, match="the data source is an empty string"):
+        load_data("")  # the library's own entry, which argparse does not guard
 
 
 def test_a_write_to_no_path_names_what_it_was_given(tmp_path, monkeypatch):
