@@ -22,7 +22,8 @@ from .formats.checks import check_weights
 from .init import init_weights
 from .limits import quote
 from .resources import check_memory, train_bytes
-from .run_dir import STATE_FILE, checkpoint_step, latest_checkpoint, load_train_checkpoint, read_state
+from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
+                      read_state)
 from .spec import ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
 
@@ -116,10 +117,16 @@ def refuse_file_out(out: Path) -> None:
 
 
 def refuse_used_out(out: Path) -> None:
-    """A fresh run never writes into a run directory that holds checkpoints (or into a file)."""
+    """A fresh run never writes into a run directory that holds checkpoints, into a file, or into a directory of
+    other files: a run written into a Hugging Face directory or a data directory was then deleted with it by the
+    other tools' --force (which replace a directory of their own kind)."""
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
+    if others := foreign_files(out):
+        raise UsageError(f"{out} is not a run directory (it holds {quote(others[0])}"
+                         f"{f' and {len(others) - 1:,} other files' if len(others) > 1 else ''}): pass a new or empty "
+                         "--out")
 
 
 def resumed_checkpoint(args) -> tuple[Path, dict]:

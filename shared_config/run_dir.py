@@ -273,6 +273,14 @@ def lock_run(out: str | Path) -> Iterator[None]:
         os.close(fd)  # the file stays: deleting it would let a waiting opener lock a file no longer there
 
 
+def foreign_files(out: str | Path) -> list[str]:
+    """The names in `out` that no run writes (sorted; [] for a directory that does not exist): what a fresh run must
+    not write beside. A run's own: run.json, metrics.jsonl, tokenizer.json, the lock, checkpoints and temp files."""
+    own = {RUN_FILE, METRICS_FILE, TOKENIZER_FILE, LOCK_FILE}
+    names = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else []
+    return [n for n in names if n not in own and not CHECKPOINT.fullmatch(n) and not n.startswith(".")]
+
+
 def recover_run_dir(out: str | Path) -> None:
     """Remove what killed writers left in a run directory (call with the lock held): checkpoint directories
     half-built under temporary names, a prune cut short (`.step-N.deleting`), temp files; a checkpoint moved

@@ -47,6 +47,26 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
 
+def test_a_fresh_run_never_writes_into_a_directory_of_other_files(tmp_path):
+    """A run written into a Hugging Face directory (or a data directory, or a checkpoint) was deleted with it by the
+    other tools' --force, which replace a directory of their own kind. Nothing is written there; a directory holding
+    only a run's own files (an interrupted fresh run's) is still a fresh run's to use."""
+    hf = tmp_path / "tiny-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    one_line_error(run_script("train", "--backend", "torch", "--out", hf, "--steps", "1"),
+                   f"{hf} is not a run directory (it holds 'config.json' and 1 other files): pass a new or empty --out")
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    from shared_config.run import refuse_used_out
+
+    own = tmp_path / "interrupted"
+    own.mkdir()
+    for name in ("run.json", "metrics.jsonl", ".lock", ".metrics.jsonl.1.x.tmp"):
+        (own / name).write_text("")
+    refuse_used_out(own)  # no error
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_at_its_first_nonfinite_step(tmp_path):
     out = tmp_path / "run"
