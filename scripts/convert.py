@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
-from shared_config.cli import Parser, UsageError, run
+from shared_config.cli import Parser, UsageError, check_out_dir, run
 from shared_config.files import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 from shared_config.progress import writing
@@ -66,6 +66,7 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
     directory only when empty or a checkpoint (CHECKPOINT_MARKERS), so that --force never deletes unrelated files."""
     if not dst.parent.is_dir():
         raise UsageError(f"{dst.parent}: no such directory")
+    check_out_dir("DST", dst.parent)  # a read-only place: refused before the read, as every tool's output (exit 2)
     if not dst.exists():
         return
     if not force:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, printable, run
 from shared_config.curves import plot
 from shared_config.limits import quote
 from shared_config.run_dir import METRICS_FILE, read_metrics
@@ -37,7 +37,8 @@ def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
                 raise UsageError(f"{d / METRICS_FILE}: record {i} has no step")
         if not any(r.get("kind") == "train" and "loss" in r for r in records):
             raise UsageError(f"{d}: no training metrics ({METRICS_FILE}) to plot")
-        runs[d.name if d.name not in runs else str(d)] = records
+        name = printable(d.name)  # a name that is not UTF-8 (kept as surrogates) was matplotlib's TypeError
+        runs[name if name not in runs else printable(str(d))] = records
     return runs
 
 

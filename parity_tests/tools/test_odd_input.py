@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from shared_config import SpecError, load_train_config
+from shared_config import SpecError, load_train_config, save_checkpoint
 from shared_config.cli import run
 from shared_config.run_dir import lock_run
 
-from ..support.common import load_script
+from ..support.common import load_script, make_spec, parity_weights
 
 
 def error_line(main, argv: list, capsys, *fragments: str, code: int = 2) -> str:
@@ -146,6 +146,14 @@ def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp
                        (bench_main("gla_layer"), ["--json", readonly / "r.json"]),
                        (load_script("parity_report").main, ["--spec", "tiny", "--json", readonly / "r.json"])]:
         error_line(main, argv, capsys, f"{readonly}/r.", f"{readonly} is not writable")
+    # the checkpoint writers: init_checkpoint.py's "Read-only file system" named nothing, convert.py's came after
+    # reading the whole source, as an error of the machine (exit 3)
+    source = tmp_path / "w.safetensors"
+    save_checkpoint(source, parity_weights(make_spec()), make_spec())
+    init = ["--spec", "tiny", "--out", readonly / "r.safetensors"]
+    for main, argv, flag in [(load_script("init_checkpoint").main, init, "--out"),
+                             (load_script("convert").main, [source, readonly / "r.pt"], "DST")]:
+        error_line(main, argv, capsys, f"{flag} {readonly}: {readonly} is not writable")
     assert list(readonly.iterdir()) == []
 
 
@@ -160,6 +168,19 @@ def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_p
     (tmp_path / "run" / "metrics.jsonl").write_text(record + "\n")
     error_line(load_script("plot_curves").main, [tmp_path / "run", "--out", tmp_path / "c.png"], capsys, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_plot_curves_draws_a_run_whose_directory_name_is_not_utf8(tmp_path, capsys):
+    """The legend names each run by its directory: a name that is not UTF-8 (Python keeps those bytes as surrogates)
+    was matplotlib's TypeError traceback; it is drawn as the other tools print it, the bytes as \\xNN."""
+    run_dir = tmp_path / "r\udcffx"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n'
+                                           '{"kind": "train", "step": 2, "loss": 1.5}\n')
+    with pytest.raises(SystemExit) as e:
+        run(load_script("plot_curves").main, [str(run_dir), "--out", str(tmp_path / "c.png")])
+    assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch, capsys):
