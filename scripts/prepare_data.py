@@ -12,6 +12,7 @@ built under a temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,13 @@ from shared_config.data import DataError, split_tokens, val_tokens
 from shared_config.files import atomic_dir, json_text
 from shared_config.progress import QUICK_S, progress
 
-LINES_PER_CHUNK = 10_000  # BPE encodes the text this many lines at a time, never all of it at once
+# BPE reads and encodes the text a chunk at a time, never all of it at once: at most this many lines, or of
+# characters (the tokenizer holds ~200 bytes a character while it encodes), a line longer than MAX_LINE_CHARS cut in
+# pieces (one 20 MB line took 4 GB, a file of one long line would have been killed for memory)
+LINES_PER_CHUNK = 10_000
+CHARS_PER_CHUNK = 1 << 20
+MAX_LINE_CHARS = 1 << 16
+CUT = re.compile(r"\s(?=\S)")  # before a whitespace that a non-whitespace follows: where pre-tokenization splits
 MAX_VOCAB = 1 << 32  # uint32 tokens
 MIN_SPLIT_TOKENS = 2  # train.py reads windows of seq_len + 1 tokens from each split (TokenData.check), seq_len >= 1
 
@@ -32,13 +39,39 @@ def byte_tokens(path: Path) -> np.ndarray:
 
 
 def line_chunks(path: Path, desc: str, quiet: bool):
-    """The file's lines (newlines kept), LINES_PER_CHUNK at a time, with a bar `desc` of the bytes read (once the
-    pass takes a few seconds, unless `quiet`); bytes that are not UTF-8 raise UnicodeDecodeError."""
+    """The file's lines (newlines kept; `lines`) in chunks of at most LINES_PER_CHUNK lines and about CHARS_PER_CHUNK
+    characters, with a bar `desc` of the bytes read (once the pass takes a few seconds, unless `quiet`); bytes that
+    are not UTF-8 raise UnicodeDecodeError."""
     with (open(path, encoding="utf-8", newline="") as f,
           progress(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, delay=QUICK_S, quiet=quiet) as bar):
-        while chunk := [line for _, line in zip(range(LINES_PER_CHUNK), f)]:
+        chunk, chars = [], 0
+        for line in lines(f):
+            chunk.append(line)
+            chars += len(line)
+            if len(chunk) == LINES_PER_CHUNK or chars >= CHARS_PER_CHUNK:
+                yield chunk
+                bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
+                chunk, chars = [], 0
+        if chunk:
             yield chunk
-            bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
+            bar.update(sum(len(line.encode("utf-8")) for line in chunk))
+
+
+def lines(f):
+    """The lines of text file `f`, a line longer than MAX_LINE_CHARS in pieces of at most about that many characters,
+    each cut before a whitespace character that a non-whitespace one follows (`CUT`): byte-level BPE's
+    pre-tokenizer splits there anyway, so the pieces encode to the line's tokens. A run of MAX_LINE_CHARS characters
+    without such a place (one "word") is cut where it ends. Each piece is under 2·MAX_LINE_CHARS characters; together
+    they are the file's text exactly."""
+    carry = ""
+    while line := carry + f.readline(MAX_LINE_CHARS):
+        carry = ""
+        if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
+            cut = max((m.start() for m in CUT.finditer(line, 1)), default=0)
+            if not cut or len(line) - cut >= MAX_LINE_CHARS:  # the rest would carry a whole "word" on
+                cut = len(line)
+            line, carry = line[:cut], line[cut:]
+        yield line
 
 
 def train_bpe(path: Path, vocab_size: int, quiet: bool = True):
@@ -96,7 +129,9 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown for BPE past a few seconds)")
     args = p.parse_args(argv)
     if not args.input.is_file():
-        raise UsageError(f"{args.input}: {'a directory; give a text file' if args.input.is_dir() else 'no such file'}")
+        what = ("a directory" if args.input.is_dir() else "not a regular file (a FIFO or a device)"
+                if args.input.exists() else "no such file")  # a FIFO or /dev/zero was "no such file"
+        raise UsageError(f"{args.input}: {what}; give a text file")
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)

@@ -563,9 +563,12 @@ def test_train_out_naming_a_file_or_a_path_under_one(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
-def test_prepare_data_input_that_is_a_directory(tmp_path):
+def test_prepare_data_input_that_is_a_directory_or_a_fifo(tmp_path):
     one_line(run_script("prepare_data", tmp_path, "--out", tmp_path / "data"), 2, f"{tmp_path}: a directory")
     assert list(tmp_path.iterdir()) == []
+    os.mkfifo(tmp_path / "fifo")  # and /dev/zero: they were "no such file"
+    one_line(run_script("prepare_data", tmp_path / "fifo", "--out", tmp_path / "data"), 2,
+             f"{tmp_path / 'fifo'}: not a regular file (a FIFO or a device); give a text file")
 
 
 def test_prepare_data_out_under_a_file(tmp_path):

@@ -156,6 +156,25 @@ def test_prepare_data_counts_the_bytes_it_has_read_exactly(tmp_path, monkeypatch
     assert capsys.readouterr().err == ""  # quick: under QUICK_S, no bar
 
 
+def test_prepare_data_encodes_a_long_line_in_pieces_to_the_lines_own_tokens(tmp_path, monkeypatch):
+    """A file of one long line was encoded whole: 4 GB for a 20 MB line. Lines past MAX_LINE_CHARS are now cut before
+    a whitespace that a non-whitespace follows (where the byte-level pre-tokenizer splits): the pieces are the text,
+    each bounded, and encode to the tokens of the whole line; a "word" longer than the bound is cut where it ends."""
+    prepare = load_script("prepare_data")
+    monkeypatch.setattr(prepare, "MAX_LINE_CHARS", 64)
+    monkeypatch.setattr(prepare, "CHARS_PER_CHUNK", 200)
+    story = "the cat  sat\ton über naïve ☃ it's 123 ! " * 40 + "\nshort line\n" + "the end" * 3
+    path = tmp_path / "in.txt"
+    path.write_text(story + "\n" + "x" * 300 + " tail")
+    with open(path, encoding="utf-8", newline="") as f:
+        pieces = list(prepare.lines(f))
+    assert "".join(pieces) == path.read_text() and max(map(len, pieces)) < 2 * 64 and len(pieces) > 20
+    path.write_text(story)
+    tokenizer = prepare.train_bpe(path, 300)
+    whole = [i for line in story.splitlines(keepends=True) for i in tokenizer.encode(line).ids]
+    assert prepare.bpe_tokens(tokenizer, path).tolist() == whole
+
+
 def test_a_missing_optional_dependency_fails_before_any_work(monkeypatch, capsys):
     found = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name,
