@@ -86,7 +86,29 @@ def test_train_steps_and_plot(report, weights_file, tmp_path):
     code, result = run_report(report, weights_file, tmp_path, "--train-steps", "3", "--plot", str(plot))
     assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["train"]["jax_loss"]) == len(result["train"]["torch_loss"]) == 3
-    assert [r["stage"] for r in result["rows"]][-2] == "train loss, 3 steps"
+    assert [r["stage"] for r in result["rows"]][-2] == "train loss, 3 steps, batch 4 x seq 32"  # the parity config's
+
+
+@pytest.mark.slow
+def test_the_trajectory_is_judged_at_its_own_rounding_floor_and_in_its_own_dtype(report, tmp_path):
+    """tiny's first AdamW step failed a correct run: lr·g/(|g| + eps) turns float32's noise on a near-zero gradient
+    into an lr-sized step (o_proj 1.03e-4 of max|p| apart, over TRAJ_PARAM_TOL). Each trained tensor's bound is now
+    FLOOR_FACTOR times its own floor (the torch twin trained from weights rounded once more) where that is larger.
+    A bf16 train config (compute_dtype) was judged by float32's bounds, and the report said float32."""
+    from shared_config.parity import BF16_GRAD_TOL, BF16_LOSS_TOL, TRAJ_PARAM_TOL
+
+    out = tmp_path / "r.json"
+    assert report.main(["--spec", "tiny", "--seq", "8", "--batch", "1", "--train-steps", "1", "--quiet", "--json",
+                        str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["train"]["dtype"] == "float32" and result["rows"][-1]["tol"] >= TRAJ_PARAM_TOL
+    config = tmp_path / "bf16.yaml"
+    config.write_text("compute_dtype: bfloat16\n")
+    code = report.main(["--spec", "tiny", "--seq", "8", "--batch", "1", "--train-steps", "2", "--train-config",
+                        str(config), "--quiet", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["train"]["dtype"] == "bfloat16" and result["dtype"] == "float32"
+    assert [r["tol"] for r in result["rows"][-2:]] == [BF16_LOSS_TOL, BF16_GRAD_TOL]
 
 
 @pytest.mark.parametrize("args,message", [
