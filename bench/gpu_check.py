@@ -241,6 +241,8 @@ def run_check(check: Check, out: Path, dry_run: bool, timeout: float, cache: str
     argv += ["--json", str(out / f"{check.name}.json")]
     if check.plot:
         argv += ["--plot", str(out / f"{check.name}.png")]
+    for old in (out / f"{check.name}.json", out / f"{check.name}.png"):  # an earlier run's: never read as this one's
+        old.unlink(missing_ok=True)
     if argv[0] in CACHED:
         argv += ["--compile-cache", cache]
     log = out / f"{check.name}.log"
@@ -290,31 +292,41 @@ MFU_TARGETS = {"small": 0.50, "llama1b": 0.55}  # the twins' train step by check
 
 
 def targets(out: Path, checks: list[str]) -> list[str]:
-    """The benchmark targets, read off the reports of `checks` in `out` (another plan's, sharing the directory, are
-    not this plan's): met or not, never asserted."""
+    """The benchmark targets, read off the reports of `checks` in `out`, the checks this run ran (another plan's, or
+    an earlier run's left in the directory, are not this run's): met or not, never asserted. A report that cannot
+    be read is said so in its line."""
     lines = []
     for path in [out / f"{name}.json" for name in checks if (out / f"{name}.json").is_file()]:
-        report = json.loads(path.read_text())
-        if not report.get("results") or "variant" not in report["results"][0]:  # profiles and parity: no timings
-            continue
-        name = path.stem if report.get("complete", True) else f"{path.stem} (stopped early)"
-        by = {(r["variant"], r["backend"]): r for r in report["results"]}
-        for (variant, backend), r in by.items():
-            target = next((t for prefix, t in MFU_TARGETS.items() if name.startswith(prefix)), None)
-            if r.get("mfu") is not None and target and backend in ("jax", "torch"):
-                lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= {100 * target:.0f}%)")
-            if backend == "jax" and (variant, "torch") in by:
-                ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
-                lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")
-            if backend in ("jax", "torch") and (variant, "hf") in by:
-                ratio = r["step_s"]["median"] / by[variant, "hf"]["step_s"]["median"]
-                lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1)")
-        for backend in ("jax", "torch"):
-            rms = by.get(("norm_type=rms", backend))
-            for other in ("dyt", "derf"):
-                if rms and (r := by.get((f"norm_type={other}", backend))):
-                    ratio = r["step_s"]["median"] / rms["step_s"]["median"]
-                    lines.append(f"{name} {backend}: {other}/rms {ratio:.3f} (target <= 1.02)")
+        try:
+            report = json.loads(path.read_text())
+            if not report.get("results") or "variant" not in report["results"][0]:  # profiles, parity: no timings
+                continue
+            lines += report_targets(path.stem, report)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # ValueError: JSON's own
+            lines.append(f"{path.stem}: its report {path} cannot be read ({type(e).__name__}: {str(e)[:120]})")
+    return lines
+
+
+def report_targets(check: str, report: dict) -> list[str]:
+    """The target lines of one compare.py report, the check `check`'s."""
+    lines, name = [], check if report.get("complete", True) else f"{check} (stopped early)"
+    by = {(r["variant"], r["backend"]): r for r in report["results"]}
+    for (variant, backend), r in by.items():
+        target = next((t for prefix, t in MFU_TARGETS.items() if name.startswith(prefix)), None)
+        if r.get("mfu") is not None and target and backend in ("jax", "torch"):
+            lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= {100 * target:.0f}%)")
+        if backend == "jax" and (variant, "torch") in by:
+            ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
+            lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")
+        if backend in ("jax", "torch") and (variant, "hf") in by:
+            ratio = r["step_s"]["median"] / by[variant, "hf"]["step_s"]["median"]
+            lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1)")
+    for backend in ("jax", "torch"):
+        rms = by.get(("norm_type=rms", backend))
+        for other in ("dyt", "derf"):
+            if rms and (r := by.get((f"norm_type={other}", backend))):
+                ratio = r["step_s"]["median"] / rms["step_s"]["median"]
+                lines.append(f"{name} {backend}: {other}/rms {ratio:.3f} (target <= 1.02)")
     return lines
 
 
@@ -343,8 +355,8 @@ def run_plan(args, env: dict, out: Path, started: float) -> None:
     env = {**env, "plan": args.plan, "budget_s": args.budget}
 
     def summary(complete: bool) -> dict:
-        report = {**env, "seconds": time.perf_counter() - started, "checks": results,
-                  "targets": targets(out, [c.name for c in checks])}
+        ran = [name for name, r in results.items() if r["status"] in ("ok", "failed")]  # failed: a stopped check's rows
+        report = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out, ran)}
         write_report(summary_path(out, args.plan), report, complete=complete)  # after every check: kept if stopped
         return report
 

@@ -49,6 +49,38 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
     assert not any("hf: MFU" in line or "b32" in line for line in lines), lines
 
 
+def test_only_this_runs_reports_give_targets_and_a_broken_one_is_named(tmp_path, monkeypatch):
+    """An earlier run's report left in --out was read into the targets, also for a check this run did not run
+    ("not run small-train-b16" beside "target small-train-b16 jax: MFU 99.0%"); a check's own earlier report is
+    removed before it runs; a report that is not JSON was a traceback before any check ran."""
+    row = {"variant": "base", "backend": "jax", "mfu": 0.99, "step_s": {"median": 0.1}}
+    (tmp_path / "small-train-b16.json").write_text(json.dumps({"complete": True, "results": [row]}))
+    (tmp_path / "small-train-b8.json").write_text('{"results": [')
+    monkeypatch.setattr(gpu_check, "run_check", lambda check, *_: {"status": "ok", "seconds": 0.0})
+    gpu_check.main(["--dry-run", "--quiet", "--out", str(tmp_path), "--only", "bf16-parity,small-train-b8"])
+    summary = json.loads((tmp_path / "summary-core.json").read_text())
+    assert summary["checks"]["small-train-b16"]["status"] == "not run"
+    (line,) = summary["targets"]
+    assert line.startswith(f"small-train-b8: its report {tmp_path / 'small-train-b8.json'} cannot be read ("), line
+    stale = tmp_path / "bf16-parity.json"
+    stale.write_text("{}")
+    run_check(Check("bf16-parity", ["-c", "import sys; sys.exit(3)"], 10), tmp_path, False, 30, "none")
+    assert not stale.exists()
+
+
+def test_gpu_check_sh_keeps_a_relative_out_the_callers(tmp_path):
+    """bench/gpu_check.sh changed into the checkout first, so `--out relout` given elsewhere wrote ROOT/relout."""
+    import subprocess
+
+    from ..support.common import checkout_env
+
+    (tmp_path / "relout").write_text("a file: --out relout/sub is refused where the command was given")
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", "relout/sub",
+                             "--only", "no-such-check"], cwd=tmp_path, env=checkout_env(), capture_output=True,
+                            text=True, timeout=120)
+    one_line_error(result, "--out relout/sub: ", "relout is a file, not a directory")
+
+
 def test_every_bench_check_parses_at_the_gpu_s_sizes(tmp_path):
     """Every check of every plan, as the GPU will run it (full sizes, with the --json, --plot and --compile-cache
     run_check adds): its script's parser accepts it. A typo would otherwise
