@@ -43,8 +43,8 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     p.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
     p.add_argument("--mode", default="train", choices=modes, help=mode_help)
-    p.add_argument("--compute-dtype", "--dtype", dest="dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype")
+    p.add_argument("--compute-dtype", "--dtype", dest="dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: the spec's compute_dtype)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=f"torch.compile the {compiled} step (default: on GPU yes, on CPU no)")
     p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention kernel (translated per twin)")
@@ -117,6 +117,8 @@ def variants(args) -> list[tuple[str, object]]:
         if taken := [key for key in keys if key in OPTION_SETS]:
             raise UsageError(f"{flag} {taken[0]}: the bench sets it from {OPTION_SETS[taken[0]]}; pass "
                              f"{OPTION_SETS[taken[0]]} instead")
+    if args.dtype is None:  # the spec's own: a spec file's bfloat16 was timed in float32, the option's default
+        args.dtype = base.compute_dtype
     changes["compute_dtype"] = args.dtype
     out = []
     for combo in itertools.product(*sweeps) if sweeps else [()]:

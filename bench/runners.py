@@ -244,7 +244,7 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     device = torch_device()
     sync, peak_mem = torch_sync_and_peak(device)
     config = config_from_spec(spec, "--backend hf")  # Llama (Qwen3 with qk_norm); refuses what HF cannot compute
-    config = AutoConfig.for_model(**{**config, "dtype": "float32"})  # float32 weights, as the twins keep them
+    config = AutoConfig.for_model(**{**config, "dtype": spec.param_dtype})  # the twins' weights' dtype
     dtype = torch.bfloat16 if spec.compute_dtype == "bfloat16" else torch.float32
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

@@ -37,6 +37,9 @@ def bench_train_config(args):
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
+    if base.get("compute_dtype") is not None:  # the steps run the spec's dtype: the config's was ignored
+        raise UsageError(f"--train-config {args.train_config}: compute_dtype={base['compute_dtype']} is the bench's "
+                         "--compute-dtype; drop it from the config and pass --compute-dtype")
     memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
     return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
 

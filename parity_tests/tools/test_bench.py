@@ -265,3 +265,42 @@ def test_a_compiled_torch_row_that_met_a_graph_break_says_so(monkeypatch, tmp_pa
     warnings = [line for line in capsys.readouterr().err.splitlines() if "graph break" in line]
     assert warnings == ["warning: the torch train job of n_layers=2 met 1 torch.compile graph break(s): part of its "
                         "step runs eager (TORCH_LOGS=graph_breaks shows where)"]
+
+
+def test_the_bench_times_the_spec_s_own_dtypes(tmp_path, monkeypatch):
+    """A spec file's compute_dtype bfloat16 was timed in float32 (--compute-dtype's default won over the spec); a
+    train config's compute_dtype was ignored without a word; transformers kept float32 weights beside a twin's
+    param_dtype bfloat16 (not the same work)."""
+    import torch
+    import transformers
+    import yaml
+
+    from bench import compare, runners
+    from bench.options import variants
+    from bench.timing import bench_train_config
+    from shared_config.cli import UsageError
+
+    spec_file = tmp_path / "bf16.yaml"
+    spec_file.write_text(yaml.safe_dump({**load_spec("tiny").to_dict(), "compute_dtype": "bfloat16"}))
+    args = compare.parse_args(["--spec", str(spec_file)])
+    ((_, spec),) = variants(args)
+    assert spec.compute_dtype == args.dtype == "bfloat16"
+    args = compare.parse_args(["--spec", str(spec_file), "--compute-dtype", "float32"])  # the option, when given
+    assert variants(args)[0][1].compute_dtype == args.dtype == "float32"
+    config = tmp_path / "train.yaml"
+    config.write_text("compute_dtype: bfloat16\n")
+    with pytest.raises(UsageError, match="compute_dtype=bfloat16 is the bench's --compute-dtype"):
+        bench_train_config(compare.parse_args(["--train-config", str(config)]))
+    made = []
+
+    class Made(Exception):
+        pass
+
+    def from_config(config, **kwargs):
+        made.append(config.dtype)
+        raise Made
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", from_config)
+    with pytest.raises(Made):
+        runners.setup_hf(make_spec(param_dtype="bfloat16"), None, "train", "sdpa", None, False)
+    assert made in (["bfloat16"], [torch.bfloat16])
