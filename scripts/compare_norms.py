@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_config import load_spec
+from shared_config import SpecError, load_spec
 from shared_config.cli import UsageError, run
 from shared_config.config_file import did_you_mean
 from shared_config.curves import plot
@@ -45,8 +45,11 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
     norm, placement = config.split("-")
     spec_changes, cfg_changes = changes
     preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else NORM_PRESETS[norm]
-    spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
-                                     **spec_changes)
+    try:
+        spec = load_spec(preset).replace(vocab_size=data.vocab_size, norm_type=norm, norm_placement=placement,
+                                         **spec_changes)
+    except SpecError as e:  # named by its configuration, as compare_routing.py names them
+        raise UsageError(f"{config}: {e}") from None
     return study_run(spec, cfg_changes, steps, data, out, config, backend)
 
 
@@ -240,8 +243,8 @@ def main(argv=None):
     changes = split_overrides(args.set)
     if args.mixer == "gla":
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
-    # bad values fail here
-    make_run(args.configs[0], args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))
+    for config in args.configs:  # bad values fail here, before any training (the first config alone was checked:
+        make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # the rest after it)
     with study_dir(args.out, "norms", "curves.png"):
         print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
                            changes))

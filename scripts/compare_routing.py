@@ -37,9 +37,12 @@ def config_changes(config: str) -> dict:
         return {"routing": "none"}
     routing, _, capacity = config.partition("-")
     try:
-        return {"routing": routing, "routing_capacity": float(capacity)}
+        changes = {"routing": routing, "routing_capacity": float(capacity)}
     except ValueError:
         raise UsageError(f"--configs: {config!r} must be dense or ROUTING-CAPACITY (mod-0.5, dtf-0.5)") from None
+    if routing == "none":  # a dense model labelled none-0.5, its capacity ignored (and dense,none-0.5 ran it twice)
+        raise UsageError(f"--configs: {config!r}: a dense run routes nothing and takes no capacity; write dense")
+    return changes
 
 
 def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:

@@ -77,6 +77,18 @@ def test_a_study_list_with_an_empty_name_is_refused(argv, says, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("tool,argv,says", [
+    # the norm study checked its first configuration alone: rms-pre trained (minutes at --steps 300), then
+    # rms-hybrid failed in words that named neither it nor --set, its run left in --out
+    ("compare_norms", ["--configs", "rms-pre,rms-hybrid", "--set", "qk_norm=true"], "rms-hybrid: "),
+    ("compare_routing", ["--configs", "dense,none-0.5"], "'none-0.5': a dense run routes nothing"),  # dense, twice
+])
+def test_a_study_refuses_any_bad_configuration_before_training_one(tool, argv, says, tmp_path, capsys):
+    error_line(load_script(tool).main, [*argv, "--steps", "2", "--backends", "jax", "--out", tmp_path / "o"], capsys,
+               says)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_routing_configuration_given_twice_in_two_spellings_is_refused(tmp_path, capsys):
     """mod-0.5,mod-0.50 trained one configuration twice, in two rows that read as two configurations."""
     error_line(load_script("compare_routing").main, ["--configs", "dense,mod-0.5,mod-0.50", "--steps", "1", "--out",
