@@ -17,7 +17,7 @@ import os
 import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
-from shared_config.compile_cache import use_compile_cache
+from shared_config.compile_cache import cache_state, use_compile_cache
 from shared_config.parallel import mesh_devices, rows_per_shard
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import (
@@ -115,7 +115,7 @@ def compare(args):
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     check_jobs_memory(args, specs, backends, seq)
     configure_threads(args.threads, shards)
-    use_compile_cache(args.compile_cache)
+    args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     from bench.timing import run_benchmarks
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank times its step; rank 0 reports

@@ -192,6 +192,7 @@ def environment(args, device: str) -> dict:
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
         "compiler_flags": compiler_flags(),
+        "compile_cache": getattr(args, "cache_state", {"dir": None}),  # its entries before the run: cold or warm
     }
 
 

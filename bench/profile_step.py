@@ -34,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, run
-from shared_config.compile_cache import use_compile_cache
+from shared_config.compile_cache import cache_state, use_compile_cache
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
@@ -237,7 +237,7 @@ def profile(args):
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
                  "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     configure_threads(args.threads, None)
-    use_compile_cache(args.compile_cache)
+    args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
     from shared_config.progress import progress

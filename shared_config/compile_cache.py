@@ -36,6 +36,15 @@ JAX_CACHE_FLAGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
 TORCH_CACHE_ENV = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_CACHE_DIR")
 
 
+def cache_state(directory: Path | None) -> dict:
+    """What a report records of the compile cache before its first compilation: {"dir", "entries"}, the files already
+    in it (0: cold, every compile_s a full compilation; more: warm, some programs read back), or {"dir": None} off.
+    compile_s of two reports compare only at like states."""
+    if directory is None:
+        return {"dir": None}
+    return {"dir": str(directory), "entries": sum(1 for p in Path(directory).rglob("*") if p.is_file())}
+
+
 def use_compile_cache(directory: str | Path | None) -> Path | None:
     """Turn both frameworks' persistent compilation caches on in `directory` (created; JAX's under jax/, inductor's
     under inductor/), every program cached whatever its size or compile time; None or "none" turns them off. Call
