@@ -127,6 +127,9 @@ def variants(args) -> list[tuple[str, object]]:
             out.append((label, base.replace(**{**changes, **dict(combo)})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
+    for i, (label, spec) in enumerate(out):  # an alias (norm_type=tanh is dyt): one model timed under two labels
+        if same := next((other for other, o in out[:i] if o == spec), None):
+            raise UsageError(f"--sweep: variant {label} is the spec of {same} again; list each model once")
     labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
     mixers = ", ".join(sorted({spec.mixer for _, spec in out}))
     for flag, kernel, mixer in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla"),

@@ -152,7 +152,18 @@ def test_json_and_plot_naming_one_file_is_refused(tmp_path):
     (decode_report(batch=None), "env.batch is not an integer"),
     # a run stopped before its first round: an empty plot, exit 0
     ({**decode_report(), "results": [], "complete": False}, "r.json: no timed rows to plot"),
-], ids=["empty", "seq-string", "row-without-times", "train", "no-device", "no-batch", "no-rows"])
+    # numbers no step takes: 1e308 was matplotlib's traceback; NaN, < 0, 0, true and a band below its median drew
+    *[({**decode_report(), "results": [{**decode_report()["results"][0], "step_s": times}]},
+       "results[0].step_s must") for times in ({"median": 1e308, "p10": 1e-3, "p90": 1e308},
+                                               {"median": float("nan"), "p10": 1e-3, "p90": 1e-3},
+                                               {"median": -1.0, "p10": -2.0, "p90": 1.0},
+                                               {"median": True, "p10": True, "p90": True},
+                                               {"median": 1e-3, "p10": 2e-3, "p90": 3e-3})],
+    (decode_report(seq=0), "env.seq is not >= 1"),
+    ({**decode_report(), "results": [{**decode_report()["results"][0], "variant": str(i)} for i in range(65)]},
+     "the reports hold 65 (variant, backend) lines; one plot draws at most 64"),  # 20,000 drew for minutes
+], ids=["empty", "seq-string", "row-without-times", "train", "no-device", "no-batch", "no-rows", "huge", "nan",
+        "negative", "true", "band", "seq-0", "lines"])
 def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report, says):
     from bench import plot_context
 

@@ -81,7 +81,8 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
     out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
                 "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
     report = json.loads((tmp_path / "r.json").read_text())
-    assert {"device", "versions", "threads", "compiler_flags"} <= set(report["env"])
+    assert {"device", "versions", "threads", "compiler_flags", "compile_cache"} <= set(report["env"])
+    assert set(report["env"]["compile_cache"]) == {"dir", "entries"}  # the session's scratch cache, on by default
     assert [r["backend"] for r in report["results"]] == ["jax", "torch"]
     for r in report["results"]:
         assert FIELDS <= set(r) and set(r["step_s"]) == {"median", "p10", "p90"}
@@ -106,6 +107,8 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is not a directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
+        # an alias: one model timed twice under two labels
+        (["--sweep", "norm_type=tanh,dyt"], "--sweep: variant norm_type=dyt is the spec of norm_type=tanh again"),
     ], 2, multi=True),
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
