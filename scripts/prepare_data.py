@@ -30,6 +30,7 @@ CHARS_PER_CHUNK = 1 << 20
 MAX_LINE_CHARS = 1 << 16
 CUT = re.compile(r"\s(?=\S)")  # before a whitespace that a non-whitespace follows: where pre-tokenization splits
 MAX_VOCAB = 1 << 32  # uint32 tokens
+BPE_VOCAB = 4096  # --vocab-size's default
 MIN_SPLIT_TOKENS = 2  # train.py reads windows of seq_len + 1 tokens from each split (TokenData.check), seq_len >= 1
 
 
@@ -122,8 +123,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the data directory to write")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
                    help="UTF-8 bytes, or a BPE trained on the file")
-    p.add_argument("--vocab-size", type=int, default=4096,
-                   help="BPE: the vocabulary to learn (at most; small texts learn fewer)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"BPE: the vocabulary to learn (at most; small texts learn fewer; default {BPE_VOCAB})")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the tokens kept for validation")
     p.add_argument("--force", action="store_true", help="replace an existing --out that this script wrote")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown for BPE past a few seconds)")
@@ -140,6 +141,10 @@ def main(argv=None):
                          "prepare_data.py wrote: remove it yourself or pick another --out")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    if args.tokenizer == "byte" and args.vocab_size is not None:  # it was ignored without a word
+        raise UsageError(f"--vocab-size {args.vocab_size}: the BPE's vocabulary (--tokenizer bpe); --tokenizer byte "
+                         "has 256")
+    args.vocab_size = BPE_VOCAB if args.vocab_size is None else args.vocab_size
     if args.tokenizer == "bpe" and not 256 < args.vocab_size <= MAX_VOCAB:
         raise UsageError(f"--vocab-size {args.vocab_size} must be > 256 (the byte alphabet) and <= 2**32 = "
                          f"{MAX_VOCAB} (uint32 token ids)")

@@ -131,6 +131,8 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
         raise DataError("the data source is an empty string: give synthetic[:SEED], a data directory, a token file or "
                         "a text file")
     if name == "synthetic" or name.startswith("synthetic:"):
+        if dtype is not None:  # it was ignored without a word
+            raise DataError(f"--data-dtype {dtype} reads raw .bin token files; the synthetic corpus has none")
         seed = name.partition(":")[2] or "0"
         if not seed.isdigit():
             raise DataError(f"{name}: the synthetic corpus takes a seed, e.g. synthetic:0")
@@ -179,6 +181,12 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     meta = read_meta(path.parent)
+    if dtype is not None and path.suffix != ".bin":  # it was ignored without a word
+        kind = "a .npy file carries its own dtype" if path.suffix == ".npy" else "a text file's tokens are its bytes"
+        raise DataError(f"{path}: --data-dtype {dtype} reads raw .bin token files; {kind} (drop --data-dtype)")
+    if dtype is not None and meta.get("dtype") not in (None, dtype):  # read as another dtype: ids of garbage
+        raise DataError(f"{path}: --data-dtype {dtype}, but {path.parent / 'meta.json'} says dtype "
+                        f"{meta['dtype']} (drop --data-dtype)")
     if path.suffix == ".npy":
         tokens = _open_npy(path)
     elif path.suffix == ".bin":

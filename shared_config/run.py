@@ -71,7 +71,11 @@ def resolve_run(args) -> Run:
     Raises UsageError (bad or conflicting arguments), CheckpointError (an unreadable checkpoint) or ResourceError
     (a run that cannot fit in memory), before anything is written."""
     spec_changes, cfg_changes = split_overrides(args.set)
-    cfg_changes.update({k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
+    shorthands = {k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None}
+    if both := [k for k in shorthands if k in cfg_changes]:  # --steps 3 --set steps=4 ran 3 steps without a word
+        raise UsageError(f"--{both[0]} {shorthands[both[0]]} and --set {both[0]}={cfg_changes[both[0]]}: --{both[0]} "
+                         f"is shorthand for --set {both[0]}=N; pass one of them")
+    cfg_changes.update(shorthands)
     checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
     if stored and cfg_changes.get("steps", math.inf) < (done := checkpoint_step(checkpoint)):
         raise UsageError(f"--steps {cfg_changes['steps']}: the run in {args.out} has done {done} steps; --steps is the "

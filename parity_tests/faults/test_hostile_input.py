@@ -584,7 +584,8 @@ def test_prepare_data_out_under_a_file(tmp_path):
     (["--tokenizer", "bpe", "--vocab-size", "256"], ["--vocab-size 256", "> 256", "<= 2**32"]),
     (["--val-fraction", "0.99999"], ["--val-fraction 0.99999", "440 tokens into 1 train and 439 validation"]),
     (["--val-fraction", "0.001"], ["--val-fraction 0.001", "440 tokens into 440 train and 0 validation"]),
-], ids=["vocab-too-large", "vocab-too-small", "train-split-too-short", "val-split-too-short"])
+    (["--vocab-size", "1000"], ["--vocab-size 1000: the BPE's vocabulary", "--tokenizer byte has 256"]),  # ignored
+], ids=["vocab-too-large", "vocab-too-small", "train-split-too-short", "val-split-too-short", "vocab-with-bytes"])
 def test_prepare_data_refuses_what_train_cannot_use(tmp_path, args, says):
     (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
     one_line(run_script("prepare_data", tmp_path / "text.txt", "--out", tmp_path / "new" / "data", *args), 2, *says)

@@ -80,6 +80,12 @@ def test_token_and_text_files(tmp_path):
     tokens.tofile(tmp_path / "raw.bin")  # no meta.json: uint16, nanoGPT's
     assert np.array_equal(load_data(tmp_path / "raw.bin").train, tokens[:900])
     assert load_data(tmp_path / "raw.bin", dtype="uint8").train.size == 1800
+    # --data-dtype where no raw .bin reads it was ignored without a word; against meta.json's, ids of garbage
+    for source, says in [(tmp_path / "t.npy", "a .npy file carries its own dtype"),
+                         ("synthetic", "the synthetic corpus has none"),
+                         (tmp_path / "bin" / "t.bin", "meta.json says dtype uint32")]:
+        with pytest.raises(DataError, match=says):
+            load_data(source, dtype="uint16")
     (tmp_path / "story.txt").write_text(TEXT)
     d = load_data(tmp_path / "story.txt")
     assert d.vocab_size == 256 and bytes(np.concatenate([d.train, d.val])) == TEXT.encode()
