@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def main(argv=None):
         from jax_model.attention import device_platform
 
         device_platform()  # JAX_PLATFORMS naming a missing platform: one error line before the run directory is made
+    # the first directory this run makes on --out's path (lock_run makes them all), None where --out exists
+    made = next((d for d in reversed([run.out, *run.out.parents]) if not d.exists()), None)
     finished = False
     try:
         trainer = twin(args.backend, "trainer").Trainer  # imported when chosen: one framework starts
@@ -121,7 +124,12 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
-            summary = Loop(run, make_trainer, progress=not args.quiet)()
+            try:
+                summary = Loop(run, make_trainer, progress=not args.quiet)()
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM ("partial outputs removed"): the directories this run
+                if made and is_main_process() and latest_checkpoint(run.out) is None:  # made, with no checkpoint
+                    shutil.rmtree(made, ignore_errors=True)  # to resume, go: their run.json, lock and metrics stayed
+                raise
         finished = True
     except NonFiniteError as e:
         fail(str(e), 1)

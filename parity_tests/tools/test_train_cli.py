@@ -229,3 +229,30 @@ def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, s
     with pytest.raises(KeyboardInterrupt):
         module.main(["--steps", "2", "--configs", config, "--out", str(tmp_path), "--quiet"])
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the study's lock file (run_dir.lock_run), released
+
+
+def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM ends with "partial outputs removed", and a fresh run's new --out stayed behind with its
+    run.json, lock and metrics, no checkpoint to resume. A directory the run did not make stays."""
+    from shared_config.cli import run
+
+    train = load_script("train")
+
+    class Interrupted:
+        def __init__(self, run_, *args, **kwargs):
+            self.out = run_.out
+
+        def __call__(self):
+            (self.out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "Loop", Interrupted)
+    given = tmp_path / "given"
+    given.mkdir()
+    for out in (tmp_path / "new" / "run", given):
+        with pytest.raises(SystemExit) as e:
+            run(train.main, ["--backend", "torch", "--out", str(out), *SHORT])
+        assert e.value.code == 130
+        assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT; partial outputs removed"
+    assert not (tmp_path / "new").exists()  # --out's parent too: the run made it
+    assert (given / "metrics.jsonl").exists()  # the user's directory: the run does not remove it
