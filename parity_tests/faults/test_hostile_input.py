@@ -207,6 +207,33 @@ def test_a_pt_file_whose_spec_claims_a_million_layers_is_refused_before_its_layo
     assert peak < 50 * 2**20
 
 
+def _many_tensors(path: Path, n: int, spec=None) -> Path:
+    """A safetensors file of `n` one-byte tensors (the header written by hand: fast at any n), `spec` in its
+    metadata."""
+    header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+    if spec is not None:
+        header["__metadata__"] = {"spec": json.dumps(spec.to_dict())}
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(n))
+    return path
+
+
+def test_a_header_of_too_many_tensors_is_refused_before_it_is_parsed(tmp_path):
+    """10^6 one-byte tensors (a 78 MB header, under safetensors' 100 MB limit) took a minute and 2 GB to parse and
+    check before the spec refused the file; the count is read off the raw header first. A count within the limit
+    but far above the spec's is refused before any tensor is read."""
+    from shared_config.formats.safetensors import MAX_TENSORS
+
+    many = _many_tensors(tmp_path / "many.safetensors", MAX_TENSORS + 1)
+    raised, peak = peak_memory(lambda: convert(many, tmp_path / "out.pt"))
+    assert isinstance(raised, CheckpointError) and f"header lists {MAX_TENSORS + 1:,} tensors" in str(raised), raised
+    assert peak < 60 * 2**20  # the raw header (8 MB here) and its count, no Python object per entry
+    some = _many_tensors(tmp_path / "some.safetensors", 2000, load_spec("tiny"))
+    with pytest.raises(CheckpointError, match="the file holds 2,000 tensors but the spec implies 3[0-9] "):
+        convert(some, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
 def _fla_dir(tmp_path, **edits) -> Path:
     """A flash-linear-attention GLA directory of gla-tiny with config.json `edits` (None: the key deleted)."""
     spec = load_spec("gla-tiny")

@@ -95,8 +95,9 @@ def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fals
 
 
 def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> int:
-    """Refuse a spec that implies far more tensors than the `found` ones, before its layout table is built: a
-    spec claiming 10^7 layers is refused in microseconds, where listing its missing keys would take minutes.
+    """Refuse a spec that implies far more tensors than the `found` ones, or far fewer, before its layout table is
+    built or a tensor read: a spec claiming 10^7 layers is refused in microseconds, where listing its missing keys
+    would take minutes.
     Returns the spec's parameter count."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
@@ -106,6 +107,9 @@ def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fal
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
             f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
         )
+    if found > 2 * tensors + 64:  # the other way: every extra tensor would be read, then listed as unexpected
+        raise CheckpointError(f"{path}: the file holds {found:,} tensors but the spec implies {tensors:,} "
+                              f"({spec.L:,} layers)")
     return params
 
 

@@ -25,6 +25,9 @@ from .checks import (check_size, check_weights, checkpoint_path, np_dtype, resol
                      without_derived)
 
 MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
+# tensors in one file: a canonical checkpoint of 1,000 layers holds ~12,000; a header of 10^6 one-byte tensors (78 MB,
+# under MAX_HEADER) took a minute and 2 GB to parse and check before the spec refused it
+MAX_TENSORS = 100_000
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
@@ -48,6 +51,8 @@ def read_header(path: Path) -> dict:
         if 8 + n > size:
             raise ValueError(f"header length {n} is larger than the file ({size} bytes)")
         raw = f.read(n)
+    if (count := raw.count(b'"data_offsets"')) > MAX_TENSORS:  # counted in C before any Python object is built
+        raise ValueError(f"header lists {count:,} tensors, over the {MAX_TENSORS:,}-tensor limit")
     try:
         header = parse_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -122,12 +127,13 @@ def safetensors_header(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a valid safetensors file: {' '.join(str(e).split())}") from None
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError."""
+def read_safetensors(path: str | Path, header: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file; a bad file is a CheckpointError. `header`: the
+    file's, checked already (`safetensors_header`): not read and checked again."""
     path = safetensors_path(path)
     try:
         # a FIFO or device is refused here, never opened by load_file
-        meta = read_header(path).get("__metadata__") or {}
+        meta = (header if header is not None else read_header(path)).get("__metadata__") or {}
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -152,7 +158,7 @@ def load_checkpoint(
     header = safetensors_header(path)
     spec = resolve_spec(spec_from_metadata(header.get("__metadata__") or {}, path), spec, path)
     check_size(len(header) - ("__metadata__" in header), spec, path)
-    weights = without_derived(read_safetensors(path)[0], path)
+    weights = without_derived(read_safetensors(path, header)[0], path)
     check_weights(weights, spec, path, allow_nonfinite)
     dtype = np_dtype(spec.param_dtype)
     with np.errstate(over="ignore"):  # allow_nonfinite: a float64 past float32's range becomes inf, as asked
