@@ -1,4 +1,4 @@
-"""Convert a checkpoint between the canonical safetensors file, torch, Flax (Orbax) and Hugging Face.
+"""Convert a checkpoint between the canonical safetensors file, torch, Flax (Orbax), Hugging Face and fla (GLA).
 
     python scripts/convert.py model.safetensors model.pt                 # -> torch state dict file
     python scripts/convert.py model.pt model-flax --to flax              # -> Orbax directory + spec.json
