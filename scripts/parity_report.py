@@ -13,6 +13,7 @@ fit in memory (refused before any work).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: boo
     rows = [compare("model.embed", jax_taps["model.embed"], torch_taps["model.embed"], tol("model.embed"), measure)]
     for i in range(spec.L):
         layer = f"model.layers.{i}"
+        if "router_score" in torch_taps[layer] and not bf16:
+            rows.append(selection_row(layer, torch_taps[layer]["router_score"], spec, floors))
         for part in ("attn_out", "mlp_out", "residual"):
             stage = f"{layer}.{part}"
             rows.append(compare(stage, jax_taps[layer][part], torch_taps[layer][part], tol(stage), measure))
@@ -148,6 +151,30 @@ def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: boo
         rows.append(bound("logits KL max", "KL(torch‖jax)", kl.max(), P.BF16_KL_MAX))
         rows.append(bound("logits top-1", "agreement", P.top1_agreement(jax_logits, torch_logits), P.BF16_TOP1, True))
     return rows
+
+
+SELECTION = "selection margin"
+SELECTION_HINT = ("the k-th and (k+1)-th router scores are within float32's rounding of each other, so either twin "
+                  "may route the other token and the rows after this layer compare different computations; judge "
+                  "parity on other weights or tokens (--seed)")
+
+
+def selection_row(layer: str, score_BT, spec, floors: dict) -> Row:
+    """A routed layer's top-k selection, decidable in float32 or not: the smallest gap between a batch row's k-th and
+    (k+1)-th score (the torch twin's), relative to max|score|, must exceed FLOOR_FACTOR times the scores' rounding
+    floor (and float32's epsilon). DTF's score is a difference of two nearly equal mean squares: at init, gaps of an
+    ulp, or exact ties, occur; a compiled step rounds them otherwise (XLA's fusions) and the twins then route
+    different tokens, which failed the loss and every gradient after it while the forward rows passed by a floor
+    that a flipped selection had inflated to pass anything. An exact tie counts as a gap of 0: JAX's jitted
+    gradient broke ties its eager forward kept."""
+    score_BT = np.asarray(score_BT, np.float64)
+    k = math.floor(spec.routing_capacity * score_BT.shape[1])
+    ranked = -np.sort(-score_BT, axis=1)
+    scale = max(np.abs(score_BT).max(), np.finfo(np.float64).tiny)
+    gap = float((ranked[:, k - 1] - ranked[:, k]).min() / scale) if 0 < k < score_BT.shape[1] else np.inf
+    floor = floors[f"{layer}.router_score"] * score_BT.std() / scale
+    return bound(f"{layer}.{SELECTION}", "gap/max|score|", gap,
+                 P.FLOOR_FACTOR * max(floor, float(np.finfo(np.float32).eps)), at_least=True)
 
 
 def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16: bool) -> list[Row]:
@@ -211,6 +238,8 @@ def print_table(rows: list[Row]) -> None:
               f"{'PASS' if r.passed else 'FAIL'}")
     failed = [r for r in rows if not r.passed]
     print(f"first failure: {failed[0].stage}" if failed else f"all {len(rows)} stages pass")
+    if failed and failed[0].stage.endswith(SELECTION):
+        print(f"note: {SELECTION_HINT}")
 
 
 def plot(runs: dict, path: Path, title: str, bf16: bool, tol: float) -> None:

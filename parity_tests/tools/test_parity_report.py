@@ -163,3 +163,21 @@ def test_help_claims_no_default_for_the_model_it_needs(report, capsys):
     assert "give --spec, --weights or both" in " ".join(help_.split())
     with pytest.raises(UsageError, match="give --spec, --weights or both"):
         report.parse_args([])
+
+
+@pytest.mark.slow
+def test_a_routed_selection_within_rounding_of_flipping_is_named_as_the_first_failure(report, tmp_path, capsys):
+    """DTF at init holds ties within an ulp (or exact ties a compiled step breaks otherwise): the twins routed other
+    tokens, and the report failed the loss and every gradient, a twin bug by its look, while the forward rows passed
+    by a floor the flip had inflated. Each routed layer's top-k gap is now a row before its outputs, and a note says
+    what a failure there means; MoD's scores, apart, pass it."""
+    out = tmp_path / "r.json"
+    assert report.main(["--spec", "tiny", "--set", "routing=dtf", "--seq", "32", "--batch", "2", "--quiet", "--json",
+                        str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["first_failure"] == "model.layers.1.selection margin"
+    assert "note: the k-th and (k+1)-th router scores are within float32's rounding" in capsys.readouterr().out
+    assert report.main(["--spec", "tiny", "--set", "routing=mod", "--seq", "32", "--batch", "2", "--quiet", "--json",
+                        str(out)]) == 0
+    rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["model.layers.1.selection margin"]["passed"] and "model.layers.0.selection margin" not in rows
