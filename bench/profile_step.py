@@ -118,7 +118,7 @@ def parse_args(argv):
     if args.steps > MAX_STEPS:
         raise UsageError(f"--steps {args.steps}: at most {MAX_STEPS} profiled steps (the profilers keep every event in "
                          "memory; a kernel's share settles within a few steps)")
-    check_outputs(args.json)
+    check_outputs(args.json, cache=args.compile_cache)
     check_used_options(args)
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None

@@ -172,11 +172,17 @@ def nonempty(text: str) -> str:
     return text
 
 
-def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot") -> None:
+def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cache=None) -> None:
     """Refuse, before any work, a --json/--plot whose directory does not exist or is not writable, that names a
     directory or a device (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its
-    extension): the error a long run would otherwise raise at its end (or after its first job), or never.
-    `plot_flag`: the image's option, where not --plot."""
+    extension), or the `cache` directory (--compile-cache, which the run makes a directory): the error a long run
+    would otherwise raise at its end (or after its first job), or never. `plot_flag`: the image's option, where not
+    --plot."""
+    for flag, path in (("--json", json_path), (plot_flag, plot_path)):
+        if path is not None and cache not in (None, "none") and str(path) != "-" and (
+                Path(path).expanduser().resolve() == Path(cache).expanduser().resolve()):
+            raise UsageError(f"{flag} {path} and --compile-cache {cache} name the same path: the cache is a "
+                             "directory; give the report another name")
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue

@@ -107,6 +107,8 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
         # outputs are checked before the run, not after it (a missing directory was created, a .txt overwritten)
         (["--json", "no/such/dir/x.json"], "--json no/such/dir/x.json: no/such/dir is not a directory"),
         (["--plot", "x.txt"], "--plot x.txt: the file must end in .png, .pdf, .svg"),
+        # the cache made the report's path a directory: refused after compiling, or after the whole run (--plot)
+        (["--plot", "p.png", "--compile-cache", "p.png"], "--plot p.png and --compile-cache p.png name the same path"),
         # an alias: one model timed twice under two labels
         (["--sweep", "norm_type=tanh,dyt"], "--sweep: variant norm_type=dyt is the spec of norm_type=tanh again"),
     ], 2, multi=True),
