@@ -1,13 +1,63 @@
-"""Bar charts of a bench report: step time (and MFU on GPU) per variant and backend."""
+"""Bar charts of a bench report: step time (and MFU on GPU) per variant and backend. compare.py --plot draws one;
+this redraws it from the report:
+
+    python bench/plot.py results.json --out results.png
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from shared_config.files import save_figure
+from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config.files import read_json, save_figure
+
+MAX_STEP_S = 1e6  # seconds: no step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
+MAX_LINES = 64  # (variant, backend) lines or bars one plot can show: a report of 20,000 rows drew for minutes
+
+
+def is_time(x) -> bool:
+    """A step time in seconds: a number (not true, NaN, Infinity), > 0 and at most MAX_STEP_S."""
+    return type(x) in (int, float) and 0 < x <= MAX_STEP_S
+
+
+def read_report(path: Path) -> dict:
+    """A compare.py --json report, its shape checked (any other JSON was a KeyError traceback), with timed rows (one
+    without drew an empty plot and exited 0) whose times are step times (NaN, negative, 0 or true drew a meaningless
+    plot and exited 0); a stopped run's report (`"complete": false`) is named on stderr."""
+    report = read_json(path)
+    env, results = report.get("env"), report.get("results")
+    fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),
+              ("dtype", str, "a string"), ("batch", int, "an integer"))  # every field the plot and its title read
+    problem = ("no env object" if not isinstance(env, dict)
+               else next((f"env.{k} is not {noun}" for k, kind, noun in fields if type(env.get(k)) is not kind), None)
+               or next((f"env.{k} is not >= 1" for k in ("seq", "batch") if env[k] < 1), None)
+               or ("no results list" if not isinstance(results, list) else None))
+    for i, r in enumerate(results if problem is None else []):
+        step = r.get("step_s") if isinstance(r, dict) else None
+        if not (isinstance(step, dict) and isinstance(r.get("variant"), str) and isinstance(r.get("backend"), str)):
+            problem = f"results[{i}] lacks variant, backend or step_s (median, p10, p90)"
+        elif not all(is_time(step.get(k)) for k in ("median", "p10", "p90")):
+            problem = (f"results[{i}].step_s must hold median, p10 and p90 in seconds, each a number > 0 and <= "
+                       f"{MAX_STEP_S:g}")
+        elif not step["p10"] <= step["median"] <= step["p90"]:
+            problem = f"results[{i}].step_s must have p10 <= median <= p90"
+        elif (mfu := r.get("mfu")) is not None and not (type(mfu) in (int, float) and 0 <= mfu <= 1):
+            problem = f"results[{i}].mfu must be null or a fraction in [0, 1]"
+        if problem:
+            break
+    if problem:
+        raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
+    if not results:
+        raise UsageError(f"{path}: no timed rows to plot (a run stopped before its first round of timed steps)")
+    if report.get("complete") is False:
+        print(f"warning: {path} is a stopped run's report (\"complete\": false): its rows are over the steps it had "
+              "(n_steps)", file=sys.stderr)
+    return report
 
 
 def plot_results(report: dict, path: Path) -> None:
+    """The bars of `report` (compare.py's JSON) to `path` (.png, .pdf or .svg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +67,7 @@ def plot_results(report: dict, path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in results))
     backends = list(dict.fromkeys(r["backend"] for r in results))
     panels = [("step time (ms)", lambda r: 1e3 * r["step_s"]["median"])]
-    if all(r["mfu"] is not None for r in results):
+    if all(r.get("mfu") is not None for r in results):
         panels.append(("MFU (%)", lambda r: 100 * r["mfu"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 + 2 * len(variants), 4), squeeze=False)
     width = 0.8 / len(backends)
@@ -42,3 +92,20 @@ def plot_results(report: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("report", type=Path, help="a bench/compare.py --json report")
+    p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
+    args = p.parse_args(argv)
+    check_outputs(plot_path=args.out, plot_flag="--out")
+    report = read_report(args.report)
+    if (bars := len(report["results"])) > MAX_LINES:
+        raise UsageError(f"{args.report} holds {bars:,} rows; one chart draws at most {MAX_LINES}")
+    plot_results(report, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -12,53 +12,12 @@ Attention reads a cache that grows with the context; a GLA layer's state [B, H, 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
-from shared_config.files import read_json, save_figure
+from shared_config.files import save_figure
 
-
-MAX_STEP_S = 1e6  # seconds: no decode step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
-MAX_LINES = 64  # (variant, backend) lines one plot can show: a report of 20,000 rows drew for minutes
-
-
-def is_time(x) -> bool:
-    """A step time in seconds: a number (not true, NaN, Infinity), > 0 and at most MAX_STEP_S."""
-    return type(x) in (int, float) and 0 < x <= MAX_STEP_S
-
-
-def read_report(path: Path) -> dict:
-    """A compare.py --json report, its shape checked (any other JSON was a KeyError traceback), with timed rows (one
-    without drew an empty plot and exited 0) whose times are step times (NaN, negative, 0 or true drew a meaningless
-    plot and exited 0); a stopped run's report (`"complete": false`) is named on stderr."""
-    report = read_json(path)
-    env, results = report.get("env"), report.get("results")
-    fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),
-              ("dtype", str, "a string"), ("batch", int, "an integer"))  # every field the plot and its title read
-    problem = ("no env object" if not isinstance(env, dict)
-               else next((f"env.{k} is not {noun}" for k, kind, noun in fields if type(env.get(k)) is not kind), None)
-               or next((f"env.{k} is not >= 1" for k in ("seq", "batch") if env[k] < 1), None)
-               or ("no results list" if not isinstance(results, list) else None))
-    for i, r in enumerate(results if problem is None else []):
-        step = r.get("step_s") if isinstance(r, dict) else None
-        if not (isinstance(step, dict) and isinstance(r.get("variant"), str) and isinstance(r.get("backend"), str)):
-            problem = f"results[{i}] lacks variant, backend or step_s (median, p10, p90)"
-        elif not all(is_time(step.get(k)) for k in ("median", "p10", "p90")):
-            problem = (f"results[{i}].step_s must hold median, p10 and p90 in seconds, each a number > 0 and <= "
-                       f"{MAX_STEP_S:g}")
-        elif not step["p10"] <= step["median"] <= step["p90"]:
-            problem = f"results[{i}].step_s must have p10 <= median <= p90"
-        if problem:
-            break
-    if problem:
-        raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
-    if not results:
-        raise UsageError(f"{path}: no timed rows to plot (a run stopped before its first round of timed steps)")
-    if report.get("complete") is False:
-        print(f"warning: {path} is a stopped run's report (\"complete\": false): its rows are over the steps it had "
-              "(n_steps)", file=sys.stderr)
-    return report
+from bench.plot import MAX_LINES, read_report
 
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
