@@ -355,7 +355,7 @@ def run_plan(args, env: dict, out: Path, started: float) -> None:
     env = {**env, "plan": args.plan, "budget_s": args.budget}
 
     def summary(complete: bool) -> dict:
-        ran = [name for name, r in results.items() if r["status"] in ("ok", "failed")]  # failed: a stopped check's rows
+        ran = [name for name, r in results.items() if r["status"] in ("ok", "failed", "stopped")]  # their rows so far
         report = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out, ran)}
         write_report(summary_path(out, args.plan), report, complete=complete)  # after every check: kept if stopped
         return report
@@ -369,7 +369,13 @@ def run_plan(args, env: dict, out: Path, started: float) -> None:
         else:
             if not args.quiet:
                 print(f"[{i + 1}/{len(to_run)}] {check.name} (up to {limit:.0f} s) ...", file=sys.stderr, flush=True)
-            results[check.name] = run_check(check, out, args.dry_run, limit, args.compile_cache)
+            try:
+                results[check.name] = run_check(check, out, args.dry_run, limit, args.compile_cache)
+            except KeyboardInterrupt:  # Ctrl-C, or the lease's SIGTERM: the summary says which check it stopped
+                results[check.name] = {"status": "stopped", "reason": "interrupted while it ran (its report, if "
+                                                                      "any, holds its rows so far)"}
+                summary(complete=False)
+                raise
         summary(complete=False)
     report = summary(complete=True)
     print(f"# gpu check, plan {args.plan}: {env['device']}, {env['date']}{' (dry run)' if args.dry_run else ''}, "

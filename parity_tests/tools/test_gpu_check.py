@@ -138,6 +138,23 @@ def test_the_summary_is_on_disk_after_every_check(tmp_path, monkeypatch):
     assert final["complete"] and final["plan"] == "extra" and final["budget_s"] == BUDGET_S
 
 
+def test_an_interrupted_plan_names_the_check_it_stopped(tmp_path, monkeypatch):
+    """Ctrl-C, or a lease's SIGTERM, during a check left it "pending" in the summary, as if never started."""
+    names = [c.name for c in plan("extra")]
+
+    def fake_run(check, *_):
+        if check.name == names[1]:
+            raise KeyboardInterrupt
+        return {"status": "ok", "seconds": 0.0}
+
+    monkeypatch.setattr(gpu_check, "run_check", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--dry-run", "--quiet", "--out", str(tmp_path), "--plan", "extra"])
+    summary = json.loads((tmp_path / "summary-extra.json").read_text())
+    assert [summary["checks"][n]["status"] for n in names] == ["ok", "stopped"] + ["pending"] * (len(names) - 2)
+    assert summary["complete"] is False
+
+
 def test_plans_sharing_a_directory_keep_their_own_summaries(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "run_check", lambda check, *_: {"status": "ok", "seconds": 0.0})
     for which in PLANS:
