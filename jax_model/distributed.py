@@ -104,7 +104,7 @@ def param_shardings(spec, mesh: Mesh) -> dict[str, NamedSharding]:
     return {t.jax_name: NamedSharding(mesh, leaf_spec(t, fsdp)) for t in model_layout(spec)}
 
 
-def params_shardings(model, mesh: Mesh) -> nnx.State:
+def param_state_shardings(model, mesh: Mesh) -> nnx.State:
     """The sharding of each of `model`'s parameters, as a state shaped like `nnx.state(model, nnx.Param)`."""
     by_name = param_shardings(model.spec, mesh)
     return nnx.map_state(lambda path, v: v.replace(by_name[dotted(path)]), nnx.state(model, nnx.Param))
@@ -114,7 +114,7 @@ def state_shardings(model, cfg: TrainConfig, mesh: Mesh) -> train.TrainState:
     """Shardings of the train state: parameters by `leaf_spec`; optax's state derived from them (each moment like
     its parameter, counts replicated)."""
     by_name, replicated = param_shardings(model.spec, mesh), NamedSharding(mesh, PartitionSpec())
-    params, params_sharding = nnx.state(model, nnx.Param), params_shardings(model, mesh)
+    params, params_sharding = nnx.state(model, nnx.Param), param_state_shardings(model, mesh)
     optimizer = train.make_optimizer(model, cfg)
     opt_sharding = optax.tree_utils.tree_map_params(  # finds the params-shaped parts of the state by running init
         optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params), params_sharding,
@@ -175,7 +175,7 @@ def to_mesh(model, mesh: Mesh) -> None:
     (those placed so already are kept, not copied) and its steps told the mesh (model.set_mesh). make_train_step
     does it: it had set the mesh alone, and a model on one device or on another mesh then failed its next forward
     or decode on XLA's "incompatible devices" (its parameters on some devices, its hidden states on others)."""
-    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), params_shardings(model, mesh)))
+    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), param_state_shardings(model, mesh)))
     set_mesh(model, mesh)
 
 
