@@ -92,19 +92,23 @@ def _finite(x: numbers.Real) -> bool:
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
     """Read a YAML mapping within the limits of `shared_config.limits` (size, nesting, aliases), turning parse
-    errors into one-line errors."""
+    errors into one-line errors (SpecError) that say what is wrong and where (line and column), not the file: the
+    caller names it (load_preset_or_file)."""
     try:
         d = parse_yaml(read_capped(source, MAX_YAML_BYTES, f"{what} file").decode("utf-8"))
     except OSError as e:
-        raise SpecError(f"cannot read {what} file {source}: {e.strerror}") from None
+        raise SpecError(f"cannot read the {what} file: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise SpecError(f"{what} file {source} is not UTF-8 text") from None
+        raise SpecError(f"the {what} file is not UTF-8 text") from None
     except LimitError as e:
-        raise SpecError(f"{what} file {source}: {str(e).removeprefix(f'{source}: ')}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{what} file {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{what} file: {str(e).removeprefix(f'{source}: ')}") from None
+    except yaml.YAMLError as e:  # PyYAML's first line was its context alone ("while scanning for the next token")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"the {what} file is not valid YAML{where}: {problem}") from None
     if not isinstance(d, dict):
-        raise SpecError(f"{what} file {source} must hold a mapping of keys to values")
+        raise SpecError(f"the {what} file must hold a mapping of keys to values")
     return d
 
 

@@ -145,13 +145,19 @@ def test_missing_required_key_and_bad_sources(tmp_path):
         load_spec(tmp_path)  # it said "no spec preset or file named", of a path that exists
     bad = tmp_path / "bad.yaml"
     bad.write_text("d_model: [1, 2\n")
-    with pytest.raises(SpecError, match="not valid YAML"):
+    with pytest.raises(SpecError, match="not valid YAML at line 2, column 1: expected ',' or ']'"):
         load_spec(bad)
+    # PyYAML's first line was its context alone ("while scanning for the next token"), and the file was named twice
+    bad.write_text("vocab_size: 80\n\td_model: 32\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(bad)
+    assert str(e.value) == (f"{bad}: the spec file is not valid YAML at line 2, column 1: found character '\\t' that "
+                            "cannot start any token")
     bad.write_text("- 1\n- 2\n")
-    with pytest.raises(SpecError, match="must hold a mapping"):
+    with pytest.raises(SpecError, match="bad.yaml: the spec file must hold a mapping"):
         load_spec(bad)
     bad.write_bytes(b"d_model: \xff\xfe\n")
-    with pytest.raises(SpecError, match="bad.yaml is not UTF-8 text"):
+    with pytest.raises(SpecError, match="bad.yaml: the spec file is not UTF-8 text"):
         load_spec(bad)
     with pytest.raises(SpecError, match=r"mlp=\['swiglu'\] must be one of swiglu, "):  # not a TypeError (unhashable)
         load_spec({**BASE, "mlp": ["swiglu"]})
