@@ -33,7 +33,9 @@ from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
 
 BAD_INPUT, ENVIRONMENT = 2, 3
-NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # a negative number is a value, not an option (argparse's own rule)
+# a negative number is a value, not an option (argparse's own rule), and so is a comma-separated list that starts
+# with one (`--tokens -1,2` was "unrecognized option -1,2", not the id it is)
+NUMBER = re.compile(r"-\d+(,\s*-?\d+)*|-\d*\.\d+")
 REDELIVER_S = 0.05  # seconds after a Ctrl-C or SIGTERM swallowed in a callback until it is delivered again
 MAX_MESSAGE = 2000  # characters of an error line; the rest is cut (a message quoting a hostile file stays short)
 
@@ -77,6 +79,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.register("type", Path, path)  # every `type=Path` argument: an empty one is refused, not read as "."
+        self._negative_number_matcher = re.compile(f"^(?:{NUMBER.pattern})$")  # argparse's test of a value: NUMBER
         self.add_argument("--debug", action="store_true", help="show the full traceback on errors")
         self.argv: list[str] = []
 

@@ -442,3 +442,16 @@ def test_every_tools_help_loads_no_framework():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(tools) >= 16 and result.stdout.splitlines() == [f"{path} True []" for path in tools]
+
+
+def test_a_value_list_that_starts_with_a_negative_number_is_a_value():
+    """`--tokens -1,2` was "unrecognized option -1,2" (argparse takes only -N and -N.N for values), where
+    `--tokens=-1,2` named the id outside the vocabulary; both are now the value they are."""
+    from shared_config.cli import Parser
+
+    parser = Parser(prog="p")
+    parser.add_argument("--tokens")
+    for argv in (["--tokens", "-1,2"], ["--tokens", "-1, -2"], ["--tokens=-1,2"]):
+        assert parser.parse_args(argv).tokens == argv[-1].removeprefix("--tokens=")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tokens", "-x"])  # an option still: one error line
