@@ -81,8 +81,11 @@ def resolve_run(args) -> Run:
         raise UsageError(f"--steps {cfg_changes['steps']}: the run in {args.out} has done {done} steps; --steps is the "
                          f"number of steps to reach (at least {done})")
     # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
-    data = load_data(args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic",
-                     args.data_dtype)
+    source = args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic"
+    if args.data is None and stored and not str(source).startswith("synthetic") and not Path(source).exists():
+        raise UsageError(f"{source}: the data the run in {args.out} trained on is not there any more; pass --data "
+                         "where it is now (the resumed run checks that it holds the same tokens)")
+    data = load_data(source, args.data_dtype)
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))

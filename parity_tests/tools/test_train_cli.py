@@ -256,3 +256,20 @@ def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_
         assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT; partial outputs removed"
     assert not (tmp_path / "new").exists()  # --out's parent too: the run made it
     assert (given / "metrics.jsonl").exists()  # the user's directory: the run does not remove it
+
+
+@pytest.mark.slow
+def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path):
+    """The run records where its data was: moved, the resume said "no such file" and no more."""
+    np.save(tmp_path / "tokens.npy", (np.arange(4000) % 200).astype(np.uint16))
+    out = tmp_path / "run"
+    first = run_script("train", "--backend", "torch", "--data", tmp_path / "tokens.npy", "--out", out, "--steps", "2",
+                       "--stop-at", "1", "--save-every", "1", *SHORT)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "tokens.npy").rename(tmp_path / "moved.npy")
+    one_line_error(run_script("train", "--backend", "torch", "--out", out, "--resume", "--quiet"),
+                   f"{tmp_path / 'tokens.npy'}: the data the run in {out} trained on is not there any more; pass "
+                   "--data where it is now")
+    second = run_script("train", "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
+                        "--quiet")
+    assert second.returncode == 0 and json.loads(second.stdout)["step"] == 2, second.stderr
