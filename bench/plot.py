@@ -1,15 +1,12 @@
-"""Bar charts of a bench report: step time (and MFU on GPU) per variant and backend. compare.py --plot draws one;
-this redraws it from the report:
-
-    python bench/plot.py results.json --out results.png
-"""
+"""Bar charts of a bench report: step time (and MFU on GPU) per variant and backend (compare.py --plot, and
+bench/replot.py from a report's JSON), and the reading of a report that plot_context.py and replot.py share."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config.cli import UsageError
 from shared_config.files import read_json, save_figure
 
 MAX_STEP_S = 1e6  # seconds: no step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
@@ -93,19 +90,3 @@ def plot_results(report: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
-
-def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("report", type=Path, help="a bench/compare.py --json report")
-    p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
-    args = p.parse_args(argv)
-    check_outputs(plot_path=args.out, plot_flag="--out")
-    report = read_report(args.report)
-    if (bars := len(report["results"])) > MAX_LINES:
-        raise UsageError(f"{args.report} holds {bars:,} rows; one chart draws at most {MAX_LINES}")
-    plot_results(report, args.out)
-    print(args.out)
-
-
-if __name__ == "__main__":
-    run(main)

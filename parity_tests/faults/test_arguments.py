@@ -136,19 +136,19 @@ def test_every_plot_is_written_in_the_format_its_name_says(tmp_path, suffix, mag
         f"bars{suffix}": magic, f"ctx{suffix}": magic}
 
 
-def test_plot_redraws_a_reports_bars_and_refuses_what_is_not_one(tmp_path, capsys):
-    """bench/plot.py had no command line: `python bench/plot.py r.json --out x.png` exited 0 and drew nothing. It
-    reads the report as plot_context.py does (and an MFU that is no fraction)."""
-    from bench import plot
+def test_replot_redraws_a_reports_bars_and_refuses_what_is_not_one(tmp_path, capsys):
+    """Nothing redrew a report: `python bench/plot.py r.json --out x.png` (a library) exited 0 and drew nothing.
+    bench/replot.py reads the report as plot_context.py does (and an MFU that is no fraction)."""
+    from bench import replot
 
     report = tmp_path / "r.json"
     report.write_text(json.dumps(decode_report()))
-    plot.main([str(report), "--out", str(tmp_path / "bars.png")])
+    replot.main([str(report), "--out", str(tmp_path / "bars.png")])
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip().endswith("bars.png")
     report.write_text(json.dumps({**decode_report(), "results": [{**decode_report()["results"][0], "mfu": "high"}]}))
     with pytest.raises(UsageError, match=r"results\[0\]\.mfu must be null or a fraction in \[0, 1\]"):
-        plot.main([str(report), "--out", str(tmp_path / "other.png")])
+        replot.main([str(report), "--out", str(tmp_path / "other.png")])
     assert not (tmp_path / "other.png").exists()
 
 
