@@ -426,6 +426,7 @@ def test_a_path_that_is_not_utf8_prints_as_its_bytes_on_a_strict_stdout(monkeypa
 LOADED_FOR_WORK = ("torch", "jax", "flax", "orbax", "transformers", "matplotlib", "triton", "ml_dtypes")
 
 
+@pytest.mark.slow
 def test_every_tools_help_loads_no_framework():
     """Each tool (a scripts/ or bench/ file with a `__main__`), run with --help in one process one after another:
     its usage is printed with none of LOADED_FOR_WORK imported (the first tool that imports one is named)."""

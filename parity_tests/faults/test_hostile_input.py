@@ -1073,6 +1073,7 @@ def test_a_bad_tokenizer_beside_the_weights_is_one_line(tmp_path, canonical, con
     assert isinstance(raised, CheckpointError) and str(raised).startswith(f"{tokenizer}: {says}"), raised
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, says", BAD_TOKENIZERS, ids=["truncated", "wrong-type", "not-utf8"])
 def test_a_bad_tokenizer_in_a_data_directory_is_refused_before_a_run_copies_it(tmp_path, content, says):
     """A run copies its data's tokenizer.json into every checkpoint: a broken one was copied without a word and

@@ -235,6 +235,7 @@ def test_gpu_check_refuses_a_machine_without_a_gpu():
     one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")
 
 
+@pytest.mark.slow
 def test_a_compiled_torch_row_that_met_a_graph_break_says_so(monkeypatch, tmp_path, capsys):
     """A graph break splits a compiled step into graphs with eager Python between them, and the row labelled
     "torch.compile" timed that without a word: each compiled torch row now counts its breaks ("graph_breaks", 0 for
@@ -272,6 +273,7 @@ def test_a_compiled_torch_row_that_met_a_graph_break_says_so(monkeypatch, tmp_pa
                         "step runs eager (TORCH_LOGS=graph_breaks shows where)"]
 
 
+@pytest.mark.slow
 def test_the_bench_times_the_spec_s_own_dtypes(tmp_path, monkeypatch):
     """A spec file's compute_dtype bfloat16 was timed in float32 (--compute-dtype's default won over the spec); a
     train config's compute_dtype was ignored without a word; transformers kept float32 weights beside a twin's

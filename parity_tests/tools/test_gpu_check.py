@@ -49,6 +49,7 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
     assert not any("hf: MFU" in line or "b32" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_only_this_runs_reports_give_targets_and_a_broken_one_is_named(tmp_path, monkeypatch):
     """An earlier run's report left in --out was read into the targets, also for a check this run did not run
     ("not run small-train-b16" beside "target small-train-b16 jax: MFU 99.0%"); a check's own earlier report is
@@ -68,6 +69,7 @@ def test_only_this_runs_reports_give_targets_and_a_broken_one_is_named(tmp_path,
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_gpu_check_sh_keeps_a_relative_out_the_callers(tmp_path):
     """bench/gpu_check.sh changed into the checkout first, so `--out relout` given elsewhere wrote ROOT/relout."""
     import subprocess

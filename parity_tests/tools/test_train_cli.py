@@ -50,6 +50,7 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_writes_into_a_directory_of_other_files(tmp_path):
     """A run written into a Hugging Face directory (or a data directory, or a checkpoint) was deleted with it by the
     other tools' --force, which replace a directory of their own kind. Nothing is written there; a directory holding
@@ -231,6 +232,7 @@ def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, s
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the study's lock file (run_dir.lock_run), released
 
 
+@pytest.mark.slow
 def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM ends with "partial outputs removed", and a fresh run's new --out stayed behind with its
     run.json, lock and metrics, no checkpoint to resume. A directory the run did not make stays."""
