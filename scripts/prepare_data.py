@@ -45,17 +45,22 @@ def line_chunks(path: Path, desc: str, quiet: bool):
     are not UTF-8 raise UnicodeDecodeError."""
     with (open(path, encoding="utf-8", newline="") as f,
           progress(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, delay=QUICK_S, quiet=quiet) as bar):
-        chunk, chars = [], 0
-        for line in lines(f):
-            chunk.append(line)
-            chars += len(line)
-            if len(chunk) == LINES_PER_CHUNK or chars >= CHARS_PER_CHUNK:
-                yield chunk
-                bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
-                chunk, chars = [], 0
-        if chunk:
+        for chunk in batched(lines(f)):
             yield chunk
-            bar.update(sum(len(line.encode("utf-8")) for line in chunk))
+            bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
+
+
+def batched(pieces):
+    """`pieces` (strings) in lists of at most LINES_PER_CHUNK items and about CHARS_PER_CHUNK characters."""
+    chunk, chars = [], 0
+    for piece in pieces:
+        chunk.append(piece)
+        chars += len(piece)
+        if len(chunk) == LINES_PER_CHUNK or chars >= CHARS_PER_CHUNK:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
 
 
 def lines(f):

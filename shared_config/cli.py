@@ -5,7 +5,8 @@
     2  bad input: arguments, a spec, a config, a checkpoint or data file that breaks a rule
     3  the environment: out of memory (or a job estimated not to fit), a full disk or a write that failed,
        a run directory locked by another process
-    130 / 143  interrupted by SIGINT / SIGTERM, after the partial outputs were removed
+    130 / 143  interrupted by SIGINT / SIGTERM, after the partial outputs were removed (a bench's report, whole as
+               of its last row and marked "complete": false, is kept, and the line names it)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable
 from .data import DataError
 from .files import CheckpointError
 from .hardware import HardwareError, jax_backend_failure
+from .report import partial_report
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
@@ -182,13 +184,11 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
     would otherwise raise at its end (or after its first job), or never. `plot_flag`: the image's option, where not
     --plot."""
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
-        if path is not None and cache not in (None, "none") and str(path) != "-" and (
-                Path(path).expanduser().resolve() == Path(cache).expanduser().resolve()):
-            raise UsageError(f"{flag} {path} and --compile-cache {cache} name the same path: the cache is a "
-                             "directory; give the report another name")
-    for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
+        if cache not in (None, "none") and Path(path).expanduser().resolve() == Path(cache).expanduser().resolve():
+            raise UsageError(f"{flag} {path} and --compile-cache {cache} name the same path: the cache is a "
+                             "directory; give the report another name")
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
         if not os.access(Path(path).resolve().parent, os.W_OK | os.X_OK):  # else refused at the first write
@@ -332,6 +332,7 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
         # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
         sys.stdout.reconfigure(errors="surrogateescape")
     sys.unraisablehook = _redeliver_interrupts
+    partial_report(forget=True)  # a report of an earlier run in this process (a test's) is not this run's
     signal.signal(signal.SIGINT, _interrupt)
     if os.environ.get("RANK", "0") == "0":
         signal.signal(signal.SIGTERM, _interrupt)
@@ -361,7 +362,9 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
         _debug(argv)
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         try:
-            fail(f"interrupted by {name}; partial outputs removed", 128 + getattr(signal, name))
+            kept = partial_report()
+            fail(f"interrupted by {name}; " + (f"{kept} keeps the rows done so far (\"complete\": false)" if kept
+                                                else "partial outputs removed"), 128 + getattr(signal, name))
         except SystemExit as done:
             if owner:
                 _exit_interrupted(done.code)

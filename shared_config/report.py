@@ -11,6 +11,7 @@ from .files import atomic_write, json_text
 
 STDOUT = "-"  # `--json -`: the report goes to stdout, as Unix tools read "-"
 _stdout = None  # the real stdout while report_on_stdout sends printing to stderr
+_partial: Path | None = None  # the report last written incomplete: what an interrupted run keeps (cli.run says so)
 
 
 def write_report(path: str | Path | None, report: dict, *, complete: bool) -> None:
@@ -18,6 +19,7 @@ def write_report(path: str | Path | None, report: dict, *, complete: bool) -> No
     is always a whole report, the previous or this one), with `"complete": complete` added: false while rows are
     still to come, true once the run has finished. Raises ResourceError when the write fails (a full disk).
     `path` "-": the complete report once on stdout (the partial ones a file gets would be several documents)."""
+    global _partial
     if path is None:
         return
     body = {**report, "complete": complete}
@@ -28,6 +30,18 @@ def write_report(path: str | Path | None, report: dict, *, complete: bool) -> No
             out.flush()
         return
     atomic_write(Path(path), lambda tmp: tmp.write_text(json_text(body, indent=2) + "\n"))
+    _partial = None if complete else Path(path)
+
+
+def partial_report(forget: bool = False) -> Path | None:
+    """The report this process last wrote with `"complete": false` and has not completed since, or None: an
+    interrupted bench keeps it, whole as of its last row (cli.run's interrupt line names it). `forget`: clear it
+    (a new run in the same process)."""
+    global _partial
+    kept = _partial
+    if forget:
+        _partial = None
+    return kept
 
 
 @contextlib.contextmanager

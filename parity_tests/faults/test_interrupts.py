@@ -69,6 +69,36 @@ def test_a_signal_during_an_import_lands_once_the_import_is_done(tmp_path, name)
     assert r.stderr == f"error: interrupted by {name}; partial outputs removed\n"
 
 
+KEEPS_A_REPORT = """
+import signal, sys
+from shared_config.cli import run
+from shared_config.report import write_report
+
+def main(argv):
+    write_report(argv[0], {{"rows": [1]}}, complete=False)
+    {then}
+    signal.raise_signal(signal.SIGINT)
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("then, says", [
+    ("", "error: interrupted by SIGINT; {path} keeps the rows done so far (\"complete\": false)\n"),
+    ('write_report(argv[0], {"rows": [1, 2]}, complete=False)', "error: interrupted by SIGINT; {path} keeps the rows "
+                                                                "done so far (\"complete\": false)\n"),
+    ('write_report(argv[0], {"rows": [1, 2]}, complete=True)', "error: interrupted by SIGINT; partial outputs "
+                                                               "removed\n"),
+], ids=["partial", "partial again", "completed"])
+def test_an_interrupted_bench_names_the_report_it_keeps(tmp_path, then, says):
+    """A stopped bench keeps its report, whole as of its last row (docs/bench.md), but its interrupt line said
+    "partial outputs removed": a user deleted nothing and looked for nothing. The line names the kept report."""
+    path = tmp_path / "r.json"
+    r = run_python("-c", KEEPS_A_REPORT.format(then=then), str(path))
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", says.format(path=path))
+    assert path.exists()
+
+
 def refused(argv):
     raise UsageError("--steps: expected a number")
 
