@@ -138,8 +138,9 @@ def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: boo
     rows = [compare("model.embed", jax_taps["model.embed"], torch_taps["model.embed"], tol("model.embed"), measure)]
     for i in range(spec.L):
         layer = f"model.layers.{i}"
-        if "router_score" in torch_taps[layer] and not bf16:
-            rows.append(selection_row(layer, torch_taps[layer]["router_score"], spec, floors))
+        if "router_keep" in torch_taps[layer]:  # a routed layer: its selection first, then what it computed
+            rows.append(agreement_row(layer, jax_taps[layer]["router_keep"], torch_taps[layer]["router_keep"]) if bf16
+                        else selection_row(layer, torch_taps[layer]["router_score"], spec, floors))
         for part in ("attn_out", "mlp_out", "residual"):
             stage = f"{layer}.{part}"
             rows.append(compare(stage, jax_taps[layer][part], torch_taps[layer][part], tol(stage), measure))
@@ -154,6 +155,7 @@ def forward_rows(jax_taps, torch_taps, jax_logits, torch_logits, spec, bf16: boo
 
 
 SELECTION = "selection margin"
+ROUTED_ALIKE = "routed alike"
 SELECTION_HINT = ("the k-th and (k+1)-th router scores are within float32's rounding of each other, so either twin "
                   "may route the other token and the rows after this layer compare different computations; judge "
                   "parity on other weights or tokens (--seed)")
@@ -175,6 +177,15 @@ def selection_row(layer: str, score_BT, spec, floors: dict) -> Row:
     floor = floors[f"{layer}.router_score"] * score_BT.std() / scale
     return bound(f"{layer}.{SELECTION}", "gap/max|score|", gap,
                  P.FLOOR_FACTOR * max(floor, float(np.finfo(np.float32).eps)), at_least=True)
+
+
+def agreement_row(layer: str, jax_keep_BT, torch_keep_BT) -> Row:
+    """A routed layer's selection in bf16: the fraction of tokens both twins route alike (kept or skipped), at least
+    BF16_TOP1 as the logits' top-1 agreement: bf16 rounds scores near the k-th apart (float32's rows hold the gap to
+    the rounding floor instead, `selection_row`). The bf16 report had no routing row: the flat bounds after it passed
+    a flip unseen."""
+    alike = float((np.asarray(jax_keep_BT) == np.asarray(torch_keep_BT)).mean())
+    return bound(f"{layer}.{ROUTED_ALIKE}", "agreement", alike, P.BF16_TOP1, at_least=True)
 
 
 def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16: bool) -> list[Row]:
@@ -215,15 +226,17 @@ def train_rows(runs: dict, bf16: bool, cfg) -> list[Row]:
 # --- output ----------------------------------------------------------------------------------------
 
 
-def report_json(spec, args, rows: list[Row], runs: dict | None = None, cfg=None, complete: bool = True) -> dict:
+def report_json(spec, args, rows: list[Row], runs: dict | None = None, cfg=None, train_spec=None,
+                complete: bool = True) -> dict:
     """The report: "passed" is null while rows are still to come and none has failed (a stopped run said it passed
-    without its training rows); "batch" and "seq" are the forward's and gradients', the training's are its config's."""
+    without its training rows); "batch" and "seq" are the forward's and gradients', the training's are its config's
+    (`cfg`, training `train_spec`)."""
     failed = [r.stage for r in rows if not r.passed]
     out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
            "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None,
            "passed": False if failed else True if complete else None}
     if runs:
-        out["train"] = {"config": cfg.to_dict(), "dtype": cfg.model_spec(spec).compute_dtype,
+        out["train"] = {"config": cfg.to_dict(), "dtype": train_spec.compute_dtype,
                         "jax_loss": runs["jax"][0], "torch_loss": runs["torch"][0]}
     return out
 
@@ -345,7 +358,8 @@ def report(weights, spec, args, cfg) -> int:
     bf16 = spec.compute_dtype == "bfloat16"
     # the training's dtype is its config's (compute_dtype in a train config), judged by that dtype's bounds; float32
     # trains a third run, the torch twin's from nudged weights (the trajectory's rounding floor)
-    train_bf16 = cfg is not None and cfg.model_spec(spec).compute_dtype == "bfloat16"
+    train_spec = cfg.model_spec(spec) if cfg else None
+    train_bf16 = train_spec is not None and train_spec.compute_dtype == "bfloat16"
     train_steps = cfg.steps * (2 if train_bf16 else 3) if cfg else 0
     with progress_bar(total=2 + train_steps, desc="parity report", quiet=args.quiet) as progress:
         jax_taps, jax_logits, jax_loss, jax_grads = jax_run(weights, spec, tokens_BN)
@@ -357,14 +371,14 @@ def report(weights, spec, args, cfg) -> int:
         rows += loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16)
         if cfg:  # the forward and gradient rows on disk before the training stage: a stopped run keeps them
             write_report(args.json, report_json(spec, args, rows, complete=False), complete=False)
-        runs = trajectories(weights, cfg.model_spec(spec), cfg, progress, floor=not train_bf16) if cfg else None
+        runs = trajectories(weights, train_spec, cfg, progress, floor=not train_bf16) if cfg else None
     if runs:
         rows += train_rows(runs, train_bf16, cfg)
     print_table(rows)
-    write_report(args.json, report_json(spec, args, rows, runs, cfg), complete=True)
+    write_report(args.json, report_json(spec, args, rows, runs, cfg, train_spec), complete=True)
     if args.plot:
         loss_tol = next(r.tol for r in rows if r.stage.startswith("train loss"))
-        plot(runs, args.plot, f"{args.spec or args.weights}, {cfg.model_spec(spec).compute_dtype}", train_bf16,
+        plot(runs, args.plot, f"{args.spec or args.weights}, {train_spec.compute_dtype}", train_bf16,
              loss_tol)
     return 0 if all(r.passed for r in rows) else 1
 

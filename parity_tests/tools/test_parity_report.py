@@ -4,6 +4,7 @@ the stage where it starts (forward or backward); JSON, plot and one-line errors.
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,3 +182,19 @@ def test_a_routed_selection_within_rounding_of_flipping_is_named_as_the_first_fa
                         str(out)]) == 0
     rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["model.layers.1.selection margin"]["passed"] and "model.layers.0.selection margin" not in rows
+
+
+@pytest.mark.slow
+def test_a_bf16_report_judges_each_routed_layer_s_selection(report, tmp_path):
+    """A bf16 report had no routing row: its flat bounds passed a layer whose twins routed other tokens, unseen.
+    Each routed layer now has the fraction of tokens both twins route alike, held to the logits' top-1 bound."""
+    out = tmp_path / "r.json"
+    assert report.main(["--spec", "tiny", "--set", "routing=mod", "--dtype", "bfloat16", "--seq", "32", "--batch",
+                        "2", "--quiet", "--json", str(out)]) == 0
+    rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["model.layers.1.routed alike"]["value"] == 1.0 and "model.layers.0.routed alike" not in rows
+    keep = np.arange(64).reshape(2, 32) % 2 == 0
+    flipped = keep.copy()
+    flipped[1, 4:6] = flipped[1, 5:3:-1]  # one token kept for another: the top-k keeps k
+    assert report.agreement_row("model.layers.1", keep, keep).passed
+    assert not report.agreement_row("model.layers.1", flipped, keep).passed  # 62 of 64 alike: under 0.98
