@@ -90,7 +90,11 @@ def resolve_run(args) -> Run:
     cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
-    check_train_memory(spec, cfg, "lower batch_size/seq_len (--set batch_size=N) or the model's sizes")  # before init
+    lower = "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
+    if data.vocab_from_ids and spec.V == data.vocab_size:  # a raw .bin read as the wrong dtype: ids of garbage
+        lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
+                  f"large mean the file does not hold {data.train.dtype.name} tokens (--data-dtype)")
+    check_train_memory(spec, cfg, lower)  # before init
     # the validation batches are built once, up front: --eval-batches 10**9 was a 60 GiB allocation reported as the
     # training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
     check_memory(eval_bytes(args.eval_batches, cfg.batch_size, cfg.seq_len),

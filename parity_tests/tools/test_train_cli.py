@@ -50,6 +50,23 @@ def test_corrupt_and_unfitting_data_files(tmp_path):
     one_line_error(run_script("train", "--backend", "torch", "--out", out, "--steps", "1"), "holds checkpoints already")
 
 
+def test_a_raw_token_file_read_as_the_wrong_dtype_is_named_as_the_cause(tmp_path, capsys):
+    """uint16 tokens read with --data-dtype uint32, no meta.json: the vocabulary, the largest id + 1, came out at 13
+    million, and the run was refused as needing 224 GiB, with "lower batch_size" as the fix. The line now says where
+    the vocabulary came from and that ids that large mean the wrong dtype."""
+    from shared_config.cli import run
+
+    (np.arange(4000) % 200).astype(np.uint16).tofile(tmp_path / "tok.bin")
+    with pytest.raises(SystemExit) as e:
+        run(load_script("train").main, ["--backend", "torch", "--data", str(tmp_path / "tok.bin"), "--data-dtype",
+                                        "uint32", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and err.count("\n") == 1, err
+    assert (f"the vocabulary is the largest token id in {tmp_path / 'tok.bin'} + 1 (no meta.json vocab_size): ids "
+            "that large mean the file does not hold uint32 tokens (--data-dtype)") in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_fresh_run_never_writes_into_a_directory_of_other_files(tmp_path):
     """A run written into a Hugging Face directory (or a data directory, or a checkpoint) was deleted with it by the
