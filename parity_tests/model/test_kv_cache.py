@@ -205,7 +205,7 @@ def test_the_compiled_cases_hold_every_mixer_and_routing_kind():
     assert {make_spec(**c).routing for c in COMPILED} == set(CHOICES["routing"])
 
 
-@pytest.mark.parametrize("changes", quick_first(COMPILED, 2), ids=case_ids(COMPILED))
+@pytest.mark.parametrize("changes", quick_first(COMPILED), ids=case_ids(COMPILED))
 def test_torch_decode_step_compiles_once_without_graph_breaks(changes):
     """torch.compile with fullgraph (a graph break raises) on the aot_eager backend: it traces through
     dynamo and AOTAutograd as inductor does, without inductor's C++ compile time. Each mixer's decoding state and a
