@@ -54,6 +54,8 @@ class Tensor:
 
 def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Tensor]:
     """The tensors of one norm slot, in module order."""
+    if spec.norm_type not in ("rms", "layernorm", "dyt", "derf"):  # a value new to CHOICES got RMSNorm's tensors
+        raise ValueError(f"layout: no tensors for norm_type={spec.norm_type!r} (docs/extending.md)")
     out = []
     if spec.norm_type in ("dyt", "derf"):
         out.append(Tensor(f"{prefix}.alpha", (1,), "param", "constant", alpha_init))

@@ -82,6 +82,30 @@ def test_norm_statistics_are_float32_on_bfloat16_inputs(norm_type):
             name, np.abs(got - ref).max() / np.abs(ref).max())
 
 
+@pytest.mark.parametrize("norm_type", CHOICES["norm_type"])
+def test_norm_outputs_on_bfloat16_inputs_are_rounded_once(norm_type):
+    """With its statistics and scaling in float32, a norm's bf16 output is the float64 norm of the same bf16 inputs
+    rounded once to bf16: within half of bf16's spacing at each value (plus float32's own error). Computed in bf16
+    (an RMSNorm's cast to float32 dropped), the rsqrt and the product are each rounded to bf16 too: about 1.5 spacings,
+    which test_norm_statistics_are_float32_on_bfloat16_inputs' bound, and the model-level bf16 bounds, let pass."""
+    import ml_dtypes
+
+    spec = make_spec(norm_type=norm_type, norm_bias=True, norm_eps=1e-3)
+    w, jm, tm = twins(spec)
+    x = inputs(spec).astype(ml_dtypes.bfloat16).astype(np.float32)  # values bf16 holds exactly
+    ref = reference.norm(x.astype(np.float64), w, "model.layers.1.post_attention_layernorm", spec)
+    half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
+    j = jm.model.layers[1].post_attention_layernorm(jnp.asarray(x, jnp.bfloat16))
+    with torch.no_grad():
+        t = tm.model.layers[1].post_attention_layernorm(torch.as_tensor(x).to(torch.bfloat16))
+    # float32's own error, on the terms before the bias's cancellation: a few ulps of |output| + |bias|
+    allowed = half_spacing + 2.0**-20 * (np.abs(ref) + 2 * np.abs(w["model.layers.1.post_attention_layernorm.bias"]))
+    for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
+        excess = np.abs(got - ref) / allowed
+        assert excess.max() <= 1, (name, f"{(excess > 1).mean():.1%} of outputs rounded more than once, "
+                                         f"up to {excess.max():.2f}x the bound")
+
+
 def unknown_norm_spec():
     """A valid spec whose norm_type is then set to a value no code knows (as a value newly added to CHOICES)."""
     spec = make_spec()
@@ -97,6 +121,8 @@ def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
             builder(spec, 0.5)
     with pytest.raises(ValueError, match="norm_type='not-a-norm'"):
         reference.norm(np.ones((1, 2, spec.D)), {"x.weight": np.ones(spec.D)}, "x", spec)
+    with pytest.raises(ValueError, match="layout: no tensors for norm_type='not-a-norm'"):
+        layout(spec)  # it gave the slot RMSNorm's weight (and bias)
 
 
 def test_the_reference_refuses_an_mlp_it_does_not_know():

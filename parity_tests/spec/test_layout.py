@@ -34,6 +34,11 @@ def test_the_specs_hold_every_mixer():
     assert {make_spec(**changes).mixer for changes in SPECS.values()} == set(CHOICES["mixer"])
 
 
+def test_the_specs_hold_every_norm_type():
+    """So does a norm type: a twin holding a tensor the layout lacks (or lacking one) passed otherwise."""
+    assert {make_spec(**changes).norm_type for changes in SPECS.values()} == set(CHOICES["norm_type"])
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_both_twins_hold_exactly_the_model_layout(name):
     spec = make_spec(**SPECS[name])
