@@ -16,7 +16,9 @@ XLA with cuBLAS for every matmul, inductor's coordinate-descent tuning (flags in
 
 The budget (--budget, default 420 s) is shared over the checks that will run, by their expected cost: a check
 may use its cost's share of what is left, so time a fast check leaves goes to the later ones; at its limit a
-check's whole process group is stopped. Every check writes DIR/<check>.json (+ .png, and its output in .log),
+check's whole process group is stopped. A check whose jobs need more of the device's memory together than it has
+runs in parts (the twins together where they fit, transformers apart), or is not run, with the reason (`fit`).
+Every check writes DIR/<check>.json (+ .png, and its output in .log),
 each bench rewriting its JSON after every row, so a stopped check keeps what it measured; DIR/summary-<plan>.json
 is rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default.
 Compiled programs go to a persistent cache (--compile-cache), so a rerun skips compilation. It prints a short
@@ -61,8 +63,21 @@ COMPILE_S = {"jax": 13, "torch": 20, "hf": 36}  # first step of `small`: jax.jit
 #   step 30-36 s (hf), of the twin block by block ~0.55x that (the ratio this CPU measured at 6 layers, docs/bench.md)
 LLAMA_JAX = 1.3  # llama-1b's 16 layers against small's 12: XLA compiles every layer, torch (by blocks) one
 STEP_S = {"small-b32": 0.160, "small-b16": 0.080, "small-b8": 0.040, "llama-1b-b4": 0.154}  # at 40% / 54% MFU
+# Device memory one job keeps (GiB): its peak on one H200 (bench/results/h200-2026-11-22-*.json); compare.py keeps
+# every job's model, optimizer state and allocator pool resident between its rounds, so a check needs the sum over
+# its jobs. small at batch 32 doubled from 16; transformers' job ~1.55x the torch twin's (small at batch 8).
+JOB_GIB = {"small-b32": {"jax": 39.8, "torch": 42.2}, "small-b16": {"jax": 19.9, "torch": 21.1},
+           "small-b8": {"jax": 10.8, "torch": 11.4, "hf": 17.6}, "llama-1b-b4": {"jax": 34.7, "torch": 36.1}}
+HF_VS_TORCH = 1.55
+FITS = 0.85  # of the device's memory: two frameworks' CUDA contexts and their allocators' fragmentation beside it
 STEPS = 12  # timed (10) and warmup (2) steps of every backend, after the compiling one
 SWEEP_STEPS = 9  # a sweep's: 8 timed, 1 warmup (its result is a ratio between variants timed in the same rounds)
+
+
+def gib(backends: list[str], step: str, variants: int = 1) -> dict[str, float]:
+    """Expected device memory (GiB) of each backend's jobs in one bench process: every variant's peak, kept."""
+    per = JOB_GIB[step]
+    return {b: variants * per.get(b, HF_VS_TORCH * per["torch"]) for b in backends}
 
 
 def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0, steps: int = STEPS) -> float:
@@ -82,9 +97,17 @@ class Check:
     argv: list[str]  # a script under the checkout and its arguments
     cost: float  # expected seconds on a cold H200: the check's weight when the budget is shared
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
+    jobs_gib: dict[str, float] = field(default_factory=dict)  # expected device memory of each backend's jobs (GiB);
+    #   none: small beside any GPU's
+    group: str | None = None  # the check this one is a part of (`fit`: backends of a check that did not fit)
     plot: bool = True
     env: dict[str, str] = field(default_factory=dict)  # compiler flags (docs/bench.md, "Compiler options"); XLA_FLAGS
     #   is appended to the caller's
+
+    @property
+    def gib(self) -> float:
+        """The device memory (GiB) its jobs need together: compare.py keeps every job resident."""
+        return sum(self.jobs_gib.values())
 
 
 # --dry-run: the same commands with these sizes (the bench's options by their train-config names; parity_report.py's
@@ -101,32 +124,37 @@ def plan(name: str = "core") -> list[Check]:
     sweep = [*timing[:4], "--steps", "8", "--warmup", "1", "--rounds", "2"]
     small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch-size", "4", *timing]
     twins = ["jax", "torch"]
+
+    def bench(name: str, argv: list[str], backends: list[str], step: str, variants: int = 1, **options) -> Check:
+        """A compare.py check of `backends` x `variants` jobs at `step`'s size: its cost and device memory."""
+        timing = {k: options.pop(k) for k in ("cached", "steps") if k in options}
+        return Check(name, argv, cost(backends, step, variants, **timing), jobs_gib=gib(backends, step, variants),
+                     **options)
+
     if name == "tuning":  # the levers after the core plan: batch 32, the attention kernel, the compilers' options
         b16 = [*small, "--batch-size", "16"]
         return [
-            Check("small-train-b32", [*small, "--backend", "both", "--batch-size", "32"], cost(twins, "small-b32")),
+            bench("small-train-b32", [*small, "--backend", "both", "--batch-size", "32"], twins, "small-b32"),
             # the kernels `auto` does not pick on a GPU: XLA's attention (JAX), SDPA's own choice (torch: flash)
-            Check("small-attention-sdpa", [*b16, "--backend", "both", "--attention", "sdpa"], cost(twins, "small-b16")),
-            Check("llama1b-attention-sdpa", [*llama, "--backend", "both", "--attention", "sdpa"],
-                  cost(twins, "llama-1b-b4")),
-            Check("small-xla-cublas", [*b16, "--backend", "jax"], cost(["jax"], "small-b16"),
+            bench("small-attention-sdpa", [*b16, "--backend", "both", "--attention", "sdpa"], twins, "small-b16"),
+            bench("llama1b-attention-sdpa", [*llama, "--backend", "both", "--attention", "sdpa"], twins, "llama-1b-b4"),
+            bench("small-xla-cublas", [*b16, "--backend", "jax"], ["jax"], "small-b16",
                   env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
             # inductor times its candidate block sizes while compiling: assumed twice the plain compile
-            Check("small-inductor-tuned", [*b16, "--backend", "torch"], cost(["torch"], "small-b16", cached=2.0),
+            bench("small-inductor-tuned", [*b16, "--backend", "torch"], ["torch"], "small-b16", cached=2.0,
                   env={"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),
         ]
     if name == "core":
         return [
-            Check("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], cost(twins, "small-b16")),
-            Check("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"],
-                  cost([*twins, "hf"], "small-b8")),
-            Check("llama1b-train-b4", [*llama, "--backend", "all"], cost([*twins, "hf"], "llama-1b-b4")),
+            bench("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], twins, "small-b16"),
+            bench("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"], [*twins, "hf"], "small-b8"),
+            bench("llama1b-train-b4", [*llama, "--backend", "all"], [*twins, "hf"], "llama-1b-b4"),
             # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
             # reading the traces cost about 10 s
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
                                     "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup",
                                     "1"],
-                  cost(twins, "small-b8", cached=0.3) + 10, plot=False),
+                  cost(twins, "small-b8", cached=0.3) + 10, jobs_gib=gib(twins, "small-b8"), plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
             # one GLA layer at gla-small's geometry: each twin's pure form and GPU kernel (fla where installed),
@@ -135,20 +163,19 @@ def plan(name: str = "core") -> list[Check]:
                                   "--tokens", "2048", "--repeats", "5"], 60, plot=False),
         ]
     return [
-        Check("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
-              cost(twins, "small-b16")),
-        Check("llama1b-train-b4-chunked-remat",
-              [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"], cost(twins, "llama-1b-b4")),
+        bench("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
+              twins, "small-b16"),
+        bench("llama1b-train-b4-chunked-remat",
+              [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"], twins, "llama-1b-b4"),
         # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
-        *(Check(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch-size", "4", *sweep, "--backend", twin,
-                                          "--sweep", "norm_type=rms,dyt,derf"],
-                cost([twin], "llama-1b-b4", variants=3, steps=SWEEP_STEPS)) for twin in twins),
-        Check("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
-                            "mixer=attention,gla"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
+        *(bench(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch-size", "4", *sweep, "--backend", twin,
+                                          "--sweep", "norm_type=rms,dyt,derf"], [twin], "llama-1b-b4", variants=3,
+                steps=SWEEP_STEPS) for twin in twins),
+        bench("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
+                            "mixer=attention,gla"], twins, "small-b8", variants=2, steps=SWEEP_STEPS,
               needs="mixer"),  # gla-small: position none, which GLA needs
-        Check("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
-                                "routing=none,mod"], cost(twins, "small-b8", variants=2, steps=SWEEP_STEPS),
-              needs="routing"),
+        bench("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
+                                "routing=none,mod"], twins, "small-b8", variants=2, steps=SWEEP_STEPS, needs="routing"),
     ]
 
 
@@ -160,13 +187,61 @@ def shrink(argv: list[str]) -> list[str]:
     return [tiny(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
 
 
-def runnable(checks: list[Check], only: list[str]) -> dict[str, str | None]:
-    """{check: None if it will run, else why not}: a check --only leaves out, or one sweeping a spec field this
-    checkout lacks, is not run (and takes no share of the budget)."""
+BACKENDS = {"all": ["jax", "torch", "hf"], "both": ["jax", "torch"]}  # compare.py's --backend shorthands
+
+
+def backends_of(argv: list[str]) -> list[str]:
+    """The backends a check's command times (compare.py's --backend; none named: the one process it is)."""
+    value = argv[argv.index("--backend") + 1] if "--backend" in argv else ""
+    return BACKENDS.get(value, value.split(",") if value else [])
+
+
+def fit(checks: list[Check], device_gib: float | None) -> list[Check]:
+    """The plan for a device of `device_gib` GiB (None: the dry run, as planned). A check whose jobs together need
+    more than FITS of it (`Check.gib`: llama-1b in both twins and transformers, ~127 GiB) runs in parts instead:
+    the twins together where they fit (their steps interleaved, the fair ratio), else one backend a process, and
+    transformers apart. A part is `<check>-<backend>` (compare.py's --backend value), with the check as its `group`
+    (the targets read the parts as one report) and its backends' memory and share of the cost. A check of one
+    backend stays whole (`too_big` then says why it is not run)."""
+    if device_gib is None:
+        return checks
+    out = []
+    for c in checks:
+        backends = backends_of(c.argv)
+        if c.gib <= FITS * device_gib or len(backends) < 2:
+            out.append(c)
+            continue
+        twins = [b for b in backends if b in ("jax", "torch")]
+        together = len(twins) == 2 and sum(c.jobs_gib[b] for b in twins) <= FITS * device_gib
+        parts = [["jax", "torch"]] if together else [[b] for b in twins]
+        parts += [[b] for b in backends if b not in twins]
+        at = c.argv.index("--backend") + 1
+        for part in parts:
+            value = "both" if len(part) == 2 else part[0]
+            out.append(Check(f"{c.name}-{value}", [*c.argv[:at], value, *c.argv[at + 1:]],
+                             START_S + (c.cost - START_S) * len(part) / len(backends), c.needs,
+                             {b: c.jobs_gib[b] for b in part}, c.name, c.plot, dict(c.env)))
+    return out
+
+
+def too_big(check: Check, device_gib: float | None) -> str | None:
+    """Why `check` is not run on a device of `device_gib` GiB, or None: its jobs together need more than FITS of it
+    (a sweep of llama-1b's three norms in one twin: about 105 GiB), which would end in an out-of-memory error after
+    minutes of compiling."""
+    if device_gib is None or check.gib <= FITS * device_gib:
+        return None
+    return (f"its jobs need about {check.gib:.0f} GiB of device memory together, more than {100 * FITS:.0f}% of this "
+            f"device's {device_gib:.0f} GiB (an H200's 141 GiB hold it)")
+
+
+def runnable(checks: list[Check], only: list[str], device_gib: float | None = None) -> dict[str, str | None]:
+    """{check: None if it will run, else why not}: a check --only leaves out (by its name, or its group's), one
+    sweeping a spec field this checkout lacks, or one too big for the device's memory (`too_big`) is not run (and
+    takes no share of the budget)."""
     spec_fields = {f.name for f in fields(ModelSpec)}
-    return {c.name: "not in --only" if c.name not in only else
-            f"this checkout's spec has no `{c.needs}` field" if c.needs and c.needs not in spec_fields else None
-            for c in checks}
+    return {c.name: "not in --only" if (c.group or c.name) not in only else
+            f"this checkout's spec has no `{c.needs}` field" if c.needs and c.needs not in spec_fields else
+            too_big(c, device_gib) for c in checks}
 
 
 def share(check: Check, rest: list[Check], left: float) -> float:
@@ -217,6 +292,8 @@ def environment(dry_run: bool) -> dict:
     except importlib.metadata.PackageNotFoundError:
         versions["fla-core"] = "missing"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    # the device's memory (GiB), which decides how the checks split into processes (`fit`)
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else None
     notes = [f"{k} {versions[k]} (the GPU image has {v})" for k, v in EXPECTED.items() if not versions[k].startswith(v)]
     if versions["fla-core"] == "missing":
         notes.append("fla-core missing: the gla-kernels check skips fla's chunk_gla (docs/bench.md, GPU check)")
@@ -225,8 +302,8 @@ def environment(dry_run: bool) -> dict:
     if gpu is not None and jax.default_backend() != "gpu":
         notes.append(f"jax runs on {jax.default_backend()}, not the GPU: its rows are not comparable")
     device = gpu or f"cpu-{os.cpu_count()}vcpu"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": device, "versions": versions,
-            "dry_run": dry_run, "notes": notes}
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": device, "device_gib": device_gib,
+            "versions": versions, "dry_run": dry_run, "notes": notes}
 
 
 def slug(device: str) -> str:
@@ -291,25 +368,39 @@ def stop_group(proc: subprocess.Popen) -> None:
 MFU_TARGETS = {"small": 0.50, "llama1b": 0.55}  # the twins' train step by check name: the field's MFU (nanoGPT's)
 
 
-def targets(out: Path, checks: list[str]) -> list[str]:
+def targets(out: Path, checks: list[str], groups: dict[str, str] | None = None) -> list[str]:
     """The benchmark targets, read off the reports of `checks` in `out`, the checks this run ran (another plan's, or
-    an earlier run's left in the directory, are not this run's): met or not, never asserted. A report that cannot
-    be read is said so in its line."""
-    lines = []
+    an earlier run's left in the directory, are not this run's): met or not, never asserted. The reports of a
+    check's parts (`groups`: part -> check, `fit`) are read as the check's one report. A report that cannot be read
+    is said so in its line."""
+    lines, merged = [], {}
     for path in [out / f"{name}.json" for name in checks if (out / f"{name}.json").is_file()]:
         try:
             report = json.loads(path.read_text())
             if not report.get("results") or "variant" not in report["results"][0]:  # profiles, parity: no timings
                 continue
-            lines += report_targets(path.stem, report)
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # ValueError: JSON's own
             lines.append(f"{path.stem}: its report {path} cannot be read ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        name = (groups or {}).get(path.stem, path.stem)
+        if name in merged:
+            merged[name]["results"] = merged[name]["results"] + report["results"]
+            merged[name]["complete"] = merged[name].get("complete", True) and report.get("complete", True)
+        else:
+            merged[name] = dict(report)
+    for name, report in merged.items():
+        try:
+            lines += report_targets(name, report, separate=name in (groups or {}).values())
+        except (TypeError, KeyError, AttributeError, IndexError) as e:
+            lines.append(f"{name}: its report cannot be read ({type(e).__name__}: {str(e)[:120]})")
     return lines
 
 
-def report_targets(check: str, report: dict) -> list[str]:
-    """The target lines of one compare.py report, the check `check`'s."""
+def report_targets(check: str, report: dict, separate: bool = False) -> list[str]:
+    """The target lines of one compare.py report, the check `check`'s (`separate`: its backends ran in processes of
+    their own, `fit`, so its ratios compare steps that were not interleaved)."""
     lines, name = [], check if report.get("complete", True) else f"{check} (stopped early)"
+    apart = " (backends timed in separate processes)" if separate else ""
     by = {(r["variant"], r["backend"]): r for r in report["results"]}
     for (variant, backend), r in by.items():
         target = next((t for prefix, t in MFU_TARGETS.items() if name.startswith(prefix)), None)
@@ -317,10 +408,10 @@ def report_targets(check: str, report: dict) -> list[str]:
             lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= {100 * target:.0f}%)")
         if backend == "jax" and (variant, "torch") in by:
             ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
-            lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05)")
+            lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05){apart}")
         if backend in ("jax", "torch") and (variant, "hf") in by:
             ratio = r["step_s"]["median"] / by[variant, "hf"]["step_s"]["median"]
-            lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1)")
+            lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1){apart}")
     for backend in ("jax", "torch"):
         rms = by.get(("norm_type=rms", backend))
         for other in ("dyt", "derf"):
@@ -348,15 +439,18 @@ def main(argv=None):
 
 def run_plan(args, env: dict, out: Path, started: float) -> None:
     """Run the checks of args.plan into `out` within the budget, rewriting the summary after each; print it."""
-    checks = plan(args.plan)
-    why_not = runnable(checks, args.only)
+    device_gib = None if args.dry_run else env.get("device_gib")
+    checks = fit(plan(args.plan), device_gib)
+    why_not = runnable(checks, args.only, device_gib)
     results = {c.name: {"status": "not run", "reason": why_not[c.name]} if why_not[c.name] else {"status": "pending"}
                for c in checks}
     env = {**env, "plan": args.plan, "budget_s": args.budget}
 
     def summary(complete: bool) -> dict:
         ran = [name for name, r in results.items() if r["status"] in ("ok", "failed", "stopped")]  # their rows so far
-        report = {**env, "seconds": time.perf_counter() - started, "checks": results, "targets": targets(out, ran)}
+        groups = {c.name: c.group for c in checks if c.group}
+        report = {**env, "seconds": time.perf_counter() - started, "checks": results,
+                  "targets": targets(out, ran, groups)}
         write_report(summary_path(out, args.plan), report, complete=complete)  # after every check: kept if stopped
         return report
 

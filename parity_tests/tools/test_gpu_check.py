@@ -283,3 +283,72 @@ def test_dry_run_of_each_plan(tmp_path, which, chosen):
     if which == "core":
         assert (out / "small-train-b8.png").is_file()
         assert any("jax/torch" in line for line in summary["targets"])
+
+
+H100_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an H100 80GB HBM3, in GiB
+
+
+H200_GIB = 140.4  # an H200's 143771 MiB
+
+
+@pytest.mark.parametrize("device_gib, parts", [
+    (H200_GIB, ["both", "hf"]),  # the twins (~71 GiB) interleaved as planned, transformers (~56 GiB) apart
+    (H100_GIB, ["jax", "torch", "hf"]),  # the twins together need more than 85% of 79 GiB
+])
+def test_a_check_too_big_for_the_device_runs_in_parts(device_gib, parts):
+    """llama-1b in both twins and transformers keeps about 127 GiB of jobs resident in one process: more than either
+    GPU holds beside two CUDA contexts, and on an 80 GiB H100 it would end out of memory after minutes of compiling.
+    Such a check runs in parts, the twins together where they fit; the other checks, and the dry run, are as
+    planned."""
+    core = plan("core")
+    assert gpu_check.fit(core, None) == core
+    fitted = {c.name: c for c in gpu_check.fit(core, device_gib)}
+    names = [f"llama1b-train-b4-{p}" for p in parts]
+    assert list(fitted) == ["small-train-b16", "small-train-b8", *names, "small-profile", "bf16-parity", "gla-kernels"]
+    whole = next(c for c in core if c.name == "llama1b-train-b4")
+    for name, value in zip(names, parts):
+        part = fitted[name]
+        assert part.group == whole.name and part.argv[part.argv.index("--backend") + 1] == value
+        assert [a for a in part.argv if a != value] == [a for a in whole.argv if a != "all"]
+        assert part.gib <= gpu_check.FITS * device_gib and part.cost < whole.cost
+    assert sum(c.cost for c in fitted.values()) <= BUDGET_S
+    assert all(why is None for why in runnable(list(fitted.values()), [c.name for c in core], device_gib).values())
+    assert runnable(list(fitted.values()), ["small-train-b8"], device_gib)[names[0]] == "not in --only"
+    assert runnable(list(fitted.values()), ["llama1b-train-b4"], device_gib)[names[-1]] is None
+
+
+def test_a_one_backend_check_too_big_for_the_device_is_not_run_and_says_why(tmp_path, monkeypatch):
+    """A sweep of llama-1b's three norms in one twin (about 105 GiB) cannot be split by backend: on an H100 it is
+    not run, with the reason, and takes no share of the budget; the run's summary lists the parts it ran."""
+    env = {"date": "2026-12-06", "device": "NVIDIA H100 80GB HBM3", "device_gib": H100_GIB, "versions": {},
+           "dry_run": False, "notes": []}
+    monkeypatch.setattr(gpu_check, "environment", lambda dry_run: env)
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_check", lambda check, *_: ran.append(check.name) or {"status": "ok",
+                                                                                          "seconds": 0.0})
+    gpu_check.main(["--quiet", "--out", str(tmp_path), "--plan", "extra"])
+    checks = json.loads((tmp_path / "summary-extra.json").read_text())["checks"]
+    for twin in ("jax", "torch"):
+        assert checks[f"llama1b-norms-{twin}"]["status"] == "not run"
+        assert "GiB of device memory together, more than 85% of this device's 79 GiB" in (
+            checks[f"llama1b-norms-{twin}"]["reason"])
+    assert "llama1b-train-b4-chunked-remat-jax" in ran and "llama1b-norms-jax" not in ran  # ~71 GiB: in parts
+    assert "small-train-b16-chunked" in ran  # 41 GiB: whole
+
+
+def test_the_targets_of_a_check_s_parts_are_read_together(tmp_path):
+    """The parts of a split check are one check's rows: the twins' ratio and each against transformers, said to
+    compare steps timed in separate processes."""
+    def row(backend, mfu, ms):
+        return {"variant": "base", "backend": backend, "mfu": mfu, "step_s": {"median": ms / 1e3}}
+
+    for backend, mfu, ms in (("jax", 0.56, 150), ("torch", 0.54, 160), ("hf", 0.4, 200)):
+        (tmp_path / f"llama1b-train-b4-{backend}.json").write_text(
+            json.dumps({"complete": True, "results": [row(backend, mfu, ms)]}))
+    names = [f"llama1b-train-b4-{b}" for b in ("jax", "torch", "hf")]
+    lines = gpu_check.targets(tmp_path, names, dict.fromkeys(names, "llama1b-train-b4"))
+    apart = " (backends timed in separate processes)"
+    for expected in ("llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
+                     f"llama1b-train-b4 base: jax/torch 0.94 (target 0.95-1.05){apart}",
+                     f"llama1b-train-b4 base: torch/hf 0.80 (target < 1){apart}"):
+        assert expected in lines, (expected, lines)
