@@ -106,6 +106,59 @@ def test_norm_outputs_on_bfloat16_inputs_are_rounded_once(norm_type):
                                          f"up to {excess.max():.2f}x the bound")
 
 
+def bf16_values(shape, seed=0, scale=3.0) -> np.ndarray:
+    """float32 values bf16 holds exactly."""
+    import ml_dtypes
+
+    x = scale * np.random.default_rng(seed).standard_normal(shape)
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def rounded_more_than_once(got, ref, terms) -> str | None:
+    """Where a bf16 output `got` is not its float64 value `ref` rounded once: more than half of bf16's spacing at
+    each value away, beyond float32's own error on the `terms` (|…| of what was summed, before any cancellation).
+    None when every output is within."""
+    half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
+    excess = np.abs(got - ref) / (half_spacing + 2.0**-20 * terms)
+    if excess.max() <= 1:
+        return None
+    return f"{(excess > 1).mean():.1%} of outputs rounded more than once, up to {excess.max():.2f}x the bound"
+
+
+@pytest.mark.parametrize("kind", CHOICES["mlp"])
+def test_mlp_activations_on_bfloat16_inputs_are_rounded_once(kind):
+    """The MLP's activation runs in float32 and is cast back once: SwiGLU's silu(gate)·up computed in bf16 (its
+    float32 cast dropped) rounds silu(gate) and the product each, which every model-level bf16 bound let pass."""
+    width = 64
+    x = bf16_values((2, 8, 2 * width if kind == "swiglu" else width))
+    if kind == "swiglu":
+        ref = reference.hidden(kind, x[..., width:].astype(np.float64), x[..., :width].astype(np.float64))
+        j = jl.swiglu(jnp.asarray(x, jnp.bfloat16), jnp.bfloat16)
+        t = tl.swiglu(torch.as_tensor(x).to(torch.bfloat16), torch.bfloat16)
+    else:
+        ref = reference.hidden(kind, x.astype(np.float64))
+        j = jl.activate(jl.ACTIVATIONS[kind], jnp.asarray(x, jnp.bfloat16), jnp.bfloat16)
+        t = tl.activate(tl.ACTIVATIONS[kind], torch.as_tensor(x).to(torch.bfloat16), torch.bfloat16)
+    terms = np.abs(ref) if kind == "swiglu" else np.abs(ref) + np.abs(x)  # GELU: x·(1 + erf(..)) cancels for x < 0
+    for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
+        assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
+
+
+def test_rope_on_bfloat16_inputs_is_rounded_once():
+    """RoPE rotates in float32 and casts back once: computed in bf16 (the cast dropped), x·cos, rotate(x)·sin and
+    their sum are each rounded, which every model-level bf16 bound let pass."""
+    spec = make_spec()
+    x = bf16_values((2, 16, spec.H, spec.E))
+    pos = np.arange(16)
+    ref = reference.rope(x.astype(np.float64), spec, pos)
+    terms = np.abs(x) + np.abs(np.concatenate([x[..., spec.E // 2:], x[..., :spec.E // 2]], axis=-1))
+    j = ja.apply_rope(jnp.asarray(x, jnp.bfloat16), *ja.rope_cos_sin(rope_inv_freq(spec), jnp.asarray(pos)))
+    t = ta.apply_rope(torch.as_tensor(x).to(torch.bfloat16),
+                      *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)))
+    for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
+        assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
+
+
 def unknown_norm_spec():
     """A valid spec whose norm_type is then set to a value no code knows (as a value newly added to CHOICES)."""
     spec = make_spec()

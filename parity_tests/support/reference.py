@@ -96,18 +96,21 @@ def attention(x, w: dict, p: str, spec, positions=None):
 
 def mlp(x, w: dict, p: str, spec):
     up = x @ w[f"{p}.up_proj.weight"].T
-    if spec.mlp == "swiglu":
-        g = x @ w[f"{p}.gate_proj.weight"].T
-        h = g / (1 + np.exp(-g)) * up
-    elif spec.mlp == "gelu":
-        h = 0.5 * up * (1 + erf(up / math.sqrt(2)))
-    elif spec.mlp == "gelu_tanh":
-        h = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
-    elif spec.mlp == "relu2":
-        h = np.maximum(up, 0) ** 2
-    else:
-        raise ValueError(f"reference.mlp: mlp={spec.mlp!r} is not written here")
-    return h @ w[f"{p}.down_proj.weight"].T
+    gate = x @ w[f"{p}.gate_proj.weight"].T if spec.mlp == "swiglu" else None
+    return hidden(spec.mlp, up, gate) @ w[f"{p}.down_proj.weight"].T
+
+
+def hidden(kind: str, up, gate=None):
+    """The MLP's hidden activations from x·W_upᵀ (and x·W_gateᵀ for SwiGLU)."""
+    if kind == "swiglu":
+        return gate / (1 + np.exp(-gate)) * up
+    if kind == "gelu":
+        return 0.5 * up * (1 + erf(up / math.sqrt(2)))
+    if kind == "gelu_tanh":
+        return 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up**3)))
+    if kind == "relu2":
+        return np.maximum(up, 0) ** 2
+    raise ValueError(f"reference.mlp: mlp={kind!r} is not written here")
 
 
 # --- norm placements: each written out from its definition (docs/spec.md, "Semantics") -------------------
