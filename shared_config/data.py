@@ -70,7 +70,8 @@ class TokenData:
     source: str  # a path, or "synthetic:SEED"
     tokenizer: Path | None = None  # the tokenizer.json the ids come from, if any
     entropy: float | None = None  # nats per token of the generating process (the synthetic corpus)
-    vocab_from_ids: bool = False  # vocab_size is the largest id + 1 (token files without a meta.json vocab_size)
+    vocab_from_ids: bool = False  # vocab_size is the largest id + 1 of raw .bin files without a meta.json vocab_size,
+    #   read as the dtype --data-dtype or meta.json named (uint16 by default)
 
     def batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
         """int32 tokens [B, T+1]: windows of the train split at offsets drawn from (seed, step) alone."""
@@ -144,7 +145,7 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     tokens, vocab_size = open_tokens(path, dtype)
     # text is bytes, whatever lies beside it
     tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None
-    from_ids = path.suffix in (".bin", ".npy") and "vocab_size" not in read_meta(path.parent)
+    from_ids = path.suffix == ".bin" and "vocab_size" not in read_meta(path.parent)
     return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer,
                      vocab_from_ids=from_ids)
 
@@ -173,7 +174,7 @@ def _load_prepared(path: Path, dtype: str | None) -> TokenData:
         splits.append(open_tokens(found[0], dtype))
     (train, train_vocab), (val, val_vocab) = splits
     return TokenData(train, val, max(train_vocab, val_vocab), str(path), _tokenizer_in(path),
-                     vocab_from_ids="vocab_size" not in read_meta(path))
+                     vocab_from_ids=(path / "train.bin").is_file() and "vocab_size" not in read_meta(path))
 
 
 def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:

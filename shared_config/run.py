@@ -91,7 +91,8 @@ def resolve_run(args) -> Run:
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
     data.check(cfg.seq_len, spec.V)
     lower = "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
-    if data.vocab_from_ids and spec.V == data.vocab_size:  # a raw .bin read as the wrong dtype: ids of garbage
+    # a raw .bin read as the wrong dtype: ids of garbage, beyond any tokenizer's (the largest hold ~262k tokens)
+    if data.vocab_from_ids and spec.V == data.vocab_size > IMPLAUSIBLE_VOCAB:
         lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
                   f"large mean the file does not hold {data.train.dtype.name} tokens (--data-dtype)")
     check_train_memory(spec, cfg, lower)  # before init
@@ -111,6 +112,9 @@ def resolve_run(args) -> Run:
     stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
     cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
+
+
+IMPLAUSIBLE_VOCAB = 2**20  # token ids past this in a raw .bin are read as the sign of a wrong --data-dtype
 
 
 def check_train_memory(spec: ModelSpec, cfg: TrainConfig, lower: str) -> None:

@@ -65,6 +65,15 @@ def test_a_raw_token_file_read_as_the_wrong_dtype_is_named_as_the_cause(tmp_path
     assert (f"the vocabulary is the largest token id in {tmp_path / 'tok.bin'} + 1 (no meta.json vocab_size): ids "
             "that large mean the file does not hold uint32 tokens (--data-dtype)") in err
     assert not (tmp_path / "run").exists()
+    # a file of the dtype it says, too big to train at this batch: no word on the dtype (it was blamed)
+    (np.arange(4000) % 50_000).astype(np.uint16).tofile(tmp_path / "gpt2.bin")
+    np.save(tmp_path / "ids.npy", np.arange(4000, dtype=np.uint32) % 50_000)
+    for data in ("gpt2.bin", "ids.npy"):
+        with pytest.raises(SystemExit) as e:
+            run(load_script("train").main, ["--backend", "torch", "--data", str(tmp_path / data), "--set",
+                                            "batch_size=100000", "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert e.value.code == 3 and "needs about" in err and "--data-dtype" not in err, err
 
 
 @pytest.mark.slow
