@@ -38,7 +38,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -74,18 +74,23 @@ STEPS = 12  # timed (10) and warmup (2) steps of every backend, after the compil
 SWEEP_STEPS = 9  # a sweep's: 8 timed, 1 warmup (its result is a ratio between variants timed in the same rounds)
 
 
-def gib(backends: list[str], step: str, variants: int = 1) -> dict[str, float]:
+def job_gib(backends: list[str], step: str, variants: int = 1) -> dict[str, float]:
     """Expected device memory (GiB) of each backend's jobs in one bench process: every variant's peak, kept."""
     per = JOB_GIB[step]
     return {b: variants * per.get(b, HF_VS_TORCH * per["torch"]) for b in backends}
 
 
-def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0, steps: int = STEPS) -> float:
-    """Expected cold-H200 seconds of one bench process: START_S, then per variant and backend its compilation
-    (`cached`: the part not found in the compile cache) and STEPS steps."""
+def job_seconds(backends: list[str], step: str, variants: int = 1, cached: float = 1.0,
+                steps: int = STEPS) -> dict[str, float]:
+    """Expected cold-H200 seconds of each backend's jobs in one bench process: per variant its compilation
+    (`cached`: the part not found in the compile cache) and `steps` steps."""
     scale = {"jax": LLAMA_JAX if step.startswith("llama") else 1.0}
-    per_variant = sum(scale.get(b, 1.0) * cached * COMPILE_S[b] + steps * STEP_S[step] for b in backends)
-    return START_S + variants * per_variant
+    return {b: variants * (scale.get(b, 1.0) * cached * COMPILE_S[b] + steps * STEP_S[step]) for b in backends}
+
+
+def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0, steps: int = STEPS) -> float:
+    """Expected cold-H200 seconds of one bench process: START_S, then its jobs (`job_seconds`)."""
+    return START_S + sum(job_seconds(backends, step, variants, cached, steps).values())
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Check:
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
     jobs_gib: dict[str, float] = field(default_factory=dict)  # expected device memory of each backend's jobs (GiB);
     #   none: small beside any GPU's
+    jobs_s: dict[str, float] = field(default_factory=dict)  # their expected seconds (a part's cost, `fit`)
     group: str | None = None  # the check this one is a part of (`fit`: backends of a check that did not fit)
     plot: bool = True
     env: dict[str, str] = field(default_factory=dict)  # compiler flags (docs/bench.md, "Compiler options"); XLA_FLAGS
@@ -128,8 +134,8 @@ def plan(name: str = "core") -> list[Check]:
     def bench(name: str, argv: list[str], backends: list[str], step: str, variants: int = 1, **options) -> Check:
         """A compare.py check of `backends` x `variants` jobs at `step`'s size: its cost and device memory."""
         timing = {k: options.pop(k) for k in ("cached", "steps") if k in options}
-        return Check(name, argv, cost(backends, step, variants, **timing), jobs_gib=gib(backends, step, variants),
-                     **options)
+        return Check(name, argv, cost(backends, step, variants, **timing), jobs_gib=job_gib(backends, step, variants),
+                     jobs_s=job_seconds(backends, step, variants, **timing), **options)
 
     if name == "tuning":  # the levers after the core plan: batch 32, the attention kernel, the compilers' options
         b16 = [*small, "--batch-size", "16"]
@@ -154,7 +160,7 @@ def plan(name: str = "core") -> list[Check]:
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
                                     "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup",
                                     "1"],
-                  cost(twins, "small-b8", cached=0.3) + 10, jobs_gib=gib(twins, "small-b8"), plot=False),
+                  cost(twins, "small-b8", cached=0.3) + 10, jobs_gib=job_gib(twins, "small-b8"), plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
             # one GLA layer at gla-small's geometry: each twin's pure form and GPU kernel (fla where installed),
@@ -201,8 +207,8 @@ def fit(checks: list[Check], device_gib: float | None) -> list[Check]:
     more than FITS of it (`Check.gib`: llama-1b in both twins and transformers, ~127 GiB) runs in parts instead:
     the twins together where they fit (their steps interleaved, the fair ratio), else one backend a process, and
     transformers apart. A part is `<check>-<backend>` (compare.py's --backend value), with the check as its `group`
-    (the targets read the parts as one report) and its backends' memory and share of the cost. A check of one
-    backend stays whole (`too_big` then says why it is not run)."""
+    (the targets read the parts as one report) and its backends' memory and seconds. A check of one backend stays
+    whole (`too_big` then says why it is not run)."""
     if device_gib is None:
         return checks
     out = []
@@ -218,9 +224,9 @@ def fit(checks: list[Check], device_gib: float | None) -> list[Check]:
         at = c.argv.index("--backend") + 1
         for part in parts:
             value = "both" if len(part) == 2 else part[0]
-            out.append(Check(f"{c.name}-{value}", [*c.argv[:at], value, *c.argv[at + 1:]],
-                             START_S + (c.cost - START_S) * len(part) / len(backends), c.needs,
-                             {b: c.jobs_gib[b] for b in part}, c.name, c.plot, dict(c.env)))
+            out.append(replace(c, name=f"{c.name}-{value}", argv=[*c.argv[:at], value, *c.argv[at + 1:]],
+                               cost=START_S + sum(c.jobs_s[b] for b in part), group=c.name,
+                               jobs_gib={b: c.jobs_gib[b] for b in part}, jobs_s={b: c.jobs_s[b] for b in part}))
     return out
 
 
@@ -377,30 +383,30 @@ def targets(out: Path, checks: list[str], groups: dict[str, str] | None = None) 
     for path in [out / f"{name}.json" for name in checks if (out / f"{name}.json").is_file()]:
         try:
             report = json.loads(path.read_text())
-            if not report.get("results") or "variant" not in report["results"][0]:  # profiles, parity: no timings
+            results = report.get("results") or []
+            if results and "variant" not in results[0]:  # profiles, parity: no timings
                 continue
+            merge = merged.setdefault((groups or {}).get(path.stem, path.stem), {"results": [], "complete": True})
+            merge["results"] += [{**r, "part": path.stem} for r in results]  # a part stopped before its first row
+            merge["complete"] = merge["complete"] and report.get("complete", True)  # stops the whole check early
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # ValueError: JSON's own
             lines.append(f"{path.stem}: its report {path} cannot be read ({type(e).__name__}: {str(e)[:120]})")
-            continue
-        name = (groups or {}).get(path.stem, path.stem)
-        if name in merged:
-            merged[name]["results"] = merged[name]["results"] + report["results"]
-            merged[name]["complete"] = merged[name].get("complete", True) and report.get("complete", True)
-        else:
-            merged[name] = dict(report)
     for name, report in merged.items():
         try:
-            lines += report_targets(name, report, separate=name in (groups or {}).values())
+            lines += report_targets(name, report)
         except (TypeError, KeyError, AttributeError, IndexError) as e:
             lines.append(f"{name}: its report cannot be read ({type(e).__name__}: {str(e)[:120]})")
     return lines
 
 
-def report_targets(check: str, report: dict, separate: bool = False) -> list[str]:
-    """The target lines of one compare.py report, the check `check`'s (`separate`: its backends ran in processes of
-    their own, `fit`, so its ratios compare steps that were not interleaved)."""
+def report_targets(check: str, report: dict) -> list[str]:
+    """The target lines of one compare.py report, the check `check`'s; a ratio of rows from different parts of it
+    (each row's "part", `fit`) says that its steps were not interleaved."""
     lines, name = [], check if report.get("complete", True) else f"{check} (stopped early)"
-    apart = " (backends timed in separate processes)" if separate else ""
+
+    def apart(a: dict, b: dict) -> str:
+        return " (backends timed in separate processes)" if a.get("part") != b.get("part") else ""
+
     by = {(r["variant"], r["backend"]): r for r in report["results"]}
     for (variant, backend), r in by.items():
         target = next((t for prefix, t in MFU_TARGETS.items() if name.startswith(prefix)), None)
@@ -408,10 +414,10 @@ def report_targets(check: str, report: dict, separate: bool = False) -> list[str
             lines.append(f"{name} {backend}: MFU {100 * r['mfu']:.1f}% (target >= {100 * target:.0f}%)")
         if backend == "jax" and (variant, "torch") in by:
             ratio = r["step_s"]["median"] / by[variant, "torch"]["step_s"]["median"]
-            lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05){apart}")
+            lines.append(f"{name} {variant}: jax/torch {ratio:.2f} (target 0.95-1.05){apart(r, by[variant, 'torch'])}")
         if backend in ("jax", "torch") and (variant, "hf") in by:
             ratio = r["step_s"]["median"] / by[variant, "hf"]["step_s"]["median"]
-            lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1){apart}")
+            lines.append(f"{name} {variant}: {backend}/hf {ratio:.2f} (target < 1){apart(r, by[variant, 'hf'])}")
     for backend in ("jax", "torch"):
         rms = by.get(("norm_type=rms", backend))
         for other in ("dyt", "derf"):

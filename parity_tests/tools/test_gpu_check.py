@@ -311,6 +311,8 @@ def test_a_check_too_big_for_the_device_runs_in_parts(device_gib, parts):
         assert part.group == whole.name and part.argv[part.argv.index("--backend") + 1] == value
         assert [a for a in part.argv if a != value] == [a for a in whole.argv if a != "all"]
         assert part.gib <= gpu_check.FITS * device_gib and part.cost < whole.cost
+        backends = gpu_check.backends_of(part.argv)
+        assert part.cost == gpu_check.cost(backends, "llama-1b-b4")  # its own jobs' seconds, not an equal share
     assert sum(c.cost for c in fitted.values()) <= BUDGET_S
     assert all(why is None for why in runnable(list(fitted.values()), [c.name for c in core], device_gib).values())
     assert runnable(list(fitted.values()), ["small-train-b8"], device_gib)[names[0]] == "not in --only"
@@ -336,19 +338,28 @@ def test_a_one_backend_check_too_big_for_the_device_is_not_run_and_says_why(tmp_
     assert "small-train-b16-chunked" in ran  # 41 GiB: whole
 
 
-def test_the_targets_of_a_check_s_parts_are_read_together(tmp_path):
-    """The parts of a split check are one check's rows: the twins' ratio and each against transformers, said to
-    compare steps timed in separate processes."""
+@pytest.mark.parametrize("parts", [{"jax": "jax", "torch": "torch", "hf": "hf"},  # an H100's
+                                   {"jax": "both", "torch": "both", "hf": "hf"}])  # an H200's
+def test_the_targets_of_a_check_s_parts_are_read_together(tmp_path, parts):
+    """The parts of a split check are one check's rows: the twins' ratio and each against transformers, a ratio of
+    rows from two parts said to compare steps timed in separate processes (the twins' in one part are interleaved);
+    a part stopped before its first row marks the check stopped early."""
     def row(backend, mfu, ms):
         return {"variant": "base", "backend": backend, "mfu": mfu, "step_s": {"median": ms / 1e3}}
 
+    rows = {}
     for backend, mfu, ms in (("jax", 0.56, 150), ("torch", 0.54, 160), ("hf", 0.4, 200)):
-        (tmp_path / f"llama1b-train-b4-{backend}.json").write_text(
-            json.dumps({"complete": True, "results": [row(backend, mfu, ms)]}))
-    names = [f"llama1b-train-b4-{b}" for b in ("jax", "torch", "hf")]
-    lines = gpu_check.targets(tmp_path, names, dict.fromkeys(names, "llama1b-train-b4"))
+        rows.setdefault(f"llama1b-train-b4-{parts[backend]}", []).append(row(backend, mfu, ms))
+    for name, part_rows in rows.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"complete": True, "results": part_rows}))
+    groups = dict.fromkeys(rows, "llama1b-train-b4")
+    lines = gpu_check.targets(tmp_path, list(rows), groups)
     apart = " (backends timed in separate processes)"
+    twins_apart = apart if parts["jax"] != parts["torch"] else ""
     for expected in ("llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
-                     f"llama1b-train-b4 base: jax/torch 0.94 (target 0.95-1.05){apart}",
+                     f"llama1b-train-b4 base: jax/torch 0.94 (target 0.95-1.05){twins_apart}",
                      f"llama1b-train-b4 base: torch/hf 0.80 (target < 1){apart}"):
         assert expected in lines, (expected, lines)
+    (tmp_path / "llama1b-train-b4-hf.json").write_text(json.dumps({"complete": False, "results": []}))
+    lines = gpu_check.targets(tmp_path, list(rows), groups)
+    assert lines and all(line.startswith("llama1b-train-b4 (stopped early) ") for line in lines), lines
