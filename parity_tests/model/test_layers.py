@@ -94,16 +94,12 @@ def test_norm_outputs_on_bfloat16_inputs_are_rounded_once(norm_type):
     w, jm, tm = twins(spec)
     x = inputs(spec).astype(ml_dtypes.bfloat16).astype(np.float32)  # values bf16 holds exactly
     ref = reference.norm(x.astype(np.float64), w, "model.layers.1.post_attention_layernorm", spec)
-    half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
     j = jm.model.layers[1].post_attention_layernorm(jnp.asarray(x, jnp.bfloat16))
     with torch.no_grad():
         t = tm.model.layers[1].post_attention_layernorm(torch.as_tensor(x).to(torch.bfloat16))
-    # float32's own error, on the terms before the bias's cancellation: a few ulps of |output| + |bias|
-    allowed = half_spacing + 2.0**-20 * (np.abs(ref) + 2 * np.abs(w["model.layers.1.post_attention_layernorm.bias"]))
+    terms = np.abs(ref) + 2 * np.abs(w["model.layers.1.post_attention_layernorm.bias"])  # before the bias cancels
     for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
-        excess = np.abs(got - ref) / allowed
-        assert excess.max() <= 1, (name, f"{(excess > 1).mean():.1%} of outputs rounded more than once, "
-                                         f"up to {excess.max():.2f}x the bound")
+        assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
 
 
 def bf16_values(shape, seed=0, scale=3.0) -> np.ndarray:
@@ -116,10 +112,11 @@ def bf16_values(shape, seed=0, scale=3.0) -> np.ndarray:
 
 def rounded_more_than_once(got, ref, terms) -> str | None:
     """Where a bf16 output `got` is not its float64 value `ref` rounded once: more than half of bf16's spacing at
-    each value away, beyond float32's own error on the `terms` (|…| of what was summed, before any cancellation).
-    None when every output is within."""
+    each value away, beyond float32's own error on the `terms` (|…| of what was summed, before any cancellation):
+    up to 2^-16 of them, 256 float32 ulps, room for any library's transcendentals and a reduction's order, still
+    1/128 of bf16's spacing. None when every output is within."""
     half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
-    excess = np.abs(got - ref) / (half_spacing + 2.0**-20 * terms)
+    excess = np.abs(got - ref) / (half_spacing + 2.0**-16 * terms)
     if excess.max() <= 1:
         return None
     return f"{(excess > 1).mean():.1%} of outputs rounded more than once, up to {excess.max():.2f}x the bound"
@@ -157,6 +154,28 @@ def test_rope_on_bfloat16_inputs_is_rounded_once():
                       *ta.rope_cos_sin(rope_inv_freq(spec), torch.as_tensor(pos)))
     for name, got in (("jax", np.asarray(j.astype(jnp.float32))), ("torch", t.float().numpy())):
         assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
+
+
+def test_the_models_rotate_by_float32_angles_in_bf16(monkeypatch):
+    """The rotation above is exact only if it gets float32 cos and sin: a model casting them to the activations'
+    dtype first (Hugging Face's Llama does) passed every test. Each twin's attention is handed float32 ones."""
+    spec = make_spec(compute_dtype="bfloat16")
+    w = parity_weights(spec)
+    seen = []
+    for module, model, tokens in ((ja, jax_model.from_weights(w, spec), jnp.asarray),
+                                  (ta, torch_model.from_weights(w, spec), torch.as_tensor)):
+        rotate = module.apply_rope
+
+        def spy(x, cos, sin, rotate=rotate):
+            seen.append((module.__name__, str(x.dtype), str(cos.dtype), str(sin.dtype)))
+            return rotate(x, cos, sin)
+
+        monkeypatch.setattr(module, "apply_rope", spy)
+        with torch.no_grad():
+            model(tokens(np.arange(12).reshape(2, 6) % spec.V))
+    assert {m for m, *_ in seen} == {"jax_model.attention", "torch_model.attention"}
+    for name, x, cos, sin in seen:
+        assert x.endswith("bfloat16") and cos.endswith("float32") and sin.endswith("float32"), (name, x, cos, sin)
 
 
 def unknown_norm_spec():
