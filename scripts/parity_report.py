@@ -181,9 +181,10 @@ def selection_row(layer: str, score_BT, spec, floors: dict) -> Row:
 
 def agreement_row(layer: str, jax_keep_BT, torch_keep_BT) -> Row:
     """A routed layer's selection in bf16: the fraction of tokens both twins route alike (kept or skipped), at least
-    BF16_TOP1 as the logits' top-1 agreement: bf16 rounds scores near the k-th apart (float32's rows hold the gap to
-    the rounding floor instead, `selection_row`). The bf16 report had no routing row: the flat bounds after it passed
-    a flip unseen."""
+    BF16_TOP1 as the logits' top-1 agreement: bf16 rounds scores near the k-th apart, so up to 2% of the tokens may
+    be routed otherwise (at seq 512, five swaps per row); the row shows any below 1. float32's rows hold the gap to
+    the rounding floor instead (`selection_row`). The bf16 report had no routing row: its flat bounds passed routing
+    the twins did not share, unseen."""
     alike = float((np.asarray(jax_keep_BT) == np.asarray(torch_keep_BT)).mean())
     return bound(f"{layer}.{ROUTED_ALIKE}", "agreement", alike, P.BF16_TOP1, at_least=True)
 

@@ -45,12 +45,12 @@ def line_chunks(path: Path, desc: str, quiet: bool):
     are not UTF-8 raise UnicodeDecodeError."""
     with (open(path, encoding="utf-8", newline="") as f,
           progress(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, delay=QUICK_S, quiet=quiet) as bar):
-        for chunk in batched(lines(f)):
+        for chunk in in_chunks(lines(f)):
             yield chunk
             bar.update(sum(len(line.encode("utf-8")) for line in chunk))  # exact: the lines decoded untranslated
 
 
-def batched(pieces):
+def in_chunks(pieces):
     """`pieces` (strings) in lists of at most LINES_PER_CHUNK items and about CHARS_PER_CHUNK characters."""
     chunk, chars = [], 0
     for piece in pieces:

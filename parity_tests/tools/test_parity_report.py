@@ -192,7 +192,8 @@ def test_a_bf16_report_judges_each_routed_layer_s_selection(report, tmp_path):
     assert report.main(["--spec", "tiny", "--set", "routing=mod", "--dtype", "bfloat16", "--seq", "32", "--batch",
                         "2", "--quiet", "--json", str(out)]) == 0
     rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["model.layers.1.routed alike"]["value"] == 1.0 and "model.layers.0.routed alike" not in rows
+    routed = rows["model.layers.1.routed alike"]  # bf16 may swap a near-tie: within the bound, not necessarily 1
+    assert routed["passed"] and routed["value"] >= 0.98 and "model.layers.0.routed alike" not in rows
     keep = np.arange(64).reshape(2, 32) % 2 == 0
     flipped = keep.copy()
     flipped[1, 4:6] = flipped[1, 5:3:-1]  # one token kept for another: the top-k keeps k
