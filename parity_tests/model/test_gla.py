@@ -290,3 +290,30 @@ def test_bf16_compute_agrees(norm_type):
     kl = token_kl(j, t)
     assert (kl.mean() <= BF16_KL_MEAN and kl.max() <= BF16_KL_MAX
             and top1_agreement(j, t) >= BF16_TOP1), (kl.mean(), kl.max())
+
+
+def test_the_recurrence_is_handed_float32_in_bf16(monkeypatch):
+    """The gates, the state and the recurrence are float32 whatever compute_dtype says (gla.py's `heads`): a twin
+    handing the chunk form or the recurrence bf16 projections (the cast dropped) still decoded without an error,
+    and within the bf16 bounds. Each twin's prefill (the chunk form) and decode step (the recurrence) receive
+    float32 q, k, v, log-gates and state."""
+    import jax_model.gla as jg
+    import torch_model.gla as tg
+
+    spec = gla_spec(compute_dtype="bfloat16")
+    w, seen = gla_weights(spec), []
+    for module, twin, as_array in ((jg, jax_model, jnp.asarray), (tg, torch_model, torch.as_tensor)):
+        for form in ("chunked_gla", "recurrent_gla"):
+            def spy(*args, form=form, module=module, run=getattr(module, form)):
+                seen.append((module.__name__, form, [str(a.dtype).removeprefix("torch.") for a in args[:5]]))
+                return run(*args)
+
+            monkeypatch.setattr(module, form, spy)
+        model = twin.from_weights(w, spec)
+        with torch.no_grad():
+            _, cache = model(as_array(np.arange(20).reshape(2, 10) % spec.V), cache=model.init_cache(2, 12))
+            model(as_array(np.array([[1], [2]])), cache=cache)
+    assert {(m, f) for m, f, _ in seen} == {(m, f) for m in ("jax_model.gla", "torch_model.gla")
+                                            for f in ("chunked_gla", "recurrent_gla")}
+    for name, form, dtypes in seen:
+        assert dtypes == ["float32"] * 5, (name, form, dtypes)
