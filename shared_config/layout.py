@@ -54,13 +54,15 @@ class Tensor:
 
 def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Tensor]:
     """The tensors of one norm slot, in module order."""
-    if spec.norm_type not in ("rms", "layernorm", "dyt", "derf"):  # a value new to CHOICES got RMSNorm's tensors
+    alpha = Tensor(f"{prefix}.alpha", (1,), "param", "constant", alpha_init)
+    if spec.norm_type in ("rms", "layernorm"):
+        out = []
+    elif spec.norm_type == "dyt":
+        out = [alpha]
+    elif spec.norm_type == "derf":
+        out = [alpha, Tensor(f"{prefix}.shift", (1,), "param", "constant", spec.shift_init)]
+    else:  # a value new to CHOICES got RMSNorm's tensors
         raise ValueError(f"layout: no tensors for norm_type={spec.norm_type!r} (docs/extending.md)")
-    out = []
-    if spec.norm_type in ("dyt", "derf"):
-        out.append(Tensor(f"{prefix}.alpha", (1,), "param", "constant", alpha_init))
-    if spec.norm_type == "derf":
-        out.append(Tensor(f"{prefix}.shift", (1,), "param", "constant", spec.shift_init))
     out.append(Tensor(f"{prefix}.weight", (dim,), "param", "ones"))
     if spec.norm_bias:
         out.append(Tensor(f"{prefix}.bias", (dim,), "param", "zeros"))
