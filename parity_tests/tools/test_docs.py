@@ -398,8 +398,8 @@ def test_the_limits_the_docs_quote_are_the_code_constants():
         ("docs/training.md", f"host devices, at most {parallel.MAX_HOST_DEVICES})"),
         ("docs/bench.md", f"its size, at most {compile_cache.CACHE_SIZE_BYTES // 2**30} GiB)"),
         ("docs/bench.md", f"(`--steps`: at most {constant('bench/profile_step.py', 'MAX_STEPS')},"),
-        ("docs/bench.md", f"at most the {constant('bench/gpu_check.py', 'BUDGET_S')} s budget"),
-        ("docs/bench.md", f"plans of at most {constant('bench/gpu_check.py', 'BUDGET_S') // 60} minutes each"),
+        ("docs/bench.md", f"at most the {constant('bench/gpu_plan.py', 'BUDGET_S')} s budget"),
+        ("docs/bench.md", f"plans of at most {constant('bench/gpu_plan.py', 'BUDGET_S') // 60} minutes each"),
     ]
     missing = [(page, phrase) for page, phrase in quoted if phrase not in " ".join((ROOT / page).read_text().split())]
     assert not missing, missing

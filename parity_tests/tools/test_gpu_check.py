@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_check
-from bench.gpu_check import BUDGET_S, PLANS, Check, plan, run_check, runnable, share
+from bench import gpu_plan
+from bench.gpu_check import run_check
+from bench.gpu_plan import BUDGET_S, PLANS, Check, plan, runnable, share
 
 from ..support.common import ROOT, one_line_error, run_python
 
@@ -22,7 +24,7 @@ def test_each_plan_fits_its_budget_by_the_measured_costs():
     assert len(names) == len(set(names)) >= 10  # one name for one check, whichever plan holds it
     for p in PLANS:
         costs = [c.cost for c in plan(p)]
-        assert all(c > gpu_check.START_S for c in costs) and sum(costs) <= BUDGET_S == 420, (p, sum(costs))
+        assert all(c > gpu_plan.START_S for c in costs) and sum(costs) <= BUDGET_S == 420, (p, sum(costs))
     core = {c.name for c in plan("core")}
     assert (core
             == {"small-train-b16", "small-train-b8", "llama1b-train-b4", "small-profile", "bf16-parity", "gla-kernels"})
@@ -39,7 +41,7 @@ def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers
     other_plan = {"small-train-b32": [row("jax", 0.2, 400), row("torch", 0.2, 100)]}  # in the directory, not run
     for name, rows in {**reports, **other_plan}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"complete": True, "results": rows}))
-    lines = gpu_check.targets(tmp_path, [*reports, "not-run-here"])
+    lines = gpu_plan.targets(tmp_path, [*reports, "not-run-here"])
     for expected in ("small-train-b8 jax: MFU 51.0% (target >= 50%)",
                      "small-train-b8 torch: MFU 49.0% (target >= 50%)",
                      "llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
@@ -252,9 +254,9 @@ def test_unknown_check_names_the_plan():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which,chosen", [
-    # one train bench with the hf peer and the profile (core); a sweep of the newest spec fields (extra): the
+    # one train bench with the hf peer and the GLA kernels (core); a sweep of the newest spec fields (extra): the
     # others are the same commands at other sizes, and are listed as not run
-    ("core", ["small-train-b8", "small-profile", "gla-kernels"]),
+    ("core", ["small-train-b8", "gla-kernels"]),  # small-profile's command: test_profile_step.py's CLI test
     ("extra", ["gla-sweep"]),
     ("tuning", ["small-xla-cublas"]),  # a check with compiler flags: they reach the bench and its report
 ])
@@ -301,8 +303,8 @@ def test_a_check_too_big_for_the_device_runs_in_parts(device_gib, parts):
     Such a check runs in parts, the twins together where they fit; the other checks, and the dry run, are as
     planned."""
     core = plan("core")
-    assert gpu_check.fit(core, None) == core
-    fitted = {c.name: c for c in gpu_check.fit(core, device_gib)}
+    assert gpu_plan.fit(core, None) == core
+    fitted = {c.name: c for c in gpu_plan.fit(core, device_gib)}
     names = [f"llama1b-train-b4-{p}" for p in parts]
     assert list(fitted) == ["small-train-b16", "small-train-b8", *names, "small-profile", "bf16-parity", "gla-kernels"]
     whole = next(c for c in core if c.name == "llama1b-train-b4")
@@ -310,9 +312,9 @@ def test_a_check_too_big_for_the_device_runs_in_parts(device_gib, parts):
         part = fitted[name]
         assert part.group == whole.name and part.argv[part.argv.index("--backend") + 1] == value
         assert [a for a in part.argv if a != value] == [a for a in whole.argv if a != "all"]
-        assert part.gib <= gpu_check.FITS * device_gib and part.cost < whole.cost
-        backends = gpu_check.backends_of(part.argv)
-        assert part.cost == gpu_check.cost(backends, "llama-1b-b4")  # its own jobs' seconds, not an equal share
+        assert part.gib <= gpu_plan.FITS * device_gib and part.cost < whole.cost
+        backends = gpu_plan.backends_of(part.argv)
+        assert part.cost == gpu_plan.cost(backends, "llama-1b-b4")  # its own jobs' seconds, not an equal share
     assert sum(c.cost for c in fitted.values()) <= BUDGET_S
     assert all(why is None for why in runnable(list(fitted.values()), [c.name for c in core], device_gib).values())
     assert runnable(list(fitted.values()), ["small-train-b8"], device_gib)[names[0]] == "not in --only"
@@ -353,7 +355,7 @@ def test_the_targets_of_a_check_s_parts_are_read_together(tmp_path, parts):
     for name, part_rows in rows.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"complete": True, "results": part_rows}))
     groups = dict.fromkeys(rows, "llama1b-train-b4")
-    lines = gpu_check.targets(tmp_path, list(rows), groups)
+    lines = gpu_plan.targets(tmp_path, list(rows), groups)
     apart = " (backends timed in separate processes)"
     twins_apart = apart if parts["jax"] != parts["torch"] else ""
     for expected in ("llama1b-train-b4 jax: MFU 56.0% (target >= 55%)",
@@ -361,5 +363,5 @@ def test_the_targets_of_a_check_s_parts_are_read_together(tmp_path, parts):
                      f"llama1b-train-b4 base: torch/hf 0.80 (target < 1){apart}"):
         assert expected in lines, (expected, lines)
     (tmp_path / "llama1b-train-b4-hf.json").write_text(json.dumps({"complete": False, "results": []}))
-    lines = gpu_check.targets(tmp_path, list(rows), groups)
+    lines = gpu_plan.targets(tmp_path, list(rows), groups)
     assert lines and all(line.startswith("llama1b-train-b4 (stopped early) ") for line in lines), lines
