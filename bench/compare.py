@@ -26,10 +26,9 @@ from shared_config.resources import (
 
 from bench import load
 from bench.options import (
-    add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels, variants,
+    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels,
+    variants,
 )
-
-BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
 
 
 def parse_args(argv):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from shared_config import ModelSpec
 
+from bench.options import BACKENDS
+
 BUDGET_S = 420  # one plan: 7 minutes of a 15-minute GPU window that also holds the machine's start and a rerun
 
 # Expected seconds on a cold H200 (empty caches), from what one H200 measured (2026-12-04, FIELD_NOTES). The
@@ -46,27 +48,29 @@ def job_seconds(backends: list[str], step: str, variants: int = 1, cached: float
     return {b: variants * (scale.get(b, 1.0) * cached * COMPILE_S[b] + steps * STEP_S[step]) for b in backends}
 
 
-def cost(backends: list[str], step: str, variants: int = 1, cached: float = 1.0, steps: int = STEPS) -> float:
-    """Expected cold-H200 seconds of one bench process: START_S, then its jobs (`job_seconds`)."""
-    return START_S + sum(job_seconds(backends, step, variants, cached, steps).values())
-
-
 @dataclass
 class Check:
     """One command of a GPU plan: its name (and files' stem), the script and arguments, its expected cold-H200
-    cost in seconds (its share of the budget), the spec field it needs and the environment it adds."""
+    seconds (`cost`: its share of the budget) and device memory, the spec field it needs and the environment it
+    adds."""
 
     name: str
     argv: list[str]  # a script under the checkout and its arguments
-    cost: float  # expected seconds on a cold H200: the check's weight when the budget is shared
+    fixed_s: float  # expected cold-H200 seconds besides its timed jobs': the process's start (START_S), and for a
+    #   check with no `jobs_s` (a report, a layer's kernels) all of it
     needs: str | None = None  # a ModelSpec field the check sweeps (a mixer, routing): not run without it
     jobs_gib: dict[str, float] = field(default_factory=dict)  # expected device memory of each backend's jobs (GiB);
     #   none: small beside any GPU's
-    jobs_s: dict[str, float] = field(default_factory=dict)  # their expected seconds (a part's cost, `fit`)
+    jobs_s: dict[str, float] = field(default_factory=dict)  # their expected seconds (`job_seconds`)
     group: str | None = None  # the check this one is a part of (`fit`: backends of a check that did not fit)
     plot: bool = True
     env: dict[str, str] = field(default_factory=dict)  # compiler flags (docs/bench.md, "Compiler options"); XLA_FLAGS
     #   is appended to the caller's
+
+    @property
+    def cost(self) -> float:
+        """Its expected seconds on a cold H200 (its weight when the budget is shared): `fixed_s` and its jobs'."""
+        return self.fixed_s + sum(self.jobs_s.values())
 
     @property
     def gib(self) -> float:
@@ -91,9 +95,9 @@ def plan(name: str = "core") -> list[Check]:
 
     def bench(name: str, argv: list[str], backends: list[str], step: str, variants: int = 1, **options) -> Check:
         """A compare.py check of `backends` x `variants` jobs at `step`'s size: its cost and device memory."""
-        timing = {k: options.pop(k) for k in ("cached", "steps") if k in options}
-        return Check(name, argv, cost(backends, step, variants, **timing), jobs_gib=job_gib(backends, step, variants),
-                     jobs_s=job_seconds(backends, step, variants, **timing), **options)
+        seconds = {k: options.pop(k) for k in ("cached", "steps") if k in options}
+        return Check(name, argv, START_S, jobs_gib=job_gib(backends, step, variants),
+                     jobs_s=job_seconds(backends, step, variants, **seconds), **options)
 
     if name == "tuning":  # the levers after the core plan: batch 32, the attention kernel, the compilers' options
         b16 = [*small, "--batch-size", "16"]
@@ -118,7 +122,8 @@ def plan(name: str = "core") -> list[Check]:
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
                                     "bfloat16", "--seq-len", "2048", "--batch-size", "8", "--steps", "3", "--warmup",
                                     "1"],
-                  cost(twins, "small-b8", cached=0.3) + 10, jobs_gib=job_gib(twins, "small-b8"), plot=False),
+                  START_S + 10, jobs_gib=job_gib(twins, "small-b8"), jobs_s=job_seconds(twins, "small-b8", cached=0.3),
+                  plot=False),
             Check("bf16-parity", ["scripts/parity_report.py", "--spec", "small", "--dtype", "bfloat16", "--seq", "512"],
                   45, plot=False),  # measured: just over 40 s
             # one GLA layer at gla-small's geometry: each twin's pure form and GPU kernel (fla where installed),
@@ -151,13 +156,10 @@ def shrink(argv: list[str]) -> list[str]:
     return [tiny(argv[i - 1], a) if i > 0 else a for i, a in enumerate(argv)]
 
 
-BACKENDS = {"all": ["jax", "torch", "hf"], "both": ["jax", "torch"]}  # compare.py's --backend shorthands
-
-
 def backends_of(argv: list[str]) -> list[str]:
     """The backends a check's command times (compare.py's --backend; none named: the one process it is)."""
     value = argv[argv.index("--backend") + 1] if "--backend" in argv else ""
-    return BACKENDS.get(value, value.split(",") if value else [])
+    return BACKENDS.get(value, [])
 
 
 def fit(checks: list[Check], device_gib: float | None) -> list[Check]:
@@ -183,7 +185,7 @@ def fit(checks: list[Check], device_gib: float | None) -> list[Check]:
         for part in parts:
             value = "both" if len(part) == 2 else part[0]
             out.append(replace(c, name=f"{c.name}-{value}", argv=[*c.argv[:at], value, *c.argv[at + 1:]],
-                               cost=START_S + sum(c.jobs_s[b] for b in part), group=c.name,
+                               group=c.name,
                                jobs_gib={b: c.jobs_gib[b] for b in part}, jobs_s={b: c.jobs_s[b] for b in part}))
     return out
 

@@ -22,6 +22,8 @@ from shared_config.hardware import GLA_KERNEL_NAMES, GLA_KERNEL_TWIN, GLA_KERNEL
 
 from bench.load import usable_cpus
 
+BACKENDS = {"both": ["jax", "torch"], "jax": ["jax"], "torch": ["torch"], "hf": ["hf"], "all": ["jax", "torch", "hf"]}
+#   the --backend values and what each times: compare.py offers all, profile_step.py the twins' (both, jax, torch)
 ATTENTION = ("auto", "sdpa", "cudnn", "xla", "einsum", "blocked", "pallas")
 
 

@@ -39,7 +39,8 @@ from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import (
-    add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels, variants,
+    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels,
+    variants,
 )
 from bench.runners import without_profiler_chatter
 
@@ -246,7 +247,7 @@ def profile(args):
     from bench.runners import setup_jax, setup_torch
     from bench.timing import backend_options, bench_tokens, check_gla_kernel
 
-    backends = ["jax", "torch"] if args.backend == "both" else [args.backend]
+    backends = BACKENDS[args.backend]
     compile, names, train_config = backend_options(args, kernels)
     check_gla_kernel(args, [(label, spec)], backends)
     tokens = bench_tokens(spec, args)

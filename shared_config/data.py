@@ -142,10 +142,9 @@ def load_data(source: str | Path, dtype: str | None = None, val_fraction: float 
     path = Path(source)
     if path.is_dir():
         return _load_prepared(path, dtype)
-    tokens, vocab_size = open_tokens(path, dtype)
+    tokens, vocab_size, from_ids = open_tokens(path, dtype)
     # text is bytes, whatever lies beside it
     tokenizer = _tokenizer_in(path.parent) if path.suffix in (".bin", ".npy") else None
-    from_ids = path.suffix == ".bin" and "vocab_size" not in read_meta(path.parent)
     return TokenData(*split_tokens(tokens, val_fraction, path), vocab_size, str(path), tokenizer,
                      vocab_from_ids=from_ids)
 
@@ -172,13 +171,14 @@ def _load_prepared(path: Path, dtype: str | None) -> TokenData:
         if not found:
             raise DataError(f"{path}: a data directory needs {split}.bin or {split}.npy")
         splits.append(open_tokens(found[0], dtype))
-    (train, train_vocab), (val, val_vocab) = splits
+    (train, train_vocab, train_from_ids), (val, val_vocab, val_from_ids) = splits
     return TokenData(train, val, max(train_vocab, val_vocab), str(path), _tokenizer_in(path),
-                     vocab_from_ids=(path / "train.bin").is_file() and "vocab_size" not in read_meta(path))
+                     vocab_from_ids=train_from_ids or val_from_ids)
 
 
-def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
-    """A 1-D memory-mapped token array and its vocabulary size: meta.json's, else max id + 1.
+def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, bool]:
+    """A 1-D memory-mapped token array, its vocabulary size (meta.json's, else max id + 1) and whether that size
+    is a raw .bin's largest id + 1 (`TokenData.vocab_from_ids`: read as a wrong dtype, its ids are garbage).
 
     A meta.json vocab_size (a BPE's may exceed the ids used) must be an int >= the largest id + 1, or DataError
     names the file, the key and the largest id; the ids are scanned once, in chunks (`_max_id`).
@@ -197,12 +197,12 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
     elif path.suffix == ".bin":
         tokens = _open_bin(path, dtype or meta.get("dtype", "uint16"))
     else:  # text: its UTF-8 bytes are the tokens
-        return _memmap(path, "uint8"), 256
+        return _memmap(path, "uint8"), 256, False
     if tokens.dtype.name not in TOKEN_DTYPES:
         raise DataError(f"{path}: token dtype {tokens.dtype.name} is not one of {', '.join(TOKEN_DTYPES)}")
     largest = _max_id(tokens)
     if "vocab_size" not in meta:
-        return tokens, largest + 1
+        return tokens, largest + 1, path.suffix == ".bin"
     vocab_size = meta["vocab_size"]
     where = f"{path.parent / 'meta.json'}: vocab_size"
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
@@ -210,7 +210,7 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int]:
     if vocab_size <= largest:
         raise DataError(f"{where} is {vocab_size} but {path.name} holds token id {largest}: it must be at least "
                         f"{largest + 1} (the largest id + 1)")
-    return tokens, vocab_size
+    return tokens, vocab_size, False
 
 
 def _open_npy(path: Path) -> np.ndarray:

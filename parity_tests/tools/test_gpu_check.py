@@ -314,7 +314,8 @@ def test_a_check_too_big_for_the_device_runs_in_parts(device_gib, parts):
         assert [a for a in part.argv if a != value] == [a for a in whole.argv if a != "all"]
         assert part.gib <= gpu_plan.FITS * device_gib and part.cost < whole.cost
         backends = gpu_plan.backends_of(part.argv)
-        assert part.cost == gpu_plan.cost(backends, "llama-1b-b4")  # its own jobs' seconds, not an equal share
+        expected = gpu_plan.START_S + sum(gpu_plan.job_seconds(backends, "llama-1b-b4").values())
+        assert part.cost == expected  # its own jobs' seconds, not an equal share
     assert sum(c.cost for c in fitted.values()) <= BUDGET_S
     assert all(why is None for why in runnable(list(fitted.values()), [c.name for c in core], device_gib).values())
     assert runnable(list(fitted.values()), ["small-train-b8"], device_gib)[names[0]] == "not in --only"
