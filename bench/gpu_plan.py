@@ -93,8 +93,11 @@ def plan(name: str = "core") -> list[Check]:
     small, llama = [compare, "--spec", "small", *timing], [compare, "--spec", "llama-1b", "--batch-size", "4", *timing]
     twins = ["jax", "torch"]
 
-    def bench(name: str, argv: list[str], backends: list[str], step: str, variants: int = 1, **options) -> Check:
-        """A compare.py check of `backends` x `variants` jobs at `step`'s size: its cost and device memory."""
+    def bench(name: str, argv: list[str], step: str, **options) -> Check:
+        """A compare.py check of its backends (`--backend`) x its variants (`--sweep`'s values; one without) jobs at
+        `step`'s size: its cost and device memory."""
+        backends = backends_of(argv)
+        variants = len(argv[argv.index("--sweep") + 1].split(",")) if "--sweep" in argv else 1
         seconds = {k: options.pop(k) for k in ("cached", "steps") if k in options}
         return Check(name, argv, START_S, jobs_gib=job_gib(backends, step, variants),
                      jobs_s=job_seconds(backends, step, variants, **seconds), **options)
@@ -102,21 +105,21 @@ def plan(name: str = "core") -> list[Check]:
     if name == "tuning":  # the levers after the core plan: batch 32, the attention kernel, the compilers' options
         b16 = [*small, "--batch-size", "16"]
         return [
-            bench("small-train-b32", [*small, "--backend", "both", "--batch-size", "32"], twins, "small-b32"),
+            bench("small-train-b32", [*small, "--backend", "both", "--batch-size", "32"], "small-b32"),
             # the kernels `auto` does not pick on a GPU: XLA's attention (JAX), SDPA's own choice (torch: flash)
-            bench("small-attention-sdpa", [*b16, "--backend", "both", "--attention", "sdpa"], twins, "small-b16"),
-            bench("llama1b-attention-sdpa", [*llama, "--backend", "both", "--attention", "sdpa"], twins, "llama-1b-b4"),
-            bench("small-xla-cublas", [*b16, "--backend", "jax"], ["jax"], "small-b16",
+            bench("small-attention-sdpa", [*b16, "--backend", "both", "--attention", "sdpa"], "small-b16"),
+            bench("llama1b-attention-sdpa", [*llama, "--backend", "both", "--attention", "sdpa"], "llama-1b-b4"),
+            bench("small-xla-cublas", [*b16, "--backend", "jax"], "small-b16",
                   env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
             # inductor times its candidate block sizes while compiling: assumed twice the plain compile
-            bench("small-inductor-tuned", [*b16, "--backend", "torch"], ["torch"], "small-b16", cached=2.0,
+            bench("small-inductor-tuned", [*b16, "--backend", "torch"], "small-b16", cached=2.0,
                   env={"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}),
         ]
     if name == "core":
         return [
-            bench("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], twins, "small-b16"),
-            bench("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"], [*twins, "hf"], "small-b8"),
-            bench("llama1b-train-b4", [*llama, "--backend", "all"], [*twins, "hf"], "llama-1b-b4"),
+            bench("small-train-b16", [*small, "--backend", "both", "--batch-size", "16"], "small-b16"),
+            bench("small-train-b8", [*small, "--backend", "all", "--batch-size", "8"], "small-b8"),
+            bench("llama1b-train-b4", [*llama, "--backend", "all"], "llama-1b-b4"),
             # small-train-b8's programs again (same shapes): compiled ones come from the cache; profiling and
             # reading the traces cost about 10 s
             Check("small-profile", ["bench/profile_step.py", "--spec", "small", "--backend", "both", "--compute-dtype",
@@ -133,18 +136,18 @@ def plan(name: str = "core") -> list[Check]:
         ]
     return [
         bench("small-train-b16-chunked", [*small, "--backend", "both", "--batch-size", "16", "--loss-chunk", "4096"],
-              twins, "small-b16"),
+              "small-b16"),
         bench("llama1b-train-b4-chunked-remat",
-              [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"], twins, "llama-1b-b4"),
+              [*llama, "--backend", "both", "--loss-chunk", "4096", "--remat", "block"], "llama-1b-b4"),
         # the norm sweep one twin a process: three llama-1b jobs resident at once, not six
         *(bench(f"llama1b-norms-{twin}", [compare, "--spec", "llama-1b", "--batch-size", "4", *sweep, "--backend", twin,
-                                          "--sweep", "norm_type=rms,dyt,derf"], [twin], "llama-1b-b4", variants=3,
+                                          "--sweep", "norm_type=rms,dyt,derf"], "llama-1b-b4",
                 steps=SWEEP_STEPS) for twin in twins),
         bench("gla-sweep", [compare, "--spec", "gla-small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
-                            "mixer=attention,gla"], twins, "small-b8", variants=2, steps=SWEEP_STEPS,
+                            "mixer=attention,gla"], "small-b8", steps=SWEEP_STEPS,
               needs="mixer"),  # gla-small: position none, which GLA needs
         bench("routing-sweep", [compare, "--spec", "small", *sweep, "--backend", "both", "--batch-size", "8", "--sweep",
-                                "routing=none,mod"], twins, "small-b8", variants=2, steps=SWEEP_STEPS, needs="routing"),
+                                "routing=none,mod"], "small-b8", steps=SWEEP_STEPS, needs="routing"),
     ]
 
 
