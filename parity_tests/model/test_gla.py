@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import jax_model
 import jax_model.generate  # noqa: F401  (twin.generate below)
@@ -22,12 +21,11 @@ from shared_config.spec import CHOICES
 from torch_model.gla import set_chunk as torch_set_chunk
 
 from ..support import reference
-from ..support.common import (FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens,
-                              unit_logits)
+from ..support.common import (FORWARD_TOL, MIXERS, case_ids, jax_steps, make_spec, parity_weights, quick_first, rel_err,
+                              tokens, torch_steps, unit_logits)
 from ..support.train_common import TWINS, both_loss_and_grads, reference_loss, trajectory
 
-GLA = dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_k=0.5,
-           gla_expand_v=1.25)
+GLA = {**MIXERS["gla"], "gla_expand_k": 0.5}  # GLA's base spec, d_k half of d_model
 # rms / dyt / derf x pre / peri; the per-head output norm RMSNorm or the spec's norm ("same"); a strong gate.
 CASES = [dict(norm_type=n, norm_placement=p) for n in ("rms", "dyt", "derf") for p in ("pre", "peri")]
 CASES += [
@@ -198,26 +196,9 @@ def test_hundred_adamw_steps_agree(placement):
 
 
 def decode_both(w, spec, toks, prompt, start_B=None):
-    """Logits [B, T, V] of each twin: one prefill of `prompt` tokens into a cache, then one step per token."""
-    out = []
-    jm, tm = jax_model.from_weights(w, spec), torch_model.from_weights(w, spec)
-    cache = jm.init_cache(toks.shape[0], toks.shape[1], start_B)
-    logits, cache = nnx.jit(lambda m, t, c: m(t, cache=c))(jm, jnp.asarray(toks[:, :prompt]), cache)
-    steps = [np.asarray(logits)]
-    step = nnx.jit(lambda m, t, c: m(t, cache=c))
-    for t in range(prompt, toks.shape[1]):
-        logits, cache = step(jm, jnp.asarray(toks[:, t : t + 1]), cache)
-        steps.append(np.asarray(logits))
-    out.append((np.concatenate(steps, 1), cache))
-    with torch.no_grad():
-        cache = tm.init_cache(toks.shape[0], toks.shape[1], start_B)
-        logits, cache = tm(torch.as_tensor(toks[:, :prompt]), cache=cache)
-        steps = [logits.numpy()]
-        for t in range(prompt, toks.shape[1]):
-            logits, cache = tm(torch.as_tensor(toks[:, t : t + 1]), cache=cache)
-            steps.append(logits.numpy())
-    out.append((np.concatenate(steps, 1), cache))
-    return out
+    """(logits [B, T, V], cache) of each twin decoding `toks` after a prefill of `prompt` tokens (`jax_steps`)."""
+    return [steps(twin.from_weights(w, spec), toks, prompt, start_B)
+            for twin, steps in ((jax_model, jax_steps), (torch_model, torch_steps))]
 
 
 @pytest.mark.parametrize("changes",

@@ -16,7 +16,8 @@ from shared_config.spec import CHOICES
 from torch_model.generate import Decoder as TorchDecoder
 
 from ..support import oracles
-from ..support.common import FORWARD_TOL, MIXERS, case_ids, make_spec, parity_weights, quick_first, rel_err, tokens
+from ..support.common import (FORWARD_TOL, MIXERS, case_ids, jax_steps, make_spec, parity_weights, quick_first, rel_err,
+                              tokens, torch_steps)
 
 CASES = [
     {},  # RoPE, GQA with 2 kv heads
@@ -56,31 +57,6 @@ def test_cases_hold_every_norm_type_and_placement():
     missing = set(CHOICES["mixer"]) - {make_spec(**c).mixer for c in RAGGED}
     assert not missing, f"no left-padding case (RAGGED) with mixer in {sorted(missing)}"
 
-
-
-def jax_steps(model, toks, prompt=P):
-    """Logits [B, T, V]: the prompt's from one prefill call, then one decode step per token; and the cache."""
-    decoder = JaxDecoder(model)
-    cache = model.init_cache(toks.shape[0], toks.shape[1])
-    # Every prompt position, not only the last; jitted, as op-by-op JAX compiles a kernel per op and shape.
-    prefill, cache = nnx.jit(lambda m, t, c: m(t, cache=c))(model, jnp.asarray(toks[:, :prompt]), cache)
-    steps = [np.asarray(prefill)]
-    for t in range(prompt, toks.shape[1]):
-        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
-        steps.append(np.asarray(logits_BV)[:, None])
-    return np.concatenate(steps, axis=1), cache
-
-
-@torch.no_grad()
-def torch_steps(model, toks, prompt=P):
-    decoder = TorchDecoder(model)
-    cache = model.init_cache(toks.shape[0], toks.shape[1])
-    prefill, cache = model(torch.as_tensor(toks[:, :prompt]), cache=cache)
-    steps = [prefill.numpy()]
-    for t in range(prompt, toks.shape[1]):
-        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
-        steps.append(logits_BV.numpy()[:, None])
-    return np.concatenate(steps, axis=1), cache
 
 
 def check_cached_equals_uncached(spec, attention=("einsum", "einsum"), seq=P + N, prompt=P):

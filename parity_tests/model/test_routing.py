@@ -70,8 +70,10 @@ from shared_config import TrainConfig  # noqa: E402
 from shared_config.parity import GRAD_TOL, LOSS_TOL, TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel  # noqa: E402
 from torch_model import routing as torch_routing  # noqa: E402
 
-from ..support import reference# noqa: E402
-from ..support.common import FORWARD_TOL, case_ids, parity_weights, quick_first, rel_err, tokens  # noqa: E402
+from ..support import reference  # noqa: E402
+from ..support.common import (  # noqa: E402
+    FORWARD_TOL, case_ids, jax_steps, parity_weights, quick_first, rel_err, tokens, torch_steps,
+)
 from ..support.train_common import TWINS, trajectory  # noqa: E402
 
 MARGIN = 1e-4  # a selection is tested only where float32 rounding (~1e-6 here) cannot flip it
@@ -223,8 +225,6 @@ def test_select_top_k_orders_by_score_then_position(twin, select):
 @pytest.mark.parametrize("changes", quick_first([ROUTED[0], ROUTED[4], ROUTED[5]]),
                          ids=case_ids([ROUTED[0], ROUTED[4], ROUTED[5]]))
 def test_cached_decoding_equals_the_full_forward_in_predictor_mode(changes):
-    from .test_kv_cache import jax_steps, torch_steps
-
     spec = make_spec(**changes)
     w, x = routed_weights(spec), tokens(spec, 2, 20)
     assert_margins(reference_taps(w, spec, x, "predictor"), spec, "predictor")

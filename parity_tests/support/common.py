@@ -98,6 +98,38 @@ def ref_logits(weights, spec, toks, taps=None) -> np.ndarray:
     return reference.forward(weights, spec, toks, taps)
 
 
+def jax_steps(model, toks, prompt: int, start_B=None) -> tuple[np.ndarray, object]:
+    """Decoding `toks` [B, T] with a cache, as generation does: logits [B, T, V], the first `prompt` positions' from
+    one prefill call, then one `Decoder.decode_step` per token; and the last cache. `start_B` [B]: each row's left
+    padding. Any mixer: the cache holds each layer's own state (block.empty_state)."""
+    from flax import nnx
+
+    from jax_model.generate import Decoder
+
+    decoder, cache = Decoder(model), model.init_cache(toks.shape[0], toks.shape[1], start_B)
+    # Every prompt position, not only the last; jitted, as op-by-op JAX compiles a kernel per op and shape.
+    prefill, cache = nnx.jit(lambda m, t, c: m(t, cache=c))(model, jnp.asarray(toks[:, :prompt]), cache)
+    steps = [np.asarray(prefill)]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(np.asarray(logits_BV)[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
+@torch.no_grad()
+def torch_steps(model, toks, prompt: int, start_B=None) -> tuple[np.ndarray, object]:
+    """`jax_steps` of the torch twin."""
+    from torch_model.generate import Decoder
+
+    decoder, cache = Decoder(model), model.init_cache(toks.shape[0], toks.shape[1], start_B)
+    prefill, cache = model(torch.as_tensor(toks[:, :prompt]), cache=cache)
+    steps = [prefill.numpy()]
+    for t in range(prompt, toks.shape[1]):
+        logits_BV, cache = decoder.decode_step(toks[:, t], cache)
+        steps.append(logits_BV.numpy()[:, None])
+    return np.concatenate(steps, axis=1), cache
+
+
 def file_bytes_equal(a, b):
     """Two canonical files hold the same metadata, tensor names, dtypes and bytes."""
     wa, ma = read_safetensors(a)
