@@ -13,12 +13,11 @@ Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progre
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import cache_state, use_compile_cache
-from shared_config.parallel import mesh_devices, rows_per_shard
+from shared_config.parallel import env_int, mesh_devices, rows_per_shard
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import (
     ResourceError, accelerator_present, check_memory, forward_bytes, is_out_of_memory, layout_size, train_bytes,
@@ -64,7 +63,7 @@ def parse_args(argv):
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
         raise UsageError(f"{', '.join(memory)}: train-config options of the twins: use them with --mode train and "
                          "--backend both, jax or torch")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = env_int("WORLD_SIZE", 1) > 1
     if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
@@ -117,7 +116,7 @@ def compare(args):
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     from bench.timing import run_benchmarks
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank times its step; rank 0 reports
+    rank0 = env_int("RANK") == 0  # under torchrun every rank times its step; rank 0 reports
 
     def on_progress(partial, device):  # the JSON as of the last measured row: a stopped run keeps it
         if rank0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least, no_repeats, nonempty
 from shared_config.limits import quote
+from shared_config.parallel import env_int
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNEL_NAMES, GLA_KERNEL_TWIN, GLA_KERNELS, check_kernel
 
@@ -194,7 +195,7 @@ def environment(args, device: str) -> dict:
         # the memory options (profile_step.py, which shares this function, has none: the defaults)
         "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
         "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": env_int("WORLD_SIZE", 1),
         "parallel": args.parallel if "WORLD_SIZE" in os.environ else None,
         "compiler_flags": compiler_flags(),
         "compile_cache": getattr(args, "cache_state", {"dir": None}),  # its entries before the run: cold or warm

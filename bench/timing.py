@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from functools import partial
@@ -13,6 +12,7 @@ from tqdm import tqdm
 
 from shared_config.cli import UsageError
 from shared_config.flops import flops_per_token, matmul_params
+from shared_config.parallel import env_int
 from shared_config.hardware import check_dtype
 from shared_config.progress import progress
 
@@ -127,7 +127,7 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
         from jax_model import distributed
 
         setups["jax"] = partial(setups["jax"], mesh=distributed.make_mesh(args.mesh, devices=args.devices))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
+    if env_int("WORLD_SIZE", 1) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
         from torch_model import distributed
 
         distributed.init_distributed()
@@ -209,7 +209,7 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
     achieved = tokens_per_s * flops / 1e12
     peak = args.peak_tflops or peak_tflops(device, args.dtype)  # per chip
     # chips the step runs on: a JAX mesh's devices, or torchrun's processes (one device each)
-    chips = math.prod(bench.info["mesh"].values()) if "mesh" in bench.info else int(os.environ.get("WORLD_SIZE", "1"))
+    chips = math.prod(bench.info["mesh"].values()) if "mesh" in bench.info else env_int("WORLD_SIZE", 1)
     return {
         "backend": backend, "variant": label,
         "step_s": {"median": median, "p10": float(np.percentile(times, 10)), "p90": float(np.percentile(times, 90))},

@@ -26,7 +26,7 @@ from shared_config.compile_cache import add_compile_cache_option, use_compile_ca
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
-from shared_config.parallel import mesh_devices, rows_per_shard
+from shared_config.parallel import env_int, mesh_devices, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None):
 def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    torchrun = env_int("WORLD_SIZE", 1) > 1
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     devices = mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB
@@ -94,7 +94,7 @@ def check_scale_out(p, args) -> None:
         p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)
     args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
-    args.shards = devices or int(os.environ.get("WORLD_SIZE", "1"))  # what the global batch splits over
+    args.shards = devices or env_int("WORLD_SIZE", 1)  # what the global batch splits over
     if devices:
         os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                    f"--xla_force_host_platform_device_count={devices}").strip()
@@ -126,9 +126,12 @@ def main(argv=None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
             try:
                 summary = Loop(run, make_trainer, progress=not args.quiet)()
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM ("partial outputs removed"): the directories this run
-                if made and is_main_process() and latest_checkpoint(run.out) is None:  # made, with no checkpoint
-                    shutil.rmtree(made, ignore_errors=True)  # to resume, go: their run.json, lock and metrics stayed
+            except BaseException as e:  # Ctrl-C, SIGTERM ("partial outputs removed") or an error (a bad RANK, out of
+                # memory): the directories this run made, with no checkpoint, go; their run.json, lock and metrics
+                # stayed, a run that could not be resumed. A non-finite loss keeps its metrics: they say where.
+                if (not isinstance(e, NonFiniteError) and made and is_main_process()
+                        and latest_checkpoint(run.out) is None):
+                    shutil.rmtree(made, ignore_errors=True)
                 raise
         finished = True
     except NonFiniteError as e:

@@ -253,13 +253,20 @@ def fail(message: str, code: int = BAD_INPUT):
     read values every rank shares) and a signal (torchrun sends it to every rank) are every rank's alike: rank 0
     alone prints them (the others exit with the same code, silently). An error of the machine (ENVIRONMENT: memory,
     disk) may be one rank's own: every rank that meets it prints it."""
-    if code != ENVIRONMENT and os.environ.get("RANK", "0") != "0":
+    if code != ENVIRONMENT and not _rank_zero():
         sys.exit(code)
     text = " ".join(str(message).split())
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
     print(f"error: {text}", file=sys.stderr)
     sys.exit(code)
+
+
+def _rank_zero() -> bool:
+    """Whether this process is torchrun's rank 0 or runs alone. A RANK that is not a number is rank 0's too: its
+    error (shared_config.parallel.env_int) must be printed, where `RANK=x` exited 2 without a word."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not (rank.isascii() and rank.isdigit()) or int(rank) == 0
 
 
 def _interrupt(signum, frame):
@@ -334,7 +341,7 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
     sys.unraisablehook = _redeliver_interrupts
     partial_report(forget=True)  # a report of an earlier run in this process (a test's) is not this run's
     signal.signal(signal.SIGINT, _interrupt)
-    if os.environ.get("RANK", "0") == "0":
+    if _rank_zero():
         signal.signal(signal.SIGTERM, _interrupt)
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
     # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one

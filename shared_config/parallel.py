@@ -9,6 +9,7 @@ FSDP2 `Shard` placements and each rank's rows.
 from __future__ import annotations
 
 import math
+import os
 
 from .layout import Tensor
 from .config_file import SpecError, did_you_mean
@@ -18,6 +19,18 @@ AXES = ("data", "fsdp")
 # A CPU mesh's devices are emulated (XLA's --xla_force_host_platform_device_count), each with its own thread pools
 # and buffers: 2,000 of them took 17 GB and over a minute before the first step. Tests use 8.
 MAX_HOST_DEVICES = 64
+
+
+def env_int(name: str, default: int = 0) -> int:
+    """Environment variable `name` that a launcher sets (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; JAX_PROCESS_ID) as
+    an integer >= 0, `default` where unset. SpecError naming it otherwise: `WORLD_SIZE=abc` was a traceback."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if not (text.strip().isascii() and text.strip().isdigit()):  # str.isdigit alone takes '²', which int() refuses
+        raise SpecError(f"environment variable {name}={text!r:.80} must be an integer >= 0 (set by torchrun or the "
+                        f"launcher); unset it to run one process")
+    return int(text)
 
 
 def fsdp_dim(t: Tensor, n: int) -> int | None:

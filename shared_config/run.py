@@ -5,7 +5,6 @@ trains it is shared_config/loop.py; the run directory's files are shared_config/
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
@@ -21,6 +20,7 @@ from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
 from .limits import quote
+from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
                       read_state)
@@ -222,4 +222,4 @@ def fresh_state(weights: dict) -> dict:
 def is_main_process() -> bool:
     """Process 0 of a torchrun (RANK) or multi-process JAX (JAX_PROCESS_ID) run, or the only process: the one that
     writes the run directory and reports. Every process trains; all of them take part in gathering a checkpoint."""
-    return int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0"))) == 0
+    return env_int("RANK", env_int("JAX_PROCESS_ID")) == 0

@@ -218,3 +218,26 @@ def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys
     with pytest.raises(SystemExit):
         fail("disk full", 3)
     assert capsys.readouterr().err == "error: disk full\n"
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("WORLD_SIZE", "abc", "environment variable WORLD_SIZE='abc' must be an integer >= 0"),
+    ("RANK", "x", "environment variable RANK='x' must be an integer >= 0"),  # it exited 2 without a word
+    ("JAX_PROCESS_ID", "²", "environment variable JAX_PROCESS_ID='²' must be an integer >= 0"),
+    ("RANK", "0", "RANK is set but WORLD_SIZE and LOCAL_RANK not"),  # a KeyError's traceback, after run.json
+])
+def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeypatch, capsys, name, value, says):
+    """torchrun's RANK and WORLD_SIZE and JAX's JAX_PROCESS_ID set by hand to a non-number were int()'s traceback;
+    the run directory made before it stays unmade."""
+    from shared_config.cli import run
+
+    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as e:
+        run(load_script("train").main, ["--backend", "torch", "--out", str(tmp_path / "new" / "run"), "--steps", "1",
+                                        "--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16",
+                                        "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()
