@@ -25,8 +25,8 @@ from shared_config.resources import (
 
 from bench import load
 from bench.options import (
-    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels,
-    variants,
+    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
+    kernels, variants,
 )
 
 
@@ -72,7 +72,7 @@ def parse_args(argv):
         raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
                          "bench/compare.py --backend torch ...")
     args.parallel = args.parallel or ("ddp" if distributed else None)
-    check_outputs(args.json, args.plot, cache=args.compile_cache)  # before any work, not after the run
+    check_outputs(args.json, args.plot, cache=args.compile_cache, inputs=job_inputs(args))  # before any work
     check_used_options(args)
     if "hf" in BACKENDS[args.backend] and importlib.util.find_spec("transformers") is None:  # before any work
         raise UsageError(f"--backend {args.backend} times Hugging Face transformers, which is not installed: "

@@ -77,6 +77,11 @@ def add_report_options(p: argparse.ArgumentParser, plot: bool = False) -> None:
     add_compile_cache_option(p)
 
 
+def job_inputs(args) -> list[tuple[str, str | None]]:
+    """The files a job reads, for check_outputs: a --json or --plot naming one of them replaced it."""
+    return [("--spec", args.spec), ("--train-config", args.train_config)]
+
+
 def check_used_options(args) -> None:
     """Refuse options this job would ignore without a word, or fail on midway: --compile/--no-compile (torch.compile)
     with only the JAX backend asked, --train-config (the train step's optimizer) in another mode, a --gla-kernel that

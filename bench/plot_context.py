@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("reports", nargs="+", type=Path, help="compare.py --json files of --mode decode runs")
     p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
-    check_outputs(plot_path=args.out, plot_flag="--out")
+    check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("reports", path) for path in args.reports])
     no_repeats("reports", [path.resolve() for path in args.reports])
     reports = [read_report(path) for path in args.reports]
     env = reports[0]["env"]

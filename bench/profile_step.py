@@ -39,8 +39,8 @@ from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import (
-    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, kernels,
-    variants,
+    BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
+    kernels, variants,
 )
 from bench.runners import without_profiler_chatter
 
@@ -119,7 +119,7 @@ def parse_args(argv):
     if args.steps > MAX_STEPS:
         raise UsageError(f"--steps {args.steps}: at most {MAX_STEPS} profiled steps (the profilers keep every event in "
                          "memory; a kernel's share settles within a few steps)")
-    check_outputs(args.json, cache=args.compile_cache)
+    check_outputs(args.json, cache=args.compile_cache, inputs=job_inputs(args))
     check_used_options(args)
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None

@@ -17,7 +17,7 @@ def main(argv=None):
     p.add_argument("report", type=Path, help="a bench/compare.py --json report")
     p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
-    check_outputs(plot_path=args.out, plot_flag="--out")
+    check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("REPORT", args.report)])
     report = read_report(args.report)
     if (bars := len(report["results"])) > MAX_LINES:
         raise UsageError(f"{args.report} holds {bars:,} rows; one chart draws at most {MAX_LINES}")

@@ -306,7 +306,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not (args.spec or args.weights):
         raise UsageError("give --spec, --weights or both")
-    check_outputs(args.json, args.plot)  # fail now, not after the run
+    check_outputs(args.json, args.plot, inputs=[("--spec", args.spec), ("--weights", args.weights),
+                                             ("--train-config", args.train_config)])  # fail now, not after the run
     for flag, value in (("--plot", args.plot), ("--train-config", args.train_config)):  # else ignored silently
         if value and args.train_steps <= 0:
             raise UsageError(f"{flag} needs --train-steps N")

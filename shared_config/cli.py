@@ -177,12 +177,13 @@ def nonempty(text: str) -> str:
     return text
 
 
-def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cache=None) -> None:
+def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cache=None, inputs=()) -> None:
     """Refuse, before any work, a --json/--plot whose directory does not exist or is not writable, that names a
     directory or a device (/dev/stdout: the atomic write would replace it), or a --plot matplotlib cannot write (by its
     extension), or the `cache` directory (--compile-cache, which the run makes a directory): the error a long run
     would otherwise raise at its end (or after its first job), or never. `plot_flag`: the image's option, where not
-    --plot."""
+    --plot. `inputs`: (flag, path) pairs of the files the tool reads (a preset's name is no file), none of which an
+    output may be (check_not_inputs)."""
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
@@ -200,6 +201,22 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
         raise UsageError(f"{plot_flag} {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
     if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
         raise UsageError(f"--json and {plot_flag} name the same file {plot_path}: the image would replace the report")
+    check_not_inputs([("--json", json_path), (plot_flag, plot_path)], inputs)
+
+
+def check_not_inputs(outputs, inputs) -> None:
+    """Refuse (UsageError) an output that is one of the input files, by name, link or hard link: `parity_report.py
+    --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report. `outputs`, `inputs`:
+    (flag, path) pairs; a path None, `-` (stdout) or not an existing file (a preset's name) is skipped."""
+    def files(pairs):
+        return [(flag, path) for flag, path in pairs if path not in (None, "-") and str(path) != "-"
+                and Path(path).expanduser().is_file()]
+
+    for out_flag, out in files(outputs):
+        for in_flag, given in files(inputs):
+            if os.path.samefile(Path(out).expanduser(), Path(given).expanduser()):
+                raise UsageError(f"{out_flag} {out} is the file {in_flag} {given} that this run reads: the output "
+                                 "would replace it; give the output another name")
 
 
 def check_out_dir(flag: str, path) -> None:

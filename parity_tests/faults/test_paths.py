@@ -15,7 +15,7 @@ from shared_config.cli import Parser, UsageError, check_outputs
 from shared_config.files import atomic_dir, atomic_write
 from shared_config.data import DataError, load_data
 
-from ..support.common import checkout_env, one_line_error, run_python, run_script
+from ..support.common import checkout_env, load_script, one_line_error, run_python, run_script
 
 
 def write_text(text):
@@ -52,6 +52,32 @@ def test_a_write_refuses_a_device_a_pipe_or_the_other_kind(tmp_path):
         check_outputs(json_path=tmp_path / "pipe")
     with pytest.raises(UsageError, match="exists and is not a regular file"):
         check_outputs(json_path=tmp_path / "adir")
+
+
+def test_an_output_that_is_an_input_file_is_refused_before_any_work(tmp_path):
+    """`parity_report.py --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report, and
+    `replot.py r.png --out r.png` the report with its image: an output is no input, by name, symbolic or hard link.
+    A preset's name and `--json -` (stdout) name no file."""
+    from bench import compare, plot_context, replot
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "link").symlink_to(weights)
+    os.link(weights, tmp_path / "hard")
+    for out in (weights, tmp_path / "link", tmp_path / "hard"):
+        with pytest.raises(UsageError, match=f"--json {out} is the file --weights {weights} that this run reads"):
+            check_outputs(json_path=out, inputs=[("--spec", "tiny"), ("--weights", weights)])
+    check_outputs(json_path="-", inputs=[("--weights", weights)])
+    check_outputs(json_path=tmp_path / "new.json", inputs=[("--spec", "tiny"), ("--weights", None)])
+    spec = tmp_path / "s.png"  # the tools pass what they read
+    spec.write_text("d_model: 48\n")
+    for parse, argv in ((load_script("parity_report").parse_args, ["--weights", str(weights), "--json", str(weights)]),
+                        (compare.parse_args, ["--spec", str(spec), "--plot", str(spec)]),
+                        (replot.main, [str(spec), "--out", str(spec)]),
+                        (plot_context.main, [str(spec), "--out", str(spec)])):
+        with pytest.raises(UsageError, match="that this run reads"):
+            parse(argv)
+    assert weights.read_bytes() == b"weights" and spec.read_text() == "d_model: 48\n"
 
 
 def test_any_name_the_file_system_takes_is_written(tmp_path):
