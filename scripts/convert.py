@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
-from shared_config.cli import Parser, UsageError, check_out_dir, run
+from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
 from shared_config.files import recover, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 from shared_config.progress import writing
@@ -98,6 +98,7 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     target = target_format(dst, to)
     recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
+    check_input_outside("DST", dst, "SRC", src)
     check_file_name(dst, target)
     weights, spec, source = read_any(src, spec)  # names, shapes, float dtypes checked: before any cast
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)

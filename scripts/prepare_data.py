@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_config.cli import Parser, UsageError, check_out_dir, run
+from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
 from shared_config.data import DataError, split_tokens, val_tokens
 from shared_config.files import atomic_dir, json_text
 from shared_config.progress import QUICK_S, progress
@@ -141,6 +141,7 @@ def main(argv=None):
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)
+    check_input_outside("--out", args.out, "INPUT", args.input)
     if args.out.is_dir() and not (args.out / "meta.json").exists() and any(args.out.iterdir()):
         raise UsageError(f"--out {args.out}: holds files but no meta.json; --force replaces only a data directory "
                          "prepare_data.py wrote: remove it yourself or pick another --out")

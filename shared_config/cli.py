@@ -231,6 +231,16 @@ def check_out_dir(flag: str, path) -> None:
         raise UsageError(f"{flag} {path}: {ancestor} is not writable")
 
 
+def check_input_outside(flag: str, out, input_flag: str, given) -> None:
+    """Refuse (UsageError) an output directory that holds the input file the tool reads: replacing the directory
+    (--force) deleted it (`prepare_data.py d/corpus.txt --out d --force`, `convert.py d/m.pt d --to hf --force`).
+    By where the input's name leads: a link in the directory to a file elsewhere goes, its file stays."""
+    out_dir, source = Path(out).expanduser().resolve(), Path(given).expanduser().resolve()
+    if out_dir in source.parents:
+        raise UsageError(f"{flag} {out} holds {input_flag} {given}, which replacing it would delete; move the input "
+                         f"out of it or pick another {flag}")
+
+
 def names(flag: str, text: str) -> list[str]:
     """The comma-separated names of option `flag` (--configs, --backends, --only), refused (UsageError) where one is
     empty (`rms-pre,,dyt-pre`, ''): its error line showed nothing where the name should be."""

@@ -647,6 +647,29 @@ def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
     assert sorted(p.name for p in data.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_force_never_deletes_the_input_it_reads(tmp_path, canonical):
+    """An input inside the directory --force replaces went with it: `prepare_data.py d/corpus.txt --out d --force`
+    lost the corpus, `convert.py d/m.safetensors d --to hf --force` the checkpoint. Refused, nothing touched; a
+    directory converted in place (SRC is DST) is still replaced."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text("{}")
+    (data / "corpus.txt").write_text("some text to tokenize " * 20)
+    with pytest.raises(UsageError, match=f"--out {data} holds INPUT {data / 'corpus.txt'}, which replacing it would "
+                                         "delete"):
+        load_script("prepare_data").main([str(data / "corpus.txt"), "--out", str(data), "--force"])
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    os.replace(canonical, hf / "m.safetensors")
+    with pytest.raises(UsageError, match=f"DST {hf} holds SRC {hf / 'm.safetensors'}, which replacing it would"):
+        convert(hf / "m.safetensors", hf, to="hf", force=True)
+    assert sorted(p.name for p in data.iterdir()) == ["corpus.txt", "meta.json"]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "m.safetensors"]
+    convert(hf / "m.safetensors", tmp_path / "out", to="hf")
+    convert(tmp_path / "out", tmp_path / "out", to="hf", force=True)
+
+
 def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
     (tmp_path / "adir").mkdir()
     one_line(run_script("init_checkpoint", "--spec", "tiny", "--seed", "-1", "--out", tmp_path / "x.safetensors"), 2,
