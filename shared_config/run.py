@@ -80,6 +80,10 @@ def resolve_run(args) -> Run:
     if stored and cfg_changes.get("steps", math.inf) < (done := checkpoint_step(checkpoint)):
         raise UsageError(f"--steps {cfg_changes['steps']}: the run in {args.out} has done {done} steps; --steps is the "
                          f"number of steps to reach (at least {done})")
+    if stored and args.stop_at is not None and args.stop_at < done:  # exit 0 having done nothing, a note saying the
+        # schedule changed
+        raise UsageError(f"--stop-at {args.stop_at}: the run in {args.out} has done {done} steps; --stop-at is the "
+                         f"update to stop after (at least {done})")
     # `is not None` throughout: an empty --spec/--data/--train-config is an error, not "not given"
     source = args.data if args.data is not None else stored["data"]["source"] if stored else "synthetic"
     if args.data is None and stored and not str(source).startswith("synthetic") and not Path(source).exists():

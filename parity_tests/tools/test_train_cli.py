@@ -301,3 +301,22 @@ def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path):
     second = run_script("train", "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
                         "--quiet")
     assert second.returncode == 0 and json.loads(second.stdout)["step"] == 2, second.stderr
+
+
+def test_a_resume_told_to_stop_before_where_the_run_is_is_refused(tmp_path, capsys):
+    """`--resume --steps 4 --stop-at 1` on a run at step 2 exited 0 having done nothing, with a note that the lr
+    schedule changed (it did not: nothing was written); --steps below the run's step was already refused."""
+    from shared_config.cli import run
+
+    train, out = load_script("train"), tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(out), "--steps", "2", *SHORT])
+    assert e.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(out), "--resume", "--steps", "4", "--stop-at", "1",
+                         "--quiet"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --stop-at 1: the run in {out} has done 2 steps; --stop-at is the "
+                                       "update to stop after (at least 2)\n")
+    assert [c.name for c in list_checkpoints(out)] == ["step-00000002"]
