@@ -18,8 +18,10 @@ CACHE_SIZE_BYTES = 4 * 2**30
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/twinlm/compile, or ~/.cache/twinlm/compile (the XDG base directory rule)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinlm" / "compile"
+    """$XDG_CACHE_HOME/twinlm/compile, or ~/.cache/twinlm/compile (the XDG base directory rule, which also says a
+    relative $XDG_CACHE_HOME is invalid and ignored: it put a cache folder in whatever directory the run started in)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "twinlm" / "compile"
 
 
 def add_compile_cache_option(parser) -> None:

@@ -29,6 +29,9 @@ from ..support.compile_caches import cache_settings
 def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "twinlm" / "compile"
+    for unset in ("", "relative/cache"):  # a relative one is invalid (the XDG rule): it filled the current directory
+        monkeypatch.setenv("XDG_CACHE_HOME", unset)
+        assert str(default_cache_dir()) == os.path.expanduser("~/.cache/twinlm/compile")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert str(default_cache_dir()) == os.path.expanduser("~/.cache/twinlm/compile")
 
