@@ -11,17 +11,13 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import atexit
-import contextlib
 import errno
 import math
 import os
 import re
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -33,21 +29,17 @@ from .report import partial_report
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
+from .signals import Terminated, exit_interrupted, interrupt, redeliver_interrupts
 
 BAD_INPUT, ENVIRONMENT = 2, 3
 # a negative number is a value, not an option (argparse's own rule), and so is a comma-separated list that starts
 # with one (`--tokens -1,2` was "unrecognized option -1,2", not the id it is)
 NUMBER = re.compile(r"-\d+(,\s*-?\d+)*|-\d*\.\d+")
-REDELIVER_S = 0.05  # seconds after a Ctrl-C or SIGTERM swallowed in a callback until it is delivered again
 MAX_MESSAGE = 2000  # characters of an error line; the rest is cut (a message quoting a hostile file stays short)
 
 
 class UsageError(ValueError):
     """Bad command-line input that argparse itself cannot see (a bad combination, a missing file)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp files, half-built directories) runs."""
 
 
 USER_ERRORS = (
@@ -296,51 +288,6 @@ def _rank_zero() -> bool:
     return not (rank.isascii() and rank.isdigit()) or int(rank) == 0
 
 
-def _interrupt(signum, frame):
-    """The SIGINT and SIGTERM handler in run: raise KeyboardInterrupt or Terminated, except while a module is being
-    imported (`frame`'s stack runs importlib): there the exception was raised in whatever Python code the import ran,
-    and an extension module's init that ran it (jaxlib's nanobind modules, during any `import jax`) aborted the process
-    (exit 134) or cleared the exception, and the run went on to exit 0. The signal is then delivered again
-    (_redeliver) until it lands past the import."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            _redeliver(signum)
-            return
-        frame = frame.f_back
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def _redeliver_interrupts(unraisable) -> None:
-    """sys.unraisablehook: a Ctrl-C or SIGTERM whose exception was raised where Python can only print it (jax's
-    `_xla_gc_callback`, run by the garbage collector at any allocation; a `__del__`) was swallowed there, and the run
-    went on (jax-ml/jax#18246: "3-4 keyboard interrupts are needed"). It is delivered to the main thread again
-    (_thread.interrupt_main) from a timer thread, REDELIVER_S later: the main thread, by then past the callback,
-    raises it (delivered at once, the hook itself, Python code, raised it and was swallowed in turn); a swallowed
-    redelivery is redelivered again. Any other unraisable exception goes to Python's own hook."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        _redeliver(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
-    else:
-        sys.__unraisablehook__(unraisable)
-
-
-def _redeliver(signum: int) -> None:
-    timer = threading.Timer(REDELIVER_S, _thread.interrupt_main, (signum,))
-    timer.daemon = True  # never waited for at exit
-    timer.start()
-
-
-def _exit_interrupted(code: int) -> None:
-    """End an interrupted run with `code` after the atexit handlers, without the interpreter's finalization: a
-    Ctrl-C or SIGTERM that cut an XLA compilation left objects whose teardown at exit segfaults (exit 139 after the
-    `error:` line; a plain jax.jit in a script does it). The partial outputs are already removed (the `with` blocks
-    the exception passed through)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)
-
-
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main`; errors become one `error:` line and an exit code from the table above (traceback with --debug).
     Ends with SystemExit. Without `argv`, run is the program's entry point (a script's `run(main)`) and owns the
@@ -365,11 +312,11 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
         # a path that is not UTF-8 (kept by Python as surrogates) prints as the bytes it is, as `ls` shows it: a
         # strict stdout (a UTF-8 locale other than C.UTF-8) raised after the work, `print(args.out)` a traceback
         sys.stdout.reconfigure(errors="surrogateescape")
-    sys.unraisablehook = _redeliver_interrupts
+    sys.unraisablehook = redeliver_interrupts
     partial_report(forget=True)  # a report of an earlier run in this process (a test's) is not this run's
-    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     if _rank_zero():
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
     # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one
     # rank's error, gives the others 30 s before SIGKILL)
@@ -401,7 +348,7 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
                                                 else "partial outputs removed"), 128 + getattr(signal, name))
         except SystemExit as done:
             if owner:
-                _exit_interrupted(done.code)
+                exit_interrupted(done.code)
             raise
     except Exception as e:
         if (hardware := jax_backend_failure()) is not None:  # JAX_PLATFORMS=cuda on a machine without CUDA
