@@ -132,6 +132,19 @@ def test_bad_arguments_are_one_line_errors(report, args, message, capsys):
     assert err.startswith("error: ") and message in err, err
 
 
+def test_a_set_that_contradicts_an_option_or_the_weights_is_named(report, weights_file, capsys):
+    """`--dtype float32 --set compute_dtype=bfloat16` ran float32 without a word; `--set n_layers=2` on 3-layer
+    weights was "weights: unexpected keys", naming neither the file nor the --set."""
+    for args, says in ((["--spec", "tiny", "--dtype", "float32", "--set", "compute_dtype=bfloat16"],
+                        "--dtype float32 and --set compute_dtype=bfloat16: --dtype is shorthand"),
+                       (["--weights", weights_file, "--set", "n_layers=2"],
+                        f"--weights {weights_file} with --set n_layers=2: unexpected keys: model.layers.2.")):
+        with pytest.raises(SystemExit) as e:
+            run(report.main, args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--batch", "10000000"], "comparing 3 layers of d_model 96, vocab 257 at batch 10,000,000 x seq 8 needs about"),
     (["--train-steps", "2", "--train-config", "huge.yaml"], "training 3 layers of d_model 96, vocab 257 at batch "
