@@ -124,7 +124,11 @@ def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
     path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
     if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
-        return HFTokenizer(path)
+        tokenizer = HFTokenizer(path)
+        if (n := tokenizer.tokenizer.get_vocab_size()) > spec.V:  # "prompt 0: token id 263 is outside the vocabulary"
+            raise UsageError(f"{path}: the tokenizer has {n} tokens but the model's vocab_size is {spec.V}: not the "
+                             "tokenizer these weights were trained with; put theirs beside them, or pass --tokens")
+        return tokenizer
     if spec.V >= 256:
         return ByteTokenizer()
     raise UsageError(f"no {path} and vocab_size={spec.V} < 256 cannot hold bytes: pass --tokens")

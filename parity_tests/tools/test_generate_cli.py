@@ -73,6 +73,9 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     assert cli.load_tokenizer(tmp_path / "model.safetensors", make_spec()).encode("a") == [3]
     with pytest.raises(cli.UsageError, match="--tokens"):
         cli.load_tokenizer(weights, make_spec())  # 97 tokens cannot hold bytes, and no tokenizer.json
+    with pytest.raises(cli.UsageError, match="tokenizer.json: the tokenizer has 5 tokens but the model's vocab_size "
+                                             "is 4: not the tokenizer these weights were trained with"):
+        cli.load_tokenizer(tmp_path / "model.safetensors", make_spec(vocab_size=4))  # a prompt's id 4: "outside"
 
 
 @pytest.mark.parametrize("args, message", [
