@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared_config.cli import Parser, at_least, fail, nonempty, run as run_main
+from shared_config.cli import USER_ERRORS, Parser, at_least, fail, nonempty, run as run_main
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
@@ -126,11 +126,10 @@ def main(argv=None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
             try:
                 summary = Loop(run, make_trainer, progress=not args.quiet)()
-            except BaseException as e:  # Ctrl-C, SIGTERM ("partial outputs removed") or an error (a bad RANK, out of
-                # memory): the directories this run made, with no checkpoint, go; their run.json, lock and metrics
-                # stayed, a run that could not be resumed. A non-finite loss keeps its metrics: they say where.
-                if (not isinstance(e, NonFiniteError) and made and is_main_process()
-                        and latest_checkpoint(run.out) is None):
+            except (KeyboardInterrupt, *USER_ERRORS):  # Ctrl-C, SIGTERM ("partial outputs removed") or bad input
+                # found as the run starts (RANK without torchrun's other variables): the directories this run made,
+                # with no checkpoint, go; their run.json, lock and metrics stayed, a run that could not be resumed
+                if made and is_main_process() and latest_checkpoint(run.out) is None:
                     shutil.rmtree(made, ignore_errors=True)
                 raise
         finished = True
