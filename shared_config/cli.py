@@ -201,8 +201,8 @@ def check_not_inputs(outputs, inputs) -> None:
     --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report. `outputs`, `inputs`:
     (flag, path) pairs; a path None, `-` (stdout) or not an existing file (a preset's name) is skipped."""
     def files(pairs):
-        return [(flag, path) for flag, path in pairs if path not in (None, "-") and str(path) != "-"
-                and Path(path).expanduser().is_file()]
+        return [(flag, path) for flag, path in pairs
+                if path is not None and str(path) != "-" and Path(path).expanduser().is_file()]
 
     for out_flag, out in files(outputs):
         for in_flag, given in files(inputs):
