@@ -386,7 +386,10 @@ def test_prepare_data_holds_about_4_bytes_a_token_while_encoding(tmp_path, monke
     finally:
         tracemalloc.stop()
     assert tokens.dtype == "uint32" and len(tokens) > 100_000
-    assert peak < 12 * len(tokens), peak / len(tokens)  # the array and one concatenated copy, plus a chunk
+    # ~8 bytes a token measured (the array and one concatenated copy, plus a chunk); the lists cost ~36. The margin
+    # holds what other threads of a busy test worker allocate meanwhile (tracemalloc counts them too): at 12 a token
+    # the test failed once under -n 2
+    assert peak < 16 * len(tokens), peak / len(tokens)
 
 
 def test_compile_is_refused_where_only_jax_runs(capsys):
