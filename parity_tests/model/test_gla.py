@@ -273,6 +273,7 @@ def test_bf16_compute_agrees(norm_type):
             and top1_agreement(j, t) >= BF16_TOP1), (kl.mean(), kl.max())
 
 
+@pytest.mark.slow  # 11 s (the quick tier is kept under 5 minutes); CI runs the full suite
 def test_the_recurrence_is_handed_float32_in_bf16(monkeypatch):
     """The gates, the state and the recurrence are float32 whatever compute_dtype says (gla.py's `heads`): a twin
     handing the chunk form or the recurrence bf16 projections (the cast dropped) still decoded without an error,
