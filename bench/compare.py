@@ -19,6 +19,7 @@ from shared_config.cli import Parser, UsageError, above, at_least, check_outputs
 from shared_config.compile_cache import cache_state, use_compile_cache
 from shared_config.parallel import env_int, mesh_devices, rows_per_shard
 from shared_config.report import report_on_stdout, write_report
+from shared_config.run import SPEC_KEYS
 from shared_config.resources import (
     ResourceError, accelerator_present, check_memory, forward_bytes, is_out_of_memory, layout_size, train_bytes,
 )
@@ -38,7 +39,8 @@ def parse_args(argv):
                               "time --steps one-token KV-cache steps",
                     steps=20, steps_help="timed steps per (variant, backend), rounded up to a multiple of --rounds",
                     compiled="torch/hf")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="benchmark every value")
+    p.add_argument("--sweep", action="append", default=[], type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=V1,V2",
+                   help="benchmark every value")
     p.add_argument("--rounds", type=at_least(1), default=4, help="interleaved rounds the timed steps are split into")
     p.add_argument("--grad-accum-steps", "--grad-accum", dest="grad_accum", type=int, default=None, metavar="N",
                    help="train mode, twins: --batch-size rows as N micro-batches")

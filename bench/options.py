@@ -18,6 +18,7 @@ from shared_config import SpecError, load_spec, parse_overrides
 from shared_config.cli import UsageError, at_least, no_repeats, nonempty
 from shared_config.limits import quote
 from shared_config.parallel import env_int
+from shared_config.run import SPEC_KEYS
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNEL_NAMES, GLA_KERNEL_TWIN, GLA_KERNELS, check_kernel
 
@@ -38,7 +39,8 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     (--batch-size and --batch); args keep the old names (args.batch, args.seq, args.dtype)."""
     p.add_argument("--backend", default="both", choices=backends, help=backend_help)
     p.add_argument("--spec", type=nonempty, default="tiny", help="preset name or YAML path (default: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    p.add_argument("--set", action="append", default=[], type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=VALUE",
+                   help="override a spec key")
     p.add_argument("--batch-size", "--batch", dest="batch", type=at_least(1), default=8, metavar="BATCH_SIZE",
                    help="sequences per step")
     p.add_argument("--seq-len", "--seq", dest="seq", type=at_least(1), default=None, metavar="SEQ_LEN",

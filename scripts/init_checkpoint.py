@@ -12,12 +12,14 @@ from shared_config.cli import Parser, UsageError, check_out_dir, run
 from shared_config.init import draw_weights
 from shared_config.progress import QUICK_S, progress, writing
 from shared_config.resources import weights_bytes
+from shared_config.run import SPEC_KEYS
 
 
 def main(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True, help="preset name or YAML path")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=VALUE",
+                   help="override a spec key (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="init seed")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")

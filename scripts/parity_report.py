@@ -30,7 +30,7 @@ from shared_config.formats.checks import check_weights
 from shared_config.progress import progress as progress_bar
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, report_bytes
-from shared_config.run import check_train_memory
+from shared_config.run import SPEC_KEYS, check_train_memory
 from shared_config.twins import twin
 
 
@@ -293,7 +293,8 @@ def parse_args(argv):
                    help="a checkpoint in any format from_pretrained reads: a .safetensors or .pt file, a run's step "
                         "directory, an Orbax, Hugging Face or flash-linear-attention directory (--weights alone: the "
                         "spec it carries)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=VALUE",
+                   help="override a spec key (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of both twins (default: the spec's)")
     p.add_argument("--seq", type=at_least(1), default=256, help="positions the model reads")
     p.add_argument("--batch", type=at_least(1), default=2, help="sequences per batch")

@@ -29,7 +29,8 @@ from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import env_int, mesh_devices, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
-    BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, is_main_process, resolve_run, resumed_checkpoint,
+    BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, is_main_process, resolve_run,
+    resumed_checkpoint,
 )
 from shared_config.run_dir import latest_checkpoint, lock_run, recover_run_dir
 from shared_config.twins import twin
@@ -40,8 +41,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backend", required=True, choices=BACKENDS, help="the twin that trains")
     p.add_argument("--spec", help=f"preset name or YAML path (default: {DEFAULT_SPEC} with the data's vocabulary size)")
     p.add_argument("--train-config", help=f"train preset name or YAML path (default: {DEFAULT_TRAIN_CONFIG})")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a spec or train config key (repeatable)")
+    p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS + TRAIN_KEYS, "spec or train config"),
+                   metavar="KEY=VALUE", help="override a spec or train config key (repeatable)")
     p.add_argument("--data", type=nonempty,
                    help="synthetic[:SEED] (default), a prepare_data.py directory, a .bin/.npy token file, or text")
     p.add_argument("--data-dtype", choices=TOKEN_DTYPES,

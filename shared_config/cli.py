@@ -112,6 +112,23 @@ class Parser(argparse.ArgumentParser):
                 tuples.append(t)
         return tuples
 
+    def key_item(self, keys, what: str) -> Callable[[str], str]:
+        """An argparse `type` for --set KEY=VALUE and --sweep KEY=V1,V2: the item as given, refused at parse time in
+        one line where KEY is none of `keys` (the `what` keys) but spells one of this command's options
+        (`compare.py --set batch_size=16` was "unknown spec key 'batch_size' (did you mean 'vocab_size'?)", where
+        --batch-size sets it). Any other unknown key is the spec's or train config's error, with its suggestion."""
+        keys = set(keys)
+
+        def item(text: str) -> str:
+            key = text.partition("=")[0].strip()
+            option = "--" + key.replace("_", "-")
+            if key not in keys and option in self._option_string_actions:
+                raise argparse.ArgumentTypeError(f"{quote(key)[1:-1]} is no {what} key: this command takes it as "
+                                                 f"{option}")
+            return text
+
+        return item
+
     def _check_value(self, action, value):
         try:
             super()._check_value(action, value)

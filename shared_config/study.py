@@ -20,7 +20,8 @@ from .files import atomic_write, json_text
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
-from .run import BACKENDS, DEFAULT_TRAIN_CONFIG, Run, check_train_memory, fresh_state, with_changes
+from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
+                  with_changes)
 from .run_dir import METRICS_FILE, lock_run, read_metrics
 from .spec import ModelSpec
 from .train_config import load_train_config
@@ -109,7 +110,8 @@ def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, ou
     p.add_argument("--steps", type=int, default=steps, help="updates per run")
     p.add_argument("--backends", default=",".join(BACKENDS), help=backends_help)
     p.add_argument("--configs", default=",".join(configs), help=configs_help)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec or train config change for every run")
+    p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS + TRAIN_KEYS, "spec or train config"),
+                   metavar="KEY=VALUE", help="a spec or train config change for every run")
     p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p

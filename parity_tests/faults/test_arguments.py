@@ -459,3 +459,33 @@ def test_a_value_list_that_starts_with_a_negative_number_is_a_value():
         assert parser.parse_args(argv).tokens == argv[-1].removeprefix("--tokens=")
     with pytest.raises(SystemExit):
         parser.parse_args(["--tokens", "-x"])  # an option still: one error line
+
+
+@pytest.mark.parametrize("tool, argv, says", [
+    ("compare", ["--set", "batch_size=16"], "argument --set: batch_size is no spec key: this command takes it as "
+                                            "--batch-size"),
+    ("compare", ["--sweep", "steps=1,2"], "argument --sweep: steps is no spec key: this command takes it as --steps"),
+    ("profile_step", ["--set", "seq_len=8"], "argument --set: seq_len is no spec key: this command takes it as "
+                                             "--seq-len"),
+    ("train", ["--backend", "jax", "--set", "eval_every=5"], "argument --set: eval_every is no spec or train config "
+                                                             "key: this command takes it as --eval-every"),
+    ("parity_report", ["--spec", "tiny", "--set", "seq=8"], "argument --set: seq is no spec key: this command takes "
+                                                            "it as --seq"),
+    ("init_checkpoint", ["--spec", "tiny", "--out", "x.safetensors", "--set", "seed=3"],
+     "argument --set: seed is no spec key: this command takes it as --seed"),
+    ("compare_norms", ["--set", "out=x"], "argument --set: out is no spec or train config key: this command takes it "
+                                          "as --out"),
+])
+def test_a_set_key_that_is_the_command_s_own_option_is_named(tool, argv, says, capsys):
+    """`compare.py --set batch_size=16` said "unknown spec key 'batch_size' (did you mean 'vocab_size'?)": a --set
+    or --sweep key that is no key of the spec (or train config) but spells one of the command's options names it."""
+    from bench import compare, profile_step
+
+    if tool in ("compare", "profile_step"):
+        parse = {"compare": compare.parse_args, "profile_step": profile_step.parse_args}[tool]
+    else:  # init_checkpoint parses in main
+        parse = getattr(load_script(tool), "parse_args", load_script(tool).main)
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {says}\n", err
