@@ -115,7 +115,8 @@ def main(argv=None):
 
         device_platform()  # JAX_PLATFORMS naming a missing platform: one error line before the run directory is made
     # the first directory this run makes on --out's path (lock_run makes them all), None where --out exists
-    made = next((d for d in reversed([run.out, *run.out.parents]) if not d.exists()), None)
+    out = run.out.resolve()  # a symbolic link's target is what lock_run makes
+    made = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)
     finished = False
     try:
         trainer = twin(args.backend, "trainer").Trainer  # imported when chosen: one framework starts

@@ -256,7 +256,7 @@ def lock_run(out: str | Path) -> Iterator[None]:
     the lock when the process ends, however it ends (fcntl rather than the filelock package, whose open
     truncates the file and so would erase the holder's PID)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.resolve().mkdir(parents=True, exist_ok=True)  # through a symbolic link, also one whose target is not made yet
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

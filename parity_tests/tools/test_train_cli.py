@@ -320,3 +320,22 @@ def test_a_resume_told_to_stop_before_where_the_run_is_is_refused(tmp_path, caps
     assert capsys.readouterr().err == (f"error: --stop-at 1: the run in {out} has done 2 steps; --stop-at is the "
                                        "update to stop after (at least 2)\n")
     assert [c.name for c in list_checkpoints(out)] == ["step-00000002"]
+
+
+def test_a_run_directory_given_as_a_symbolic_link_is_written_through_it(tmp_path, monkeypatch, capsys):
+    """--out naming a link whose target is not made yet was "error: runlink: File exists" (convert and prepare_data
+    write through such a link); a run stopped by bad input before its first checkpoint removes the target it made."""
+    from shared_config.cli import run
+
+    train, link = load_script("train"), tmp_path / "runlink"
+    link.symlink_to(tmp_path / "target")
+    monkeypatch.setenv("RANK", "0")  # bad input found after the run directory is made
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(link), "--steps", "1", *SHORT])
+    assert e.value.code == 2 and "RANK is set but WORLD_SIZE" in capsys.readouterr().err
+    assert link.is_symlink() and not (tmp_path / "target").exists()
+    monkeypatch.delenv("RANK")
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(link), "--steps", "1", *SHORT])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert link.is_symlink() and [c.name for c in list_checkpoints(tmp_path / "target")] == ["step-00000001"]
