@@ -111,7 +111,8 @@ def resolve_run(args) -> Run:
     else:
         refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
         weights = init[0] if init else init_weights(spec, cfg.seed)
-        check_weights(weights, spec, args.init_from or "init")
+        sets = "".join(f" --set {k}={v}" for k, v in spec_changes.items())  # a --set that reshapes the model
+        check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")
         start = partial(fresh_state, weights)
     stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
     cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}

@@ -339,3 +339,23 @@ def test_a_run_directory_given_as_a_symbolic_link_is_written_through_it(tmp_path
         run(train.main, ["--backend", "torch", "--out", str(link), "--steps", "1", *SHORT])
     assert e.value.code == 0, capsys.readouterr().err
     assert link.is_symlink() and [c.name for c in list_checkpoints(tmp_path / "target")] == ["step-00000001"]
+
+
+def test_a_set_that_reshapes_the_init_from_model_is_named(tmp_path, capsys):
+    """`--init-from X --set n_layers=1` on a 2-layer checkpoint said "X: unexpected keys", naming neither the option
+    nor the --set that made the tensors differ (parity_report.py's --weights says both too)."""
+    from shared_config.cli import run
+
+    train, start = load_script("train"), tmp_path / "start"
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(start), "--steps", "1",
+                         *(a if a != "n_layers=1" else "n_layers=2" for a in SHORT)])
+    assert e.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(tmp_path / "next"), "--init-from",
+                         str(start / "step-00000001"), "--steps", "1", *SHORT])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --init-from {start / 'step-00000001'} with --set n_layers=1 "
+                                                "--set d_model=48 --set d_ff=96: unexpected keys: model.layers.1."), err
+    assert not (tmp_path / "next").exists()
