@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 import time
@@ -241,3 +242,22 @@ def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID not"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1' must be an integer >= 0"),  # was taken
+])
+def test_jax_s_launcher_variables_are_read_as_torchrun_s_are(monkeypatch, env, says):
+    """jax_model.distributed.init_distributed reads JAX_NUM_PROCESSES and JAX_PROCESS_ID as the torch twin reads
+    RANK and WORLD_SIZE (shared_config.parallel.env_int), before jax.distributed starts."""
+    from jax_model import distributed
+    from shared_config import SpecError
+
+    for variable in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SpecError, match=re.escape(says)):
+        distributed.init_distributed()
