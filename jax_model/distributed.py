@@ -161,7 +161,8 @@ def make_train_step(model, cfg: TrainConfig, mesh: Mesh) -> Callable:
     )
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN)  # the global batch, on every process
+        # the global batch, on every process
+        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN, loss.host_ids)
         rows_per_shard(np.shape(tokens_BN)[0], mesh.size, cfg.grad_accum_steps)  # as torch's ranks
         return step(state, shard_batch(tokens_BN, mesh), None if mask_BN is None else shard_batch(mask_BN, mesh))
 

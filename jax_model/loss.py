@@ -12,6 +12,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from shared_config import TrainConfig
@@ -23,6 +24,15 @@ from .layers import DTYPES
 
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
+
+
+def host_ids(tokens_BN) -> np.ndarray | None:
+    """A batch's ids as numpy where they are at hand without waiting on a device, for `check_batch`: an array on the
+    CPU, outside jit; else None (its ids are then data, the caller's to keep in the vocabulary)."""
+    if (isinstance(tokens_BN, jax.Array) and not isinstance(tokens_BN, jax.core.Tracer)
+            and tokens_BN.is_fully_addressable and {d.platform for d in tokens_BN.devices()} == {"cpu"}):
+        return np.asarray(tokens_BN)
+    return None
 
 
 def split_batch(tokens_BN, mask_BN=None):

@@ -32,7 +32,8 @@ from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, 
 from shared_config.tokens import CheckedStep, check_batch
 
 from .layers import DTYPES, working_copy
-from .loss import IGNORE_INDEX, chunked_next_token_loss, next_token_loss, routing_loss, split_batch
+from .loss import (IGNORE_INDEX, chunked_next_token_loss, host_ids, next_token_loss, routing_loss,
+                   split_batch)
 from .weights import dotted, flat_arrays, set_weights, to_canonical, to_pure_dict, whole
 
 def model_loss(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig | None = None, metrics: dict | None = None,
@@ -89,7 +90,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
-    check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN)
+    check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN, host_ids)
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN,
                                   count)
@@ -201,7 +202,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
         return TrainState(state.step + 1, params, opt_state, refresh_working(model, params, state.working)), metrics
 
     # jax.jit of a pure function of arrays: nnx.jit would walk the object graph in Python every call
-    return CheckedStep(jax.jit(train_step, donate_argnums=0) if compile else train_step, model.spec, IGNORE_INDEX)
+    return CheckedStep(jax.jit(train_step, donate_argnums=0) if compile else train_step, model.spec, IGNORE_INDEX,
+                       host_ids)
 
 
 def make_eval_step(model, *, compile: bool = True) -> Callable:
@@ -219,7 +221,7 @@ def make_eval_step(model, *, compile: bool = True) -> Callable:
             losses["loss_topk"] = model_loss(model, tokens_BN, mask_BN, decide="topk")
         return losses
 
-    return CheckedStep(jax.jit(eval_step) if compile else eval_step, model.spec, IGNORE_INDEX)
+    return CheckedStep(jax.jit(eval_step) if compile else eval_step, model.spec, IGNORE_INDEX, host_ids)
 
 
 def scalar_params(model, state: TrainState) -> dict[str, jax.Array]:

@@ -86,21 +86,24 @@ def check_batch_array(shape: Sequence[int], dtype: str) -> None:
     check_token_array(shape, dtype, "a batch", min_time=2)
 
 
-def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None) -> None:
-    """A training batch held in host memory (numpy), checked whole: `check_batch_array`, then every id in the
-    vocabulary or `ignore` (IGNORE_INDEX). Inside a jitted step the ids are data: an id past the vocabulary as a target
-    was a NaN loss in JAX and an IndexError in torch. Arrays of a framework are left to `check_batch_array`.
+def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None) -> None:
+    """A training batch whose ids are at hand, checked whole: `check_batch_array`, then every id in the vocabulary or
+    `ignore` (IGNORE_INDEX). At hand: a numpy array, or a framework's array that `host` (the twin's `loss.host_ids`)
+    reads without waiting on a device (on the CPU, outside jit or compilation), else None. Inside a jitted step the
+    ids are data: an id past the vocabulary as a target was a NaN loss in JAX and an IndexError in torch, also for a
+    JAX array or a torch tensor on the CPU, which were not read. Other arrays are left to `check_batch_array`.
     A mask (of any framework) must have the tokens' shape: one of [1, N] weighted every row by row 0's mask without a
     word, and other shapes failed inside the framework. Raises TokenError."""
     if mask_BN is not None and tuple(np.shape(mask_BN)) != tuple(np.shape(tokens_BN)):
         raise TokenError(f"mask_BN of shape {list(np.shape(mask_BN))} must have the tokens' shape "
                          f"{list(np.shape(tokens_BN))}: one entry per token")
-    if not isinstance(tokens_BN, np.ndarray):
+    ids = tokens_BN if isinstance(tokens_BN, np.ndarray) else None if host is None else host(tokens_BN)
+    if ids is None:
         return
-    check_batch_array(tokens_BN.shape, str(tokens_BN.dtype))
-    lo, hi = int(tokens_BN.min()), int(tokens_BN.max())
+    check_batch_array(ids.shape, str(ids.dtype))
+    lo, hi = int(ids.min()), int(ids.max())
     if lo <= ignore <= hi:  # IGNORE_INDEX entries are not ids: the range of the others
-        ids = tokens_BN[tokens_BN != ignore]
+        ids = ids[ids != ignore]
         lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
     check_token_values(spec, lo, hi)
 
@@ -109,11 +112,11 @@ class CheckedStep:
     """A train or eval step `(state, tokens_BN, mask_BN=None, ...)`: its batch is checked (`check_batch`) first;
     other attributes (jax.jit's `lower`, ...) are the step's own."""
 
-    def __init__(self, step, spec: ModelSpec, ignore: int):
-        self.step, self.spec, self.ignore = step, spec, ignore
+    def __init__(self, step, spec: ModelSpec, ignore: int, host=None):
+        self.step, self.spec, self.ignore, self.host = step, spec, ignore, host
 
     def __call__(self, state, tokens_BN, *args, **kwargs):
-        check_batch(tokens_BN, self.spec, self.ignore, args[0] if args else kwargs.get("mask_BN"))
+        check_batch(tokens_BN, self.spec, self.ignore, args[0] if args else kwargs.get("mask_BN"), self.host)
         return self.step(state, tokens_BN, *args, **kwargs)
 
     def __getattr__(self, name):

@@ -185,7 +185,8 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     step = train.make_train_step(model, cfg, compile=compile).step  # unchecked: the global batch is checked below
 
     def train_step(state: train.TrainState, tokens_BN, mask_BN=None):
-        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN)  # the global batch, on every process
+        # the global batch, on every process
+        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN, loss.host_ids)
         _, _, weights_BT = loss.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
         count = torch.clamp(torch.sum(weights_BT), min=1.0) / _world_size()
         state, metrics = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)

@@ -8,6 +8,7 @@ Notation: B batch, N = T + 1 tokens per batch row, T positions the model reads, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from shared_config import TrainConfig
@@ -18,6 +19,15 @@ from .layers import DTYPES
 
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
+
+
+def host_ids(tokens_BN) -> np.ndarray | None:
+    """A batch's ids as numpy where they are at hand without waiting on a device, for `check_batch`: a tensor on the
+    CPU (not bfloat16, which numpy lacks: refused by `split_batch`); else None (its ids are then data, the caller's
+    to keep in the vocabulary)."""
+    if isinstance(tokens_BN, torch.Tensor) and tokens_BN.device.type == "cpu" and tokens_BN.dtype != torch.bfloat16:
+        return tokens_BN.detach().numpy()
+    return None
 
 
 def split_batch(tokens_BN, mask_BN=None):

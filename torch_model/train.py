@@ -33,7 +33,8 @@ from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, 
 from shared_config.tokens import CheckedStep, check_batch
 
 from .layers import DTYPES, working_copy
-from .loss import IGNORE_INDEX, chunked_next_token_loss, next_token_loss, routing_loss, split_batch
+from .loss import (IGNORE_INDEX, chunked_next_token_loss, host_ids, next_token_loss, routing_loss,
+                   split_batch)
 from .model import compile_isolated
 from .weights import set_weights, to_canonical, to_state_dict, whole
 
@@ -100,7 +101,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
     train step does (accumulate_gradients)."""
-    check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN)
+    check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN, host_ids)
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
     if cfg is None or cfg.grad_accum_steps == 1:
@@ -239,7 +240,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         aux_metrics = {k: v.detach() for k, v in aux_metrics.items()}
         return state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, **aux_metrics}
 
-    return CheckedStep(train_step, model.spec, IGNORE_INDEX)
+    return CheckedStep(train_step, model.spec, IGNORE_INDEX, host_ids)
 
 
 def compile_blocks(model, backend: str = "inductor") -> None:
@@ -272,7 +273,7 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
             losses["loss_topk"] = loss_fn(state.model, *batch, decide="topk")
         return losses
 
-    return CheckedStep(eval_step, model.spec, IGNORE_INDEX)
+    return CheckedStep(eval_step, model.spec, IGNORE_INDEX, host_ids)
 
 
 def scalar_params(model, state: TrainState) -> dict[str, torch.Tensor]:

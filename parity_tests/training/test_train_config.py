@@ -142,17 +142,24 @@ def train_twins():
     return spec, cfg, [(J, jax_model.from_weights(w, spec)), (P, torch_model.from_weights(w, spec))]
 
 
+@pytest.mark.parametrize("arrays", ["numpy", "the twin's own"])
 @pytest.mark.parametrize("name", BAD_BATCHES)
-def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_twins, name):
+def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_twins, name, arrays):
     """A target past the vocabulary was a NaN loss (and a finite update) in JAX's jitted step and an IndexError in
-    torch's; a float batch was refused by JAX and truncated by torch's `.long()`."""
+    torch's; a float batch was refused by JAX and truncated by torch's `.long()`. A JAX array or a torch tensor on
+    the CPU holds its ids at hand as numpy does: such a batch with a target past the vocabulary was still a NaN loss
+    in JAX and a RuntimeError about an index in torch."""
+    import jax.numpy as jnp
+    import torch
+
     from shared_config import synthetic_batch
     from shared_config.tokens import TokenError
 
     spec, cfg, twins = train_twins
     make, says = BAD_BATCHES[name]
-    batch = make(synthetic_batch(0, 0, 2, 8, spec.V))  # [2, 9]
-    for train, model in twins:
+    numpy_batch = make(synthetic_batch(0, 0, 2, 8, spec.V))  # [2, 9]
+    for (train, model), own in zip(twins, (jnp.asarray, torch.as_tensor)):
+        batch = numpy_batch if arrays == "numpy" else own(numpy_batch)
         state = train.init_train_state(model, cfg)
         for run in (lambda: train.make_train_step(model, cfg)(state, batch), lambda: train.loss_and_grads(model, batch),
                     lambda: train.make_eval_step(model)(state, batch)):
