@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_config.generation import (as_prompts, check_drawn, check_generation, collect, in_float32, left_pad,
+from shared_config.generation import (as_prompts, check_drawn, check_generate, collect, in_float32, left_pad,
                                       stop_at_eos)
-from shared_config.tokens import check_cache_room, host_tokens
+from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length
 
@@ -53,6 +53,7 @@ class Decoder:
         step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
         the cache has no room for where its length is at hand (`cache_length`; a step past the last slot overwrote
         it without a word)."""
+        check_cache_type(cache, KVCache)
         ids = host_tokens(tokens, self.model.spec)
         ids_BT = ids[:, None] if step else ids
         if ids_BT.ndim == 2:  # else the model's own check names the shape
@@ -133,7 +134,7 @@ def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: 
            top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
     """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
     prompts, _ = as_prompts(prompt_tokens)
-    check_generation(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    check_generate(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)
 
 

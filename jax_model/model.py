@@ -19,8 +19,8 @@ from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
-from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_token_array,
-                                  check_token_values)
+from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_cache_type,
+                                  check_token_array, check_token_type, check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -85,6 +85,7 @@ class TransformerModel(nnx.Module):
                  decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
+        tokens_BT = own_tokens(tokens_BT, self.spec)
         spec, T = self.spec, check_tokens(tokens_BT, self.spec)
         if cache is None:
             if T > spec.max_seq_len:
@@ -92,6 +93,7 @@ class TransformerModel(nnx.Module):
             # positions [T], shared by every row; causal
             positions, mask_BTS = jnp.arange(T), None
         else:
+            check_cache_type(cache, KVCache)
             check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = split_rows(self.embed(tokens_BT, positions), self.mesh)
@@ -157,6 +159,13 @@ def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (TransformerModel, GLA)):
             module.mesh = mesh
+
+
+def own_tokens(tokens_BT, spec: ModelSpec):
+    """Token ids as this twin reads them: a JAX array, or a numpy array as it is (jnp reads it; torch's twin makes it
+    a tensor); TokenError for anything else, a list or a torch tensor (check_token_type)."""
+    check_token_type(tokens_BT, (jax.Array,))
+    return tokens_BT
 
 
 def check_tokens(tokens_BT, spec: ModelSpec) -> int:

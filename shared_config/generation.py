@@ -63,6 +63,16 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
         )
 
 
+def check_generate(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                   top_k: int | None, top_p: float | None, seed: int, eos_id: int | None) -> None:
+    """`check_generation` of the twins' `generate` and `stream`, where temperature and seed have defaults (0.0, 0): None
+    is a value there, not "not set" (temperature=None was a TypeError from abs() in both twins, seed=None a ValueError
+    in JAX and a RuntimeError in torch)."""
+    require(temperature is not None, "temperature", temperature, "a finite number >= 0 (0: greedy)")
+    require(seed is not None, "seed", seed, "an integer in 0..2**32-1")
+    check_generation(spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+
+
 def require(ok: bool, name: str, value, rule: str) -> None:
     if not ok:
         raise GenerationError(f"{name}={value!r} must be {rule}")

@@ -37,6 +37,28 @@ def check_token_array(shape: Sequence[int], dtype: str, what: str = "tokens", mi
                          f"{'s' if min_time > 1 else ''}")
 
 
+def type_name(x) -> str:
+    """`x`'s type as a message names it: `list`, `numpy.ndarray`, `torch.Tensor`, `jaxlib.ArrayImpl`."""
+    kind = type(x)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+
+
+def check_token_type(tokens, own: tuple[type, ...]) -> None:
+    """Refuse token ids a model cannot read as an array: a model call takes a numpy array or one of its own
+    framework's (`own`). A list was an AttributeError in both twins; the other twin's array an AttributeError in
+    torch and, in JAX, a message about its dtype `torch.int64`; a numpy array an AttributeError in torch only."""
+    if not isinstance(tokens, (np.ndarray, *own)):
+        raise TokenError(f"tokens must be an array of integer ids [batch, time] (numpy, or the model's framework's), "
+                         f"not {type_name(tokens)}")
+
+
+def check_cache_type(cache, own: type) -> None:
+    """Refuse a cache that is not this twin's `KVCache` (`own`): the other twin's, or a tuple, was an AttributeError
+    from deep inside the call."""
+    if not isinstance(cache, own):
+        raise TokenError(f"cache must be a KVCache made by this model's init_cache, not {type_name(cache)}")
+
+
 def check_token_values(spec: ModelSpec, lo: int, hi: int) -> None:
     """Refuse ids outside 0..V-1, given the smallest (`lo`) and largest (`hi`) id of a call."""
     if lo < 0 or hi >= spec.V:
@@ -46,7 +68,10 @@ def check_token_values(spec: ModelSpec, lo: int, hi: int) -> None:
 def host_tokens(tokens, spec: ModelSpec) -> np.ndarray:
     """`tokens` (a decoder's [B, P] prompts or [B] step) as a numpy array of ids in the vocabulary, checked before a
     cast to the step's integer type could truncate a float id or wrap a large one; TokenError otherwise."""
-    ids = np.asarray(tokens)
+    try:
+        ids = np.asarray(tokens)
+    except (ValueError, TypeError):  # ragged rows, [[1, 2], [3]]: numpy's inhomogeneous-shape ValueError
+        raise TokenError(f"tokens must be an array of integer ids, rows of one length, not {quote(tokens)}") from None
     check_token_array(ids.reshape(1, -1).shape if ids.ndim == 1 else ids.shape, str(ids.dtype))
     check_token_values(spec, int(ids.min()), int(ids.max()))
     return ids

@@ -11,6 +11,7 @@ import math
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +21,8 @@ from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
-from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_token_array,
-                                  check_token_values)
+from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_cache_type,
+                                  check_token_array, check_token_type, check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -85,6 +86,7 @@ class TransformerModel(nn.Module):
                 decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
+        tokens_BT = own_tokens(tokens_BT, self.spec, self.embed_tokens.weight.device)
         spec, T = self.spec, check_tokens(tokens_BT, self.spec)
         if cache is None:
             if T > spec.max_seq_len:
@@ -92,6 +94,7 @@ class TransformerModel(nn.Module):
             # positions [T], shared by every row; causal
             positions, mask_BTS = torch.arange(T, device=tokens_BT.device), None
         else:
+            check_cache_type(cache, KVCache)
             check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
@@ -127,13 +130,29 @@ class TransformerModel(nn.Module):
         return x_BTD.to(self.compute_dtype)
 
 
+def own_tokens(tokens_BT, spec: ModelSpec, device):
+    """Token ids as this twin reads them: a tensor, or a numpy array as an int64 tensor on `device`, its ids checked
+    first (the JAX twin reads numpy as it is); TokenError for anything else, a list or a JAX array
+    (check_token_type)."""
+    check_token_type(tokens_BT, (torch.Tensor,))
+    if not isinstance(tokens_BT, np.ndarray):
+        return tokens_BT
+    check_token_array(tokens_BT.shape, str(tokens_BT.dtype))
+    check_token_values(spec, int(tokens_BT.min()), int(tokens_BT.max()))
+    return torch.as_tensor(tokens_BT.astype(np.int64), device=device)
+
+
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch has no min or max of them (NotImplementedError)
+
+
 def check_tokens(tokens_BT, spec: ModelSpec) -> int:
     """T of token ids [B, T], refused (TokenError) unless integer ids with B, T >= 1; their values too where they are
     at hand: on the CPU, uncompiled (on a GPU, reading them would wait for the device: the embedding's own
     device-side assert refuses ids out of range; `Decoder` checks them on the host first)."""
     check_token_array(tokens_BT.shape, str(tokens_BT.dtype).removeprefix("torch."))
     if tokens_BT.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_token_values(spec, int(tokens_BT.min()), int(tokens_BT.max()))
+        ids = tokens_BT.long() if tokens_BT.dtype in WIDE_UNSIGNED else tokens_BT  # min/max not implemented for these
+        check_token_values(spec, int(ids.min()), int(ids.max()))
     return tokens_BT.shape[1]
 
 

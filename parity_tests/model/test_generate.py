@@ -128,6 +128,9 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[True, 5], max_new_tokens=4), "integer ids"),  # True was read as token 1
     (dict(prompt_tokens=[5, [6]], max_new_tokens=4), "integer ids"),  # numpy's ValueError
     (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=None), "^temperature=None must be"),  # abs()'s TypeError
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # JAX ValueError,
+    # torch RuntimeError
     (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
 ])
 def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
@@ -170,6 +173,43 @@ def test_narrow_integer_tokens_read_the_same_rows_in_both_twins(base):
     b = tm(torch.as_tensor(tokens)).detach().numpy()
     assert rel_err(a, b) <= FORWARD_TOL
     assert rel_err(a, np.asarray(jm(jnp.asarray(tokens, jnp.int32)))) == 0
+
+
+def test_tokens_that_are_not_an_array_of_the_model_are_the_same_token_error_in_both_twins(base):
+    """A list was an AttributeError in both twins; the other twin's array an AttributeError in torch and, in JAX, a
+    message about its dtype `torch.int64`."""
+    _, jm, tm = base
+    says = r"^tokens must be an array of integer ids \[batch, time\] \(numpy, or the model's framework's\), not "
+    for model, other, name in ((jm, torch.tensor([[1, 2]]), "torch.Tensor"), (tm, jnp.array([[1, 2]]), "jaxlib.")):
+        with pytest.raises(TokenError, match=says + "list$"):
+            model([[1, 2]])
+        with pytest.raises(TokenError, match=says + name):
+            model(other)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.uint32, np.uint64])
+def test_numpy_tokens_and_wide_unsigned_ids_read_the_same_rows_in_both_twins(base, dtype):
+    """JAX reads numpy ids as they are, torch's twin was an AttributeError on them; a torch tensor of uint16, uint32
+    or uint64 ids was a NotImplementedError (torch has no min of them) where JAX read them."""
+    _, jm, tm = base
+    ids = np.array([[3, 96, 0]], dtype)
+    want = np.asarray(jm(jnp.asarray(ids, jnp.int32)))
+    assert rel_err(np.asarray(jm(ids)), want) == 0
+    assert rel_err(tm(ids).detach().numpy(), want) <= FORWARD_TOL
+    assert rel_err(tm(torch.as_tensor(ids)).detach().numpy(), want) <= FORWARD_TOL
+    with pytest.raises(TokenError, match="token id 97 is outside") as j:
+        jm(np.array([[3, 97]], dtype))
+    with pytest.raises(TokenError, match="token id 97 is outside") as t:
+        tm(np.array([[3, 97]], dtype))
+    assert str(j.value) == str(t.value)
+
+
+def test_decoders_refuse_ragged_rows_as_a_token_error(base):
+    """Rows of unequal lengths were numpy's ValueError about an inhomogeneous shape."""
+    _, jm, tm = base
+    for decoder in (jg.Decoder(jm), tg.Decoder(tm)):
+        with pytest.raises(TokenError, match=r"rows of one length, not \[\[1, 2\], \[3\]\]"):
+            decoder.prefill([[1, 2], [3]], decoder.init_cache(2, 8))
 
 
 @pytest.mark.parametrize("tokens, message", [

@@ -242,3 +242,23 @@ def test_a_step_past_the_cache_or_of_other_rows_is_refused_by_both_twins(small_t
             model(conv(np.array([[5, 6]])), cache=cache)
         with pytest.raises(TokenError, match="tokens of 2 rows do not match a cache of 1 rows"):
             model(conv(np.array([[5], [6]])), cache=cache)
+
+
+def test_a_cache_of_the_other_twin_or_of_no_twin_is_refused_by_both(small_twins):
+    """The other twin's cache, or a tuple, was an AttributeError from deep inside the call (`devices`, `start_B`), in
+    the model and in its Decoder."""
+    from jax_model.generate import Decoder as JaxDecoder
+    from shared_config.tokens import TokenError
+    from torch_model.generate import Decoder as TorchDecoder
+
+    jm, tm = small_twins
+    says = "^cache must be a KVCache made by this model's init_cache, not "
+    for model, conv, other, decoder in ((jm, jnp.asarray, tm, JaxDecoder), (tm, torch.as_tensor, jm, TorchDecoder)):
+        foreign = other.init_cache(1, 4)
+        name = type(foreign).__module__.split(".")[0] + ".KVCache$"
+        with pytest.raises(TokenError, match=says + name):
+            model(conv(np.array([[1, 2]])), cache=foreign)
+        with pytest.raises(TokenError, match=says + "tuple$"):
+            model(conv(np.array([[1, 2]])), cache=tuple(model.init_cache(1, 4)))
+        with pytest.raises(TokenError, match=says + name):
+            decoder(model).prefill(np.array([[1, 2]]), foreign)
