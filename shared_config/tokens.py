@@ -10,6 +10,7 @@ its last slot overwrote that slot in JAX and raised an IndexError in torch.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -111,17 +112,21 @@ def check_batch_array(shape: Sequence[int], dtype: str) -> None:
     check_token_array(shape, dtype, "a batch", min_time=2)
 
 
-def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None) -> None:
+def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None, count=None) -> None:
     """A training batch whose ids are at hand, checked whole: `check_batch_array`, then every id in the vocabulary or
     `ignore` (IGNORE_INDEX). At hand: a numpy array, or a framework's array that `host` (the twin's `loss.host_ids`)
     reads without waiting on a device (on the CPU, outside jit or compilation), else None. Inside a jitted step the
     ids are data: an id past the vocabulary as a target was a NaN loss in JAX and an IndexError in torch, also for a
     JAX array or a torch tensor on the CPU, which were not read. Other arrays are left to `check_batch_array`.
     A mask (of any framework) must have the tokens' shape: one of [1, N] weighted every row by row 0's mask without a
-    word, and other shapes failed inside the framework. Raises TokenError."""
+    word, and other shapes failed inside the framework; a numpy mask must hold numbers. `count`: `check_count`.
+    Raises TokenError."""
     if mask_BN is not None and tuple(np.shape(mask_BN)) != tuple(np.shape(tokens_BN)):
         raise TokenError(f"mask_BN of shape {list(np.shape(mask_BN))} must have the tokens' shape "
                          f"{list(np.shape(tokens_BN))}: one entry per token")
+    if isinstance(mask_BN, np.ndarray) and mask_BN.dtype.kind not in "biuf":  # a str mask: a TypeError in either
+        raise TokenError(f"mask_BN must hold numbers (0: not counted), got dtype {mask_BN.dtype}")
+    check_count(count)
     ids = tokens_BN if isinstance(tokens_BN, np.ndarray) else None if host is None else host(tokens_BN)
     if ids is None:
         return
@@ -133,6 +138,28 @@ def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None
     check_token_values(spec, lo, hi)
 
 
+def check_batch_type(tokens_BN, own: type) -> None:
+    """Refuse a batch that is neither numpy, a list or tuple of rows, nor an array of the twin's framework (`own`):
+    a torch tensor was a TypeError from inside jax.jit in JAX's step, where torch's read a JAX array."""
+    if not isinstance(tokens_BN, (np.ndarray, list, tuple, own)):
+        raise TokenError(f"a batch must be integer ids [batch, tokens]: a numpy array, a list or the model's "
+                         f"framework's array, not {type_name(tokens_BN)}")
+
+
+def check_count(count) -> None:
+    """Refuse a `count` (what the summed loss is divided by) given as a number that is not finite and > 0: 0 was an
+    inf loss, a negative count a negative loss, NaN a NaN one, all without a word, and a str a TypeError from inside
+    the framework. None (the batch's own count) and a framework's array (data: a rank's share of a global count) pass.
+    Raises TokenError."""
+    if count is None or (hasattr(count, "shape") and not isinstance(count, (np.ndarray, np.generic))):
+        return
+    value = count.item() if isinstance(count, np.ndarray) and count.shape == () else count
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not (number and math.isfinite(value) and value > 0):
+        raise TokenError(f"count={quote(count)} must be a finite number > 0: the number of counted targets the summed "
+                         "loss is divided by (None: this batch's)")
+
+
 class CheckedStep:
     """A train or eval step `(state, tokens_BN, mask_BN=None, ...)`: its batch is checked (`check_batch`) first;
     other attributes (jax.jit's `lower`, ...) are the step's own."""
@@ -141,7 +168,8 @@ class CheckedStep:
         self.step, self.spec, self.ignore, self.host = step, spec, ignore, host
 
     def __call__(self, state, tokens_BN, *args, **kwargs):
-        check_batch(tokens_BN, self.spec, self.ignore, args[0] if args else kwargs.get("mask_BN"), self.host)
+        mask_BN, count = (list(args) + [kwargs.get("mask_BN"), kwargs.get("count")][len(args):])[:2]
+        check_batch(tokens_BN, self.spec, self.ignore, mask_BN, self.host, count)
         return self.step(state, tokens_BN, *args, **kwargs)
 
     def __getattr__(self, name):

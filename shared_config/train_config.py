@@ -122,6 +122,15 @@ def train_preset_names() -> list[str]:
     return yaml_names(TRAIN_DIR)
 
 
+def check_train_config(cfg) -> TrainConfig:
+    """`cfg` if it is a TrainConfig, else a SpecError naming `load_train_config`: the twins' train functions read its
+    fields, and a dict or None was an AttributeError ('dict' object has no attribute 'decay_embeddings')."""
+    if not isinstance(cfg, TrainConfig):
+        raise SpecError(f"cfg must be a TrainConfig (shared_config.load_train_config of a preset name, a YAML path or "
+                        f"a dict), not {type(cfg).__name__}")
+    return cfg
+
+
 def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:
     """A train config from a preset name (`cpu`), a YAML path, a dict, a config, or None (the defaults)."""
     if source is None:

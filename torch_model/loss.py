@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from shared_config import TrainConfig
-from shared_config.tokens import check_batch_array
+from shared_config.tokens import check_batch_array, check_batch_type
 
 from .head_loss import fused_head_loss
 from .layers import DTYPES
@@ -25,6 +25,7 @@ def host_ids(tokens_BN) -> np.ndarray | None:
     """A batch's ids as numpy where they are at hand without waiting on a device, for `check_batch`: a tensor on the
     CPU (not bfloat16, which numpy lacks: refused by `split_batch`); else None (its ids are then data, the caller's
     to keep in the vocabulary)."""
+    check_batch_type(tokens_BN, torch.Tensor)
     if isinstance(tokens_BN, torch.Tensor) and tokens_BN.device.type == "cpu" and tokens_BN.dtype != torch.bfloat16:
         return tokens_BN.detach().numpy()
     return None

@@ -208,3 +208,60 @@ def test_a_bad_batch_is_refused_by_the_sharded_jax_step_before_sharding(train_tw
     _, step = distributed.parallelize(twins[0][1], cfg, distributed.make_mesh(devices=1))
     with pytest.raises(TokenError, match="token id 97 is outside the vocabulary"):
         step(None, np.full((2, 9), 97))
+
+
+@pytest.mark.parametrize("cfg", [None, {"lr": 1e-3}, "cpu"])
+def test_a_train_config_that_is_not_one_is_a_spec_error_in_both_twins(train_twins, cfg):
+    """make_train_step, init_train_state and loss_and_grads read the config's fields: a dict, None or a preset name
+    was an AttributeError ('dict' object has no attribute 'decay_embeddings'; torch's step: 'remat')."""
+    from shared_config import synthetic_batch
+
+    spec, _, twins = train_twins
+    batch = synthetic_batch(0, 0, 2, 8, spec.V)
+    says = rf"^cfg must be a TrainConfig \(shared_config.load_train_config.*\), not {type(cfg).__name__}$"
+    for train, model in twins:
+        runs = [lambda: train.make_train_step(model, cfg), lambda: train.init_train_state(model, cfg)]
+        if cfg is not None:  # loss_and_grads' default: no config (no routing losses, no accumulation)
+            runs.append(lambda: train.loss_and_grads(model, batch, cfg=cfg))
+        for run in runs:
+            with pytest.raises(SpecError, match=says):
+                run()
+
+
+@pytest.mark.parametrize("count", [0, -1, float("nan"), np.float32("inf"), "8", True])
+def test_a_count_that_is_not_a_positive_number_is_refused_by_both_twins(train_twins, count):
+    """The divisor of the summed loss: 0 was an inf loss, -1 a negative loss (and a different one in each twin), NaN a
+    NaN loss, all without a word; "8" a TypeError from inside each framework."""
+    from shared_config import synthetic_batch
+    from shared_config.tokens import TokenError
+
+    spec, cfg, twins = train_twins
+    batch = synthetic_batch(0, 0, 2, 8, spec.V)
+    for train, model in twins:
+        state = train.init_train_state(model, cfg)
+        for run in (lambda: train.make_train_step(model, cfg)(state, batch, None, count),
+                    lambda: train.make_train_step(model, cfg)(state, batch, count=count),
+                    lambda: train.loss_and_grads(model, batch, count=count)):
+            with pytest.raises(TokenError, match=r"^count=.* must be a finite number > 0"):
+                run()
+
+
+def test_a_batch_of_the_other_twin_or_a_mask_of_strings_is_refused_by_both_twins(train_twins):
+    """A torch tensor was a TypeError from inside jax.jit in JAX's step, where torch's read a JAX array; a mask of
+    strings a TypeError from inside each framework."""
+    import jax.numpy as jnp
+    import torch
+
+    from shared_config import synthetic_batch
+    from shared_config.tokens import TokenError
+
+    spec, cfg, twins = train_twins
+    batch = synthetic_batch(0, 0, 2, 8, spec.V)
+    for (train, model), other in zip(twins, (torch.as_tensor, jnp.asarray)):
+        state = train.init_train_state(model, cfg)
+        with pytest.raises(TokenError, match="^a batch must be integer ids .*, not (torch.Tensor|jaxlib.ArrayImpl)$"):
+            train.make_train_step(model, cfg)(state, other(batch))
+        with pytest.raises(TokenError, match="^a batch must be integer ids"):
+            train.loss_and_grads(model, other(batch))
+        with pytest.raises(TokenError, match="^mask_BN must hold numbers"):
+            train.loss_and_grads(model, batch, np.full(batch.shape, "a"))
