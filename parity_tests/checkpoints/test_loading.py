@@ -143,6 +143,8 @@ def test_from_weights_names_values_that_are_not_arrays(spec, twin):
             from_weights({k: wrap(v) for k, v in w.items()}, spec)
     with pytest.raises(CheckpointError, match="the weights must be a mapping of tensor names to arrays, not list"):
         from_weights(list(w.values()), spec)
+    with pytest.raises(CheckpointError, match="^weights: tensor names must be str, not int 5$"):  # re's TypeError
+        from_weights({**w, 5: w["model.embed_tokens.weight"]}, spec)
 
 
 def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):

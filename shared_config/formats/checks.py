@@ -182,6 +182,8 @@ def check_weights(
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: the weights must be a mapping of tensor names to arrays, not "
                               f"{type(weights).__name__}")
+    if odd := [k for k in weights if not isinstance(k, str)]:  # the grouping by layer was a TypeError from re
+        raise CheckpointError(f"{path}: tensor names must be str, not {type(odd[0]).__name__} {quote(odd[0])}")
     check_count(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
