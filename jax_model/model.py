@@ -19,8 +19,8 @@ from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
-from shared_config.tokens import (TokenError, check_cache_request, check_cache_room, check_cache_type,
-                                  check_token_array, check_token_type, check_token_values)
+from shared_config.tokens import (TokenError, check_cache_fits, check_cache_request, check_cache_room,
+                                  check_cache_type, check_token_array, check_token_type, check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -53,6 +53,14 @@ class KVCache(NamedTuple):
     @property
     def size(self) -> int:
         return self.layers[0].size
+
+    def layouts(self) -> list[tuple[tuple[int, ...], str, str]]:
+        """Per layer, the shape and dtype of its state (keys, or GLA's state) and its routing kind, as
+        `check_cache_fits` compares them with the model's."""
+        routing = self.routing or (None,) * len(self.layers)
+        return [(tuple(layer[0].shape), str(layer[0].dtype),
+                 "none" if route is None else "mod" if route.dst_BS is None else "dtf")
+                for layer, route in zip(self.layers, routing)]
 
     def positions_and_mask(self, T: int):
         """Positions [B, T] of the next T tokens, and the slots each reads [B, T, S]: start_b ≤ s ≤ its own slot."""
@@ -94,6 +102,7 @@ class TransformerModel(nnx.Module):
             positions, mask_BTS = jnp.arange(T), None
         else:
             check_cache_type(cache, KVCache)
+            check_cache_fits(spec, cache.layouts(), cache.start_B.shape[0], cache.size)
             check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = split_rows(self.embed(tokens_BT, positions), self.mesh)

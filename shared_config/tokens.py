@@ -87,12 +87,36 @@ def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | N
         raise TokenError(f"a cache of {quote(size)} slots must hold 1..max_seq_len={spec.max_seq_len}")
     if start_B is None:
         return None
-    start = np.asarray(start_B)
+    try:
+        start = np.asarray(start_B)
+    except (ValueError, TypeError):  # ragged, [[0], [1, 2]]: numpy's inhomogeneous-shape ValueError
+        start = np.asarray(start_B, dtype=object)
     if start.shape != (batch,) or start.dtype.kind not in "iu":
         raise TokenError(f"start_B must be {batch} integer slots, one per row; got {quote(start.tolist())}")
     if start.min() < 0 or start.max() >= size:
         raise TokenError(f"start_B={quote(start.tolist())} must be slots in 0..{size - 1} (each row's first token)")
     return start
+
+
+def check_cache_fits(spec: ModelSpec, layers: Sequence[tuple[Sequence[int], str, str]], batch: int, size: int) -> None:
+    """Refuse a cache of this twin that another model's `init_cache` made (TokenError): `layers`, per layer of the
+    cache, the shape and dtype of its state (attention's keys [B, S, K, E] in the compute dtype, GLA's state
+    [B, H, Kh, Vh] float32) and its routing kind ("none", "mod", "dtf"), for `batch` rows of `size` slots. Fewer layers
+    than the model's were an IndexError; other heads, head sizes or dtypes an XLA TypeError in JAX and an index_copy_
+    RuntimeError in torch. Shapes only: nothing is read from a device."""
+    if len(layers) != spec.L:
+        raise TokenError(f"a cache of {len(layers)} layers does not fit this model's n_layers={spec.L} "
+                         "(made by another model's init_cache?)")
+    if spec.mixer == "gla":
+        want_shape, want_dtype = (batch, spec.H, spec.Kh, spec.Vh), "float32"
+    else:
+        want_shape, want_dtype = (batch, size, spec.K, spec.E), spec.compute_dtype
+    for i, (shape, dtype, routed) in enumerate(layers):
+        want_routed = spec.routing if i in spec.routed_layers else "none"
+        if (tuple(shape), dtype, routed) != (want_shape, want_dtype, want_routed):
+            raise TokenError(f"layer {i} of the cache holds {dtype} {list(shape)} (routing {routed}) where this "
+                             f"model's init_cache makes {want_dtype} {list(want_shape)} (routing {want_routed}): "
+                             "a cache made by another model's init_cache")
 
 
 def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int | None) -> None:

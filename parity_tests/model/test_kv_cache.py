@@ -218,6 +218,8 @@ def small_twins():
     ((2, 4, [0]), r"start_B must be 2 integer slots, one per row; got \[0\]"),  # was made, rows reading no start
     ((2, 4, [0.5, 0]), r"start_B must be 2 integer slots"),  # was truncated to 0
     ((2, 4, [4, 0]), r"start_B=\[4, 0\] must be slots in 0..3"),
+    ((2, 4, [[0], [1, 2]]), r"start_B must be 2 integer slots, one per row; got \[\[0\], \[1, 2\]\]"),  # numpy's
+    # ValueError about an inhomogeneous shape
 ])
 def test_a_cache_that_cannot_be_made_is_refused_by_both_twins(small_twins, args, says):
     from shared_config.tokens import TokenError
@@ -247,9 +249,7 @@ def test_a_step_past_the_cache_or_of_other_rows_is_refused_by_both_twins(small_t
 def test_a_cache_of_the_other_twin_or_of_no_twin_is_refused_by_both(small_twins):
     """The other twin's cache, or a tuple, was an AttributeError from deep inside the call (`devices`, `start_B`), in
     the model and in its Decoder."""
-    from jax_model.generate import Decoder as JaxDecoder
     from shared_config.tokens import TokenError
-    from torch_model.generate import Decoder as TorchDecoder
 
     jm, tm = small_twins
     says = "^cache must be a KVCache made by this model's init_cache, not "
@@ -262,3 +262,24 @@ def test_a_cache_of_the_other_twin_or_of_no_twin_is_refused_by_both(small_twins)
             model(conv(np.array([[1, 2]])), cache=tuple(model.init_cache(1, 4)))
         with pytest.raises(TokenError, match=says + name):
             decoder(model).prefill(np.array([[1, 2]]), foreign)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"n_layers": 1}, "^a cache of 1 layers does not fit this model's n_layers=2"),  # an IndexError
+    ({"n_kv_heads": 1}, r"^layer 0 of the cache holds float32 \[1, 4, 1, 8\] \(routing none\) where this model's "
+                        r"init_cache makes float32 \[1, 4, 2, 8\]"),  # XLA TypeError, index_copy_ error
+    ({"compute_dtype": "bfloat16"}, r"^layer 0 of the cache holds bfloat16 \[1, 4, 2, 8\]"),
+    ({"routing": "mod"}, r"^layer 1 of the cache holds .* \(routing mod\) where .* \(routing none\)"),
+])
+def test_a_cache_made_by_another_models_init_cache_is_refused_by_both_twins(changes, says):
+    from shared_config.tokens import TokenError
+
+    spec = make_spec(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16)
+    other = spec.replace(**changes)
+    w, w_other = parity_weights(spec), parity_weights(other)
+    for twin, conv, decoder in ((jax_model, jnp.asarray, JaxDecoder), (torch_model, torch.as_tensor, TorchDecoder)):
+        model, cache = twin.from_weights(w, spec), twin.from_weights(w_other, other).init_cache(1, 4)
+        with pytest.raises(TokenError, match=says):
+            model(conv(np.array([[1, 2]])), cache=cache)
+        with pytest.raises(TokenError, match=says):
+            decoder(model).prefill(np.array([[1, 2]]), cache)
