@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_config.generation import (as_prompts, check_drawn, check_generate, collect, in_float32, left_pad,
-                                      stop_at_eos)
+from shared_config.generation import (as_prompts, check_drawn, check_generate, check_model, collect, in_float32,
+                                      left_pad, stop_at_eos)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length
@@ -32,6 +32,7 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer):
+        check_model(model, Transformer)
         self.model = model
         # jit a pure function of the state: nnx.jit would walk the graph per call
         graphdef, self.state = nnx.split(model)
@@ -133,6 +134,7 @@ def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
     """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
+    check_model(model, Transformer)
     prompts, _ = as_prompts(prompt_tokens)
     check_generate(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)

@@ -21,7 +21,8 @@ def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
     """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was
     one. Anything else is a GenerationError (None, 5 or a dict were a TypeError or KeyError, [1, [2]] numpy's
     ValueError)."""
-    if isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__"):
+    if (isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__")
+            or not hasattr(prompt_tokens, "__getitem__")):  # a set was a TypeError ('set' object is not subscriptable)
         raise GenerationError(f"{PROMPT_RULE}, not {type(prompt_tokens).__name__}")
     single = len(prompt_tokens) > 0 and np.ndim(prompt_tokens[0]) == 0
     return [_ids(p) for p in ([prompt_tokens] if single else prompt_tokens)], single
@@ -61,6 +62,16 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
         raise GenerationError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_seq_len={spec.max_seq_len}"
         )
+
+
+def check_model(model, own: type) -> None:
+    """Refuse a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or `Decoder`
+    is given one: None was an AttributeError ('NoneType' object has no attribute 'spec'), the other twin's model a
+    message about a cache from deep inside the steps."""
+    if not isinstance(model, own):
+        kind = type(model)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+        raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {name}")
 
 
 def check_generate(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float,

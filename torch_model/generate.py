@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_config.generation import (as_prompts, check_drawn, check_generate, collect, in_float32, left_pad,
-                                      stop_at_eos)
+from shared_config.generation import (as_prompts, check_drawn, check_generate, check_model, collect, in_float32,
+                                      left_pad, stop_at_eos)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length, compile_isolated
@@ -32,6 +32,7 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer, compile: str | None = None):
+        check_model(model, Transformer)
         self.model = model
         step = partial(forward_last, model)
         # fullgraph: a graph break would silently run the step half in Python. Isolated: each Decoder's own
@@ -134,6 +135,7 @@ def sample(logits_BV, generator: torch.Generator, temperature: float, top_k: int
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
     """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
+    check_model(model, Transformer)
     prompts, _ = as_prompts(prompt_tokens)
     check_generate(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)

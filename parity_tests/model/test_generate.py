@@ -128,6 +128,7 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[True, 5], max_new_tokens=4), "integer ids"),  # True was read as token 1
     (dict(prompt_tokens=[5, [6]], max_new_tokens=4), "integer ids"),  # numpy's ValueError
     (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
+    (dict(prompt_tokens={5, 6}, max_new_tokens=4), "integer ids.*not set"),  # 'set' object is not subscriptable
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=None), "^temperature=None must be"),  # abs()'s TypeError
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # JAX ValueError,
     # torch RuntimeError
@@ -138,6 +139,19 @@ def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
     for model, gen in [(jm, jg), (tm, tg)]:
         with pytest.raises(GenerationError, match=message):
             gen.generate(model, **kwargs)
+
+
+def test_a_model_that_is_not_the_twins_own_is_a_generation_error(base):
+    """None was an AttributeError ('NoneType' object has no attribute 'spec'); the other twin's model a TokenError
+    about its cache from deep inside the steps."""
+    _, jm, tm = base
+    for gen, other, name in ((jg, tm, "torch_model.Transformer"), (tg, jm, "jax_model.Transformer")):
+        own = gen.Transformer.__module__.split(".")[0]
+        for model, kind in ((None, "NoneType"), (other, name)):
+            with pytest.raises(GenerationError, match=f"^model must be a {own}.Transformer, not {kind}$"):
+                gen.generate(model, [1, 2], 4)
+            with pytest.raises(GenerationError, match=f"^model must be a {own}.Transformer, not {kind}$"):
+                gen.Decoder(model)
 
 
 BAD_TOKENS = {  # model input -> what the TokenError says
