@@ -17,7 +17,9 @@ from .formats.checks import np_dtype
 from .layout import Tensor, layout
 from .placement import deepnorm_beta
 from .resources import check_memory, init_bytes
-from .spec import ModelSpec
+from .config_file import SpecError
+from .generation import is_int
+from .spec import ModelSpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def tensor_seed(seed: int, name: str) -> list[int]:
 
 def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """Canonical weights drawn with numpy: the bit-identical starting point for both twins; a spec too large for this
-    machine's memory is refused (ResourceError) before any draw."""
+    machine's memory is refused (ResourceError) before any draw. `spec`: a spec or what `load_spec` takes; `seed`: an
+    integer >= 0 (SpecError otherwise: -1 and None were numpy's ValueError and TypeError, 1.5 a TypeError)."""
     return dict(draw_weights(spec, seed))
 
 
@@ -73,6 +76,9 @@ def draw_weights(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]
     """`init_weights` one tensor at a time, in layout order: (canonical name, array of its shape in
     `spec.param_dtype`), for a caller that shows progress (a llama-1b draw takes about half a minute). The memory
     check (ResourceError) comes at the call, before the first draw."""
+    spec = load_spec(spec)
+    if not is_int(seed, 0):
+        raise SpecError(f"seed={seed!r} must be an integer >= 0")
     check_memory(init_bytes(spec), f"drawing {spec.L:,} layers of d_model {spec.D:,}, vocab {spec.V:,}",
                  "use a smaller spec")
     return _draws(spec, seed)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .placement import PLACEMENTS, block_placement, has_qk_norm, has_v_norm
-from .spec import ModelSpec
+from .spec import ModelSpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,9 @@ def _routing(i: int, spec: ModelSpec) -> list[Tensor]:
 
 
 def layout(spec: ModelSpec) -> list[Tensor]:
-    """Every canonical tensor of `spec`, in module order: the contents of a checkpoint file."""
+    """Every canonical tensor of `spec` (a spec, or what `load_spec` takes), in module order: the contents of a
+    checkpoint file. A preset name or a dict was an AttributeError ('str' object has no attribute 'V')."""
+    spec = load_spec(spec)
     out = [Tensor("model.embed_tokens.weight", (spec.V, spec.D), "embedding", "embedding")]
     if spec.position == "learned":
         out.append(Tensor("model.embed_positions.weight", (spec.max_seq_len, spec.D), "embedding", "embedding"))

@@ -156,3 +156,22 @@ def test_numpy_init_follows_the_rules(name):
     """`init_weights` has its own code path from the rules to the draws: checked against the same written-out rules."""
     spec = SPECS[name]
     check_statistics(init_weights(spec, 0), spec, "numpy")
+
+
+def test_layout_init_and_save_take_a_spec_as_load_spec_does_and_name_a_bad_seed(tmp_path):
+    """A preset name or a dict for the spec was an AttributeError ('str' object has no attribute 'V') in layout,
+    init_weights and save_checkpoint, where from_weights takes them; a seed of -1 or None numpy's ValueError or
+    TypeError."""
+    from shared_config import SpecError, read_safetensors, save_checkpoint
+
+    spec = load_spec("tiny")
+    assert layout("tiny") == layout(spec.to_dict()) == layout(spec)
+    w = init_weights("tiny", 0)
+    assert all(np.array_equal(w[k], v) for k, v in init_weights(spec, 0).items())
+    save_checkpoint(tmp_path / "a.safetensors", w, "tiny")
+    assert set(read_safetensors(tmp_path / "a.safetensors")[0]) == set(w)
+    for seed in (-1, None, 1.5, "0", True):
+        with pytest.raises(SpecError, match=rf"^seed={seed!r} must be an integer >= 0$"):
+            init_weights(spec, seed)
+    with pytest.raises(SpecError, match="a spec is given as a preset name, a YAML path or a mapping of keys, not"):
+        layout(None)

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from ..files import CheckpointError, atomic_write
 from ..layout import layout
 from ..limits import LimitError, open_regular, parse_json, quote
-from ..spec import ModelSpec
+from ..spec import ModelSpec, load_spec
 from .checks import (check_size, check_weights, checkpoint_path, np_dtype, resolve_spec, spec_from_metadata,
                      without_derived)
 
@@ -172,6 +172,7 @@ def save_checkpoint(
 
     `file_format` is the metadata's "format"; transformers loads only "pt" files, see `shared_config.formats.hf`.
     """
+    spec = load_spec(spec)  # a preset name or a dict was an AttributeError from the layout
     check_weights(weights, spec, path, allow_nonfinite=True)
     tensors = {t.name: np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, {"spec": spec.to_json(), "format": file_format}))
