@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import CheckpointError, read_json
+from .generation import is_int
 
 BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
 
@@ -45,8 +46,14 @@ def synthetic_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_s
     """int32 tokens [batch_size, seq_len + 1] from a seeded bigram chain with learnable structure.
 
     Every token has `BRANCHING` successors drawn once from `seed`; each next token picks one of
-    them uniformly, so a model that learns the table reaches a loss of about log(BRANCHING).
+    them uniformly, so a model that learns the table reaches a loss of about log(BRANCHING). A seed or step below 0, a
+    batch_size, seq_len or vocab_size below 1 (or not an integer) is a DataError naming it: seq_len -1 was an
+    IndexError, vocab_size 0 numpy's ValueError, batch_size 2.0 a TypeError.
     """
+    for name, value, lo in (("seed", seed, 0), ("step", step, 0), ("batch_size", batch_size, 1),
+                            ("seq_len", seq_len, 1), ("vocab_size", vocab_size, 1)):
+        if not is_int(value, lo):
+            raise DataError(f"synthetic_batch: {name}={value!r} must be an integer >= {lo}")
     successors_VK = np.random.default_rng([seed, 0]).integers(0, vocab_size, (vocab_size, BRANCHING))
     rng = np.random.default_rng([seed, 1, step])
     picks_BN = rng.integers(0, BRANCHING, (batch_size, seq_len + 1))

@@ -166,3 +166,16 @@ def test_meta_json_vocab_size_must_cover_the_token_ids(tmp_path, vocab_size, mes
     else:
         with pytest.raises(DataError, match=message):
             load_data(tmp_path)
+
+
+@pytest.mark.parametrize("args, says", [
+    ((0, 0, 2, -1, 10), "seq_len=-1 must be an integer >= 1"),  # an IndexError
+    ((0, 0, 2, 8, 0), "vocab_size=0 must be an integer >= 1"),  # numpy's ValueError: high <= 0
+    ((0, 0, 2.0, 8, 10), "batch_size=2.0 must be an integer >= 1"),  # a TypeError
+    ((-1, 0, 2, 8, 10), "seed=-1 must be an integer >= 0"),  # numpy's ValueError
+])
+def test_synthetic_batch_names_an_argument_it_cannot_draw_with(args, says):
+    from shared_config.data import DataError, synthetic_batch
+
+    with pytest.raises(DataError, match=f"^synthetic_batch: {says}$"):
+        synthetic_batch(*args)
