@@ -69,9 +69,13 @@ def check_model(model, own: type) -> None:
     is given one: None was an AttributeError ('NoneType' object has no attribute 'spec'), the other twin's model a
     message about a cache from deep inside the steps."""
     if not isinstance(model, own):
-        kind = type(model)
-        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
-        raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {name}")
+        raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
+
+
+def type_name(x) -> str:
+    """`x`'s type as a message names it: `list`, `numpy.ndarray`, `torch.Tensor`, `jaxlib.ArrayImpl`."""
+    kind = type(x)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
 
 
 def check_generate(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float,

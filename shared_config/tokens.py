@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .generation import is_int
+from .generation import is_int, type_name
 from .limits import quote
 from .spec import ModelSpec
 
@@ -36,12 +36,6 @@ def check_token_array(shape: Sequence[int], dtype: str, what: str = "tokens", mi
     if shape[0] < 1 or shape[1] < min_time:
         raise TokenError(f"{what} of shape {list(shape)}: needs at least one row of {min_time} token"
                          f"{'s' if min_time > 1 else ''}")
-
-
-def type_name(x) -> str:
-    """`x`'s type as a message names it: `list`, `numpy.ndarray`, `torch.Tensor`, `jaxlib.ArrayImpl`."""
-    kind = type(x)
-    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
 
 
 def check_token_type(tokens, own: tuple[type, ...]) -> None:
