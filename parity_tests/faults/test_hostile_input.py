@@ -33,7 +33,8 @@ from shared_config.resources import ResourceError, layout_size
 from shared_config.spec import CHOICES
 from shared_config.train_config import load_train_config
 
-from ..support.common import MIXERS, ROOT, checkout_env, load_script, make_spec, quick_first, run_script
+from ..support.common import (MIXERS, ROOT, case_ids, checkout_env, load_script, make_spec, quick_first,
+                              run_script)
 
 convert_module = load_script("convert")
 convert = convert_module.convert
@@ -140,8 +141,11 @@ def test_the_sized_specs_hold_every_placement_mixer_and_routing():
         assert not missing, f"no SIZED_SPECS row with {field} in {sorted(missing)}"
 
 
-@pytest.mark.parametrize("changes,n_layers", [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13)
-                                              if L > 1 or "routing" not in c])  # a routed spec has >= 2 blocks
+SIZED = [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13) if L > 1 or "routing" not in c]  # routed: >= 2 blocks
+
+
+@pytest.mark.parametrize("changes,n_layers", SIZED,
+                         ids=[f"{name}-L{L}" for name, (_, L) in zip(case_ids([c for c, _ in SIZED]), SIZED)])
 def test_layout_size_is_the_layout_tables_count_computed_arithmetically(changes, n_layers):
     spec = make_spec(**changes).replace(n_layers=n_layers)
     table = layout(spec)
