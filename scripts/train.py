@@ -126,12 +126,16 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
+            loop = None
             try:
-                summary = Loop(run, make_trainer, progress=not args.quiet)()
-            except (KeyboardInterrupt, *USER_ERRORS):  # Ctrl-C, SIGTERM ("partial outputs removed") or bad input
-                # found as the run starts (RANK without torchrun's other variables): the directories this run made,
-                # with no checkpoint, go; their run.json, lock and metrics stayed, a run that could not be resumed
-                if made and is_main_process() and latest_checkpoint(run.out) is None:
+                loop = Loop(run, make_trainer, progress=not args.quiet)
+                summary = loop()
+            except (KeyboardInterrupt, *USER_ERRORS) as e:  # Ctrl-C, SIGTERM ("partial outputs removed") or bad
+                # input found as the run starts (RANK without torchrun's other variables), before its first step: the
+                # directories this run made, with no checkpoint, go (their run.json, lock and metrics stayed, a run
+                # that could not be resumed); an error of a run that stepped keeps its metrics, as a full disk does
+                set_up = isinstance(e, KeyboardInterrupt) or loop is None or not loop.stepping
+                if made and is_main_process() and latest_checkpoint(run.out) is None and set_up:
                     shutil.rmtree(made, ignore_errors=True)
                 raise
         finished = True

@@ -65,6 +65,7 @@ class Loop:
         self.val_batches = run.data.val_batches(run.eval_batches, run.cfg.batch_size, run.cfg.seq_len)
         self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
         self.summary: dict = {}
+        self.stepping = False  # the trainer is made and steps: an error from here on is the run's, not its set-up's
 
     def __call__(self) -> dict:
         """Train from `run.start()` to `run.stop`; the summary of the last step."""
@@ -75,7 +76,7 @@ class Loop:
             self.bar_note(f"nothing to do: the run is at step {state['step']} and --stop-at/steps is {run.stop}")
             return {"step": state["step"], "checkpoint": str(latest_checkpoint(run.out))}
         trainer = self.make_trainer(state)
-        first, self.clock = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len)
+        first, self.clock, self.stepping = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len), True
         with progress(total=run.stop, initial=state["step"], desc=trainer.name, quiet=not self.progress,
                       dynamic_ncols=True) as self.bar:
             for step in range(first, run.stop + 1):

@@ -359,3 +359,20 @@ def test_a_set_that_reshapes_the_init_from_model_is_named(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith(f"error: --init-from {start / 'step-00000001'} with --set n_layers=1 "
                                                 "--set d_model=48 --set d_ff=96: unexpected keys: model.layers.1."), err
     assert not (tmp_path / "next").exists()
+
+
+def test_an_error_after_the_first_step_keeps_the_run_s_metrics(tmp_path, monkeypatch, capsys):
+    """A fresh run's directory goes when the run stops before its first step (an interrupt, bad input found while
+    setting up); one that stepped and then failed to write its first checkpoint (EACCES, as a full disk) keeps its
+    run.json and metrics, which say how far it got."""
+    from shared_config import loop
+    from shared_config.cli import run
+
+    def denied(self, trainer, step):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "step-00000001"))
+
+    monkeypatch.setattr(loop.Loop, "save", denied)
+    with pytest.raises(SystemExit) as e:
+        run(load_script("train").main, ["--backend", "torch", "--out", str(tmp_path / "run"), "--steps", "1", *SHORT])
+    assert e.value.code == 2 and "Permission denied" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "metrics.jsonl", "run.json"]
