@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared_config import ModelSpec
+from shared_config.layout import state_layout
 from shared_config.placement import Placement, residual_alpha
 
 from .attention import Attention, LayerCache
@@ -76,8 +77,8 @@ def empty_state(spec: ModelSpec, batch: int, size: int) -> LayerCache | GLAState
     [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
     (one added to make_mixer alone would decode with attention's cache)."""
     if spec.mixer == "attention":
-        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
-        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        shape, dtype = state_layout(spec, batch, size)
+        return LayerCache(jnp.zeros(shape, DTYPES[dtype]), jnp.zeros(shape, DTYPES[dtype]), jnp.zeros((), jnp.int32))
     if spec.mixer == "gla":
         return GLAState.empty(spec, batch, size)
     raise ValueError(f"empty_state: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")

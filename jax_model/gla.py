@@ -21,6 +21,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from shared_config import ModelSpec
 from shared_config.hardware import resolve_gla_kernel
+from shared_config.layout import state_layout
 from shared_config.parallel import AXES, splits_rows
 
 from .attention import device_platform
@@ -46,7 +47,8 @@ class GLAState(NamedTuple):
 
     @classmethod
     def empty(cls, spec: ModelSpec, batch: int, size: int) -> GLAState:
-        S_BHKV = jnp.zeros((batch, spec.H, spec.Kh, spec.Vh), jnp.float32)
+        shape, dtype = state_layout(spec, batch, size)  # [batch, H, K', V'] float32
+        S_BHKV = jnp.zeros(shape, DTYPES[dtype])
         return cls(S_BHKV, jnp.zeros((), jnp.int32), jnp.zeros((0, size), jnp.int8))
 
 

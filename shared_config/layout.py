@@ -128,6 +128,18 @@ def _gla(p: str, spec: ModelSpec) -> list[Tensor]:
 def fuses_qkv(spec: ModelSpec) -> bool:
     """Whether the twins hold q/k/v fused: `fused_qkv` is an attention compute choice; GLA keeps them apart."""
     return spec.fused_qkv and spec.mixer == "attention"
+
+
+def state_layout(spec: ModelSpec, batch: int, size: int) -> tuple[tuple[int, ...], str]:
+    """The decoding state one block's token mixer keeps for `batch` rows of `size` slots, as (shape, dtype name) of
+    its state array: attention's keys (and values alike) [batch, size, K, E] in the compute dtype, GLA's recurrent
+    state [batch, H, K', V'] in float32. The twins' `block.empty_state` makes it, `tokens.check_cache_fits` checks a
+    cache against it. Raises ValueError for a mixer with no state here."""
+    if spec.mixer == "attention":
+        return (batch, size, spec.K, spec.E), spec.compute_dtype
+    if spec.mixer == "gla":
+        return (batch, spec.H, spec.Kh, spec.Vh), "float32"
+    raise ValueError(f"state_layout: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
 # --- end of Gated Linear Attention ----------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .generation import is_int, type_name
+from .layout import state_layout
 from .limits import quote
 from .spec import ModelSpec
 
@@ -94,17 +95,14 @@ def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | N
 
 def check_cache_fits(spec: ModelSpec, layers: Sequence[tuple[Sequence[int], str, str]], batch: int, size: int) -> None:
     """Refuse a cache of this twin that another model's `init_cache` made (TokenError): `layers`, per layer of the
-    cache, the shape and dtype of its state (attention's keys [B, S, K, E] in the compute dtype, GLA's state
-    [B, H, Kh, Vh] float32) and its routing kind ("none", "mod", "dtf"), for `batch` rows of `size` slots. Fewer layers
-    than the model's were an IndexError; other heads, head sizes or dtypes an XLA TypeError in JAX and an index_copy_
-    RuntimeError in torch. Shapes only: nothing is read from a device."""
+    cache, the shape and dtype of its state (as `layout.state_layout` gives them) and its routing kind ("none", "mod",
+    "dtf"), for `batch` rows of `size` slots. Fewer layers than the model's were an IndexError; other heads, head
+    sizes or dtypes an XLA TypeError in JAX and an index_copy_ RuntimeError in torch. Shapes only: nothing is read
+    from a device."""
     if len(layers) != spec.L:
         raise TokenError(f"a cache of {len(layers)} layers does not fit this model's n_layers={spec.L} "
                          "(made by another model's init_cache?)")
-    if spec.mixer == "gla":
-        want_shape, want_dtype = (batch, spec.H, spec.Kh, spec.Vh), "float32"
-    else:
-        want_shape, want_dtype = (batch, size, spec.K, spec.E), spec.compute_dtype
+    want_shape, want_dtype = state_layout(spec, batch, size)
     for i, (shape, dtype, routed) in enumerate(layers):
         want_routed = spec.routing if i in spec.routed_layers else "none"
         if (tuple(shape), dtype, routed) != (want_shape, want_dtype, want_routed):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from shared_config import ModelSpec
+from shared_config.layout import state_layout
 from shared_config.placement import Placement, residual_alpha
 
 from .attention import Attention, LayerCache
@@ -76,8 +77,8 @@ def empty_state(spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> Laye
     [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
     (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's device."""
     if spec.mixer == "attention":
-        shape, dtype = (batch, size, spec.K, spec.E), DTYPES[spec.compute_dtype]
-        return LayerCache(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype),
+        shape, dtype = state_layout(spec, batch, size)
+        return LayerCache(w.new_zeros(shape, dtype=DTYPES[dtype]), w.new_zeros(shape, dtype=DTYPES[dtype]),
                           w.new_zeros((), dtype=torch.int64))
     if spec.mixer == "gla":
         return GLAState.empty(spec, batch, size, w)

@@ -20,6 +20,7 @@ from torch import nn
 
 from shared_config import ModelSpec
 from shared_config.hardware import resolve_gla_kernel
+from shared_config.layout import state_layout
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, fla_gla, fla_installed
@@ -43,7 +44,8 @@ class GLAState(NamedTuple):
     @classmethod
     def empty(cls, spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> GLAState:
         """`w`: any tensor on the model's device (the JAX twin needs none)."""
-        S_BHKV = w.new_zeros((batch, spec.H, spec.Kh, spec.Vh), dtype=torch.float32)
+        shape, dtype = state_layout(spec, batch, size)  # [batch, H, K', V'] float32
+        S_BHKV = w.new_zeros(shape, dtype=DTYPES[dtype])
         return cls(S_BHKV, w.new_zeros((), dtype=torch.int64), w.new_zeros((0, size), dtype=torch.int8))
 
 

@@ -270,6 +270,10 @@ def test_a_cache_of_the_other_twin_or_of_no_twin_is_refused_by_both(small_twins)
                         r"init_cache makes float32 \[1, 4, 2, 8\]"),  # XLA TypeError, index_copy_ error
     ({"compute_dtype": "bfloat16"}, r"^layer 0 of the cache holds bfloat16 \[1, 4, 2, 8\]"),
     ({"routing": "mod"}, r"^layer 1 of the cache holds .* \(routing mod\) where .* \(routing none\)"),
+    # GLA's recurrent state [B, H, K', V'] where keys go (state_layout)
+    ({**MIXERS["gla"], "n_heads": 4, "n_kv_heads": None}, r"^layer 0 of the cache holds float32 \[1, 4, 4, 10\] "
+                                                            r"\(routing none\) where this model's init_cache makes "
+                                                            r"float32 \[1, 4, 2, 8\]"),
 ])
 def test_a_cache_made_by_another_models_init_cache_is_refused_by_both_twins(changes, says):
     from shared_config.tokens import TokenError
