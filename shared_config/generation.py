@@ -40,16 +40,17 @@ def _ids(prompt) -> list[int]:
     return ids.astype(np.int64).tolist()
 
 
-def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                      eos_id: int | None = None) -> None:
-    """Raise GenerationError unless the prompts fit the model and the settings make sense (None: not set)."""
+    """Raise GenerationError unless the prompts fit the model and the settings make sense; the defaults are the twins'
+    `generate`'s, where None is a value (temperature=None was a TypeError from abs(), seed=None a ValueError in JAX
+    and a RuntimeError in torch), and top_k, top_p, eos_id None: not set."""
     require(is_int(max_new_tokens, 1), "max_new_tokens", max_new_tokens, "an integer >= 1")
-    require(temperature is None or is_number(temperature, 0), "temperature", temperature,
-            "a finite number >= 0 (0: greedy)")
+    require(is_number(temperature, 0), "temperature", temperature, "a finite number >= 0 (0: greedy)")
     require(top_k is None or is_int(top_k, 1), "top_k", top_k, "an integer >= 1")
     require(top_p is None or is_number(top_p, 0, 1) and top_p > 0, "top_p", top_p, "a number in (0, 1]")
-    require(seed is None or is_int(seed, 0, 2**32 - 1), "seed", seed, "an integer in 0..2**32-1")
+    require(is_int(seed, 0, 2**32 - 1), "seed", seed, "an integer in 0..2**32-1")
     require(eos_id is None or is_int(eos_id, 0, spec.V - 1), "eos_id", eos_id, f"a token id in 0..{spec.V - 1}")
     if not prompts or min(map(len, prompts)) == 0:
         raise GenerationError("every prompt needs at least one token")
@@ -76,16 +77,6 @@ def type_name(x) -> str:
     """`x`'s type as a message names it: `list`, `numpy.ndarray`, `torch.Tensor`, `jaxlib.ArrayImpl`."""
     kind = type(x)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
-
-
-def check_generate(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                   top_k: int | None, top_p: float | None, seed: int, eos_id: int | None) -> None:
-    """`check_generation` of the twins' `generate` and `stream`, where temperature and seed have defaults (0.0, 0): None
-    is a value there, not "not set" (temperature=None was a TypeError from abs() in both twins, seed=None a ValueError
-    in JAX and a RuntimeError in torch)."""
-    require(temperature is not None, "temperature", temperature, "a finite number >= 0 (0: greedy)")
-    require(seed is not None, "seed", seed, "an integer in 0..2**32-1")
-    check_generation(spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
 
 
 def require(ok: bool, name: str, value, rule: str) -> None:

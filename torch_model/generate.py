@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_config.generation import (as_prompts, check_drawn, check_generate, check_model, collect, in_float32,
-                                      left_pad, stop_at_eos)
+from shared_config.generation import (as_prompts, check_drawn, check_generation, check_model, collect,
+                                      in_float32, left_pad, stop_at_eos)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length, compile_isolated
@@ -137,7 +137,7 @@ def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: 
     """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
     check_model(model, Transformer)
     prompts, _ = as_prompts(prompt_tokens)
-    check_generate(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    check_generation(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)
 
 
