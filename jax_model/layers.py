@@ -22,6 +22,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ZEROS = nnx.initializers.zeros_init()  # Linear/Embed weights are drawn after construction, from the layout table
 
 
+def at_hand(x: jax.Array) -> bool:
+    """Whether `x`'s values can be read on the host without waiting on a device: an array on the CPU, outside jit (a
+    host-side check reads them there; on a GPU it would stall the step it runs beside)."""
+    return not isinstance(x, jax.core.Tracer) and {d.platform for d in x.devices()} == {"cpu"}
+
+
 class Linear(nnx.Linear):
     """y = x · W with W stored [in, out] (nnx.Linear's kernel); the canonical file stores Wᵀ."""
 

@@ -20,7 +20,7 @@ from shared_config.parallel import AXES, splits_rows
 from shared_config.tokens import check_batch_array, check_batch_type
 
 from .head_loss import fused_head_loss
-from .layers import DTYPES
+from .layers import DTYPES, at_hand
 
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -28,10 +28,10 @@ IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's c
 
 def host_ids(tokens_BN) -> np.ndarray | None:
     """A batch's ids as numpy where they are at hand without waiting on a device, for `check_batch`: an array on the
-    CPU, outside jit; else None (its ids are then data, the caller's to keep in the vocabulary)."""
+    CPU, outside jit (`at_hand`), held by this process; else None (its ids are then data, the caller's to keep in
+    the vocabulary)."""
     check_batch_type(tokens_BN, jax.Array)
-    if (isinstance(tokens_BN, jax.Array) and not isinstance(tokens_BN, jax.core.Tracer)
-            and tokens_BN.is_fully_addressable and {d.platform for d in tokens_BN.devices()} == {"cpu"}):
+    if isinstance(tokens_BN, jax.Array) and at_hand(tokens_BN) and tokens_BN.is_fully_addressable:
         return np.asarray(tokens_BN)
     return None
 

@@ -26,7 +26,7 @@ from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
 from .block import Block, empty_state
 from .gla import GLA
-from .layers import DTYPES, ZEROS, Linear, make_norm, split_rows
+from .layers import DTYPES, ZEROS, Linear, at_hand, make_norm, split_rows
 from .weights import draw_weights
 
 
@@ -189,8 +189,7 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
 def cache_length(cache: KVCache) -> int | None:
     """The cache's written slots where they are at hand: on the CPU, outside jit (elsewhere reading the length would
     wait for the device: `Decoder` reads it before every step)."""
-    at_hand = not isinstance(cache.length, jax.core.Tracer) and {d.platform for d in cache.length.devices()} == {"cpu"}
-    return int(cache.length) if at_hand else None
+    return int(cache.length) if at_hand(cache.length) else None
 
 
 def lookup(table, ids, mesh: Mesh | None = None):

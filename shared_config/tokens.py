@@ -143,6 +143,11 @@ def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None
     if isinstance(mask_BN, np.ndarray) and mask_BN.dtype.kind not in "biuf":  # a str mask: a TypeError in either
         raise TokenError(f"mask_BN must hold numbers (0: not counted), got dtype {mask_BN.dtype}")
     check_count(count)
+    if isinstance(tokens_BN, (list, tuple)):  # rows on the host: their ids are at hand (a NaN loss in JAX otherwise)
+        try:
+            tokens_BN = np.asarray(tokens_BN)
+        except (ValueError, TypeError):  # ragged rows: numpy's inhomogeneous-shape ValueError
+            raise TokenError(f"a batch must be rows of one length, not {quote(tokens_BN)}") from None
     ids = tokens_BN if isinstance(tokens_BN, np.ndarray) else None if host is None else host(tokens_BN)
     if ids is None:
         return

@@ -20,6 +20,12 @@ from shared_config import ModelSpec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def at_hand(x: torch.Tensor) -> bool:
+    """Whether `x`'s values can be read on the host without waiting on a device: a tensor on the CPU, uncompiled (a
+    host-side check reads them there; on a GPU it would stall the step it runs beside)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class Linear(nn.Linear):
     """y = x · Wᵀ with W stored [out, in], computed in `compute_dtype` (as nnx.Linear's `dtype`)."""
 

@@ -15,7 +15,7 @@ from shared_config import TrainConfig
 from shared_config.tokens import check_batch_array, check_batch_type
 
 from .head_loss import fused_head_loss
-from .layers import DTYPES
+from .layers import DTYPES, at_hand
 
 
 IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's convention)
@@ -23,10 +23,11 @@ IGNORE_INDEX = -100  # a target equal to this is not predicted (Hugging Face's c
 
 def host_ids(tokens_BN) -> np.ndarray | None:
     """A batch's ids as numpy where they are at hand without waiting on a device, for `check_batch`: a tensor on the
-    CPU (not bfloat16, which numpy lacks: refused by `split_batch`); else None (its ids are then data, the caller's
-    to keep in the vocabulary)."""
+    CPU, uncompiled, of integer ids (any other dtype is refused here, numpy lacks bfloat16); else None (its ids are
+    then data, the caller's to keep in the vocabulary)."""
     check_batch_type(tokens_BN, torch.Tensor)
-    if isinstance(tokens_BN, torch.Tensor) and tokens_BN.device.type == "cpu" and tokens_BN.dtype != torch.bfloat16:
+    if isinstance(tokens_BN, torch.Tensor) and at_hand(tokens_BN):
+        check_batch_array(tuple(tokens_BN.shape), str(tokens_BN.dtype).removeprefix("torch."))
         return tokens_BN.detach().numpy()
     return None
 

@@ -27,7 +27,7 @@ from shared_config.tokens import (TokenError, check_cache_fits, check_cache_requ
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
 from .block import Block, empty_state
-from .layers import DTYPES, Linear, make_norm
+from .layers import DTYPES, Linear, at_hand, make_norm
 from .weights import draw_weights
 
 
@@ -159,7 +159,7 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
     at hand: on the CPU, uncompiled (on a GPU, reading them would wait for the device: the embedding's own
     device-side assert refuses ids out of range; `Decoder` checks them on the host first)."""
     check_token_array(tokens_BT.shape, str(tokens_BT.dtype).removeprefix("torch."))
-    if tokens_BT.device.type == "cpu" and not torch.compiler.is_compiling():
+    if at_hand(tokens_BT):
         ids = tokens_BT.long() if tokens_BT.dtype in WIDE_UNSIGNED else tokens_BT  # min/max not implemented for these
         check_token_values(spec, int(ids.min()), int(ids.max()))
     return tokens_BT.shape[1]
@@ -168,7 +168,7 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
 def cache_length(cache: KVCache) -> int | None:
     """The cache's written slots where they are at hand: on the CPU, uncompiled (elsewhere reading the length would wait
     for the device: `Decoder` reads it before every step)."""
-    return int(cache.length) if cache.length.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    return int(cache.length) if at_hand(cache.length) else None
 
 
 def lookup(table, ids):

@@ -121,7 +121,7 @@ BAD_BATCHES = {  # a train batch -> what the TokenError says
     "target past the vocabulary": (lambda b: np.concatenate([b[:, :-1], np.full((2, 1), 97)], 1), "token id 97 is"),
     "input past the vocabulary": (lambda b: np.concatenate([np.full((2, 1), 97), b[:, 1:]], 1), "token id 97 is"),
     "negative, not IGNORE_INDEX": (lambda b: np.where(b == b[0, 3], -1, b), "token id -1 is outside"),
-    "float": (lambda b: b.astype(np.float32), "a batch must hold integer ids, got dtype float32"),
+    "float": (lambda b: b.astype(np.float32), "a batch must hold integer ids, got dtype float(32|64)"),  # 64: lists
     "one token a row": (lambda b: b[:, :1], r"a batch of shape \[2, 1\]: needs at least one row of 2 tokens$"),
 }
 
@@ -142,13 +142,13 @@ def train_twins():
     return spec, cfg, [(J, jax_model.from_weights(w, spec)), (P, torch_model.from_weights(w, spec))]
 
 
-@pytest.mark.parametrize("arrays", ["numpy", "the twin's own"])
+@pytest.mark.parametrize("arrays", ["numpy", "the twin's own", "lists"])
 @pytest.mark.parametrize("name", BAD_BATCHES)
 def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_twins, name, arrays):
     """A target past the vocabulary was a NaN loss (and a finite update) in JAX's jitted step and an IndexError in
     torch's; a float batch was refused by JAX and truncated by torch's `.long()`. A JAX array or a torch tensor on
     the CPU holds its ids at hand as numpy does: such a batch with a target past the vocabulary was still a NaN loss
-    in JAX and a RuntimeError about an index in torch."""
+    in JAX and a RuntimeError about an index in torch; so was a batch of lists of ids."""
     import jax.numpy as jnp
     import torch
 
@@ -159,7 +159,7 @@ def test_a_bad_batch_is_the_same_token_error_in_every_step_of_both_twins(train_t
     make, says = BAD_BATCHES[name]
     numpy_batch = make(synthetic_batch(0, 0, 2, 8, spec.V))  # [2, 9]
     for (train, model), own in zip(twins, (jnp.asarray, torch.as_tensor)):
-        batch = numpy_batch if arrays == "numpy" else own(numpy_batch)
+        batch = {"numpy": numpy_batch, "lists": numpy_batch.tolist()}.get(arrays, own(numpy_batch))
         state = train.init_train_state(model, cfg)
         for run in (lambda: train.make_train_step(model, cfg)(state, batch), lambda: train.loss_and_grads(model, batch),
                     lambda: train.make_eval_step(model)(state, batch)):
