@@ -23,7 +23,7 @@ from shared_config import (
     init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, nonempty, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, check_shorthands, nonempty, run
 from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.formats.checks import check_weights
@@ -310,9 +310,7 @@ def parse_args(argv):
         raise UsageError("give --spec, --weights or both")
     check_outputs(args.json, args.plot, inputs=[("--spec", args.spec), ("--weights", args.weights),
                                              ("--train-config", args.train_config)])  # fail now, not after the run
-    if args.dtype and "compute_dtype" in (changes := parse_overrides(args.set)):  # --dtype won without a word
-        raise UsageError(f"--dtype {args.dtype} and --set compute_dtype={changes['compute_dtype']}: --dtype is "
-                         "shorthand for --set compute_dtype=DTYPE; pass one of them")
+    check_shorthands(parse_overrides(args.set), {"compute_dtype": ("--dtype", args.dtype)} if args.dtype else {})
     for flag, value in (("--plot", args.plot), ("--train-config", args.train_config)):  # else ignored silently
         if value and args.train_steps <= 0:
             raise UsageError(f"{flag} needs --train-steps N")
@@ -336,8 +334,8 @@ def prepare_and_report(args):
         changes["compute_dtype"] = args.dtype
     spec = spec.replace(**changes)
     if args.weights and changes:  # a --set that changes the model's tensors: "weights: unexpected keys" named neither
-        check_weights(weights, spec, f"--weights {args.weights} with {' '.join(f'--set {s}' for s in args.set or [])}"
-                                     f"{f' --dtype {args.dtype}' if args.dtype else ''}")
+        sets = "".join(f" --set {k}={v}" for k, v in changes.items())  # --dtype's as its --set
+        check_weights(weights, spec, f"--weights {args.weights} with{sets}")
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
     cfg = None

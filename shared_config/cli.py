@@ -228,6 +228,16 @@ def check_not_inputs(outputs, inputs) -> None:
                                  "would replace it; give the output another name")
 
 
+def check_shorthands(changes, given: dict[str, tuple[str, object]]) -> None:
+    """Refuse (UsageError) an option given beside the `--set` of the key it is shorthand for: `train.py --steps 3
+    --set steps=4` ran 3 steps, `parity_report.py --dtype float32 --set compute_dtype=bfloat16` float32, without a
+    word. `changes`: the --set items parsed; `given`: {key: (option, value)} of the shorthand options set."""
+    for key, (flag, value) in given.items():
+        if key in changes:
+            raise UsageError(f"{flag} {value} and --set {key}={changes[key]}: {flag} is shorthand for --set "
+                             f"{key}=VALUE; pass one of them")
+
+
 def check_out_dir(flag: str, path) -> None:
     """Refuse, before any work and without creating anything, an output directory that cannot be made: its nearest
     existing ancestor must be a directory this process may write into."""

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cli import UsageError, check_out_dir
+from .cli import UsageError, check_out_dir, check_shorthands
 from .config_file import check_keys, parse_overrides
 from .data import TokenData, eval_bytes, load_data
 from .files import CheckpointError
@@ -72,9 +72,7 @@ def resolve_run(args) -> Run:
     (a run that cannot fit in memory), before anything is written."""
     spec_changes, cfg_changes = split_overrides(args.set)
     shorthands = {k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None}
-    if both := [k for k in shorthands if k in cfg_changes]:  # --steps 3 --set steps=4 ran 3 steps without a word
-        raise UsageError(f"--{both[0]} {shorthands[both[0]]} and --set {both[0]}={cfg_changes[both[0]]}: --{both[0]} "
-                         f"is shorthand for --set {both[0]}=N; pass one of them")
+    check_shorthands(cfg_changes, {k: (f"--{k}", v) for k, v in shorthands.items()})
     cfg_changes.update(shorthands)
     checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
     if stored and cfg_changes.get("steps", math.inf) < (done := checkpoint_step(checkpoint)):

@@ -26,7 +26,7 @@ SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--se
     (["--log-every", "nan"], ["argument --log-every: must be an integer >= 1, got 'nan'"]),
     (["--stop-at", "0"], ["argument --stop-at: must be an integer >= 1, got 0"]),
     # the shorthand won over --set without a word: 3 steps ran
-    (["--steps", "3", "--set", "steps=4"], ["--steps 3 and --set steps=4: --steps is shorthand for --set steps=N"]),
+    (["--steps", "3", "--set", "steps=4"], ["--steps 3 and --set steps=4: --steps is shorthand for --set steps=VALUE"]),
     (["--seed", "3", "--set", "seed=4"], ["--seed 3 and --set seed=4"]),
 ], 2, multi=True))
 def test_bad_arguments_are_one_line_errors(tmp_path, args, fragments):
