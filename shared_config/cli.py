@@ -29,6 +29,7 @@ from .report import partial_report
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
+from .parallel import env_int
 from .signals import Terminated, exit_interrupted, interrupt, redeliver_interrupts
 
 BAD_INPUT, ENVIRONMENT = 2, 3
@@ -311,8 +312,10 @@ def fail(message: str, code: int = BAD_INPUT):
 def _rank_zero() -> bool:
     """Whether this process is torchrun's rank 0 or runs alone. A RANK that is not a number is rank 0's too: its
     error (shared_config.parallel.env_int) must be printed, where `RANK=x` exited 2 without a word."""
-    rank = os.environ.get("RANK", "0").strip()
-    return not (rank.isascii() and rank.isdigit()) or int(rank) == 0
+    try:
+        return env_int("RANK") == 0
+    except SpecError:
+        return True
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -28,8 +28,8 @@ def env_int(name: str, default: int = 0) -> int:
     if text is None:
         return default
     if not (text.strip().isascii() and text.strip().isdigit()):  # str.isdigit alone takes '²', which int() refuses
-        raise SpecError(f"environment variable {name}={text!r:.80} must be an integer >= 0 (set by torchrun or the "
-                        f"launcher); unset it to run one process")
+        raise SpecError(f"environment variable {name}={text!r:.80} must be an integer >= 0 (a launcher sets it: "
+                        "torchrun, or JAX's multi-process start); unset it to run one process")
     return int(text)
 
 

@@ -5,6 +5,7 @@ trains it is shared_config/loop.py; the run directory's files are shared_config/
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
@@ -225,4 +226,4 @@ def fresh_state(weights: dict) -> dict:
 def is_main_process() -> bool:
     """Process 0 of a torchrun (RANK) or multi-process JAX (JAX_PROCESS_ID) run, or the only process: the one that
     writes the run directory and reports. Every process trains; all of them take part in gathering a checkpoint."""
-    return env_int("RANK", env_int("JAX_PROCESS_ID")) == 0
+    return (env_int("RANK") if "RANK" in os.environ else env_int("JAX_PROCESS_ID")) == 0
