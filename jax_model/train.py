@@ -30,7 +30,7 @@ from flax import nnx
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 from shared_config.tokens import CheckedStep, check_batch
-from shared_config.train_config import check_train_config
+from shared_config.train_config import as_train_config
 
 from .layers import DTYPES, working_copy
 from .loss import (IGNORE_INDEX, chunked_next_token_loss, host_ids, next_token_loss, routing_loss,
@@ -93,7 +93,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     train step does (accumulate_gradients)."""
     check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN, host_ids, count)
     if cfg is not None:
-        check_train_config(cfg)
+        cfg = as_train_config(cfg)
     graphdef, params, rest = split_params(model)
     loss, grads = _value_and_grad(graphdef, cfg, remat, loss_chunk, params, rest, jnp.asarray(tokens_BN), mask_BN,
                                   count)
@@ -140,7 +140,7 @@ class TrainState(NamedTuple):
 
 def init_train_state(model, cfg: TrainConfig) -> TrainState:
     """Step 0: the model's parameters, a fresh AdamW state (m = v = 0) and the working weights."""
-    check_train_config(cfg)
+    cfg = as_train_config(cfg)
     params = nnx.state(model, nnx.Param)
     working = working_weights(model, params, working_names(model, cfg))
     return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(model, cfg).init(params), working)
@@ -186,7 +186,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
     the state. `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
     cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
     models")."""
-    check_train_config(cfg)
+    cfg = as_train_config(cfg)
     graphdef, _, rest = split_params(model)
     optimizer = make_optimizer(model, cfg)
 

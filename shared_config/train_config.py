@@ -122,13 +122,14 @@ def train_preset_names() -> list[str]:
     return yaml_names(TRAIN_DIR)
 
 
-def check_train_config(cfg) -> TrainConfig:
-    """`cfg` if it is a TrainConfig, else a SpecError naming `load_train_config`: the twins' train functions read its
-    fields, and a dict or None was an AttributeError ('dict' object has no attribute 'decay_embeddings')."""
-    if not isinstance(cfg, TrainConfig):
-        raise SpecError(f"cfg must be a TrainConfig (shared_config.load_train_config of a preset name, a YAML path or "
-                        f"a dict), not {type(cfg).__name__}")
-    return cfg
+def as_train_config(cfg) -> TrainConfig:
+    """`cfg` as a TrainConfig: a config, or what `load_train_config` takes (a preset name, a YAML path, a dict), as
+    `from_weights` takes a spec; None is a SpecError (the twins' train functions read its fields: a dict or None was
+    an AttributeError, 'dict' object has no attribute 'decay_embeddings')."""
+    if cfg is None:
+        raise SpecError("cfg is None: give a TrainConfig, or a preset name, a YAML path or a dict of its keys "
+                        "(shared_config.load_train_config)")
+    return load_train_config(cfg)
 
 
 def load_train_config(source: str | Path | Mapping[str, Any] | TrainConfig | None = None) -> TrainConfig:

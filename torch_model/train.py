@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
 from shared_config.tokens import CheckedStep, check_batch
-from shared_config.train_config import check_train_config
+from shared_config.train_config import as_train_config
 
 from .layers import DTYPES, working_copy
 from .loss import (IGNORE_INDEX, chunked_next_token_loss, host_ids, next_token_loss, routing_loss,
@@ -104,7 +104,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
     train step does (accumulate_gradients)."""
     check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN, host_ids, count)
     if cfg is not None:
-        check_train_config(cfg)
+        cfg = as_train_config(cfg)
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
     if cfg is None or cfg.grad_accum_steps == 1:
@@ -168,7 +168,7 @@ class TrainState:
 
 def init_train_state(model, cfg: TrainConfig, *, fused: bool = True) -> TrainState:
     """Step 0: the model, a fresh AdamW state (m = v = 0) and the working weights."""
-    check_train_config(cfg)
+    cfg = as_train_config(cfg)
     working = working_weights(model, working_names(model, cfg))
     return TrainState(model, *make_optimizer(model, cfg, fused=fused), working)
 
@@ -224,7 +224,7 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     block (compile_blocks). `count`: what the summed loss is divided by (next_token_loss; default: the counted targets).
     cfg.grad_accum_steps, remat and loss_chunk: the same update with less memory (docs/training.md, "Training bigger
     models")."""
-    check_train_config(cfg)
+    cfg = as_train_config(cfg)
     loss_fn = partial(model_loss, cfg=cfg, remat=cfg.remat, loss_chunk=cfg.loss_chunk)
     if compile:
         compile_blocks(model)

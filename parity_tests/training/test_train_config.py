@@ -210,22 +210,27 @@ def test_a_bad_batch_is_refused_by_the_sharded_jax_step_before_sharding(train_tw
         step(None, np.full((2, 9), 97))
 
 
-@pytest.mark.parametrize("cfg", [None, {"lr": 1e-3}, "cpu"])
-def test_a_train_config_that_is_not_one_is_a_spec_error_in_both_twins(train_twins, cfg):
+@pytest.mark.parametrize("cfg", [None, {"lr": 1e-3}, "cpu", 5])
+def test_a_train_config_is_what_load_train_config_takes_in_both_twins(train_twins, cfg):
     """make_train_step, init_train_state and loss_and_grads read the config's fields: a dict, None or a preset name
-    was an AttributeError ('dict' object has no attribute 'decay_embeddings'; torch's step: 'remat')."""
-    from shared_config import synthetic_batch
+    was an AttributeError ('dict' object has no attribute 'decay_embeddings'; torch's step: 'remat'). They take what
+    load_train_config takes, as from_weights takes what load_spec takes; None and anything else is a SpecError."""
+    from shared_config import load_train_config, synthetic_batch
 
     spec, _, twins = train_twins
     batch = synthetic_batch(0, 0, 2, 8, spec.V)
-    says = rf"^cfg must be a TrainConfig \(shared_config.load_train_config.*\), not {type(cfg).__name__}$"
     for train, model in twins:
-        runs = [lambda: train.make_train_step(model, cfg), lambda: train.init_train_state(model, cfg)]
+        runs = [lambda: train.init_train_state(model, cfg), lambda: train.make_train_step(model, cfg)]
         if cfg is not None:  # loss_and_grads' default: no config (no routing losses, no accumulation)
             runs.append(lambda: train.loss_and_grads(model, batch, cfg=cfg))
-        for run in runs:
-            with pytest.raises(SpecError, match=says):
-                run()
+        if cfg in (None, 5):
+            for run in runs:
+                with pytest.raises(SpecError, match="^cfg is None: give a TrainConfig" if cfg is None else
+                                   "^a train config is given as a preset name, a YAML path or a mapping of keys"):
+                    run()
+            continue
+        assert runs[0]() is not None and callable(runs[1]())  # not stepped: JAX's step donates the shared model
+        assert runs[2]()[0] == train.loss_and_grads(model, batch, cfg=load_train_config(cfg))[0]
 
 
 @pytest.mark.parametrize("count", [0, -1, float("nan"), np.float32("inf"), "8", True])
