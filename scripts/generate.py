@@ -125,7 +125,9 @@ def load_tokenizer(weights: Path, spec):
     path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
     if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
         tokenizer = HFTokenizer(path)
-        if (n := tokenizer.tokenizer.get_vocab_size()) > spec.V:  # "prompt 0: token id 263 is outside the vocabulary"
+        # its own vocabulary past the model's: "prompt 0: token id 263 is outside the vocabulary" (added special
+        # tokens, which encoding text rarely yields, are not counted)
+        if (n := tokenizer.tokenizer.get_vocab_size(with_added_tokens=False)) > spec.V:
             raise UsageError(f"{path}: the tokenizer has {n} tokens but the model's vocab_size is {spec.V}: not the "
                              "tokenizer these weights were trained with; put theirs beside them, or pass --tokens")
         return tokenizer
