@@ -177,8 +177,8 @@ def check_count(count) -> None:
     value = count.item() if isinstance(count, np.ndarray) and count.shape == () else count
     number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if not (number and math.isfinite(value) and value > 0):
-        raise TokenError(f"count={quote(count)} must be a finite number > 0: the number of counted targets the summed "
-                         "loss is divided by (None: this batch's)")
+        raise TokenError(f"count={quote(count)} must be a finite number > 0, a scalar: the number of counted targets "
+                         "the summed loss is divided by (None: this batch's)")
 
 
 class CheckedStep:
