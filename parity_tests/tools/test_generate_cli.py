@@ -76,6 +76,9 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     with pytest.raises(cli.UsageError, match="tokenizer.json: the tokenizer has 5 tokens but the model's vocab_size "
                                              "is 4: not the tokenizer these weights were trained with"):
         cli.load_tokenizer(tmp_path / "model.safetensors", make_spec(vocab_size=4))  # a prompt's id 4: "outside"
+    tok.add_special_tokens(["<|end|>"])  # id 5, past a 5-token model, which encoding text does not yield
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert cli.load_tokenizer(tmp_path / "model.safetensors", make_spec(vocab_size=5)).encode("a time") == [3, 4]
 
 
 @pytest.mark.parametrize("args, message", [
