@@ -136,6 +136,7 @@ def test_bf16_embedding_gradients_sum_in_float32():
 REPEATS_CASES = [("tiny", {"position": "learned", "embed_scale": "learnable"}), ("tiny-dyt", {"tie_embeddings": True})]
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 @pytest.mark.parametrize("name,over", quick_first(REPEATS_CASES, multi=True), ids=[n for n, _ in REPEATS_CASES])
 def test_bf16_gradients_sum_many_terms_in_float32(name, over):
     """Each twin's bf16 gradients against its own float32 gradients, on a batch where one token fills half of the

@@ -42,6 +42,7 @@ def test_pallas_kernel_equals_the_float64_recurrence(gate):
 WIDE = (2, 2, 150, 20, 80)  # K padded to 32, V to 128: two blocks of the state's 64 columns
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 @pytest.mark.parametrize("gate, shape", quick_first([("strong-1e6", None), ("strong-1e6", WIDE), ("moderate", None),
                                                      ("reset-inf", None)], multi=True))
 def test_pallas_kernel_gradients_equal_the_pure_forms(gate, shape):

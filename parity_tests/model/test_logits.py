@@ -70,6 +70,7 @@ def test_attention_kernels_agree(attention):
     check(make_spec(qk_norm=True), attention)
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 def test_long_sequence_where_rope_errors_grow():
     check(make_spec(max_seq_len=512, n_layers=1), seq=384)
 

@@ -125,6 +125,7 @@ def region_budget(request, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 def test_each_decoder_compiles_within_its_own_recompile_budget(region_budget):
     """Every Decoder's steps are partials of one function, one code object: the 5th model's compiled decoder raised
     FailOnRecompileLimitHit in a process (a `compare.py --mode decode --sweep n_layers=1,...,6` ended in a

@@ -39,6 +39,7 @@ def stopping_writer(monkeypatch, module, stop_when):
 TINY = ["--spec", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--quiet"]
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 def test_compare_stopped_after_its_first_row_keeps_that_row(tmp_path, monkeypatch):
     compare = bench_module("compare")
     written = stopping_writer(monkeypatch, compare, lambda report: report["results"])

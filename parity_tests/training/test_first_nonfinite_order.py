@@ -10,7 +10,7 @@ from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.run import resolve_run
 from shared_config.twins import twin
 
-from ..support.common import load_script, make_spec
+from ..support.common import load_script, make_spec, quick_first
 
 T = load_script("train")
 # 11 layers: sorted names would put model.layers.10 before model.layers.2, and logits first
@@ -22,7 +22,7 @@ def resolve(out, backend, *extra):
     return resolve_run(T.parse_args(["--backend", backend, "--out", str(out), *SMALL, *extra]))
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", quick_first(["torch", "jax"]))
 def test_replay_taps_and_gradients_are_in_model_order(tmp_path, backend):
     run = resolve(tmp_path / "run", backend, "--set", "fused_qkv=true")
     weights, taps, _, grads = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start()).inspect(run.batch(1))

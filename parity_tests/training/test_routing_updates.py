@@ -20,7 +20,7 @@ import pytest
 from shared_config import TrainConfig
 from shared_config.parity import max_rel
 
-from ..support.common import case_ids, make_spec, tokens
+from ..support.common import case_ids, make_spec, quick_first, tokens
 from ..support.oracles import finite_difference_errors
 from ..model.test_routing import assert_margins, reference_taps, routed_weights
 from ..support.train_common import TWINS, reference_train_loss
@@ -128,7 +128,7 @@ def forward(twin, model, x_BN):
         return model(torch.as_tensor(x_BN[:, :-1]), decide="predictor").numpy()
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", quick_first(["torch", "jax"]))
 def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backend, tmp_path):
     """scripts/train.py's eval record and summary: val_loss/val_ppl the predictor-mode loss, val_*_topk the top-k's."""
     import math

@@ -33,6 +33,7 @@ def start():
             "v": {k: 0 * v for k, v in weights.items()}}
 
 
+@pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 @pytest.mark.parametrize("name,twin,train", quick_first(TWINS, multi=True), ids=[t[0] for t in TWINS])
 def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
     whole_losses, whole = run(twin, train, start, 0, CFG.steps)
