@@ -113,7 +113,10 @@ def resolve_run(args) -> Run:
         sets = "".join(f" --set {k}={v}" for k, v in spec_changes.items())  # a --set that reshapes the model
         check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")
         start = partial(fresh_state, weights)
-    stop = min(cfg.steps, args.stop_at) if args.stop_at else cfg.steps
+    if args.stop_at is not None and args.stop_at > cfg.steps:  # capped silently, it read as a run stopped early
+        raise UsageError(f"--stop-at {args.stop_at}: past the schedule's {cfg.steps} steps; --stop-at is the update "
+                         f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
+    stop = args.stop_at or cfg.steps
     cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
     return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
 

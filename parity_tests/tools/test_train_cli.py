@@ -25,6 +25,8 @@ SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--se
     (["--eval-every", "-1"], ["argument --eval-every: must be an integer >= 0, got -1"]),
     (["--log-every", "nan"], ["argument --log-every: must be an integer >= 1, got 'nan'"]),
     (["--stop-at", "0"], ["argument --stop-at: must be an integer >= 1, got 0"]),
+    # capped at --steps without a word: the run read as stopped early, and went on to the end
+    (["--steps", "3", "--stop-at", "4"], ["--stop-at 4: past the schedule's 3 steps", "at most 3"]),
     # the shorthand won over --set without a word: 3 steps ran
     (["--steps", "3", "--set", "steps=4"], ["--steps 3 and --set steps=4: --steps is shorthand for --set steps=VALUE"]),
     (["--seed", "3", "--set", "seed=4"], ["--seed 3 and --set seed=4"]),
