@@ -6,7 +6,7 @@ r"""Generate with either twin and its KV cache, streaming tokens to stdout as th
 
 Text prompts use the `tokenizer.json` (Hugging Face `tokenizers`) beside the weights, else UTF-8
 bytes as token ids (vocab_size >= 256). With --tokens the new ids are printed, space-separated.
-Timing goes to stderr: the first token (prefill, and compilation in JAX) apart from the rest.
+Timing goes to stderr (--quiet: none): the first token (prefill, and compilation in JAX) apart from the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main(argv=None):
     p.add_argument("--attention", default="auto",
                    help="attention kernel (jax: auto|einsum|blocked|xla|cudnn|pallas, torch: "
                         "auto|einsum|blocked|sdpa|flash|cudnn|pallas; pallas on a TPU only)")
+    p.add_argument("--quiet", action="store_true", help="no timing line on stderr (only errors)")
     args = p.parse_args(argv)
 
     if args.prompt is not None:  # not UTF-8 (a Latin-1 terminal): no tokenizer can encode it
@@ -70,12 +71,13 @@ def main(argv=None):
                          "kernel to choose (drop --attention)")
     model, stream = load_backend(args.backend, weights, spec, args.attention)
     steps = (int(next_B[0]) for next_B in stream(model, [prompt], args.max_new_tokens, **options))
+    err = None if args.quiet else sys.stderr
     try:
         if text:
             show = TextStream(text.decode)
-            emit(steps, show, sys.stdout, sys.stderr, rest=show.rest)
+            emit(steps, show, sys.stdout, err, rest=show.rest)
         else:
-            emit(steps, lambda token: f"{token} ", sys.stdout, sys.stderr)
+            emit(steps, lambda token: f"{token} ", sys.stdout, err)
     except GenerationError as e:  # logits no token can be drawn from (NaN weights): one line, exit code 1
         print(file=sys.stdout)
         fail(str(e), 1)
@@ -169,13 +171,15 @@ class TextStream:
 def emit(steps, show: Callable[[int], str], out, err, rest: Callable[[], str] = lambda: "") -> None:
     """Write each token as soon as it is drawn (`show`), then what `rest` says was held back, then the timing:
     the first two tokens (prefill, then the first decode step, compilation included in JAX) apart from the
-    steady decoding rate."""
+    steady decoding rate, to `err` (None: no timing)."""
     times = [time.perf_counter()]
     for token in steps:
         out.write(show(token))
         out.flush()
         times.append(time.perf_counter())
     out.write(rest() + "\n")
+    if err is None:
+        return
     n, (start, end) = len(times) - 1, (times[0], times[-1])
     first = ", ".join(f"{t - s:.2f} s" for s, t in zip(times[:2], times[1:3]))
     rate = f"; then {(n - 2) / (end - times[2]):.1f} tokens/s" if n > 2 else ""

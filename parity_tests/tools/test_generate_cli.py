@@ -30,14 +30,18 @@ def run_cli(*args):
     return run_script("generate", *args)
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_streams_the_tokens_generate_gives(weights, backend):
+@pytest.mark.parametrize("backend,quiet", [("jax", False), ("torch", True)])
+def test_streams_the_tokens_generate_gives(weights, backend, quiet):
     twin, gen = (jax_model, jg) if backend == "jax" else (torch_model, tg)
     expected = gen.generate(twin.from_safetensors(weights), [3, 1, 4, 1, 5], 12)
-    r = run_cli("--backend", backend, "--weights", weights, "--tokens", "3,1,4,1,5", "--max-new-tokens", 12)
+    r = run_cli("--backend", backend, "--weights", weights, "--tokens", "3,1,4,1,5", "--max-new-tokens", 12,
+                *["--quiet"] * quiet)
     assert r.returncode == 0, r.stderr
     assert [int(t) for t in r.stdout.split()] == expected
-    assert "tokens/s" in r.stderr.splitlines()[-1]
+    if quiet:  # the timing line was the only way to silence stderr: 2>/dev/null hid errors too
+        assert r.stderr == ""
+    else:
+        assert "tokens/s" in r.stderr.splitlines()[-1]
 
 
 def test_each_token_is_written_before_the_next_is_drawn():
