@@ -55,10 +55,9 @@ class Decoder:
         the cache has no room for where its length is at hand (`cache_length`; a step past the last slot overwrote
         it without a word)."""
         check_cache_type(cache, KVCache)
-        ids = host_tokens(tokens, self.model.spec)
+        ids = host_tokens(tokens, self.model.spec, step)
         ids_BT = ids[:, None] if step else ids
-        if ids_BT.ndim == 2:  # else the model's own check names the shape
-            check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
         return jnp.asarray(ids_BT, jnp.int32)
 
 

@@ -1,8 +1,11 @@
 """generate() in both twins: identical greedy continuations with per-step logits that agree at the
 forward tolerance; seeded sampling that respects top-k and top-p; per-row stops at eos; checked arguments."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +242,30 @@ def test_decoder_checks_ids_on_the_host_before_casting(base, tokens, message):
         _, cache = decoder.prefill(np.array([[5, 6]]), decoder.init_cache(1, 8))
         with pytest.raises(TokenError, match="token id 97 is outside"):
             decoder.decode_step(np.array([97]), cache)
+
+
+@pytest.mark.parametrize("tokens, message", [  # the same TokenError from both twins' Decoder
+    ([], r"^tokens must be \[batch, time\] \(rank 2\), got shape \[0\]$"),  # was "got dtype float64"
+    ([[]], r"^tokens of shape \[1, 0\]: needs at least one row"),
+    ([1, 2], r"^tokens must be \[batch, time\] \(rank 2\), got shape \[2\]$"),
+])
+def test_decoder_prompts_of_no_token_or_the_wrong_rank_are_named(base, tokens, message):
+    _, jm, tm = base
+    for decoder in (jg.Decoder(jm), tg.Decoder(tm)):
+        with pytest.raises(TokenError, match=message):
+            decoder.prefill(tokens, decoder.init_cache(1, 8))
+
+
+@pytest.mark.parametrize("tokens", [[], [[7]], 7, np.zeros((1, 1), np.int32)])
+def test_a_decode_step_takes_one_id_per_row(base, tokens):
+    """A step's [[7]] said "tokens must be [batch, time] (rank 2), got shape [1, 1, 1]" (the shape after the step's
+    own reshape), and [] "tokens must hold integer ids, got dtype float64"."""
+    _, jm, tm = base
+    says = r"^a decode step's tokens must be \[batch\] \(rank 1: one id per row, at least one row\), got shape "
+    for decoder in (jg.Decoder(jm), tg.Decoder(tm)):
+        _, cache = decoder.prefill(np.array([[5, 6]]), decoder.init_cache(1, 8))
+        with pytest.raises(TokenError, match=says + re.escape(str(list(np.shape(tokens)))) + "$"):
+            decoder.decode_step(tokens, cache)
 
 
 def test_decoders_refuse_a_step_past_the_last_slot_of_the_cache(base):
