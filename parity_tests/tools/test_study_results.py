@@ -1,0 +1,47 @@
+"""What the research tools report matches what ran: the norm and routing studies' criteria and files, the plotted
+curves' labels, the parity report's trained-tensor row, train.py's summary. In process, on made-up records: no
+training, each test well under a second."""
+
+from __future__ import annotations
+
+from ..support.common import load_script
+
+
+def norm_row(val_ppl: float | None, grad_norm_var: float | None, stopped_at: int | None = None) -> dict:
+    """One norm-study row as summarize writes it (a stopped run has no final numbers and no histograms)."""
+    done = stopped_at is None
+    return {"val_loss": None, "val_ppl": val_ppl if done else None, "alpha_min": None, "alpha_max": None,
+            "grad_norm_var": grad_norm_var, "nonfinite_steps": 0 if done else 1, "stopped_at": stopped_at,
+            "losses": [], "entropy": 2.59, "outputs": {"a": [1.0, 0.0]} if done else None}
+
+
+def test_the_norm_study_judges_no_criterion_on_a_run_that_stopped_early():
+    """A run a NaN/Inf stopped at step 2 had the gradient-norm variance of its one finite step, 0, and was reported as
+    the study's lowest; its perplexity and output criteria were left out of the table without a word. Now a stopped
+    run competes for no "lowest", its own criteria FAIL, and those it is the reference of are undecided."""
+    study = load_script("compare_norms")
+    results = {"rms-pre": {"jax": norm_row(15.0, 0.03)}, "rms-peri": {"jax": norm_row(None, 0.0, stopped_at=2)},
+               "dyt-pre": {"jax": norm_row(None, 0.0, stopped_at=3)}, "dyt-peri": {"jax": norm_row(16.0, 0.05)}}
+    judged = {name: (passed, detail) for name, passed, detail in study.criteria(results, "jax")}
+    assert judged["dyt-pre within 0.5 perplexity of rms-pre"] == (False, "dyt-pre stopped at step 3 (non-finite)")
+    assert judged["dyt-peri within 0.5 perplexity of rms-peri"] == (
+        None, "no reference: rms-peri stopped at step 2 (non-finite)")
+    assert judged["dyt-pre outputs distributed like rms-pre's (mean TV ≤ 0.25)"][0] is False
+    assert judged["dyt-peri outputs distributed like rms-peri's (mean TV ≤ 0.25)"][0] is None
+    assert judged["lowest gradient-norm variance overall"] == (
+        None, "rms-pre (0.03); left out, stopped early: rms-peri, dyt-pre")
+    assert judged["no NaN/Inf in any run"][0] is False
+    assert not any(name.startswith(("rms:", "dyt:")) for name in judged)  # one finished placement each: no choice
+
+
+def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
+    """One step after warmup was a variance of exactly 0, the lowest any run could have."""
+    from types import SimpleNamespace
+
+    study = load_script("compare_norms")
+    run_ = SimpleNamespace(cfg=SimpleNamespace(warmup_steps=2), data=SimpleNamespace(entropy=None))
+    records = [{"kind": "train", "step": s, "loss": 3.0, "grad_norm": g} for s, g in ((1, 1.0), (2, 2.0), (3, 0.5))]
+    study.norm_output_histograms = lambda run_: {}  # no checkpoint here: the histograms are another test's
+    assert study.summarize(run_, records, None)["grad_norm_var"] is None
+    records.append({"kind": "train", "step": 4, "loss": 3.0, "grad_norm": 1.5})
+    assert study.summarize(run_, records, None)["grad_norm_var"] == 0.25
