@@ -87,7 +87,10 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
         for b in backends:
             r = rows[b]
             ratio = r["flops_per_token"] / dense[b] if dense[b] else None
-            lines.append(f"| {config} | {b} | {fmt(r['val_ppl'], '.3f')} | {fmt(r['val_ppl_topk'], '.3f')} | "
+            # a run a NaN/Inf stopped has no val ppl: its "-" read like a dense run's top-k column, the stop unsaid
+            val_ppl = (f"stopped at step {r['stopped_at']} (non-finite)" if r.get("stopped_at") is not None
+                       else fmt(r["val_ppl"], ".3f"))
+            lines.append(f"| {config} | {b} | {val_ppl} | {fmt(r['val_ppl_topk'], '.3f')} | "
                          f"{fmt(r['tokens_per_s'], ',.0f')} | "
                          f"{r['flops_per_token'] / 1e9:.5f} | {fmt(ratio, '.3f')} | {fmt(r['predictor_acc'], '.3f')} |")
     return "\n".join(lines) + "\n"

@@ -45,3 +45,14 @@ def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
     assert study.summarize(run_, records, None)["grad_norm_var"] is None
     records.append({"kind": "train", "step": 4, "loss": 3.0, "grad_norm": 1.5})
     assert study.summarize(run_, records, None)["grad_norm_var"] == 0.25
+
+
+def test_the_routing_table_says_which_run_stopped_early():
+    """A run a NaN/Inf stopped showed "-" for its val ppl, as a dense run shows for top-k: the stop went unsaid."""
+    study = load_script("compare_routing")
+    row = {"val_loss": None, "val_ppl": None, "val_ppl_topk": None, "tokens_per_s": 1000.0, "flops_per_token": 3e5,
+           "predictor_acc": None, "stopped_at": None}
+    results = {"dense": {"jax": {**row, "val_ppl": 16.0}}, "mod-0.5": {"jax": {**row, "stopped_at": 7}}}
+    table = study.markdown(results, ["jax"], 10, "python scripts/compare_routing.py")
+    assert "| dense | jax | 16.000 | - |" in table
+    assert "| mod-0.5 | jax | stopped at step 7 (non-finite) | - |" in table
