@@ -4,6 +4,10 @@ training, each test well under a second."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 from ..support.common import load_script
 
 
@@ -36,8 +40,6 @@ def test_the_norm_study_judges_no_criterion_on_a_run_that_stopped_early():
 
 def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
     """One step after warmup was a variance of exactly 0, the lowest any run could have."""
-    from types import SimpleNamespace
-
     study = load_script("compare_norms")
     run_ = SimpleNamespace(cfg=SimpleNamespace(warmup_steps=2), data=SimpleNamespace(entropy=None))
     records = [{"kind": "train", "step": s, "loss": 3.0, "grad_norm": g} for s, g in ((1, 1.0), (2, 2.0), (3, 0.5))]
@@ -56,3 +58,16 @@ def test_the_routing_table_says_which_run_stopped_early():
     table = study.markdown(results, ["jax"], 10, "python scripts/compare_routing.py")
     assert "| dense | jax | 16.000 | - |" in table
     assert "| mod-0.5 | jax | stopped at step 7 (non-finite) | - |" in table
+
+
+def test_plot_curves_labels_runs_of_one_name_apart(tmp_path, monkeypatch):
+    """`plot_curves.py a/run run`: the second run was labelled by its path, "run", which was the first one's label,
+    so its records replaced the first run's, one run drawn under the other's name. Runs of one name are labelled
+    by their paths, each its own."""
+    plot_curves = load_script("plot_curves")
+    monkeypatch.chdir(tmp_path)
+    for d, loss in (("a/run", 3.0), ("run", 2.0), ("b/other", 1.0)):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": loss}) + "\n")
+    runs = plot_curves.load_runs([Path("a/run"), Path("run"), Path("b/other")])
+    assert {name: records[0]["loss"] for name, records in runs.items()} == {"a/run": 3.0, "run": 2.0, "other": 1.0}
