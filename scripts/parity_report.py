@@ -220,7 +220,9 @@ def train_rows(runs: dict, bf16: bool, cfg) -> list[Row]:
         tols = {name: max(P.TRAJ_PARAM_TOL, P.FLOOR_FACTOR * P.max_rel(floor_weights[name], p))
                 for name, p in torch_weights.items()}
     ratios = {name: P.max_rel(jax_weights[name], p) / tols[name] for name, p in torch_weights.items()}
-    worst = max(ratios, key=ratios.get)  # the tensor nearest its bound, or furthest past it
+    # the tensor nearest its bound, or furthest past it; a NaN first: max() passes over a NaN it meets after a number
+    # (NaN > x is false), so a twin's NaN weights were reported by a finite tensor's PASS
+    worst = max(ratios, key=lambda name: math.inf if math.isnan(ratios[name]) else ratios[name])
     return [loss_row, compare(f"trained {worst} (worst)", jax_weights[worst], torch_weights[worst], tols[worst],
                               "max|Δ|/max|p|")]
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 from ..support.common import load_script
 
 
@@ -71,3 +73,15 @@ def test_plot_curves_labels_runs_of_one_name_apart(tmp_path, monkeypatch):
         (tmp_path / d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": loss}) + "\n")
     runs = plot_curves.load_runs([Path("a/run"), Path("run"), Path("b/other")])
     assert {name: records[0]["loss"] for name, records in runs.items()} == {"a/run": 3.0, "run": 2.0, "other": 1.0}
+
+
+def test_the_parity_reports_trained_row_shows_a_twins_nan_weights():
+    """A tensor one twin's training left NaN was passed over by max() (NaN > x is false) when a finite tensor came
+    before it: the report's "trained ... (worst)" row named the finite one, PASS, and the report passed."""
+    report = load_script("parity_report")
+    cfg = SimpleNamespace(batch_size=2, seq_len=8)
+    torch_w = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
+    jax_w = {"a": np.ones(3, np.float32), "b": np.array([1, np.nan, 1], np.float32)}
+    runs = {"jax": ([3.0, 2.9], jax_w), "torch": ([3.0, 2.9], torch_w), "floor": ([3.0, 2.9], torch_w)}
+    loss, trained = report.train_rows(runs, False, cfg)
+    assert loss.passed and trained.stage == "trained b (worst)" and not trained.passed
