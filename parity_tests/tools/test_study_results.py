@@ -85,3 +85,42 @@ def test_the_parity_reports_trained_row_shows_a_twins_nan_weights():
     runs = {"jax": ([3.0, 2.9], jax_w), "torch": ([3.0, 2.9], torch_w), "floor": ([3.0, 2.9], torch_w)}
     loss, trained = report.train_rows(runs, False, cfg)
     assert loss.passed and trained.stage == "trained b (worst)" and not trained.passed
+
+
+class CountingTrainer:
+    """A stand-in for a twin's Trainer: step s has loss 10 − s, and nothing runs but the loop."""
+
+    name = "fake"
+
+    def __init__(self, state: dict):
+        self.done = state["step"]
+
+    def step(self, tokens_BN):
+        self.done += 1
+        return {"loss": 10.0 - self.done, "grad_norm": 1.0, "lr": 1e-3}
+
+    def eval_loss(self, tokens_BN):
+        return {"loss": 5.0}
+
+    def scalars(self):
+        return {}
+
+    def fetch(self, tree):
+        return tree
+
+
+def test_the_train_summarys_loss_is_the_last_steps(tmp_path, monkeypatch):
+    """train.py's JSON summary gave, beside "step": 5, the mean loss of the steps since the loop last fetched metrics
+    (steps 4 and 5 at --log-every 3), a number no step had and that --log-every/--eval-every/--save-every changed;
+    metrics.jsonl has the step's own."""
+    from shared_config import load_spec, load_train_config
+    from shared_config.data import synthetic_corpus
+    from shared_config.loop import Loop
+    from shared_config.run import Run
+
+    monkeypatch.setattr(Loop, "save", lambda self, trainer, step: None)  # no weights: the summary is under test
+    data = synthetic_corpus(0)
+    run = Run(load_spec("tiny").replace(vocab_size=data.vocab_size), load_train_config("cpu"), data, tmp_path,
+              lambda: {"step": 0}, 5, log_every=3, eval_every=0, save_every=0, eval_batches=1)
+    summary = Loop(run, CountingTrainer, progress=False)()
+    assert summary["step"] == 5 and summary["loss"] == 5.0  # step 5's, not (6 + 5) / 2
