@@ -232,9 +232,10 @@ def parse_args(argv):
                      "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
-    args = p.parse_args(argv)
-    if args.mixer == "gla" and args.configs == ",".join(CONFIGS):
-        args.configs = ",".join(GLA_CONFIGS)
+    p.set_defaults(configs=None)  # the default depends on --mixer; a --configs given is run as given (--mixer gla
+    args = p.parse_args(argv)     # replaced a --configs that spelled out the attention study's seven by its own four)
+    if args.configs is None:
+        args.configs = ",".join(GLA_CONFIGS if args.mixer == "gla" else CONFIGS)
     args = study_args(args, "compare_norms.py", argv, SETS)
     if bad := [c for c in args.configs if not valid_config(c)]:
         norms, placements = CHOICES["norm_type"], CHOICES["norm_placement"]

@@ -124,3 +124,12 @@ def test_the_train_summarys_loss_is_the_last_steps(tmp_path, monkeypatch):
               lambda: {"step": 0}, 5, log_every=3, eval_every=0, save_every=0, eval_batches=1)
     summary = Loop(run, CountingTrainer, progress=False)()
     assert summary["step"] == 5 and summary["loss"] == 5.0  # step 5's, not (6 + 5) / 2
+
+
+def test_the_gla_norm_study_runs_the_configs_it_is_given():
+    """--mixer gla's own default (four configs) replaced a --configs that spelled out the attention study's seven."""
+    study = load_script("compare_norms")
+    given = ",".join(study.CONFIGS)
+    assert study.parse_args(["--mixer", "gla", "--configs", given]).configs == study.CONFIGS
+    assert study.parse_args(["--mixer", "gla"]).configs == study.GLA_CONFIGS
+    assert study.parse_args([]).configs == study.CONFIGS
