@@ -28,7 +28,8 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import NORM_PRESETS, study_args, study_dir, study_parser, study_run, train_all, write_results
+from shared_config.study import (NORM_PRESETS, study_args, study_dir, study_parser, study_report, study_run, train_all,
+                                 write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -253,10 +254,8 @@ def valid_config(config: str) -> bool:
 def write_report(results: dict, metrics: dict, args, changes: tuple[dict, dict]) -> str:
     """norms.md, norms.json and curves.png (the first backend's runs) in --out (each atomically); the Markdown."""
     table = markdown(results, args.backends, args.steps, args.command)
-    report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
-              "results": results,
-              "criteria": [dict(zip(("criterion", "passed", "detail"), c))
-                           for c in criteria(results, args.backends[0])]}
+    report = study_report(args, changes, results, criteria=[dict(zip(("criterion", "passed", "detail"), c))
+                                                            for c in criteria(results, args.backends[0])])
     write_results(args.out, "norms", table, report)
     plot({c: metrics[c][args.backends[0]] for c in args.configs}, args.out / "curves.png")
     return table

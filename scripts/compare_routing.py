@@ -21,7 +21,7 @@ from shared_config.cli import UsageError, run
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
-from shared_config.study import study_args, study_dir, study_parser, study_run, train_all, write_results
+from shared_config.study import study_args, study_dir, study_parser, study_report, study_run, train_all, write_results
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -118,7 +118,7 @@ def main(argv=None):
     with study_dir(args.out, "routing"):
         results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
         table = markdown(results, args.backends, args.steps, args.command)
-        write_results(args.out, "routing", table, {"steps": args.steps, "backends": args.backends, "results": results})
+        write_results(args.out, "routing", table, study_report(args, changes, results))
     print(table)
 
 

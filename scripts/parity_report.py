@@ -236,7 +236,9 @@ def report_json(spec, args, rows: list[Row], runs: dict | None = None, cfg=None,
     without its training rows); "batch" and "seq" are the forward's and gradients', the training's are its config's
     (`cfg`, training `train_spec`)."""
     failed = [r.stage for r in rows if not r.passed]
-    out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
+    # the weights and the seed (of the init and of the tokens) too: two reports of one spec were told apart by neither
+    out = {"spec": spec.to_dict(), "weights": args.weights, "seed": args.seed, "dtype": spec.compute_dtype,
+           "batch": args.batch, "seq": args.seq,
            "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None,
            "passed": False if failed else True if complete else None}
     if runs:

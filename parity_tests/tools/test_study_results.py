@@ -133,3 +133,28 @@ def test_the_gla_norm_study_runs_the_configs_it_is_given():
     assert study.parse_args(["--mixer", "gla", "--configs", given]).configs == study.CONFIGS
     assert study.parse_args(["--mixer", "gla"]).configs == study.GLA_CONFIGS
     assert study.parse_args([]).configs == study.CONFIGS
+
+
+def test_a_studys_json_says_what_was_run(tmp_path, monkeypatch):
+    """routing.json held the steps, the backends and the numbers, not the --set changes nor the command: a study of
+    n_layers=4 read like one of tiny's 3. Both studies' JSON carry the command and the changes."""
+    routing = load_script("compare_routing")
+    row = {"val_loss": 2.8, "val_ppl": 16.0, "val_ppl_topk": None, "tokens_per_s": 1.0, "flops_per_token": 3e5,
+           "predictor_acc": None, "stopped_at": None}
+    monkeypatch.setattr(routing, "study", lambda configs, backends, *args: {c: {"jax": row} for c in configs})
+    routing.main(["--steps", "2", "--configs", "dense", "--backends", "jax", "--set", "n_layers=4", "--set",
+                  "lr=0.002", "--out", str(tmp_path), "--quiet"])
+    report = json.loads((tmp_path / "routing.json").read_text())
+    assert report["changes"] == {"spec": {"n_layers": 4}, "train_config": {"lr": 0.002}}
+    assert report["command"].endswith("--set n_layers=4 --set lr=0.002 --out " + f"{tmp_path} --quiet")
+    assert report["steps"] == 2 and report["results"] == {"dense": {"jax": row}}
+
+
+def test_the_parity_report_json_names_its_weights_and_seed():
+    """Two reports of one spec, drawn from different seeds (or one from a file), had the same header."""
+    from shared_config import load_spec
+
+    report = load_script("parity_report")
+    args = SimpleNamespace(weights=None, seed=3, batch=2, seq=8)
+    out = report.report_json(load_spec("tiny"), args, [])
+    assert out["seed"] == 3 and out["weights"] is None and out["passed"] is True
