@@ -154,6 +154,7 @@ class Loop:
         """A checkpoint of the (finite) state after update `step`, then only the newest `keep` kept."""
         run = self.run
         info = {"backend": trainer.name, "data_position": {"seed": run.cfg.seed, "step": step},
+                "eval_batches": run.eval_batches,  # the validation set a resume evaluates on
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
         state = trainer.train_state()  # every process: gathering a sharded state is a collective
         if self.main:

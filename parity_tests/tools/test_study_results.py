@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from ..support.common import load_script
 
@@ -93,7 +94,7 @@ class CountingTrainer:
     name = "fake"
 
     def __init__(self, state: dict):
-        self.done = state["step"]
+        self.done, self.state = state["step"], state
 
     def step(self, tokens_BN):
         self.done += 1
@@ -107,6 +108,9 @@ class CountingTrainer:
 
     def fetch(self, tree):
         return tree
+
+    def train_state(self):
+        return {**self.state, "step": self.done}
 
 
 def test_the_train_summarys_loss_is_the_last_steps(tmp_path, monkeypatch):
@@ -158,3 +162,28 @@ def test_the_parity_report_json_names_its_weights_and_seed():
     args = SimpleNamespace(weights=None, seed=3, batch=2, seq=8)
     out = report.report_json(load_spec("tiny"), args, [])
     assert out["seed"] == 3 and out["weights"] is None and out["passed"] is True
+
+
+def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path, capsys):
+    """A run started with --eval-batches 1 and resumed without it evaluated on the default's 8 batches: its later
+    val_loss on another validation set than its earlier ones, unsaid. The resume takes the checkpoint's, and a
+    --eval-batches that differs is refused."""
+    from shared_config.cli import UsageError
+    from shared_config.files import CheckpointError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--quiet"]
+    run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(tmp_path), "--steps", "2",
+                                        "--eval-batches", "1", *small]))
+    Loop(run, CountingTrainer, progress=False)()
+    assert resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--steps",
+                                         "4"])).eval_batches == 1
+    with pytest.raises(UsageError, match="--eval-batches 8: the run in .* evaluates on 1 batches"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--eval-batches",
+                                      "8"]))
+    state = tmp_path / "step-00000002" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "eval_batches": "all"}))
+    with pytest.raises(CheckpointError, match="'eval_batches' must be an integer >= 1, got 'all'"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
