@@ -1,6 +1,6 @@
 """What the research tools report matches what ran: the norm and routing studies' criteria and files, the plotted
-curves' labels, the parity report's trained-tensor row, train.py's summary. In process, on made-up records: no
-training, each test well under a second."""
+curves' labels, the parity report's trained-tensor row, train.py's summary and resume. In process, on made-up
+records or a stand-in trainer: no training, each test a few seconds at most."""
 
 from __future__ import annotations
 
