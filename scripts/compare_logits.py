@@ -55,7 +55,7 @@ def main(argv=None):
     with torch.no_grad():
         t = twin("torch").from_weights(weights, spec)(torch.as_tensor(tokens)).double().numpy()
     result = {
-        "spec": args.weights or args.spec, "batch": args.batch, "seq": args.seq,
+        "spec": args.weights or args.spec, "seed": args.seed, "batch": args.batch, "seq": args.seq,  # seed: the tokens
         "logits_std": float(t.std()), "max_abs_diff": float(np.abs(j - t).max()),
         "max_abs_diff_over_std": float(np.abs(j - t).max() / t.std()),
         "same_argmax": float((j.argmax(-1) == t.argmax(-1)).mean()),

@@ -28,7 +28,8 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import NORM_PRESETS, study_args, study_dir, study_parser, study_run, train_all, write_results
+from shared_config.study import (NORM_PRESETS, study_args, study_dir, study_parser, study_report, study_run, train_all,
+                                 write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -60,11 +61,12 @@ def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
     scalars = next((r["scalars"] for r in reversed(train) if "scalars" in r), {})
     alpha = [v for k, v in scalars.items() if k.endswith(".alpha")]
     after_warmup = [r["grad_norm"] for r in train if r["step"] > run_.cfg.warmup_steps and finite_step(r)]
+    # a variance needs two values: one step after warmup was a variance of 0, the "lowest" of the study
     last = evals[-1] if evals and stopped_at is None else {}
     return {
         "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),  # the loop's overflow-safe perplexity
         "alpha_min": min(alpha) if alpha else None, "alpha_max": max(alpha) if alpha else None,
-        "grad_norm_var": float(np.var(after_warmup)) if after_warmup else None,
+        "grad_norm_var": float(np.var(after_warmup)) if len(after_warmup) > 1 else None,
         "nonfinite_steps": sum(not finite_step(r) for r in train), "stopped_at": stopped_at,
         "losses": [r["loss"] for r in train], "entropy": run_.data.entropy,
         "outputs": norm_output_histograms(run_) if stopped_at is None else None,
@@ -99,11 +101,25 @@ def perplexity_criteria(rows: dict) -> list[tuple]:
     for config, row in rows.items():
         norm, placement = config.split("-")
         ref = rows.get(f"rms-{placement}")
-        if norm in ("dyt", "derf") and ref and row["val_ppl"] is not None and ref["val_ppl"] is not None:
+        if norm in ("dyt", "derf") and ref:
+            name = f"{config} within {PPL_MARGIN} perplexity of rms-{placement}"
+            if judged := unfinished(name, config, row, f"rms-{placement}", ref):
+                out.append(judged)
+                continue
             gap = row["val_ppl"] - ref["val_ppl"]
-            out.append((f"{config} within {PPL_MARGIN} perplexity of rms-{placement}", gap <= PPL_MARGIN,
-                        f"{row['val_ppl']:.2f} vs {ref['val_ppl']:.2f} ({gap:+.2f})"))
+            out.append((name, gap <= PPL_MARGIN, f"{row['val_ppl']:.2f} vs {ref['val_ppl']:.2f} ({gap:+.2f})"))
     return out
+
+
+def unfinished(name: str, config: str, row: dict, ref_config: str, ref: dict) -> tuple | None:
+    """A comparison with a run a NaN/Inf stopped: FAIL when it is `config`'s own, undecided (—) when the reference's,
+    with the step in the detail; None when both finished. A stopped run has no final numbers: the criterion was left
+    out of the table without a word, which then read as if the study had nothing to judge there."""
+    if row.get("stopped_at") is not None:
+        return name, False, f"{config} stopped at step {row['stopped_at']} (non-finite)"
+    if ref.get("stopped_at") is not None:
+        return name, None, f"no reference: {ref_config} stopped at step {ref['stopped_at']} (non-finite)"
+    return None
 
 
 def finite_criterion(results: dict) -> tuple:
@@ -115,8 +131,11 @@ def finite_criterion(results: dict) -> tuple:
 
 
 def variance_criteria(rows: dict) -> list[tuple]:
-    """Per norm type, the placement with the lowest gradient-norm variance; then the lowest overall."""
-    variances = {c: row["grad_norm_var"] for c, row in rows.items() if row["grad_norm_var"] is not None}
+    """Per norm type, the placement with the lowest gradient-norm variance; then the lowest overall. Only runs that
+    finished compete: a run a NaN/Inf stopped early had the variance of its few steps (0 for one), and was named the
+    study's lowest."""
+    variances = {c: row["grad_norm_var"] for c, row in rows.items()
+                 if row["grad_norm_var"] is not None and row["stopped_at"] is None}
     out = []
     for norm in dict.fromkeys(c.split("-")[0] for c in variances):
         mine = {c: v for c, v in variances.items() if c.startswith(f"{norm}-")}
@@ -126,7 +145,9 @@ def variance_criteria(rows: dict) -> list[tuple]:
                         f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
     if variances:
         best = min(variances, key=variances.get)
-        out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"))
+        stopped = [c for c, row in rows.items() if row["stopped_at"] is not None]
+        out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"
+                    + (f"; left out, stopped early: {', '.join(stopped)}" if stopped else "")))
     return out
 
 
@@ -193,12 +214,15 @@ def output_criteria(rows: dict) -> list[tuple]:
     for config, row in rows.items():
         norm, placement = config.split("-")
         ref = rows.get(f"rms-{placement}")
-        if norm in ("dyt", "derf") and ref and row.get("outputs") and ref.get("outputs"):
+        name = f"{config} outputs distributed like rms-{placement}'s (mean TV ≤ {TV_MAX})"
+        if norm in ("dyt", "derf") and ref and (judged := unfinished(name, config, row, f"rms-{placement}", ref)):
+            out.append(judged)
+        elif norm in ("dyt", "derf") and ref and row.get("outputs") and ref.get("outputs"):
             tv = {site: 0.5 * float(np.abs(np.subtract(p, ref["outputs"][site])).sum())
                   for site, p in row["outputs"].items()}
             worst = max(tv, key=tv.get)
             mean = float(np.mean(list(tv.values())))
-            out.append((f"{config} outputs distributed like rms-{placement}'s (mean TV ≤ {TV_MAX})", mean <= TV_MAX,
+            out.append((name, mean <= TV_MAX,
                         f"mean TV {mean:.3f} over {len(tv)} sites; worst {worst} {tv[worst]:.3f}"))
     return out
 # --- end of the GLA experiment ---------------------------------------------------------------------------
@@ -209,9 +233,10 @@ def parse_args(argv):
                      "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
-    args = p.parse_args(argv)
-    if args.mixer == "gla" and args.configs == ",".join(CONFIGS):
-        args.configs = ",".join(GLA_CONFIGS)
+    p.set_defaults(configs=None)  # the default depends on --mixer; a --configs given is run as given (--mixer gla
+    args = p.parse_args(argv)     # replaced a --configs that spelled out the attention study's seven by its own four)
+    if args.configs is None:
+        args.configs = ",".join(GLA_CONFIGS if args.mixer == "gla" else CONFIGS)
     args = study_args(args, "compare_norms.py", argv, SETS)
     if bad := [c for c in args.configs if not valid_config(c)]:
         norms, placements = CHOICES["norm_type"], CHOICES["norm_placement"]
@@ -229,10 +254,8 @@ def valid_config(config: str) -> bool:
 def write_report(results: dict, metrics: dict, args, changes: tuple[dict, dict]) -> str:
     """norms.md, norms.json and curves.png (the first backend's runs) in --out (each atomically); the Markdown."""
     table = markdown(results, args.backends, args.steps, args.command)
-    report = {"steps": args.steps, "backends": args.backends, "changes": dict(zip(("spec", "train_config"), changes)),
-              "results": results,
-              "criteria": [dict(zip(("criterion", "passed", "detail"), c))
-                           for c in criteria(results, args.backends[0])]}
+    report = study_report(args, changes, results, criteria=[dict(zip(("criterion", "passed", "detail"), c))
+                                                            for c in criteria(results, args.backends[0])])
     write_results(args.out, "norms", table, report)
     plot({c: metrics[c][args.backends[0]] for c in args.configs}, args.out / "curves.png")
     return table

@@ -21,7 +21,7 @@ from shared_config.cli import UsageError, run
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
-from shared_config.study import study_args, study_dir, study_parser, study_run, train_all, write_results
+from shared_config.study import study_args, study_dir, study_parser, study_report, study_run, train_all, write_results
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -87,7 +87,10 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
         for b in backends:
             r = rows[b]
             ratio = r["flops_per_token"] / dense[b] if dense[b] else None
-            lines.append(f"| {config} | {b} | {fmt(r['val_ppl'], '.3f')} | {fmt(r['val_ppl_topk'], '.3f')} | "
+            # a run a NaN/Inf stopped has no val ppl: its "-" read like a dense run's top-k column, the stop unsaid
+            val_ppl = (f"stopped at step {r['stopped_at']} (non-finite)" if r.get("stopped_at") is not None
+                       else fmt(r["val_ppl"], ".3f"))
+            lines.append(f"| {config} | {b} | {val_ppl} | {fmt(r['val_ppl_topk'], '.3f')} | "
                          f"{fmt(r['tokens_per_s'], ',.0f')} | "
                          f"{r['flops_per_token'] / 1e9:.5f} | {fmt(ratio, '.3f')} | {fmt(r['predictor_acc'], '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -115,7 +118,7 @@ def main(argv=None):
     with study_dir(args.out, "routing"):
         results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
         table = markdown(results, args.backends, args.steps, args.command)
-        write_results(args.out, "routing", table, {"steps": args.steps, "backends": args.backends, "results": results})
+        write_results(args.out, "routing", table, study_report(args, changes, results))
     print(table)
 
 

@@ -220,7 +220,9 @@ def train_rows(runs: dict, bf16: bool, cfg) -> list[Row]:
         tols = {name: max(P.TRAJ_PARAM_TOL, P.FLOOR_FACTOR * P.max_rel(floor_weights[name], p))
                 for name, p in torch_weights.items()}
     ratios = {name: P.max_rel(jax_weights[name], p) / tols[name] for name, p in torch_weights.items()}
-    worst = max(ratios, key=ratios.get)  # the tensor nearest its bound, or furthest past it
+    # the tensor nearest its bound, or furthest past it; a NaN first: max() passes over a NaN it meets after a number
+    # (NaN > x is false), so a twin's NaN weights were reported by a finite tensor's PASS
+    worst = max(ratios, key=lambda name: math.inf if math.isnan(ratios[name]) else ratios[name])
     return [loss_row, compare(f"trained {worst} (worst)", jax_weights[worst], torch_weights[worst], tols[worst],
                               "max|Δ|/max|p|")]
 
@@ -234,7 +236,9 @@ def report_json(spec, args, rows: list[Row], runs: dict | None = None, cfg=None,
     without its training rows); "batch" and "seq" are the forward's and gradients', the training's are its config's
     (`cfg`, training `train_spec`)."""
     failed = [r.stage for r in rows if not r.passed]
-    out = {"spec": spec.to_dict(), "dtype": spec.compute_dtype, "batch": args.batch, "seq": args.seq,
+    # the weights and the seed (of the init and of the tokens) too: two reports of one spec were told apart by neither
+    out = {"spec": spec.to_dict(), "weights": args.weights, "seed": args.seed, "dtype": spec.compute_dtype,
+           "batch": args.batch, "seq": args.seq,
            "rows": [asdict(r) for r in rows], "first_failure": failed[0] if failed else None,
            "passed": False if failed else True if complete else None}
     if runs:

@@ -24,7 +24,7 @@ def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
     numbers, is a usage error (a loss "abc" or a list of scalars was a traceback, a train record without a loss an
     empty plot and exit 0)."""
     runs = {}
-    for d in dirs:
+    for d, label in zip(dirs, labels(dirs)):
         records = read_metrics(d / METRICS_FILE)
         for i, r in enumerate(records, 1):
             if bad := [k for k in PLOTTED if k in r and type(r[k]) not in (int, float)]:
@@ -37,9 +37,16 @@ def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
                 raise UsageError(f"{d / METRICS_FILE}: record {i} has no step")
         if not any(r.get("kind") == "train" and "loss" in r for r in records):
             raise UsageError(f"{d}: no training metrics ({METRICS_FILE}) to plot")
-        name = printable(d.name)  # a name that is not UTF-8 (kept as surrogates) was matplotlib's TypeError
-        runs[name if name not in runs else printable(str(d))] = records
+        runs[label] = records
     return runs
+
+
+def labels(dirs: list[Path]) -> list[str]:
+    """Each run's label in the legend: its directory's name, or the path as given where names repeat (every run of
+    the repeated name: `a/run run` labelled the second run by its path, "run", the first one's label, and its
+    curves replaced the first run's). Printable: a name that is not UTF-8 was matplotlib's TypeError."""
+    names = [d.name for d in dirs]
+    return [printable(d.name if names.count(d.name) == 1 else str(d)) for d in dirs]
 
 
 def main(argv=None):

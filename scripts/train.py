@@ -29,8 +29,8 @@ from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import env_int, mesh_devices, rows_per_shard
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
-    BACKENDS, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, is_main_process, resolve_run,
-    resumed_checkpoint,
+    BACKENDS, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, is_main_process,
+    resolve_run, resumed_checkpoint,
 )
 from shared_config.run_dir import latest_checkpoint, lock_run, recover_run_dir
 from shared_config.twins import twin
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None):
                    help="fetch metrics and log alpha/shift/embed_scale every N steps")
     p.add_argument("--eval-every", type=at_least(0), default=100,
                    help="validation loss every N steps (0: at the end only)")
-    p.add_argument("--eval-batches", type=at_least(1), default=8, help="validation batches per evaluation")
+    p.add_argument("--eval-batches", type=at_least(1),
+                   help=f"validation batches per evaluation (default {DEFAULT_EVAL_BATCHES}, or the resumed run's)")
     p.add_argument("--save-every", type=at_least(0), default=100, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep", type=at_least(0), default=3, help="keep the newest K checkpoints (0: all)")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the steps (JAX always jits)")

@@ -127,7 +127,9 @@ class Loop:
         loss = float(np.mean([r["loss"] for r in records]))
         show = restart_clock if first else advance
         show(self.bar, step, loss=f"{loss:.4f}", lr=f"{records[-1]['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        self.summary.update(step=step, loss=loss, tokens_per_s=self.clock.mean_rate())
+        # the summary's loss is the last step's, as metrics.jsonl has it: the bar's mean since the last fetch was the
+        # mean of however many steps --log-every, --eval-every and --save-every had left since (1 to 10 of them)
+        self.summary.update(step=step, loss=records[-1]["loss"], tokens_per_s=self.clock.mean_rate())
 
     def evaluate(self, trainer: Trainer, step: int) -> None:
         """The mean loss over the fixed validation batches, logged and shown next to the corpus's entropy. A routed
@@ -152,6 +154,7 @@ class Loop:
         """A checkpoint of the (finite) state after update `step`, then only the newest `keep` kept."""
         run = self.run
         info = {"backend": trainer.name, "data_position": {"seed": run.cfg.seed, "step": step},
+                "eval_batches": run.eval_batches,  # the validation set a resume evaluates on
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
         state = trainer.train_state()  # every process: gathering a sharded state is a collective
         if self.main:

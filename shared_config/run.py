@@ -31,6 +31,7 @@ from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_tra
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
 DEFAULT_TRAIN_CONFIG = "cpu"
+DEFAULT_EVAL_BATCHES = 8  # a run's validation set: fixed windows of the validation split, this many batches of them
 SPEC_KEYS = [f.name for f in fields(ModelSpec)]
 TRAIN_KEYS = [f.name for f in fields(TrainConfig)]  # a key in both (compute_dtype) is the run's setting
 
@@ -49,7 +50,7 @@ class Run:
     eval_every: int = 100  # 0: evaluate at the end only
     save_every: int = 100  # 0: save at the end only
     keep: int = 3
-    eval_batches: int = 8
+    eval_batches: int = DEFAULT_EVAL_BATCHES
     info: dict | None = None  # recorded in run.json: the command, the backend
 
     def batch(self, step: int) -> np.ndarray:
@@ -101,8 +102,9 @@ def resolve_run(args) -> Run:
     check_train_memory(spec, cfg, lower)  # before init
     # the validation batches are built once, up front: --eval-batches 10**9 was a 60 GiB allocation reported as the
     # training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
-    check_memory(eval_bytes(args.eval_batches, cfg.batch_size, cfg.seq_len),
-                 f"--eval-batches {args.eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} "
+    eval_batches = resumed_eval_batches(args, checkpoint, stored)
+    check_memory(eval_bytes(eval_batches, cfg.batch_size, cfg.seq_len),
+                 f"--eval-batches {eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} "
                  "tokens, kept for every evaluation)", "lower --eval-batches")
     if stored:
         check_resume(spec, cfg, data, stored)
@@ -117,8 +119,21 @@ def resolve_run(args) -> Run:
         raise UsageError(f"--stop-at {args.stop_at}: past the schedule's {cfg.steps} steps; --stop-at is the update "
                          f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
     stop = args.stop_at or cfg.steps
-    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep", "eval_batches")}
-    return Run(spec, cfg, data, args.out, start, stop, **cadence, info={"backend": args.backend, "argv": args.argv})
+    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep")}
+    return Run(spec, cfg, data, args.out, start, stop, **cadence, eval_batches=eval_batches,
+               info={"backend": args.backend, "argv": args.argv})
+
+
+def resumed_eval_batches(args, checkpoint: Path | None, stored: dict | None) -> int:
+    """--eval-batches, else the resumed run's (its checkpoint's state.json), else DEFAULT_EVAL_BATCHES. A resumed run
+    evaluated on the default's 8 batches where it had been given 1, its later val_loss on another validation set
+    than its earlier ones, without a word: a resume that changes it is refused."""
+    before = stored.get("eval_batches") if stored else None
+    if args.eval_batches is not None and before is not None and args.eval_batches != before:
+        raise UsageError(f"--eval-batches {args.eval_batches}: the run in {args.out} evaluates on {before} batches "
+                         f"({checkpoint / STATE_FILE}); its val_loss would change with its validation set (start a "
+                         "new --out to change it)")
+    return args.eval_batches or before or DEFAULT_EVAL_BATCHES
 
 
 IMPLAUSIBLE_VOCAB = 2**20  # token ids past this in a raw .bin are read as the sign of a wrong --data-dtype

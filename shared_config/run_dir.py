@@ -97,6 +97,9 @@ def read_state(path: str | Path) -> dict:
     for key in ("spec", "train_config", "data", "data_position"):
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
+    batches = info.get("eval_batches", 1)  # the validation set a resume evaluates on (run.resumed_eval_batches)
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+        raise CheckpointError(f"{state_file}: 'eval_batches' must be an integer >= 1, got {quote(batches)}")
     if "spec" in info:
         state_spec = spec_from_json(json_text(info["spec"]), state_file, "spec")
         model_spec = spec_from_json(_metadata(path / WEIGHTS_FILE).get("spec", "null"),

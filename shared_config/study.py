@@ -96,6 +96,13 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
         yield
 
 
+def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dict:
+    """A study's JSON report: what was run (the command, --steps, --backends, the --set changes: routing.json had
+    none of them, so its numbers could not be told from another study's), then `results` and `more`."""
+    return {"command": args.command, "steps": args.steps, "backends": args.backends,
+            "changes": dict(zip(("spec", "train_config"), changes)), "results": results, **more}
+
+
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
     """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
     atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))

@@ -16,10 +16,11 @@ def test_init_checkpoint_then_compare_logits(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == str(path), r.stderr
     weights, spec = load_checkpoint(path)
     assert spec == load_spec("tiny-dyt")
-    r = run_script("compare_logits", "--weights", path)
+    r = run_script("compare_logits", "--weights", path, "--seed", "3")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout is the JSON alone
     assert result["max_abs_diff_over_std"] <= 1e-5 and result["same_argmax"] == 1.0
+    assert result["seed"] == 3  # the tokens' seed: two comparisons of one file were told apart by nothing
 
 
 def test_init_checkpoint_errors(tmp_path):

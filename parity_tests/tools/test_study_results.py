@@ -1,0 +1,189 @@
+"""What the research tools report matches what ran: the norm and routing studies' criteria and files, the plotted
+curves' labels, the parity report's trained-tensor row, train.py's summary and resume. In process, on made-up
+records or a stand-in trainer: no training, each test a few seconds at most."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ..support.common import load_script
+
+
+def norm_row(val_ppl: float | None, grad_norm_var: float | None, stopped_at: int | None = None) -> dict:
+    """One norm-study row as summarize writes it (a stopped run has no final numbers and no histograms)."""
+    done = stopped_at is None
+    return {"val_loss": None, "val_ppl": val_ppl if done else None, "alpha_min": None, "alpha_max": None,
+            "grad_norm_var": grad_norm_var, "nonfinite_steps": 0 if done else 1, "stopped_at": stopped_at,
+            "losses": [], "entropy": 2.59, "outputs": {"a": [1.0, 0.0]} if done else None}
+
+
+def test_the_norm_study_judges_no_criterion_on_a_run_that_stopped_early():
+    """A run a NaN/Inf stopped at step 2 had the gradient-norm variance of its one finite step, 0, and was reported as
+    the study's lowest; its perplexity and output criteria were left out of the table without a word. Now a stopped
+    run competes for no "lowest", its own criteria FAIL, and those it is the reference of are undecided."""
+    study = load_script("compare_norms")
+    results = {"rms-pre": {"jax": norm_row(15.0, 0.03)}, "rms-peri": {"jax": norm_row(None, 0.0, stopped_at=2)},
+               "dyt-pre": {"jax": norm_row(None, 0.0, stopped_at=3)}, "dyt-peri": {"jax": norm_row(16.0, 0.05)}}
+    judged = {name: (passed, detail) for name, passed, detail in study.criteria(results, "jax")}
+    assert judged["dyt-pre within 0.5 perplexity of rms-pre"] == (False, "dyt-pre stopped at step 3 (non-finite)")
+    assert judged["dyt-peri within 0.5 perplexity of rms-peri"] == (
+        None, "no reference: rms-peri stopped at step 2 (non-finite)")
+    assert judged["dyt-pre outputs distributed like rms-pre's (mean TV ≤ 0.25)"][0] is False
+    assert judged["dyt-peri outputs distributed like rms-peri's (mean TV ≤ 0.25)"][0] is None
+    assert judged["lowest gradient-norm variance overall"] == (
+        None, "rms-pre (0.03); left out, stopped early: rms-peri, dyt-pre")
+    assert judged["no NaN/Inf in any run"][0] is False
+    assert not any(name.startswith(("rms:", "dyt:")) for name in judged)  # one finished placement each: no choice
+
+
+def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
+    """One step after warmup was a variance of exactly 0, the lowest any run could have."""
+    study = load_script("compare_norms")
+    run_ = SimpleNamespace(cfg=SimpleNamespace(warmup_steps=2), data=SimpleNamespace(entropy=None))
+    records = [{"kind": "train", "step": s, "loss": 3.0, "grad_norm": g} for s, g in ((1, 1.0), (2, 2.0), (3, 0.5))]
+    study.norm_output_histograms = lambda run_: {}  # no checkpoint here: the histograms are another test's
+    assert study.summarize(run_, records, None)["grad_norm_var"] is None
+    records.append({"kind": "train", "step": 4, "loss": 3.0, "grad_norm": 1.5})
+    assert study.summarize(run_, records, None)["grad_norm_var"] == 0.25
+
+
+def test_the_routing_table_says_which_run_stopped_early():
+    """A run a NaN/Inf stopped showed "-" for its val ppl, as a dense run shows for top-k: the stop went unsaid."""
+    study = load_script("compare_routing")
+    row = {"val_loss": None, "val_ppl": None, "val_ppl_topk": None, "tokens_per_s": 1000.0, "flops_per_token": 3e5,
+           "predictor_acc": None, "stopped_at": None}
+    results = {"dense": {"jax": {**row, "val_ppl": 16.0}}, "mod-0.5": {"jax": {**row, "stopped_at": 7}}}
+    table = study.markdown(results, ["jax"], 10, "python scripts/compare_routing.py")
+    assert "| dense | jax | 16.000 | - |" in table
+    assert "| mod-0.5 | jax | stopped at step 7 (non-finite) | - |" in table
+
+
+def test_plot_curves_labels_runs_of_one_name_apart(tmp_path, monkeypatch):
+    """`plot_curves.py a/run run`: the second run was labelled by its path, "run", which was the first one's label,
+    so its records replaced the first run's, one run drawn under the other's name. Runs of one name are labelled
+    by their paths, each its own."""
+    plot_curves = load_script("plot_curves")
+    monkeypatch.chdir(tmp_path)
+    for d, loss in (("a/run", 3.0), ("run", 2.0), ("b/other", 1.0)):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": loss}) + "\n")
+    runs = plot_curves.load_runs([Path("a/run"), Path("run"), Path("b/other")])
+    assert {name: records[0]["loss"] for name, records in runs.items()} == {"a/run": 3.0, "run": 2.0, "other": 1.0}
+
+
+def test_the_parity_reports_trained_row_shows_a_twins_nan_weights():
+    """A tensor one twin's training left NaN was passed over by max() (NaN > x is false) when a finite tensor came
+    before it: the report's "trained ... (worst)" row named the finite one, PASS, and the report passed."""
+    report = load_script("parity_report")
+    cfg = SimpleNamespace(batch_size=2, seq_len=8)
+    torch_w = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
+    jax_w = {"a": np.ones(3, np.float32), "b": np.array([1, np.nan, 1], np.float32)}
+    runs = {"jax": ([3.0, 2.9], jax_w), "torch": ([3.0, 2.9], torch_w), "floor": ([3.0, 2.9], torch_w)}
+    loss, trained = report.train_rows(runs, False, cfg)
+    assert loss.passed and trained.stage == "trained b (worst)" and not trained.passed
+
+
+class CountingTrainer:
+    """A stand-in for a twin's Trainer: step s has loss 10 − s, and nothing runs but the loop."""
+
+    name = "fake"
+
+    def __init__(self, state: dict):
+        self.done, self.state = state["step"], state
+
+    def step(self, tokens_BN):
+        self.done += 1
+        return {"loss": 10.0 - self.done, "grad_norm": 1.0, "lr": 1e-3}
+
+    def eval_loss(self, tokens_BN):
+        return {"loss": 5.0}
+
+    def scalars(self):
+        return {}
+
+    def fetch(self, tree):
+        return tree
+
+    def train_state(self):
+        return {**self.state, "step": self.done}
+
+
+def test_the_train_summarys_loss_is_the_last_steps(tmp_path, monkeypatch):
+    """train.py's JSON summary gave, beside "step": 5, the mean loss of the steps since the loop last fetched metrics
+    (steps 4 and 5 at --log-every 3), a number no step had and that --log-every/--eval-every/--save-every changed;
+    metrics.jsonl has the step's own."""
+    from shared_config import load_spec, load_train_config
+    from shared_config.data import synthetic_corpus
+    from shared_config.loop import Loop
+    from shared_config.run import Run
+
+    monkeypatch.setattr(Loop, "save", lambda self, trainer, step: None)  # no weights: the summary is under test
+    data = synthetic_corpus(0)
+    run = Run(load_spec("tiny").replace(vocab_size=data.vocab_size), load_train_config("cpu"), data, tmp_path,
+              lambda: {"step": 0}, 5, log_every=3, eval_every=0, save_every=0, eval_batches=1)
+    summary = Loop(run, CountingTrainer, progress=False)()
+    assert summary["step"] == 5 and summary["loss"] == 5.0  # step 5's, not (6 + 5) / 2
+
+
+def test_the_gla_norm_study_runs_the_configs_it_is_given():
+    """--mixer gla's own default (four configs) replaced a --configs that spelled out the attention study's seven."""
+    study = load_script("compare_norms")
+    given = ",".join(study.CONFIGS)
+    assert study.parse_args(["--mixer", "gla", "--configs", given]).configs == study.CONFIGS
+    assert study.parse_args(["--mixer", "gla"]).configs == study.GLA_CONFIGS
+    assert study.parse_args([]).configs == study.CONFIGS
+
+
+def test_a_studys_json_says_what_was_run(tmp_path, monkeypatch):
+    """routing.json held the steps, the backends and the numbers, not the --set changes nor the command: a study of
+    n_layers=4 read like one of tiny's 3. Both studies' JSON carry the command and the changes."""
+    routing = load_script("compare_routing")
+    row = {"val_loss": 2.8, "val_ppl": 16.0, "val_ppl_topk": None, "tokens_per_s": 1.0, "flops_per_token": 3e5,
+           "predictor_acc": None, "stopped_at": None}
+    monkeypatch.setattr(routing, "study", lambda configs, backends, *args: {c: {"jax": row} for c in configs})
+    routing.main(["--steps", "2", "--configs", "dense", "--backends", "jax", "--set", "n_layers=4", "--set",
+                  "lr=0.002", "--out", str(tmp_path), "--quiet"])
+    report = json.loads((tmp_path / "routing.json").read_text())
+    assert report["changes"] == {"spec": {"n_layers": 4}, "train_config": {"lr": 0.002}}
+    assert report["command"].endswith("--set n_layers=4 --set lr=0.002 --out " + f"{tmp_path} --quiet")
+    assert report["steps"] == 2 and report["results"] == {"dense": {"jax": row}}
+
+
+def test_the_parity_report_json_names_its_weights_and_seed():
+    """Two reports of one spec, drawn from different seeds (or one from a file), had the same header."""
+    from shared_config import load_spec
+
+    report = load_script("parity_report")
+    args = SimpleNamespace(weights=None, seed=3, batch=2, seq=8)
+    out = report.report_json(load_spec("tiny"), args, [])
+    assert out["seed"] == 3 and out["weights"] is None and out["passed"] is True
+
+
+def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path, capsys):
+    """A run started with --eval-batches 1 and resumed without it evaluated on the default's 8 batches: its later
+    val_loss on another validation set than its earlier ones, unsaid. The resume takes the checkpoint's, and a
+    --eval-batches that differs is refused."""
+    from shared_config.cli import UsageError
+    from shared_config.files import CheckpointError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--quiet"]
+    run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(tmp_path), "--steps", "2",
+                                        "--eval-batches", "1", *small]))
+    Loop(run, CountingTrainer, progress=False)()
+    assert resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--steps",
+                                         "4"])).eval_batches == 1
+    with pytest.raises(UsageError, match="--eval-batches 8: the run in .* evaluates on 1 batches"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--eval-batches",
+                                      "8"]))
+    state = tmp_path / "step-00000002" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "eval_batches": "all"}))
+    with pytest.raises(CheckpointError, match="'eval_batches' must be an integer >= 1, got 'all'"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
