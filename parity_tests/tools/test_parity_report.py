@@ -212,3 +212,12 @@ def test_a_bf16_report_judges_each_routed_layer_s_selection(report, tmp_path):
     flipped[1, 4:6] = flipped[1, 5:3:-1]  # one token kept for another: the top-k keeps k
     assert report.agreement_row("model.layers.1", keep, keep).passed
     assert not report.agreement_row("model.layers.1", flipped, keep).passed  # 62 of 64 alike: under 0.98
+
+
+def test_a_constant_reference_is_measured_on_its_magnitude():
+    """Over std 0, rel_err was NaN for twins that agree exactly (0/0: a FAIL) and inf for any rounding."""
+    from shared_config.parity import rel_err
+
+    assert rel_err([3.0, 3.0], [3.0, 3.0]) == 0.0
+    assert rel_err([3.0 + 3e-7, 3.0], [3.0, 3.0]) == pytest.approx(1e-7)
+    assert rel_err([0.0], [0.0]) == 0.0 and rel_err([1.0, 3.0], [0.0, 2.0]) == 1.0  # std 1: as before
