@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-# Dense (no sparsity) peak TFLOP/s by device-name substring, per compute dtype: vendor datasheets.
-# float32 means plain fp32 (TF32 off), which is how the bench runs float32.
+# Dense (no sparsity) peak TFLOP/s by device-name substring, per compute dtype: vendor datasheets (their bf16 figures
+# are "with sparsity": halved here). float32 means plain fp32 (TF32 off), which is how the bench runs float32.
+# The longest matching key wins: the NVL boards (PCIe cards at a lower clock: 1,671 sparse bf16, 60 fp32) are not
+# the SXM parts their names contain, nor is the L40 (181 dense bf16) the L4.
 PEAK_TFLOPS = {
+    "H200 NVL": {"bfloat16": 835.0, "float32": 60.0},
     "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
     "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
     "H100": {"bfloat16": 989.0, "float32": 67.0},
     "GH200": {"bfloat16": 989.0, "float32": 67.0},
     "A100": {"bfloat16": 312.0, "float32": 19.5},
     "L40S": {"bfloat16": 362.0, "float32": 91.6},
+    "L40": {"bfloat16": 181.0, "float32": 90.5},
     "L4": {"bfloat16": 121.0, "float32": 30.3},
     "A10": {"bfloat16": 125.0, "float32": 31.2},
     "V100": {"bfloat16": 125.0, "float32": 15.7},  # V100 has no bf16: its fp16 tensor-core peak

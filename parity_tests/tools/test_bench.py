@@ -72,6 +72,19 @@ def test_peak_table():
     assert peak_tflops("cpu (x86_64)", "float32") is None
 
 
+@pytest.mark.parametrize("device,dense_bf16,fp32", [
+    # the names the drivers give (torch.cuda.get_device_name, JAX's device_kind); NVIDIA's datasheets: bf16 dense
+    # (half their "with sparsity" figure where only that is printed) and fp32 (no tensor cores)
+    ("NVIDIA H100 NVL", 1671 / 2, 60), ("NVIDIA H200 NVL", 1671 / 2, 60),  # PCIe boards: the SXM's 989 read 18% low
+    ("NVIDIA L40", 181.05, 90.5),  # not the L4's 121: its MFU read 50% high
+    ("NVIDIA H100 80GB HBM3", 1979 / 2, 67), ("NVIDIA H100 PCIe", 1513 / 2, 51), ("NVIDIA L40S", 362.05, 91.6),
+])
+def test_peak_of_each_board_is_its_own_datasheet_dense_figure(device, dense_bf16, fp32):
+    """A device name that contains another board's key (H100 NVL holds "H100", L40 holds "L4") gets its own peak."""
+    assert abs(peak_tflops(device, "bfloat16") - dense_bf16) <= 1
+    assert peak_tflops(device, "float32") == fp32
+
+
 FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops", "mfu", "mfu_causal",
           "flops_per_token_causal", "peak_mem_bytes", "attention"}
 
