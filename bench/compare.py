@@ -180,7 +180,7 @@ def machine_load(args, before: dict, during: list[dict]) -> dict:
 def print_table(report: dict) -> None:
     results, gpu = report["results"], any(r["mfu"] is not None for r in report["results"])
     head = (f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} "
-            f"{'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MB':>8}  attention")
+            f"{'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MiB':>8}  attention")
     env = report["env"]
     memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"
               if env["mode"] == "train" else "")

@@ -9,7 +9,7 @@ Times each twin's kernels (--kernel, comma-separated: pure, the two-level chunk 
 of the checkout on PYTHONPATH: the gradient of Σ o·co + Σ S·cS (random cotangents, as a real backward gets: a
 plain sum's broadcast gradient sends torch's bmm down a slow path) with respect to q, k, v, gates and the initial
 state. JAX: the jitted gradient, compile time (first call) reported separately. One row per (twin, kernel): median
-and min of the repeats in seconds, peak memory in MB (JAX: XLA's memory analysis of the compiled gradient; torch:
+and min of the repeats in seconds, peak memory in MiB (JAX: XLA's memory analysis of the compiled gradient; torch:
 CUDA's peak, none on a CPU) and `max_rel_err`, the largest max|Δ| / max|pure| over the outputs, the last state and
 every gradient against the same twin's pure form in float32 (0 for pure itself). Gates are logsigmoid(4·N(0, 1))
 / 16 (gla's normalizer), float32. A GPU kernel is refused in one line where it cannot run. To compare two
@@ -223,7 +223,7 @@ def time_kernels(args):
     arrays, cotangents = inputs(*shape)
     checkout = os.path.dirname(os.path.dirname(twin("jax", "gla").__file__))
     print(f"# gla fwd+bwd, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, from {checkout}")
-    print("| twin | kernel | median s | min s | compile s | peak MB | max_rel_err |\n|---|---|---|---|---|---|---|")
+    print("| twin | kernel | median s | min s | compile s | peak MiB | max_rel_err |\n|---|---|---|---|---|---|---|")
     rows, pure = [], {}
     for name, kernel in sorted(jobs, key=lambda job: (job[0], job[1] != "pure")):  # each twin's pure form first
         compile_s, times, peak, outputs = (time_jax if name == "jax" else time_torch)(args, arrays, cotangents, kernel)

@@ -324,3 +324,18 @@ def test_the_bench_times_the_spec_s_own_dtypes(tmp_path, monkeypatch):
     with pytest.raises(Made):
         runners.setup_hf(make_spec(param_dtype="bfloat16"), None, "train", "sdpa", None, False)
     assert made in (["bfloat16"], [torch.bfloat16])
+
+
+def test_the_table_names_the_unit_its_memory_column_is_in(capsys):
+    """The table's memory column divides the JSON's bytes by 2**20: it is MiB, and said so (it read "peak MB", 4.9%
+    below the megabytes it named: 104,857,600 bytes are 104.9 MB and 100 MiB)."""
+    from bench.compare import print_table
+
+    row = {"backend": "jax", "variant": "tiny", "step_s": {"median": 0.1, "p10": 0.09, "p90": 0.11},
+           "tokens_per_s": 20480.0, "tflops": 0.05, "mfu": None, "compile_s": 1.0, "peak_mem_bytes": 104_857_600,
+           "attention": "blocked"}
+    env = {"device": "cpu (x86_64)", "mode": "forward", "dtype": "float32", "batch": 8, "seq": 256}
+    print_table({"env": env, "results": [row]})
+    head, line = capsys.readouterr().out.splitlines()[1:3]
+    assert head.split()[-3:] == ["peak", "MiB", "attention"]
+    assert line.split()[-2:] == ["100", "blocked"]
