@@ -201,7 +201,7 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
     bench.info["cpu_s_per_step"] = clock.cpu_s / len(times) if clock.wall_s else None
     if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
         tokens_per_s = args.batch / median
-        flops = causal = flops_per_token(spec, args.seq + per_round // 2, "forward")  # new tokens see every key
+        flops = causal = flops_per_token(spec, args.seq + per_round // 2, "decode")  # new tokens see every key
     else:
         tokens_per_s = args.batch * args.seq / median
         flops = flops_per_token(spec, args.seq, args.mode)
@@ -217,7 +217,7 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
         "mfu": achieved / (peak * chips) if peak and not device.startswith("cpu") else None, "chips": chips,
         "mfu_causal": achieved * causal / flops / (peak * chips) if peak and not device.startswith("cpu") else None,
         "attention": bench.attention, "flops_per_token": flops, "flops_per_token_causal": causal,
-        "matmul_params": matmul_params(spec, args.seq), "n_steps": len(times),
+        "matmul_params": matmul_params(spec, args.seq, 1 if args.mode == "decode" else None), "n_steps": len(times),
         **{k: v for k, v in bench.info.items() if k != "cpu"},
         **({"prefill_s": {"median": float(np.median(prefills)), "p10": float(np.percentile(prefills, 10)),
                           "p90": float(np.percentile(prefills, 90))}} if prefills else {}),

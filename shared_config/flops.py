@@ -13,6 +13,9 @@ per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forw
 Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
 the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
+Decoding (mode "decode": one new token per row attending to `seq_len` keys, a forward) skips no routed block's
+compute (the predictor's decision masks the block's update, the projections run for every token): every block
+counts as dense there, whatever γ.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from .layout import layout
 from .spec import ModelSpec
 
 
-def matmul_params(spec: ModelSpec, seq_len: int | None = None) -> float:
+def matmul_params(spec: ModelSpec, seq_len: int | None = None, fraction: float | None = None) -> float:
     """N: weights used in matmuls per token (Linear weights, the LM head, mod's router weight), excluding the input
-    embedding; a routed block's own weights weighted by the fraction of tokens it processes at `seq_len`."""
-    fraction = routed_fraction(spec, seq_len)
+    embedding; a routed block's own weights weighted by the fraction of tokens it processes at `seq_len` (or by
+    `fraction`, where given: 1 in decoding, which runs every token through every block)."""
+    fraction = routed_fraction(spec, seq_len) if fraction is None else fraction
     routed = tuple(f"model.layers.{i}." for i in spec.routed_layers)
     n = 0
     for t in layout(spec):
@@ -46,8 +50,9 @@ def routed_fraction(spec: ModelSpec, seq_len: int | None) -> float:
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> float:
-    """Model FLOPs per token for a train step (forward + backward) or a forward pass; `causal`: attention's term
-    halved (the keys a causal mask leaves, on average)."""
+    """Model FLOPs per token for a train step (forward + backward), a forward pass, or a decoding step's new token
+    attending to `seq_len` keys (mode "decode"); `causal`: attention's term halved (the keys a causal mask leaves, on
+    average; a decoded token sees every key, so "decode" ignores it)."""
     return sum(flops_split(spec, seq_len, mode, causal))
 
 
@@ -56,6 +61,8 @@ def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) 
     attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve).
     Raises ValueError for a mixer with no count here."""
     passes = 3 if mode == "train" else 1
+    if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
+        return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
     if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
         return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
     if spec.mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v

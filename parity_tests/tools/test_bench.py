@@ -38,6 +38,27 @@ def test_flops_formula_against_a_hand_count():
     assert matmul_params(tied) == n  # a tied head still does the V x D matmul
 
 
+# the router's matmul weights: mod's [D] score weight; dtf's prior SwiGLU FFN (P = 24), its norm weight no matmul
+@pytest.mark.parametrize("routing,router", [("none", 0), ("mod", 96), ("dtf", 3 * 24 * 96)])
+def test_a_decode_row_counts_every_routed_block_dense(routing, router):
+    """Decoding runs every token through a routed block (the predictor masks its update; docs/routing.md): its
+    row's FLOPs are the dense model's plus the router's, not k/T of the block (tiny mod decode read 28% low)."""
+    from types import SimpleNamespace
+
+    from bench import timing
+
+    spec = load_spec("tiny").replace(routing=routing)  # block 1 routed
+    predictor = 48 * 96 + 48 if routing != "none" else 0
+    n = 3 * 102912 + 257 * 96 + router + predictor  # all three blocks whole, the head, the router, the predictor
+    keys = 64 + 8 // 2  # prompt 64, then a round of 8 steps: the keys of the middle one
+    args = SimpleNamespace(mode="decode", batch=2, seq=64, dtype="float32", peak_tflops=None)
+    r = timing.result("tiny", "jax", spec, SimpleNamespace(attention="xla", info={}), 1.0, [0.01] * 4, [0.02], args,
+                      "cpu (x86_64)", 8)
+    assert r["matmul_params"] == n
+    assert r["flops_per_token"] == r["flops_per_token_causal"] == 2 * n + 4 * 3 * 6 * 16 * keys
+    assert r["tflops"] == pytest.approx(2 / 0.01 * (2 * n + 4 * 3 * 6 * 16 * keys) / 1e12, rel=1e-12)
+
+
 def test_flops_count_every_mixer_and_refuse_one_they_do_not_know():
     """A mixer added to the spec's CHOICES and not to flops_split was counted as attention: each mixer has its count
     (a new one fails here until it has its branch), and an unknown one is an error."""
