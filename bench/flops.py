@@ -6,7 +6,7 @@ from __future__ import annotations
 # are "with sparsity": halved here). float32 means plain fp32 (TF32 off), which is how the bench runs float32.
 # The longest matching key wins: the NVL boards (PCIe cards at a lower clock: 1,671 sparse bf16, 60 fp32) are not
 # the SXM parts their names contain, nor is the L40 (181 dense bf16) the L4.
-PEAK_TFLOPS = {
+PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
     "H200 NVL": {"bfloat16": 835.0, "float32": 60.0},
     "H200": {"bfloat16": 989.0, "float32": 67.0},
     "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
@@ -18,6 +18,9 @@ PEAK_TFLOPS = {
     "L40": {"bfloat16": 181.0, "float32": 90.5},
     "L4": {"bfloat16": 121.0, "float32": 30.3},
     "A10": {"bfloat16": 125.0, "float32": 31.2},
+    # AWS's A10G is not the A10 its name holds (fewer tensor-core FLOP/s) and NVIDIA publishes no datasheet for it:
+    # no MFU rather than the A10's (pass --peak-tflops)
+    "A10G": {"bfloat16": None, "float32": None},
     "V100": {"bfloat16": 125.0, "float32": 15.7},  # V100 has no bf16: its fp16 tensor-core peak
 }
 

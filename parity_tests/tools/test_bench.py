@@ -91,6 +91,7 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 19.5
     assert peak_tflops("cpu (x86_64)", "float32") is None
+    assert peak_tflops("NVIDIA A10G", "bfloat16") is None  # no datasheet: not the A10's 125, which it contains
 
 
 @pytest.mark.parametrize("device,dense_bf16,fp32", [
