@@ -10,10 +10,10 @@ optimizer (fused AdamW, where the kernel is named so: XLA fuses optax's update i
 which land in `other`), copy (memcpy/memset) and other (elementwise, reductions, the cross-entropy).
 JAX kernels are classified by the HLO instruction that launched them (a fusion holding a dot is a
 matmul), torch kernels by name. For matmul and attention the table gives the rate their kernels
-reach on the model FLOPs they compute (shared_config/flops.py: 6·N and 12·L·H·E·T per token in train mode;
-when attention runs as plain matmuls, its FLOPs count under matmul), which says whether a low MFU
-is slow GEMMs or time spent outside them. On a GPU, `idle` is the step's wall time the device ran no
-kernel (launch gaps, host work).
+reach on the model FLOPs they compute (shared_config/flops.py: 6·N and 12·L·H·E·T per token in train mode, a
+fused causal attention kernel's half of it; when attention runs as plain matmuls, all of it counts under matmul),
+which says whether a low MFU is slow GEMMs or time spent outside them. On a GPU, `idle` is the step's wall
+time the device ran no kernel (launch gaps, host work).
 
 On a CPU the units are torch's aten operators (self CPU time) and XLA:CPU's thunks (one per HLO
 instruction, traced with --xla_cpu_enable_xprof_traceme). XLA:CPU runs independent thunks
@@ -206,9 +206,13 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
         ms["idle"] = max(step_ms - busy, 0.0)
     tokens = args.batch * args.seq
     matmul, attention = flops_split(spec, args.seq, args.mode)
-    model_flops = {"matmul": matmul * tokens, "attention": attention * tokens}
-    if "attention" not in ms:  # attention ran as plain matmuls (the einsum/blocked kernels): count its FLOPs there
-        model_flops["matmul"] += model_flops.pop("attention")
+    # a fused kernel (flash, cuDNN, SDPA) skips the causal mask's upper half: its rate is on the causal count (on
+    # all T keys it read twice the kernel's rate, past the device's peak at 55%)
+    fused = flops_split(spec, args.seq, args.mode, causal=True)[1]
+    model_flops = {"matmul": matmul * tokens, "attention": fused * tokens}
+    if "attention" not in ms:  # attention ran as plain matmuls (the einsum/blocked kernels): all T keys, under matmul
+        model_flops["matmul"] += attention * tokens
+        del model_flops["attention"]
     categories = {}
     for c in ORDER:
         if c in ms:

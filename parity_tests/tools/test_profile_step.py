@@ -155,3 +155,21 @@ def test_the_torch_profilers_chatter_is_kept_off_stderr(capfd):
         os.write(2, b"STAGE:2026-12-01 Completed Stage: Warm Up\n")
         os.write(2, b"a real warning\n")
     assert capfd.readouterr().err == "a real warning\n"
+
+
+def test_a_fused_attention_kernels_rate_is_on_the_causal_count():
+    """A fused causal kernel (flash, cuDNN) computes the keys at or before each query: its rate on all T keys read
+    twice the kernel's (past the device's peak at 55%). Attention run as plain matmuls computes all T."""
+    from types import SimpleNamespace
+
+    from bench.profile_step import breakdown
+    from shared_config import load_spec
+
+    spec, args = load_spec("tiny"), SimpleNamespace(steps=1, batch=2, seq=64, mode="train", top=3)
+    # tiny: H 6, E 16, L 3; per token 3 passes x 4·H·E·L·T FLOPs over all T keys (half of that causal), B·T tokens
+    full = 3 * 4 * 6 * 16 * 3 * 64 * (2 * 64)
+    fused = breakdown("torch", spec, args, {("flash_fwd", None): 1e3, ("gemm", None): 1e3}, 2e-3, "cuda", None)
+    assert fused["categories"]["attention"]["tflops"] == pytest.approx(full / 2 / 1e-3 / 1e12)
+    plain = breakdown("torch", spec, args, {("gemm", None): 1e3}, 2e-3, "cuda", None)
+    assert plain["categories"]["matmul"]["tflops"] - fused["categories"]["matmul"]["tflops"] == pytest.approx(
+        full / 1e-3 / 1e12)
