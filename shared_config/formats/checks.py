@@ -86,6 +86,17 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     return spec
 
 
+def stored_fusion(names, spec: ModelSpec) -> ModelSpec:
+    """`spec` with `fused_qkv` as a file of the twins' in-memory layout (a `.pt` state dict, an Orbax tree) stores
+    q/k/v, read off its tensor `names`: fusion is a compute choice (COMPUTE_FIELDS) that a given spec may change, so a
+    file written fused must read under a spec that is not (a bare state dict under any spec), and the other way round.
+    A file holding neither name (GLA) or both (damaged: the layout check names it) keeps `spec`'s."""
+    fused = any(".self_attn.qkv_proj." in n for n in names)
+    if fused == any(".self_attn.q_proj." in n for n in names):
+        return spec
+    return spec.replace(fused_qkv=fused)
+
+
 def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
     """What every reader checks before it reads a tensor: the tensor count (`check_count`), then that the weights fit
     in memory in float32 (ResourceError): an Orbax directory of 84 KB held 257 MB of zeros (compressed), so a small
