@@ -80,6 +80,10 @@ def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
         need = ", ".join(f"{k}={v}" for k, v in HF_SPEC.items())
         raise CheckpointError(f"{path}: no Hugging Face equivalent for {', '.join(bad)} (Llama and Qwen3 need {need})")
     d, model_type = spec.to_dict(), "qwen3" if spec.qk_norm else "llama"
+    if model_type == "llama" and spec.D % spec.H:  # LlamaConfig.validate_architecture; Qwen3Config has no such rule
+        raise CheckpointError(f"{path}: no Hugging Face Llama has d_model={spec.D} (hidden_size) not a multiple of "
+                              f"n_heads={spec.H} (num_attention_heads): transformers' LlamaConfig refuses to load it "
+                              "(with qk_norm=true the export is a Qwen3, which takes it)")
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta, **{k: d[f] for f, k in LLAMA3_KEYS.items()}}
