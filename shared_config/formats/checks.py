@@ -139,6 +139,23 @@ def without_derived(tensors: dict, path: str | Path) -> dict:
     return {n: x for n, x in tensors.items() if n not in derived}
 
 
+def without_tied_copy(tensors: dict, spec: ModelSpec, path: str | Path,
+                      embed: str = "model.embed_tokens.weight") -> dict:
+    """`tensors` less `lm_head.weight` when the spec ties it and it is the embedding (`embed`, the file's name for it)
+    bit for bit: some tied checkpoints store the shared matrix twice. A copy that differs is refused by name: the
+    model computes with one of the two, and which one a reader picks is not the file's to say."""
+    head, table = tensors.get("lm_head.weight"), tensors.get(embed)
+    if not spec.tie_embeddings or head is None:
+        return tensors
+    same = (table is not None and head.dtype == table.dtype and head.shape == table.shape
+            and head.dtype.itemsize in (1, 2, 4, 8)  # compared as unsigned ints: bit for bit, NaN and -0.0 too
+            and np.array_equal(*(np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}") for x in (head, table))))
+    if not same:
+        raise CheckpointError(f"{path}: tie_embeddings is set, but the file's lm_head.weight is not a copy of {embed} "
+                              "(a tied model has one matrix): untie the model or drop lm_head.weight")
+    return {n: x for n, x in tensors.items() if n != "lm_head.weight"}
+
+
 def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Missing keys, unexpected keys and shape mismatches of `weights` (any array type), grouped by layer."""
     problems = []

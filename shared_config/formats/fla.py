@@ -20,7 +20,7 @@ from ..layout import layout
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, check_weights, resolve_spec, spec_from_metadata
+from .checks import check_size, check_weights, resolve_spec, spec_from_metadata, without_tied_copy
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors
 
@@ -142,8 +142,7 @@ def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelS
     check_size(len(dtypes), spec, path)  # before the layout table of a spec claiming 10^7 layers
     names = {fla_name(t.name, fuse_norm): t.name for t in layout(spec)}
     stored, _ = read_safetensors(path / "model.safetensors")
-    if spec.tie_embeddings:
-        stored.pop("lm_head.weight", None)  # transformers may store the tied matrix twice
+    stored = without_tied_copy(stored, spec, path / "model.safetensors", fla_name("model.embed_tokens.weight"))
     if unknown := sorted(set(stored) - set(names)):
         raise CheckpointError(f"{path / 'model.safetensors'}: tensors a {spec.L}-layer GLA does not have: "
                               f"{', '.join(unknown[:5])}")

@@ -19,7 +19,7 @@ from ..layout import group_names
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, resolve_spec, spec_from_metadata, without_derived
+from .checks import check_size, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
@@ -191,11 +191,7 @@ def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     file_spec = spec_from_config(config, path / "config.json", base)
     spec = resolve_spec(file_spec, spec, path)
     check_size(len(dtypes), spec, path)  # before reading the tensors of a spec claiming 10^7 layers
-    weights = without_derived(_read_weights(path, headers), path)
-    lm_head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
-    if spec.tie_embeddings and lm_head is not None and embed is not None and np.array_equal(lm_head, embed):
-        del weights["lm_head.weight"]  # some tied checkpoints store the shared matrix twice
-    return weights, spec
+    return without_tied_copy(without_derived(_read_weights(path, headers), path), spec, path), spec
 
 
 def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, overwrite: bool = False) -> None:
