@@ -5,6 +5,7 @@ and grouped by layer. They raise CheckpointError (shared_config.files).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -86,6 +87,11 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     return spec
 
 
+def held_params(shapes) -> int:
+    """The parameters that tensors of these `shapes` (any sequences of ints) hold: `check_size`'s `held`."""
+    return sum(math.prod(shape) for shape in shapes)
+
+
 def stored_fusion(names, spec: ModelSpec) -> ModelSpec:
     """`spec` with `fused_qkv` as a file of the twins' in-memory layout (a `.pt` state dict, an Orbax tree) stores
     q/k/v, read off its tensor `names`: fusion is a compute choice (COMPUTE_FIELDS) that a given spec may change, so a
@@ -97,11 +103,15 @@ def stored_fusion(names, spec: ModelSpec) -> ModelSpec:
     return spec.replace(fused_qkv=fused)
 
 
-def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
+def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False, held: int | None = None) -> None:
     """What every reader checks before it reads a tensor: the tensor count (`check_count`), then that the weights fit
     in memory in float32 (ResourceError): an Orbax directory of 84 KB held 257 MB of zeros (compressed), so a small
-    directory could claim any size."""
+    directory could claim any size. The weights are the fewer of the spec's and those the file's tensors `held` (the
+    sum of their shapes' products, when the reader knows it): reading takes no more than the file holds, and a spec
+    (config.json, metadata) claiming a vocabulary of 10^14 over a file of 97 rows is then refused by the layout check
+    naming its shapes (exit code 2), not as a job that "needs a machine with more memory" (exit 3)."""
     params = check_count(found, spec, path, fused)
+    params = params if held is None else min(params, held)
     check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
 
 

@@ -20,7 +20,7 @@ from ..layout import layout
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, check_weights, resolve_spec, spec_from_metadata, without_tied_copy
+from .checks import check_size, check_weights, held_params, resolve_spec, spec_from_metadata, without_tied_copy
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors
 
@@ -139,7 +139,8 @@ def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelS
         fuse_norm = config_value(config, "gla", "fuse_norm", path / "config.json")
     except ConfigValueError as e:
         raise CheckpointError(str(e)) from None
-    check_size(len(dtypes), spec, path)  # before the layout table of a spec claiming 10^7 layers
+    shapes = [e.get("shape") for n, e in header.items() if n != "__metadata__"]
+    check_size(len(dtypes), spec, path, held=held_params(shapes))  # before the layout table of 10^7 layers
     names = {fla_name(t.name, fuse_norm): t.name for t in layout(spec)}
     stored, _ = read_safetensors(path / "model.safetensors")
     stored = without_tied_copy(stored, spec, path / "model.safetensors", fla_name("model.embed_tokens.weight"))

@@ -19,7 +19,7 @@ from ..layout import group_names
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
+from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
@@ -190,7 +190,8 @@ def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
     file_spec = spec_from_config(config, path / "config.json", base)
     spec = resolve_spec(file_spec, spec, path)
-    check_size(len(dtypes), spec, path)  # before reading the tensors of a spec claiming 10^7 layers
+    shapes = [e.get("shape") for h in headers.values() for n, e in h.items() if n != "__metadata__"]
+    check_size(len(dtypes), spec, path, held=held_params(shapes))  # before the tensors of a spec of 10^7 layers
     return without_tied_copy(without_derived(_read_weights(path, headers), path), spec, path), spec
 
 
