@@ -35,6 +35,16 @@ def test_round_trip_is_bit_exact(tmp_path, fmt, changes):
     file_bytes_equal(src, tmp_path / "b.safetensors")
 
 
+def test_fla_round_trip_keeps_a_head_dim_the_gla_does_not_read(tmp_path):
+    """head_dim is valid in a GLA spec and unread by its layer; the fla reader set it to None, so gla → fla → back gave
+    head_dim 32 for 8: a spec unequal to the original (a resume or --spec check then refuses the model's own file)."""
+    spec = load_spec("gla-tiny").replace(n_layers=1, head_dim=8)
+    src = gla_file(tmp_path / "a.safetensors", spec)
+    convert(src, tmp_path / "m-fla", to="fla")
+    convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
+    file_bytes_equal(src, tmp_path / "b.safetensors")
+
+
 def test_hf_export_refuses_gla_by_name(tmp_path):
     src = gla_file(tmp_path / "a.safetensors", load_spec("gla-tiny"))
     with pytest.raises(CheckpointError, match="no Hugging Face equivalent for .*mixer=gla"):

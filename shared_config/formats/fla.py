@@ -118,7 +118,8 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     except ConfigValueError as e:
         raise CheckpointError(str(e)) from None
     try:
-        return load_spec({**(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None, "head_dim": None})
+        # head_dim: unread by a GLA, kept from `base` (our metadata) so that a round trip keeps the spec
+        return load_spec({"head_dim": None, **(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None})
     except SpecError as e:
         raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
 
