@@ -133,7 +133,10 @@ def read_safetensors(path: str | Path, header: dict | None = None) -> tuple[dict
     path = safetensors_path(path)
     try:
         # a FIFO or device is refused here, never opened by load_file
-        meta = (header if header is not None else read_header(path)).get("__metadata__") or {}
+        header = header if header is not None else read_header(path)
+        meta = header.get("__metadata__") or {}
+        if any(isinstance(e, dict) and e.get("dtype") == "BF16" for e in header.values()):
+            np_dtype("bfloat16")  # imports ml_dtypes: load_file needs it for BF16 ("data type not understood")
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
