@@ -193,3 +193,18 @@ def test_cli_converts_and_says_what_it_did(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{src} (safetensors) -> {tmp_path / 'b.pt'} (torch)"
     assert torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_cli_reads_the_bfloat16_files_it_writes(tmp_path):
+    """safetensors' numpy reader knows BF16 only once ml_dtypes is imported: in a fresh process (the command line,
+    nothing else loaded) every read of a bf16 canonical file or Hugging Face directory was a traceback ending in
+    "TypeError: data type 'bfloat16' not understood", exit 1; in-process tests had ml_dtypes loaded already."""
+    spec = make_spec(n_layers=1, param_dtype="bfloat16")
+    src = canonical_file(tmp_path / "a.safetensors", spec)
+    convert(src, tmp_path / "hf", to="hf")
+    for source in (src, tmp_path / "hf"):
+        dst = tmp_path / f"{source.stem}-back.safetensors"
+        result = run_script("convert", source, dst)  # safetensors -> safetensors: no framework imported
+        assert result.returncode == 0, result.stderr
+        file_bytes_equal(src, dst)
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import torch_model
-from shared_config import CheckpointError, init_weights, load_spec, read_safetensors, save_checkpoint
+from shared_config import CheckpointError, init_weights, load_spec, read_safetensors, save_checkpoint, save_safetensors
 from shared_config.formats.fla import fla_name
 
 from ..support.common import file_bytes_equal, load_script, make_spec, one_line_error, run_script
@@ -32,6 +32,16 @@ def test_round_trip_is_bit_exact(tmp_path, fmt, changes):
     src = gla_file(tmp_path / "a.safetensors", spec)
     convert(src, tmp_path / NAMES[fmt], to=fmt)
     convert(tmp_path / NAMES[fmt], tmp_path / "b.safetensors")
+    file_bytes_equal(src, tmp_path / "b.safetensors")
+
+
+def test_fla_round_trip_keeps_a_head_dim_the_gla_does_not_read(tmp_path):
+    """head_dim is valid in a GLA spec and unread by its layer; the fla reader set it to None, so gla → fla → back gave
+    head_dim 32 for 8: a spec unequal to the original (a resume or --spec check then refuses the model's own file)."""
+    spec = load_spec("gla-tiny").replace(n_layers=1, head_dim=8)
+    src = gla_file(tmp_path / "a.safetensors", spec)
+    convert(src, tmp_path / "m-fla", to="fla")
+    convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
     file_bytes_equal(src, tmp_path / "b.safetensors")
 
 
@@ -89,6 +99,28 @@ def test_fla_import_of_a_file_without_our_metadata(tmp_path):
     assert set(got) == set(w) and all(np.array_equal(got[k], w[k]) for k in w)
     model = torch_model.from_safetensors(tmp_path / "b.safetensors")
     assert model.spec == spec
+
+
+@pytest.mark.parametrize("fmt", ["fla", "hf"])
+def test_a_tied_head_stored_twice_must_be_the_embedding_bit_for_bit(tmp_path, fmt):
+    """A tied checkpoint that also stores lm_head.weight (transformers may) is read when that copy is the embedding;
+    fla's reader dropped any lm_head.weight of a tied model, so one that differed was silently thrown away (Hugging
+    Face's refused it as an 'unexpected key'). Both now name it, and both read a true copy."""
+    spec = (load_spec("gla-tiny").replace(n_layers=1) if fmt == "fla" else make_spec(n_layers=1)).replace(
+        tie_embeddings=True)
+    src = gla_file(tmp_path / "a.safetensors", spec)
+    convert(src, tmp_path / "m", to=fmt)
+    file = tmp_path / "m" / "model.safetensors"
+    stored, meta = read_safetensors(file)
+    embed = "model.embeddings.weight" if fmt == "fla" else "model.embed_tokens.weight"
+    for head, ok in ((stored[embed].copy(), True), (stored[embed] * 2, False)):
+        save_safetensors({**stored, "lm_head.weight": head}, file, meta)
+        if ok:
+            convert(tmp_path / "m", tmp_path / "b.safetensors", force=True)
+            file_bytes_equal(src, tmp_path / "b.safetensors")
+        else:
+            with pytest.raises(CheckpointError, match="lm_head.weight is not a copy of " + embed):
+                convert(tmp_path / "m", tmp_path / "b.safetensors", force=True)
 
 
 @pytest.mark.parametrize("key,value", [("use_short_conv", True), ("feature_map", "relu"), ("clamp_min", -1.0),

@@ -150,6 +150,24 @@ def test_export_refuses_the_literature_placements_by_name(tmp_path, placement):
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_a_llama_whose_heads_do_not_divide_its_width(tmp_path):
+    """transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 (head_dim given apart): the export wrote
+    a directory that AutoModelForCausalLM.from_pretrained could not load. Refused by name, nothing written; a Qwen3
+    (qk_norm) takes such a geometry, loads and reproduces our logits."""
+    spec = make_spec(n_heads=5, n_kv_heads=1, head_dim=10)
+    save_checkpoint(tmp_path / "m.safetensors", parity_weights(spec), spec)
+    with pytest.raises(CheckpointError, match=r"d_model=48 \(hidden_size\) not a multiple of n_heads=5"):
+        convert(tmp_path / "m.safetensors", tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    spec = spec.replace(qk_norm=True)
+    weights = parity_weights(spec)
+    save_checkpoint(tmp_path / "q.safetensors", weights, spec)
+    convert(tmp_path / "q.safetensors", tmp_path / "hf", to="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    toks = tokens(spec)
+    assert rel_err(torch_logits(weights, spec, toks), hf_logits(model.eval(), toks)) <= FORWARD_TOL
+
+
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("qwen3", "Qwen3Config")])
 def test_the_defaults_table_holds_transformers_defaults(model_type, config_class):
     from shared_config.formats.config_json import DEFAULTS

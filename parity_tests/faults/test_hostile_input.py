@@ -334,6 +334,44 @@ def test_a_checkpoint_too_large_for_memory_is_refused_before_its_tensors_are_rea
             read(src)
 
 
+def _claim_vocab(src: Path, fmt: str, vocab: int) -> None:
+    """Make the spec that `src` (in `fmt`) carries claim `vocab` tokens, its tensors left as they are."""
+    if fmt == "hf":
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
+    elif fmt == "flax":
+        (src / "spec.json").write_text(json.dumps({**json.loads((src / "spec.json").read_text()), "vocab_size": vocab}))
+    elif fmt == "torch":
+        obj = torch.load(src, weights_only=True)
+        torch.save({**obj, "spec": json.dumps({**json.loads(obj["spec"]), "vocab_size": vocab})}, src)
+    else:
+        tensors, meta = shared_config.read_safetensors(src)
+        meta = {**meta, "spec": json.dumps({**json.loads(meta["spec"]), "vocab_size": vocab})}
+        shared_config.save_safetensors(tensors, src, meta)
+
+
+@pytest.mark.parametrize("fmt", ["flax", "safetensors", "hf", "torch", "fla"])
+def test_a_spec_claiming_more_than_its_file_holds_is_a_bad_file_not_a_memory_shortage(tmp_path, canonical, fmt):
+    """A config.json (or metadata, spec.json, .pt spec) claiming vocab_size 10^14 over a file of 97 embedding rows was
+    'needs about 35,762,786.9 GiB of memory ... it needs a machine with more memory' (exit code 3): the memory weighed
+    is what the file's tensors hold, at most, and the file is refused by its shapes (exit code 2)."""
+    import jax_model
+
+    src = tmp_path / {"flax": "m-flax", "safetensors": "m.safetensors", "hf": "m-hf", "torch": "m.pt"}.get(fmt, "")
+    if fmt == "fla":
+        src = _fla_dir(tmp_path, vocab_size=10**14)
+    elif fmt != "safetensors":
+        convert(canonical, src, to=fmt)
+    else:
+        src = canonical
+    if fmt != "fla":
+        _claim_vocab(src, fmt, 10**14)
+    for read in (shared_config.formats.read_checkpoint, jax_model.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"shape mismatches: model.embed_tokens.(weight|embedding) expected "
+                                                  r"\[100000000000000, \d+\] found \[\d+, \d+\]"):
+            read(src)
+
+
 # --- 2. parsing is bounded: sizes, nesting, aliases, quoted values ---------------------------------
 
 

@@ -5,6 +5,7 @@ and grouped by layer. They raise CheckpointError (shared_config.files).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -86,11 +87,31 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
     return spec
 
 
-def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False) -> None:
+def held_params(shapes) -> int:
+    """The parameters that tensors of these `shapes` (any sequences of ints) hold: `check_size`'s `held`."""
+    return sum(math.prod(shape) for shape in shapes)
+
+
+def stored_fusion(names, spec: ModelSpec) -> ModelSpec:
+    """`spec` with `fused_qkv` as a file of the twins' in-memory layout (a `.pt` state dict, an Orbax tree) stores
+    q/k/v, read off its tensor `names`: fusion is a compute choice (COMPUTE_FIELDS) that a given spec may change, so a
+    file written fused must read under a spec that is not (a bare state dict under any spec), and the other way round.
+    A file holding neither name (GLA) or both (damaged: the layout check names it) keeps `spec`'s."""
+    fused = any(".self_attn.qkv_proj." in n for n in names)
+    if fused == any(".self_attn.q_proj." in n for n in names):
+        return spec
+    return spec.replace(fused_qkv=fused)
+
+
+def check_size(found: int, spec: ModelSpec, path: str | Path, fused: bool = False, held: int | None = None) -> None:
     """What every reader checks before it reads a tensor: the tensor count (`check_count`), then that the weights fit
     in memory in float32 (ResourceError): an Orbax directory of 84 KB held 257 MB of zeros (compressed), so a small
-    directory could claim any size."""
+    directory could claim any size. The weights are the fewer of the spec's and those the file's tensors `held` (the
+    sum of their shapes' products, when the reader knows it): reading takes no more than the file holds, and a spec
+    (config.json, metadata) claiming a vocabulary of 10^14 over a file of 97 rows is then refused by the layout check
+    naming its shapes (exit code 2), not as a job that "needs a machine with more memory" (exit 3)."""
     params = check_count(found, spec, path, fused)
+    params = params if held is None else min(params, held)
     check_memory(4 * params, f"reading {path} ({params:,} parameters)", "it needs a machine with more memory")
 
 
@@ -126,6 +147,23 @@ def without_derived(tensors: dict, path: str | Path) -> dict:
     print(f"note: {path}: ignoring {len(derived)} derived buffer(s) recomputed from the spec: {group_names(derived)}",
           file=sys.stderr)
     return {n: x for n, x in tensors.items() if n not in derived}
+
+
+def without_tied_copy(tensors: dict, spec: ModelSpec, path: str | Path,
+                      embed: str = "model.embed_tokens.weight") -> dict:
+    """`tensors` less `lm_head.weight` when the spec ties it and it is the embedding (`embed`, the file's name for it)
+    bit for bit: some tied checkpoints store the shared matrix twice. A copy that differs is refused by name: the
+    model computes with one of the two, and which one a reader picks is not the file's to say."""
+    head, table = tensors.get("lm_head.weight"), tensors.get(embed)
+    if not spec.tie_embeddings or head is None:
+        return tensors
+    same = (table is not None and head.dtype == table.dtype and head.shape == table.shape
+            and head.dtype.itemsize in (1, 2, 4, 8)  # compared as unsigned ints: bit for bit, NaN and -0.0 too
+            and np.array_equal(*(np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}") for x in (head, table))))
+    if not same:
+        raise CheckpointError(f"{path}: tie_embeddings is set, but the file's lm_head.weight is not a copy of {embed} "
+                              "(a tied model has one matrix): untie the model or drop lm_head.weight")
+    return {n: x for n, x in tensors.items() if n != "lm_head.weight"}
 
 
 def layout_problems(weights: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:

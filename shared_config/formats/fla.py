@@ -20,7 +20,7 @@ from ..layout import layout
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, check_weights, resolve_spec, spec_from_metadata
+from .checks import check_size, check_weights, held_params, resolve_spec, spec_from_metadata, without_tied_copy
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors
 
@@ -118,7 +118,8 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     except ConfigValueError as e:
         raise CheckpointError(str(e)) from None
     try:
-        return load_spec({**(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None, "head_dim": None})
+        # head_dim: unread by a GLA, kept from `base` (our metadata) so that a round trip keeps the spec
+        return load_spec({"head_dim": None, **(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None})
     except SpecError as e:
         raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
 
@@ -139,11 +140,11 @@ def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelS
         fuse_norm = config_value(config, "gla", "fuse_norm", path / "config.json")
     except ConfigValueError as e:
         raise CheckpointError(str(e)) from None
-    check_size(len(dtypes), spec, path)  # before the layout table of a spec claiming 10^7 layers
+    shapes = [e.get("shape") for n, e in header.items() if n != "__metadata__"]
+    check_size(len(dtypes), spec, path, held=held_params(shapes))  # before the layout table of 10^7 layers
     names = {fla_name(t.name, fuse_norm): t.name for t in layout(spec)}
     stored, _ = read_safetensors(path / "model.safetensors")
-    if spec.tie_embeddings:
-        stored.pop("lm_head.weight", None)  # transformers may store the tied matrix twice
+    stored = without_tied_copy(stored, spec, path / "model.safetensors", fla_name("model.embed_tokens.weight"))
     if unknown := sorted(set(stored) - set(names)):
         raise CheckpointError(f"{path / 'model.safetensors'}: tensors a {spec.L}-layer GLA does not have: "
                               f"{', '.join(unknown[:5])}")

@@ -19,7 +19,7 @@ from ..layout import group_names
 from ..limits import quote
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, resolve_spec, spec_from_metadata, without_derived
+from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
@@ -80,6 +80,10 @@ def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
         need = ", ".join(f"{k}={v}" for k, v in HF_SPEC.items())
         raise CheckpointError(f"{path}: no Hugging Face equivalent for {', '.join(bad)} (Llama and Qwen3 need {need})")
     d, model_type = spec.to_dict(), "qwen3" if spec.qk_norm else "llama"
+    if model_type == "llama" and spec.D % spec.H:  # LlamaConfig.validate_architecture; Qwen3Config has no such rule
+        raise CheckpointError(f"{path}: no Hugging Face Llama has d_model={spec.D} (hidden_size) not a multiple of "
+                              f"n_heads={spec.H} (num_attention_heads): transformers' LlamaConfig refuses to load it "
+                              "(with qk_norm=true the export is a Qwen3, which takes it)")
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta, **{k: d[f] for f, k in LLAMA3_KEYS.items()}}
@@ -186,12 +190,9 @@ def read_hf(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSp
     base = {**(base.to_dict() if base else {}), "param_dtype": "bfloat16" if bf16 else "float32"}
     file_spec = spec_from_config(config, path / "config.json", base)
     spec = resolve_spec(file_spec, spec, path)
-    check_size(len(dtypes), spec, path)  # before reading the tensors of a spec claiming 10^7 layers
-    weights = without_derived(_read_weights(path, headers), path)
-    lm_head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
-    if spec.tie_embeddings and lm_head is not None and embed is not None and np.array_equal(lm_head, embed):
-        del weights["lm_head.weight"]  # some tied checkpoints store the shared matrix twice
-    return weights, spec
+    shapes = [e.get("shape") for h in headers.values() for n, e in h.items() if n != "__metadata__"]
+    check_size(len(dtypes), spec, path, held=held_params(shapes))  # before the tensors of a spec of 10^7 layers
+    return without_tied_copy(without_derived(_read_weights(path, headers), path), spec, path), spec
 
 
 def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, overwrite: bool = False) -> None:

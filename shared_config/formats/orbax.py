@@ -17,7 +17,8 @@ from ..layout import fuse_qkv, model_layout, split_qkv
 from ..limits import MAX_JSON_BYTES, read_capped
 from ..resources import ResourceError
 from ..spec import ModelSpec
-from .checks import check_layout, check_size, check_weights, np_dtype, resolve_spec, spec_from_json
+from .checks import (check_layout, check_size, check_weights, held_params, np_dtype, resolve_spec, spec_from_json,
+                     stored_fusion)
 
 
 def save_orbax(path: str | Path, weights: dict, spec: ModelSpec, overwrite: bool = False) -> None:
@@ -66,8 +67,10 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
                 raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: no tree metadata")
             stored = stored.tree
             flat = traverse_util.flatten_dict(dict(stored), sep=".")
-            check_size(len(flat), spec, state_dir, fused=True)  # before the layout table of a spec claiming 10^7 layers
-            check_layout(flat, {t.jax_name: t.jax_shape for t in model_layout(spec)}, state_dir)
+            layout_spec = stored_fusion(flat, spec)  # q/k/v as the tree holds them, whatever fusion the spec asks for
+            # before the layout table of a spec claiming 10^7 layers
+            check_size(len(flat), layout_spec, state_dir, fused=True, held=held_params(m.shape for m in flat.values()))
+            check_layout(flat, {t.jax_name: t.jax_shape for t in model_layout(layout_spec)}, state_dir)
             # restore as stored (dtype included), on this host's default device
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
             flat = traverse_util.flatten_dict(checkpointer.restore(state_dir, target), sep=".")
@@ -75,7 +78,7 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
         raise
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged directory
         raise CheckpointError(f"{state_dir}: not a readable Orbax checkpoint: {orbax_reason(e)}") from None
-    return canonical(flat, spec), spec
+    return canonical(flat, layout_spec), spec
 
 
 def orbax_reason(e: BaseException) -> str:

@@ -21,8 +21,8 @@ from ..files import CheckpointError, atomic_write
 from ..layout import layout
 from ..limits import LimitError, open_regular, parse_json, quote
 from ..spec import ModelSpec, load_spec
-from .checks import (check_size, check_weights, checkpoint_path, np_dtype, resolve_spec, spec_from_metadata,
-                     without_derived)
+from .checks import (check_size, check_weights, checkpoint_path, held_params, np_dtype, resolve_spec,
+                     spec_from_metadata, without_derived)
 
 MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 # tensors in one file: a canonical checkpoint of 1,000 layers holds ~12,000; a header of 10^6 one-byte tensors (78 MB,
@@ -133,7 +133,10 @@ def read_safetensors(path: str | Path, header: dict | None = None) -> tuple[dict
     path = safetensors_path(path)
     try:
         # a FIFO or device is refused here, never opened by load_file
-        meta = (header if header is not None else read_header(path)).get("__metadata__") or {}
+        header = header if header is not None else read_header(path)
+        meta = header.get("__metadata__") or {}
+        if any(isinstance(e, dict) and e.get("dtype") == "BF16" for e in header.values()):
+            np_dtype("bfloat16")  # imports ml_dtypes: load_file needs it for BF16 ("data type not understood")
         weights = load_file(path)
     except (SafetensorError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -157,7 +160,8 @@ def load_checkpoint(
     tensor count (`check_size`) from the header, before any tensor is read."""
     header = safetensors_header(path)
     spec = resolve_spec(spec_from_metadata(header.get("__metadata__") or {}, path), spec, path)
-    check_size(len(header) - ("__metadata__" in header), spec, path)
+    shapes = [e["shape"] for n, e in header.items() if n != "__metadata__"]
+    check_size(len(shapes), spec, path, held=held_params(shapes))
     weights = without_derived(read_safetensors(path, header)[0], path)
     check_weights(weights, spec, path, allow_nonfinite)
     dtype = np_dtype(spec.param_dtype)

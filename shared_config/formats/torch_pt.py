@@ -18,7 +18,8 @@ from ..files import CheckpointError, atomic_write
 from ..layout import fuse_qkv, model_layout, split_qkv
 from ..limits import quote
 from ..spec import ModelSpec
-from .checks import check_layout, check_size, check_weights, np_dtype, resolve_spec, spec_from_json, without_derived
+from .checks import (check_layout, check_size, check_weights, held_params, np_dtype, resolve_spec, spec_from_json,
+                     stored_fusion, without_derived)
 
 # torch dtypes with a numpy counterpart (bfloat16 through ml_dtypes, see `_numpy`), by name
 NUMPY_DTYPES = (
@@ -60,9 +61,11 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
     file_spec, state = _unwrap(obj, path)
     state = without_derived(state, path)
     spec = resolve_spec(file_spec, spec, path)
-    check_size(len(state), spec, path, fused=True)  # before the layout table of a spec claiming 10^7 layers
-    check_layout(state, {t.name: t.shape for t in model_layout(spec)}, path)
-    return canonical(state, spec), spec
+    stored = stored_fusion(state, spec)  # q/k/v as the file holds them, whatever fusion the spec asks for
+    # before the layout table of a spec claiming 10^7 layers
+    check_size(len(state), stored, path, fused=True, held=held_params(x.shape for x in state.values()))
+    check_layout(state, {t.name: t.shape for t in model_layout(stored)}, path)
+    return canonical(state, stored), spec
 
 
 def state_dict(weights: dict, spec: ModelSpec) -> dict:
