@@ -145,7 +145,8 @@ def test_missing_required_key_and_bad_sources(tmp_path):
         load_spec(tmp_path)  # it said "no spec preset or file named", of a path that exists
     for link, target in (("loop.yaml", "loop.yaml"), ("dangling.yaml", "gone.yaml")):
         (tmp_path / link).symlink_to(target)
-        with pytest.raises(SpecError, match=f"spec '{tmp_path / link}' is a symbolic link that leads to no file "
+        # (a long path is shortened in the middle by quote(): the link's own name ends it)
+        with pytest.raises(SpecError, match=f"^spec '.*{link}' is a symbolic link that leads to no file "
                                             rf"\(a loop of links, or a target that does not exist: '{target}'\)$"):
             load_spec(tmp_path / link)
     bad = tmp_path / "bad.yaml"
