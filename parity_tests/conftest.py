@@ -57,6 +57,29 @@ def compile_caches_as_they_were():
         restore_cache_settings(before)
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE")  # what bench's configure_threads sets
+
+
+@pytest.fixture(autouse=True)
+def cpu_threads_as_they_were():
+    """torch's threads, this process's CPUs and the thread variables as the test found them: compare.main run
+    in-process (bench/options.py's configure_threads, timing's set_precision_and_threads) left torch on every CPU
+    for the rest of its worker, and each op of a later test waited on a thread the other worker held (100 steps
+    of torch training 4x slower, measured with 2 workers on 2 cores)."""
+    threads, env = torch.get_num_threads(), {name: os.environ.get(name) for name in THREAD_ENV}
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if cpus is not None and os.sched_getaffinity(0) != cpus:
+        os.sched_setaffinity(0, cpus)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_scratch_cwd(tmp_path_factory):
     """Module and session fixtures, set up before `scratch_cwd`, run in a scratch directory too."""
