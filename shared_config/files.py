@@ -105,7 +105,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = destination(path, directory=True)
     recover(path)
-    tmp, old = None, _old(path)
+    tmp, old, placed = None, _old(path), False
     try:
         with deferred_signals(), named(path):  # the temp directory exists only once `tmp` names it for the cleanup
             tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
@@ -123,21 +123,31 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
                             os.replace(old, path)
                         raise
                 _fsync_dir(path.parent)
+                placed = True
                 shutil.rmtree(old, ignore_errors=True)  # only now that the new directory is in place
     except ResourceError as e:  # name the destination, not the temporary directory the user never sees
         raise ResourceError(str(e).replace(str(tmp), str(path))) from e
     finally:
         if tmp is not None:
             with deferred_signals():  # a signal during the cleanup waits for it
-                remove_tree(tmp)
+                # a failed write's threads may still be writing: it must stay gone a moment (placed: nothing writes)
+                remove_tree(tmp, settle=0 if placed else 0.25)
 
 
-def remove_tree(path: Path, seconds: float = 5.0) -> None:
+def remove_tree(path: Path, seconds: float = 5.0, settle: float = 0.0) -> None:
     """Delete directory `path`, again while it still exists, for up to `seconds`: a writer's threads may still add
-    files to it as it goes (Orbax's, after a save failed on a full disk, left the directory behind 1 time in 16)."""
-    for _ in range(max(1, int(seconds / 0.05))):
+    files to it as it goes (Orbax's, after a save failed on a full disk, left the directory behind 1 time in 16).
+    `settle`: once deleted, it must stay gone this long (seconds), for a writer that makes its paths' parents again
+    (tensorstore's makedirs recreated it in the instant after one deletion: the test saw it 1 run in ~10 under load)."""
+    deadline, gone_since = time.monotonic() + seconds, None
+    while True:
         shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
+        now = time.monotonic()
+        if os.path.lexists(path):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = now
+        if (gone_since is not None and now - gone_since >= settle) or now >= deadline:
             return
         time.sleep(0.05)
 
