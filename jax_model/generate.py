@@ -55,8 +55,7 @@ class Decoder:
         the cache has no room for where its length is at hand (`cache_length`; a step past the last slot overwrote
         it without a word)."""
         check_cache_type(cache, KVCache)
-        ids = host_tokens(tokens, self.model.spec, step)
-        ids_BT = ids[:, None] if step else ids
+        ids_BT = host_tokens(tokens, self.model.spec, step)
         check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
         return jnp.asarray(ids_BT, jnp.int32)
 

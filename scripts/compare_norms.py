@@ -214,10 +214,12 @@ def output_criteria(rows: dict) -> list[tuple]:
     for config, row in rows.items():
         norm, placement = config.split("-")
         ref = rows.get(f"rms-{placement}")
+        if norm not in ("dyt", "derf") or not ref:
+            continue
         name = f"{config} outputs distributed like rms-{placement}'s (mean TV ≤ {TV_MAX})"
-        if norm in ("dyt", "derf") and ref and (judged := unfinished(name, config, row, f"rms-{placement}", ref)):
+        if judged := unfinished(name, config, row, f"rms-{placement}", ref):
             out.append(judged)
-        elif norm in ("dyt", "derf") and ref and row.get("outputs") and ref.get("outputs"):
+        elif row.get("outputs") and ref.get("outputs"):
             tv = {site: 0.5 * float(np.abs(np.subtract(p, ref["outputs"][site])).sum())
                   for site, p in row["outputs"].items()}
             worst = max(tv, key=tv.get)

@@ -62,9 +62,9 @@ def check_token_values(spec: ModelSpec, lo: int, hi: int) -> None:
 
 
 def host_tokens(tokens, spec: ModelSpec, step: bool = False) -> np.ndarray:
-    """`tokens` (a decoder's [B, P] prompts, or with `step` a decode step's [B] ids, one per row) as a numpy array of
-    ids in the vocabulary, checked before a cast to the step's integer type could truncate a float id or wrap a large
-    one; TokenError otherwise."""
+    """`tokens` (a decoder's [B, P] prompts, or with `step` a decode step's [B] ids, one per row) as a numpy array
+    [B, T] of ids in the vocabulary (a step's as [B, 1]), checked before a cast to the step's integer type could
+    truncate a float id or wrap a large one; TokenError otherwise."""
     try:
         ids = np.asarray(tokens)
     except (ValueError, TypeError):  # ragged rows, [[1, 2], [3]]: numpy's inhomogeneous-shape ValueError
@@ -72,10 +72,11 @@ def host_tokens(tokens, spec: ModelSpec, step: bool = False) -> np.ndarray:
     if step and (ids.ndim != 1 or ids.size == 0):  # [[7]] was "must be [batch, time] (rank 2), got shape [1, 1, 1]"
         raise TokenError(f"a decode step's tokens must be [batch] (rank 1: one id per row, at least one row), got "
                          f"shape {list(ids.shape)}")
+    ids_BT = ids[:, None] if step else ids
     # an empty list is numpy's float64: named as empty, not as float ids
-    check_token_array(ids[:, None].shape if step else ids.shape, "int" if ids.size == 0 else str(ids.dtype))
+    check_token_array(ids_BT.shape, "int" if ids.size == 0 else str(ids.dtype))
     check_token_values(spec, int(ids.min()), int(ids.max()))
-    return ids
+    return ids_BT
 
 
 def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | None:

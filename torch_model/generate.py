@@ -59,8 +59,7 @@ class Decoder:
         the cache has no room for where its length is at hand (`cache_length`; a compiled step past the last slot
         failed in index_copy_ with an IndexError)."""
         check_cache_type(cache, KVCache)
-        ids = host_tokens(tokens, self.model.spec, step)
-        ids_BT = ids[:, None] if step else ids
+        ids_BT = host_tokens(tokens, self.model.spec, step)
         check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
         return torch.as_tensor(ids_BT, dtype=torch.int64, device=self.model.model.embed_tokens.weight.device)
 
