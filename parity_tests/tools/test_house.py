@@ -1,5 +1,6 @@
 """The house rules, measured on the source (docs/architecture.md): who may import whom, no import circle, no
-script importing another or editing `sys.path`, no source file over 400 lines, no issue numbers in code.
+script importing another or editing `sys.path`, no source file over 400 lines, the twins' files the same on both
+sides, no issue numbers in code.
 
 Imports are read with `ast` (module level and inside functions alike: a lazy import is still an arrow), so the
 check needs no framework and runs in a second."""
@@ -147,6 +148,13 @@ def test_the_twins_never_replace_a_named_tuple_field():
            for p in sorted((ROOT / twin).glob("*.py"))
            for i, line in enumerate(p.read_text().splitlines(), 1) if "._replace(" in line]
     assert not bad, "\n".join(bad)
+
+
+def test_the_twins_hold_the_same_files():
+    """The twins mirror each other file for file (docs/architecture.md): a module added to one twin alone fails here.
+    That the names and their order inside agree is what `diff jax_model/X.py torch_model/X.py` shows a reviewer."""
+    files = {twin: sorted(p.name for p in (ROOT / twin).glob("*.py")) for twin in ("jax_model", "torch_model")}
+    assert files["jax_model"] == files["torch_model"], files
 
 
 @pytest.mark.parametrize("folder", [*PACKAGES, "parity_tests"])
