@@ -2,7 +2,8 @@
 12 KiB, the two opening commands as CI runs them), every `python scripts/X.py` / `python bench/X.py` command line of a
 ```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
 every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every file
-named in a page or in the code exists, and .ci/walkthrough walks every page."""
+named in a page or in the code exists, every test function a page names exists, the architecture map names every
+module, and .ci/walkthrough walks every page."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ OPENING = [  # the README's two opening commands, byte for byte: the main job, t
 ]
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)\)")
+SCRIPT = re.compile(r"(scripts|bench)/[\w.-]+\.py")
 SEPARATORS = {";", "&&", "||", "|", "&", "(", ")", ";;"}
 KEYWORDS = {"do", "then", "else", "time", "!"}
 
@@ -72,8 +74,10 @@ def simple_commands(line: str) -> list[list[str]]:
 
 
 def inline_commands(text: str) -> list[str]:
-    """`python scripts/X.py ...` written in a sentence (a code span, perhaps over a line break), not in a block."""
-    return [" ".join(span.split()) for span in re.findall(r"`(python3? (?:scripts|bench)/[^`]+)`", FENCE.sub("", text))]
+    """`python scripts/X.py ...` or `bench/X.py --option ...` written in a sentence (a code span, perhaps over a line
+    break), not in a block; a usage line (`[--option]`) is test_every_usage_line_lists_exactly_its_scripts_options'."""
+    spans = re.findall(r"`((?:python3? )?(?:scripts|bench)/[\w.-]+\.py [^`]+)`", FENCE.sub("", text))
+    return [" ".join(span.split()) for span in spans if "[--" not in span]
 
 
 def script_calls() -> list[tuple[str, str, list[str]]]:
@@ -84,9 +88,9 @@ def script_calls() -> list[tuple[str, str, list[str]]]:
         text = page.read_text()
         for line in shell_lines(text) + inline_commands(text):
             for words in simple_commands(line):
-                if Path(words[0]).name not in ("python", "python3", "torchrun"):
+                if Path(words[0]).name not in ("python", "python3", "torchrun") and not SCRIPT.fullmatch(words[0]):
                     continue
-                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"(scripts|bench)/[\w.-]+\.py", w)]
+                scripts = [i for i, w in enumerate(words) if SCRIPT.fullmatch(w)]
                 if scripts:
                     i = scripts[0]
                     options = [w.split("=", 1)[0] for w in words[i + 1:] if w.startswith("--")]
@@ -110,8 +114,9 @@ def test_the_docs_name_commands_at_all():
     scripts = {script for _, script, _ in CALLS}
     assert {"bench/compare.py", "scripts/train.py", "scripts/convert.py", "scripts/generate.py"} <= scripts, scripts
     assert ("docs/training.md", "scripts/train.py", ["--backend", "--parallel", "--out"]) in CALLS  # a torchrun line
-    # inline
+    # inline, with python and without
     assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS
+    assert ("docs/gla.md", "bench/gla_layer.py", ["--compile-step", "--batch", "--tokens"]) in CALLS
 
 
 @pytest.mark.parametrize("script", sorted({script for _, script, _ in CALLS}))
@@ -202,6 +207,28 @@ def test_every_source_file_the_docs_and_code_name_exists():
             if not re.fullmatch(r"[A-Z]+", Path(name).stem) and not (ROOT / name).is_file():
                 missing.append((rel(page), name))
     assert not missing, missing
+
+
+def test_every_test_a_page_names_exists():
+    """`test_norm_slots_hold_the_parameters_of_their_type` and the like, named in a page as the test that says a
+    step is done: each is a test function of parity_tests/ (`*` stands for any part of the name)."""
+    import fnmatch
+
+    defined = {name for p in sorted((ROOT / "parity_tests").rglob("test_*.py"))
+               for name in re.findall(r"^\s*def (test_\w+)", p.read_text(), re.M)}
+    named = {(rel(page), name) for page in PAGES for name in re.findall(r"`(test_[\w*]+)`", page.read_text())}
+    assert {"test_norm", "test_the_cases_hold_*"} <= {name for _, name in named}  # the pattern still finds them
+    assert not [(page, name) for page, name in sorted(named) if not fnmatch.filter(defined, name)]
+
+
+def test_the_map_names_every_module():
+    """docs/architecture.md names every module of the core, the twins, scripts/ and bench/ (`layout.py`,
+    `gpu_plan.py`, ...): a file added without its line in the map fails here."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([\w.-]+\.(?:py|sh))`", text))
+    folders = ("shared_config", "shared_config/formats", "jax_model", "torch_model", "scripts", "bench")
+    files = [p for d in folders for p in sorted((ROOT / d).glob("*")) if p.suffix in (".py", ".sh")]
+    assert not [rel(p) for p in files if p.name != "__init__.py" and p.name not in named]
 
 
 def test_the_walkthrough_walks_every_page():
