@@ -3,7 +3,7 @@
 ```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
 every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every file
 named in a page or in the code exists, every test function a page names exists, the architecture map names every
-module, and .ci/walkthrough walks every page."""
+module, every preset is named, and .ci/walkthrough walks every page."""
 
 from __future__ import annotations
 
@@ -229,6 +229,14 @@ def test_the_map_names_every_module():
     folders = ("shared_config", "shared_config/formats", "jax_model", "torch_model", "scripts", "bench")
     files = [p for d in folders for p in sorted((ROOT / d).glob("*")) if p.suffix in (".py", ".sh")]
     assert not [rel(p) for p in files if p.name != "__init__.py" and p.name not in named]
+
+
+def test_every_preset_is_named_in_the_docs():
+    """Each spec preset (shared_config/specs/) and train preset (shared_config/train/) appears as `name` in a page."""
+    from shared_config import preset_names, train_preset_names
+
+    named = {name for page in PAGES for name in re.findall(r"`([\w.-]+)`", page.read_text())}
+    assert not sorted(set(preset_names() + train_preset_names()) - named)
 
 
 def test_the_walkthrough_walks_every_page():
