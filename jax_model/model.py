@@ -1,7 +1,8 @@
 """The JAX twin's decoder (Flax NNX); torch_model/model.py is the same file in PyTorch.
 
 Notation: B batch, T tokens, S cache slots, D model dim, V vocab. Attribute paths follow the canonical
-names (`model.layers.0.self_attn.q_proj`), so the NNX state is the canonical layout up to leaf names.
+names (`model.layers.0.self_attn.q_proj`), so the NNX state is the canonical layout up to leaf names (q/k/v as
+one `qkv_proj` when `fused_qkv`, the default: `shared_config.model_layout`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The PyTorch twin's decoder; jax_model/model.py is the same file in JAX.
 
 Notation: B batch, T tokens, S cache slots, D model dim, V vocab. Attribute paths follow the canonical
-names (`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canonical names.
+names (`model.layers.0.self_attn.q_proj`), so `state_dict()` keys are the canonical names (q/k/v as one
+`qkv_proj` when `fused_qkv`, the default: `shared_config.model_layout`).
 """
 
 from __future__ import annotations
