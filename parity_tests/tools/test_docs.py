@@ -2,8 +2,8 @@
 12 KiB, the two opening commands as CI runs them), every `python scripts/X.py` / `python bench/X.py` command line of a
 ```bash or ```console block (or of a sentence's code span) names a script that exists and options its parser accepts,
 every ```python block compiles, every relative link reaches a file (and a heading, for a `#anchor`), every file
-named in a page or in the code exists, every test function a page names exists, the architecture map names every
-module, every preset is named, and .ci/walkthrough walks every page."""
+named in a page or in the code exists, every test function and dotted name (`shared_config.files.recover`) a page
+names exists, the architecture map names every module, every preset is named, and .ci/walkthrough walks every page."""
 
 from __future__ import annotations
 
@@ -219,6 +219,39 @@ def test_every_test_a_page_names_exists():
     named = {(rel(page), name) for page in PAGES for name in re.findall(r"`(test_[\w*]+)`", page.read_text())}
     assert {"test_norm", "test_the_cases_hold_*"} <= {name for _, name in named}  # the pattern still finds them
     assert not [(page, name) for page, name in sorted(named) if not fnmatch.filter(defined, name)]
+
+
+def is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # `torch_model.generate.generate`: a function, inside a module that is no package
+        return False
+
+
+def test_every_dotted_name_a_page_gives_resolves():
+    """`shared_config.files.recover`, `torch_model.distributed.exit_rank`,
+    `shared_config/hardware.py::resolve_gla_kernel`, written in a page's code span: each names a module and what it
+    defines."""
+    import importlib
+
+    unresolved, found = [], 0
+    for page in PAGES:
+        for span in re.findall(r"`([^`]+)`", page.read_text()):
+            for dotted in re.findall(r"(?<![\w./])((?:shared_config|jax_model|torch_model)(?:\.\w+)+)(?![\w/])", span):
+                parts, found = dotted.split("."), found + 1
+                i = next(i for i in range(len(parts), 0, -1) if is_module(".".join(parts[:i])))
+                obj = importlib.import_module(".".join(parts[:i]))
+                for name in parts[i:]:
+                    obj = getattr(obj, name, unresolved)  # the list itself: a sentinel no attribute is
+                unresolved += [(rel(page), dotted)] if obj is unresolved else []
+            for path, name in re.findall(r"([\w/]+\.py)::(\w+)", span):
+                found += 1
+                if not re.search(rf"^(def|class) {name}\b|^{name} =", (ROOT / path).read_text(), re.M):
+                    unresolved.append((rel(page), f"{path}::{name}"))
+    assert found >= 15, found  # the pattern still finds them
+    assert not unresolved, unresolved
 
 
 def test_the_map_names_every_module():
