@@ -10,6 +10,14 @@ head per layer forward), without discounting the causal mask; `causal=True` halv
 step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
 per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
 
+A train step's 6 per weight is 2 forward + 4 backward: the gradients of the matmul's input and of its weight, 2
+each (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1). A weight whose input's gradient is
+stopped gets the second alone: 4 per weight (Hobbhahn & Sevilla 2021, "What's the backward-forward FLOP ratio for
+neural networks?", epoch.ai: a first layer's backward costs 1x its forward). In a routed spec that is the
+predictor's first Linear, which reads stopgrad(x) (routing.py): NO_INPUT_GRAD. Its second Linear's input (the
+first's activation) needs its gradient, and so do the inputs of mod's router and dtf's prior FFN (the residual
+stream, not stopped): 6 each.
+
 Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
 the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
@@ -24,6 +32,17 @@ import math
 
 from .layout import layout
 from .spec import ModelSpec
+
+
+# Weights whose matmul's input has its gradient stopped in a train step (jax_model/routing.py and
+# torch_model/routing.py: `router_predictor(stopgrad(x))`): their backward computes the weight's gradient alone.
+NO_INPUT_GRAD = (".router_predictor.fc1.weight",)
+
+
+def no_input_grad_params(spec: ModelSpec) -> int:
+    """Weights per token (all run on every token) whose input's gradient is stopped (NO_INPUT_GRAD): a train step
+    does 4, not 6, FLOPs per such weight (module docstring); 0 for a dense spec."""
+    return sum(math.prod(t.shape) for t in layout(spec) if t.name.endswith(NO_INPUT_GRAD))
 
 
 def matmul_params(spec: ModelSpec, seq_len: int | None = None, fraction: float | None = None) -> float:
@@ -57,16 +76,19 @@ def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = Fal
 
 
 def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
-    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards; `causal`:
-    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve).
-    Raises ValueError for a mixer with no count here."""
+    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards, less the
+    input gradients a train step does not compute (no_input_grad_params); `causal`: attention's term for the keys
+    at or before each query, half of all T (a GLA layer's has no keys to halve). Raises ValueError for a mixer with
+    no count here."""
     passes = 3 if mode == "train" else 1
     if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
         return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
+    unused = 2 * no_input_grad_params(spec) if mode == "train" else 0  # input gradients the backward skips
     if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
-        return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
+        return passes * 2 * matmul_params(spec) - unused, passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
     if spec.mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v
         raise ValueError(f"flops_split: no count for mixer={spec.mixer!r} (docs/extending.md)")
     routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
     keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
-    return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)
+    return (passes * 2 * matmul_params(spec, seq_len) - unused,
+            passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1))
