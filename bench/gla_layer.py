@@ -10,8 +10,9 @@ of the checkout on PYTHONPATH: the gradient of Σ o·co + Σ S·cS (random cotan
 plain sum's broadcast gradient sends torch's bmm down a slow path) with respect to q, k, v, gates and the initial
 state. JAX: the jitted gradient, compile time (first call) reported separately. One row per (twin, kernel): median
 and min of the repeats in seconds, peak memory in MiB (JAX: XLA's memory analysis of the compiled gradient; torch:
-CUDA's peak, none on a CPU) and `max_rel_err`, the largest max|Δ| / max|pure| over the outputs, the last state and
-every gradient against the same twin's pure form in float32 (0 for pure itself). Gates are logsigmoid(4·N(0, 1))
+CUDA's peak during the last repeat alone, the one before freed first; none on a CPU) and `max_rel_err`, the
+largest max|Δ| / max|pure| over the outputs, the last state and every gradient against the same twin's pure form
+in float32 (0 for pure itself). Gates are logsigmoid(4·N(0, 1))
 / 16 (gla's normalizer), float32. A GPU kernel is refused in one line where it cannot run. To compare two
 checkouts, run the script under each one's PYTHONPATH. --compile-step SPEC: instead, the seconds XLA takes to lower
 and compile the JAX twin's jitted train step (forward, backward, AdamW; the default train config) of SPEC at
@@ -88,25 +89,81 @@ def time_jax(args, arrays, cotangents, kernel):
     return compile_s, times, peak, outputs
 
 
-def time_torch(args, arrays, cotangents, kernel):
+class NoPeak:
+    """A device whose allocator the bench does not read (CPU): nothing to reset or wait for, no peak."""
+
+    def reset(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def peak(self) -> None:
+        return None
+
+
+class CudaPeak(NoPeak):
+    """torch's CUDA allocator: bytes allocated at most since the last `reset`, read after the device has finished."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda
+
+    def reset(self) -> None:
+        self.cuda.synchronize()
+        self.cuda.reset_peak_memory_stats()
+
+    def sync(self) -> None:
+        self.cuda.synchronize()
+
+    def peak(self) -> int:
+        return self.cuda.max_memory_allocated()
+
+
+def measure(repeats: int, make_inputs, run, memory: NoPeak, on_call=None):
+    """`run(make_inputs())` 1 + `repeats` times, the first untimed (a warm-up: fla's Triton autotuning): the seconds
+    of each timed call (inputs made before the clock starts), the last call's peak bytes (`memory`: a NoPeak or
+    CudaPeak; None from NoPeak) and the last call's (inputs, outputs). Each peak covers its own call alone: the
+    previous call's inputs, outputs and gradients are freed before `memory.reset()` (kept, they were counted in the
+    next call's peak: ~50 MB at gla-small's geometry). `on_call()` after every call (progress)."""
+    times, peak, last = [], None, None
+    for r in range(repeats + 1):
+        last = None  # the previous call's tensors go before the peak counter restarts
+        memory.reset()
+        inputs = make_inputs()
+        t0 = time.perf_counter()
+        outputs = run(inputs)
+        memory.sync()
+        if r:
+            times.append(time.perf_counter() - t0)
+        peak = memory.peak()
+        last = (inputs, outputs)
+        del inputs, outputs  # `last` alone holds them, so that the next call's `last = None` frees them
+        if on_call:
+            on_call()
+    return times, peak, last
+
+
+def time_torch(args, arrays, cotangents, kernel, on_call=None):
+    """(None: eager torch compiles nothing, step seconds, peak bytes (CUDA; None on a CPU), results: outputs and
+    gradients as numpy)."""
     import torch
 
     form, device = gla_form("torch", kernel), "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times, peak = [], None
-    for r in range(args.repeats + 1):  # the first call warms up (fla: Triton's autotuning)
-        xs = [torch.tensor(a, device=device, requires_grad=True) for a in arrays]
-        cs = [torch.tensor(a, device=device) for a in cotangents]
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+
+    def make_inputs():
+        return ([torch.tensor(a, device=device, requires_grad=True) for a in arrays],
+                [torch.tensor(a, device=device) for a in cotangents])
+
+    def run(inputs):
+        xs, cs = inputs
         ys = form(*xs)
         sum((y * c).sum() for y, c in zip(ys, cs)).backward()
-        sync()
-        if r:
-            times.append(time.perf_counter() - t0)
-        if device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
+        return ys
+
+    memory = CudaPeak() if device == "cuda" else NoPeak()
+    times, peak, ((xs, _), ys) = measure(args.repeats, make_inputs, run, memory, on_call)
     outputs = [y.detach().cpu().numpy() for y in ys] + [x.grad.cpu().numpy() for x in xs]
     return None, times, peak, outputs
 

@@ -140,3 +140,38 @@ def test_the_triton_report_finds_every_kernel_and_its_tensor_core_dots(tmp_path,
         run(gla_triton.main, tiny)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("error:") and "--ir-only" in err and "\n" not in err
+
+
+def test_each_gla_layer_call_frees_the_last_ones_tensors_before_its_peak_is_reset():
+    """bench/gla_layer.measure with a fake allocator: each call's peak counter restarts after the previous call's
+    inputs, outputs and gradients are gone (kept, torch's CUDA peak counted them: ~50 MB at gla-small), then
+    inputs, run, wait, read; the last call's inputs and outputs come back."""
+    import weakref
+
+    from bench.gla_layer import measure
+
+    class Tensors:  # stands for a call's tensors: weakref-able, freed when the last reference goes
+        pass
+
+    made, events = [], []
+
+    class FakePeak:
+        def reset(self):
+            events.append(("reset", sum(ref() is not None for ref in made)))  # tensors of earlier calls alive
+
+        def sync(self):
+            events.append("sync")
+
+        def peak(self):
+            events.append("peak")
+            return 7
+
+    def tensors(event):
+        made.append(weakref.ref(t := Tensors()))
+        events.append(event)
+        return t
+
+    times, peak, (inputs, outputs) = measure(2, lambda: tensors("inputs"), lambda x: tensors("run"), FakePeak(),
+                                             on_call=lambda: events.append("call"))
+    assert events == [("reset", 0), "inputs", "run", "sync", "peak", "call"] * 3
+    assert len(times) == 2 and peak == 7 and (made[-2](), made[-1]()) == (inputs, outputs)
