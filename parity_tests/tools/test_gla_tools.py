@@ -175,3 +175,31 @@ def test_each_gla_layer_call_frees_the_last_ones_tensors_before_its_peak_is_rese
                                              on_call=lambda: events.append("call"))
     assert events == [("reset", 0), "inputs", "run", "sync", "peak", "call"] * 3
     assert len(times) == 2 and peak == 7 and (made[-2](), made[-1]()) == (inputs, outputs)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_gla_layer_bench_shows_progress_on_stderr_and_quiet_silences_it(quiet, capsys):
+    """bench/gla_layer.py in process: off a terminal, plain progress lines on stderr (no carriage returns) up to its
+    last call, the table alone on stdout; --quiet: nothing on stderr; `--json -`: the JSON alone on stdout."""
+    from bench import gla_layer
+    from shared_config.cli import run
+
+    tiny = ["--heads", "2", "--tokens", "24", "--key", "8", "--value", "12", "--repeats", "2", "--backend", "torch",
+            *(["--quiet"] if quiet else [])]
+    for json_out in (False, True):
+        with pytest.raises(SystemExit) as exit_:
+            run(gla_layer.main, [*tiny, *(["--json", "-"] if json_out else [])])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 0
+        table = err if json_out else out
+        assert [line[0] for line in table.splitlines() if line[:1] in "#|"].count("|") == 3  # header, rule, one row
+        if json_out:
+            assert json.loads(out)["complete"]
+        else:
+            assert all(line.startswith(("#", "|")) for line in out.splitlines())
+        progress = [line for line in err.splitlines() if not line.startswith(("#", "|"))]  # the table's, if there
+        assert "\r" not in err
+        if quiet:
+            assert progress == []
+        else:
+            assert progress[-1].startswith("gla fwd+bwd") and "3/3" in progress[-1] and "torch pure" in progress[-1]
