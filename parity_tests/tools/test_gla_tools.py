@@ -180,7 +180,7 @@ def test_each_gla_layer_call_frees_the_last_ones_tensors_before_its_peak_is_rese
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_gla_layer_bench_shows_progress_on_stderr_and_quiet_silences_it(quiet, capsys):
     """bench/gla_layer.py in process: off a terminal, plain progress lines on stderr (no carriage returns) up to its
-    last call, the table alone on stdout; --quiet: nothing on stderr; `--json -`: the JSON alone on stdout."""
+    last call, the table alone on stdout; --quiet: none; `--json -`: the JSON alone on stdout."""
     from bench import gla_layer
     from shared_config.cli import run
 
@@ -197,9 +197,23 @@ def test_the_gla_layer_bench_shows_progress_on_stderr_and_quiet_silences_it(quie
             assert json.loads(out)["complete"]
         else:
             assert all(line.startswith(("#", "|")) for line in out.splitlines())
-        progress = [line for line in err.splitlines() if not line.startswith(("#", "|"))]  # the table's, if there
+        progress = [line for line in err.splitlines() if line.startswith("gla fwd+bwd:")]
         assert "\r" not in err
-        if quiet:
-            assert progress == []
-        else:
-            assert progress[-1].startswith("gla fwd+bwd") and "3/3" in progress[-1] and "torch pure" in progress[-1]
+        assert progress == [] if quiet else "3/3" in progress[-1] and "torch pure" in progress[-1]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_triton_report_shows_progress_on_stderr_and_quiet_silences_it(quiet, tmp_path, capsys):
+    """bench/gla_triton.py --ir-only in process: plain progress lines on stderr (no carriage returns) up to its last
+    kernel, the table alone on stdout; --quiet: none."""
+    from bench import gla_triton
+    from shared_config.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(gla_triton.main, ["--batch", "1", "--heads", "2", "--tokens", "150", "--key", "12", "--value", "80",
+                              "--ir-only", "--out", str(tmp_path / "ir"), *(["--quiet"] if quiet else [])])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and "\r" not in err
+    assert all(line.startswith(("#", "|")) for line in out.splitlines()) and out.count("\n| _") == 4
+    progress = [line for line in err.splitlines() if line.startswith("ttir")]
+    assert progress == [] if quiet else "4/4" in progress[-1]
