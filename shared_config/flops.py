@@ -22,7 +22,8 @@ the jitted forward (its HLO has no predictor dot), eager torch computes it anywa
 
 Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
-the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
+the router tensors (mod's [D] score weight, dtf's prior FFN, and in training and decoding the predictor) run on
+every token.
 Decoding (mode "decode": one new token per row attending to `seq_len` keys, a forward) skips no routed block's
 compute (the predictor's decision masks the block's update, the projections run for every token): every block
 counts as dense there, whatever γ.
