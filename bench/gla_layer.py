@@ -10,12 +10,14 @@ of the checkout on PYTHONPATH: the gradient of Σ o·co + Σ S·cS (random cotan
 plain sum's broadcast gradient sends torch's bmm down a slow path) with respect to q, k, v, gates and the initial
 state. JAX: the jitted gradient, compile time (first call) reported separately. One row per (twin, kernel): median
 and min of the repeats in seconds, peak memory in MiB (JAX: XLA's memory analysis of the compiled gradient; torch:
-CUDA's peak, none on a CPU) and `max_rel_err`, the largest max|Δ| / max|pure| over the outputs, the last state and
-every gradient against the same twin's pure form in float32 (0 for pure itself). Gates are logsigmoid(4·N(0, 1))
-/ 16 (gla's normalizer), float32. A GPU kernel is refused in one line where it cannot run. To compare two
-checkouts, run the script under each one's PYTHONPATH. --compile-step SPEC: instead, the seconds XLA takes to lower
-and compile the JAX twin's jitted train step (forward, backward, AdamW; the default train config) of SPEC at
---batch x --tokens.
+CUDA's peak during the last repeat alone, the one before freed first; none on a CPU) and `max_rel_err`, the
+largest max|Δ| / max|pure| over the outputs, the last state and every gradient against the same twin's pure form
+in float32 (0 for pure itself). The table goes to stdout a row at a time (`--json -`: the JSON alone, the table to
+stderr); progress on stderr, a call at a time (a bar on a terminal, a plain line every 10 s otherwise; --quiet:
+none). Gates are logsigmoid(4·N(0, 1)) / 16 (gla's normalizer), float32. A GPU kernel is refused in one line
+where it cannot run. To compare two checkouts, run the script under each one's PYTHONPATH. --compile-step SPEC:
+instead, the seconds XLA takes to lower and compile the JAX twin's jitted train step (forward, backward, AdamW; the
+default train config) of SPEC at --batch x --tokens.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from shared_config import SpecError
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, nonempty, run
+from shared_config.progress import progress
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, layout_size
 from shared_config.twins import twin
@@ -65,8 +69,9 @@ def max_rel_err(got: list, want: list) -> float:
     return max(float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30)) for g, w in zip(got, want))
 
 
-def time_jax(args, arrays, cotangents, kernel):
-    """(compile s, step seconds, peak bytes, results: outputs and gradients as numpy)."""
+def time_jax(args, arrays, cotangents, kernel, on_call=None):
+    """(compile s, step seconds, peak bytes, results: outputs and gradients as numpy); `on_call()` after every call
+    (progress)."""
     import jax
     import jax.numpy as jnp
 
@@ -79,34 +84,92 @@ def time_jax(args, arrays, cotangents, kernel):
             else memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
     t0 = time.perf_counter()
     jax.block_until_ready(grad(xs, cs))
-    compile_s, times = time.perf_counter() - t0, []
+    compile_s, times, on_call = time.perf_counter() - t0, [], on_call or (lambda: None)
+    on_call()
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(grad(xs, cs))
         times.append(time.perf_counter() - t0)
+        on_call()
     outputs = [np.asarray(y) for y in form(*xs)] + [np.asarray(g) for g in grad(xs, cs)[1]]
     return compile_s, times, peak, outputs
 
 
-def time_torch(args, arrays, cotangents, kernel):
+class NoPeak:
+    """A device whose allocator the bench does not read (CPU): nothing to reset or wait for, no peak."""
+
+    def reset(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def peak(self) -> None:
+        return None
+
+
+class CudaPeak(NoPeak):
+    """torch's CUDA allocator: bytes allocated at most since the last `reset`, read after the device has finished."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda
+
+    def reset(self) -> None:
+        self.cuda.synchronize()
+        self.cuda.reset_peak_memory_stats()
+
+    def sync(self) -> None:
+        self.cuda.synchronize()
+
+    def peak(self) -> int:
+        return self.cuda.max_memory_allocated()
+
+
+def measure(repeats: int, make_inputs, run, memory: NoPeak, on_call=None):
+    """`run(make_inputs())` 1 + `repeats` times, the first untimed (a warm-up: fla's Triton autotuning): the seconds
+    of each timed call (inputs made before the clock starts), the last call's peak bytes (`memory`: a NoPeak or
+    CudaPeak; None from NoPeak) and the last call's (inputs, outputs). Each peak covers its own call alone: the
+    previous call's inputs, outputs and gradients are freed before `memory.reset()` (kept, they were counted in the
+    next call's peak: ~50 MB at gla-small's geometry). `on_call()` after every call (progress)."""
+    times, peak, last = [], None, None
+    for r in range(repeats + 1):
+        last = None  # the previous call's tensors go before the peak counter restarts
+        memory.reset()
+        inputs = make_inputs()
+        t0 = time.perf_counter()
+        outputs = run(inputs)
+        memory.sync()
+        if r:
+            times.append(time.perf_counter() - t0)
+        peak = memory.peak()
+        last = (inputs, outputs)
+        del inputs, outputs  # `last` alone holds them, so that the next call's `last = None` frees them
+        if on_call:
+            on_call()
+    return times, peak, last
+
+
+def time_torch(args, arrays, cotangents, kernel, on_call=None):
+    """(None: eager torch compiles nothing, step seconds, peak bytes (CUDA; None on a CPU), results: outputs and
+    gradients as numpy)."""
     import torch
 
     form, device = gla_form("torch", kernel), "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times, peak = [], None
-    for r in range(args.repeats + 1):  # the first call warms up (fla: Triton's autotuning)
-        xs = [torch.tensor(a, device=device, requires_grad=True) for a in arrays]
-        cs = [torch.tensor(a, device=device) for a in cotangents]
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+
+    def make_inputs():
+        return ([torch.tensor(a, device=device, requires_grad=True) for a in arrays],
+                [torch.tensor(a, device=device) for a in cotangents])
+
+    def run(inputs):
+        xs, cs = inputs
         ys = form(*xs)
         sum((y * c).sum() for y, c in zip(ys, cs)).backward()
-        sync()
-        if r:
-            times.append(time.perf_counter() - t0)
-        if device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
+        return ys
+
+    memory = CudaPeak() if device == "cuda" else NoPeak()
+    times, peak, ((xs, _), ys) = measure(args.repeats, make_inputs, run, memory, on_call)
     outputs = [y.detach().cpu().numpy() for y in ys] + [x.grad.cpu().numpy() for x in xs]
     return None, times, peak, outputs
 
@@ -173,6 +236,7 @@ def parse_args(argv):
                    help="skip (and list) a GPU kernel this machine cannot run instead of refusing the run")
     p.add_argument("--backend", choices=("jax", "torch", "both"), help="(default: both)")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--compile-step", type=nonempty, metavar="SPEC",
                    help="time the compile of the JAX train step of SPEC instead")
     args = p.parse_args(argv)
@@ -192,6 +256,15 @@ def parse_args(argv):
 def input_bytes(B, H, T, K, V) -> int:
     """float32 bytes of `inputs`' arrays: q, k, gates [B, H, T, K]; v and its cotangent [B, H, T, V]; two states."""
     return 4 * B * H * (3 * T * K + 2 * T * V + 2 * K * V)
+
+
+def table_row(row: dict) -> str:
+    """One row of the table on stdout: twin, kernel, median and min seconds, compile s, peak MiB, max_rel_err."""
+    peak, error = row["peak_mem_bytes"], row["max_rel_err"]
+    cells = [row["twin"], row["kernel"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
+             "" if row["compile_s"] is None else f"{row['compile_s']:.2f}", f"{peak / 2**20:.0f}" if peak else "-",
+             "-" if error is None else f"{error:.1e}"]
+    return f"| {' | '.join(cells)} |"
 
 
 def main(argv=None):
@@ -225,19 +298,22 @@ def time_kernels(args):
     print(f"# gla fwd+bwd, B {args.batch} H {args.heads} T {args.tokens} K {args.key} V {args.value}, from {checkout}")
     print("| twin | kernel | median s | min s | compile s | peak MiB | max_rel_err |\n|---|---|---|---|---|---|---|")
     rows, pure = [], {}
-    for name, kernel in sorted(jobs, key=lambda job: (job[0], job[1] != "pure")):  # each twin's pure form first
-        compile_s, times, peak, outputs = (time_jax if name == "jax" else time_torch)(args, arrays, cotangents, kernel)
-        if kernel == "pure":
-            pure[name] = outputs
-        error = max_rel_err(outputs, pure[name]) if name in pure else None
-        rows.append({"twin": name, "kernel": kernel, "median_s": statistics.median(times), "min_s": min(times),
-                     "compile_s": compile_s, "peak_mem_bytes": peak, "max_rel_err": error})
-        cells = [f"{compile_s:.2f}" if compile_s is not None else "", f"{peak / 2**20:.0f}" if peak else "-",
-                 "-" if error is None else f"{error:.1e}"]
-        print(f"| {name} | {kernel} | {statistics.median(times):.3f} | {min(times):.3f} | {' | '.join(cells)} |",
-              flush=True)
-        if args.json:
-            write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows}, complete=False)
+    # progress on stderr, a call at a time (a first call can take minutes: fla's autotuning, Pallas' compile)
+    with progress(total=len(jobs) * (args.repeats + 1), desc="gla fwd+bwd", unit="call", quiet=args.quiet) as bar:
+        for name, kernel in sorted(jobs, key=lambda job: (job[0], job[1] != "pure")):  # each twin's pure form first
+            bar.set_postfix(refresh=False, job=f"{name} {kernel}")
+            compile_s, times, peak, outputs = (time_jax if name == "jax" else time_torch)(args, arrays, cotangents,
+                                                                                          kernel, bar.update)
+            if kernel == "pure":
+                pure[name] = outputs
+            error = max_rel_err(outputs, pure[name]) if name in pure else None
+            rows.append({"twin": name, "kernel": kernel, "median_s": statistics.median(times), "min_s": min(times),
+                         "compile_s": compile_s, "peak_mem_bytes": peak, "max_rel_err": error})
+            tqdm.write(table_row(rows[-1]), file=sys.stdout)  # above a bar on a terminal, not into it
+            sys.stdout.flush()
+            if args.json:
+                write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows},
+                             complete=False)
     if args.json:
         write_report(args.json, {"env": vars(args) | {"json": str(args.json)}, "results": rows}, complete=True)
     return 0

@@ -11,7 +11,9 @@ on the GPU, and ptxas reports per kernel: registers per thread, spill stores and
 shared memory (bytes) and the compile time (seconds, on this machine's CPU). Also per kernel: its number of dots,
 and how many run on tensor cores (`inputPrecision = tf32x3`; a float32 dot in Triton runs as scalar FMAs). XLA
 compiles these modules with the Triton inside jaxlib, not the `triton` package: the figures are a close stand-in.
-The numbers in docs/gla.md came from here.
+The numbers in docs/gla.md came from here. The table goes to stdout a row at a time (`--json -`: the JSON alone, the
+table to stderr); progress on stderr, a kernel at a time (a bar on a terminal, a plain line every 10 s otherwise;
+--quiet: none).
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bench.runners import fd_to
 from shared_config.cli import Parser, UsageError, at_least, check_out_dir, check_outputs, run
+from shared_config.progress import progress
 from shared_config.report import report_on_stdout, write_report
 
 
@@ -103,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--ir-only", action="store_true", help="write the kernels' TTIR to --out and compile nothing")
     p.add_argument("--out", type=Path, default=None, help="keep each kernel's TTIR and ptxas report here")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p.parse_args(argv)
 
 
@@ -130,7 +137,9 @@ def main(argv=None):
         print("| kernel | dots (tf32x3) | warps | stages | registers | spill stores / loads B | shared B | compile s "
               "|\n|---|---|---|---|---|---|---|---|")
         rows = []
-        for name, ir in modules.items():
+        # progress on stderr, a kernel at a time: a kernel's compile took from 1 s to past 25 minutes (docs/gla.md)
+        for name, ir in progress(modules.items(), desc="ttir" if args.ir_only else "compile", unit="kernel",
+                                 total=len(modules), quiet=args.quiet):
             path = out / f"{name}.ttir"
             path.write_text(ir)
             row = {"kernel": name, "dots": dots(ir)[0], "tf32x3_dots": dots(ir)[1]}
@@ -140,7 +149,9 @@ def main(argv=None):
             cells = ([row["warps"], row["stages"], row["registers"],
                       f"{row['spill_store_bytes']} / {row['spill_load_bytes']}", row["shared_bytes"], row["compile_s"]]
                      if not args.ir_only else [""] * 6)
-            print(f"| {name} | {row['dots']} ({row['tf32x3_dots']}) | {' | '.join(map(str, cells))} |", flush=True)
+            tqdm.write(f"| {name} | {row['dots']} ({row['tf32x3_dots']}) | {' | '.join(map(str, cells))} |",
+                       file=sys.stdout)  # above a bar on a terminal, not into it
+            sys.stdout.flush()
         if args.json:
             write_report(args.json, {"env": vars(args) | {"json": str(args.json), "out": str(args.out)},
                                      "results": rows}, complete=True)

@@ -199,9 +199,10 @@ def result(label, backend, spec, bench, compile_s, times, prefills, args, device
     clock = bench.info.get("cpu") or CpuClock()  # the process's CPU time over the timed steps (bench/load.py)
     bench.info["cpu_s_per_wall_s"] = clock.share
     bench.info["cpu_s_per_step"] = clock.cpu_s / len(times) if clock.wall_s else None
-    if args.mode == "decode":  # a step makes one token per row, attending to about seq + steps/2 keys
+    if args.mode == "decode":  # a step makes one token per row; the i-th of a round's attends to seq + i keys
         tokens_per_s = args.batch / median
-        flops = causal = flops_per_token(spec, args.seq + per_round // 2, "decode")  # new tokens see every key
+        keys = args.seq + (per_round + 1) / 2  # the mean over i = 1..per_round (per_round // 2 missed up to a key)
+        flops = causal = flops_per_token(spec, keys, "decode")  # new tokens see every key
     else:
         tokens_per_s = args.batch * args.seq / median
         flops = flops_per_token(spec, args.seq, args.mode)

@@ -10,9 +10,20 @@ head per layer forward), without discounting the causal mask; `causal=True` halv
 step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
 per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
 
+A train step's 6 per weight is 2 forward + 4 backward: the gradients of the matmul's input and of its weight, 2
+each (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1). A weight whose input's gradient is
+stopped gets the second alone: 4 per weight (Hobbhahn & Sevilla 2021, "What's the backward-forward FLOP ratio for
+neural networks?", epoch.ai: a first layer's backward costs 1x its forward). In a routed spec that is the
+predictor's first Linear, which reads stopgrad(x) (routing.py): NO_INPUT_GRAD. Its second Linear's input (the
+first's activation) needs its gradient, and so do the inputs of mod's router and dtf's prior FFN (the residual
+stream, not stopped): 6 each. A forward pass (mode "forward": the logits, routed by top-k) counts no predictor
+(PREDICTOR): its decision is read in decoding and its loss in training, never by those logits; XLA drops it from
+the jitted forward (its HLO has no predictor dot), eager torch computes it anyway, work no model count includes.
+
 Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;
-the router tensors (mod's [D] score weight, dtf's prior FFN, the predictor) run on every token.
+the router tensors (mod's [D] score weight, dtf's prior FFN, and in training and decoding the predictor) run on
+every token.
 Decoding (mode "decode": one new token per row attending to `seq_len` keys, a forward) skips no routed block's
 compute (the predictor's decision masks the block's update, the projections run for every token): every block
 counts as dense there, whatever γ.
@@ -24,6 +35,27 @@ import math
 
 from .layout import layout
 from .spec import ModelSpec
+
+
+# Weights a step does less for than its 6 (train) or 2 (forward) FLOPs per weight (module docstring):
+NO_INPUT_GRAD = (".router_predictor.fc1.weight",)  # reads stopgrad(x) (routing.py): no input gradient in train
+PREDICTOR = (".router_predictor.fc1.weight", ".router_predictor.fc2.weight")  # unread by a top-k forward's logits
+
+
+def params_named(spec: ModelSpec, suffixes: tuple[str, ...]) -> int:
+    """Weights of `spec`'s layout whose names end with one of `suffixes` (router tensors: each runs on every token);
+    0 where none (a dense spec)."""
+    return sum(math.prod(t.shape) for t in layout(spec) if t.name.endswith(suffixes))
+
+
+def weight_flops(spec: ModelSpec, seq_len: int, mode: str) -> float:
+    """The weight matmuls' FLOPs per token of a train step (mode "train") or a forward pass (any other; "decode" is
+    flops_split's): 6 per weight of matmul_params in train, less 2 per NO_INPUT_GRAD weight (no input gradient); 2
+    per weight in a forward, the PREDICTOR's excepted (module docstring)."""
+    n = matmul_params(spec, seq_len)
+    if mode == "train":
+        return 6 * n - 2 * params_named(spec, NO_INPUT_GRAD)
+    return 2 * (n - params_named(spec, PREDICTOR))
 
 
 def matmul_params(spec: ModelSpec, seq_len: int | None = None, fraction: float | None = None) -> float:
@@ -57,16 +89,16 @@ def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = Fal
 
 
 def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
-    """(weight matmuls, attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two forwards; `causal`:
-    attention's term for the keys at or before each query, half of all T (a GLA layer's has no keys to halve).
-    Raises ValueError for a mixer with no count here."""
+    """(weight matmuls (weight_flops), attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two
+    forwards; `causal`: attention's term for the keys at or before each query, half of all T (a GLA layer's has no
+    keys to halve). Raises ValueError for a mixer with no count here."""
     passes = 3 if mode == "train" else 1
     if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
         return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
     if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
-        return passes * 2 * matmul_params(spec), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
+        return weight_flops(spec, seq_len, mode), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
     if spec.mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v
         raise ValueError(f"flops_split: no count for mixer={spec.mixer!r} (docs/extending.md)")
     routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
     keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
-    return passes * 2 * matmul_params(spec, seq_len), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)
+    return weight_flops(spec, seq_len, mode), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)

@@ -306,7 +306,7 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
     predictor = D * D // 2 + D // 2
     assert matmul_params(mod, T) == matmul_params(dense) - 2 * block * (1 - 8 / 64) + 2 * (D + predictor)
     weights, attention = flops_split(mod, T, "forward")
-    assert weights == 2 * matmul_params(mod, T)
+    assert weights == 2 * (matmul_params(mod, T) - 2 * predictor)  # a forward's logits read no predictor
     # two dense layers: T keys; two routed: 8 keys, 1/8 of tokens
     assert attention == 4 * H * E * (2 * T + 2 * (8 / 64) * 8)
     dtf = dense.replace(routing="dtf", routing_capacity=0.5)

@@ -50,7 +50,7 @@ def test_a_decode_row_counts_every_routed_block_dense(routing, router):
     spec = load_spec("tiny").replace(routing=routing)  # block 1 routed
     predictor = 48 * 96 + 48 if routing != "none" else 0
     n = 3 * 102912 + 257 * 96 + router + predictor  # all three blocks whole, the head, the router, the predictor
-    keys = 64 + 8 // 2  # prompt 64, then a round of 8 steps: the keys of the middle one
+    keys = 64 + (1 + 8) / 2  # prompt 64, then a round of 8 steps attending to 65..72 keys: their mean
     args = SimpleNamespace(mode="decode", batch=2, seq=64, dtype="float32", peak_tflops=None)
     r = timing.result("tiny", "jax", spec, SimpleNamespace(attention="xla", info={}), 1.0, [0.01] * 4, [0.02], args,
                       "cpu (x86_64)", 8)

@@ -140,3 +140,80 @@ def test_the_triton_report_finds_every_kernel_and_its_tensor_core_dots(tmp_path,
         run(gla_triton.main, tiny)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("error:") and "--ir-only" in err and "\n" not in err
+
+
+def test_each_gla_layer_call_frees_the_last_ones_tensors_before_its_peak_is_reset():
+    """bench/gla_layer.measure with a fake allocator: each call's peak counter restarts after the previous call's
+    inputs, outputs and gradients are gone (kept, torch's CUDA peak counted them: ~50 MB at gla-small), then
+    inputs, run, wait, read; the last call's inputs and outputs come back."""
+    import weakref
+
+    from bench.gla_layer import measure
+
+    class Tensors:  # stands for a call's tensors: weakref-able, freed when the last reference goes
+        pass
+
+    made, events = [], []
+
+    class FakePeak:
+        def reset(self):
+            events.append(("reset", sum(ref() is not None for ref in made)))  # tensors of earlier calls alive
+
+        def sync(self):
+            events.append("sync")
+
+        def peak(self):
+            events.append("peak")
+            return 7
+
+    def tensors(event):
+        made.append(weakref.ref(t := Tensors()))
+        events.append(event)
+        return t
+
+    times, peak, (inputs, outputs) = measure(2, lambda: tensors("inputs"), lambda x: tensors("run"), FakePeak(),
+                                             on_call=lambda: events.append("call"))
+    assert events == [("reset", 0), "inputs", "run", "sync", "peak", "call"] * 3
+    assert len(times) == 2 and peak == 7 and (made[-2](), made[-1]()) == (inputs, outputs)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_gla_layer_bench_shows_progress_on_stderr_and_quiet_silences_it(quiet, capsys):
+    """bench/gla_layer.py in process: off a terminal, plain progress lines on stderr (no carriage returns) up to its
+    last call, the table alone on stdout; --quiet: none; `--json -`: the JSON alone on stdout."""
+    from bench import gla_layer
+    from shared_config.cli import run
+
+    tiny = ["--heads", "2", "--tokens", "24", "--key", "8", "--value", "12", "--repeats", "2", "--backend", "torch",
+            *(["--quiet"] if quiet else [])]
+    for json_out in (False, True):
+        with pytest.raises(SystemExit) as exit_:
+            run(gla_layer.main, [*tiny, *(["--json", "-"] if json_out else [])])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 0
+        table = err if json_out else out
+        assert [line[0] for line in table.splitlines() if line[:1] in "#|"].count("|") == 3  # header, rule, one row
+        if json_out:
+            assert json.loads(out)["complete"]
+        else:
+            assert all(line.startswith(("#", "|")) for line in out.splitlines())
+        progress = [line for line in err.splitlines() if line.startswith("gla fwd+bwd:")]
+        assert "\r" not in err
+        assert progress == [] if quiet else "3/3" in progress[-1] and "torch pure" in progress[-1]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_triton_report_shows_progress_on_stderr_and_quiet_silences_it(quiet, tmp_path, capsys):
+    """bench/gla_triton.py --ir-only in process: plain progress lines on stderr (no carriage returns) up to its last
+    kernel, the table alone on stdout; --quiet: none."""
+    from bench import gla_triton
+    from shared_config.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(gla_triton.main, ["--batch", "1", "--heads", "2", "--tokens", "150", "--key", "12", "--value", "80",
+                              "--ir-only", "--out", str(tmp_path / "ir"), *(["--quiet"] if quiet else [])])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and "\r" not in err
+    assert all(line.startswith(("#", "|")) for line in out.splitlines()) and out.count("\n| _") == 4
+    progress = [line for line in err.splitlines() if line.startswith("ttir")]
+    assert progress == [] if quiet else "4/4" in progress[-1]
