@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -92,18 +93,20 @@ def test_total_variation_of_the_output_histograms():
 
 
 @pytest.mark.slow
-def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path):
+def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path, monkeypatch):
     """bench/gla_layer.py in process at a tiny geometry: one row per (twin, kernel), the pure form first with error
     0, the recurrence within float32's floor of it, every field in the JSON; a GPU kernel on this CPU is refused in
-    one line, or left out and listed with --if-present."""
+    one line, or left out and listed with --if-present. JAX is told not to preallocate the GPU (as compare.py
+    does): torch's kernels run in the same process."""
     from bench import gla_layer
     from shared_config.cli import run
 
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     out = tmp_path / "gla.json"
     small = ["--heads", "2", "--tokens", "40", "--key", "8", "--value", "12", "--repeats", "1"]
     with pytest.raises(SystemExit) as exit_:
         run(gla_layer.main, [*small, "--kernel", "recurrent,pure", "--json", str(out)])
-    assert exit_.value.code == 0
+    assert exit_.value.code == 0 and os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     report = json.loads(out.read_text())
     rows = {(r["twin"], r["kernel"]): r for r in report["results"]}
     assert (report["complete"]
