@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import reprlib
 import stat
 from pathlib import Path
@@ -158,6 +159,14 @@ class BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's floats that YAML 1.1 (PyYAML) reads as strings: no dot (`1e-3`, `1e30`, `3e4`) or no exponent sign
+# (`1.0e5`). Read as numbers by every reader of YAML here (--set, --sweep, spec and train config files): a string got
+# through to wherever a float field's check did not convert it (a study's JSON recorded `"lr": "1e30"`).
+YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:[.][0-9_]*)?|[.][0-9_]+)[eE][-+]?[0-9]+$")
+BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
+
+
 def parse_yaml(text: str | bytes) -> Any:
-    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML)."""
+    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML), with YAML 1.2's
+    floats (YAML12_FLOAT) read as floats."""
     return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader subclass)

@@ -147,10 +147,11 @@ def test_a_studys_json_says_what_was_run(tmp_path, monkeypatch):
            "predictor_acc": None, "stopped_at": None}
     monkeypatch.setattr(routing, "study", lambda configs, backends, *args: {c: {"jax": row} for c in configs})
     routing.main(["--steps", "2", "--configs", "dense", "--backends", "jax", "--set", "n_layers=4", "--set",
-                  "lr=0.002", "--out", str(tmp_path), "--quiet"])
+                  "lr=2e-3", "--out", str(tmp_path), "--quiet"])
     report = json.loads((tmp_path / "routing.json").read_text())
+    # the number the runs used: YAML 1.1 read `2e-3` as the string "2e-3", which the JSON recorded
     assert report["changes"] == {"spec": {"n_layers": 4}, "train_config": {"lr": 0.002}}
-    assert report["command"].endswith("--set n_layers=4 --set lr=0.002 --out " + f"{tmp_path} --quiet")
+    assert report["command"].endswith("--set n_layers=4 --set lr=2e-3 --out " + f"{tmp_path} --quiet")
     assert report["steps"] == 2 and report["results"] == {"dense": {"jax": row}}
 
 
