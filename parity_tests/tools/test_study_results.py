@@ -52,6 +52,21 @@ def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
     assert study.summarize(run_, records, None)["grad_norm_var"] == 0.25
 
 
+def test_the_norm_tables_non_finite_steps_are_each_backends():
+    """The table's numbers are the first backend's, but its non-finite steps were summed over the backends: a torch
+    run that diverged put its 1 on the row of jax's finite numbers. Each backend's count is shown, named in the
+    header."""
+    study = load_script("compare_norms")
+    results = {"rms-pre": {"jax": norm_row(15.0, 0.03), "torch": norm_row(None, 0.0, stopped_at=4)},
+               "dyt-pre": {"jax": norm_row(None, 0.0, stopped_at=3), "torch": norm_row(16.0, 0.05)}}
+    table = study.markdown(results, ["jax", "torch"], 10, "python scripts/compare_norms.py")
+    assert "numbers from jax but the non-finite steps (jax / torch) and the twins' loss gap" in table
+    assert "| grad-norm var | non-finite steps jax / torch | max rel. Δloss jax-torch |" in table
+    assert "| rms | pre | — | 15.00 | — | — | 0.03 | 0 / 1 |" in table
+    assert "| dyt | pre | — | — | — | — | 0 | 1 / 0 |" in table
+    assert "| non-finite steps torch |" in study.markdown(results, ["torch"], 10, "c")
+
+
 def test_the_routing_table_says_which_run_stopped_early():
     """A run a NaN/Inf stopped showed "-" for its val ppl, as a dense run shows for top-k: the stop went unsaid."""
     study = load_script("compare_routing")
