@@ -32,6 +32,7 @@ BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, 
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
 DEFAULT_TRAIN_CONFIG = "cpu"
 DEFAULT_EVAL_BATCHES = 8  # a run's validation set: fixed windows of the validation split, this many batches of them
+DEFAULT_CADENCE = {"log_every": 10, "eval_every": 100, "save_every": 100, "keep": 3}  # run_dir.CADENCE_MIN's options
 SPEC_KEYS = [f.name for f in fields(ModelSpec)]
 TRAIN_KEYS = [f.name for f in fields(TrainConfig)]  # a key in both (compute_dtype) is the run's setting
 
@@ -46,10 +47,10 @@ class Run:
     out: Path
     start: Callable[[], dict]  # the canonical train state to start from: a checkpoint's, or step 0
     stop: int  # the last update of this invocation (cfg.steps, or --stop-at)
-    log_every: int = 10
-    eval_every: int = 100  # 0: evaluate at the end only
-    save_every: int = 100  # 0: save at the end only
-    keep: int = 3
+    log_every: int = DEFAULT_CADENCE["log_every"]
+    eval_every: int = DEFAULT_CADENCE["eval_every"]  # 0: evaluate at the end only
+    save_every: int = DEFAULT_CADENCE["save_every"]  # 0: save at the end only
+    keep: int = DEFAULT_CADENCE["keep"]  # 0: keep every checkpoint
     eval_batches: int = DEFAULT_EVAL_BATCHES
     info: dict | None = None  # recorded in run.json: the command, the backend
 
@@ -119,9 +120,18 @@ def resolve_run(args) -> Run:
         raise UsageError(f"--stop-at {args.stop_at}: past the schedule's {cfg.steps} steps; --stop-at is the update "
                          f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
     stop = args.stop_at or cfg.steps
-    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep")}
-    return Run(spec, cfg, data, args.out, start, stop, **cadence, eval_batches=eval_batches,
+    return Run(spec, cfg, data, args.out, start, stop, **resumed_cadence(args, stored), eval_batches=eval_batches,
                info={"backend": args.backend, "argv": args.argv})
+
+
+def resumed_cadence(args, stored: dict | None) -> dict:
+    """--log-every, --eval-every, --save-every and --keep as given, else the resumed run's (its checkpoint's
+    state.json), else DEFAULT_CADENCE. A resume without them fetched, evaluated and saved at the defaults' steps, and
+    pruned to 3 checkpoints a run that kept them all. Unlike --eval-batches, a resume may change them: they move when
+    the loop reads, evaluates and saves, not the numbers it computes."""
+    before = stored.get("cadence", {}) if stored else {}
+    return {key: given if (given := getattr(args, key)) is not None else before.get(key, default)
+            for key, default in DEFAULT_CADENCE.items()}
 
 
 def resumed_eval_batches(args, checkpoint: Path | None, stored: dict | None) -> int:

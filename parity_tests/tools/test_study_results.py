@@ -200,6 +200,10 @@ def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path,
         resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--eval-batches",
                                       "8"]))
     state = tmp_path / "step-00000002" / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "eval_batches": "all"}))
-    with pytest.raises(CheckpointError, match="'eval_batches' must be an integer >= 1, got 'all'"):
-        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+    stored = json.loads(state.read_text())
+    for change, error in (({"eval_batches": "all"}, "'eval_batches' must be an integer >= 1, got 'all'"),
+                          ({"cadence": {**stored["cadence"], "keep": -1}}, "'cadence keep' must be an integer >= 0"),
+                          ({"cadence": [10]}, "cadence must be a JSON object, got \\[10\\]")):
+        state.write_text(json.dumps({**stored, **change}))  # the resume's cadence comes from it (test_train_loop)
+        with pytest.raises(CheckpointError, match=error):
+            resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
