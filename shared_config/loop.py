@@ -156,6 +156,7 @@ class Loop:
         info = {"backend": trainer.name, "data_position": {"seed": run.cfg.seed, "step": step},
                 "eval_batches": run.eval_batches,  # the validation set a resume evaluates on
                 "cadence": {k: getattr(run, k) for k in CADENCE_MIN},  # what a resume keeps unless given again
+                "data_dtype": run.data.train.dtype.name,  # how a resume reads raw .bin tokens without --data-dtype
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
         state = trainer.train_state()  # every process: gathering a sharded state is a collective
         if self.main:

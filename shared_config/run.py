@@ -90,7 +90,7 @@ def resolve_run(args) -> Run:
     if args.data is None and stored and not str(source).startswith("synthetic") and not Path(source).exists():
         raise UsageError(f"{source}: the data the run in {args.out} trained on is not there any more; pass --data "
                          "where it is now (the resumed run checks that it holds the same tokens)")
-    data = load_data(source, args.data_dtype)
+    data = load_data(source, resumed_data_dtype(args, stored, source))
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
@@ -122,6 +122,18 @@ def resolve_run(args) -> Run:
     stop = args.stop_at or cfg.steps
     return Run(spec, cfg, data, args.out, start, stop, **resumed_cadence(args, stored), eval_batches=eval_batches,
                info={"backend": args.backend, "argv": args.argv})
+
+
+def resumed_data_dtype(args, stored: dict | None, source) -> str | None:
+    """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
+    raw .bin tokens, else None. A run of uint32 tokens resumed without --data-dtype read them as uint16 and was
+    refused for training on other data (token counts, hash), the option unnamed."""
+    if args.data_dtype is not None or not stored or stored.get("data_dtype") is None:
+        return args.data_dtype
+    path, name = Path(source), str(source)
+    synthetic = name == "synthetic" or name.startswith("synthetic:")  # load_data's rule: no file, whatever is there
+    raw = not synthetic and (path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()))
+    return stored["data_dtype"] if raw else None
 
 
 def resumed_cadence(args, stored: dict | None) -> dict:

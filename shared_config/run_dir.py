@@ -7,7 +7,8 @@
     OUT/step-00000200/            one checkpoint, built under a temporary name and renamed whole
         model.safetensors         the canonical weights, spec in the metadata (either twin, convert.py, generate.py)
         optimizer.safetensors     AdamW's moments by canonical name: "m.<name>", "v.<name>"
-        state.json                step, data position, spec, train config, data, backend, eval_batches, cadence
+        state.json                step, data position, spec, train config, data (and its token dtype), backend,
+                                  eval_batches, cadence
         tokenizer.json            a copy, so that generate.py --weights .../model.safetensors decodes text
 
 A checkpoint's `step` is the number of updates applied; the next batch is `batch(seed, step)`.
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .data import TOKEN_DTYPES
 from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
@@ -101,6 +103,9 @@ def read_state(path: str | Path) -> dict:
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
     _check_count(state_file, "eval_batches", info.get("eval_batches", 1), 1)  # run.resumed_eval_batches' validation set
+    if info.get("data_dtype") not in (None, *TOKEN_DTYPES):  # run.resumed_data_dtype's dtype of raw .bin tokens
+        raise CheckpointError(f"{state_file}: 'data_dtype' must be one of {', '.join(TOKEN_DTYPES)}, got "
+                              f"{quote(info['data_dtype'])}")
     cadence = info.get("cadence", {})
     if not isinstance(cadence, dict):
         raise CheckpointError(f"{state_file}: cadence must be a JSON object, got {quote(cadence)}")

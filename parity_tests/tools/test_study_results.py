@@ -203,7 +203,28 @@ def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path,
     stored = json.loads(state.read_text())
     for change, error in (({"eval_batches": "all"}, "'eval_batches' must be an integer >= 1, got 'all'"),
                           ({"cadence": {**stored["cadence"], "keep": -1}}, "'cadence keep' must be an integer >= 0"),
-                          ({"cadence": [10]}, "cadence must be a JSON object, got \\[10\\]")):
+                          ({"cadence": [10]}, "cadence must be a JSON object, got \\[10\\]"),
+                          ({"data_dtype": "int8"}, "'data_dtype' must be one of uint8, uint16, uint32, got 'int8'")):
         state.write_text(json.dumps({**stored, **change}))  # the resume's cadence comes from it (test_train_loop)
         with pytest.raises(CheckpointError, match=error):
             resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+
+
+def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
+    """A run on a raw .bin of uint32 tokens (--data-dtype uint32), resumed without --data-dtype, read them as uint16:
+    twice the tokens, refused as other data ("train_tokens: checkpoint 3600, now 7200"), --data-dtype unnamed. The
+    resume reads them as the run did (state.json's data_dtype); a .npy, which carries its dtype, takes none."""
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    np.random.default_rng(0).integers(0, 300, 4000).astype(np.uint32).tofile(tmp_path / "tokens.bin")
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+    for data, dtype in ((tmp_path / "tokens.bin", ["--data-dtype", "uint32"]), (tmp_path / "tokens.npy", [])):
+        np.save(tmp_path / "tokens.npy", np.fromfile(tmp_path / "tokens.bin", np.uint32))
+        out = tmp_path / data.suffix[1:]
+        run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(out), "--data", str(data), "--steps", "2",
+                                            *dtype, *small]))
+        Loop(run, CountingTrainer, progress=False)()
+        resumed = resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "4"]))
+        assert resumed.data.train.dtype == np.uint32 and len(resumed.data.train) == 3600
