@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
-from .config_file import check_keys, parse_overrides
+from .config_file import check_keys, check_type, parse_overrides
 from .data import TokenData, eval_bytes, load_data
 from .files import CheckpointError
 from .formats.checks import check_weights
@@ -25,8 +25,8 @@ from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
                       read_state)
-from .spec import ModelSpec, load_spec
-from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
+from .spec import ALIASES, CHOICES, ModelSpec, load_spec
+from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
@@ -60,12 +60,17 @@ class Run:
 
 
 def split_overrides(items: list[str] | None) -> tuple[dict, dict]:
-    """`--set key=value` items as (spec changes, train config changes); unknown keys get the closest one suggested."""
+    """`--set key=value` items as (spec changes, train config changes), each value as its field reads it (an alias
+    resolved, an int given for a float as the float: a study's JSON recorded `norm_type: tanh` where its runs used
+    dyt); unknown keys get the closest one suggested, a value of the wrong type is a SpecError naming the key."""
     spec_changes, cfg_changes = {}, {}
     overrides = parse_overrides(items)
     check_keys(overrides, list(dict.fromkeys(SPEC_KEYS + TRAIN_KEYS)), "--set")
     for key, value in overrides.items():
-        (cfg_changes if key in TRAIN_KEYS else spec_changes)[key] = value
+        train = key in TRAIN_KEYS
+        field = next(f for f in fields(TrainConfig if train else ModelSpec) if f.name == key)
+        value = check_type(field, value, TRAIN_CHOICES, {}) if train else check_type(field, value, CHOICES, ALIASES)
+        (cfg_changes if train else spec_changes)[key] = value
     return spec_changes, cfg_changes
 
 

@@ -162,11 +162,15 @@ def test_a_studys_json_says_what_was_run(tmp_path, monkeypatch):
            "predictor_acc": None, "stopped_at": None}
     monkeypatch.setattr(routing, "study", lambda configs, backends, *args: {c: {"jax": row} for c in configs})
     routing.main(["--steps", "2", "--configs", "dense", "--backends", "jax", "--set", "n_layers=4", "--set",
-                  "lr=2e-3", "--out", str(tmp_path), "--quiet"])
+                  "lr=2e-3", "--set", "norm_type=tanh", "--set", "grad_clip=2", "--out", str(tmp_path), "--quiet"])
     report = json.loads((tmp_path / "routing.json").read_text())
-    # the number the runs used: YAML 1.1 read `2e-3` as the string "2e-3", which the JSON recorded
-    assert report["changes"] == {"spec": {"n_layers": 4}, "train_config": {"lr": 0.002}}
-    assert report["command"].endswith("--set n_layers=4 --set lr=2e-3 --out " + f"{tmp_path} --quiet")
+    # the values the runs used: YAML 1.1 read `2e-3` as the string "2e-3", and the alias tanh (dyt) and the int 2
+    # (2.0) were recorded as given
+    assert report["changes"] == {"spec": {"n_layers": 4, "norm_type": "dyt"},
+                                 "train_config": {"lr": 0.002, "grad_clip": 2.0}}
+    assert type(report["changes"]["train_config"]["grad_clip"]) is float
+    assert report["command"].endswith("--set n_layers=4 --set lr=2e-3 --set norm_type=tanh --set grad_clip=2 --out "
+                                      f"{tmp_path} --quiet")
     assert report["steps"] == 2 and report["results"] == {"dense": {"jax": row}}
 
 
