@@ -4,6 +4,7 @@ records or a stand-in trainer: no training, each test a few seconds at most."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,8 +219,10 @@ def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
     """A run on a raw .bin of uint32 tokens (--data-dtype uint32), resumed without --data-dtype, read them as uint16:
     twice the tokens, refused as other data ("train_tokens: checkpoint 3600, now 7200"), --data-dtype unnamed. The
     resume reads them as the run did (state.json's data_dtype); a .npy, which carries its dtype, takes none."""
+    from shared_config.data import TokenData
     from shared_config.loop import Loop
     from shared_config.run import resolve_run
+    from shared_config.run_dir import latest_checkpoint, read_state
 
     train = load_script("train")
     np.random.default_rng(0).integers(0, 300, 4000).astype(np.uint32).tofile(tmp_path / "tokens.bin")
@@ -232,3 +235,7 @@ def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
         Loop(run, CountingTrainer, progress=False)()
         resumed = resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "4"]))
         assert resumed.data.train.dtype == np.uint32 and len(resumed.data.train) == 3600
+    # tokens made in Python, of a dtype no token file holds: none recorded, and the checkpoint resumes
+    made = TokenData(*(np.asarray(x, np.int32) for x in (run.data.train, run.data.val)), run.data.vocab_size, "made")
+    Loop(dataclasses.replace(run, data=made, out=tmp_path / "made"), CountingTrainer, progress=False)()
+    assert read_state(latest_checkpoint(tmp_path / "made"))["data_dtype"] is None
