@@ -210,6 +210,17 @@ def test_float_looking_values_are_numbers_in_every_yaml_read(tmp_path):
         load_train_config("cpu").replace(**parse_overrides(["steps=3e4"]))
 
 
+def test_integers_read_as_written():
+    """YAML 1.1 reads a leading zero as octal (`--set n_layers=010` built 8 layers) but `08` as text, and `1:30` as
+    base 60 (`--set steps=1:30` ran 90 steps). As YAML 1.2 reads them: decimal, and text an integer field refuses."""
+    assert parse_overrides(["a=010", "b=08", "c=-007", "d=0x1f", "e=1_000", "f=0"]) == {
+        "a": 10, "b": 8, "c": -7, "d": 31, "e": 1000, "f": 0}
+    assert parse_overrides(["a=1:30", "b=1:30.5"]) == {"a": "1:30", "b": "1:30.5"}
+    with pytest.raises(SpecError, match="n_layers='1:30' must be an integer"):
+        load_spec({**BASE, **parse_overrides(["n_layers=1:30"])})
+    assert load_spec({**BASE, **parse_overrides(["n_layers=010"])}).n_layers == 10
+
+
 def test_replace_rederives_what_was_never_set():
     """`--set n_heads=...` on a preset that leaves head_dim and n_kv_heads derived must re-derive them."""
     tiny = load_spec("tiny")  # head_dim unset: d_model // n_heads = 16
