@@ -234,7 +234,8 @@ def output_criteria(rows: dict) -> list[tuple]:
 
 def parse_args(argv):
     p = study_parser(__doc__, 300, CONFIGS, "comma-separated NORM-PLACEMENT runs", "runs/norms",
-                     "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
+                     "where the table, curves and runs go",
+                     "comma-separated; the first one's numbers fill the table (the non-finite steps: each one's)")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
     p.set_defaults(configs=None)  # the default depends on --mixer; a --configs given is run as given (--mixer gla
