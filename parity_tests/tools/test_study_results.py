@@ -239,3 +239,27 @@ def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
     made = TokenData(*(np.asarray(x, np.int32) for x in (run.data.train, run.data.val)), run.data.vocab_size, "made")
     Loop(dataclasses.replace(run, data=made, out=tmp_path / "made"), CountingTrainer, progress=False)()
     assert read_state(latest_checkpoint(tmp_path / "made"))["data_dtype"] is None
+
+
+def test_a_study_run_replaces_an_earlier_result_whole(tmp_path):
+    """A study's run directory was removed with errors ignored: one it could not remove (here a link to another
+    directory, which rmtree refuses) kept an earlier run's checkpoints, the run wrote beside them and, keeping one,
+    pruned its own step 2 for the older run's step 300, which the study read as this run's (the norm study's output
+    histograms). The link goes, its target stays."""
+    from shared_config import load_spec
+    from shared_config.data import synthetic_corpus
+    from shared_config.run_dir import list_checkpoints
+    from shared_config.study import study_run, train_one
+
+    data = synthetic_corpus(0)
+    spec = load_spec("tiny").replace(vocab_size=data.vocab_size, n_layers=1)
+    run = study_run(spec, {"batch_size": 2, "seq_len": 16}, 2, data, tmp_path, "rms-pre", "jax")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-00000300").mkdir(parents=True)
+    run.out.parent.mkdir()
+    run.out.symlink_to(elsewhere)
+    run.eval_batches = 1
+    records, stopped_at = train_one(run, CountingTrainer)
+    assert not run.out.is_symlink() and [p.name for p in list_checkpoints(run.out)] == ["step-00000002"]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2] and stopped_at is None
+    assert (elsewhere / "step-00000300").is_dir()
