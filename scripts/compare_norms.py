@@ -152,19 +152,21 @@ def variance_criteria(rows: dict) -> list[tuple]:
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
-    """The table (the first backend's numbers, the twins' loss gap) and the criteria, as Markdown."""
-    main = backends[0]
+    """The table and the criteria, as Markdown: the first backend's numbers, but the non-finite steps, each backend's
+    (summed over the backends beside one backend's numbers, a torch run's divergence read as the jax row's), and the
+    twins' loss gap."""
+    main, each = backends[0], " / ".join(backends)
     entropy = next(iter(next(iter(results.values())).values()))["entropy"]
     lines = [f"Command: `{command}`", "",
-             f"{steps} steps, numbers from {main}; the corpus's entropy rate is {entropy:.4f} nats "
-             f"(perplexity {math.exp(entropy):.2f}).", "",
+             f"{steps} steps, numbers from {main} but the non-finite steps ({each}) and the twins' loss gap; the "
+             f"corpus's entropy rate is {entropy:.4f} nats (perplexity {math.exp(entropy):.2f}).", "",
              "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps "
-             "| max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{each} | max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         row, gap = rows[main], twin_gap(rows)
         cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"),
                  fmt(row["alpha_min"], ".3f"), fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
-                 str(sum(r["nonfinite_steps"] for r in rows.values())), fmt(gap, ".1e")]
+                 " / ".join(str(rows[b]["nonfinite_steps"]) for b in backends), fmt(gap, ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| criterion | result | detail |", "|---|---|---|"]
     for name, passed, detail in criteria(results, main):
@@ -232,7 +234,8 @@ def output_criteria(rows: dict) -> list[tuple]:
 
 def parse_args(argv):
     p = study_parser(__doc__, 300, CONFIGS, "comma-separated NORM-PLACEMENT runs", "runs/norms",
-                     "where the table, curves and runs go", "comma-separated; the first one's numbers fill the table")
+                     "where the table, curves and runs go",
+                     "comma-separated; the first one's numbers fill the table (the non-finite steps: each one's)")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
                    help="gla: the GLA experiment (gla-tiny; default configs rms-pre,dyt-pre,rms-peri,dyt-peri)")
     p.set_defaults(configs=None)  # the default depends on --mixer; a --configs given is run as given (--mixer gla

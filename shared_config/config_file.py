@@ -61,7 +61,8 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
             raise SpecError(f"{name}={quote(value)} must be an integer")
         return int(value)
     if kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+        if isinstance(value, str):  # "1e-5" from a mapping given in Python, or a record written before parse_yaml
+            # read YAML 1.2 floats
             try:
                 value = float(value)
             except ValueError:

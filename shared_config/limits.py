@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import reprlib
 import stat
 from pathlib import Path
@@ -157,7 +158,36 @@ class BoundedLoader(yaml.SafeLoader):
                                     "which value is meant?", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        """YAML 1.2's integers: `010` is ten, where YAML 1.1 read octal (8: `--set n_layers=010` built 8 layers, while
+        `08`, no octal, was text); a base-60 `1:30` (YAML 1.1's 90) is text, which an integer field refuses."""
+        text = self.construct_scalar(node)
+        digits = text.replace("_", "").lstrip("+-")
+        if ":" in digits:
+            return text
+        if digits.startswith(("0x", "0b")):
+            return super().construct_yaml_int(node)
+        return int(text.replace("_", ""), 10)
+
+    def construct_yaml_float(self, node):
+        """A base-60 `1:30.5` is text, as in YAML 1.2 (YAML 1.1 read 90.5)."""
+        text = self.construct_scalar(node)
+        return text if ":" in text else super().construct_yaml_float(node)
+
+
+# YAML 1.2's numbers that YAML 1.1 (PyYAML) reads as strings: floats with no dot (`1e-3`, `1e30`, `3e4`) or no
+# exponent sign (`1.0e5`), decimals with a leading zero that are no octal (`08`). Read as numbers by every reader of
+# YAML here (--set, --sweep, spec and train config files): a string got through to wherever a float field's check did
+# not convert it (a study's JSON recorded `"lr": "1e30"`). Ints and floats as YAML 1.2 reads them: the constructors.
+YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:[.][0-9_]*)?|[.][0-9_]+)[eE][-+]?[0-9]+$")
+YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$")
+BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
+BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+BoundedLoader.add_constructor("tag:yaml.org,2002:float", BoundedLoader.construct_yaml_float)
+
 
 def parse_yaml(text: str | bytes) -> Any:
-    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML)."""
+    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML), with YAML 1.2's
+    floats (YAML12_FLOAT) read as floats."""
     return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader subclass)

@@ -19,13 +19,14 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from .data import TOKEN_DTYPES
 from .layout import flat_taps, layout
 from .progress import advance, progress, restart_clock, writing
 from .run import Run, is_main_process
 from .run_dir import (
-    METRICS_FILE, MOMENTS, append_metrics, checkpoint_name, checkpoint_step, copy_tokenizer, latest_checkpoint,
-    list_checkpoints, load_train_checkpoint, prune_checkpoints, save_train_checkpoint, truncate_metrics,
-    write_run_info,
+    CADENCE_MIN, METRICS_FILE, MOMENTS, append_metrics, checkpoint_name, checkpoint_step, copy_tokenizer,
+    latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints, save_train_checkpoint,
+    truncate_metrics, write_run_info,
 )
 
 
@@ -155,6 +156,9 @@ class Loop:
         run = self.run
         info = {"backend": trainer.name, "data_position": {"seed": run.cfg.seed, "step": step},
                 "eval_batches": run.eval_batches,  # the validation set a resume evaluates on
+                "cadence": {k: getattr(run, k) for k in CADENCE_MIN},  # what a resume keeps unless given again
+                # how a resume reads raw .bin tokens without --data-dtype (None: tokens no file format stores)
+                "data_dtype": dtype if (dtype := run.data.train.dtype.name) in TOKEN_DTYPES else None,
                 "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(), "data": run.data.describe()}
         state = trainer.train_state()  # every process: gathering a sharded state is a collective
         if self.main:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
-from .config_file import check_keys, parse_overrides
+from .config_file import check_keys, check_type, parse_overrides
 from .data import TokenData, eval_bytes, load_data
 from .files import CheckpointError
 from .formats.checks import check_weights
@@ -25,13 +25,14 @@ from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
                       read_state)
-from .spec import ModelSpec, load_spec
-from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TrainConfig, load_train_config
+from .spec import ALIASES, CHOICES, ModelSpec, load_spec
+from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
 DEFAULT_SPEC = "tiny"  # with the data's vocabulary size when no --spec is given
 DEFAULT_TRAIN_CONFIG = "cpu"
 DEFAULT_EVAL_BATCHES = 8  # a run's validation set: fixed windows of the validation split, this many batches of them
+DEFAULT_CADENCE = {"log_every": 10, "eval_every": 100, "save_every": 100, "keep": 3}  # run_dir.CADENCE_MIN's options
 SPEC_KEYS = [f.name for f in fields(ModelSpec)]
 TRAIN_KEYS = [f.name for f in fields(TrainConfig)]  # a key in both (compute_dtype) is the run's setting
 
@@ -46,10 +47,10 @@ class Run:
     out: Path
     start: Callable[[], dict]  # the canonical train state to start from: a checkpoint's, or step 0
     stop: int  # the last update of this invocation (cfg.steps, or --stop-at)
-    log_every: int = 10
-    eval_every: int = 100  # 0: evaluate at the end only
-    save_every: int = 100  # 0: save at the end only
-    keep: int = 3
+    log_every: int = DEFAULT_CADENCE["log_every"]
+    eval_every: int = DEFAULT_CADENCE["eval_every"]  # 0: evaluate at the end only
+    save_every: int = DEFAULT_CADENCE["save_every"]  # 0: save at the end only
+    keep: int = DEFAULT_CADENCE["keep"]  # 0: keep every checkpoint
     eval_batches: int = DEFAULT_EVAL_BATCHES
     info: dict | None = None  # recorded in run.json: the command, the backend
 
@@ -59,12 +60,17 @@ class Run:
 
 
 def split_overrides(items: list[str] | None) -> tuple[dict, dict]:
-    """`--set key=value` items as (spec changes, train config changes); unknown keys get the closest one suggested."""
+    """`--set key=value` items as (spec changes, train config changes), each value as its field reads it (an alias
+    resolved, an int given for a float as the float: a study's JSON recorded `norm_type: tanh` where its runs used
+    dyt); unknown keys get the closest one suggested, a value of the wrong type is a SpecError naming the key."""
     spec_changes, cfg_changes = {}, {}
     overrides = parse_overrides(items)
     check_keys(overrides, list(dict.fromkeys(SPEC_KEYS + TRAIN_KEYS)), "--set")
     for key, value in overrides.items():
-        (cfg_changes if key in TRAIN_KEYS else spec_changes)[key] = value
+        train = key in TRAIN_KEYS
+        field = next(f for f in fields(TrainConfig if train else ModelSpec) if f.name == key)
+        value = check_type(field, value, TRAIN_CHOICES, {}) if train else check_type(field, value, CHOICES, ALIASES)
+        (cfg_changes if train else spec_changes)[key] = value
     return spec_changes, cfg_changes
 
 
@@ -89,7 +95,7 @@ def resolve_run(args) -> Run:
     if args.data is None and stored and not str(source).startswith("synthetic") and not Path(source).exists():
         raise UsageError(f"{source}: the data the run in {args.out} trained on is not there any more; pass --data "
                          "where it is now (the resumed run checks that it holds the same tokens)")
-    data = load_data(source, args.data_dtype)
+    data = load_data(source, resumed_data_dtype(args, stored, source))
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
     spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
@@ -119,9 +125,30 @@ def resolve_run(args) -> Run:
         raise UsageError(f"--stop-at {args.stop_at}: past the schedule's {cfg.steps} steps; --stop-at is the update "
                          f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
     stop = args.stop_at or cfg.steps
-    cadence = {k: getattr(args, k) for k in ("log_every", "eval_every", "save_every", "keep")}
-    return Run(spec, cfg, data, args.out, start, stop, **cadence, eval_batches=eval_batches,
+    return Run(spec, cfg, data, args.out, start, stop, **resumed_cadence(args, stored), eval_batches=eval_batches,
                info={"backend": args.backend, "argv": args.argv})
+
+
+def resumed_data_dtype(args, stored: dict | None, source) -> str | None:
+    """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
+    raw .bin tokens, else None. A run of uint32 tokens resumed without --data-dtype read them as uint16 and was
+    refused for training on other data (token counts, hash), the option unnamed."""
+    if args.data_dtype is not None or not stored or stored.get("data_dtype") is None:
+        return args.data_dtype
+    path, name = Path(source), str(source)
+    synthetic = name == "synthetic" or name.startswith("synthetic:")  # load_data's rule: no file, whatever is there
+    raw = not synthetic and (path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()))
+    return stored["data_dtype"] if raw else None
+
+
+def resumed_cadence(args, stored: dict | None) -> dict:
+    """--log-every, --eval-every, --save-every and --keep as given, else the resumed run's (its checkpoint's
+    state.json), else DEFAULT_CADENCE. A resume without them fetched, evaluated and saved at the defaults' steps, and
+    pruned to 3 checkpoints a run that kept them all. Unlike --eval-batches, a resume may change them: they move when
+    the loop reads, evaluates and saves, not the numbers it computes."""
+    before = stored.get("cadence", {}) if stored else {}
+    return {key: given if (given := getattr(args, key)) is not None else before.get(key, default)
+            for key, default in DEFAULT_CADENCE.items()}
 
 
 def resumed_eval_batches(args, checkpoint: Path | None, stored: dict | None) -> int:

@@ -7,7 +7,8 @@
     OUT/step-00000200/            one checkpoint, built under a temporary name and renamed whole
         model.safetensors         the canonical weights, spec in the metadata (either twin, convert.py, generate.py)
         optimizer.safetensors     AdamW's moments by canonical name: "m.<name>", "v.<name>"
-        state.json                step, data position, spec, train config, data, backend
+        state.json                step, data position, spec, train config, data (and its token dtype), backend,
+                                  eval_batches, cadence
         tokenizer.json            a copy, so that generate.py --weights .../model.safetensors decodes text
 
 A checkpoint's `step` is the number of updates applied; the next batch is `batch(seed, step)`.
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .data import TOKEN_DTYPES
 from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
@@ -45,6 +47,9 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINT = re.compile(r"step-(\d{8})")
 MOMENTS = ("m", "v")  # AdamW's first and second moments, named as in the train state
+# the options that time a run's metric fetches, evaluations and checkpoints and count the checkpoints it keeps, with
+# their least values: state.json records them, and a resume keeps them unless given again (run.resumed_cadence)
+CADENCE_MIN = {"log_every": 1, "eval_every": 0, "save_every": 0, "keep": 0}
 
 
 def checkpoint_name(step: int) -> str:
@@ -97,9 +102,16 @@ def read_state(path: str | Path) -> dict:
     for key in ("spec", "train_config", "data", "data_position"):
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
-    batches = info.get("eval_batches", 1)  # the validation set a resume evaluates on (run.resumed_eval_batches)
-    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
-        raise CheckpointError(f"{state_file}: 'eval_batches' must be an integer >= 1, got {quote(batches)}")
+    _check_count(state_file, "eval_batches", info.get("eval_batches", 1), 1)  # run.resumed_eval_batches' validation set
+    if info.get("data_dtype") not in (None, *TOKEN_DTYPES):  # run.resumed_data_dtype's dtype of raw .bin tokens
+        raise CheckpointError(f"{state_file}: 'data_dtype' must be one of {', '.join(TOKEN_DTYPES)}, got "
+                              f"{quote(info['data_dtype'])}")
+    cadence = info.get("cadence", {})
+    if not isinstance(cadence, dict):
+        raise CheckpointError(f"{state_file}: cadence must be a JSON object, got {quote(cadence)}")
+    for key, least in CADENCE_MIN.items():
+        if key in cadence:
+            _check_count(state_file, f"cadence {key}", cadence[key], least)
     if "spec" in info:
         state_spec = spec_from_json(json_text(info["spec"]), state_file, "spec")
         model_spec = spec_from_json(_metadata(path / WEIGHTS_FILE).get("spec", "null"),
@@ -119,6 +131,12 @@ def read_state(path: str | Path) -> dict:
                               f"{quote(info['train_config'].get('seed'))}")
     check_run_json(path.parent / RUN_FILE, info, state_file)
     return info
+
+
+def _check_count(state_file: Path, key: str, value, least: int) -> None:
+    """Refuse (CheckpointError) a count in state.json that is not an integer >= `least`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise CheckpointError(f"{state_file}: '{key}' must be an integer >= {least}, got {quote(value)}")
 
 
 def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:

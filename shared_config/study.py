@@ -51,7 +51,10 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
 def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]:
     """Train (replacing an earlier result); the run's metrics records and the step a non-finite loss or gradient
     stopped it at, else None."""
-    shutil.rmtree(run.out, ignore_errors=True)
+    if run.out.is_symlink() or run.out.is_file():  # a link goes, never what it leads to
+        run.out.unlink()
+    elif run.out.exists():  # an error if it stays: ignored, its checkpoints were read as this run's (histograms)
+        shutil.rmtree(run.out)
     stopped = False
     try:
         Loop(run, make_trainer, progress=False)()

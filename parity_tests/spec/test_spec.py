@@ -179,12 +179,46 @@ def test_every_enum_value_is_accepted():
 
 def test_overrides_parse_yaml_scalars():
     overrides = parse_overrides(["n_layers=4", "norm_eps=1e-5", "qk_norm=true", "norm_type=dyt"])
-    assert overrides == {"n_layers": 4, "norm_eps": "1e-5", "qk_norm": True, "norm_type": "dyt"}
-    assert load_spec({**BASE, **overrides}).norm_eps == 1e-5  # YAML 1.1 reads 1e-5 as a string
+    assert overrides == {"n_layers": 4, "norm_eps": 1e-5, "qk_norm": True, "norm_type": "dyt"}
+    assert load_spec({**BASE, **overrides}).norm_eps == 1e-5
     with pytest.raises(SpecError, match="must look like key=value"):
         parse_overrides(["n_layers"])
     with pytest.raises(SpecError, match=r"--set 'd_model=\[1': the value is not a YAML scalar"):
         parse_overrides(["d_model=[1"])
+
+
+def test_float_looking_values_are_numbers_in_every_yaml_read(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e30`, `1e-3`, `3e4` (no dot) and `1.0e5` (no exponent sign) as strings: a float field
+    converted them, but a study's JSON recorded `"lr": "1e30"`, the string, as its change.
+    Every YAML read (--set, --sweep, spec and train config files) takes them as numbers; a non-finite one is refused
+    by name, and an integer field refuses a float."""
+    from shared_config import load_train_config
+
+    values = {"1e-3": 1e-3, "1e30": 1e30, "3e4": 3e4, "1.0e5": 1e5, "-2E-2": -0.02, ".5e1": 5.0, "1.5": 1.5, "3": 3}
+    for text, number in values.items():
+        parsed = parse_overrides([f"lr={text}"])["lr"]
+        assert parsed == number and type(parsed) is type(number), text
+    assert parse_overrides(["x=nan", "y=e5", "z=1e"]) == {"x": "nan", "y": "e5", "z": "1e"}  # no number: as given
+    (tmp_path / "cfg.yaml").write_text("lr: 2e-3\nsteps: 40\nwarmup_steps: 4\n")
+    assert load_train_config(tmp_path / "cfg.yaml").lr == 2e-3
+    (tmp_path / "spec.yaml").write_text("".join(f"{k}: {v}\n" for k, v in {**BASE, "rope_theta": "5e5"}.items()))
+    assert load_spec(tmp_path / "spec.yaml").rope_theta == 5e5
+    for text in ("1e400", ".inf", "-.inf", "nan", ".nan", "inf"):
+        with pytest.raises(SpecError, match="lr=.* must be a finite number"):
+            load_train_config("cpu").replace(**parse_overrides([f"lr={text}"]))
+    with pytest.raises(SpecError, match="steps=30000.0 must be an integer"):
+        load_train_config("cpu").replace(**parse_overrides(["steps=3e4"]))
+
+
+def test_integers_read_as_written():
+    """YAML 1.1 reads a leading zero as octal (`--set n_layers=010` built 8 layers) but `08` as text, and `1:30` as
+    base 60 (`--set steps=1:30` ran 90 steps). As YAML 1.2 reads them: decimal, and text an integer field refuses."""
+    assert parse_overrides(["a=010", "b=08", "c=-007", "d=0x1f", "e=1_000", "f=0"]) == {
+        "a": 10, "b": 8, "c": -7, "d": 31, "e": 1000, "f": 0}
+    assert parse_overrides(["a=1:30", "b=1:30.5"]) == {"a": "1:30", "b": "1:30.5"}
+    with pytest.raises(SpecError, match="n_layers='1:30' must be an integer"):
+        load_spec({**BASE, **parse_overrides(["n_layers=1:30"])})
+    assert load_spec({**BASE, **parse_overrides(["n_layers=010"])}).n_layers == 10
 
 
 def test_replace_rederives_what_was_never_set():

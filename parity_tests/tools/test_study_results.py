@@ -4,6 +4,7 @@ records or a stand-in trainer: no training, each test a few seconds at most."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,6 +51,21 @@ def test_a_gradient_norm_variance_needs_two_steps_after_warmup():
     assert study.summarize(run_, records, None)["grad_norm_var"] is None
     records.append({"kind": "train", "step": 4, "loss": 3.0, "grad_norm": 1.5})
     assert study.summarize(run_, records, None)["grad_norm_var"] == 0.25
+
+
+def test_the_norm_tables_non_finite_steps_are_each_backends():
+    """The table's numbers are the first backend's, but its non-finite steps were summed over the backends: a torch
+    run that diverged put its 1 on the row of jax's finite numbers. Each backend's count is shown, named in the
+    header."""
+    study = load_script("compare_norms")
+    results = {"rms-pre": {"jax": norm_row(15.0, 0.03), "torch": norm_row(None, 0.0, stopped_at=4)},
+               "dyt-pre": {"jax": norm_row(None, 0.0, stopped_at=3), "torch": norm_row(16.0, 0.05)}}
+    table = study.markdown(results, ["jax", "torch"], 10, "python scripts/compare_norms.py")
+    assert "numbers from jax but the non-finite steps (jax / torch) and the twins' loss gap" in table
+    assert "| grad-norm var | non-finite steps jax / torch | max rel. Δloss jax-torch |" in table
+    assert "| rms | pre | — | 15.00 | — | — | 0.03 | 0 / 1 |" in table
+    assert "| dyt | pre | — | — | — | — | 0 | 1 / 0 |" in table
+    assert "| non-finite steps torch |" in study.markdown(results, ["torch"], 10, "c")
 
 
 def test_the_routing_table_says_which_run_stopped_early():
@@ -147,10 +163,15 @@ def test_a_studys_json_says_what_was_run(tmp_path, monkeypatch):
            "predictor_acc": None, "stopped_at": None}
     monkeypatch.setattr(routing, "study", lambda configs, backends, *args: {c: {"jax": row} for c in configs})
     routing.main(["--steps", "2", "--configs", "dense", "--backends", "jax", "--set", "n_layers=4", "--set",
-                  "lr=0.002", "--out", str(tmp_path), "--quiet"])
+                  "lr=2e-3", "--set", "norm_type=tanh", "--set", "grad_clip=2", "--out", str(tmp_path), "--quiet"])
     report = json.loads((tmp_path / "routing.json").read_text())
-    assert report["changes"] == {"spec": {"n_layers": 4}, "train_config": {"lr": 0.002}}
-    assert report["command"].endswith("--set n_layers=4 --set lr=0.002 --out " + f"{tmp_path} --quiet")
+    # the values the runs used: YAML 1.1 read `2e-3` as the string "2e-3", and the alias tanh (dyt) and the int 2
+    # (2.0) were recorded as given
+    assert report["changes"] == {"spec": {"n_layers": 4, "norm_type": "dyt"},
+                                 "train_config": {"lr": 0.002, "grad_clip": 2.0}}
+    assert type(report["changes"]["train_config"]["grad_clip"]) is float
+    assert report["command"].endswith("--set n_layers=4 --set lr=2e-3 --set norm_type=tanh --set grad_clip=2 --out "
+                                      f"{tmp_path} --quiet")
     assert report["steps"] == 2 and report["results"] == {"dense": {"jax": row}}
 
 
@@ -184,6 +205,61 @@ def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path,
         resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume", "--eval-batches",
                                       "8"]))
     state = tmp_path / "step-00000002" / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "eval_batches": "all"}))
-    with pytest.raises(CheckpointError, match="'eval_batches' must be an integer >= 1, got 'all'"):
-        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+    stored = json.loads(state.read_text())
+    for change, error in (({"eval_batches": "all"}, "'eval_batches' must be an integer >= 1, got 'all'"),
+                          ({"cadence": {**stored["cadence"], "keep": -1}}, "'cadence keep' must be an integer >= 0"),
+                          ({"cadence": [10]}, "cadence must be a JSON object, got \\[10\\]"),
+                          ({"data_dtype": "int8"}, "'data_dtype' must be one of uint8, uint16, uint32, got 'int8'")):
+        state.write_text(json.dumps({**stored, **change}))  # the resume's cadence comes from it (test_train_loop)
+        with pytest.raises(CheckpointError, match=error):
+            resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+
+
+def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
+    """A run on a raw .bin of uint32 tokens (--data-dtype uint32), resumed without --data-dtype, read them as uint16:
+    twice the tokens, refused as other data ("train_tokens: checkpoint 3600, now 7200"), --data-dtype unnamed. The
+    resume reads them as the run did (state.json's data_dtype); a .npy, which carries its dtype, takes none."""
+    from shared_config.data import TokenData
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+    from shared_config.run_dir import latest_checkpoint, read_state
+
+    train = load_script("train")
+    np.random.default_rng(0).integers(0, 300, 4000).astype(np.uint32).tofile(tmp_path / "tokens.bin")
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+    for data, dtype in ((tmp_path / "tokens.bin", ["--data-dtype", "uint32"]), (tmp_path / "tokens.npy", [])):
+        np.save(tmp_path / "tokens.npy", np.fromfile(tmp_path / "tokens.bin", np.uint32))
+        out = tmp_path / data.suffix[1:]
+        run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(out), "--data", str(data), "--steps", "2",
+                                            *dtype, *small]))
+        Loop(run, CountingTrainer, progress=False)()
+        resumed = resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "4"]))
+        assert resumed.data.train.dtype == np.uint32 and len(resumed.data.train) == 3600
+    # tokens made in Python, of a dtype no token file holds: none recorded, and the checkpoint resumes
+    made = TokenData(*(np.asarray(x, np.int32) for x in (run.data.train, run.data.val)), run.data.vocab_size, "made")
+    Loop(dataclasses.replace(run, data=made, out=tmp_path / "made"), CountingTrainer, progress=False)()
+    assert read_state(latest_checkpoint(tmp_path / "made"))["data_dtype"] is None
+
+
+def test_a_study_run_replaces_an_earlier_result_whole(tmp_path):
+    """A study's run directory was removed with errors ignored: one it could not remove (here a link to another
+    directory, which rmtree refuses) kept an earlier run's checkpoints, the run wrote beside them and, keeping one,
+    pruned its own step 2 for the older run's step 300, which the study read as this run's (the norm study's output
+    histograms). The link goes, its target stays."""
+    from shared_config import load_spec
+    from shared_config.data import synthetic_corpus
+    from shared_config.run_dir import list_checkpoints
+    from shared_config.study import study_run, train_one
+
+    data = synthetic_corpus(0)
+    spec = load_spec("tiny").replace(vocab_size=data.vocab_size, n_layers=1)
+    run = study_run(spec, {"batch_size": 2, "seq_len": 16}, 2, data, tmp_path, "rms-pre", "jax")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-00000300").mkdir(parents=True)
+    run.out.parent.mkdir()
+    run.out.symlink_to(elsewhere)
+    run.eval_batches = 1
+    records, stopped_at = train_one(run, CountingTrainer)
+    assert not run.out.is_symlink() and [p.name for p in list_checkpoints(run.out)] == ["step-00000002"]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2] and stopped_at is None
+    assert (elsewhere / "step-00000300").is_dir()

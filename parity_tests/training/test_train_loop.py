@@ -213,3 +213,28 @@ def test_init_from_a_checkpoint_in_another_format(tmp_path):
     run = resolve_run(T.parse_args(["--backend", "torch", "--out", str(tmp_path / "other"), *SMALL]))
     expected, _ = loss_and_grads(torch_model.from_weights(weights, spec), run.batch(1))
     assert read_metrics(out / "metrics.jsonl")[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_resume_keeps_the_runs_cadence_unless_given_again(backend, tmp_path):
+    """A resume without --log-every/--eval-every/--save-every/--keep ran at the defaults (10, 100, 100, 3): a run that
+    saved and evaluated every 2 steps and kept 1 checkpoint went on with one evaluation and checkpoint at its end, the
+    earlier one kept. The resume takes the checkpoint's; a given one wins (a cadence moves no number)."""
+    tiny = ["--spec", "tiny", "--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set",
+            "batch_size=2", "--set", "seq_len=16", "--set", "warmup_steps=0", "--eval-batches", "1", "--steps", "8"]
+
+    def resolve(*extra):
+        return resolve_run(T.parse_args(["--backend", backend, "--out", str(tmp_path), *tiny, *extra]))
+
+    factory = twin(backend, "trainer").Trainer
+    first = resolve("--log-every", "3", "--eval-every", "2", "--save-every", "2", "--keep", "1", "--stop-at", "4")
+    Loop(first, trainer_factory(factory, first), progress=False)()
+    resumed = resolve("--resume")
+    assert (resumed.log_every, resumed.eval_every, resumed.save_every, resumed.keep) == (3, 2, 2, 1)
+    Loop(resumed, trainer_factory(factory, resumed), progress=False)()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "scalars" in r] == [1, 2, 3, 4, 5, 6, 8]  # 5: a resumed run's first
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000008"]
+    given = resolve("--resume", "--log-every", "1", "--keep", "0")
+    assert (given.log_every, given.eval_every, given.save_every, given.keep) == (1, 2, 2, 0)
