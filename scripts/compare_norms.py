@@ -233,7 +233,8 @@ def output_criteria(rows: dict) -> list[tuple]:
 
 
 def parse_args(argv):
-    p = study_parser(__doc__, 300, CONFIGS, "comma-separated NORM-PLACEMENT runs", "runs/norms",
+    p = study_parser(__doc__, 300, CONFIGS, f"comma-separated NORM-PLACEMENT runs (default: {','.join(CONFIGS)}; "
+                     f"with --mixer gla: {','.join(GLA_CONFIGS)})", "runs/norms",
                      "where the table, curves and runs go",
                      "comma-separated; the first one's numbers fill the table (the non-finite steps: each one's)")
     p.add_argument("--mixer", choices=("attention", "gla"), default="attention",
