@@ -145,6 +145,10 @@ def main(argv=None):
     except NonFiniteError as e:
         fail(str(e), 1)
     except Exception as e:
+        if args.parallel and twin("torch", "distributed").peer_left(e):  # was this rank's traceback, beside the
+            # failing rank's own error line (rank 1 out of memory: rank 0's gloo "Connection closed by peer")
+            fail("another rank of this torchrun left the process group (its error line above, or torchrun's summary "
+                 "of its exit code, says why); this rank stopped with it", 1)
         if is_out_of_memory(e):
             raise ResourceError(f"the {args.backend} training job ran out of memory at batch {run.cfg.batch_size} x "
                                 f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e
