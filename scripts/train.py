@@ -84,12 +84,14 @@ def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
     torchrun = env_int("WORLD_SIZE", 1) > 1
+    # launched by torchrun, with one process too (torchrun --nproc_per_node=1 --parallel fsdp2 was told to use torchrun)
+    launched = "RANK" in os.environ  # as torch_model.distributed.init_distributed reads it
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     devices = mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
-    if args.parallel and not torchrun:
+    if args.parallel and not launched:
         p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py "
                 "--backend torch ...")
     if args.compile and args.backend == "jax":  # it was ignored without a word
@@ -145,6 +147,10 @@ def main(argv=None):
     except NonFiniteError as e:
         fail(str(e), 1)
     except Exception as e:
+        if args.parallel and twin("torch", "distributed").peer_left(e):  # was this rank's traceback, beside the
+            # failing rank's own error line (rank 1 out of memory: rank 0's gloo "Connection closed by peer")
+            fail("another rank of this torchrun left the process group (its error line above, or torchrun's summary "
+                 "of its exit code, says why); this rank stopped with it", 1)
         if is_out_of_memory(e):
             raise ResourceError(f"the {args.backend} training job ran out of memory at batch {run.cfg.batch_size} x "
                                 f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e

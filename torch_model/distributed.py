@@ -81,6 +81,13 @@ def close_distributed(finished: bool = True) -> None:
     dist.destroy_process_group()
 
 
+def peer_left(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank left the group (after an error of its own, or
+    killed): gloo's "Connection closed by peer" / "reset by peer", or torch.distributed's DistError (NCCL)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and
+                                             any(s in str(e) for s in ("closed by peer", "reset by peer")))
+
+
 def exit_rank() -> NoReturn:
     """End a torchrun rank whose work is done and written: leave the group (`close_distributed`), flush, exit 0
     without the interpreter's teardown. torch's C++ teardown at exit sometimes aborted a gloo rank after an FSDP2

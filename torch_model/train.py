@@ -101,13 +101,16 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
                    loss_chunk: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss (with `cfg`, routing's auxiliary losses included) and its gradient per canonical tensor (q/k/v split
     back, torch orientation), float32 numpy; with `cfg.grad_accum_steps` > 1, summed over its micro-batches as the
-    train step does (accumulate_gradients)."""
+    train step does (accumulate_gradients). An FSDP2 model: every rank calls it with the same batch (a collective)."""
     check_batch(tokens_BN, model.spec, IGNORE_INDEX, mask_BN, host_ids, count)
     if cfg is not None:
         cfg = as_train_config(cfg)
     names, params = zip(*model.named_parameters())
     batch = on_device(params[0].device, tokens_BN, mask_BN, count)
-    if cfg is None or cfg.grad_accum_steps == 1:
+    # FSDP2's shards (DTensors) are not in the autograd graph (the forward reads gathered copies): autograd.grad gave
+    # them zeros; their gradients arrive in .grad, reduce-scattered (each rank's batch is the whole batch: its mean)
+    sharded = any(hasattr(p, "full_tensor") for p in params)
+    if (cfg is None or cfg.grad_accum_steps == 1) and not sharded:
         loss = model_loss(model, *batch, cfg, remat=remat, loss_chunk=loss_chunk)
         grads = torch.autograd.grad(loss, params, materialize_grads=True)  # zeros where unused, as JAX; .grad untouched
     else:  # the train step's accumulation, into .grad: put back as it was after
@@ -115,7 +118,7 @@ def loss_and_grads(model, tokens_BN, mask_BN=None, count=None, cfg: TrainConfig 
         for p in params:
             p.grad = None
         loss_fn = partial(model_loss, cfg=cfg, remat=remat, loss_chunk=loss_chunk)
-        loss = accumulate_gradients(loss_fn, model, *batch, cfg.grad_accum_steps)
+        loss = accumulate_gradients(loss_fn, model, *batch, 1 if cfg is None else cfg.grad_accum_steps)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         for p, g in zip(params, kept):
             p.grad = g

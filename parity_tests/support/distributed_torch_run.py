@@ -24,6 +24,7 @@ from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
 import torch_model
 from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
+from shared_config.parity import max_rel
 from torch_model import distributed, train
 
 # every memory option (docs/training.md, "Training bigger models")
@@ -73,6 +74,11 @@ def run(directory: Path, name: str, parallel: str, compile: bool = False, **chan
     record["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before  # dynamo's graphs of this run
     distributed.to_safetensors(model, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # FSDP2: every rank gathers the shards
+    # loss_and_grads on the wrapped model (what the non-finite diagnosis replays) against one process's, same weights
+    batch = masked_batch(cfg, cfg.steps, model.spec.V)
+    one_process = torch_model.from_weights(canonical["weights"], model.spec)
+    grads, ref = (train.loss_and_grads(m, *batch)[1] for m in (model, one_process))  # every rank: FSDP2 gathers
+    record["inspect_grad_err"] = max(max_rel(grads[k], r) for k, r in ref.items())
     if dist.get_rank() == 0:
         save_run(directory, name, record, canonical)
 

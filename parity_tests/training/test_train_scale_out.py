@@ -10,6 +10,7 @@ import pytest
 from shared_config.run_dir import read_metrics
 
 from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python, run_script
+from ..support.parallel_common import free_port
 
 # A validation pass before each save: FSDP2 leaves the root's parameters gathered after a forward
 # without backward, which once made the saved AdamW moments of the root's tensors zero.
@@ -69,6 +70,34 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
         records = train_records(out)
         assert [x["step"] for x in records] == list(range(1, 11)), [x["step"] for x in records]
         assert close(losses(out)[:8], reference) and all(math.isfinite(x) for x in losses(out)[8:]), losses(out)
+
+
+@pytest.mark.slow
+def test_torchrun_of_one_process_takes_parallel(tmp_path, reference):
+    """torchrun --nproc_per_node=1 (its environment, without the launcher) with --parallel fsdp2: FSDP2 over one rank
+    trains as one process; it was refused with "--parallel fsdp2 needs torchrun"."""
+    out = tmp_path / "one"
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(free_port()))
+    r = run_python(ROOT / "scripts" / "train.py", "--backend", "torch", "--parallel", "fsdp2", "--out", out, *ARGS,
+                   "--stop-at", "2", OMP_NUM_THREADS="1", **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert close(losses(out), reference[:2]), (losses(out), reference[:2])
+
+
+@pytest.mark.slow
+def test_torchrun_rank_failing_mid_run_gives_error_lines_only(tmp_path):
+    """Rank 1 runs out of memory at step 3 (planted: support/failing_rank.py) while rank 0 waits in the step's
+    all-reduce: rank 1's error line, and rank 0's saying that a rank left (it was a traceback of gloo's "Connection
+    closed by peer"); step 2's checkpoint stays."""
+    out = tmp_path / "run"
+    r = run_python(*TORCHRUN, ROOT / "parity_tests" / "support" / "failing_rank.py", "--backend", "torch", "--parallel",
+                   "ddp", "--out", out, *ARGS, "--save-every", "2", OMP_NUM_THREADS="1")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert any("ran out of memory" in line for line in errors), r.stderr[-3000:]
+    ours = ("ran out of memory", "another rank of this torchrun left", "interrupted by SIGTERM")  # rank 0: either
+    assert all(any(s in line for s in ours) for line in errors), errors
+    assert (out / "step-00000002" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
