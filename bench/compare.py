@@ -13,6 +13,7 @@ Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progre
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
@@ -70,7 +71,8 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
-    if args.parallel and not distributed:  # not silently timed on one process
+    # not silently timed on one process; a torchrun of one process (RANK set, as init_distributed reads it) is one
+    if args.parallel and "RANK" not in os.environ:
         raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
                          "bench/compare.py --backend torch ...")
     args.parallel = args.parallel or ("ddp" if distributed else None)

@@ -127,7 +127,7 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
         from jax_model import distributed
 
         setups["jax"] = partial(setups["jax"], mesh=distributed.make_mesh(args.mesh, devices=args.devices))
-    if env_int("WORLD_SIZE", 1) > 1:  # launched by torchrun: DDP or FSDP2 over the process group
+    if args.parallel:  # launched by torchrun (compare.py's check): DDP or FSDP2 over the process group, of 1 too
         from torch_model import distributed
 
         distributed.init_distributed()

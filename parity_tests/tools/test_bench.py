@@ -12,6 +12,7 @@ from shared_config.flops import flops_per_token, flops_split, matmul_params
 from shared_config.spec import CHOICES
 
 from ..support.common import MIXERS, ROOT, TORCHRUN, make_spec, one_line_error, quick_first, run_python
+from ..support.parallel_common import free_port
 
 
 def bench(*args, check=True):
@@ -195,6 +196,15 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == parallel
         assert report["results"][0]["peak_mem_bytes"] > 0
         assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
+    # torchrun --nproc_per_node=1's environment (without the launcher): FSDP2 over one rank is timed, where it was
+    # refused with "--parallel fsdp2 needs torchrun" (read as WORLD_SIZE > 1)
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(free_port()))
+    proc = run_python(ROOT / "bench" / "compare.py", "--backend", "torch", "--parallel", "fsdp2", "--batch", "4",
+                      "--seq", "32", "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1", "--json",
+                      tmp_path / "one.json", OMP_NUM_THREADS="1", **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "one.json").read_text())
+    assert report["env"]["world_size"] == 1 and report["env"]["parallel"] == "fsdp2"
 
 
 @pytest.mark.parametrize(
