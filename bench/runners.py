@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -145,7 +146,10 @@ def fd_to(fd: int, sink):
 def without_profiler_chatter():
     """Stderr (the file descriptor, which C++ writes to) through a temporary file while the block runs; then
     every line but Kineto's chatter passes on."""
-    with tempfile.TemporaryFile() as captured:
+    with tempfile.TemporaryFile() as captured, warnings.catch_warnings():
+        # torch 2.11 warns that its profiler "clears events at the end of each cycle" at the first cycle already
+        # (torch 2.13 from the second on): each profile here is one cycle, and every bench log had the line
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
         try:
             with fd_to(2, captured):
                 yield

@@ -83,6 +83,15 @@ def test_only_this_runs_reports_give_targets_and_a_broken_one_is_named(tmp_path,
 
 
 @pytest.mark.slow
+def test_the_device_image_constraints_pin_the_gpu_image_s_versions():
+    """.ci/device-image-constraints.txt (the GPU image's versions, to try on a CPU: docs/bench.md) pins the releases
+    gpu_check's EXPECTED names, so that a CPU trial and the summary's version notes speak of one image."""
+    lines = (ROOT / ".ci" / "device-image-constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+    for name, version in gpu_check.EXPECTED.items():
+        assert pins[name].startswith(f"{version}."), (name, pins[name], version)
+
+
 def test_gpu_check_sh_keeps_a_relative_out_the_callers(tmp_path):
     """bench/gpu_check.sh changed into the checkout first, so `--out relout` given elsewhere wrote ROOT/relout."""
     import subprocess
