@@ -239,6 +239,13 @@ def test_a_resume_refuses_a_state_json_without_the_config_it_reads_naming_the_fi
         state.write_text(json.dumps({k: v for k, v in {**stored, **change}.items() if v is not None}))
         with pytest.raises(CheckpointError, match=f"{state}: {error}"):
             resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+    # validation batches past this machine's memory, the run's own: "lower --eval-batches" led to its refusal
+    from shared_config.resources import ResourceError
+
+    state.write_text(json.dumps({**stored, "eval_batches": 10**12}))
+    with pytest.raises(ResourceError, match="the resumed run's --eval-batches 1,000,000,000,000 .* resume it on a "
+                                            "machine with more memory"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
 
 
 def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
