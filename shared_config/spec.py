@@ -41,6 +41,7 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
+INT32_MAX = 2**31 - 1  # dtf_window's bound: the twins compare it with int32 positions
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,8 +313,9 @@ def _check_routing(s: ModelSpec) -> None:
         raise SpecError(f"routing_capacity={s.routing_capacity} must be in (0, 1]")
     if s.dtf_prior_factor <= 0:
         raise SpecError(f"dtf_prior_factor={s.dtf_prior_factor} must be > 0")
-    if s.dtf_window < 1:
-        raise SpecError(f"dtf_window={s.dtf_window} must be >= 1")
+    if not 1 <= s.dtf_window <= INT32_MAX:  # 10**23 was an OverflowError's traceback in both twins
+        raise SpecError(f"dtf_window={s.dtf_window} must be in [1, {INT32_MAX:,}] (a window past every position "
+                        "averages all of them)")
     if s.routing == "none":
         return
     if s.D % 2:
