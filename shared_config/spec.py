@@ -41,7 +41,7 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
-INT32_MAX = 2**31 - 1  # dtf_window's bound: the twins compare it with int32 positions
+INT32_MAX = 2**31 - 1  # dtf_window's and rope_original_max_seq_len's bound: positions are int32 in the twins
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +214,8 @@ def _check_rules(s: ModelSpec) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    if s.rope_original_max_seq_len > INT32_MAX:  # a context length: 400 digits were rope_inv_freq's OverflowError
+        raise SpecError(f"rope_original_max_seq_len={s.rope_original_max_seq_len} must be <= {INT32_MAX:,}")
     for name in ("n_kv_heads", "head_dim"):
         if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")

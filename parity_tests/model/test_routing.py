@@ -24,6 +24,8 @@ from ..support.common import make_spec
     # compared with int32 positions: an OverflowError's traceback in both twins
     (dict(routing="dtf", dtf_window=2**31), "dtf_window=2147483648 must be in [1, 2,147,483,647]"),
     (dict(routing="dtf", dtf_window=2**31 - 1), None),
+    # not routing's, a length all the same: an OverflowError's traceback in rope_inv_freq past float's range
+    (dict(rope_scaling="llama3", rope_original_max_seq_len=10**400), "rope_original_max_seq_len=1000"),
     (dict(routing="dtf", dtf_prior_factor=-1), "dtf_prior_factor=-1.0 must be > 0"),
     (dict(routing="mod", d_model=42, n_heads=6, n_kv_heads=2, head_dim=8), None),
     (dict(routing="mod", d_model=45, n_heads=6, n_kv_heads=2, head_dim=8), "d_model=45 must be even when routing=mod"),
