@@ -18,7 +18,7 @@ import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import cache_state, use_compile_cache
-from shared_config.parallel import env_int, mesh_devices, rows_per_shard
+from shared_config.parallel import env_int, mesh_devices, rows_per_shard, world_size
 from shared_config.report import report_on_stdout, write_report
 from shared_config.run import SPEC_KEYS
 from shared_config.resources import (
@@ -66,7 +66,7 @@ def parse_args(argv):
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
         raise UsageError(f"{', '.join(memory)}: train-config options of the twins: use them with --mode train and "
                          "--backend both, jax or torch")
-    distributed = env_int("WORLD_SIZE", 1) > 1
+    distributed = world_size() > 1  # RANK and WORLD_SIZE checked: RANK=1 WORLD_SIZE=1 waited for a rank 0
     if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):

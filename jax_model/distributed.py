@@ -33,7 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from shared_config import SpecError, Tensor, TrainConfig, load_checkpoint, model_layout, save_checkpoint
 from shared_config.generation import is_int
-from shared_config.parallel import AXES, env_int, fsdp_dim, parse_mesh, rows_per_shard
+from shared_config.parallel import AXES, fsdp_dim, parse_mesh, process_index, rows_per_shard
 from shared_config.tokens import check_batch
 
 from . import loss, train
@@ -55,7 +55,7 @@ def init_distributed() -> None:
         return
     if missing := [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]:
         raise SpecError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three, or unset it")
-    count, index = env_int("JAX_NUM_PROCESSES"), env_int("JAX_PROCESS_ID")  # `-1` was taken as a process id
+    index, count = process_index("JAX_PROCESS_ID", "JAX_NUM_PROCESSES")  # `-1` was taken as a process id
     jax.distributed.initialize(num_processes=count, process_id=index)  # the address is read from the environment
 
 

@@ -26,7 +26,7 @@ from shared_config.compile_cache import add_compile_cache_option, use_compile_ca
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
-from shared_config.parallel import env_int, mesh_devices, rows_per_shard
+from shared_config.parallel import mesh_devices, rows_per_shard, world_size
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS,
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None):
 def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
-    torchrun = env_int("WORLD_SIZE", 1) > 1
+    torchrun = world_size() > 1  # WORLD_SIZE=0 was a ZeroDivisionError splitting the batch
     # launched by torchrun, with one process too (torchrun --nproc_per_node=1 --parallel fsdp2 was told to use torchrun)
     launched = "RANK" in os.environ  # as torch_model.distributed.init_distributed reads it
     if args.devices and args.mesh:
@@ -100,7 +100,7 @@ def check_scale_out(p, args) -> None:
         p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)
     args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
-    args.shards = devices or env_int("WORLD_SIZE", 1)  # what the global batch splits over
+    args.shards = devices or world_size()  # what the global batch splits over
     if devices:
         os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                    f"--xla_force_host_platform_device_count={devices}").strip()

@@ -29,7 +29,7 @@ from .report import partial_report
 from .limits import LimitError, quote
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
-from .parallel import env_int
+from .parallel import process_index
 from .signals import Terminated, exit_interrupted, interrupt, redeliver_interrupts
 
 BAD_INPUT, ENVIRONMENT = 2, 3
@@ -313,7 +313,7 @@ def _rank_zero() -> bool:
     """Whether this process is torchrun's rank 0 or runs alone. A RANK that is not a number is rank 0's too: its
     error (shared_config.parallel.env_int) must be printed, where `RANK=x` exited 2 without a word."""
     try:
-        return env_int("RANK") == 0
+        return process_index("RANK", "WORLD_SIZE")[0] == 0  # RANK=1 WORLD_SIZE=1 has no rank 0 to print its error
     except SpecError:
         return True
 

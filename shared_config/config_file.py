@@ -153,6 +153,8 @@ def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict[str, A
             raise SpecError(f"{flag} {key.strip()}: given twice; pass each key once")
         try:
             out[key.strip()] = parse_yaml(value) if value.strip() else value
-        except (yaml.YAMLError, LimitError):
-            raise SpecError(f"{flag} {quote(item)}: the value is not a YAML scalar") from None
+        except (yaml.YAMLError, LimitError) as e:
+            # a tag that cannot read its value says so: ('96.0' cannot be read as !!int)
+            raise SpecError(f"{flag} {quote(item)}: the value is not a YAML scalar"
+                            + (f" ({e.problem})" if isinstance(e, yaml.constructor.ConstructorError) else "")) from None
     return out

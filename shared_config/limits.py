@@ -158,15 +158,31 @@ class BoundedLoader(yaml.SafeLoader):
                                     "which value is meant?", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node, deep=False):
+        """A value its explicit tag cannot read (`--set 'd_model=!!int 96.0'`, `!!float abc`, `!!bool maybe`) is a
+        ConstructorError naming the tag and the value: it was the constructor's ValueError, KeyError or
+        AttributeError, a traceback where every caller turns YAML errors into one line."""
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, LimitError):
+            raise
+        except (ValueError, LookupError, AttributeError, TypeError):
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(None, None, f"{quote(node.value)} cannot be read as !!{tag}",
+                                                    node.start_mark) from None
+
     def construct_yaml_int(self, node):
         """YAML 1.2's integers: `010` is ten, where YAML 1.1 read octal (8: `--set n_layers=010` built 8 layers, while
-        `08`, no octal, was text); a base-60 `1:30` (YAML 1.1's 90) is text, which an integer field refuses."""
+        `08`, no octal, was text), `0o17` octal (fifteen, where YAML 1.1 read text); a base-60 `1:30` (YAML 1.1's 90)
+        is text, which an integer field refuses."""
         text = self.construct_scalar(node)
         digits = text.replace("_", "").lstrip("+-")
         if ":" in digits:
             return text
         if digits.startswith(("0x", "0b")):
             return super().construct_yaml_int(node)
+        if digits.startswith("0o"):
+            return (-1 if text.startswith("-") else 1) * int(digits[2:], 8)
         return int(text.replace("_", ""), 10)
 
     def construct_yaml_float(self, node):
@@ -180,7 +196,7 @@ class BoundedLoader(yaml.SafeLoader):
 # YAML here (--set, --sweep, spec and train config files): a string got through to wherever a float field's check did
 # not convert it (a study's JSON recorded `"lr": "1e30"`). Ints and floats as YAML 1.2 reads them: the constructors.
 YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:[.][0-9_]*)?|[.][0-9_]+)[eE][-+]?[0-9]+$")
-YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$")
+YAML12_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+)$")
 BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
 BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))
 BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)

@@ -33,6 +33,27 @@ def env_int(name: str, default: int = 0) -> int:
     return int(text)
 
 
+def process_index(index_var: str, count_var: str) -> tuple[int, int]:
+    """(index, count) of a launcher's environment (torchrun's RANK and WORLD_SIZE, JAX_PROCESS_ID and
+    JAX_NUM_PROCESSES; 0 and 1 where unset), the count at least 1 and the index below it, else SpecError naming them:
+    no launcher sets other values. RANK=1 WORLD_SIZE=1 waited for a rank 0 that never came, and silently (rank 0
+    prints the errors); WORLD_SIZE=0 was a ZeroDivisionError's traceback, JAX_PROCESS_ID=1 JAX_NUM_PROCESSES=1 jax's
+    ValueError's."""
+    index, count = env_int(index_var), env_int(count_var, 1)
+    if count < 1:
+        raise SpecError(f"environment variable {count_var}=0 must be >= 1 (the number of processes a launcher "
+                        "started); unset it to run one process")
+    if index >= count:
+        raise SpecError(f"environment variable {index_var}={index} must be below {count_var}={count} (a launcher "
+                        f"numbers its processes 0 to {count - 1})")
+    return index, count
+
+
+def world_size() -> int:
+    """torchrun's WORLD_SIZE, 1 where unset, checked with RANK (process_index)."""
+    return process_index("RANK", "WORLD_SIZE")[1]
+
+
 def fsdp_dim(t: Tensor, n: int) -> int | None:
     """The dim of canonical tensor `t` (torch orientation) split n ways over fsdp; None: replicated.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+from decimal import Decimal
 from pathlib import Path
 
 from .layout import layout
@@ -139,11 +140,17 @@ def machine_memory() -> tuple[int, str]:
     return min(found)
 
 
+def gib(n: int) -> str:
+    """`n` bytes in GiB, one decimal: `--set n_layers=` 400 nines made an int past float's range, whose `n / GB` was
+    an OverflowError's traceback in place of the memory check's error line."""
+    return f"{n / GB:,.1f}" if n < 2**1000 else f"{Decimal(n) / GB:.3e}"  # Decimal: any size
+
+
 def check_memory(need: int, job: str, hint: str) -> None:
     """Refuse (ResourceError) a job whose estimated `need` in bytes is above the memory this process may use."""
     have, where = machine_memory()
     if need > have:
-        raise ResourceError(f"{job} needs about {need / GB:,.1f} GiB of memory, {have / GB:,.1f} GiB {where}; {hint}")
+        raise ResourceError(f"{job} needs about {gib(need)} GiB of memory, {gib(have)} GiB {where}; {hint}")
 
 
 def is_out_of_memory(e: BaseException) -> bool:

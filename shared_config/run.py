@@ -109,9 +109,14 @@ def resolve_run(args) -> Run:
     # the validation batches are built once, up front: --eval-batches 10**9 was a 60 GiB allocation reported as the
     # training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
     eval_batches = resumed_eval_batches(args, checkpoint, stored)
+    # a resumed run's are its own (a --eval-batches that differs is refused): "lower --eval-batches" led there
+    kept = stored is not None and stored.get("eval_batches") is not None
+    what = "the resumed run's --eval-batches" if kept else "--eval-batches"
+    lower = ("resume it on a machine with more memory (a resume keeps its validation set), or start a new --out with "
+             "a lower --eval-batches") if kept else "lower --eval-batches"
     check_memory(eval_bytes(eval_batches, cfg.batch_size, cfg.seq_len),
-                 f"--eval-batches {eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} "
-                 "tokens, kept for every evaluation)", "lower --eval-batches")
+                 f"{what} {eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} tokens, kept "
+                 "for every evaluation)", lower)
     if stored:
         check_resume(spec, cfg, data, stored)
         start = partial(checkpoint_state, checkpoint)

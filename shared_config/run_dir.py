@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .data import TOKEN_DTYPES
+from .config_file import SpecError
 from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
@@ -35,7 +36,7 @@ from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
 from .resources import ResourceError
 from .spec import ModelSpec
-from .train_config import COMPUTE_OPTIONS
+from .train_config import COMPUTE_OPTIONS, TrainConfig
 
 # Every name a run directory holds (the layout above); no other module spells them.
 RUN_FILE = "run.json"
@@ -102,6 +103,7 @@ def read_state(path: str | Path) -> dict:
     for key in ("spec", "train_config", "data", "data_position"):
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{state_file}: {key} must be a JSON object, got {quote(info[key])}")
+    check_resumed_config(state_file, info)
     _check_count(state_file, "eval_batches", info.get("eval_batches", 1), 1)  # run.resumed_eval_batches' validation set
     if info.get("data_dtype") not in (None, *TOKEN_DTYPES):  # run.resumed_data_dtype's dtype of raw .bin tokens
         raise CheckpointError(f"{state_file}: 'data_dtype' must be one of {', '.join(TOKEN_DTYPES)}, got "
@@ -126,11 +128,27 @@ def read_state(path: str | Path) -> dict:
     for where, step in copies.items():
         if str(step) != str(info["step"]):
             raise CheckpointError(f"{path}: {where} is at step {str(step)[:40]}, state.json at {info['step']}")
-    if "seed" in position and position["seed"] != info.get("train_config", {}).get("seed"):
+    if "seed" in position and "train_config" in info and position["seed"] != info["train_config"].get("seed"):
         raise CheckpointError(f"{state_file}: data_position seed {quote(position.get('seed'))} vs train_config seed "
                               f"{quote(info['train_config'].get('seed'))}")
     check_run_json(path.parent / RUN_FILE, info, state_file)
     return info
+
+
+def check_resumed_config(state_file: Path, info: dict) -> None:
+    """state.json's train config (its `steps` too) and data source as a resume reads them (run.base_config,
+    check_resume, resolve_run), or a CheckpointError naming state.json: one without `steps` or a `source` was a
+    KeyError's traceback, a source of 5 a TypeError's, and steps: "8" an error naming no file."""
+    if "train_config" in info:
+        try:
+            TrainConfig.from_dict(info["train_config"])
+        except SpecError as e:
+            raise CheckpointError(f"{state_file}: train_config: {e}") from None
+        if "steps" not in info["train_config"]:
+            raise CheckpointError(f"{state_file}: train_config has no steps (the schedule's length)")
+    if "data" in info and not isinstance(source := info["data"].get("source"), str):
+        raise CheckpointError(f"{state_file}: data source must be a string (the data the run trained on), got "
+                              f"{quote(source)}")
 
 
 def _check_count(state_file: Path, key: str, value, least: int) -> None:

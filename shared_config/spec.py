@@ -41,6 +41,7 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
+INT32_MAX = 2**31 - 1  # dtf_window's and rope_original_max_seq_len's bound: positions are int32 in the twins
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,6 +214,8 @@ def _check_rules(s: ModelSpec) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
+    if s.rope_original_max_seq_len > INT32_MAX:  # a context length: 400 digits were rope_inv_freq's OverflowError
+        raise SpecError(f"rope_original_max_seq_len={s.rope_original_max_seq_len} must be <= {INT32_MAX:,}")
     for name in ("n_kv_heads", "head_dim"):
         if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
@@ -312,8 +315,9 @@ def _check_routing(s: ModelSpec) -> None:
         raise SpecError(f"routing_capacity={s.routing_capacity} must be in (0, 1]")
     if s.dtf_prior_factor <= 0:
         raise SpecError(f"dtf_prior_factor={s.dtf_prior_factor} must be > 0")
-    if s.dtf_window < 1:
-        raise SpecError(f"dtf_window={s.dtf_window} must be >= 1")
+    if not 1 <= s.dtf_window <= INT32_MAX:  # 10**23 was an OverflowError's traceback in both twins
+        raise SpecError(f"dtf_window={s.dtf_window} must be in [1, {INT32_MAX:,}] (a window past every position "
+                        "averages all of them)")
     if s.routing == "none":
         return
     if s.D % 2:

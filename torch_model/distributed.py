@@ -41,7 +41,7 @@ from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from shared_config import SpecError, TrainConfig, did_you_mean, model_layout, save_checkpoint
-from shared_config.parallel import env_int, fsdp_dim, rows_per_shard
+from shared_config.parallel import env_int, fsdp_dim, process_index, rows_per_shard
 from shared_config.tokens import check_batch
 
 from . import loss, train
@@ -55,9 +55,10 @@ def init_distributed() -> torch.device:
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return torch.device("cuda" if cuda else "cpu")
-    if missing := [k for k in ("WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]:  # was a KeyError's traceback
+    # each was a traceback (KeyError; torch's ValueError after the run directory was made, for MASTER_ADDR/PORT)
+    if missing := [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
         raise SpecError(f"RANK is set but {' and '.join(missing)} not: launch with torchrun, or unset RANK")
-    rank, world_size, local_rank = (env_int(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    (rank, world_size), local_rank = process_index("RANK", "WORLD_SIZE"), env_int("LOCAL_RANK")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

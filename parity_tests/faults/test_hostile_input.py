@@ -190,6 +190,18 @@ def test_a_canonical_file_whose_spec_claims_ten_million_layers_is_refused_before
     assert peak < 50 * 2**20  # the table of 9e7 entries would take gigabytes
 
 
+def test_sizes_past_floats_range_are_refused_in_one_line_not_an_overflow(canonical):
+    """`--set n_layers=` 400 nines: the memory check's and the tensor count's GiB (`bytes / 2**30`) were an
+    OverflowError's traceback."""
+    with pytest.raises(ResourceError, match=r"needs about \d\.\d{3}e\+398 GiB of memory"):
+        _bench("profile_step").main(["--set", "n_layers=" + "9" * 400])
+    spec = json.loads(shared_config.formats.safetensors.read_header(canonical)["__metadata__"]["spec"])
+    huge = with_metadata_spec(canonical, canonical.with_name("huge.safetensors"),
+                              json.dumps({**spec, "n_layers": 10**400}))
+    with pytest.raises(CheckpointError, match=r"GiB\) but the file holds 21"):
+        convert(huge, canonical.with_name("out.pt"))
+
+
 def test_a_hugging_face_config_claiming_a_million_layers_is_refused_before_its_layout_is_built(tmp_path, canonical):
     hf = tmp_path / "hf"
     convert(canonical, hf, to="hf")

@@ -20,7 +20,12 @@ from ..support.common import make_spec
     (dict(routing="dtf", routing_layers="all"), "routing=dtf needs routing_layers=every_other"),
     (dict(routing="mod", n_layers=1), "needs n_layers >= 2"),
     (dict(routing="mod", routing_gate="tanh"), "routing_gate='tanh' must be one of raw, sigmoid"),
-    (dict(routing="dtf", dtf_window=0), "dtf_window=0 must be >= 1"),
+    (dict(routing="dtf", dtf_window=0), "dtf_window=0 must be in [1, 2,147,483,647]"),
+    # compared with int32 positions: an OverflowError's traceback in both twins
+    (dict(routing="dtf", dtf_window=2**31), "dtf_window=2147483648 must be in [1, 2,147,483,647]"),
+    (dict(routing="dtf", dtf_window=2**31 - 1), None),
+    # not routing's, a length all the same: an OverflowError's traceback in rope_inv_freq past float's range
+    (dict(rope_scaling="llama3", rope_original_max_seq_len=10**400), "rope_original_max_seq_len=1000"),
     (dict(routing="dtf", dtf_prior_factor=-1), "dtf_prior_factor=-1.0 must be > 0"),
     (dict(routing="mod", d_model=42, n_heads=6, n_kv_heads=2, head_dim=8), None),
     (dict(routing="mod", d_model=45, n_heads=6, n_kv_heads=2, head_dim=8), "d_model=45 must be even when routing=mod"),

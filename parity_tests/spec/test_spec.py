@@ -1,12 +1,14 @@
 """The spec: presets, YAML round trip, aliases, and one test per validation rule."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import yaml
 
 from shared_config import ModelSpec, SpecError, load_spec, parse_overrides, preset_names
+from shared_config.limits import parse_yaml
 from shared_config.spec import CHOICES
 
 from ..support.common import BASE, MIXERS, make_spec
@@ -219,6 +221,21 @@ def test_integers_read_as_written():
     with pytest.raises(SpecError, match="n_layers='1:30' must be an integer"):
         load_spec({**BASE, **parse_overrides(["n_layers=1:30"])})
     assert load_spec({**BASE, **parse_overrides(["n_layers=010"])}).n_layers == 10
+
+
+def test_yaml_1_2_octal_and_values_a_tag_cannot_read():
+    """YAML 1.2's `0o17` is fifteen (YAML 1.1 read text, which an integer field refused). A value its explicit tag
+    cannot read (`!!int 96.0`, `!!float abc`, `!!bool maybe`) was the constructor's ValueError or KeyError, a
+    traceback from --set, --sweep and spec files alike: a YAML error, one line naming the tag, in every reader."""
+    assert parse_overrides(["a=0o17", "b=!!int 0o17", "c=0o8"]) == {"a": 15, "b": 15, "c": "0o8"}
+    for value, says in (("!!int 96.0", "'96.0' cannot be read as !!int"),
+                        ("!!float abc", "'abc' cannot be read as !!float"),
+                        ("!!bool maybe", "'maybe' cannot be read as !!bool"),
+                        ('!!float ""', "'' cannot be read as !!float")):
+        with pytest.raises(SpecError, match=re.escape(f"the value is not a YAML scalar ({says})")):
+            parse_overrides([f"d_model={value}"])
+        with pytest.raises(yaml.YAMLError, match=re.escape(says)):
+            parse_yaml(f"d_model: {value}\n")
 
 
 def test_replace_rederives_what_was_never_set():

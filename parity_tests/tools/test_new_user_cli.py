@@ -209,6 +209,7 @@ def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys
     (environment errors, which can differ by rank, still print everywhere)."""
     from shared_config.cli import fail
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for code in (2, 1, 143):  # a usage error, a non-finite loss, SIGTERM
         for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
             monkeypatch.setenv("RANK", rank)
@@ -221,20 +222,34 @@ def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys
     assert capsys.readouterr().err == "error: disk full\n"
 
 
-@pytest.mark.parametrize("name,value,says", [
-    ("WORLD_SIZE", "abc", "environment variable WORLD_SIZE='abc' must be an integer >= 0"),
-    ("RANK", "x", "environment variable RANK='x' must be an integer >= 0"),  # it exited 2 without a word
-    ("JAX_PROCESS_ID", "²", "environment variable JAX_PROCESS_ID='²' must be an integer >= 0"),
-    ("RANK", "0", "RANK is set but WORLD_SIZE and LOCAL_RANK not"),  # a KeyError's traceback, after run.json
-])
-def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeypatch, capsys, name, value, says):
+TORCHRUN = {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc' must be an integer >= 0"),
+    ({"RANK": "x"}, "environment variable RANK='x' must be an integer >= 0"),  # it exited 2 without a word
+    ({"JAX_PROCESS_ID": "²"}, "environment variable JAX_PROCESS_ID='²' must be an integer >= 0"),
+    # a KeyError's traceback, after run.json
+    ({"RANK": "0"}, "RANK is set but WORLD_SIZE and LOCAL_RANK and MASTER_ADDR and MASTER_PORT not"),
+    # torch's ValueError's traceback, run.json left behind
+    ({"RANK": "0", **TORCHRUN, "MASTER_ADDR": None}, "RANK is set but MASTER_ADDR not"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE=0 must be >= 1"),  # a ZeroDivisionError's traceback
+    ({"RANK": "0", **TORCHRUN, "WORLD_SIZE": "0"}, "environment variable WORLD_SIZE=0 must be >= 1"),
+    # it waited for a rank 0 forever, and would have exited without a word: rank 0 prints the errors
+    ({"RANK": "1", **TORCHRUN}, "environment variable RANK=1 must be below WORLD_SIZE=1"),
+    ({"RANK": "1"}, "environment variable RANK=1 must be below WORLD_SIZE=1"),  # exit 2 without a word
+], ids=["world-size-abc", "rank-x", "jax-process-id", "rank-alone", "no-master-addr", "world-size-0",
+        "rank-world-size-0", "rank-1-of-1", "rank-1-alone"])
+def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeypatch, capsys, env, says):
     """torchrun's RANK and WORLD_SIZE and JAX's JAX_PROCESS_ID set by hand to a non-number were int()'s traceback;
     the run directory made before it stays unmade."""
     from shared_config.cli import run
 
-    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JAX_PROCESS_ID"):
+    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JAX_PROCESS_ID", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv(name, value)
+    for name, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as e:
         run(load_script("train").main, ["--backend", "torch", "--out", str(tmp_path / "new" / "run"), "--steps", "1",
                                         "--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16",
@@ -247,6 +262,9 @@ def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeyp
 @pytest.mark.parametrize("env, says", [
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID not"),
     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID='-1' must be an integer >= 0"),  # was taken
+    # jax.distributed's ValueError's traceback
+    ({"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "1"}, "JAX_PROCESS_ID=1 must be below JAX_NUM_PROCESSES=1"),
+    ({"JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES=0 must be >= 1"),
 ])
 def test_jax_s_launcher_variables_are_read_as_torchrun_s_are(monkeypatch, env, says):
     """jax_model.distributed.init_distributed reads JAX_NUM_PROCESSES and JAX_PROCESS_ID as the torch twin reads

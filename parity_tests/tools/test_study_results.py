@@ -215,6 +215,39 @@ def test_a_resumed_run_evaluates_on_the_validation_set_it_started_with(tmp_path,
             resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
 
 
+def test_a_resume_refuses_a_state_json_without_the_config_it_reads_naming_the_file(tmp_path):
+    """state.json without train_config, its steps or the data's source was a KeyError's traceback (source 5 a
+    TypeError's), and a train_config steps of "8" an error naming no file: each is one CheckpointError naming it."""
+    from shared_config.files import CheckpointError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+    Loop(resolve_run(train.parse_args(["--backend", "jax", "--out", str(tmp_path), "--steps", "2", *small])),
+         CountingTrainer, progress=False)()
+    state = tmp_path / "step-00000002" / "state.json"
+    stored = json.loads(state.read_text())
+    config, data = stored["train_config"], stored["data"]
+    for change, error in (({"train_config": None}, "missing train_config"),
+                          ({"train_config": {k: v for k, v in config.items() if k != "steps"}},
+                           "train_config has no steps"),
+                          ({"train_config": {**config, "steps": "8"}}, "train_config: steps='8' must be an integer"),
+                          ({"data": {k: v for k, v in data.items() if k != "source"}},
+                           "data source must be a string .*, got None"),
+                          ({"data": {**data, "source": 5}}, "data source must be a string .*, got 5")):
+        state.write_text(json.dumps({k: v for k, v in {**stored, **change}.items() if v is not None}))
+        with pytest.raises(CheckpointError, match=f"{state}: {error}"):
+            resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+    # validation batches past this machine's memory, the run's own: "lower --eval-batches" led to its refusal
+    from shared_config.resources import ResourceError
+
+    state.write_text(json.dumps({**stored, "eval_batches": 10**12}))
+    with pytest.raises(ResourceError, match="the resumed run's --eval-batches 1,000,000,000,000 .* resume it on a "
+                                            "machine with more memory"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
+
+
 def test_a_resume_reads_raw_tokens_as_the_run_did(tmp_path):
     """A run on a raw .bin of uint32 tokens (--data-dtype uint32), resumed without --data-dtype, read them as uint16:
     twice the tokens, refused as other data ("train_tokens: checkpoint 3600, now 7200"), --data-dtype unnamed. The

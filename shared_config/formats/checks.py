@@ -17,7 +17,7 @@ import numpy as np
 from ..files import CheckpointError
 from ..layout import group_names, layout
 from ..limits import parse_json, quote
-from ..resources import GB, check_memory, layout_size
+from ..resources import check_memory, gib, layout_size
 from ..spec import COMPUTE_FIELDS, ModelSpec, load_spec
 
 def np_dtype(name: str) -> np.dtype:
@@ -126,7 +126,7 @@ def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fal
     if tensors > 2 * found + 64:
         raise CheckpointError(
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
-            f"{params * np_dtype(spec.param_dtype).itemsize / GB:,.1f} GiB) but the file holds {found:,}"
+            f"{gib(params * np_dtype(spec.param_dtype).itemsize)} GiB) but the file holds {found:,}"
         )
     if found > 2 * tensors + 64:  # the other way: every extra tensor would be read, then listed as unexpected
         raise CheckpointError(f"{path}: the file holds {found:,} tensors but the spec implies {tensors:,} "
