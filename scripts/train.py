@@ -32,7 +32,7 @@ from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS,
     is_main_process, resolve_run, resumed_checkpoint,
 )
-from shared_config.run_dir import latest_checkpoint, lock_run, recover_run_dir
+from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir
 from shared_config.twins import twin
 
 
@@ -56,16 +56,15 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seed", type=at_least(0), help="init and batch-order seed; shorthand for --set seed=N")
     p.add_argument("--stop-at", type=at_least(1),
                    help="stop after this update without changing the schedule (resume later)")
-    p.add_argument("--log-every", type=at_least(1), help="fetch metrics and log alpha/shift/embed_scale every N steps "
-                   f"(default {DEFAULT_CADENCE['log_every']}, or the resumed run's)")
-    p.add_argument("--eval-every", type=at_least(0), help="validation loss every N steps (0: at the end only; default "
-                   f"{DEFAULT_CADENCE['eval_every']}, or the resumed run's)")
+    cadence = {"log_every": "fetch metrics and log alpha/shift/embed_scale every N steps",  # run_dir.CADENCE_MIN's
+               "eval_every": "validation loss every N steps (0: at the end only)",
+               "save_every": "checkpoint every N steps (0: at the end only)",
+               "keep": "keep the newest K checkpoints (0: all)"}
+    for key, what in cadence.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=at_least(CADENCE_MIN[key]),
+                       help=f"{what}; default {DEFAULT_CADENCE[key]}, or the resumed run's")
     p.add_argument("--eval-batches", type=at_least(1),
                    help=f"validation batches per evaluation (default {DEFAULT_EVAL_BATCHES}, or the resumed run's)")
-    p.add_argument("--save-every", type=at_least(0), help="checkpoint every N steps (0: at the end only; default "
-                   f"{DEFAULT_CADENCE['save_every']}, or the resumed run's)")
-    p.add_argument("--keep", type=at_least(0), help="keep the newest K checkpoints (0: all; default "
-                   f"{DEFAULT_CADENCE['keep']}, or the resumed run's)")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile the steps (JAX always jits)")
     p.add_argument("--devices", type=at_least(1), help="JAX: data-parallel over N devices (a data=N mesh)")
     p.add_argument("--mesh", help="JAX: a device mesh, e.g. data=2,fsdp=4 (parameters and moments over fsdp)")

@@ -133,13 +133,25 @@ def tokens_sha256(*splits: np.ndarray, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def is_synthetic(source: str | Path) -> bool:
+    """Whether `source` names the embedded corpus (`synthetic[:SEED]`): no file is read, whatever one is there."""
+    return str(source) == "synthetic" or str(source).startswith("synthetic:")
+
+
+def reads_raw_tokens(source: str | Path) -> bool:
+    """Whether load_data reads `source` as raw .bin tokens, the ones `dtype` (--data-dtype) applies to: a .bin file,
+    or a data directory whose train split is train.bin (_load_prepared takes it before train.npy)."""
+    path = Path(source)
+    return not is_synthetic(source) and (path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()))
+
+
 def load_data(source: str | Path, dtype: str | None = None, val_fraction: float = 0.1) -> TokenData:
     """A `TokenData` from `synthetic[:SEED]`, a prepared directory, a token file or a text file."""
     name = str(source)
     if not name:  # Path("") is the current directory: `--data ''` trained on whatever files were there
         raise DataError("the data source is an empty string: give synthetic[:SEED], a data directory, a token file or "
                         "a text file")
-    if name == "synthetic" or name.startswith("synthetic:"):
+    if is_synthetic(name):
         if dtype is not None:  # it was ignored without a word
             raise DataError(f"--data-dtype {dtype} reads raw .bin token files; the synthetic corpus has none")
         seed = name.partition(":")[2] or "0"

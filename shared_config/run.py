@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
 from .config_file import check_keys, check_type, parse_overrides
-from .data import TokenData, eval_bytes, load_data
+from .data import TokenData, eval_bytes, load_data, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
@@ -140,10 +140,7 @@ def resumed_data_dtype(args, stored: dict | None, source) -> str | None:
     refused for training on other data (token counts, hash), the option unnamed."""
     if args.data_dtype is not None or not stored or stored.get("data_dtype") is None:
         return args.data_dtype
-    path, name = Path(source), str(source)
-    synthetic = name == "synthetic" or name.startswith("synthetic:")  # load_data's rule: no file, whatever is there
-    raw = not synthetic and (path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()))
-    return stored["data_dtype"] if raw else None
+    return stored["data_dtype"] if reads_raw_tokens(source) else None
 
 
 def resumed_cadence(args, stored: dict | None) -> dict:
