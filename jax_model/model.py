@@ -109,7 +109,8 @@ class TransformerModel(nnx.Module):
         x_BTD = split_rows(self.embed(tokens_BT, positions), self.mesh)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
         record(taps, "model.embed", x_BTD)
-        layer_caches, routes, h_BTD = [], routing.Routes(spec, None if cache is None else cache.routing, decide), x_BTD
+        routes = routing.Routes(spec, None if cache is None else cache.routing, decide, aux)
+        layer_caches, h_BTD = [], x_BTD
         for i, layer in enumerate(self.layers):
             layer_taps = None if taps is None else taps.setdefault(f"model.layers.{i}", {})
             run = rematted(layer, remat) if taps is None and cache is None else None  # training only
@@ -119,7 +120,7 @@ class TransformerModel(nnx.Module):
             y_BTD = split_rows(y_BTD, self.mesh)
             h_BTD, x_BTD = x_BTD, y_BTD  # h: the block's input, which dtf's next (dynamic) block reads
             layer_caches.append(layer_cache)
-        routing_cache = routes.finish(aux)
+        routing_cache = routes.finish()
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         record(taps, "model.norm", x_BTD)

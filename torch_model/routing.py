@@ -143,16 +143,18 @@ class Routes:
     block's index); keeps the routed blocks' auxiliary losses and decoding state.
 
     `decide`: "topk" or "predictor" (module docstring); None: "topk" without a cache, "predictor" with one.
+    `aux`: the dict `finish` fills with the auxiliary terms (training), or None: then a top-k forward does not
+    run the predictor, whose logits only the auxiliary loss reads there.
     """
 
-    def __init__(self, spec: ModelSpec, routing_cache: tuple | None, decide: str | None):
+    def __init__(self, spec: ModelSpec, routing_cache: tuple | None, decide: str | None, aux: dict | None):
         if decide is None:
             decide = "topk" if routing_cache is None else "predictor"
         if decide not in ("topk", "predictor"):
             raise ValueError(f"decide={decide!r} must be 'topk' or 'predictor'")
         if decide == "topk" and routing_cache is not None and spec.routing != "none":
             raise ValueError("top-k routing reads future tokens: cached decoding needs decide='predictor'")
-        self.spec, self.decide, self.caches = spec, decide, routing_cache
+        self.spec, self.decide, self.caches, self.aux = spec, decide, routing_cache, aux
         self.new_caches = list(routing_cache) if routing_cache is not None else None
         self.bce, self.accuracy, self.prior_mse = [], [], []
 
@@ -174,7 +176,9 @@ class Routes:
             return window_mean(history_BS, read_BTS, slots_T, self.spec.dtf_window)
 
         score_BT, gate_BT, dst_BT, prior_mse = layer.router(x_BTD, h_BTD, ma)
-        logit_BT = layer.router_predictor(x_BTD.detach())
+        # the predictor reads stopgrad(x): it learns to imitate top-k without steering the blocks
+        logit_BT = (layer.router_predictor(x_BTD.detach())
+                    if self.decide == "predictor" or self.aux is not None else None)
         if prior_mse is not None:
             self.prior_mse.append(prior_mse)
         if self.decide == "topk":
@@ -187,9 +191,10 @@ class Routes:
             gate_BK = torch.gather(gate_BT, 1, idx_BK)
             update_BKD = (y_BKD - x_BKD) * gate_BK[..., None].to(x_BTD.dtype)
             out_BTD = x_BTD.scatter_add(1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1]), update_BKD)
-            target_BT = keep_BT.to(torch.float32)  # the predictor learns top-k membership (BCE on logits)
-            self.bce.append(torch.mean(F.softplus(logit_BT) - target_BT * logit_BT))
-            self.accuracy.append(torch.mean(((logit_BT > 0) == keep_BT).to(torch.float32)))
+            if logit_BT is not None:
+                target_BT = keep_BT.to(torch.float32)  # the predictor learns top-k membership (BCE on logits)
+                self.bce.append(torch.mean(F.softplus(logit_BT) - target_BT * logit_BT))
+                self.accuracy.append(torch.mean(((logit_BT > 0) == keep_BT).to(torch.float32)))
         else:
             keep_BT = logit_BT > 0  # sigmoid > 0.5
             keep_BS = keep_BT if rcache is None else rcache.keep_BS.index_copy(1, slots_T, keep_BT)
@@ -206,8 +211,9 @@ class Routes:
             taps.update(residual=out_BTD, router_score=score_BT, router_keep=keep_BT)
         return out_BTD, cache
 
-    def finish(self, aux: dict | None) -> tuple | None:
+    def finish(self) -> tuple | None:
         """Put the mean auxiliary terms over the routed blocks into `aux` (top-k only); the new routing caches."""
+        aux = self.aux
         if aux is not None and self.bce:
             aux["router_bce"] = sum(self.bce) / len(self.bce)
             aux["predictor_acc"] = sum(self.accuracy) / len(self.accuracy)

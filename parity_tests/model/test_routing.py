@@ -322,6 +322,27 @@ def test_flops_count_only_the_tokens_routed_blocks_process():
         matmul_params(mod)
 
 
+
+@pytest.mark.parametrize("routing", ["mod", "dtf"])
+@pytest.mark.parametrize("twin", [jax_model, torch_model], ids=["jax", "torch"])
+def test_a_top_k_forward_without_aux_runs_no_predictor(twin, routing, monkeypatch):
+    """What the flops count says of a forward (its logits read no predictor) holds in both twins, eager included:
+    the predictor runs when the auxiliary loss reads it (aux given) or when it decides (predictor mode) only."""
+    spec = make_spec(routing=routing, routing_capacity=0.5, n_layers=3)
+    model, x = twin.from_weights(routed_weights(spec), spec), tokens(spec, 2, 8)
+    module = jax_routing if twin is jax_model else torch_routing
+    calls = []
+    real = module.Predictor.__call__
+    monkeypatch.setattr(module.Predictor, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x = jnp.asarray(x) if twin is jax_model else torch.as_tensor(x)
+    model(x, decide="topk")
+    assert calls == []
+    aux = {}
+    model(x, aux=aux, decide="topk")
+    assert len(calls) == len(spec.routed_layers) and "router_bce" in aux
+    model(x, decide="predictor")
+    assert len(calls) == 2 * len(spec.routed_layers)
+
 def test_routing_study_refuses_bad_configs_before_training(tmp_path):
     from shared_config.cli import UsageError
 
