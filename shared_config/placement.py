@@ -9,7 +9,7 @@ approach" of the normalization survey (Pre-Norm attention, Post-Norm FFN), here 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from .spec import ModelSpec
 
@@ -20,24 +20,26 @@ class Placement:
 
     attention: str  # "pre": x + n_out(attn(n1(x))), absent slots skipped | "post": n1(α·x + attn(x))
     mlp: str  # "pre": x + n_out(mlp(n2(x))) | "post": n2(α·x + mlp(x)) | "hybrid": y = n2(x); y + mlp(y)
-    input_norm: bool  # slot n1 exists
-    output_norms: bool  # Peri-LN's `attn_output_norm` and `mlp_output_norm` exist
-    qkv_norm: bool  # Q, K and V each RMS-normalised per head over head_dim, before RoPE (HybridNorm)
-    final_norm: bool  # `model.norm` before the head
-    deep: bool  # DeepNorm: residual weight α = (2N)^(1/4), init gain β = (8N)^(-1/4) on v, o and the MLP
+    _: KW_ONLY  # the slots and terms beyond the two halves, by keyword: Pre-LN's unless a placement says otherwise
+    input_norm: bool = True  # slot n1 exists
+    output_norms: bool = False  # Peri-LN's `attn_output_norm` and `mlp_output_norm` exist
+    qkv_norm: bool = False  # Q, K and V each RMS-normalised per head over head_dim, before RoPE (HybridNorm)
+    final_norm: bool = True  # `model.norm` before the head
+    deep: bool = False  # DeepNorm: residual weight α = (2N)^(1/4), init gain β = (8N)^(-1/4) on v, o and the MLP
 
 
 PLACEMENTS = {
-    "pre": Placement("pre", "pre", True, False, False, True, False),
-    "peri": Placement("pre", "pre", True, True, False, True, False),
-    "post": Placement("post", "post", True, False, False, False, False),
-    "deepnorm": Placement("post", "post", True, False, False, False, True),
-    "pre_post": Placement("pre", "post", True, False, False, True, False),
-    "hybrid": Placement("pre", "hybrid", False, False, True, True, False),
-    "hybrid_star": Placement("pre", "hybrid", False, False, True, True, False),
+    "pre": Placement("pre", "pre"),
+    "peri": Placement("pre", "pre", output_norms=True),
+    "post": Placement("post", "post", final_norm=False),
+    "deepnorm": Placement("post", "post", final_norm=False, deep=True),
+    "pre_post": Placement("pre", "post"),
+    "hybrid": Placement("pre", "hybrid", input_norm=False, qkv_norm=True),
+    # HybridNorm*: HybridNorm's blocks but block 0, which is HYBRID_STAR_FIRST (block_placement)
+    "hybrid_star": Placement("pre", "hybrid", input_norm=False, qkv_norm=True),
 }
 # HybridNorm*'s block 0: Pre-Norm attention (with its input norm, Q/K/V still normed) and a Pre-Norm FFN.
-HYBRID_STAR_FIRST = Placement("pre", "pre", True, False, True, True, False)
+HYBRID_STAR_FIRST = Placement("pre", "pre", qkv_norm=True)
 
 
 def block_placement(spec: ModelSpec, i: int) -> Placement:
