@@ -86,11 +86,11 @@ class TransformerModel(nnx.Module):
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
         self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
                                 for i in range(spec.L)])
-        self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
+        self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
         self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): hidden states split by rows
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+    def __call__(self, tokens_BT, *, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                  decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
@@ -217,7 +217,7 @@ class Transformer(nnx.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec, rngs)
         draw_weights(self, rngs)
 
-    def __call__(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+    def __call__(self, tokens_BT, *, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                  decide: str | None = None, remat: str = "none", logits: bool = True):
         """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written). `logits=False`:
         the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time).
@@ -225,7 +225,7 @@ class Transformer(nnx.Module):
         Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
         a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
         """
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache, aux, decide, remat)
+        x_BTD, new_cache = self.model(tokens_BT, taps=taps, cache=cache, aux=aux, decide=decide, remat=remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)
         logits_BTV = self.head(x_BTD)

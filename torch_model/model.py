@@ -88,10 +88,10 @@ class TransformerModel(nn.Module):
                             else None)
         self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
                                      for i in range(spec.L)])
-        self.norm = make_norm(spec, spec.final_alpha_init) if PLACEMENTS[spec.norm_placement].final_norm else None
+        self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+    def forward(self, tokens_BT, *, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                 decide: str | None = None, remat: str = "none"):
         """Final hidden states [B, T, D] and the updated cache (None without one); routing: routing.Routes;
         `remat`: see `rematted`."""
@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(spec.D, spec.V, spec)
         draw_weights(self, generator)
 
-    def forward(self, tokens_BT, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
+    def forward(self, tokens_BT, *, taps: dict | None = None, cache: KVCache | None = None, aux: dict | None = None,
                 decide: str | None = None, remat: str = "none", logits: bool = True):
         """float32 logits [B, T, V]; with a `cache`, (logits, the cache with T more slots written). `logits=False`:
         the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time).
@@ -204,7 +204,7 @@ class Transformer(nn.Module):
         Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
         a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
         """
-        x_BTD, new_cache = self.model(tokens_BT, taps, cache, aux, decide, remat)
+        x_BTD, new_cache = self.model(tokens_BT, taps=taps, cache=cache, aux=aux, decide=decide, remat=remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)
         logits_BTV = self.head(x_BTD)

@@ -246,6 +246,16 @@ def test_a_step_past_the_cache_or_of_other_rows_is_refused_by_both_twins(small_t
             model(conv(np.array([[5], [6]])), cache=cache)
 
 
+
+def test_a_cache_passed_by_position_is_refused_by_both_twins(small_twins):
+    """Every argument after the tokens is a keyword: `model(tokens, cache)` put the cache into `taps` and failed deep
+    inside the call ("'KVCache' object does not support item assignment")."""
+    for model, conv in ((small_twins[0], jnp.asarray), (small_twins[1], torch.as_tensor)):
+        with pytest.raises(TypeError, match="positional argument"):
+            model(conv(np.array([[1, 2]])), model.init_cache(1, 4))
+        with pytest.raises(TypeError, match="positional argument"):
+            model.model(conv(np.array([[1, 2]])), None, model.init_cache(1, 4))
+
 def test_a_cache_of_the_other_twin_or_of_no_twin_is_refused_by_both(small_twins):
     """The other twin's cache, or a tuple, was an AttributeError from deep inside the call (`devices`, `start_B`), in
     the model and in its Decoder."""
