@@ -211,9 +211,10 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_qk_norm(spec) else None
         self.v_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_v_norm(spec) else None
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, cache: LayerCache | None = None, mask_BTS=None):
-        """Output [B, T, D] and the updated cache: with a `cache`, this call's keys and values are written
-        into it and the queries read every slot `mask_BTS` allows (None: causal over this call's tokens)."""
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, state: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated state (this mixer's decoding cache, None without one): with a `state`,
+        this call's keys and values are written into it and the queries read every slot `mask_BTS` allows (None:
+        causal over this call's tokens)."""
         B, T, _ = x_BTD.shape
         H, K, E = self.H, self.K, self.E
         if self.fused_qkv:
@@ -228,8 +229,8 @@ class Attention(nnx.Module):
         if cos_BTE is not None:
             q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE)
         k_BSKE, v_BSKE = k_BTKE, v_BTKE
-        if cache is not None:
-            cache = cache.write(k_BTKE, v_BTKE)
-            k_BSKE, v_BSKE = cache.k_BSKE, cache.v_BSKE
+        if state is not None:
+            state = state.write(k_BTKE, v_BTKE)
+            k_BSKE, v_BSKE = state.k_BSKE, state.v_BSKE
         o_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, self.attention, mask_BTS)
-        return self.o_proj(o_BTHE.reshape(B, T, H * E)), cache
+        return self.o_proj(o_BTHE.reshape(B, T, H * E)), state

@@ -27,7 +27,8 @@ def maybe(norm, x_BTD):
 # The two halves of a block, one small function per way of placing its norms (shared_config/placement.py):
 # n1 = input_layernorm, n2 = post_attention_layernorm, α = residual_alpha (DeepNorm's, else 1).
 def pre_attention(b, x_BTD, attend):
-    """x + n_out(attn(n1(x))): Pre-LN (no n_out), Peri-LN, HybridNorm (no n1). Returns (x, branch, cache)."""
+    """x + n_out(attn(n1(x))): Pre-LN (no n_out), Peri-LN, HybridNorm (no n1). Returns (x, branch,
+    the mixer's state)."""
     a_BTD, cache = attend(maybe(b.input_layernorm, x_BTD))
     a_BTD = maybe(b.attn_output_norm, a_BTD)
     return x_BTD + a_BTD, a_BTD, cache
@@ -98,20 +99,21 @@ class Block(nnx.Module):
 
     def __init__(self, spec: ModelSpec, attention: str, placement: Placement, routed: bool = False, *, rngs: nnx.Rngs):
         self.placement, self.alpha = placement, residual_alpha(spec)
-        self.input_layernorm = make_norm(spec, spec.attn_alpha_init) if placement.input_norm else None
+        self.input_layernorm = make_norm(spec) if placement.input_norm else None
         # token mixer
         self.self_attn = make_mixer(spec, attention, rngs)
-        self.attn_output_norm = make_norm(spec, spec.attn_alpha_init) if placement.output_norms else None
-        self.post_attention_layernorm = make_norm(spec, spec.ffn_alpha_init)
+        self.attn_output_norm = make_norm(spec) if placement.output_norms else None
+        self.post_attention_layernorm = make_norm(spec)
         self.mlp = MLP(spec, rngs=rngs)
-        self.mlp_output_norm = make_norm(spec, spec.ffn_alpha_init) if placement.output_norms else None
+        self.mlp_output_norm = make_norm(spec) if placement.output_norms else None
         if routed:  # conditional computation (routing.py), canonical names `model.layers.{i}.router...`
             self.router = make_router(spec, rngs)
             self.router_predictor = Predictor(spec, rngs)
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None,
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | GLAState | None = None,
                  mask_BTS=None, route=None, run=None):
-        """Output [B, T, D] and the attention's updated cache (None without one). `run`: the block's computation
+        """Output [B, T, D] and the token mixer's updated state (`cache`: this block's slot of the model's cache,
+        attention's keys and values or GLA's recurrent state; None without one). `run`: the block's computation
         (`body`, or its rematted call in training). A routed block gets `route` (routing.Routes, bound to its index):
         its router and predictor run here, inside the block's own call, as every module a sharding unit owns must
         (FSDP2 gathers a unit's weights for its forward only), and `run` on the tokens they select."""
@@ -120,8 +122,9 @@ class Block(nnx.Module):
             return run(x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS)
         return route(self, x_BTD, cos_BTE, sin_BTE, taps, cache, mask_BTS, run)
 
-    def body(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | None = None, mask_BTS=None):
-        """The block on x [B, T, D], every token: output [B, T, D] and the attention's updated cache (None without
+    def body(self, x_BTD, cos_BTE, sin_BTE, taps: dict | None = None, cache: LayerCache | GLAState | None = None,
+             mask_BTS=None):
+        """The block on x [B, T, D], every token: output [B, T, D] and the token mixer's updated state (None without
         one)."""
         def attend(h_BTD):
             return self.self_attn(h_BTD, cos_BTE, sin_BTE, cache, mask_BTS)

@@ -122,7 +122,7 @@ def attend(q_BTHE, k_BSKE, v_BSKE, attention: str, mask_BTS=None):
     if attention == "pallas":
         if mask_BTS is None and pallas_fits(q_BTHE.shape[3], q_BTHE.shape[1]):
             return pallas_attention(q_BTHE, k_BSKE, v_BSKE)
-        attention = "sdpa"  # no explicit mask (decoding), whole blocks, E the kernel takes: else XLA computes it
+        attention = "sdpa"  # no explicit mask (decoding), whole blocks, E the kernel takes: else SDPA computes it
     if attention == "einsum" or (attention == "blocked" and mask_BTS is not None):
         return einsum_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     if attention == "blocked":
@@ -220,9 +220,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_qk_norm(spec) else None
         self.v_norm = RMSNorm(E, spec.norm_eps, False, spec.param_dtype) if has_v_norm(spec) else None
 
-    def forward(self, x_BTD, cos_BTE, sin_BTE, cache: LayerCache | None = None, mask_BTS=None):
-        """Output [B, T, D] and the updated cache: with a `cache`, this call's keys and values are written
-        into it and the queries read every slot `mask_BTS` allows (None: causal over this call's tokens)."""
+    def forward(self, x_BTD, cos_BTE, sin_BTE, state: LayerCache | None = None, mask_BTS=None):
+        """Output [B, T, D] and the updated state (this mixer's decoding cache, None without one): with a `state`,
+        this call's keys and values are written into it and the queries read every slot `mask_BTS` allows (None:
+        causal over this call's tokens)."""
         B, T, _ = x_BTD.shape
         H, K, E = self.H, self.K, self.E
         if self.fused_qkv:
@@ -237,8 +238,8 @@ class Attention(nn.Module):
         if cos_BTE is not None:
             q_BTHE, k_BTKE = apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE)
         k_BSKE, v_BSKE = k_BTKE, v_BTKE
-        if cache is not None:
-            cache = cache.write(k_BTKE, v_BTKE)
-            k_BSKE, v_BSKE = cache.k_BSKE, cache.v_BSKE
+        if state is not None:
+            state = state.write(k_BTKE, v_BTKE)
+            k_BSKE, v_BSKE = state.k_BSKE, state.v_BSKE
         o_BTHE = attend(q_BTHE, k_BSKE, v_BSKE, self.attention, mask_BTS)
-        return self.o_proj(o_BTHE.reshape(B, T, H * E)), cache
+        return self.o_proj(o_BTHE.reshape(B, T, H * E)), state
