@@ -60,7 +60,7 @@ class GateLinear(Linear):
         self.bias = nnx.Param(jnp.zeros((d_out,), DTYPES[spec.param_dtype]))
 
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.dtype).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return linear(x, self.kernel[...], self.compute_dtype).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
 def head_norm(spec: ModelSpec):
@@ -68,7 +68,7 @@ def head_norm(spec: ModelSpec):
     if spec.gla_output_norm == "rms":
         # flash-linear-attention's g_norm: a weight, no bias
         return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)
-    return make_norm(spec, spec.attn_alpha_init, dim=spec.Vh)
+    return make_norm(spec, dim=spec.Vh)
 
 
 def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):

@@ -4,6 +4,9 @@ The token mixers are attention.py and gla.py, the block that combines them block
 Notation: B batch, T tokens, D model dim, F ffn dim.
 Dtype policy (every file of the twin): parameters in `param_dtype`, matmuls in `compute_dtype`; norms,
 activations, RoPE, softmax, gates and recurrences computed in float32 and cast back.
+Init: modules are built with placeholder values (zeros; a norm's weight ones); every tensor's init is the layout
+table's rule (shared_config/layout.py, e.g. DyT's alpha from attn/ffn/final_alpha_init by slot), drawn by
+`draw_weights` (weights.py) or loaded from a file.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ class Linear(nnx.Linear):
             dtype=DTYPES[spec.compute_dtype], param_dtype=DTYPES[spec.param_dtype], rngs=rngs,
         )
 
+    @property
+    def compute_dtype(self):
+        """The matmul's dtype (nnx.Linear's `dtype`; the torch twin's attribute of this name)."""
+        return self.dtype
+
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.dtype)
+        return linear(x, self.kernel[...], self.compute_dtype)
 
 
 def linear(x_BTD, w_DF, dtype):
@@ -133,8 +141,8 @@ class LayerNorm(nnx.Module):
 class DynamicTanh(nnx.Module):
     """DyT (arXiv 2503.10622): weight · tanh(alpha · x) (+ bias), alpha a learnable scalar."""
 
-    def __init__(self, dim: int, alpha_init: float, bias: bool, param_dtype: str):
-        self.alpha = nnx.Param(jnp.full((1,), alpha_init, DTYPES[param_dtype]))
+    def __init__(self, dim: int, bias: bool, param_dtype: str):
+        self.alpha = nnx.Param(jnp.zeros((1,), DTYPES[param_dtype]))  # a placeholder (module docstring)
         self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
         self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
 
@@ -149,9 +157,9 @@ class DynamicTanh(nnx.Module):
 class DynamicErf(nnx.Module):
     """Derf (arXiv 2512.10938): weight · erf(alpha · x + shift) (+ bias), alpha and shift learnable scalars."""
 
-    def __init__(self, dim: int, alpha_init: float, shift_init: float, bias: bool, param_dtype: str):
-        self.alpha = nnx.Param(jnp.full((1,), alpha_init, DTYPES[param_dtype]))
-        self.shift = nnx.Param(jnp.full((1,), shift_init, DTYPES[param_dtype]))
+    def __init__(self, dim: int, bias: bool, param_dtype: str):
+        self.alpha = nnx.Param(jnp.zeros((1,), DTYPES[param_dtype]))  # placeholders (module docstring)
+        self.shift = nnx.Param(jnp.zeros((1,), DTYPES[param_dtype]))
         self.weight = nnx.Param(jnp.ones((dim,), DTYPES[param_dtype]))
         self.bias = nnx.Param(jnp.zeros((dim,), DTYPES[param_dtype])) if bias else None
 
@@ -169,7 +177,7 @@ def affine(y, weight, bias):
     return y if bias is None else y + bias[...].astype(jnp.float32)
 
 
-def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
+def make_norm(spec: ModelSpec, dim: int | None = None):
     """The norm every slot of `spec` uses, over the model dim (or `dim`: GLA's per-head output norm)."""
     D, eps, bias, dtype = dim or spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
     if spec.norm_type == "rms":
@@ -177,9 +185,9 @@ def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
     if spec.norm_type == "layernorm":
         return LayerNorm(D, eps, bias, dtype)
     if spec.norm_type == "dyt":
-        return DynamicTanh(D, alpha_init, bias, dtype)
+        return DynamicTanh(D, bias, dtype)
     if spec.norm_type == "derf":
-        return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+        return DynamicErf(D, bias, dtype)
     # a value added to the spec's CHOICES but not here would otherwise build another norm's class
     raise ValueError(f"make_norm: no norm class for norm_type={spec.norm_type!r} (docs/extending.md)")
 
@@ -205,7 +213,7 @@ class MLP(nnx.Module):
         # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
         if self.kind == "swiglu":
             w_D2F = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-            h_BTF = recomputed(partial(swiglu, dtype=x_BTD.dtype))(linear(x_BTD, w_D2F, self.up_proj.dtype))
+            h_BTF = recomputed(partial(swiglu, dtype=x_BTD.dtype))(linear(x_BTD, w_D2F, self.up_proj.compute_dtype))
         else:
             h_BTF = recomputed(partial(activate, ACTIVATIONS[self.kind], dtype=x_BTD.dtype))(self.up_proj(x_BTD))
         return self.down_proj(h_BTF)

@@ -65,7 +65,7 @@ def head_norm(spec: ModelSpec):
     if spec.gla_output_norm == "rms":
         # flash-linear-attention's g_norm: a weight, no bias
         return RMSNorm(spec.Vh, spec.norm_eps, False, spec.param_dtype)
-    return make_norm(spec, spec.attn_alpha_init, dim=spec.Vh)
+    return make_norm(spec, dim=spec.Vh)
 
 
 def recurrent_gla(q_BHTK, k_BHTK, v_BHTV, g_BHTK, S_BHKV):

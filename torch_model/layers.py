@@ -4,6 +4,9 @@ The token mixers are attention.py and gla.py, the block that combines them block
 Notation: B batch, T tokens, D model dim, F ffn dim.
 Dtype policy (every file of the twin): parameters in `param_dtype`, matmuls in `compute_dtype`; norms,
 activations, RoPE, softmax, gates and recurrences computed in float32 and cast back.
+Init: modules are built with placeholder values (zeros; a norm's weight ones); every tensor's init is the layout
+table's rule (shared_config/layout.py, e.g. DyT's alpha from attn/ffn/final_alpha_init by slot), drawn by
+`draw_weights` (weights.py) or loaded from a file.
 """
 
 from __future__ import annotations
@@ -115,9 +118,9 @@ class LayerNorm(nn.Module):
 class DynamicTanh(nn.Module):
     """DyT (arXiv 2503.10622): weight · tanh(alpha · x) (+ bias), alpha a learnable scalar."""
 
-    def __init__(self, dim: int, alpha_init: float, bias: bool, param_dtype: str):
+    def __init__(self, dim: int, bias: bool, param_dtype: str):
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((1,), alpha_init, dtype=DTYPES[param_dtype]))
+        self.alpha = nn.Parameter(torch.zeros(1, dtype=DTYPES[param_dtype]))  # a placeholder (module docstring)
         self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
         self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
 
@@ -132,10 +135,10 @@ class DynamicTanh(nn.Module):
 class DynamicErf(nn.Module):
     """Derf (arXiv 2512.10938): weight · erf(alpha · x + shift) (+ bias), alpha and shift learnable scalars."""
 
-    def __init__(self, dim: int, alpha_init: float, shift_init: float, bias: bool, param_dtype: str):
+    def __init__(self, dim: int, bias: bool, param_dtype: str):
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((1,), alpha_init, dtype=DTYPES[param_dtype]))
-        self.shift = nn.Parameter(torch.full((1,), shift_init, dtype=DTYPES[param_dtype]))
+        self.alpha = nn.Parameter(torch.zeros(1, dtype=DTYPES[param_dtype]))  # placeholders (module docstring)
+        self.shift = nn.Parameter(torch.zeros(1, dtype=DTYPES[param_dtype]))
         self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPES[param_dtype]))
         self.bias = nn.Parameter(torch.zeros(dim, dtype=DTYPES[param_dtype])) if bias else None
 
@@ -153,7 +156,7 @@ def affine(y, weight, bias):
     return y if bias is None else y + bias.to(torch.float32)
 
 
-def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
+def make_norm(spec: ModelSpec, dim: int | None = None):
     """The norm every slot of `spec` uses, over the model dim (or `dim`: GLA's per-head output norm)."""
     D, eps, bias, dtype = dim or spec.D, spec.norm_eps, spec.norm_bias, spec.param_dtype
     if spec.norm_type == "rms":
@@ -161,9 +164,9 @@ def make_norm(spec: ModelSpec, alpha_init: float, dim: int | None = None):
     if spec.norm_type == "layernorm":
         return LayerNorm(D, eps, bias, dtype)
     if spec.norm_type == "dyt":
-        return DynamicTanh(D, alpha_init, bias, dtype)
+        return DynamicTanh(D, bias, dtype)
     if spec.norm_type == "derf":
-        return DynamicErf(D, alpha_init, spec.shift_init, bias, dtype)
+        return DynamicErf(D, bias, dtype)
     # a value added to the spec's CHOICES but not here would otherwise build another norm's class
     raise ValueError(f"make_norm: no norm class for norm_type={spec.norm_type!r} (docs/extending.md)")
 
