@@ -69,10 +69,10 @@ def init_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """Canonical weights drawn with numpy: the bit-identical starting point for both twins; a spec too large for this
     machine's memory is refused (ResourceError) before any draw. `spec`: a spec or what `load_spec` takes; `seed`: an
     integer >= 0 (SpecError otherwise: -1 and None were numpy's ValueError and TypeError, 1.5 a TypeError)."""
-    return dict(draw_weights(spec, seed))
+    return dict(iter_init_weights(spec, seed))
 
 
-def draw_weights(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+def iter_init_weights(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """`init_weights` one tensor at a time, in layout order: (canonical name, array of its shape in
     `spec.param_dtype`), for a caller that shows progress (a llama-1b draw takes about half a minute). The memory
     check (ResourceError) comes at the call, before the first draw."""
