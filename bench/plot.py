@@ -19,9 +19,10 @@ def is_time(x) -> bool:
 
 
 def read_report(path: Path) -> dict:
-    """A compare.py --json report, its shape checked (any other JSON was a KeyError traceback), with timed rows (one
-    without drew an empty plot and exited 0) whose times are step times (NaN, negative, 0 or true drew a meaningless
-    plot and exited 0); a stopped run's report (`"complete": false`) is named on stderr."""
+    """A compare.py --json report, its shape checked (else any other JSON would be a KeyError
+    traceback), with timed rows (else an empty plot and exit 0) whose times are step times (else NaN, negative, 0
+    or true would draw a meaningless plot and exit 0); a stopped run's report (`"complete": false`) is named on
+    stderr."""
     report = read_json(path)
     env, results = report.get("env"), report.get("results")
     fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),

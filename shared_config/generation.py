@@ -22,7 +22,7 @@ def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
     one. Anything else is a GenerationError (None, 5 or a dict were a TypeError or KeyError, [1, [2]] numpy's
     ValueError)."""
     if (isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__")
-            or not hasattr(prompt_tokens, "__getitem__")):  # a set was a TypeError ('set' object is not subscriptable)
+            or not hasattr(prompt_tokens, "__getitem__")):  # a set: else 'set' object is not subscriptable
         raise GenerationError(f"{PROMPT_RULE}, not {type(prompt_tokens).__name__}")
     single = len(prompt_tokens) > 0 and np.ndim(prompt_tokens[0]) == 0
     return [_ids(p) for p in ([prompt_tokens] if single else prompt_tokens)], single
@@ -44,8 +44,8 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                      eos_id: int | None = None) -> None:
     """Raise GenerationError unless the prompts fit the model and the settings make sense; the defaults are the twins'
-    `generate`'s, where None is a value (temperature=None was a TypeError from abs(), seed=None a ValueError in JAX
-    and a RuntimeError in torch), and top_k, top_p, eos_id None: not set."""
+    `generate`'s, where None is a value (unchecked, temperature=None would be a TypeError from abs(), seed=None a
+    ValueError in JAX and a RuntimeError in torch), and top_k, top_p, eos_id None: not set."""
     require(is_int(max_new_tokens, 1), "max_new_tokens", max_new_tokens, "an integer >= 1")
     require(is_number(temperature, 0), "temperature", temperature, "a finite number >= 0 (0: greedy)")
     require(top_k is None or is_int(top_k, 1), "top_k", top_k, "an integer >= 1")
@@ -67,8 +67,8 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
 
 def check_model(model, own: type) -> None:
     """Refuse a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or `Decoder`
-    is given one: None was an AttributeError ('NoneType' object has no attribute 'spec'), the other twin's model a
-    message about a cache from deep inside the steps."""
+    is given one: unchecked, None would be an AttributeError ('NoneType' object has no attribute 'spec'), the other
+    twin's model a message about a cache from deep inside the steps."""
     if not isinstance(model, own):
         raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
 

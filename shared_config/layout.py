@@ -61,7 +61,7 @@ def _norm(prefix: str, spec: ModelSpec, dim: int, alpha_init: float) -> list[Ten
         out = [alpha]
     elif spec.norm_type == "derf":
         out = [alpha, Tensor(f"{prefix}.shift", (1,), "param", "constant", spec.shift_init)]
-    else:  # a value new to CHOICES got RMSNorm's tensors
+    else:  # a value new to CHOICES and not written here is refused, not given RMSNorm's tensors
         raise ValueError(f"layout: no tensors for norm_type={spec.norm_type!r} (docs/extending.md)")
     out.append(Tensor(f"{prefix}.weight", (dim,), "param", "ones"))
     if spec.norm_bias:
@@ -180,7 +180,7 @@ def _routing(i: int, spec: ModelSpec) -> list[Tensor]:
 
 def layout(spec: ModelSpec) -> list[Tensor]:
     """Every canonical tensor of `spec` (a spec, or what `load_spec` takes), in module order: the contents of a
-    checkpoint file. A preset name or a dict was an AttributeError ('str' object has no attribute 'V')."""
+    checkpoint file."""
     spec = load_spec(spec)
     out = [Tensor("model.embed_tokens.weight", (spec.V, spec.D), "embedding", "embedding")]
     if spec.position == "learned":

@@ -23,7 +23,7 @@ MAX_HOST_DEVICES = 64
 
 def env_int(name: str, default: int = 0) -> int:
     """Environment variable `name` that a launcher sets (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; JAX_PROCESS_ID) as
-    an integer >= 0, `default` where unset. SpecError naming it otherwise: `WORLD_SIZE=abc` was a traceback."""
+    an integer >= 0, `default` where unset. SpecError naming it otherwise (`WORLD_SIZE=abc`)."""
     text = os.environ.get(name)
     if text is None:
         return default
@@ -36,9 +36,9 @@ def env_int(name: str, default: int = 0) -> int:
 def process_index(index_var: str, count_var: str) -> tuple[int, int]:
     """(index, count) of a launcher's environment (torchrun's RANK and WORLD_SIZE, JAX_PROCESS_ID and
     JAX_NUM_PROCESSES; 0 and 1 where unset), the count at least 1 and the index below it, else SpecError naming them:
-    no launcher sets other values. RANK=1 WORLD_SIZE=1 waited for a rank 0 that never came, and silently (rank 0
-    prints the errors); WORLD_SIZE=0 was a ZeroDivisionError's traceback, JAX_PROCESS_ID=1 JAX_NUM_PROCESSES=1 jax's
-    ValueError's."""
+    no launcher sets other values. Unchecked, RANK=1 WORLD_SIZE=1 would wait silently for a rank 0 that never
+    comes (rank 0 prints the errors); WORLD_SIZE=0 would be a ZeroDivisionError's traceback, JAX_PROCESS_ID=1
+    JAX_NUM_PROCESSES=1 jax's ValueError's."""
     index, count = env_int(index_var), env_int(count_var, 1)
     if count < 1:
         raise SpecError(f"environment variable {count_var}=0 must be >= 1 (the number of processes a launcher "

@@ -41,16 +41,17 @@ def check_token_array(shape: Sequence[int], dtype: str, what: str = "tokens", mi
 
 def check_token_type(tokens, own: tuple[type, ...]) -> None:
     """Refuse token ids a model cannot read as an array: a model call takes a numpy array or one of its own
-    framework's (`own`). A list was an AttributeError in both twins; the other twin's array an AttributeError in
-    torch and, in JAX, a message about its dtype `torch.int64`; a numpy array an AttributeError in torch only."""
+    framework's (`own`). Unchecked, a list would be an AttributeError in both twins; the other twin's array an
+    AttributeError in torch and, in JAX, a message about its dtype `torch.int64`; a numpy array an AttributeError in
+    torch only."""
     if not isinstance(tokens, (np.ndarray, *own)):
         raise TokenError(f"tokens must be an array of integer ids [batch, time] (numpy, or the model's framework's), "
                          f"not {type_name(tokens)}")
 
 
 def check_cache_type(cache, own: type) -> None:
-    """Refuse a cache that is not this twin's `KVCache` (`own`): the other twin's, or a tuple, was an AttributeError
-    from deep inside the call."""
+    """Refuse a cache that is not this twin's `KVCache` (`own`): the other twin's, or a tuple, would otherwise be an
+    AttributeError from deep inside the call."""
     if not isinstance(cache, own):
         raise TokenError(f"cache must be a KVCache made by this model's init_cache, not {type_name(cache)}")
 
@@ -138,8 +139,8 @@ def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None
     """A training batch whose ids are at hand, checked whole: `check_batch_array`, then every id in the vocabulary or
     `ignore` (IGNORE_INDEX). At hand: a numpy array, or a framework's array that `host` (the twin's `loss.host_ids`)
     reads without waiting on a device (on the CPU, outside jit or compilation), else None. Inside a jitted step the
-    ids are data: an id past the vocabulary as a target was a NaN loss in JAX and an IndexError in torch, also for a
-    JAX array or a torch tensor on the CPU, which were not read. Other arrays are left to `check_batch_array`.
+    ids are data: an id past the vocabulary as a target would be a NaN loss in JAX and an IndexError in torch;
+    hence a JAX array or a torch tensor on the CPU is read too. Other arrays are left to `check_batch_array`.
     A mask (of any framework) must have the tokens' shape: one of [1, N] weighted every row by row 0's mask without a
     word, and other shapes failed inside the framework; a numpy mask must hold numbers. `count`: `check_count`.
     Raises TokenError."""
@@ -167,7 +168,7 @@ def check_batch(tokens_BN, spec: ModelSpec, ignore: int, mask_BN=None, host=None
 
 def check_batch_type(tokens_BN, own: type) -> None:
     """Refuse a batch that is neither numpy, a list or tuple of rows, nor an array of the twin's framework (`own`):
-    a torch tensor was a TypeError from inside jax.jit in JAX's step, where torch's read a JAX array."""
+    a torch tensor would otherwise be a TypeError from inside jax.jit in JAX's step, where torch's reads a JAX array."""
     if not isinstance(tokens_BN, (np.ndarray, list, tuple, own)):
         raise TokenError(f"a batch must be integer ids [batch, tokens]: a numpy array, a list or the model's "
                          f"framework's array, not {type_name(tokens_BN)}")

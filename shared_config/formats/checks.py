@@ -195,7 +195,8 @@ def check_tensors(
 ) -> None:
     """Check numpy `tensors` against the expected names and shapes, float dtypes and (unless allowed) finite
     values; every problem in one error naming `path`. A value that is not an array of a numpy dtype (a list, a torch
-    tensor: `.numpy()` it) is named, where its missing `.shape` or its torch dtype was a TypeError or AttributeError."""
+    tensor: `.numpy()` it) is named, where its missing `.shape` or its torch dtype would be a TypeError or
+    AttributeError."""
     if odd := [n for n, x in tensors.items() if not isinstance(getattr(x, "dtype", None), np.dtype)]:
         raise CheckpointError(f"{path}: not arrays of a numpy dtype (numpy or JAX): "
                               f"{', '.join(f'{quote(n)[1:-1]} ({type(tensors[n]).__name__})' for n in odd[:8])}"
@@ -220,7 +221,7 @@ def check_weights(
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: the weights must be a mapping of tensor names to arrays, not "
                               f"{type(weights).__name__}")
-    if odd := [k for k in weights if not isinstance(k, str)]:  # the grouping by layer was a TypeError from re
+    if odd := [k for k in weights if not isinstance(k, str)]:  # else a TypeError from re, grouping by layer
         raise CheckpointError(f"{path}: tensor names must be str, not {type(odd[0]).__name__} {quote(odd[0])}")
     check_count(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)

@@ -176,7 +176,7 @@ def save_checkpoint(
 
     `file_format` is the metadata's "format"; transformers loads only "pt" files, see `shared_config.formats.hf`.
     """
-    spec = load_spec(spec)  # a preset name or a dict was an AttributeError from the layout
+    spec = load_spec(spec)  # a spec, a preset name or a dict
     check_weights(weights, spec, path, allow_nonfinite=True)
     tensors = {t.name: np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, {"spec": spec.to_json(), "format": file_format}))
