@@ -24,8 +24,8 @@ from .init import init_weights
 from .limits import quote
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
-                      read_state)
+from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
+                      load_train_checkpoint, read_state)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -53,7 +53,12 @@ class Run:
     save_every: int = DEFAULT_CADENCE["save_every"]  # 0: save at the end only
     keep: int = DEFAULT_CADENCE["keep"]  # 0: keep every checkpoint
     eval_batches: int = DEFAULT_EVAL_BATCHES
-    info: dict | None = None  # recorded in run.json: the command, the backend
+    info: dict | None = None  # recorded in run.json: the command, the backend, "invocations" (this one)
+
+    def record(self) -> dict:
+        """run.json's contents: `info`, the spec, the train config and the data."""
+        return {**(self.info or {}), "spec": self.spec.to_dict(), "train_config": self.cfg.to_dict(),
+                "data": self.data.describe()}
 
     def batch(self, step: int) -> np.ndarray:
         """The batch of update `step` (1-based): a pure function of the seed and the step."""
@@ -159,7 +164,8 @@ def resolve_run(args) -> Run:
                          f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
     stop = args.stop_at or cfg.steps
     return Run(spec, cfg, data, args.out, start, stop, **resumed_cadence(args, stored), eval_batches=eval_batches,
-               info={"backend": args.backend, "argv": args.argv})
+               info={"backend": args.backend, "argv": args.argv,
+                     "invocations": [invocation(args.backend, args.argv, done, stop)]})
 
 
 def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, source) -> str | None:

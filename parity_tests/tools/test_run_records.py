@@ -1,10 +1,11 @@
-"""What a training run says: a resume's errors name the option given and the run's own value it meets. In process, on
-a stand-in trainer: no training."""
+"""What a training run records and says: a resume's errors name the option given and the run's own value it meets,
+and run.json lists every invocation. In process, on a stand-in trainer: no training."""
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from types import SimpleNamespace
 
 import numpy as np
@@ -134,3 +135,40 @@ def test_a_resume_names_the_data_dtype_it_read_the_tokens_as(tmp_path):
                                          "but .*meta.json says dtype 'uint32': pass --data-dtype"):
         resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
     assert resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint32"]))
+
+
+def test_run_json_lists_every_invocation(tmp_path, monkeypatch, capsys):
+    """run.json kept the first invocation's command and backend alone: a resume, in the other twin too, left no trace
+    there. Each invocation is listed (arguments, twin, start step, stop, time, versions), the first one's kept at the
+    top; a run.json from before the list gets its first entry from them, and a lost one is made again."""
+    train = load_script("train")
+    made = []
+
+    def trainer(spec, cfg, state):
+        made.append(state["step"])
+        return CountingTrainer(state)
+
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(Trainer=trainer))
+    first = ["--backend", "torch", "--out", str(tmp_path), "--steps", "6", "--stop-at", "2", *SMALL]
+    second = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--stop-at", "4"]
+    third = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    train.main(first)
+    train.main(second)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["argv"], run["backend"]) == (first, "torch")  # the readers' keys, as they were
+    assert [(i["argv"], i["backend"], i["start_step"], i["stop"]) for i in run["invocations"]] == [
+        (first, "torch", 0, 2), (second, "jax", 2, 4)]
+    assert {"python", "numpy", "torch"} <= run["invocations"][0]["versions"].keys()
+    assert {"python", "numpy", "jax", "flax"} <= run["invocations"][1]["versions"].keys()
+    assert datetime.fromisoformat(run["invocations"][1]["time"]).utcoffset().total_seconds() == 0
+    del run["invocations"]  # a run.json written before the list
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    train.main(third)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [(i["argv"], i.get("start_step")) for i in run["invocations"]] == [(first, 0), (third, 4)]
+    (tmp_path / "run.json").unlink()  # lost: made again, of this invocation, with what a resume checks it against
+    fourth = [*third, "--steps", "8"]
+    train.main(fourth)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [i["argv"] for i in run["invocations"]] == [fourth] and run["train_config"]["steps"] == 8
+    assert made == [0, 2, 4, 6] and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 8
