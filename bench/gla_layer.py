@@ -17,14 +17,17 @@ stderr); progress on stderr, a call at a time (a bar on a terminal, a plain line
 none). Gates are logsigmoid(4·N(0, 1)) / 16 (gla's normalizer), float32. A GPU kernel is refused in one line
 where it cannot run. To compare two checkouts, run the script under each one's PYTHONPATH. --compile-step SPEC:
 instead, the seconds XLA takes to lower and compile the JAX twin's jitted train step (forward, backward, AdamW; the
-default train config) of SPEC at --batch x --tokens.
+default train config) of SPEC at --batch x --tokens, with progress by stage (build, lower, compile), its elapsed
+time shown again during each (every second on a terminal, every 10 s otherwise; --quiet: none).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 from shared_config import SpecError
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, nonempty, run
-from shared_config.progress import progress
+from shared_config.progress import PlainBar, progress
 from shared_config.report import report_on_stdout, write_report
 from shared_config.resources import check_memory, layout_size
 from shared_config.twins import twin
@@ -198,8 +201,10 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
     return jobs
 
 
-def compile_step(spec_name, batch, tokens):
-    """Seconds to lower and compile the JAX twin's train step of `spec_name` on [batch, tokens] int32 tokens."""
+def compile_step(spec_name, batch, tokens, quiet=True):
+    """Seconds to lower and compile the JAX twin's train step of `spec_name` on [batch, tokens] int32 tokens; progress
+    on stderr by stage (build, lower, compile), shown again every while during each (XLA's compile is one call of
+    12 s or more: it showed nothing), none when `quiet`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -213,11 +218,47 @@ def compile_step(spec_name, batch, tokens):
         raise UsageError(f"--tokens {tokens} exceeds max_seq_len={spec.max_seq_len} of {spec_name}")
     # the model and its train state (weights and AdamW's two moments, float32) are built to be lowered
     check_memory(3 * 4 * layout_size(spec)[1], f"--compile-step {spec_name}'s train state", "a smaller spec")
-    model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
-    state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
-    t0 = time.perf_counter()
-    step.lower(state, jax.ShapeDtypeStruct((batch, tokens), jnp.int32)).compile()
-    return time.perf_counter() - t0
+    # stages take their own times: no rate, no ETA
+    with progress(total=3, desc=f"jax train step of {spec_name}", postfix="build the model and its train state",
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]", quiet=quiet) as bar, \
+            ticking(bar):
+        model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
+        state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
+        bar.set_postfix_str("lower", refresh=False)
+        bar.update()
+        bar.refresh()  # the stage now, whether or not the update showed a line
+        t0 = time.perf_counter()
+        lowered = step.lower(state, jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
+        bar.set_postfix_str("compile", refresh=False)
+        bar.update()
+        bar.refresh()  # the stage now, whether or not the update showed a line
+        lowered.compile()
+        seconds = time.perf_counter() - t0
+        bar.set_postfix_str("done", refresh=False)
+        bar.update()
+    return seconds
+
+
+@contextlib.contextmanager
+def ticking(bar):
+    """Show `bar` again every while (a second on a terminal, its line interval otherwise) from a thread, so that its
+    elapsed time moves during one long call that reports nothing (XLA's compile)."""
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(bar.mininterval if isinstance(bar, PlainBar) else 1.0):
+            with bar.get_lock():
+                bar.display(str(bar))  # a message: PlainBar leaves out a redraw of a position it has shown
+
+    thread = threading.Thread(target=tick, name="compile-progress", daemon=True)
+    if not bar.disable:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join()
 
 
 # the layer's options (--compile-step times a train step of --batch x --tokens and reads none of them) and defaults
@@ -279,7 +320,7 @@ def main(argv=None):
 def time_kernels(args):
     if args.compile_step:
         try:
-            seconds = compile_step(args.compile_step, args.batch, args.tokens)
+            seconds = compile_step(args.compile_step, args.batch, args.tokens, args.quiet)
         except SpecError as e:
             raise UsageError(f"--compile-step: {e}") from None
         print(f"# jax train step of {args.compile_step}, batch {args.batch} x {args.tokens}: compile {seconds:.1f} s")

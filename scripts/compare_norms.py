@@ -81,12 +81,27 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
 
 
 def twin_gap(rows: dict) -> float | None:
-    """max over steps of |loss_jax − loss_torch| / loss_torch, where both twins ran."""
+    """max over steps of |loss_jax − loss_torch| / loss_torch, where both twins ran, over the steps before either was
+    stopped by a NaN/Inf (its last loss)."""
     if not {"jax", "torch"} <= rows.keys():
         return None
     a, b = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
-    n = min(len(a), len(b))
-    return float(np.max(np.abs(a[:n] - b[:n]) / np.abs(b[:n]))) if n else None
+    n = min(len(a), len(b), *(rows[t]["stopped_at"] - 1 for t in ("jax", "torch") if rows[t]["stopped_at"]))
+    return float(np.max(np.abs(a[:n] - b[:n]) / np.abs(b[:n]))) if n > 0 else None
+
+
+def gap_cell(rows: dict) -> str:
+    """The table's loss-gap cell: the gap, or, where a NaN/Inf stopped a twin's run, which twin at which step and the
+    gap over the steps before (the cell was `nan`, what had happened unsaid)."""
+    stops = {b: rows[b]["stopped_at"] for b in ("jax", "torch") if rows.get(b, {}).get("stopped_at") is not None}
+    gap = twin_gap(rows)
+    if not stops or not {"jax", "torch"} <= rows.keys():
+        return fmt(gap, ".1e")
+    if len(set(stops.values())) == 1:
+        said = f"{' and '.join(stops)} stopped at step {min(stops.values())}"
+    else:
+        said = ", ".join(f"{b} stopped at step {step}" for b, step in stops.items())
+    return f"{said} (non-finite)" + ("" if gap is None else f"; {gap:.1e} up to step {min(stops.values()) - 1}")
 
 
 def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
@@ -163,10 +178,10 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
              "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps "
              f"{each} | max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
-        row, gap = rows[main], twin_gap(rows)
+        row = rows[main]
         cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"),
                  fmt(row["alpha_min"], ".3f"), fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
-                 " / ".join(str(rows[b]["nonfinite_steps"]) for b in backends), fmt(gap, ".1e")]
+                 " / ".join(str(rows[b]["nonfinite_steps"]) for b in backends), gap_cell(rows)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| criterion | result | detail |", "|---|---|---|"]
     for name, passed, detail in criteria(results, main):

@@ -29,10 +29,10 @@ from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import mesh_devices, rows_per_shard, world_size
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
-    BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS,
-    is_main_process, resolve_run, resumed_checkpoint,
+    BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
+    TRAIN_KEYS, is_main_process, resolve_run, resumed_checkpoint,
 )
-from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir
+from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, record_invocation, recover_run_dir
 from shared_config.twins import twin
 
 
@@ -130,6 +130,8 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
+                if args.resume:  # a fresh run's run.json, with its invocation, is written as the loop starts
+                    record_invocation(run.out, run.info, run.record)
             loop = None
             try:
                 loop = Loop(run, make_trainer, progress=not args.quiet)
@@ -150,9 +152,10 @@ def main(argv=None):
             # failing rank's own error line (rank 1 out of memory: rank 0's gloo "Connection closed by peer")
             fail("another rank of this torchrun left the process group (its error line above, or torchrun's summary "
                  "of its exit code, says why); this rank stopped with it", 1)
-        if is_out_of_memory(e):
+        if is_out_of_memory(e):  # a resume keeps its batch (check_resume): "lower them" led to that refusal
+            lower = RESUME_MEMORY if args.resume else "lower them (--set batch_size=N, --set seq_len=N)"
             raise ResourceError(f"the {args.backend} training job ran out of memory at batch {run.cfg.batch_size} x "
-                                f"seq {run.cfg.seq_len}: lower them (--set batch_size=N, --set seq_len=N)") from e
+                                f"seq {run.cfg.seq_len}: {lower}") from e
         raise
     finally:
         if args.parallel and not finished:  # an error: leave the group without waiting for the other ranks

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from functools import partial
@@ -15,16 +16,16 @@ from typing import Callable
 import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
-from .config_file import check_keys, check_type, parse_overrides
-from .data import TokenData, eval_bytes, load_data, reads_raw_tokens
+from .config_file import SpecError, check_keys, check_type, parse_overrides
+from .data import DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
 from .limits import quote
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, latest_checkpoint, load_train_checkpoint,
-                      read_state)
+from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
+                      load_train_checkpoint, read_state)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -52,7 +53,12 @@ class Run:
     save_every: int = DEFAULT_CADENCE["save_every"]  # 0: save at the end only
     keep: int = DEFAULT_CADENCE["keep"]  # 0: keep every checkpoint
     eval_batches: int = DEFAULT_EVAL_BATCHES
-    info: dict | None = None  # recorded in run.json: the command, the backend
+    info: dict | None = None  # recorded in run.json: the command, the backend, "invocations" (this one)
+
+    def record(self) -> dict:
+        """run.json's contents: `info`, the spec, the train config and the data."""
+        return {**(self.info or {}), "spec": self.spec.to_dict(), "train_config": self.cfg.to_dict(),
+                "data": self.data.describe()}
 
     def batch(self, step: int) -> np.ndarray:
         """The batch of update `step` (1-based): a pure function of the seed and the step."""
@@ -82,10 +88,12 @@ def resolve_run(args) -> Run:
     shorthands = {k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None}
     check_shorthands(cfg_changes, {k: (f"--{k}", v) for k, v in shorthands.items()})
     cfg_changes.update(shorthands)
+    given = given_options(args)
     checkpoint, stored = resumed_checkpoint(args) if args.resume else (None, None)
-    if stored and cfg_changes.get("steps", math.inf) < (done := checkpoint_step(checkpoint)):
-        raise UsageError(f"--steps {cfg_changes['steps']}: the run in {args.out} has done {done} steps; --steps is the "
-                         f"number of steps to reach (at least {done})")
+    done = checkpoint_step(checkpoint) if stored else 0
+    if stored and cfg_changes.get("steps", math.inf) < done:
+        raise UsageError(f"{given['steps']}: the run in {args.out} has done {done} steps; --steps is the number of "
+                         f"steps to reach (at least {done})")
     if stored and args.stop_at is not None and args.stop_at < done:  # exit 0 having done nothing, a note saying the
         # schedule changed
         raise UsageError(f"--stop-at {args.stop_at}: the run in {args.out} has done {done} steps; --stop-at is the "
@@ -95,12 +103,35 @@ def resolve_run(args) -> Run:
     if args.data is None and stored and not str(source).startswith("synthetic") and not Path(source).exists():
         raise UsageError(f"{source}: the data the run in {args.out} trained on is not there any more; pass --data "
                          "where it is now (the resumed run checks that it holds the same tokens)")
-    data = load_data(source, resumed_data_dtype(args, stored, source))
+    dtype = resumed_data_dtype(args, checkpoint, stored, source)
+    kept_dtype = f"read as {dtype}: {checkpoint / STATE_FILE}'s data_dtype" if dtype != args.data_dtype else None
+    try:
+        data = load_data(source, dtype)
+    except DataError as e:  # named the data alone: the dtype came from state.json, not from an option
+        if kept_dtype is None:
+            raise
+        raise DataError(f"{e} ({kept_dtype}; --data-dtype reads them as another)") from None
+    named = partial(option_of, args, given, ", ".join(filter(None, [
+        args.data is not None and f"--data {args.data}", args.data_dtype and f"--data-dtype {args.data_dtype}",
+        kept_dtype])))
+    if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
+        # vocabulary, with advice to --set vocab_size, which the resume then refused
+        check_resume({"data": data.describe()}, stored, named)
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
-    cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
-    spec = cfg.model_spec(base_spec(args, stored, init, data).replace(**spec_changes))
+    if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
+        # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10")
+        check_resume({"spec": spec_changes if args.spec is None else {},
+                      "train_config": cfg_changes if args.train_config is None else {}}, stored, named)
+    base = base_spec(args, stored, init, data).replace(**spec_changes)
+    try:
+        cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
+        spec = cfg.model_spec(base)
+    except SpecError as e:
+        if not stored:
+            raise
+        raise resumed_rule(e, named, stored, checkpoint / STATE_FILE, "steps" in given) from None
     data.check(cfg.seq_len, spec.V)
-    lower = "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
+    lower = RESUME_MEMORY if stored else "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
     # a raw .bin read as the wrong dtype: ids of garbage, beyond any tokenizer's (the largest hold ~262k tokens)
     if data.vocab_from_ids and spec.V == data.vocab_size > IMPLAUSIBLE_VOCAB:
         lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
@@ -118,7 +149,9 @@ def resolve_run(args) -> Run:
                  f"{what} {eval_batches:,} (validation batches of {cfg.batch_size} x {cfg.seq_len + 1} tokens, kept "
                  "for every evaluation)", lower)
     if stored:
-        check_resume(spec, cfg, data, stored)
+        check_resume({"spec": spec.to_dict(), "train_config": cfg.to_dict()}, stored, named)
+        if (steps := stored["train_config"]["steps"]) != cfg.steps:
+            print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
         start = partial(checkpoint_state, checkpoint)
     else:
         refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
@@ -131,16 +164,62 @@ def resolve_run(args) -> Run:
                          f"to stop after, before the schedule's end (at most {cfg.steps}: --steps sets the end)")
     stop = args.stop_at or cfg.steps
     return Run(spec, cfg, data, args.out, start, stop, **resumed_cadence(args, stored), eval_batches=eval_batches,
-               info={"backend": args.backend, "argv": args.argv})
+               info={"backend": args.backend, "argv": args.argv,
+                     "invocations": [invocation(args.backend, args.argv, done, stop)]})
 
 
-def resumed_data_dtype(args, stored: dict | None, source) -> str | None:
+def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, source) -> str | None:
     """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
     raw .bin tokens, else None. A run of uint32 tokens resumed without --data-dtype read them as uint16 and was
-    refused for training on other data (token counts, hash), the option unnamed."""
-    if args.data_dtype is not None or not stored or stored.get("data_dtype") is None:
+    refused for training on other data (token counts, hash), the option unnamed. A data_dtype that meta.json beside
+    the tokens contradicts (one of them edited) is refused naming both: load_data named a --data-dtype never given."""
+    if args.data_dtype is not None or not stored or stored.get("data_dtype") is None or not reads_raw_tokens(source):
         return args.data_dtype
-    return stored["data_dtype"] if reads_raw_tokens(source) else None
+    dtype, directory = stored["data_dtype"], Path(source) if Path(source).is_dir() else Path(source).parent
+    if (meta := read_meta(directory).get("dtype")) not in (None, dtype):
+        raise UsageError(f"{checkpoint / STATE_FILE}: data_dtype {dtype} (how the run read {source}), but "
+                         f"{directory / 'meta.json'} says dtype {quote(meta)}: pass --data-dtype to read the tokens as "
+                         "one of them (the resume checks that they are the run's)")
+    return dtype
+
+
+def given_options(args) -> dict[str, str]:
+    """{spec or train config key: the option that set it, as given}: its --set item, or --steps N / --seed N."""
+    options = {item.partition("=")[0].strip(): f"--set {item}" for item in args.set or []}
+    options.update({k: f"--{k} {getattr(args, k)}" for k in ("steps", "seed") if getattr(args, k) is not None})
+    return options
+
+
+def option_of(args, given: dict[str, str], data: str, part: str, key: str) -> str:
+    """The options that set `key` of `part` (spec, train_config, data) in a resume, else "" (the resumed run's own,
+    from its state.json). `data`: the data's, whatever the key."""
+    if part == "data":
+        return data
+    if key in given:
+        return given[key]
+    file = args.spec if part == "spec" else args.train_config
+    return "" if file is None else f"--{part.replace('_', '-')} {file}"
+
+
+def resumed_rule(e: SpecError, named: Callable[[str, str], str], stored: dict, state_file: Path,
+                 steps_given: bool) -> UsageError:
+    """A train config or spec rule broken in a resume, named by the options given and the resumed run's values it
+    meets: `--steps 4` of a run whose warmup is 8 was "warmup_steps=8 must be <= steps=4", neither the option nor
+    where the 8 came from named (a resume keeps its schedule's warmup)."""
+    keys = dict.fromkeys(k for k in re.findall(r"\b(\w+)=", str(e)) if k in TRAIN_KEYS or k in SPEC_KEYS)
+    options, kept = [], []
+    for key in keys:
+        part = "train_config" if key in TRAIN_KEYS else "spec"
+        if option := named(part, key):
+            options.append(option)
+        elif key in stored[part]:
+            kept.append(f"{key} {quote(stored[part][key])}")
+    text = f"{', '.join(dict.fromkeys(options)) or '--resume'}: {e}"
+    if kept:
+        text += f" ({', '.join(kept)}: the resumed run's, from {state_file})"
+    if steps_given and {"steps", "warmup_steps"} <= keys.keys():
+        text += "; --stop-at N ends this invocation after update N without changing the schedule"
+    return UsageError(text)
 
 
 def resumed_cadence(args, stored: dict | None) -> dict:
@@ -165,6 +244,9 @@ def resumed_eval_batches(args, checkpoint: Path | None, stored: dict | None) -> 
     return args.eval_batches or before or DEFAULT_EVAL_BATCHES
 
 
+# a resumed run's batch and model are its checkpoint's (check_resume): what it may lower is the step's memory
+RESUME_MEMORY = ("resume it on a machine with more memory, or lower the step's memory, which a resume may change "
+                 "(--set grad_accum_steps=N, --set remat=block or full, --set loss_chunk=N)")
 IMPLAUSIBLE_VOCAB = 2**20  # token ids past this in a raw .bin are read as the sign of a wrong --data-dtype
 
 
@@ -250,18 +332,20 @@ def with_changes(cfg: TrainConfig, changes: dict, shorten_warmup: bool = True) -
     return cfg.replace(**changes)
 
 
-def check_resume(spec: ModelSpec, cfg: TrainConfig, data: TokenData, stored: dict) -> None:
-    """A resumed run is the run that was checkpointed: the same spec, train config (but steps and the compute options)
-    and data."""
-    pairs = [(f"spec {k}", stored["spec"].get(k), v) for k, v in spec.to_dict().items()]
-    pairs += [(k, stored["train_config"].get(k), v)
-              for k, v in cfg.to_dict().items() if k not in ("steps", *COMPUTE_OPTIONS)]
-    pairs += [(f"data {k}", stored["data"].get(k), v) for k, v in data.describe().items() if k != "source"]
-    if diffs := [f"{what}: checkpoint {quote(a)}, now {quote(b)}" for what, a, b in pairs if a != b]:
-        raise UsageError(f"--resume continues the run as it was checkpointed, but {'; '.join(diffs)} "
-                         "(start a new --out to change them)")
-    if (steps := stored["train_config"]["steps"]) != cfg.steps:
-        print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
+def check_resume(now: dict[str, dict], stored: dict, named: Callable[[str, str], str] = lambda part, key: "") -> None:
+    """A resumed run is the run that was checkpointed: `now`, {part: {key: value}} of its spec, train config (but
+    steps and the compute options) and data (but its source), is state.json's, or a UsageError lists each difference
+    with the options that made it, `named(part, key)` (option_of), once after the last difference in a row it made
+    ("lr: checkpoint 0.001, now 1" named the key alone)."""
+    label = {"spec": "spec ", "train_config": "", "data": "data "}
+    diffs = [(f"{label[part]}{k}: checkpoint {quote(stored[part].get(k))}, now {quote(v)}", named(part, k))
+             for part, values in now.items() for k, v in values.items()
+             if k not in ("steps", "source", *COMPUTE_OPTIONS) and stored[part].get(k) != v]
+    if diffs:
+        text = "; ".join(f"{diff} ({option})" if option and option != (diffs[i + 1][1] if i + 1 < len(diffs) else "")
+                         else diff for i, (diff, option) in enumerate(diffs))
+        raise UsageError(f"--resume continues the run as it was checkpointed, but {text}; start a new --out to change "
+                         "them")
 
 
 def fresh_state(weights: dict) -> dict:

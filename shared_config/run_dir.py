@@ -1,6 +1,7 @@
 """A training run's directory (numpy only): checkpoints that either twin resumes, and metrics.
 
-    OUT/run.json                  spec, train config, data and command of the run, written at its start
+    OUT/run.json                  spec, train config, data and command of the run, written at its start; every
+                                  invocation (command, backend, start step, time, versions) in "invocations"
     OUT/metrics.jsonl             one JSON object per line: {"kind": "train" | "eval", "step": ..., ...}
     OUT/tokenizer.json            the data's tokenizer, when it has one
     OUT/.lock                     the PID of the one process writing the run (an flock while it runs)
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import math
 import os
+import platform
 import re
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -160,7 +164,7 @@ def _check_count(state_file: Path, key: str, value, least: int) -> None:
 def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
     """The run's run.json (when there is one) and a checkpoint's state.json record the same spec, data and train
     config, but `steps` and the memory options (which any --resume may change, each time: run.json keeps the
-    first invocation's)."""
+    first invocation's; its "invocations" list each one's command)."""
     if not run_json.exists():  # a FIFO or device in its place is refused by read_json
         return
     run = read_json(run_json)
@@ -226,6 +230,42 @@ def write_json(path: str | Path, data: dict) -> None:
 def write_run_info(out: str | Path, info: dict) -> None:
     """OUT/run.json: what the run is (spec, train config, data, command), written at its start."""
     write_json(Path(out) / RUN_FILE, info)
+
+
+def record_invocation(out: str | Path, info: dict, whole: Callable[[], dict]) -> None:
+    """Add a resume's invocation (`info["invocations"]`, run.Run.info) to OUT/run.json's, after every earlier one: a
+    resume, in either twin, left no trace there. The first invocation's "argv" and "backend" stay as they were (and a
+    run.json from before "invocations" has them made its first); where there is no run.json, `whole()` is written."""
+    path = Path(out) / RUN_FILE
+    if not path.exists():
+        return write_run_info(out, whole())
+    run = read_json(path)
+    earlier = run.get("invocations")
+    if not isinstance(earlier, list):
+        earlier = [{k: run[k] for k in ("argv", "backend") if k in run} | {"start_step": 0}] if "argv" in run else []
+    write_run_info(out, {**run, "invocations": [*earlier, *info["invocations"]]})
+
+
+def invocation(backend: str, argv: list[str], start_step: int, stop: int) -> dict:
+    """One entry of run.json's "invocations": a scripts/train.py command's arguments, the twin, the step it started
+    from and the update it stops after, when it started (UTC) and the versions it ran under."""
+    return {"argv": argv, "backend": backend, "start_step": start_step, "stop": stop,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(backend)}
+
+
+FRAMEWORKS = {"jax": ("jax", "jaxlib", "flax", "optax"), "torch": ("torch",)}  # the distributions each twin runs on
+
+
+def versions(backend: str) -> dict[str, str | None]:
+    """Python's version and the installed versions of numpy and `backend`'s framework (None: not installed), read
+    from the distributions' metadata: no framework is imported for it."""
+    found = {"python": platform.python_version()}
+    for dist in ("numpy", *FRAMEWORKS.get(backend, ())):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:

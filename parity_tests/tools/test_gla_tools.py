@@ -1,10 +1,13 @@
-"""GLA in the tools: the FLOPs count, the bench's mixer sweep and context plot, and parity_report stage by stage."""
+"""GLA in the tools: the FLOPs count, the bench's mixer sweep and context plot, parity_report stage by stage, and
+gla_layer.py --compile-step's progress."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+from functools import partial
 
 import pytest
 
@@ -220,3 +223,17 @@ def test_the_triton_report_shows_progress_on_stderr_and_quiet_silences_it(quiet,
     assert all(line.startswith(("#", "|")) for line in out.splitlines()) and out.count("\n| _") == 4
     progress = [line for line in err.splitlines() if line.startswith("ttir")]
     assert progress == [] if quiet else "4/4" in progress[-1]
+
+
+def test_gla_layer_compile_step_shows_progress(monkeypatch):
+    """--compile-step, one XLA call of 12 s or more at gla-small, showed nothing until it printed its seconds: it
+    shows its stages, and the elapsed time again during each."""
+    from bench import gla_layer
+    from shared_config.progress import progress
+
+    stream = io.StringIO()
+    monkeypatch.setattr(gla_layer, "progress", partial(progress, interval=0.05, stream=stream))
+    assert gla_layer.main(["--compile-step", "tiny", "--batch", "1", "--tokens", "16"]) == 0
+    lines = stream.getvalue().splitlines()
+    assert [s for s in ("build", "lower", "compile]", "done") if not any(s in line for line in lines)] == []
+    assert sum("2/3 stages" in line and "compile]" in line for line in lines) >= 2  # shown again while it compiled

@@ -79,6 +79,28 @@ def test_the_routing_table_says_which_run_stopped_early():
     assert "| mod-0.5 | jax | stopped at step 7 (non-finite) | - |" in table
 
 
+def test_the_norm_tables_loss_gap_says_which_twin_stopped():
+    """A run a NaN/Inf stopped put `nan` in the loss-gap column (its last loss is the non-finite one): the cell says
+    which twin stopped at which step, with the gap over the steps before."""
+    study = load_script("compare_norms")
+
+    def row(losses, stopped_at=None):
+        return {**norm_row(15.0 if stopped_at is None else None, 0.03, stopped_at), "losses": losses}
+
+    results = {"rms-pre": {"jax": row([3.0, 2.5, 2.0]), "torch": row([3.0, 2.0, float("nan")], stopped_at=3)},
+               "dyt-pre": {"jax": row([3.0, float("nan")], stopped_at=2), "torch": row([3.0, float("nan")], 2)},
+               "rms-peri": {"jax": row([float("nan")], stopped_at=1), "torch": row([3.0, 2.0, 1.0])},
+               "dyt-peri": {"jax": row([3.0, 2.0, 1.0]), "torch": row([3.0, 2.0, 2.0])}}
+    table = study.markdown(results, ["jax", "torch"], 3, "c")
+    assert "nan" not in table
+    assert "| 0 / 1 | torch stopped at step 3 (non-finite); 2.5e-01 up to step 2 |" in table
+    assert "| 1 / 1 | jax and torch stopped at step 2 (non-finite); 0.0e+00 up to step 1 |" in table
+    assert "| 1 / 0 | jax stopped at step 1 (non-finite) |" in table
+    assert "| 0 / 0 | 5.0e-01 |" in table
+    single = study.markdown({"rms-pre": {"jax": results["rms-pre"]["torch"]}}, ["jax"], 3, "c")
+    assert single.splitlines()[6].endswith("| 1 | — |")  # one twin: no gap to give
+
+
 def test_plot_curves_labels_runs_of_one_name_apart(tmp_path, monkeypatch):
     """`plot_curves.py a/run run`: the second run was labelled by its path, "run", which was the first one's label,
     so its records replaced the first run's, one run drawn under the other's name. Runs of one name are labelled

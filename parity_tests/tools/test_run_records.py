@@ -1,0 +1,174 @@
+"""What a training run records and says: a resume's errors name the option given and the run's own value it meets,
+and run.json lists every invocation. In process, on a stand-in trainer: no training."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ..support.common import load_script
+from .test_study_results import CountingTrainer
+
+SMALL = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+
+
+def at(path) -> str:
+    """`path` as a regular expression that matches it alone."""
+    return re.escape(str(path))
+
+
+def started(tmp_path, *more: str):
+    """A run of 10 steps (warmup 8) stopped after 2 by the stand-in trainer: (train.py's module, its state.json)."""
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(tmp_path), "--steps", "10", "--set",
+                                        "warmup_steps=8", "--stop-at", "2", *SMALL, *more]))
+    Loop(run, CountingTrainer, progress=False)()
+    return train, tmp_path / "step-00000002" / "state.json"
+
+
+def test_a_resume_names_the_option_given_and_the_runs_value_it_meets(tmp_path):
+    """`--resume --steps 4` of a run whose warmup is 8 was "warmup_steps=8 must be <= steps=4": neither --steps nor
+    where the 8 came from named. A change the resume refuses (`--set warmup_steps=20`, of a run of 10 steps) was that
+    rule's error, not the refusal; a refusal named the keys, not the options that changed them."""
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    resume = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    for given in (["--steps", "4"], ["--set", "steps=4"]):
+        with pytest.raises(UsageError) as e:
+            resolve_run(train.parse_args([*resume, *given]))
+        assert str(e.value) == (f"{' '.join(given)}: warmup_steps=8 must be <= steps=4 (warmup_steps 8: the resumed "
+                                f"run's, from {state}); --stop-at N ends this invocation after update N without "
+                                "changing the schedule")
+    with pytest.raises(UsageError, match=f"^--set grad_accum_steps=3: .* divide batch_size=2 \\(batch_size 2: the "
+                                         f"resumed run's, from {at(state)}\\)$"):
+        resolve_run(train.parse_args([*resume, "--set", "grad_accum_steps=3"]))
+    with pytest.raises(UsageError, match="but warmup_steps: checkpoint 8, now 20 \\(--set warmup_steps=20\\); start"):
+        resolve_run(train.parse_args([*resume, "--set", "warmup_steps=20"]))
+    with pytest.raises(UsageError, match="but spec n_layers: checkpoint 1, now 2 \\(--set n_layers=2\\); lr: "
+                                         "checkpoint 0.001, now 1.0 \\(--set lr=1\\); seed: checkpoint 0, now 3 "
+                                         "\\(--seed 3\\); "):
+        resolve_run(train.parse_args([*resume, "--set", "lr=1", "--seed", "3", "--set", "n_layers=2"]))
+    with pytest.raises(UsageError, match="^--set steps=1: the run in .* has done 2 steps"):
+        resolve_run(train.parse_args([*resume, "--set", "steps=1"]))
+    with pytest.raises(UsageError, match="data sha256: checkpoint '[0-9a-f]+', now '[0-9a-f]+' "
+                                         "\\(--data synthetic:1\\)"):
+        resolve_run(train.parse_args([*resume, "--data", "synthetic:1"]))
+    assert resolve_run(train.parse_args([*resume, "--steps", "12", "--set", "remat=full"])).cfg.steps == 12
+
+
+def test_a_resume_too_large_for_the_machine_is_told_what_a_resume_may_lower(tmp_path, monkeypatch):
+    """A resume that did not fit was told to lower batch_size (--set batch_size=N), which the resume then refused;
+    so was one that ran out of memory as it trained. It is told to lower the memory options, which a resume may
+    change (a fresh run still lowers its batch)."""
+    from shared_config import resources
+    from shared_config.resources import ResourceError
+    from shared_config.run import resolve_run
+
+    train, _ = started(tmp_path)
+    resume = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+
+    class OutOfMemory(CountingTrainer):
+        def __init__(self, spec, cfg, state):
+            super().__init__(state)
+
+        def step(self, tokens_BN):
+            raise MemoryError
+
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(Trainer=OutOfMemory))
+    with pytest.raises(ResourceError, match="at batch 2 x seq 16: resume it on a machine with more memory, or lower "
+                                            "the step's memory, which a resume may change \\(--set grad_accum_steps"):
+        train.main(resume)
+    monkeypatch.setattr(resources, "machine_memory", lambda: (10**6, "of memory here"))
+    with pytest.raises(ResourceError, match="of memory here; resume it on a machine with more memory, or lower the "
+                                            "step's memory"):
+        resolve_run(train.parse_args(resume))
+    with pytest.raises(ResourceError, match="of memory here; lower batch_size/seq_len"):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path / "new"), *SMALL]))
+
+
+def test_a_resume_names_the_data_dtype_it_read_the_tokens_as(tmp_path):
+    """state.json's data_dtype edited (uint32 tokens read as uint16) was refused as other data, the key unnamed; one
+    that meta.json beside the tokens contradicts was refused naming a --data-dtype never given, and one whose size
+    does not divide the file named nothing of where the dtype came from."""
+    from shared_config.cli import UsageError
+    from shared_config.data import DataError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    tokens = np.random.default_rng(0).integers(0, 300, 4000).astype(np.uint32)
+    (tmp_path / "data").mkdir()
+    tokens.tofile(tmp_path / "tokens.bin")
+    for split in ("train", "val"):
+        tokens.tofile(tmp_path / "data" / f"{split}.bin")
+    (tmp_path / "data" / "meta.json").write_text('{"dtype": "uint32"}')
+    tokens[:1001].astype(np.uint16).tofile(tmp_path / "odd.bin")  # 2,002 bytes: no whole number of uint32
+    for data in ("tokens.bin", "data"):
+        run = resolve_run(train.parse_args(["--backend", "jax", "--out", str(tmp_path / f"run-{data}"), "--data",
+                                            str(tmp_path / data), "--steps", "2", "--data-dtype", "uint32", *SMALL]))
+        Loop(run, CountingTrainer, progress=False)()
+    resume = ["--backend", "torch", "--resume", "--steps", "4"]
+    state = tmp_path / "run-tokens.bin" / "step-00000002" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint16"}))
+    with pytest.raises(UsageError, match=f"data train_tokens: checkpoint 3600, now 7200; .*; data sha256: .* \\(read "
+                                         f"as uint16: {at(state)}'s data_dtype\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-tokens.bin")]))
+    state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint32"}))
+    with pytest.raises(DataError, match=f"odd.bin: 2002 bytes is not a whole number of uint32 tokens .* \\(read as "
+                                        f"uint32: {at(state)}'s data_dtype; --data-dtype reads them as "
+                                        "another\\)"):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-tokens.bin"), "--data",
+                                      str(tmp_path / "odd.bin")]))
+    state = tmp_path / "run-data" / "step-00000002" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint16"}))
+    with pytest.raises(UsageError, match=f"^{at(state)}: data_dtype uint16 \\(how the run read .*data\\), "
+                                         "but .*meta.json says dtype 'uint32': pass --data-dtype"):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    assert resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint32"]))
+
+
+def test_run_json_lists_every_invocation(tmp_path, monkeypatch, capsys):
+    """run.json kept the first invocation's command and backend alone: a resume, in the other twin too, left no trace
+    there. Each invocation is listed (arguments, twin, start step, stop, time, versions), the first one's kept at the
+    top; a run.json from before the list gets its first entry from them, and a lost one is made again."""
+    train = load_script("train")
+    made = []
+
+    def trainer(spec, cfg, state):
+        made.append(state["step"])
+        return CountingTrainer(state)
+
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(Trainer=trainer))
+    first = ["--backend", "torch", "--out", str(tmp_path), "--steps", "6", "--stop-at", "2", *SMALL]
+    second = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--stop-at", "4"]
+    third = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    train.main(first)
+    train.main(second)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["argv"], run["backend"]) == (first, "torch")  # the readers' keys, as they were
+    assert [(i["argv"], i["backend"], i["start_step"], i["stop"]) for i in run["invocations"]] == [
+        (first, "torch", 0, 2), (second, "jax", 2, 4)]
+    assert {"python", "numpy", "torch"} <= run["invocations"][0]["versions"].keys()
+    assert {"python", "numpy", "jax", "flax"} <= run["invocations"][1]["versions"].keys()
+    assert datetime.fromisoformat(run["invocations"][1]["time"]).utcoffset().total_seconds() == 0
+    del run["invocations"]  # a run.json written before the list
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    train.main(third)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [(i["argv"], i.get("start_step")) for i in run["invocations"]] == [(first, 0), (third, 4)]
+    (tmp_path / "run.json").unlink()  # lost: made again, of this invocation, with what a resume checks it against
+    fourth = [*third, "--steps", "8"]
+    train.main(fourth)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [i["argv"] for i in run["invocations"]] == [fourth] and run["train_config"]["steps"] == 8
+    assert made == [0, 2, 4, 6] and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 8
