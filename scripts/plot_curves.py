@@ -21,8 +21,8 @@ PLOTTED = ("step", "loss", "val_loss", "grad_norm", "entropy")  # the numbers of
 
 def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
     """{run name: metrics records}; a directory without training losses, or a record whose plotted fields are not
-    numbers, is a usage error (a loss "abc" or a list of scalars was a traceback, a train record without a loss an
-    empty plot and exit 0)."""
+    numbers, is a usage error (unchecked, a loss "abc" or a list of scalars would be a traceback, a train record
+    without a loss an empty plot and exit 0)."""
     runs = {}
     for d, label in zip(dirs, labels(dirs)):
         records = read_metrics(d / METRICS_FILE)

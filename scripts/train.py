@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None):
 def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
-    torchrun = world_size() > 1  # WORLD_SIZE=0 was a ZeroDivisionError splitting the batch
-    # launched by torchrun, with one process too (torchrun --nproc_per_node=1 --parallel fsdp2 was told to use torchrun)
+    torchrun = world_size() > 1  # world_size checks WORLD_SIZE (0 would divide the batch by 0)
+    # launched by torchrun, with one process too (torchrun --nproc_per_node=1 --parallel fsdp2 is a launch)
     launched = "RANK" in os.environ  # as torch_model.distributed.init_distributed reads it
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")

@@ -40,7 +40,7 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
     cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
     spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
     data.check(cfg.seq_len, spec.V)
-    # before anything is allocated: --set batch_size=1000000000 was a MemoryError from inside the loop's set-up
+    # before anything is allocated (--set batch_size=1000000000 would be a MemoryError from inside the loop's set-up)
     check_train_memory(spec, cfg, "lower --set batch_size or seq_len, or the model's sizes")
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
