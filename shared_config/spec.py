@@ -41,7 +41,7 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
-INT32_MAX = 2**31 - 1  # dtf_window's and rope_original_max_seq_len's bound: positions are int32 in the twins
+INT32_MAX = 2**31 - 1  # max_seq_len, rope_original_max_seq_len and dtf_window at most: positions are int32 in the twins
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,8 +214,10 @@ def _check_rules(s: ModelSpec) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
-    if s.rope_original_max_seq_len > INT32_MAX:  # a context length: 400 digits were rope_inv_freq's OverflowError
-        raise SpecError(f"rope_original_max_seq_len={s.rope_original_max_seq_len} must be <= {INT32_MAX:,}")
+    for name in ("max_seq_len", "rope_original_max_seq_len"):  # context lengths: 400 digits were rope_inv_freq's
+        # OverflowError, or the RoPE angles' error naming rope_theta
+        if getattr(s, name) > INT32_MAX:
+            raise SpecError(f"{name}={getattr(s, name)} must be <= {INT32_MAX:,} (positions are int32 in the twins)")
     for name in ("n_kv_heads", "head_dim"):
         if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
@@ -262,7 +264,8 @@ def _check_float32_range(s: ModelSpec) -> None:
         raise SpecError(f"norm_eps={s.norm_eps} is 0 in float32: it must be >= 1.4e-45, float32's smallest")
     # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1
     # (llama3 scaling only divides frequencies, by a factor >= 1)
-    log_angle = max(0.0, -math.log(s.rope_theta) * (s.E - 2) / s.E) + math.log(max(1, s.max_seq_len - 1))
+    # (1 - 2/E, not (E-2)/E: a 400-digit head_dim was float()'s OverflowError)
+    log_angle = max(0.0, -math.log(s.rope_theta) * (1 - 2 / s.E)) + math.log(max(1, s.max_seq_len - 1))
     if s.position == "rope" and log_angle > math.log(FLOAT32_MAX):
         raise SpecError(f"rope_theta={s.rope_theta} gives RoPE angles past float32's range (position · "
                         f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")

@@ -95,6 +95,8 @@ def test_spec_is_frozen():
         ({"shift_init": -1e300}, "shift_init=-1e+300 must be within float32's range"),
         ({"init_std": 1e300}, "init_std=1e+300 must be <= 2.1e37: its draws must fit float32"),
         ({"norm_eps": 1e-320}, "norm_eps=1e-320 is 0 in float32: it must be >= 1.4e-45"),
+        ({"max_seq_len": 2**31}, "max_seq_len=2147483648 must be <= 2,147,483,647 (positions are int32"),  # a RoPE
+        # error naming rope_theta from 10**400 on
         ({"rope_theta": 1e-300}, "rope_theta=1e-300 gives RoPE angles past float32's range"),
     ],
 )
@@ -214,9 +216,10 @@ def test_float_looking_values_are_numbers_in_every_yaml_read(tmp_path):
 
 def test_integers_read_as_written():
     """YAML 1.1 reads a leading zero as octal (`--set n_layers=010` built 8 layers) but `08` as text, and `1:30` as
-    base 60 (`--set steps=1:30` ran 90 steps). As YAML 1.2 reads them: decimal, and text an integer field refuses."""
-    assert parse_overrides(["a=010", "b=08", "c=-007", "d=0x1f", "e=1_000", "f=0"]) == {
-        "a": 10, "b": 8, "c": -7, "d": 31, "e": 1000, "f": 0}
+    base 60 (`--set steps=1:30` ran 90 steps). As YAML 1.2's core schema reads them: decimal, and text an integer field
+    refuses (so are YAML 1.1's `1_000` and `0b11`)."""
+    assert parse_overrides(["a=010", "b=08", "c=-007", "d=0x1f", "e=+1", "f=0"]) == {
+        "a": 10, "b": 8, "c": -7, "d": 31, "e": 1, "f": 0}
     assert parse_overrides(["a=1:30", "b=1:30.5"]) == {"a": "1:30", "b": "1:30.5"}
     with pytest.raises(SpecError, match="n_layers='1:30' must be an integer"):
         load_spec({**BASE, **parse_overrides(["n_layers=1:30"])})
