@@ -103,6 +103,22 @@ def _finite(x: numbers.Real) -> bool:
         return False
 
 
+FLOAT32_MAX, FLOAT32_NORMAL = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)  # 3.4e38, 1.2e-38
+
+
+def check_float32(name: str, value: float, does: str, zero: bool = False) -> None:
+    """Refuse (SpecError) a float field that float32 arithmetic cannot hold: past float32's range (inf there), or not
+    0 yet 0 or subnormal in float32, where XLA flushes subnormals to 0 and torch keeps them (the twins would differ).
+    `zero`: 0 itself is a value of the field; `does`: what the value does in float32, for the message."""
+    with np.errstate(over="ignore"):
+        f = np.float32(value)
+    if np.isfinite(f) and (value == 0 or abs(f) >= FLOAT32_NORMAL):
+        return
+    problem = "past float32's range" if not np.isfinite(f) else "0 in float32" if f == 0 else "subnormal in float32"
+    raise SpecError(f"{name}={value} is {problem}: it must be {'0 or ' if zero else ''}a normal float32 number, of "
+                    f"magnitude 1.2e-38 to 3.4e38 ({does})")
+
+
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:
     """Read a YAML mapping within the limits of `shared_config.limits` (size, nesting, aliases), turning parse
     errors into one-line errors (SpecError) that say what is wrong and where (line and column), not the file: the
