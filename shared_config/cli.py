@@ -26,7 +26,7 @@ from .data import DataError
 from .files import CheckpointError
 from .hardware import HardwareError, jax_backend_failure
 from .report import partial_report
-from .limits import LimitError, quote
+from .limits import LimitError, quote, shorten_numbers
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
 from .parallel import process_index
@@ -299,10 +299,11 @@ def fail(message: str, code: int = BAD_INPUT):
     """Print one `error:` line and exit with `code`. Under torchrun a usage error, a non-finite loss (its checks
     read values every rank shares) and a signal (torchrun sends it to every rank) are every rank's alike: rank 0
     alone prints them (the others exit with the same code, silently). An error of the machine (ENVIRONMENT: memory,
-    disk) may be one rank's own: every rank that meets it prints it."""
+    disk) may be one rank's own: every rank that meets it prints it. Numbers past limits.MAX_DIGITS digits are cut
+    (`shorten_numbers`), the line past MAX_MESSAGE characters."""
     if code != ENVIRONMENT and not _rank_zero():
         sys.exit(code)
-    text = " ".join(str(message).split())
+    text = shorten_numbers(" ".join(str(message).split()))  # any error's: argparse's, an OSError's, a UsageError's
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
     print(f"error: {text}", file=sys.stderr)

@@ -15,11 +15,15 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import yaml
 
-from .limits import MAX_YAML_BYTES, LimitError, parse_yaml, quote, read_capped
+from .limits import MAX_YAML_BYTES, LimitError, parse_yaml, quote, read_capped, shorten_numbers, yaml_number
 
 
 class SpecError(ValueError):
-    """A spec (or train config) that breaks a rule; the message names the field, the value and the rule."""
+    """A spec (or train config) that breaks a rule; the message names the field, the value and the rule, with numbers
+    past limits.MAX_DIGITS digits cut (`shorten_numbers`), however the message quoted them."""
+
+    def __init__(self, message: Any = ""):
+        super().__init__(shorten_numbers(str(message)))
 
 
 def from_mapping(cls, d: Mapping[str, Any], what: str):
@@ -59,20 +63,24 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
         # numpy's integers too (a size computed with numpy), stored as int: a spec's JSON holds plain numbers
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise SpecError(f"{name}={quote(value)} must be an integer")
+        if int(value).bit_length() > MAX_INT_BITS:  # a rule's message could not print it (str() raises past 4,300
+            # digits)
+            raise SpecError(f"{name}={quote(int(value))} is past every bound a field has")
         return int(value)
     if kind == "float":
-        if isinstance(value, str):  # "1e-5" from a mapping given in Python, or a record written before parse_yaml
-            # read YAML 1.2 floats
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and (number := yaml_number(value)) is not None:
+            # "1e-5" from a mapping given in Python, or a record written before parse_yaml read YAML 1.2's floats: read
+            # as `--set` reads it (YAML 1.2; float() also took " 1.5", "1_0.5", "infinity" and other digits than 0-9)
+            value = number
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not _finite(value):
             raise SpecError(f"{name}={quote(value)} must be a finite number")
         return float(value)
     if kind.startswith("bool"):
         if not isinstance(value, (bool, np.bool_)):
-            raise SpecError(f"{name}={quote(value)} must be true or false")
+            yaml11 = isinstance(value, str) and value.lower() in YAML11_BOOLS
+            raise SpecError(f"{name}={quote(value)} must be true or false"
+                            + (" (YAML 1.2, which these files and --set follow, reads yes/no/on/off as text)" if yaml11
+                               else ""))
         return bool(value)
     if not isinstance(value, str):
         raise SpecError(f"{name}={quote(value)} must be one of {', '.join(choices[name])}")
@@ -83,12 +91,32 @@ def check_type(f: dataclasses.Field, value: Any, choices: Mapping[str, tuple], a
     return value
 
 
+MAX_INT_BITS = 4096  # integers given in Python (YAML and JSON stop at 4,300 digits): far past any field's bound
+YAML11_BOOLS = ("yes", "no", "on", "off", "y", "n")  # booleans of YAML 1.1 (some readers), text in YAML 1.2
+
+
 def _finite(x: numbers.Real) -> bool:
     """Whether `x` is finite as a float: an int past float's range (`10**400`) is not, and raises no OverflowError."""
     try:
         return math.isfinite(float(x))
     except OverflowError:
         return False
+
+
+FLOAT32_MAX, FLOAT32_NORMAL = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)  # 3.4e38, 1.2e-38
+
+
+def check_float32(name: str, value: float, does: str, zero: bool = False) -> None:
+    """Refuse (SpecError) a float field that float32 arithmetic cannot hold: past float32's range (inf there), or not
+    0 yet 0 or subnormal in float32, where XLA flushes subnormals to 0 and torch keeps them (the twins would differ).
+    `zero`: 0 itself is a value of the field; `does`: what the value does in float32, for the message."""
+    with np.errstate(over="ignore"):
+        f = np.float32(value)
+    if np.isfinite(f) and (value == 0 or abs(f) >= FLOAT32_NORMAL):
+        return
+    problem = "past float32's range" if not np.isfinite(f) else "0 in float32" if f == 0 else "subnormal in float32"
+    raise SpecError(f"{name}={value} is {problem}: it must be {'0 or ' if zero else ''}a normal float32 number, of "
+                    f"magnitude 1.2e-38 to 3.4e38 ({does})")
 
 
 def load_yaml(source: str | Path, what: str) -> dict[str, Any]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import reprlib
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,32 @@ MAX_YAML_BYTES = 1 * 2**20  # a spec or train config: a flat mapping of a few do
 MAX_NESTING = 64  # JSON/YAML containers inside containers (real files nest 3 deep)
 MAX_YAML_ALIASES = 100  # `*name` references in one YAML document ("billion laughs" expands them exponentially)
 MAX_QUOTED = 80  # characters of a value quoted in an error message
+MAX_DIGITS = 24  # digits of a number quoted whole in an error message (2**64 has 20); longer ones are cut
+LONG_NUMBER = re.compile(rf"[0-9]{{{MAX_DIGITS + 1},}}")
 
-_repr = reprlib.Repr()
+
+def shorten_numbers(text: str) -> str:
+    """`text` with each run of more than MAX_DIGITS digits cut to its first and last ten and its length,
+    `1234567890...1234567890 (400 digits)`: the one rule for long numbers in error messages, applied by `quote`, by
+    every SpecError and by `cli.fail` to every error line (a 400-digit `--set` value was echoed whole)."""
+    return LONG_NUMBER.sub(lambda m: f"{m[0][:10]}...{m[0][-10:]} ({len(m[0]):,} digits)", text)
+
+
+class _Quoter(reprlib.Repr):
+    """reprlib's shortened repr, with long numbers cut by `shorten_numbers` (also inside strings, before reprlib cuts
+    them, so that the digit count is the whole run's) and integers too long for `repr` named by their size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return shorten_numbers(repr(x))
+        except ValueError:  # past sys.get_int_max_str_digits() digits
+            return f"<an integer of about {x.bit_length() * math.log10(2):,.0f} digits>"
+
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(shorten_numbers(x) if len(x) > MAX_DIGITS else x, level)
+
+
+_repr = _Quoter()
 _repr.maxstring = _repr.maxother = _repr.maxlong = MAX_QUOTED
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
 _repr.maxlevel = 3
@@ -36,7 +62,8 @@ class LimitError(ValueError):
 
 
 def quote(value: Any) -> str:
-    """`repr(value)` shortened to about MAX_QUOTED characters, without walking more of `value` than it shows."""
+    """`repr(value)` shortened to about MAX_QUOTED characters (numbers past MAX_DIGITS digits by `shorten_numbers`),
+    without walking more of `value` than it shows."""
     return _repr.repr(value)
 
 
@@ -171,39 +198,84 @@ class BoundedLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"{quote(node.value)} cannot be read as !!{tag}",
                                                     node.start_mark) from None
 
+    def construct_yaml_bool(self, node):
+        return read_bool(self.construct_scalar(node))
+
     def construct_yaml_int(self, node):
-        """YAML 1.2's integers: `010` is ten, where YAML 1.1 read octal (8: `--set n_layers=010` built 8 layers, while
-        `08`, no octal, was text), `0o17` octal (fifteen, where YAML 1.1 read text); a base-60 `1:30` (YAML 1.1's 90)
-        is text, which an integer field refuses."""
-        text = self.construct_scalar(node)
-        digits = text.replace("_", "").lstrip("+-")
-        if ":" in digits:
-            return text
-        if digits.startswith(("0x", "0b")):
-            return super().construct_yaml_int(node)
-        if digits.startswith("0o"):
-            return (-1 if text.startswith("-") else 1) * int(digits[2:], 8)
-        return int(text.replace("_", ""), 10)
+        return read_int(self.construct_scalar(node))
 
     def construct_yaml_float(self, node):
-        """A base-60 `1:30.5` is text, as in YAML 1.2 (YAML 1.1 read 90.5)."""
-        text = self.construct_scalar(node)
-        return text if ":" in text else super().construct_yaml_float(node)
+        return read_float(self.construct_scalar(node))
 
 
-# YAML 1.2's numbers that YAML 1.1 (PyYAML) reads as strings: floats with no dot (`1e-3`, `1e30`, `3e4`) or no
-# exponent sign (`1.0e5`), decimals with a leading zero that are no octal (`08`). Read as numbers by every reader of
-# YAML here (--set, --sweep, spec and train config files): a string got through to wherever a float field's check did
-# not convert it (a study's JSON recorded `"lr": "1e30"`). Ints and floats as YAML 1.2 reads them: the constructors.
-YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:[.][0-9_]*)?|[.][0-9_]+)[eE][-+]?[0-9]+$")
-YAML12_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+)$")
-BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
-BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))
-BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
-BoundedLoader.add_constructor("tag:yaml.org,2002:float", BoundedLoader.construct_yaml_float)
+# YAML 1.2's core schema (yaml.org/spec/1.2.2, 10.3.2), where PyYAML reads YAML 1.1: every YAML read here (--set,
+# --sweep, spec and train config files) resolves plain scalars by these patterns, and an explicit tag (`!!int 0o17`)
+# reads only these forms. YAML 1.1 differed in ways that misread a spec without a word: `yes`/`no`/`on`/`off` were
+# booleans (`--set norm_type=off` was refused as False, `tie_embeddings: yes` tied), `1e-3` and `+.5` text (a
+# study's JSON recorded `"lr": "1e30"`), `010` octal 8 and `1:30` base-60 90 (`--set steps=1:30` ran 90 steps),
+# `1_000` and `0b11` numbers, `2024-01-01` a date, `=` an unreadable tag. In YAML 1.2 all those are text, which a
+# number, boolean or enum field refuses naming the field.
+YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
+YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
+YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:[.][0-9]+|[0-9]+(?:[.][0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                          r"|[-+]?[.](?:inf|Inf|INF)|[.](?:nan|NaN|NAN))\Z")
+_TAG = "tag:yaml.org,2002:"
+_YAML11_ONLY = {f"{_TAG}{kind}" for kind in ("bool", "int", "float", "timestamp", "value")}
+
+
+def read_bool(text: str) -> bool:
+    """A YAML 1.2 boolean (true/True/TRUE, false/False/FALSE); ValueError for anything else (YAML 1.1's `yes`)."""
+    if not YAML12_BOOL.match(text):
+        raise ValueError(text)
+    return text[0] in "tT"
+
+
+def read_int(text: str) -> int:
+    """A YAML 1.2 integer: decimal with an optional sign (`010` is ten), `0o17` octal, `0x1f` hexadecimal; ValueError
+    for anything else, and for more digits than Python turns into an int (a message then says so)."""
+    if not YAML12_INT.match(text):
+        raise ValueError(text)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    if base == 10 and 0 < sys.get_int_max_str_digits() < len(text.lstrip("+-")):  # int()'s ValueError said less
+        limit = sys.get_int_max_str_digits()
+        raise yaml.constructor.ConstructorError(None, None, f"{quote(text)} has more digits than the {limit:,} Python "
+                                                            "reads as an integer")
+    return int(text if base == 10 else text[2:], base)
+
+
+def read_float(text: str) -> float:
+    """A YAML 1.2 float (`1e-3`, `.5`, `+.5`, `1.`, `-.inf`, `.nan`), integers included; ValueError for anything
+    else."""
+    if not YAML12_FLOAT.match(text):
+        raise ValueError(text)
+    special = text.lstrip("+-").lower() in (".inf", ".nan")  # Python's float() reads them without the dot
+    return float(text.replace(".", "", 1) if special else text)
+
+
+def yaml_number(text: str) -> int | float | None:
+    """The number `text` is as a plain YAML scalar (as `--set key=TEXT` reads it), or None where YAML reads text: how
+    a float field reads a string given in Python (`{"lr": "1e-3"}`) or recorded before YAML 1.2's floats were read."""
+    if YAML12_INT.match(text):
+        try:
+            return read_int(text)
+        except yaml.YAMLError:  # past Python's digits, and past every float: no number a field takes
+            return None
+    return read_float(text) if YAML12_FLOAT.match(text) else None
+
+
+# BoundedLoader's own table of resolvers: SafeLoader's (nulls, `<<` merge keys) less YAML 1.1's, in new lists, so
+# that yaml.SafeLoader (and yaml.safe_load) keep reading YAML 1.1 (add_implicit_resolver copies only the dict)
+BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+BoundedLoader.add_implicit_resolver(f"{_TAG}bool", YAML12_BOOL, list("tTfF"))
+BoundedLoader.add_implicit_resolver(f"{_TAG}int", YAML12_INT, list("-+0123456789"))
+BoundedLoader.add_implicit_resolver(f"{_TAG}float", YAML12_FLOAT, list("-+0123456789."))
+for _kind in ("bool", "int", "float"):
+    BoundedLoader.add_constructor(f"{_TAG}{_kind}", getattr(BoundedLoader, f"construct_yaml_{_kind}"))
 
 
 def parse_yaml(text: str | bytes) -> Any:
-    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML), with YAML 1.2's
-    floats (YAML12_FLOAT) read as floats."""
+    """`yaml.safe_load` within the limits above (LimitError past them; yaml.YAMLError for bad YAML), reading plain
+    scalars by YAML 1.2's core schema (the patterns above), not YAML 1.1's."""
     return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader subclass)

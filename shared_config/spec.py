@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config_file import SpecError, check_type, from_mapping, load_preset_or_file, yaml_names
+from .config_file import (FLOAT32_MAX, SpecError, check_float32, check_type, from_mapping, load_preset_or_file,
+                          yaml_names)
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -41,7 +42,7 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
-INT32_MAX = 2**31 - 1  # dtf_window's and rope_original_max_seq_len's bound: positions are int32 in the twins
+INT32_MAX = 2**31 - 1  # max_seq_len, rope_original_max_seq_len and dtf_window at most: positions are int32 in the twins
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,8 +215,10 @@ def _check_rules(s: ModelSpec) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "rope_original_max_seq_len"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
-    if s.rope_original_max_seq_len > INT32_MAX:  # a context length: 400 digits were rope_inv_freq's OverflowError
-        raise SpecError(f"rope_original_max_seq_len={s.rope_original_max_seq_len} must be <= {INT32_MAX:,}")
+    for name in ("max_seq_len", "rope_original_max_seq_len"):  # context lengths: 400 digits were rope_inv_freq's
+        # OverflowError, or the RoPE angles' error naming rope_theta
+        if getattr(s, name) > INT32_MAX:
+            raise SpecError(f"{name}={getattr(s, name)} must be <= {INT32_MAX:,} (positions are int32 in the twins)")
     for name in ("n_kv_heads", "head_dim"):
         if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
@@ -245,24 +248,22 @@ def _check_rules(s: ModelSpec) -> None:
     _check_routing(s)
 
 
-FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # float32's largest and smallest positive
-
-
 def _check_float32_range(s: ModelSpec) -> None:
-    """Values the twins hold in float32 (initial parameters, the init draws, norm_eps, RoPE's inverse frequencies) must
-    fit its range: past it a spec gave inf weights with only a numpy warning, or NaN logits in JAX alone (RoPE)."""
+    """Values the twins hold or compute with in float32 (initial parameters, the init draws' std, norm_eps, GLA's gate
+    normalizer, RoPE's angles) must be normal float32 numbers: past its range a spec gave inf weights with only a numpy
+    warning, or NaN logits in JAX alone (RoPE); 1e-320 as init_std started every weight at 0."""
     for name in ("attn_alpha_init", "ffn_alpha_init", "final_alpha_init", "shift_init"):
-        if abs(getattr(s, name)) > FLOAT32_MAX:
-            raise SpecError(f"{name}={getattr(s, name)} must be within float32's range (|x| <= 3.4e38): it initialises "
-                            "a float32 parameter")
-    for name in ("init_std", "embed_init_std"):  # normal draws stay within 16 std
-        if getattr(s, name) > FLOAT32_MAX / 16:
+        check_float32(name, getattr(s, name), "it initialises a float32 parameter", zero=True)
+    for name in ("init_std", "embed_init_std"):
+        if getattr(s, name) > FLOAT32_MAX / 16:  # normal draws stay within 16 std
             raise SpecError(f"{name}={getattr(s, name)} must be <= 2.1e37: its draws must fit float32")
-    if s.norm_eps <= FLOAT32_TINY / 2:
-        raise SpecError(f"norm_eps={s.norm_eps} is 0 in float32: it must be >= 1.4e-45, float32's smallest")
+        check_float32(name, getattr(s, name), "the std of float32 weights")
+    check_float32("norm_eps", s.norm_eps, "it is added to float32 statistics")
+    check_float32("gla_gate_normalizer", s.gla_gate_normalizer, "float32 gates are divided by it")
     # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1
     # (llama3 scaling only divides frequencies, by a factor >= 1)
-    log_angle = max(0.0, -math.log(s.rope_theta) * (s.E - 2) / s.E) + math.log(max(1, s.max_seq_len - 1))
+    # (1 - 2/E, not (E-2)/E: a 400-digit head_dim was float()'s OverflowError)
+    log_angle = max(0.0, -math.log(s.rope_theta) * (1 - 2 / s.E)) + math.log(max(1, s.max_seq_len - 1))
     if s.position == "rope" and log_angle > math.log(FLOAT32_MAX):
         raise SpecError(f"rope_theta={s.rope_theta} gives RoPE angles past float32's range (position · "
                         f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")
@@ -278,10 +279,10 @@ def _check_gla_rules(s: ModelSpec) -> None:
     if s.mixer != "gla":
         return
     for name, dim in (("gla_expand_k", "d_k"), ("gla_expand_v", "d_v")):
-        size = getattr(s, name) * s.d_model
-        if abs(size - round(size)) > 1e-9 or round(size) % s.n_heads:
+        size = getattr(s, name) * s.d_model  # 1e-12 gave d_k 0: heads of no width
+        if abs(size - round(size)) > 1e-9 or round(size) % s.n_heads or round(size) == 0:
             raise SpecError(f"{name}={getattr(s, name)} gives {dim}={size:g} = {name}·d_model, which must be a whole "
-                            f"multiple of n_heads={s.n_heads}")
+                            f"multiple of n_heads={s.n_heads}, above 0")
     if s.position != "none":
         raise SpecError(f"mixer=gla needs position=none (the recurrence carries order), got position={s.position}")
     if s.K != s.n_heads:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .layout import Tensor
-from .config_file import SpecError, check_type, from_mapping, load_preset_or_file, yaml_names
+from .config_file import SpecError, check_float32, check_type, from_mapping, load_preset_or_file, yaml_names
 from .hardware import GLA_KERNELS
 from .spec import CHOICES, ModelSpec
 
@@ -109,12 +109,30 @@ def _check_rules(c: TrainConfig) -> None:
             raise SpecError(f"{name}={getattr(c, name)} must be in [0, 1)")
     if not 0 <= c.min_lr_ratio <= 1:
         raise SpecError(f"min_lr_ratio={c.min_lr_ratio} must be in [0, 1]")
+    _check_float32(c)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
         raise SpecError(f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size={c.batch_size}")
     if c.steps > MAX_STEPS:
         raise SpecError(f"steps={c.steps} must be at most {MAX_STEPS:,} (the step counter is a 32-bit integer)")
     if c.warmup_steps > c.steps:
         raise SpecError(f"warmup_steps={c.warmup_steps} must be <= steps={c.steps}")
+
+
+def _check_float32(c: TrainConfig) -> None:
+    """The optimizer's and the losses' floats enter float32 arithmetic (the JAX twin schedules the lr in float32, both
+    twins' AdamW update float32 moments): each must be a normal float32 number, or 0 where 0 means off. lr=1e-40 is
+    subnormal, flushed to 0 by XLA and kept by torch; eps=1e-320 is 0, and optax's update of a parameter with no
+    gradient 0/0, NaN; beta2=1 - 1e-10 is 1 in float32, where optax's bias correction 1 - beta2^t is 0 (no update at
+    all) while torch's, in float64, is not (a full one)."""
+    for name in ("lr", "eps"):
+        check_float32(name, getattr(c, name), "the optimizer computes with it in float32")
+    for name in ("beta1", "beta2", "weight_decay", "grad_clip", "min_lr_ratio", "router_predictor_loss_weight",
+                 "dtf_prior_loss_weight"):
+        check_float32(name, getattr(c, name), "the optimizer or the loss computes with it in float32", zero=True)
+    for name in ("beta1", "beta2"):
+        if np.float32(getattr(c, name)) == 1:  # the largest float32 below 1 is 1 - 2^-24
+            raise SpecError(f"{name}={getattr(c, name)} is 1 in float32: it must be below 0.99999997 (1 - 2^-25); at 1 "
+                            "Adam's bias correction 1 - beta^t is 0")
 
 
 def train_preset_names() -> list[str]:
