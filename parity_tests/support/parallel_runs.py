@@ -31,6 +31,13 @@ def masked_batch(cfg: TrainConfig, step: int, vocab_size: int) -> tuple[np.ndarr
     return tokens_BN, (np.arange(N)[None, :] >= N - keep_B1).astype(np.int32)
 
 
+def ignored_batch(cfg: TrainConfig, step: int, vocab_size: int, ignore: int) -> np.ndarray:
+    """masked_batch's tokens with the targets its mask leaves out set to `ignore` (the twins' IGNORE_INDEX): the same
+    counted targets, in a batch of tokens alone (what Trainer.eval_loss takes)."""
+    tokens_BN, mask_BN = masked_batch(cfg, step, vocab_size)
+    return np.where(mask_BN == 0, ignore, tokens_BN).astype(tokens_BN.dtype)
+
+
 def save_run(directory: Path, name: str, record: dict, canonical: dict) -> None:
     """A run's record and its canonical train state {"weights", "m", "v": {name: array}}."""
     (Path(directory) / f"{name}.json").write_text(json.dumps(record))
