@@ -212,18 +212,19 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = True) -> Callabl
 
 
 def make_eval_step(model, *, compile: bool = True) -> Callable:
-    """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses, no update.
+    """`eval_step(state, tokens_BN, mask_BN=None, count=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses,
+    no update; `count`: what the summed losses are divided by (next_token_loss; default: the counted targets).
     "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
     tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
     forward's, as trained, which reads future tokens (the top-k is over the whole sequence; docs/routing.md)."""
     graphdef, _, rest = split_params(model)
     routed = model.spec.routing != "none"
 
-    def eval_step(state: TrainState, tokens_BN, mask_BN=None):
+    def eval_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
         model = nnx.merge(graphdef, state.params, rest)
-        losses = {"loss": model_loss(model, tokens_BN, mask_BN, decide="predictor")}
+        losses = {"loss": model_loss(model, tokens_BN, mask_BN, count, decide="predictor")}
         if routed:
-            losses["loss_topk"] = model_loss(model, tokens_BN, mask_BN, decide="topk")
+            losses["loss_topk"] = model_loss(model, tokens_BN, mask_BN, count, decide="topk")
         return losses
 
     return CheckedStep(jax.jit(eval_step) if compile else eval_step, model.spec, IGNORE_INDEX, host_ids)

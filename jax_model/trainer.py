@@ -41,6 +41,8 @@ class Trainer:
             mesh = distributed.make_mesh(parallel)
             self.state = jax.device_put(self.state, distributed.state_shardings(self.model, cfg, mesh))
             self.train_step = distributed.make_train_step(self.model, cfg, mesh)
+        # on a mesh, each device evaluates its rows of the batch (torch: distributed.make_eval_step): make_train_step
+        # put the model on the mesh first, whose hidden states then stay split by rows (layers.split_rows)
         self.eval_step = train.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN: np.ndarray) -> dict:

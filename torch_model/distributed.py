@@ -6,6 +6,7 @@ shared_config.parallel.
     model = torch_model.from_safetensors(path, device=device)    # every rank reads the whole file
     state, train_step = parallelize(model, cfg, "fsdp2")         # or "ddp"; train.make_train_step's signature
     state, metrics = train_step(state, tokens_BN)                # the global batch: each rank trains on its rows
+    losses = make_eval_step(model)(state, tokens_BN)             # each rank evaluates its rows; summed over ranks
     to_safetensors(model, "out.safetensors")                     # gathered to rank 0, written atomically there
 
 Every rank passes the same global batch (a pure function of seed and step); rank r trains on rows
@@ -14,6 +15,8 @@ averaged over ranks, and each rank divides its summed loss by the global batch's
 so the update is the single-process update on the global batch (the JAX mesh's) also when a mask or
 ignored tokens leave the ranks different numbers of targets. A routed spec's aux terms are means over every
 position: each rank adds its own rows' mean (train.model_loss), and the average over ranks is the global mean.
+Evaluation splits the rows the same way (make_eval_step): each rank's summed loss over the global count, summed
+over ranks.
 
 Notation: B batch, N = T + 1 tokens per batch row, W ranks.
 """
@@ -41,7 +44,7 @@ from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from shared_config import SpecError, TrainConfig, did_you_mean, model_layout, save_checkpoint
-from shared_config.parallel import env_int, fsdp_dim, process_index, rows_per_shard
+from shared_config.parallel import env_int, fsdp_dim, process_index, rows_per_shard, splits_rows
 from shared_config.tokens import check_batch
 
 from . import loss, train
@@ -206,6 +209,31 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
     return train_step
 
 
+def make_eval_step(model, *, compile: bool = False) -> Callable:
+    """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss", "loss_topk"}` on the global batch: train.make_eval_step's
+    step on this rank's rows, each rank's summed loss divided by the global batch's count of targets, then summed over
+    ranks (one all-reduce): the one-process mean over the global batch's targets, each row evaluated by one rank.
+
+    Every loss is row-separable: a sum over targets, and routing's top-k picks k tokens per row. Rows the ranks do
+    not divide evenly: every rank evaluates the whole batch (the same losses, W times the work, no collective of its
+    own), as the JAX mesh leaves such rows whole (jax_model.layers.split_rows). Every rank takes part in every
+    forward either way, as FSDP2's all-gathers need."""
+    step = train.make_eval_step(model, compile=compile).step  # unchecked: the global batch is checked below
+
+    def eval_step(state: train.TrainState, tokens_BN, mask_BN=None):
+        # the global batch, on every process
+        check_batch(tokens_BN, model.spec, loss.IGNORE_INDEX, mask_BN, loss.host_ids)
+        if not splits_rows(len(tokens_BN), _world_size()):
+            return step(state, tokens_BN, mask_BN)
+        _, _, weights_BT = loss.split_batch(tokens_BN, mask_BN)  # every rank holds the global batch: no collective
+        count = torch.clamp(torch.sum(weights_BT), min=1.0)
+        losses = step(state, rank_rows(tokens_BN), None if mask_BN is None else rank_rows(mask_BN), count)
+        summed = sum_over_ranks(torch.stack(list(losses.values())))  # loss and loss_topk in one all-reduce
+        return dict(zip(losses, summed))
+
+    return eval_step
+
+
 def to_safetensors(model, path: str | Path) -> None:
     """Write the canonical file (every rank calls it): gathered to rank 0's CPU memory, written there atomically."""
     model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -262,11 +290,16 @@ def averages(factor: float) -> bool:
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar over ranks (SUM, then divided here: every backend has SUM)."""
+    return sum_over_ranks(x) / _world_size()
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (an all-reduce)."""
     if not dist.is_initialized():
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
-    return x / _world_size()
+    return x
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:

@@ -266,7 +266,8 @@ def compile_blocks(model, backend: str = "inductor") -> None:
 
 
 def make_eval_step(model, *, compile: bool = False) -> Callable:
-    """`eval_step(state, tokens_BN, mask_BN=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses, no update.
+    """`eval_step(state, tokens_BN, mask_BN=None, count=None) -> {"loss": ..., "loss_topk": ...}`: the state's losses,
+    no update; `count`: what the summed losses are divided by (next_token_loss; default: the counted targets).
     "loss": the causal forward's (a routed spec in predictor mode: each token's route decided from itself and the
     tokens before it, as in decoding; comparable with a dense model's); "loss_topk", routed specs only: the top-k
     forward's, as trained, which reads future tokens (the top-k is over the whole sequence; docs/routing.md)."""
@@ -274,8 +275,8 @@ def make_eval_step(model, *, compile: bool = False) -> Callable:
     device, routed = next(model.parameters()).device, model.spec.routing != "none"
 
     @torch.no_grad()
-    def eval_step(state: TrainState, tokens_BN, mask_BN=None):
-        batch = on_device(device, tokens_BN, mask_BN)
+    def eval_step(state: TrainState, tokens_BN, mask_BN=None, count=None):
+        batch = on_device(device, tokens_BN, mask_BN, count)
         losses = {"loss": loss_fn(state.model, *batch, decide="predictor")}
         if routed:
             losses["loss_topk"] = loss_fn(state.model, *batch, decide="topk")

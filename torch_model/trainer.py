@@ -40,10 +40,11 @@ class Trainer:
         if parallel is None:
             self.state = train.set_train_state(self.model, train.init_train_state(self.model, cfg), train_state)
             self.train_step = train.make_train_step(self.model, cfg, compile=compile)
-        else:  # the same step over torchrun's ranks
+            self.eval_step = train.make_eval_step(self.model, compile=compile)
+        else:  # the same steps over torchrun's ranks, each on its rows of the batch
             self.state, self.train_step = distributed.parallelize(self.model, cfg, parallel, compile=compile)
             self.state = distributed.set_train_state(self.model, self.state, train_state)
-        self.eval_step = train.make_eval_step(self.model, compile=compile)
+            self.eval_step = distributed.make_eval_step(self.model, compile=compile)
 
     def step(self, tokens_BN: np.ndarray) -> dict:
         """One update on the batch [B, N]; its metrics as device scalars (no host sync)."""

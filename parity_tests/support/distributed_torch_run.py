@@ -6,7 +6,8 @@ From DIR/init.safetensors with DIR/train.json, eight runs: DDP, FSDP2, both with
 torch.compile'd, FSDP2 with pytorch/pytorch#162338 planted (the reduce-scatter sums when asked
 to average, as gloo did), and DDP, FSDP2 and compiled FSDP2 with the memory options;
 each writes what parallel_runs.py says, plus FSDP2's placements and this rank's shard shapes, and
-what the gradient-average probe saw. Then DDP and FSDP2 in each subdirectory DIR/NAME (the routed variants,
+what the gradient-average probe saw, and (runs not compiled) a Trainer's validation losses over the ranks with the
+rows each rank evaluated. Then DDP and FSDP2 in each subdirectory DIR/NAME (the routed variants,
 parallel_common.ROUTED). Rank 0 writes the files.
 """
 
@@ -23,9 +24,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
 import torch_model
-from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
+from parity_tests.support.parallel_runs import ignored_batch, masked_batch, read_config, save_run
 from shared_config.parity import max_rel
 from torch_model import distributed, train
+from torch_model.loss import IGNORE_INDEX
+from torch_model.trainer import Trainer
 
 # every memory option (docs/training.md, "Training bigger models")
 MEMORY = dict(grad_accum_steps=2, remat="block", loss_chunk=48)
@@ -79,8 +82,28 @@ def run(directory: Path, name: str, parallel: str, compile: bool = False, **chan
     one_process = torch_model.from_weights(canonical["weights"], model.spec)
     grads, ref = (train.loss_and_grads(m, *batch)[1] for m in (model, one_process))  # every rank: FSDP2 gathers
     record["inspect_grad_err"] = max(max_rel(grads[k], r) for k, r in ref.items())
+    if not compile:
+        record["eval"] = evaluate(model.spec, cfg, canonical, parallel)
     if dist.get_rank() == 0:
         save_run(directory, name, record, canonical)
+
+
+def evaluate(spec, cfg, canonical: dict, parallel: str) -> dict:
+    """The validation losses of a Trainer over the ranks (what loop.Loop.evaluate reads) on an ignored_batch (each row,
+    so each rank, counting a different number of targets) and on its first 3 rows (a batch 2 ranks do not divide),
+    with the rows each rank's forwards read per evaluation."""
+    trainer = Trainer(spec, cfg, canonical, parallel=parallel)
+    rows = []
+    trainer.model.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    record = {}
+    batch_BN = ignored_batch(cfg, cfg.steps + 1, spec.V, IGNORE_INDEX)
+    for name, tokens_BN in (("even", batch_BN), ("odd", batch_BN[:3])):
+        rows.clear()
+        losses = trainer.fetch(trainer.eval_loss(tokens_BN))
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, rows[:])
+        record[name] = {"losses": {k: float(v) for k, v in losses.items()}, "rows": seen}
+    return record
 
 
 if __name__ == "__main__":

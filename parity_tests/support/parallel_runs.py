@@ -31,6 +31,17 @@ def masked_batch(cfg: TrainConfig, step: int, vocab_size: int) -> tuple[np.ndarr
     return tokens_BN, (np.arange(N)[None, :] >= N - keep_B1).astype(np.int32)
 
 
+def ignored_batch(cfg: TrainConfig, step: int, vocab_size: int, ignore: int) -> np.ndarray:
+    """Step `step`'s synthetic tokens with every (r + 2)-th token of row r set to `ignore` (the twins' IGNORE_INDEX):
+    each row counts a different number of targets, in a batch of tokens alone (what Trainer.eval_loss takes). Spread
+    out, not a prefix: an ignored input reads as token 0, and a run of equal tokens gives equal hidden states, so
+    equal router scores, whose top-k order only the tie-break decides."""
+    tokens_BN = synthetic_batch(cfg.seed, step, cfg.batch_size, cfg.seq_len, vocab_size)
+    B, N = tokens_BN.shape
+    ignored_BN = np.arange(N)[None, :] % (np.arange(B)[:, None] + 2) == 1
+    return np.where(ignored_BN, ignore, tokens_BN).astype(tokens_BN.dtype)
+
+
 def save_run(directory: Path, name: str, record: dict, canonical: dict) -> None:
     """A run's record and its canonical train state {"weights", "m", "v": {name: array}}."""
     (Path(directory) / f"{name}.json").write_text(json.dumps(record))

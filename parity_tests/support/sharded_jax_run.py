@@ -6,7 +6,8 @@ whose host devices add up to 8 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_
 For each mesh (MESH, or MESH:KEY=VALUE,... with train config changes; SUB/...: in DIR/SUB), from DIR/init.safetensors
 with DIR/train.json: load the checkpoint sharded, train,
 and write what parallel_runs.py says (process 0), plus each leaf's PartitionSpec and this process's
-shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves.
+shard shapes (parameters, AdamW mu and nu) and the batch's, read off the arrays themselves, and (but for the Pallas
+kernel's runs) a Trainer's validation losses on the mesh with its eval step's flops per device.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from flax import nnx
 
 from jax_model import distributed, train
 from jax_model.gla import GLA
+from jax_model.loss import IGNORE_INDEX
 from jax_model.precision import exact_float32
+from jax_model.trainer import Trainer
 from jax_model.weights import flat_arrays
-from parity_tests.support.parallel_runs import masked_batch, read_config, save_run
+from parity_tests.support.parallel_runs import ignored_batch, masked_batch, read_config, save_run
 from shared_config import parse_overrides, synthetic_batch
 
 def layout_of(x: jax.Array) -> dict:
@@ -77,8 +80,26 @@ def run(directory: Path, run_text: str) -> None:
     name = f"jax-{run_text}" if processes == 1 else f"jax-{processes}proc-{run_text}"
     distributed.to_safetensors(model, state, directory / f"{name}.safetensors")
     canonical = train.get_train_state(model, state)  # several processes: each gathers from all
+    if cfg.gla_kernel != "pallas":
+        record["eval"] = evaluate(model.spec, cfg, canonical, mesh_text)
     if jax.process_index() == 0:
         save_run(directory, name, record, canonical)
+
+
+def evaluate(spec, cfg, canonical: dict, mesh_text: str) -> dict:
+    """The validation losses of a Trainer on the mesh (what loop.Loop.evaluate reads) on an ignored_batch (each row,
+    so each device, counting a different number of targets), and its compiled eval step's flops per device over a
+    one-device Trainer's: 1 / devices where each device evaluates only its rows."""
+    batch_BN = ignored_batch(cfg, cfg.steps + 1, spec.V, IGNORE_INDEX)
+    mesh, one = Trainer(spec, cfg, canonical, parallel=mesh_text), Trainer(spec, cfg, canonical)
+    flops = [flops_per_device(t.eval_step.lower(t.state, batch_BN).compile()) for t in (mesh, one)]
+    losses = mesh.fetch(mesh.eval_loss(batch_BN))
+    return {"losses": {k: float(v) for k, v in losses.items()}, "flops_ratio": flops[0] / flops[1]}
+
+
+def flops_per_device(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 if __name__ == "__main__":

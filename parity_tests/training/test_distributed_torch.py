@@ -11,11 +11,15 @@ from shared_config import SpecError, model_layout
 from shared_config.parallel import fsdp_dim
 from shared_config.spec import CHOICES
 from torch_model import distributed
+from torch_model.loss import IGNORE_INDEX
+from torch_model.trainer import Trainer
 
 from ..support.common import ROOT, TORCHRUN, make_spec
 from ..support.parallel_common import (
-    CFG, ROUTED, SPEC, TOL, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, write_inputs,
+    CFG, ROUTED, SPEC, TOL, assert_checkpoint_loads_in_both, assert_same_run, load_run, run_processes, variant,
+    write_inputs,
 )
+from ..support.parallel_runs import ignored_batch
 
 RUNS = ("ddp", "fsdp2", "fsdp2-planted", "ddp-compiled", "fsdp2-compiled",
         "ddp-memory", "fsdp2-memory", "fsdp2-memory-compiled")  # memory: accumulation, remat, chunked loss
@@ -56,6 +60,26 @@ def test_routed_distributed_steps_equal_the_one_shot_step(runs, variant, paralle
     """Routers and predictors run inside their block's forward, so FSDP2 gathers them; each rank's 2 micro-batches
     count different targets, and the update is still the one-process, one-shot update (aux terms included)."""
     assert_same_run(*load_run(runs / variant, f"torch-{parallel}"), "torch", variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("name", ["", *ROUTED])
+def test_each_rank_evaluates_its_rows_and_the_losses_are_one_process(runs, name, parallel):
+    """Trainer.eval_loss over 2 ranks (what loop.Loop.evaluate reads): each rank's forwards read its 4 of the 8 rows,
+    and the losses (a routed spec's loss_topk too: its top-k is per row) are one process's on the same weights,
+    though each rank counts a different number of targets. A batch of 3 rows, which 2 ranks do not divide, every rank
+    evaluates whole (as the JAX mesh leaves such rows whole), with the same losses."""
+    record, state = load_run(runs / name, f"torch-{parallel}")
+    spec, cfg, _ = variant(name)
+    one = Trainer(spec, cfg, {"step": cfg.steps, **state})
+    batch_BN = ignored_batch(cfg, cfg.steps + 1, spec.V, IGNORE_INDEX)
+    forwards = 1 if spec.routing == "none" else 2  # a routed spec: the causal forward, then the top-k one
+    for part, tokens_BN, rows in (("even", batch_BN, 4), ("odd", batch_BN[:3], 3)):
+        got, want = record["eval"][part], one.fetch(one.eval_loss(tokens_BN))
+        assert set(got["losses"]) == set(want) == {"loss", *(["loss_topk"] if forwards == 2 else [])}, got
+        assert all(abs(got["losses"][k] - v) <= TOL * abs(v) for k, v in want.items()), (part, got, want)
+        assert got["rows"] == [[rows] * forwards] * 2, (part, got["rows"])
 
 
 @pytest.mark.slow

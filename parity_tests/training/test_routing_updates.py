@@ -8,6 +8,8 @@
   unperturbed value (reference.stopgrad).
 - Evaluation is causal: the eval step's loss (predictor mode) at positions <= t does not move when only later
   tokens change; the top-k figure beside it does (the test can fail).
+- Evaluation is row-separable: parts of a batch, each summed over the whole batch's count of targets, add up to the
+  whole batch's losses, the top-k figure too (top-k picks per row): what lets each torchrun rank evaluate its rows.
 
 γ·T is fractional in every case (floor and ceil pick different k).
 """
@@ -154,3 +156,21 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
     assert record["val_loss"] != record["val_loss_topk"]
     assert ({k: summary[k] for k in ("val_loss", "val_loss_topk")}
             == {k: record[k] for k in ("val_loss", "val_loss_topk")})
+
+
+@pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
+def test_evaluation_is_row_separable(changes):
+    """Rows 0 and 1..3 (3 vs 35 counted targets), each eval step given the whole batch's count: their losses add up
+    to the whole batch's, loss_topk too. torch_model.distributed.make_eval_step sums its ranks' parts so."""
+    spec = make_spec(**changes)
+    w, (x_BN, mask_BN) = routed_weights(spec), uneven_batch(spec)
+    count = float(mask_BN[:, 1:].sum())
+    for name, twin, train in TWINS:
+        model = twin.from_weights(w, spec)
+        step, state = train.make_eval_step(model), train.init_train_state(model, CFG)
+        whole = step(state, x_BN, mask_BN)
+        parts = [step(state, x_BN[rows], mask_BN[rows], count) for rows in (slice(0, 1), slice(1, 4))]
+        assert set(whole) == {"loss", "loss_topk"}, (name, whole)
+        for key, value in whole.items():
+            summed = sum(float(part[key]) for part in parts)
+            assert abs(summed - float(value)) <= 1e-6 * float(value), (name, key, summed, float(value))

@@ -5,6 +5,7 @@ with the same logits. A model loaded sharded decodes as on one device. Also the 
 errors for bad meshes and batches."""
 
 import json
+import math
 import os
 
 import jax
@@ -13,14 +14,18 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jax_model import distributed
+from jax_model.loss import IGNORE_INDEX
+from jax_model.trainer import Trainer
 from shared_config import SpecError, Tensor, model_layout
-from shared_config.parallel import fsdp_dim, rows_per_shard
+from shared_config.parallel import fsdp_dim, parse_mesh, rows_per_shard
 from shared_config.parity import FORWARD_TOL
 
 from ..support.common import ROOT, run_python
 from ..support.parallel_common import (
-    CFG, SPEC, assert_checkpoint_loads_in_both, assert_same_run, free_port, load_run, run_processes, write_inputs,
+    CFG, SPEC, TOL, assert_checkpoint_loads_in_both, assert_same_run, free_port, load_run, run_processes, variant,
+    write_inputs,
 )
+from ..support.parallel_runs import ignored_batch
 
 ROUTED_MESH = "data=2,fsdp=2"  # 8 rows: 2 per device, one per micro-batch (grad_accum_steps=2 in ROUTED_CFG)
 ROUTED_JAX = ("mod", "dtf")  # every router; mixers and placements: the torch FSDP2 runs
@@ -119,6 +124,27 @@ def test_bad_meshes_and_batches_are_one_line_errors(make, message):
 @pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4", MEMORY_RUN])
 def test_sharded_steps_equal_one_device(runs, name):
     assert_same_run(*load_run(runs, f"jax-{name}"), "jax")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*MESHES, "2proc-data=2,fsdp=4", *(f"{v}/{ROUTED_MESH}" for v in ROUTED_JAX)])
+def test_each_device_evaluates_its_rows_and_the_losses_are_one_device(runs, name):
+    """Trainer.eval_loss on a mesh (what loop.Loop.evaluate reads; two processes too): the compiled eval step does
+    1/devices of one device's flops per device (each evaluates its rows: the model, on the mesh, splits its hidden
+    states by rows), and its losses (loss_topk too) are one device's, though each device counts a different number
+    of targets. A routed spec on an fsdp axis does up to 1.25/devices: XLA splits the routed block's gathered tokens
+    by heads over fsdp, not by rows (jax_model/routing.py does not pin them), and recomputes a few projections."""
+    sub, _, run = name.rpartition("/")
+    record, state = load_run(runs / sub, f"jax-{run}")
+    spec, cfg, _ = variant(sub)
+    devices = math.prod(parse_mesh(run.removeprefix("2proc-")).values())
+    one = Trainer(spec, cfg, {"step": cfg.steps, **state})
+    want = one.fetch(one.eval_loss(ignored_batch(cfg, cfg.steps + 1, spec.V, IGNORE_INDEX)))
+    got = record["eval"]
+    assert set(got["losses"]) == set(want) == {"loss", *(["loss_topk"] if spec.routing != "none" else [])}, got
+    assert all(abs(got["losses"][k] - v) <= TOL * abs(v) for k, v in want.items()), (got, want)
+    bound = 1.25 if spec.routing != "none" else 1.05
+    assert 0.95 / devices <= got["flops_ratio"] <= bound / devices, (got["flops_ratio"], devices)
 
 
 @pytest.mark.slow

@@ -33,13 +33,23 @@ def close(a, b, tol=SCALE_OUT_LOSS_TOL):
     return len(a) == len(b) and all(abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
 
 
+def val_losses(out):
+    """{step: val_loss} of the evaluations in metrics.jsonl."""
+    return {r["step"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """8 steps of the torch twin in one process: what every scaled-out run must reproduce."""
+def reference_run(tmp_path_factory):
+    """8 steps of the torch twin in one process: what every scaled-out run must reproduce; its output directory."""
     out = tmp_path_factory.mktemp("one") / "run"
     r = run_script("train", "--backend", "torch", "--out", out, *ARGS)
     assert r.returncode == 0, r.stderr
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return losses(reference_run)
 
 
 def torchrun(*args):
@@ -58,7 +68,9 @@ def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, refere
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, parallel):
+def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, reference_run, parallel):
+    """Losses step for step, and the validation losses (each rank evaluating its rows of the validation batches,
+    torch_model.distributed.make_eval_step) at every evaluation, before and after the resume."""
     out = tmp_path / parallel
     r = torchrun("--parallel", parallel, "--out", out, *ARGS, "--stop-at", "4")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -66,6 +78,8 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, paralle
     r = torchrun("--parallel", parallel, "--out", out, "--resume", "--quiet", "--log-every", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert close(losses(out), reference), (losses(out), reference)
+    got, want = val_losses(out), val_losses(reference_run)
+    assert list(got) == list(want) == [2, 4, 6, 8] and close(list(got.values()), list(want.values())), (got, want)
     if parallel == "fsdp2":  # and its checkpoint continues on one JAX device
         r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet", "--log-every",
                        "1")
