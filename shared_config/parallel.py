@@ -80,7 +80,8 @@ def rows_per_shard(batch_size: int, shards: int, grad_accum_steps: int = 1) -> i
 
 def splits_rows(rows: int, devices: int) -> bool:
     """Whether `devices` (more than one) split `rows` batch rows evenly: where the JAX twin pins its hidden states
-    by rows (jax_model.layers.split_rows) and runs a Pallas kernel per device (jax_model.gla.per_device)."""
+    by rows (jax_model.layers.split_rows) and runs a Pallas kernel per device (jax_model.gla.per_device), and where
+    each torchrun rank evaluates its own rows (torch_model.distributed.make_eval_step)."""
     return devices > 1 and rows % devices == 0
 
 
