@@ -17,8 +17,8 @@ neural networks?", epoch.ai: a first layer's backward costs 1x its forward). In 
 predictor's first Linear, which reads stopgrad(x) (routing.py): NO_INPUT_GRAD. Its second Linear's input (the
 first's activation) needs its gradient, and so do the inputs of mod's router and dtf's prior FFN (the residual
 stream, not stopped): 6 each. A forward pass (mode "forward": the logits, routed by top-k) counts no predictor
-(PREDICTOR): its decision is read in decoding and its loss in training, never by those logits; XLA drops it from
-the jitted forward (its HLO has no predictor dot), eager torch computes it anyway, work no model count includes.
+(PREDICTOR): its decision is read in decoding and its loss in training, never by those logits, and neither twin
+runs it there (routing.Routes runs it when the auxiliary loss or a predictor-mode decision reads it).
 
 Routed specs (routing.py, docs/routing.md): a routed block processes k = floor(γ·T) of the T tokens of a
 sequence, so its own weights count k/T of a token each and its attention k keys for k/T of the tokens;

@@ -132,8 +132,9 @@ def test_each_device_evaluates_its_rows_and_the_losses_are_one_device(runs, name
     """Trainer.eval_loss on a mesh (what loop.Loop.evaluate reads; two processes too): the compiled eval step does
     1/devices of one device's flops per device (each evaluates its rows: the model, on the mesh, splits its hidden
     states by rows), and its losses (loss_topk too) are one device's, though each device counts a different number
-    of targets. A routed spec on an fsdp axis does up to 1.25/devices: XLA splits the routed block's gathered tokens
-    by heads over fsdp, not by rows (jax_model/routing.py does not pin them), and recomputes a few projections."""
+    of targets. A routed spec's eval step on an fsdp axis does more (1.085/devices measured on 4 CPU devices), though
+    its forwards alone (either decision) and its train step do 1.00/devices: bounded at 1.25/devices here; pinning
+    the routed block's gathered tokens by rows (layers.split_rows) did not change it."""
     sub, _, run = name.rpartition("/")
     record, state = load_run(runs / sub, f"jax-{run}")
     spec, cfg, _ = variant(sub)
