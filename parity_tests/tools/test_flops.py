@@ -35,7 +35,7 @@ def test_routed_train_flops_count_each_group_by_the_gradients_it_takes(routing, 
     want = 6 * (blocks + head) + blocks_routed * (6 * router + 4 * fc1 + 6 * fc2)
     assert flops_split(spec, T, "train")[0] == want
     assert flops_split(spec, T, "train")[0] != 3 * flops_split(spec, T, "forward")[0]  # the old count: 3 passes
-    # a forward's logits read no predictor (XLA drops it: test_a_forward_pass_computes_no_predictor)
+    # a forward's logits read no predictor (neither twin runs it: test_a_forward_pass_computes_no_predictor)
     assert flops_split(spec, T, "forward")[0] == 2 * (blocks + head) + blocks_routed * 2 * router
     whole = sum(math.prod(t.shape) for t in layout(spec)  # decoding runs every block on every token, and the predictor
                 if t.kind == "linear" and t.name.startswith("model.layers.") and ".router" not in t.name)
