@@ -137,12 +137,12 @@ def resolve_run(args) -> Run:
         lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
                   f"large mean the file does not hold {data.train.dtype.name} tokens (--data-dtype)")
     check_train_memory(spec, cfg, lower)  # before init
-    # the validation batches are built once, up front: --eval-batches 10**9 was a 60 GiB allocation reported as the
-    # training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
+    # the validation batches are built once, up front, checked here: else --eval-batches 10**9 would be a 60 GiB
+    # allocation reported as the training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
     eval_batches = resumed_eval_batches(args, checkpoint, stored)
-    # a resumed run's are its own (a --eval-batches that differs is refused): "lower --eval-batches" led there
+    # a resumed run's are its own (a --eval-batches that differs is refused): "lower --eval-batches" would lead there
     kept = stored is not None and stored.get("eval_batches") is not None
-    what = "the resumed run's --eval-batches" if kept else "--eval-batches"
+    what = f"the resumed run's eval_batches (state.json of {checkpoint})" if kept else "--eval-batches"
     lower = ("resume it on a machine with more memory (a resume keeps its validation set), or start a new --out with "
              "a lower --eval-batches") if kept else "lower --eval-batches"
     check_memory(eval_bytes(eval_batches, cfg.batch_size, cfg.seq_len),

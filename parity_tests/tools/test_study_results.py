@@ -265,7 +265,8 @@ def test_a_resume_refuses_a_state_json_without_the_config_it_reads_naming_the_fi
     from shared_config.resources import ResourceError
 
     state.write_text(json.dumps({**stored, "eval_batches": 10**12}))
-    with pytest.raises(ResourceError, match="the resumed run's --eval-batches 1,000,000,000,000 .* resume it on a "
+    with pytest.raises(ResourceError, match=r"the resumed run's eval_batches \(state.json of .*\) 1,000,000,000,000 .* "
+                                            "resume it on a "
                                             "machine with more memory"):
         resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path), "--resume"]))
 
