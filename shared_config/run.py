@@ -120,7 +120,8 @@ def resolve_run(args) -> Run:
     init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
         # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10")
-        check_resume({"spec": spec_changes if args.spec is None else {},
+        # (`--set n_kv_heads=null` names no value but the one the spec derives: compared once resolved, below)
+        check_resume({"spec": {k: v for k, v in spec_changes.items() if v is not None} if args.spec is None else {},
                       "train_config": cfg_changes if args.train_config is None else {}}, stored, named)
     base = base_spec(args, stored, init, data).replace(**spec_changes)
     try:

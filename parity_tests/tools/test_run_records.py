@@ -66,6 +66,21 @@ def test_a_resume_names_the_option_given_and_the_runs_value_it_meets(tmp_path):
     assert resolve_run(train.parse_args([*resume, "--steps", "12", "--set", "remat=full"])).cfg.steps == 12
 
 
+def test_a_resume_given_null_for_a_derived_spec_key_compares_the_value_it_resolves_to(tmp_path):
+    """`--set n_kv_heads=null` (or head_dim, residual_scaling) names the value the spec derives from its other keys:
+    a resume given the run's own command again compares the resolved value, as it did before the early check that
+    refuses changes, which compared the None itself ("spec head_dim: checkpoint 16, now None")."""
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, _ = started(tmp_path)
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume"]
+    run = resolve_run(train.parse_args([*resume, "--set", "head_dim=null", "--set", "residual_scaling=null"]))
+    assert [run.spec.to_dict()[k] for k in ("head_dim", "residual_scaling")] == [16, True]
+    with pytest.raises(UsageError, match="but spec n_kv_heads: checkpoint 2, now 6 \\(--set n_kv_heads=null\\); "):
+        resolve_run(train.parse_args([*resume, "--set", "n_kv_heads=null"]))
+
+
 def test_a_resume_too_large_for_the_machine_is_told_what_a_resume_may_lower(tmp_path, monkeypatch):
     """A resume that did not fit was told to lower batch_size (--set batch_size=N), which the resume then refused;
     so was one that ran out of memory as it trained. It is told to lower the memory options, which a resume may
