@@ -17,7 +17,7 @@ import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
 from .config_file import SpecError, check_keys, check_type, parse_overrides
-from .data import DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
+from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
@@ -178,9 +178,12 @@ def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, sourc
         return args.data_dtype
     dtype, directory = stored["data_dtype"], Path(source) if Path(source).is_dir() else Path(source).parent
     if (meta := read_meta(directory).get("dtype")) not in (None, dtype):
+        # load_data refuses a --data-dtype that meta.json contradicts: only meta.json's own dtype can be passed
+        meta_dtype = (f"if they are {meta}, pass --data-dtype {meta} (the resume checks that they are the run's); if "
+                      f"{dtype}, " if meta in TOKEN_DTYPES else "")
         raise UsageError(f"{checkpoint / STATE_FILE}: data_dtype {dtype} (how the run read {source}), but "
-                         f"{directory / 'meta.json'} says dtype {quote(meta)}: pass --data-dtype to read the tokens as "
-                         "one of them (the resume checks that they are the run's)")
+                         f"{directory / 'meta.json'} says dtype {quote(meta)}: {meta_dtype}correct meta.json's dtype "
+                         "(a --data-dtype that it contradicts is refused)")
     return dtype
 
 

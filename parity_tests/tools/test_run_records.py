@@ -147,8 +147,17 @@ def test_a_resume_names_the_data_dtype_it_read_the_tokens_as(tmp_path):
     state = tmp_path / "run-data" / "step-00000002" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint16"}))
     with pytest.raises(UsageError, match=f"^{at(state)}: data_dtype uint16 \\(how the run read .*data\\), "
-                                         "but .*meta.json says dtype 'uint32': pass --data-dtype"):
+                                         "but .*meta.json says dtype 'uint32': if they are uint32, pass --data-dtype "
+                                         "uint32 \\(.*\\); if uint16, correct meta.json's dtype \\(a --data-dtype "
+                                         "that it contradicts is refused\\)$"):
         resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    with pytest.raises(DataError, match="--data-dtype uint16, but .*meta.json says dtype uint32"):  # as it says
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint16"]))
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "dtype": 16}))  # no dtype to pass
+    with pytest.raises(UsageError, match="meta.json says dtype 16: correct meta.json's dtype \\(a --data-dtype "):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
     assert resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint32"]))
 
 
