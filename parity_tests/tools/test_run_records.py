@@ -196,3 +196,41 @@ def test_run_json_lists_every_invocation(tmp_path, monkeypatch, capsys):
     run = json.loads((tmp_path / "run.json").read_text())
     assert [i["argv"] for i in run["invocations"]] == [fourth] and run["train_config"]["steps"] == 8
     assert made == [0, 2, 4, 6] and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 8
+
+
+def test_a_refused_resume_leaves_run_json_as_it_was(tmp_path, monkeypatch):
+    """A resume's invocation was appended to run.json before its checkpoint was loaded: one refused then (NaN
+    weights, exit 2), or stopped by Ctrl-C while its trainer was made, left run.json listing an invocation that never
+    ran. It is recorded once the checkpoint is loaded and the trainer made; a resume with nothing to do trains
+    nothing and records nothing."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    from shared_config.files import CheckpointError
+
+    train = load_script("train")
+    interrupt = []
+
+    def trainer(spec, cfg, state):
+        if interrupt:
+            raise KeyboardInterrupt
+        return CountingTrainer(state)
+
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(Trainer=trainer))
+    train.main(["--backend", "torch", "--out", str(tmp_path), "--steps", "4", "--stop-at", "2", *SMALL])
+    before = (tmp_path / "run.json").read_text()
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume"]
+    train.main([*resume, "--stop-at", "2"])  # nothing to do
+    interrupt.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(resume)
+    path = tmp_path / "step-00000002" / "model.safetensors"
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()
+    weights = load_file(path)
+    weights["lm_head.weight"][0, 0] = np.nan
+    save_file(weights, path, metadata=metadata)
+    interrupt.clear()
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        train.main(resume)
+    assert (tmp_path / "run.json").read_text() == before
