@@ -117,12 +117,17 @@ def resolve_run(args) -> Run:
     if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
         # vocabulary, with advice to --set vocab_size, which the resume then refused
         check_resume({"data": data.describe()}, stored, named)
-    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
+    given_spec = load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None
+    init = read_init(args.init_from, given_spec)
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
-        # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10")
-        # (`--set n_kv_heads=null` names no value but the one the spec derives: compared once resolved, below)
-        check_resume({"spec": {k: v for k, v in spec_changes.items() if v is not None} if args.spec is None else {},
-                      "train_config": cfg_changes if args.train_config is None else {}}, stored, named)
+        # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10"), a --spec or
+        # --train-config file's too (the rule's error offered --stop-at, then the file's change was refused).
+        # `--set n_kv_heads=null` names no value but the one the spec derives, and a train config's compute_dtype
+        # overrides the spec's: both compared once resolved, below
+        check_resume({"spec": {k: v for k, v in spec_changes.items() if v is not None} if given_spec is None else
+                      {k: v for k, v in given_spec.to_dict().items() if k != "compute_dtype"},
+                      "train_config": cfg_changes if args.train_config is None else
+                      {**load_train_config(args.train_config).to_dict(), **cfg_changes}}, stored, named)
     base = base_spec(args, stored, init, data).replace(**spec_changes)
     try:
         cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)

@@ -81,6 +81,34 @@ def test_a_resume_given_null_for_a_derived_spec_key_compares_the_value_it_resolv
         resolve_run(train.parse_args([*resume, "--set", "n_kv_heads=null"]))
 
 
+def test_a_resume_refuses_a_files_change_before_a_rule_it_breaks(tmp_path):
+    """`--resume --train-config parity --steps 4` (the run's warmup 8, parity's 10) was the rule's error, "warmup_steps
+    =10 must be <= steps=4" with --stop-at offered, and --stop-at then met the refusal of parity's other values; a
+    --spec file's change likewise. The refusal comes first, naming the file; the run's own file again is no change."""
+    from shared_config import load_spec
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--steps", "4"]
+    with pytest.raises(UsageError, match="^--resume continues .* but .*warmup_steps: checkpoint 8, now 10; .* "
+                                         "\\(--train-config parity\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--train-config", "parity"]))
+    with pytest.raises(UsageError, match="^--resume continues .* but .*spec n_layers: checkpoint 1, now 3 "
+                                         "\\(--spec tiny\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--spec", "tiny"]))
+    spec, config = tmp_path / "spec.yaml", tmp_path / "train.yaml"
+    stored = json.loads(state.read_text())
+    spec.write_text(json.dumps(stored["spec"]))
+    config.write_text(json.dumps(stored["train_config"]))
+    resumed = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--spec", str(spec), "--train-config",
+               str(config)]
+    assert resolve_run(train.parse_args(resumed)).spec == load_spec(stored["spec"])
+    with pytest.raises(UsageError, match=f"^--train-config {at(config)}, --steps 4: warmup_steps=8 must be <= "
+                                         "steps=4; --stop-at N"):  # the files' own values: the rule, as without
+        resolve_run(train.parse_args([*resumed, "--steps", "4"]))
+
+
 def test_a_resume_too_large_for_the_machine_is_told_what_a_resume_may_lower(tmp_path, monkeypatch):
     """A resume that did not fit was told to lower batch_size (--set batch_size=N), which the resume then refused;
     so was one that ran out of memory as it trained. It is told to lower the memory options, which a resume may
