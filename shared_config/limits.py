@@ -28,13 +28,26 @@ MAX_YAML_ALIASES = 100  # `*name` references in one YAML document ("billion laug
 MAX_QUOTED = 80  # characters of a value quoted in an error message
 MAX_DIGITS = 24  # digits of a number quoted whole in an error message (2**64 has 20); longer ones are cut
 LONG_NUMBER = re.compile(rf"[0-9]{{{MAX_DIGITS + 1},}}")
+MAX_NAME_DIGITS = 64  # digits kept whole inside a name or path (`run-20261206194600123456789012/spec.yaml`)
+# a run's neighbours in a name or path: a letter, `_`, `/` or `\\` beside it, or beyond a `-`, `.` or `+` beside it
+NAME_BEFORE, NAME_AFTER = re.compile(r"[A-Za-z_/\\][-.+]?\Z"), re.compile(r"[-.+]?[A-Za-z_/\\]")
 
 
 def shorten_numbers(text: str) -> str:
     """`text` with each run of more than MAX_DIGITS digits cut to its first and last ten and its length,
     `1234567890...1234567890 (400 digits)`: the one rule for long numbers in error messages, applied by `quote`, by
-    every SpecError and by `cli.fail` to every error line (a 400-digit `--set` value was echoed whole)."""
-    return LONG_NUMBER.sub(lambda m: f"{m[0][:10]}...{m[0][-10:]} ({len(m[0]):,} digits)", text)
+    every SpecError and by `cli.fail` to every error line (a 400-digit `--set` value was echoed whole). A run of at
+    most MAX_NAME_DIGITS inside a name or path (NAME_BEFORE, NAME_AFTER) stays whole: the line names the file as it
+    is (`run-2026120619...6789012345 (29 digits)/spec.yaml` named none)."""
+
+    def cut(m: re.Match) -> str:
+        named = (NAME_BEFORE.search(text, max(0, m.start() - 2), m.start())
+                 or NAME_AFTER.match(text, m.end()))
+        if named and len(m[0]) <= MAX_NAME_DIGITS:
+            return m[0]
+        return f"{m[0][:10]}...{m[0][-10:]} ({len(m[0]):,} digits)"
+
+    return LONG_NUMBER.sub(cut, text)
 
 
 class _Quoter(reprlib.Repr):
