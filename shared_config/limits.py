@@ -211,6 +211,13 @@ class BoundedLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"{quote(node.value)} cannot be read as !!{tag}",
                                                     node.start_mark) from None
 
+    def construct_yaml_null(self, node):
+        """A null of YAML 1.2's forms: SafeLoader's `!!null 4` was None whatever the text (`--set 'n_kv_heads=!!null
+        4'` left the field unset)."""
+        if not YAML12_NULL.match(self.construct_scalar(node)):
+            raise ValueError(node.value)
+        return None
+
     def construct_yaml_bool(self, node):
         return read_bool(self.construct_scalar(node))
 
@@ -228,6 +235,7 @@ class BoundedLoader(yaml.SafeLoader):
 # study's JSON recorded `"lr": "1e30"`), `010` octal 8 and `1:30` base-60 90 (`--set steps=1:30` ran 90 steps),
 # `1_000` and `0b11` numbers, `2024-01-01` a date, `=` an unreadable tag. In YAML 1.2 all those are text, which a
 # number, boolean or enum field refuses naming the field.
+YAML12_NULL = re.compile(r"^(?:null|Null|NULL|~|)\Z")  # SafeLoader's implicit resolver matches these too
 YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
 YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
 YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:[.][0-9]+|[0-9]+(?:[.][0-9]*)?)(?:[eE][-+]?[0-9]+)?"
@@ -284,7 +292,7 @@ BoundedLoader.yaml_implicit_resolvers = {
 BoundedLoader.add_implicit_resolver(f"{_TAG}bool", YAML12_BOOL, list("tTfF"))
 BoundedLoader.add_implicit_resolver(f"{_TAG}int", YAML12_INT, list("-+0123456789"))
 BoundedLoader.add_implicit_resolver(f"{_TAG}float", YAML12_FLOAT, list("-+0123456789."))
-for _kind in ("bool", "int", "float"):
+for _kind in ("null", "bool", "int", "float"):
     BoundedLoader.add_constructor(f"{_TAG}{_kind}", getattr(BoundedLoader, f"construct_yaml_{_kind}"))
 
 
