@@ -176,7 +176,8 @@ def resolve_run(args) -> Run:
 
 def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, source) -> str | None:
     """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
-    raw .bin tokens, else None. A run of uint32 tokens resumed without --data-dtype read them as uint16 and was
+    raw .bin tokens and no meta.json beside them names one, else None. A run of uint32 tokens resumed without
+    --data-dtype read them as uint16 and was
     refused for training on other data (token counts, hash), the option unnamed. A data_dtype that meta.json beside
     the tokens contradicts (one of them edited) is refused naming both: load_data named a --data-dtype never given."""
     if args.data_dtype is not None or not stored or stored.get("data_dtype") is None or not reads_raw_tokens(source):
@@ -189,7 +190,7 @@ def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, sourc
         raise UsageError(f"{checkpoint / STATE_FILE}: data_dtype {dtype} (how the run read {source}), but "
                          f"{directory / 'meta.json'} says dtype {quote(meta)}: {meta_dtype}correct meta.json's dtype "
                          "(a --data-dtype that it contradicts is refused)")
-    return dtype
+    return dtype if meta is None else None  # meta.json names it: load_data reads it from there, as the run did
 
 
 def given_options(args) -> dict[str, str]:

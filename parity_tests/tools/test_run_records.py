@@ -185,6 +185,11 @@ def test_a_resume_names_the_data_dtype_it_read_the_tokens_as(tmp_path):
     (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "dtype": 16}))  # no dtype to pass
     with pytest.raises(UsageError, match="meta.json says dtype 16: correct meta.json's dtype \\(a --data-dtype "):
         resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 10}))  # meta.json's dtype read:
+    # state.json's was no cause, nor is --data-dtype a way out (meta.json refuses another)
+    state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint32"}))
+    with pytest.raises(DataError, match="vocab_size is 10 but .* \\(the largest id \\+ 1\\)$"):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
     (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
     assert resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint32"]))
 
