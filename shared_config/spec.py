@@ -271,13 +271,22 @@ def _check_float32_range(s: ModelSpec) -> None:
                         f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")
 
 
+def deepnorm_alpha(n_layers: int) -> float:
+    """DeepNet's decoder-only residual weight α = (2N)^(1/4), N = n_layers (N = 2: √2); placement.residual_alpha."""
+    return (2 * n_layers) ** 0.25
+
+
+def deepnorm_beta(n_layers: int) -> float:
+    """DeepNet's decoder-only init gain β = (8N)^(-1/4), N = n_layers (N = 2: 1/2); init.init_rule, and the spec's
+    check of the std it scales (here, as placement.py imports this module)."""
+    return (8 * n_layers) ** -0.25
+
+
 def _check_scaled_std(s: ModelSpec) -> None:
     """The std init_rule draws o_proj and down_proj with (init_std / sqrt(2·n_layers), the residual scaling), or v, o
     and the MLP under DeepNorm (init_std · β), must be a normal float32 number too: init_std=2e-38 of 50 layers drew
     them with a std of 2e-39, subnormal (XLA flushes such weights to 0, torch keeps them)."""
-    from .placement import PLACEMENTS, deepnorm_beta  # placement imports this module
-
-    deep = PLACEMENTS[s.norm_placement].deep
+    deep = s.norm_placement == "deepnorm"  # placement.PLACEMENTS' one `deep` row (as residual_scaled reads it)
     if not deep and not s.residual_scaled:
         return
     try:
