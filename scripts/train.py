@@ -32,7 +32,7 @@ from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
     TRAIN_KEYS, is_main_process, resolve_run, resumed_checkpoint,
 )
-from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, record_invocation, recover_run_dir
+from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir
 from shared_config.twins import twin
 
 
@@ -130,8 +130,6 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
-                if args.resume:  # a fresh run's run.json, with its invocation, is written as the loop starts
-                    record_invocation(run.out, run.info, run.record)
             loop = None
             try:
                 loop = Loop(run, make_trainer, progress=not args.quiet)

@@ -15,11 +15,10 @@ import numpy as np
 
 from .formats.checks import np_dtype
 from .layout import Tensor, layout
-from .placement import deepnorm_beta
 from .resources import check_memory, init_bytes
 from .config_file import SpecError
 from .generation import is_int
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, deepnorm_beta, load_spec
 
 
 @dataclass(frozen=True)

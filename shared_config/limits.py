@@ -28,13 +28,26 @@ MAX_YAML_ALIASES = 100  # `*name` references in one YAML document ("billion laug
 MAX_QUOTED = 80  # characters of a value quoted in an error message
 MAX_DIGITS = 24  # digits of a number quoted whole in an error message (2**64 has 20); longer ones are cut
 LONG_NUMBER = re.compile(rf"[0-9]{{{MAX_DIGITS + 1},}}")
+MAX_NAME_DIGITS = 64  # digits kept whole inside a name or path (`run-20261206194600123456789012/spec.yaml`)
+# a run's neighbours in a name or path: a letter, `_`, `/` or `\\` beside it, or beyond a `-`, `.` or `+` beside it
+NAME_BEFORE, NAME_AFTER = re.compile(r"[A-Za-z_/\\][-.+]?\Z"), re.compile(r"[-.+]?[A-Za-z_/\\]")
 
 
 def shorten_numbers(text: str) -> str:
     """`text` with each run of more than MAX_DIGITS digits cut to its first and last ten and its length,
     `1234567890...1234567890 (400 digits)`: the one rule for long numbers in error messages, applied by `quote`, by
-    every SpecError and by `cli.fail` to every error line (a 400-digit `--set` value was echoed whole)."""
-    return LONG_NUMBER.sub(lambda m: f"{m[0][:10]}...{m[0][-10:]} ({len(m[0]):,} digits)", text)
+    every SpecError and by `cli.fail` to every error line (a 400-digit `--set` value was echoed whole). A run of at
+    most MAX_NAME_DIGITS inside a name or path (NAME_BEFORE, NAME_AFTER) stays whole: the line names the file as it
+    is (`run-2026120619...6789012345 (29 digits)/spec.yaml` named none)."""
+
+    def cut(m: re.Match) -> str:
+        named = (NAME_BEFORE.search(text, max(0, m.start() - 2), m.start())
+                 or NAME_AFTER.match(text, m.end()))
+        if named and len(m[0]) <= MAX_NAME_DIGITS:
+            return m[0]
+        return f"{m[0][:10]}...{m[0][-10:]} ({len(m[0]):,} digits)"
+
+    return LONG_NUMBER.sub(cut, text)
 
 
 class _Quoter(reprlib.Repr):
@@ -198,6 +211,13 @@ class BoundedLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"{quote(node.value)} cannot be read as !!{tag}",
                                                     node.start_mark) from None
 
+    def construct_yaml_null(self, node):
+        """A null of YAML 1.2's forms: SafeLoader's `!!null 4` was None whatever the text (`--set 'n_kv_heads=!!null
+        4'` left the field unset)."""
+        if not YAML12_NULL.match(self.construct_scalar(node)):
+            raise ValueError(node.value)
+        return None
+
     def construct_yaml_bool(self, node):
         return read_bool(self.construct_scalar(node))
 
@@ -215,6 +235,7 @@ class BoundedLoader(yaml.SafeLoader):
 # study's JSON recorded `"lr": "1e30"`), `010` octal 8 and `1:30` base-60 90 (`--set steps=1:30` ran 90 steps),
 # `1_000` and `0b11` numbers, `2024-01-01` a date, `=` an unreadable tag. In YAML 1.2 all those are text, which a
 # number, boolean or enum field refuses naming the field.
+YAML12_NULL = re.compile(r"^(?:null|Null|NULL|~|)\Z")  # SafeLoader's implicit resolver matches these too
 YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
 YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
 YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:[.][0-9]+|[0-9]+(?:[.][0-9]*)?)(?:[eE][-+]?[0-9]+)?"
@@ -271,7 +292,7 @@ BoundedLoader.yaml_implicit_resolvers = {
 BoundedLoader.add_implicit_resolver(f"{_TAG}bool", YAML12_BOOL, list("tTfF"))
 BoundedLoader.add_implicit_resolver(f"{_TAG}int", YAML12_INT, list("-+0123456789"))
 BoundedLoader.add_implicit_resolver(f"{_TAG}float", YAML12_FLOAT, list("-+0123456789."))
-for _kind in ("bool", "int", "float"):
+for _kind in ("null", "bool", "int", "float"):
     BoundedLoader.add_constructor(f"{_TAG}{_kind}", getattr(BoundedLoader, f"construct_yaml_{_kind}"))
 
 

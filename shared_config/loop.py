@@ -25,8 +25,8 @@ from .progress import advance, progress, restart_clock, writing
 from .run import Run, is_main_process
 from .run_dir import (
     CADENCE_MIN, METRICS_FILE, MOMENTS, append_metrics, checkpoint_name, checkpoint_step, copy_tokenizer,
-    latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints, save_train_checkpoint,
-    truncate_metrics, write_run_info,
+    latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints, record_invocation,
+    save_train_checkpoint, truncate_metrics, write_run_info,
 )
 
 
@@ -77,6 +77,9 @@ class Loop:
             self.bar_note(f"nothing to do: the run is at step {state['step']} and --stop-at/steps is {run.stop}")
             return {"step": state["step"], "checkpoint": str(latest_checkpoint(run.out))}
         trainer = self.make_trainer(state)
+        if self.main and state["step"] and "invocations" in (run.info or {}):  # a resume's, once its checkpoint
+            # loaded and its trainer made: one refused before (NaN weights: exit 2) leaves run.json as it was
+            record_invocation(run.out, run.info, run.record)
         first, self.clock, self.stepping = state["step"] + 1, Clock(run.cfg.batch_size * run.cfg.seq_len), True
         with progress(total=run.stop, initial=state["step"], desc=trainer.name, quiet=not self.progress,
                       dynamic_ncols=True) as self.bar:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
 
-from .spec import ModelSpec
+from .spec import ModelSpec, deepnorm_alpha
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,6 @@ def block_placement(spec: ModelSpec, i: int) -> Placement:
     if spec.norm_placement == "hybrid_star" and i == 0:
         return HYBRID_STAR_FIRST
     return PLACEMENTS[spec.norm_placement]
-
-
-def deepnorm_alpha(n_layers: int) -> float:
-    """DeepNet's decoder-only residual weight α = (2N)^(1/4), N = n_layers (N = 2: √2)."""
-    return (2 * n_layers) ** 0.25
-
-
-def deepnorm_beta(n_layers: int) -> float:
-    """DeepNet's decoder-only init gain β = (8N)^(-1/4), N = n_layers (N = 2: 1/2)."""
-    return (8 * n_layers) ** -0.25
 
 
 def residual_alpha(spec: ModelSpec) -> float:

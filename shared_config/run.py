@@ -17,7 +17,7 @@ import numpy as np
 
 from .cli import UsageError, check_out_dir, check_shorthands
 from .config_file import SpecError, check_keys, check_type, parse_overrides
-from .data import DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
+from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
@@ -117,11 +117,17 @@ def resolve_run(args) -> Run:
     if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
         # vocabulary, with advice to --set vocab_size, which the resume then refused
         check_resume({"data": data.describe()}, stored, named)
-    init = read_init(args.init_from, load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None)
+    given_spec = load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None
+    init = read_init(args.init_from, given_spec)
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
-        # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10")
-        check_resume({"spec": spec_changes if args.spec is None else {},
-                      "train_config": cfg_changes if args.train_config is None else {}}, stored, named)
+        # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10"), a --spec or
+        # --train-config file's too (the rule's error offered --stop-at, then the file's change was refused).
+        # `--set n_kv_heads=null` names no value but the one the spec derives, and a train config's compute_dtype
+        # overrides the spec's: both compared once resolved, below
+        check_resume({"spec": {k: v for k, v in spec_changes.items() if v is not None} if given_spec is None else
+                      {k: v for k, v in given_spec.to_dict().items() if k != "compute_dtype"},
+                      "train_config": cfg_changes if args.train_config is None else
+                      {**load_train_config(args.train_config).to_dict(), **cfg_changes}}, stored, named)
     base = base_spec(args, stored, init, data).replace(**spec_changes)
     try:
         cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
@@ -170,17 +176,21 @@ def resolve_run(args) -> Run:
 
 def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, source) -> str | None:
     """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
-    raw .bin tokens, else None. A run of uint32 tokens resumed without --data-dtype read them as uint16 and was
+    raw .bin tokens and no meta.json beside them names one, else None. A run of uint32 tokens resumed without
+    --data-dtype read them as uint16 and was
     refused for training on other data (token counts, hash), the option unnamed. A data_dtype that meta.json beside
     the tokens contradicts (one of them edited) is refused naming both: load_data named a --data-dtype never given."""
     if args.data_dtype is not None or not stored or stored.get("data_dtype") is None or not reads_raw_tokens(source):
         return args.data_dtype
     dtype, directory = stored["data_dtype"], Path(source) if Path(source).is_dir() else Path(source).parent
     if (meta := read_meta(directory).get("dtype")) not in (None, dtype):
+        # load_data refuses a --data-dtype that meta.json contradicts: only meta.json's own dtype can be passed
+        meta_dtype = (f"if they are {meta}, pass --data-dtype {meta} (the resume checks that they are the run's); if "
+                      f"{dtype}, " if meta in TOKEN_DTYPES else "")
         raise UsageError(f"{checkpoint / STATE_FILE}: data_dtype {dtype} (how the run read {source}), but "
-                         f"{directory / 'meta.json'} says dtype {quote(meta)}: pass --data-dtype to read the tokens as "
-                         "one of them (the resume checks that they are the run's)")
-    return dtype
+                         f"{directory / 'meta.json'} says dtype {quote(meta)}: {meta_dtype}correct meta.json's dtype "
+                         "(a --data-dtype that it contradicts is refused)")
+    return dtype if meta is None else None  # meta.json names it: load_data reads it from there, as the run did
 
 
 def given_options(args) -> dict[str, str]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config_file import (FLOAT32_MAX, SpecError, check_float32, check_type, from_mapping, load_preset_or_file,
-                          yaml_names)
+from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, SpecError, check_float32, check_type, from_mapping,
+                          load_preset_or_file, yaml_names)
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -258,6 +258,8 @@ def _check_float32_range(s: ModelSpec) -> None:
         if getattr(s, name) > FLOAT32_MAX / 16:  # normal draws stay within 16 std
             raise SpecError(f"{name}={getattr(s, name)} must be <= 2.1e37: its draws must fit float32")
         check_float32(name, getattr(s, name), "the std of float32 weights")
+    if s.init_scheme == "normal":  # the residual scaling or DeepNorm's gain shrinks init_std for some weights
+        _check_scaled_std(s)
     check_float32("norm_eps", s.norm_eps, "it is added to float32 statistics")
     check_float32("gla_gate_normalizer", s.gla_gate_normalizer, "float32 gates are divided by it")
     # the largest angle: the last position times the largest inverse frequency, theta^(-(E-2)/E) when theta < 1
@@ -267,6 +269,34 @@ def _check_float32_range(s: ModelSpec) -> None:
     if s.position == "rope" and log_angle > math.log(FLOAT32_MAX):
         raise SpecError(f"rope_theta={s.rope_theta} gives RoPE angles past float32's range (position · "
                         f"theta^(-2j/head_dim) up to 1e{log_angle / math.log(10):.0f})")
+
+
+def deepnorm_alpha(n_layers: int) -> float:
+    """DeepNet's decoder-only residual weight α = (2N)^(1/4), N = n_layers (N = 2: √2); placement.residual_alpha."""
+    return (2 * n_layers) ** 0.25
+
+
+def deepnorm_beta(n_layers: int) -> float:
+    """DeepNet's decoder-only init gain β = (8N)^(-1/4), N = n_layers (N = 2: 1/2); init.init_rule, and the spec's
+    check of the std it scales (here, as placement.py imports this module)."""
+    return (8 * n_layers) ** -0.25
+
+
+def _check_scaled_std(s: ModelSpec) -> None:
+    """The std init_rule draws o_proj and down_proj with (init_std / sqrt(2·n_layers), the residual scaling), or v, o
+    and the MLP under DeepNorm (init_std · β), must be a normal float32 number too: init_std=2e-38 of 50 layers drew
+    them with a std of 2e-39, subnormal (XLA flushes such weights to 0, torch keeps them)."""
+    deep = s.norm_placement == "deepnorm"  # placement.PLACEMENTS' one `deep` row (as residual_scaled reads it)
+    if not deep and not s.residual_scaled:
+        return
+    try:
+        factor = deepnorm_beta(s.L) if deep else 1 / math.sqrt(2 * s.L)
+    except OverflowError:  # layers past float's range: the memory check names that size (a std rule here would not)
+        return
+    which, how = (("v_proj, o_proj and the MLP", "DeepNorm's β") if deep
+                  else ("o_proj and down_proj", "1/sqrt(2·n_layers)"))
+    check_float32(f"init_std · {how}", s.init_std * factor, f"the std of {which}, from init_std={s.init_std}; at "
+                  f"n_layers={s.L}, init_std must be at least {FLOAT32_NORMAL / factor:.2g}")
 
 
 def _check_gla_rules(s: ModelSpec) -> None:

@@ -41,7 +41,9 @@ def test_every_float_field_is_decided():
 
 
 def build(name: str, value: float):
-    return load_spec({**BASE, name: value}) if name in SPEC_FLOAT32 else load_train_config({name: value})
+    # init_std unscaled: residual scaling draws o_proj and down_proj with a smaller std (test_a_scaled_std_...)
+    unscaled = {"residual_scaling": False} if name == "init_std" else {}
+    return load_spec({**BASE, **unscaled, name: value}) if name in SPEC_FLOAT32 else load_train_config({name: value})
 
 
 @pytest.mark.parametrize("name", [*SPEC_FLOAT32, *TRAIN_FLOAT32])
@@ -91,3 +93,27 @@ def test_a_gla_width_that_rounds_to_zero_is_refused():
         load_spec({**BASE, **MIXERS["gla"], "gla_expand_k": 1e-12})
     with pytest.raises(SpecError, match=r"gla_expand_v=1e-12 gives d_v="):
         load_spec({**BASE, **MIXERS["gla"], "gla_expand_v": 1e-12})
+
+
+@pytest.mark.parametrize("placement", ["pre", "deepnorm"])
+def test_a_scaled_std_float32_cannot_hold_is_refused(placement):
+    """init_std was checked alone, but the residual scaling draws o_proj and down_proj with init_std / sqrt(2·n_layers)
+    and DeepNorm v, o and the MLP with init_std · β: init_std=2e-38 of 50 layers drew them with a std of 2e-39,
+    subnormal (the twins part, as the rule says of init_std itself)."""
+    from shared_config.init import init_rule
+    from shared_config.layout import layout
+
+    spec = {**BASE, "n_layers": 50, "norm_placement": placement}
+    with pytest.raises(SpecError, match=r"^init_std · .*=\S+ is subnormal in float32: .* \(the std of .*, from "
+                                        r"init_std=2e-38; at n_layers=50, init_std must be at least \d\.\de-3[78]\)$"):
+        load_spec({**spec, "init_std": 2e-38})
+    least = float(str(load_spec_error({**spec, "init_std": 2e-38})).rsplit(" ", 1)[-1].rstrip(")")) * 1.01
+    drawn = load_spec({**spec, "init_std": least})
+    assert min(init_rule(t, drawn).scale for t in layout(drawn) if init_rule(t, drawn).dist == "normal") >= TINY
+    assert load_spec({**spec, "init_std": 2e-38, "init_scheme": "xavier_normal"})  # init_std draws no scaled weight
+
+
+def load_spec_error(spec: dict) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        load_spec(spec)
+    return e.value

@@ -17,7 +17,7 @@ import torch_model
 from shared_config import init_weights, layout, load_spec
 from shared_config.init import init_rule
 from shared_config.layout import Tensor
-from shared_config.placement import deepnorm_alpha, deepnorm_beta
+from shared_config.spec import deepnorm_alpha, deepnorm_beta
 from shared_config.spec import CHOICES
 
 SPECS = {

@@ -68,3 +68,26 @@ def test_a_commands_error_line_cuts_long_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fail(UsageError(f"--steps 3 and --set steps={LONG}: pass one of them"))
     assert capsys.readouterr().err == f"error: --steps 3 and --set steps={SHOWN}: pass one of them\n"
+
+
+def test_a_long_run_of_digits_in_a_name_or_path_stays_whole(tmp_path, capsys):
+    """A spec file in `run-20261206194600123456789012345/` (a timestamp to the nanosecond and a counter) was named
+    `run-2026120619...6789012345 (29 digits)/spec.yaml` by its error line: a file that is not there. A run of digits
+    inside a name or path stays whole up to MAX_NAME_DIGITS; a number, or a run longer than that, is cut as before."""
+    from shared_config.limits import MAX_NAME_DIGITS
+
+    folder = tmp_path / "run-20261206194600123456789012345"
+    folder.mkdir()
+    (folder / "spec.yaml").write_text("vocab_size: 64\nbogus: 1\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(str(folder / "spec.yaml"))
+    assert str(e.value).startswith(f"{folder / 'spec.yaml'}: unknown spec key 'bogus'")
+    with pytest.raises(SystemExit):
+        fail(UsageError(f"{folder}: d_model={LONG[:30]} and x{LONG}"))
+    assert capsys.readouterr().err == (f"error: {folder}: d_model=1234567890...1234567890 (30 digits) and "
+                                       f"x{SHOWN}\n")
+    kept = "7" * MAX_NAME_DIGITS
+    for name in (f"a_{kept}", f"{kept}.bin", f"/{kept}/", f"v-{kept}", f"{kept}-x"):
+        assert shorten_numbers(name) == name
+    assert shorten_numbers(f"={kept}") != f"={kept}" and shorten_numbers(f"'{kept}'") != f"'{kept}'"
+    assert shorten_numbers(f"a_{kept}7") == f"a_7777777777...7777777777 ({MAX_NAME_DIGITS + 1} digits)"

@@ -77,11 +77,13 @@ def test_nulls_leave_an_optional_field_unset():
 def test_explicit_tags_read_only_the_core_forms():
     """`!!bool yes` was True and `!!int 1:30` the text '1:30': a tag reads what its type's core pattern allows, and
     anything else is one YAML error naming the tag, in --set and in files alike."""
-    assert parse_overrides(["a=!!bool TRUE", "b=!!int 0x1F", "c=!!float 3", "d=!!float +.5", "e=!!str 5"]) == {
-        "a": True, "b": 31, "c": 3.0, "d": 0.5, "e": "5"}
+    assert parse_overrides(["a=!!bool TRUE", "b=!!int 0x1F", "c=!!float 3", "d=!!float +.5", "e=!!str 5",
+                            "f=!!null ~", "g=!!null"]) == {"a": True, "b": 31, "c": 3.0, "d": 0.5, "e": "5", "f": None,
+                                                           "g": None}
     for value, says in (("!!bool yes", "'yes' cannot be read as !!bool"), ("!!int 1:30", "'1:30' cannot be read as "
                         "!!int"), ("!!int 1_000", "'1_000' cannot be read as !!int"),
-                        ("!!float 1_0.5", "'1_0.5' cannot be read as !!float")):
+                        ("!!float 1_0.5", "'1_0.5' cannot be read as !!float"),
+                        ("!!null 4", "'4' cannot be read as !!null")):  # was None: n_kv_heads left unset
         with pytest.raises(SpecError, match=re.escape(f"the value is not a YAML scalar ({says})")):
             parse_overrides([f"d_model={value}"])
         with pytest.raises(yaml.YAMLError, match=re.escape(says)):

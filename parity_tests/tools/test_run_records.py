@@ -66,6 +66,49 @@ def test_a_resume_names_the_option_given_and_the_runs_value_it_meets(tmp_path):
     assert resolve_run(train.parse_args([*resume, "--steps", "12", "--set", "remat=full"])).cfg.steps == 12
 
 
+def test_a_resume_given_null_for_a_derived_spec_key_compares_the_value_it_resolves_to(tmp_path):
+    """`--set n_kv_heads=null` (or head_dim, residual_scaling) names the value the spec derives from its other keys:
+    a resume given the run's own command again compares the resolved value, as it did before the early check that
+    refuses changes, which compared the None itself ("spec head_dim: checkpoint 16, now None")."""
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, _ = started(tmp_path)
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume"]
+    run = resolve_run(train.parse_args([*resume, "--set", "head_dim=null", "--set", "residual_scaling=null"]))
+    assert [run.spec.to_dict()[k] for k in ("head_dim", "residual_scaling")] == [16, True]
+    with pytest.raises(UsageError, match="but spec n_kv_heads: checkpoint 2, now 6 \\(--set n_kv_heads=null\\); "):
+        resolve_run(train.parse_args([*resume, "--set", "n_kv_heads=null"]))
+
+
+def test_a_resume_refuses_a_files_change_before_a_rule_it_breaks(tmp_path):
+    """`--resume --train-config parity --steps 4` (the run's warmup 8, parity's 10) was the rule's error, "warmup_steps
+    =10 must be <= steps=4" with --stop-at offered, and --stop-at then met the refusal of parity's other values; a
+    --spec file's change likewise. The refusal comes first, naming the file; the run's own file again is no change."""
+    from shared_config import load_spec
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--steps", "4"]
+    with pytest.raises(UsageError, match="^--resume continues .* but .*warmup_steps: checkpoint 8, now 10; .* "
+                                         "\\(--train-config parity\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--train-config", "parity"]))
+    with pytest.raises(UsageError, match="^--resume continues .* but .*spec n_layers: checkpoint 1, now 3 "
+                                         "\\(--spec tiny\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--spec", "tiny"]))
+    spec, config = tmp_path / "spec.yaml", tmp_path / "train.yaml"
+    stored = json.loads(state.read_text())
+    spec.write_text(json.dumps(stored["spec"]))
+    config.write_text(json.dumps(stored["train_config"]))
+    resumed = ["--backend", "jax", "--out", str(tmp_path), "--resume", "--spec", str(spec), "--train-config",
+               str(config)]
+    assert resolve_run(train.parse_args(resumed)).spec == load_spec(stored["spec"])
+    with pytest.raises(UsageError, match=f"^--train-config {at(config)}, --steps 4: warmup_steps=8 must be <= "
+                                         "steps=4; --stop-at N"):  # the files' own values: the rule, as without
+        resolve_run(train.parse_args([*resumed, "--steps", "4"]))
+
+
 def test_a_resume_too_large_for_the_machine_is_told_what_a_resume_may_lower(tmp_path, monkeypatch):
     """A resume that did not fit was told to lower batch_size (--set batch_size=N), which the resume then refused;
     so was one that ran out of memory as it trained. It is told to lower the memory options, which a resume may
@@ -132,8 +175,22 @@ def test_a_resume_names_the_data_dtype_it_read_the_tokens_as(tmp_path):
     state = tmp_path / "run-data" / "step-00000002" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint16"}))
     with pytest.raises(UsageError, match=f"^{at(state)}: data_dtype uint16 \\(how the run read .*data\\), "
-                                         "but .*meta.json says dtype 'uint32': pass --data-dtype"):
+                                         "but .*meta.json says dtype 'uint32': if they are uint32, pass --data-dtype "
+                                         "uint32 \\(.*\\); if uint16, correct meta.json's dtype \\(a --data-dtype "
+                                         "that it contradicts is refused\\)$"):
         resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    with pytest.raises(DataError, match="--data-dtype uint16, but .*meta.json says dtype uint32"):  # as it says
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint16"]))
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "dtype": 16}))  # no dtype to pass
+    with pytest.raises(UsageError, match="meta.json says dtype 16: correct meta.json's dtype \\(a --data-dtype "):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 10}))  # meta.json's dtype read:
+    # state.json's was no cause, nor is --data-dtype a way out (meta.json refuses another)
+    state.write_text(json.dumps({**json.loads(state.read_text()), "data_dtype": "uint32"}))
+    with pytest.raises(DataError, match="vocab_size is 10 but .* \\(the largest id \\+ 1\\)$"):
+        resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data")]))
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
     assert resolve_run(train.parse_args([*resume, "--out", str(tmp_path / "run-data"), "--data-dtype", "uint32"]))
 
 
@@ -172,3 +229,41 @@ def test_run_json_lists_every_invocation(tmp_path, monkeypatch, capsys):
     run = json.loads((tmp_path / "run.json").read_text())
     assert [i["argv"] for i in run["invocations"]] == [fourth] and run["train_config"]["steps"] == 8
     assert made == [0, 2, 4, 6] and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 8
+
+
+def test_a_refused_resume_leaves_run_json_as_it_was(tmp_path, monkeypatch):
+    """A resume's invocation was appended to run.json before its checkpoint was loaded: one refused then (NaN
+    weights, exit 2), or stopped by Ctrl-C while its trainer was made, left run.json listing an invocation that never
+    ran. It is recorded once the checkpoint is loaded and the trainer made; a resume with nothing to do trains
+    nothing and records nothing."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    from shared_config.files import CheckpointError
+
+    train = load_script("train")
+    interrupt = []
+
+    def trainer(spec, cfg, state):
+        if interrupt:
+            raise KeyboardInterrupt
+        return CountingTrainer(state)
+
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(Trainer=trainer))
+    train.main(["--backend", "torch", "--out", str(tmp_path), "--steps", "4", "--stop-at", "2", *SMALL])
+    before = (tmp_path / "run.json").read_text()
+    resume = ["--backend", "jax", "--out", str(tmp_path), "--resume"]
+    train.main([*resume, "--stop-at", "2"])  # nothing to do
+    interrupt.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(resume)
+    path = tmp_path / "step-00000002" / "model.safetensors"
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()
+    weights = load_file(path)
+    weights["lm_head.weight"][0, 0] = np.nan
+    save_file(weights, path, metadata=metadata)
+    interrupt.clear()
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        train.main(resume)
+    assert (tmp_path / "run.json").read_text() == before
