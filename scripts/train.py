@@ -32,7 +32,7 @@ from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
     TRAIN_KEYS, is_main_process, resolve_run, resumed_checkpoint,
 )
-from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir
+from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir, remove_run_files
 from shared_config.twins import twin
 
 
@@ -135,12 +135,16 @@ def main(argv=None):
                 loop = Loop(run, make_trainer, progress=not args.quiet)
                 summary = loop()
             except (KeyboardInterrupt, *USER_ERRORS) as e:  # Ctrl-C, SIGTERM ("partial outputs removed") or bad
-                # input found as the run starts (RANK without torchrun's other variables), before its first step: the
-                # directories this run made, with no checkpoint, go (their run.json, lock and metrics stayed, a run
-                # that could not be resumed); an error of a run that stepped keeps its metrics, as a full disk does
+                # input found as the run starts (RANK without torchrun's other variables), before its first step:
+                # with no checkpoint, what this run wrote goes (else run.json, lock and metrics of a run that cannot
+                # be resumed would stay): the directories it made, or its files in a --out it was given; an error of
+                # a run that stepped keeps its metrics, as a full disk does
                 set_up = isinstance(e, KeyboardInterrupt) or loop is None or not loop.stepping
-                if made and is_main_process() and latest_checkpoint(run.out) is None and set_up:
-                    shutil.rmtree(made, ignore_errors=True)
+                if is_main_process() and latest_checkpoint(run.out) is None and set_up:
+                    if made:
+                        shutil.rmtree(made, ignore_errors=True)
+                    else:
+                        remove_run_files(run.out)
                 raise
         finished = True
     except NonFiniteError as e:

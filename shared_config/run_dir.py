@@ -352,6 +352,13 @@ def lock_run(out: str | Path) -> Iterator[None]:
         os.close(fd)  # the file stays: deleting it would let a waiting opener lock a file no longer there
 
 
+def remove_run_files(out: str | Path) -> None:
+    """Remove a run's own files from `out` (run.json, metrics.jsonl, tokenizer.json; the lock stays, as lock_run
+    says): what a fresh run that stopped before its first checkpoint wrote into a directory it did not make."""
+    for name in (RUN_FILE, METRICS_FILE, TOKENIZER_FILE):
+        (Path(out) / name).unlink(missing_ok=True)
+
+
 def foreign_files(out: str | Path) -> list[str]:
     """The names in `out` that no run writes (sorted; [] for a directory that does not exist): what a fresh run must
     not write beside. A run's own: run.json, metrics.jsonl, tokenizer.json, the lock, checkpoints and temp files."""

@@ -263,7 +263,8 @@ def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, s
 @pytest.mark.slow
 def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM ends with "partial outputs removed", and a fresh run's new --out stayed behind with its
-    run.json, lock and metrics, no checkpoint to resume. A directory the run did not make stays."""
+    run.json, lock and metrics, no checkpoint to resume. A directory the run did not make stays, without the run's
+    files (they stayed there, beside that line)."""
     from shared_config.cli import run
 
     train = load_script("train")
@@ -285,7 +286,7 @@ def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_
         assert e.value.code == 130
         assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT; partial outputs removed"
     assert not (tmp_path / "new").exists()  # --out's parent too: the run made it
-    assert (given / "metrics.jsonl").exists()  # the user's directory: the run does not remove it
+    assert [p.name for p in given.iterdir()] == [".lock"]  # the user's directory stays, the run's files go
 
 
 @pytest.mark.slow
