@@ -117,17 +117,19 @@ def resolve_run(args) -> Run:
     if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
         # vocabulary, with advice to --set vocab_size, which the resume then refused
         check_resume({"data": data.describe()}, stored, named)
-    given_spec = load_spec(args.spec).replace(**spec_changes) if args.spec is not None else None
-    init = read_init(args.init_from, given_spec)
+    file_spec = load_spec(args.spec) if args.spec is not None else None
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
         # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10"), a --spec or
-        # --train-config file's too (the rule's error offered --stop-at, then the file's change was refused).
-        # `--set n_kv_heads=null` names no value but the one the spec derives, and a train config's compute_dtype
-        # overrides the spec's: both compared once resolved, below
-        check_resume({"spec": {k: v for k, v in spec_changes.items() if v is not None} if given_spec is None else
-                      {k: v for k, v in given_spec.to_dict().items() if k != "compute_dtype"},
+        # --train-config file's too (the rule's error offered --stop-at, then the file's change was refused), the
+        # --set items merged into either file unchecked (`--spec tiny --set n_heads=5` was "n_kv_heads=2 must divide
+        # n_heads=5", `--set n_heads=5` alone the refusal). `--set n_kv_heads=null` names no value but the one the
+        # spec derives, and a train config's compute_dtype overrides the spec's: both compared once resolved, below
+        set_spec = {k: v for k, v in spec_changes.items() if v is not None}
+        check_resume({"spec": set_spec if file_spec is None else
+                      {**{k: v for k, v in file_spec.to_dict().items() if k != "compute_dtype"}, **set_spec},
                       "train_config": cfg_changes if args.train_config is None else
                       {**load_train_config(args.train_config).to_dict(), **cfg_changes}}, stored, named)
+    init = read_init(args.init_from, file_spec.replace(**spec_changes) if file_spec is not None else None)
     base = base_spec(args, stored, init, data).replace(**spec_changes)
     try:
         cfg = with_changes(base_config(args, stored), cfg_changes, shorten_warmup=not stored)
@@ -136,6 +138,10 @@ def resolve_run(args) -> Run:
         if not stored:
             raise
         raise resumed_rule(e, named, stored, checkpoint / STATE_FILE, "steps" in given) from None
+    if stored and cfg.steps < done:  # a --train-config file's steps (--set's were refused above): "nothing to do",
+        # exit 0, after a note that the schedule changed
+        raise UsageError(f"{named('train_config', 'steps')}: steps {cfg.steps}, but the run in {args.out} has done "
+                         f"{done} steps; steps is the number of steps to reach (at least {done}: --steps N)")
     data.check(cfg.seq_len, spec.V)
     lower = RESUME_MEMORY if stored else "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
     # a raw .bin read as the wrong dtype: ids of garbage, beyond any tokenizer's (the largest hold ~262k tokens)

@@ -109,6 +109,36 @@ def test_a_resume_refuses_a_files_change_before_a_rule_it_breaks(tmp_path):
         resolve_run(train.parse_args([*resumed, "--steps", "4"]))
 
 
+def test_a_resume_refuses_a_spec_files_change_with_set_items_and_a_train_configs_fewer_steps(tmp_path):
+    """`--resume --spec F --set n_heads=5` was the rule F's values break ("n_kv_heads=2 must divide n_heads=5"),
+    where `--set n_heads=5` alone was the refusal; a --train-config file whose steps are fewer than the run has done
+    was "nothing to do", exit 0, after a note that the schedule changed (`--set steps=N` was refused)."""
+    from shared_config.cli import UsageError
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    stored = json.loads(state.read_text())
+    spec, config = tmp_path / "spec.yaml", tmp_path / "train.yaml"
+    spec.write_text(json.dumps(stored["spec"]))
+    config.write_text(json.dumps({**stored["train_config"], "steps": 1, "warmup_steps": 1}))
+    resume = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    with pytest.raises(UsageError, match="^--resume continues .* but spec n_heads: checkpoint 6, now 5 \\(--set "
+                                         "n_heads=5\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--spec", str(spec), "--set", "n_heads=5"]))
+    from shared_config.loop import Loop
+
+    short = tmp_path / "short"  # a warmup that steps=1 meets: the file's steps is refused, not a rule
+    Loop(resolve_run(train.parse_args(["--backend", "jax", "--out", str(short), "--steps", "4", "--set",
+                                       "warmup_steps=1", "--stop-at", "2", *SMALL])), CountingTrainer,
+         progress=False)()
+    stored = json.loads((short / "step-00000002" / "state.json").read_text())
+    config.write_text(json.dumps({**stored["train_config"], "steps": 1}))
+    with pytest.raises(UsageError, match=f"^--train-config {at(config)}: steps 1, but the run in {at(short)} has "
+                                         "done 2 steps; "):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(short), "--resume", "--train-config",
+                                      str(config)]))
+
+
 def test_a_resume_too_large_for_the_machine_is_told_what_a_resume_may_lower(tmp_path, monkeypatch):
     """A resume that did not fit was told to lower batch_size (--set batch_size=N), which the resume then refused;
     so was one that ran out of memory as it trained. It is told to lower the memory options, which a resume may
