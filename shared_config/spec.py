@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, SpecError, check_float32, check_type, from_mapping,
                           load_preset_or_file, yaml_names)
 
@@ -296,7 +298,17 @@ def _check_scaled_std(s: ModelSpec) -> None:
     which, how = (("v_proj, o_proj and the MLP", "DeepNorm's β") if deep
                   else ("o_proj and down_proj", "1/sqrt(2·n_layers)"))
     check_float32(f"init_std · {how}", s.init_std * factor, f"the std of {which}, from init_std={s.init_std}; at "
-                  f"n_layers={s.L}, init_std must be at least {FLOAT32_NORMAL / factor:.2g}")
+                  f"n_layers={s.L}, init_std must be at least {least_std(factor):.2g}")
+
+
+def least_std(factor: float) -> float:
+    """The least init_std of two significant digits whose std scaled by `factor` float32 holds as a normal number:
+    the bound rounded up (`:.2g` rounded 2.6018e-38 down, and init_std=2.6e-38 was refused "at least 2.6e-38")."""
+    exponent = math.floor(math.log10(FLOAT32_NORMAL / factor)) - 1
+    digits = math.ceil(FLOAT32_NORMAL / factor / 10.0**exponent)
+    while abs(np.float32(float(f"{digits}e{exponent}") * factor)) < FLOAT32_NORMAL:  # check_float32's test
+        digits += 1
+    return float(f"{digits}e{exponent}")
 
 
 def _check_gla_rules(s: ModelSpec) -> None:
