@@ -126,7 +126,8 @@ def resolve_run(args) -> Run:
         # spec derives, and a train config's compute_dtype overrides the spec's: both compared once resolved, below
         set_spec = {k: v for k, v in spec_changes.items() if v is not None}
         check_resume({"spec": set_spec if file_spec is None else
-                      {**{k: v for k, v in file_spec.to_dict().items() if k != "compute_dtype"}, **set_spec},
+                      {**{k: v for k, v in file_spec.to_dict().items() if k != "compute_dtype" and k not in
+                          spec_changes}, **set_spec},
                       "train_config": cfg_changes if args.train_config is None else
                       {**load_train_config(args.train_config).to_dict(), **cfg_changes}}, stored, named)
     init = read_init(args.init_from, file_spec.replace(**spec_changes) if file_spec is not None else None)

@@ -125,6 +125,11 @@ def test_a_resume_refuses_a_spec_files_change_with_set_items_and_a_train_configs
     with pytest.raises(UsageError, match="^--resume continues .* but spec n_heads: checkpoint 6, now 5 \\(--set "
                                          "n_heads=5\\); start a new --out"):
         resolve_run(train.parse_args([*resume, "--spec", str(spec), "--set", "n_heads=5"]))
+    derived = tmp_path / "derived"  # n_kv_heads derived (6); the file's 2, then `--set n_kv_heads=null`: the run's
+    state = started(derived, "--set", "n_kv_heads=null")[1]
+    spec.write_text(json.dumps({**json.loads(state.read_text())["spec"], "n_kv_heads": 2}))
+    assert resolve_run(train.parse_args(["--backend", "jax", "--out", str(derived), "--resume", "--spec", str(spec),
+                                         "--set", "n_kv_heads=null"])).spec.to_dict()["n_kv_heads"] == 6
     from shared_config.loop import Loop
 
     short = tmp_path / "short"  # a warmup that steps=1 meets: the file's steps is refused, not a rule
