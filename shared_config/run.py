@@ -8,7 +8,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -124,10 +124,10 @@ def resolve_run(args) -> Run:
         # --set items merged into either file unchecked (`--spec tiny --set n_heads=5` was "n_kv_heads=2 must divide
         # n_heads=5", `--set n_heads=5` alone the refusal). `--set n_kv_heads=null` names no value but the one the
         # spec derives, and a train config's compute_dtype overrides the spec's: both compared once resolved, below
-        set_spec = {k: v for k, v in spec_changes.items() if v is not None}
-        check_resume({"spec": set_spec if file_spec is None else
-                      {**{k: v for k, v in file_spec.to_dict().items() if k != "compute_dtype" and k not in
-                          spec_changes}, **set_spec},
+        # (a key the file leaves to be derived too: `--spec F --set d_model=96` derives F's head_dim from 96)
+        given_keys = {**(asdict(file_spec) if file_spec is not None else {}), **spec_changes}
+        check_resume({"spec": {k: v for k, v in given_keys.items() if v is not None and
+                               (k != "compute_dtype" or k in spec_changes)},
                       "train_config": cfg_changes if args.train_config is None else
                       {**load_train_config(args.train_config).to_dict(), **cfg_changes}}, stored, named)
     init = read_init(args.init_from, file_spec.replace(**spec_changes) if file_spec is not None else None)

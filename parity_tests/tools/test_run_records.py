@@ -130,6 +130,10 @@ def test_a_resume_refuses_a_spec_files_change_with_set_items_and_a_train_configs
     spec.write_text(json.dumps({**json.loads(state.read_text())["spec"], "n_kv_heads": 2}))
     assert resolve_run(train.parse_args(["--backend", "jax", "--out", str(derived), "--resume", "--spec", str(spec),
                                          "--set", "n_kv_heads=null"])).spec.to_dict()["n_kv_heads"] == 6
+    stored = json.loads(state.read_text())["spec"]  # the file's head_dim derived from its d_model, 192 / 6
+    spec.write_text(json.dumps({**stored, "d_model": 192, "head_dim": None}))  # ... and from the run's 96 as given
+    assert resolve_run(train.parse_args(["--backend", "jax", "--out", str(derived), "--resume", "--spec", str(spec),
+                                         "--set", "d_model=96"])).spec.to_dict()["head_dim"] == 16
     from shared_config.loop import Loop
 
     short = tmp_path / "short"  # a warmup that steps=1 meets: the file's steps is refused, not a rule
