@@ -32,7 +32,9 @@ from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
     TRAIN_KEYS, is_main_process, resolve_run, resumed_checkpoint,
 )
-from shared_config.run_dir import CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir, remove_run_files
+from shared_config.run_dir import (
+    CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir, remove_run_files, run_file_ids,
+)
 from shared_config.twins import twin
 
 
@@ -130,7 +132,7 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
-            loop = None
+            loop, before = None, run_file_ids(run.out)
             try:
                 loop = Loop(run, make_trainer, progress=not args.quiet)
                 summary = loop()
@@ -144,7 +146,7 @@ def main(argv=None):
                     if made:
                         shutil.rmtree(made, ignore_errors=True)
                     else:
-                        remove_run_files(run.out)
+                        remove_run_files(run.out, before)
                 raise
         finished = True
     except NonFiniteError as e:

@@ -352,11 +352,19 @@ def lock_run(out: str | Path) -> Iterator[None]:
         os.close(fd)  # the file stays: deleting it would let a waiting opener lock a file no longer there
 
 
-def remove_run_files(out: str | Path) -> None:
-    """Remove a run's own files from `out` (run.json, metrics.jsonl, tokenizer.json; the lock stays, as lock_run
-    says): what a fresh run that stopped before its first checkpoint wrote into a directory it did not make."""
-    for name in (RUN_FILE, METRICS_FILE, TOKENIZER_FILE):
-        (Path(out) / name).unlink(missing_ok=True)
+def run_file_ids(out: str | Path) -> dict[str, tuple[int, int]]:
+    """{name: (inode, mtime)} of the run files (run.json, metrics.jsonl, tokenizer.json) in `out`."""
+    paths = [Path(out) / name for name in (RUN_FILE, METRICS_FILE, TOKENIZER_FILE)]
+    return {p.name: (s.st_ino, s.st_mtime_ns) for p in paths if p.exists() and (s := p.stat())}
+
+
+def remove_run_files(out: str | Path, before: dict[str, tuple[int, int]]) -> None:
+    """Remove the run files a fresh run that stopped before its first checkpoint wrote into a directory it did not
+    make (the lock stays, as lock_run says); one there before it (`before`: run_file_ids as it started) and untouched
+    stays: a user's tokenizer.json beside a run of data without one went."""
+    for name, ids in run_file_ids(out).items():
+        if before.get(name) != ids:
+            (Path(out) / name).unlink(missing_ok=True)
 
 
 def foreign_files(out: str | Path) -> list[str]:

@@ -264,7 +264,7 @@ def test_a_study_stopped_midway_leaves_no_earlier_table(tmp_path, monkeypatch, s
 def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM ends with "partial outputs removed", and a fresh run's new --out stayed behind with its
     run.json, lock and metrics, no checkpoint to resume. A directory the run did not make stays, without the run's
-    files (they stayed there, beside that line)."""
+    files (they stayed there, beside that line), but with a user's tokenizer.json the run did not write (it went)."""
     from shared_config.cli import run
 
     train = load_script("train")
@@ -280,13 +280,14 @@ def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_
     monkeypatch.setattr(train, "Loop", Interrupted)
     given = tmp_path / "given"
     given.mkdir()
+    (given / "tokenizer.json").write_text("{}")  # the user's: the synthetic data has none
     for out in (tmp_path / "new" / "run", given):
         with pytest.raises(SystemExit) as e:
             run(train.main, ["--backend", "torch", "--out", str(out), *SHORT])
         assert e.value.code == 130
         assert capsys.readouterr().err.strip() == "error: interrupted by SIGINT; partial outputs removed"
     assert not (tmp_path / "new").exists()  # --out's parent too: the run made it
-    assert [p.name for p in given.iterdir()] == [".lock"]  # the user's directory stays, the run's files go
+    assert sorted(p.name for p in given.iterdir()) == [".lock", "tokenizer.json"]  # the run's files go
 
 
 @pytest.mark.slow
