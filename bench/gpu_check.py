@@ -30,7 +30,6 @@ of RMSNorm) are benchmarks, never test assertions.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import signal
@@ -44,7 +43,7 @@ from bench.gpu_plan import BUDGET_S, PLANS, Check, fit, plan, runnable, share, s
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, above, check_out_dir, names, no_repeats, run
 from shared_config.compile_cache import add_compile_cache_option
-from shared_config.report import write_report
+from shared_config.report import versions, write_report
 from shared_config.run_dir import lock_run
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the checks' scripts and working directory
@@ -84,21 +83,14 @@ def environment(dry_run: bool) -> dict:
     import jax
     import torch
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "jax": jax.__version__}
-    for name in ("flax", "optax", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError as e:
-            versions[name] = f"missing ({e})"
-    try:  # flash-linear-attention, the torch twin's GLA kernel: not in the GPU image (docs/bench.md: carry it)
-        versions["fla-core"] = importlib.metadata.version("fla-core")
-    except importlib.metadata.PackageNotFoundError:
-        versions["fla-core"] = "missing"
+    # fla-core: flash-linear-attention, the torch twin's GLA kernel, not in the GPU image (docs/bench.md: carry it)
+    found = versions("torch", "jax", "flax", "optax", "transformers", "fla-core")
+    found = {name: "missing" if version is None else version for name, version in found.items()}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     # the device's memory (GiB), which decides how the checks split into processes (`fit`)
     device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else None
-    notes = [f"{k} {versions[k]} (the GPU image has {v})" for k, v in EXPECTED.items() if not versions[k].startswith(v)]
-    if versions["fla-core"] == "missing":
+    notes = [f"{k} {found[k]} (the GPU image has {v})" for k, v in EXPECTED.items() if not found[k].startswith(v)]
+    if found["fla-core"] == "missing":
         notes.append("fla-core missing: the gla-kernels check skips fla's chunk_gla (docs/bench.md, GPU check)")
     if gpu is None and not dry_run:
         raise UsageError("no CUDA device: run on the GPU machine, or pass --dry-run")
@@ -106,7 +98,7 @@ def environment(dry_run: bool) -> dict:
         notes.append(f"jax runs on {jax.default_backend()}, not the GPU: its rows are not comparable")
     device = gpu or f"cpu-{os.cpu_count()}vcpu"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": device, "device_gib": device_gib,
-            "versions": versions, "dry_run": dry_run, "notes": notes}
+            "versions": found, "dry_run": dry_run, "notes": notes}
 
 
 def slug(device: str) -> str:

@@ -21,6 +21,7 @@ from shared_config.parallel import env_int
 from shared_config.run import SPEC_KEYS
 from shared_config.compile_cache import TORCH_CACHE_ENV, add_compile_cache_option
 from shared_config.hardware import GLA_KERNEL_NAMES, GLA_KERNEL_TWIN, GLA_KERNELS, check_kernel
+from shared_config.report import versions
 
 from bench.load import usable_cpus
 
@@ -183,18 +184,10 @@ def kernels(attention: str, platform: str, dtype: str, mesh: bool = False) -> di
 
 def environment(args, device: str) -> dict:
     """What a report's "env" records: date, device, platform, versions, threads and every job option."""
-    import jax
-    import torch
-
-    versions = {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__}
-    for name in ("flax", "optax", "transformers", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "versions": versions("jax", "torch", "flax", "optax", "transformers", "numpy"),
         "mode": args.mode, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
         "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",

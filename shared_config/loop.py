@@ -103,8 +103,7 @@ class Loop:
         run.out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.metrics_path, step)
         if step == 0:
-            write_run_info(run.out, {**(run.info or {}), "spec": run.spec.to_dict(), "train_config": run.cfg.to_dict(),
-                                     "data": run.data.describe()})
+            write_run_info(run.out, run.record())
         if run.data.tokenizer is not None:
             copy_tokenizer(run.out, run.data.tokenizer)
         self.bar_note(describe(run, step))

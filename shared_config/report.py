@@ -4,6 +4,8 @@ measured (docs/bench.md: reports on disk); or, with `--json -`, the finished rep
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import platform
 import sys
 from pathlib import Path
 
@@ -58,3 +60,15 @@ def report_on_stdout(path: str | Path | None):
             yield
     finally:
         _stdout = None
+
+
+def versions(*distributions: str) -> dict[str, str | None]:
+    """Python's version and each installed distribution's (None: not installed), read from package metadata: no
+    package is imported for it. What run.json's invocations and the bench's reports record."""
+    found = {"python": platform.python_version()}
+    for dist in distributions:
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found

@@ -183,10 +183,9 @@ def resolve_run(args) -> Run:
 
 def resumed_data_dtype(args, checkpoint: Path | None, stored: dict | None, source) -> str | None:
     """--data-dtype, else the dtype the resumed run read its tokens as (state.json's data_dtype) where `source` holds
-    raw .bin tokens and no meta.json beside them names one, else None. A run of uint32 tokens resumed without
-    --data-dtype read them as uint16 and was
-    refused for training on other data (token counts, hash), the option unnamed. A data_dtype that meta.json beside
-    the tokens contradicts (one of them edited) is refused naming both: load_data named a --data-dtype never given."""
+    raw .bin tokens and no meta.json beside them names one, else None (unkept, a run of uint32 tokens resumed without
+    --data-dtype would read them as uint16 and be refused for training on other data). A data_dtype that meta.json
+    beside the tokens contradicts (one of them edited) is refused naming both."""
     if args.data_dtype is not None or not stored or stored.get("data_dtype") is None or not reads_raw_tokens(source):
         return args.data_dtype
     dtype, directory = stored["data_dtype"], Path(source) if Path(source).is_dir() else Path(source).parent

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
 import math
 import os
-import platform
 import re
 import shutil
 from datetime import datetime, timezone
@@ -38,6 +36,7 @@ from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
 from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
+from .report import versions
 from .resources import ResourceError
 from .spec import ModelSpec
 from .train_config import COMPUTE_OPTIONS, TrainConfig
@@ -246,26 +245,15 @@ def record_invocation(out: str | Path, info: dict, whole: Callable[[], dict]) ->
     write_run_info(out, {**run, "invocations": [*earlier, *info["invocations"]]})
 
 
+FRAMEWORKS = {"jax": ("jax", "jaxlib", "flax", "optax"), "torch": ("torch",)}  # the distributions each twin runs on
+
+
 def invocation(backend: str, argv: list[str], start_step: int, stop: int) -> dict:
     """One entry of run.json's "invocations": a scripts/train.py command's arguments, the twin, the step it started
     from and the update it stops after, when it started (UTC) and the versions it ran under."""
     return {"argv": argv, "backend": backend, "start_step": start_step, "stop": stop,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(backend)}
-
-
-FRAMEWORKS = {"jax": ("jax", "jaxlib", "flax", "optax"), "torch": ("torch",)}  # the distributions each twin runs on
-
-
-def versions(backend: str) -> dict[str, str | None]:
-    """Python's version and the installed versions of numpy and `backend`'s framework (None: not installed), read
-    from the distributions' metadata: no framework is imported for it."""
-    found = {"python": platform.python_version()}
-    for dist in ("numpy", *FRAMEWORKS.get(backend, ())):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions("numpy", *FRAMEWORKS.get(backend, ()))}
 
 
 def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
