@@ -222,20 +222,20 @@ def compile_step(spec_name, batch, tokens, quiet=True):
     with progress(total=3, desc=f"jax train step of {spec_name}", postfix="build the model and its train state",
                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]", quiet=quiet) as bar, \
             ticking(bar):
+        def next_stage(name):
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
+            bar.refresh()  # the stage now, whether or not the update showed a line
+
         model = jax_model.Transformer(spec, rngs=nnx.Rngs(0))
         state, step = train.init_train_state(model, cfg), train.make_train_step(model, cfg)
-        bar.set_postfix_str("lower", refresh=False)
-        bar.update()
-        bar.refresh()  # the stage now, whether or not the update showed a line
+        next_stage("lower")
         t0 = time.perf_counter()
         lowered = step.lower(state, jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
-        bar.set_postfix_str("compile", refresh=False)
-        bar.update()
-        bar.refresh()  # the stage now, whether or not the update showed a line
+        next_stage("compile")
         lowered.compile()
         seconds = time.perf_counter() - t0
-        bar.set_postfix_str("done", refresh=False)
-        bar.update()
+        next_stage("done")
     return seconds
 
 
