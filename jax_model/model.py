@@ -84,6 +84,7 @@ class TransformerModel(nnx.Module):
                                 else None)
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
+        self.embed_norm = make_norm(spec) if spec.embed_norm else None  # after the embeddings' scale (embed)
         self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
                                 for i in range(spec.L)])
         self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
@@ -129,10 +130,12 @@ class TransformerModel(nnx.Module):
         return x_BTD, split_cache_rows(KVCache(tuple(layer_caches), cache.start_B, routing_cache), self.mesh)
 
     def embed(self, tokens_BT, positions):
-        """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled as the spec says; positions [T]
-        or [B, T]. Looked up, added and scaled in float32, then cast once: each table's gradient sums a token's (or a
-        position's) rows in float32, and the scale's its B·T·D terms (in bf16, a token seen 1,000 times in a batch
-        had a row gradient stuck at 256, and the scale's gradient was off by its own size)."""
+        """Token (+ learned position) embeddings [B, T, D] in the compute dtype, scaled and normed (`embed_norm`) as the
+        spec says; positions [T] or [B, T]. Looked up, added, scaled and normed in float32, then cast once: each table's
+        gradient sums a token's (or a position's) rows in float32, and the scale's its B·T·D terms (in bf16, a token
+        seen 1,000 times in a batch had a row gradient stuck at 256, and the scale's gradient was off by its own
+        size). The norm comes after the scale, as OLMo-core's embedding_norm (Peri-LN, Kim et al. 2025, arXiv
+        2502.02732: the embeddings' output normalised before the first block)."""
         x_BTD = lookup(self.embed_tokens, tokens_BT, self.mesh)
         if self.embed_positions is not None:
             x_BTD = x_BTD + lookup(self.embed_positions, positions, self.mesh)
@@ -140,6 +143,8 @@ class TransformerModel(nnx.Module):
             x_BTD = x_BTD * self.embed_scale[...].astype(jnp.float32)
         elif self.spec.embed_scale == "constant":
             x_BTD = x_BTD * math.sqrt(self.spec.D)
+        if self.embed_norm is not None:
+            x_BTD = self.embed_norm(x_BTD)  # a float32 input: the norm computes and returns float32
         return x_BTD.astype(self.compute_dtype)
 
 

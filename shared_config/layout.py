@@ -187,6 +187,8 @@ def layout(spec: ModelSpec) -> list[Tensor]:
         out.append(Tensor("model.embed_positions.weight", (spec.max_seq_len, spec.D), "embedding", "embedding"))
     if spec.embed_scale == "learnable":
         out.append(Tensor("model.embed_scale", (1,), "param", "constant", math.sqrt(spec.D)))
+    if spec.embed_norm:  # a model-level norm outside every block, as model.norm: DyT's "other" layers' alpha
+        out += _norm("model.embed_norm", spec, spec.D, spec.final_alpha_init)
     for i in range(spec.L):
         out += _block(i, spec) + _routing(i, spec)
     if PLACEMENTS[spec.norm_placement].final_norm:

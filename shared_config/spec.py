@@ -75,6 +75,7 @@ class ModelSpec:
     final_alpha_init: float = 0.5
     shift_init: float = 0.0
     embed_scale: str = "none"
+    embed_norm: bool = False  # a norm of the embeddings' output (Peri-LN's, OLMo-core's embedding_norm; docs/spec.md)
     qk_norm: bool = False
     # positions
     position: str = "rope"

@@ -36,6 +36,7 @@ SPECS = {
     "rms_hybrid_unfused": {"norm_placement": "hybrid", "fused_qkv": False},
     "derf_hybrid_star_bias": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},
     "layernorm_pre_post_tied": {"norm_type": "layernorm", "norm_placement": "pre_post", "tie_embeddings": True},
+    "dyt_peri_embed_norm": {"norm_type": "dyt", "norm_placement": "peri", "embed_norm": True, "norm_bias": True},
     # every other token mixer (Hugging Face export refuses them: TRIPS leaves hf out)
     "gla_dyt_peri_same": {**MIXERS["gla"], "norm_type": "dyt", "norm_placement": "peri", "gla_output_norm": "same"},
 }

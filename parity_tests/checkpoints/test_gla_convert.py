@@ -135,7 +135,9 @@ def test_fla_import_refuses_what_we_cannot_compute(tmp_path, key, value):
 
 
 def test_fla_export_refuses_options_by_name_from_the_command_line(tmp_path):
-    src = gla_file(tmp_path / "a.safetensors", load_spec("gla-tiny").replace(norm_type="dyt", gla_gate_rank=8))
+    src = gla_file(tmp_path / "a.safetensors", load_spec("gla-tiny").replace(norm_type="dyt", gla_gate_rank=8,
+                                                                             embed_norm=True))
     result = run_script("convert", src, tmp_path / "m-fla", "--to", "fla")
-    one_line_error(result, "no flash-linear-attention GLA equivalent for", "norm_type=dyt", "gla_gate_rank=8")
+    one_line_error(result, "no flash-linear-attention GLA equivalent for", "norm_type=dyt", "gla_gate_rank=8",
+                   "embed_norm=True")
     assert not (tmp_path / "m-fla").exists()

@@ -126,12 +126,14 @@ def test_round_trip_through_hf_is_bit_exact_and_keeps_the_whole_spec(tmp_path):
 
 
 def test_export_refuses_every_option_without_a_hugging_face_equivalent(tmp_path):
-    spec = make_spec(norm_type="dyt", norm_placement="peri", position="learned", mlp="gelu", embed_scale="learnable")
+    spec = make_spec(norm_type="dyt", norm_placement="peri", position="learned", mlp="gelu", embed_scale="learnable",
+                     embed_norm=True)
     with pytest.raises(CheckpointError) as e:
         config_from_spec(spec, tmp_path / "hf")
     msg = str(e.value)
     assert msg.startswith(f"{tmp_path / 'hf'}: no Hugging Face equivalent for ")
-    for option in ("norm_type=dyt", "norm_placement=peri", "embed_scale=learnable", "position=learned", "mlp=gelu"):
+    for option in ("norm_type=dyt", "norm_placement=peri", "embed_scale=learnable", "embed_norm=True",
+                   "position=learned", "mlp=gelu"):
         assert option in msg
     assert "norm_bias" not in msg.split(" (")[0]  # only the offending options are listed
     with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for norm_bias=True \("):

@@ -50,6 +50,9 @@ GRID += [
     dict(norm_type="derf", norm_placement="hybrid_star", embed_scale="learnable"),
     dict(norm_type="derf", norm_placement="pre_post", n_kv_heads=3, norm_bias=True),
 ]
+# The embedding norm (Peri-LN as published) under DyT: rms or layernorm would cancel the learnable scale before
+# it, whose gradient would then be rounding noise (docs/extending.md, "Gradients that are zero by symmetry")
+GRID += [dict(norm_type="dyt", norm_placement="peri", embed_norm=True, embed_scale="learnable", norm_bias=True)]
 # Every other token mixer (attention is every row above): its rules' changes, and a norm and placement on top.
 GRID += [dict(**MIXERS["gla"], norm_type="dyt", norm_placement="peri", gla_output_norm="same")]
 

@@ -17,7 +17,7 @@ SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "positi
           for v in CHOICES[k]]
 # each mixer with the changes its rules need (one without a MIXERS row fails its own case, not this module's collection)
 SINGLE += [{**MIXERS.get(m, {}), "mixer": m} for m in CHOICES["mixer"] if m != "attention"]
-SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling")
+SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling", "embed_norm")
            for v in (False, True)]
 SINGLE += [
     {"n_kv_heads": 6},  # plain multi-head attention
@@ -40,6 +40,9 @@ COMBOS += [
     {"norm_type": "layernorm", "norm_bias": True, "position": "none", "mlp": "relu2", "head_dim": 12, "n_layers": 3},
     {"qk_norm": True, "tie_embeddings": True, "rope_scaling": "llama3", "rope_original_max_seq_len": 64,
      "n_kv_heads": 3},
+    # Peri-LN as published (embed_norm), its alpha and shift at work after learned positions and a learnable scale
+    {"norm_type": "derf", "norm_placement": "peri", "embed_norm": True, "position": "learned",
+     "embed_scale": "learnable", "final_alpha_init": 0.9},
 ]
 
 

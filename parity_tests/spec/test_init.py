@@ -22,9 +22,9 @@ from shared_config.spec import CHOICES
 
 SPECS = {
     "normal": load_spec("tiny-derf").replace(norm_bias=True, qk_norm=True, position="learned", shift_init=0.25),
-    # peri: the attention and MLP output norms take part, each with its own alpha
+    # peri: the attention and MLP output norms take part, each with its own alpha; the embedding norm takes the final's
     "xavier": load_spec("tiny-dyt").replace(init_scheme="xavier_uniform", norm_placement="peri", attn_alpha_init=0.8,
-                                            ffn_alpha_init=0.2, final_alpha_init=0.3),
+                                            ffn_alpha_init=0.2, final_alpha_init=0.3, embed_norm=True),
     "unscaled": load_spec("tiny").replace(residual_scaling=False, init_std=0.05, embed_init_std=0.1,
                                           tie_embeddings=True, norm_type="layernorm", norm_bias=True),
     # untruncated xavier normal; fused q/k/v drawn per slice, each at its own fans
@@ -48,12 +48,13 @@ def test_the_specs_hold_every_norm_type_and_init_scheme():
 def expected(name: str, shape, spec):
     """(distribution, scale) of a canonical tensor by the spec's rules: normal std, uniform bound, or the constant."""
     leaf = name.rsplit(".", 1)[-1]
-    if name.startswith("model.embed_") and leaf == "weight":
+    if name in ("model.embed_tokens.weight", "model.embed_positions.weight"):
         return "normal", spec.embed_init_std
     if name == "model.embed_scale":
         return "constant", math.sqrt(spec.D)
     if leaf in ("alpha", "shift", "bias") or len(shape) == 1:
-        alpha = spec.final_alpha_init if name.startswith("model.norm") else (
+        # the model-level norms (final, embedding) are DyT's "other" layers, as the blocks' FFN side
+        alpha = spec.final_alpha_init if name.startswith(("model.norm", "model.embed_norm")) else (
             spec.attn_alpha_init if any(s in name for s in ("input_layernorm", "attn_output_norm", "self_attn."))
             else spec.ffn_alpha_init)  # a norm inside the mixer (GLA's g_norm) takes the attention side's
         return "constant", {"alpha": alpha, "shift": spec.shift_init, "bias": 0.0}.get(leaf, 1.0)

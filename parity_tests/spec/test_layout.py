@@ -24,6 +24,7 @@ SPECS = {
     "dyt_deepnorm_unfused": {"norm_type": "dyt", "norm_placement": "deepnorm", "fused_qkv": False},
     "derf_hybrid_star": {"norm_type": "derf", "norm_placement": "hybrid_star", "norm_bias": True},
     "layernorm_pre_post": {"norm_type": "layernorm", "norm_placement": "pre_post"},
+    "derf_peri_embed_norm": {"norm_type": "derf", "norm_placement": "peri", "embed_norm": True, "norm_bias": True},
     # every other token mixer, its tensors under the block's self_attn slot
     "gla_same": {**MIXERS["gla"], "norm_type": "derf", "gla_output_norm": "same", "norm_bias": True},
 }

@@ -77,6 +77,7 @@ def test_spec_is_frozen():
         ({"init_scheme": "kaiming"}, "init_scheme='kaiming' must be one of normal, xavier_uniform, xavier_normal"),
         ({"param_dtype": "float16"}, "param_dtype='float16' must be one of float32, bfloat16"),
         ({"fused_qkv": "yes"}, "fused_qkv='yes' must be true or false"),
+        ({"embed_norm": 1}, "embed_norm=1 must be true or false"),
         ({"rope_scaling": "yarn"}, "rope_scaling='yarn' must be one of none, llama3"),
         ({"rope_scaling": "llama3", "position": "learned"}, "rope_scaling=llama3 needs position=rope"),
         ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "rope_low_freq_factor=4.0 must be > 0 and <"),

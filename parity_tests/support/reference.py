@@ -153,18 +153,24 @@ def block(x, w: dict, p: str, i: int, spec, positions=None):
     return x + m, a, m
 
 
-def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, decide: str = "topk",
-            aux: dict | None = None, held: dict | None = None) -> np.ndarray:
-    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide`, `aux` and `held` as in `route`."""
-    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-    T = tokens.shape[1]
+def embed(w: dict, spec, tokens: np.ndarray) -> np.ndarray:
+    """The embeddings [B, T, D] of int tokens [B, T]: token rows (+ learned positions), × the scale, then the
+    embedding norm if `embed_norm` (Peri-LN, Kim et al. 2025, and OLMo-core's embedding_norm: after the scale)."""
     x = w["model.embed_tokens.weight"][tokens]
     if spec.position == "learned":
-        x = x + w["model.embed_positions.weight"][:T]
+        x = x + w["model.embed_positions.weight"][: tokens.shape[1]]
     if spec.embed_scale == "learnable":
         x = x * w["model.embed_scale"][0]
     elif spec.embed_scale == "constant":
         x = x * math.sqrt(spec.D)
+    return norm(x, w, "model.embed_norm", spec) if spec.embed_norm else x
+
+
+def forward(weights: dict, spec, tokens: np.ndarray, taps: dict | None = None, decide: str = "topk",
+            aux: dict | None = None, held: dict | None = None) -> np.ndarray:
+    """float64 logits [B, T, V] for int tokens [B, T]; routed specs: `decide`, `aux` and `held` as in `route`."""
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    x = embed(w, spec, tokens)
     if taps is not None:
         taps["model.embed"] = x
     h = x  # the input of the block before (a dtf dynamic block reads it)

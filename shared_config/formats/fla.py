@@ -47,8 +47,8 @@ CONFIG_REQUIRED = {
 # gate_low_rank_dim or gate_logit_normalizer: they are always the layer's defaults, 16 and 16.
 FLA_SPEC = {
     "mixer": "gla", "norm_type": "rms", "norm_placement": "pre", "norm_bias": False, "embed_scale": "none",
-    "position": "none", "mlp": "swiglu", "qk_norm": False, "gla_output_norm": "rms", "gla_gate_rank": 16,
-    "gla_gate_normalizer": 16.0,
+    "embed_norm": False, "position": "none", "mlp": "swiglu", "qk_norm": False, "gla_output_norm": "rms",
+    "gla_gate_rank": 16, "gla_gate_normalizer": 16.0,
 }
 
 # canonical name pattern -> flash-linear-attention name ({i}: the layer). The per-head output norm is

@@ -51,6 +51,7 @@ HF_SPEC = {
     "norm_placement": "pre",
     "norm_bias": False,
     "embed_scale": "none",
+    "embed_norm": False,  # Llama's embeddings go to block 0 as they are
     "position": "rope",
     "mlp": "swiglu",
     "mixer": "attention",  # a GLA exports to flash-linear-attention's layout instead (shared_config.formats.fla)
