@@ -5,6 +5,7 @@ the tiny family trained in both twins on the embedded corpus, judged against the
     python scripts/compare_norms.py --steps 300 --set final_alpha_init=2.0     # a change to every run
     python scripts/compare_norms.py --mixer gla --steps 300 --out runs/gla-norms  # Pre/Peri x RMS/DyT in gla-tiny
     python scripts/compare_norms.py --configs rms-deepnorm,dyt-deepnorm,rms-hybrid,dyt-hybrid   # any placement
+    python scripts/compare_norms.py --configs rms-peri,dyt-peri --set embed_norm=true  # Peri-LN as published
 
 Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
 and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).

@@ -34,7 +34,7 @@ CASES += [
     {"norm_placement": "peri"},
     {"norm_placement": "post"},
     {"norm_type": "layernorm", "norm_bias": True},
-    {"norm_type": "dyt", "norm_placement": "peri"},
+    {"norm_type": "dyt", "norm_placement": "peri", "embed_norm": True},  # Peri-LN as published: its embedding norm too
     {"norm_type": "dyt", "norm_placement": "post", "norm_bias": True},
     {"norm_type": "derf", "norm_placement": "post"},
     {"norm_placement": "deepnorm"},
