@@ -30,7 +30,7 @@ class Placement:
 
 PLACEMENTS = {
     "pre": Placement("pre", "pre"),
-    "peri": Placement("pre", "pre", output_norms=True),
+    "peri": Placement("pre", "pre", output_norms=True),  # the paper's embedding norm too: the spec's embed_norm
     "post": Placement("post", "post", final_norm=False),
     "deepnorm": Placement("post", "post", final_norm=False, deep=True),
     "pre_post": Placement("pre", "post"),
