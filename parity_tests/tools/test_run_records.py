@@ -81,6 +81,29 @@ def test_a_resume_given_null_for_a_derived_spec_key_compares_the_value_it_resolv
         resolve_run(train.parse_args([*resume, "--set", "n_kv_heads=null"]))
 
 
+def test_a_resume_given_the_compute_dtype_it_computes_in_is_no_change(tmp_path):
+    """`--resume --set compute_dtype=float32` of a float32 run (its train config's compute_dtype null, the spec's) was
+    refused, "compute_dtype: checkpoint None, now 'float32'", where an unchanged lr is accepted: the dtype the run
+    computes in is compared, and kept as the run recorded it, so that the resume resumes again (run.json and the next
+    state.json agree); another dtype is refused, naming the run's."""
+    from shared_config.cli import UsageError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({**json.loads(state.read_text())["train_config"], "compute_dtype": "float32"}))
+    resume = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    for given in (["--set", "compute_dtype=float32"], ["--set", "compute_dtype=null"], ["--train-config", str(config)]):
+        run = resolve_run(train.parse_args([*resume, *given, "--stop-at", "4"]))
+        assert (run.cfg.compute_dtype, run.spec.compute_dtype) == (None, "float32"), given
+    Loop(run, CountingTrainer, progress=False)()
+    assert resolve_run(train.parse_args(resume)).cfg.compute_dtype is None  # step 4's state.json agrees with run.json
+    with pytest.raises(UsageError, match="but compute_dtype: checkpoint 'float32', now 'bfloat16' \\(--set "
+                                         "compute_dtype=bfloat16\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--set", "compute_dtype=bfloat16"]))
+
+
 def test_a_resume_refuses_a_files_change_before_a_rule_it_breaks(tmp_path):
     """`--resume --train-config parity --steps 4` (the run's warmup 8, parity's 10) was the rule's error, "warmup_steps
     =10 must be <= steps=4" with --stop-at offered, and --stop-at then met the refusal of parity's other values; a
