@@ -87,3 +87,23 @@ def test_json_files_nulls_and_booleans_are_named_as_json_writes_them(tmp_path):
               "num_attention_heads": 6, "intermediate_size": 80, "max_position_embeddings": 128, "mlp_bias": True}
     with pytest.raises(CheckpointError, match=r"mlp_bias=true is not supported \(only false\)$"):
         spec_from_config(config, "config.json")
+
+
+def test_a_bench_variant_is_labelled_by_its_values_as_typed():
+    """`--sweep d_model=null,96` was refused as "variant d_model=None", and a report's rows of `--sweep
+    tie_embeddings=false,true` were labelled `tie_embeddings=False`; a value given twice was "True is given twice"."""
+    from argparse import Namespace
+
+    from shared_config.cli import UsageError
+
+    from bench.options import variants
+
+    def labels(*sweeps: str) -> list[str]:
+        return [label for label, _ in variants(Namespace(spec="tiny", set=[], sweep=list(sweeps), dtype="float32"))]
+
+    assert labels("tie_embeddings=false,true", "norm_eps=1e-5") == ["tie_embeddings=false,norm_eps=1e-5",
+                                                                    "tie_embeddings=true,norm_eps=1e-5"]
+    with pytest.raises(SpecError, match="^variant d_model=null: d_model=null must be an integer"):
+        labels("d_model=null,96")
+    with pytest.raises(UsageError, match="^--sweep qk_norm: true is given twice"):
+        labels("qk_norm=true,false,True")
