@@ -317,8 +317,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _null_to_nan(record: dict) -> dict:
     """A metrics record with the nulls `json_text` wrote for non-finite numbers read back as NaN (also inside its
-    "scalars"), so that a diverged run's record reads as it was logged."""
-    return {k: math.nan if v is None else _null_to_nan(v) if isinstance(v, dict) else v for k, v in record.items()}
+    "scalars"), so that a diverged run's record reads as it was logged. "scalars" itself is a mapping, never a
+    number: a null there stays null, refused as such (plot_curves said "got nan")."""
+    return {k: math.nan if v is None and k != "scalars" else _null_to_nan(v) if isinstance(v, dict) else v
+            for k, v in record.items()}
 
 
 @contextlib.contextmanager
