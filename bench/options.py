@@ -117,8 +117,9 @@ def variants(args) -> list[tuple[str, object]]:
             raise UsageError(f"--sweep {quote(item)} must look like key=v1,v2")
         if key in swept_keys:
             raise UsageError(f"--sweep {key}: given twice; list every value in one --sweep {key}=v1,v2,...")
-        swept = [(key, parse_overrides([f"{key}={v}"], "--sweep")[key]) for v in values.split(",")]
-        no_repeats(f"--sweep {key}", [value for _, value in swept])
+        # (key, value, the value as typed: a variant's label, `d_model=null` where the value reads None)
+        swept = [(key, parse_overrides([f"{key}={v}"], "--sweep")[key], v.strip()) for v in values.split(",")]
+        no_repeats(f"--sweep {key}", [value for _, value, _ in swept])
         sweeps.append(swept)
         swept_keys.append(key)
     if both := [key for key in swept_keys if key in changes]:  # the sweep's values replaced --set's without a word
@@ -133,9 +134,9 @@ def variants(args) -> list[tuple[str, object]]:
     changes["compute_dtype"] = args.dtype
     out = []
     for combo in itertools.product(*sweeps) if sweeps else [()]:
-        label = ",".join(f"{k}={v}" for k, v in combo) or args.spec
+        label = ",".join(f"{k}={typed}" for k, _, typed in combo) or args.spec
         try:
-            out.append((label, base.replace(**{**changes, **dict(combo)})))
+            out.append((label, base.replace(**{**changes, **{k: v for k, v, _ in combo}})))
         except SpecError as e:
             raise SpecError(f"variant {label}: {e}") from None
     for i, (label, spec) in enumerate(out):  # an alias (norm_type=tanh is dyt): one model timed under two labels

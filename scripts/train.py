@@ -30,7 +30,7 @@ from shared_config.parallel import mesh_devices, rows_per_shard, world_size
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
-    TRAIN_KEYS, is_main_process, resolve_run, resumed_checkpoint,
+    TRAIN_KEYS, is_main_process, refuse_used_out, resolve_run, resumed_checkpoint,
 )
 from shared_config.run_dir import (
     CADENCE_MIN, latest_checkpoint, lock_run, recover_run_dir, remove_run_files, run_file_ids,
@@ -132,6 +132,8 @@ def main(argv=None):
                 recover_run_dir(run.out)  # what a killed run left: half-built checkpoints, a cut-short prune
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
+                if not args.resume:  # another fresh run's files, written (and left) while this one started
+                    refuse_used_out(run.out)
             loop, before = None, run_file_ids(run.out)
             try:
                 loop = Loop(run, make_trainer, progress=not args.quiet)

@@ -275,7 +275,8 @@ def no_repeats(flag: str, items: list) -> list:
     rows, labelled alike, overwrote or shadowed each other in the report."""
     for i, x in enumerate(items):
         if x in items[:i]:  # any value, also a false one (0, '')
-            raise UsageError(f"{flag}: {quote(str(x))[1:-1]} is given twice")
+            shown = quote(x) if x is None or isinstance(x, bool) else quote(str(x))[1:-1]  # `true`, as typed
+            raise UsageError(f"{flag}: {shown} is given twice")
     return items
 
 

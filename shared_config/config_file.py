@@ -29,7 +29,7 @@ class SpecError(ValueError):
 def from_mapping(cls, d: Mapping[str, Any], what: str):
     """`cls(**d)` for a dataclass of checked fields, once `d` is a mapping of known keys holding every required one."""
     if not isinstance(d, Mapping):
-        raise SpecError(f"a {what} must be a mapping of keys to values, got {type(d).__name__}")
+        raise SpecError(f"a {what} must be a mapping of keys to values, got {quote(d)}")
     check_keys(d, [f.name for f in fields(cls)], what)
     missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
     if missing:
@@ -148,9 +148,10 @@ def yaml_names(presets: Path) -> list[str]:
 
 def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict: Callable[[dict], Any]) -> Any:
     """`from_dict` of the YAML that a preset name (a file in `presets`) or a path names; errors name the file."""
-    if not isinstance(source, (str, os.PathLike)):  # Path(5) would be a TypeError naming no config
+    if not isinstance(source, (str, os.PathLike)):  # Path(5) would be a TypeError naming no config; a Python
+        # caller's value, named as Python writes it
         raise SpecError(f"a {what} is given as a preset name, a YAML path or a mapping of keys, not "
-                        f"{type(source).__name__} {quote(source)}")
+                        f"{type(source).__name__} {source!r:.80}")
     path = Path(source)
     if (presets / f"{source}.yaml").is_file() and path.suffix not in (".yaml", ".yml"):
         path = presets / f"{source}.yaml"

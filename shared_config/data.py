@@ -25,6 +25,7 @@ import numpy as np
 
 from .files import CheckpointError, read_json
 from .generation import is_int
+from .limits import quote
 
 BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
 
@@ -209,11 +210,15 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, 
         kind = "a .npy file carries its own dtype" if path.suffix == ".npy" else "a text file's tokens are its bytes"
         raise DataError(f"{path}: --data-dtype {dtype} reads raw .bin token files; {kind} (drop --data-dtype)")
     if dtype is not None and meta.get("dtype") not in (None, dtype):  # read as another dtype: ids of garbage
-        raise DataError(f"{path}: --data-dtype {dtype}, but {path.parent / 'meta.json'} says dtype "
-                        f"{meta['dtype']} (drop --data-dtype)")
+        said = meta["dtype"] if isinstance(meta["dtype"], str) else quote(meta["dtype"])  # `true` as JSON writes it
+        raise DataError(f"{path}: --data-dtype {dtype}, but {path.parent / 'meta.json'} says dtype {said} (drop "
+                        "--data-dtype)")
     if path.suffix == ".npy":
         tokens = _open_npy(path)
     elif path.suffix == ".bin":
+        if dtype is None and meta.get("dtype", "uint16") not in TOKEN_DTYPES:  # named the .bin, not where it was
+            raise DataError(f"{path.parent / 'meta.json'}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got "
+                            f"{quote(meta['dtype'])}")
         tokens = _open_bin(path, dtype or meta.get("dtype", "uint16"))
     else:  # text: its UTF-8 bytes are the tokens
         return _memmap(path, "uint8"), 256, False
@@ -225,7 +230,7 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, 
     vocab_size = meta["vocab_size"]
     where = f"{path.parent / 'meta.json'}: vocab_size"
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise DataError(f"{where} must be an integer >= 1, got {vocab_size!r}")
+        raise DataError(f"{where} must be an integer >= 1, got {quote(vocab_size)}")
     if vocab_size <= largest:
         raise DataError(f"{where} is {vocab_size} but {path.name} holds token id {largest}: it must be at least "
                         f"{largest + 1} (the largest id + 1)")
@@ -246,7 +251,7 @@ def _open_npy(path: Path) -> np.ndarray:
 
 def _open_bin(path: Path, dtype: str) -> np.ndarray:
     if dtype not in TOKEN_DTYPES:
-        raise DataError(f"{path}: token dtype {dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+        raise DataError(f"{path}: token dtype {quote(dtype)} is not one of {', '.join(TOKEN_DTYPES)}")
     size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
     if size % itemsize:
         raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (wrong dtype, or a "

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from safetensors import SafetensorError
 
-from .limits import MAX_JSON_BYTES, parse_json, read_capped
+from .limits import MAX_JSON_BYTES, parse_json, quote, read_capped
 from .resources import ResourceError
 from .config_file import SpecError
 
@@ -333,7 +333,7 @@ def read_json(path: str | Path) -> dict:
     except ValueError as e:  # bad or too deep JSON, bytes that are not UTF-8, a file over the limit
         raise CheckpointError(str(e)) from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{path}: must hold a JSON object, got {quote(data)}")
     return data
 
 

@@ -52,7 +52,17 @@ def shorten_numbers(text: str) -> str:
 
 class _Quoter(reprlib.Repr):
     """reprlib's shortened repr, with long numbers cut by `shorten_numbers` (also inside strings, before reprlib cuts
-    them, so that the digit count is the whole run's) and integers too long for `repr` named by their size."""
+    them, so that the digit count is the whole run's) and integers too long for `repr` named by their size. None and
+    the booleans are spelled as YAML and JSON spell them, `null`, `true`, `false` (also inside lists and mappings):
+    the values quoted come from files and --set items, where a user typed `null`, not Python's `None`."""
+
+    def repr_NoneType(self, x: None, level: int) -> str:
+        return "null"
+
+    def repr_bool(self, x: bool, level: int) -> str:  # numpy 2's bool_ too (its type's name is "bool")
+        return "true" if x else "false"
+
+    repr_bool_ = repr_bool  # numpy 1's bool_
 
     def repr_int(self, x: int, level: int) -> str:
         try:
@@ -76,7 +86,7 @@ class LimitError(ValueError):
 
 def quote(value: Any) -> str:
     """`repr(value)` shortened to about MAX_QUOTED characters (numbers past MAX_DIGITS digits by `shorten_numbers`),
-    without walking more of `value` than it shows."""
+    without walking more of `value` than it shows; None, True and False as `null`, `true` and `false`."""
     return _repr.repr(value)
 
 
@@ -183,6 +193,9 @@ class BoundedLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen = set()
+            # a key is read as written, text: every mapping read here is a config of named keys, where `true:`,
+            # `null:` or `0x10:` is an unknown key, named as the file spells it (it was Python's 'True', 'None', '16')
+            node.value = [(as_text(key_node), value_node) for key_node, value_node in node.value]
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it, by design
                     continue
@@ -228,6 +241,14 @@ class BoundedLoader(yaml.SafeLoader):
         return read_float(self.construct_scalar(node))
 
 
+def as_text(node: yaml.Node) -> yaml.Node:
+    """A scalar that YAML reads as null, a boolean or a number (`!!int 7` too), as the string it is written as; other
+    nodes (a string, a quoted scalar, a merge key `<<`, a list) as they are."""
+    if isinstance(node, yaml.ScalarNode) and node.tag in _PLAIN_TAGS and node.style is None:
+        return yaml.ScalarNode(f"{_TAG}str", node.value, node.start_mark, node.end_mark)
+    return node
+
+
 # YAML 1.2's core schema (yaml.org/spec/1.2.2, 10.3.2), where PyYAML reads YAML 1.1: every YAML read here (--set,
 # --sweep, spec and train config files) resolves plain scalars by these patterns, and an explicit tag (`!!int 0o17`)
 # reads only these forms. YAML 1.1 differed in ways that misread a spec without a word: `yes`/`no`/`on`/`off` were
@@ -242,6 +263,7 @@ YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:[.][0-9]+|[0-9]+(?:[.][0-9]*)?)(?:[eE][-
                           r"|[-+]?[.](?:inf|Inf|INF)|[.](?:nan|NaN|NAN))\Z")
 _TAG = "tag:yaml.org,2002:"
 _YAML11_ONLY = {f"{_TAG}{kind}" for kind in ("bool", "int", "float", "timestamp", "value")}
+_PLAIN_TAGS = {f"{_TAG}{kind}" for kind in ("null", "bool", "int", "float")}
 
 
 def read_bool(text: str) -> bool:

@@ -24,7 +24,7 @@ from .init import init_weights
 from .limits import quote
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
+from .run_dir import (METRICS_FILE, RUN_FILE, STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
                       load_train_checkpoint, read_state)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
@@ -163,6 +163,9 @@ def resolve_run(args) -> Run:
                  "for every evaluation)", lower)
     if stored:
         check_resume({"spec": spec.to_dict(), "train_config": cfg.to_dict()}, stored, named)
+        # the compute dtype the run had, given again or left to the spec (resumed_value): recorded as the run
+        # recorded it, as every unchanged value is (else run.json and the next state.json disagree, check_run_json)
+        cfg = cfg.replace(compute_dtype=stored["train_config"].get("compute_dtype"))
         if (steps := stored["train_config"]["steps"]) != cfg.steps:
             print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
         start = partial(checkpoint_state, checkpoint)
@@ -281,12 +284,19 @@ def refuse_file_out(out: Path) -> None:
 
 
 def refuse_used_out(out: Path) -> None:
-    """A fresh run never writes into a run directory that holds checkpoints, into a file, or into a directory of
-    other files: a run written into a Hugging Face directory or a data directory was then deleted with it by the
-    other tools' --force (which replace a directory of their own kind)."""
+    """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
+    or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
+    deleted with it by the other tools' --force (which replace a directory of their own kind), and one written over
+    the run.json and metrics.jsonl of a run that stopped before its first checkpoint (a non-finite step, a kill)
+    replaced that run's record and cut its metrics, without a word."""
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
+    # the run's record; a tokenizer.json alone may be a user's (a run writes run.json first)
+    if earlier := [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]:
+        raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
+                         f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
+                         "a new run there")
     if others := foreign_files(out):
         raise UsageError(f"{out} is not a run directory (it holds {quote(others[0])}"
                          f"{f' and {len(others) - 1:,} other files' if len(others) > 1 else ''}): pass a new or empty "
@@ -354,14 +364,24 @@ def check_resume(now: dict[str, dict], stored: dict, named: Callable[[str, str],
     with the options that made it, `named(part, key)` (option_of), once after the last difference in a row it made
     ("lr: checkpoint 0.001, now 1" named the key alone)."""
     label = {"spec": "spec ", "train_config": "", "data": "data "}
-    diffs = [(f"{label[part]}{k}: checkpoint {quote(stored[part].get(k))}, now {quote(v)}", named(part, k))
+    diffs = [(f"{label[part]}{k}: checkpoint {quote(before)}, now {quote(v)}", named(part, k))
              for part, values in now.items() for k, v in values.items()
-             if k not in ("steps", "source", *COMPUTE_OPTIONS) and stored[part].get(k) != v]
+             if k not in ("steps", "source", *COMPUTE_OPTIONS) and (before := resumed_value(stored, part, k, v)) != v]
     if diffs:
         text = "; ".join(f"{diff} ({option})" if option and option != (diffs[i + 1][1] if i + 1 < len(diffs) else "")
                          else diff for i, (diff, option) in enumerate(diffs))
         raise UsageError(f"--resume continues the run as it was checkpointed, but {text}; start a new --out to change "
                          "them")
+
+
+def resumed_value(stored: dict, part: str, key: str, now):
+    """The value of `key` of `part` that the resumed run had, as `now` is compared with it: its state.json's, but for
+    the train config's compute_dtype, which overrides the spec's (null: the spec's). That one is the dtype the run
+    computed in, state.json's spec's (it has the override applied), so that `--set compute_dtype=float32` of a float32
+    run is no change; a null leaves it to the spec, compared as such."""
+    if part == "train_config" and key == "compute_dtype":
+        return now if now is None else stored["spec"].get(key, ModelSpec.compute_dtype)  # absent: the default
+    return stored[part].get(key)
 
 
 def fresh_state(weights: dict) -> dict:

@@ -119,8 +119,10 @@ def read_state(path: str | Path) -> dict:
             _check_count(state_file, f"cadence {key}", cadence[key], least)
     if "spec" in info:
         state_spec = spec_from_json(json_text(info["spec"]), state_file, "spec")
-        model_spec = spec_from_json(_metadata(path / WEIGHTS_FILE).get("spec", "null"),
-                                    path / WEIGHTS_FILE, "spec in metadata")
+        if "spec" not in (metadata := _metadata(path / WEIGHTS_FILE)):  # it said "got None", a null no file held
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: its metadata holds no spec (a checkpoint's weights record "
+                                  "their spec, as state.json does)")
+        model_spec = spec_from_json(metadata["spec"], path / WEIGHTS_FILE, "spec in metadata")
         if diffs := _differences(state_spec.to_dict(), model_spec.to_dict()):
             raise CheckpointError(f"{path}: state.json and model.safetensors record different specs: "
                                   + "; ".join(f"{k}: state.json {a} vs model.safetensors {b}" for k, a, b in diffs))
@@ -130,7 +132,8 @@ def read_state(path: str | Path) -> dict:
         copies["state.json data_position"] = position["step"]
     for where, step in copies.items():
         if str(step) != str(info["step"]):
-            raise CheckpointError(f"{path}: {where} is at step {str(step)[:40]}, state.json at {info['step']}")
+            shown = step[:40] if isinstance(step, str) else quote(step)  # the metadata's text, state.json's JSON
+            raise CheckpointError(f"{path}: {where} is at step {shown}, state.json at {info['step']}")
     if "seed" in position and "train_config" in info and position["seed"] != info["train_config"].get("seed"):
         raise CheckpointError(f"{state_file}: data_position seed {quote(position.get('seed'))} vs train_config seed "
                               f"{quote(info['train_config'].get('seed'))}")
@@ -149,6 +152,8 @@ def check_resumed_config(state_file: Path, info: dict) -> None:
             raise CheckpointError(f"{state_file}: train_config: {e}") from None
         if "steps" not in info["train_config"]:
             raise CheckpointError(f"{state_file}: train_config has no steps (the schedule's length)")
+    if "data" in info and "source" not in info["data"]:  # it said "got None", a null the file did not hold
+        raise CheckpointError(f"{state_file}: data has no source (the data the run trained on)")
     if "data" in info and not isinstance(source := info["data"].get("source"), str):
         raise CheckpointError(f"{state_file}: data source must be a string (the data the run trained on), got "
                               f"{quote(source)}")
@@ -312,8 +317,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _null_to_nan(record: dict) -> dict:
     """A metrics record with the nulls `json_text` wrote for non-finite numbers read back as NaN (also inside its
-    "scalars"), so that a diverged run's record reads as it was logged."""
-    return {k: math.nan if v is None else _null_to_nan(v) if isinstance(v, dict) else v for k, v in record.items()}
+    "scalars"), so that a diverged run's record reads as it was logged. "scalars" itself is a mapping, never a
+    number: a null there stays null, refused as such (plot_curves said "got nan")."""
+    return {k: math.nan if v is None and k != "scalars" else _null_to_nan(v) if isinstance(v, dict) else v
+            for k, v in record.items()}
 
 
 @contextlib.contextmanager

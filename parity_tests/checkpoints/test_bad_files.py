@@ -226,9 +226,9 @@ BAD_CONFIGS = {
         "architectures ['LlamaForSequenceClassification'] is not supported",
     ),
     "activation": ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported (only 'silu')"),
-    "attention_bias": ({"attention_bias": True}, "attention_bias=True is not supported (only False)"),
-    "mlp_bias": ({"mlp_bias": True}, "mlp_bias=True is not supported (only False)"),
-    "sliding_window": ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    "attention_bias": ({"attention_bias": True}, "attention_bias=true is not supported (only false)"),
+    "mlp_bias": ({"mlp_bias": True}, "mlp_bias=true is not supported (only false)"),
+    "sliding_window": ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),
     "layer_types": (
         {"layer_types": ["full_attention", "sliding_attention"]},
         "layer_types ['sliding_attention'] are not supported",
@@ -276,7 +276,7 @@ def test_bad_hugging_face_config(hf_dir, name):
 @pytest.mark.parametrize("content, says", [
     (b'{"model_type": "llama",', "not valid JSON: Expecting"),
     (b'\xff\xfe{"a": 1}', "not valid JSON: 'utf-8' codec can't decode"),
-    (b'["llama"]', "must hold a JSON object, got list"),
+    (b'["llama"]', "must hold a JSON object, got ['llama']"),
 ], ids=["truncated", "not-utf8", "a-list"])
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
 def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
@@ -423,7 +423,7 @@ def _nan_in_v(moments, meta):
 
 @pytest.mark.parametrize("damage, file, says", [
     (lambda p: (p / "state.json").write_text('{"step": -1}'), "state.json", "'step' must be an integer >= 0"),
-    (lambda p: (p / "state.json").write_text("[3]"), "state.json", "must hold a JSON object, got list"),
+    (lambda p: (p / "state.json").write_text("[3]"), "state.json", "must hold a JSON object, got [3]"),
     (lambda p: (p / "optimizer.safetensors").unlink(), "optimizer.safetensors", "no such file"),
     (lambda p: _rewrite_moments(p, lambda m, meta: m.pop("m.lm_head.weight")), "optimizer.safetensors",
      "missing keys: m.lm_head.weight"),

@@ -270,7 +270,7 @@ def test_a_list_option_naming_an_item_twice_is_refused(tmp_path):
                    "x.py", [])
     with pytest.raises(UsageError, match="--sweep d_model: 48 is given twice"):
         bench_variants(sweeps=["d_model=48,96,48"])
-    with pytest.raises(UsageError, match="--sweep norm_bias: False is given twice"):  # a false value too
+    with pytest.raises(UsageError, match="--sweep norm_bias: false is given twice"):  # a false value too
         bench_variants(sweeps=["norm_bias=false,false"])
     with pytest.raises(UsageError, match="--kernel: pure is given twice"):
         gla_layer.main(["--kernel", "pure,pure"])

@@ -500,7 +500,7 @@ def test_values_quoted_in_errors_are_shortened(tmp_path, canonical):
     ({"intermediate_size": None, "hidden_size": 10**400}, "hidden_ratio × hidden_size must be in (0, 2^62)"),
     ({"hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
     ({"intermediate_size": None, "hidden_size": "64"}, "hidden_size must be an integer, got '64'"),
-    ({"num_heads": True}, "num_heads must be an integer, got True"),
+    ({"num_heads": True}, "num_heads must be an integer, got true"),
     ({"norm_eps": float("inf")}, "norm_eps must be a finite number, got inf"),
     ({"fuse_norm": "false"}, "fuse_norm must be true or false, got 'false'"),
     ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false, got 0"),

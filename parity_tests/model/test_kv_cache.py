@@ -212,7 +212,7 @@ def small_twins():
 
 @pytest.mark.parametrize("args, says", [
     ((0, 4), "a cache's batch=0 must be an integer >= 1"),  # was made, for no row
-    ((True, 4), "a cache's batch=True must be an integer >= 1"),  # JAX made one row, torch a TypeError
+    ((True, 4), "a cache's batch=true must be an integer >= 1"),  # JAX made one row, torch a TypeError
     ((1, 4.0), "a cache of 4.0 slots must hold 1..max_seq_len=16"),
     ((1, 17), "a cache of 17 slots must hold 1..max_seq_len=16"),
     ((2, 4, [0]), r"start_B must be 2 integer slots, one per row; got \[0\]"),  # was made, rows reading no start

@@ -65,7 +65,7 @@ def test_spec_is_frozen():
         ({"vocab_size": 0}, "vocab_size=0 must be > 0"),
         ({"n_layers": -1}, "n_layers=-1 must be > 0"),
         ({"d_ff": 2.5}, "d_ff=2.5 must be an integer"),
-        ({"n_heads": True}, "n_heads=True must be an integer"),
+        ({"n_heads": True}, "n_heads=true must be an integer"),
         ({"norm_eps": 0}, "norm_eps=0.0 must be > 0"),
         ({"norm_eps": "small"}, "norm_eps='small' must be a finite number"),
         ({"norm_type": "batchnorm"}, "norm_type='batchnorm' must be one of rms, layernorm, dyt, derf"),
@@ -90,7 +90,7 @@ def test_spec_is_frozen():
          "qk_norm=true is not allowed with norm_placement=hybrid_star"),
         ({"residual_scaling": "no"}, "residual_scaling='no' must be true or false"),
         ({"rope_theta": 10**400}, "must be a finite number"),  # was an OverflowError from math.isfinite
-        ({"n_heads": np.bool_(True)}, "n_heads=np.True_ must be an integer"),
+        ({"n_heads": np.bool_(True)}, "n_heads=true must be an integer"),
         # past float32's range: inf parameters with only a numpy warning, or NaN logits in JAX alone (RoPE)
         ({"norm_type": "dyt", "attn_alpha_init": 1e39}, "attn_alpha_init=1e+39 is past float32's range"),
         ({"shift_init": -1e300}, "shift_init=-1e+300 is past float32's range"),

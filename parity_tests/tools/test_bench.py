@@ -172,7 +172,7 @@ def test_train_mode_every_backend_and_a_sweep(tmp_path):
     out = bench("--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true", "--batch", "2",
                 "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "2", "--json", str(tmp_path / "t.json"))
     results = json.loads((tmp_path / "t.json").read_text())["results"]
-    variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in (False, True)]
+    variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in ("false", "true")]
     assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
     for r in results:
         assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > r["flops_per_token_causal"] > 0

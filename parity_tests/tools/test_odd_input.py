@@ -172,6 +172,8 @@ def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp
 @pytest.mark.parametrize("record,says", [
     ('{"kind": "train", "step": 1, "loss": "abc"}', "record 1: loss must be a number, got 'abc'"),  # a traceback
     ('{"kind": "train", "step": 1, "loss": 1.0, "scalars": [1]}', "scalars must be an object of numbers"),  # one too
+    ('{"kind": "train", "step": 1, "loss": 1.0, "scalars": null}', "scalars must be an object of numbers, got null"),
+    ('{"kind": "train", "step": 1, "loss": true}', "record 1: loss must be a number, got true"),
     ('{"kind": "train", "loss": 1.0}', "record 1 has no step"),  # a KeyError traceback
     ('{"kind": "train", "step": 1}', "no training metrics"),  # an empty plot, exit 0
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -79,6 +80,29 @@ def test_a_resume_given_null_for_a_derived_spec_key_compares_the_value_it_resolv
     assert [run.spec.to_dict()[k] for k in ("head_dim", "residual_scaling")] == [16, True]
     with pytest.raises(UsageError, match="but spec n_kv_heads: checkpoint 2, now 6 \\(--set n_kv_heads=null\\); "):
         resolve_run(train.parse_args([*resume, "--set", "n_kv_heads=null"]))
+
+
+def test_a_resume_given_the_compute_dtype_it_computes_in_is_no_change(tmp_path):
+    """`--resume --set compute_dtype=float32` of a float32 run (its train config's compute_dtype null, the spec's) was
+    refused, "compute_dtype: checkpoint None, now 'float32'", where an unchanged lr is accepted: the dtype the run
+    computes in is compared, and kept as the run recorded it, so that the resume resumes again (run.json and the next
+    state.json agree); another dtype is refused, naming the run's."""
+    from shared_config.cli import UsageError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path)
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({**json.loads(state.read_text())["train_config"], "compute_dtype": "float32"}))
+    resume = ["--backend", "torch", "--out", str(tmp_path), "--resume"]
+    for given in (["--set", "compute_dtype=float32"], ["--set", "compute_dtype=null"], ["--train-config", str(config)]):
+        run = resolve_run(train.parse_args([*resume, *given, "--stop-at", "4"]))
+        assert (run.cfg.compute_dtype, run.spec.compute_dtype) == (None, "float32"), given
+    Loop(run, CountingTrainer, progress=False)()
+    assert resolve_run(train.parse_args(resume)).cfg.compute_dtype is None  # step 4's state.json agrees with run.json
+    with pytest.raises(UsageError, match="but compute_dtype: checkpoint 'float32', now 'bfloat16' \\(--set "
+                                         "compute_dtype=bfloat16\\); start a new --out"):
+        resolve_run(train.parse_args([*resume, "--set", "compute_dtype=bfloat16"]))
 
 
 def test_a_resume_refuses_a_files_change_before_a_rule_it_breaks(tmp_path):
@@ -306,3 +330,47 @@ def test_a_refused_resume_leaves_run_json_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="non-finite values"):
         train.main(resume)
     assert (tmp_path / "run.json").read_text() == before
+
+
+def test_a_fresh_run_refuses_an_out_holding_an_earlier_runs_files(tmp_path, monkeypatch, capsys):
+    """A fresh run in a --out holding the files of a run that wrote no checkpoint (a non-finite step or a kill before
+    its first) wrote its run.json over that run's and cut its metrics.jsonl, the earlier record lost without a word.
+    It is refused, naming --out and the files, as a --out holding checkpoints is; files that another fresh run wrote
+    while this one started (after its checks, before its lock) are refused as well. Nothing is touched."""
+    from shared_config.cli import UsageError, run
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    monkeypatch.setattr(train, "twin", lambda backend, module: SimpleNamespace(
+        Trainer=lambda spec, cfg, state: CountingTrainer(state)))
+    out = tmp_path / "run"
+    train.main(["--backend", "jax", "--out", str(out), "--steps", "4", *SMALL])
+    for checkpoint in out.glob("step-*"):
+        shutil.rmtree(checkpoint)
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    fresh = ["--backend", "torch", "--out", str(out), "--steps", "2", *SMALL]
+    with pytest.raises(UsageError, match=f"^{at(out)} holds run.json and metrics.jsonl of an earlier run, which wrote "
+                                         "no checkpoint \\(nothing to --resume\\): pass another --out, or delete them "
+                                         "to start a new run there$"):
+        resolve_run(train.parse_args(fresh))
+    (out / "run.json").unlink()
+    with pytest.raises(UsageError, match="holds metrics.jsonl of an earlier run, .* or delete it to start"):
+        resolve_run(train.parse_args(fresh))
+
+    other = tmp_path / "other"  # only what no run leaves behind as its record: a fresh run's to use
+    other.mkdir()
+    (other / ".lock").write_text("")
+    resolve = train.resolve_run
+
+    def raced(args):  # another fresh run wrote its metrics once this one had checked its --out
+        checked = resolve(args)
+        (other / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 3.0}\n')
+        return checked
+
+    monkeypatch.setattr(train, "resolve_run", raced)
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(other), "--steps", "2", *SMALL])
+    assert e.value.code == 2 and f"error: {other} holds metrics.jsonl of an earlier run" in capsys.readouterr().err
+    assert (other / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 3.0}\n'
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "metrics.jsonl"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v for k, v in kept.items() if k != "run.json"}

@@ -256,7 +256,7 @@ def test_a_resume_refuses_a_state_json_without_the_config_it_reads_naming_the_fi
                            "train_config has no steps"),
                           ({"train_config": {**config, "steps": "8"}}, "train_config: steps='8' must be an integer"),
                           ({"data": {k: v for k, v in data.items() if k != "source"}},
-                           "data source must be a string .*, got None"),
+                           "data has no source"),
                           ({"data": {**data, "source": 5}}, "data source must be a string .*, got 5")):
         state.write_text(json.dumps({k: v for k, v in {**stored, **change}.items() if v is not None}))
         with pytest.raises(CheckpointError, match=f"{state}: {error}"):

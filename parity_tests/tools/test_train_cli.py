@@ -82,7 +82,8 @@ def test_a_raw_token_file_read_as_the_wrong_dtype_is_named_as_the_cause(tmp_path
 def test_a_fresh_run_never_writes_into_a_directory_of_other_files(tmp_path):
     """A run written into a Hugging Face directory (or a data directory, or a checkpoint) was deleted with it by the
     other tools' --force, which replace a directory of their own kind. Nothing is written there; a directory holding
-    only a run's own files (an interrupted fresh run's) is still a fresh run's to use."""
+    only a lock and temporary files (what an interrupted fresh run leaves) is still a fresh run's to use, one holding
+    an earlier run's run.json and metrics.jsonl is not (test_run_records.py)."""
     hf = tmp_path / "tiny-hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
@@ -94,9 +95,12 @@ def test_a_fresh_run_never_writes_into_a_directory_of_other_files(tmp_path):
 
     own = tmp_path / "interrupted"
     own.mkdir()
-    for name in ("run.json", "metrics.jsonl", ".lock", ".metrics.jsonl.1.x.tmp"):
+    for name in (".lock", ".metrics.jsonl.1.x.tmp"):
         (own / name).write_text("")
     refuse_used_out(own)  # no error
+    (own / "run.json").write_text("")
+    with pytest.raises(UsageError, match="holds run.json of an earlier run"):
+        refuse_used_out(own)
 
 
 @pytest.mark.slow

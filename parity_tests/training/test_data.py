@@ -140,7 +140,7 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [(b'{"dtype": ', "meta.json: not valid JSON"),
-                                              (b"[1, 2]", "meta.json: must hold a JSON object, got list")])
+                                              (b"[1, 2]", r"meta.json: must hold a JSON object, got \[1, 2\]")])
 def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
     (tmp_path / "train.bin").write_bytes(np.arange(100, dtype=np.uint16).tobytes())
     (tmp_path / "meta.json").write_bytes(content)
@@ -154,8 +154,8 @@ def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
     (1000, None),  # a BPE's vocabulary may exceed the ids it uses
     ("x", r"meta.json: vocab_size must be an integer >= 1, got 'x'"),
     (0, r"meta.json: vocab_size must be an integer >= 1, got 0"),
-    (True, r"meta.json: vocab_size must be an integer >= 1, got True"),
-    (None, r"meta.json: vocab_size must be an integer >= 1, got None"),
+    (True, r"meta.json: vocab_size must be an integer >= 1, got true"),
+    (None, r"meta.json: vocab_size must be an integer >= 1, got null"),
 ])
 def test_meta_json_vocab_size_must_cover_the_token_ids(tmp_path, vocab_size, message):
     for split in ("train", "val"):

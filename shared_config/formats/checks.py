@@ -40,8 +40,8 @@ def checkpoint_path(src) -> Path:
     """`src` as a Path to read, or a CheckpointError: a path of another type (None, 5), an empty one, one with a NUL
     byte, or one the system cannot look up (a name too long, a loop of links) were a TypeError, a ValueError or a raw
     OSError naming no checkpoint. A path that does not exist is left to the reader ("no such file")."""
-    if not isinstance(src, (str, os.PathLike)):
-        raise CheckpointError(f"a checkpoint path is a str or an os.PathLike, not {type(src).__name__} {quote(src)}")
+    if not isinstance(src, (str, os.PathLike)):  # a Python caller's value, named as Python writes it
+        raise CheckpointError(f"a checkpoint path is a str or an os.PathLike, not {type(src).__name__} {src!r:.80}")
     if not str(src):
         raise CheckpointError("an empty path names no checkpoint")
     path = Path(src)
@@ -82,7 +82,7 @@ def resolve_spec(file_spec: ModelSpec | None, given, path: str | Path) -> ModelS
         file_spec = file_spec.replace(**{f: getattr(spec, f) for f in COMPUTE_FIELDS})
     if file_spec is not None and file_spec != spec:  # equal architectures, however their defaults were written
         a, b = file_spec.to_dict(), spec.to_dict()
-        diff = "; ".join(f"{k}: file {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k])
+        diff = "; ".join(f"{k}: file {quote(a[k])} vs given {quote(b[k])}" for k in a if a[k] != b[k])
         raise CheckpointError(f"{path}: spec in the file disagrees with the given spec: {diff}")
     return spec
 

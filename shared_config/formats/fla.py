@@ -101,12 +101,12 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{path}: must hold a JSON object")
     if config.get("model_type") != "gla":
-        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not supported (only 'gla')")
+        raise CheckpointError(f"{path}: model_type {quote(config.get('model_type'))} is not supported (only 'gla')")
     for key, value in CONFIG_REQUIRED.items():
         if key == "num_kv_heads" and config.get(key) in (None, config.get("num_heads")):
             continue  # as many kv heads as heads: plain multi-head
         if config.get(key, value) != value:
-            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
+            raise CheckpointError(f"{path}: {key}={quote(config[key])} is not supported (only {quote(value)})")
     try:
         fields = {field: config_value(config, "gla", key, path) for field, key in CONFIG_KEYS.items()}
         if fields["d_ff"] is None:  # fla's GatedMLP: 2/3 · hidden_ratio · hidden_size, rounded up to 256

@@ -107,7 +107,7 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     model_type = _model_type(config, path)
     for key, value in CONFIG_REQUIRED.items():
         if config.get(key, value) != value:
-            raise CheckpointError(f"{path}: {key}={quote(config[key])} is not supported (only {value!r})")
+            raise CheckpointError(f"{path}: {key}={quote(config[key])} is not supported (only {quote(value)})")
     layer_types = config.get("layer_types")
     layer_types = [] if layer_types is None else layer_types
     if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
