@@ -81,8 +81,10 @@ def gathered(w, mesh: Mesh | None):
 
     Every Linear (and the embedding lookup, model.lookup) reads its weight so. Left to XLA, a matmul whose tokens
     took fewer bytes than its weight kept the weight split and moved the tokens instead: a routed block's gathered
-    tokens [B, k, D] were all-gathered and its MLP's hidden [B, k, F] split by F and exchanged (all-to-all), forward
-    and backward, and each device computed every row's projections (mod at B·k = 72 tokens, D 48, F 80). An
+    tokens [B, k, D] were all-gathered, its hidden states split by columns (heads, F) and exchanged (all-to-all),
+    forward and backward, and parts of it ran for every row on several devices, its attention's softmax over
+    all-reduced scores [B, K, H/K, k, k] among them (mod at B·k = 72 tokens of D 48 against a [48, 80] weight; a
+    routed eval step did 1.2/W of one device's flops per device). An
     embedding table split over fsdp by D sent its gradient's rows-split cotangent [B, T, D] to D-split over fsdp,
     replicated over data: on a data × fsdp mesh XLA could only replicate it on every device ("Involuntary full
     rematerialization")."""

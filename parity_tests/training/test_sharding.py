@@ -132,10 +132,11 @@ def test_each_device_evaluates_its_rows_and_the_losses_are_one_device(runs, name
     """Trainer.eval_loss on a mesh (what loop.Loop.evaluate reads; two processes too): the compiled eval step does
     1/devices of one device's flops per device (each evaluates its rows: the model, on the mesh, splits its hidden
     states by rows), and its losses (loss_topk too) are one device's, though each device counts a different number
-    of targets. A routed spec's eval step on an fsdp axis did 1.085/devices (4 devices of 8): where a matmul's tokens
-    took fewer bytes than its weight (the routed block's gathered [B, k, D] in the top-k forward), XLA kept the weight
-    split and all-gathered the tokens instead, so each device projected every row's tokens; every Linear now reads
-    its weight whole (layers.gathered), as FSDP does."""
+    of targets. A routed spec's eval step on an fsdp axis did 1.20-1.22/devices (dtf, mod; 4 devices of 8): where a
+    matmul's tokens took fewer bytes than its weight (the routed block's gathered [B, k, D] in the top-k forward),
+    XLA kept the weight split, all-gathered the tokens and split the block by heads, so that parts of it (the softmax
+    over all-reduced scores [B, K, H/K, k, k]) ran for every row on several devices; every Linear reads its weight
+    whole (layers.gathered), as FSDP does."""
     sub, _, run = name.rpartition("/")
     record, state = load_run(runs / sub, f"jax-{run}")
     spec, cfg, _ = variant(sub)
