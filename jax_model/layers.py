@@ -84,10 +84,9 @@ def gathered(w, mesh: Mesh | None):
     tokens [B, k, D] were all-gathered, its hidden states split by columns (heads, F) and exchanged (all-to-all),
     forward and backward, and parts of it ran for every row on several devices, its attention's softmax over
     all-reduced scores [B, K, H/K, k, k] among them (mod at B·k = 72 tokens of D 48 against a [48, 80] weight; a
-    routed eval step did 1.2/W of one device's flops per device). An
-    embedding table split over fsdp by D sent its gradient's rows-split cotangent [B, T, D] to D-split over fsdp,
-    replicated over data: on a data × fsdp mesh XLA could only replicate it on every device ("Involuntary full
-    rematerialization")."""
+    routed eval step did 1.2/W of one device's flops per device). An embedding table split over fsdp by D sent its
+    gradient's rows-split cotangent [B, T, D] to D-split over fsdp, replicated over data: on a data × fsdp mesh XLA
+    could only replicate it on every device ("Involuntary full rematerialization")."""
     if mesh is None or mesh.size == 1:
         return w
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec()))
