@@ -26,7 +26,7 @@ from shared_config.parallel import AXES, splits_rows
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, pallas_gla
-from .layers import DTYPES, Linear, RMSNorm, linear, make_norm, split_rows
+from .layers import DTYPES, Linear, RMSNorm, gathered, linear, make_norm, split_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -60,7 +60,8 @@ class GateLinear(Linear):
         self.bias = nnx.Param(jnp.zeros((d_out,), DTYPES[spec.param_dtype]))
 
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.compute_dtype).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        w = gathered(self.kernel[...], self.mesh)
+        return linear(x, w, self.compute_dtype).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
 def head_norm(spec: ModelSpec):

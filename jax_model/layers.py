@@ -39,6 +39,7 @@ class Linear(nnx.Linear):
             d_in, d_out, use_bias=False, kernel_init=ZEROS,
             dtype=DTYPES[spec.compute_dtype], param_dtype=DTYPES[spec.param_dtype], rngs=rngs,
         )
+        self.mesh: Mesh | None = None  # the mesh a sharded step runs on (model.set_mesh): the weight read whole
 
     @property
     def compute_dtype(self):
@@ -46,7 +47,7 @@ class Linear(nnx.Linear):
         return self.dtype
 
     def __call__(self, x):
-        return linear(x, self.kernel[...], self.compute_dtype)
+        return linear(x, gathered(self.kernel[...], self.mesh), self.compute_dtype)
 
 
 def linear(x_BTD, w_DF, dtype):
@@ -72,6 +73,23 @@ def split_rows(x_B, mesh: Mesh | None):
     if mesh is None or not splits_rows(x_B.shape[0], mesh.size):
         return x_B
     return jax.lax.with_sharding_constraint(x_B, NamedSharding(mesh, PartitionSpec(AXES)))
+
+
+def gathered(w, mesh: Mesh | None):
+    """Weight `w` whole on every device of `mesh` where it is read: FSDP's all-gather, and in the backward its
+    gradient summed over the devices back to w's shards; no mesh, or one device: w as it is.
+
+    Every Linear (and the embedding lookup, model.lookup) reads its weight so. Left to XLA, a matmul whose tokens
+    took fewer bytes than its weight kept the weight split and moved the tokens instead: a routed block's gathered
+    tokens [B, k, D] were all-gathered, its hidden states split by columns (heads, F) and exchanged (all-to-all),
+    forward and backward, and parts of it ran for every row on several devices, its attention's softmax over
+    all-reduced scores [B, K, H/K, k, k] among them (mod at B·k = 72 tokens of D 48 against a [48, 80] weight; a
+    routed eval step did 1.2/W of one device's flops per device). An embedding table split over fsdp by D sent its
+    gradient's rows-split cotangent [B, T, D] to D-split over fsdp, replicated over data: on a data × fsdp mesh XLA
+    could only replicate it on every device ("Involuntary full rematerialization")."""
+    if mesh is None or mesh.size == 1:
+        return w
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec()))
 
 
 @jax.custom_vjp
@@ -212,7 +230,8 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD):
         # gate and up as one [D, 2F] matmul (the layout keeps two tensors; compute joins them)
         if self.kind == "swiglu":
-            w_D2F = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
+            w_D2F = jnp.concatenate([gathered(self.gate_proj.kernel[...], self.gate_proj.mesh),
+                                     gathered(self.up_proj.kernel[...], self.up_proj.mesh)], axis=1)
             h_BTF = recomputed(partial(swiglu, dtype=x_BTD.dtype))(linear(x_BTD, w_D2F, self.up_proj.compute_dtype))
         else:
             h_BTF = recomputed(partial(activate, ACTIVATIONS[self.kind], dtype=x_BTD.dtype))(self.up_proj(x_BTD))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from shared_config import ModelSpec, load_spec, rope_inv_freq
 from shared_config.placement import PLACEMENTS, block_placement
@@ -27,7 +27,7 @@ from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
 from .block import Block, empty_state
 from .gla import GLA
-from .layers import DTYPES, ZEROS, Linear, at_hand, make_norm, split_rows
+from .layers import DTYPES, ZEROS, Linear, at_hand, gathered, make_norm, split_rows
 from .weights import draw_weights
 
 
@@ -159,21 +159,12 @@ def split_cache_rows(cache: KVCache, mesh: Mesh | None) -> KVCache:
     return jax.tree.map(lambda x: split_rows(x, mesh) if x.ndim and x.shape[0] == B else x, cache)
 
 
-def gathered(w, mesh: Mesh | None):
-    """Weight `w` whole on every device of `mesh` where it is read (FSDP's gather; its gradient is reduce-scattered
-    back to w's shards); no mesh: w as it is. An embedding table split over fsdp by D otherwise sent its gradient's
-    rows-split cotangent [B, T, D] to D-split over fsdp, replicated over data: on a data × fsdp mesh XLA could only
-    replicate it on every device ("Involuntary full rematerialization")."""
-    if mesh is None or mesh.size == 1:
-        return w
-    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec()))
-
-
 def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
     """Tell `model` the device mesh its steps run on (distributed.py): its hidden states stay split by rows
-    (`split_rows`), and every GLA layer's Pallas kernel runs per device (gla.per_device). None: one device."""
+    (`split_rows`), every Linear reads its weight whole (`layers.gathered`), and every GLA layer's Pallas kernel runs
+    per device (gla.per_device). None: one device."""
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, (TransformerModel, GLA)):
+        if isinstance(module, (TransformerModel, GLA, Linear)):
             module.mesh = mesh
 
 
@@ -202,7 +193,7 @@ def cache_length(cache: KVCache) -> int | None:
 def lookup(table, ids, mesh: Mesh | None = None):
     """The rows `ids` [...] of an embedding table, float32 [..., D]: gathered from the table in float32, so that the
     backward scatter-adds its row gradients in float32 (nnx.Embed gathers from the table cast to its compute dtype).
-    On a `mesh`, from the table whole (`gathered`)."""
+    On a `mesh`, from the table whole (`layers.gathered`)."""
     return jnp.take(gathered(table.embedding[...], mesh).astype(jnp.float32), ids, axis=0)
 
 

@@ -178,14 +178,16 @@ class Routes:
         if self.decide == "topk":
             k = math.floor(self.spec.routing_capacity * T)
             idx_BK = select_top_k(score_BT, k)
-            keep_BT = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], idx_BK].set(True)
+            # the scatters per row (vmap): on a mesh XLA then keeps each row's on its device; indexed by an explicit
+            # arange(B) it gathered every row's indices and updates [B, k, D] onto every device
+            keep_BT = jax.vmap(lambda i_K: jnp.zeros((T,), bool).at[i_K].set(True))(idx_BK)
             x_BKD = jnp.take_along_axis(x_BTD, idx_BK[..., None], axis=1)
             cos_k, sin_k = (None,
                             None) if cos is None else (jnp.take(cos, idx_BK, axis=0), jnp.take(sin, idx_BK, axis=0))
             y_BKD, _ = run(x_BKD, cos_k, sin_k, taps) if k else (x_BKD, None)
             gate_BK = jnp.take_along_axis(gate_BT, idx_BK, axis=1)
             update_BKD = (y_BKD - x_BKD) * gate_BK[..., None].astype(x_BTD.dtype)
-            out_BTD = x_BTD.at[jnp.arange(B)[:, None], idx_BK].add(update_BKD)
+            out_BTD = jax.vmap(lambda x_TD, i_K, u_KD: x_TD.at[i_K].add(u_KD))(x_BTD, idx_BK, update_BKD)
             if logit_BT is not None:
                 target_BT = keep_BT.astype(jnp.float32)  # the predictor learns top-k membership (BCE on logits)
                 self.bce.append(jnp.mean(jax.nn.softplus(logit_BT) - target_BT * logit_BT))

@@ -132,9 +132,11 @@ def test_each_device_evaluates_its_rows_and_the_losses_are_one_device(runs, name
     """Trainer.eval_loss on a mesh (what loop.Loop.evaluate reads; two processes too): the compiled eval step does
     1/devices of one device's flops per device (each evaluates its rows: the model, on the mesh, splits its hidden
     states by rows), and its losses (loss_topk too) are one device's, though each device counts a different number
-    of targets. A routed spec's eval step on an fsdp axis does more (1.085/devices measured on 4 CPU devices), though
-    its forwards alone (either decision) and its train step do 1.00/devices: bounded at 1.25/devices here; pinning
-    the routed block's gathered tokens by rows (layers.split_rows) did not change it."""
+    of targets. A routed spec's eval step on an fsdp axis did 1.20-1.22/devices (dtf, mod; 4 devices of 8): where a
+    matmul's tokens took fewer bytes than its weight (the routed block's gathered [B, k, D] in the top-k forward),
+    XLA kept the weight split, all-gathered the tokens and split the block by heads, so that parts of it (the softmax
+    over all-reduced scores [B, K, H/K, k, k]) ran for every row on several devices; every Linear reads its weight
+    whole (layers.gathered), as FSDP does."""
     sub, _, run = name.rpartition("/")
     record, state = load_run(runs / sub, f"jax-{run}")
     spec, cfg, _ = variant(sub)
@@ -144,8 +146,7 @@ def test_each_device_evaluates_its_rows_and_the_losses_are_one_device(runs, name
     got = record["eval"]
     assert set(got["losses"]) == set(want) == {"loss", *(["loss_topk"] if spec.routing != "none" else [])}, got
     assert all(abs(got["losses"][k] - v) <= TOL * abs(v) for k, v in want.items()), (got, want)
-    bound = 1.25 if spec.routing != "none" else 1.05
-    assert 0.95 / devices <= got["flops_ratio"] <= bound / devices, (got["flops_ratio"], devices)
+    assert 0.95 / devices <= got["flops_ratio"] <= 1.05 / devices, (got["flops_ratio"], devices)
 
 
 @pytest.mark.slow

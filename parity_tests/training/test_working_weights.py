@@ -272,5 +272,5 @@ def test_a_jax_mesh_step_all_reduces_gradients_and_metrics_never_activations(mes
 def test_a_jax_mesh_step_never_replicates_an_array_to_reshard_it(mesh_run):
     """Every array moves between its shardings by collectives XLA can plan. The embedding table, split over fsdp by
     D, sent its gradient's cotangent [B, T, D] from rows over data × fsdp to D over fsdp: XLA replicated it on every
-    device ("Involuntary full rematerialization"). jax_model.model.gathered reads the table whole instead."""
+    device ("Involuntary full rematerialization"). jax_model.layers.gathered reads the table whole instead."""
     assert not mesh_run["replicated"], mesh_run["replicated"][:2]
