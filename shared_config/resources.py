@@ -31,7 +31,7 @@ def layout_size(spec: ModelSpec) -> tuple[int, int, int]:
 
     Blocks may differ by index, but only as block 0 (HybridNorm*'s pre-norm block) and by parity after it
     (routing's every other block): a table of 4 or 5 layers (keeping the parity of `n_layers`, which some
-    rules read) holds one block of each kind, and the rest repeat them. `test_hostile_input.py` checks
+    rules read) holds one block of each kind, and the rest repeat them. `test_claimed_sizes.py` checks
     this against the full table for every placement, mixer and routing choice.
     """
     L = spec.L

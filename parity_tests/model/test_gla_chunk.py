@@ -3,6 +3,8 @@
 model can produce: log α from about −1e-6 to −1e6, exactly 0 (α = 1), reset gates (−1e38, −inf), at and across
 sub-chunk and chunk boundaries, for chunk sizes that do and do not divide T."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,12 +54,15 @@ def float64_recurrence(q, k, v, g, S):
     return o.transpose(0, 2, 1, 3), S
 
 
-def run_jax(fn, xs):
-    return [np.asarray(y) for y in fn(*(jnp.asarray(x) for x in xs))]
+def run_jax(fn, xs, *static):
+    """`fn(*xs, *static)` compiled as one program, as a model runs it: op by op, JAX compiles a kernel per op and
+    shape (3x the time here); `fn` compiled again with inputs of the same shapes reuses the first compilation."""
+    jitted = jax.jit(fn, static_argnums=tuple(range(len(xs), len(xs) + len(static))))
+    return [np.asarray(y) for y in jitted(*(jnp.asarray(x) for x in xs), *static)]
 
 
-def run_torch(fn, xs):
-    return [y.numpy() for y in fn(*(torch.as_tensor(x) for x in xs))]
+def run_torch(fn, xs, *static):
+    return [y.numpy() for y in fn(*(torch.as_tensor(x) for x in xs), *static)]
 
 
 TWINS = {"jax": (jax_model.gla, run_jax), "torch": (torch_model.gla, run_torch)}
@@ -75,20 +80,26 @@ def test_chunk_form_equals_the_float64_recurrence(twin, gate):
     floor = max(rel_err(o32, o64), rel_err(S32, S64))
     assert floor <= FORWARD_TOL
     for chunk in (7, 16, 64, 128):
-        o, S = run(lambda *a: module.chunked_gla(*a, chunk), xs)
+        o, S = run(module.chunked_gla, xs, chunk)
         assert np.isfinite(o).all() and np.isfinite(S).all()
         assert rel_err(o, o64) <= FORWARD_TOL, f"chunk {chunk}: outputs {rel_err(o, o64):.2e} (floor {floor:.1e})"
         assert rel_err(S, S64) <= FORWARD_TOL, f"chunk {chunk}: last state {rel_err(S, S64):.2e} (floor {floor:.1e})"
 
 
-def grads_jax(fn, xs, cotangents):
-    loss = lambda xs: sum(jnp.sum(y * c) for y, c in zip(fn(*xs), cotangents))  # noqa: E731
-    return [np.asarray(g) for g in jax.grad(loss)([jnp.asarray(x) for x in xs])]
+@partial(jax.jit, static_argnums=(0, 3))
+def jitted_grads(fn, xs, cotangents, static):
+    loss = lambda xs: sum(jnp.sum(y * c) for y, c in zip(fn(*xs, *static), cotangents))  # noqa: E731
+    return jax.grad(loss)(xs)
 
 
-def grads_torch(fn, xs, cotangents):
+def grads_jax(fn, xs, cotangents, *static):
+    """The gradient of Σ fn(*xs, *static)·cotangents, compiled as one program (run_jax's reason)."""
+    return [np.asarray(g) for g in jitted_grads(fn, [jnp.asarray(x) for x in xs], cotangents, static)]
+
+
+def grads_torch(fn, xs, cotangents, *static):
     ts = [torch.tensor(x, requires_grad=True) for x in xs]
-    sum((y * torch.as_tensor(c)).sum() for y, c in zip(fn(*ts), cotangents)).backward()
+    sum((y * torch.as_tensor(c)).sum() for y, c in zip(fn(*ts, *static), cotangents)).backward()
     return [t.grad.numpy() for t in ts]
 
 
@@ -104,7 +115,7 @@ def test_chunk_form_gradients_match_the_recurrence_and_float64_differences(twin,
                   rng.standard_normal((B, H, K, V)).astype(np.float32)]
     module = TWINS[twin][0]
     grads = grads_jax if twin == "jax" else grads_torch
-    got = grads(lambda *a: module.chunked_gla(*a, 64), xs, cotangents)
+    got = grads(module.chunked_gla, xs, cotangents, 64)
     want = grads(module.recurrent_gla, xs, cotangents)
     loss64 = lambda xs: sum(np.sum(y * c) for y, c in zip(float64_recurrence(*xs), cotangents))  # noqa: E731
     h = 1e-5

@@ -1,6 +1,7 @@
 """Per-layer parity: each norm type, RoPE, attention, MLP and one block, against each other and
 against the float64 reference, on the same inputs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from torch_model import layers as tl
 
 from ..support import reference
 from ..support.common import FORWARD_TOL, case_ids, make_spec, parity_weights, quick_first, rel_err
+from ..support.oracles import bf16_values, rounded_more_than_once
 
 
 def twins(spec):
@@ -102,26 +104,6 @@ def test_norm_outputs_on_bfloat16_inputs_are_rounded_once(norm_type):
         assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
 
 
-def bf16_values(shape, seed=0, scale=3.0) -> np.ndarray:
-    """float32 values bf16 holds exactly."""
-    import ml_dtypes
-
-    x = scale * np.random.default_rng(seed).standard_normal(shape)
-    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
-def rounded_more_than_once(got, ref, terms) -> str | None:
-    """Where a bf16 output `got` is not its float64 value `ref` rounded once: more than half of bf16's spacing at
-    each value away, beyond float32's own error on the `terms` (|…| of what was summed, before any cancellation):
-    up to 2^-16 of them, 256 float32 ulps, room for any library's transcendentals and a reduction's order, still
-    1/128 of bf16's spacing. None when every output is within."""
-    half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
-    excess = np.abs(got - ref) / (half_spacing + 2.0**-16 * terms)
-    if excess.max() <= 1:
-        return None
-    return f"{(excess > 1).mean():.1%} of outputs rounded more than once, up to {excess.max():.2f}x the bound"
-
-
 @pytest.mark.parametrize("kind", CHOICES["mlp"])
 def test_mlp_activations_on_bfloat16_inputs_are_rounded_once(kind):
     """The MLP's activation runs in float32 and is cast back once: SwiGLU's silu(gate)·up computed in bf16 (its
@@ -183,43 +165,6 @@ def unknown_norm_spec():
     spec = make_spec()
     object.__setattr__(spec, "norm_type", "not-a-norm")  # past the spec's own check
     return spec
-
-
-def embeddings(spec, w, tokens_BT):
-    """Both twins' `embed` of tokens [B, T] from weights `w`, as float32 numpy."""
-    positions_T = np.arange(tokens_BT.shape[1])
-    j = jax_model.from_weights(w, spec).model.embed(jnp.asarray(tokens_BT), jnp.asarray(positions_T))
-    with torch.no_grad():
-        t = torch_model.from_weights(w, spec).model.embed(torch.as_tensor(tokens_BT), torch.as_tensor(positions_T))
-    return np.asarray(j.astype(jnp.float32)), t.float().numpy()
-
-
-def test_embed_norm_normalises_the_embeddings():
-    """`embed_norm` (Peri-LN's embedding norm): both twins' embeddings are the float64 reference's norm of the scaled
-    embeddings, and doubling the norm's weight doubles them exactly (a twin that skipped the norm, or its weight, fails;
-    the raw embeddings have rms 0.3, so the norm changes them)."""
-    spec = make_spec(embed_norm=True, position="learned", embed_scale="constant", norm_bias=True)
-    w, x = parity_weights(spec), np.random.default_rng(0).integers(0, spec.V, (2, 33))
-    ref = reference.embed({k: v.astype(np.float64) for k, v in w.items()}, spec, x)
-    raw = reference.embed({k: v.astype(np.float64) for k, v in w.items()}, spec.replace(embed_norm=False), x)
-    assert rel_err(ref, raw) > 0.5, "the test needs embeddings the norm changes"
-    doubled = {**w, "model.embed_norm.weight": 2 * w["model.embed_norm.weight"],
-               "model.embed_norm.bias": 2 * w["model.embed_norm.bias"]}
-    for name, got, twice in zip(("jax", "torch"), embeddings(spec, w, x), embeddings(spec, doubled, x)):
-        assert rel_err(got, ref) <= FORWARD_TOL, (name, rel_err(got, ref))
-        assert np.array_equal(twice, 2 * got), f"{name}: embed_norm's weight and bias do not scale the embeddings"
-
-
-def test_embed_norm_on_bfloat16_is_rounded_once():
-    """In bf16 the embedding norm runs on the float32 embeddings and its output is cast once: each value the float64
-    norm of the float32 sum rounded once to bf16. Normed after the cast, its input rounded to bf16 first, it is off by
-    up to 1.5 of bf16's spacings, which the model-level bf16 bounds let pass."""
-    spec = make_spec(embed_norm=True, position="learned", compute_dtype="bfloat16", norm_bias=True)
-    w, x = parity_weights(spec), np.random.default_rng(0).integers(0, spec.V, (2, 64))
-    ref = reference.embed({k: v.astype(np.float64) for k, v in w.items()}, spec, x)
-    terms = np.abs(ref) + 2 * np.abs(w["model.embed_norm.bias"])  # before the bias cancels
-    for name, got in zip(("jax", "torch"), embeddings(spec, w, x)):
-        assert (fault := rounded_more_than_once(got, ref, terms)) is None, (name, fault)
 
 
 def test_every_norm_builder_refuses_a_norm_type_it_does_not_know():
@@ -395,8 +340,12 @@ def test_blocked_attention_is_the_einsum_kernel_by_blocks(T):
     """`blocked` skips the masked blocks of q·kᵀ: same result as the one-product kernel, any T (ragged last block)."""
     rng = np.random.default_rng(T)
     q, k, v = (rng.standard_normal((2, T, n, 8)).astype(np.float32) for n in (6, 2, 2))
-    for attention, asarray, out in [(ja, jnp.asarray, np.asarray), (ta, torch.as_tensor, lambda t: t.numpy())]:
-        ref = out(attention.einsum_attention(asarray(q), asarray(k), asarray(v)))
-        got = out(attention.attend(asarray(q), asarray(k), asarray(v), "blocked"))
-        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), attention.__name__
+    # JAX's kernels compiled as one program each, as a model runs them (op by op, each block's ops compiled one by one)
+    for name, einsum, attend, asarray, out in [
+        ("jax", jax.jit(ja.einsum_attention), jax.jit(ja.attend, static_argnums=3), jnp.asarray, np.asarray),
+        ("torch", ta.einsum_attention, ta.attend, torch.as_tensor, lambda t: t.numpy()),
+    ]:
+        ref = out(einsum(asarray(q), asarray(k), asarray(v)))
+        got = out(attend(asarray(q), asarray(k), asarray(v), "blocked"))
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), name
     assert ja.attention_block(600) == ta.attention_block(600) == 38  # at most 16 blocks

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 import os
+import resource
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,7 +23,7 @@ import torch
 
 import jax_model
 import torch_model
-from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors
+from shared_config import ModelSpec, init_weights, layout, load_spec, read_safetensors, save_checkpoint
 from shared_config.parity import FORWARD_TOL, rel_err  # noqa: F401  (the tests import them from here)
 from shared_config.placement import PLACEMENTS
 
@@ -186,6 +192,83 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     assert all(f in lines[0] for f in fragments), lines[0]
     assert result.stdout == "", result.stdout[-3000:]
     return lines[0]
+
+
+def one_line(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """A CLI's error contract: exit `code`, one stderr line "error: ..." holding every fragment, no traceback."""
+    assert result.returncode == code, f"exit {result.returncode}: {result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert all(f in lines[0] for f in fragments), lines[0]
+    return lines[0]
+
+
+def error_line(exc_info, path) -> str:
+    """The raised error's message: one line that begins with the offending path."""
+    msg = str(exc_info.value)
+    assert msg.startswith(str(path)) and "\n" not in msg, msg
+    return msg
+
+
+def run_limited(script: str, *args, fsize: int | None = None, memory: int | None = None, cwd=None):
+    """scripts/SCRIPT.py (or bench/...) in a subprocess whose files may not grow past `fsize` bytes (a full disk,
+    as EFBIG) and whose address space is capped at `memory` bytes."""
+
+    def limit():
+        if fsize is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if memory is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    path = ROOT / script if "/" in script else ROOT / "scripts" / f"{script}.py"
+    return subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True,
+                          env=checkout_env(), cwd=cwd, timeout=600, preexec_fn=limit)
+
+
+def peak_memory(fn) -> tuple[BaseException | None, int]:
+    """(what `fn()` raised, the peak bytes Python and numpy allocated meanwhile)."""
+    tracemalloc.start()
+    try:
+        fn()
+        raised = None
+    except BaseException as e:  # noqa: BLE001 (returned to the test)
+        raised = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+def safetensors_file(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def with_metadata_spec(src: Path, dst: Path, spec_text: str) -> Path:
+    """A copy of the canonical file `src` whose metadata spec is replaced by `spec_text` (tensors unchanged)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"]["spec"] = spec_text
+    return safetensors_file(dst, json.dumps(header).encode(), raw[8 + n :])
+
+
+def fla_dir(tmp_path, **edits) -> Path:
+    """A flash-linear-attention GLA directory of gla-tiny with config.json `edits` (None: the key deleted)."""
+    spec = load_spec("gla-tiny")
+    save_checkpoint(tmp_path / "g.safetensors", init_weights(spec, 0), spec)
+    load_script("convert").convert(tmp_path / "g.safetensors", tmp_path / "fla", to="fla")
+    config = json.loads((tmp_path / "fla" / "config.json").read_text())
+    config.update(edits)
+    (tmp_path / "fla" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return tmp_path / "fla"
+
+
+def bench_module(name: str):
+    """bench/NAME.py, imported as the package module (bench.NAME), once its test needs it."""
+    return importlib.import_module(f"bench.{name}")
 
 
 def case_ids(cases: list[dict]) -> list[str]:

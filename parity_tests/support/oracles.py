@@ -91,3 +91,23 @@ def finite_difference_errors(weights: dict, spec, tokens_BN, grads: dict[str, di
             if not abs(np.sum(g[t.name] * d) - fd) <= tol * scale:
                 failures.append(f"{twin} {t.name}: g·d {np.sum(g[t.name] * d):.6g} vs FD {fd:.6g}")
     return failures
+
+
+def bf16_values(shape, seed=0, scale=3.0) -> np.ndarray:
+    """float32 values bf16 holds exactly."""
+    import ml_dtypes
+
+    x = scale * np.random.default_rng(seed).standard_normal(shape)
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def rounded_more_than_once(got, ref, terms) -> str | None:
+    """Where a bf16 output `got` is not its float64 value `ref` rounded once: more than half of bf16's spacing at
+    each value away, beyond float32's own error on the `terms` (|…| of what was summed, before any cancellation):
+    up to 2^-16 of them, 256 float32 ulps, room for any library's transcendentals and a reduction's order, still
+    1/128 of bf16's spacing. None when every output is within."""
+    half_spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 8)  # bf16: 8 bits of mantissa
+    excess = np.abs(got - ref) / (half_spacing + 2.0**-16 * terms)
+    if excess.max() <= 1:
+        return None
+    return f"{(excess > 1).mean():.1%} of outputs rounded more than once, up to {excess.max():.2f}x the bound"

@@ -10,6 +10,7 @@ from shared_config.cli import UsageError
 from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
 
 from ..support.common import load_script, one_line_error, quick_first, run_script
+from .test_odd_input import error_line
 
 SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
          "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
@@ -164,12 +165,14 @@ def test_the_norm_study_on_a_few_steps(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_a_gla_kernel_this_machine_lacks_is_one_error_line(tmp_path):
+def test_a_gla_kernel_this_machine_lacks_is_one_error_line(tmp_path, capsys):
     """gla_kernel (the train config's compute choice): the JAX twin's Pallas kernel on this CPU, or flash-linear-
-    attention asked of the JAX twin, is refused in one line, naming the kernel and what runs instead."""
+    attention asked of the JAX twin, is refused in one line, naming the kernel and what runs instead. In-process
+    (main under cli.run, as the command runs it): a process each cost 5 s of starting and importing."""
+    train = load_script("train")
     for kernel, says in (("pallas", "it needs a GPU"), ("fla", "the jax twin runs auto, pure or pallas")):
-        one_line_error(run_script("train", "--backend", "jax", "--spec", "gla-tiny", "--out", tmp_path / kernel,
-                                  "--set", f"gla_kernel={kernel}", *SHORT), f"gla_kernel={kernel}", says)
+        error_line(train.main, ["--backend", "jax", "--spec", "gla-tiny", "--out", tmp_path / kernel, "--set",
+                                f"gla_kernel={kernel}", *SHORT], capsys, f"gla_kernel={kernel}", says)
 
 
 def test_the_norm_study_names_the_placements_it_takes():

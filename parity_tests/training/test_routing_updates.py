@@ -92,10 +92,11 @@ def test_routed_gradients_match_finite_differences_of_the_reference(changes):
     assert not failures, failures
 
 
-def eval_losses(twin, train, w, spec, x_BN, mask_BN):
+def eval_losses(twin, train, w, spec, xs_BN, mask_BN):
+    """The eval step's losses for each batch of `xs_BN`: one model and one step for all (one compilation)."""
     model = twin.from_weights(w, spec)
-    out = train.make_eval_step(model)(train.init_train_state(model, CFG), x_BN, mask_BN)
-    return {k: float(v) for k, v in out.items()}
+    step, state = train.make_eval_step(model), train.init_train_state(model, CFG)
+    return [{k: float(v) for k, v in step(state, x_BN, mask_BN).items()} for x_BN in xs_BN]
 
 
 @pytest.mark.parametrize("changes", CASES, ids=case_ids(CASES))
@@ -109,7 +110,7 @@ def test_evaluation_is_causal(changes):
     mask_BN[:, : t + 2] = 1
     assert_margins(reference_taps(w, spec, x_BN[:, :-1], "predictor"), spec, "predictor")
     for name, twin, train in TWINS:
-        a, b = (eval_losses(twin, train, w, spec, x, mask_BN) for x in (x_BN, later))
+        a, b = eval_losses(twin, train, w, spec, (x_BN, later), mask_BN)
         assert set(a) == {"loss", "loss_topk"}
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (name, a, b)
         assert (abs(a["loss_topk"] - b["loss_topk"])

@@ -1,6 +1,8 @@
 """The train state in canonical names (weights, AdamW m and v, step): a run resumed from it continues
 exactly (bit for bit in the same twin) and continues in the other twin within the trajectory bounds."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -15,15 +17,19 @@ CFG = TrainConfig(lr=1e-3, warmup_steps=2, steps=8, grad_clip=0.5, batch_size=2,
 HALF = CFG.steps // 2
 
 
-def run(twin, train, canonical, first: int, last: int):
-    """Steps first..last-1 from a canonical train state; the losses and the canonical state after."""
+def run(twin, train, canonical, first: int, last: int, keep: int | None = None):
+    """Steps first..last-1 from a canonical train state; the losses, the canonical state after, and the canonical
+    state after step `keep` (a copy, taken on the way: one compiled step serves both, where a separate run to `keep`
+    compiled its own)."""
     model = twin.from_weights(canonical["weights"], SPEC)
     state = train.set_train_state(model, train.init_train_state(model, CFG), canonical)
-    step, losses = train.make_train_step(model, CFG), []
+    step, losses, kept = train.make_train_step(model, CFG), [], None
     for i in range(first, last):
+        if i == keep:
+            kept = copy.deepcopy(train.get_train_state(model, state))  # the next step donates the state's buffers
         state, metrics = step(state, synthetic_batch(CFG.seed, i, CFG.batch_size, CFG.seq_len, SPEC.V))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), train.get_train_state(model, state)
+    return np.array(losses), train.get_train_state(model, state), kept
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +42,9 @@ def start():
 @pytest.mark.slow  # the quick tier under 5 minutes (5 min 37 s this stop); CI runs the full suite
 @pytest.mark.parametrize("name,twin,train", quick_first(TWINS, multi=True), ids=[t[0] for t in TWINS])
 def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
-    whole_losses, whole = run(twin, train, start, 0, CFG.steps)
-    _, middle = run(twin, train, start, 0, HALF)
+    whole_losses, whole, middle = run(twin, train, start, 0, CFG.steps, keep=HALF)
     assert middle["step"] == HALF
-    resumed_losses, resumed = run(twin, train, middle, HALF, CFG.steps)
+    resumed_losses, resumed, _ = run(twin, train, middle, HALF, CFG.steps)
     assert np.array_equal(resumed_losses, whole_losses[HALF:])
     for key in ("weights", "m", "v"):
         assert all(np.array_equal(resumed[key][k], whole[key][k]) for k in whole[key]), f"{name} {key}"
@@ -48,9 +53,9 @@ def test_resume_in_the_same_twin_is_exact(start, name, twin, train):
 @pytest.mark.parametrize("first,second", quick_first([(0, 1), (1, 0)], multi=True),
                          ids=["jax-then-torch", "torch-then-jax"])
 def test_resume_in_the_other_twin(start, first, second):
-    _, middle = run(*TWINS[first][1:], start, 0, HALF)
-    resumed_losses, resumed = run(*TWINS[second][1:], middle, HALF, CFG.steps)
-    whole_losses, whole = run(*TWINS[first][1:], start, 0, CFG.steps)
+    whole_losses, whole, middle = run(*TWINS[first][1:], start, 0, CFG.steps, keep=HALF)
+    assert middle["step"] == HALF
+    resumed_losses, resumed, _ = run(*TWINS[second][1:], middle, HALF, CFG.steps)
     assert np.all(np.abs(resumed_losses - whole_losses[HALF:]) / whole_losses[HALF:] <= TRAJ_LOSS_TOL)
     for key in ("weights", "m", "v"):
         bad = {k: f"{max_rel(resumed[key][k], x):.1e}"

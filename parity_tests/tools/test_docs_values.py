@@ -1,0 +1,175 @@
+"""What the docs quote from the code, statically (nothing is run): every spec key and value has a row of a keys
+table, every documented default is the code's default, the tolerance table quotes the bounds the tests use, and each
+limit a page quotes is the code's constant."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ..support.common import ROOT
+from .test_docs import PAGES, rel
+
+
+def test_every_spec_key_and_value_has_a_docs_row():
+    """Each field of ModelSpec is the first cell of a table row in docs/ (the keys table of spec.md, gla.md or
+    routing.md), and each accepted value of an enum field is named in a row of its key: an option added to the spec
+    without its line in the docs fails here."""
+    import dataclasses
+
+    from shared_config.spec import CHOICES, ModelSpec
+
+    rows = [line.split("|") for page in PAGES[1:] for line in page.read_text().splitlines()
+            if line.startswith("|") and line.count("|") > 2]
+    missing = []
+    for field in dataclasses.fields(ModelSpec):
+        keyed = ["|".join(cells) for cells in rows if f"`{field.name}`" in cells[1]]
+        if not keyed:
+            missing.append(field.name)
+        missing += [f"{field.name}: {v}" for v in CHOICES.get(field.name, ()) if not any(f"`{v}`" in r for r in keyed)]
+    assert not missing, f"no docs table row for {missing}"
+
+
+def table_rows(text: str, header: str | None = None) -> list[list[str]]:
+    """The cells of every table row of a page, outer pipes cut; with `header`, only the body rows of the tables
+    whose header row starts with it."""
+    rows, keep = [], header is None
+    for line in text.splitlines():
+        if not (line.startswith("|") and line.count("|") > 2):
+            keep = header is None
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if header is not None and cells[0] == header.split("|")[0].strip() and "|".join(cells).startswith(
+                "|".join(c.strip() for c in header.split("|"))):
+            keep = True
+        elif keep and not set("".join(cells)) <= set("-: "):
+            rows.append(cells)
+    return rows
+
+
+def documented_value(text: str):
+    """A default as a keys table writes it (`rms`, 1e-6, true, null) as the Python value it stands for."""
+    text = text.strip().strip("`")
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def same_value(documented, default) -> bool:
+    if isinstance(default, bool) or default is None or isinstance(documented, str):
+        return documented == default
+    return isinstance(default, (int, float)) and documented == pytest.approx(default, rel=1e-9)
+
+
+def test_every_documented_default_is_the_code_default():
+    """The "values (default)" column of every keys table (spec.md, gla.md, routing.md, training.md) against the
+    defaults of ModelSpec and TrainConfig (training.md's table and routing.md's `train:` rows): a default changed in
+    the code and not in its row fails here. A row of several keys gives one default for all (`(0.5)`) or one per
+    key in order (`(8, 1, 4)`); a default the code leaves unset (None: required, derived) is prose and skipped."""
+    import dataclasses
+
+    from shared_config.spec import ModelSpec
+    from shared_config.train_config import TrainConfig
+
+    def defaults(cls) -> dict:
+        return {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
+
+    spec, train = defaults(ModelSpec), defaults(TrainConfig)
+    wrong, checked = [], set()
+    for page in PAGES[1:]:
+        for cells in table_rows(page.read_text(), "key | values (default) | meaning"):
+            table = train if page.name == "training.md" or cells[0].startswith("train:") else spec
+            keys = re.findall(r"`(\w+)`", cells[0])
+            assert keys and all(k in table for k in keys), (rel(page), cells[0])
+            want = [table[k] for k in keys]
+            if None in want and not (table is train and keys == ["compute_dtype"]):
+                continue  # "(`n_heads`)", "(unset: true, except ...)"
+            firsts = [g.split(";")[0] for g in re.findall(r"\(([^()]*)\)", cells[1])]  # "(1e-6; smaller is 0 ...)"
+            groups = [[documented_value(v) for v in (f.split(",") if len(keys) > 1 else [f])] for f in firsts]
+            if not any(len(g) == len(keys) and all(map(same_value, g, want)) or
+                       len(g) == 1 and all(same_value(g[0], w) for w in want) for g in groups):
+                wrong.append((rel(page), cells[0], cells[1], dict(zip(keys, want))))
+            checked.update(keys)
+    assert not wrong, wrong
+    assert {"norm_eps", "norm_type", "lr", "warmup_steps", "gla_gate_rank", "dtf_window", "compute_dtype",
+            "router_predictor_loss_weight"} <= checked, checked  # the parsing still finds the tables
+
+
+def sci(x: float) -> str:
+    """1e-05 as the docs write it: 1e-5."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def test_the_tolerance_table_quotes_the_bounds_the_tests_use():
+    """docs/parity.md's Tolerances table and its parity report paragraph against the constants the tests and
+    scripts/parity_report.py read (shared_config/parity.py, the sharded tests' and the finite-difference oracle's):
+    each row, found by the start of its "what" cell, quotes each of its bounds."""
+    import inspect
+
+    from shared_config import parity as p
+
+    from ..support import oracles, parallel_common
+
+    fd_tol = inspect.signature(oracles.finite_difference_errors).parameters["tol"].default
+    bounds = {  # the start of a row's "what" cell: the bounds its "bound" cell must quote
+        "logits, JAX vs torch": [sci(p.FORWARD_TOL)],
+        "imported Hugging Face model": [sci(p.FORWARD_TOL)],
+        "cached decoding": [sci(p.FORWARD_TOL)],
+        "a row of a left-padded ragged batch": [sci(p.FORWARD_TOL)],
+        "greedy continuations": [sci(p.FORWARD_TOL)],
+        "loss, JAX vs torch": [sci(p.LOSS_TOL)],
+        "gradient of every canonical tensor": [sci(p.GRAD_TOL)],
+        "gradients of both twins vs float64 central differences": [sci(fd_tol)],
+        "100 AdamW steps": [sci(p.TRAJ_LOSS_TOL)],
+        "... the final parameters": [sci(p.TRAJ_PARAM_TOL)],
+        "sharded JAX": [sci(parallel_common.TOL), sci(parallel_common.GLA_STATE_TOL)],
+        "a sharded run's checkpoint": [sci(p.FORWARD_TOL)],
+        "bf16 compute: per-token KL": [sci(p.BF16_KL_MEAN), sci(p.BF16_KL_MAX)],
+        "bf16 compute: top-1 agreement": [f"{p.BF16_TOP1:.0%}", sci(p.BF16_LOSS_TOL)],
+        "bf16 compute: each twin's gradients": [sci(p.BF16_GRAD_TOL)],
+        "bf16 compute, 5 AdamW steps": [sci(p.BF16_LOSS_TOL), sci(p.BF16_GRAD_TOL)],
+    }
+    text = (ROOT / "docs" / "parity.md").read_text()
+    rows = [cells for cells in table_rows(text) if len(cells) == 3]
+    wrong = []
+    for start, quoted in bounds.items():
+        matching = [cells for cells in rows if cells[0].startswith(start)]
+        assert len(matching) == 1, (start, len(matching))
+        wrong += [(start, q, matching[0][1]) for q in quoted if not re.search(rf"[≤≥] {re.escape(q)}(?![\d.])",
+                                                                              matching[0][1])]
+    assert not wrong, wrong
+    report = " ".join(text.partition("## Parity report")[2].split())
+    assert f"`FLOOR_FACTOR` ({p.FLOOR_FACTOR}, `shared_config/parity.py`)" in report
+    assert f"`max|Δ| / max|x|` (≤ {sci(p.BF16_FORWARD_TOL)}) and gradients `≤ {sci(p.BF16_GRAD_TOL)}`" in report
+
+
+def test_the_limits_the_docs_quote_are_the_code_constants():
+    """Each number a page quotes from a code constant (the reading limits, temp names, the host devices a mesh may
+    ask for, the compile cache's size, profile_step's steps, the GPU check's budget), at the phrase that quotes it."""
+    from shared_config import cli, compile_cache, files, limits, parallel
+
+    def constant(path: str, name: str):  # a bench module's constant, read without running its imports
+        return int(re.search(rf"^{name} = (\d+)", (ROOT / path).read_text(), re.M).group(1))
+
+    quoted = [  # (page, the phrase as the page writes it, with the constant in it)
+        ("docs/checkpoints.md", f"over {limits.MAX_JSON_BYTES // 2**20} MiB"),
+        ("docs/checkpoints.md", f"YAML over {limits.MAX_YAML_BYTES // 2**20} MiB"),
+        ("docs/checkpoints.md", f"nested deeper than {limits.MAX_NESTING} levels"),
+        ("docs/checkpoints.md", f"more than {limits.MAX_YAML_ALIASES} aliases"),
+        ("docs/checkpoints.md", f"cut to about {limits.MAX_QUOTED} characters, an error line to {cli.MAX_MESSAGE:,}"),
+        ("docs/checkpoints.md", f"NAME cut to {files.MAX_STEM} characters"),
+        ("docs/training.md", f"host devices, at most {parallel.MAX_HOST_DEVICES})"),
+        ("docs/bench.md", f"its size, at most {compile_cache.CACHE_SIZE_BYTES // 2**30} GiB)"),
+        ("docs/bench.md", f"(`--steps`: at most {constant('bench/profile_step.py', 'MAX_STEPS')},"),
+        ("docs/bench.md", f"at most the {constant('bench/gpu_plan.py', 'BUDGET_S')} s budget"),
+        ("docs/bench.md", f"plans of at most {constant('bench/gpu_plan.py', 'BUDGET_S') // 60} minutes each"),
+    ]
+    missing = [(page, phrase) for page, phrase in quoted if phrase not in " ".join((ROOT / page).read_text().split())]
+    assert not missing, missing
