@@ -26,7 +26,7 @@ from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (METRICS_FILE, RUN_FILE, STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
                       load_train_checkpoint, read_state)
-from .spec import ALIASES, CHOICES, ModelSpec, load_spec
+from .spec import ALIASES, CHOICES, ModelSpec, load_spec, spelled
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
@@ -172,7 +172,7 @@ def resolve_run(args) -> Run:
     else:
         refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
         weights = init[0] if init else init_weights(spec, cfg.seed)
-        sets = "".join(f" --set {k}={v}" for k, v in spec_changes.items())  # a --set that reshapes the model
+        sets = "".join(f" --set {k}={spelled(v)}" for k, v in spec_changes.items())  # a --set that reshapes the model
         check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")
         start = partial(fresh_state, weights)
     if args.stop_at is not None and args.stop_at > cfg.steps:  # capped silently, it read as a run stopped early

@@ -118,3 +118,14 @@ def test_a_bench_variant_is_labelled_by_its_values_as_typed():
         labels("d_model=null,96")
     with pytest.raises(UsageError, match="^--sweep qk_norm: true is given twice"):
         labels("qk_norm=true,false,True")
+
+
+def test_an_init_from_set_item_is_named_as_it_was_typed(tmp_path):
+    """`--init-from X --set embed_norm=false` on weights with the embeddings' norm said "with --set
+    embed_norm=False"."""
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path / "a", "--set", "embed_norm=true")
+    with pytest.raises(ValueError, match="with --set embed_norm=false: unexpected keys: model.embed_norm."):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path / "b"), "--init-from",
+                                      str(state.parent), "--set", "embed_norm=false"]))
