@@ -283,6 +283,12 @@ def refuse_file_out(out: Path) -> None:
     check_out_dir("--out", out)
 
 
+def earlier_run_files(out: Path) -> list[str]:
+    """The record (run.json, metrics.jsonl) that a run in `out` left; a tokenizer.json alone may be a user's (a run
+    writes run.json first)."""
+    return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
+
+
 def refuse_used_out(out: Path) -> None:
     """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
     or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
@@ -292,8 +298,7 @@ def refuse_used_out(out: Path) -> None:
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
-    # the run's record; a tokenizer.json alone may be a user's (a run writes run.json first)
-    if earlier := [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]:
+    if earlier := earlier_run_files(out):
         raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
                          f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
                          "a new run there")
@@ -308,6 +313,10 @@ def resumed_checkpoint(args) -> tuple[Path, dict]:
     refuse_file_out(args.out)
     checkpoint = latest_checkpoint(args.out)
     if checkpoint is None:
+        if earlier := earlier_run_files(args.out):  # "run without --resume to start" led to refuse_used_out's refusal
+            raise UsageError(f"{args.out}: no checkpoint to resume: it holds {' and '.join(earlier)} of a run that "
+                             f"wrote none; delete {'them' if len(earlier) > 1 else 'it'} to start a new run there, or "
+                             "pass another --out")
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")
