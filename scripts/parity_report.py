@@ -29,6 +29,7 @@ from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.formats.checks import check_weights
 from shared_config.progress import progress as progress_bar
 from shared_config.report import report_on_stdout, write_report
+from shared_config.spec import spelled
 from shared_config.resources import check_memory, report_bytes
 from shared_config.run import SPEC_KEYS, check_train_memory
 from shared_config.twins import twin
@@ -338,7 +339,7 @@ def prepare_and_report(args):
         changes["compute_dtype"] = args.dtype
     spec = spec.replace(**changes)
     if args.weights and changes:  # a --set that changes the model's tensors: "weights: unexpected keys" named neither
-        sets = "".join(f" --set {k}={v}" for k, v in changes.items())  # --dtype's as its --set
+        sets = "".join(f" --set {k}={spelled(v)}" for k, v in changes.items())  # --dtype's as its --set
         check_weights(weights, spec, f"--weights {args.weights} with{sets}")
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")

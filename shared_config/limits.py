@@ -211,6 +211,12 @@ class BoundedLoader(yaml.SafeLoader):
                                     "which value is meant?", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def flatten_mapping(self, node):
+        """`<<` merges, their keys read as written too (as construct_mapping reads the mapping's own): merged after
+        that, `<<: {null: 3}` was "unknown spec key 'None'"."""
+        super().flatten_mapping(node)
+        node.value = [(as_text(key_node), value_node) for key_node, value_node in node.value]
+
     def construct_object(self, node, deep=False):
         """A value its explicit tag cannot read (`--set 'd_model=!!int 96.0'`, `!!float abc`, `!!bool maybe`) is a
         ConstructorError naming the tag and the value: it was the constructor's ValueError, KeyError or

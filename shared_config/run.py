@@ -26,7 +26,7 @@ from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (METRICS_FILE, RUN_FILE, STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
                       load_train_checkpoint, read_state)
-from .spec import ALIASES, CHOICES, ModelSpec, load_spec
+from .spec import ALIASES, CHOICES, ModelSpec, load_spec, spelled
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py
@@ -172,7 +172,7 @@ def resolve_run(args) -> Run:
     else:
         refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
         weights = init[0] if init else init_weights(spec, cfg.seed)
-        sets = "".join(f" --set {k}={v}" for k, v in spec_changes.items())  # a --set that reshapes the model
+        sets = "".join(f" --set {k}={spelled(v)}" for k, v in spec_changes.items())  # a --set that reshapes the model
         check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")
         start = partial(fresh_state, weights)
     if args.stop_at is not None and args.stop_at > cfg.steps:  # capped silently, it read as a run stopped early
@@ -283,6 +283,12 @@ def refuse_file_out(out: Path) -> None:
     check_out_dir("--out", out)
 
 
+def earlier_run_files(out: Path) -> list[str]:
+    """The record (run.json, metrics.jsonl) that a run in `out` left; a tokenizer.json alone may be a user's (a run
+    writes run.json first)."""
+    return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
+
+
 def refuse_used_out(out: Path) -> None:
     """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
     or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
@@ -292,8 +298,7 @@ def refuse_used_out(out: Path) -> None:
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
-    # the run's record; a tokenizer.json alone may be a user's (a run writes run.json first)
-    if earlier := [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]:
+    if earlier := earlier_run_files(out):
         raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
                          f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
                          "a new run there")
@@ -308,6 +313,10 @@ def resumed_checkpoint(args) -> tuple[Path, dict]:
     refuse_file_out(args.out)
     checkpoint = latest_checkpoint(args.out)
     if checkpoint is None:
+        if earlier := earlier_run_files(args.out):  # "run without --resume to start" led to refuse_used_out's refusal
+            raise UsageError(f"{args.out}: no checkpoint to resume: it holds {' and '.join(earlier)} of a run that "
+                             f"wrote none; delete {'them' if len(earlier) > 1 else 'it'} to start a new run there, or "
+                             "pass another --out")
         raise UsageError(f"{args.out}: no checkpoint to resume (run without --resume to start)")
     if args.init_from:
         raise UsageError("--init-from starts a new run and --resume continues one: pass one of them")

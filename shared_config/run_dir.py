@@ -117,6 +117,7 @@ def read_state(path: str | Path) -> dict:
     for key, least in CADENCE_MIN.items():
         if key in cadence:
             _check_count(state_file, f"cadence {key}", cadence[key], least)
+    filled(info)
     if "spec" in info:
         state_spec = spec_from_json(json_text(info["spec"]), state_file, "spec")
         if "spec" not in (metadata := _metadata(path / WEIGHTS_FILE)):  # it said "got None", a null no file held
@@ -139,6 +140,19 @@ def read_state(path: str | Path) -> dict:
                               f"{quote(info['train_config'].get('seed'))}")
     check_run_json(path.parent / RUN_FILE, info, state_file)
     return info
+
+
+def filled(record: dict) -> None:
+    """`record`'s spec and train_config (state.json's, run.json's) with every key they lack set to its default: a
+    run written before a key existed computed with that default, and a resume compares it with the key's value now
+    (a missing embed_norm read as null refused every resume of such a run). A spec or config the dataclass refuses
+    is left as it is, for its check to name."""
+    for part, cls in (("spec", ModelSpec), ("train_config", TrainConfig)):
+        if isinstance(record.get(part), dict):
+            try:
+                record[part] = {**cls.from_dict(record[part]).to_dict(), **record[part]}
+            except ValueError:
+                pass
 
 
 def check_resumed_config(state_file: Path, info: dict) -> None:
@@ -172,6 +186,7 @@ def check_run_json(run_json: Path, info: dict, state_file: Path) -> None:
     if not run_json.exists():  # a FIFO or device in its place is refused by read_json
         return
     run = read_json(run_json)
+    filled(run)
     for key in ("spec", "train_config", "data"):
         if key not in info:
             continue

@@ -201,7 +201,7 @@ class ModelSpec:
     def differences(self, required: Mapping[str, Any]) -> list[str]:
         """`key=value` for each field whose value is not the one `required` gives it (what another
         implementation, Hugging Face's Llama or flash-linear-attention's GLA, cannot compute)."""
-        return [f"{k}={getattr(self, k)}" for k, v in required.items() if getattr(self, k) != v]
+        return [f"{k}={spelled(getattr(self, k))}" for k, v in required.items() if getattr(self, k) != v]
 
     def replace(self, **changes) -> ModelSpec:
         """The spec with `changes`; `n_kv_heads` and `head_dim` left unset stay derived (n_heads=4 changes head_dim)."""
@@ -212,6 +212,12 @@ class ModelSpec:
         """The spec of a mapping of YAML keys; SpecError for an unknown key (with the nearest known one), a wrong
         type or a broken rule."""
         return from_mapping(cls, d, "spec")
+
+
+def spelled(value) -> str:
+    """A spec value as `key=value` writes it in a message, as a spec file or --set item spells it: `true`, `false`,
+    `null` (Python's True named an option the user sets as `embed_norm=false`)."""
+    return "null" if value is None else ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _check_rules(s: ModelSpec) -> None:

@@ -139,5 +139,5 @@ def test_fla_export_refuses_options_by_name_from_the_command_line(tmp_path):
                                                                              embed_norm=True))
     result = run_script("convert", src, tmp_path / "m-fla", "--to", "fla")
     one_line_error(result, "no flash-linear-attention GLA equivalent for", "norm_type=dyt", "gla_gate_rank=8",
-                   "embed_norm=True")
+                   "embed_norm=true", "qk_norm=false")
     assert not (tmp_path / "m-fla").exists()

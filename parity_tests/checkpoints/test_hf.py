@@ -132,11 +132,12 @@ def test_export_refuses_every_option_without_a_hugging_face_equivalent(tmp_path)
         config_from_spec(spec, tmp_path / "hf")
     msg = str(e.value)
     assert msg.startswith(f"{tmp_path / 'hf'}: no Hugging Face equivalent for ")
-    for option in ("norm_type=dyt", "norm_placement=peri", "embed_scale=learnable", "embed_norm=True",
+    for option in ("norm_type=dyt", "norm_placement=peri", "embed_scale=learnable", "embed_norm=true",
                    "position=learned", "mlp=gelu"):
         assert option in msg
     assert "norm_bias" not in msg.split(" (")[0]  # only the offending options are listed
-    with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for norm_bias=True \("):
+    assert "norm_bias=false, embed_scale=none, embed_norm=false" in msg  # as a spec file spells them, not Python
+    with pytest.raises(CheckpointError, match=r"no Hugging Face equivalent for norm_bias=true \("):
         config_from_spec(make_spec(norm_bias=True), tmp_path / "hf")
 
 

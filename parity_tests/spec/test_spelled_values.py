@@ -37,6 +37,17 @@ def test_a_key_that_yaml_reads_as_another_type_is_named_as_the_file_writes_it(wr
         load(str(path))
 
 
+@pytest.mark.parametrize("written", ["null", "true", "0x10"])
+@pytest.mark.parametrize("merged", ["<<: {{{key}: 3}}\n", "<<: [{{vocab_size: 257}}, {{{key}: 3}}]\n"])
+def test_a_merged_key_is_named_as_the_file_writes_it(written, merged, tmp_path):
+    """A key merged in (`<<: {null: 3}`, `<<: [*base, {0x10: 3}]`) was read by YAML's types after the file's own keys
+    were read as written: "unknown spec key 'None'", "'16'"."""
+    path = tmp_path / "config.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in BASE.items()) + merged.format(key=written))
+    with pytest.raises(SpecError, match=f"unknown spec key '{re.escape(written)}'"):
+        load_spec(str(path))
+
+
 @pytest.mark.parametrize("item, says", [
     ("lr=null", "lr=null must be a finite number"), ("steps=true", "steps=true must be an integer"),
     ("norm_type=false", "norm_type=false must be one of"), ("qk_norm=null", "qk_norm=null must be true or false"),
@@ -107,3 +118,14 @@ def test_a_bench_variant_is_labelled_by_its_values_as_typed():
         labels("d_model=null,96")
     with pytest.raises(UsageError, match="^--sweep qk_norm: true is given twice"):
         labels("qk_norm=true,false,True")
+
+
+def test_an_init_from_set_item_is_named_as_it_was_typed(tmp_path):
+    """`--init-from X --set embed_norm=false` on weights with the embeddings' norm said "with --set
+    embed_norm=False"."""
+    from shared_config.run import resolve_run
+
+    train, state = started(tmp_path / "a", "--set", "embed_norm=true")
+    with pytest.raises(ValueError, match="with --set embed_norm=false: unexpected keys: model.embed_norm."):
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path / "b"), "--init-from",
+                                      str(state.parent), "--set", "embed_norm=false"]))

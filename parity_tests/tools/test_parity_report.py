@@ -138,7 +138,9 @@ def test_a_set_that_contradicts_an_option_or_the_weights_is_named(report, weight
     for args, says in ((["--spec", "tiny", "--dtype", "float32", "--set", "compute_dtype=bfloat16"],
                         "--dtype float32 and --set compute_dtype=bfloat16: --dtype is shorthand"),
                        (["--weights", weights_file, "--set", "n_layers=2"],
-                        f"--weights {weights_file} with --set n_layers=2: unexpected keys: model.layers.2.")):
+                        f"--weights {weights_file} with --set n_layers=2: unexpected keys: model.layers.2."),
+                       (["--weights", weights_file, "--set", "embed_norm=true"],  # as typed, not "embed_norm=True"
+                        f"--weights {weights_file} with --set embed_norm=true: missing keys: model.embed_norm.")):
         with pytest.raises(SystemExit) as e:
             run(report.main, args)
         err = capsys.readouterr().err

@@ -353,6 +353,9 @@ def test_a_fresh_run_refuses_an_out_holding_an_earlier_runs_files(tmp_path, monk
                                          "no checkpoint \\(nothing to --resume\\): pass another --out, or delete them "
                                          "to start a new run there$"):
         resolve_run(train.parse_args(fresh))
+    with pytest.raises(UsageError, match=f"^{at(out)}: no checkpoint to resume: it holds run.json and metrics.jsonl of "
+                                         "a run that wrote none; delete them to start a new run there"):
+        resolve_run(train.parse_args([*fresh, "--resume"]))  # "run without --resume to start" led to the above
     (out / "run.json").unlink()
     with pytest.raises(UsageError, match="holds metrics.jsonl of an earlier run, .* or delete it to start"):
         resolve_run(train.parse_args(fresh))

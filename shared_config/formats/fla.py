@@ -19,7 +19,7 @@ from ..files import CheckpointError, atomic_dir, atomic_write, json_text, read_j
 from ..layout import layout
 from ..limits import quote
 from ..config_file import SpecError
-from ..spec import ModelSpec, load_spec
+from ..spec import ModelSpec, load_spec, spelled
 from .checks import check_size, check_weights, held_params, resolve_spec, spec_from_metadata, without_tied_copy
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors
@@ -80,7 +80,7 @@ def unsupported_options(spec: ModelSpec) -> list[str]:
 def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
     """config.json of the `GLAForCausalLM` computing exactly `spec`; refuses what it cannot compute, by name."""
     if bad := unsupported_options(spec):
-        need = ", ".join(f"{k}={v}" for k, v in FLA_SPEC.items())
+        need = ", ".join(f"{k}={spelled(v)}" for k, v in FLA_SPEC.items())
         raise CheckpointError(f"{path}: no flash-linear-attention GLA equivalent for {', '.join(bad)} "
                               f"(it needs {need})")
     d = spec.to_dict()

@@ -18,7 +18,7 @@ from ..files import CheckpointError, atomic_dir, json_text, read_json
 from ..layout import group_names
 from ..limits import quote
 from ..config_file import SpecError
-from ..spec import ModelSpec, load_spec
+from ..spec import ModelSpec, load_spec, spelled
 from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
@@ -78,7 +78,7 @@ def unsupported_options(spec: ModelSpec) -> list[str]:
 def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
     """config.json of the Llama (Qwen3 if qk_norm) model computing exactly `spec`; refuses what HF cannot compute."""
     if bad := unsupported_options(spec):
-        need = ", ".join(f"{k}={v}" for k, v in HF_SPEC.items())
+        need = ", ".join(f"{k}={spelled(v)}" for k, v in HF_SPEC.items())
         raise CheckpointError(f"{path}: no Hugging Face equivalent for {', '.join(bad)} (Llama and Qwen3 need {need})")
     d, model_type = spec.to_dict(), "qwen3" if spec.qk_norm else "llama"
     if model_type == "llama" and spec.D % spec.H:  # LlamaConfig.validate_architecture; Qwen3Config has no such rule
