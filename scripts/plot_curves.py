@@ -14,7 +14,8 @@ from pathlib import Path
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, printable, run
 from shared_config.curves import plot
 from shared_config.limits import quote
-from shared_config.run_dir import METRICS_FILE, read_metrics
+from shared_config.run_dir import METRICS_FILE
+from shared_config.metrics import read_metrics
 
 PLOTTED = ("step", "loss", "val_loss", "grad_norm", "entropy")  # the numbers of a record the curves read
 

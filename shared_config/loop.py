@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from .data import TOKEN_DTYPES
 from .layout import flat_taps, layout
+from .metrics import append_metrics, truncate_metrics
 from .progress import advance, progress, restart_clock, writing
 from .run import Run, is_main_process
 from .run_dir import (
-    CADENCE_MIN, METRICS_FILE, MOMENTS, append_metrics, checkpoint_name, checkpoint_step, copy_tokenizer,
-    latest_checkpoint, list_checkpoints, load_train_checkpoint, prune_checkpoints, record_invocation,
-    save_train_checkpoint, truncate_metrics, write_run_info,
+    CADENCE_MIN, METRICS_FILE, MOMENTS, checkpoint_name, checkpoint_step, copy_tokenizer, latest_checkpoint,
+    list_checkpoints, load_train_checkpoint, prune_checkpoints, record_invocation, save_train_checkpoint,
+    write_run_info,
 )
 
 

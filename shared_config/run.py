@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cli import UsageError, check_out_dir, check_shorthands
+from .cli import UsageError, check_shorthands
 from .config_file import SpecError, check_keys, check_type, parse_overrides
 from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
@@ -24,8 +24,8 @@ from .init import init_weights
 from .limits import quote
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (METRICS_FILE, RUN_FILE, STATE_FILE, checkpoint_step, foreign_files, invocation, latest_checkpoint,
-                      load_train_checkpoint, read_state)
+from .run_dir import (STATE_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
+                      load_train_checkpoint, read_state, refuse_file_out, refuse_used_out)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec, spelled
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -276,36 +276,6 @@ def check_train_memory(spec: ModelSpec, cfg: TrainConfig, lower: str) -> None:
     check_memory(train_bytes(spec, cfg.batch_size, cfg.seq_len, **memory),
                  f"training {spec.L} layers of d_model {spec.D}, vocab {spec.V:,} at batch {cfg.batch_size} x seq "
                  f"{cfg.seq_len}", lower)
-
-
-def refuse_file_out(out: Path) -> None:
-    """A run directory that cannot be made (a file on its path, no write permission) is refused before any work."""
-    check_out_dir("--out", out)
-
-
-def earlier_run_files(out: Path) -> list[str]:
-    """The record (run.json, metrics.jsonl) that a run in `out` left; a tokenizer.json alone may be a user's (a run
-    writes run.json first)."""
-    return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
-
-
-def refuse_used_out(out: Path) -> None:
-    """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
-    or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
-    deleted with it by the other tools' --force (which replace a directory of their own kind), and one written over
-    the run.json and metrics.jsonl of a run that stopped before its first checkpoint (a non-finite step, a kill)
-    replaced that run's record and cut its metrics, without a word."""
-    refuse_file_out(out)
-    if latest_checkpoint(out) is not None:
-        raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
-    if earlier := earlier_run_files(out):
-        raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
-                         f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
-                         "a new run there")
-    if others := foreign_files(out):
-        raise UsageError(f"{out} is not a run directory (it holds {quote(others[0])}"
-                         f"{f' and {len(others) - 1:,} other files' if len(others) > 1 else ''}): pass a new or empty "
-                         "--out")
 
 
 def resumed_checkpoint(args) -> tuple[Path, dict]:

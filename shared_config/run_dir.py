@@ -1,4 +1,5 @@
-"""A training run's directory (numpy only): checkpoints that either twin resumes, and metrics.
+"""A training run's directory (numpy only): checkpoints that either twin resumes, and the --out a fresh run may
+write into; its metrics.jsonl is shared_config/metrics.py's.
 
     OUT/run.json                  spec, train config, data and command of the run, written at its start; every
                                   invocation (command, backend, start step, time, versions) in "invocations"
@@ -19,23 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .data import TOKEN_DTYPES
+from .cli import UsageError, check_out_dir
 from .config_file import SpecError
 from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
 from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
 from .layout import layout
-from .limits import MAX_JSON_BYTES, LimitError, open_regular, parse_json, quote
+from .limits import quote
 from .report import versions
 from .resources import ResourceError
 from .spec import ModelSpec
@@ -282,62 +283,6 @@ def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
     atomic_write(Path(out) / TOKENIZER_FILE, lambda tmp: Path(tmp).write_bytes(text))
 
 
-def append_metrics(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append one JSON line per record (whole lines, flushed, so a reader never sees half a record)."""
-    text = "".join(json_text(r) + "\n" for r in records)
-    if text:
-        with write_errors(Path(path)), open(path, "a") as f:
-            f.write(text)
-            f.flush()
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, read line by line; a last line cut short by a crash is skipped.
-
-    Any other line that is not a JSON object with an integer "step" is a CheckpointError naming the line:
-    a resumed run rewrites the file, and must not drop or choke on what it cannot read. A null (how
-    files.json_text writes a non-finite number) reads back as NaN.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    records, cut = [], None  # cut: the number of a line that is not JSON, allowed only as the last line
-    try:
-        f = open_regular(path, "metrics file")
-    except (OSError, LimitError) as e:
-        raise CheckpointError(str(e) if isinstance(e, LimitError) else f"{path}: cannot read: {e.strerror}") from None
-    with f:
-        # readline with a bound: iterating the file read a hostile line whole (a 10 GB file without a newline)
-        for number, line in enumerate(iter(lambda: f.readline(MAX_JSON_BYTES + 1), b""), 1):
-            if not line.strip():
-                continue
-            if cut is not None:
-                raise CheckpointError(f"{path}: line {cut}: not valid JSON (and not the last line, cut by a crash)")
-            if len(line) > MAX_JSON_BYTES:
-                raise CheckpointError(f"{path}: line {number} is over the {MAX_JSON_BYTES:,}-byte limit")
-            try:
-                record = parse_json(line)
-            except LimitError as e:
-                raise CheckpointError(f"{path}: line {number}: {e}") from None
-            except ValueError:
-                cut = number
-                continue
-            if not isinstance(record, dict):
-                raise CheckpointError(f"{path}: line {number}: a JSON object is expected, got {quote(record)}")
-            if "step" in record and (not isinstance(record["step"], int) or isinstance(record["step"], bool)):
-                raise CheckpointError(f"{path}: line {number}: step must be an integer, got {quote(record['step'])}")
-            records.append(_null_to_nan(record))
-    return records
-
-
-def _null_to_nan(record: dict) -> dict:
-    """A metrics record with the nulls `json_text` wrote for non-finite numbers read back as NaN (also inside its
-    "scalars"), so that a diverged run's record reads as it was logged. "scalars" itself is a mapping, never a
-    number: a null there stays null, refused as such (plot_curves said "got nan")."""
-    return {k: math.nan if v is None and k != "scalars" else _null_to_nan(v) if isinstance(v, dict) else v
-            for k, v in record.items()}
-
-
 @contextlib.contextmanager
 def lock_run(out: str | Path) -> Iterator[None]:
     """Hold the run directory `out` (created if need be) for this process alone: an exclusive `flock` on
@@ -377,6 +322,36 @@ def remove_run_files(out: str | Path, before: dict[str, tuple[int, int]]) -> Non
             (Path(out) / name).unlink(missing_ok=True)
 
 
+def refuse_file_out(out: Path) -> None:
+    """A run directory that cannot be made (a file on its path, no write permission) is refused before any work."""
+    check_out_dir("--out", out)
+
+
+def earlier_run_files(out: Path) -> list[str]:
+    """The record (run.json, metrics.jsonl) that a run in `out` left; a tokenizer.json alone may be a user's (a run
+    writes run.json first)."""
+    return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
+
+
+def refuse_used_out(out: Path) -> None:
+    """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
+    or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
+    deleted with it by the other tools' --force (which replace a directory of their own kind), and one written over
+    the run.json and metrics.jsonl of a run that stopped before its first checkpoint (a non-finite step, a kill)
+    replaced that run's record and cut its metrics, without a word."""
+    refuse_file_out(out)
+    if latest_checkpoint(out) is not None:
+        raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
+    if earlier := earlier_run_files(out):
+        raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
+                         f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
+                         "a new run there")
+    if others := foreign_files(out):
+        raise UsageError(f"{out} is not a run directory (it holds {quote(others[0])}"
+                         f"{f' and {len(others) - 1:,} other files' if len(others) > 1 else ''}): pass a new or empty "
+                         "--out")
+
+
 def foreign_files(out: str | Path) -> list[str]:
     """The names in `out` that no run writes (sorted; [] for a directory that does not exist): what a fresh run must
     not write beside. A run's own: run.json, metrics.jsonl, tokenizer.json, the lock, checkpoints and temp files."""
@@ -397,11 +372,3 @@ def recover_run_dir(out: str | Path) -> None:
             recover(out / path.name[1:].removesuffix(".old"))
     for name in {p.name[1:].removesuffix(".tmp").rsplit(".", 2)[0] for p in out.glob(".*.*.*.tmp")}:
         recover(out / name)  # temps are named .NAME.PID.RANDOM.tmp
-
-
-def truncate_metrics(path: str | Path, step: int) -> None:
-    """Keep the records up to `step` (a resumed run logs the steps after its checkpoint again)."""
-    path = Path(path)
-    if path.exists():  # a FIFO or device in its place is refused by read_metrics, never appended to
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json_text(r) + "\n" for r in kept)))

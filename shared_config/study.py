@@ -22,7 +22,8 @@ from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
                   with_changes)
-from .run_dir import METRICS_FILE, lock_run, read_metrics
+from .run_dir import METRICS_FILE, lock_run
+from .metrics import read_metrics
 from .spec import ModelSpec
 from .train_config import load_train_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shared_config.formats
-from shared_config import CheckpointError, run_dir
+from shared_config import CheckpointError, metrics
 from shared_config.cli import UsageError, run as cli_run
 from shared_config.resources import ResourceError
 
@@ -220,20 +220,20 @@ def test_init_checkpoint_arguments_numpy_would_choke_on(tmp_path):
                                         ('{"step": "x"}', "step must be an integer, got 'x'"),
                                         ("not json", "not valid JSON .and not the last line")])
 def test_metrics_lines_that_are_not_records_are_named(tmp_path, line, says):
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text(f'{{"step": 1}}\n{line}\n{{"step": 2}}\n')
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 1}}\n{line}\n{{"step": 2}}\n')
     with pytest.raises(CheckpointError, match=f"metrics.jsonl: line 2: {says}"):
-        run_dir.truncate_metrics(metrics, 1)
-    metrics.write_text('{"step": 1}\n{"step": 2, "lo')  # a last line cut by a crash: skipped
-    assert run_dir.read_metrics(metrics) == [{"step": 1}]
+        metrics.truncate_metrics(path, 1)
+    path.write_text('{"step": 1}\n{"step": 2, "lo')  # a last line cut by a crash: skipped
+    assert metrics.read_metrics(path) == [{"step": 1}]
 
 
 def test_a_metrics_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
     """Iterating the file read a line whole before checking its length: a file without newlines, all of it."""
-    monkeypatch.setattr(run_dir, "MAX_JSON_BYTES", 2**20)
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_bytes(b'{"step": 1}\n' + b"x" * (16 * 2**20))
-    raised, peak = peak_memory(lambda: run_dir.read_metrics(metrics))
+    monkeypatch.setattr(metrics, "MAX_JSON_BYTES", 2**20)
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n' + b"x" * (16 * 2**20))
+    raised, peak = peak_memory(lambda: metrics.read_metrics(path))
     assert isinstance(raised, CheckpointError) and "line 2 is over the 1,048,576-byte limit" in str(raised), raised
     assert peak < 4 * 2**20, peak
 

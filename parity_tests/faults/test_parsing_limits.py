@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import shared_config.formats
 import shared_config.limits
-from shared_config import CheckpointError, SpecError, load_spec, run_dir
+from shared_config import CheckpointError, SpecError, load_spec, metrics, run_dir
 from shared_config.cli import fail
 from shared_config.limits import MAX_NESTING, MAX_YAML_BYTES
 from shared_config.train_config import load_train_config
@@ -57,7 +57,7 @@ def test_json_nested_deeper_than_the_limit_is_refused_in_every_reader(tmp_path, 
         run_dir.read_state(run / "step-00000001")
     (run / "metrics.jsonl").write_text('{"step": 1}\n' + DEEP_JSON + "\n")
     with pytest.raises(CheckpointError, match="metrics.jsonl: line 2: JSON nested deeper"):
-        run_dir.read_metrics(run / "metrics.jsonl")
+        metrics.read_metrics(run / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("text, says", [(DEEP_YAML, f"YAML nested deeper than {MAX_NESTING} levels"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_config import CheckpointError, init_weights, run_dir
+from shared_config import CheckpointError, init_weights, metrics, run_dir
 from shared_config.train_config import load_train_config
 
 from ..support.common import fla_dir, load_script, make_spec, one_line, run_script
@@ -103,7 +103,7 @@ def test_a_fifo_where_a_run_file_is_expected_is_refused_without_blocking(tmp_pat
     fifo = (path / name).resolve()
     fifo.unlink()
     os.mkfifo(fifo)
-    read = run_dir.read_metrics if name.endswith("jsonl") else run_dir.load_train_checkpoint
+    read = metrics.read_metrics if name.endswith("jsonl") else run_dir.load_train_checkpoint
     raised = _refused_without_blocking(lambda: read(fifo if name.endswith("jsonl") else path), fifo)
     assert isinstance(raised, CheckpointError) and f"{fifo}: is a FIFO, not a regular" in str(raised), raised
 

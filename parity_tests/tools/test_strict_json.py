@@ -10,7 +10,7 @@ import numpy as np
 
 from shared_config.files import json_text
 from shared_config.report import report_on_stdout, write_report
-from shared_config.run_dir import append_metrics, read_metrics
+from shared_config.metrics import append_metrics, read_metrics
 
 from .test_house import MODULES
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from shared_config.cli import UsageError
-from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint, read_metrics
+from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint
+from shared_config.metrics import read_metrics
 
 from ..support.common import load_script, one_line_error, quick_first, run_script
 from .test_odd_input import error_line

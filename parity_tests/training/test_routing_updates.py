@@ -138,7 +138,7 @@ def test_train_loop_reports_the_causal_validation_loss_and_top_k_beside_it(backe
 
     from shared_config.loop import Loop, trainer_factory
     from shared_config.run import resolve_run
-    from shared_config.run_dir import read_metrics
+    from shared_config.metrics import read_metrics
     from shared_config.twins import twin
 
     from .test_train_loop import SMALL, T

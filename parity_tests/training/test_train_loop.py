@@ -15,7 +15,8 @@ from shared_config import layout, loop
 from shared_config.loop import Loop, NonFiniteError, first_nonfinite, trainer_factory
 from shared_config.parity import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL, max_rel
 from shared_config.run import resolve_run
-from shared_config.run_dir import list_checkpoints, load_train_checkpoint, read_metrics
+from shared_config.run_dir import list_checkpoints, load_train_checkpoint
+from shared_config.metrics import read_metrics
 from shared_config.twins import twin
 
 from ..support.common import load_script, quick_first

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared_config.run_dir import read_metrics
+from shared_config.metrics import read_metrics
 
 from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python, run_script
 from ..support.parallel_common import free_port
