@@ -170,7 +170,8 @@ def resolve_run(args) -> Run:
             print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
         start = partial(checkpoint_state, checkpoint)
     else:
-        refuse_used_out(args.out)  # after the inputs: the first error a user sees is the real one
+        # after the inputs, the first error a user sees is the real one; process 0's run.json is this run's own
+        refuse_used_out(args.out, records=is_main_process())
         weights = init[0] if init else init_weights(spec, cfg.seed)
         sets = "".join(f" --set {k}={spelled(v)}" for k, v in spec_changes.items())  # a --set that reshapes the model
         check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")

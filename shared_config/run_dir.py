@@ -333,16 +333,17 @@ def earlier_run_files(out: Path) -> list[str]:
     return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
 
 
-def refuse_used_out(out: Path) -> None:
+def refuse_used_out(out: Path, records: bool = True) -> None:
     """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
     or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
     deleted with it by the other tools' --force (which replace a directory of their own kind), and one written over
     the run.json and metrics.jsonl of a run that stopped before its first checkpoint (a non-finite step, a kill)
-    replaced that run's record and cut its metrics, without a word."""
+    replaced that run's record and cut its metrics, without a word. `records`: whether run.json and metrics.jsonl
+    count, false on a torchrun's or JAX run's other processes, which start while process 0 writes this run's own."""
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
-    if earlier := earlier_run_files(out):
+    if records and (earlier := earlier_run_files(out)):
         raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
                          f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
                          "a new run there")

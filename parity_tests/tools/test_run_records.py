@@ -356,6 +356,9 @@ def test_a_fresh_run_refuses_an_out_holding_an_earlier_runs_files(tmp_path, monk
     with pytest.raises(UsageError, match=f"^{at(out)}: no checkpoint to resume: it holds run.json and metrics.jsonl of "
                                          "a run that wrote none; delete them to start a new run there"):
         resolve_run(train.parse_args([*fresh, "--resume"]))  # "run without --resume to start" led to the above
+    with monkeypatch.context() as m:  # a torchrun's other rank starts while rank 0 writes this run's own run.json
+        m.setenv("RANK", "1"), m.setenv("WORLD_SIZE", "2")
+        assert resolve_run(train.parse_args(fresh)).out == out
     (out / "run.json").unlink()
     with pytest.raises(UsageError, match="holds metrics.jsonl of an earlier run, .* or delete it to start"):
         resolve_run(train.parse_args(fresh))
