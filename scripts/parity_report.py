@@ -29,7 +29,7 @@ from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.formats.checks import check_weights
 from shared_config.progress import progress as progress_bar
 from shared_config.report import report_on_stdout, write_report
-from shared_config.spec import spelled
+from shared_config.limits import spelled
 from shared_config.resources import check_memory, report_bytes
 from shared_config.run import SPEC_KEYS, check_train_memory
 from shared_config.twins import twin

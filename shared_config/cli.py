@@ -26,7 +26,7 @@ from .data import DataError
 from .files import CheckpointError
 from .hardware import HardwareError, jax_backend_failure
 from .report import partial_report
-from .limits import LimitError, quote, shorten_numbers
+from .limits import LimitError, quote, shorten_numbers, spelled
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
 from .parallel import process_index
@@ -275,8 +275,7 @@ def no_repeats(flag: str, items: list) -> list:
     rows, labelled alike, overwrote or shadowed each other in the report."""
     for i, x in enumerate(items):
         if x in items[:i]:  # any value, also a false one (0, '')
-            shown = quote(x) if x is None or isinstance(x, bool) else quote(str(x))[1:-1]  # `true`, as typed
-            raise UsageError(f"{flag}: {shown} is given twice")
+            raise UsageError(f"{flag}: {quote(spelled(x))[1:-1]} is given twice")  # `true`, as typed
     return items
 
 

@@ -90,6 +90,13 @@ def quote(value: Any) -> str:
     return _repr.repr(value)
 
 
+def spelled(value) -> str:
+    """A value as a spec file, a `--set key=value` item or a list option spells it in a message: `true`, `false`,
+    `null`, text and numbers as typed, unquoted and whole (`quote(spelled(x))[1:-1]` shortens it like `quote`).
+    Python's True named an option the user sets as `embed_norm=false`."""
+    return "null" if value is None else ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
                  stat.S_IFSOCK: "a socket"}
 

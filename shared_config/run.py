@@ -21,12 +21,12 @@ from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, rea
 from .files import CheckpointError
 from .formats.checks import check_weights
 from .init import init_weights
-from .limits import quote
+from .limits import quote, spelled
 from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (STATE_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
                       load_train_checkpoint, read_state, refuse_file_out, refuse_used_out)
-from .spec import ALIASES, CHOICES, ModelSpec, load_spec, spelled
+from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
 BACKENDS = ("jax", "torch")  # the twins that train: jax_model and torch_model, each through its trainer.py

@@ -17,6 +17,7 @@ import numpy as np
 
 from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, SpecError, check_float32, check_type, from_mapping,
                           load_preset_or_file, yaml_names)
+from .limits import spelled
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -212,12 +213,6 @@ class ModelSpec:
         """The spec of a mapping of YAML keys; SpecError for an unknown key (with the nearest known one), a wrong
         type or a broken rule."""
         return from_mapping(cls, d, "spec")
-
-
-def spelled(value) -> str:
-    """A spec value as `key=value` writes it in a message, as a spec file or --set item spells it: `true`, `false`,
-    `null` (Python's True named an option the user sets as `embed_norm=false`)."""
-    return "null" if value is None else ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _check_rules(s: ModelSpec) -> None:

@@ -17,9 +17,9 @@ import numpy as np
 
 from ..files import CheckpointError, atomic_dir, atomic_write, json_text, read_json
 from ..layout import layout
-from ..limits import quote
+from ..limits import quote, spelled
 from ..config_file import SpecError
-from ..spec import ModelSpec, load_spec, spelled
+from ..spec import ModelSpec, load_spec
 from .checks import check_size, check_weights, held_params, resolve_spec, spec_from_metadata, without_tied_copy
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..files import CheckpointError, atomic_dir, json_text, read_json
 from ..layout import group_names
-from ..limits import quote
+from ..limits import quote, spelled
 from ..config_file import SpecError
-from ..spec import ModelSpec, load_spec, spelled
+from ..spec import ModelSpec, load_spec
 from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
