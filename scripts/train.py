@@ -133,7 +133,7 @@ def main(argv=None):
                 if latest_checkpoint(run.out) != (resumed_checkpoint(args)[0] if args.resume else None):
                     raise ResourceError(f"{run.out}: another process wrote a checkpoint while this run started")
                 if not args.resume:  # another fresh run's files, written (and left) while this one started
-                    refuse_used_out(run.out)
+                    refuse_used_out(run.out, tokenizer=run.data.tokenizer)
             loop, before = None, run_file_ids(run.out)
             try:
                 loop = Loop(run, make_trainer, progress=not args.quiet)

@@ -171,7 +171,7 @@ def resolve_run(args) -> Run:
         start = partial(checkpoint_state, checkpoint)
     else:
         # after the inputs, the first error a user sees is the real one; process 0's run.json is this run's own
-        refuse_used_out(args.out, records=is_main_process())
+        refuse_used_out(args.out, records=is_main_process(), tokenizer=data.tokenizer)
         weights = init[0] if init else init_weights(spec, cfg.seed)
         sets = "".join(f" --set {k}={spelled(v)}" for k, v in spec_changes.items())  # a --set that reshapes the model
         check_weights(weights, spec, f"--init-from {args.init_from}{sets and ' with'}{sets}" if init else "init")

@@ -333,13 +333,15 @@ def earlier_run_files(out: Path) -> list[str]:
     return [name for name in (RUN_FILE, METRICS_FILE) if os.path.lexists(out / name)]
 
 
-def refuse_used_out(out: Path, records: bool = True) -> None:
+def refuse_used_out(out: Path, records: bool = True, tokenizer: Path | None = None) -> None:
     """A fresh run never writes into a run directory that holds checkpoints or an earlier run's files, into a file,
     or into a directory of other files: a run written into a Hugging Face directory or a data directory was then
     deleted with it by the other tools' --force (which replace a directory of their own kind), and one written over
     the run.json and metrics.jsonl of a run that stopped before its first checkpoint (a non-finite step, a kill)
     replaced that run's record and cut its metrics, without a word. `records`: whether run.json and metrics.jsonl
-    count, false on a torchrun's or JAX run's other processes, which start while process 0 writes this run's own."""
+    count, false on a torchrun's or JAX run's other processes, which start while process 0 writes this run's own.
+    `tokenizer`: the data's tokenizer.json, which the run copies to OUT/tokenizer.json: one there that differs (a
+    user's own) is refused, not replaced."""
     refuse_file_out(out)
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
@@ -347,10 +349,22 @@ def refuse_used_out(out: Path, records: bool = True) -> None:
         raise UsageError(f"{out} holds {' and '.join(earlier)} of an earlier run, which wrote no checkpoint (nothing "
                          f"to --resume): pass another --out, or delete {'them' if len(earlier) > 1 else 'it'} to start "
                          "a new run there")
+    mine = out / TOKENIZER_FILE
+    if tokenizer is not None and os.path.lexists(mine) and not same_bytes(mine, tokenizer):
+        raise UsageError(f"{mine} is not the data's tokenizer ({tokenizer}), which a run copies there: pass another "
+                         "--out, or move it away to start a new run there")
     if others := foreign_files(out):
         raise UsageError(f"{out} is not a run directory (it holds {quote(others[0])}"
                          f"{f' and {len(others) - 1:,} other files' if len(others) > 1 else ''}): pass a new or empty "
                          "--out")
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether regular files `a` and `b` hold the same bytes (a link, a directory or a special file at `a` does not:
+    never read; tokenizer.json files are capped where they are read, at MAX_JSON_BYTES)."""
+    if not a.is_file() or a.is_symlink() or a.stat().st_size != b.stat().st_size:
+        return False
+    return a.read_bytes() == b.read_bytes()
 
 
 def foreign_files(out: str | Path) -> list[str]:

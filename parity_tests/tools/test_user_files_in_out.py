@@ -1,0 +1,55 @@
+"""A fresh run never replaces a user's file in its --out: a tokenizer.json there that is not the data's is refused
+(the run copies the data's tokenizer to OUT/tokenizer.json). In process, through train.py's own resolve_run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ..support.common import load_script
+from .test_run_records import SMALL
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over {i % 7} lazy dogs\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory):
+    """A data directory of byte-level BPE ids with its tokenizer.json (scripts/prepare_data.py)."""
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "story.txt").write_text(TEXT)
+    load_script("prepare_data").main([str(root / "story.txt"), "--out", str(root / "data"), "--tokenizer", "bpe",
+                                      "--vocab-size", "300"])
+    return root / "data"
+
+
+def resolve(out, data):
+    from shared_config.run import resolve_run
+
+    return resolve_run(load_script("train").parse_args(["--backend", "torch", "--out", str(out), "--data", str(data),
+                                                        *SMALL]))
+
+
+def test_a_users_tokenizer_in_out_is_refused_not_replaced(tmp_path, bpe_data):
+    """A --out holding only a tokenizer.json of the user's own (no run record: not an earlier run's) was taken as a
+    run directory, and the run copied the data's tokenizer over it without a word."""
+    from shared_config.cli import UsageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"mine": true}')
+    with pytest.raises(UsageError, match=f"^{re.escape(str(out / 'tokenizer.json'))} is not the data's tokenizer "
+                                         f"\\({re.escape(str(bpe_data / 'tokenizer.json'))}\\)"):
+        resolve(out, bpe_data)
+    assert (out / "tokenizer.json").read_text() == '{"mine": true}'
+
+
+def test_the_datas_own_tokenizer_in_out_is_no_refusal(tmp_path, bpe_data):
+    """The same bytes (a run's copy, or the user's copy of the data's tokenizer) are what the run writes anyway; and
+    data without a tokenizer leaves a user's tokenizer.json alone (the run copies nothing there)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_bytes((bpe_data / "tokenizer.json").read_bytes())
+    assert resolve(out, bpe_data).data.tokenizer == bpe_data / "tokenizer.json"
+    (out / "tokenizer.json").write_text('{"mine": true}')
+    assert resolve(out, "synthetic").data.tokenizer is None
