@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, check_model, collect,
-                                      in_float32, left_pad, stop_at_eos)
+                                      in_float32, left_pad, step_uniforms, stop_at_eos)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length, compile_isolated
@@ -108,11 +108,21 @@ def exclusive_cumsum(x_BV):
     return sums_BV
 
 
+def draw(weights_BV, u_B):
+    """The token of each row [B] that a uniform u in [0, 1) picks by inverse CDF from unnormalised weights [B, V] >= 0:
+    the last token of positive weight whose mass before it is <= u times the total. The first positive-weight token
+    is always a candidate and u below 1 never lands past the end nor on a weight of 0; -1 where no weight is positive
+    (NaN). The masses are `exclusive_cumsum`'s: the same float32 roundings in both twins."""
+    above_BV = exclusive_cumsum(weights_BV)
+    total_B1 = above_BV[:, -1:] + weights_BV[:, -1:]
+    candidate_BV = (weights_BV > 0) & (above_BV <= u_B[:, None] * total_B1)
+    return torch.where(candidate_BV, torch.arange(weights_BV.shape[-1], device=weights_BV.device), -1).amax(dim=-1)
+
+
 @torch.no_grad()
-def sample(logits_BV, generator: torch.Generator, temperature: float, top_k: int | None = None,
-           top_p: float | None = None):
+def sample(logits_BV, u_B, temperature: float, top_k: int | None = None, top_p: float | None = None):
     """Next tokens [B] int64: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
-    filtered;
+    filtered, by inverse CDF at the step's uniforms u_B [B] in [0, 1) (`step_uniforms`: the same in both twins);
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
@@ -124,10 +134,8 @@ def sample(logits_BV, generator: torch.Generator, temperature: float, top_k: int
     diff_BV = shifted(logits_BV)
     # 0 and -inf stay as they are: 0 / 0 and -inf / inf are NaN where temperature is 0 or inf in float32
     scaled_BV = torch.where((diff_BV == 0) | (diff_BV == -torch.inf), diff_BV, diff_BV / in_float32(temperature))
-    probs_BV = torch.softmax(filter_logits(scaled_BV, top_k, top_p), dim=-1)
-    # a bad row's probabilities (NaN) are replaced before torch.multinomial, which raises on them
-    probs_BV = torch.where(valid_B[:, None], probs_BV, 1.0)
-    return torch.where(valid_B, torch.multinomial(probs_BV, 1, generator=generator)[:, 0], -1)
+    weights_BV = torch.exp(filter_logits(scaled_BV, top_k, top_p))  # the best tokens' 1 (scaled's max is 0), cut ones 0
+    return torch.where(valid_B, draw(weights_BV, u_B), -1)
 
 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -145,9 +153,10 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
     # The last drawn token is never fed back: the cache needs P + max_new_tokens - 1 slots.
     cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + max_new_tokens - 1, start_B)
     logits_BV, cache = decoder.prefill(tokens_BP, cache)
-    generator = torch.Generator(logits_BV.device).manual_seed(seed)
+    uniforms_TB = step_uniforms(seed, max_new_tokens, len(prompts))
     for step in range(max_new_tokens):
-        next_B = sample(logits_BV, generator, temperature, top_k, top_p).cpu().numpy()
+        next_B = sample(logits_BV, torch.as_tensor(uniforms_TB[step], device=logits_BV.device), temperature, top_k,
+                        top_p).cpu().numpy()
         check_drawn(next_B, step)
         yield next_B
         if step + 1 < max_new_tokens:

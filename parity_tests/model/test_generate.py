@@ -3,7 +3,6 @@ forward tolerance; seeded sampling that respects top-k and top-p; per-row stops 
 
 import re
 
-import jax
 import jax.numpy as jnp
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config.generation import GenerationError
+from shared_config.generation import GenerationError, step_uniforms
 from shared_config.tokens import TokenError
 from torch_model import generate as tg
 
@@ -114,9 +113,10 @@ def test_samples_stay_inside_top_k_and_top_p():
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()
     order = np.argsort(-p)
     top_p_set = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1])
+    u = step_uniforms(0, 1, 4000)[0]
     for top_k, top_p, kept in [(5, None, top5), (None, 0.6, top_p_set)]:
-        j = np.asarray(jg.sample(jnp.asarray(logits), jax.random.key(0), 1.0, top_k, top_p))
-        t = tg.sample(torch.as_tensor(logits), torch.Generator().manual_seed(0), 1.0, top_k, top_p).numpy()
+        j = np.asarray(jg.sample(jnp.asarray(logits), jnp.asarray(u), 1.0, top_k, top_p))
+        t = tg.sample(torch.as_tensor(logits), torch.as_tensor(u), 1.0, top_k, top_p).numpy()
         assert set(j) == kept == set(t)
 
 
