@@ -133,8 +133,12 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
     (dict(prompt_tokens={5, 6}, max_new_tokens=4), "integer ids.*not set"),  # 'set' object is not subscriptable
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=None), "^temperature=None must be"),  # abs()'s TypeError
-    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # JAX ValueError,
-    # torch RuntimeError
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # Philox(None):
+    # fresh entropy from the OS, a sample that never repeats (jax.random and torch.Generator had raised)
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=-1), r"^seed=-1 must be an integer in 0"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=2**32), r"^seed=4294967296 must be"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=1.5), r"^seed=1\.5 must be"),  # numpy's Philox
+    # refuses -1 and 1.5 with a ValueError and a TypeError, and takes 2**32: the range is the twins' rule
     (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
 ])
 def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
