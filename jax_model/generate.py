@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_config.generation import (as_prompts, check_drawn, check_generation, check_model, collect,
-                                      in_float32, left_pad, stop_at_eos)
+from shared_config.generation import (as_prompts, check_drawn, check_generation, check_model, collect, draw_blocks,
+                                      in_float32, left_pad, step_uniforms, stop_at_eos)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length
@@ -111,10 +111,35 @@ def exclusive_cumsum(x_BV):
     return sums_BV
 
 
+def draw(weights_BV, u_B2):
+    """The token of each row [B] drawn from unnormalised weights [B, V] >= 0 at two uniforms u_B2 [B, 2] in [0, 1):
+    a block of `draw_blocks` tokens by the first, a token in it by the second, each by `pick`; -1 where no weight is
+    positive (NaN). Never a token of weight 0."""
+    B, V = weights_BV.shape
+    S, N = draw_blocks(V)
+    w_BNS = jnp.pad(weights_BV, ((0, 0), (0, N * S - V))).reshape(B, N, S)
+    w_XS = w_BNS.reshape(B * N, S)  # X = B·N: one block a row
+    # each block's mass by `exclusive_cumsum`, not a framework sum: the same float32 roundings in both twins
+    mass_BN = (exclusive_cumsum(w_XS)[:, -1] + w_XS[:, -1]).reshape(B, N)
+    n_B = pick(mass_BN, u_B2[:, 0])
+    w_BS = jnp.take_along_axis(w_BNS, jnp.maximum(n_B, 0)[:, None, None], axis=1)[:, 0]  # n = -1 reads block 0
+    return jnp.where(n_B < 0, -1, n_B * S + pick(w_BS, u_B2[:, 1]))
+
+
+def pick(weights_BX, u_B):
+    """The index of each row [B] that a uniform u in [0, 1) picks by inverse CDF from weights [B, X] >= 0: the last
+    of positive weight whose mass before it (`exclusive_cumsum`'s) is <= u times the total. The first positive weight
+    is always a candidate and u below 1 never lands past the end nor on a weight of 0; -1 where none is positive."""
+    above_BX = exclusive_cumsum(weights_BX)
+    total_B1 = above_BX[:, -1:] + weights_BX[:, -1:]
+    candidate_BX = (weights_BX > 0) & (above_BX <= u_B[:, None] * total_B1)
+    return jnp.max(jnp.where(candidate_BX, jnp.arange(weights_BX.shape[-1]), -1), axis=-1)
+
+
 @partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: float | None = None):
+def sample(logits_BV, u_B2, temperature: float, top_k: int | None = None, top_p: float | None = None):
     """Next tokens [B] int32: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
-    filtered;
+    filtered, at the step's uniforms u_B2 [B, 2] in [0, 1) (`step_uniforms`: the same in both twins, see `draw`);
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
@@ -126,7 +151,8 @@ def sample(logits_BV, key, temperature: float, top_k: int | None = None, top_p: 
     diff_BV = shifted(logits_BV)
     # 0 and -inf stay as they are: 0 / 0 and -inf / inf are NaN where temperature is 0 or inf in float32
     scaled_BV = jnp.where((diff_BV == 0) | (diff_BV == -jnp.inf), diff_BV, diff_BV / in_float32(temperature))
-    return jnp.where(valid_B, jax.random.categorical(key, filter_logits(scaled_BV, top_k, top_p), axis=-1), -1)
+    weights_BV = jnp.exp(filter_logits(scaled_BV, top_k, top_p))  # the best tokens' 1 (scaled's max is 0), cut ones 0
+    return jnp.where(valid_B, draw(weights_BV, u_B2), -1)
 
 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -144,10 +170,9 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
     # The last drawn token is never fed back: the cache needs P + max_new_tokens - 1 slots.
     cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + max_new_tokens - 1, start_B)
     logits_BV, cache = decoder.prefill(tokens_BP, cache)
-    key = jax.random.key(seed)
+    uniforms_TB2 = step_uniforms(seed, max_new_tokens, len(prompts))
     for step in range(max_new_tokens):
-        key, step_key = jax.random.split(key)
-        next_B = np.asarray(sample(logits_BV, step_key, temperature, top_k, top_p))
+        next_B = np.asarray(sample(logits_BV, jnp.asarray(uniforms_TB2[step]), temperature, top_k, top_p))
         check_drawn(next_B, step)
         yield next_B
         if step + 1 < max_new_tokens:

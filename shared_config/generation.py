@@ -1,4 +1,5 @@
-"""What both twins' generation shares, in numpy: checking the arguments, left padding, stopping rows at eos."""
+"""What both twins' generation shares, in numpy: checking the arguments, the seeded uniforms, left padding, stopping
+rows at eos."""
 
 from __future__ import annotations
 
@@ -98,6 +99,27 @@ def check_drawn(next_B: np.ndarray, step: int) -> None:
     if (bad := np.flatnonzero(np.asarray(next_B) < 0)).size:
         raise GenerationError(f"new token {step + 1}: the logits of row {bad[0]} hold a NaN or are all -inf "
                               "(non-finite weights?): no token can be drawn")
+
+
+def step_uniforms(seed: int, steps: int, batch: int) -> np.ndarray:
+    """The uniforms [steps, B, 2] float32 in [0, 1) that seeded sampling draws with, two per draw (each twin's `sample`
+    takes a step's [B, 2]: one picks a block of tokens, the other a token in it, see `draw_blocks`): bits 40..63 and
+    16..39 of one 64-bit word of numpy's Philox seeded by `seed`, times 2**-24, so every value is exact in float32 and
+    below 1. Philox's docstring guarantees that a fixed seed always gives the same integer stream; the words are read
+    raw (`random_raw`) and the bits cut by integer arithmetic, because `Generator`'s methods may change their
+    algorithms between numpy versions (numpy's compatibility policy). A seed numpy refuses (negative, not an integer)
+    is refused first by `check_generation`."""
+    words = np.random.Philox(seed).random_raw(steps * batch).reshape(steps, batch, 1)
+    bits = (words >> np.array([40, 16], np.uint64)) & np.uint64(2**24 - 1)
+    return (bits.astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
+
+
+def draw_blocks(V: int) -> tuple[int, int]:
+    """The twins' `draw` picks a block of S = ceil(sqrt(V)) tokens (N of them, the last padded with weights 0), then a
+    token in it, each with its own uniform: (S, N). Where the twins' float32 running sums round apart, a draw can
+    differ only at the N + S boundaries it crosses, not at all V (~2**-25 each)."""
+    S = math.isqrt(V - 1) + 1
+    return S, -(-V // S)
 
 
 def in_float32(x: float) -> float:

@@ -3,7 +3,6 @@ forward tolerance; seeded sampling that respects top-k and top-p; per-row stops 
 
 import re
 
-import jax
 import jax.numpy as jnp
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config.generation import GenerationError
+from shared_config.generation import GenerationError, step_uniforms
 from shared_config.tokens import TokenError
 from torch_model import generate as tg
 
@@ -114,9 +113,10 @@ def test_samples_stay_inside_top_k_and_top_p():
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()
     order = np.argsort(-p)
     top_p_set = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1])
+    u = step_uniforms(0, 1, 4000)[0]
     for top_k, top_p, kept in [(5, None, top5), (None, 0.6, top_p_set)]:
-        j = np.asarray(jg.sample(jnp.asarray(logits), jax.random.key(0), 1.0, top_k, top_p))
-        t = tg.sample(torch.as_tensor(logits), torch.Generator().manual_seed(0), 1.0, top_k, top_p).numpy()
+        j = np.asarray(jg.sample(jnp.asarray(logits), jnp.asarray(u), 1.0, top_k, top_p))
+        t = tg.sample(torch.as_tensor(logits), torch.as_tensor(u), 1.0, top_k, top_p).numpy()
         assert set(j) == kept == set(t)
 
 
@@ -133,8 +133,12 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=None, max_new_tokens=4), "integer ids.*not NoneType"),  # a TypeError from len()
     (dict(prompt_tokens={5, 6}, max_new_tokens=4), "integer ids.*not set"),  # 'set' object is not subscriptable
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=None), "^temperature=None must be"),  # abs()'s TypeError
-    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # JAX ValueError,
-    # torch RuntimeError
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=None), "^seed=None must be"),  # Philox(None):
+    # fresh entropy from the OS, a sample that never repeats (jax.random and torch.Generator had raised)
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=-1), r"^seed=-1 must be an integer in 0"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=2**32), r"^seed=4294967296 must be"),
+    (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=1.5), r"^seed=1\.5 must be"),  # numpy's Philox
+    # refuses -1 and 1.5 with a ValueError and a TypeError, and takes 2**32: the range is the twins' rule
     (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
 ])
 def test_bad_arguments_raise_one_clear_error(base, kwargs, message):

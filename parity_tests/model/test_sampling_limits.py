@@ -3,7 +3,6 @@
 keep the same sets; extreme temperatures and +-inf/huge logits give the mathematically right tokens, and logits
 from which no token can be drawn (NaN, all -inf) a GenerationError."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config.generation import GenerationError
+from shared_config.generation import GenerationError, step_uniforms
 from torch_model import generate as tg
 
 from ..support.common import make_spec, parity_weights
@@ -86,10 +85,11 @@ def test_twins_and_transformers_keep_the_same_sets_on_small_vocabularies():
 
 
 def draws(logits, temperature, n=2000, top_k=None, top_p=None) -> tuple[np.ndarray, np.ndarray]:
-    """Each twin's `sample` of one row repeated n times."""
+    """Each twin's `sample` of one row repeated n times, at the uniforms of seed 0."""
     rows = np.repeat(np.asarray(logits, np.float32)[None], n, axis=0)
-    j = np.asarray(jg.sample(jnp.asarray(rows), jax.random.key(0), temperature, top_k, top_p))
-    t = tg.sample(torch.as_tensor(rows), torch.Generator().manual_seed(0), temperature, top_k, top_p).numpy()
+    u = step_uniforms(0, 1, n)[0]
+    j = np.asarray(jg.sample(jnp.asarray(rows), jnp.asarray(u), temperature, top_k, top_p))
+    t = tg.sample(torch.as_tensor(rows), torch.as_tensor(u), temperature, top_k, top_p).numpy()
     return j, t
 
 
@@ -124,8 +124,9 @@ def test_extreme_temperatures_and_logits_draw_the_right_tokens(logits, temperatu
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_undrawable_rows_are_marked_not_drawn(logits, temperature):
     rows = np.asarray([logits, [0.0, 1.0, 0.5]], np.float32)
-    j = np.asarray(jg.sample(jnp.asarray(rows), jax.random.key(0), temperature))
-    t = tg.sample(torch.as_tensor(rows), torch.Generator().manual_seed(0), temperature).numpy()
+    u = step_uniforms(0, 1, 2)[0]
+    j = np.asarray(jg.sample(jnp.asarray(rows), jnp.asarray(u), temperature))
+    t = tg.sample(torch.as_tensor(rows), torch.as_tensor(u), temperature).numpy()
     assert j[0] == t[0] == -1 and 0 <= j[1] < 3 and 0 <= t[1] < 3
 
 
