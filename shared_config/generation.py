@@ -105,13 +105,16 @@ def step_uniforms(seed: int, steps: int, batch: int) -> np.ndarray:
     """The uniforms [steps, B, 2] float32 in [0, 1) that seeded sampling draws with, two per draw (each twin's `sample`
     takes a step's [B, 2]: one picks a block of tokens, the other a token in it, see `draw_blocks`): bits 40..63 and
     16..39 of one 64-bit word of numpy's Philox seeded by `seed`, times 2**-24, so every value is exact in float32 and
-    below 1. Philox's docstring guarantees that a fixed seed always gives the same integer stream; the words are read
-    raw (`random_raw`) and the bits cut by integer arithmetic, because `Generator`'s methods may change their
+    below 1. Row b reads its own stream, the generator advanced by b·2**64 counters, so a row's draws do not depend on
+    how many rows are sampled beside it (a prompt sampled alone or as row 0 of a batch gets the same tokens, as greedy
+    decoding does). Philox's docstring guarantees that a fixed seed always gives the same integer stream; the words are
+    read raw (`random_raw`) and the bits cut by integer arithmetic, because `Generator`'s methods may change their
     algorithms between numpy versions (numpy's compatibility policy). A seed numpy refuses (negative, not an integer)
     is refused first by `check_generation`."""
-    words = np.random.Philox(seed).random_raw(steps * batch).reshape(steps, batch, 1)
-    bits = (words >> np.array([40, 16], np.uint64)) & np.uint64(2**24 - 1)
-    return (bits.astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
+    rows = [np.random.Philox(seed).advance(b * 2**64).random_raw(steps) for b in range(batch)]
+    words = np.array(rows, np.uint64).reshape(batch, steps).T  # [steps, B]
+    bits = (words[..., None] >> np.array([40, 16], np.uint64)) & np.uint64(2**24 - 1)
+    return (bits.astype(np.float32) * np.float32(2.0**-24)).astype(np.float32).reshape(steps, batch, 2)
 
 
 def draw_blocks(V: int) -> tuple[int, int]:

@@ -34,8 +34,11 @@ def test_step_uniforms_are_a_fixed_float32_stream_in_the_unit_interval():
     assert u.shape == (5, 3, 2) and u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
     assert np.all(u * 2**24 == np.floor(u * 2**24))  # multiples of 2**-24: exact in float32
     # Philox's integer stream for seed 0 is fixed (its docstring's guarantee): a change here changes every sample
-    assert (u[0] * 2**24).astype(int).tolist() == [[236005, 11674296], [4324616, 12709903], [7911554, 4285166]]
-    np.testing.assert_array_equal(step_uniforms(0, 1, 15)[0], u.reshape(15, 2))  # one stream, read step by step
+    assert (u[0] * 2**24).astype(int).tolist() == [[236005, 11674296], [11605062, 7082730], [10174039, 8016333]]
+    # each row its own stream: the same draws whatever the batch beside it (row 0 read 15 steps is the rows' start)
+    np.testing.assert_array_equal(step_uniforms(0, 5, 2), u[:, :2])
+    np.testing.assert_array_equal(step_uniforms(0, 5, 1)[:, 0], u[:, 0])
+    assert not np.array_equal(u[:, 0], u[:, 1])
     assert not np.array_equal(step_uniforms(1, 5, 3), u)
     assert step_uniforms(2**32 - 1, 1, 1).dtype == np.float32  # the largest seed check_generation allows
 
@@ -153,7 +156,8 @@ def test_twins_generate_the_same_seeded_sample(base, name):
 
 
 def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base):
-    """Each row stops at its first eos; the others go on drawing the uniforms of the whole batch's stream."""
+    """Each row stops at its first eos; the others go on drawing their own rows' uniforms; and each row draws what it
+    draws sampled alone (its own stream: the row's uniforms were read from one stream of the whole batch's)."""
     spec, jm, tm = base
     prompts = [list(tokens(spec, 1, n, seed=n)[0]) for n in (9, 3, 6)]
     kwargs = dict(temperature=1.0, top_p=0.95, seed=11)
@@ -163,3 +167,5 @@ def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base)
     assert jg.generate(jm, prompts, 8, eos_id=eos, **kwargs) == stopped
     assert tg.generate(tm, prompts, 8, eos_id=eos, **kwargs) == stopped
     assert len(stopped[0]) <= 4 and stopped != free
+    assert jg.generate(jm, prompts[0], 8, **kwargs) == free[0]
+    assert tg.generate(tm, prompts[:2], 8, **kwargs) == free[:2]
