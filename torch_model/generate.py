@@ -85,7 +85,9 @@ def filter_logits(logits_BV, top_k: int | None, top_p: float | None):
         weights_BV = torch.exp(shifted(sorted_BV))  # unnormalised probabilities, the best token's 1
         above_BV = exclusive_cumsum(weights_BV)  # the mass of the tokens ranked above each
         total_B1 = above_BV[:, -1:] + weights_BV[:, -1:]
-        cutoff_B1 = torch.where(above_BV < top_p * total_B1, sorted_BV, torch.inf).amin(dim=-1, keepdim=True)
+        # the best token always stays: a top_p below float32's smallest (1e-300) is 0 there and cut every token
+        kept_BV = (above_BV < top_p * total_B1) | (torch.arange(sorted_BV.shape[-1], device=sorted_BV.device) == 0)
+        cutoff_B1 = torch.where(kept_BV, sorted_BV, torch.inf).amin(dim=-1, keepdim=True)
         logits_BV = torch.where(logits_BV < cutoff_B1, -torch.inf, logits_BV)
     return logits_BV
 

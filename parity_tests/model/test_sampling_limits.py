@@ -120,6 +120,14 @@ def test_extreme_temperatures_and_logits_draw_the_right_tokens(logits, temperatu
             assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected)), counts
 
 
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300])
+def test_a_top_p_below_float32s_smallest_keeps_the_best_tokens(top_p):
+    """top_p=1e-300 is in (0, 1], and 0 in float32: it cut every token ("no token can be drawn") where any top_p > 0
+    keeps the best ones, as a tiny positive float32 top_p does."""
+    j, t = draws([0.0, 2.0, 1.0, 2.0, -1.0], 1.0, n=50, top_p=top_p)
+    assert set(j) == {1, 3} == set(t)
+
+
 @pytest.mark.parametrize("logits", [[np.nan, 1.0, 2.0], [-np.inf] * 3])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_undrawable_rows_are_marked_not_drawn(logits, temperature):
