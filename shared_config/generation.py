@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .limits import quote
 from .spec import ModelSpec
 
 
@@ -81,8 +82,10 @@ def type_name(x) -> str:
 
 
 def require(ok: bool, name: str, value, rule: str) -> None:
+    """GenerationError naming `value` as Python writes it, an int by `quote` (seed=10**400 was echoed whole, and
+    10**5000 raised ValueError from repr: past Python's 4,300 digits)."""
     if not ok:
-        raise GenerationError(f"{name}={value!r} must be {rule}")
+        raise GenerationError(f"{name}={quote(value) if type(value) is int else repr(value)} must be {rule}")
 
 
 def is_int(x, lo: int, hi: int | None = None) -> bool:
@@ -90,8 +93,15 @@ def is_int(x, lo: int, hi: int | None = None) -> bool:
 
 
 def is_number(x, lo: float, hi: float | None = None) -> bool:
-    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-    return ok and lo <= x and (hi is None or x <= hi)
+    """Whether `x` is a real number in lo..hi, finite in float64: an int past its range (temperature=10**400) is not
+    (math.isfinite raised OverflowError)."""
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
+        return False
+    try:
+        finite = math.isfinite(x)
+    except OverflowError:
+        return False
+    return finite and lo <= x and (hi is None or x <= hi)
 
 
 def check_drawn(next_B: np.ndarray, step: int) -> None:
