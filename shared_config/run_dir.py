@@ -278,9 +278,17 @@ def invocation(backend: str, argv: list[str], start_step: int, stop: int) -> dic
 
 
 def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
-    """OUT/tokenizer.json: the data's tokenizer, beside the run's metrics (atomically)."""
+    """OUT/tokenizer.json: the data's tokenizer, beside the run's metrics (atomically). One there with its bytes stays
+    as it is (a link to the data's own file too); a link to other bytes is replaced by the copy, never written
+    through: atomic_write writes a link's target, which rewrote the data's tokenizer.json, or a user's file outside
+    the run directory on a --resume."""
+    path = Path(out) / TOKENIZER_FILE
+    if same_bytes(path, Path(tokenizer)):
+        return
     text = Path(tokenizer).read_bytes()
-    atomic_write(Path(out) / TOKENIZER_FILE, lambda tmp: Path(tmp).write_bytes(text))
+    if path.is_symlink():
+        path.unlink()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text))
 
 
 @contextlib.contextmanager
@@ -360,9 +368,10 @@ def refuse_used_out(out: Path, records: bool = True, tokenizer: Path | None = No
 
 
 def same_bytes(a: Path, b: Path) -> bool:
-    """Whether regular files `a` and `b` hold the same bytes (a link, a directory or a special file at `a` does not:
-    never read; tokenizer.json files are capped where they are read, at MAX_JSON_BYTES)."""
-    if not a.is_file() or a.is_symlink() or a.stat().st_size != b.stat().st_size:
+    """Whether `a` is a regular file, or a link to one, with the bytes of regular file `b` (a directory, a special
+    file or a broken link at `a` is not: never read, so a FIFO does not block; tokenizer.json files are capped where
+    they are read, at MAX_JSON_BYTES). A link to the data's own tokenizer.json was refused as not the data's."""
+    if not a.is_file() or a.stat().st_size != b.stat().st_size:
         return False
     return a.read_bytes() == b.read_bytes()
 

@@ -53,3 +53,26 @@ def test_the_datas_own_tokenizer_in_out_is_no_refusal(tmp_path, bpe_data):
     assert resolve(out, bpe_data).data.tokenizer == bpe_data / "tokenizer.json"
     (out / "tokenizer.json").write_text('{"mine": true}')
     assert resolve(out, "synthetic").data.tokenizer is None
+
+
+def test_a_link_to_the_datas_tokenizer_is_kept_and_never_written_through(tmp_path, bpe_data):
+    """OUT/tokenizer.json a symbolic link to the data's own tokenizer.json was refused as 'not the data's tokenizer';
+    and copy_tokenizer wrote through any link (atomic_write writes a link's target): the data's file rewritten, or on
+    a --resume a user's file outside the run directory replaced by the data's tokenizer."""
+    from shared_config.run_dir import copy_tokenizer
+
+    data_tokenizer = bpe_data / "tokenizer.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").symlink_to(data_tokenizer)
+    assert resolve(out, bpe_data).data.tokenizer == data_tokenizer
+    before = data_tokenizer.stat()
+    copy_tokenizer(out, data_tokenizer)
+    assert (out / "tokenizer.json").is_symlink() and data_tokenizer.stat().st_ino == before.st_ino
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"mine": true}')
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to(mine)
+    copy_tokenizer(out, data_tokenizer)  # as a --resume does
+    assert mine.read_text() == '{"mine": true}' and not (out / "tokenizer.json").is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == data_tokenizer.read_bytes()
