@@ -8,6 +8,7 @@ rows write the same cache slot at each step (see `KVCache`).
 from __future__ import annotations
 
 from functools import partial
+from itertools import repeat
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shared_config.generation import (as_prompts, check_drawn, check_generation, check_model, collect, draw_blocks,
-                                      in_float32, left_pad, step_uniforms, stop_at_eos)
+                                      in_float32, left_pad, stop_at_eos, uniform_steps)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
 from .model import KVCache, Transformer, cache_length, compile_isolated
@@ -138,7 +139,7 @@ def pick(weights_BX, u_B):
 @torch.no_grad()
 def sample(logits_BV, u_B2, temperature: float, top_k: int | None = None, top_p: float | None = None):
     """Next tokens [B] int64: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
-    filtered, at the step's uniforms u_B2 [B, 2] in [0, 1) (`step_uniforms`: the same in both twins, see `draw`);
+    filtered, at the step's uniforms u_B2 [B, 2] in [0, 1) (`step_uniforms`' step: the same in both twins, see `draw`);
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it
@@ -169,9 +170,12 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
     # The last drawn token is never fed back: the cache needs P + max_new_tokens - 1 slots.
     cache = decoder.init_cache(len(prompts), tokens_BP.shape[1] + max_new_tokens - 1, start_B)
     logits_BV, cache = decoder.prefill(tokens_BP, cache)
-    uniforms_TB2 = step_uniforms(seed, max_new_tokens, len(prompts))
-    for step in range(max_new_tokens):
-        next_B = sample(logits_BV, torch.as_tensor(uniforms_TB2[step], device=logits_BV.device), temperature, top_k,
+    # drawn as the steps go (greedy decoding reads none): made up front, they cost memory and time before the
+    # first token that grew with max_new_tokens x B
+    B = len(prompts)
+    draws = uniform_steps(seed, max_new_tokens, B) if temperature else repeat(np.zeros((B, 2), np.float32))
+    for step, u_B2 in zip(range(max_new_tokens), draws):
+        next_B = sample(logits_BV, torch.as_tensor(u_B2, device=logits_BV.device), temperature, top_k,
                         top_p).cpu().numpy()
         check_drawn(next_B, step)
         yield next_B

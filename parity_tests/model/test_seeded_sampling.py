@@ -169,3 +169,33 @@ def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base)
     assert len(stopped[0]) <= 4 and stopped != free
     assert jg.generate(jm, prompts[0], 8, **kwargs) == free[0]
     assert tg.generate(tm, prompts[:2], 8, **kwargs) == free[:2]
+
+
+def test_uniforms_are_drawn_as_the_steps_go():
+    """step_uniforms made [steps, B, 2] whole before the first token (~3 GB and 10 s at 2**20 steps of 64 rows,
+    however early eos stopped the rows); uniform_steps makes them a chunk at a time, the same stream across chunks."""
+    import tracemalloc
+
+    from shared_config.generation import UNIFORM_CHUNK, uniform_steps
+
+    steps = 2 * UNIFORM_CHUNK + 3
+    np.testing.assert_array_equal(np.stack(list(uniform_steps(7, steps, 3))), step_uniforms(7, steps, 3))
+    np.testing.assert_array_equal(step_uniforms(7, steps, 3)[UNIFORM_CHUNK - 2:UNIFORM_CHUNK + 2],
+                                  np.stack(list(uniform_steps(7, UNIFORM_CHUNK + 2, 3))[UNIFORM_CHUNK - 2:]))
+    tracemalloc.start()
+    first = next(uniform_steps(0, 2**20, 64))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert first.shape == (64, 2) and peak < 2**22, peak
+
+
+@pytest.mark.slow  # ~4 s: the decode step's compilations
+def test_greedy_generation_draws_no_uniforms(base, monkeypatch):
+    import shared_config.generation as generation
+
+    def refuse(*args):
+        raise AssertionError("greedy decoding read Philox")
+
+    monkeypatch.setattr(generation.np.random, "Philox", refuse)
+    spec, jm, tm = base
+    assert jg.generate(jm, [1, 2, 3], 4) == tg.generate(tm, [1, 2, 3], 4)
