@@ -93,7 +93,10 @@ def quote(value: Any) -> str:
 def spelled(value) -> str:
     """A value as a spec file, a `--set key=value` item or a list option spells it in a message: `true`, `false`,
     `null`, text and numbers as typed, unquoted and whole (`quote(spelled(x))[1:-1]` shortens it like `quote`).
-    Python's True named an option the user sets as `embed_norm=false`."""
+    Python's True named an option the user sets as `embed_norm=false`. An int past Python's 4,300 digits, which `str`
+    refuses (ValueError), is named by its size as `quote` names it."""
+    if type(value) is int and value.bit_length() > 14_000:  # 4,214 digits at most: below str's limit
+        return quote(value)
     return "null" if value is None else ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 

@@ -129,3 +129,13 @@ def test_an_init_from_set_item_is_named_as_it_was_typed(tmp_path):
     with pytest.raises(ValueError, match="with --set embed_norm=false: unexpected keys: model.embed_norm."):
         resolve_run(train.parse_args(["--backend", "torch", "--out", str(tmp_path / "b"), "--init-from",
                                       str(state.parent), "--set", "embed_norm=false"]))
+
+
+def test_a_repeated_value_is_named_in_one_line_however_long():
+    """no_repeats spelled a repeated int with str(), which raises ValueError past Python's 4,300 digits."""
+    from shared_config.cli import UsageError, no_repeats
+
+    for value, shown in [(None, "null"), (True, "true"), (10**400, r"1000000000\.\.\.0000000000 \(401 digits\)"),
+                         (10**5000, "<an integer of about 5,000 digits>"), ("x" * 300, "x{37}\\.\\.\\.x{38}")]:
+        with pytest.raises(UsageError, match=f"^--sweep k: {shown} is given twice$"):
+            no_repeats("--sweep k", [value, "other", value])
