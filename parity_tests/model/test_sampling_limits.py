@@ -168,3 +168,15 @@ def test_generate_cli_reports_undrawable_logits_in_one_line(tmp_path, capsys):
                 ["--backend", backend, "--weights", str(tmp_path / "overflow.safetensors"), "--tokens", "1,2"])
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and line.startswith("error: new token 1: the logits of row 0 hold a NaN"), line
+
+
+def test_a_numpy_temperature_is_taken_without_a_warning():
+    """np.float16(0.7) warned 'overflow encountered in cast' from in_float32, which compared it with float32's
+    largest in float16."""
+    import warnings
+
+    from shared_config.generation import in_float32
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert in_float32(np.float16(0.5)) == 0.5 and in_float32(np.float64(1e300)) == np.inf
