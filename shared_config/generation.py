@@ -151,7 +151,10 @@ def in_float32(x: float) -> float:
     """`x` as float32 rounds it, with inf for values past float32's range (casting those warns in numpy and JAX); a
     Python float, also for a numpy scalar (np.float16(0.7) warned 'overflow encountered in cast': numpy compared it
     with float32's largest cast to float16)."""
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # an int past float64's range
+        return math.inf if x > 0 else -math.inf
     return x if abs(x) <= float(np.finfo(np.float32).max) else math.copysign(math.inf, x)
 
 
