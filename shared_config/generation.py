@@ -129,8 +129,8 @@ UNIFORM_CHUNK = 256  # steps of uniforms made at a time
 
 def uniform_steps(seed: int, steps: int, batch: int) -> Iterator[np.ndarray]:
     """`step_uniforms(seed, steps, batch)` one step [B, 2] at a time, made UNIFORM_CHUNK steps at a time (Philox's raw
-    stream is the same read in pieces): made whole up front they took ~50 bytes and ~160 ns per step and row before
-    the first token, 3 GB and 10 s at max_new_tokens 2**20 with 64 rows, however early eos stopped the rows."""
+    stream is the same read in pieces): made whole up front they took ~50 bytes and ~200 ns per step and row before
+    the first token, 3 GiB and 13 s at max_new_tokens 2**20 with 64 rows, however early eos stopped the rows."""
     rows = [np.random.Philox(seed).advance(b * 2**64) for b in range(batch)]
     for start in range(0, steps, UNIFORM_CHUNK):
         n = min(UNIFORM_CHUNK, steps - start)

@@ -172,7 +172,7 @@ def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base)
 
 
 def test_uniforms_are_drawn_as_the_steps_go():
-    """step_uniforms made [steps, B, 2] whole before the first token (~3 GB and 10 s at 2**20 steps of 64 rows,
+    """step_uniforms made [steps, B, 2] whole before the first token (3 GiB and 13 s at 2**20 steps of 64 rows,
     however early eos stopped the rows); uniform_steps makes them a chunk at a time, the same stream across chunks."""
     import tracemalloc
 
