@@ -11,7 +11,7 @@ from jax_model import generate as jg
 from shared_config.generation import draw_blocks, step_uniforms
 from torch_model import generate as tg
 
-from ..support.common import make_spec, tokens
+from ..support.common import make_spec, quick_first, tokens
 from .test_generate import twins
 
 
@@ -43,10 +43,10 @@ def test_step_uniforms_are_a_fixed_float32_stream_in_the_unit_interval():
     assert step_uniforms(2**32 - 1, 1, 1).dtype == np.float32  # the largest seed check_generation allows
 
 
-SETTINGS = [(1.0, None, None), (0.8, None, None), (0.8, 5, None), (1.0, None, 0.7), (0.8, 10, 0.9), (3.0, 1, None)]
+SETTINGS = [(0.8, 10, 0.9), (1.0, None, None), (0.8, None, None), (0.8, 5, None), (1.0, None, 0.7), (3.0, 1, None)]
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+@pytest.mark.parametrize("temperature, top_k, top_p", quick_first(SETTINGS, 1, multi=True))
 def test_twins_draw_the_same_tokens_from_the_same_logits_and_uniforms(temperature, top_k, top_p):
     """2,000 rows of 64 logits: exp may differ by an ulp between the twins, so a uniform within ~1e-7 of a boundary
     could pick a neighbour; none of these does."""
@@ -90,29 +90,29 @@ def check_frequencies(logits, temperature, top_k, top_p, p):
         assert np.all(np.abs(np.bincount(row_Y - n * S, minlength=len(q)) - M * q) <= 1), (n, M * q)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(None, None), (7, None), (None, 0.8), (20, 0.95)])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("top_k, top_p", quick_first([(20, 0.95), (None, None), (7, None), (None, 0.8)], 1, multi=True))
+@pytest.mark.parametrize("temperature", quick_first([0.6, 1.0]))
 def test_draws_on_a_grid_of_uniforms_have_the_exact_frequencies(top_k, top_p, temperature):
     logits = 1.5 * np.random.default_rng(3).standard_normal(64)
     check_frequencies(logits, temperature, top_k, top_p, exact_probabilities(logits, temperature, top_k, top_p))
 
 
 BIG = np.finfo(np.float32).max
-LIMITS = [  # (logits, temperature, the exact probabilities)
+LIMITS = [  # (logits, temperature, the exact probabilities); the first three in the quick tier
     ([0.0, 2.0, 1.0, 2.0], 1e-30, [0, 0.5, 0, 0.5]),  # a tiny temperature: the tied best tokens only
+    ([0.0, np.inf, 1.0, np.inf], 1.0, [0, 0.5, 0, 0.5]),  # +inf logits share all the mass
+    ([0.0, 0.0, -np.inf, -np.inf, -np.inf, -np.inf, np.log(2.0), -np.inf, np.log(4.0)], 1.0,
+     [1 / 8, 1 / 8, 0, 0, 0, 0, 2 / 8, 0, 4 / 8]),  # blocks of 3: the middle one weighs 0
     ([0.0, 2.0, 1.0, 2.0], 1e-300, [0, 0.5, 0, 0.5]),  # 0 in float32
     ([0.0, 2.0, -np.inf, 5.0], 1e30, [1 / 3, 1 / 3, 0, 1 / 3]),  # a huge temperature: uniform over the finite
     ([0.0, 2.0, -np.inf, 5.0], 1e300, [1 / 3, 1 / 3, 0, 1 / 3]),  # inf in float32
-    ([0.0, np.inf, 1.0, np.inf], 1.0, [0, 0.5, 0, 0.5]),  # +inf logits share all the mass
     ([-np.inf, -np.inf, 3.0, -np.inf], 0.7, [0, 0, 1, 0]),
     ([BIG, -BIG, BIG, 0.0], 1.0, [0.5, 0, 0.5, 0]),  # differences overflow to -inf, not NaN
     ([-np.inf, 0.0, -np.inf, np.log(3.0)], 1.0, [0, 0.25, 0, 0.75]),  # 0 weights first and last
-    ([0.0, 0.0, -np.inf, -np.inf, -np.inf, -np.inf, np.log(2.0), -np.inf, np.log(4.0)], 1.0,
-     [1 / 8, 1 / 8, 0, 0, 0, 0, 2 / 8, 0, 4 / 8]),  # blocks of 3: the middle one weighs 0
 ]
 
 
-@pytest.mark.parametrize("logits, temperature, p", LIMITS)
+@pytest.mark.parametrize("logits, temperature, p", quick_first(LIMITS, 3, multi=True))
 def test_draws_at_the_limits_have_the_exact_frequencies(logits, temperature, p):
     for top_k, top_p in [(None, None), (len(logits), 1.0), (None, 0.999)]:
         check_frequencies(logits, temperature, top_k, top_p, np.asarray(p))
@@ -137,12 +137,12 @@ def test_undrawable_rows_are_minus_one_whatever_the_uniform(bad):
 
 
 CASES = {  # name -> (temperature, top_k, top_p)
-    "plain": (1.0, None, None), "cooler": (0.8, None, None), "top_k": (0.8, 12, None), "top_p": (1.0, None, 0.9),
-    "both": (0.8, 20, 0.95),
+    "both": (0.8, 20, 0.95), "plain": (1.0, None, None), "cooler": (0.8, None, None), "top_k": (0.8, 12, None),
+    "top_p": (1.0, None, 0.9),
 }
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", quick_first(list(CASES)))
 def test_twins_generate_the_same_seeded_sample(base, name):
     """The same checkpoint, the same seed: the same tokens in JAX and in torch (they differed: jax.random against
     torch.Generator); another seed, other tokens."""
@@ -155,6 +155,7 @@ def test_twins_generate_the_same_seeded_sample(base, name):
     assert jg.generate(jm, prompt, 8, seed=6, **kwargs) != j
 
 
+@pytest.mark.slow
 def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base):
     """Each row stops at its first eos; the others go on drawing their own rows' uniforms; and each row draws what it
     draws sampled alone (its own stream: the row's uniforms were read from one stream of the whole batch's)."""
