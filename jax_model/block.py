@@ -75,9 +75,9 @@ def make_mixer(spec: ModelSpec, mixer: str, attention: str, rngs: nnx.Rngs) -> A
 
 
 def empty_state(spec: ModelSpec, mixer: str, batch: int, size: int) -> LayerCache | GLAState:
-    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and values
-    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
-    (one added to make_mixer alone would decode with attention's cache)."""
+    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and
+    values [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no
+    state here (one added to make_mixer alone would decode with attention's cache)."""
     if mixer == "attention":
         shape, dtype = state_layout(spec, mixer, batch, size)
         return LayerCache(jnp.zeros(shape, DTYPES[dtype]), jnp.zeros(shape, DTYPES[dtype]), jnp.zeros((), jnp.int32))

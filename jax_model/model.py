@@ -86,8 +86,8 @@ class TransformerModel(nnx.Module):
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
         self.embed_norm = make_norm(spec) if spec.embed_norm else None  # after the embeddings' scale (embed)
-        self.layers = nnx.List([Block(spec, spec.mixer_of(i), attention, block_placement(spec, i), i in spec.routed_layers,
-                                      rngs=rngs) for i in range(spec.L)])
+        self.layers = nnx.List([Block(spec, spec.mixer_of(i), attention, block_placement(spec, i),
+                                      i in spec.routed_layers, rngs=rngs) for i in range(spec.L)])
         self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
         self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): hidden states split by rows

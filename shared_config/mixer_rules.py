@@ -31,8 +31,8 @@ def check_gla_rules(s: ModelSpec) -> None:
     if s.gla_attention_every and s.position not in ("rope", "none"):
         # learned positions are added to the embeddings, so they would reach the GLA layers too (fla's hybrid rotates
         # q/k in its attention layers and gives GLA no positions)
-        raise SpecError(f"mixer=gla with gla_attention_every={s.gla_attention_every} needs position=rope (its attention "
-                        f"layers rotate q/k; GLA layers take no positions) or none (NoPE attention), got "
+        raise SpecError(f"mixer=gla with gla_attention_every={s.gla_attention_every} needs position=rope (its "
+                        "attention layers rotate q/k; GLA layers take no positions) or none (NoPE attention), got "
                         f"position={s.position}: learned positions would be added to the GLA layers' input too")
     if not s.gla_attention_every and s.position != "none":
         raise SpecError(f"mixer=gla needs position=none (the recurrence carries order), got position={s.position} "

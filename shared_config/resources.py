@@ -30,9 +30,10 @@ def layout_size(spec: ModelSpec) -> tuple[int, int, int]:
     per-layer table of a deep spec, so that a spec claiming 10^7 layers is sized in microseconds.
 
     Blocks may differ by index, but only as block 0 (HybridNorm*'s pre-norm block) and by parity after it
-    (routing's every other block), or by mixer (a hybrid stack's attention layers): a table of 4 or 5 layers (keeping the parity of `n_layers`, which some
-    rules read) holds one block of each kind, and the rest repeat them. `test_claimed_sizes.py` checks
-    this against the full table for every placement, mixer and routing choice.
+    (routing's every other block): a table of 4 or 5 layers (keeping the parity of `n_layers`, which some
+    rules read) holds one block of each kind, and the rest repeat them. A hybrid stack's differ by mixer alone:
+    a table of one GLA and one attention block. `test_claimed_sizes.py` checks this against the full table for
+    every placement, mixer and routing choice.
     """
     L = spec.L
     if L <= 8:

@@ -75,9 +75,10 @@ def make_mixer(spec: ModelSpec, mixer: str, attention: str) -> Attention | GLA:
 
 
 def empty_state(spec: ModelSpec, mixer: str, batch: int, size: int, w: torch.Tensor) -> LayerCache | GLAState:
-    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and values
-    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
-    (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's device."""
+    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and
+    values [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no
+    state here (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's
+    device."""
     if mixer == "attention":
         shape, dtype = state_layout(spec, mixer, batch, size)
         return LayerCache(w.new_zeros(shape, dtype=DTYPES[dtype]), w.new_zeros(shape, dtype=DTYPES[dtype]),
