@@ -4,17 +4,13 @@ naming the field, its value and what was expected (docs/gla.md, "Spec keys" and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .config_file import SpecError
 
-if TYPE_CHECKING:
-    from .spec import ModelSpec
 
-
-def check_gla_rules(s: ModelSpec) -> None:
-    """Rules of `mixer: gla` (flash-linear-attention's GatedLinearAttention without its optional extras), whole
-    stacks or hybrids: the GLA rules hold for the whole spec, its attention layers included."""
+def check_gla_rules(s) -> None:
+    """The rules of `mixer: gla` (flash-linear-attention's GatedLinearAttention without its optional extras) on `s`, a
+    ModelSpec (not imported: spec.py imports this module), whole stacks or hybrids: the GLA rules hold for the whole
+    spec, its attention layers included."""
     for name in ("gla_expand_k", "gla_expand_v", "gla_gate_normalizer"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
@@ -49,7 +45,7 @@ def check_gla_rules(s: ModelSpec) -> None:
                         "included) takes pre, peri, post or pre_post")
 
 
-def _check_hybrid(s: ModelSpec) -> None:
+def _check_hybrid(s) -> None:
     """`gla_attention_every`: 0, or k in [2, n_layers] with mixer gla (k = 1 would be an attention model)."""
     k = s.gla_attention_every
     if k < 0:
