@@ -14,7 +14,8 @@ from shared_config.formats import read_checkpoint
 from shared_config.formats.fla import fla_name
 from shared_config.formats.torch_pt import save_state_dict_file
 
-from ..support.common import HYBRID, file_bytes_equal, load_script, make_spec, one_line_error, run_script
+from ..support.common import (HYBRID, file_bytes_equal, load_script, make_spec, one_line_error, quick_first,
+                              run_script)
 
 convert = load_script("convert").convert
 NAMES = {"torch": "m.pt", "flax": "m-flax", "fla": "m-fla"}
@@ -27,11 +28,10 @@ def saved(path, spec, seed=0):
     return path
 
 
-@pytest.mark.parametrize("fmt, spec", [
-    ("torch", make_spec(**HYBRID)), ("flax", make_spec(**HYBRID)),
+@pytest.mark.parametrize("fmt, spec", quick_first([  # the quick tier: torch and fla (test_convert.py runs flax)
+    ("torch", make_spec(**HYBRID)), ("fla", FLA_HYBRID), ("flax", make_spec(**HYBRID)),
     ("torch", make_spec(**{**HYBRID, "position": "none", "fused_qkv": False, "norm_type": "dyt"})),
-    ("fla", FLA_HYBRID),
-], ids=["torch", "flax", "torch-nope-unfused-dyt", "fla"])
+], 2, multi=True), ids=["torch", "fla", "flax", "torch-nope-unfused-dyt"])
 def test_round_trip_is_bit_exact(tmp_path, fmt, spec):
     src = saved(tmp_path / "a.safetensors", spec)
     convert(src, tmp_path / NAMES[fmt], to=fmt)
@@ -80,14 +80,14 @@ def test_fla_import_of_a_hybrid_without_our_metadata(tmp_path):
     assert json.loads(meta["spec"]) == spec.to_dict()
 
 
-@pytest.mark.parametrize("attn, why", [
+@pytest.mark.parametrize("attn, why", quick_first([
     ({"layers": [0, 2], "num_heads": 2}, "its layers must be every k-th layer, k-1, 2k-1, ..."),
     ({"layers": [1], "num_heads": 2}, "its layers must be every k-th layer"),  # layer 3 left GLA
     ({"layers": [1, 3], "num_heads": 2, "num_kv_heads": 1}, "num_kv_heads must be 2"),
     ({"layers": [1, 3], "num_heads": 2, "qkv_bias": True}, "qkv_bias must be false"),
     ({"layers": [1, 3], "num_heads": 1}, "num_heads must be 2"),
     ({"layers": "1,3", "num_heads": 2}, "a hybrid's attn must hold `layers`"),
-])
+], 3, multi=True))
 def test_fla_import_refuses_attn_layers_we_cannot_compute(tmp_path, attn, why):
     convert(saved(tmp_path / "a.safetensors", FLA_HYBRID), tmp_path / "m-fla", to="fla")
     path = tmp_path / "m-fla" / "config.json"
@@ -96,11 +96,11 @@ def test_fla_import_refuses_attn_layers_we_cannot_compute(tmp_path, attn, why):
         convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
 
 
-@pytest.mark.parametrize("changes, named", [
+@pytest.mark.parametrize("changes, named", quick_first([
     (dict(position="none"), ["position=none", "fla's attention layers always rotate q/k"]),  # NoPE attention layers
     (dict(head_dim=16), ["head_dim=16", "head_dim=32"]),  # fla's attention: hidden_size // num_heads per head
     (dict(rope_scaling="llama3"), ["rope_scaling=llama3"]),
-])
+], 1, multi=True))
 def test_fla_export_refuses_a_hybrid_it_cannot_compute_by_name(tmp_path, changes, named):
     src = saved(tmp_path / "a.safetensors", FLA_HYBRID.replace(**changes))
     one_line_error(run_script("convert", src, tmp_path / "m-fla", "--to", "fla"),
