@@ -143,10 +143,11 @@ def variants(args) -> list[tuple[str, object]]:
         if same := next((other for other, o in out[:i] if o == spec), None):
             raise UsageError(f"--sweep: variant {label} is the spec of {same} again; list each model once")
     labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
-    mixers = ", ".join(sorted({spec.mixer for _, spec in out}))
+    layer_mixers = {m for _, spec in out for m in map(spec.mixer_of, range(spec.L))}  # a hybrid stack has two
+    mixers = ", ".join(sorted(layer_mixers))
     for flag, kernel, mixer in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla"),
                                 ("--attention", getattr(args, "attention", "auto"), "attention")):
-        if kernel != "auto" and not any(spec.mixer == mixer for _, spec in out):  # it ran, the option ignored
+        if kernel != "auto" and mixer not in layer_mixers:  # it ran, the option ignored
             raise UsageError(f"{flag} {kernel}: no variant has a layer of mixer {mixer} for it to run; {labels} "
                              f"{have} layers of mixer {mixers}")
     return out

@@ -72,7 +72,7 @@ def setup_jax(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tr
         from jax_model.gla import set_kernel
 
         set_kernel(model, gla_kernel)
-    kernel = mixer_kernel(spec, model.model.layers[0].self_attn)
+    kernel = stack_kernel(spec, model.model.layers)
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32))
     start = None
     if mode == "forward":
@@ -203,7 +203,7 @@ def setup_torch(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, 
         from torch_model.gla import set_kernel
 
         set_kernel(model, gla_kernel)
-    kernel = mixer_kernel(spec, model.model.layers[0].self_attn)
+    kernel = stack_kernel(spec, model.model.layers)
     batch = torch.as_tensor(tokens, device=device)
     start = None
     if mode == "forward":
@@ -301,11 +301,22 @@ def setup_hf(spec: ModelSpec, tokens: np.ndarray, mode: str, attention: str, tra
     return Bench(step, sync, "sdpa", peak_mem, info, start)
 
 
-def mixer_kernel(spec, mixer) -> str:
-    """What a block's token mixer runs, by `spec.mixer`: the attention kernel, GLA's kernel (the pure form: its chunk
-    size), or the name of a mixer with no kernel to choose (any other read GLA's attributes off it and failed)."""
-    if spec.mixer == "attention":
+def stack_kernel(spec, layers) -> str:
+    """What the blocks' token mixers run: `mixer_kernel` of the first layer of each mixer, joined by "+" (a hybrid
+    stack's GLA and attention layers: `gla-chunk64+blocked`)."""
+    first = {}
+    for i, layer in enumerate(layers):
+        first.setdefault(spec.mixer_of(i), layer.self_attn)
+    return "+".join(mixer_kernel(spec, mixer, kind) for kind, mixer in first.items())
+
+
+def mixer_kernel(spec, mixer, kind: str | None = None) -> str:
+    """What a block's token mixer runs, by its mixer `kind` (default `spec.mixer`): the attention kernel, GLA's kernel
+    (the pure form: its chunk size), or the name of a mixer with no kernel to choose (any other read GLA's attributes
+    off it and failed)."""
+    kind = spec.mixer if kind is None else kind
+    if kind == "attention":
         return mixer.attention
-    if spec.mixer == "gla":
+    if kind == "gla":
         return f"gla-chunk{mixer.chunk}" if mixer.kernel == "pure" else f"gla-{mixer.kernel}"
-    return spec.mixer
+    return kind

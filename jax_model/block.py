@@ -63,26 +63,27 @@ ATTENTION_HALVES = {"pre": pre_attention, "post": post_attention}
 MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
 
 
-def make_mixer(spec: ModelSpec, attention: str, rngs: nnx.Rngs) -> Attention | GLA:
-    """The block's token mixer for `spec.mixer` (one file per mixer); `attention`: the attention kernel's name.
+def make_mixer(spec: ModelSpec, mixer: str, attention: str, rngs: nnx.Rngs) -> Attention | GLA:
+    """The block's token mixer, `mixer` (its layer's: `spec.mixer_of(i)`, one file per mixer); `attention`: the
+    attention kernel's name.
     Raises ValueError for a mixer with no module here (a value added to the spec's CHOICES alone)."""
-    if spec.mixer == "attention":
+    if mixer == "attention":
         return Attention(spec, attention, rngs=rngs)
-    if spec.mixer == "gla":
+    if mixer == "gla":
         return GLA(spec, rngs=rngs)
-    raise ValueError(f"make_mixer: no module for mixer={spec.mixer!r} (docs/extending.md)")
+    raise ValueError(f"make_mixer: no module for mixer={mixer!r} (docs/extending.md)")
 
 
-def empty_state(spec: ModelSpec, batch: int, size: int) -> LayerCache | GLAState:
-    """An empty decoding state of `size` slots for one block's token mixer (`spec.mixer`): attention's keys and values
-    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
-    (one added to make_mixer alone would decode with attention's cache)."""
-    if spec.mixer == "attention":
-        shape, dtype = state_layout(spec, batch, size)
+def empty_state(spec: ModelSpec, mixer: str, batch: int, size: int) -> LayerCache | GLAState:
+    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and
+    values [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no
+    state here (one added to make_mixer alone would decode with attention's cache)."""
+    if mixer == "attention":
+        shape, dtype = state_layout(spec, mixer, batch, size)
         return LayerCache(jnp.zeros(shape, DTYPES[dtype]), jnp.zeros(shape, DTYPES[dtype]), jnp.zeros((), jnp.int32))
-    if spec.mixer == "gla":
+    if mixer == "gla":
         return GLAState.empty(spec, batch, size)
-    raise ValueError(f"empty_state: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
+    raise ValueError(f"empty_state: no decoding state for mixer={mixer!r} (docs/extending.md)")
 
 
 def make_router(spec: ModelSpec, rngs: nnx.Rngs) -> ModRouter | DtfRouter:
@@ -97,11 +98,12 @@ def make_router(spec: ModelSpec, rngs: nnx.Rngs) -> ModRouter | DtfRouter:
 class Block(nnx.Module):
     """One transformer block: its `placement` says which norm slots it has and which halves above run."""
 
-    def __init__(self, spec: ModelSpec, attention: str, placement: Placement, routed: bool = False, *, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, mixer: str, attention: str, placement: Placement, routed: bool = False, *,
+                 rngs: nnx.Rngs):
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec) if placement.input_norm else None
         # token mixer
-        self.self_attn = make_mixer(spec, attention, rngs)
+        self.self_attn = make_mixer(spec, mixer, attention, rngs)
         self.attn_output_norm = make_norm(spec) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec)
         self.mlp = MLP(spec, rngs=rngs)

@@ -47,7 +47,7 @@ class GLAState(NamedTuple):
 
     @classmethod
     def empty(cls, spec: ModelSpec, batch: int, size: int) -> GLAState:
-        shape, dtype = state_layout(spec, batch, size)  # [batch, H, K', V'] float32
+        shape, dtype = state_layout(spec, "gla", batch, size)  # [batch, H, K', V'] float32
         S_BHKV = jnp.zeros(shape, DTYPES[dtype])
         return cls(S_BHKV, jnp.zeros((), jnp.int32), jnp.zeros((0, size), jnp.int8))
 

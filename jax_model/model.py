@@ -33,7 +33,8 @@ from .weights import draw_weights
 
 class KVCache(NamedTuple):
     """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded
-    (another mixer's layer holds its own state instead: `block.empty_state`).
+    (another mixer's layer holds its own state instead, in a hybrid stack layer by layer: `block.empty_state`;
+    `length` and `size` read layer 0 whatever its mixer: every state has both, the same in every layer).
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
@@ -85,8 +86,8 @@ class TransformerModel(nnx.Module):
         learnable = spec.embed_scale == "learnable"
         self.embed_scale = nnx.Param(jnp.full((1,), math.sqrt(D), DTYPES[spec.param_dtype])) if learnable else None
         self.embed_norm = make_norm(spec) if spec.embed_norm else None  # after the embeddings' scale (embed)
-        self.layers = nnx.List([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers, rngs=rngs)
-                                for i in range(spec.L)])
+        self.layers = nnx.List([Block(spec, spec.mixer_of(i), attention, block_placement(spec, i),
+                                      i in spec.routed_layers, rngs=rngs) for i in range(spec.L)])
         self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
         self.mesh: Mesh | None = None  # the device mesh a sharded step runs on (set_mesh): hidden states split by rows
@@ -247,7 +248,7 @@ class Transformer(nnx.Module):
         """An empty cache of `size` slots per row; `start_B` [batch] is each row's left padding (default 0)."""
         spec, start_B = self.spec, check_cache_request(self.spec, batch, size, start_B)
         # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
-        layers = tuple(empty_state(spec, batch, size) for _ in range(spec.L))
+        layers = tuple(empty_state(spec, spec.mixer_of(i), batch, size) for i in range(spec.L))
         start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size))
 

@@ -66,7 +66,7 @@ def main(argv=None):
         flag = "--" + sampling[0].replace("_", "-")
         raise UsageError(f"{flag} shapes sampling, and decoding is greedy (--temperature 0, the default): pass "
                          "--temperature T > 0 to sample, or leave it out")
-    if args.attention != "auto" and spec.mixer != "attention":  # the model has no attention layer: it was ignored
+    if args.attention != "auto" and not spec.attention_layers:  # the model has no attention layer: it was ignored
         raise UsageError(f"--attention {args.attention}: this model's layers are mixer={spec.mixer}, with no attention "
                          "kernel to choose (drop --attention)")
     model, stream = load_backend(args.backend, weights, spec, args.attention)

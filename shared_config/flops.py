@@ -8,7 +8,8 @@ token embedding when tied); the input embedding lookup is not a matmul and is ex
 norm and scalar parameters. The attention term counts q·kᵀ and p·v for all T keys (2·2·T·E per
 head per layer forward), without discounting the causal mask; `causal=True` halves it (6·N + 6·L·H·E·T for a train
 step, as llm.c counts), the count the bench reports beside the first. A GLA layer (mixer: gla) has no term in T:
-per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it.
+per token and head its recurrence does k_tᵀv_t and q_t·S_t (2·2·K'·V' forward), whatever form computes it. A
+hybrid stack (gla_attention_every) counts each layer's own mixer (`mixer_flops`).
 
 A train step's 6 per weight is 2 forward + 4 backward: the gradients of the matmul's input and of its weight, 2
 each (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1). A weight whose input's gradient is
@@ -95,10 +96,20 @@ def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) 
     passes = 3 if mode == "train" else 1
     if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
         return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
-    if spec.mixer == "gla":  # the recurrence's state update and read-out, constant in the context length
-        return weight_flops(spec, seq_len, mode), passes * 4 * spec.L * spec.H * spec.Kh * spec.Vh
-    if spec.mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v
-        raise ValueError(f"flops_split: no count for mixer={spec.mixer!r} (docs/extending.md)")
-    routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
-    keys = (spec.L - routed) * seq_len + routed * fraction * (fraction * seq_len)  # per token, over the layers
-    return weight_flops(spec, seq_len, mode), passes * 4 * spec.H * spec.E * keys * (0.5 if causal else 1)
+    fraction = routed_fraction(spec, seq_len)
+    mixers = sum(mixer_flops(spec, i, seq_len, fraction if i in spec.routed_layers else 1, causal)
+                 for i in range(spec.L))
+    return weight_flops(spec, seq_len, mode), passes * mixers
+
+
+def mixer_flops(spec: ModelSpec, i: int, seq_len: int, fraction: float = 1, causal: bool = False) -> float:
+    """Layer i's own token-mixer FLOPs per token of a forward, by its mixer (`spec.mixer_of(i)`: a hybrid stack counts
+    each layer's own): attention's q·kᵀ and p·v over the keys it reads (a routed block, running `fraction` of the
+    tokens, reads fraction·T keys for that fraction of them; `causal` halves it), GLA's state update and read-out,
+    constant in the context length. Raises ValueError for a mixer with no count here."""
+    mixer = spec.mixer_of(i)
+    if mixer == "gla":
+        return 4 * spec.H * spec.Kh * spec.Vh
+    if mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v
+        raise ValueError(f"flops_split: no count for mixer={mixer!r} (docs/extending.md)")
+    return 4 * spec.H * spec.E * fraction * (fraction * seq_len) * (0.5 if causal else 1)

@@ -76,17 +76,18 @@ def _block(i: int, spec: ModelSpec) -> list[Tensor]:
     # DeepNorm draws v, o and the MLP matrices at gain β, q and k as usual (DeepNet, decoder-only).
     gain, residual = ("beta", "beta") if place.deep else ("linear", "residual")
     out = _norm(f"{p}.input_layernorm", spec, D, spec.attn_alpha_init) if place.input_norm else []
-    if spec.mixer == "attention":
+    mixer = spec.mixer_of(i)  # a hybrid stack's layers differ (gla_attention_every)
+    if mixer == "attention":
         out += [
             Tensor(f"{p}.self_attn.q_proj.weight", (H * E, D), "linear", "linear"),
             Tensor(f"{p}.self_attn.k_proj.weight", (K * E, D), "linear", "linear"),
             Tensor(f"{p}.self_attn.v_proj.weight", (K * E, D), "linear", gain),
             Tensor(f"{p}.self_attn.o_proj.weight", (D, H * E), "linear", residual),
         ]
-    elif spec.mixer == "gla":
+    elif mixer == "gla":
         out += _gla(f"{p}.self_attn", spec)
     else:  # a value added to the spec's CHOICES alone would otherwise get attention's tensors
-        raise ValueError(f"layout: no tensors for mixer={spec.mixer!r} (docs/extending.md)")
+        raise ValueError(f"layout: no tensors for mixer={mixer!r} (docs/extending.md)")
     if has_qk_norm(spec):  # RMSNorm over head_dim whatever norm_type says
         out.append(Tensor(f"{p}.self_attn.q_norm.weight", (E,), "param", "ones"))
         out.append(Tensor(f"{p}.self_attn.k_norm.weight", (E,), "param", "ones"))
@@ -125,21 +126,23 @@ def _gla(p: str, spec: ModelSpec) -> list[Tensor]:
     return out + _norm(f"{p}.g_norm", spec, spec.Vh, spec.attn_alpha_init)
 
 
-def fuses_qkv(spec: ModelSpec) -> bool:
-    """Whether the twins hold q/k/v fused: `fused_qkv` is an attention compute choice; GLA keeps them apart."""
-    return spec.fused_qkv and spec.mixer == "attention"
+def fuses_qkv(spec: ModelSpec, i: int) -> bool:
+    """Whether the twins hold layer i's q/k/v fused: `fused_qkv` is an attention compute choice; GLA keeps them apart
+    (in a hybrid stack, its attention layers fuse and its GLA layers do not)."""
+    return spec.fused_qkv and spec.mixer_of(i) == "attention"
 
 
-def state_layout(spec: ModelSpec, batch: int, size: int) -> tuple[tuple[int, ...], str]:
-    """The decoding state one block's token mixer keeps for `batch` rows of `size` slots, as (shape, dtype name) of
+def state_layout(spec: ModelSpec, mixer: str, batch: int, size: int) -> tuple[tuple[int, ...], str]:
+    """The decoding state a layer of `mixer` (`spec.mixer_of(i)`) keeps for `batch` rows of `size` slots, as (shape,
+    dtype name) of
     its state array: attention's keys (and values alike) [batch, size, K, E] in the compute dtype, GLA's recurrent
     state [batch, H, K', V'] in float32. The twins' `block.empty_state` makes it, `tokens.check_cache_fits` checks a
     cache against it. Raises ValueError for a mixer with no state here."""
-    if spec.mixer == "attention":
+    if mixer == "attention":
         return (batch, size, spec.K, spec.E), spec.compute_dtype
-    if spec.mixer == "gla":
+    if mixer == "gla":
         return (batch, spec.H, spec.Kh, spec.Vh), "float32"
-    raise ValueError(f"state_layout: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
+    raise ValueError(f"state_layout: no decoding state for mixer={mixer!r} (docs/extending.md)")
 # --- end of Gated Linear Attention ----------------------------------------------------------------------
 
 
@@ -201,44 +204,49 @@ def layout(spec: ModelSpec) -> list[Tensor]:
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
+def layer_of(name: str) -> int | None:
+    """The layer index in a canonical name (`model.layers.3.self_attn.q_proj.weight`: 3), None outside the blocks."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return None if m is None else int(m[1])
+
+
+def _fused_here(name: str, spec: ModelSpec, leaf: str) -> bool:
+    """Whether `name` is `self_attn.{leaf}` of a layer whose q/k/v the twins fuse (`fuses_qkv`)."""
+    return name.endswith(f".self_attn.{leaf}") and fuses_qkv(spec, layer_of(name))
+
+
 def model_layout(spec: ModelSpec) -> list[Tensor]:
-    """The tensors the twins hold in memory: `layout(spec)` with q/k/v fused when `spec.fused_qkv`."""
-    if not fuses_qkv(spec):
-        return layout(spec)
+    """The tensors the twins hold in memory: `layout(spec)` with q/k/v fused in the layers `fuses_qkv` names."""
     out = []
     for t in layout(spec):
-        if t.name.endswith(".self_attn.q_proj.weight"):
+        if _fused_here(t.name, spec, "q_proj.weight"):
             fused = t.name.replace("q_proj", "qkv_proj")
             out.append(Tensor(fused, ((spec.H + 2 * spec.K) * spec.E, spec.D), "linear", "linear"))
-        elif not t.name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+        elif not (_fused_here(t.name, spec, "k_proj.weight") or _fused_here(t.name, spec, "v_proj.weight")):
             out.append(t)
     return out
 
 
 def fuse_qkv(weights: dict, spec: ModelSpec, concat: Callable = np.concatenate) -> dict:
-    """File layout -> in-memory layout: rows of q, then k, then v, in one [(H+2K)E, D] matrix.
+    """File layout -> in-memory layout: rows of q, then k, then v, in one [(H+2K)E, D] matrix per fused layer.
 
     Works on any array type whose `concat` joins a list along axis 0 (numpy, jnp, torch).
     """
-    if not fuses_qkv(spec):
-        return dict(weights)
     out = {}
     for name, x in weights.items():  # the fused matrix where q was: module order kept
-        if name.endswith(".self_attn.q_proj.weight"):
+        if _fused_here(name, spec, "q_proj.weight"):
             p = name.removesuffix(".q_proj.weight")
             out[f"{p}.qkv_proj.weight"] = concat([weights[f"{p}.{n}.weight"] for n in QKV])
-        elif not name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+        elif not (_fused_here(name, spec, "k_proj.weight") or _fused_here(name, spec, "v_proj.weight")):
             out[name] = x
     return out
 
 
 def split_qkv(weights: dict, spec: ModelSpec) -> dict:
     """In-memory layout -> file layout (the inverse of `fuse_qkv`; slicing, so any array type)."""
-    if not fuses_qkv(spec):
-        return dict(weights)
     out, q, k = {}, spec.H * spec.E, spec.K * spec.E
     for name, w in weights.items():  # q, k, v where the fused matrix was: module order kept
-        if name.endswith(".self_attn.qkv_proj.weight"):
+        if _fused_here(name, spec, "qkv_proj.weight"):
             p = name.removesuffix(".qkv_proj.weight")
             (out[f"{p}.q_proj.weight"], out[f"{p}.k_proj.weight"],
              out[f"{p}.v_proj.weight"]) = w[:q], w[q : q + k], w[q + k :]

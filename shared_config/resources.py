@@ -31,19 +31,25 @@ def layout_size(spec: ModelSpec) -> tuple[int, int, int]:
 
     Blocks may differ by index, but only as block 0 (HybridNorm*'s pre-norm block) and by parity after it
     (routing's every other block): a table of 4 or 5 layers (keeping the parity of `n_layers`, which some
-    rules read) holds one block of each kind, and the rest repeat them. `test_claimed_sizes.py` checks
-    this against the full table for every placement, mixer and routing choice.
+    rules read) holds one block of each kind, and the rest repeat them. A hybrid stack's differ by mixer alone:
+    a table of one GLA and one attention block. `test_claimed_sizes.py` checks this against the full table for
+    every placement, mixer and routing choice.
     """
     L = spec.L
     if L <= 8:
         return _table_size(layout(spec))
+    # a hybrid stack's blocks differ by mixer alone (GLA takes no routing and no HybridNorm*): a GLA block 0, an
+    # attention block 1, as many of each as the stack has
+    hybrid, n_attention = spec.gla_attention_every > 0, len(spec.attention_layers)
     try:
-        table = layout(spec.replace(n_layers=4 if L % 2 == 0 else 5))
+        table = layout(spec.replace(n_layers=2, gla_attention_every=2) if hybrid
+                       else spec.replace(n_layers=4 if L % 2 == 0 else 5))
     except SpecError:  # a rule that needs the real depth: the full table (a valid spec's is small enough)
         return _table_size(layout(spec))
     kinds = {i: [math.prod(t.shape) for t in table if t.name.startswith(f"model.layers.{i}.")] for i in range(3)}
     rest = [math.prod(t.shape) for t in table if not t.name.startswith("model.layers.")]
-    counts = {0: 1, 1: L // 2, 2: (L - 1) // 2}  # block 0, odd blocks, even blocks after 0
+    # block 0, odd blocks, even blocks after 0; a hybrid's GLA and attention blocks
+    counts = {0: L - n_attention, 1: n_attention, 2: 0} if hybrid else {0: 1, 1: L // 2, 2: (L - 1) // 2}
     tensors = len(rest) + sum(counts[i] * len(kinds[i]) for i in kinds)
     params = sum(rest) + sum(counts[i] * sum(kinds[i]) for i in kinds)
     return tensors, params, max(rest + kinds[0] + kinds[1] + kinds[2])

@@ -18,6 +18,7 @@ import numpy as np
 from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, SpecError, check_float32, check_type, from_mapping,
                           load_preset_or_file, yaml_names)
 from .limits import spelled
+from .mixer_rules import check_gla_rules
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -99,12 +100,16 @@ class ModelSpec:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     # token mixer: softmax attention, or Gated Linear Attention (Yang et al. 2023, arXiv 2312.06635) in every layer
+    # but the softmax attention layers gla_attention_every asks for (mixer_of; shared_config/mixer_rules.py)
     mixer: str = "attention"
     gla_expand_k: float = 0.5  # d_k = gla_expand_k · d_model (keys and queries, all heads)
     gla_expand_v: float = 1.0  # d_v = gla_expand_v · d_model (values and output gate, all heads)
     gla_gate_rank: int = 16  # rank of the forget-gate projection (x W_gk0) W_gk1 + b
     gla_gate_normalizer: float = 16.0  # log α = logsigmoid(gk) / gla_gate_normalizer
     gla_output_norm: str = "rms"  # per-head output norm: "rms" (flash-linear-attention's) or "same" (norm_type)
+    # mixer gla: 0 every layer GLA; k >= 2 a hybrid stack, layers i with (i + 1) % k == 0 softmax attention (MiniMax-01
+    # k 8, Qwen3-Next and Kimi Linear k 4), the others GLA; attention layers take position rope or none
+    gla_attention_every: int = 0
     # --- conditional computation (routing.py; docs/routing.md) ---
     routing: str = "none"  # "mod": Mixture-of-Depths (Raposo et al. 2024); "dtf": surprise-based routing
     routing_capacity: float = 0.125  # γ: a routed block runs floor(γ·T) tokens per sequence
@@ -163,6 +168,19 @@ class ModelSpec:
     @property
     def Vh(self) -> int:
         return self.d_v // self.n_heads
+
+    def mixer_of(self, i: int) -> str:
+        """The token mixer of layer i: the one place the hybrid pattern lives (`gla_attention_every`; everything else,
+        the layout, both twins' blocks, the FLOPs, the conversions, asks here)."""
+        k = self.gla_attention_every if self.mixer == "gla" else 0
+        return "attention" if k and (i + 1) % k == 0 else self.mixer
+
+    @property
+    def attention_layers(self) -> range:
+        """Indices of the softmax attention layers (a range: lazy, whatever n_layers): every layer for mixer attention,
+        a hybrid stack's every k-th (`mixer_of`), else none."""
+        k = self.gla_attention_every if self.mixer == "gla" else 1 if self.mixer == "attention" else 0
+        return range(k - 1, self.L, k) if k else range(0)
 
     @property
     def residual_scaled(self) -> bool:
@@ -247,7 +265,7 @@ def _check_rules(s: ModelSpec) -> None:
                 f"rope_high_freq_factor={s.rope_high_freq_factor}"
             )
     _check_float32_range(s)
-    _check_gla_rules(s)
+    check_gla_rules(s)
     _check_placement_rules(s)
     _check_routing(s)
 
@@ -311,33 +329,6 @@ def least_std(factor: float) -> float:
     while abs(np.float32(float(f"{digits}e{exponent}") * factor)) < FLOAT32_NORMAL:  # check_float32's test
         digits += 1
     return float(f"{digits}e{exponent}")
-
-
-def _check_gla_rules(s: ModelSpec) -> None:
-    """Rules of `mixer: gla` (flash-linear-attention's GatedLinearAttention without its optional extras)."""
-    for name in ("gla_expand_k", "gla_expand_v", "gla_gate_normalizer"):
-        if getattr(s, name) <= 0:
-            raise SpecError(f"{name}={getattr(s, name)} must be > 0")
-    if s.gla_gate_rank <= 0:
-        raise SpecError(f"gla_gate_rank={s.gla_gate_rank} must be > 0")
-    if s.mixer != "gla":
-        return
-    for name, dim in (("gla_expand_k", "d_k"), ("gla_expand_v", "d_v")):
-        size = getattr(s, name) * s.d_model  # 1e-12 gave d_k 0: heads of no width
-        if abs(size - round(size)) > 1e-9 or round(size) % s.n_heads or round(size) == 0:
-            raise SpecError(f"{name}={getattr(s, name)} gives {dim}={size:g} = {name}·d_model, which must be a whole "
-                            f"multiple of n_heads={s.n_heads}, above 0")
-    if s.position != "none":
-        raise SpecError(f"mixer=gla needs position=none (the recurrence carries order), got position={s.position}")
-    if s.K != s.n_heads:
-        raise SpecError(f"mixer=gla has no grouped keys: n_kv_heads={s.K} must equal n_heads={s.n_heads}")
-    if s.qk_norm:
-        raise SpecError("qk_norm=true is an attention option; mixer=gla has none")
-    if s.norm_placement in ("deepnorm", "hybrid", "hybrid_star"):
-        # HybridNorm normalises attention's Q/K/V and DeepNorm's β gain targets attention's v/o: neither is
-        # defined for the GLA layer
-        raise SpecError(f"norm_placement={s.norm_placement} is defined for attention; mixer=gla takes "
-                        "pre, peri, post or pre_post")
 
 
 # --- norm placements (shared_config/placement.py) ------------------------------------------------------

@@ -109,8 +109,9 @@ def check_cache_fits(spec: ModelSpec, layers: Sequence[tuple[Sequence[int], str,
     if len(layers) != spec.L:
         raise TokenError(f"a cache of {len(layers)} layers does not fit this model's n_layers={spec.L} "
                          "(made by another model's init_cache?)")
-    want_shape, want_dtype = state_layout(spec, batch, size)
     for i, (shape, dtype, routed) in enumerate(layers):
+        # each layer's own mixer (a hybrid stack's differ)
+        want_shape, want_dtype = state_layout(spec, spec.mixer_of(i), batch, size)
         want_routed = spec.routing if i in spec.routed_layers else "none"
         if (tuple(shape), dtype, routed) != (want_shape, want_dtype, want_routed):
             raise TokenError(f"layer {i} of the cache holds {dtype} {list(shape)} (routing {routed}) where this "

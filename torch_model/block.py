@@ -63,27 +63,29 @@ ATTENTION_HALVES = {"pre": pre_attention, "post": post_attention}
 MLP_HALVES = {"pre": pre_mlp, "post": post_mlp, "hybrid": hybrid_mlp}
 
 
-def make_mixer(spec: ModelSpec, attention: str) -> Attention | GLA:
-    """The block's token mixer for `spec.mixer` (one file per mixer); `attention`: the attention kernel's name.
+def make_mixer(spec: ModelSpec, mixer: str, attention: str) -> Attention | GLA:
+    """The block's token mixer, `mixer` (its layer's: `spec.mixer_of(i)`, one file per mixer); `attention`: the
+    attention kernel's name.
     Raises ValueError for a mixer with no module here (a value added to the spec's CHOICES alone)."""
-    if spec.mixer == "attention":
+    if mixer == "attention":
         return Attention(spec, attention)
-    if spec.mixer == "gla":
+    if mixer == "gla":
         return GLA(spec)
-    raise ValueError(f"make_mixer: no module for mixer={spec.mixer!r} (docs/extending.md)")
+    raise ValueError(f"make_mixer: no module for mixer={mixer!r} (docs/extending.md)")
 
 
-def empty_state(spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> LayerCache | GLAState:
-    """An empty decoding state of `size` slots for one block's token mixer (`spec.mixer`): attention's keys and values
-    [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no state here
-    (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's device."""
-    if spec.mixer == "attention":
-        shape, dtype = state_layout(spec, batch, size)
+def empty_state(spec: ModelSpec, mixer: str, batch: int, size: int, w: torch.Tensor) -> LayerCache | GLAState:
+    """An empty decoding state of `size` slots for one block's token mixer, `mixer` (its layer's): attention's keys and
+    values [batch, size, K, E] in the compute dtype, GLA's recurrent state. Raises ValueError for a mixer with no
+    state here (one added to make_mixer alone would decode with attention's cache). `w`: any tensor on the model's
+    device."""
+    if mixer == "attention":
+        shape, dtype = state_layout(spec, mixer, batch, size)
         return LayerCache(w.new_zeros(shape, dtype=DTYPES[dtype]), w.new_zeros(shape, dtype=DTYPES[dtype]),
                           w.new_zeros((), dtype=torch.int64))
-    if spec.mixer == "gla":
+    if mixer == "gla":
         return GLAState.empty(spec, batch, size, w)
-    raise ValueError(f"empty_state: no decoding state for mixer={spec.mixer!r} (docs/extending.md)")
+    raise ValueError(f"empty_state: no decoding state for mixer={mixer!r} (docs/extending.md)")
 
 
 def make_router(spec: ModelSpec) -> ModRouter | DtfRouter:
@@ -98,12 +100,12 @@ def make_router(spec: ModelSpec) -> ModRouter | DtfRouter:
 class Block(nn.Module):
     """One transformer block: its `placement` says which norm slots it has and which halves above run."""
 
-    def __init__(self, spec: ModelSpec, attention: str, placement: Placement, routed: bool = False):
+    def __init__(self, spec: ModelSpec, mixer: str, attention: str, placement: Placement, routed: bool = False):
         super().__init__()
         self.placement, self.alpha = placement, residual_alpha(spec)
         self.input_layernorm = make_norm(spec) if placement.input_norm else None
         # token mixer
-        self.self_attn = make_mixer(spec, attention)
+        self.self_attn = make_mixer(spec, mixer, attention)
         self.attn_output_norm = make_norm(spec) if placement.output_norms else None
         self.post_attention_layernorm = make_norm(spec)
         self.mlp = MLP(spec)

@@ -44,7 +44,7 @@ class GLAState(NamedTuple):
     @classmethod
     def empty(cls, spec: ModelSpec, batch: int, size: int, w: torch.Tensor) -> GLAState:
         """`w`: any tensor on the model's device (the JAX twin needs none)."""
-        shape, dtype = state_layout(spec, batch, size)  # [batch, H, K', V'] float32
+        shape, dtype = state_layout(spec, "gla", batch, size)  # [batch, H, K', V'] float32
         S_BHKV = w.new_zeros(shape, dtype=DTYPES[dtype])
         return cls(S_BHKV, w.new_zeros((), dtype=torch.int64), w.new_zeros((0, size), dtype=torch.int8))
 

@@ -34,7 +34,8 @@ from .weights import draw_weights
 
 class KVCache(NamedTuple):
     """Decoding state: every layer's keys and values in S preallocated slots per row, rows left-padded
-    (another mixer's layer holds its own state instead: `block.empty_state`).
+    (another mixer's layer holds its own state instead, in a hybrid stack layer by layer: `block.empty_state`;
+    `length` and `size` read layer 0 whatever its mixer: every state has both, the same in every layer).
 
     Row b's tokens fill slots start_B[b], start_B[b] + 1, ...; the slots before are padding, which no
     real token reads. All rows write the same slot at each step, so one scalar `length` indexes them.
@@ -87,8 +88,8 @@ class TransformerModel(nn.Module):
         self.embed_scale = (nn.Parameter(torch.full((1,), math.sqrt(D), dtype=DTYPES[spec.param_dtype])) if learnable
                             else None)
         self.embed_norm = make_norm(spec) if spec.embed_norm else None  # after the embeddings' scale (embed)
-        self.layers = nn.ModuleList([Block(spec, attention, block_placement(spec, i), i in spec.routed_layers)
-                                     for i in range(spec.L)])
+        self.layers = nn.ModuleList([Block(spec, spec.mixer_of(i), attention, block_placement(spec, i),
+                                           i in spec.routed_layers) for i in range(spec.L)])
         self.norm = make_norm(spec) if PLACEMENTS[spec.norm_placement].final_norm else None
         self.compute_dtype = DTYPES[spec.compute_dtype]  # the embeddings' output dtype (embed)
 
@@ -236,7 +237,7 @@ class Transformer(nn.Module):
         spec, w = self.spec, self.model.embed_tokens.weight  # w: new tensors go to the model's device
         start_B = check_cache_request(spec, batch, size, start_B)
         # distinct buffers per layer: a decode step donates (JAX) or writes in place (torch) each one
-        layers = tuple(empty_state(spec, batch, size, w) for _ in range(spec.L))
+        layers = tuple(empty_state(spec, spec.mixer_of(i), batch, size, w) for i in range(spec.L))
         start_B = (w.new_zeros(batch, dtype=torch.int64) if start_B is None
                    else torch.as_tensor(start_B, dtype=torch.int64, device=w.device))
         return KVCache(layers, start_B, routing.init_cache(spec, batch, size, w.device))

@@ -17,7 +17,7 @@ from shared_config.cli import UsageError
 from shared_config.formats.hf import unsupported_options
 from shared_config.spec import CHOICES
 
-from ..support.common import MIXERS, file_bytes_equal, load_script, make_spec, parity_weights, run_script
+from ..support.common import HYBRID, MIXERS, file_bytes_equal, load_script, make_spec, parity_weights, run_script
 
 convert = load_script("convert").convert
 
@@ -39,6 +39,8 @@ SPECS = {
     "dyt_peri_embed_norm": {"norm_type": "dyt", "norm_placement": "peri", "embed_norm": True, "norm_bias": True},
     # every other token mixer (Hugging Face export refuses them: TRIPS leaves hf out)
     "gla_dyt_peri_same": {**MIXERS["gla"], "norm_type": "dyt", "norm_placement": "peri", "gla_output_norm": "same"},
+    # a hybrid stack: attention layers fused in the .pt and Orbax files, GLA layers not (Hugging Face refuses it)
+    "hybrid_fused": HYBRID,
 }
 
 

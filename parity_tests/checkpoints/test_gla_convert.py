@@ -124,7 +124,8 @@ def test_a_tied_head_stored_twice_must_be_the_embedding_bit_for_bit(tmp_path, fm
 
 
 @pytest.mark.parametrize("key,value", [("use_short_conv", True), ("feature_map", "relu"), ("clamp_min", -1.0),
-                                       ("attn", {"layers": [1], "num_heads": 2}), ("num_kv_heads", 1)])
+                                       ("attn", {"layers": [1], "num_heads": 2, "window_size": 64}),
+                                       ("attn", {"layers": [0, 1], "num_heads": 2}), ("num_kv_heads", 1)])
 def test_fla_import_refuses_what_we_cannot_compute(tmp_path, key, value):
     src = gla_file(tmp_path / "a.safetensors", load_spec("gla-tiny"))
     convert(src, tmp_path / "m-fla", to="fla")

@@ -108,6 +108,10 @@ def test_generate_refuses_an_attention_kernel_for_a_model_without_attention(tmp_
     with pytest.raises(UsageError, match="--attention einsum: this model's layers are mixer=gla"):
         generate.main(["--backend", "torch", "--weights", str(tmp_path / "gla.safetensors"), "--tokens", "1",
                        "--attention", "einsum"])
+    hybrid = spec.replace(gla_attention_every=2)  # a hybrid stack's attention layer takes the kernel
+    save_checkpoint(tmp_path / "hybrid.safetensors", parity_weights(hybrid), hybrid)
+    assert generate.main(["--backend", "torch", "--weights", str(tmp_path / "hybrid.safetensors"), "--tokens", "1",
+                          "--attention", "einsum", "--max-new-tokens", "2"]) in (0, None)
 
 
 @pytest.mark.parametrize("args", [["--top-p", "0.5"], ["--top-k", "3"], ["--seed", "5", "--temperature", "0"]])

@@ -18,8 +18,8 @@ from shared_config import CheckpointError, init_weights, layout, load_spec
 from shared_config.resources import ResourceError, layout_size
 from shared_config.spec import CHOICES
 
-from ..support.common import (MIXERS, bench_module, case_ids, fla_dir, load_script, make_spec, one_line, peak_memory,
-                              quick_first, run_limited, with_metadata_spec)
+from ..support.common import (HYBRID, MIXERS, bench_module, case_ids, fla_dir, load_script, make_spec, one_line,
+                              peak_memory, quick_first, run_limited, with_metadata_spec)
 
 convert = load_script("convert").convert
 
@@ -33,6 +33,8 @@ SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True,
                dict(norm_placement="post"), dict(norm_placement="hybrid", norm_type="dyt"),
                # every other token mixer
                dict(**MIXERS["gla"], norm_type="dyt", gla_output_norm="same"),
+               # hybrid stacks: blocks that differ by mixer, every 2nd and every 3rd layer attention
+               dict(**HYBRID), {**HYBRID, "gla_attention_every": 3, "norm_placement": "peri"},
                # routing's every other block (mod, dtf's decision/dynamic pairs), and all blocks with HybridNorm*
                dict(routing="mod"), dict(routing="dtf"),
                dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]
@@ -47,7 +49,9 @@ def test_the_sized_specs_hold_every_placement_mixer_and_routing():
         assert not missing, f"no SIZED_SPECS row with {field} in {sorted(missing)}"
 
 
-SIZED = [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13) if L > 1 or "routing" not in c]  # routed: >= 2 blocks
+# routed: >= 2 blocks; a hybrid: at least gla_attention_every
+SIZED = [(c, L) for c in SIZED_SPECS for L in (1, 2, 9, 12, 13)
+         if L >= c.get("gla_attention_every", 1 + ("routing" in c))]
 
 
 @pytest.mark.parametrize("changes,n_layers", SIZED,

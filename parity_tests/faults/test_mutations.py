@@ -263,3 +263,18 @@ def test_dtf_scalar_fault_leaves_the_reference(monkeypatch, fault):
     plant_routing_fault(monkeypatch, fault)
     with pytest.raises(AssertionError, match="jax_model"):  # the first twin checked already objects
         test_routing.test_twins_match_the_reference(test_routing.ROUTED[4], "topk")
+
+
+def test_a_hybrid_pattern_off_by_one_is_caught_by_the_reference(monkeypatch, fresh_jax):
+    """spec.mixer_of with attention at layers 0, k, 2k, ... (i % k instead of (i + 1) % k): the layout and both
+    twins move together, so they agree with each other; the float64 reference writes the rule out itself
+    (`layer_mixer`) and objects (attention's tensors where it computes GLA: a shape that does not reshape)."""
+    from shared_config.spec import ModelSpec
+
+    from ..model import test_logits
+    from ..support.common import HYBRID
+
+    spec = make_spec(**HYBRID)
+    monkeypatch.setattr(ModelSpec, "mixer_of", lambda s, i: "attention" if i % s.gla_attention_every == 0 else "gla")
+    with pytest.raises((AssertionError, KeyError, ValueError), match=r"reshape|g_proj|float64 reference"):
+        test_logits.check(spec)

@@ -16,8 +16,8 @@ from shared_config.spec import CHOICES
 from torch_model.generate import Decoder as TorchDecoder
 
 from ..support import oracles
-from ..support.common import (FORWARD_TOL, MIXERS, case_ids, jax_steps, make_spec, parity_weights, quick_first, rel_err,
-                              tokens, torch_steps)
+from ..support.common import (FORWARD_TOL, HYBRID, MIXERS, case_ids, jax_steps, make_spec, parity_weights, quick_first,
+                              rel_err, tokens, torch_steps)
 
 CASES = [
     {},  # RoPE, GQA with 2 kv heads
@@ -44,6 +44,7 @@ CASES += [
 ]
 # Every other token mixer: its own decoding state (block.empty_state) in place of keys and values.
 CASES += [{**MIXERS["gla"], "norm_placement": "peri"}]
+CASES += [HYBRID, {**HYBRID, "position": "none", "gla_attention_every": 3}]  # hybrid stacks: each layer its own state
 P, N = 20, 12  # prompt tokens, then decode steps
 
 
@@ -91,7 +92,7 @@ def test_long_prompt_where_rope_offsets_show():
     check_cached_equals_uncached(make_spec(max_seq_len=256, n_layers=1), seq=200, prompt=180)
 
 
-RAGGED = [{}, {"position": "learned", "norm_placement": "post"}, MIXERS["gla"]]
+RAGGED = [{}, {"position": "learned", "norm_placement": "post"}, MIXERS["gla"], HYBRID]
 
 
 @pytest.mark.parametrize("changes", quick_first(RAGGED), ids=case_ids(RAGGED))

@@ -199,9 +199,10 @@ def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     spec = make_spec()
     object.__setattr__(spec, "mixer", "not-a-mixer")
     x = np.ones((1, 2, spec.D))
-    for build in (lambda: layout(spec), lambda: jb.make_mixer(spec, "xla", nnx.Rngs(0)),
-                  lambda: tb.make_mixer(spec, "sdpa"), lambda: reference.attention(x, {}, "x", spec),
-                  lambda: jb.empty_state(spec, 1, 4), lambda: tb.empty_state(spec, 1, 4, torch.zeros(1))):
+    bad = spec.mixer_of(0)  # each layer's mixer, as the model passes it
+    for build in (lambda: layout(spec), lambda: jb.make_mixer(spec, bad, "xla", nnx.Rngs(0)),
+                  lambda: tb.make_mixer(spec, bad, "sdpa"), lambda: reference.attention(x, {}, "x", spec),
+                  lambda: jb.empty_state(spec, bad, 1, 4), lambda: tb.empty_state(spec, bad, 1, 4, torch.zeros(1))):
         with pytest.raises(ValueError, match="mixer='not-a-mixer'"):
             build()
     spec = make_spec(routing="mod")

@@ -35,6 +35,8 @@ SPECS = {
     # every other token mixer: its tensors' init rules (GLA's gate bias 0, its per-head output norm)
     "gla_xavier": load_spec("gla-tiny").replace(init_scheme="xavier_uniform", gla_output_norm="same", norm_type="dyt",
                                                 attn_alpha_init=0.8, ffn_alpha_init=0.2),
+    # a hybrid stack: attention's q/k/v/o in layer 1 (fused q/k/v drawn per slice), GLA's in layer 0
+    "hybrid": load_spec("gla-tiny").replace(gla_attention_every=2, position="rope", init_std=0.05),
 }
 
 

@@ -12,7 +12,7 @@ from jax_model.weights import flat_params as jax_params
 from shared_config.spec import CHOICES
 from torch_model.weights import flat_params as torch_params
 
-from ..support.common import MIXERS, make_spec
+from ..support.common import HYBRID, MIXERS, make_spec
 
 SPECS = {
     "base": {},
@@ -27,6 +27,9 @@ SPECS = {
     "derf_peri_embed_norm": {"norm_type": "derf", "norm_placement": "peri", "embed_norm": True, "norm_bias": True},
     # every other token mixer, its tensors under the block's self_attn slot
     "gla_same": {**MIXERS["gla"], "norm_type": "derf", "gla_output_norm": "same", "norm_bias": True},
+    # hybrid stacks: attention's tensors (fused q/k/v in memory, or not) in every k-th layer, GLA's in the others
+    "hybrid_fused": HYBRID,
+    "hybrid_unfused_nope": {**HYBRID, "n_layers": 4, "position": "none", "fused_qkv": False},
 }
 
 

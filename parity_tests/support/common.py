@@ -42,6 +42,10 @@ MIXERS = {
     "attention": {},
     "gla": dict(mixer="gla", position="none", n_kv_heads=None, n_heads=4, gla_gate_rank=5, gla_expand_v=1.25),
 }
+# A hybrid stack (docs/gla.md, "Hybrid stacks"): GLA, softmax attention with RoPE, GLA (gla_attention_every 2 of 3
+# layers: attention between two GLA layers, so that either kind reads the other's output). The grids that hold a
+# hybrid start from it.
+HYBRID = {**MIXERS["gla"], "n_layers": 3, "gla_attention_every": 2, "position": "rope"}
 
 
 def make_spec(**changes) -> ModelSpec:

@@ -66,12 +66,23 @@ def rope(x, spec, positions=None):
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def attention(x, w: dict, p: str, spec, positions=None):
-    """Causal softmax attention over the T tokens of x [B, T, D], at positions [T] (default 0..T-1: RoPE's angles)."""
-    if spec.mixer == "gla":
+def layer_mixer(spec, i: int) -> str:
+    """Layer i's token mixer, from the definition of `gla_attention_every` (docs/gla.md, "Hybrid stacks"), not from
+    the spec's own helper: with mixer gla and k >= 1, layers i with (i + 1) % k == 0 are softmax attention."""
+    k = getattr(spec, "gla_attention_every", 0)
+    if spec.mixer == "gla" and k >= 1 and (i + 1) % k == 0:
+        return "attention"
+    return spec.mixer
+
+
+def attention(x, w: dict, p: str, spec, positions=None, i: int = 0):
+    """Layer i's token mixer (the reference's mixer dispatch despite its name): causal softmax attention over the T
+    tokens of x [B, T, D], at positions [T] (default 0..T-1: RoPE's angles), or GLA, which takes no positions."""
+    mixer = layer_mixer(spec, i)
+    if mixer == "gla":
         return gla(x, w, p, spec)
-    if spec.mixer != "attention":
-        raise ValueError(f"reference.attention: mixer={spec.mixer!r} is not written here")
+    if mixer != "attention":
+        raise ValueError(f"reference.attention: mixer={mixer!r} is not written here")
     B, T, _ = x.shape
     H, K, E = spec.H, spec.K, spec.E
     q = (x @ w[f"{p}.q_proj.weight"].T).reshape(B, T, H, E)
@@ -120,7 +131,7 @@ HYBRID = ("hybrid", "hybrid_star")
 def block(x, w: dict, p: str, i: int, spec, positions=None):
     """Block i: (its output, the attention branch, the MLP branch), with n1, n2 the slots named below; the tokens
     of x [B, T, D] at positions [T] (default 0..T-1), each attending to itself and the ones before it."""
-    attn = lambda h: attention(h, w, f"{p}.self_attn", spec, positions)  # noqa: E731
+    attn = lambda h: attention(h, w, f"{p}.self_attn", spec, positions, i)  # noqa: E731
     ffn = lambda h: mlp(h, w, f"{p}.mlp", spec)  # noqa: E731
     n1 = lambda h: norm(h, w, f"{p}.input_layernorm", spec)  # noqa: E731
     n2 = lambda h: norm(h, w, f"{p}.post_attention_layernorm", spec)  # noqa: E731

@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 
 from shared_config import load_spec
-from shared_config.flops import flops_per_token, matmul_params
+from shared_config.flops import flops_per_token, flops_split, matmul_params
 
 from ..support.common import ROOT, load_script, run_python
 
@@ -27,6 +27,48 @@ def test_gla_flops_against_a_hand_count():
     for seq in (16, 128):  # no term in the context length
         assert flops_per_token(spec, seq, "forward") == 2 * n + recurrence
         assert flops_per_token(spec, seq, "train") == 6 * n + 3 * recurrence
+
+
+@pytest.mark.parametrize("mode, causal", [("train", False), ("forward", True), ("decode", False)])
+def test_hybrid_flops_count_each_layers_own_mixer(mode, causal):
+    """MFU's numerator on a hybrid stack: the mixer term is the sum of its layers' own, each layer's read off a stack
+    of that mixer alone (GLA's constant in T, attention's 4·H·E·T, halved by `causal`); the weights from the layout."""
+    gla = load_spec("gla-tiny").replace(n_layers=4)  # D 64, H 2, E 32, K' 16, V' 32
+    hybrid = gla.replace(gla_attention_every=2, position="rope")  # GLA, attention, GLA, attention
+    attention = gla.replace(mixer="attention", position="rope")
+    for seq in (16, 128):
+        per_layer = {s.mixer: flops_split(s, seq, mode, causal)[1] / s.L for s in (gla, attention)}
+        weights, mixers = flops_split(hybrid, seq, mode, causal)
+        assert mixers == 2 * per_layer["gla"] + 2 * per_layer["attention"]
+        assert per_layer["attention"] == (3 if mode == "train" else 1) * 4 * 2 * 32 * seq * (0.5 if causal else 1)
+        assert weights == (6 if mode == "train" else 2) * matmul_params(hybrid)
+        assert matmul_params(hybrid) == (matmul_params(gla) + matmul_params(attention)) / 2  # 2 layers of each
+
+
+def test_bench_options_see_every_layers_mixer():
+    """--attention picks the kernel of a hybrid stack's attention layers: refused on a GLA stack, taken here."""
+    from argparse import Namespace
+
+    from bench.options import variants
+
+    args = dict(spec="gla-tiny", dtype="float32", attention="einsum", gla_kernel="pure", sweep=[])
+    hybrid = variants(Namespace(**args, set=["gla_attention_every=2"]))
+    assert [list(s.attention_layers) for _, s in hybrid] == [[1]]
+
+
+@pytest.mark.slow
+def test_bench_sweeps_a_hybrid_stack(tmp_path):
+    """`compare.py --sweep gla_attention_every=0,2` (docs/gla.md, "Hybrid stacks"): both twins, the kernel column
+    naming each mixer's kernel."""
+    out = tmp_path / "hybrid.json"
+    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "gla_attention_every=0,2",
+                      "--backend", "both", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds",
+                      "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["backend"], r["attention"]) for r in results] == [
+        ("gla_attention_every=0", "jax", "gla-chunk64"), ("gla_attention_every=0", "torch", "gla-chunk64"),
+        ("gla_attention_every=2", "jax", "gla-chunk64+blocked"), ("gla_attention_every=2", "torch", "gla-chunk64+sdpa")]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from ..files import CheckpointError
-from ..layout import group_names, layout
+from ..layout import group_names, layer_of, layout
 from ..limits import parse_json, quote
 from ..resources import check_memory, gib, layout_size
 from ..spec import COMPUTE_FIELDS, ModelSpec, load_spec
@@ -98,7 +98,9 @@ def stored_fusion(names, spec: ModelSpec) -> ModelSpec:
     file written fused must read under a spec that is not (a bare state dict under any spec), and the other way round.
     A file holding neither name (GLA) or both (damaged: the layout check names it) keeps `spec`'s."""
     fused = any(".self_attn.qkv_proj." in n for n in names)
-    if fused == any(".self_attn.q_proj." in n for n in names):
+    # q_proj of an attention layer: a hybrid stack's GLA layers hold theirs either way
+    split = any(".self_attn.q_proj." in n and layer_of(n) in spec.attention_layers for n in names)
+    if fused == split:
         return spec
     return spec.replace(fused_qkv=fused)
 
@@ -122,7 +124,7 @@ def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fal
     Returns the spec's parameter count."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
-        tensors -= 2 * spec.L
+        tensors -= 2 * len(spec.attention_layers)
     if tensors > 2 * found + 64:
         raise CheckpointError(
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "

@@ -41,7 +41,7 @@ CONFIG_KEYS = {
 # The only values we implement of keys that change the computation (an absent key means this value).
 CONFIG_REQUIRED = {
     "num_kv_heads": None, "feature_map": None, "use_short_conv": False, "use_output_gate": True, "clamp_min": None,
-    "hidden_act": "swish", "elementwise_affine": True, "use_gk": True, "use_gv": False, "attn": None,
+    "hidden_act": "swish", "elementwise_affine": True, "use_gk": True, "use_gv": False,
 }
 # What every flash-linear-attention GLA computes, as spec values. Its block builds the layer without passing
 # gate_low_rank_dim or gate_logit_normalizer: they are always the layer's defaults, 16 and 16.
@@ -72,23 +72,47 @@ def fla_name(name: str, fuse_norm: bool = True) -> str:
     raise KeyError(name)
 
 
+def fla_spec(spec: ModelSpec) -> dict[str, Any]:
+    """FLA_SPEC for `spec`: a hybrid stack (gla_attention_every) as fla's GLAConfig `attn` layers, which always rotate
+    q/k (fla.layers.attn.Attention's RotaryEmbedding, Hugging Face's rotate_half pairs) with plain RoPE."""
+    if not spec.gla_attention_every:
+        return FLA_SPEC
+    return {**FLA_SPEC, "position": "rope", "rope_scaling": "none"}
+
+
 def unsupported_options(spec: ModelSpec) -> list[str]:
-    """The spec options flash-linear-attention's GLA does not compute, as `key=value`."""
-    return spec.differences(FLA_SPEC)
+    """The spec options flash-linear-attention's GLA does not compute, as `key=value`: a hybrid's attention layers'
+    head dim is fla's hidden_size // num_heads."""
+    bad = spec.differences(fla_spec(spec))
+    if spec.gla_attention_every and spec.E * spec.H != spec.D:
+        bad.append(f"head_dim={spec.E}")
+    return bad
+
+
+def attn_config(spec: ModelSpec) -> dict[str, Any] | None:
+    """GLAConfig's `attn` of a hybrid stack (None for a GLA in every layer): its attention layers' indices, heads as
+    GLA's (no grouped keys), no qkv bias, no window, RoPE's theta."""
+    if not spec.gla_attention_every:
+        return None
+    return {"layers": list(spec.attention_layers), "num_heads": spec.H, "num_kv_heads": spec.H, "qkv_bias": False,
+            "window_size": None, "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_seq_len}
 
 
 def config_from_spec(spec: ModelSpec, path: str | Path) -> dict[str, Any]:
     """config.json of the `GLAForCausalLM` computing exactly `spec`; refuses what it cannot compute, by name."""
     if bad := unsupported_options(spec):
-        need = ", ".join(f"{k}={spelled(v)}" for k, v in FLA_SPEC.items())
+        need = ", ".join(f"{k}={spelled(v)}" for k, v in fla_spec(spec).items())
+        hybrid = (f", head_dim={spec.D // spec.H}: fla's attention layers always rotate q/k by plain RoPE, with "
+                  "hidden_size // num_heads per head" if spec.gla_attention_every else "")
         raise CheckpointError(f"{path}: no flash-linear-attention GLA equivalent for {', '.join(bad)} "
-                              f"(it needs {need})")
+                              f"(it needs {need}{hybrid})")
     d = spec.to_dict()
     return {
         "architectures": ["GLAForCausalLM"],
         "model_type": "gla",
         **{key: d[field] for field, key in CONFIG_KEYS.items()},
         **CONFIG_REQUIRED,
+        "attn": attn_config(spec),
         "attn_mode": "chunk",
         "fuse_norm": True,
         "initializer_range": spec.init_std,
@@ -117,11 +141,40 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
             fields["d_ff"] = 256 * ((int(fields["d_model"] * ratio * 2 / 3) + 255) // 256)
     except ConfigValueError as e:
         raise CheckpointError(str(e)) from None
+    fields.update(hybrid_fields(config.get("attn"), fields, path))
     try:
-        # head_dim: unread by a GLA, kept from `base` (our metadata) so that a round trip keeps the spec
+        # head_dim: unread by a GLA, kept from `base` (our metadata) so that a round trip keeps the spec; a hybrid's
+        # attention layers' is fla's hidden_size // num_heads (derived)
         return load_spec({"head_dim": None, **(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None})
     except SpecError as e:
         raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
+
+
+def hybrid_fields(attn: Any, fields: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The spec fields of GLAConfig's `attn` (None: a GLA in every layer): a hybrid stack whose attention layers are
+    every k-th (layers k-1, 2k-1, ...; `gla_attention_every`), with GLA's heads, no grouped keys, no qkv bias, no
+    window; anything else is refused by name (a pattern the spec cannot say, or an option our attention lacks)."""
+    if attn is None:
+        return {"gla_attention_every": 0}
+    refuse = lambda why: CheckpointError(f"{path}: attn={quote(attn)} is not supported ({why})")  # noqa: E731
+    layers = attn.get("layers") if isinstance(attn, Mapping) else None
+    if not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers):
+        raise refuse("a hybrid's attn must hold `layers`, a list of layer indices")
+    k, L = layers[0] + 1, fields["n_layers"]
+    every = range(k - 1, L, k)
+    if k < 2 or len(layers) != len(every) or layers != list(every):  # lengths first: L may claim 10^12 layers
+        raise refuse(f"its layers must be every k-th layer, k-1, 2k-1, ... below num_hidden_layers={L}, for a k >= 2 "
+                     "(gla_attention_every)")
+    heads = fields["n_heads"]
+    for key, want in (("num_heads", heads), ("num_kv_heads", heads), ("qkv_bias", False), ("window_size", None)):
+        if attn.get(key, heads if key == "num_kv_heads" else want) != want:
+            raise refuse(f"{key} must be {quote(want)}: attention layers with GLA's heads, no grouped keys, no qkv "
+                         "bias, no sliding window")
+    theta = attn.get("rope_theta", 10000.0)
+    if type(theta) not in (int, float) or not 0 < theta < float("inf"):
+        raise refuse("rope_theta must be a number > 0")
+    return {"gla_attention_every": k, "position": "rope", "rope_theta": float(theta), "rope_scaling": "none",
+            "head_dim": None}
 
 
 def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
