@@ -143,7 +143,7 @@ def variants(args) -> list[tuple[str, object]]:
         if same := next((other for other, o in out[:i] if o == spec), None):
             raise UsageError(f"--sweep: variant {label} is the spec of {same} again; list each model once")
     labels, have = ", ".join(label for label, _ in out), "has" if len(out) == 1 else "have"
-    layer_mixers = {m for _, spec in out for m in map(spec.mixer_of, range(spec.L))}  # a hybrid stack has two
+    layer_mixers = {m for _, spec in out for m in spec.layer_mixers}  # a hybrid stack has two
     mixers = ", ".join(sorted(layer_mixers))
     for flag, kernel, mixer in (("--gla-kernel", getattr(args, "gla_kernel", "auto"), "gla"),
                                 ("--attention", getattr(args, "attention", "auto"), "attention")):

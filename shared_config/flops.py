@@ -96,18 +96,19 @@ def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) 
     passes = 3 if mode == "train" else 1
     if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
         return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
-    fraction = routed_fraction(spec, seq_len)
-    mixers = sum(mixer_flops(spec, i, seq_len, fraction if i in spec.routed_layers else 1, causal)
-                 for i in range(spec.L))
+    # each layer's mixer_flops, summed by counting (routed blocks are attention ones): never a loop over the layers
+    routed, fraction = len(spec.routed_layers), routed_fraction(spec, seq_len)
+    counts = spec.layer_mixers
+    mixers = sum((n - routed if m == "attention" else n) * mixer_flops(spec, m, seq_len, 1, causal)
+                 for m, n in counts.items()) + routed * mixer_flops(spec, "attention", seq_len, fraction, causal)
     return weight_flops(spec, seq_len, mode), passes * mixers
 
 
-def mixer_flops(spec: ModelSpec, i: int, seq_len: int, fraction: float = 1, causal: bool = False) -> float:
-    """Layer i's own token-mixer FLOPs per token of a forward, by its mixer (`spec.mixer_of(i)`: a hybrid stack counts
+def mixer_flops(spec: ModelSpec, mixer: str, seq_len: int, fraction: float = 1, causal: bool = False) -> float:
+    """A layer's own token-mixer FLOPs per token of a forward, by its mixer (`spec.mixer_of(i)`: a hybrid stack counts
     each layer's own): attention's q·kᵀ and p·v over the keys it reads (a routed block, running `fraction` of the
     tokens, reads fraction·T keys for that fraction of them; `causal` halves it), GLA's state update and read-out,
     constant in the context length. Raises ValueError for a mixer with no count here."""
-    mixer = spec.mixer_of(i)
     if mixer == "gla":
         return 4 * spec.H * spec.Kh * spec.Vh
     if mixer != "attention":  # it would be counted as attention's q·kᵀ and p·v

@@ -40,7 +40,7 @@ def layout_size(spec: ModelSpec) -> tuple[int, int, int]:
         return _table_size(layout(spec))
     # a hybrid stack's blocks differ by mixer alone (GLA takes no routing and no HybridNorm*): a GLA block 0, an
     # attention block 1, as many of each as the stack has
-    hybrid, n_attention = spec.gla_attention_every > 0, len(spec.attention_layers)
+    hybrid, n_attention = spec.gla_attention_every > 0, spec.layer_mixers.get("attention", 0)
     try:
         table = layout(spec.replace(n_layers=2, gla_attention_every=2) if hybrid
                        else spec.replace(n_layers=4 if L % 2 == 0 else 5))

@@ -183,6 +183,14 @@ class ModelSpec:
         return range(k - 1, self.L, k) if k else range(0)
 
     @property
+    def layer_mixers(self) -> dict[str, int]:
+        """{mixer: how many layers have it}, the mixers with none left out; counted, not walked (`len` of a range
+        past 2**63 raises OverflowError, and a loop over a claimed 10**400 layers never ends)."""
+        k = self.gla_attention_every if self.mixer == "gla" else 1 if self.mixer == "attention" else 0
+        attention = self.L // k if k else 0
+        return {m: n for m, n in (("attention", attention), (self.mixer, self.L - attention)) if n}
+
+    @property
     def residual_scaled(self) -> bool:
         """`residual_scaling` resolved: unset means on, except under deepnorm (its β init takes the place)."""
         return self.norm_placement != "deepnorm" if self.residual_scaling is None else self.residual_scaling

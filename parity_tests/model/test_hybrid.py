@@ -65,6 +65,17 @@ def test_mixer_of_is_the_one_pattern(k, n_layers, attention):
     assert [i for i in range(n_layers) if spec.mixer_of(i) == "attention"] == attention == list(spec.attention_layers)
     assert all(spec.mixer_of(i) == "gla" for i in range(n_layers) if i not in attention)
     assert list(make_spec().attention_layers) == [0, 1] and list(make_spec(**MIXERS["gla"]).attention_layers) == []
+    counts = {m: n for m, n in (("attention", len(attention)), ("gla", n_layers - len(attention))) if n}
+    assert spec.layer_mixers == counts
+
+
+def test_the_layer_counts_are_counted_not_walked():
+    """bench's variants walked every layer's mixer_of, and the FLOP count summed over them: a spec claiming 10**400
+    layers (refused later, by the memory check) never returned from `profile_step.py --set n_layers=999...`."""
+    huge = 10**400
+    assert hybrid(gla_attention_every=4, n_layers=huge, position="none").layer_mixers == {
+        "attention": huge // 4, "gla": huge - huge // 4}
+    assert make_spec(n_layers=huge).layer_mixers == {"attention": huge}
 
 
 def test_the_layout_and_the_decoding_state_are_per_layer():

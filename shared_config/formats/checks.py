@@ -124,7 +124,7 @@ def check_count(found: int, spec: ModelSpec, path: str | Path, fused: bool = Fal
     Returns the spec's parameter count."""
     tensors, params, _ = layout_size(spec)
     if fused and spec.fused_qkv:
-        tensors -= 2 * len(spec.attention_layers)
+        tensors -= 2 * spec.layer_mixers.get("attention", 0)
     if tensors > 2 * found + 64:
         raise CheckpointError(
             f"{path}: the spec implies {tensors:,} tensors ({spec.L:,} layers, {params:,} parameters, "
