@@ -77,6 +77,7 @@ def test_pallas_kernel_lowers_to_triton_for_a_gpu(B, H, T, K, V):
                                              "_grads_kernel"}
 
 
+@pytest.mark.slow  # ~12 s; the kernel's gradients against the pure forms stay in the quick tier
 def test_a_gla_model_on_the_pallas_kernel_trains_as_on_the_pure_form():
     """A whole two-layer GLA model: logits and every parameter's gradient with the kernel equal the pure form's."""
     from jax_model import train
