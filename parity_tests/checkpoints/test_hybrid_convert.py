@@ -96,6 +96,17 @@ def test_fla_import_refuses_attn_layers_we_cannot_compute(tmp_path, attn, why):
         convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
 
 
+def test_fla_import_counts_the_attn_layers_of_a_config_claiming_any_depth():
+    """A config.json claiming 10**30 layers (past 2**63) with `attn` layers was an OverflowError's traceback: the
+    layers were compared with a range whose length Python cannot take; they are counted (L // k) instead."""
+    from shared_config.formats.fla import hybrid_fields
+
+    for layers in (10**30, 10**400):
+        with pytest.raises(CheckpointError, match=r"its layers must be every k-th layer"):
+            hybrid_fields({"layers": [1, 3]}, {"n_layers": layers, "n_heads": 2}, "config.json")
+    assert hybrid_fields({"layers": [1, 3]}, {"n_layers": 5, "n_heads": 2}, "c")["gla_attention_every"] == 2
+
+
 @pytest.mark.parametrize("changes, named", quick_first([
     (dict(position="none"), ["position=none", "fla's attention layers always rotate q/k"]),  # NoPE attention layers
     (dict(head_dim=16), ["head_dim=16", "head_dim=32"]),  # fla's attention: hidden_size // num_heads per head

@@ -161,8 +161,8 @@ def hybrid_fields(attn: Any, fields: Mapping[str, Any], path: str | Path) -> dic
     if not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers):
         raise refuse("a hybrid's attn must hold `layers`, a list of layer indices")
     k, L = layers[0] + 1, fields["n_layers"]
-    every = range(k - 1, L, k)
-    if k < 2 or len(layers) != len(every) or layers != list(every):  # lengths first: L may claim 10^12 layers
+    # counted, then compared: L may claim 10^12 layers (a list of them), or 10^30 (len of a range: OverflowError)
+    if k < 2 or len(layers) != L // k or layers != [k - 1 + j * k for j in range(len(layers))]:
         raise refuse(f"its layers must be every k-th layer, k-1, 2k-1, ... below num_hidden_layers={L}, for a k >= 2 "
                      "(gla_attention_every)")
     heads = fields["n_heads"]
