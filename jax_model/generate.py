@@ -142,7 +142,7 @@ def pick(weights_BX, u_B):
 @partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
 def sample(logits_BV, u_B2, temperature: float, top_k: int | None = None, top_p: float | None = None):
     """Next tokens [B] int32: the argmax when temperature is 0, else a draw from softmax(logits / temperature),
-    filtered, at the step's uniforms u_B2 [B, 2] in [0, 1) (`step_uniforms`' step: the same in both twins, see `draw`);
+    filtered, at the step's uniforms u_B2 [B, 2] in [0, 1) (`uniform_steps`: the same in both twins, see `draw`);
     -1 in a row whose logits hold a NaN or are all -inf (no token is right: `generate` raises GenerationError).
 
     Exact at the limits: a temperature that underflows float32 keeps only the best tokens, one that overflows it

@@ -111,26 +111,23 @@ def check_drawn(next_B: np.ndarray, step: int) -> None:
                               "(non-finite weights?): no token can be drawn")
 
 
-def step_uniforms(seed: int, steps: int, batch: int) -> np.ndarray:
-    """The uniforms [steps, B, 2] float32 in [0, 1) that seeded sampling draws with, two per draw (each twin's `sample`
-    takes a step's [B, 2]: one picks a block of tokens, the other a token in it, see `draw_blocks`): bits 40..63 and
-    16..39 of one 64-bit word of numpy's Philox seeded by `seed`, times 2**-24, so every value is exact in float32 and
-    below 1. Row b reads its own stream, the generator advanced by b·2**64 counters, so a row's draws do not depend on
-    how many rows are sampled beside it (a prompt sampled alone or as row 0 of a batch gets the same tokens, as greedy
-    decoding does). Philox's docstring guarantees that a fixed seed always gives the same integer stream; the words are
-    read raw (`random_raw`) and the bits cut by integer arithmetic, because `Generator`'s methods may change their
-    algorithms between numpy versions (numpy's compatibility policy). A seed numpy refuses (negative, not an integer)
-    is refused first by `check_generation`. The twins draw them step by step, `uniform_steps`."""
-    return np.stack(list(uniform_steps(seed, steps, batch))).reshape(steps, batch, 2)
-
-
 UNIFORM_CHUNK = 256  # steps of uniforms made at a time
 
 
 def uniform_steps(seed: int, steps: int, batch: int) -> Iterator[np.ndarray]:
-    """`step_uniforms(seed, steps, batch)` one step [B, 2] at a time, made UNIFORM_CHUNK steps at a time (Philox's raw
-    stream is the same read in pieces): made whole up front they took ~50 bytes and ~200 ns per step and row before
-    the first token, 3 GiB and 13 s at max_new_tokens 2**20 with 64 rows, however early eos stopped the rows."""
+    """The uniforms that seeded sampling draws with, one step [B, 2] float32 in [0, 1) at a time, `steps` of them, two
+    per draw (each twin's `sample` takes a step's [B, 2]: one picks a block of tokens, the other a token in it, see
+    `draw_blocks`): bits 40..63 and 16..39 of one 64-bit word of numpy's Philox seeded by `seed`, times 2**-24, so
+    every value is exact in float32 and below 1. Row b reads its own stream, the generator advanced by b·2**64
+    counters, so a row's draws do not depend on how many rows are sampled beside it (a prompt sampled alone or as row
+    0 of a batch gets the same tokens, as greedy decoding does). Philox's docstring guarantees that a fixed seed always
+    gives the same integer stream; the words are read raw (`random_raw`) and the bits cut by integer arithmetic,
+    because `Generator`'s methods may change their algorithms between numpy versions (numpy's compatibility policy).
+    A seed numpy refuses (negative, not an integer) is refused first by `check_generation`.
+
+    Made UNIFORM_CHUNK steps at a time (Philox's raw stream is the same read in pieces): made whole up front they took
+    ~50 bytes and ~200 ns per step and row before the first token, 3 GiB and 13 s at max_new_tokens 2**20 with 64
+    rows, however early eos stopped the rows."""
     rows = [np.random.Philox(seed).advance(b * 2**64) for b in range(batch)]
     for start in range(0, steps, UNIFORM_CHUNK):
         n = min(UNIFORM_CHUNK, steps - start)

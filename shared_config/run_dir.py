@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import os
 import re
 import shutil
@@ -371,9 +372,7 @@ def same_bytes(a: Path, b: Path) -> bool:
     """Whether `a` is a regular file, or a link to one, with the bytes of regular file `b` (a directory, a special
     file or a broken link at `a` is not: never read, so a FIFO does not block; tokenizer.json files are capped where
     they are read, at MAX_JSON_BYTES). A link to the data's own tokenizer.json was refused as not the data's."""
-    if not a.is_file() or a.stat().st_size != b.stat().st_size:
-        return False
-    return a.read_bytes() == b.read_bytes()
+    return a.is_file() and filecmp.cmp(a, b, shallow=False)
 
 
 def foreign_files(out: str | Path) -> list[str]:

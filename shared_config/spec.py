@@ -172,21 +172,27 @@ class ModelSpec:
     def mixer_of(self, i: int) -> str:
         """The token mixer of layer i: the one place the hybrid pattern lives (`gla_attention_every`; everything else,
         the layout, both twins' blocks, the FLOPs, the conversions, asks here)."""
-        k = self.gla_attention_every if self.mixer == "gla" else 0
+        k = self._attention_period
         return "attention" if k and (i + 1) % k == 0 else self.mixer
+
+    @property
+    def _attention_period(self) -> int:
+        """Layers i with (i + 1) % k == 0 are softmax attention: k = 1 for mixer attention, gla_attention_every for
+        mixer gla (0: none)."""
+        return self.gla_attention_every if self.mixer == "gla" else 1
 
     @property
     def attention_layers(self) -> range:
         """Indices of the softmax attention layers (a range: lazy, whatever n_layers): every layer for mixer attention,
         a hybrid stack's every k-th (`mixer_of`), else none."""
-        k = self.gla_attention_every if self.mixer == "gla" else 1 if self.mixer == "attention" else 0
+        k = self._attention_period
         return range(k - 1, self.L, k) if k else range(0)
 
     @property
     def layer_mixers(self) -> dict[str, int]:
         """{mixer: how many layers have it}, the mixers with none left out; counted, not walked (`len` of a range
         past 2**63 raises OverflowError, and a loop over a claimed 10**400 layers never ends)."""
-        k = self.gla_attention_every if self.mixer == "gla" else 1 if self.mixer == "attention" else 0
+        k = self._attention_period
         attention = self.L // k if k else 0
         return {m: n for m, n in (("attention", attention), (self.mixer, self.L - attention)) if n}
 

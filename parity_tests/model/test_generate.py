@@ -12,7 +12,7 @@ import torch
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config.generation import GenerationError, step_uniforms
+from shared_config.generation import GenerationError, uniform_steps
 from shared_config.tokens import TokenError
 from torch_model import generate as tg
 
@@ -113,7 +113,7 @@ def test_samples_stay_inside_top_k_and_top_p():
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()
     order = np.argsort(-p)
     top_p_set = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1])
-    u = step_uniforms(0, 1, 4000)[0]
+    u = next(uniform_steps(0, 1, 4000))
     for top_k, top_p, kept in [(5, None, top5), (None, 0.6, top_p_set)]:
         j = np.asarray(jg.sample(jnp.asarray(logits), jnp.asarray(u), 1.0, top_k, top_p))
         t = tg.sample(torch.as_tensor(logits), torch.as_tensor(u), 1.0, top_k, top_p).numpy()

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config.generation import GenerationError, step_uniforms
+from shared_config.generation import GenerationError, uniform_steps
 from torch_model import generate as tg
 
 from ..support.common import make_spec, parity_weights
@@ -74,6 +74,7 @@ def test_top_p_set_is_the_float64_one_in_both_twins_and_in_transformers(wide_log
     assert set(np.setxor1d(j, t)) <= set(undecided)
 
 
+@pytest.mark.slow  # ~7 s; quick: the float64 sets (test_top_p_set_is_the_float64_one_in_both_twins_and_in_transformers)
 def test_twins_and_transformers_keep_the_same_sets_on_small_vocabularies():
     rng = np.random.default_rng(1)
     for V in (2, 3, 17, 97, 1000):
@@ -87,7 +88,7 @@ def test_twins_and_transformers_keep_the_same_sets_on_small_vocabularies():
 def draws(logits, temperature, n=2000, top_k=None, top_p=None) -> tuple[np.ndarray, np.ndarray]:
     """Each twin's `sample` of one row repeated n times, at the uniforms of seed 0."""
     rows = np.repeat(np.asarray(logits, np.float32)[None], n, axis=0)
-    u = step_uniforms(0, 1, n)[0]
+    u = next(uniform_steps(0, 1, n))
     j = np.asarray(jg.sample(jnp.asarray(rows), jnp.asarray(u), temperature, top_k, top_p))
     t = tg.sample(torch.as_tensor(rows), torch.as_tensor(u), temperature, top_k, top_p).numpy()
     return j, t
@@ -132,7 +133,7 @@ def test_a_top_p_below_float32s_smallest_keeps_the_best_tokens(top_p):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_undrawable_rows_are_marked_not_drawn(logits, temperature):
     rows = np.asarray([logits, [0.0, 1.0, 0.5]], np.float32)
-    u = step_uniforms(0, 1, 2)[0]
+    u = next(uniform_steps(0, 1, 2))
     j = np.asarray(jg.sample(jnp.asarray(rows), jnp.asarray(u), temperature))
     t = tg.sample(torch.as_tensor(rows), torch.as_tensor(u), temperature).numpy()
     assert j[0] == t[0] == -1 and 0 <= j[1] < 3 and 0 <= t[1] < 3

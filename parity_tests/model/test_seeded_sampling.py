@@ -1,4 +1,4 @@
-"""Seeded sampling gives the same tokens in both twins: the uniforms come from one numpy stream (`step_uniforms`), and
+"""Seeded sampling gives the same tokens in both twins: the uniforms come from one numpy stream (`uniform_steps`), and
 each twin's `sample` inverts the same float32 CDFs (a block of tokens, then a token in it); on a grid of uniforms the
 draws' frequencies are the exact probabilities, top-k, top-p and the limits included."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jax_model import generate as jg
-from shared_config.generation import draw_blocks, step_uniforms
+from shared_config.generation import UNIFORM_CHUNK, draw_blocks, uniform_steps
 from torch_model import generate as tg
 
 from ..support.common import make_spec, quick_first, tokens
@@ -21,6 +21,11 @@ def base():
     return (spec, *twins(spec))
 
 
+def step_uniforms(seed: int, steps: int, batch: int) -> np.ndarray:
+    """The uniforms [steps, B, 2] the twins draw with, whole."""
+    return np.stack(list(uniform_steps(seed, steps, batch)))
+
+
 def both(logits, u, temperature, top_k=None, top_p=None) -> tuple[np.ndarray, np.ndarray]:
     """Each twin's `sample` of float32 logits [B, V] at the uniforms u [B, 2]."""
     logits, u = np.asarray(logits, np.float32), np.asarray(u, np.float32)
@@ -29,7 +34,7 @@ def both(logits, u, temperature, top_k=None, top_p=None) -> tuple[np.ndarray, np
     return j, t
 
 
-def test_step_uniforms_are_a_fixed_float32_stream_in_the_unit_interval():
+def test_uniform_steps_are_a_fixed_float32_stream_in_the_unit_interval():
     u = step_uniforms(0, 5, 3)
     assert u.shape == (5, 3, 2) and u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
     assert np.all(u * 2**24 == np.floor(u * 2**24))  # multiples of 2**-24: exact in float32
@@ -119,7 +124,7 @@ def test_draws_at_the_limits_have_the_exact_frequencies(logits, temperature, p):
 
 
 def test_uniforms_at_the_ends_of_the_unit_interval_draw_the_first_and_last_kept_tokens():
-    """u = (0, 0) picks the first token of positive weight, u = (1 - 2**-24, 1 - 2**-24) (the largest `step_uniforms`
+    """u = (0, 0) picks the first token of positive weight, u = (1 - 2**-24, 1 - 2**-24) (the largest `uniform_steps`
     gives) the last: never a token of weight 0 before, between or after them (blocks of 3 tokens here)."""
     logits = np.array([[-np.inf, 1.0, -np.inf, 0.5, 2.0, -np.inf]] * 2)
     j, t = both(logits, [[0.0, 0.0], [1 - 2**-24, 1 - 2**-24]], 1.0)
@@ -173,14 +178,15 @@ def test_twins_generate_the_same_seeded_sample_for_a_ragged_batch_with_eos(base)
 
 
 def test_uniforms_are_drawn_as_the_steps_go():
-    """step_uniforms made [steps, B, 2] whole before the first token (3 GiB and 13 s at 2**20 steps of 64 rows,
-    however early eos stopped the rows); uniform_steps makes them a chunk at a time, the same stream across chunks."""
+    """The uniforms made [steps, B, 2] whole before the first token took 3 GiB and 13 s at 2**20 steps of 64 rows,
+    however early eos stopped the rows; uniform_steps makes them a chunk at a time, the same stream across chunks
+    (Philox read in one piece here)."""
     import tracemalloc
 
-    from shared_config.generation import UNIFORM_CHUNK, uniform_steps
-
     steps = 2 * UNIFORM_CHUNK + 3
-    np.testing.assert_array_equal(np.stack(list(uniform_steps(7, steps, 3))), step_uniforms(7, steps, 3))
+    words = np.stack([np.random.Philox(7).advance(b * 2**64).random_raw(steps) for b in range(3)], 1)  # [steps, B]
+    whole = np.stack([words >> np.uint64(40), (words >> np.uint64(16)) & np.uint64(2**24 - 1)], -1) * 2.0**-24
+    np.testing.assert_array_equal(step_uniforms(7, steps, 3), whole.astype(np.float32))
     np.testing.assert_array_equal(step_uniforms(7, steps, 3)[UNIFORM_CHUNK - 2:UNIFORM_CHUNK + 2],
                                   np.stack(list(uniform_steps(7, UNIFORM_CHUNK + 2, 3))[UNIFORM_CHUNK - 2:]))
     tracemalloc.start()
