@@ -61,7 +61,7 @@ def test_a_zero_rope_scaling_in_a_config_is_not_read_as_null(tmp_path, canonical
 # --- GLA's forget gates at the ends of their range: reset and open gates keep the recurrence's values ----------------
 
 
-@pytest.mark.parametrize("scale", quick_first([1e7, 1e5]))
+@pytest.mark.parametrize("scale", quick_first([1e7, 1e5], 0))  # quick: test_gla_chunk.py's strong gates
 def test_gla_with_reset_and_open_gates_matches_the_float64_recurrence(scale):
     """Half the key channels' gate projections scaled by `scale`: per token, log α from about −scale/16 (a reset,
     down to −6e5 at 1e7) to 0 (α = 1), mixed within every chunk. The chunk form (chunk 64 over 70 tokens, 16-token

@@ -69,7 +69,7 @@ def test_which_router_inputs_take_a_gradient_in_a_train_step(routing):
     assert needs == {"fc1": False, "fc2": True, "router": True}
 
 
-@pytest.mark.parametrize("routing", quick_first(["dtf", "mod"]))
+@pytest.mark.parametrize("routing", quick_first(["mod", "dtf"]))
 def test_a_forward_pass_computes_no_predictor(routing):
     """The forward count's premise: the JAX twin's jitted top-k forward (bench/compare.py --mode forward) holds no
     predictor matmul, as its fc1 weight [D, D/2] (JAX orientation: 48 x 24 here, no other weight of that shape) is
