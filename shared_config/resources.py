@@ -85,25 +85,55 @@ def init_bytes(spec: ModelSpec) -> int:
     return 2 * weights_bytes(spec) + 12 * largest
 
 
+# GLA's chunkwise form (both twins' gla.py CHUNK and SUB, the form a machine without an accelerator trains with)
+GLA_CHUNK, GLA_SUB = 64, 16
+
+
 def train_bytes(spec: ModelSpec, batch: int, seq: int, grad_accum_steps: int = 1, remat: str = "none",
                 loss_chunk: int = 0) -> int:
     """A lower bound on the host bytes of one training job: weights, gradients and AdamW's two moments in float32
     in the framework plus the numpy copies of weights and moments (8 copies), and, on a machine without an
-    accelerator, the activations kept for the backward pass of one micro-batch (batch / grad_accum_steps rows):
-    per layer about 12 D + 3 F values per token and the [H, T, T] attention weights (remat "block": the matmul
-    outputs, about 4 D + 2 F per token; "full": the block input, D per token; both plus one layer recomputed in
-    full), then the logits, 3 V per token of one loss chunk (loss_chunk; 0 or past the tokens: all of them at once).
+    accelerator, the activations kept for the backward pass of one micro-batch (batch / grad_accum_steps rows), 4 bytes
+    per float32 value: each layer's values by its token mixer (`layer_values`, the layers counted per mixer by
+    `spec.layer_mixers`, never walked); remat "block" keeps each layer's matmul outputs, "full" its input, both plus the
+    last layer recomputed in full (the first one the backward recomputes, while every other layer's kept values are
+    held); then the logits, 3 V per token of one loss chunk (loss_chunk; 0 or past the tokens: all of them at once).
     On an accelerator they live in its memory, which the frameworks report themselves when it runs out
     (`is_out_of_memory`). The memory options are the train config's (docs/training.md, "Training bigger models")."""
     _, params, _ = layout_size(spec)
     rows = max(1, batch // max(1, grad_accum_steps))
     tokens = rows * seq
-    full_layer = tokens * (12 * spec.D + 3 * spec.F) + rows * spec.H * seq * seq
-    kept = {"none": full_layer, "block": tokens * (4 * spec.D + 2 * spec.F), "full": tokens * spec.D}[remat]
-    layers = spec.L * kept + (full_layer if remat != "none" else 0)
+    kept = {m: layer_values(spec, m, rows, seq, remat) for m in spec.layer_mixers}
+    last = spec.mixer_of(spec.L - 1)
+    layers = sum(n * kept[m] for m, n in spec.layer_mixers.items())
+    if remat != "none":  # the last layer's kept values are part of its recomputed ones
+        layers += layer_values(spec, last, rows, seq, "none") - kept[last]
     logits = 3 * min(loss_chunk or tokens, tokens) * spec.V
     activations = 0 if accelerator_present() else layers + logits
     return 4 * (8 * params + activations)
+
+
+def layer_values(spec: ModelSpec, mixer: str, rows: int, seq: int, remat: str = "none") -> int:
+    """Float32 values one layer of token mixer `mixer` keeps for the backward on `rows` rows of `seq` tokens (T).
+    Around either mixer, 8 D + 3 F per token (norms, residual, MLP). Softmax attention: its q, k, v and output, 4 D
+    per token, and the [H, T, T] attention weights per row. GLA (`chunked_gla`, chunks of C = min(64, T) tokens
+    in sub-chunks of c = 16): per token q, k and the log-gates (3 d_k), the gate's rank-R projection (R), v, the
+    output gate and the heads' output (3 d_v), the pairs within a sub-chunk (q, k and their decays: 3 (c + 1) / 2 d_k),
+    the keys decayed to the later sub-chunks ((C / c - 1) d_k) and the intra-chunk scores (H C); per row the state at
+    each chunk's start ([H, K', V'] per chunk): no [H, T, T] tensor. remat "block": the matmul outputs (attention
+    4 D + 2 F; GLA q, k, v, output gate, o_proj 2 d_k + 2 d_v + D, and 2 F), "full": the layer's input, D."""
+    tokens, D, F = rows * seq, spec.D, spec.F
+    if remat != "none":
+        return tokens * ({"block": 2 * F + (4 * D if mixer == "attention" else 2 * spec.d_k + 2 * spec.d_v + D),
+                          "full": D}[remat])
+    if mixer == "attention":
+        return tokens * (12 * D + 3 * F) + rows * spec.H * seq * seq
+    # CPU, D 256, H 4, F 512, 2 GLA layers, 1 x 8192 tokens: 573 MiB counted (2,360 with [H, T, T]), torch 863, XLA 924
+    C = min(GLA_CHUNK, GLA_SUB * -(-seq // GLA_SUB))
+    dk, dv = spec.d_k, spec.d_v
+    per_token = (8 * D + 3 * F + 3 * dk + spec.gla_gate_rank + 3 * dv + 3 * (GLA_SUB + 1) * dk // 2
+                 + max(C // GLA_SUB - 1, 0) * dk + spec.H * C)
+    return tokens * per_token + rows * -(-seq // GLA_CHUNK) * spec.H * spec.Kh * spec.Vh
 
 
 def accelerator_present() -> bool:

@@ -11,10 +11,12 @@ import pytest
 
 from shared_config import SpecError, load_train_config
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
+from jax_model import gla as jax_gla
+from torch_model import gla as torch_gla
 from torch_model import loss as torch_loss
 from torch_model import train as torch_train
 
-from ..support.common import make_spec, parity_weights, quick_first
+from ..support.common import HYBRID, MIXERS, make_spec, parity_weights, quick_first
 from ..support.parallel_runs import masked_batch
 from ..support.train_common import TWINS, trajectory
 
@@ -129,6 +131,73 @@ def test_the_memory_pre_check_counts_every_memory_option(monkeypatch):
     assert resources.train_bytes(spec, 8, 256, grad_accum_steps=4) < plain / 3  # one micro-batch's activations
     assert resources.train_bytes(spec, 8, 256, remat="block") < plain
     assert resources.train_bytes(spec, 8, 256, remat="full") < resources.train_bytes(spec, 8, 256, remat="block")
+
+
+# The token mixers' estimates at one size: D 48, H 4, F 80 (GLA: d_k 24, d_v 60, K' 6, V' 15, gate rank 5), long rows
+GLA, ATTENTION = make_spec(**MIXERS["gla"]), make_spec(n_heads=4, n_kv_heads=None)
+ROWS, T = 2, 4096
+
+
+def test_a_gla_layer_keeps_no_attention_weights(monkeypatch):
+    """GLA's chunk form keeps O(T·C) per row, not softmax attention's [H, T, T]: at T 4096 the attention weights are
+    nearly all of an attention model's estimate and none of a GLA model's of the same sizes."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    assert (GLA.D, GLA.H, GLA.F, GLA.L) == (ATTENTION.D, ATTENTION.H, ATTENTION.F, ATTENTION.L)
+    gla, attention = (resources.train_bytes(s, ROWS, T) for s in (GLA, ATTENTION))
+    weights = 4 * ATTENTION.L * ROWS * ATTENTION.H * T * T  # bytes of the [H, T, T] attention weights
+    assert gla < attention / 8
+    assert attention - gla > 0.9 * weights
+    # the chunk sizes it counts are the twins' (a compute choice, not a spec field)
+    assert (resources.GLA_CHUNK, resources.GLA_SUB) == (torch_gla.CHUNK, torch_gla.SUB) == (jax_gla.CHUNK, jax_gla.SUB)
+
+
+def test_gla_remat_saves_no_attention_weights(monkeypatch):
+    """full < block < none for GLA too, and what recomputation saves there is far less than for attention (whose
+    [H, T, T] weights it recomputes)."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    gla, attention = ({r: resources.train_bytes(s, ROWS, T, remat=r) for r in ("full", "block", "none")}
+                      for s in (GLA, ATTENTION))
+    assert gla["full"] < gla["block"] < gla["none"]
+    assert gla["none"] - gla["block"] < (attention["none"] - attention["block"]) / 4
+
+
+def gla_layer_values(s, rows, t):
+    """One GLA layer's kept float32 values, written out from train_bytes' docstring (t a multiple of the 64-token
+    chunk: 4 sub-chunks of 16): around the mixer, q/k/log-gates, gate rank, v/output gate/output, sub-chunk pairs,
+    decayed keys, intra-chunk scores; the state per chunk."""
+    per_token = 8 * s.D + 3 * s.F + 3 * s.d_k + s.gla_gate_rank + 3 * s.d_v + 3 * 17 * s.d_k // 2 + 3 * s.d_k + 64 * s.H
+    return rows * t * per_token + rows * (t // 64) * s.H * s.Kh * s.Vh
+
+
+@pytest.mark.parametrize("n_layers", [3, 10**400], ids=["L3", "L1e400"])
+def test_a_hybrid_estimate_is_the_sum_of_its_layers_kinds(n_layers, monkeypatch):
+    """GLA, attention, GLA, ... (every 2nd layer attention): its layers counted by kind (`spec.layer_mixers`, not a
+    walk over the layers: a spec claiming 10**400 of them is sized at once), between a GLA and an attention model."""
+    import time
+
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    spec = make_spec(**HYBRID).replace(n_layers=n_layers)
+    start = time.perf_counter()
+    got = {r: resources.train_bytes(spec, ROWS, T, remat=r) for r in ("none", "full")}
+    assert time.perf_counter() - start < 1.0
+    params, tokens = resources.layout_size(spec)[1], ROWS * T
+    attention = tokens * (12 * spec.D + 3 * spec.F) + ROWS * spec.H * T * T
+    n_attention = n_layers // 2
+    gla = gla_layer_values(spec, ROWS, T)
+    last = attention if n_layers % 2 == 0 else gla  # layer L - 1 is attention when L is even
+    rest = 8 * params + 3 * tokens * spec.V
+    assert got["none"] == 4 * (rest + n_attention * attention + (n_layers - n_attention) * gla)
+    assert got["full"] == 4 * (rest + (n_layers - 1) * tokens * spec.D + last)
+    if n_layers == 3:
+        pure = [resources.train_bytes(make_spec(**c, n_layers=3), ROWS, T)
+                for c in (MIXERS["gla"], dict(n_heads=4, n_kv_heads=None))]
+        assert pure[0] < got["none"] < pure[1]
 
 
 def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits():
