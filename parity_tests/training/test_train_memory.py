@@ -138,31 +138,28 @@ GLA, ATTENTION = make_spec(**MIXERS["gla"]), make_spec(n_heads=4, n_kv_heads=Non
 ROWS, T = 2, 4096
 
 
-def test_a_gla_layer_keeps_no_attention_weights(monkeypatch):
-    """GLA's chunk form keeps O(T·C) per row, not softmax attention's [H, T, T]: at T 4096 the attention weights are
-    nearly all of an attention model's estimate and none of a GLA model's of the same sizes."""
+def test_the_estimate_grows_linearly_in_the_tokens_for_every_mixer(monkeypatch):
+    """A lower bound for every attention kernel: torch's SDPA keeps no [H, T, T] weights (measured at D 256, 2 layers,
+    2 x 2048 tokens: 195 MiB in all, the weights alone 268), and GLA's chunk form keeps O(T·C) per row, so doubling
+    the tokens (whole 64-token chunks) doubles the activations, as it does the logits. The [H, T, T] term counted for
+    every layer made a GLA model at 1 x 8192 tokens 2.7x its measured peak."""
     from shared_config import resources
 
     monkeypatch.setattr(resources, "accelerator_present", lambda: False)
-    assert (GLA.D, GLA.H, GLA.F, GLA.L) == (ATTENTION.D, ATTENTION.H, ATTENTION.F, ATTENTION.L)
-    gla, attention = (resources.train_bytes(s, ROWS, T) for s in (GLA, ATTENTION))
-    weights = 4 * ATTENTION.L * ROWS * ATTENTION.H * T * T  # bytes of the [H, T, T] attention weights
-    assert gla < attention / 8
-    assert attention - gla > 0.9 * weights
+    for spec in (GLA, ATTENTION):
+        base, one, two = (resources.train_bytes(spec, ROWS, t) for t in (0, T, 2 * T))
+        assert two - base == 2 * (one - base), spec.mixer
     # the chunk sizes it counts are the twins' (a compute choice, not a spec field)
     assert (resources.GLA_CHUNK, resources.GLA_SUB) == (torch_gla.CHUNK, torch_gla.SUB) == (jax_gla.CHUNK, jax_gla.SUB)
 
 
-def test_gla_remat_saves_no_attention_weights(monkeypatch):
-    """full < block < none for GLA too, and what recomputation saves there is far less than for attention (whose
-    [H, T, T] weights it recomputes)."""
+def test_gla_remat_keeps_less_for_the_backward(monkeypatch):
+    """full < block < none for GLA as for attention."""
     from shared_config import resources
 
     monkeypatch.setattr(resources, "accelerator_present", lambda: False)
-    gla, attention = ({r: resources.train_bytes(s, ROWS, T, remat=r) for r in ("full", "block", "none")}
-                      for s in (GLA, ATTENTION))
+    gla = {r: resources.train_bytes(GLA, ROWS, T, remat=r) for r in ("full", "block", "none")}
     assert gla["full"] < gla["block"] < gla["none"]
-    assert gla["none"] - gla["block"] < (attention["none"] - attention["block"]) / 4
 
 
 def gla_layer_values(s, rows, t):
@@ -177,17 +174,13 @@ def gla_layer_values(s, rows, t):
 def test_a_hybrid_estimate_is_the_sum_of_its_layers_kinds(n_layers, monkeypatch):
     """GLA, attention, GLA, ... (every 2nd layer attention): its layers counted by kind (`spec.layer_mixers`, not a
     walk over the layers: a spec claiming 10**400 of them is sized at once), between a GLA and an attention model."""
-    import time
-
     from shared_config import resources
 
     monkeypatch.setattr(resources, "accelerator_present", lambda: False)
     spec = make_spec(**HYBRID).replace(n_layers=n_layers)
-    start = time.perf_counter()
     got = {r: resources.train_bytes(spec, ROWS, T, remat=r) for r in ("none", "full")}
-    assert time.perf_counter() - start < 1.0
     params, tokens = resources.layout_size(spec)[1], ROWS * T
-    attention = tokens * (12 * spec.D + 3 * spec.F) + ROWS * spec.H * T * T
+    attention = tokens * (12 * spec.D + 3 * spec.F)
     n_attention = n_layers // 2
     gla = gla_layer_values(spec, ROWS, T)
     last = attention if n_layers % 2 == 0 else gla  # layer L - 1 is attention when L is even
@@ -197,7 +190,7 @@ def test_a_hybrid_estimate_is_the_sum_of_its_layers_kinds(n_layers, monkeypatch)
     if n_layers == 3:
         pure = [resources.train_bytes(make_spec(**c, n_layers=3), ROWS, T)
                 for c in (MIXERS["gla"], dict(n_heads=4, n_kv_heads=None))]
-        assert pure[0] < got["none"] < pure[1]
+        assert min(pure) < got["none"] < max(pure)
 
 
 def test_the_chunked_loss_runs_three_head_matmuls_per_chunk_and_keeps_no_logits():
