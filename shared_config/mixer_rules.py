@@ -10,7 +10,7 @@ from .config_file import SpecError
 def check_gla_rules(s) -> None:
     """The rules of `mixer: gla` (flash-linear-attention's GatedLinearAttention without its optional extras) on `s`, a
     ModelSpec (not imported: spec.py imports this module), whole stacks or hybrids: the GLA rules hold for the whole
-    spec, its attention layers included."""
+    spec, attention layers included, except grouped keys (n_kv_heads), which a hybrid's attention layers take."""
     for name in ("gla_expand_k", "gla_expand_v", "gla_gate_normalizer"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")
@@ -33,9 +33,11 @@ def check_gla_rules(s) -> None:
     if not s.gla_attention_every and s.position != "none":
         raise SpecError(f"mixer=gla needs position=none (the recurrence carries order), got position={s.position} "
                         "(a hybrid stack, gla_attention_every >= 2, takes rope or none)")
-    if s.K != s.n_heads:
-        raise SpecError(f"mixer=gla has no grouped keys (its attention layers neither): n_kv_heads={s.K} must equal "
-                        f"n_heads={s.n_heads}")
+    if not s.gla_attention_every and s.K != s.n_heads:
+        # a hybrid's attention layers take any divisor of n_heads (spec.py's rule, as mixer=attention); GLA layers
+        # read no n_kv_heads
+        raise SpecError(f"mixer=gla has no grouped keys: n_kv_heads={s.K} must equal n_heads={s.n_heads} (a hybrid "
+                        "stack's attention layers, gla_attention_every >= 2, take any divisor of n_heads)")
     if s.qk_norm:
         raise SpecError("qk_norm=true is an attention option; mixer=gla (hybrid stacks included) has none")
     if s.norm_placement in ("deepnorm", "hybrid", "hybrid_star"):

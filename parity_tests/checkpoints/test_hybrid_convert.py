@@ -14,7 +14,7 @@ from shared_config.formats import read_checkpoint
 from shared_config.formats.fla import fla_name
 from shared_config.formats.torch_pt import save_state_dict_file
 
-from ..support.common import (HYBRID, file_bytes_equal, load_script, make_spec, one_line_error, quick_first,
+from ..support.common import (HYBRID, HYBRID_GQA, file_bytes_equal, load_script, make_spec, one_line_error, quick_first,
                               run_script)
 
 convert = load_script("convert").convert
@@ -31,7 +31,10 @@ def saved(path, spec, seed=0):
 @pytest.mark.parametrize("fmt, spec", quick_first([  # the quick tier: torch and fla (test_convert.py runs flax)
     ("torch", make_spec(**HYBRID)), ("fla", FLA_HYBRID), ("flax", make_spec(**HYBRID)),
     ("torch", make_spec(**{**HYBRID, "position": "none", "fused_qkv": False, "norm_type": "dyt"})),
-], 2, multi=True), ids=["torch", "fla", "flax", "torch-nope-unfused-dyt"])
+    # grouped keys in the attention layers: fla's attn.num_kv_heads, the fused [(H + 2K)·E, D] q/k/v in .pt and Orbax
+    ("fla", FLA_HYBRID.replace(n_heads=4, n_kv_heads=2)), ("torch", make_spec(**HYBRID_GQA)),
+    ("flax", make_spec(**HYBRID_GQA)),
+], 2, multi=True), ids=["torch", "fla", "flax", "torch-nope-unfused-dyt", "fla-gqa", "torch-gqa", "flax-gqa"])
 def test_round_trip_is_bit_exact(tmp_path, fmt, spec):
     src = saved(tmp_path / "a.safetensors", spec)
     convert(src, tmp_path / NAMES[fmt], to=fmt)
@@ -63,6 +66,33 @@ def test_fla_export_writes_the_attn_layers_and_their_names(tmp_path):
     assert "model.layers.0.attn.gk_proj.0.weight" in stored  # GLA in the others
 
 
+def test_fla_export_and_import_carry_grouped_keys_as_attn_num_kv_heads(tmp_path):
+    """n_kv_heads of a hybrid is fla's `attn.num_kv_heads` (fla.layers.attn.Attention: k/v [num_kv_heads · D/H, D]);
+    the GLA layers' own `num_kv_heads` stays None (as many as heads)."""
+    spec = FLA_HYBRID.replace(n_heads=4, n_kv_heads=1)
+    convert(saved(tmp_path / "a.safetensors", spec), tmp_path / "m-fla", to="fla")
+    config = json.loads((tmp_path / "m-fla" / "config.json").read_text())
+    assert config["attn"]["num_heads"] == 4 and config["attn"]["num_kv_heads"] == 1 and config["num_kv_heads"] is None
+    stored, _ = read_safetensors(tmp_path / "m-fla" / "model.safetensors")
+    assert stored["model.layers.1.attn.k_proj.weight"].shape == stored["model.layers.1.attn.v_proj.weight"].shape == (
+        16, 64)
+    assert stored["model.layers.0.attn.k_proj.weight"].shape == (32, 64)  # GLA: d_k, whatever K
+    # as fla saves it (no spec in the metadata): attn.num_kv_heads alone gives n_kv_heads
+    spec = spec.replace(rope_theta=10000.0)
+    w = init_weights(spec, 1)
+    (tmp_path / "m").mkdir()
+    config = {"model_type": "gla", "hidden_size": 64, "num_hidden_layers": 4, "num_heads": 4, "vocab_size": 256,
+              "max_position_embeddings": 128, "intermediate_size": 128,
+              "attn": {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 1}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    from safetensors.numpy import save_file
+    save_file({fla_name(k): v for k, v in w.items()}, tmp_path / "m" / "model.safetensors")
+    convert(tmp_path / "m", tmp_path / "b.safetensors")
+    got, meta = read_safetensors(tmp_path / "b.safetensors")
+    assert set(got) == set(w) and all(np.array_equal(got[k], w[k]) for k in w)
+    assert json.loads(meta["spec"]) == spec.to_dict() and json.loads(meta["spec"])["n_kv_heads"] == 1
+
+
 def test_fla_import_of_a_hybrid_without_our_metadata(tmp_path):
     """A directory as fla saves it: `attn` with its defaults left out (num_kv_heads, qkv_bias, window_size, rope_theta
     10000), no spec in the metadata."""
@@ -83,7 +113,7 @@ def test_fla_import_of_a_hybrid_without_our_metadata(tmp_path):
 @pytest.mark.parametrize("attn, why", quick_first([
     ({"layers": [0, 2], "num_heads": 2}, "its layers must be every k-th layer, k-1, 2k-1, ..."),
     ({"layers": [1], "num_heads": 2}, "its layers must be every k-th layer"),  # layer 3 left GLA
-    ({"layers": [1, 3], "num_heads": 2, "num_kv_heads": 1}, "num_kv_heads must be 2"),
+    ({"layers": [1, 3], "num_heads": 2, "num_kv_heads": 3}, "num_kv_heads must divide num_heads=2"),
     ({"layers": [1, 3], "num_heads": 2, "qkv_bias": True}, "qkv_bias must be false"),
     ({"layers": [1, 3], "num_heads": 1}, "num_heads must be 2"),
     ({"layers": "1,3", "num_heads": 2}, "a hybrid's attn must hold `layers`"),

@@ -12,7 +12,7 @@ import jax_model
 import torch_model
 from shared_config import init_weights, layout, load_checkpoint, save_checkpoint
 
-from ..support.common import HYBRID, file_bytes_equal, make_spec
+from ..support.common import HYBRID, HYBRID_GQA, file_bytes_equal, make_spec
 
 SPECS = {
     "fused": {"fused_qkv": True},
@@ -23,6 +23,7 @@ SPECS = {
     "derf_bias_qknorm": {"norm_type": "derf", "norm_bias": True, "qk_norm": True, "norm_placement": "post"},
     "bf16_params": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16"},
     "hybrid": HYBRID,  # attention layers among GLA layers, each saved and loaded through its own tensors
+    "hybrid_gqa": HYBRID_GQA,  # ... with grouped keys in the attention layers
 }
 
 

@@ -18,8 +18,8 @@ from shared_config import CheckpointError, init_weights, layout, load_spec
 from shared_config.resources import ResourceError, layout_size
 from shared_config.spec import CHOICES
 
-from ..support.common import (HYBRID, MIXERS, bench_module, case_ids, fla_dir, load_script, make_spec, one_line,
-                              peak_memory, quick_first, run_limited, with_metadata_spec)
+from ..support.common import (HYBRID, HYBRID_GQA, MIXERS, bench_module, case_ids, fla_dir, load_script, make_spec,
+                              one_line, peak_memory, quick_first, run_limited, with_metadata_spec)
 
 convert = load_script("convert").convert
 
@@ -34,7 +34,7 @@ SIZED_SPECS = [{}, dict(norm_type="derf", norm_placement="peri", norm_bias=True,
                # every other token mixer
                dict(**MIXERS["gla"], norm_type="dyt", gla_output_norm="same"),
                # hybrid stacks: blocks that differ by mixer, every 2nd and every 3rd layer attention
-               dict(**HYBRID), {**HYBRID, "gla_attention_every": 3, "norm_placement": "peri"},
+               dict(**HYBRID), {**HYBRID, "gla_attention_every": 3, "norm_placement": "peri"}, dict(**HYBRID_GQA),
                # routing's every other block (mod, dtf's decision/dynamic pairs), and all blocks with HybridNorm*
                dict(routing="mod"), dict(routing="dtf"),
                dict(routing="mod", routing_layers="all", norm_placement="hybrid_star")]

@@ -9,7 +9,7 @@ from shared_config import layout
 from shared_config.parity import GRAD_TOL, LOSS_TOL, max_rel
 from shared_config.spec import CHOICES
 
-from ..support.common import HYBRID, MIXERS, case_ids, make_spec, parity_weights, quick_first, tokens
+from ..support.common import HYBRID, HYBRID_GQA, MIXERS, case_ids, make_spec, parity_weights, quick_first, tokens
 from ..support.oracles import finite_difference_errors
 from ..support.train_common import TWINS, both_loss_and_grads, reference_loss
 
@@ -56,6 +56,7 @@ GRID += [dict(norm_type="dyt", norm_placement="peri", embed_norm=True, embed_sca
 # Every other token mixer (attention is every row above): its rules' changes, and a norm and placement on top.
 GRID += [dict(**MIXERS["gla"], norm_type="dyt", norm_placement="peri", gla_output_norm="same")]
 GRID += [dict(**HYBRID, norm_type="dyt", norm_placement="peri")]  # a hybrid stack: each layer's own gradients
+GRID += [dict(**HYBRID_GQA, fused_qkv=False)]  # its attention layer's grouped k/v gather H/K heads' gradients
 
 
 def test_every_norm_and_placement_is_in_the_grid():

@@ -18,7 +18,7 @@ from shared_config import SpecError, layout, model_layout
 from shared_config.layout import state_layout
 from shared_config.tokens import TokenError
 
-from ..support.common import HYBRID, MIXERS, make_spec, parity_weights, tokens
+from ..support.common import HYBRID, HYBRID_GQA, MIXERS, make_spec, parity_weights, tokens
 from .test_kv_cache import check_cached_equals_uncached
 
 
@@ -34,8 +34,9 @@ def hybrid(**changes):
                                             "with mixer=gla; mixer=attention must leave it 0"),
     (dict(position="learned"), "gla_attention_every=2 needs position=rope (its attention layers rotate q/k; GLA "
                                "layers take no positions) or none (NoPE attention), got position=learned"),
-    (dict(n_kv_heads=2), "mixer=gla has no grouped keys (its attention layers neither): n_kv_heads=2 must equal "
-                         "n_heads=4"),
+    (dict(n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),  # mixer=attention's rule, for the attention layers
+    (dict(n_kv_heads=2, gla_attention_every=0, position="none"), "mixer=gla has no grouped keys: n_kv_heads=2 must "
+     "equal n_heads=4 (a hybrid stack's attention layers, gla_attention_every >= 2, take any divisor of n_heads)"),
     (dict(qk_norm=True), "qk_norm=true is an attention option; mixer=gla (hybrid stacks included) has none"),
     (dict(norm_placement="deepnorm"), "norm_placement=deepnorm is defined for attention; mixer=gla (hybrid stacks "
                                       "included) takes pre, peri, post or pre_post"),
@@ -46,6 +47,12 @@ def hybrid(**changes):
 def test_spec_rules(changes, fragment):
     with pytest.raises(SpecError, match=re.escape(fragment)):
         hybrid(**changes)
+
+
+def test_a_hybrids_attention_layers_take_grouped_keys_of_any_divisor():
+    """n_kv_heads is K of the attention layers (Qwen3-Next: 16 query heads, 2 key/value heads); GLA layers ignore it."""
+    assert [hybrid(n_kv_heads=k).K for k in (1, 2, 4)] == [1, 2, 4]
+    assert hybrid(n_kv_heads=1, position="none", gla_attention_every=3).K == 1
 
 
 def test_the_gla_rules_still_ask_for_no_positions_without_attention_layers():
@@ -94,6 +101,22 @@ def test_the_layout_and_the_decoding_state_are_per_layer():
     assert fused == ["model.layers.1.self_attn.qkv_proj.weight"]  # GLA layers keep q/k/v apart
     assert [state_layout(spec, spec.mixer_of(i), 2, 9) for i in range(3)] == [
         ((2, H, K, V), "float32"), ((2, 9, H, E), "float32"), ((2, H, K, V), "float32")]
+
+
+def test_grouped_keys_size_the_attention_layers_only():
+    """k/v [K·E, D] and the fused q/k/v [(H + 2K)·E, D] in the attention layer, its cache [B, S, K, E]; the GLA
+    layers' tensors and [B, H, K', V'] states as without grouped keys."""
+    spec, plain = make_spec(**HYBRID_GQA), hybrid()
+    shapes, plain_shapes = ({t.name: t.shape for t in layout(s)} for s in (spec, plain))
+    H, K, E, D = spec.H, spec.K, spec.E, spec.D
+    assert K == 2 < H and shapes["model.layers.1.self_attn.k_proj.weight"] == (K * E, D)
+    assert shapes["model.layers.1.self_attn.v_proj.weight"] == (K * E, D)
+    assert {n: s for n, s in shapes.items() if ".layers.1." not in n} == {
+        n: s for n, s in plain_shapes.items() if ".layers.1." not in n}
+    fused = {t.name: t.shape for t in model_layout(spec) if "qkv_proj" in t.name}
+    assert fused == {"model.layers.1.self_attn.qkv_proj.weight": ((H + 2 * K) * E, D)}
+    assert state_layout(spec, "attention", 2, 9) == ((2, 9, K, E), "float32")
+    assert state_layout(spec, "gla", 2, 9) == state_layout(plain, "gla", 2, 9)
 
 
 @pytest.mark.parametrize("twin", [jax_model, torch_model], ids=["jax", "torch"])

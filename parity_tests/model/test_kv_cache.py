@@ -16,8 +16,8 @@ from shared_config.spec import CHOICES
 from torch_model.generate import Decoder as TorchDecoder
 
 from ..support import oracles
-from ..support.common import (FORWARD_TOL, HYBRID, MIXERS, case_ids, jax_steps, make_spec, parity_weights, quick_first,
-                              rel_err, tokens, torch_steps)
+from ..support.common import (FORWARD_TOL, HYBRID, HYBRID_GQA, MIXERS, case_ids, jax_steps, make_spec, parity_weights,
+                              quick_first, rel_err, tokens, torch_steps)
 
 CASES = [
     {},  # RoPE, GQA with 2 kv heads
@@ -45,6 +45,7 @@ CASES += [
 # Every other token mixer: its own decoding state (block.empty_state) in place of keys and values.
 CASES += [{**MIXERS["gla"], "norm_placement": "peri"}]
 CASES += [HYBRID, {**HYBRID, "position": "none", "gla_attention_every": 3}]  # hybrid stacks: each layer its own state
+CASES += [HYBRID_GQA]  # the attention layer's cache holds K key/value heads
 P, N = 20, 12  # prompt tokens, then decode steps
 
 

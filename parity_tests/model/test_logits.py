@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from shared_config.spec import CHOICES, SpecError
 
-from ..support.common import (FORWARD_TOL, HYBRID, MIXERS, case_ids, jax_logits, make_spec, parity_weights, ref_logits,
-                              rel_err, tokens, torch_logits)
+from ..support.common import (FORWARD_TOL, HYBRID, HYBRID_GQA, MIXERS, case_ids, jax_logits, make_spec, parity_weights,
+                              ref_logits, rel_err, tokens, torch_logits)
 
 # Every value of every option, each on top of the base spec.
 SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "position", "mlp", "init_scheme")
@@ -19,6 +19,7 @@ SINGLE = [{k: v} for k in ("norm_type", "norm_placement", "embed_scale", "positi
 SINGLE += [{**MIXERS.get(m, {}), "mixer": m} for m in CHOICES["mixer"] if m != "attention"]
 # hybrid stacks: attention layers inside a GLA stack, with RoPE (fused q/k/v) and without positions (unfused)
 SINGLE += [HYBRID, {**HYBRID, "position": "none", "fused_qkv": False, "gla_attention_every": 3}]
+SINGLE += [HYBRID_GQA]  # a hybrid's attention layer with grouped keys (fused [(H + 2K)·E, D] q/k/v)
 SINGLE += [{k: v} for k in ("norm_bias", "qk_norm", "fused_qkv", "tie_embeddings", "residual_scaling", "embed_norm")
            for v in (False, True)]
 SINGLE += [

@@ -37,6 +37,8 @@ SPECS = {
                                                 attn_alpha_init=0.8, ffn_alpha_init=0.2),
     # a hybrid stack: attention's q/k/v/o in layer 1 (fused q/k/v drawn per slice), GLA's in layer 0
     "hybrid": load_spec("gla-tiny").replace(gla_attention_every=2, position="rope", init_std=0.05),
+    # grouped keys in the attention layer: fused q/k/v slices of H·E, K·E, K·E rows
+    "hybrid_gqa": load_spec("gla-tiny").replace(gla_attention_every=2, position="rope", n_heads=4, n_kv_heads=1),
 }
 
 

@@ -12,7 +12,7 @@ from jax_model.weights import flat_params as jax_params
 from shared_config.spec import CHOICES
 from torch_model.weights import flat_params as torch_params
 
-from ..support.common import HYBRID, MIXERS, make_spec
+from ..support.common import HYBRID, HYBRID_GQA, MIXERS, make_spec
 
 SPECS = {
     "base": {},
@@ -30,6 +30,7 @@ SPECS = {
     # hybrid stacks: attention's tensors (fused q/k/v in memory, or not) in every k-th layer, GLA's in the others
     "hybrid_fused": HYBRID,
     "hybrid_unfused_nope": {**HYBRID, "n_layers": 4, "position": "none", "fused_qkv": False},
+    "hybrid_gqa": HYBRID_GQA,  # k/v [K·E, D] in the attention layer, fused [(H + 2K)·E, D]
 }
 
 

@@ -46,6 +46,9 @@ MIXERS = {
 # layers: attention between two GLA layers, so that either kind reads the other's output). The grids that hold a
 # hybrid start from it.
 HYBRID = {**MIXERS["gla"], "n_layers": 3, "gla_attention_every": 2, "position": "rope"}
+# A hybrid whose attention layer groups its keys (Qwen3-Next's 16 query heads to 2 key/value heads; fla's
+# `attn.num_kv_heads`): 4 query heads share 2 key/value heads (G = 2); the GLA layers keep their 4 heads.
+HYBRID_GQA = {**HYBRID, "n_kv_heads": 2}
 
 
 def make_spec(**changes) -> ModelSpec:

@@ -43,6 +43,9 @@ def test_hybrid_flops_count_each_layers_own_mixer(mode, causal):
         assert per_layer["attention"] == (3 if mode == "train" else 1) * 4 * 2 * 32 * seq * (0.5 if causal else 1)
         assert weights == (6 if mode == "train" else 2) * matmul_params(hybrid)
         assert matmul_params(hybrid) == (matmul_params(gla) + matmul_params(attention)) / 2  # 2 layers of each
+    grouped = hybrid.replace(n_kv_heads=1)  # K 1: each attention layer's k/v [K·E, D] = [32, 64], scores per query head
+    assert flops_split(grouped, 128, mode, causal)[1] == flops_split(hybrid, 128, mode, causal)[1]
+    assert matmul_params(hybrid) - matmul_params(grouped) == 2 * 2 * (2 - 1) * 32 * 64  # 2 layers' k and v
 
 
 def test_bench_options_see_every_layers_mixer():

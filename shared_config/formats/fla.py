@@ -90,11 +90,11 @@ def unsupported_options(spec: ModelSpec) -> list[str]:
 
 
 def attn_config(spec: ModelSpec) -> dict[str, Any] | None:
-    """GLAConfig's `attn` of a hybrid stack (None for a GLA in every layer): its attention layers' indices, heads as
-    GLA's (no grouped keys), no qkv bias, no window, RoPE's theta."""
+    """GLAConfig's `attn` of a hybrid stack (None for a GLA in every layer): its attention layers' indices, query heads
+    as GLA's, `num_kv_heads` = n_kv_heads (grouped keys), no qkv bias, no window, RoPE's theta."""
     if not spec.gla_attention_every:
         return None
-    return {"layers": list(spec.attention_layers), "num_heads": spec.H, "num_kv_heads": spec.H, "qkv_bias": False,
+    return {"layers": list(spec.attention_layers), "num_heads": spec.H, "num_kv_heads": spec.K, "qkv_bias": False,
             "window_size": None, "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_seq_len}
 
 
@@ -145,15 +145,16 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
     try:
         # head_dim: unread by a GLA, kept from `base` (our metadata) so that a round trip keeps the spec; a hybrid's
         # attention layers' is fla's hidden_size // num_heads (derived)
-        return load_spec({"head_dim": None, **(base or {}), **FLA_SPEC, **fields, "n_kv_heads": None})
+        return load_spec({"head_dim": None, **(base or {}), **FLA_SPEC, "n_kv_heads": None, **fields})
     except SpecError as e:
         raise CheckpointError(f"{path}: gives an invalid spec: {e}") from None
 
 
 def hybrid_fields(attn: Any, fields: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """The spec fields of GLAConfig's `attn` (None: a GLA in every layer): a hybrid stack whose attention layers are
-    every k-th (layers k-1, 2k-1, ...; `gla_attention_every`), with GLA's heads, no grouped keys, no qkv bias, no
-    window; anything else is refused by name (a pattern the spec cannot say, or an option our attention lacks)."""
+    every k-th (layers k-1, 2k-1, ...; `gla_attention_every`), with GLA's query heads, `num_kv_heads` a divisor of them
+    (n_kv_heads), no qkv bias, no window; anything else is refused by name (a pattern the spec cannot say, or an option
+    our attention lacks)."""
     if attn is None:
         return {"gla_attention_every": 0}
     refuse = lambda why: CheckpointError(f"{path}: attn={quote(attn)} is not supported ({why})")  # noqa: E731
@@ -166,15 +167,20 @@ def hybrid_fields(attn: Any, fields: Mapping[str, Any], path: str | Path) -> dic
         raise refuse(f"its layers must be every k-th layer, k-1, 2k-1, ... below num_hidden_layers={L}, for a k >= 2 "
                      "(gla_attention_every)")
     heads = fields["n_heads"]
-    for key, want in (("num_heads", heads), ("num_kv_heads", heads), ("qkv_bias", False), ("window_size", None)):
-        if attn.get(key, heads if key == "num_kv_heads" else want) != want:
-            raise refuse(f"{key} must be {quote(want)}: attention layers with GLA's heads, no grouped keys, no qkv "
-                         "bias, no sliding window")
+    for key, want in (("num_heads", heads), ("qkv_bias", False), ("window_size", None)):
+        if attn.get(key, want) != want:
+            raise refuse(f"{key} must be {quote(want)}: attention layers with GLA's heads, no qkv bias, no sliding "
+                         "window")
+    kv = attn.get("num_kv_heads", heads)  # fla's default: None, as many as num_heads
+    kv = heads if kv is None else kv
+    if type(kv) is not int or kv <= 0 or heads % kv:
+        raise refuse(f"num_kv_heads must divide num_heads={quote(heads)}: each key/value head serves a whole group "
+                     "of query heads")
     theta = attn.get("rope_theta", 10000.0)
     if type(theta) not in (int, float) or not 0 < theta < float("inf"):
         raise refuse("rope_theta must be a number > 0")
     return {"gla_attention_every": k, "position": "rope", "rope_theta": float(theta), "rope_scaling": "none",
-            "head_dim": None}
+            "head_dim": None, "n_kv_heads": None if kv == heads else kv}
 
 
 def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelSpec]:
