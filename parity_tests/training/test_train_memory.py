@@ -153,6 +153,20 @@ def test_the_estimate_grows_linearly_in_the_tokens_for_every_mixer(monkeypatch):
     assert (resources.GLA_CHUNK, resources.GLA_SUB) == (torch_gla.CHUNK, torch_gla.SUB) == (jax_gla.CHUNK, jax_gla.SUB)
 
 
+def test_grouped_keys_keep_narrower_keys_and_values(monkeypatch):
+    """K key/value heads of E keep 2 (H - K) E values per token fewer in each attention layer (4 D counted for q, k,
+    v and the output made the bound overstate a grouped-keys model: no longer a lower bound)."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    gqa = ATTENTION.replace(n_kv_heads=1)
+    weights = 4 * (resources.layout_size(ATTENTION)[1] - resources.layout_size(gqa)[1])  # k/v_proj's fewer rows
+    saved = 4 * ATTENTION.L * ROWS * T * 2 * (ATTENTION.H - 1) * ATTENTION.E  # remat block: each layer's k, v too
+    for remat in ("none", "block"):
+        got = resources.train_bytes(ATTENTION, ROWS, T, remat=remat) - resources.train_bytes(gqa, ROWS, T, remat=remat)
+        assert got == 8 * weights + saved, (remat, got, 8 * weights + saved)
+
+
 def test_gla_remat_keeps_less_for_the_backward(monkeypatch):
     """full < block < none for GLA as for attention."""
     from shared_config import resources
