@@ -126,6 +126,24 @@ def test_fla_import_refuses_attn_layers_we_cannot_compute(tmp_path, attn, why):
         convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
 
 
+def test_fla_import_reads_attn_values_as_fla_types_them(tmp_path):
+    """`attn` keys are typed as the config's own are (config_value): num_kv_heads null is fla's Attention's "as many
+    kv heads as heads" (it was refused as grouped keys), and a float head count, a bool for an integer or a number
+    for qkv_bias (2.0 == 2 and 0 == False passed the comparison) are refused naming the key."""
+    convert(saved(tmp_path / "a.safetensors", FLA_HYBRID), tmp_path / "m-fla", to="fla")
+    path = tmp_path / "m-fla" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "attn": {**config["attn"], "num_kv_heads": None}}))
+    convert(tmp_path / "m-fla", tmp_path / "b.safetensors")
+    file_bytes_equal(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    for key, value, kind in (("num_heads", 2.0, "an integer"), ("num_kv_heads", True, "an integer or null"),
+                             ("qkv_bias", 0, "true or false"), ("rope_theta", None, "a finite number")):
+        path.write_text(json.dumps({**config, "attn": {**config["attn"], key: value}}))
+        with pytest.raises(CheckpointError, match=rf"config.json: attn: {key} must be {kind}, got "):
+            convert(tmp_path / "m-fla", tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_fla_import_counts_the_attn_layers_of_a_config_claiming_any_depth():
     """A config.json claiming 10**30 layers (past 2**63) with `attn` layers was an OverflowError's traceback: the
     layers were compared with a range whose length Python cannot take; they are counted (L // k) instead."""

@@ -34,14 +34,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "feature_map": None, "use_short_conv": False, "use_output_gate": True, "clamp_min": None,
         "hidden_act": "swish", "elementwise_affine": True, "use_gk": True, "use_gv": False, "attn": None,
     },
+    # GLAConfig's `attn` (a hybrid's attention layers): the defaults GLAConfig.__init__ fills in; num_heads has none
+    # (GLAConfig raises without it; ours: the GLA's heads), num_kv_heads None is fla's Attention's "as many as heads"
+    "gla-attn": {"num_heads": None, "num_kv_heads": None, "qkv_bias": False, "window_size": None,
+                 "rope_theta": 10000.0},
 }
 
 # the type each numeric or boolean key must have (others are compared with the values we implement)
 INTEGERS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "num_heads", "num_kv_heads")
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "num_heads", "num_kv_heads", "window_size")
 NUMBERS = ("rms_norm_eps", "norm_eps", "expand_k", "expand_v", "hidden_ratio", "rope_theta")
-BOOLEANS = ("tie_word_embeddings", "fuse_norm")
-NULLABLE = ("num_key_value_heads", "head_dim", "num_kv_heads", "intermediate_size")  # null: derived, as in our spec
+BOOLEANS = ("tie_word_embeddings", "fuse_norm", "qkv_bias")
+# null: derived, as in our spec (window_size: no window)
+NULLABLE = ("num_key_value_heads", "head_dim", "num_kv_heads", "intermediate_size", "window_size")
 
 
 class ConfigValueError(ValueError):

@@ -167,17 +167,21 @@ def hybrid_fields(attn: Any, fields: Mapping[str, Any], path: str | Path) -> dic
         raise refuse(f"its layers must be every k-th layer, k-1, 2k-1, ... below num_hidden_layers={L}, for a k >= 2 "
                      "(gla_attention_every)")
     heads = fields["n_heads"]
+    try:  # typed as fla reads them (GLAConfig's defaults; num_kv_heads null: as many as heads, as fla's Attention)
+        got = {key: config_value({"num_heads": heads, **attn}, "gla-attn", key, f"{path}: attn")
+               for key in ("num_heads", "num_kv_heads", "qkv_bias", "window_size", "rope_theta")}
+    except ConfigValueError as e:
+        raise CheckpointError(str(e)) from None
     for key, want in (("num_heads", heads), ("qkv_bias", False), ("window_size", None)):
-        if attn.get(key, want) != want:
+        if got[key] != want:
             raise refuse(f"{key} must be {quote(want)}: attention layers with GLA's heads, no qkv bias, no sliding "
                          "window")
-    kv = attn.get("num_kv_heads", heads)  # fla's default: None, as many as num_heads
-    kv = heads if kv is None else kv
-    if type(kv) is not int or kv <= 0 or heads % kv:
+    kv = heads if got["num_kv_heads"] is None else got["num_kv_heads"]
+    if kv <= 0 or heads % kv:
         raise refuse(f"num_kv_heads must divide num_heads={quote(heads)}: each key/value head serves a whole group "
                      "of query heads")
-    theta = attn.get("rope_theta", 10000.0)
-    if type(theta) not in (int, float) or not 0 < theta < float("inf"):
+    theta = got["rope_theta"]
+    if not theta > 0:
         raise refuse("rope_theta must be a number > 0")
     return {"gla_attention_every": k, "position": "rope", "rope_theta": float(theta), "rope_scaling": "none",
             "head_dim": None, "n_kv_heads": None if kv == heads else kv}
