@@ -22,7 +22,8 @@ from shared_config.parallel import env_int, mesh_devices, rows_per_shard, world_
 from shared_config.report import report_on_stdout, write_report
 from shared_config.run import SPEC_KEYS
 from shared_config.resources import (
-    ResourceError, accelerator_present, check_memory, forward_bytes, is_out_of_memory, layout_size, train_bytes,
+    ResourceError, accelerator_present, cache_bytes, check_memory, forward_bytes, is_out_of_memory, layout_size,
+    train_bytes,
 )
 
 from bench import load
@@ -154,14 +155,18 @@ def check_jobs_memory(args, specs: list, backends: list[str], seq: int) -> None:
     """Refuse (ResourceError), before anything is allocated, a job that cannot fit in memory, and, on a machine without
     an accelerator, the jobs together: every (variant, backend) keeps its model and optimizer state between the
     interleaved rounds, so a sweep whose jobs each fit one at a time was killed by the machine mid-run. Together:
-    each job's framework state (train: weights, gradients, AdamW's two moments in float32; else the weights), plus
-    the most any one job needs above that while it steps."""
+    each job's framework state (train: weights, gradients, AdamW's two moments in float32; else the weights; decode:
+    its cache too), plus the most any one job needs above that while it steps."""
     memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none",
               "loss_chunk": args.loss_chunk or 0}
     kept, step = [], []
     for label, spec in specs:
         need = (train_bytes(spec, args.batch, seq, **memory) if args.mode == "train"
                 else forward_bytes(spec, args.batch, seq))
+        if args.mode == "decode":  # and the cache of the prompt and every token decoded
+            from bench.timing import decoded_tokens
+
+            need += cache_bytes(spec, args.batch, seq + decoded_tokens(args.steps, args.rounds, args.warmup))
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
                      "lower --batch-size or --seq-len, or the model's sizes")
         state = (16 if args.mode == "train" else 4) * layout_size(spec)[1]

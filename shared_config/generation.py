@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .limits import quote
+from .resources import cache_bytes, check_memory, weights_bytes
 from .spec import ModelSpec
 
 
@@ -47,7 +48,9 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
                      eos_id: int | None = None) -> None:
     """Raise GenerationError unless the prompts fit the model and the settings make sense; the defaults are the twins'
     `generate`'s, where None is a value (unchecked, temperature=None would be a TypeError from abs(), seed=None a
-    ValueError in JAX and a RuntimeError in torch), and top_k, top_p, eos_id None: not set."""
+    ValueError in JAX and a RuntimeError in torch), and top_k, top_p, eos_id None: not set. ResourceError where the
+    decoding cache and the weights (twice: numpy's and the twin's) cannot fit this machine's memory
+    (`resources.cache_bytes`)."""
     require(is_int(max_new_tokens, 1), "max_new_tokens", max_new_tokens, "an integer >= 1")
     require(is_number(temperature, 0), "temperature", temperature, "a finite number >= 0 (0: greedy)")
     require(top_k is None or is_int(top_k, 1), "top_k", top_k, "an integer >= 1")
@@ -65,6 +68,11 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
         raise GenerationError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_seq_len={spec.max_seq_len}"
         )
+    # before the cache is allocated: max_new_tokens 10**9 at max_seq_len 2**31 - 1 asked the kernel for 128 GB
+    rows, slots = len(prompts), longest + max_new_tokens - 1
+    check_memory(2 * weights_bytes(spec) + cache_bytes(spec, rows, slots),
+                 f"decoding {rows} rows with a cache of {slots:,} slots ({spec.L} layers)",
+                 "generate fewer new tokens (max_new_tokens, --max-new-tokens), or fewer or shorter prompts")
 
 
 def check_model(model, own: type) -> None:

@@ -13,7 +13,7 @@ import resource
 from decimal import Decimal
 from pathlib import Path
 
-from .layout import layout
+from .layout import layout, state_layout
 from .config_file import SpecError
 from .spec import ModelSpec
 
@@ -148,6 +148,18 @@ def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
     """A lower bound on the host bytes of a forward or decode job: the weights twice (numpy and the framework's
     copy) and, without an accelerator, the float32 logits with their softmax."""
     return 2 * weights_bytes(spec) + (0 if accelerator_present() else 4 * 2 * batch * seq * spec.V)
+
+
+def cache_bytes(spec: ModelSpec, batch: int, size: int) -> int:
+    """The host bytes of a decoding cache of `batch` rows and `size` slots (the twins' `generate`: the longest prompt
+    plus max_new_tokens - 1), 0 on a machine with an accelerator (it lives there): every layer's state as
+    `layout.state_layout` gives it (attention's keys and values [B, S, K, E] in the compute dtype, GLA's state
+    [B, H, K', V'] float32, whatever the slots), counted per mixer (`spec.layer_mixers`, never walked)."""
+    state = 0
+    for mixer, n in spec.layer_mixers.items():
+        shape, dtype = state_layout(spec, mixer, batch, size)
+        state += n * (2 if mixer == "attention" else 1) * math.prod(shape) * DTYPE_BYTES[dtype]
+    return 0 if accelerator_present() else state
 
 
 def report_bytes(spec: ModelSpec, batch: int, seq: int) -> int:

@@ -16,7 +16,7 @@ from shared_config.generation import GenerationError, uniform_steps
 from shared_config.tokens import TokenError
 from torch_model import generate as tg
 
-from ..support.common import FORWARD_TOL, make_spec, parity_weights, rel_err, tokens
+from ..support.common import FORWARD_TOL, HYBRID, MIXERS, make_spec, parity_weights, rel_err, tokens
 
 
 def twins(spec, attention=("einsum", "einsum")):
@@ -320,3 +320,25 @@ def test_an_unknown_remat_is_named_by_both_twins(base):
     for call in (lambda: jm(jnp.asarray([[1, 2]]), remat="blok"), lambda: tm(torch.as_tensor([[1, 2]]), remat="blok")):
         with pytest.raises(ValueError, match="remat='blok' must be one of none, block, full"):  # was KeyError 'blok'
             call()
+
+
+LONG = 2**31 - 1  # a max_seq_len that lets max_new_tokens ask for any cache
+
+
+@pytest.mark.parametrize("changes", [{}, HYBRID], ids=["attention", "hybrid"])
+def test_a_cache_past_the_machines_memory_is_refused_before_it_is_made(changes, monkeypatch):
+    """max_new_tokens 10**9 at max_seq_len 2**31 - 1 asked the kernel for a 128 GB cache, refused by it only where it
+    does not overcommit; both twins now refuse it by the cache's size (resources.cache_bytes) before any step. A
+    GLA layer's state does not grow with the slots, so a pure GLA model's cache is the same at any length."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    monkeypatch.setattr(resources, "machine_memory", lambda: (16 * 2**30, "of memory on this machine"))
+    spec = make_spec(**changes, max_seq_len=LONG)
+    for gen, model in zip((jg.generate, tg.generate), twins(spec)):
+        with pytest.raises(resources.ResourceError, match=r"^decoding 1 rows with a cache of 1,000,000,001 slots"):
+            gen(model, [1, 2], 10**9)
+    slot = spec.layer_mixers["attention"] * 2 * spec.K * spec.E * 4  # keys and values, float32
+    assert resources.cache_bytes(spec, 1, 11) - resources.cache_bytes(spec, 1, 1) == 10 * slot
+    gla = make_spec(**MIXERS["gla"], max_seq_len=LONG)
+    assert resources.cache_bytes(gla, 3, 10**9) == resources.cache_bytes(gla, 3, 1) > 0

@@ -100,6 +100,23 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
 
 
+def test_a_cache_past_the_machines_memory_is_one_error_line_before_a_framework_loads(tmp_path, capsys, monkeypatch):
+    """--max-new-tokens 10**9 at max_seq_len 2**31 - 1: the cache's size refused with the resources' exit code 3,
+    before a framework is loaded (it was the kernel's refusal of a 128 GB allocation, where it does not overcommit)."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    monkeypatch.setattr(resources, "machine_memory", lambda: (16 * 2**30, "of memory on this machine"))
+    spec = make_spec(max_seq_len=2**31 - 1)
+    save_checkpoint(tmp_path / "long.safetensors", parity_weights(spec), spec)
+    with pytest.raises(SystemExit) as e:
+        cli.run(cli.main, ["--backend", "torch", "--weights", str(tmp_path / "long.safetensors"), "--tokens", "1",
+                           "--max-new-tokens", str(10**9)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: decoding 1 rows with a cache of 1,000,000,000 slots") and "--max-new-tokens" in err
+
+
 def test_weights_that_are_missing_or_a_directory(weights, capsys):
     (weights.parent / "empty").mkdir(exist_ok=True)  # a directory with model.safetensors is read as a run's checkpoint
     for path, message in [(weights.parent / "nope.safetensors", "no such file"),

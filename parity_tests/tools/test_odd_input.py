@@ -213,6 +213,22 @@ def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch
                code=3)
 
 
+def test_compare_weighs_a_decode_jobs_cache(monkeypatch, capsys):
+    """--mode decode keeps the prompt's and every decoded token's keys and values (resources.cache_bytes): it was
+    weighed as a forward pass, logits alone. Here memory holds the forward pass, not the cache beside it."""
+    from shared_config import load_spec, resources
+    from shared_config.resources import forward_bytes
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    monkeypatch.setattr("bench.compare.accelerator_present", lambda: False)
+    spec, rows, seq = load_spec("tiny"), 64, 32
+    forward, cache = forward_bytes(spec, rows, seq), resources.cache_bytes(spec, rows, seq)
+    assert cache > 0
+    monkeypatch.setattr(resources, "machine_memory", lambda: (forward + cache // 2, "of memory on this machine"))
+    argv = ["--mode", "decode", "--backend", "torch", "--batch", str(rows), "--seq", str(seq)]
+    error_line(bench_main("compare"), argv, capsys, f"the decode job of tiny at batch {rows} x seq {seq} needs", code=3)
+
+
 def test_compare_refuses_a_peak_it_would_not_use_on_a_cpu(capsys):
     """A CPU run reports no MFU: --peak-tflops 1 was dropped without a word after the whole run."""
     error_line(bench_main("compare"), ["--peak-tflops", "1", "--backend", "torch"], capsys,
