@@ -18,6 +18,7 @@ import numpy as np
 from .generation import is_int, type_name
 from .layout import state_layout
 from .limits import quote
+from .resources import cache_bytes, check_memory
 from .spec import ModelSpec
 
 
@@ -82,11 +83,14 @@ def host_tokens(tokens, spec: ModelSpec, step: bool = False) -> np.ndarray:
 
 def check_cache_request(spec: ModelSpec, batch, size, start_B) -> np.ndarray | None:
     """Refuse a cache that cannot be made (TokenError): `batch` rows >= 1, `size` slots in 1..max_seq_len, `start_B`
-    (None: every row starts at slot 0) one integer slot per row in 0..size-1; `start_B` as numpy."""
+    (None: every row starts at slot 0) one integer slot per row in 0..size-1; `start_B` as numpy. ResourceError for
+    a cache past this machine's memory (`resources.cache_bytes`), before it is made."""
     if not is_int(batch, 1):
         raise TokenError(f"a cache's batch={quote(batch)} must be an integer >= 1")
     if not is_int(size, 1, spec.max_seq_len):
         raise TokenError(f"a cache of {quote(size)} slots must hold 1..max_seq_len={spec.max_seq_len}")
+    check_memory(cache_bytes(spec, batch, size), f"a cache of {batch:,} rows x {size:,} slots ({spec.L} layers)",
+                 "fewer rows or slots")
     if start_B is None:
         return None
     try:

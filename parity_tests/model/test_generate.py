@@ -342,3 +342,7 @@ def test_a_cache_past_the_machines_memory_is_refused_before_it_is_made(changes, 
     assert resources.cache_bytes(spec, 1, 11) - resources.cache_bytes(spec, 1, 1) == 10 * slot
     gla = make_spec(**MIXERS["gla"], max_seq_len=LONG)
     assert resources.cache_bytes(gla, 3, 10**9) == resources.cache_bytes(gla, 3, 1) > 0
+    for model in twins(make_spec(**changes)):  # a Decoder's own cache (init_cache), rows or slots
+        for rows, slots in ((10**9, 128), (1, 10**9)):
+            with pytest.raises((resources.ResourceError, TokenError), match=r"^a cache of 1"):
+                model.init_cache(rows, slots)
