@@ -178,8 +178,8 @@ class ModelSpec:
     @property
     def _attention_period(self) -> int:
         """Layers i with (i + 1) % k == 0 are softmax attention: k = 1 for mixer attention, gla_attention_every for
-        mixer gla (0: none)."""
-        return self.gla_attention_every if self.mixer == "gla" else 1
+        mixer gla, 0 (none) for any other mixer (its layers are its own, not counted as attention)."""
+        return self.gla_attention_every if self.mixer == "gla" else int(self.mixer == "attention")
 
     @property
     def attention_layers(self) -> range:
