@@ -35,7 +35,8 @@ from .cli import UsageError, check_out_dir
 from .config_file import SpecError
 from .files import CheckpointError, atomic_dir, atomic_write, json_text, read_json, recover, umask, write_errors
 from .formats.checks import check_tensors, spec_from_json
-from .formats.safetensors import load_checkpoint, read_header, read_safetensors, save_checkpoint, save_safetensors
+from .formats.safetensors import (ADAMW_FORMAT, load_checkpoint, read_header, read_safetensors, save_checkpoint,
+                                  save_safetensors)
 from .layout import layout
 from .limits import quote
 from .report import versions
@@ -88,7 +89,7 @@ def save_train_checkpoint(out: str | Path, train_state: dict, spec: ModelSpec, i
         save_checkpoint(tmp / WEIGHTS_FILE, train_state["weights"], spec)
         moments = {f"{key}.{name}": np.ascontiguousarray(x) for key in MOMENTS for name, x in train_state[key].items()}
         with write_errors(tmp / OPTIMIZER_FILE):
-            save_safetensors(moments, tmp / OPTIMIZER_FILE, {"format": "twinlm-adamw", "step": str(step)})
+            save_safetensors(moments, tmp / OPTIMIZER_FILE, {"format": ADAMW_FORMAT, "step": str(step)})
         os.chmod(tmp / OPTIMIZER_FILE, 0o666 & ~umask())  # save_file creates it 0600
         (tmp / STATE_FILE).write_text(json_text({"step": step, **info}, indent=1) + "\n")
         if tokenizer is not None:

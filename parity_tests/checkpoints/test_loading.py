@@ -168,3 +168,19 @@ def test_save_is_atomic_and_refuses_bad_weights(tmp_path, spec, monkeypatch):
         save_checkpoint(path, init_weights(spec, 1), spec)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("twin", LOADERS)
+def test_a_runs_optimizer_file_is_named_as_such(tmp_path, spec, twin):
+    """A run's step directory holds model.safetensors and optimizer.safetensors: the second, passed as the weights,
+    was refused as "carries no spec" (and with a spec given, as every m.<name>/v.<name> key unexpected)."""
+    from shared_config.run_dir import OPTIMIZER_FILE, save_train_checkpoint
+
+    w = init_weights(spec, 0)
+    zeros = {k: np.zeros_like(v) for k, v in w.items()}
+    (tmp_path / "run").mkdir()
+    step = save_train_checkpoint(tmp_path / "run", {"step": 1, "weights": w, "m": zeros, "v": zeros}, spec, {})
+    for given in (None, spec):
+        with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: holds a training run's AdamW moments .*"
+                                                  r"not model weights; the weights are model\.safetensors beside it$"):
+            LOADERS[twin](step / OPTIMIZER_FILE, given)

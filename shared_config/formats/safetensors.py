@@ -28,6 +28,7 @@ MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 # tensors in one file: a canonical checkpoint of 1,000 layers holds ~12,000; a header of 10^6 one-byte tensors (78 MB,
 # under MAX_HEADER) took a minute and 2 GB to parse and check before the spec refused it
 MAX_TENSORS = 100_000
+ADAMW_FORMAT = "twinlm-adamw"  # the metadata format of a run's optimizer.safetensors (run_dir)
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
@@ -159,6 +160,9 @@ def load_checkpoint(
     """Canonical weights (cast to the spec's param dtype) and the spec, everything checked; the spec and the
     tensor count (`check_size`) from the header, before any tensor is read."""
     header = safetensors_header(path)
+    if (header.get("__metadata__") or {}).get("format") == ADAMW_FORMAT:  # read as "carries no spec"
+        raise CheckpointError(f"{path}: holds a training run's AdamW moments (m.<name>, v.<name>), not model weights; "
+                              "the weights are model.safetensors beside it")
     spec = resolve_spec(spec_from_metadata(header.get("__metadata__") or {}, path), spec, path)
     shapes = [e["shape"] for n, e in header.items() if n != "__metadata__"]
     check_size(len(shapes), spec, path, held=held_params(shapes))
