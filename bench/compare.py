@@ -98,14 +98,13 @@ def compare(args):
     args.seq = seq
     from bench.timing import decoded_tokens  # light: jax and torch are imported after configure_threads
 
+    decoded = decoded_tokens(args.steps, args.rounds, args.warmup) if args.mode == "decode" else 0
     for label, spec in specs:
         if seq > spec.max_seq_len:
             raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
-        if (args.mode == "decode"
-                and seq + (n := decoded_tokens(args.steps, args.rounds, args.warmup)) > spec.max_seq_len):
-            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {n} decoded (--steps/--rounds, or 1 "
-                             "+ --warmup) "
-                             f"exceed max_seq_len={spec.max_seq_len} of {label}")
+        if seq + decoded > spec.max_seq_len:
+            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
+                             f"or 1 + --warmup) exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if "hf" in backends:
         from shared_config.formats.hf import unsupported_options
@@ -116,7 +115,7 @@ def compare(args):
     shards = args.shards
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
-    check_jobs_memory(args, specs, backends, seq)
+    check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     from bench.timing import run_benchmarks
@@ -151,12 +150,13 @@ def compare(args):
         exit_rank()
 
 
-def check_jobs_memory(args, specs: list, backends: list[str], seq: int) -> None:
+def check_jobs_memory(args, specs: list, backends: list[str], seq: int, decoded: int) -> None:
     """Refuse (ResourceError), before anything is allocated, a job that cannot fit in memory, and, on a machine without
     an accelerator, the jobs together: every (variant, backend) keeps its model and optimizer state between the
     interleaved rounds, so a sweep whose jobs each fit one at a time was killed by the machine mid-run. Together:
     each job's framework state (train: weights, gradients, AdamW's two moments in float32; else the weights; decode:
-    its cache too), plus the most any one job needs above that while it steps."""
+    its cache of the `seq` prompt tokens and the `decoded` ones), plus the most any one job needs above that while it
+    steps."""
     memory = {"grad_accum_steps": args.grad_accum or 1, "remat": args.remat or "none",
               "loss_chunk": args.loss_chunk or 0}
     kept, step = [], []
@@ -164,9 +164,7 @@ def check_jobs_memory(args, specs: list, backends: list[str], seq: int) -> None:
         need = (train_bytes(spec, args.batch, seq, **memory) if args.mode == "train"
                 else forward_bytes(spec, args.batch, seq))
         if args.mode == "decode":  # and the cache of the prompt and every token decoded
-            from bench.timing import decoded_tokens
-
-            need += cache_bytes(spec, args.batch, seq + decoded_tokens(args.steps, args.rounds, args.warmup))
+            need += cache_bytes(spec, args.batch, seq + decoded)
         check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {seq}",
                      "lower --batch-size or --seq-len, or the model's sizes")
         state = (16 if args.mode == "train" else 4) * layout_size(spec)[1]
