@@ -143,6 +143,16 @@ def state_layout(spec: ModelSpec, mixer: str, batch: int, size: int) -> tuple[tu
     if mixer == "gla":
         return (batch, spec.H, spec.Kh, spec.Vh), "float32"
     raise ValueError(f"state_layout: no decoding state for mixer={mixer!r} (docs/extending.md)")
+
+
+def state_arrays(mixer: str) -> int:
+    """How many arrays of `state_layout`'s shape and dtype a layer of `mixer` keeps: attention 2 (keys and values),
+    GLA 1 (its recurrent state). Raises ValueError for a mixer with no state here."""
+    if mixer == "attention":
+        return 2
+    if mixer == "gla":
+        return 1
+    raise ValueError(f"state_arrays: no decoding state for mixer={mixer!r} (docs/extending.md)")
 # --- end of Gated Linear Attention ----------------------------------------------------------------------
 
 

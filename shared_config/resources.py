@@ -13,7 +13,7 @@ import resource
 from decimal import Decimal
 from pathlib import Path
 
-from .layout import layout, state_layout
+from .layout import layout, state_arrays, state_layout
 from .config_file import SpecError
 from .spec import ModelSpec
 
@@ -153,12 +153,13 @@ def forward_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
 def cache_bytes(spec: ModelSpec, batch: int, size: int) -> int:
     """The host bytes of a decoding cache of `batch` rows and `size` slots (the twins' `generate`: the longest prompt
     plus max_new_tokens - 1), 0 on a machine with an accelerator (it lives there): every layer's state as
-    `layout.state_layout` gives it (attention's keys and values [B, S, K, E] in the compute dtype, GLA's state
-    [B, H, K', V'] float32, whatever the slots), counted per mixer (`spec.layer_mixers`, never walked)."""
+    `layout.state_layout` and `layout.state_arrays` give it (attention's keys and values [B, S, K, E] in the compute
+    dtype, GLA's state [B, H, K', V'] float32, whatever the slots), counted per mixer (`spec.layer_mixers`, never
+    walked)."""
     state = 0
     for mixer, n in spec.layer_mixers.items():
         shape, dtype = state_layout(spec, mixer, batch, size)
-        state += n * (2 if mixer == "attention" else 1) * math.prod(shape) * DTYPE_BYTES[dtype]
+        state += n * state_arrays(mixer) * math.prod(shape) * DTYPE_BYTES[dtype]
     return 0 if accelerator_present() else state
 
 

@@ -346,3 +346,18 @@ def test_a_cache_past_the_machines_memory_is_refused_before_it_is_made(changes, 
         for rows, slots in ((10**9, 128), (1, 10**9)):
             with pytest.raises((resources.ResourceError, TokenError), match=r"^a cache of 1"):
                 model.init_cache(rows, slots)
+
+
+@pytest.mark.parametrize("changes", [{}, MIXERS["gla"], HYBRID], ids=["attention", "gla", "hybrid"])
+def test_a_cache_weighs_what_both_twins_make(changes, monkeypatch):
+    """resources.cache_bytes, read before a cache is made, is the bytes of the state arrays (every layer's [B, S, K, E]
+    keys and values, GLA's [B, H, K', V'] state) that both twins' init_cache then make: a count from the layout table
+    (state_layout, state_arrays) that left out values, or counted GLA's state per slot, would not be."""
+    from shared_config import resources
+
+    monkeypatch.setattr(resources, "accelerator_present", lambda: False)
+    spec = make_spec(**changes)
+    for model in twins(spec):
+        leaves = [leaf for layer in model.init_cache(3, 7).layers for leaf in layer if leaf is not None]
+        made = sum(leaf.nbytes for leaf in leaves if leaf.ndim == 4)  # the states; not the lengths or slot markers
+        assert made == resources.cache_bytes(spec, 3, 7) > 0, type(model)

@@ -190,10 +190,11 @@ def test_the_reference_refuses_an_mlp_it_does_not_know():
 def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     """The same for the two-way choices: an unknown mixer was attention and an unknown routing kind DTF, in the
     layout, both twins' blocks and the reference; an unknown mixer's decoding state was attention's KV cache
-    (`empty_state`, which init_cache calls per layer)."""
+    (`empty_state`, which init_cache calls per layer, and the layout's `state_layout`/`state_arrays` that weigh it)."""
     from flax import nnx
 
     from jax_model import block as jb
+    from shared_config.layout import state_arrays, state_layout
     from torch_model import block as tb
 
     spec = make_spec()
@@ -202,7 +203,8 @@ def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     bad = spec.mixer_of(0)  # each layer's mixer, as the model passes it
     for build in (lambda: layout(spec), lambda: jb.make_mixer(spec, bad, "xla", nnx.Rngs(0)),
                   lambda: tb.make_mixer(spec, bad, "sdpa"), lambda: reference.attention(x, {}, "x", spec),
-                  lambda: jb.empty_state(spec, bad, 1, 4), lambda: tb.empty_state(spec, bad, 1, 4, torch.zeros(1))):
+                  lambda: jb.empty_state(spec, bad, 1, 4), lambda: tb.empty_state(spec, bad, 1, 4, torch.zeros(1)),
+                  lambda: state_layout(spec, bad, 1, 4), lambda: state_arrays(bad)):
         with pytest.raises(ValueError, match="mixer='not-a-mixer'"):
             build()
     spec = make_spec(routing="mod")
