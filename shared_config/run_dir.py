@@ -131,7 +131,12 @@ def read_state(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: state.json and model.safetensors record different specs: "
                                   + "; ".join(f"{k}: state.json {a} vs model.safetensors {b}" for k, a, b in diffs))
     position = info.get("data_position", {})
-    copies = {OPTIMIZER_FILE: _metadata(path / OPTIMIZER_FILE).get("step")}
+    optimizer = _metadata(path / OPTIMIZER_FILE)
+    if (written := optimizer.get("format")) != ADAMW_FORMAT:  # model weights in its place were "at step None"
+        said = "names no format" if written is None else f"says format {quote(written)}"
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: its metadata {said}, not {ADAMW_FORMAT!r}: not a run's "
+                              "AdamW moments (m.<name>, v.<name>)")
+    copies = {OPTIMIZER_FILE: optimizer.get("step")}
     if "step" in position:
         copies["state.json data_position"] = position["step"]
     for where, step in copies.items():
@@ -222,7 +227,7 @@ def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
     path = Path(path)
     info = read_state(path)
     weights, spec = load_checkpoint(path / WEIGHTS_FILE)
-    moments, meta = read_safetensors(path / OPTIMIZER_FILE)
+    moments = read_safetensors(path / OPTIMIZER_FILE)[0]  # its format and step: read_state
     check_moments(moments, spec, path / OPTIMIZER_FILE)
     state = {"step": info["step"], "weights": weights}
     state.update({key: {t.name: moments[f"{key}.{t.name}"] for t in layout(spec)} for key in MOMENTS})

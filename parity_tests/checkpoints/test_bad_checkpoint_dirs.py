@@ -168,7 +168,12 @@ def _nan_in_v(moments, meta):
      "non-finite values (NaN/Inf) in: v.model.norm.weight"),
     (lambda p: _rewrite_moments(p, lambda m, meta: meta.update(step="2")), "",
      "optimizer.safetensors is at step 2, state.json at 3"),
-], ids=["negative-step", "state-not-an-object", "no-optimizer-file", "missing-moment", "nan-moment", "step-mismatch"])
+    (lambda p: shutil.copyfile(p / "model.safetensors", p / "optimizer.safetensors"), "optimizer.safetensors",
+     "its metadata says format 'twinlm', not 'twinlm-adamw': not a run's AdamW moments (m.<name>, v.<name>)"),
+    (lambda p: _rewrite_moments(p, lambda m, meta: meta.pop("format")), "optimizer.safetensors",
+     "its metadata names no format, not 'twinlm-adamw': not a run's AdamW moments (m.<name>, v.<name>)"),
+], ids=["negative-step", "state-not-an-object", "no-optimizer-file", "missing-moment", "nan-moment", "step-mismatch",
+        "weights-as-moments", "no-format"])
 def test_damaged_train_checkpoints_are_one_line_errors(tmp_path, damage, file, says):
     """A run directory's checkpoint (what --resume and train-state loading read): every part is checked."""
     path = _train_checkpoint(tmp_path)
