@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cli import UsageError, check_shorthands
+from .cli import UsageError, check_out_dir, check_shorthands
 from .config_file import SpecError, check_keys, check_type, parse_overrides
 from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
@@ -25,7 +25,7 @@ from .limits import quote, spelled
 from .parallel import env_int
 from .resources import check_memory, train_bytes
 from .run_dir import (STATE_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
-                      load_train_checkpoint, read_state, refuse_file_out, refuse_used_out)
+                      load_train_checkpoint, read_state, refuse_used_out)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -281,7 +281,7 @@ def check_train_memory(spec: ModelSpec, cfg: TrainConfig, lower: str) -> None:
 
 def resumed_checkpoint(args) -> tuple[Path, dict]:
     """The latest checkpoint in --out and its state.json (--resume)."""
-    refuse_file_out(args.out)
+    check_out_dir("--out", args.out)  # a file on its path, no write permission: refused before any work
     checkpoint = latest_checkpoint(args.out)
     if checkpoint is None:
         if earlier := earlier_run_files(args.out):  # "run without --resume to start" led to refuse_used_out's refusal

@@ -337,11 +337,6 @@ def remove_run_files(out: str | Path, before: dict[str, tuple[int, int]]) -> Non
             (Path(out) / name).unlink(missing_ok=True)
 
 
-def refuse_file_out(out: Path) -> None:
-    """A run directory that cannot be made (a file on its path, no write permission) is refused before any work."""
-    check_out_dir("--out", out)
-
-
 def earlier_run_files(out: Path) -> list[str]:
     """The record (run.json, metrics.jsonl) that a run in `out` left; a tokenizer.json alone may be a user's (a run
     writes run.json first)."""
@@ -357,7 +352,7 @@ def refuse_used_out(out: Path, records: bool = True, tokenizer: Path | None = No
     count, false on a torchrun's or JAX run's other processes, which start while process 0 writes this run's own.
     `tokenizer`: the data's tokenizer.json, which the run copies to OUT/tokenizer.json: one there that differs (a
     user's own) is refused, not replaced."""
-    refuse_file_out(out)
+    check_out_dir("--out", out)  # a file on its path, no write permission: refused before any work
     if latest_checkpoint(out) is not None:
         raise UsageError(f"{out} holds checkpoints already: pass --resume to continue that run, or another --out")
     if records and (earlier := earlier_run_files(out)):
