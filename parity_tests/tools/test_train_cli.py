@@ -10,7 +10,7 @@ from shared_config.cli import UsageError
 from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint
 from shared_config.metrics import read_metrics
 
-from ..support.common import load_script, one_line_error, quick_first, run_script
+from ..support.common import load_script, one_line_error, quick_first, run_main, run_script
 from .test_odd_input import error_line
 
 SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
@@ -234,17 +234,17 @@ def test_a_study_refuses_a_set_of_a_key_it_sets_itself(tmp_path, capsys, script,
 
 
 @pytest.mark.slow
-def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path):
-    # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
-    out = tmp_path / "run"
+def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path, capsys):
+    """run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted.
+    In process (train.main, as a user's command line parses): the command line itself is the resume test's above."""
+    train, out = load_script("train"), tmp_path / "run"
     chain = [("torch", []), ("jax", ["--set", "grad_accum_steps=2"]), ("torch", ["--set", "remat=block"]),
              ("jax", ["--set", "remat=none"]), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
     for step, (backend, changes) in enumerate(chain, 1):
         resume = ["--resume"] if step > 1 else ["--steps", str(len(chain))]
-        result = run_script("train", "--backend", backend, "--out", out, *resume, "--stop-at", str(step),
-                            "--save-every", "1", *changes, *SHORT)
-        assert result.returncode == 0, (step, result.stderr[-3000:])
-        assert json.loads(result.stdout)["step"] == step
+        printed = run_main(train.main, "--backend", backend, "--out", out, *resume, "--stop-at", step, "--save-every",
+                           1, *changes, *SHORT, capsys=capsys)
+        assert json.loads(printed.out)["step"] == step
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 6))
 
 
