@@ -299,20 +299,20 @@ def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_
 
 
 @pytest.mark.slow
-def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path):
-    """The run records where its data was: moved, the resume said "no such file" and no more."""
+def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path, capsys):
+    """The run records where its data was: moved, the resume said "no such file" and no more (train.main in
+    process: the command line's own error contract is the same `run`'s)."""
+    train, out = load_script("train"), tmp_path / "run"
     np.save(tmp_path / "tokens.npy", (np.arange(4000) % 200).astype(np.uint16))
-    out = tmp_path / "run"
-    first = run_script("train", "--backend", "torch", "--data", tmp_path / "tokens.npy", "--out", out, "--steps", "2",
-                       "--stop-at", "1", "--save-every", "1", *SHORT)
-    assert first.returncode == 0, first.stderr
+    run_main(train.main, "--backend", "torch", "--data", tmp_path / "tokens.npy", "--out", out, "--steps", "2",
+             "--stop-at", "1", "--save-every", "1", *SHORT, capsys=capsys)
     (tmp_path / "tokens.npy").rename(tmp_path / "moved.npy")
-    one_line_error(run_script("train", "--backend", "torch", "--out", out, "--resume", "--quiet"),
-                   f"{tmp_path / 'tokens.npy'}: the data the run in {out} trained on is not there any more; pass "
-                   "--data where it is now")
-    second = run_script("train", "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
-                        "--quiet")
-    assert second.returncode == 0 and json.loads(second.stdout)["step"] == 2, second.stderr
+    error_line(train.main, ["--backend", "torch", "--out", out, "--resume", "--quiet"], capsys,
+               f"{tmp_path / 'tokens.npy'}: the data the run in {out} trained on is not there any more; pass "
+               "--data where it is now")
+    second = run_main(train.main, "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
+                      "--quiet", capsys=capsys)
+    assert json.loads(second.out)["step"] == 2
 
 
 def test_a_resume_told_to_stop_before_where_the_run_is_is_refused(tmp_path, capsys):
