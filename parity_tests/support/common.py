@@ -181,6 +181,18 @@ def run_python(*args, **env: str) -> subprocess.CompletedProcess:
         shutil.rmtree(cwd, ignore_errors=True)
 
 
+def run_main(main, *args, capsys):
+    """A tool's `main` in this process, as its command line runs it (shared_config.cli.run: parsing, the run, exit
+    code 0), without a new interpreter starting both frameworks again; its captured stdout and stderr."""
+    from shared_config.cli import run
+
+    with pytest.raises(SystemExit) as e:
+        run(main, [str(a) for a in args])
+    printed = capsys.readouterr()
+    assert e.value.code == 0, printed.err[-3000:]
+    return printed
+
+
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
     """Run scripts/{name}.py in a subprocess that imports this checkout, offline."""
     return run_python(ROOT / "scripts" / f"{name}.py", *args)

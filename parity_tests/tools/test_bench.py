@@ -11,7 +11,7 @@ from shared_config import load_spec
 from shared_config.flops import flops_per_token, flops_split, matmul_params
 from shared_config.spec import CHOICES
 
-from ..support.common import MIXERS, ROOT, TORCHRUN, make_spec, one_line_error, quick_first, run_python
+from ..support.common import MIXERS, ROOT, TORCHRUN, make_spec, one_line_error, quick_first, run_main, run_python
 from ..support.parallel_common import free_port
 
 
@@ -20,6 +20,13 @@ def bench(*args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def bench_here(capsys, *args):
+    """compare.py's main in this process (its parsing, run and exit code, without a new interpreter): its output."""
+    from bench import compare
+
+    return run_main(compare.main, *args, capsys=capsys)
 
 
 def test_flops_formula_against_a_hand_count():
@@ -113,9 +120,9 @@ FIELDS = {"backend", "variant", "step_s", "compile_s", "tokens_per_s", "tflops",
 
 
 @pytest.mark.slow
-def test_forward_mode_both_backends_json_and_plot(tmp_path):
-    out = bench("--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
-                "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
+def test_forward_mode_both_backends_json_and_plot(tmp_path, capsys):
+    out = bench_here(capsys, "--mode", "forward", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
+                     "--rounds", "1", "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"device", "versions", "threads", "compiler_flags", "compile_cache"} <= set(report["env"])
     assert set(report["env"]["compile_cache"]) == {"dir", "entries"}  # the session's scratch cache, on by default
@@ -123,7 +130,7 @@ def test_forward_mode_both_backends_json_and_plot(tmp_path):
     for r in report["results"]:
         assert FIELDS <= set(r) and set(r["step_s"]) == {"median", "p10", "p90"}
         assert r["step_s"]["p10"] <= r["step_s"]["median"] <= r["step_s"]["p90"] and r["tokens_per_s"] > 0
-    assert "jax/torch" in out.stdout.splitlines()[-1]
+    assert "jax/torch" in out.out.splitlines()[-1]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -154,10 +161,10 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.slow
-def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
+def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path, capsys):
     # warmup 3 > 2 steps per round: the cache must hold compile + warmup tokens too
-    bench("--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4", "--warmup", "3",
-          "--rounds", "2", "--json", str(tmp_path / "d.json"))
+    bench_here(capsys, "--mode", "decode", "--backend", "all", "--batch", "2", "--seq", "16", "--steps", "4",
+               "--warmup", "3", "--rounds", "2", "--json", tmp_path / "d.json")
     results = json.loads((tmp_path / "d.json").read_text())["results"]
     assert [r["backend"] for r in results] == ["jax", "torch", "hf"]
     for r in results:
@@ -167,16 +174,17 @@ def test_decode_mode_reports_prefill_and_per_token_latency(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_mode_every_backend_and_a_sweep(tmp_path):
+def test_train_mode_every_backend_and_a_sweep(tmp_path, capsys):
     """The README's main job on every backend: one result per (variant, backend), in interleaved order."""
-    out = bench("--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true", "--batch", "2",
-                "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "2", "--json", str(tmp_path / "t.json"))
+    out = bench_here(capsys, "--backend", "all", "--sweep", "n_kv_heads=1,3", "--sweep", "tie_embeddings=false,true",
+                     "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "0", "--rounds", "2", "--json",
+                     tmp_path / "t.json")
     results = json.loads((tmp_path / "t.json").read_text())["results"]
     variants = [f"n_kv_heads={k},tie_embeddings={t}" for k in (1, 3) for t in ("false", "true")]
     assert [(r["variant"], r["backend"]) for r in results] == [(v, b) for v in variants for b in ("jax", "torch", "hf")]
     for r in results:
         assert FIELDS <= set(r) and r["n_steps"] == 2 and r["flops_per_token"] > r["flops_per_token_causal"] > 0
-    last = out.stdout.strip().splitlines()[-1]
+    last = out.out.strip().splitlines()[-1]
     assert last.startswith("step-time ratio") and last.count("jax/torch") == 4 and "torch/hf" in last
 
 
@@ -245,19 +253,20 @@ def test_a_placement_sweep_gives_one_valid_spec_per_placement():
 
 
 @pytest.mark.slow
-def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path):
+def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path, capsys):
     """--loss-chunk, --remat and --grad-accum: each twin's step reports its peak memory on a CPU too (XLA's memory
     analysis; torch's profiler), and the options together cut it where the logits dominate (V = 4096)."""
     peaks = {}
     for name, options in (("plain", []), ("saving", ["--loss-chunk", "64", "--remat", "full", "--grad-accum", "2"])):
-        out = bench("--backend", "both", "--set", "vocab_size=4096", "--batch", "4", "--seq", "128", "--steps", "1",
-                    "--warmup", "0", "--rounds", "1", *options, "--json", str(tmp_path / f"{name}.json"))
+        out = bench_here(capsys, "--backend", "both", "--set", "vocab_size=4096", "--batch", "4", "--seq", "128",
+                         "--steps", "1", "--warmup", "0", "--rounds", "1", *options, "--json",
+                         tmp_path / f"{name}.json")
         report = json.loads((tmp_path / f"{name}.json").read_text())
         peaks[name] = {r["backend"]: r["peak_mem_bytes"] for r in report["results"]}
         assert all(isinstance(p, int) and p > 0 for p in peaks[name].values()), peaks
     assert (report["env"]["grad_accum_steps"] == 2 and report["env"]["remat"] == "full"
             and report["env"]["loss_chunk"] == 64)
-    assert "grad_accum 2, remat full, loss_chunk 64" in out.stdout
+    assert "grad_accum 2, remat full, loss_chunk 64" in out.out
     for backend in ("jax", "torch"):
         assert peaks["saving"][backend] < 0.8 * peaks["plain"][backend], peaks
 
@@ -275,9 +284,16 @@ def test_bad_memory_options(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
-def test_gpu_check_refuses_a_machine_without_a_gpu():
-    proc = run_python(ROOT / "bench" / "gpu_check.py", "--quiet", CUDA_VISIBLE_DEVICES="")  # a GPU, if any, hidden
-    one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")
+def test_gpu_check_refuses_a_machine_without_a_gpu(monkeypatch, capsys):
+    """gpu_check.main in this process (it imports both frameworks to look for the GPU): one error line, exit 2."""
+    import torch
+
+    from bench import gpu_check
+
+    from .test_odd_input import error_line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU, if any, hidden
+    error_line(gpu_check.main, ["--quiet"], capsys, "no CUDA device: run on the GPU machine, or pass --dry-run")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from jax_model import generate as jg
 from shared_config import save_checkpoint
 from torch_model import generate as tg
 
-from ..support.common import load_script, make_spec, parity_weights, run_script
+from ..support.common import load_script, make_spec, parity_weights, run_main, run_script
 
 cli = load_script("generate")
 
@@ -128,9 +128,9 @@ def test_weights_that_are_missing_or_a_directory(weights, capsys):
 
 
 @pytest.mark.slow
-def test_a_hugging_face_directory_generates_what_its_canonical_file_does(weights, tmp_path):
+def test_a_hugging_face_directory_generates_what_its_canonical_file_does(weights, tmp_path, capsys):
+    """generate.py's main in process (the streaming command line is test_streams_the_tokens_generate_gives')."""
     load_script("convert").convert(weights, tmp_path / "hf", to="hf")
-    a = run_cli("--backend", "torch", "--weights", weights, "--tokens", "3,1,4", "--max-new-tokens", 8)
-    b = run_cli("--backend", "torch", "--weights", tmp_path / "hf", "--tokens", "3,1,4", "--max-new-tokens", 8)
-    assert a.returncode == b.returncode == 0, b.stderr
-    assert a.stdout == b.stdout and len(b.stdout.split()) == 8
+    a, b = (run_main(cli.main, "--backend", "torch", "--weights", path, "--tokens", "3,1,4", "--max-new-tokens", 8,
+                     capsys=capsys) for path in (weights, tmp_path / "hf"))
+    assert a.out == b.out and len(b.out.split()) == 8

@@ -14,7 +14,8 @@ import pytest
 from shared_config import load_spec
 from shared_config.flops import flops_per_token, flops_split, matmul_params
 
-from ..support.common import ROOT, load_script, run_python
+from ..support.common import load_script, run_main
+from .test_odd_input import error_line
 
 
 def test_gla_flops_against_a_hand_count():
@@ -60,14 +61,14 @@ def test_bench_options_see_every_layers_mixer():
 
 
 @pytest.mark.slow
-def test_bench_sweeps_a_hybrid_stack(tmp_path):
+def test_bench_sweeps_a_hybrid_stack(tmp_path, capsys):
     """`compare.py --sweep gla_attention_every=0,2` (docs/gla.md, "Hybrid stacks"): both twins, the kernel column
     naming each mixer's kernel."""
+    from bench import compare
+
     out = tmp_path / "hybrid.json"
-    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "gla_attention_every=0,2",
-                      "--backend", "both", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds",
-                      "2", "--json", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_main(compare.main, "--spec", "gla-tiny", "--sweep", "gla_attention_every=0,2", "--backend", "both", "--batch",
+             "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", out, capsys=capsys)
     results = json.loads(out.read_text())["results"]
     assert [(r["variant"], r["backend"], r["attention"]) for r in results] == [
         ("gla_attention_every=0", "jax", "gla-chunk64"), ("gla_attention_every=0", "torch", "gla-chunk64"),
@@ -75,26 +76,22 @@ def test_bench_sweeps_a_hybrid_stack(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "decode"])  # forward: the train job's model, timed without its backward
-def test_bench_sweeps_the_mixer(tmp_path, mode):
-    out = tmp_path / f"{mode}.json"
-    proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
-                      "--mode", mode, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "2",
-                      "--json", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+def test_bench_sweeps_the_mixer(tmp_path, capsys):
+    """`--sweep mixer=attention,gla` in decode mode at two prompt lengths, and plot_context.py over the two reports.
+    The same sweep in train mode is test_gpu_check.py's dry run of the extra plan (its gla-sweep check)."""
+    from bench import compare, plot_context
+
+    reports = [tmp_path / f"decode-{seq}.json" for seq in (16, 32)]
+    for seq, report in zip((16, 32), reports):
+        run_main(compare.main, "--spec", "gla-tiny", "--sweep", "mixer=attention,gla", "--mode", "decode", "--batch",
+                 "2", "--seq", seq, "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", report, capsys=capsys)
+    results = json.loads(reports[0].read_text())["results"]
     assert [(r["variant"], r["backend"]) for r in results] == [
         (f"mixer={m}", b) for m in ("attention", "gla") for b in ("jax", "torch")]
     assert {r["attention"] for r in results if r["variant"] == "mixer=gla"} == {"gla-chunk64"}
-    if mode == "decode":
-        second = tmp_path / "decode-32.json"
-        proc = run_python(ROOT / "bench" / "compare.py", "--spec", "gla-tiny", "--sweep", "mixer=attention,gla",
-                          "--mode", mode, "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds",
-                          "2", "--json", second)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        proc = run_python(ROOT / "bench" / "plot_context.py", out, second, "--out", tmp_path / "ctx.png")
-        assert proc.returncode == 0 and (tmp_path / "ctx.png").stat().st_size > 0, proc.stderr[-3000:]
-        assert "seq 16:" in proc.stdout and "seq 32:" in proc.stdout
+    printed = run_main(plot_context.main, *reports, "--out", tmp_path / "ctx.png", capsys=capsys)
+    assert (tmp_path / "ctx.png").stat().st_size > 0
+    assert "seq 16:" in printed.out and "seq 32:" in printed.out
 
 
 @pytest.mark.slow
@@ -141,11 +138,12 @@ def test_total_variation_of_the_output_histograms():
 
 
 @pytest.mark.slow
-def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path, monkeypatch):
+def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path, monkeypatch, capsys):
     """bench/gla_layer.py in process at a tiny geometry: one row per (twin, kernel), the pure form first with error
     0, the recurrence within float32's floor of it, every field in the JSON; a GPU kernel on this CPU is refused in
-    one line, or left out and listed with --if-present. JAX is told not to preallocate the GPU (as compare.py
-    does): torch's kernels run in the same process."""
+    one line (left out and listed with --if-present: test_gpu_check.py's core dry run, whose gla-kernels check runs
+    that command). JAX is told not to preallocate the GPU (as compare.py does): torch's kernels run in the same
+    process."""
     from bench import gla_layer
     from shared_config.cli import run
 
@@ -162,12 +160,7 @@ def test_the_gla_layer_bench_times_each_kernel_against_the_pure_form(tmp_path, m
     assert all(rows[t, "pure"]["max_rel_err"] == 0 and 0 < rows[t, "recurrent"]["max_rel_err"] <= 1e-5
                for t in ("jax", "torch"))
     assert rows["jax", "pure"]["peak_mem_bytes"] > 0 and rows["jax", "pure"]["compile_s"] > 0
-    proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "--kernel pallas" in proc.stderr and "needs a GPU" in proc.stderr
-    proc = run_python(ROOT / "bench" / "gla_layer.py", *small, "--kernel", "pure,pallas,fla", "--if-present")
-    assert (proc.returncode == 0 and "skipped the jax twin's pallas" in proc.stderr
-            and "skipped the torch twin's fla" in proc.stderr)
+    error_line(gla_layer.main, [*small, "--kernel", "pure,pallas"], capsys, "--kernel pallas", "needs a GPU")
 
 
 def test_the_triton_report_finds_every_kernel_and_its_tensor_core_dots(tmp_path, monkeypatch, capsys):

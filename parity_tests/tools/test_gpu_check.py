@@ -16,7 +16,7 @@ from bench import gpu_plan
 from bench.gpu_check import run_check
 from bench.gpu_plan import BUDGET_S, PLANS, Check, plan, runnable, share
 
-from ..support.common import ROOT, one_line_error, run_python
+from ..support.common import ROOT, one_line_error, run_main, run_python
 
 
 def test_each_plan_fits_its_budget_by_the_measured_costs():
@@ -280,11 +280,11 @@ def test_unknown_check_names_the_plan():
     ("extra", ["gla-sweep"]),
     ("tuning", ["small-xla-cublas"]),  # a check with compiler flags: they reach the bench and its report
 ])
-def test_dry_run_of_each_plan(tmp_path, which, chosen):
+def test_dry_run_of_each_plan(tmp_path, capsys, which, chosen):
+    """gpu_check.main in this process (its command line: test_unknown_check_names_the_plan); each check in its own."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    proc = run_python(ROOT / "bench" / "gpu_check.py", "--dry-run", "--quiet", "--plan", which, "--budget", "3000",
-                      "--out", out, "--only", ",".join(chosen), "--compile-cache", cache)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = run_main(gpu_check.main, "--dry-run", "--quiet", "--plan", which, "--budget", "3000", "--out", out,
+                       "--only", ",".join(chosen), "--compile-cache", cache, capsys=capsys)
     summary = json.loads((out / f"summary-{which}.json").read_text())
     assert summary["complete"] and summary["dry_run"] and summary["plan"] == which
     assert {"torch", "jax", "flax", "optax", "transformers", "fla-core"} <= set(summary["versions"])
@@ -297,12 +297,19 @@ def test_dry_run_of_each_plan(tmp_path, which, chosen):
             assert json.loads((out / f"{name}.json").read_text())["complete"], name
         else:
             assert r == {"status": "not run", "reason": "not in --only"}, (name, r)
-        assert f" {name}" in proc.stdout
+        assert f" {name}" in printed.out
     assert any((cache / "jax").iterdir())  # the benches compiled into the cache gpu_check named
     if which == "tuning":
         flags = json.loads((out / "small-xla-cublas.json").read_text())["env"]["compiler_flags"]
         assert "--xla_gpu_enable_triton_gemm=false" in flags["XLA_FLAGS"], flags
-    if which == "core":
+    if which == "extra":  # the mixer sweep in train mode (test_gla_tools.py times it in decode mode)
+        rows = json.loads((out / "gla-sweep.json").read_text())["results"]
+        assert [(r["variant"], r["backend"]) for r in rows] == [
+            (f"mixer={m}", b) for m in ("attention", "gla") for b in ("jax", "torch")]
+        assert {r["attention"] for r in rows if r["variant"] == "mixer=gla"} == {"gla-chunk64"}
+    if which == "core":  # gla-kernels is `gla_layer.py --kernel pure,pallas,fla --if-present`: the GPU's kernels listed
+        log = (out / "gla-kernels.log").read_text()
+        assert "skipped the jax twin's pallas" in log and "skipped the torch twin's fla" in log, log[-3000:]
         assert (out / "small-train-b8.png").is_file()
         assert any("jax/torch" in line for line in summary["targets"])
 

@@ -10,7 +10,7 @@ from shared_config.cli import UsageError
 from shared_config.run_dir import latest_checkpoint, list_checkpoints, load_train_checkpoint
 from shared_config.metrics import read_metrics
 
-from ..support.common import load_script, one_line_error, quick_first, run_script
+from ..support.common import load_script, one_line_error, quick_first, run_main, run_script
 from .test_odd_input import error_line
 
 SHORT = ["--set", "n_layers=1", "--set", "d_model=48", "--set", "d_ff=96", "--set", "batch_size=2",
@@ -234,17 +234,17 @@ def test_a_study_refuses_a_set_of_a_key_it_sets_itself(tmp_path, capsys, script,
 
 
 @pytest.mark.slow
-def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path):
-    # run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted
-    out = tmp_path / "run"
+def test_a_chain_of_resumes_may_change_the_memory_options_each_time_in_either_twin(tmp_path, capsys):
+    """run.json keeps the first invocation's config: every later resume, changed or not, must still be accepted.
+    In process (train.main, as a user's command line parses): the command line itself is the resume test's above."""
+    train, out = load_script("train"), tmp_path / "run"
     chain = [("torch", []), ("jax", ["--set", "grad_accum_steps=2"]), ("torch", ["--set", "remat=block"]),
              ("jax", ["--set", "remat=none"]), ("torch", ["--set", "loss_chunk=5", "--set", "grad_accum_steps=1"])]
     for step, (backend, changes) in enumerate(chain, 1):
         resume = ["--resume"] if step > 1 else ["--steps", str(len(chain))]
-        result = run_script("train", "--backend", backend, "--out", out, *resume, "--stop-at", str(step),
-                            "--save-every", "1", *changes, *SHORT)
-        assert result.returncode == 0, (step, result.stderr[-3000:])
-        assert json.loads(result.stdout)["step"] == step
+        printed = run_main(train.main, "--backend", backend, "--out", out, *resume, "--stop-at", step, "--save-every",
+                           1, *changes, *SHORT, capsys=capsys)
+        assert json.loads(printed.out)["step"] == step
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 6))
 
 
@@ -299,20 +299,20 @@ def test_a_fresh_run_interrupted_before_its_first_checkpoint_leaves_nothing(tmp_
 
 
 @pytest.mark.slow
-def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path):
-    """The run records where its data was: moved, the resume said "no such file" and no more."""
+def test_a_resume_whose_data_moved_says_to_pass_data(tmp_path, capsys):
+    """The run records where its data was: moved, the resume said "no such file" and no more (train.main in
+    process: the command line's own error contract is the same `run`'s)."""
+    train, out = load_script("train"), tmp_path / "run"
     np.save(tmp_path / "tokens.npy", (np.arange(4000) % 200).astype(np.uint16))
-    out = tmp_path / "run"
-    first = run_script("train", "--backend", "torch", "--data", tmp_path / "tokens.npy", "--out", out, "--steps", "2",
-                       "--stop-at", "1", "--save-every", "1", *SHORT)
-    assert first.returncode == 0, first.stderr
+    run_main(train.main, "--backend", "torch", "--data", tmp_path / "tokens.npy", "--out", out, "--steps", "2",
+             "--stop-at", "1", "--save-every", "1", *SHORT, capsys=capsys)
     (tmp_path / "tokens.npy").rename(tmp_path / "moved.npy")
-    one_line_error(run_script("train", "--backend", "torch", "--out", out, "--resume", "--quiet"),
-                   f"{tmp_path / 'tokens.npy'}: the data the run in {out} trained on is not there any more; pass "
-                   "--data where it is now")
-    second = run_script("train", "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
-                        "--quiet")
-    assert second.returncode == 0 and json.loads(second.stdout)["step"] == 2, second.stderr
+    error_line(train.main, ["--backend", "torch", "--out", out, "--resume", "--quiet"], capsys,
+               f"{tmp_path / 'tokens.npy'}: the data the run in {out} trained on is not there any more; pass "
+               "--data where it is now")
+    second = run_main(train.main, "--backend", "torch", "--out", out, "--resume", "--data", tmp_path / "moved.npy",
+                      "--quiet", capsys=capsys)
+    assert json.loads(second.out)["step"] == 2
 
 
 def test_a_resume_told_to_stop_before_where_the_run_is_is_refused(tmp_path, capsys):

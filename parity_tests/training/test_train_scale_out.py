@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
+from shared_config.cli import run
 from shared_config.metrics import read_metrics
 
-from ..support.common import ROOT, TORCHRUN, one_line_error, quick_first, run_python, run_script
+from ..support.common import ROOT, TORCHRUN, load_script, one_line_error, quick_first, run_main, run_python, run_script
+from ..support.compile_caches import cache_settings, restore_cache_settings
 from ..support.parallel_common import free_port
 
 # A validation pass before each save: FSDP2 leaves the root's parameters gathered after a forward
@@ -40,10 +42,15 @@ def val_losses(out):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """8 steps of the torch twin in one process: what every scaled-out run must reproduce; its output directory."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    r = run_script("train", "--backend", "torch", "--out", out, *ARGS)
-    assert r.returncode == 0, r.stderr
+    """8 steps of the torch twin in one process, this one (train.main; a module fixture, so the compile caches it
+    turns on are put back here): what every scaled-out run must reproduce; its output directory."""
+    out, before = tmp_path_factory.mktemp("one") / "run", cache_settings()
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(load_script("train").main, ["--backend", "torch", "--out", str(out), *ARGS])
+    finally:
+        restore_cache_settings(before)
+    assert e.value.code == 0
     return out
 
 
@@ -57,18 +64,19 @@ def torchrun(*args):
 
 
 @pytest.mark.slow
-def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, reference):
+def test_jax_over_a_mesh_trains_as_one_device_and_resumes_there(tmp_path, reference, capsys):
+    """The mesh's 4 host devices need a process of their own; the resume on one device runs in this one."""
     out = tmp_path / "mesh"
     r = run_script("train", "--backend", "jax", "--mesh", "data=2,fsdp=2", "--out", out, *ARGS, "--stop-at", "4")
     assert r.returncode == 0, r.stderr
-    r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--quiet", "--log-every", "1")  # one device
-    assert r.returncode == 0, r.stderr
+    run_main(load_script("train").main, "--backend", "jax", "--out", out, "--resume", "--quiet", "--log-every", "1",
+             capsys=capsys)
     assert close(losses(out), reference), (losses(out), reference)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, reference_run, parallel):
+def test_torchrun_trains_as_one_process_and_resumes(tmp_path, capsys, reference, reference_run, parallel):
     """Losses step for step, and the validation losses (each rank evaluating its rows of the validation batches,
     torch_model.distributed.make_eval_step) at every evaluation, before and after the resume."""
     out = tmp_path / parallel
@@ -81,9 +89,8 @@ def test_torchrun_trains_as_one_process_and_resumes(tmp_path, reference, referen
     got, want = val_losses(out), val_losses(reference_run)
     assert list(got) == list(want) == [2, 4, 6, 8] and close(list(got.values()), list(want.values())), (got, want)
     if parallel == "fsdp2":  # and its checkpoint continues on one JAX device
-        r = run_script("train", "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet", "--log-every",
-                       "1")
-        assert r.returncode == 0, r.stderr
+        run_main(load_script("train").main, "--backend", "jax", "--out", out, "--resume", "--steps", "10", "--quiet",
+                 "--log-every", "1", capsys=capsys)  # in this process: one JAX device
         records = train_records(out)
         assert [x["step"] for x in records] == list(range(1, 11)), [x["step"] for x in records]
         assert close(losses(out)[:8], reference) and all(math.isfinite(x) for x in losses(out)[8:]), losses(out)
