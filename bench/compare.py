@@ -96,7 +96,7 @@ def compare(args):
     specs = variants(args)
     seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
     args.seq = seq
-    from bench.timing import decoded_tokens  # light: jax and torch are imported after configure_threads
+    from bench.timing import bench_train_config, decoded_tokens  # light: jax and torch load after configure_threads
 
     decoded = decoded_tokens(args.steps, args.rounds, args.warmup) if args.mode == "decode" else 0
     for label, spec in specs:
@@ -115,6 +115,7 @@ def compare(args):
     shards = args.shards
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
+    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
@@ -127,7 +128,7 @@ def compare(args):
             write_report(args.json, {"env": environment(args, device), **partial}, complete=False)
 
     try:
-        results, device = run_benchmarks(args, specs, backends, kernels, on_progress, during)
+        results, device = run_benchmarks(args, specs, backends, kernels, train_config, on_progress, during)
     except Exception as e:
         if is_out_of_memory(e):
             raise ResourceError(f"the {getattr(args, 'job', 'benchmark')} ran out of memory at batch {args.batch} x "

@@ -241,6 +241,9 @@ def profile(args):
             + args.steps * (spec.L + 1) * TRACE_BYTES_PER_LAYER_STEP)  # the step, then the profiler's events
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
                  "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
+    from bench.timing import backend_options, bench_tokens, bench_train_config, check_gla_kernel  # light
+
+    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
     configure_threads(args.threads, None)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
@@ -249,10 +252,9 @@ def profile(args):
 
     from bench.devices import jax_device_name, torch_device_name
     from bench.runners import setup_jax, setup_torch
-    from bench.timing import backend_options, bench_tokens, check_gla_kernel
 
     backends = BACKENDS[args.backend]
-    compile, names, train_config = backend_options(args, kernels)
+    compile, names = backend_options(args, kernels)
     check_gla_kernel(args, [(label, spec)], backends)
     tokens = bench_tokens(spec, args)
     device = jax_device_name() if "jax" in backends else torch_device_name()

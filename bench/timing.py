@@ -33,7 +33,8 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
 
 def bench_train_config(args):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum-steps, --remat and --loss-chunk where given."""
+    memory options --grad-accum-steps, --remat and --loss-chunk where given. numpy only: the tools call it before
+    any framework loads, so that a bad option is refused in the second it takes, not after the imports (~3.5 s)."""
     from shared_config import load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
@@ -54,10 +55,9 @@ def timed(bench, fn=None) -> float:
     return time.perf_counter() - t0
 
 
-def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
+def backend_options(args, kernels) -> tuple[bool, dict[str, str]]:
     """What every backend's setup shares, after setting precision and threads: whether to compile (default: on a
-    GPU; on a TPU torch_xla compiles each step's graph itself), the attention kernel per backend and the train
-    config (train mode only)."""
+    GPU; on a TPU torch_xla compiles each step's graph itself) and the attention kernel per backend."""
     platform = set_precision_and_threads(args)
     if platform == "tpu" and args.compile:
         raise UsageError("--compile: on a TPU torch_xla compiles each step's graph with XLA; torch.compile's "
@@ -65,10 +65,9 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str], object]:
     if platform == "cpu" and getattr(args, "peak_tflops", None):  # before any job: it was dropped without a word
         raise UsageError(f"--peak-tflops {args.peak_tflops:g}: a CPU run reports GFLOP/s and no MFU (docs/bench.md); "
                          "drop --peak-tflops")
-    train_config = bench_train_config(args) if args.mode == "train" else None
     mesh = bool(getattr(args, "mesh", None) or getattr(args, "devices", None))
     compile = platform == "gpu" if args.compile is None else args.compile
-    return compile, kernels(args.attention, platform, args.dtype, mesh), train_config
+    return compile, kernels(args.attention, platform, args.dtype, mesh)
 
 
 def check_gla_kernel(args, specs, backends: list[str]) -> None:
@@ -111,8 +110,9 @@ def decoded_tokens(steps: int, rounds: int, warmup: int) -> int:
     return max(math.ceil(steps / rounds), 1 + warmup)
 
 
-def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: list | None = None):
-    """Time every (variant, backend); returns the JSON results and the device name. `on_progress(partial, device)`,
+def run_benchmarks(args, specs, backends, kernels, train_config, on_progress=None, during: list | None = None):
+    """Time every (variant, backend) (train mode: with `train_config`, bench_train_config's, made before any framework
+    loaded); returns the JSON results and the device name. `on_progress(partial, device)`,
     if given, is called after every job's compilation and after every round of timed steps: `partial` holds
     "results" (one row per job timed so far, over the steps it has had) and "compiled" (the jobs compiled but not
     yet timed: their compile_s and peak_mem_bytes), so that a report written there keeps what a stopped run measured.
@@ -120,7 +120,7 @@ def run_benchmarks(args, specs, backends, kernels, on_progress=None, during: lis
     time."""
     if accelerator() == "tpu":  # before any work: one framework per process, torch_xla for torch
         check_tpu_backends(backends)
-    compile, names, train_config = backend_options(args, kernels)
+    compile, names = backend_options(args, kernels)
     check_gla_kernel(args, specs, backends)
     setups = {b: partial(setup, gla_kernel=args.gla_kernel) if b != "hf" else setup for b, setup in SETUP.items()}
     if args.mesh or args.devices:  # the JAX train step over a device mesh

@@ -192,6 +192,38 @@ def test_every_tools_help_loads_no_framework():
     assert len(tools) >= 16 and result.stdout.splitlines() == [f"{path} True []" for path in tools]
 
 
+def test_a_bad_train_option_of_the_bench_is_refused_before_any_framework_loads(tmp_path):
+    """compare.py and profile_step.py built their train config (the memory options, --train-config) after importing
+    jax and torch: `--loss-chunk -1` took ~3.5 s to say one line. Each tool runs in one process here, one after
+    another: the one-line error, exit code 2 and none of LOADED_FOR_WORK imported."""
+    config = tmp_path / "bf16.yaml"
+    config.write_text("compute_dtype: bfloat16\n")
+    cases = [("bench/compare.py", ["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
+             ("bench/compare.py", ["--grad-accum", "3", "--batch", "8"],
+              "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
+             ("bench/compare.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's"),
+             ("bench/profile_step.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's")]
+    code = ("import contextlib, io, json, runpy, sys\n"
+            f"for path, argv in {[(path, argv) for path, argv, _ in cases]!r}:\n"
+            "    sys.argv, err = [path, *argv], io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        try:\n"
+            "            runpy.run_path(path, run_name='__main__')\n"
+            "        except SystemExit as e:\n"
+            "            exit_code = e.code\n"
+            f"    loaded = sorted(m for m in {LOADED_FOR_WORK!r} if m in sys.modules)\n"
+            "    print(json.dumps([exit_code, err.getvalue().splitlines(), loaded]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=checkout_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    for (path, argv, says), line in zip(cases, result.stdout.splitlines(), strict=True):
+        exit_code, err, loaded = json.loads(line)
+        assert exit_code == 2 and len(err) == 1 and says in err[0] and err[0].startswith("error: "), (path, argv, err)
+        assert loaded == [], (path, argv, loaded)
+
+
 def test_a_value_list_that_starts_with_a_negative_number_is_a_value():
     """`--tokens -1,2` was "unrecognized option -1,2" (argparse takes only -N and -N.N for values), where
     `--tokens=-1,2` named the id outside the vocabulary; both are now the value they are."""

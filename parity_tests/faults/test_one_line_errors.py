@@ -241,7 +241,7 @@ def test_a_metrics_line_past_the_limit_is_refused_without_reading_it_whole(tmp_p
 def test_out_of_memory_in_the_bench_names_the_job_and_what_to_lower(monkeypatch, capsys):
     compare, timing = bench_module("compare"), bench_module("timing")
 
-    def oom(args, specs, backends, kernels, on_progress=None, during=None):
+    def oom(args, specs, backends, kernels, train_config, on_progress=None, during=None):
         args.job = "torch train job of small"
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
