@@ -5,6 +5,7 @@ question. The bench's own options: test_bench_arguments.py; reports and plots: t
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -173,23 +174,34 @@ def test_a_path_that_is_not_utf8_prints_as_its_bytes_on_a_strict_stdout(monkeypa
 LOADED_FOR_WORK = ("torch", "jax", "flax", "orbax", "transformers", "matplotlib", "triton", "ml_dtypes")
 
 
+def tools_in_one_process(runs: list[tuple[str, list[str]]]) -> list[tuple[int | str | None, str, str, list[str]]]:
+    """Each (tool path, argv) run as its command line (runpy, `__main__`), one after another in one fresh process:
+    its exit code, stdout, stderr and which of LOADED_FOR_WORK the process had imported by then."""
+    code = ("import contextlib, io, json, runpy, sys\n"
+            f"for path, argv in {runs!r}:\n"
+            "    sys.argv, out, err, code = [path, *argv], io.StringIO(), io.StringIO(), 0\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        try:\n"
+            "            runpy.run_path(path, run_name='__main__')\n"
+            "        except SystemExit as e:\n"
+            "            code = e.code\n"
+            f"    loaded = sorted(m for m in {LOADED_FOR_WORK!r} if m in sys.modules)\n"
+            "    print(json.dumps([code, out.getvalue(), err.getvalue(), loaded]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=checkout_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(json.loads(line)) for line in result.stdout.splitlines()]
+
+
 @pytest.mark.slow
 def test_every_tools_help_loads_no_framework():
     """Each tool (a scripts/ or bench/ file with a `__main__`), run with --help in one process one after another:
     its usage is printed with none of LOADED_FOR_WORK imported (the first tool that imports one is named)."""
     tools = sorted(str(p.relative_to(ROOT)) for folder in ("scripts", "bench") for p in (ROOT / folder).glob("*.py")
                    if "__main__" in p.read_text())
-    code = ("import contextlib, io, runpy, sys\n"
-            f"for path in {tools!r}:\n"
-            "    sys.argv, out = [path, '--help'], io.StringIO()\n"
-            "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
-            "        runpy.run_path(path, run_name='__main__')\n"
-            f"    loaded = sorted(m for m in {LOADED_FOR_WORK!r} if m in sys.modules)\n"
-            "    print(path, 'usage:' in out.getvalue(), loaded)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=checkout_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(tools) >= 16 and result.stdout.splitlines() == [f"{path} True []" for path in tools]
+    found = tools_in_one_process([(path, ["--help"]) for path in tools])
+    assert len(tools) >= 16 and [(path, "usage:" in out, loaded) for path, (_, out, _, loaded) in zip(tools, found)
+                                 ] == [(path, True, []) for path in tools]
 
 
 def test_a_bad_train_option_of_the_bench_is_refused_before_any_framework_loads(tmp_path):
@@ -203,24 +215,10 @@ def test_a_bad_train_option_of_the_bench_is_refused_before_any_framework_loads(t
               "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
              ("bench/compare.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's"),
              ("bench/profile_step.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's")]
-    code = ("import contextlib, io, json, runpy, sys\n"
-            f"for path, argv in {[(path, argv) for path, argv, _ in cases]!r}:\n"
-            "    sys.argv, err = [path, *argv], io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err):\n"
-            "        try:\n"
-            "            runpy.run_path(path, run_name='__main__')\n"
-            "        except SystemExit as e:\n"
-            "            exit_code = e.code\n"
-            f"    loaded = sorted(m for m in {LOADED_FOR_WORK!r} if m in sys.modules)\n"
-            "    print(json.dumps([exit_code, err.getvalue().splitlines(), loaded]))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=checkout_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    for (path, argv, says), line in zip(cases, result.stdout.splitlines(), strict=True):
-        exit_code, err, loaded = json.loads(line)
-        assert exit_code == 2 and len(err) == 1 and says in err[0] and err[0].startswith("error: "), (path, argv, err)
+    found = tools_in_one_process([(path, argv) for path, argv, _ in cases])
+    for (path, argv, says), (code, _, err, loaded) in zip(cases, found, strict=True):
+        err = err.splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0] and err[0].startswith("error: "), (path, argv, err)
         assert loaded == [], (path, argv, loaded)
 
 
