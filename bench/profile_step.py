@@ -40,7 +40,7 @@ from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
-    kernels, variants,
+    kernels, memory_options, variants,
 )
 from bench.runners import without_profiler_chatter
 
@@ -121,6 +121,7 @@ def parse_args(argv):
                          "memory; a kernel's share settles within a few steps)")
     check_outputs(args.json, cache=args.compile_cache, inputs=job_inputs(args))
     check_used_options(args)
+    memory_options(args)  # --train-config's grad_accum_steps, remat and loss_chunk, for the report's env
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None
     return args

@@ -275,6 +275,23 @@ def test_bad_memory_options(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
+def test_a_train_configs_memory_options_are_the_ones_the_report_records(tmp_path):
+    """A --train-config's remat: full and grad_accum_steps: 2 ran while the report (env), its table and the memory
+    check said remat none and grad_accum 1, in both tools; transformers (--backend all) ignored them. A flag wins."""
+    from bench import compare, profile_step
+    from bench.options import environment
+    from shared_config.cli import UsageError
+
+    config = tmp_path / "train.yaml"
+    config.write_text("grad_accum_steps: 2\nremat: full\n")
+    for args, want in ((compare.parse_args(["--train-config", str(config), "--remat", "block"]), (2, "block", 0)),
+                       (profile_step.parse_args(["--train-config", str(config)]), (2, "full", 0))):
+        env = environment(args, "cpu")
+        assert (env["grad_accum_steps"], env["remat"], env["loss_chunk"]) == want
+    with pytest.raises(UsageError, match="grad_accum_steps: 2 of --train-config .*: train-config options of the twin"):
+        compare.parse_args(["--train-config", str(config), "--backend", "all"])
+
+
 def test_gpu_check_refuses_a_machine_without_a_gpu():
     proc = run_python(ROOT / "bench" / "gpu_check.py", "--quiet", CUDA_VISIBLE_DEVICES="")  # a GPU, if any, hidden
     one_line_error(proc, "no CUDA device: run on the GPU machine, or pass --dry-run")
