@@ -87,14 +87,18 @@ def job_inputs(args) -> list[tuple[str, str | None]]:
 
 def check_used_options(args) -> None:
     """Refuse options this job would ignore without a word, or fail on midway: --compile/--no-compile (torch.compile)
-    with only the JAX backend asked, --train-config (the train step's optimizer) in another mode, a --gla-kernel that
-    is one twin's (pallas: JAX's, fla: torch's) with another backend asked."""
+    with only the JAX backend asked, a twin's --attention kernel with only transformers asked, --train-config (the
+    train step's optimizer) in another mode, a --gla-kernel that is one twin's (pallas: JAX's, fla: torch's) with
+    another backend asked."""
     if args.train_config is not None and args.mode != "train":
         raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
                          "optimizer (drop --train-config)")
     if (twin := GLA_KERNEL_TWIN.get(args.gla_kernel)) and args.backend != twin:  # the other twin has no such kernel
         raise UsageError(f"--gla-kernel {args.gla_kernel}: {GLA_KERNEL_NAMES[args.gla_kernel]}, the {twin} twin's "
                          f"alone; pass --backend {twin} (the other twin runs auto or pure)")
+    if args.attention not in ("auto", "sdpa") and args.backend == "hf":  # the twins' kernels: hf ran sdpa all the same
+        raise UsageError(f"--attention {args.attention}: a kernel of the twins; transformers' Llama runs SDPA, and "
+                         "--backend hf times it alone (drop --attention, or add a twin: --backend all)")
     if args.compile is not None and args.backend == "jax":
         flag = "--compile" if args.compile else "--no-compile"
         raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "

@@ -150,3 +150,12 @@ def test_compile_is_refused_where_only_jax_runs(capsys):
     with pytest.raises(SystemExit) as exit_:
         load_script("train").parse_args(["--backend", "jax", "--compile"])
     assert exit_.value.code == 2 and "--compile: torch.compile steers the torch twin's steps" in capsys.readouterr().err
+
+
+def test_a_twins_attention_kernel_is_refused_where_only_transformers_runs():
+    """--attention einsum --backend hf timed transformers' SDPA, the option ignored (the table's column said sdpa)."""
+    from bench import compare
+
+    with pytest.raises(UsageError, match="--attention einsum: a kernel of the twins; transformers' Llama runs SDPA"):
+        compare.parse_args(["--backend", "hf", "--attention", "einsum"])
+    assert compare.parse_args(["--backend", "all", "--attention", "einsum"]).attention == "einsum"
