@@ -23,8 +23,11 @@ COMPARABLE = ("device", "dtype", "batch", "spec", "set")  # env keys every repor
 
 
 def same_key(value):
-    """An env value as compared across reports: --set's list in any order (one model either way)."""
-    return sorted(map(str, value)) if isinstance(value, list) else value
+    """An env value as compared across reports: --set's list in any order (one model either way), without
+    max_seq_len, which bounds the context each report's --seq-len needed, not the work of a decoded token."""
+    if not isinstance(value, list):
+        return value
+    return sorted(item for item in map(str, value) if item.partition("=")[0].strip() != "max_seq_len")
 
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:

@@ -89,10 +89,10 @@ def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report,
 
 
 def test_plot_context_draws_one_curve_per_job_from_comparable_reports(tmp_path, capsys):
-    """Reports of one device, dtype, batch, spec and --set (in any order), one per prompt length: a report given twice,
-    a prompt length in two reports (the line went back and forth), another batch (its points joined the first file's
-    curves, titled with the first file's batch) or another --set (another model under the variant label "tiny") is
-    refused; a stopped run's report is drawn, named on stderr."""
+    """Reports of one device, dtype, batch, spec and --set (any order, max_seq_len aside), one per prompt length: a
+    report given twice, a prompt length in two reports (the line went back and forth), another batch (its points
+    joined the first file's curves, titled with the first file's batch) or another --set (another model under the
+    variant label "tiny") is refused; a stopped run's report is drawn, named on stderr."""
     from bench import plot_context
 
     def report(name, **env):
@@ -110,7 +110,9 @@ def test_plot_context_draws_one_curve_per_job_from_comparable_reports(tmp_path, 
             plot_context.main([*reports, "--out", out])
     assert not (tmp_path / "ctx.png").exists()
     capsys.readouterr()
-    plot_context.main([smaller, report("f.json", seq=64, set=["d_model=48", "n_layers=1"]), "--out", out])  # one model
+    # one model: --set in another order, and another max_seq_len (each report raises it to fit its prompt)
+    plot_context.main([smaller, report("f.json", seq=64, set=["max_seq_len=4200", "d_model=48", "n_layers=1"]),
+                       "--out", out])
     assert "seq 32: 1.00 ms  seq 64: 1.00 ms" in capsys.readouterr().out
     plot_context.main([a, b, "--out", out])
     captured = capsys.readouterr()
