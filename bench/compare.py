@@ -29,7 +29,7 @@ from shared_config.resources import (
 from bench import load
 from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
-    kernels, variants,
+    kernels, memory_options, variants,
 )
 
 
@@ -62,8 +62,7 @@ def parse_args(argv):
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     # checked at parse time: `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
     args.shards = mesh_devices(args.mesh, args.devices)
-    memory = [flag for flag, value in (("--grad-accum-steps", args.grad_accum), ("--remat", args.remat),
-                                       ("--loss-chunk", args.loss_chunk)) if value is not None]
+    memory = memory_options(args)  # the flags, or --train-config's keys: what the report and memory check read
     if memory and (args.mode != "train" or "hf" in BACKENDS[args.backend]):
         raise UsageError(f"{', '.join(memory)}: train-config options of the twins: use them with --mode train and "
                          "--backend both, jax or torch")

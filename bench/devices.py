@@ -45,11 +45,17 @@ def check_tpu_backends(backends: list[str]) -> None:
                          "or run --backend jax")
 
 
+# The CPU as a report names it, whichever framework found it (JAX's name: its device_kind is "cpu"): torch's
+# "cpu (x86_64)" made a --backend torch report of the machine another device than a --backend jax one, and
+# plot_context.py refused to draw them together; the architecture is in env.platform
+CPU_DEVICE = "cpu (cpu)"
+
+
 def jax_device_name() -> str:
     import jax
 
     d = jax.devices()[0]
-    return d.device_kind if d.platform in ("gpu", "tpu") else f"cpu ({d.device_kind})"
+    return d.device_kind if d.platform in ("gpu", "tpu") else CPU_DEVICE
 
 
 def torch_device():
@@ -64,14 +70,12 @@ def torch_device():
 
 
 def torch_device_name() -> str:
-    import platform
-
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     n, version = tpu_chips()
-    return f"TPU {version}" if n else f"cpu ({platform.processor() or platform.machine()})"
+    return f"TPU {version}" if n else CPU_DEVICE
 
 
 def torch_sync_and_peak(device):

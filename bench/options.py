@@ -87,18 +87,47 @@ def job_inputs(args) -> list[tuple[str, str | None]]:
 
 def check_used_options(args) -> None:
     """Refuse options this job would ignore without a word, or fail on midway: --compile/--no-compile (torch.compile)
-    with only the JAX backend asked, --train-config (the train step's optimizer) in another mode, a --gla-kernel that
-    is one twin's (pallas: JAX's, fla: torch's) with another backend asked."""
+    with only the JAX backend asked, a twin's --attention kernel with only transformers asked, --train-config (the
+    train step's optimizer) in another mode, a --gla-kernel that is one twin's (pallas: JAX's, fla: torch's) with
+    another backend asked."""
     if args.train_config is not None and args.mode != "train":
         raise UsageError(f"--train-config: the optimizer settings of --mode train; --mode {args.mode} runs no "
                          "optimizer (drop --train-config)")
     if (twin := GLA_KERNEL_TWIN.get(args.gla_kernel)) and args.backend != twin:  # the other twin has no such kernel
         raise UsageError(f"--gla-kernel {args.gla_kernel}: {GLA_KERNEL_NAMES[args.gla_kernel]}, the {twin} twin's "
                          f"alone; pass --backend {twin} (the other twin runs auto or pure)")
+    if args.attention not in ("auto", "sdpa") and args.backend == "hf":  # the twins' kernels: hf ran sdpa all the same
+        raise UsageError(f"--attention {args.attention}: a kernel of the twins; transformers' Llama runs SDPA, and "
+                         "--backend hf times it alone (drop --attention, or add a twin: --backend all)")
     if args.compile is not None and args.backend == "jax":
         flag = "--compile" if args.compile else "--no-compile"
         raise UsageError(f"{flag}: torch.compile steers the torch (and hf) step, and --backend jax times JAX alone "
                          "(XLA always compiles)")
+
+
+MEMORY_FLAGS = {"grad_accum_steps": "grad_accum", "remat": "remat", "loss_chunk": "loss_chunk"}  # config key: args'
+
+
+def memory_options(args) -> list[str]:
+    """Set the twins' memory options a train step runs with on `args` (args.grad_accum, args.remat, args.loss_chunk):
+    each flag's value where given, else --train-config's where that file sets the key off its default (a config's
+    `remat: full` was timed while the report, its table and the memory check said remat none). Returns what sets
+    each one that is not at its default, named for an error: the flag, or the config's key; [] outside train mode
+    (check_used_options refuses a --train-config there)."""
+    from shared_config import TrainConfig, load_train_config
+
+    default = TrainConfig()
+    config = load_train_config(args.train_config) if args.train_config and args.mode == "train" else default
+    named = []
+    for key, attr in MEMORY_FLAGS.items():
+        if getattr(args, attr, None) is not None:
+            named.append("--" + key.replace("_", "-"))
+        elif getattr(config, key) != getattr(default, key):
+            setattr(args, attr, getattr(config, key))
+            named.append(f"{key}: {getattr(config, key)} of --train-config {args.train_config}")
+        else:
+            setattr(args, attr, None)  # profile_step.py has no such flags: the default, as compare.py's None
+    return named
 
 
 # spec keys a bench option sets: a --set or --sweep of one would be overridden by the option, or disagree with what
@@ -194,7 +223,7 @@ def environment(args, device: str) -> dict:
         "warmup": args.warmup, "rounds": args.rounds, "spec": args.spec, "set": args.set, "sweep": args.sweep,
         "matmul_precision": "highest (no TF32)" if args.dtype == "float32" else "bf16 matmuls, fp32 accumulate",
         "mesh": args.mesh or (f"data={args.devices}" if args.devices else None),
-        # the memory options (profile_step.py, which shares this function, has none: the defaults)
+        # the memory options: the flags' (compare.py) or --train-config's (both tools), memory_options
         "grad_accum_steps": getattr(args, "grad_accum", None) or 1, "remat": getattr(args, "remat", None) or "none",
         "loss_chunk": getattr(args, "loss_chunk", None) or 0, "gla_kernel": args.gla_kernel,
         "world_size": env_int("WORLD_SIZE", 1),

@@ -19,6 +19,16 @@ from shared_config.files import save_figure
 
 from bench.plot import MAX_LINES, read_report
 
+COMPARABLE = ("device", "dtype", "batch", "spec", "set")  # env keys every report of one plot shares: one job each line
+
+
+def same_key(value):
+    """An env value as compared across reports: --set's list in any order (one model either way), without
+    max_seq_len, which bounds the context each report's --seq-len needed, not the work of a decoded token."""
+    if not isinstance(value, list):
+        return value
+    return sorted(item for item in map(str, value) if item.partition("=")[0].strip() != "max_seq_len")
+
 
 def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
     """{(variant, backend): [(seq, median, p10, p90) of the decode step in seconds], by seq}; decode reports only."""
@@ -70,11 +80,13 @@ def main(argv=None):
             raise UsageError(f"{path}: a {report['env']['mode']} report: pass decode reports "
                              "(compare.py --mode decode)")
         # one line per (variant, backend) across the files: a point measured at another batch, dtype or device
-        # (which the title names from the first file) is another curve
-        if differ := [k for k in ("device", "dtype", "batch") if report["env"][k] != env[k]]:
+        # (which the title names from the first file) is another curve, and so is one of another model: a variant's
+        # label is its --sweep values alone (--spec where none), so `--spec tiny` and `--spec tiny --set n_layers=1`
+        # were both "tiny", drawn as one curve
+        if differ := [k for k in COMPARABLE if same_key(report["env"].get(k)) != same_key(env.get(k))]:
             key = differ[0]
-            raise UsageError(f"{path} has {key} {report['env'][key]} and {args.reports[0]} {key} {env[key]}: pass "
-                             "reports of one device, dtype and batch")
+            raise UsageError(f"{path} has {key} {report['env'].get(key)} and {args.reports[0]} {key} {env.get(key)}: "
+                             "pass reports of one device, dtype, batch, spec and --set")
     series = context_series(reports)
     if len(series) > MAX_LINES:
         raise UsageError(f"the reports hold {len(series):,} (variant, backend) lines; one plot draws at most "

@@ -11,7 +11,8 @@ which land in `other`), copy (memcpy/memset) and other (elementwise, reductions,
 JAX kernels are classified by the HLO instruction that launched them (a fusion holding a dot is a
 matmul), torch kernels by name. For matmul and attention the table gives the rate their kernels
 reach on the model FLOPs they compute (shared_config/flops.py: 6·N and 12·L·H·E·T per token in train mode, a
-fused causal attention kernel's half of it; when attention runs as plain matmuls, all of it counts under matmul),
+fused causal attention kernel's half of it; when attention runs as plain matmuls, all of it counts under matmul; a
+GLA layer's recurrence, 12·H·K'·V', counts under matmul, as its chunk form computes it),
 which says whether a low MFU is slow GEMMs or time spent outside them. On a GPU, `idle` is the step's wall
 time the device ran no kernel (launch gaps, host work).
 
@@ -40,7 +41,7 @@ from shared_config.resources import check_memory, forward_bytes, train_bytes
 
 from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
-    kernels, variants,
+    kernels, memory_options, variants,
 )
 from bench.runners import without_profiler_chatter
 
@@ -121,6 +122,7 @@ def parse_args(argv):
                          "memory; a kernel's share settles within a few steps)")
     check_outputs(args.json, cache=args.compile_cache, inputs=job_inputs(args))
     check_used_options(args)
+    memory_options(args)  # --train-config's grad_accum_steps, remat and loss_chunk, for the report's env
     # for bench/options.py's helpers
     args.sweep, args.rounds, args.mesh, args.devices, args.parallel = [], 1, None, None, None
     return args
@@ -190,7 +192,7 @@ def jax_kernels(bench, steps: int) -> tuple[dict[tuple[str, str | None], float],
 
 def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: str, hlo: dict | None) -> dict:
     """Per-category milliseconds per step, shares of the step, and the model-FLOP rate of matmul and attention."""
-    from shared_config.flops import flops_split
+    from shared_config.flops import flops_split, mixer_flops
 
     step_ms = 1e3 * wall_s / args.steps
     ms, per_kernel = defaultdict(float), defaultdict(float)
@@ -209,6 +211,10 @@ def breakdown(backend: str, spec, args, times_us: dict, wall_s: float, device: s
     # a fused kernel (flash, cuDNN, SDPA) skips the causal mask's upper half: its rate is on the causal count (on
     # all T keys it read twice the kernel's rate, past the device's peak at 55%)
     fused = flops_split(spec, args.seq, args.mode, causal=True)[1]
+    # GLA layers' recurrence is no attention kernel's work (a hybrid stack's SDPA rate took it): with the matmuls,
+    # as the chunk form computes it
+    gla = (3 if args.mode == "train" else 1) * spec.layer_mixers.get("gla", 0) * mixer_flops(spec, "gla", args.seq)
+    matmul, attention, fused = matmul + gla, attention - gla, fused - gla
     model_flops = {"matmul": matmul * tokens, "attention": fused * tokens}
     if "attention" not in ms:  # attention ran as plain matmuls (the einsum/blocked kernels): all T keys, under matmul
         model_flops["matmul"] += attention * tokens

@@ -18,6 +18,7 @@ from shared_config.progress import progress
 
 from bench.flops import peak_tflops
 from bench.load import CpuClock, process_threads, snapshot
+from bench.options import MEMORY_FLAGS
 from bench.devices import accelerator, check_tpu_backends, jax_device_name, torch_device_name, torch_graph_breaks
 from bench.runners import setup_hf, setup_jax, setup_torch
 
@@ -43,9 +44,6 @@ def bench_train_config(args):
                          "--compute-dtype; drop it from the config and pass --compute-dtype")
     memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
     return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
-
-
-MEMORY_FLAGS = {"grad_accum_steps": "grad_accum", "remat": "remat", "loss_chunk": "loss_chunk"}  # config key: flag
 
 
 def timed(bench, fn=None) -> float:

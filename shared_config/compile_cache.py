@@ -7,11 +7,12 @@ frameworks read at import, and into their config objects where a framework is al
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
-from .cli import check_out_dir, nonempty
+from .cli import UsageError, check_out_dir, nonempty
 
 # JAX's cache is bounded (least recently used entries go), which also turns on its file lock
 CACHE_SIZE_BYTES = 4 * 2**30
@@ -26,8 +27,21 @@ def default_cache_dir() -> Path:
 
 def add_compile_cache_option(parser) -> None:
     """--compile-cache DIR|none on an argparse parser (default: default_cache_dir())."""
-    parser.add_argument("--compile-cache", type=nonempty, default=str(default_cache_dir()), metavar="DIR",
+    parser.add_argument("--compile-cache", type=cache_dir, default=str(default_cache_dir()), metavar="DIR",
                         help="persistent JAX and torch.compile caches here; 'none': compile everything afresh")
+
+
+def cache_dir(text: str) -> str:
+    """argparse's type for --compile-cache: 'none', or a directory that can be made (check_out_dir), refused at parse
+    time in every tool: a file in the way was found at the first compilation, and gpu_check.py, which hands the
+    option to each check, started every check of its plan to fail each one with it."""
+    text = nonempty(text)
+    if text != "none":
+        try:
+            check_out_dir("--compile-cache", text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("--compile-cache ")) from None
+    return text
 
 
 # what use_compile_cache sets: JAX's flags (and their environment variables, the names in capitals), torch's

@@ -150,3 +150,28 @@ def test_compile_is_refused_where_only_jax_runs(capsys):
     with pytest.raises(SystemExit) as exit_:
         load_script("train").parse_args(["--backend", "jax", "--compile"])
     assert exit_.value.code == 2 and "--compile: torch.compile steers the torch twin's steps" in capsys.readouterr().err
+
+
+def test_a_twins_attention_kernel_is_refused_where_only_transformers_runs():
+    """--attention einsum --backend hf timed transformers' SDPA, the option ignored (the table's column said sdpa)."""
+    from bench import compare
+
+    with pytest.raises(UsageError, match="--attention einsum: a kernel of the twins; transformers' Llama runs SDPA"):
+        compare.parse_args(["--backend", "hf", "--attention", "einsum"])
+    assert compare.parse_args(["--backend", "all", "--attention", "einsum"]).attention == "einsum"
+
+
+def test_a_train_configs_memory_options_are_the_ones_the_report_records(tmp_path):
+    """A --train-config's remat: full and grad_accum_steps: 2 ran while the report (env), its table and the memory
+    check said remat none and grad_accum 1, in both tools; transformers (--backend all) ignored them. A flag wins."""
+    from bench import compare, profile_step
+    from bench.options import environment
+
+    config = tmp_path / "train.yaml"
+    config.write_text("grad_accum_steps: 2\nremat: full\n")
+    for args, want in ((compare.parse_args(["--train-config", str(config), "--remat", "block"]), (2, "block", 0)),
+                       (profile_step.parse_args(["--train-config", str(config)]), (2, "full", 0))):
+        env = environment(args, "cpu")
+        assert (env["grad_accum_steps"], env["remat"], env["loss_chunk"]) == want
+    with pytest.raises(UsageError, match="grad_accum_steps: 2 of --train-config .*: train-config options of the twin"):
+        compare.parse_args(["--train-config", str(config), "--backend", "all"])

@@ -14,7 +14,8 @@ from shared_config.cli import UsageError, check_outputs
 
 def decode_report(**env) -> dict:
     row = {"variant": "tiny", "backend": "jax", "step_s": {"median": 1e-3, "p10": 9e-4, "p90": 2e-3}, "mfu": None}
-    return {"env": {"mode": "decode", "seq": 16, "device": "cpu", "dtype": "float32", "batch": 2, **env},
+    return {"env": {"mode": "decode", "seq": 16, "device": "cpu", "dtype": "float32", "batch": 2, "spec": "tiny",
+                    "set": [], **env},
             "results": [row]}
 
 
@@ -88,9 +89,10 @@ def test_plot_context_names_a_json_that_is_not_a_decode_report(tmp_path, report,
 
 
 def test_plot_context_draws_one_curve_per_job_from_comparable_reports(tmp_path, capsys):
-    """Reports of one device, dtype and batch, one per prompt length: a report given twice, a prompt length in two
-    reports (the line went back and forth), or another batch (its points joined the first file's curves, titled with
-    the first file's batch) is refused; a stopped run's report is drawn, named on stderr."""
+    """Reports of one device, dtype, batch, spec and --set (any order, max_seq_len aside), one per prompt length: a
+    report given twice, a prompt length in two reports (the line went back and forth), another batch (its points
+    joined the first file's curves, titled with the first file's batch) or another --set (another model under the
+    variant label "tiny") is refused; a stopped run's report is drawn, named on stderr."""
     from bench import plot_context
 
     def report(name, **env):
@@ -98,13 +100,20 @@ def test_plot_context_draws_one_curve_per_job_from_comparable_reports(tmp_path, 
         return str(tmp_path / name)
 
     a, b, again, other = report("a.json"), report("stopped.json", seq=32), report("c.json"), report("d.json", batch=4)
+    # another model under the same label (a variant is labelled by its --sweep values, else --spec): joined as one curve
+    smaller = report("e.json", seq=32, set=["n_layers=1", "d_model=48"])
     out = str(tmp_path / "ctx.png")
     for reports, says in [([a, a], "is given twice"), ([a, again], "tiny jax at --seq-len 16 is in two reports"),
-                          ([a, other], "d.json has batch 4 and " + a + " batch 2: pass reports of one device")]:
+                          ([a, other], "d.json has batch 4 and " + a + " batch 2: pass reports of one device"),
+                          ([a, smaller], "e.json has set ['n_layers=1', 'd_model=48'] and " + a + " set []: pass")]:
         with pytest.raises(UsageError, match=re.escape(says)):
             plot_context.main([*reports, "--out", out])
     assert not (tmp_path / "ctx.png").exists()
     capsys.readouterr()
+    # one model: --set in another order, and another max_seq_len (each report raises it to fit its prompt)
+    plot_context.main([smaller, report("f.json", seq=64, set=["max_seq_len=4200", "d_model=48", "n_layers=1"]),
+                       "--out", out])
+    assert "seq 32: 1.00 ms  seq 64: 1.00 ms" in capsys.readouterr().out
     plot_context.main([a, b, "--out", out])
     captured = capsys.readouterr()
     assert "seq 16: 1.00 ms  seq 32: 1.00 ms" in captured.out and (tmp_path / "ctx.png").stat().st_size > 0

@@ -63,6 +63,24 @@ def test_a_cache_path_under_a_file_is_refused_by_name(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+def test_every_tool_refuses_a_cache_path_under_a_file_as_it_parses(tmp_path, capsys):
+    """gpu_check.py --compile-cache FILE/sub started every check of its plan, each failing with that line after its
+    start-up (minutes of a lent GPU's window); the option's own type refuses it in one line, exit 2, in every tool."""
+    from bench import compare, gpu_check, profile_step
+
+    from ..support.common import load_script
+
+    (tmp_path / "afile").write_text("keep")
+    for parse in (gpu_check.parse_args, compare.parse_args, profile_step.parse_args,
+                  load_script("train").parse_args):
+        with pytest.raises(SystemExit) as e:
+            parse(["--compile-cache", str(tmp_path / "afile" / "sub")])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and err == [f"error: argument --compile-cache: {tmp_path / 'afile' / 'sub'}: "
+                                             f"{tmp_path / 'afile'} is a file, not a directory"]
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def test_a_report_records_whether_its_compile_cache_was_cold_or_warm(tmp_path):
     """compile_s of a cold cache and of a warm one differ ~20x (9.7 s and 0.5 s for JAX's tiny step), and reports
     did not say which they measured: env.compile_cache holds the directory and the files it held before the run."""

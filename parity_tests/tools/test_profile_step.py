@@ -173,3 +173,20 @@ def test_a_fused_attention_kernels_rate_is_on_the_causal_count():
     plain = breakdown("torch", spec, args, {("gemm", None): 1e3}, 2e-3, "cuda", None)
     assert plain["categories"]["matmul"]["tflops"] - fused["categories"]["matmul"]["tflops"] == pytest.approx(
         full / 1e-3 / 1e12)
+
+
+def test_a_hybrid_stacks_attention_rate_counts_its_attention_layers_alone():
+    """A hybrid stack (GLA layers, softmax attention every 2nd): the SDPA kernels' rate took the GLA layers'
+    recurrence FLOPs too, which run as the chunk form's matmuls."""
+    from types import SimpleNamespace
+
+    from bench.profile_step import breakdown
+    from shared_config import load_spec
+
+    spec = load_spec("gla-tiny").replace(gla_attention_every=2, position="rope")
+    args = SimpleNamespace(steps=1, batch=2, seq=64, mode="train", top=3)
+    # one attention layer of H 2, E 32: 3 passes x 4·H·E·T FLOPs per token, halved (causal), over B·T tokens
+    causal = 3 * 4 * 2 * 32 * 64 / 2 * (2 * 64)
+    times = {("sdpa_fwd", None): 1e3, ("gemm", None): 1e3}
+    assert breakdown("torch", spec, args, times, 2e-3, "cuda", None)["categories"]["attention"]["tflops"] == (
+        pytest.approx(causal / 1e-3 / 1e12))
