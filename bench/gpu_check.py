@@ -20,7 +20,8 @@ check's whole process group is stopped. A check whose jobs need more of the devi
 runs in parts (the twins together where they fit, transformers apart), or is not run, with the reason (`fit`).
 Every check writes DIR/<check>.json (+ .png, and its output in .log),
 each bench rewriting its JSON after every row, so a stopped check keeps what it measured; DIR/summary-<plan>.json
-is rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default.
+is rewritten after every check ("complete": false until the end). DIR = bench/results/<device>-<date>/ by default
+(a dry run's: runs/gpu_check-dry-run/<device>-<date>/, git-ignored).
 Compiled programs go to a persistent cache (--compile-cache), so a rerun skips compilation. It prints a short
 summary: every check is reported ok, failed (with its last error line) or not run (with the reason: a missing
 spec field, the time budget); none is dropped silently. Exit 1 if any failed. The targets it prints (MFU >= 50%
@@ -57,7 +58,8 @@ def parse_args(argv):
     p.add_argument("--plan", default="core", choices=PLANS,
                    help="which checks: core (first), extra, or tuning (batch 32, attention kernels, compiler flags)")
     p.add_argument("--dry-run", action="store_true", help="every check at tiny sizes, on whatever device is here")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results/<device>-<date>)")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results/<device>-<date>; "
+                   "--dry-run: runs/gpu_check-dry-run/<device>-<date>)")
     p.add_argument("--budget", type=above(0), default=BUDGET_S, help="seconds for the whole plan")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     p.add_argument("--only", default=None, help="comma-separated check names to run (default: every check of the plan)")
@@ -169,7 +171,9 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     env = environment(args.dry_run)
-    out = args.out or ROOT / "bench" / "results" / f"{slug(env['device'])}-{env['date']}"
+    # a dry run's tiny CPU figures never land beside the GPU results (bench/results/ is committed): runs/ is ignored
+    where = ROOT / "runs" / "gpu_check-dry-run" if args.dry_run else ROOT / "bench" / "results"
+    out = args.out or where / f"{slug(env['device'])}-{env['date']}"
     # one check at a time in `out`, and on the device: a second gpu_check there is refused (exit 3); two at once
     # rewrote each other's logs and reports and timed their steps against each other
     with lock_run(out):

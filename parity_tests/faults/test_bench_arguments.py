@@ -14,7 +14,7 @@ from shared_config import resources
 from shared_config.resources import ResourceError
 from shared_config.study import study_args, study_parser
 
-from ..support.common import load_script, make_spec
+from ..support.common import ROOT, load_script, make_spec
 
 
 def bench_variants(sets=(), sweeps=()):
@@ -175,3 +175,18 @@ def test_a_train_configs_memory_options_are_the_ones_the_report_records(tmp_path
         assert (env["grad_accum_steps"], env["remat"], env["loss_chunk"]) == want
     with pytest.raises(UsageError, match="grad_accum_steps: 2 of --train-config .*: train-config options of the twin"):
         compare.parse_args(["--train-config", str(config), "--backend", "all"])
+
+
+def test_a_dry_run_writes_its_tiny_figures_under_runs_not_beside_the_gpu_results(monkeypatch):
+    """bench/results/ holds the committed GPU results: a dry run without --out wrote its CPU figures there, as
+    bench/results/cpu-cpu-<date>/, one `git add` away from a commit. It now goes under the git-ignored runs/."""
+    import contextlib
+
+    from bench import gpu_check
+
+    where = []
+    monkeypatch.setattr(gpu_check, "lock_run", lambda out: contextlib.nullcontext())  # nothing made in the checkout
+    monkeypatch.setattr(gpu_check, "run_plan", lambda args, env, out, started: where.append(out))
+    gpu_check.main(["--dry-run", "--quiet"])
+    assert where[0].parent == ROOT / "runs" / "gpu_check-dry-run", where
+    assert "/runs/" in (ROOT / ".gitignore").read_text().splitlines()
