@@ -132,6 +132,12 @@ def fuses_qkv(spec: ModelSpec, i: int) -> bool:
     return spec.fused_qkv and spec.mixer_of(i) == "attention"
 
 
+# GLA's chunkwise-parallel form, read by both twins' gla.py and resources.layer_values: tokens per chunk (a compute
+# choice, `set_chunk`, not a spec field) and per sub-chunk (the diagonal blocks' size, as flash-linear-attention's
+# chunk_gla)
+GLA_CHUNK, GLA_SUB = 64, 16
+
+
 def state_layout(spec: ModelSpec, mixer: str, batch: int, size: int) -> tuple[tuple[int, ...], str]:
     """The decoding state a layer of `mixer` (`spec.mixer_of(i)`) keeps for `batch` rows of `size` slots, as (shape,
     dtype name) of

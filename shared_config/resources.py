@@ -13,7 +13,7 @@ import resource
 from decimal import Decimal
 from pathlib import Path
 
-from .layout import layout, state_arrays, state_layout
+from .layout import GLA_CHUNK, GLA_SUB, layout, state_arrays, state_layout
 from .config_file import SpecError
 from .spec import ModelSpec
 
@@ -83,10 +83,6 @@ def init_bytes(spec: ModelSpec) -> int:
     float32 copy, and the serialised copy the safetensors writer builds."""
     _, _, largest = layout_size(spec)
     return 2 * weights_bytes(spec) + 12 * largest
-
-
-# GLA's chunkwise form (both twins' gla.py CHUNK and SUB, the form a machine without an accelerator trains with)
-GLA_CHUNK, GLA_SUB = 64, 16
 
 
 def train_bytes(spec: ModelSpec, batch: int, seq: int, grad_accum_steps: int = 1, remat: str = "none",

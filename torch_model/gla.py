@@ -20,14 +20,13 @@ from torch import nn
 
 from shared_config import ModelSpec
 from shared_config.hardware import resolve_gla_kernel
-from shared_config.layout import state_layout
+from shared_config.layout import GLA_CHUNK, GLA_SUB, state_layout
 
 from .attention import device_platform
 from .gla_kernel import GATE_FLOOR, fla_gla, fla_installed
 from .layers import DTYPES, Linear, RMSNorm, linear, make_norm
 
-CHUNK = 64  # tokens per chunk of the chunkwise-parallel form: a compute choice (`set_chunk`), not a spec field
-SUB = 16  # tokens per sub-chunk: the diagonal blocks' size, as flash-linear-attention's chunk_gla
+CHUNK, SUB = GLA_CHUNK, GLA_SUB  # tokens per chunk (`set_chunk`) and per sub-chunk: shared_config/layout.py's
 
 
 class GLAState(NamedTuple):
