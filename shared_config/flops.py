@@ -90,9 +90,10 @@ def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = Fal
 
 
 def flops_split(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> tuple[float, float]:
-    """(weight matmuls (weight_flops), attention's q·kᵀ and p·v): model FLOPs per token; a backward costs two
-    forwards; `causal`: attention's term for the keys at or before each query, half of all T (a GLA layer's has no
-    keys to halve). Raises ValueError for a mixer with no count here."""
+    """(weight matmuls (weight_flops), the token mixers' own (`mixer_flops`: attention's q·kᵀ and p·v, GLA's state
+    update and read-out)): model FLOPs per token; a backward costs two forwards; `causal`: attention's term for the
+    keys at or before each query, half of all T (a GLA layer's has no keys to halve). Raises ValueError for a mixer
+    with no count here."""
     passes = 3 if mode == "train" else 1
     if mode == "decode":  # one token: every key before it, every block run (module docstring), nothing halved
         return 2 * matmul_params(spec, fraction=1), flops_split(spec.replace(routing="none"), seq_len, "forward")[1]
