@@ -28,19 +28,21 @@ def default_cache_dir() -> Path:
 def add_compile_cache_option(parser) -> None:
     """--compile-cache DIR|none on an argparse parser (default: default_cache_dir())."""
     parser.add_argument("--compile-cache", type=cache_dir, default=str(default_cache_dir()), metavar="DIR",
-                        help="persistent JAX and torch.compile caches here; 'none': compile everything afresh")
+                        help="persistent JAX and torch.compile caches here; 'none' (in any case): compile afresh")
 
 
 def cache_dir(text: str) -> str:
-    """argparse's type for --compile-cache: 'none', or a directory that can be made (check_out_dir), refused at parse
-    time in every tool: a file in the way was found at the first compilation, and gpu_check.py, which hands the
-    option to each check, started every check of its plan to fail each one with it."""
+    """argparse's type for --compile-cache: 'none' in any case (`None` made a directory named None), or a directory
+    that can be made (check_out_dir), refused at parse time in every tool: a file in the way was found at the first
+    compilation, and gpu_check.py, which hands the option to each check, started every check of its plan to fail each
+    one with it."""
     text = nonempty(text)
-    if text != "none":
-        try:
-            check_out_dir("--compile-cache", text)
-        except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix("--compile-cache ")) from None
+    if text.lower() == "none":
+        return "none"
+    try:
+        check_out_dir("--compile-cache", text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--compile-cache ")) from None
     return text
 
 

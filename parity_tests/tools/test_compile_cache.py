@@ -81,6 +81,17 @@ def test_every_tool_refuses_a_cache_path_under_a_file_as_it_parses(tmp_path, cap
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
+def test_none_turns_the_cache_off_in_any_case(tmp_path, monkeypatch):
+    """`--compile-cache None` (or NONE) made a directory named so and cached into it: 'none' is read in any case."""
+    from bench import compare
+
+    monkeypatch.chdir(tmp_path)
+    for text in ("none", "None", "NONE"):
+        assert compare.parse_args(["--compile-cache", text]).compile_cache == "none"
+    assert use_compile_cache(compare.parse_args(["--compile-cache", "None"]).compile_cache) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_report_records_whether_its_compile_cache_was_cold_or_warm(tmp_path):
     """compile_s of a cold cache and of a warm one differ ~20x (9.7 s and 0.5 s for JAX's tiny step), and reports
     did not say which they measured: env.compile_cache holds the directory and the files it held before the run."""
