@@ -13,6 +13,7 @@ Results: a table on stdout, `--json` for the numbers, `--plot` for a PNG; progre
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 
@@ -31,6 +32,7 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
+from bench.plot import MAX_LINES
 
 
 def parse_args(argv):
@@ -58,6 +60,7 @@ def parse_args(argv):
     p.add_argument("--peak-tflops", type=above(0), default=None, help="device peak for MFU (default: known table)")
     add_report_options(p, plot=True)
     args = p.parse_args(argv)
+    args.steps = math.ceil(args.steps / args.rounds) * args.rounds  # as timed: env.steps said 1 where rows had 4
     if args.devices and args.mesh:
         raise UsageError("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     # checked at parse time: `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB to start
@@ -105,6 +108,9 @@ def compare(args):
             raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
                              f"or 1 + --warmup) exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
+    if args.plot and (bars := len(specs) * len(backends)) > MAX_LINES:  # replot.py refused it; this drew for minutes
+        raise UsageError(f"--plot: {len(specs)} variant(s) x {len(backends)} backend(s) are {bars} bars; one chart "
+                         f"draws at most {MAX_LINES}: plot fewer in one run, or leave --plot out")
     if "hf" in backends:
         from shared_config.formats.hf import unsupported_options
 
@@ -184,7 +190,8 @@ def machine_load(args, before: dict, during: list[dict]) -> dict:
 
 def print_table(report: dict) -> None:
     results, gpu = report["results"], any(r["mfu"] is not None for r in report["results"])
-    head = (f"{'backend':<7} {'variant':<28} {'step ms (p10-p90)':>22} {'tokens/s':>10} "
+    width = max([28, *(len(r["variant"]) for r in results)])  # a longer label pushed every column after it
+    head = (f"{'backend':<7} {'variant':<{width}} {'step ms (p10-p90)':>22} {'tokens/s':>10} "
             f"{'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MiB':>8}  attention")
     env = report["env"]
     memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"
@@ -198,7 +205,7 @@ def print_table(report: dict) -> None:
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
         step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
         prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
-        print(f"{r['backend']:<7} {r['variant']:<28} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} "
+        print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} "
               f"{r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
     ratios = []

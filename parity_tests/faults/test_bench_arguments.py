@@ -190,3 +190,29 @@ def test_a_dry_run_writes_its_tiny_figures_under_runs_not_beside_the_gpu_results
     gpu_check.main(["--dry-run", "--quiet"])
     assert where[0].parent == ROOT / "runs" / "gpu_check-dry-run", where
     assert "/runs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_steps_a_report_records_are_the_steps_timed():
+    """--steps 1 --rounds 4 timed 4 steps (rounded up to a round each) while env.steps said 1."""
+    from bench import compare
+    from bench.options import environment
+
+    args = compare.parse_args(["--steps", "1", "--rounds", "4"])
+    assert args.steps == environment(args, "cpu")["steps"] == 4
+    assert compare.parse_args(["--steps", "9", "--rounds", "4"]).steps == 12
+
+
+def test_a_plot_of_more_bars_than_a_chart_draws_is_refused_before_any_work(tmp_path, monkeypatch):
+    """compare.py --plot drew any number of bars (for minutes at thousands) after timing them all; replot.py
+    refused more than 64 of the same report."""
+    from bench import compare
+
+    def no_work(*args):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(compare, "check_jobs_memory", no_work)
+
+    sweep = "d_model=" + ",".join(str(48 * n) for n in range(1, 34))  # 33 variants x 2 backends
+    with pytest.raises(UsageError, match="--plot: 33 variant.s. x 2 backend.s. are 66 bars; one chart draws at most"):
+        compare.main(["--sweep", sweep, "--plot", str(tmp_path / "p.png")])
+    assert list(tmp_path.iterdir()) == []
