@@ -32,7 +32,7 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
-from bench.plot import MAX_LINES
+from bench.plot import MAX_LINES, report_title
 
 
 def parse_args(argv):
@@ -193,10 +193,7 @@ def print_table(report: dict) -> None:
     width = max([28, *(len(r["variant"]) for r in results)])  # a longer label pushed every column after it
     head = (f"{'backend':<7} {'variant':<{width}} {'step ms (p10-p90)':>22} {'tokens/s':>10} "
             f"{'TFLOP/s' if gpu else 'GFLOP/s':>8} {'MFU':>6} {'compile s':>9} {'peak MiB':>8}  attention")
-    env = report["env"]
-    memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"
-              if env["mode"] == "train" else "")
-    print(f"# {env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}{memory}")
+    print(f"# {report_title(report['env'])}")
     print(head)
     for r in results:
         s = r["step_s"]

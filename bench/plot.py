@@ -54,6 +54,15 @@ def read_report(path: Path) -> dict:
     return report
 
 
+def report_title(env: dict) -> str:
+    """What a report (compare.py's JSON) measured, in one line: the title of its table and of its plot."""
+    memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"
+              if env["mode"] == "train" and "remat" in env else "")
+    changed = f" | --set {' '.join(env['set'])}" if env.get("set") else ""  # the variants' labels never show it
+    shape = f"batch {env['batch']} x seq {env['seq']}"
+    return f"{env['device']} | {env['mode']} | {env['dtype']} | {shape}{memory}{changed}"
+
+
 def plot_results(report: dict, path: Path) -> None:
     """The bars of `report` (compare.py's JSON) to `path` (.png, .pdf or .svg)."""
     import matplotlib
@@ -84,9 +93,7 @@ def plot_results(report: dict, path: Path) -> None:
                       fontsize=8)
         ax.set_title(title)
         ax.legend()
-    env = report["env"]
-    fig.suptitle(f"{env['device']} | {env['mode']} | {env['dtype']} | batch {env['batch']} x seq {env['seq']}",
-                 fontsize=9)
+    fig.suptitle(report_title(report["env"]), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -33,6 +33,17 @@ def test_every_plot_is_written_in_the_format_its_name_says(tmp_path, suffix, mag
         f"bars{suffix}": magic, f"ctx{suffix}": magic}
 
 
+def test_a_plots_title_names_the_set_its_labels_leave_out(tmp_path, monkeypatch):
+    """Without a sweep every variant is labelled by --spec: `--set n_layers=1`'s bars read "tiny" with nothing
+    else saying the spec was changed. The plot's title says it, as the table's does (bench.plot.report_title)."""
+    from bench import plot
+
+    titles = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, dpi: titles.append(fig._suptitle.get_text()))
+    plot.plot_results(decode_report(set=["n_layers=1", "d_model=48"]), tmp_path / "bars.png")
+    assert titles == ["cpu | decode | float32 | batch 2 x seq 16 | --set n_layers=1 d_model=48"]
+
+
 def test_replot_redraws_a_reports_bars_and_refuses_what_is_not_one(tmp_path, capsys):
     """Nothing redrew a report: `python bench/plot.py r.json --out x.png` (a library) exited 0 and drew nothing.
     bench/replot.py reads the report as plot_context.py does (and an MFU that is no fraction)."""

@@ -382,10 +382,12 @@ def test_the_table_names_the_unit_its_memory_column_is_in(capsys):
     row = {"backend": "jax", "variant": "tiny", "step_s": {"median": 0.1, "p10": 0.09, "p90": 0.11},
            "tokens_per_s": 20480.0, "tflops": 0.05, "mfu": None, "compile_s": 1.0, "peak_mem_bytes": 104_857_600,
            "attention": "blocked"}
-    env = {"device": "cpu (x86_64)", "mode": "forward", "dtype": "float32", "batch": 8, "seq": 256}
+    env = {"device": "cpu (x86_64)", "mode": "forward", "dtype": "float32", "batch": 8, "seq": 256,
+           "set": ["n_layers=1"]}  # the label "tiny" never showed it
     long = {**row, "variant": "norm_type=derf,norm_position=hybrid"}  # over 28 characters pushed its columns out
     print_table({"env": env, "results": [row, long]})
-    head, *lines = capsys.readouterr().out.splitlines()[1:4]
+    title, head, *lines = capsys.readouterr().out.splitlines()[:4]
+    assert title.endswith("batch 8 x seq 256 | --set n_layers=1")
     assert head.split()[-3:] == ["peak", "MiB", "attention"]
     assert [line.split()[-2:] for line in lines] == [["100", "blocked"]] * 2
     assert {line.index("20480") + 5 for line in lines} == {head.index("tokens/s") + 8}
