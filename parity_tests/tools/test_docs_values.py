@@ -1,6 +1,6 @@
 """What the docs quote from the code, statically (nothing is run): every spec key and value has a row of a keys
-table, every documented default is the code's default, the tolerance table quotes the bounds the tests use, and each
-limit a page quotes is the code's constant."""
+table, every documented default is the code's default, the tolerance table quotes the bounds the tests use, each
+limit a page quotes is the code's constant, and the corpus's entropies are the chain's."""
 
 from __future__ import annotations
 
@@ -173,3 +173,17 @@ def test_the_limits_the_docs_quote_are_the_code_constants():
     ]
     missing = [(page, phrase) for page, phrase in quoted if phrase not in " ".join((ROOT / page).read_text().split())]
     assert not missing, missing
+
+
+def test_the_corpus_figures_training_md_quotes():
+    """The embedded corpus's entropy rate, a unigram model's loss (the stationary distribution's entropy) and
+    uniform guessing's, as docs/training.md quotes them: each computed here from the chain."""
+    import numpy as np
+
+    from shared_config.data import entropy_rate, markov_chain, stationary, transition_matrix
+
+    P = transition_matrix(*markov_chain(0))
+    pi = stationary(P)
+    phrase = (f"{entropy_rate(P):.4f} nats (perplexity {np.exp(entropy_rate(P)):.2f}) for seed 0, against "
+              f"{-(pi @ np.log(pi)):.2f} for unigrams alone and {np.log(256):.2f} for uniform guessing")
+    assert phrase in " ".join((ROOT / "docs" / "training.md").read_text().split()), phrase
