@@ -17,7 +17,7 @@ It runs on the CPU, on any machine: fla's Triton kernels are replaced by fla's o
 SiLU, SwiGLU, causal attention for flash-attn), and the model is built with `fuse_norm=False` (its output norm is
 then `attn.g_norm`, the same weight as `attn.g_norm_swish_gate`). What is checked is the mapping and fla's model
 code around its kernels; the kernels' own distance on a GPU is bench/gla_layer.py's. Exit status 1 if any check
-fails.
+fails, 2 without fla.
 Last run (2026-12-07, fla 0.6.0, torch 2.13 CPU): docs/gla.md, "Conversion".
 """
 
@@ -142,7 +142,12 @@ def check(label: str, changes: dict, tmp: Path) -> list[str]:
 
 
 def main() -> int:
-    import fla
+    try:
+        import fla
+    except ImportError as e:  # a bare ModuleNotFoundError traceback before
+        print(f"error: this check needs flash-linear-attention ({e}); install it as this module's docstring says",
+              file=sys.stderr)
+        return 2
 
     print(f"fla {fla.__version__}, torch {torch.__version__}, CPU")
     cpu_stand_ins()

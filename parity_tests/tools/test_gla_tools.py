@@ -275,3 +275,16 @@ def test_gla_layer_compile_step_shows_progress(monkeypatch):
     lines = stream.getvalue().splitlines()
     assert [s for s in ("build", "lower", "compile]", "done") if not any(s in line for line in lines)] == []
     assert sum("2/3 stages" in line and "compile]" in line for line in lines) >= 2  # shown again while it compiled
+
+
+def test_the_by_hand_fla_check_says_what_it_needs_where_fla_is_missing(capsys):
+    """python -m parity_tests.external.fla_package (not collected) ended in a bare ModuleNotFoundError traceback on a
+    machine without flash-linear-attention, as every CI machine is."""
+    import importlib.util
+
+    from parity_tests.external import fla_package
+
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("flash-linear-attention is installed here: the check itself runs (docs/gla.md, Conversion)")
+    assert fla_package.main() == 2
+    assert capsys.readouterr().err.startswith("error: this check needs flash-linear-attention")
