@@ -281,3 +281,17 @@ def test_a_spec_claiming_more_than_its_file_holds_is_a_bad_file_not_a_memory_sho
         with pytest.raises(CheckpointError, match=r"shape mismatches: model.embed_tokens.(weight|embedding) expected "
                                                   r"\[100000000000000, \d+\] found \[\d+, \d+\]"):
             read(src)
+
+
+def test_a_bpe_vocabulary_past_what_the_text_holds_is_cut_to_it_before_the_trainer_reserves_it(tmp_path, monkeypatch):
+    """tokenizers' BpeTrainer reserves room for --vocab-size tokens up front: --vocab-size 2**32 on a 5 KB text was a
+    283 GB allocation and a Rust abort with its stack trace. A BPE learns at most 256 + one token a byte of its text;
+    where even that cannot fit (a large corpus), the memory check refuses it in one line."""
+    prepare = load_script("prepare_data")
+    (tmp_path / "story.txt").write_text("Once upon a time, a tiny story.\n" * 50)
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "data"), "--tokenizer", "bpe",
+                  "--vocab-size", str(2**32), "--quiet"])
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"] <= 256 + 32 * 50
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (10**5, "of memory on this machine"))
+    with pytest.raises(ResourceError, match="training a BPE of up to 1,856 tokens needs about .* lower --vocab-size"):
+        prepare.learnable_vocab(tmp_path / "story.txt", 2**32)
