@@ -197,6 +197,21 @@ def test_plot_curves_draws_a_run_whose_directory_name_is_not_utf8(tmp_path, caps
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_plot_curves_smooths_over_a_window_past_the_run_as_over_the_whole_run(tmp_path, capsys):
+    """--smooth 10**20 (a window of more steps than a C long holds) was numpy's OverflowError traceback; a window past
+    the run's steps averages what there is, as one of its length does."""
+    from shared_config.curves import moving_average
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n'
+                                                    '{"kind": "train", "step": 2, "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        run(load_script("plot_curves").main, [str(tmp_path / "run"), "--out", str(tmp_path / "c.png"), "--smooth",
+                                              str(10**20)])
+    assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    assert moving_average([2.0, 1.0], 10**20).tolist() == moving_average([2.0, 1.0], 2).tolist() == [2.0, 1.5]
+
+
 def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch, capsys):
     """Every (variant, backend) keeps its model and AdamW state between the interleaved rounds: a sweep whose jobs each
     fit alone was refused only one job at a time, and the machine killed it mid-run. Here memory holds one job, and
