@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
-from .files import atomic_write, json_text
+from .files import atomic_write, first_missing, json_text
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
@@ -62,6 +62,11 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
     except NonFiniteError as e:
         tqdm.write(f"{run.out.name}: {e}", file=sys.stderr)
         stopped = True
+    except BaseException:  # Ctrl-C or an error: an unfinished run is no result (Ctrl-C left its run.json and metrics)
+        shutil.rmtree(run.out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.out.parent.rmdir()  # OUT/runs, when this run was its first
+        raise
     records = read_metrics(run.out / METRICS_FILE)
     stopped_at = (next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r)) if stopped
                   else None)
@@ -93,11 +98,18 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
     --out is refused in one line, exit 3; two at once replaced each other's runs and mixed their metrics, and both
     reported success), and remove an earlier study's results from it (NAME.md, NAME.json and `others`, such as its
     plot) as this study starts replacing its runs: a study stopped midway leaves no table describing runs it has
-    since replaced."""
+    since replaced. A study stopped (Ctrl-C, an error) removes the unfinished run, and the OUT it made, whole: its
+    finished runs without their table are no result either."""
+    made = first_missing(out)
     with lock_run(out):
-        for file in (f"{name}.md", f"{name}.json", *others):
-            (out / file).unlink(missing_ok=True)
-        yield
+        try:
+            for file in (f"{name}.md", f"{name}.json", *others):
+                (out / file).unlink(missing_ok=True)
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
 
 
 def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dict:
