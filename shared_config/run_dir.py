@@ -139,6 +139,8 @@ def read_state(path: str | Path) -> dict:
     copies = {OPTIMIZER_FILE: optimizer.get("step")}
     if "step" in position:
         copies["state.json data_position"] = position["step"]
+    if CHECKPOINT.fullmatch(path.name):  # step-00000002 holding step 3 (a copy renamed) resumed as the newest
+        copies["its name"] = checkpoint_step(path)
     for where, step in copies.items():
         if str(step) != str(info["step"]):
             shown = step[:40] if isinstance(step, str) else quote(step)  # the metadata's text, state.json's JSON

@@ -51,6 +51,15 @@ def test_an_edited_copy_in_a_checkpoint_is_refused_naming_both_values(tmp_path, 
     assert says in str(e.value), str(e.value)
 
 
+def test_a_checkpoint_directory_named_for_another_step_is_refused(tmp_path):
+    """step-00000002 holding step 3's checkpoint (a copy renamed) was resumed as the run's newest, and its name was
+    what the pruning and the choice of the newest went by."""
+    path = _run_with_checkpoint(tmp_path)
+    path.rename(tmp_path / "step-00000002")
+    with pytest.raises(CheckpointError, match="step-00000002: its name is at step 2, state.json at 3$"):
+        run_dir.load_train_checkpoint(tmp_path / "step-00000002")
+
+
 @pytest.mark.parametrize("changes", [{"grad_accum_steps": 2}, {"remat": "full"}, {"loss_chunk": 7},
                                      {"grad_accum_steps": 4, "remat": "block", "loss_chunk": 1}])
 def test_memory_options_changed_by_a_resume_are_not_a_disagreement_with_run_json(tmp_path, changes):
