@@ -64,6 +64,17 @@ def test_compare_logits_refuses_a_job_past_memory_before_drawing(monkeypatch):
         compare_logits.main(["--spec", "tiny", "--batch", "100000000", "--seq", "256"])
 
 
+def test_compare_logits_measures_one_logit_on_its_size_not_its_std(tmp_path, capsys):
+    """A vocabulary of 1 at --batch 1 --seq 1 is one logit, std 0: the ratio was a NumPy divide-by-zero warning on
+    stderr and null; it is on max|logit| instead, as the parity report measures."""
+    spec = make_spec(vocab_size=1)
+    save_checkpoint(tmp_path / "one.safetensors", parity_weights(spec), spec)
+    compare_logits.main(["--weights", str(tmp_path / "one.safetensors"), "--batch", "1", "--seq", "1"])
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)["logits_std"] == 0.0
+    assert 0 <= json.loads(out)["max_abs_diff_over_std"] < 1e-5
+
+
 @pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3"])
 def test_token_ids_are_ascii_integers(text):
     """int() alone read '1_0' as 10 (a typo for 1,0) and '１' (full-width) as 1."""
