@@ -176,6 +176,9 @@ def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp
     ('{"kind": "train", "step": 1, "loss": true}', "record 1: loss must be a number, got true"),
     ('{"kind": "train", "loss": 1.0}', "record 1 has no step"),  # a KeyError traceback
     ('{"kind": "train", "step": 1}', "no training metrics"),  # an empty plot, exit 0
+    # matplotlib's traceback: an axis spanning more than float64 holds
+    ('{"kind": "train", "step": 1, "loss": 1, "scalars": {"a.alpha": 1e308}}', "a.alpha 1e+308 is past float32's"),
+    ('{"kind": "eval", "step": 2, "val_loss": -1e308, "entropy": 1e39}', "val_loss -1e+308 is past float32's range"),
 ])
 def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_path, capsys):
     (tmp_path / "run").mkdir()
