@@ -159,10 +159,8 @@ def filled(record: dict) -> None:
     is left as it is, for its check to name."""
     for part, cls in (("spec", ModelSpec), ("train_config", TrainConfig)):
         if isinstance(record.get(part), dict):
-            try:
+            with contextlib.suppress(ValueError):
                 record[part] = {**cls.from_dict(record[part]).to_dict(), **record[part]}
-            except ValueError:
-                pass
 
 
 def check_resumed_config(state_file: Path, info: dict) -> None:
@@ -237,8 +235,10 @@ def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
 
 
 def check_moments(moments: dict[str, np.ndarray], spec: ModelSpec, path: Path) -> None:
-    """Every canonical tensor has an m and a v of its shape, float, all finite."""
+    """Every canonical tensor has an m and a v of its shape, float, all finite; v >= 0 (the next update's sqrt: NaN)."""
     check_tensors(moments, {f"{key}.{t.name}": t.shape for key in MOMENTS for t in layout(spec)}, path)
+    if neg := [k for k, x in moments.items() if k.startswith("v.") and np.any(x < 0)]:
+        raise CheckpointError(f"{path}: {neg[0]} has negative values: AdamW's v is a mean of squares (a damaged file?)")
 
 
 def prune_checkpoints(out: str | Path, keep: int) -> None:
