@@ -215,6 +215,17 @@ def test_plot_curves_smooths_over_a_window_past_the_run_as_over_the_whole_run(tm
     assert moving_average([2.0, 1.0], 10**20).tolist() == moving_average([2.0, 1.0], 2).tolist() == [2.0, 1.5]
 
 
+def test_a_study_refuses_a_gla_kernel_one_of_its_twins_lacks_before_any_run(tmp_path, monkeypatch, capsys):
+    """`compare_norms.py --mixer gla --set gla_kernel=fla`: the JAX twin has no fla kernel, which its first run
+    found as it started, after the runs before it (--backends torch,jax: the torch runs) had trained."""
+    study = load_script("compare_norms")
+    monkeypatch.setattr(study, "study", lambda *a, **k: pytest.fail("a run started"))
+    error_line(study.main, ["--mixer", "gla", "--configs", "rms-pre", "--steps", "1", "--backends", "jax,torch",
+                            "--set", "gla_kernel=fla", "--out", tmp_path / "s"], capsys,
+               "gla_kernel=fla", "the jax twin runs auto, pure or pallas")
+    assert not (tmp_path / "s").exists()
+
+
 def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch, capsys):
     """Every (variant, backend) keeps its model and AdamW state between the interleaved rounds: a sweep whose jobs each
     fit alone was refused only one job at a time, and the machine killed it mid-run. Here memory holds one job, and
