@@ -24,8 +24,8 @@ from .init import init_weights
 from .limits import quote, spelled
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
-                      load_train_checkpoint, read_state, refuse_used_out)
+from .run_dir import (STATE_FILE, TOKENIZER_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
+                      load_train_checkpoint, read_state, refuse_used_out, same_bytes)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -117,6 +117,7 @@ def resolve_run(args) -> Run:
     if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
         # vocabulary, with advice to --set vocab_size, which the resume then refused
         check_resume({"data": data.describe()}, stored, named)
+        check_resumed_tokenizer(checkpoint, data, args.out)
     file_spec = load_spec(args.spec) if args.spec is not None else None
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
         # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10"), a --spec or
@@ -295,6 +296,17 @@ def resumed_checkpoint(args) -> tuple[Path, dict]:
     if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
         raise CheckpointError(f"{checkpoint / STATE_FILE}: missing {', '.join(missing)}")
     return checkpoint, stored
+
+
+def check_resumed_tokenizer(checkpoint: Path, data: TokenData, out: Path) -> None:
+    """The data's tokenizer.json is the one the checkpoint copied, byte for byte, or DataError: another one (the same
+    token files, a tokenizer.json replaced) went into the run and every later checkpoint, where generate.py decoded
+    the ids the model learned as other text."""
+    kept, now = checkpoint / TOKENIZER_FILE, data.tokenizer
+    if kept.is_file() and (now is None or not same_bytes(kept, now)):
+        said = (f"{now}: not the tokenizer the run in {out} trained with ({kept}), by which its ids decode" if now else
+                f"{data.source}: no tokenizer.json, and the run in {out} trained with {kept}, by which its ids decode")
+        raise DataError(f"{said}; put that one back in the data (or start a new --out)")
 
 
 def checkpoint_state(path: Path) -> dict:
