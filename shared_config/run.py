@@ -20,12 +20,13 @@ from .config_file import SpecError, check_keys, check_type, parse_overrides
 from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
+from .formats.safetensors import check_tensor_count
 from .init import init_weights
 from .limits import quote, spelled
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, TOKENIZER_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
-                      load_train_checkpoint, read_state, refuse_used_out, same_bytes)
+from .run_dir import (MOMENTS, STATE_FILE, TOKENIZER_FILE, checkpoint_step, earlier_run_files, invocation,
+                      latest_checkpoint, load_train_checkpoint, read_state, refuse_used_out, same_bytes)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -151,6 +152,7 @@ def resolve_run(args) -> Run:
         lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
                   f"large mean the file does not hold {data.train.dtype.name} tokens (--data-dtype)")
     check_train_memory(spec, cfg, lower)  # before init
+    check_tensor_count(spec, len(MOMENTS))  # the run's checkpoints, readable
     # the validation batches are built once, up front, checked here: else --eval-batches 10**9 would be a 60 GiB
     # allocation reported as the training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
     eval_batches = resumed_eval_batches(args, checkpoint, stored)

@@ -17,13 +17,14 @@ from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .hardware import resolve_gla_kernel
+from .formats.safetensors import check_tensor_count
 from .files import atomic_write, first_missing, json_text
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
                   with_changes)
-from .run_dir import METRICS_FILE, lock_run
+from .run_dir import METRICS_FILE, MOMENTS, lock_run
 from .metrics import read_metrics
 from .spec import ModelSpec
 from .train_config import load_train_config
@@ -44,6 +45,7 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
     data.check(cfg.seq_len, spec.V)
     # before anything is allocated (--set batch_size=1000000000 would be a MemoryError from inside the loop's set-up)
     check_train_memory(spec, cfg, "lower --set batch_size or seq_len, or the model's sizes")
+    check_tensor_count(spec, len(MOMENTS))  # its last checkpoint, readable
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
                log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,

@@ -295,3 +295,25 @@ def test_a_bpe_vocabulary_past_what_the_text_holds_is_cut_to_it_before_the_train
     monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (10**5, "of memory on this machine"))
     with pytest.raises(ResourceError, match="training a BPE of up to 1,856 tokens needs about .* lower --vocab-size"):
         prepare.learnable_vocab(tmp_path / "story.txt", 2**32)
+
+
+def test_a_spec_of_more_tensors_than_a_file_may_list_is_refused_before_the_draws(tmp_path, monkeypatch):
+    """init_checkpoint.py --set n_layers=200000 of tiny widths drew for 80 s and 2 GB, then failed to write ("header too
+    large"); at 20,000 layers it wrote a checkpoint every reader here refuses (over MAX_TENSORS), and train.py a run
+    whose optimizer.safetensors (m and v: twice the tensors) no --resume could read."""
+    from shared_config import SpecError
+    from shared_config.formats.safetensors import MAX_TENSORS
+    from shared_config.run import resolve_run
+
+    init = load_script("init_checkpoint")
+    monkeypatch.setattr(init, "iter_init_weights", lambda *a: iter(lambda: pytest.fail("drew the weights"), None))
+    narrow = ["--set", "d_model=4", "--set", "n_heads=1", "--set", "n_kv_heads=1", "--set", "d_ff=4", "--set",
+              "head_dim=4"]
+    layers = MAX_TENSORS // 9 + 1  # 9 tensors a layer: past the limit by a few
+    with pytest.raises(SpecError, match=f"n_layers={layers}: its checkpoint would list 100,0.. tensors, over"):
+        init.main(["--spec", "tiny", "--set", f"n_layers={layers}", *narrow, "--out", str(tmp_path / "x.safetensors")])
+    train = load_script("train")
+    with pytest.raises(SpecError, match="n_layers=6000: a run's optimizer.safetensors would list 108,006 tensors"):
+        resolve_run(train.parse_args(["--backend", "torch", "--set", "n_layers=6000", *narrow, "--out",
+                                      str(tmp_path / "run")]))
+    assert list(tmp_path.iterdir()) == []
