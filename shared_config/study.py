@@ -16,9 +16,9 @@ from tqdm import tqdm
 from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
-from .hardware import resolve_gla_kernel
-from .formats.safetensors import check_tensor_count
 from .files import atomic_write, first_missing, json_text
+from .formats.safetensors import check_tensor_count
+from .hardware import resolve_gla_kernel
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
