@@ -69,7 +69,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="the image (png, pdf, svg)")
     p.add_argument("--smooth", type=at_least(1), default=10, help="steps in the training loss's moving average")
     args = p.parse_args(argv)
-    check_outputs(plot_path=args.out, plot_flag="--out")  # also .PNG, as bench/compare.py's --plot takes
+    # also .PNG, as bench/compare.py's --plot takes; never a run's metrics (an --out linked to one was overwritten)
+    check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("DIR", d / METRICS_FILE) for d in args.dirs])
     no_repeats("run directories", [d.resolve() for d in args.dirs])
     plot(load_runs(args.dirs), args.out, args.smooth)
     print(args.out)
