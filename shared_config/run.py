@@ -145,6 +145,10 @@ def resolve_run(args) -> Run:
         # exit 0, after a note that the schedule changed
         raise UsageError(f"{named('train_config', 'steps')}: steps {cfg.steps}, but the run in {args.out} has done "
                          f"{done} steps; steps is the number of steps to reach (at least {done}: --steps N)")
+    if args.init_from is not None and data.vocab_size > spec.V:  # "--set vocab_size=N" (data.check) was refused
+        raise DataError(f"{data.source}: token ids go up to {data.vocab_size - 1}, past the vocabulary of --init-from "
+                        f"{args.init_from} (vocab_size {spec.V}: no embedding rows for them); train on data whose ids "
+                        "fit it, or start from other weights")
     data.check(cfg.seq_len, spec.V)
     lower = RESUME_MEMORY if stored else "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
     # a raw .bin read as the wrong dtype: ids of garbage, beyond any tokenizer's (the largest hold ~262k tokens)
