@@ -291,9 +291,10 @@ def main(argv=None):
     for config in args.configs:  # bad values fail here, before any training (the first config alone was checked:
         run_ = make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # the rest later)
         check_gla_kernel(run_.spec, changes[1], args.backends, twin)
-    with study_dir(args.out, "norms", "curves.png"):
-        print(write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
-                           changes))
+    with study_dir(args.out, "norms", "curves.png"):  # a stop inside removes a --out it made: not the printing's
+        table = write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
+                             changes)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -343,3 +343,23 @@ def test_a_stopped_study_leaves_no_unfinished_run_nor_the_out_it_made(tmp_path):
         with pytest.raises(KeyboardInterrupt), study_dir(out, "norms"):
             train_one(run, InterruptedTrainer)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_norm_study_whose_reader_left_keeps_its_results(tmp_path, monkeypatch):
+    """`compare_norms.py ... | head -1`: the table was printed inside the study's hold on --out, where a stop removes
+    the --out the study made: the closed pipe (BrokenPipeError) took the finished results with it."""
+    study, out = load_script("compare_norms"), tmp_path / "new"
+
+    def report(*args):
+        (out / "norms.md").write_text("table")
+        return "table"
+
+    def closed_pipe(*args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(study, "study", lambda *a, **k: (None, None))
+    monkeypatch.setattr(study, "write_report", report)
+    monkeypatch.setattr(study, "print", closed_pipe, raising=False)
+    with pytest.raises(BrokenPipeError):
+        study.main(["--steps", "1", "--configs", "rms-pre", "--backends", "torch", "--out", str(out), "--quiet"])
+    assert (out / "norms.md").read_text() == "table"
