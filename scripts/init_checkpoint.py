@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_config import load_spec, parse_overrides, save_checkpoint
-from shared_config.cli import Parser, UsageError, check_out_dir, run
+from shared_config.cli import Parser, UsageError, check_not_inputs, check_out_dir, run
+from shared_config.formats.safetensors import check_tensor_count
 from shared_config.init import iter_init_weights
 from shared_config.progress import QUICK_S, progress, writing
 from shared_config.resources import weights_bytes
@@ -35,12 +36,14 @@ def main(argv=None):
     if args.out.suffix != ".safetensors":  # the loaders tell a format by its extension: a.pt would be refused
         raise UsageError(f"--out {args.out}: init_checkpoint.py writes safetensors, so the name must end in "
                          ".safetensors; convert.py makes the other formats (.pt, Orbax, Hugging Face) from it")
+    check_not_inputs([("--out", args.out)], [("--spec", args.spec)])  # --force through a link to the spec file
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():
         raise UsageError(f"{args.out.parent} is not a directory")
     check_out_dir("--out", args.out.parent)  # a read-only place: "Read-only file system", naming nothing
     draws, weights = iter_init_weights(spec, args.seed), {}  # its memory check comes first, before any draw
+    check_tensor_count(spec)  # a file the readers take, refused before the draws
     with progress(total=weights_bytes(spec), desc="draw", unit="B", unit_scale=True, delay=QUICK_S,
                   quiet=args.quiet) as bar:
         for name, x in draws:

@@ -9,7 +9,10 @@ and every `alpha` per layer (one color per run). The image is written atomically
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, printable, run
 from shared_config.curves import plot
@@ -17,6 +20,7 @@ from shared_config.limits import quote
 from shared_config.run_dir import METRICS_FILE
 from shared_config.metrics import read_metrics
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 PLOTTED = ("step", "loss", "val_loss", "grad_norm", "entropy")  # the numbers of a record the curves read
 
 
@@ -34,12 +38,21 @@ def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
             if not isinstance(scalars, dict) or any(type(v) not in (int, float) for v in scalars.values()):
                 raise UsageError(f"{d / METRICS_FILE}: record {i}: scalars must be an object of numbers, got "
                                  f"{quote(scalars)}")
+            if huge := [(k, v) for k, v in [*((k, r[k]) for k in PLOTTED if k in r), *scalars.items()] if too_big(v)]:
+                raise UsageError(f"{d / METRICS_FILE}: record {i}: {huge[0][0]} {quote(huge[0][1])} is past float32's "
+                                 "range (train.py logs float32 numbers), the span an axis can draw")
             if ("loss" in r or "val_loss" in r or "scalars" in r) and "step" not in r:
                 raise UsageError(f"{d / METRICS_FILE}: record {i} has no step")
         if not any(r.get("kind") == "train" and "loss" in r for r in records):
             raise UsageError(f"{d}: no training metrics ({METRICS_FILE}) to plot")
         runs[label] = records
     return runs
+
+
+def too_big(x) -> bool:
+    """A finite number past float32's range: ±1e308 (a metrics file edited, or made elsewhere) was matplotlib's
+    traceback, an axis spanning more than float64 holds. NaN and ±inf (a diverged step's) are drawn as gaps."""
+    return abs(x) > FLOAT32_MAX and not (type(x) is float and math.isinf(x))  # abs: an int past float's range too
 
 
 def labels(dirs: list[Path]) -> list[str]:
@@ -56,7 +69,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="the image (png, pdf, svg)")
     p.add_argument("--smooth", type=at_least(1), default=10, help="steps in the training loss's moving average")
     args = p.parse_args(argv)
-    check_outputs(plot_path=args.out, plot_flag="--out")  # also .PNG, as bench/compare.py's --plot takes
+    # also .PNG, as bench/compare.py's --plot takes; never a run's metrics (an --out linked to one was overwritten)
+    check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("DIR", d / METRICS_FILE) for d in args.dirs])
     no_repeats("run directories", [d.resolve() for d in args.dirs])
     plot(load_runs(args.dirs), args.out, args.smooth)
     print(args.out)

@@ -21,6 +21,7 @@ from shared_config.cli import Parser, UsageError, check_input_outside, check_out
 from shared_config.data import DataError, split_tokens, val_tokens
 from shared_config.files import atomic_dir, json_text
 from shared_config.progress import QUICK_S, progress
+from shared_config.resources import check_memory
 
 # BPE reads and encodes the text a chunk at a time, never all of it at once: at most this many lines, or of
 # characters (the tokenizer holds ~200 bytes a character while it encodes), a line longer than MAX_LINE_CHARS cut in
@@ -29,14 +30,26 @@ LINES_PER_CHUNK = 10_000
 CHARS_PER_CHUNK = 1 << 20
 MAX_LINE_CHARS = 1 << 16
 CUT = re.compile(r"\s(?=\S)")  # before a whitespace that a non-whitespace follows: where pre-tokenization splits
+TOKENS_PER_WRITE = 1 << 24
 MAX_VOCAB = 1 << 32  # uint32 tokens
 BPE_VOCAB = 4096  # --vocab-size's default
 MIN_SPLIT_TOKENS = 2  # train.py reads windows of seq_len + 1 tokens from each split (TokenData.check), seq_len >= 1
+# tokenizers' BpeTrainer reserves a hash map and a list of vocab_size entries before it reads a merge: ~33 bytes a
+# bucket (a power of two >= 8/7 of the entries) and 24 an entry, an upper bound of 100 bytes a token
+BPE_BYTES_PER_TOKEN = 100
 
 
 def byte_tokens(path: Path) -> np.ndarray:
-    """The file's bytes, one token each (what train.py reads from a text file on the fly)."""
-    return np.fromfile(path, np.uint8).astype(np.uint16)
+    """The file's bytes, one token each (what train.py reads from a text file on the fly), memory-mapped: read whole
+    and widened, a 400 MB text took 1.5 GB (a corpus of a quarter of the machine's memory, all of it)."""
+    return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+
+
+def write_tokens(tokens: np.ndarray, path: Path, dtype) -> None:
+    """`tokens` as raw `dtype` ids, TOKENS_PER_WRITE at a time: one widened copy of the whole split is never made."""
+    with open(path, "wb") as f:
+        for start in range(0, len(tokens), TOKENS_PER_WRITE):
+            tokens[start:start + TOKENS_PER_WRITE].astype(dtype).tofile(f)
 
 
 def line_chunks(path: Path, desc: str, quiet: bool):
@@ -84,6 +97,7 @@ def train_bpe(path: Path, vocab_size: int, quiet: bool = True):
     """A byte-level BPE (GPT-2 style: any text encodes, no unknown tokens) trained on the file."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    vocab_size = learnable_vocab(path, vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -91,6 +105,17 @@ def train_bpe(path: Path, vocab_size: int, quiet: bool = True):
                                   show_progress=False)
     tokenizer.train_from_iterator(line_chunks(path, "train BPE", quiet), trainer)
     return tokenizer
+
+
+def learnable_vocab(path: Path, vocab_size: int) -> int:
+    """`vocab_size`, at most what a BPE can learn from the file: each merge joins two tokens of the text, so 256 and
+    one token a byte bound it; ResourceError where the trainer's up-front reservation cannot fit in memory (it
+    reserves room for vocab_size tokens: --vocab-size 2**32 on a 5 KB text was a 283 GB allocation, and a Rust
+    abort with its stack trace)."""
+    vocab_size = min(vocab_size, 256 + path.stat().st_size)
+    check_memory(BPE_BYTES_PER_TOKEN * vocab_size, f"training a BPE of up to {vocab_size:,} tokens",
+                 "lower --vocab-size")
+    return vocab_size
 
 
 def bpe_tokens(tokenizer, path: Path, quiet: bool = True) -> np.ndarray:
@@ -105,8 +130,8 @@ def write_data_dir(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, to
     """train.bin, val.bin, meta.json (and tokenizer.json), all or nothing."""
     dtype = np.uint16 if meta["vocab_size"] <= 1 << 16 else np.uint32
     with atomic_dir(out, overwrite=force) as tmp:
-        train.astype(dtype).tofile(tmp / "train.bin")
-        val.astype(dtype).tofile(tmp / "val.bin")
+        write_tokens(train, tmp / "train.bin", dtype)
+        write_tokens(val, tmp / "val.bin", dtype)
         meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": len(train), "val_tokens": len(val)}
         (tmp / "meta.json").write_text(json_text(meta, indent=1) + "\n")
         if tokenizer is not None:

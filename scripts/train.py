@@ -24,7 +24,7 @@ from pathlib import Path
 from shared_config.cli import USER_ERRORS, Parser, at_least, fail, nonempty, run as run_main
 from shared_config.compile_cache import add_compile_cache_option, use_compile_cache
 from shared_config.data import TOKEN_DTYPES
-from shared_config.files import json_text
+from shared_config.files import first_missing, json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
 from shared_config.parallel import mesh_devices, rows_per_shard, world_size
 from shared_config.resources import ResourceError, is_out_of_memory
@@ -120,9 +120,7 @@ def main(argv=None):
         from jax_model.attention import device_platform
 
         device_platform()  # JAX_PLATFORMS naming a missing platform: one error line before the run directory is made
-    # the first directory this run makes on --out's path (lock_run makes them all), None where --out exists
-    out = run.out.resolve()  # a symbolic link's target is what lock_run makes
-    made = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)
+    made = first_missing(run.out)  # the first directory this run makes on --out's path (lock_run makes them all)
     finished = False
     try:
         trainer = twin(args.backend, "trainer").Trainer  # imported when chosen: one framework starts

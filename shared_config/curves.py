@@ -30,6 +30,7 @@ def alphas(records: list[dict]) -> dict[str, tuple[list, list]]:
 
 def moving_average(x: np.ndarray, n: int) -> np.ndarray:
     """The mean of each value and the n − 1 before it (fewer at the start)."""
+    n = min(n, len(x))  # the same means: plot_curves.py --smooth 10**20 overflowed a C long
     c = np.cumsum(np.insert(x, 0, 0.0))
     lo = np.maximum(np.arange(1, len(x) + 1) - n, 0)
     return (c[1:] - c[lo]) / (np.arange(1, len(x) + 1) - lo)

@@ -218,6 +218,13 @@ def destination(path: str | Path, directory: bool) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost directory that making `path` (resolved: a link's target) creates, None where it exists: what to
+    remove so that a stopped job that made it leaves nothing behind."""
+    path = Path(path).resolve()
+    return next((d for d in reversed([path, *path.parents]) if not d.exists()), None)
+
+
 @contextlib.contextmanager
 def named(path: Path) -> Iterator[None]:
     """An OSError of making a temp file or directory beside `path` names `path`, not the temp name it never sees."""

@@ -20,12 +20,13 @@ from .config_file import SpecError, check_keys, check_type, parse_overrides
 from .data import TOKEN_DTYPES, DataError, TokenData, eval_bytes, load_data, read_meta, reads_raw_tokens
 from .files import CheckpointError
 from .formats.checks import check_weights
+from .formats.safetensors import check_tensor_count
 from .init import init_weights
 from .limits import quote, spelled
 from .parallel import env_int
 from .resources import check_memory, train_bytes
-from .run_dir import (STATE_FILE, checkpoint_step, earlier_run_files, invocation, latest_checkpoint,
-                      load_train_checkpoint, read_state, refuse_used_out)
+from .run_dir import (MOMENTS, STATE_FILE, TOKENIZER_FILE, checkpoint_step, earlier_run_files, invocation,
+                      latest_checkpoint, load_train_checkpoint, read_state, refuse_used_out, same_bytes)
 from .spec import ALIASES, CHOICES, ModelSpec, load_spec
 from .train_config import COMPUTE_OPTIONS, MEMORY_OPTIONS, TRAIN_CHOICES, TrainConfig, load_train_config
 
@@ -117,6 +118,7 @@ def resolve_run(args) -> Run:
     if stored:  # before the data meets the spec: other data (an edited data_dtype) was refused for ids past the
         # vocabulary, with advice to --set vocab_size, which the resume then refused
         check_resume({"data": data.describe()}, stored, named)
+        check_resumed_tokenizer(checkpoint, data, args.out)
     file_spec = load_spec(args.spec) if args.spec is not None else None
     if stored:  # a change the resume refuses, refused as such before a rule it breaks with the run's other values
         # (`--set warmup_steps=20` of a run of 10 steps was "warmup_steps=20 must be <= steps=10"), a --spec or
@@ -143,6 +145,10 @@ def resolve_run(args) -> Run:
         # exit 0, after a note that the schedule changed
         raise UsageError(f"{named('train_config', 'steps')}: steps {cfg.steps}, but the run in {args.out} has done "
                          f"{done} steps; steps is the number of steps to reach (at least {done}: --steps N)")
+    if args.init_from is not None and data.vocab_size > spec.V:  # "--set vocab_size=N" (data.check) was refused
+        raise DataError(f"{data.source}: token ids go up to {data.vocab_size - 1}, past the vocabulary of --init-from "
+                        f"{args.init_from} (vocab_size {spec.V}: no embedding rows for them); train on data whose ids "
+                        "fit it, or start from other weights")
     data.check(cfg.seq_len, spec.V)
     lower = RESUME_MEMORY if stored else "lower batch_size/seq_len (--set batch_size=N) or the model's sizes"
     # a raw .bin read as the wrong dtype: ids of garbage, beyond any tokenizer's (the largest hold ~262k tokens)
@@ -150,6 +156,7 @@ def resolve_run(args) -> Run:
         lower += (f"; the vocabulary is the largest token id in {data.source} + 1 (no meta.json vocab_size): ids that "
                   f"large mean the file does not hold {data.train.dtype.name} tokens (--data-dtype)")
     check_train_memory(spec, cfg, lower)  # before init
+    check_tensor_count(spec, len(MOMENTS))  # the run's checkpoints, readable
     # the validation batches are built once, up front, checked here: else --eval-batches 10**9 would be a 60 GiB
     # allocation reported as the training job running out of memory (lower batch_size), 10**6 a Python loop of minutes
     eval_batches = resumed_eval_batches(args, checkpoint, stored)
@@ -295,6 +302,17 @@ def resumed_checkpoint(args) -> tuple[Path, dict]:
     if missing := [k for k in ("spec", "train_config", "data") if not isinstance(stored.get(k), dict)]:
         raise CheckpointError(f"{checkpoint / STATE_FILE}: missing {', '.join(missing)}")
     return checkpoint, stored
+
+
+def check_resumed_tokenizer(checkpoint: Path, data: TokenData, out: Path) -> None:
+    """The data's tokenizer.json is the one the checkpoint copied, byte for byte, or DataError: another one (the same
+    token files, a tokenizer.json replaced) went into the run and every later checkpoint, where generate.py decoded
+    the ids the model learned as other text."""
+    kept, now = checkpoint / TOKENIZER_FILE, data.tokenizer
+    if kept.is_file() and (now is None or not same_bytes(kept, now)):
+        said = (f"{now}: not the tokenizer the run in {out} trained with ({kept}), by which its ids decode" if now else
+                f"{data.source}: no tokenizer.json, and the run in {out} trained with {kept}, by which its ids decode")
+        raise DataError(f"{said}; put that one back in the data (or start a new --out)")
 
 
 def checkpoint_state(path: Path) -> dict:

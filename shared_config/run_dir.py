@@ -139,6 +139,8 @@ def read_state(path: str | Path) -> dict:
     copies = {OPTIMIZER_FILE: optimizer.get("step")}
     if "step" in position:
         copies["state.json data_position"] = position["step"]
+    if CHECKPOINT.fullmatch(path.name):  # step-00000002 holding step 3 (a copy renamed) resumed as the newest
+        copies["its name"] = checkpoint_step(path)
     for where, step in copies.items():
         if str(step) != str(info["step"]):
             shown = step[:40] if isinstance(step, str) else quote(step)  # the metadata's text, state.json's JSON
@@ -157,10 +159,8 @@ def filled(record: dict) -> None:
     is left as it is, for its check to name."""
     for part, cls in (("spec", ModelSpec), ("train_config", TrainConfig)):
         if isinstance(record.get(part), dict):
-            try:
+            with contextlib.suppress(ValueError):
                 record[part] = {**cls.from_dict(record[part]).to_dict(), **record[part]}
-            except ValueError:
-                pass
 
 
 def check_resumed_config(state_file: Path, info: dict) -> None:
@@ -235,8 +235,10 @@ def load_train_checkpoint(path: str | Path) -> tuple[dict, ModelSpec, dict]:
 
 
 def check_moments(moments: dict[str, np.ndarray], spec: ModelSpec, path: Path) -> None:
-    """Every canonical tensor has an m and a v of its shape, float, all finite."""
+    """Every canonical tensor has an m and a v of its shape, float, all finite; v >= 0 (the next update's sqrt: NaN)."""
     check_tensors(moments, {f"{key}.{t.name}": t.shape for key in MOMENTS for t in layout(spec)}, path)
+    if neg := [k for k, x in moments.items() if k.startswith("v.") and np.any(x < 0)]:
+        raise CheckpointError(f"{path}: {neg[0]} has negative values: AdamW's v is a mean of squares (a damaged file?)")
 
 
 def prune_checkpoints(out: str | Path, keep: int) -> None:

@@ -16,13 +16,15 @@ from tqdm import tqdm
 from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
-from .files import atomic_write, json_text
+from .files import atomic_write, first_missing, json_text
+from .formats.safetensors import check_tensor_count
+from .hardware import resolve_gla_kernel
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
                   with_changes)
-from .run_dir import METRICS_FILE, lock_run
+from .run_dir import METRICS_FILE, MOMENTS, lock_run
 from .metrics import read_metrics
 from .spec import ModelSpec
 from .train_config import load_train_config
@@ -43,10 +45,22 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
     data.check(cfg.seq_len, spec.V)
     # before anything is allocated (--set batch_size=1000000000 would be a MemoryError from inside the loop's set-up)
     check_train_memory(spec, cfg, "lower --set batch_size or seq_len, or the model's sizes")
+    check_tensor_count(spec, len(MOMENTS))  # its last checkpoint, readable
     weights = init_weights(spec, cfg.seed)
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
                log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
                info={"backend": backend, "study": config})
+
+
+def check_gla_kernel(spec: ModelSpec, cfg_changes: dict, backends: list[str], twin: Callable) -> None:
+    """A --set gla_kernel other than auto must run in every twin of --backends on this machine (hardware.
+    resolve_gla_kernel: HardwareError), checked before the first run: the JAX twin asked for fla, or a GPU kernel on a
+    CPU, failed as that twin's first run started, after the runs before it had trained."""
+    if cfg_changes.get("gla_kernel", "auto") == "auto" or spec.mixer != "gla":
+        return
+    for backend in backends:
+        fla = backend == "torch" and twin("torch", "gla_kernel").fla_installed()
+        resolve_gla_kernel(cfg_changes["gla_kernel"], backend, twin(backend, "attention").device_platform(), fla)
 
 
 def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]:
@@ -62,6 +76,11 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
     except NonFiniteError as e:
         tqdm.write(f"{run.out.name}: {e}", file=sys.stderr)
         stopped = True
+    except BaseException:  # Ctrl-C or an error: an unfinished run is no result (Ctrl-C left its run.json and metrics)
+        shutil.rmtree(run.out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.out.parent.rmdir()  # OUT/runs, when this run was its first
+        raise
     records = read_metrics(run.out / METRICS_FILE)
     stopped_at = (next(r["step"] for r in records if r.get("kind") == "train" and not finite_step(r)) if stopped
                   else None)
@@ -93,11 +112,18 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
     --out is refused in one line, exit 3; two at once replaced each other's runs and mixed their metrics, and both
     reported success), and remove an earlier study's results from it (NAME.md, NAME.json and `others`, such as its
     plot) as this study starts replacing its runs: a study stopped midway leaves no table describing runs it has
-    since replaced."""
+    since replaced. A study stopped (Ctrl-C, an error) removes the unfinished run, and the OUT it made, whole: its
+    finished runs without their table are no result either."""
+    made = first_missing(out)
     with lock_run(out):
-        for file in (f"{name}.md", f"{name}.json", *others):
-            (out / file).unlink(missing_ok=True)
-        yield
+        try:
+            for file in (f"{name}.md", f"{name}.json", *others):
+                (out / file).unlink(missing_ok=True)
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
 
 
 def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dict:

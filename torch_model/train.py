@@ -239,6 +239,9 @@ def make_train_step(model, cfg: TrainConfig, *, compile: bool = False) -> Callab
         batch = on_device(device, tokens_BN, mask_BN, count)
         loss = accumulate_gradients(partial(loss_fn, working=state.working), state.model, *batch,
                                     cfg.grad_accum_steps, aux_metrics)
+        for p in params:  # torch leaves None where no token reached (a routed block of floor(γ·T) = 0 tokens); JAX has
+            if p.grad is None:  # zeros, which AdamW decays: the same (the fused step raised on None at step 1)
+                p.grad = torch.zeros_like(p)
         grad_norm = clip_by_global_norm([p.grad for p in params], cfg.grad_clip)
         lr = torch.tensor(state.optimizer.param_groups[0]["lr"], dtype=torch.float32)
         state.optimizer.step()

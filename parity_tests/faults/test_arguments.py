@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from shared_config import SpecError, save_checkpoint
@@ -62,6 +63,17 @@ def test_compare_logits_refuses_a_job_past_memory_before_drawing(monkeypatch):
     monkeypatch.setattr(compare_logits, "init_weights", lambda *a: pytest.fail("drew the weights"))
     with pytest.raises(ResourceError, match="comparing 3 layers .* batch 100,000,000 x seq 256 .* lower --batch"):
         compare_logits.main(["--spec", "tiny", "--batch", "100000000", "--seq", "256"])
+
+
+def test_compare_logits_measures_one_logit_on_its_size_not_its_std(tmp_path, capsys):
+    """A vocabulary of 1 at --batch 1 --seq 1 is one logit, std 0: the ratio was a NumPy divide-by-zero warning on
+    stderr and null; it is on max|logit| instead, as the parity report measures."""
+    spec = make_spec(vocab_size=1)
+    save_checkpoint(tmp_path / "one.safetensors", parity_weights(spec), spec)
+    compare_logits.main(["--weights", str(tmp_path / "one.safetensors"), "--batch", "1", "--seq", "1"])
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)["logits_std"] == 0.0
+    assert 0 <= json.loads(out)["max_abs_diff_over_std"] < 1e-5
 
 
 @pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3"])
@@ -151,6 +163,21 @@ def test_prepare_data_holds_about_4_bytes_a_token_while_encoding(tmp_path, monke
     # holds what other threads of a busy test worker allocate meanwhile (tracemalloc counts them too): at 12 a token
     # the test failed once under -n 2
     assert peak < 16 * len(tokens), peak / len(tokens)
+
+
+def test_prepare_data_writes_byte_tokens_without_holding_the_file(tmp_path, monkeypatch):
+    """Byte-level: the file was read whole and widened to uint16, twice (about 5 bytes a byte, a corpus of a fifth of
+    the machine's memory took it all); now memory-mapped and written a chunk at a time."""
+    from ..support.common import peak_memory
+
+    prepare = load_script("prepare_data")
+    monkeypatch.setattr(prepare, "TOKENS_PER_WRITE", 1 << 16, raising=False)
+    text = tmp_path / "in.txt"
+    text.write_bytes(bytes(range(256)) * 16_384)  # 4 MiB
+    raised, peak = peak_memory(lambda: prepare.main([str(text), "--out", str(tmp_path / "data")]))
+    assert raised is None and peak < (1 << 20), peak  # a chunk and its widened copy, not the file
+    assert (tmp_path / "data" / "train.bin").read_bytes() == np.frombuffer(text.read_bytes(), np.uint8)[
+        : len(text.read_bytes()) - int(len(text.read_bytes()) * 0.1)].astype(np.uint16).tobytes()
 
 
 def test_a_path_that_is_not_utf8_prints_as_its_bytes_on_a_strict_stdout(monkeypatch):

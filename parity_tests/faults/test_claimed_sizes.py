@@ -281,3 +281,39 @@ def test_a_spec_claiming_more_than_its_file_holds_is_a_bad_file_not_a_memory_sho
         with pytest.raises(CheckpointError, match=r"shape mismatches: model.embed_tokens.(weight|embedding) expected "
                                                   r"\[100000000000000, \d+\] found \[\d+, \d+\]"):
             read(src)
+
+
+def test_a_bpe_vocabulary_past_what_the_text_holds_is_cut_to_it_before_the_trainer_reserves_it(tmp_path, monkeypatch):
+    """tokenizers' BpeTrainer reserves room for --vocab-size tokens up front: --vocab-size 2**32 on a 5 KB text was a
+    283 GB allocation and a Rust abort with its stack trace. A BPE learns at most 256 + one token a byte of its text;
+    where even that cannot fit (a large corpus), the memory check refuses it in one line."""
+    prepare = load_script("prepare_data")
+    (tmp_path / "story.txt").write_text("Once upon a time, a tiny story.\n" * 50)
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "data"), "--tokenizer", "bpe",
+                  "--vocab-size", str(2**32), "--quiet"])
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"] <= 256 + 32 * 50
+    monkeypatch.setattr(shared_config.resources, "machine_memory", lambda: (10**5, "of memory on this machine"))
+    with pytest.raises(ResourceError, match="training a BPE of up to 1,856 tokens needs about .* lower --vocab-size"):
+        prepare.learnable_vocab(tmp_path / "story.txt", 2**32)
+
+
+def test_a_spec_of_more_tensors_than_a_file_may_list_is_refused_before_the_draws(tmp_path, monkeypatch):
+    """init_checkpoint.py --set n_layers=200000 of tiny widths drew for 80 s and 2 GB, then failed to write ("header too
+    large"); at 20,000 layers it wrote a checkpoint every reader here refuses (over MAX_TENSORS), and train.py a run
+    whose optimizer.safetensors (m and v: twice the tensors) no --resume could read."""
+    from shared_config import SpecError
+    from shared_config.formats.safetensors import MAX_TENSORS
+    from shared_config.run import resolve_run
+
+    init = load_script("init_checkpoint")
+    monkeypatch.setattr(init, "iter_init_weights", lambda *a: iter(lambda: pytest.fail("drew the weights"), None))
+    narrow = ["--set", "d_model=4", "--set", "n_heads=1", "--set", "n_kv_heads=1", "--set", "d_ff=4", "--set",
+              "head_dim=4"]
+    layers = MAX_TENSORS // 9 + 1  # 9 tensors a layer: past the limit by a few
+    with pytest.raises(SpecError, match=f"n_layers={layers}: its checkpoint would list 100,0.. tensors, over"):
+        init.main(["--spec", "tiny", "--set", f"n_layers={layers}", *narrow, "--out", str(tmp_path / "x.safetensors")])
+    train = load_script("train")
+    with pytest.raises(SpecError, match="n_layers=6000: a run's optimizer.safetensors would list 108,006 tensors"):
+        resolve_run(train.parse_args(["--backend", "torch", "--set", "n_layers=6000", *narrow, "--out",
+                                      str(tmp_path / "run")]))
+    assert list(tmp_path.iterdir()) == []

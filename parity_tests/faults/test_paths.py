@@ -15,7 +15,7 @@ from shared_config.cli import Parser, UsageError, check_outputs
 from shared_config.files import atomic_dir, atomic_write
 from shared_config.data import DataError, load_data
 
-from ..support.common import checkout_env, load_script, one_line_error, run_python, run_script
+from ..support.common import ROOT, checkout_env, load_script, one_line_error, run_python, run_script
 
 
 def write_text(text):
@@ -78,6 +78,25 @@ def test_an_output_that_is_an_input_file_is_refused_before_any_work(tmp_path):
         with pytest.raises(UsageError, match="that this run reads"):
             parse(argv)
     assert weights.read_bytes() == b"weights" and spec.read_text() == "d_model: 48\n"
+
+
+def test_plot_curves_and_init_checkpoint_never_write_over_what_they_read(tmp_path):
+    """`plot_curves.py run --out x.png`, x.png a link to run/metrics.jsonl, overwrote the run's metrics with the image;
+    `init_checkpoint.py --spec s.yaml --out s.safetensors --force`, the .safetensors a link to the spec, the spec."""
+    run, metrics = tmp_path / "run", '{"kind": "train", "step": 1, "loss": 2.0}\n'
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(metrics)
+    (tmp_path / "x.png").symlink_to(run / "metrics.jsonl")
+    spec = tmp_path / "s.yaml"
+    spec.write_bytes((ROOT / "shared_config" / "specs" / "tiny.yaml").read_bytes())
+    (tmp_path / "s.safetensors").symlink_to(spec)
+    for main, argv in ((load_script("plot_curves").main, [str(run), "--out", str(tmp_path / "x.png")]),
+                       (load_script("init_checkpoint").main, ["--spec", str(spec), "--out",
+                                                              str(tmp_path / "s.safetensors"), "--force"])):
+        with pytest.raises(UsageError, match="that this run reads"):
+            main(argv)
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert spec.read_bytes() == (ROOT / "shared_config" / "specs" / "tiny.yaml").read_bytes()
 
 
 def test_any_name_the_file_system_takes_is_written(tmp_path):

@@ -51,6 +51,31 @@ def test_an_edited_copy_in_a_checkpoint_is_refused_naming_both_values(tmp_path, 
     assert says in str(e.value), str(e.value)
 
 
+def test_a_checkpoint_directory_named_for_another_step_is_refused(tmp_path):
+    """step-00000002 holding step 3's checkpoint (a copy renamed) was resumed as the run's newest, and its name was
+    what the pruning and the choice of the newest went by."""
+    path = _run_with_checkpoint(tmp_path)
+    path.rename(tmp_path / "step-00000002")
+    with pytest.raises(CheckpointError, match="step-00000002: its name is at step 2, state.json at 3$"):
+        run_dir.load_train_checkpoint(tmp_path / "step-00000002")
+
+
+def test_a_negative_second_moment_is_refused_naming_the_optimizer_file(tmp_path):
+    """v < 0 (a damaged optimizer.safetensors) passed every check: the resumed run's first update took its square
+    root, and stopped as "non-finite ... parameter lm_head.weight", exit 1, blaming the weights."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = _run_with_checkpoint(tmp_path) / "optimizer.safetensors"
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()
+    moments = load_file(path)
+    moments["v.model.norm.weight"] = moments["v.model.norm.weight"] - 1
+    save_file(moments, path, metadata)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: v.model.norm.weight has negative values"):
+        run_dir.load_train_checkpoint(path.parent)
+
+
 @pytest.mark.parametrize("changes", [{"grad_accum_steps": 2}, {"remat": "full"}, {"loss_chunk": 7},
                                      {"grad_accum_steps": 4, "remat": "block", "loss_chunk": 1}])
 def test_memory_options_changed_by_a_resume_are_not_a_disagreement_with_run_json(tmp_path, changes):

@@ -176,6 +176,9 @@ def test_an_output_in_a_directory_it_cannot_write_is_refused_before_any_work(tmp
     ('{"kind": "train", "step": 1, "loss": true}', "record 1: loss must be a number, got true"),
     ('{"kind": "train", "loss": 1.0}', "record 1 has no step"),  # a KeyError traceback
     ('{"kind": "train", "step": 1}', "no training metrics"),  # an empty plot, exit 0
+    # matplotlib's traceback: an axis spanning more than float64 holds
+    ('{"kind": "train", "step": 1, "loss": 1, "scalars": {"a.alpha": 1e308}}', "a.alpha 1e+308 is past float32's"),
+    ('{"kind": "eval", "step": 2, "val_loss": -1e308, "entropy": 1e39}', "val_loss -1e+308 is past float32's range"),
 ])
 def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_path, capsys):
     (tmp_path / "run").mkdir()
@@ -195,6 +198,32 @@ def test_plot_curves_draws_a_run_whose_directory_name_is_not_utf8(tmp_path, caps
         run(load_script("plot_curves").main, [str(run_dir), "--out", str(tmp_path / "c.png")])
     assert e.value.code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_curves_smooths_over_a_window_past_the_run_as_over_the_whole_run(tmp_path, capsys):
+    """--smooth 10**20 (a window of more steps than a C long holds) was numpy's OverflowError traceback; a window past
+    the run's steps averages what there is, as one of its length does."""
+    from shared_config.curves import moving_average
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n'
+                                                    '{"kind": "train", "step": 2, "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        run(load_script("plot_curves").main, [str(tmp_path / "run"), "--out", str(tmp_path / "c.png"), "--smooth",
+                                              str(10**20)])
+    assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    assert moving_average([2.0, 1.0], 10**20).tolist() == moving_average([2.0, 1.0], 2).tolist() == [2.0, 1.5]
+
+
+def test_a_study_refuses_a_gla_kernel_one_of_its_twins_lacks_before_any_run(tmp_path, monkeypatch, capsys):
+    """`compare_norms.py --mixer gla --set gla_kernel=fla`: the JAX twin has no fla kernel, which its first run
+    found as it started, after the runs before it (--backends torch,jax: the torch runs) had trained."""
+    study = load_script("compare_norms")
+    monkeypatch.setattr(study, "study", lambda *a, **k: pytest.fail("a run started"))
+    error_line(study.main, ["--mixer", "gla", "--configs", "rms-pre", "--steps", "1", "--backends", "jax,torch",
+                            "--set", "gla_kernel=fla", "--out", tmp_path / "s"], capsys,
+               "gla_kernel=fla", "the jax twin runs auto, pure or pallas")
+    assert not (tmp_path / "s").exists()
 
 
 def test_compare_weighs_every_resident_job_of_a_sweep_against_memory(monkeypatch, capsys):

@@ -319,3 +319,47 @@ def test_a_study_run_replaces_an_earlier_result_whole(tmp_path):
     assert not run.out.is_symlink() and [p.name for p in list_checkpoints(run.out)] == ["step-00000002"]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2] and stopped_at is None
     assert (elsewhere / "step-00000300").is_dir()
+
+
+class InterruptedTrainer(CountingTrainer):
+    def step(self, tokens_BN):
+        if self.done == 1:
+            raise KeyboardInterrupt  # Ctrl-C after the first step: run.json and metrics.jsonl written
+        return super().step(tokens_BN)
+
+
+def test_a_stopped_study_leaves_no_unfinished_run_nor_the_out_it_made(tmp_path):
+    """Ctrl-C midway through a study said "partial outputs removed" and left the unfinished run's run.json and
+    metrics (beside no checkpoint) and the --out it had made; in a --out given, what was there before stays."""
+    from shared_config import load_spec
+    from shared_config.data import synthetic_corpus
+    from shared_config.study import study_dir, study_run, train_one
+
+    data = synthetic_corpus(0)
+    spec = load_spec("tiny").replace(vocab_size=data.vocab_size, n_layers=1)
+    for out in (tmp_path / "new" / "study", tmp_path):
+        run = study_run(spec, {"batch_size": 2, "seq_len": 16}, 2, data, out, "rms-pre", "jax")
+        run.eval_batches = 1
+        with pytest.raises(KeyboardInterrupt), study_dir(out, "norms"):
+            train_one(run, InterruptedTrainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_norm_study_whose_reader_left_keeps_its_results(tmp_path, monkeypatch):
+    """`compare_norms.py ... | head -1`: the table was printed inside the study's hold on --out, where a stop removes
+    the --out the study made: the closed pipe (BrokenPipeError) took the finished results with it."""
+    study, out = load_script("compare_norms"), tmp_path / "new"
+
+    def report(*args):
+        (out / "norms.md").write_text("table")
+        return "table"
+
+    def closed_pipe(*args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(study, "study", lambda *a, **k: (None, None))
+    monkeypatch.setattr(study, "write_report", report)
+    monkeypatch.setattr(study, "print", closed_pipe, raising=False)
+    with pytest.raises(BrokenPipeError):
+        study.main(["--steps", "1", "--configs", "rms-pre", "--backends", "torch", "--out", str(out), "--quiet"])
+    assert (out / "norms.md").read_text() == "table"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -76,3 +77,30 @@ def test_a_link_to_the_datas_tokenizer_is_kept_and_never_written_through(tmp_pat
     copy_tokenizer(out, data_tokenizer)  # as a --resume does
     assert mine.read_text() == '{"mine": true}' and not (out / "tokenizer.json").is_symlink()
     assert (out / "tokenizer.json").read_bytes() == data_tokenizer.read_bytes()
+
+
+def test_a_resume_refuses_data_whose_tokenizer_is_not_the_runs(tmp_path, bpe_data):
+    """The same token files with another tokenizer.json (or none) were resumed: the new one went into the run and every
+    later checkpoint, where generate.py decoded the ids the model learned as other text."""
+    import shutil
+
+    from shared_config.data import DataError
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    from .test_study_results import CountingTrainer
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(bpe_data, data)
+    Loop(resolve(out, data), CountingTrainer, progress=False)()
+    resume = load_script("train").parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "201"])
+    resolve_run(resume)  # the same tokenizer: resumed
+    tokenizer = json.loads((data / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # two ids that decode the other way round
+    (data / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(DataError, match="tokenizer.json: not the tokenizer the run in .* trained with"):
+        resolve_run(resume)
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="data: no tokenizer.json, and the run in .* trained with"):
+        resolve_run(resume)

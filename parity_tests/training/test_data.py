@@ -118,6 +118,24 @@ def test_the_model_must_fit_the_data():
         d.check(16, 300)
 
 
+def test_data_past_the_init_from_models_vocabulary_is_not_told_to_set_vocab_size(tmp_path):
+    """`train.py --init-from W` (vocab 97) on the synthetic corpus (256 ids) said "pass --set vocab_size=256", which
+    --init-from then refused (W's embedding has 97 rows): the error names the weights' vocabulary instead."""
+    from shared_config import save_checkpoint
+    from shared_config.run import resolve_run
+
+    from ..support.common import make_spec, parity_weights
+
+    spec = make_spec()
+    save_checkpoint(tmp_path / "w.safetensors", parity_weights(spec), spec)
+    args = load_script("train").parse_args(["--backend", "torch", "--init-from", str(tmp_path / "w.safetensors"),
+                                            "--out", str(tmp_path / "run")])
+    with pytest.raises(DataError, match=r"ids go up to 255, past the vocabulary of --init-from .*w.safetensors "
+                                        r"\(vocab_size 97: no embedding rows") as e:
+        resolve_run(args)
+    assert "--set vocab_size" not in str(e.value) and not (tmp_path / "run").exists()
+
+
 def test_prepare_data_bytes_and_bpe(tmp_path):
     prepare = load_script("prepare_data")
     (tmp_path / "story.txt").write_text(TEXT)

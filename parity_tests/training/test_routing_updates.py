@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from shared_config import TrainConfig
-from shared_config.parity import max_rel
+from shared_config.parity import TRAJ_PARAM_TOL, max_rel
 
 from ..support.common import case_ids, make_spec, quick_first, tokens
 from ..support.oracles import finite_difference_errors
@@ -175,3 +175,20 @@ def test_evaluation_is_row_separable(changes):
         for key, value in whole.items():
             summed = sum(float(part[key]) for part in parts)
             assert abs(summed - float(value)) <= 1e-6 * float(value), (name, key, summed, float(value))
+
+
+def test_a_routed_block_that_no_token_reaches_trains_alike_in_both_twins():
+    """floor(γ·T) = 0 (γ 0.125, T 7): no token runs a routed block, whose weights get no gradient. torch left their
+    .grad None and its fused AdamW raised at step 1 (`train.py --backend torch --set routing=mod --set seq_len=4`:
+    a traceback, exit 1) while JAX took zeros, which AdamW decays; now both take zeros, and update alike."""
+    spec = make_spec(routing="mod", routing_capacity=0.125)
+    cfg = TrainConfig(steps=2, warmup_steps=0, lr=1e-2, weight_decay=0.5)
+    w, x_BN = routed_weights(spec), tokens(spec, 2, 8)
+    after = {}
+    for name, twin, train in TWINS:
+        model = twin.from_weights(w, spec)
+        state, _ = train.make_train_step(model, cfg)(train.init_train_state(model, cfg), x_BN)
+        after[name] = train.get_train_state(model, state)["weights"]
+    routed = [n for n in w if n.startswith(f"model.layers.{spec.routed_layers[0]}.mlp.")]
+    assert routed and all(not np.array_equal(after["torch"][n], w[n]) for n in routed)  # decayed
+    assert max(max_rel(after["torch"][n], a) for n, a in after["jax"].items()) <= TRAJ_PARAM_TOL

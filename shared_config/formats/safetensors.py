@@ -18,8 +18,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ..files import CheckpointError, atomic_write
+from ..config_file import SpecError
 from ..layout import layout
 from ..limits import LimitError, open_regular, parse_json, quote
+from ..resources import layout_size
 from ..spec import ModelSpec, load_spec
 from .checks import (check_size, check_weights, checkpoint_path, held_params, np_dtype, resolve_spec,
                      spec_from_metadata, without_derived)
@@ -173,6 +175,17 @@ def load_checkpoint(
         return {t.name: weights[t.name].astype(dtype, copy=False) for t in layout(spec)}, spec
 
 
+def check_tensor_count(spec: ModelSpec, per_tensor: int = 1) -> None:
+    """Refuse (SpecError) a spec whose file of `per_tensor` entries a canonical tensor (2: a run's optimizer file, m
+    and v) would list more than MAX_TENSORS, which every reader here refuses: checked before anything is drawn
+    (init_checkpoint.py --set n_layers=200000 drew for 80 s and 2 GB, then failed to write; at 20,000 it wrote a
+    checkpoint no tool could read)."""
+    if (n := layout_size(spec)[0] * per_tensor) > MAX_TENSORS:
+        file = "a run's optimizer.safetensors" if per_tensor == 2 else "its checkpoint"
+        raise SpecError(f"n_layers={spec.n_layers}: {file} would list {n:,} tensors, over the {MAX_TENSORS:,} a "
+                        "safetensors file may list here (the readers refuse more); use fewer layers")
+
+
 def save_checkpoint(
     path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpec, file_format: str = "twinlm"
 ) -> None:
@@ -181,6 +194,7 @@ def save_checkpoint(
     `file_format` is the metadata's "format"; transformers loads only "pt" files, see `shared_config.formats.hf`.
     """
     spec = load_spec(spec)  # a spec, a preset name or a dict
+    check_tensor_count(spec)
     check_weights(weights, spec, path, allow_nonfinite=True)
     tensors = {t.name: np.ascontiguousarray(weights[t.name]) for t in layout(spec)}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, {"spec": spec.to_json(), "format": file_format}))
