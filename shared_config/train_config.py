@@ -86,10 +86,16 @@ class TrainConfig:
         return from_mapping(cls, d, "train config")
 
     def model_spec(self, spec: ModelSpec) -> ModelSpec:
-        """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it, and a
-        `gla_kernel` other than auto refused (SpecError) where the spec has no GLA layer for it to run."""
+        """`spec` as this run trains it: `compute_dtype` overridden when set, `seq_len` checked against it (and
+        against a routed spec's capacity: at least one token a sequence runs each routed block), and a `gla_kernel`
+        other than auto refused (SpecError) where the spec has no GLA layer for it to run."""
         if self.seq_len > spec.max_seq_len:
             raise SpecError(f"seq_len={self.seq_len} must be <= the spec's max_seq_len={spec.max_seq_len}")
+        if spec.routing != "none" and math.floor(spec.routing_capacity * self.seq_len) == 0:  # the blocks never ran
+            raise SpecError(f"routing_capacity={spec.routing_capacity} of seq_len={self.seq_len} routes "
+                            f"floor({spec.routing_capacity} x {self.seq_len}) = 0 tokens a sequence: the routed blocks "
+                            f"would never run or learn; raise seq_len or routing_capacity (to at least "
+                            f"{1 / self.seq_len:.3g})")
         if self.gla_kernel != "auto" and spec.mixer != "gla":  # it would run, the choice ignored
             raise SpecError(f"gla_kernel={self.gla_kernel} picks the GLA layers' kernel; the spec's mixer is "
                             f"{spec.mixer} and has none (leave gla_kernel at auto)")

@@ -180,7 +180,8 @@ def test_evaluation_is_row_separable(changes):
 def test_a_routed_block_that_no_token_reaches_trains_alike_in_both_twins():
     """floor(γ·T) = 0 (γ 0.125, T 7): no token runs a routed block, whose weights get no gradient. torch left their
     .grad None and its fused AdamW raised at step 1 (`train.py --backend torch --set routing=mod --set seq_len=4`:
-    a traceback, exit 1) while JAX took zeros, which AdamW decays; now both take zeros, and update alike."""
+    a traceback, exit 1) while JAX took zeros, which AdamW decays; now both take zeros, and update alike. (train.py
+    and the studies now refuse such a run, TrainConfig.model_spec; a library caller may still step on it.)"""
     spec = make_spec(routing="mod", routing_capacity=0.125)
     cfg = TrainConfig(steps=2, warmup_steps=0, lr=1e-2, weight_decay=0.5)
     w, x_BN = routed_weights(spec), tokens(spec, 2, 8)

@@ -2,6 +2,7 @@
 weight-decayed; the deterministic batches both twins read."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -90,6 +91,11 @@ def test_model_spec_override_and_seq_len_check():
                                             "is attention"):
             TrainConfig(seq_len=64, gla_kernel=kernel).model_spec(spec)
     assert TrainConfig(seq_len=64, gla_kernel="pure").model_spec(load_spec("gla-tiny")).mixer == "gla"
+    routed = spec.replace(routing="mod", routing_capacity=0.125)  # floor(0.125 x 4) = 0: routed blocks never ran
+    with pytest.raises(SpecError, match=re.escape("routing_capacity=0.125 of seq_len=4 routes floor(0.125 x 4) = 0 "
+                                                  "tokens a sequence: the routed blocks would never run or learn")):
+        TrainConfig(seq_len=4).model_spec(routed)
+    assert TrainConfig(seq_len=8).model_spec(routed) == routed
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True])
