@@ -75,12 +75,13 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
                  "generate fewer new tokens (max_new_tokens, --max-new-tokens), or fewer or shorter prompts")
 
 
-def check_model(model, own: type) -> None:
-    """Refuse a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or `Decoder`
-    is given one: unchecked, None would be an AttributeError ('NoneType' object has no attribute 'spec'), the other
-    twin's model a message about a cache from deep inside the steps."""
+def check_model(model, own: type, error: type[Exception] = GenerationError) -> None:
+    """Refuse (`error`) a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or
+    `Decoder` (GenerationError) or `to_safetensors` (TypeError) is given one: unchecked, None would be an
+    AttributeError ('NoneType' object has no attribute 'spec'), the other twin's model a message about a cache from
+    deep inside the steps, or an IndexError (JAX) or AttributeError (torch) from inside the framework when saved."""
     if not isinstance(model, own):
-        raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
+        raise error(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
 
 
 def type_name(x) -> str:
