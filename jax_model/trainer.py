@@ -75,8 +75,10 @@ class Trainer:
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
         """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
-        non-finite diagnosis reads."""
+        non-finite diagnosis reads. TokenError for a bad batch, as `step`'s."""
         nnx.update(self.model, self.state.params)
-        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        # the loss first: it checks the batch (check_batch), before the taps' forward casts it (JAX made a float64
+        # batch float32 and named that dtype, torch float64)
         loss, grads = train.loss_and_grads(self.model, tokens_BN)
+        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
         return self.train_state()["weights"], taps, loss, grads

@@ -75,7 +75,9 @@ class Trainer:
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
         """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
-        non-finite diagnosis reads."""
-        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        non-finite diagnosis reads. TokenError for a bad batch, as `step`'s."""
+        # the loss first: it checks the batch (check_batch), before the taps' forward casts it (JAX made a float64
+        # batch float32 and named that dtype, torch float64)
         loss, grads = train.loss_and_grads(self.model, tokens_BN)
+        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
         return self.train_state()["weights"], taps, loss, grads
