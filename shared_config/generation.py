@@ -23,7 +23,9 @@ PROMPT_RULE = "prompt tokens must be integer ids: one sequence of them, or one s
 def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
     """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was
     one. Anything else is a GenerationError (None, 5 or a dict were a TypeError or KeyError, [1, [2]] numpy's
-    ValueError)."""
+    ValueError; a 0-d array, np.array(5) or torch.tensor(5), len()'s TypeError)."""
+    if getattr(prompt_tokens, "ndim", None) == 0:
+        raise GenerationError(f"{PROMPT_RULE}, not a 0-d {type_name(prompt_tokens)}")
     if (isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__")
             or not hasattr(prompt_tokens, "__getitem__")):  # a set: else 'set' object is not subscriptable
         raise GenerationError(f"{PROMPT_RULE}, not {type(prompt_tokens).__name__}")

@@ -140,6 +140,8 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=1.5), r"^seed=1\.5 must be"),  # numpy's Philox
     # refuses -1 and 1.5 with a ValueError and a TypeError, and takes 2**32: the range is the twins' rule
     (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
+    (dict(prompt_tokens=np.array(5), max_new_tokens=4), "integer ids.*not a 0-d numpy.ndarray$"),  # len()'s
+    (dict(prompt_tokens=torch.tensor(5), max_new_tokens=4), "integer ids.*not a 0-d torch.Tensor$"),  # TypeError
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=10**400), r"^temperature=1000000000\.\.\..*\(401 digits\) "
      "must be a finite"),  # math.isfinite's OverflowError, and the number echoed whole
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, top_p=-10**400), "^top_p=-1000000000\\.\\.\\."),
