@@ -21,7 +21,8 @@ from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
 from shared_config.tokens import (TokenError, check_cache_fits, check_cache_request, check_cache_room,
-                                  check_cache_type, check_token_array, check_token_type, check_token_values)
+                                  check_cache_type, check_outputs, check_token_array, check_token_type,
+                                  check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -220,8 +221,11 @@ class Transformer(nnx.Module):
         the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time).
 
         Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
-        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
+        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward. `taps`, a
+        dict, receives every tapped activation. TokenError for tokens or a cache the model cannot read
+        (shared_config.tokens); TypeError for `taps` or `aux` that is not a dict.
         """
+        check_outputs(taps, aux)
         x_BTD, new_cache = self.model(tokens_BT, taps=taps, cache=cache, aux=aux, decide=decide, remat=remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)

@@ -50,6 +50,14 @@ def check_token_type(tokens, own: tuple[type, ...]) -> None:
                          f"not {type_name(tokens)}")
 
 
+def check_outputs(taps, aux) -> None:
+    """Refuse a model call's `taps` or `aux` that is neither None nor a dict (TypeError): the model writes into them,
+    and a list was a TypeError 'list indices must be integers or slices, not str' from inside a block."""
+    for name, x in (("taps", taps), ("aux", aux)):
+        if x is not None and not isinstance(x, dict):
+            raise TypeError(f"{name} must be a dict, which the model fills, or None; not {type_name(x)}")
+
+
 def check_cache_type(cache, own: type) -> None:
     """Refuse a cache that is not this twin's `KVCache` (`own`): the other twin's, or a tuple, would otherwise be an
     AttributeError from deep inside the call."""

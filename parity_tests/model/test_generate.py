@@ -324,6 +324,16 @@ def test_an_unknown_remat_is_named_by_both_twins(base):
             call()
 
 
+@pytest.mark.parametrize("name", ["taps", "aux"])
+def test_taps_or_aux_that_is_not_a_dict_is_named_by_both_twins(base, name):
+    """The model fills them: a list was a TypeError 'list indices must be integers or slices, not str' from inside a
+    block (aux: on a routed spec only; elsewhere a list was taken without a word)."""
+    _, jm, tm = base
+    for call in (lambda: jm(jnp.asarray([[1, 2]]), **{name: []}), lambda: tm(torch.as_tensor([[1, 2]]), **{name: []})):
+        with pytest.raises(TypeError, match=f"^{name} must be a dict, which the model fills, or None; not list$"):
+            call()
+
+
 LONG = 2**31 - 1  # a max_seq_len that lets max_new_tokens ask for any cache
 
 
