@@ -160,11 +160,14 @@ def sample(logits_BV, u_B2, temperature: float, top_k: int | None = None, top_p:
 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
-    """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
+    """Yield each step's new tokens [B] (numpy int) as soon as they are drawn; rows past `eos_id` repeat it.
+    GenerationError, before any step, for prompts or settings that break a rule (`as_prompts`, `check_generation`)
+    or a model that is not this twin's; ResourceError for a cache past this machine's memory."""
     check_model(model, Transformer)
     prompts, _ = as_prompts(prompt_tokens)
     check_generation(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
-    return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)
+    # a numpy count as a Python int: a cache size summed in np.int8 wrapped
+    return stop_at_eos(_steps(Decoder(model), prompts, int(max_new_tokens), temperature, top_k, top_p, seed), eos_id)
 
 
 def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[np.ndarray]:
@@ -188,6 +191,6 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
     """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first
-    `eos_id`."""
+    `eos_id`. Raises as `stream` does."""
     steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return collect(steps, prompt_tokens, eos_id)

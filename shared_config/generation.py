@@ -65,7 +65,9 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
         bad = [t for t in prompt if not 0 <= t < spec.V]
         if bad:
             raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{spec.V - 1}")
-    longest = max(map(len, prompts))
+    # in Python ints: numpy's wrap (np.uint64(2**64 - 1) + 3 is 2) or overflow (np.int8(2), a valid count, was an
+    # OverflowError from the memory estimate)
+    longest, max_new_tokens = max(map(len, prompts)), int(max_new_tokens)
     if longest + max_new_tokens > spec.max_seq_len:
         raise GenerationError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_seq_len={spec.max_seq_len}"

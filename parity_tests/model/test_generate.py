@@ -155,6 +155,17 @@ def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
             gen.generate(model, **kwargs)
 
 
+def test_numpy_integer_counts_are_read_as_python_ints(base):
+    """max_new_tokens as a numpy integer: np.int8(2), a valid count, was an OverflowError from the memory estimate;
+    np.uint64(2**64 - 1) wrapped past the max_seq_len check (3 + it is 2 in uint64) to a TokenError about a cache of 1
+    slot. Both twins give np.int8(2)'s tokens as 2's, and name the huge count."""
+    _, jm, tm = base
+    for model, gen in [(jm, jg), (tm, tg)]:
+        assert gen.generate(model, [5, 6], np.int8(2)) == gen.generate(model, [5, 6], 2)
+        with pytest.raises(GenerationError, match="^a prompt of 2 tokens plus max_new_tokens=18446744073709551615 "):
+            gen.generate(model, [5, 6], np.uint64(2**64 - 1))
+
+
 def test_a_model_that_is_not_the_twins_own_is_a_generation_error(base):
     """None was an AttributeError ('NoneType' object has no attribute 'spec'); the other twin's model a TokenError
     about its cache from deep inside the steps."""
