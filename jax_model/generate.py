@@ -20,7 +20,7 @@ from shared_config.generation import (as_prompts, check_drawn, check_generation,
                                       in_float32, left_pad, stop_at_eos, uniform_steps)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
-from .model import KVCache, Transformer, cache_length
+from .model import KVCache, Transformer, cache_length, cache_start
 
 
 class Decoder:
@@ -53,11 +53,11 @@ class Decoder:
     def as_tokens(self, tokens, cache: KVCache, step: bool = False):
         """Token ids (a step's [B] as [B, 1]) as the step's int32 array, checked on the host first: inside the jitted
         step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
-        the cache has no room for where its length is at hand (`cache_length`; a step past the last slot overwrote
-        it without a word)."""
+        the cache has no room for, or a first write leaving a row without a token, where its length is at hand
+        (`cache_length`; a step past the last slot overwrote it without a word)."""
         check_cache_type(cache, KVCache)
         ids_BT = host_tokens(tokens, self.model.spec, step)
-        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache), cache_start(cache))
         return jnp.asarray(ids_BT, jnp.int32)
 
 

@@ -19,7 +19,7 @@ from shared_config.generation import (as_prompts, check_drawn, check_generation,
                                       in_float32, left_pad, stop_at_eos, uniform_steps)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
-from .model import KVCache, Transformer, cache_length, compile_isolated
+from .model import KVCache, Transformer, cache_length, cache_start, compile_isolated
 
 
 class Decoder:
@@ -57,11 +57,11 @@ class Decoder:
     def as_tokens(self, tokens, cache: KVCache, step: bool = False):
         """Token ids (a step's [B] as [B, 1]) as the step's int64 tensor, checked on the host first: inside the compiled
         step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
-        the cache has no room for where its length is at hand (`cache_length`; a compiled step past the last slot
-        failed in index_copy_ with an IndexError)."""
+        the cache has no room for, or a first write leaving a row without a token, where its length is at hand
+        (`cache_length`; a compiled step past the last slot failed in index_copy_ with an IndexError)."""
         check_cache_type(cache, KVCache)
         ids_BT = host_tokens(tokens, self.model.spec, step)
-        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache), cache_start(cache))
         return torch.as_tensor(ids_BT, dtype=torch.int64, device=self.model.model.embed_tokens.weight.device)
 
 

@@ -108,7 +108,8 @@ class TransformerModel(nn.Module):
         else:
             check_cache_type(cache, KVCache)
             check_cache_fits(spec, cache.layouts(), cache.start_B.shape[0], cache.size)
-            check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
+            check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache),
+                             cache_start(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
@@ -172,6 +173,12 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
         ids = tokens_BT.long() if tokens_BT.dtype in WIDE_UNSIGNED else tokens_BT  # min/max not implemented for these
         check_token_values(spec, int(ids.min()), int(ids.max()))
     return tokens_BT.shape[1]
+
+
+def cache_start(cache: KVCache) -> int | None:
+    """The last row's first slot (the largest of start_B) before a cache's first write, where at hand (as
+    `cache_length`); None once written (the first write gave every row a token: `check_cache_room`)."""
+    return int(cache.start_B.max()) if cache_length(cache) == 0 and at_hand(cache.start_B) else None
 
 
 def cache_length(cache: KVCache) -> int | None:
