@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config import SpecError, TrainConfig, check_train_state, decays, flat_taps, lr_factor, model_layout
 from shared_config.tokens import CheckedStep, check_batch
 from shared_config.train_config import as_train_config
 
@@ -245,7 +245,9 @@ def get_train_state(model, state: TrainState) -> dict[str, Any]:
 
 
 def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> TrainState:
-    """`state` (e.g. fresh from init_train_state) holding a canonical train state, from either twin."""
+    """`state` (e.g. fresh from init_train_state) holding a canonical train state, from either twin; CheckpointError
+    for one that is not {"step", "weights", "m", "v"} of this model's layout (check_train_state)."""
+    check_train_state(canonical, model.spec)
     set_weights(model, canonical["weights"])
     params, spec, step = nnx.state(model, nnx.Param), model.spec, jnp.asarray(canonical["step"], jnp.int32)
     m, v = (from_pure_dict(params, to_pure_dict(canonical[key], spec)) for key in ("m", "v"))

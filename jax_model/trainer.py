@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from shared_config import ModelSpec, TrainConfig
+from shared_config import ModelSpec, TrainConfig, check_train_state
 
 from . import distributed, train
 from .checkpoint import from_weights
@@ -30,8 +30,10 @@ class Trainer:
     def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = True,
                  parallel: str | None = None):
         """`parallel`: a device mesh such as "data=2,fsdp=4" (parameters and moments over fsdp, batch rows over all);
-        None: one device. compile=False: eager, for debugging."""
+        None: one device. compile=False: eager, for debugging. CheckpointError for a `train_state` that is not
+        {"step", "weights", "m", "v"} of `spec`'s layout (check_train_state)."""
         exact_float32()  # float32 matmuls as torch computes them (no TF32)
+        check_train_state(train_state, spec)  # a CheckpointError naming what is missing or wrong
         self.model = from_weights(train_state["weights"], spec)
         if spec.mixer == "gla":
             set_kernel(self.model, cfg.gla_kernel)  # a HardwareError for a kernel this machine does not have
@@ -67,13 +69,16 @@ class Trainer:
         return train.get_train_state(self.model, self.state)
 
     def set_train_state(self, canonical: dict) -> None:
-        """Replace the train state with a canonical one."""
+        """Replace the train state with a canonical one; CheckpointError for one that is not (check_train_state)."""
+        check_train_state(canonical, self.model.spec)
         self.state = train.set_train_state(self.model, self.state, canonical)
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
         """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
-        non-finite diagnosis reads."""
+        non-finite diagnosis reads. TokenError for a bad batch, as `step`'s."""
         nnx.update(self.model, self.state.params)
-        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        # the loss first: it checks the batch (check_batch), before the taps' forward casts it (JAX made a float64
+        # batch float32 and named that dtype, torch float64)
         loss, grads = train.loss_and_grads(self.model, tokens_BN)
+        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
         return self.train_state()["weights"], taps, loss, grads

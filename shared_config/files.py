@@ -273,7 +273,10 @@ def recover(path: str | Path) -> None:
 
 def restore_old(path: str | Path) -> None:
     """For readers: where a replace killed between its two renames left only `.NAME.old`, put it back at `path`
-    (the destination is never found missing)."""
+    (the destination is never found missing). A path without a name ("/", "."; Path.with_name raised ValueError)
+    exists: nothing to put back."""
+    if not Path(path).name:
+        return
     path, old = Path(path), _old(Path(path))
     if not path.exists() and old.is_dir() and not old.is_symlink():
         with contextlib.suppress(FileNotFoundError):  # another reader or the writer put it back first

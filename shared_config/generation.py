@@ -23,7 +23,9 @@ PROMPT_RULE = "prompt tokens must be integer ids: one sequence of them, or one s
 def as_prompts(prompt_tokens) -> tuple[list[list[int]], bool]:
     """Prompts as lists of ids, from one sequence of ids or a batch of them (ragged, or [B, P]); and whether it was
     one. Anything else is a GenerationError (None, 5 or a dict were a TypeError or KeyError, [1, [2]] numpy's
-    ValueError)."""
+    ValueError; a 0-d array, np.array(5) or torch.tensor(5), len()'s TypeError)."""
+    if getattr(prompt_tokens, "ndim", None) == 0:
+        raise GenerationError(f"{PROMPT_RULE}, not a 0-d {type_name(prompt_tokens)}")
     if (isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__")
             or not hasattr(prompt_tokens, "__getitem__")):  # a set: else 'set' object is not subscriptable
         raise GenerationError(f"{PROMPT_RULE}, not {type(prompt_tokens).__name__}")
@@ -63,7 +65,9 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
         bad = [t for t in prompt if not 0 <= t < spec.V]
         if bad:
             raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{spec.V - 1}")
-    longest = max(map(len, prompts))
+    # in Python ints: numpy's wrap (np.uint64(2**64 - 1) + 3 is 2) or overflow (np.int8(2), a valid count, was an
+    # OverflowError from the memory estimate)
+    longest, max_new_tokens = max(map(len, prompts)), int(max_new_tokens)
     if longest + max_new_tokens > spec.max_seq_len:
         raise GenerationError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_seq_len={spec.max_seq_len}"
@@ -75,12 +79,13 @@ def check_generation(spec: ModelSpec, prompts: list[list[int]], max_new_tokens: 
                  "generate fewer new tokens (max_new_tokens, --max-new-tokens), or fewer or shorter prompts")
 
 
-def check_model(model, own: type) -> None:
-    """Refuse a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or `Decoder`
-    is given one: unchecked, None would be an AttributeError ('NoneType' object has no attribute 'spec'), the other
-    twin's model a message about a cache from deep inside the steps."""
+def check_model(model, own: type, error: type[Exception] = GenerationError) -> None:
+    """Refuse (`error`) a model that is not the twin's own `Transformer` (`own`) where a twin's `generate`, `stream` or
+    `Decoder` (GenerationError) or `to_safetensors` (TypeError) is given one: unchecked, None would be an
+    AttributeError ('NoneType' object has no attribute 'spec'), the other twin's model a message about a cache from
+    deep inside the steps, or an IndexError (JAX) or AttributeError (torch) from inside the framework when saved."""
     if not isinstance(model, own):
-        raise GenerationError(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
+        raise error(f"model must be a {own.__module__.split('.')[0]}.Transformer, not {type_name(model)}")
 
 
 def type_name(x) -> str:

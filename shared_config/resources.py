@@ -151,8 +151,9 @@ def cache_bytes(spec: ModelSpec, batch: int, size: int) -> int:
     plus max_new_tokens - 1), 0 on a machine with an accelerator (it lives there): every layer's state as
     `layout.state_layout` and `layout.state_arrays` give it (attention's keys and values [B, S, K, E] in the compute
     dtype, GLA's state [B, H, K', V'] float32, whatever the slots), counted per mixer (`spec.layer_mixers`, never
-    walked)."""
-    state = 0
+    walked). In Python ints: numpy counts (init_cache(np.int8(100), np.int8(16))) wrapped the product, an estimate
+    that could pass a cache past this machine's memory."""
+    state, batch, size = 0, int(batch), int(size)
     for mixer, n in spec.layer_mixers.items():
         shape, dtype = state_layout(spec, mixer, batch, size)
         state += n * state_arrays(mixer) * math.prod(shape) * DTYPE_BYTES[dtype]

@@ -50,6 +50,14 @@ def check_token_type(tokens, own: tuple[type, ...]) -> None:
                          f"not {type_name(tokens)}")
 
 
+def check_outputs(taps, aux) -> None:
+    """Refuse a model call's `taps` or `aux` that is neither None nor a dict (TypeError): the model writes into them,
+    and a list was a TypeError 'list indices must be integers or slices, not str' from inside a block."""
+    for name, x in (("taps", taps), ("aux", aux)):
+        if x is not None and not isinstance(x, dict):
+            raise TypeError(f"{name} must be a dict, which the model fills, or None; not {type_name(x)}")
+
+
 def check_cache_type(cache, own: type) -> None:
     """Refuse a cache that is not this twin's `KVCache` (`own`): the other twin's, or a tuple, would otherwise be an
     AttributeError from deep inside the call."""
@@ -123,9 +131,15 @@ def check_cache_fits(spec: ModelSpec, layers: Sequence[tuple[Sequence[int], str,
                              "a cache made by another model's init_cache")
 
 
-def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int | None) -> None:
+def check_cache_room(cache_B: int, cache_size: int, B: int, T: int, length: int | None,
+                     start: int | None = None) -> None:
     """Refuse a step whose B rows are not the cache's, or whose T tokens do not fit after its `length` written slots
-    (None: the length is data, under jit or compilation, and the caller's to keep within the cache)."""
+    (None: the length is data, under jit or compilation, and the caller's to keep within the cache), or a first write
+    that ends before `start`, the last row's first slot (the largest of start_B; None: not read): that row would hold
+    no token of its own, and its logits, read from masked slots only, differed between the twins without a word."""
+    if start is not None and length == 0 and T <= start:
+        raise TokenError(f"a first write of {T} tokens ends before slot {start}, where a row of the cache starts "
+                         "(init_cache's start_B): every row needs at least one token of its own")
     if B != cache_B:
         raise TokenError(f"tokens of {B} rows do not match a cache of {cache_B} rows")
     if T > cache_size:

@@ -10,6 +10,7 @@ import torch
 
 from shared_config import ModelSpec, check_weights, load_checkpoint, load_spec, save_checkpoint
 from shared_config.formats import read_checkpoint
+from shared_config.generation import check_model
 
 from .model import Transformer
 from .weights import get_weights, set_weights
@@ -45,5 +46,7 @@ def from_pretrained(path: str | Path, spec=None, *, attention: str = "auto", all
 
 
 def to_safetensors(model: Transformer, path: str | Path) -> None:
-    """Write the canonical file (q/k/v split back), atomically, with the spec in the metadata."""
+    """Write the canonical file (q/k/v split back), atomically, with the spec in the metadata. TypeError for a
+    `model` that is not this twin's Transformer; an OSError or ResourceError where `path` cannot be written."""
+    check_model(model, Transformer, TypeError)
     save_checkpoint(path, get_weights(model), model.spec)

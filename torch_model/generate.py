@@ -19,7 +19,7 @@ from shared_config.generation import (as_prompts, check_drawn, check_generation,
                                       in_float32, left_pad, stop_at_eos, uniform_steps)
 from shared_config.tokens import check_cache_room, check_cache_type, host_tokens
 
-from .model import KVCache, Transformer, cache_length, compile_isolated
+from .model import KVCache, Transformer, cache_length, cache_start, compile_isolated
 
 
 class Decoder:
@@ -57,11 +57,11 @@ class Decoder:
     def as_tokens(self, tokens, cache: KVCache, step: bool = False):
         """Token ids (a step's [B] as [B, 1]) as the step's int64 tensor, checked on the host first: inside the compiled
         step the ids are data, and so is the cache's length. TokenError for an id outside the vocabulary, or tokens
-        the cache has no room for where its length is at hand (`cache_length`; a compiled step past the last slot
-        failed in index_copy_ with an IndexError)."""
+        the cache has no room for, or a first write leaving a row without a token, where its length is at hand
+        (`cache_length`; a compiled step past the last slot failed in index_copy_ with an IndexError)."""
         check_cache_type(cache, KVCache)
         ids_BT = host_tokens(tokens, self.model.spec, step)
-        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache))
+        check_cache_room(cache.start_B.shape[0], cache.size, *ids_BT.shape, cache_length(cache), cache_start(cache))
         return torch.as_tensor(ids_BT, dtype=torch.int64, device=self.model.model.embed_tokens.weight.device)
 
 
@@ -157,11 +157,14 @@ def sample(logits_BV, u_B2, temperature: float, top_k: int | None = None, top_p:
 
 def stream(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> Iterator[np.ndarray]:
-    """Yield each step's new tokens [B] as soon as they are drawn; rows past `eos_id` repeat it."""
+    """Yield each step's new tokens [B] (numpy int) as soon as they are drawn; rows past `eos_id` repeat it.
+    GenerationError, before any step, for prompts or settings that break a rule (`as_prompts`, `check_generation`)
+    or a model that is not this twin's; ResourceError for a cache past this machine's memory."""
     check_model(model, Transformer)
     prompts, _ = as_prompts(prompt_tokens)
     check_generation(model.spec, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
-    return stop_at_eos(_steps(Decoder(model), prompts, max_new_tokens, temperature, top_k, top_p, seed), eos_id)
+    # a numpy count as a Python int: a cache size summed in np.int8 wrapped
+    return stop_at_eos(_steps(Decoder(model), prompts, int(max_new_tokens), temperature, top_k, top_p, seed), eos_id)
 
 
 def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[np.ndarray]:
@@ -186,6 +189,6 @@ def _steps(decoder: Decoder, prompts, max_new_tokens, temperature, top_k, top_p,
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None):
     """The new tokens of each prompt (a list of ids; a list of them for a batch), each row ending at its first
-    `eos_id`."""
+    `eos_id`. Raises as `stream` does."""
     steps = stream(model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
     return collect(steps, prompt_tokens, eos_id)

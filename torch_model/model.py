@@ -23,7 +23,8 @@ from shared_config.placement import PLACEMENTS, block_placement
 from shared_config.resources import check_model_memory
 from shared_config.train_config import TRAIN_CHOICES
 from shared_config.tokens import (TokenError, check_cache_fits, check_cache_request, check_cache_room,
-                                  check_cache_type, check_token_array, check_token_type, check_token_values)
+                                  check_cache_type, check_outputs, check_token_array, check_token_type,
+                                  check_token_values)
 
 from . import routing
 from .attention import LayerCache, resolve_attention, rope_cos_sin
@@ -107,7 +108,8 @@ class TransformerModel(nn.Module):
         else:
             check_cache_type(cache, KVCache)
             check_cache_fits(spec, cache.layouts(), cache.start_B.shape[0], cache.size)
-            check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache))
+            check_cache_room(cache.start_B.shape[0], cache.size, tokens_BT.shape[0], T, cache_length(cache),
+                             cache_start(cache))
             positions, mask_BTS = cache.positions_and_mask(T)
         x_BTD = self.embed(tokens_BT, positions)
         cos, sin = rope_cos_sin(rope_inv_freq(spec), positions) if spec.position == "rope" else (None, None)
@@ -173,6 +175,12 @@ def check_tokens(tokens_BT, spec: ModelSpec) -> int:
     return tokens_BT.shape[1]
 
 
+def cache_start(cache: KVCache) -> int | None:
+    """The last row's first slot (the largest of start_B) before a cache's first write, where at hand (as
+    `cache_length`); None once written (the first write gave every row a token: `check_cache_room`)."""
+    return int(cache.start_B.max()) if cache_length(cache) == 0 and at_hand(cache.start_B) else None
+
+
 def cache_length(cache: KVCache) -> int | None:
     """The cache's written slots where they are at hand: on the CPU, uncompiled (elsewhere reading the length would wait
     for the device: `Decoder` reads it before every step)."""
@@ -208,8 +216,11 @@ class Transformer(nn.Module):
         the final hidden states [B, T, D] instead (a chunked loss applies `head` itself, a chunk at a time).
 
         Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
-        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward.
+        a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward. `taps`, a
+        dict, receives every tapped activation. TokenError for tokens or a cache the model cannot read
+        (shared_config.tokens); TypeError for `taps` or `aux` that is not a dict.
         """
+        check_outputs(taps, aux)
         x_BTD, new_cache = self.model(tokens_BT, taps=taps, cache=cache, aux=aux, decide=decide, remat=remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)

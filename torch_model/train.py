@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from shared_config import SpecError, TrainConfig, decays, flat_taps, lr_factor, model_layout
+from shared_config import SpecError, TrainConfig, check_train_state, decays, flat_taps, lr_factor, model_layout
 from shared_config.tokens import CheckedStep, check_batch
 from shared_config.train_config import as_train_config
 
@@ -304,7 +304,9 @@ def get_train_state(model, state: TrainState) -> dict[str, Any]:
 
 
 def set_train_state(model, state: TrainState, canonical: dict[str, Any]) -> TrainState:
-    """`state` (e.g. fresh from init_train_state) holding a canonical train state, from either twin."""
+    """`state` (e.g. fresh from init_train_state) holding a canonical train state, from either twin; CheckpointError
+    for one that is not {"step", "weights", "m", "v"} of this model's layout (check_train_state)."""
+    check_train_state(canonical, model.spec)
     set_weights(model, canonical["weights"])
     spec, step, optimizer = model.spec, canonical["step"], state.optimizer
     m, v = (to_state_dict(canonical[key], spec) for key in ("m", "v"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared_config import ModelSpec, TrainConfig
+from shared_config import ModelSpec, TrainConfig, check_train_state
 
 from . import distributed, train
 from .checkpoint import from_weights
@@ -30,9 +30,11 @@ class Trainer:
     def __init__(self, spec: ModelSpec, cfg: TrainConfig, train_state: dict, compile: bool = False,
                  parallel: str | None = None):
         """`parallel`: "ddp" or "fsdp2" over torchrun's ranks (the weights are loaded whole first, FSDP2 then shards
-        them); None: one device. compile=True: `torch.compile` the steps."""
+        them); None: one device. compile=True: `torch.compile` the steps. CheckpointError for a `train_state` that is
+        not {"step", "weights", "m", "v"} of `spec`'s layout (check_train_state)."""
         exact_float32()  # float32 matmuls as JAX computes them (no TF32)
         device = distributed.init_distributed()  # this rank's device under torchrun; else cuda if present, or cpu
+        check_train_state(train_state, spec)  # a CheckpointError naming what is missing or wrong
         self.model = from_weights(train_state["weights"], spec, device=device)
         if spec.mixer == "gla":
             set_kernel(self.model, cfg.gla_kernel)  # a HardwareError for a kernel this machine does not have
@@ -67,12 +69,15 @@ class Trainer:
         return self.states.get_train_state(self.model, self.state)
 
     def set_train_state(self, canonical: dict) -> None:
-        """Replace the train state with a canonical one."""
+        """Replace the train state with a canonical one; CheckpointError for one that is not (check_train_state)."""
+        check_train_state(canonical, self.model.spec)
         self.state = self.states.set_train_state(self.model, self.state, canonical)
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
         """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
-        non-finite diagnosis reads."""
-        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        non-finite diagnosis reads. TokenError for a bad batch, as `step`'s."""
+        # the loss first: it checks the batch (check_batch), before the taps' forward casts it (JAX made a float64
+        # batch float32 and named that dtype, torch float64)
         loss, grads = train.loss_and_grads(self.model, tokens_BN)
+        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
         return self.train_state()["weights"], taps, loss, grads

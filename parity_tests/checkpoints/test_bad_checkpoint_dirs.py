@@ -182,3 +182,19 @@ def test_damaged_train_checkpoints_are_one_line_errors(tmp_path, damage, file, s
     with pytest.raises(CheckpointError) as e:
         run_dir.load_train_checkpoint(path)
     assert error_line(e, path / file if file else path).endswith(says)
+
+
+@pytest.mark.parametrize("where", ["/", "."])
+def test_a_directory_path_without_a_name_is_read_like_any_directory(tmp_path, monkeypatch, where):
+    """from_pretrained("/") or "." (a notebook in a checkpoint's directory) raised pathlib's ValueError
+    "PosixPath('.') has an empty name" from the reader's look for a moved-aside `.NAME.old`, in both twins."""
+    import jax_model
+    import torch_model
+
+    monkeypatch.chdir(tmp_path)
+    for twin in (jax_model, torch_model):
+        with pytest.raises(CheckpointError, match=r"^/?\.?: neither a Hugging Face directory"):
+            twin.from_pretrained(where)
+    spec = make_spec()
+    save_checkpoint(tmp_path / "model.safetensors", init_weights(spec, 0), spec)  # "." as a run's step directory
+    assert jax_model.from_pretrained(".").spec == torch_model.from_pretrained(".").spec == spec

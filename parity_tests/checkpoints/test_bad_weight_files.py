@@ -205,3 +205,5 @@ def test_a_pt_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, conten
         convert(junk, tmp_path / "out.safetensors")
     assert "refused by torch.load(weights_only=True)" in error_line(e, junk)
     assert not (tmp_path / "out.safetensors").exists()
+    if content == b"junk\n":  # torch.load's KeyError was the whole message: "refused by ...: 174812789"
+        assert "not a torch checkpoint: neither a zip file nor a pickle (torch.load's KeyError " in error_line(e, junk)

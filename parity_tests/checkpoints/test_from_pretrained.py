@@ -168,3 +168,15 @@ def test_every_weights_option_reads_every_format(formats, fla_dir, script, fmt, 
         module.main(["--weights", str(path), "--seq", "4", "--batch", "1"])
         result = json.loads(capsys.readouterr().out)
         assert result["spec"] == str(path) and result["max_abs_diff_over_std"] < 1e-5
+
+
+@pytest.mark.parametrize("other", ["the other twin's model", None])
+def test_to_safetensors_refuses_what_is_not_its_twins_model(formats, tmp_path, other):
+    """Saved with the other twin's `to_safetensors`, a model was an IndexError from inside flax (JAX) or an
+    AttributeError 'named_parameters' (torch); None an AttributeError. Both twins raise TypeError, and write nothing."""
+    models = {name: twin.from_pretrained(formats[2]["safetensors"]) for name, twin in TWINS.items()}
+    for name, twin in TWINS.items():
+        model = models["torch" if name == "jax" else "jax"] if other else None
+        with pytest.raises(TypeError, match=rf"^model must be a {name}_model.Transformer, not "):
+            twin.to_safetensors(model, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())

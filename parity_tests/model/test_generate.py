@@ -140,6 +140,8 @@ def test_samples_stay_inside_top_k_and_top_p():
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, seed=1.5), r"^seed=1\.5 must be"),  # numpy's Philox
     # refuses -1 and 1.5 with a ValueError and a TypeError, and takes 2**32: the range is the twins' rule
     (dict(prompt_tokens={0: 5}, max_new_tokens=4), "integer ids.*not dict"),
+    (dict(prompt_tokens=np.array(5), max_new_tokens=4), "integer ids.*not a 0-d numpy.ndarray$"),  # len()'s
+    (dict(prompt_tokens=torch.tensor(5), max_new_tokens=4), "integer ids.*not a 0-d torch.Tensor$"),  # TypeError
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=10**400), r"^temperature=1000000000\.\.\..*\(401 digits\) "
      "must be a finite"),  # math.isfinite's OverflowError, and the number echoed whole
     (dict(prompt_tokens=[5], max_new_tokens=4, temperature=1.0, top_p=-10**400), "^top_p=-1000000000\\.\\.\\."),
@@ -151,6 +153,17 @@ def test_bad_arguments_raise_one_clear_error(base, kwargs, message):
     for model, gen in [(jm, jg), (tm, tg)]:
         with pytest.raises(GenerationError, match=message):
             gen.generate(model, **kwargs)
+
+
+def test_numpy_integer_counts_are_read_as_python_ints(base):
+    """max_new_tokens as a numpy integer: np.int8(2), a valid count, was an OverflowError from the memory estimate;
+    np.uint64(2**64 - 1) wrapped past the max_seq_len check (3 + it is 2 in uint64) to a TokenError about a cache of 1
+    slot. Both twins give np.int8(2)'s tokens as 2's, and name the huge count."""
+    _, jm, tm = base
+    for model, gen in [(jm, jg), (tm, tg)]:
+        assert gen.generate(model, [5, 6], np.int8(2)) == gen.generate(model, [5, 6], 2)
+        with pytest.raises(GenerationError, match="^a prompt of 2 tokens plus max_new_tokens=18446744073709551615 "):
+            gen.generate(model, [5, 6], np.uint64(2**64 - 1))
 
 
 def test_a_model_that_is_not_the_twins_own_is_a_generation_error(base):
@@ -319,6 +332,16 @@ def test_an_unknown_remat_is_named_by_both_twins(base):
     _, jm, tm = base
     for call in (lambda: jm(jnp.asarray([[1, 2]]), remat="blok"), lambda: tm(torch.as_tensor([[1, 2]]), remat="blok")):
         with pytest.raises(ValueError, match="remat='blok' must be one of none, block, full"):  # was KeyError 'blok'
+            call()
+
+
+@pytest.mark.parametrize("name", ["taps", "aux"])
+def test_taps_or_aux_that_is_not_a_dict_is_named_by_both_twins(base, name):
+    """The model fills them: a list was a TypeError 'list indices must be integers or slices, not str' from inside a
+    block (aux: on a routed spec only; elsewhere a list was taken without a word)."""
+    _, jm, tm = base
+    for call in (lambda: jm(jnp.asarray([[1, 2]]), **{name: []}), lambda: tm(torch.as_tensor([[1, 2]]), **{name: []})):
+        with pytest.raises(TypeError, match=f"^{name} must be a dict, which the model fills, or None; not list$"):
             call()
 
 

@@ -55,3 +55,15 @@ def test_a_diverging_run_names_the_same_first_tensor_in_both_twins(tmp_path):
         messages[backend] = str(e.value).split("; ")[0]
     assert messages["jax"] == messages["torch"], messages
     assert "activation model.layers.0." in messages["jax"], messages
+
+
+def test_a_float_batch_to_inspect_is_the_same_token_error_in_both_twins(tmp_path):
+    """Trainer.inspect (what the diagnosis replays) checks its batch as `step` does: a float64 batch was refused as
+    "float32" by JAX (its taps' forward cast the batch first) and as "float64" by torch."""
+    from shared_config.tokens import TokenError
+
+    for backend in ("jax", "torch"):
+        run = resolve(tmp_path / backend, backend)
+        trainer = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start())
+        with pytest.raises(TokenError, match="^a batch must hold integer ids, got dtype float64$"):
+            trainer.inspect(run.batch(1).astype(np.float64))

@@ -79,3 +79,31 @@ def test_a_torch_train_state_is_a_snapshot_not_a_view():
     before = {k: v.copy() for k, v in taken["weights"].items()}
     state, _ = step(state, synthetic_batch(0, 1, 2, 16, spec.V))
     assert all((taken["weights"][k] == before[k]).all() and (weights[k] == before[k]).all() for k in before)
+
+
+BAD_STATES = {  # a train state -> what the CheckpointError says
+    "None": (lambda s: None, "a train state must be a mapping with keys step, weights, m, v; not NoneType"),
+    "no m": (lambda s: {k: v for k, v in s.items() if k != "m"}, r"missing key\(s\) m \("),
+    "step past int32": (lambda s: {**s, "step": 2**31}, r"step=2147483648 must be an integer in 0..2\*\*31-1"),
+    "step float": (lambda s: {**s, "step": 4.0}, "step=4.0 must be an integer"),
+    "moment of another shape": (lambda s: {**s, "v": {**s["v"], "model.norm.weight": np.zeros(3, np.float32)}},
+                                r"train state v: .*model.norm.weight"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_STATES)
+def test_a_bad_train_state_is_the_same_checkpoint_error_in_both_twins(start, bad):
+    """A train state without m was a bare KeyError 'm' from inside either twin's set_train_state (Trainer: KeyError
+    'weights' or 'step'), None a TypeError; a step past int32 an OverflowError in JAX and taken by torch; a moment of
+    another shape failed inside the framework. Trainer(...) and train.set_train_state refuse them alike."""
+    from shared_config import CheckpointError
+    from shared_config.twins import twin as twin_of
+
+    make, says = BAD_STATES[bad]
+    for name, twin, train in TWINS:
+        trainer = twin_of(name, "trainer").Trainer
+        model = twin.from_weights(start["weights"], SPEC)
+        for load in (lambda: trainer(SPEC, CFG, make(start)),
+                     lambda: train.set_train_state(model, train.init_train_state(model, CFG), make(start))):
+            with pytest.raises(CheckpointError, match=says):
+                load()

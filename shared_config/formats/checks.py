@@ -228,3 +228,21 @@ def check_weights(
     check_count(len(weights), spec, path)
     check_tensors(weights, {t.name: t.shape for t in layout(spec)}, path, allow_nonfinite)
 
+
+
+def check_train_state(state, spec, where: str = "train state") -> None:
+    """Refuse (CheckpointError) a canonical train state that is not a mapping of "step" (an integer in 0..2**31-1:
+    JAX counts steps in int32) and "weights", "m", "v" (each `check_weights`, non-finite values allowed: the
+    non-finite diagnosis reads them). Unchecked, a missing key was a bare KeyError from inside either twin's
+    `set_train_state`, None a TypeError, a moment of another shape an error from inside the framework."""
+    spec = load_spec(spec)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{where}: a train state must be a mapping with keys step, weights, m, v; not "
+                              f"{type(state).__name__}")
+    if missing := [k for k in ("step", "weights", "m", "v") if k not in state]:
+        raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)} (a train state has step, weights, m, v)")
+    step = state["step"]
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or not 0 <= step < 2**31:
+        raise CheckpointError(f"{where}: step={quote(step)} must be an integer in 0..2**31-1")
+    for key in ("weights", "m", "v"):
+        check_weights(state[key], spec, f"{where} {key}", allow_nonfinite=True)

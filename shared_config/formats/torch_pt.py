@@ -57,6 +57,8 @@ def load_state_dict_file(path: str | Path, spec=None) -> tuple[dict[str, np.ndar
     # KeyError: not a pickle
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):  # the legacy reader's lookup of what it read: "hello" was the bare message "101"
+            first = f"not a torch checkpoint: neither a zip file nor a pickle (torch.load's KeyError {first})"
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
     file_spec, state = _unwrap(obj, path)
     state = without_derived(state, path)
