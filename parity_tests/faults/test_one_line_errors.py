@@ -67,6 +67,8 @@ def test_dtypes_numpy_cannot_hold_are_refused_by_name(tmp_path, dtype):
     (lambda: torch.zeros(4, 4).to(torch.float8_e4m3fn), "dtype torch.float8_e4m3fn"),
     (lambda: torch.quantize_per_tensor(torch.zeros(4, 4), 0.1, 0, torch.qint8), "quantized"),
 ], ids=["sparse-coo", "sparse-csr", "float8", "quantized"])
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta", "ignore:torch.quantize_per_tensor",
+                            "ignore:TypedStorage is deprecated")  # torch's notes on the odd tensors made on purpose
 def test_tensors_numpy_cannot_hold_in_a_pt_file_are_refused_by_name(tmp_path, tensor, says):
     pt = tmp_path / "odd.pt"
     torch.save({"model.norm.weight": tensor()}, pt)
