@@ -69,8 +69,8 @@ class Trainer:
         return train.get_train_state(self.model, self.state)
 
     def set_train_state(self, canonical: dict) -> None:
-        """Replace the train state with a canonical one; CheckpointError for one that is not (check_train_state)."""
-        check_train_state(canonical, self.model.spec)
+        """Replace the train state with a canonical one; CheckpointError for one that is not (check_train_state, in
+        set_train_state)."""
         self.state = train.set_train_state(self.model, self.state, canonical)
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:

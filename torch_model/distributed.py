@@ -43,7 +43,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel
 
-from shared_config import SpecError, TrainConfig, did_you_mean, model_layout, save_checkpoint
+from shared_config import SpecError, TrainConfig, check_train_state, did_you_mean, model_layout, save_checkpoint
 from shared_config.parallel import env_int, fsdp_dim, process_index, rows_per_shard, splits_rows
 from shared_config.tokens import check_batch
 
@@ -132,8 +132,9 @@ def set_train_state(model, state: train.TrainState, canonical: dict) -> train.Tr
     calls it); the weights are loaded before wrapping (`from_weights(canonical["weights"])`), as FSDP2 shards them.
 
     torch.distributed's full optimizer state dict places each rank's shard of the moments (FSDP2) or the whole
-    moments (DDP), as `train.set_train_state` does in one process.
+    moments (DDP), as `train.set_train_state` does in one process; CheckpointError as there (check_train_state).
     """
+    check_train_state(canonical, model.spec)
     step, options = canonical["step"], StateDictOptions(full_state_dict=True)
     m, v = (to_state_dict(canonical[key], model.spec) for key in ("m", "v"))  # by the model's parameter names
     full = get_optimizer_state_dict(model, state.optimizer, options=options)
