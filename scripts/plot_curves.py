@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, printable, run
+from shared_config.config_file import FLOAT32_MAX
 from shared_config.curves import plot
 from shared_config.limits import quote
 from shared_config.run_dir import METRICS_FILE
 from shared_config.metrics import read_metrics
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 PLOTTED = ("step", "loss", "val_loss", "grad_norm", "entropy")  # the numbers of a record the curves read
 
 
