@@ -69,16 +69,12 @@ def backend_options(args, kernels) -> tuple[bool, dict[str, str]]:
 
 
 def check_gla_kernel(args, specs, backends: list[str]) -> None:
-    """A --gla-kernel other than auto, where a variant has GLA layers, must run in every asked twin on this machine
-    (shared_config.hardware.resolve_gla_kernel): refused (HardwareError) before any job, where the first job of a
-    twin without it raised its error below a started progress bar, after every earlier job had compiled."""
-    if args.gla_kernel == "auto" or not any(spec.mixer == "gla" for _, spec in specs):
-        return
-    from shared_config.hardware import resolve_gla_kernel
-    from torch_model.gla_kernel import fla_installed
+    """A --gla-kernel other than auto must run in every asked twin on this machine, refused (HardwareError) before
+    any job (shared_config.hardware.check_gla_kernel, the studies' rule too)."""
+    from shared_config.hardware import check_gla_kernel as check
+    from shared_config.twins import twin
 
-    for backend in [b for b in backends if b in ("jax", "torch")]:
-        resolve_gla_kernel(args.gla_kernel, backend, accelerator(), backend == "torch" and fla_installed())
+    check(args.gla_kernel, [spec for _, spec in specs], backends, twin)
 
 
 def set_precision_and_threads(args) -> str:

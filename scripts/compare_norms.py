@@ -29,8 +29,9 @@ from shared_config.loop import finite_step
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
-from shared_config.study import (NORM_PRESETS, check_gla_kernel, study_args, study_dir, study_parser, study_report,
-                                 study_run, train_all, write_results)
+from shared_config.hardware import check_gla_kernel
+from shared_config.study import (NORM_PRESETS, study_args, study_dir, study_parser, study_report, study_run, train_all,
+                                 write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -290,7 +291,7 @@ def main(argv=None):
         changes = ({**changes[0], "mixer": "gla"}, changes[1])
     for config in args.configs:  # bad values fail here, before any training (the first config alone was checked:
         run_ = make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # the rest later)
-        check_gla_kernel(run_.spec, changes[1], args.backends, twin)
+        check_gla_kernel(run_.cfg.gla_kernel, [run_.spec], args.backends, twin)
     with study_dir(args.out, "norms", "curves.png"):  # a stop inside removes a --out it made: not the printing's
         table = write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
                              changes)

@@ -62,6 +62,19 @@ def resolve_gla_kernel(gla_kernel: str, twin: str, platform: str, fla_installed:
     return gla_kernel
 
 
+def check_gla_kernel(gla_kernel: str, specs, backends, twin) -> None:
+    """A `gla_kernel` other than auto, where one of `specs` has GLA layers, must run in every twin of `backends` on
+    this machine ("hf" and others skipped): resolve_gla_kernel with the twin's own platform, a HardwareError before
+    the first job or run (the bench's and the studies' one rule: a twin without it failed as its first job started,
+    after the jobs before it had run). `twin` is the tools' way to a twin (shared_config.twins.twin), passed in: the
+    core imports no twin."""
+    if gla_kernel == "auto" or not any(spec.mixer == "gla" for spec in specs):
+        return
+    for backend in [b for b in backends if b in GLA_KERNEL_TWIN.values()]:
+        fla = backend == "torch" and twin("torch", "gla_kernel").fla_installed()
+        resolve_gla_kernel(gla_kernel, backend, twin(backend, "attention").device_platform(), fla)
+
+
 def jax_platforms_error(e: BaseException) -> HardwareError:
     """The one-line error for JAX failing to start its backend, naming JAX_PLATFORMS when that asked for it
     (JAX_PLATFORMS=cuda without the CUDA plugin fails inside JAX with a bare AssertionError)."""

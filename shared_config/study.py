@@ -18,7 +18,6 @@ from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, first_missing, json_text
 from .formats.safetensors import check_tensor_count
-from .hardware import resolve_gla_kernel
 from .init import init_weights
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
@@ -50,17 +49,6 @@ def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, o
     return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
                log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
                info={"backend": backend, "study": config})
-
-
-def check_gla_kernel(spec: ModelSpec, cfg_changes: dict, backends: list[str], twin: Callable) -> None:
-    """A --set gla_kernel other than auto must run in every twin of --backends on this machine (hardware.
-    resolve_gla_kernel: HardwareError), checked before the first run: the JAX twin asked for fla, or a GPU kernel on a
-    CPU, failed as that twin's first run started, after the runs before it had trained."""
-    if cfg_changes.get("gla_kernel", "auto") == "auto" or spec.mixer != "gla":
-        return
-    for backend in backends:
-        fla = backend == "torch" and twin("torch", "gla_kernel").fla_installed()
-        resolve_gla_kernel(cfg_changes["gla_kernel"], backend, twin(backend, "attention").device_platform(), fla)
 
 
 def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]:
