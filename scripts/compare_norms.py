@@ -6,9 +6,11 @@ the tiny family trained in both twins on the embedded corpus, judged against the
     python scripts/compare_norms.py --mixer gla --steps 300 --out runs/gla-norms  # Pre/Peri x RMS/DyT in gla-tiny
     python scripts/compare_norms.py --configs rms-deepnorm,dyt-deepnorm,rms-hybrid,dyt-hybrid   # any placement
     python scripts/compare_norms.py --configs rms-peri,dyt-peri --set embed_norm=true  # Peri-LN as published
+    python scripts/compare_norms.py --seeds 0,1,2 --backends jax   # mean ± std over three seeds, judged on the means
 
 Writes OUT/norms.md (the table and the criteria, also printed), OUT/norms.json (every run's numbers)
-and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND (replacing earlier results).
+and OUT/curves.png, and trains into OUT/runs/NORM-PLACEMENT-BACKEND, or NORM-PLACEMENT-BACKEND-seedSEED with
+--seeds (replacing earlier results; the curves are the first seed's).
 The criteria: DyT and Derf within 0.5 perplexity of RMSNorm at the same placement; no NaN/Inf in
 any run; which placement has the lowest gradient-norm variance (over the steps after warmup).
 """
@@ -30,8 +32,8 @@ from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
 from shared_config.hardware import check_gla_kernel
-from shared_config.study import (NORM_PRESETS, study_args, study_dir, study_parser, study_report, study_run, train_all,
-                                 write_results)
+from shared_config.study import (NORM_PRESETS, over_seeds, plus_minus, study_args, study_dir, study_parser,
+                                 study_report, study_run, train_all, write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
@@ -43,8 +45,10 @@ SETS = {  # the spec keys each run takes from its config or from --mixer: a --se
 }
 
 
-def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
-    """The run of one configuration in one twin: the tiny preset of its norm, on the embedded corpus."""
+def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData,
+             seed: int | None = None) -> Run:
+    """The run of one configuration in one twin (under one of --seeds): the tiny preset of its norm, on the embedded
+    corpus."""
     norm, placement = config.split("-")
     spec_changes, cfg_changes = changes
     preset = GLA_PRESET if spec_changes.get("mixer") == "gla" else NORM_PRESETS[norm]
@@ -53,7 +57,7 @@ def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[di
                                          **spec_changes)
     except SpecError as e:  # named by its configuration, as compare_routing.py names them
         raise UsageError(f"{config}: {e}") from None
-    return study_run(spec, cfg_changes, steps, data, out, config, backend)
+    return study_run(spec, cfg_changes, steps, data, out, config, backend, seed)
 
 
 def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
@@ -76,10 +80,20 @@ def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
 
 
 def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
-          quiet: bool = False) -> tuple[dict, dict]:
-    """Train every configuration in every backend; ({config: {backend: row}}, {config: {backend: metrics}})."""
-    return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     twin, "norm study", quiet)
+          quiet: bool = False, seeds: list[int] | None = None) -> tuple[dict, dict]:
+    """Train every configuration in every backend (once per seed of `seeds`); ({config: {backend: row}},
+    {config: {backend: metrics}})."""
+    return train_all(configs, backends, lambda c, b, data, seed: make_run(c, b, steps, out, changes, data, seed),
+                     summarize, twin, "norm study", quiet, seeds, combine_seeds)
+
+
+def combine_seeds(rows: dict[int, dict]) -> dict:
+    """A configuration's row over its seeds (study.over_seeds), its output histograms the mean of the seeds' (a
+    distribution still; None where a run was stopped)."""
+    outputs = [row["outputs"] for row in rows.values()]
+    mean = (None if None in outputs else
+            {site: np.mean([o[site] for o in outputs], axis=0).tolist() for site in outputs[0]})
+    return {**over_seeds(rows), "outputs": mean}
 
 
 def twin_gap(rows: dict) -> float | None:
@@ -87,6 +101,9 @@ def twin_gap(rows: dict) -> float | None:
     stopped by a NaN/Inf (its last loss)."""
     if not {"jax", "torch"} <= rows.keys():
         return None
+    if "seeds" in rows["jax"]:  # the largest gap of any seed's pair of runs
+        gaps = [twin_gap({b: rows[b]["seeds"][seed] for b in ("jax", "torch")}) for seed in rows["jax"]["seeds"]]
+        return max((g for g in gaps if g is not None), default=None)
     a, b = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
     n = min(len(a), len(b), *(rows[t]["stopped_at"] - 1 for t in ("jax", "torch") if rows[t]["stopped_at"]))
     return float(np.max(np.abs(a[:n] - b[:n]) / np.abs(b[:n]))) if n > 0 else None
@@ -123,8 +140,9 @@ def perplexity_criteria(rows: dict) -> list[tuple]:
             if judged := unfinished(name, config, row, f"rms-{placement}", ref):
                 out.append(judged)
                 continue
-            gap = row["val_ppl"] - ref["val_ppl"]
-            out.append((name, gap <= PPL_MARGIN, f"{row['val_ppl']:.2f} vs {ref['val_ppl']:.2f} ({gap:+.2f})"))
+            gap = row["val_ppl"] - ref["val_ppl"]  # with --seeds: of the means
+            out.append((name, gap <= PPL_MARGIN, f"{plus_minus(row, 'val_ppl', '.2f', '—')} vs "
+                        f"{plus_minus(ref, 'val_ppl', '.2f', '—')} ({gap:+.2f})"))
     return out
 
 
@@ -133,9 +151,9 @@ def unfinished(name: str, config: str, row: dict, ref_config: str, ref: dict) ->
     with the step in the detail; None when both finished. A stopped run has no final numbers: the criterion was left
     out of the table without a word, which then read as if the study had nothing to judge there."""
     if row.get("stopped_at") is not None:
-        return name, False, f"{config} stopped at step {row['stopped_at']} (non-finite)"
+        return name, False, f"{config} stopped at step {row['stopped_at']}{seed_of(row)} (non-finite)"
     if ref.get("stopped_at") is not None:
-        return name, None, f"no reference: {ref_config} stopped at step {ref['stopped_at']} (non-finite)"
+        return name, None, f"no reference: {ref_config} stopped at step {ref['stopped_at']}{seed_of(ref)} (non-finite)"
     return None
 
 
@@ -144,7 +162,8 @@ def finite_criterion(results: dict) -> tuple:
     runs = [(f"{config} {backend}", row) for config, by_backend in results.items()
             for backend, row in by_backend.items()]
     bad = [name for name, row in runs if row["nonfinite_steps"] or row["stopped_at"]]
-    return "no NaN/Inf in any run", not bad, ", ".join(bad) or f"{len(runs)} runs finite"
+    count = sum(len(row.get("seeds") or [None]) for _, row in runs)  # with --seeds, a row is several runs
+    return "no NaN/Inf in any run", not bad, ", ".join(bad) or f"{count} runs finite"
 
 
 def variance_criteria(rows: dict) -> list[tuple]:
@@ -173,16 +192,20 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
     (summed over the backends beside one backend's numbers, a torch run's divergence read as the jax row's), and the
     twins' loss gap."""
     main, each = backends[0], " / ".join(backends)
-    entropy = next(iter(next(iter(results.values())).values()))["entropy"]
+    first = next(iter(next(iter(results.values())).values()))
+    entropy, seeds = first["entropy"], list(first.get("seeds", ()))
+    over = (f"; means ± standard deviations over seeds {', '.join(seeds)} (non-finite steps: runs, summed; loss gap: "
+            "the largest of any seed)" if seeds else "")
     lines = [f"Command: `{command}`", "",
-             f"{steps} steps, numbers from {main} but the non-finite steps ({each}) and the twins' loss gap; the "
-             f"corpus's entropy rate is {entropy:.4f} nats (perplexity {math.exp(entropy):.2f}).", "",
+             f"{steps} steps, numbers from {main} but the non-finite steps ({each}) and the twins' loss gap{over}; "
+             f"the corpus's entropy rate is {entropy:.4f} nats (perplexity {math.exp(entropy):.2f}).", "",
              "| norm | placement | val loss | val ppl | α min | α max | grad-norm var | non-finite steps "
              f"{each} | max rel. Δloss jax-torch |", "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         row = rows[main]
-        cells = [*config.split("-"), fmt(row["val_loss"], ".4f"), fmt(row["val_ppl"], ".2f"),
-                 fmt(row["alpha_min"], ".3f"), fmt(row["alpha_max"], ".3f"), fmt(row["grad_norm_var"], ".3g"),
+        cells = [*config.split("-"), *(plus_minus(row, key, spec, "—") for key, spec in (
+                     ("val_loss", ".4f"), ("val_ppl", ".2f"), ("alpha_min", ".3f"), ("alpha_max", ".3f"),
+                     ("grad_norm_var", ".3g"))),
                  " / ".join(str(rows[b]["nonfinite_steps"]) for b in backends), gap_cell(rows)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| criterion | result | detail |", "|---|---|---|"]
@@ -193,6 +216,11 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
 
 def fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
+
+
+def seed_of(row: dict) -> str:
+    """`, seed S` where the row is over --seeds and seed S's run stopped first; else nothing."""
+    return "" if row.get("stopped_seed") is None else f", seed {row['stopped_seed']}"
 
 
 # --- the GLA experiment: its configs and its fourth criterion, output distributions per norm site -------
@@ -293,8 +321,8 @@ def main(argv=None):
         run_ = make_run(config, args.backends[0], args.steps, args.out, changes, synthetic_corpus(0))  # the rest later)
         check_gla_kernel(run_.cfg.gla_kernel, [run_.spec], args.backends, twin)
     with study_dir(args.out, "norms", "curves.png"):  # a stop inside removes a --out it made: not the printing's
-        table = write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet), args,
-                             changes)
+        table = write_report(*study(args.configs, args.backends, args.steps, args.out, changes, args.quiet,
+                                    args.seeds), args, changes)
     print(table)
 
 

@@ -3,10 +3,11 @@ equal steps on the embedded corpus: validation perplexity, tokens/s and model FL
 
     python scripts/compare_routing.py --steps 200 --out runs/routing
     python scripts/compare_routing.py --configs dense,mod-0.125 --backends torch --set n_layers=4
+    python scripts/compare_routing.py --seeds 0,1,2 --out runs/routing-seeds    # mean ± std over three seeds
 
-Writes OUT/routing.md (the table, also printed) and OUT/routing.json, and trains into
-OUT/runs/CONFIG-BACKEND (replacing earlier results). The validation loss ("val ppl") is the causal
-forward's, cross-entropy only: a routed model in predictor mode, each token routed from itself and the tokens
+Writes OUT/routing.md (the table, also printed) and OUT/routing.json, and trains into OUT/runs/CONFIG-BACKEND, or
+OUT/runs/CONFIG-BACKEND-seedSEED with --seeds (replacing earlier results). The validation loss ("val ppl") is the
+causal forward's, cross-entropy only: a routed model in predictor mode, each token routed from itself and the tokens
 before it, so it compares with the dense model's; "val ppl top-k" beside it is the top-k forward's, as trained,
 which reads future tokens (the top-k runs over the whole sequence) and so is not a language model's
 perplexity. The train loss adds the auxiliary losses (docs/routing.md).
@@ -21,7 +22,8 @@ from shared_config.cli import UsageError, run
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
-from shared_config.study import study_args, study_dir, study_parser, study_report, study_run, train_all, write_results
+from shared_config.study import (plus_minus, study_args, study_dir, study_parser, study_report, study_run, train_all,
+                                 write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -45,14 +47,16 @@ def config_changes(config: str) -> dict:
     return changes
 
 
-def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData) -> Run:
-    """The run of one configuration in one twin: the tiny preset, routed as `config` says, on the embedded corpus."""
+def make_run(config: str, backend: str, steps: int, out: Path, changes: tuple[dict, dict], data: TokenData,
+             seed: int | None = None) -> Run:
+    """The run of one configuration in one twin (under one of --seeds): the tiny preset, routed as `config` says, on
+    the embedded corpus."""
     spec_changes, cfg_changes = changes
     try:
         spec = load_spec("tiny").replace(vocab_size=data.vocab_size, **{**spec_changes, **config_changes(config)})
     except SpecError as e:
         raise UsageError(f"{config}: {e}") from None
-    return study_run(spec, cfg_changes, steps, data, out, config, backend)
+    return study_run(spec, cfg_changes, steps, data, out, config, backend, seed)
 
 
 def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
@@ -72,27 +76,30 @@ def summarize(run_: Run, records: list[dict], stopped_at: int | None) -> dict:
 
 
 def study(configs: list[str], backends: list[str], steps: int, out: Path, changes: tuple[dict, dict],
-          quiet: bool = False) -> dict:
-    """Train every configuration in every backend; {config: {backend: row}}."""
-    return train_all(configs, backends, lambda c, b, data: make_run(c, b, steps, out, changes, data), summarize,
-                     twin, "routing study", quiet)[0]
+          quiet: bool = False, seeds: list[int] | None = None) -> dict:
+    """Train every configuration in every backend (once per seed of `seeds`); {config: {backend: row}}."""
+    return train_all(configs, backends, lambda c, b, data, seed: make_run(c, b, steps, out, changes, data, seed),
+                     summarize, twin, "routing study", quiet, seeds)[0]
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:
     head = ("| config | backend | val ppl | val ppl top-k | tokens/s | train GFLOP/token | FLOPs vs dense | "
             "predictor acc |")
-    lines = [f"Routing study, {steps} steps each: `{command}`", "", head, "|" + "---|" * 8]
+    seeds = list(next(iter(next(iter(results.values())).values())).get("seeds", ()))
+    over = f" (means ± standard deviations over seeds {', '.join(seeds)})" if seeds else ""
+    lines = [f"Routing study, {steps} steps each{over}: `{command}`", "", head, "|" + "---|" * 8]
     dense = {b: results.get("dense", {}).get(b, {}).get("flops_per_token") for b in backends}
     for config, rows in results.items():
         for b in backends:
             r = rows[b]
             ratio = r["flops_per_token"] / dense[b] if dense[b] else None
             # a run a NaN/Inf stopped has no val ppl: its "-" read like a dense run's top-k column, the stop unsaid
-            val_ppl = (f"stopped at step {r['stopped_at']} (non-finite)" if r.get("stopped_at") is not None
-                       else fmt(r["val_ppl"], ".3f"))
-            lines.append(f"| {config} | {b} | {val_ppl} | {fmt(r['val_ppl_topk'], '.3f')} | "
-                         f"{fmt(r['tokens_per_s'], ',.0f')} | "
-                         f"{r['flops_per_token'] / 1e9:.5f} | {fmt(ratio, '.3f')} | {fmt(r['predictor_acc'], '.3f')} |")
+            seed = "" if r.get("stopped_seed") is None else f", seed {r['stopped_seed']}"
+            val_ppl = (f"stopped at step {r['stopped_at']}{seed} (non-finite)" if r.get("stopped_at") is not None
+                       else plus_minus(r, "val_ppl", ".3f", "-"))
+            lines.append(f"| {config} | {b} | {val_ppl} | {plus_minus(r, 'val_ppl_topk', '.3f', '-')} | "
+                         f"{plus_minus(r, 'tokens_per_s', ',.0f', '-')} | {r['flops_per_token'] / 1e9:.5f} | "
+                         f"{fmt(ratio, '.3f')} | {plus_minus(r, 'predictor_acc', '.3f', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +123,7 @@ def main(argv=None):
         if same != config:  # mod-0.5,mod-0.50: one configuration trained twice, its rows labelled apart
             raise UsageError(f"--configs: {config} is {same} again")
     with study_dir(args.out, "routing"):
-        results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet)
+        results = study(args.configs, args.backends, args.steps, args.out, changes, args.quiet, args.seeds)
         table = markdown(results, args.backends, args.steps, args.command)
         write_results(args.out, "routing", table, study_report(args, changes, results))
     print(table)

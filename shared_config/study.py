@@ -4,6 +4,7 @@ the report files. Framework-neutral: a study passes in the tools' `twin` lookup,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import sys
@@ -11,9 +12,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
-from .cli import Parser, UsageError, check_out_dir, names, no_repeats, printable
+from .cli import Parser, UsageError, at_least, check_out_dir, names, no_repeats, printable
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, first_missing, json_text
@@ -35,20 +37,24 @@ NORM_PRESETS = {"rms": "tiny", "layernorm": "tiny", "dyt": "tiny-dyt", "derf": "
 
 
 def study_run(spec: ModelSpec, cfg_changes: dict, steps: int, data: TokenData, out: Path, config: str,
-              backend: str) -> Run:
+              backend: str, seed: int | None = None) -> Run:
     """A study's run of one configuration in one twin, into OUT/runs/CONFIG-BACKEND: the cpu train preset with
     `cfg_changes`, `steps` updates, fresh weights from the config's seed, four evaluations, no checkpoints but the
-    last. Raises UsageError (or SpecError) when the changes, the spec or the data do not fit together."""
-    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps})
+    last. A `seed` (one of --seeds) replaces the config's seed, for the initial weights and the batch order, and names
+    the run OUT/runs/CONFIG-BACKEND-seedSEED. Raises UsageError (or SpecError) when the changes, the spec or the data
+    do not fit together."""
+    seeded = {} if seed is None else {"seed": seed}
+    cfg = with_changes(load_train_config(DEFAULT_TRAIN_CONFIG), {**cfg_changes, "steps": steps, **seeded})
     spec = cfg.model_spec(spec)  # as train.py runs it: compute_dtype from the train config, seq_len checked
     data.check(cfg.seq_len, spec.V)
     # before anything is allocated (--set batch_size=1000000000 would be a MemoryError from inside the loop's set-up)
     check_train_memory(spec, cfg, "lower --set batch_size or seq_len, or the model's sizes")
     check_tensor_count(spec, len(MOMENTS))  # its last checkpoint, readable
     weights = init_weights(spec, cfg.seed)
-    return Run(spec, cfg, data, out / "runs" / f"{config}-{backend}", lambda: fresh_state(weights), cfg.steps,
+    name = f"{config}-{backend}" + ("" if seed is None else f"-seed{seed}")
+    return Run(spec, cfg, data, out / "runs" / name, lambda: fresh_state(weights), cfg.steps,
                log_every=10, eval_every=max(1, cfg.steps // 4), save_every=0, keep=1,
-               info={"backend": backend, "study": config})
+               info={"backend": backend, "study": config, **seeded})
 
 
 def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]:
@@ -75,23 +81,64 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
     return records, stopped_at
 
 
-def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData], Run],
+def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData, int | None], Run],
               summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
-              desc: str, quiet: bool) -> tuple[dict, dict]:
-    """({config: {backend: summarize(run, records, stopped_at)}}, {config: {backend: records}}) for `make(config,
-    backend, data)`'s run of every pair on the embedded corpus, one after the other, with one progress bar of `desc`
-    (runs). `twin` is the tools' way to a twin (shared_config.twins.twin), passed in: the core calls no twin by name."""
+              desc: str, quiet: bool, seeds: list[int] | None = None,
+              combine: Callable[[dict[int, dict]], dict] | None = None) -> tuple[dict, dict]:
+    """({config: {backend: row}}, {config: {backend: records}}) for `make(config, backend, data, seed)`'s run of every
+    pair on the embedded corpus, one after the other, with one progress bar of `desc` (runs). Without `seeds` a row is
+    `summarize(run, records, stopped_at)`; with them each pair trains once per seed and its row is `combine` (default
+    over_seeds) of {seed: row}, its records the first seed's. `twin` is the tools' way to a twin
+    (shared_config.twins.twin), passed in: the core calls no twin by name."""
     results, metrics, data = {}, {}, synthetic_corpus(0)
-    with progress(total=len(configs) * len(backends), desc=desc, unit="run", quiet=quiet) as bar:
+    each = [None] if seeds is None else seeds
+    with progress(total=len(configs) * len(backends) * len(each), desc=desc, unit="run", quiet=quiet) as bar:
         for config in configs:
             for backend in backends:
-                bar.set_postfix_str(f"{config} {backend}")
-                run = make(config, backend, data)
-                records, stopped_at = train_one(run, trainer_factory(twin(backend, "trainer").Trainer, run))
-                results.setdefault(config, {})[backend] = summarize(run, records, stopped_at)
-                metrics.setdefault(config, {})[backend] = records
-                bar.update()
+                rows = {}
+                for seed in each:
+                    bar.set_postfix_str(f"{config} {backend}" + ("" if seed is None else f" seed {seed}"))
+                    run = make(config, backend, data, seed)
+                    records, stopped_at = train_one(run, trainer_factory(twin(backend, "trainer").Trainer, run))
+                    rows[seed] = summarize(run, records, stopped_at)
+                    metrics.setdefault(config, {}).setdefault(backend, records)  # the first seed's: the curves'
+                    bar.update()
+                results.setdefault(config, {})[backend] = rows[None] if seeds is None else (combine or over_seeds)(rows)
     return results, metrics
+
+
+def over_seeds(rows: dict[int, dict]) -> dict:
+    """One configuration's row over the seeds it trained under, from {seed: summarize's row}: each number the mean
+    over the seeds with its sample standard deviation (ddof 1; None for one seed) as KEY_std, None where a seed has
+    None (a run a NaN/Inf stopped has no final loss: the others' mean read as the configuration's); `stopped_at` the
+    earliest stop, `stopped_seed` its seed; `nonfinite_steps` summed over the seeds (the runs that met one); any
+    other value (a list, a dict) kept where every seed has the same, else None; each seed's own row under `seeds`."""
+    first, out = next(iter(rows.values())), {}
+    for key in first:
+        values = [row[key] for row in rows.values()]
+        if key == "stopped_at":
+            stops = {seed: row[key] for seed, row in rows.items() if row[key] is not None}
+            out[key] = min(stops.values()) if stops else None
+            out["stopped_seed"] = min(stops, key=stops.get) if stops else None
+        elif key == "nonfinite_steps":
+            out[key] = sum(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = float(np.mean(values))
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        elif any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = out[f"{key}_std"] = None  # some seed has none
+        else:
+            out[key] = first[key] if all(v == first[key] for v in values) else None
+    return {**out, "seeds": {str(seed): row for seed, row in rows.items()}}
+
+
+def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:
+    """A table cell: `row[key]` formatted by `spec`, with ± its standard deviation over the seeds where the row has
+    one (over_seeds), `missing` for None."""
+    if row.get(key) is None:
+        return missing
+    std = row.get(f"{key}_std")
+    return format(row[key], spec) + ("" if std is None else f" ± {format(std, spec)}")
 
 
 @contextlib.contextmanager
@@ -115,9 +162,9 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
 
 
 def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dict:
-    """A study's JSON report: what was run (the command, --steps, --backends, the --set changes: routing.json had
-    none of them, so its numbers could not be told from another study's), then `results` and `more`."""
-    return {"command": args.command, "steps": args.steps, "backends": args.backends,
+    """A study's JSON report: what was run (the command, --steps, --backends, --seeds, the --set changes: routing.json
+    had none of them, so its numbers could not be told from another study's), then `results` and `more`."""
+    return {"command": args.command, "steps": args.steps, "backends": args.backends, "seeds": args.seeds,
             "changes": dict(zip(("spec", "train_config"), changes)), "results": results, **more}
 
 
@@ -129,14 +176,17 @@ def write_results(out: Path, name: str, table: str, report: dict) -> None:
 
 def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
                  backends_help: str = "comma-separated: jax, torch") -> Parser:
-    """The options of every study script: --steps, --backends, --configs, --set, --out, --quiet; the description is
-    the first paragraph of the script's docstring `doc`, as one sentence."""
+    """The options of every study script: --steps, --backends, --configs, --set, --seeds, --out, --quiet; the
+    description is the first paragraph of the script's docstring `doc`, as one sentence."""
     p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("--steps", type=int, default=steps, help="updates per run")
     p.add_argument("--backends", default=",".join(BACKENDS), help=backends_help)
     p.add_argument("--configs", default=",".join(configs), help=configs_help)
     p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS + TRAIN_KEYS, "spec or train config"),
                    metavar="KEY=VALUE", help="a spec or train config change for every run")
+    p.add_argument("--seeds", help="comma-separated seeds (initial weights and batch order): every run trains once per "
+                   "seed, into runs/CONFIG-BACKEND-seedSEED, and the table gives the mean ± standard deviation over "
+                   "them (default: the train config's seed, one run each)")
     p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -147,10 +197,22 @@ STUDY_SETS = {"vocab_size": "the study sets it from its embedded corpus, whose t
               "steps": "the study sets it from --steps; pass --steps N"}
 
 
+SEEDS_SET = "--seeds sets it per run; give the seeds there"
+
+
+def seed_number(text: str) -> int:
+    """One seed of --seeds: an integer >= 0, as train.py's --seed takes it; else UsageError naming it."""
+    try:
+        return at_least(0)(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--seeds: each seed {e}") from None
+
+
 def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
-    """`args` of a study_parser with --backends and --configs split into lists and `command` (how the study was run);
-    raises UsageError for an unknown backend, --steps < 1, or a --set of a key the study sets itself (STUDY_SETS,
-    and the script's own `sets`: {key: why}), which the study would override or collide with."""
+    """`args` of a study_parser with --backends and --configs split into lists, --seeds into a list of ints (None when
+    not given), and `command` (how the study was run); raises UsageError for an unknown backend, --steps < 1, a seed
+    that is not an integer >= 0 or is given twice, a --set seed beside --seeds, or a --set of a key the study sets
+    itself (STUDY_SETS, and the script's own `sets`: {key: why}), which the study would override or collide with."""
     args.backends, args.configs = (no_repeats(flag, names(flag, text)) for flag, text in
                                    (("--backends", args.backends), ("--configs", args.configs)))
     if bad := [b for b in args.backends if b not in BACKENDS]:
@@ -159,7 +221,9 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
     check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
-    fixed = {**STUDY_SETS, **(sets or {})}
+    if args.seeds is not None:
+        args.seeds = no_repeats("--seeds", [seed_number(text) for text in names("--seeds", args.seeds)])
+    fixed = {**STUDY_SETS, **(sets or {}), **({} if args.seeds is None else {"seed": SEEDS_SET})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")
     # printable: an argument that is not UTF-8 (`--out $'r\\xff'`) failed the table's write after the whole study

@@ -1,0 +1,98 @@
+"""The studies' --seeds: every configuration trained once per seed, into its own run, reported as the mean ± standard
+deviation over the seeds and judged on the means (a single seed's difference between two norms or routings can be
+the seed's). Unit tests on made-up rows, and two short real studies (torch, one layer, 2 steps)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared_config.cli import UsageError
+from shared_config.study import over_seeds
+
+from ..support.common import load_script
+
+SMALL = ["--steps", "2", "--set", "batch_size=2", "--set", "seq_len=16", "--set", "n_layers=1", "--quiet"]
+
+
+def test_over_seeds_means_the_numbers_and_keeps_every_seeds_row():
+    rows = {0: {"val_ppl": 10.0, "acc": None, "nonfinite_steps": 0, "stopped_at": None, "losses": [1.0], "e": 2.5},
+            1: {"val_ppl": 14.0, "acc": 0.5, "nonfinite_steps": 1, "stopped_at": 7, "losses": [2.0], "e": 2.5},
+            2: {"val_ppl": 12.0, "acc": 0.7, "nonfinite_steps": 1, "stopped_at": 3, "losses": [3.0], "e": 2.5}}
+    row = over_seeds(rows)
+    assert row["val_ppl"] == 12.0 and row["val_ppl_std"] == pytest.approx(2.0)  # sample std (ddof 1)
+    assert row["acc"] is None and row["acc_std"] is None  # seed 0 has none: no mean of the others
+    assert row["nonfinite_steps"] == 2 and (row["stopped_at"], row["stopped_seed"]) == (3, 2)  # the earliest stop
+    assert row["losses"] is None and row["e"] == 2.5  # a list that differs has no one value; a shared number stays
+    assert row["seeds"] == {"0": rows[0], "1": rows[1], "2": rows[2]}
+    one = over_seeds({5: rows[0]})
+    assert one["val_ppl"] == 10.0 and one["val_ppl_std"] is None and list(one["seeds"]) == ["5"]
+
+
+def test_a_seeded_routing_study_trains_each_seed_into_its_own_run(tmp_path, capsys):
+    """Each seed is its own run (weights and batch order differ, so do the losses), and the row is their mean."""
+    routing = load_script("compare_routing")
+    routing.main(["--configs", "dense", "--backends", "torch", "--seeds", "0,3", "--out", str(tmp_path), *SMALL])
+    table = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dense-torch-seed0", "dense-torch-seed3"]
+    report = json.loads((tmp_path / "routing.json").read_text())
+    assert report["seeds"] == [0, 3]
+    row = report["results"]["dense"]["torch"]
+    each = [row["seeds"][s]["val_ppl"] for s in ("0", "3")]
+    assert each[0] != each[1] and row["val_ppl"] == pytest.approx(np.mean(each))
+    assert row["val_ppl_std"] == pytest.approx(np.std(each, ddof=1))
+    assert "means ± standard deviations over seeds 0, 3" in table
+    assert f"| dense | torch | {np.mean(each):.3f} ± {np.std(each, ddof=1):.3f} |" in table
+    run_json = json.loads((tmp_path / "runs" / "dense-torch-seed3" / "run.json").read_text())
+    assert run_json["train_config"]["seed"] == 3
+
+
+def test_a_seeded_norm_study_judges_the_means(tmp_path, capsys):
+    """The criteria read the means over the seeds, count every seed's run, and compare mean output histograms."""
+    norms = load_script("compare_norms")
+    norms.main(["--configs", "rms-pre,dyt-pre", "--backends", "torch", "--seeds", "1,2", "--out", str(tmp_path),
+                *SMALL])
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "norms.json").read_text())["results"]
+    rms, dyt = results["rms-pre"]["torch"], results["dyt-pre"]["torch"]
+    ppl = {c: [r["seeds"][s]["val_ppl"] for s in ("1", "2")] for c, r in (("rms", rms), ("dyt", dyt))}
+    gap = np.mean(ppl["dyt"]) - np.mean(ppl["rms"])
+    assert f"({gap:+.2f})" in table and "| no NaN/Inf in any run | PASS | 4 runs finite |" in table
+    site = next(iter(dyt["outputs"]))
+    assert dyt["outputs"][site] == pytest.approx(np.mean([dyt["seeds"][s]["outputs"][site] for s in "12"], axis=0))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "dyt-pre-torch-seed1", "dyt-pre-torch-seed2", "rms-pre-torch-seed1", "rms-pre-torch-seed2"]
+
+
+def test_the_norm_tables_loss_gap_and_stops_read_every_seed():
+    """The twins' loss gap is the largest of any seed's pair of runs; a stop names its seed."""
+    norms = load_script("compare_norms")
+
+    def row(losses, stopped_at=None):
+        return {"val_ppl": None if stopped_at else 15.0, "losses": losses, "stopped_at": stopped_at,
+                "nonfinite_steps": int(stopped_at is not None)}
+
+    rows = {"jax": over_seeds({0: row([2.0, 1.0]), 1: row([2.0, 1.0], stopped_at=2)}),
+            "torch": over_seeds({0: row([2.0, 1.1]), 1: row([2.2, 1.0])})}
+    assert norms.twin_gap(rows) == pytest.approx(0.2 / 2.2)  # seed 1's first step, before its stop
+    judged = norms.unfinished("c", "dyt-pre", rows["jax"], "rms-pre", rows["torch"])
+    assert judged == ("c", False, "dyt-pre stopped at step 2, seed 1 (non-finite)")
+
+
+@pytest.mark.parametrize("given, said", [
+    ("0,0", "--seeds: 0 is given twice"), ("-1", "--seeds: each seed must be an integer >= 0, got -1"),
+    ("x", "--seeds: each seed must be an integer >= 0, got 'x'"), ("1.5", "--seeds: each seed must be an integer >= 0"),
+    ("0,,1", "--seeds: '0,,1' holds an empty name")])
+def test_bad_seeds_are_refused_before_any_run(given, said):
+    for script in ("compare_norms", "compare_routing"):
+        with pytest.raises(UsageError, match=f"^{said}"):
+            load_script(script).parse_args(["--seeds", given])
+
+
+def test_a_set_seed_beside_seeds_is_refused():
+    """`--set seed=5 --seeds 0,1`: which seed a run had would depend on which one won."""
+    with pytest.raises(UsageError, match="^--set seed: --seeds sets it per run"):
+        load_script("compare_routing").parse_args(["--seeds", "0,1", "--set", "seed=5"])
+    assert load_script("compare_routing").parse_args(["--set", "seed=5"]).seeds is None  # alone, as before
