@@ -224,6 +224,7 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, 
         return _memmap(path, "uint8"), 256, False
     if tokens.dtype.name not in TOKEN_DTYPES:
         raise DataError(f"{path}: token dtype {tokens.dtype.name} is not one of {', '.join(TOKEN_DTYPES)}")
+    _check_count(path, tokens, meta)
     largest = _max_id(tokens)
     if "vocab_size" not in meta:
         return tokens, largest + 1, path.suffix == ".bin"
@@ -235,6 +236,19 @@ def open_tokens(path: Path, dtype: str | None = None) -> tuple[np.ndarray, int, 
         raise DataError(f"{where} is {vocab_size} but {path.name} holds token id {largest}: it must be at least "
                         f"{largest + 1} (the largest id + 1)")
     return tokens, vocab_size, False
+
+
+def _check_count(path: Path, tokens: np.ndarray, meta: dict) -> None:
+    """The token count meta.json gives for `path` (`train_tokens` for train.bin, `val_tokens` for val.bin, as
+    prepare_data.py writes them), when it gives one, must be the file's, else DataError: a copy cut short or a file
+    replaced after prepare_data.py trained on what was there without a word, its vocabulary and tokenizer read from
+    a meta.json that no longer described it."""
+    said = meta.get(f"{path.stem}_tokens")
+    if said is None or (isinstance(said, int) and not isinstance(said, bool) and said == len(tokens)):
+        return
+    raise DataError(f"{path}: holds {len(tokens):,} tokens, but {path.parent / 'meta.json'} says {path.stem}_tokens "
+                    f"{quote(said)}: the file was changed after it was written (write the directory again with "
+                    "scripts/prepare_data.py)")
 
 
 def _open_npy(path: Path) -> np.ndarray:

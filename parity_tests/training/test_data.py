@@ -157,6 +157,30 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
     assert tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == TEXT  # byte-level BPE is lossless
 
 
+def test_a_token_file_changed_after_prepare_data_is_refused(tmp_path):
+    """meta.json's train_tokens and val_tokens were never compared with the files: a train.bin cut short by a copy
+    (or replaced) trained on what was left, read with the vocabulary and tokenizer of a meta.json that no longer
+    described it."""
+    prepare = load_script("prepare_data")
+    (tmp_path / "story.txt").write_text(TEXT)
+    prepare.main([str(tmp_path / "story.txt"), "--out", str(tmp_path / "d")])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    for name in ("train", "val"):
+        path = tmp_path / "d" / f"{name}.bin"
+        whole = path.read_bytes()
+        path.write_bytes(whole[:-4])  # two uint16 tokens short
+        with pytest.raises(DataError, match=rf"^{path}: holds {meta[f'{name}_tokens'] - 2:,} tokens, but "
+                                            rf"{tmp_path / 'd' / 'meta.json'} says {name}_tokens "
+                                            rf"{meta[f'{name}_tokens']}: the file was changed after it was written"):
+            load_data(tmp_path / "d")
+        path.write_bytes(whole)
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, "val_tokens": "many"}))
+    with pytest.raises(DataError, match="says val_tokens 'many'"):
+        load_data(tmp_path / "d")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))  # no counts: nothing to compare
+    assert len(load_data(tmp_path / "d").train) == meta["train_tokens"]
+
+
 @pytest.mark.parametrize("content, message", [(b'{"dtype": ', "meta.json: not valid JSON"),
                                               (b"[1, 2]", r"meta.json: must hold a JSON object, got \[1, 2\]")])
 def test_bad_meta_json_is_a_data_error(tmp_path, content, message):
