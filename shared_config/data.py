@@ -187,7 +187,8 @@ def _load_prepared(path: Path, dtype: str | None) -> TokenData:
     """A directory holding train.{bin,npy} and val.{bin,npy} (scripts/prepare_data.py, nanoGPT)."""
     splits = []
     for split in ("train", "val"):
-        found = [p for p in (path / f"{split}.bin", path / f"{split}.npy") if p.is_file()]
+        # one there that is no file (a link to /dev/zero, a broken link) is named as such, not as missing
+        found = [p for p in (path / f"{split}.bin", path / f"{split}.npy") if p.exists() or p.is_symlink()]
         if not found:
             raise DataError(f"{path}: a data directory needs {split}.bin or {split}.npy")
         splits.append(open_tokens(found[0], dtype))

@@ -157,6 +157,18 @@ def test_prepare_data_bytes_and_bpe(tmp_path):
     assert tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == TEXT  # byte-level BPE is lossless
 
 
+def test_a_split_that_is_no_file_is_named_as_such(tmp_path):
+    """`val.bin -> /dev/zero` (or a broken link) was reported as a directory that "needs val.bin"."""
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    (tmp_path / "val.bin").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'val.bin'}: not a file$"):
+        load_data(tmp_path)
+    (tmp_path / "val.bin").unlink()
+    (tmp_path / "val.bin").symlink_to(tmp_path / "gone.bin")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'val.bin'}: no such file$"):
+        load_data(tmp_path)
+
+
 def test_a_token_file_changed_after_prepare_data_is_refused(tmp_path):
     """meta.json's train_tokens and val_tokens were never compared with the files: a train.bin cut short by a copy
     (or replaced) trained on what was left, read with the vocabulary and tokenizer of a meta.json that no longer
