@@ -83,12 +83,11 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
 
 def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData, int | None], Run],
               summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
-              desc: str, quiet: bool, seeds: list[int] | None = None,
-              combine: Callable[[dict[int, dict]], dict] | None = None) -> tuple[dict, dict]:
+              desc: str, quiet: bool, seeds: list[int] | None = None) -> tuple[dict, dict]:
     """({config: {backend: row}}, {config: {backend: records}}) for `make(config, backend, data, seed)`'s run of every
     pair on the embedded corpus, one after the other, with one progress bar of `desc` (runs). Without `seeds` a row is
-    `summarize(run, records, stopped_at)`; with them each pair trains once per seed and its row is `combine` (default
-    over_seeds) of {seed: row}, its records the first seed's. `twin` is the tools' way to a twin
+    `summarize(run, records, stopped_at)`; with them each pair trains once per seed and its row is over_seeds of
+    {seed: row}, its records the first seed's. `twin` is the tools' way to a twin
     (shared_config.twins.twin), passed in: the core calls no twin by name."""
     results, metrics, data = {}, {}, synthetic_corpus(0)
     each = [None] if seeds is None else seeds
@@ -103,7 +102,7 @@ def train_all(configs: list[str], backends: list[str], make: Callable[[str, str,
                     rows[seed] = summarize(run, records, stopped_at)
                     metrics.setdefault(config, {}).setdefault(backend, records)  # the first seed's: the curves'
                     bar.update()
-                results.setdefault(config, {})[backend] = rows[None] if seeds is None else (combine or over_seeds)(rows)
+                results.setdefault(config, {})[backend] = rows[None] if seeds is None else over_seeds(rows)
     return results, metrics
 
 
