@@ -167,13 +167,14 @@ def variance_criteria(rows: dict) -> list[tuple]:
     for norm in dict.fromkeys(c.split("-")[0] for c in variances):
         mine = {c: v for c, v in variances.items() if c.startswith(f"{norm}-")}
         if len(mine) > 1:
-            listed = ", ".join(f"{c} {v:.3g}" for c, v in mine.items())
+            listed = ", ".join(f"{c} {plus_minus(rows[c], 'grad_norm_var', '.3g', '—')}" for c in mine)
             out.append((f"{norm}: lowest gradient-norm variance", None,
                         f"{min(mine, key=mine.get).split('-')[1]} ({listed})"))
     if variances:
         best = min(variances, key=variances.get)
         stopped = [c for c, row in rows.items() if row["stopped_at"] is not None]
-        out.append(("lowest gradient-norm variance overall", None, f"{best} ({variances[best]:.3g})"
+        out.append(("lowest gradient-norm variance overall", None,
+                    f"{best} ({plus_minus(rows[best], 'grad_norm_var', '.3g', '—')})"
                     + (f"; left out, stopped early: {', '.join(stopped)}" if stopped else "")))
     return out
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ..support.common import ROOT
+from ..support.common import ROOT, load_script
 from .test_docs import PAGES, rel
 
 
@@ -207,3 +207,23 @@ def test_the_routing_study_table_quotes_its_reports():
                          f"{r['flops_per_token'] / 1e9:.5f}",
                          f"{r['flops_per_token'] / reports[0]['results']['dense'][backend]['flops_per_token']:.3f}",
                          fmt(r["predictor_acc"], ".3f"), fmt(r1["val_ppl"], ".3f"), fmt(r1["val_ppl_topk"], ".3f")]
+
+
+def test_the_norm_study_across_seeds_quotes_its_report():
+    """norm-study.md's table over three seeds, rendered from the committed report by the study's own markdown (its
+    rows) and the criteria the report holds: the one documented reading a second seed overturned (peri placement's
+    gradient-norm variance) rests on these numbers."""
+    import json
+
+    study = load_script("compare_norms")
+    report = json.loads((ROOT / "bench" / "results" / "cpu-2vcpu-2026-12-07-tiny-norms-seeds.json").read_text())
+    page = (ROOT / "docs" / "norm-study.md").read_text()
+    section = page[page.index("## Across seeds"):page.index("## Placements from the literature")]
+    table = study.markdown(report["results"], report["backends"], report["steps"], report["command"])
+    rows = [line for line in table.splitlines() if line.startswith(("| rms |", "| dyt |", "| derf |"))]
+    assert len(rows) == 4 and all(row in section for row in rows)
+    for c in report["criteria"]:
+        result = "—" if c["passed"] is None else "PASS" if c["passed"] else "FAIL"
+        assert f"| {c['criterion']} | {result} | {c['detail']} |" in section
+    assert section.count("\n| ") == 1 + 4 + 1 + len(report["criteria"])  # two headers, nothing else in its tables
+    assert report["seeds"] == [0, 1, 2] and "--seeds 0,1,2" in section
