@@ -209,21 +209,28 @@ def test_the_routing_study_table_quotes_its_reports():
                          fmt(r["predictor_acc"], ".3f"), fmt(r1["val_ppl"], ".3f"), fmt(r1["val_ppl_topk"], ".3f")]
 
 
-def test_the_norm_study_across_seeds_quotes_its_report():
-    """norm-study.md's table over three seeds, rendered from the committed report by the study's own markdown (its
-    rows) and the criteria the report holds: the one documented reading a second seed overturned (peri placement's
-    gradient-norm variance) rests on these numbers."""
+@pytest.mark.parametrize("page, start, end, reports", [
+    ("norm-study.md", "## Across seeds", "## Placements from the literature", ["tiny-norms-seeds"]),
+    ("gla.md", "## The study: DyT in a GLA model", "## Decode cost against context",
+     ["gla-tiny-norms-seeds", "gla-tiny-norms-seeds-final-alpha-2"])])
+def test_the_norm_studies_across_seeds_quote_their_reports(page, start, end, reports):
+    """The norm studies' tables over three seeds, rendered from the committed reports by the study's own markdown
+    (their rows) and the criteria each report holds: a table re-measured or edited by hand without its report, or
+    the other way round, fails here (the first table's reading a second seed overturned rested on one seed)."""
     import json
 
     study = load_script("compare_norms")
-    report = json.loads((ROOT / "bench" / "results" / "cpu-2vcpu-2026-12-07-tiny-norms-seeds.json").read_text())
-    page = (ROOT / "docs" / "norm-study.md").read_text()
-    section = page[page.index("## Across seeds"):page.index("## Placements from the literature")]
-    table = study.markdown(report["results"], report["backends"], report["steps"], report["command"])
-    rows = [line for line in table.splitlines() if line.startswith(("| rms |", "| dyt |", "| derf |"))]
-    assert len(rows) == 4 and all(row in section for row in rows)
-    for c in report["criteria"]:
-        result = "—" if c["passed"] is None else "PASS" if c["passed"] else "FAIL"
-        assert f"| {c['criterion']} | {result} | {c['detail']} |" in section
-    assert section.count("\n| ") == 1 + 4 + 1 + len(report["criteria"])  # two headers, nothing else in its tables
-    assert report["seeds"] == [0, 1, 2] and "--seeds 0,1,2" in section
+    text = (ROOT / "docs" / page).read_text()
+    section = text[text.index(start):text.index(end)]
+    lines = 0
+    for name in reports:
+        report = json.loads((ROOT / "bench" / "results" / f"cpu-2vcpu-2026-12-07-{name}.json").read_text())
+        table = study.markdown(report["results"], report["backends"], report["steps"], report["command"])
+        rows = [line for line in table.splitlines() if line.startswith(("| rms |", "| dyt |", "| derf |"))]
+        assert len(rows) == 4 and all(row in section for row in rows)
+        for c in report["criteria"]:
+            result = "—" if c["passed"] is None else "PASS" if c["passed"] else "FAIL"
+            assert f"| {c['criterion']} | {result} | {c['detail']} |" in section
+        assert report["seeds"] == [0, 1, 2] and report["command"].split(" --out ")[0] in section
+        lines += 1 + len(rows) + 1 + len(report["criteria"])  # two headers
+    assert section.count("\n| ") == lines  # nothing else in its tables
