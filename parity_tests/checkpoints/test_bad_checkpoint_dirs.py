@@ -81,6 +81,16 @@ BAD_CONFIGS = {
     "rope_disagreement": ({"rope_theta": 500000.0}, "disagree with rope_theta/rope_scaling"),
     "invalid_value": ({"num_key_value_heads": 4}, "gives an invalid spec: n_kv_heads=4 must divide n_heads=6"),
     "wrong_type": ({"intermediate_size": "80"}, "intermediate_size must be an integer or null, got '80'"),
+    # a list or an object was dict membership's TypeError (unhashable) and a traceback
+    "model_type_list": ({"model_type": ["llama"]}, "model_type ['llama'] is not supported (only llama, qwen3)"),
+    # RoPE values were read by the spec, which takes "8" as 8.0 (transformers fails on such a file)
+    "rope_theta_string": ({"rope_parameters": {"rope_type": "default", "rope_theta": "10000"}},
+                          "rope_theta must be a finite number, got '10000' (in the RoPE parameters)"),
+    "llama3_factor_string": ({"rope_parameters": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+                             "factor must be a finite number, got '8' (in the RoPE parameters)"),
+    # an int past float's range: math.isfinite's OverflowError
+    "number_past_float": ({"rms_norm_eps": 10**400}, "rms_norm_eps must be a finite number, got 1000000000"),
 }
 
 

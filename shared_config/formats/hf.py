@@ -126,7 +126,7 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
 
 def _model_type(config: Mapping[str, Any], path) -> str:
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:  # a list or object: unhashable
         raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only "
                               f"{', '.join(ARCHITECTURES)})")
     if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
@@ -162,7 +162,12 @@ def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any
     if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
         raise CheckpointError(f"{path}: RoPE parameters {quote(unknown)} are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
-    fields = {"rope_theta": params.get("rope_theta", theta), "rope_scaling": "none"}
+    try:  # typed as config.json's own keys: the spec would read "8" as 8.0, where transformers fails on it
+        typed = {key: config_value({"rope_theta": theta, **params}, "rope", key, path)
+                 for key in ("rope_theta", *LLAMA3_KEYS.values()) if key in params or key == "rope_theta"}
+    except ConfigValueError as e:
+        raise CheckpointError(f"{e} (in the RoPE parameters)") from None
+    fields = {"rope_theta": typed["rope_theta"], "rope_scaling": "none"}
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
@@ -170,7 +175,7 @@ def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any
                               "default, llama3)")
     if missing := [k for k in LLAMA3_KEYS.values() if k not in params]:
         raise CheckpointError(f"{path}: llama3 RoPE scaling is missing {', '.join(missing)}")
-    return {**fields, "rope_scaling": "llama3", **{f: params[k] for f, k in LLAMA3_KEYS.items()}}
+    return {**fields, "rope_scaling": "llama3", **{f: typed[k] for f, k in LLAMA3_KEYS.items()}}
 
 
 # --- directories --------------------------------------------------------------------------------
