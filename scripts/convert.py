@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
-from shared_config.files import recover, write_errors
+from shared_config.files import recover, resolved, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
 from shared_config.progress import writing
 
@@ -64,9 +64,10 @@ def target_format(dst: Path, to: str | None) -> str:
 def check_destination(dst: Path, target: str, force: bool) -> None:
     """DST may exist only with --force, and then as what the target format writes (a file or a directory); a
     directory only when empty or a checkpoint (CHECKPOINT_MARKERS), so that --force never deletes unrelated files."""
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: no such directory")
-    check_out_dir("DST", dst.parent)  # a read-only place: refused before the read, as every tool's output (exit 2)
+    where = resolved(dst).parent if dst.is_symlink() else dst.parent  # a link is written through, to its target
+    if not where.is_dir():
+        raise UsageError(f"{where}: no such directory" + (f" (where the link {dst} leads)" if dst.is_symlink() else ""))
+    check_out_dir("DST", where)  # a read-only place: refused before the read, as every tool's output (exit 2)
     if not dst.exists():
         return
     if not force:

@@ -180,6 +180,18 @@ def test_force_never_replaces_a_directory_convert_did_not_write(tmp_path, to):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "empty", "notes"]
 
 
+def test_a_dst_link_into_a_missing_directory_is_refused_as_bad_input(tmp_path):
+    """DST a link to a file in a directory that does not exist was read, then failed as 'cannot write: No such file
+    or directory', exit 3 (the environment's code), naming DST's own directory, which exists."""
+    src = canonical_file(tmp_path / "a.safetensors", make_spec())
+    (tmp_path / "m.pt").symlink_to(tmp_path / "gone" / "m.pt")
+    with pytest.raises(UsageError, match=r"gone: no such directory \(where the link .*m.pt leads\)"):
+        convert(src, tmp_path / "m.pt")
+    (tmp_path / "gone").mkdir()  # the link is written through, to its target
+    convert(src, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").is_symlink() and (tmp_path / "gone" / "m.pt").is_file()
+
+
 def test_target_format_from_to_extension_or_existing_directory(tmp_path):
     src = canonical_file(tmp_path / "a.safetensors", make_spec())
     assert convert(src, tmp_path / "b.pth") == ("safetensors", "torch")
