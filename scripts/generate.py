@@ -55,6 +55,8 @@ def main(argv=None):
     weights, spec = load_weights(args.weights, args.spec)
     text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
+    if not prompt:  # generate's own words, "every prompt needs at least one token", named no option
+        raise UsageError(f"--prompt {quote(args.prompt)} encodes to no tokens: give it some text, or pass --tokens")
     options = {k: getattr(args, k)
                for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast

@@ -90,6 +90,7 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     (["--tokens", "1,300"], "token id 300 is outside the vocabulary 0..299"),
     (["--tokens", ",".join(["1"] * 100), "--max-new-tokens", "29"], "exceeds max_seq_len=128"),
     (["--prompt", "x" * 200], "a prompt of 200 tokens plus --max-new-tokens 64 exceeds max_seq_len=128"),
+    (["--prompt", ""], "--prompt '' encodes to no tokens"),  # was "every prompt needs at least one token"
     (["--tokens", "1", "--top-p", "1.5"], "--top-p 1.5 must be a number in (0, 1]"),  # the option, not top_p=
     (["--tokens", "1", "--attention", "sdpa"], "not offered by the jax twin"),
 ])
