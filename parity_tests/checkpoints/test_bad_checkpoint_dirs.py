@@ -136,10 +136,11 @@ def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
 def test_sharded_index_must_stay_inside_its_directory_and_agree_with_the_shards(hf_dir):
     (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
     index = hf_dir / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../m.safetensors"}}))
-    with pytest.raises(CheckpointError) as e:
-        convert(hf_dir, hf_dir.parent / "out.safetensors")
-    assert "weight_map must map tensor names to file names in" in error_line(e, index)
+    for shard in ("../m.safetensors", ""):  # "" was read as the directory: "hf: a directory, not a safetensors file"
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+        with pytest.raises(CheckpointError) as e:
+            convert(hf_dir, hf_dir.parent / "out.safetensors")
+        assert "weight_map must map tensor names to file names in" in error_line(e, index)
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}))
     with pytest.raises(CheckpointError) as e:
         convert(hf_dir, hf_dir.parent / "out.safetensors")

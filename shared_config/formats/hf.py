@@ -217,7 +217,7 @@ def _headers(path: Path) -> dict[Path, dict]:
     weight_map = read_json(index).get("weight_map")
     # shard names must be plain file names: an index must not point outside its directory
     shards = weight_map.values() if isinstance(weight_map, dict) else [None]
-    if not all(isinstance(f, str) and Path(f).name == f for f in shards):
+    if not all(isinstance(f, str) and f and Path(f).name == f for f in shards):  # "": the directory itself
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names in {path}")
     headers = {path / shard: safetensors_header(path / shard) for shard in sorted(set(weight_map.values()))}
     for shard, header in headers.items():
