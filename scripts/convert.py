@@ -18,8 +18,10 @@ from pathlib import Path
 
 from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
-from shared_config.files import recover, resolved, write_errors
+from shared_config.data import tokenizer_beside
+from shared_config.files import atomic_write, recover, resolved, write_errors
 from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
+from shared_config.limits import MAX_JSON_BYTES
 from shared_config.progress import writing
 
 
@@ -90,6 +92,16 @@ def check_file_name(dst: Path, target: str) -> None:
                          "file's format by its extension); rename DST or change --to")
 
 
+def source_tokenizer(src: Path) -> bytes | None:
+    """The bytes of SRC's tokenizer.json (data.tokenizer_beside), which a directory DST holds too: generate.py
+    --prompt encodes with the one beside the weights, and without it fell back to UTF-8 bytes as ids, other text.
+    None where there is no regular file (a tokenizer past MAX_JSON_BYTES, which no reader takes, neither)."""
+    path = tokenizer_beside(src)
+    if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+        return None
+    return path.read_bytes()
+
+
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False,
             quiet=True) -> tuple[str, str]:
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats.
@@ -105,9 +117,12 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
     check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
+    tokenizer = source_tokenizer(src) if target in DIRECTORIES else None  # read before DST = SRC is replaced
     with write_errors(dst):  # a full disk is the environment's failure (exit code 3), whatever the writer raised
         with writing(dst, sum(w.nbytes for w in weights.values()), quiet):
             WRITERS[target](dst, weights, spec, force)
+            if tokenizer is not None:
+                atomic_write(dst / tokenizer_beside(src).name, lambda tmp: tmp.write_bytes(tokenizer))
     return source, target
 
 

@@ -19,11 +19,10 @@ from typing import Callable
 
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run, utf8_argument
-from shared_config.data import read_tokenizer
+from shared_config.data import read_tokenizer, tokenizer_beside
 from shared_config.limits import quote
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
-from shared_config.run_dir import TOKENIZER_FILE
 from shared_config.twins import twin
 
 
@@ -126,7 +125,7 @@ class HFTokenizer:
 
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
-    path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
+    path = tokenizer_beside(weights)
     if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
         tokenizer = HFTokenizer(path)
         # its own vocabulary past the model's: "prompt 0: token id 263 is outside the vocabulary" (added special

@@ -192,6 +192,23 @@ def test_a_dst_link_into_a_missing_directory_is_refused_as_bad_input(tmp_path):
     assert (tmp_path / "m.pt").is_symlink() and (tmp_path / "gone" / "m.pt").is_file()
 
 
+def test_a_directory_dst_holds_the_tokenizer_beside_the_source(tmp_path):
+    """A run's checkpoint (or a Hugging Face directory) keeps its tokenizer.json, where generate.py --prompt reads it;
+    converted to a directory, the tokenizer stayed behind and generate.py encoded the prompt as UTF-8 bytes, other ids
+    than the model was trained on, without a word. A file DST gets nothing beside it (that place is the user's)."""
+    src = tmp_path / "step"
+    src.mkdir()
+    canonical_file(src / "model.safetensors", make_spec())
+    (src / "tokenizer.json").write_text('{"a tokenizer": 1}')
+    for dst, to in ((tmp_path / "hf", "hf"), (tmp_path / "flax", "flax"), (tmp_path / "hf", "hf")):  # hf: in place
+        convert(src, dst, to=to, force=True)
+        assert (dst / "tokenizer.json").read_text() == '{"a tokenizer": 1}', to
+        src = dst
+    (tmp_path / "out").mkdir()
+    convert(src, tmp_path / "out" / "m.pt")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.pt"]
+
+
 def test_target_format_from_to_extension_or_existing_directory(tmp_path):
     src = canonical_file(tmp_path / "a.safetensors", make_spec())
     assert convert(src, tmp_path / "b.pth") == ("safetensors", "torch")
