@@ -126,7 +126,7 @@ class HFTokenizer:
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
     path = tokenizer_beside(weights)
-    if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
+    if path.exists() or path.is_symlink():  # a FIFO, a broken file or link there is refused, not replaced by bytes
         tokenizer = HFTokenizer(path)
         # its own vocabulary past the model's: "prompt 0: token id 263 is outside the vocabulary" (added special
         # tokens, which encoding text rarely yields, are not counted)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config import save_checkpoint
+from shared_config import CheckpointError, save_checkpoint
 from torch_model import generate as tg
 
 from ..support.common import load_script, make_spec, parity_weights, run_main, run_script
@@ -83,6 +83,10 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     tok.add_special_tokens(["<|end|>"])  # id 5, past a 5-token model, which encoding text does not yield
     tok.save(str(tmp_path / "tokenizer.json"))
     assert cli.load_tokenizer(tmp_path / "model.safetensors", make_spec(vocab_size=5)).encode("a time") == [3, 4]
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").symlink_to(tmp_path / "gone.json")  # a link left dangling: it encoded bytes instead
+    with pytest.raises(CheckpointError, match="tokenizer.json: cannot read: No such file"):
+        cli.load_tokenizer(tmp_path / "model.safetensors", spec)
 
 
 @pytest.mark.parametrize("args, message", [
