@@ -97,6 +97,9 @@ def parse_tokens(csv: str) -> list[int]:
     """Comma-separated ASCII integers: int() alone also read '1_0' as 10 and other scripts' digits ('１')."""
     if not all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in csv.split(",")):
         raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, e.g. 1,2,3")
+    # past int64, leading zeros aside: int() of 4,301 digits raised ValueError "Exceeds the limit", a traceback
+    if long := [t.strip() for t in csv.split(",") if len(t.strip().lstrip("-").lstrip("0")) > 20]:
+        raise UsageError(f"--tokens: id {quote(long[0])} is outside any vocabulary (ids are int32 in the twins)")
     return [int(t) for t in csv.split(",")]
 
 

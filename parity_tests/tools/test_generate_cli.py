@@ -92,6 +92,7 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "1,x"], "must be comma-separated integer ids"),
     (["--tokens", "1,300"], "token id 300 is outside the vocabulary 0..299"),
+    (["--tokens", "1," + "9" * 5000], "--tokens: id '9999999999...9999999999 (5,000 digits)' is outside any"),
     (["--tokens", ",".join(["1"] * 100), "--max-new-tokens", "29"], "exceeds max_seq_len=128"),
     (["--prompt", "x" * 200], "a prompt of 200 tokens plus --max-new-tokens 64 exceeds max_seq_len=128"),
     (["--prompt", ""], "--prompt '' encodes to no tokens"),  # was "every prompt needs at least one token"
