@@ -133,6 +133,14 @@ def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
     assert not (hf_dir.parent / "out.safetensors").exists()
 
 
+def test_a_directory_of_pickled_weights_is_named_as_such(hf_dir):
+    """An older transformers save (pytorch_model.bin beside config.json) said 'hf/model.safetensors: no such file'."""
+    (hf_dir / "model.safetensors").rename(hf_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        convert(hf_dir, hf_dir.parent / "out.safetensors")
+    assert "holds pytorch_model.bin, transformers' pickle format, which is not read" in error_line(e, hf_dir)
+
+
 def test_sharded_index_must_stay_inside_its_directory_and_agree_with_the_shards(hf_dir):
     (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
     index = hf_dir / "model.safetensors.index.json"

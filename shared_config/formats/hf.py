@@ -19,7 +19,8 @@ from ..layout import group_names
 from ..limits import quote, spelled
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
+from .checks import (check_not_pickled, check_size, held_params, resolve_spec, spec_from_metadata, without_derived,
+                     without_tied_copy)
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
@@ -211,6 +212,7 @@ def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpe
 
 def _headers(path: Path) -> dict[Path, dict]:
     """The checked safetensors header of `model.safetensors`, or of each shard the index lists, by file."""
+    check_not_pickled(path)
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file() or not index.is_file():
         return {path / "model.safetensors": safetensors_header(path / "model.safetensors")}
