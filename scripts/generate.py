@@ -56,6 +56,9 @@ def main(argv=None):
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
     if not prompt:  # generate's own words, "every prompt needs at least one token", named no option
         raise UsageError(f"--prompt {quote(args.prompt)} encodes to no tokens: give it some text, or pass --tokens")
+    if text and (past := [i for i in prompt if i >= spec.V]):  # an added special token's text: "prompt 0: token id"
+        raise UsageError(f"--prompt: {tokenizer_beside(args.weights)} encodes it to token id {past[0]}, past the "
+                         f"model's vocabulary 0..{spec.V - 1} (an added token the model was not trained with)")
     options = {k: getattr(args, k)
                for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast

@@ -106,6 +106,23 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
 
 
+def test_a_prompt_the_tokenizer_encodes_past_the_vocabulary_names_the_tokenizer(tmp_path, capsys):
+    """An added token's text in --prompt (its id past the model's vocabulary) said "prompt 0: token id 5 is outside
+    the vocabulary 0..4", generate()'s words for a batch, naming neither --prompt nor the tokenizer."""
+    spec = make_spec(vocab_size=5)
+    save_checkpoint(tmp_path / "m.safetensors", parity_weights(spec), spec)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "once": 1, "upon": 2, "a": 3, "time": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|end|>"])  # id 5
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(cli.main, ["--backend", "torch", "--weights", str(tmp_path / "m.safetensors"), "--prompt", "a <|end|>"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --prompt: {tmp_path / 'tokenizer.json'} encodes it to token id 5, past the model's "
+                          "vocabulary 0..4"), err
+
+
 def test_a_cache_past_the_machines_memory_is_one_error_line_before_a_framework_loads(tmp_path, capsys, monkeypatch):
     """--max-new-tokens 10**9 at max_seq_len 2**31 - 1: the cache's size refused with the resources' exit code 3,
     before a framework is loaded (it was the kernel's refusal of a 128 GB allocation, where it does not overcommit)."""
