@@ -20,7 +20,8 @@ from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
 from shared_config.data import tokenizer_beside
 from shared_config.files import atomic_write, recover, resolved, write_errors
-from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
+from shared_config.formats import (DIRECTORIES, FORMATS, SUFFIXES, checkpoint_path, quiet_libraries, read_any,
+                                   source_format)
 from shared_config.limits import MAX_JSON_BYTES
 from shared_config.progress import writing
 
@@ -107,7 +108,7 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats.
     Not `quiet`: a bar of the bytes written on stderr, once the write takes a few seconds."""
     src, dst = Path(src), Path(dst)
-    source_format(src)  # a missing or unknown SRC is the first error, before DST is looked at
+    source_format(checkpoint_path(src))  # a missing, unknown or looped SRC is the first error, before DST's
     target = target_format(dst, to)
     recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
