@@ -69,7 +69,8 @@ def check_destination(dst: Path, target: str, force: bool) -> None:
     directory only when empty or a checkpoint (CHECKPOINT_MARKERS), so that --force never deletes unrelated files."""
     where = resolved(dst).parent if dst.is_symlink() else dst.parent  # a link is written through, to its target
     if not where.is_dir():
-        raise UsageError(f"{where}: no such directory" + (f" (where the link {dst} leads)" if dst.is_symlink() else ""))
+        raise UsageError(f"{where}: {'not a directory' if where.exists() else 'no such directory'}"
+                         + (f" (where the link {dst} leads)" if dst.is_symlink() else ""))
     check_out_dir("DST", where)  # a read-only place: refused before the read, as every tool's output (exit 2)
     if not dst.exists():
         return

@@ -187,6 +187,8 @@ def test_a_dst_link_into_a_missing_directory_is_refused_as_bad_input(tmp_path):
     (tmp_path / "m.pt").symlink_to(tmp_path / "gone" / "m.pt")
     with pytest.raises(UsageError, match=r"gone: no such directory \(where the link .*m.pt leads\)"):
         convert(src, tmp_path / "m.pt")
+    with pytest.raises(UsageError, match=r"a.safetensors: not a directory$"):  # it said "no such directory"
+        convert(src, tmp_path / "a.safetensors" / "m.pt")
     (tmp_path / "gone").mkdir()  # the link is written through, to its target
     convert(src, tmp_path / "m.pt")
     assert (tmp_path / "m.pt").is_symlink() and (tmp_path / "gone" / "m.pt").is_file()
