@@ -47,6 +47,20 @@ def test_orbax_checkpoint_missing_its_data_names_the_array_and_the_file(tmp_path
     assert "TensorStore details" not in line and "pybind11" not in line, line
 
 
+def test_an_orbax_spec_json_that_is_no_readable_file_is_refused_not_taken_as_absent(tmp_path):
+    """spec.json a directory or a loop of links read as "no spec": "carries no spec; pass one", and with --spec given
+    the checkpoint converted without a word about its own spec."""
+    spec = make_spec()
+    save_checkpoint(tmp_path / "m.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "m.safetensors", tmp_path / "m-flax", to="flax")
+    (tmp_path / "m-flax" / "spec.json").unlink()
+    (tmp_path / "m-flax" / "spec.json").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        convert(tmp_path / "m-flax", tmp_path / "out.pt", spec=spec)
+    assert "cannot read: Is a directory" in error_line(e, tmp_path / "m-flax" / "spec.json")
+    assert not (tmp_path / "out.pt").exists()
+
+
 # --- Hugging Face directories ---------------------------------------------------------------------
 
 DELETE = "<delete>"
