@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
+from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
 from shared_config.data import tokenizer_beside
 from shared_config.files import atomic_write, recover, resolved, write_errors
@@ -97,11 +97,16 @@ def check_file_name(dst: Path, target: str) -> None:
 def source_tokenizer(src: Path) -> bytes | None:
     """The bytes of SRC's tokenizer.json (data.tokenizer_beside), which a directory DST holds too: generate.py
     --prompt encodes with the one beside the weights, and without it fell back to UTF-8 bytes as ids, other text.
-    None where there is no regular file (a tokenizer past MAX_JSON_BYTES, which no reader takes, neither)."""
+    None where there is none (nor for one past MAX_JSON_BYTES, which no reader takes); one there that is no regular
+    file (a dangling link, a directory) is refused, as generate.py refuses it: DST would have none, and bytes as ids."""
     path = tokenizer_beside(src)
-    if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+    if not (path.exists() or path.is_symlink()):
         return None
-    return path.read_bytes()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a link to nothing, a directory, a device): the "
+                              "tokenizer.json beside SRC, which a directory DST holds too; put the file there or "
+                              "remove it")
+    return path.read_bytes() if path.stat().st_size <= MAX_JSON_BYTES else None
 
 
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False,

@@ -209,6 +209,10 @@ def test_a_directory_dst_holds_the_tokenizer_beside_the_source(tmp_path):
     (tmp_path / "out").mkdir()
     convert(src, tmp_path / "out" / "m.pt")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.pt"]
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(tmp_path / "gone.json")  # refused as generate.py refuses it, not left out
+    with pytest.raises(CheckpointError, match="tokenizer.json: not a regular file"):
+        convert(src, tmp_path / "flax", to="flax", force=True)
 
 
 def test_target_format_from_to_extension_or_existing_directory(tmp_path):
