@@ -44,6 +44,7 @@ from bench.gpu_plan import BUDGET_S, PLANS, Check, fit, plan, runnable, share, s
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, above, check_out_dir, names, no_repeats, run
 from shared_config.compile_cache import add_compile_cache_option
+from shared_config.files import resolved
 from shared_config.report import versions, write_report
 from shared_config.run_dir import lock_run
 
@@ -67,11 +68,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.out is not None:
         check_out_dir("--out", args.out)
-        args.out = args.out.expanduser().resolve()
+        args.out = resolved(args.out)
     # the checks run in the checkout (cwd=ROOT): a relative --out or --compile-cache named a folder there, and every
     # check failed with "--json out/x.json: out is not a directory"
     if args.compile_cache != "none":
-        args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
+        args.compile_cache = str(resolved(args.compile_cache))
     checks = [c.name for c in plan(args.plan)]
     args.only = checks if args.only is None else no_repeats("--only", names("--only", args.only))
     if unknown := [n for n in args.only if n not in checks]:

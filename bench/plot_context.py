@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
-from shared_config.files import save_figure
+from shared_config.files import resolved, save_figure
 
 from bench.plot import MAX_LINES, read_report
 
@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("reports", path) for path in args.reports])
-    no_repeats("reports", [path.resolve() for path in args.reports])
+    no_repeats("reports", [resolved(path) for path in args.reports])
     reports = [read_report(path) for path in args.reports]
     env = reports[0]["env"]
     for path, report in zip(args.reports, reports):  # named here: context_series sees no file names

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared_config import check_weights, fla, hf, np_dtype, save_checkpoint
+from shared_config import CheckpointError, check_weights, fla, hf, np_dtype, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
-from shared_config.files import recover, write_errors
-from shared_config.formats import DIRECTORIES, FORMATS, SUFFIXES, quiet_libraries, read_any, source_format
+from shared_config.data import tokenizer_beside
+from shared_config.files import atomic_write, recover, resolved, write_errors
+from shared_config.formats import (DIRECTORIES, FORMATS, SUFFIXES, checkpoint_path, quiet_libraries, read_any,
+                                   source_format)
+from shared_config.limits import MAX_JSON_BYTES
 from shared_config.progress import writing
 
 
@@ -64,9 +67,11 @@ def target_format(dst: Path, to: str | None) -> str:
 def check_destination(dst: Path, target: str, force: bool) -> None:
     """DST may exist only with --force, and then as what the target format writes (a file or a directory); a
     directory only when empty or a checkpoint (CHECKPOINT_MARKERS), so that --force never deletes unrelated files."""
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: no such directory")
-    check_out_dir("DST", dst.parent)  # a read-only place: refused before the read, as every tool's output (exit 2)
+    where = resolved(dst).parent if dst.is_symlink() else dst.parent  # a link is written through, to its target
+    if not where.is_dir():
+        raise UsageError(f"{where}: {'not a directory' if where.exists() else 'no such directory'}"
+                         + (f" (where the link {dst} leads)" if dst.is_symlink() else ""))
+    check_out_dir("DST", where)  # a read-only place: refused before the read, as every tool's output (exit 2)
     if not dst.exists():
         return
     if not force:
@@ -89,12 +94,27 @@ def check_file_name(dst: Path, target: str) -> None:
                          "file's format by its extension); rename DST or change --to")
 
 
+def source_tokenizer(src: Path) -> bytes | None:
+    """The bytes of SRC's tokenizer.json (data.tokenizer_beside), which a directory DST holds too: generate.py
+    --prompt encodes with the one beside the weights, and without it fell back to UTF-8 bytes as ids, other text.
+    None where there is none (nor for one past MAX_JSON_BYTES, which no reader takes); one there that is no regular
+    file (a dangling link, a directory) is refused, as generate.py refuses it: DST would have none, and bytes as ids."""
+    path = tokenizer_beside(src)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a link to nothing, a directory, a device): the "
+                              "tokenizer.json beside SRC, which a directory DST holds too; put the file there or "
+                              "remove it")
+    return path.read_bytes() if path.stat().st_size <= MAX_JSON_BYTES else None
+
+
 def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfinite=False,
             quiet=True) -> tuple[str, str]:
     """SRC -> canonical weights and spec -> checked, cast -> DST (atomically); returns (source, target) formats.
     Not `quiet`: a bar of the bytes written on stderr, once the write takes a few seconds."""
     src, dst = Path(src), Path(dst)
-    source_format(src)  # a missing or unknown SRC is the first error, before DST is looked at
+    source_format(checkpoint_path(src))  # a missing, unknown or looped SRC is the first error, before DST's
     target = target_format(dst, to)
     recover(dst)  # a DST moved aside by a replace that was killed is DST again, before it is checked
     check_destination(dst, target, force)
@@ -104,9 +124,12 @@ def convert(src, dst, to=None, spec=None, dtype=None, force=False, allow_nonfini
     spec = spec.replace(param_dtype=dtype or spec.param_dtype)
     weights = {name: w.astype(np_dtype(spec.param_dtype), copy=False) for name, w in weights.items()}
     check_weights(weights, spec, src, allow_nonfinite)  # after the cast, which can overflow to inf
+    tokenizer = source_tokenizer(src) if target in DIRECTORIES else None  # read before DST = SRC is replaced
     with write_errors(dst):  # a full disk is the environment's failure (exit code 3), whatever the writer raised
         with writing(dst, sum(w.nbytes for w in weights.values()), quiet):
             WRITERS[target](dst, weights, spec, force)
+            if tokenizer is not None:
+                atomic_write(dst / tokenizer_beside(src).name, lambda tmp: tmp.write_bytes(tokenizer))
     return source, target
 
 

@@ -19,11 +19,10 @@ from typing import Callable
 
 from shared_config import did_you_mean
 from shared_config.cli import Parser, UsageError, fail, run, utf8_argument
-from shared_config.data import read_tokenizer
+from shared_config.data import read_tokenizer, tokenizer_beside
 from shared_config.limits import quote
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.generation import GenerationError, check_generation
-from shared_config.run_dir import TOKENIZER_FILE
 from shared_config.twins import twin
 
 
@@ -55,6 +54,11 @@ def main(argv=None):
     weights, spec = load_weights(args.weights, args.spec)
     text = load_tokenizer(args.weights, spec) if args.prompt is not None else None
     prompt = text.encode(args.prompt) if text else parse_tokens(args.tokens)
+    if not prompt:  # generate's own words, "every prompt needs at least one token", named no option
+        raise UsageError(f"--prompt {quote(args.prompt)} encodes to no tokens: give it some text, or pass --tokens")
+    if text and (past := [i for i in prompt if i >= spec.V]):  # an added special token's text: "prompt 0: token id"
+        raise UsageError(f"--prompt: {tokenizer_beside(args.weights)} encodes it to token id {past[0]}, past the "
+                         f"model's vocabulary 0..{spec.V - 1} (an added token the model was not trained with)")
     options = {k: getattr(args, k)
                for k in ("temperature", "top_k", "top_p", "seed", "eos_id") if getattr(args, k) is not None}
     try:  # before loading a framework, so that a bad argument fails fast
@@ -96,6 +100,9 @@ def parse_tokens(csv: str) -> list[int]:
     """Comma-separated ASCII integers: int() alone also read '1_0' as 10 and other scripts' digits ('１')."""
     if not all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in csv.split(",")):
         raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, e.g. 1,2,3")
+    # past int64, leading zeros aside: int() of 4,301 digits raised ValueError "Exceeds the limit", a traceback
+    if long := [t.strip() for t in csv.split(",") if len(t.strip().lstrip("-").lstrip("0")) > 20]:
+        raise UsageError(f"--tokens: id {quote(long[0])} is outside any vocabulary (ids are int32 in the twins)")
     return [int(t) for t in csv.split(",")]
 
 
@@ -124,8 +131,8 @@ class HFTokenizer:
 
 def load_tokenizer(weights: Path, spec):
     """The tokenizer.json saved beside the weights, else bytes when the vocabulary holds them."""
-    path = (weights if weights.is_dir() else weights.parent) / TOKENIZER_FILE
-    if path.exists():  # a FIFO or a broken file there is refused, not silently replaced by bytes
+    path = tokenizer_beside(weights)
+    if path.exists() or path.is_symlink():  # a FIFO, a broken file or link there is refused, not replaced by bytes
         tokenizer = HFTokenizer(path)
         # its own vocabulary past the model's: "prompt 0: token id 263 is outside the vocabulary" (added special
         # tokens, which encoding text rarely yields, are not counted)

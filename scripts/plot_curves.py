@@ -15,6 +15,7 @@ from pathlib import Path
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, no_repeats, printable, run
 from shared_config.config_file import FLOAT32_MAX
 from shared_config.curves import plot
+from shared_config.files import resolved
 from shared_config.limits import quote
 from shared_config.run_dir import METRICS_FILE
 from shared_config.metrics import read_metrics
@@ -69,7 +70,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     # also .PNG, as bench/compare.py's --plot takes; never a run's metrics (an --out linked to one was overwritten)
     check_outputs(plot_path=args.out, plot_flag="--out", inputs=[("DIR", d / METRICS_FILE) for d in args.dirs])
-    no_repeats("run directories", [d.resolve() for d in args.dirs])
+    no_repeats("run directories", [resolved(d) for d in args.dirs])
     plot(load_runs(args.dirs), args.out, args.smooth)
     print(args.out)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import DataError
-from .files import CheckpointError
+from .files import CheckpointError, resolved
 from .hardware import HardwareError, jax_backend_failure
 from .report import partial_report
 from .limits import LimitError, quote, shorten_numbers, spelled
@@ -197,19 +197,19 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
     for flag, path in (("--json", json_path), (plot_flag, plot_path)):
         if path is None or (flag == "--json" and str(path) == "-"):  # `--json -`: stdout (shared_config.report)
             continue
-        if cache not in (None, "none") and Path(path).expanduser().resolve() == Path(cache).expanduser().resolve():
+        if cache not in (None, "none") and resolved(path) == resolved(cache):
             raise UsageError(f"{flag} {path} and --compile-cache {cache} name the same path: the cache is a "
                              "directory; give the report another name")
-        if not Path(path).resolve().parent.is_dir():
+        if not resolved(path).parent.is_dir():
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
-        if not os.access(Path(path).resolve().parent, os.W_OK | os.X_OK):  # else refused at the first write
+        if not os.access(resolved(path).parent, os.W_OK | os.X_OK):  # else refused at the first write
             raise UsageError(f"{flag} {path}: {Path(path).parent} is not writable")
         if Path(path).exists() and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
                              "give the path of a file to write")
     if plot_path is not None and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"{plot_flag} {plot_path}: the file must end in {', '.join(PLOT_SUFFIXES)}")
-    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+    if json_path is not None and plot_path is not None and resolved(json_path) == resolved(plot_path):
         raise UsageError(f"--json and {plot_flag} name the same file {plot_path}: the image would replace the report")
     check_not_inputs([("--json", json_path), (plot_flag, plot_path)], inputs)
 
@@ -242,7 +242,7 @@ def check_shorthands(changes, given: dict[str, tuple[str, object]]) -> None:
 def check_out_dir(flag: str, path) -> None:
     """Refuse, before any work and without creating anything, an output directory that cannot be made: its nearest
     existing ancestor must be a directory this process may write into."""
-    ancestor = Path(path).expanduser().resolve()
+    ancestor = resolved(path)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -255,7 +255,7 @@ def check_input_outside(flag: str, out, input_flag: str, given) -> None:
     """Refuse (UsageError) an output directory that holds the input file the tool reads: replacing the directory
     (--force) deleted it (`prepare_data.py d/corpus.txt --out d --force`, `convert.py d/m.pt d --to hf --force`).
     By where the input's name leads: a link in the directory to a file elsewhere goes, its file stays."""
-    out_dir, source = Path(out).expanduser().resolve(), Path(given).expanduser().resolve()
+    out_dir, source = resolved(out), resolved(given)
     if out_dir in source.parents:
         raise UsageError(f"{flag} {out} holds {input_flag} {given}, which replacing it would delete; move the input "
                          f"out of it or pick another {flag}")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli import UsageError, check_out_dir, nonempty
+from .files import resolved
 
 # JAX's cache is bounded (least recently used entries go), which also turns on its file lock
 CACHE_SIZE_BYTES = 4 * 2**30
@@ -69,7 +70,7 @@ def use_compile_cache(directory: str | Path | None) -> Path | None:
     it before the first compilation. Returns the directory, or None. Raises UsageError for a path with a file in the
     way or without write permission, OSError when it cannot be created all the same."""
     off = directory is None or str(directory) == "none"
-    root = None if off else Path(directory).expanduser().resolve()
+    root = None if off else resolved(directory)
     jax_settings = {
         "jax_enable_compilation_cache": not off,
         "jax_compilation_cache_dir": None if off else str(root / "jax"),

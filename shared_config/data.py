@@ -308,6 +308,13 @@ def _tokenizer_in(directory: Path) -> Path | None:
     return tokenizer
 
 
+def tokenizer_beside(weights: str | Path) -> Path:
+    """The tokenizer.json of the weights at `weights`: in their directory (a run's checkpoint, a Hugging Face, fla or
+    Orbax directory), else beside their file. generate.py encodes --prompt with it; convert.py carries it along."""
+    weights = Path(weights)
+    return (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+
+
 def read_tokenizer(path: Path, error: type[Exception] = CheckpointError):
     """A Hugging Face `tokenizers.Tokenizer` from a tokenizer.json: a regular file of at most MAX_JSON_BYTES, UTF-8,
     that `tokenizers` reads; else `error` naming the file and what is wrong (tokenizers raises its own Exception

@@ -218,10 +218,19 @@ def destination(path: str | Path, directory: bool) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def resolved(path: str | Path) -> Path:
+    """`path` made absolute through its symbolic links (`~` expanded). A loop of links (`ln -s x x`) is OSError ELOOP,
+    one line from every tool (exit 2), as Python 3.13's resolve raises it: 3.11's is a RuntimeError, a traceback."""
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+
+
 def first_missing(path: str | Path) -> Path | None:
     """The outermost directory that making `path` (resolved: a link's target) creates, None where it exists: what to
     remove so that a stopped job that made it leaves nothing behind."""
-    path = Path(path).resolve()
+    path = resolved(path)
     return next((d for d in reversed([path, *path.parents]) if not d.exists()), None)
 
 

@@ -47,6 +47,20 @@ def test_orbax_checkpoint_missing_its_data_names_the_array_and_the_file(tmp_path
     assert "TensorStore details" not in line and "pybind11" not in line, line
 
 
+def test_an_orbax_spec_json_that_is_no_readable_file_is_refused_not_taken_as_absent(tmp_path):
+    """spec.json a directory or a loop of links read as "no spec": "carries no spec; pass one", and with --spec given
+    the checkpoint converted without a word about its own spec."""
+    spec = make_spec()
+    save_checkpoint(tmp_path / "m.safetensors", init_weights(spec, 0), spec)
+    convert(tmp_path / "m.safetensors", tmp_path / "m-flax", to="flax")
+    (tmp_path / "m-flax" / "spec.json").unlink()
+    (tmp_path / "m-flax" / "spec.json").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        convert(tmp_path / "m-flax", tmp_path / "out.pt", spec=spec)
+    assert "cannot read: Is a directory" in error_line(e, tmp_path / "m-flax" / "spec.json")
+    assert not (tmp_path / "out.pt").exists()
+
+
 # --- Hugging Face directories ---------------------------------------------------------------------
 
 DELETE = "<delete>"
@@ -81,6 +95,16 @@ BAD_CONFIGS = {
     "rope_disagreement": ({"rope_theta": 500000.0}, "disagree with rope_theta/rope_scaling"),
     "invalid_value": ({"num_key_value_heads": 4}, "gives an invalid spec: n_kv_heads=4 must divide n_heads=6"),
     "wrong_type": ({"intermediate_size": "80"}, "intermediate_size must be an integer or null, got '80'"),
+    # a list or an object was dict membership's TypeError (unhashable) and a traceback
+    "model_type_list": ({"model_type": ["llama"]}, "model_type ['llama'] is not supported (only llama, qwen3)"),
+    # RoPE values were read by the spec, which takes "8" as 8.0 (transformers fails on such a file)
+    "rope_theta_string": ({"rope_parameters": {"rope_type": "default", "rope_theta": "10000"}},
+                          "rope_theta must be a finite number, got '10000' (in the RoPE parameters)"),
+    "llama3_factor_string": ({"rope_parameters": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+                             "factor must be a finite number, got '8' (in the RoPE parameters)"),
+    # an int past float's range: math.isfinite's OverflowError
+    "number_past_float": ({"rms_norm_eps": 10**400}, "rms_norm_eps must be a finite number, got 1000000000"),
 }
 
 
@@ -123,13 +147,22 @@ def test_unreadable_json_files_are_one_line_errors(hf_dir, name, content, says):
     assert not (hf_dir.parent / "out.safetensors").exists()
 
 
+def test_a_directory_of_pickled_weights_is_named_as_such(hf_dir):
+    """An older transformers save (pytorch_model.bin beside config.json) said 'hf/model.safetensors: no such file'."""
+    (hf_dir / "model.safetensors").rename(hf_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        convert(hf_dir, hf_dir.parent / "out.safetensors")
+    assert "holds pytorch_model.bin, transformers' pickle format, which is not read" in error_line(e, hf_dir)
+
+
 def test_sharded_index_must_stay_inside_its_directory_and_agree_with_the_shards(hf_dir):
     (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00001.safetensors")
     index = hf_dir / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../m.safetensors"}}))
-    with pytest.raises(CheckpointError) as e:
-        convert(hf_dir, hf_dir.parent / "out.safetensors")
-    assert "weight_map must map tensor names to file names in" in error_line(e, index)
+    for shard in ("../m.safetensors", ""):  # "" was read as the directory: "hf: a directory, not a safetensors file"
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+        with pytest.raises(CheckpointError) as e:
+            convert(hf_dir, hf_dir.parent / "out.safetensors")
+        assert "weight_map must map tensor names to file names in" in error_line(e, index)
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}))
     with pytest.raises(CheckpointError) as e:
         convert(hf_dir, hf_dir.parent / "out.safetensors")

@@ -180,6 +180,41 @@ def test_force_never_replaces_a_directory_convert_did_not_write(tmp_path, to):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "empty", "notes"]
 
 
+def test_a_dst_link_into_a_missing_directory_is_refused_as_bad_input(tmp_path):
+    """DST a link to a file in a directory that does not exist was read, then failed as 'cannot write: No such file
+    or directory', exit 3 (the environment's code), naming DST's own directory, which exists."""
+    src = canonical_file(tmp_path / "a.safetensors", make_spec())
+    (tmp_path / "m.pt").symlink_to(tmp_path / "gone" / "m.pt")
+    with pytest.raises(UsageError, match=r"gone: no such directory \(where the link .*m.pt leads\)"):
+        convert(src, tmp_path / "m.pt")
+    with pytest.raises(UsageError, match=r"a.safetensors: not a directory$"):  # it said "no such directory"
+        convert(src, tmp_path / "a.safetensors" / "m.pt")
+    (tmp_path / "gone").mkdir()  # the link is written through, to its target
+    convert(src, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").is_symlink() and (tmp_path / "gone" / "m.pt").is_file()
+
+
+def test_a_directory_dst_holds_the_tokenizer_beside_the_source(tmp_path):
+    """A run's checkpoint (or a Hugging Face directory) keeps its tokenizer.json, where generate.py --prompt reads it;
+    converted to a directory, the tokenizer stayed behind and generate.py encoded the prompt as UTF-8 bytes, other ids
+    than the model was trained on, without a word. A file DST gets nothing beside it (that place is the user's)."""
+    src = tmp_path / "step"
+    src.mkdir()
+    canonical_file(src / "model.safetensors", make_spec())
+    (src / "tokenizer.json").write_text('{"a tokenizer": 1}')
+    for dst, to in ((tmp_path / "hf", "hf"), (tmp_path / "flax", "flax"), (tmp_path / "hf", "hf")):  # hf: in place
+        convert(src, dst, to=to, force=True)
+        assert (dst / "tokenizer.json").read_text() == '{"a tokenizer": 1}', to
+        src = dst
+    (tmp_path / "out").mkdir()
+    convert(src, tmp_path / "out" / "m.pt")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.pt"]
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(tmp_path / "gone.json")  # refused as generate.py refuses it, not left out
+    with pytest.raises(CheckpointError, match="tokenizer.json: not a regular file"):
+        convert(src, tmp_path / "flax", to="flax", force=True)
+
+
 def test_target_format_from_to_extension_or_existing_directory(tmp_path):
     src = canonical_file(tmp_path / "a.safetensors", make_spec())
     assert convert(src, tmp_path / "b.pth") == ("safetensors", "torch")

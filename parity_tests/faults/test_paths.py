@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from shared_config.cli import Parser, UsageError, check_outputs
+from shared_config.cli import Parser, UsageError, check_outputs, run
+from shared_config import init_weights, save_checkpoint
 from shared_config.files import atomic_dir, atomic_write
 from shared_config.data import DataError, load_data
 
-from ..support.common import ROOT, checkout_env, load_script, one_line_error, run_python, run_script
+from ..support.common import ROOT, checkout_env, load_script, make_spec, one_line_error, run_python, run_script
 
 
 def write_text(text):
@@ -118,6 +119,28 @@ def test_os_refusals_are_one_line_naming_the_users_path(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         atomic_write(tmp_path / "no" / "such" / "r.json", write_text("x"))
     assert e.value.filename == str(tmp_path / "no" / "such" / "r.json")
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("convert", ["{tmp}/m.safetensors", "{loop}.pt"]),  # a DST (and any --out, --json, --plot, the checks share it)
+    ("convert", ["{loop}.pt", "{tmp}/o.safetensors"]),  # a SRC: it was "no such file or directory"
+    ("prepare_data", ["{tmp}/t.txt", "--out", "{loop}"]),
+    ("plot_curves", ["{loop}"]),  # a run directory read
+])
+def test_a_loop_of_symbolic_links_is_one_line_naming_it(tool, argv, tmp_path, capsys):
+    """`ln -s x x` given as a path: Python 3.11's Path.resolve raised RuntimeError 'Symlink loop', a traceback with
+    exit 1 (shared_config.files.resolved makes it the OSError ELOOP that 3.13 raises, one line, exit 2)."""
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    save_checkpoint(tmp_path / "m.safetensors", init_weights(make_spec(), 0), make_spec())
+    loop = tmp_path / "loop"
+    for name in ("loop", "loop.pt"):
+        (tmp_path / name).symlink_to(tmp_path / name)
+    argv = [a.format(tmp=tmp_path, loop=loop) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run(load_script(tool).main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and str(loop) in err and "Too many levels of symbolic links" in err, err
 
 
 def test_an_empty_path_argument_is_refused():

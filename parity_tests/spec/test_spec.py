@@ -149,6 +149,8 @@ def test_missing_required_key_and_bad_sources(tmp_path):
         load_spec("nope")
     with pytest.raises(SpecError, match=f"spec '{tmp_path}' is a directory; give a preset name or a YAML file"):
         load_spec(tmp_path)  # it said "no spec preset or file named", of a path that exists
+    with pytest.raises(SpecError, match="spec '/dev/null' is not a regular file \\(a device, a pipe or a socket\\)"):
+        load_spec("/dev/null")  # the same
     for link, target in (("loop.yaml", "loop.yaml"), ("dangling.yaml", "gone.yaml")):
         (tmp_path / link).symlink_to(target)
         # (a long path is shortened in the middle by quote(): the link's own name ends it)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import jax_model
 import torch_model
 from jax_model import generate as jg
-from shared_config import save_checkpoint
+from shared_config import CheckpointError, save_checkpoint
 from torch_model import generate as tg
 
 from ..support.common import load_script, make_spec, parity_weights, run_main, run_script
@@ -83,13 +83,19 @@ def test_text_prompts_as_bytes_or_through_tokenizer_json(weights, tmp_path):
     tok.add_special_tokens(["<|end|>"])  # id 5, past a 5-token model, which encoding text does not yield
     tok.save(str(tmp_path / "tokenizer.json"))
     assert cli.load_tokenizer(tmp_path / "model.safetensors", make_spec(vocab_size=5)).encode("a time") == [3, 4]
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").symlink_to(tmp_path / "gone.json")  # a link left dangling: it encoded bytes instead
+    with pytest.raises(CheckpointError, match="tokenizer.json: cannot read: No such file"):
+        cli.load_tokenizer(tmp_path / "model.safetensors", spec)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "1,x"], "must be comma-separated integer ids"),
     (["--tokens", "1,300"], "token id 300 is outside the vocabulary 0..299"),
+    (["--tokens", "1," + "9" * 5000], "--tokens: id '9999999999...9999999999 (5,000 digits)' is outside any"),
     (["--tokens", ",".join(["1"] * 100), "--max-new-tokens", "29"], "exceeds max_seq_len=128"),
     (["--prompt", "x" * 200], "a prompt of 200 tokens plus --max-new-tokens 64 exceeds max_seq_len=128"),
+    (["--prompt", ""], "--prompt '' encodes to no tokens"),  # was "every prompt needs at least one token"
     (["--tokens", "1", "--top-p", "1.5"], "--top-p 1.5 must be a number in (0, 1]"),  # the option, not top_p=
     (["--tokens", "1", "--attention", "sdpa"], "not offered by the jax twin"),
 ])
@@ -98,6 +104,23 @@ def test_bad_input_is_one_error_line_and_exit_2(weights, capsys, args, message):
         cli.run(cli.main, ["--backend", "jax", "--weights", str(weights), *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
+
+
+def test_a_prompt_the_tokenizer_encodes_past_the_vocabulary_names_the_tokenizer(tmp_path, capsys):
+    """An added token's text in --prompt (its id past the model's vocabulary) said "prompt 0: token id 5 is outside
+    the vocabulary 0..4", generate()'s words for a batch, naming neither --prompt nor the tokenizer."""
+    spec = make_spec(vocab_size=5)
+    save_checkpoint(tmp_path / "m.safetensors", parity_weights(spec), spec)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "once": 1, "upon": 2, "a": 3, "time": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|end|>"])  # id 5
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(cli.main, ["--backend", "torch", "--weights", str(tmp_path / "m.safetensors"), "--prompt", "a <|end|>"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --prompt: {tmp_path / 'tokenizer.json'} encodes it to token id 5, past the model's "
+                          "vocabulary 0..4"), err
 
 
 def test_a_cache_past_the_machines_memory_is_one_error_line_before_a_framework_loads(tmp_path, capsys, monkeypatch):

@@ -56,6 +56,18 @@ def checkpoint_path(src) -> Path:
     return path
 
 
+def check_not_pickled(path: Path) -> None:
+    """A Hugging Face-style directory whose weights are only transformers' pickles (pytorch_model*.bin) is refused
+    naming them: "model.safetensors: no such file" left the user to guess why the weights beside it were not read."""
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return
+    if found := sorted(p.name for p in path.glob("pytorch_model*.bin*")):
+        raise CheckpointError(f"{path}: holds {found[0]}{', ...' if len(found) > 1 else ''}, transformers' pickle "
+                              "format, which is not read (a pickle can run code): only model.safetensors or the "
+                              "shards model.safetensors.index.json lists; save it with "
+                              "save_pretrained(safe_serialization=True)")
+
+
 def spec_from_json(text: str | bytes, path: str | Path, what: str = "spec") -> ModelSpec:
     """A spec stored as JSON (file metadata, `spec.json`); a bad one is a CheckpointError naming `path`."""
     try:

@@ -10,6 +10,7 @@ Sources: transformers 5.23 `LlamaConfig` / `Qwen3Config` (`models/{llama,qwen3}/
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,12 +39,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # (GLAConfig raises without it; ours: the GLA's heads), num_kv_heads None is fla's Attention's "as many as heads"
     "gla-attn": {"num_heads": None, "num_kv_heads": None, "qkv_bias": False, "window_size": None,
                  "rope_theta": 10000.0},
+    # RoPE parameters (`rope_parameters`, 4.x's `rope_scaling`): llama3's four have no default (missing is refused)
+    "rope": {"rope_theta": 10000.0, "factor": None, "low_freq_factor": None, "high_freq_factor": None,
+             "original_max_position_embeddings": None},
 }
 
 # the type each numeric or boolean key must have (others are compared with the values we implement)
 INTEGERS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "num_heads", "num_kv_heads", "window_size")
-NUMBERS = ("rms_norm_eps", "norm_eps", "expand_k", "expand_v", "hidden_ratio", "rope_theta")
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "num_heads", "num_kv_heads", "window_size",
+            "original_max_position_embeddings")
+NUMBERS = ("rms_norm_eps", "norm_eps", "expand_k", "expand_v", "hidden_ratio", "rope_theta", "factor",
+           "low_freq_factor", "high_freq_factor")
 BOOLEANS = ("tie_word_embeddings", "fuse_norm", "qkv_bias")
 # null: derived, as in our spec (window_size: no window)
 NULLABLE = ("num_key_value_heads", "head_dim", "num_kv_heads", "intermediate_size", "window_size")
@@ -65,7 +71,9 @@ def config_value(config: Mapping[str, Any], model_type: str, key: str, path: str
         ok = isinstance(value, int) and not isinstance(value, bool)
         kind = "an integer"
     elif key in NUMBERS:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # an int is compared, not converted: math.isfinite(10**400) raises OverflowError
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max)
         kind = "a finite number"
     elif key in BOOLEANS:
         ok, kind = isinstance(value, bool), "true or false"

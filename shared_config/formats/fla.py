@@ -20,7 +20,8 @@ from ..layout import layout
 from ..limits import quote, spelled
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, check_weights, held_params, resolve_spec, spec_from_metadata, without_tied_copy
+from .checks import (check_not_pickled, check_size, check_weights, held_params, resolve_spec, spec_from_metadata,
+                     without_tied_copy)
 from .config_json import ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_safetensors
 
@@ -192,6 +193,7 @@ def read_fla(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], ModelS
     config.json and the safetensors header are checked before any tensor is read."""
     path = Path(path)
     config = read_json(path / "config.json")
+    check_not_pickled(path)
     header = safetensors_header(path / "model.safetensors")
     meta = header.get("__metadata__") or {}
     base = spec_from_metadata(meta, path / "model.safetensors") or (load_spec(spec) if spec is not None else None)

@@ -19,7 +19,8 @@ from ..layout import group_names
 from ..limits import quote, spelled
 from ..config_file import SpecError
 from ..spec import ModelSpec, load_spec
-from .checks import check_size, held_params, resolve_spec, spec_from_metadata, without_derived, without_tied_copy
+from .checks import (check_not_pickled, check_size, held_params, resolve_spec, spec_from_metadata, without_derived,
+                     without_tied_copy)
 from .config_json import DEFAULTS, ConfigValueError, config_value
 from .safetensors import read_safetensors, safetensors_header, save_checkpoint
 
@@ -126,7 +127,7 @@ def spec_from_config(config: Mapping[str, Any], path: str | Path, base: Mapping[
 
 def _model_type(config: Mapping[str, Any], path) -> str:
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:  # a list or object: unhashable
         raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only "
                               f"{', '.join(ARCHITECTURES)})")
     if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
@@ -162,7 +163,12 @@ def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any
     if unknown := sorted(set(params) - {"rope_type", "type", "rope_theta", *LLAMA3_KEYS.values()}):
         raise CheckpointError(f"{path}: RoPE parameters {quote(unknown)} are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))  # "type": older files
-    fields = {"rope_theta": params.get("rope_theta", theta), "rope_scaling": "none"}
+    try:  # typed as config.json's own keys: the spec would read "8" as 8.0, where transformers fails on it
+        typed = {key: config_value({"rope_theta": theta, **params}, "rope", key, path)
+                 for key in ("rope_theta", *LLAMA3_KEYS.values()) if key in params or key == "rope_theta"}
+    except ConfigValueError as e:
+        raise CheckpointError(f"{e} (in the RoPE parameters)") from None
+    fields = {"rope_theta": typed["rope_theta"], "rope_scaling": "none"}
     if rope_type == "default":
         return fields
     if rope_type != "llama3":
@@ -170,7 +176,7 @@ def _rope_fields(params: Mapping[str, Any], path, theta: float) -> dict[str, Any
                               "default, llama3)")
     if missing := [k for k in LLAMA3_KEYS.values() if k not in params]:
         raise CheckpointError(f"{path}: llama3 RoPE scaling is missing {', '.join(missing)}")
-    return {**fields, "rope_scaling": "llama3", **{f: params[k] for f, k in LLAMA3_KEYS.items()}}
+    return {**fields, "rope_scaling": "llama3", **{f: typed[k] for f, k in LLAMA3_KEYS.items()}}
 
 
 # --- directories --------------------------------------------------------------------------------
@@ -206,13 +212,14 @@ def write_hf(path: str | Path, weights: Mapping[str, np.ndarray], spec: ModelSpe
 
 def _headers(path: Path) -> dict[Path, dict]:
     """The checked safetensors header of `model.safetensors`, or of each shard the index lists, by file."""
+    check_not_pickled(path)
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file() or not index.is_file():
         return {path / "model.safetensors": safetensors_header(path / "model.safetensors")}
     weight_map = read_json(index).get("weight_map")
     # shard names must be plain file names: an index must not point outside its directory
     shards = weight_map.values() if isinstance(weight_map, dict) else [None]
-    if not all(isinstance(f, str) and Path(f).name == f for f in shards):
+    if not all(isinstance(f, str) and f and Path(f).name == f for f in shards):  # "": the directory itself
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names in {path}")
     headers = {path / shard: safetensors_header(path / shard) for shard in sorted(set(weight_map.values()))}
     for shard, header in headers.items():

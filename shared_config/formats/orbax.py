@@ -57,7 +57,9 @@ def load_orbax(path: str | Path, spec=None) -> tuple[dict[str, np.ndarray], Mode
 
     path = Path(path)
     spec_file = path / "spec.json"
-    file_spec = spec_from_json(read_spec_file(spec_file), spec_file) if spec_file.is_file() else None
+    # a spec.json there that is no readable file (a directory, a loop of links) is refused, not read as "no spec"
+    there = spec_file.exists() or spec_file.is_symlink()
+    file_spec = spec_from_json(read_spec_file(spec_file), spec_file) if there else None
     spec = resolve_spec(file_spec, spec, path)
     state_dir = (path / "state").absolute()
     try:  # SIGTERM/SIGINT wait for Orbax's reading threads too (an exception meanwhile is a native abort)
