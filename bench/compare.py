@@ -39,8 +39,9 @@ def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     add_job_options(p, backends=list(BACKENDS), backend_help="what to time (all: jax, torch and hf)",
                     modes=["train", "forward", "decode"],
-                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq-len tokens, then "
-                              "time --steps one-token KV-cache steps",
+                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq-len tokens "
+                              "(default: min(256, max_seq_len less the decoded tokens)), then time --steps one-token "
+                              "KV-cache steps",
                     steps=20, steps_help="timed steps per (variant, backend), rounded up to a multiple of --rounds",
                     compiled="torch/hf")
     p.add_argument("--sweep", action="append", default=[], type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=V1,V2",
@@ -96,16 +97,19 @@ def main(argv=None):
 def compare(args):
     before, during = load.snapshot(measure_busy=True), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
-    seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
-    args.seq = seq
     from bench.timing import bench_train_config, decoded_tokens  # light: jax and torch load after configure_threads
 
     decoded = decoded_tokens(args.steps, args.rounds, args.warmup) if args.mode == "decode" else 0
+    # the default prompt leaves room for the decoded tokens: `--mode decode` alone was refused on tiny (256 + 5 > 256)
+    room = min(s.max_seq_len for _, s in specs) - decoded
+    seq = args.seq if args.seq is not None else min(256, max(room, 1))
+    given = "--seq-len" if args.seq is not None else "the default --seq-len"  # a too long --steps: not the user's seq
+    args.seq = seq
     for label, spec in specs:
         if seq > spec.max_seq_len:
             raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
         if seq + decoded > spec.max_seq_len:
-            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
+            raise UsageError(f"--mode decode: {given} {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
                              f"or 1 + --warmup) exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if args.plot and (bars := len(specs) * len(backends)) > MAX_LINES:  # replot.py refused it; this drew for minutes

@@ -1,0 +1,46 @@
+"""The bench tools at the edges of their options, as a demanding new user meets them: defaults that must run, numbers
+that must not round away what was timed, reports that must not call rounding noise a mismatch. In-process where
+the tool's main allows it; nothing here times a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from .test_odd_input import error_line
+
+
+class Stop(Exception):
+    """Raised by a stand-in for the timing loop: the test has read what the options became."""
+
+
+@pytest.fixture
+def untimed_compare(monkeypatch):
+    """compare.py's main with the timing loop replaced: the args it would time with are kept, nothing runs (no
+    framework, no thread pinning, no cache directory)."""
+    from bench import compare, timing
+
+    seen = {}
+
+    def stop(args, *rest, **kw):
+        seen["args"] = args
+        raise Stop
+
+    monkeypatch.setattr(timing, "run_benchmarks", stop)
+    monkeypatch.setattr(compare, "configure_threads", lambda *a: None)
+    return compare.main, seen
+
+
+def test_decode_mode_s_default_prompt_leaves_room_for_the_decoded_tokens(untimed_compare, capsys):
+    """`compare.py --mode decode` with every other option at its default was refused on the default spec: its
+    prompt, min(256, max_seq_len) = 256 tokens of tiny, left no room for the 5 tokens it decodes ("--seq-len 256 ...
+    exceed max_seq_len=256", a flag the user never gave). The default prompt is now what fits beside them."""
+    main, seen = untimed_compare
+    with pytest.raises(Stop):
+        main(["--mode", "decode", "--backend", "jax", "--compile-cache", "none"])
+    assert seen["args"].seq == 256 - 5  # tiny's max_seq_len less 1 + --warmup 3 ... = max(20 / 4, 4) = 5
+    with pytest.raises(Stop):  # a given --seq-len is taken as given
+        main(["--mode", "decode", "--backend", "jax", "--seq", "100", "--compile-cache", "none"])
+    assert seen["args"].seq == 100
+    # more decoded tokens than the spec holds: the error says the default was too long, not a --seq-len given
+    error_line(main, ["--mode", "decode", "--backend", "jax", "--steps", "300", "--rounds", "1"], capsys,
+               "the default --seq-len 1 prompt tokens + 300 decoded", "max_seq_len=256")
