@@ -27,6 +27,14 @@ BF16_FORWARD_TOL = 5e-2  # activations: max|Δ| / max|reference|, a few rounding
 BF16_GRAD_TOL = 5e-2  # per tensor: max|Δg| / max|g|; also the parameters at the end of a bf16 trajectory
 
 
+def nudged(weights: dict) -> dict[str, np.ndarray]:
+    """Every weight rounded once more: a relative 2⁻²⁴ of random sign (seeded), the scale of float32's rounding (the
+    floor FLOOR_FACTOR multiplies)."""
+    signs = np.random.default_rng(0)
+    return {n: (w.astype(np.float64) * (1 + 2.0**-24 * signs.choice([-1.0, 1.0], w.shape))).astype(w.dtype)
+            for n, w in weights.items()}
+
+
 def rel_err(a, b) -> float:
     """max|a − b| / std(b): error on the scale of the reference. A constant reference (std 0: one element, a tap that
     does not vary) is measured on its max|b| instead: over std 0, twins that agree exactly were NaN, a FAIL."""
