@@ -44,3 +44,14 @@ def test_decode_mode_s_default_prompt_leaves_room_for_the_decoded_tokens(untimed
     # more decoded tokens than the spec holds: the error says the default was too long, not a --seq-len given
     error_line(main, ["--mode", "decode", "--backend", "jax", "--steps", "300", "--rounds", "1"], capsys,
                "the default --seq-len 1 prompt tokens + 300 decoded", "max_seq_len=256")
+
+
+def test_the_gla_layer_table_keeps_a_sub_millisecond_time():
+    """bench/gla_layer.py's table printed seconds to 3 decimals: a kernel's 0.4 ms (a GPU's at the default geometry,
+    JAX's pure form at --tokens 1 on a CPU) read 0.000 s, as if nothing had been timed. Three significant digits."""
+    from bench.gla_layer import table_row
+
+    row = {"twin": "jax", "kernel": "pallas", "median_s": 4.12e-4, "min_s": 3.9e-5, "compile_s": 1.5,
+           "peak_mem_bytes": 2**21, "max_rel_err": 1e-6}
+    assert table_row(row).split(" | ")[2:4] == ["0.000412", "3.9e-05"]
+    assert table_row({**row, "median_s": 12.345, "min_s": 0.0441}).split(" | ")[2:4] == ["12.3", "0.0441"]
