@@ -27,14 +27,24 @@ def read_report(path: Path) -> dict:
     env, results = report.get("env"), report.get("results")
     fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),
               ("dtype", str, "a string"), ("batch", int, "an integer"))  # every field the plot and its title read
+    # and the memory options and --set that the title names, where the report has them (a KeyError or TypeError
+    # traceback when one was missing or not a string)
+    memory = (("grad_accum_steps", int, "an integer"), ("remat", str, "a string"), ("loss_chunk", int, "an integer"))
     problem = ("no env object" if not isinstance(env, dict)
                else next((f"env.{k} is not {noun}" for k, kind, noun in fields if type(env.get(k)) is not kind), None)
                or next((f"env.{k} is not >= 1" for k in ("seq", "batch") if env[k] < 1), None)
+               or next((f"env.{k} is not {noun}" for k, kind, noun in memory
+                        if "remat" in env and type(env.get(k)) is not kind), None)
+               or ("env.set is not a list of strings" if env.get("set") and not (
+                   isinstance(env["set"], list) and all(isinstance(item, str) for item in env["set"])) else None)
                or ("no results list" if not isinstance(results, list) else None))
+    rows = set()  # (variant, backend): a repeated one was drawn over the other, one bar for two rows
     for i, r in enumerate(results if problem is None else []):
         step = r.get("step_s") if isinstance(r, dict) else None
         if not (isinstance(step, dict) and isinstance(r.get("variant"), str) and isinstance(r.get("backend"), str)):
             problem = f"results[{i}] lacks variant, backend or step_s (median, p10, p90)"
+        elif (r["variant"], r["backend"]) in rows:
+            problem = f"results[{i}] repeats variant {r['variant']!r} of backend {r['backend']!r}"
         elif not all(is_time(step.get(k)) for k in ("median", "p10", "p90")):
             problem = (f"results[{i}].step_s must hold median, p10 and p90 in seconds, each a number > 0 and <= "
                        f"{MAX_STEP_S:g}")
@@ -44,6 +54,7 @@ def read_report(path: Path) -> dict:
             problem = f"results[{i}].mfu must be null or a fraction in [0, 1]"
         if problem:
             break
+        rows.add((r["variant"], r["backend"]))
     if problem:
         raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
     if not results:
