@@ -187,6 +187,7 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
         if not any(k in KERNELS[b] for b in backends):
             have = "; ".join(f"{b}: " + ", ".join(KERNELS[b]) for b in backends)
             raise UsageError(f"--kernel {k}: no asked twin has it ({have})")
+    skipped = []
     for b, k in list(jobs):
         if k in ("pallas", "fla"):
             platform = twin(b, "attention").device_platform()
@@ -196,8 +197,13 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
             except HardwareError as e:
                 if not if_present:
                     raise UsageError(f"--kernel {k}: {e}") from None
-                print(f"note: skipped the {b} twin's {k}: {e}", file=sys.stderr)
+                skipped.append(f"the {b} twin's {k}: {e}")
                 jobs.remove((b, k))
+    if not jobs:  # every kernel skipped: an empty table and exit 0, as if they had been timed
+        raise UsageError(f"--if-present: every asked kernel is skipped here, nothing to time ({skipped[0]}); add pure "
+                         "to --kernel, or run on a machine that has them")
+    for note in skipped:
+        print(f"note: skipped {note}", file=sys.stderr)
     return jobs
 
 

@@ -55,3 +55,18 @@ def test_the_gla_layer_table_keeps_a_sub_millisecond_time():
            "peak_mem_bytes": 2**21, "max_rel_err": 1e-6}
     assert table_row(row).split(" | ")[2:4] == ["0.000412", "3.9e-05"]
     assert table_row({**row, "median_s": 12.345, "min_s": 0.0441}).split(" | ")[2:4] == ["12.3", "0.0441"]
+
+
+def test_gla_layer_if_present_with_no_kernel_left_to_time_is_refused(tmp_path, capsys):
+    """`gla_layer.py --kernel pallas,fla --if-present` on a machine without a GPU skipped both, printed an empty
+    table, wrote a report without rows and exited 0, as if the kernels had been timed: refused in one line (before
+    any note), nothing written."""
+    from bench import gla_layer
+    from shared_config.resources import accelerator_present
+
+    if accelerator_present():
+        pytest.skip("a GPU here may run pallas or fla")
+    out = tmp_path / "gla.json"
+    error_line(gla_layer.main, ["--kernel", "pallas,fla", "--if-present", "--tokens", "16", "--json", out], capsys,
+               "--if-present: every asked kernel is skipped here", "the jax twin's pallas", "add pure to --kernel")
+    assert list(tmp_path.iterdir()) == []
