@@ -70,3 +70,21 @@ def test_gla_layer_if_present_with_no_kernel_left_to_time_is_refused(tmp_path, c
     error_line(gla_layer.main, ["--kernel", "pallas,fla", "--if-present", "--tokens", "16", "--json", out], capsys,
                "--if-present: every asked kernel is skipped here", "the jax twin's pallas", "add pure to --kernel")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_train_configs_batch_shape_is_the_one_timed_unless_a_flag_says_otherwise(tmp_path):
+    """A --train-config's batch_size and seq_len were replaced by the bench's defaults without a word: batch_size 32
+    x seq_len 64 was timed at 8 x 256, and batch_size 6 with grad_accum_steps 3 was refused as 'grad_accum_steps=3
+    must divide batch_size=8', a batch the user never gave. They are now read as the memory options are: the flag
+    wins, else the config's value, else the default; in both tools."""
+    from bench import compare, profile_step
+    from bench.options import environment
+
+    config = tmp_path / "train.yaml"
+    config.write_text("batch_size: 6\nseq_len: 64\ngrad_accum_steps: 3\n")
+    for parse in (compare.parse_args, profile_step.parse_args):
+        env = environment(parse(["--train-config", str(config)]), "cpu")
+        assert (env["batch"], env["seq"], env["grad_accum_steps"]) == (6, 64, 3)
+        env = environment(parse(["--train-config", str(config), "--batch", "9", "--seq", "32"]), "cpu")
+        assert (env["batch"], env["seq"]) == (9, 32)
+        assert (parse([]).batch, parse([]).seq) == (8, None)  # no config: the defaults (seq: the spec's, later)
