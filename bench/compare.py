@@ -32,7 +32,7 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
-from bench.plot import MAX_LINES, report_title
+from bench.plot import MAX_LINES, figure, report_title
 
 
 def parse_args(argv):
@@ -206,8 +206,8 @@ def print_table(report: dict) -> None:
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
         step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
         prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
-        print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} "
-              f"{r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
+        print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {figure(r['tokens_per_s'], 0):>10} "
+              f"{figure(rate, 2):>8} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
     ratios = []
     for variant in dict.fromkeys(r["variant"] for r in results):

@@ -65,6 +65,12 @@ def read_report(path: Path) -> dict:
     return report
 
 
+def figure(x: float, decimals: int) -> str:
+    """`x` for a table: `decimals` decimals, or 3 significant digits where those would show less of it (a CPU's
+    0.037 GFLOP/s read 0.0, a decoded 0.33 tokens/s read 0: rates of nothing, in a table of measured runs)."""
+    return f"{x:.{decimals}f}" if x == 0 or abs(x) >= 10 ** (2 - decimals) else f"{x:.3g}"
+
+
 def report_title(env: dict) -> str:
     """What a report (compare.py's JSON) measured, in one line: the title of its table and of its plot."""
     memory = (f" | grad_accum {env['grad_accum_steps']}, remat {env['remat']}, loss_chunk {env['loss_chunk']}"

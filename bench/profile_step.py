@@ -43,6 +43,7 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
+from bench.plot import figure
 from bench.runners import without_profiler_chatter
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
@@ -288,13 +289,13 @@ def print_table(report: dict) -> None:
     unit, scale = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1.0)  # a CPU's rates read better in GFLOP/s
     print(f"{env['device']} · {env['spec']} · {env['mode']} · {env['dtype']} · batch {env['batch']} × seq {env['seq']}")
     for r in report["results"]:
-        print(f"\n{r['backend']}: {r['step_ms']:.2f} ms per step under the profiler, {scale * r['tflops']:.1f} model "
-              f"{unit} ({r['attention_kernel']} attention)")
+        print(f"\n{r['backend']}: {r['step_ms']:.2f} ms per step under the profiler, "
+              f"{figure(scale * r['tflops'], 1)} model {unit} ({r['attention_kernel']} attention)")
         print(f"  {'category':<10} {'ms/step':>9} {'share':>7} {unit:>8}")
         if r["overlapping"]:
             print(f"  (kernels ran concurrently: {r['busy_ms']:.1f} ms of thread-time per step; shares are of that)")
         for c, row in r["categories"].items():
-            rate = f"{scale * row['tflops']:8.1f}" if "tflops" in row else f"{'':8}"
+            rate = f"{figure(scale * row['tflops'], 1):>8}" if "tflops" in row else f"{'':8}"
             print(f"  {c:<10} {row['ms']:9.2f} {100 * row['share']:6.1f}% {rate}")
         print("  top kernels:" if not cpu else "  top operators:")
         for k in r["top"]:

@@ -88,3 +88,26 @@ def test_a_train_configs_batch_shape_is_the_one_timed_unless_a_flag_says_otherwi
         env = environment(parse(["--train-config", str(config), "--batch", "9", "--seq", "32"]), "cpu")
         assert (env["batch"], env["seq"]) == (9, 32)
         assert (parse([]).batch, parse([]).seq) == (8, None)  # no config: the defaults (seq: the spec's, later)
+
+
+def test_the_tables_keep_a_small_rate_s_digits(capsys):
+    """compare.py's and profile_step.py's tables rounded rates to fixed decimals: a decode step of 3 s at batch 1 read
+    0 tokens/s, a CPU's 0.037 model GFLOP/s (profile_step at batch 1 x seq 16) read 0.0: a rate of nothing, for a
+    step that ran. Small figures keep 3 significant digits; large ones print as before."""
+    from bench import compare, profile_step
+    from bench.plot import figure
+
+    assert [figure(x, 1) for x in (0.0, 3.7e-2, 4.283, 42.83, 989.0)] == ["0.0", "0.037", "4.28", "42.8", "989.0"]
+    assert [figure(x, 0) for x in (0.333, 42.5, 20480.0)] == ["0.333", "42.5", "20480"]
+    row = {"backend": "jax", "variant": "tiny", "step_s": {"median": 3.0, "p10": 2.9, "p90": 3.1},
+           "tokens_per_s": 1 / 3, "tflops": 3.7e-5, "mfu": None, "compile_s": 1.0, "peak_mem_bytes": None,
+           "attention": "blocked"}
+    env = {"device": "cpu (x86_64)", "mode": "decode", "dtype": "float32", "batch": 1, "seq": 16}
+    compare.print_table({"env": env, "results": [row]})
+    assert capsys.readouterr().out.splitlines()[2].split()[4:6] == ["0.333", "0.037"]
+    result = {"backend": "torch", "step_ms": 1281.0, "tflops": 3.7e-5, "attention_kernel": "sdpa",
+              "overlapping": False, "busy_ms": 1000.0, "top": [],
+              "categories": {"matmul": {"ms": 722.0, "share": 0.56, "tflops": 6.1e-5}}}
+    profile_step.print_table({"env": {**env, "spec": "tiny", "mode": "train"}, "results": [result]})
+    lines = capsys.readouterr().out.splitlines()
+    assert "0.037 model GFLOP/s" in lines[2] and lines[4].split()[-1] == "0.061"
