@@ -103,11 +103,11 @@ def compare(args):
     # the default prompt leaves room for the decoded tokens: `--mode decode` alone was refused on tiny (256 + 5 > 256)
     room = min(s.max_seq_len for _, s in specs) - decoded
     seq = args.seq if args.seq is not None else min(256, max(room, 1))
-    given = "--seq-len" if args.seq is not None else "the default --seq-len"  # a too long --steps: not the user's seq
+    given = args.seq_from if args.seq is not None else "the default --seq-len"  # a too long --steps: not the user's
     args.seq = seq
     for label, spec in specs:
         if seq > spec.max_seq_len:
-            raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+            raise UsageError(f"{given} {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
         if seq + decoded > spec.max_seq_len:
             raise UsageError(f"--mode decode: {given} {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
                              f"or 1 + --warmup) exceed max_seq_len={spec.max_seq_len} of {label}")

@@ -120,9 +120,11 @@ def memory_options(args) -> list[str]:
     default = TrainConfig()
     config = load_train_config(args.train_config) if args.train_config and args.mode == "train" else default
     # the shape too: a config's batch_size 32 x seq_len 64 was timed at 8 x 256 without a word (the flag wins)
+    args.seq_from = "--seq-len"  # what set args.seq, for an error that names it
     for key, attr in (("batch_size", "batch"), ("seq_len", "seq")):
         if getattr(args, attr) is None and getattr(config, key) != getattr(default, key):
             setattr(args, attr, getattr(config, key))
+            args.seq_from = f"--train-config {args.train_config}'s seq_len" if attr == "seq" else args.seq_from
     args.batch = args.batch or default.batch_size  # args.seq None: the tool's default, from the spec
     named = []
     for key, attr in MEMORY_FLAGS.items():

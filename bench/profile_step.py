@@ -243,7 +243,7 @@ def profile(args):
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+        raise UsageError(f"{args.seq_from} {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     need = ((train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
             + args.steps * (spec.L + 1) * TRACE_BYTES_PER_LAYER_STEP)  # the step, then the profiler's events
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",

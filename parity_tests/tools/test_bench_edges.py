@@ -90,6 +90,19 @@ def test_a_train_configs_batch_shape_is_the_one_timed_unless_a_flag_says_otherwi
         assert (parse([]).batch, parse([]).seq) == (8, None)  # no config: the defaults (seq: the spec's, later)
 
 
+
+def test_a_seq_len_too_long_for_the_spec_names_where_it_came_from(tmp_path, capsys):
+    """A --train-config's seq_len past the spec's max_seq_len is named as the config's, not as a --seq-len."""
+    from bench import compare, profile_step
+
+    config = tmp_path / "train.yaml"
+    config.write_text("seq_len: 300\n")
+    for main in (compare.main, profile_step.main):
+        error_line(main, ["--backend", "jax", "--train-config", config], capsys,
+                   f"--train-config {config}'s seq_len 300 exceeds max_seq_len=256 of tiny")
+        error_line(main, ["--backend", "jax", "--seq", "300"], capsys, "error: --seq-len 300 exceeds max_seq_len=256")
+
+
 def test_the_tables_keep_a_small_rate_s_digits(capsys):
     """compare.py's and profile_step.py's tables rounded rates to fixed decimals: a decode step of 3 s at batch 1 read
     0 tokens/s, a CPU's 0.037 model GFLOP/s (profile_step at batch 1 x seq 16) read 0.0: a rate of nothing, for a
