@@ -124,3 +124,16 @@ def test_the_tables_keep_a_small_rate_s_digits(capsys):
     profile_step.print_table({"env": {**env, "spec": "tiny", "mode": "train"}, "results": [result]})
     lines = capsys.readouterr().out.splitlines()
     assert "0.037 model GFLOP/s" in lines[2] and lines[4].split()[-1] == "0.061"
+
+
+def test_an_output_that_is_a_dangling_link_names_the_folder_it_leads_to(tmp_path):
+    """`--out x.png` (any tool's --json or --plot) where x.png is a link into a missing folder was refused as
+    '. is not a directory', naming a folder that is one: the error names where the link leads."""
+    from shared_config.cli import UsageError, check_outputs
+
+    link = tmp_path / "x.png"
+    link.symlink_to(tmp_path / "gone" / "x.png")
+    with pytest.raises(UsageError, match=f"--plot {link}: {tmp_path / 'gone'}, where the link leads, is not a dir"):
+        check_outputs(plot_path=link)
+    with pytest.raises(UsageError, match=f"--json {tmp_path / 'gone' / 'r.json'}: {tmp_path / 'gone'} is not a dir"):
+        check_outputs(tmp_path / "gone" / "r.json")
