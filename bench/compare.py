@@ -124,7 +124,7 @@ def compare(args):
     shards = args.shards
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
-    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
+    train_config = bench_train_config(args, specs) if args.mode == "train" else None  # refused before the imports
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache

@@ -250,7 +250,7 @@ def profile(args):
                  "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     from bench.timing import backend_options, bench_tokens, bench_train_config, check_gla_kernel  # light
 
-    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
+    train_config = bench_train_config(args, [(label, spec)]) if args.mode == "train" else None  # before the imports
     configure_threads(args.threads, None)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.

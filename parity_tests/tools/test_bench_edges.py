@@ -137,3 +137,14 @@ def test_an_output_that_is_a_dangling_link_names_the_folder_it_leads_to(tmp_path
         check_outputs(plot_path=link)
     with pytest.raises(UsageError, match=f"--json {tmp_path / 'gone' / 'r.json'}: {tmp_path / 'gone'} is not a dir"):
         check_outputs(tmp_path / "gone" / "r.json")
+
+
+def test_a_routed_train_job_whose_blocks_see_no_token_is_refused(capsys):
+    """`compare.py --set routing=mod --seq 4` (capacity 0.125: floor(0.5) = 0 tokens a sequence) timed a train step
+    whose routed blocks never ran (under DDP a step waiting for their gradients), where train.py refuses such a run:
+    both tools check every variant as a training run is checked (TrainConfig.model_spec)."""
+    from bench import compare, profile_step
+
+    for main in (compare.main, profile_step.main):
+        error_line(main, ["--backend", "jax", "--set", "routing=mod", "--seq", "4"], capsys,
+                   "variant tiny: routing_capacity=0.125 of seq_len=4 routes floor(0.125 x 4) = 0 tokens")
