@@ -44,6 +44,9 @@ def bench_train_config(args, specs=()):
     if base.get("compute_dtype") is not None:  # the steps run the spec's dtype: the config's was ignored
         raise UsageError(f"--train-config {args.train_config}: compute_dtype={base['compute_dtype']} is the bench's "
                          "--compute-dtype; drop it from the config and pass --compute-dtype")
+    if base.get("gla_kernel", "auto") not in ("auto", args.gla_kernel):  # the steps ran --gla-kernel's: ignored
+        raise UsageError(f"--train-config {args.train_config}: gla_kernel={base['gla_kernel']} is the bench's "
+                         f"--gla-kernel; drop it from the config and pass --gla-kernel {base['gla_kernel']}")
     memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
     config = load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
     for label, spec in specs:

@@ -148,3 +148,21 @@ def test_a_routed_train_job_whose_blocks_see_no_token_is_refused(capsys):
     for main in (compare.main, profile_step.main):
         error_line(main, ["--backend", "jax", "--set", "routing=mod", "--seq", "4"], capsys,
                    "variant tiny: routing_capacity=0.125 of seq_len=4 routes floor(0.125 x 4) = 0 tokens")
+
+
+def test_a_train_configs_gla_kernel_is_not_dropped(tmp_path, capsys):
+    """A --train-config's gla_kernel: pure was dropped without a word: the bench ran --gla-kernel's (auto: on a GPU
+    the Pallas or fla kernel) and its report said auto. Refused as its compute_dtype is, in both tools; the same
+    kernel in both places runs."""
+    from bench import compare, profile_step
+
+    config = tmp_path / "train.yaml"
+    config.write_text("gla_kernel: pure\n")
+    for main in (compare.main, profile_step.main):
+        error_line(main, ["--backend", "jax", "--spec", "gla-tiny", "--train-config", config], capsys,
+                   f"--train-config {config}: gla_kernel=pure is the bench's --gla-kernel", "--gla-kernel pure")
+    from bench.timing import bench_train_config
+
+    args = compare.parse_args(["--spec", "gla-tiny", "--train-config", str(config), "--gla-kernel", "pure"])
+    args.seq = 16
+    assert bench_train_config(args).gla_kernel == "pure"
