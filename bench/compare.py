@@ -209,14 +209,21 @@ def print_table(report: dict) -> None:
         print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {figure(r['tokens_per_s'], 0):>10} "
               f"{figure(rate, 2):>8} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
+    chips = {(r["variant"], r["backend"]): r.get("chips", 1) for r in results}
+
+    def ratio(variant: str, a: str, b: str) -> str:  # --devices 2 --backend both: JAX's 2 chips against torch's 1
+        apart = chips[variant, a] != chips[variant, b]
+        return (f"{a}/{b} {by[variant, a] / by[variant, b]:.2f}"
+                + (f" ({a} on {chips[variant, a]} chips, {b} on {chips[variant, b]})" if apart else ""))
+
     ratios = []
     for variant in dict.fromkeys(r["variant"] for r in results):
         parts = []
         if (variant, "jax") in by and (variant, "torch") in by:
-            parts.append(f"jax/torch {by[variant, 'jax'] / by[variant, 'torch']:.2f}")
+            parts.append(ratio(variant, "jax", "torch"))
         for twin in ("jax", "torch"):
             if (variant, twin) in by and (variant, "hf") in by:
-                parts.append(f"{twin}/hf {by[variant, twin] / by[variant, 'hf']:.2f}")
+                parts.append(ratio(variant, twin, "hf"))
         if parts:
             ratios.append(f"{variant}: {', '.join(parts)}")
     if ratios:

@@ -166,3 +166,19 @@ def test_a_train_configs_gla_kernel_is_not_dropped(tmp_path, capsys):
     args = compare.parse_args(["--spec", "gla-tiny", "--train-config", str(config), "--gla-kernel", "pure"])
     args.seq = 16
     assert bench_train_config(args).gla_kernel == "pure"
+
+
+def test_the_ratio_line_says_when_the_twins_ran_on_different_chip_counts(capsys):
+    """`--devices 2 --backend both` shards the JAX step over 2 devices and runs torch's on 1: the table's
+    'jax/torch 0.50' read as JAX twice as fast on like hardware. The line names each side's chips where they differ."""
+    from bench.compare import print_table
+
+    row = {"backend": "jax", "variant": "tiny", "step_s": {"median": 0.05, "p10": 0.05, "p90": 0.05},
+           "tokens_per_s": 1.0, "tflops": 0.05, "mfu": None, "compile_s": 1.0, "peak_mem_bytes": None,
+           "attention": "blocked", "chips": 2}
+    torch_row = {**row, "backend": "torch", "step_s": {"median": 0.1, "p10": 0.1, "p90": 0.1}, "chips": 1}
+    env = {"device": "cpu (x86_64)", "mode": "train", "dtype": "float32", "batch": 8, "seq": 256}
+    print_table({"env": env, "results": [row, torch_row]})
+    assert capsys.readouterr().out.splitlines()[-1].endswith("tiny: jax/torch 0.50 (jax on 2 chips, torch on 1)")
+    print_table({"env": env, "results": [{**row, "chips": 1}, torch_row]})
+    assert capsys.readouterr().out.splitlines()[-1].endswith("tiny: jax/torch 0.50")
