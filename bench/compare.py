@@ -204,10 +204,10 @@ def print_table(report: dict) -> None:
         rate = r["tflops"] if gpu else r["tflops"] * 1e3
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
-        step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
-        prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
+        step = f"{figure(1e3 * s['median'], 2)} ({figure(1e3 * s['p10'], 2)}-{figure(1e3 * s['p90'], 2)})"
+        prefill = f"  prefill {figure(1e3 * r['prefill_s']['median'], 2)} ms" if "prefill_s" in r else ""
         print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {figure(r['tokens_per_s'], 0):>10} "
-              f"{figure(rate, 2):>8} {mfu:>6} {r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
+              f"{figure(rate, 2):>8} {mfu:>6} {figure(r['compile_s'], 1):>9} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
     chips = {(r["variant"], r["backend"]): r.get("chips", 1) for r in results}
 

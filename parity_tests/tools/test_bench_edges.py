@@ -118,6 +118,12 @@ def test_the_tables_keep_a_small_rate_s_digits(capsys):
     env = {"device": "cpu (x86_64)", "mode": "decode", "dtype": "float32", "batch": 1, "seq": 16}
     compare.print_table({"env": env, "results": [row]})
     assert capsys.readouterr().out.splitlines()[2].split()[4:6] == ["0.333", "0.037"]
+    # a GPU's decode step of 51 µs read 0.05 ms, torch's eager first step and prefill 0.0 s of compile
+    fast = {**row, "step_s": {"median": 5.12e-5, "p10": 4.9e-5, "p90": 5.5e-5}, "compile_s": 0.0213,
+            "prefill_s": {"median": 1.234e-4, "p10": 1e-4, "p90": 2e-4}}
+    compare.print_table({"env": env, "results": [fast]})
+    cells = capsys.readouterr().out.splitlines()[2].split()
+    assert cells[2:4] + cells[7:8] + cells[-2:-1] == ["0.0512", "(0.049-0.055)", "0.0213", "0.123"]
     result = {"backend": "torch", "step_ms": 1281.0, "tflops": 3.7e-5, "attention_kernel": "sdpa",
               "overlapping": False, "busy_ms": 1000.0, "top": [],
               "categories": {"matmul": {"ms": 722.0, "share": 0.56, "tflops": 6.1e-5}}}
