@@ -149,6 +149,10 @@ def compare(args):
         print_table(report)
         if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
             print(load.warning_line(problems), file=sys.stderr)
+        if over := [f"{r['backend']} {r['variant']} {100 * r['mfu']:.0f}%" for r in results if (r["mfu"] or 0) > 1]:
+            peak = f"--peak-tflops {args.peak_tflops:g}" if args.peak_tflops else "the device's peak (bench/flops.py)"
+            print(f"warning: MFU above 100% ({', '.join(over)}): {peak} is below the rate the step reached; give the "
+                  f"chip's dense {args.dtype} peak in TFLOP/s (--peak-tflops)", file=sys.stderr)
         write_report(args.json, report, complete=True)
         if args.plot:
             from bench.plot import plot_results

@@ -188,3 +188,22 @@ def test_the_ratio_line_says_when_the_twins_ran_on_different_chip_counts(capsys)
     assert capsys.readouterr().out.splitlines()[-1].endswith("tiny: jax/torch 0.50 (jax on 2 chips, torch on 1)")
     print_table({"env": env, "results": [{**row, "chips": 1}, torch_row]})
     assert capsys.readouterr().out.splitlines()[-1].endswith("tiny: jax/torch 0.50")
+
+
+def test_an_mfu_past_one_is_named_and_its_report_replots(monkeypatch, tmp_path, capsys):
+    """On a GPU, `--peak-tflops 100` (a bf16 H100 reaches more) gave an MFU of 412% without a word, and replot.py
+    refused the report compare.py had written ('mfu must be a fraction in [0, 1]'). compare.py now warns, naming
+    the flag; replot.py redraws what compare.py writes."""
+    from bench import compare, replot, timing
+
+    row = {"backend": "jax", "variant": "tiny", "step_s": {"median": 0.01, "p10": 0.01, "p90": 0.01},
+           "tokens_per_s": 2e5, "tflops": 412.0, "mfu": 4.12, "compile_s": 1.0, "peak_mem_bytes": None,
+           "attention": "cudnn"}
+    monkeypatch.setattr(timing, "run_benchmarks", lambda *a, **k: ([row], "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(compare, "configure_threads", lambda *a: None)
+    out = tmp_path / "r.json"
+    compare.main(["--backend", "jax", "--peak-tflops", "100", "--compile-cache", "none", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert "warning: MFU above 100% (jax tiny 412%): --peak-tflops 100 is below the rate the step reached" in err
+    replot.main([str(out), "--out", str(tmp_path / "r.png")])
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
