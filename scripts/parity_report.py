@@ -336,9 +336,10 @@ def prepare_and_report(args):
         check_weights(weights, spec, f"--weights {args.weights} with{sets}")
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
-    if args.seq == 1 and "attention" in spec.layer_mixers:  # their gradient rows FAILed on rounding noise over a zero
-        raise UsageError("--seq 1: a lone position attends to itself alone, so every attention layer's q_proj and "
-                         "k_proj gradients are zero and their rows would compare rounding noise; give --seq 2 or more")
+    if (fewest := P.fewest_attended(spec, args.seq)) is not None and fewest < 2:  # rows FAILed on noise; 0: KeyError
+        raise UsageError(f"--seq {args.seq}: an attention layer attends over {fewest} token(s) a sequence, so its "
+                         "q_proj and k_proj gradients are zero and their rows would compare rounding noise (at 0 it "
+                         f"never runs); raise --seq{' or the routing_capacity' if spec.routing != 'none' else ''}")
     cfg = None
     if args.train_steps > 0:
         cfg = load_train_config(args.train_config or "parity")
