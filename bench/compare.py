@@ -32,15 +32,16 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
-from bench.plot import MAX_LINES, report_title
+from bench.plot import MAX_LINES, figure, report_title
 
 
 def parse_args(argv):
     p = Parser(description=__doc__.splitlines()[0])
     add_job_options(p, backends=list(BACKENDS), backend_help="what to time (all: jax, torch and hf)",
                     modes=["train", "forward", "decode"],
-                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq-len tokens, then "
-                              "time --steps one-token KV-cache steps",
+                    mode_help="train: forward+backward+AdamW; forward: logits; decode: prefill --seq-len tokens "
+                              "(default: min(256, max_seq_len less the decoded tokens)), then time --steps one-token "
+                              "KV-cache steps",
                     steps=20, steps_help="timed steps per (variant, backend), rounded up to a multiple of --rounds",
                     compiled="torch/hf")
     p.add_argument("--sweep", action="append", default=[], type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=V1,V2",
@@ -96,16 +97,19 @@ def main(argv=None):
 def compare(args):
     before, during = load.snapshot(measure_busy=True), []  # before any work of ours: what else the machine is doing
     specs = variants(args)
-    seq = args.seq if args.seq is not None else min(256, min(s.max_seq_len for _, s in specs))
-    args.seq = seq
     from bench.timing import bench_train_config, decoded_tokens  # light: jax and torch load after configure_threads
 
     decoded = decoded_tokens(args.steps, args.rounds, args.warmup) if args.mode == "decode" else 0
+    # the default prompt leaves room for the decoded tokens: `--mode decode` alone was refused on tiny (256 + 5 > 256)
+    room = min(s.max_seq_len for _, s in specs) - decoded
+    seq = args.seq if args.seq is not None else min(256, max(room, 1))
+    given = args.seq_from if args.seq is not None else "the default --seq-len"  # a too long --steps: not the user's
+    args.seq = seq
     for label, spec in specs:
         if seq > spec.max_seq_len:
-            raise UsageError(f"--seq-len {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+            raise UsageError(f"{given} {seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
         if seq + decoded > spec.max_seq_len:
-            raise UsageError(f"--mode decode: --seq-len {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
+            raise UsageError(f"--mode decode: {given} {seq} prompt tokens + {decoded} decoded (--steps/--rounds, "
                              f"or 1 + --warmup) exceed max_seq_len={spec.max_seq_len} of {label}")
     backends = BACKENDS[args.backend]
     if args.plot and (bars := len(specs) * len(backends)) > MAX_LINES:  # replot.py refused it; this drew for minutes
@@ -120,7 +124,7 @@ def compare(args):
     shards = args.shards
     if shards:
         rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
-    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
+    train_config = bench_train_config(args, specs) if args.mode == "train" else None  # refused before the imports
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
@@ -145,6 +149,10 @@ def compare(args):
         print_table(report)
         if device.startswith("cpu") and (problems := load.fairness_problems(before, during, args.threads, results)):
             print(load.warning_line(problems), file=sys.stderr)
+        if over := [f"{r['backend']} {r['variant']} {100 * r['mfu']:.0f}%" for r in results if (r["mfu"] or 0) > 1]:
+            peak = f"--peak-tflops {args.peak_tflops:g}" if args.peak_tflops else "the device's peak (bench/flops.py)"
+            print(f"warning: MFU above 100% ({', '.join(over)}): {peak} is below the rate the step reached; give the "
+                  f"chip's dense {args.dtype} peak in TFLOP/s (--peak-tflops)", file=sys.stderr)
         write_report(args.json, report, complete=True)
         if args.plot:
             from bench.plot import plot_results
@@ -200,19 +208,26 @@ def print_table(report: dict) -> None:
         rate = r["tflops"] if gpu else r["tflops"] * 1e3
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
-        step = f"{1e3 * s['median']:.2f} ({1e3 * s['p10']:.2f}-{1e3 * s['p90']:.2f})"
-        prefill = f"  prefill {1e3 * r['prefill_s']['median']:.2f} ms" if "prefill_s" in r else ""
-        print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {r['tokens_per_s']:>10.0f} {rate:>8.2f} {mfu:>6} "
-              f"{r['compile_s']:>9.1f} {mem:>8}  {r['attention']}{prefill}")
+        step = f"{figure(1e3 * s['median'], 2)} ({figure(1e3 * s['p10'], 2)}-{figure(1e3 * s['p90'], 2)})"
+        prefill = f"  prefill {figure(1e3 * r['prefill_s']['median'], 2)} ms" if "prefill_s" in r else ""
+        print(f"{r['backend']:<7} {r['variant']:<{width}} {step:>22} {figure(r['tokens_per_s'], 0):>10} "
+              f"{figure(rate, 2):>8} {mfu:>6} {figure(r['compile_s'], 1):>9} {mem:>8}  {r['attention']}{prefill}")
     by = {(r["variant"], r["backend"]): r["step_s"]["median"] for r in results}
+    chips = {(r["variant"], r["backend"]): r.get("chips", 1) for r in results}
+
+    def ratio(variant: str, a: str, b: str) -> str:  # --devices 2 --backend both: JAX's 2 chips against torch's 1
+        apart = chips[variant, a] != chips[variant, b]
+        return (f"{a}/{b} {by[variant, a] / by[variant, b]:.2f}"
+                + (f" ({a} on {chips[variant, a]} chips, {b} on {chips[variant, b]})" if apart else ""))
+
     ratios = []
     for variant in dict.fromkeys(r["variant"] for r in results):
         parts = []
         if (variant, "jax") in by and (variant, "torch") in by:
-            parts.append(f"jax/torch {by[variant, 'jax'] / by[variant, 'torch']:.2f}")
+            parts.append(ratio(variant, "jax", "torch"))
         for twin in ("jax", "torch"):
             if (variant, twin) in by and (variant, "hf") in by:
-                parts.append(f"{twin}/hf {by[variant, twin] / by[variant, 'hf']:.2f}")
+                parts.append(ratio(variant, twin, "hf"))
         if parts:
             ratios.append(f"{variant}: {', '.join(parts)}")
     if ratios:

@@ -187,6 +187,7 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
         if not any(k in KERNELS[b] for b in backends):
             have = "; ".join(f"{b}: " + ", ".join(KERNELS[b]) for b in backends)
             raise UsageError(f"--kernel {k}: no asked twin has it ({have})")
+    skipped = []
     for b, k in list(jobs):
         if k in ("pallas", "fla"):
             platform = twin(b, "attention").device_platform()
@@ -196,8 +197,13 @@ def check_kernels(kernels: list[str], backends: list[str], if_present: bool = Fa
             except HardwareError as e:
                 if not if_present:
                     raise UsageError(f"--kernel {k}: {e}") from None
-                print(f"note: skipped the {b} twin's {k}: {e}", file=sys.stderr)
+                skipped.append(f"the {b} twin's {k}: {e}")
                 jobs.remove((b, k))
+    if not jobs:  # every kernel skipped: an empty table and exit 0, as if they had been timed
+        raise UsageError(f"--if-present: every asked kernel is skipped here, nothing to time ({skipped[0]}); add pure "
+                         "to --kernel, or run on a machine that has them")
+    for note in skipped:
+        print(f"note: skipped {note}", file=sys.stderr)
     return jobs
 
 
@@ -302,7 +308,8 @@ def input_bytes(B, H, T, K, V) -> int:
 def table_row(row: dict) -> str:
     """One row of the table on stdout: twin, kernel, median and min seconds, compile s, peak MiB, max_rel_err."""
     peak, error = row["peak_mem_bytes"], row["max_rel_err"]
-    cells = [row["twin"], row["kernel"], f"{row['median_s']:.3f}", f"{row['min_s']:.3f}",
+    # three significant digits: `.3f` showed a GPU kernel's 0.4 ms as 0.000 s
+    cells = [row["twin"], row["kernel"], f"{row['median_s']:.3g}", f"{row['min_s']:.3g}",
              "" if row["compile_s"] is None else f"{row['compile_s']:.2f}", f"{peak / 2**20:.0f}" if peak else "-",
              "-" if error is None else f"{error:.1e}"]
     return f"| {' | '.join(cells)} |"

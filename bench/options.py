@@ -42,10 +42,10 @@ def add_job_options(p: argparse.ArgumentParser, *, backends: list[str], backend_
     p.add_argument("--spec", type=nonempty, default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("--set", action="append", default=[], type=p.key_item(SPEC_KEYS, "spec"), metavar="KEY=VALUE",
                    help="override a spec key")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=at_least(1), default=8, metavar="BATCH_SIZE",
-                   help="sequences per step")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=at_least(1), default=None, metavar="BATCH_SIZE",
+                   help="sequences per step (default: --train-config's batch_size, else 8)")
     p.add_argument("--seq-len", "--seq", dest="seq", type=at_least(1), default=None, metavar="SEQ_LEN",
-                   help="tokens per sequence (default: min(256, max_seq_len))")
+                   help="tokens per sequence (default: --train-config's seq_len, else min(256, max_seq_len))")
     p.add_argument("--steps", type=at_least(1), default=steps, help=steps_help)
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after compilation")
     p.add_argument("--mode", default="train", choices=modes, help=mode_help)
@@ -113,11 +113,19 @@ def memory_options(args) -> list[str]:
     each flag's value where given, else --train-config's where that file sets the key off its default (a config's
     `remat: full` was timed while the report, its table and the memory check said remat none). Returns what sets
     each one that is not at its default, named for an error: the flag, or the config's key; [] outside train mode
-    (check_used_options refuses a --train-config there)."""
+    (check_used_options refuses a --train-config there). args.batch and args.seq likewise: the flag's, else the
+    config's batch_size and seq_len where it sets them off their defaults; else args.batch 8, args.seq None."""
     from shared_config import TrainConfig, load_train_config
 
     default = TrainConfig()
     config = load_train_config(args.train_config) if args.train_config and args.mode == "train" else default
+    # the shape too: a config's batch_size 32 x seq_len 64 was timed at 8 x 256 without a word (the flag wins)
+    args.seq_from = "--seq-len"  # what set args.seq, for an error that names it
+    for key, attr in (("batch_size", "batch"), ("seq_len", "seq")):
+        if getattr(args, attr) is None and getattr(config, key) != getattr(default, key):
+            setattr(args, attr, getattr(config, key))
+            args.seq_from = f"--train-config {args.train_config}'s seq_len" if attr == "seq" else args.seq_from
+    args.batch = args.batch or default.batch_size  # args.seq None: the tool's default, from the spec
     named = []
     for key, attr in MEMORY_FLAGS.items():
         if getattr(args, attr, None) is not None:

@@ -10,6 +10,7 @@ from shared_config.cli import UsageError
 from shared_config.files import read_json, save_figure
 
 MAX_STEP_S = 1e6  # seconds: no step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
+MAX_MFU = 1e6  # a fraction of the peak: past 1 with too low a --peak-tflops; bounded as step times are
 MAX_LINES = 64  # (variant, backend) lines or bars one plot can show: a report of 20,000 rows drew for minutes
 
 
@@ -27,23 +28,35 @@ def read_report(path: Path) -> dict:
     env, results = report.get("env"), report.get("results")
     fields = (("mode", str, "a string"), ("seq", int, "an integer"), ("device", str, "a string"),
               ("dtype", str, "a string"), ("batch", int, "an integer"))  # every field the plot and its title read
+    # and the memory options and --set that the title names, where the report has them (a KeyError or TypeError
+    # traceback when one was missing or not a string)
+    memory = (("grad_accum_steps", int, "an integer"), ("remat", str, "a string"), ("loss_chunk", int, "an integer"))
     problem = ("no env object" if not isinstance(env, dict)
                else next((f"env.{k} is not {noun}" for k, kind, noun in fields if type(env.get(k)) is not kind), None)
                or next((f"env.{k} is not >= 1" for k in ("seq", "batch") if env[k] < 1), None)
+               or next((f"env.{k} is not {noun}" for k, kind, noun in memory
+                        if "remat" in env and type(env.get(k)) is not kind), None)
+               or ("env.set is not a list of strings" if env.get("set") and not (
+                   isinstance(env["set"], list) and all(isinstance(item, str) for item in env["set"])) else None)
                or ("no results list" if not isinstance(results, list) else None))
+    rows = set()  # (variant, backend): a repeated one was drawn over the other, one bar for two rows
     for i, r in enumerate(results if problem is None else []):
         step = r.get("step_s") if isinstance(r, dict) else None
         if not (isinstance(step, dict) and isinstance(r.get("variant"), str) and isinstance(r.get("backend"), str)):
             problem = f"results[{i}] lacks variant, backend or step_s (median, p10, p90)"
+        elif (r["variant"], r["backend"]) in rows:
+            problem = f"results[{i}] repeats variant {r['variant']!r} of backend {r['backend']!r}"
         elif not all(is_time(step.get(k)) for k in ("median", "p10", "p90")):
             problem = (f"results[{i}].step_s must hold median, p10 and p90 in seconds, each a number > 0 and <= "
                        f"{MAX_STEP_S:g}")
         elif not step["p10"] <= step["median"] <= step["p90"]:
             problem = f"results[{i}].step_s must have p10 <= median <= p90"
-        elif (mfu := r.get("mfu")) is not None and not (type(mfu) in (int, float) and 0 <= mfu <= 1):
-            problem = f"results[{i}].mfu must be null or a fraction in [0, 1]"
+        # past 1 where a --peak-tflops was below the rate reached (compare.py warns): the report holds it
+        elif (mfu := r.get("mfu")) is not None and not (type(mfu) in (int, float) and 0 <= mfu <= MAX_MFU):
+            problem = f"results[{i}].mfu must be null or a number in [0, {MAX_MFU:g}]"
         if problem:
             break
+        rows.add((r["variant"], r["backend"]))
     if problem:
         raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
     if not results:
@@ -52,6 +65,12 @@ def read_report(path: Path) -> dict:
         print(f"warning: {path} is a stopped run's report (\"complete\": false): its rows are over the steps it had "
               "(n_steps)", file=sys.stderr)
     return report
+
+
+def figure(x: float, decimals: int) -> str:
+    """`x` for a table: `decimals` decimals, or 3 significant digits where those would show less of it (a CPU's
+    0.037 GFLOP/s read 0.0, a decoded 0.33 tokens/s read 0: rates of nothing, in a table of measured runs)."""
+    return f"{x:.{decimals}f}" if x == 0 or abs(x) >= 10 ** (2 - decimals) else f"{x:.3g}"
 
 
 def report_title(env: dict) -> str:

@@ -43,6 +43,7 @@ from bench.options import (
     BACKENDS, add_job_options, add_report_options, check_used_options, configure_threads, environment, job_inputs,
     kernels, memory_options, variants,
 )
+from bench.plot import figure
 from bench.runners import without_profiler_chatter
 
 # First match wins: attention before matmul (flash kernels' names mention gemm-like tiles).
@@ -242,14 +243,14 @@ def profile(args):
     (label, spec), = variants(args)
     args.seq = args.seq if args.seq is not None else min(256, spec.max_seq_len)
     if args.seq > spec.max_seq_len:
-        raise UsageError(f"--seq-len {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
+        raise UsageError(f"{args.seq_from} {args.seq} exceeds max_seq_len={spec.max_seq_len} of {label}")
     need = ((train_bytes if args.mode == "train" else forward_bytes)(spec, args.batch, args.seq)
             + args.steps * (spec.L + 1) * TRACE_BYTES_PER_LAYER_STEP)  # the step, then the profiler's events
     check_memory(need, f"the {args.mode} job of {label} at batch {args.batch} x seq {args.seq}",
                  "lower --batch-size or --seq-len, or the model's sizes")  # before anything is allocated
     from bench.timing import backend_options, bench_tokens, bench_train_config, check_gla_kernel  # light
 
-    train_config = bench_train_config(args) if args.mode == "train" else None  # a bad option: refused before imports
+    train_config = bench_train_config(args, [(label, spec)]) if args.mode == "train" else None  # before the imports
     configure_threads(args.threads, None)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     # XLA:CPU traces its thunks (one per HLO instruction) only when asked; GPU kernels are always traced.
@@ -288,13 +289,13 @@ def print_table(report: dict) -> None:
     unit, scale = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1.0)  # a CPU's rates read better in GFLOP/s
     print(f"{env['device']} · {env['spec']} · {env['mode']} · {env['dtype']} · batch {env['batch']} × seq {env['seq']}")
     for r in report["results"]:
-        print(f"\n{r['backend']}: {r['step_ms']:.2f} ms per step under the profiler, {scale * r['tflops']:.1f} model "
-              f"{unit} ({r['attention_kernel']} attention)")
+        print(f"\n{r['backend']}: {r['step_ms']:.2f} ms per step under the profiler, "
+              f"{figure(scale * r['tflops'], 1)} model {unit} ({r['attention_kernel']} attention)")
         print(f"  {'category':<10} {'ms/step':>9} {'share':>7} {unit:>8}")
         if r["overlapping"]:
             print(f"  (kernels ran concurrently: {r['busy_ms']:.1f} ms of thread-time per step; shares are of that)")
         for c, row in r["categories"].items():
-            rate = f"{scale * row['tflops']:8.1f}" if "tflops" in row else f"{'':8}"
+            rate = f"{figure(scale * row['tflops'], 1):>8}" if "tflops" in row else f"{'':8}"
             print(f"  {c:<10} {row['ms']:9.2f} {100 * row['share']:6.1f}% {rate}")
         print("  top kernels:" if not cpu else "  top operators:")
         for k in r["top"]:

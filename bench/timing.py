@@ -32,18 +32,29 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
     return tokens if args.mode == "train" else tokens[:, :-1]
 
 
-def bench_train_config(args):
+def bench_train_config(args, specs=()):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
-    memory options --grad-accum-steps, --remat and --loss-chunk where given. numpy only: the tools call it before
-    any framework loads, so that a bad option is refused in the second it takes, not after the imports (~3.5 s)."""
-    from shared_config import load_train_config
+    memory options --grad-accum-steps, --remat and --loss-chunk where given, checked against every (label, spec) of
+    `specs` as a training run is (TrainConfig.model_spec: a routed spec whose blocks see floor(γ·seq) = 0 tokens was
+    timed with blocks that never ran, a step that under DDP waits for their gradients). numpy only: the tools call it
+    before any framework loads, so that a bad option is refused in the second it takes, not after the imports."""
+    from shared_config import SpecError, load_train_config
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
     if base.get("compute_dtype") is not None:  # the steps run the spec's dtype: the config's was ignored
         raise UsageError(f"--train-config {args.train_config}: compute_dtype={base['compute_dtype']} is the bench's "
                          "--compute-dtype; drop it from the config and pass --compute-dtype")
+    if base.get("gla_kernel", "auto") not in ("auto", args.gla_kernel):  # the steps ran --gla-kernel's: ignored
+        raise UsageError(f"--train-config {args.train_config}: gla_kernel={base['gla_kernel']} is the bench's "
+                         f"--gla-kernel; drop it from the config and pass --gla-kernel {base['gla_kernel']}")
     memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
-    return load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
+    config = load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
+    for label, spec in specs:
+        try:
+            config.model_spec(spec)
+        except SpecError as e:
+            raise SpecError(f"variant {label}: {e}") from None
+    return config
 
 
 def timed(bench, fn=None) -> float:

@@ -86,17 +86,10 @@ def torch_run(weights, spec, tokens_BN):
     return to_numpy(taps), logits.numpy(), *twin("torch", "train").loss_and_grads(model, tokens_BN)
 
 
-def nudged(weights) -> dict[str, np.ndarray]:
-    """Every weight rounded once more: a relative 2⁻²⁴ of random sign (seeded), the scale of float32's rounding."""
-    signs = np.random.default_rng(0)
-    return {n: (w.astype(np.float64) * (1 + 2.0**-24 * signs.choice([-1.0, 1.0], w.shape))).astype(w.dtype)
-            for n, w in weights.items()}
-
-
 def rounding_floors(weights, spec, tokens_BN, torch_taps, torch_logits) -> dict[str, float]:
     """float32's rounding floor at every forward stage, in max|Δ|/std: how far the torch twin's taps move when
-    every weight is rounded once more (`nudged`), the scale of one stage's own rounding."""
-    taps, logits, *_ = torch_run(nudged(weights), spec, tokens_BN)
+    every weight is rounded once more (`parity.nudged`), the scale of one stage's own rounding."""
+    taps, logits, *_ = torch_run(P.nudged(weights), spec, tokens_BN)
     floors = {"logits": P.rel_err(logits, torch_logits)}
     for name, x in taps.items():
         for part, y in (x.items() if isinstance(x, dict) else [("", x)]):
@@ -113,7 +106,7 @@ def trajectories(weights, spec, cfg, progress, floor: bool = False):
     """Per-step losses and the final canonical weights of each twin, on the same batches; `floor`: also the torch
     twin's from `nudged` weights ("floor"), whose distance from its own run is the trajectory's rounding floor."""
     out = {}
-    runs = [("jax", "jax", weights), ("torch", "torch", weights), *([("floor", "torch", nudged(weights))] * floor)]
+    runs = [("jax", "jax", weights), ("torch", "torch", weights), *([("floor", "torch", P.nudged(weights))] * floor)]
     for name, backend, start in runs:
         model, train = twin(backend).from_weights(start, spec), twin(backend, "train")
         state, step, losses = train.init_train_state(model, cfg), train.make_train_step(model, cfg), []
@@ -343,6 +336,10 @@ def prepare_and_report(args):
         check_weights(weights, spec, f"--weights {args.weights} with{sets}")
     if not 0 < args.seq <= spec.max_seq_len:
         raise UsageError(f"--seq {args.seq} must be in 1..max_seq_len={spec.max_seq_len}")
+    if (fewest := P.fewest_attended(spec, args.seq)) is not None and fewest < 2:  # rows FAILed on noise; 0: KeyError
+        raise UsageError(f"--seq {args.seq}: an attention layer attends over {fewest} token(s) a sequence, so its "
+                         "q_proj and k_proj gradients are zero and their rows would compare rounding noise (at 0 it "
+                         f"never runs); raise --seq{' or the routing_capacity' if spec.routing != 'none' else ''}")
     cfg = None
     if args.train_steps > 0:
         cfg = load_train_config(args.train_config or "parity")

@@ -200,10 +200,13 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
         if cache not in (None, "none") and resolved(path) == resolved(cache):
             raise UsageError(f"{flag} {path} and --compile-cache {cache} name the same path: the cache is a "
                              "directory; give the report another name")
-        if not resolved(path).parent.is_dir():
-            raise UsageError(f"{flag} {path}: {Path(path).parent} is not a directory")
-        if not os.access(resolved(path).parent, os.W_OK | os.X_OK):  # else refused at the first write
-            raise UsageError(f"{flag} {path}: {Path(path).parent} is not writable")
+        # where the file goes: a link's target's folder, named as such (a dangling link said ". is not a directory")
+        parent = resolved(path).parent
+        where = Path(path).parent if parent == resolved(Path(path).parent) else f"{parent}, where the link leads,"
+        if not parent.is_dir():
+            raise UsageError(f"{flag} {path}: {where} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):  # else refused at the first write
+            raise UsageError(f"{flag} {path}: {where} is not writable")
         if Path(path).exists() and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: exists and is not a regular file (a directory or a device); "
                              "give the path of a file to write")

@@ -6,6 +6,8 @@ measured on the reference's scale (torch is the reference side), never as plain 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # float32 on CPU
@@ -25,6 +27,24 @@ BF16_TOP1 = 0.98  # fraction of tokens whose argmax agrees
 BF16_LOSS_TOL = 1e-2  # |Δloss|, absolute
 BF16_FORWARD_TOL = 5e-2  # activations: max|Δ| / max|reference|, a few roundings of the largest value
 BF16_GRAD_TOL = 5e-2  # per tensor: max|Δg| / max|g|; also the parameters at the end of a bf16 trajectory
+
+
+def nudged(weights: dict) -> dict[str, np.ndarray]:
+    """Every weight rounded once more: a relative 2⁻²⁴ of random sign (seeded), the scale of float32's rounding (the
+    floor FLOOR_FACTOR multiplies)."""
+    signs = np.random.default_rng(0)
+    return {n: (w.astype(np.float64) * (1 + 2.0**-24 * signs.choice([-1.0, 1.0], w.shape))).astype(w.dtype)
+            for n, w in weights.items()}
+
+
+def fewest_attended(spec, seq: int) -> int | None:
+    """The fewest tokens of a `seq`-token sequence that a softmax attention layer of `spec` attends over: `seq`, or a
+    routed block's floor(routing_capacity · seq); None without attention. Under 2 the layer's q and k gradients are
+    zero (one token's softmax weight is 1 whatever its score): the twins' gradients there are rounding noise."""
+    if "attention" not in spec.layer_mixers:
+        return None
+    routed = [i for i in spec.routed_layers if spec.mixer_of(i) == "attention"]
+    return math.floor(spec.routing_capacity * seq) if routed else seq
 
 
 def rel_err(a, b) -> float:

@@ -55,9 +55,35 @@ def test_replot_redraws_a_reports_bars_and_refuses_what_is_not_one(tmp_path, cap
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip().endswith("bars.png")
     report.write_text(json.dumps({**decode_report(), "results": [{**decode_report()["results"][0], "mfu": "high"}]}))
-    with pytest.raises(UsageError, match=r"results\[0\]\.mfu must be null or a fraction in \[0, 1\]"):
+    with pytest.raises(UsageError, match=r"results\[0\]\.mfu must be null or a number in \[0, 1e\+06\]"):
         replot.main([str(report), "--out", str(tmp_path / "other.png")])
     assert not (tmp_path / "other.png").exists()
+
+
+TRAIN_ENV = {"mode": "train", "grad_accum_steps": 1, "remat": "none", "loss_chunk": 0}
+
+
+@pytest.mark.parametrize("env, results, says", [
+    # the memory options the title names: a KeyError (or a None printed as a setting) once past the checks
+    ({**TRAIN_ENV, "grad_accum_steps": None}, None, "env.grad_accum_steps is not an integer"),
+    ({k: v for k, v in TRAIN_ENV.items() if k != "loss_chunk"}, None, "env.loss_chunk is not an integer"),
+    ({**TRAIN_ENV, "remat": None}, None, "env.remat is not a string"),
+    # --set's items, joined into the title: a TypeError traceback; a string was spelt out a letter at a time
+    ({"set": [1, 2]}, None, "env.set is not a list of strings"),
+    ({"set": "n_layers=1"}, None, "env.set is not a list of strings"),
+    # two rows of one (variant, backend): one drawn over the other, a bar for two timings
+    ({}, [decode_report()["results"][0]] * 2, "results[1] repeats variant 'tiny' of backend 'jax'"),
+], ids=["accum-null", "no-loss-chunk", "remat-null", "set-ints", "set-string", "repeated-row"])
+def test_replot_names_a_title_field_or_row_that_is_not_a_reports(tmp_path, env, results, says):
+    """replot.py on a report whose fields the title reads are missing or of another type: a traceback (KeyError,
+    TypeError) after the report was read as valid; a report with a row twice drew one bar for it."""
+    from bench import replot
+
+    report = decode_report(**env)
+    (tmp_path / "r.json").write_text(json.dumps({**report, "results": results or report["results"]}))
+    with pytest.raises(UsageError, match=re.escape(says)):
+        replot.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "bars.png")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_json_and_plot_naming_one_file_is_refused(tmp_path):

@@ -114,6 +114,14 @@ def test_the_trajectory_is_judged_at_its_own_rounding_floor_and_in_its_own_dtype
 
 @pytest.mark.parametrize("args,message", [
     (["--spec", "tiny", "--seq", "999"], "--seq 999 must be in 1..max_seq_len=256"),
+    # one position: attention's q_proj and k_proj gradients are zero, and their rows FAILed on rounding noise (exit 1)
+    (["--spec", "tiny", "--seq", "1", "--batch", "1"], "--seq 1: an attention layer attends over 1 token(s)"),
+    # a routed block's floor(0.125 x 8) = 1 token: the same; at 0 tokens its taps were missing, a KeyError traceback
+    (["--spec", "tiny", "--set", "routing=mod", "--seq", "8"], "--seq 8: an attention layer attends over 1 token(s)"),
+    (["--spec", "tiny", "--set", "routing=dtf", "--seq", "4"], "over 0 token(s) a sequence, so its q_proj and k_proj "
+                                                               "gradients are zero and their rows would compare "
+                                                               "rounding noise (at 0 it never runs); raise --seq or "
+                                                               "the routing_capacity"),
     (["--spec", "tiny", "--set", "n_head=2"], "unknown spec key 'n_head' (did you mean 'n_heads'?)"),
     (["--spec", "tiny", "--plot", "x.png"], "--plot needs --train-steps N"),
     (["--spec", "nope"], "no spec preset or file named 'nope'"),
