@@ -160,7 +160,7 @@ def load_preset_or_file(source: str | Path, presets: Path, what: str, from_dict:
     elif os.path.islink(path) and not path.exists():  # it said "no spec preset or file named" of a link that is there
         raise SpecError(f"{what} {quote(str(source))} is a symbolic link that leads to no file (a loop of links, or "
                         f"a target that does not exist: {quote(os.readlink(path))})")
-    elif path.exists() and not path.is_file():  # /dev/null, a pipe: it said "no spec preset or file named"
+    elif str(source) and path.exists() and not path.is_file():  # /dev/null, a pipe: "no spec preset or file named"
         raise SpecError(f"{what} {quote(str(source))} is not a regular file (a device, a pipe or a socket); give a "
                         "preset name or a YAML file")
     elif not path.is_file():

@@ -140,7 +140,8 @@ def test_a_loop_of_symbolic_links_is_one_line_naming_it(tool, argv, tmp_path, ca
         run(load_script(tool).main, argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and str(loop) in err and "Too many levels of symbolic links" in err, err
+    named = str(loop) in err or ("..." in err and f"/{loop.name}" in err)  # a long path is shown with its middle cut
+    assert err.startswith("error: ") and named and "Too many levels of symbolic links" in err, err
 
 
 def test_an_empty_path_argument_is_refused():
