@@ -21,6 +21,7 @@ from .data import TokenData, synthetic_corpus
 from .files import atomic_write, first_missing, json_text
 from .formats.safetensors import check_tensor_count
 from .init import init_weights
+from .limits import quote, spelled
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
@@ -199,6 +200,20 @@ STUDY_SETS = {"vocab_size": "the study sets it from its embedded corpus, whose t
 SEEDS_SET = "--seeds sets it per run; give the seeds there"
 
 
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, APFS, tmpfs): a run directory's name must fit
+
+
+def check_seed_names(configs: list[str], backends: list[str], seeds: list[int]) -> None:
+    """Refuse (UsageError) a seed whose run directory, CONFIG-BACKEND-seedSEED, is a name too long for the file
+    system: `--seeds 0,1,<300 digits>` trained seeds 0 and 1 and then failed, 'File name too long', naming no flag.
+    A CONFIG-BACKEND too long by itself is left to the check of --configs."""
+    base = max(len(f"{config}-{backend}".encode()) for config in configs for backend in backends)
+    if base <= NAME_MAX and (long := [s for s in seeds if base + len(f"-seed{s}") > NAME_MAX]):
+        raise UsageError(f"--seeds: seed {quote(spelled(long[0]))[1:-1]} makes a run directory name (runs/CONFIG-"
+                         f"BACKEND-seedSEED) longer than the {NAME_MAX} bytes a file name may have; give a seed of at "
+                         f"most {NAME_MAX - base - len('-seed')} digits")
+
+
 def seed_number(text: str) -> int:
     """One seed of --seeds: an integer >= 0, as train.py's --seed takes it; else UsageError naming it."""
     try:
@@ -222,6 +237,7 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
     check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
     if args.seeds is not None:
         args.seeds = no_repeats("--seeds", [seed_number(text) for text in names("--seeds", args.seeds)])
+        check_seed_names(args.configs, args.backends, args.seeds)
     fixed = {**STUDY_SETS, **(sets or {}), **({} if args.seeds is None else {"seed": SEEDS_SET})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")

@@ -98,3 +98,16 @@ def test_a_set_seed_beside_seeds_is_refused():
     with pytest.raises(UsageError, match="^--set seed: --seeds sets it per run"):
         load_script("compare_routing").parse_args(["--seeds", "0,1", "--set", "seed=5"])
     assert load_script("compare_routing").parse_args(["--set", "seed=5"]).seeds is None  # alone, as before
+
+
+def test_a_seed_too_long_for_a_run_directory_name_is_refused_before_any_run(tmp_path):
+    """`--seeds 0,<300 digits>` trained seed 0, then failed 'File name too long' naming no flag; the longest seed
+    whose runs/CONFIG-BACKEND-seedSEED fits in 255 bytes is taken."""
+    longest = 255 - len("mod-0.125-torch-seed")
+    with pytest.raises(UsageError, match=r"^--seeds: seed 9999999999\.\.\.9999999999 \(300 digits\) makes a run "
+                                         rf"directory name .* at most {longest} digits$"):
+        load_script("compare_routing").parse_args(["--seeds", f"0,{'9' * 300}", "--configs", "dense,mod-0.125",
+                                                   "--out", str(tmp_path / "out")])
+    args = load_script("compare_routing").parse_args(["--seeds", "9" * longest, "--configs", "dense,mod-0.125"])
+    assert args.seeds == [int("9" * longest)]
+    assert not (tmp_path / "out").exists()
