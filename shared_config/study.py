@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .cli import Parser, UsageError, at_least, check_out_dir, names, no_repeats, printable
+from .cli import (Parser, UsageError, at_least, check_out_dir, names, no_repeats, printable,
+                  utf8_argument)
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, first_missing, json_text
@@ -236,7 +237,8 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
         raise UsageError("--steps must be >= 1")
     check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
     if args.seeds is not None:
-        args.seeds = no_repeats("--seeds", [seed_number(text) for text in names("--seeds", args.seeds)])
+        seeds = names("--seeds", utf8_argument("--seeds", args.seeds))  # '\udcff' named a byte 0xff
+        args.seeds = no_repeats("--seeds", [seed_number(text) for text in seeds])
         check_seed_names(args.configs, args.backends, args.seeds)
     fixed = {**STUDY_SETS, **(sets or {}), **({} if args.seeds is None else {"seed": SEEDS_SET})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:

@@ -86,7 +86,8 @@ def test_the_norm_tables_loss_gap_and_stops_read_every_seed():
 @pytest.mark.parametrize("given, said", [
     ("0,0", "--seeds: 0 is given twice"), ("-1", "--seeds: each seed must be an integer >= 0, got -1"),
     ("x", "--seeds: each seed must be an integer >= 0, got 'x'"), ("1.5", "--seeds: each seed must be an integer >= 0"),
-    ("0,,1", "--seeds: '0,,1' holds an empty name")])
+    ("0,,1", "--seeds: '0,,1' holds an empty name"),
+    ("0,\udcff", "--seeds: byte 0xff at character 2 is not UTF-8; pass UTF-8 text$")])
 def test_bad_seeds_are_refused_before_any_run(given, said):
     for script in ("compare_norms", "compare_routing"):
         with pytest.raises(UsageError, match=f"^{said}"):
