@@ -107,11 +107,15 @@ def gap_cell(rows: dict) -> str:
     gap = twin_gap(rows)
     if not stops or not {"jax", "torch"} <= rows.keys():
         return fmt(gap, ".1e")
-    if len(set(stops.values())) == 1:
-        said = f"{' and '.join(stops)} stopped at step {min(stops.values())}"
+    at = {b: f"step {step}{seed_of(rows[b])}" for b, step in stops.items()}  # with --seeds, the earliest stop's seed
+    if len(set(at.values())) == 1:
+        said = f"{' and '.join(stops)} stopped at {next(iter(at.values()))}"
     else:
-        said = ", ".join(f"{b} stopped at step {step}" for b, step in stops.items())
-    return f"{said} (non-finite)" + ("" if gap is None else f"; {gap:.1e} up to step {min(stops.values()) - 1}")
+        said = ", ".join(f"{b} stopped at {where}" for b, where in at.items())
+    # with --seeds the gap is the largest of any seed's, each over its own steps: "up to step N" named the earliest
+    # stop's, where a seed that ran on had given it
+    upto = "over each seed's steps before a stop" if "seeds" in rows["jax"] else f"up to step {min(stops.values()) - 1}"
+    return f"{said} (non-finite)" + ("" if gap is None else f"; {gap:.1e} {upto}")
 
 
 def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:

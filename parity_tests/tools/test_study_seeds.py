@@ -79,6 +79,9 @@ def test_the_norm_tables_loss_gap_and_stops_read_every_seed():
     rows = {"jax": over_seeds({0: row([2.0, 1.0]), 1: row([2.0, 1.0], stopped_at=2)}),
             "torch": over_seeds({0: row([2.0, 1.1]), 1: row([2.2, 1.0])})}
     assert norms.twin_gap(rows) == pytest.approx(0.2 / 2.2)  # seed 1's first step, before its stop
+    # the cell named no seed, and the gap, seed 0's over both its steps, as "up to step 1", the stopped seed's
+    assert norms.gap_cell(rows) == ("jax stopped at step 2, seed 1 (non-finite); 9.1e-02 over each seed's steps "
+                                    "before a stop")
     judged = norms.unfinished("c", "dyt-pre", rows["jax"], "rms-pre", rows["torch"])
     assert judged == ("c", False, "dyt-pre stopped at step 2, seed 1 (non-finite)")
 
