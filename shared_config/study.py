@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -124,13 +125,23 @@ def over_seeds(rows: dict[int, dict]) -> dict:
         elif key == "nonfinite_steps":
             out[key] = sum(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = float(np.mean(values))
-            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            out[key], out[f"{key}_std"] = mean_std(values)
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = out[f"{key}_std"] = None  # some seed has none
         else:
             out[key] = first[key] if all(v == first[key] for v in values) else None
     return {**out, "seeds": {str(seed): row for seed, row in rows.items()}}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean of `values` and their sample standard deviation (None for one value), computed on the values scaled
+    by a power of 2 to at most 1, which changes no bit: the squares of perplexities past ~1e154 (a loss past 355
+    nats, a diverging run) overflowed, and the table read `± inf`, the JSON null, with a numpy warning on stderr."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    scale = 2.0 ** math.frexp(max(finite, default=0.0))[1]
+    x = np.asarray(values, dtype=np.float64) / scale
+    with np.errstate(invalid="ignore", over="ignore"):  # an inf among them: the mean inf, the deviation nan
+        return float(np.mean(x) * scale), float(np.std(x, ddof=1) * scale) if len(x) > 1 else None
 
 
 def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:

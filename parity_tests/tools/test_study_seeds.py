@@ -5,12 +5,13 @@ the seed's). Unit tests on made-up rows, and two short real studies (torch, one 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from shared_config.cli import UsageError
-from shared_config.study import over_seeds
+from shared_config.study import over_seeds, plus_minus
 
 from ..support.common import load_script
 
@@ -115,3 +116,14 @@ def test_a_seed_too_long_for_a_run_directory_name_is_refused_before_any_run(tmp_
     args = load_script("compare_routing").parse_args(["--seeds", "9" * longest, "--configs", "dense,mod-0.125"])
     assert args.seeds == [int("9" * longest)]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_spread_past_float64s_squares_is_a_number_not_inf(recwarn):
+    """Two seeds' perplexities e^400 and e^380 (a diverging run's; the loop caps a loss at 700 nats): the squares
+    of the deviations overflowed, the table read `± inf`, the JSON null, and numpy warned on stderr."""
+    row = over_seeds({0: {"val_ppl": math.exp(400)}, 1: {"val_ppl": math.exp(380)}})
+    assert row["val_ppl_std"] == pytest.approx((math.exp(400) - math.exp(380)) / math.sqrt(2))
+    assert plus_minus(row, "val_ppl", ".3g", "-") == "2.61e+173 ± 3.69e+173" and not recwarn.list
+    values = [14.857165513160414, 14.908250541115134, 14.862253018094965]  # the scaling changes no bit
+    row = over_seeds({seed: {"val_ppl": v} for seed, v in enumerate(values)})
+    assert (row["val_ppl"], row["val_ppl_std"]) == (float(np.mean(values)), float(np.std(values, ddof=1)))
