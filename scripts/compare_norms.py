@@ -32,7 +32,7 @@ from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
 from shared_config.hardware import check_gla_kernel
-from shared_config.study import (NORM_PRESETS, plus_minus, study_args, study_dir, study_parser,
+from shared_config.study import (NORM_PRESETS, plus_minus, seeds_said, study_args, study_dir, study_parser,
                                  study_report, study_run, train_all, write_results)
 from shared_config.twins import twin
 
@@ -190,8 +190,8 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
     main, each = backends[0], " / ".join(backends)
     first = next(iter(next(iter(results.values())).values()))
     entropy, seeds = first["entropy"], list(first.get("seeds", ()))
-    over = (f"; means ± standard deviations over seeds {', '.join(seeds)} (non-finite steps: runs, summed; loss gap: "
-            "the largest of any seed)" if seeds else "")
+    over = (f"; {seeds_said(seeds)}" + (" (non-finite steps: runs, summed; loss gap: the largest of any seed)"
+                                        if len(seeds) > 1 else "") if seeds else "")
     lines = [f"Command: `{command}`", "",
              f"{steps} steps, numbers from {main} but the non-finite steps ({each}) and the twins' loss gap{over}; "
              f"the corpus's entropy rate is {entropy:.4f} nats (perplexity {math.exp(entropy):.2f}).", "",

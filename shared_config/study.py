@@ -144,6 +144,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
         return float(np.mean(x) * scale), float(np.std(x, ddof=1) * scale) if len(x) > 1 else None
 
 
+def seeds_said(seeds: list[str]) -> str:
+    """What a study's table heading says its numbers are over: `means ± standard deviations over seeds 0, 1`, or
+    `seed 5` for one (`--seeds 5` read "means ± standard deviations over seeds 5" above numbers without a ±)."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"means ± standard deviations over seeds {', '.join(seeds)}"
+
+
 def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:
     """A table cell: `row[key]` formatted by `spec`, with ± its standard deviation over the seeds where the row has
     one (over_seeds), `missing` for None."""

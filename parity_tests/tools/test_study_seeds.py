@@ -127,3 +127,13 @@ def test_a_spread_past_float64s_squares_is_a_number_not_inf(recwarn):
     values = [14.857165513160414, 14.908250541115134, 14.862253018094965]  # the scaling changes no bit
     row = over_seeds({seed: {"val_ppl": v} for seed, v in enumerate(values)})
     assert (row["val_ppl"], row["val_ppl_std"]) == (float(np.mean(values)), float(np.std(values, ddof=1)))
+
+
+def test_one_seed_is_named_as_one_seed_not_as_means():
+    """`--seeds 5` headed its table "means ± standard deviations over seeds 5", above numbers without a ±."""
+    row = over_seeds({5: {"val_ppl": 15.0, "val_loss": 2.7, "entropy": 2.6, "alpha_min": None, "alpha_max": None,
+                          "grad_norm_var": None, "nonfinite_steps": 0, "stopped_at": None, "flops_per_token": 1e6,
+                          "val_ppl_topk": None, "tokens_per_s": None, "predictor_acc": None}})
+    for script, config in (("compare_norms", "rms-pre"), ("compare_routing", "dense")):
+        table = load_script(script).markdown({config: {"torch": row}}, ["torch"], 2, "cmd")
+        assert "seed 5" in table.splitlines()[0 if script == "compare_routing" else 2] and "means" not in table
