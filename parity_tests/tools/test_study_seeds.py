@@ -13,7 +13,7 @@ import pytest
 from shared_config.cli import UsageError
 from shared_config.study import over_seeds, plus_minus
 
-from ..support.common import load_script
+from ..support.common import ROOT, load_script
 
 SMALL = ["--steps", "2", "--set", "batch_size=2", "--set", "seq_len=16", "--set", "n_layers=1", "--quiet"]
 
@@ -137,3 +137,15 @@ def test_one_seed_is_named_as_one_seed_not_as_means():
     for script, config in (("compare_norms", "rms-pre"), ("compare_routing", "dense")):
         table = load_script(script).markdown({config: {"torch": row}}, ["torch"], 2, "cmd")
         assert "seed 5" in table.splitlines()[0 if script == "compare_routing" else 2] and "means" not in table
+
+
+def test_a_seeded_study_leaves_an_earlier_unseeded_run_of_its_configuration(tmp_path, capsys):
+    """norm-study.md said the runs that stay on a reused --out are those of configurations this study has not: an
+    unseeded study's dense-torch stays beside a seeded study's dense-torch-seed0, unread by its table."""
+    routing = load_script("compare_routing")
+    for seeds in ([], ["--seeds", "0"]):
+        routing.main(["--configs", "dense", "--backends", "torch", *seeds, "--out", str(tmp_path), *SMALL])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dense-torch", "dense-torch-seed0"]
+    assert list(json.loads((tmp_path / "routing.json").read_text())["results"]["dense"]["torch"]["seeds"]) == ["0"]
+    assert "other seeds, and `CONFIG-BACKEND` beside `CONFIG-BACKEND-seedSEED`" in " ".join(
+        (ROOT / "docs" / "norm-study.md").read_text().split())
