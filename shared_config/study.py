@@ -224,9 +224,9 @@ NAME_MAX = 255  # bytes in one file name (ext4, XFS, APFS, tmpfs): a run directo
 def check_seed_names(configs: list[str], backends: list[str], seeds: list[int]) -> None:
     """Refuse (UsageError) a seed whose run directory, CONFIG-BACKEND-seedSEED, is a name too long for the file
     system: `--seeds 0,1,<300 digits>` trained seeds 0 and 1 and then failed, 'File name too long', naming no flag.
-    A CONFIG-BACKEND too long by itself is left to the check of --configs."""
+    A CONFIG-BACKEND that leaves no room for a seed is left to the check of --configs."""
     base = max(len(f"{config}-{backend}".encode()) for config in configs for backend in backends)
-    if base <= NAME_MAX and (long := [s for s in seeds if base + len(f"-seed{s}") > NAME_MAX]):
+    if base + len("-seed0") <= NAME_MAX and (long := [s for s in seeds if base + len(f"-seed{s}") > NAME_MAX]):
         raise UsageError(f"--seeds: seed {quote(spelled(long[0]))[1:-1]} makes a run directory name (runs/CONFIG-"
                          f"BACKEND-seedSEED) longer than the {NAME_MAX} bytes a file name may have; give a seed of at "
                          f"most {NAME_MAX - base - len('-seed')} digits")

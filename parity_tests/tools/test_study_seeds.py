@@ -116,6 +116,8 @@ def test_a_seed_too_long_for_a_run_directory_name_is_refused_before_any_run(tmp_
     args = load_script("compare_routing").parse_args(["--seeds", "9" * longest, "--configs", "dense,mod-0.125"])
     assert args.seeds == [int("9" * longest)]
     assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="^--configs: "):  # a config name with no room for a seed: its own error
+        load_script("compare_norms").parse_args(["--seeds", "0", "--configs", "x" * 246])
 
 
 def test_a_spread_past_float64s_squares_is_a_number_not_inf(recwarn):
