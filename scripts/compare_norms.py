@@ -32,7 +32,7 @@ from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
 from shared_config.hardware import check_gla_kernel
-from shared_config.study import (NORM_PRESETS, plus_minus, study_args, study_dir, study_parser,
+from shared_config.study import (NORM_PRESETS, plus_minus, seeds_said, study_args, study_dir, study_parser,
                                  study_report, study_run, train_all, write_results)
 from shared_config.twins import twin
 
@@ -107,11 +107,15 @@ def gap_cell(rows: dict) -> str:
     gap = twin_gap(rows)
     if not stops or not {"jax", "torch"} <= rows.keys():
         return fmt(gap, ".1e")
-    if len(set(stops.values())) == 1:
-        said = f"{' and '.join(stops)} stopped at step {min(stops.values())}"
+    at = {b: f"step {step}{seed_of(rows[b])}" for b, step in stops.items()}  # with --seeds, the earliest stop's seed
+    if len(set(at.values())) == 1:
+        said = f"{' and '.join(stops)} stopped at {next(iter(at.values()))}"
     else:
-        said = ", ".join(f"{b} stopped at step {step}" for b, step in stops.items())
-    return f"{said} (non-finite)" + ("" if gap is None else f"; {gap:.1e} up to step {min(stops.values()) - 1}")
+        said = ", ".join(f"{b} stopped at {where}" for b, where in at.items())
+    # with --seeds the gap is the largest of any seed's, each over its own steps: "up to step N" named the earliest
+    # stop's, where a seed that ran on had given it
+    upto = "over each seed's steps before a stop" if "seeds" in rows["jax"] else f"up to step {min(stops.values()) - 1}"
+    return f"{said} (non-finite)" + ("" if gap is None else f"; {gap:.1e} {upto}")
 
 
 def criteria(results: dict, main: str) -> list[tuple[str, bool | None, str]]:
@@ -186,8 +190,8 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
     main, each = backends[0], " / ".join(backends)
     first = next(iter(next(iter(results.values())).values()))
     entropy, seeds = first["entropy"], list(first.get("seeds", ()))
-    over = (f"; means ± standard deviations over seeds {', '.join(seeds)} (non-finite steps: runs, summed; loss gap: "
-            "the largest of any seed)" if seeds else "")
+    over = (f"; {seeds_said(seeds)}" + (" (non-finite steps: runs, summed; loss gap: the largest of any seed)"
+                                        if len(seeds) > 1 else "") if seeds else "")
     lines = [f"Command: `{command}`", "",
              f"{steps} steps, numbers from {main} but the non-finite steps ({each}) and the twins' loss gap{over}; "
              f"the corpus's entropy rate is {entropy:.4f} nats (perplexity {math.exp(entropy):.2f}).", "",

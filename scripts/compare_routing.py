@@ -22,8 +22,8 @@ from shared_config.cli import UsageError, run
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.flops import flops_per_token
 from shared_config.run import Run, split_overrides
-from shared_config.study import (plus_minus, study_args, study_dir, study_parser, study_report, study_run, train_all,
-                                 write_results)
+from shared_config.study import (plus_minus, seeds_said, study_args, study_dir, study_parser, study_report,
+                                 study_run, train_all, write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
@@ -86,7 +86,7 @@ def markdown(results: dict, backends: list[str], steps: int, command: str) -> st
     head = ("| config | backend | val ppl | val ppl top-k | tokens/s | train GFLOP/token | FLOPs vs dense | "
             "predictor acc |")
     seeds = list(next(iter(next(iter(results.values())).values())).get("seeds", ()))
-    over = f" (means ± standard deviations over seeds {', '.join(seeds)})" if seeds else ""
+    over = f" ({seeds_said(seeds)})" if seeds else ""
     lines = [f"Routing study, {steps} steps each{over}: `{command}`", "", head, "|" + "---|" * 8]
     dense = {b: results.get("dense", {}).get(b, {}).get("flops_per_token") for b in backends}
     for config, rows in results.items():

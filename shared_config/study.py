@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .cli import Parser, UsageError, at_least, check_out_dir, names, no_repeats, printable
+from .cli import (Parser, UsageError, at_least, check_out_dir, names, no_repeats, printable,
+                  utf8_argument)
 from .config_file import did_you_mean, parse_overrides
 from .data import TokenData, synthetic_corpus
 from .files import atomic_write, first_missing, json_text
 from .formats.safetensors import check_tensor_count
 from .init import init_weights
+from .limits import quote, spelled
 from .loop import Loop, NonFiniteError, finite_step, trainer_factory
 from .progress import progress
 from .run import (BACKENDS, DEFAULT_TRAIN_CONFIG, SPEC_KEYS, TRAIN_KEYS, Run, check_train_memory, fresh_state,
@@ -122,13 +125,29 @@ def over_seeds(rows: dict[int, dict]) -> dict:
         elif key == "nonfinite_steps":
             out[key] = sum(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = float(np.mean(values))
-            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            out[key], out[f"{key}_std"] = mean_std(values)
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = out[f"{key}_std"] = None  # some seed has none
         else:
             out[key] = first[key] if all(v == first[key] for v in values) else None
     return {**out, "seeds": {str(seed): row for seed, row in rows.items()}}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean of `values` and their sample standard deviation (None for one value), computed on the values scaled
+    by a power of 2 to at most 1, which changes no bit: the squares of perplexities past ~1e154 (a loss past 355
+    nats, a diverging run) overflowed, and the table read `± inf`, the JSON null, with a numpy warning on stderr."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    scale = 2.0 ** math.frexp(max(finite, default=0.0))[1]
+    x = np.asarray(values, dtype=np.float64) / scale
+    with np.errstate(invalid="ignore", over="ignore"):  # an inf among them: the mean inf, the deviation nan
+        return float(np.mean(x) * scale), float(np.std(x, ddof=1) * scale) if len(x) > 1 else None
+
+
+def seeds_said(seeds: list[str]) -> str:
+    """What a study's table heading says its numbers are over: `means ± standard deviations over seeds 0, 1`, or
+    `seed 5` for one (`--seeds 5` read "means ± standard deviations over seeds 5" above numbers without a ±)."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"means ± standard deviations over seeds {', '.join(seeds)}"
 
 
 def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:
@@ -199,6 +218,20 @@ STUDY_SETS = {"vocab_size": "the study sets it from its embedded corpus, whose t
 SEEDS_SET = "--seeds sets it per run; give the seeds there"
 
 
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, APFS, tmpfs): a run directory's name must fit
+
+
+def check_seed_names(configs: list[str], backends: list[str], seeds: list[int]) -> None:
+    """Refuse (UsageError) a seed whose run directory, CONFIG-BACKEND-seedSEED, is a name too long for the file
+    system: `--seeds 0,1,<300 digits>` trained seeds 0 and 1 and then failed, 'File name too long', naming no flag.
+    A CONFIG-BACKEND that leaves no room for a seed is left to the check of --configs."""
+    base = max(len(f"{config}-{backend}".encode()) for config in configs for backend in backends)
+    if base + len("-seed0") <= NAME_MAX and (long := [s for s in seeds if base + len(f"-seed{s}") > NAME_MAX]):
+        raise UsageError(f"--seeds: seed {quote(spelled(long[0]))[1:-1]} makes a run directory name (runs/CONFIG-"
+                         f"BACKEND-seedSEED) longer than the {NAME_MAX} bytes a file name may have; give a seed of at "
+                         f"most {NAME_MAX - base - len('-seed')} digits")
+
+
 def seed_number(text: str) -> int:
     """One seed of --seeds: an integer >= 0, as train.py's --seed takes it; else UsageError naming it."""
     try:
@@ -221,7 +254,9 @@ def study_args(args, script: str, argv, sets: dict[str, str] | None = None):
         raise UsageError("--steps must be >= 1")
     check_out_dir("--out", args.out)  # a file there was "File exists" after the first run's set-up
     if args.seeds is not None:
-        args.seeds = no_repeats("--seeds", [seed_number(text) for text in names("--seeds", args.seeds)])
+        seeds = names("--seeds", utf8_argument("--seeds", args.seeds))  # '\udcff' named a byte 0xff
+        args.seeds = no_repeats("--seeds", [seed_number(text) for text in seeds])
+        check_seed_names(args.configs, args.backends, args.seeds)
     fixed = {**STUDY_SETS, **(sets or {}), **({} if args.seeds is None else {"seed": SEEDS_SET})}
     if taken := [key for key in parse_overrides(args.set) if key in fixed]:
         raise UsageError(f"--set {taken[0]}: {fixed[taken[0]]}")

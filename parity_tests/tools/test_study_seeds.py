@@ -5,14 +5,15 @@ the seed's). Unit tests on made-up rows, and two short real studies (torch, one 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from shared_config.cli import UsageError
-from shared_config.study import over_seeds
+from shared_config.study import over_seeds, plus_minus
 
-from ..support.common import load_script
+from ..support.common import ROOT, load_script
 
 SMALL = ["--steps", "2", "--set", "batch_size=2", "--set", "seq_len=16", "--set", "n_layers=1", "--quiet"]
 
@@ -79,6 +80,9 @@ def test_the_norm_tables_loss_gap_and_stops_read_every_seed():
     rows = {"jax": over_seeds({0: row([2.0, 1.0]), 1: row([2.0, 1.0], stopped_at=2)}),
             "torch": over_seeds({0: row([2.0, 1.1]), 1: row([2.2, 1.0])})}
     assert norms.twin_gap(rows) == pytest.approx(0.2 / 2.2)  # seed 1's first step, before its stop
+    # the cell named no seed, and the gap, seed 0's over both its steps, as "up to step 1", the stopped seed's
+    assert norms.gap_cell(rows) == ("jax stopped at step 2, seed 1 (non-finite); 9.1e-02 over each seed's steps "
+                                    "before a stop")
     judged = norms.unfinished("c", "dyt-pre", rows["jax"], "rms-pre", rows["torch"])
     assert judged == ("c", False, "dyt-pre stopped at step 2, seed 1 (non-finite)")
 
@@ -86,7 +90,8 @@ def test_the_norm_tables_loss_gap_and_stops_read_every_seed():
 @pytest.mark.parametrize("given, said", [
     ("0,0", "--seeds: 0 is given twice"), ("-1", "--seeds: each seed must be an integer >= 0, got -1"),
     ("x", "--seeds: each seed must be an integer >= 0, got 'x'"), ("1.5", "--seeds: each seed must be an integer >= 0"),
-    ("0,,1", "--seeds: '0,,1' holds an empty name")])
+    ("0,,1", "--seeds: '0,,1' holds an empty name"),
+    ("0,\udcff", "--seeds: byte 0xff at character 2 is not UTF-8; pass UTF-8 text$")])
 def test_bad_seeds_are_refused_before_any_run(given, said):
     for script in ("compare_norms", "compare_routing"):
         with pytest.raises(UsageError, match=f"^{said}"):
@@ -98,3 +103,51 @@ def test_a_set_seed_beside_seeds_is_refused():
     with pytest.raises(UsageError, match="^--set seed: --seeds sets it per run"):
         load_script("compare_routing").parse_args(["--seeds", "0,1", "--set", "seed=5"])
     assert load_script("compare_routing").parse_args(["--set", "seed=5"]).seeds is None  # alone, as before
+
+
+def test_a_seed_too_long_for_a_run_directory_name_is_refused_before_any_run(tmp_path):
+    """`--seeds 0,<300 digits>` trained seed 0, then failed 'File name too long' naming no flag; the longest seed
+    whose runs/CONFIG-BACKEND-seedSEED fits in 255 bytes is taken."""
+    longest = 255 - len("mod-0.125-torch-seed")
+    with pytest.raises(UsageError, match=r"^--seeds: seed 9999999999\.\.\.9999999999 \(300 digits\) makes a run "
+                                         rf"directory name .* at most {longest} digits$"):
+        load_script("compare_routing").parse_args(["--seeds", f"0,{'9' * 300}", "--configs", "dense,mod-0.125",
+                                                   "--out", str(tmp_path / "out")])
+    args = load_script("compare_routing").parse_args(["--seeds", "9" * longest, "--configs", "dense,mod-0.125"])
+    assert args.seeds == [int("9" * longest)]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="^--configs: "):  # a config name with no room for a seed: its own error
+        load_script("compare_norms").parse_args(["--seeds", "0", "--configs", "x" * 246])
+
+
+def test_a_spread_past_float64s_squares_is_a_number_not_inf(recwarn):
+    """Two seeds' perplexities e^400 and e^380 (a diverging run's; the loop caps a loss at 700 nats): the squares
+    of the deviations overflowed, the table read `± inf`, the JSON null, and numpy warned on stderr."""
+    row = over_seeds({0: {"val_ppl": math.exp(400)}, 1: {"val_ppl": math.exp(380)}})
+    assert row["val_ppl_std"] == pytest.approx((math.exp(400) - math.exp(380)) / math.sqrt(2))
+    assert plus_minus(row, "val_ppl", ".3g", "-") == "2.61e+173 ± 3.69e+173" and not recwarn.list
+    values = [14.857165513160414, 14.908250541115134, 14.862253018094965]  # the scaling changes no bit
+    row = over_seeds({seed: {"val_ppl": v} for seed, v in enumerate(values)})
+    assert (row["val_ppl"], row["val_ppl_std"]) == (float(np.mean(values)), float(np.std(values, ddof=1)))
+
+
+def test_one_seed_is_named_as_one_seed_not_as_means():
+    """`--seeds 5` headed its table "means ± standard deviations over seeds 5", above numbers without a ±."""
+    row = over_seeds({5: {"val_ppl": 15.0, "val_loss": 2.7, "entropy": 2.6, "alpha_min": None, "alpha_max": None,
+                          "grad_norm_var": None, "nonfinite_steps": 0, "stopped_at": None, "flops_per_token": 1e6,
+                          "val_ppl_topk": None, "tokens_per_s": None, "predictor_acc": None}})
+    for script, config in (("compare_norms", "rms-pre"), ("compare_routing", "dense")):
+        table = load_script(script).markdown({config: {"torch": row}}, ["torch"], 2, "cmd")
+        assert "seed 5" in table.splitlines()[0 if script == "compare_routing" else 2] and "means" not in table
+
+
+def test_a_seeded_study_leaves_an_earlier_unseeded_run_of_its_configuration(tmp_path, capsys):
+    """norm-study.md said the runs that stay on a reused --out are those of configurations this study has not: an
+    unseeded study's dense-torch stays beside a seeded study's dense-torch-seed0, unread by its table."""
+    routing = load_script("compare_routing")
+    for seeds in ([], ["--seeds", "0"]):
+        routing.main(["--configs", "dense", "--backends", "torch", *seeds, "--out", str(tmp_path), *SMALL])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dense-torch", "dense-torch-seed0"]
+    assert list(json.loads((tmp_path / "routing.json").read_text())["results"]["dense"]["torch"]["seeds"]) == ["0"]
+    assert "other seeds, and `CONFIG-BACKEND` beside `CONFIG-BACKEND-seedSEED`" in " ".join(
+        (ROOT / "docs" / "norm-study.md").read_text().split())
