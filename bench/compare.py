@@ -75,6 +75,10 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    if args.parallel and (args.backend != "torch" or args.mode != "train"):  # under a torchrun of one process it was
+        # ignored: the JAX step (or a forward) timed on one device as if --parallel had been honoured
+        raise UsageError(f"--parallel {args.parallel} times the torch train step under torchrun: pass --backend torch "
+                         "--mode train")
     # not silently timed on one process; a torchrun of one process (RANK set, as init_distributed reads it) is one
     if args.parallel and "RANK" not in os.environ:
         raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
