@@ -126,9 +126,11 @@ def compare(args):
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
     shards = args.shards
-    if shards:
-        rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     train_config = bench_train_config(args, specs) if args.mode == "train" else None  # refused before the imports
+    if shards or args.parallel:  # (train mode only) the global batch splits evenly over the mesh or the ranks, each
+        # share into the micro-batches, or fail now: under torchrun, or for the micro-batches, it failed at the first
+        # step, after the imports, the process group and the models
+        rows_per_shard(args.batch, shards or world_size(), train_config.grad_accum_steps)
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
