@@ -76,8 +76,14 @@ def leaves_error_to_rank_zero(signal: bool) -> bool:
 
 
 def world_size() -> int:
-    """torchrun's WORLD_SIZE, 1 where unset, checked with RANK (process_index)."""
-    return process_index("RANK", "WORLD_SIZE")[1]
+    """torchrun's WORLD_SIZE, 1 where unset, checked with RANK (process_index). SpecError for one past 1 without
+    RANK, which no launcher sets so: the run was taken for a torchrun's, and refused as "parallel='ddp' needs a
+    process group" (a --parallel never passed) or, for JAX, "under torchrun train the torch twin"."""
+    count = process_index("RANK", "WORLD_SIZE")[1]
+    if count > 1 and "RANK" not in os.environ:
+        raise SpecError(f"environment variable WORLD_SIZE={count} is set but RANK not: launch with torchrun, or "
+                        "unset WORLD_SIZE to run one process")
+    return count
 
 
 def fsdp_dim(t: Tensor, n: int) -> int | None:

@@ -249,8 +249,10 @@ TORCHRUN = {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "M
     # it waited for a rank 0 forever, and would have exited without a word: rank 0 prints the errors
     ({"RANK": "1", **TORCHRUN}, "environment variable RANK=1 must be below WORLD_SIZE=1"),
     ({"RANK": "1"}, "environment variable RANK=1 must be below WORLD_SIZE=1"),  # exit 2 without a word
+    # taken for a torchrun's: "parallel='ddp' needs a process group", a --parallel never passed
+    ({"WORLD_SIZE": "2"}, "environment variable WORLD_SIZE=2 is set but RANK not"),
 ], ids=["world-size-abc", "rank-x", "jax-process-id", "rank-alone", "no-master-addr", "world-size-0",
-        "rank-world-size-0", "rank-1-of-1", "rank-1-alone"])
+        "rank-world-size-0", "rank-1-of-1", "rank-1-alone", "world-size-alone"])
 def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeypatch, capsys, env, says):
     """torchrun's RANK and WORLD_SIZE and JAX's JAX_PROCESS_ID set by hand to a non-number were int()'s traceback;
     the run directory made before it stays unmade."""
