@@ -137,6 +137,7 @@ def compare(args):
     from bench.timing import run_benchmarks
 
     rank0 = env_int("RANK") == 0  # under torchrun every rank times its step; rank 0 reports
+    args.quiet = args.quiet or not rank0  # and shows the progress, as train.py's: each rank drew its own bars
 
     def on_progress(partial, device):  # the JSON as of the last measured row: a stopped run keeps it
         if rank0:
