@@ -177,3 +177,20 @@ def test_parallel_with_the_jax_twin_names_its_scale_out(monkeypatch, capsys, tmp
     assert e.value.code == 2 and capsys.readouterr().err == (
         "error: --parallel ddp scales the torch twin under torchrun; the JAX twin scales out with --devices/--mesh\n")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resume_note_is_printed_once_under_torchrun(monkeypatch, capsys, tmp_path):
+    """A resume that changes --steps notes the new lr schedule: every rank printed the note (twice over 2 ranks)."""
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    out, small = tmp_path / "run", ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16"]
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(out), "--steps", "1", *small, "--quiet"])
+    assert e.value.code == 0
+    capsys.readouterr()
+    for rank, notes in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "2", "--quiet"]))
+        assert capsys.readouterr().err.count("note: steps 1 -> 2: the lr schedule changes") == notes, rank
