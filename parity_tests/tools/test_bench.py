@@ -231,28 +231,6 @@ def test_bad_scale_out_arguments(args, message):
     one_line_error(bench(*args, "--steps", "1", "--rounds", "1", "--warmup", "0", check=False), message)
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (["--backend", "jax", "--mesh", "data=2", "--batch", "2", "--grad-accum", "2"], {},
-     "grad_accum_steps=2 must divide the 1 rows of a batch"),
-    (["--backend", "torch", "--batch", "3"], {"RANK": "0", "WORLD_SIZE": "2"},
-     "batch_size=3 must be divisible by the 2 data-parallel shards"),
-    (["--backend", "torch", "--batch", "2", "--grad-accum", "2"], {"RANK": "0", "WORLD_SIZE": "2"},
-     "grad_accum_steps=2 must divide the 1 rows of a batch"),
-], ids=["mesh-micro-batches", "torchrun-rows", "torchrun-micro-batches"])
-def test_a_batch_that_does_not_split_is_refused_before_any_job(monkeypatch, args, env, message):
-    """A batch whose share of a device or rank does not split into the micro-batches, or that does not split over
-    torchrun's ranks at all, failed at the first step, after the imports, the process group and the models."""
-    import bench.timing
-    from bench import compare
-    from shared_config import SpecError
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(bench.timing, "run_benchmarks", lambda *a: pytest.fail("the jobs ran"))
-    with pytest.raises(SpecError, match=message):
-        compare.compare(compare.parse_args([*args, "--seq", "16", "--steps", "1", "--rounds", "1", "--warmup", "0"]))
-
-
 def test_the_train_config_spellings_and_the_old_ones_parse_alike():
     """--batch-size, --seq-len, --compute-dtype, --grad-accum-steps (the train config's keys) and today's --batch,
     --seq, --dtype, --grad-accum name the same options, in both tools that take them."""
