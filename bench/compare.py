@@ -75,6 +75,10 @@ def parse_args(argv):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
     if distributed and (args.backend != "torch" or args.mode != "train"):
         raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
+    if args.parallel and (args.backend != "torch" or args.mode != "train"):  # under a torchrun of one process it was
+        # ignored: the JAX step (or a forward) timed on one device as if --parallel had been honoured
+        raise UsageError(f"--parallel {args.parallel} times the torch train step under torchrun: pass --backend torch "
+                         "--mode train")
     # not silently timed on one process; a torchrun of one process (RANK set, as init_distributed reads it) is one
     if args.parallel and "RANK" not in os.environ:
         raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
@@ -122,15 +126,18 @@ def compare(args):
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
     shards = args.shards
-    if shards:
-        rows_per_shard(args.batch, shards)  # the global batch splits evenly over the mesh, or fail now
     train_config = bench_train_config(args, specs) if args.mode == "train" else None  # refused before the imports
+    if shards or args.parallel:  # (train mode only) the global batch splits evenly over the mesh or the ranks, each
+        # share into the micro-batches, or fail now: under torchrun, or for the micro-batches, it failed at the first
+        # step, after the imports, the process group and the models
+        rows_per_shard(args.batch, shards or world_size(), train_config.grad_accum_steps)
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache
     from bench.timing import run_benchmarks
 
     rank0 = env_int("RANK") == 0  # under torchrun every rank times its step; rank 0 reports
+    args.quiet = args.quiet or not rank0  # and shows the progress, as train.py's: each rank drew its own bars
 
     def on_progress(partial, device):  # the JSON as of the last measured row: a stopped run keeps it
         if rank0:

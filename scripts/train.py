@@ -92,6 +92,9 @@ def check_scale_out(p, args) -> None:
     devices = mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
+    if args.parallel and args.backend != "torch":  # was "needs torchrun", and under a torchrun of one process a mesh
+        p.error(f"--parallel {args.parallel} scales the torch twin under torchrun; the JAX twin scales out with "
+                "--devices/--mesh")
     if args.parallel and not launched:
         p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py "
                 "--backend torch ...")

@@ -29,7 +29,7 @@ from .report import partial_report
 from .limits import LimitError, quote, shorten_numbers, spelled
 from .resources import ResourceError, is_out_of_memory
 from .config_file import SpecError, did_you_mean
-from .parallel import process_index
+from .parallel import leaves_error_to_rank_zero, rank_zero
 from .signals import Terminated, exit_interrupted, interrupt, redeliver_interrupts
 
 BAD_INPUT, ENVIRONMENT = 2, 3
@@ -301,25 +301,17 @@ def utf8_argument(flag: str, text: str) -> str:
 def fail(message: str, code: int = BAD_INPUT):
     """Print one `error:` line and exit with `code`. Under torchrun a usage error, a non-finite loss (its checks
     read values every rank shares) and a signal (torchrun sends it to every rank) are every rank's alike: rank 0
-    alone prints them (the others exit with the same code, silently). An error of the machine (ENVIRONMENT: memory,
+    alone prints them (the others exit with the same code, silently, a usage error's or a non-finite loss's once
+    rank 0 has: leaves_error_to_rank_zero). An error of the machine (ENVIRONMENT: memory,
     disk) may be one rank's own: every rank that meets it prints it. Numbers past limits.MAX_DIGITS digits are cut
     (`shorten_numbers`), the line past MAX_MESSAGE characters."""
-    if code != ENVIRONMENT and not _rank_zero():
+    if code != ENVIRONMENT and leaves_error_to_rank_zero(signal=code > 128):
         sys.exit(code)
     text = shorten_numbers(" ".join(str(message).split()))  # any error's: argparse's, an OSError's, a UsageError's
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
     print(f"error: {text}", file=sys.stderr)
     sys.exit(code)
-
-
-def _rank_zero() -> bool:
-    """Whether this process is torchrun's rank 0 or runs alone. A RANK that is not a number is rank 0's too: its
-    error (shared_config.parallel.env_int) must be printed, where `RANK=x` exited 2 without a word."""
-    try:
-        return process_index("RANK", "WORLD_SIZE")[0] == 0  # RANK=1 WORLD_SIZE=1 has no rank 0 to print its error
-    except SpecError:
-        return True
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -349,7 +341,7 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str], owner:
     sys.unraisablehook = redeliver_interrupts
     partial_report(forget=True)  # a report of an earlier run in this process (a test's) is not this run's
     signal.signal(signal.SIGINT, interrupt)
-    if _rank_zero():
+    if rank_zero():
         signal.signal(signal.SIGTERM, interrupt)
     # else a torchrun rank other than 0, which writes no file: SIGTERM's default ends it at once, also inside a
     # blocking collective or rendezvous (where a Python handler would wait for the call to return: torchrun, on one

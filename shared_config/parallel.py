@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 from .layout import Tensor
 from .config_file import SpecError, did_you_mean
@@ -19,6 +20,8 @@ AXES = ("data", "fsdp")
 # A CPU mesh's devices are emulated (XLA's --xla_force_host_platform_device_count), each with its own thread pools
 # and buffers: 2,000 of them took 17 GB and over a minute before the first step. Tests use 8.
 MAX_HOST_DEVICES = 64
+# seconds a torchrun rank other than 0 waits, after an error every rank meets, for rank 0 to print it and exit
+PEER_GRACE_S = 10.0
 
 
 def env_int(name: str, default: int = 0) -> int:
@@ -49,9 +52,38 @@ def process_index(index_var: str, count_var: str) -> tuple[int, int]:
     return index, count
 
 
+def rank_zero() -> bool:
+    """Whether this process is torchrun's rank 0 or runs alone. A RANK that is not a number is rank 0's too: its
+    error (env_int) must be printed, where `RANK=x` exited 2 without a word."""
+    try:
+        return process_index("RANK", "WORLD_SIZE")[0] == 0  # RANK=1 WORLD_SIZE=1 has no rank 0 to print its error
+    except SpecError:
+        return True
+
+
+def leaves_error_to_rank_zero(signal: bool) -> bool:
+    """Whether this process, a torchrun rank other than 0, exits without printing an error that every rank meets
+    alike (shared_config.cli.fail): a signal (torchrun sends it to every rank) at once; bad input or a non-finite loss
+    once rank 0 has printed it and exited, when torchrun ends this rank (SIGTERM, whose default action it keeps).
+    Exiting at once, a rank that met the error first had torchrun stop rank 0 before rank 0 met it: rank 0 said
+    'interrupted by SIGTERM; partial outputs removed' and the error went unsaid. False after PEER_GRACE_S: rank 0 did
+    not meet it, and this rank prints it."""
+    if rank_zero():
+        return False
+    if not signal:
+        time.sleep(PEER_GRACE_S)  # torchrun ends it here when rank 0 exits; SIGKILL comes only 30 s after SIGTERM
+    return signal
+
+
 def world_size() -> int:
-    """torchrun's WORLD_SIZE, 1 where unset, checked with RANK (process_index)."""
-    return process_index("RANK", "WORLD_SIZE")[1]
+    """torchrun's WORLD_SIZE, 1 where unset, checked with RANK (process_index). SpecError for one past 1 without
+    RANK, which no launcher sets so: the run was taken for a torchrun's, and refused as "parallel='ddp' needs a
+    process group" (a --parallel never passed) or, for JAX, "under torchrun train the torch twin"."""
+    count = process_index("RANK", "WORLD_SIZE")[1]
+    if count > 1 and "RANK" not in os.environ:
+        raise SpecError(f"environment variable WORLD_SIZE={count} is set but RANK not: launch with torchrun, or "
+                        "unset WORLD_SIZE to run one process")
+    return count
 
 
 def fsdp_dim(t: Tensor, n: int) -> int | None:

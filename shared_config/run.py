@@ -173,7 +173,7 @@ def resolve_run(args) -> Run:
         # the compute dtype the run had, given again or left to the spec (resumed_value): recorded as the run
         # recorded it, as every unchanged value is (else run.json and the next state.json disagree, check_run_json)
         cfg = cfg.replace(compute_dtype=stored["train_config"].get("compute_dtype"))
-        if (steps := stored["train_config"]["steps"]) != cfg.steps:
+        if (steps := stored["train_config"]["steps"]) != cfg.steps and is_main_process():  # once, not per rank
             print(f"note: steps {steps} -> {cfg.steps}: the lr schedule changes from here", file=sys.stderr)
         start = partial(checkpoint_state, checkpoint)
     else:

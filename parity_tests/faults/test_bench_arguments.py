@@ -216,3 +216,24 @@ def test_a_plot_of_more_bars_than_a_chart_draws_is_refused_before_any_work(tmp_p
     with pytest.raises(UsageError, match="--plot: 33 variant.s. x 2 backend.s. are 66 bars; one chart draws at most"):
         compare.main(["--sweep", sweep, "--plot", str(tmp_path / "p.png")])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--backend", "jax", "--mesh", "data=2", "--batch", "2", "--grad-accum", "2"], {},
+     "grad_accum_steps=2 must divide the 1 rows of a batch"),
+    (["--backend", "torch", "--batch", "3"], {"RANK": "0", "WORLD_SIZE": "2"},
+     "batch_size=3 must be divisible by the 2 data-parallel shards"),
+    (["--backend", "torch", "--batch", "2", "--grad-accum", "2"], {"RANK": "0", "WORLD_SIZE": "2"},
+     "grad_accum_steps=2 must divide the 1 rows of a batch"),
+], ids=["mesh-micro-batches", "torchrun-rows", "torchrun-micro-batches"])
+def test_a_batch_that_does_not_split_is_refused_before_any_job(monkeypatch, args, env, message):
+    """A batch whose share of a device or rank does not split into the micro-batches, or that does not split over
+    torchrun's ranks at all, failed at the first step, after the imports, the process group and the models."""
+    import bench.timing
+    from bench import compare
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bench.timing, "run_benchmarks", lambda *a: pytest.fail("the jobs ran"))
+    with pytest.raises(SpecError, match=message):
+        compare.compare(compare.parse_args([*args, "--seq", "16", "--steps", "1", "--rounds", "1", "--warmup", "0"]))

@@ -203,7 +203,8 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         report = json.loads((tmp_path / f"{parallel}.json").read_text())
         assert report["env"]["world_size"] == 2 and report["env"]["parallel"] == parallel
         assert report["results"][0]["peak_mem_bytes"] > 0
-        assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports
+        assert proc.stdout.count("# cpu") == 1  # rank 0 alone reports, and shows the progress
+        assert proc.stderr.count("compile + warmup: 100%") == 1, proc.stderr[-3000:]
     # torchrun --nproc_per_node=1's environment (without the launcher): FSDP2 over one rank is timed, where it was
     # refused with "--parallel fsdp2 needs torchrun" (read as WORLD_SIZE > 1)
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(free_port()))

@@ -89,6 +89,18 @@ def test_bench_parallel_needs_torchrun(monkeypatch):
     assert compare.parse_args(["--backend", "torch"]).parallel is None
 
 
+@pytest.mark.parametrize("args", [["--backend", "jax"], ["--backend", "both"], ["--backend", "torch", "--mode",
+                                                                                 "decode"]])
+def test_bench_parallel_times_the_torch_train_step_alone(monkeypatch, args):
+    """Under a torchrun of one process --parallel ddp with the JAX twin (or a decode) was ignored without a word: the
+    JAX step timed on one device; without torchrun it was told it needs torchrun, which then refuses JAX."""
+    for launched in (False, True):
+        for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(name, value) if launched else monkeypatch.delenv(name, raising=False)
+        with pytest.raises(UsageError, match="--parallel ddp times the torch train step under torchrun: pass "):
+            compare.parse_args([*args, "--parallel", "ddp"])
+
+
 # The command lines a user types; each used to end in a traceback (or, for generate.py, to succeed on another kernel).
 @pytest.mark.slow  # five interpreters that import jax and torch
 @pytest.mark.parametrize("case", ["compare-cudnn", "profile-cudnn", "compare-JAX_PLATFORMS", "generate-cudnn",

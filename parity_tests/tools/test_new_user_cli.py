@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -206,16 +207,26 @@ def test_what_the_readme_commands_write_is_git_ignored():
 
 def test_under_torchrun_rank_zero_alone_prints_a_usage_error(monkeypatch, capsys):
     """Every rank hits the same bad argument, non-finite loss or signal: one `error:` line, not one per rank
-    (environment errors, which can differ by rank, still print everywhere)."""
+    (environment errors, which can differ by rank, still print everywhere). Another rank waits for rank 0 to print
+    a usage error or a non-finite loss and exit, when torchrun ends it: exiting at once, it had torchrun stop a rank 0
+    that had not yet met the error (`--set batch_size=3` over 2 ranks, about one run in four on 2 busy cores), whose
+    line was 'interrupted by SIGTERM; partial outputs removed'. A wait that ends (no torchrun here): rank 0 did not
+    meet the error, and this rank prints it."""
+    import shared_config.parallel as parallel
     from shared_config.cli import fail
 
+    waits = []
+    monkeypatch.setattr(parallel, "time", SimpleNamespace(sleep=waits.append))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for code in (2, 1, 143):  # a usage error, a non-finite loss, SIGTERM
-        for rank, printed in (("1", ""), ("0", "error: bad --x\n")):
+    for code, waited in ((2, [parallel.PEER_GRACE_S]), (1, [parallel.PEER_GRACE_S]), (143, [])):
+        # a usage error, a non-finite loss, SIGTERM (torchrun sends it to every rank: rank 0 says it)
+        for rank, printed in (("1", "" if code == 143 else "error: bad --x\n"), ("0", "error: bad --x\n")):
             monkeypatch.setenv("RANK", rank)
             with pytest.raises(SystemExit) as exit_:
                 fail("bad --x", code)
             assert exit_.value.code == code and capsys.readouterr().err == printed
+            assert waits == (waited if rank == "1" else []), (code, rank, waits)
+            waits.clear()
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit):
         fail("disk full", 3)
@@ -238,8 +249,10 @@ TORCHRUN = {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "M
     # it waited for a rank 0 forever, and would have exited without a word: rank 0 prints the errors
     ({"RANK": "1", **TORCHRUN}, "environment variable RANK=1 must be below WORLD_SIZE=1"),
     ({"RANK": "1"}, "environment variable RANK=1 must be below WORLD_SIZE=1"),  # exit 2 without a word
+    # taken for a torchrun's: "parallel='ddp' needs a process group", a --parallel never passed
+    ({"WORLD_SIZE": "2"}, "environment variable WORLD_SIZE=2 is set but RANK not"),
 ], ids=["world-size-abc", "rank-x", "jax-process-id", "rank-alone", "no-master-addr", "world-size-0",
-        "rank-world-size-0", "rank-1-of-1", "rank-1-alone"])
+        "rank-world-size-0", "rank-1-of-1", "rank-1-alone", "world-size-alone"])
 def test_a_launcher_variable_that_is_no_rank_is_one_error_line(tmp_path, monkeypatch, capsys, env, says):
     """torchrun's RANK and WORLD_SIZE and JAX's JAX_PROCESS_ID set by hand to a non-number were int()'s traceback;
     the run directory made before it stays unmade."""

@@ -163,3 +163,34 @@ def test_torchrun_ranks_end_at_once_when_rank_0_fails_alone(tmp_path):
 def test_bad_scale_out_arguments(tmp_path, args, message):
     one_line_error(run_script("train", *args, "--out", tmp_path / "x", "--steps", "2", "--quiet"), message)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["alone", "torchrun-of-one"])
+def test_parallel_with_the_jax_twin_names_its_scale_out(monkeypatch, capsys, tmp_path, launched):
+    """--backend jax --parallel ddp was told it needs torchrun (where torchrun then refuses JAX), and under a torchrun
+    of one process the JAX trainer read 'ddp' as a mesh: "unknown axis 'ddp' (did you mean 'fsdp'?)"."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value) if launched else monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as e:
+        run(load_script("train").main, ["--backend", "jax", "--parallel", "ddp", "--out", str(tmp_path / "x"),
+                                        "--steps", "1", "--quiet"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: --parallel ddp scales the torch twin under torchrun; the JAX twin scales out with --devices/--mesh\n")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_resume_note_is_printed_once_under_torchrun(monkeypatch, capsys, tmp_path):
+    """A resume that changes --steps notes the new lr schedule: every rank printed the note (twice over 2 ranks)."""
+    from shared_config.run import resolve_run
+
+    train = load_script("train")
+    out, small = tmp_path / "run", ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16"]
+    with pytest.raises(SystemExit) as e:
+        run(train.main, ["--backend", "torch", "--out", str(out), "--steps", "1", *small, "--quiet"])
+    assert e.value.code == 0
+    capsys.readouterr()
+    for rank, notes in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "2", "--quiet"]))
+        assert capsys.readouterr().err.count("note: steps 1 -> 2: the lr schedule changes") == notes, rank
