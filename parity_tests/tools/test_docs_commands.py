@@ -93,7 +93,8 @@ def test_the_docs_name_commands_at_all():
     assert {"bench/compare.py", "scripts/train.py", "scripts/convert.py", "scripts/generate.py"} <= scripts, scripts
     assert ("docs/training.md", "scripts/train.py", ["--backend", "--parallel", "--out"]) in CALLS  # a torchrun line
     # inline, with python and without
-    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--out"]) in CALLS
+    assert ("docs/routing.md", "scripts/compare_routing.py", ["--steps", "--backends", "--set", "--seeds",
+                                                              "--out"]) in CALLS
     assert ("docs/gla.md", "bench/gla_layer.py", ["--compile-step", "--batch", "--tokens"]) in CALLS
 
 
