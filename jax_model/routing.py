@@ -29,7 +29,6 @@ Notation: B batch, T tokens, S cache slots (keys), k selected tokens per row, D 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -176,7 +175,7 @@ class Routes:
         if prior_mse is not None:
             self.prior_mse.append(prior_mse)
         if self.decide == "topk":
-            k = math.floor(self.spec.routing_capacity * T)
+            k = self.spec.routed_tokens(T)
             idx_BK = select_top_k(score_BT, k)
             # the scatters per row (vmap): on a mesh XLA then keeps each row's on its device; indexed by an explicit
             # arange(B) it gathered every row's indices and updates [B, k, D] onto every device

@@ -165,7 +165,7 @@ def selection_row(layer: str, score_BT, spec, floors: dict) -> Row:
     that a flipped selection had inflated to pass anything. An exact tie counts as a gap of 0: JAX's jitted
     gradient broke ties its eager forward kept."""
     score_BT = np.asarray(score_BT, np.float64)
-    k = math.floor(spec.routing_capacity * score_BT.shape[1])
+    k = spec.routed_tokens(score_BT.shape[1])
     ranked = -np.sort(-score_BT, axis=1)
     scale = max(np.abs(score_BT).max(), np.finfo(np.float64).tiny)
     gap = float((ranked[:, k - 1] - ranked[:, k]).min() / scale) if 0 < k < score_BT.shape[1] else np.inf

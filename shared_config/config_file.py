@@ -104,6 +104,7 @@ def _finite(x: numbers.Real) -> bool:
 
 
 FLOAT32_MAX, FLOAT32_NORMAL = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)  # 3.4e38, 1.2e-38
+INT32_MAX = 2**31 - 1  # max_seq_len, rope_original_max_seq_len and dtf_window at most: positions are int32 in the twins
 
 
 def check_float32(name: str, value: float, does: str, zero: bool = False) -> None:

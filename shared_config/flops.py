@@ -79,7 +79,7 @@ def routed_fraction(spec: ModelSpec, seq_len: int | None) -> float:
         return 1
     if seq_len is None:
         raise ValueError(f"routing={spec.routing}: the FLOPs depend on the sequence length; pass seq_len")
-    return math.floor(spec.routing_capacity * seq_len) / seq_len
+    return spec.routed_tokens(seq_len) / seq_len
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int, mode: str, causal: bool = False) -> float:

@@ -6,7 +6,6 @@ measured on the reference's scale (torch is the reference side), never as plain 
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -44,7 +43,7 @@ def fewest_attended(spec, seq: int) -> int | None:
     if "attention" not in spec.layer_mixers:
         return None
     routed = [i for i in spec.routed_layers if spec.mixer_of(i) == "attention"]
-    return math.floor(spec.routing_capacity * seq) if routed else seq
+    return spec.routed_tokens(seq) if routed else seq
 
 
 def rel_err(a, b) -> float:

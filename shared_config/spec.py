@@ -15,10 +15,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, SpecError, check_float32, check_type, from_mapping,
-                          load_preset_or_file, yaml_names)
+from .config_file import (FLOAT32_MAX, FLOAT32_NORMAL, INT32_MAX, SpecError, check_float32, check_type,
+                          from_mapping, load_preset_or_file, yaml_names)
 from .limits import spelled
 from .mixer_rules import check_gla_rules
+from .routing_rules import check_routing_rules
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -46,7 +47,6 @@ CHOICES = {
 ALIASES = {"norm_type": {"tanh": "dyt", "shifterf": "derf"}}
 # How the twins compute, not what a checkpoint holds: a spec given beside a file may differ from the file's in these
 COMPUTE_FIELDS = ("compute_dtype", "fused_qkv")
-INT32_MAX = 2**31 - 1  # max_seq_len, rope_original_max_seq_len and dtf_window at most: positions are int32 in the twins
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,6 +208,12 @@ class ModelSpec:
             return ()
         return tuple(range(self.L)) if self.routing_layers == "all" else tuple(range(1, self.L, 2))
 
+    def routed_tokens(self, seq_len: int) -> int:
+        """k = floor(routing_capacity · seq_len): the tokens of a `seq_len`-token sequence that each routed block runs
+        (Mixture-of-Depths' capacity; every routed block and DTF's dynamic blocks alike). 0 is possible: see
+        TrainConfig.model_spec, which refuses it for training."""
+        return math.floor(self.routing_capacity * seq_len)
+
     @property
     def dtf_prior_dim(self) -> int:
         """The DTF prior FFN's hidden width: max(2, ceil(D·f)), rounded up to even."""
@@ -281,7 +287,7 @@ def _check_rules(s: ModelSpec) -> None:
     _check_float32_range(s)
     check_gla_rules(s)
     _check_placement_rules(s)
-    _check_routing(s)
+    check_routing_rules(s)
 
 
 def _check_float32_range(s: ModelSpec) -> None:
@@ -357,30 +363,6 @@ def _check_placement_rules(s: ModelSpec) -> None:
             f"qk_norm=true is not allowed with norm_placement={s.norm_placement}: HybridNorm already normalises "
             "Q, K and V per head (leave qk_norm false)"
         )
-
-
-def _check_routing(s: ModelSpec) -> None:
-    """Rules of the conditional-computation fields (routing.py)."""
-    if not 0 < s.routing_capacity <= 1:
-        raise SpecError(f"routing_capacity={s.routing_capacity} must be in (0, 1]")
-    if s.dtf_prior_factor <= 0:
-        raise SpecError(f"dtf_prior_factor={s.dtf_prior_factor} must be > 0")
-    if not 1 <= s.dtf_window <= INT32_MAX:  # 10**23 was an OverflowError's traceback in both twins
-        raise SpecError(f"dtf_window={s.dtf_window} must be in [1, {INT32_MAX:,}] (a window past every position "
-                        "averages all of them)")
-    if s.routing == "none":
-        return
-    if s.D % 2:
-        raise SpecError(f"d_model={s.D} must be even when routing={s.routing} (the router predictor's width "
-                        "is d_model/2)")
-    if s.mixer != "attention":
-        # predictor-mode decoding masks a skipped token's cached key/value; a GLA state has no slot to mask
-        raise SpecError(f"routing={s.routing} routes attention blocks; mixer={s.mixer} is not routed")
-    if s.routing == "dtf" and s.routing_layers != "every_other":
-        raise SpecError("routing=dtf needs routing_layers=every_other (decision/dynamic block pairs), got "
-                        f"{s.routing_layers}")
-    if not s.routed_layers:
-        raise SpecError(f"routing={s.routing} with routing_layers={s.routing_layers} needs n_layers >= 2, got {s.L}")
 
 
 def load_spec(source: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:

@@ -91,7 +91,7 @@ class TrainConfig:
         other than auto refused (SpecError) where the spec has no GLA layer for it to run."""
         if self.seq_len > spec.max_seq_len:
             raise SpecError(f"seq_len={self.seq_len} must be <= the spec's max_seq_len={spec.max_seq_len}")
-        if spec.routing != "none" and math.floor(spec.routing_capacity * self.seq_len) == 0:  # the blocks never ran
+        if spec.routing != "none" and spec.routed_tokens(self.seq_len) == 0:  # the blocks never ran
             raise SpecError(f"routing_capacity={spec.routing_capacity} of seq_len={self.seq_len} routes "
                             f"floor({spec.routing_capacity} x {self.seq_len}) = 0 tokens a sequence: the routed blocks "
                             f"would never run or learn; raise seq_len or routing_capacity (to at least "

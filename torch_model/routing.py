@@ -29,7 +29,6 @@ Notation: B batch, T tokens, S cache slots (keys), k selected tokens per row, D 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -182,7 +181,7 @@ class Routes:
         if prior_mse is not None:
             self.prior_mse.append(prior_mse)
         if self.decide == "topk":
-            k = math.floor(self.spec.routing_capacity * T)
+            k = self.spec.routed_tokens(T)
             idx_BK = select_top_k(score_BT, k)
             keep_BT = torch.zeros(B, T, dtype=torch.bool, device=device).scatter(1, idx_BK, True)
             x_BKD = torch.gather(x_BTD, 1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1]))

@@ -17,6 +17,7 @@ import torch
 
 import jax_model
 import shared_config.init
+import shared_config.spec
 import torch_model
 from jax_model import layers as jl
 from jax_model import train as jax_train
@@ -169,11 +170,9 @@ def plant(monkeypatch, owner, name: str, old: str, new: str) -> None:
 
 
 ROUTING_FAULTS = {  # name: [(module, owner, attribute, right, wrong) per twin]
-    "k = ceil(γ·T)": [
-        (jax_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)",
-         "math.ceil(self.spec.routing_capacity * T)"),
-        (torch_model.routing, "Routes", "__call__", "math.floor(self.spec.routing_capacity * T)",
-         "math.ceil(self.spec.routing_capacity * T)"),
+    "k = ceil(γ·T)": [  # one rule both twins' routers read (and the FLOP count, the train config's check)
+        (shared_config.spec, "ModelSpec", "routed_tokens", "math.floor(self.routing_capacity * seq_len)",
+         "math.ceil(self.routing_capacity * seq_len)"),
     ],
     "moving average without stop-gradient": [
         (jax_model.routing, "DtfRouter", "__call__", "ma(jax.lax.stop_gradient(dst_BT))", "ma(dst_BT)"),
