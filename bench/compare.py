@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import cache_state, use_compile_cache
-from shared_config.parallel import env_int, mesh_devices, rows_per_shard, world_size
+from shared_config.parallel import env_int, mesh_devices, rows_per_shard, torchrun_error, world_size
 from shared_config.report import report_on_stdout, write_report
 from shared_config.run import SPEC_KEYS
 from shared_config.resources import (
@@ -73,16 +72,9 @@ def parse_args(argv):
     distributed = world_size() > 1  # RANK and WORLD_SIZE checked: RANK=1 WORLD_SIZE=1 waited for a rank 0
     if (args.mesh or args.devices) and (args.mode != "train" or "jax" not in BACKENDS[args.backend]):
         raise UsageError("--devices/--mesh shard the JAX train step: use them with --mode train and a jax backend")
-    if distributed and (args.backend != "torch" or args.mode != "train"):
-        raise UsageError("under torchrun the bench times the torch train step: pass --backend torch --mode train")
-    if args.parallel and (args.backend != "torch" or args.mode != "train"):  # under a torchrun of one process it was
-        # ignored: the JAX step (or a forward) timed on one device as if --parallel had been honoured
-        raise UsageError(f"--parallel {args.parallel} times the torch train step under torchrun: pass --backend torch "
-                         "--mode train")
-    # not silently timed on one process; a torchrun of one process (RANK set, as init_distributed reads it) is one
-    if args.parallel and "RANK" not in os.environ:
-        raise UsageError(f"--parallel {args.parallel} needs torchrun: torchrun --standalone --nproc_per_node=N "
-                         "bench/compare.py --backend torch ...")
+    if error := torchrun_error(args.parallel, args.backend == "torch" and args.mode == "train", "bench/compare.py",
+                               "--backend torch --mode train"):
+        raise UsageError(error)
     args.parallel = args.parallel or ("ddp" if distributed else None)
     check_outputs(args.json, args.plot, cache=args.compile_cache, inputs=job_inputs(args))  # before any work
     check_used_options(args)

@@ -26,7 +26,7 @@ from shared_config.compile_cache import add_compile_cache_option, use_compile_ca
 from shared_config.data import TOKEN_DTYPES
 from shared_config.files import first_missing, json_text
 from shared_config.loop import Loop, NonFiniteError, trainer_factory
-from shared_config.parallel import mesh_devices, rows_per_shard, world_size
+from shared_config.parallel import mesh_devices, rows_per_shard, torchrun_error, world_size
 from shared_config.resources import ResourceError, is_out_of_memory
 from shared_config.run import (
     BACKENDS, DEFAULT_CADENCE, DEFAULT_EVAL_BATCHES, DEFAULT_SPEC, DEFAULT_TRAIN_CONFIG, RESUME_MEMORY, SPEC_KEYS,
@@ -85,23 +85,15 @@ def check_scale_out(p, args) -> None:
     """--devices/--mesh go with JAX, torchrun with torch; on CPU a JAX mesh needs that many host devices, which
     XLA reads once, before JAX starts (GPUs are counted as they are)."""
     torchrun = world_size() > 1  # world_size checks WORLD_SIZE (0 would divide the batch by 0)
-    # launched by torchrun, with one process too (torchrun --nproc_per_node=1 --parallel fsdp2 is a launch)
-    launched = "RANK" in os.environ  # as torch_model.distributed.init_distributed reads it
     if args.devices and args.mesh:
         p.error("--devices N and --mesh: pass one (--devices N is --mesh data=N)")
     devices = mesh_devices(args.mesh, args.devices)  # `--mesh ''` ran unsharded; 2,000 CPU devices took 17 GB
     if (args.devices or args.mesh) and args.backend != "jax":
         p.error("--devices/--mesh scale the JAX twin; the torch twin scales out under torchrun (--parallel ddp|fsdp2)")
-    if args.parallel and args.backend != "torch":  # was "needs torchrun", and under a torchrun of one process a mesh
-        p.error(f"--parallel {args.parallel} scales the torch twin under torchrun; the JAX twin scales out with "
-                "--devices/--mesh")
-    if args.parallel and not launched:
-        p.error(f"--parallel {args.parallel} needs torchrun: torchrun --nproc_per_node=N scripts/train.py "
-                "--backend torch ...")
+    if error := torchrun_error(args.parallel, args.backend == "torch", "scripts/train.py"):
+        p.error(error)
     if args.compile and args.backend == "jax":  # it was ignored without a word
         p.error("--compile: torch.compile steers the torch twin's steps; the JAX twin always jits (drop --compile)")
-    if torchrun and args.backend != "torch":
-        p.error("under torchrun train the torch twin (--backend torch); JAX scales out with --devices/--mesh")
     args.parallel = args.parallel or ("ddp" if torchrun else None)
     args.mesh = args.mesh or (f"data={args.devices}" if args.devices else None)
     args.shards = devices or world_size()  # what the global batch splits over

@@ -86,6 +86,24 @@ def world_size() -> int:
     return count
 
 
+def torchrun_error(parallel: str | None, fits: bool, command: str, needs: str = "--backend torch") -> str | None:
+    """The one rule of torchrun and `--parallel ddp|fsdp2` (scripts/train.py, bench/compare.py): both scale out the
+    torch twin's training alone (the JAX twin's scale-out is --devices/--mesh), and `--parallel` needs a torchrun
+    launch (RANK set; a torchrun of one process is one). `fits`: this run is what `needs` asks for (the torch twin's
+    train step). Returns the error's one line, or None; SpecError as world_size. Before this rule, `--parallel ddp`
+    with JAX was told it "needs torchrun", which then refused JAX, and under a torchrun of one process it was read
+    as a mesh axis or timed on one device."""
+    if parallel and not fits:
+        return (f"--parallel {parallel} scales the torch twin's training under torchrun: pass {needs} (the JAX twin "
+                "scales out with --devices/--mesh)")
+    if world_size() > 1 and not fits:
+        return (f"under torchrun {command} scales the torch twin's training: pass {needs} (the JAX twin scales out "
+                "with --devices/--mesh)")
+    if parallel and "RANK" not in os.environ:  # as torch_model.distributed.init_distributed reads a launch
+        return f"--parallel {parallel} needs torchrun: torchrun --standalone --nproc_per_node=N {command} {needs} ..."
+    return None
+
+
 def fsdp_dim(t: Tensor, n: int) -> int | None:
     """The dim of canonical tensor `t` (torch orientation) split n ways over fsdp; None: replicated.
 

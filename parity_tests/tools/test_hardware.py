@@ -97,8 +97,32 @@ def test_bench_parallel_times_the_torch_train_step_alone(monkeypatch, args):
     for launched in (False, True):
         for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             monkeypatch.setenv(name, value) if launched else monkeypatch.delenv(name, raising=False)
-        with pytest.raises(UsageError, match="--parallel ddp times the torch train step under torchrun: pass "):
+        with pytest.raises(UsageError, match="--parallel ddp scales the torch twin's training under torchrun: pass "
+                                             "--backend torch --mode train "):
             compare.parse_args([*args, "--parallel", "ddp"])
+
+
+@pytest.mark.parametrize("env, parallel, fits, says", [
+    ({}, None, False, None),
+    ({}, "ddp", False, "--parallel ddp scales the torch twin's training under torchrun: pass --backend torch (the JAX "
+                       "twin scales out with --devices/--mesh)"),
+    ({}, "fsdp2", True, "--parallel fsdp2 needs torchrun: torchrun --standalone --nproc_per_node=N scripts/train.py "
+                        "--backend torch ..."),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, None, False, "under torchrun scripts/train.py scales the torch twin's "
+                                                    "training: pass --backend torch (the JAX twin scales out with "
+                                                    "--devices/--mesh)"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "ddp", True, None),  # a torchrun of one process is a launch
+    ({"RANK": "1", "WORLD_SIZE": "2"}, None, True, None),
+])
+def test_torchrun_and_parallel_scale_out_the_torch_twin_alone(monkeypatch, env, parallel, fits, says):
+    """One rule for train.py and compare.py (each had its own copy, in other words)."""
+    from shared_config.parallel import torchrun_error
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_error(parallel, fits, "scripts/train.py") == says
 
 
 # The command lines a user types; each used to end in a traceback (or, for generate.py, to succeed on another kernel).

@@ -175,7 +175,8 @@ def test_parallel_with_the_jax_twin_names_its_scale_out(monkeypatch, capsys, tmp
         run(load_script("train").main, ["--backend", "jax", "--parallel", "ddp", "--out", str(tmp_path / "x"),
                                         "--steps", "1", "--quiet"])
     assert e.value.code == 2 and capsys.readouterr().err == (
-        "error: --parallel ddp scales the torch twin under torchrun; the JAX twin scales out with --devices/--mesh\n")
+        "error: --parallel ddp scales the torch twin's training under torchrun: pass --backend torch (the JAX twin "
+        "scales out with --devices/--mesh)\n")
     assert not (tmp_path / "x").exists()
 
 
