@@ -189,6 +189,18 @@ def test_the_corpus_figures_training_md_quotes():
     assert phrase in " ".join((ROOT / "docs" / "training.md").read_text().split()), phrase
 
 
+def test_training_mds_llama_1b_memory_is_the_reports_peak():
+    """training.md's "35 GB at batch 4" for llama-1b matched no figure the repository kept; it now quotes the peaks
+    of the committed H200 report, in GiB as bench.md's table gives them."""
+    import json
+
+    report = json.loads((ROOT / "bench" / "results" / "h200-2026-11-22-llama1b-train-bf16.json").read_text())
+    peaks = {r["backend"]: r["peak_mem_bytes"] / 2**30 for r in report["results"]}
+    phrase = (f"llama-1b at seq 2048 and batch 4 peaked at {peaks['jax']:.1f} GiB (JAX) and {peaks['torch']:.1f} GiB "
+              "(torch) in bfloat16 on an H200, 2026-11-22")
+    assert phrase in " ".join((ROOT / "docs" / "training.md").read_text().split()), phrase
+
+
 def test_the_routing_study_table_quotes_its_report():
     """routing.md's study table, rendered from the committed report (three seeds) by the study's own markdown: a
     table re-measured or edited by hand without its report, or the other way round, fails here."""
