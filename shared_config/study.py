@@ -192,19 +192,30 @@ def write_results(out: Path, name: str, table: str, report: dict) -> None:
     atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json_text(report, indent=1) + "\n"))
 
 
+class Once(argparse.Action):
+    """A list option given once (--seeds, --configs, --backends): argparse keeps the last of several without a word,
+    and `--seeds 0,1 --seeds 2` trained seed 2 alone under a table that read like the study asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if (earlier := getattr(namespace, self.dest, self.default)) is not self.default:
+            raise argparse.ArgumentError(self, f"given twice ({quote(earlier)}, then {quote(values)}); list every "
+                                               f"value in one {option_string}, comma-separated")
+        setattr(namespace, self.dest, values)
+
+
 def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
                  backends_help: str = "comma-separated: jax, torch") -> Parser:
     """The options of every study script: --steps, --backends, --configs, --set, --seeds, --out, --quiet; the
     description is the first paragraph of the script's docstring `doc`, as one sentence."""
     p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("--steps", type=int, default=steps, help="updates per run")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=backends_help)
-    p.add_argument("--configs", default=",".join(configs), help=configs_help)
+    p.add_argument("--backends", action=Once, default=",".join(BACKENDS), help=backends_help)
+    p.add_argument("--configs", action=Once, default=",".join(configs), help=configs_help)
     p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS + TRAIN_KEYS, "spec or train config"),
                    metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--seeds", help="comma-separated seeds (initial weights and batch order): every run trains once per "
-                   "seed, into runs/CONFIG-BACKEND-seedSEED, and the table gives the mean ± standard deviation over "
-                   "them (default: the train config's seed, one run each)")
+    p.add_argument("--seeds", action=Once, help="comma-separated seeds (initial weights and batch order): every run "
+                   "trains once per seed, into runs/CONFIG-BACKEND-seedSEED, and the table gives the mean ± standard "
+                   "deviation over them (default: the train config's seed, one run each)")
     p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
