@@ -86,11 +86,12 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
 
 def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData, int | None], Run],
               summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
-              desc: str, quiet: bool, seeds: list[int] | None = None) -> tuple[dict, dict]:
+              desc: str, quiet: bool, seeds: list[int] | None = None, constants: tuple[str, ...] = ()
+              ) -> tuple[dict, dict]:
     """({config: {backend: row}}, {config: {backend: records}}) for `make(config, backend, data, seed)`'s run of every
     pair on the embedded corpus, one after the other, with one progress bar of `desc` (runs). Without `seeds` a row is
     `summarize(run, records, stopped_at)`; with them each pair trains once per seed and its row is over_seeds of
-    {seed: row}, its records the first seed's. `twin` is the tools' way to a twin
+    {seed: row} and `constants`, its records the first seed's. `twin` is the tools' way to a twin
     (shared_config.twins.twin), passed in: the core calls no twin by name."""
     results, metrics, data = {}, {}, synthetic_corpus(0)
     each = [None] if seeds is None else seeds
@@ -105,15 +106,17 @@ def train_all(configs: list[str], backends: list[str], make: Callable[[str, str,
                     rows[seed] = summarize(run, records, stopped_at)
                     metrics.setdefault(config, {}).setdefault(backend, records)  # the first seed's: the curves'
                     bar.update()
-                results.setdefault(config, {})[backend] = rows[None] if seeds is None else over_seeds(rows)
+                results.setdefault(config, {})[backend] = rows[None] if seeds is None else over_seeds(rows, constants)
     return results, metrics
 
 
-def over_seeds(rows: dict[int, dict]) -> dict:
+def over_seeds(rows: dict[int, dict], constants: tuple[str, ...] = ()) -> dict:
     """One configuration's row over the seeds it trained under, from {seed: summarize's row}: each number the mean
     over the seeds with its sample standard deviation (ddof 1; None for one seed) as KEY_std, None where a seed has
-    None (a run a NaN/Inf stopped has no final loss: the others' mean read as the configuration's); `stopped_at` the
-    earliest stop, `stopped_seed` its seed; `nonfinite_steps` summed over the seeds (the runs that met one); any
+    None (a run a NaN/Inf stopped has no final loss: the others' mean read as the configuration's); the keys of
+    `constants`, numbers of the configuration that no seed changes (the corpus's entropy, the FLOPs per token), kept
+    without a KEY_std where every seed has the same (the JSON gave them a spread of 0.0, as if measured); `stopped_at`
+    the earliest stop, `stopped_seed` its seed; `nonfinite_steps` summed over the seeds (the runs that met one); any
     other value (a list, a dict) kept where every seed has the same, else None; each seed's own row under `seeds`."""
     first, out = next(iter(rows.values())), {}
     for key in first:
@@ -124,6 +127,8 @@ def over_seeds(rows: dict[int, dict]) -> dict:
             out["stopped_seed"] = min(stops, key=stops.get) if stops else None
         elif key == "nonfinite_steps":
             out[key] = sum(values)
+        elif key in constants and all(v == first[key] for v in values):
+            out[key] = first[key]
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key], out[f"{key}_std"] = mean_std(values)
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -152,11 +157,18 @@ def seeds_said(seeds: list[str]) -> str:
 
 def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:
     """A table cell: `row[key]` formatted by `spec`, with ± its standard deviation over the seeds where the row has
-    one (over_seeds), `missing` for None."""
+    one (over_seeds, formatted by `spread`), `missing` for None."""
     if row.get(key) is None:
         return missing
     std = row.get(f"{key}_std")
-    return format(row[key], spec) + ("" if std is None else f" ± {format(std, spec)}")
+    return format(row[key], spec) + ("" if std is None else f" ± {spread(std, spec)}")
+
+
+def spread(std: float, spec: str) -> str:
+    """A standard deviation formatted by `spec`, or to 3 significant digits where `spec` shows one that is not 0 as
+    zero: an α's 0.0004 over three seeds read `± 0.000`, as if every seed had the same."""
+    text = format(std, spec)
+    return f"{std:.3g}" if std and not any(digit in text for digit in "123456789") else text
 
 
 @contextlib.contextmanager
