@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -178,11 +179,17 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
     reported success), and remove an earlier study's results from it (NAME.md, NAME.json and `others`, such as its
     plot) as this study starts replacing its runs: a study stopped midway leaves no table describing runs it has
     since replaced. A study stopped (Ctrl-C, an error) removes the unfinished run, and the OUT it made, whole: its
-    finished runs without their table are no result either."""
-    made = first_missing(out)
+    finished runs without their table are no result either. Those files are an earlier study's where NAME.json, its
+    report (write_results writes it first), is there: any of them without it is someone else's (a user's own
+    curves.png was deleted, then replaced by the study's plot) and refused in one line, before any run."""
+    made, files = first_missing(out), (f"{name}.md", f"{name}.json", *others)
     with lock_run(out):
         try:
-            for file in (f"{name}.md", f"{name}.json", *others):
+            if not os.path.lexists(out / f"{name}.json") and (
+                    theirs := [file for file in files if os.path.lexists(out / file)]):
+                raise UsageError(f"--out {out}: {theirs[0]} there is no earlier study's (no {name}.json beside it), "
+                                 f"and the study writes its own {theirs[0]}; move it away or pass another --out")
+            for file in files:
                 (out / file).unlink(missing_ok=True)
             yield
         except BaseException:
@@ -199,9 +206,10 @@ def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dic
 
 
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
-    """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
-    atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
+    """OUT/NAME.json (`report`) and OUT/NAME.md (the Markdown table), each written atomically; the report first, as
+    what tells the next study on OUT that the study's files there are an earlier study's (study_dir)."""
     atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json_text(report, indent=1) + "\n"))
+    atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
 
 
 class Once(argparse.Action):
