@@ -32,12 +32,13 @@ from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
 from shared_config.hardware import check_gla_kernel
-from shared_config.study import (NORM_PRESETS, plus_minus, seeds_said, study_args, study_dir, study_parser,
+from shared_config.study import (NORM_PRESETS, plus_minus, seeds_said, spread, study_args, study_dir, study_parser,
                                  study_report, study_run, train_all, write_results)
 from shared_config.twins import twin
 
 CONFIGS = ["rms-pre", "rms-peri", "dyt-pre", "dyt-peri", "derf-pre", "derf-peri", "layernorm-pre"]
 PPL_MARGIN = 0.5  # DyT/Derf may trail RMSNorm by this much perplexity
+CONSTANTS = ("entropy",)  # a row's numbers that no seed changes (the embedded corpus's): no spread over --seeds
 SETS = {  # the spec keys each run takes from its config or from --mixer: a --set of one is refused
     "norm_type": "the study sets it per config, NORM in --configs NORM-PLACEMENT (e.g. --configs dyt-pre)",
     "norm_placement": "the study sets it per config, PLACEMENT in --configs NORM-PLACEMENT (e.g. --configs rms-peri)",
@@ -84,7 +85,7 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
     """Train every configuration in every backend (once per seed of `seeds`); ({config: {backend: row}},
     {config: {backend: metrics}})."""
     return train_all(configs, backends, lambda c, b, data, seed: make_run(c, b, steps, out, changes, data, seed),
-                     summarize, twin, "norm study", quiet, seeds)
+                     summarize, twin, "norm study", quiet, seeds, CONSTANTS)
 
 
 def twin_gap(rows: dict) -> float | None:
@@ -273,9 +274,9 @@ def output_criteria(rows: dict) -> list[tuple]:
         tv = {site: float(np.mean([each[site] for each in tvs])) for site in tvs[0]}
         worst = max(tv, key=tv.get)
         means = [float(np.mean(list(each.values()))) for each in tvs]
-        spread = f" ± {np.std(means, ddof=1):.3f} ({len(means)} seeds)" if len(means) > 1 else ""
+        over = f" ± {spread(float(np.std(means, ddof=1)), '.3f')} ({len(means)} seeds)" if len(means) > 1 else ""
         out.append((name, bool(np.mean(means) <= TV_MAX),
-                    f"mean TV {np.mean(means):.3f}{spread} over {len(tv)} sites; worst {worst} {tv[worst]:.3f}"))
+                    f"mean TV {np.mean(means):.3f}{over} over {len(tv)} sites; worst {worst} {tv[worst]:.3f}"))
     return out
 # --- end of the GLA experiment ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from shared_config.study import (plus_minus, seeds_said, study_args, study_dir, 
 from shared_config.twins import twin
 
 CONFIGS = ["dense", "mod-0.125", "mod-0.5", "dtf-0.5"]  # ROUTING-CAPACITY, or dense
+CONSTANTS = ("flops_per_token",)  # a row's numbers that no seed changes (the spec's): no spread over --seeds
 SETS = {  # the spec keys each run takes from its config: a --set of one is refused
     "routing": "the study sets it per config, ROUTING in --configs ROUTING-CAPACITY (e.g. --configs mod-0.5)",
     "routing_capacity": "the study sets it per config, CAPACITY in --configs ROUTING-CAPACITY (e.g. --configs mod-0.5)",
@@ -79,7 +80,7 @@ def study(configs: list[str], backends: list[str], steps: int, out: Path, change
           quiet: bool = False, seeds: list[int] | None = None) -> dict:
     """Train every configuration in every backend (once per seed of `seeds`); {config: {backend: row}}."""
     return train_all(configs, backends, lambda c, b, data, seed: make_run(c, b, steps, out, changes, data, seed),
-                     summarize, twin, "routing study", quiet, seeds)[0]
+                     summarize, twin, "routing study", quiet, seeds, CONSTANTS)[0]
 
 
 def markdown(results: dict, backends: list[str], steps: int, command: str) -> str:

@@ -275,9 +275,17 @@ def names(flag: str, text: str) -> list[str]:
 
 def no_repeats(flag: str, items: list) -> list:
     """`items` of a list-valued option, refused (UsageError) when one is given twice: the job ran twice, and its
-    rows, labelled alike, overwrote or shadowed each other in the report."""
-    for i, x in enumerate(items):
-        if x in items[:i]:  # any value, also a false one (0, '')
+    rows, labelled alike, overwrote or shadowed each other in the report. Linear: a list scanned for each item took
+    8 s over 20,000 seeds."""
+    seen, unhashable = set(), []  # any value, also a false one (0, ''); a list or dict value (a --sweep's) by ==
+    for x in items:
+        try:
+            repeated = x in seen
+            seen.add(x)
+        except TypeError:
+            repeated = x in unhashable
+            unhashable.append(x)
+        if repeated:
             raise UsageError(f"{flag}: {quote(spelled(x))[1:-1]} is given twice")  # `true`, as typed
     return items
 

@@ -68,8 +68,12 @@ def _null_to_nan(record: dict) -> dict:
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:
-    """Keep the records up to `step` (a resumed run logs the steps after its checkpoint again)."""
+    """Keep the records up to `step` (a resumed run logs the steps after its checkpoint again). A symbolic link there
+    is replaced by a file of those records, never written through (as run_dir.copy_tokenizer's): a resume rewrote
+    the link's target, a file outside the run directory, and appended its steps to it; the target stays as it was."""
     path = Path(path)
-    if path.exists():  # a FIFO or device in its place is refused by read_metrics, never appended to
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    if path.exists() or path.is_symlink():  # a FIFO or device there is refused by read_metrics, never appended to
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]  # none through a broken link
+        if path.is_symlink():
+            path.unlink()
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json_text(r) + "\n" for r in kept)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -86,11 +87,12 @@ def train_one(run: Run, make_trainer: Callable) -> tuple[list[dict], int | None]
 
 def train_all(configs: list[str], backends: list[str], make: Callable[[str, str, TokenData, int | None], Run],
               summarize: Callable[[Run, list[dict], int | None], dict], twin: Callable[[str, str], ModuleType],
-              desc: str, quiet: bool, seeds: list[int] | None = None) -> tuple[dict, dict]:
+              desc: str, quiet: bool, seeds: list[int] | None = None, constants: tuple[str, ...] = ()
+              ) -> tuple[dict, dict]:
     """({config: {backend: row}}, {config: {backend: records}}) for `make(config, backend, data, seed)`'s run of every
     pair on the embedded corpus, one after the other, with one progress bar of `desc` (runs). Without `seeds` a row is
     `summarize(run, records, stopped_at)`; with them each pair trains once per seed and its row is over_seeds of
-    {seed: row}, its records the first seed's. `twin` is the tools' way to a twin
+    {seed: row} and `constants`, its records the first seed's. `twin` is the tools' way to a twin
     (shared_config.twins.twin), passed in: the core calls no twin by name."""
     results, metrics, data = {}, {}, synthetic_corpus(0)
     each = [None] if seeds is None else seeds
@@ -105,15 +107,17 @@ def train_all(configs: list[str], backends: list[str], make: Callable[[str, str,
                     rows[seed] = summarize(run, records, stopped_at)
                     metrics.setdefault(config, {}).setdefault(backend, records)  # the first seed's: the curves'
                     bar.update()
-                results.setdefault(config, {})[backend] = rows[None] if seeds is None else over_seeds(rows)
+                results.setdefault(config, {})[backend] = rows[None] if seeds is None else over_seeds(rows, constants)
     return results, metrics
 
 
-def over_seeds(rows: dict[int, dict]) -> dict:
+def over_seeds(rows: dict[int, dict], constants: tuple[str, ...] = ()) -> dict:
     """One configuration's row over the seeds it trained under, from {seed: summarize's row}: each number the mean
     over the seeds with its sample standard deviation (ddof 1; None for one seed) as KEY_std, None where a seed has
-    None (a run a NaN/Inf stopped has no final loss: the others' mean read as the configuration's); `stopped_at` the
-    earliest stop, `stopped_seed` its seed; `nonfinite_steps` summed over the seeds (the runs that met one); any
+    None (a run a NaN/Inf stopped has no final loss: the others' mean read as the configuration's); the keys of
+    `constants`, numbers of the configuration that no seed changes (the corpus's entropy, the FLOPs per token), kept
+    without a KEY_std where every seed has the same (the JSON gave them a spread of 0.0, as if measured); `stopped_at`
+    the earliest stop, `stopped_seed` its seed; `nonfinite_steps` summed over the seeds (the runs that met one); any
     other value (a list, a dict) kept where every seed has the same, else None; each seed's own row under `seeds`."""
     first, out = next(iter(rows.values())), {}
     for key in first:
@@ -124,6 +128,8 @@ def over_seeds(rows: dict[int, dict]) -> dict:
             out["stopped_seed"] = min(stops, key=stops.get) if stops else None
         elif key == "nonfinite_steps":
             out[key] = sum(values)
+        elif key in constants and all(v == first[key] for v in values):
+            out[key] = first[key]
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key], out[f"{key}_std"] = mean_std(values)
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -152,11 +158,18 @@ def seeds_said(seeds: list[str]) -> str:
 
 def plus_minus(row: dict, key: str, spec: str, missing: str) -> str:
     """A table cell: `row[key]` formatted by `spec`, with ± its standard deviation over the seeds where the row has
-    one (over_seeds), `missing` for None."""
+    one (over_seeds, formatted by `spread`), `missing` for None."""
     if row.get(key) is None:
         return missing
     std = row.get(f"{key}_std")
-    return format(row[key], spec) + ("" if std is None else f" ± {format(std, spec)}")
+    return format(row[key], spec) + ("" if std is None else f" ± {spread(std, spec)}")
+
+
+def spread(std: float, spec: str) -> str:
+    """A standard deviation formatted by `spec`, or to 3 significant digits where `spec` shows one that is not 0 as
+    zero: an α's 0.0004 over three seeds read `± 0.000`, as if every seed had the same."""
+    text = format(std, spec)
+    return f"{std:.3g}" if std and not any(digit in text for digit in "123456789") else text
 
 
 @contextlib.contextmanager
@@ -166,11 +179,17 @@ def study_dir(out: Path, name: str, *others: str) -> Iterator[None]:
     reported success), and remove an earlier study's results from it (NAME.md, NAME.json and `others`, such as its
     plot) as this study starts replacing its runs: a study stopped midway leaves no table describing runs it has
     since replaced. A study stopped (Ctrl-C, an error) removes the unfinished run, and the OUT it made, whole: its
-    finished runs without their table are no result either."""
-    made = first_missing(out)
+    finished runs without their table are no result either. Those files are an earlier study's where NAME.json, its
+    report (write_results writes it first), is there: any of them without it is someone else's (a user's own
+    curves.png was deleted, then replaced by the study's plot) and refused in one line, before any run."""
+    made, files = first_missing(out), (f"{name}.md", f"{name}.json", *others)
     with lock_run(out):
         try:
-            for file in (f"{name}.md", f"{name}.json", *others):
+            if not os.path.lexists(out / f"{name}.json") and (
+                    theirs := [file for file in files if os.path.lexists(out / file)]):
+                raise UsageError(f"--out {out}: {theirs[0]} there is no earlier study's (no {name}.json beside it), "
+                                 f"and the study writes its own {theirs[0]}; move it away or pass another --out")
+            for file in files:
                 (out / file).unlink(missing_ok=True)
             yield
         except BaseException:
@@ -187,9 +206,21 @@ def study_report(args, changes: tuple[dict, dict], results: dict, **more) -> dic
 
 
 def write_results(out: Path, name: str, table: str, report: dict) -> None:
-    """OUT/NAME.md (the Markdown table) and OUT/NAME.json (`report`), each written atomically."""
-    atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
+    """OUT/NAME.json (`report`) and OUT/NAME.md (the Markdown table), each written atomically; the report first, as
+    what tells the next study on OUT that the study's files there are an earlier study's (study_dir)."""
     atomic_write(out / f"{name}.json", lambda tmp: tmp.write_text(json_text(report, indent=1) + "\n"))
+    atomic_write(out / f"{name}.md", lambda tmp: tmp.write_text(table))
+
+
+class Once(argparse.Action):
+    """A list option given once (--seeds, --configs, --backends): argparse keeps the last of several without a word,
+    and `--seeds 0,1 --seeds 2` trained seed 2 alone under a table that read like the study asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if (earlier := getattr(namespace, self.dest, self.default)) is not self.default:
+            raise argparse.ArgumentError(self, f"given twice ({quote(earlier)}, then {quote(values)}); list every "
+                                               f"value in one {option_string}, comma-separated")
+        setattr(namespace, self.dest, values)
 
 
 def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, out: str, out_help: str,
@@ -198,13 +229,13 @@ def study_parser(doc: str, steps: int, configs: list[str], configs_help: str, ou
     description is the first paragraph of the script's docstring `doc`, as one sentence."""
     p = Parser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("--steps", type=int, default=steps, help="updates per run")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=backends_help)
-    p.add_argument("--configs", default=",".join(configs), help=configs_help)
+    p.add_argument("--backends", action=Once, default=",".join(BACKENDS), help=backends_help)
+    p.add_argument("--configs", action=Once, default=",".join(configs), help=configs_help)
     p.add_argument("--set", action="append", type=p.key_item(SPEC_KEYS + TRAIN_KEYS, "spec or train config"),
                    metavar="KEY=VALUE", help="a spec or train config change for every run")
-    p.add_argument("--seeds", help="comma-separated seeds (initial weights and batch order): every run trains once per "
-                   "seed, into runs/CONFIG-BACKEND-seedSEED, and the table gives the mean ± standard deviation over "
-                   "them (default: the train config's seed, one run each)")
+    p.add_argument("--seeds", action=Once, help="comma-separated seeds (initial weights and batch order): every run "
+                   "trains once per seed, into runs/CONFIG-BACKEND-seedSEED, and the table gives the mean ± standard "
+                   "deviation over them (default: the train config's seed, one run each)")
     p.add_argument("--out", type=Path, default=Path(out), help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p

@@ -212,3 +212,26 @@ def test_a_bad_tokenizer_in_a_data_directory_is_refused_before_a_run_copies_it(t
     with pytest.raises(DataError) as e:
         load_data(str(tmp_path))
     assert str(e.value).startswith(f"{tmp_path / 'tokenizer.json'}: {says}"), e.value
+
+
+def test_a_resume_replaces_a_metrics_link_never_writing_through_it(tmp_path):
+    """OUT/metrics.jsonl a symbolic link to a file elsewhere: a resume rewrote that file (cut back to the checkpoint)
+    and appended its steps to it. The link is replaced by a file of the run's records, the target left as it was."""
+    from shared_config.loop import Loop
+    from shared_config.run import resolve_run
+
+    from ..tools.test_study_results import CountingTrainer
+
+    train, out, elsewhere = load_script("train"), tmp_path / "run", tmp_path / "mine.jsonl"
+    small = ["--set", "n_layers=1", "--set", "batch_size=2", "--set", "seq_len=16", "--eval-batches", "1", "--quiet"]
+    Loop(resolve_run(train.parse_args(["--backend", "jax", "--out", str(out), "--steps", "2", *small])),
+         CountingTrainer, progress=False)()
+    (out / "metrics.jsonl").rename(elsewhere)
+    elsewhere.write_text(elsewhere.read_text() + '{"step": 3, "kind": "train", "loss": 0.5}\n')
+    before = elsewhere.read_bytes()
+    (out / "metrics.jsonl").symlink_to(elsewhere)
+    Loop(resolve_run(train.parse_args(["--backend", "torch", "--out", str(out), "--resume", "--steps", "4"])),
+         CountingTrainer, progress=False)()
+    assert elsewhere.read_bytes() == before and not (out / "metrics.jsonl").is_symlink()
+    steps = [r["step"] for r in metrics.read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # the link's records up to the checkpoint's step 2, then the resume's

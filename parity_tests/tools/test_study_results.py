@@ -363,3 +363,32 @@ def test_a_norm_study_whose_reader_left_keeps_its_results(tmp_path, monkeypatch)
     with pytest.raises(BrokenPipeError):
         study.main(["--steps", "1", "--configs", "rms-pre", "--backends", "torch", "--out", str(out), "--quiet"])
     assert (out / "norms.md").read_text() == "table"
+
+
+def test_a_users_own_file_where_a_study_writes_is_refused_not_replaced(tmp_path, monkeypatch, capsys):
+    """A curves.png of the user's own on the norm study's --out was deleted as the study started, then replaced by
+    the study's plot. A study's file there without an earlier study's report (norms.json) beside it is refused in
+    one line, exit 2, before any run; beside one it is that study's, and replaced."""
+    from shared_config.cli import run
+
+    study = load_script("compare_norms")
+
+    def report(*args):
+        (tmp_path / "curves.png").write_bytes(b"plot")
+        return "table"
+
+    trained = []
+    monkeypatch.setattr(study, "study", lambda *a, **k: trained.append(a) or (None, None))
+    monkeypatch.setattr(study, "write_report", report)
+    argv = ["--steps", "1", "--configs", "rms-pre", "--backends", "torch", "--out", str(tmp_path), "--quiet"]
+    (tmp_path / "curves.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit) as e:
+        run(study.main, argv)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: --out {tmp_path}: curves.png there is no earlier study's (no norms.json beside it), and the study "
+        "writes its own curves.png; move it away or pass another --out\n")
+    assert (tmp_path / "curves.png").read_bytes() == b"mine" and not trained
+    (tmp_path / "norms.json").write_text("{}")  # an earlier study's report
+    with pytest.raises(SystemExit) as e:
+        run(study.main, argv)
+    assert e.value.code == 0 and (tmp_path / "curves.png").read_bytes() == b"plot" and len(trained) == 1

@@ -151,3 +151,90 @@ def test_a_seeded_study_leaves_an_earlier_unseeded_run_of_its_configuration(tmp_
     assert list(json.loads((tmp_path / "routing.json").read_text())["results"]["dense"]["torch"]["seeds"]) == ["0"]
     assert "other seeds, and `CONFIG-BACKEND` beside `CONFIG-BACKEND-seedSEED`" in " ".join(
         (ROOT / "docs" / "norm-study.md").read_text().split())
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--seeds", "0,1", "--seeds", "2"], "argument --seeds: given twice ('0,1', then '2'); list every value in one "
+                                         "--seeds, comma-separated"),
+    (["--configs", "dense", "--configs", "mod-0.5"], "argument --configs: given twice ('dense', then 'mod-0.5')"),
+    (["--backends", "jax", "--backends", "torch"], "argument --backends: given twice ('jax', then 'torch')")])
+def test_a_list_option_given_twice_is_refused_not_the_last_kept(argv, said, capsys):
+    """`--seeds 0,1 --seeds 2` trained seed 2 alone (argparse keeps the last), under a table that read like the
+    study asked for; each list option of a study is refused in one line given twice, exit 2."""
+    for script in ("compare_norms", "compare_routing"):
+        with pytest.raises(SystemExit) as e:
+            load_script(script).parse_args([*argv, "--out", "unused"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {said}"), lines
+    assert load_script("compare_norms").parse_args(["--mixer", "gla", "--configs", "rms-pre"]).configs == ["rms-pre"]
+
+
+def test_many_seeds_are_checked_for_repeats_in_linear_time():
+    """no_repeats scanned the list before each item: 20,000 seeds took ~8 s to parse. Counted by comparisons (a
+    repeat's check compares only values of one hash), and timed on the real parse."""
+    import time
+
+    from shared_config.cli import no_repeats
+
+    class Counted:
+        compared = 0
+
+        def __init__(self, n):
+            self.n = n
+
+        def __hash__(self):
+            return self.n
+
+        def __eq__(self, other):
+            Counted.compared += 1
+            return self.n == other.n
+
+    no_repeats("--seeds", [Counted(n) for n in range(2000)])
+    assert Counted.compared == 0  # the scan: ~2,000,000
+    with pytest.raises(UsageError, match="^--sweep k: \\[1\\] is given twice$"):  # unhashable values still compared
+        no_repeats("--sweep k", [[1], [2], [1]])
+    start = time.perf_counter()
+    args = load_script("compare_routing").parse_args(["--seeds", ",".join(map(str, range(20_000)))])
+    assert len(args.seeds) == 20_000 and time.perf_counter() - start < 2.0
+    with pytest.raises(UsageError, match="^--seeds: 7 is given twice$"):
+        load_script("compare_routing").parse_args(["--seeds", ",".join(map(str, [*range(20_000), 7]))])
+
+
+def test_a_configurations_constants_get_no_spread_over_seeds():
+    """The JSON gave the corpus's entropy (norm study) and the FLOPs per token (routing study), numbers no seed
+    changes, a standard deviation of 0.0 as if measured; a constant that does differ is a number like any other."""
+    rows = {s: {"val_ppl": 10.0 + s, "entropy": 2.59, "flops_per_token": 3e6} for s in range(3)}
+    row = over_seeds(rows, ("entropy", "flops_per_token"))
+    assert (row["entropy"], row["flops_per_token"]) == (2.59, 3e6) and row["val_ppl_std"] == 1.0
+    assert "entropy_std" not in row and "flops_per_token_std" not in row
+    rows[2]["entropy"] = 2.6
+    assert over_seeds(rows, ("entropy",))["entropy_std"] == pytest.approx(np.std([2.59, 2.59, 2.6], ddof=1))
+    for script, constants in (("compare_norms", ("entropy",)), ("compare_routing", ("flops_per_token",))):
+        assert load_script(script).CONSTANTS == constants
+
+
+@pytest.mark.parametrize("name", ["tiny-norms-seeds", "gla-tiny-norms-seeds", "gla-tiny-norms-seeds-final-alpha-2",
+                                  "tiny-routing-study-seeds"])
+def test_the_committed_seed_reports_rows_are_their_seeds_rows_over_seeds(name):
+    """Each configuration's row in a committed report is over_seeds of its own seeds' rows, bit for bit: the
+    reports lost the `entropy_std` / `flops_per_token_std` of 0.0 the study now writes no more, and nothing else."""
+    report = json.loads((ROOT / "bench" / "results" / f"cpu-2vcpu-2026-12-07-{name}.json").read_text())
+    constants = load_script("compare_routing" if "routing" in name else "compare_norms").CONSTANTS
+    for by_backend in report["results"].values():
+        for row in by_backend.values():
+            assert over_seeds({int(s): r for s, r in row["seeds"].items()}, constants) == row
+            assert not any(f"{key}_std" in row for key in constants) and all(key in row for key in constants)
+
+
+def test_a_spread_that_rounds_to_zero_keeps_three_significant_digits():
+    """An α spread of 0.0004 over three seeds read `0.508 ± 0.000`, as if every seed agreed; a spread the format
+    shows keeps it (the committed tables: test_docs_values), and an exact 0 stays 0."""
+    norms = load_script("compare_norms")
+    assert plus_minus({"a": 0.508, "a_std": 0.000412}, "a", ".3f", "—") == "0.508 ± 0.000412"
+    assert plus_minus({"a": 0.508, "a_std": 0.0016}, "a", ".3f", "—") == "0.508 ± 0.002"
+    assert plus_minus({"a": 0.508, "a_std": 0.0}, "a", ".3f", "—") == "0.508 ± 0.000"
+    assert plus_minus({"t": 24908.0, "t_std": 0.25}, "t", ",.0f", "-") == "24,908 ± 0.25"
+    row = {"val_loss": 2.7, "val_ppl": 15.0, "alpha_min": 0.508, "alpha_min_std": 0.0004, "alpha_max": 0.6,
+           "alpha_max_std": 0.002, "grad_norm_var": 0.02, "nonfinite_steps": 0, "stopped_at": None, "entropy": 2.59,
+           "seeds": {"0": {}, "1": {}}}
+    assert "| 0.508 ± 0.0004 | 0.600 ± 0.002 |" in norms.markdown({"dyt-pre": {"jax": row}}, ["jax"], 2, "cmd")
