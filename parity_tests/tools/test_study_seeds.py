@@ -171,9 +171,7 @@ def test_a_list_option_given_twice_is_refused_not_the_last_kept(argv, said, caps
 
 def test_many_seeds_are_checked_for_repeats_in_linear_time():
     """no_repeats scanned the list before each item: 20,000 seeds took ~8 s to parse. Counted by comparisons (a
-    repeat's check compares only values of one hash), and timed on the real parse."""
-    import time
-
+    repeat's check compares only values of one hash), not timed (a test asserts no wall-clock), then the real parse."""
     from shared_config.cli import no_repeats
 
     class Counted:
@@ -193,9 +191,8 @@ def test_many_seeds_are_checked_for_repeats_in_linear_time():
     assert Counted.compared == 0  # the scan: ~2,000,000
     with pytest.raises(UsageError, match="^--sweep k: \\[1\\] is given twice$"):  # unhashable values still compared
         no_repeats("--sweep k", [[1], [2], [1]])
-    start = time.perf_counter()
     args = load_script("compare_routing").parse_args(["--seeds", ",".join(map(str, range(20_000)))])
-    assert len(args.seeds) == 20_000 and time.perf_counter() - start < 2.0
+    assert len(args.seeds) == 20_000
     with pytest.raises(UsageError, match="^--seeds: 7 is given twice$"):
         load_script("compare_routing").parse_args(["--seeds", ",".join(map(str, [*range(20_000), 7]))])
 
