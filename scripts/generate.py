@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--spec", help="preset name or YAML path, for a file that carries no spec")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (tokenizer.json beside the weights, else UTF-8 bytes)")
-    src.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--tokens", help="comma-separated token ids, digits without a sign, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     # Sampling options left unset take generate()'s defaults (greedy, seed 0, no eos).
     p.add_argument("--temperature", type=float, help="0: greedy (default: 0)")
@@ -97,11 +97,13 @@ def load_weights(path: Path, spec=None):
 
 
 def parse_tokens(csv: str) -> list[int]:
-    """Comma-separated ASCII integers: int() alone also read '1_0' as 10 and other scripts' digits ('１')."""
-    if not all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in csv.split(",")):
-        raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, e.g. 1,2,3")
+    """Comma-separated ids in plain ASCII digits, no sign: int() alone also read '1_0' as 10 and other scripts' digits
+    ('１'); '-0' was read as 0 while '+1' was refused (an id is never negative: one spelling, digits only)."""
+    if not all(re.fullmatch(r"\s*[0-9]+\s*", t) for t in csv.split(",")):
+        raise UsageError(f"--tokens {quote(csv)} must be comma-separated integer ids, digits 0-9 without a sign, "
+                         "e.g. 1,2,3")
     # past int64, leading zeros aside: int() of 4,301 digits raised ValueError "Exceeds the limit", a traceback
-    if long := [t.strip() for t in csv.split(",") if len(t.strip().lstrip("-").lstrip("0")) > 20]:
+    if long := [t.strip() for t in csv.split(",") if len(t.strip().lstrip("0")) > 20]:
         raise UsageError(f"--tokens: id {quote(long[0])} is outside any vocabulary (ids are int32 in the twins)")
     return [int(t) for t in csv.split(",")]
 

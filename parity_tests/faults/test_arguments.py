@@ -76,12 +76,13 @@ def test_compare_logits_measures_one_logit_on_its_size_not_its_std(tmp_path, cap
     assert 0 <= json.loads(out)["max_abs_diff_over_std"] < 1e-5
 
 
-@pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3"])
+@pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3", "-0", "+1", "1,-3", "- 1"])
 def test_token_ids_are_ascii_integers(text):
-    """int() alone read '1_0' as 10 (a typo for 1,0) and '１' (full-width) as 1."""
-    with pytest.raises(UsageError, match="--tokens .* must be comma-separated integer ids"):
+    """int() alone read '1_0' as 10 (a typo for 1,0) and '１' (full-width) as 1; '-0' was read as 0 where '+1' was
+    refused: an id is digits 0-9 alone, either sign refused alike."""
+    with pytest.raises(UsageError, match="--tokens .* must be comma-separated integer ids, digits 0-9 without a sign"):
         generate.parse_tokens(text)
-    assert generate.parse_tokens(" 1, 2,-3") == [1, 2, -3]  # spaces; a negative id is check_generation's to name
+    assert generate.parse_tokens(" 1, 2,03") == [1, 2, 3]  # spaces and leading zeros: the digits' value
 
 
 @pytest.mark.parametrize("mesh, says", [("data=²", "'data=²' must be axis=N with N >= 1"),  # int('²'): a traceback
