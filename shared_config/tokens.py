@@ -50,12 +50,24 @@ def check_token_type(tokens, own: tuple[type, ...]) -> None:
                          f"not {type_name(tokens)}")
 
 
-def check_outputs(taps, aux) -> None:
+def check_outputs(taps, aux, logits=True) -> None:
     """Refuse a model call's `taps` or `aux` that is neither None nor a dict (TypeError): the model writes into them,
-    and a list was a TypeError 'list indices must be integers or slices, not str' from inside a block."""
+    and a list was a TypeError 'list indices must be integers or slices, not str' from inside a block. `logits` must
+    be a bool: the string "no" was taken as true and returned logits."""
     for name, x in (("taps", taps), ("aux", aux)):
         if x is not None and not isinstance(x, dict):
             raise TypeError(f"{name} must be a dict, which the model fills, or None; not {type_name(x)}")
+    if not isinstance(logits, (bool, np.bool_)):
+        raise TypeError(f"logits must be True (logits [B, T, V]) or False (the final hidden states [B, T, D]), not "
+                        f"{type_name(logits)} {quote(logits)}")
+
+
+def check_inspect_batch(tokens_BN) -> None:
+    """Refuse a batch for `Trainer.inspect` given as a list or tuple of rows (TypeError): it slices the batch as an
+    array, and a list was a TypeError 'list indices must be integers or slices, not tuple' from inside it."""
+    if isinstance(tokens_BN, (list, tuple)):
+        raise TypeError(f"inspect: tokens_BN must be an array of integer ids [batch, tokens] (numpy, as Run.batch "
+                        f"gives, or the model's framework's), not {type_name(tokens_BN)}")
 
 
 def check_cache_type(cache, own: type) -> None:

@@ -218,9 +218,9 @@ class Transformer(nn.Module):
         Routed specs: `decide` is "topk" or "predictor" (None: top-k without a cache, the predictor with one); `aux`,
         a dict, receives the mean router_bce, predictor_acc (and dtf's prior_mse) of a top-k forward. `taps`, a
         dict, receives every tapped activation. TokenError for tokens or a cache the model cannot read
-        (shared_config.tokens); TypeError for `taps` or `aux` that is not a dict.
+        (shared_config.tokens); TypeError for `taps` or `aux` that is not a dict, or `logits` that is not a bool.
         """
-        check_outputs(taps, aux)
+        check_outputs(taps, aux, logits)
         x_BTD, new_cache = self.model(tokens_BT, taps=taps, cache=cache, aux=aux, decide=decide, remat=remat)
         if not logits:
             return x_BTD if cache is None else (x_BTD, new_cache)

@@ -345,6 +345,17 @@ def test_taps_or_aux_that_is_not_a_dict_is_named_by_both_twins(base, name):
             call()
 
 
+@pytest.mark.parametrize("value, shown", [("no", "str 'no'"), (0, "int 0"), (None, "NoneType null")])
+def test_logits_that_is_not_a_bool_is_named_by_both_twins(base, value, shown):
+    """`m(tokens, logits="no")` took the string as true and returned logits; 0 and None are no bool either."""
+    _, jm, tm = base
+    for call in (lambda: jm(jnp.asarray([[1, 2]]), logits=value), lambda: tm(torch.as_tensor([[1, 2]]), logits=value)):
+        with pytest.raises(TypeError, match=re.escape(f"logits must be True (logits [B, T, V]) or False (the final "
+                                                      f"hidden states [B, T, D]), not {shown}")):
+            call()
+    assert jm(jnp.asarray([[1, 2]]), logits=np.bool_(False)).shape[-1] == jm.spec.D  # numpy's bool is a bool
+
+
 LONG = 2**31 - 1  # a max_seq_len that lets max_new_tokens ask for any cache
 
 

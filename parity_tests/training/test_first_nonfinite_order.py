@@ -67,3 +67,16 @@ def test_a_float_batch_to_inspect_is_the_same_token_error_in_both_twins(tmp_path
         trainer = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start())
         with pytest.raises(TokenError, match="^a batch must hold integer ids, got dtype float64$"):
             trainer.inspect(run.batch(1).astype(np.float64))
+
+
+def test_a_list_batch_to_inspect_is_the_same_type_error_in_both_twins(tmp_path):
+    """Trainer.inspect slices its batch as an array: a list of rows was a TypeError 'list indices must be integers or
+    slices, not tuple' from inside it, naming neither the argument nor what it takes."""
+    for backend in ("jax", "torch"):
+        run = resolve(tmp_path / backend, backend)
+        trainer = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start())
+        for rows in (run.batch(1).tolist(), tuple(run.batch(1).tolist())):
+            with pytest.raises(TypeError, match=r"^inspect: tokens_BN must be an array of integer ids \[batch, "
+                                                r"tokens\] \(numpy, as Run.batch gives, or the model's framework's\), "
+                                                rf"not {type(rows).__name__}$"):
+                trainer.inspect(rows)
