@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from shared_config.cli import Parser, UsageError, check_input_outside, check_out_dir, run
-from shared_config.data import DataError, split_tokens, val_tokens
+from shared_config.data import TOKEN_DTYPES, DataError, read_meta, split_tokens, val_tokens
 from shared_config.files import atomic_dir, json_text
+from shared_config.limits import quote
 from shared_config.progress import QUICK_S, progress
 from shared_config.resources import check_memory
 
@@ -37,6 +38,8 @@ MIN_SPLIT_TOKENS = 2  # train.py reads windows of seq_len + 1 tokens from each s
 # tokenizers' BpeTrainer reserves a hash map and a list of vocab_size entries before it reads a merge: ~33 bytes a
 # bucket (a power of two >= 8/7 of the entries) and 24 an entry, an upper bound of 100 bytes a token
 BPE_BYTES_PER_TOKEN = 100
+WRITTEN = ("meta.json", "train.bin", "val.bin", "tokenizer.json")  # what write_data_dir puts in DIR, and nothing else
+META_KEYS = ("vocab_size", "tokenizer", "source", "dtype", "train_tokens", "val_tokens")  # its meta.json's keys
 
 
 def byte_tokens(path: Path) -> np.ndarray:
@@ -138,6 +141,36 @@ def write_data_dir(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, to
             tokenizer.save(str(tmp / "tokenizer.json"))
 
 
+def foreign(out: Path) -> str | None:
+    """Why `out` is not a data directory this script wrote (what --force may delete), or None: an empty or absent one,
+    or exactly WRITTEN's files, described by a meta.json of META_KEYS whose dtype and token counts are the .bin files'
+    sizes and whose tokenizer says whether tokenizer.json is there. Any meta.json was trusted: `{}` beside other files,
+    or one describing other files, and --force deleted the directory whole."""
+    if not out.is_dir() or not (names := {p.name for p in out.iterdir()}):
+        return None
+    if "meta.json" not in names:
+        return "holds files but no meta.json"
+    if others := sorted(names - set(WRITTEN)):
+        return f"holds {quote(others[0])}, which prepare_data.py does not write"
+    if odd := sorted(n for n in names if (out / n).is_symlink() or not (out / n).is_file()):
+        return f"its {odd[0]} is not a regular file, which prepare_data.py writes"
+    try:
+        meta = read_meta(out)
+    except DataError as e:
+        return f"its meta.json cannot be read ({str(e).removeprefix(str(out / 'meta.json') + ': ')})"
+    if set(meta) != set(META_KEYS) or meta["tokenizer"] not in ("byte", "bpe") or meta["dtype"] not in TOKEN_DTYPES:
+        return f"its meta.json is not this script's (keys {', '.join(META_KEYS)}; tokenizer byte or bpe)"
+    for split in ("train", "val"):
+        count, path = meta[f"{split}_tokens"], out / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else None  # a link or other entry: refused above
+        if type(count) is not int or size != count * np.dtype(meta["dtype"]).itemsize:
+            return f"its meta.json does not describe {split}.bin ({split}_tokens {quote(count)} of {meta['dtype']})"
+    if ("tokenizer.json" in names) != (meta["tokenizer"] == "bpe"):
+        there = "tokenizer.json is there" if "tokenizer.json" in names else "there is no tokenizer.json"
+        return f"its meta.json says tokenizer {meta['tokenizer']}, but {there}"
+    return None
+
+
 def check_split(n_tokens: int, val_fraction: float) -> None:
     """Both splits keep at least MIN_SPLIT_TOKENS tokens, or UsageError names --val-fraction and the counts."""
     n_val = val_tokens(n_tokens, val_fraction)
@@ -167,9 +200,9 @@ def main(argv=None):
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     check_out_dir("--out", args.out)
     check_input_outside("--out", args.out, "INPUT", args.input)
-    if args.out.is_dir() and not (args.out / "meta.json").exists() and any(args.out.iterdir()):
-        raise UsageError(f"--out {args.out}: holds files but no meta.json; --force replaces only a data directory "
-                         "prepare_data.py wrote: remove it yourself or pick another --out")
+    if problem := foreign(args.out):
+        raise UsageError(f"--out {args.out}: {problem}; --force replaces only a data directory prepare_data.py wrote: "
+                         "remove it yourself or pick another --out")
     if not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
     if args.tokenizer == "byte" and args.vocab_size is not None:  # it was ignored without a word

@@ -4,7 +4,9 @@ lines, out of memory."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -180,6 +182,45 @@ def test_force_replaces_only_what_the_script_wrote(tmp_path, canonical):
     for _ in range(2):  # the second run replaces the first's output
         assert run_script("prepare_data", tmp_path / "text.txt", "--out", data, "--force").returncode == 0
     assert sorted(p.name for p in data.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def _own_meta(data):
+    return json.loads((data / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: (d / "meta.json").write_text("{}"), "its meta.json is not this script's (keys vocab_size, "),
+    (lambda d: (d / "notes.txt").write_text("keep"), "holds 'notes.txt', which prepare_data.py does not write"),
+    (lambda d: (d / "meta.json").write_text("[1"), "its meta.json cannot be read (not valid JSON"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**_own_meta(d), "train_tokens": 7})),
+     "its meta.json does not describe train.bin (train_tokens 7 of uint16)"),
+    (lambda d: (d / "val.bin").write_bytes(b"\0" * 10), "its meta.json does not describe val.bin (val_tokens "),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**_own_meta(d), "tokenizer": "bpe"})),
+     "its meta.json says tokenizer bpe, but there is no tokenizer.json"),
+    (lambda d: (d / "train.bin").unlink() or (d / "train.bin").symlink_to(d / "val.bin"),
+     "its train.bin is not a regular file"),
+], ids=["empty-meta", "foreign-file", "bad-json", "other-count", "other-file", "no-tokenizer", "link"])
+def test_force_trusts_only_a_meta_json_that_describes_its_own_files(tmp_path, change, says):
+    """--force deleted any directory holding a meta.json: `{}` beside a user's notes, or a meta.json that no longer
+    described the files beside it. It now replaces only what prepare_data.py writes: its files alone, described by its
+    meta.json (keys, dtype, token counts, tokenizer); anything else is one line and nothing is deleted."""
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    data, main = tmp_path / "data", load_script("prepare_data").main
+    main([str(tmp_path / "text.txt"), "--out", str(data)])
+    change(data)
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file() and not p.is_symlink()}
+    with pytest.raises(UsageError, match=re.escape(f"--out {data}: {says}")):
+        main([str(tmp_path / "text.txt"), "--out", str(data), "--force"])
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file() and not p.is_symlink()} == before
+
+
+def test_force_replaces_its_own_bpe_directory(tmp_path):
+    """Its own output, tokenizer.json included, is still what --force replaces."""
+    (tmp_path / "text.txt").write_text("some text to tokenize " * 20)
+    argv = [str(tmp_path / "text.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "bpe", "--vocab-size", "300"]
+    for force in ([], ["--force"]):
+        load_script("prepare_data").main(argv + force)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_force_never_deletes_the_input_it_reads(tmp_path, canonical):
