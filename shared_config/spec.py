@@ -268,8 +268,10 @@ def _check_rules(s: ModelSpec) -> None:
         raise SpecError(f"n_kv_heads={s.K} must divide n_heads={s.n_heads}")
     if s.head_dim is None and s.d_model % s.n_heads:
         raise SpecError(f"d_model={s.d_model} must be divisible by n_heads={s.n_heads} when head_dim is not given")
-    if s.position == "rope" and s.E % 2:
-        raise SpecError(f"head_dim={s.E} must be even when position=rope")
+    if s.position == "rope" and s.E % 2:  # named by the key given: a derived head_dim by d_model, which the user gave
+        raise SpecError(f"head_dim={s.E} must be even when position=rope" if s.head_dim is not None else
+                        f"d_model={s.d_model} must be an even multiple of n_heads={s.n_heads} when position=rope: "
+                        "head_dim = d_model / n_heads, whose dimensions RoPE rotates in pairs")
     for name in ("norm_eps", "init_std", "embed_init_std", "rope_theta", "rope_scaling_factor"):
         if getattr(s, name) <= 0:
             raise SpecError(f"{name}={getattr(s, name)} must be > 0")

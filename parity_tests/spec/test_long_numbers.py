@@ -34,8 +34,19 @@ def test_every_numeric_field_quotes_a_400_digit_value_shortened(sign):
                 build(parse_overrides([f"{f.name}={sign}{LONG}"]))
             except SpecError as e:
                 assert_short(str(e))
-                # the value, or one derived from it (head_dim = d_model // n_heads), or a float field's refusal
-                assert re.search(r"\.\.\.\d{10} \(\d{3} digits\)", str(e)) or "a finite number" in str(e), str(e)
+                # the value, or a float field's refusal, named by the key given (d_model's odd head_dim said
+                # "head_dim=2057613150...0205761315 (399 digits) must be even", a key the user never wrote)
+                assert re.search(rf"\b{f.name}={sign}\d{{10}}\.\.\.\d{{10}} \(400 digits\)", str(e)) or (
+                    f"{f.name}=" in str(e) and "a finite number" in str(e)), str(e)
+
+
+def test_a_derived_head_dim_is_named_by_d_model():
+    """d_model / n_heads odd under RoPE: the key given (d_model) is named, not head_dim, which was derived; a head_dim
+    given is named as before."""
+    with pytest.raises(SpecError, match=r"^d_model=54 must be an even multiple of n_heads=6 when position=rope: "):
+        load_spec({**BASE, "d_model": 54})
+    with pytest.raises(SpecError, match=r"^head_dim=9 must be even when position=rope$"):
+        load_spec({**BASE, "head_dim": 9})
 
 
 def test_quote_cuts_long_numbers_and_names_integers_repr_cannot_print():
