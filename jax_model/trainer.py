@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from shared_config import ModelSpec, TrainConfig, check_train_state
-from shared_config.tokens import check_inspect_batch
+from shared_config.tokens import host_rows
 
 from . import distributed, train
 from .checkpoint import from_weights
@@ -76,11 +76,11 @@ class Trainer:
 
     def inspect(self, tokens_BN: np.ndarray) -> tuple[dict, dict, float, dict]:
         """The weights, the forward's taps, the loss and its gradients on the batch [B, N], as numpy: what the
-        non-finite diagnosis reads. TokenError for a bad batch, as `step`'s; TypeError for a list of rows."""
-        check_inspect_batch(tokens_BN)
+        non-finite diagnosis reads; the batch as `step` takes it (a list of rows too). TokenError for a bad batch, as
+        `step`'s."""
         nnx.update(self.model, self.state.params)
         # the loss first: it checks the batch (check_batch), before the taps' forward casts it (JAX made a float64
         # batch float32 and named that dtype, torch float64)
         loss, grads = train.loss_and_grads(self.model, tokens_BN)
-        taps = train.forward_taps(self.model, tokens_BN[:, :-1])
+        taps = train.forward_taps(self.model, host_rows(tokens_BN)[:, :-1])
         return self.train_state()["weights"], taps, loss, grads

@@ -62,12 +62,11 @@ def check_outputs(taps, aux, logits=True) -> None:
                         f"{type_name(logits)} {quote(logits)}")
 
 
-def check_inspect_batch(tokens_BN) -> None:
-    """Refuse a batch for `Trainer.inspect` given as a list or tuple of rows (TypeError): it slices the batch as an
-    array, and a list was a TypeError 'list indices must be integers or slices, not tuple' from inside it."""
-    if isinstance(tokens_BN, (list, tuple)):
-        raise TypeError(f"inspect: tokens_BN must be an array of integer ids [batch, tokens] (numpy, as Run.batch "
-                        f"gives, or the model's framework's), not {type_name(tokens_BN)}")
+def host_rows(tokens_BN):
+    """A batch given as a list or tuple of rows (which `Trainer.step` takes, and check_batch checks) as a numpy array
+    [B, N]; any other batch as it is. `Trainer.inspect` slices its batch: a list was a TypeError 'list indices must
+    be integers or slices, not tuple' from inside it."""
+    return np.asarray(tokens_BN) if isinstance(tokens_BN, (list, tuple)) else tokens_BN
 
 
 def check_cache_type(cache, own: type) -> None:

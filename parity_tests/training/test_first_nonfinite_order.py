@@ -69,14 +69,17 @@ def test_a_float_batch_to_inspect_is_the_same_token_error_in_both_twins(tmp_path
             trainer.inspect(run.batch(1).astype(np.float64))
 
 
-def test_a_list_batch_to_inspect_is_the_same_type_error_in_both_twins(tmp_path):
-    """Trainer.inspect slices its batch as an array: a list of rows was a TypeError 'list indices must be integers or
-    slices, not tuple' from inside it, naming neither the argument nor what it takes."""
+def test_inspect_takes_a_list_of_rows_as_step_does(tmp_path):
+    """Trainer.inspect slices its batch as an array: a list of rows, which `step` takes, was a TypeError 'list
+    indices must be integers or slices, not tuple' from inside it. Now the array's weights, taps, loss and gradients,
+    in both twins."""
     for backend in ("jax", "torch"):
         run = resolve(tmp_path / backend, backend)
         trainer = trainer_factory(twin(backend, "trainer").Trainer, run)(run.start())
-        for rows in (run.batch(1).tolist(), tuple(run.batch(1).tolist())):
-            with pytest.raises(TypeError, match=r"^inspect: tokens_BN must be an array of integer ids \[batch, "
-                                                r"tokens\] \(numpy, as Run.batch gives, or the model's framework's\), "
-                                                rf"not {type(rows).__name__}$"):
-                trainer.inspect(rows)
+        batch = run.batch(1)
+        _, taps, loss, grads = trainer.inspect(batch)
+        for rows in (batch.tolist(), tuple(batch.tolist())):
+            _, taps_rows, loss_rows, grads_rows = trainer.inspect(rows)
+            assert loss_rows == loss and taps_rows.keys() == taps.keys() and grads_rows.keys() == grads.keys()
+            assert all(np.array_equal(taps_rows[k], taps[k]) for k in taps)
+            assert all(np.array_equal(grads_rows[k], grads[k]) for k in grads)
