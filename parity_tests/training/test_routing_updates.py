@@ -10,6 +10,8 @@
   tokens change; the top-k figure beside it does (the test can fail).
 - Evaluation is row-separable: parts of a batch, each summed over the whole batch's count of targets, add up to the
   whole batch's losses, the top-k figure too (top-k picks per row): what lets each torchrun rank evaluate its rows.
+- Guards: the hand-written cases here and in test_routing.py hold every routing kind, and their test weights move
+  every router parameter off its init.
 
 γ·T is fractional in every case (floor and ceil pick different k).
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_config import TrainConfig
+from shared_config import TrainConfig, init_weights, layout
 from shared_config.parity import TRAJ_PARAM_TOL, max_rel
+from shared_config.spec import CHOICES
 
 from ..support.common import case_ids, make_spec, quick_first, tokens
 from ..support.oracles import finite_difference_errors
-from ..model.test_routing import assert_margins, reference_taps, routed_weights
+from ..model.test_routing import ROUTED, assert_margins, reference_taps, routed_weights
 from ..support.train_common import TWINS, reference_train_loss
 
 CASES = [
@@ -34,6 +37,24 @@ CASES = [
 CFG = TrainConfig(router_predictor_loss_weight=0.5, dtf_prior_loss_weight=0.3)
 UPDATE_TOL = 1e-6  # float32: |Δloss| / loss and ‖Δgrad‖ / ‖grad‖ over every tensor (each alone within 1e-5: a
 # scalar's gradient, a sum over every position, reordered, rounds to ~1e-6 of itself)
+
+
+def test_the_cases_hold_every_routing_kind():
+    """CASES here and ROUTED in test_routing.py are written by hand: a routing kind added to the spec's CHOICES is held
+    against the float64 reference, the other twin and the one-shot update only once a case uses it."""
+    for name, cases in (("ROUTED (test_routing.py)", ROUTED), ("CASES", CASES)):
+        missing = set(CHOICES["routing"]) - {"none"} - {make_spec(**c).routing for c in cases}
+        assert not missing, f"{name} has no case with routing in {sorted(missing)}"
+
+
+def test_routed_weights_move_every_router_parameter_off_its_init():
+    """routed_weights sets DTF's gate scalars by name: a router's scalar left at its init (a new router's, or one
+    dropped from that list) lets a twin that hard-codes its init value pass every routing test."""
+    for changes in ROUTED + CASES:
+        spec = make_spec(**changes)
+        w, init = routed_weights(spec), init_weights(spec, 0)
+        kept = [t.name for t in layout(spec) if ".router" in t.name and np.any(w[t.name] == init[t.name])]
+        assert not kept, f"routed_weights leaves these at their init value: {kept}"
 
 
 def uneven_batch(spec):
