@@ -110,17 +110,19 @@ def train_bytes(spec: ModelSpec, batch: int, seq: int, grad_accum_steps: int = 1
 
 
 def layer_values(spec: ModelSpec, mixer: str, rows: int, seq: int, remat: str = "none") -> int:
-    """Float32 values one layer of token mixer `mixer` keeps for the backward on `rows` rows of `seq` tokens (T).
-    Around either mixer, 8 D + 3 F per token (norms, residual, MLP). Softmax attention: its q, k, v and output,
-    (2 H + 2 K) E per token (K key/value heads of E); not its [H, T, T] weights, which the torch twin's SDPA and JAX's
-    blocked kernel never keep (XLA's default kernel does: a job that then runs out is reported by
-    `is_out_of_memory`), so that the bound holds for every kernel (measured at D 256, 2 layers, 2 x 2048 tokens: torch
-    195 MiB in all, the [H, T, T] weights alone 268). GLA (`chunked_gla`, chunks of C = min(64, T) tokens in
-    sub-chunks of c = 16): per token q, k and the log-gates (3 d_k), the gate's rank-R projection (R), v, the output
-    gate and the heads' output (3 d_v), the pairs within a sub-chunk (q, k and their decays: 3 (c + 1) / 2 d_k), the
-    keys decayed to the later sub-chunks ((C / c - 1) d_k) and the intra-chunk scores (H C); per row the state at each
-    chunk's start ([H, K', V'] per chunk). remat "block": the matmul outputs (attention (H + 2 K) E + D + 2 F; GLA q,
-    k, v, output gate, o_proj 2 d_k + 2 d_v + D, and 2 F), "full": the layer's input, D."""
+    """Float32 values one layer of token mixer `mixer` keeps for the backward on `rows` rows of `seq` tokens (T). Around
+    either mixer, 8 D + 3 F per token (norms, residual, MLP). Softmax attention: its q, k, v and output, (2 H + 2 K) E
+    per token (K key/value heads of E); not its [H, T, T] weights, which the torch twin's SDPA and JAX's blocked kernel
+    never keep (XLA's default kernel does: a job that then runs out is reported by `is_out_of_memory`), so that the
+    bound holds for every kernel (measured at D 256, 2 layers, 2 x 2048 tokens: torch 195 MiB in all, the [H, T, T]
+    weights alone 268). GLA (`chunked_gla`, chunks of C = min(64, T) tokens in sub-chunks of c = 16): per token q, k and
+    the log-gates (3 d_k), the gate's rank-R projection (R), v, the output gate and the heads' output (3 d_v), the pairs
+    within a sub-chunk (q, k and their decays: 3 (c + 1) / 2 d_k), the keys decayed to the later sub-chunks ((C / c - 1)
+    d_k) and the intra-chunk scores (H C); per row the state at each chunk's start ([H, K', V'] per chunk). ValueError
+    for another mixer. remat "block": the matmul outputs (attention (H + 2 K) E + D + 2 F; GLA q, k, v, output gate,
+    o_proj 2 d_k + 2 d_v + D, and 2 F), "full": the layer's input, D."""
+    if mixer not in ("attention", "gla"):  # it would be counted as GLA's values
+        raise ValueError(f"layer_values: no count for mixer={mixer!r} (docs/extending.md)")
     tokens, D, F = rows * seq, spec.D, spec.F
     if remat != "none":
         qkv = (spec.H + 2 * spec.K) * spec.E if mixer == "attention" else 2 * spec.d_k + 2 * spec.d_v

@@ -317,3 +317,13 @@ def test_a_spec_of_more_tensors_than_a_file_may_list_is_refused_before_the_draws
         resolve_run(train.parse_args(["--backend", "torch", "--set", "n_layers=6000", *narrow, "--out",
                                       str(tmp_path / "run")]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_bound_counts_every_mixer_and_refuses_one_it_does_not_know():
+    """layer_values counted any mixer but attention as GLA's values: each mixer of CHOICES has its count in every
+    remat mode (a new one fails here until it has its branch), and an unknown one is an error, as flops_split's."""
+    for mixer in CHOICES["mixer"]:
+        for remat in ("none", "block", "full"):
+            assert shared_config.resources.layer_values(make_spec(**MIXERS[mixer]), mixer, 2, 64, remat) > 0
+    with pytest.raises(ValueError, match="^layer_values: no count for mixer='not-a-mixer'"):
+        shared_config.resources.layer_values(make_spec(), "not-a-mixer", 2, 64)
