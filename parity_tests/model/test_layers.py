@@ -187,6 +187,15 @@ def test_the_reference_refuses_an_mlp_it_does_not_know():
         reference.mlp(np.ones((1, 2, spec.D)), {"x.up_proj.weight": np.ones((spec.F, spec.D))}, "x", spec)
 
 
+def test_the_reference_refuses_a_placement_it_does_not_know():
+    """A norm_placement added to CHOICES and PLACEMENTS, not to the reference's block, ran its last lines, Pre-LN,
+    and passed against twins that computed Pre-LN for it too (found following docs/extending.md for Mix-LN)."""
+    spec = make_spec()
+    object.__setattr__(spec, "norm_placement", "not-a-placement")
+    with pytest.raises(ValueError, match="^reference.block: norm_placement='not-a-placement' is not written here$"):
+        reference.block(np.ones((1, 2, spec.D)), {}, "model.layers.0", 0, spec)
+
+
 def test_every_mixer_and_router_builder_refuses_a_value_it_does_not_know():
     """The same for the two-way choices: an unknown mixer was attention and an unknown routing kind DTF, in the
     layout, both twins' blocks and the reference; an unknown mixer's decoding state was attention's KV cache

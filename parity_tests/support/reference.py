@@ -154,6 +154,8 @@ def block(x, w: dict, p: str, i: int, spec, positions=None):
         y = n2(x + a)
         m = ffn(y)
         return y + m, a, m
+    if placement not in ("pre", "peri"):  # it ran Pre-LN, and passed against twins computing Pre-LN too
+        raise ValueError(f"reference.block: norm_placement={placement!r} is not written here")
     a = attn(n1(x))  # pre: x = x + attn(n1(x)); x = x + mlp(n2(x)); peri norms each branch's output too
     if placement == "peri":
         a = norm(a, w, f"{p}.attn_output_norm", spec)
