@@ -67,6 +67,30 @@ def same_value(documented, default) -> bool:
     return isinstance(default, (int, float)) and documented == pytest.approx(default, rel=1e-9)
 
 
+# how the README's opening names each value of the spec's main choices ("a result in one framework holds ...")
+README_NAMES = {
+    "norm_type": {"rms": "RMSNorm", "layernorm": "LayerNorm", "dyt": "DynamicTanh", "derf": "DynamicErf"},
+    "norm_placement": {"pre": "pre", "peri": "peri", "post": "post", "deepnorm": "DeepNorm", "hybrid": "HybridNorm",
+                       "hybrid_star": "HybridNorm*", "pre_post": "pre_post"},
+    "mixer": {"attention": "softmax attention", "gla": "Gated Linear Attention"},
+    "routing": {"none": "dense blocks", "mod": "Mixture-of-Depths", "dtf": "DTF"},
+    "position": {"rope": "RoPE", "learned": "learned", "none": "no positions"},
+    "mlp": {"swiglu": "SwiGLU", "gelu": "GELU", "gelu_tanh": "GELU (exact or tanh)", "relu2": "ReLU²"},
+}
+
+
+def test_the_readme_opening_names_every_value_of_the_main_choices():
+    """The README's first paragraph lists the architecture choices: a norm, placement, mixer, router, position or
+    MLP added to the spec fails here until it is named there (it had no ReLU² MLP and no `position: none`)."""
+    from shared_config.spec import CHOICES
+
+    opening = " ".join((ROOT / "README.md").read_text().split("```")[0].split())
+    for key, names in README_NAMES.items():
+        assert set(names) == set(CHOICES[key]), (key, "add the new value's README name to README_NAMES")
+        missing = [v for v, name in names.items() if name not in opening]
+        assert not missing, (key, missing)
+
+
 def test_every_documented_default_is_the_code_default():
     """The "values (default)" column of every keys table (spec.md, gla.md, routing.md, training.md) against the
     defaults of ModelSpec and TrainConfig (training.md's table and routing.md's `train:` rows): a default changed in
