@@ -63,14 +63,17 @@ def save_figure(fig, path: str | Path, dpi: float | None = None) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:].lower(), dpi=dpi))
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a temp file beside `path`, fsync, then rename it into place.
+def atomic_write(path: str | Path, write: Callable[[Path], None], follow_links: bool = True) -> None:
+    """Run `write(tmp)` on a temp file beside `path`, fsync, then rename it into place: through a symbolic link
+    at `path`, onto its target; with `follow_links=False` onto the link itself, which the file replaces in the one
+    rename (the target left as it was: a run's own file that a user linked elsewhere, metrics.jsonl or
+    tokenizer.json, is never written through).
 
     On any failure the temp file is removed and `path` is left exactly as it was; a failure while
     writing (a full disk, a file size limit) is a ResourceError naming `path`. Temp files that a killed
     earlier write to `path` left behind are removed first. The file gets the umask's permissions.
     """
-    path = destination(path, directory=False)
+    path = Path(path) if not follow_links and os.path.islink(path) else destination(path, directory=False)
     remove_stale(path)
     tmp = None
     try:

@@ -74,6 +74,5 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     path = Path(path)
     if path.exists() or path.is_symlink():  # a FIFO or device there is refused by read_metrics, never appended to
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]  # none through a broken link
-        if path.is_symlink():
-            path.unlink()
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json_text(r) + "\n" for r in kept)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json_text(r) + "\n" for r in kept)),
+                     follow_links=False)

@@ -295,9 +295,7 @@ def copy_tokenizer(out: str | Path, tokenizer: Path) -> None:
     if same_bytes(path, Path(tokenizer)):
         return
     text = Path(tokenizer).read_bytes()
-    if path.is_symlink():
-        path.unlink()
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text), follow_links=False)
 
 
 @contextlib.contextmanager
