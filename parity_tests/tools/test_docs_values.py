@@ -289,3 +289,51 @@ def test_norm_study_md_says_how_the_output_criterion_reads_the_seeds():
     text = " ".join((ROOT / "docs" / "norm-study.md").read_text().split())
     assert "mean histograms" not in text
     assert "the output criterion: each seed's run against RMSNorm's of the same seed, the distances averaged" in text
+
+
+def test_checkpoints_mds_layout_table_names_every_canonical_tensor():
+    """docs/checkpoints.md calls its name table the canonical layout: every tensor `layout(spec)` gives, over specs
+    that hold every option (test_layout's SPECS, which a new mixer or norm type must join, and each router), matches
+    one of its rows, and each row matches some tensor (no row outlives its tensor)."""
+    from shared_config import layout
+    from shared_config.spec import CHOICES
+
+    from ..spec.test_layout import SPECS
+    from ..support.common import make_spec
+
+    def pattern(cell: str) -> str:  # `{i}` a layer index, `{a,b}` one of the words, `.*` a norm slot's tensors
+        name = re.escape(cell.strip("`")).replace(r"\{i\}", r"\d+").replace(r"\.\*", r"\.(alpha|shift|weight|bias)")
+        return re.sub(r"\\\{([\w,]+)\\\}", lambda m: "(" + m[1].replace(",", "|") + ")", name)
+
+    table = table_rows((ROOT / "docs/checkpoints.md").read_text(), "name | shape")
+    rows = {cells[0]: pattern(cells[0]) for cells in table}
+    routers = [{"routing": r, "routing_capacity": 0.5} for r in CHOICES["routing"] if r != "none"]
+    names = {t.name for changes in [*SPECS.values(), *routers] for t in layout(make_spec(**changes))}
+    unmatched = sorted(n for n in names if not any(re.fullmatch(r, n) for r in rows.values()))
+    assert not unmatched, f"docs/checkpoints.md's layout table has no row for {unmatched}"
+    stale = [cell for cell, r in rows.items() if not any(re.fullmatch(r, n) for n in names)]
+    assert not stale, f"docs/checkpoints.md's layout table rows {stale} name no tensor"
+
+
+def test_the_docs_lists_of_norm_classes_and_gla_placements_are_the_codes():
+    """Two hand-written lists a new norm or placement must join: the norm classes `layers.py`'s row of
+    docs/architecture.md names (each class `make_norm` builds), and the placements GLA takes, as gla.md's rules and
+    the spec's error name them (each placement `check_gla_rules` accepts, and no other)."""
+    from jax_model.layers import make_norm
+    from shared_config.spec import CHOICES, SpecError
+
+    from ..support.common import MIXERS, make_spec
+
+    row = next(cells for cells in table_rows((ROOT / "docs/architecture.md").read_text()) if cells[0] == "`layers.py`")
+    classes = {type(make_norm(make_spec(norm_type=n))).__name__ for n in CHOICES["norm_type"]}
+    assert {c for c in classes if not re.search(rf"\b{c}\b", row[1])} == set(), row
+    taken, refused = set(), ""
+    for placement in CHOICES["norm_placement"]:
+        try:
+            make_spec(**MIXERS["gla"], norm_placement=placement)
+            taken.add(placement)
+        except SpecError as e:
+            refused = str(e)
+    said = re.search(r"a `norm_placement` of (.*?) \(", (ROOT / "docs/gla.md").read_text(), re.S)[1]
+    assert set(re.findall(r"`(\w+)`", said)) == taken, said
+    assert set(re.findall(r"\b\w+\b", refused.split(" takes ")[1])) - {"or"} == taken, refused
