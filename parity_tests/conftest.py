@@ -81,6 +81,15 @@ def cpu_threads_as_they_were():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Every subprocess's temp directory (TMPDIR) in pytest's base temp, which pytest prunes: each torchrun left a
+    `torchelastic_*` log directory in /tmp, dozens a run, never removed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def session_scratch_cwd(tmp_path_factory):
     """Module and session fixtures, set up before `scratch_cwd`, run in a scratch directory too."""
     with pytest.MonkeyPatch.context() as patch:

@@ -58,6 +58,10 @@ ATTACKS = {
         safetensors_bytes({"a": f32([3], [0, 16])}, bytes(16)),
         "tensor 'a': data_offsets [0, 16] hold 16 bytes, shape [3] F32 needs 12",
     ),
+    "entry_not_an_object": (  # was "unknown dtype null", a key the entry never had
+        safetensors_bytes({"a": ["F32", [2, 2], [0, 16]]}, bytes(16)),
+        "tensor 'a': must be a JSON object of dtype, shape and data_offsets, got ['F32', [2, 2], [0, 16]]",
+    ),
     "bytes_not_covered": (safetensors_bytes({"a": OK_ENTRY}, bytes(20)), "the tensors cover 16 of the 20 data bytes"),
 }
 

@@ -78,9 +78,10 @@ def _check_spans(header: dict, data_size: int) -> None:
             if not isinstance(e, dict) or not all(isinstance(v, str) for v in e.values()):
                 raise ValueError("__metadata__ must map strings to strings")
             continue
-        e = e if isinstance(e, dict) else {}
-        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         name = quote(name)[1:-1]
+        if not isinstance(e, dict):
+            raise ValueError(f"tensor '{name}': must be a JSON object of dtype, shape and data_offsets, got {quote(e)}")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if dtype in UNREADABLE:
             raise ValueError(f"tensor '{name}': dtype {dtype} is not supported ({UNREADABLE[dtype]})")
         if dtype not in DTYPE_SIZES:
