@@ -102,10 +102,11 @@ def test_fla_import_of_a_file_without_our_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["fla", "hf"])
-def test_a_tied_head_stored_twice_must_be_the_embedding_bit_for_bit(tmp_path, fmt):
+def test_a_tied_matrix_stored_twice_must_match_and_a_head_alone_is_the_embedding(tmp_path, fmt):
     """A tied checkpoint that also stores lm_head.weight (transformers may) is read when that copy is the embedding;
     fla's reader dropped any lm_head.weight of a tied model, so one that differed was silently thrown away (Hugging
-    Face's refused it as an 'unexpected key'). Both now name it, and both read a true copy."""
+    Face's refused it as an 'unexpected key'). Both now name it, and both read a true copy. A file with the tied
+    matrix under lm_head.weight alone (transformers 5.x loads it) was refused as missing the embedding."""
     spec = (load_spec("gla-tiny").replace(n_layers=1) if fmt == "fla" else make_spec(n_layers=1)).replace(
         tie_embeddings=True)
     src = gla_file(tmp_path / "a.safetensors", spec)
@@ -121,6 +122,9 @@ def test_a_tied_head_stored_twice_must_be_the_embedding_bit_for_bit(tmp_path, fm
         else:
             with pytest.raises(CheckpointError, match="lm_head.weight is not a copy of " + embed):
                 convert(tmp_path / "m", tmp_path / "b.safetensors", force=True)
+    save_safetensors({**{n: x for n, x in stored.items() if n != embed}, "lm_head.weight": stored[embed]}, file, meta)
+    convert(tmp_path / "m", tmp_path / "b.safetensors", force=True)
+    file_bytes_equal(src, tmp_path / "b.safetensors")
 
 
 @pytest.mark.parametrize("key,value", [("use_short_conv", True), ("feature_map", "relu"), ("clamp_min", -1.0),

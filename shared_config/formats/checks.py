@@ -167,10 +167,13 @@ def without_tied_copy(tensors: dict, spec: ModelSpec, path: str | Path,
                       embed: str = "model.embed_tokens.weight") -> dict:
     """`tensors` less `lm_head.weight` when the spec ties it and it is the embedding (`embed`, the file's name for it)
     bit for bit: some tied checkpoints store the shared matrix twice. A copy that differs is refused by name: the
-    model computes with one of the two, and which one a reader picks is not the file's to say."""
+    model computes with one of the two, and which one a reader picks is not the file's to say. A tied file that
+    stores the matrix under `lm_head.weight` alone has it read as `embed`, as transformers (5.x) loads it."""
     head, table = tensors.get("lm_head.weight"), tensors.get(embed)
     if not spec.tie_embeddings or head is None:
         return tensors
+    if table is None:
+        return {(embed if n == "lm_head.weight" else n): x for n, x in tensors.items()}
     same = (table is not None and head.dtype == table.dtype and head.shape == table.shape
             and head.dtype.itemsize in (1, 2, 4, 8)  # compared as unsigned ints: bit for bit, NaN and -0.0 too
             and np.array_equal(*(np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}") for x in (head, table))))
