@@ -129,6 +129,16 @@ def test_bad_hugging_face_config(hf_dir, name):
     assert not (hf_dir.parent / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("architectures", [None, DELETE])
+def test_a_config_without_architectures_is_read(hf_dir, architectures):
+    """`architectures: null` (PretrainedConfig's default, as a config saved without a model writes it) was refused
+    as "architectures null is not supported"; transformers reads the directory by its model_type."""
+    config = {**json.loads((hf_dir / "config.json").read_text()), "architectures": architectures}
+    (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v != DELETE}))
+    convert(hf_dir, hf_dir.parent / "out.safetensors")
+    assert (hf_dir.parent / "out.safetensors").is_file()
+
+
 @pytest.mark.parametrize("content, says", [
     (b'{"model_type": "llama",', "not valid JSON: Expecting"),
     (b'\xff\xfe{"a": 1}', "not valid JSON: 'utf-8' codec can't decode"),

@@ -130,7 +130,8 @@ def _model_type(config: Mapping[str, Any], path) -> str:
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:  # a list or object: unhashable
         raise CheckpointError(f"{path}: model_type {quote(model_type)} is not supported (only "
                               f"{', '.join(ARCHITECTURES)})")
-    if config.get("architectures", [ARCHITECTURES[model_type]]) != [ARCHITECTURES[model_type]]:
+    # null: transformers' PretrainedConfig default, written by a config saved without a model
+    if config.get("architectures") not in (None, [ARCHITECTURES[model_type]]):
         raise CheckpointError(
             f"{path}: architectures {quote(config['architectures'])} is not supported for model_type "
             f"{model_type} (only ['{ARCHITECTURES[model_type]}'])"
