@@ -139,6 +139,22 @@ def test_a_config_without_architectures_is_read(hf_dir, architectures):
     assert (hf_dir.parent / "out.safetensors").is_file()
 
 
+@pytest.mark.parametrize("damage, says", [("directory", "is a directory, not a JSON file"),
+                                          ("dangling_link", "no such file")])
+def test_a_config_json_that_is_no_readable_file_is_refused(tmp_path, damage, says):
+    """A run checkpoint's directory with a config.json that is a directory (or a link to nothing) beside its
+    model.safetensors was converted from the weights' own spec, the config.json passed over without a word."""
+    spec = make_spec()
+    (tmp_path / "step").mkdir()
+    save_checkpoint(tmp_path / "step" / "model.safetensors", init_weights(spec, 0), spec)
+    config = tmp_path / "step" / "config.json"
+    config.mkdir() if damage == "directory" else config.symlink_to(tmp_path / "nothing.json")
+    with pytest.raises(CheckpointError) as e:
+        convert(tmp_path / "step", tmp_path / "out.safetensors")
+    assert error_line(e, config) == f"{config}: {says}"
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 @pytest.mark.parametrize("content, says", [
     (b'{"model_type": "llama",', "not valid JSON: Expecting"),
     (b'\xff\xfe{"a": 1}', "not valid JSON: 'utf-8' codec can't decode"),

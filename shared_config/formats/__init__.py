@@ -16,6 +16,7 @@ directory loads neither framework.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def source_format(src: Path) -> str:
     """A directory's format by its contents, a file's by its extension."""
     src = Path(src)
     if src.is_dir():
-        if (src / "config.json").is_file():  # flash-linear-attention's GLA (model_type gla), else Hugging Face
+        # flash-linear-attention's GLA (model_type gla), else Hugging Face; a config.json that is no readable file (a
+        # directory, a dangling link) is refused by read_json, not passed over for the weights' own spec
+        if os.path.lexists(src / "config.json"):
             return "fla" if read_json(src / "config.json").get("model_type") == "gla" else "hf"
         if (src / "state").is_dir():
             return "flax"
