@@ -18,7 +18,7 @@ import sys
 
 from shared_config.cli import Parser, UsageError, above, at_least, check_outputs, run
 from shared_config.compile_cache import cache_state, use_compile_cache
-from shared_config.parallel import env_int, mesh_devices, rows_per_shard, torchrun_error, world_size
+from shared_config.parallel import env_int, mesh_devices, torchrun_error, world_size
 from shared_config.report import report_on_stdout, write_report
 from shared_config.run import SPEC_KEYS
 from shared_config.resources import (
@@ -118,11 +118,8 @@ def compare(args):
             if problems := unsupported_options(spec):
                 raise UsageError(f"--backend hf: {label} has no Hugging Face Llama equivalent: {', '.join(problems)}")
     shards = args.shards
-    train_config = bench_train_config(args, specs) if args.mode == "train" else None  # refused before the imports
-    if shards or args.parallel:  # (train mode only) the global batch splits evenly over the mesh or the ranks, each
-        # share into the micro-batches, or fail now: under torchrun, or for the micro-batches, it failed at the first
-        # step, after the imports, the process group and the models
-        rows_per_shard(args.batch, shards or world_size(), train_config.grad_accum_steps)
+    split = (shards or world_size()) if shards or args.parallel else None  # (train mode only) the mesh or the ranks
+    train_config = bench_train_config(args, specs, split) if args.mode == "train" else None  # before the imports
     check_jobs_memory(args, specs, backends, seq, decoded)
     configure_threads(args.threads, shards)
     args.cache_state = cache_state(use_compile_cache(args.compile_cache))  # cold or warm: env.compile_cache

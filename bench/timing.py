@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from functools import partial
@@ -32,13 +33,16 @@ def bench_tokens(spec, args, seed: int = 0) -> np.ndarray:
     return tokens if args.mode == "train" else tokens[:, :-1]
 
 
-def bench_train_config(args, specs=()):
+def bench_train_config(args, specs=(), shards: int | None = None):
     """The optimizer settings of train mode (--train-config, or the defaults) at the bench's batch shape, with the
     memory options --grad-accum-steps, --remat and --loss-chunk where given, checked against every (label, spec) of
     `specs` as a training run is (TrainConfig.model_spec: a routed spec whose blocks see floor(γ·seq) = 0 tokens was
     timed with blocks that never ran, a step that under DDP waits for their gradients). numpy only: the tools call it
-    before any framework loads, so that a bad option is refused in the second it takes, not after the imports."""
+    before any framework loads, so that a bad option is refused in the second it takes, not after the imports.
+    With `shards` (the devices of --mesh, or torchrun's ranks), the global batch must split evenly over them and each
+    share into the micro-batches. Raises SpecError naming a value a flag set by the flag."""
     from shared_config import SpecError, load_train_config
+    from shared_config.parallel import rows_per_shard
 
     base = load_train_config(args.train_config).to_dict() if args.train_config else {}
     if base.get("compute_dtype") is not None:  # the steps run the spec's dtype: the config's was ignored
@@ -48,13 +52,28 @@ def bench_train_config(args, specs=()):
         raise UsageError(f"--train-config {args.train_config}: gla_kernel={base['gla_kernel']} is the bench's "
                          f"--gla-kernel; drop it from the config and pass --gla-kernel {base['gla_kernel']}")
     memory = {key: getattr(args, flag) for key, flag in MEMORY_FLAGS.items() if getattr(args, flag, None) is not None}
-    config = load_train_config({**base, "batch_size": args.batch, "seq_len": args.seq, **memory})
-    for label, spec in specs:
-        try:
-            config.model_spec(spec)
-        except SpecError as e:
-            raise SpecError(f"variant {label}: {e}") from None
+    given = {"batch_size": args.batch, "seq_len": args.seq, **memory}
+    # a value a flag set is named as the flag (`--grad-accum-steps 2`), not as the config key the user never typed
+    flags = {key for key, value in given.items() if value is not None and base.get(key) != value}
+    try:
+        config = load_train_config({**base, **given})
+        for label, spec in specs:
+            try:
+                config.model_spec(spec)
+            except SpecError as e:
+                raise SpecError(f"variant {label}: {e}") from None
+        if shards:  # under torchrun, or for the micro-batches, this failed at the first step, after the imports
+            rows_per_shard(config.batch_size, shards, config.grad_accum_steps)
+    except SpecError as e:
+        raise SpecError(flag_spelling(str(e), flags)) from None
     return config
+
+
+def flag_spelling(message: str, keys) -> str:
+    """`message` with each train-config `key=value` of `keys` spelled as the bench's flag, `--key-name value`."""
+    for key in keys:
+        message = re.sub(rf"\b{key}=", f"--{key.replace('_', '-')} ", message)
+    return message
 
 
 def timed(bench, fn=None) -> float:

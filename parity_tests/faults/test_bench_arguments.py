@@ -220,15 +220,18 @@ def test_a_plot_of_more_bars_than_a_chart_draws_is_refused_before_any_work(tmp_p
 
 @pytest.mark.parametrize("args,env,message", [
     (["--backend", "jax", "--mesh", "data=2", "--batch", "2", "--grad-accum", "2"], {},
-     "grad_accum_steps=2 must divide the 1 rows of a batch"),
+     "--grad-accum-steps 2 must divide the 1 rows of a batch"),
     (["--backend", "torch", "--batch", "3"], {"RANK": "0", "WORLD_SIZE": "2"},
-     "batch_size=3 must be divisible by the 2 data-parallel shards"),
+     "--batch-size 3 must be divisible by the 2 data-parallel shards"),
     (["--backend", "torch", "--batch", "2", "--grad-accum", "2"], {"RANK": "0", "WORLD_SIZE": "2"},
-     "grad_accum_steps=2 must divide the 1 rows of a batch"),
-], ids=["mesh-micro-batches", "torchrun-rows", "torchrun-micro-batches"])
+     "--grad-accum-steps 2 must divide the 1 rows of a batch"),
+    (["--backend", "torch", "--batch", "3", "--grad-accum", "2"], {},
+     "--grad-accum-steps 2 must be >= 1 and divide --batch-size 3"),
+], ids=["mesh-micro-batches", "torchrun-rows", "torchrun-micro-batches", "micro-batches"])
 def test_a_batch_that_does_not_split_is_refused_before_any_job(monkeypatch, args, env, message):
     """A batch whose share of a device or rank does not split into the micro-batches, or that does not split over
-    torchrun's ranks at all, failed at the first step, after the imports, the process group and the models."""
+    torchrun's ranks at all, failed at the first step, after the imports, the process group and the models. The
+    message names a value a flag set by that flag: it said `grad_accum_steps=2`, a key the user never typed."""
     import bench.timing
     from bench import compare
 

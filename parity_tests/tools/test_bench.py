@@ -224,7 +224,7 @@ def test_jax_over_a_mesh_and_torch_under_torchrun(tmp_path):
         (["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
         (["--devices", "2", "--mesh", "data=2"], "--devices N and --mesh: pass one"),
         (["--backend", "jax", "--mesh", "data=3", "--batch", "4"],
-         "batch_size=4 must be divisible by the 3 data-parallel shards"),
+         "--batch-size 4 must be divisible by the 3 data-parallel shards"),
     ], 1, multi=True),
 )
 def test_bad_scale_out_arguments(args, message):
@@ -277,8 +277,8 @@ def test_memory_options_cut_the_peak_memory_measured_on_cpu(tmp_path, capsys):
     quick_first([
         (["--remat", "block", "--backend", "all"], "--remat: train-config options of the twins"),
         (["--loss-chunk", "64", "--mode", "forward"], "--loss-chunk: train-config options of the twins"),
-        (["--grad-accum", "3", "--batch", "8"], "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
-        (["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
+        (["--grad-accum", "3", "--batch", "8"], "--grad-accum-steps 3 must be >= 1 and divide --batch-size 8"),
+        (["--loss-chunk", "-1"], "--loss-chunk -1 must be >= 0"),
     ], 2, multi=True),
 )
 def test_bad_memory_options(args, message):

@@ -153,7 +153,7 @@ def test_a_routed_train_job_whose_blocks_see_no_token_is_refused(capsys):
 
     for main in (compare.main, profile_step.main):
         error_line(main, ["--backend", "jax", "--set", "routing=mod", "--seq", "4"], capsys,
-                   "variant tiny: routing_capacity=0.125 of seq_len=4 routes floor(0.125 x 4) = 0 tokens")
+                   "variant tiny: routing_capacity=0.125 of --seq-len 4 routes floor(0.125 x 4) = 0 tokens")
 
 
 def test_a_train_configs_gla_kernel_is_not_dropped(tmp_path, capsys):
