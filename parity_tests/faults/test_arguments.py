@@ -238,9 +238,9 @@ def test_a_bad_train_option_of_the_bench_is_refused_before_any_framework_loads(t
     another: the one-line error, exit code 2 and none of LOADED_FOR_WORK imported."""
     config = tmp_path / "bf16.yaml"
     config.write_text("compute_dtype: bfloat16\n")
-    cases = [("bench/compare.py", ["--loss-chunk", "-1"], "loss_chunk=-1 must be >= 0"),
+    cases = [("bench/compare.py", ["--loss-chunk", "-1"], "--loss-chunk -1 must be >= 0"),
              ("bench/compare.py", ["--grad-accum", "3", "--batch", "8"],
-              "grad_accum_steps=3 must be >= 1 and divide batch_size=8"),
+              "--grad-accum-steps 3 must be >= 1 and divide --batch-size 8"),
              ("bench/compare.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's"),
              ("bench/profile_step.py", ["--train-config", str(config)], "compute_dtype=bfloat16 is the bench's")]
     found = tools_in_one_process([(path, argv) for path, argv, _ in cases])
