@@ -25,17 +25,14 @@ import numpy as np
 
 from .files import CheckpointError, read_json
 from .generation import is_int
+from .corpus import SYNTHETIC_VOCAB, chain_tokens
 from .limits import quote
 
 BRANCHING = 4  # successors per token in `synthetic_batch`'s chain
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
-SYNTHETIC_VOCAB = 256
 SYNTHETIC_TRAIN_TOKENS = 1 << 20
 SYNTHETIC_VAL_TOKENS = 1 << 16
-ZIPF_EXPONENT = 1.1  # unigram probability of the token of rank r ∝ 1 / r^1.1
-SUCCESSORS = 8  # each token has 8 favoured successors...
-SUCCESSOR_MASS = 0.8  # ...that take 80% of its next-token probability; the rest is a unigram draw
 _BATCH_STREAM = 2  # separates the batch order's random stream from the corpus's own
 
 
@@ -335,66 +332,12 @@ def read_tokenizer(path: Path, error: type[Exception] = CheckpointError):
         raise error(f"{path}: not a valid tokenizers file: {quote(first)[1:-1]}") from None
 
 
-# --- the embedded synthetic corpus -------------------------------------------------------------
-
-
-def markov_chain(seed: int, vocab_size: int = SYNTHETIC_VOCAB) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The chain's parts: Zipf unigrams [V], each token's favoured successors [V, S] and their weights [S].
-
-    The next token is one of the current token's successors (probability SUCCESSOR_MASS, the k-th
-    with weight ∝ 1/k), else a draw from the unigrams; token ranks are a seeded permutation.
-    """
-    rng = np.random.default_rng([seed, 0])
-    unigram_V = 1.0 / (rng.permutation(vocab_size) + 1.0) ** ZIPF_EXPONENT
-    unigram_V /= unigram_V.sum()
-    successors_VS = np.stack([rng.choice(vocab_size, SUCCESSORS, replace=False, p=unigram_V)
-                              for _ in range(vocab_size)])
-    weights_S = 1.0 / np.arange(1, SUCCESSORS + 1)
-    return unigram_V, successors_VS, weights_S / weights_S.sum()
-
-
-def transition_matrix(unigram_V, successors_VS, weights_S) -> np.ndarray:
-    """P[a, b] = probability that b follows a, float64 [V, V]."""
-    V, S = successors_VS.shape
-    P_VV = np.tile((1 - SUCCESSOR_MASS) * unigram_V, (V, 1))
-    np.add.at(P_VV, (np.repeat(np.arange(V), S), successors_VS.ravel()), SUCCESSOR_MASS * np.tile(weights_S, V))
-    return P_VV
-
-
-def stationary(P_VV: np.ndarray) -> np.ndarray:
-    """The distribution π with π P = π, Σπ = 1 (the chain is irreducible: every row holds the unigrams)."""
-    V = len(P_VV)
-    A = P_VV.T - np.eye(V)
-    A[-1] = 1.0  # replace one (redundant) balance equation by the normalisation
-    return np.linalg.solve(A, np.eye(V)[-1])
-
-
-def entropy_rate(P_VV: np.ndarray) -> float:
-    """Σ_a π_a H(P[a, :]) in nats: the expected loss of a model that knows the chain."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h_V = -np.sum(np.where(P_VV > 0, P_VV * np.log(P_VV), 0.0), axis=1)
-    return float(stationary(P_VV) @ h_V)
+# --- the embedded synthetic corpus (shared_config/corpus.py) -----------------------------------
 
 
 def synthetic_corpus(seed: int = 0, vocab_size: int = SYNTHETIC_VOCAB, train_tokens: int = SYNTHETIC_TRAIN_TOKENS,
                      val_tokens: int = SYNTHETIC_VAL_TOKENS) -> TokenData:
-    """The embedded corpus: `markov_chain(seed)` sampled as 256 parallel chains, each started from π.
-
-    Chains are laid end to end; the 255 joins (one transition in ~4,000) are the only tokens not
-    drawn from P, which moves the achievable loss by < 1e-3 nats.
-    """
-    unigram_V, successors_VS, weights_S = markov_chain(seed, vocab_size)
-    P_VV = transition_matrix(unigram_V, successors_VS, weights_S)
-    C = 256
-    L = -(-(train_tokens + val_tokens) // C)
-    rng = np.random.default_rng([seed, 1])
-    follow_LC = rng.random((L, C)) < SUCCESSOR_MASS
-    pick_LC = rng.choice(SUCCESSORS, (L, C), p=weights_S)
-    fresh_LC = rng.choice(vocab_size, (L, C), p=unigram_V)
-    tokens_LC = np.empty((L, C), np.uint16)
-    tokens_LC[0] = rng.choice(vocab_size, C, p=stationary(P_VV))
-    for n in range(1, L):
-        tokens_LC[n] = np.where(follow_LC[n], successors_VS[tokens_LC[n - 1], pick_LC[n]], fresh_LC[n])
-    tokens = tokens_LC.T.reshape(-1)[: train_tokens + val_tokens]
-    return TokenData(tokens[:train_tokens], tokens[train_tokens:], vocab_size, f"synthetic:{seed}",
-                     entropy=entropy_rate(P_VV))
+    """The embedded corpus, `synthetic:SEED`: `corpus.chain_tokens(seed)`'s first `train_tokens` tokens for training,
+    the next `val_tokens` for validation, with the chain's entropy rate (nats), the loss a perfect model reaches."""
+    tokens, entropy = chain_tokens(seed, vocab_size, train_tokens + val_tokens)
+    return TokenData(tokens[:train_tokens], tokens[train_tokens:], vocab_size, f"synthetic:{seed}", entropy=entropy)

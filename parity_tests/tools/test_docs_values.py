@@ -204,7 +204,7 @@ def test_the_corpus_figures_training_md_quotes():
     uniform guessing's, as docs/training.md quotes them: each computed here from the chain."""
     import numpy as np
 
-    from shared_config.data import entropy_rate, markov_chain, stationary, transition_matrix
+    from shared_config.corpus import entropy_rate, markov_chain, stationary, transition_matrix
 
     P = transition_matrix(*markov_chain(0))
     pi = stationary(P)

@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from shared_config.data import (
-    DataError, TokenData, entropy_rate, load_data, markov_chain, stationary, synthetic_corpus, transition_matrix,
-)
+from shared_config.corpus import entropy_rate, markov_chain, stationary, transition_matrix
+from shared_config.data import DataError, TokenData, load_data, synthetic_corpus
 
 from ..support.common import load_script
 
