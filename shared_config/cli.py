@@ -223,11 +223,11 @@ def check_not_inputs(outputs, inputs) -> None:
     (flag, path) pairs; a path None, `-` (stdout) or not an existing file (a preset's name) is skipped."""
     def files(pairs):
         return [(flag, path) for flag, path in pairs
-                if path is not None and str(path) != "-" and Path(path).expanduser().is_file()]
+                if path is not None and str(path) != "-" and Path(path).is_file()]  # `~` a name, as read
 
     for out_flag, out in files(outputs):
         for in_flag, given in files(inputs):
-            if os.path.samefile(Path(out).expanduser(), Path(given).expanduser()):
+            if os.path.samefile(out, given):
                 raise UsageError(f"{out_flag} {out} is the file {in_flag} {given} that this run reads: the output "
                                  "would replace it; give the output another name")
 

@@ -222,10 +222,13 @@ def destination(path: str | Path, directory: bool) -> Path:
 
 
 def resolved(path: str | Path) -> Path:
-    """`path` made absolute through its symbolic links (`~` expanded). A loop of links (`ln -s x x`) is OSError ELOOP,
-    one line from every tool (exit 2), as Python 3.13's resolve raises it: 3.11's is a RuntimeError, a traceback."""
+    """`path` made absolute through its symbolic links. A `~` is a name, as every reader and writer takes it (the shell
+    expands an unquoted one): expanded here alone, a quoted `'~/r.png'` passed the output checks as the home
+    directory's file and was then read and written as ./~/r.png, so `replot.py '~/r.png' --out '~/r.png'` replaced its
+    report. A loop of links (`ln -s x x`) is OSError ELOOP, one line from every tool (exit 2), as Python 3.13's resolve
+    raises it: 3.11's is a RuntimeError, a traceback."""
     try:
-        return Path(path).expanduser().resolve()
+        return Path(path).resolve()
     except RuntimeError:
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 

@@ -81,6 +81,24 @@ def test_an_output_that_is_an_input_file_is_refused_before_any_work(tmp_path):
     assert weights.read_bytes() == b"weights" and spec.read_text() == "d_model: 48\n"
 
 
+def test_a_tilde_is_a_name_in_the_checks_as_in_the_writes(tmp_path, monkeypatch):
+    """The shell expands an unquoted `~`; every reader and writer takes a quoted one as a name, and so must the output
+    checks: they read `'~/r.png'` as $HOME/r.png, so `replot.py '~/r.png' --out '~/r.png'` passed them (no such file
+    at home) and replaced the report ./~/r.png with its image, and `--out '~/x.png'` with no ./~ ran, then failed."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    with pytest.raises(UsageError, match="--out ~/x.png: ~ is not a directory"):
+        check_outputs(plot_path="~/x.png", plot_flag="--out")
+    (work / "~").mkdir()
+    (work / "~" / "r.png").write_text("{}")
+    with pytest.raises(UsageError, match="--out ~/r.png is the file REPORT ~/r.png that this run reads"):
+        check_outputs(plot_path="~/r.png", plot_flag="--out", inputs=[("REPORT", "~/r.png")])
+    assert list(home.iterdir()) == [] and (work / "~" / "r.png").read_text() == "{}"
+
+
 def test_plot_curves_and_init_checkpoint_never_write_over_what_they_read(tmp_path):
     """`plot_curves.py run --out x.png`, x.png a link to run/metrics.jsonl, overwrote the run's metrics with the image;
     `init_checkpoint.py --spec s.yaml --out s.safetensors --force`, the .safetensors a link to the spec, the spec."""
