@@ -147,6 +147,8 @@ def parse_json(text: str | bytes, where: str | Path | None = None) -> Any:
                           object_pairs_hook=_unique_keys)
     except RecursionError:
         raise LimitError(f"{prefix}JSON nested deeper than {MAX_NESTING} levels") from None
+    except LimitError as e:  # a key given twice: valid JSON, refused as such (read_metrics took it for a cut line)
+        raise LimitError(f"{prefix}{e}") from None
     except ValueError as e:  # bad JSON, or bytes that are not UTF-8
         raise ValueError(f"{prefix}not valid JSON: {e}" if prefix else str(e)) from None
     if depth(data) > MAX_NESTING:
@@ -161,7 +163,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     if len(d) < len(pairs):
         seen = set()
         key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {quote(key)} (which value is meant?)")
+        raise LimitError(f"duplicate key {quote(key)} (which value is meant?)")
     return d
 
 

@@ -90,6 +90,12 @@ def test_a_key_given_twice_is_refused_in_every_yaml_and_json_reader(tmp_path, ca
     twice = with_metadata_spec(canonical, tmp_path / "twice.safetensors", text[:-1] + ', "d_model": 48}')
     with pytest.raises(CheckpointError, match="duplicate key 'd_model'"):
         shared_config.formats.read_checkpoint(twice)
+    # a metrics.jsonl line with a key twice was taken for a line cut by a crash: skipped silently as the last line
+    # (plot_curves.py: "no training metrics"), "not valid JSON (... cut by a crash)" before another
+    for lines, number in ((['{"step": 1, "loss": 2.0, "loss": 3.0}'], 1), (['{"step": 1, "step": 2}', '{}'], 1)):
+        (tmp_path / "metrics.jsonl").write_text("\n".join(['{"step": 0}', *lines]) + "\n")
+        with pytest.raises(CheckpointError, match=f"metrics.jsonl: line {number + 1}: duplicate key '(loss|step)'"):
+            metrics.read_metrics(tmp_path / "metrics.jsonl")
     # a YAML merge key (`<<: *base`) is overridden by the mapping's own keys by design: not a duplicate
     merged = tmp_path / "merged.yaml"
     merged.write_text("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")
