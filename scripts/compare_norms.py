@@ -28,6 +28,7 @@ from shared_config.config_file import did_you_mean
 from shared_config.curves import plot
 from shared_config.data import TokenData, synthetic_corpus
 from shared_config.loop import finite_step
+from shared_config.parity import loss_rel
 from shared_config.run import Run, split_overrides
 from shared_config.run_dir import WEIGHTS_FILE, latest_checkpoint
 from shared_config.spec import CHOICES
@@ -98,7 +99,7 @@ def twin_gap(rows: dict) -> float | None:
         return max((g for g in gaps if g is not None), default=None)
     a, b = np.array(rows["jax"]["losses"]), np.array(rows["torch"]["losses"])
     n = min(len(a), len(b), *(rows[t]["stopped_at"] - 1 for t in ("jax", "torch") if rows[t]["stopped_at"]))
-    return float(np.max(np.abs(a[:n] - b[:n]) / np.abs(b[:n]))) if n > 0 else None
+    return float(np.max(loss_rel(a[:n], b[:n]))) if n > 0 else None  # a loss of 0 too
 
 
 def gap_cell(rows: dict) -> str:

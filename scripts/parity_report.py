@@ -188,7 +188,7 @@ def loss_rows(jax_loss, torch_loss, jax_grads, torch_grads, spec, bf16: bool) ->
     if bf16:
         rows = [bound("loss", "|Δ|", abs(jax_loss - torch_loss), P.BF16_LOSS_TOL)]
     else:
-        rows = [bound("loss", "|Δ|/|loss|", abs(jax_loss - torch_loss) / abs(torch_loss), P.LOSS_TOL)]
+        rows = [bound("loss", "|Δ|/|loss|", float(P.loss_rel(jax_loss, torch_loss)), P.LOSS_TOL)]
     tol = P.BF16_GRAD_TOL if bf16 else P.GRAD_TOL
     names = [t.name for t in layout(spec)]  # module order, so the first failing gradient is the earliest tensor
     return rows + [compare(f"grad {n}", jax_grads[n], torch_grads[n], tol, "max|Δ|/max|g|") for n in names]
@@ -208,8 +208,8 @@ def train_rows(runs: dict, bf16: bool, cfg) -> list[Row]:
         tols = dict.fromkeys(torch_weights, P.BF16_GRAD_TOL)
     else:
         floor_losses, floor_weights = runs["floor"]
-        loss_floor = (np.abs(np.asarray(floor_losses) - b) / np.abs(b)).max()
-        loss_row = bound(f"train loss, {label}", "max |Δ|/|loss|", (np.abs(a - b) / np.abs(b)).max(),
+        loss_floor = P.loss_rel(floor_losses, b).max()
+        loss_row = bound(f"train loss, {label}", "max |Δ|/|loss|", P.loss_rel(a, b).max(),
                          max(P.TRAJ_LOSS_TOL, P.FLOOR_FACTOR * loss_floor))
         tols = {name: max(P.TRAJ_PARAM_TOL, P.FLOOR_FACTOR * P.max_rel(floor_weights[name], p))
                 for name, p in torch_weights.items()}
@@ -263,7 +263,7 @@ def plot(runs: dict, path: Path, title: str, bf16: bool, tol: float) -> None:
     import matplotlib.pyplot as plt
 
     a, b = np.asarray(runs["jax"][0]), np.asarray(runs["torch"][0])
-    diff = np.abs(a - b) if bf16 else np.abs(a - b) / np.abs(b)
+    diff = np.abs(a - b) if bf16 else P.loss_rel(a, b)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(a, label="jax")
     top.plot(b, "--", label="torch")

@@ -60,6 +60,14 @@ def max_rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float64).tiny))
 
 
+def loss_rel(a, b):
+    """|a − b| / |b| of losses (elementwise on arrays; the reference b): over float64's tiny where b is 0, as max_rel
+    measures. A loss is exactly 0 where a vocabulary has one token, or logits are certain of every next token: two
+    twins that agree were a ZeroDivisionError traceback (parity_report.py) or a NumPy warning and NaN (per step)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) / np.maximum(np.abs(b), np.finfo(np.float64).tiny)
+
+
 def log_softmax(logits) -> np.ndarray:
     x = np.asarray(logits, np.float64)
     x = x - x.max(-1, keepdims=True)

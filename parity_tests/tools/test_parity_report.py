@@ -231,3 +231,25 @@ def test_a_constant_reference_is_measured_on_its_magnitude():
     assert rel_err([3.0, 3.0], [3.0, 3.0]) == 0.0
     assert rel_err([3.0 + 3e-7, 3.0], [3.0, 3.0]) == pytest.approx(1e-7)
     assert rel_err([0.0], [0.0]) == 0.0 and rel_err([1.0, 3.0], [0.0, 2.0]) == 1.0  # std 1: as before
+
+
+def test_a_loss_of_zero_is_compared_not_divided_by(report, recwarn):
+    """A vocabulary of one token (or logits certain of every next token) has a loss of exactly 0: the loss row was a
+    ZeroDivisionError traceback, the per-step train row a NumPy warning and NaN (compare_norms.py's gap too). Twins
+    that agree pass; any difference over a loss of 0 fails."""
+    from shared_config.parity import loss_rel
+
+    scripts_norms = load_script("compare_norms")
+    spec = load_spec("tiny").replace(n_layers=1)
+    grads = {t.name: np.ones(2) for t in report.layout(spec)}
+    row = report.loss_rows(0.0, 0.0, grads, grads, spec, bf16=False)[0]
+    assert row.stage == "loss" and row.value == 0.0 and row.passed
+    assert not report.loss_rows(1e-9, 0.0, grads, grads, spec, bf16=False)[0].passed
+    weights = {"w": np.ones(3)}
+    runs = {"jax": ([0.0, 0.0], weights), "torch": ([0.0, 0.0], weights), "floor": ([0.0, 0.0], weights)}
+    train = report.train_rows(runs, False, report.load_train_config("parity"))
+    assert train[0].value == 0.0 and train[0].passed
+    assert loss_rel([0.0, 2.0], [0.0, 1.0]).tolist() == [0.0, 1.0]
+    rows = {b: {"losses": [0.0, 0.0], "stopped_at": None} for b in ("jax", "torch")}
+    assert scripts_norms.twin_gap(rows) == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
