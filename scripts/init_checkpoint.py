@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shared_config import load_spec, parse_overrides, save_checkpoint
 from shared_config.cli import Parser, UsageError, check_not_inputs, check_out_dir, run
+from shared_config.files import resolved
 from shared_config.formats.safetensors import check_tensor_count
 from shared_config.init import iter_init_weights
 from shared_config.progress import QUICK_S, progress, writing
@@ -39,9 +40,12 @@ def main(argv=None):
     check_not_inputs([("--out", args.out)], [("--spec", args.spec)])  # --force through a link to the spec file
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
-    if not args.out.parent.is_dir():
-        raise UsageError(f"{args.out.parent} is not a directory")
-    check_out_dir("--out", args.out.parent)  # a read-only place: "Read-only file system", naming nothing
+    # where the file goes: a link's target's folder (a dangling link into a missing one failed after the draws)
+    parent = resolved(args.out).parent
+    if not parent.is_dir():
+        where = args.out.parent if parent == resolved(args.out.parent) else f"{parent}, where the link leads,"
+        raise UsageError(f"--out {args.out}: {where} is not a directory")
+    check_out_dir("--out", parent)  # a read-only place: "Read-only file system", naming nothing
     draws, weights = iter_init_weights(spec, args.seed), {}  # its memory check comes first, before any draw
     check_tensor_count(spec)  # a file the readers take, refused before the draws
     with progress(total=weights_bytes(spec), desc="draw", unit="B", unit_scale=True, delay=QUICK_S,

@@ -118,6 +118,19 @@ def test_plot_curves_and_init_checkpoint_never_write_over_what_they_read(tmp_pat
     assert spec.read_bytes() == (ROOT / "shared_config" / "specs" / "tiny.yaml").read_bytes()
 
 
+def test_init_checkpoint_checks_the_folder_a_linked_out_leads_to_before_the_draws(tmp_path, monkeypatch):
+    """An --out link into a folder that does not exist passed the check of the link's own folder; the write failed
+    after every tensor was drawn (minutes for llama-1b), "No such file or directory" naming neither --out nor the
+    link."""
+    init_checkpoint = load_script("init_checkpoint")
+    monkeypatch.setattr(init_checkpoint, "iter_init_weights", lambda *a: pytest.fail("drew before the check"))
+    (tmp_path / "x.safetensors").symlink_to(tmp_path / "gone" / "x.safetensors")
+    with pytest.raises(UsageError, match=f"^--out {tmp_path}/x.safetensors: {tmp_path}/gone, where the link leads, "
+                                         "is not a directory$"):
+        init_checkpoint.main(["--spec", "tiny", "--out", str(tmp_path / "x.safetensors")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
 def test_any_name_the_file_system_takes_is_written(tmp_path):
     """A 250-character name is valid (≤ 255); its temp name, `.NAME.PID.XXXXXXXX.tmp`, must be too."""
     path = tmp_path / ("z" * 245 + ".json")
