@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from shared_config.cli import UsageError
+from shared_config.curves import plain_text
 from shared_config.files import read_json, save_figure
 
 MAX_STEP_S = 1e6  # seconds: no step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
@@ -82,6 +83,7 @@ def report_title(env: dict) -> str:
     return f"{env['device']} | {env['mode']} | {env['dtype']} | {shape}{memory}{changed}"
 
 
+@plain_text
 def plot_results(report: dict, path: Path) -> None:
     """The bars of `report` (compare.py's JSON) to `path` (.png, .pdf or .svg)."""
     import matplotlib

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_config.cli import Parser, UsageError, check_outputs, no_repeats, run
+from shared_config.curves import plain_text
 from shared_config.files import resolved, save_figure
 
 from bench.plot import MAX_LINES, read_report
@@ -45,6 +46,7 @@ def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int,
     return {k: sorted(v) for k, v in series.items()}
 
 
+@plain_text
 def plot_context(series: dict, path: Path, title: str) -> None:
     import matplotlib
 

@@ -24,6 +24,7 @@ from shared_config import (
 )
 from shared_config import parity as P
 from shared_config.cli import Parser, UsageError, at_least, check_outputs, check_shorthands, nonempty, run
+from shared_config.curves import plain_text
 from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
 from shared_config.formats.checks import check_weights
@@ -255,6 +256,7 @@ def print_table(rows: list[Row]) -> None:
         print(f"note: {SELECTION_HINT}")
 
 
+@plain_text
 def plot(runs: dict, path: Path, title: str, bf16: bool, tol: float) -> None:
     """The twins' training losses, and their difference against the loss row's bound `tol`."""
     import matplotlib

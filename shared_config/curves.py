@@ -1,13 +1,31 @@
 """Loss curves, gradient norms and DyT/Derf alpha values of training runs, drawn from their metrics records
-(shared_config/run_dir.py's metrics.jsonl) into one image: scripts/plot_curves.py and the norm study's curves.png."""
+(shared_config/run_dir.py's metrics.jsonl) into one image: scripts/plot_curves.py and the norm study's curves.png;
+and `plain_text`, which every plot of the project draws under."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
 from .files import save_figure
+
+
+def plain_text(draw):
+    """`draw` (a function that makes and saves a figure) run with matplotlib's Agg backend and its text taken as
+    written: the labels and titles come from the user (a run directory's name, a --weights path, a report's variants
+    and device), and matplotlib read a pair of `$` in them as math, `$x$` drawn as an italic x and `$\\frac{$` a
+    ParseSyntaxException traceback, after the work (parity_report.py's plot, after its training)."""
+    @functools.wraps(draw)
+    def plain(*args, **kwargs):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
 
 
 def series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +54,7 @@ def moving_average(x: np.ndarray, n: int) -> np.ndarray:
     return (c[1:] - c[lo]) / (np.arange(1, len(x) + 1) - lo)
 
 
+@plain_text
 def plot(runs: dict[str, list[dict]], out: Path, smooth: int = 10) -> None:
     """Loss, gradient norm and (when any run has them) alpha panels, one color per run."""
     import matplotlib

@@ -200,6 +200,33 @@ def test_plot_curves_draws_a_run_whose_directory_name_is_not_utf8(tmp_path, caps
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_every_plot_draws_dollar_signs_as_written(tmp_path, capsys):
+    """Labels and titles come from the user: matplotlib read a pair of `$` as math, so a run directory, a report's
+    variant or device named `$\\frac{$` was a ParseSyntaxException traceback (parity_report.py's --weights path in its
+    plot's title: after the training), and `$x$` drawn as an italic x. The caller's own settings are kept."""
+    import json
+
+    import matplotlib
+
+    from bench.plot import plot_results
+    from bench.plot_context import plot_context
+
+    odd = "r$\\frac{$"
+    (tmp_path / odd).mkdir()
+    (tmp_path / odd / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n')
+    with pytest.raises(SystemExit) as e:
+        run(load_script("plot_curves").main, [str(tmp_path / odd), "--out", str(tmp_path / "c.png")])
+    assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    report = {"env": {"mode": "train", "seq": 8, "device": odd, "dtype": "float32", "batch": 1},
+              "results": [{"variant": odd, "backend": "$x$", "step_s": {"median": 1.0, "p10": 1.0, "p90": 1.0}}]}
+    plot_results(json.loads(json.dumps(report)), tmp_path / "b.png")
+    load_script("parity_report").plot({"jax": ([2.0, 1.0], {}), "torch": ([2.0, 1.0], {})}, tmp_path / "p.png", odd,
+                                      False, 1e-5)
+    plot_context({(odd, "$x$"): [(8, 1.0, 1.0, 1.0), (16, 2.0, 2.0, 2.0)]}, tmp_path / "x.png", odd)
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("c.png", "b.png", "p.png", "x.png"))
+    assert matplotlib.rcParams["text.parse_math"]
+
+
 def test_plot_curves_smooths_over_a_window_past_the_run_as_over_the_whole_run(tmp_path, capsys):
     """--smooth 10**20 (a window of more steps than a C long holds) was numpy's OverflowError traceback; a window past
     the run's steps averages what there is, as one of its length does."""
