@@ -218,17 +218,18 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
 
 
 def check_not_inputs(outputs, inputs) -> None:
-    """Refuse (UsageError) an output that is one of the input files, by name, link or hard link: `parity_report.py
-    --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report. `outputs`, `inputs`:
-    (flag, path) pairs; a path None, `-` (stdout) or not an existing file (a preset's name) is skipped."""
-    def files(pairs):
-        return [(flag, path) for flag, path in pairs
-                if path is not None and str(path) != "-" and Path(path).is_file()]  # `~` a name, as read
-
-    for out_flag, out in files(outputs):
-        for in_flag, given in files(inputs):
-            if os.path.samefile(out, given):
-                raise UsageError(f"{out_flag} {out} is the file {in_flag} {given} that this run reads: the output "
+    """Refuse (UsageError) an output that is one of the input files, by name, link or hard link (`parity_report.py
+    --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report), or lies in an input
+    directory (`--weights hf --json hf/config.json` replaced the checkpoint's config). `outputs`, `inputs`: (flag,
+    path) pairs; a path None, `-` (stdout) or naming nothing on disk (a preset's name, a new output) is skipped."""
+    given = [(flag, path) for flag, path in inputs if path is not None and str(path) != "-"]
+    for out_flag, out in [(flag, path) for flag, path in outputs if path is not None and str(path) != "-"]:
+        for in_flag, path in given:  # `~` a name, as read
+            if Path(path).is_dir() and resolved(path) in resolved(out).parents:  # where the write lands
+                raise UsageError(f"{out_flag} {out} lies in the directory {in_flag} {path} that this run reads: the "
+                                 "output would change it; write it elsewhere")
+            if Path(out).is_file() and Path(path).is_file() and os.path.samefile(out, path):
+                raise UsageError(f"{out_flag} {out} is the file {in_flag} {path} that this run reads: the output "
                                  "would replace it; give the output another name")
 
 

@@ -69,6 +69,16 @@ def test_an_output_that_is_an_input_file_is_refused_before_any_work(tmp_path):
         with pytest.raises(UsageError, match=f"--json {out} is the file --weights {weights} that this run reads"):
             check_outputs(json_path=out, inputs=[("--spec", "tiny"), ("--weights", weights)])
     check_outputs(json_path="-", inputs=[("--weights", weights)])
+    # an input directory (a Hugging Face or run checkpoint): an output in it, new or not, would change what it holds
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf-link").symlink_to(tmp_path / "hf")
+    for out in (tmp_path / "hf" / "config.json", tmp_path / "hf" / "new.json", tmp_path / "hf-link" / "r.json"):
+        with pytest.raises(UsageError, match=f"--json {out} lies in the directory --weights {tmp_path}/hf"):
+            check_outputs(json_path=out, inputs=[("--weights", tmp_path / "hf")])
+    with pytest.raises(UsageError, match="lies in the directory --weights"):
+        check_outputs(json_path=tmp_path / "hf" / "r.json", inputs=[("--weights", tmp_path / "hf-link")])
+    check_outputs(json_path=tmp_path / "hf.json", inputs=[("--weights", tmp_path / "hf")])
     check_outputs(json_path=tmp_path / "new.json", inputs=[("--spec", "tiny"), ("--weights", None)])
     spec = tmp_path / "s.png"  # the tools pass what they read
     spec.write_text("d_model: 48\n")
