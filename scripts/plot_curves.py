@@ -30,6 +30,9 @@ def load_runs(dirs: list[Path]) -> dict[str, list[dict]]:
     without a loss an empty plot and exit 0)."""
     runs, curves = {}, 0
     for d, label in zip(dirs, labels(dirs)):
+        if not d.is_dir():  # a mistyped name, or a file: it was "no training metrics", as an empty run is
+            raise UsageError(f"{d}: {'is not a directory' if d.exists() else 'no such directory'}; give run "
+                             "directories written by scripts/train.py")
         records = read_metrics(d / METRICS_FILE)
         for i, r in enumerate(records, 1):
             if bad := [k for k in PLOTTED if k in r and type(r[k]) not in (int, float)]:

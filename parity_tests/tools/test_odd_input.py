@@ -191,6 +191,16 @@ def test_plot_curves_refuses_a_metrics_record_it_cannot_draw(record, says, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_plot_curves_names_a_run_directory_that_is_none(tmp_path, capsys):
+    """A mistyped directory, or a file given as one, was "no training metrics (metrics.jsonl) to plot", as an empty
+    run's directory is."""
+    (tmp_path / "f.txt").write_text("x")
+    main = load_script("plot_curves").main
+    error_line(main, [tmp_path / "nope", "--out", tmp_path / "c.png"], capsys, f"{tmp_path}/nope: no such directory")
+    error_line(main, [tmp_path / "f.txt", "--out", tmp_path / "c.png"], capsys, "f.txt: is not a directory; give run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
 def test_plot_curves_draws_a_run_whose_directory_name_is_not_utf8(tmp_path, capsys):
     """The legend names each run by its directory: a name that is not UTF-8 (Python keeps those bytes as surrogates)
     was matplotlib's TypeError traceback; it is drawn as the other tools print it, the bytes as \\xNN."""
