@@ -9,6 +9,7 @@ from pathlib import Path
 from shared_config.cli import UsageError
 from shared_config.curves import plain_text
 from shared_config.files import read_json, save_figure
+from shared_config.limits import quote
 
 MAX_STEP_S = 1e6  # seconds: no step takes longer; 1e308 was matplotlib's "cannot be log-scaled" traceback
 MAX_MFU = 1e6  # a fraction of the peak: past 1 with too low a --peak-tflops; bounded as step times are
@@ -58,6 +59,9 @@ def read_report(path: Path) -> dict:
         if problem:
             break
         rows.add((r["variant"], r["backend"]))
+    # drawn as text: a lone surrogate (JSON's "\udcff") was matplotlib's TypeError traceback
+    if problem is None and (odd := next((t for t in drawn_text(report) if not is_utf8(t)), None)) is not None:
+        problem = f"{quote(odd)} is not UTF-8 text (a lone surrogate escape)"
     if problem:
         raise UsageError(f"{path}: not a bench/compare.py --json report: {problem}")
     if not results:
@@ -66,6 +70,22 @@ def read_report(path: Path) -> dict:
         print(f"warning: {path} is a stopped run's report (\"complete\": false): its rows are over the steps it had "
               "(n_steps)", file=sys.stderr)
     return report
+
+
+def drawn_text(report: dict) -> list[str]:
+    """The strings of a checked report that a plot's labels and title show."""
+    env = report["env"]
+    return [env["mode"], env["device"], env["dtype"], env.get("remat", ""), *(env.get("set") or []),
+            *(t for r in report["results"] for t in (r["variant"], r["backend"]))]
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def figure(x: float, decimals: int) -> str:

@@ -23,7 +23,7 @@ from shared_config import (
     init_weights, layout, load_spec, load_train_config, parse_overrides, synthetic_batch,
 )
 from shared_config import parity as P
-from shared_config.cli import Parser, UsageError, at_least, check_outputs, check_shorthands, nonempty, run
+from shared_config.cli import Parser, UsageError, at_least, check_outputs, check_shorthands, nonempty, printable, run
 from shared_config.curves import plain_text
 from shared_config.files import save_figure
 from shared_config.formats import quiet_libraries, read_checkpoint
@@ -390,7 +390,7 @@ def report(weights, spec, args, cfg) -> int:
     write_report(args.json, report_json(spec, args, rows, runs, cfg, train_spec), complete=True)
     if args.plot:
         loss_tol = next(r.tol for r in rows if r.stage.startswith("train loss"))
-        plot(runs, args.plot, f"{args.spec or args.weights}, {train_spec.compute_dtype}", train_bf16,
+        plot(runs, args.plot, f"{printable(args.spec or args.weights)}, {train_spec.compute_dtype}", train_bf16,
              loss_tol)
     return 0 if all(r.passed for r in rows) else 1
 

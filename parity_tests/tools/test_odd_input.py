@@ -241,6 +241,29 @@ def test_every_plot_draws_dollar_signs_as_written(tmp_path, capsys):
     assert matplotlib.rcParams["text.parse_math"]
 
 
+def test_a_name_that_is_not_utf8_is_drawn_or_refused_never_a_traceback(tmp_path, capsys):
+    """A --spec path that is not UTF-8 in parity_report.py's plot title, a lone surrogate escape ("\\udcff") in a
+    bench report's variant: matplotlib's TypeError traceback, the report's after its training. The path is drawn as
+    the tools print it (\\xNN); the report, whose text is no file name, is refused by the escape it holds."""
+    import json
+
+    spec = tmp_path / "s\udcff.yaml"
+    spec.write_text("vocab_size: 11\nd_model: 8\nn_layers: 1\nn_heads: 2\nd_ff: 8\nmax_seq_len: 8\n")
+    (tmp_path / "t.yaml").write_text("batch_size: 1\nseq_len: 4\nsteps: 1\nwarmup_steps: 0\n")
+    with pytest.raises(SystemExit) as e:
+        run(load_script("parity_report").main, ["--spec", str(spec), "--seq", "4", "--batch", "1", "--train-steps",
+                                                "1", "--train-config", str(tmp_path / "t.yaml"), "--plot",
+                                                str(tmp_path / "p.png"), "--quiet"])
+    assert e.value.code == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    report = {"env": {"mode": "train", "seq": 8, "device": "cpu", "dtype": "float32", "batch": 1},
+              "results": [{"variant": "v\udcff", "backend": "jax", "step_s": {"median": 1, "p10": 1, "p90": 1}}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    error_line(bench_main("replot"), [tmp_path / "r.json", "--out", tmp_path / "r.png"], capsys,
+               "r.json: not a bench/compare.py --json report: 'v\\udcff' is not UTF-8 text")
+    assert not (tmp_path / "r.png").exists()
+
+
 def test_plot_curves_smooths_over_a_window_past_the_run_as_over_the_whole_run(tmp_path, capsys):
     """--smooth 10**20 (a window of more steps than a C long holds) was numpy's OverflowError traceback; a window past
     the run's steps averages what there is, as one of its length does."""
