@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared_config import SpecError, load_spec, parse_overrides
-from shared_config.cli import UsageError, at_least, no_repeats, nonempty
+from shared_config.cli import UsageError, at_least, no_repeats, nonempty, printable
 from shared_config.limits import quote
 from shared_config.parallel import env_int
 from shared_config.run import SPEC_KEYS
@@ -171,7 +171,8 @@ def variants(args) -> list[tuple[str, object]]:
     changes["compute_dtype"] = args.dtype
     out = []
     for combo in itertools.product(*sweeps) if sweeps else [()]:
-        label = ",".join(f"{k}={typed}" for k, _, typed in combo) or args.spec
+        # a --spec path's bytes that are not UTF-8 as \xNN: the plot's label (matplotlib's TypeError after the bench)
+        label = ",".join(f"{k}={typed}" for k, _, typed in combo) or printable(args.spec)
         try:
             out.append((label, base.replace(**{**changes, **{k: v for k, v, _ in combo}})))
         except SpecError as e:

@@ -49,6 +49,20 @@ def test_bench_refuses_a_set_its_own_option_would_override():
     assert [spec.compute_dtype for _, spec in bench_variants(sets=[" d_model=48"])] == ["float32"]
 
 
+def test_a_variant_labelled_by_a_spec_path_that_is_not_utf8_can_be_drawn(tmp_path):
+    """With no --sweep a variant is labelled by --spec: a path whose bytes are not UTF-8 reached compare.py's plot as
+    it was, matplotlib's TypeError traceback after the whole bench; it is labelled as the tools print it (\\xNN)."""
+    from argparse import Namespace
+
+    from bench.options import variants
+
+    spec = tmp_path / "s\udcff.yaml"
+    spec.write_text("vocab_size: 11\nd_model: 8\nn_layers: 1\nn_heads: 2\nd_ff: 8\nmax_seq_len: 8\n")
+    [(label, _)] = variants(Namespace(spec=str(spec), set=[], sweep=[], dtype="float32"))
+    assert label == f"{tmp_path}/s\\xff.yaml"
+    label.encode("utf-8")
+
+
 def test_gla_layer_checks_its_arguments_and_outputs_before_any_work(tmp_path, monkeypatch):
     from bench import gla_layer
 
