@@ -302,7 +302,7 @@ def parse_args(argv):
     p.add_argument("--train-steps", type=at_least(0), default=0, help="also train both twins this many steps")
     p.add_argument("--train-config", type=nonempty,
                    help="train config preset or YAML path, for --train-steps (default: parity)")
-    p.add_argument("--plot", type=Path, help="PNG of both loss curves and their difference (needs --train-steps)")
+    p.add_argument("--plot", type=Path, help="loss curves and their difference: .png, .pdf, .svg (needs --train-steps)")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)

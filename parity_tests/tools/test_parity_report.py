@@ -185,6 +185,7 @@ def test_help_claims_no_default_for_the_model_it_needs(report, capsys):
         text = " ".join(re.search(rf"^  {option}(.*?)^  {following}", help_, re.S | re.M)[1].split())
         assert "default" not in text, text
     assert "give --spec, --weights or both" in " ".join(help_.split())
+    assert ".png, .pdf, .svg (needs --train-steps)" in " ".join(help_.split())  # it said PNG, and took all three
     with pytest.raises(UsageError, match="give --spec, --weights or both"):
         report.parse_args([])
 
