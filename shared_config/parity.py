@@ -81,4 +81,8 @@ def token_kl(logits_a, logits_ref) -> np.ndarray:
 
 
 def top1_agreement(logits_a, logits_ref) -> float:
+    """The fraction of tokens whose argmax agrees; NaN where a logit is NaN (argmax takes the first NaN: two NaN
+    twins agreed, a PASS row amid the FAILs)."""
+    if np.isnan(logits_a).any() or np.isnan(logits_ref).any():
+        return float("nan")
     return float((np.argmax(logits_a, -1) == np.argmax(logits_ref, -1)).mean())

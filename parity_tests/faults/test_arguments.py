@@ -76,6 +76,21 @@ def test_compare_logits_measures_one_logit_on_its_size_not_its_std(tmp_path, cap
     assert 0 <= json.loads(out)["max_abs_diff_over_std"] < 1e-5
 
 
+def test_compare_logits_claims_no_agreement_of_nan_logits(tmp_path, capsys):
+    """Weights past float32's reach (finite, 1e18 times tiny's) make NaN logits in both twins: the diffs were null, and
+    same_argmax 1.0, the first NaN's index taken as each twin's choice."""
+    spec = make_spec(n_layers=1)
+    weights = {name: (w * np.float32(1e18)).astype(w.dtype) for name, w in parity_weights(spec).items()}
+    save_checkpoint(tmp_path / "huge.safetensors", weights, spec)
+    compare_logits.main(["--weights", str(tmp_path / "huge.safetensors"), "--batch", "1", "--seq", "4"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_abs_diff"] is None and result["same_argmax"] is None
+    from shared_config.parity import top1_agreement  # parity_report.py's bf16 row: a PASS amid the FAILs
+
+    assert np.isnan(top1_agreement(np.full((1, 2, 3), np.nan), np.full((1, 2, 3), np.nan)))
+    assert top1_agreement(np.eye(3)[None], np.eye(3)[None]) == 1.0
+
+
 @pytest.mark.parametrize("text", ["1_0", "１", "1,,2", "1,", "0x10", "1e3", "-0", "+1", "1,-3", "- 1"])
 def test_token_ids_are_ascii_integers(text):
     """int() alone read '1_0' as 10 (a typo for 1,0) and '１' (full-width) as 1; '-0' was read as 0 where '+1' was
