@@ -217,15 +217,15 @@ def check_outputs(json_path=None, plot_path=None, plot_flag: str = "--plot", cac
     check_not_inputs([("--json", json_path), (plot_flag, plot_path)], inputs)
 
 
-def check_not_inputs(outputs, inputs) -> None:
+def check_not_inputs(outputs, inputs, dirs=("--weights",)) -> None:
     """Refuse (UsageError) an output that is one of the input files, by name, link or hard link (`parity_report.py
-    --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report), or lies in an input
-    directory (`--weights hf --json hf/config.json` replaced the checkpoint's config). `outputs`, `inputs`: (flag,
-    path) pairs; a path None, `-` (stdout) or naming nothing on disk (a preset's name, a new output) is skipped."""
+    --weights w.safetensors --json w.safetensors` replaced the checkpoint with its report), or lies in a directory
+    read by a flag of `dirs` (`--weights hf --json hf/config.json` replaced the checkpoint's config; `--spec tiny`
+    beside a folder tiny names the preset). `outputs`, `inputs`: (flag, path) pairs; a path None or `-` is skipped."""
     given = [(flag, path) for flag, path in inputs if path is not None and str(path) != "-"]
     for out_flag, out in [(flag, path) for flag, path in outputs if path is not None and str(path) != "-"]:
-        for in_flag, path in given:  # `~` a name, as read
-            if Path(path).is_dir() and resolved(path) in resolved(out).parents:  # where the write lands
+        for in_flag, path in given:  # `~` a name, as read; where the write lands, through links
+            if in_flag in dirs and Path(path).is_dir() and resolved(path) in resolved(out).parents:
                 raise UsageError(f"{out_flag} {out} lies in the directory {in_flag} {path} that this run reads: the "
                                  "output would change it; write it elsewhere")
             if Path(out).is_file() and Path(path).is_file() and os.path.samefile(out, path):

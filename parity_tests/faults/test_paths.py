@@ -79,6 +79,7 @@ def test_an_output_that_is_an_input_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="lies in the directory --weights"):
         check_outputs(json_path=tmp_path / "hf" / "r.json", inputs=[("--weights", tmp_path / "hf-link")])
     check_outputs(json_path=tmp_path / "hf.json", inputs=[("--weights", tmp_path / "hf")])
+    check_outputs(json_path=tmp_path / "hf" / "r.json", inputs=[("--spec", tmp_path / "hf")])  # a preset's name
     check_outputs(json_path=tmp_path / "new.json", inputs=[("--spec", "tiny"), ("--weights", None)])
     spec = tmp_path / "s.png"  # the tools pass what they read
     spec.write_text("d_model: 48\n")
