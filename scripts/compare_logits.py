@@ -13,7 +13,7 @@ from shared_config import init_weights, load_spec
 from shared_config.cli import Parser, UsageError, at_least, nonempty, run
 from shared_config.files import json_text
 from shared_config.formats import quiet_libraries, read_checkpoint
-from shared_config.parity import rel_err
+from shared_config.parity import rel_err, top1_agreement
 from shared_config.resources import check_memory, init_bytes, weights_bytes
 from shared_config.twins import twin
 
@@ -59,8 +59,7 @@ def main(argv=None):
         "spec": args.weights or args.spec, "seed": args.seed, "batch": args.batch, "seq": args.seq,  # seed: the tokens
         "logits_std": float(t.std()), "max_abs_diff": float(np.abs(j - t).max()),
         "max_abs_diff_over_std": rel_err(j, t),  # over max|t| where std is 0 (one logit: a NumPy warning and null)
-        # null where a logit is NaN: argmax takes the first NaN, so two NaN twins "agreed" (1.0) beside null diffs
-        "same_argmax": None if np.isnan(j).any() or np.isnan(t).any() else float((j.argmax(-1) == t.argmax(-1)).mean()),
+        "same_argmax": top1_agreement(j, t),  # NaN (null) where a logit is NaN: two NaN twins "agreed" (1.0)
     }
     print(json_text(result, indent=2))
 
