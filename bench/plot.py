@@ -106,9 +106,6 @@ def report_title(env: dict) -> str:
 @plain_text
 def plot_results(report: dict, path: Path) -> None:
     """The bars of `report` (compare.py's JSON) to `path` (.png, .pdf or .svg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = report["results"]

@@ -48,9 +48,6 @@ def context_series(reports: list[dict]) -> dict[tuple[str, str], list[tuple[int,
 
 @plain_text
 def plot_context(series: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

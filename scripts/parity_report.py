@@ -259,9 +259,6 @@ def print_table(rows: list[Row]) -> None:
 @plain_text
 def plot(runs: dict, path: Path, title: str, bf16: bool, tol: float) -> None:
     """The twins' training losses, and their difference against the loss row's bound `tol`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a, b = np.asarray(runs["jax"][0]), np.asarray(runs["torch"][0])

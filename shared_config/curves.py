@@ -57,9 +57,6 @@ def moving_average(x: np.ndarray, n: int) -> np.ndarray:
 @plain_text
 def plot(runs: dict[str, list[dict]], out: Path, smooth: int = 10) -> None:
     """Loss, gradient norm and (when any run has them) alpha panels, one color per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with_alpha = any(alphas(r) for r in runs.values())
