@@ -57,15 +57,15 @@ def bench_train_config(args, specs=(), shards: int | None = None):
     flags = {key for key, value in given.items() if value is not None and base.get(key) != value}
     try:
         config = load_train_config({**base, **given})
-        for label, spec in specs:
-            try:
-                config.model_spec(spec)
-            except SpecError as e:
-                raise SpecError(f"variant {label}: {e}") from None
         if shards:  # under torchrun, or for the micro-batches, this failed at the first step, after the imports
             rows_per_shard(config.batch_size, shards, config.grad_accum_steps)
     except SpecError as e:
         raise SpecError(flag_spelling(str(e), flags)) from None
+    for label, spec in specs:
+        try:
+            config.model_spec(spec)
+        except SpecError as e:
+            raise SpecError(f"variant {label}: {flag_spelling(str(e), flags)}") from None
     return config
 
 
