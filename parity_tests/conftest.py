@@ -36,12 +36,14 @@ GUARD: CheckoutGuard | None = None  # made once pytest's base temp is known
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_cache_home(tmp_path_factory):
-    """The tools' default compile cache ($XDG_CACHE_HOME/twinlm/compile) in a scratch directory, for every test and
-    every tool it starts: the suite wrote JAX's programs into the user's ~/.cache/twinlm, and found them there in
-    the next run (warm in one run, cold in another, never as CI's fresh machine)."""
+def session_scratch_env(tmp_path_factory):
+    """The tools' default compile cache ($XDG_CACHE_HOME/twinlm/compile) and every subprocess's temp directory
+    (TMPDIR) in pytest's base temp, which pytest prunes, for every test and every tool it starts: the suite wrote
+    JAX's programs into the user's ~/.cache/twinlm, and found them there in the next run (warm in one run, cold in
+    another, never as CI's fresh machine), and each torchrun left a `torchelastic_*` directory in /tmp."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
         compile_caches.SESSION_SETTINGS = cache_settings()
         yield
 
@@ -78,15 +80,6 @@ def cpu_threads_as_they_were():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-@pytest.fixture(scope="session", autouse=True)
-def session_tmpdir(tmp_path_factory):
-    """Every subprocess's temp directory (TMPDIR) in pytest's base temp, which pytest prunes: each torchrun left a
-    `torchelastic_*` log directory in /tmp, dozens a run, never removed."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
-        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,7 +8,7 @@ import os
 from shared_config.compile_cache import JAX_CACHE_FLAGS, TORCH_CACHE_ENV, _update_jax
 
 CACHE_ENV = (*(f.upper() for f in JAX_CACHE_FLAGS), *TORCH_CACHE_ENV, "XDG_CACHE_HOME")
-SESSION_SETTINGS: tuple | None = None  # what every test starts from: conftest's session_cache_home sets it
+SESSION_SETTINGS: tuple | None = None  # what every test starts from: conftest's session_scratch_env sets it
 
 
 def cache_settings() -> tuple:

@@ -114,7 +114,7 @@ def test_a_tool_run_in_process_turns_the_caches_on_for_its_process(tmp_path_fact
 
 def test_the_next_test_finds_the_caches_as_the_session_started():
     """Left on, every later test of the worker wrote each program it compiled to disk, into the user's
-    ~/.cache/twinlm (conftest: `compile_caches_as_they_were`, `session_cache_home`)."""
+    ~/.cache/twinlm (conftest: `compile_caches_as_they_were`, `session_scratch_env`)."""
     assert compile_caches.SESSION_SETTINGS is not None and cache_settings() == compile_caches.SESSION_SETTINGS
     assert not default_cache_dir().is_relative_to(Path.home() / ".cache")
 
